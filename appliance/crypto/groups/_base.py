@@ -9,6 +9,7 @@ identity, and raises :class:`~appliance.crypto.errors.DecodeError` otherwise.
 from __future__ import annotations
 
 import abc
+import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Generic, TypeVar
 
@@ -57,7 +58,30 @@ class Group(abc.ABC, Generic[E]):
     def decode(self, data: bytes) -> E:
         """Inverse of :meth:`encode` for non-identity subgroup elements."""
 
+    @abc.abstractmethod
+    def hash_to_element(self, dst: bytes, msg: bytes) -> E:
+        """A subgroup element (not the identity) derived from ``msg`` whose discrete log nobody knows.
+
+        Used for the second Pedersen generator h. ``dst`` is a domain separation tag.
+        """
+
+    def dss_conversion(self, a: E) -> int:
+        """The DSS conversion function r = F(R) mod q: (R mod p) mod q for DSA, x(R) mod n for ECDSA."""
+        raise NotImplementedError(f"{self.name} is not a DSS group")
+
     # Generic helpers -----------------------------------------------------
+
+    def hash_to_scalar(self, dst: bytes, *parts: bytes) -> int:
+        """A uniform scalar from SHA-512 over length-prefixed parts (Fiat-Shamir challenges).
+
+        Each part is prefixed with its 8-byte length so that no two part lists collide.
+        """
+        h = hashlib.sha512()
+        for item in (dst, *parts):
+            h.update(len(item).to_bytes(8, "big"))
+            h.update(item)
+        wide = h.digest() + hashlib.sha512(b"wide" + h.digest()).digest()
+        return int.from_bytes(wide, "big") % self.order
 
     def sub(self, a: E, b: E) -> E:
         return self.add(a, self.neg(b))

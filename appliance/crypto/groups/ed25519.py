@@ -9,6 +9,8 @@ identity among them) and points outside the prime-order subgroup.
 
 from __future__ import annotations
 
+import hashlib
+
 from nacl import bindings as _sodium
 
 from appliance.crypto.errors import DecodeError
@@ -85,6 +87,15 @@ class Ed25519Group(Group[bytes]):
 
     def _scalar_from_bytes(self, data: bytes) -> int:
         return int.from_bytes(data, "little")
+
+    def hash_to_element(self, dst: bytes, msg: bytes) -> bytes:
+        # libsodium's Elligator 2 map (crypto_core_ed25519_from_uniform) clears the
+        # cofactor, so the result lies in the prime-order subgroup.
+        digest = hashlib.sha512(len(dst).to_bytes(8, "big") + dst + msg).digest()[:32]
+        point = bytes(_sodium.crypto_core_ed25519_from_uniform(digest))
+        if point == _IDENTITY:  # pragma: no cover - probability ~2^-252
+            raise ValueError("hash_to_element hit the identity")
+        return point
 
     def is_identity(self, a: bytes) -> bool:
         return a == _IDENTITY
