@@ -94,7 +94,6 @@ def decode(data: bytes, *, max_size: int = MAX_ENCODED_SIZE, what: str = "object
     return obj
 
 
-
 def signing_payload(type_: str, version: int, context: str, period: int, body: Any) -> bytes:
     """The bytes a signature covers: body bound to its type, version, context and period."""
     if not type_ or not context:
