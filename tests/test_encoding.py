@@ -1,0 +1,93 @@
+"""Canonical CBOR: one object, one encoding; every bad input is a DecodeError."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from appliance.crypto import encoding
+from appliance.crypto.errors import DecodeError
+
+plain = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**64), 2**64) | st.binary(max_size=40) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=5)
+        | st.dictionaries(st.text(max_size=8) | st.integers(0, 100), children, max_size=5)
+    ),
+    max_leaves=20,
+)
+
+
+@given(st.dictionaries(st.text(max_size=8), st.integers(), max_size=8), st.randoms())
+def test_same_map_same_bytes_whatever_the_insertion_order(mapping: dict[str, int], rnd: Any) -> None:
+    items = list(mapping.items())
+    rnd.shuffle(items)
+    assert encoding.encode(dict(items)) == encoding.encode(mapping)
+
+
+@given(st.frozensets(st.integers(-1000, 1000), max_size=10))
+def test_sets_encode_independently_of_order(members: frozenset[int]) -> None:
+    assert encoding.encode(set(sorted(members, reverse=True))) == encoding.encode(set(sorted(members)))
+
+
+@given(plain)
+def test_roundtrip(obj: Any) -> None:
+    data = encoding.encode(obj)
+    assert encoding.encode(encoding.decode(data)) == data
+
+
+@given(st.binary(max_size=64))
+def test_arbitrary_bytes_decode_or_raise_decode_error(data: bytes) -> None:
+    try:
+        obj = encoding.decode(data)
+    except DecodeError:
+        return
+    assert encoding.encode(obj) == data
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty"),
+        (bytes.fromhex("1801"), "canonical"),  # 1 encoded in two bytes
+        (bytes.fromhex("a2616201616101"), "canonical"),  # keys out of order
+        (bytes.fromhex("a26161016161 02".replace(" ", "")), "malformed"),  # duplicate key
+        (bytes.fromhex("f93c00"), "float"),
+        (bytes.fromhex("c11a00000000"), "not allowed"),  # datetime tag
+        (bytes.fromhex("9fff"), "malformed"),  # indefinite length
+        (bytes.fromhex("0101"), "canonical"),  # trailing bytes
+        (bytes.fromhex("5a0000ffff"), "malformed"),  # truncated
+    ],
+)
+def test_bad_input_names_the_problem(data: bytes, reason: str) -> None:
+    with pytest.raises(DecodeError, match=reason):
+        encoding.decode(data, what="frame")
+
+
+def test_oversized_input_is_refused() -> None:
+    with pytest.raises(DecodeError, match="exceeds the limit"):
+        encoding.decode(encoding.encode(b"x" * 100), max_size=50)
+
+
+def test_deep_nesting_is_refused() -> None:
+    obj: Any = 1
+    for _ in range(40):
+        obj = [obj]
+    data = bytes.fromhex("81") * 40 + b"\x01"
+    with pytest.raises(DecodeError):
+        encoding.decode(data)
+    with pytest.raises(DecodeError, match="nested deeper"):
+        encoding.encode(obj)
+
+
+def test_signing_payload_binds_type_context_period() -> None:
+    base = encoding.signing_payload("keytable", 1, "pst/refresh", 7, {"a": 1})
+    assert base != encoding.signing_payload("keytable", 1, "pst/refresh", 8, {"a": 1})
+    assert base != encoding.signing_payload("keytable", 1, "pst/init", 7, {"a": 1})
+    assert base != encoding.signing_payload("keytable", 2, "pst/refresh", 7, {"a": 1})
+    assert base != encoding.signing_payload("M", 1, "pst/refresh", 7, {"a": 1})
+    decoded = encoding.decode(base)
+    assert decoded["type"] == "keytable" and decoded["period"] == 7 and decoded["ctx"] == "pst/refresh"
