@@ -332,11 +332,27 @@ class DSAGroup(Group[DSAElement]):
         return acc
 
     def multi_mul(self, scalars: Sequence[int], elements: Sequence[DSAElement]) -> DSAElement:
-        """prod P_i^(k_i) by simultaneous 4-bit fixed-window exponentiation (shared squarings)."""
+        """prod P_i^(k_i): powers of g from the fixed-base table, the rest by simultaneous
+        4-bit fixed-window exponentiation (one shared chain of squarings)."""
         if len(scalars) != len(elements):
             raise ValueError("multi_mul: scalars and elements differ in length")
-        if len(scalars) == 1:
-            return self.mul(scalars[0], elements[0])
+        base_k = 0
+        ks: list[int] = []
+        es: list[DSAElement] = []
+        for k, e in zip(scalars, elements, strict=True):
+            if e == self.g:
+                base_k += k
+            elif e != 1:
+                ks.append(k)
+                es.append(e)
+        acc = self.mul_base(base_k)
+        if len(ks) == 1:
+            return self.add(acc, gmpy2.powmod(es[0], ks[0] % self.order, self.p))
+        if ks:
+            acc = self.add(acc, self._simultaneous(ks, es))
+        return acc
+
+    def _simultaneous(self, scalars: Sequence[int], elements: Sequence[DSAElement]) -> DSAElement:
         p, w = self.p, _MULTI_WINDOW
         mask = (1 << w) - 1
         ks = [int(k % self.order) for k in scalars]

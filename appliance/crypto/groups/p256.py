@@ -267,15 +267,21 @@ class P256Group(Group[P256Point]):
         return _to_affine((X, Y, Z))
 
     def multi_mul(self, scalars: Sequence[int], elements: Sequence[P256Point]) -> P256Point:
-        """sum k_i P_i by interleaved width-5 wNAF: one shared chain of doublings."""
+        """sum k_i P_i: multiples of G from the fixed-base table, the rest by interleaved
+        width-5 wNAF (one shared chain of doublings)."""
         if len(scalars) != len(elements):
             raise ValueError("multi_mul: scalars and elements differ in length")
-        terms = [(int(k % N), e) for k, e in zip(scalars, elements, strict=True)]
+        base_k = sum(k for k, e in zip(scalars, elements, strict=True) if e == G)
+        terms = [(int(k % N), e) for k, e in zip(scalars, elements, strict=True) if e != G]
         terms = [(k, e) for k, e in terms if k and e != INFINITY]
-        if not terms:
-            return INFINITY
+        acc = self.mul_base(base_k)
         if len(terms) == 1:
-            return self.mul(*terms[0])
+            return self.add(acc, self.mul(*terms[0]))
+        if terms:
+            acc = self.add(acc, self._interleaved(terms))
+        return acc
+
+    def _interleaved(self, terms: Sequence[tuple[int, P256Point]]) -> P256Point:
         nafs: list[list[int]] = []
         tables: list[tuple[list[P256Point], list[P256Point]]] = []
         for k, e in terms:
