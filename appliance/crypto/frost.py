@@ -678,6 +678,7 @@ def aggregate(
 
     Exactly one share per signer in the commitment list is required.
     """
+    group_public_key = _check_element(group_public_key, "aggregate: group public key")
     session = _session(group_public_key, commitment_list, msg)
     by_id = _shares_by_id(session, sig_shares)
     z = sum(s.share for s in by_id.values()) % L
@@ -700,9 +701,12 @@ def verify_signature_share(
 ) -> None:
     """RFC 9591 §5.3 verify_signature_share(); raises CheatingError(party=share.identifier) if wrong.
 
-    ``public_key_i`` is the signer's verification share PK_i (already validated,
-    e.g. from a :class:`PublicKeyPackage`); its commitment comes from the list.
+    ``public_key_i`` is the signer's verification share PK_i; its commitment comes
+    from the list. To check many shares of one session, :func:`verify_signature_shares`
+    shares the session computation.
     """
+    public_key_i = _check_element(public_key_i, f"verification share of {share.identifier}")
+    group_public_key = _check_element(group_public_key, "group public key")
     session = _session(group_public_key, commitment_list, msg)
     if share.identifier not in session.binding_factors:
         raise ParameterError(f"signature share from {share.identifier}, who is not in the commitment list")
