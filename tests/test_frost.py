@@ -9,7 +9,6 @@ import json
 import pickle
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -547,27 +546,3 @@ def _fuzz_inputs() -> st.SearchStrategy[bytes]:
 def test_fuzz_decoders_only_raise_decode_error(data: bytes, decoder: Any) -> None:
     with contextlib.suppress(DecodeError):
         decoder(data)
-
-
-# ---------------------------------------------------------------------------
-# Performance: n = 5, all five sign; one signer's sign + the coordinator's aggregate < 2 ms
-
-
-def test_performance_sign_plus_aggregate() -> None:
-    rng = _Stream(b"perf")
-    keys, public, _ = _dealer(5, 3, rng)
-    signers = [1, 2, 3, 4, 5]
-    msg = b"x" * 64
-    best_sign = best_aggregate = float("inf")
-    for _ in range(15):
-        nonces = {i: frost.commit(keys[i], rng.read(64)) for i in signers}
-        commitments = [nonces[i].commitment for i in signers]
-        shares = []
-        for i in signers:
-            t0 = time.perf_counter()
-            shares.append(frost.sign(keys[i], nonces[i], msg, commitments))
-            best_sign = min(best_sign, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        frost.aggregate_and_identify(public, commitments, msg, shares)
-        best_aggregate = min(best_aggregate, time.perf_counter() - t0)
-    assert best_sign + best_aggregate < 2e-3, (best_sign, best_aggregate)
