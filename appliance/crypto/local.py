@@ -15,7 +15,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey
 
 from appliance.crypto import dkg, pss
-from appliance.crypto.groups import Group
+from appliance.crypto.groups import ED25519, Group
 from appliance.crypto.keyshare import KeyShare
 from appliance.crypto.secret import ScalarSource
 from appliance.crypto.vss import Complaint, ShareMessage
@@ -150,3 +150,26 @@ def run_recovery(
             subshares[i][d] = shares[i]
     contributions = {i: pss.recovery_contribution(group, keys[i], dealings, subshares[i]) for i in helpers}
     return pss.recover_share(group, any_key.public, lost, dealings, contributions)
+
+
+def frost_sign(
+    keys: Mapping[int, KeyShare[bytes]],
+    signers: list[int],
+    message: bytes,
+    random_bytes: Callable[[int], bytes],
+) -> bytes:
+    """A FROST(Ed25519) signature by ``signers`` with their DKG shares; cheaters raise CheatingError."""
+    from appliance.crypto import frost
+
+    any_key = keys[signers[0]]
+    min_signers = any_key.t + 1
+    packages = {i: frost.KeyPackage(i, keys[i].share.value, any_key.public_key, min_signers) for i in signers}
+    public = frost.PublicKeyPackage(
+        any_key.public_key,
+        {i: any_key.public.verification_share(ED25519, i) for i in signers},
+        min_signers,
+    )
+    nonces = {i: frost.commit(packages[i], random_bytes(64)) for i in signers}
+    commitments = [nonces[i].commitment for i in signers]
+    shares = [frost.sign(packages[i], nonces[i], message, commitments) for i in signers]
+    return frost.aggregate_and_identify(public, commitments, message, shares)
