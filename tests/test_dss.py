@@ -19,6 +19,7 @@ from appliance.crypto.groups.dsa import DSA2048
 from appliance.crypto.groups.p256 import P256
 from appliance.crypto.keyshare import KeyShare
 from appliance.crypto.secret import DeterministicSource
+from appliance.crypto.vss import Complaint, ShareMessage
 
 GROUPS = [pytest.param(DSA2048, id="dsa2048"), pytest.param(P256, id="p256")]
 SIZES = [pytest.param(5, 1, id="n5t1"), pytest.param(7, 2, id="n7t2")]
@@ -174,6 +175,61 @@ def test_product_opening_check_raises_cheating_error_naming_the_sender(group: Gr
     with pytest.raises(CheatingError) as err:
         dss.check_product_opening(group, public, dss.ProductOpening(4, opening.z, opening.proof))
     assert err.value.party == 4
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_w_dealing_of_another_value_raises_cheating_error_naming_the_dealer(group: Group[Any]) -> None:
+    keys = dkg_keys(group, 5, 1)
+    rand = DeterministicSource(b"w-direct", group.order)
+    dealt = {d: dss.deal_nonce(group, b"w", d, 5, 1, rand) for d in keys}
+    dealings = {d: dealing for d, (dealing, _) in dealt.items()}
+    public = dss.nonce_public(group, b"w", 5, 1, dealings.keys(), dealings)
+    states = {
+        j: dss.nonce_finish(group, public, j, dealings, {d: shares[j] for d, (_, shares) in dealt.items()})
+        for j in keys
+    }
+    nonce, bad = dss.open_nonce(
+        group, public, {j: dss.open_product(group, public, states[j], rand) for j in keys}
+    )
+    assert bad == {}
+    good, _ = dss.deal_w(group, public, nonce, states[4], keys[4], rand)
+    dss.check_w_dealing(group, public, nonce, keys[4].public, good)
+    wrong, _ = dss.deal_w(group, public, nonce, states[4], keys[4], rand, _w_offset=1)
+    with pytest.raises(CheatingError) as err:
+        dss.check_w_dealing(group, public, nonce, keys[4].public, wrong)
+    assert err.value.party == 4
+    # Server 4's valid proof does not pass for server 3's statement.
+    with pytest.raises(CheatingError) as err:
+        dss.check_w_dealing(
+            group, public, nonce, keys[4].public, dss.WDealing(3, good.commitment, good.proof)
+        )
+    assert err.value.party == 3
+
+
+def test_a_replayed_signed_share_from_another_dealing_convicts_the_accuser() -> None:
+    group, n, t = P256, 5, 1
+    rand = DeterministicSource(b"replay", group.order)
+    pk = local.PeriodKeys(n, b"local")
+    dealings = {d: dss.deal_nonce(group, b"same-sid", d, n, t, rand)[0] for d in range(1, n + 1)}
+    earlier, earlier_shares = dss.deal_nonce(group, b"same-sid", 2, n, t, rand)  # same dealer, same sid
+    msg = ShareMessage(dss.nonce_session(group, b"same-sid", earlier), 2, 3, earlier_shares[3])
+    sig = pk.sign(2, msg.payload(local.SIGNING_CONTEXT, 0))
+    qual = dss.qualify_nonce(
+        group, b"same-sid", n, t, dealings, [Complaint(3, msg, sig)], pk.verify,
+        signing_context=local.SIGNING_CONTEXT, period=0,
+    )  # fmt: skip
+    assert set(qual.cheaters) == {3}
+    assert 2 in qual.qual
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_presign_and_sign_with_a_server_offline(group: Group[Any]) -> None:
+    keys = dkg_keys(group, 5, 1)
+    online = {j: k for j, k in keys.items() if j != 2}
+    result = dss.run_presign(group, online, DeterministicSource(b"offline", group.order), sid=b"offline")
+    assert set(result.presignatures) == {1, 3, 4, 5}
+    sig = dss.run_sign(group, result.presignatures, b"m", keys[1].public, signers=[4, 5])
+    assert dss.verify_with_cryptography(group, keys[1].public_key, b"m", sig.der)
 
 
 @pytest.mark.parametrize(("n", "t"), SIZES)

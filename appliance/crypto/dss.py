@@ -86,6 +86,14 @@ p+1, would give a mobile adversary 2t shares of one degree-t polynomial. Each
 presignature records a digest of the key sharing it was made for, and
 :func:`sign_share` refuses it once the sharing has changed (:class:`StalePresignatureError`).
 
+Session ids and wire objects: ``sid`` must be fresh for every presignature (e.g.
+period || counter); every proof is bound to it, to the round-1 transcript digest
+and to the prover's id, and every signed private share message to the very dealing
+it belongs to, so that nothing is replayable across runs. :class:`NonceDealing`,
+:class:`ProductOpening`, :class:`WDealing` and :class:`SignatureShare` encode to
+canonical CBOR, and their decoders raise only DecodeError. A server must record a
+presignature as used in durable storage before it releases its signature share.
+
 Not constant time (Python ints, gmpy2); see docs/security.md.
 """
 
@@ -399,9 +407,17 @@ def check_nonce_share(group: Group[E], dealing: NonceDealing[E], j: int, values:
     )
 
 
-def nonce_session(sid: bytes) -> bytes:
-    """The ``session`` of round-1 :class:`~appliance.crypto.vss.ShareMessage` s."""
-    return sid + NONCE_SESSION_SUFFIX
+def _bound_session(sid: bytes, suffix: bytes, dealing_bytes: bytes) -> bytes:
+    return sid + suffix + b"/" + hashlib.sha256(dealing_bytes).digest()
+
+
+def nonce_session(group: Group[E], sid: bytes, dealing: NonceDealing[E]) -> bytes:
+    """The ``session`` of the dealer's round-1 :class:`~appliance.crypto.vss.ShareMessage` s.
+
+    It binds the signed shares to this very dealing, so that a signed share of an
+    earlier run (even one with the same ``sid``) cannot convict the dealer now.
+    """
+    return _bound_session(sid, NONCE_SESSION_SUFFIX, dealing.encode(group))
 
 
 def qualify_nonce(
@@ -432,7 +448,7 @@ def qualify_nonce(
         dealing = dealings[c.message.dealer]
         return _judge(
             c,
-            nonce_session(sid),
+            nonce_session(group, sid, dealing),
             5,
             lambda j, v: check_nonce_share(group, dealing, j, v),
             verify,
@@ -663,9 +679,9 @@ class WDealing(Generic[E]):
         return cls(dealer, commitment, LinkProof.from_obj(group, obj["proof"], what))
 
 
-def w_session(sid: bytes) -> bytes:
-    """The ``session`` of round-3 :class:`~appliance.crypto.vss.ShareMessage` s."""
-    return sid + W_SESSION_SUFFIX
+def w_session(group: Group[E], sid: bytes, dealing: WDealing[E]) -> bytes:
+    """The ``session`` of round-3 share messages, bound to the dealing like :func:`nonce_session`."""
+    return _bound_session(sid, W_SESSION_SUFFIX, dealing.encode(group))
 
 
 def _w_context(group: Group[E], public: NoncePublic[E], nonce: Nonce[E]) -> tuple[bytes, bytes, bytes]:
@@ -766,7 +782,7 @@ def qualify_w(
         dealing = dealings[c.message.dealer]
         return _judge(
             c,
-            w_session(public.sid),
+            w_session(group, public.sid, dealing),
             2,
             lambda j, v: check_w_share(group, dealing, j, v),
             verify,
@@ -1130,12 +1146,12 @@ def run_presign(
     cheaters: dict[int, str] = {}
 
     # Round 1
-    session = nonce_session(sid)
     dealings: dict[int, NonceDealing[E]] = {}
     inbox: dict[int, dict[int, tuple[tuple[int, ...], bytes]]] = {j: {} for j in parties}
     for d in parties:
         dealing, shares = deal_nonce(group, sid, d, n, t, rand)
         dealings[d] = dealing
+        session = nonce_session(group, sid, dealing)
         for j in parties:
             values: tuple[int, ...] = shares[j]
             if d in cheat.bad_nonce_share and j == _victim(d, parties):
@@ -1147,7 +1163,8 @@ def run_presign(
         for d, dealing in dealings.items():
             values, sig = inbox[j][d]
             if not check_nonce_share(group, dealing, j, values):
-                complaints.append(Complaint(j, ShareMessage(session, d, j, values), sig))
+                msg = ShareMessage(nonce_session(group, sid, dealing), d, j, values)
+                complaints.append(Complaint(j, msg, sig))
     qual1 = qualify_nonce(
         group, sid, n, t, dealings, complaints, pk.verify, signing_context=SIGNING_CONTEXT, period=period
     )
@@ -1179,7 +1196,6 @@ def run_presign(
     active = [j for j in active if j not in cheaters]
 
     # Round 3
-    wsession = w_session(sid)
     w_dealings: dict[int, WDealing[E]] = {}
     w_inbox: dict[int, dict[int, tuple[tuple[int, ...], bytes]]] = {j: {} for j in active}
     for d in active:
@@ -1187,6 +1203,7 @@ def run_presign(
             group, public, nonce, states[d], keys[d], rand, _w_offset=1 if d in cheat.bad_w_dealing else 0
         )
         w_dealings[d] = wd
+        wsession = w_session(group, sid, wd)
         for j in active:
             values = wshares[j]
             if d in cheat.bad_w_share and j == _victim(d, active):
@@ -1198,7 +1215,8 @@ def run_presign(
         for d, wd in w_dealings.items():
             values, sig = w_inbox[j][d]
             if not check_w_share(group, wd, j, values):
-                w_complaints.append(Complaint(j, ShareMessage(wsession, d, j, values), sig))
+                msg = ShareMessage(w_session(group, sid, wd), d, j, values)
+                w_complaints.append(Complaint(j, msg, sig))
     qual_w = qualify_w(
         group,
         public,
