@@ -137,12 +137,12 @@ def run_crypto_demo(n: int = 5, t: int = 1) -> int:
         presigs = dss.run_presign(DSA2048, dkeys, drand, sid=os.urandom(16)).presignatures
         message = b"a document to timestamp"
         start = time.perf_counter()
-        signature = dss.run_sign(DSA2048, presigs, message, dkeys[1].public)
+        dss_signature = dss.run_sign(DSA2048, presigs, message, dkeys[1].public)
         online_ms = (time.perf_counter() - start) * 1000
         pem = dss.public_key_pem(DSA2048, dkeys[1].public_key)
         print(f"   t={dss_t}; online step (all shares, combine, verify): {online_ms:.1f} ms")
-        print(f"   DER signature: {signature.der.hex()[:48]}...")
-        print(f"   openssl dgst -sha256 -verify: {_openssl_verify_dss(pem, message, signature.der)}")
+        print(f"   DER signature: {dss_signature.der.hex()[:48]}...")
+        print(f"   openssl dgst -sha256 -verify: {_openssl_verify_dss(pem, message, dss_signature.der)}")
 
     print("\nDone. The real network of servers arrives with the next issue.")
     return 0
