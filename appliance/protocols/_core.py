@@ -1,0 +1,108 @@
+"""Shared vocabulary of the sans-IO protocols: outgoing messages, alerts, keys, errors.
+
+Errors say whose fault they are (as in h11): :class:`LocalProtocolError` means we
+misused a protocol object; :class:`RemoteProtocolError` means a peer sent something
+wrong, and names the peer so that the caller can log it and raise an alert.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+#: Recipient value meaning "every other server".
+EVERYONE = 0
+
+
+class LocalProtocolError(Exception):
+    """A protocol object was driven wrongly by its owner (a bug on our side)."""
+
+
+class RemoteProtocolError(Exception):
+    """A peer sent a message that cannot be accepted; ``peer`` names it."""
+
+    def __init__(self, peer: int, reason: str) -> None:
+        super().__init__(f"server {peer}: {reason}")
+        self.peer = peer
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message to send: ``to`` is a server id, or EVERYONE for all other servers."""
+
+    to: int
+    data: bytes
+
+
+class AlertKind(enum.Enum):
+    EQUIVOCATION = "equivocation"
+    BAD_SHARE = "bad-share"
+    BAD_SIGNATURE_SHARE = "bad-signature-share"
+    CONFLICTING_ANNOUNCEMENTS = "conflicting-key-announcements"
+    OWN_KEY_MISSING = "own-key-missing-from-keytable"
+    RECOVERY_FAILED = "recovery-failed"
+    BAD_MESSAGE = "bad-message"
+    INVALID_M = "invalid-invariant-information"
+    FALSE_COMPLAINT = "false-complaint"
+    SILENT = "silent-server"
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A detected attack: its kind, the server it is about, the period, a human-readable cause.
+
+    Alerts never carry secrets: ``detail`` is built from public data only.
+    """
+
+    kind: AlertKind
+    server: int
+    period: int
+    detail: str
+    evidence: tuple[bytes, ...] = field(default=(), repr=False)
+
+    def __str__(self) -> str:
+        return f"ALERT {self.kind.value}: server {self.server}, period {self.period}: {self.detail}"
+
+
+Verify = Callable[[int, bytes, bytes], bool]
+"""verify(server, payload, signature) with that server's key for the current phase."""
+
+
+class Signer:
+    """Signs payloads with one Ed25519 period key (later held by the key-holder process)."""
+
+    def __init__(self, key: SigningKey) -> None:
+        self._key = key
+        self.public = bytes(key.verify_key)
+
+    def sign(self, payload: bytes) -> bytes:
+        return bytes(self._key.sign(payload).signature)
+
+    def __repr__(self) -> str:
+        return f"Signer(public={self.public.hex()[:16]}..)"
+
+
+def ed25519_verify(public_key: bytes, payload: bytes, signature: bytes) -> bool:
+    """Ed25519 verification that returns False on any malformed input."""
+    if len(public_key) != 32 or len(signature) != 64:
+        return False
+    try:
+        VerifyKey(public_key).verify(payload, signature)
+    except (BadSignatureError, ValueError, TypeError):
+        return False
+    return True
+
+
+def key_table_verifier(keys: dict[int, bytes]) -> Verify:
+    """A Verify over a map server -> Ed25519 public key (servers without a key fail)."""
+
+    def verify(server: int, payload: bytes, signature: bytes) -> bool:
+        key = keys.get(server)
+        return key is not None and ed25519_verify(key, payload, signature)
+
+    return verify
