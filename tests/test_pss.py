@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from appliance.crypto import local, pss, shamir
 from appliance.crypto.errors import CheatingError, DecodeError, NotEnoughSharesError
 from appliance.crypto.groups.ed25519 import ED25519 as G
-from appliance.crypto.secret import DeterministicSource
+from appliance.crypto.keyshare import KeyShare
+from appliance.crypto.secret import DeterministicSource, SecretScalar
 
 Q = G.order
 
@@ -148,3 +149,12 @@ def test_refresh_and_recovery_decoders_raise_only_decode_error(data: bytes) -> N
         pss.ZeroDealing.decode(G, data, 5, 2)
     with pytest.raises(DecodeError):
         pss.RecoveryDealing.decode(G, data, 5, 2)
+
+
+def test_refresh_of_a_corrupted_own_share_says_the_server_needs_recovery() -> None:
+    rand = DeterministicSource(7, Q)
+    keys = local.run_dkg(G, 4, 1, rand).keys
+    corrupt = KeyShare(3, SecretScalar(keys[3].share.value + 1, Q), keys[3].public)
+    dealing, shares = pss.refresh_deal(G, 1, 4, 1, rand)
+    with pytest.raises(pss.CorruptShareError, match="server 3"):
+        pss.refresh_share(G, corrupt, {1: dealing}, {1: shares[3]})

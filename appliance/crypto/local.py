@@ -90,10 +90,10 @@ def run_dkg(
     for j in range(1, n + 1):
         if j in silent:
             continue
-        for d, dealing in dealings.items():
+        received = {d: inbox[j][d][0] for d in dealings}
+        for d in dkg.bad_dealers(group, dealings, j, received):
             share, sig = inbox[j][d]
-            if not dkg.check_share(group, dealing, j, share):
-                complaints.append(Complaint(j, ShareMessage(session, d, j, (share,)), sig))
+            complaints.append(Complaint(j, ShareMessage(session, d, j, (share,)), sig))
     qualification = dkg.qualify(
         group,
         context,

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from appliance.crypto import encoding
-from appliance.crypto.errors import CheatingError, DecodeError, NotEnoughSharesError
+from appliance.crypto.errors import CheatingError, CryptoError, DecodeError, NotEnoughSharesError
 from appliance.crypto.groups import Group
 from appliance.crypto.keyshare import KeyShare, PublicSharing
 from appliance.crypto.secret import ScalarSource, SecretScalar
@@ -36,6 +36,10 @@ from appliance.crypto.shamir import check_parameters, evaluate, interpolate
 from appliance.crypto.vss import Commitment, sum_commitments
 
 E = TypeVar("E")
+
+
+class CorruptShareError(CryptoError):
+    """Our own share does not match the public sharing: the server must be recovered."""
 
 
 # Refresh ---------------------------------------------------------------------
@@ -112,16 +116,27 @@ def refresh_share(
     dealings: Mapping[int, ZeroDealing[E]],
     subshares: Mapping[int, int],
 ) -> KeyShare[E]:
-    """Server ``key.index``'s share for the next period. The old share is left to the caller to wipe."""
+    """Server ``key.index``'s share for the next period. The old share is left to the caller to wipe.
+
+    The new share is checked once against the new public sharing; only on failure are
+    sub-shares checked one by one to name the dealer. If every sub-share is right, it is
+    our own old share that was corrupt (:class:`CorruptShareError`: we must be recovered).
+    """
     q = group.order
     total = key.share.value
     for d in sorted(dealings):
         if d not in subshares:
             raise NotEnoughSharesError(f"no refresh sub-share from qualified dealer {d}")
-        if not dealings[d].check_subshare(group, key.index, subshares[d]):
-            raise CheatingError(d, f"refresh sub-share for server {key.index} fails the commitments")
+        if not 0 <= subshares[d] < q:
+            raise CheatingError(d, f"refresh sub-share for server {key.index} is not a reduced scalar")
         total = (total + subshares[d]) % q
-    new = KeyShare(key.index, SecretScalar(total, q), refresh_public(group, key.public, dealings))
+    public = refresh_public(group, key.public, dealings)
+    if group.mul_base(total) != public.verification_share(group, key.index):
+        for d in sorted(dealings):
+            if not dealings[d].check_subshare(group, key.index, subshares[d]):
+                raise CheatingError(d, f"refresh sub-share for server {key.index} fails the commitments")
+        raise CorruptShareError(f"server {key.index}: own share does not match its verification share")
+    new = KeyShare(key.index, SecretScalar(total, q), public)
     if new.public_key != key.public_key:  # pragma: no cover - guaranteed by construction
         raise AssertionError("refresh changed the public key")
     return new
@@ -199,16 +214,38 @@ def recovery_contribution(
     dealings: Mapping[int, RecoveryDealing[E]],
     subshares: Mapping[int, int],
 ) -> int:
-    """Helper ``key.index``'s blinded value y_i = x_i + sum_j g_j(i), sent to the lost server only."""
+    """Helper ``key.index``'s blinded value y_i = x_i + sum_j g_j(i), sent to the lost server only.
+
+    The sum of the sub-shares is checked once against the summed commitments; only on
+    failure is each sub-share checked, to name the dealer.
+    """
     q = group.order
-    total = key.share.value
+    blind = 0
     for d in sorted(dealings):
         if d not in subshares:
             raise NotEnoughSharesError(f"no recovery sub-share from qualified dealer {d}")
-        if not dealings[d].check_subshare(group, key.index, subshares[d]):
-            raise CheatingError(d, f"recovery sub-share for server {key.index} fails the commitments")
-        total = (total + subshares[d]) % q
-    return total
+        if not 0 <= subshares[d] < q:
+            raise CheatingError(d, f"recovery sub-share for server {key.index} is not a reduced scalar")
+        blind = (blind + subshares[d]) % q
+    if dealings and group.mul_base(blind) != blinding_commitment(group, dealings, key.index):
+        for d in sorted(dealings):
+            if not dealings[d].check_subshare(group, key.index, subshares[d]):
+                raise CheatingError(d, f"recovery sub-share for server {key.index} fails the commitments")
+    return (key.share.value + blind) % q
+
+
+def blinding_commitment(group: Group[E], dealings: Mapping[int, RecoveryDealing[E]], i: int) -> E:
+    """Commitment to sum_j g_j(i): the dealings' commitments are added first, then evaluated once."""
+    first = dealings[min(dealings)]
+    summed = Commitment(first.points)
+    for d in sorted(dealings):
+        if dealings[d].lost != first.lost or len(dealings[d].points) != len(first.points):
+            raise CheatingError(
+                d, f"recovery dealing for another server or of another degree than {first.dealer}'s"
+            )
+        if d != min(dealings):
+            summed = summed.add(group, Commitment(dealings[d].points))
+    return group.mul((i - first.lost) % group.order, summed.evaluate(group, i))
 
 
 @dataclass(frozen=True)
@@ -232,8 +269,8 @@ def recover_share(
     for i in sorted(contributions):
         y = contributions[i]
         expected = public.verification_share(group, i)
-        for d in sorted(dealings):
-            expected = group.add(expected, dealings[d].commitment_at(group, i))
+        if dealings:
+            expected = group.add(expected, blinding_commitment(group, dealings, i))
         if 0 <= y < q and group.mul_base(y) == expected:
             good[i] = y
         else:
