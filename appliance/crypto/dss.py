@@ -55,8 +55,8 @@ with the public key (two exponentiations); only if that fails are the shares
 checked one by one, the culprits named and excluded. s = 0 (or r = 0 at presign
 time) raises :class:`DSSRetryError`: sign again with a fresh presignature.
 
-Improvement over the brief's design: the randomizing zero sharing b
-------------------------------------------------------------------------
+Why the randomizing zero sharing b
+----------------------------------
 Opening z_i = kappa_i a_i alone publishes every point of the polynomial
 kappa(X) a(X). That product can be factored over F_q in polynomial time, and the
 corrupted servers' t shares of kappa then fix the scale of the factor kappa(X):

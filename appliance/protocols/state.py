@@ -1,0 +1,275 @@
+"""The PServer's data as the paper names it: constants C, invariant information M, KeyTable.
+
+* :class:`Constants` (C): the public constants every server holds: n, t, peers, period and
+  round lengths, the long-lived secrets and their groups, the code manifest digest.
+* :class:`InvariantInfo` (M): M = (M_1, ..., M_n) with M_i = Sign_Sstart_i(Vcert, C), jointly
+  signed with Scert as [Scert(M), M]. A server that reads Vstart from ROM can check its own
+  M_i, learn Vcert from it and check Scert(M): this is how a server that lost everything
+  but its ROM gets back Vcert and C (PushM, Table 2).
+* :class:`KeyTable`: the period's key announcements K_i = (V_i, E_i, S_i(E_i)) that
+  survived the judgment rules, the public sharings' digests every server must hold entering
+  the period, and the recovering servers, jointly signed with Scert (Table 1, step 4).
+
+Every object has one canonical CBOR encoding; signatures cover
+:func:`~appliance.crypto.encoding.signing_payload` of it (type, version, context, period).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.crypto import encoding
+from appliance.crypto.errors import DecodeError
+from appliance.crypto.groups import DSA2048, ED25519, P256, Group
+from appliance.crypto.keyshare import PublicSharing
+from appliance.crypto.vss import Commitment
+from appliance.protocols._core import ed25519_verify
+
+#: The group key (Scert, Vcert) is the long-lived secret every network has.
+SCERT = "scert"
+GROUPS: dict[str, Group[Any]] = {"ed25519": ED25519, "dsa2048": DSA2048, "p256": P256}
+CONTEXT = "pst/state"
+
+
+class ConfigError(ValueError):
+    """The constants C are inconsistent; the message says which value and why."""
+
+
+@dataclass(frozen=True)
+class Constants:
+    """C: the network's public constants. ``secrets`` maps secret id -> group name."""
+
+    n: int
+    t: int
+    period_length: float
+    delta: float
+    genesis: float = 0.0
+    peers: dict[int, str] = field(default_factory=dict)
+    secrets: dict[str, str] = field(default_factory=lambda: {SCERT: "ed25519"})
+    code_digest: bytes = b""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n, int) or not isinstance(self.t, int) or self.t < 1:
+            raise ConfigError(f"n and t must be integers with t >= 1 (got n={self.n}, t={self.t})")
+        if self.n < 2 * self.t + 1:
+            raise ConfigError(
+                f"n={self.n} servers cannot tolerate t={self.t}: the threshold DSS needs an honest "
+                f"majority, n >= 2t+1 = {2 * self.t + 1}"
+            )
+        if self.delta <= 0 or self.period_length <= 0:
+            raise ConfigError("period_length and delta must be positive")
+        if self.secrets.get(SCERT) != "ed25519":
+            raise ConfigError("the group key 'scert' must be an ed25519 (FROST) key")
+        for sid, group in self.secrets.items():
+            if group not in GROUPS:
+                raise ConfigError(f"secret {sid!r}: unknown group {group!r} (known: {sorted(GROUPS)})")
+        if self.peers and set(self.peers) != set(range(1, self.n + 1)):
+            raise ConfigError(f"peers must name servers 1..{self.n}, got {sorted(self.peers)}")
+
+    @property
+    def ids(self) -> range:
+        return range(1, self.n + 1)
+
+    def group(self, sid: str) -> Group[Any]:
+        return GROUPS[self.secrets[sid]]
+
+    def to_obj(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "t": self.t,
+            "period_length_ms": round(self.period_length * 1000),
+            "delta_ms": round(self.delta * 1000),
+            "genesis_ms": round(self.genesis * 1000),
+            "peers": {i: a for i, a in self.peers.items()},
+            "secrets": dict(self.secrets),
+            "code_digest": self.code_digest,
+        }
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> Constants:
+        f = encoding.expect_map(
+            obj,
+            {
+                "n": int,
+                "t": int,
+                "period_length_ms": int,
+                "delta_ms": int,
+                "genesis_ms": int,
+                "peers": dict,
+                "secrets": dict,
+                "code_digest": bytes,
+            },
+            "constants C",
+        )
+        try:
+            return cls(
+                f["n"],
+                f["t"],
+                f["period_length_ms"] / 1000,
+                f["delta_ms"] / 1000,
+                f["genesis_ms"] / 1000,
+                {int(k): str(v) for k, v in f["peers"].items()},
+                {str(k): str(v) for k, v in f["secrets"].items()},
+                f["code_digest"],
+            )
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise DecodeError(f"constants C: {exc}") from None
+
+    def encode(self) -> bytes:
+        return encoding.encode(self.to_obj())
+
+    def period_start(self, period: int) -> float:
+        return self.genesis + period * self.period_length
+
+    def period_at(self, now: float) -> int:
+        return max(0, int((now - self.genesis) // self.period_length))
+
+
+def m_i_payload(vcert: bytes, constants: Constants, server: int) -> bytes:
+    """What server i signs with Sstart_i at initialization: (Vcert, C)."""
+    return encoding.signing_payload(
+        "M_i", 1, "pst/init/M_i", 0, {"server": server, "vcert": vcert, "C": constants.to_obj()}
+    )
+
+
+@dataclass(frozen=True)
+class InvariantInfo:
+    """[Scert(M), M]: Vcert, C, every M_i, and the group's signature over all of it."""
+
+    vcert: bytes
+    constants: Constants
+    m: dict[int, bytes]
+    scert_signature: bytes = b""
+
+    def body(self) -> dict[str, Any]:
+        return {"vcert": self.vcert, "C": self.constants.to_obj(), "M": {i: s for i, s in self.m.items()}}
+
+    def payload(self) -> bytes:
+        return encoding.signing_payload("M", 1, "pst/init/M", 0, self.body())
+
+    def encode(self) -> bytes:
+        return encoding.encode({"body": self.body(), "sig": self.scert_signature})
+
+    @classmethod
+    def decode(cls, data: bytes) -> InvariantInfo:
+        obj = encoding.expect_map(encoding.decode(data, what="M"), {"body": dict, "sig": bytes}, "M")
+        body = encoding.expect_map(obj["body"], {"vcert": bytes, "C": dict, "M": dict}, "M body")
+        m = {}
+        for k, v in body["M"].items():
+            if not isinstance(k, int) or not isinstance(v, bytes) or len(v) != 64:
+                raise DecodeError("M: each M_i must be a 64-byte signature under a server id")
+            m[k] = v
+        return cls(body["vcert"], Constants.from_obj(body["C"]), m, obj["sig"])
+
+    def check(self, server: int, vstart: bytes) -> str | None:
+        """Table 2 (i)-(ii): None if valid for ``server`` holding ``vstart`` in ROM, else why not."""
+        mi = self.m.get(server)
+        if mi is None:
+            return f"M holds no M_{server}"
+        if not ed25519_verify(vstart, m_i_payload(self.vcert, self.constants, server), mi):
+            return f"M_{server} does not verify with Vstart from ROM"
+        if set(self.m) != set(self.constants.ids):
+            return "M does not hold exactly one M_i per server"
+        if not ed25519_verify(self.vcert, self.payload(), self.scert_signature):
+            return "Scert(M) does not verify with Vcert"
+        return None
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    """K_i = (V_i(t), S_i(t)(E_i(t))): period signing and encryption public keys."""
+
+    verify_key: bytes
+    encryption_key: bytes
+    signature: bytes
+
+    def to_obj(self) -> dict[str, bytes]:
+        return {"V": self.verify_key, "E": self.encryption_key, "sigE": self.signature}
+
+    @classmethod
+    def from_obj(cls, obj: Any, what: str) -> KeyEntry:
+        f = encoding.expect_map(obj, {"V": bytes, "E": bytes, "sigE": bytes}, what)
+        if len(f["V"]) != 32 or len(f["E"]) != 32 or len(f["sigE"]) != 64:
+            raise DecodeError(f"{what}: wrong key or signature length")
+        return cls(f["V"], f["E"], f["sigE"])
+
+
+def encryption_key_payload(server: int, period: int, encryption_key: bytes) -> bytes:
+    return encoding.signing_payload(
+        "E_i", 1, "pst/refresh/E_i", period, {"server": server, "E": encryption_key}
+    )
+
+
+@dataclass(frozen=True)
+class KeyTable:
+    """The period's KeyTable, with the digests of the sharings and the recovering servers."""
+
+    period: int
+    entries: dict[int, KeyEntry]
+    sharings: dict[str, bytes]
+    recovering: frozenset[int]
+    signature: bytes = b""
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "entries": {i: e.to_obj() for i, e in self.entries.items()},
+            "sharings": dict(self.sharings),
+            "recovering": sorted(self.recovering),
+        }
+
+    def payload(self) -> bytes:
+        return encoding.signing_payload("KeyTable", 1, "pst/refresh/keytable", self.period, self.body())
+
+    def signed(self, signature: bytes) -> KeyTable:
+        return KeyTable(self.period, self.entries, self.sharings, self.recovering, signature)
+
+    def verify(self, vcert: bytes) -> bool:
+        return ed25519_verify(vcert, self.payload(), self.signature)
+
+    def encode(self) -> bytes:
+        return encoding.encode({"period": self.period, "body": self.body(), "sig": self.signature})
+
+    @classmethod
+    def decode(cls, data: bytes) -> KeyTable:
+        obj = encoding.expect_map(
+            encoding.decode(data, what="KeyTable"), {"period": int, "body": dict, "sig": bytes}, "KeyTable"
+        )
+        body = encoding.expect_map(
+            obj["body"], {"entries": dict, "sharings": dict, "recovering": list}, "KeyTable"
+        )
+        entries = {}
+        for k, v in body["entries"].items():
+            if not isinstance(k, int):
+                raise DecodeError("KeyTable: entry keys must be server ids")
+            entries[k] = KeyEntry.from_obj(v, f"KeyTable entry {k}")
+        sharings = {}
+        for k, v in body["sharings"].items():
+            if not isinstance(k, str) or not isinstance(v, bytes):
+                raise DecodeError("KeyTable: sharings must map secret ids to digests")
+            sharings[k] = v
+        if not all(isinstance(i, int) for i in body["recovering"]):
+            raise DecodeError("KeyTable: recovering must list server ids")
+        return cls(obj["period"], entries, sharings, frozenset(body["recovering"]), obj["sig"])
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.payload()).hexdigest()[:16]
+
+
+# Public sharings ---------------------------------------------------------------------
+
+
+def sharing_to_obj(group: Group[Any], sharing: PublicSharing[Any]) -> dict[str, Any]:
+    return {"n": sharing.n, "t": sharing.t, "commitment": sharing.commitment.encode(group)}
+
+
+def sharing_from_obj(group: Group[Any], obj: Any, what: str = "public sharing") -> PublicSharing[Any]:
+    f = encoding.expect_map(obj, {"n": int, "t": int, "commitment": list}, what)
+    if not 1 <= f["t"] < f["n"]:
+        raise DecodeError(f"{what}: bad n={f['n']}, t={f['t']}")
+    return PublicSharing(f["n"], f["t"], Commitment.decode(group, f["commitment"], f["t"], what))
+
+
+def sharing_digest(group: Group[Any], sharing: PublicSharing[Any]) -> bytes:
+    return hashlib.sha256(encoding.encode({"group": group.name, **sharing_to_obj(group, sharing)})).digest()
