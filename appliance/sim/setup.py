@@ -1,0 +1,83 @@
+"""Initial data of a simulated network (period 0), without running Table 3 over a network.
+
+Runs the dealerless DKG of the crypto core in one process, signs every M_i with the
+server's Sstart and [Scert(M), M] and KeyTable(0) with FROST, all from a seed. The
+protocol of Table 3 (``appliance.protocols.init``) produces the same data over the
+network; simulations of refresh start from here so that each seed is cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from nacl.public import PrivateKey
+from nacl.signing import SigningKey
+
+from appliance.crypto import local
+from appliance.crypto.groups import ED25519
+from appliance.crypto.keyshare import KeyShare
+from appliance.crypto.secret import DeterministicSource
+from appliance.protocols.refresh import PrivateData, PublicData
+from appliance.protocols.state import (
+    SCERT,
+    Constants,
+    InvariantInfo,
+    KeyEntry,
+    KeyTable,
+    encryption_key_payload,
+    m_i_payload,
+    sharing_digest,
+)
+
+
+@dataclass
+class ServerSetup:
+    me: int
+    vstart: bytes
+    public: PublicData
+    private: PrivateData
+
+
+def seeded_bytes(seed: bytes) -> Any:
+    """A deterministic random-bytes source (SHAKE-256 counter mode) for simulations only."""
+    counter = 0
+
+    def draw(n: int) -> bytes:
+        nonlocal counter
+        counter += 1
+        return hashlib.shake_256(b"pst/sim/bytes" + seed + counter.to_bytes(8, "big")).digest(n)
+
+    return draw
+
+
+def make_network(constants: Constants, seed: int) -> dict[int, ServerSetup]:
+    n, t = constants.n, constants.t
+    rnd = random.Random(seed)
+    rand = DeterministicSource(rnd.randbytes(16), ED25519.order)
+    keys: dict[int, KeyShare[bytes]] = local.run_dkg(ED25519, n, t, rand, context=b"pst/sim/dkg").keys
+    vcert = keys[1].public_key
+    sstart = {i: SigningKey(rnd.randbytes(32)) for i in constants.ids}
+    m = {i: bytes(sstart[i].sign(m_i_payload(vcert, constants, i)).signature) for i in constants.ids}
+    info = InvariantInfo(vcert, constants, m)
+    signers = list(range(1, t + 2))
+    info = InvariantInfo(vcert, constants, m, local.frost_sign(keys, signers, info.payload(), rnd.randbytes))
+    seeds = {i: (rnd.randbytes(32), rnd.randbytes(32)) for i in constants.ids}
+    entries = {}
+    for i, (sseed, eseed) in seeds.items():
+        sk = SigningKey(sseed)
+        e = bytes(PrivateKey(eseed).public_key)
+        entries[i] = KeyEntry(
+            bytes(sk.verify_key), e, bytes(sk.sign(encryption_key_payload(i, 0, e)).signature)
+        )
+    sharing = keys[1].public
+    table = KeyTable(0, entries, {SCERT: sharing_digest(ED25519, sharing)}, frozenset())
+    table = table.signed(local.frost_sign(keys, signers, table.payload(), rnd.randbytes))
+    out = {}
+    for i in constants.ids:
+        public = PublicData(info, table, {SCERT: sharing})
+        private = PrivateData(0, seeds[i][0], seeds[i][1], {SCERT: keys[i].share})
+        out[i] = ServerSetup(i, bytes(sstart[i].verify_key), public, private)
+    return out
