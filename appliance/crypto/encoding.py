@@ -31,26 +31,31 @@ MAX_DEPTH = 32
 SIGNING_DOMAIN = "pst/signed/v1"
 
 
+_SCALARS = frozenset({type(None), bool, int, bytes, str})
+_KEYS = frozenset({int, str, bytes})
+
+
 def _check(obj: Any, depth: int) -> None:
-    if depth > MAX_DEPTH:
-        raise DecodeError(f"cbor: nested deeper than {MAX_DEPTH}")
-    if obj is None or isinstance(obj, (bool, int, bytes, str)):
-        return
-    if isinstance(obj, (list, tuple)):
-        for item in obj:
-            _check(item, depth + 1)
-        return
-    if isinstance(obj, (set, frozenset)):
-        for item in obj:
-            _check(item, depth + 1)
-        return
-    if isinstance(obj, Mapping):
-        for key, value in obj.items():
-            if not isinstance(key, (int, str, bytes)) or isinstance(key, bool):
-                raise DecodeError(f"cbor: map key of type {type(key).__name__} not allowed")
-            _check(value, depth + 1)
-        return
-    raise DecodeError(f"cbor: value of type {type(obj).__name__} not allowed")
+    """Plain data only (no floats, no foreign types), nested at most MAX_DEPTH deep."""
+    stack = [(obj, depth)]
+    while stack:
+        item, d = stack.pop()
+        tp = type(item)
+        if tp in _SCALARS:
+            continue
+        if d > MAX_DEPTH:
+            raise DecodeError(f"cbor: nested deeper than {MAX_DEPTH}")
+        if tp is list or tp is tuple or tp is set or tp is frozenset:
+            stack.extend((x, d + 1) for x in item)
+        elif isinstance(item, Mapping):
+            for key, value in item.items():
+                if type(key) not in _KEYS:
+                    raise DecodeError(f"cbor: map key of type {type(key).__name__} not allowed")
+                stack.append((value, d + 1))
+        elif isinstance(item, (int, bytes, str)) and not isinstance(item, bool):
+            continue  # subclasses such as IntEnum values encode as their base type
+        else:
+            raise DecodeError(f"cbor: value of type {tp.__name__} not allowed")
 
 
 def encode(obj: Any) -> bytes:

@@ -126,47 +126,33 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Schedule:
-    """The period's phases, in rounds of ``delta`` from ``start``."""
+    """The period's phases, in rounds of ``delta`` from ``start`` (see the module's table)."""
 
     start: float
     delta: float
     t: int
+    attempts: int = field(init=False)
+    announce: int = field(init=False)
+    sign: int = field(init=False)
+    forward: int = field(init=False)
+    deal: int = field(init=False)
+    complain: int = field(init=False)
+    reveal: int = field(init=False)
+    contrib: int = field(init=False)
+    end: int = field(init=False)
 
-    @property
-    def attempts(self) -> int:
-        return 2 * self.t + 1
-
-    @property
-    def announce(self) -> int:
-        return 1
-
-    @property
-    def sign(self) -> int:
-        return self.announce + self.t + 2
-
-    @property
-    def forward(self) -> int:
-        return self.sign + 2 * self.attempts
-
-    @property
-    def deal(self) -> int:
-        return self.forward + 1
-
-    @property
-    def complain(self) -> int:
-        return self.deal + self.t + 1
-
-    @property
-    def reveal(self) -> int:
-        return self.complain + self.t + 1
-
-    @property
-    def contrib(self) -> int:
-        return self.reveal + self.t + 1
-
-    @property
-    def end(self) -> int:
-        return self.contrib + 1
+    def __post_init__(self) -> None:
+        t = self.t
+        put = object.__setattr__
+        put(self, "attempts", 2 * t + 1)
+        put(self, "announce", 1)
+        put(self, "sign", 1 + t + 2)
+        put(self, "forward", self.sign + 2 * self.attempts)
+        put(self, "deal", self.forward + 1)
+        put(self, "complain", self.deal + t + 1)
+        put(self, "reveal", self.complain + t + 1)
+        put(self, "contrib", self.reveal + t + 1)
+        put(self, "end", self.contrib + 1)
 
     def at(self, rounds: int) -> float:
         return self.start + rounds * self.delta
@@ -243,6 +229,7 @@ class PeriodRefresh:
         self._sig_shares: dict[tuple[int, tuple[int, ...]], dict[int, frost.SignatureShare]] = {}
         self._signed_attempts: set[int] = set()
         self._forwarded = False
+        self._sign_closed = False
         self.deal_bc: SyncBroadcast | None = None
         self.complain_bc: SyncBroadcast | None = None
         self.reveal_bc: SyncBroadcast | None = None
@@ -450,15 +437,6 @@ class PeriodRefresh:
             self._decide_status()
             self._start_announce()
         self._replay(now)
-        for bc, name in (
-            (self.announce, "announce"),
-            (self.deal_bc, "deal"),
-            (self.complain_bc, "complain"),
-            (self.reveal_bc, "reveal"),
-        ):
-            if bc is not None:
-                for o in bc.tick(now):
-                    self._send(o.to, self._bundle(name, o.data))
         if now >= s.at(s.sign) and self._once("judge") and not self._judge_announcements():
             self._finish(now, "refresh aborted: no KeyTable could be agreed", alert=True)
             return
@@ -485,6 +463,18 @@ class PeriodRefresh:
             self._compute_and_contribute()
         if now >= s.at(s.end) and self._once("end"):
             self._complete(now)
+        self._flush_broadcasts(now)
+
+    def _flush_broadcasts(self, now: float) -> None:
+        for bc, name in (
+            (self.announce, "announce"),
+            (self.deal_bc, "deal"),
+            (self.complain_bc, "complain"),
+            (self.reveal_bc, "reveal"),
+        ):
+            if bc is not None:
+                for o in bc.tick(now):
+                    self._send(o.to, self._bundle(name, o.data))
 
     def _replay(self, now: float) -> None:
         if not self._buffer:
@@ -697,6 +687,15 @@ class PeriodRefresh:
         s = self.schedule
         assert s is not None and self.table is not None
         have = bool(self.table.signature)
+        if now >= s.at(s.forward) and (have or self._sign_closed):
+            if have and not self._forwarded:
+                self._forwarded = True
+                self._send(
+                    EVERYONE, self._envelope("keytable-sig", {"sig": self.table.signature}, self.signer)
+                )
+            return
+        if now >= s.at(s.forward):
+            self._sign_closed = True
         if have and not self._forwarded:
             self._forwarded = True
             self._send(EVERYONE, self._envelope("keytable-sig", {"sig": self.table.signature}, self.signer))

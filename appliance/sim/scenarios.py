@@ -24,7 +24,7 @@ from typing import Any
 from appliance.crypto import encoding, shamir
 from appliance.crypto.groups import ED25519
 from appliance.protocols._core import AlertKind, Outgoing
-from appliance.protocols.refresh import PeriodRefresh, Status
+from appliance.protocols.refresh import PeriodRefresh, Schedule, Status
 from appliance.protocols.state import SCERT, Constants, InvariantInfo
 from appliance.sim._net import NetworkConfig, Simulation
 from appliance.sim.cluster import SimServer
@@ -111,7 +111,7 @@ def build(
 
 def run_periods(run: Run) -> None:
     c = run.constants
-    end = c.period_start(run.periods) + c.period_length * 0.9
+    end = c.period_start(run.periods) + Schedule(0.0, c.delta, c.t).duration + 2 * c.delta
     run.sim.run_until(end)
 
 
@@ -169,7 +169,8 @@ def check(run: Run) -> None:
 
 def _constants(rng: random.Random) -> Constants:
     n, t = rng.choice([(4, 1), (5, 1), (5, 2), (7, 2)])
-    return Constants(n=n, t=t, period_length=10.0, delta=0.1)
+    # Period 1 starts half a second in; periods are far longer than a refresh (a few seconds).
+    return Constants(n=n, t=t, period_length=10.0, delta=0.1, genesis=-9.5)
 
 
 def honest(seed: int) -> Run:
