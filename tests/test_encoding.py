@@ -80,7 +80,13 @@ def test_deep_nesting_is_refused() -> None:
     with pytest.raises(DecodeError):
         encoding.decode(data)
     with pytest.raises(DecodeError, match="nested deeper"):
-        encoding.encode(obj)
+        encoding.check_plain(obj)
+
+
+@pytest.mark.parametrize("value", [1.5, {"a": [object()]}, {1.5: 1}])
+def test_non_plain_values_are_refused(value: Any) -> None:
+    with pytest.raises(DecodeError, match="not allowed"):
+        encoding.check_plain(value)
 
 
 def test_signing_payload_binds_type_context_period() -> None:

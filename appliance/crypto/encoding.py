@@ -37,31 +37,37 @@ _KEYS = frozenset({int, str, bytes})
 
 def _check(obj: Any, depth: int) -> None:
     """Plain data only (no floats, no foreign types), nested at most MAX_DEPTH deep."""
-    stack = [(obj, depth)]
-    while stack:
-        item, d = stack.pop()
-        tp = type(item)
-        if tp in _SCALARS:
-            continue
-        if d > MAX_DEPTH:
-            raise DecodeError(f"cbor: nested deeper than {MAX_DEPTH}")
-        if tp is list or tp is tuple or tp is set or tp is frozenset:
-            stack.extend((x, d + 1) for x in item)
-        elif isinstance(item, Mapping):
-            for key, value in item.items():
-                if type(key) not in _KEYS:
-                    raise DecodeError(f"cbor: map key of type {type(key).__name__} not allowed")
-                stack.append((value, d + 1))
-        elif isinstance(item, (int, bytes, str)) and not isinstance(item, bool):
-            continue  # subclasses such as IntEnum values encode as their base type
-        else:
-            raise DecodeError(f"cbor: value of type {tp.__name__} not allowed")
+    tp = type(obj)
+    if tp in _SCALARS:
+        return
+    if depth > MAX_DEPTH:
+        raise DecodeError(f"cbor: nested deeper than {MAX_DEPTH}")
+    if tp is dict or isinstance(obj, Mapping):
+        for key, value in obj.items():
+            if type(key) not in _KEYS:
+                raise DecodeError(f"cbor: map key of type {type(key).__name__} not allowed")
+            if type(value) not in _SCALARS:
+                _check(value, depth + 1)
+    elif tp is list or tp is tuple or tp is set or tp is frozenset:
+        for value in obj:
+            if type(value) not in _SCALARS:
+                _check(value, depth + 1)
+    elif not (isinstance(obj, (int, bytes, str)) and not isinstance(obj, bool)):
+        raise DecodeError(f"cbor: value of type {tp.__name__} not allowed")
 
 
 def encode(obj: Any) -> bytes:
-    """Canonical CBOR bytes of ``obj`` (plain data only)."""
-    _check(obj, 0)
+    """Canonical CBOR bytes of ``obj``.
+
+    Our own objects are plain data by construction (tests check it); untrusted data
+    only ever arrives through :func:`decode`, which checks every value.
+    """
     return bytes(cbor2.dumps(obj, canonical=True))
+
+
+def check_plain(obj: Any) -> None:
+    """Raise DecodeError unless ``obj`` is plain data (no floats, tags or foreign types)."""
+    _check(obj, 0)
 
 
 def _tag_hook(decoder: Any, tag: Any) -> Any:
@@ -91,6 +97,7 @@ def decode(data: bytes, *, max_size: int = MAX_ENCODED_SIZE, what: str = "object
     except Exception as exc:  # cbor2 raises several types; callers get exactly one.
         raise DecodeError(f"{what}: malformed CBOR ({type(exc).__name__}: {exc})") from None
     try:
+        _check(obj, 0)
         again = encode(obj)
     except DecodeError as exc:
         raise DecodeError(f"{what}: {exc}") from None

@@ -52,8 +52,10 @@ class Commitment(Generic[E]):
     def evaluate(self, group: Group[E], x: int) -> E:
         """sum_k x^k * points[k]: the commitment to the share of server x."""
         q = group.order
-        scalars = [pow(x, k, q) for k in range(len(self.points))]
-        return group.multi_mul(scalars, list(self.points))
+        if len(self.points) == 1:
+            return self.points[0]
+        scalars = [pow(x, k, q) for k in range(1, len(self.points))]
+        return group.add(self.points[0], group.multi_mul(scalars, list(self.points[1:])))
 
     def add(self, group: Group[E], other: Commitment[E]) -> Commitment[E]:
         if len(other.points) != len(self.points):

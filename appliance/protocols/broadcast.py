@@ -33,6 +33,7 @@ the protocol using it, from the agreed set, so every honest server decides the s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ MAX_PAYLOAD = 256 * 1024
 RELAY_CONTEXT = "pst/broadcast/relay"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=True)
 class Item:
     """A payload with its author's signature over :func:`item_statement`."""
 
@@ -67,7 +68,7 @@ class Item:
     payload: bytes
     signature: bytes
 
-    @property
+    @functools.cached_property
     def digest(self) -> bytes:
         return hashlib.sha512(self.payload + self.signature).digest()
 
@@ -137,6 +138,7 @@ class SyncBroadcast:
         self._max_payload = max_payload
         self._values: dict[tuple[int, str], list[_Value]] = {}
         self._classified: dict[bytes, str | None] = {}
+        self._statements: dict[bytes, bytes] = {}
         self._own: Item | None = None
         self._sent_own = False
         self._last_round_sent = 0
@@ -218,7 +220,7 @@ class SyncBroadcast:
             )
         needed = current if cls == AUTH else current - 1
         base = 1 if cls == AUTH else 0
-        statement = relay_statement(self.session, self.period, item)
+        statement = self._statement(item)
         good: dict[int, bytes] = {}
         # Verify relay signatures only until the chain is long enough: each check costs ~0.1 ms.
         for r, sig in sorted(relays.items()):
@@ -238,6 +240,13 @@ class SyncBroadcast:
                 f"need {needed}",
             )
         self._accept(item, cls, good, current)
+
+    def _statement(self, item: Item) -> bytes:
+        key = item.digest
+        statement = self._statements.get(key)
+        if statement is None:
+            statement = self._statements[key] = relay_statement(self.session, self.period, item)
+        return statement
 
     def _accept(self, item: Item, cls: str, relays: dict[int, bytes], round_: int) -> None:
         values = self._values.setdefault((item.author, cls), [])
@@ -277,7 +286,7 @@ class SyncBroadcast:
                 if v.item.author == self.me or self.me in v.relays:
                     continue
                 relays = dict(v.relays)
-                relays[self.me] = self._signer.sign(relay_statement(self.session, self.period, v.item))
+                relays[self.me] = self._signer.sign(self._statement(v.item))
                 chains.append((v.item, relays))
         if chains and current <= self.rounds:
             out.append(Outgoing(EVERYONE, encode_bundle(self.session, self.period, self.me, chains)))

@@ -55,7 +55,7 @@ from appliance.crypto.errors import CheatingError, CryptoError, DecodeError
 from appliance.crypto.groups import ED25519, Group
 from appliance.crypto.keyshare import KeyShare, PublicSharing
 from appliance.crypto.secret import SecretScalar
-from appliance.crypto.vss import Complaint, ShareMessage, judge_complaint
+from appliance.crypto.vss import Complaint, ShareMessage, judge_complaint, sum_commitments
 from appliance.protocols._core import (
     EVERYONE,
     Alert,
@@ -203,6 +203,9 @@ class PeriodRefresh:
         self._old_public = public
         self._old_private = private
         self._check_local(public, private)
+        self._own_push: dict[str, bytes] | None = None
+        if self.m is not None and self.old_table is not None:
+            self._own_push = {"M": self.m.encode(), "keytable": self.old_table.encode()}
         # Fresh period keys (Table 1 steps 1-2), generated now so they exist even if we recover.
         self.signing_seed = rand(32)
         self.encryption_seed = rand(32)
@@ -222,7 +225,7 @@ class PeriodRefresh:
         self.operational: list[int] = []
         self.recovering: list[int] = []
         self.table: KeyTable | None = None
-        self.frost_commitments: dict[int, list[frost.SigningCommitment]] = {}
+        self.frost_commitments: dict[int, list[bytes]] = {}
         self._nonces: list[frost.SigningNonces] = []
         self._failed_signers: set[int] = set()
         self._requests: dict[int, tuple[int, ...]] = {}
@@ -230,6 +233,7 @@ class PeriodRefresh:
         self._signed_attempts: set[int] = set()
         self._forwarded = False
         self._sign_closed = False
+        self._package: frost.KeyPackage | None = None
         self.deal_bc: SyncBroadcast | None = None
         self.complain_bc: SyncBroadcast | None = None
         self.reveal_bc: SyncBroadcast | None = None
@@ -415,6 +419,14 @@ class PeriodRefresh:
         out, self._out = self._out, []
         return out
 
+    def next_wakeup(self, now: float) -> float | None:
+        """When this engine next needs a tick without any message arriving: the next round boundary."""
+        s = self.schedule
+        if s is None or self.outcome is not None:
+            return None
+        k = max(0, int((now - s.start) // s.delta) + 1)
+        return s.start + k * s.delta + 1e-6
+
     def _send(self, to: int, data: bytes) -> None:
         self._out.append(Outgoing(to, data))
 
@@ -487,10 +499,13 @@ class PeriodRefresh:
 
     def _send_pushm(self) -> None:
         assert self.m is not None and self.old_table is not None
-        body = {"M": self.m.encode(), "keytable": self.old_table.encode()}
-        self._send(EVERYONE, self._envelope("pushm", body, None))
+        if self._own_push is None:
+            self._own_push = {"M": self.m.encode(), "keytable": self.old_table.encode()}
+        self._send(EVERYONE, self._envelope("pushm", self._own_push, None))
 
     def _on_pushm(self, sender: int, body: Any) -> None:
+        if isinstance(body, dict) and self._own_push is not None and body == self._own_push:
+            return  # the very M and KeyTable we hold: nothing to learn
         try:
             f = encoding.expect_map(body, {"M": bytes, "keytable": bytes}, "PushM")
             m = InvariantInfo.decode(f["M"])
@@ -561,8 +576,10 @@ class PeriodRefresh:
         self.announce.broadcast(self.announce.make_item(payload, author_signer))
 
     def _frost_package(self) -> frost.KeyPackage:
-        key = self.keys[SCERT]
-        return frost.KeyPackage(self.me, key.share.value, key.public_key, self.constants.t + 1)
+        if self._package is None:
+            key = self.keys[SCERT]
+            self._package = frost.KeyPackage(self.me, key.share.value, key.public_key, self.constants.t + 1)
+        return self._package
 
     def _decode_announcement(self, payload: bytes) -> tuple[KeyEntry, dict[str, bytes], list[bytes]]:
         obj = encoding.expect_map(
@@ -650,17 +667,17 @@ class PeriodRefresh:
         for author, (_entry, sharings, commitments, authenticated) in sorted(accepted.items()):
             ok = authenticated and all(sharings.get(sid) == agreed[sid] for sid in c.secrets)
             if ok:
-                try:
-                    parsed = [frost.SigningCommitment.from_bytes(x) for x in commitments]
-                except DecodeError:
-                    parsed = []
-                if len(parsed) != self.schedule.attempts or any(p.identifier != author for p in parsed):
+                # Decoded (and their points validated) lazily, when an attempt uses them.
+                sized = len(commitments) == self.schedule.attempts and all(
+                    len(x) == frost.COMMITMENT_SIZE for x in commitments
+                )
+                if not sized:
                     self._alert(
                         AlertKind.BAD_MESSAGE, author, "key announcement: bad FROST nonce commitments"
                     )
                     ok = False
                 else:
-                    self.frost_commitments[author] = parsed
+                    self.frost_commitments[author] = commitments
             if ok:
                 operational.append(author)
         self.entries = {a: v[0] for a, v in accepted.items()}
@@ -746,7 +763,17 @@ class PeriodRefresh:
         self._requests.setdefault(a, tuple(sorted(signers)))
 
     def _commitment_list(self, a: int, signers: tuple[int, ...]) -> list[frost.SigningCommitment]:
-        return [self.frost_commitments[i][a] for i in signers]
+        """The agreed commitments of ``signers`` for attempt a; a bad one names its signer."""
+        out = []
+        for i in signers:
+            try:
+                c = frost.SigningCommitment.from_bytes(self.frost_commitments[i][a])
+            except DecodeError as exc:
+                raise CheatingError(i, f"announced a bad FROST commitment: {exc}") from None
+            if c.identifier != i:
+                raise CheatingError(i, "announced a FROST commitment under another id")
+            out.append(c)
+        return out
 
     def _sign_share(self, a: int) -> None:
         signers = self._requests.get(a)
@@ -921,9 +948,8 @@ class PeriodRefresh:
                 raise RemoteProtocolError(sender, "sub-share message: unknown secret or kind")
             if not isinstance(value, int) or not isinstance(sig, bytes):
                 raise RemoteProtocolError(sender, "sub-share message: bad value or signature type")
-            msg = ShareMessage(_share_session(kind, sid, r), sender, self.me, (value,))
-            if not ed25519_verify(self.entries[sender].verify_key, msg.payload(CONTEXT, self.period), sig):
-                raise RemoteProtocolError(sender, "sub-share not signed by its dealer")
+            # The envelope is signed; each sub-share's own signature is evidence for a complaint
+            # and is checked only when we need it (see _start_complain).
             self._subshares.setdefault((kind, sid, r, sender), (value, sig))
 
     def _parse_dealings(self) -> None:
@@ -982,15 +1008,44 @@ class PeriodRefresh:
         self.complain_bc = self._new_bc("complain", self.schedule.complain)
         bad: list[list[Any]] = []
         missing: list[list[Any]] = []
+        # Per kind of sub-share, check the sum over all dealers once; only on failure check each.
+        groups: dict[tuple[str, str, int], dict[int, tuple[int, bytes]]] = {}
         for d in sorted(self._dealings):
             for kind, sid, r in self._expected(d):
                 got = self._subshares.get((kind, sid, r, d))
                 if got is None:
                     missing.append([kind, sid, r, d])
-                elif not self._check_sub(d, kind, sid, r, got[0]):
-                    bad.append([kind, sid, r, d, got[0], got[1]])
+                else:
+                    groups.setdefault((kind, sid, r), {})[d] = got
+        for (kind, sid, r), received in sorted(groups.items()):
+            if self._batch_ok(kind, sid, r, received):
+                continue
+            for d, (value, sig) in sorted(received.items()):
+                if self._check_sub(d, kind, sid, r, value):
+                    continue
+                msg = ShareMessage(_share_session(kind, sid, r), d, self.me, (value,))
+                if ed25519_verify(self.entries[d].verify_key, msg.payload(CONTEXT, self.period), sig):
+                    bad.append([kind, sid, r, d, value, sig])
+                else:  # no usable evidence: the dealer must reveal the sub-share in public
+                    missing.append([kind, sid, r, d])
         body = encoding.encode({"bad": bad, "missing": missing})
         self.complain_bc.broadcast(self.complain_bc.make_item(body, self.signer))
+
+    def _batch_ok(self, kind: str, sid: str, r: int, received: Mapping[int, tuple[int, bytes]]) -> bool:
+        group = self.constants.group(sid)
+        q = group.order
+        if not all(0 <= v < q for v, _sig in received.values()):
+            return False
+        total = sum(v for v, _sig in received.values()) % q
+        if kind == "refresh":
+            full = [self._dealings[d]["refresh"][sid].full_commitment(group) for d in sorted(received)]
+            expected = sum_commitments(group, full).evaluate(group, self.me)
+        else:
+            expected = pss.blinding_commitment(
+                group, {d: self._dealings[d]["recover"][sid][r] for d in received}, self.me
+            )
+        ok: bool = group.mul_base(total) == expected
+        return ok
 
     def _complaints(self) -> tuple[list[tuple[int, list[Any]]], list[tuple[int, list[Any]]]]:
         assert self.complain_bc is not None

@@ -29,6 +29,12 @@ class SimNode(Protocol):
     def tick(self, now: float) -> list[Outgoing]: ...
 
 
+class WakingNode(SimNode, Protocol):
+    """A node that says when it next needs a tick (else it is ticked every ``tick_interval``)."""
+
+    def next_wakeup(self, now: float) -> float | None: ...
+
+
 @dataclass
 class NetworkConfig:
     """Delays are uniform in [min_delay, max_delay]; ``drop_rate`` applies to every message."""
@@ -63,7 +69,9 @@ class Simulation:
         self.sent = 0
         self.delivered = 0
         self.trace: list[str] = []
+        self._next_tick: dict[int, float] = {}
         for i in nodes:
+            self._next_tick[i] = 0.0
             self._push(0.0, "tick", i)
 
     def _push(self, time: float, kind: str, node: int, sender: int = 0, data: bytes = b"") -> None:
@@ -79,6 +87,7 @@ class Simulation:
     def restart(self, i: int, node: SimNode) -> None:
         self.nodes[i] = node
         self.trace.append(f"{self.now:.3f} restart {i}")
+        self._next_tick[i] = self.now
         self._push(self.now, "tick", i)
 
     def partition(self, a: int, b: int) -> None:
@@ -107,26 +116,35 @@ class Simulation:
                 delay = self.rng.uniform(self.config.min_delay, self.config.max_delay) + extra
                 self._push(self.now + delay, "deliver", to, sender, data)
 
+    def _schedule_tick(self, target: int, node: SimNode, time: float, *, after_tick: bool) -> None:
+        """Tick again when the node asks (or every ``tick_interval``); never later than it needs."""
+        wake = node.next_wakeup(time) if hasattr(node, "next_wakeup") else None
+        when = max(time + 1e-6, wake) if wake is not None else time + self.config.tick_interval
+        pending = self._next_tick.get(target)
+        if after_tick or pending is None or when < pending:
+            self._next_tick[target] = when
+            self._push(when, "tick", target)
+
     def run_until(self, end: float, stop: Callable[[], bool] | None = None) -> None:
         events = self._events
-        interval = self.config.tick_interval
         while events and events[0][0] <= end:
             time, _seq, kind, target, sender, data = heapq.heappop(events)
             self.now = time
             node = self.nodes.get(target)
+            if node is None:
+                continue
             if kind == "tick":
-                if node is None:
-                    continue
+                if self._next_tick.get(target) not in (None, time):
+                    continue  # superseded by an earlier wakeup
                 for out in node.tick(time):
                     self._send(target, out)
-                self._push(time + interval, "tick", target)
+                self._schedule_tick(target, node, time, after_tick=True)
             elif kind == "deliver":
-                if node is None:
-                    continue
                 self.delivered += 1
                 node.receive(sender, data, time)
                 for out in node.tick(time):
                     self._send(target, out)
+                self._schedule_tick(target, node, time, after_tick=False)
             if stop is not None and stop():
                 return
         self.now = max(self.now, end)

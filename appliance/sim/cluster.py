@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from appliance.crypto import encoding
-from appliance.crypto.errors import DecodeError
+import cbor2
+
 from appliance.protocols._core import Outgoing
 from appliance.protocols.refresh import Outcome, PeriodRefresh, PrivateData, PublicData, Status
 from appliance.protocols.state import Constants
@@ -69,6 +69,13 @@ class SimServer:
             self._persist(self.engine.outcome)
         return out
 
+    def next_wakeup(self, now: float) -> float | None:
+        if self.engine is not None and self.engine.outcome is None:
+            wake = self.engine.next_wakeup(now)
+            if wake is not None:
+                return wake
+        return self.clock.period_start(max(self.next_period, self.clock.period_at(now) + 1)) + 1e-6
+
     def _persist(self, outcome: Outcome) -> None:
         assert self.engine is not None
         self.outcomes[self.engine.period] = outcome
@@ -90,9 +97,10 @@ class SimServer:
 
 
 def _period_of(data: bytes) -> int | None:
+    """Peek at a message's period to route it (the engine validates the message fully)."""
     try:
-        obj: Any = encoding.decode(data, what="message")
-    except DecodeError:
+        obj: Any = cbor2.loads(data)
+    except Exception:
         return None
     period = obj.get("period") if isinstance(obj, dict) else None
     return period if isinstance(period, int) and not isinstance(period, bool) else None

@@ -80,10 +80,16 @@ class SilentEngine(PeriodRefresh):
 class FalseComplaintEngine(PeriodRefresh):
     """Complains about a correct sub-share, claiming it is bad (its evidence convicts itself)."""
 
+    def _victim(self) -> int:
+        return min(x for x in self.operational if x != self.me)
+
+    def _batch_ok(self, kind: str, sid: str, r: int, received: Any) -> bool:
+        return False if self._victim() in received else super()._batch_ok(kind, sid, r, received)
+
     def _check_sub(
         self, d: int, kind: str, sid: str, r: int, value: int, recipient: int | None = None
     ) -> bool:
-        if recipient is None and d == min(x for x in self.operational if x != self.me):
+        if recipient is None and d == self._victim():
             return False
         return super()._check_sub(d, kind, sid, r, value, recipient)
 
@@ -168,14 +174,14 @@ def check(run: Run) -> None:
 
 
 def _constants(rng: random.Random) -> Constants:
-    n, t = rng.choice([(4, 1), (5, 1), (5, 2), (7, 2)])
-    # Period 1 starts half a second in; periods are far longer than a refresh (a few seconds).
-    return Constants(n=n, t=t, period_length=10.0, delta=0.1, genesis=-9.5)
+    n, t = rng.choices([(4, 1), (5, 1), (5, 2), (7, 2)], weights=[4, 3, 2, 1])[0]
+    # Period 1 starts half a second in; a period (4 s) is longer than a refresh (at most 2.6 s here).
+    return Constants(n=n, t=t, period_length=4.0, delta=0.1, genesis=-3.5)
 
 
 def honest(seed: int) -> Run:
     rng = random.Random(seed)
-    run = build("honest", seed, _constants(rng), periods=rng.choice([1, 2]))
+    run = build("honest", seed, _constants(rng))
     run_periods(run)
     return run
 
@@ -223,12 +229,11 @@ def crash(seed: int) -> Run:
     c = _constants(rng)
     run = build("crash", seed, c, periods=2)
     victim = rng.choice(list(c.ids))
-    schedule_len = 40 * c.delta
-    at = c.period_start(1) + rng.uniform(0, schedule_len)
+    at = c.period_start(1) + rng.uniform(0, Schedule(0.0, c.delta, c.t).duration)
     run.sim.run_until(at)
     saved = run.servers[victim]
     run.sim.crash(victim)
-    run.sim.run_until(at + rng.uniform(0.1, 3.0))
+    run.sim.run_until(rng.uniform(at + 0.05, c.period_start(2) - 0.2))
     restarted = SimServer.__new__(SimServer)
     restarted.__dict__.update(saved.__dict__)
     restarted.engine = None  # in-memory protocol state is lost; persisted data survives
@@ -297,6 +302,36 @@ def impersonate(seed: int) -> Run:
     return run
 
 
+def partition(seed: int) -> Run:
+    """A server is cut off from everyone for one refresh; it recovers at the next one."""
+    rng = random.Random(seed)
+    c = _constants(rng)
+    run = build("partition", seed, c, periods=2)
+    victim = rng.choice(list(c.ids))
+    for j in c.ids:
+        if j != victim:
+            run.sim.partition(victim, j)
+    run.sim.run_until(c.period_start(2) - 0.5)
+    run.sim.heal()
+    run.alertable.add(victim)
+    run_periods(run)
+    _require_rejoined(run, victim)
+    return run
+
+
+def byzantine(seed: int) -> Run:
+    """Scenario D: one of the malicious behaviours, chosen by the seed."""
+    kinds = [bad_share, silent, false_complaint, impersonate]
+    result = kinds[seed % len(kinds)](seed)
+    result.name = f"byzantine/{result.name}"
+    return result
+
+
+def faults(seed: int) -> Run:
+    """Scenario E and friends: a crash at a random step, or a partition, chosen by the seed."""
+    return (crash if seed % 2 == 0 else partition)(seed)
+
+
 def _use_engine(server: SimServer, engine: type[PeriodRefresh]) -> None:
     original = server._start
 
@@ -315,7 +350,13 @@ def _require_rejoined(run: Run, victim: int) -> None:
         raise run.fail(f"crashed server {victim} did not rejoin by period {run.periods}: {why}")
 
 
+#: The families that ``make test`` runs with hundreds of seeds each.
+SEEDED_FAMILIES = ("honest", "byzantine", "faults", "corrupt")
+
 FAMILIES: dict[str, Callable[[int], Run]] = {
+    "byzantine": byzantine,
+    "faults": faults,
+    "partition": partition,
     "honest": honest,
     "bad-share": bad_share,
     "silent": silent,
@@ -324,6 +365,18 @@ FAMILIES: dict[str, Callable[[int], Run]] = {
     "corrupt": corrupt,
     "impersonate": impersonate,
 }
+
+
+def run_seed(args: tuple[str, int]) -> str | None:
+    """For process pools: None when the run passed, else the failure message (with its seed)."""
+    name, seed = args
+    try:
+        run(name, seed)
+    except ScenarioFailure as exc:
+        return str(exc)
+    except Exception as exc:  # a crash in the protocol code is a failure of the run, with its seed
+        return f"scenario {name} seed {seed}: {type(exc).__name__}: {exc}"
+    return None
 
 
 def run(name: str, seed: int) -> Run:

@@ -56,6 +56,8 @@ class Ed25519Group(Group[bytes]):
         k %= L
         if k == 0 or a == _IDENTITY:
             return _IDENTITY
+        if k == 1:
+            return a
         if a == _BASE:
             return self.mul_base(k)
         return bytes(_sodium.crypto_scalarmult_ed25519_noclamp(k.to_bytes(32, "little"), a))
