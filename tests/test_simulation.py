@@ -1,0 +1,97 @@
+"""Deterministic simulation of the refresh protocol: hundreds of seeds per scenario family.
+
+A failing seed is printed with its scenario; replay it with
+``pst sim --scenario NAME --seed N``.
+"""
+
+from __future__ import annotations
+
+import os
+from multiprocessing import get_context
+
+import pytest
+
+from appliance.protocols._core import AlertKind
+from appliance.protocols.refresh import Status
+from appliance.sim import scenarios
+
+SEEDS = int(os.environ.get("PST_SIM_SEEDS", "500"))
+
+
+@pytest.mark.parametrize("family", scenarios.SEEDED_FAMILIES)
+def test_scenario_family_over_many_seeds(family: str) -> None:
+    jobs = [(family, seed) for seed in range(SEEDS)]
+    with get_context("fork").Pool(os.cpu_count() or 1) as pool:
+        failures = [r for r in pool.imap(scenarios.run_seed, jobs, chunksize=10) if r is not None]
+    assert not failures, f"{len(failures)} of {SEEDS} seeds failed; first: " + "; ".join(failures[:3])
+
+
+def test_same_seed_replays_exactly() -> None:
+    a = scenarios.run("byzantine", 7)
+    b = scenarios.run("byzantine", 7)
+    assert a.sim.sent == b.sim.sent and a.sim.delivered == b.sim.delivered
+    key = [
+        (i, s.public.key_table.payload() if s.public.key_table else b"") for i, s in sorted(a.servers.items())
+    ]
+    again = [
+        (i, s.public.key_table.payload() if s.public.key_table else b"") for i, s in sorted(b.servers.items())
+    ]
+    assert key == again
+
+
+def test_scenario_a_shares_stolen_before_a_refresh_are_useless_after_it() -> None:
+    """Scenario A: copy every secret of t servers in period 0; after the refresh they do not combine."""
+    from appliance.crypto import shamir
+    from appliance.crypto.groups import ED25519
+    from appliance.protocols.state import SCERT
+
+    run = scenarios.build("A", 11, scenarios._constants(__import__("random").Random(11)))
+    c = run.constants
+    stolen = {i: run.servers[i].private.shares[SCERT].value for i in range(1, c.t + 1)}  # type: ignore[union-attr]
+    vcert = run.servers[1].public.sharings[SCERT].public_key
+    scenarios.run_periods(run)
+    scenarios.check(run)
+    later = {i: run.servers[i].private.shares[SCERT].value for i in c.ids}  # type: ignore[union-attr]
+    for j in range(c.t + 1, c.n + 1):
+        mixed = dict(stolen) | {j: later[j]}
+        assert ED25519.mul_base(shamir.interpolate(mixed, ED25519.order)) != vcert
+    fresh = {i: later[i] for i in range(1, c.t + 2)}
+    assert ED25519.mul_base(shamir.interpolate(fresh, ED25519.order)) == vcert
+
+
+def test_scenario_b_corrupted_server_recovers_m_and_its_shares_by_itself() -> None:
+    for seed in range(4):
+        run = scenarios.run("corrupt", seed)
+        victim = next(iter(run.alertable))
+        assert run.servers[victim].outcomes[1].status == Status.OPERATIONAL
+
+
+def test_scenario_c_impersonation_with_a_stolen_key_raises_an_alert() -> None:
+    run = scenarios.run("impersonate", 3)
+    victim = next(iter(run.faulty))
+    kinds = {(a.kind, a.server) for i, s in run.servers.items() if i != victim for a in s.outcomes[1].alerts}
+    assert (AlertKind.CONFLICTING_ANNOUNCEMENTS, victim) in kinds
+
+
+@pytest.mark.parametrize("family", ["bad-share", "false-complaint", "silent"])
+def test_scenario_d_malicious_server_is_named_and_the_refresh_completes(family: str) -> None:
+    run = scenarios.run(family, 5)
+    cheater = next(iter(run.faulty))
+    honest = [i for i in run.constants.ids if i not in run.faulty]
+    for i in honest:
+        assert run.servers[i].outcomes[1].status == Status.OPERATIONAL
+    if family != "silent":
+        named = {a.server for i in honest for a in run.servers[i].outcomes[1].alerts}
+        assert named == {cheater}
+
+
+def test_scenario_e_crashed_server_rejoins_at_the_next_refresh() -> None:
+    for seed in (0, 2, 4):
+        run = scenarios.run("crash", seed)
+        victim = next(iter(run.alertable))
+        assert run.servers[victim].outcomes[2].status == Status.OPERATIONAL
+
+
+def test_unknown_scenario_is_refused_with_the_known_names() -> None:
+    with pytest.raises(KeyError, match="known: "):
+        scenarios.run("nonsense", 1)
