@@ -1,0 +1,1 @@
+"""The PServer: configuration, state directory, period clock and the trio driver."""

@@ -1,0 +1,218 @@
+"""The state directory: public data apart from private data, written atomically, erased for real.
+
+Layout (``root`` is the server's StateDirectory)::
+
+    public/M.cbor          [Scert(M), M]
+    public/keytable.cbor   the signed KeyTable of the current period
+    public/sharings.cbor   the public sharings (commitments) of every long-lived secret
+    private/period.cbor    this period's key seeds and shares (mode 0600, directory 0700)
+
+Every write is temp file + fsync + rename + directory fsync, so a crash leaves either the
+old or the new file, never a torn one. Private files are overwritten with zeros and
+synced before they are unlinked (:func:`erase`); on a copy-on-write or journaling file
+system that is best effort, which docs/security.md says plainly.
+
+A file that is missing, unreadable or fails to decode is reported (``problems``) and
+treated as absent: the server then recovers it from its peers at the next refresh,
+never crashes on it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.crypto import encoding
+from appliance.crypto.errors import DecodeError
+from appliance.crypto.secret import SecretScalar
+from appliance.protocols.refresh import PrivateData, PublicData
+from appliance.protocols.state import GROUPS, InvariantInfo, KeyTable, sharing_from_obj, sharing_to_obj
+
+MAX_FILE = 16 * 1024 * 1024
+
+
+def atomic_write(path: Path, data: bytes, *, private: bool = False) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old or the new content, nothing else."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o755)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    fd = os.open(tmp, flags, 0o600 if private else 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def erase(path: Path) -> None:
+    """Overwrite a file with zeros, sync, then unlink it (best effort on CoW file systems)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, bytes(size))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    path.unlink()
+    _fsync_dir(path.parent)
+
+
+@dataclass
+class Loaded:
+    public: PublicData
+    private: PrivateData | None
+    problems: list[str] = field(default_factory=list)
+
+
+class StateDir:
+    """One server's state directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.public_dir = root / "public"
+        self.private_dir = root / "private"
+
+    def init(self) -> None:
+        self.public_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        self.private_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.private_dir, 0o700)
+
+    # Saving --------------------------------------------------------------------------
+
+    def save(self, public: PublicData, private: PrivateData | None) -> None:
+        """Persist a refresh outcome: private first (new keys), then public, then erase the old."""
+        self.init()
+        if private is not None:
+            atomic_write(self.private_dir / "period.cbor", encode_private(private), private=True)
+        if public.m is not None:
+            atomic_write(self.public_dir / "M.cbor", public.m.encode())
+        if public.key_table is not None:
+            atomic_write(self.public_dir / "keytable.cbor", public.key_table.encode())
+        atomic_write(self.public_dir / "sharings.cbor", encode_sharings(public))
+
+    def erase_private(self) -> None:
+        for path in sorted(self.private_dir.glob("*")):
+            if path.is_file():
+                erase(path)
+
+    # Loading -------------------------------------------------------------------------
+
+    def _read(self, path: Path, problems: list[str]) -> bytes | None:
+        try:
+            st = path.stat()
+            if not stat.S_ISREG(st.st_mode):
+                problems.append(f"{path}: not a regular file")
+                return None
+            if st.st_size > MAX_FILE:
+                problems.append(f"{path}: {st.st_size} bytes is larger than any state file can be")
+                return None
+            return path.read_bytes()
+        except FileNotFoundError:
+            problems.append(f"{path}: missing")
+        except OSError as exc:
+            problems.append(f"{path}: unreadable ({exc.strerror})")
+        return None
+
+    def load(self) -> Loaded:
+        problems: list[str] = []
+        public = PublicData()
+        data = self._read(self.public_dir / "M.cbor", problems)
+        if data is not None:
+            try:
+                public.m = InvariantInfo.decode(data)
+            except DecodeError as exc:
+                problems.append(f"{self.public_dir / 'M.cbor'}: {exc}")
+        data = self._read(self.public_dir / "keytable.cbor", problems)
+        if data is not None:
+            try:
+                public.key_table = KeyTable.decode(data)
+            except DecodeError as exc:
+                problems.append(f"{self.public_dir / 'keytable.cbor'}: {exc}")
+        data = self._read(self.public_dir / "sharings.cbor", problems)
+        if data is not None:
+            try:
+                public.sharings = decode_sharings(data)
+            except DecodeError as exc:
+                problems.append(f"{self.public_dir / 'sharings.cbor'}: {exc}")
+        private: PrivateData | None = None
+        data = self._read(self.private_dir / "period.cbor", problems)
+        if data is not None:
+            try:
+                private = decode_private(data)
+            except DecodeError as exc:
+                problems.append(f"{self.private_dir / 'period.cbor'}: {exc}")
+        return Loaded(public, private, problems)
+
+
+def encode_sharings(public: PublicData) -> bytes:
+    out: dict[str, Any] = {}
+    for sid, sharing in sorted(public.sharings.items()):
+        group = _group_of_sharing(public, sid)
+        out[sid] = {"group": group, "sharing": sharing_to_obj(GROUPS[group], sharing)}
+    return encoding.encode(out)
+
+
+def _group_of_sharing(public: PublicData, sid: str) -> str:
+    if public.m is not None and sid in public.m.constants.secrets:
+        return public.m.constants.secrets[sid]
+    return "ed25519"
+
+
+def decode_sharings(data: bytes) -> dict[str, Any]:
+    obj = encoding.decode(data, what="sharings")
+    if not isinstance(obj, dict):
+        raise DecodeError("sharings: expected a map")
+    out = {}
+    for sid, entry in obj.items():
+        f = encoding.expect_map(entry, {"group": str, "sharing": dict}, f"sharing {sid!r}")
+        if f["group"] not in GROUPS or not isinstance(sid, str):
+            raise DecodeError(f"sharing {sid!r}: unknown group {f['group']!r}")
+        out[sid] = sharing_from_obj(GROUPS[f["group"]], f["sharing"], f"sharing {sid!r}")
+    return out
+
+
+def encode_private(private: PrivateData) -> bytes:
+    return encoding.encode(
+        {
+            "period": private.period,
+            "signing_seed": private.signing_seed,
+            "encryption_seed": private.encryption_seed,
+            "shares": {sid: s.value.to_bytes(64, "big") for sid, s in sorted(private.shares.items())},
+        }
+    )
+
+
+def decode_private(data: bytes) -> PrivateData:
+    obj = encoding.expect_map(
+        encoding.decode(data, what="private state"),
+        {"period": int, "signing_seed": bytes, "encryption_seed": bytes, "shares": dict},
+        "private state",
+    )
+    if len(obj["signing_seed"]) != 32 or len(obj["encryption_seed"]) != 32:
+        raise DecodeError("private state: key seeds must be 32 bytes")
+    shares = {}
+    for sid, raw in obj["shares"].items():
+        if not isinstance(sid, str) or not isinstance(raw, bytes) or len(raw) != 64:
+            raise DecodeError("private state: shares must map secret ids to 64-byte scalars")
+        value = int.from_bytes(raw, "big")
+        shares[sid] = SecretScalar(value, 1 << 512)
+    return PrivateData(obj["period"], obj["signing_seed"], obj["encryption_seed"], shares)

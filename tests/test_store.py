@@ -1,0 +1,80 @@
+"""The state directory: round trips, crash-safe writes, corrupt files reported and treated as absent."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from appliance.node.store import StateDir, atomic_write, erase
+from appliance.protocols.state import SCERT, Constants
+from appliance.sim.setup import make_network
+
+
+@pytest.fixture
+def network() -> dict[int, object]:
+    return dict(make_network(Constants(n=4, t=1, period_length=10.0, delta=0.1), 3))
+
+
+def test_state_round_trips(tmp_path: Path, network: dict[int, object]) -> None:
+    setup = network[2]
+    store = StateDir(tmp_path / "s2")
+    store.save(setup.public, setup.private)  # type: ignore[attr-defined]
+    loaded = store.load()
+    assert loaded.problems == []
+    assert loaded.public.m == setup.public.m  # type: ignore[attr-defined]
+    assert loaded.public.key_table == setup.public.key_table  # type: ignore[attr-defined]
+    assert loaded.public.sharings[SCERT] == setup.public.sharings[SCERT]  # type: ignore[attr-defined]
+    assert loaded.private is not None
+    assert loaded.private.shares[SCERT].value == setup.private.shares[SCERT].value  # type: ignore[attr-defined]
+    assert stat.S_IMODE(os.stat(tmp_path / "s2" / "private").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tmp_path / "s2" / "private" / "period.cbor").st_mode) == 0o600
+
+
+@pytest.mark.parametrize(
+    "name", ["public/M.cbor", "public/keytable.cbor", "public/sharings.cbor", "private/period.cbor"]
+)
+def test_corrupt_file_is_reported_and_treated_as_absent(
+    tmp_path: Path, network: dict[int, object], name: str
+) -> None:
+    setup = network[1]
+    store = StateDir(tmp_path)
+    store.save(setup.public, setup.private)  # type: ignore[attr-defined]
+    path = tmp_path / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data[: len(data) - 3]))
+    loaded = store.load()
+    assert any(name.split("/")[1] in p for p in loaded.problems), loaded.problems
+
+
+def test_missing_files_are_reported(tmp_path: Path) -> None:
+    loaded = StateDir(tmp_path / "empty").load()
+    assert loaded.private is None and loaded.public.m is None
+    assert len(loaded.problems) == 4 and all("missing" in p for p in loaded.problems)
+
+
+def test_atomic_write_leaves_no_temporary_file(tmp_path: Path) -> None:
+    target = tmp_path / "f"
+    atomic_write(target, b"one")
+    atomic_write(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_erase_leaves_no_bytes_behind(tmp_path: Path, network: dict[int, object]) -> None:
+    setup = network[1]
+    store = StateDir(tmp_path)
+    store.save(setup.public, setup.private)  # type: ignore[attr-defined]
+    share = setup.private.shares[SCERT].value.to_bytes(64, "big")  # type: ignore[attr-defined]
+    assert share in (tmp_path / "private" / "period.cbor").read_bytes()
+    store.erase_private()
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert share not in path.read_bytes()
+
+
+def test_erase_of_a_missing_file_is_quiet(tmp_path: Path) -> None:
+    erase(tmp_path / "nothing")
