@@ -47,7 +47,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from nacl.public import PrivateKey
+from nacl.exceptions import CryptoError as CryptoLibError
+from nacl.public import Box, PrivateKey, PublicKey
 from nacl.signing import SigningKey
 
 from appliance.crypto import encoding, frost, pss
@@ -80,6 +81,8 @@ from appliance.protocols.state import (
 )
 
 RandomBytes = Callable[[int], bytes]
+#: Phases whose body is sealed to the recipient's period encryption key.
+SEALED = frozenset({"shares", "contrib"})
 CONTEXT = "pst/refresh"
 MAX_MESSAGE = 4 * 1024 * 1024
 
@@ -387,6 +390,8 @@ class PeriodRefresh:
                 self._hold(sender, data, now)
                 return
             self._check_sig(sender, phase, body, sig)
+            if phase in SEALED:
+                body = self._unseal(sender, phase, body)
             handler = {
                 "sign-request": self._on_sign_request,
                 "sign-share": self._on_sign_share,
@@ -407,6 +412,33 @@ class PeriodRefresh:
     @property
     def _max_peers(self) -> int:
         return self.m.constants.n if self.m is not None else 64
+
+    def _seal(self, to: int, body: Any) -> bytes:
+        """Encrypt a private message to the recipient's new period key E_j (Table 1 step 2).
+
+        Sub-shares travel sealed to E_j of the signed KeyTable, so that whoever holds a
+        channel key of the previous period learns nothing from them. libsodium's crypto_box
+        with an ephemeral key drawn from ``rand`` (a sealed box whose randomness we pass in,
+        so that simulations replay byte for byte): ephemeral public key || nonce || box.
+        """
+        ephemeral = PrivateKey(self.rand(32))
+        box = Box(ephemeral, PublicKey(self.entries[to].encryption_key))
+        return bytes(ephemeral.public_key) + bytes(
+            box.encrypt(encoding.encode(body), self.rand(Box.NONCE_SIZE))
+        )
+
+    def _unseal(self, sender: int, phase: str, body: Any) -> Any:
+        if not isinstance(body, bytes):
+            raise RemoteProtocolError(sender, f"{phase}: expected a sealed body")
+        try:
+            box = Box(PrivateKey(self.encryption_seed), PublicKey(body[:32]))
+            plain = box.decrypt(body[32:])
+        except (CryptoLibError, ValueError, TypeError):
+            raise RemoteProtocolError(sender, f"{phase}: not sealed to our period key") from None
+        try:
+            return encoding.decode(plain, max_size=MAX_MESSAGE, what=phase)
+        except DecodeError as exc:
+            raise RemoteProtocolError(sender, str(exc)) from None
 
     def _bundle_into(self, bc: SyncBroadcast, sender: int, body: Any, now: float) -> None:
         if not isinstance(body, bytes):
@@ -912,7 +944,7 @@ class PeriodRefresh:
         self.deal_bc.broadcast(self.deal_bc.make_item(encoding.encode(body), self.signer))
         for j, items in private.items():
             if j in self.entries:
-                self._send(j, self._envelope("shares", items, self.signer))
+                self._send(j, self._envelope("shares", self._seal(j, items), self.signer))
 
     def _deliver_sub(
         self, private: dict[int, list[list[Any]]], kind: str, sid: str, r: int, j: int, value: int
@@ -1212,7 +1244,7 @@ class PeriodRefresh:
                     except CryptoError:
                         continue
                     body = {"sid": sid, "y": y, "sharing": sharing_to_obj(group, self.old_sharings[sid])}
-                    self._send(r, self._envelope("contrib", body, self.signer))
+                    self._send(r, self._envelope("contrib", self._seal(r, body), self.signer))
 
     def _on_contrib(self, sender: int, body: Any) -> None:
         if self.me not in self.recovering or sender not in self.operational:
