@@ -1,0 +1,131 @@
+"""One TOML file per server: who it is, where its state lives, and the constants C.
+
+Example (``pst cluster init`` writes one per server)::
+
+    [server]
+    id = 1
+    listen = "127.0.0.1:7101"
+    state_dir = "/var/lib/pst"
+    api_socket = "/run/pst/api.sock"
+
+    [rom]
+    backend = "simulated"          # or "tpm", "block"
+    path = "/var/lib/pst-rom/1"    # simulated ROM: a read-only file
+
+    [network]                      # the constants C: identical on every server
+    n = 5
+    t = 1
+    period_seconds = 30
+    round_ms = 100
+    genesis = 1764000000.0
+    secrets = { scert = "ed25519" }
+
+    [network.peers]
+    1 = "127.0.0.1:7101"
+    2 = "127.0.0.1:7102"
+
+Errors name the file and the key, and say what is expected.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.protocols.state import ConfigError, Constants
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    path: Path
+    server_id: int
+    listen: tuple[str, int]
+    state_dir: Path
+    api_socket: Path
+    rom_backend: str
+    rom_path: Path | None
+    constants: Constants
+
+    @property
+    def peers(self) -> dict[int, tuple[str, int]]:
+        return {i: parse_address(a, f"network.peers.{i}", self.path) for i, a in self.constants.peers.items()}
+
+
+def parse_address(value: Any, key: str, path: Path) -> tuple[str, int]:
+    if not isinstance(value, str) or value.count(":") != 1:
+        raise ConfigError(f'{path}: {key} must be "host:port", got {value!r}')
+    host, port = value.rsplit(":", 1)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{path}: {key} has an invalid port {port!r}")
+    return host, int(port)
+
+
+def _get(table: dict[str, Any], key: str, typ: type | tuple[type, ...], path: Path, where: str) -> Any:
+    if key not in table:
+        raise ConfigError(f"{path}: missing {where}.{key}")
+    value = table[key]
+    if (isinstance(value, bool) and typ is not bool) or not isinstance(value, typ):
+        raise ConfigError(
+            f"{path}: {where}.{key} must be of type {getattr(typ, '__name__', typ)}, got {value!r}"
+        )
+    return value
+
+
+def load(path: Path) -> NodeConfig:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return from_dict(raw, path)
+
+
+def from_dict(raw: dict[str, Any], path: Path) -> NodeConfig:
+    for section in ("server", "rom", "network"):
+        if not isinstance(raw.get(section), dict):
+            raise ConfigError(f"{path}: missing [{section}] section")
+    server, rom, net = raw["server"], raw["rom"], raw["network"]
+    peers_raw = _get(net, "peers", dict, path, "network")
+    peers: dict[int, str] = {}
+    for k, v in peers_raw.items():
+        if not str(k).isdigit():
+            raise ConfigError(f"{path}: network.peers keys must be server ids, got {k!r}")
+        parse_address(v, f"network.peers.{k}", path)
+        peers[int(k)] = v
+    secrets = net.get("secrets", {"scert": "ed25519"})
+    if not isinstance(secrets, dict) or not all(isinstance(v, str) for v in secrets.values()):
+        raise ConfigError(f"{path}: network.secrets must map secret ids to group names")
+    try:
+        constants = Constants(
+            n=_get(net, "n", int, path, "network"),
+            t=_get(net, "t", int, path, "network"),
+            period_length=float(_get(net, "period_seconds", (int, float), path, "network")),
+            delta=_get(net, "round_ms", int, path, "network") / 1000,
+            genesis=float(_get(net, "genesis", (int, float), path, "network")),
+            peers=peers,
+            secrets=dict(secrets),
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: [network]: {exc}") from None
+    server_id = _get(server, "id", int, path, "server")
+    if server_id not in constants.ids:
+        raise ConfigError(f"{path}: server.id {server_id} is not one of 1..{constants.n}")
+    backend = _get(rom, "backend", str, path, "rom")
+    if backend not in ("simulated", "tpm", "block"):
+        raise ConfigError(f"{path}: rom.backend must be simulated, tpm or block, got {backend!r}")
+    rom_path = Path(rom["path"]) if isinstance(rom.get("path"), str) else None
+    return NodeConfig(
+        path=path,
+        server_id=server_id,
+        listen=parse_address(_get(server, "listen", str, path, "server"), "server.listen", path),
+        state_dir=Path(_get(server, "state_dir", str, path, "server")),
+        api_socket=Path(_get(server, "api_socket", str, path, "server")),
+        rom_backend=backend,
+        rom_path=rom_path,
+        constants=constants,
+    )
