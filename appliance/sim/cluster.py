@@ -1,106 +1,20 @@
-"""A simulated PServer: one sans-IO refresh per period, its data persisted between periods."""
+"""A simulated PServer: the protocol core built from a simulated setup."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-import cbor2
-
-from appliance.protocols._core import Outgoing
-from appliance.protocols.refresh import Outcome, PeriodRefresh, PrivateData, PublicData, Status
+from appliance.protocols.core import ServerCore
 from appliance.protocols.state import Constants
 from appliance.sim.setup import ServerSetup
 
 
-class SimServer:
-    """Runs PeriodRefresh for every period from ``first_period``; keeps what it would persist."""
+class SimServer(ServerCore):
+    """A ServerCore whose data lives in memory (what it would persist is ``public``/``private``)."""
 
     def __init__(
-        self,
-        setup: ServerSetup,
-        clock: Constants,
-        rand: Callable[[int], bytes],
-        *,
-        first_period: int = 1,
+        self, setup: ServerSetup, clock: Constants, rand: Callable[[int], bytes], *, first_period: int = 1
     ) -> None:
-        self.me = setup.me
-        self.vstart = setup.vstart
-        self.public: PublicData = setup.public
-        self.private: PrivateData | None = setup.private
-        self.clock = clock
-        self.rand = rand
-        self.engine: PeriodRefresh | None = None
-        self.next_period = first_period
-        self.outcomes: dict[int, Outcome] = {}
-        self.rejected: list[str] = []
-        self._early: list[tuple[int, bytes, float, int]] = []
-
-    @property
-    def status(self) -> Status:
-        last = max(self.outcomes) if self.outcomes else None
-        return self.outcomes[last].status if last is not None else Status.OPERATIONAL
-
-    def _start(self, period: int, now: float) -> None:
-        self.engine = PeriodRefresh(
-            me=self.me,
-            period=period,
-            vstart=self.vstart,
-            public=self.public,
-            private=self.private,
-            rand=self.rand,
+        super().__init__(
+            setup.me, setup.vstart, setup.public, setup.private, clock, rand, first_period=first_period
         )
-        self.next_period = period + 1
-        early, self._early = self._early, []
-        for sender, data, at, p in early:
-            if p == period:
-                self.engine.receive(sender, data, max(at, now))
-            elif p > period:
-                self._early.append((sender, data, at, p))
-
-    def tick(self, now: float) -> list[Outgoing]:
-        period = self.clock.period_at(now)
-        if period >= self.next_period and (self.engine is None or self.engine.outcome is not None):
-            self._start(period, now)
-        if self.engine is None:
-            return []
-        out = self.engine.tick(now)
-        if self.engine.outcome is not None and self.engine.period not in self.outcomes:
-            self._persist(self.engine.outcome)
-        return out
-
-    def next_wakeup(self, now: float) -> float | None:
-        if self.engine is not None and self.engine.outcome is None:
-            wake = self.engine.next_wakeup(now)
-            if wake is not None:
-                return wake
-        return self.clock.period_start(max(self.next_period, self.clock.period_at(now) + 1)) + 1e-6
-
-    def _persist(self, outcome: Outcome) -> None:
-        assert self.engine is not None
-        self.outcomes[self.engine.period] = outcome
-        self.rejected += [str(r) for r in self.engine.rejected]
-        old = self.private
-        self.public, self.private = outcome.public, outcome.private
-        if old is not None and old is not outcome.private:
-            old.wipe()
-
-    def receive(self, sender: int, data: bytes, now: float) -> None:
-        period = _period_of(data)
-        if period is None:
-            self.rejected.append(f"server {sender}: undecodable message")
-            return
-        if self.engine is not None and self.engine.period == period and self.engine.outcome is None:
-            self.engine.receive(sender, data, now)
-        elif period >= self.next_period and len(self._early) < 10_000:
-            self._early.append((sender, data, now, period))
-
-
-def _period_of(data: bytes) -> int | None:
-    """Peek at a message's period to route it (the engine validates the message fully)."""
-    try:
-        obj: Any = cbor2.loads(data)
-    except Exception:
-        return None
-    period = obj.get("period") if isinstance(obj, dict) else None
-    return period if isinstance(period, int) and not isinstance(period, bool) else None

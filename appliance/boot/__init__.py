@@ -1,0 +1,1 @@
+"""The boot path: ROM backends (Vstart), code manifest, boot checks."""
