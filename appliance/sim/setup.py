@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ from nacl.signing import SigningKey
 from appliance.crypto import local
 from appliance.crypto.groups import ED25519
 from appliance.crypto.keyshare import KeyShare
-from appliance.crypto.secret import DeterministicSource
+from appliance.crypto.secret import DeterministicSource, system_scalar_source
 from appliance.protocols.refresh import PrivateData, PublicData
 from appliance.protocols.state import (
     SCERT,
@@ -53,18 +54,26 @@ def seeded_bytes(seed: bytes) -> Any:
     return draw
 
 
-def make_network(constants: Constants, seed: int) -> dict[int, ServerSetup]:
+def make_network(
+    constants: Constants, seed: int | None = None, *, randbytes: Callable[[int], bytes] | None = None
+) -> dict[int, ServerSetup]:
+    """Period-0 data for every server: from ``seed`` (simulations) or from ``randbytes`` (os.urandom)."""
     n, t = constants.n, constants.t
-    rnd = random.Random(seed)
-    rand = DeterministicSource(rnd.randbytes(16), ED25519.order)
+    if randbytes is None:
+        randbytes = random.Random(seed).randbytes
+    rand: Callable[[], int] = (
+        DeterministicSource(randbytes(16), ED25519.order)
+        if seed is not None
+        else system_scalar_source(ED25519.order)
+    )
     keys: dict[int, KeyShare[bytes]] = local.run_dkg(ED25519, n, t, rand, context=b"pst/sim/dkg").keys
     vcert = keys[1].public_key
-    sstart = {i: SigningKey(rnd.randbytes(32)) for i in constants.ids}
+    sstart = {i: SigningKey(randbytes(32)) for i in constants.ids}
     m = {i: bytes(sstart[i].sign(m_i_payload(vcert, constants, i)).signature) for i in constants.ids}
     info = InvariantInfo(vcert, constants, m)
     signers = list(range(1, t + 2))
-    info = InvariantInfo(vcert, constants, m, local.frost_sign(keys, signers, info.payload(), rnd.randbytes))
-    seeds = {i: (rnd.randbytes(32), rnd.randbytes(32)) for i in constants.ids}
+    info = InvariantInfo(vcert, constants, m, local.frost_sign(keys, signers, info.payload(), randbytes))
+    seeds = {i: (randbytes(32), randbytes(32)) for i in constants.ids}
     entries = {}
     for i, (sseed, eseed) in seeds.items():
         sk = SigningKey(sseed)
@@ -74,7 +83,7 @@ def make_network(constants: Constants, seed: int) -> dict[int, ServerSetup]:
         )
     sharing = keys[1].public
     table = KeyTable(0, entries, {SCERT: sharing_digest(ED25519, sharing)}, frozenset())
-    table = table.signed(local.frost_sign(keys, signers, table.payload(), rnd.randbytes))
+    table = table.signed(local.frost_sign(keys, signers, table.payload(), randbytes))
     out = {}
     for i in constants.ids:
         public = PublicData(info, table, {SCERT: sharing})

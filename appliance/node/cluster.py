@@ -1,0 +1,94 @@
+"""A local cluster: n servers on loopback, each with its config, simulated ROM and state directory.
+
+``pst cluster init`` lays out::
+
+    D/cluster.toml            n, t, ports (for the pst commands)
+    D/node-<i>/config.toml    the server's config (constants C identical everywhere)
+    D/node-<i>/rom            the simulated ROM holding Vstart (read-only)
+    D/node-<i>/state/         the state directory (public/ and private/)
+
+The period-0 data comes from a local initialization ceremony run in this one process
+(dealerless DKG, M signed with each Sstart which is then dropped, [Scert(M), M] and
+KeyTable(0) signed with FROST). It is meant for local clusters, where every server is
+on this machine anyway; a network of machines runs Table 3 over the network.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from appliance.boot.rom import SimulatedRom
+from appliance.node.store import StateDir, atomic_write
+from appliance.protocols.state import ConfigError, Constants
+from appliance.sim.setup import make_network
+
+
+def node_dir(root: Path, i: int) -> Path:
+    return root / f"node-{i}"
+
+
+def config_text(root: Path, i: int, c: Constants, base_port: int) -> str:
+    d = node_dir(root, i).resolve()
+    peers = "\n".join(f'{j} = "127.0.0.1:{base_port + j}"' for j in c.ids)
+    return f"""# PServer {i} of a local cluster (written by pst cluster init)
+[server]
+id = {i}
+listen = "127.0.0.1:{base_port + i}"
+state_dir = "{d / "state"}"
+api_socket = "{d / "api.sock"}"
+
+[rom]
+backend = "simulated"
+path = "{d / "rom"}"
+
+[network]
+n = {c.n}
+t = {c.t}
+period_seconds = {c.period_length:g}
+round_ms = {round(c.delta * 1000)}
+genesis = {c.genesis!r}
+
+[network.peers]
+{peers}
+"""
+
+
+def init_cluster(
+    root: Path,
+    *,
+    n: int,
+    t: int,
+    period_seconds: float = 30.0,
+    round_ms: int = 100,
+    base_port: int = 7100,
+    progress: Callable[[str], None] = print,
+    randbytes: Callable[[int], bytes] = os.urandom,
+) -> Constants:
+    if root.exists() and any(root.iterdir()):
+        raise ConfigError(f"{root}: directory exists and is not empty; choose a new one or remove it")
+    genesis = time.time()
+    c = Constants(
+        n=n,
+        t=t,
+        period_length=period_seconds,
+        delta=round_ms / 1000,
+        genesis=genesis,
+        peers={i: f"127.0.0.1:{base_port + i}" for i in range(1, n + 1)},
+    )
+    progress(f"initialization ceremony for n={n}, t={t}: DKG of (Scert, Vcert), M, KeyTable(0) ...")
+    setups = make_network(c, randbytes=randbytes)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write(root / "cluster.toml", f"n = {n}\nt = {t}\nbase_port = {base_port}\n".encode())
+    for i, setup in setups.items():
+        d = node_dir(root, i)
+        d.mkdir(parents=True, exist_ok=True)
+        SimulatedRom(d / "rom").provision(setup.vstart)
+        StateDir(d / "state").save(setup.public, setup.private)
+        atomic_write(d / "config.toml", config_text(root, i, c, base_port).encode())
+        progress(f"  server {i}: config, simulated ROM (Vstart), state directory written")
+    vcert = setups[1].public.m.vcert if setups[1].public.m is not None else b""
+    progress(f"group public key (Vcert): {vcert.hex()}")
+    return c

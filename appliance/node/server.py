@@ -1,0 +1,198 @@
+"""The PServer under trio: the protocol core on the wall clock, its data on disk.
+
+Theory of operation
+-------------------
+One task drives :class:`~appliance.protocols.core.ServerCore`: it feeds it the
+messages the transport delivers and ticks it at the wakeups it asks for (round
+boundaries, period starts). Every outcome of a refresh is persisted (private data
+first) before the core moves on; then the transport is re-keyed with the new
+KeyTable and our new period key, and the previous period's keys are dropped. The
+status file and the alert log are rewritten after each refresh so that ``pst status``
+and ``pst alerts`` can read them without talking to the server.
+
+All background work lives in a nursery that :meth:`run` owns; cancelling it stops the
+server cleanly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+import trio
+
+from appliance.boot.rom import SimulatedRom
+from appliance.node.config import NodeConfig
+from appliance.node.store import StateDir, atomic_write
+from appliance.protocols.core import ServerCore
+from appliance.protocols.refresh import Outcome, PublicData, Status
+from appliance.protocols.state import SCERT
+
+log = logging.getLogger("pst.server")
+
+
+class Transport(Protocol):
+    """What the PServer needs from the network layer."""
+
+    def send(self, to: int, data: bytes) -> None: ...
+
+    async def rekey(self, period: int, keys: Mapping[int, bytes], seed: bytes) -> None: ...
+
+
+Deliver = Callable[[int, bytes], None]
+TransportFactory = Callable[[NodeConfig, "PServer", trio.Nursery, Deliver], Awaitable[Transport]]
+
+
+def period_keys(public: PublicData) -> dict[int, bytes]:
+    table = public.key_table
+    return {i: e.verify_key for i, e in table.entries.items()} if table is not None else {}
+
+
+class PServer:
+    def __init__(
+        self,
+        config: NodeConfig,
+        transport_factory: TransportFactory,
+        *,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.rand = rand
+        self.store = StateDir(config.state_dir)
+        self._transport_factory = transport_factory
+        self.transport: Transport | None = None
+        self.core: ServerCore | None = None
+        self.rom = SimulatedRom(config.rom_path) if config.rom_path is not None else None
+        self.last_refresh: dict[str, Any] = {}
+        self._refresh_started: dict[int, float] = {}
+        self._pending_rekey: tuple[int, dict[int, bytes], bytes] | None = None
+
+    # Startup ------------------------------------------------------------------------------
+
+    def _load(self) -> ServerCore:
+        if self.rom is None:
+            raise SystemExit(f"{self.config.path}: rom.path is required for the simulated ROM")
+        vstart = self.rom.read_vstart()
+        loaded = self.store.load()
+        for problem in loaded.problems:
+            log.warning("state: %s (will be recovered from peers at the next refresh)", problem)
+        c = self.config.constants
+        done = loaded.private.period if loaded.private is not None else -1
+        first = max(done + 1, c.period_at(self.clock()) + 1, 1)
+        return ServerCore(
+            self.config.server_id,
+            vstart,
+            loaded.public,
+            loaded.private,
+            c,
+            self.rand,
+            first_period=first,
+            on_outcome=self._persist,
+        )
+
+    def _persist(self, period: int, outcome: Outcome) -> None:
+        started = self._refresh_started.get(period, self.clock())
+        self.store.save(outcome.public, outcome.private)
+        if outcome.private is not None:
+            keys = period_keys(outcome.public)
+            self._pending_rekey = (period, keys, outcome.private.signing_seed)
+        self.last_refresh = {
+            "period": period,
+            "status": outcome.status.value,
+            "finished": self.clock(),
+            "duration_s": round(self.clock() - started, 3),
+            "failure": outcome.failure,
+        }
+        for alert in outcome.alerts:
+            log.warning("%s", alert)
+            with open(self.store.public_dir / "alerts.jsonl", "a", encoding="utf-8") as f:
+                f.write(
+                    json.dumps(
+                        {
+                            "time": self.clock(),
+                            "kind": alert.kind.value,
+                            "server": alert.server,
+                            "period": alert.period,
+                            "detail": alert.detail,
+                        }
+                    )
+                    + "\n"
+                )
+        self._write_status(outcome.public, outcome.status)
+        log.info(
+            "period %d: %s in %.3f s%s",
+            period,
+            outcome.status.value,
+            self.clock() - started,
+            f" ({outcome.failure})" if outcome.failure else "",
+        )
+
+    def _write_status(self, public: PublicData, status: Status) -> None:
+        table = public.key_table
+        sharing = public.sharings.get(SCERT)
+        body = {
+            "server": self.config.server_id,
+            "period": table.period if table is not None else None,
+            "status": status.value,
+            "last_refresh": self.last_refresh,
+            "keytable_fingerprint": table.fingerprint() if table is not None else None,
+            "group_public_key": sharing.public_key.hex() if sharing is not None else None,
+            "rom": self.rom.describe() if self.rom is not None else None,
+            "pid": os.getpid(),
+            "updated": self.clock(),
+        }
+        atomic_write(self.store.public_dir / "status.json", (json.dumps(body, indent=2) + "\n").encode())
+
+    # Running ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        core = self.core = self._load()
+        send, receive = trio.open_memory_channel[tuple[int, bytes]](10_000)
+
+        def deliver(sender: int, data: bytes) -> None:
+            try:
+                send.send_nowait((sender, data))
+            except trio.WouldBlock:
+                log.warning("inbox full: dropped a message from server %d", sender)
+
+        self._write_status(core.public, Status.OPERATIONAL if core.private is not None else Status.RECOVERING)
+        async with trio.open_nursery() as nursery:
+            self.transport = await self._transport_factory(self.config, self, nursery, deliver)
+            task_status.started()
+            log.info("server %d up; next refresh is period %d", self.config.server_id, core.next_period)
+            while True:
+                now = self.clock()
+                self._note_start(core, now)
+                for out in core.tick(now):
+                    self.transport.send(out.to, out.data)
+                if self._pending_rekey is not None:
+                    period, keys, seed = self._pending_rekey
+                    self._pending_rekey = None
+                    await self.transport.rekey(period, keys, seed)
+                wake = core.next_wakeup(now)
+                timeout = max(0.0, (wake if wake is not None else now + 1.0) - self.clock())
+                with trio.move_on_after(timeout):
+                    sender, data = await receive.receive()
+                    core.receive(sender, data, self.clock())
+                    while True:  # take whatever else is already waiting
+                        try:
+                            sender, data = receive.receive_nowait()
+                        except trio.WouldBlock:
+                            break
+                        core.receive(sender, data, self.clock())
+
+    def _note_start(self, core: ServerCore, now: float) -> None:
+        engine = core.engine
+        if engine is not None and engine.period not in self._refresh_started:
+            self._refresh_started[engine.period] = now
+
+
+def fingerprint(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
