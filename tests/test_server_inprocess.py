@@ -64,7 +64,7 @@ async def test_servers_refresh_on_the_clock_and_persist_each_period(tmp_path: Pa
             while not all(len(t.rekeys) >= 2 for t in transports.values()):
                 await trio.sleep(0.1)
         nursery.cancel_scope.cancel()
-    for i, cfg in configs.items():
+    for cfg in configs.values():
         status = json.loads((cfg.state_dir / "public" / "status.json").read_text())
         assert status["status"] == "operational" and status["period"] > start_period
         assert status["group_public_key"] == vcert.hex()
