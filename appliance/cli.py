@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from appliance import __version__
 
@@ -57,6 +61,129 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster_nodes(root: Path) -> list[Path]:
+    nodes = sorted(root.glob("node-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not nodes:
+        raise SystemExit(f"pst: {root} holds no cluster (run: pst cluster init --dir {root})")
+    return nodes
+
+
+def _cmd_cluster_init(args: argparse.Namespace) -> int:
+    from appliance.node.cluster import init_cluster
+    from appliance.protocols.state import ConfigError
+
+    try:
+        init_cluster(
+            Path(args.dir),
+            n=args.nodes,
+            t=args.threshold,
+            period_seconds=args.period,
+            round_ms=args.round_ms,
+            base_port=args.base_port,
+            progress=lambda line: print(line, flush=True),
+        )
+    except ConfigError as exc:
+        print(f"pst cluster init: {exc}", file=sys.stderr)
+        return 2
+    print(f"cluster ready in {args.dir}: start it with `pst cluster up --dir {args.dir}`")
+    return 0
+
+
+def _read_status(node: Path) -> dict[str, Any]:
+    path = node / "state" / "public" / "status.json"
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        why = "not started yet" if isinstance(exc, FileNotFoundError) else f"{path}: {exc}"
+        return {"server": int(node.name.split("-")[1]), "status": "unknown", "error": why}
+    return data
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    rows = []
+    for node in _cluster_nodes(Path(args.dir)):
+        st = _read_status(node)
+        pidfile = node / "server.pid"
+        pid = int(pidfile.read_text()) if pidfile.exists() else None
+        st["running"] = _alive(pid)
+        alerts = node / "state" / "public" / "alerts.jsonl"
+        st["alerts"] = len(alerts.read_text().splitlines()) if alerts.exists() else 0
+        rows.append(st)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ("server", "running", "period", "status", "last refresh", "alerts")
+    print(
+        f"{header[0]:>6}  {header[1]:7}  {header[2]:>6}  {header[3]:11}  {header[4]:22}  {header[5]:>6}  keytable"
+    )
+    for st in rows:
+        last = st.get("last_refresh") or {}
+        when = f"p{last.get('period')} in {last.get('duration_s')} s" if last else "-"
+        print(
+            f"{st.get('server', '?'):>6}  {'yes' if st['running'] else 'no':7}  {st.get('period')!s:>6}  "
+            f"{st.get('status', '?'):11}  {when:22}  {st['alerts']:>6}  {st.get('keytable_fingerprint')}"
+        )
+    keys = {st.get("group_public_key") for st in rows if st.get("group_public_key")}
+    print(f"group public key: {', '.join(sorted(k for k in keys if k)) or 'unknown'}")
+    if rows and rows[0].get("rom"):
+        print(f"ROM: {rows[0]['rom'].split(':')[0]}")
+    return 0
+
+
+def _cmd_alerts(args: argparse.Namespace) -> int:
+    found = False
+    for node in _cluster_nodes(Path(args.dir)):
+        path = node / "state" / "public" / "alerts.jsonl"
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            try:
+                a = json.loads(line)
+            except ValueError:
+                continue
+            found = True
+            print(
+                f"seen by server {node.name.split('-')[1]}: ALERT {a['kind']}: server {a['server']}, "
+                f"period {a['period']}: {a['detail']}"
+            )
+    if not found:
+        print("no alerts")
+    return 0
+
+
+def _cmd_pubkey(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from appliance.node.store import StateDir
+
+    for node in _cluster_nodes(Path(args.dir)):
+        loaded = StateDir(node / "state").load()
+        if loaded.public.m is None:
+            continue
+        vcert = loaded.public.m.vcert
+        if args.pem:
+            pem = Ed25519PublicKey.from_public_bytes(vcert).public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            sys.stdout.write(pem.decode())
+        else:
+            print(vcert.hex())
+        return 0
+    print("pst pubkey: no server holds a valid M", file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pst",
@@ -80,6 +207,31 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--list", action="store_true", help="list the scenario families")
     sim.add_argument("--verbose", action="store_true", help="also print rejected messages")
     sim.set_defaults(func=_cmd_sim)
+
+    cluster = sub.add_parser("cluster", help="a local cluster of servers on loopback")
+    csub = cluster.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
+    cinit = csub.add_parser("init", help="write configs, simulated ROMs and period-0 state for n servers")
+    cinit.add_argument("--nodes", type=int, default=5, help="number of servers n (default 5)")
+    cinit.add_argument("--threshold", type=int, default=1, help="threshold t (default 1)")
+    cinit.add_argument("--dir", required=True, help="directory to create")
+    cinit.add_argument("--period", type=float, default=30.0, help="period length in seconds (default 30)")
+    cinit.add_argument("--round-ms", type=int, default=100, help="protocol round length in ms (default 100)")
+    cinit.add_argument(
+        "--base-port", type=int, default=7100, help="server i listens on base+i (default 7100)"
+    )
+    cinit.set_defaults(func=_cmd_cluster_init)
+
+    status = sub.add_parser("status", help="per server: period, status, last refresh, alerts, KeyTable")
+    status.add_argument("--dir", required=True)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=_cmd_status)
+    alerts = sub.add_parser("alerts", help="every alert the servers raised")
+    alerts.add_argument("--dir", required=True)
+    alerts.set_defaults(func=_cmd_alerts)
+    pubkey = sub.add_parser("pubkey", help="the group public key Vcert")
+    pubkey.add_argument("--dir", required=True)
+    pubkey.add_argument("--pem", action="store_true", help="as SubjectPublicKeyInfo PEM")
+    pubkey.set_defaults(func=_cmd_pubkey)
     return parser
 
 
