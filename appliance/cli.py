@@ -122,10 +122,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    header = ("server", "running", "period", "status", "last refresh", "alerts")
-    print(
-        f"{header[0]:>6}  {header[1]:7}  {header[2]:>6}  {header[3]:11}  {header[4]:22}  {header[5]:>6}  keytable"
-    )
+    print(f"{'server':>6}  {'running':7}  {'period':>6}  {'status':11}  ", end="")
+    print(f"{'last refresh':22}  {'alerts':>6}  keytable")
     for st in rows:
         last = st.get("last_refresh") or {}
         when = f"p{last.get('period')} in {last.get('duration_s')} s" if last else "-"
