@@ -1,0 +1,291 @@
+"""Initialization (Table 3) over the simulated network, and refresh starting from its output."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import random
+import weakref
+from typing import Any, ClassVar
+
+import pytest
+from nacl.public import PrivateKey
+from nacl.signing import SigningKey
+
+from appliance.crypto import encoding, frost, shamir
+from appliance.crypto.groups import ED25519
+from appliance.protocols._core import AlertKind, Outgoing
+from appliance.protocols.init import InitProtocol, InitSchedule
+from appliance.protocols.refresh import Schedule, Status
+from appliance.protocols.state import SCERT, Constants, InvariantInfo, KeyTable
+from appliance.sim._net import NetworkConfig, Simulation
+from appliance.sim.cluster import SimServer
+from appliance.sim.init_run import InitRun, run_init
+from appliance.sim.setup import seeded_bytes
+
+SIZES = [(4, 1), (5, 2), (7, 2)]
+
+
+def _constants(n: int, t: int) -> Constants:
+    # Period 1 starts at 0.5 s of the refresh simulation's clock.
+    return Constants(n=n, t=t, period_length=4.0, delta=0.1, genesis=-3.5)
+
+
+def _check_init(run: InitRun, *, honest: set[int] | None = None) -> bytes:
+    """Every server finished with the same M and KeyTable(0), all verifiable; returns Vcert."""
+    c = run.constants
+    ids = sorted(honest if honest is not None else set(c.ids))
+    ms, tables = set(), set()
+    vcert = b""
+    shares: dict[int, int] = {}
+    for i in ids:
+        o = run.engines[i].outcome
+        assert o is not None and o.ok, (i, o and o.failure)
+        assert o.public is not None and o.private is not None
+        m, table = o.public.m, o.public.key_table
+        assert m is not None and table is not None
+        ms.add(m.encode())
+        tables.add(table.encode())
+        vcert = m.vcert
+        assert m.check(i, run.vstarts[i]) is None
+        assert InvariantInfo.decode(m.encode()).check(i, run.vstarts[i]) is None
+        assert m.constants == c and set(m.m) == set(c.ids)
+        assert table.period == 0 and table.verify(vcert) and not table.recovering
+        assert KeyTable.decode(table.encode()).verify(vcert)
+        assert set(table.entries) == set(c.ids)
+        entry = table.entries[i]
+        assert entry.verify_key == bytes(SigningKey(o.private.signing_seed).verify_key)
+        assert entry.encryption_key == bytes(PrivateKey(o.private.encryption_seed).public_key)
+        sharing = o.public.sharings[SCERT]
+        assert sharing.public_key == vcert and (sharing.n, sharing.t) == (c.n, c.t)
+        share = o.private.shares[SCERT].value
+        assert ED25519.mul_base(share) == sharing.verification_share(ED25519, i)
+        assert o.private.period == 0
+        shares[i] = share
+    assert len(ms) == 1 and len(tables) == 1
+    # Every M_i verifies with the V_start in server i's ROM (checked above for each i).
+    for subset in itertools.islice(itertools.combinations(sorted(shares), c.t + 1), 6):
+        secret = shamir.interpolate({i: shares[i] for i in subset}, ED25519.order)
+        assert ED25519.mul_base(secret) == vcert
+    return vcert
+
+
+def _refresh_once(run: InitRun, seed: int) -> None:
+    """One refresh period from the init output: everyone operational, same Vcert."""
+    c = run.constants
+    vcert = _check_init(run)
+    servers = {
+        i: SimServer(s, c, seeded_bytes(f"refresh/{seed}/{i}".encode())) for i, s in run.setups().items()
+    }
+    sim = Simulation(dict(servers), seed, NetworkConfig(max_delay=0.3 * c.delta, tick_interval=c.delta / 4))
+    sim.run_until(c.period_start(1) + Schedule(0.0, c.delta, c.t).duration + 2 * c.delta)
+    shares = {}
+    tables = set()
+    for i, s in servers.items():
+        outcome = s.outcomes.get(1)
+        assert outcome is not None and outcome.status == Status.OPERATIONAL, (i, outcome and outcome.failure)
+        assert not outcome.alerts, [str(a) for a in outcome.alerts]
+        assert s.public.m is not None and s.public.m.vcert == vcert
+        assert s.public.key_table is not None and s.public.key_table.period == 1
+        assert s.public.key_table.verify(vcert)
+        tables.add(s.public.key_table.payload())
+        assert s.private is not None
+        shares[i] = s.private.shares[SCERT].value
+    assert len(tables) == 1
+    secret = shamir.interpolate({i: shares[i] for i in sorted(shares)[: c.t + 1]}, ED25519.order)
+    assert ED25519.mul_base(secret) == vcert
+
+
+@pytest.mark.parametrize(("n", "t"), SIZES)
+def test_init_produces_what_refresh_expects(n: int, t: int) -> None:
+    run = run_init(_constants(n, t), seed=n * 10 + t)
+    for e in run.engines.values():
+        assert e.outcome is not None and not e.outcome.alerts and not e.rejected
+        assert e.outcome.qual == {SCERT: frozenset(run.constants.ids)}
+    _refresh_once(run, seed=n * 10 + t)
+
+
+def test_init_over_many_seeds() -> None:
+    for seed in range(20):
+        rng = random.Random(seed)
+        n, t = rng.choice(SIZES)
+        run = run_init(_constants(n, t), seed)
+        _check_init(run)
+        assert all(not e.rejected for e in run.engines.values())
+
+
+def test_init_of_different_seeds_gives_different_keys() -> None:
+    a = run_init(_constants(4, 1), 1)
+    b = run_init(_constants(4, 1), 2)
+    assert _check_init(a) != _check_init(b)
+
+
+# Cheating -------------------------------------------------------------------------------------
+
+
+class BadDealer(InitProtocol):
+    """Sends a wrong (but signed) DKG share to ``victim``."""
+
+    victim = 0
+
+    def _share_for(self, sid: str, recipient: int, value: int) -> int:
+        if recipient == self.victim:
+            return (value + 1) % self.constants.group(sid).order
+        return value
+
+
+def test_bad_dkg_share_is_named_and_excluded_and_init_completes() -> None:
+    for seed, (n, t) in enumerate(SIZES):
+        rng = random.Random(seed)
+        liar, victim = rng.sample(range(1, n + 1), 2)
+        engine = type("Liar", (BadDealer,), {"victim": victim})
+        run = run_init(_constants(n, t), seed, engines={liar: engine})
+        _check_init(run)
+        for i, e in run.engines.items():
+            assert e.outcome is not None
+            assert liar not in e.outcome.qual[SCERT]
+            assert e.outcome.qual[SCERT] == frozenset(run.constants.ids) - {liar}
+            if i != liar:
+                assert {(a.kind, a.server) for a in e.outcome.alerts} == {(AlertKind.BAD_SHARE, liar)}
+        # The network that came out of it refreshes normally (the liar holds a valid share too).
+        if n == 4:
+            _refresh_once(run, seed)
+
+
+class BadSigner(InitProtocol):
+    """Sends a wrong FROST signature share on M."""
+
+    def _make_shares(
+        self, a: int, signers: tuple[int, ...]
+    ) -> tuple[frost.SignatureShare, frost.SignatureShare]:
+        share_m, share_k = super()._make_shares(a, signers)
+        return frost.SignatureShare(share_m.identifier, (share_m.share + 1) % ED25519.order), share_k
+
+
+def test_bad_signature_share_is_identified_and_signing_retries() -> None:
+    run = run_init(_constants(4, 1), 3, engines={2: BadSigner})
+    _check_init(run)
+    for i, e in run.engines.items():
+        assert e.outcome is not None
+        kinds = {(a.kind, a.server) for a in e.outcome.alerts}
+        if i != 2:
+            assert (AlertKind.BAD_SIGNATURE_SHARE, 2) in kinds
+
+
+class Watched(InitProtocol):
+    """Records what it holds of S_start before and after phase M."""
+
+    refs: ClassVar[list[weakref.ref[SigningKey]]] = []
+    buffers: ClassVar[list[bytearray]] = []
+    held_after_m: ClassVar[list[bool]] = []
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        assert self._sstart is not None
+        Watched.refs.append(weakref.ref(self._sstart))
+        Watched.buffers.append(kwargs["sstart"])
+
+    def _start_m(self) -> None:
+        assert self._sstart is not None
+        super()._start_m()
+        Watched.held_after_m.append(self._sstart is not None or self._sstart_buffer is not None)
+
+
+def test_sstart_is_erased_in_phase_m() -> None:
+    c = _constants(4, 1)
+    seed = 5
+    expected = random.Random(seed).randbytes(32)  # server 1's S_start seed, as run_init draws it
+    run = run_init(c, seed, engines={i: Watched for i in c.ids})
+    _check_init(run)
+    assert Watched.held_after_m == [False] * c.n
+    gc.collect()
+    assert all(ref() is None for ref in Watched.refs), "a SigningKey of S_start is still alive"
+    assert all(buf == bytearray(32) for buf in Watched.buffers), "the caller's seed buffer was not zeroed"
+    for e in run.engines.values():
+        assert e.sstart_erased and e._sstart is None and e._sstart_buffer is None
+        for value in vars(e).values():
+            assert not isinstance(value, SigningKey) or bytes(value.verify_key) != e.vstart
+            assert value != expected
+        held = [r for r in gc.get_referents(*vars(e).values()) if isinstance(r, SigningKey)]
+        assert all(bytes(k.verify_key) != e.vstart for k in held)
+
+
+class Garbler(InitProtocol):
+    """Signs well-formed envelopes around random bodies in the private and signing phases."""
+
+    def _envelope(self, phase: str, body: Any) -> bytes:
+        rng = random.Random(encoding.encode([phase, body]))
+        if phase != "keys" and rng.random() < 0.6:
+            choices: list[Any] = [
+                rng.randbytes(rng.randint(0, 80)),
+                rng.randint(-(2**300), 2**300),
+                [rng.randint(0, 9), b"x" * 64, "scert"],
+                {"attempt": rng.randint(-2, 9), "signers": [1, 2, True], "M": b"", "keytable": b"\x00" * 64},
+                {"box": rng.randbytes(60)},
+                {"M": rng.randbytes(64), "keytable": rng.randbytes(64)},
+                {k: [] for k in ("attempt", "signers", "M", "keytable")},
+            ]
+            body = rng.choice(choices)
+        return super()._envelope(phase, body)
+
+
+def test_signed_garbage_never_raises_and_init_still_completes() -> None:
+    for seed in range(3):
+        run = run_init(_constants(5, 2), seed, engines={4: Garbler})
+        _check_init(run, honest={1, 2, 3, 5})
+        assert any(e.rejected for i, e in run.engines.items() if i != 4)
+
+
+# Failures -------------------------------------------------------------------------------------
+
+
+class Silent(InitProtocol):
+    def tick(self, now: float) -> list[Outgoing]:
+        super().tick(now)
+        return []
+
+
+def test_silent_server_makes_init_fail_with_a_reason_and_no_keys() -> None:
+    run = run_init(_constants(4, 1), 7, engines={3: Silent})
+    for i, e in run.engines.items():
+        if i == 3:
+            continue
+        o = e.outcome
+        assert o is not None and not o.ok
+        assert o.public is None and o.private is None and not e.keys
+        assert o.failure is not None and "initial keys of servers [3]" in o.failure
+
+
+def test_too_few_qualified_dealers_fails_and_keeps_no_partial_keys() -> None:
+    c = _constants(4, 1)
+    liars = {1: 2, 2: 3, 3: 4}  # three of four deal a bad share: QUAL = {4}, t+1 = 2 needed
+    engines: dict[int, type[InitProtocol]] = {
+        d: type(f"Liar{d}", (BadDealer,), {"victim": v}) for d, v in liars.items()
+    }
+    run = run_init(c, 11, engines=engines)
+    for e in run.engines.values():
+        o = e.outcome
+        assert o is not None and o.public is None and o.private is None
+        assert o.failure is not None and "qualified dealers" in o.failure
+        assert not e.keys and e._package is None
+        assert not e.sstart_erased  # M_i was never signed: init can be retried with S_start
+
+
+def test_bad_input_never_raises_and_replays_are_rejected() -> None:
+    c = _constants(4, 1)
+    rng = random.Random(1)
+    a = InitProtocol(me=1, constants=c, sstart=rng.randbytes(32), start=0.0, rand=seeded_bytes(b"a"))
+    other = InitProtocol(me=2, constants=c, sstart=rng.randbytes(32), start=9.0, rand=seeded_bytes(b"b"))
+    keys_msg = other.tick(9.0)[0].data  # a key announcement of another init session
+    a.receive(2, keys_msg, 0.01)
+    a.receive(2, b"\xff\x00garbage", 0.01)
+    a.receive(9, keys_msg, 0.01)
+    a.receive(2, encoding.encode({"phase": "deal", "period": 0}), 0.01)
+    assert len(a.rejected) == 4 and 2 not in a._received_keys
+    assert "another init session" in a.rejected[0].reason
+
+
+def test_schedule_leaves_room_before_period_one() -> None:
+    for n, t in SIZES:
+        s = InitSchedule(0.0, 0.1, t)
+        assert s.end == 8 * t + 8 and s.duration < _constants(n, t).period_length
