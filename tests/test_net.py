@@ -1,0 +1,530 @@
+"""The network layer: framing (with a fuzzed decoder), period certificates, TLS 1.3 and PeerNetwork.
+
+PeerNetwork tests use real sockets on 127.0.0.1 with free ports chosen at the start.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import hashlib
+import logging
+import socket
+import ssl
+import weakref
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from appliance.crypto import encoding
+from appliance.net import (
+    EVERYONE,
+    FrameDecoder,
+    FrameStream,
+    FramingError,
+    Hello,
+    HelloError,
+    PeerCertificateError,
+    PeerNetwork,
+    PeerState,
+    certificate_period,
+    check_peer,
+    client_context,
+    encode_frame,
+    period_certificate,
+    trust_anchor,
+    trust_anchors_pem,
+)
+
+FAST: dict[str, Any] = {"backoff_min": 0.02, "backoff_max": 0.2, "handshake_timeout": 2.0}
+
+
+def seed_of(server: int, period: int, tag: str = "") -> bytes:
+    return hashlib.sha256(f"test seed {server} {period} {tag}".encode()).digest()
+
+
+def public_of(seed: bytes) -> bytes:
+    return Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes_raw()
+
+
+def key_table(ids: Iterable[int], period: int) -> dict[int, bytes]:
+    return {i: public_of(seed_of(i, period)) for i in ids}
+
+
+def free_ports(k: int) -> list[int]:
+    socks = []
+    for _ in range(k):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def addresses_for(ids: Iterable[int]) -> dict[int, tuple[str, int]]:
+    ids = list(ids)
+    return {i: ("127.0.0.1", p) for i, p in zip(ids, free_ports(len(ids)), strict=True)}
+
+
+async def eventually(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not cond():
+            await trio.sleep(0.01)
+
+
+class Inbox:
+    """Collects (peer, payload) pairs per receiving server."""
+
+    def __init__(self) -> None:
+        self.got: dict[int, list[tuple[int, bytes]]] = defaultdict(list)
+
+    def handler(self, me: int) -> Callable[[int, bytes], Any]:
+        async def on_frame(peer: int, data: bytes) -> None:
+            self.got[me].append((peer, data))
+
+        return on_frame
+
+
+@asynccontextmanager
+async def mesh(
+    running: Iterable[int],
+    table_ids: Iterable[int] | None = None,
+    period: int = 0,
+    inbox: Inbox | None = None,
+    options: dict[int, dict[str, Any]] | None = None,
+    addresses: dict[int, tuple[str, int]] | None = None,
+) -> AsyncIterator[dict[int, PeerNetwork]]:
+    running = list(running)
+    ids = list(table_ids) if table_ids is not None else running
+    addresses = addresses or addresses_for(ids)
+    keys = key_table(ids, period)
+    nets: dict[int, PeerNetwork] = {}
+    async with AsyncExitStack() as stack:
+        for i in running:
+            opts: dict[str, Any] = dict(FAST)
+            opts.update((options or {}).get(i, {}))
+            if inbox is not None:
+                opts["on_frame"] = inbox.handler(i)
+            net = PeerNetwork(i, addresses, period, keys, seed_of(i, period), **opts)
+            nets[i] = await stack.enter_async_context(net)
+        yield nets
+
+
+async def raw_tls(
+    port: int, me: int, period: int, seed: bytes, keys: dict[int, bytes]
+) -> tuple[trio.SSLStream[trio.SocketStream], FrameStream]:
+    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    stream = trio.SSLStream(tcp, client_context(me, period, seed, keys), server_hostname="server-1.pst")
+    await stream.do_handshake()
+    return stream, FrameStream(stream)
+
+
+async def closed_by_peer(frames: FrameStream) -> bool:
+    """True once the peer closed (EOF or a broken TLS stream), within a few seconds."""
+    with trio.fail_after(5):
+        try:
+            return await frames.receive_frame() is None
+        except (trio.BrokenResourceError, FramingError):
+            return True
+
+
+# -- framing -----------------------------------------------------------------------------------
+
+
+def test_decoder_splits_and_joins_chunks() -> None:
+    payloads = [b"", b"a", b"hello world", bytes(range(256)) * 10]
+    wire = b"".join(encode_frame(p) for p in payloads)
+    for step in (1, 3, 7, len(wire)):
+        dec = FrameDecoder()
+        out: list[bytes] = []
+        for k in range(0, len(wire), step):
+            out += dec.feed(wire[k : k + step])
+        dec.eof()
+        assert out == payloads
+        assert dec.buffered == 0
+
+
+def test_decoder_refuses_oversized_length_before_payload() -> None:
+    dec = FrameDecoder(max_frame_size=100)
+    assert dec.feed(encode_frame(b"x" * 100)) == [b"x" * 100]
+    with pytest.raises(FramingError, match="frame length 101 exceeds the limit of 100"):
+        dec.feed((101).to_bytes(4, "big"))
+    with pytest.raises(FramingError, match="exceeds"):  # the decoder stays failed
+        dec.feed(b"")
+    with pytest.raises(FramingError, match="exceeds"):
+        encode_frame(b"x" * 101, 100)
+
+
+def test_decoder_truncated_at_eof() -> None:
+    dec = FrameDecoder()
+    dec.feed(b"\x00\x00")
+    with pytest.raises(FramingError, match=r"truncated at EOF.*frame header \(2 of 4"):
+        dec.eof()
+    dec = FrameDecoder()
+    dec.feed(encode_frame(b"abcdef")[:-2])
+    with pytest.raises(FramingError, match=r"truncated at EOF.*\(4 of 6 payload bytes\)"):
+        dec.eof()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=20), st.integers(0, 64))
+def test_decoder_fuzz_only_frames_or_framing_error(chunks: list[bytes], limit: int) -> None:
+    dec = FrameDecoder(max_frame_size=limit)
+    total = 0
+    try:
+        for chunk in chunks:
+            for frame in dec.feed(chunk):
+                assert len(frame) <= limit
+                total += 4 + len(frame)
+        dec.eof()
+    except FramingError:
+        return
+    assert total == sum(len(c) for c in chunks)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=40), max_size=10), st.lists(st.integers(1, 50), min_size=1))
+def test_decoder_roundtrip_any_split(payloads: list[bytes], cuts: list[int]) -> None:
+    wire = b"".join(encode_frame(p) for p in payloads)
+    dec = FrameDecoder(max_frame_size=40)
+    out: list[bytes] = []
+    pos = 0
+    k = 0
+    while pos < len(wire):
+        step = cuts[k % len(cuts)]
+        out += dec.feed(wire[pos : pos + step])
+        pos += step
+        k += 1
+    dec.eof()
+    assert out == payloads
+
+
+def test_hello_roundtrip_and_errors() -> None:
+    hello = Hello(3, 7)
+    assert Hello.decode(hello.encode()) == hello
+    assert encoding.decode(hello.encode()) == {"v": 1, "server": 3, "period": 7}
+    with pytest.raises(HelloError, match=r"hello: malformed CBOR"):
+        Hello.decode(b"\xff\xfe garbage")
+    with pytest.raises(HelloError, match="unsupported version 2"):
+        Hello.decode(encoding.encode({"v": 2, "server": 3, "period": 7}))
+    with pytest.raises(HelloError, match="wrong fields"):
+        Hello.decode(encoding.encode({"v": 1, "server": 3}))
+    with pytest.raises(HelloError, match="invalid server"):
+        Hello.decode(encoding.encode({"v": 1, "server": 0, "period": 7}))
+    with pytest.raises(HelloError, match="exceeds"):
+        Hello.decode(b"\x00" * 1000)
+
+
+# -- certificates --------------------------------------------------------------------------------
+
+
+def test_period_certificate_fields() -> None:
+    seed = seed_of(2, 5)
+    start = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
+    cert = period_certificate(2, 5, seed, not_before=start)
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "pst-server-2"
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["server-2.pst"]
+    assert certificate_period(cert) == 5
+    assert cert.not_valid_before_utc < start < cert.not_valid_after_utc
+    public = cert.public_key()
+    assert isinstance(public, type(Ed25519PrivateKey.generate().public_key()))
+    assert public.public_bytes_raw() == public_of(seed)
+    public.verify(cert.signature, cert.tbs_certificate_bytes)  # signed with the period key itself
+    anchor = trust_anchor(2, 5, public_of(seed))
+    assert cert.issuer == anchor.subject
+    assert anchor == trust_anchor(2, 5, public_of(seed))  # deterministic
+    assert "BEGIN CERTIFICATE" in trust_anchors_pem(5, key_table([1, 2], 5))
+
+
+def test_check_peer_names_the_problem() -> None:
+    keys = key_table([1, 2, 3], 4)
+    der = period_certificate(3, 4, seed_of(3, 4)).public_bytes(encoding=_der())
+    check_peer(der, 3, 4, keys)
+    with pytest.raises(PeerCertificateError, match=r"server 2: .*it is server 3's key"):
+        check_peer(der, 2, 4, keys)
+    with pytest.raises(PeerCertificateError, match="server 9 has no key"):
+        check_peer(der, 9, 4, keys)
+    stranger = period_certificate(3, 4, seed_of(3, 4, "evil")).public_bytes(encoding=_der())
+    with pytest.raises(PeerCertificateError, match="in no entry of the table"):
+        check_peer(stranger, 3, 4, keys)
+    old = period_certificate(3, 3, seed_of(3, 4)).public_bytes(encoding=_der())
+    with pytest.raises(PeerCertificateError, match="for period 3, not period 4"):
+        check_peer(old, 3, 4, keys)
+    with pytest.raises(PeerCertificateError, match="no peer certificate"):
+        check_peer(None, 3, 4, keys)
+
+
+def _der() -> Any:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return Encoding.DER
+
+
+# -- PeerNetwork ---------------------------------------------------------------------------------
+
+
+async def test_four_peers_exchange_and_broadcast() -> None:
+    inbox = Inbox()
+    async with mesh([1, 2, 3, 4], inbox=inbox) as nets:
+        with trio.fail_after(5):
+            for net in nets.values():
+                await net.wait_connected()
+        for i, net in nets.items():
+            for j in nets:
+                if j != i:
+                    net.send(j, f"{i}->{j}".encode())
+            net.send(EVERYONE, f"all from {i}".encode())
+        expected = {
+            j: sorted(
+                [(i, f"{i}->{j}".encode()) for i in nets if i != j]
+                + [(i, f"all from {i}".encode()) for i in nets if i != j]
+            )
+            for j in nets
+        }
+        await eventually(lambda: all(len(inbox.got[j]) == len(expected[j]) for j in nets))
+        assert {j: sorted(inbox.got[j]) for j in nets} == expected
+        for i, net in nets.items():
+            for j in nets:
+                if j != i:
+                    info = net.connection_info(j)
+                    assert info is not None and info.tls_version == "TLSv1.3" and info.period == 0
+        # per-peer order is preserved
+        nets[1].send(2, b"first")
+        nets[1].send(2, b"second")
+        await eventually(lambda: inbox.got[2][-2:] == [(1, b"first"), (1, b"second")])
+
+
+async def test_incoming_channel_delivery_and_aclose() -> None:
+    addresses = addresses_for([1, 2])
+    keys = key_table([1, 2], 0)
+    async with (
+        PeerNetwork(1, addresses, 0, keys, seed_of(1, 0), **FAST) as a,
+        PeerNetwork(2, addresses, 0, keys, seed_of(2, 0), **FAST) as b,
+    ):
+        with trio.fail_after(5):
+            await a.wait_connected()
+            await b.wait_connected()
+            a.send(2, b"ping")
+            assert await b.incoming.receive() == (1, b"ping")
+            b.send(EVERYONE, b"pong")
+            assert await a.incoming.receive() == (2, b"pong")
+        await a.aclose()
+        with trio.fail_after(2):
+            async for _ in a.incoming:  # closed: iteration ends
+                pass
+        assert a.dropped(2) == 0
+        a.send(2, b"late")  # dropped, never raises nor blocks
+        assert a.dropped(2) == 1
+
+
+async def test_tls_is_1_3_only() -> None:
+    keys = key_table([1, 2, 3], 0)
+    async with mesh([1, 2], table_ids=[1, 2, 3]) as nets:
+        port = nets[1].listen_port
+        assert port is not None
+        stream, frames = await raw_tls(port, 3, 0, seed_of(3, 0), keys)
+        assert stream.version() == "TLSv1.3"
+        ssl_object = stream._ssl_object  # the stdlib SSLObject under trio's stream
+        assert ssl_object.version() == "TLSv1.3"
+        await frames.send_frame(Hello(3, 0).encode())
+        answer = await frames.receive_frame()
+        assert answer is not None and Hello.decode(answer) == Hello(1, 0)
+        await eventually(lambda: 3 in nets[1].incoming_peers())
+        await stream.aclose()
+        # a client that offers TLS 1.2 at most cannot connect
+        ctx = client_context(3, 0, seed_of(3, 0), keys)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        old = trio.SSLStream(tcp, ctx, server_hostname="server-1.pst")
+        with pytest.raises(trio.BrokenResourceError):
+            await old.do_handshake()
+        await trio.aclose_forcefully(old)
+
+
+async def test_certificate_key_not_in_table_is_rejected(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="appliance.net")
+    addresses = addresses_for([1, 2, 3, 4])
+    inbox = Inbox()
+    async with mesh([1, 2, 3], table_ids=[1, 2, 3, 4], inbox=inbox, addresses=addresses) as nets:
+        # Mallory runs at server 4's address with a key that is not server 4's table entry.
+        evil = seed_of(4, 0, "mallory")
+        mallory_keys = {**key_table([1, 2, 3], 0), 4: public_of(evil)}
+        async with PeerNetwork(4, addresses, 0, mallory_keys, evil, **FAST) as mallory:
+            with trio.fail_after(5):
+                await nets[1].wait_connected([2, 3])
+            await eventually(
+                lambda: (
+                    any(r.server == 4 and r.direction == "outgoing" for r in nets[1].rejections)
+                    and any(r.direction == "incoming" for r in nets[1].rejections)
+                )
+            )
+            out = next(r for r in nets[1].rejections if r.server == 4 and r.direction == "outgoing")
+            assert "certificate" in out.reason
+            inc = next(r for r in nets[1].rejections if r.direction == "incoming")
+            assert inc.address.startswith("127.0.0.1:") and "TLS" in inc.reason
+            assert 4 not in nets[1].connected_peers() | nets[1].incoming_peers()
+            assert nets[1].state(4) is PeerState.DOWN
+            assert mallory.connected_peers() == frozenset()
+            nets[2].send(1, b"still fine")
+            await eventually(lambda: (2, b"still fine") in inbox.got[1])
+    assert "connection to server 4 at 127.0.0.1" in caplog.text
+    assert "rejected connection from 127.0.0.1:" in caplog.text
+
+
+async def test_peer_claiming_another_id_is_rejected(caplog: pytest.LogCaptureFixture) -> None:
+    keys = key_table([1, 2, 3], 0)
+    async with mesh([1, 2], table_ids=[1, 2, 3]) as nets:
+        port = nets[1].listen_port
+        assert port is not None
+        # server 3 holds a valid key of the table but claims to be server 2
+        stream, frames = await raw_tls(port, 3, 0, seed_of(3, 0), keys)
+        await frames.send_frame(Hello(2, 0).encode())
+        assert await closed_by_peer(frames)
+        await trio.aclose_forcefully(stream)
+        # ... or claims to be server 1 itself
+        stream, frames = await raw_tls(port, 3, 0, seed_of(3, 0), keys)
+        await frames.send_frame(Hello(1, 0).encode())
+        assert await closed_by_peer(frames)
+        await trio.aclose_forcefully(stream)
+        await eventually(lambda: len(nets[1].rejections) >= 2)
+        claimed_2, claimed_1 = list(nets[1].rejections)[-2:]
+        assert claimed_2.server == 2 and "it is server 3's key" in claimed_2.reason
+        assert claimed_1.server == 1 and "claims to be us" in claimed_1.reason
+        assert nets[1].incoming_peers() == {2}  # the honest server 2 is untouched
+    assert "rejected connection from server 2 at 127.0.0.1:" in caplog.text
+
+
+async def test_garbage_before_hello_is_rejected() -> None:
+    keys = key_table([1, 2, 3], 0)
+    async with mesh([1, 2], table_ids=[1, 2, 3]) as nets:
+        port = nets[1].listen_port
+        assert port is not None
+        # garbage instead of a TLS ClientHello
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        await tcp.send_all(b"GET / HTTP/1.0\r\n\r\n" + bytes(range(256)))
+        with trio.fail_after(5):
+            while await tcp.receive_some(1024):
+                pass
+        await tcp.aclose()
+        # TLS fine, then a garbage frame instead of the hello
+        stream, frames = await raw_tls(port, 3, 0, seed_of(3, 0), keys)
+        await frames.send_frame(b"\xde\xad\xbe\xef")
+        assert await closed_by_peer(frames)
+        await trio.aclose_forcefully(stream)
+        # TLS fine, then bytes that do not even frame (a huge length) and EOF
+        stream, frames = await raw_tls(port, 3, 0, seed_of(3, 0), keys)
+        await stream.send_all(b"\xff\xff\xff\xffgarbage")
+        assert await closed_by_peer(frames)
+        await trio.aclose_forcefully(stream)
+        await eventually(lambda: len(nets[1].rejections) >= 3)
+        reasons = [r.reason for r in nets[1].rejections]
+        assert any(r.startswith("before its hello: TLS") for r in reasons), reasons
+        assert any("bad hello" in r for r in reasons), reasons
+        assert any("exceeds the limit" in r for r in reasons), reasons
+        assert 3 not in nets[1].incoming_peers()
+        assert nets[1].incoming_peers() == {2}
+
+
+async def test_oversized_frame_closes_only_that_connection() -> None:
+    inbox = Inbox()
+    async with mesh([1, 2, 3], inbox=inbox, options={1: {"max_frame_size": 1024}}) as nets:
+        with trio.fail_after(5):
+            for net in nets.values():
+                await net.wait_connected()
+        nets[2].send(1, b"x" * 2000)  # within 2's limit, beyond 1's
+        await eventually(lambda: any(r.server == 2 for r in nets[1].rejections))
+        rejection = next(r for r in nets[1].rejections if r.server == 2)
+        assert "frame length 2000 exceeds the limit of 1024" in rejection.reason
+        nets[3].send(1, b"from 3")
+        await eventually(lambda: (3, b"from 3") in inbox.got[1])
+        # server 2 reconnects and small frames flow again
+        await eventually(lambda: nets[2].state(1) is PeerState.UP and 2 in nets[1].incoming_peers())
+        nets[2].send(1, b"small again")
+        await eventually(lambda: (2, b"small again") in inbox.got[1])
+        assert (2, b"x" * 2000) not in inbox.got[1]
+
+
+async def test_rekey_closes_old_connections_and_new_ones_work() -> None:
+    inbox = Inbox()
+    ids = [1, 2, 3]
+    async with mesh(ids, table_ids=[1, 2, 3, 4], inbox=inbox) as nets:
+        with trio.fail_after(5):
+            for net in nets.values():
+                await net.wait_connected(i for i in ids if i != net.me)
+        port = nets[1].listen_port
+        assert port is not None
+        old_keys = key_table([1, 2, 3, 4], 0)
+        stream, frames = await raw_tls(port, 4, 0, seed_of(4, 0), old_keys)
+        await frames.send_frame(Hello(4, 0).encode())
+        assert await frames.receive_frame() is not None
+        await eventually(lambda: 4 in nets[1].incoming_peers())
+
+        new_keys = key_table([1, 2, 3], 1)  # server 4 left the table
+        old_contexts = [weakref.ref(net._creds.server_ctx) for net in nets.values()]
+        for i, net in nets.items():
+            net.rekey(1, new_keys, seed_of(i, 1))
+        assert await closed_by_peer(frames)  # the period-0 connection is gone
+        await trio.aclose_forcefully(stream)
+        with trio.fail_after(5):
+            for net in nets.values():
+                await net.wait_connected(i for i in ids if i != net.me)
+        for i, net in nets.items():
+            assert net.period == 1
+            assert net.state(4) is PeerState.DOWN
+            for j in ids:
+                if j != i:
+                    info = net.connection_info(j)
+                    assert info is not None and info.period == 1
+        gc.collect()
+        assert all(ref() is None for ref in old_contexts)  # period-0 private keys are released
+        nets[3].send(EVERYONE, b"period 1")
+        await eventually(lambda: (3, b"period 1") in inbox.got[1] and (3, b"period 1") in inbox.got[2])
+        # period-0 credentials no longer get in
+        with pytest.raises(trio.BrokenResourceError):
+            stream, frames = await raw_tls(port, 2, 0, seed_of(2, 0), old_keys)
+            await frames.send_frame(Hello(2, 0).encode())
+            await frames.receive_frame()
+        with pytest.raises(ValueError, match="already in period 1"):
+            nets[1].rekey(1, new_keys, seed_of(1, 1))
+        with pytest.raises(ValueError, match="not our entry"):
+            nets[1].rekey(2, new_keys, seed_of(1, 2))
+
+
+async def test_send_never_blocks_and_drops_with_reason(caplog: pytest.LogCaptureFixture) -> None:
+    # server 3's address accepts TCP but never speaks TLS: 1's connection to it stays
+    # CONNECTING, so frames queue up to the bound and the rest are dropped.
+    silent = trio.socket.socket()
+    await silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    addresses = addresses_for([1, 2])
+    addresses[3] = ("127.0.0.1", silent.getsockname()[1])
+    async with mesh([1], table_ids=[1, 2, 3], addresses=addresses, options={1: {"queue_size": 2}}) as nets:
+        net = nets[1]
+        assert net.state(3) is PeerState.CONNECTING
+        for _ in range(5):
+            net.send(3, b"x")
+        assert net.dropped(3) == 3
+        assert "dropped a frame to server 3: its send queue is full (2 frames)" in caplog.text
+        # server 2 has no listener at all: after the first failed attempt frames are dropped
+        await eventually(lambda: net.state(2) is PeerState.DOWN)
+        net.send(2, b"y")
+        assert net.dropped(2) == 1
+        assert "dropped a frame to server 2: unreachable" in caplog.text
+        with pytest.raises(ValueError, match="exceeds the limit"):
+            net.send(2, b"z" * (net.max_frame_size + 1))
+        with pytest.raises(ValueError, match="unknown server 9"):
+            net.send(9, b"z")
+    silent.close()
