@@ -363,6 +363,11 @@ class PeriodRefresh:
             self._receive(sender, data, now)
         except RemoteProtocolError as exc:
             self.rejected.append(exc)
+        except (DecodeError, CryptoError, KeyError, TypeError, ValueError, IndexError) as exc:
+            # A signed message whose body is malformed: the sender's fault, never our crash.
+            self.rejected.append(
+                RemoteProtocolError(sender, f"malformed message: {type(exc).__name__}: {exc}")
+            )
 
     def _receive(self, sender: int, data: bytes, now: float) -> None:
         if self.outcome is not None:
