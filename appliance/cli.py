@@ -182,6 +182,105 @@ def _cmd_pubkey(args: argparse.Namespace) -> int:
     return 1
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from appliance.node.run import serve
+
+    return serve(Path(args.config))
+
+
+def _pid(node: Path) -> int | None:
+    try:
+        return int((node / "server.pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _start_node(node: Path) -> int:
+    import subprocess
+
+    log = open(node / "server.log", "ab")  # noqa: SIM115 - handed to the child process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance.cli", "serve", "--config", str(node / "config.toml")],
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    (node / "server.pid").write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def _stop_nodes(nodes: list[Path], timeout: float = 10.0) -> None:
+    import signal
+    import time
+
+    pids = {node: _pid(node) for node in nodes}
+    for pid in pids.values():
+        if _alive(pid):
+            os.kill(pid, signal.SIGTERM)  # type: ignore[arg-type]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p) for p in pids.values()):
+        _reap()
+        time.sleep(0.1)
+    for node, pid in pids.items():
+        if _alive(pid):
+            print(f"server in {node} did not stop in {timeout:g} s: killing it", file=sys.stderr)
+            os.kill(pid, signal.SIGKILL)  # type: ignore[arg-type]
+        (node / "server.pid").unlink(missing_ok=True)
+    _reap()
+
+
+def _reap() -> None:
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def _cmd_cluster_up(args: argparse.Namespace) -> int:
+    import time
+
+    root = Path(args.dir)
+    nodes = _cluster_nodes(root)
+    for node in nodes:
+        if _alive(_pid(node)):
+            print(f"{node.name}: already running (pid {_pid(node)})")
+            continue
+        print(f"{node.name}: starting (log: {node / 'server.log'})", flush=True)
+        _start_node(node)
+    time.sleep(1.0)
+    dead = [n.name for n in nodes if not _alive(_pid(n))]
+    if dead:
+        print(f"pst cluster up: {', '.join(dead)} exited at once; see their server.log", file=sys.stderr)
+        _stop_nodes(nodes)
+        return 1
+    print(f"{len(nodes)} servers running. `pst status --dir {root}` shows them;")
+    print(f"`pst cluster down --dir {root}` stops them.")
+    if args.detach:
+        return 0
+    print("Ctrl-C stops the cluster.")
+    try:
+        while True:
+            time.sleep(5.0)
+            _reap()
+            for node in nodes:
+                if not _alive(_pid(node)):
+                    print(f"{node.name} exited; restarting it", flush=True)
+                    _start_node(node)
+    except KeyboardInterrupt:
+        print("\nstopping the cluster ...")
+        _stop_nodes(nodes)
+    return 0
+
+
+def _cmd_cluster_down(args: argparse.Namespace) -> int:
+    nodes = _cluster_nodes(Path(args.dir))
+    _stop_nodes(nodes)
+    print(f"{len(nodes)} servers stopped")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pst",
@@ -218,6 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--base-port", type=int, default=7100, help="server i listens on base+i (default 7100)"
     )
     cinit.set_defaults(func=_cmd_cluster_init)
+    cup = csub.add_parser("up", help="start every server of the cluster (one process each)")
+    cup.add_argument("--dir", required=True)
+    cup.add_argument("--detach", action="store_true", help="return once the servers are running")
+    cup.set_defaults(func=_cmd_cluster_up)
+    cdown = csub.add_parser("down", help="stop every server of the cluster")
+    cdown.add_argument("--dir", required=True)
+    cdown.set_defaults(func=_cmd_cluster_down)
+    serve = sub.add_parser(
+        "serve", help="run one PServer in the foreground (what systemd and cluster up run)"
+    )
+    serve.add_argument("--config", required=True, help="the server's TOML config")
+    serve.set_defaults(func=_cmd_serve)
 
     status = sub.add_parser("status", help="per server: period, status, last refresh, alerts, KeyTable")
     status.add_argument("--dir", required=True)

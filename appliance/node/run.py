@@ -1,0 +1,91 @@
+"""Running one PServer process (``pst serve``) with the real TLS transport."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import trio
+
+from appliance.net import PeerNetwork
+from appliance.node import config as node_config
+from appliance.node.config import NodeConfig
+from appliance.node.server import Deliver, PServer, Transport, period_keys
+from appliance.node.store import StateDir
+from appliance.protocols.state import ConfigError
+
+log = logging.getLogger("pst.server")
+
+
+class NetTransport:
+    """Adapts :class:`~appliance.net.PeerNetwork` to what the PServer needs."""
+
+    def __init__(self, net: PeerNetwork) -> None:
+        self.net = net
+
+    def send(self, to: int, data: bytes) -> None:
+        try:
+            self.net.send(to, data)
+        except ValueError as exc:  # e.g. a message larger than a frame: our bug, never the peer's
+            log.error("could not send to %d: %s", to, exc)
+
+    async def rekey(self, period: int, keys: Mapping[int, bytes], seed: bytes) -> None:
+        try:
+            self.net.rekey(period, keys, seed)
+        except ValueError as exc:
+            log.warning("channels not re-keyed for period %d: %s", period, exc)
+
+
+async def net_transport(
+    config: NodeConfig, server: PServer, nursery: trio.Nursery, deliver: Deliver
+) -> Transport:
+    loaded = StateDir(config.state_dir).load()
+    table = loaded.public.key_table
+    if table is None or loaded.private is None:
+        raise SystemExit(
+            f"server {config.server_id}: no KeyTable or period key in {config.state_dir}; "
+            "a server without keys cannot open authenticated channels yet (recovery over the network "
+            "comes with the next step of the network issue)"
+        )
+
+    async def on_frame(peer: int, data: bytes) -> None:
+        deliver(peer, data)
+
+    net = PeerNetwork(
+        config.server_id,
+        config.peers,
+        table.period,
+        period_keys(loaded.public),
+        loaded.private.signing_seed,
+        on_frame=on_frame,
+    )
+    await nursery.start(net.run)
+    return NetTransport(net)
+
+
+async def _serve(config: NodeConfig) -> None:
+    server = PServer(config, net_transport)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("server %d: %s received, stopping", config.server_id, signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def serve(path: Path) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("pst.net").setLevel(logging.WARNING)
+    try:
+        config = node_config.load(path)
+    except ConfigError as exc:
+        print(f"pst serve: {exc}", file=sys.stderr)
+        return 2
+    trio.run(_serve, config)
+    return 0
