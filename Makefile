@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEB_PACKAGES := openssl
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck pytest bench deps venv clean
+.PHONY: test demo demo-crypto lint typecheck pytest bench deps venv clean
 
 test: deps lint typecheck pytest
 
@@ -40,6 +40,9 @@ pytest: venv
 
 demo: deps
 	$(BIN)/pst demo
+
+demo-crypto: deps
+	$(BIN)/pst demo --crypto
 
 bench: venv
 	$(BIN)/python bench/crypto.py

@@ -1,0 +1,99 @@
+"""A real cluster: one `pst serve` process per server, TLS 1.3 on loopback, refreshing on the clock."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.node.store import StateDir
+from appliance.protocols.state import SCERT
+
+PST = [sys.executable, "-m", "appliance.cli"]
+
+
+def free_base_port(n: int) -> int:
+    for base in range(20000, 60000, 97):
+        ok = True
+        for i in range(1, n + 1):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", base + i))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free ports")
+
+
+def pst(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PST, *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
+    root = tmp_path / "c"
+    base = free_base_port(5)
+    init = pst(
+        "cluster",
+        "init",
+        "--nodes",
+        "5",
+        "--threshold",
+        "1",
+        "--dir",
+        str(root),
+        "--period",
+        "3",
+        "--round-ms",
+        "50",
+        "--base-port",
+        str(base),
+    )
+    assert init.returncode == 0, init.stderr
+    up = pst("cluster", "up", "--dir", str(root), "--detach")
+    assert up.returncode == 0, up.stdout + up.stderr
+    yield root
+    pst("cluster", "down", "--dir", str(root))
+
+
+def status(root: Path) -> list[dict[str, object]]:
+    out = pst("status", "--dir", str(root), "--json")
+    assert out.returncode == 0, out.stderr
+    rows: list[dict[str, object]] = json.loads(out.stdout)
+    return rows
+
+
+def test_five_processes_refresh_and_keep_the_group_key(cluster: Path) -> None:
+    vcert = StateDir(cluster / "node-1" / "state").load().public.sharings[SCERT].public_key
+    first = None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        rows = status(cluster)
+        periods = [r.get("period") for r in rows]
+        if all(isinstance(p, int) for p in periods):
+            first = first if first is not None else min(periods)  # type: ignore[type-var]
+            if min(periods) >= first + 2:  # type: ignore[operator]
+                break
+        time.sleep(0.5)
+    rows = status(cluster)
+    assert all(r["running"] for r in rows), rows
+    assert all(r["status"] == "operational" for r in rows), rows
+    assert len({r["keytable_fingerprint"] for r in rows}) == 1
+    assert {r["group_public_key"] for r in rows} == {vcert.hex()}
+    assert all(r["alerts"] == 0 for r in rows)
+    log = (cluster / "node-1" / "server.log").read_text()
+    assert "TLSv1.3" in log and "operational" in log
+    pem = pst("pubkey", "--dir", str(cluster), "--pem")
+    assert pem.stdout.startswith("-----BEGIN PUBLIC KEY-----")
+
+
+def test_status_before_start_and_bad_dir_are_clear(tmp_path: Path) -> None:
+    out = pst("status", "--dir", str(tmp_path))
+    assert out.returncode != 0 and "holds no cluster" in out.stderr
