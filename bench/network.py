@@ -1,0 +1,147 @@
+"""Network benchmark: wall time of a full refresh on loopback, one process per server. Prints JSON.
+
+For each n: a local cluster (t the largest the network allows, n >= 2t+1) refreshes once
+normally; then one server is stopped, its shares are wiped (its period key is kept, so
+its channels still authenticate), it is restarted, and the next refresh recovers it.
+The refresh time is what the servers measure themselves (status.json, last_refresh).
+Usage: .venv/bin/python bench/network.py [--sizes 4 5 7 10 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from appliance.crypto import encoding
+from appliance.node.store import atomic_write
+
+PST = [sys.executable, "-m", "appliance.cli"]
+ROUND_MS = {4: 50, 5: 50, 7: 60, 10: 90, 16: 150}
+
+
+def pst(*args: str) -> str:
+    out = subprocess.run([*PST, *args], capture_output=True, text=True, timeout=120, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"pst {' '.join(args)}: {out.stdout}{out.stderr}")
+    return out.stdout
+
+
+def statuses(root: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = json.loads(pst("status", "--dir", str(root), "--json"))
+    return rows
+
+
+def wait_period(root: Path, period: int, timeout: float) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = statuses(root)
+        if all((r.get("last_refresh") or {}).get("period", -1) >= period for r in rows):
+            return rows
+        time.sleep(0.3)
+    raise RuntimeError(f"period {period} not reached in {timeout} s: {statuses(root)}")
+
+
+def wipe_shares(node: Path) -> None:
+    path = node / "state" / "private" / "period.cbor"
+    obj = encoding.decode(path.read_bytes())
+    obj["shares"] = {}
+    atomic_write(path, encoding.encode(obj), private=True)
+
+
+def bench(n: int, base_port: int) -> dict[str, Any]:
+    t = (n - 1) // 2
+    round_ms = ROUND_MS.get(n, 100)
+    rounds = 1 + (t + 2) + 2 * (2 * t + 1) + 1 + 3 * (t + 1) + 1
+    period = max(4.0, rounds * round_ms / 1000 * 1.5 + 2)
+    root = Path(tempfile.mkdtemp(prefix=f"pst-bench-{n}-"))
+    shutil.rmtree(root)
+    pst(
+        "cluster",
+        "init",
+        "--nodes",
+        str(n),
+        "--threshold",
+        str(t),
+        "--dir",
+        str(root),
+        "--period",
+        f"{period:g}",
+        "--round-ms",
+        str(round_ms),
+        "--base-port",
+        str(base_port),
+    )
+    try:
+        pst("cluster", "up", "--dir", str(root), "--detach")
+        first = statuses(root)
+        p0 = max(r.get("period") or 0 for r in first)
+        rows = wait_period(root, p0 + 1, period * 3)
+        normal = max(r["last_refresh"]["duration_s"] for r in rows)
+        victim = root / f"node-{n}"
+        pid = int((victim / "server.pid").read_text())
+        os.kill(pid, 15)
+        time.sleep(1.0)
+        wipe_shares(victim)
+        with open(victim / "server.log", "ab") as log:
+            proc = subprocess.Popen(
+                [*PST, "serve", "--config", str(victim / "config.toml")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        (victim / "server.pid").write_text(f"{proc.pid}\n")
+        time.sleep(1.0)
+        p1 = max(r["last_refresh"]["period"] for r in rows)
+        rows = wait_period(root, p1 + 1, period * 3)
+        recovered = next(r for r in rows if r["server"] == n)
+        with_recovery = max(r["last_refresh"]["duration_s"] for r in rows)
+        return {
+            "n": n,
+            "t": t,
+            "round_ms": round_ms,
+            "schedule_rounds": rounds,
+            "refresh_s": normal,
+            "refresh_with_recovery_s": with_recovery,
+            "recovered_server_status": recovered["status"],
+            "all_operational": all(r["status"] == "operational" for r in rows),
+            "one_keytable": len({r["keytable_fingerprint"] for r in rows}) == 1,
+        }
+    finally:
+        subprocess.run([*PST, "cluster", "down", "--dir", str(root)], capture_output=True, check=False)
+        subprocess.run(["pkill", "-f", f"{root}/node-"], check=False)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[4, 5, 7, 10, 16])
+    parser.add_argument("--base-port", type=int, default=27100)
+    args = parser.parse_args()
+    results = []
+    for k, n in enumerate(args.sizes):
+        print(f"n={n} ...", file=sys.stderr, flush=True)
+        results.append(bench(n, args.base_port + 100 * k))
+    report = {
+        "benchmark": "network",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+        },
+        "results": results,
+        "not_measured": "group-key signing latency and throughput through the local API (not built yet)",
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
