@@ -18,11 +18,17 @@ from appliance.protocols.state import SCERT
 
 
 class Hub:
-    def __init__(self) -> None:
+    """Delivers at once; holds messages for servers that are not up yet (like a peer's send queue)."""
+
+    def __init__(self, n: int = 0) -> None:
         self.inboxes: dict[int, object] = {}
+        self.held: dict[int, list[tuple[int, bytes]]] = {}
+        self.ids = set(range(1, n + 1))
 
     def transport(self, me: int, deliver: object) -> HubTransport:
         self.inboxes[me] = deliver
+        for sender, data in self.held.pop(me, []):
+            deliver(sender, data)  # type: ignore[operator]
         return HubTransport(self, me)
 
 
@@ -32,9 +38,13 @@ class HubTransport:
         self.rekeys: list[int] = []
 
     def send(self, to: int, data: bytes) -> None:
-        targets = [j for j in self.hub.inboxes if j != self.me] if to == 0 else [to]
+        everyone = self.hub.ids | set(self.hub.inboxes)
+        targets = [j for j in everyone if j != self.me] if to == 0 else [to]
         for j in targets:
-            self.hub.inboxes[j](self.me, data)  # type: ignore[operator]
+            if j in self.hub.inboxes:
+                self.hub.inboxes[j](self.me, data)  # type: ignore[operator]
+            else:
+                self.hub.held.setdefault(j, []).append((self.me, data))
 
     async def rekey(self, period: int, keys: Mapping[int, bytes], seed: bytes) -> None:
         self.rekeys.append(period)
@@ -43,7 +53,7 @@ class HubTransport:
 async def test_servers_refresh_on_the_clock_and_persist_each_period(tmp_path: Path) -> None:
     root = tmp_path / "cluster"
     init_cluster(root, n=4, t=1, period_seconds=1.5, round_ms=30, progress=lambda _: None)
-    hub = Hub()
+    hub = Hub(4)
     transports: dict[int, HubTransport] = {}
 
     def factory_for(i: int):  # type: ignore[no-untyped-def]
@@ -72,3 +82,49 @@ async def test_servers_refresh_on_the_clock_and_persist_each_period(tmp_path: Pa
         assert loaded.problems == []
         assert loaded.public.sharings[SCERT].public_key == vcert
         assert loaded.private is not None and loaded.private.period == status["period"]
+
+
+async def test_group_key_signatures_on_request_verify_with_cryptography(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from appliance.crypto import encoding
+    from appliance.protocols.signing import SigningRefused
+
+    root = tmp_path / "cluster"
+    init_cluster(root, n=5, t=2, period_seconds=60, round_ms=30, progress=lambda _: None)
+    hub = Hub(5)
+
+    def factory_for(i: int):  # type: ignore[no-untyped-def]
+        async def factory(config, server, nursery, deliver):  # type: ignore[no-untyped-def]
+            return hub.transport(i, deliver)
+
+        return factory
+
+    configs = {i: node_config.load(node_dir(root, i) / "config.toml") for i in range(1, 6)}
+    vcert = StateDir(configs[1].state_dir).load().public.sharings[SCERT].public_key
+    servers = {i: PServer(configs[i], factory_for(i)) for i in configs}
+    async with trio.open_nursery() as nursery:
+        for s in servers.values():
+            await nursery.start(s.run)
+        await trio.sleep(0.2)  # nonce batches go out
+        for i, message in [(1, b"hello"), (3, b"x" * 1000), (5, b"")]:
+            sig = await servers[i].sign(message)
+            Ed25519PublicKey.from_public_bytes(vcert).verify(sig, message)
+        with trio.fail_after(10):
+            sigs = []
+
+            async def one(k: int) -> None:
+                sigs.append(await servers[1 + k % 5].sign(f"m{k}".encode()))
+
+            async with trio.open_nursery() as inner:
+                for k in range(40):
+                    inner.start_soon(one, k)
+        assert len(sigs) == 40
+        protocol_payload = encoding.signing_payload("KeyTable", 1, "pst/refresh/keytable", 9, {})
+        try:
+            await servers[2].sign(protocol_payload)
+        except SigningRefused as exc:
+            assert "protocol payload" in str(exc)
+        else:
+            raise AssertionError("signed a protocol payload on request")
+        nursery.cancel_scope.cancel()

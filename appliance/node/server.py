@@ -31,6 +31,7 @@ from appliance.node.config import NodeConfig
 from appliance.node.store import StateDir, atomic_write
 from appliance.protocols.core import ServerCore
 from appliance.protocols.refresh import Outcome, PublicData, Status
+from appliance.protocols.signing import SigningRefused, SigningService
 from appliance.protocols.state import SCERT
 
 log = logging.getLogger("pst.server")
@@ -73,6 +74,8 @@ class PServer:
         self.last_refresh: dict[str, Any] = {}
         self._refresh_started: dict[int, float] = {}
         self._pending_rekey: tuple[int, dict[int, bytes], bytes] | None = None
+        self._waiting: dict[tuple[int, int], tuple[trio.Event, SigningService]] = {}
+        self._poke: Callable[[], None] = lambda: None
 
     # Startup ------------------------------------------------------------------------------
 
@@ -95,6 +98,7 @@ class PServer:
             self.rand,
             first_period=first,
             on_outcome=self._persist,
+            signing=True,
         )
 
     def _persist(self, period: int, outcome: Outcome) -> None:
@@ -154,7 +158,9 @@ class PServer:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         core = self.core = self._load()
+        core.start_signing()
         send, receive = trio.open_memory_channel[tuple[int, bytes]](10_000)
+        self._poke = lambda: deliver(0, b"")
 
         def deliver(sender: int, data: bytes) -> None:
             try:
@@ -180,13 +186,42 @@ class PServer:
                 timeout = max(0.0, (wake if wake is not None else now + 1.0) - self.clock())
                 with trio.move_on_after(timeout):
                     sender, data = await receive.receive()
-                    core.receive(sender, data, self.clock())
+                    if sender:
+                        core.receive(sender, data, self.clock())
                     while True:  # take whatever else is already waiting
                         try:
                             sender, data = receive.receive_nowait()
                         except trio.WouldBlock:
                             break
-                        core.receive(sender, data, self.clock())
+                        if sender:
+                            core.receive(sender, data, self.clock())
+                self._settle_signatures()
+
+    async def sign(self, message: bytes, *, timeout: float = 10.0) -> bytes:
+        """A group-key (Vcert) Ed25519 signature on ``message``, made with t other servers."""
+        core = self.core
+        if core is None or core.signing is None:
+            raise SigningRefused("this server is not operational: it holds no share of the group key now")
+        service = core.signing
+        rid = service.request(message, self.clock())
+        done = trio.Event()
+        key = (id(service), rid)
+        self._waiting[key] = (done, service)
+        self._poke()
+        try:
+            with trio.fail_after(timeout):
+                await done.wait()
+        finally:
+            self._waiting.pop(key, None)
+        if rid in service.done:
+            return service.done.pop(rid)
+        raise SigningRefused(service.failed.pop(rid, "the signing service was replaced by a refresh; retry"))
+
+    def _settle_signatures(self) -> None:
+        core = self.core
+        for (_sid, rid), (event, service) in self._waiting.items():
+            if rid in service.done or rid in service.failed or core is None or core.signing is not service:
+                event.set()
 
     def _note_start(self, core: ServerCore, now: float) -> None:
         engine = core.engine

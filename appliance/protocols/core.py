@@ -12,10 +12,17 @@ from collections.abc import Callable
 from typing import Any
 
 import cbor2
+from nacl.signing import SigningKey
 
-from appliance.protocols._core import Outgoing
+from appliance.crypto import encoding
+from appliance.crypto.errors import DecodeError
+from appliance.crypto.groups import ED25519
+from appliance.crypto.keyshare import KeyShare
+from appliance.crypto.secret import SecretScalar
+from appliance.protocols._core import Outgoing, Signer
 from appliance.protocols.refresh import Outcome, PeriodRefresh, PrivateData, PublicData, Status
-from appliance.protocols.state import Constants
+from appliance.protocols.signing import SERVICE, SigningService
+from appliance.protocols.state import SCERT, Constants
 
 
 class ServerCore:
@@ -32,12 +39,15 @@ class ServerCore:
         *,
         first_period: int = 1,
         on_outcome: Callable[[int, Outcome], None] | None = None,
+        signing: bool = False,
     ) -> None:
         self.me = me
         self.vstart = vstart
         self.public: PublicData = public
         self.private: PrivateData | None = private
         self.on_outcome = on_outcome
+        self.signing: SigningService | None = None
+        self.signing_enabled = signing
         self.clock = clock
         self.rand = rand
         self.engine: PeriodRefresh | None = None
@@ -68,7 +78,36 @@ class ServerCore:
             elif p > period:
                 self._early.append((sender, data, at, p))
 
+    def start_signing(self) -> None:
+        """Open the signing service for the data we hold, if it is a valid operational state."""
+        if self.signing is not None:
+            self.signing.wipe()
+            self.signing = None
+        public, private = self.public, self.private
+        table = public.key_table
+        sharing = public.sharings.get(SCERT)
+        if table is None or private is None or sharing is None or private.period != table.period:
+            return
+        share = private.shares.get(SCERT)
+        if share is None or share.wiped:
+            return
+        key = KeyShare(self.me, SecretScalar(share.value, ED25519.order), sharing)
+        entry = table.entries.get(self.me)
+        signer = Signer(SigningKey(private.signing_seed))
+        if entry is None or entry.verify_key != signer.public or not key.check(ED25519):
+            return
+        self.signing = SigningService(
+            me=self.me, t=self.clock.t, table=table, key=key, signer=signer, rand=self.rand
+        )
+        self.signing.start()
+
     def tick(self, now: float) -> list[Outgoing]:
+        out = self._tick_refresh(now)
+        if self.signing is not None:
+            out += self.signing.tick(now)
+        return out
+
+    def _tick_refresh(self, now: float) -> list[Outgoing]:
         period = self.clock.period_at(now)
         if period >= self.next_period and (self.engine is None or self.engine.outcome is not None):
             self._start(period, now)
@@ -80,6 +119,8 @@ class ServerCore:
         return out
 
     def next_wakeup(self, now: float) -> float | None:
+        if self.signing is not None and self.signing.pending:
+            return now + 0.05
         if self.engine is not None and self.engine.outcome is None:
             wake = self.engine.next_wakeup(now)
             if wake is not None:
@@ -96,9 +137,24 @@ class ServerCore:
         self.public, self.private = outcome.public, outcome.private
         if old is not None and old is not outcome.private:
             old.wipe()
+        if outcome.status == Status.OPERATIONAL and self.signing_enabled:
+            self.start_signing()
+        elif self.signing is not None:
+            self.signing.wipe()
+            self.signing = None
 
     def receive(self, sender: int, data: bytes, now: float) -> None:
-        period = _period_of(data)
+        try:
+            raw: Any = cbor2.loads(data)
+        except Exception:
+            raw = None
+        if isinstance(raw, dict) and raw.get("svc") == SERVICE:
+            obj = _strict(data)
+            if self.signing is not None and isinstance(obj, dict):
+                self.signing.receive(sender, obj, now)
+            return
+        period = raw.get("period") if isinstance(raw, dict) else None
+        period = period if isinstance(period, int) and not isinstance(period, bool) else None
         if period is None:
             self.rejected.append(f"server {sender}: undecodable message")
             return
@@ -108,11 +164,9 @@ class ServerCore:
             self._early.append((sender, data, now, period))
 
 
-def _period_of(data: bytes) -> int | None:
-    """Peek at a message's period to route it (the engine validates the message fully)."""
+def _strict(data: bytes) -> Any:
+    """A message decoded strictly, or None (only routing looks at it before the protocols do)."""
     try:
-        obj: Any = cbor2.loads(data)
-    except Exception:
+        return encoding.decode(data, what="message")
+    except DecodeError:
         return None
-    period = obj.get("period") if isinstance(obj, dict) else None
-    return period if isinstance(period, int) and not isinstance(period, bool) else None

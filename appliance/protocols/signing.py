@@ -1,0 +1,329 @@
+"""Group-key signing on request: FROST with preprocessed nonces, one round trip (sans-IO).
+
+Theory of operation
+-------------------
+Within a period every operational server can *coordinate* a signature. Nonces are
+preprocessed: each server j sends every coordinator c a batch of FROST nonce
+commitments reserved for c alone (so two coordinators can never consume the same
+nonce of j), and keeps the secret nonces. To sign, coordinator c picks t+1 signers
+(itself first, then the servers that answered it most recently), takes the next
+unused commitment of each from the batches they gave it, and sends each signer one
+request naming the commitment list and the message. A signer checks that the
+commitment it is asked to use is one it reserved for c and has not used, uses it
+once, and answers with its signature share. c aggregates and verifies the
+signature (RFC 9591 identifiable abort: a bad share names its signer, who is then
+avoided); a signer that does not answer in time is avoided too, and the request is
+retried with another signer set. When a coordinator's stock of a signer's nonces
+runs low it asks for a new batch.
+
+What a signer signs: any message *except* one that decodes as a protocol payload of
+this appliance (a canonical CBOR map carrying our signing domain): those are signed
+only by the protocols themselves (KeyTable, M), never on request. Requests and shares
+travel in envelopes signed with the period keys of the KeyTable.
+
+The service belongs to one period: at each refresh the node replaces it with a new one
+holding the new share; requests in flight across the switch fail and are retried.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.crypto import encoding, frost
+from appliance.crypto.errors import CheatingError, CryptoError, DecodeError
+from appliance.crypto.groups import ED25519
+from appliance.crypto.keyshare import KeyShare
+from appliance.protocols._core import Alert, AlertKind, Outgoing, RemoteProtocolError, Signer, ed25519_verify
+from appliance.protocols.state import KeyTable
+
+CONTEXT = "pst/signing"
+SERVICE = "sign"
+BATCH = 64
+LOW_WATER = 16
+REQUEST_TIMEOUT = 2.0
+MAX_MESSAGE = 64 * 1024
+MAX_ATTEMPTS = 4
+
+
+class SigningRefused(Exception):
+    """The request cannot be signed (e.g. it is a protocol payload, or no signers are available)."""
+
+
+def is_protocol_payload(message: bytes) -> bool:
+    """True if ``message`` could be one of our own signed protocol objects."""
+    try:
+        obj = encoding.decode(message, what="message")
+    except DecodeError:
+        return False
+    return isinstance(obj, dict) and obj.get("dom") == encoding.SIGNING_DOMAIN
+
+
+@dataclass
+class _Request:
+    rid: int
+    message: bytes
+    started: float
+    attempt: int = 0
+    signers: tuple[int, ...] = ()
+    commitments: dict[int, bytes] = field(default_factory=dict)
+    shares: dict[int, frost.SignatureShare] = field(default_factory=dict)
+    deadline: float = 0.0
+
+
+class SigningService:
+    """Server ``me``'s signing service for one period."""
+
+    def __init__(
+        self,
+        *,
+        me: int,
+        t: int,
+        table: KeyTable,
+        key: KeyShare[bytes],
+        signer: Signer,
+        rand: Callable[[int], bytes],
+    ) -> None:
+        self.me, self.t, self.period = me, t, table.period
+        self.table = table
+        self.key = key
+        self.signer = signer
+        self.rand = rand
+        self.peers = sorted(i for i in table.entries if i != me)
+        self.package = frost.KeyPackage(me, key.share.value, key.public_key, t + 1)
+        self.public = frost.PublicKeyPackage(
+            key.public_key, {i: key.public.verification_share(ED25519, i) for i in table.entries}, t + 1
+        )
+        #: Our secret nonces, reserved per coordinator: coordinator -> commitment bytes -> nonces.
+        self._reserved: dict[int, dict[bytes, frost.SigningNonces]] = {}
+        #: Commitments other signers reserved for us: signer -> queue of commitment bytes.
+        self._stock: dict[int, deque[bytes]] = {i: deque() for i in self.peers}
+        self._asked_more: dict[int, float] = {}
+        self._own: deque[frost.SigningNonces] = deque()
+        self._requests: dict[int, _Request] = {}
+        self._next_rid = 1
+        self._avoid: dict[int, float] = {}
+        self.done: dict[int, bytes] = {}
+        self.failed: dict[int, str] = {}
+        self.alerts: list[Alert] = []
+        self.rejected: list[RemoteProtocolError] = []
+        self._out: list[Outgoing] = []
+
+    # Envelopes -------------------------------------------------------------------------
+
+    def _envelope(self, kind: str, body: Any) -> bytes:
+        payload = encoding.signing_payload(kind, 1, CONTEXT, self.period, {"from": self.me, "body": body})
+        return encoding.encode(
+            {
+                "svc": SERVICE,
+                "kind": kind,
+                "period": self.period,
+                "from": self.me,
+                "body": body,
+                "sig": self.signer.sign(payload),
+            }
+        )
+
+    def _send(self, to: int, kind: str, body: Any) -> None:
+        self._out.append(Outgoing(to, self._envelope(kind, body)))
+
+    def drain(self) -> list[Outgoing]:
+        out, self._out = self._out, []
+        return out
+
+    # Preprocessing ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Give every coordinator a first batch of our nonces."""
+        for c in self.peers:
+            self._give_batch(c)
+
+    def _give_batch(self, coordinator: int) -> None:
+        reserved = self._reserved.setdefault(coordinator, {})
+        if len(reserved) > 4 * BATCH:
+            return  # it still holds plenty: refuse to hoard secrets for it
+        batch = []
+        for _ in range(BATCH):
+            nonces = frost.commit(self.package, self.rand(64))
+            data = nonces.commitment.to_bytes()
+            reserved[data] = nonces
+            batch.append(data)
+        self._send(coordinator, "nonces", batch)
+
+    def _own_nonces(self) -> frost.SigningNonces:
+        if not self._own:
+            self._own.extend(frost.commit(self.package, self.rand(64)) for _ in range(BATCH))
+        return self._own.popleft()
+
+    # Coordinating -------------------------------------------------------------------------------
+
+    def request(self, message: bytes, now: float) -> int:
+        """Start signing ``message``; the result appears in ``done`` or ``failed`` under the returned id."""
+        if len(message) > MAX_MESSAGE:
+            raise SigningRefused(f"message of {len(message)} bytes is larger than {MAX_MESSAGE}")
+        if is_protocol_payload(message):
+            raise SigningRefused("refusing to sign a protocol payload on request")
+        rid = self._next_rid
+        self._next_rid += 1
+        self._requests[rid] = _Request(rid, message, now)
+        self._attempt(self._requests[rid], now)
+        return rid
+
+    def _attempt(self, req: _Request, now: float) -> None:
+        req.attempt += 1
+        if req.attempt > MAX_ATTEMPTS:
+            self._fail(req, "no set of t+1 signers answered correctly")
+            return
+        usable = [i for i in self.peers if self._stock[i] and self._avoid.get(i, 0.0) <= now]
+        usable.sort(key=lambda i: (-len(self._stock[i]), i))
+        if len(usable) < self.t:
+            self._fail(req, f"only {len(usable)} other signers have nonces for us, need {self.t}")
+            return
+        chosen = sorted(usable[: self.t])
+        own = self._own_nonces()
+        req.signers = tuple(sorted([self.me, *chosen]))
+        req.commitments = {self.me: own.commitment.to_bytes()}
+        for i in chosen:
+            req.commitments[i] = self._stock[i].popleft()
+            if len(self._stock[i]) < LOW_WATER and self._asked_more.get(i, -1.0) + 1.0 < now:
+                self._asked_more[i] = now
+                self._send(i, "more", {})
+        req.shares = {}
+        req.deadline = now + REQUEST_TIMEOUT
+        body = {
+            "rid": req.rid,
+            "attempt": req.attempt,
+            "message": req.message,
+            "commitments": {i: c for i, c in req.commitments.items()},
+        }
+        for i in chosen:
+            self._send(i, "request", body)
+        try:
+            commitment_list = [frost.SigningCommitment.from_bytes(req.commitments[i]) for i in req.signers]
+            share = frost.sign(self.package, own, req.message, commitment_list)
+        except CryptoError as exc:
+            bad = getattr(exc, "party", None)
+            if isinstance(bad, int):
+                self._avoid[bad] = now + 60.0
+            self._attempt(req, now)
+            return
+        req.shares[self.me] = share
+
+    def _fail(self, req: _Request, why: str) -> None:
+        self.failed[req.rid] = why
+        self._requests.pop(req.rid, None)
+
+    def _on_share(self, sender: int, body: Any, now: float) -> None:
+        f = encoding.expect_map(body, {"rid": int, "attempt": int, "share": bytes}, "signature share")
+        req = self._requests.get(f["rid"])
+        if req is None or req.attempt != f["attempt"] or sender not in req.signers:
+            return  # late or for a finished request
+        share = frost.SignatureShare.from_bytes(f["share"])
+        if share.identifier != sender:
+            raise RemoteProtocolError(sender, "signature share under another signer's id")
+        req.shares[sender] = share
+        if len(req.shares) == len(req.signers):
+            self._complete(req, now)
+
+    def _complete(self, req: _Request, now: float) -> None:
+        commitment_list = [frost.SigningCommitment.from_bytes(req.commitments[i]) for i in req.signers]
+        try:
+            sig = frost.aggregate_and_identify(
+                self.public, commitment_list, req.message, list(req.shares.values())
+            )
+        except CheatingError as exc:
+            self._avoid[exc.party] = now + 60.0
+            self.alerts.append(Alert(AlertKind.BAD_SIGNATURE_SHARE, exc.party, self.period, exc.reason))
+            self._attempt(req, now)
+            return
+        self.done[req.rid] = sig
+        self._requests.pop(req.rid, None)
+
+    # Signing for others ------------------------------------------------------------------------
+
+    def _on_request(self, sender: int, body: Any) -> None:
+        f = encoding.expect_map(
+            body, {"rid": int, "attempt": int, "message": bytes, "commitments": dict}, "signing request"
+        )
+        message: bytes = f["message"]
+        if len(message) > MAX_MESSAGE or is_protocol_payload(message):
+            raise RemoteProtocolError(sender, "asked us to sign a protocol payload or an oversized message")
+        raw = f["commitments"]
+        if not all(isinstance(k, int) and isinstance(v, bytes) for k, v in raw.items()):
+            raise RemoteProtocolError(sender, "signing request: malformed commitment list")
+        if len(raw) != self.t + 1 or self.me not in raw or sender not in raw:
+            raise RemoteProtocolError(sender, "signing request: wrong signer set")
+        nonces = self._reserved.get(sender, {}).pop(raw[self.me], None)
+        if nonces is None:
+            raise RemoteProtocolError(
+                sender, "signing request names a nonce we did not reserve for it (reuse?)"
+            )
+        commitment_list = [frost.SigningCommitment.from_bytes(raw[i]) for i in sorted(raw)]
+        share = frost.sign(self.package, nonces, message, commitment_list)
+        self._send(sender, "share", {"rid": f["rid"], "attempt": f["attempt"], "share": share.to_bytes()})
+
+    # Driving -----------------------------------------------------------------------------------------
+
+    def receive(self, sender: int, obj: dict[str, Any], now: float) -> None:
+        """Take a decoded service envelope; bad input is recorded in ``rejected``, never raised."""
+        try:
+            self._receive(sender, obj, now)
+        except RemoteProtocolError as exc:
+            self.rejected.append(exc)
+        except (DecodeError, CryptoError, KeyError, TypeError, ValueError) as exc:
+            self.rejected.append(RemoteProtocolError(sender, f"signing service: {type(exc).__name__}: {exc}"))
+
+    def _receive(self, sender: int, obj: dict[str, Any], now: float) -> None:
+        f = encoding.expect_map(
+            obj,
+            {"svc": str, "kind": str, "period": int, "from": int, "body": object, "sig": bytes},
+            "signing message",
+        )
+        if f["from"] != sender or f["period"] != self.period:
+            raise RemoteProtocolError(sender, "signing message for another sender or period")
+        entry = self.table.entries.get(sender)
+        payload = encoding.signing_payload(
+            f["kind"], 1, CONTEXT, self.period, {"from": sender, "body": f["body"]}
+        )
+        if entry is None or not ed25519_verify(entry.verify_key, payload, f["sig"]):
+            raise RemoteProtocolError(sender, "signing message not signed with the sender's period key")
+        kind, body = f["kind"], f["body"]
+        if kind == "nonces":
+            if not isinstance(body, list) or len(body) > BATCH or not all(isinstance(x, bytes) for x in body):
+                raise RemoteProtocolError(sender, "nonce batch: expected a list of commitments")
+            for data in body:
+                c = frost.SigningCommitment.from_bytes(data)
+                if c.identifier != sender:
+                    raise RemoteProtocolError(sender, "nonce batch: commitment under another id")
+                self._stock[sender].append(data)
+        elif kind == "more":
+            self._give_batch(sender)
+        elif kind == "request":
+            self._on_request(sender, body)
+        elif kind == "share":
+            self._on_share(sender, body, now)
+        else:
+            raise RemoteProtocolError(sender, f"unknown signing message kind {kind!r}")
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._requests)
+
+    def tick(self, now: float) -> list[Outgoing]:
+        for req in list(self._requests.values()):
+            if now >= req.deadline:
+                for i in req.signers:
+                    if i not in req.shares:
+                        self._avoid[i] = now + 10.0
+                self._attempt(req, now)
+        return self.drain()
+
+    def wipe(self) -> None:
+        for reserved in self._reserved.values():
+            for nonces in reserved.values():
+                nonces.wipe()
+        for nonces in self._own:
+            nonces.wipe()
+        self.key.wipe()
