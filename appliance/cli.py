@@ -342,6 +342,44 @@ def _cmd_cluster_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_refresh(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    if not args.now:
+        print("pst refresh: only --now is supported (periods otherwise follow the clock)", file=sys.stderr)
+        return 2
+    root = Path(args.dir)
+    nodes = _cluster_nodes(root)
+    periods = [p for p in (_read_status(n).get("period") for n in nodes) if isinstance(p, int)]
+    if not periods:
+        print("pst refresh: no server reports a period yet; is the cluster up?", file=sys.stderr)
+        return 1
+    period, start = max(periods) + 1, time.time() + 2.0
+    sent = 0
+    for node in nodes:
+        pid = _pid(node)
+        if not _alive(pid):
+            print(f"{node.name}: not running, skipped", file=sys.stderr)
+            continue
+        (node / "refresh-request.json").write_text(json.dumps({"period": period, "start": start}))
+        os.kill(pid, signal.SIGUSR1)  # type: ignore[arg-type]
+        sent += 1
+    print(f"refresh of period {period} requested from {sent} servers; waiting for it ...", flush=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.5)
+        rows = [_read_status(n) for n in nodes]
+        done = [r for r in rows if (r.get("last_refresh") or {}).get("period", -1) >= period]
+        if len(done) == sent:
+            for r in rows:
+                last = r.get("last_refresh") or {}
+                print(f"  server {r.get('server')}: {last.get('status')} in {last.get('duration_s')} s")
+            return 0 if all((r.get("last_refresh") or {}).get("status") == "operational" for r in done) else 1
+    print("pst refresh: timed out waiting for the refresh", file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pst",
@@ -407,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     pubkey.add_argument("--dir", required=True)
     pubkey.add_argument("--pem", action="store_true", help="as SubjectPublicKeyInfo PEM")
     pubkey.set_defaults(func=_cmd_pubkey)
+    refresh = sub.add_parser("refresh", help="start a refresh now instead of at the next period boundary")
+    refresh.add_argument("--now", action="store_true", help="start it in two seconds on every server")
+    refresh.add_argument("--dir", required=True)
+    refresh.set_defaults(func=_cmd_refresh)
     return parser
 
 

@@ -94,6 +94,39 @@ def test_five_processes_refresh_and_keep_the_group_key(cluster: Path) -> None:
     assert pem.stdout.startswith("-----BEGIN PUBLIC KEY-----")
 
 
+def test_refresh_now_runs_an_extra_refresh_at_once(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    base = free_base_port(4)
+    init = pst(
+        "cluster",
+        "init",
+        "--nodes",
+        "4",
+        "--threshold",
+        "1",
+        "--dir",
+        str(root),
+        "--period",
+        "600",
+        "--round-ms",
+        "50",
+        "--base-port",
+        str(base),
+    )
+    assert init.returncode == 0, init.stderr
+    try:
+        assert pst("cluster", "up", "--dir", str(root), "--detach").returncode == 0
+        before = {r["keytable_fingerprint"] for r in status(root)}
+        out = pst("refresh", "--now", "--dir", str(root))
+        assert out.returncode == 0, out.stdout + out.stderr
+        rows = status(root)
+        assert all(r["period"] == 1 and r["status"] == "operational" for r in rows), rows
+        after = {r["keytable_fingerprint"] for r in rows}
+        assert len(after) == 1 and after != before
+    finally:
+        pst("cluster", "down", "--dir", str(root))
+
+
 def test_status_before_start_and_bad_dir_are_clear(tmp_path: Path) -> None:
     out = pst("status", "--dir", str(tmp_path))
     assert out.returncode != 0 and "holds no cluster" in out.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -70,11 +71,35 @@ async def _serve(config: NodeConfig) -> None:
     server = PServer(config, net_transport)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
             async for signum in signals:
+                if signum == signal.SIGUSR1:
+                    _refresh_request(config, server)
+                    continue
                 log.info("server %d: %s received, stopping", config.server_id, signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
+
+
+def refresh_request_path(config: NodeConfig) -> Path:
+    return config.path.parent / "refresh-request.json"
+
+
+def _refresh_request(config: NodeConfig, server: PServer) -> None:
+    """``pst refresh --now`` wrote {"period": p, "start": T} next to the config and sent SIGUSR1."""
+    path = refresh_request_path(config)
+    try:
+        req = json.loads(path.read_text())
+        period, start = int(req["period"]), float(req["start"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("refresh request in %s ignored: %s", path, exc)
+        return
+    if server.request_refresh(period, start):
+        log.info("refresh of period %d requested for %.3f", period, start)
+    else:
+        log.warning(
+            "refresh request for period %d at %.3f refused (already past, or too far ahead)", period, start
+        )
 
 
 def serve(path: Path) -> int:

@@ -197,6 +197,15 @@ class PServer:
                             core.receive(sender, data, self.clock())
                 self._settle_signatures()
 
+    def request_refresh(self, period: int, start: float) -> bool:
+        """Run the refresh of ``period`` at ``start`` (``pst refresh --now``); False if refused."""
+        core = self.core
+        if core is None or start > self.clock() + 300 or start < self.clock():
+            return False
+        core.request_refresh(period, start)
+        self._poke()
+        return period in core.overrides
+
     async def sign(self, message: bytes, *, timeout: float = 10.0) -> bytes:
         """A group-key (Vcert) Ed25519 signature on ``message``, made with t other servers."""
         core = self.core

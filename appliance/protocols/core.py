@@ -48,6 +48,9 @@ class ServerCore:
         self.on_outcome = on_outcome
         self.signing: SigningService | None = None
         self.signing_enabled = signing
+        #: Periods whose refresh starts earlier than the clock says (``pst refresh --now``).
+        self.overrides: dict[int, float] = {}
+
         self.clock = clock
         self.rand = rand
         self.engine: PeriodRefresh | None = None
@@ -55,6 +58,15 @@ class ServerCore:
         self.outcomes: dict[int, Outcome] = {}
         self.rejected: list[str] = []
         self._early: list[tuple[int, bytes, float, int]] = []
+
+    def request_refresh(self, period: int, start: float) -> None:
+        """Run the refresh of ``period`` at ``start`` (earlier than its natural start)."""
+        if period >= self.next_period and start < self.clock.period_start(period):
+            self.overrides[period] = start
+
+    def period_at(self, now: float) -> int:
+        forced = [p for p, t in self.overrides.items() if t <= now]
+        return max([self.clock.period_at(now), *forced])
 
     @property
     def status(self) -> Status:
@@ -69,6 +81,7 @@ class ServerCore:
             public=self.public,
             private=self.private,
             rand=self.rand,
+            start=self.overrides.get(period),
         )
         self.next_period = period + 1
         early, self._early = self._early, []
@@ -108,7 +121,7 @@ class ServerCore:
         return out
 
     def _tick_refresh(self, now: float) -> list[Outgoing]:
-        period = self.clock.period_at(now)
+        period = self.period_at(now)
         if period >= self.next_period and (self.engine is None or self.engine.outcome is not None):
             self._start(period, now)
         if self.engine is None:
@@ -125,7 +138,9 @@ class ServerCore:
             wake = self.engine.next_wakeup(now)
             if wake is not None:
                 return wake
-        return self.clock.period_start(max(self.next_period, self.clock.period_at(now) + 1)) + 1e-6
+        upcoming = max(self.next_period, self.period_at(now) + 1)
+        start = self.overrides.get(upcoming, self.clock.period_start(upcoming))
+        return start + 1e-6
 
     def _persist(self, outcome: Outcome) -> None:
         assert self.engine is not None

@@ -185,8 +185,10 @@ class PeriodRefresh:
         public: PublicData,
         private: PrivateData | None,
         rand: RandomBytes,
+        start: float | None = None,
     ) -> None:
         self.me = me
+        self._start_override = start
         self.period = period
         self.vstart = vstart
         self.rand = rand
@@ -304,7 +306,8 @@ class PeriodRefresh:
         self.status = Status.OPERATIONAL
 
     def _set_schedule(self, c: Constants) -> None:
-        self.schedule = Schedule(c.period_start(self.period), c.delta, c.t)
+        start = self._start_override if self._start_override is not None else c.period_start(self.period)
+        self.schedule = Schedule(start, c.delta, c.t)
 
     @property
     def constants(self) -> Constants:

@@ -1,0 +1,504 @@
+"""The local API's sans-IO core: requests in, responses out, registrations and quotas in between.
+
+Theory of operation
+-------------------
+Applications on the PServer's own machine talk to it over a Unix socket (paper §5). The
+operating system tells us who is on the other end (``SO_PEERCRED``: uid and pid); this
+module turns one decoded request plus those credentials into one response, and holds the
+only state the API has: the registrations. It does no I/O itself; the node's services are
+reached through the :class:`Backend` protocol, whose async methods the node implements.
+
+Wire format: every request is a canonical CBOR map ``{"v": 1, "op": str, "id": int, ...}``
+and every response ``{"v": 1, "id": id, "ok": bool, "result" | "error": ...}`` where an error
+is ``{"code": str, "message": str}``. The codes are fixed (:data:`ERROR_CODES`); messages
+name the offending field but never echo a handle, a message or a backend exception text.
+
+Registration (§5.1, centralized application): ``register`` carries ``name`` (the
+application's name, which the backend binds into everything it signs) and ``unique_id``
+(the application's random identifier). The reply is a *handle*: 32 bytes from
+``os.urandom``, bound to ``(name, unique_id, uid)``; every later request carries it. Only
+SHA-256 of a handle is kept, so a dump of this process's registrations gives no usable
+handle. Rules:
+
+* a name belongs to the first uid that registers it, for the lifetime of the process
+  (or for good if the operator pins it in ``reserved``): another uid is refused with
+  ``not-permitted``, even after the owner unregistered, so that nobody can take over a
+  released name and sign in its place;
+* registering the same ``(name, unique_id, uid)`` again returns a fresh handle and
+  revokes the old one (an application that restarted lost its handle);
+* a handle presented by another uid than the one that registered it is ``not-permitted``.
+
+Quotas (the paper's "quota on the number of services a specific client can request"):
+at most ``max_registrations`` live registrations and ``max_names`` owned names per uid;
+``sign`` is rate-limited by a token bucket per registration (it survives re-registration,
+so re-registering does not refill it); the other operations by a token bucket per uid.
+All exceeded limits answer ``quota``.
+
+``sign`` hands the *registered* name and the message to :meth:`Backend.sign`; a client
+never chooses a protocol context, so it can only get signatures that the backend
+domain-separates as "application <name> signed this" (see :func:`app_signing_payload`).
+Backend failures answer ``unavailable`` and are logged by exception type only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+from appliance.crypto import encoding
+from appliance.crypto.errors import DecodeError
+
+log = logging.getLogger("pst.api")
+
+API_VERSION: Final = 1
+#: Largest message ``sign`` accepts.
+MAX_MESSAGE_SIZE: Final = 64 * 1024
+#: Largest request frame; a sign request with a maximal message fits with room to spare.
+MAX_REQUEST_SIZE: Final = 128 * 1024
+HANDLE_SIZE: Final = 32
+MAX_NAME_LENGTH: Final = 128
+MAX_UNIQUE_ID_SIZE: Final = 64
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]*")
+
+BAD_REQUEST: Final = "bad-request"
+UNKNOWN_HANDLE: Final = "unknown-handle"
+QUOTA: Final = "quota"
+TOO_LARGE: Final = "too-large"
+NOT_PERMITTED: Final = "not-permitted"
+UNAVAILABLE: Final = "unavailable"
+ERROR_CODES: Final = frozenset({BAD_REQUEST, UNKNOWN_HANDLE, QUOTA, TOO_LARGE, NOT_PERMITTED, UNAVAILABLE})
+
+#: Context type string of application signatures (see :func:`app_signing_payload`).
+APP_SIGN_TYPE: Final = "api/app-sign"
+APP_SIGN_VERSION: Final = 1
+
+
+def app_signing_payload(app: str, message: bytes) -> bytes:
+    """The bytes the group key signs for application ``app`` asking to sign ``message``.
+
+    The recommended payload for :meth:`Backend.sign`: it binds the application's
+    registered name into the context, so a signature obtained through the API can never
+    pass for a protocol message (KeyTable, refresh, ...) nor for another application's.
+    Application signatures are not tied to a refresh period (period 0); the group's
+    public key is the same in every period.
+    """
+    return encoding.signing_payload(APP_SIGN_TYPE, APP_SIGN_VERSION, f"app:{app}", 0, message)
+
+
+class Backend(Protocol):
+    """What the API needs from the node. Exceptions raised here answer ``unavailable``."""
+
+    async def sign(self, app: str, message: bytes) -> bytes:
+        """A group-key signature over a payload binding ``app`` and ``message``."""
+        ...
+
+    async def get_time(self) -> Mapping[int, float | None]:
+        """Every server's clock (Unix seconds) by server id; None where unknown (§5.3)."""
+        ...
+
+    async def status(self) -> Mapping[str, Any]:
+        """The node's status: plain data (floats are sent as their ``repr`` strings)."""
+        ...
+
+
+class BackendUnavailable(Exception):
+    """A backend may raise this with a message that is safe to show the client."""
+
+
+@dataclass(frozen=True)
+class PeerCred:
+    """The caller as the kernel reports it (``SO_PEERCRED``)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+class ApiError(Exception):
+    """An error response: ``code`` is one of :data:`ERROR_CODES`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        assert code in ERROR_CODES, code
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def bad(field_name: str, problem: str) -> ApiError:
+    return ApiError(BAD_REQUEST, f"field {field_name!r}: {problem}")
+
+
+# Requests -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request that passed every syntactic check; ``args`` depends on ``op``."""
+
+    id: int
+    op: str
+    args: Mapping[str, Any]
+
+
+#: Extra fields (beyond v, op, id) of each operation, with their types.
+OPS: Final[Mapping[str, Mapping[str, type]]] = {
+    "register": {"name": str, "unique_id": bytes},
+    "sign": {"handle": bytes, "message": bytes},
+    "unregister": {"handle": bytes},
+    "get_time": {},
+    "status": {},
+}
+_MAX_ID: Final = 2**63 - 1
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def request_id_of(obj: object) -> int | None:
+    """The request's id if it has a usable one (to address an error response), else None."""
+    if isinstance(obj, dict):
+        rid = obj.get("id")
+        if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= _MAX_ID:
+            return rid
+    return None
+
+
+def parse_request(obj: object) -> Request:
+    """Check a decoded request; :class:`ApiError` (never anything else) naming the problem."""
+    if not isinstance(obj, dict):
+        raise ApiError(BAD_REQUEST, f"request: expected a map, got {_type_name(obj)}")
+    for key, typ in (("v", int), ("id", int), ("op", str)):
+        if key not in obj:
+            raise bad(key, "missing")
+        value = obj[key]
+        if isinstance(value, bool) or not isinstance(value, typ):
+            raise bad(key, f"expected {typ.__name__}, got {_type_name(value)}")
+    if obj["v"] != API_VERSION:
+        raise bad("v", f"unsupported version (this server speaks {API_VERSION})")
+    if not 0 <= obj["id"] <= _MAX_ID:
+        raise bad("id", "must be in [0, 2**63)")
+    op = obj["op"]
+    fields = OPS.get(op)
+    if fields is None:
+        raise bad("op", f"unknown operation (one of {', '.join(sorted(OPS))})")
+    extra = sorted(str(k) for k in obj if k not in fields and k not in ("v", "id", "op"))
+    if extra:
+        raise bad(extra[0][:40], f"unexpected in {op}")
+    args: dict[str, Any] = {}
+    for key, want in fields.items():
+        if key not in obj:
+            raise bad(key, f"missing in {op}")
+        value = obj[key]
+        if isinstance(value, bool) or not isinstance(value, want):
+            raise bad(key, f"expected {want.__name__}, got {_type_name(value)}")
+        args[key] = value
+    if "handle" in args and len(args["handle"]) != HANDLE_SIZE:
+        raise bad("handle", f"must be {HANDLE_SIZE} bytes")
+    if "message" in args and len(args["message"]) > MAX_MESSAGE_SIZE:
+        raise ApiError(TOO_LARGE, f"field 'message': {len(args['message'])} bytes exceeds {MAX_MESSAGE_SIZE}")
+    if op == "register":
+        name = args["name"]
+        if not 0 < len(name) <= MAX_NAME_LENGTH or _NAME_RE.fullmatch(name) is None:
+            raise bad(
+                "name",
+                f"1 to {MAX_NAME_LENGTH} characters from [A-Za-z0-9._:@+-], starting alphanumeric",
+            )
+        if not 0 < len(args["unique_id"]) <= MAX_UNIQUE_ID_SIZE:
+            raise bad("unique_id", f"must be 1 to {MAX_UNIQUE_ID_SIZE} bytes")
+    return Request(obj["id"], op, args)
+
+
+def error_response(rid: int | None, code: str, message: str) -> dict[str, Any]:
+    return {"v": API_VERSION, "id": rid, "ok": False, "error": {"code": code, "message": message}}
+
+
+def ok_response(rid: int, result: Mapping[str, Any]) -> dict[str, Any]:
+    return {"v": API_VERSION, "id": rid, "ok": True, "result": dict(result)}
+
+
+def encode_response(response: Mapping[str, Any]) -> bytes:
+    return encoding.encode(dict(response))
+
+
+# Quotas ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved up; starts full."""
+
+    rate: float
+    burst: float
+    tokens: float
+    stamp: float
+
+    @classmethod
+    def full(cls, rate: float, burst: float, now: float) -> TokenBucket:
+        return cls(rate, burst, burst, now)
+
+    def take(self, now: float, cost: float = 1.0) -> bool:
+        elapsed = max(0.0, now - self.stamp)
+        self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+        self.stamp = now
+        if self.tokens >= cost:
+            self.tokens -= cost
+            return True
+        return False
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-client quotas; the defaults suit a handful of local applications."""
+
+    max_registrations: int = 16
+    max_names: int = 64
+    sign_rate: float = 50.0
+    sign_burst: float = 100.0
+    control_rate: float = 20.0
+    control_burst: float = 40.0
+
+
+# Registrations ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Registration:
+    name: str
+    unique_id: bytes
+    uid: int
+    pid: int
+    handle_digest: bytes
+    bucket: TokenBucket
+
+
+def _digest(handle: bytes) -> bytes:
+    return hashlib.sha256(b"pst/api/handle\x00" + handle).digest()
+
+
+@dataclass
+class Registry:
+    """The registrations: by handle digest, by (name, unique_id, uid), name owners."""
+
+    reserved: Mapping[str, int] = field(default_factory=dict)
+    by_handle: dict[bytes, Registration] = field(default_factory=dict)
+    by_key: dict[tuple[str, bytes, int], Registration] = field(default_factory=dict)
+    owners: dict[str, int] = field(default_factory=dict)
+    per_uid: dict[int, int] = field(default_factory=dict)
+    names_per_uid: dict[int, int] = field(default_factory=dict)
+
+    def owner(self, name: str) -> int | None:
+        return self.reserved.get(name, self.owners.get(name))
+
+    def remove(self, reg: Registration) -> None:
+        del self.by_handle[reg.handle_digest]
+        del self.by_key[(reg.name, reg.unique_id, reg.uid)]
+        left = self.per_uid[reg.uid] - 1
+        if left:
+            self.per_uid[reg.uid] = left
+        else:
+            del self.per_uid[reg.uid]
+
+
+# The core --------------------------------------------------------------------------------------
+
+
+class ApiCore:
+    """Turns requests into responses for one PServer; owns the registrations."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        limits: Limits | None = None,
+        reserved: Mapping[str, int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.backend = backend
+        self.limits = limits if limits is not None else Limits()
+        self.clock = clock
+        self.rand = rand
+        self.registry = Registry(reserved=dict(reserved or {}))
+        self._control: dict[int, TokenBucket] = {}
+
+    # Entry points ---------------------------------------------------------------------------
+
+    async def handle_frame(self, payload: bytes, peer: PeerCred) -> tuple[bytes, bool]:
+        """One request frame to one response frame; the flag says "close the connection".
+
+        Undecodable frames (not canonical CBOR, not a map) answer ``bad-request`` and ask
+        for the connection to be closed; well-formed requests with bad fields keep it.
+        """
+        try:
+            obj = encoding.decode(payload, max_size=MAX_REQUEST_SIZE, what="request")
+        except DecodeError as exc:
+            return encode_response(error_response(None, BAD_REQUEST, str(exc)[:200])), True
+        if not isinstance(obj, dict):
+            msg = f"request: expected a map, got {_type_name(obj)}"
+            return encode_response(error_response(None, BAD_REQUEST, msg)), True
+        return encode_response(await self.handle(obj, peer)), False
+
+    async def handle(self, obj: object, peer: PeerCred) -> dict[str, Any]:
+        """One decoded request to one response map; never raises (except cancellation)."""
+        rid = request_id_of(obj)
+        try:
+            request = parse_request(obj)
+            result = await self._dispatch(request, peer)
+        except ApiError as exc:
+            return error_response(rid, exc.code, exc.message)
+        return ok_response(request.id, result)
+
+    # Operations ------------------------------------------------------------------------------
+
+    async def _dispatch(self, request: Request, peer: PeerCred) -> Mapping[str, Any]:
+        args = request.args
+        if request.op == "sign":
+            return await self._sign(args["handle"], args["message"], peer)
+        self._charge_control(peer.uid)
+        if request.op == "register":
+            return self._register(args["name"], args["unique_id"], peer)
+        if request.op == "unregister":
+            self._unregister(args["handle"], peer)
+            return {}
+        if request.op == "get_time":
+            return {"times_us": await self._get_time()}
+        assert request.op == "status", request.op
+        return {"status": await self._status()}
+
+    def _charge_control(self, uid: int) -> None:
+        now = self.clock()
+        bucket = self._control.get(uid)
+        if bucket is None:
+            bucket = TokenBucket.full(self.limits.control_rate, self.limits.control_burst, now)
+            self._control[uid] = bucket
+        if not bucket.take(now):
+            raise ApiError(QUOTA, "too many requests: slow down")
+
+    def _register(self, name: str, unique_id: bytes, peer: PeerCred) -> Mapping[str, Any]:
+        reg = self.registry
+        owner = reg.owner(name)
+        if owner is not None and owner != peer.uid:
+            log.warning(
+                "api: uid %d (pid %d) refused name %r owned by uid %d", peer.uid, peer.pid, name, owner
+            )
+            raise ApiError(NOT_PERMITTED, "this application name is registered by another user")
+        key = (name, unique_id, peer.uid)
+        old = reg.by_key.get(key)
+        if old is None:
+            if reg.per_uid.get(peer.uid, 0) >= self.limits.max_registrations:
+                raise ApiError(QUOTA, f"at most {self.limits.max_registrations} registrations per user")
+            if owner is None and reg.names_per_uid.get(peer.uid, 0) >= self.limits.max_names:
+                raise ApiError(QUOTA, f"at most {self.limits.max_names} application names per user")
+        handle = self.rand(HANDLE_SIZE)
+        if len(handle) != HANDLE_SIZE:
+            raise ApiError(UNAVAILABLE, "no randomness")
+        digest = _digest(handle)
+        if digest in reg.by_handle:  # only with a broken random source
+            raise ApiError(UNAVAILABLE, "handle collision")
+        if old is not None:
+            bucket = old.bucket
+            reg.remove(old)
+        else:
+            bucket = TokenBucket.full(self.limits.sign_rate, self.limits.sign_burst, self.clock())
+        if owner is None and name not in reg.reserved:
+            reg.owners[name] = peer.uid
+            reg.names_per_uid[peer.uid] = reg.names_per_uid.get(peer.uid, 0) + 1
+        new = Registration(name, unique_id, peer.uid, peer.pid, digest, bucket)
+        reg.by_handle[digest] = new
+        reg.by_key[key] = new
+        reg.per_uid[peer.uid] = reg.per_uid.get(peer.uid, 0) + 1
+        log.info(
+            "api: %s %r for uid %d (pid %d)",
+            "re-registered" if old is not None else "registered",
+            name,
+            peer.uid,
+            peer.pid,
+        )
+        return {"handle": handle}
+
+    def _lookup(self, handle: bytes, peer: PeerCred) -> Registration:
+        reg = self.registry.by_handle.get(_digest(handle))
+        if reg is None:
+            raise ApiError(UNKNOWN_HANDLE, "no registration has this handle (register first)")
+        if reg.uid != peer.uid:
+            log.warning("api: uid %d (pid %d) presented a handle of uid %d", peer.uid, peer.pid, reg.uid)
+            raise ApiError(NOT_PERMITTED, "this handle belongs to another user")
+        return reg
+
+    def _unregister(self, handle: bytes, peer: PeerCred) -> None:
+        reg = self._lookup(handle, peer)
+        self.registry.remove(reg)
+        log.info("api: unregistered %r for uid %d (pid %d)", reg.name, peer.uid, peer.pid)
+
+    async def _sign(self, handle: bytes, message: bytes, peer: PeerCred) -> Mapping[str, Any]:
+        reg = self._lookup(handle, peer)
+        if not reg.bucket.take(self.clock()):
+            raise ApiError(QUOTA, "signing rate limit exceeded for this registration")
+        try:
+            signature = await self.backend.sign(reg.name, message)
+        except BackendUnavailable as exc:
+            raise ApiError(UNAVAILABLE, f"cannot sign now: {str(exc)[:200]}") from None
+        except Exception as exc:
+            log.error("api: backend sign for %r failed (%s)", reg.name, type(exc).__name__)
+            raise ApiError(UNAVAILABLE, "cannot sign now") from None
+        if not isinstance(signature, bytes):
+            log.error("api: backend sign returned %s", _type_name(signature))
+            raise ApiError(UNAVAILABLE, "cannot sign now")
+        return {"signature": signature}
+
+    async def _get_time(self) -> dict[int, int | None]:
+        try:
+            times = await self.backend.get_time()
+            out: dict[int, int | None] = {}
+            for server, value in times.items():
+                if isinstance(server, bool) or not isinstance(server, int):
+                    raise TypeError("server id")
+                if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    out[server] = None
+                else:
+                    us = value * 1_000_000
+                    out[server] = round(us) if math.isfinite(us) and abs(us) < 2**63 else None
+        except BackendUnavailable as exc:
+            raise ApiError(UNAVAILABLE, f"cannot read the time now: {str(exc)[:200]}") from None
+        except Exception as exc:
+            log.error("api: backend get_time failed (%s)", type(exc).__name__)
+            raise ApiError(UNAVAILABLE, "cannot read the time now") from None
+        return out
+
+    async def _status(self) -> Any:
+        try:
+            status = await self.backend.status()
+            return to_plain(status)
+        except BackendUnavailable as exc:
+            raise ApiError(UNAVAILABLE, f"cannot read the status now: {str(exc)[:200]}") from None
+        except Exception as exc:
+            log.error("api: backend status failed (%s)", type(exc).__name__)
+            raise ApiError(UNAVAILABLE, "cannot read the status now") from None
+
+
+def to_plain(obj: Any, depth: int = 0) -> Any:
+    """``obj`` as plain CBOR data: floats become their ``repr``, tuples lists; else TypeError."""
+    if depth > encoding.MAX_DEPTH:
+        raise TypeError("nested too deep")
+    if obj is None or isinstance(obj, (bool, int, str, bytes)):
+        return obj
+    if isinstance(obj, float):
+        return repr(obj)
+    if isinstance(obj, Mapping):
+        out: dict[Any, Any] = {}
+        for key, value in obj.items():
+            if isinstance(key, bool) or not isinstance(key, (int, str, bytes)):
+                raise TypeError("map key")
+            out[key] = to_plain(value, depth + 1)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v, depth + 1) for v in obj]
+    raise TypeError(f"value of type {_type_name(obj)}")

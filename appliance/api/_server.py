@@ -1,0 +1,270 @@
+"""The local API server: a Unix socket, one task per client, frames in and out of :class:`ApiCore`.
+
+Theory of operation
+-------------------
+:func:`serve_api` binds a Unix stream socket at ``path`` and serves until cancelled. The
+socket is bound under a temporary name in the same directory, given mode 0660 (and the
+``group`` if one is configured), and only then renamed onto ``path``, so no client ever
+sees it with looser permissions. A missing parent directory is created with mode 0750. A
+stale socket file left by a crashed server is replaced; a live one (something accepts
+connections on it) or a non-socket file at ``path`` is refused. On the way out the socket
+file is removed if it is still ours.
+
+Each connection runs in its own task of the server's nursery. The kernel's
+``SO_PEERCRED`` (pid, uid, gid of the peer when it connected) is read once and identifies
+the caller for every request on that connection; there is no other authentication, as the
+paper assumes the operating system separates local applications (§5).
+
+Bytes are split into frames by :class:`~appliance.net.FrameDecoder` (4-byte big-endian
+length prefix), bounded by ``max_frame_size``; each frame is one request and gets exactly
+one response frame, in order. A frame whose announced length is too big answers
+``too-large``; a frame that is not canonical CBOR or not a map answers ``bad-request``;
+in both cases the connection is closed after that response. A request with bad fields
+answers ``bad-request`` and the connection stays usable. A request that takes longer than
+``request_timeout`` answers ``unavailable``. A connection that completes no frame within
+``idle_timeout`` (partial frames do not count as activity) is closed. Beyond
+``max_connections`` concurrent clients, a new client gets a ``quota`` error and is closed.
+No exception from one connection ever reaches the listener or other connections.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import trio
+
+from appliance.api._core import (
+    BAD_REQUEST,
+    QUOTA,
+    TOO_LARGE,
+    UNAVAILABLE,
+    ApiCore,
+    Backend,
+    Limits,
+    PeerCred,
+    encode_response,
+    error_response,
+)
+from appliance.net._framing import FrameDecoder, FramingError, encode_frame
+
+log = logging.getLogger("pst.api")
+
+DEFAULT_MAX_FRAME_SIZE = 128 * 1024
+DEFAULT_IDLE_TIMEOUT = 60.0
+DEFAULT_REQUEST_TIMEOUT = 30.0
+DEFAULT_MAX_CONNECTIONS = 256
+SOCKET_MODE = 0o660
+DIRECTORY_MODE = 0o750
+_UCRED = struct.Struct("3i")
+_RECEIVE_CHUNK = 65536
+#: sun_path is 108 bytes on Linux, including the terminating NUL.
+_MAX_SUN_PATH = 107
+
+
+def peer_cred(sock: trio.socket.SocketType) -> PeerCred:
+    """The peer's (pid, uid, gid) from ``SO_PEERCRED`` (Linux ``struct ucred``)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return PeerCred(pid=pid, uid=uid, gid=gid)
+
+
+async def _is_live(path: Path) -> bool:
+    """Does something accept connections on the socket at ``path``?"""
+    probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with trio.move_on_after(1.0):
+            await probe.connect(str(path))
+            return True
+        return True  # it neither accepted nor refused: treat as live, do not steal it
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return False
+        raise
+    finally:
+        probe.close()
+
+
+async def bind_unix(path: Path, *, group: int | None = None, backlog: int = 64) -> trio.socket.SocketType:
+    """A listening Unix socket at ``path`` with mode 0660, replacing a stale socket file."""
+    path = Path(path)
+    if len(os.fsencode(path)) > _MAX_SUN_PATH:
+        raise ValueError(f"socket path is longer than {_MAX_SUN_PATH} bytes: {path}")
+    parent = path.parent
+    if not parent.exists():
+        parent.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+        os.chmod(parent, DIRECTORY_MODE)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
+        if await _is_live(path):
+            raise OSError(errno.EADDRINUSE, f"another server is listening on {path}")
+        log.info("api: removing stale socket %s", path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if len(os.fsencode(tmp)) > _MAX_SUN_PATH:
+        raise ValueError(f"socket path is too long to bind safely (max {_MAX_SUN_PATH - 16} bytes): {path}")
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        tmp.unlink(missing_ok=True)
+        await sock.bind(str(tmp))
+        try:
+            os.chmod(tmp, SOCKET_MODE)
+            if group is not None:
+                os.chown(tmp, -1, group)
+            sock.listen(backlog)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class ApiServer:
+    """Serves one :class:`ApiCore` on a listening Unix socket."""
+
+    def __init__(
+        self,
+        core: ApiCore,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
+        self.core = core
+        self.max_frame_size = max_frame_size
+        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections
+        self.connections = 0
+
+    async def _send(self, stream: trio.SocketStream, response: bytes) -> bool:
+        """Send one response frame; False if the client is gone or does not read."""
+        with trio.move_on_after(self.idle_timeout):
+            try:
+                await stream.send_all(encode_frame(response, 2**32 - 1))
+                return True
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+        return False
+
+    async def handle_connection(self, stream: trio.SocketStream) -> None:
+        """Serve one client until it leaves, misbehaves or idles; never raises."""
+        try:
+            if self.connections >= self.max_connections:
+                log.warning("api: %d connections already open; refusing another", self.connections)
+                reply = error_response(None, QUOTA, "too many connections")
+                await self._send(stream, encode_response(reply))
+                return
+            self.connections += 1
+            try:
+                await self._serve(stream)
+            finally:
+                self.connections -= 1
+        except Exception as exc:  # a bug must cost one connection, not the server
+            log.error("api: connection failed (%s)", type(exc).__name__)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await stream.aclose()
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = peer_cred(stream.socket)
+        except OSError as exc:
+            log.warning("api: cannot read the peer's credentials (%s); closing", type(exc).__name__)
+            return
+        decoder = FrameDecoder(self.max_frame_size)
+        deadline = trio.current_time() + self.idle_timeout
+        while True:
+            data = b""
+            with trio.move_on_at(deadline) as idle:
+                try:
+                    data = await stream.receive_some(_RECEIVE_CHUNK)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+            if idle.cancelled_caught:
+                log.info("api: closing idle connection of uid %d (pid %d)", peer.uid, peer.pid)
+                return
+            if not data:
+                try:
+                    decoder.eof()
+                except FramingError as exc:
+                    await self._send(stream, encode_response(error_response(None, BAD_REQUEST, str(exc))))
+                return
+            try:
+                frames = decoder.feed(data)
+            except FramingError as exc:
+                await self._send(stream, encode_response(error_response(None, TOO_LARGE, str(exc))))
+                return
+            for frame in frames:
+                deadline = trio.current_time() + self.idle_timeout
+                response: bytes | None = None
+                close = False
+                with trio.move_on_after(self.request_timeout):
+                    response, close = await self.core.handle_frame(frame, peer)
+                if response is None:
+                    reply = error_response(None, UNAVAILABLE, "the request timed out")
+                    response = encode_response(reply)
+                if not await self._send(stream, response) or close:
+                    return
+
+    async def serve(self, sock: trio.socket.SocketType) -> None:
+        """Accept connections on the listening ``sock`` until cancelled."""
+        listener = trio.SocketListener(sock)
+        await trio.serve_listeners(self.handle_connection, [listener])
+
+
+async def serve_api(
+    path: str | os.PathLike[str],
+    backend: Backend,
+    *,
+    limits: Limits | None = None,
+    reserved: Mapping[str, int] | None = None,
+    group: int | None = None,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    task_status: trio.TaskStatus[ApiServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the local API at ``path`` until cancelled; ``nursery.start`` returns the ApiServer.
+
+    ``reserved`` pins application names to uids (nobody else may register them);
+    ``group`` is the gid given to the socket file (mode 0660) so that members of that group
+    may connect.
+    """
+    sock_path = Path(path)
+    sock = await bind_unix(sock_path, group=group)
+    bound = os.stat(sock_path)
+    server = ApiServer(
+        ApiCore(backend, limits=limits, reserved=reserved),
+        max_frame_size=max_frame_size,
+        idle_timeout=idle_timeout,
+        request_timeout=request_timeout,
+        max_connections=max_connections,
+    )
+    log.info("api: listening on %s", sock_path)
+    try:
+        task_status.started(server)
+        await server.serve(sock)
+    finally:
+        sock.close()
+        try:
+            now = os.stat(sock_path)
+            if (now.st_dev, now.st_ino) == (bound.st_dev, bound.st_ino):
+                sock_path.unlink()
+        except OSError:
+            pass
