@@ -4,6 +4,10 @@
   and the caller's kernel credentials (:class:`PeerCred`) into a response; it owns the
   registrations (§5.1, centralized: handle bound to name, unique id and uid) and the
   quotas, and reaches the node only through the :class:`Backend` protocol.
+* :mod:`appliance.api._node`: :class:`PServerBackend`, the Backend built from a running
+  PServer's ``sign`` and status file.
+* :mod:`appliance.api._distributed`: data structures of the password-based distributed
+  registration (§5.1); not wired into the API yet.
 * :mod:`appliance.api._server`: :func:`serve_api`, the trio server on a Unix socket
   (mode 0660, ``SO_PEERCRED``, length-prefixed CBOR frames, timeouts, bounded frames).
 
@@ -13,8 +17,7 @@ registration rules are described in :mod:`appliance.api._core`.
 
 from appliance.api._core import (
     API_VERSION,
-    APP_SIGN_TYPE,
-    APP_SIGN_VERSION,
+    APP_SIGN_DOMAIN,
     BAD_REQUEST,
     ERROR_CODES,
     HANDLE_SIZE,
@@ -37,12 +40,12 @@ from appliance.api._core import (
     app_signing_payload,
     parse_request,
 )
+from appliance.api._node import PServerBackend
 from appliance.api._server import ApiServer, bind_unix, peer_cred, serve_api
 
 __all__ = [
     "API_VERSION",
-    "APP_SIGN_TYPE",
-    "APP_SIGN_VERSION",
+    "APP_SIGN_DOMAIN",
     "BAD_REQUEST",
     "ERROR_CODES",
     "HANDLE_SIZE",
@@ -60,6 +63,7 @@ __all__ = [
     "Backend",
     "BackendUnavailable",
     "Limits",
+    "PServerBackend",
     "PeerCred",
     "Request",
     "TokenBucket",

@@ -75,21 +75,26 @@ NOT_PERMITTED: Final = "not-permitted"
 UNAVAILABLE: Final = "unavailable"
 ERROR_CODES: Final = frozenset({BAD_REQUEST, UNKNOWN_HANDLE, QUOTA, TOO_LARGE, NOT_PERMITTED, UNAVAILABLE})
 
-#: Context type string of application signatures (see :func:`app_signing_payload`).
-APP_SIGN_TYPE: Final = "api/app-sign"
-APP_SIGN_VERSION: Final = 1
+#: Domain of application signatures (see :func:`app_signing_payload`). It differs from
+#: :data:`appliance.crypto.encoding.SIGNING_DOMAIN`, which the signing service reserves for
+#: the protocols' own objects and refuses to sign on request.
+APP_SIGN_DOMAIN: Final = "pst/app-signed/v1"
 
 
 def app_signing_payload(app: str, message: bytes) -> bytes:
-    """The bytes the group key signs for application ``app`` asking to sign ``message``.
+    """The bytes the group key signs when application ``app`` asks to sign ``message``.
 
-    The recommended payload for :meth:`Backend.sign`: it binds the application's
-    registered name into the context, so a signature obtained through the API can never
-    pass for a protocol message (KeyTable, refresh, ...) nor for another application's.
-    Application signatures are not tied to a refresh period (period 0); the group's
-    public key is the same in every period.
+    The payload :meth:`Backend.sign` should sign: the canonical CBOR map
+    ``{"dom": "pst/app-signed/v1", "app": app, "sha512": SHA-512(message)}``. It binds the
+    application's registered name, so a signature obtained through the API can never pass
+    for another application's, nor for a protocol object (KeyTable, refresh, ...: those
+    carry the protocols' domain). The message is hashed so that the payload stays small
+    (the signing service sends it to t other servers and caps it at 64 KiB) whatever the
+    message size. A verifier rebuilds this payload from the application name and the
+    message and checks the Ed25519 signature with the group's public key; application
+    signatures are not tied to a refresh period (the group key is the same in every one).
     """
-    return encoding.signing_payload(APP_SIGN_TYPE, APP_SIGN_VERSION, f"app:{app}", 0, message)
+    return encoding.encode({"dom": APP_SIGN_DOMAIN, "app": app, "sha512": hashlib.sha512(message).digest()})
 
 
 class Backend(Protocol):

@@ -1,0 +1,72 @@
+"""A :class:`~appliance.api.Backend` on top of a running PServer.
+
+Theory of operation
+-------------------
+The API core only needs three async methods; this adapter builds them from what a
+PServer already has, without importing the node package (it takes callables and paths):
+
+* ``sign(app, message)``: the node's group-key signing (``PServer.sign``) over
+  :func:`~appliance.api.app_signing_payload` ``(app, message)``, so the application name
+  is always bound in and the payload never carries the protocols' signing domain (the
+  signing service refuses those). ``SigningRefused`` and timeouts become
+  :class:`~appliance.api.BackendUnavailable` with a short, secret-free reason.
+* ``get_time()``: this server's own clock. The §5.3 GetTime protocol (each server's
+  signed time) is not implemented yet, so the other servers' entries are ``None``.
+* ``status()``: the status file the node rewrites after every refresh
+  (``<state>/public/status.json``), as a map.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from appliance.api._core import BackendUnavailable, app_signing_payload
+from appliance.protocols.signing import SigningRefused
+
+
+class PServerBackend:
+    """Backend for the local API: ``sign_raw`` is the node's ``PServer.sign``."""
+
+    def __init__(
+        self,
+        sign_raw: Callable[[bytes], Awaitable[bytes]],
+        server_id: int,
+        *,
+        servers: Iterable[int] = (),
+        status_file: Path | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._sign_raw = sign_raw
+        self.server_id = server_id
+        self.servers = sorted(set(servers) | {server_id})
+        self.status_file = status_file
+        self.clock = clock
+
+    async def sign(self, app: str, message: bytes) -> bytes:
+        try:
+            return await self._sign_raw(app_signing_payload(app, message))
+        except SigningRefused as exc:
+            raise BackendUnavailable(str(exc)[:200]) from None
+        except trio.TooSlowError:
+            raise BackendUnavailable("the signing servers did not answer in time") from None
+
+    async def get_time(self) -> Mapping[int, float | None]:
+        now = self.clock()
+        return {i: (now if i == self.server_id else None) for i in self.servers}
+
+    async def status(self) -> Mapping[str, Any]:
+        if self.status_file is None:
+            return {"server": self.server_id}
+        try:
+            body = json.loads(await trio.Path(self.status_file).read_text())
+        except (OSError, ValueError):
+            raise BackendUnavailable("no status yet") from None
+        if not isinstance(body, dict):
+            raise BackendUnavailable("no status yet")
+        return body

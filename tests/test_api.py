@@ -1,0 +1,714 @@
+"""The local API: sans-IO core (registrations, quotas, errors), trio Unix-socket server, sync client.
+
+Server tests use real Unix sockets under tmp_path; the backend is an in-memory fake that
+signs with a local Ed25519 key, so signatures are checked with ``cryptography``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import socket
+import stat
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from appliance.api import (
+    BAD_REQUEST,
+    ERROR_CODES,
+    NOT_PERMITTED,
+    QUOTA,
+    TOO_LARGE,
+    UNAVAILABLE,
+    UNKNOWN_HANDLE,
+    ApiCore,
+    ApiError,
+    ApiServer,
+    BackendUnavailable,
+    Limits,
+    PeerCred,
+    app_signing_payload,
+    parse_request,
+    serve_api,
+)
+from appliance.crypto import encoding
+from appliance.net import FrameStream, encode_frame
+
+
+def _load_client() -> ModuleType:
+    path = Path(__file__).resolve().parent.parent / "clients" / "pst_client.py"
+    spec = importlib.util.spec_from_file_location("pst_client", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["pst_client"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+pst_client = _load_client()
+
+
+class FakeBackend:
+    """Signs with a local Ed25519 key over the recommended domain-separated payload."""
+
+    def __init__(self) -> None:
+        self.key = Ed25519PrivateKey.generate()
+        self.public: Ed25519PublicKey = self.key.public_key()
+        self.signed: list[tuple[str, bytes]] = []
+        self.fail: BaseException | None = None
+        self.delay = 0.0
+        self.times: dict[int, float | None] = {1: 1_700_000_000.25, 2: None, 3: 1_700_000_001.0}
+        self.state: dict[str, Any] = {"server": 1, "period": 7, "healthy": True, "last": 1.5}
+
+    async def sign(self, app: str, message: bytes) -> bytes:
+        if self.delay:
+            await trio.sleep(self.delay)
+        if self.fail is not None:
+            raise self.fail
+        self.signed.append((app, message))
+        return self.key.sign(app_signing_payload(app, message))
+
+    async def get_time(self) -> Mapping[int, float | None]:
+        if self.fail is not None:
+            raise self.fail
+        return self.times
+
+    async def status(self) -> Mapping[str, Any]:
+        if self.fail is not None:
+            raise self.fail
+        return self.state
+
+
+ME = PeerCred(pid=os.getpid(), uid=os.getuid(), gid=os.getgid())
+OTHER = PeerCred(pid=4242, uid=os.getuid() + 1, gid=os.getgid())
+
+
+def req(op: str, rid: int = 1, **fields: Any) -> dict[str, Any]:
+    return {"v": 1, "op": op, "id": rid, **fields}
+
+
+def verify(backend: FakeBackend, app: str, message: bytes, signature: bytes) -> None:
+    backend.public.verify(signature, app_signing_payload(app, message))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# Core -------------------------------------------------------------------------------------------
+
+
+async def test_core_register_sign_verify() -> None:
+    backend = FakeBackend()
+    core = ApiCore(backend)
+    r = await core.handle(req("register", name="VeriSign_CA", unique_id=b"x" * 16), ME)
+    assert r["ok"] is True and r["id"] == 1
+    handle = r["result"]["handle"]
+    assert isinstance(handle, bytes) and len(handle) == 32
+    r = await core.handle(req("sign", 2, handle=handle, message=b"hello"), ME)
+    assert r == {"v": 1, "id": 2, "ok": True, "result": {"signature": r["result"]["signature"]}}
+    verify(backend, "VeriSign_CA", b"hello", r["result"]["signature"])
+    assert backend.signed == [("VeriSign_CA", b"hello")]
+    # Only a digest of the handle is kept.
+    assert handle not in core.registry.by_handle
+    assert repr(handle) not in repr(core.registry)
+
+
+async def test_signature_is_bound_to_application_name() -> None:
+    backend = FakeBackend()
+    core = ApiCore(backend)
+    r = await core.handle(req("register", name="app-a", unique_id=b"1"), ME)
+    sig = (await core.handle(req("sign", handle=r["result"]["handle"], message=b"m"), ME))["result"]
+    with pytest.raises(Exception):  # noqa: B017 - cryptography's InvalidSignature
+        verify(backend, "app-b", b"m", sig["signature"])
+    # The payload is domain-separated: it is not the bare message.
+    assert app_signing_payload("app-a", b"m") != b"m"
+    assert app_signing_payload("app-a", b"m") != app_signing_payload("app-b", b"m")
+
+
+async def test_reregister_revokes_old_handle_and_keeps_count() -> None:
+    core = ApiCore(FakeBackend(), limits=Limits(max_registrations=2))
+    first = (await core.handle(req("register", name="app", unique_id=b"u"), ME))["result"]["handle"]
+    for _ in range(5):
+        r = await core.handle(req("register", name="app", unique_id=b"u"), ME)
+        assert r["ok"]
+    second = r["result"]["handle"]
+    assert second != first
+    r = await core.handle(req("sign", handle=first, message=b"m"), ME)
+    assert r["error"]["code"] == UNKNOWN_HANDLE
+    assert (await core.handle(req("sign", handle=second, message=b"m"), ME))["ok"]
+    assert core.registry.per_uid[ME.uid] == 1
+
+
+async def test_name_owned_by_first_uid() -> None:
+    core = ApiCore(FakeBackend())
+    h = (await core.handle(req("register", name="app", unique_id=b"u"), ME))["result"]["handle"]
+    r = await core.handle(req("register", name="app", unique_id=b"u"), OTHER)
+    assert r["error"]["code"] == NOT_PERMITTED
+    # Still refused after the owner unregistered: nobody takes over a released name.
+    assert (await core.handle(req("unregister", handle=h), ME))["ok"]
+    r = await core.handle(req("register", name="app", unique_id=b"v"), OTHER)
+    assert r["error"]["code"] == NOT_PERMITTED
+    # Another name is fine for the other uid.
+    assert (await core.handle(req("register", name="other-app", unique_id=b"v"), OTHER))["ok"]
+
+
+async def test_reserved_names() -> None:
+    core = ApiCore(FakeBackend(), reserved={"syslog": OTHER.uid})
+    r = await core.handle(req("register", name="syslog", unique_id=b"u"), ME)
+    assert r["error"]["code"] == NOT_PERMITTED
+    assert (await core.handle(req("register", name="syslog", unique_id=b"u"), OTHER))["ok"]
+
+
+async def test_handle_of_another_uid_not_permitted() -> None:
+    core = ApiCore(FakeBackend())
+    h = (await core.handle(req("register", name="app", unique_id=b"u"), ME))["result"]["handle"]
+    cases: list[tuple[str, dict[str, Any]]] = [("sign", {"message": b"m"}), ("unregister", {})]
+    for op, extra in cases:
+        r = await core.handle(req(op, handle=h, **extra), OTHER)
+        assert r["error"]["code"] == NOT_PERMITTED
+        assert h.hex() not in r["error"]["message"]
+    assert (await core.handle(req("sign", handle=h, message=b"m"), ME))["ok"]
+
+
+async def test_unregister_then_unknown() -> None:
+    core = ApiCore(FakeBackend())
+    h = (await core.handle(req("register", name="app", unique_id=b"u"), ME))["result"]["handle"]
+    assert (await core.handle(req("unregister", handle=h), ME)) == {"v": 1, "id": 1, "ok": True, "result": {}}
+    r = await core.handle(req("unregister", handle=h), ME)
+    assert r["error"]["code"] == UNKNOWN_HANDLE
+    assert ME.uid not in core.registry.per_uid
+
+
+async def test_registration_quota() -> None:
+    core = ApiCore(FakeBackend(), limits=Limits(max_registrations=16, control_burst=1000))
+    for i in range(16):
+        assert (await core.handle(req("register", name="app", unique_id=bytes([i])), ME))["ok"]
+    r = await core.handle(req("register", name="app", unique_id=b"\xff"), ME)
+    assert r["error"]["code"] == QUOTA
+    # Other uids have their own quota.
+    assert (await core.handle(req("register", name="app2", unique_id=b"\xff"), OTHER))["ok"]
+
+
+async def test_name_quota() -> None:
+    core = ApiCore(FakeBackend(), limits=Limits(max_names=3, control_burst=1000))
+    for i in range(3):
+        h = (await core.handle(req("register", name=f"n{i}", unique_id=b"u"), ME))["result"]["handle"]
+        assert (await core.handle(req("unregister", handle=h), ME))["ok"]
+    r = await core.handle(req("register", name="n3", unique_id=b"u"), ME)
+    assert r["error"]["code"] == QUOTA
+    assert (await core.handle(req("register", name="n0", unique_id=b"u"), ME))["ok"]
+
+
+async def test_sign_rate_limit_token_bucket() -> None:
+    clock = Clock()
+    core = ApiCore(FakeBackend(), limits=Limits(sign_rate=2.0, sign_burst=3.0), clock=clock)
+    h = (await core.handle(req("register", name="app", unique_id=b"u"), ME))["result"]["handle"]
+    codes = [(await core.handle(req("sign", handle=h, message=b"m"), ME))["ok"] for _ in range(4)]
+    assert codes == [True, True, True, False]
+    r = await core.handle(req("sign", handle=h, message=b"m"), ME)
+    assert r["error"]["code"] == QUOTA
+    clock.now += 0.5  # one token back
+    assert (await core.handle(req("sign", handle=h, message=b"m"), ME))["ok"]
+    assert (await core.handle(req("sign", handle=h, message=b"m"), ME))["error"]["code"] == QUOTA
+    # Re-registering does not refill the bucket.
+    h2 = (await core.handle(req("register", name="app", unique_id=b"u"), ME))["result"]["handle"]
+    assert (await core.handle(req("sign", handle=h2, message=b"m"), ME))["error"]["code"] == QUOTA
+
+
+async def test_control_rate_limit() -> None:
+    clock = Clock()
+    core = ApiCore(FakeBackend(), limits=Limits(control_rate=1.0, control_burst=2.0), clock=clock)
+    assert (await core.handle(req("get_time"), ME))["ok"]
+    assert (await core.handle(req("status"), ME))["ok"]
+    assert (await core.handle(req("get_time"), ME))["error"]["code"] == QUOTA
+    assert (await core.handle(req("get_time"), OTHER))["ok"]
+
+
+async def test_message_too_large() -> None:
+    core = ApiCore(FakeBackend())
+    h = (await core.handle(req("register", name="app", unique_id=b"u"), ME))["result"]["handle"]
+    assert (await core.handle(req("sign", handle=h, message=b"a" * 65536), ME))["ok"]
+    r = await core.handle(req("sign", handle=h, message=b"a" * 65537), ME)
+    assert r["error"]["code"] == TOO_LARGE
+    assert "message" in r["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("obj", "field"),
+    [
+        (req("sign", handle="x" * 32, message=b"m"), "handle"),
+        (req("sign", handle=b"x" * 31, message=b"m"), "handle"),
+        (req("sign", handle=b"x" * 32, message="m"), "message"),
+        (req("sign", handle=b"x" * 32), "message"),
+        (req("register", name=b"app", unique_id=b"u"), "name"),
+        (req("register", name="", unique_id=b"u"), "name"),
+        (req("register", name="a b", unique_id=b"u"), "name"),
+        (req("register", name="app", unique_id=b""), "unique_id"),
+        (req("register", name="app", unique_id=b"u" * 65), "unique_id"),
+        (req("register", name="app", unique_id=b"u", extra=1), "extra"),
+        (req("nope"), "op"),
+        (req("get_time", rid=True), "id"),
+        (req("get_time", rid=-1), "id"),
+        ({"v": 2, "op": "get_time", "id": 1}, "v"),
+        ({"op": "get_time", "id": 1}, "v"),
+        ({"v": 1, "op": 3, "id": 1}, "op"),
+    ],
+)
+async def test_bad_requests_name_the_field(obj: dict[str, Any], field: str) -> None:
+    core = ApiCore(FakeBackend())
+    r = await core.handle(obj, ME)
+    assert r["ok"] is False and r["error"]["code"] == BAD_REQUEST
+    assert repr(field) in r["error"]["message"]
+
+
+async def test_backend_failures_are_unavailable_without_details(caplog: pytest.LogCaptureFixture) -> None:
+    backend = FakeBackend()
+    core = ApiCore(backend)
+    h = (await core.handle(req("register", name="app", unique_id=b"u"), ME))["result"]["handle"]
+    backend.fail = RuntimeError("secret share 0xdeadbeef leaked")
+    with caplog.at_level(logging.DEBUG, logger="pst.api"):
+        for obj in (req("sign", handle=h, message=b"m"), req("get_time"), req("status")):
+            r = await core.handle(obj, ME)
+            assert r["error"]["code"] == UNAVAILABLE
+            assert "deadbeef" not in r["error"]["message"]
+    assert "deadbeef" not in caplog.text
+    assert h.hex() not in caplog.text
+    backend.fail = BackendUnavailable("no quorum of servers")
+    r = await core.handle(req("sign", handle=h, message=b"m"), ME)
+    assert r["error"] == {"code": UNAVAILABLE, "message": "cannot sign now: no quorum of servers"}
+
+
+async def test_get_time_and_status_encoding() -> None:
+    backend = FakeBackend()
+    backend.times[4] = float("nan")
+    core = ApiCore(backend)
+    r = await core.handle(req("get_time"), ME)
+    assert r["result"]["times_us"] == {1: 1_700_000_000_250_000, 2: None, 3: 1_700_000_001_000_000, 4: None}
+    r = await core.handle(req("status"), ME)
+    assert r["result"]["status"] == {"server": 1, "period": 7, "healthy": True, "last": "1.5"}
+    encoding.check_plain(r)
+    backend.state = {"bad": object()}
+    assert (await core.handle(req("status"), ME))["error"]["code"] == UNAVAILABLE
+
+
+async def test_handle_frame_closes_on_undecodable() -> None:
+    core = ApiCore(FakeBackend())
+    for payload in (b"", b"\xff\x00garbage", encoding.encode([1, 2]), b"\xa1\x61v\xf9\x3c\x00"):
+        out, close = await core.handle_frame(payload, ME)
+        response = encoding.decode(out)
+        assert close and response["error"]["code"] == BAD_REQUEST and response["id"] is None
+    out, close = await core.handle_frame(encoding.encode(req("sign", 9, handle=b"", message=b"")), ME)
+    assert not close and encoding.decode(out)["id"] == 9
+
+
+# Fuzz -------------------------------------------------------------------------------------------
+
+_plain = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**64), 2**64) | st.binary(max_size=40) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+_fields = st.sampled_from(["v", "op", "id", "name", "unique_id", "handle", "message", "x"])
+_ops = st.sampled_from(["register", "sign", "unregister", "get_time", "status", "other"])
+_requestish = st.fixed_dictionaries(
+    {
+        "v": st.sampled_from([1, 1, 1, 2, "1", True]),
+        "op": _ops | _plain,
+        "id": st.integers(-5, 2**64) | _plain,
+    },
+    optional={
+        "name": st.text(max_size=140) | _plain,
+        "unique_id": st.binary(max_size=70) | _plain,
+        "handle": st.binary(min_size=31, max_size=33) | _plain,
+        "message": st.binary(max_size=64) | _plain,
+    },
+) | st.dictionaries(_fields, _plain, max_size=6)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_requestish)
+def test_fuzz_parse_request_only_api_errors(obj: Any) -> None:
+    try:
+        request = parse_request(obj)
+    except ApiError as exc:
+        assert exc.code in ERROR_CODES and exc.message
+    else:
+        assert request.op in {"register", "sign", "unregister", "get_time", "status"}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=200) | _requestish.map(encoding.encode) | _plain.map(encoding.encode))
+def test_fuzz_handle_frame_always_answers(payload: bytes) -> None:
+    core = ApiCore(FakeBackend())
+
+    async def run() -> tuple[bytes, bool]:
+        return await core.handle_frame(payload, ME)
+
+    out, _ = trio.run(run)
+    response = encoding.decode(out)
+    assert response["v"] == 1 and isinstance(response["ok"], bool)
+    if not response["ok"]:
+        assert set(response["error"]) == {"code", "message"}
+        assert response["error"]["code"] in ERROR_CODES
+
+
+# Server -------------------------------------------------------------------------------------------
+
+
+async def start(
+    nursery: trio.Nursery, path: Path, backend: FakeBackend | None = None, **kwargs: Any
+) -> tuple[ApiServer, FakeBackend]:
+    backend = backend or FakeBackend()
+    server: ApiServer = await nursery.start(functools.partial(serve_api, path, backend, **kwargs))
+    return server, backend
+
+
+class Raw:
+    """A trio test client speaking frames directly."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.frames = FrameStream(stream, 1 << 22)
+
+    @classmethod
+    async def connect(cls, path: Path) -> Raw:
+        return cls(await trio.open_unix_socket(str(path)))
+
+    async def call(self, obj: dict[str, Any]) -> dict[str, Any]:
+        await self.frames.send_frame(encoding.encode(obj))
+        return await self.receive()
+
+    async def receive(self) -> dict[str, Any]:
+        with trio.fail_after(5):
+            frame = await self.frames.receive_frame()
+        assert frame is not None, "server closed the connection"
+        response: dict[str, Any] = encoding.decode(frame)
+        return response
+
+    async def at_eof(self) -> bool:
+        with trio.fail_after(5):
+            try:
+                return await self.stream.receive_some(1) == b""
+            except trio.BrokenResourceError:
+                return True
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> Path:
+    return tmp_path / "run" / "api.sock"
+
+
+async def test_server_round_trip_and_peercred(nursery: trio.Nursery, sock_path: Path) -> None:
+    server, backend = await start(nursery, sock_path)
+    assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o660
+    assert stat.S_IMODE(os.stat(sock_path.parent).st_mode) == 0o750
+    raw = await Raw.connect(sock_path)
+    r = await raw.call(req("register", 5, name="ts-client", unique_id=b"abc"))
+    assert r["ok"] and r["id"] == 5
+    handle = r["result"]["handle"]
+    (reg,) = server.core.registry.by_key.values()
+    assert (reg.uid, reg.pid) == (os.getuid(), os.getpid())
+    r = await raw.call(req("sign", 6, handle=handle, message=b"log line"))
+    verify(backend, "ts-client", b"log line", r["result"]["signature"])
+    r = await raw.call(req("get_time", 7))
+    assert r["result"]["times_us"][1] == 1_700_000_000_250_000
+    assert (await raw.call(req("status", 8)))["result"]["status"]["period"] == 7
+    # Pipelined requests are answered in order.
+    await raw.stream.send_all(
+        b"".join(encode_frame(encoding.encode(req("get_time", i))) for i in range(10, 14))
+    )
+    assert [(await raw.receive())["id"] for _ in range(4)] == [10, 11, 12, 13]
+    await raw.stream.aclose()
+
+
+async def test_server_errors_keep_serving(nursery: trio.Nursery, sock_path: Path) -> None:
+    await start(nursery, sock_path)
+    good = await Raw.connect(sock_path)
+    h = (await good.call(req("register", name="app", unique_id=b"u")))["result"]["handle"]
+
+    # Wrong types: a specific error, and the connection stays usable.
+    bad = await Raw.connect(sock_path)
+    r = await bad.call(req("sign", 3, handle=h, message="text"))
+    assert (r["id"], r["error"]["code"]) == (3, BAD_REQUEST) and "'message'" in r["error"]["message"]
+    r = await bad.call(req("sign", 4, handle=os.urandom(32), message=b"m"))
+    assert r["error"]["code"] == UNKNOWN_HANDLE
+    r = await bad.call(req("sign", 5, handle=h, message=b"m" * 70000))
+    assert r["error"]["code"] == TOO_LARGE
+    assert (await bad.call(req("sign", 6, handle=h, message=b"m")))["ok"]
+
+    # Non-CBOR payload: bad-request, then the server closes.
+    garbage = await Raw.connect(sock_path)
+    await garbage.stream.send_all(encode_frame(b"\xff\xfe not cbor"))
+    r = await garbage.receive()
+    assert r["error"]["code"] == BAD_REQUEST and r["id"] is None
+    assert await garbage.at_eof()
+
+    # Valid CBOR, but not a map.
+    notmap = await Raw.connect(sock_path)
+    await notmap.stream.send_all(encode_frame(encoding.encode(["sign"])))
+    assert (await notmap.receive())["error"]["code"] == BAD_REQUEST
+    assert await notmap.at_eof()
+
+    # A frame header announcing more than the limit: too-large before the payload.
+    huge = await Raw.connect(sock_path)
+    await huge.stream.send_all((10**6).to_bytes(4, "big") + b"xx")
+    r = await huge.receive()
+    assert r["error"]["code"] == TOO_LARGE
+    assert await huge.at_eof()
+
+    # A truncated frame, then EOF from the client.
+    trunc = await Raw.connect(sock_path)
+    await trunc.stream.send_all(b"\x00\x00\x01\x00abc")
+    await trunc.stream.send_eof()
+    r = await trunc.receive()
+    assert r["error"]["code"] == BAD_REQUEST and "truncated" in r["error"]["message"]
+
+    # Raw garbage that is not even a frame header, then EOF.
+    short = await Raw.connect(sock_path)
+    await short.stream.send_all(b"\x01")
+    await short.stream.send_eof()
+    assert (await short.receive())["error"]["code"] == BAD_REQUEST
+
+    # The first client never noticed.
+    r = await good.call(req("sign", 9, handle=h, message=b"still here"))
+    assert r["ok"] and r["id"] == 9
+
+
+async def test_server_many_clients_concurrently(nursery: trio.Nursery, sock_path: Path) -> None:
+    _, backend = await start(nursery, sock_path)
+    backend.delay = 0.05
+    results: dict[int, bytes] = {}
+
+    async def one(i: int) -> None:
+        raw = await Raw.connect(sock_path)
+        h = (await raw.call(req("register", name=f"app{i}", unique_id=b"u")))["result"]["handle"]
+        results[i] = (await raw.call(req("sign", handle=h, message=str(i).encode())))["result"]["signature"]
+        await raw.stream.aclose()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as inner:
+            for i in range(12):
+                inner.start_soon(one, i)
+    for i, sig in results.items():
+        verify(backend, f"app{i}", str(i).encode(), sig)
+    assert len(results) == 12
+
+
+async def test_server_idle_timeout(nursery: trio.Nursery, sock_path: Path) -> None:
+    await start(nursery, sock_path, idle_timeout=0.2)
+    raw = await Raw.connect(sock_path)
+    assert (await raw.call(req("get_time")))["ok"]
+    # A partial frame is not activity.
+    await raw.stream.send_all(b"\x00\x00")
+    assert await raw.at_eof()
+
+
+async def test_server_request_timeout(nursery: trio.Nursery, sock_path: Path) -> None:
+    _, backend = await start(nursery, sock_path, request_timeout=0.1)
+    raw = await Raw.connect(sock_path)
+    h = (await raw.call(req("register", name="app", unique_id=b"u")))["result"]["handle"]
+    backend.delay = 10
+    r = await raw.call(req("sign", handle=h, message=b"m"))
+    assert r["error"]["code"] == UNAVAILABLE
+
+
+async def test_server_max_connections(nursery: trio.Nursery, sock_path: Path) -> None:
+    await start(nursery, sock_path, max_connections=2)
+    a, b = await Raw.connect(sock_path), await Raw.connect(sock_path)
+    assert (await a.call(req("get_time")))["ok"] and (await b.call(req("get_time")))["ok"]
+    c = await Raw.connect(sock_path)
+    assert (await c.receive())["error"]["code"] == QUOTA
+    assert await c.at_eof()
+    await a.stream.aclose()
+    await trio.sleep(0.05)
+    d = await Raw.connect(sock_path)
+    assert (await d.call(req("get_time")))["ok"]
+
+
+async def test_server_replaces_stale_socket_and_cleans_up(sock_path: Path) -> None:
+    sock_path.parent.mkdir(mode=0o755)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(sock_path))
+    stale.close()  # the file stays, nobody listens: stale
+    async with trio.open_nursery() as nursery:
+        await start(nursery, sock_path)
+        raw = await Raw.connect(sock_path)
+        assert (await raw.call(req("get_time")))["ok"]
+        # A second server must not steal a live socket.
+        with pytest.raises(OSError):
+            await start(nursery, sock_path)
+        nursery.cancel_scope.cancel()
+    assert not sock_path.exists()
+    # An existing parent directory keeps its mode.
+    assert stat.S_IMODE(os.stat(sock_path.parent).st_mode) == 0o755
+
+
+async def test_server_refuses_to_replace_a_regular_file(sock_path: Path) -> None:
+    sock_path.parent.mkdir()
+    sock_path.write_text("important")
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(FileExistsError):
+            await start(nursery, sock_path)
+    assert sock_path.read_text() == "important"
+
+
+# Sync client ---------------------------------------------------------------------------------------
+
+
+async def test_sync_client_against_server(nursery: trio.Nursery, sock_path: Path) -> None:
+    server, backend = await start(nursery, sock_path)
+
+    def session() -> tuple[bytes, dict[int, float | None], dict[str, Any]]:
+        with pst_client.PstClient(sock_path) as client:
+            client.register("syslog-host", "instance-1")
+            sig: bytes = client.sign(b"entry 1")
+            times: dict[int, float | None] = client.get_time()
+            status: dict[str, Any] = client.status()
+            with pytest.raises(pst_client.PstError) as err:
+                client.sign(b"x" * 70000)
+            assert err.value.code == TOO_LARGE
+            with pytest.raises(pst_client.PstError) as err:
+                client.sign(b"m", handle=os.urandom(32))
+            assert err.value.code == UNKNOWN_HANDLE
+            old = client.handle
+            client.register("syslog-host", "instance-1")
+            with pytest.raises(pst_client.PstError) as err:
+                client.sign(b"m", handle=old)
+            assert err.value.code == UNKNOWN_HANDLE
+            # The handle outlives the connection.
+            client.close()
+            client.sign(b"after reconnect")
+            client.unregister()
+            with pytest.raises(pst_client.PstError) as err:
+                client.sign(b"m")
+            assert err.value.code == UNKNOWN_HANDLE
+        return sig, times, status
+
+    sig, times, status = await trio.to_thread.run_sync(session)
+    verify(backend, "syslog-host", b"entry 1", sig)
+    assert times == {1: 1_700_000_000.25, 2: None, 3: 1_700_000_001.0}
+    assert status["period"] == 7 and status["last"] == "1.5"
+    assert not server.core.registry.by_handle
+
+
+async def test_sync_client_quota(nursery: trio.Nursery, sock_path: Path) -> None:
+    await start(nursery, sock_path, limits=Limits(sign_rate=0.001, sign_burst=2))
+
+    def session() -> list[str]:
+        codes = []
+        with pst_client.PstClient(sock_path) as client:
+            client.register("app", b"u")
+            for _ in range(3):
+                try:
+                    client.sign(b"m")
+                    codes.append("ok")
+                except pst_client.PstError as exc:
+                    codes.append(exc.code)
+        return codes
+
+    assert await trio.to_thread.run_sync(session) == ["ok", "ok", QUOTA]
+
+
+async def test_sync_client_no_server(tmp_path: Path) -> None:
+    def call() -> str:
+        try:
+            pst_client.PstClient(tmp_path / "none.sock").get_time()
+        except pst_client.PstError as exc:
+            return str(exc.code)
+        return "ok"
+
+    assert await trio.to_thread.run_sync(call) == "connection"
+
+
+async def test_cli_sign(
+    nursery: trio.Nursery, sock_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, backend = await start(nursery, sock_path, limits=Limits(control_burst=100))
+    file = tmp_path / "msg.txt"
+    file.write_bytes(b"sign me\n")
+    argv = ["--socket", str(sock_path), "--name", "cli-app", "sign", str(file)]
+    for _ in range(20):  # re-registering replaces, unregister frees: no quota build-up
+        assert await trio.to_thread.run_sync(pst_client.main, argv) == 0
+    lines = capsys.readouterr().out.split()
+    assert len(lines) == 20
+    verify(backend, "cli-app", b"sign me\n", bytes.fromhex(lines[0]))
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 70000)
+    argv = ["--socket", str(sock_path), "sign", str(big)]
+    assert await trio.to_thread.run_sync(pst_client.main, argv) == 1
+    assert "too-large" in capsys.readouterr().err
+    assert await trio.to_thread.run_sync(pst_client.main, ["--socket", str(sock_path), "time"]) == 0
+    assert "unknown" in capsys.readouterr().out
+
+
+# Distributed registration (data structures only) -------------------------------------------------
+
+
+def test_distributed_registration_structures() -> None:
+    from appliance.api._distributed import ApprovalRequest, MajorityTally, password_verifier
+
+    v = password_verifier("ca", b"pw")
+    assert v == password_verifier("ca", b"pw") and v != password_verifier("cb", b"pw")
+    request = ApprovalRequest("ca", v, "sign", b"r" * 16)
+    assert ApprovalRequest.decode(request.encode()) == request
+    with pytest.raises(ValueError):
+        ApprovalRequest.decode(encoding.encode({"name": "ca", "verifier": b"", "protocol": "x", "rid": b""}))
+    tally = MajorityTally(5)
+    assert not tally.approve(1, request) and not tally.approve(2, request) and not tally.approve(2, request)
+    assert tally.approve(4, request)
+
+
+async def test_pserver_backend_adapter(tmp_path: Path) -> None:
+    from appliance.api import PServerBackend
+    from appliance.protocols.signing import SigningRefused, is_protocol_payload
+
+    key = Ed25519PrivateKey.generate()
+    calls: list[bytes] = []
+
+    async def sign_raw(payload: bytes) -> bytes:
+        calls.append(payload)
+        if is_protocol_payload(payload):
+            raise SigningRefused("refusing to sign a protocol payload on request")
+        if payload.endswith(hashlib.sha512(b"slow").digest()):
+            raise trio.TooSlowError
+        return key.sign(payload)
+
+    status_file = tmp_path / "status.json"
+    backend = PServerBackend(sign_raw, 2, servers=[1, 2, 3], status_file=status_file, clock=lambda: 5.0)
+    core = ApiCore(backend)
+    h = (await core.handle(req("register", name="app", unique_id=b"u"), ME))["result"]["handle"]
+    sig = (await core.handle(req("sign", handle=h, message=b"m" * 65536), ME))["result"]["signature"]
+    key.public_key().verify(sig, app_signing_payload("app", b"m" * 65536))
+    assert not is_protocol_payload(calls[0]) and len(calls[0]) < 200
+    # A client that submits a protocol payload as its message still gets an app-bound signature.
+    protocol_obj = encoding.signing_payload("keytable", 1, "ctx", 3, {"x": 1})
+    assert (await core.handle(req("sign", handle=h, message=protocol_obj), ME))["ok"]
+    assert calls[-1] == app_signing_payload("app", protocol_obj)
+    r = await core.handle(req("sign", handle=h, message=b"slow"), ME)
+    assert r["error"]["code"] == UNAVAILABLE
+    assert (await core.handle(req("get_time"), ME))["result"]["times_us"] == {1: None, 2: 5_000_000, 3: None}
+    assert (await core.handle(req("status"), ME))["error"]["code"] == UNAVAILABLE
+    status_file.write_text('{"status": "operational", "period": 3}')
+    assert (await core.handle(req("status"), ME))["result"]["status"] == {
+        "status": "operational",
+        "period": 3,
+    }
