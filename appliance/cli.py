@@ -380,6 +380,62 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
     return 1
 
 
+def _node_socket(node: Path) -> Path:
+    from appliance.node import config as node_config
+
+    return node_config.load(node / "config.toml").api_socket
+
+
+def _cmd_sign(args: argparse.Namespace) -> int:
+    from appliance.api import client as client_mod
+
+    data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    nodes = _cluster_nodes(Path(args.dir))
+    node = next((n for n in nodes if _alive(_pid(n))), None)
+    if node is None:
+        print("pst sign: no server of the cluster is running", file=sys.stderr)
+        return 1
+    client = client_mod.PstClient(str(_node_socket(node)))
+    try:
+        client.register(args.app, b"pst-cli")
+        signature = client.sign(data)
+    except client_mod.PstError as exc:
+        print(f"pst sign: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    if args.out:
+        Path(args.out).write_bytes(signature)
+    print(signature.hex())
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from appliance.api import app_signing_payload
+    from appliance.node.store import StateDir
+
+    data = Path(args.file).read_bytes()
+    signature = Path(args.signature).read_bytes()
+    if len(signature) == 128:
+        signature = bytes.fromhex(signature.decode())
+    for node in _cluster_nodes(Path(args.dir)):
+        m = StateDir(node / "state").load().public.m
+        if m is None:
+            continue
+        try:
+            Ed25519PublicKey.from_public_bytes(m.vcert).verify(signature, app_signing_payload(args.app, data))
+        except InvalidSignature:
+            print(f"INVALID: not a signature of the group key on {args.file} for application {args.app!r}")
+            return 1
+        print(f"OK: signed by the group key {m.vcert.hex()[:16]}.. for application {args.app!r}")
+        return 0
+    print("pst verify: no server holds a valid M", file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pst",
@@ -449,6 +505,18 @@ def build_parser() -> argparse.ArgumentParser:
     refresh.add_argument("--now", action="store_true", help="start it in two seconds on every server")
     refresh.add_argument("--dir", required=True)
     refresh.set_defaults(func=_cmd_refresh)
+    sign = sub.add_parser("sign", help="sign a file with the group key, through a server's local API")
+    sign.add_argument("--dir", required=True)
+    sign.add_argument("--app", default="pst-cli", help="application name the signature is bound to")
+    sign.add_argument("--out", help="also write the 64-byte signature to this file")
+    sign.add_argument("file", help="the file to sign (- for standard input)")
+    sign.set_defaults(func=_cmd_sign)
+    verify = sub.add_parser("verify", help="check a group-key signature made with pst sign")
+    verify.add_argument("--dir", required=True)
+    verify.add_argument("--app", default="pst-cli")
+    verify.add_argument("file")
+    verify.add_argument("signature", help="file holding the 64-byte signature (or its hex)")
+    verify.set_defaults(func=_cmd_verify)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import trio
 
+from appliance.api import PServerBackend, serve_api
 from appliance.net import PeerNetwork
 from appliance.node import config as node_config
 from appliance.node.config import NodeConfig
@@ -71,6 +73,14 @@ async def _serve(config: NodeConfig) -> None:
     server = PServer(config, net_transport)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
+        backend = PServerBackend(
+            server.sign,
+            config.server_id,
+            servers=config.constants.ids,
+            status_file=server.store.public_dir / "status.json",
+        )
+        await nursery.start(functools.partial(serve_api, config.api_socket, backend))
+        log.info("server %d: local API on %s", config.server_id, config.api_socket)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
             async for signum in signals:
                 if signum == signal.SIGUSR1:

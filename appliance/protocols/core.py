@@ -133,7 +133,7 @@ class ServerCore:
 
     def next_wakeup(self, now: float) -> float | None:
         if self.signing is not None and self.signing.pending:
-            return now + 0.05
+            return now + 0.01
         if self.engine is not None and self.engine.outcome is None:
             wake = self.engine.next_wakeup(now)
             if wake is not None:

@@ -41,8 +41,8 @@ from appliance.protocols.state import KeyTable
 
 CONTEXT = "pst/signing"
 SERVICE = "sign"
-BATCH = 64
-LOW_WATER = 16
+BATCH = 128
+LOW_WATER = 48
 REQUEST_TIMEOUT = 2.0
 MAX_MESSAGE = 64 * 1024
 MAX_ATTEMPTS = 4
@@ -142,7 +142,7 @@ class SigningService:
 
     def _give_batch(self, coordinator: int) -> None:
         reserved = self._reserved.setdefault(coordinator, {})
-        if len(reserved) > 4 * BATCH:
+        if len(reserved) > 8 * BATCH:
             return  # it still holds plenty: refuse to hoard secrets for it
         batch = []
         for _ in range(BATCH):
@@ -178,7 +178,12 @@ class SigningService:
             return
         usable = [i for i in self.peers if self._stock[i] and self._avoid.get(i, 0.0) <= now]
         usable.sort(key=lambda i: (-len(self._stock[i]), i))
+        self._replenish(now)
         if len(usable) < self.t:
+            if now - req.started < REQUEST_TIMEOUT:
+                req.attempt -= 1  # not an attempt: wait for nonce batches (retried on tick)
+                req.signers, req.deadline = (), now + 0.02
+                return
             self._fail(req, f"only {len(usable)} other signers have nonces for us, need {self.t}")
             return
         chosen = sorted(usable[: self.t])
@@ -187,9 +192,7 @@ class SigningService:
         req.commitments = {self.me: own.commitment.to_bytes()}
         for i in chosen:
             req.commitments[i] = self._stock[i].popleft()
-            if len(self._stock[i]) < LOW_WATER and self._asked_more.get(i, -1.0) + 1.0 < now:
-                self._asked_more[i] = now
-                self._send(i, "more", {})
+        self._replenish(now)
         req.shares = {}
         req.deadline = now + REQUEST_TIMEOUT
         body = {
@@ -210,6 +213,13 @@ class SigningService:
             self._attempt(req, now)
             return
         req.shares[self.me] = share
+
+    def _replenish(self, now: float) -> None:
+        """Ask signers whose nonces for us run low for a new batch (at most every 0.2 s each)."""
+        for i in self.peers:
+            if len(self._stock[i]) < LOW_WATER and self._asked_more.get(i, -1.0) + 0.2 < now:
+                self._asked_more[i] = now
+                self._send(i, "more", {})
 
     def _fail(self, req: _Request, why: str) -> None:
         self.failed[req.rid] = why
@@ -318,6 +328,8 @@ class SigningService:
                     if i not in req.shares:
                         self._avoid[i] = now + 10.0
                 self._attempt(req, now)
+        if self._requests:
+            self._replenish(now)
         return self.drain()
 
     def wipe(self) -> None:
