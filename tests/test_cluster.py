@@ -94,6 +94,27 @@ def test_five_processes_refresh_and_keep_the_group_key(cluster: Path) -> None:
     assert pem.stdout.startswith("-----BEGIN PUBLIC KEY-----")
 
 
+def test_sign_through_the_local_api_and_verify(cluster: Path, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from appliance.api import app_signing_payload
+
+    doc = tmp_path / "doc.txt"
+    doc.write_bytes(b"a document for the group key\n")
+    out = pst("sign", "--dir", str(cluster), "--out", str(tmp_path / "doc.sig"), str(doc))
+    assert out.returncode == 0, out.stderr
+    signature = (tmp_path / "doc.sig").read_bytes()
+    vcert = StateDir(cluster / "node-1" / "state").load().public.sharings[SCERT].public_key
+    Ed25519PublicKey.from_public_bytes(vcert).verify(
+        signature, app_signing_payload("pst-cli", doc.read_bytes())
+    )
+    ok = pst("verify", "--dir", str(cluster), str(doc), str(tmp_path / "doc.sig"))
+    assert ok.returncode == 0 and ok.stdout.startswith("OK")
+    doc.write_bytes(b"changed")
+    bad = pst("verify", "--dir", str(cluster), str(doc), str(tmp_path / "doc.sig"))
+    assert bad.returncode == 1 and bad.stdout.startswith("INVALID")
+
+
 def test_refresh_now_runs_an_extra_refresh_at_once(tmp_path: Path) -> None:
     root = tmp_path / "c"
     base = free_base_port(4)
