@@ -120,6 +120,9 @@ async def test_group_key_signatures_on_request_verify_with_cryptography(tmp_path
                 for k in range(40):
                     inner.start_soon(one, k)
         assert len(sigs) == 40
+        times = await servers[2].time_vector()
+        assert set(times) == set(range(1, 6)) and all(t is not None for t in times.values())
+        assert max(times.values()) - min(times.values()) < 1.0  # type: ignore[operator, type-var]
         protocol_payload = encoding.signing_payload("KeyTable", 1, "pst/refresh/keytable", 9, {})
         try:
             await servers[2].sign(protocol_payload)

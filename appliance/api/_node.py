@@ -41,8 +41,10 @@ class PServerBackend:
         servers: Iterable[int] = (),
         status_file: Path | None = None,
         clock: Callable[[], float] = time.time,
+        time_vector: Callable[[], Awaitable[Mapping[int, float | None]]] | None = None,
     ) -> None:
         self._sign_raw = sign_raw
+        self._time_vector = time_vector
         self.server_id = server_id
         self.servers = sorted(set(servers) | {server_id})
         self.status_file = status_file
@@ -57,6 +59,9 @@ class PServerBackend:
             raise BackendUnavailable("the signing servers did not answer in time") from None
 
     async def get_time(self) -> Mapping[int, float | None]:
+        if self._time_vector is not None:
+            vector = await self._time_vector()
+            return {i: vector.get(i) for i in self.servers}
         now = self.clock()
         return {i: (now if i == self.server_id else None) for i in self.servers}
 

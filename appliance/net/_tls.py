@@ -13,11 +13,24 @@ so the anchor certificate is trusted as it stands (RFC 5280 treats a trust ancho
 name and a key). OpenSSL therefore accepts exactly the leaves signed by some key of the
 period's KeyTable, and TLS 1.3's CertificateVerify proves the peer holds that key.
 
-The contexts (:func:`server_context`, :func:`client_context`) allow TLS 1.3 only, require a
-certificate both ways and disable session tickets (no resumption without certificates).
-Hostname checking is off: after the handshake each side calls :func:`check_peer` to compare
-the peer certificate's public key (and period) with the KeyTable key of the server id the
-peer claims in its hello, and closes the connection otherwise.
+The contexts (:func:`server_context`, :func:`client_context`) allow TLS 1.3 only and disable
+session tickets (no resumption without certificates). The client context presents our
+certificate and requires the server's. The server context *requests* a client certificate
+with ``CERT_OPTIONAL``: OpenSSL then still verifies any certificate the client presents and
+aborts the handshake when it does not chain to an anchor (exactly as with ``CERT_REQUIRED``;
+checked with OpenSSL 3.0 in tests/test_net.py), but lets a client that presents none finish
+the handshake. Such a connection is *unauthenticated*; :mod:`appliance.net._peers` treats it
+so. Hostname checking is off: after the handshake each side calls :func:`check_peer` to
+compare the peer certificate's public key (and period) with the KeyTable key of the server
+id the peer claims in its hello, and closes the connection otherwise.
+
+Unauthenticated connections (see :mod:`appliance.net._peers` for why they are safe): a
+server that missed a refresh has a stale period key or none, so it cannot take part in the
+exchange above. :func:`anonymous_client_context` presents no certificate and does not verify
+the server's (still TLS 1.3 only); :func:`anonymous_server_context` is the listening context
+of a server with no period key at all: it presents a throwaway certificate for a random key
+made on the spot (TLS 1.3 has no certificate-less cipher suites) and requests no client
+certificate.
 
 Private keys reach OpenSSL through an anonymous memory file (``memfd``) that is closed at
 once; they are never written to disk where memfd exists, and never logged.
@@ -202,19 +215,19 @@ def _secret_file(data: bytes) -> Iterator[str]:
             yield path
 
 
-def _context(
-    protocol: int, server: int, period: int, seed: bytes, keys: Mapping[int, bytes]
-) -> ssl.SSLContext:
+def _tls13_context(protocol: int) -> ssl.SSLContext:
+    """A TLS 1.3-only context without session tickets or hostname checks."""
     ctx = ssl.SSLContext(protocol)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     if protocol == ssl.PROTOCOL_TLS_SERVER:
         ctx.num_tickets = 0
     ctx.options |= ssl.OP_NO_TICKET
-    ctx.load_verify_locations(cadata=trust_anchors_pem(period, keys))
+    return ctx
+
+
+def _load_identity(ctx: ssl.SSLContext, server: int, period: int, seed: bytes) -> None:
     cert = period_certificate(server, period, seed)
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
     key_pem = Ed25519PrivateKey.from_private_bytes(seed).private_bytes(
@@ -222,17 +235,47 @@ def _context(
     )
     with _secret_file(cert_pem) as cert_path, _secret_file(key_pem) as key_path:
         ctx.load_cert_chain(cert_path, key_path)
+
+
+def _context(
+    protocol: int, server: int, period: int, seed: bytes, keys: Mapping[int, bytes]
+) -> ssl.SSLContext:
+    ctx = _tls13_context(protocol)
+    # The server only requests a client certificate: one that is presented is verified
+    # (and a bad one fails the handshake); none at all makes an unauthenticated connection.
+    ctx.verify_mode = ssl.CERT_OPTIONAL if protocol == ssl.PROTOCOL_TLS_SERVER else ssl.CERT_REQUIRED
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    ctx.load_verify_locations(cadata=trust_anchors_pem(period, keys))
+    _load_identity(ctx, server, period, seed)
     return ctx
 
 
 def server_context(server: int, period: int, seed: bytes, keys: Mapping[int, bytes]) -> ssl.SSLContext:
-    """Context accepting connections: TLS 1.3, client certificate required, table anchors."""
+    """Context accepting connections: TLS 1.3, client certificate requested (CERT_OPTIONAL)
+    and verified against the table anchors when presented."""
     return _context(ssl.PROTOCOL_TLS_SERVER, server, period, seed, keys)
 
 
 def client_context(server: int, period: int, seed: bytes, keys: Mapping[int, bytes]) -> ssl.SSLContext:
     """Context opening connections: TLS 1.3, our certificate, table anchors, no hostname check."""
     return _context(ssl.PROTOCOL_TLS_CLIENT, server, period, seed, keys)
+
+
+def anonymous_client_context() -> ssl.SSLContext:
+    """Context opening unauthenticated connections: TLS 1.3, no certificate presented, the
+    server's certificate not verified (``CERT_NONE``, no hostname check)."""
+    ctx = _tls13_context(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def anonymous_server_context(server: int) -> ssl.SSLContext:
+    """Listening context of a server without period keys: TLS 1.3, a throwaway certificate
+    for a fresh random key (never trusted by anyone), no client certificate requested."""
+    ctx = _tls13_context(ssl.PROTOCOL_TLS_SERVER)
+    ctx.verify_mode = ssl.CERT_NONE
+    _load_identity(ctx, server, 0, os.urandom(32))
+    return ctx
 
 
 def check_peer(cert_der: bytes | None, claimed: int, period: int, keys: Mapping[int, bytes]) -> None:

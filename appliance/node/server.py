@@ -31,6 +31,7 @@ from appliance.node.config import NodeConfig
 from appliance.node.store import StateDir, atomic_write
 from appliance.protocols.core import ServerCore
 from appliance.protocols.refresh import Outcome, PublicData, Status
+from appliance.protocols.services import TimeService
 from appliance.protocols.signing import SigningRefused, SigningService
 from appliance.protocols.state import SCERT
 
@@ -74,7 +75,7 @@ class PServer:
         self.last_refresh: dict[str, Any] = {}
         self._refresh_started: dict[int, float] = {}
         self._pending_rekey: tuple[int, dict[int, bytes], bytes] | None = None
-        self._waiting: dict[tuple[int, int], tuple[trio.Event, SigningService]] = {}
+        self._waiting: dict[tuple[int, int], tuple[trio.Event, SigningService | TimeService]] = {}
         self._poke: Callable[[], None] = lambda: None
 
     # Startup ------------------------------------------------------------------------------
@@ -178,6 +179,7 @@ class PServer:
                 self._note_start(core, now)
                 for out in core.tick(now):
                     self.transport.send(out.to, out.data)
+                self._settle_signatures()
                 if self._pending_rekey is not None:
                     period, keys, seed = self._pending_rekey
                     self._pending_rekey = None
@@ -195,7 +197,6 @@ class PServer:
                             break
                         if sender:
                             core.receive(sender, data, self.clock())
-                self._settle_signatures()
 
     def request_refresh(self, period: int, start: float) -> bool:
         """Run the refresh of ``period`` at ``start`` (``pst refresh --now``); False if refused."""
@@ -226,10 +227,30 @@ class PServer:
             return service.done.pop(rid)
         raise SigningRefused(service.failed.pop(rid, "the signing service was replaced by a refresh; retry"))
 
+    async def time_vector(self, *, timeout: float = 2.0) -> dict[int, float | None]:
+        """GetTime: every server's clock as it answered (None for a server that did not)."""
+        core = self.core
+        if core is None or core.time is None:
+            return {self.config.server_id: self.clock()}
+        service = core.time
+        rid = service.request(self.clock())
+        done = trio.Event()
+        key = (id(service), rid)
+        self._waiting[key] = (done, service)
+        self._poke()
+        try:
+            with trio.fail_after(timeout):
+                await done.wait()
+        finally:
+            self._waiting.pop(key, None)
+        return service.done.pop(rid, {self.config.server_id: self.clock()})
+
     def _settle_signatures(self) -> None:
         core = self.core
         for (_sid, rid), (event, service) in self._waiting.items():
-            if rid in service.done or rid in service.failed or core is None or core.signing is not service:
+            current = core is not None and service in (core.signing, core.time)
+            failed = getattr(service, "failed", {})
+            if rid in service.done or rid in failed or not current:
                 event.set()
 
     def _note_start(self, core: ServerCore, now: float) -> None:

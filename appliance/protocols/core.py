@@ -21,6 +21,7 @@ from appliance.crypto.keyshare import KeyShare
 from appliance.crypto.secret import SecretScalar
 from appliance.protocols._core import Outgoing, Signer
 from appliance.protocols.refresh import Outcome, PeriodRefresh, PrivateData, PublicData, Status
+from appliance.protocols.services import TIME, TimeService
 from appliance.protocols.signing import SERVICE, SigningService
 from appliance.protocols.state import SCERT, Constants
 
@@ -47,6 +48,7 @@ class ServerCore:
         self.private: PrivateData | None = private
         self.on_outcome = on_outcome
         self.signing: SigningService | None = None
+        self.time: TimeService | None = None
         self.signing_enabled = signing
         #: Periods whose refresh starts earlier than the clock says (``pst refresh --now``).
         self.overrides: dict[int, float] = {}
@@ -96,6 +98,7 @@ class ServerCore:
         if self.signing is not None:
             self.signing.wipe()
             self.signing = None
+        self.time = None
         public, private = self.public, self.private
         table = public.key_table
         sharing = public.sharings.get(SCERT)
@@ -109,6 +112,7 @@ class ServerCore:
         signer = Signer(SigningKey(private.signing_seed))
         if entry is None or entry.verify_key != signer.public or not key.check(ED25519):
             return
+        self.time = TimeService(me=self.me, table=table, signer=signer)
         self.signing = SigningService(
             me=self.me, t=self.clock.t, table=table, key=key, signer=signer, rand=self.rand
         )
@@ -118,6 +122,8 @@ class ServerCore:
         out = self._tick_refresh(now)
         if self.signing is not None:
             out += self.signing.tick(now)
+        if self.time is not None:
+            out += self.time.tick(now)
         return out
 
     def _tick_refresh(self, now: float) -> list[Outgoing]:
@@ -134,6 +140,8 @@ class ServerCore:
     def next_wakeup(self, now: float) -> float | None:
         if self.signing is not None and self.signing.pending:
             return now + 0.01
+        if self.time is not None and self.time.pending:
+            return now + 0.05
         if self.engine is not None and self.engine.outcome is None:
             wake = self.engine.next_wakeup(now)
             if wake is not None:
@@ -163,10 +171,13 @@ class ServerCore:
             raw: Any = cbor2.loads(data)
         except Exception:
             raw = None
-        if isinstance(raw, dict) and raw.get("svc") == SERVICE:
+        if isinstance(raw, dict) and raw.get("svc") in (SERVICE, TIME):
             obj = _strict(data)
-            if self.signing is not None and isinstance(obj, dict):
-                self.signing.receive(sender, obj, now)
+            if isinstance(obj, dict):
+                if obj["svc"] == SERVICE and self.signing is not None:
+                    self.signing.receive(sender, obj, now)
+                elif obj["svc"] == TIME and self.time is not None:
+                    self.time.receive(sender, obj, now)
             return
         period = raw.get("period") if isinstance(raw, dict) else None
         period = period if isinstance(period, int) and not isinstance(period, bool) else None

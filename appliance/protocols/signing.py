@@ -36,10 +36,10 @@ from appliance.crypto import encoding, frost
 from appliance.crypto.errors import CheatingError, CryptoError, DecodeError
 from appliance.crypto.groups import ED25519
 from appliance.crypto.keyshare import KeyShare
-from appliance.protocols._core import Alert, AlertKind, Outgoing, RemoteProtocolError, Signer, ed25519_verify
+from appliance.protocols._core import Alert, AlertKind, Outgoing, RemoteProtocolError, Signer
+from appliance.protocols.services import open_envelope, seal
 from appliance.protocols.state import KeyTable
 
-CONTEXT = "pst/signing"
 SERVICE = "sign"
 BATCH = 128
 LOW_WATER = 48
@@ -113,21 +113,8 @@ class SigningService:
 
     # Envelopes -------------------------------------------------------------------------
 
-    def _envelope(self, kind: str, body: Any) -> bytes:
-        payload = encoding.signing_payload(kind, 1, CONTEXT, self.period, {"from": self.me, "body": body})
-        return encoding.encode(
-            {
-                "svc": SERVICE,
-                "kind": kind,
-                "period": self.period,
-                "from": self.me,
-                "body": body,
-                "sig": self.signer.sign(payload),
-            }
-        )
-
     def _send(self, to: int, kind: str, body: Any) -> None:
-        self._out.append(Outgoing(to, self._envelope(kind, body)))
+        self._out.append(Outgoing(to, seal(SERVICE, kind, self.period, self.me, body, self.signer)))
 
     def drain(self) -> list[Outgoing]:
         out, self._out = self._out, []
@@ -286,20 +273,7 @@ class SigningService:
             self.rejected.append(RemoteProtocolError(sender, f"signing service: {type(exc).__name__}: {exc}"))
 
     def _receive(self, sender: int, obj: dict[str, Any], now: float) -> None:
-        f = encoding.expect_map(
-            obj,
-            {"svc": str, "kind": str, "period": int, "from": int, "body": object, "sig": bytes},
-            "signing message",
-        )
-        if f["from"] != sender or f["period"] != self.period:
-            raise RemoteProtocolError(sender, "signing message for another sender or period")
-        entry = self.table.entries.get(sender)
-        payload = encoding.signing_payload(
-            f["kind"], 1, CONTEXT, self.period, {"from": sender, "body": f["body"]}
-        )
-        if entry is None or not ed25519_verify(entry.verify_key, payload, f["sig"]):
-            raise RemoteProtocolError(sender, "signing message not signed with the sender's period key")
-        kind, body = f["kind"], f["body"]
+        kind, body = open_envelope(SERVICE, obj, sender, self.table)
         if kind == "nonces":
             if not isinstance(body, list) or len(body) > BATCH or not all(isinstance(x, bytes) for x in body):
                 raise RemoteProtocolError(sender, "nonce batch: expected a list of commitments")
