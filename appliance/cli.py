@@ -310,7 +310,13 @@ def _cmd_cluster_up(args: argparse.Namespace) -> int:
             continue
         print(f"{node.name}: starting (log: {node / 'server.log'})", flush=True)
         _start_node(node)
-    time.sleep(1.0)
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline:  # ready = the local API socket is there
+        _reap()
+        waiting = [n for n in nodes if _alive(_pid(n)) and not _node_socket(n).exists()]
+        if not waiting:
+            break
+        time.sleep(0.2)
     dead = [n.name for n in nodes if not _alive(_pid(n))]
     if dead:
         print(f"pst cluster up: {', '.join(dead)} exited at once; see their server.log", file=sys.stderr)

@@ -115,6 +115,25 @@ def test_sign_through_the_local_api_and_verify(cluster: Path, tmp_path: Path) ->
     assert bad.returncode == 1 and bad.stdout.startswith("INVALID")
 
 
+def test_get_time_and_get_random_through_the_local_api(cluster: Path) -> None:
+    from appliance.api.client import PstClient
+    from appliance.node import config as node_config
+
+    sockets = [str(node_config.load(cluster / f"node-{i}" / "config.toml").api_socket) for i in (1, 4)]
+    with PstClient(sockets[0]) as a, PstClient(sockets[1]) as b:
+        a.register("test-app", b"a")
+        b.register("test-app", b"b")
+        times = a.get_time()
+        assert set(times) == {1, 2, 3, 4, 5}
+        readings = [t for t in times.values() if t is not None]
+        assert len(readings) >= 4 and max(readings) - min(readings) < 2.0
+        nonce = b"n" * 32
+        r1, input1 = a.get_random(nonce)
+        r2, input2 = b.get_random(nonce)
+        assert len(r1) == 64 and (r1, input1) == (r2, input2)  # one value per input, whoever asks
+        assert a.get_random()[0] != r1
+
+
 def test_refresh_now_runs_an_extra_refresh_at_once(tmp_path: Path) -> None:
     root = tmp_path / "c"
     base = free_base_port(4)

@@ -36,11 +36,13 @@ from appliance.net import (
     PeerCertificateError,
     PeerNetwork,
     PeerState,
+    anonymous_client_context,
     certificate_period,
     check_peer,
     client_context,
     encode_frame,
     period_certificate,
+    server_context,
     trust_anchor,
     trust_anchors_pem,
 )
@@ -119,6 +121,13 @@ async def mesh(
             net = PeerNetwork(i, addresses, period, keys, seed_of(i, period), **opts)
             nets[i] = await stack.enter_async_context(net)
         yield nets
+
+
+async def raw_anonymous(port: int) -> tuple[trio.SSLStream[trio.SocketStream], FrameStream]:
+    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    stream = trio.SSLStream(tcp, anonymous_client_context(), server_hostname="server-1.pst")
+    await stream.do_handshake()
+    return stream, FrameStream(stream)
 
 
 async def raw_tls(
@@ -376,8 +385,11 @@ async def test_certificate_key_not_in_table_is_rejected(caplog: pytest.LogCaptur
             inc = next(r for r in nets[1].rejections if r.direction == "incoming")
             assert inc.address.startswith("127.0.0.1:") and "TLS" in inc.reason
             assert 4 not in nets[1].connected_peers() | nets[1].incoming_peers()
-            assert nets[1].state(4) is PeerState.DOWN
+            assert nets[1].state(4) is not PeerState.UP and not nets[1].is_authenticated(4)
             assert mallory.connected_peers() == frozenset()
+            # Mallory's certificate is refused, but she may still talk unauthenticated, flagged so.
+            await eventually(lambda: 4 in nets[1].unauthenticated_peers())
+            assert not nets[1].is_authenticated(4) and mallory.incoming_peers() == frozenset()
             nets[2].send(1, b"still fine")
             await eventually(lambda: (2, b"still fine") in inbox.got[1])
     assert "connection to server 4 at 127.0.0.1" in caplog.text
@@ -473,7 +485,8 @@ async def test_rekey_closes_old_connections_and_new_ones_work() -> None:
         await eventually(lambda: 4 in nets[1].incoming_peers())
 
         new_keys = key_table([1, 2, 3], 1)  # server 4 left the table
-        old_contexts = [weakref.ref(net._creds.server_ctx) for net in nets.values()]
+        old_contexts = [weakref.ref(net._creds.server_ctx) for net in nets.values() if net._creds is not None]
+        assert len(old_contexts) == len(nets)
         for i, net in nets.items():
             net.rekey(1, new_keys, seed_of(i, 1))
         assert await closed_by_peer(frames)  # the period-0 connection is gone
@@ -528,3 +541,222 @@ async def test_send_never_blocks_and_drops_with_reason(caplog: pytest.LogCapture
         with pytest.raises(ValueError, match="unknown server 9"):
             net.send(9, b"z")
     silent.close()
+
+
+# -- unauthenticated connections -----------------------------------------------------------------
+
+
+async def _tls_trial(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> tuple[str, bytes | None]:
+    """One handshake and echo through stdlib ssl: ("ok" | the server's error, client cert DER)."""
+    outcome: list[tuple[str, bytes | None]] = []
+
+    async def handler(tcp: trio.SocketStream) -> None:
+        stream = trio.SSLStream(tcp, server_ctx, server_side=True)
+        try:
+            await stream.do_handshake()
+            await stream.send_all(await stream.receive_some(100))
+            outcome.append(("ok", stream.getpeercert(binary_form=True)))
+        except trio.BrokenResourceError as exc:
+            outcome.append((str(exc.__cause__), None))
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, handler, 0)
+        port = listeners[0].socket.getsockname()[1]
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        client = trio.SSLStream(tcp, client_ctx, server_hostname="server-1.pst")
+        with trio.fail_after(5):
+            try:
+                await client.do_handshake()
+                assert client.version() == "TLSv1.3"
+                await client.send_all(b"ping")
+                await client.receive_some(100)
+            except trio.BrokenResourceError:
+                pass
+            await trio.aclose_forcefully(client)
+            while not outcome:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    return outcome[0]
+
+
+async def test_cert_optional_still_rejects_bad_certificates_and_admits_none() -> None:
+    """The OpenSSL behaviour the unauthenticated path relies on (stdlib ssl, CERT_OPTIONAL)."""
+    keys = key_table([1, 2], 0)
+    server_ctx = server_context(1, 0, seed_of(1, 0), keys)
+    assert server_ctx.verify_mode is ssl.CERT_OPTIONAL
+    good, der = await _tls_trial(server_ctx, client_context(2, 0, seed_of(2, 0), keys))
+    assert good == "ok" and der is not None
+    check_peer(der, 2, 0, keys)
+    # (a) a certificate whose key is not in the table still fails the handshake (the clients
+    # here do not verify the server, so that only the server's verification is at stake)
+    evil = seed_of(2, 0, "evil")
+    evil_ctx = client_context(2, 0, evil, {**keys, 2: public_of(evil)})
+    evil_ctx.verify_mode = ssl.CERT_NONE
+    bad, der = await _tls_trial(server_ctx, evil_ctx)
+    assert "certificate verify failed" in bad and der is None
+    # ... and so does one of another period's table
+    stale_ctx = client_context(2, 5, seed_of(2, 5), key_table([1, 2], 5))
+    stale_ctx.verify_mode = ssl.CERT_NONE
+    stale, _ = await _tls_trial(server_ctx, stale_ctx)
+    assert "certificate verify failed" in stale
+    # (b) no certificate at all: the handshake succeeds, unauthenticated
+    anonymous, der = await _tls_trial(server_ctx, anonymous_client_context())
+    assert anonymous == "ok" and der is None
+    ctx = anonymous_client_context()
+    assert ctx.verify_mode is ssl.CERT_NONE and not ctx.check_hostname
+    assert ctx.minimum_version is ctx.maximum_version is ssl.TLSVersion.TLSv1_3
+
+
+async def test_recovering_peer_talks_unauthenticated_then_rekeys(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="appliance.net")
+    ids = [1, 2, 3, 4]
+    addresses = addresses_for(ids)
+    inbox = Inbox()
+    async with mesh([1, 2, 3], table_ids=ids, inbox=inbox, addresses=addresses) as nets:
+        with pytest.raises(ValueError, match="together"):
+            PeerNetwork(4, addresses, 0, None, None)
+        async with PeerNetwork(4, addresses, on_frame=inbox.handler(4), **FAST) as lost:
+            assert lost.recovering and lost.period is None
+            with trio.fail_after(5):
+                await lost.wait_reachable()
+                for net in nets.values():
+                    await net.wait_reachable([4])
+                    await net.wait_connected([j for j in nets if j != net.me])
+            for i, net in nets.items():
+                net.send(4, f"{i} to 4".encode())
+                lost.send(i, f"4 to {i}".encode())
+            await eventually(
+                lambda: (
+                    sorted(inbox.got[4]) == [(i, f"{i} to 4".encode()) for i in nets]
+                    and all((4, f"4 to {i}".encode()) in inbox.got[i] for i in nets)
+                )
+            )
+            for i, net in nets.items():
+                assert not net.is_authenticated(4) and 4 in net.unauthenticated_peers()
+                assert not lost.is_authenticated(i) and lost.state(i) is PeerState.ANONYMOUS
+                assert all(net.is_authenticated(j) for j in nets if j != i)
+                assert net.unauthenticated_peers() == {4}
+                infos = net.connections(4) + lost.connections(i)
+                assert infos and all(not c.authenticated and c.tls_version == "TLSv1.3" for c in infos)
+            assert lost.connected_peers() == lost.incoming_peers() == frozenset()
+            assert "not authenticated" in caplog.text  # the normal servers fell back, and said so
+            # broadcast from the recovering server reaches everyone
+            lost.send(EVERYONE, b"hello all")
+            await eventually(lambda: all((4, b"hello all") in inbox.got[i] for i in nets))
+
+            # It recovered its period key: from now on it connects authenticated.
+            with pytest.raises(ValueError, match="not our entry"):
+                lost.rekey(0, key_table(ids, 0), seed_of(4, 9))
+            lost.rekey(0, key_table(ids, 0), seed_of(4, 0))
+            assert not lost.recovering and lost.period == 0
+            with trio.fail_after(5):
+                await lost.wait_connected()
+                for net in nets.values():
+                    await net.wait_connected()
+            await eventually(lambda: all(net.is_authenticated(4) for net in nets.values()))
+            assert all(lost.is_authenticated(i) for i in nets)
+            info = lost.connection_info(1)
+            assert info is not None and info.authenticated and info.period == 0
+            lost.send(1, b"authenticated now")
+            nets[1].send(4, b"welcome back")
+            await eventually(
+                lambda: (4, b"authenticated now") in inbox.got[1] and (1, b"welcome back") in inbox.got[4]
+            )
+
+
+async def test_stale_peer_falls_back_to_unauthenticated(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="appliance.net")
+    ids = [1, 2, 3, 4]
+    addresses = addresses_for(ids)
+    inbox = Inbox()
+    async with mesh([1, 2, 3], table_ids=ids, period=1, inbox=inbox, addresses=addresses) as nets:
+        # server 4 missed the refresh to period 1: it still holds period 0's table and key
+        stale = PeerNetwork(
+            4, addresses, 0, key_table(ids, 0), seed_of(4, 0), on_frame=inbox.handler(4), **FAST
+        )
+        async with stale:
+            with trio.fail_after(5):
+                await stale.wait_reachable()
+                for net in nets.values():
+                    await net.wait_reachable([4])
+            for i, net in nets.items():
+                net.send(4, f"{i} to 4".encode())
+                stale.send(i, f"4 to {i}".encode())
+            await eventually(
+                lambda: (
+                    len(inbox.got[4]) == 3 and all((4, f"4 to {i}".encode()) in inbox.got[i] for i in nets)
+                )
+            )
+            assert sorted(inbox.got[4]) == [(i, f"{i} to 4".encode()) for i in nets]
+            for i, net in nets.items():
+                assert not net.is_authenticated(4) and not stale.is_authenticated(i)
+                assert 4 not in net.incoming_peers() | net.connected_peers()
+                assert all(net.is_authenticated(j) for j in nets if j != i)
+            for c in stale.connections(1) + nets[1].connections(4):
+                assert not c.authenticated and c.tls_version == "TLSv1.3"
+            warnings = [
+                r for r in caplog.records if r.levelno == logging.WARNING and "not authenticated" in r.message
+            ]
+            assert any("server 4:" in r.message for r in warnings)  # the stale one's side
+            assert any("to server 4" in r.message for r in warnings)  # the others' side
+            stale_warnings = [r for r in warnings if r.message.startswith("server 4:")]
+            assert len(stale_warnings) <= 3 * 2  # once per peer and change of reason, not per attempt
+            # its refresh catches up
+            stale.rekey(1, key_table(ids, 1), seed_of(4, 1))
+            with trio.fail_after(5):
+                await stale.wait_connected()
+                for net in nets.values():
+                    await net.wait_connected()
+            assert all(net.is_authenticated(4) for net in nets.values())
+            assert all(stale.is_authenticated(i) for i in nets)
+
+
+async def test_unauthenticated_rules_and_replies() -> None:
+    inbox = Inbox()
+    options = {1: {"max_unauthenticated": 1}}
+    async with mesh([1, 2], table_ids=[1, 2, 3, 4], inbox=inbox, options=options) as nets:
+        with trio.fail_after(5):
+            await nets[1].wait_connected([2])
+        port = nets[1].listen_port
+        assert port is not None
+        # claiming server 2, which is connected authenticated: refused, 2 untouched
+        stream, frames = await raw_anonymous(port)
+        assert stream.version() == "TLSv1.3"
+        await frames.send_frame(Hello(2, 0).encode())
+        assert await closed_by_peer(frames)
+        await trio.aclose_forcefully(stream)
+        rejection = nets[1].rejections[-1]
+        assert rejection.server == 2 and "authenticated connection" in rejection.reason
+        assert nets[1].incoming_peers() == {2} and nets[1].is_authenticated(2)
+        # claiming server 3 (which does not run): admitted unauthenticated, both ways
+        first, first_frames = await raw_anonymous(port)
+        await first_frames.send_frame(Hello(3, 0).encode())
+        answer = await first_frames.receive_frame()
+        assert answer is not None and Hello.decode(answer) == Hello(1, 0)
+        await first_frames.send_frame(b"from the first")
+        await eventually(lambda: (3, b"from the first") in inbox.got[1])
+        assert nets[1].unauthenticated_peers() == {3} and not nets[1].is_authenticated(3)
+        nets[1].send(3, b"reply over its connection")  # our own dial to 3 fails: no listener
+        with trio.fail_after(5):
+            assert await first_frames.receive_frame() == b"reply over its connection"
+        # a second one claiming 3 replaces the first
+        second, second_frames = await raw_anonymous(port)
+        await second_frames.send_frame(Hello(3, 0).encode())
+        assert await second_frames.receive_frame() is not None
+        assert await closed_by_peer(first_frames)
+        await trio.aclose_forcefully(first)
+        await second_frames.send_frame(b"from the second")
+        await eventually(lambda: (3, b"from the second") in inbox.got[1])
+        # the cap (1 here): one claiming 4 is refused while 3's is open
+        third, third_frames = await raw_anonymous(port)
+        await third_frames.send_frame(Hello(4, 0).encode())
+        assert await closed_by_peer(third_frames)
+        await trio.aclose_forcefully(third)
+        assert "too many unauthenticated connections" in nets[1].rejections[-1].reason
+        assert nets[1].unauthenticated_peers() == {3}
+        await trio.aclose_forcefully(second)
+        await eventually(lambda: nets[1].unauthenticated_peers() == frozenset())
+        nets[1].send(3, b"nobody there")  # 3's connection is gone and our dial fails: dropped
+        await eventually(lambda: nets[1].dropped(3) >= 1)

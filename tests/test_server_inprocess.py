@@ -120,6 +120,10 @@ async def test_group_key_signatures_on_request_verify_with_cryptography(tmp_path
                 for k in range(40):
                     inner.start_soon(one, k)
         assert len(sigs) == 40
+        r1, input1 = await servers[1].random(b"client nonce")
+        r2, input2 = await servers[4].random(b"client nonce")
+        r3, _ = await servers[4].random(b"another nonce")
+        assert r1 == r2 and input1 == input2 and len(r1) == 64 and r3 != r1  # unique per input: unbiasable
         times = await servers[2].time_vector()
         assert set(times) == set(range(1, 6)) and all(t is not None for t in times.values())
         assert max(times.values()) - min(times.values()) < 1.0  # type: ignore[operator, type-var]

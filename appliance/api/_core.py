@@ -112,6 +112,10 @@ class Backend(Protocol):
         """The node's status: plain data (floats are sent as their ``repr`` strings)."""
         ...
 
+    async def random(self, nonce: bytes) -> tuple[bytes, bytes]:
+        """GetRandom: (64 unbiasable bytes, the input they answer) for the client's nonce."""
+        ...
+
 
 class BackendUnavailable(Exception):
     """A backend may raise this with a message that is safe to show the client."""
@@ -159,7 +163,9 @@ OPS: Final[Mapping[str, Mapping[str, type]]] = {
     "unregister": {"handle": bytes},
     "get_time": {},
     "status": {},
+    "random": {"handle": bytes, "nonce": bytes},
 }
+MAX_NONCE_SIZE: Final = 64
 _MAX_ID: Final = 2**63 - 1
 
 
@@ -207,6 +213,8 @@ def parse_request(obj: object) -> Request:
         args[key] = value
     if "handle" in args and len(args["handle"]) != HANDLE_SIZE:
         raise bad("handle", f"must be {HANDLE_SIZE} bytes")
+    if "nonce" in args and not 16 <= len(args["nonce"]) <= MAX_NONCE_SIZE:
+        raise bad("nonce", f"must be 16 to {MAX_NONCE_SIZE} bytes, fresh for every request")
     if "message" in args and len(args["message"]) > MAX_MESSAGE_SIZE:
         raise ApiError(TOO_LARGE, f"field 'message': {len(args['message'])} bytes exceeds {MAX_MESSAGE_SIZE}")
     if op == "register":
@@ -367,6 +375,8 @@ class ApiCore:
         args = request.args
         if request.op == "sign":
             return await self._sign(args["handle"], args["message"], peer)
+        if request.op == "random":
+            return await self._random(args["handle"], args["nonce"], peer)
         self._charge_control(peer.uid)
         if request.op == "register":
             return self._register(args["name"], args["unique_id"], peer)
@@ -458,6 +468,23 @@ class ApiCore:
             log.error("api: backend sign returned %s", _type_name(signature))
             raise ApiError(UNAVAILABLE, "cannot sign now")
         return {"signature": signature}
+
+    async def _random(self, handle: bytes, nonce: bytes, peer: PeerCred) -> Mapping[str, Any]:
+        reg = self.registry.by_handle.get(_digest(handle))
+        if reg is None:
+            raise ApiError(UNKNOWN_HANDLE, "no registration has this handle (register first)")
+        if reg.uid != peer.uid:
+            raise ApiError(NOT_PERMITTED, "this handle belongs to another user")
+        if not reg.bucket.take(self.clock()):
+            raise ApiError(QUOTA, "too many requests for this registration: slow down")
+        try:
+            value, used_input = await self.backend.random(nonce)
+        except BackendUnavailable as exc:
+            raise ApiError(UNAVAILABLE, f"cannot draw randomness now: {str(exc)[:200]}") from None
+        except Exception as exc:
+            log.error("api: random backend failed (%s)", type(exc).__name__)
+            raise ApiError(UNAVAILABLE, "cannot draw randomness now") from None
+        return {"random": value, "input": used_input}
 
     async def _get_time(self) -> dict[int, int | None]:
         try:

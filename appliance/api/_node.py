@@ -42,7 +42,9 @@ class PServerBackend:
         status_file: Path | None = None,
         clock: Callable[[], float] = time.time,
         time_vector: Callable[[], Awaitable[Mapping[int, float | None]]] | None = None,
+        random: Callable[[bytes], Awaitable[tuple[bytes, bytes]]] | None = None,
     ) -> None:
+        self._random = random
         self._sign_raw = sign_raw
         self._time_vector = time_vector
         self.server_id = server_id
@@ -57,6 +59,16 @@ class PServerBackend:
             raise BackendUnavailable(str(exc)[:200]) from None
         except trio.TooSlowError:
             raise BackendUnavailable("the signing servers did not answer in time") from None
+
+    async def random(self, nonce: bytes) -> tuple[bytes, bytes]:
+        if self._random is None:
+            raise BackendUnavailable("joint randomness is not available on this server")
+        try:
+            return await self._random(nonce)
+        except SigningRefused as exc:
+            raise BackendUnavailable(str(exc)[:200]) from None
+        except trio.TooSlowError:
+            raise BackendUnavailable("not enough servers answered in time") from None
 
     async def get_time(self) -> Mapping[int, float | None]:
         if self._time_vector is not None:

@@ -166,6 +166,14 @@ class PstClient:
             raise PstError("connection", "malformed sign response")
         return signature
 
+    def get_random(self, nonce: bytes | None = None, handle: bytes | None = None) -> tuple[bytes, bytes]:
+        """64 bytes of joint randomness no server can bias, and the input they answer.
+
+        ``nonce`` (16-64 bytes, fresh per request; random by default) is part of the input.
+        """
+        result = self.request("random", handle=self._handle(handle), nonce=nonce or os.urandom(32))
+        return bytes(result["random"]), bytes(result["input"])
+
     def unregister(self, handle: bytes | None = None) -> None:
         """Revoke a handle (by default ours)."""
         chosen = self._handle(handle)

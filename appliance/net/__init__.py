@@ -1,11 +1,16 @@
-"""The network layer: framed, mutually authenticated TLS 1.3 channels between PServers.
+"""The network layer: framed TLS 1.3 channels between PServers, mutually authenticated when possible.
 
 * :mod:`appliance.net._framing`: length-prefixed frames (sans-IO :class:`FrameDecoder`,
   :class:`FrameStream` over trio) and the :class:`Hello` that opens every connection.
 * :mod:`appliance.net._tls`: per-period Ed25519 certificates, trust anchors built from the
-  KeyTable's public keys, TLS 1.3-only SSL contexts and the post-handshake key check.
-* :mod:`appliance.net._peers`: :class:`PeerNetwork`, which keeps one authenticated
-  connection to every peer, delivers frames as ``(peer_id, payload)`` and rekeys per period.
+  KeyTable's public keys, TLS 1.3-only SSL contexts (including the anonymous ones) and the
+  post-handshake key check.
+* :mod:`appliance.net._peers`: :class:`PeerNetwork`, which keeps a connection to every peer,
+  authenticated with the period's keys when both sides hold them and otherwise (a server
+  that missed a refresh, or one recovering without keys) unauthenticated and flagged so;
+  it delivers frames as ``(peer_id, payload)`` and rekeys per period. Unauthenticated
+  connections are safe because every protocol message is signed and private data sealed at
+  the application layer; their number is bounded (see that module).
 
 The protocols' ``Outgoing(to, data)`` maps directly onto ``PeerNetwork.send(to, data)``
 (``to == 0`` broadcasts), and received ``(peer_id, payload)`` pairs feed their
@@ -31,6 +36,8 @@ from appliance.net._peers import (
 )
 from appliance.net._tls import (
     PeerCertificateError,
+    anonymous_client_context,
+    anonymous_server_context,
     certificate_period,
     check_peer,
     client_context,
@@ -54,6 +61,8 @@ __all__ = [
     "PeerNetwork",
     "PeerState",
     "Rejection",
+    "anonymous_client_context",
+    "anonymous_server_context",
     "certificate_period",
     "check_peer",
     "client_context",

@@ -1,8 +1,8 @@
-"""PeerNetwork: authenticated frame delivery between the n servers, one period at a time.
+"""PeerNetwork: frame delivery between the n servers, authenticated one period at a time.
 
 Theory of operation. Every server listens on its port and dials every other server, so each
-ordered pair (i, j) has its own connection, opened by i and used only for i's frames to j;
-no tie-breaking is ever needed. A connection is usable once
+ordered pair (i, j) normally has its own connection, opened by i and used for i's frames to
+j; no tie-breaking is ever needed. A connection is *authenticated* once
 
 1. the TLS 1.3 handshake succeeded with both sides' period certificates (the trust anchors
    are the period's KeyTable keys, see :mod:`appliance.net._tls`),
@@ -14,18 +14,61 @@ Any failure closes the connection and is logged with a reason naming the peer (i
 id, or its address when it never got that far); refusals of a peer's identity or framing
 are also kept in :attr:`PeerNetwork.rejections`.
 
-Sending never blocks: :meth:`PeerNetwork.send` puts the frame in the peer's bounded queue,
-drained by that peer's dial loop, or drops it with a logged reason when the peer is
-unreachable or its queue is full (the protocols tolerate the loss of faulty servers' messages).
-Received frames go to the ``on_frame`` callback, or else to :attr:`PeerNetwork.incoming` as
+Unauthenticated connections. A server that missed a refresh (it was down, or lost its data)
+holds a stale period key or none, while the others moved on to the new period's keys; with
+authenticated connections only it could never rejoin. The protocols do not need the
+transport for their security: every protocol message is signed at the application layer
+with period keys from a KeyTable certified by the group key, PushM data verifies itself, and
+private data is sealed to the recipient's encryption key (:mod:`appliance.protocols.refresh`).
+So the transport also carries frames over *unauthenticated* connections, and says so:
+
+* A network created without keys (``keys=None, seed=None``: *recovering*) dials every peer
+  with :func:`~appliance.net._tls.anonymous_client_context` (TLS 1.3, no certificate
+  presented, the server's not verified) and listens with a throwaway certificate.
+* A normal network whose authenticated dial to peer j fails for a reason of authentication
+  (j's certificate does not verify or is not j's table key, j is in another period, or j
+  closed the connection right after the handshake, which is how TLS 1.3 shows a dialer that
+  its own certificate was refused) retries j at once anonymously, logging the reason at
+  WARNING once per change of reason. Every later reconnect (after the usual backoff) tries
+  the authenticated way first again; an anonymous outgoing connection is also closed and
+  re-dialed as soon as j opens an authenticated connection to us. A rekey on either side
+  closes every connection, so keys that match again are noticed at once.
+* The acceptor requests a client certificate with ``CERT_OPTIONAL``: a certificate that is
+  presented must verify as before (or the handshake fails), but a client presenting none is
+  admitted *unauthenticated* after its hello, which names the server it claims to be (its
+  period is not checked). Its frames are delivered with that claimed id.
+
+DoS bounds and rules: an unauthenticated connection never replaces an authenticated incoming
+connection of the same claimed id (it is refused with a rejection record), at most one
+unauthenticated incoming connection per claimed id is kept (a newer one replaces the older),
+at most ``max_unauthenticated`` (default n) exist at once, and an authenticated incoming
+connection closes the unauthenticated one of its id. Handshakes in progress are bounded by
+``max_pending_handshakes`` and every frame by ``max_frame_size``, as for authenticated ones.
+What an attacker gains from an unauthenticated connection is what it has anyway on the
+network: it may inject frames under a claimed id (the protocols verify the signatures and
+drop them), read frames sent to it (sealed or public anyway) and, by taking the one slot of
+an id, disturb delivery to a server that is itself only reachable unauthenticated.
+:meth:`PeerNetwork.is_authenticated`, :meth:`PeerNetwork.connections` and
+:class:`ConnectionInfo` tell which connections are authenticated.
+
+Routing. :meth:`PeerNetwork.send` puts the frame in the peer's bounded queue; it is drained
+over our outgoing connection to the peer when that is up and authenticated, otherwise over
+the peer's incoming connection to us if there is one (authenticated first, so connections
+can carry frames both ways and each side reads frames on the connections it opened too),
+otherwise over our unauthenticated outgoing connection. Frames are dropped with a logged
+reason when no connection exists and the last attempt failed, or the queue is full (the
+protocols tolerate the loss of faulty servers' messages). When the route changes, frames in
+flight on the old connection may arrive after later ones sent on the new one. Received frames
+go to the ``on_frame`` callback, or else to :attr:`PeerNetwork.incoming` as
 ``(peer_id, payload)``; delivery is awaited, so a slow consumer slows the senders down
 through TCP instead of growing memory.
 
-:meth:`PeerNetwork.rekey` installs the next period's credentials, forgets the previous ones,
-closes every connection (all were authenticated with the old keys) and lets the dial loops
-reconnect at once with the new certificates. Every task runs in a nursery the object owns
-inside :meth:`PeerNetwork.run` (``async with PeerNetwork(...) as net`` starts it in a nursery of
-its own); :meth:`PeerNetwork.aclose` cancels it and waits for the end.
+:meth:`PeerNetwork.rekey` installs the next period's credentials (a recovering network thus
+becomes a normal one), forgets the previous ones, closes every connection (all were made
+with the old keys) and lets the dial loops reconnect at once with the new certificates.
+Every task runs in a nursery the object owns inside :meth:`PeerNetwork.run`
+(``async with PeerNetwork(...) as net`` starts it in a nursery of its own);
+:meth:`PeerNetwork.aclose` cancels it and waits for the end.
 """
 
 from __future__ import annotations
@@ -50,7 +93,15 @@ from appliance.net._framing import (
     Hello,
     HelloError,
 )
-from appliance.net._tls import PeerCertificateError, check_peer, client_context, server_context, server_name
+from appliance.net._tls import (
+    PeerCertificateError,
+    anonymous_client_context,
+    anonymous_server_context,
+    check_peer,
+    client_context,
+    server_context,
+    server_name,
+)
 
 log = logging.getLogger("appliance.net")
 
@@ -59,11 +110,16 @@ EVERYONE = 0
 
 FrameHandler = Callable[[int, bytes], Awaitable[None]]
 
+_UPGRADING = "closed to retry with authentication"
+
 
 class PeerState(enum.Enum):
+    """The state of our outgoing connection to a peer."""
+
     CONNECTING = "connecting"  # first attempt of this period under way: frames are queued
     UP = "up"  # authenticated connection open: frames are queued and sent
-    DOWN = "down"  # last attempt failed: frames are dropped until a connection is up
+    ANONYMOUS = "anonymous"  # unauthenticated connection open (fallback, or we are recovering)
+    DOWN = "down"  # last attempt failed: frames are dropped unless the peer is connected to us
 
 
 @dataclass(frozen=True)
@@ -78,19 +134,27 @@ class Rejection:
 
 @dataclass(frozen=True)
 class ConnectionInfo:
-    """What an authenticated outgoing connection negotiated."""
+    """What an open connection negotiated.
+
+    ``period`` is the period both sides proved when ``authenticated``; otherwise the period
+    the peer claimed in its hello (unverified; 0 from a recovering server).
+    """
 
     server: int
     period: int
     tls_version: str
     cipher: str
+    authenticated: bool = True
+    direction: str = "outgoing"  # "outgoing" (we dialed) or "incoming"
 
 
 class _Rejected(Exception):
-    def __init__(self, server: int | None, reason: str) -> None:
+    def __init__(self, server: int | None, reason: str, *, authentication: bool = False) -> None:
         super().__init__(reason)
         self.server = server
         self.reason = reason
+        #: The failure is one of authentication: a dialer may retry without it.
+        self.authentication = authentication
 
 
 @dataclass(eq=False)
@@ -128,7 +192,13 @@ class _Credentials:
 @dataclass(eq=False)
 class _Conn:
     server: int | None
+    direction: str
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    authenticated: bool = False
+    info: ConnectionInfo | None = None
+    #: Set while the connection's writer waits for a frame; cancelled when it stops being the route.
+    route_scope: trio.CancelScope | None = None
+    upgrading: bool = False
 
 
 @dataclass(eq=False)
@@ -139,9 +209,10 @@ class _Peer:
     queue_size: int
     state: PeerState = PeerState.CONNECTING
     last_error: str = "not connected yet"
-    info: ConnectionInfo | None = None
+    out: _Conn | None = None
     dropped: int = 0
     drop_warned: bool = False
+    fallback_reason: str | None = None  # why we last fell back to an anonymous dial (warned)
 
     def __post_init__(self) -> None:
         self.queue_in, self.queue_out = trio.open_memory_channel[bytes](self.queue_size)
@@ -180,25 +251,34 @@ def _address(stream: trio.SocketStream) -> str:
     return f"{host}:{port}"
 
 
+def _info(
+    stream: trio.SSLStream[trio.SocketStream], server: int, period: int, authenticated: bool, direction: str
+) -> ConnectionInfo:
+    cipher = str((stream.cipher() or ("?",))[0])
+    return ConnectionInfo(server, period, str(stream.version()), cipher, authenticated, direction)
+
+
 _TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError)
 
 
 class PeerNetwork:
-    """Authenticated, encrypted frame delivery between server ``me`` and its peers.
+    """Encrypted frame delivery between server ``me`` and its peers, authenticated when it can be.
 
     ``addresses`` maps every server id (ours included) to (host, port); ``keys`` maps server
     ids to their period Ed25519 public keys (the KeyTable's ``verify_key``); ``seed`` is our
-    period signing seed. Use ``async with PeerNetwork(...) as net``, or
-    ``await nursery.start(net.run)`` and later :meth:`aclose`.
+    period signing seed. Without ``period``, ``keys`` and ``seed`` (all None) the network is
+    *recovering*: every connection is unauthenticated until :meth:`rekey`. Use
+    ``async with PeerNetwork(...) as net``, or ``await nursery.start(net.run)`` and later
+    :meth:`aclose`.
     """
 
     def __init__(
         self,
         me: int,
         addresses: Mapping[int, tuple[str, int]],
-        period: int,
-        keys: Mapping[int, bytes],
-        seed: bytes,
+        period: int | None = None,
+        keys: Mapping[int, bytes] | None = None,
+        seed: bytes | None = None,
         *,
         on_frame: FrameHandler | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
@@ -209,11 +289,15 @@ class PeerNetwork:
         backoff_min: float = 0.05,
         backoff_max: float = 5.0,
         max_pending_handshakes: int = 64,
+        max_unauthenticated: int | None = None,
     ) -> None:
         if me not in addresses:
             raise ValueError(f"server {me} has no address")
         if me == EVERYONE or any(i < 1 for i in addresses):
             raise ValueError("server ids must be positive")
+        given = (period is not None, keys is not None, seed is not None)
+        if any(given) and not all(given):
+            raise ValueError("give period, keys and seed together, or none of them (recovering)")
         self.me = me
         self.max_frame_size = max_frame_size
         self.handshake_timeout = handshake_timeout
@@ -221,18 +305,27 @@ class PeerNetwork:
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
         self.max_pending_handshakes = max_pending_handshakes
+        #: At most this many unauthenticated incoming connections at once (default: n).
+        self.max_unauthenticated = len(addresses) if max_unauthenticated is None else max_unauthenticated
         self._host, self._port = addresses[me]
         self._peers = {
             i: _Peer(i, host, port, queue_size) for i, (host, port) in sorted(addresses.items()) if i != me
         }
-        self._creds = _Credentials.build(me, period, keys, seed)
+        self._creds: _Credentials | None = None
+        self._anonymous_server_ctx: ssl.SSLContext | None = None
+        if period is not None and keys is not None and seed is not None:
+            self._creds = _Credentials.build(me, period, keys, seed)
+        else:
+            self._anonymous_server_ctx = anonymous_server_context(me)
+        self._anonymous_client_ctx = anonymous_client_context()
         self._on_frame = on_frame
         self._incoming_send, self.incoming = trio.open_memory_channel[tuple[int, bytes]](incoming_buffer)
         #: The last refused connections (most recent last), for alerts and tests.
         self.rejections: deque[Rejection] = deque(maxlen=256)
         self.listen_port: int | None = None
         self._conns: set[_Conn] = set()
-        self._incoming_by_peer: dict[int, _Conn] = {}
+        self._incoming_by_peer: dict[int, _Conn] = {}  # authenticated incoming connections
+        self._unauthenticated_by_peer: dict[int, _Conn] = {}  # unauthenticated incoming ones
         self._pending = 0
         self._rekeyed = trio.Event()
         self._changed = trio.Event()
@@ -245,8 +338,14 @@ class PeerNetwork:
     # -- public API -------------------------------------------------------------------------
 
     @property
-    def period(self) -> int:
-        return self._creds.period
+    def period(self) -> int | None:
+        """Our period, or None while recovering."""
+        return None if self._creds is None else self._creds.period
+
+    @property
+    def recovering(self) -> bool:
+        """True until the first :meth:`rekey` of a network created without keys."""
+        return self._creds is None
 
     @property
     def peers(self) -> tuple[int, ...]:
@@ -263,18 +362,48 @@ class PeerNetwork:
         """Peers that hold an authenticated connection to us."""
         return frozenset(self._incoming_by_peer)
 
+    def reachable_peers(self) -> frozenset[int]:
+        """Peers with which we hold some connection (authenticated or not), either way."""
+        return frozenset(i for i, p in self._peers.items() if self._route(p) is not None)
+
+    def unauthenticated_peers(self) -> frozenset[int]:
+        """Peers with which we hold at least one unauthenticated connection, either way."""
+        return frozenset(i for i in self._peers if any(not c.authenticated for c in self._open_conns(i)))
+
+    def is_authenticated(self, server: int) -> bool:
+        """True if we hold a connection with ``server`` and every one we hold is authenticated.
+
+        Frames from ``server`` arrive with its claimed id over whichever connection is open;
+        when this is False, some may come from a connection that did not prove that id.
+        """
+        self._peer(server)
+        conns = self._open_conns(server)
+        return bool(conns) and all(c.authenticated for c in conns)
+
     def connection_info(self, server: int) -> ConnectionInfo | None:
-        peer = self._peer(server)
-        return peer.info if peer.state is PeerState.UP else None
+        """Our outgoing connection to ``server`` (authenticated or not), if it is open."""
+        out = self._peer(server).out
+        return None if out is None else out.info
+
+    def connections(self, server: int) -> tuple[ConnectionInfo, ...]:
+        """Every open connection with ``server``: ours to it first, then its to us."""
+        self._peer(server)
+        return tuple(c.info for c in self._open_conns(server) if c.info is not None)
 
     def dropped(self, server: int) -> int:
         """How many frames to ``server`` were dropped so far."""
         return self._peer(server).dropped
 
     async def wait_connected(self, servers: Iterable[int] | None = None, *, incoming: bool = True) -> None:
-        """Wait until we have outgoing (and, if ``incoming``, incoming) connections with ``servers``."""
+        """Wait for authenticated outgoing (and, if ``incoming``, incoming) connections with ``servers``."""
         want = frozenset(self._peers if servers is None else servers)
         while not (want <= self.connected_peers() and (not incoming or want <= self.incoming_peers())):
+            await self._changed.wait()
+
+    async def wait_reachable(self, servers: Iterable[int] | None = None) -> None:
+        """Wait until frames to each of ``servers`` have a connection to go over (any kind)."""
+        want = frozenset(self._peers if servers is None else servers)
+        while not want <= self.reachable_peers():
             await self._changed.wait()
 
     def send(self, to: int, data: bytes) -> None:
@@ -294,25 +423,34 @@ class PeerNetwork:
             self._enqueue(self._peer(to), data)
 
     def rekey(self, period: int, keys: Mapping[int, bytes], seed: bytes) -> None:
-        """Switch to ``period``'s keys; close every connection made with the previous ones."""
-        if period <= self._creds.period:
+        """Switch to ``period``'s keys; close every connection made with the previous ones.
+
+        A recovering network accepts any period >= 0 and becomes a normal one.
+        """
+        if self._creds is not None and period <= self._creds.period:
             raise ValueError(f"rekey to period {period}: we are already in period {self._creds.period}")
+        was_recovering = self._creds is None
         self._creds = _Credentials.build(self.me, period, keys, seed)  # old contexts dropped
+        self._anonymous_server_ctx = None
         closing = len(self._conns)
         for conn in list(self._conns):
             conn.scope.cancel()
+        self._incoming_by_peer.clear()
+        self._unauthenticated_by_peer.clear()
         for peer in self._peers.values():
             if peer.server in self._creds.keys:
                 peer.state = PeerState.CONNECTING
-            peer.info = None
+            peer.out = None
+            peer.fallback_reason = None
         rekeyed, self._rekeyed = self._rekeyed, trio.Event()
         rekeyed.set()
         self._notify()
         log.info(
-            "server %d: now in period %d (%d keys); closing %d connections of the previous period",
+            "server %d: now in period %d (%d keys)%s; closing %d connections of the previous period",
             self.me,
             period,
             len(self._creds.keys),
+            ", no longer recovering" if was_recovering else "",
             closing,
         )
 
@@ -329,7 +467,15 @@ class PeerNetwork:
                 await nursery.start(trio.serve_listeners, self._handle_incoming, listeners)
                 for peer in self._peers.values():
                     nursery.start_soon(self._dial_loop, peer)
-                log.info("server %d: listening on %s:%d", self.me, self._host, self.listen_port)
+                log.info(
+                    "server %d: listening on %s:%d%s",
+                    self.me,
+                    self._host,
+                    self.listen_port,
+                    " (recovering: no period keys, unauthenticated connections only)"
+                    if self._creds is None
+                    else "",
+                )
                 task_status.started(self.listen_port)
         finally:
             self._nursery = None
@@ -376,14 +522,38 @@ class PeerNetwork:
         except KeyError:
             raise ValueError(f"unknown server {server}") from None
 
+    def _open_conns(self, server: int) -> list[_Conn]:
+        found = (
+            self._peers[server].out,
+            self._incoming_by_peer.get(server),
+            self._unauthenticated_by_peer.get(server),
+        )
+        return [c for c in found if c is not None]
+
+    def _route(self, peer: _Peer) -> _Conn | None:
+        """The connection frames to ``peer`` go over (see the module docstring), if any."""
+        out = peer.out
+        if out is not None and out.authenticated:
+            return out
+        incoming = self._incoming_by_peer.get(peer.server) or self._unauthenticated_by_peer.get(peer.server)
+        return incoming if incoming is not None else out
+
     def _notify(self) -> None:
+        """Connections changed: wake the waiters and the writers that are no longer the route."""
         changed, self._changed = self._changed, trio.Event()
         changed.set()
+        for conn in self._conns:
+            scope, server = conn.route_scope, conn.server
+            if scope is not None and server is not None and self._route(self._peers[server]) is not conn:
+                scope.cancel()
+
+    def _hello_period(self) -> int:
+        return 0 if self._creds is None else self._creds.period
 
     def _enqueue(self, peer: _Peer, data: bytes) -> None:
         if self._closed:
             self._drop(peer, "the network is closed")
-        elif peer.state is PeerState.DOWN:
+        elif peer.state is PeerState.DOWN and self._route(peer) is None:
             self._drop(peer, f"unreachable ({peer.last_error})")
         else:
             try:
@@ -397,33 +567,56 @@ class PeerNetwork:
         peer.drop_warned = True
         log.log(level, "server %d: dropped a frame to server %d: %s", self.me, peer.server, reason)
 
-    def _set_state(self, peer: _Peer, state: PeerState, reason: str = "") -> None:
-        if state is PeerState.DOWN:
+    def _flush_if_unreachable(self, peer: _Peer) -> None:
+        if peer.state is PeerState.DOWN and self._route(peer) is None:
             flushed = peer.flush()
-            peer.dropped += flushed
-            if peer.state is not PeerState.DOWN or flushed:
+            if flushed:
+                peer.dropped += flushed
                 log.info(
-                    "server %d: server %d unreachable: %s%s",
+                    "server %d: server %d unreachable: %s (%d queued frames dropped)",
                     self.me,
                     peer.server,
-                    reason,
-                    f" ({flushed} queued frames dropped)" if flushed else "",
+                    peer.last_error,
+                    flushed,
                 )
+
+    def _set_state(self, peer: _Peer, state: PeerState, reason: str = "") -> None:
+        if state is PeerState.DOWN:
+            if peer.state is not PeerState.DOWN:
+                log.info("server %d: cannot connect to server %d: %s", self.me, peer.server, reason)
             peer.last_error = reason
-            peer.info = None
-        elif state is PeerState.UP:
+            peer.state = state
+            self._flush_if_unreachable(peer)
+        elif state in (PeerState.UP, PeerState.ANONYMOUS):
             peer.drop_warned = False
         if peer.state is not state:
             peer.state = state
-            self._notify()
+        self._notify()
 
-    def _reject(self, direction: str, address: str, server: int | None, reason: str) -> None:
+    def _reject(
+        self, direction: str, address: str, server: int | None, reason: str, level: int = logging.WARNING
+    ) -> None:
         self.rejections.append(Rejection(address, server, reason, direction))
         who = f"server {server} at {address}" if server is not None else address
         if direction == "incoming":
-            log.warning("server %d: rejected connection from %s: %s", self.me, who, reason)
+            log.log(level, "server %d: rejected connection from %s: %s", self.me, who, reason)
         else:
-            log.warning("server %d: connection to %s rejected: %s", self.me, who, reason)
+            log.log(level, "server %d: connection to %s rejected: %s", self.me, who, reason)
+
+    def _fall_back(self, peer: _Peer, address: str, reason: str, rejected: bool) -> None:
+        """Our authenticated dial to ``peer`` failed to authenticate: say so before going anonymous."""
+        level = logging.DEBUG if peer.fallback_reason == reason else logging.WARNING
+        peer.fallback_reason = reason
+        if rejected:
+            self.rejections.append(Rejection(address, peer.server, reason, "outgoing"))
+        log.log(
+            level,
+            "server %d: connection to server %d at %s not authenticated: %s; retrying without authentication",
+            self.me,
+            peer.server,
+            address,
+            reason,
+        )
 
     async def _deliver(self, server: int, data: bytes) -> None:
         if self._on_frame is not None:
@@ -432,19 +625,78 @@ class PeerNetwork:
             with suppress(trio.ClosedResourceError):
                 await self._incoming_send.send((server, data))
 
+    async def _serve_conn(self, conn: _Conn, frames: FrameStream, address: str) -> str:
+        """Deliver the frames ``conn`` brings and send our queued frames over it while it is
+        the peer's route; return why the connection ended."""
+        assert conn.server is not None
+        server = conn.server
+        peer = self._peers[server]
+        ended: list[str] = []
+        async with trio.open_nursery() as nursery:
+
+            async def writer() -> None:
+                try:
+                    while True:
+                        changed = self._changed
+                        if self._route(peer) is not conn:
+                            await changed.wait()
+                            continue
+                        with trio.CancelScope() as route_scope:
+                            conn.route_scope = route_scope
+                            data = await peer.queue_out.receive()
+                        conn.route_scope = None
+                        if route_scope.cancelled_caught:
+                            continue
+                        with trio.move_on_after(self.send_timeout) as timeout:
+                            await frames.send_frame(data)
+                        if timeout.cancelled_caught:
+                            peer.dropped += 1
+                            ended.append(f"sending stalled for {self.send_timeout}s")
+                            break
+                except (*_TRANSPORT_ERRORS, FramingError) as exc:
+                    ended.append(_describe(exc))
+                finally:
+                    conn.route_scope = None
+                nursery.cancel_scope.cancel()
+
+            async def reader() -> None:
+                try:
+                    while True:
+                        frame = await frames.receive_frame()
+                        if frame is None:
+                            ended.append("closed by the peer")
+                            break
+                        await self._deliver(server, frame)
+                except FramingError as exc:
+                    self._reject(conn.direction, address, server, f"closing the connection: {exc}")
+                    ended.append(str(exc))
+                except _TRANSPORT_ERRORS as exc:
+                    ended.append(_describe(exc))
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(writer)
+            nursery.start_soon(reader)
+        return ended[0] if ended else "closed"
+
     # dialing ------------------------------------------------------------------------------
 
     async def _dial_loop(self, peer: _Peer) -> None:
         backoff = self.backoff_min
         while True:
             creds, rekeyed = self._creds, self._rekeyed
-            if peer.server not in creds.keys:
+            if creds is not None and peer.server not in creds.keys:
                 self._set_state(peer, PeerState.DOWN, f"no key in period {creds.period}'s table")
                 await rekeyed.wait()
                 continue
-            was_up, reason = await self._connect(peer, creds)
+            was_up, reason, retry = await self._connect(peer, creds)
+            if retry and self._creds is creds:
+                was_up, reason, _ = await self._connect(peer, None)
             if self._creds is not creds:  # rekeyed: reconnect at once with the new keys
                 backoff = self.backoff_min
+                continue
+            if reason == _UPGRADING:  # the peer authenticated to us: so may we, at once
+                backoff = self.backoff_min
+                self._set_state(peer, PeerState.CONNECTING)
                 continue
             self._set_state(peer, PeerState.DOWN, reason)
             if was_up:
@@ -453,105 +705,110 @@ class PeerNetwork:
                 await rekeyed.wait()
             backoff = self.backoff_min if rekeyed.is_set() else min(2 * backoff, self.backoff_max)
 
-    async def _connect(self, peer: _Peer, creds: _Credentials) -> tuple[bool, str]:
-        """One connection to ``peer``: (whether it got authenticated, why it ended)."""
-        conn = _Conn(peer.server)
+    async def _connect(self, peer: _Peer, creds: _Credentials | None) -> tuple[bool, str, bool]:
+        """One connection to ``peer``, authenticated with ``creds`` or else anonymous.
+
+        Returns whether it got up, why it ended, and whether an authenticated attempt failed
+        for a reason of authentication (so that an anonymous one may follow).
+        """
+        conn = _Conn(peer.server, "outgoing")
         self._conns.add(conn)
         address = f"{peer.host}:{peer.port}"
+        ctx = self._anonymous_client_ctx if creds is None else creds.client_ctx
         stream: trio.SSLStream[trio.SocketStream] | None = None
+        handshaken = False
         try:
             with conn.scope:
                 try:
                     with trio.fail_after(self.handshake_timeout):
                         tcp = await trio.open_tcp_stream(peer.host, peer.port)
-                        stream = trio.SSLStream(
-                            tcp, creds.client_ctx, server_hostname=server_name(peer.server)
-                        )
+                        stream = trio.SSLStream(tcp, ctx, server_hostname=server_name(peer.server))
                         frames = FrameStream(stream, self.max_frame_size)
                         await stream.do_handshake()
-                        await frames.send_frame(Hello(self.me, creds.period).encode())
+                        handshaken = True
+                        await frames.send_frame(Hello(self.me, self._hello_period()).encode())
                         first = await frames.receive_frame()
-                        self._check_answer(peer.server, creds, stream, first)
+                        hello = self._check_answer(peer.server, creds, stream, first)
                 except trio.TooSlowError:
-                    return False, f"no TLS handshake and hello within {self.handshake_timeout}s"
+                    return False, f"no TLS handshake and hello within {self.handshake_timeout}s", False
                 except _Rejected as exc:
+                    if creds is not None and exc.authentication:
+                        self._fall_back(peer, address, exc.reason, rejected=True)
+                        return False, exc.reason, True
                     self._reject("outgoing", address, peer.server, exc.reason)
-                    return False, exc.reason
+                    return False, exc.reason, False
                 except (*_TRANSPORT_ERRORS, FramingError) as exc:
                     reason = _describe(exc)
-                    if isinstance(exc.__cause__ or exc, ssl.SSLCertVerificationError):
-                        self._reject("outgoing", address, peer.server, reason)
-                    return False, reason
-                peer.info = ConnectionInfo(
-                    peer.server, creds.period, str(stream.version()), str((stream.cipher() or ("?",))[0])
-                )
-                self._set_state(peer, PeerState.UP)
+                    verify_failed = isinstance(exc.__cause__ or exc, ssl.SSLCertVerificationError)
+                    if creds is None:
+                        return False, reason, False
+                    if verify_failed:
+                        self._fall_back(peer, address, reason, rejected=True)
+                        return False, reason, True
+                    if handshaken and not isinstance(exc, FramingError):
+                        # TLS 1.3: a server refusing our certificate shows it only now.
+                        reason = f"{reason} after the TLS handshake (our certificate refused?)"
+                        self._fall_back(peer, address, reason, rejected=False)
+                        return False, reason, True
+                    return False, reason, False
+                authenticated = creds is not None
+                conn.authenticated = authenticated
+                conn.info = _info(stream, peer.server, hello.period, authenticated, "outgoing")
+                peer.out = conn
+                self._set_state(peer, PeerState.UP if authenticated else PeerState.ANONYMOUS)
+                if authenticated:
+                    if peer.fallback_reason is not None:
+                        log.info("server %d: authenticated to server %d again", self.me, peer.server)
+                    peer.fallback_reason = None
                 log.info(
-                    "server %d: connected to server %d (%s)", self.me, peer.server, peer.info.tls_version
+                    "server %d: connected to server %d (%s%s)",
+                    self.me,
+                    peer.server,
+                    conn.info.tls_version,
+                    "" if authenticated else ", unauthenticated",
                 )
-                return True, await self._serve_outgoing(peer, frames)
-            return False, "closed on rekey"
+                return True, await self._serve_conn(conn, frames, address), False
+            return False, _UPGRADING if conn.upgrading else "closed on rekey", False
         finally:
             self._conns.discard(conn)
+            if peer.out is conn:
+                peer.out = None
+                self._notify()
             if stream is not None:
                 await trio.aclose_forcefully(stream)
 
     def _check_answer(
         self,
         server: int,
-        creds: _Credentials,
+        creds: _Credentials | None,
         stream: trio.SSLStream[trio.SocketStream],
         first: bytes | None,
-    ) -> None:
+    ) -> Hello:
+        authenticating = creds is not None
         if first is None:
-            raise _Rejected(server, "closed the connection instead of answering our hello")
+            raise _Rejected(
+                server, "closed the connection instead of answering our hello", authentication=authenticating
+            )
         try:
             hello = Hello.decode(first)
         except HelloError as exc:
             raise _Rejected(server, str(exc)) from None
         if hello.server != server:
             raise _Rejected(server, f"answered as server {hello.server}")
-        if hello.period != creds.period:
-            raise _Rejected(server, f"is in period {hello.period}, we are in period {creds.period}")
-        try:
-            check_peer(stream.getpeercert(binary_form=True), server, creds.period, creds.keys)
-        except PeerCertificateError as exc:
-            raise _Rejected(server, str(exc)) from None
+        if creds is not None:
+            if hello.period != creds.period:
+                raise _Rejected(
+                    server,
+                    f"is in period {hello.period}, we are in period {creds.period}",
+                    authentication=True,
+                )
+            try:
+                check_peer(stream.getpeercert(binary_form=True), server, creds.period, creds.keys)
+            except PeerCertificateError as exc:
+                raise _Rejected(server, str(exc), authentication=True) from None
         if stream.version() != "TLSv1.3":
             raise _Rejected(server, f"negotiated {stream.version()}, not TLSv1.3")
-
-    async def _serve_outgoing(self, peer: _Peer, frames: FrameStream) -> str:
-        """Send queued frames until the connection fails; return why it did."""
-        ended: list[str] = []
-        async with trio.open_nursery() as nursery:
-
-            async def writer() -> None:
-                try:
-                    while True:
-                        data = await peer.queue_out.receive()
-                        with trio.move_on_after(self.send_timeout) as timeout:
-                            await frames.send_frame(data)
-                        if timeout.cancelled_caught:
-                            ended.append(f"sending stalled for {self.send_timeout}s")
-                            break
-                except (*_TRANSPORT_ERRORS, FramingError) as exc:
-                    ended.append(_describe(exc))
-                nursery.cancel_scope.cancel()
-
-            async def watcher() -> None:
-                # The acceptor never sends after its hello: data or EOF ends the connection.
-                try:
-                    frame = await frames.receive_frame()
-                    ended.append(
-                        "closed by the peer" if frame is None else "peer sent data on our connection"
-                    )
-                except (*_TRANSPORT_ERRORS, FramingError) as exc:
-                    ended.append(_describe(exc))
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(writer)
-            nursery.start_soon(watcher)
-        return ended[0] if ended else "closed"
+        return hello
 
     # accepting ----------------------------------------------------------------------------
 
@@ -562,9 +819,11 @@ class PeerNetwork:
             await trio.aclose_forcefully(tcp)
             return
         creds = self._creds
-        conn = _Conn(None)
+        ctx = creds.server_ctx if creds is not None else self._anonymous_server_ctx
+        assert ctx is not None
+        conn = _Conn(None, "incoming")
         self._conns.add(conn)
-        stream = trio.SSLStream(tcp, creds.server_ctx, server_side=True)
+        stream = trio.SSLStream(tcp, ctx, server_side=True)
         try:
             with conn.scope:
                 self._pending += 1
@@ -572,8 +831,14 @@ class PeerNetwork:
                     with trio.fail_after(self.handshake_timeout):
                         frames = FrameStream(stream, self.max_frame_size)
                         await stream.do_handshake()
-                        server = self._check_hello(creds, stream, await frames.receive_frame())
-                        await frames.send_frame(Hello(self.me, creds.period).encode())
+                        cert = stream.getpeercert(binary_form=True) if creds is not None else None
+                        hello = self._check_hello(creds, stream, cert, await frames.receive_frame())
+                        server, authenticated = hello.server, cert is not None
+                        if not authenticated:
+                            self._admit_unauthenticated(server)
+                        await frames.send_frame(Hello(self.me, self._hello_period()).encode())
+                        if not authenticated:
+                            self._admit_unauthenticated(server)  # again: others may have come meanwhile
                 except trio.TooSlowError:
                     self._reject("incoming", address, None, "no TLS handshake and hello in time")
                     return
@@ -586,23 +851,74 @@ class PeerNetwork:
                 finally:
                     self._pending -= 1
                 conn.server = server
-                previous = self._incoming_by_peer.get(server)
-                if previous is not None:
-                    previous.scope.cancel()
-                self._incoming_by_peer[server] = conn
-                self._notify()
-                log.info("server %d: accepted server %d from %s", self.me, server, address)
-                await self._serve_incoming(server, address, frames)
+                conn.authenticated = authenticated
+                conn.info = _info(stream, server, hello.period, authenticated, "incoming")
+                self._register_incoming(conn)
+                log.info(
+                    "server %d: accepted server %d from %s%s",
+                    self.me,
+                    server,
+                    address,
+                    "" if authenticated else " (unauthenticated)",
+                )
+                reason = await self._serve_conn(conn, frames, address)
+                log.info("server %d: connection from server %d ended: %s", self.me, server, reason)
         finally:
             self._conns.discard(conn)
-            if conn.server is not None and self._incoming_by_peer.get(conn.server) is conn:
-                del self._incoming_by_peer[conn.server]
-                self._notify()
+            if conn.server is not None:
+                registry = self._incoming_by_peer if conn.authenticated else self._unauthenticated_by_peer
+                if registry.get(conn.server) is conn:
+                    del registry[conn.server]
+                    self._notify()
+                    self._flush_if_unreachable(self._peers[conn.server])
             await trio.aclose_forcefully(stream)
 
+    def _admit_unauthenticated(self, server: int) -> None:
+        """Refuse an unauthenticated connection claiming ``server`` if the rules say so."""
+        if server in self._incoming_by_peer:
+            raise _Rejected(
+                server, "unauthenticated, while the server holds an authenticated connection to us"
+            )
+        if (
+            server not in self._unauthenticated_by_peer
+            and len(self._unauthenticated_by_peer) >= self.max_unauthenticated
+        ):
+            raise _Rejected(
+                server, f"too many unauthenticated connections (at most {self.max_unauthenticated})"
+            )
+
+    def _register_incoming(self, conn: _Conn) -> None:
+        server = conn.server
+        assert server is not None
+        if conn.authenticated:
+            previous = self._incoming_by_peer.get(server)
+            self._incoming_by_peer[server] = conn
+            unauthenticated = self._unauthenticated_by_peer.pop(server, None)
+            if unauthenticated is not None:
+                unauthenticated.scope.cancel()
+                log.info(
+                    "server %d: server %d authenticated: closing its unauthenticated connection",
+                    self.me,
+                    server,
+                )
+            out = self._peers[server].out
+            if out is not None and not out.authenticated and self._creds is not None:
+                out.upgrading = True  # it holds a key we trust: so should our connection to it
+                out.scope.cancel()
+        else:
+            previous = self._unauthenticated_by_peer.get(server)
+            self._unauthenticated_by_peer[server] = conn
+        if previous is not None:
+            previous.scope.cancel()
+        self._notify()
+
     def _check_hello(
-        self, creds: _Credentials, stream: trio.SSLStream[trio.SocketStream], first: bytes | None
-    ) -> int:
+        self,
+        creds: _Credentials | None,
+        stream: trio.SSLStream[trio.SocketStream],
+        cert: bytes | None,
+        first: bytes | None,
+    ) -> Hello:
         if first is None:
             raise _Rejected(None, "closed the connection before its hello")
         try:
@@ -614,25 +930,13 @@ class PeerNetwork:
             raise _Rejected(server, "claims to be us")
         if server not in self._peers:
             raise _Rejected(server, "claims an unknown server id")
-        if hello.period != creds.period:
-            raise _Rejected(server, f"is in period {hello.period}, we are in period {creds.period}")
-        try:
-            check_peer(stream.getpeercert(binary_form=True), server, creds.period, creds.keys)
-        except PeerCertificateError as exc:
-            raise _Rejected(server, str(exc)) from None
+        if cert is not None and creds is not None:  # authenticated: the certificate must be its key
+            if hello.period != creds.period:
+                raise _Rejected(server, f"is in period {hello.period}, we are in period {creds.period}")
+            try:
+                check_peer(cert, server, creds.period, creds.keys)
+            except PeerCertificateError as exc:
+                raise _Rejected(server, str(exc)) from None
         if stream.version() != "TLSv1.3":
             raise _Rejected(server, f"negotiated {stream.version()}, not TLSv1.3")
-        return server
-
-    async def _serve_incoming(self, server: int, address: str, frames: FrameStream) -> None:
-        try:
-            while True:
-                frame = await frames.receive_frame()
-                if frame is None:
-                    log.info("server %d: server %d closed its connection", self.me, server)
-                    return
-                await self._deliver(server, frame)
-        except FramingError as exc:
-            self._reject("incoming", address, server, f"closing the connection: {exc}")
-        except _TRANSPORT_ERRORS as exc:
-            log.info("server %d: connection from server %d lost: %s", self.me, server, _describe(exc))
+        return hello

@@ -79,6 +79,7 @@ async def _serve(config: NodeConfig) -> None:
             servers=config.constants.ids,
             status_file=server.store.public_dir / "status.json",
             time_vector=server.time_vector,
+            random=server.random,
         )
         await nursery.start(functools.partial(serve_api, config.api_socket, backend))
         log.info("server %d: local API on %s", config.server_id, config.api_socket)

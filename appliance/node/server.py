@@ -27,11 +27,12 @@ from typing import Any, Protocol
 import trio
 
 from appliance.boot.rom import SimulatedRom
+from appliance.crypto import encoding
 from appliance.node.config import NodeConfig
 from appliance.node.store import StateDir, atomic_write
 from appliance.protocols.core import ServerCore
 from appliance.protocols.refresh import Outcome, PublicData, Status
-from appliance.protocols.services import TimeService
+from appliance.protocols.services import RandomService, TimeService
 from appliance.protocols.signing import SigningRefused, SigningService
 from appliance.protocols.state import SCERT
 
@@ -75,7 +76,9 @@ class PServer:
         self.last_refresh: dict[str, Any] = {}
         self._refresh_started: dict[int, float] = {}
         self._pending_rekey: tuple[int, dict[int, bytes], bytes] | None = None
-        self._waiting: dict[tuple[int, int], tuple[trio.Event, SigningService | TimeService]] = {}
+        self._waiting: dict[
+            tuple[int, int], tuple[trio.Event, SigningService | TimeService | RandomService]
+        ] = {}
         self._poke: Callable[[], None] = lambda: None
 
     # Startup ------------------------------------------------------------------------------
@@ -245,10 +248,31 @@ class PServer:
             self._waiting.pop(key, None)
         return service.done.pop(rid, {self.config.server_id: self.clock()})
 
+    async def random(self, nonce: bytes, *, timeout: float = 5.0) -> tuple[bytes, bytes]:
+        """GetRandom: 64 unbiasable bytes for the client's ``nonce``, and the input they answer."""
+        core = self.core
+        if core is None or core.random is None:
+            raise SigningRefused("this server is not operational: it holds no share of the group key now")
+        service = core.random
+        message = encoding.encode({"dom": "pst/random/v1", "nonce": nonce})
+        rid = service.request(message, self.clock())
+        done = trio.Event()
+        key = (id(service), rid)
+        self._waiting[key] = (done, service)
+        self._poke()
+        try:
+            with trio.fail_after(timeout):
+                await done.wait()
+        finally:
+            self._waiting.pop(key, None)
+        if rid in service.done:
+            return service.done.pop(rid), message
+        raise SigningRefused(service.failed.pop(rid, "the random service was replaced by a refresh; retry"))
+
     def _settle_signatures(self) -> None:
         core = self.core
         for (_sid, rid), (event, service) in self._waiting.items():
-            current = core is not None and service in (core.signing, core.time)
+            current = core is not None and service in (core.signing, core.time, core.random)
             failed = getattr(service, "failed", {})
             if rid in service.done or rid in failed or not current:
                 event.set()

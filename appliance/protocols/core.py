@@ -21,7 +21,7 @@ from appliance.crypto.keyshare import KeyShare
 from appliance.crypto.secret import SecretScalar
 from appliance.protocols._core import Outgoing, Signer
 from appliance.protocols.refresh import Outcome, PeriodRefresh, PrivateData, PublicData, Status
-from appliance.protocols.services import TIME, TimeService
+from appliance.protocols.services import RANDOM, TIME, RandomService, TimeService
 from appliance.protocols.signing import SERVICE, SigningService
 from appliance.protocols.state import SCERT, Constants
 
@@ -49,6 +49,7 @@ class ServerCore:
         self.on_outcome = on_outcome
         self.signing: SigningService | None = None
         self.time: TimeService | None = None
+        self.random: RandomService | None = None
         self.signing_enabled = signing
         #: Periods whose refresh starts earlier than the clock says (``pst refresh --now``).
         self.overrides: dict[int, float] = {}
@@ -99,6 +100,7 @@ class ServerCore:
             self.signing.wipe()
             self.signing = None
         self.time = None
+        self.random = None
         public, private = self.public, self.private
         table = public.key_table
         sharing = public.sharings.get(SCERT)
@@ -113,6 +115,9 @@ class ServerCore:
         if entry is None or entry.verify_key != signer.public or not key.check(ED25519):
             return
         self.time = TimeService(me=self.me, table=table, signer=signer)
+        self.random = RandomService(
+            me=self.me, t=self.clock.t, table=table, signer=signer, key=key, rand=self.rand
+        )
         self.signing = SigningService(
             me=self.me, t=self.clock.t, table=table, key=key, signer=signer, rand=self.rand
         )
@@ -124,6 +129,8 @@ class ServerCore:
             out += self.signing.tick(now)
         if self.time is not None:
             out += self.time.tick(now)
+        if self.random is not None:
+            out += self.random.tick(now)
         return out
 
     def _tick_refresh(self, now: float) -> list[Outgoing]:
@@ -142,6 +149,8 @@ class ServerCore:
             return now + 0.01
         if self.time is not None and self.time.pending:
             return now + 0.05
+        if self.random is not None and self.random.pending:
+            return now + 0.01
         if self.engine is not None and self.engine.outcome is None:
             wake = self.engine.next_wakeup(now)
             if wake is not None:
@@ -171,13 +180,15 @@ class ServerCore:
             raw: Any = cbor2.loads(data)
         except Exception:
             raw = None
-        if isinstance(raw, dict) and raw.get("svc") in (SERVICE, TIME):
+        if isinstance(raw, dict) and raw.get("svc") in (SERVICE, TIME, RANDOM):
             obj = _strict(data)
             if isinstance(obj, dict):
                 if obj["svc"] == SERVICE and self.signing is not None:
                     self.signing.receive(sender, obj, now)
                 elif obj["svc"] == TIME and self.time is not None:
                     self.time.receive(sender, obj, now)
+                elif obj["svc"] == RANDOM and self.random is not None:
+                    self.random.receive(sender, obj, now)
             return
         period = raw.get("period") if isinstance(raw, dict) else None
         period = period if isinstance(period, int) and not isinstance(period, bool) else None

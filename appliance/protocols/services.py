@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.crypto import encoding
+from appliance.crypto import encoding, tvrf
 from appliance.crypto.errors import DecodeError
+from appliance.crypto.groups import ED25519
 from appliance.protocols._core import EVERYONE, Outgoing, RemoteProtocolError, Signer, ed25519_verify
 from appliance.protocols.state import KeyTable
 
@@ -103,6 +104,106 @@ class TimeService:
         for rid, req in list(self._requests.items()):
             if now >= req.deadline or len(req.readings) == len(self.table.entries):
                 self.done[rid] = {i: req.readings.get(i) for i in sorted(self.table.entries)}
+                del self._requests[rid]
+        out, self._out = self._out, []
+        return out
+
+
+RANDOM = "random"
+RANDOM_WAIT = 2.0
+
+
+@dataclass
+class _RandomRequest:
+    message: bytes
+    deadline: float
+    parts: dict[int, Any] = field(default_factory=dict)
+
+
+class RandomService:
+    """GetRandom: the threshold VRF of :mod:`appliance.crypto.tvrf` on the group key.
+
+    The requesting server asks every other server for its partial evaluation of the
+    input (which carries the client's nonce), and combines t+1 valid ones. A partial
+    whose proof fails names its server; the output cannot be biased by anyone.
+    """
+
+    def __init__(self, *, me: int, t: int, table: KeyTable, signer: Signer, key: Any, rand: Any) -> None:
+        self.group = ED25519
+        self.me, self.t, self.table, self.signer, self.key, self.rand = me, t, table, signer, key, rand
+        self.shares = {i: key.public.verification_share(ED25519, i) for i in table.entries}
+        self._requests: dict[int, _RandomRequest] = {}
+        self._next = 1
+        self.done: dict[int, bytes] = {}
+        self.failed: dict[int, str] = {}
+        self.bad: dict[int, str] = {}
+        self.rejected: list[RemoteProtocolError] = []
+        self._out: list[Outgoing] = []
+
+    def _partial(self, message: bytes) -> Any:
+        size = (self.group.order.bit_length() + 7) // 8 + 16
+        return tvrf.partial(
+            self.group,
+            self.me,
+            self.key.share.value,
+            message,
+            lambda: int.from_bytes(self.rand(size), "big") % (self.group.order - 1) + 1,
+        )
+
+    def request(self, message: bytes, now: float) -> int:
+        rid = self._next
+        self._next += 1
+        req = _RandomRequest(message, now + RANDOM_WAIT)
+        req.parts[self.me] = self._partial(message)
+        self._requests[rid] = req
+        body = {"rid": rid, "input": message}
+        self._out.append(
+            Outgoing(EVERYONE, seal(RANDOM, "eval", self.table.period, self.me, body, self.signer))
+        )
+        return rid
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._requests)
+
+    def receive(self, sender: int, obj: Any, now: float) -> None:
+        try:
+            kind, body = open_envelope(RANDOM, obj, sender, self.table)
+            if kind == "eval":
+                f = encoding.expect_map(body, {"rid": int, "input": bytes}, "random request")
+                if len(f["input"]) > 1024:
+                    raise RemoteProtocolError(sender, "random request input too long")
+                part = self._partial(f["input"])
+                answer = {"rid": f["rid"], "partial": part.to_bytes(self.group)}
+                self._out.append(
+                    Outgoing(sender, seal(RANDOM, "part", self.table.period, self.me, answer, self.signer))
+                )
+            elif kind == "part":
+                f = encoding.expect_map(body, {"rid": int, "partial": bytes}, "random partial")
+                req = self._requests.get(f["rid"])
+                part = tvrf.Partial.from_bytes(self.group, f["partial"])
+                if part.server != sender:
+                    raise RemoteProtocolError(sender, "random partial under another server's id")
+                if req is not None:
+                    if not tvrf.verify_partial(self.group, self.shares[sender], req.message, part):
+                        self.bad[sender] = "partial evaluation with a proof that does not verify"
+                        raise RemoteProtocolError(sender, "random partial with a bad proof")
+                    req.parts.setdefault(sender, part)
+            else:
+                raise RemoteProtocolError(sender, f"unknown random message kind {kind!r}")
+        except RemoteProtocolError as exc:
+            self.rejected.append(exc)
+        except (DecodeError, KeyError, TypeError, ValueError) as exc:
+            self.rejected.append(RemoteProtocolError(sender, f"random service: {type(exc).__name__}: {exc}"))
+
+    def tick(self, now: float) -> list[Outgoing]:
+        for rid, req in list(self._requests.items()):
+            if len(req.parts) >= self.t + 1:
+                parts = dict(sorted(req.parts.items())[: self.t + 1])
+                self.done[rid] = tvrf.combine(self.group, self.t, req.message, parts, self.shares)
+                del self._requests[rid]
+            elif now >= req.deadline:
+                self.failed[rid] = f"only {len(req.parts)} servers answered, need {self.t + 1}"
                 del self._requests[rid]
         out, self._out = self._out, []
         return out
