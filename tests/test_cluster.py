@@ -2,38 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from clusterutil import free_base_port, pst, status
 
 from appliance.node.store import StateDir
 from appliance.protocols.state import SCERT
-
-PST = [sys.executable, "-m", "appliance.cli"]
-
-
-def free_base_port(n: int) -> int:
-    for base in range(20000, 60000, 97):
-        ok = True
-        for i in range(1, n + 1):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", base + i))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no free ports")
-
-
-def pst(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*PST, *args], capture_output=True, text=True, timeout=60, check=False)
 
 
 @pytest.fixture
@@ -61,13 +37,6 @@ def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
     assert up.returncode == 0, up.stdout + up.stderr
     yield root
     pst("cluster", "down", "--dir", str(root))
-
-
-def status(root: Path) -> list[dict[str, object]]:
-    out = pst("status", "--dir", str(root), "--json")
-    assert out.returncode == 0, out.stderr
-    rows: list[dict[str, object]] = json.loads(out.stdout)
-    return rows
 
 
 def test_five_processes_refresh_and_keep_the_group_key(cluster: Path) -> None:

@@ -1,0 +1,37 @@
+"""Helpers for tests that run real clusters of `pst serve` processes."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+PST = [sys.executable, "-m", "appliance.cli"]
+
+
+def free_base_port(n: int) -> int:
+    for base in range(20000, 60000, 97):
+        ok = True
+        for i in range(1, n + 1):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", base + i))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free ports")
+
+
+def pst(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PST, *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+def status(root: Path) -> list[dict[str, object]]:
+    out = pst("status", "--dir", str(root), "--json")
+    assert out.returncode == 0, out.stderr
+    rows: list[dict[str, object]] = json.loads(out.stdout)
+    return rows
