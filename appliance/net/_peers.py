@@ -583,7 +583,15 @@ class PeerNetwork:
     def _set_state(self, peer: _Peer, state: PeerState, reason: str = "") -> None:
         if state is PeerState.DOWN:
             if peer.state is not PeerState.DOWN:
-                log.info("server %d: cannot connect to server %d: %s", self.me, peer.server, reason)
+                if self._route(peer) is None:
+                    log.info("server %d: server %d unreachable: %s", self.me, peer.server, reason)
+                else:
+                    log.info(
+                        "server %d: no connection to server %d (%s); its connection to us carries our frames",
+                        self.me,
+                        peer.server,
+                        reason,
+                    )
             peer.last_error = reason
             peer.state = state
             self._flush_if_unreachable(peer)
@@ -593,15 +601,13 @@ class PeerNetwork:
             peer.state = state
         self._notify()
 
-    def _reject(
-        self, direction: str, address: str, server: int | None, reason: str, level: int = logging.WARNING
-    ) -> None:
+    def _reject(self, direction: str, address: str, server: int | None, reason: str) -> None:
         self.rejections.append(Rejection(address, server, reason, direction))
         who = f"server {server} at {address}" if server is not None else address
         if direction == "incoming":
-            log.log(level, "server %d: rejected connection from %s: %s", self.me, who, reason)
+            log.warning("server %d: rejected connection from %s: %s", self.me, who, reason)
         else:
-            log.log(level, "server %d: connection to %s rejected: %s", self.me, who, reason)
+            log.warning("server %d: connection to %s rejected: %s", self.me, who, reason)
 
     def _fall_back(self, peer: _Peer, address: str, reason: str, rejected: bool) -> None:
         """Our authenticated dial to ``peer`` failed to authenticate: say so before going anonymous."""
