@@ -47,24 +47,20 @@ async def net_transport(
 ) -> Transport:
     loaded = StateDir(config.state_dir).load()
     table = loaded.public.key_table
-    if table is None or loaded.private is None:
-        raise SystemExit(
-            f"server {config.server_id}: no KeyTable or period key in {config.state_dir}; "
-            "a server without keys cannot open authenticated channels yet (recovery over the network "
-            "comes with the next step of the network issue)"
+    keys = period_keys(loaded.public)
+    if table is None or loaded.private is None or config.server_id not in keys:
+        log.warning(
+            "server %d: no usable period key: starting unauthenticated; the next refresh recovers it",
+            config.server_id,
         )
+        period, seed, keys_or_none = None, None, None
+    else:
+        period, seed, keys_or_none = table.period, loaded.private.signing_seed, keys
 
     async def on_frame(peer: int, data: bytes) -> None:
         deliver(peer, data)
 
-    net = PeerNetwork(
-        config.server_id,
-        config.peers,
-        table.period,
-        period_keys(loaded.public),
-        loaded.private.signing_seed,
-        on_frame=on_frame,
-    )
+    net = PeerNetwork(config.server_id, config.peers, period, keys_or_none, seed, on_frame=on_frame)
     await nursery.start(net.run)
     return NetTransport(net)
 

@@ -76,6 +76,7 @@ class PServer:
         self.last_refresh: dict[str, Any] = {}
         self._refresh_started: dict[int, float] = {}
         self._pending_rekey: tuple[int, dict[int, bytes], bytes] | None = None
+        self._channel_period = -1
         self._waiting: dict[
             tuple[int, int], tuple[trio.Event, SigningService | TimeService | RandomService]
         ] = {}
@@ -108,9 +109,17 @@ class PServer:
     def _persist(self, period: int, outcome: Outcome) -> None:
         started = self._refresh_started.get(period, self.clock())
         self.store.save(outcome.public, outcome.private)
-        if outcome.private is not None:
-            keys = period_keys(outcome.public)
-            self._pending_rekey = (period, keys, outcome.private.signing_seed)
+        table = outcome.public.key_table
+        # Channels follow the certified KeyTable we now hold (after an aborted refresh, that is
+        # still the old one, and the channels stay as they are).
+        private = outcome.private
+        if (
+            private is not None
+            and table is not None
+            and private.period == table.period > self._channel_period
+        ):
+            self._channel_period = table.period
+            self._pending_rekey = (table.period, period_keys(outcome.public), private.signing_seed)
         self.last_refresh = {
             "period": period,
             "status": outcome.status.value,
@@ -163,6 +172,8 @@ class PServer:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         core = self.core = self._load()
         core.start_signing()
+        if core.public.key_table is not None:
+            self._channel_period = core.public.key_table.period
         send, receive = trio.open_memory_channel[tuple[int, bytes]](10_000)
         self._poke = lambda: deliver(0, b"")
 

@@ -1,0 +1,111 @@
+"""Chaos: kill -9 a random server at random moments during 50 refreshes of a real cluster.
+
+The model allows t faulty servers per period (here n=4, t=1): a killed server is faulty in
+the period it dies in and until it has been healed, so kills are spaced two to four
+periods apart, at random points of the period (during a refresh or between refreshes).
+Afterwards every server is operational, the group public key is the one of period 0,
+signatures through the API verify, and every alert names a server that was killed.
+Seeded (PST_CHAOS_SEED), bounded in time (about two and a half minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from clusterutil import free_base_port, pst, status
+
+from appliance.node.store import StateDir
+from appliance.protocols.state import SCERT
+
+PERIODS = int(os.environ.get("PST_CHAOS_PERIODS", "50"))
+SEED = int(os.environ.get("PST_CHAOS_SEED", "1"))
+PERIOD_S = 2.5
+
+
+def start(node: Path) -> None:
+    with open(node / "server.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance.cli", "serve", "--config", str(node / "config.toml")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    (node / "server.pid").write_text(f"{proc.pid}\n")
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_during_50_refreshes(tmp_path: Path) -> None:
+    rng = random.Random(SEED)
+    root = tmp_path / "c"
+    n = 4
+    base = free_base_port(n)
+    init = pst(
+        "cluster",
+        "init",
+        "--nodes",
+        str(n),
+        "--threshold",
+        "1",
+        "--dir",
+        str(root),
+        "--period",
+        str(PERIOD_S),
+        "--round-ms",
+        "40",
+        "--base-port",
+        str(base),
+    )
+    assert init.returncode == 0, init.stderr
+    vcert = StateDir(root / "node-1" / "state").load().public.sharings[SCERT].public_key
+    killed: set[int] = set()
+    try:
+        assert pst("cluster", "up", "--dir", str(root), "--detach").returncode == 0
+        first = max(r.get("period") or 0 for r in status(root))
+        stop_killing = first + PERIODS - 6
+        last_kill = time.monotonic()
+        gap = rng.uniform(2.0, 4.0) * PERIOD_S
+        deadline = time.monotonic() + PERIODS * PERIOD_S + 60
+        while time.monotonic() < deadline:
+            rows = status(root)
+            current = max((r.get("last_refresh") or {}).get("period", 0) for r in rows)
+            if current >= first + PERIODS and all(
+                (r.get("last_refresh") or {}).get("period") == current and r["status"] == "operational"
+                for r in rows
+            ):
+                break
+            if current < stop_killing and time.monotonic() - last_kill > gap:
+                victim = rng.randint(1, n)
+                node = root / f"node-{victim}"
+                pid = int((node / "server.pid").read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.add(victim)
+                time.sleep(rng.uniform(0.1, 1.0))
+                start(node)
+                last_kill = time.monotonic()
+                gap = rng.uniform(2.0, 4.0) * PERIOD_S
+            time.sleep(0.2)
+        rows = status(root)
+        assert all(r["running"] for r in rows), rows
+        assert all(r["status"] == "operational" for r in rows), json.dumps(rows, indent=1)
+        assert len({r["keytable_fingerprint"] for r in rows}) == 1, rows
+        assert {r["group_public_key"] for r in rows} == {vcert.hex()}
+        doc = tmp_path / "doc"
+        doc.write_bytes(b"after the chaos")
+        signed = pst("sign", "--dir", str(root), "--out", str(tmp_path / "sig"), str(doc))
+        assert signed.returncode == 0, signed.stderr
+        assert pst("verify", "--dir", str(root), str(doc), str(tmp_path / "sig")).returncode == 0
+        for node in sorted(root.glob("node-*")):
+            alerts = node / "state" / "public" / "alerts.jsonl"
+            for line in alerts.read_text().splitlines() if alerts.exists() else []:
+                alert = json.loads(line)
+                assert alert["server"] in killed, f"{node.name}: alert about a server never killed: {alert}"
+    finally:
+        pst("cluster", "down", "--dir", str(root))
