@@ -127,6 +127,13 @@ class PServer:
             "duration_s": round(self.clock() - started, 3),
             "failure": outcome.failure,
         }
+        core = self.core
+        if core is not None:
+            for reason in core.rejected[:50]:
+                log.warning("rejected a message: %s", reason)
+            if len(core.rejected) > 50:
+                log.warning("... and %d more rejected messages this period", len(core.rejected) - 50)
+            core.rejected.clear()
         for alert in outcome.alerts:
             log.warning("%s", alert)
             with open(self.store.public_dir / "alerts.jsonl", "a", encoding="utf-8") as f:

@@ -163,6 +163,10 @@ class ServerCore:
         assert self.engine is not None
         self.outcomes[self.engine.period] = outcome
         self.rejected += [str(r) for r in self.engine.rejected]
+        for service in (self.signing, self.time, self.random):
+            if service is not None:
+                self.rejected += [str(r) for r in service.rejected]
+                service.rejected.clear()
         old = self.private
         if self.on_outcome is not None:
             self.on_outcome(self.engine.period, outcome)  # persist before anything is wiped
