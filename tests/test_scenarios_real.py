@@ -88,3 +88,124 @@ def test_scenario_b_corrupted_public_data_and_deleted_shares_heal_without_an_ope
     loaded = StateDir(node / "state").load()
     assert loaded.problems == [] and loaded.public.m is not None and loaded.public.m.vcert == vcert
     assert ED25519.mul_base(share(cluster, 3)) == loaded.public.sharings[SCERT].verification_share(ED25519, 3)
+
+
+def restart_as(node: Path, argv: list[str]) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    pid = int((node / "server.pid").read_text())
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            break
+        time.sleep(0.05)
+    with open(node / "server.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    (node / "server.pid").write_text(f"{proc.pid}\n")
+    api = node / "api.sock"
+    for _ in range(200):
+        if api.exists():
+            break
+        time.sleep(0.05)
+
+
+def alerts_seen(root: Path, by: list[int]) -> set[tuple[str, int]]:
+    import json
+
+    out = set()
+    for i in by:
+        path = root / f"node-{i}" / "state" / "public" / "alerts.jsonl"
+        for line in path.read_text().splitlines() if path.exists() else []:
+            a = json.loads(line)
+            out.add((a["kind"], a["server"]))
+    return out
+
+
+@pytest.mark.parametrize("fault", ["bad-share", "false-complaint"])
+def test_scenario_d_a_malicious_server_is_named_and_the_refresh_completes(cluster: Path, fault: str) -> None:
+    faulty = cluster / "node-4"
+    script = str(Path(__file__).parent / "faulty_serve.py")
+    restart_as(faulty, [script, "--config", str(faulty / "config.toml"), "--fault", fault, "--victim", "2"])
+    before = {r["server"]: r["keytable_fingerprint"] for r in status(cluster)}
+    out = pst("refresh", "--now", "--dir", str(cluster))
+    assert "server 1: operational" in out.stdout, out.stdout + out.stderr
+    rows = {r["server"]: r for r in status(cluster)}
+    for i in (1, 2, 3):
+        assert rows[i]["status"] == "operational" and rows[i]["keytable_fingerprint"] != before[i]
+    kind = "bad-share" if fault == "bad-share" else "false-complaint"
+    assert {(kind, 4)} <= alerts_seen(cluster, [1, 2, 3])
+    assert all(server == 4 for _kind, server in alerts_seen(cluster, [1, 2, 3]))
+
+
+def test_scenario_c_an_impostor_with_a_stolen_period_key_raises_an_alert(
+    cluster: Path, tmp_path: Path
+) -> None:
+    """The attacker copies server 2's private data and runs a server of its own as server 2."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    real = cluster / "node-2"
+    impostor = tmp_path / "impostor"
+    impostor.mkdir()
+    shutil.copytree(real / "state", impostor / "state")
+    shutil.copy(real / "rom", impostor / "rom")
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    text = (real / "config.toml").read_text()
+    listen = next(line for line in text.splitlines() if line.startswith("listen = "))
+    text = text.replace(listen, f'listen = "127.0.0.1:{port}"')
+    text = text.replace(str(real / "state"), str(impostor / "state"))
+    text = text.replace(str(real / "api.sock"), str(impostor / "api.sock"))
+    text = text.replace(str(real / "rom"), str(impostor / "rom"))
+    (impostor / "config.toml").write_text(text)
+    with open(impostor / "server.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance.cli", "serve", "--config", str(impostor / "config.toml")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        for _ in range(200):
+            if (impostor / "api.sock").exists():
+                break
+            time.sleep(0.05)
+        time.sleep(1.0)  # let it connect to the others as server 2
+        request_file = cluster / "node-1" / "refresh-request.json"
+        request_file.unlink(missing_ok=True)
+        refresh = subprocess.Popen(
+            [sys.executable, "-m", "appliance.cli", "refresh", "--now", "--dir", str(cluster)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(100):  # the impostor joins the same refresh, at the same start time
+            if request_file.exists():
+                break
+            time.sleep(0.02)
+        (impostor / "refresh-request.json").write_text(request_file.read_text())
+        os.kill(proc.pid, signal.SIGUSR1)
+        refresh.communicate(timeout=120)
+        seen = alerts_seen(cluster, [1, 3, 4])
+        assert ("conflicting-key-announcements", 2) in seen, seen
+        assert all(server == 2 for _kind, server in seen)
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    # With the impostor gone, the next refresh heals server 2.
+    out = pst("refresh", "--now", "--dir", str(cluster))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert all(r["status"] == "operational" for r in status(cluster))

@@ -60,7 +60,9 @@ async def net_transport(
     async def on_frame(peer: int, data: bytes) -> None:
         deliver(peer, data)
 
-    net = PeerNetwork(config.server_id, config.peers, period, keys_or_none, seed, on_frame=on_frame)
+    addresses = dict(config.peers)
+    addresses[config.server_id] = config.listen  # where we listen may differ from how peers reach us
+    net = PeerNetwork(config.server_id, addresses, period, keys_or_none, seed, on_frame=on_frame)
     await nursery.start(net.run)
     return NetTransport(net)
 
