@@ -129,10 +129,95 @@ def _cluster_nodes(root: Path) -> list[Path]:
     return nodes
 
 
+def _cmd_init(args: argparse.Namespace) -> int:
+    import logging
+
+    import trio
+
+    from appliance.node import config as node_config
+    from appliance.node.ceremony import CeremonyError, run_init
+    from appliance.protocols.state import ConfigError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("appliance.net").setLevel(logging.WARNING)
+    try:
+        config = node_config.load(Path(args.config))
+        outcome = trio.run(run_init, config, Path(args.sstart), args.start_at)
+    except (ConfigError, CeremonyError) as exc:
+        print(f"pst init: {exc}", file=sys.stderr)
+        return 2
+    for alert in outcome.alerts:
+        print(f"pst init: {alert}", file=sys.stderr)
+    if not outcome.ok:
+        print(f"pst init: initialization failed: {outcome.failure}", file=sys.stderr)
+        return 1
+    assert outcome.public is not None and outcome.public.m is not None
+    print(f"server {config.server_id} initialized; Vcert {outcome.public.m.vcert.hex()}; Sstart erased")
+    return 0
+
+
+def _network_ceremony(args: argparse.Namespace) -> int:
+    import subprocess
+    import time
+
+    from appliance.node.cluster import prepare_network_ceremony
+
+    root = Path(args.dir)
+    prepare_network_ceremony(
+        root,
+        n=args.nodes,
+        t=args.threshold,
+        period_seconds=args.period,
+        round_ms=args.round_ms,
+        base_port=args.base_port,
+        progress=lambda line: print(line, flush=True),
+    )
+    start = time.time() + 4.0
+    print(
+        f"initialization (Table 3) over the network: {args.nodes} `pst init` processes start together ...",
+        flush=True,
+    )
+    procs = {}
+    for node in _cluster_nodes(root):
+        argv = [
+            sys.executable,
+            "-m",
+            "appliance.cli",
+            "init",
+            "--config",
+            str(node / "config.toml"),
+            "--sstart",
+            str(node / "sstart"),
+            "--start-at",
+            repr(start),
+        ]
+        with open(node / "init.log", "wb") as log:
+            procs[node] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    failed = 0
+    for node, proc in procs.items():
+        code = proc.wait(timeout=300)
+        line = (node / "init.log").read_text().strip().splitlines()
+        print(f"  {node.name}: {line[-1] if line else '(no output)'}")
+        failed += code != 0
+    if failed:
+        print(f"pst cluster init: {failed} servers failed to initialize; see their init.log", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_cluster_init(args: argparse.Namespace) -> int:
     from appliance.node.cluster import init_cluster
     from appliance.protocols.state import ConfigError
 
+    if args.network_ceremony:
+        try:
+            code = _network_ceremony(args)
+        except ConfigError as exc:
+            print(f"pst cluster init: {exc}", file=sys.stderr)
+            return 2
+        if code == 0:
+            print(f"cluster ready in {args.dir}: start it with `pst cluster up --dir {args.dir}`")
+        return code
     try:
         init_cluster(
             Path(args.dir),
@@ -482,6 +567,11 @@ def build_parser() -> argparse.ArgumentParser:
     cinit.add_argument(
         "--base-port", type=int, default=7100, help="server i listens on base+i (default 7100)"
     )
+    cinit.add_argument(
+        "--network-ceremony",
+        action="store_true",
+        help="run the initialization (Table 3) over the network, one `pst init` process per server",
+    )
     cinit.set_defaults(func=_cmd_cluster_init)
     cup = csub.add_parser("up", help="start every server of the cluster (one process each)")
     cup.add_argument("--dir", required=True)
@@ -490,6 +580,15 @@ def build_parser() -> argparse.ArgumentParser:
     cdown = csub.add_parser("down", help="stop every server of the cluster")
     cdown.add_argument("--dir", required=True)
     cdown.set_defaults(func=_cmd_cluster_down)
+    init = sub.add_parser("init", help="initialize this server with the others (Table 3), over the network")
+    init.add_argument("--config", required=True, help="the server's TOML config")
+    init.add_argument(
+        "--sstart", required=True, help="file holding this server's start key seed (erased after)"
+    )
+    init.add_argument(
+        "--start-at", type=float, required=True, help="agreed Unix time at which all servers start"
+    )
+    init.set_defaults(func=_cmd_init)
     serve = sub.add_parser(
         "serve", help="run one PServer in the foreground (what systemd and cluster up run)"
     )

@@ -139,3 +139,42 @@ def test_refresh_now_runs_an_extra_refresh_at_once(tmp_path: Path) -> None:
 def test_status_before_start_and_bad_dir_are_clear(tmp_path: Path) -> None:
     out = pst("status", "--dir", str(tmp_path))
     assert out.returncode != 0 and "holds no cluster" in out.stderr
+
+
+def test_initialization_over_the_network_then_refresh(tmp_path: Path) -> None:
+    """Table 3 over TLS between `pst init` processes; Sstart is erased; the network then refreshes."""
+    root = tmp_path / "c"
+    base = free_base_port(4)
+    out = pst(
+        "cluster",
+        "init",
+        "--network-ceremony",
+        "--nodes",
+        "4",
+        "--threshold",
+        "1",
+        "--dir",
+        str(root),
+        "--period",
+        "600",
+        "--round-ms",
+        "60",
+        "--base-port",
+        str(base),
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    vcerts = set()
+    for i in range(1, 5):
+        node = root / f"node-{i}"
+        assert not (node / "sstart").exists(), "Sstart must be erased after the initialization"
+        loaded = StateDir(node / "state").load()
+        assert loaded.problems == [] and loaded.public.m is not None
+        vcerts.add(loaded.public.m.vcert)
+    assert len(vcerts) == 1
+    try:
+        assert pst("cluster", "up", "--dir", str(root), "--detach").returncode == 0
+        refreshed = pst("refresh", "--now", "--dir", str(root))
+        assert refreshed.returncode == 0, refreshed.stdout + refreshed.stderr
+        assert {r["group_public_key"] for r in status(root)} == {next(iter(vcerts)).hex()}
+    finally:
+        pst("cluster", "down", "--dir", str(root))

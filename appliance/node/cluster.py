@@ -56,6 +56,42 @@ genesis = {c.genesis!r}
 """
 
 
+def prepare_network_ceremony(
+    root: Path,
+    *,
+    n: int,
+    t: int,
+    period_seconds: float = 30.0,
+    round_ms: int = 100,
+    base_port: int = 7100,
+    progress: Callable[[str], None] = print,
+) -> Constants:
+    """Configs, simulated ROMs (Vstart) and Sstart files; the state comes from ``pst init``."""
+    from nacl.signing import SigningKey
+
+    if root.exists() and any(root.iterdir()):
+        raise ConfigError(f"{root}: directory exists and is not empty; choose a new one or remove it")
+    c = Constants(
+        n=n,
+        t=t,
+        period_length=period_seconds,
+        delta=round_ms / 1000,
+        genesis=time.time(),
+        peers={i: f"127.0.0.1:{base_port + i}" for i in range(1, n + 1)},
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write(root / "cluster.toml", f"n = {n}\nt = {t}\nbase_port = {base_port}\n".encode())
+    for i in c.ids:
+        d = node_dir(root, i)
+        d.mkdir(parents=True, exist_ok=True)
+        seed = os.urandom(32)
+        atomic_write(d / "sstart", seed, private=True)
+        SimulatedRom(d / "rom").provision(bytes(SigningKey(seed).verify_key))
+        atomic_write(d / "config.toml", config_text(root, i, c, base_port).encode())
+        progress(f"  server {i}: config, Sstart (erasable disk) and Vstart (simulated ROM) written")
+    return c
+
+
 def init_cluster(
     root: Path,
     *,

@@ -1,0 +1,93 @@
+"""``pst init``: the initialization of Table 3 over the real network, one process per server.
+
+Every server runs this at the same agreed start time (``--start-at``, chosen by the
+operators). There are no period keys yet, so the channels are unauthenticated TLS 1.3
+("communication is secure - inactive adversary", the paper's assumption for this step);
+from the second round on every message is signed with the fresh period keys. On success
+the server's period-0 data is written to its state directory and the Sstart file is
+overwritten and unlinked: Sstart is erased, as Table 3 demands.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import trio
+from nacl.signing import SigningKey
+
+from appliance.boot.rom import RomError, SimulatedRom
+from appliance.net import PeerNetwork
+from appliance.node.config import NodeConfig
+from appliance.node.store import StateDir, erase
+from appliance.protocols.init import InitOutcome, InitProtocol
+
+log = logging.getLogger("pst.init")
+
+
+class CeremonyError(Exception):
+    """The initialization cannot start or did not complete; the message says why."""
+
+
+def read_sstart(path: Path, vstart: bytes) -> bytearray:
+    try:
+        seed = bytearray(path.read_bytes())
+    except OSError as exc:
+        raise CeremonyError(f"{path}: cannot read the start key: {exc.strerror}") from None
+    if len(seed) != 32:
+        raise CeremonyError(f"{path}: a start key seed is 32 bytes, this file has {len(seed)}")
+    if bytes(SigningKey(bytes(seed)).verify_key) != vstart:
+        raise CeremonyError(f"{path}: this Sstart does not match the Vstart in the ROM")
+    return seed
+
+
+async def run_init(
+    config: NodeConfig, sstart_path: Path, start: float, *, timeout: float = 120.0
+) -> InitOutcome:
+    if config.rom_path is None:
+        raise CeremonyError(f"{config.path}: rom.path is required")
+    try:
+        vstart = SimulatedRom(config.rom_path).read_vstart()
+    except RomError as exc:
+        raise CeremonyError(str(exc)) from None
+    store = StateDir(config.state_dir)
+    if store.load().public.m is not None:
+        raise CeremonyError(f"{config.state_dir}: this server is already initialized")
+    seed = read_sstart(sstart_path, vstart)
+    protocol = InitProtocol(
+        me=config.server_id, constants=config.constants, sstart=seed, start=start, rand=os.urandom
+    )
+    inbox_send, inbox = trio.open_memory_channel[tuple[int, bytes]](10_000)
+
+    async def on_frame(peer: int, data: bytes) -> None:
+        try:
+            inbox_send.send_nowait((peer, data))
+        except trio.WouldBlock:
+            log.warning("inbox full: dropped a message from server %d", peer)
+
+    addresses = dict(config.peers)
+    addresses[config.server_id] = config.listen
+    net = PeerNetwork(config.server_id, addresses, None, None, None, on_frame=on_frame)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(net.run)
+        with trio.fail_after(max(0.0, start - time.time()) + timeout):
+            while protocol.outcome is None:
+                now = time.time()
+                for out in protocol.tick(now):
+                    net.send(out.to, out.data)
+                wake = protocol.next_wakeup(now)
+                with trio.move_on_after(max(0.0, (wake if wake is not None else now + 0.5) - time.time())):
+                    peer, data = await inbox.receive()
+                    protocol.receive(peer, data, time.time())
+            await trio.sleep(2 * config.constants.delta)  # let the last forwards leave
+        nursery.cancel_scope.cancel()
+    outcome = protocol.outcome
+    for reason in protocol.rejected[:20]:
+        log.warning("rejected a message: %s", reason)
+    if outcome.ok and outcome.public is not None and outcome.private is not None:
+        store.save(outcome.public, outcome.private)
+        erase(sstart_path)
+        log.info("initialized: Sstart erased (%s)", sstart_path)
+    return outcome
