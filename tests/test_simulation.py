@@ -18,11 +18,16 @@ from appliance.sim import scenarios
 SEEDS = int(os.environ.get("PST_SIM_SEEDS", "500"))
 
 
+@pytest.fixture(scope="module")
+def pool():  # type: ignore[no-untyped-def]
+    with get_context("fork").Pool(os.cpu_count() or 1) as p:
+        yield p
+
+
 @pytest.mark.parametrize("family", scenarios.SEEDED_FAMILIES)
-def test_scenario_family_over_many_seeds(family: str) -> None:
+def test_scenario_family_over_many_seeds(family: str, pool) -> None:  # type: ignore[no-untyped-def]
     jobs = [(family, seed) for seed in range(SEEDS)]
-    with get_context("fork").Pool(os.cpu_count() or 1) as pool:
-        failures = [r for r in pool.imap(scenarios.run_seed, jobs, chunksize=10) if r is not None]
+    failures = [r for r in pool.imap_unordered(scenarios.run_seed, jobs, chunksize=4) if r is not None]
     assert not failures, f"{len(failures)} of {SEEDS} seeds failed; first: " + "; ".join(failures[:3])
 
 

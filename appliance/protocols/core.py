@@ -201,8 +201,19 @@ class ServerCore:
             return
         if self.engine is not None and self.engine.period == period and self.engine.outcome is None:
             self.engine.receive(sender, data, now)
-        elif period >= self.next_period and len(self._early) < 10_000:
-            self._early.append((sender, data, now, period))
+        elif period >= self.next_period and period <= self.period_at(now) + 1:
+            if len(self._early) < 10_000:
+                self._early.append((sender, data, now, period))
+            else:
+                self.rejected.append(
+                    f"server {sender}: too many early messages; dropped one for period {period}"
+                )
+        elif period < self.next_period:
+            self.rejected.append(
+                f"server {sender}: message for period {period}, whose refresh is over (replayed or late)"
+            )
+        else:
+            self.rejected.append(f"server {sender}: message for period {period}, too far in the future")
 
 
 def _strict(data: bytes) -> Any:

@@ -21,14 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.crypto import encoding, shamir
+from appliance.crypto import encoding, frost, shamir
 from appliance.crypto.groups import ED25519
+from appliance.crypto.secret import SecretScalar
 from appliance.protocols._core import AlertKind, Outgoing
-from appliance.protocols.refresh import PeriodRefresh, Schedule, Status
+from appliance.protocols.refresh import PeriodRefresh, PrivateData, PublicData, Schedule, Status
 from appliance.protocols.state import SCERT, Constants, InvariantInfo
 from appliance.sim._net import NetworkConfig, Simulation
 from appliance.sim.cluster import SimServer
-from appliance.sim.setup import make_network, seeded_bytes
+from appliance.sim.setup import ServerSetup, make_network, seeded_bytes
 
 
 class ScenarioFailure(AssertionError):
@@ -94,6 +95,17 @@ class FalseComplaintEngine(PeriodRefresh):
         return super()._check_sub(d, kind, sid, r, value, recipient)
 
 
+class BadFrostShareEngine(PeriodRefresh):
+    """Sends wrong FROST signature shares for the KeyTable."""
+
+    def _envelope(self, phase: str, body: Any, signer: Any) -> bytes:
+        if phase == "sign-share" and isinstance(body, dict):
+            share = frost.SignatureShare.from_bytes(body["share"])
+            bad = frost.SignatureShare(share.identifier, (share.share + 1) % ED25519.order)
+            body = {**body, "share": bad.to_bytes()}
+        return super()._envelope(phase, body, signer)
+
+
 EngineFactory = Callable[..., PeriodRefresh]
 
 
@@ -103,7 +115,7 @@ EngineFactory = Callable[..., PeriodRefresh]
 def build(
     name: str, seed: int, constants: Constants, *, periods: int = 1, config: NetworkConfig | None = None
 ) -> Run:
-    setups = make_network(constants, seed)
+    setups = _setups(constants, seed)
     servers = {i: SimServer(s, constants, seeded_bytes(f"{seed}/{i}".encode())) for i, s in setups.items()}
     rng = random.Random(seed)
     cfg = config or NetworkConfig(
@@ -113,6 +125,31 @@ def build(
     )
     sim = Simulation(dict(servers), seed, cfg)
     return Run(name, seed, constants, sim, servers, periods=periods)
+
+
+#: Period-0 key material is made from one of KEY_SETS seeds per configuration and copied
+#: for each run (runs wipe and replace what they hold); everything else follows the run's
+#: own seed. This keeps hundreds of seeds per family within the test budget.
+KEY_SETS = 32
+_SETUP_CACHE: dict[tuple[int, int, int], dict[int, ServerSetup]] = {}
+
+
+def _setups(constants: Constants, seed: int) -> dict[int, ServerSetup]:
+    key = (constants.n, constants.t, seed % KEY_SETS)
+    if key not in _SETUP_CACHE:
+        _SETUP_CACHE[key] = make_network(constants, seed % KEY_SETS)
+    out = {}
+    for i, s in _SETUP_CACHE[key].items():
+        assert s.private is not None
+        private = PrivateData(
+            s.private.period,
+            s.private.signing_seed,
+            s.private.encryption_seed,
+            {sid: SecretScalar(v.value, ED25519.order) for sid, v in s.private.shares.items()},
+        )
+        public = PublicData(s.public.m, s.public.key_table, dict(s.public.sharings))
+        out[i] = ServerSetup(s.me, s.vstart, public, private)
+    return out
 
 
 def run_periods(run: Run) -> None:
@@ -173,8 +210,10 @@ def check(run: Run) -> None:
 # Families --------------------------------------------------------------------------------------
 
 
-def _constants(rng: random.Random) -> Constants:
-    n, t = rng.choices([(4, 1), (5, 1), (5, 2), (7, 2)], weights=[4, 3, 2, 1])[0]
+def _constants(rng: random.Random, *, long_run: bool = False) -> Constants:
+    # Runs over two periods (crash, partition, replay) use the smaller configurations.
+    weights = [5, 3, 2, 0] if long_run else [4, 3, 2, 0.4]
+    n, t = rng.choices([(4, 1), (5, 1), (5, 2), (7, 2)], weights=weights)[0]
     # Period 1 starts half a second in; a period (4 s) is longer than a refresh (at most 2.6 s here).
     return Constants(n=n, t=t, period_length=4.0, delta=0.1, genesis=-3.5)
 
@@ -226,7 +265,7 @@ def false_complaint(seed: int) -> Run:
 def crash(seed: int) -> Run:
     """Scenario E: a server is killed at a random point of the refresh, restarts, rejoins next period."""
     rng = random.Random(seed)
-    c = _constants(rng)
+    c = _constants(rng, long_run=True)
     run = build("crash", seed, c, periods=2)
     victim = rng.choice(list(c.ids))
     at = c.period_start(1) + rng.uniform(0, Schedule(0.0, c.delta, c.t).duration)
@@ -305,7 +344,7 @@ def impersonate(seed: int) -> Run:
 def partition(seed: int) -> Run:
     """A server is cut off from everyone for one refresh; it recovers at the next one."""
     rng = random.Random(seed)
-    c = _constants(rng)
+    c = _constants(rng, long_run=True)
     run = build("partition", seed, c, periods=2)
     victim = rng.choice(list(c.ids))
     for j in c.ids:
@@ -319,17 +358,60 @@ def partition(seed: int) -> Run:
     return run
 
 
+def bad_frost_share(seed: int) -> Run:
+    rng = random.Random(seed)
+    c = _constants(rng)
+    run = build("bad-frost-share", seed, c)
+    liar = 1  # the first leader always names itself as a signer: its bad share is always seen
+    run.faulty.add(liar)
+    _use_engine(run.servers[liar], BadFrostShareEngine)
+    run.expect_alerts.add((AlertKind.BAD_SIGNATURE_SHARE, liar))
+    run_periods(run)
+    return run
+
+
 def byzantine(seed: int) -> Run:
     """Scenario D: one of the malicious behaviours, chosen by the seed."""
-    kinds = [bad_share, silent, false_complaint, impersonate]
+    kinds = [bad_share, silent, false_complaint, impersonate, bad_frost_share]
     result = kinds[seed % len(kinds)](seed)
     result.name = f"byzantine/{result.name}"
     return result
 
 
+def replay(seed: int) -> Run:
+    """The network replays, in period 2, what a server sent in period 1: all of it is rejected."""
+    rng = random.Random(seed)
+    c = _constants(rng, long_run=True)
+    run = build("replay", seed, c, periods=2)
+    source = rng.choice(list(c.ids))
+    recorded: list[tuple[int, bytes, float]] = []
+
+    def record_and_replay(
+        sender: int, to: int, data: bytes, now: float, r: random.Random
+    ) -> list[tuple[float, bytes]]:
+        wire = [(0.0, data)]
+        period = c.period_at(now)
+        if period == 1:
+            recorded.append((to, data, now - c.period_start(1)))
+        elif period == 2:
+            offset = now - c.period_start(2)
+            wire += [
+                (0.0, old) for target, old, at in recorded if target == to and abs(at - offset) < c.delta
+            ]
+        return wire
+
+    run.sim.faults[source] = record_and_replay
+    run_periods(run)
+    if not recorded:
+        raise run.fail("nothing was recorded to replay")
+    if not any("replayed" in r for i, srv in run.servers.items() if i != source for r in srv.rejected):
+        raise run.fail("replayed messages were not rejected with a reason")
+    return run
+
+
 def faults(seed: int) -> Run:
-    """Scenario E and friends: a crash at a random step, or a partition, chosen by the seed."""
-    return (crash if seed % 2 == 0 else partition)(seed)
+    """Scenario E and friends: a crash at a random step, a partition, or replayed old messages."""
+    return (crash, partition, replay)[seed % 3](seed)
 
 
 def _use_engine(server: SimServer, engine: type[PeriodRefresh]) -> None:
@@ -357,6 +439,8 @@ FAMILIES: dict[str, Callable[[int], Run]] = {
     "byzantine": byzantine,
     "faults": faults,
     "partition": partition,
+    "replay": replay,
+    "bad-frost-share": bad_frost_share,
     "honest": honest,
     "bad-share": bad_share,
     "silent": silent,
