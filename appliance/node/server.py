@@ -235,15 +235,7 @@ class PServer:
             raise SigningRefused("this server is not operational: it holds no share of the group key now")
         service = core.signing
         rid = service.request(message, self.clock())
-        done = trio.Event()
-        key = (id(service), rid)
-        self._waiting[key] = (done, service)
-        self._poke()
-        try:
-            with trio.fail_after(timeout):
-                await done.wait()
-        finally:
-            self._waiting.pop(key, None)
+        await self._wait_for(service, rid, timeout)
         if rid in service.done:
             return service.done.pop(rid)
         raise SigningRefused(service.failed.pop(rid, "the signing service was replaced by a refresh; retry"))
@@ -255,15 +247,7 @@ class PServer:
             return {self.config.server_id: self.clock()}
         service = core.time
         rid = service.request(self.clock())
-        done = trio.Event()
-        key = (id(service), rid)
-        self._waiting[key] = (done, service)
-        self._poke()
-        try:
-            with trio.fail_after(timeout):
-                await done.wait()
-        finally:
-            self._waiting.pop(key, None)
+        await self._wait_for(service, rid, timeout)
         return service.done.pop(rid, {self.config.server_id: self.clock()})
 
     async def random(self, nonce: bytes, *, timeout: float = 5.0) -> tuple[bytes, bytes]:
@@ -274,6 +258,15 @@ class PServer:
         service = core.random
         message = encoding.encode({"dom": "pst/random/v1", "nonce": nonce})
         rid = service.request(message, self.clock())
+        await self._wait_for(service, rid, timeout)
+        if rid in service.done:
+            return service.done.pop(rid), message
+        raise SigningRefused(service.failed.pop(rid, "the random service was replaced by a refresh; retry"))
+
+    async def _wait_for(
+        self, service: SigningService | TimeService | RandomService, rid: int, timeout: float
+    ) -> None:
+        """Wake the main loop (to send the request) and wait until the service settles ``rid``."""
         done = trio.Event()
         key = (id(service), rid)
         self._waiting[key] = (done, service)
@@ -283,9 +276,6 @@ class PServer:
                 await done.wait()
         finally:
             self._waiting.pop(key, None)
-        if rid in service.done:
-            return service.done.pop(rid), message
-        raise SigningRefused(service.failed.pop(rid, "the random service was replaced by a refresh; retry"))
 
     def _settle_signatures(self) -> None:
         core = self.core
