@@ -35,3 +35,25 @@ def status(root: Path) -> list[dict[str, object]]:
     assert out.returncode == 0, out.stderr
     rows: list[dict[str, object]] = json.loads(out.stdout)
     return rows
+
+
+def init_cluster(root: Path, *, n: int, period: float, round_ms: int, extra: tuple[str, ...] = ()) -> None:
+    """`pst cluster init` with t = 1 on free ports; fails the test with pst's output if it fails."""
+    out = pst(
+        "cluster",
+        "init",
+        *extra,
+        "--nodes",
+        str(n),
+        "--threshold",
+        "1",
+        "--dir",
+        str(root),
+        "--period",
+        f"{period:g}",
+        "--round-ms",
+        str(round_ms),
+        "--base-port",
+        str(free_base_port(n)),
+    )
+    assert out.returncode == 0, out.stdout + out.stderr

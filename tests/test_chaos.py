@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clusterutil import free_base_port, pst, status
+from clusterutil import init_cluster, pst, status
 
 from appliance.node.store import StateDir
 from appliance.protocols.state import SCERT
@@ -46,24 +46,7 @@ def test_kill_9_at_random_points_during_50_refreshes(tmp_path: Path) -> None:
     rng = random.Random(SEED)
     root = tmp_path / "c"
     n = 4
-    base = free_base_port(n)
-    init = pst(
-        "cluster",
-        "init",
-        "--nodes",
-        str(n),
-        "--threshold",
-        "1",
-        "--dir",
-        str(root),
-        "--period",
-        str(PERIOD_S),
-        "--round-ms",
-        "40",
-        "--base-port",
-        str(base),
-    )
-    assert init.returncode == 0, init.stderr
+    init_cluster(root, n=n, period=PERIOD_S, round_ms=40)
     vcert = StateDir(root / "node-1" / "state").load().public.sharings[SCERT].public_key
     killed: set[int] = set()
     try:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clusterutil import free_base_port, pst, status
+from clusterutil import init_cluster, pst, status
 
 from appliance.crypto import shamir
 from appliance.crypto.groups import ED25519
@@ -21,24 +21,7 @@ from appliance.protocols.state import SCERT
 @pytest.fixture
 def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
     root = tmp_path / "c"
-    base = free_base_port(4)
-    init = pst(
-        "cluster",
-        "init",
-        "--nodes",
-        "4",
-        "--threshold",
-        "1",
-        "--dir",
-        str(root),
-        "--period",
-        "600",
-        "--round-ms",
-        "60",
-        "--base-port",
-        str(base),
-    )
-    assert init.returncode == 0, init.stderr
+    init_cluster(root, n=4, period=600, round_ms=60)
     assert pst("cluster", "up", "--dir", str(root), "--detach").returncode == 0
     yield root
     pst("cluster", "down", "--dir", str(root))
