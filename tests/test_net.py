@@ -38,6 +38,7 @@ from appliance.net import (
     PeerState,
     anonymous_client_context,
     certificate_period,
+    channel_identity,
     check_peer,
     client_context,
     encode_frame,
@@ -261,18 +262,60 @@ def test_check_peer_names_the_problem() -> None:
     keys = key_table([1, 2, 3], 4)
     der = period_certificate(3, 4, seed_of(3, 4)).public_bytes(encoding=_der())
     check_peer(der, 3, 4, keys)
-    with pytest.raises(PeerCertificateError, match=r"server 2: .*it is server 3's key"):
+    with pytest.raises(PeerCertificateError, match=r"server 2: .*it is server 3's"):
         check_peer(der, 2, 4, keys)
     with pytest.raises(PeerCertificateError, match="server 9 has no key"):
         check_peer(der, 9, 4, keys)
     stranger = period_certificate(3, 4, seed_of(3, 4, "evil")).public_bytes(encoding=_der())
-    with pytest.raises(PeerCertificateError, match="in no entry of the table"):
+    with pytest.raises(PeerCertificateError, match="no key of the table issued it"):
         check_peer(stranger, 3, 4, keys)
     old = period_certificate(3, 3, seed_of(3, 4)).public_bytes(encoding=_der())
     with pytest.raises(PeerCertificateError, match="for period 3, not period 4"):
         check_peer(old, 3, 4, keys)
     with pytest.raises(PeerCertificateError, match="no peer certificate"):
         check_peer(None, 3, 4, keys)
+
+
+def test_channel_certificates_are_issued_by_the_period_key() -> None:
+    """The network-facing process presents a channel key certified by the period key."""
+    keys = key_table([1, 2, 3], 4)
+    ident = channel_identity(3, 4, seed_of(3, 4))
+    assert "PRIVATE" not in repr(ident)
+    cert = x509.load_pem_x509_certificate(ident.cert_pem)
+    der = cert.public_bytes(encoding=_der())
+    assert cert.public_key().public_bytes_raw() != keys[3]  # type: ignore[union-attr]
+    check_peer(der, 3, 4, keys)
+    with pytest.raises(PeerCertificateError, match=r"server 1: .*it is server 3's"):
+        check_peer(der, 1, 4, keys)
+    forged = channel_identity(3, 4, seed_of(3, 4, "evil"))
+    with pytest.raises(PeerCertificateError, match="no key of the table issued it"):
+        check_peer(x509.load_pem_x509_certificate(forged.cert_pem).public_bytes(encoding=_der()), 3, 4, keys)
+
+
+async def test_networks_keyed_with_channel_identities_talk() -> None:
+    ids = [1, 2]
+    keys = key_table(ids, 0)
+    addresses = {i: ("127.0.0.1", port) for i, port in zip(ids, free_ports(2), strict=True)}
+    got: list[tuple[int, bytes]] = []
+
+    async def on_frame(peer: int, data: bytes) -> None:
+        got.append((peer, data))
+
+    ident = {i: channel_identity(i, 0, seed_of(i, 0)) for i in ids}
+    async with (
+        PeerNetwork(1, addresses, 0, keys, ident[1], on_frame=on_frame, **FAST) as a,
+        PeerNetwork(2, addresses, 0, keys, ident[2], on_frame=on_frame, **FAST) as b,
+    ):
+        with trio.fail_after(10):
+            await a.wait_connected()
+            await b.wait_connected()
+            a.send(2, b"over a channel key")
+            b.send(1, b"and back")
+            while len(got) < 2:
+                await trio.sleep(0.01)
+    assert sorted(got) == [(1, b"over a channel key"), (2, b"and back")]
+    with pytest.raises(ValueError, match="not issued by our key"):
+        PeerNetwork(1, addresses, 0, keys, ident[2])
 
 
 def _der() -> Any:

@@ -35,10 +35,13 @@ from appliance.net._peers import (
     Rejection,
 )
 from appliance.net._tls import (
+    ChannelIdentity,
+    Credential,
     PeerCertificateError,
     anonymous_client_context,
     anonymous_server_context,
     certificate_period,
+    channel_identity,
     check_peer,
     client_context,
     period_certificate,
@@ -50,7 +53,9 @@ from appliance.net._tls import (
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
     "EVERYONE",
+    "ChannelIdentity",
     "ConnectionInfo",
+    "Credential",
     "FrameDecoder",
     "FrameHandler",
     "FrameStream",
@@ -64,6 +69,7 @@ __all__ = [
     "anonymous_client_context",
     "anonymous_server_context",
     "certificate_period",
+    "channel_identity",
     "check_peer",
     "client_context",
     "encode_frame",

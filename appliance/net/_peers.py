@@ -84,6 +84,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 import trio
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.net._framing import (
@@ -94,11 +95,14 @@ from appliance.net._framing import (
     HelloError,
 )
 from appliance.net._tls import (
+    ChannelIdentity,
+    Credential,
     PeerCertificateError,
     anonymous_client_context,
     anonymous_server_context,
     check_peer,
     client_context,
+    issued_by,
     server_context,
     server_name,
 )
@@ -167,20 +171,27 @@ class _Credentials:
     client_ctx: ssl.SSLContext
 
     @classmethod
-    def build(cls, me: int, period: int, keys: Mapping[int, bytes], seed: bytes) -> _Credentials:
+    def build(cls, me: int, period: int, keys: Mapping[int, bytes], seed: Credential) -> _Credentials:
         if period < 0:
             raise ValueError(f"period must be non-negative, got {period}")
-        if len(seed) != 32:
-            raise ValueError("the period signing seed must have 32 bytes")
         table = {int(i): bytes(k) for i, k in keys.items()}
         for i, k in table.items():
             if len(k) != 32:
                 raise ValueError(f"server {i}: an Ed25519 public key has 32 bytes, got {len(k)}")
-        own = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes_raw()
-        if table.get(me) != own:
-            raise ValueError(
-                f"server {me}: our seed's public key is not our entry of period {period}'s table"
-            )
+        if isinstance(seed, ChannelIdentity):
+            cert = x509.load_pem_x509_certificate(seed.cert_pem)
+            if seed.period != period or not issued_by(cert, table.get(me, b"")):
+                raise ValueError(
+                    f"server {me}: our channel certificate is not issued by our key of period {period}"
+                )
+        else:
+            if len(seed) != 32:
+                raise ValueError("the period signing seed must have 32 bytes")
+            own = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes_raw()
+            if table.get(me) != own:
+                raise ValueError(
+                    f"server {me}: our seed's public key is not our entry of period {period}'s table"
+                )
         return cls(
             period,
             table,
@@ -278,7 +289,7 @@ class PeerNetwork:
         addresses: Mapping[int, tuple[str, int]],
         period: int | None = None,
         keys: Mapping[int, bytes] | None = None,
-        seed: bytes | None = None,
+        seed: Credential | None = None,
         *,
         on_frame: FrameHandler | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
@@ -422,7 +433,7 @@ class PeerNetwork:
         else:
             self._enqueue(self._peer(to), data)
 
-    def rekey(self, period: int, keys: Mapping[int, bytes], seed: bytes) -> None:
+    def rekey(self, period: int, keys: Mapping[int, bytes], seed: Credential) -> None:
         """Switch to ``period``'s keys; close every connection made with the previous ones.
 
         A recovering network accepts any period >= 0 and becomes a normal one.

@@ -32,6 +32,18 @@ of a server with no period key at all: it presents a throwaway certificate for a
 made on the spot (TLS 1.3 has no certificate-less cipher suites) and requests no client
 certificate.
 
+Channel keys (the key-holder split). The period signing key S_i lives only in the
+key-holder process (:mod:`appliance.node.keyholder`); the network-facing process must not
+hold it. So a running server presents a *channel certificate* instead
+(:func:`channel_identity`): a fresh Ed25519 key made for the period, in a leaf that the
+period key issues (same issuer name, signed with S_i). OpenSSL checks it against the same
+anchors, and :func:`check_peer` checks the leaf's signature with the claimed server's
+KeyTable key. Whoever breaks into the network-facing process learns a channel key good
+for the rest of that period only, which is no more than control of the server during the
+period gives anyway. A 32-byte period seed is still accepted wherever an identity is (the
+leaf is then self-issued by the period key, as above): the initialization ceremony and the
+tests use it.
+
 Private keys reach OpenSSL through an anonymous memory file (``memfd``) that is closed at
 once; they are never written to disk where memfd exists, and never logged.
 """
@@ -45,8 +57,10 @@ import os
 import ssl
 import tempfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import NameOID, ObjectIdentifier
@@ -132,9 +146,21 @@ def period_certificate(
     if len(seed) != 32:
         raise ValueError("an Ed25519 seed has 32 bytes")
     key = Ed25519PrivateKey.from_private_bytes(seed)
-    public = key.public_key()
+    return _leaf(server, period, key.public_key(), key, not_before, lifetime)
+
+
+def _leaf(
+    server: int,
+    period: int,
+    public: Ed25519PublicKey,
+    issuer: Ed25519PrivateKey,
+    not_before: datetime.datetime | None,
+    lifetime: datetime.timedelta,
+) -> x509.Certificate:
+    """Server ``server``'s leaf for ``period``: key ``public``, issued and signed by ``issuer``."""
     start = (not_before or datetime.datetime.now(_UTC)) - _CLOCK_SKEW
     ski = x509.SubjectKeyIdentifier.from_public_key(public)
+    aki = x509.SubjectKeyIdentifier.from_public_key(issuer.public_key()).digest
     return (
         x509.CertificateBuilder()
         .subject_name(_name(f"pst-server-{server}"))
@@ -155,9 +181,46 @@ def period_certificate(
             critical=False,
         )
         .add_extension(ski, critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier(ski.digest, None, None), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier(aki, None, None), critical=False)
         .add_extension(_period_extension(period), critical=False)
-        .sign(key, None)
+        .sign(issuer, None)
+    )
+
+
+@dataclass(frozen=True, repr=False)
+class ChannelIdentity:
+    """A period's TLS identity: a leaf certificate issued by the period key, and its key.
+
+    ``repr`` never shows the private key.
+    """
+
+    period: int
+    cert_pem: bytes
+    key_pem: bytes
+
+    def __repr__(self) -> str:
+        return f"ChannelIdentity(period={self.period})"
+
+
+#: What a network is keyed with: a channel identity, or the 32-byte period seed itself.
+Credential = ChannelIdentity | bytes
+
+
+def channel_identity(
+    server: int, period: int, seed: bytes, *, lifetime: datetime.timedelta = DEFAULT_LIFETIME
+) -> ChannelIdentity:
+    """A fresh channel key for ``period`` and its leaf, issued (signed) by the period key ``seed``."""
+    if len(seed) != 32:
+        raise ValueError("an Ed25519 seed has 32 bytes")
+    issuer = Ed25519PrivateKey.from_private_bytes(seed)
+    channel = Ed25519PrivateKey.generate()
+    cert = _leaf(server, period, channel.public_key(), issuer, None, lifetime)
+    return ChannelIdentity(
+        period,
+        cert.public_bytes(serialization.Encoding.PEM),
+        channel.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
     )
 
 
@@ -227,18 +290,20 @@ def _tls13_context(protocol: int) -> ssl.SSLContext:
     return ctx
 
 
-def _load_identity(ctx: ssl.SSLContext, server: int, period: int, seed: bytes) -> None:
-    cert = period_certificate(server, period, seed)
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = Ed25519PrivateKey.from_private_bytes(seed).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+def _load_identity(ctx: ssl.SSLContext, server: int, period: int, cred: Credential) -> None:
+    if isinstance(cred, ChannelIdentity):
+        cert_pem, key_pem = cred.cert_pem, cred.key_pem
+    else:
+        cert_pem = period_certificate(server, period, cred).public_bytes(serialization.Encoding.PEM)
+        key_pem = Ed25519PrivateKey.from_private_bytes(cred).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     with _secret_file(cert_pem) as cert_path, _secret_file(key_pem) as key_path:
         ctx.load_cert_chain(cert_path, key_path)
 
 
 def _context(
-    protocol: int, server: int, period: int, seed: bytes, keys: Mapping[int, bytes]
+    protocol: int, server: int, period: int, seed: Credential, keys: Mapping[int, bytes]
 ) -> ssl.SSLContext:
     ctx = _tls13_context(protocol)
     # The server only requests a client certificate: one that is presented is verified
@@ -250,13 +315,13 @@ def _context(
     return ctx
 
 
-def server_context(server: int, period: int, seed: bytes, keys: Mapping[int, bytes]) -> ssl.SSLContext:
+def server_context(server: int, period: int, seed: Credential, keys: Mapping[int, bytes]) -> ssl.SSLContext:
     """Context accepting connections: TLS 1.3, client certificate requested (CERT_OPTIONAL)
     and verified against the table anchors when presented."""
     return _context(ssl.PROTOCOL_TLS_SERVER, server, period, seed, keys)
 
 
-def client_context(server: int, period: int, seed: bytes, keys: Mapping[int, bytes]) -> ssl.SSLContext:
+def client_context(server: int, period: int, seed: Credential, keys: Mapping[int, bytes]) -> ssl.SSLContext:
     """Context opening connections: TLS 1.3, our certificate, table anchors, no hostname check."""
     return _context(ssl.PROTOCOL_TLS_CLIENT, server, period, seed, keys)
 
@@ -293,18 +358,28 @@ def check_peer(cert_der: bytes | None, claimed: int, period: int, keys: Mapping[
         raise PeerCertificateError(f"server {claimed}: unreadable certificate ({exc})") from None
     if not isinstance(public, Ed25519PublicKey):
         raise PeerCertificateError(f"server {claimed}: certificate key is not Ed25519")
-    raw = public.public_bytes_raw()
     expected = keys.get(claimed)
     if expected is None:
         raise PeerCertificateError(f"server {claimed} has no key in period {period}'s table")
-    if raw != expected:
-        owners = [i for i, k in keys.items() if k == raw]
-        whose = f"it is server {owners[0]}'s key" if owners else "it is in no entry of the table"
+    if not issued_by(cert, expected):
+        owners = [i for i, k in keys.items() if issued_by(cert, k)]
+        whose = f"it is server {owners[0]}'s" if owners else "no key of the table issued it"
         raise PeerCertificateError(
-            f"server {claimed}: certificate key is not its period {period} key ({whose})"
+            f"server {claimed}: certificate is not issued by its period {period} key ({whose})"
         )
     cert_period = certificate_period(cert)
     if cert_period != period:
         raise PeerCertificateError(
             f"server {claimed}: certificate is for period {cert_period}, not period {period}"
         )
+
+
+def issued_by(cert: x509.Certificate, verify_key: bytes) -> bool:
+    """Whether ``cert`` is signed by the Ed25519 key ``verify_key`` (its period key)."""
+    if len(verify_key) != 32:
+        return False
+    try:
+        _public_key(verify_key).verify(cert.signature, cert.tbs_certificate_bytes)
+    except InvalidSignature:
+        return False
+    return True
