@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
+from clusterutil import PST, init_cluster
 
 from appliance.node.sdnotify import Notifier, socket_address, watchdog_interval
 
@@ -147,3 +150,35 @@ async def test_watchdog_task_returns_at_once_without_a_watchdog(listener: tuple[
         async with trio.open_nursery() as nursery:
             await nursery.start(Notifier(address).run_watchdog)
     assert pending(sock) == []
+
+
+def test_pst_serve_tells_systemd_it_is_ready_pings_and_stopping(
+    tmp_path: Path, listener: tuple[socket.socket, str]
+) -> None:
+    """A real `pst serve` started as systemd would start a Type=notify unit with WatchdogSec=2."""
+    sock, address = listener
+    init_cluster(tmp_path / "c", n=3, period=60, round_ms=100)
+    env = {**os.environ, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "2000000"}
+    config = tmp_path / "c" / "node-1" / "config.toml"
+    log = (tmp_path / "serve.log").open("w+")
+    proc = subprocess.Popen([*PST, "serve", "--config", str(config)], env=env, stderr=log)
+    sock.settimeout(30)  # generous: the 2 cores are shared; messages normally arrive within a second
+    try:
+        messages = []
+        while not any(m.startswith(b"READY=1") for m in messages):
+            messages.append(sock.recv(4096))
+        ready = next(m for m in messages if m.startswith(b"READY=1"))
+        api = tmp_path / "c" / "node-1" / "api.sock"
+        assert ready == f"READY=1\nSTATUS=server 1: serving, local API on {api}".encode()
+        while sock.recv(4096) != b"WATCHDOG=1":  # pinged every second
+            pass
+        proc.send_signal(signal.SIGTERM)
+        while (message := sock.recv(4096)) == b"WATCHDOG=1":
+            pass
+        assert message == b"STOPPING=1\nSTATUS=SIGTERM received"
+        assert proc.wait(timeout=30) == 0, (tmp_path / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()

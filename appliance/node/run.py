@@ -16,6 +16,7 @@ from appliance.api import PServerBackend, serve_api
 from appliance.net import PeerNetwork
 from appliance.node import config as node_config
 from appliance.node.config import NodeConfig
+from appliance.node.sdnotify import Notifier
 from appliance.node.server import Deliver, PServer, Transport, period_keys
 from appliance.node.store import StateDir
 from appliance.protocols.state import ConfigError
@@ -68,8 +69,10 @@ async def net_transport(
 
 
 async def _serve(config: NodeConfig) -> None:
+    notifier = Notifier.from_env(unset=True)  # systemd Type=notify; children must not inherit it
     server = PServer(config, net_transport)
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(notifier.run_watchdog)
         await nursery.start(server.run)
         backend = PServerBackend(
             server.sign,
@@ -81,12 +84,14 @@ async def _serve(config: NodeConfig) -> None:
         )
         await nursery.start(functools.partial(serve_api, config.api_socket, backend))
         log.info("server %d: local API on %s", config.server_id, config.api_socket)
+        notifier.ready(f"server {config.server_id}: serving, local API on {config.api_socket}")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
             async for signum in signals:
                 if signum == signal.SIGUSR1:
                     _refresh_request(config, server)
                     continue
                 log.info("server %d: %s received, stopping", config.server_id, signal.Signals(signum).name)
+                notifier.stopping(f"{signal.Signals(signum).name} received")
                 nursery.cancel_scope.cancel()
                 break
 
