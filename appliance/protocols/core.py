@@ -8,7 +8,7 @@ memory; the trio PServer drives it on the wall clock and persists each outcome t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import cbor2
@@ -20,6 +20,7 @@ from appliance.crypto.groups import ED25519
 from appliance.crypto.keyshare import KeyShare
 from appliance.crypto.secret import SecretScalar
 from appliance.protocols._core import Outgoing, Signer
+from appliance.protocols.approvals import APPROVALS, ApprovalService
 from appliance.protocols.refresh import Outcome, PeriodRefresh, PrivateData, PublicData, Status
 from appliance.protocols.services import RANDOM, TIME, RandomService, TimeService
 from appliance.protocols.signing import SERVICE, SigningService
@@ -50,6 +51,10 @@ class ServerCore:
         self.signing: SigningService | None = None
         self.time: TimeService | None = None
         self.random: RandomService | None = None
+        self.approvals: ApprovalService | None = None
+        #: Distributed applications with a client at this server: name -> password verifier.
+        #: The node replaces or updates it (e.g. with a view of the API's registrations).
+        self.distributed_clients: Mapping[str, bytes] = {}
         self.signing_enabled = signing
         #: Periods whose refresh starts earlier than the clock says (``pst refresh --now``).
         self.overrides: dict[int, float] = {}
@@ -101,6 +106,7 @@ class ServerCore:
             self.signing = None
         self.time = None
         self.random = None
+        self.approvals = None
         public, private = self.public, self.private
         table = public.key_table
         sharing = public.sharings.get(SCERT)
@@ -122,6 +128,14 @@ class ServerCore:
             me=self.me, t=self.clock.t, table=table, key=key, signer=signer, rand=self.rand
         )
         self.signing.start()
+        self.approvals = ApprovalService(
+            me=self.me,
+            n=self.clock.n,
+            table=table,
+            signer=signer,
+            clients=lambda app: self.distributed_clients.get(app),
+            forward=self.signing.receive,
+        )
 
     def tick(self, now: float) -> list[Outgoing]:
         out = self._tick_refresh(now)
@@ -131,6 +145,8 @@ class ServerCore:
             out += self.time.tick(now)
         if self.random is not None:
             out += self.random.tick(now)
+        if self.approvals is not None:
+            out += self.approvals.tick(now)
         return out
 
     def _tick_refresh(self, now: float) -> list[Outgoing]:
@@ -151,6 +167,8 @@ class ServerCore:
             return now + 0.05
         if self.random is not None and self.random.pending:
             return now + 0.01
+        if self.approvals is not None and self.approvals.pending_work:
+            return now + 0.05
         if self.engine is not None and self.engine.outcome is None:
             wake = self.engine.next_wakeup(now)
             if wake is not None:
@@ -163,7 +181,7 @@ class ServerCore:
         assert self.engine is not None
         self.outcomes[self.engine.period] = outcome
         self.rejected += [str(r) for r in self.engine.rejected]
-        for service in (self.signing, self.time, self.random):
+        for service in (self.signing, self.time, self.random, self.approvals):
             if service is not None:
                 self.rejected += [str(r) for r in service.rejected]
                 service.rejected.clear()
@@ -178,17 +196,22 @@ class ServerCore:
         elif self.signing is not None:
             self.signing.wipe()
             self.signing = None
+            self.approvals = None
 
     def receive(self, sender: int, data: bytes, now: float) -> None:
         try:
             raw: Any = cbor2.loads(data)
         except Exception:
             raw = None
-        if isinstance(raw, dict) and raw.get("svc") in (SERVICE, TIME, RANDOM):
+        if isinstance(raw, dict) and raw.get("svc") in (SERVICE, TIME, RANDOM, APPROVALS):
             obj = _strict(data)
             if isinstance(obj, dict):
-                if obj["svc"] == SERVICE and self.signing is not None:
+                if obj["svc"] == SERVICE and self.approvals is not None:
+                    self.approvals.screen(sender, obj, now)  # distributed payloads need a majority
+                elif obj["svc"] == SERVICE and self.signing is not None:
                     self.signing.receive(sender, obj, now)
+                elif obj["svc"] == APPROVALS and self.approvals is not None:
+                    self.approvals.receive(sender, obj, now)
                 elif obj["svc"] == TIME and self.time is not None:
                     self.time.receive(sender, obj, now)
                 elif obj["svc"] == RANDOM and self.random is not None:
