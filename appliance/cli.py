@@ -594,6 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--config", required=True, help="the server's TOML config")
     serve.set_defaults(func=_cmd_serve)
+    from appliance.boot.commands import add_commands
+
+    add_commands(sub)  # check, manifest, upgrade
 
     status = sub.add_parser("status", help="per server: period, status, last refresh, alerts, KeyTable")
     status.add_argument("--dir", required=True)

@@ -6,6 +6,10 @@ operators). There are no period keys yet, so the channels are unauthenticated TL
 from the second round on every message is signed with the fresh period keys. On success
 the server's period-0 data is written to its state directory and the Sstart file is
 overwritten and unlinked: Sstart is erased, as Table 3 demands.
+
+Before signing M_i over C, the server checks that C names the code it runs: the installed
+package must match the manifest whose digest is C.code_digest (a server never certifies
+code it does not run); the manifest is kept in ``public/manifest.cbor`` (restored there if missing).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 import trio
 from nacl.signing import SigningKey
 
+from appliance.boot.check import code_mismatches
 from appliance.boot.rom import RomError, SimulatedRom
 from appliance.net import PeerNetwork
 from appliance.node.config import NodeConfig
@@ -43,6 +48,19 @@ def read_sstart(path: Path, vstart: bytes) -> bytearray:
     return seed
 
 
+def check_code(config: NodeConfig) -> None:
+    """C must name the installed code: the manifest of the package has digest C.code_digest."""
+    if not config.constants.code_digest:
+        raise CeremonyError(
+            f"{config.path}: [network] has no code_digest: C must name the code every server runs; "
+            "put the output of `pst manifest` in network.code_digest on every server"
+        )
+    mismatches = code_mismatches(config.constants, config.state_dir)
+    if mismatches:
+        shown = "; ".join(str(m) for m in mismatches[:5])
+        raise CeremonyError(f"the installed code is not the code C names: {shown}")
+
+
 async def run_init(
     config: NodeConfig, sstart_path: Path, start: float, *, timeout: float = 120.0
 ) -> InitOutcome:
@@ -55,6 +73,7 @@ async def run_init(
     store = StateDir(config.state_dir)
     if store.load().public.m is not None:
         raise CeremonyError(f"{config.state_dir}: this server is already initialized")
+    check_code(config)
     seed = read_sstart(sstart_path, vstart)
     protocol = InitProtocol(
         me=config.server_id, constants=config.constants, sstart=seed, start=start, rand=os.urandom

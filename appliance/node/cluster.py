@@ -7,6 +7,10 @@
     D/node-<i>/rom            the simulated ROM holding Vstart (read-only)
     D/node-<i>/state/         the state directory (public/ and private/)
 
+C names the code it runs: ``code_digest`` is the digest of the manifest of the installed
+``appliance`` package (:mod:`appliance.boot.manifest`), and each state directory keeps the
+full manifest (``public/manifest.cbor``) so that the boot check can name a changed file.
+
 The period-0 data comes from a local initialization ceremony run in this one process
 (dealerless DKG, M signed with each Sstart which is then dropped, [Scert(M), M] and
 KeyTable(0) signed with FROST). It is meant for local clusters, where every server is
@@ -20,6 +24,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from appliance.boot.check import store_manifest
+from appliance.boot.manifest import Manifest, installed
 from appliance.boot.rom import SimulatedRom
 from appliance.node.store import StateDir, atomic_write
 from appliance.protocols.state import ConfigError, Constants
@@ -50,6 +56,7 @@ t = {c.t}
 period_seconds = {c.period_length:g}
 round_ms = {round(c.delta * 1000)}
 genesis = {c.genesis!r}
+code_digest = "{c.code_digest.hex()}"
 
 [network.peers]
 {peers}
@@ -65,12 +72,14 @@ def prepare_network_ceremony(
     round_ms: int = 100,
     base_port: int = 7100,
     progress: Callable[[str], None] = print,
+    code: Manifest | None = None,
 ) -> Constants:
-    """Configs, simulated ROMs (Vstart) and Sstart files; the state comes from ``pst init``."""
+    """Configs, simulated ROMs (Vstart), Sstart files and manifests; the state comes from ``pst init``."""
     from nacl.signing import SigningKey
 
     if root.exists() and any(root.iterdir()):
         raise ConfigError(f"{root}: directory exists and is not empty; choose a new one or remove it")
+    code = code if code is not None else installed()
     c = Constants(
         n=n,
         t=t,
@@ -78,6 +87,7 @@ def prepare_network_ceremony(
         delta=round_ms / 1000,
         genesis=time.time(),
         peers={i: f"127.0.0.1:{base_port + i}" for i in range(1, n + 1)},
+        code_digest=code.digest(),
     )
     root.mkdir(parents=True, exist_ok=True)
     atomic_write(root / "cluster.toml", f"n = {n}\nt = {t}\nbase_port = {base_port}\n".encode())
@@ -87,6 +97,7 @@ def prepare_network_ceremony(
         seed = os.urandom(32)
         atomic_write(d / "sstart", seed, private=True)
         SimulatedRom(d / "rom").provision(bytes(SigningKey(seed).verify_key))
+        store_manifest(d / "state", code)
         atomic_write(d / "config.toml", config_text(root, i, c, base_port).encode())
         progress(f"  server {i}: config, Sstart (erasable disk) and Vstart (simulated ROM) written")
     return c
@@ -102,9 +113,12 @@ def init_cluster(
     base_port: int = 7100,
     progress: Callable[[str], None] = print,
     randbytes: Callable[[int], bytes] = os.urandom,
+    code: Manifest | None = None,
 ) -> Constants:
+    """One-process ceremony; ``code`` is the manifest C names (default: the installed package)."""
     if root.exists() and any(root.iterdir()):
         raise ConfigError(f"{root}: directory exists and is not empty; choose a new one or remove it")
+    code = code if code is not None else installed()
     genesis = time.time()
     c = Constants(
         n=n,
@@ -113,7 +127,9 @@ def init_cluster(
         delta=round_ms / 1000,
         genesis=genesis,
         peers={i: f"127.0.0.1:{base_port + i}" for i in range(1, n + 1)},
+        code_digest=code.digest(),
     )
+    progress(f"code manifest: {len(code.files)} files, digest {code.digest().hex()} (in C)")
     progress(f"initialization ceremony for n={n}, t={t}: DKG of (Scert, Vcert), M, KeyTable(0) ...")
     setups = make_network(c, randbytes=randbytes)
     root.mkdir(parents=True, exist_ok=True)
@@ -123,6 +139,7 @@ def init_cluster(
         d.mkdir(parents=True, exist_ok=True)
         SimulatedRom(d / "rom").provision(setup.vstart)
         StateDir(d / "state").save(setup.public, setup.private)
+        store_manifest(d / "state", code)
         atomic_write(d / "config.toml", config_text(root, i, c, base_port).encode())
         progress(f"  server {i}: config, simulated ROM (Vstart), state directory written")
     vcert = setups[1].public.m.vcert if setups[1].public.m is not None else b""

@@ -19,6 +19,7 @@ Example (``pst cluster init`` writes one per server)::
     round_ms = 100
     genesis = 1764000000.0
     secrets = { scert = "ed25519" }
+    code_digest = "9f86d0..."      # SHA-256 of the code manifest (pst manifest), part of C
 
     [network.peers]
     1 = "127.0.0.1:7101"
@@ -100,6 +101,13 @@ def from_dict(raw: dict[str, Any], path: Path) -> NodeConfig:
     secrets = net.get("secrets", {"scert": "ed25519"})
     if not isinstance(secrets, dict) or not all(isinstance(v, str) for v in secrets.values()):
         raise ConfigError(f"{path}: network.secrets must map secret ids to group names")
+    code_digest = net.get("code_digest", "")
+    if not isinstance(code_digest, str) or (
+        code_digest and (len(code_digest) != 64 or not all(ch in "0123456789abcdef" for ch in code_digest))
+    ):
+        raise ConfigError(
+            f"{path}: network.code_digest must be 64 lowercase hex digits (pst manifest), got {code_digest!r}"
+        )
     try:
         constants = Constants(
             n=_get(net, "n", int, path, "network"),
@@ -109,6 +117,7 @@ def from_dict(raw: dict[str, Any], path: Path) -> NodeConfig:
             genesis=float(_get(net, "genesis", (int, float), path, "network")),
             peers=peers,
             secrets=dict(secrets),
+            code_digest=bytes.fromhex(code_digest),
         )
     except ConfigError as exc:
         raise ConfigError(f"{path}: [network]: {exc}") from None

@@ -127,5 +127,13 @@ def serve(path: Path) -> int:
     except ConfigError as exc:
         print(f"pst serve: {exc}", file=sys.stderr)
         return 2
+    from appliance.boot.check import EXIT_BOOT_REFUSED, BootRefused, boot_check
+
+    try:  # ROM -> M_i -> Vcert -> [Scert(M), M] -> C -> config -> code manifest (issue 4)
+        for warning in boot_check(config).warnings:
+            log.warning("boot check: %s", warning)
+    except BootRefused as exc:
+        print(f"pst serve: boot refused: {exc}", file=sys.stderr)
+        return EXIT_BOOT_REFUSED
     trio.run(_serve, config)
     return 0

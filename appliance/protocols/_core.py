@@ -50,6 +50,8 @@ class AlertKind(enum.Enum):
     INVALID_M = "invalid-invariant-information"
     FALSE_COMPLAINT = "false-complaint"
     SILENT = "silent-server"
+    CODE_MISMATCH = "code-mismatch"  # boot check: the code differs from the manifest in C
+    CONSTANTS_MISMATCH = "constants-mismatch"  # boot check: the config's C is not the certified C
 
 
 @dataclass(frozen=True)
