@@ -3,6 +3,7 @@ and the group's signature made the way t+1 signing services make it (FROST)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -58,3 +59,22 @@ def group_sign(root: Path, signers: list[int], message: bytes) -> bytes:
     commitments = [x.commitment for x in nonces]
     shares = [frost.sign(p, x, message, commitments) for p, x in zip(packages, nonces, strict=True)]
     return frost.aggregate(commitments, message, m.vcert, shares)
+
+
+def random_free_base_port(n: int) -> int:
+    """Like clusterutil.free_base_port, but from a random start: tests of other sessions that run
+    at the same time on this machine then rarely race for the same ports."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randrange(30000, 60000 - n)
+        with contextlib.ExitStack() as stack:
+            try:
+                for i in range(1, n + 1):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", base + i))
+            except OSError:
+                continue
+            return base
+    raise RuntimeError("no free ports")
