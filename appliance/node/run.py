@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,74 +14,68 @@ from pathlib import Path
 import trio
 
 from appliance.api import PServerBackend, serve_api
-from appliance.net import PeerNetwork
+from appliance.net import ChannelIdentity, PeerNetwork
 from appliance.node import config as node_config
 from appliance.node.config import NodeConfig
+from appliance.node.keyholder import start_zygote
+from appliance.node.link import KeyHolderLink
 from appliance.node.sdnotify import Notifier
-from appliance.node.server import Deliver, PServer, Transport, period_keys
 from appliance.node.store import StateDir
+from appliance.protocols.signing import SigningRefused
 from appliance.protocols.state import ConfigError
 
 log = logging.getLogger("pst.server")
 
 
-class NetTransport:
-    """Adapts :class:`~appliance.net.PeerNetwork` to what the PServer needs."""
+async def _serve(config: NodeConfig, zygote: int, control: socket.socket) -> None:
+    """The network-facing process: TLS to the peers, the local API, the key-holder link."""
+    notifier = Notifier.from_env(unset=True)  # systemd Type=notify; children must not inherit it
+    addresses = dict(config.peers)
+    addresses[config.server_id] = config.listen  # where we listen may differ from how peers reach us
+    net: PeerNetwork | None = None
 
-    def __init__(self, net: PeerNetwork) -> None:
-        self.net = net
+    async def on_frame(peer: int, data: bytes) -> None:
+        link.deliver(peer, data)
 
-    def send(self, to: int, data: bytes) -> None:
+    def on_send(to: int, data: bytes) -> None:
+        if net is None:
+            return
         try:
-            self.net.send(to, data)
+            net.send(to, data)
         except ValueError as exc:  # e.g. a message larger than a frame: our bug, never the peer's
             log.error("could not send to %d: %s", to, exc)
 
-    async def rekey(self, period: int, keys: Mapping[int, bytes], seed: bytes) -> None:
-        try:
-            self.net.rekey(period, keys, seed)
-        except ValueError as exc:
-            log.warning("channels not re-keyed for period %d: %s", period, exc)
+    async def on_identity(
+        period: int | None, keys: Mapping[int, bytes], ident: ChannelIdentity | None
+    ) -> None:
+        nonlocal net
+        if net is None:
+            if period is None or ident is None:
+                log.warning(
+                    "server %d: no usable period key: starting unauthenticated; the next refresh recovers it",
+                    config.server_id,
+                )
+                net = PeerNetwork(config.server_id, addresses, None, None, None, on_frame=on_frame)
+            else:
+                net = PeerNetwork(config.server_id, addresses, period, keys, ident, on_frame=on_frame)
+            await nursery.start(net.run)
+        elif period is not None and ident is not None and (net.period is None or period > net.period):
+            try:
+                net.rekey(period, keys, ident)
+            except ValueError as exc:
+                log.warning("channels not re-keyed for period %d: %s", period, exc)
 
-
-async def net_transport(
-    config: NodeConfig, server: PServer, nursery: trio.Nursery, deliver: Deliver
-) -> Transport:
-    loaded = StateDir(config.state_dir).load()
-    table = loaded.public.key_table
-    keys = period_keys(loaded.public)
-    if table is None or loaded.private is None or config.server_id not in keys:
-        log.warning(
-            "server %d: no usable period key: starting unauthenticated; the next refresh recovers it",
-            config.server_id,
-        )
-        period, seed, keys_or_none = None, None, None
-    else:
-        period, seed, keys_or_none = table.period, loaded.private.signing_seed, keys
-
-    async def on_frame(peer: int, data: bytes) -> None:
-        deliver(peer, data)
-
-    addresses = dict(config.peers)
-    addresses[config.server_id] = config.listen  # where we listen may differ from how peers reach us
-    net = PeerNetwork(config.server_id, addresses, period, keys_or_none, seed, on_frame=on_frame)
-    await nursery.start(net.run)
-    return NetTransport(net)
-
-
-async def _serve(config: NodeConfig) -> None:
-    notifier = Notifier.from_env(unset=True)  # systemd Type=notify; children must not inherit it
-    server = PServer(config, net_transport)
+    link = KeyHolderLink(config, on_send=on_send, on_identity=on_identity)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(notifier.run_watchdog)
-        await nursery.start(server.run)
+        await nursery.start(link.run, zygote, control)
         backend = PServerBackend(
-            server.sign,
+            link.sign,
             config.server_id,
             servers=config.constants.ids,
-            status_file=server.store.public_dir / "status.json",
-            time_vector=server.time_vector,
-            random=server.random,
+            status_file=StateDir(config.state_dir).public_dir / "status.json",
+            time_vector=link.time_vector,
+            random=link.random,
         )
         await nursery.start(functools.partial(serve_api, config.api_socket, backend))
         log.info("server %d: local API on %s", config.server_id, config.api_socket)
@@ -88,7 +83,7 @@ async def _serve(config: NodeConfig) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
             async for signum in signals:
                 if signum == signal.SIGUSR1:
-                    _refresh_request(config, server)
+                    nursery.start_soon(_refresh_request, config, link)
                     continue
                 log.info("server %d: %s received, stopping", config.server_id, signal.Signals(signum).name)
                 notifier.stopping(f"{signal.Signals(signum).name} received")
@@ -100,7 +95,7 @@ def refresh_request_path(config: NodeConfig) -> Path:
     return config.path.parent / "refresh-request.json"
 
 
-def _refresh_request(config: NodeConfig, server: PServer) -> None:
+async def _refresh_request(config: NodeConfig, link: KeyHolderLink) -> None:
     """``pst refresh --now`` wrote {"period": p, "start": T} next to the config and sent SIGUSR1."""
     path = refresh_request_path(config)
     try:
@@ -109,7 +104,12 @@ def _refresh_request(config: NodeConfig, server: PServer) -> None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("refresh request in %s ignored: %s", path, exc)
         return
-    if server.request_refresh(period, start):
+    try:
+        accepted = await link.request_refresh(period, start)
+    except (SigningRefused, trio.TooSlowError) as exc:
+        log.warning("refresh request for period %d not delivered to the key-holder: %s", period, exc)
+        return
+    if accepted:
         log.info("refresh of period %d requested for %.3f", period, start)
     else:
         log.warning(
@@ -135,5 +135,6 @@ def serve(path: Path) -> int:
     except BootRefused as exc:
         print(f"pst serve: boot refused: {exc}", file=sys.stderr)
         return EXIT_BOOT_REFUSED
-    trio.run(_serve, config)
+    zygote, control = start_zygote(config)  # before trio: single-threaded, no secret held
+    trio.run(_serve, config, zygote, control)
     return 0

@@ -64,6 +64,9 @@ class PServer:
         *,
         clock: Callable[[], float] = time.time,
         rand: Callable[[int], bytes] = os.urandom,
+        status_extra: Mapping[str, Any] | None = None,
+        status_pid: int | None = None,
+        warmup: float = 0.0,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -81,6 +84,16 @@ class PServer:
             tuple[int, int], tuple[trio.Event, SigningService | TimeService | RandomService]
         ] = {}
         self._poke: Callable[[], None] = lambda: None
+        self._status_extra = dict(status_extra or {})
+        self._status_pid = status_pid if status_pid is not None else os.getpid()
+        #: A freshly started server skips a refresh that begins within ``warmup`` seconds:
+        #: its connections are not up yet (the others treat it as recovering for that period).
+        self.warmup = warmup
+        #: The key-holder sets this: after a refresh outcome is persisted and the channels
+        #: re-keyed, :meth:`run` returns and :attr:`retired` is set (the process then exits).
+        self.retire_after_refresh = False
+        self.retired = trio.Event()
+        self._retire = False
 
     # Startup ------------------------------------------------------------------------------
 
@@ -93,7 +106,7 @@ class PServer:
             log.warning("state: %s (will be recovered from peers at the next refresh)", problem)
         c = self.config.constants
         done = loaded.private.period if loaded.private is not None else -1
-        first = max(done + 1, c.period_at(self.clock()) + 1, 1)
+        first = max(done + 1, c.period_at(self.clock() + self.warmup) + 1, 1)
         return ServerCore(
             self.config.server_id,
             vstart,
@@ -107,6 +120,8 @@ class PServer:
         )
 
     def _persist(self, period: int, outcome: Outcome) -> None:
+        if self.retire_after_refresh:
+            self._retire = True
         started = self._refresh_started.get(period, self.clock())
         self.store.save(outcome.public, outcome.private)
         table = outcome.public.key_table
@@ -169,7 +184,8 @@ class PServer:
             "keytable_fingerprint": table.fingerprint() if table is not None else None,
             "group_public_key": sharing.public_key.hex() if sharing is not None else None,
             "rom": self.rom.describe() if self.rom is not None else None,
-            "pid": os.getpid(),
+            "pid": self._status_pid,
+            **self._status_extra,
             "updated": self.clock(),
         }
         atomic_write(self.store.public_dir / "status.json", (json.dumps(body, indent=2) + "\n").encode())
@@ -205,6 +221,9 @@ class PServer:
                     period, keys, seed = self._pending_rekey
                     self._pending_rekey = None
                     await self.transport.rekey(period, keys, seed)
+                if self._retire:
+                    self.retired.set()
+                    return
                 wake = core.next_wakeup(now)
                 timeout = max(0.0, (wake if wake is not None else now + 1.0) - self.clock())
                 with trio.move_on_after(timeout):

@@ -1,0 +1,91 @@
+"""Process hardening for the key-holder: no core dumps, no ptrace by peers, locked memory.
+
+Each call returns what it achieved instead of raising, so the key-holder can report it in
+``status.json`` (``keyholder``): a server whose memory could not be locked still runs, and
+says so. Linux only; elsewhere every step reports "unsupported".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import resource
+import signal
+from dataclasses import asdict, dataclass
+from typing import Any
+
+PR_SET_PDEATHSIG = 1
+PR_GET_DUMPABLE = 3
+PR_SET_DUMPABLE = 4
+MCL_CURRENT = 1
+MCL_FUTURE = 2
+#: Below this RLIMIT_MEMLOCK, MCL_FUTURE would make later allocations fail: lock current pages only.
+_FUTURE_LOCK_MINIMUM = 1 << 30
+
+
+def _libc() -> Any:
+    name = ctypes.util.find_library("c") or "libc.so.6"
+    return ctypes.CDLL(name, use_errno=True)
+
+
+@dataclass(frozen=True)
+class Hardening:
+    """What :func:`harden` achieved; ``mlock`` is "all", "current" or the reason it failed."""
+
+    core_limit: int
+    dumpable: bool
+    mlock: str
+    parent_death_signal: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def no_core_dumps() -> int:
+    """RLIMIT_CORE = 0 (soft and hard): a crash leaves no memory image on disk."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    return resource.getrlimit(resource.RLIMIT_CORE)[1]
+
+
+def not_dumpable(libc: Any) -> bool:
+    """PR_SET_DUMPABLE 0: no core dump, and /proc/PID/mem and ptrace need CAP_SYS_PTRACE."""
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    return bool(libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0))
+
+
+def die_with_parent(libc: Any) -> bool:
+    """SIGKILL when the parent dies (kill -9 of ``pst serve`` takes the key-holder with it)."""
+    return int(libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)) == 0
+
+
+def lock_memory(libc: Any) -> str:
+    """mlockall: keep every page of this process out of swap.
+
+    MCL_FUTURE too when RLIMIT_MEMLOCK allows growth (unlimited, or root); otherwise the
+    pages present now only, so that a later allocation cannot fail on the limit.
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    roomy = soft == resource.RLIM_INFINITY or soft >= _FUTURE_LOCK_MINIMUM or os.geteuid() == 0
+    flags = MCL_CURRENT | (MCL_FUTURE if roomy else 0)
+    if libc.mlockall(flags) != 0:
+        err = ctypes.get_errno()
+        return f"failed: {os.strerror(err)} (RLIMIT_MEMLOCK={soft}); secrets may reach swap"
+    return "all" if roomy else "current"
+
+
+def harden(*, lock: bool, die_with_parent_process: bool) -> Hardening:
+    """Apply every measure; ``lock`` adds mlockall (locks are not inherited through fork).
+
+    ``die_with_parent_process`` only where the parent is single-threaded: the signal fires
+    when the parent *thread* that forked us ends (trio starts processes from worker threads).
+    """
+    try:
+        libc = _libc()
+    except OSError:  # pragma: no cover - not Linux
+        return Hardening(no_core_dumps(), True, "unsupported", False)
+    core = no_core_dumps()
+    dumpable = not_dumpable(libc)
+    pdeath = die_with_parent(libc) if die_with_parent_process else False
+    mlock = lock_memory(libc) if lock else "not requested"
+    return Hardening(core, dumpable, mlock, pdeath)

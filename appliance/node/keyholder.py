@@ -1,0 +1,355 @@
+"""The key-holder: the only process of a server that ever holds a share or a period private key.
+
+Theory of operation
+-------------------
+``pst serve`` is the *network-facing* process: TLS to the other servers, the local API
+socket, signals. Before anything else (single-threaded, before trio starts, holding no
+secret) it forks the *zygote* (:func:`start_zygote`) and talks to it over a control
+socket. The zygote makes itself undumpable with no core files
+(:mod:`appliance.node.hardening`) and never reads a secret.
+For every period it forks a **key-holder child** with a fresh socket pair, and hands one
+end to the network-facing process (SCM_RIGHTS over the control socket).
+
+The child locks its memory (mlockall; locks are not inherited through fork), loads the
+state directory and runs the protocol core (:class:`~appliance.node.server.PServer`) on
+its own trio loop. Its transport is the link to the network-facing process
+(:class:`LinkTransport`): outgoing protocol messages, and the period's TLS identity, which
+is a *channel key* issued by the period key (:func:`~appliance.net.channel_identity`), so
+the period key itself never leaves the child. Protocol messages it receives, and the API's
+requests (sign, GetTime, GetRandom, refresh requests), come back the same way.
+
+When the child has persisted its period's refresh outcome and handed over the new channel
+identity, it *retires*: it exits, and the previous period's shares and period keys die
+with its address space (they were never written anywhere but the private state file,
+which the refresh replaced and erased). The zygote forks the next child, which loads only
+the new period's data. A fork costs milliseconds, where starting Python afresh costs half
+a second of CPU every period.
+
+The link carries length-prefixed canonical CBOR frames (:mod:`appliance.net._framing`):
+
+==========  ===============  ==================================================
+direction   ``op``           fields
+==========  ===============  ==================================================
+child ->    ``hello``        ``pid``, ``hardening`` (what :func:`harden` achieved)
+child ->    ``identity``     ``period``, ``keys`` {id: V_i}, ``cert``, ``key`` (or no period)
+child ->    ``send``         ``to``, ``data``: a protocol message for a peer
+child ->    ``reply``        ``id``, ``ok``, ``value`` or ``error``
+child ->    ``retire``       the child exits after this frame
+-> child    ``deliver``      ``from``, ``data``: a protocol message from a peer
+-> child    ``call``         ``id``, ``method``, ``args``
+==========  ===============  ==================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import trio
+
+from appliance.crypto import encoding
+from appliance.crypto.errors import DecodeError
+from appliance.net import ChannelIdentity, channel_identity
+from appliance.net._framing import FrameStream
+from appliance.node.config import NodeConfig
+from appliance.node.hardening import Hardening, harden
+from appliance.node.server import Deliver, PServer, Transport, period_keys
+from appliance.protocols.signing import SigningRefused
+
+log = logging.getLogger("pst.keyholder")
+
+#: Exit codes of a key-holder child (and of the zygote when it gives up).
+EXIT_RETIRED = 0
+EXIT_CONFIG = 2
+EXIT_CRASHED = 3
+EXIT_PARENT_GONE = 4
+#: How long a freshly started server waits for its connections before joining a refresh.
+WARMUP = 1.0
+#: A link frame is a protocol message plus a little: the network's frame bound is plenty.
+MAX_LINK_FRAME = 4 * 1024 * 1024
+#: Crash loop guard: more than this many abnormal child exits in ``_CRASH_WINDOW`` seconds
+#: makes the zygote give up (the network-facing process then stops with an error).
+_CRASHES = 5
+_CRASH_WINDOW = 30.0
+
+
+class LinkError(Exception):
+    """A frame on the key-holder link is malformed; the message says which and why."""
+
+
+def encode_msg(op: str, **fields: Any) -> bytes:
+    return encoding.encode({"op": op, **fields})
+
+
+def decode_msg(data: bytes, side: str) -> dict[str, Any]:
+    try:
+        obj = encoding.decode(data, max_size=MAX_LINK_FRAME, what=f"key-holder link ({side})")
+    except DecodeError as exc:
+        raise LinkError(str(exc)) from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("op"), str):
+        raise LinkError(f"key-holder link ({side}): a frame must be a map with an 'op'")
+    return obj
+
+
+def identity_fields(period: int | None, keys: Mapping[int, bytes], ident: ChannelIdentity | None) -> Any:
+    if period is None or ident is None:
+        return {"period": None}
+    return {"period": period, "keys": dict(keys), "cert": ident.cert_pem, "key": ident.key_pem}
+
+
+# -- The child: PServer on a link --------------------------------------------------------------
+
+
+class LinkTransport:
+    """The child's :class:`~appliance.node.server.Transport`: everything goes to the parent."""
+
+    def __init__(self, me: int, outbox: trio.MemorySendChannel[bytes]) -> None:
+        self.me = me
+        self.outbox = outbox
+
+    def _put(self, frame: bytes) -> None:
+        try:
+            self.outbox.send_nowait(frame)
+        except trio.WouldBlock:
+            log.warning("key-holder: link to the network-facing process is full; a frame was dropped")
+
+    def send(self, to: int, data: bytes) -> None:
+        self._put(encode_msg("send", to=to, data=data))
+
+    def identity(self, period: int | None, keys: Mapping[int, bytes], seed: bytes | None) -> None:
+        ident = channel_identity(self.me, period, seed) if period is not None and seed is not None else None
+        self._put(encode_msg("identity", **identity_fields(period, keys, ident)))
+
+    async def rekey(self, period: int, keys: Mapping[int, bytes], seed: bytes) -> None:
+        self.identity(period, keys, seed)
+
+
+class _Child:
+    def __init__(
+        self, config: NodeConfig, stream: trio.SocketStream, hardening: Hardening, pid: int, first: bool
+    ) -> None:
+        self.config = config
+        self.frames = FrameStream(stream, MAX_LINK_FRAME)
+        self.hardening = hardening
+        self.outbox, self.out_receive = trio.open_memory_channel[bytes](100_000)
+        self.deliver: Deliver | None = None
+        self.server = PServer(
+            config,
+            self._transport,
+            status_extra={"keyholder": {"pid": os.getpid(), **hardening.to_json()}},
+            status_pid=pid,
+            # Only when pst serve starts: a child that follows a retired one joins the next period.
+            warmup=min(WARMUP, config.constants.period_length / 4) if first else 0.0,
+        )
+        self.server.retire_after_refresh = True
+        self._drained = trio.Event()
+        self.methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
+            "sign": self._sign,
+            "time_vector": self._time_vector,
+            "random": self._random,
+            "request_refresh": self._request_refresh,
+        }
+
+    async def _transport(
+        self, config: NodeConfig, server: PServer, nursery: trio.Nursery, deliver: Deliver
+    ) -> Transport:
+        self.deliver = deliver
+        transport = LinkTransport(config.server_id, self.outbox)
+        loaded = server.store.load()
+        keys = period_keys(loaded.public)
+        table = loaded.public.key_table
+        if table is None or loaded.private is None or config.server_id not in keys:
+            transport.identity(None, {}, None)
+        else:
+            transport.identity(table.period, keys, loaded.private.signing_seed)
+        return transport
+
+    parent_gone = False
+
+    async def run(self) -> int:
+        await self.frames.send_frame(encode_msg("hello", pid=os.getpid(), hardening=self.hardening.to_json()))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._writer)
+            await nursery.start(self.server.run)
+            nursery.start_soon(self._reader, nursery)
+            await self.server.retired.wait()
+            if not self.parent_gone:
+                self.outbox.send_nowait(encode_msg("retire"))
+                await self.outbox.aclose()
+                with trio.move_on_after(5):
+                    await self._drained.wait()
+            nursery.cancel_scope.cancel()
+        return EXIT_PARENT_GONE if self.parent_gone else EXIT_RETIRED
+
+    async def _writer(self) -> None:
+        async for frame in self.out_receive:
+            try:
+                await self.frames.send_frame(frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.parent_gone = True
+                self.server.retired.set()
+                return
+        self._drained.set()
+
+    async def _reader(self, nursery: trio.Nursery) -> None:
+        while True:
+            data = await self.frames.receive_frame()
+            if data is None:  # the network-facing process is gone: nothing left to serve
+                log.info("key-holder: link closed by the network-facing process")
+                self.parent_gone = True
+                self.server.retired.set()
+                return
+            try:
+                msg = decode_msg(data, "to the key-holder")
+                if msg["op"] == "deliver":
+                    sender, payload = msg.get("from"), msg.get("data")
+                    if not isinstance(sender, int) or not isinstance(payload, bytes):
+                        raise LinkError("deliver: 'from' must be an int and 'data' bytes")
+                    if self.deliver is not None:
+                        self.deliver(sender, payload)
+                elif msg["op"] == "call":
+                    nursery.start_soon(self._call, msg)
+                else:
+                    raise LinkError(f"unknown op {msg['op']!r}")
+            except LinkError as exc:
+                log.warning("key-holder: frame from the network-facing process refused: %s", exc)
+
+    async def _call(self, msg: dict[str, Any]) -> None:
+        rid, method, args = msg.get("id"), msg.get("method"), msg.get("args")
+        if not isinstance(rid, int) or not isinstance(method, str) or not isinstance(args, dict):
+            log.warning("key-holder: malformed call refused")
+            return
+        handler = self.methods.get(method)
+        try:
+            if handler is None:
+                raise LinkError(f"unknown method {method!r}")
+            value = await handler(args)
+            reply = encode_msg("reply", id=rid, ok=True, value=value)
+        except (SigningRefused, LinkError, ValueError, TypeError) as exc:
+            reply = encode_msg("reply", id=rid, ok=False, error=str(exc)[:300], kind="refused")
+        except trio.TooSlowError:
+            reply = encode_msg("reply", id=rid, ok=False, error="timed out", kind="timeout")
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+            self.outbox.send_nowait(reply)  # when retiring, the parent retries on the next child
+
+    @staticmethod
+    def _timeout(args: dict[str, Any], default: float) -> float:
+        ms = args.get("timeout_ms")
+        return ms / 1000 if isinstance(ms, int) and 0 < ms <= 600_000 else default
+
+    async def _sign(self, args: dict[str, Any]) -> bytes:
+        message = args.get("message")
+        if not isinstance(message, bytes):
+            raise TypeError("sign: 'message' must be bytes")
+        return await self.server.sign(message, timeout=self._timeout(args, 10.0))
+
+    async def _time_vector(self, args: dict[str, Any]) -> dict[int, int | None]:
+        vector = await self.server.time_vector(timeout=self._timeout(args, 2.0))
+        return {i: None if t is None else round(t * 1_000_000) for i, t in vector.items()}
+
+    async def _random(self, args: dict[str, Any]) -> list[bytes]:
+        nonce = args.get("nonce")
+        if not isinstance(nonce, bytes):
+            raise TypeError("random: 'nonce' must be bytes")
+        value, message = await self.server.random(nonce, timeout=self._timeout(args, 5.0))
+        return [value, message]
+
+    async def _request_refresh(self, args: dict[str, Any]) -> bool:
+        period, start_ms = args.get("period"), args.get("start_ms")
+        if not isinstance(period, int) or not isinstance(start_ms, int):
+            raise TypeError("request_refresh: 'period' and 'start_ms' must be ints")
+        return self.server.request_refresh(period, start_ms / 1000)
+
+
+def child_main(config: NodeConfig, sock: socket.socket, server_pid: int, first: bool) -> int:
+    hardening = harden(lock=True, die_with_parent_process=True)
+    if os.getppid() == 1:  # the zygote died before we could ask to die with it
+        return EXIT_CRASHED
+    sock.setblocking(False)
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    return trio.run(_Child(config, stream, hardening, server_pid, first).run)
+
+
+# -- The zygote ----------------------------------------------------------------------------------
+
+
+def zygote_main(config: NodeConfig, control: socket.socket, server_pid: int) -> int:
+    """Fork one key-holder child per period, hand its link to ``pst serve``, repeat."""
+    # Forked from pst serve's main thread before trio started: the parent-death signal is
+    # safe here (it fires when the forking *thread* ends). The child sets its own.
+    harden(lock=False, die_with_parent_process=True)
+    if os.getppid() != server_pid:
+        return EXIT_PARENT_GONE
+    crashes: list[float] = []
+    first = True
+    while True:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child
+            code = EXIT_CRASHED
+            try:
+                control.close()
+                theirs.close()
+                code = child_main(config, mine, server_pid, first)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        mine.close()
+        first = False
+        try:
+            socket.send_fds(control, [b"child %d" % pid], [theirs.fileno()])
+        except OSError:  # pst serve is gone
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            return 0
+        finally:
+            theirs.close()
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code == EXIT_RETIRED:
+            continue
+        if code in (EXIT_CONFIG, EXIT_PARENT_GONE):
+            return code
+        now = time.monotonic()
+        crashes = [t for t in crashes if now - t < _CRASH_WINDOW] + [now]
+        log.error("key-holder child %d ended abnormally (exit %d); starting a new one", pid, code)
+        if len(crashes) > _CRASHES:
+            log.error("key-holder crashed %d times in %.0f s: giving up", len(crashes), _CRASH_WINDOW)
+            return EXIT_CRASHED
+        time.sleep(0.2 * len(crashes))
+
+
+def start_zygote(config: NodeConfig) -> tuple[int, socket.socket]:
+    """Fork the zygote now, while ``pst serve`` is single-threaded and holds no secret.
+
+    Returns the zygote's pid and our end of the control socket. Forking (rather than
+    starting Python afresh) shares the already imported code and costs milliseconds.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    parent = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = EXIT_CRASHED
+        try:
+            ours.close()
+            code = zygote_main(config, theirs, parent)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    theirs.close()
+    return pid, ours
