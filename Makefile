@@ -2,15 +2,19 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Debian packages the tests use (real parts, not mocks).
-DEB_PACKAGES := openssl
+# Debian packages the tests use (real parts, not mocks). tpm2-pytss builds from source against
+# libtss2-dev (pkg-config, gcc, Python headers); swtpm is the TPM the ROM tests talk to.
+DEB_PACKAGES := openssl gcc pkg-config python3-dev libtss2-dev swtpm swtpm-tools
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo demo-crypto lint typecheck pytest bench deps venv clean
+.PHONY: test demo demo-crypto lint typecheck pytest bench deps debs venv clean
 
 test: deps lint typecheck pytest
 
-deps: venv
+deps: debs venv
+
+# Debian packages first: the venv builds wheels against them.
+debs:
 	@missing=""; for p in $(DEB_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
@@ -22,7 +26,7 @@ deps: venv
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock | debs
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .

@@ -527,6 +527,70 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def _cmd_rom(args: argparse.Namespace) -> int:
+    from appliance.boot.rom import RomError, open_rom
+    from appliance.node import config as node_config
+    from appliance.protocols.state import ConfigError
+
+    try:
+        config = node_config.load(Path(args.config))
+        rom = open_rom(config)
+    except (ConfigError, RomError) as exc:
+        print(f"pst rom: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.rom_command == "show":
+            vstart = rom.read_vstart()
+            print(rom.describe())
+            print(f"Vstart {vstart.hex()}")
+            return 0
+        return _rom_provision(args, config.state_dir / "sstart", rom)
+    except RomError as exc:
+        print(f"pst rom {args.rom_command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _rom_provision(args: argparse.Namespace, sstart: Path, rom: Any) -> int:
+    """Vstart from --vstart, or from the Sstart seed on erasable disk (made here if there is none)."""
+    from nacl.signing import SigningKey
+
+    from appliance.boot.rom import RomError
+    from appliance.node.store import atomic_write, erase
+
+    created = False
+    if args.vstart is not None:
+        try:
+            vstart = bytes.fromhex(args.vstart)
+        except ValueError:
+            vstart = b""
+        if len(vstart) != 32:
+            print("pst rom provision: --vstart must be 64 hex digits (32 bytes)", file=sys.stderr)
+            return 2
+    else:
+        if sstart.exists():
+            seed = bytearray(sstart.read_bytes())
+            if len(seed) != 32:
+                print(f"pst rom provision: {sstart}: a start key seed is 32 bytes", file=sys.stderr)
+                return 2
+        else:
+            seed = bytearray(os.urandom(32))
+            atomic_write(sstart, bytes(seed), private=True)
+            created = True
+        vstart = bytes(SigningKey(bytes(seed)).verify_key)
+        seed[:] = bytes(len(seed))
+    try:
+        print(rom.provision(vstart))
+    except RomError:
+        if created:
+            erase(sstart)
+        raise
+    print(f"Vstart {vstart.hex()}")
+    if args.vstart is None:
+        made = "made and written to" if created else "read from"
+        print(f"Sstart (the start private key) {made} {sstart}; `pst init --sstart {sstart}` erases it")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pst",
@@ -625,6 +689,21 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("file")
     verify.add_argument("signature", help="file holding the 64-byte signature (or its hex)")
     verify.set_defaults(func=_cmd_verify)
+    rom = sub.add_parser("rom", help="the ROM holding Vstart (simulated, TPM 2.0 or read-only block device)")
+    rsub = rom.add_subparsers(dest="rom_command", metavar="ACTION", required=True)
+    rprov = rsub.add_parser("provision", help="write Vstart into the ROM, once (a second write fails)")
+    rprov.add_argument("--config", required=True, help="the server's TOML config ([rom] section)")
+    rsrc = rprov.add_mutually_exclusive_group(required=True)
+    rsrc.add_argument("--vstart", help="Vstart as 64 hex digits")
+    rsrc.add_argument(
+        "--from-state",
+        action="store_true",
+        help="Vstart of the Sstart seed in STATE_DIR/sstart (a fresh one is made if there is none)",
+    )
+    rprov.set_defaults(func=_cmd_rom)
+    rshow = rsub.add_parser("show", help="the ROM backend and the Vstart it holds (refuses a writable ROM)")
+    rshow.add_argument("--config", required=True, help="the server's TOML config ([rom] section)")
+    rshow.set_defaults(func=_cmd_rom)
     return parser
 
 

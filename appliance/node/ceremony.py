@@ -23,7 +23,7 @@ import trio
 from nacl.signing import SigningKey
 
 from appliance.boot.check import code_mismatches
-from appliance.boot.rom import RomError, SimulatedRom
+from appliance.boot.rom import RomError, open_rom
 from appliance.net import PeerNetwork
 from appliance.node.config import NodeConfig
 from appliance.node.store import StateDir, erase
@@ -64,10 +64,8 @@ def check_code(config: NodeConfig) -> None:
 async def run_init(
     config: NodeConfig, sstart_path: Path, start: float, *, timeout: float = 120.0
 ) -> InitOutcome:
-    if config.rom_path is None:
-        raise CeremonyError(f"{config.path}: rom.path is required")
     try:
-        vstart = SimulatedRom(config.rom_path).read_vstart()
+        vstart = open_rom(config).read_vstart()
     except RomError as exc:
         raise CeremonyError(str(exc)) from None
     store = StateDir(config.state_dir)

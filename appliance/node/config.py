@@ -11,6 +11,9 @@ Example (``pst cluster init`` writes one per server)::
     [rom]
     backend = "simulated"          # or "tpm", "block"
     path = "/var/lib/pst-rom/1"    # simulated ROM: a read-only file
+    # backend = "tpm":   nv_index = 0x01500050, tcti = "device:/dev/tpmrm0" (or "swtpm:host=...,port=...")
+    # backend = "block": exactly one of label = "PST-ROM" (partition label), id = "usb-..." (udev
+    #                    ID_SERIAL, ID_WWN or a /dev/disk/by-id name), device = "/dev/disk/by-id/..."
 
     [network]                      # the constants C: identical on every server
     n = 5
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.boot.rom import DEFAULT_NV_INDEX, DEFAULT_TCTI
 from appliance.protocols.state import ConfigError, Constants
 
 
@@ -48,6 +52,11 @@ class NodeConfig:
     rom_backend: str
     rom_path: Path | None
     constants: Constants
+    rom_nv_index: int = DEFAULT_NV_INDEX
+    rom_tcti: str = DEFAULT_TCTI
+    rom_label: str | None = None
+    rom_id: str | None = None
+    rom_device: Path | None = None
 
     @property
     def peers(self) -> dict[int, tuple[str, int]]:
@@ -124,17 +133,64 @@ def from_dict(raw: dict[str, Any], path: Path) -> NodeConfig:
     server_id = _get(server, "id", int, path, "server")
     if server_id not in constants.ids:
         raise ConfigError(f"{path}: server.id {server_id} is not one of 1..{constants.n}")
-    backend = _get(rom, "backend", str, path, "rom")
-    if backend not in ("simulated", "tpm", "block"):
-        raise ConfigError(f"{path}: rom.backend must be simulated, tpm or block, got {backend!r}")
-    rom_path = Path(rom["path"]) if isinstance(rom.get("path"), str) else None
+    rom_settings = _rom_settings(rom, path)
     return NodeConfig(
         path=path,
         server_id=server_id,
         listen=parse_address(_get(server, "listen", str, path, "server"), "server.listen", path),
         state_dir=Path(_get(server, "state_dir", str, path, "server")),
         api_socket=Path(_get(server, "api_socket", str, path, "server")),
-        rom_backend=backend,
-        rom_path=rom_path,
         constants=constants,
+        **rom_settings,
     )
+
+
+_ROM_KEYS = {
+    "simulated": {"backend", "path"},
+    "tpm": {"backend", "nv_index", "tcti"},
+    "block": {"backend", "label", "id", "device"},
+}
+
+
+def _rom_settings(rom: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The [rom] section: which backend holds Vstart and how to reach it."""
+    backend = _get(rom, "backend", str, path, "rom")
+    if backend not in _ROM_KEYS:
+        raise ConfigError(f"{path}: rom.backend must be simulated, tpm or block, got {backend!r}")
+    for key in rom:
+        if key not in _ROM_KEYS[backend]:
+            raise ConfigError(f'{path}: rom.{key} is not used by rom.backend = "{backend}"; remove it')
+    out: dict[str, Any] = {"rom_backend": backend, "rom_path": None}
+    if backend == "simulated":
+        out["rom_path"] = Path(_get(rom, "path", str, path, "rom"))
+    elif backend == "tpm":
+        index = rom.get("nv_index", DEFAULT_NV_INDEX)
+        if isinstance(index, str) and index[:2] in ("0x", "0X") and index[2:].isalnum():
+            index = int(index, 16) if all(c in "0123456789abcdefABCDEF" for c in index[2:]) else index
+        if isinstance(index, bool) or not isinstance(index, int) or not 0x01000000 <= index <= 0x01FFFFFF:
+            raise ConfigError(
+                f"{path}: rom.nv_index must be a TPM NV index handle 0x01000000..0x01FFFFFF, got {index!r}"
+            )
+        tcti = rom.get("tcti", DEFAULT_TCTI)
+        if not isinstance(tcti, str) or not tcti:
+            raise ConfigError(
+                f'{path}: rom.tcti must be a TCTI string such as "device:/dev/tpmrm0" or '
+                f'"swtpm:host=127.0.0.1,port=2321", got {tcti!r}'
+            )
+        out["rom_nv_index"], out["rom_tcti"] = index, tcti
+    else:
+        given = [k for k in ("label", "id", "device") if k in rom]
+        if len(given) != 1:
+            raise ConfigError(
+                f'{path}: rom.backend = "block" needs exactly one of rom.label, rom.id or rom.device, '
+                f"got {given or 'none'}"
+            )
+        value = _get(rom, given[0], str, path, "rom")
+        if not value:
+            raise ConfigError(f"{path}: rom.{given[0]} is empty")
+        if given[0] == "device" and not value.startswith("/dev/"):
+            raise ConfigError(f"{path}: rom.device must be a device path under /dev/, got {value!r}")
+        out[{"label": "rom_label", "id": "rom_id", "device": "rom_device"}[given[0]]] = (
+            Path(value) if given[0] == "device" else value
+        )
+    return out
