@@ -1,6 +1,8 @@
 """Client of a PServer's local API (the library lives in ``appliance.api.client``).
 
     python clients/pst_client.py --socket /run/pst/api.sock sign FILE
+    python clients/pst_client.py --name APP --password-file PW request FILE   # distributed (§5.1)
+    python clients/pst_client.py --name APP --password-file PW approve --all
 
 Applications import ``from appliance.api.client import PstClient, PstError``.
 """
@@ -9,9 +11,9 @@ from __future__ import annotations
 
 import sys
 
-from appliance.api.client import PstClient, PstError, main
+from appliance.api.client import PendingRequest, PstClient, PstError, main, verify_distributed
 
-__all__ = ["PstClient", "PstError", "main"]
+__all__ = ["PendingRequest", "PstClient", "PstError", "main", "verify_distributed"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,19 +30,25 @@ from appliance.api import (
     ERROR_CODES,
     NOT_PERMITTED,
     QUOTA,
+    REFUSED,
     TOO_LARGE,
     UNAVAILABLE,
     UNKNOWN_HANDLE,
+    UNKNOWN_REQUEST,
     ApiCore,
     ApiError,
     ApiServer,
+    BackendRefused,
     BackendUnavailable,
     Limits,
     PeerCred,
+    RegistrationStore,
     app_signing_payload,
+    distributed_sign_payload,
     parse_request,
     serve_api,
 )
+from appliance.api._distributed import password_verifier
 from appliance.crypto import encoding
 from appliance.net import FrameStream, encode_frame
 
@@ -628,6 +634,49 @@ async def test_sync_client_quota(nursery: trio.Nursery, sock_path: Path) -> None
     assert await trio.to_thread.run_sync(session) == ["ok", "ok", QUOTA]
 
 
+async def test_sync_client_distributed_and_restart(sock_path: Path, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    backend = FakeDistributed()
+    group_key = backend.public.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    state = tmp_path / "state"
+
+    def session() -> bytes:
+        with pst_client.PstClient(sock_path) as client:
+            handle: bytes = client.register_distributed("ledger", "pw")
+            sig = client.request_distributed(b"entry 7")
+            assert pst_client.verify_distributed(group_key, "ledger", b"entry 7", sig)
+            assert not pst_client.verify_distributed(group_key, "other", b"entry 7", sig)
+            (p,) = client.pending()
+            assert (p.protocol, p.payload, p.servers, p.expires_in) == ("sign", b"p", (2, 3), 1.5)
+            client.approve(p.request_id)
+            with pytest.raises(pst_client.PstError) as err:
+                client.deny(b"x" * 32)
+            assert err.value.code == UNKNOWN_REQUEST
+            backend.refuse = "a majority is out of reach: server 2: its client denied the request"
+            with pytest.raises(pst_client.PstError) as err:
+                client.request_distributed(b"entry 8")
+            assert err.value.code == REFUSED and "server 2" in err.value.message
+            backend.refuse = None
+        return handle
+
+    async with trio.open_nursery() as nursery:
+        await start(nursery, sock_path, backend, state_dir=state)
+        handle = await trio.to_thread.run_sync(session)
+        nursery.cancel_scope.cancel()
+    assert backend.decisions == [("ledger", password_verifier("ledger", b"pw"), b"r" * 32, True)]
+
+    def after_restart() -> bytes:
+        with pst_client.PstClient(sock_path) as client:
+            return client.request_distributed(b"entry 9", handle=handle)
+
+    async with trio.open_nursery() as nursery:  # a new server process on the same state directory
+        await start(nursery, sock_path, backend, state_dir=state)
+        sig = await trio.to_thread.run_sync(after_restart)
+        nursery.cancel_scope.cancel()
+    backend.public.verify(sig, distributed_sign_payload("ledger", b"entry 9"))
+
+
 async def test_sync_client_no_server(tmp_path: Path) -> None:
     def call() -> str:
         try:
@@ -660,21 +709,171 @@ async def test_cli_sign(
     assert "unknown" in capsys.readouterr().out
 
 
-# Distributed registration (data structures only) -------------------------------------------------
+# Distributed applications (API side; the exchange between servers is in test_approvals.py) -------
 
 
-def test_distributed_registration_structures() -> None:
-    from appliance.api._distributed import ApprovalRequest, MajorityTally, password_verifier
+class FakeDistributed(FakeBackend):
+    """A backend that also serves distributed applications: one pending request, canned answers."""
 
-    v = password_verifier("ca", b"pw")
-    assert v == password_verifier("ca", b"pw") and v != password_verifier("cb", b"pw")
-    request = ApprovalRequest("ca", v, "sign", b"r" * 16)
-    assert ApprovalRequest.decode(request.encode()) == request
-    with pytest.raises(ValueError):
-        ApprovalRequest.decode(encoding.encode({"name": "ca", "verifier": b"", "protocol": "x", "rid": b""}))
-    tally = MajorityTally(5)
-    assert not tally.approve(1, request) and not tally.approve(2, request) and not tally.approve(2, request)
-    assert tally.approve(4, request)
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[tuple[str, bytes, str, bytes, float]] = []
+        self.decisions: list[tuple[str, bytes, bytes, bool]] = []
+        self.refuse: str | None = None
+
+    async def distributed_request(
+        self, app: str, verifier: bytes, protocol: str, payload: bytes, timeout: float
+    ) -> bytes:
+        self.requests.append((app, verifier, protocol, payload, timeout))
+        if self.refuse is not None:
+            raise BackendRefused(self.refuse)
+        return self.key.sign(distributed_sign_payload(app, payload))
+
+    async def distributed_pending(self, app: str, verifier: bytes) -> list[dict[str, Any]]:
+        return [
+            {
+                "request_id": b"r" * 32,
+                "protocol": "sign",
+                "payload": b"p",
+                "servers": [2, 3],
+                "expires_in_ms": 1500,
+            }
+        ]
+
+    async def distributed_decide(self, app: str, verifier: bytes, request_id: bytes, approve: bool) -> None:
+        if request_id != b"r" * 32:
+            raise BackendRefused("no request with this id is waiting", UNKNOWN_REQUEST)
+        self.decisions.append((app, verifier, request_id, approve))
+
+
+async def test_distributed_registration_keeps_only_the_verifier() -> None:
+    backend = FakeDistributed()
+    core = ApiCore(backend)
+    r = await core.handle(req("register_distributed", name="ledger", password=b"pw"), ME)
+    handle = r["result"]["handle"]
+    reg = core.registry.by_handle[hashlib.sha256(b"pst/api/handle\x00" + handle).digest()]
+    assert reg.verifier == password_verifier("ledger", b"pw") and reg.unique_id == b""
+    assert b"pw" not in repr(core.registry).encode() and reg.verifier.hex() not in repr(core.registry)
+    r = await core.handle(req("request", handle=handle, protocol="sign", payload=b"entry"), ME)
+    backend.public.verify(r["result"]["signature"], distributed_sign_payload("ledger", b"entry"))
+    assert backend.requests == [("ledger", reg.verifier, "sign", b"entry", core.request_wait)]
+    # Registering again replaces the handle and the verifier.
+    r = await core.handle(req("register_distributed", name="ledger", password=b"new"), ME)
+    assert (await core.handle(req("pending", handle=handle), ME))["error"]["code"] == UNKNOWN_HANDLE
+    assert len(core.registry.by_handle) == 1
+    assert next(iter(core.registry.by_handle.values())).verifier == password_verifier("ledger", b"new")
+
+
+async def test_distributed_operations_and_their_errors() -> None:
+    backend = FakeDistributed()
+    core = ApiCore(backend, limits=Limits(control_burst=100))
+    h = (await core.handle(req("register_distributed", name="ledger", password=b"pw"), ME))["result"][
+        "handle"
+    ]
+    central = (await core.handle(req("register", name="ledger", unique_id=b"u"), ME))["result"]["handle"]
+
+    async def code(op: str, **fields: Any) -> str:
+        r = await core.handle(req(op, **fields), ME)
+        return "ok" if r["ok"] else str(r["error"]["code"])
+
+    # A distributed handle cannot sign alone; a centralized one cannot make requests.
+    assert await code("sign", handle=h, message=b"m") == NOT_PERMITTED
+    assert await code("request", handle=central, protocol="sign", payload=b"m") == NOT_PERMITTED
+    assert await code("pending", handle=central) == NOT_PERMITTED
+    assert await code("request", handle=h, protocol="encrypt", payload=b"m") == BAD_REQUEST
+    assert await code("request", handle=h, protocol="sign", payload=b"m" * 70000) == TOO_LARGE
+    assert await code("approve", handle=h, request_id=b"short") == BAD_REQUEST
+    assert await code("register_distributed", name="x", password=b"") == BAD_REQUEST
+    assert await code("register_distributed", name="bad name", password=b"pw") == BAD_REQUEST
+    # The name belongs to its first user, for distributed registrations too.
+    r = await core.handle(req("register_distributed", name="ledger", password=b"pw"), OTHER)
+    assert r["error"]["code"] == NOT_PERMITTED
+    r = await core.handle(req("pending", handle=h), ME)
+    assert r["result"]["requests"] == [
+        {
+            "request_id": b"r" * 32,
+            "protocol": "sign",
+            "payload": b"p",
+            "servers": [2, 3],
+            "expires_in_ms": 1500,
+        }
+    ]
+    assert await code("approve", handle=h, request_id=b"r" * 32) == "ok"
+    assert await code("deny", handle=h, request_id=b"r" * 32) == "ok"
+    assert [d[3] for d in backend.decisions] == [True, False]
+    assert await code("approve", handle=h, request_id=b"x" * 32) == UNKNOWN_REQUEST
+    backend.refuse = "no majority in time: server 2: its client denied the request"
+    r = await core.handle(req("request", handle=h, protocol="sign", payload=b"m"), ME)
+    assert r["error"] == {"code": REFUSED, "message": backend.refuse}
+    # Without a distributed backend the operations are unavailable, with a reason.
+    plain = ApiCore(FakeBackend())
+    r = await plain.handle(req("register_distributed", name="ledger", password=b"pw"), ME)
+    assert r["error"]["code"] == UNAVAILABLE and "distributed" in r["error"]["message"]
+
+
+# Registrations across restarts -----------------------------------------------------------------------
+
+
+async def test_registrations_survive_a_restart(tmp_path: Path) -> None:
+    store = RegistrationStore.in_state_dir(tmp_path)
+    clock = Clock()
+    limits = Limits(sign_rate=0.0001, sign_burst=3)
+    backend = FakeDistributed()
+    first = ApiCore(backend, limits=limits, store=store, clock=clock)
+    central = (await first.handle(req("register", name="syslog", unique_id=b"u1"), ME))["result"]["handle"]
+    dist = (await first.handle(req("register_distributed", name="ledger", password=b"pw"), ME))["result"]
+    gone = (await first.handle(req("register", name="freed", unique_id=b"u2"), ME))["result"]["handle"]
+    assert (await first.handle(req("unregister", handle=gone), ME))["ok"]
+    for _ in range(2):
+        assert (await first.handle(req("sign", handle=central, message=b"m"), ME))["ok"]
+    first.flush()
+    data = store.path.read_bytes()
+    assert central not in data and dist["handle"] not in data and b"pw" not in data
+    assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o600
+
+    second = ApiCore(backend, limits=limits, store=store, clock=clock)
+    assert (await second.handle(req("sign", handle=central, message=b"m"), ME))["ok"]
+    # The quota was not refilled by the restart: 3 tokens, 2 spent before, 1 now.
+    assert (await second.handle(req("sign", handle=central, message=b"m"), ME))["error"]["code"] == QUOTA
+    r = await second.handle(req("request", handle=dist["handle"], protocol="sign", payload=b"e"), ME)
+    assert r["ok"] and backend.requests[-1][1] == password_verifier("ledger", b"pw")
+    # Owners too: the freed name still belongs to its first user.
+    r = await second.handle(req("register", name="freed", unique_id=b"u3"), OTHER)
+    assert r["error"]["code"] == NOT_PERMITTED
+    assert (await second.handle(req("sign", handle=gone, message=b"m"), ME))["error"][
+        "code"
+    ] == UNKNOWN_HANDLE
+
+
+async def test_corrupt_registration_file_is_named_kept_aside_and_the_server_starts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = RegistrationStore.in_state_dir(tmp_path)
+    store.path.parent.mkdir(parents=True)
+    store.path.write_bytes(b"\xff not cbor")
+    with caplog.at_level(logging.ERROR, logger="pst.api"):
+        core = ApiCore(FakeBackend(), store=store)
+    assert not core.registry.by_handle
+    assert str(store.path) in caplog.text and "starting without registrations" in caplog.text
+    assert store.path.with_name(store.path.name + ".corrupt").read_bytes() == b"\xff not cbor"
+    assert (await core.handle(req("register", name="app", unique_id=b"u"), ME))["ok"]
+    assert store.load().problems == [] and len(store.load().registrations) == 1
+
+
+async def test_one_bad_registration_entry_is_skipped_and_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = RegistrationStore.in_state_dir(tmp_path)
+    core = ApiCore(FakeBackend(), store=store)
+    h = (await core.handle(req("register", name="good", unique_id=b"u"), ME))["result"]["handle"]
+    obj = encoding.decode(store.path.read_bytes())
+    obj["registrations"].append(dict(obj["registrations"][0], name="evil", handle_digest=b"short"))
+    store.path.write_bytes(encoding.encode(obj))
+    with caplog.at_level(logging.ERROR, logger="pst.api"):
+        again = ApiCore(FakeBackend(), store=store)
+    assert f"{store.path}: registration 1: bad handle digest" in caplog.text
+    assert (await again.handle(req("sign", handle=h, message=b"m"), ME))["ok"]
+    assert [r.name for r in again.registry.by_handle.values()] == ["good"]
 
 
 async def test_pserver_backend_adapter(tmp_path: Path) -> None:

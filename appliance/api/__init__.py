@@ -2,12 +2,15 @@
 
 * :mod:`appliance.api._core`: the sans-IO core. :class:`ApiCore` turns a decoded request
   and the caller's kernel credentials (:class:`PeerCred`) into a response; it owns the
-  registrations (§5.1, centralized: handle bound to name, unique id and uid) and the
-  quotas, and reaches the node only through the :class:`Backend` protocol.
+  registrations (§5.1, centralized: handle bound to name, unique id and uid; distributed:
+  name and password verifier, requests serviced only with a majority of the application's
+  clients) and the quotas, and reaches the node only through the :class:`Backend` and
+  :class:`DistributedBackend` protocols.
+* :mod:`appliance.api._registrations`: the registrations on disk (they survive restarts).
 * :mod:`appliance.api._node`: :class:`PServerBackend`, the Backend built from a running
-  PServer's ``sign`` and status file.
-* :mod:`appliance.api._distributed`: data structures of the password-based distributed
-  registration (§5.1); not wired into the API yet.
+  PServer's ``sign``, status file and :class:`DistributedNode`.
+* :mod:`appliance.api._distributed`: the scrypt password verifier of distributed
+  registration (the exchange between servers is :mod:`appliance.protocols.approvals`).
 * :mod:`appliance.api._server`: :func:`serve_api`, the trio server on a Unix socket
   (mode 0660, ``SO_PEERCRED``, length-prefixed CBOR frames, timeouts, bounded frames).
 
@@ -26,13 +29,17 @@ from appliance.api._core import (
     NOT_PERMITTED,
     OPS,
     QUOTA,
+    REFUSED,
     TOO_LARGE,
     UNAVAILABLE,
     UNKNOWN_HANDLE,
+    UNKNOWN_REQUEST,
     ApiCore,
     ApiError,
     Backend,
+    BackendRefused,
     BackendUnavailable,
+    DistributedBackend,
     Limits,
     PeerCred,
     Request,
@@ -40,8 +47,10 @@ from appliance.api._core import (
     app_signing_payload,
     parse_request,
 )
-from appliance.api._node import PServerBackend
+from appliance.api._node import DistributedNode, PServerBackend
+from appliance.api._registrations import RegistrationStore
 from appliance.api._server import ApiServer, bind_unix, peer_cred, serve_api
+from appliance.protocols.approvals import distributed_sign_payload
 
 __all__ = [
     "API_VERSION",
@@ -54,21 +63,28 @@ __all__ = [
     "NOT_PERMITTED",
     "OPS",
     "QUOTA",
+    "REFUSED",
     "TOO_LARGE",
     "UNAVAILABLE",
     "UNKNOWN_HANDLE",
+    "UNKNOWN_REQUEST",
     "ApiCore",
     "ApiError",
     "ApiServer",
     "Backend",
+    "BackendRefused",
     "BackendUnavailable",
+    "DistributedBackend",
+    "DistributedNode",
     "Limits",
     "PServerBackend",
     "PeerCred",
+    "RegistrationStore",
     "Request",
     "TokenBucket",
     "app_signing_payload",
     "bind_unix",
+    "distributed_sign_payload",
     "parse_request",
     "peer_cred",
     "serve_api",

@@ -20,18 +20,44 @@ application's name, which the backend binds into everything it signs) and ``uniq
 SHA-256 of a handle is kept, so a dump of this process's registrations gives no usable
 handle. Rules:
 
-* a name belongs to the first uid that registers it, for the lifetime of the process
-  (or for good if the operator pins it in ``reserved``): another uid is refused with
-  ``not-permitted``, even after the owner unregistered, so that nobody can take over a
-  released name and sign in its place;
+* a name belongs to the first uid that registers it, for the lifetime of the process or,
+  with a store, of the state directory (for good if the operator pins it in ``reserved``):
+  another uid is refused with ``not-permitted``, even after the owner unregistered, so
+  that nobody can take over a released name and sign in its place;
 * registering the same ``(name, unique_id, uid)`` again returns a fresh handle and
   revokes the old one (an application that restarted lost its handle);
 * a handle presented by another uid than the one that registered it is ``not-permitted``.
 
+Registration (§5.1, distributed application): ``register_distributed`` carries ``name`` and
+``password``. The server keeps only the password's *verifier* (scrypt, salted with the name:
+:func:`~appliance.api._distributed.password_verifier`, computed off the event loop) and
+returns a handle under the same rules as above (at most one distributed registration per
+name and uid; registering again replaces the handle and the verifier). With that handle:
+
+* ``request(protocol, payload)`` (protocol ``"sign"``): a group-key signature over
+  :func:`~appliance.protocols.approvals.distributed_sign_payload` ``(name, payload)``, given
+  only once a strict majority of the n servers' clients of ``name`` (with the same password)
+  requested or approved it; ``refused`` names every server that refused and why, or says
+  that no majority came in time;
+* ``pending()``: the requests of the other servers' clients waiting for this client;
+* ``approve(request_id)`` / ``deny(request_id)``; ``unknown-request`` if it is not waiting.
+
+A distributed handle cannot ``sign`` (that would bypass the majority) and a centralized one
+cannot ``request``. The exchange between servers is
+:class:`~appliance.protocols.approvals.ApprovalService`; the node is reached through
+:class:`DistributedBackend`.
+
+Persistence: with a :class:`~appliance.api._registrations.RegistrationStore`, registrations
+(handle digests, names, owner uids, verifiers, quota tokens) survive a restart: the store is
+rewritten after every registration change and at most every ten seconds as quotas are
+spent (and by :meth:`ApiCore.flush` on the way out). Name ownership then lasts as long as
+the state directory.
+
 Quotas (the paper's "quota on the number of services a specific client can request"):
 at most ``max_registrations`` live registrations and ``max_names`` owned names per uid;
-``sign`` is rate-limited by a token bucket per registration (it survives re-registration,
-so re-registering does not refill it); the other operations by a token bucket per uid.
+``sign``, ``random`` and ``request`` are rate-limited by a token bucket per registration (it
+survives re-registration and restarts, so neither refills it); the other operations by a
+token bucket per uid (``register_distributed`` costs four tokens: scrypt is expensive).
 All exceeded limits answer ``quota``.
 
 ``sign`` hands the *registered* name and the message to :meth:`Backend.sign`; a client
@@ -42,16 +68,19 @@ Backend failures answer ``unavailable`` and are logged by exception type only.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, runtime_checkable
 
+from appliance.api._distributed import password_verifier
+from appliance.api._registrations import SAVE_INTERVAL, RegistrationStore, Saved, SavedRegistration
 from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
 
@@ -73,7 +102,15 @@ QUOTA: Final = "quota"
 TOO_LARGE: Final = "too-large"
 NOT_PERMITTED: Final = "not-permitted"
 UNAVAILABLE: Final = "unavailable"
-ERROR_CODES: Final = frozenset({BAD_REQUEST, UNKNOWN_HANDLE, QUOTA, TOO_LARGE, NOT_PERMITTED, UNAVAILABLE})
+REFUSED: Final = "refused"
+UNKNOWN_REQUEST: Final = "unknown-request"
+ERROR_CODES: Final = frozenset(
+    {BAD_REQUEST, UNKNOWN_HANDLE, QUOTA, TOO_LARGE, NOT_PERMITTED, UNAVAILABLE, REFUSED, UNKNOWN_REQUEST}
+)
+MAX_PASSWORD_SIZE: Final = 1024
+REQUEST_ID_SIZE: Final = 32
+#: Protocols a distributed application may request.
+DISTRIBUTED_PROTOCOLS: Final = frozenset({"sign"})
 
 #: Domain of application signatures (see :func:`app_signing_payload`). It differs from
 #: :data:`appliance.crypto.encoding.SIGNING_DOMAIN`, which the signing service reserves for
@@ -121,6 +158,38 @@ class BackendUnavailable(Exception):
     """A backend may raise this with a message that is safe to show the client."""
 
 
+class BackendRefused(Exception):
+    """A distributed request was refused (``refused``) or names no waiting request
+    (``unknown-request``); the message is safe to show the client."""
+
+    def __init__(self, message: str, code: str = "refused") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@runtime_checkable
+class DistributedBackend(Protocol):
+    """What distributed applications need from the node (see :mod:`appliance.protocols.approvals`).
+
+    Refusals raise :class:`BackendRefused`; a node that cannot serve now raises
+    :class:`BackendUnavailable`. Any other exception answers ``unavailable``.
+    """
+
+    async def distributed_request(
+        self, app: str, verifier: bytes, protocol: str, payload: bytes, timeout: float
+    ) -> bytes:
+        """The group signature once a majority of the application's clients agreed."""
+        ...
+
+    async def distributed_pending(self, app: str, verifier: bytes) -> Sequence[Mapping[str, Any]]:
+        """Requests waiting for this client: request_id, protocol, payload, servers, expires_in_ms."""
+        ...
+
+    async def distributed_decide(self, app: str, verifier: bytes, request_id: bytes, approve: bool) -> None:
+        """This client approves (or denies) a waiting request."""
+        ...
+
+
 @dataclass(frozen=True)
 class PeerCred:
     """The caller as the kernel reports it (``SO_PEERCRED``)."""
@@ -164,6 +233,11 @@ OPS: Final[Mapping[str, Mapping[str, type]]] = {
     "get_time": {},
     "status": {},
     "random": {"handle": bytes, "nonce": bytes},
+    "register_distributed": {"name": str, "password": bytes},
+    "request": {"handle": bytes, "protocol": str, "payload": bytes},
+    "pending": {"handle": bytes},
+    "approve": {"handle": bytes, "request_id": bytes},
+    "deny": {"handle": bytes, "request_id": bytes},
 }
 MAX_NONCE_SIZE: Final = 64
 _MAX_ID: Final = 2**63 - 1
@@ -215,16 +289,23 @@ def parse_request(obj: object) -> Request:
         raise bad("handle", f"must be {HANDLE_SIZE} bytes")
     if "nonce" in args and not 16 <= len(args["nonce"]) <= MAX_NONCE_SIZE:
         raise bad("nonce", f"must be 16 to {MAX_NONCE_SIZE} bytes, fresh for every request")
-    if "message" in args and len(args["message"]) > MAX_MESSAGE_SIZE:
-        raise ApiError(TOO_LARGE, f"field 'message': {len(args['message'])} bytes exceeds {MAX_MESSAGE_SIZE}")
-    if op == "register":
+    for key in ("message", "payload"):
+        if key in args and len(args[key]) > MAX_MESSAGE_SIZE:
+            raise ApiError(TOO_LARGE, f"field {key!r}: {len(args[key])} bytes exceeds {MAX_MESSAGE_SIZE}")
+    if "request_id" in args and len(args["request_id"]) != REQUEST_ID_SIZE:
+        raise bad("request_id", f"must be {REQUEST_ID_SIZE} bytes (as pending returned it)")
+    if "protocol" in args and args["protocol"] not in DISTRIBUTED_PROTOCOLS:
+        raise bad("protocol", f"one of {', '.join(sorted(DISTRIBUTED_PROTOCOLS))}")
+    if "password" in args and not 0 < len(args["password"]) <= MAX_PASSWORD_SIZE:
+        raise bad("password", f"must be 1 to {MAX_PASSWORD_SIZE} bytes")
+    if op in ("register", "register_distributed"):
         name = args["name"]
         if not 0 < len(name) <= MAX_NAME_LENGTH or _NAME_RE.fullmatch(name) is None:
             raise bad(
                 "name",
                 f"1 to {MAX_NAME_LENGTH} characters from [A-Za-z0-9._:@+-], starting alphanumeric",
             )
-        if not 0 < len(args["unique_id"]) <= MAX_UNIQUE_ID_SIZE:
+        if op == "register" and not 0 < len(args["unique_id"]) <= MAX_UNIQUE_ID_SIZE:
             raise bad("unique_id", f"must be 1 to {MAX_UNIQUE_ID_SIZE} bytes")
     return Request(obj["id"], op, args)
 
@@ -284,12 +365,19 @@ class Limits:
 
 @dataclass
 class Registration:
+    """One handle. ``unique_id`` is empty and ``verifier`` set for a distributed application."""
+
     name: str
     unique_id: bytes
     uid: int
     pid: int
     handle_digest: bytes
     bucket: TokenBucket
+    verifier: bytes | None = None
+
+    def __repr__(self) -> str:  # the verifier stays out of logs and tracebacks
+        kind = "distributed" if self.verifier is not None else "centralized"
+        return f"Registration({self.name!r}, {kind}, uid={self.uid})"
 
 
 def _digest(handle: bytes) -> bytes:
@@ -334,13 +422,90 @@ class ApiCore:
         reserved: Mapping[str, int] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[int], bytes] = os.urandom,
+        store: RegistrationStore | None = None,
+        offload: Callable[[Callable[[], bytes]], Awaitable[bytes]] | None = None,
+        request_wait: float = 15.0,
     ) -> None:
+        """``store`` keeps registrations across restarts; ``offload`` runs scrypt off the event
+        loop (e.g. in a thread); ``request_wait`` bounds how long a distributed request waits
+        for the other clients' approvals."""
         self.backend = backend
+        self.distributed = backend if isinstance(backend, DistributedBackend) else None
         self.limits = limits if limits is not None else Limits()
         self.clock = clock
         self.rand = rand
+        self.offload = offload
+        self.request_wait = request_wait
         self.registry = Registry(reserved=dict(reserved or {}))
         self._control: dict[int, TokenBucket] = {}
+        self.store = store
+        self._dirty = False
+        self._saved_at = clock()
+        if store is not None:
+            saved = store.load()
+            self._restore(saved)
+            for problem in saved.problems:
+                log.error("api: registrations: %s", problem)
+            log.info("api: %d registrations restored from %s", len(self.registry.by_handle), store.path)
+
+    # Persistence ------------------------------------------------------------------------------
+
+    def _restore(self, saved: Saved) -> None:
+        reg, now = self.registry, self.clock()
+        for name, uid in saved.owners.items():
+            if name not in reg.reserved:
+                reg.owners[name] = uid
+                reg.names_per_uid[uid] = reg.names_per_uid.get(uid, 0) + 1
+        for s in saved.registrations:
+            where = f"{self.store.path if self.store else 'store'}: registration of {s.name!r}"
+            owner = reg.owner(s.name)
+            if owner is not None and owner != s.uid:
+                saved.problems.append(f"{where} by uid {s.uid}, but uid {owner} owns the name; skipped")
+                continue
+            key = (s.name, s.unique_id, s.uid)
+            if key in reg.by_key or s.handle_digest in reg.by_handle:
+                saved.problems.append(f"{where} by uid {s.uid} appears twice; skipped")
+                continue
+            if owner is None and s.name not in reg.reserved:
+                reg.owners[s.name] = s.uid
+                reg.names_per_uid[s.uid] = reg.names_per_uid.get(s.uid, 0) + 1
+            limits = self.limits
+            bucket = TokenBucket(limits.sign_rate, limits.sign_burst, min(limits.sign_burst, s.tokens), now)
+            new = Registration(s.name, s.unique_id, s.uid, s.pid, s.handle_digest, bucket, s.verifier)
+            reg.by_handle[s.handle_digest] = new
+            reg.by_key[key] = new
+            reg.per_uid[s.uid] = reg.per_uid.get(s.uid, 0) + 1
+
+    def _save(self) -> None:
+        """Write the registrations now (after any change to them)."""
+        if self.store is None:
+            return
+        now = self.clock()
+        regs = [
+            SavedRegistration(r.name, r.unique_id, r.uid, r.pid, r.handle_digest, r.bucket.tokens, r.verifier)
+            for r in self.registry.by_handle.values()
+        ]
+        try:
+            self.store.save(regs, self.registry.owners)
+        except OSError as exc:
+            log.error(
+                "api: cannot save registrations to %s (%s); they will not survive a restart",
+                self.store.path,
+                exc.strerror or type(exc).__name__,
+            )
+            return
+        self._dirty, self._saved_at = False, now
+
+    def _spent(self) -> None:
+        """A quota moved: save when the last save is old enough."""
+        self._dirty = True
+        if self.clock() - self._saved_at >= SAVE_INTERVAL:
+            self._save()
+
+    def flush(self) -> None:
+        """Save quota changes not written yet (call when the server stops)."""
+        if self._dirty:
+            self._save()
 
     # Entry points ---------------------------------------------------------------------------
 
@@ -377,27 +542,38 @@ class ApiCore:
             return await self._sign(args["handle"], args["message"], peer)
         if request.op == "random":
             return await self._random(args["handle"], args["nonce"], peer)
-        self._charge_control(peer.uid)
+        if request.op == "request":
+            return await self._request(args["handle"], args["protocol"], args["payload"], peer)
+        self._charge_control(peer.uid, 4.0 if request.op == "register_distributed" else 1.0)
         if request.op == "register":
             return self._register(args["name"], args["unique_id"], peer)
+        if request.op == "register_distributed":
+            return await self._register_distributed(args["name"], args["password"], peer)
         if request.op == "unregister":
             self._unregister(args["handle"], peer)
+            return {}
+        if request.op == "pending":
+            return {"requests": await self._pending(args["handle"], peer)}
+        if request.op in ("approve", "deny"):
+            await self._decide(args["handle"], args["request_id"], request.op == "approve", peer)
             return {}
         if request.op == "get_time":
             return {"times_us": await self._get_time()}
         assert request.op == "status", request.op
         return {"status": await self._status()}
 
-    def _charge_control(self, uid: int) -> None:
+    def _charge_control(self, uid: int, cost: float = 1.0) -> None:
         now = self.clock()
         bucket = self._control.get(uid)
         if bucket is None:
             bucket = TokenBucket.full(self.limits.control_rate, self.limits.control_burst, now)
             self._control[uid] = bucket
-        if not bucket.take(now):
+        if not bucket.take(now, cost):
             raise ApiError(QUOTA, "too many requests: slow down")
 
-    def _register(self, name: str, unique_id: bytes, peer: PeerCred) -> Mapping[str, Any]:
+    def _register(
+        self, name: str, unique_id: bytes, peer: PeerCred, verifier: bytes | None = None
+    ) -> Mapping[str, Any]:
         reg = self.registry
         owner = reg.owner(name)
         if owner is not None and owner != peer.uid:
@@ -426,18 +602,30 @@ class ApiCore:
         if owner is None and name not in reg.reserved:
             reg.owners[name] = peer.uid
             reg.names_per_uid[peer.uid] = reg.names_per_uid.get(peer.uid, 0) + 1
-        new = Registration(name, unique_id, peer.uid, peer.pid, digest, bucket)
+        new = Registration(name, unique_id, peer.uid, peer.pid, digest, bucket, verifier)
         reg.by_handle[digest] = new
         reg.by_key[key] = new
         reg.per_uid[peer.uid] = reg.per_uid.get(peer.uid, 0) + 1
+        self._save()
         log.info(
-            "api: %s %r for uid %d (pid %d)",
+            "api: %s %s%r for uid %d (pid %d)",
             "re-registered" if old is not None else "registered",
+            "distributed application " if verifier is not None else "",
             name,
             peer.uid,
             peer.pid,
         )
         return {"handle": handle}
+
+    async def _register_distributed(self, name: str, password: bytes, peer: PeerCred) -> Mapping[str, Any]:
+        if self.distributed is None:
+            raise ApiError(UNAVAILABLE, "this server does not serve distributed applications")
+        owner = self.registry.owner(name)
+        if owner is not None and owner != peer.uid:  # refuse before spending scrypt on it
+            raise ApiError(NOT_PERMITTED, "this application name is registered by another user")
+        derive = functools.partial(password_verifier, name, password)
+        verifier = await self.offload(derive) if self.offload is not None else derive()
+        return self._register(name, b"", peer, verifier)
 
     def _lookup(self, handle: bytes, peer: PeerCred) -> Registration:
         reg = self.registry.by_handle.get(_digest(handle))
@@ -451,12 +639,18 @@ class ApiCore:
     def _unregister(self, handle: bytes, peer: PeerCred) -> None:
         reg = self._lookup(handle, peer)
         self.registry.remove(reg)
+        self._save()
         log.info("api: unregistered %r for uid %d (pid %d)", reg.name, peer.uid, peer.pid)
 
     async def _sign(self, handle: bytes, message: bytes, peer: PeerCred) -> Mapping[str, Any]:
         reg = self._lookup(handle, peer)
+        if reg.verifier is not None:
+            raise ApiError(
+                NOT_PERMITTED, "a distributed application signs through 'request' (a majority must agree)"
+            )
         if not reg.bucket.take(self.clock()):
             raise ApiError(QUOTA, "signing rate limit exceeded for this registration")
+        self._spent()
         try:
             signature = await self.backend.sign(reg.name, message)
         except BackendUnavailable as exc:
@@ -477,6 +671,7 @@ class ApiCore:
             raise ApiError(NOT_PERMITTED, "this handle belongs to another user")
         if not reg.bucket.take(self.clock()):
             raise ApiError(QUOTA, "too many requests for this registration: slow down")
+        self._spent()
         try:
             value, used_input = await self.backend.random(nonce)
         except BackendUnavailable as exc:
@@ -485,6 +680,72 @@ class ApiCore:
             log.error("api: random backend failed (%s)", type(exc).__name__)
             raise ApiError(UNAVAILABLE, "cannot draw randomness now") from None
         return {"random": value, "input": used_input}
+
+    # Distributed applications ---------------------------------------------------------------------
+
+    def _distributed(self, handle: bytes, peer: PeerCred) -> tuple[Registration, bytes, DistributedBackend]:
+        reg = self._lookup(handle, peer)
+        if reg.verifier is None:
+            raise ApiError(
+                NOT_PERMITTED, "this handle is not a distributed registration (register_distributed)"
+            )
+        if self.distributed is None:
+            raise ApiError(UNAVAILABLE, "this server does not serve distributed applications")
+        return reg, reg.verifier, self.distributed
+
+    async def _request(
+        self, handle: bytes, protocol: str, payload: bytes, peer: PeerCred
+    ) -> Mapping[str, Any]:
+        reg, verifier, node = self._distributed(handle, peer)
+        if not reg.bucket.take(self.clock()):
+            raise ApiError(QUOTA, "request rate limit exceeded for this registration")
+        self._spent()
+        signature = await self._call_distributed(
+            "request", node.distributed_request(reg.name, verifier, protocol, payload, self.request_wait)
+        )
+        if not isinstance(signature, bytes):
+            log.error("api: distributed request returned %s", _type_name(signature))
+            raise ApiError(UNAVAILABLE, "cannot serve the request now")
+        log.info("api: request of distributed application %r (uid %d) serviced", reg.name, peer.uid)
+        return {"signature": signature}
+
+    async def _pending(self, handle: bytes, peer: PeerCred) -> list[dict[str, Any]]:
+        reg, verifier, node = self._distributed(handle, peer)
+        entries = await self._call_distributed("pending", node.distributed_pending(reg.name, verifier))
+        out = []
+        fields = {
+            "request_id": bytes,
+            "protocol": str,
+            "payload": bytes,
+            "servers": list,
+            "expires_in_ms": int,
+        }
+        try:
+            for entry in entries:
+                out.append(encoding.expect_map(dict(entry), fields, "pending request"))
+        except (DecodeError, TypeError) as exc:
+            log.error("api: distributed pending returned a malformed entry (%s)", exc)
+            raise ApiError(UNAVAILABLE, "cannot list the pending requests now") from None
+        return out
+
+    async def _decide(self, handle: bytes, request_id: bytes, approve: bool, peer: PeerCred) -> None:
+        reg, verifier, node = self._distributed(handle, peer)
+        what = "approve" if approve else "deny"
+        await self._call_distributed(what, node.distributed_decide(reg.name, verifier, request_id, approve))
+        done = "approved" if approve else "denied"
+        log.info("api: uid %d %s a request of distributed application %r", peer.uid, done, reg.name)
+
+    async def _call_distributed(self, what: str, call: Awaitable[Any]) -> Any:
+        try:
+            return await call
+        except BackendRefused as exc:
+            code = exc.code if exc.code in (REFUSED, UNKNOWN_REQUEST) else REFUSED
+            raise ApiError(code, str(exc)[:2000]) from None
+        except BackendUnavailable as exc:
+            raise ApiError(UNAVAILABLE, f"cannot {what} now: {str(exc)[:200]}") from None
+        except Exception as exc:
+            log.error("api: distributed %s failed (%s)", what, type(exc).__name__)
+            raise ApiError(UNAVAILABLE, f"cannot {what} now") from None
 
     async def _get_time(self) -> dict[int, int | None]:
         try:

@@ -14,20 +14,57 @@ PServer already has, without importing the node package (it takes callables and 
   signed time) is not implemented yet, so the other servers' entries are ``None``.
 * ``status()``: the status file the node rewrites after every refresh
   (``<state>/public/status.json``), as a map.
+* distributed applications (:class:`~appliance.api.DistributedBackend`): through a
+  :class:`DistributedNode` (``appliance.node._approvals``: ``LocalApprovals`` in process,
+  ``LinkApprovals`` over the key-holder link), whose plain-data answers
+  (``{"error": code, "message": ...}`` on failure) become :class:`BackendRefused` or
+  :class:`BackendUnavailable`.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
-from appliance.api._core import BackendUnavailable, app_signing_payload
+from appliance.api._core import (
+    REFUSED,
+    UNKNOWN_REQUEST,
+    BackendRefused,
+    BackendUnavailable,
+    app_signing_payload,
+)
 from appliance.protocols.signing import SigningRefused
+
+
+class DistributedNode(Protocol):
+    """The node's side of distributed applications; answers are plain data (see the module)."""
+
+    async def request(
+        self, app: str, verifier: bytes, protocol: str, payload: bytes, timeout: float
+    ) -> Mapping[str, Any]: ...
+
+    async def pending(self, app: str, verifier: bytes) -> Mapping[str, Any]: ...
+
+    async def decide(
+        self, app: str, verifier: bytes, request_id: bytes, approve: bool
+    ) -> Mapping[str, Any]: ...
+
+
+def _checked(answer: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The answer if it is no error; else the error as BackendRefused or BackendUnavailable."""
+    code = answer.get("error")
+    if code is None:
+        return answer
+    message = answer.get("message")
+    message = message if isinstance(message, str) else "no reason given"
+    if code in (REFUSED, UNKNOWN_REQUEST):
+        raise BackendRefused(message, code)
+    raise BackendUnavailable(message[:200])
 
 
 class PServerBackend:
@@ -43,8 +80,10 @@ class PServerBackend:
         clock: Callable[[], float] = time.time,
         time_vector: Callable[[], Awaitable[Mapping[int, float | None]]] | None = None,
         random: Callable[[bytes], Awaitable[tuple[bytes, bytes]]] | None = None,
+        distributed: DistributedNode | None = None,
     ) -> None:
         self._random = random
+        self._distributed = distributed
         self._sign_raw = sign_raw
         self._time_vector = time_vector
         self.server_id = server_id
@@ -69,6 +108,29 @@ class PServerBackend:
             raise BackendUnavailable(str(exc)[:200]) from None
         except trio.TooSlowError:
             raise BackendUnavailable("not enough servers answered in time") from None
+
+    def _node(self) -> DistributedNode:
+        if self._distributed is None:
+            raise BackendUnavailable("distributed applications are not available on this server")
+        return self._distributed
+
+    async def distributed_request(
+        self, app: str, verifier: bytes, protocol: str, payload: bytes, timeout: float
+    ) -> bytes:
+        answer = _checked(await self._node().request(app, verifier, protocol, payload, timeout))
+        signature = answer.get("signature")
+        if not isinstance(signature, bytes):
+            raise BackendUnavailable("the node returned no signature")
+        return signature
+
+    async def distributed_pending(self, app: str, verifier: bytes) -> Sequence[Mapping[str, Any]]:
+        requests = _checked(await self._node().pending(app, verifier)).get("requests")
+        if not isinstance(requests, list):
+            raise BackendUnavailable("the node returned no list of requests")
+        return requests
+
+    async def distributed_decide(self, app: str, verifier: bytes, request_id: bytes, approve: bool) -> None:
+        _checked(await self._node().decide(app, verifier, request_id, approve))
 
     async def get_time(self) -> Mapping[int, float | None]:
         if self._time_vector is not None:

@@ -35,7 +35,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import trio
@@ -52,6 +52,7 @@ from appliance.api._core import (
     encode_response,
     error_response,
 )
+from appliance.api._registrations import RegistrationStore
 from appliance.net._framing import FrameDecoder, FramingError, encode_frame
 
 log = logging.getLogger("pst.api")
@@ -227,10 +228,16 @@ class ApiServer:
         await trio.serve_listeners(self.handle_connection, [listener])
 
 
+async def _in_thread(fn: Callable[[], bytes]) -> bytes:
+    """Run a CPU-heavy step (scrypt) in a worker thread, so other clients are served meanwhile."""
+    return await trio.to_thread.run_sync(fn)
+
+
 async def serve_api(
     path: str | os.PathLike[str],
     backend: Backend,
     *,
+    state_dir: Path | None = None,
     limits: Limits | None = None,
     reserved: Mapping[str, int] | None = None,
     group: int | None = None,
@@ -242,15 +249,19 @@ async def serve_api(
 ) -> None:
     """Serve the local API at ``path`` until cancelled; ``nursery.start`` returns the ApiServer.
 
+    ``state_dir`` is the server's state directory: registrations are kept in it across
+    restarts (``public/api-registrations.cbor``); without it they live in memory only.
     ``reserved`` pins application names to uids (nobody else may register them);
     ``group`` is the gid given to the socket file (mode 0660) so that members of that group
     may connect.
     """
     sock_path = Path(path)
+    store = RegistrationStore.in_state_dir(state_dir) if state_dir is not None else None
+    core = ApiCore(backend, limits=limits, reserved=reserved, store=store, offload=_in_thread)
     sock = await bind_unix(sock_path, group=group)
     bound = os.stat(sock_path)
     server = ApiServer(
-        ApiCore(backend, limits=limits, reserved=reserved),
+        core,
         max_frame_size=max_frame_size,
         idle_timeout=idle_timeout,
         request_timeout=request_timeout,
@@ -261,6 +272,7 @@ async def serve_api(
         task_status.started(server)
         await server.serve(sock)
     finally:
+        core.flush()
         sock.close()
         try:
             now = os.stat(sock_path)

@@ -13,9 +13,17 @@ log in with: :meth:`PstClient.register` gives the application's name and a uniqu
 Handles outlive connections: if the server closes the connection (after a malformed
 request, or when idle), the next call reconnects and the handle still works.
 
+A distributed application (§5.1, one client next to each PServer, all with the same name
+and password) uses :meth:`PstClient.register_distributed`, then
+:meth:`PstClient.request_distributed` to get a group signature once a strict majority of its
+clients asked for or approved the same payload, and :meth:`PstClient.pending` /
+:meth:`PstClient.approve` / :meth:`PstClient.deny` to answer the other clients' requests.
+:func:`verify_distributed` checks such a signature with the group public key.
+
 Every failure is a :class:`PstError` with the server's error ``code`` (``bad-request``,
-``unknown-handle``, ``quota``, ``too-large``, ``not-permitted``, ``unavailable``) or
-``connection`` for a socket problem on our side.
+``unknown-handle``, ``quota``, ``too-large``, ``not-permitted``, ``unavailable``,
+``refused`` (no majority: the message says which servers refused and why),
+``unknown-request``) or ``connection`` for a socket problem on our side.
 
 This module depends on the ``appliance`` package (its canonical CBOR codec and frame
 decoder, so that client and server cannot disagree on the format); install it, or run
@@ -26,23 +34,31 @@ Command line::
     python clients/pst_client.py --socket /run/pst/api.sock sign FILE   # hex signature
     python clients/pst_client.py --socket /run/pst/api.sock time
     python clients/pst_client.py --socket /run/pst/api.sock status
+    python clients/pst_client.py --name APP --password-file PW request FILE  # distributed
+    python clients/pst_client.py --name APP --password-file PW approve [--deny] [--all | ID...]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import socket
 import sys
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
 
 from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
 from appliance.net._framing import FrameDecoder, FramingError, encode_frame
+from appliance.protocols.approvals import distributed_sign_payload
 
 API_VERSION = 1
 #: Responses are small, but a status can hold a few lists.
@@ -60,6 +76,27 @@ class PstError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+@dataclass(frozen=True)
+class PendingRequest:
+    """A request of another server's client that waits for ours (see :meth:`PstClient.pending`)."""
+
+    request_id: bytes
+    protocol: str
+    payload: bytes
+    #: The servers whose clients asked for it.
+    servers: tuple[int, ...]
+    expires_in: float
+
+
+def verify_distributed(group_public_key: bytes, app: str, payload: bytes, signature: bytes) -> bool:
+    """Does ``signature`` (from :meth:`PstClient.request_distributed`) sign ``payload`` for ``app``?"""
+    try:
+        VerifyKey(group_public_key).verify(distributed_sign_payload(app, payload), signature)
+    except (BadSignatureError, ValueError, TypeError):
+        return False
+    return True
 
 
 class PstClient:
@@ -174,6 +211,59 @@ class PstClient:
         result = self.request("random", handle=self._handle(handle), nonce=nonce or os.urandom(32))
         return bytes(result["random"]), bytes(result["input"])
 
+    def register_distributed(self, name: str, password: bytes | str) -> bytes:
+        """Register as this server's client of distributed application ``name`` (§5.1).
+
+        Every client of the application, one per server, registers with the same name and
+        password. Registering again revokes the previous handle. Returns the handle (kept).
+        """
+        if isinstance(password, str):
+            password = password.encode()
+        handle = self.request("register_distributed", name=name, password=password).get("handle")
+        if not isinstance(handle, bytes) or len(handle) != HANDLE_SIZE:
+            raise PstError("connection", "malformed register_distributed response")
+        self.handle = handle
+        return handle
+
+    def request_distributed(self, payload: bytes, handle: bytes | None = None) -> bytes:
+        """The group's signature over ``payload`` for our distributed application.
+
+        Blocks until a strict majority of the application's clients asked for or approved
+        the same payload (``refused`` if they did not in time, or refused it).
+        """
+        result = self.request("request", handle=self._handle(handle), protocol="sign", payload=bytes(payload))
+        signature = result.get("signature")
+        if not isinstance(signature, bytes):
+            raise PstError("connection", "malformed request response")
+        return signature
+
+    def pending(self, handle: bytes | None = None) -> list[PendingRequest]:
+        """The other clients' requests that wait for our approval."""
+        entries = self.request("pending", handle=self._handle(handle)).get("requests")
+        if not isinstance(entries, list):
+            raise PstError("connection", "malformed pending response")
+        try:
+            return [
+                PendingRequest(
+                    bytes(e["request_id"]),
+                    str(e["protocol"]),
+                    bytes(e["payload"]),
+                    tuple(int(i) for i in e["servers"]),
+                    e["expires_in_ms"] / 1000,
+                )
+                for e in entries
+            ]
+        except (KeyError, TypeError, ValueError):
+            raise PstError("connection", "malformed pending response") from None
+
+    def approve(self, request_id: bytes, handle: bytes | None = None) -> None:
+        """Approve a pending request (it then counts as our client's)."""
+        self.request("approve", handle=self._handle(handle), request_id=bytes(request_id))
+
+    def deny(self, request_id: bytes, handle: bytes | None = None) -> None:
+        """Deny a pending request (the servers that asked are told at once)."""
+        self.request("deny", handle=self._handle(handle), request_id=bytes(request_id))
+
     def unregister(self, handle: bytes | None = None) -> None:
         """Revoke a handle (by default ours)."""
         chosen = self._handle(handle)
@@ -221,6 +311,43 @@ def _json_default(value: object) -> object:
     return value.hex() if isinstance(value, bytes) else str(value)
 
 
+def _read_password(path: str | None) -> bytes:
+    if path is None:
+        raise PstError("bad-request", "distributed commands need --password-file")
+    if path == "-":
+        line = sys.stdin.buffer.readline()
+    else:
+        with open(path, "rb") as f:
+            line = f.readline()
+    return line.rstrip(b"\r\n")
+
+
+def _read_message(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read(MAX_MESSAGE_SIZE + 1)
+    with open(path, "rb") as f:
+        return f.read(MAX_MESSAGE_SIZE + 1)
+
+
+def _distributed_command(client: PstClient, args: argparse.Namespace) -> None:
+    client.register_distributed(args.name, _read_password(args.password_file))
+    if args.command == "request":
+        print(client.request_distributed(_read_message(args.file)).hex())
+        return
+    waiting = client.pending()
+    chosen = {bytes.fromhex(i) for i in args.ids}
+    for p in waiting:
+        if args.all or p.request_id in chosen:
+            (client.deny if args.deny else client.approve)(p.request_id)
+            verdict = "denied" if args.deny else "approved"
+        else:
+            verdict = "pending"
+        servers = ",".join(str(i) for i in p.servers)
+        digest = hashlib.sha256(p.payload).hexdigest()[:16]
+        size = len(p.payload)
+        print(f"{p.request_id.hex()}\t{verdict}\t{p.protocol}\tfrom {servers}\tsha256:{digest}\t{size} bytes")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pst_client", description="Talk to the local PServer's API.")
     parser.add_argument("--socket", default=DEFAULT_SOCKET, help=f"API socket (default {DEFAULT_SOCKET})")
@@ -233,15 +360,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     sign.add_argument("file")
     sub.add_parser("time", help="print every server's clock")
     sub.add_parser("status", help="print the server's status as JSON")
+    parser.add_argument(
+        "--password-file", help="distributed application's password (first line of this file; - for stdin)"
+    )
+    request = sub.add_parser("request", help="distributed: get FILE signed once a majority agrees")
+    request.add_argument("file")
+    approve = sub.add_parser("approve", help="distributed: list pending requests, or approve/deny them")
+    approve.add_argument("ids", nargs="*", help="hex request ids to decide (default: only list)")
+    approve.add_argument("--all", action="store_true", help="decide every pending request")
+    approve.add_argument("--deny", action="store_true", help="deny instead of approve")
     args = parser.parse_args(argv)
     try:
         with PstClient(args.socket) as client:
             if args.command == "sign":
-                if args.file == "-":
-                    message = sys.stdin.buffer.read(MAX_MESSAGE_SIZE + 1)
-                else:
-                    with open(args.file, "rb") as f:
-                        message = f.read(MAX_MESSAGE_SIZE + 1)
+                message = _read_message(args.file)
                 client.register(args.name, args.unique_id)
                 try:
                     print(client.sign(message).hex())
@@ -249,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     # Best effort: the next run's registration replaces it anyway.
                     with contextlib.suppress(PstError):
                         client.unregister()
+            elif args.command in ("request", "approve"):
+                _distributed_command(client, args)
             elif args.command == "time":
                 for server, t in sorted(client.get_time().items()):
                     print(f"{server}\t{'unknown' if t is None else f'{t:.6f}'}")
