@@ -291,7 +291,7 @@ def test_tpm_rom_is_written_once_and_locked_in_the_tpm(swtpm: Swtpm) -> None:
     note = rom.provision(VSTART)
     assert "write-locked" in note and "tpm2_changeauth" in note
     assert rom.read_vstart() == VSTART
-    assert rom.describe().startswith("TPM 2.0 TPM NV index 0x01500050")
+    assert rom.describe().startswith("TPM 2.0 NV index 0x01500050")
     with pytest.raises(RomError, match="already provisioned and write-locked; it is write-once"):
         rom.provision(OTHER)
     # The TPM itself refuses the write, not only our code.

@@ -155,4 +155,5 @@ class TpmRom:
         return decode_image(data, self._where)
 
     def describe(self) -> str:
-        return f"TPM 2.0 {self._where}, written once and write-locked (TPMA_NV_WRITEDEFINE)"
+        index = f"0x{self.nv_index:08x}"
+        return f"TPM 2.0 NV index {index} (tcti {self.tcti}), written once and write-locked for good"
