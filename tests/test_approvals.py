@@ -8,15 +8,25 @@ come out are checked with the group public key.
 from __future__ import annotations
 
 import heapq
+import os
 import random
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from appliance.api import ApiCore, PeerCred, PServerBackend, RegistrationStore
 from appliance.api._distributed import password_verifier
 from appliance.crypto import encoding
+from appliance.node import config as node_config
+from appliance.node._approvals import LocalApprovals, use_registration_clients
+from appliance.node.cluster import init_cluster, node_dir
+from appliance.node.server import PServer
+from appliance.node.store import StateDir
 from appliance.protocols import signing
 from appliance.protocols._core import EVERYONE, AlertKind, Signer
 from appliance.protocols.approvals import (
@@ -291,3 +301,79 @@ def test_honest_signers_refuse_a_distributed_payload_without_a_certificate() -> 
     net.run(HOLD + 0.1)
     alerted = [(a.kind, a.server) for j in (1, 2, 4, 5) for a in net.svc(j).alerts]
     assert alerted and set(alerted) == {(AlertKind.BAD_MESSAGE, 3)}
+
+
+# Through the local API of real PServers (trio, wall clock, in-memory hub) ---------------------------
+
+
+async def test_distributed_signature_through_the_api_of_running_pservers(tmp_path: Path) -> None:
+    from test_server_inprocess import Hub
+
+    root = tmp_path / "cluster"
+    init_cluster(root, n=3, t=1, period_seconds=600, round_ms=30, progress=lambda _: None)
+    hub = Hub(3)
+
+    def factory_for(i: int):  # type: ignore[no-untyped-def]
+        async def factory(config, server, nursery, deliver):  # type: ignore[no-untyped-def]
+            return hub.transport(i, deliver)
+
+        return factory
+
+    configs = {i: node_config.load(node_dir(root, i) / "config.toml") for i in range(1, 4)}
+    vcert = StateDir(configs[1].state_dir).load().public.sharings[SCERT].public_key
+    servers = {i: PServer(configs[i], factory_for(i)) for i in configs}
+    me = PeerCred(pid=os.getpid(), uid=os.getuid(), gid=os.getgid())
+
+    async def call(i: int, op: str, **fields: Any) -> dict[str, Any]:
+        return await apis[i].handle({"v": 1, "op": op, "id": 1, **fields}, me)
+
+    async with trio.open_nursery() as nursery:
+        apis: dict[int, ApiCore] = {}
+        for i, server in servers.items():
+            await nursery.start(server.run)
+            use_registration_clients(server)
+            backend = PServerBackend(server.sign, i, distributed=LocalApprovals(server))
+            store = RegistrationStore.in_state_dir(configs[i].state_dir)
+            apis[i] = ApiCore(backend, store=store, request_wait=5.0)
+        await trio.sleep(0.2)  # the signing nonces go out
+        handles = {}
+        for i in servers:  # server 3's client uses another password
+            r = await call(i, "register_distributed", name="ledger", password=b"pw" if i < 3 else b"other")
+            handles[i] = r["result"]["handle"]
+        answers: list[dict[str, Any]] = []
+
+        async def request(payload: bytes) -> None:
+            answers.append(await call(1, "request", handle=handles[1], protocol="sign", payload=payload))
+
+        async def waiting_at(i: int) -> list[dict[str, Any]]:
+            with trio.fail_after(5):
+                while True:
+                    requests: list[dict[str, Any]] = (await call(i, "pending", handle=handles[i]))["result"][
+                        "requests"
+                    ]
+                    if requests:
+                        return requests
+                    await trio.sleep(0.02)
+
+        nursery.start_soon(request, b"entry 1")
+        (waiting,) = await waiting_at(2)
+        assert waiting["payload"] == b"entry 1" and waiting["servers"] == [1]
+        assert (await call(3, "pending", handle=handles[3]))["result"]["requests"] == []
+        assert (await call(2, "approve", handle=handles[2], request_id=waiting["request_id"]))["ok"]
+        with trio.fail_after(10):
+            while not answers:
+                await trio.sleep(0.02)
+        signature = answers.pop()["result"]["signature"]
+        VerifyKey(vcert).verify(distributed_sign_payload("ledger", b"entry 1"), signature)
+
+        nursery.start_soon(request, b"entry 2")
+        (waiting,) = await waiting_at(2)
+        assert (await call(2, "deny", handle=handles[2], request_id=waiting["request_id"]))["ok"]
+        with trio.fail_after(5):
+            while not answers:
+                await trio.sleep(0.02)
+        error = answers.pop()["error"]
+        assert error["code"] == "refused" and error["message"].startswith("a majority is out of reach")
+        assert "server 2: its client denied the request" in error["message"]
+        assert "server 3: its client registered this application with another password" in error["message"]
+        nursery.cancel_scope.cancel()
