@@ -677,6 +677,27 @@ async def test_sync_client_distributed_and_restart(sock_path: Path, tmp_path: Pa
     backend.public.verify(sig, distributed_sign_payload("ledger", b"entry 9"))
 
 
+async def test_cli_distributed_request_and_approve(
+    nursery: trio.Nursery, sock_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    backend = FakeDistributed()
+    await start(nursery, sock_path, backend)
+    (tmp_path / "pw").write_bytes(b"long random password\n")
+    (tmp_path / "entry").write_bytes(b"entry 1")
+    base = ["--socket", str(sock_path), "--name", "ledger", "--password-file", str(tmp_path / "pw")]
+    assert await trio.to_thread.run_sync(pst_client.main, [*base, "request", str(tmp_path / "entry")]) == 0
+    signature = bytes.fromhex(capsys.readouterr().out.strip())
+    backend.public.verify(signature, distributed_sign_payload("ledger", b"entry 1"))
+    assert backend.requests[0][1] == password_verifier("ledger", b"long random password")
+    assert await trio.to_thread.run_sync(pst_client.main, [*base, "approve"]) == 0
+    assert capsys.readouterr().out.split("\t")[:4] == [(b"r" * 32).hex(), "pending", "sign", "from 2,3"]
+    assert await trio.to_thread.run_sync(pst_client.main, [*base, "approve", "--all", "--deny"]) == 0
+    assert "\tdenied\t" in capsys.readouterr().out and backend.decisions[-1][3] is False
+    no_password = ["--socket", str(sock_path), "--name", "ledger", "approve"]
+    assert await trio.to_thread.run_sync(pst_client.main, no_password) == 1
+    assert "--password-file" in capsys.readouterr().err
+
+
 async def test_sync_client_no_server(tmp_path: Path) -> None:
     def call() -> str:
         try:
