@@ -174,6 +174,20 @@ def read_approval(public_dir: Path) -> Upgrade | None:
         return None
 
 
+def is_upgrade_payload(message: bytes) -> bool:
+    """True if ``message`` is the payload of an :class:`Upgrade` (what only approvals unlock)."""
+    try:
+        obj = encoding.decode(message, what="message")
+    except DecodeError:
+        return False
+    return (
+        isinstance(obj, dict)
+        and obj.get("dom") == encoding.SIGNING_DOMAIN
+        and obj.get("type") == TYPE
+        and obj.get("ctx") == CONTEXT
+    )
+
+
 def approved(public_dir: Path, message: bytes) -> bool:
     """May this server's signing service contribute a share to signing ``message``?
 
