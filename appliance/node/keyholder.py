@@ -54,6 +54,7 @@ from typing import Any
 
 import trio
 
+from appliance.boot.check import append_alert, recheck_code
 from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
 from appliance.net import ChannelIdentity, channel_identity
@@ -61,6 +62,8 @@ from appliance.net._framing import FrameStream
 from appliance.node.config import NodeConfig
 from appliance.node.hardening import Hardening, harden
 from appliance.node.server import Deliver, PServer, Transport, period_keys
+from appliance.node.store import StateDir
+from appliance.protocols._core import AlertKind
 from appliance.protocols.signing import SigningRefused
 
 log = logging.getLogger("pst.keyholder")
@@ -70,6 +73,8 @@ EXIT_RETIRED = 0
 EXIT_CONFIG = 2
 EXIT_CRASHED = 3
 EXIT_PARENT_GONE = 4
+#: The installed code no longer matches the manifest of C (scenario F): the server stops.
+EXIT_CODE_CHANGED = 5
 #: How long a freshly started server waits for its connections before joining a refresh.
 WARMUP = 1.0
 #: A link frame is a protocol message plus a little: the network's frame bound is plenty.
@@ -272,9 +277,35 @@ def child_main(config: NodeConfig, sock: socket.socket, server_pid: int, first: 
     hardening = harden(lock=True, die_with_parent_process=True)
     if os.getppid() == 1:  # the zygote died before we could ask to die with it
         return EXIT_CRASHED
+    if not first and not _code_unchanged(config):  # pst serve checked it at boot
+        return EXIT_CODE_CHANGED
     sock.setblocking(False)
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
     return trio.run(_Child(config, stream, hardening, server_pid, first).run)
+
+
+def _code_unchanged(config: NodeConfig) -> bool:
+    """Scenario F at every refresh: the installed code against the manifest of C.
+
+    Each key-holder child checks before it reads a secret; a mismatch raises a code-mismatch
+    alert naming the files and stops the server (it needs a new C approved by the network).
+    """
+    mismatches = recheck_code(config)
+    if not mismatches:
+        return True
+    names = ", ".join(str(m) for m in mismatches[:5]) + (" ..." if len(mismatches) > 5 else "")
+    log.error("the installed code differs from the manifest in C: %s; stopping", names)
+    store = StateDir(config.state_dir)
+    table = store.load().public.key_table
+    append_alert(
+        store.public_dir,
+        AlertKind.CODE_MISMATCH,
+        config.server_id,
+        table.period if table is not None else 0,
+        f"refresh refused: the installed code differs from the manifest in C: {names}",
+        time.time(),
+    )
+    return False
 
 
 # -- The zygote ----------------------------------------------------------------------------------
@@ -319,7 +350,7 @@ def zygote_main(config: NodeConfig, control: socket.socket, server_pid: int) -> 
         code = os.waitstatus_to_exitcode(status)
         if code == EXIT_RETIRED:
             continue
-        if code in (EXIT_CONFIG, EXIT_PARENT_GONE):
+        if code in (EXIT_CONFIG, EXIT_PARENT_GONE, EXIT_CODE_CHANGED):
             return code
         now = time.monotonic()
         crashes = [t for t in crashes if now - t < _CRASH_WINDOW] + [now]

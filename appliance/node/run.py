@@ -18,7 +18,7 @@ from appliance.net import ChannelIdentity, PeerNetwork
 from appliance.node import config as node_config
 from appliance.node.config import NodeConfig
 from appliance.node.keyholder import start_zygote
-from appliance.node.link import KeyHolderLink
+from appliance.node.link import KeyHolderGone, KeyHolderLink
 from appliance.node.sdnotify import Notifier
 from appliance.node.store import StateDir
 from appliance.protocols.signing import SigningRefused
@@ -77,7 +77,9 @@ async def _serve(config: NodeConfig, zygote: int, control: socket.socket) -> Non
             time_vector=link.time_vector,
             random=link.random,
         )
-        await nursery.start(functools.partial(serve_api, config.api_socket, backend))
+        await nursery.start(
+            functools.partial(serve_api, config.api_socket, backend, state_dir=config.state_dir)
+        )
         log.info("server %d: local API on %s", config.server_id, config.api_socket)
         notifier.ready(f"server {config.server_id}: serving, local API on {config.api_socket}")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
@@ -136,5 +138,11 @@ def serve(path: Path) -> int:
         print(f"pst serve: boot refused: {exc}", file=sys.stderr)
         return EXIT_BOOT_REFUSED
     zygote, control = start_zygote(config)  # before trio: single-threaded, no secret held
-    trio.run(_serve, config, zygote, control)
-    return 0
+    gone: list[str] = []
+    try:
+        trio.run(_serve, config, zygote, control)
+    except* KeyHolderGone as group:
+        gone = [str(exc) for exc in group.exceptions]
+    for reason in gone:
+        print(f"pst serve: stopping: {reason}; see the log above", file=sys.stderr)
+    return 1 if gone else 0

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import trio
 
-from appliance.boot.rom import SimulatedRom
+from appliance.boot.rom import Rom, open_rom
 from appliance.crypto import encoding
 from appliance.node.config import NodeConfig
 from appliance.node.store import StateDir, atomic_write
@@ -75,7 +75,7 @@ class PServer:
         self._transport_factory = transport_factory
         self.transport: Transport | None = None
         self.core: ServerCore | None = None
-        self.rom = SimulatedRom(config.rom_path) if config.rom_path is not None else None
+        self.rom: Rom = open_rom(config)
         self.last_refresh: dict[str, Any] = {}
         self._refresh_started: dict[int, float] = {}
         self._pending_rekey: tuple[int, dict[int, bytes], bytes] | None = None
@@ -98,8 +98,6 @@ class PServer:
     # Startup ------------------------------------------------------------------------------
 
     def _load(self) -> ServerCore:
-        if self.rom is None:
-            raise SystemExit(f"{self.config.path}: rom.path is required for the simulated ROM")
         vstart = self.rom.read_vstart()
         loaded = self.store.load()
         for problem in loaded.problems:
@@ -183,7 +181,7 @@ class PServer:
             "last_refresh": self.last_refresh,
             "keytable_fingerprint": table.fingerprint() if table is not None else None,
             "group_public_key": sharing.public_key.hex() if sharing is not None else None,
-            "rom": self.rom.describe() if self.rom is not None else None,
+            "rom": self.rom.describe(),
             "pid": self._status_pid,
             **self._status_extra,
             "updated": self.clock(),
