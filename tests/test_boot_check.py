@@ -221,3 +221,14 @@ def test_an_unreadable_rom_refuses_the_boot(env: tuple[Path, Path, dict[int, Nod
     rom.unlink()
     with pytest.raises(BootRefused, match=r"ROM: .*rom"):
         boot_check(configs[1], code_root=code)
+
+
+def test_an_alert_that_cannot_be_written_does_not_hide_the_refusal(
+    env: tuple[Path, Path, dict[int, NodeConfig]],
+) -> None:
+    root, code, configs = env
+    (public(root, 1) / "alerts.jsonl").mkdir()  # unwritable as a file, even for root
+    flip_one_byte(code / "cli.py")
+    with pytest.raises(BootRefused, match=re.escape(f"{code / 'cli.py'}: changed")) as caught:
+        boot_check(configs[1], code_root=code)
+    assert any("alert" in line and "not written" in line for line in caught.value.report.lines())

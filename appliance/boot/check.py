@@ -239,10 +239,16 @@ def boot_check(
     me = config.server_id
     public_dir = config.state_dir / "public"
 
+    def alert(kind: AlertKind, c: Constants, detail: str) -> None:
+        try:
+            append_alert(public_dir, kind, me, c.period_at(clock()), detail, clock())
+        except OSError as exc:  # e.g. pst check run by a user who cannot write the state directory
+            report.add("alert", WARN, f"not written to {public_dir / 'alerts.jsonl'}: {exc.strerror}")
+
     def refuse(kind: AlertKind | None, name: str, detail: str, c: Constants) -> BootRefused:
         report.add(name, FAIL, detail)
         if kind is not None:
-            append_alert(public_dir, kind, me, c.period_at(clock()), f"boot refused: {detail}", clock())
+            alert(kind, c, f"boot refused: {detail}")
         return BootRefused(f"{name}: {detail}", report)
 
     # 1. Vstart from ROM.
@@ -267,9 +273,7 @@ def boot_check(
         if strict:
             raise refuse(AlertKind.INVALID_M if problem else None, "M", detail, config.constants)
         if problem is not None:
-            append_alert(
-                public_dir, AlertKind.INVALID_M, me, config.constants.period_at(clock()), detail, clock()
-            )
+            alert(AlertKind.INVALID_M, config.constants, detail)
         report.add("M", WARN, f"{detail}; booting as recovering: M comes back from the peers (PushM)")
     else:
         report.add(
