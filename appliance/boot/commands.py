@@ -164,7 +164,8 @@ def cmd_upgrade_install(args: argparse.Namespace) -> int:
         (public_dir / APPROVAL_FILE).unlink(missing_ok=True)
     print(f"server {config.server_id}: upgrade {upgrade.fingerprint()} installed (signed by the group key)")
     print(f'  set code_digest = "{upgrade.constants.code_digest.hex()}" in [network] of {config.path},')
-    print("  install the new code, then restart the server; `pst check` tells whether it may boot")
+    print("  install the new code and restart the server now (from the next refresh on, a server still")
+    print("  running the old code stops); `pst check` tells whether it may boot")
     return 0
 
 
