@@ -59,6 +59,7 @@ from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
 from appliance.net import ChannelIdentity, channel_identity
 from appliance.net._framing import FrameStream
+from appliance.node._approvals import keyholder_methods, use_registration_clients
 from appliance.node.config import NodeConfig
 from appliance.node.hardening import Hardening, harden
 from appliance.node.server import Deliver, PServer, Transport, period_keys
@@ -160,6 +161,7 @@ class _Child:
             "time_vector": self._time_vector,
             "random": self._random,
             "request_refresh": self._request_refresh,
+            **keyholder_methods(self.server),  # distributed applications (paper §5.1)
         }
 
     async def _transport(
@@ -183,6 +185,7 @@ class _Child:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._writer)
             await nursery.start(self.server.run)
+            use_registration_clients(self.server)
             nursery.start_soon(self._reader, nursery)
             await self.server.retired.wait()
             if not self.parent_gone:

@@ -219,7 +219,7 @@ class KeyHolderLink:
     async def call(self, method: str, timeout: float, **args: Any) -> Any:
         """Call ``method`` in the key-holder; retried on the next child if this one retires."""
         rid = next(self._ids)
-        call = _Call(method, {**args, "timeout_ms": max(1, round(timeout * 1000))})
+        call = _Call(method, {"timeout_ms": max(1, round(timeout * 1000)), **args})
         self._calls[rid] = call
         self._queue.append((rid, encode_msg("call", id=rid, method=method, args=call.args)))
         self._wakeup.set()

@@ -16,6 +16,7 @@ import trio
 from appliance.api import PServerBackend, serve_api
 from appliance.net import ChannelIdentity, PeerNetwork
 from appliance.node import config as node_config
+from appliance.node._approvals import LinkApprovals
 from appliance.node.config import NodeConfig
 from appliance.node.keyholder import start_zygote
 from appliance.node.link import KeyHolderGone, KeyHolderLink
@@ -76,6 +77,7 @@ async def _serve(config: NodeConfig, zygote: int, control: socket.socket) -> Non
             status_file=StateDir(config.state_dir).public_dir / "status.json",
             time_vector=link.time_vector,
             random=link.random,
+            distributed=LinkApprovals(link),
         )
         await nursery.start(
             functools.partial(serve_api, config.api_socket, backend, state_dir=config.state_dir)

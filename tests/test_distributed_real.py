@@ -1,0 +1,92 @@
+"""Distributed applications (paper §5.1) through real `pst serve` processes and their key-holders.
+
+Three servers (n=3, a majority is 2). One client of application "ledger" next to each of
+servers 1 and 2, registered with the same name and password; a third client on server 3
+with a wrong password. Client 1 asks for a signature; client 2 sees the request pending
+and approves it; client 1 gets the group's signature, which verifies under Vcert for that
+application. A request nobody approves is refused.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from clusterutil import init_cluster, pst
+
+from appliance.api.client import PstClient, PstError, verify_distributed
+from appliance.node.store import StateDir
+from appliance.protocols.state import SCERT
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("dist") / "c"
+    init_cluster(root, n=3, period=20, round_ms=100)
+    up = pst("cluster", "up", "--dir", str(root), "--detach")
+    assert up.returncode == 0, up.stdout + up.stderr
+    yield root
+    pst("cluster", "down", "--dir", str(root))
+
+
+def _client(root: Path, i: int) -> PstClient:
+    sock = root / f"node-{i}" / "api.sock"
+    deadline = time.monotonic() + 20
+    while not sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return PstClient(sock, timeout=40)
+
+
+def _register(client: PstClient, password: str) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.register_distributed("ledger", password)
+            return
+        except PstError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def test_a_majority_of_clients_gets_a_group_signature(cluster: Path) -> None:
+    vcert = StateDir(cluster / "node-1" / "state").load().public.sharings[SCERT].public_key
+    c1, c2, c3 = (_client(cluster, i) for i in (1, 2, 3))
+    _register(c1, "correct horse")
+    _register(c2, "correct horse")
+    _register(c3, "wrong password")
+    payload = b"entry 17: 2026-11-24 the ledger closes"
+
+    approved: list[bytes] = []
+
+    def approver() -> None:  # client 2 approves what it sees pending
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not approved:
+            for req in c2.pending():
+                if req.payload == payload:
+                    c2.approve(req.request_id)
+                    approved.append(req.request_id)
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=approver)
+    thread.start()
+    try:
+        signature = c1.request_distributed(payload)
+    finally:
+        thread.join()
+    assert approved, "client 2 never saw the request"
+    assert verify_distributed(vcert, "ledger", payload, signature)
+    assert not verify_distributed(vcert, "another-app", payload, signature)
+    # The client with the wrong password never sees the request: its server refused it.
+    assert all(req.payload != payload for req in c3.pending())
+
+
+def test_a_request_nobody_approves_is_refused(cluster: Path) -> None:
+    c1 = _client(cluster, 1)
+    _register(c1, "correct horse")
+    with pytest.raises(PstError) as info:
+        c1.request_distributed(b"nobody approves this")
+    assert info.value.code in ("refused", "unavailable"), info.value
