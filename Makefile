@@ -5,9 +5,12 @@ BIN := $(VENV)/bin
 # Debian packages the tests use (real parts, not mocks). tpm2-pytss builds from source against
 # libtss2-dev (pkg-config, gcc, Python headers); swtpm is the TPM the ROM tests talk to.
 DEB_PACKAGES := openssl gcc pkg-config python3-dev libtss2-dev swtpm swtpm-tools
+# systemd-analyze checks the unit; `make deb` needs readelf (binutils), and its install test
+# needs what the package depends on (python3-venv, adduser).
+DEB_PACKAGES += systemd binutils python3-venv adduser
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo demo-crypto lint typecheck pytest bench deps debs venv clean
+.PHONY: test demo demo-crypto lint typecheck pytest bench deps debs venv deb clean
 
 test: deps lint typecheck pytest
 
@@ -33,8 +36,8 @@ $(STAMP): pyproject.toml requirements.lock | debs
 	touch $(STAMP)
 
 lint: venv
-	$(BIN)/ruff check appliance tests bench
-	$(BIN)/ruff format --check appliance tests bench
+	$(BIN)/ruff check appliance tests bench packaging
+	$(BIN)/ruff format --check appliance tests bench packaging
 
 typecheck: venv
 	$(BIN)/mypy --strict appliance
@@ -48,8 +51,12 @@ demo: deps
 demo-crypto: deps
 	$(BIN)/pst demo --crypto
 
+# The Debian package dist/pst-appliance_<version>_<arch>.deb (packaging/README.md).
+deb: deps
+	packaging/build-deb.sh
+
 bench: venv
 	$(BIN)/python bench/crypto.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist
