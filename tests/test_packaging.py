@@ -157,6 +157,11 @@ if pst --help | grep -qE '^ +check '; then
 else
     echo "boot-check: pst has no check command"
 fi
+dpkg -i /tmp/{deb} >/tmp/dpkg.log 2>&1 || {{ cat /tmp/dpkg.log; exit 1; }}
+echo "reinstalled: $(pst --version)"
+dpkg --remove pst-appliance >/tmp/dpkg.log 2>&1 || {{ cat /tmp/dpkg.log; exit 1; }}
+echo "removed-venv: $(test -e /opt/pst-appliance || echo yes)"
+echo "kept-conffile: $(test -f /etc/pst/server.toml && echo yes)"
 dpkg --purge pst-appliance >/tmp/dpkg.log 2>&1 || {{ cat /tmp/dpkg.log; exit 1; }}
 echo "after-purge: $(ls /opt/pst-appliance /etc/pst /lib/systemd/system/pst-server.service 2>/dev/null \
     | wc -l)"
@@ -184,5 +189,7 @@ def test_installs_offline_runs_and_purges_in_a_throwaway_root(deb: Path) -> None
         assert code == "2" and "/etc/pst/server.toml: missing network.peers" in message
         code, _, message = report["boot-check"].partition(" ")
         assert code == "0" and "may boot" in message
+    assert report["reinstalled"] == f"pst {VERSION}"  # prerm upgrade + postinst rebuilt the venv
+    assert report["removed-venv"] == report["kept-conffile"] == "yes"  # dpkg -r keeps the operator's config
     assert report["after-purge"] == "0"
     assert report["state-kept"] == "yes"
