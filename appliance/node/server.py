@@ -171,6 +171,15 @@ class PServer:
             f" ({outcome.failure})" if outcome.failure else "",
         )
 
+    def _previous_last_refresh(self) -> dict[str, Any]:
+        """The last refresh as the previous key-holder of this server reported it."""
+        try:
+            previous = json.loads((self.store.public_dir / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        last = previous.get("last_refresh") if isinstance(previous, dict) else None
+        return last if isinstance(last, dict) else {}
+
     def _write_status(self, public: PublicData, status: Status) -> None:
         table = public.key_table
         sharing = public.sharings.get(SCERT)
@@ -192,6 +201,7 @@ class PServer:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         core = self.core = self._load()
+        self.last_refresh = self.last_refresh or self._previous_last_refresh()
         core.start_signing()
         if core.public.key_table is not None:
             self._channel_period = core.public.key_table.period
