@@ -24,7 +24,9 @@ DROPINS = REPO / "systemd" / "pst-server.service.d"
 ANALYZE = shutil.which("systemd-analyze")
 MAX_EXPOSURE = 1.5
 
-pytestmark = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze missing: `make deps` installs systemd")
+pytestmark = pytest.mark.skipif(
+    ANALYZE is None, reason="systemd-analyze missing: `make deps` installs systemd"
+)
 
 
 def unit_root(tmp_path: Path, *dropins: str) -> Path:
