@@ -295,6 +295,15 @@ class SigningCommitment:
             self, "binding", _check_element(self.binding, "signing commitment: binding commitment")
         )
 
+    @classmethod
+    def _ours(cls, identifier: int, hiding: bytes, binding: bytes) -> SigningCommitment:
+        """A commitment we just computed as nonce * G: valid by construction, not re-checked."""
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "identifier", identifier)
+        object.__setattr__(obj, "hiding", hiding)
+        object.__setattr__(obj, "binding", binding)
+        return obj
+
     def to_bytes(self) -> bytes:
         return _scalar_bytes(self.identifier) + self.hiding + self.binding
 
@@ -372,7 +381,7 @@ def commit(key: KeyPackage, randomness: bytes) -> SigningNonces:
         raise ParameterError(f"commit: need {2 * NONCE_RANDOMNESS_SIZE} random bytes, got {len(randomness)}")
     hiding = nonce_generate(key.secret_share, randomness[:NONCE_RANDOMNESS_SIZE])
     binding = nonce_generate(key.secret_share, randomness[NONCE_RANDOMNESS_SIZE:])
-    commitment = SigningCommitment(key.identifier, G.mul_base(hiding), G.mul_base(binding))
+    commitment = SigningCommitment._ours(key.identifier, G.mul_base(hiding), G.mul_base(binding))
     return SigningNonces(hiding, binding, commitment)
 
 
