@@ -238,6 +238,7 @@ OPS: Final[Mapping[str, Mapping[str, type]]] = {
     "pending": {"handle": bytes},
     "approve": {"handle": bytes, "request_id": bytes},
     "deny": {"handle": bytes, "request_id": bytes},
+    "upgrade_sign": {},
 }
 MAX_NONCE_SIZE: Final = 64
 _MAX_ID: Final = 2**63 - 1
@@ -545,6 +546,8 @@ class ApiCore:
         if request.op == "request":
             return await self._request(args["handle"], args["protocol"], args["payload"], peer)
         self._charge_control(peer.uid, 4.0 if request.op == "register_distributed" else 1.0)
+        if request.op == "upgrade_sign":
+            return {"certificate": await self._upgrade_sign(peer)}
         if request.op == "register":
             return self._register(args["name"], args["unique_id"], peer)
         if request.op == "register_distributed":
@@ -561,6 +564,26 @@ class ApiCore:
             return {"times_us": await self._get_time()}
         assert request.op == "status", request.op
         return {"status": await self._status()}
+
+    async def _upgrade_sign(self, peer: PeerCred) -> bytes:
+        """The operator's request for the network's signature on the upgrade they approved.
+
+        Only root or the server's own user may ask (``pst upgrade sign``): an application must
+        not be able to start the signing of an upgrade, even one the operators approved.
+        """
+        if peer.uid not in (0, os.getuid()):
+            log.warning("api: uid %d (pid %d) refused upgrade_sign: not the operator", peer.uid, peer.pid)
+            raise ApiError(NOT_PERMITTED, "only the operator (root or the server's user) may sign upgrades")
+        sign_upgrade = getattr(self.backend, "sign_upgrade", None)
+        if sign_upgrade is None:
+            raise ApiError(UNAVAILABLE, "this server cannot sign upgrades")
+        try:
+            certificate = await sign_upgrade()
+        except BackendUnavailable as exc:
+            raise ApiError(UNAVAILABLE, str(exc)[:300]) from None
+        if not isinstance(certificate, bytes):
+            raise ApiError(UNAVAILABLE, "the server returned no certificate")
+        return certificate
 
     def _charge_control(self, uid: int, cost: float = 1.0) -> None:
         now = self.clock()

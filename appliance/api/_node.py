@@ -81,7 +81,9 @@ class PServerBackend:
         time_vector: Callable[[], Awaitable[Mapping[int, float | None]]] | None = None,
         random: Callable[[bytes], Awaitable[tuple[bytes, bytes]]] | None = None,
         distributed: DistributedNode | None = None,
+        sign_upgrade: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
+        self._sign_upgrade = sign_upgrade
         self._random = random
         self._distributed = distributed
         self._sign_raw = sign_raw
@@ -98,6 +100,19 @@ class PServerBackend:
             raise BackendUnavailable(str(exc)[:200]) from None
         except trio.TooSlowError:
             raise BackendUnavailable("the signing servers did not answer in time") from None
+
+    async def sign_upgrade(self) -> bytes:
+        """[Scert(U), U] for the upgrade this server's operator approved (``pst upgrade sign``)."""
+        if self._sign_upgrade is None:
+            raise BackendUnavailable("this server cannot sign upgrades")
+        try:
+            return await self._sign_upgrade()
+        except SigningRefused as exc:
+            raise BackendUnavailable(str(exc)[:300]) from None
+        except trio.TooSlowError:
+            raise BackendUnavailable(
+                "no signature in time: fewer than t+1 servers' operators approved this upgrade?"
+            ) from None
 
     async def random(self, nonce: bytes) -> tuple[bytes, bytes]:
         if self._random is None:

@@ -264,6 +264,13 @@ class PstClient:
         """Deny a pending request (the servers that asked are told at once)."""
         self.request("deny", handle=self._handle(handle), request_id=bytes(request_id))
 
+    def upgrade_sign(self) -> bytes:
+        """The operator's request: the signed upgrade [Scert(U), U] this server approved."""
+        certificate = self.request("upgrade_sign").get("certificate")
+        if not isinstance(certificate, bytes):
+            raise PstError("connection", "malformed upgrade_sign response")
+        return certificate
+
     def unregister(self, handle: bytes | None = None) -> None:
         """Revoke a handle (by default ours)."""
         chosen = self._handle(handle)

@@ -169,6 +169,25 @@ def cmd_upgrade_install(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upgrade_sign(args: argparse.Namespace) -> int:
+    """Ask the running server for the network's signature on the approved upgrade."""
+    from appliance.api.client import PstClient, PstError
+
+    config = _load_config(args.config, "upgrade sign")
+    if config is None:
+        return EXIT_USAGE
+    print("asking the network to sign the approved upgrade (needs t+1 approving operators) ...", flush=True)
+    try:
+        with PstClient(config.api_socket, timeout=60) as client:
+            certificate = client.upgrade_sign()
+    except (PstError, OSError) as exc:
+        print(f"pst upgrade sign: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    Path(args.out).write_bytes(certificate)
+    print(f"signed upgrade written to {args.out}; install it on every server with pst upgrade install")
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     """Register ``check``, ``manifest`` and ``upgrade`` on the ``pst`` subparsers."""
     check = sub.add_parser("check", help="run the boot checks (ROM, M, C, code manifest) for one server")
@@ -199,3 +218,9 @@ def add_commands(sub: Any) -> None:
     install.add_argument("--config", required=True)
     install.add_argument("--certificate", required=True, help="the signed upgrade [Scert(U), U]")
     install.set_defaults(func=cmd_upgrade_install)
+    signer = usub.add_parser(
+        "sign", help="have the running network sign the upgrade approved here (t+1 operators must approve)"
+    )
+    signer.add_argument("--config", required=True)
+    signer.add_argument("--out", required=True, help="where to write the signed upgrade [Scert(U), U]")
+    signer.set_defaults(func=cmd_upgrade_sign)

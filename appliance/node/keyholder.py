@@ -161,6 +161,7 @@ class _Child:
             "time_vector": self._time_vector,
             "random": self._random,
             "request_refresh": self._request_refresh,
+            "sign_upgrade": self._sign_upgrade,
             **keyholder_methods(self.server),  # distributed applications (paper §5.1)
         }
 
@@ -257,6 +258,9 @@ class _Child:
         if not isinstance(message, bytes):
             raise TypeError("sign: 'message' must be bytes")
         return await self.server.sign(message, timeout=self._timeout(args, 10.0))
+
+    async def _sign_upgrade(self, args: dict[str, Any]) -> bytes:
+        return await self.server.sign_upgrade(timeout=self._timeout(args, 15.0))
 
     async def _time_vector(self, args: dict[str, Any]) -> dict[int, int | None]:
         vector = await self.server.time_vector(timeout=self._timeout(args, 2.0))

@@ -245,6 +245,12 @@ class KeyHolderLink:
             raise SigningRefused("the key-holder returned no signature")
         return value
 
+    async def sign_upgrade(self, *, timeout: float = 15.0) -> bytes:
+        value = await self.call("sign_upgrade", timeout)
+        if not isinstance(value, bytes):
+            raise SigningRefused("the key-holder returned no upgrade certificate")
+        return value
+
     async def time_vector(self, *, timeout: float = 2.0) -> dict[int, float | None]:
         value = await self.call("time_vector", timeout)
         if not isinstance(value, dict):

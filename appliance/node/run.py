@@ -78,6 +78,7 @@ async def _serve(config: NodeConfig, zygote: int, control: socket.socket) -> Non
             time_vector=link.time_vector,
             random=link.random,
             distributed=LinkApprovals(link),
+            sign_upgrade=link.sign_upgrade,
         )
         await nursery.start(
             functools.partial(serve_api, config.api_socket, backend, state_dir=config.state_dir)

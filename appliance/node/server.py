@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import trio
 
 from appliance.boot.rom import Rom, open_rom
+from appliance.boot.upgrade import approved, is_upgrade_payload, read_approval
 from appliance.crypto import encoding
 from appliance.node.config import NodeConfig
 from appliance.node.store import StateDir, atomic_write
@@ -105,7 +106,7 @@ class PServer:
         c = self.config.constants
         done = loaded.private.period if loaded.private is not None else -1
         first = max(done + 1, c.period_at(self.clock() + self.warmup) + 1, 1)
-        return ServerCore(
+        core = ServerCore(
             self.config.server_id,
             vstart,
             loaded.public,
@@ -116,6 +117,10 @@ class PServer:
             on_outcome=self._persist,
             signing=True,
         )
+        public_dir = self.store.public_dir
+        # A code upgrade our operator approved is the one protocol payload we sign on request.
+        core.allow_protocol = lambda message: is_upgrade_payload(message) and approved(public_dir, message)
+        return core
 
     def _persist(self, period: int, outcome: Outcome) -> None:
         if self.retire_after_refresh:
@@ -266,6 +271,18 @@ class PServer:
         if rid in service.done:
             return service.done.pop(rid)
         raise SigningRefused(service.failed.pop(rid, "the signing service was replaced by a refresh; retry"))
+
+    async def sign_upgrade(self, *, timeout: float = 30.0) -> bytes:
+        """The network's signature on the upgrade our operator approved: [Scert(U), U].
+
+        Our signers and at least t others must have the same approval on file; a signer
+        without it refuses its share, so the request fails unless t+1 operators agreed.
+        """
+        approval = read_approval(self.store.public_dir)
+        if approval is None:
+            raise SigningRefused("no upgrade is approved on this server (pst upgrade approve)")
+        signature = await self.sign(approval.payload(), timeout=timeout)
+        return approval.signed(signature).encode()
 
     async def time_vector(self, *, timeout: float = 2.0) -> dict[int, float | None]:
         """GetTime: every server's clock as it answered (None for a server that did not)."""

@@ -56,6 +56,8 @@ class ServerCore:
         #: The node replaces or updates it (e.g. with a view of the API's registrations).
         self.distributed_clients: Mapping[str, bytes] = {}
         self.signing_enabled = signing
+        #: Which protocol payloads our signing service may sign on request (the node sets it).
+        self.allow_protocol: Callable[[bytes], bool] = lambda _message: False
         #: Periods whose refresh starts earlier than the clock says (``pst refresh --now``).
         self.overrides: dict[int, float] = {}
 
@@ -125,7 +127,13 @@ class ServerCore:
             me=self.me, t=self.clock.t, table=table, signer=signer, key=key, rand=self.rand
         )
         self.signing = SigningService(
-            me=self.me, t=self.clock.t, table=table, key=key, signer=signer, rand=self.rand
+            me=self.me,
+            t=self.clock.t,
+            table=table,
+            key=key,
+            signer=signer,
+            rand=self.rand,
+            allow_protocol=self.allow_protocol,
         )
         self.signing.start()
         self.approvals = ApprovalService(

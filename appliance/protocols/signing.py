@@ -85,8 +85,12 @@ class SigningService:
         key: KeyShare[bytes],
         signer: Signer,
         rand: Callable[[int], bytes],
+        allow_protocol: Callable[[bytes], bool] = lambda _message: False,
     ) -> None:
         self.me, self.t, self.period = me, t, table.period
+        #: The one exception to "never sign a protocol payload on request": the node's policy
+        #: (a code upgrade this server's operator approved, appliance.boot.upgrade).
+        self.allow_protocol = allow_protocol
         self.table = table
         self.key = key
         self.signer = signer
@@ -150,7 +154,7 @@ class SigningService:
         """Start signing ``message``; the result appears in ``done`` or ``failed`` under the returned id."""
         if len(message) > MAX_MESSAGE:
             raise SigningRefused(f"message of {len(message)} bytes is larger than {MAX_MESSAGE}")
-        if is_protocol_payload(message):
+        if is_protocol_payload(message) and not self.allow_protocol(message):
             raise SigningRefused("refusing to sign a protocol payload on request")
         rid = self._next_rid
         self._next_rid += 1
@@ -245,8 +249,11 @@ class SigningService:
             body, {"rid": int, "attempt": int, "message": bytes, "commitments": dict}, "signing request"
         )
         message: bytes = f["message"]
-        if len(message) > MAX_MESSAGE or is_protocol_payload(message):
-            raise RemoteProtocolError(sender, "asked us to sign a protocol payload or an oversized message")
+        if len(message) > MAX_MESSAGE or (is_protocol_payload(message) and not self.allow_protocol(message)):
+            raise RemoteProtocolError(
+                sender,
+                "asked us to sign an oversized message, or a protocol payload our operator did not approve",
+            )
         raw = f["commitments"]
         if not all(isinstance(k, int) and isinstance(v, bytes) for k, v in raw.items()):
             raise RemoteProtocolError(sender, "signing request: malformed commitment list")
