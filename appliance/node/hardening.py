@@ -7,6 +7,7 @@ says so. Linux only; elsewhere every step reports "unsupported".
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -25,8 +26,10 @@ _FUTURE_LOCK_MINIMUM = 1 << 30
 
 
 def _libc() -> Any:
-    name = ctypes.util.find_library("c") or "libc.so.6"
-    return ctypes.CDLL(name, use_errno=True)
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)  # glibc; find_library would fork ldconfig
+    except OSError:  # pragma: no cover - another libc
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -43,8 +46,13 @@ class Hardening:
 
 
 def no_core_dumps() -> int:
-    """RLIMIT_CORE = 0 (soft and hard): a crash leaves no memory image on disk."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    """RLIMIT_CORE = 0 (soft and hard): a crash leaves no memory image on disk.
+
+    Returns the hard limit now in force (0 unless a seccomp filter refused the call; the
+    systemd unit sets LimitCORE=0 as well).
+    """
+    with contextlib.suppress(OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     return resource.getrlimit(resource.RLIMIT_CORE)[1]
 
 
