@@ -197,13 +197,16 @@ def encode_private(private: PrivateData) -> bytes:
             "signing_seed": private.signing_seed,
             "encryption_seed": private.encryption_seed,
             "shares": {sid: s.value.to_bytes(64, "big") for sid, s in sorted(private.shares.items())},
+            **({"carried": True} if private.carried else {}),
         }
     )
 
 
 def decode_private(data: bytes) -> PrivateData:
+    raw_obj = encoding.decode(data, what="private state")
+    carried = isinstance(raw_obj, dict) and raw_obj.pop("carried", False) is True
     obj = encoding.expect_map(
-        encoding.decode(data, what="private state"),
+        raw_obj,
         {"period": int, "signing_seed": bytes, "encryption_seed": bytes, "shares": dict},
         "private state",
     )
@@ -215,4 +218,4 @@ def decode_private(data: bytes) -> PrivateData:
             raise DecodeError("private state: shares must map secret ids to 64-byte scalars")
         value = int.from_bytes(raw, "big")
         shares[sid] = SecretScalar(value, 1 << 512)
-    return PrivateData(obj["period"], obj["signing_seed"], obj["encryption_seed"], shares)
+    return PrivateData(obj["period"], obj["signing_seed"], obj["encryption_seed"], shares, carried=carried)

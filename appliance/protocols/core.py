@@ -114,6 +114,8 @@ class ServerCore:
         sharing = public.sharings.get(SCERT)
         if table is None or private is None or sharing is None or private.period != table.period:
             return
+        if private.carried:  # the last refresh was not confirmed: these shares wait for the next one
+            return
         share = private.shares.get(SCERT)
         if share is None or share.wiped:
             return

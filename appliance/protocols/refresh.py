@@ -33,6 +33,14 @@ REVEAL     Dealers answer "missing" complaints by revealing the sub-share.
 CONTRIB    From the qualified dealers, every operational server computes its new
            shares and sends each recovering server its blinded value; a recovering
            server rebuilds its share of each secret and refreshes it.
+CONFIRM    Every server that holds new shares sends everyone the digest of its new public
+           sharings, signed with its new period key. A server keeps its new shares only if
+           at least n-t servers (itself included) report the same digest; otherwise it
+           keeps the previous period's shares (not used for signing this period) and the
+           next refresh brings it to the sharing that t+1 servers agree on. This is a
+           safety net for a broken synchrony assumption (messages later than a round): it
+           stops honest servers from erasing their old shares for diverging new ones,
+           which would lose the group key.
 =========  ===========================================================================
 
 The outcome (:class:`Outcome`) is the server's new public and private data, its status
@@ -109,6 +117,9 @@ class PrivateData:
     signing_seed: bytes
     encryption_seed: bytes
     shares: dict[str, SecretScalar] = field(default_factory=dict)
+    #: The shares are the previous period's, kept because the refresh was not confirmed by
+    #: n-t servers (CONFIRM): valid for the next refresh, not used to sign in this period.
+    carried: bool = False
 
     def wipe(self) -> None:
         for s in self.shares.values():
@@ -142,6 +153,7 @@ class Schedule:
     complain: int = field(init=False)
     reveal: int = field(init=False)
     contrib: int = field(init=False)
+    confirm: int = field(init=False)
     end: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -155,7 +167,8 @@ class Schedule:
         put(self, "complain", self.deal + t + 1)
         put(self, "reveal", self.complain + t + 1)
         put(self, "contrib", self.reveal + t + 1)
-        put(self, "end", self.contrib + 1)
+        put(self, "confirm", self.contrib + 1)
+        put(self, "end", self.confirm + 1)
 
     def at(self, rounds: int) -> float:
         return self.start + rounds * self.delta
@@ -245,6 +258,7 @@ class PeriodRefresh:
         self._subshares: dict[tuple[str, str, int, int], tuple[int, bytes]] = {}
         self._my_subshares: dict[int, list[list[Any]]] = {}
         self._contribs: dict[str, dict[int, tuple[int, Any]]] = {}
+        self._confirms: dict[int, bytes] = {}
         self._dealings: dict[int, dict[str, Any]] = {}
         self._qual: list[int] = []
         self._new_keys: dict[str, KeyShare[Any]] = {}
@@ -393,7 +407,7 @@ class PeriodRefresh:
                 self._hold(sender, data, now)
                 return
             self._bundle_into(bc, sender, body, now)
-        elif phase in ("sign-request", "sign-share", "keytable-sig", "shares", "contrib"):
+        elif phase in ("sign-request", "sign-share", "keytable-sig", "shares", "contrib", "confirm"):
             if not self.entries:
                 self._hold(sender, data, now)
                 return
@@ -406,6 +420,7 @@ class PeriodRefresh:
                 "keytable-sig": self._on_keytable_sig,
                 "shares": self._on_shares,
                 "contrib": self._on_contrib,
+                "confirm": self._on_confirm,
             }[phase]
             handler(sender, body)
         else:
@@ -513,6 +528,8 @@ class PeriodRefresh:
             self._start_reveal()
         if now >= s.at(s.contrib) and self._once("contrib"):
             self._compute_and_contribute()
+        if now >= s.at(s.confirm) and self._once("confirm"):
+            self._confirm()
         if now >= s.at(s.end) and self._once("end"):
             self._complete(now)
         self._flush_broadcasts(now)
@@ -1302,17 +1319,55 @@ class PeriodRefresh:
             except CryptoError as exc:
                 self._alert(AlertKind.RECOVERY_FAILED, self.me, f"refresh of recovered {sid!r} failed: {exc}")
 
-    def _complete(self, now: float) -> None:
+    def _new_digest(self) -> bytes:
+        c = self.constants
+        return encoding.encode(
+            {sid: sharing_digest(c.group(sid), self._new_keys[sid].public) for sid in sorted(c.secrets)}
+        )
+
+    def _confirm(self) -> None:
+        """CONFIRM: tell everyone which new sharings we computed (see the module's table)."""
         c = self.constants
         if self.me in self.recovering and len(self._qual) >= c.t + 1:
             self._recover()
+        if set(self._new_keys) != set(c.secrets) or self.table is None:
+            return
+        digest = self._new_digest()
+        self._confirms[self.me] = digest
+        for j in sorted(self.table.entries):
+            if j != self.me:
+                self._send(j, self._envelope("confirm", {"digest": digest}, self.signer))
+
+    def _on_confirm(self, sender: int, body: Any) -> None:
+        f = encoding.expect_map(body, {"digest": bytes}, "confirmation")
+        if len(f["digest"]) > 4096:
+            raise RemoteProtocolError(sender, "confirmation: oversized digest")
+        previous = self._confirms.setdefault(sender, f["digest"])
+        if previous != f["digest"]:
+            raise RemoteProtocolError(sender, "two different confirmations in one refresh")
+
+    def _complete(self, now: float) -> None:
+        c = self.constants
         complete = set(self._new_keys) == set(c.secrets)
-        if complete:
-            self._finish(now, None)
-        else:
+        if not complete:
             self._finish(
                 now, "refresh incomplete: this server keeps no shares for the new period", alert=False
             )
+            return
+        mine = self._confirms.get(self.me)
+        agreeing = sorted(i for i, d in self._confirms.items() if d == mine)
+        if len(agreeing) >= c.n - c.t:
+            self._finish(now, None)
+            return
+        self._alert(
+            AlertKind.RECOVERY_FAILED,
+            self.me,
+            f"new shares confirmed by {len(agreeing)} servers {agreeing}, need n-t = {c.n - c.t}: "
+            "keeping the previous period's shares",
+        )
+        for k in self._new_keys.values():
+            k.wipe()
+        self._finish(now, "refresh not confirmed by n-t servers")
 
     def _finish(self, now: float, failure: str | None, *, alert: bool = False) -> None:
         """Record the outcome. A refresh that never produced a signed KeyTable changes nothing:
@@ -1340,11 +1395,16 @@ class PeriodRefresh:
                 k.wipe()
             self.outcome = Outcome(Status.OPERATIONAL, public, private, list(self.alerts), None)
             return
-        # Certified new keys but no shares: recovered at the next refresh.
-        for k in self.keys.values():
-            k.wipe()
-        public = PublicData(self.m, table, {})
-        private = PrivateData(self.period, self.signing_seed, self.encryption_seed, {})
+        # Certified new period keys but no confirmed new shares. A server erases its shares
+        # only for confirmed new ones: it keeps the previous period's (if it had them), marked
+        # carried (not used to sign this period), and the next refresh brings it to the sharing
+        # t+1 servers agree on. Erasing them here could leave fewer than t+1 shares of any
+        # one sharing in the whole network when many servers fail at once: the key lost.
+        old = {sid: k.share for sid, k in self.keys.items()}
+        public = PublicData(self.m, table, dict(self.old_sharings) if old else {})
+        private = PrivateData(self.period, self.signing_seed, self.encryption_seed, old, carried=bool(old))
+        if old:
+            failure += "; the previous period's shares are kept"
         self.outcome = Outcome(Status.RECOVERING, public, private, list(self.alerts), failure)
 
 

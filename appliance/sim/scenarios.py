@@ -409,9 +409,35 @@ def replay(seed: int) -> Run:
     return run
 
 
+def late(seed: int) -> Run:
+    """The synchrony assumption broken for one refresh: during period 1's dealing, complaints,
+    reveals and confirmations, half the links deliver 2.5 rounds late, so servers may disagree
+    on who dealt. CONFIRM keeps any server from erasing its old shares for new ones fewer
+    than n-t servers hold; within two more refreshes every server is operational again on
+    one sharing of the unchanged group key."""
+    rng = random.Random(seed)
+    c = _constants(rng, long_run=True)
+    run = build("late", seed, c, periods=3)
+    s = Schedule(c.period_start(1), c.delta, c.t)
+    lo, hi = s.at(s.deal), s.at(s.end)
+    slow = {(a, b) for a in c.ids for b in c.ids if a != b and rng.random() < 0.5}
+
+    def fault(
+        sender: int, to: int, data: bytes, now: float, _rng: random.Random
+    ) -> list[tuple[float, bytes]]:
+        return [(2.5 * c.delta if lo <= now < hi and (sender, to) in slow else 0.0, data)]
+
+    for i in c.ids:
+        run.sim.faults[i] = fault
+    run.alertable |= set(c.ids)
+    run_periods(run)
+    return run
+
+
 def faults(seed: int) -> Run:
-    """Scenario E and friends: a crash at a random step, a partition, or replayed old messages."""
-    return (crash, partition, replay)[seed % 3](seed)
+    """Scenario E and friends: a crash at a random step, a partition, replayed old messages,
+    or messages later than a round (broken synchrony)."""
+    return (crash, partition, replay, late)[seed % 4](seed)
 
 
 def _use_engine(server: SimServer, engine: type[PeriodRefresh]) -> None:
@@ -440,6 +466,7 @@ FAMILIES: dict[str, Callable[[int], Run]] = {
     "faults": faults,
     "partition": partition,
     "replay": replay,
+    "late": late,
     "bad-frost-share": bad_frost_share,
     "honest": honest,
     "bad-share": bad_share,
