@@ -114,6 +114,10 @@ class FrameStream:
     async def send_frame(self, payload: bytes) -> None:
         await self.stream.send_all(encode_frame(payload, self.max_frame_size))
 
+    async def send_frames(self, payloads: list[bytes]) -> None:
+        """Several frames in one write (one system call, one TLS record when they fit)."""
+        await self.stream.send_all(b"".join(encode_frame(p, self.max_frame_size) for p in payloads))
+
     async def receive_frame(self) -> bytes | None:
         """The next frame, or None on a clean EOF; FramingError on a bad stream."""
         while not self._ready:

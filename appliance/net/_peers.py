@@ -111,6 +111,9 @@ log = logging.getLogger("appliance.net")
 
 #: ``send(EVERYONE, data)`` goes to every other server (as in appliance.protocols._core).
 EVERYONE = 0
+#: Frames already queued for a peer go out together, up to these bounds (fewer writes under load).
+_MAX_BATCH_FRAMES = 64
+_MAX_BATCH_BYTES = 256 * 1024
 
 FrameHandler = Callable[[int, bytes], Awaitable[None]]
 
@@ -664,8 +667,17 @@ class PeerNetwork:
                         conn.route_scope = None
                         if route_scope.cancelled_caught:
                             continue
+                        batch = [data]
+                        size = len(data)
+                        while len(batch) < _MAX_BATCH_FRAMES and size < _MAX_BATCH_BYTES:
+                            try:
+                                more = peer.queue_out.receive_nowait()
+                            except trio.WouldBlock:
+                                break
+                            batch.append(more)
+                            size += len(more)
                         with trio.move_on_after(self.send_timeout) as timeout:
-                            await frames.send_frame(data)
+                            await frames.send_frames(batch)
                         if timeout.cancelled_caught:
                             peer.dropped += 1
                             ended.append(f"sending stalled for {self.send_timeout}s")

@@ -199,8 +199,14 @@ class _Child:
 
     async def _writer(self) -> None:
         async for frame in self.out_receive:
+            batch = [frame]
+            while len(batch) < 256:
+                try:
+                    batch.append(self.out_receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
             try:
-                await self.frames.send_frame(frame)
+                await self.frames.send_frames(batch)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self.parent_gone = True
                 self.server.retired.set()

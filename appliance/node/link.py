@@ -141,12 +141,13 @@ class KeyHolderLink:
     async def _writer(self, stream: FrameStream) -> None:
         while True:
             while self._queue:
-                _rid, frame = self._queue[0]
+                batch = [frame for _rid, frame in itertools.islice(self._queue, 256)]
                 try:
-                    await stream.send_frame(frame)
+                    await stream.send_frames(batch)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return
-                self._queue.popleft()
+                for _ in batch:
+                    self._queue.popleft()
             self._wakeup = trio.Event()
             await self._wakeup.wait()
 

@@ -264,7 +264,12 @@ class SigningService:
             raise RemoteProtocolError(
                 sender, "signing request names a nonce we did not reserve for it (reuse?)"
             )
-        commitment_list = [frost.SigningCommitment.from_bytes(raw[i]) for i in sorted(raw)]
+        # Our own entry is the commitment we made (validated by construction); the others are
+        # checked here. A bad one raises, naming the coordinator, before anything is signed.
+        commitment_list = [
+            nonces.commitment if i == self.me else frost.SigningCommitment.from_bytes(raw[i])
+            for i in sorted(raw)
+        ]
         share = frost.sign(self.package, nonces, message, commitment_list)
         self._send(sender, "share", {"rid": f["rid"], "attempt": f["attempt"], "share": share.to_bytes()})
 
