@@ -46,7 +46,7 @@ def test_kill_9_at_random_points_during_50_refreshes(tmp_path: Path) -> None:
     rng = random.Random(SEED)
     root = tmp_path / "c"
     n = 4
-    init_cluster(root, n=n, period=PERIOD_S, round_ms=40)
+    init_cluster(root, n=n, period=PERIOD_S, round_ms=60)
     vcert = StateDir(root / "node-1" / "state").load().public.sharings[SCERT].public_key
     killed: set[int] = set()
     try:

@@ -15,7 +15,7 @@ from appliance.protocols.state import SCERT
 @pytest.fixture
 def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
     root = tmp_path / "c"
-    init_cluster(root, n=5, period=3, round_ms=50)
+    init_cluster(root, n=5, period=3, round_ms=80)
     up = pst("cluster", "up", "--dir", str(root), "--detach")
     assert up.returncode == 0, up.stdout + up.stderr
     yield root
@@ -88,7 +88,7 @@ def test_get_time_and_get_random_through_the_local_api(cluster: Path) -> None:
 
 def test_refresh_now_runs_an_extra_refresh_at_once(tmp_path: Path) -> None:
     root = tmp_path / "c"
-    init_cluster(root, n=4, period=600, round_ms=50)
+    init_cluster(root, n=4, period=600, round_ms=80)
     try:
         assert pst("cluster", "up", "--dir", str(root), "--detach").returncode == 0
         before = {r["keytable_fingerprint"] for r in status(root)}
@@ -110,7 +110,7 @@ def test_status_before_start_and_bad_dir_are_clear(tmp_path: Path) -> None:
 def test_initialization_over_the_network_then_refresh(tmp_path: Path) -> None:
     """Table 3 over TLS between `pst init` processes; Sstart is erased; the network then refreshes."""
     root = tmp_path / "c"
-    init_cluster(root, n=4, period=600, round_ms=60, extra=("--network-ceremony",))
+    init_cluster(root, n=4, period=600, round_ms=80, extra=("--network-ceremony",))
     vcerts = set()
     for i in range(1, 5):
         node = root / f"node-{i}"

@@ -21,7 +21,7 @@ from appliance.protocols.state import SCERT
 @pytest.fixture
 def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
     root = tmp_path / "c"
-    init_cluster(root, n=4, period=600, round_ms=60)
+    init_cluster(root, n=4, period=600, round_ms=80)
     assert pst("cluster", "up", "--dir", str(root), "--detach").returncode == 0
     yield root
     pst("cluster", "down", "--dir", str(root))
