@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 from clusterutil import init_cluster, pst, status
+from nacl.signing import SigningKey
 
+from appliance.boot.rom import SimulatedRom
 from appliance.node.store import StateDir
 from appliance.protocols.state import SCERT
 
@@ -115,6 +117,16 @@ def test_initialization_over_the_network_then_refresh(tmp_path: Path) -> None:
     for i in range(1, 5):
         node = root / f"node-{i}"
         assert not (node / "sstart").exists(), "Sstart must be erased after the initialization"
+        # No file of the server holds Sstart any more: no 32-byte window of any file is a seed
+        # whose public key is the Vstart in its ROM.
+        vstart = SimulatedRom(node / "rom").read_vstart()
+        for path in node.rglob("*"):
+            if not path.is_file() or path.name == "rom" or path.suffix == ".log":
+                continue
+            data = path.read_bytes()
+            for offset in range(len(data) - 31):
+                seed = data[offset : offset + 32]
+                assert bytes(SigningKey(seed).verify_key) != vstart, f"{path} holds Sstart at {offset}"
         loaded = StateDir(node / "state").load()
         assert loaded.problems == [] and loaded.public.m is not None
         vcerts.add(loaded.public.m.vcert)

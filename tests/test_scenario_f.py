@@ -120,3 +120,62 @@ def test_scenario_f_a_changed_module_stops_the_boot_with_an_alert_naming_it(tmp_
     # Every server of this machine runs the same code: every one refuses.
     other = pst("check", "--config", str(root / "node-2" / "config.toml"))
     assert other.returncode == 1 and f"{target}: changed" in other.stderr
+
+
+def test_scenario_f_a_module_changed_while_running_stops_the_server_at_the_next_refresh(
+    tmp_path: Path,
+) -> None:
+    """The check runs again before every period: the key-holder of the next period refuses."""
+    pkg = tmp_path / "site"
+    code = copy_package(pkg)
+    env = {**os.environ, "PYTHONPATH": str(pkg)}
+
+    def pst(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "appliance.cli", *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    root = tmp_path / "c"
+    init = pst(
+        "cluster", "init", "--nodes", "3", "--threshold", "1", "--dir", str(root),
+        "--period", "600", "--round-ms", "80", "--base-port", str(random_free_base_port(3)),
+    )  # fmt: skip
+    assert init.returncode == 0, init.stdout + init.stderr
+    up = pst("cluster", "up", "--dir", str(root), "--detach")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        first = pst("refresh", "--now", "--dir", str(root))
+        assert first.returncode == 0, first.stdout + first.stderr  # the intact code refreshes
+
+        target = code / "crypto" / "shamir.py"
+        flip_one_byte(target)  # while the servers run
+        pst("refresh", "--now", "--dir", str(root), timeout=60)
+        deadline = time.monotonic() + 30
+        pids = [int((root / f"node-{i}" / "server.pid").read_text()) for i in (1, 2, 3)]
+
+        def alive(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+
+        while time.monotonic() < deadline and any(alive(p) for p in pids):
+            time.sleep(0.3)
+        assert not any(alive(p) for p in pids), "a server went on running changed code"
+        for i in (1, 2, 3):
+            node = root / f"node-{i}"
+            alerts = [
+                json.loads(x) for x in (node / "state" / "public" / "alerts.jsonl").read_text().splitlines()
+            ]
+            refused = [a for a in alerts if a["kind"] == "code-mismatch" and "refresh refused" in a["detail"]]
+            assert refused and str(target) in refused[0]["detail"], alerts
+            assert "key-holder zygote" in (node / "server.log").read_text()
+    finally:
+        pst("cluster", "down", "--dir", str(root))
