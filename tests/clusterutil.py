@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 PST = [sys.executable, "-m", "appliance.cli"]
@@ -57,3 +59,15 @@ def init_cluster(root: Path, *, n: int, period: float, round_ms: int, extra: tup
         str(free_base_port(n)),
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@contextlib.contextmanager
+def running_cluster(root: Path, *, n: int, period: float, round_ms: int) -> Iterator[Path]:
+    """`pst cluster init` and `pst cluster up --detach`; `pst cluster down` afterwards."""
+    init_cluster(root, n=n, period=period, round_ms=round_ms)
+    up = pst("cluster", "up", "--dir", str(root), "--detach")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield root
+    finally:
+        pst("cluster", "down", "--dir", str(root))

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clusterutil import init_cluster, pst
+from clusterutil import running_cluster
 
 from appliance.api.client import PstClient, PstError, verify_distributed
 from appliance.node.store import StateDir
@@ -24,12 +24,8 @@ from appliance.protocols.state import SCERT
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    root = tmp_path_factory.mktemp("dist") / "c"
-    init_cluster(root, n=3, period=20, round_ms=100)
-    up = pst("cluster", "up", "--dir", str(root), "--detach")
-    assert up.returncode == 0, up.stdout + up.stderr
-    yield root
-    pst("cluster", "down", "--dir", str(root))
+    with running_cluster(tmp_path_factory.mktemp("dist") / "c", n=3, period=20, round_ms=100) as root:
+        yield root
 
 
 def _client(root: Path, i: int) -> PstClient:

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clusterutil import init_cluster, pst
+from clusterutil import pst, running_cluster
 
 from appliance.node.store import decode_private
 
@@ -94,14 +94,9 @@ def _wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-unty
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    root = tmp_path_factory.mktemp("kh") / "c"
-    init_cluster(root, n=3, period=6, round_ms=100)
-    up = pst("cluster", "up", "--dir", str(root), "--detach")
-    assert up.returncode == 0, up.stdout + up.stderr
-    node = root / "node-1"
-    _wait(lambda: _status(node).get("last_refresh"), 30, "the first refresh of server 1")
-    yield root
-    pst("cluster", "down", "--dir", str(root))
+    with running_cluster(tmp_path_factory.mktemp("kh") / "c", n=3, period=6, round_ms=100) as root:
+        _wait(lambda: _status(root / "node-1").get("last_refresh"), 30, "the first refresh of server 1")
+        yield root
 
 
 def _fresh_child(node: Path, previous: int | None) -> tuple[int, int, dict[str, bytes]]:

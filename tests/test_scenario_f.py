@@ -7,6 +7,7 @@ the test never changes the repository's own files.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -21,22 +22,25 @@ from appliance.boot.check import EXIT_BOOT_REFUSED, read_manifest
 from appliance.boot.manifest import Manifest
 
 
+def _pst(pkg: Path, cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`pst` running the copy of the package under ``pkg``."""
+    return subprocess.run(
+        [sys.executable, "-m", "appliance.cli", *args],
+        env={**os.environ, "PYTHONPATH": str(pkg)},  # the copy, never the repository
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def test_scenario_f_a_changed_module_stops_the_boot_with_an_alert_naming_it(tmp_path: Path) -> None:
     pkg = tmp_path / "site"
     code = copy_package(pkg)
     (code / "COPY-MARKER").write_text("a package data file only the copy has\n")
     env = {**os.environ, "PYTHONPATH": str(pkg)}
-
-    def pst(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "appliance.cli", *args],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+    pst = functools.partial(_pst, pkg, tmp_path)
 
     imported = subprocess.run(
         [sys.executable, "-c", "import appliance; print(appliance.__file__)"],
@@ -128,18 +132,7 @@ def test_scenario_f_a_module_changed_while_running_stops_the_server_at_the_next_
     """The check runs again before every period: the key-holder of the next period refuses."""
     pkg = tmp_path / "site"
     code = copy_package(pkg)
-    env = {**os.environ, "PYTHONPATH": str(pkg)}
-
-    def pst(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "appliance.cli", *args],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+    pst = functools.partial(_pst, pkg, tmp_path)
 
     root = tmp_path / "c"
     init = pst(

@@ -15,19 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clusterutil import init_cluster, pst
+from clusterutil import pst, running_cluster
 
 import appliance
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    root = tmp_path_factory.mktemp("upg") / "c"
-    init_cluster(root, n=3, period=30, round_ms=100)
-    up = pst("cluster", "up", "--dir", str(root), "--detach")
-    assert up.returncode == 0, up.stdout + up.stderr
-    yield root
-    pst("cluster", "down", "--dir", str(root))
+    with running_cluster(tmp_path_factory.mktemp("upg") / "c", n=3, period=30, round_ms=100) as root:
+        yield root
 
 
 def _new_manifest(tmp: Path) -> Path:
