@@ -45,10 +45,13 @@ def _network_demo(args: argparse.Namespace) -> int:
     print(f"== {len(nodes)} servers started (one process each, TLS 1.3 between them on 127.0.0.1)")
     print(f"   every {args.period:g} s they refresh: new period keys, a KeyTable signed with the group key,")
     print("   fresh shares of the group key; the group public key never changes.")
+    print("   Each server's shares live only in its key-holder process, replaced after every refresh;")
+    print("   the ROMs are simulated (read-only files), the code is checked against the manifest in C.")
     print("   In another terminal:")
     print(f"     .venv/bin/pst status --dir {root}")
     print(f"     .venv/bin/pst alerts --dir {root}")
     print(f"     .venv/bin/pst pubkey --dir {root} --pem")
+    print(f"     .venv/bin/pst check --config {root}/node-1/config.toml   # the boot checks of server 1")
     print(f"     kill -9 $(cat {root}/node-3/server.pid)   # crash a server: the others go on, it restarts")
     print("   Ctrl-C stops the demo.")
     seen: dict[int, object] = {}
