@@ -71,6 +71,8 @@ class _Request:
     commitments: dict[int, bytes] = field(default_factory=dict)
     shares: dict[int, frost.SignatureShare] = field(default_factory=dict)
     deadline: float = 0.0
+    #: Signers that declined this message (an upgrade their operator did not approve).
+    declined: set[int] = field(default_factory=set)
 
 
 class SigningService:
@@ -167,9 +169,16 @@ class SigningService:
         if req.attempt > MAX_ATTEMPTS:
             self._fail(req, "no set of t+1 signers answered correctly")
             return
-        usable = [i for i in self.peers if self._stock[i] and self._avoid.get(i, 0.0) <= now]
+        usable = [
+            i
+            for i in self.peers
+            if self._stock[i] and self._avoid.get(i, 0.0) <= now and i not in req.declined
+        ]
         usable.sort(key=lambda i: (-len(self._stock[i]), i))
         self._replenish(now)
+        if len([i for i in self.peers if i not in req.declined]) < self.t:
+            self._fail(req, f"declined by servers {sorted(req.declined)}: their operators did not approve it")
+            return
         if len(usable) < self.t:
             if now - req.started < REQUEST_TIMEOUT:
                 req.attempt -= 1  # not an attempt: wait for nonce batches (retried on tick)
@@ -249,11 +258,13 @@ class SigningService:
             body, {"rid": int, "attempt": int, "message": bytes, "commitments": dict}, "signing request"
         )
         message: bytes = f["message"]
-        if len(message) > MAX_MESSAGE or (is_protocol_payload(message) and not self.allow_protocol(message)):
-            raise RemoteProtocolError(
-                sender,
-                "asked us to sign an oversized message, or a protocol payload our operator did not approve",
-            )
+        if len(message) > MAX_MESSAGE:
+            raise RemoteProtocolError(sender, "asked us to sign an oversized message")
+        if is_protocol_payload(message) and not self.allow_protocol(message):
+            # Not misbehaviour: the coordinator's operator approved an upgrade ours did not
+            # (yet). Say so at once, so that it neither waits nor holds it against us.
+            self._send(sender, "decline", {"rid": f["rid"], "attempt": f["attempt"]})
+            return
         raw = f["commitments"]
         if not all(isinstance(k, int) and isinstance(v, bytes) for k, v in raw.items()):
             raise RemoteProtocolError(sender, "signing request: malformed commitment list")
@@ -300,6 +311,14 @@ class SigningService:
             self._on_request(sender, body)
         elif kind == "share":
             self._on_share(sender, body, now)
+        elif kind == "decline":
+            f = encoding.expect_map(body, {"rid": int, "attempt": int}, "decline")
+            req = self._requests.get(f["rid"])
+            if req is not None and req.attempt == f["attempt"] and sender in req.signers:
+                if not is_protocol_payload(req.message):
+                    raise RemoteProtocolError(sender, "declined to sign a client message")
+                req.declined.add(sender)
+                self._attempt(req, now)
         else:
             raise RemoteProtocolError(sender, f"unknown signing message kind {kind!r}")
 
