@@ -135,3 +135,50 @@ async def test_group_key_signatures_on_request_verify_with_cryptography(tmp_path
         else:
             raise AssertionError("signed a protocol payload on request")
         nursery.cancel_scope.cancel()
+
+
+async def test_a_bad_signature_share_is_named_in_alerts_jsonl_and_signing_goes_on(tmp_path: Path) -> None:
+    """Scenario D for signing on request: server 3 returns wrong FROST shares."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from appliance.crypto.groups import ED25519
+
+    root = tmp_path / "cluster"
+    init_cluster(root, n=5, t=2, period_seconds=60, round_ms=30, progress=lambda _: None)
+    hub = Hub(5)
+
+    def factory_for(i: int):  # type: ignore[no-untyped-def]
+        async def factory(config, server, nursery, deliver):  # type: ignore[no-untyped-def]
+            return hub.transport(i, deliver)
+
+        return factory
+
+    configs = {i: node_config.load(node_dir(root, i) / "config.toml") for i in range(1, 6)}
+    vcert = StateDir(configs[1].state_dir).load().public.sharings[SCERT].public_key
+    servers = {i: PServer(configs[i], factory_for(i)) for i in configs}
+    async with trio.open_nursery() as nursery:
+        for s in servers.values():
+            await nursery.start(s.run)
+        await trio.sleep(0.2)
+        core = servers[3].core
+        assert core is not None and core.signing is not None
+        liar = core.signing
+        honest_send = liar._send
+
+        def lying_send(to: int, kind: str, body: object) -> None:
+            if kind == "share" and isinstance(body, dict):
+                ident, scalar = body["share"][:32], body["share"][32:]  # identifier || share
+                value = (int.from_bytes(scalar, "little") + 1) % ED25519.order
+                body = {**body, "share": ident + value.to_bytes(32, "little")}
+            honest_send(to, kind, body)
+
+        liar._send = lying_send  # type: ignore[method-assign]
+        with trio.fail_after(30):
+            for k in range(12):
+                message = f"signed despite a liar {k}".encode()
+                Ed25519PublicKey.from_public_bytes(vcert).verify(await servers[1].sign(message), message)
+        await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    lines = (configs[1].state_dir / "public" / "alerts.jsonl").read_text().splitlines()
+    alerts = [json.loads(line) for line in lines]
+    assert alerts and all(a["kind"] == "bad-signature-share" and a["server"] == 3 for a in alerts), alerts

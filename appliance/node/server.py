@@ -31,6 +31,7 @@ from appliance.boot.upgrade import approved, is_upgrade_payload, read_approval
 from appliance.crypto import encoding
 from appliance.node.config import NodeConfig
 from appliance.node.store import StateDir, atomic_write
+from appliance.protocols._core import Alert
 from appliance.protocols.core import ServerCore
 from appliance.protocols.refresh import Outcome, PublicData, Status
 from appliance.protocols.services import RandomService, TimeService
@@ -152,21 +153,7 @@ class PServer:
             if len(core.rejected) > 50:
                 log.warning("... and %d more rejected messages this period", len(core.rejected) - 50)
             core.rejected.clear()
-        for alert in outcome.alerts:
-            log.warning("%s", alert)
-            with open(self.store.public_dir / "alerts.jsonl", "a", encoding="utf-8") as f:
-                f.write(
-                    json.dumps(
-                        {
-                            "time": self.clock(),
-                            "kind": alert.kind.value,
-                            "server": alert.server,
-                            "period": alert.period,
-                            "detail": alert.detail,
-                        }
-                    )
-                    + "\n"
-                )
+        self._record_alerts(outcome.alerts)
         self._write_status(outcome.public, outcome.status)
         log.info(
             "period %d: %s in %.3f s%s",
@@ -175,6 +162,29 @@ class PServer:
             self.clock() - started,
             f" ({outcome.failure})" if outcome.failure else "",
         )
+
+    def _record_alerts(self, alerts: list[Alert]) -> None:
+        """Log each alert and append it to ``alerts.jsonl`` (what ``pst alerts`` shows)."""
+        if not alerts:
+            return
+        with open(self.store.public_dir / "alerts.jsonl", "a", encoding="utf-8") as f:
+            for alert in alerts:
+                log.warning("%s", alert)
+                line = {
+                    "time": self.clock(),
+                    "kind": alert.kind.value,
+                    "server": alert.server,
+                    "period": alert.period,
+                    "detail": alert.detail,
+                }
+                f.write(json.dumps(line) + "\n")
+
+    def _service_alerts(self, core: ServerCore) -> None:
+        """Alerts the services raise between refreshes (a bad signature share, a forged vote)."""
+        for service in (core.signing, core.approvals):
+            if service is not None and service.alerts:
+                alerts, service.alerts = list(service.alerts), []
+                self._record_alerts(alerts)
 
     def _previous_last_refresh(self) -> dict[str, Any]:
         """The last refresh as the previous key-holder of this server reported it."""
@@ -232,6 +242,7 @@ class PServer:
                 for out in core.tick(now):
                     self.transport.send(out.to, out.data)
                 self._settle_signatures()
+                self._service_alerts(core)
                 if self._pending_rekey is not None:
                     period, keys, seed = self._pending_rekey
                     self._pending_rekey = None
