@@ -12,6 +12,7 @@ import trio
 
 from appliance.node import config as node_config
 from appliance.node.cluster import init_cluster, node_dir
+from appliance.node.config import NodeConfig
 from appliance.node.server import PServer
 from appliance.node.store import StateDir
 from appliance.protocols.state import SCERT
@@ -84,12 +85,8 @@ async def test_servers_refresh_on_the_clock_and_persist_each_period(tmp_path: Pa
         assert loaded.private is not None and loaded.private.period == status["period"]
 
 
-async def test_group_key_signatures_on_request_verify_with_cryptography(tmp_path: Path) -> None:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    from appliance.crypto import encoding
-    from appliance.protocols.signing import SigningRefused
-
+def _signing_cluster(tmp_path: Path) -> tuple[dict[int, NodeConfig], bytes, dict[int, PServer]]:
+    """Five servers (t=2) on an in-memory hub, long periods: for signing on request."""
     root = tmp_path / "cluster"
     init_cluster(root, n=5, t=2, period_seconds=60, round_ms=30, progress=lambda _: None)
     hub = Hub(5)
@@ -102,7 +99,16 @@ async def test_group_key_signatures_on_request_verify_with_cryptography(tmp_path
 
     configs = {i: node_config.load(node_dir(root, i) / "config.toml") for i in range(1, 6)}
     vcert = StateDir(configs[1].state_dir).load().public.sharings[SCERT].public_key
-    servers = {i: PServer(configs[i], factory_for(i)) for i in configs}
+    return configs, vcert, {i: PServer(configs[i], factory_for(i)) for i in configs}
+
+
+async def test_group_key_signatures_on_request_verify_with_cryptography(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from appliance.crypto import encoding
+    from appliance.protocols.signing import SigningRefused
+
+    _configs, vcert, servers = _signing_cluster(tmp_path)
     async with trio.open_nursery() as nursery:
         for s in servers.values():
             await nursery.start(s.run)
@@ -143,19 +149,7 @@ async def test_a_bad_signature_share_is_named_in_alerts_jsonl_and_signing_goes_o
 
     from appliance.crypto.groups import ED25519
 
-    root = tmp_path / "cluster"
-    init_cluster(root, n=5, t=2, period_seconds=60, round_ms=30, progress=lambda _: None)
-    hub = Hub(5)
-
-    def factory_for(i: int):  # type: ignore[no-untyped-def]
-        async def factory(config, server, nursery, deliver):  # type: ignore[no-untyped-def]
-            return hub.transport(i, deliver)
-
-        return factory
-
-    configs = {i: node_config.load(node_dir(root, i) / "config.toml") for i in range(1, 6)}
-    vcert = StateDir(configs[1].state_dir).load().public.sharings[SCERT].public_key
-    servers = {i: PServer(configs[i], factory_for(i)) for i in configs}
+    configs, vcert, servers = _signing_cluster(tmp_path)
     async with trio.open_nursery() as nursery:
         for s in servers.values():
             await nursery.start(s.run)
