@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -58,7 +59,7 @@ from appliance.boot.check import append_alert, recheck_code
 from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
 from appliance.net import ChannelIdentity, channel_identity
-from appliance.net._framing import FrameStream
+from appliance.net._framing import DEFAULT_MAX_FRAME_SIZE, FrameStream
 from appliance.node._approvals import keyholder_methods, use_registration_clients
 from appliance.node.config import NodeConfig
 from appliance.node.hardening import Hardening, harden
@@ -79,7 +80,7 @@ EXIT_CODE_CHANGED = 5
 #: How long a freshly started server waits for its connections before joining a refresh.
 WARMUP = 1.0
 #: A link frame is a protocol message plus a little: the network's frame bound is plenty.
-MAX_LINK_FRAME = 4 * 1024 * 1024
+MAX_LINK_FRAME = DEFAULT_MAX_FRAME_SIZE + 64 * 1024
 #: Crash loop guard: more than this many abnormal child exits in ``_CRASH_WINDOW`` seconds
 #: makes the zygote give up (the network-facing process then stops with an error).
 _CRASHES = 5
@@ -251,6 +252,9 @@ class _Child:
             reply = encode_msg("reply", id=rid, ok=False, error=str(exc)[:300], kind="refused")
         except trio.TooSlowError:
             reply = encode_msg("reply", id=rid, ok=False, error="timed out", kind="timeout")
+        except Exception as exc:  # a bug here must not kill the key-holder (the call would be re-sent)
+            log.exception("key-holder: %s failed", method)
+            reply = encode_msg("reply", id=rid, ok=False, error=f"internal error: {type(exc).__name__}")
         with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
             self.outbox.send_nowait(reply)  # when retiring, the parent retries on the next child
 
@@ -329,6 +333,10 @@ def zygote_main(config: NodeConfig, control: socket.socket, server_pid: int) -> 
     # Forked from pst serve's main thread before trio started: the parent-death signal is
     # safe here (it fires when the forking *thread* ends). The child sets its own.
     harden(lock=False, die_with_parent_process=True)
+    # systemd signals the whole control group on stop: the zygote and the child leave when
+    # pst serve closes their sockets, so that pst serve sees an orderly end.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if os.getppid() != server_pid:
         return EXIT_PARENT_GONE
     crashes: list[float] = []

@@ -33,6 +33,8 @@ log = logging.getLogger("pst.server")
 
 #: How many peer messages wait for the next key-holder child before the oldest are dropped.
 MAX_QUEUED = 20_000
+#: ... and at most this many bytes of them.
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
 
 IdentityHandler = Callable[[int | None, Mapping[int, bytes], ChannelIdentity | None], Awaitable[None]]
 
@@ -63,6 +65,7 @@ class KeyHolderLink:
         self.hardening: dict[str, Any] = {}
         #: Frames for the child: (call id or 0, frame). A frame stays here until it is written.
         self._queue: deque[tuple[int, bytes]] = deque()
+        self._queued_bytes = 0
         self._wakeup = trio.Event()
         self._stream: FrameStream | None = None
         self._calls: dict[int, _Call] = {}
@@ -79,38 +82,54 @@ class KeyHolderLink:
         """Serve each key-holder child the zygote hands us; raises KeyHolderGone when it ends."""
         self.zygote_pid = zygote
         control.setblocking(False)
+        gone = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
-                started = False
-                while True:
-                    await trio.lowlevel.wait_readable(control)
-                    try:
-                        msg, fds, _flags, _addr = socket.recv_fds(control, 64, 1)
-                    except BlockingIOError:
-                        continue
-                    if not msg:
-                        break
-                    if len(fds) != 1:
-                        for fd in fds:
-                            os.close(fd)
-                        log.error("key-holder zygote sent %r without a link; ignored", msg)
-                        continue
-                    child = socket.socket(fileno=fds[0])
-                    child.setblocking(False)
-                    self.children += 1
-                    stream = trio.SocketStream(trio.socket.from_stdlib_socket(child))
-                    await self._session_done.wait()
-                    nursery.start_soon(self._session, stream)
-                    if not started:  # started once the first child named its identity
-                        await self._identity_seen.wait()
-                        task_status.started()
-                        started = True
+                nursery.start_soon(self._children, control, nursery, gone)
+                # Started once a child named its identity (the network needs it); children that
+                # die before that are replaced by the zygote and served all the same.
+                async with trio.open_nursery() as first:
+
+                    async def until(event: trio.Event) -> None:
+                        await event.wait()
+                        first.cancel_scope.cancel()
+
+                    first.start_soon(until, self._identity_seen)
+                    first.start_soon(until, gone)
+                if not gone.is_set():
+                    task_status.started()
+                    await gone.wait()
                 nursery.cancel_scope.cancel()
         finally:
             control.close()
             with trio.CancelScope(shield=True):
                 code = await _reap(zygote, 5.0)
         raise KeyHolderGone(f"the key-holder zygote {zygote} exited ({code})")
+
+    async def _children(self, control: socket.socket, nursery: trio.Nursery, gone: trio.Event) -> None:
+        """Receive each key-holder child's end of its link from the zygote, one after another."""
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(control)
+                try:
+                    msg, fds, _flags, _addr = socket.recv_fds(control, 64, 1)
+                except BlockingIOError:
+                    continue
+                if not msg:
+                    return
+                if len(fds) != 1:
+                    for fd in fds:
+                        os.close(fd)
+                    log.error("key-holder zygote sent %r without a link; ignored", msg)
+                    continue
+                child = socket.socket(fileno=fds[0])
+                child.setblocking(False)
+                self.children += 1
+                stream = trio.SocketStream(trio.socket.from_stdlib_socket(child))
+                await self._session_done.wait()
+                nursery.start_soon(self._session, stream)
+        finally:
+            gone.set()
 
     async def _session(self, raw: trio.SocketStream) -> None:
         self._session_done = trio.Event()
@@ -122,9 +141,9 @@ class KeyHolderLink:
                 queued = {rid for rid, _ in self._queue if rid}
                 for rid, call in self._calls.items():
                     if call.reply is None and rid not in queued:
-                        self._queue.appendleft(
-                            (rid, encode_msg("call", id=rid, method=call.method, args=call.args))
-                        )
+                        frame = encode_msg("call", id=rid, method=call.method, args=call.args)
+                        self._queue.appendleft((rid, frame))
+                        self._queued_bytes += len(frame)
                 self._wakeup.set()
                 nursery.start_soon(self._writer, stream)
                 await self._reader(stream)
@@ -141,13 +160,15 @@ class KeyHolderLink:
     async def _writer(self, stream: FrameStream) -> None:
         while True:
             while self._queue:
-                batch = [frame for _rid, frame in itertools.islice(self._queue, 256)]
+                taken = [self._queue.popleft() for _ in range(min(256, len(self._queue)))]
+                self._queued_bytes -= sum(len(frame) for _rid, frame in taken)
                 try:
-                    await stream.send_frames(batch)
+                    await stream.send_frames([frame for _rid, frame in taken])
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    for item in reversed(taken):  # for the next child
+                        self._queue.appendleft(item)
+                        self._queued_bytes += len(item[1])
                     return
-                for _ in batch:
-                    self._queue.popleft()
             self._wakeup = trio.Event()
             await self._wakeup.wait()
 
@@ -211,10 +232,15 @@ class KeyHolderLink:
 
     def deliver(self, sender: int, data: bytes) -> None:
         """A protocol message from peer ``sender``: to the current child, or queued for the next."""
-        if len(self._queue) >= MAX_QUEUED:
-            self._queue.popleft()
-            log.warning("key-holder link queue full: dropped the oldest queued message")
-        self._queue.append((0, encode_msg("deliver", **{"from": sender, "data": data})))
+        frame = encode_msg("deliver", **{"from": sender, "data": data})
+        if len(frame) > MAX_LINK_FRAME:  # cannot happen for frames the network accepted; never crash
+            log.warning("dropped a message from server %d: too large for the key-holder link", sender)
+            return
+        if len(self._queue) >= MAX_QUEUED or self._queued_bytes + len(frame) > MAX_QUEUED_BYTES:
+            log.warning("key-holder link queue full: dropped a message from server %d", sender)
+            return
+        self._queue.append((0, frame))
+        self._queued_bytes += len(frame)
         self._wakeup.set()
 
     async def call(self, method: str, timeout: float, **args: Any) -> Any:
@@ -222,7 +248,9 @@ class KeyHolderLink:
         rid = next(self._ids)
         call = _Call(method, {"timeout_ms": max(1, round(timeout * 1000)), **args})
         self._calls[rid] = call
-        self._queue.append((rid, encode_msg("call", id=rid, method=method, args=call.args)))
+        frame = encode_msg("call", id=rid, method=method, args=call.args)
+        self._queue.append((rid, frame))
+        self._queued_bytes += len(frame)
         self._wakeup.set()
         try:
             with trio.fail_after(timeout + 1.0):

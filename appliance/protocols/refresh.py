@@ -1381,7 +1381,10 @@ class PeriodRefresh:
             public = self._old_public
             if self.m is not None and (public.m is None or public.m.check(self.me, self.vstart) is not None):
                 public = PublicData(self.m, self.old_table, dict(self.old_sharings))
-            self.outcome = Outcome(self.status, public, self._old_private, list(self.alerts), failure)
+            old_private = self._old_private
+            carried = old_private is not None and old_private.carried
+            status = Status.RECOVERING if carried else self.status  # carried shares do not sign
+            self.outcome = Outcome(status, public, old_private, list(self.alerts), failure)
             return
         if failure is None:
             public = PublicData(self.m, table, {sid: k.public for sid, k in self._new_keys.items()})
@@ -1400,7 +1403,8 @@ class PeriodRefresh:
         # carried (not used to sign this period), and the next refresh brings it to the sharing
         # t+1 servers agree on. Erasing them here could leave fewer than t+1 shares of any
         # one sharing in the whole network when many servers fail at once: the key lost.
-        old = {sid: k.share for sid, k in self.keys.items()}
+        # Only the agreed sharing is worth keeping: a server judged recovering held another one.
+        old = {sid: k.share for sid, k in self.keys.items()} if self.me in self.operational else {}
         public = PublicData(self.m, table, dict(self.old_sharings) if old else {})
         private = PrivateData(self.period, self.signing_seed, self.encryption_seed, old, carried=bool(old))
         if old:

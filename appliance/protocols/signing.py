@@ -263,6 +263,10 @@ class SigningService:
         if is_protocol_payload(message) and not self.allow_protocol(message):
             # Not misbehaviour: the coordinator's operator approved an upgrade ours did not
             # (yet). Say so at once, so that it neither waits nor holds it against us.
+            mine = raw.get(self.me) if isinstance(raw := f["commitments"], dict) else None
+            declined = self._reserved.get(sender, {}).pop(mine, None) if isinstance(mine, bytes) else None
+            if declined is not None:
+                declined.wipe()
             self._send(sender, "decline", {"rid": f["rid"], "attempt": f["attempt"]})
             return
         raw = f["commitments"]
@@ -272,8 +276,11 @@ class SigningService:
             raise RemoteProtocolError(sender, "signing request: wrong signer set")
         nonces = self._reserved.get(sender, {}).pop(raw[self.me], None)
         if nonces is None:
+            # A commitment of an earlier key-holder of ours (it restarted), or a reuse: say so,
+            # so that the coordinator drops what it holds from us and asks for a fresh batch.
+            self._send(sender, "stale", {"rid": f["rid"], "attempt": f["attempt"]})
             raise RemoteProtocolError(
-                sender, "signing request names a nonce we did not reserve for it (reuse?)"
+                sender, "signing request names a nonce we did not reserve for it (stale or reused)"
             )
         # Our own entry is the commitment we made (validated by construction); the others are
         # checked here. A bad one raises, naming the coordinator, before anything is signed.
@@ -311,14 +318,25 @@ class SigningService:
             self._on_request(sender, body)
         elif kind == "share":
             self._on_share(sender, body, now)
+        elif kind == "stale":
+            f = encoding.expect_map(body, {"rid": int, "attempt": int}, "stale nonce")
+            self._stock[sender].clear()  # the rest of that batch is stale too
+            self._asked_more.pop(sender, None)
+            self._replenish(now)
+            req = self._requests.get(f["rid"])
+            if req is not None and req.attempt == f["attempt"] and sender in req.signers:
+                req.attempt -= 1  # our stock was stale, not the signer faulty
+                self._attempt(req, now)
         elif kind == "decline":
             f = encoding.expect_map(body, {"rid": int, "attempt": int}, "decline")
             req = self._requests.get(f["rid"])
-            if req is not None and req.attempt == f["attempt"] and sender in req.signers:
+            if req is not None and 0 < f["attempt"] <= req.attempt and sender not in req.declined:
                 if not is_protocol_payload(req.message):
                     raise RemoteProtocolError(sender, "declined to sign a client message")
                 req.declined.add(sender)
-                self._attempt(req, now)
+                if req.attempt == f["attempt"] and sender in req.signers:
+                    req.attempt -= 1  # a decline is an answer, not a failed attempt
+                    self._attempt(req, now)
         else:
             raise RemoteProtocolError(sender, f"unknown signing message kind {kind!r}")
 
