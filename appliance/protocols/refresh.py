@@ -259,6 +259,7 @@ class PeriodRefresh:
         self._my_subshares: dict[int, list[list[Any]]] = {}
         self._contribs: dict[str, dict[int, tuple[int, Any]]] = {}
         self._confirms: dict[int, bytes] = {}
+        self._alone = False
         self._dealings: dict[int, dict[str, Any]] = {}
         self._qual: list[int] = []
         self._new_keys: dict[str, KeyShare[Any]] = {}
@@ -505,7 +506,10 @@ class PeriodRefresh:
             self._start_announce()
         self._replay(now)
         if now >= s.at(s.sign) and self._once("judge") and not self._judge_announcements():
-            self._finish(now, "refresh aborted: no KeyTable could be agreed", alert=True)
+            if self._alone:
+                self._finish(now, "refresh aborted: no other server took part", alert=False)
+            else:
+                self._finish(now, "refresh aborted: no KeyTable could be agreed", alert=True)
             return
         if self.table is not None:
             self._signing(now)
@@ -704,6 +708,11 @@ class PeriodRefresh:
                 )
                 continue
             accepted[author] = (entry, sharings, commitments, authenticated)
+        if set(accepted) <= {self.me}:
+            # Nobody else took part (we started just before the period, or we are cut off):
+            # no disagreement to report; the others see us silent and we retry next period.
+            self._alone = True
+            return False
         votes: dict[str, dict[bytes, int]] = {sid: {} for sid in c.secrets}
         for _entry, sharings, _commitments, authenticated in accepted.values():
             if authenticated:
