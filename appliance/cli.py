@@ -40,6 +40,7 @@ def _network_demo(args: argparse.Namespace) -> int:
         progress=lambda line: print(f"   {line}", flush=True),
     )
     nodes = _cluster_nodes(root)
+    _start_clear_of_a_boundary(nodes)
     for node in nodes:
         _start_node(node)
     print(f"== {len(nodes)} servers started (one process each, TLS 1.3 between them on 127.0.0.1)")
@@ -344,6 +345,30 @@ def _pid(node: Path) -> int | None:
         return None
 
 
+def _start_clear_of_a_boundary(nodes: list[Path]) -> None:
+    """Start a whole local cluster just after a period boundary, not just before one.
+
+    A server that starts less than its warm-up before a period skips that refresh; servers
+    started a few hundred milliseconds apart around that moment would disagree on whether to
+    take part. Started just after a boundary, every one of them takes part in the next refresh.
+    """
+    import time
+
+    from appliance.node import config as node_config
+
+    if not nodes:
+        return
+    c = node_config.load(nodes[0] / "config.toml").constants
+    now = time.time()
+    boundary = c.period_start(c.period_at(now) + 1)
+    if boundary - now < 2.0 and c.period_length > 2.5:
+        print(
+            f"   waiting {boundary - now:.1f} s for the period boundary, "
+            "so that every server joins the same refresh"
+        )
+        time.sleep(boundary - now + 0.05)
+
+
 def _start_node(node: Path) -> int:
     import subprocess
 
@@ -392,6 +417,8 @@ def _cmd_cluster_up(args: argparse.Namespace) -> int:
 
     root = Path(args.dir)
     nodes = _cluster_nodes(root)
+    if not any(_alive(_pid(node)) for node in nodes):
+        _start_clear_of_a_boundary(nodes)
     for node in nodes:
         if _alive(_pid(node)):
             print(f"{node.name}: already running (pid {_pid(node)})")
