@@ -18,6 +18,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         from appliance.demo import run_crypto_demo
 
         return run_crypto_demo(n=args.nodes, t=args.threshold)
+    from appliance.protocols.state import ConfigError, check_size
+
+    try:
+        check_size(args.nodes, args.threshold)  # before any directory is made or server started
+    except ConfigError as exc:
+        print(f"pst demo: {exc}", file=sys.stderr)
+        return 2
     return _network_demo(args)
 
 
@@ -211,8 +218,13 @@ def _network_ceremony(args: argparse.Namespace) -> int:
 
 def _cmd_cluster_init(args: argparse.Namespace) -> int:
     from appliance.node.cluster import init_cluster
-    from appliance.protocols.state import ConfigError
+    from appliance.protocols.state import ConfigError, check_size
 
+    try:
+        check_size(args.nodes, args.threshold)  # before anything is written
+    except ConfigError as exc:
+        print(f"pst cluster init: {exc}", file=sys.stderr)
+        return 2
     if args.network_ceremony:
         try:
             code = _network_ceremony(args)
@@ -621,6 +633,12 @@ def _rom_provision(args: argparse.Namespace, sstart: Path, rom: Any) -> int:
     return 0
 
 
+THRESHOLD_HELP = (
+    "threshold t: the faulty servers tolerated per period; n >= 3t+1, so t=1 for 4 to 6 servers, "
+    "t=2 for 7 to 9 (default 1)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pst",
@@ -636,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a local network of servers that refresh every period (--crypto: the crypto core alone)",
     )
     demo.add_argument("--nodes", type=int, default=5, help="number of servers n (default 5)")
-    demo.add_argument("--threshold", type=int, default=1, help="threshold t (default 1)")
+    demo.add_argument("--threshold", type=int, default=1, help=THRESHOLD_HELP)
     demo.add_argument("--crypto", action="store_true", help="the in-process crypto walk-through instead")
     demo.add_argument("--dir", help="cluster directory (default: a new temporary directory)")
     demo.add_argument("--period", type=float, default=30.0, help="period length in seconds (default 30)")
@@ -654,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     csub = cluster.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
     cinit = csub.add_parser("init", help="write configs, simulated ROMs and period-0 state for n servers")
     cinit.add_argument("--nodes", type=int, default=5, help="number of servers n (default 5)")
-    cinit.add_argument("--threshold", type=int, default=1, help="threshold t (default 1)")
+    cinit.add_argument("--threshold", type=int, default=1, help=THRESHOLD_HELP)
     cinit.add_argument("--dir", required=True, help="directory to create")
     cinit.add_argument("--period", type=float, default=30.0, help="period length in seconds (default 30)")
     cinit.add_argument("--round-ms", type=int, default=100, help="protocol round length in ms (default 100)")

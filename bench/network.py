@@ -1,6 +1,6 @@
 """Network benchmark: wall time of a full refresh on loopback, one process per server. Prints JSON.
 
-For each n: a local cluster (t the largest the network allows, n >= 2t+1) refreshes once
+For each n: a local cluster (t the largest the network allows, n >= 3t+1) refreshes once
 normally; then one server is stopped, its shares are wiped (its period key is kept, so
 its channels still authenticate), it is restarted, and the next refresh recovers it.
 The refresh time is what the servers measure themselves (status.json, last_refresh).
@@ -24,6 +24,7 @@ from typing import Any
 from appliance.crypto import encoding
 from appliance.node.store import atomic_write
 from appliance.protocols.refresh import Schedule
+from appliance.protocols.state import max_threshold
 
 PST = [sys.executable, "-m", "appliance.cli"]
 ROUND_MS = {4: 50, 5: 50, 7: 60, 10: 90, 16: 200}
@@ -59,7 +60,7 @@ def wipe_shares(node: Path) -> None:
 
 
 def bench(n: int, base_port: int) -> dict[str, Any]:
-    t = (n - 1) // 2
+    t = max_threshold(n)
     round_ms = ROUND_MS.get(n, 100)
     rounds = Schedule(0.0, 1.0, t).end
     period = max(4.0, rounds * round_ms / 1000 * 1.5 + 2)

@@ -4,6 +4,7 @@ Starts a local cluster (n=5, t=1 by default) whose period is long enough that no
 interferes, then signs through the servers' Unix-socket APIs with the real client.
 Registrations are spread so that the per-application rate limit (50/s) is not what is
 measured. Usage: .venv/bin/python bench/signing.py [--nodes 5 --threshold 1 --count 400]
+(n >= 3t+1: t=2 needs --nodes 7.)
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def copy_package(dest: Path) -> Path:
     return copy
 
 
-def cluster_for(root: Path, code: Path, *, n: int = 3) -> dict[int, NodeConfig]:
+def cluster_for(root: Path, code: Path, *, n: int = 4) -> dict[int, NodeConfig]:
     """A one-process-ceremony cluster whose C names the code under ``code``; the configs."""
     init_cluster(
         root, n=n, t=1, period_seconds=600, round_ms=50, progress=lambda _: None, code=Manifest.build(code)

@@ -1,6 +1,6 @@
 """Distributed applications (paper §5.1, password based): a strict majority of the servers' clients.
 
-Five ServerCores (t=2) of one period exchange messages in process, with seeded delays and
+Five ServerCores (t=1) of one period exchange messages in process, with seeded delays and
 reordering; clients are played by calls on each server's ApprovalService. Signatures that
 come out are checked with the group public key.
 """
@@ -42,7 +42,7 @@ from appliance.protocols.services import seal
 from appliance.protocols.state import SCERT, Constants
 from appliance.sim.setup import make_network, seeded_bytes
 
-C = Constants(n=5, t=2, period_length=1000.0, delta=0.1)
+C = Constants(n=5, t=1, period_length=1000.0, delta=0.1)
 APP = "ledger"
 GOOD = password_verifier(APP, b"correct horse")
 BAD = password_verifier(APP, b"wrong horse")
@@ -285,7 +285,7 @@ def test_a_byzantine_server_cannot_forge_approvals_of_others() -> None:
     # Coordinating the signature anyway: the honest signers hold the request, then refuse it.
     result = net.sign(5, message)
     assert isinstance(result, str), "a signature without a majority"
-    net.run(HOLD + 0.1)
+    net.run(3 * (HOLD + 0.1))  # t=1: one signer per attempt, each holds it for HOLD, then refuses
     for j in (1, 2, 3, 4):
         assert any("without a majority of approvals" in str(r) for r in net.svc(j).rejected if r.peer == 5)
     assert lid in svc5.failed  # and its own request found no majority
@@ -310,8 +310,8 @@ async def test_distributed_signature_through_the_api_of_running_pservers(tmp_pat
     from test_server_inprocess import Hub
 
     root = tmp_path / "cluster"
-    init_cluster(root, n=3, t=1, period_seconds=600, round_ms=30, progress=lambda _: None)
-    hub = Hub(3)
+    init_cluster(root, n=4, t=1, period_seconds=600, round_ms=30, progress=lambda _: None)
+    hub = Hub(4)
 
     def factory_for(i: int):  # type: ignore[no-untyped-def]
         async def factory(config, server, nursery, deliver):  # type: ignore[no-untyped-def]
@@ -319,7 +319,7 @@ async def test_distributed_signature_through_the_api_of_running_pservers(tmp_pat
 
         return factory
 
-    configs = {i: node_config.load(node_dir(root, i) / "config.toml") for i in range(1, 4)}
+    configs = {i: node_config.load(node_dir(root, i) / "config.toml") for i in range(1, 5)}
     vcert = StateDir(configs[1].state_dir).load().public.sharings[SCERT].public_key
     servers = {i: PServer(configs[i], factory_for(i)) for i in configs}
     me = PeerCred(pid=os.getpid(), uid=os.getuid(), gid=os.getgid())
@@ -338,7 +338,7 @@ async def test_distributed_signature_through_the_api_of_running_pservers(tmp_pat
         await trio.sleep(0.2)  # the signing nonces go out
         handles = {}
         for i in servers:  # server 3's client uses another password
-            r = await call(i, "register_distributed", name="ledger", password=b"pw" if i < 3 else b"other")
+            r = await call(i, "register_distributed", name="ledger", password=b"other" if i == 3 else b"pw")
             handles[i] = r["result"]["handle"]
         answers: list[dict[str, Any]] = []
 
@@ -360,6 +360,8 @@ async def test_distributed_signature_through_the_api_of_running_pservers(tmp_pat
         assert waiting["payload"] == b"entry 1" and waiting["servers"] == [1]
         assert (await call(3, "pending", handle=handles[3]))["result"]["requests"] == []
         assert (await call(2, "approve", handle=handles[2], request_id=waiting["request_id"]))["ok"]
+        (waiting,) = await waiting_at(4)  # a majority of four is three
+        assert (await call(4, "approve", handle=handles[4], request_id=waiting["request_id"]))["ok"]
         with trio.fail_after(10):
             while not answers:
                 await trio.sleep(0.02)

@@ -1,9 +1,9 @@
 """Distributed applications (paper §5.1) through real `pst serve` processes and their key-holders.
 
-Three servers (n=3, a majority is 2). One client of application "ledger" next to each of
-servers 1 and 2, registered with the same name and password; a third client on server 3
-with a wrong password. Client 1 asks for a signature; client 2 sees the request pending
-and approves it; client 1 gets the group's signature, which verifies under Vcert for that
+Four servers (n=4, t=1, a majority is 3). One client of application "ledger" next to each of
+servers 1, 2 and 4, registered with the same name and password; a client on server 3 with a
+wrong password. Client 1 asks for a signature; clients 2 and 4 see the request pending and
+approve it; client 1 gets the group's signature, which verifies under Vcert for that
 application. A request nobody approves is refused.
 """
 
@@ -24,7 +24,7 @@ from appliance.protocols.state import SCERT
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    with running_cluster(tmp_path_factory.mktemp("dist") / "c", n=3, period=20, round_ms=100) as root:
+    with running_cluster(tmp_path_factory.mktemp("dist") / "c", n=4, period=20, round_ms=100) as root:
         yield root
 
 
@@ -50,30 +50,33 @@ def _register(client: PstClient, password: str) -> None:
 
 def test_a_majority_of_clients_gets_a_group_signature(cluster: Path) -> None:
     vcert = StateDir(cluster / "node-1" / "state").load().public.sharings[SCERT].public_key
-    c1, c2, c3 = (_client(cluster, i) for i in (1, 2, 3))
+    c1, c2, c3, c4 = (_client(cluster, i) for i in (1, 2, 3, 4))
     _register(c1, "correct horse")
     _register(c2, "correct horse")
     _register(c3, "wrong password")
+    _register(c4, "correct horse")
     payload = b"entry 17: 2026-11-24 the ledger closes"
 
-    approved: list[bytes] = []
+    approved: dict[PstClient, bytes] = {}
 
-    def approver() -> None:  # client 2 approves what it sees pending
+    def approver(client: PstClient) -> None:  # clients 2 and 4 approve what they see pending
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not approved:
-            for req in c2.pending():
+        while time.monotonic() < deadline and client not in approved:
+            for req in client.pending():
                 if req.payload == payload:
-                    c2.approve(req.request_id)
-                    approved.append(req.request_id)
+                    client.approve(req.request_id)
+                    approved[client] = req.request_id
             time.sleep(0.2)
 
-    thread = threading.Thread(target=approver)
-    thread.start()
+    threads = [threading.Thread(target=approver, args=(c,)) for c in (c2, c4)]
+    for thread in threads:
+        thread.start()
     try:
         signature = c1.request_distributed(payload)
     finally:
-        thread.join()
-    assert approved, "client 2 never saw the request"
+        for thread in threads:
+            thread.join()
+    assert set(approved) == {c2, c4}, "clients 2 and 4 did not both see the request"
     assert verify_distributed(vcert, "ledger", payload, signature)
     assert not verify_distributed(vcert, "another-app", payload, signature)
     # The client with the wrong password never sees the request: its server refused it.

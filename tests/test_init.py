@@ -23,7 +23,7 @@ from appliance.sim.cluster import SimServer
 from appliance.sim.init_run import InitRun, run_init
 from appliance.sim.setup import seeded_bytes
 
-SIZES = [(4, 1), (5, 2), (7, 2)]
+SIZES = [(4, 1), (5, 1), (7, 2)]
 
 
 def _constants(n: int, t: int) -> Constants:
@@ -231,7 +231,7 @@ class Garbler(InitProtocol):
 
 def test_signed_garbage_never_raises_and_init_still_completes() -> None:
     for seed in range(3):
-        run = run_init(_constants(5, 2), seed, engines={4: Garbler})
+        run = run_init(_constants(5, 1), seed, engines={4: Garbler})
         _check_init(run, honest={1, 2, 3, 5})
         assert any(e.rejected for i, e in run.engines.items() if i != 4)
 

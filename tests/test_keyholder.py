@@ -1,6 +1,6 @@
 """The key-holder (issue 4 §3) against real processes: who holds which secret, and for how long.
 
-A real 3-server cluster on loopback. We read the processes' memory through /proc/PID/mem
+A real 4-server cluster (t=1) on loopback. We read the processes' memory through /proc/PID/mem
 (we run as root, or with CAP_SYS_PTRACE) and look for the exact bytes of a server's share
 of the group key and of its period signing key:
 
@@ -94,7 +94,7 @@ def _wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-unty
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    with running_cluster(tmp_path_factory.mktemp("kh") / "c", n=3, period=6, round_ms=100) as root:
+    with running_cluster(tmp_path_factory.mktemp("kh") / "c", n=4, period=6, round_ms=100) as root:
         _wait(lambda: _status(root / "node-1").get("last_refresh"), 30, "the first refresh of server 1")
         yield root
 

@@ -134,7 +134,7 @@ def test_default_config_names_what_is_missing_and_loads_once_filled_in(tmp_path:
     path = tmp_path / "server.toml"
     path.write_text(filled)
     config = node_config.load(path)
-    assert (config.server_id, config.constants.n, config.constants.t) == (1, 5, 2)
+    assert (config.server_id, config.constants.n, config.constants.t) == (1, 5, 1)
     assert config.rom_backend == "tpm" and config.listen == ("0.0.0.0", 7100)
     assert str(config.state_dir) == "/var/lib/pst" and str(config.api_socket) == "/run/pst/api.sock"
 
@@ -150,7 +150,7 @@ systemd-analyze verify --man=no pst-server.service && echo "verify: clean"
 if pst --help | grep -qE '^ +check '; then
     if pst check --config /etc/pst/server.toml >/tmp/check.out 2>&1; then r=0; else r=$?; fi
     echo "template-check: $r $(tail -n1 /tmp/check.out)"
-    pst cluster init --nodes 3 --threshold 1 --dir /srv/c --period 30 --round-ms 100 --base-port 7100 \
+    pst cluster init --nodes 4 --threshold 1 --dir /srv/c --period 30 --round-ms 100 --base-port 7100 \
         >/dev/null
     if pst check --config /srv/c/node-1/config.toml >/tmp/check.out 2>&1; then r=0; else r=$?; fi
     echo "boot-check: $r $(tail -n1 /tmp/check.out)"

@@ -48,7 +48,7 @@ api_socket = "{tmp_path / "api.sock"}"
 {rom}
 
 [network]
-n = 3
+n = 4
 t = 1
 period_seconds = 30
 round_ms = 100
@@ -58,6 +58,7 @@ genesis = 1764000000.0
 1 = "127.0.0.1:7101"
 2 = "127.0.0.1:7102"
 3 = "127.0.0.1:7103"
+4 = "127.0.0.1:7104"
 """
     )
     return path

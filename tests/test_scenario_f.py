@@ -57,7 +57,7 @@ def test_scenario_f_a_changed_module_stops_the_boot_with_an_alert_naming_it(tmp_
         "cluster",
         "init",
         "--nodes",
-        "3",
+        "4",
         "--threshold",
         "1",
         "--dir",
@@ -67,7 +67,7 @@ def test_scenario_f_a_changed_module_stops_the_boot_with_an_alert_naming_it(tmp_
         "--round-ms",
         "60",
         "--base-port",
-        str(random_free_base_port(3)),
+        str(random_free_base_port(4)),
     )
     assert init.returncode == 0, init.stdout + init.stderr
     node = root / "node-1"
@@ -136,8 +136,8 @@ def test_scenario_f_a_module_changed_while_running_stops_the_server_at_the_next_
 
     root = tmp_path / "c"
     init = pst(
-        "cluster", "init", "--nodes", "3", "--threshold", "1", "--dir", str(root),
-        "--period", "600", "--round-ms", "80", "--base-port", str(random_free_base_port(3)),
+        "cluster", "init", "--nodes", "4", "--threshold", "1", "--dir", str(root),
+        "--period", "600", "--round-ms", "80", "--base-port", str(random_free_base_port(4)),
     )  # fmt: skip
     assert init.returncode == 0, init.stdout + init.stderr
     up = pst("cluster", "up", "--dir", str(root), "--detach")
@@ -150,7 +150,7 @@ def test_scenario_f_a_module_changed_while_running_stops_the_server_at_the_next_
         flip_one_byte(target)  # while the servers run
         pst("refresh", "--now", "--dir", str(root), timeout=60)
         deadline = time.monotonic() + 30
-        pids = [int((root / f"node-{i}" / "server.pid").read_text()) for i in (1, 2, 3)]
+        pids = [int((root / f"node-{i}" / "server.pid").read_text()) for i in (1, 2, 3, 4)]
 
         def alive(pid: int) -> bool:
             try:
@@ -162,7 +162,7 @@ def test_scenario_f_a_module_changed_while_running_stops_the_server_at_the_next_
         while time.monotonic() < deadline and any(alive(p) for p in pids):
             time.sleep(0.3)
         assert not any(alive(p) for p in pids), "a server went on running changed code"
-        for i in (1, 2, 3):
+        for i in (1, 2, 3, 4):
             node = root / f"node-{i}"
             alerts = [
                 json.loads(x) for x in (node / "state" / "public" / "alerts.jsonl").read_text().splitlines()

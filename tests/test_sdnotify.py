@@ -157,7 +157,7 @@ def test_pst_serve_tells_systemd_it_is_ready_pings_and_stopping(
 ) -> None:
     """A real `pst serve` started as systemd would start a Type=notify unit with WatchdogSec=2."""
     sock, address = listener
-    init_cluster(tmp_path / "c", n=3, period=60, round_ms=100)
+    init_cluster(tmp_path / "c", n=4, period=60, round_ms=100)
     env = {**os.environ, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "2000000"}
     config = tmp_path / "c" / "node-1" / "config.toml"
     log = (tmp_path / "serve.log").open("w+")

@@ -86,10 +86,10 @@ async def test_servers_refresh_on_the_clock_and_persist_each_period(tmp_path: Pa
 
 
 def _signing_cluster(tmp_path: Path) -> tuple[dict[int, NodeConfig], bytes, dict[int, PServer]]:
-    """Five servers (t=2) on an in-memory hub, long periods: for signing on request."""
+    """Seven servers (t=2, n >= 3t+1) on an in-memory hub, long periods: for signing on request."""
     root = tmp_path / "cluster"
-    init_cluster(root, n=5, t=2, period_seconds=60, round_ms=30, progress=lambda _: None)
-    hub = Hub(5)
+    init_cluster(root, n=7, t=2, period_seconds=60, round_ms=30, progress=lambda _: None)
+    hub = Hub(7)
 
     def factory_for(i: int):  # type: ignore[no-untyped-def]
         async def factory(config, server, nursery, deliver):  # type: ignore[no-untyped-def]
@@ -97,7 +97,7 @@ def _signing_cluster(tmp_path: Path) -> tuple[dict[int, NodeConfig], bytes, dict
 
         return factory
 
-    configs = {i: node_config.load(node_dir(root, i) / "config.toml") for i in range(1, 6)}
+    configs = {i: node_config.load(node_dir(root, i) / "config.toml") for i in range(1, 8)}
     vcert = StateDir(configs[1].state_dir).load().public.sharings[SCERT].public_key
     return configs, vcert, {i: PServer(configs[i], factory_for(i)) for i in configs}
 
@@ -120,7 +120,7 @@ async def test_group_key_signatures_on_request_verify_with_cryptography(tmp_path
             sigs = []
 
             async def one(k: int) -> None:
-                sigs.append(await servers[1 + k % 5].sign(f"m{k}".encode()))
+                sigs.append(await servers[1 + k % 7].sign(f"m{k}".encode()))
 
             async with trio.open_nursery() as inner:
                 for k in range(40):
@@ -131,7 +131,7 @@ async def test_group_key_signatures_on_request_verify_with_cryptography(tmp_path
         r3, _ = await servers[4].random(b"another nonce")
         assert r1 == r2 and input1 == input2 and len(r1) == 64 and r3 != r1  # unique per input: unbiasable
         times = await servers[2].time_vector()
-        assert set(times) == set(range(1, 6)) and all(t is not None for t in times.values())
+        assert set(times) == set(range(1, 8)) and all(t is not None for t in times.values())
         assert max(times.values()) - min(times.values()) < 1.0  # type: ignore[operator, type-var]
         protocol_payload = encoding.signing_payload("KeyTable", 1, "pst/refresh/keytable", 9, {})
         try:

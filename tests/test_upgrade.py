@@ -183,7 +183,7 @@ def test_an_upgrade_needs_a_valid_m_and_a_new_code(
 
 
 SAMPLE = Upgrade(
-    b"\x01" * 32, Constants(n=3, t=1, period_length=30.0, delta=0.1, code_digest=b"\x02" * 32), b"\x03" * 64
+    b"\x01" * 32, Constants(n=4, t=1, period_length=30.0, delta=0.1, code_digest=b"\x02" * 32), b"\x03" * 64
 )
 
 

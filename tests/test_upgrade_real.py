@@ -1,6 +1,6 @@
 """Upgrading the code needs a new C approved by the network (issue 4 §2), with real processes.
 
-A 3-server network (t = 1). The operators approve a new manifest with `pst upgrade approve`;
+A 4-server network (t = 1). The operators approve a new manifest with `pst upgrade approve`;
 `pst upgrade sign` asks the running network for the group's signature on the upgrade
 [Scert(U), U]. Each server's signing service contributes a share only for the upgrade its own
 operator approved, so one approval is not enough and two (t + 1) are. The certificate then
@@ -22,7 +22,7 @@ import appliance
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    with running_cluster(tmp_path_factory.mktemp("upg") / "c", n=3, period=30, round_ms=100) as root:
+    with running_cluster(tmp_path_factory.mktemp("upg") / "c", n=4, period=30, round_ms=100) as root:
         yield root
 
 
@@ -55,7 +55,7 @@ def test_an_upgrade_needs_t_plus_1_approvals_then_installs_everywhere(cluster: P
     assert ok.returncode == 0, ok.stdout + ok.stderr
     out = pst("upgrade", "sign", "--config", _config(cluster, 1), "--out", str(cert))
     assert out.returncode == 1 and not cert.exists(), out.stdout + out.stderr
-    assert "declined by servers [2, 3]" in out.stderr, out.stderr  # at once, not after a timeout
+    assert "declined by servers [2, 3, 4]" in out.stderr, out.stderr  # at once, not after a timeout
 
     # Server 2's operator approves the same upgrade: t + 1 = 2 approvals, the network signs.
     ok = pst("upgrade", "approve", "--config", _config(cluster, 2), "--manifest", str(manifest))
@@ -69,8 +69,8 @@ def test_an_upgrade_needs_t_plus_1_approvals_then_installs_everywhere(cluster: P
     assert out.returncode == 0, out.stdout + out.stderr
     assert cert.exists()
 
-    # The certificate is self-authenticating: every server installs it, server 3 included.
-    for i in (1, 2, 3):
+    # The certificate is self-authenticating: every server installs it, servers 3 and 4 included.
+    for i in (1, 2, 3, 4):
         done = pst("upgrade", "install", "--config", _config(cluster, i), "--certificate", str(cert))
         assert done.returncode == 0, done.stdout + done.stderr
     # The C in force now names the new code: this (old) code no longer passes the boot check.

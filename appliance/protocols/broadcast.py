@@ -17,7 +17,7 @@ which accepted (and relayed) it earlier. So at the end every honest server holds
 same set of values per author. With signatures this holds for any number of corrupt
 servers t < n, under the synchrony assumption that an honest server's message reaches
 every honest server within ``delta`` (a server too slow for that counts among the t).
-The network config still enforces n >= 2t+1, which the threshold DSS needs.
+The network config enforces n >= 3t+1 (docs/design.md says why), more than this needs.
 
 *Clear* items (the paper's key announcement by a recovering server, which has no
 authenticated key yet) carry a signature that proves nothing, so they need one more

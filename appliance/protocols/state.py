@@ -37,6 +37,27 @@ class ConfigError(ValueError):
     """The constants C are inconsistent; the message says which value and why."""
 
 
+def max_threshold(n: int) -> int:
+    """The largest t a network of n servers may use: n >= 3t+1."""
+    return (n - 1) // 3
+
+
+def check_size(n: int, t: int) -> None:
+    """Raise ConfigError (one line, with the t or n that works) unless t >= 1 and n >= 3t+1.
+
+    The asynchronous refresh decides with quorums of ceil((n+t+1)/2) signed votes: two quorums
+    share an honest server, and the n-t honest servers can form one without the faulty ones, under
+    any message timing, exactly when n >= 3t+1 (docs/design.md).
+    """
+    if not isinstance(n, int) or not isinstance(t, int) or t < 1:
+        raise ConfigError(f"n and t must be integers with t >= 1 (got n={n}, t={t})")
+    if n < 3 * t + 1:
+        why = f"n={n} servers cannot tolerate t={t}: safety under any message timing needs n >= 3t+1"
+        if max_threshold(n) >= 1:
+            raise ConfigError(f"{why} = {3 * t + 1} (with n={n}, use t={max_threshold(n)})")
+        raise ConfigError(f"{why} = {3 * t + 1} (at least 4 servers are needed for t=1)")
+
+
 @dataclass(frozen=True)
 class Constants:
     """C: the network's public constants. ``secrets`` maps secret id -> group name."""
@@ -51,13 +72,7 @@ class Constants:
     code_digest: bytes = b""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n, int) or not isinstance(self.t, int) or self.t < 1:
-            raise ConfigError(f"n and t must be integers with t >= 1 (got n={self.n}, t={self.t})")
-        if self.n < 2 * self.t + 1:
-            raise ConfigError(
-                f"n={self.n} servers cannot tolerate t={self.t}: the threshold DSS needs an honest "
-                f"majority, n >= 2t+1 = {2 * self.t + 1}"
-            )
+        check_size(self.n, self.t)
         if self.delta <= 0 or self.period_length <= 0:
             raise ConfigError("period_length and delta must be positive")
         if self.secrets.get(SCERT) != "ed25519":
