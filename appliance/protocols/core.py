@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import cbor2
 from nacl.signing import SigningKey
 
 from appliance.crypto import encoding
@@ -19,16 +18,35 @@ from appliance.crypto.errors import DecodeError
 from appliance.crypto.groups import ED25519
 from appliance.crypto.keyshare import KeyShare
 from appliance.crypto.secret import SecretScalar
-from appliance.protocols._core import Outgoing, Signer
+from appliance.protocols._core import Alert, Outgoing, Signer
 from appliance.protocols.approvals import APPROVALS, ApprovalService
-from appliance.protocols.refresh import Outcome, PeriodRefresh, PrivateData, PublicData, Status
+from appliance.protocols.refresh import (
+    MAX_MESSAGE,
+    Durable,
+    MemoryDurable,
+    Outcome,
+    PeriodRefresh,
+    PrivateData,
+    PublicData,
+    Status,
+)
 from appliance.protocols.services import RANDOM, TIME, RandomService, TimeService
 from appliance.protocols.signing import SERVICE, SigningService
-from appliance.protocols.state import SCERT, Constants
+from appliance.protocols.state import SCERT, Constants, KeyTable
+
+#: Early messages kept per peer (for a period we have not started yet).
+MAX_EARLY = 256
 
 
 class ServerCore:
-    """Runs PeriodRefresh for every period from ``first_period``; holds the current data."""
+    """Runs a PeriodRefresh for every period the clock starts; holds the current data.
+
+    A period's data changes only when its refresh decides (see :mod:`~appliance.protocols.refresh`):
+    the decided outcome is persisted through ``on_outcome``, then the engine is rebuilt from
+    what was persisted (as a new key-holder child would) to sign the KeyTable and recover
+    the recovering servers. A refresh that has not decided when the next period is due keeps
+    running; one that decided but did not complete gives way to the next period.
+    """
 
     def __init__(
         self,
@@ -42,12 +60,14 @@ class ServerCore:
         first_period: int = 1,
         on_outcome: Callable[[int, Outcome], None] | None = None,
         signing: bool = False,
+        durable: Durable | None = None,
     ) -> None:
         self.me = me
         self.vstart = vstart
         self.public: PublicData = public
         self.private: PrivateData | None = private
         self.on_outcome = on_outcome
+        self.durable: Durable = durable if durable is not None else MemoryDurable()
         self.signing: SigningService | None = None
         self.time: TimeService | None = None
         self.random: RandomService | None = None
@@ -64,10 +84,15 @@ class ServerCore:
         self.clock = clock
         self.rand = rand
         self.engine: PeriodRefresh | None = None
-        self.next_period = first_period
+        self.next_period = max(first_period, public.decided_period + 1)
         self.outcomes: dict[int, Outcome] = {}
+        #: Every alert of every outcome persisted (an outcome holds its own engine's only).
+        self.alert_log: list[Alert] = []
+        self._persisted: tuple[int, int] = (-1, 0)
         self.rejected: list[str] = []
-        self._early: list[tuple[int, bytes, float, int]] = []
+        self._early: dict[int, list[tuple[int, str, Any, int, float]]] = {}
+        self._late_answered: dict[int, float] = {}
+        self._late_out = []
 
     def request_refresh(self, period: int, start: float) -> None:
         """Run the refresh of ``period`` at ``start`` (earlier than its natural start)."""
@@ -91,15 +116,18 @@ class ServerCore:
             public=self.public,
             private=self.private,
             rand=self.rand,
-            start=self.overrides.get(period),
+            durable=self.durable,
+            now=now,
         )
         self.next_period = period + 1
-        early, self._early = self._early, []
-        for sender, data, at, p in early:
-            if p == period:
-                self.engine.receive(sender, data, max(at, now))
-            elif p > period:
-                self._early.append((sender, data, at, p))
+        for sender in sorted(self._early):
+            keep = []
+            for p, phase, body, size, at in self._early[sender]:
+                if p == period:
+                    self.engine.receive(sender, phase, body, size, max(at, now))
+                elif p > period:
+                    keep.append((p, phase, body, size, at))
+            self._early[sender] = keep
 
     def start_signing(self) -> None:
         """Open the signing service for the data we hold, if it is a valid operational state."""
@@ -113,8 +141,6 @@ class ServerCore:
         table = public.key_table
         sharing = public.sharings.get(SCERT)
         if table is None or private is None or sharing is None or private.period != table.period:
-            return
-        if private.carried:  # the last refresh was not confirmed: these shares wait for the next one
             return
         share = private.shares.get(SCERT)
         if share is None or share.wiped:
@@ -147,8 +173,12 @@ class ServerCore:
             forward=self.signing.receive,
         )
 
+    _late_out: list[Outgoing]
+
     def tick(self, now: float) -> list[Outgoing]:
         out = self._tick_refresh(now)
+        out += self._late_out
+        self._late_out = []
         if self.signing is not None:
             out += self.signing.tick(now)
         if self.time is not None:
@@ -160,15 +190,42 @@ class ServerCore:
         return out
 
     def _tick_refresh(self, now: float) -> list[Outgoing]:
-        period = self.period_at(now)
-        if period >= self.next_period and (self.engine is None or self.engine.outcome is not None):
-            self._start(period, now)
-        if self.engine is None:
+        self._persist_if_changed(now)
+        engine = self.engine
+        if engine is None or engine.complete:
+            if not self.public.complete and self.private is not None:
+                # A decided period whose KeyTable is not signed yet (we restarted after the decision).
+                self._start(self.public.decided_period, now)
+            else:
+                period = self.period_at(now)
+                if period >= self.next_period and period > self.public.decided_period:
+                    self._start(period, now)
+        elif engine.decided and self.period_at(now) > engine.period:
+            engine.give_up(now)
+        engine = self.engine
+        if engine is None:
             return []
-        out = self.engine.tick(now)
-        if self.engine.outcome is not None and self.engine.period not in self.outcomes:
-            self._persist(self.engine.outcome)
+        out = engine.tick(now)
+        self._persist_if_changed(now)
         return out
+
+    def _persist_if_changed(self, now: float) -> None:
+        engine = self.engine
+        if engine is None or engine.outcome is None:
+            return
+        if (engine.period, engine.outcome_version) == self._persisted:
+            return
+        self._persisted = (engine.period, engine.outcome_version)
+        self._persist(engine.outcome)
+        if not engine.complete:
+            # Decided: old shares are gone with this engine; a fresh one signs and recovers,
+            # built from what was persisted (exactly as a new key-holder child would).
+            self.durable.forget(engine.period)
+            self.engine = None
+            self._start(engine.period, now)
+            self._persisted = (engine.period, 0)
+            assert self.engine is not None
+            self.engine.give_held(engine.take_held(), now)
 
     def next_wakeup(self, now: float) -> float | None:
         if self.signing is not None and self.signing.pending:
@@ -179,29 +236,34 @@ class ServerCore:
             return now + 0.01
         if self.approvals is not None and self.approvals.pending_work:
             return now + 0.05
-        if self.engine is not None and self.engine.outcome is None:
+        if self.engine is not None and not self.engine.complete:
             wake = self.engine.next_wakeup(now)
             if wake is not None:
-                return wake
+                return min(wake, self.clock.period_start(self.period_at(now) + 1) + 1e-6)
         upcoming = max(self.next_period, self.period_at(now) + 1)
         start = self.overrides.get(upcoming, self.clock.period_start(upcoming))
         return start + 1e-6
 
     def _persist(self, outcome: Outcome) -> None:
         assert self.engine is not None
-        self.outcomes[self.engine.period] = outcome
+        period = self.engine.period
+        self.outcomes[period] = outcome
+        for a in outcome.alerts:
+            if a not in self.alert_log:
+                self.alert_log.append(a)
         self.rejected += [str(r) for r in self.engine.rejected]
+        self.engine.rejected.clear()
         for service in (self.signing, self.time, self.random, self.approvals):
             if service is not None:
                 self.rejected += [str(r) for r in service.rejected]
                 service.rejected.clear()
         old = self.private
         if self.on_outcome is not None:
-            self.on_outcome(self.engine.period, outcome)  # persist before anything is wiped
+            self.on_outcome(period, outcome)  # persist before anything is wiped
         self.public, self.private = outcome.public, outcome.private
         if old is not None and old is not outcome.private:
             old.wipe()
-        if outcome.status == Status.OPERATIONAL and self.signing_enabled:
+        if outcome.status == Status.OPERATIONAL and self.signing_enabled and self.public.complete:
             self.start_signing()
         elif self.signing is not None:
             self.signing.wipe()
@@ -209,49 +271,74 @@ class ServerCore:
             self.approvals = None
 
     def receive(self, sender: int, data: bytes, now: float) -> None:
+        """One message from a peer, decoded once (size-capped) and routed; bad input is recorded."""
         try:
-            raw: Any = cbor2.loads(data)
-        except Exception:
-            raw = None
-        if isinstance(raw, dict) and raw.get("svc") in (SERVICE, TIME, RANDOM, APPROVALS):
-            obj = _strict(data)
-            if isinstance(obj, dict):
-                if obj["svc"] == SERVICE and self.approvals is not None:
-                    self.approvals.screen(sender, obj, now)  # distributed payloads need a majority
-                elif obj["svc"] == SERVICE and self.signing is not None:
-                    self.signing.receive(sender, obj, now)
-                elif obj["svc"] == APPROVALS and self.approvals is not None:
-                    self.approvals.receive(sender, obj, now)
-                elif obj["svc"] == TIME and self.time is not None:
-                    self.time.receive(sender, obj, now)
-                elif obj["svc"] == RANDOM and self.random is not None:
-                    self.random.receive(sender, obj, now)
+            obj = encoding.decode(data, max_size=MAX_MESSAGE, what="message")
+        except DecodeError as exc:
+            self.rejected.append(f"server {sender}: {exc}")
             return
-        period = raw.get("period") if isinstance(raw, dict) else None
-        period = period if isinstance(period, int) and not isinstance(period, bool) else None
-        if period is None:
-            self.rejected.append(f"server {sender}: undecodable message")
+        if not isinstance(obj, dict):
+            self.rejected.append(f"server {sender}: a message must be a map")
             return
-        if self.engine is not None and self.engine.period == period and self.engine.outcome is None:
-            self.engine.receive(sender, data, now)
-        elif period >= self.next_period and period <= self.period_at(now) + 1:
-            if len(self._early) < 10_000:
-                self._early.append((sender, data, now, period))
+        svc = obj.get("svc")
+        if svc is not None:
+            if svc == SERVICE and self.approvals is not None:
+                self.approvals.screen(sender, obj, now)  # distributed payloads need a majority
+            elif svc == SERVICE and self.signing is not None:
+                self.signing.receive(sender, obj, now)
+            elif svc == APPROVALS and self.approvals is not None:
+                self.approvals.receive(sender, obj, now)
+            elif svc == TIME and self.time is not None:
+                self.time.receive(sender, obj, now)
+            elif svc == RANDOM and self.random is not None:
+                self.random.receive(sender, obj, now)
+            return
+        period, phase, body = obj.get("period"), obj.get("phase"), obj.get("body")
+        if type(period) is not int or not isinstance(phase, str) or set(obj) != {"period", "phase", "body"}:
+            self.rejected.append(f"server {sender}: malformed refresh message")
+            return
+        engine = self.engine
+        if engine is not None and engine.period == period:
+            engine.receive(sender, phase, body, len(data), now)
+            return
+        if engine is not None and period > engine.period and phase == "pushm" and isinstance(body, dict):
+            # A peer has moved on: its PushM carries the transcript of the period we are still in.
+            transcript, table = body.get("transcript"), body.get("keytable")
+            if isinstance(transcript, bytes) and not engine.decided:
+                engine.receive(sender, "catchup", transcript, len(data), now)
+            if isinstance(table, bytes) and engine.resumed and not engine.complete:
+                try:
+                    signed = KeyTable.decode(table)
+                except DecodeError:
+                    signed = None
+                if signed is not None and signed.period == engine.period:
+                    engine.receive(sender, "kt-sig", signed.signature, len(data), now)
+        if period >= self.next_period and period <= self.period_at(now) + 1:
+            held = self._early.setdefault(sender, [])
+            if len(held) < MAX_EARLY:
+                held.append((period, phase, body, len(data), now))
             else:
                 self.rejected.append(
                     f"server {sender}: too many early messages; dropped one for period {period}"
                 )
-        elif period < self.next_period:
-            self.rejected.append(
-                f"server {sender}: message for period {period}, whose refresh is over (replayed or late)"
-            )
+        elif period <= self.public.decided_period:
+            self._answer_late(sender, period, now)
         else:
             self.rejected.append(f"server {sender}: message for period {period}, too far in the future")
 
-
-def _strict(data: bytes) -> Any:
-    """A message decoded strictly, or None (only routing looks at it before the protocols do)."""
-    try:
-        return encoding.decode(data, what="message")
-    except DecodeError:
-        return None
+    def _answer_late(self, sender: int, period: int, now: float) -> None:
+        """A peer still in a period we decided: send it the transcript (at most once a second)."""
+        transcript = self.public.transcript
+        if transcript is None or transcript.period != period:
+            self.rejected.append(
+                f"server {sender}: message for period {period}, whose refresh is over (replayed or late)"
+            )
+            return
+        if now - self._late_answered.get(sender, -1e9) < 1.0:
+            return
+        self._late_answered[sender] = now
+        self._late_out.append(
+            Outgoing(
+                sender, encoding.encode({"period": period, "phase": "catchup", "body": transcript.encode()})
+            )
+        )

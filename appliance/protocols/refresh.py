@@ -1,51 +1,52 @@
-"""One period's refresh, as server ``me`` sees it: PushM (Table 2) then Table 1.
+"""One period's refresh (Table 1, with PushM of Table 2), safe under any message timing.
 
 Theory of operation
 -------------------
-The period's protocol runs on a fixed schedule of rounds of length ``delta`` from the
-period start T (every server knows T from the clock and C). Each phase below names
-the paper's step it implements; the phase table is :class:`Schedule`.
+The clock only *starts* a period's refresh; every step proceeds as soon as it has the
+messages it needs, and the period's data changes only by a **decision** of the agreement
+engine (:mod:`appliance.protocols.agreement`), never by a timeout. Until the decision
+every server keeps everything it had; at the decision it erases its old shares and keys.
 
-=========  ===========================================================================
-PUSHM      Table 2. Check [Scert(M), M] with Vstart from ROM. Operational servers send
-           M and the signed KeyTable of the previous period to everyone; a server whose
-           M is missing or corrupt waits for a verifiable copy (or raises an alert).
-ANNOUNCE   Table 1 steps 1-3. Fresh (S_i, V_i) and (E_i, D_i); K_i = (V_i, S_i(E_i))
-           broadcast with the previous period key S_i(t-1) when the server has one, in
-           the clear (self-signed) otherwise. The announcement also carries the digests
-           of the sharings the server holds (the *agreement on the data to refresh or
-           recover*) and its FROST nonce commitments for the signing attempts. The
-           broadcast (:mod:`~appliance.protocols.broadcast`) gives every honest server
-           the same announcements; the judgment rules (i)-(iii) then pick the KeyTable.
-SIGN       Table 1 steps 4-5. The KeyTable is jointly signed with Scert (FROST). Attempt a
-           is led by the a-th operational server, which names t+1 signers; signers answer
-           with signature shares sent to everyone, so anyone can aggregate; a bad share
-           names its signer. 2t+1 attempts suffice against t faulty servers. Whoever
-           holds a valid signature forwards it. Each server checks its own K_i is in the
-           signed KeyTable (alert if not). From here on, messages are signed with the
-           new period keys.
-DEAL       Table 1 "refresh long-lived data", step 2. Every operational server broadcasts
-           a sharing of zero for each long-lived secret (HJKY refresh) and, for each
-           recovering server r, a blinding polynomial vanishing at r (HJKY recovery);
-           it sends the sub-shares privately, each signed (complaint evidence).
-COMPLAIN   Bad sub-shares are answered with their signed evidence, missing ones named.
-REVEAL     Dealers answer "missing" complaints by revealing the sub-share.
-CONTRIB    From the qualified dealers, every operational server computes its new
-           shares and sends each recovering server its blinded value; a recovering
-           server rebuilds its share of each secret and refreshes it.
-CONFIRM    Every server that holds new shares sends everyone the digest of its new public
-           sharings, signed with its new period key. A server keeps its new shares only if
-           at least n-t servers (itself included) report the same digest; otherwise it
-           keeps the previous period's shares (not used for signing this period) and the
-           next refresh brings it to the sharing that t+1 servers agree on. This is a
-           safety net for a broken synchrony assumption (messages later than a round): it
-           stops honest servers from erasing their old shares for diverging new ones,
-           which would lose the group key.
-=========  ===========================================================================
+=========  ====================================================================================
+PUSHM      Table 2. M is checked with Vstart from ROM. Operational servers send everyone M,
+           the newest KeyTable (signed with Scert), the public sharings and the transcript of
+           the last decision, so that a server that lost data or missed a period catches up.
+ANNOUNCE   Table 1 steps 1-3. Fresh period keys (V_i, S_i), (E_i, D_i), saved before they
+           are sent. K_i is signed with the previous period key (authenticated) or, by a
+           recovering server, with the new S_i (clear). Receivers forward each authenticated
+           announcement once (so all honest servers get it, and two different ones are
+           transferable evidence: rule (i)). A clear announcement counts only with t+1
+           attestations by servers that received it on the author's own connection, so no
+           relayer can invent one (rules (ii)-(iii)).
+KEYTABLE   Agreement 1: the leader proposes the KeyTable with every announcement (and
+           attestation) inline; members of the previous KeyTable vote after checking every
+           entry and their own evidence. The agreed sharing digest is the one t+1
+           authenticated announcements report; those servers are the dealers (operational).
+DEAL       Every operational server deals, for each long-lived secret, a sharing of zero
+           (HJKY refresh) and, for each recovering server r, a blinding polynomial vanishing
+           at r (HJKY recovery): commitments plus every recipient's sub-shares encrypted to
+           its new E_k (:mod:`appliance.crypto.vdec`), one self-contained signed dealing,
+           saved before it is sent and forwarded by every receiver.
+COMPLAIN   A recipient whose sub-shares do not decrypt or fail the commitments publishes a
+           complaint anyone can judge (a Chaum-Pedersen reveal of its decryption key for that
+           one ciphertext): the dealer or the accuser is convicted, never an honest server.
+DEALINGS   Agreement 2 among the new KeyTable's members: the set S of at least t+1 dealings.
+           A member votes only if it holds every dealing in S and its own sub-shares in all
+           of them verify, so a decision means at least t+1 honest servers can compute the
+           new sharing. DECISION: new shares s' = s + sum f_i(k), the recovery values owed to
+           recovering servers, persisted; the old shares and period keys erased.
+SIGN       After the decision: the KeyTable is signed with Scert by FROST with the *new*
+           shares (so a signed KeyTable proves the decision). Attempt a is led by the a-th
+           operational server, whose signed request fixes the signer set; shares for any
+           other set are refused; two requests for one attempt are equivocation.
+RECOVER    Each operational server sends each recovering server r its blinded new share
+           s'_k + sum g_(i,r)(k), encrypted to E_r; r checks each against public data,
+           interpolates t+1 of them at r, and is operational.
+=========  ====================================================================================
 
-The outcome (:class:`Outcome`) is the server's new public and private data, its status
-(operational or recovering) and the alerts it raised. Nothing in this module reads a
-clock, a socket or a random source: ``now`` and ``rand`` are arguments.
+Invariants (docs/design.md proves them): the group key is never lost; at most one KeyTable
+is decided per period; old shares are gone after the decision; no honest server is accused
+of anything but silence. Nothing here reads a clock, a socket or a random source.
 """
 
 from __future__ import annotations
@@ -53,18 +54,16 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from nacl.exceptions import CryptoError as CryptoLibError
-from nacl.public import Box, PrivateKey, PublicKey
 from nacl.signing import SigningKey
 
-from appliance.crypto import encoding, frost, pss
-from appliance.crypto.errors import CheatingError, CryptoError, DecodeError
+from appliance.crypto import encoding, frost, pss, vdec
+from appliance.crypto.errors import CheatingError, DecodeError
 from appliance.crypto.groups import ED25519, Group
 from appliance.crypto.keyshare import KeyShare, PublicSharing
 from appliance.crypto.secret import SecretScalar
-from appliance.crypto.vss import Complaint, ShareMessage, judge_complaint, sum_commitments
+from appliance.crypto.shamir import interpolate
 from appliance.protocols._core import (
     EVERYONE,
     Alert,
@@ -75,7 +74,23 @@ from appliance.protocols._core import (
     Signer,
     ed25519_verify,
 )
-from appliance.protocols.broadcast import AUTH, CLEAR, Item, SyncBroadcast, item_statement
+from appliance.protocols._signed import BadSignature, decode_signed, open_signed, sign
+from appliance.protocols.agreement import (
+    ACCEPT,
+    WAIT,
+    Committee,
+    Decision,
+    Engine,
+    Instance,
+    QuorumCert,
+    SafetyData,
+    SafetyRules,
+    Verdict,
+    digest,
+    reject,
+    safety_from_bytes,
+    safety_to_bytes,
+)
 from appliance.protocols.state import (
     SCERT,
     Constants,
@@ -89,10 +104,13 @@ from appliance.protocols.state import (
 )
 
 RandomBytes = Callable[[int], bytes]
-#: Phases whose body is sealed to the recipient's period encryption key.
-SEALED = frozenset({"shares", "contrib"})
 CONTEXT = "pst/refresh"
-MAX_MESSAGE = 4 * 1024 * 1024
+#: No refresh message is larger (checked before decoding).
+MAX_MESSAGE = 512 * 1024
+#: Bytes one peer may send us in one period's refresh; beyond, its messages are dropped.
+PEER_BUDGET = 16 * 1024 * 1024
+#: Messages per peer held until we can judge them (before M or the KeyTable is known).
+MAX_HELD = 128
 
 
 class Status(enum.Enum):
@@ -100,30 +118,89 @@ class Status(enum.Enum):
     RECOVERING = "recovering"
 
 
+# Data -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """The decided record of one period's refresh: anyone holding the previous KeyTable checks it."""
+
+    period: int
+    kt_value: bytes
+    kt_qc: QuorumCert
+    s_value: bytes
+    s_qc: QuorumCert
+    dealings: Mapping[int, bytes]
+
+    def encode(self) -> bytes:
+        return encoding.encode(
+            {
+                "period": self.period,
+                "kt": [self.kt_value, self.kt_qc.to_obj()],
+                "s": [self.s_value, self.s_qc.to_obj()],
+                "dealings": dict(self.dealings),
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> Transcript:
+        f = encoding.expect_map(
+            encoding.decode(data, max_size=8 * MAX_MESSAGE, what="transcript"),
+            {"period": int, "kt": list, "s": list, "dealings": dict},
+            "transcript",
+        )
+        pairs = []
+        for name in ("kt", "s"):
+            x = f[name]
+            if len(x) != 2 or not isinstance(x[0], bytes):
+                raise DecodeError(f"transcript: malformed {name} decision")
+            pairs.append((x[0], QuorumCert.from_obj(x[1])))
+        dealings: dict[int, bytes] = {}
+        for d, raw in f["dealings"].items():
+            if type(d) is not int or not isinstance(raw, bytes):
+                raise DecodeError("transcript: dealings must map dealer ids to bytes")
+            dealings[d] = raw
+        return cls(f["period"], pairs[0][0], pairs[0][1], pairs[1][0], pairs[1][1], dealings)
+
+
 @dataclass
 class PublicData:
-    """What a server stores in public: M, the signed KeyTable, the current sharings."""
+    """What a server stores in public: M, the newest signed KeyTable, the sharings, the last decision."""
 
     m: InvariantInfo | None = None
     key_table: KeyTable | None = None
     sharings: dict[str, PublicSharing[Any]] = field(default_factory=dict)
+    transcript: Transcript | None = None
+
+    @property
+    def decided_period(self) -> int:
+        """The last period whose refresh this server decided (or whose KeyTable it holds)."""
+        kt = self.key_table.period if self.key_table is not None else -1
+        return max(kt, self.transcript.period if self.transcript is not None else -1)
+
+    @property
+    def complete(self) -> bool:
+        """False while the last decision's KeyTable is not yet signed (SIGN/RECOVER running)."""
+        return self.transcript is None or (
+            self.key_table is not None and self.key_table.period >= self.transcript.period
+        )
 
 
 @dataclass(repr=False)
 class PrivateData:
-    """What a server stores in private: this period's key seeds and its shares."""
+    """What a server stores in private: period key seeds, shares, values owed to recovering servers."""
 
     period: int
     signing_seed: bytes
     encryption_seed: bytes
     shares: dict[str, SecretScalar] = field(default_factory=dict)
-    #: The shares are the previous period's, kept because the refresh was not confirmed by
-    #: n-t servers (CONFIRM): valid for the next refresh, not used to sign in this period.
-    carried: bool = False
+    #: Blinded new shares owed to recovering servers: r -> secret id -> value.
+    rpoints: dict[int, dict[str, int]] = field(default_factory=dict)
 
     def wipe(self) -> None:
         for s in self.shares.values():
             s.wipe()
+        self.rpoints.clear()
 
     def __repr__(self) -> str:
         return f"PrivateData(period={self.period}, secrets={sorted(self.shares)}, <hidden>)"
@@ -138,56 +215,294 @@ class Outcome:
     failure: str | None = None
 
 
+class Durable(Protocol):
+    """Small durable records of a refresh in progress (private: they hold seeds)."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def put(self, key: str, value: bytes) -> None:
+        """Return only once ``value`` is durable: a restart must find it."""
+
+    def forget(self, period: int) -> None:
+        """Erase every record of ``period`` and earlier (overwritten, not just unlinked)."""
+
+
+class MemoryDurable:
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def get(self, key: str) -> bytes | None:
+        return self.data.get(key)
+
+    def put(self, key: str, value: bytes) -> None:
+        self.data[key] = value
+
+    def forget(self, period: int) -> None:
+        for k in [k for k in self.data if int(k.split("/")[0]) <= period]:
+            del self.data[k]
+
+
+class _DurableSafety:
+    def __init__(self, durable: Durable, period: int) -> None:
+        self.durable = durable
+        self.period = period
+
+    def load(self, inst: Instance) -> SafetyData | None:
+        raw = self.durable.get(f"{self.period}/safety/{inst.name}")
+        if raw is None:
+            return None
+        try:
+            return safety_from_bytes(raw)
+        except DecodeError:  # pragma: no cover - our own file; the node checks its integrity
+            raise LocalProtocolError(f"safety data of {inst.name} is corrupt") from None
+
+    def save(self, inst: Instance, data: SafetyData) -> None:
+        self.durable.put(f"{self.period}/safety/{inst.name}", safety_to_bytes(data))
+
+
+# Announcements ------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
-class Schedule:
-    """The period's phases, in rounds of ``delta`` from ``start`` (see the module's table)."""
-
-    start: float
-    delta: float
-    t: int
-    attempts: int = field(init=False)
-    announce: int = field(init=False)
-    sign: int = field(init=False)
-    forward: int = field(init=False)
-    deal: int = field(init=False)
-    complain: int = field(init=False)
-    reveal: int = field(init=False)
-    contrib: int = field(init=False)
-    confirm: int = field(init=False)
-    end: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        t = self.t
-        put = object.__setattr__
-        put(self, "attempts", 2 * t + 1)
-        put(self, "announce", 1)
-        put(self, "sign", 1 + t + 2)
-        put(self, "forward", self.sign + 2 * self.attempts)
-        put(self, "deal", self.forward + 1)
-        put(self, "complain", self.deal + t + 1)
-        put(self, "reveal", self.complain + t + 1)
-        put(self, "contrib", self.reveal + t + 1)
-        put(self, "confirm", self.contrib + 1)
-        put(self, "end", self.confirm + 1)
-
-    def at(self, rounds: int) -> float:
-        return self.start + rounds * self.delta
+class Ann:
+    server: int
+    entry: KeyEntry
+    sharings: Mapping[str, bytes]
+    clear: bool
+    raw: bytes
 
     @property
-    def duration(self) -> float:
-        return self.end * self.delta
+    def digest(self) -> bytes:
+        return digest(self.raw)
 
 
-def _session(period: int, phase: str) -> bytes:
-    return encoding.encode(["pst/refresh", period, phase])
+def parse_ann(raw: Any, period: int, old_keys: Mapping[int, bytes]) -> Ann:
+    """An announcement from untrusted bytes: decoded, its signatures checked (DecodeError/BadSignature)."""
+    s = decode_signed(raw, "announce", period, max_size=16 * 1024)
+    f = encoding.expect_map(
+        s.body, {"server": int, "K": dict, "sharings": dict, "clear": bool}, "announcement"
+    )
+    entry = KeyEntry.from_obj(f["K"], "announcement")
+    sharings: dict[str, bytes] = {}
+    for k, v in f["sharings"].items():
+        if not isinstance(k, str) or not isinstance(v, bytes) or len(v) != 32:
+            raise DecodeError("announcement: sharings must map secret ids to 32-byte digests")
+        sharings[k] = v
+    server = f["server"]
+    if not ed25519_verify(
+        entry.verify_key, encryption_key_payload(server, period, entry.encryption_key), entry.signature
+    ):
+        raise BadSignature("announcement: E_i is not signed with the new V_i")
+    try:
+        vdec.decode_public_key(entry.encryption_key)
+    except DecodeError as exc:
+        raise DecodeError(f"announcement: E_i is not a valid key: {exc}") from None
+    key = entry.verify_key if f["clear"] else old_keys.get(server)
+    if key is None or not s.verify(key):
+        raise BadSignature(
+            f"announcement of server {server} not signed with its {'new' if f['clear'] else 'period'} key"
+        )
+    if f["clear"] and sharings:
+        raise DecodeError("announcement: a clear announcement holds no sharings")
+    return Ann(server, entry, sharings, f["clear"], raw)
 
 
-def _share_session(kind: str, sid: str, lost: int) -> bytes:
-    return encoding.encode([kind, sid, lost])
+@dataclass(frozen=True)
+class KeyTableCandidate:
+    """A decoded, checked KeyTable proposal: the table, its announcements, who deals, who recovers."""
+
+    value: bytes
+    table: KeyTable
+    anns: Mapping[int, Ann]
+    operational: tuple[int, ...]
+    recovering: tuple[int, ...]
+
+
+class InvalidProposal(Exception):
+    pass
+
+
+def judge_keytable(
+    value: bytes, period: int, c: Constants, old_keys: Mapping[int, bytes]
+) -> KeyTableCandidate:
+    """Table 1's judgment applied to a proposed KeyTable, from the value alone (pure).
+
+    Every entry is an authenticated announcement (signed with the author's key of the
+    previous KeyTable) or a clear one with t+1 attestations from distinct members of the
+    previous KeyTable (at least one honest server received it from the author itself).
+    The sharing digest of each secret must be reported by t+1 authenticated entries; those
+    entries are the operational servers (at least t+1), all others recover.
+    """
+    try:
+        f = encoding.expect_map(
+            encoding.decode(value, what="KeyTable proposal"),
+            {"period": int, "entries": dict, "sharings": dict},
+            "KeyTable proposal",
+        )
+    except DecodeError as exc:
+        raise InvalidProposal(str(exc)) from None
+    if f["period"] != period:
+        raise InvalidProposal(f"KeyTable proposal for period {f['period']}")
+    anns: dict[int, Ann] = {}
+    for i, e in f["entries"].items():
+        if type(i) is not int or i not in c.ids or not isinstance(e, dict):
+            raise InvalidProposal("KeyTable proposal: entries must be keyed by server ids")
+        try:
+            g = encoding.expect_map(e, {"ann": bytes, "attest": dict}, "KeyTable entry")
+            ann = parse_ann(g["ann"], period, old_keys)
+        except (DecodeError, BadSignature) as exc:
+            raise InvalidProposal(f"entry {i}: {exc}") from None
+        if ann.server != i:
+            raise InvalidProposal(f"entry {i} holds server {ann.server}'s announcement")
+        if ann.clear:
+            good = sum(
+                1
+                for j, att in g["attest"].items()
+                if type(j) is int and j != i and check_attestation(att, period, j, i, ann.digest, old_keys)
+            )
+            if good < c.t + 1:
+                raise InvalidProposal(f"entry {i}: clear announcement with {good} attestations, need t+1")
+        elif g["attest"]:
+            raise InvalidProposal(f"entry {i}: attestations on an authenticated announcement")
+        anns[i] = ann
+    sharings: dict[str, bytes] = {}
+    for sid, d in f["sharings"].items():
+        if sid not in c.secrets or not isinstance(d, bytes):
+            raise InvalidProposal("KeyTable proposal: unknown secret")
+        sharings[sid] = d
+    if set(sharings) != set(c.secrets):
+        raise InvalidProposal("KeyTable proposal: a sharing digest per secret")
+    operational = tuple(
+        sorted(
+            i
+            for i, a in anns.items()
+            if not a.clear and all(a.sharings.get(s) == d for s, d in sharings.items())
+        )
+    )
+    if len(operational) < c.t + 1:
+        raise InvalidProposal(f"only {len(operational)} servers hold the agreed sharing, need t+1")
+    recovering = tuple(sorted(set(anns) - set(operational)))
+    table = KeyTable(period, {i: a.entry for i, a in anns.items()}, sharings, frozenset(recovering))
+    return KeyTableCandidate(value, table, anns, operational, recovering)
+
+
+def attestation(period: int, author: int, ann_digest: bytes, signer: Signer) -> bytes:
+    return sign("attest", period, {"server": author, "ann": ann_digest}, signer)
+
+
+def check_attestation(
+    raw: Any, period: int, by: int, author: int, ann_digest: bytes, old_keys: Mapping[int, bytes]
+) -> bool:
+    key = old_keys.get(by)
+    if key is None:
+        return False
+    try:
+        s = open_signed(raw, "attest", period, key, max_size=1024)
+    except (DecodeError, BadSignature):
+        return False
+    return bool(s.body == {"server": author, "ann": ann_digest})
+
+
+# Dealings ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dealing:
+    dealer: int
+    zero: Mapping[str, pss.ZeroDealing[Any]]
+    recover: Mapping[str, Mapping[int, pss.RecoveryDealing[Any]]]
+    ephemeral: bytes
+    ciphertexts: Mapping[int, bytes]
+    raw: bytes
+
+    @property
+    def digest(self) -> bytes:
+        return digest(self.raw)
+
+
+def deal_context(period: int, dealer: int, kt_digest: bytes) -> bytes:
+    return encoding.encode(["pst/refresh/deal", period, dealer, kt_digest])
+
+
+def parse_dealing(raw: Any, period: int, kt: KeyTableCandidate, c: Constants) -> Dealing:
+    """A dealing from untrusted bytes, checked against the decided KeyTable (DecodeError/BadSignature)."""
+    s = decode_signed(raw, "deal", period, max_size=MAX_MESSAGE)
+    f = encoding.expect_map(
+        s.body, {"dealer": int, "kt": bytes, "eph": bytes, "commit": dict, "ct": dict}, "dealing"
+    )
+    d = f["dealer"]
+    if d not in kt.operational:
+        raise DecodeError(f"dealing by server {d}, which is not an operational member")
+    if not s.verify(kt.table.entries[d].verify_key):
+        raise BadSignature(f"dealing of server {d} not signed with its new period key")
+    if f["kt"] != digest(kt.value):
+        raise DecodeError("dealing for another KeyTable")
+    vdec.check_ephemeral(f["eph"], deal_context(period, d, f["kt"]))
+    if set(f["commit"]) != set(c.secrets):
+        raise DecodeError("dealing: one commitment set per secret")
+    zero: dict[str, pss.ZeroDealing[Any]] = {}
+    recover: dict[str, dict[int, pss.RecoveryDealing[Any]]] = {}
+    for sid, obj in f["commit"].items():
+        group = c.group(sid)
+        g = encoding.expect_map(obj, {"zero": list, "rec": dict}, "dealing commitments")
+        zero[sid] = pss.ZeroDealing.decode(
+            group, encoding.encode({"dealer": d, "points": g["zero"]}), c.n, c.t
+        )
+        if set(g["rec"]) != set(kt.recovering):
+            raise DecodeError("dealing: one blinding polynomial per recovering server")
+        recover[sid] = {
+            r: pss.RecoveryDealing.decode(
+                group, encoding.encode({"dealer": d, "lost": r, "points": pts}), c.n, c.t
+            )
+            for r, pts in g["rec"].items()
+        }
+    if set(f["ct"]) != set(kt.table.entries) or not all(isinstance(x, bytes) for x in f["ct"].values()):
+        raise DecodeError("dealing: one ciphertext per member of the KeyTable")
+    return Dealing(d, zero, recover, f["eph"], dict(f["ct"]), raw)
+
+
+def parse_subshares(
+    plain: bytes, dealing: Dealing, me: int, helper: bool, c: Constants
+) -> dict[str, tuple[int, dict[int, int]]]:
+    """Our sub-shares from a decrypted plaintext, each checked against the dealing (CheatingError)."""
+    try:
+        obj = encoding.decode(plain, what="sub-shares")
+        if not isinstance(obj, dict) or set(obj) != set(c.secrets):
+            raise DecodeError("sub-shares: one entry per secret")
+        out: dict[str, tuple[int, dict[int, int]]] = {}
+        for sid, e in obj.items():
+            g = encoding.expect_map(e, {"z": int, "g": dict}, "sub-shares")
+            rec = {r: v for r, v in g["g"].items() if type(r) is int and type(v) is int}
+            if len(rec) != len(g["g"]):
+                raise DecodeError("sub-shares: malformed blinding values")
+            out[sid] = (g["z"], rec)
+    except DecodeError as exc:
+        raise CheatingError(dealing.dealer, f"sub-shares for server {me} malformed: {exc}") from None
+    for sid, (z, rec) in out.items():
+        group = c.group(sid)
+        if not dealing.zero[sid].check_subshare(group, me, z):
+            raise CheatingError(
+                dealing.dealer, f"refresh sub-share of {sid!r} for server {me} fails the commitments"
+            )
+        expected = set(dealing.recover[sid]) if helper else set()
+        if set(rec) != expected:
+            raise CheatingError(dealing.dealer, f"wrong set of blinding values for server {me}")
+        for r, v in rec.items():
+            if not dealing.recover[sid][r].check_subshare(group, me, v):
+                raise CheatingError(dealing.dealer, f"blinding value for server {r} fails the commitments")
+    return out
+
+
+# The refresh ---------------------------------------------------------------------------------
+
+
+def base_timeout(c: Constants) -> float:
+    """The first view's timeout; later views double it, so no round length has to be right."""
+    return max(0.5, 8 * c.delta)
 
 
 class PeriodRefresh:
-    """The refresh of period ``period`` for server ``me`` (sans-IO)."""
+    """The refresh of ``period`` at server ``me`` (sans-IO): from the clock's start to completion."""
 
     def __init__(
         self,
@@ -198,1227 +513,1420 @@ class PeriodRefresh:
         public: PublicData,
         private: PrivateData | None,
         rand: RandomBytes,
-        start: float | None = None,
+        durable: Durable,
+        now: float,
     ) -> None:
         self.me = me
-        self._start_override = start
         self.period = period
         self.vstart = vstart
         self.rand = rand
+        self.durable = durable
         self.alerts: list[Alert] = []
         self.rejected: list[RemoteProtocolError] = []
         self.outcome: Outcome | None = None
+        self.outcome_version = 0
+        self.decided = False
+        self.complete = False
+        self._now = now
         self._out: list[Outgoing] = []
-        self._buffer: list[tuple[int, bytes, float]] = []
-        self._done_phases: set[str] = set()
-        # Table 2: check what we hold.
-        self.m: InvariantInfo | None = None
-        self.old_table: KeyTable | None = None
-        self.old_sharings: dict[str, PublicSharing[Any]] = {}
-        self.keys: dict[str, KeyShare[Any]] = {}
-        self.old_signer: Signer | None = None
-        self.status = Status.RECOVERING
+        self._held: dict[int, list[tuple[str, Any]]] = {}
+        self._spent: dict[int, int] = {}
         self._old_public = public
         self._old_private = private
-        self._check_local(public, private)
-        self._own_push: dict[str, bytes] | None = None
-        if self.m is not None and self.old_table is not None:
-            self._own_push = {"M": self.m.encode(), "keytable": self.old_table.encode()}
-        # Fresh period keys (Table 1 steps 1-2), generated now so they exist even if we recover.
-        self.signing_seed = rand(32)
-        self.encryption_seed = rand(32)
-        self.signer = Signer(SigningKey(self.signing_seed))
-        self.encryption_public = bytes(PrivateKey(self.encryption_seed).public_key)
-        self.schedule: Schedule | None = None
-        if self.m is not None:
-            self._set_schedule(self.m.constants)
-        # Later phases.
-        self.announce: SyncBroadcast | None = None
-        self.my_entry = KeyEntry(
-            self.signer.public,
-            self.encryption_public,
-            self.signer.sign(encryption_key_payload(me, period, self.encryption_public)),
-        )
-        self.entries: dict[int, KeyEntry] = {}
-        self.operational: list[int] = []
-        self.recovering: list[int] = []
-        self.table: KeyTable | None = None
-        self.frost_commitments: dict[int, list[bytes]] = {}
-        self._nonces: list[frost.SigningNonces] = []
-        self._failed_signers: set[int] = set()
-        self._requests: dict[int, tuple[int, ...]] = {}
-        self._sig_shares: dict[tuple[int, tuple[int, ...]], dict[int, frost.SignatureShare]] = {}
-        self._signed_attempts: set[int] = set()
-        self._forwarded = False
-        self._sign_closed = False
-        self._package: frost.KeyPackage | None = None
-        self.deal_bc: SyncBroadcast | None = None
-        self.complain_bc: SyncBroadcast | None = None
-        self.reveal_bc: SyncBroadcast | None = None
-        self._subshares: dict[tuple[str, str, int, int], tuple[int, bytes]] = {}
-        self._my_subshares: dict[int, list[list[Any]]] = {}
-        self._contribs: dict[str, dict[int, tuple[int, Any]]] = {}
-        self._confirms: dict[int, bytes] = {}
-        self._alone = False
-        self._dealings: dict[int, dict[str, Any]] = {}
-        self._qual: list[int] = []
-        self._new_keys: dict[str, KeyShare[Any]] = {}
-        self._sent_subshares: dict[tuple[str, str, int, int], int] = {}
-        self._reveals: dict[tuple[str, str, int, int, int], int] = {}
-
-    # Table 2: what do we hold? ------------------------------------------------------------
-
-    def _check_local(self, public: PublicData, private: PrivateData | None) -> None:
-        """Table 2 (i)-(ii) on our own copy of M; the rest is decided once pushes are in."""
-        m = public.m
-        if m is not None:
-            problem = m.check(self.me, self.vstart)
-            if problem is not None:
-                self._alert(AlertKind.INVALID_M, self.me, f"own copy of M rejected: {problem}")
-                m = None
-        if m is None:
-            return
-        self.m = m
-        table = public.key_table
-        if table is not None and table.period < self.period and table.verify(m.vcert):
-            self.old_table = table
-        self.status = Status.OPERATIONAL  # provisional: M is valid; see _decide_status
-
-    def _decide_status(self) -> None:
-        """Operational iff we hold the newest certified KeyTable, its key for us, and valid shares.
-
-        The newest KeyTable is the one with the highest period among ours and those pushed
-        by peers (all certified with Scert): a server that missed a refresh holds an older
-        one, so its period key and shares are stale and it must recover.
-        """
+        # Table 2: M and the newest KeyTable we know (ours, or pushed by a peer).
+        self.m: InvariantInfo | None = None
+        self.old_table: KeyTable | None = None
         self.status = Status.RECOVERING
-        self.keys = {}
-        self.old_signer = None
-        public, private = self._old_public, self._old_private
-        table = self.old_table
-        if self.m is None or table is None or public.key_table is None:
+        self.keys: dict[str, KeyShare[Any]] = {}
+        self._pushed_sharings: dict[str, dict[bytes, PublicSharing[Any]]] = {}
+        self._check_m(public.m)
+        table = public.key_table
+        if table is not None and self.m is not None and table.period < period and table.verify(self.m.vcert):
+            self.old_table = table
+        for sid, sh in public.sharings.items():
+            self._remember_sharing(sid, sh)
+        # Agreement state.
+        self.kt_engine: Engine | None = None
+        self.kt: KeyTableCandidate | None = None
+        self.s_engine: Engine | None = None
+        self.anns: dict[int, dict[bytes, Ann]] = {}
+        self.clear: dict[int, dict[bytes, dict[int, bytes]]] = {}
+        self._clear_anns: dict[bytes, Ann] = {}
+        self.conflicts: set[int] = set()
+        self._forwarded: set[bytes] = set()
+        self._ready_since: float | None = None
+        self.dealings: dict[int, Dealing] = {}
+        self._other_dealings: dict[bytes, bytes] = {}
+        self._raw_dealings: dict[bytes, bytes] = {}
+        self.my_subshares: dict[int, dict[str, tuple[int, dict[int, int]]]] = {}
+        self.convicted: dict[int, str] = {}
+        self._complaints: dict[tuple[int, int], bytes] = {}
+        self._checked: dict[bytes, set[int]] = {}
+        self._s_ready_since: float | None = None
+        self._want_sent = -1.0
+        self._late_answered: dict[int, float] = {}
+        # Phase II.
+        self.transcript: Transcript | None = None
+        self.new_keys: dict[str, KeyShare[Any]] = {}
+        self.new_sharings: dict[str, PublicSharing[Any]] = {}
+        self.rpoints: dict[int, dict[str, int]] = {}
+        self.signed_table: KeyTable | None = None
+        self._frost = _FrostState()
+        self._rpoint_values: dict[str, dict[int, int]] = {}
+        self._rpoints_sent = False
+        if (
+            public.transcript is not None
+            and public.transcript.period == period
+            and not public.complete
+            and private is not None
+            and private.period == period
+        ):
+            self._resume(public.transcript, private)
             return
-        if public.key_table.payload() != table.payload() or private is None or private.period != table.period:
-            return
-        c = self.m.constants
-        key = SigningKey(private.signing_seed)
-        entry = table.entries.get(self.me)
-        if entry is None or bytes(key.verify_key) != entry.verify_key:
-            return
-        keys: dict[str, KeyShare[Any]] = {}
-        for sid in c.secrets:
-            sharing = public.sharings.get(sid)
-            share = private.shares.get(sid)
-            if sharing is None or share is None or share.wiped:
-                return
-            k = KeyShare(self.me, SecretScalar(share.value, c.group(sid).order), sharing)
-            if sharing.n != c.n or sharing.t != c.t or not k.check(c.group(sid)):
-                return
-            keys[sid] = k
-        self.keys = keys
-        self.old_signer = Signer(key)
-        self.old_sharings = dict(public.sharings)
-        self.status = Status.OPERATIONAL
+        self._new_period_keys()
+        if self.m is not None:
+            self._start(now)
 
-    def _set_schedule(self, c: Constants) -> None:
-        start = self._start_override if self._start_override is not None else c.period_start(self.period)
-        self.schedule = Schedule(start, c.delta, c.t)
+    # Small helpers ------------------------------------------------------------------------------
 
     @property
-    def constants(self) -> Constants:
+    def c(self) -> Constants:
         if self.m is None:
             raise LocalProtocolError("constants not known yet")
         return self.m.constants
 
+    @property
+    def timeout(self) -> float:
+        return base_timeout(self.c)
+
     def _alert(self, kind: AlertKind, server: int, detail: str, evidence: tuple[bytes, ...] = ()) -> None:
-        alert = Alert(kind, server, self.period, detail, evidence)
         if all((a.kind, a.server, a.detail) != (kind, server, detail) for a in self.alerts):
-            self.alerts.append(alert)
+            self.alerts.append(Alert(kind, server, self.period, detail, evidence))
 
-    # Envelopes -------------------------------------------------------------------------
+    def _send(self, to: int, phase: str, body: Any) -> None:
+        self._out.append(Outgoing(to, encoding.encode({"period": self.period, "phase": phase, "body": body})))
 
-    def _envelope(self, phase: str, body: Any, signer: Signer | None) -> bytes:
-        payload = encoding.signing_payload(phase, 1, CONTEXT, self.period, {"from": self.me, "body": body})
-        sig = signer.sign(payload) if signer is not None else b""
-        return encoding.encode(
-            {"phase": phase, "period": self.period, "from": self.me, "body": body, "sig": sig}
+    def _scalar(self, group: Group[Any]) -> int:
+        size = (group.order.bit_length() + 7) // 8 + 16
+        return int.from_bytes(self.rand(size), "big") % (group.order - 1) + 1
+
+    def _check_m(self, m: InvariantInfo | None) -> None:
+        if m is None:
+            return
+        problem = m.check(self.me, self.vstart)
+        if problem is not None:
+            self._alert(AlertKind.INVALID_M, self.me, f"own copy of M rejected: {problem}")
+            return
+        self.m = m
+
+    def _remember_sharing(self, sid: str, sharing: PublicSharing[Any]) -> None:
+        if self.m is None or sid not in self.c.secrets:
+            return
+        got = self._pushed_sharings.setdefault(sid, {})
+        if len(got) < 2 * self.c.n:
+            got.setdefault(sharing_digest(self.c.group(sid), sharing), sharing)
+
+    def _new_period_keys(self) -> None:
+        """Fresh period keys, saved before anything that carries them is sent (a restart reuses them)."""
+        raw = self.durable.get(f"{self.period}/keys")
+        if raw is None:
+            raw = self.rand(32) + self.rand(32)
+            self.durable.put(f"{self.period}/keys", raw)
+        self.signing_seed, self.encryption_seed = raw[:32], raw[32:]
+        self.signer = Signer(SigningKey(self.signing_seed))
+        self.encryption_public = vdec.public_from_seed(self.encryption_seed)
+        self.my_entry = KeyEntry(
+            self.signer.public,
+            self.encryption_public,
+            self.signer.sign(encryption_key_payload(self.me, self.period, self.encryption_public)),
         )
 
-    def _bundle(self, phase: str, data: bytes) -> bytes:
-        return encoding.encode(
-            {"phase": phase, "period": self.period, "from": self.me, "body": data, "sig": b""}
-        )
+    # Driving ---------------------------------------------------------------------------------------
 
-    def _open(self, sender: int, data: bytes) -> tuple[str, Any, bytes]:
+    def receive(self, sender: int, phase: str, body: Any, size: int, now: float) -> None:
+        """A message already decoded by the caller (once); bad input is recorded, never raised."""
+        self._now = now
+        spent = self._spent.get(sender, 0) + size
+        self._spent[sender] = spent
+        if spent > PEER_BUDGET:
+            if spent - size <= PEER_BUDGET:
+                self.rejected.append(RemoteProtocolError(sender, "sent more than its byte budget; ignored"))
+            return
         try:
-            obj = encoding.decode(data, max_size=MAX_MESSAGE, what="refresh message")
-            f = encoding.expect_map(
-                obj,
-                {"phase": str, "period": int, "from": int, "body": object, "sig": bytes},
-                "refresh message",
-            )
+            self._dispatch(sender, phase, body, now)
         except DecodeError as exc:
-            raise RemoteProtocolError(sender, str(exc)) from None
-        if f["from"] != sender:
-            raise RemoteProtocolError(sender, f"message claims to come from server {f['from']}")
-        if f["period"] != self.period:
-            raise RemoteProtocolError(
-                sender, f"message for period {f['period']}, now {self.period} (replayed?)"
-            )
-        return f["phase"], f["body"], f["sig"]
-
-    def _check_sig(self, sender: int, phase: str, body: Any, sig: bytes) -> None:
-        entry = self.entries.get(sender)
-        payload = encoding.signing_payload(phase, 1, CONTEXT, self.period, {"from": sender, "body": body})
-        if entry is None or not ed25519_verify(entry.verify_key, payload, sig):
-            raise RemoteProtocolError(sender, f"{phase} message not signed with the sender's period key")
-
-    # Driving ----------------------------------------------------------------------------
-
-    def receive(self, sender: int, data: bytes, now: float) -> None:
-        """Take a message from ``sender``; bad input is recorded in ``rejected`` and never raised."""
-        try:
-            self._receive(sender, data, now)
+            self.rejected.append(RemoteProtocolError(sender, f"{phase}: {exc}"))
+        except BadSignature as exc:
+            self.rejected.append(RemoteProtocolError(sender, f"{phase}: {exc}"))
         except RemoteProtocolError as exc:
             self.rejected.append(exc)
-        except (DecodeError, CryptoError, KeyError, TypeError, ValueError, IndexError) as exc:
-            # A signed message whose body is malformed: the sender's fault, never our crash.
-            self.rejected.append(
-                RemoteProtocolError(sender, f"malformed message: {type(exc).__name__}: {exc}")
-            )
-
-    def _receive(self, sender: int, data: bytes, now: float) -> None:
-        if self.outcome is not None:
-            return
-        phase, body, sig = self._open(sender, data)
-        if phase == "pushm":
-            self._on_pushm(sender, body)
-            return
-        if self.schedule is None:
-            self._hold(sender, data, now)
-            return
-        if phase == "announce":
-            if self.announce is None:
-                self._hold(sender, data, now)
-                return
-            self._bundle_into(self.announce, sender, body, now)
-        elif phase in ("deal", "complain", "reveal"):
-            bc = {"deal": self.deal_bc, "complain": self.complain_bc, "reveal": self.reveal_bc}[phase]
-            if bc is None:
-                self._hold(sender, data, now)
-                return
-            self._bundle_into(bc, sender, body, now)
-        elif phase in ("sign-request", "sign-share", "keytable-sig", "shares", "contrib", "confirm"):
-            if not self.entries:
-                self._hold(sender, data, now)
-                return
-            self._check_sig(sender, phase, body, sig)
-            if phase in SEALED:
-                body = self._unseal(sender, phase, body)
-            handler = {
-                "sign-request": self._on_sign_request,
-                "sign-share": self._on_sign_share,
-                "keytable-sig": self._on_keytable_sig,
-                "shares": self._on_shares,
-                "contrib": self._on_contrib,
-                "confirm": self._on_confirm,
-            }[phase]
-            handler(sender, body)
-        else:
-            raise RemoteProtocolError(sender, f"unknown refresh phase {phase!r}")
-
-    def _hold(self, sender: int, data: bytes, now: float) -> None:
-        """Keep a message that arrived before its phase could take it (bounded: no memory DoS)."""
-        if len(self._buffer) >= 64 * self._max_peers:
-            raise RemoteProtocolError(sender, "too many early messages; dropped")
-        self._buffer.append((sender, data, now))
-
-    @property
-    def _max_peers(self) -> int:
-        return self.m.constants.n if self.m is not None else 64
-
-    def _seal(self, to: int, body: Any) -> bytes:
-        """Encrypt a private message to the recipient's new period key E_j (Table 1 step 2).
-
-        Sub-shares travel sealed to E_j of the signed KeyTable, so that whoever holds a
-        channel key of the previous period learns nothing from them. libsodium's crypto_box
-        with an ephemeral key drawn from ``rand`` (a sealed box whose randomness we pass in,
-        so that simulations replay byte for byte): ephemeral public key || nonce || box.
-        """
-        ephemeral = PrivateKey(self.rand(32))
-        box = Box(ephemeral, PublicKey(self.entries[to].encryption_key))
-        return bytes(ephemeral.public_key) + bytes(
-            box.encrypt(encoding.encode(body), self.rand(Box.NONCE_SIZE))
-        )
-
-    def _unseal(self, sender: int, phase: str, body: Any) -> Any:
-        if not isinstance(body, bytes):
-            raise RemoteProtocolError(sender, f"{phase}: expected a sealed body")
-        try:
-            box = Box(PrivateKey(self.encryption_seed), PublicKey(body[:32]))
-            plain = box.decrypt(body[32:])
-        except (CryptoLibError, ValueError, TypeError):
-            raise RemoteProtocolError(sender, f"{phase}: not sealed to our period key") from None
-        try:
-            return encoding.decode(plain, max_size=MAX_MESSAGE, what=phase)
-        except DecodeError as exc:
-            raise RemoteProtocolError(sender, str(exc)) from None
-
-    def _bundle_into(self, bc: SyncBroadcast, sender: int, body: Any, now: float) -> None:
-        if not isinstance(body, bytes):
-            raise RemoteProtocolError(sender, "broadcast body must be bytes")
-        bc.receive(sender, body, now)
 
     def tick(self, now: float) -> list[Outgoing]:
-        if self.outcome is None:
-            self._advance(now)
+        self._now = now
+        self._advance(now)
         out, self._out = self._out, []
         return out
 
     def next_wakeup(self, now: float) -> float | None:
-        """When this engine next needs a tick without any message arriving: the next round boundary."""
-        s = self.schedule
-        if s is None or self.outcome is not None:
-            return None
-        k = max(0, int((now - s.start) // s.delta) + 1)
-        return s.start + k * s.delta + 1e-6
+        times = [e.next_wakeup(now) for e in (self.kt_engine, self.s_engine) if e is not None]
+        if self.m is not None and not self.complete:
+            times.append(now + self.timeout / 4)
+        return min((t for t in times if t is not None), default=None)
 
-    def _send(self, to: int, data: bytes) -> None:
-        self._out.append(Outgoing(to, data))
+    def _hold(self, sender: int, phase: str, body: Any) -> None:
+        held = self._held.setdefault(sender, [])
+        if len(held) >= MAX_HELD:
+            raise RemoteProtocolError(sender, "too many early messages; dropped")
+        held.append((phase, body))
 
-    def _once(self, name: str) -> bool:
-        if name in self._done_phases:
-            return False
-        self._done_phases.add(name)
-        return True
+    def take_held(self) -> dict[int, list[tuple[str, Any]]]:
+        """Messages held for a later step (the owner hands them to the engine that resumes us)."""
+        held, self._held = self._held, {}
+        return held
 
-    def _advance(self, now: float) -> None:
-        s = self.schedule
-        if s is None:
-            return
-        if now >= s.start and self._once("pushm") and self.m is not None and self.old_table is not None:
-            self._send_pushm()
-        if now >= s.at(s.announce) and self._once("announce"):
-            if self.m is None:
-                self._finish(now, "recovery failed: no verifiable copy of [Scert(M), M] arrived", alert=True)
-                return
-            self._decide_status()
-            self._start_announce()
-        self._replay(now)
-        if now >= s.at(s.sign) and self._once("judge") and not self._judge_announcements():
-            if self._alone:
-                self._finish(now, "refresh aborted: no other server took part", alert=False)
-            else:
-                self._finish(now, "refresh aborted: no KeyTable could be agreed", alert=True)
-            return
-        if self.table is not None:
-            self._signing(now)
-        if now >= s.at(s.deal) and self._once("deal"):
-            if self.table is None or not self.table.signature:
-                self._finish(now, "refresh aborted: the KeyTable was not signed with Scert", alert=True)
-                return
-            if self.my_entry != self.table.entries.get(self.me):
-                self._alert(
-                    AlertKind.OWN_KEY_MISSING,
-                    self.me,
-                    "own key announcement is missing from the signed KeyTable",
-                )
-                self._finish(now, "own key missing from the KeyTable", alert=False)
-                return
-            self._start_deal()
-        if now >= s.at(s.complain) and self._once("complain"):
-            self._start_complain()
-        if now >= s.at(s.reveal) and self._once("reveal"):
-            self._start_reveal()
-        if now >= s.at(s.contrib) and self._once("contrib"):
-            self._compute_and_contribute()
-        if now >= s.at(s.confirm) and self._once("confirm"):
-            self._confirm()
-        if now >= s.at(s.end) and self._once("end"):
-            self._complete(now)
-        self._flush_broadcasts(now)
-
-    def _flush_broadcasts(self, now: float) -> None:
-        for bc, name in (
-            (self.announce, "announce"),
-            (self.deal_bc, "deal"),
-            (self.complain_bc, "complain"),
-            (self.reveal_bc, "reveal"),
-        ):
-            if bc is not None:
-                for o in bc.tick(now):
-                    self._send(o.to, self._bundle(name, o.data))
+    def give_held(self, held: Mapping[int, list[tuple[str, Any]]], now: float) -> None:
+        for sender, items in held.items():
+            for phase, body in items:
+                self.receive(sender, phase, body, 0, now)
 
     def _replay(self, now: float) -> None:
-        if not self._buffer:
+        if not self._held:
             return
-        pending, self._buffer = self._buffer, []
-        for sender, data, at in pending:
-            self.receive(sender, data, at if at >= (self.schedule.start if self.schedule else 0) else now)
+        held, self._held = self._held, {}
+        for sender, items in held.items():
+            for phase, body in items:
+                self.receive(sender, phase, body, 0, now)
 
-    # PushM (Table 2) ------------------------------------------------------------------------
+    def _dispatch(self, sender: int, phase: str, body: Any, now: float) -> None:
+        if phase == "pushm":
+            self._on_pushm(sender, body, now)
+            return
+        if self.m is None or (self.old_table is None and phase != "catchup"):
+            self._hold(sender, phase, body)
+            return
+        if self.resumed and phase in _PHASE_ONE:
+            self._answer_late(sender, phase, body, now)
+            return
+        handlers: dict[str, Callable[[int, Any, float], None]] = {
+            "ann": self._on_ann,
+            "attest": self._on_attest,
+            "agree/keytable": self._on_agree_kt,
+            "deal": self._on_deal,
+            "want": self._on_want,
+            "checked": self._on_checked,
+            "agree/dealings": self._on_agree_s,
+            "catchup": self._on_catchup,
+            "nonce": self._on_nonce,
+            "signreq": self._on_sign_request,
+            "sigshare": self._on_sign_share,
+            "kt-sig": self._on_kt_sig,
+            "rpoint": self._on_rpoint,
+        }
+        handler = handlers.get(phase)
+        if handler is None:
+            raise RemoteProtocolError(sender, f"unknown refresh phase {phase!r}")
+        handler(sender, body, now)
 
-    def _send_pushm(self) -> None:
+    def _answer_late(self, sender: int, phase: str, body: Any, now: float) -> None:
+        """A peer still deciding a period we decided: the transcript lets it decide too."""
+        assert self.transcript is not None
+        if phase == "want" and isinstance(body, list):
+            for raw in self.transcript.dealings.values():
+                if digest(raw) in body:
+                    self._send(sender, "deal", raw)
+            return
+        if now - self._late_answered.get(sender, -1e9) < self.timeout:
+            return
+        self._late_answered[sender] = now
+        self._send(sender, "catchup", self.transcript.encode())
+        if self.signed_table is not None:
+            self._send(sender, "kt-sig", self.signed_table.signature)
+
+    def _advance(self, now: float) -> None:
+        if self.m is None:
+            return
+        if self.old_table is not None and not self._started:
+            self._start(now)
+        for engine, name in ((self.kt_engine, "agree/keytable"), (self.s_engine, "agree/dealings")):
+            if engine is not None:
+                for to, obj in engine.tick(now):
+                    self._send(to, name, obj)
+        if self.kt is not None and not self.decided:
+            self._want_missing(now)
+        if self.resumed and not self.complete:
+            self._phase_two(now)
+
+    _started = False
+    resumed = False
+
+    # PushM (Table 2) ---------------------------------------------------------------------------------
+
+    def _start(self, now: float) -> None:
+        """Once M and the previous KeyTable are known: decide our status, push, announce."""
+        if self._started or self.m is None:
+            return
+        if self.old_table is None:
+            return
+        self._started = True
+        self._decide_status()
+        if self.status == Status.OPERATIONAL:
+            self._push()
+        self._announce(now)
+        self._open_kt_engine(now)
+        self._replay(now)
+
+    def _push(self) -> None:
         assert self.m is not None and self.old_table is not None
-        if self._own_push is None:
-            self._own_push = {"M": self.m.encode(), "keytable": self.old_table.encode()}
-        self._send(EVERYONE, self._envelope("pushm", self._own_push, None))
+        pub = self._old_public
+        body = {
+            "M": self.m.encode(),
+            "keytable": self.old_table.encode(),
+            "sharings": {sid: sharing_to_obj(self.c.group(sid), k.public) for sid, k in self.keys.items()},
+            "transcript": pub.transcript.encode() if pub.transcript is not None else None,
+        }
+        self._send(EVERYONE, "pushm", body)
 
-    def _on_pushm(self, sender: int, body: Any) -> None:
-        if isinstance(body, dict) and self._own_push is not None and body == self._own_push:
-            return  # the very M and KeyTable we hold: nothing to learn
-        try:
-            f = encoding.expect_map(body, {"M": bytes, "keytable": bytes}, "PushM")
-            m = InvariantInfo.decode(f["M"])
-            table = KeyTable.decode(f["keytable"])
-        except DecodeError as exc:
-            raise RemoteProtocolError(sender, f"PushM: {exc}") from None
-        if self.m is None or self.m.check(self.me, self.vstart) is not None:
+    def _on_pushm(self, sender: int, body: Any, now: float) -> None:
+        f = encoding.expect_map(
+            body,
+            {"M": bytes, "keytable": bytes, "sharings": dict, "transcript": (bytes, type(None))},
+            "PushM",
+        )
+        m = InvariantInfo.decode(f["M"])
+        if self.m is None:
             problem = m.check(self.me, self.vstart)
             if problem is not None:
                 raise RemoteProtocolError(sender, f"PushM: M not verifiable with our Vstart: {problem}")
             self.m = m
-            self._set_schedule(m.constants)
-        newest = self.old_table.period if self.old_table is not None else -1
-        if newest < table.period < self.period and table.verify(self.m.vcert):
-            self.old_table = table
+        table = KeyTable.decode(f["keytable"])
+        if not table.verify(self.m.vcert):
+            raise RemoteProtocolError(sender, "PushM: KeyTable not signed with Scert")
+        for sid, obj in f["sharings"].items():
+            if isinstance(sid, str) and sid in self.c.secrets:
+                self._remember_sharing(sid, sharing_from_obj(self.c.group(sid), obj))
+        if table.period >= self.period:
+            return
+        if self.old_table is None or table.period > self.old_table.period:
+            if self._started and self.kt is None:
+                # A newer KeyTable than the one we started with: we missed a period, so our data
+                # is stale and we take part as a recovering server from now on.
+                self._restart_recovering(table, now)
+                return
+            if not self._started:
+                self.old_table = table
+        self._start(now)
+
+    def _decide_status(self) -> None:
+        """Operational iff we hold the newest KeyTable's key for us and shares matching its sharing."""
+        self.status = Status.RECOVERING
+        self.keys = {}
+        self.old_signer: Signer | None = None
+        pub, priv, table = self._old_public, self._old_private, self.old_table
+        if table is None or priv is None or priv.period != table.period:
+            return
+        key = SigningKey(priv.signing_seed)
+        entry = table.entries.get(self.me)
+        if entry is None or bytes(key.verify_key) != entry.verify_key:
+            return
+        keys: dict[str, KeyShare[Any]] = {}
+        for sid in self.c.secrets:
+            sharing = pub.sharings.get(sid)
+            share = priv.shares.get(sid)
+            if sharing is None or share is None or share.wiped:
+                return
+            k = KeyShare(self.me, SecretScalar(share.value, self.c.group(sid).order), sharing)
+            if sharing.n != self.c.n or sharing.t != self.c.t or not k.check(self.c.group(sid)):
+                return
+            keys[sid] = k
+        self.keys = keys
+        self.old_signer = Signer(key)
+        self.status = Status.OPERATIONAL
+
+    def _restart_recovering(self, table: KeyTable, now: float) -> None:
+        """A pushed KeyTable newer than ours: we missed a period and take part as recovering."""
+        self.old_table = table
+        self.status = Status.RECOVERING
+        self.keys = {}
+        self.old_signer = None
+        self._announce(now)
+        self._open_kt_engine(now)
 
     # Announce (Table 1 steps 1-3) ----------------------------------------------------------------
 
-    def _start_announce(self) -> None:
-        assert self.schedule is not None
-        c = self.constants
-        old = self.old_table
-        old_keys = {i: e.verify_key for i, e in old.entries.items()} if old is not None else {}
-        session = _session(self.period, "announce")
+    @property
+    def old_keys(self) -> dict[int, bytes]:
+        return {i: e.verify_key for i, e in self.old_table.entries.items()} if self.old_table else {}
 
-        def classify(item: Item) -> str | None:
-            statement = item_statement(session, self.period, item.author, item.payload)
-            key = old_keys.get(item.author)
-            if key is not None and ed25519_verify(key, statement, item.signature):
-                return AUTH
-            try:
-                entry = self._decode_announcement(item.payload)[0]
-            except DecodeError:
-                return None
-            return CLEAR if ed25519_verify(entry.verify_key, statement, item.signature) else None
-
-        def relay_verify(server: int, payload: bytes, sig: bytes) -> bool:
-            key = old_keys.get(server)
-            return key is not None and ed25519_verify(key, payload, sig)
-
-        self.announce = SyncBroadcast(
-            n=c.n,
-            t=c.t,
-            me=self.me,
-            period=self.period,
-            session=session,
-            start=self.schedule.at(self.schedule.announce),
-            delta=self.schedule.delta,
-            signer=self.old_signer,
-            relay_verify=relay_verify,
-            classify=classify,
-            allow_clear=True,
-        )
-        sharings = (
-            {sid: sharing_digest(c.group(sid), self.old_sharings[sid]) for sid in sorted(c.secrets)}
-            if self.status == Status.OPERATIONAL
-            else {}
-        )
-        commitments: list[bytes] = []
-        if self.status == Status.OPERATIONAL:
-            package = self._frost_package()
-            for _ in range(self.schedule.attempts):
-                nonces = frost.commit(package, self.rand(64))
-                self._nonces.append(nonces)
-                commitments.append(nonces.commitment.to_bytes())
-        payload = encoding.encode({"K": self.my_entry.to_obj(), "sharings": sharings, "frost": commitments})
-        author_signer = self.old_signer if self.old_signer is not None else self.signer
-        self.announce.broadcast(self.announce.make_item(payload, author_signer))
-
-    def _frost_package(self) -> frost.KeyPackage:
-        if self._package is None:
-            key = self.keys[SCERT]
-            self._package = frost.KeyPackage(self.me, key.share.value, key.public_key, self.constants.t + 1)
-        return self._package
-
-    def _decode_announcement(self, payload: bytes) -> tuple[KeyEntry, dict[str, bytes], list[bytes]]:
-        obj = encoding.expect_map(
-            encoding.decode(payload, what="key announcement"),
-            {"K": dict, "sharings": dict, "frost": list},
-            "key announcement",
-        )
-        entry = KeyEntry.from_obj(obj["K"], "key announcement")
-        sharings = {}
-        for k, v in obj["sharings"].items():
-            if not isinstance(k, str) or not isinstance(v, bytes):
-                raise DecodeError("key announcement: sharings must map secret ids to digests")
-            sharings[k] = v
-        if not all(isinstance(x, bytes) for x in obj["frost"]):
-            raise DecodeError("key announcement: FROST commitments must be bytes")
-        return entry, sharings, list(obj["frost"])
-
-    def _judge_announcements(self) -> bool:
-        """The judgment rules (i)-(iii), then the agreed KeyTable (unsigned yet)."""
-        assert self.announce is not None and self.schedule is not None
-        c = self.constants
-        self.alerts.extend(a for a in self.announce.alerts if a.kind != AlertKind.EQUIVOCATION)
-        self.rejected.extend(self.announce.rejected)
-        accepted: dict[int, tuple[KeyEntry, dict[str, bytes], list[bytes], bool]] = {}
-        for author, classes in self.announce.result().items():
-            auth, clear = classes.get(AUTH, []), classes.get(CLEAR, [])
-            if len(auth) >= 2:
-                self._alert(
-                    AlertKind.CONFLICTING_ANNOUNCEMENTS,
-                    author,
-                    "two different authenticated key announcements (rule i: both discarded; stolen key?)",
-                    evidence=tuple(x for it in auth[:2] for x in (it.payload, it.signature)),
-                )
-                continue
-            chosen, authenticated = (auth[0], True) if auth else (None, False)
-            if chosen is None:
-                if len(clear) >= 2:
-                    self._alert(
-                        AlertKind.CONFLICTING_ANNOUNCEMENTS,
-                        author,
-                        "several different unauthenticated key announcements (rule iii: all discarded)",
-                    )
-                    continue
-                if not clear:
-                    continue
-                chosen = clear[0]
-            elif clear:
-                self._alert(
-                    AlertKind.CONFLICTING_ANNOUNCEMENTS,
-                    author,
-                    "an unauthenticated announcement besides the authenticated one (rule ii: kept that one)",
-                )
-            try:
-                entry, sharings, commitments = self._decode_announcement(chosen.payload)
-            except DecodeError as exc:
-                self._alert(AlertKind.BAD_MESSAGE, author, f"undecodable key announcement: {exc}")
-                continue
-            if not ed25519_verify(
-                entry.verify_key,
-                encryption_key_payload(author, self.period, entry.encryption_key),
-                entry.signature,
-            ):
-                self._alert(
-                    AlertKind.BAD_MESSAGE, author, "key announcement: E_i not signed with the new S_i"
-                )
-                continue
-            accepted[author] = (entry, sharings, commitments, authenticated)
-        if set(accepted) <= {self.me}:
-            # Nobody else took part (we started just before the period, or we are cut off):
-            # no disagreement to report; the others see us silent and we retry next period.
-            self._alone = True
-            return False
-        votes: dict[str, dict[bytes, int]] = {sid: {} for sid in c.secrets}
-        for _entry, sharings, _commitments, authenticated in accepted.values():
-            if authenticated:
-                for sid in c.secrets:
-                    digest = sharings.get(sid)
-                    if digest is not None:
-                        votes[sid][digest] = votes[sid].get(digest, 0) + 1
-        agreed: dict[str, bytes] = {}
-        for sid, counts in votes.items():
-            best = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-            if not best or best[0][1] < c.t + 1:
-                self._alert(
-                    AlertKind.RECOVERY_FAILED, self.me, f"no t+1 servers agree on the sharing of {sid!r}"
-                )
-                return False
-            agreed[sid] = best[0][0]
-        operational: list[int] = []
-        for author, (_entry, sharings, commitments, authenticated) in sorted(accepted.items()):
-            ok = authenticated and all(sharings.get(sid) == agreed[sid] for sid in c.secrets)
-            if ok:
-                # Decoded (and their points validated) lazily, when an attempt uses them.
-                sized = len(commitments) == self.schedule.attempts and all(
-                    len(x) == frost.COMMITMENT_SIZE for x in commitments
-                )
-                if not sized:
-                    self._alert(
-                        AlertKind.BAD_MESSAGE, author, "key announcement: bad FROST nonce commitments"
-                    )
-                    ok = False
-                else:
-                    self.frost_commitments[author] = commitments
-            if ok:
-                operational.append(author)
-        self.entries = {a: v[0] for a, v in accepted.items()}
-        self.operational = operational
-        self.recovering = sorted(set(accepted) - set(operational))
-        if len(operational) < c.t + 1:
-            self._alert(
-                AlertKind.RECOVERY_FAILED, self.me, f"only {len(operational)} operational servers, need t+1"
+    def _announce(self, now: float) -> None:
+        clear = self.status != Status.OPERATIONAL
+        key = f"{self.period}/ann/{'clear' if clear else 'auth'}"
+        raw = self.durable.get(key)
+        if raw is None:
+            sharings = (
+                {}
+                if clear
+                else {
+                    sid: sharing_digest(self.c.group(sid), k.public) for sid, k in sorted(self.keys.items())
+                }
             )
-            return False
-        self.table = KeyTable(self.period, dict(self.entries), agreed, frozenset(self.recovering))
-        if self.me in self.operational and self.status != Status.OPERATIONAL:  # pragma: no cover - defensive
-            raise LocalProtocolError("judged operational without holding shares")
-        if self.me not in self.operational:
-            self.status = Status.RECOVERING
-        return True
+            body = {"server": self.me, "K": self.my_entry.to_obj(), "sharings": sharings, "clear": clear}
+            signer = self.signer if clear or self.old_signer is None else self.old_signer
+            raw = sign("announce", self.period, body, signer)
+            self.durable.put(key, raw)
+        self.my_ann = raw
+        ann = parse_ann(raw, self.period, self.old_keys)
+        if ann.clear:
+            self._send(EVERYONE, "ann", raw)
+            self._on_ann(self.me, raw, now)
+        else:
+            self._learn(ann)
 
-    # Sign the KeyTable (Table 1 steps 4-5) -----------------------------------------------------
-
-    def _leader(self, attempt: int) -> int:
-        return self.operational[attempt % len(self.operational)]
-
-    def _signing(self, now: float) -> None:
-        s = self.schedule
-        assert s is not None and self.table is not None
-        have = bool(self.table.signature)
-        if now >= s.at(s.forward) and (have or self._sign_closed):
-            if have and not self._forwarded:
-                self._forwarded = True
-                self._send(
-                    EVERYONE, self._envelope("keytable-sig", {"sig": self.table.signature}, self.signer)
-                )
+    def _on_ann(self, sender: int, body: Any, now: float) -> None:
+        ann = parse_ann(body, self.period, self.old_keys)
+        if not ann.clear:
+            self._learn(ann)
             return
-        if now >= s.at(s.forward):
-            self._sign_closed = True
-        if have and not self._forwarded:
-            self._forwarded = True
-            self._send(EVERYONE, self._envelope("keytable-sig", {"sig": self.table.signature}, self.signer))
-        for a in range(s.attempts):
-            request_at, share_at, done_at = (
-                s.at(s.sign + 2 * a),
-                s.at(s.sign + 2 * a + 1),
-                s.at(s.sign + 2 * a + 2),
+        if ann.clear:
+            if sender != ann.server:
+                return  # a clear announcement counts only from the author's own connection
+            self._clear_anns[ann.digest] = ann
+            got = self.clear.setdefault(ann.server, {})
+            if ann.digest not in got and len(got) >= 2:
+                return
+            atts = got.setdefault(ann.digest, {})
+            if self.old_signer is not None and self.me not in atts and self.me in self.old_keys:
+                att = attestation(self.period, ann.server, ann.digest, self.old_signer)
+                atts[self.me] = att
+                self._send(EVERYONE, "attest", {"ann": ann.raw, "attest": att, "by": self.me})
+
+    def _learn(self, ann: Ann) -> None:
+        """An authenticated announcement: kept (two per author at most: the evidence), forwarded once."""
+        seen = self.anns.setdefault(ann.server, {})
+        if ann.digest in seen or len(seen) >= 2:
+            return
+        seen[ann.digest] = ann
+        if len(seen) == 2:
+            first, second = list(seen.values())
+            self.conflicts.add(ann.server)
+            self._alert(
+                AlertKind.CONFLICTING_ANNOUNCEMENTS,
+                ann.server,
+                "two different authenticated key announcements (rule i: both discarded; stolen period key?)",
+                evidence=(first.raw, second.raw),
             )
-            if now >= request_at and self._once(f"request-{a}") and not have and self._leader(a) == self.me:
-                signers = self._choose_signers()
-                if len(signers) < self.constants.t + 1:
-                    continue
-                self._requests[a] = signers
-                self._send(
-                    EVERYONE,
-                    self._envelope("sign-request", {"attempt": a, "signers": list(signers)}, self.signer),
+        if ann.digest not in self._forwarded:
+            self._forwarded.add(ann.digest)
+            self._send(EVERYONE, "ann", ann.raw)
+
+    def _on_attest(self, sender: int, body: Any, now: float) -> None:
+        f = encoding.expect_map(body, {"ann": bytes, "attest": bytes, "by": int}, "attestation")
+        if f["by"] != sender:
+            raise RemoteProtocolError(sender, "attestation signed for another server")
+        ann = parse_ann(f["ann"], self.period, self.old_keys)
+        if not ann.clear:
+            raise RemoteProtocolError(sender, "attestation of an authenticated announcement")
+        if not check_attestation(f["attest"], self.period, sender, ann.server, ann.digest, self.old_keys):
+            raise RemoteProtocolError(sender, "attestation does not verify")
+        got = self.clear.setdefault(ann.server, {})
+        if ann.digest not in got and len(got) >= 2:
+            return
+        self._clear_anns[ann.digest] = ann
+        got.setdefault(ann.digest, {})[sender] = f["attest"]
+
+    # Agreement 1: the KeyTable ------------------------------------------------------------------------
+
+    def _open_kt_engine(self, now: float) -> None:
+        assert self.old_table is not None
+        inst = Instance(CONTEXT, self.period, "keytable")
+        committee = Committee(self.c.n, self.c.t, self.old_keys, rotation=self.period)
+        member = self.status == Status.OPERATIONAL and self.old_signer is not None
+        safety = (
+            SafetyRules(inst, self.old_signer, _DurableSafety(self.durable, self.period))
+            if member and self.old_signer
+            else None
+        )
+        self.kt_engine = Engine(
+            me=self.me,
+            inst=inst,
+            committee=committee,
+            safety=safety,
+            app=_KeyTableApp(self),
+            base_timeout=self.timeout,
+            now=now,
+            on_decide=self._kt_decided,
+        )
+
+    def _on_agree_kt(self, sender: int, body: Any, now: float) -> None:
+        if self.kt_engine is None:
+            self._hold(sender, "agree/keytable", body)
+            return
+        self.kt_engine.receive(sender, body, now)
+        self._collect(self.kt_engine)
+
+    def _collect(self, engine: Engine) -> None:
+        self.rejected.extend(engine.rejected)
+        engine.rejected.clear()
+        for a in engine.alerts:
+            self._alert(a.kind, a.server, a.detail, a.evidence)
+        engine.alerts.clear()
+
+    def _kt_candidate_entries(self) -> dict[int, dict[str, Any]] | None:
+        entries: dict[int, dict[str, Any]] = {}
+        for i in self.c.ids:
+            if i in self.conflicts:
+                continue
+            auth = list(self.anns.get(i, {}).values())
+            if len(auth) == 1:
+                entries[i] = {"ann": auth[0].raw, "attest": {}}
+                continue
+            if auth:
+                continue
+            attested = [(d, atts) for d, atts in self.clear.get(i, {}).items() if len(atts) >= self.c.t + 1]
+            if len(attested) == 1:
+                d, atts = attested[0]
+                entries[i] = {"ann": self._clear_anns[d].raw, "attest": dict(atts)}
+        return entries
+
+    def propose_keytable(self) -> bytes | None:
+        entries = self._kt_candidate_entries()
+        if entries is None:
+            return None
+        agreed: dict[str, bytes] = {}
+        for sid in self.c.secrets:
+            counts: dict[bytes, int] = {}
+            for i, e in entries.items():
+                a = self.anns.get(i, {}).get(digest(e["ann"]))
+                if a is not None and sid in a.sharings:
+                    counts[a.sharings[sid]] = counts.get(a.sharings[sid], 0) + 1
+            best = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+            if not best or best[0][1] < self.c.t + 1:
+                return None
+            agreed[sid] = best[0][0]
+        everyone = len(entries) == self.c.n
+        if len(entries) < self.c.n - self.c.t and not everyone:
+            return None
+        if self._ready_since is None:
+            self._ready_since = self._now
+        if not everyone and self._now < self._ready_since + self.timeout / 4:
+            return None  # a short grace for the stragglers' announcements
+        value = encoding.encode({"period": self.period, "entries": entries, "sharings": agreed})
+        try:
+            judge_keytable(value, self.period, self.c, self.old_keys)
+        except InvalidProposal:
+            return None
+        return value
+
+    def validate_keytable(self, value: bytes) -> Verdict:
+        try:
+            cand = judge_keytable(value, self.period, self.c, self.old_keys)
+        except InvalidProposal as exc:
+            return reject(str(exc))
+        for i, ann in cand.anns.items():
+            if i in self.conflicts:
+                return reject(f"server {i} announced two different keys")
+            if not ann.clear:
+                self._learn(ann)  # another key for i than the one we hold is evidence (rule i)
+                if i in self.conflicts:
+                    return reject(f"server {i} announced two different keys")
+            elif self.anns.get(i):
+                return reject(f"server {i} has an authenticated announcement (rule ii)")
+        mine = cand.anns.get(self.me)
+        if mine is not None and mine.raw != self.my_ann:
+            self._alert(
+                AlertKind.CONFLICTING_ANNOUNCEMENTS,
+                self.me,
+                "a KeyTable proposal holds a key announcement for us that we did not make",
+                evidence=(mine.raw,),
+            )
+            return reject("the proposal holds an announcement for us that we did not make")
+        return ACCEPT
+
+    def _kt_decided(self, decision: Decision) -> None:
+        cand = judge_keytable(decision.value, self.period, self.c, self.old_keys)
+        self.kt = cand
+        self._kt_qc = decision.qc
+        if cand.anns.get(self.me) is None or cand.anns[self.me].raw != self.my_ann:
+            self._alert(
+                AlertKind.OWN_KEY_MISSING,
+                self.me,
+                "own key announcement is missing from the decided KeyTable",
+            )
+        self._open_s_engine(self._now)
+        if self.me in cand.operational and self.status == Status.OPERATIONAL and self._is_member:
+            self._deal()
+        self._replay(self._now)
+
+    @property
+    def _is_member(self) -> bool:
+        return (
+            self.kt is not None
+            and self.kt.anns.get(self.me) is not None
+            and self.kt.anns[self.me].raw == self.my_ann
+        )
+
+    # Deal ---------------------------------------------------------------------------------------------
+
+    def _deal(self) -> None:
+        """Our dealing: zero sharings and blinding polynomials, every sub-share encrypted to its recipient."""
+        assert self.kt is not None
+        key = f"{self.period}/deal"
+        raw = self.durable.get(key)
+        if raw is None:
+            raw = self._make_dealing()
+            self.durable.put(key, raw)
+        self._send(EVERYONE, "deal", raw)
+        self._on_deal(self.me, raw, self._now)
+
+    def _make_dealing(self) -> bytes:
+        assert self.kt is not None
+        c, kt = self.c, self.kt
+        commit: dict[str, Any] = {}
+        plain: dict[int, dict[str, Any]] = {k: {} for k in kt.table.entries}
+        for sid in sorted(c.secrets):
+            group = c.group(sid)
+            draw = scalar_source(self.rand, group)
+            zero, subs = pss.refresh_deal(group, self.me, c.n, c.t, draw)
+            rec: dict[int, Any] = {}
+            blind: dict[int, dict[int, int]] = {k: {} for k in kt.operational}
+            for r in kt.recovering:
+                rd, rsubs = pss.recovery_deal(group, self.me, r, list(kt.operational), c.t, draw)
+                rec[r] = rd.to_obj(group)["points"]
+                for k in kt.operational:
+                    blind[k][r] = rsubs[k]
+            commit[sid] = {"zero": zero.to_obj(group)["points"], "rec": rec}
+            for k in kt.table.entries:
+                plain[k][sid] = {"z": subs[k], "g": blind.get(k, {})}
+        kt_digest = digest(kt.value)
+        context = deal_context(self.period, self.me, kt_digest)
+        recipients = {k: e.encryption_key for k, e in kt.table.entries.items()}
+        eph, cts = vdec.encrypt_to(
+            recipients, {k: encoding.encode(p) for k, p in plain.items()}, self._scalar(ED25519), context
+        )
+        body = {"dealer": self.me, "kt": kt_digest, "eph": eph, "commit": commit, "ct": cts}
+        return sign("deal", self.period, body, self.signer)
+
+    def _on_deal(self, sender: int, body: Any, now: float) -> None:
+        if self.kt is None:
+            self._hold(sender, "deal", body)
+            return
+        if not isinstance(body, bytes):
+            raise RemoteProtocolError(sender, "dealing: expected bytes")
+        h = digest(body)
+        if h in self._raw_dealings or h in self._other_dealings:
+            return
+        dealing = parse_dealing(body, self.period, self.kt, self.c)
+        d = dealing.dealer
+        known = self.dealings.get(d)
+        if known is not None and known.raw == body:
+            return
+        if known is not None:
+            self._other_dealings[h] = body
+            self.convicted.setdefault(d, "two different signed dealings")
+            self._alert(
+                AlertKind.EQUIVOCATION, d, "two different signed dealings", evidence=(known.raw, body)
+            )
+            self._send(EVERYONE, "deal", body)
+            return
+        self.dealings[d] = dealing
+        self._raw_dealings[h] = body
+        if sender != self.me:
+            self._send(EVERYONE, "deal", body)  # forwarded once: every honest server gets it
+        self._check_my_subshares(dealing)
+        self._try_finish_decision()
+
+    def _check_my_subshares(self, dealing: Dealing) -> None:
+        assert self.kt is not None
+        if not self._is_member or self.me not in dealing.ciphertexts:
+            return
+        complaint = self._complaint_about(dealing)
+        self._send(EVERYONE, "checked", {"dealing": dealing.digest, "complaint": complaint})
+        self._checked.setdefault(dealing.digest, set()).add(self.me)
+
+    def _complaint_about(self, dealing: Dealing) -> bytes | None:
+        """None if our sub-shares in ``dealing`` are good (they are kept), else our complaint."""
+        assert self.kt is not None
+        context = deal_context(self.period, dealing.dealer, digest(self.kt.value))
+        e = vdec.secret_from_seed(self.encryption_seed)
+        try:
+            plain = vdec.decrypt(
+                e, self.encryption_public, self.me, dealing.ephemeral, dealing.ciphertexts[self.me], context
+            )
+            self.my_subshares[dealing.dealer] = parse_subshares(
+                plain, dealing, self.me, self.me in self.kt.operational, self.c
+            )
+            return None
+        except vdec.DecryptionError:
+            reason = f"our sub-shares from server {dealing.dealer} do not decrypt"
+        except CheatingError as exc:
+            reason = exc.reason
+        rev = vdec.reveal(
+            e, self.encryption_public, self.me, dealing.ephemeral, context, lambda: self._scalar(ED25519)
+        )
+        raw = sign(
+            "complain",
+            self.period,
+            {
+                "accuser": self.me,
+                "dealer": dealing.dealer,
+                "dealing": dealing.digest,
+                "reveal": rev.to_bytes(),
+            },
+            self.signer,
+        )
+        self._judge(self.me, raw, reason)
+        return raw
+
+    def _on_checked(self, sender: int, body: Any, now: float) -> None:
+        """A member checked its sub-shares in a dealing: fine, or here is its complaint."""
+        if self.kt is None:
+            self._hold(sender, "checked", body)
+            return
+        f = encoding.expect_map(body, {"dealing": bytes, "complaint": (bytes, type(None))}, "checked")
+        if sender not in self.kt.table.entries:
+            raise RemoteProtocolError(sender, "checked: not a member")
+        if f["complaint"] is not None:
+            self._judge(sender, f["complaint"], None)
+        got = self._checked.setdefault(f["dealing"], set())
+        if len(got) <= self.c.n:
+            got.add(sender)
+
+    def _judge(self, sender: int, raw: Any, own_reason: str | None) -> None:
+        """A complaint, judged from public data: the dealer or the accuser is convicted."""
+        assert self.kt is not None
+        s = decode_signed(raw, "complain", self.period, max_size=4096)
+        f = encoding.expect_map(
+            s.body, {"accuser": int, "dealer": int, "dealing": bytes, "reveal": bytes}, "complaint"
+        )
+        accuser, d = f["accuser"], f["dealer"]
+        entry = self.kt.table.entries.get(accuser)
+        if entry is None or not s.verify(entry.verify_key):
+            raise RemoteProtocolError(sender, "complaint not signed by a member's new key")
+        if (accuser, d) in self._complaints:
+            return
+        dealing_raw = self._raw_dealings.get(f["dealing"]) or self._other_dealings.get(f["dealing"])
+        if dealing_raw is None:
+            if len(self._complaints) < 4 * self.c.n:
+                self._hold(sender, "checked", {"dealing": f["dealing"], "complaint": raw})
+            return
+        self._complaints[(accuser, d)] = raw
+        dealing = parse_dealing(dealing_raw, self.period, self.kt, self.c)
+        context = deal_context(self.period, d, digest(self.kt.value))
+        try:
+            rev = vdec.Reveal.from_bytes(f["reveal"])
+            plain = vdec.open_revealed(
+                entry.encryption_key,
+                accuser,
+                dealing.ephemeral,
+                rev,
+                dealing.ciphertexts.get(accuser, b""),
+                context,
+            )
+        except (DecodeError, vdec.InvalidRevealError):
+            self._convict(accuser, AlertKind.FALSE_COMPLAINT, "complaint with an invalid reveal", raw)
+            return
+        if plain is None:
+            self._convict(d, AlertKind.BAD_SHARE, f"sub-shares for server {accuser} do not decrypt", raw)
+            return
+        try:
+            parse_subshares(plain, dealing, accuser, accuser in self.kt.operational, self.c)
+        except CheatingError as exc:
+            self._convict(d, AlertKind.BAD_SHARE, exc.reason, raw)
+            return
+        self._convict(accuser, AlertKind.FALSE_COMPLAINT, f"false complaint against server {d}", raw)
+
+    def _convict(self, who: int, kind: AlertKind, reason: str, evidence: bytes) -> None:
+        self.convicted.setdefault(who, reason)
+        self._alert(kind, who, reason, evidence=(evidence,))
+
+    def _on_want(self, sender: int, body: Any, now: float) -> None:
+        if not isinstance(body, list) or len(body) > self.c.n:
+            raise RemoteProtocolError(sender, "want: expected a short list of digests")
+        for h in body:
+            raw = self._raw_dealings.get(h) if isinstance(h, bytes) else None
+            if raw is not None:
+                self._send(sender, "deal", raw)
+
+    def _want_missing(self, now: float) -> None:
+        """Ask everyone for dealings a proposal or the decision names and we lack (lost messages)."""
+        if self.s_engine is None or now - self._want_sent < self.timeout:
+            return
+        wanted: set[bytes] = set()
+        for p in self._s_values_seen():
+            wanted |= {h for h in p.values() if h not in self._raw_dealings}
+        if wanted:
+            self._want_sent = now
+            self._send(EVERYONE, "want", sorted(wanted)[: self.c.n])
+
+    def _s_values_seen(self) -> list[dict[int, bytes]]:
+        assert self.s_engine is not None
+        out = []
+        for value in list(self.s_engine._values.values())[-4:]:
+            try:
+                out.append(_decode_s_value(value, self.period))
+            except DecodeError:
+                continue
+        return out
+
+    # Agreement 2: the set of dealings -----------------------------------------------------------------
+
+    def _open_s_engine(self, now: float) -> None:
+        assert self.kt is not None
+        inst = Instance(CONTEXT, self.period, "dealings")
+        keys = {i: e.verify_key for i, e in self.kt.table.entries.items()}
+        committee = Committee(self.c.n, self.c.t, keys, rotation=self.period + 1)
+        safety = (
+            SafetyRules(inst, self.signer, _DurableSafety(self.durable, self.period))
+            if self._is_member
+            else None
+        )
+        self.s_engine = Engine(
+            me=self.me,
+            inst=inst,
+            committee=committee,
+            safety=safety,
+            app=_DealingsApp(self),
+            base_timeout=self.timeout,
+            now=now,
+            on_decide=self._s_decided,
+        )
+
+    def _on_agree_s(self, sender: int, body: Any, now: float) -> None:
+        if self.s_engine is None:
+            self._hold(sender, "agree/dealings", body)
+            return
+        self.s_engine.receive(sender, body, now)
+        self._collect(self.s_engine)
+
+    def _usable(self, d: int) -> bool:
+        return d in self.dealings and d not in self.convicted
+
+    def propose_dealings(self) -> bytes | None:
+        assert self.kt is not None
+        # A dealing is proposed once n-t members said whether their sub-shares in it are good
+        # (or complained): a bad dealing is then convicted before it can be proposed.
+        enough = self.c.n - self.c.t
+        good = [
+            d
+            for d in self.kt.operational
+            if self._usable(d)
+            and (d in self.my_subshares or not self._is_member)
+            and len(self._checked.get(self.dealings[d].digest, ())) >= min(enough, len(self.kt.table.entries))
+        ]
+        if len(good) < self.c.t + 1:
+            return None
+        everyone = len(good) == len(self.kt.operational)
+        if self._s_ready_since is None:
+            self._s_ready_since = self._now
+        if not everyone and self._now < self._s_ready_since + self.timeout / 4:
+            return None
+        return encoding.encode(
+            {"period": self.period, "dealings": {d: self.dealings[d].digest for d in good}}
+        )
+
+    def validate_dealings(self, value: bytes) -> Verdict:
+        assert self.kt is not None
+        try:
+            chosen = _decode_s_value(value, self.period)
+        except DecodeError as exc:
+            return reject(str(exc))
+        if len(chosen) < self.c.t + 1:
+            return reject(f"only {len(chosen)} dealings, need t+1")
+        for d, h in chosen.items():
+            if d not in self.kt.operational:
+                return reject(f"server {d} is not an operational member")
+            if d in self.convicted:
+                return reject(f"server {d} was convicted: {self.convicted[d]}")
+            if h not in self._raw_dealings:
+                return reject(f"server {d} signed two dealings") if h in self._other_dealings else WAIT
+            if self.dealings[d].digest != h:
+                return reject(f"server {d}: another dealing than ours")
+            if self._is_member and d not in self.my_subshares:
+                return reject(f"our sub-shares from server {d} are bad")
+        return ACCEPT
+
+    def _s_decided(self, decision: Decision) -> None:
+        self._s_decision = decision
+        self._try_finish_decision()
+
+    def _try_finish_decision(self) -> None:
+        """The decision of S: compute the new sharing and shares, persist, erase the old ones."""
+        decision = getattr(self, "_s_decision", None)
+        if decision is None or self.decided or self.kt is None:
+            return
+        chosen = _decode_s_value(decision.value, self.period)
+        if any(h not in self._raw_dealings for h in chosen.values()):
+            return  # the bodies arrive (or are asked for) later
+        dealings = {d: self.dealings[d] for d in chosen}
+        transcript = Transcript(
+            self.period,
+            self.kt.value,
+            self._kt_qc,
+            decision.value,
+            decision.qc,
+            {d: x.raw for d, x in dealings.items()},
+        )
+        self._decide(transcript, dealings)
+
+    def _decide(self, transcript: Transcript, dealings: Mapping[int, Dealing]) -> None:
+        assert self.kt is not None
+        c = self.c
+        new_sharings: dict[str, PublicSharing[Any]] = {}
+        for sid in c.secrets:
+            group = c.group(sid)
+            old = self._pushed_sharings.get(sid, {}).get(self.kt.table.sharings[sid])
+            if (
+                sid in self.keys
+                and sharing_digest(group, self.keys[sid].public) == self.kt.table.sharings[sid]
+            ):
+                old = self.keys[sid].public
+            if old is None:
+                continue
+            new_sharings[sid] = pss.refresh_public(group, old, {d: x.zero[sid] for d, x in dealings.items()})
+        helper = self.me in self.kt.operational and self.status == Status.OPERATIONAL and self._is_member
+        new_keys: dict[str, KeyShare[Any]] = {}
+        rpoints: dict[int, dict[str, int]] = {}
+        if helper and all(d in self.my_subshares for d in dealings) and len(new_sharings) == len(c.secrets):
+            for sid in c.secrets:
+                group = c.group(sid)
+                q = group.order
+                total = (self.keys[sid].share.value + sum(self.my_subshares[d][sid][0] for d in dealings)) % q
+                k = KeyShare(self.me, SecretScalar(total, q), new_sharings[sid])
+                if not k.check(group):
+                    self._alert(AlertKind.RECOVERY_FAILED, self.me, f"new share of {sid!r} does not check")
+                    new_keys = {}
+                    break
+                new_keys[sid] = k
+                for r in self.kt.recovering:
+                    blind = sum(self.my_subshares[d][sid][1][r] for d in dealings) % q
+                    rpoints.setdefault(r, {})[sid] = (total + blind) % q
+        elif helper:
+            self._alert(
+                AlertKind.RECOVERY_FAILED, self.me, "cannot compute new shares from the decided dealings"
+            )
+        for k in self.keys.values():
+            k.wipe()
+        self.keys = {}
+        self.my_subshares = {}
+        self.decided = True
+        self.transcript = transcript
+        self.new_sharings = new_sharings
+        self.new_keys = new_keys
+        self.rpoints = rpoints
+        status = Status.OPERATIONAL if new_keys else Status.RECOVERING
+        private = PrivateData(
+            self.period,
+            self.signing_seed,
+            self.encryption_seed,
+            {sid: k.share for sid, k in new_keys.items()},
+            rpoints,
+        )
+        public = PublicData(self.m, self.old_table, dict(new_sharings), transcript)
+        # The owner persists this, forgets this engine (and the old shares with it) and resumes
+        # from what it persisted: SIGN and RECOVER run in a new engine (a new key-holder child).
+        self._set_outcome(Outcome(status, public, private, list(self.alerts)))
+
+    def _set_outcome(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        self.outcome_version += 1
+
+    # Catching up from a transcript -------------------------------------------------------------------
+
+    def _on_catchup(self, sender: int, body: Any, now: float) -> None:
+        """The decided transcript of this period (from a peer that moved on): check it and decide."""
+        if self.decided or self.old_table is None:
+            return
+        if not isinstance(body, bytes):
+            raise RemoteProtocolError(sender, "catch-up: expected a transcript")
+        tr = Transcript.decode(body)
+        if tr.period != self.period:
+            return
+        check_transcript(tr, self.c, self.old_keys)
+        if self.kt is None:
+            self.kt = judge_keytable(tr.kt_value, self.period, self.c, self.old_keys)
+            self._kt_qc = tr.kt_qc
+            self._open_s_engine(now)
+        for raw in tr.dealings.values():
+            if digest(raw) not in self._raw_dealings:
+                self._on_deal(sender, raw, now)
+        self._s_decision = Decision(tr.s_value, tr.s_qc)
+        self._try_finish_decision()
+
+    # Phase II: sign the KeyTable, recover the recovering servers ----------------------------------------
+
+    def _resume(self, transcript: Transcript, private: PrivateData) -> None:
+        """Continue a decided period after a restart (a new key-holder child): SIGN and RECOVER."""
+        if self.m is None:
+            return
+        self.signing_seed, self.encryption_seed = private.signing_seed, private.encryption_seed
+        self.signer = Signer(SigningKey(self.signing_seed))
+        self.encryption_public = vdec.public_from_seed(self.encryption_seed)
+        table = self._old_public.key_table
+        self.old_table = table if table is not None and table.period < self.period else None
+        self.kt = judge_keytable(transcript.kt_value, self.period, self.c, self.old_keys)
+        self.my_ann = self.kt.anns[self.me].raw if self.me in self.kt.anns else b""
+        mine = self.kt.anns.get(self.me)
+        if mine is None or mine.entry.verify_key != self.signer.public:
+            self.my_ann = b""
+        self._started = True
+        self.decided = True
+        self.resumed = True
+        self.transcript = transcript
+        self.new_sharings = dict(self._old_public.sharings)
+        self.rpoints = {r: dict(v) for r, v in private.rpoints.items()}
+        for sid, share in private.shares.items():
+            sharing = self.new_sharings.get(sid)
+            if sharing is not None:
+                self.new_keys[sid] = KeyShare(
+                    self.me, SecretScalar(share.value, self.c.group(sid).order), sharing
                 )
-            if now >= share_at and self._once(f"share-{a}") and not have:
-                self._sign_share(a)
-            if now >= done_at and self._once(f"aggregate-{a}") and not self.table.signature:
-                self._aggregate(a)
+        self.dealings = {
+            d: parse_dealing(raw, self.period, self.kt, self.c) for d, raw in transcript.dealings.items()
+        }
+        self._raw_dealings = {digest(raw): raw for raw in transcript.dealings.values()}
+        self._begin_phase_two()
 
-    def _choose_signers(self) -> tuple[int, ...]:
-        t = self.constants.t
-        candidates = [i for i in self.operational if i not in self._failed_signers]
-        if self.me in candidates:
-            candidates.remove(self.me)
-            candidates.insert(0, self.me)
-        return tuple(sorted(candidates[: t + 1]))
+    def _begin_phase_two(self) -> None:
+        assert self.kt is not None
+        if not self._is_member:
+            # Not in the decided KeyTable: nothing to sign, nobody to recover; we recover next period.
+            self._complete(Status.RECOVERING, None)
+            return
+        self._frost.start(self, self._now)
 
-    def _on_sign_request(self, sender: int, body: Any) -> None:
-        f = encoding.expect_map(body, {"attempt": int, "signers": list}, "sign request")
-        a, signers = f["attempt"], tuple(f["signers"])
-        s = self.schedule
-        assert s is not None
-        if not 0 <= a < s.attempts or sender != self._leader(a):
+    def _phase_two(self, now: float) -> None:
+        assert self.kt is not None
+        if self.rpoints and not self._rpoints_sent:
+            self._rpoints_sent = True
+            self._send_rpoints()
+        if self.new_keys and self.signed_table is None:
+            self._frost.step(self, now)
+        self._maybe_complete()
+
+    def _maybe_complete(self) -> None:
+        if self.complete or self.signed_table is None:
+            return
+        if len(self.new_keys) == len(self.c.secrets):
+            self._complete(Status.OPERATIONAL, self.signed_table)
+
+    def give_up(self, now: float) -> None:
+        """The next period is due and this one is decided but not complete: keep what we have."""
+        if not self.decided or self.complete:
+            return
+        self._complete(Status.RECOVERING, self.signed_table)
+
+    def _complete(self, status: Status, table: KeyTable | None) -> None:
+        assert self.transcript is not None
+        self.complete = True
+        newest = table if table is not None else self.old_table
+        # Given up without the signed KeyTable: the transcript goes too (it would mark this
+        # period unfinished); a peer's PushM brings the signed KeyTable next period.
+        public = PublicData(self.m, newest, dict(self.new_sharings), self.transcript if table else None)
+        private = PrivateData(
+            self.period,
+            self.signing_seed,
+            self.encryption_seed,
+            {sid: k.share for sid, k in self.new_keys.items()}
+            if status == Status.OPERATIONAL or self.new_keys
+            else {},
+            {},
+        )
+        failure = None if status == Status.OPERATIONAL else "recovering: no usable shares for this period"
+        self._set_outcome(Outcome(status, public, private, list(self.alerts), failure))
+
+    def _on_kt_sig(self, sender: int, body: Any, now: float) -> None:
+        if self.kt is None or not self.resumed:
+            self._hold(sender, "kt-sig", body)
+            return
+        if self.m is None or self.signed_table is not None:
+            return
+        if not isinstance(body, bytes):
+            raise RemoteProtocolError(sender, "KeyTable signature: expected bytes")
+        candidate = self.kt.table.signed(body)
+        if not candidate.verify(self.m.vcert):
+            raise RemoteProtocolError(sender, "forwarded KeyTable signature does not verify with Vcert")
+        self.signed_table = candidate
+        self._send(EVERYONE, "kt-sig", body)
+        self._maybe_complete()
+
+    def _frost_message(self, sender: int, phase: str, body: Any, now: float) -> None:
+        if self.kt is None or not self.resumed:
+            self._hold(sender, phase, body)
+            return
+        if phase == "nonce":
+            self._frost.on_nonce(self, sender, body)
+        elif phase == "signreq":
+            self._frost.on_request(self, sender, body, now)
+        else:
+            self._frost.on_share(self, sender, body)
+        self._maybe_complete()
+
+    def _on_nonce(self, sender: int, body: Any, now: float) -> None:
+        self._frost_message(sender, "nonce", body, now)
+
+    def _on_sign_request(self, sender: int, body: Any, now: float) -> None:
+        self._frost_message(sender, "signreq", body, now)
+
+    def _on_sign_share(self, sender: int, body: Any, now: float) -> None:
+        self._frost_message(sender, "sigshare", body, now)
+
+    # Recovery values ------------------------------------------------------------------------------------
+
+    def _send_rpoints(self) -> None:
+        assert self.kt is not None
+        for r, values in sorted(self.rpoints.items()):
+            entry = self.kt.table.entries[r]
+            context = encoding.encode(["pst/refresh/rpoint", self.period, self.me, r])
+            eph, cts = vdec.encrypt_to(
+                {r: entry.encryption_key}, {r: encoding.encode(values)}, self._scalar(ED25519), context
+            )
+            raw = sign(
+                "rpoint", self.period, {"helper": self.me, "r": r, "eph": eph, "ct": cts[r]}, self.signer
+            )
+            self._send(r, "rpoint", raw)
+
+    def _on_rpoint(self, sender: int, body: Any, now: float) -> None:
+        if self.kt is None or not self.resumed:
+            self._hold(sender, "rpoint", body)
+            return
+        if self.me not in self.kt.recovering or self.new_keys or not self._is_member:
+            return
+        s = decode_signed(body, "rpoint", self.period, max_size=8192)
+        f = encoding.expect_map(
+            s.body, {"helper": int, "r": int, "eph": bytes, "ct": bytes}, "recovery value"
+        )
+        k = f["helper"]
+        if k != sender or k not in self.kt.operational or f["r"] != self.me:
+            raise RemoteProtocolError(
+                sender, "recovery value from a server that is not a helper, or not for us"
+            )
+        if not s.verify(self.kt.table.entries[k].verify_key):
+            raise RemoteProtocolError(sender, "recovery value not signed with the helper's new key")
+        context = encoding.encode(["pst/refresh/rpoint", self.period, k, self.me])
+        try:
+            plain = vdec.decrypt(
+                vdec.secret_from_seed(self.encryption_seed),
+                self.encryption_public,
+                self.me,
+                f["eph"],
+                f["ct"],
+                context,
+            )
+            values = encoding.decode(plain, what="recovery value")
+        except (vdec.DecryptionError, DecodeError):
+            self._alert(AlertKind.BAD_SHARE, k, "recovery value does not decrypt", evidence=(body,))
+            return
+        if not isinstance(values, dict) or set(values) != set(self.c.secrets):
+            self._alert(AlertKind.BAD_SHARE, k, "malformed recovery value", evidence=(body,))
+            return
+        assert self.transcript is not None
+        chosen = {d: self.dealings[d] for d in self.transcript.dealings if d in self.dealings}
+        for sid, y in values.items():
+            group = self.c.group(sid)
+            sharing = self.new_sharings.get(sid)
+            if sharing is None or type(y) is not int or not 0 <= y < group.order:
+                self._alert(AlertKind.BAD_SHARE, k, f"malformed recovery value for {sid!r}", evidence=(body,))
+                return
+            expected = group.add(
+                sharing.verification_share(group, k),
+                pss.blinding_commitment(group, {d: x.recover[sid][self.me] for d, x in chosen.items()}, k),
+            )
+            if group.mul_base(y) != expected:
+                self._alert(
+                    AlertKind.BAD_SHARE,
+                    k,
+                    f"recovery value for {sid!r} fails the commitments",
+                    evidence=(body,),
+                )
+                return
+            self._rpoint_values.setdefault(sid, {})[k] = y
+        if all(len(self._rpoint_values.get(sid, {})) >= self.c.t + 1 for sid in self.c.secrets):
+            for sid in self.c.secrets:
+                group = self.c.group(sid)
+                pts = dict(sorted(self._rpoint_values[sid].items())[: self.c.t + 1])
+                share = interpolate(pts, group.order, x=self.me)
+                key = KeyShare(self.me, SecretScalar(share, group.order), self.new_sharings[sid])
+                if not key.check(group):  # pragma: no cover - t+1 checked values determine it
+                    raise LocalProtocolError("recovered share does not match its verification share")
+                self.new_keys[sid] = key
+            self._frost.start(self, now)
+            self._maybe_complete()
+
+
+# SIGN: FROST on the decided KeyTable --------------------------------------------------------------------
+
+
+class _FrostState:
+    """Signing the decided KeyTable with Scert (FROST, the new shares), attempt by attempt.
+
+    Attempt a is led by the a-th operational member (rotated by the period); the leader's
+    signed request names the signer set and each signer's signed nonce commitment. A share
+    counts only for the set of the request it answers, so nobody can disown honest signers
+    by naming another set; two requests for one attempt are equivocation. An attempt that
+    does not finish within its (doubling) timeout gives way to the next leader.
+    """
+
+    MAX_ATTEMPTS = 64
+    NONCES = 2
+
+    def __init__(self) -> None:
+        self.started = False
+        self.attempt = 0
+        self.deadline = 0.0
+        self.nonces: dict[int, frost.SigningNonces] = {}
+        self.commitments: dict[int, dict[int, bytes]] = {}
+        self.used: set[tuple[int, int]] = set()
+        self.requests: dict[int, tuple[bytes, dict[int, frost.SigningCommitment]]] = {}
+        self.shares: dict[int, dict[int, tuple[frost.SignatureShare, bytes]]] = {}
+        self.failed: set[int] = set()
+        self.requested: set[int] = set()
+        self.pending: list[tuple[int, Any]] = []
+
+    def leader(self, r: PeriodRefresh, attempt: int) -> int:
+        assert r.kt is not None
+        ops = list(r.kt.operational)
+        return ops[(r.period + attempt) % len(ops)]
+
+    def start(self, r: PeriodRefresh, now: float) -> None:
+        if self.started:
+            return
+        self.started = True
+        self.deadline = now + r.timeout
+        if SCERT in r.new_keys:
+            for _ in range(self.NONCES):
+                self._publish_nonce(r)
+        pending, self.pending = self.pending, []
+        for sender, body in pending:
+            r.receive(sender, "sigshare", body, 0, now)
+
+    def _package(self, r: PeriodRefresh) -> frost.KeyPackage:
+        key = r.new_keys[SCERT]
+        return frost.KeyPackage(r.me, key.share.value, key.public_key, r.c.t + 1)
+
+    def _publish_nonce(self, r: PeriodRefresh) -> None:
+        idx = int.from_bytes(r.rand(4), "big")  # random: a restarted signer never reuses an index
+        nonces = frost.commit(self._package(r), r.rand(64))
+        self.nonces[idx] = nonces
+        raw = sign(
+            "nonce", r.period, {"server": r.me, "idx": idx, "c": nonces.commitment.to_bytes()}, r.signer
+        )
+        r._send(EVERYONE, "nonce", raw)
+        self.commitments.setdefault(r.me, {})[idx] = raw
+
+    def step(self, r: PeriodRefresh, now: float) -> None:
+        if not self.started:
+            self.start(r, now)
+        if now >= self.deadline and self.attempt < self.MAX_ATTEMPTS:
+            self.attempt += 1
+            self.deadline = now + r.timeout * float(1 << min(self.attempt, 5))
+        a = self.attempt
+        if self.leader(r, a) != r.me or a in self.requested or SCERT not in r.new_keys:
+            return
+        assert r.kt is not None
+        chosen: dict[int, bytes] = {}
+        for j in [r.me] + [j for j in r.kt.operational if j != r.me]:
+            if j in self.failed and j != r.me:
+                continue
+            free = sorted(i for i in self.commitments.get(j, {}) if (j, i) not in self.used)
+            if free:
+                chosen[j] = self.commitments[j][free[0]]
+            if len(chosen) == r.c.t + 1:
+                break
+        if len(chosen) < r.c.t + 1:
+            return
+        self.requested.add(a)
+        raw = sign("signreq", r.period, {"attempt": a, "signers": chosen}, r.signer)
+        r._send(EVERYONE, "signreq", raw)
+        r.receive(r.me, "signreq", raw, 0, now)
+
+    def parse_nonce(self, r: PeriodRefresh, sender: int, raw: Any) -> tuple[int, frost.SigningCommitment]:
+        assert r.kt is not None
+        entry = r.kt.table.entries.get(sender)
+        if entry is None:
+            raise RemoteProtocolError(sender, "nonce commitment from a non-member")
+        s = open_signed(raw, "nonce", r.period, entry.verify_key, max_size=1024)
+        f = encoding.expect_map(s.body, {"server": int, "idx": int, "c": bytes}, "nonce commitment")
+        com = frost.SigningCommitment.from_bytes(f["c"])
+        if f["server"] != sender or com.identifier != sender or not 0 <= f["idx"] < 1 << 32:
+            raise RemoteProtocolError(sender, "nonce commitment under another id")
+        return f["idx"], com
+
+    def on_nonce(self, r: PeriodRefresh, sender: int, raw: Any) -> None:
+        idx, _com = self.parse_nonce(r, sender, raw)
+        got = self.commitments.setdefault(sender, {})
+        if len(got) < 4 * self.MAX_ATTEMPTS:
+            got.setdefault(idx, raw)
+
+    def on_request(self, r: PeriodRefresh, sender: int, raw: Any, now: float) -> None:
+        assert r.kt is not None
+        s = decode_signed(raw, "signreq", r.period, max_size=64 * 1024)
+        f = encoding.expect_map(s.body, {"attempt": int, "signers": dict}, "sign request")
+        a = f["attempt"]
+        if not 0 <= a <= self.MAX_ATTEMPTS or self.leader(r, a) != sender:
             raise RemoteProtocolError(
                 sender, f"sign request for attempt {a} from a server that does not lead it"
             )
-        ok = (
-            len(signers) == self.constants.t + 1
-            and len(set(signers)) == len(signers)
-            and all(isinstance(i, int) and i in self.frost_commitments for i in signers)
-        )
-        if not ok:
-            raise RemoteProtocolError(sender, f"sign request for attempt {a} names an invalid signer set")
-        self._requests.setdefault(a, tuple(sorted(signers)))
-
-    def _commitment_list(self, a: int, signers: tuple[int, ...]) -> list[frost.SigningCommitment]:
-        """The agreed commitments of ``signers`` for attempt a; a bad one names its signer."""
-        out = []
-        for i in signers:
+        if not s.verify(r.kt.table.entries[sender].verify_key):
+            raise RemoteProtocolError(sender, "sign request not signed with the leader's new key")
+        known = self.requests.get(a)
+        if known is not None:
+            if known[0] != raw:
+                r._alert(
+                    AlertKind.EQUIVOCATION, sender, f"two sign requests for attempt {a}", (known[0], raw)
+                )
+            return
+        signers = f["signers"]
+        if len(signers) != r.c.t + 1:
+            raise RemoteProtocolError(sender, f"sign request for attempt {a} names {len(signers)} signers")
+        commitments: dict[int, frost.SigningCommitment] = {}
+        for j, nraw in signers.items():
+            if type(j) is not int or j not in r.kt.operational:
+                raise RemoteProtocolError(sender, f"sign request for attempt {a} names an invalid signer")
             try:
-                c = frost.SigningCommitment.from_bytes(self.frost_commitments[i][a])
-            except DecodeError as exc:
-                raise CheatingError(i, f"announced a bad FROST commitment: {exc}") from None
-            if c.identifier != i:
-                raise CheatingError(i, "announced a FROST commitment under another id")
-            out.append(c)
-        return out
-
-    def _sign_share(self, a: int) -> None:
-        signers = self._requests.get(a)
-        if signers is None or self.me not in signers or a in self._signed_attempts or not self._nonces:
-            return
-        assert self.table is not None
-        self._signed_attempts.add(a)
-        try:
+                idx, com = self.parse_nonce(r, j, nraw)
+            except (RemoteProtocolError, DecodeError, BadSignature):
+                raise RemoteProtocolError(
+                    sender, f"sign request names a bad commitment of server {j}"
+                ) from None
+            commitments[j] = com
+            self.used.add((j, idx))
+            if j == r.me:
+                my_idx = idx
+        self.requests[a] = (raw, commitments)
+        if r.me in commitments and SCERT in r.new_keys and r.signed_table is None:
+            nonces = self.nonces.pop(my_idx, None)
+            if nonces is None or nonces.used:
+                return
             share = frost.sign(
-                self._frost_package(),
-                self._nonces[a],
-                self.table.payload(),
-                self._commitment_list(a, signers),
+                self._package(r), nonces, r.kt.table.payload(), [commitments[j] for j in sorted(commitments)]
             )
-        except CryptoError as exc:
-            self.rejected.append(RemoteProtocolError(self._leader(a), f"cannot sign attempt {a}: {exc}"))
+            body = {"attempt": a, "share": share.to_bytes()}
+            sraw = sign("sigshare", r.period, body, r.signer)
+            r._send(EVERYONE, "sigshare", sraw)
+            self._publish_nonce(r)
+            self.on_share(r, r.me, sraw)
+
+    def on_share(self, r: PeriodRefresh, sender: int, raw: Any) -> None:
+        assert r.kt is not None
+        entry = r.kt.table.entries.get(sender)
+        if entry is None:
+            raise RemoteProtocolError(sender, "signature share from a non-member")
+        s = open_signed(raw, "sigshare", r.period, entry.verify_key, max_size=1024)
+        f = encoding.expect_map(s.body, {"attempt": int, "share": bytes}, "signature share")
+        a = f["attempt"]
+        request = self.requests.get(a)
+        if request is None:
+            if len(self.pending) < 4 * r.c.n:
+                self.pending.append((sender, raw))
             return
-        body = {"attempt": a, "signers": list(signers), "share": share.to_bytes()}
-        self._record_share(self.me, body)
-        self._send(EVERYONE, self._envelope("sign-share", body, self.signer))
-
-    def _on_sign_share(self, sender: int, body: Any) -> None:
-        self._record_share(sender, body)
-
-    def _record_share(self, sender: int, body: Any) -> None:
-        f = encoding.expect_map(body, {"attempt": int, "signers": list, "share": bytes}, "signature share")
-        a, signers = f["attempt"], tuple(f["signers"])
-        if sender not in signers or not all(
-            isinstance(i, int) and i in self.frost_commitments for i in signers
-        ):
-            raise RemoteProtocolError(sender, "signature share for a signer set it is not in")
-        try:
-            share = frost.SignatureShare.from_bytes(f["share"])
-        except DecodeError as exc:
-            raise RemoteProtocolError(sender, f"signature share: {exc}") from None
+        commitments = request[1]
+        if sender not in commitments:
+            raise RemoteProtocolError(
+                sender, f"signature share for attempt {a}, whose request does not name it"
+            )
+        share = frost.SignatureShare.from_bytes(f["share"])
         if share.identifier != sender:
             raise RemoteProtocolError(sender, "signature share carries another signer's id")
-        self._sig_shares.setdefault((a, signers), {}).setdefault(sender, share)
+        got = self.shares.setdefault(a, {})
+        got.setdefault(sender, (share, raw))
+        if len(got) == len(commitments) and r.signed_table is None:
+            self._aggregate(r, a)
 
-    def _aggregate(self, a: int) -> None:
-        assert self.table is not None
-        scert = self.old_sharings.get(SCERT)
-        for (attempt, signers), shares in sorted(self._sig_shares.items()):
-            if attempt != a:
-                continue
-            missing = [i for i in signers if i not in shares]
-            if missing:
-                self._failed_signers.update(missing)
-                continue
-            if scert is None:
-                continue
-            public = frost.PublicKeyPackage(
-                scert.public_key,
-                {i: scert.verification_share(ED25519, i) for i in signers},
-                self.constants.t + 1,
-            )
-            try:
-                sig = frost.aggregate_and_identify(
-                    public, self._commitment_list(a, signers), self.table.payload(), list(shares.values())
-                )
-            except CheatingError as exc:
-                self._failed_signers.add(exc.party)
-                self._alert(
-                    AlertKind.BAD_SIGNATURE_SHARE,
-                    exc.party,
-                    f"bad FROST share for the KeyTable: {exc.reason}",
-                )
-                continue
-            except CryptoError as exc:
-                self.rejected.append(RemoteProtocolError(signers[0], f"could not aggregate: {exc}"))
-                continue
-            self.table = self.table.signed(sig)
+    def _aggregate(self, r: PeriodRefresh, a: int) -> None:
+        assert r.kt is not None and r.m is not None
+        commitments = self.requests[a][1]
+        sharing = r.new_sharings.get(SCERT)
+        if sharing is None:
             return
-
-    def _on_keytable_sig(self, sender: int, body: Any) -> None:
-        if self.table is None or self.table.signature or self.m is None:
-            return
-        f = encoding.expect_map(body, {"sig": bytes}, "KeyTable signature")
-        candidate = self.table.signed(f["sig"])
-        if not candidate.verify(self.m.vcert):
-            raise RemoteProtocolError(sender, "forwarded KeyTable signature does not verify with Vcert")
-        self.table = candidate
-
-    # Deal, complain, reveal (refresh long-lived data) --------------------------------------------
-
-    def _new_bc(self, phase: str, start_round: int) -> SyncBroadcast:
-        assert self.schedule is not None
-        c = self.constants
-        session = _session(self.period, phase)
-        keys = {i: e.verify_key for i, e in self.entries.items()}
-
-        def classify(item: Item) -> str | None:
-            key = keys.get(item.author)
-            statement = item_statement(session, self.period, item.author, item.payload)
-            return AUTH if key is not None and ed25519_verify(key, statement, item.signature) else None
-
-        def verify(server: int, payload: bytes, sig: bytes) -> bool:
-            key = keys.get(server)
-            return key is not None and ed25519_verify(key, payload, sig)
-
-        return SyncBroadcast(
-            n=c.n,
-            t=c.t,
-            me=self.me,
-            period=self.period,
-            session=session,
-            start=self.schedule.at(start_round),
-            delta=self.schedule.delta,
-            signer=self.signer,
-            relay_verify=verify,
-            classify=classify,
+        public = frost.PublicKeyPackage(
+            sharing.public_key, {i: sharing.verification_share(ED25519, i) for i in commitments}, r.c.t + 1
         )
-
-    def _start_deal(self) -> None:
-        assert self.schedule is not None
-        c = self.constants
-        self.deal_bc = self._new_bc("deal", self.schedule.deal)
-        if self.me not in self.operational:
-            return
-        helpers = [i for i in self.operational]
-        body: dict[str, Any] = {"refresh": {}, "recover": {}}
-        private: dict[int, list[list[Any]]] = {j: [] for j in self.entries if j != self.me}
-        for sid in sorted(c.secrets):
-            group = c.group(sid)
-            rand = self._scalars(group)
-            dealing, subshares = pss.refresh_deal(group, self.me, c.n, c.t, rand)
-            body["refresh"][sid] = dealing.to_obj(group)["points"]
-            for j in self.entries:
-                self._deliver_sub(private, "refresh", sid, 0, j, subshares[j])
-            body["recover"][sid] = {}
-            for r in self.recovering:
-                rdealing, rsub = pss.recovery_deal(group, self.me, r, helpers, c.t, rand)
-                body["recover"][sid][r] = rdealing.to_obj(group)["points"]
-                for j in helpers:
-                    self._deliver_sub(private, "recover", sid, r, j, rsub[j])
-        self.deal_bc.broadcast(self.deal_bc.make_item(encoding.encode(body), self.signer))
-        for j, items in private.items():
-            if j in self.entries:
-                self._send(j, self._envelope("shares", self._seal(j, items), self.signer))
-
-    def _deliver_sub(
-        self, private: dict[int, list[list[Any]]], kind: str, sid: str, r: int, j: int, value: int
-    ) -> None:
-        msg = ShareMessage(_share_session(kind, sid, r), self.me, j, (value,))
-        sig = self.signer.sign(msg.payload(CONTEXT, self.period))
-        self._sent_subshares[(kind, sid, r, j)] = value
-        if j == self.me:
-            self._subshares[(kind, sid, r, self.me)] = (value, sig)
-        else:
-            private[j].append([kind, sid, r, value, sig])
-
-    def _scalars(self, group: Group[Any]) -> Callable[[], int]:
-        size = (group.order.bit_length() + 7) // 8 + 16
-
-        def draw() -> int:
-            return int.from_bytes(self.rand(size), "big") % (group.order - 1) + 1
-
-        return draw
-
-    def _on_shares(self, sender: int, body: Any) -> None:
-        if not isinstance(body, list) or len(body) > 4 * len(self.constants.secrets) * (self.constants.n + 1):
-            raise RemoteProtocolError(sender, "sub-share message: expected a bounded list")
-        for item in body:
-            if not (isinstance(item, list) and len(item) == 5):
-                raise RemoteProtocolError(sender, "sub-share message: malformed entry")
-            kind, sid, r, value, sig = item
-            if (
-                kind not in ("refresh", "recover")
-                or sid not in self.constants.secrets
-                or not isinstance(r, int)
-            ):
-                raise RemoteProtocolError(sender, "sub-share message: unknown secret or kind")
-            if not isinstance(value, int) or not isinstance(sig, bytes):
-                raise RemoteProtocolError(sender, "sub-share message: bad value or signature type")
-            # The envelope is signed; each sub-share's own signature is evidence for a complaint
-            # and is checked only when we need it (see _start_complain).
-            self._subshares.setdefault((kind, sid, r, sender), (value, sig))
-
-    def _parse_dealings(self) -> None:
-        """The agreed deal items, decoded; a malformed one disqualifies its dealer."""
-        assert self.deal_bc is not None
-        c = self.constants
-        self.rejected.extend(self.deal_bc.rejected)
-        self.alerts.extend(self.deal_bc.alerts)
-        for d, item in sorted(self.deal_bc.single_values().items()):
-            if d not in self.operational:
-                continue
-            try:
-                obj = encoding.expect_map(
-                    encoding.decode(item.payload, what="dealing"),
-                    {"refresh": dict, "recover": dict},
-                    "dealing",
-                )
-                parsed: dict[str, Any] = {"refresh": {}, "recover": {}}
-                for sid in c.secrets:
-                    group = c.group(sid)
-                    zd = pss.ZeroDealing.decode(
-                        group, encoding.encode({"dealer": d, "points": obj["refresh"][sid]}), c.n, c.t
-                    )
-                    parsed["refresh"][sid] = zd
-                    parsed["recover"][sid] = {}
-                    for r in self.recovering:
-                        rd_obj = {"dealer": d, "lost": r, "points": obj["recover"][sid][r]}
-                        parsed["recover"][sid][r] = pss.RecoveryDealing.decode(
-                            group, encoding.encode(rd_obj), c.n, c.t
-                        )
-            except (DecodeError, KeyError, TypeError) as exc:
-                self._alert(AlertKind.BAD_MESSAGE, d, f"malformed refresh dealing: {exc}")
-                continue
-            self._dealings[d] = parsed
-
-    def _expected(self, d: int) -> list[tuple[str, str, int]]:
-        """The sub-shares dealer d owes us."""
-        out = [("refresh", sid, 0) for sid in sorted(self.constants.secrets)]
-        if self.me in self.operational:
-            out += [("recover", sid, r) for sid in sorted(self.constants.secrets) for r in self.recovering]
-        return out
-
-    def _check_sub(
-        self, d: int, kind: str, sid: str, r: int, value: int, recipient: int | None = None
-    ) -> bool:
-        group = self.constants.group(sid)
-        dealing = (
-            self._dealings[d]["refresh"][sid] if kind == "refresh" else self._dealings[d]["recover"][sid][r]
-        )
-        ok: bool = dealing.check_subshare(group, self.me if recipient is None else recipient, value)
-        return ok
-
-    def _start_complain(self) -> None:
-        assert self.schedule is not None
-        self._parse_dealings()
-        self.complain_bc = self._new_bc("complain", self.schedule.complain)
-        bad: list[list[Any]] = []
-        missing: list[list[Any]] = []
-        # Per kind of sub-share, check the sum over all dealers once; only on failure check each.
-        groups: dict[tuple[str, str, int], dict[int, tuple[int, bytes]]] = {}
-        for d in sorted(self._dealings):
-            for kind, sid, r in self._expected(d):
-                got = self._subshares.get((kind, sid, r, d))
-                if got is None:
-                    missing.append([kind, sid, r, d])
-                else:
-                    groups.setdefault((kind, sid, r), {})[d] = got
-        for (kind, sid, r), received in sorted(groups.items()):
-            if self._batch_ok(kind, sid, r, received):
-                continue
-            for d, (value, sig) in sorted(received.items()):
-                if self._check_sub(d, kind, sid, r, value):
-                    continue
-                msg = ShareMessage(_share_session(kind, sid, r), d, self.me, (value,))
-                if ed25519_verify(self.entries[d].verify_key, msg.payload(CONTEXT, self.period), sig):
-                    bad.append([kind, sid, r, d, value, sig])
-                else:  # no usable evidence: the dealer must reveal the sub-share in public
-                    missing.append([kind, sid, r, d])
-        body = encoding.encode({"bad": bad, "missing": missing})
-        self.complain_bc.broadcast(self.complain_bc.make_item(body, self.signer))
-
-    def _batch_ok(self, kind: str, sid: str, r: int, received: Mapping[int, tuple[int, bytes]]) -> bool:
-        group = self.constants.group(sid)
-        q = group.order
-        if not all(0 <= v < q for v, _sig in received.values()):
-            return False
-        total = sum(v for v, _sig in received.values()) % q
-        if kind == "refresh":
-            full = [self._dealings[d]["refresh"][sid].full_commitment(group) for d in sorted(received)]
-            expected = sum_commitments(group, full).evaluate(group, self.me)
-        else:
-            expected = pss.blinding_commitment(
-                group, {d: self._dealings[d]["recover"][sid][r] for d in received}, self.me
+        got = self.shares[a]
+        try:
+            sig = frost.aggregate_and_identify(
+                public,
+                [commitments[j] for j in sorted(commitments)],
+                r.kt.table.payload(),
+                [got[j][0] for j in sorted(got)],
             )
-        ok: bool = group.mul_base(total) == expected
-        return ok
-
-    def _complaints(self) -> tuple[list[tuple[int, list[Any]]], list[tuple[int, list[Any]]]]:
-        assert self.complain_bc is not None
-        bad: list[tuple[int, list[Any]]] = []
-        missing: list[tuple[int, list[Any]]] = []
-        for accuser, item in sorted(self.complain_bc.single_values().items()):
-            try:
-                obj = encoding.expect_map(
-                    encoding.decode(item.payload, what="complaints"),
-                    {"bad": list, "missing": list},
-                    "complaints",
-                )
-            except DecodeError as exc:
-                self._alert(AlertKind.BAD_MESSAGE, accuser, f"malformed complaints: {exc}")
-                continue
-            bad += [(accuser, x) for x in obj["bad"] if isinstance(x, list) and len(x) == 6]
-            missing += [(accuser, x) for x in obj["missing"] if isinstance(x, list) and len(x) == 4]
-        return bad, missing
-
-    def _start_reveal(self) -> None:
-        assert self.schedule is not None
-        self.reveal_bc = self._new_bc("reveal", self.schedule.reveal)
-        if self.me not in self._dealings:
-            return
-        _bad, missing = self._complaints()
-        reveals = []
-        for accuser, (kind, sid, r, d) in missing:
-            if d == self.me and accuser in self._my_private_recipients(kind):
-                value = self._my_subshare(kind, sid, r, accuser)
-                if value is not None:
-                    reveals.append([kind, sid, r, accuser, value])
-        self.reveal_bc.broadcast(self.reveal_bc.make_item(encoding.encode({"reveal": reveals}), self.signer))
-
-    def _my_private_recipients(self, kind: str) -> set[int]:
-        return set(self.entries) if kind == "refresh" else set(self.operational)
-
-    def _my_subshare(self, kind: str, sid: str, r: int, j: int) -> int | None:
-        return self._sent_subshares.get((kind, sid, r, j))
-
-    # Qualification and contributions --------------------------------------------------------------
-
-    def _qualify(self) -> list[int]:
-        """QUAL from agreed data only: well-formed dealings, no upheld complaint, every gap revealed."""
-        assert self.reveal_bc is not None
-        c = self.constants
-        cheaters: dict[int, str] = {}
-        bad, missing = self._complaints()
-        keys = {i: e.verify_key for i, e in self.entries.items()}
-
-        def verify(server: int, payload: bytes, sig: bytes) -> bool:
-            key = keys.get(server)
-            return key is not None and ed25519_verify(key, payload, sig)
-
-        for accuser, (kind, sid, r, d, value, sig) in bad:
-            if d not in self._dealings or sid not in c.secrets or kind not in ("refresh", "recover"):
-                cheaters.setdefault(accuser, "complaint about a dealing that does not exist")
-                continue
-            group = c.group(sid)
-            try:
-                dealing = (
-                    self._dealings[d]["refresh"][sid]
-                    if kind == "refresh"
-                    else self._dealings[d]["recover"][sid][r]
-                )
-            except KeyError:
-                cheaters.setdefault(accuser, "complaint about a dealing that does not exist")
-                continue
-            commitment = dealing.full_commitment(group) if kind == "refresh" else None
-            msg = ShareMessage(
-                _share_session(kind, sid, r), d, accuser, (value,) if isinstance(value, int) else ()
-            )
-            if kind == "refresh" and commitment is not None and isinstance(sig, bytes):
-                verdict = judge_complaint(
-                    group,
-                    commitment,
-                    Complaint(accuser, msg, sig),
-                    verify,
-                    context=CONTEXT,
-                    period=self.period,
-                )
-                guilty, reason = verdict.guilty, verdict.reason
-            else:
-                signed = isinstance(sig, bytes) and verify(d, msg.payload(CONTEXT, self.period), sig)
-                good = isinstance(value, int) and dealing.check_subshare(group, accuser, value)
-                guilty, reason = (
-                    (d, "signed a bad recovery sub-share")
-                    if signed and not good
-                    else (accuser, "false complaint about a recovery sub-share")
-                )
-            cheaters.setdefault(guilty, reason)
-        reveals: dict[tuple[str, str, int, int, int], int] = {}
-        for d, item in self.reveal_bc.single_values().items():
-            try:
-                obj = encoding.expect_map(
-                    encoding.decode(item.payload, what="reveals"), {"reveal": list}, "reveals"
-                )
-            except DecodeError:
-                continue
-            for x in obj["reveal"]:
-                if isinstance(x, list) and len(x) == 5 and isinstance(x[4], int):
-                    reveals.setdefault((x[0], x[1], x[2], x[3], d), x[4])
-        self._reveals = reveals
-        for accuser, (kind, sid, r, d) in missing:
-            if d not in self._dealings or d in cheaters:
-                continue
-            value = reveals.get((kind, sid, r, accuser, d))
-            if value is None:
-                cheaters.setdefault(d, f"did not reveal the sub-share of server {accuser} after a complaint")
-                continue
-            try:
-                ok = self._check_sub(d, kind, sid, r, value, recipient=accuser)
-            except (KeyError, TypeError):
-                ok = False
-            if not ok:
-                cheaters.setdefault(d, f"revealed a bad sub-share for server {accuser}")
-        for guilty, reason in sorted(cheaters.items()):
-            kind = AlertKind.FALSE_COMPLAINT if "false complaint" in reason else AlertKind.BAD_SHARE
-            self._alert(kind, guilty, reason)
-        for d in self.operational:
-            if d not in self._dealings and d not in cheaters:
-                self._alert(AlertKind.SILENT, d, "operational server dealt nothing in the refresh")
-        qual = [d for d in sorted(self._dealings) if d not in cheaters]
-        return qual
-
-    def _value(self, kind: str, sid: str, r: int, d: int) -> int | None:
-        revealed = self._reveals.get((kind, sid, r, self.me, d))
-        if revealed is not None:
-            return revealed
-        got = self._subshares.get((kind, sid, r, d))
-        return got[0] if got is not None else None
-
-    def _compute_and_contribute(self) -> None:
-        c = self.constants
-        self._qual = self._qualify()
-        if len(self._qual) < c.t + 1:
-            self._alert(
-                AlertKind.RECOVERY_FAILED, self.me, f"only {len(self._qual)} qualified dealers, need t+1"
+        except CheatingError as exc:
+            self.failed.add(exc.party)
+            evidence = (got[exc.party][1],) if exc.party in got else ()
+            r._alert(
+                AlertKind.BAD_SIGNATURE_SHARE,
+                exc.party,
+                f"bad FROST share for the KeyTable: {exc.reason}",
+                evidence,
             )
             return
-        for sid in sorted(c.secrets):
-            group = c.group(sid)
-            zero = {d: self._dealings[d]["refresh"][sid] for d in self._qual}
-            if self.me in self.operational:
-                subs = {d: self._value("refresh", sid, 0, d) for d in self._qual}
-                if any(v is None for v in subs.values()):
-                    self._alert(AlertKind.RECOVERY_FAILED, self.me, f"missing refresh sub-shares for {sid!r}")
-                    continue
-                try:
-                    self._new_keys[sid] = pss.refresh_share(
-                        group, self.keys[sid], zero, {d: v for d, v in subs.items() if v is not None}
-                    )
-                except CryptoError as exc:
-                    self._alert(AlertKind.RECOVERY_FAILED, self.me, f"refresh of {sid!r} failed: {exc}")
-                    continue
-                for r in self.recovering:
-                    dealings = {d: self._dealings[d]["recover"][sid][r] for d in self._qual}
-                    rsubs = {d: self._value("recover", sid, r, d) for d in self._qual}
-                    if any(v is None for v in rsubs.values()):
-                        continue
-                    try:
-                        y = pss.recovery_contribution(
-                            group, self.keys[sid], dealings, {d: v for d, v in rsubs.items() if v is not None}
-                        )
-                    except CryptoError:
-                        continue
-                    body = {"sid": sid, "y": y, "sharing": sharing_to_obj(group, self.old_sharings[sid])}
-                    self._send(r, self._envelope("contrib", self._seal(r, body), self.signer))
-
-    def _on_contrib(self, sender: int, body: Any) -> None:
-        if self.me not in self.recovering or sender not in self.operational:
-            raise RemoteProtocolError(sender, "unexpected recovery contribution")
-        f = encoding.expect_map(body, {"sid": str, "y": int, "sharing": dict}, "recovery contribution")
-        if f["sid"] not in self.constants.secrets:
-            raise RemoteProtocolError(sender, "recovery contribution for an unknown secret")
-        self._contribs.setdefault(f["sid"], {}).setdefault(sender, (f["y"], f["sharing"]))
-
-    def _recover(self) -> None:
-        """A recovering server rebuilds each share from the helpers' blinded values, then refreshes it."""
-        c = self.constants
-        assert self.table is not None
-        for sid in sorted(c.secrets):
-            group = c.group(sid)
-            received = self._contribs.get(sid, {})
-            old: PublicSharing[Any] | None = None
-            for _helper, (_y, obj) in sorted(received.items()):
-                try:
-                    candidate = sharing_from_obj(group, obj)
-                except DecodeError:
-                    continue
-                if sharing_digest(group, candidate) == self.table.sharings.get(sid):
-                    old = candidate
-                    break
-            if old is None:
-                self._alert(
-                    AlertKind.RECOVERY_FAILED, self.me, f"no helper sent the certified sharing of {sid!r}"
-                )
-                continue
-            dealings = {d: self._dealings[d]["recover"][sid][self.me] for d in self._qual}
-            try:
-                result = pss.recover_share(
-                    group, old, self.me, dealings, {h: y for h, (y, _o) in received.items()}
-                )
-            except (CryptoError, KeyError) as exc:
-                self._alert(AlertKind.RECOVERY_FAILED, self.me, f"recovery of {sid!r} failed: {exc}")
-                continue
-            for helper, reason in result.cheaters.items():
-                self._alert(AlertKind.BAD_SHARE, helper, reason)
-            zero = {d: self._dealings[d]["refresh"][sid] for d in self._qual}
-            subs = {d: self._value("refresh", sid, 0, d) for d in self._qual}
-            try:
-                self._new_keys[sid] = pss.refresh_share(
-                    group, result.key, zero, {d: v for d, v in subs.items() if v is not None}
-                )
-            except CryptoError as exc:
-                self._alert(AlertKind.RECOVERY_FAILED, self.me, f"refresh of recovered {sid!r} failed: {exc}")
-
-    def _new_digest(self) -> bytes:
-        c = self.constants
-        return encoding.encode(
-            {sid: sharing_digest(c.group(sid), self._new_keys[sid].public) for sid in sorted(c.secrets)}
-        )
-
-    def _confirm(self) -> None:
-        """CONFIRM: tell everyone which new sharings we computed (see the module's table)."""
-        c = self.constants
-        if self.me in self.recovering and len(self._qual) >= c.t + 1:
-            self._recover()
-        if set(self._new_keys) != set(c.secrets) or self.table is None:
+        table = r.kt.table.signed(sig)
+        if not table.verify(r.m.vcert):  # pragma: no cover - aggregate_and_identify verified it
             return
-        digest = self._new_digest()
-        self._confirms[self.me] = digest
-        for j in sorted(self.table.entries):
-            if j != self.me:
-                self._send(j, self._envelope("confirm", {"digest": digest}, self.signer))
+        r.signed_table = table
+        r._send(EVERYONE, "kt-sig", sig)
 
-    def _on_confirm(self, sender: int, body: Any) -> None:
-        f = encoding.expect_map(body, {"digest": bytes}, "confirmation")
-        if len(f["digest"]) > 4096:
-            raise RemoteProtocolError(sender, "confirmation: oversized digest")
-        previous = self._confirms.setdefault(sender, f["digest"])
-        if previous != f["digest"]:
-            raise RemoteProtocolError(sender, "two different confirmations in one refresh")
 
-    def _complete(self, now: float) -> None:
-        c = self.constants
-        complete = set(self._new_keys) == set(c.secrets)
-        if not complete:
-            self._finish(
-                now, "refresh incomplete: this server keeps no shares for the new period", alert=False
-            )
-            return
-        mine = self._confirms.get(self.me)
-        agreeing = sorted(i for i, d in self._confirms.items() if d == mine)
-        if len(agreeing) >= c.n - c.t:
-            self._finish(now, None)
-            return
-        self._alert(
-            AlertKind.RECOVERY_FAILED,
-            self.me,
-            f"new shares confirmed by {len(agreeing)} servers {agreeing}, need n-t = {c.n - c.t}: "
-            "keeping the previous period's shares",
-        )
-        for k in self._new_keys.values():
-            k.wipe()
-        self._finish(now, "refresh not confirmed by n-t servers")
+# Applications of the agreement engine ------------------------------------------------------------------
 
-    def _finish(self, now: float, failure: str | None, *, alert: bool = False) -> None:
-        """Record the outcome. A refresh that never produced a signed KeyTable changes nothing:
-        the server keeps its old data (no data lost) and tries again next period."""
-        if failure is not None and alert:
-            self._alert(AlertKind.RECOVERY_FAILED, self.me, failure)
-        for nonce in self._nonces:
-            nonce.wipe()
-        table = self.table if self.table is not None and self.table.signature else None
-        if table is None:
-            public = self._old_public
-            if self.m is not None and (public.m is None or public.m.check(self.me, self.vstart) is not None):
-                public = PublicData(self.m, self.old_table, dict(self.old_sharings))
-            old_private = self._old_private
-            carried = old_private is not None and old_private.carried
-            status = Status.RECOVERING if carried else self.status  # carried shares do not sign
-            self.outcome = Outcome(status, public, old_private, list(self.alerts), failure)
-            return
-        if failure is None:
-            public = PublicData(self.m, table, {sid: k.public for sid, k in self._new_keys.items()})
-            private = PrivateData(
-                self.period,
-                self.signing_seed,
-                self.encryption_seed,
-                {sid: k.share for sid, k in self._new_keys.items()},
-            )
-            for k in self.keys.values():
-                k.wipe()
-            self.outcome = Outcome(Status.OPERATIONAL, public, private, list(self.alerts), None)
-            return
-        # Certified new period keys but no confirmed new shares. A server erases its shares
-        # only for confirmed new ones: it keeps the previous period's (if it had them), marked
-        # carried (not used to sign this period), and the next refresh brings it to the sharing
-        # t+1 servers agree on. Erasing them here could leave fewer than t+1 shares of any
-        # one sharing in the whole network when many servers fail at once: the key lost.
-        # Only the agreed sharing is worth keeping: a server judged recovering held another one.
-        old = {sid: k.share for sid, k in self.keys.items()} if self.me in self.operational else {}
-        public = PublicData(self.m, table, dict(self.old_sharings) if old else {})
-        private = PrivateData(self.period, self.signing_seed, self.encryption_seed, old, carried=bool(old))
-        if old:
-            failure += "; the previous period's shares are kept"
-        self.outcome = Outcome(Status.RECOVERING, public, private, list(self.alerts), failure)
+
+_PHASE_ONE = frozenset({"ann", "attest", "agree/keytable", "deal", "want", "checked", "agree/dealings"})
+
+
+class _KeyTableApp:
+    def __init__(self, r: PeriodRefresh) -> None:
+        self.r = r
+
+    def propose(self) -> bytes | None:
+        return self.r.propose_keytable()
+
+    def validate(self, value: bytes) -> Verdict:
+        return self.r.validate_keytable(value)
+
+
+class _DealingsApp:
+    def __init__(self, r: PeriodRefresh) -> None:
+        self.r = r
+
+    def propose(self) -> bytes | None:
+        return self.r.propose_dealings()
+
+    def validate(self, value: bytes) -> Verdict:
+        return self.r.validate_dealings(value)
+
+
+def _decode_s_value(value: bytes, period: int) -> dict[int, bytes]:
+    f = encoding.expect_map(
+        encoding.decode(value, what="dealing set"), {"period": int, "dealings": dict}, "dealing set"
+    )
+    if f["period"] != period:
+        raise DecodeError(f"dealing set for period {f['period']}")
+    out: dict[int, bytes] = {}
+    for d, h in f["dealings"].items():
+        if type(d) is not int or not isinstance(h, bytes) or len(h) != 32:
+            raise DecodeError("dealing set: dealer ids to 32-byte digests")
+        out[d] = h
+    return out
+
+
+def check_transcript(tr: Transcript, c: Constants, old_keys: Mapping[int, bytes]) -> KeyTableCandidate:
+    """A transcript checked from the previous KeyTable's keys alone (DecodeError naming the fault)."""
+    from appliance.protocols.agreement import COMMIT, BadCertificate
+
+    committee = Committee(c.n, c.t, old_keys)
+    try:
+        if tr.kt_qc.phase != COMMIT or tr.kt_qc.digest != digest(tr.kt_value):
+            raise DecodeError("transcript: the KeyTable's certificate does not match it")
+        committee.verify_qc(Instance(CONTEXT, tr.period, "keytable"), tr.kt_qc)
+        kt = judge_keytable(tr.kt_value, tr.period, c, old_keys)
+        members = Committee(c.n, c.t, {i: e.verify_key for i, e in kt.table.entries.items()})
+        if tr.s_qc.phase != COMMIT or tr.s_qc.digest != digest(tr.s_value):
+            raise DecodeError("transcript: the dealing set's certificate does not match it")
+        members.verify_qc(Instance(CONTEXT, tr.period, "dealings"), tr.s_qc)
+    except (BadCertificate, InvalidProposal) as exc:
+        raise DecodeError(f"transcript: {exc}") from None
+    chosen = _decode_s_value(tr.s_value, tr.period)
+    if {d: digest(raw) for d, raw in tr.dealings.items()} != chosen:
+        raise DecodeError("transcript: its dealings are not the decided ones")
+    return kt
 
 
 def scalar_source(rand: RandomBytes, group: Group[Any]) -> Callable[[], int]:

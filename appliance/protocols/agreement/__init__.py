@@ -32,7 +32,15 @@ from appliance.protocols.agreement._messages import (
     digest,
     encode,
 )
-from appliance.protocols.agreement._safety import MemoryStore, NotSafe, SafetyData, SafetyRules, SafetyStore
+from appliance.protocols.agreement._safety import (
+    MemoryStore,
+    NotSafe,
+    SafetyData,
+    SafetyRules,
+    SafetyStore,
+    safety_from_bytes,
+    safety_to_bytes,
+)
 
 __all__ = [
     "ACCEPT",
@@ -58,4 +66,6 @@ __all__ = [
     "digest",
     "encode",
     "reject",
+    "safety_from_bytes",
+    "safety_to_bytes",
 ]

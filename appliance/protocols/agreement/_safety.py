@@ -53,6 +53,42 @@ class SafetyData:
     high_value: bytes | None = None
 
 
+def safety_to_bytes(data: SafetyData) -> bytes:
+    from appliance.crypto import encoding
+
+    qc = data.high_qc.to_obj() if data.high_qc is not None else None
+    return encoding.encode(
+        {
+            "proposed": data.proposed_view,
+            "prepared": data.prepared_view,
+            "committed": data.committed_view,
+            "timeout": data.timeout_view,
+            "qc": qc,
+            "value": data.high_value,
+        }
+    )
+
+
+def safety_from_bytes(raw: bytes) -> SafetyData:
+    """SafetyData from our own store (DecodeError if the file is corrupt)."""
+    from appliance.crypto import encoding
+
+    f = encoding.expect_map(
+        encoding.decode(raw, what="safety data"),
+        {
+            "proposed": int,
+            "prepared": int,
+            "committed": int,
+            "timeout": int,
+            "qc": (dict, type(None)),
+            "value": (bytes, type(None)),
+        },
+        "safety data",
+    )
+    qc = QuorumCert.from_obj(f["qc"]) if f["qc"] is not None else None
+    return SafetyData(f["proposed"], f["prepared"], f["committed"], f["timeout"], qc, f["value"])
+
+
 class SafetyStore(Protocol):
     """Durable storage of one instance's SafetyData: ``save`` returns only once it is durable."""
 

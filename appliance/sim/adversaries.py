@@ -1,0 +1,217 @@
+"""Byzantine servers for the simulation: they act on typed messages and sign with their own keys.
+
+A wire fault (:data:`~appliance.sim._net.Fault`) sees each message a Byzantine server sends,
+decodes the refresh envelope and the typed object inside, changes it, and re-signs it with
+the keys that server really holds (read from its engine: a broken-into server has them).
+Because they work on the protocol's messages, not on the engine's private methods, a
+refactor of the engine keeps them. Two behaviours need the server's own state to lie
+convincingly (a dealing with a bad ciphertext, a complaint with a valid reveal); they are
+engine subclasses that override one public step each.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+from appliance.crypto import encoding, frost, vdec
+from appliance.crypto.groups import ED25519
+from appliance.protocols._signed import decode_signed, sign
+from appliance.protocols.agreement import decode, digest, encode
+from appliance.protocols.agreement._messages import Proposal, Vote, proposal_statement, vote_statement
+from appliance.protocols.refresh import Dealing, PeriodRefresh, deal_context
+from appliance.sim.cluster import SimServer
+
+Wire = list[tuple[float, bytes]]
+Fault = Callable[[int, int, bytes, float, random.Random], Wire]
+
+
+def _open(data: bytes) -> tuple[int, str, Any] | None:
+    try:
+        obj = encoding.decode(data, what="message")
+    except Exception:
+        return None
+    if not isinstance(obj, dict) or "phase" not in obj:
+        return None
+    return obj["period"], obj["phase"], obj["body"]
+
+
+def _wrap(period: int, phase: str, body: Any) -> bytes:
+    return encoding.encode({"period": period, "phase": phase, "body": body})
+
+
+def bad_frost_shares(server: SimServer) -> Fault:
+    """Every FROST signature share it sends is wrong (and properly signed)."""
+
+    def fault(sender: int, to: int, data: bytes, now: float, rng: random.Random) -> Wire:
+        opened = _open(data)
+        engine = server.engine
+        if opened is None or opened[1] != "sigshare" or engine is None:
+            return [(0.0, data)]
+        period, _phase, body = opened
+        s = decode_signed(body, "sigshare", period, max_size=4096)
+        share = frost.SignatureShare.from_bytes(s.body["share"])
+        bad = frost.SignatureShare(share.identifier, (share.share + 1) % ED25519.order)
+        raw = sign("sigshare", period, {"attempt": s.body["attempt"], "share": bad.to_bytes()}, engine.signer)
+        return [(0.0, _wrap(period, "sigshare", raw))]
+
+    return fault
+
+
+def foreign_commitments(server: SimServer, other: int) -> Fault:
+    """Finding 8: announces FROST nonce commitments that carry another server's id."""
+
+    def fault(sender: int, to: int, data: bytes, now: float, rng: random.Random) -> Wire:
+        opened = _open(data)
+        engine = server.engine
+        if opened is None or opened[1] != "nonce" or engine is None:
+            return [(0.0, data)]
+        period, _phase, body = opened
+        s = decode_signed(body, "nonce", period, max_size=4096)
+        c = frost.SigningCommitment.from_bytes(s.body["c"])
+        forged = frost.SigningCommitment(other, c.hiding, c.binding)
+        raw = sign("nonce", period, {**s.body, "c": forged.to_bytes()}, engine.signer)
+        return [(0.0, _wrap(period, "nonce", raw))]
+
+    return fault
+
+
+def share_spammer(server: SimServer) -> Fault:
+    """Finding 1: answers every request with shares for attempts whose signer set does not name it,
+    and leads with two different requests for its attempts (equivocation)."""
+
+    def fault(sender: int, to: int, data: bytes, now: float, rng: random.Random) -> Wire:
+        opened = _open(data)
+        engine = server.engine
+        if opened is None or engine is None or opened[1] not in ("sigshare", "signreq"):
+            return [(0.0, data)]
+        period, phase, body = opened
+        out: Wire = [(0.0, data)]
+        if phase == "sigshare":
+            s = decode_signed(body, "sigshare", period, max_size=4096)
+            for a in range(4):
+                raw = sign("sigshare", period, {"attempt": a, "share": s.body["share"]}, engine.signer)
+                out.append((0.0, _wrap(period, "sigshare", raw)))
+        else:
+            s = decode_signed(body, "signreq", period, max_size=65536)
+            signers = dict(s.body["signers"])
+            if len(signers) > 1 and to % 2 == 0:
+                # Another set for the same attempt, to half the servers: caught as equivocation.
+                raw = sign("signreq", period, {"attempt": s.body["attempt"], "signers": {}}, engine.signer)
+                out = [(0.0, _wrap(period, "signreq", raw))]
+        return out
+
+    return fault
+
+
+def clear_forger(server: SimServer, victim: int, rng_seed: int) -> Fault:
+    """Finding 2: relays a self-signed (clear) announcement it made up for an honest victim, and
+    attests it, hoping to make the victim look like an equivocator or block its recovery."""
+    from nacl.signing import SigningKey
+
+    from appliance.protocols._core import Signer
+    from appliance.protocols.state import KeyEntry, encryption_key_payload
+
+    fake = Signer(SigningKey(random.Random(rng_seed).randbytes(32)))
+    sent: set[int] = set()
+
+    def fault(sender: int, to: int, data: bytes, now: float, rng: random.Random) -> Wire:
+        opened = _open(data)
+        engine = server.engine
+        if opened is None or engine is None or opened[1] != "ann" or engine.decided:
+            return [(0.0, data)]
+        period = opened[0]
+        e = vdec.public_key(12345 + victim)
+        entry = KeyEntry(fake.public, e, fake.sign(encryption_key_payload(victim, period, e)))
+        body = {"server": victim, "K": entry.to_obj(), "sharings": {}, "clear": True}
+        forged = sign("announce", period, body, fake)
+        out: Wire = [(0.0, data), (0.0, _wrap(period, "ann", forged))]
+        old = getattr(engine, "old_signer", None)
+        if old is not None and to not in sent:
+            sent.add(to)
+            att = sign("attest", period, {"server": victim, "ann": digest(forged)}, old)
+            out.append((0.0, _wrap(period, "attest", {"ann": forged, "attest": att, "by": sender})))
+        return out
+
+    return fault
+
+
+def equivocating_leader(server: SimServer) -> Fault:
+    """An equivocating KeyTable leader: to half the servers it proposes the table without one
+    entry (a valid alternative), and it votes for both values."""
+    alt: dict[tuple[int, int], bytes] = {}
+
+    def fault(sender: int, to: int, data: bytes, now: float, rng: random.Random) -> Wire:
+        opened = _open(data)
+        engine = server.engine
+        if opened is None or engine is None or opened[1] != "agree/keytable" or to % 2 == 1:
+            return [(0.0, data)]
+        period, phase, body = opened
+        signer = getattr(engine, "old_signer", None)
+        if signer is None or engine.kt_engine is None:
+            return [(0.0, data)]
+        msg = decode(body)
+        inst = engine.kt_engine.inst
+        if isinstance(msg, Proposal) and msg.justify is None:
+            obj = encoding.decode(msg.value)
+            others = sorted(i for i in obj["entries"] if i != sender)
+            if len(obj["entries"]) <= engine.c.t + 2 or not others:
+                return [(0.0, data)]
+            del obj["entries"][others[-1]]
+            value = encoding.encode(obj)
+            alt[(period, msg.view)] = value
+            sig = signer.sign(proposal_statement(inst, msg.view, digest(value)))
+            return [(0.0, _wrap(period, phase, encode(Proposal(msg.view, value, None, sig))))]
+        if isinstance(msg, Vote) and (period, msg.view) in alt:
+            d = digest(alt[(period, msg.view)])
+            vote = Vote(msg.phase, msg.view, d, signer.sign(vote_statement(inst, msg.phase, msg.view, d)))
+            return [(0.0, _wrap(period, phase, encode(vote)))]
+        return [(0.0, data)]
+
+    return fault
+
+
+class BadDealingEngine(PeriodRefresh):
+    """A dealer whose ciphertext for ``victim`` does not decrypt (its dealing is otherwise valid)."""
+
+    victim = 0
+
+    def _make_dealing(self) -> bytes:
+        raw = super()._make_dealing()
+        s = decode_signed(raw, "deal", self.period, max_size=1 << 20)
+        body = dict(s.body)
+        ct = dict(body["ct"])
+        victim = self.victim if self.victim in ct else min(k for k in ct if k != self.me)
+        ct[victim] = bytes([ct[victim][0] ^ 1]) + ct[victim][1:]
+        body["ct"] = ct
+        return sign("deal", self.period, body, self.signer)
+
+
+class FalseComplaintEngine(PeriodRefresh):
+    """Complains, with a valid reveal, about the first honest dealing it receives."""
+
+    complained = False
+
+    def _check_my_subshares(self, dealing: Dealing) -> None:
+        super()._check_my_subshares(dealing)
+        if self.complained or dealing.dealer == self.me or self.kt is None:
+            return
+        self.complained = True
+        context = deal_context(self.period, dealing.dealer, digest(self.kt.value))
+        e = vdec.secret_from_seed(self.encryption_seed)
+        rev = vdec.reveal(
+            e, self.encryption_public, self.me, dealing.ephemeral, context, lambda: self._scalar(ED25519)
+        )
+        raw = sign(
+            "complain",
+            self.period,
+            {
+                "accuser": self.me,
+                "dealer": dealing.dealer,
+                "dealing": dealing.digest,
+                "reveal": rev.to_bytes(),
+            },
+            self.signer,
+        )
+        self._send(0, "checked", {"dealing": dealing.digest, "complaint": raw})
