@@ -66,6 +66,7 @@ from appliance.node.hardening import Hardening, harden
 from appliance.node.server import Deliver, PServer, Transport, period_keys
 from appliance.node.store import StateDir
 from appliance.protocols._core import AlertKind
+from appliance.protocols.refresh import current_table
 from appliance.protocols.signing import SigningRefused
 
 log = logging.getLogger("pst.keyholder")
@@ -173,11 +174,12 @@ class _Child:
         transport = LinkTransport(config.server_id, self.outbox)
         loaded = server.store.load()
         keys = period_keys(loaded.public)
-        table = loaded.public.key_table
-        if table is None or loaded.private is None or config.server_id not in keys:
+        table = current_table(loaded.public)
+        private = loaded.private
+        if table is None or private is None or private.period != table.period or config.server_id not in keys:
             transport.identity(None, {}, None)
         else:
-            transport.identity(table.period, keys, loaded.private.signing_seed)
+            transport.identity(table.period, keys, private.signing_seed)
         return transport
 
     parent_gone = False

@@ -30,10 +30,10 @@ from appliance.boot.rom import Rom, open_rom
 from appliance.boot.upgrade import approved, is_upgrade_payload, read_approval
 from appliance.crypto import encoding
 from appliance.node.config import NodeConfig
-from appliance.node.store import StateDir, atomic_write
+from appliance.node.store import PendingRecords, StateDir, atomic_write
 from appliance.protocols._core import Alert
 from appliance.protocols.core import ServerCore
-from appliance.protocols.refresh import Outcome, PublicData, Status
+from appliance.protocols.refresh import Outcome, PublicData, Status, current_table
 from appliance.protocols.services import RandomService, TimeService
 from appliance.protocols.signing import SigningRefused, SigningService
 from appliance.protocols.state import SCERT
@@ -54,7 +54,8 @@ TransportFactory = Callable[[NodeConfig, "PServer", trio.Nursery, Deliver], Awai
 
 
 def period_keys(public: PublicData) -> dict[int, bytes]:
-    table = public.key_table
+    """The period keys of the last decided KeyTable (signed or not yet): the channels' anchors."""
+    table = current_table(public)
     return {i: e.verify_key for i, e in table.entries.items()} if table is not None else {}
 
 
@@ -96,6 +97,8 @@ class PServer:
         self.retire_after_refresh = False
         self.retired = trio.Event()
         self._retire = False
+        #: A refresh decided by the previous key-holder child and not yet complete (status.json).
+        self._in_progress: dict[str, Any] = {}
 
     # Startup ------------------------------------------------------------------------------
 
@@ -117,6 +120,10 @@ class PServer:
             first_period=first,
             on_outcome=self._persist,
             signing=True,
+            durable=PendingRecords(self.store),
+            # The key-holder retires at a decision (the old shares die with it); the next child
+            # signs the KeyTable and recovers the recovering servers from what was persisted.
+            resume_in_place=not self.retire_after_refresh,
         )
         public_dir = self.store.public_dir
         # A code upgrade our operator approved is the one protocol payload we sign on request.
@@ -124,11 +131,15 @@ class PServer:
         return core
 
     def _persist(self, period: int, outcome: Outcome) -> None:
-        if self.retire_after_refresh:
-            self._retire = True
+        core = self.core
+        finishing = core is not None and core.engine is not None and core.engine.resumed
+        if self.retire_after_refresh and not finishing:
+            self._retire = True  # a decision, or a period given up: the old secrets die with us
         started = self._refresh_started.get(period, self.clock())
+        if finishing and self._in_progress.get("period") == period:
+            started = float(self._in_progress.get("started", started))  # the decision's child started it
         self.store.save(outcome.public, outcome.private)
-        table = outcome.public.key_table
+        table = current_table(outcome.public)
         # Channels follow the certified KeyTable we now hold (after an aborted refresh, that is
         # still the old one, and the channels stay as they are).
         private = outcome.private
@@ -139,29 +150,35 @@ class PServer:
         ):
             self._channel_period = table.period
             self._pending_rekey = (table.period, period_keys(outcome.public), private.signing_seed)
-        self.last_refresh = {
-            "period": period,
-            "status": outcome.status.value,
-            "finished": self.clock(),
-            "duration_s": round(self.clock() - started, 3),
-            "failure": outcome.failure,
-        }
-        core = self.core
+        if finishing or outcome.public.complete:
+            self.last_refresh = self._refresh_record(period, outcome, started)
+            self._in_progress = {}
+        else:
+            self._in_progress = {"period": period, "started": started, "decided": self.clock()}
+        self._record_alerts(outcome.alerts)
+        self._write_status(outcome.public, outcome.status)
+        log.info(
+            "period %d: %s in %.3f s%s",
+            period,
+            "decided" if not outcome.public.complete else outcome.status.value,
+            self.clock() - started,
+            f" ({outcome.failure})" if outcome.failure else "",
+        )
         if core is not None:
             for reason in core.rejected[:50]:
                 log.warning("rejected a message: %s", reason)
             if len(core.rejected) > 50:
                 log.warning("... and %d more rejected messages this period", len(core.rejected) - 50)
             core.rejected.clear()
-        self._record_alerts(outcome.alerts)
-        self._write_status(outcome.public, outcome.status)
-        log.info(
-            "period %d: %s in %.3f s%s",
-            period,
-            outcome.status.value,
-            self.clock() - started,
-            f" ({outcome.failure})" if outcome.failure else "",
-        )
+
+    def _refresh_record(self, period: int, outcome: Outcome, started: float) -> dict[str, Any]:
+        return {
+            "period": period,
+            "status": outcome.status.value,
+            "finished": self.clock(),
+            "duration_s": round(self.clock() - started, 3),
+            "failure": outcome.failure,
+        }
 
     def _record_alerts(self, alerts: list[Alert]) -> None:
         """Log each alert and append it to ``alerts.jsonl`` (what ``pst alerts`` shows)."""
@@ -195,6 +212,14 @@ class PServer:
         last = previous.get("last_refresh") if isinstance(previous, dict) else None
         return last if isinstance(last, dict) else {}
 
+    def _previous_in_progress(self) -> dict[str, Any]:
+        try:
+            previous = json.loads((self.store.public_dir / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        value = previous.get("refresh_in_progress") if isinstance(previous, dict) else None
+        return value if isinstance(value, dict) else {}
+
     def _write_status(self, public: PublicData, status: Status) -> None:
         table = public.key_table
         sharing = public.sharings.get(SCERT)
@@ -203,6 +228,7 @@ class PServer:
             "period": table.period if table is not None else None,
             "status": status.value,
             "last_refresh": self.last_refresh,
+            "refresh_in_progress": self._in_progress or None,
             "keytable_fingerprint": table.fingerprint() if table is not None else None,
             "group_public_key": sharing.public_key.hex() if sharing is not None else None,
             "rom": self.rom.describe(),
@@ -217,6 +243,7 @@ class PServer:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         core = self.core = self._load()
         self.last_refresh = self.last_refresh or self._previous_last_refresh()
+        self._in_progress = self._previous_in_progress()
         core.start_signing()
         if core.public.key_table is not None:
             self._channel_period = core.public.key_table.period

@@ -5,7 +5,13 @@ Layout (``root`` is the server's StateDirectory)::
     public/M.cbor          [Scert(M), M]
     public/keytable.cbor   the signed KeyTable of the current period
     public/sharings.cbor   the public sharings (commitments) of every long-lived secret
-    private/period.cbor    this period's key seeds and shares (mode 0600, directory 0700)
+    public/transcript.cbor the last decided refresh (KeyTable and dealing set with their
+                           quorum certificates, the dealings): laggards catch up from it
+    private/period.cbor    this period's key seeds and shares, and the recovery values owed
+                           to recovering servers (mode 0600, directory 0700)
+    private/pending/       a refresh in progress: its new period key seeds, announcement,
+                           dealing and voting records (SafetyData), each saved before the
+                           message that depends on it is sent; erased at the decision
 
 Every write is temp file + fsync + rename + directory fsync, so a crash leaves either the
 old or the new file, never a torn one. Private files are overwritten with zeros and
@@ -28,7 +34,7 @@ from typing import Any
 from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
 from appliance.crypto.secret import SecretScalar
-from appliance.protocols.refresh import PrivateData, PublicData
+from appliance.protocols.refresh import PrivateData, PublicData, Transcript
 from appliance.protocols.state import GROUPS, InvariantInfo, KeyTable, sharing_from_obj, sharing_to_obj
 
 MAX_FILE = 16 * 1024 * 1024
@@ -108,6 +114,10 @@ class StateDir:
         if public.key_table is not None:
             atomic_write(self.public_dir / "keytable.cbor", public.key_table.encode())
         atomic_write(self.public_dir / "sharings.cbor", encode_sharings(public))
+        if public.transcript is not None:
+            atomic_write(self.public_dir / "transcript.cbor", public.transcript.encode())
+        else:
+            (self.public_dir / "transcript.cbor").unlink(missing_ok=True)
 
     def erase_private(self) -> None:
         for path in sorted(self.private_dir.glob("*")):
@@ -153,6 +163,13 @@ class StateDir:
                 public.sharings = decode_sharings(data)
             except DecodeError as exc:
                 problems.append(f"{self.public_dir / 'sharings.cbor'}: {exc}")
+        if (self.public_dir / "transcript.cbor").exists():
+            data = self._read(self.public_dir / "transcript.cbor", problems)
+            if data is not None:
+                try:
+                    public.transcript = Transcript.decode(data)
+                except DecodeError as exc:
+                    problems.append(f"{self.public_dir / 'transcript.cbor'}: {exc}")
         private: PrivateData | None = None
         data = self._read(self.private_dir / "period.cbor", problems)
         if data is not None:
@@ -197,17 +214,18 @@ def encode_private(private: PrivateData) -> bytes:
             "signing_seed": private.signing_seed,
             "encryption_seed": private.encryption_seed,
             "shares": {sid: s.value.to_bytes(64, "big") for sid, s in sorted(private.shares.items())},
-            **({"carried": True} if private.carried else {}),
+            "rpoints": {
+                r: {sid: v.to_bytes(64, "big") for sid, v in sorted(values.items())}
+                for r, values in sorted(private.rpoints.items())
+            },
         }
     )
 
 
 def decode_private(data: bytes) -> PrivateData:
-    raw_obj = encoding.decode(data, what="private state")
-    carried = isinstance(raw_obj, dict) and raw_obj.pop("carried", False) is True
     obj = encoding.expect_map(
-        raw_obj,
-        {"period": int, "signing_seed": bytes, "encryption_seed": bytes, "shares": dict},
+        encoding.decode(data, what="private state"),
+        {"period": int, "signing_seed": bytes, "encryption_seed": bytes, "shares": dict, "rpoints": dict},
         "private state",
     )
     if len(obj["signing_seed"]) != 32 or len(obj["encryption_seed"]) != 32:
@@ -218,4 +236,47 @@ def decode_private(data: bytes) -> PrivateData:
             raise DecodeError("private state: shares must map secret ids to 64-byte scalars")
         value = int.from_bytes(raw, "big")
         shares[sid] = SecretScalar(value, 1 << 512)
-    return PrivateData(obj["period"], obj["signing_seed"], obj["encryption_seed"], shares, carried=carried)
+    rpoints: dict[int, dict[str, int]] = {}
+    for r, values in obj["rpoints"].items():
+        if type(r) is not int or not isinstance(values, dict):
+            raise DecodeError("private state: recovery values must map server ids to values")
+        for sid, raw in values.items():
+            if not isinstance(sid, str) or not isinstance(raw, bytes) or len(raw) != 64:
+                raise DecodeError("private state: recovery values must be 64-byte scalars")
+            rpoints.setdefault(r, {})[sid] = int.from_bytes(raw, "big")
+    return PrivateData(obj["period"], obj["signing_seed"], obj["encryption_seed"], shares, rpoints)
+
+
+class PendingRecords:
+    """The :class:`~appliance.protocols.refresh.Durable` records of a refresh in progress.
+
+    One private file per record (``private/pending/<period>-<name>``), written atomically and
+    synced before :meth:`put` returns; :meth:`forget` overwrites and unlinks every record of a
+    decided period (it holds the seeds of period keys and the votes made with them).
+    """
+
+    def __init__(self, state: StateDir) -> None:
+        self.dir = state.private_dir / "pending"
+
+    def _path(self, key: str) -> Path:
+        name = key.replace("/", "-")
+        if not name or not all(ch.isalnum() or ch in "-_." for ch in name):
+            raise ValueError(f"bad record name {key!r}")
+        return self.dir / name
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def put(self, key: str, value: bytes) -> None:
+        atomic_write(self._path(key), value, private=True)
+
+    def forget(self, period: int) -> None:
+        if not self.dir.exists():
+            return
+        for path in sorted(self.dir.iterdir()):
+            head = path.name.split("-", 1)[0]
+            if path.is_file() and (not head.isdigit() or int(head) <= period):
+                erase(path)

@@ -61,6 +61,7 @@ class ServerCore:
         on_outcome: Callable[[int, Outcome], None] | None = None,
         signing: bool = False,
         durable: Durable | None = None,
+        resume_in_place: bool = True,
     ) -> None:
         self.me = me
         self.vstart = vstart
@@ -68,6 +69,9 @@ class ServerCore:
         self.private: PrivateData | None = private
         self.on_outcome = on_outcome
         self.durable: Durable = durable if durable is not None else MemoryDurable()
+        #: After a decision, resume in this process (the simulation) or leave it to the next
+        #: key-holder child, which starts from what was persisted (the node).
+        self.resume_in_place = resume_in_place
         self.signing: SigningService | None = None
         self.time: TimeService | None = None
         self.random: RandomService | None = None
@@ -222,6 +226,8 @@ class ServerCore:
             # built from what was persisted (exactly as a new key-holder child would).
             self.durable.forget(engine.period)
             self.engine = None
+            if not self.resume_in_place:
+                return
             self._start(engine.period, now)
             self._persisted = (engine.period, 0)
             assert self.engine is not None
@@ -306,6 +312,8 @@ class ServerCore:
             transcript, table = body.get("transcript"), body.get("keytable")
             if isinstance(transcript, bytes) and not engine.decided:
                 engine.receive(sender, "catchup", transcript, len(data), now)
+            if isinstance(table, bytes) and not engine.decided and engine.overtaken(table):
+                self._persist_if_changed(now)
             if isinstance(table, bytes) and engine.resumed and not engine.complete:
                 try:
                     signed = KeyTable.decode(table)

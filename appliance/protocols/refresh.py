@@ -574,6 +574,7 @@ class PeriodRefresh:
         self._frost = _FrostState()
         self._rpoint_values: dict[str, dict[int, int]] = {}
         self._rpoints_sent = False
+        self._pinged = -1e9
         if (
             public.transcript is not None
             and public.transcript.period == period
@@ -721,6 +722,7 @@ class PeriodRefresh:
             "sigshare": self._on_sign_share,
             "kt-sig": self._on_kt_sig,
             "rpoint": self._on_rpoint,
+            "phase2": self._on_phase2,
         }
         handler = handlers.get(phase)
         if handler is None:
@@ -1016,7 +1018,7 @@ class PeriodRefresh:
             return None
         return value
 
-    def validate_keytable(self, value: bytes) -> Verdict:
+    def validate_keytable(self, value: bytes, view: int) -> Verdict:
         try:
             cand = judge_keytable(value, self.period, self.c, self.old_keys)
         except InvalidProposal as exc:
@@ -1030,6 +1032,13 @@ class PeriodRefresh:
                     return reject(f"server {i} announced two different keys")
             elif self.anns.get(i):
                 return reject(f"server {i} has an authenticated announcement (rule ii)")
+        if view == 0:
+            # The first leader must include every announcement we hold: otherwise a Byzantine
+            # first leader could leave honest servers out of the KeyTable at will. A later view
+            # (after a timeout) may leave out what its leader has not received.
+            for i, got in self.anns.items():
+                if i not in cand.anns and i not in self.conflicts and len(got) == 1:
+                    return reject(f"view 0 leaves out server {i}, whose announcement we hold")
         mine = cand.anns.get(self.me)
         if mine is not None and mine.raw != self.my_ann:
             self._alert(
@@ -1132,6 +1141,7 @@ class PeriodRefresh:
         if sender != self.me:
             self._send(EVERYONE, "deal", body)  # forwarded once: every honest server gets it
         self._check_my_subshares(dealing)
+        self._replay(now)  # complaints about this dealing may have come first
         self._try_finish_decision()
 
     def _check_my_subshares(self, dealing: Dealing) -> None:
@@ -1501,12 +1511,53 @@ class PeriodRefresh:
         if self.new_keys and self.signed_table is None:
             self._frost.step(self, now)
         self._maybe_complete()
+        if not self.complete and now - self._pinged >= self.timeout:
+            # Messages may have been lost while the key-holder changed: ask for what we lack.
+            self._pinged = now
+            body = {"sig": self.signed_table is None, "rpoint": not self.new_keys}
+            self._send(EVERYONE, "phase2", body)
+
+    def _on_phase2(self, sender: int, body: Any, now: float) -> None:
+        """A peer in SIGN/RECOVER lacks the KeyTable signature or its recovery value."""
+        if not self.resumed:
+            return
+        f = encoding.expect_map(body, {"sig": bool, "rpoint": bool}, "phase2")
+        if now - self._late_answered.get(-sender, -1e9) < self.timeout / 2:
+            return
+        self._late_answered[-sender] = now
+        if f["sig"] and self.signed_table is not None:
+            self._send(sender, "kt-sig", self.signed_table.signature)
+        if f["rpoint"] and sender in self.rpoints:
+            self._send_rpoints(only=sender)
+        if self._frost.started:
+            self._frost.republish(self, sender)
 
     def _maybe_complete(self) -> None:
         if self.complete or self.signed_table is None:
             return
         if len(self.new_keys) == len(self.c.secrets):
             self._complete(Status.OPERATIONAL, self.signed_table)
+
+    def overtaken(self, table_bytes: bytes) -> bool:
+        """A peer shows a signed KeyTable of this period or later while we have not decided:
+        the network decided without us (a KeyTable is signed only with shares of a decided
+        sharing), so our old shares are no longer needed. We stop, erase them, and recover."""
+        if self.decided or self.complete or self.m is None:
+            return False
+        try:
+            table = KeyTable.decode(table_bytes)
+        except DecodeError:
+            return False
+        if table.period < self.period or not table.verify(self.m.vcert):
+            return False
+        for k in self.keys.values():
+            k.wipe()
+        self.keys = {}
+        self.complete = True
+        public = PublicData(self.m, table, {}, None)
+        failure = f"the network decided period {table.period} without us: recovering"
+        self._set_outcome(Outcome(Status.RECOVERING, public, None, list(self.alerts), failure))
+        return True
 
     def give_up(self, now: float) -> None:
         """The next period is due and this one is decided but not complete: keep what we have."""
@@ -1571,9 +1622,11 @@ class PeriodRefresh:
 
     # Recovery values ------------------------------------------------------------------------------------
 
-    def _send_rpoints(self) -> None:
+    def _send_rpoints(self, only: int | None = None) -> None:
         assert self.kt is not None
         for r, values in sorted(self.rpoints.items()):
+            if only is not None and r != only:
+                continue
             entry = self.kt.table.entries[r]
             context = encoding.encode(["pst/refresh/rpoint", self.period, self.me, r])
             eph, cts = vdec.encrypt_to(
@@ -1697,6 +1750,12 @@ class _FrostState:
         pending, self.pending = self.pending, []
         for sender, body in pending:
             r.receive(sender, "sigshare", body, 0, now)
+
+    def republish(self, r: PeriodRefresh, to: int) -> None:
+        """Our unused nonce commitments again, to a peer that may have missed them."""
+        for idx, raw in self.commitments.get(r.me, {}).items():
+            if idx in self.nonces:
+                r._send(to, "nonce", raw)
 
     def _package(self, r: PeriodRefresh) -> frost.KeyPackage:
         key = r.new_keys[SCERT]
@@ -1878,8 +1937,8 @@ class _KeyTableApp:
     def propose(self) -> bytes | None:
         return self.r.propose_keytable()
 
-    def validate(self, value: bytes) -> Verdict:
-        return self.r.validate_keytable(value)
+    def validate(self, value: bytes, view: int) -> Verdict:
+        return self.r.validate_keytable(value, view)
 
 
 class _DealingsApp:
@@ -1889,7 +1948,7 @@ class _DealingsApp:
     def propose(self) -> bytes | None:
         return self.r.propose_dealings()
 
-    def validate(self, value: bytes) -> Verdict:
+    def validate(self, value: bytes, view: int) -> Verdict:
         return self.r.validate_dealings(value)
 
 
@@ -1927,6 +1986,24 @@ def check_transcript(tr: Transcript, c: Constants, old_keys: Mapping[int, bytes]
     if {d: digest(raw) for d, raw in tr.dealings.items()} != chosen:
         raise DecodeError("transcript: its dealings are not the decided ones")
     return kt
+
+
+def current_table(public: PublicData) -> KeyTable | None:
+    """The KeyTable of the last decided period: the signed one, or the decided one not yet signed.
+
+    Our own persisted data, so the decided table is read without re-checking the certificates
+    (they were checked before it was persisted). The channels use its keys from the decision on.
+    """
+    tr = public.transcript
+    table = public.key_table
+    if tr is None or (table is not None and table.period >= tr.period):
+        return table
+    obj = encoding.decode(tr.kt_value, what="decided KeyTable")
+    entries: dict[int, KeyEntry] = {}
+    for i, e in obj["entries"].items():
+        body = encoding.decode(e["ann"], what="announcement")["body"]
+        entries[i] = KeyEntry.from_obj(body["K"], "announcement")
+    return KeyTable(tr.period, entries, dict(obj["sharings"]), frozenset())
 
 
 def scalar_source(rand: RandomBytes, group: Group[Any]) -> Callable[[], int]:

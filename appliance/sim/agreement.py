@@ -67,7 +67,7 @@ class ValueApp:
     def propose(self) -> bytes | None:
         return b"value of server %d" % self.me
 
-    def validate(self, value: bytes) -> Verdict:
+    def validate(self, value: bytes, view: int) -> Verdict:
         from appliance.protocols.agreement import reject
 
         return ACCEPT if value in self.valid else reject("not a value an honest server proposed")

@@ -100,8 +100,8 @@ class Application(Protocol):
     def propose(self) -> bytes | None:
         """The leader's candidate now, or None when it cannot propose yet."""
 
-    def validate(self, value: bytes) -> Verdict:
-        """ACCEPT, WAIT (missing data: ask again later) or reject(reason)."""
+    def validate(self, value: bytes, view: int) -> Verdict:
+        """ACCEPT, WAIT (missing data: ask again later) or reject(reason), for ``view``'s proposal."""
 
 
 @dataclass(frozen=True)
@@ -194,9 +194,9 @@ class Engine:
         return out
 
     def next_wakeup(self, now: float) -> float | None:
-        if self.decided is not None:
-            return None
-        return self._deadline
+        if self.decided is not None or self.safety is None:
+            return None  # an observer only reacts to messages
+        return max(self._deadline, now + 1e-3)
 
     # Views --------------------------------------------------------------------------------------
 
@@ -225,6 +225,7 @@ class Engine:
         try:
             t = self.safety.timeout(self.view)
         except NotSafe:
+            self._deadline = now + self._timeout_for(self.view)
             return
         self._timed_out = True
         # Re-sent at growing intervals while the view lasts: a lost timeout is not fatal.
@@ -308,7 +309,7 @@ class Engine:
             return
         carried = p.justify is not None and p.justify.high_qc is not None
         if not carried:
-            verdict = self.app.validate(p.value)
+            verdict = self.app.validate(p.value, p.view)
             if verdict.validity is Validity.WAIT:
                 return
             if verdict.validity is Validity.REJECT:
