@@ -504,11 +504,15 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
         time.sleep(0.5)
         rows = [_read_status(n) for n in nodes]
         done = [r for r in rows if (r.get("last_refresh") or {}).get("period", -1) >= period]
-        if len(done) == sent:
+        stopped = [n.name for n in nodes if not _alive(_pid(n))]
+        if len(done) == sent or (stopped and len(done) + len(stopped) >= sent):
             for r in rows:
                 last = r.get("last_refresh") or {}
                 print(f"  server {r.get('server')}: {last.get('status')} in {last.get('duration_s')} s")
-            return 0 if all((r.get("last_refresh") or {}).get("status") == "operational" for r in done) else 1
+            for name in stopped:
+                print(f"  {name}: stopped (see its server.log)")
+            ok = all((r.get("last_refresh") or {}).get("status") == "operational" for r in done)
+            return 0 if ok and not stopped else 1
     print("pst refresh: timed out waiting for the refresh", file=sys.stderr)
     return 1
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from appliance.node.run import serve
 from appliance.protocols import core
-from appliance.sim import scenarios
+from appliance.sim import adversaries
 
 
 def main() -> int:
@@ -24,9 +24,9 @@ def main() -> int:
     parser.add_argument("--victim", type=int, default=1)
     args = parser.parse_args()
     if args.fault == "bad-share":
-        core.PeriodRefresh = type("Liar", (scenarios.BadShareEngine,), {"victim": args.victim})  # type: ignore[misc]
+        core.PeriodRefresh = type("Liar", (adversaries.BadDealingEngine,), {"victim": args.victim})  # type: ignore[misc]
     else:
-        core.PeriodRefresh = scenarios.FalseComplaintEngine  # type: ignore[misc]
+        core.PeriodRefresh = adversaries.FalseComplaintEngine  # type: ignore[misc]
     return serve(Path(args.config))
 
 

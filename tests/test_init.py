@@ -16,7 +16,7 @@ from appliance.crypto import encoding, frost, shamir
 from appliance.crypto.groups import ED25519
 from appliance.protocols._core import AlertKind, Outgoing
 from appliance.protocols.init import InitProtocol, InitSchedule
-from appliance.protocols.refresh import Schedule, Status
+from appliance.protocols.refresh import Status
 from appliance.protocols.state import SCERT, Constants, InvariantInfo, KeyTable
 from appliance.sim._net import NetworkConfig, Simulation
 from appliance.sim.cluster import SimServer
@@ -78,7 +78,7 @@ def _refresh_once(run: InitRun, seed: int) -> None:
         i: SimServer(s, c, seeded_bytes(f"refresh/{seed}/{i}".encode())) for i, s in run.setups().items()
     }
     sim = Simulation(dict(servers), seed, NetworkConfig(max_delay=0.3 * c.delta, tick_interval=c.delta / 4))
-    sim.run_until(c.period_start(1) + Schedule(0.0, c.delta, c.t).duration + 2 * c.delta)
+    sim.run_until(c.period_start(1) + min(3.0, c.period_length - 0.1))
     shares = {}
     tables = set()
     for i, s in servers.items():

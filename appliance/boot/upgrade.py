@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from typing import Any
 from appliance.boot.manifest import Manifest
 from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
+from appliance.node.store import atomic_write
 from appliance.protocols._core import ed25519_verify
 from appliance.protocols.state import Constants, InvariantInfo
 
@@ -209,3 +210,45 @@ def add_to_chain(m: InvariantInfo, chain: Sequence[Upgrade], upgrade: Upgrade) -
     if problem is not None:
         raise UpgradeError(f"this upgrade cannot follow the C in force: {problem}")
     return [*chain[:applied], upgrade]
+
+
+class ChainCheck:
+    """The node's :class:`~appliance.protocols.refresh.CodeCheck`: upgrade chains in PushM.
+
+    Operational servers push their stored chain with M. A recovering server applies the longest
+    valid chain it knows (its own or a pushed one) to M's C, stores a pushed chain that is
+    longer than its own (so it learns the C in force from its peers, not from its operator),
+    and checks the installed code against that C before it accepts recovery values.
+    """
+
+    def __init__(self, public_dir: Path, code_mismatches: Callable[[Constants], list[str]]) -> None:
+        self.public_dir = public_dir
+        self.code_mismatches = code_mismatches
+
+    def chain(self) -> bytes | None:
+        try:
+            return (self.public_dir / UPGRADES_FILE).read_bytes()
+        except OSError:
+            return None
+
+    def check(self, m: InvariantInfo, chains: list[bytes]) -> str | None:
+        own, _problem = read_chain(self.public_dir)
+        best: list[Upgrade] = own
+        best_c, best_len, _ = apply_chain(m, own)
+        for data in chains:
+            try:
+                chain = decode_chain(data)
+            except DecodeError:
+                continue
+            c, steps, _ = apply_chain(m, chain)
+            if steps > best_len:
+                best, best_c, best_len = chain[:steps], c, steps
+        if best is not own:
+            self.public_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.public_dir / UPGRADES_FILE, encode_chain(best))
+        if not best_c.code_digest:
+            return None
+        mismatches = self.code_mismatches(best_c)
+        if not mismatches:
+            return None
+        return ", ".join(mismatches[:5]) + (" ..." if len(mismatches) > 5 else "")

@@ -26,8 +26,9 @@ from typing import Any, Protocol
 
 import trio
 
+from appliance.boot.check import code_mismatches
 from appliance.boot.rom import Rom, open_rom
-from appliance.boot.upgrade import approved, is_upgrade_payload, read_approval
+from appliance.boot.upgrade import ChainCheck, approved, is_upgrade_payload, read_approval
 from appliance.crypto import encoding
 from appliance.node.config import NodeConfig
 from appliance.node.store import PendingRecords, StateDir, atomic_write
@@ -124,6 +125,10 @@ class PServer:
             # The key-holder retires at a decision (the old shares die with it); the next child
             # signs the KeyTable and recovers the recovering servers from what was persisted.
             resume_in_place=not self.retire_after_refresh,
+            code=ChainCheck(
+                self.store.public_dir,
+                lambda c: [str(m) for m in code_mismatches(c, self.config.state_dir)],
+            ),
         )
         public_dir = self.store.public_dir
         # A code upgrade our operator approved is the one protocol payload we sign on request.

@@ -22,6 +22,7 @@ from appliance.protocols._core import Alert, Outgoing, Signer
 from appliance.protocols.approvals import APPROVALS, ApprovalService
 from appliance.protocols.refresh import (
     MAX_MESSAGE,
+    CodeCheck,
     Durable,
     MemoryDurable,
     Outcome,
@@ -62,7 +63,9 @@ class ServerCore:
         signing: bool = False,
         durable: Durable | None = None,
         resume_in_place: bool = True,
+        code: CodeCheck | None = None,
     ) -> None:
+        self.code = code
         self.me = me
         self.vstart = vstart
         self.public: PublicData = public
@@ -122,6 +125,7 @@ class ServerCore:
             rand=self.rand,
             durable=self.durable,
             now=now,
+            code=self.code,
         )
         self.next_period = period + 1
         for sender in sorted(self._early):

@@ -242,6 +242,18 @@ class MemoryDurable:
             del self.data[k]
 
 
+class CodeCheck(Protocol):
+    """The node's check of the installed code (I/O lives outside the protocol).
+
+    ``chain`` is our upgrade chain (pushed with M). ``check`` gets M and the chains peers
+    pushed, applies the longest valid one to M's C (keeping it if it is longer than ours) and
+    returns None if the installed code matches the C in force, else why not."""
+
+    def chain(self) -> bytes | None: ...
+
+    def check(self, m: InvariantInfo, chains: list[bytes]) -> str | None: ...
+
+
 class _DurableSafety:
     def __init__(self, durable: Durable, period: int) -> None:
         self.durable = durable
@@ -515,8 +527,11 @@ class PeriodRefresh:
         rand: RandomBytes,
         durable: Durable,
         now: float,
+        code: CodeCheck | None = None,
     ) -> None:
         self.me = me
+        self.code = code
+        self._chains: list[bytes] = []
         self.period = period
         self.vstart = vstart
         self.rand = rand
@@ -771,6 +786,18 @@ class PeriodRefresh:
             return
         self._started = True
         self._decide_status()
+        if self.status != Status.OPERATIONAL and self.code is not None:
+            # A recovering server checks its code against the C in force (M's, after the upgrade
+            # chain its peers pushed) before it accepts anything that rebuilds its shares.
+            problem = self.code.check(self.m, list(self._chains))
+            if problem is not None:
+                self._alert(AlertKind.CODE_MISMATCH, self.me, f"refusing recovery: {problem}")
+                self.complete = True
+                failure = f"the installed code is not the code in force: {problem}"
+                self._set_outcome(
+                    Outcome(Status.RECOVERING, self._old_public, None, list(self.alerts), failure)
+                )
+                return
         if self.status == Status.OPERATIONAL:
             self._push()
         self._announce(now)
@@ -785,15 +812,25 @@ class PeriodRefresh:
             "keytable": self.old_table.encode(),
             "sharings": {sid: sharing_to_obj(self.c.group(sid), k.public) for sid, k in self.keys.items()},
             "transcript": pub.transcript.encode() if pub.transcript is not None else None,
+            "upgrades": self.code.chain() if self.code is not None else None,
         }
         self._send(EVERYONE, "pushm", body)
 
     def _on_pushm(self, sender: int, body: Any, now: float) -> None:
         f = encoding.expect_map(
             body,
-            {"M": bytes, "keytable": bytes, "sharings": dict, "transcript": (bytes, type(None))},
+            {
+                "M": bytes,
+                "keytable": bytes,
+                "sharings": dict,
+                "transcript": (bytes, type(None)),
+                "upgrades": (bytes, type(None)),
+            },
             "PushM",
         )
+        upgrades = f["upgrades"]
+        if upgrades is not None and upgrades not in self._chains and len(self._chains) < 64:
+            self._chains.append(upgrades)
         m = InvariantInfo.decode(f["M"])
         if self.m is None:
             problem = m.check(self.me, self.vstart)
@@ -1560,8 +1597,13 @@ class PeriodRefresh:
         return True
 
     def give_up(self, now: float) -> None:
-        """The next period is due and this one is decided but not complete: keep what we have."""
-        if not self.decided or self.complete:
+        """The next period is due and this one is decided but not complete.
+
+        A server holding new shares never gives up: the KeyTable must be signed with them (t+1
+        honest holders exist, so it will be once messages flow), and the next period waits.
+        A server still without shares (recovering) stops waiting for recovery values and
+        recovers again in the next period."""
+        if not self.decided or self.complete or self.new_keys:
             return
         self._complete(Status.RECOVERING, self.signed_table)
 
@@ -1776,7 +1818,9 @@ class _FrostState:
             self.start(r, now)
         if now >= self.deadline and self.attempt < self.MAX_ATTEMPTS:
             self.attempt += 1
-            self.deadline = now + r.timeout * float(1 << min(self.attempt, 5))
+            # Linear growth: enough for progress once messages flow, without the long waits
+            # doubling would add after a stretch of bad timing.
+            self.deadline = now + r.timeout * (1 + min(self.attempt, 8))
         a = self.attempt
         if self.leader(r, a) != r.me or a in self.requested or SCERT not in r.new_keys:
             return

@@ -21,7 +21,7 @@ COMMIT         q prepare votes on one digest form a prepare QC. A member that ho
 DECIDE         q commit votes form a commit QC: the value is decided. The decider sends the
                QC and the value to everyone (and again to whoever later speaks to it), so
                that a server that missed messages decides too.
-TIMEOUT        When the view's timer expires (base * 2**min(v, 6) after entering it), a
+TIMEOUT        When the view's timer expires (base * 2**min(v, 5) after entering it), a
                member signs TIMEOUT(v, high QC) and never votes in v again. q timeouts of v
                form TC(v): enter v+1. t+1 timeouts of a view >= ours prove an honest
                server gave up on it: we join (view synchronization).
@@ -71,7 +71,7 @@ from appliance.protocols.agreement._safety import NotSafe, SafetyRules
 
 #: Votes and timeouts are kept for views in [view - WINDOW, view + WINDOW] only.
 WINDOW = 64
-MAX_BACKOFF = 6
+MAX_BACKOFF = 5
 
 
 class Validity(enum.Enum):
