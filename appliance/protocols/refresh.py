@@ -335,7 +335,11 @@ class InvalidProposal(Exception):
 
 
 def judge_keytable(
-    value: bytes, period: int, c: Constants, old_keys: Mapping[int, bytes]
+    value: bytes,
+    period: int,
+    c: Constants,
+    old_keys: Mapping[int, bytes],
+    parse: Callable[[Any, int, Mapping[int, bytes]], Ann] = parse_ann,
 ) -> KeyTableCandidate:
     """Table 1's judgment applied to a proposed KeyTable, from the value alone (pure).
 
@@ -361,7 +365,7 @@ def judge_keytable(
             raise InvalidProposal("KeyTable proposal: entries must be keyed by server ids")
         try:
             g = encoding.expect_map(e, {"ann": bytes, "attest": dict}, "KeyTable entry")
-            ann = parse_ann(g["ann"], period, old_keys)
+            ann = parse(g["ann"], period, old_keys)
         except (DecodeError, BadSignature) as exc:
             raise InvalidProposal(f"entry {i}: {exc}") from None
         if ann.server != i:
@@ -531,6 +535,7 @@ class PeriodRefresh:
     ) -> None:
         self.me = me
         self.code = code
+        self._anns_parsed: dict[tuple[bytes, tuple[tuple[int, bytes], ...]], Ann] = {}
         self._chains: list[bytes] = []
         self.period = period
         self.vstart = vstart
@@ -604,6 +609,18 @@ class PeriodRefresh:
             self._start(now)
 
     # Small helpers ------------------------------------------------------------------------------
+
+    def _parse_ann(self, raw: Any, period: int, old_keys: Mapping[int, bytes]) -> Ann:
+        """parse_ann, once per distinct announcement (every copy is forwarded n times)."""
+        key = (raw, tuple(sorted(old_keys.items()))) if isinstance(raw, bytes) else None
+        if key is not None:
+            hit = self._anns_parsed.get(key)
+            if hit is not None:
+                return hit
+        ann = parse_ann(raw, period, old_keys)
+        if key is not None and len(self._anns_parsed) < 8 * 64:
+            self._anns_parsed[key] = ann
+        return ann
 
     @property
     def c(self) -> Constants:
@@ -913,7 +930,7 @@ class PeriodRefresh:
             raw = sign("announce", self.period, body, signer)
             self.durable.put(key, raw)
         self.my_ann = raw
-        ann = parse_ann(raw, self.period, self.old_keys)
+        ann = self._parse_ann(raw, self.period, self.old_keys)
         if ann.clear:
             self._send(EVERYONE, "ann", raw)
             self._on_ann(self.me, raw, now)
@@ -921,7 +938,7 @@ class PeriodRefresh:
             self._learn(ann)
 
     def _on_ann(self, sender: int, body: Any, now: float) -> None:
-        ann = parse_ann(body, self.period, self.old_keys)
+        ann = self._parse_ann(body, self.period, self.old_keys)
         if not ann.clear:
             self._learn(ann)
             return
@@ -961,7 +978,7 @@ class PeriodRefresh:
         f = encoding.expect_map(body, {"ann": bytes, "attest": bytes, "by": int}, "attestation")
         if f["by"] != sender:
             raise RemoteProtocolError(sender, "attestation signed for another server")
-        ann = parse_ann(f["ann"], self.period, self.old_keys)
+        ann = self._parse_ann(f["ann"], self.period, self.old_keys)
         if not ann.clear:
             raise RemoteProtocolError(sender, "attestation of an authenticated announcement")
         if not check_attestation(f["attest"], self.period, sender, ann.server, ann.digest, self.old_keys):
@@ -1050,14 +1067,14 @@ class PeriodRefresh:
             return None  # a short grace for the stragglers' announcements
         value = encoding.encode({"period": self.period, "entries": entries, "sharings": agreed})
         try:
-            judge_keytable(value, self.period, self.c, self.old_keys)
+            judge_keytable(value, self.period, self.c, self.old_keys, self._parse_ann)
         except InvalidProposal:
             return None
         return value
 
     def validate_keytable(self, value: bytes, view: int) -> Verdict:
         try:
-            cand = judge_keytable(value, self.period, self.c, self.old_keys)
+            cand = judge_keytable(value, self.period, self.c, self.old_keys, self._parse_ann)
         except InvalidProposal as exc:
             return reject(str(exc))
         for i, ann in cand.anns.items():
@@ -1088,7 +1105,7 @@ class PeriodRefresh:
         return ACCEPT
 
     def _kt_decided(self, decision: Decision) -> None:
-        cand = judge_keytable(decision.value, self.period, self.c, self.old_keys)
+        cand = judge_keytable(decision.value, self.period, self.c, self.old_keys, self._parse_ann)
         self.kt = cand
         self._kt_qc = decision.qc
         if cand.anns.get(self.me) is None or cand.anns[self.me].raw != self.my_ann:
