@@ -109,8 +109,10 @@ class PServer:
         for problem in loaded.problems:
             log.warning("state: %s (will be recovered from peers at the next refresh)", problem)
         c = self.config.constants
+        # No round schedule to miss: a server (re)started during a period's refresh joins it
+        # (its pending records make it say what it said before); see ServerCore for the rest.
         done = loaded.private.period if loaded.private is not None else -1
-        first = max(done + 1, c.period_at(self.clock() + self.warmup) + 1, 1)
+        first = max(done + 1, 1)
         core = ServerCore(
             self.config.server_id,
             vstart,

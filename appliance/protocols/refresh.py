@@ -584,6 +584,7 @@ class PeriodRefresh:
         self._checked: dict[bytes, set[int]] = {}
         self._s_ready_since: float | None = None
         self._want_sent = -1.0
+        self._ann_sent = now
         self._late_answered: dict[int, float] = {}
         # Phase II.
         self.transcript: Transcript | None = None
@@ -785,6 +786,11 @@ class PeriodRefresh:
             if engine is not None:
                 for to, obj in engine.tick(now):
                     self._send(to, name, obj)
+        if self.kt is None and self._started and now - self._ann_sent >= self.timeout:
+            # Until the KeyTable is decided our announcement is sent again now and then: it may
+            # have been lost (connections still coming up after a restart, a partition).
+            self._ann_sent = now
+            self._send(EVERYONE, "ann", self.my_ann)
         if self.kt is not None and not self.decided:
             self._want_missing(now)
         if self.resumed and not self.complete:
