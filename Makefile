@@ -43,7 +43,7 @@ typecheck: venv
 	$(BIN)/mypy --strict appliance
 
 pytest: venv
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 demo: deps
 	$(BIN)/pst demo

@@ -236,6 +236,35 @@ def test_signed_garbage_never_raises_and_init_still_completes() -> None:
         assert any(e.rejected for i, e in run.engines.items() if i != 4)
 
 
+class ListSigners(InitProtocol):
+    """Issue 8 finding 7: as a leader, names a signer list of lists (unhashable)."""
+
+    def _envelope(self, phase: str, body: Any) -> bytes:
+        if phase == "sign-request" and isinstance(body, dict):
+            body = {**body, "signers": [[i] for i in body["signers"]]}
+        return super()._envelope(phase, body)
+
+
+class SetLiar(InitProtocol):
+    """Issue 8 finding 1: sends its signature shares under a signer set of its own choosing."""
+
+    def _envelope(self, phase: str, body: Any) -> bytes:
+        if phase == "sign-share" and isinstance(body, dict):
+            body = {**body, "signers": sorted(self.frost_commitments)[: self.c.t + 1]}
+        return super()._envelope(phase, body)
+
+
+@pytest.mark.parametrize("engine", [ListSigners, SetLiar])
+def test_a_lying_signer_or_leader_neither_crashes_nor_stops_init(engine: type[InitProtocol]) -> None:
+    for seed in range(3):
+        run = run_init(_constants(4, 1), seed, engines={1: engine})
+        _check_init(run, honest={2, 3, 4})
+        for i in (2, 3, 4):
+            e = run.engines[i]
+            assert e.outcome is not None
+            assert all(a.server == 1 for a in e.outcome.alerts), [str(a) for a in e.outcome.alerts]
+
+
 # Failures -------------------------------------------------------------------------------------
 
 

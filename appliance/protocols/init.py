@@ -944,12 +944,16 @@ class InitProtocol:
             )
         ok = (
             len(signers) == self.c.t + 1
-            and len(set(signers)) == len(signers)
             and all(type(i) is int and i in self.frost_commitments for i in signers)
+            and len(set(signers)) == len(signers)  # ints only by now: hashable
         )
         if not ok:
             raise RemoteProtocolError(sender, f"sign request for attempt {a} names an invalid signer set")
-        self._requests.setdefault(a, tuple(sorted(signers)))
+        known = self._requests.setdefault(a, tuple(sorted(signers)))
+        if known != tuple(sorted(signers)):
+            self._alert(
+                AlertKind.EQUIVOCATION, sender, f"two different signer sets requested for attempt {a}"
+            )
 
     def _commitment_list(self, index: int, signers: tuple[int, ...]) -> list[frost.SigningCommitment]:
         """The agreed commitments number ``index`` of ``signers``; a bad one names its signer."""
@@ -1015,6 +1019,11 @@ class InitProtocol:
             raise RemoteProtocolError(sender, "signature share for a signer set it is not in")
         if len(signers) != self.c.t + 1 or list(signers) != sorted(set(signers)):
             raise RemoteProtocolError(sender, "signature share for a malformed signer set")
+        if self._requests.get(a) != signers:
+            # Only the set the attempt's leader named counts: nobody else can disown honest signers.
+            raise RemoteProtocolError(
+                sender, f"signature share for a signer set attempt {a}'s leader did not name"
+            )
         try:
             share_m = frost.SignatureShare.from_bytes(f["M"])
             share_k = frost.SignatureShare.from_bytes(f["keytable"])
@@ -1029,7 +1038,7 @@ class InitProtocol:
         sharing = self.keys[SCERT].public
         m_payload, kt_payload = self._messages()
         for (attempt, signers), shares in sorted(self._sig_shares.items()):
-            if attempt != a:
+            if attempt != a or self._requests.get(a) != signers:
                 continue
             missing = [i for i in signers if i not in shares]
             if missing:

@@ -534,6 +534,7 @@ class PeriodRefresh:
         code: CodeCheck | None = None,
     ) -> None:
         self.me = me
+        self.my_ann = b""
         self.code = code
         self._anns_parsed: dict[tuple[bytes, tuple[tuple[int, bytes], ...]], Ann] = {}
         self._chains: list[bytes] = []
@@ -786,7 +787,7 @@ class PeriodRefresh:
             if engine is not None:
                 for to, obj in engine.tick(now):
                     self._send(to, name, obj)
-        if self.kt is None and self._started and now - self._ann_sent >= self.timeout:
+        if self.kt is None and self.my_ann and not self.complete and now - self._ann_sent >= self.timeout:
             # Until the KeyTable is decided our announcement is sent again now and then: it may
             # have been lost (connections still coming up after a restart, a partition).
             self._ann_sent = now
@@ -1229,22 +1230,25 @@ class PeriodRefresh:
             reason = f"our sub-shares from server {dealing.dealer} do not decrypt"
         except CheatingError as exc:
             reason = exc.reason
+        raw = self.complaint(dealing)
+        self._judge(self.me, raw, reason)
+        return raw
+
+    def complaint(self, dealing: Dealing) -> bytes:
+        """Our signed complaint about ``dealing``: the key of our ciphertext, with its proof."""
+        assert self.kt is not None
+        context = deal_context(self.period, dealing.dealer, digest(self.kt.value))
+        e = vdec.secret_from_seed(self.encryption_seed)
         rev = vdec.reveal(
             e, self.encryption_public, self.me, dealing.ephemeral, context, lambda: self._scalar(ED25519)
         )
-        raw = sign(
-            "complain",
-            self.period,
-            {
-                "accuser": self.me,
-                "dealer": dealing.dealer,
-                "dealing": dealing.digest,
-                "reveal": rev.to_bytes(),
-            },
-            self.signer,
-        )
-        self._judge(self.me, raw, reason)
-        return raw
+        body = {
+            "accuser": self.me,
+            "dealer": dealing.dealer,
+            "dealing": dealing.digest,
+            "reveal": rev.to_bytes(),
+        }
+        return sign("complain", self.period, body, self.signer)
 
     def _on_checked(self, sender: int, body: Any, now: float) -> None:
         """A member checked its sub-shares in a dealing: fine, or here is its complaint."""

@@ -20,7 +20,7 @@ from appliance.crypto.groups import ED25519
 from appliance.protocols._signed import decode_signed, sign
 from appliance.protocols.agreement import decode, digest, encode
 from appliance.protocols.agreement._messages import Proposal, Vote, proposal_statement, vote_statement
-from appliance.protocols.refresh import Dealing, PeriodRefresh, deal_context
+from appliance.protocols.refresh import Dealing, PeriodRefresh
 from appliance.sim.cluster import SimServer
 
 Wire = list[tuple[float, bytes]]
@@ -198,20 +198,5 @@ class FalseComplaintEngine(PeriodRefresh):
         if self.complained or dealing.dealer == self.me or self.kt is None:
             return
         self.complained = True
-        context = deal_context(self.period, dealing.dealer, digest(self.kt.value))
-        e = vdec.secret_from_seed(self.encryption_seed)
-        rev = vdec.reveal(
-            e, self.encryption_public, self.me, dealing.ephemeral, context, lambda: self._scalar(ED25519)
-        )
-        raw = sign(
-            "complain",
-            self.period,
-            {
-                "accuser": self.me,
-                "dealer": dealing.dealer,
-                "dealing": dealing.digest,
-                "reveal": rev.to_bytes(),
-            },
-            self.signer,
-        )
+        raw = self.complaint(dealing)
         self._send(0, "checked", {"dealing": dealing.digest, "complaint": raw})
