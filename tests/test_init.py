@@ -246,12 +246,20 @@ class ListSigners(InitProtocol):
 
 
 class SetLiar(InitProtocol):
-    """Issue 8 finding 1: sends its signature shares under a signer set of its own choosing."""
+    """Issue 8 finding 1: withholds its real signature shares and sends them instead under signer
+    sets of its own choosing, one with each other server. Init now counts shares only for the set
+    the attempt's leader named. (At n=4 the old code also survived this liar: the attempts it did
+    not lead still completed; the refresh, where the finding was reproduced, has its own family.)"""
 
-    def _envelope(self, phase: str, body: Any) -> bytes:
-        if phase == "sign-share" and isinstance(body, dict):
-            body = {**body, "signers": sorted(self.frost_commitments)[: self.c.t + 1]}
-        return super()._envelope(phase, body)
+    def _send(self, to: int, data: bytes) -> None:
+        obj = encoding.decode(data)
+        if obj.get("phase") != "sign-share":
+            super()._send(to, data)
+            return
+        body = obj["body"]
+        for j in sorted(self.frost_commitments):
+            if j != self.me:
+                super()._send(to, self._envelope("sign-share", {**body, "signers": sorted([self.me, j])}))
 
 
 @pytest.mark.parametrize("engine", [ListSigners, SetLiar])
@@ -263,6 +271,7 @@ def test_a_lying_signer_or_leader_neither_crashes_nor_stops_init(engine: type[In
             e = run.engines[i]
             assert e.outcome is not None
             assert all(a.server == 1 for a in e.outcome.alerts), [str(a) for a in e.outcome.alerts]
+            assert e._failed_signers <= {1}, e._failed_signers  # no honest signer disowned
 
 
 # Failures -------------------------------------------------------------------------------------
