@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 from multiprocessing import get_context
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -229,3 +230,33 @@ def test_an_honest_server_that_forgets_its_lock_breaks_agreement() -> None:
     finally:
         _safety.SafetyRules.timeout = original  # type: ignore[method-assign]
     assert any("two different decisions" in f for f in failures)
+
+
+def test_a_forged_tc_for_a_view_whose_real_tc_is_known_is_still_refused() -> None:
+    """Review finding: TCs were remembered as verified by view alone, so a Byzantine leader could
+    carry a forged TC(v) without the lock and have another value decided."""
+    from appliance.protocols.agreement import Engine
+    from appliance.protocols.agreement._messages import Certs, Proposal, TimeoutEntry, proposal_statement
+
+    class App:
+        def propose(self) -> bytes | None:
+            return None
+
+        def validate(self, value: bytes, view: int) -> Any:
+            from appliance.protocols.agreement import ACCEPT
+
+            return ACCEPT
+
+    engine = Engine(
+        me=3, inst=INST, committee=COMMITTEE, safety=rules(3), app=App(), base_timeout=1.0, now=0.0
+    )
+    locked = qc(0, b"a")
+    engine.receive(1, encode(Certs(None, tc(0, locked))), 0.0)  # the real TC(0), carrying the lock
+    assert engine.view == 1
+    forged = TimeoutCert(0, {i: TimeoutEntry(-1, b"", b"\0" * 64) for i in (1, 2, 4)}, None)
+    leader = COMMITTEE.leader(1)
+    p = Proposal(1, b"b", forged, KEYS[leader].sign(proposal_statement(INST, 1, digest(b"b"))))
+    engine.receive(leader, encode(p), 0.1)
+    out = engine.tick(0.1)
+    assert not any(m.get("k") == "vote" for _to, m in out)
+    assert any("TC of view 0" in str(r) for r in engine.rejected)

@@ -145,3 +145,22 @@ def test_early_messages_are_bounded_per_peer() -> None:
         engine.receive(3, "deal", b"x", 1, 0.0)
     assert sum(len(v) for v in engine._held.values()) == MAX_HELD
     assert any("too many early messages" in r.reason for r in engine.rejected)
+
+
+def test_a_pushm_with_a_keytable_of_a_negative_period_is_refused_not_raised() -> None:
+    """Review finding: it used to raise ValueError out of ServerCore.receive and stop the node."""
+    from appliance.protocols.state import KeyTable
+
+    core = SERVERS[1]
+    assert core.public.m is not None and core.public.key_table is not None
+    bad = KeyTable(-1, dict(core.public.key_table.entries), {}, frozenset()).encode()
+    body = {
+        "M": core.public.m.encode(),
+        "keytable": bad,
+        "sharings": {},
+        "transcript": None,
+        "upgrades": None,
+    }
+    core.receive(2, encoding.encode({"period": 1, "phase": "pushm", "body": body}), 1.0)
+    core.receive(2, encoding.encode({"period": 2, "phase": "pushm", "body": body}), 1.0)
+    assert ENGINE.rejected and "negative period" in str(ENGINE.rejected[-1])

@@ -264,7 +264,7 @@ class PServer:
                 log.warning("inbox full: dropped a message from server %d", sender)
 
         # Operational = holds a valid share of the group key for the current KeyTable and can sign
-        # with it now (start_signing checked all of that); carried or missing shares: recovering.
+        # with it now (start_signing checked all of that); missing or stale shares: recovering.
         self._write_status(core.public, Status.OPERATIONAL if core.signing is not None else Status.RECOVERING)
         async with trio.open_nursery() as nursery:
             self.transport = await self._transport_factory(self.config, self, nursery, deliver)

@@ -37,6 +37,7 @@ from appliance.protocols.state import SCERT, Constants, KeyTable
 
 #: Early messages kept per peer (for a period we have not started yet).
 MAX_EARLY = 256
+MAX_EARLY_BYTES = 4 * 1024 * 1024
 
 
 class ServerCore:
@@ -327,7 +328,7 @@ class ServerCore:
                     engine.receive(sender, "kt-sig", signed.signature, len(data), now)
         if period >= self.next_period and period <= self.period_at(now) + 1:
             held = self._early.setdefault(sender, [])
-            if len(held) < MAX_EARLY:
+            if len(held) < MAX_EARLY and sum(x[3] for x in held) + len(data) <= MAX_EARLY_BYTES:
                 held.append((period, phase, body, len(data), now))
             else:
                 self.rejected.append(

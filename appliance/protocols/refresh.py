@@ -149,6 +149,8 @@ class Transcript:
             {"period": int, "kt": list, "s": list, "dealings": dict},
             "transcript",
         )
+        if f["period"] < 1:
+            raise DecodeError("transcript: period must be at least 1")
         pairs = []
         for name in ("kt", "s"):
             x = f[name]
@@ -952,10 +954,10 @@ class PeriodRefresh:
         if ann.clear:
             if sender != ann.server:
                 return  # a clear announcement counts only from the author's own connection
-            self._clear_anns[ann.digest] = ann
             got = self.clear.setdefault(ann.server, {})
             if ann.digest not in got and len(got) >= 2:
                 return
+            self._clear_anns[ann.digest] = ann
             atts = got.setdefault(ann.digest, {})
             if self.old_signer is not None and self.me not in atts and self.me in self.old_keys:
                 att = attestation(self.period, ann.server, ann.digest, self.old_signer)
@@ -1260,9 +1262,9 @@ class PeriodRefresh:
             raise RemoteProtocolError(sender, "checked: not a member")
         if f["complaint"] is not None:
             self._judge(sender, f["complaint"], None)
-        got = self._checked.setdefault(f["dealing"], set())
-        if len(got) <= self.c.n:
-            got.add(sender)
+        known = f["dealing"] in self._raw_dealings or f["dealing"] in self._other_dealings
+        if known or len(self._checked) < 4 * self.c.n:
+            self._checked.setdefault(f["dealing"], set()).add(sender)
 
     def _judge(self, sender: int, raw: Any, own_reason: str | None) -> None:
         """A complaint, judged from public data: the dealer or the accuser is convicted."""
@@ -1325,6 +1327,10 @@ class PeriodRefresh:
         if self.s_engine is None or now - self._want_sent < self.timeout:
             return
         wanted: set[bytes] = set()
+        decision = getattr(self, "_s_decision", None)
+        if decision is not None:
+            decided = _decode_s_value(decision.value, self.period).values()
+            wanted |= {h for h in decided if h not in self._raw_dealings}
         for p in self._s_values_seen():
             wanted |= {h for h in p.values() if h not in self._raw_dealings}
         if wanted:
@@ -1346,11 +1352,14 @@ class PeriodRefresh:
     def _open_s_engine(self, now: float) -> None:
         assert self.kt is not None
         inst = Instance(CONTEXT, self.period, "dealings")
-        keys = {i: e.verify_key for i, e in self.kt.table.entries.items()}
+        # Only operational members vote on the dealings: a vote then means "I hold my old share
+        # and valid sub-shares of every dealing", so a decision leaves q-t >= t+1 honest servers
+        # that compute the new sharing themselves (a recovering member could not).
+        keys = {i: self.kt.table.entries[i].verify_key for i in self.kt.operational}
         committee = Committee(self.c.n, self.c.t, keys, rotation=self.period + 1)
         safety = (
             SafetyRules(inst, self.signer, _DurableSafety(self.durable, self.period))
-            if self._is_member
+            if self._is_member and self.status == Status.OPERATIONAL and self.me in self.kt.operational
             else None
         )
         self.s_engine = Engine(
@@ -1388,7 +1397,10 @@ class PeriodRefresh:
         ]
         if len(good) < self.c.t + 1:
             return None
-        everyone = len(good) == len(self.kt.operational)
+        members = len(self.kt.table.entries)
+        everyone = len(good) == len(self.kt.operational) and all(
+            len(self._checked.get(self.dealings[d].digest, ())) >= members for d in good
+        )  # every member has spoken about every dealing: no complaint can still be on its way
         if self._s_ready_since is None:
             self._s_ready_since = self._now
         if not everyone and self._now < self._s_ready_since + self.timeout / 4:
@@ -1428,6 +1440,16 @@ class PeriodRefresh:
         if decision is None or self.decided or self.kt is None:
             return
         chosen = _decode_s_value(decision.value, self.period)
+        for d, h in chosen.items():
+            if h not in self._raw_dealings and h in self._other_dealings:
+                # The dealer signed two dealings and the decision names the one we saw second:
+                # it replaces the first; our sub-shares are taken from it if they are good.
+                dealing = parse_dealing(self._other_dealings.pop(h), self.period, self.kt, self.c)
+                self._raw_dealings[h] = dealing.raw
+                self.dealings[d] = dealing
+                self.my_subshares.pop(d, None)
+                if self._is_member and self.me in dealing.ciphertexts:
+                    self._complaint_about(dealing)
         if any(h not in self._raw_dealings for h in chosen.values()):
             return  # the bodies arrive (or are asked for) later
         dealings = {d: self.dealings[d] for d in chosen}
@@ -1745,7 +1767,9 @@ class PeriodRefresh:
         for sid, y in values.items():
             group = self.c.group(sid)
             sharing = self.new_sharings.get(sid)
-            if sharing is None or type(y) is not int or not 0 <= y < group.order:
+            if sharing is None:
+                return  # we lack the public sharing ourselves: no fault of the helper
+            if type(y) is not int or not 0 <= y < group.order:
                 self._alert(AlertKind.BAD_SHARE, k, f"malformed recovery value for {sid!r}", evidence=(body,))
                 return
             expected = group.add(
@@ -1821,10 +1845,18 @@ class _FrostState:
             r.receive(sender, "sigshare", body, 0, now)
 
     def republish(self, r: PeriodRefresh, to: int) -> None:
-        """Our unused nonce commitments again, to a peer that may have missed them."""
+        """Our unused nonce commitments and our current request again, to a peer that may have
+        missed them; a fresh commitment when none of ours is free any more."""
+        mine = self.commitments.get(r.me, {})
+        free = [i for i in mine if i in self.nonces and (r.me, i) not in self.used]
+        if not free and SCERT in r.new_keys and len(self.nonces) < 4 * self.MAX_ATTEMPTS:
+            self._publish_nonce(r)
         for idx, raw in self.commitments.get(r.me, {}).items():
             if idx in self.nonces:
                 r._send(to, "nonce", raw)
+        request = self.requests.get(self.attempt)
+        if request is not None and self.leader(r, self.attempt) == r.me:
+            r._send(to, "signreq", request[0])
 
     def _package(self, r: PeriodRefresh) -> frost.KeyPackage:
         key = r.new_keys[SCERT]
@@ -1843,7 +1875,7 @@ class _FrostState:
     def step(self, r: PeriodRefresh, now: float) -> None:
         if not self.started:
             self.start(r, now)
-        if now >= self.deadline and self.attempt < self.MAX_ATTEMPTS:
+        if now >= self.deadline:
             self.attempt += 1
             # Linear growth: enough for progress once messages flow, without the long waits
             # doubling would add after a stretch of bad timing.
@@ -1891,7 +1923,7 @@ class _FrostState:
         s = decode_signed(raw, "signreq", r.period, max_size=64 * 1024)
         f = encoding.expect_map(s.body, {"attempt": int, "signers": dict}, "sign request")
         a = f["attempt"]
-        if not 0 <= a <= self.MAX_ATTEMPTS or self.leader(r, a) != sender:
+        if not 0 <= a <= self.attempt + self.MAX_ATTEMPTS or self.leader(r, a) != sender:
             raise RemoteProtocolError(
                 sender, f"sign request for attempt {a} from a server that does not lead it"
             )
@@ -1908,6 +1940,7 @@ class _FrostState:
         if len(signers) != r.c.t + 1:
             raise RemoteProtocolError(sender, f"sign request for attempt {a} names {len(signers)} signers")
         commitments: dict[int, frost.SigningCommitment] = {}
+        indices: dict[int, int] = {}
         for j, nraw in signers.items():
             if type(j) is not int or j not in r.kt.operational:
                 raise RemoteProtocolError(sender, f"sign request for attempt {a} names an invalid signer")
@@ -1918,9 +1951,10 @@ class _FrostState:
                     sender, f"sign request names a bad commitment of server {j}"
                 ) from None
             commitments[j] = com
-            self.used.add((j, idx))
-            if j == r.me:
-                my_idx = idx
+            indices[j] = idx
+        # Only a request that is valid as a whole uses up the nonces it names.
+        self.used.update(indices.items())
+        my_idx = indices.get(r.me, -1)
         self.requests[a] = (raw, commitments)
         if r.me in commitments and SCERT in r.new_keys and r.signed_table is None:
             nonces = self.nonces.pop(my_idx, None)
@@ -2047,7 +2081,7 @@ def check_transcript(tr: Transcript, c: Constants, old_keys: Mapping[int, bytes]
             raise DecodeError("transcript: the KeyTable's certificate does not match it")
         committee.verify_qc(Instance(CONTEXT, tr.period, "keytable"), tr.kt_qc)
         kt = judge_keytable(tr.kt_value, tr.period, c, old_keys)
-        members = Committee(c.n, c.t, {i: e.verify_key for i, e in kt.table.entries.items()})
+        members = Committee(c.n, c.t, {i: kt.table.entries[i].verify_key for i in kt.operational})
         if tr.s_qc.phase != COMMIT or tr.s_qc.digest != digest(tr.s_value):
             raise DecodeError("transcript: the dealing set's certificate does not match it")
         members.verify_qc(Instance(CONTEXT, tr.period, "dealings"), tr.s_qc)

@@ -251,6 +251,8 @@ class KeyTable:
         obj = encoding.expect_map(
             encoding.decode(data, what="KeyTable"), {"period": int, "body": dict, "sig": bytes}, "KeyTable"
         )
+        if obj["period"] < 0:
+            raise DecodeError("KeyTable: negative period")
         body = encoding.expect_map(
             obj["body"], {"entries": dict, "sharings": dict, "recovering": list}, "KeyTable"
         )

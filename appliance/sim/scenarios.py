@@ -451,7 +451,7 @@ def asynchrony(seed: int) -> Run:
         run.sim.partition(a, b)
     run.sim.run_until(hi)
     run.sim.heal()
-    run.alertable |= set(c.ids) - run.faulty  # lateness is silence: alerts may name the late
+    # Lateness is silence, never evidence: no honest server may be named (I4 is checked here too).
     run_periods(run)
     return run
 

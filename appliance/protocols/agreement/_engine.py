@@ -45,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
 from appliance.protocols._core import EVERYONE, Alert, AlertKind, RemoteProtocolError
 from appliance.protocols.agreement._messages import (
@@ -72,6 +73,10 @@ from appliance.protocols.agreement._safety import NotSafe, SafetyRules
 #: Votes and timeouts are kept for views in [view - WINDOW, view + WINDOW] only.
 WINDOW = 64
 MAX_BACKOFF = 5
+
+
+def _tc_digest(tc: TimeoutCert) -> bytes:
+    return digest(encoding.encode(tc.to_obj()))
 
 
 class Validity(enum.Enum):
@@ -386,7 +391,7 @@ class Engine:
         self._verified.add(key)
 
     def _check_tc(self, sender: int, tc: TimeoutCert) -> None:
-        key = ("tc", 0, tc.view, b"")
+        key = ("tc", 0, tc.view, _tc_digest(tc))  # the whole certificate: another TC of v is checked too
         if key in self._verified:
             return
         try:
@@ -455,7 +460,7 @@ class Engine:
             if t.high_qc is not None and (high is None or t.high_qc.view > high.view):
                 high = t.high_qc
         tc = TimeoutCert(view, {i: t.entry for i, t in got.items()}, high)
-        self._verified.add(("tc", 0, view, b""))
+        self._verified.add(("tc", 0, view, _tc_digest(tc)))
         return tc
 
     def _on_decide(self, sender: int, d: Decide) -> None:
