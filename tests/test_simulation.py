@@ -134,3 +134,12 @@ def test_the_checker_catches_a_lost_key() -> None:
 def test_unknown_scenario_is_refused_with_the_known_names() -> None:
     with pytest.raises(KeyError, match="known: "):
         scenarios.run("nonsense", 1)
+
+
+def test_an_equivocating_dealer_does_not_cost_its_victim_the_period() -> None:
+    """Review finding: the victim saw the decided dealing second and never finished the decision."""
+    for seed in range(4):
+        run = scenarios.run("equivocating-dealer", seed)
+        for i in run.constants.ids:
+            if i not in run.faulty:
+                assert run.servers[i].outcomes[1].status == Status.OPERATIONAL, (seed, i)

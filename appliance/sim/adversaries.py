@@ -200,3 +200,45 @@ class FalseComplaintEngine(PeriodRefresh):
         self.complained = True
         raw = self.complaint(dealing)
         self._send(0, "checked", {"dealing": dealing.digest, "complaint": raw})
+
+
+class TwoDealingsEngine(PeriodRefresh):
+    """Signs two different dealings: one for ``victim``, another for everyone else (whose forwards
+    reach the victim late, so it may see the decided one second)."""
+
+    victim = 0
+
+    def _deal(self) -> None:
+        first, second = self._make_dealing(), self._make_dealing()
+        victim = (
+            self.victim
+            if self.victim in self.c.ids and self.victim != self.me
+            else min(j for j in self.c.ids if j != self.me)
+        )
+        self._send(victim, "deal", first)
+        for j in self.c.ids:
+            if j not in (self.me, victim):
+                self._send(j, "deal", second)
+        self._on_deal(self.me, second, self._now)
+
+
+def slow_deal_forwards(period: int, delay: float) -> Fault:
+    """The victim's forwarded dealings travel slowly in ``period``."""
+
+    def fault(sender: int, to: int, data: bytes, now: float, rng: random.Random) -> Wire:
+        opened = _open(data)
+        late = opened is not None and opened[1] == "deal" and opened[0] == period
+        return [(delay if late else 0.0, data)]
+
+    return fault
+
+
+def slow_pushm_to(victim: int, period: int, delay: float) -> Fault:
+    """PushM to ``victim`` travels slowly in ``period`` (it lacks the sharing at the decision)."""
+
+    def fault(sender: int, to: int, data: bytes, now: float, rng: random.Random) -> Wire:
+        opened = _open(data)
+        late = opened is not None and opened[1] == "pushm" and to == victim and opened[0] == period
+        return [(delay if late else 0.0, data)]
+
+    return fault

@@ -259,6 +259,11 @@ def _byzantine(run: Run, rng: random.Random, kind: str) -> int:
         run.sim.faults[liar] = adversaries.clear_forger(server, rng.choice(others), run.seed)
     elif kind == "equivocating-leader":
         run.sim.faults[liar] = adversaries.equivocating_leader(server)
+    elif kind == "equivocating-dealer":
+        victim = rng.choice(others)
+        _use_engine(server, type("Liar", (adversaries.TwoDealingsEngine,), {"victim": victim}))
+        run.sim.faults[victim] = adversaries.slow_deal_forwards(1, 2.0)
+        run.expect_alerts.add((AlertKind.EQUIVOCATION, liar))
     else:  # pragma: no cover - the families below name their kinds
         raise ValueError(kind)
     return liar
@@ -273,6 +278,7 @@ BYZANTINE = (
     "foreign-commitments",
     "clear-forger",
     "equivocating-leader",
+    "equivocating-dealer",
 )
 
 
@@ -330,16 +336,24 @@ def corrupt(seed: int) -> Run:
     s = run.servers[victim]
     assert s.public.m is not None
     m = s.public.m
-    if rng.random() < 0.5:
+    damage = rng.choice(["M changed", "M deleted", "sharings deleted"])
+    if damage == "M changed":
         s.public.m = InvariantInfo(
             m.vcert, Constants(c.n, c.t, c.period_length, c.delta * 2), m.m, m.scert_signature
         )
-    else:
+    elif damage == "M deleted":
         s.public.m = None
-    s.public.key_table = None if rng.random() < 0.5 else s.public.key_table
+    if damage != "sharings deleted":
+        s.public.key_table = None if rng.random() < 0.5 else s.public.key_table
     s.public.sharings = {}
     s.private = None
     run.alertable.add(victim)
+    if damage == "sharings deleted" and rng.random() < 0.5:
+        # It keeps M and the KeyTable, so it starts at once; the PushM that brings the sharing is
+        # late: at the decision it lacks the sharing, and must not blame the helpers for it.
+        for i in c.ids:
+            if i != victim:
+                run.sim.faults[i] = adversaries.slow_pushm_to(victim, 1, 1.5)
     run_periods(run)
     return run
 
