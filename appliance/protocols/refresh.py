@@ -589,6 +589,7 @@ class PeriodRefresh:
         self._want_sent = -1.0
         self._ann_sent = now
         self._late_answered: dict[int, float] = {}
+        self._phase2_answered: dict[int, float] = {}
         # Phase II.
         self.transcript: Transcript | None = None
         self.new_keys: dict[str, KeyShare[Any]] = {}
@@ -1608,9 +1609,9 @@ class PeriodRefresh:
         if not self.resumed:
             return
         f = encoding.expect_map(body, {"sig": bool, "rpoint": bool}, "phase2")
-        if now - self._late_answered.get(-sender, -1e9) < self.timeout / 2:
+        if now - self._phase2_answered.get(sender, -1e9) < self.timeout / 2:
             return
-        self._late_answered[-sender] = now
+        self._phase2_answered[sender] = now
         if f["sig"] and self.signed_table is not None:
             self._send(sender, "kt-sig", self.signed_table.signature)
         if f["rpoint"] and sender in self.rpoints:
