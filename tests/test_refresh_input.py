@@ -37,6 +37,8 @@ PHASES = [
     "kt-sig",
     "rpoint",
     "phase2",
+    "undecided",
+    "signed-kt",
     "zzz",
 ]
 KINDS = ["announce", "attest", "deal", "complain", "nonce", "signreq", "sigshare", "rpoint"]

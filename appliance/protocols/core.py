@@ -64,6 +64,7 @@ class ServerCore:
         signing: bool = False,
         durable: Durable | None = None,
         resume_in_place: bool = True,
+        forget_at_retire: bool = False,
         code: CodeCheck | None = None,
     ) -> None:
         self.code = code
@@ -76,6 +77,11 @@ class ServerCore:
         #: After a decision, resume in this process (the simulation) or leave it to the next
         #: key-holder child, which starts from what was persisted (the node).
         self.resume_in_place = resume_in_place
+        #: Model the node's key-holder child retiring at every outcome of a period it did not
+        #: resume (a decision, a period given up or overtaken): the messages it held for later
+        #: (early ones, the engine's held ones) die with it. The simulation sets this so that no
+        #: protocol step relies on a message kept across that boundary.
+        self.forget_at_retire = forget_at_retire
         self.signing: SigningService | None = None
         self.time: TimeService | None = None
         self.random: RandomService | None = None
@@ -226,6 +232,9 @@ class ServerCore:
             return
         self._persisted = (engine.period, engine.outcome_version)
         self._persist(engine.outcome)
+        if self.forget_at_retire and not engine.resumed:
+            self._early = {}
+            engine.take_held()
         if not engine.complete:
             # Decided: old shares are gone with this engine; a fresh one signs and recovers,
             # built from what was persisted (exactly as a new key-holder child would).
@@ -355,3 +364,9 @@ class ServerCore:
                 sender, encoding.encode({"period": period, "phase": "catchup", "body": transcript.encode()})
             )
         )
+        table = self.public.key_table
+        if self.public.complete and table is not None and table.period == period:
+            # The signed KeyTable too: a peer whose KeyTable is older than the transcript's
+            # members cannot check the transcript, but it can check this with Vcert and recover.
+            signed = {"period": period, "phase": "signed-kt", "body": table.encode()}
+            self._late_out.append(Outgoing(sender, encoding.encode(signed)))

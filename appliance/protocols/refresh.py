@@ -590,6 +590,8 @@ class PeriodRefresh:
         self._ann_sent = now
         self._late_answered: dict[int, float] = {}
         self._phase2_answered: dict[int, float] = {}
+        self._pushed_to: dict[int, float] = {}
+        self._undecided_sent = now
         # Phase II.
         self.transcript: Transcript | None = None
         self.new_keys: dict[str, KeyShare[Any]] = {}
@@ -736,6 +738,8 @@ class PeriodRefresh:
                 self.receive(sender, phase, body, 0, now)
 
     def _dispatch(self, sender: int, phase: str, body: Any, now: float) -> None:
+        if self.complete and not self.resumed:
+            return  # overtaken, or refused to recover: this engine has nothing more to do or say
         if phase == "pushm":
             self._on_pushm(sender, body, now)
             return
@@ -754,6 +758,8 @@ class PeriodRefresh:
             "checked": self._on_checked,
             "agree/dealings": self._on_agree_s,
             "catchup": self._on_catchup,
+            "undecided": lambda _sender, _body, _now: None,
+            "signed-kt": self._on_signed_kt,
             "nonce": self._on_nonce,
             "signreq": self._on_sign_request,
             "sigshare": self._on_sign_share,
@@ -779,7 +785,7 @@ class PeriodRefresh:
         self._late_answered[sender] = now
         self._send(sender, "catchup", self.transcript.encode())
         if self.signed_table is not None:
-            self._send(sender, "kt-sig", self.signed_table.signature)
+            self._send(sender, "signed-kt", self.signed_table.encode())
 
     def _advance(self, now: float) -> None:
         if self.m is None:
@@ -797,6 +803,13 @@ class PeriodRefresh:
             self._send(EVERYONE, "ann", self.my_ann)
         if self.kt is not None and not self.decided:
             self._want_missing(now)
+        waiting = self._started and not self.decided and not self.complete
+        if waiting and now - self._undecided_sent >= self.timeout:
+            # Still undecided after a timeout: a peer that decided answers with the transcript and
+            # the signed KeyTable. Sent at a steady pace (the engines' own timeouts double), so a
+            # server whose messages were lost learns the decision within a timeout of reconnecting.
+            self._undecided_sent = now
+            self._send(EVERYONE, "undecided", None)
         if self.resumed and not self.complete:
             self._phase_two(now)
 
@@ -831,7 +844,20 @@ class PeriodRefresh:
         self._open_kt_engine(now)
         self._replay(now)
 
-    def _push(self) -> None:
+    def _push_again(self, to: int, now: float) -> None:
+        """A recovering server announced itself, or a server announced itself with a key not in
+        our KeyTable: it may have missed our PushM (sent once, at the start, while it may have
+        been catching up or restarting, and a retiring key-holder child drops what it held),
+        and with an older KeyTable it can verify nothing of this period. Send it again, at most
+        once per timeout per server."""
+        if self.status != Status.OPERATIONAL or not self._started or self.complete:
+            return
+        if now - self._pushed_to.get(to, -1e9) < self.timeout:
+            return
+        self._pushed_to[to] = now
+        self._push(to)
+
+    def _push(self, to: int = EVERYONE) -> None:
         assert self.m is not None and self.old_table is not None
         pub = self._old_public
         body = {
@@ -841,7 +867,7 @@ class PeriodRefresh:
             "transcript": pub.transcript.encode() if pub.transcript is not None else None,
             "upgrades": self.code.chain() if self.code is not None else None,
         }
-        self._send(EVERYONE, "pushm", body)
+        self._send(to, "pushm", body)
 
     def _on_pushm(self, sender: int, body: Any, now: float) -> None:
         f = encoding.expect_map(
@@ -948,7 +974,13 @@ class PeriodRefresh:
             self._learn(ann)
 
     def _on_ann(self, sender: int, body: Any, now: float) -> None:
-        ann = self._parse_ann(body, self.period, self.old_keys)
+        try:
+            ann = self._parse_ann(body, self.period, self.old_keys)
+        except (DecodeError, BadSignature, RemoteProtocolError):
+            # Not signed with a key of our KeyTable: the sender may hold an older one (it was
+            # down for a refresh and missed our PushM, sent once, at the start). Push again.
+            self._push_again(sender, now)
+            raise
         if not ann.clear:
             self._learn(ann)
             return
@@ -959,6 +991,7 @@ class PeriodRefresh:
             if ann.digest not in got and len(got) >= 2:
                 return
             self._clear_anns[ann.digest] = ann
+            self._push_again(sender, now)
             atts = got.setdefault(ann.digest, {})
             if self.old_signer is not None and self.me not in atts and self.me in self.old_keys:
                 att = attestation(self.period, ann.server, ann.digest, self.old_signer)
@@ -1625,6 +1658,28 @@ class PeriodRefresh:
         if len(self.new_keys) == len(self.c.secrets):
             self._complete(Status.OPERATIONAL, self.signed_table)
 
+    def _on_signed_kt(self, sender: int, body: Any, now: float) -> None:
+        """A peer's signed KeyTable (with a late answer): the decision itself, verifiable by anyone
+        holding M. Undecided, a table of a later period, or of this one when our KeyTable is older
+        than the previous period's (we cannot check this period's transcript), means the network
+        decided without us: we recover. Decided, it is the signature we wait for."""
+        if not isinstance(body, bytes):
+            raise RemoteProtocolError(sender, "signed KeyTable: expected bytes")
+        if self.m is None:
+            return
+        if not self.decided:
+            table = KeyTable.decode(body)
+            current = self.old_table is not None and self.old_table.period == self.period - 1
+            if table.period == self.period and current:
+                return  # we can check this period's transcript: we decide from it, keeping our shares
+            self.overtaken(body)
+            return
+        if self.resumed and self.kt is not None and self.signed_table is None:
+            table = KeyTable.decode(body)
+            if table.payload() != self.kt.table.payload():
+                raise RemoteProtocolError(sender, "signed KeyTable is not the decided one")
+            self._on_kt_sig(sender, table.signature, now)
+
     def overtaken(self, table_bytes: bytes) -> bool:
         """A peer shows a signed KeyTable of this period or later while we have not decided:
         the network decided without us (a KeyTable is signed only with shares of a decided
@@ -1640,6 +1695,7 @@ class PeriodRefresh:
         for k in self.keys.values():
             k.wipe()
         self.keys = {}
+        self.status = Status.RECOVERING
         self.complete = True
         public = PublicData(self.m, table, {}, None)
         failure = f"the network decided period {table.period} without us: recovering"
@@ -2033,7 +2089,9 @@ class _FrostState:
 # Applications of the agreement engine ------------------------------------------------------------------
 
 
-_PHASE_ONE = frozenset({"ann", "attest", "agree/keytable", "deal", "want", "checked", "agree/dealings"})
+_PHASE_ONE = frozenset(
+    {"ann", "attest", "agree/keytable", "deal", "want", "checked", "agree/dealings", "undecided"}
+)
 
 
 class _KeyTableApp:

@@ -62,6 +62,8 @@ class Run:
     periods: int = 1
     #: Every KeyTable payload decided or signed, per period, by any honest server.
     tables: dict[int, set[bytes]] = field(default_factory=dict)
+    #: (server, period, [time it finished that period]): it must finish before the period ends.
+    deadlines: list[tuple[int, int, list[float]]] = field(default_factory=list)
 
     def fail(self, why: str) -> ScenarioFailure:
         return ScenarioFailure(f"scenario {self.name} seed {self.seed}: {why}")
@@ -201,6 +203,9 @@ def check(run: Run) -> None:
             allowed = a.server in run.faulty | run.crashed | run.alertable or a.server == i
             if not allowed:
                 raise run.fail(f"server {i} raised a false alert in period {a.period}: {a}")
+    for server, period, finished in run.deadlines:
+        if not finished or finished[0] >= c.period_start(period + 1):
+            raise run.fail(f"server {server} finished period {period} only after it ended")
     missing = run.expect_alerts - alerted
     if missing:
         raise run.fail(f"expected alerts not raised: {sorted((k.value, s) for k, s in missing)}")
@@ -314,12 +319,7 @@ def crash(seed: int) -> Run:
     saved = run.servers[victim]
     run.sim.crash(victim)
     run.sim.run_until(at + rng.uniform(0.01, 2.0))
-    restarted = SimServer.__new__(SimServer)
-    restarted.__dict__.update(saved.__dict__)
-    restarted.engine = None  # in-memory protocol state is lost; persisted data (and records) survive
-    restarted.next_period = restarted.public.decided_period + 1
-    restarted._early = {}
-    restarted._persisted = (-1, 0)
+    restarted = _restarted(saved)  # in-memory protocol state is lost; persisted data survives
     run.sim.restart(victim, restarted)
     run.servers[victim] = restarted
     run.alertable.add(victim)
@@ -410,6 +410,92 @@ def partition(seed: int) -> Run:
     return run
 
 
+def stale(seed: int) -> Run:
+    """A server is down for two refreshes and restarts just after the third began, holding a
+    KeyTable two periods old and shares that match it: it missed its peers' PushM and can verify
+    nothing they send. Its peers push again when it announces itself with a key they do not know,
+    or show it the signed KeyTable once they decided: it finishes that period (recovering, or
+    even operational) before the period ends, and is operational in the next."""
+    rng = random.Random(seed)
+    c = _constants(rng, long_run=True)
+    run = build("stale", seed, c, periods=4)
+    victim = rng.choice(list(c.ids))
+    run.sim.run_until(c.period_start(1) - rng.uniform(0.05, 0.4))
+    saved = run.servers[victim]
+    run.sim.crash(victim)
+    run.sim.run_until(c.period_start(3) + rng.uniform(0.0, 0.1))
+    restarted = _restarted(saved)
+    run.sim.restart(victim, restarted)
+    run.servers[victim] = restarted
+    run.alertable.add(victim)
+    _require_decided_in_time(run, victim, 3)
+    run_periods(run)
+    return run
+
+
+def _require_decided_in_time(run: Run, victim: int, period: int) -> None:
+    """After the run, fail unless ``victim`` finished ``period`` (decided or gave way) before it ended."""
+    finished: list[float] = []
+    server = run.servers[victim]
+    previous = server.on_outcome
+
+    def on_outcome(p: int, outcome: Outcome) -> None:
+        if p == period and outcome.public.complete and not finished:
+            finished.append(run.sim.now)
+        if previous is not None:
+            previous(p, outcome)
+
+    server.on_outcome = on_outcome
+    run.deadlines.append((victim, period, finished))
+
+
+def _restarted(saved: SimServer) -> SimServer:
+    """The server as a new process builds it from what it persisted (memory is lost)."""
+    restarted = SimServer.__new__(SimServer)
+    restarted.__dict__.update(saved.__dict__)
+    restarted.engine = None
+    restarted.next_period = restarted.public.decided_period + 1
+    restarted._early = {}
+    restarted._persisted = (-1, 0)
+    return restarted
+
+
+def deaf(seed: int) -> Run:
+    """A server hears nothing (or says nothing) for a while in one period (a connection churning
+    through a rekey):
+    it may miss the decision, and a recovering server (an observer of both agreements) has
+    nothing of its own to send that would make its peers answer. Within a timeout of hearing
+    again it learns the decision, before the period ends, and is operational in the next."""
+    rng = random.Random(seed)
+    c = _constants(rng, long_run=True)
+    recovering = rng.random() < 0.5  # first cut off for period 1: recovering (an observer) in 2
+    period = 2 if recovering else rng.randint(1, 2)
+    run = build("deaf", seed, c, periods=period + 1)
+    victim = rng.choice(list(c.ids))
+    if recovering:
+        for j in c.ids:
+            if j != victim:
+                run.sim.partition(victim, j)
+        run.sim.run_until(c.period_start(2) - rng.uniform(0.0, 0.5))
+        run.sim.heal()
+    lo = c.period_start(period) + rng.uniform(0.0, 0.4)
+    hi = lo + rng.uniform(0.5, PERIOD - 1.5)  # and over a second before the period ends
+    loss = rng.choice([1.0, 0.7])
+    both = rng.random() < 0.5  # or its own messages are lost too
+
+    def fault(sender: int, to: int, data: bytes, now: float, r: random.Random) -> list[tuple[float, bytes]]:
+        if (to == victim or (both and sender == victim)) and lo <= now < hi and r.random() < loss:
+            return []
+        return [(0.0, data)]
+
+    for i in c.ids:
+        run.sim.faults[i] = fault
+    run.alertable.add(victim)
+    _require_decided_in_time(run, victim, period)
+    run_periods(run)
+    return run
+
+
 def replay(seed: int) -> Run:
     """The network replays, in period 2, what a server sent in period 1: all of it is refused."""
     rng = random.Random(seed)
@@ -471,8 +557,9 @@ def asynchrony(seed: int) -> Run:
 
 
 def faults(seed: int) -> Run:
-    """Scenario E and friends: a crash at a random step, a partition, or replayed old messages."""
-    return (crash, partition, replay)[seed % 3](seed)
+    """Scenario E and friends: a crash at a random step, a partition, replayed old messages, a
+    server deaf for a while, or one back with a KeyTable two periods old."""
+    return (crash, partition, replay, deaf, stale)[seed % 5](seed)
 
 
 def _use_engine(server: SimServer, engine: type[PeriodRefresh]) -> None:
@@ -506,6 +593,8 @@ FAMILIES: dict[str, Callable[[int], Run]] = {
     "crash": crash,
     "partition": partition,
     "replay": replay,
+    "deaf": deaf,
+    "stale": stale,
     **{kind: _single(kind) for kind in BYZANTINE},
 }
 
