@@ -814,6 +814,7 @@ class PeriodRefresh:
             self._phase_two(now)
 
     _started = False
+    _started_at = 0.0
     resumed = False
 
     # PushM (Table 2) ---------------------------------------------------------------------------------
@@ -825,6 +826,7 @@ class PeriodRefresh:
         if self.old_table is None:
             return
         self._started = True
+        self._started_at = now
         self._decide_status()
         if self.status != Status.OPERATIONAL and self.code is not None:
             # A recovering server checks its code against the C in force (M's, after the upgrade
@@ -1133,6 +1135,13 @@ class PeriodRefresh:
             # The first leader must include every announcement we hold: otherwise a Byzantine
             # first leader could leave honest servers out of the KeyTable at will. A later view
             # (after a timeout) may leave out what its leader has not received.
+            if len(cand.anns) < self.c.n and self._now < self._started_at + self.timeout / 2:
+                # ... and we give the announcements a moment to arrive before we judge: a
+                # Byzantine first leader that proposes at once could otherwise leave out honest
+                # servers whose announcements are merely a little late, making the KeyTable's
+                # operational members exactly a quorum with itself among them (then silent, it
+                # would stop the dealings agreement for good).
+                return WAIT
             for i, got in self.anns.items():
                 if i not in cand.anns and i not in self.conflicts and len(got) == 1:
                     return reject(f"view 0 leaves out server {i}, whose announcement we hold")

@@ -222,6 +222,56 @@ class TwoDealingsEngine(PeriodRefresh):
         self._on_deal(self.me, second, self._now)
 
 
+class HastyLeaderEngine(PeriodRefresh):
+    """As the first leader of the KeyTable agreement it proposes at once, leaving ``victims`` out
+    (honest servers whose announcements are a little late), then goes silent: no dealing, no
+    vote on the dealings. With the victims out, the new KeyTable's operational members are
+    exactly a quorum with the liar among them, so without its votes the dealings are never
+    decided, unless honest voters wait for the announcements before they vote."""
+
+    victims: tuple[int, ...] = ()
+
+    def _kt_candidate_entries(self) -> dict[int, dict[str, Any]] | None:
+        entries = super()._kt_candidate_entries()
+        if entries is None:
+            return None
+        return {i: e for i, e in entries.items() if i not in self.victims}
+
+    def propose_keytable(self) -> bytes | None:
+        self._ready_since = -1e9  # no grace for stragglers
+        return super().propose_keytable()
+
+
+#: What a server that took part in the KeyTable agreement sends afterwards (to go silent then).
+AFTER_KEYTABLE = frozenset(
+    {"deal", "want", "checked", "agree/dealings", "undecided", "catchup", "signed-kt"}
+    | {"nonce", "signreq", "sigshare", "kt-sig", "rpoint", "phase2"}
+)
+
+
+def silent_after_keytable(period: int) -> Fault:
+    """Takes part until the KeyTable of ``period`` is agreed, then says nothing more in it."""
+
+    def fault(sender: int, to: int, data: bytes, now: float, rng: random.Random) -> Wire:
+        opened = _open(data)
+        if opened is not None and opened[0] == period and opened[1] in AFTER_KEYTABLE:
+            return []
+        return [(0.0, data)]
+
+    return fault
+
+
+def slow_announcements(period: int, delay: float) -> Fault:
+    """The server's announcements (its own and those it forwards) travel slowly in ``period``."""
+
+    def fault(sender: int, to: int, data: bytes, now: float, rng: random.Random) -> Wire:
+        opened = _open(data)
+        late = opened is not None and opened[1] in ("ann", "attest") and opened[0] == period
+        return [(delay if late else 0.0, data)]
+
+    return fault
+
+
 def slow_deal_forwards(period: int, delay: float) -> Fault:
     """The victim's forwarded dealings travel slowly in ``period``."""
 

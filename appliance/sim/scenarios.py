@@ -243,6 +243,8 @@ def honest(seed: int) -> Run:
 def _byzantine(run: Run, rng: random.Random, kind: str) -> int:
     c = run.constants
     liar = rng.choice(list(c.ids))
+    if kind == "hasty-leader":
+        liar = sorted(c.ids)[1 % c.n]  # the first leader of period 1's KeyTable agreement
     run.faulty.add(liar)
     server = run.servers[liar]
     others = [i for i in c.ids if i != liar]
@@ -269,6 +271,12 @@ def _byzantine(run: Run, rng: random.Random, kind: str) -> int:
         _use_engine(server, type("Liar", (adversaries.TwoDealingsEngine,), {"victim": victim}))
         run.sim.faults[victim] = adversaries.slow_deal_forwards(1, 2.0)
         run.expect_alerts.add((AlertKind.EQUIVOCATION, liar))
+    elif kind == "hasty-leader":
+        victims = tuple(rng.sample(others, c.t))
+        _use_engine(server, type("Liar", (adversaries.HastyLeaderEngine,), {"victims": victims}))
+        run.sim.faults[liar] = adversaries.silent_after_keytable(1)
+        for v in victims:
+            run.sim.faults[v] = adversaries.slow_announcements(1, rng.uniform(0.03, 0.15))
     else:  # pragma: no cover - the families below name their kinds
         raise ValueError(kind)
     return liar
@@ -284,6 +292,7 @@ BYZANTINE = (
     "clear-forger",
     "equivocating-leader",
     "equivocating-dealer",
+    "hasty-leader",
 )
 
 
