@@ -506,7 +506,7 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
         done = [r for r in rows if (r.get("last_refresh") or {}).get("period", -1) >= period]
         stopped = [n.name for n in nodes if not _alive(_pid(n))]
         if len(done) == sent or (stopped and len(done) + len(stopped) >= sent):
-            for r in rows:
+            for r in done:
                 last = r.get("last_refresh") or {}
                 print(f"  server {r.get('server')}: {last.get('status')} in {last.get('duration_s')} s")
             for name in stopped:

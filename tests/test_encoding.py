@@ -57,9 +57,15 @@ def test_arbitrary_bytes_decode_or_raise_decode_error(data: bytes) -> None:
         (bytes.fromhex("a26161016161 02".replace(" ", "")), "malformed"),  # duplicate key
         (bytes.fromhex("f93c00"), "float"),
         (bytes.fromhex("c11a00000000"), "not allowed"),  # datetime tag
-        (bytes.fromhex("9fff"), "malformed"),  # indefinite length
+        (bytes.fromhex("9fff"), "indefinite length"),
         (bytes.fromhex("0101"), "canonical"),  # trailing bytes
-        (bytes.fromhex("5a0000ffff"), "malformed"),  # truncated
+        (bytes.fromhex("5a0000ffff"), "longer than the input"),  # truncated
+        (bytes.fromhex("d81e820103"), "tag 30 not allowed"),  # a rational: cbor2 would gcd it
+        (bytes.fromhex("d8248101"), "tag 36 not allowed"),  # a MIME message
+        (bytes.fromhex("c2820101"), "big integer must be a byte string"),
+        (bytes.fromhex("c25904010000"), "exceeds 1024"),  # a 1025-byte integer
+        (bytes.fromhex("9b00000000ffffffff"), "array longer than the input"),
+        (bytes.fromhex("f7"), "simple values"),  # undefined
     ],
 )
 def test_bad_input_names_the_problem(data: bytes, reason: str) -> None:
@@ -97,3 +103,17 @@ def test_signing_payload_binds_type_context_period() -> None:
     assert base != encoding.signing_payload("M", 1, "pst/refresh", 7, {"a": 1})
     decoded = encoding.decode(base)
     assert decoded["type"] == "keytable" and decoded["period"] == 7 and decoded["ctx"] == "pst/refresh"
+
+
+@given(st.integers(-(2**8000), 2**8000))
+def test_big_integers_within_the_bound_roundtrip(value: int) -> None:
+    assert encoding.decode(encoding.encode(value)) == value
+
+
+def test_a_large_rational_is_refused_before_cbor2_reads_it() -> None:
+    """Issue 9 item 4: cbor2 reduces a tag-30 rational natively (a gcd quadratic in its size)."""
+    import cbor2
+
+    data = cbor2.dumps(cbor2.CBORTag(30, [3**200_000, 7**150_000]))
+    with pytest.raises(DecodeError, match="tag 30 not allowed"):
+        encoding.decode(data, what="frame")

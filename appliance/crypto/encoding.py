@@ -70,6 +70,68 @@ def check_plain(obj: Any) -> None:
     _check(obj, 0)
 
 
+#: Tags the encoding uses: 258 (sets) and 2/3 (integers beyond 64 bits), nothing else.
+SET_TAG = 258
+#: Largest magnitude of a big integer, in bytes (8192 bits: any group element or scalar here).
+MAX_BIGNUM_BYTES = 1024
+
+
+def _prescan(data: bytes) -> None:
+    """Walk the CBOR item headers before cbor2 sees the bytes (linear in the input, no allocation).
+
+    cbor2 decodes some tags natively before any hook runs (a tag-30 rational of two big integers
+    costs a quadratic gcd: seconds for a few hundred kilobytes), so the tags and sizes are checked
+    here first: only sets (258) and bounded big integers (2, 3); no floats, no undefined, no
+    indefinite lengths, no declared length beyond the input.
+    """
+    n = len(data)
+    pos = 0
+    pending = 1  # items still to read
+    bignum_next = False
+    while pending:
+        if pos >= n:
+            raise DecodeError("cbor: truncated")
+        initial = data[pos]
+        pos += 1
+        major, info = initial >> 5, initial & 31
+        if info < 24:
+            arg = info
+        elif info <= 27:
+            size = 1 << (info - 24)
+            if pos + size > n:
+                raise DecodeError("cbor: truncated")
+            arg = int.from_bytes(data[pos : pos + size], "big")
+            pos += size
+        else:
+            raise DecodeError("cbor: indefinite length or reserved value not allowed")
+        if bignum_next and major != 2:
+            raise DecodeError("cbor: a big integer must be a byte string")
+        pending -= 1
+        if major in (2, 3):
+            if bignum_next and arg > MAX_BIGNUM_BYTES:
+                raise DecodeError(f"cbor: integer of {arg} bytes exceeds {MAX_BIGNUM_BYTES}")
+            if arg > n - pos:
+                raise DecodeError("cbor: string longer than the input")
+            pos += arg
+        elif major == 4:
+            if arg > n - pos:
+                raise DecodeError("cbor: array longer than the input")
+            pending += arg
+        elif major == 5:
+            if 2 * arg > n - pos:
+                raise DecodeError("cbor: map longer than the input")
+            pending += 2 * arg
+        elif major == 6:
+            if arg not in (SET_TAG, 2, 3):
+                raise DecodeError(f"cbor: tag {arg} not allowed")
+            pending += 1
+            bignum_next = arg in (2, 3)
+            continue
+        elif major == 7 and info not in (20, 21, 22):
+            raise DecodeError("cbor: floats and simple values other than false, true, null not allowed")
+        bignum_next = False
+
+
 def _tag_hook(decoder: Any, tag: Any) -> Any:
     # Only tag 258 (sets) is decoded, natively by cbor2; any other tag is refused.
     raise DecodeError(f"cbor: tag {tag.tag} not allowed")
@@ -84,6 +146,10 @@ def decode(data: bytes, *, max_size: int = MAX_ENCODED_SIZE, what: str = "object
         raise DecodeError(f"{what}: {len(data)} bytes exceeds the limit of {max_size}")
     if not data:
         raise DecodeError(f"{what}: empty input")
+    try:
+        _prescan(data)
+    except DecodeError as exc:
+        raise DecodeError(f"{what}: {exc}") from None
     try:
         obj = cbor2.loads(
             data,
