@@ -8,6 +8,8 @@ DEB_PACKAGES := openssl gcc pkg-config python3-dev libtss2-dev swtpm swtpm-tools
 # systemd-analyze checks the unit; `make deb` needs readelf (binutils), and its install test
 # needs what the package depends on (python3-venv, adduser).
 DEB_PACKAGES += systemd binutils python3-venv adduser
+# The disk erasure test makes an ext4 image on a loop device.
+DEB_PACKAGES += e2fsprogs mount util-linux
 STAMP := $(VENV)/.installed
 
 .PHONY: test demo demo-crypto lint typecheck pytest bench deps debs venv deb clean

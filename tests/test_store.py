@@ -78,3 +78,21 @@ def test_erase_leaves_no_bytes_behind(tmp_path: Path, network: dict[int, object]
 
 def test_erase_of_a_missing_file_is_quiet(tmp_path: Path) -> None:
     erase(tmp_path / "nothing")
+
+
+def test_what_a_crashed_private_write_left_is_erased_when_the_state_is_loaded(tmp_path: Path) -> None:
+    """A crash between linking the old content aside and erasing it, or during a write, leaves
+    files named .<name>.old-<pid> / .<name>.tmp-<pid>; loading the directory erases them."""
+
+    state = StateDir(tmp_path / "state")
+    state.init()
+    atomic_write(state.private_dir / "period.cbor", b"new", private=True)
+    atomic_write(state.private_dir / "period.cbor", b"newer", private=True)
+    assert sorted(p.name for p in state.private_dir.iterdir()) == ["period.cbor"]  # the old one erased
+    left = [state.private_dir / ".period.cbor.old-123", state.private_dir / "pending" / ".1-keys.tmp-9"]
+    for path in left:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"old secret")
+    loaded = StateDir(tmp_path / "state").load()
+    assert not any(p.exists() for p in left)
+    assert sum("left by an interrupted write; erased" in p for p in loaded.problems) == 2

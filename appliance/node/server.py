@@ -145,7 +145,7 @@ class PServer:
         started = self._refresh_started.get(period, self.clock())
         if finishing and self._in_progress.get("period") == period:
             started = float(self._in_progress.get("started", started))  # the decision's child started it
-        self.store.save(outcome.public, outcome.private)
+        self.store.save(outcome.public, outcome.private, superseded=outcome.superseded)
         table = current_table(outcome.public)
         # Channels follow the certified KeyTable we now hold (after an aborted refresh, that is
         # still the old one, and the channels stay as they are).

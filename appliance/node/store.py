@@ -15,8 +15,11 @@ Layout (``root`` is the server's StateDirectory)::
 
 Every write is temp file + fsync + rename + directory fsync, so a crash leaves either the
 old or the new file, never a torn one. Private files are overwritten with zeros and
-synced before they are unlinked (:func:`erase`); on a copy-on-write or journaling file
-system that is best effort, which docs/security.md says plainly.
+synced before they are unlinked (:func:`erase`), and so is the content a private write
+replaces (kept under a second name until the new file is durable; leftovers of a crash are
+erased when the directory is loaded). On ext4 (ordered data, the default) that overwrites the
+very blocks; on a copy-on-write or log-structured file system, or an SSD's remapped flash, it is
+best effort, which docs/security.md says plainly.
 
 A file that is missing, unreadable or fails to decode is reported (``problems``) and
 treated as absent: the server then recovers it from its peers at the next refresh,
@@ -40,10 +43,22 @@ from appliance.protocols.state import GROUPS, InvariantInfo, KeyTable, sharing_f
 MAX_FILE = 16 * 1024 * 1024
 
 
+#: Names of a private file's replaced content awaiting erasure, and of a write in progress;
+#: both are erased when the state directory is opened (a crash may leave them behind).
+RETIRED_MARK = ".old-"
+TEMP_MARK = ".tmp-"
+
+
 def atomic_write(path: Path, data: bytes, *, private: bool = False) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old or the new content, nothing else."""
+    """Write ``data`` to ``path`` so that a crash leaves the old or the new content, nothing else.
+
+    For a private file the replaced content is then overwritten in place and unlinked: a rename
+    alone frees the old blocks with the old secrets still in them (issue 9: every share of four
+    periods was read back from a file system image). The old file is kept reachable under a
+    second name until the new one is durable, so a crash at any point leaves one valid file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o755)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     fd = os.open(tmp, flags, 0o600 if private else 0o644)
     try:
@@ -54,8 +69,27 @@ def atomic_write(path: Path, data: bytes, *, private: bool = False) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    retired = None
+    if private and path.exists():
+        retired = path.with_name(f".{path.name}{RETIRED_MARK}{os.getpid()}")
+        erase(retired)  # a leftover of a crashed write: its content is no newer than path's
+        os.link(path, retired)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+    if retired is not None:
+        erase(retired)
+
+
+def erase_leftovers(directory: Path) -> list[Path]:
+    """Erase what a crashed write left in a private directory (and its subdirectories)."""
+    erased: list[Path] = []
+    if not directory.exists():
+        return erased
+    for path in sorted(directory.rglob(".*")):
+        if path.is_file() and (RETIRED_MARK in path.name or TEMP_MARK in path.name):
+            erase(path)
+            erased.append(path)
+    return erased
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -104,11 +138,16 @@ class StateDir:
 
     # Saving --------------------------------------------------------------------------
 
-    def save(self, public: PublicData, private: PrivateData | None) -> None:
-        """Persist a refresh outcome: private first (new keys), then public, then erase the old."""
+    def save(self, public: PublicData, private: PrivateData | None, *, superseded: bool = False) -> None:
+        """Persist a refresh outcome: private first (new keys), then public, then erase the old.
+
+        ``superseded``: the network decided a later period without us, so the private data we
+        hold (shares of a sharing that no longer exists) is erased, not kept."""
         self.init()
         if private is not None:
             atomic_write(self.private_dir / "period.cbor", encode_private(private), private=True)
+        elif superseded:
+            erase(self.private_dir / "period.cbor")
         if public.m is not None:
             atomic_write(self.public_dir / "M.cbor", public.m.encode())
         if public.key_table is not None:
@@ -144,6 +183,8 @@ class StateDir:
 
     def load(self) -> Loaded:
         problems: list[str] = []
+        for path in erase_leftovers(self.private_dir):
+            problems.append(f"{path}: left by an interrupted write; erased")
         public = PublicData()
         data = self._read(self.public_dir / "M.cbor", problems)
         if data is not None:

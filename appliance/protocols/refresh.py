@@ -215,6 +215,9 @@ class Outcome:
     private: PrivateData | None
     alerts: list[Alert]
     failure: str | None = None
+    #: The network decided a later period without us: the private data held until now (shares of
+    #: a sharing that no longer exists) is to be erased, not kept.
+    superseded: bool = False
 
 
 class Durable(Protocol):
@@ -1708,7 +1711,8 @@ class PeriodRefresh:
         self.complete = True
         public = PublicData(self.m, table, {}, None)
         failure = f"the network decided period {table.period} without us: recovering"
-        self._set_outcome(Outcome(Status.RECOVERING, public, None, list(self.alerts), failure))
+        outcome = Outcome(Status.RECOVERING, public, None, list(self.alerts), failure, superseded=True)
+        self._set_outcome(outcome)
         return True
 
     def give_up(self, now: float) -> None:
