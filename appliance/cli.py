@@ -145,7 +145,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
     import trio
 
-    from appliance.node import config as node_config
+    from appliance.host import config as node_config
     from appliance.node.ceremony import CeremonyError, run_init
     from appliance.protocols.state import ConfigError
 
@@ -366,7 +366,7 @@ def _start_clear_of_a_boundary(nodes: list[Path]) -> None:
     """
     import time
 
-    from appliance.node import config as node_config
+    from appliance.host import config as node_config
 
     if not nodes:
         return
@@ -518,7 +518,7 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
 
 
 def _node_socket(node: Path) -> Path:
-    from appliance.node import config as node_config
+    from appliance.host import config as node_config
 
     return node_config.load(node / "config.toml").api_socket
 
@@ -574,8 +574,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_rom(args: argparse.Namespace) -> int:
-    from appliance.boot.rom import RomError, open_rom
-    from appliance.node import config as node_config
+    from appliance.boot.backends import open_rom
+    from appliance.boot.rom import RomError
+    from appliance.host import config as node_config
     from appliance.protocols.state import ConfigError
 
     try:
@@ -601,7 +602,7 @@ def _rom_provision(args: argparse.Namespace, sstart: Path, rom: Any) -> int:
     from nacl.signing import SigningKey
 
     from appliance.boot.rom import RomError
-    from appliance.node.store import atomic_write, erase
+    from appliance.host.files import atomic_write, erase
 
     created = False
     if args.vstart is not None:

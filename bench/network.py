@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.crypto import encoding
-from appliance.node.store import atomic_write
+from appliance.host.files import atomic_write
 from appliance.protocols.state import max_threshold
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))

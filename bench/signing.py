@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.api.client import PstClient
-from appliance.node import config as node_config
+from appliance.host import config as node_config
 
 PST = [sys.executable, "-m", "appliance.cli"]
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from appliance.boot.manifest import Manifest, package_root
 from appliance.crypto import frost
 from appliance.crypto.groups import ED25519
-from appliance.node import config as node_config
+from appliance.host import config as node_config
+from appliance.host.config import NodeConfig
 from appliance.node.cluster import init_cluster, node_dir
-from appliance.node.config import NodeConfig
 from appliance.node.store import StateDir
 from appliance.protocols.state import SCERT
 

@@ -529,7 +529,7 @@ def rewrite_cluster_listens(root: Path, *, host: str = "127.0.0.1") -> dict[int,
     :class:`FaultProxy` before the servers start, and every connection between servers
     goes through the proxy. C (``[network]``) is not touched.
     """
-    from appliance.node import config as node_config
+    from appliance.host import config as node_config
 
     nodes = _node_dirs(root)
     configs = [node_config.load(node / "config.toml") for node in nodes]

@@ -22,7 +22,7 @@ from nacl.signing import SigningKey, VerifyKey
 from appliance.api import ApiCore, PeerCred, PServerBackend, RegistrationStore
 from appliance.api._distributed import password_verifier
 from appliance.crypto import encoding
-from appliance.node import config as node_config
+from appliance.host import config as node_config
 from appliance.node._approvals import LocalApprovals, use_registration_clients
 from appliance.node.cluster import init_cluster, node_dir
 from appliance.node.server import PServer

@@ -25,9 +25,10 @@ from appliance.boot.check import (
     recheck_code,
 )
 from appliance.boot.manifest import CHANGED, DIGEST, EXTRA, Manifest
+from appliance.host.config import NodeConfig
+from appliance.host.files import atomic_write
 from appliance.node.cluster import node_dir
-from appliance.node.config import NodeConfig
-from appliance.node.store import StateDir, atomic_write
+from appliance.node.store import StateDir
 from appliance.protocols.state import InvariantInfo
 
 

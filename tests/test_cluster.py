@@ -71,7 +71,7 @@ def test_sign_through_the_local_api_and_verify(cluster: Path, tmp_path: Path) ->
 
 def test_get_time_and_get_random_through_the_local_api(cluster: Path) -> None:
     from appliance.api.client import PstClient
-    from appliance.node import config as node_config
+    from appliance.host import config as node_config
 
     sockets = [str(node_config.load(cluster / f"node-{i}" / "config.toml").api_socket) for i in (1, 4)]
     with PstClient(sockets[0]) as a, PstClient(sockets[1]) as b:

@@ -307,7 +307,7 @@ async def test_usable_from_a_trio_test() -> None:
 
 
 def test_rewrite_cluster_listens_keeps_c(tmp_path: Path) -> None:
-    from appliance.node import config as node_config
+    from appliance.host import config as node_config
     from appliance.node.cluster import config_text, node_dir
     from appliance.protocols.state import Constants
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import appliance
-from appliance.node import config as node_config
+from appliance.host import config as node_config
 from appliance.protocols.state import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent

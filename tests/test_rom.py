@@ -21,10 +21,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
+from appliance.boot.backends import open_rom
 from appliance.boot.block import BlockRom
-from appliance.boot.rom import IMAGE_SIZE, MAGIC, RomError, SimulatedRom, decode_image, open_rom
+from appliance.boot.rom import IMAGE_SIZE, MAGIC, RomError, SimulatedRom, decode_image
 from appliance.cli import main
-from appliance.node import config as node_config
+from appliance.host import config as node_config
 from appliance.protocols.state import ConfigError
 
 VSTART = bytes(SigningKey(b"\x07" * 32).verify_key)

@@ -14,7 +14,7 @@ import pytest
 
 from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
-from appliance.node import config as node_config
+from appliance.host import config as node_config
 from appliance.protocols.state import ConfigError, Constants, check_size, max_threshold
 
 

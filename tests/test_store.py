@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.node.store import StateDir, atomic_write, erase
+from appliance.host.files import atomic_write, erase
+from appliance.node.store import StateDir
 from appliance.protocols.state import SCERT, Constants
 from appliance.sim.setup import make_network
 

@@ -30,10 +30,11 @@ from appliance.boot.upgrade import (
 )
 from appliance.cli import main
 from appliance.crypto.errors import DecodeError
-from appliance.node import config as node_config
+from appliance.host import config as node_config
+from appliance.host.config import NodeConfig
+from appliance.host.files import atomic_write
 from appliance.node.cluster import node_dir
-from appliance.node.config import NodeConfig
-from appliance.node.store import StateDir, atomic_write
+from appliance.node.store import StateDir
 from appliance.protocols.signing import is_protocol_payload
 from appliance.protocols.state import Constants, InvariantInfo
 

@@ -35,7 +35,7 @@ from typing import Final
 
 from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
-from appliance.node.store import atomic_write
+from appliance.host.files import atomic_write
 
 FILE_NAME: Final = "api-registrations.cbor"
 FORMAT_VERSION: Final = 1

@@ -43,12 +43,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from appliance.boot import backends
 from appliance.boot import rom as rom_module
 from appliance.boot.manifest import DIGEST, Manifest, ManifestError, Mismatch, package_root
 from appliance.boot.upgrade import apply_chain, read_chain
 from appliance.crypto.errors import DecodeError
-from appliance.node.config import NodeConfig
-from appliance.node.store import MAX_FILE, atomic_write
+from appliance.host.config import NodeConfig
+from appliance.host.files import MAX_FILE, atomic_write
 from appliance.protocols._core import AlertKind
 from appliance.protocols.state import Constants, InvariantInfo
 
@@ -103,12 +104,7 @@ class _Rom(Protocol):
 
 
 def _open_rom(config: NodeConfig) -> _Rom:
-    opener: Callable[[NodeConfig], _Rom] | None = getattr(rom_module, "open_rom", None)
-    if opener is not None:
-        return opener(config)
-    if config.rom_path is None:
-        raise rom_module.RomError(f"{config.path}: rom.path is required for the simulated ROM")
-    return rom_module.SimulatedRom(config.rom_path)
+    return backends.open_rom(config)
 
 
 def read_vstart(config: NodeConfig) -> tuple[bytes, str]:

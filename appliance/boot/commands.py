@@ -19,7 +19,7 @@ EXIT_USAGE = 2
 
 
 def _load_config(path: str, command: str) -> Any:
-    from appliance.node import config as node_config
+    from appliance.host import config as node_config
     from appliance.protocols.state import ConfigError
 
     try:
@@ -51,7 +51,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_manifest(args: argparse.Namespace) -> int:
     from appliance.boot.manifest import Manifest, ManifestError, package_root
-    from appliance.node.store import atomic_write
+    from appliance.host.files import atomic_write
 
     root = Path(args.root) if args.root else package_root()
     try:
@@ -99,7 +99,7 @@ def cmd_upgrade_approve(args: argparse.Namespace) -> int:
     from appliance.boot.manifest import Manifest
     from appliance.boot.upgrade import APPROVAL_FILE, UpgradeError, propose
     from appliance.crypto.errors import DecodeError
-    from appliance.node.store import atomic_write
+    from appliance.host.files import atomic_write
 
     config = _load_config(args.config, "upgrade approve")
     if config is None:
@@ -138,7 +138,7 @@ def cmd_upgrade_install(args: argparse.Namespace) -> int:
         read_approval,
     )
     from appliance.crypto.errors import DecodeError
-    from appliance.node.store import atomic_write
+    from appliance.host.files import atomic_write
 
     config = _load_config(args.config, "upgrade install")
     if config is None:

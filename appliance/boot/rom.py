@@ -14,6 +14,7 @@ backends give that property with different strength:
 Every backend stores the same image: :data:`MAGIC` followed by the 32 bytes of Vstart, and
 refuses to read anything else (wrong magic, wrong size, writable medium). ``provision`` writes
 once and fails the second time; it returns what the operator must do next.
+:func:`appliance.boot.backends.open_rom` picks the backend a server's config names.
 """
 
 from __future__ import annotations
@@ -21,16 +22,11 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from appliance.node.config import NodeConfig
+from typing import Protocol
 
 MAGIC = b"PST-ROM-V1\n"
 VSTART_SIZE = 32
 IMAGE_SIZE = len(MAGIC) + VSTART_SIZE
-DEFAULT_NV_INDEX = 0x01500050
-DEFAULT_TCTI = "device:/dev/tpmrm0"
 
 
 class RomError(Exception):
@@ -117,20 +113,3 @@ class SimulatedRom:
 
     def describe(self) -> str:
         return f"SIMULATED ROM (a read-only file, not hardware; root can rewrite it): {self.path}"
-
-
-def open_rom(config: NodeConfig) -> Rom:
-    """The ROM backend of a server's config (``[rom]`` section)."""
-    if config.rom_backend == "simulated":
-        if config.rom_path is None:
-            raise RomError(f'{config.path}: rom.path is required for backend "simulated"')
-        return SimulatedRom(config.rom_path)
-    if config.rom_backend == "tpm":
-        from appliance.boot.tpm import TpmRom
-
-        return TpmRom(config.rom_nv_index, config.rom_tcti)
-    if config.rom_backend == "block":
-        from appliance.boot.block import BlockRom
-
-        return BlockRom(label=config.rom_label, dev_id=config.rom_id, device=config.rom_device)
-    raise RomError(f"{config.path}: rom.backend {config.rom_backend!r} is not simulated, tpm or block")

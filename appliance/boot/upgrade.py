@@ -39,7 +39,7 @@ from typing import Any
 from appliance.boot.manifest import Manifest
 from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
-from appliance.node.store import atomic_write
+from appliance.host.files import atomic_write
 from appliance.protocols._core import ed25519_verify
 from appliance.protocols.state import Constants, InvariantInfo
 

@@ -22,11 +22,13 @@ from pathlib import Path
 import trio
 from nacl.signing import SigningKey
 
+from appliance.boot.backends import open_rom
 from appliance.boot.check import code_mismatches
-from appliance.boot.rom import RomError, open_rom
+from appliance.boot.rom import RomError
+from appliance.host.config import NodeConfig
+from appliance.host.files import erase
 from appliance.net import PeerNetwork
-from appliance.node.config import NodeConfig
-from appliance.node.store import StateDir, erase
+from appliance.node.store import StateDir
 from appliance.protocols.init import InitOutcome, InitProtocol
 
 log = logging.getLogger("pst.init")

@@ -27,7 +27,8 @@ from pathlib import Path
 from appliance.boot.check import store_manifest
 from appliance.boot.manifest import Manifest, installed
 from appliance.boot.rom import SimulatedRom
-from appliance.node.store import StateDir, atomic_write
+from appliance.host.files import atomic_write
+from appliance.node.store import StateDir
 from appliance.protocols.state import ConfigError, Constants
 from appliance.sim.setup import make_network
 

@@ -58,10 +58,10 @@ import trio
 from appliance.boot.check import append_alert, recheck_code
 from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
+from appliance.host.config import NodeConfig
 from appliance.net import ChannelIdentity, channel_identity
 from appliance.net._framing import DEFAULT_MAX_FRAME_SIZE, FrameStream
 from appliance.node._approvals import keyholder_methods, use_registration_clients
-from appliance.node.config import NodeConfig
 from appliance.node.hardening import Hardening, harden
 from appliance.node.server import Deliver, PServer, Transport, period_keys
 from appliance.node.store import StateDir

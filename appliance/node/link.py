@@ -23,9 +23,9 @@ from typing import Any
 
 import trio
 
+from appliance.host.config import NodeConfig
 from appliance.net import ChannelIdentity
 from appliance.net._framing import FrameStream
-from appliance.node.config import NodeConfig
 from appliance.node.keyholder import MAX_LINK_FRAME, LinkError, decode_msg, encode_msg
 from appliance.protocols.signing import SigningRefused
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import trio
 
 from appliance.api import PServerBackend, serve_api
+from appliance.host import config as node_config
+from appliance.host.config import NodeConfig
 from appliance.net import ChannelIdentity, PeerNetwork
-from appliance.node import config as node_config
 from appliance.node._approvals import LinkApprovals
-from appliance.node.config import NodeConfig
 from appliance.node.keyholder import start_zygote
 from appliance.node.link import KeyHolderGone, KeyHolderLink
 from appliance.node.sdnotify import Notifier

@@ -26,12 +26,14 @@ from typing import Any, Protocol
 
 import trio
 
+from appliance.boot.backends import open_rom
 from appliance.boot.check import code_mismatches
-from appliance.boot.rom import Rom, open_rom
+from appliance.boot.rom import Rom
 from appliance.boot.upgrade import ChainCheck, approved, is_upgrade_payload, read_approval
 from appliance.crypto import encoding
-from appliance.node.config import NodeConfig
-from appliance.node.store import PendingRecords, StateDir, atomic_write
+from appliance.host.config import NodeConfig
+from appliance.host.files import atomic_write
+from appliance.node.store import PendingRecords, StateDir
 from appliance.protocols._core import Alert
 from appliance.protocols.core import ServerCore
 from appliance.protocols.refresh import Outcome, PublicData, Status, current_table

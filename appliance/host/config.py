@@ -38,8 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.boot.rom import DEFAULT_NV_INDEX, DEFAULT_TCTI
 from appliance.protocols.state import ConfigError, Constants
+
+#: The TPM NV index that holds the ROM image, and how to reach the TPM (appliance.boot.tpm).
+DEFAULT_NV_INDEX = 0x01500050
+DEFAULT_TCTI = "device:/dev/tpmrm0"
 
 
 @dataclass(frozen=True)

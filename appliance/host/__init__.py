@@ -1,0 +1,1 @@
+"""What a server keeps on its host: its config file, and files written atomically and erased."""
