@@ -220,6 +220,18 @@ def test_decoder_roundtrip_any_split(payloads: list[bytes], cuts: list[int]) -> 
     assert out == payloads
 
 
+def test_decoder_limit_next_bounds_one_frame_only() -> None:
+    dec = FrameDecoder(max_frame_size=1000)
+    dec.limit_next(8, "hello frame")
+    wire = encode_frame(b"hi") + encode_frame(b"y" * 500)  # a small hello, then a larger frame
+    assert dec.feed(wire) == [b"hi", b"y" * 500]
+    dec.limit_next(8, "hello frame")
+    with pytest.raises(FramingError, match="hello frame length 9 exceeds the limit of 8 bytes"):
+        dec.feed((9).to_bytes(4, "big"))  # refused from the header alone
+    with pytest.raises(ValueError, match="limit must be in"):
+        FrameDecoder(max_frame_size=4).limit_next(5)
+
+
 def test_hello_roundtrip_and_errors() -> None:
     hello = Hello(3, 7)
     assert Hello.decode(hello.encode()) == hello
@@ -490,6 +502,41 @@ async def test_garbage_before_hello_is_rejected() -> None:
         assert any("bad hello" in r for r in reasons), reasons
         assert any("exceeds the limit" in r for r in reasons), reasons
         assert 3 not in nets[1].incoming_peers()
+        assert nets[1].incoming_peers() == {2}
+
+
+async def test_oversized_hello_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hello is read with a 256-byte bound: a 4 KiB one is refused from its header."""
+    decoded: list[int] = []
+    real_decode = Hello.decode
+
+    def spy(data: bytes) -> Hello:
+        decoded.append(len(data))
+        return real_decode(data)
+
+    monkeypatch.setattr(Hello, "decode", staticmethod(spy))
+    keys = key_table([1, 2, 3], 0)
+    async with mesh([1, 2], table_ids=[1, 2, 3]) as nets:
+        with trio.fail_after(5):
+            await nets[1].wait_connected([2])
+        port = nets[1].listen_port
+        assert port is not None
+        big = b"\xa4" + b"x" * 4095  # 4 KiB that would start a CBOR map: never looked at
+        # unauthenticated, the whole 4 KiB frame sent
+        stream, frames = await raw_anonymous(port)
+        await frames.send_frame(big)
+        assert await closed_by_peer(frames)
+        await trio.aclose_forcefully(stream)
+        # authenticated, only the header and 100 bytes sent: the server does not wait for the rest
+        stream, frames = await raw_tls(port, 3, 0, seed_of(3, 0), keys)
+        await stream.send_all((4096).to_bytes(4, "big") + big[:100])
+        assert await closed_by_peer(frames)
+        await trio.aclose_forcefully(stream)
+        await eventually(lambda: len(nets[1].rejections) >= 2)
+        for rejection in list(nets[1].rejections)[-2:]:
+            assert rejection.direction == "incoming" and rejection.server is None
+            assert rejection.reason == "bad hello: hello frame length 4096 exceeds the limit of 256 bytes"
+        assert decoded and max(decoded) <= 256  # only the peers' real hellos were decoded
         assert nets[1].incoming_peers() == {2}
 
 

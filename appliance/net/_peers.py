@@ -43,7 +43,10 @@ connection of the same claimed id (it is refused with a rejection record), at mo
 unauthenticated incoming connection per claimed id is kept (a newer one replaces the older),
 at most ``max_unauthenticated`` (default n) exist at once, and an authenticated incoming
 connection closes the unauthenticated one of its id. Handshakes in progress are bounded by
-``max_pending_handshakes`` and every frame by ``max_frame_size``, as for authenticated ones.
+``max_pending_handshakes`` and every frame by ``max_frame_size``, as for authenticated ones;
+the hello, read before anyone is known, by :data:`~appliance.net._framing.MAX_HELLO_SIZE`
+(256 bytes): a longer one is refused from its length header, before it is buffered or
+decoded, and the connection closed with a rejection record.
 What an attacker gains from an unauthenticated connection is what it has anyway on the
 network: it may inject frames under a claimed id (the protocols verify the signatures and
 drop them), read frames sent to it (sealed or public anyway) and, by taking the one slot of
@@ -89,6 +92,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.net._framing import (
     DEFAULT_MAX_FRAME_SIZE,
+    MAX_HELLO_SIZE,
     FrameStream,
     FramingError,
     Hello,
@@ -756,7 +760,7 @@ class PeerNetwork:
                         await stream.do_handshake()
                         handshaken = True
                         await frames.send_frame(Hello(self.me, self._hello_period()).encode())
-                        first = await frames.receive_frame()
+                        first = await frames.receive_frame(MAX_HELLO_SIZE, "hello frame")
                         hello = self._check_answer(peer.server, creds, stream, first)
                 except trio.TooSlowError:
                     return False, f"no TLS handshake and hello within {self.handshake_timeout}s", False
@@ -861,7 +865,8 @@ class PeerNetwork:
                         frames = FrameStream(stream, self.max_frame_size)
                         await stream.do_handshake()
                         cert = stream.getpeercert(binary_form=True) if creds is not None else None
-                        hello = self._check_hello(creds, stream, cert, await frames.receive_frame())
+                        first = await frames.receive_frame(MAX_HELLO_SIZE, "hello frame")
+                        hello = self._check_hello(creds, stream, cert, first)
                         server, authenticated = hello.server, cert is not None
                         if not authenticated:
                             self._admit_unauthenticated(server)
@@ -874,7 +879,10 @@ class PeerNetwork:
                 except _Rejected as exc:
                     self._reject("incoming", address, exc.server, exc.reason)
                     return
-                except (*_TRANSPORT_ERRORS, FramingError) as exc:
+                except FramingError as exc:  # e.g. a hello longer than MAX_HELLO_SIZE: never decoded
+                    self._reject("incoming", address, None, f"bad hello: {exc}")
+                    return
+                except _TRANSPORT_ERRORS as exc:
                     self._reject("incoming", address, None, f"before its hello: {_describe(exc)}")
                     return
                 finally:
