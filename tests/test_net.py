@@ -124,8 +124,11 @@ async def mesh(
         yield nets
 
 
-async def raw_anonymous(port: int) -> tuple[trio.SSLStream[trio.SocketStream], FrameStream]:
-    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+async def raw_anonymous(
+    port: int, local: str | None = None
+) -> tuple[trio.SSLStream[trio.SocketStream], FrameStream]:
+    """An unauthenticated client of 127.0.0.1:``port``, from the loopback address ``local`` if given."""
+    tcp = await trio.open_tcp_stream("127.0.0.1", port, local_address=local)
     stream = trio.SSLStream(tcp, anonymous_client_context(), server_hostname="server-1.pst")
     await stream.do_handshake()
     return stream, FrameStream(stream)
@@ -850,3 +853,54 @@ async def test_unauthenticated_rules_and_replies() -> None:
         await eventually(lambda: nets[1].unauthenticated_peers() == frozenset())
         nets[1].send(3, b"nobody there")  # 3's connection is gone and our dial fails: dropped
         await eventually(lambda: nets[1].dropped(3) >= 1)
+
+
+async def test_unauthenticated_hello_only_from_the_claimed_servers_address() -> None:
+    """An impostor cannot take a server's id unless it speaks from that server's configured IP."""
+    addresses = addresses_for([1, 2])
+    addresses[3] = ("127.0.0.2", free_ports(1)[0])  # server 3 lives at another loopback address
+    inbox = Inbox()
+    async with mesh([1, 2], table_ids=[1, 2, 3], inbox=inbox, addresses=addresses) as nets:
+        with trio.fail_after(5):
+            await nets[1].wait_connected([2])
+        port = nets[1].listen_port
+        assert port is not None
+        # server 3 is down; an impostor at 127.0.0.1 claims its id: refused, naming both
+        stream, frames = await raw_anonymous(port)
+        await frames.send_frame(Hello(3, 0).encode())
+        assert await closed_by_peer(frames)
+        await trio.aclose_forcefully(stream)
+        rejection = next(r for r in reversed(nets[1].rejections) if r.direction == "incoming")
+        assert rejection.server == 3 and rejection.address.startswith("127.0.0.1:")
+        assert rejection.reason == (
+            "unauthenticated hello claiming server 3 from 127.0.0.1, "
+            "which is not server 3's configured address 127.0.0.2"
+        )
+        assert nets[1].unauthenticated_peers() == frozenset()
+        # the rule compares IPs, not ports: from 127.0.0.2 (any port) the claim is admitted, flagged
+        stream, frames = await raw_anonymous(port, local="127.0.0.2")
+        await frames.send_frame(Hello(3, 0).encode())
+        answer = await frames.receive_frame()
+        assert answer is not None and Hello.decode(answer) == Hello(1, 0)
+        await frames.send_frame(b"from 3's address")
+        await eventually(lambda: (3, b"from 3's address") in inbox.got[1])
+        assert nets[1].unauthenticated_peers() == {3} and not nets[1].is_authenticated(3)
+        await trio.aclose_forcefully(stream)
+        await eventually(lambda: nets[1].unauthenticated_peers() == frozenset())
+        # the real server 3, recovering (no keys), dials from the address it listens on: admitted
+        async with PeerNetwork(3, addresses, on_frame=inbox.handler(3), **FAST) as lost:
+            with trio.fail_after(5):
+                await lost.wait_reachable()
+            lost.send(EVERYONE, b"3 is back")
+            nets[2].send(3, b"welcome")
+            await eventually(
+                lambda: (
+                    all((3, b"3 is back") in inbox.got[i] for i in nets) and (2, b"welcome") in inbox.got[3]
+                )
+            )
+
+            def admitted(net: PeerNetwork) -> bool:  # 3's own connection, from 127.0.0.2
+                return any(c.direction == "incoming" for c in net.connections(3))
+
+            await eventually(lambda: all(admitted(net) for net in nets.values()))
+            assert all(not r.reason.startswith("unauthenticated hello") for r in nets[2].rejections)

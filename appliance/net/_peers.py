@@ -36,7 +36,15 @@ So the transport also carries frames over *unauthenticated* connections, and say
 * The acceptor requests a client certificate with ``CERT_OPTIONAL``: a certificate that is
   presented must verify as before (or the handshake fails), but a client presenting none is
   admitted *unauthenticated* after its hello, which names the server it claims to be (its
-  period is not checked). Its frames are delivered with that claimed id.
+  period is not checked), **only if the connection comes from that server's configured
+  address**: its source IP must be the IP of the claimed id's entry in ``addresses`` (a host
+  name is resolved, again after a minute; the port is the dialer's ephemeral one and is not
+  compared, so servers sharing one IP, as on loopback, cannot be told apart by it). A claim
+  from any other IP is refused with a rejection record naming the source and the claimed
+  id. Its frames are delivered with that claimed id. So that peers see us at our configured
+  address, we dial from the IP we listen on when that is a specific IP (not a wildcard or a
+  name); a server whose connections reach its peers from another IP (a NAT that rewrites
+  them, a second interface) can still connect authenticated, but not unauthenticated.
 
 DoS bounds and rules: an unauthenticated connection never replaces an authenticated incoming
 connection of the same claimed id (it is refused with a rejection record), at most one
@@ -77,8 +85,11 @@ Every task runs in a nursery the object owns inside :meth:`PeerNetwork.run`
 from __future__ import annotations
 
 import enum
+import ipaddress
 import logging
+import math
 import random
+import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -120,6 +131,10 @@ _MAX_BATCH_FRAMES = 64
 _MAX_BATCH_BYTES = 256 * 1024
 
 FrameHandler = Callable[[int, bytes], Awaitable[None]]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: A peer configured by host name is resolved again after this long (a failed lookup sooner).
+_RESOLVE_TTL = 60.0
+_RESOLVE_RETRY = 5.0
 
 _UPGRADING = "closed to retry with authentication"
 
@@ -231,9 +246,22 @@ class _Peer:
     dropped: int = 0
     drop_warned: bool = False
     fallback_reason: str | None = None  # why we last fell back to an anonymous dial (warned)
+    #: The IP addresses of the configured host (a literal: itself, for good; a name: resolved).
+    ips: frozenset[IPAddress] = frozenset()
+    ips_expire: float = -math.inf
 
     def __post_init__(self) -> None:
         self.queue_in, self.queue_out = trio.open_memory_channel[bytes](self.queue_size)
+        literal = _ip(self.host)
+        if literal is not None:
+            self.ips, self.ips_expire = frozenset({literal}), math.inf
+
+    def describe_address(self) -> str:
+        """The configured host, with what it resolved to when it is a name."""
+        if self.ips_expire == math.inf:
+            return self.host
+        resolved = ", ".join(sorted(str(ip) for ip in self.ips)) or "unresolved"
+        return f"{self.host} ({resolved})"
 
     def flush(self) -> int:
         n = 0
@@ -259,6 +287,25 @@ def _describe(exc: BaseException) -> str:
         return "connection closed"
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _ip(text: str) -> IPAddress | None:
+    """``text`` as an IP address (an IPv4-mapped IPv6 one as IPv4), or None if it is no literal."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _source_ip(stream: trio.SocketStream) -> IPAddress | None:
+    try:
+        host = stream.socket.getpeername()[0]
+    except OSError:
+        return None
+    return _ip(str(host))
 
 
 def _address(stream: trio.SocketStream) -> str:
@@ -326,6 +373,9 @@ class PeerNetwork:
         #: At most this many unauthenticated incoming connections at once (default: n).
         self.max_unauthenticated = len(addresses) if max_unauthenticated is None else max_unauthenticated
         self._host, self._port = addresses[me]
+        own = _ip(self._host)
+        #: We dial from the IP we listen on (when it is one), so peers see us at our address.
+        self._bind_ip = None if own is None or own.is_unspecified else str(own)
         self._peers = {
             i: _Peer(i, host, port, queue_size) for i, (host, port) in sorted(addresses.items()) if i != me
         }
@@ -754,7 +804,7 @@ class PeerNetwork:
             with conn.scope:
                 try:
                     with trio.fail_after(self.handshake_timeout):
-                        tcp = await trio.open_tcp_stream(peer.host, peer.port)
+                        tcp = await trio.open_tcp_stream(peer.host, peer.port, local_address=self._bind_ip)
                         stream = trio.SSLStream(tcp, ctx, server_hostname=server_name(peer.server))
                         frames = FrameStream(stream, self.max_frame_size)
                         await stream.do_handshake()
@@ -847,6 +897,7 @@ class PeerNetwork:
 
     async def _handle_incoming(self, tcp: trio.SocketStream) -> None:
         address = _address(tcp)
+        source = _source_ip(tcp)
         if self._pending >= self.max_pending_handshakes:
             log.warning("server %d: refused %s: too many handshakes in progress", self.me, address)
             await trio.aclose_forcefully(tcp)
@@ -869,10 +920,11 @@ class PeerNetwork:
                         hello = self._check_hello(creds, stream, cert, first)
                         server, authenticated = hello.server, cert is not None
                         if not authenticated:
-                            self._admit_unauthenticated(server)
+                            await self._resolve(self._peers[server])
+                            self._admit_unauthenticated(server, source)
                         await frames.send_frame(Hello(self.me, self._hello_period()).encode())
                         if not authenticated:
-                            self._admit_unauthenticated(server)  # again: others may have come meanwhile
+                            self._admit_unauthenticated(server, source)  # again: others may have come
                 except trio.TooSlowError:
                     self._reject("incoming", address, None, "no TLS handshake and hello in time")
                     return
@@ -910,8 +962,36 @@ class PeerNetwork:
                     self._flush_if_unreachable(self._peers[conn.server])
             await trio.aclose_forcefully(stream)
 
-    def _admit_unauthenticated(self, server: int) -> None:
-        """Refuse an unauthenticated connection claiming ``server`` if the rules say so."""
+    async def _resolve(self, peer: _Peer) -> frozenset[IPAddress]:
+        """The IP addresses of ``peer``'s configured host (a name is looked up again when stale)."""
+        if trio.current_time() < peer.ips_expire:
+            return peer.ips
+        try:
+            infos = await trio.socket.getaddrinfo(peer.host, peer.port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            log.warning(
+                "server %d: cannot resolve server %d's host %s: %s", self.me, peer.server, peer.host, exc
+            )
+            peer.ips, peer.ips_expire = frozenset(), trio.current_time() + _RESOLVE_RETRY
+            return peer.ips
+        found = (_ip(str(sockaddr[0])) for *_, sockaddr in infos)
+        peer.ips = frozenset(ip for ip in found if ip is not None)
+        peer.ips_expire = trio.current_time() + _RESOLVE_TTL
+        return peer.ips
+
+    def _admit_unauthenticated(self, server: int, source: IPAddress | None) -> None:
+        """Refuse an unauthenticated connection claiming ``server`` if the rules say so.
+
+        The first rule: it must come from the IP of ``server``'s configured address (the
+        port is the dialer's ephemeral one, so it is not compared).
+        """
+        peer = self._peers[server]
+        if source is None or source not in peer.ips:
+            raise _Rejected(
+                server,
+                f"unauthenticated hello claiming server {server} from {source or 'an unknown address'}, "
+                f"which is not server {server}'s configured address {peer.describe_address()}",
+            )
         if server in self._incoming_by_peer:
             raise _Rejected(
                 server, "unauthenticated, while the server holds an authenticated connection to us"
