@@ -37,6 +37,7 @@ from appliance.net import (
     PeerNetwork,
     PeerState,
     anonymous_client_context,
+    anonymous_server_context,
     certificate_period,
     channel_identity,
     check_peer,
@@ -904,3 +905,51 @@ async def test_unauthenticated_hello_only_from_the_claimed_servers_address() -> 
 
             await eventually(lambda: all(admitted(net) for net in nets.values()))
             assert all(not r.reason.startswith("unauthenticated hello") for r in nets[2].rejections)
+
+
+async def test_routing_prefers_our_outgoing_connection_over_an_unauthenticated_incoming_one() -> None:
+    """Frames to a peer we reach ourselves never go to whoever claims its id on a connection to us."""
+    addresses = addresses_for([1, 4])
+    got_by_4: list[bytes] = []
+
+    async def recovering_4(tcp: trio.SocketStream) -> None:  # server 4 without keys, as the wire sees it
+        stream = trio.SSLStream(tcp, anonymous_server_context(4), server_side=True)
+        frames = FrameStream(stream)
+        try:
+            assert await frames.receive_frame() is not None  # the dialer's hello
+            await frames.send_frame(Hello(4, 0).encode())
+            while (frame := await frames.receive_frame()) is not None:
+                got_by_4.append(frame)
+        except (trio.BrokenResourceError, FramingError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as nursery:
+        server_4 = trio.CancelScope()
+
+        async def serve_4(task_status: trio.TaskStatus[Any]) -> None:
+            with server_4:
+                await trio.serve_tcp(recovering_4, addresses[4][1], host="127.0.0.1", task_status=task_status)
+
+        await nursery.start(serve_4)
+        async with mesh([1], table_ids=[1, 4], addresses=addresses) as nets:
+            net = nets[1]
+            port = net.listen_port
+            assert port is not None
+            await eventually(lambda: net.state(4) is PeerState.ANONYMOUS)  # our own, unauthenticated
+            # an impostor at server 4's IP claims 4 on a connection to us: admitted, flagged
+            stream, frames = await raw_anonymous(port)
+            await frames.send_frame(Hello(4, 0).encode())
+            assert await frames.receive_frame() is not None
+            await eventually(lambda: any(c.direction == "incoming" for c in net.connections(4)))
+            net.send(4, b"for server 4")
+            await eventually(lambda: got_by_4 == [b"for server 4"])  # over our outgoing connection
+            # server 4 goes away and our dial fails: now the incoming connection is the only route
+            server_4.cancel()
+            await eventually(lambda: net.state(4) is PeerState.DOWN)
+            net.send(4, b"no other way")
+            with trio.fail_after(5):
+                assert await frames.receive_frame() == b"no other way"  # the first frame it ever got
+            await trio.aclose_forcefully(stream)
+        nursery.cancel_scope.cancel()

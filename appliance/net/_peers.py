@@ -63,16 +63,24 @@ an id, disturb delivery to a server that is itself only reachable unauthenticate
 :class:`ConnectionInfo` tell which connections are authenticated.
 
 Routing. :meth:`PeerNetwork.send` puts the frame in the peer's bounded queue; it is drained
-over our outgoing connection to the peer when that is up and authenticated, otherwise over
-the peer's incoming connection to us if there is one (authenticated first, so connections
-can carry frames both ways and each side reads frames on the connections it opened too),
-otherwise over our unauthenticated outgoing connection. Frames are dropped with a logged
-reason when no connection exists and the last attempt failed, or the queue is full (the
-protocols tolerate the loss of faulty servers' messages). When the route changes, frames in
-flight on the old connection may arrive after later ones sent on the new one. Received frames
-go to the ``on_frame`` callback, or else to :attr:`PeerNetwork.incoming` as
-``(peer_id, payload)``; delivery is awaited, so a slow consumer slows the senders down
-through TCP instead of growing memory.
+over the first of these that is open:
+
+1. our outgoing connection to the peer, when it is authenticated;
+2. the peer's authenticated incoming connection to us (it proved the peer's key as well as
+   ours would; connections carry frames both ways and each side reads frames on the
+   connections it opened too);
+3. our unauthenticated outgoing connection (it reaches the peer's configured address);
+4. the peer's unauthenticated incoming connection, and only while our own dial to the peer
+   is ``DOWN`` (its last attempt failed): all that proves is the source IP, so it is the
+   route only when nothing else exists. While our dial is still in progress (``CONNECTING``,
+   e.g. right after a rekey) frames wait in the queue for it instead.
+
+Frames are dropped with a logged reason when no route exists and the last attempt failed, or
+the queue is full (the protocols tolerate the loss of faulty servers' messages). When the
+route changes, frames in flight on the old connection may arrive after later ones sent on the
+new one. Received frames go to the ``on_frame`` callback, or else to
+:attr:`PeerNetwork.incoming` as ``(peer_id, payload)``; delivery is awaited, so a slow
+consumer slows the senders down through TCP instead of growing memory.
 
 :meth:`PeerNetwork.rekey` installs the next period's credentials (a recovering network thus
 becomes a normal one), forgets the previous ones, closes every connection (all were made
@@ -599,12 +607,18 @@ class PeerNetwork:
         return [c for c in found if c is not None]
 
     def _route(self, peer: _Peer) -> _Conn | None:
-        """The connection frames to ``peer`` go over (see the module docstring), if any."""
+        """The connection frames to ``peer`` go over (see "Routing" in the module docstring), if any."""
         out = peer.out
         if out is not None and out.authenticated:
             return out
-        incoming = self._incoming_by_peer.get(peer.server) or self._unauthenticated_by_peer.get(peer.server)
-        return incoming if incoming is not None else out
+        incoming = self._incoming_by_peer.get(peer.server)
+        if incoming is not None:
+            return incoming
+        if out is not None:
+            return out
+        if peer.state is PeerState.DOWN:  # nothing else: the claimed id's unauthenticated connection
+            return self._unauthenticated_by_peer.get(peer.server)
+        return None
 
     def _notify(self) -> None:
         """Connections changed: wake the waiters and the writers that are no longer the route."""
