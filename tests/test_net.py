@@ -14,7 +14,7 @@ import ssl
 import weakref
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from typing import Any
 
 import pytest
@@ -953,3 +953,93 @@ async def test_routing_prefers_our_outgoing_connection_over_an_unauthenticated_i
                 assert await frames.receive_frame() == b"no other way"  # the first frame it ever got
             await trio.aclose_forcefully(stream)
         nursery.cancel_scope.cancel()
+
+
+async def _idle_flood(
+    port: int, sources: Iterable[str], per_source: int
+) -> tuple[list[trio.SocketStream], list[int]]:
+    """Open ``per_source`` idle TCP connections (no TLS) from each loopback address in ``sources``.
+
+    Returns them and a one-element counter of those the server has closed so far (watched by
+    tasks in the caller's nursery, see :func:`_watch_closed`).
+    """
+    flood = []
+    for source in sources:
+        for _ in range(per_source):
+            flood.append(await trio.open_tcp_stream("127.0.0.1", port, local_address=source))
+    return flood, [0]
+
+
+async def _watch_closed(tcp: trio.SocketStream, closed: list[int]) -> None:
+    with suppress(trio.BrokenResourceError):
+        while await tcp.receive_some(1024):
+            pass
+    closed[0] += 1
+
+
+async def test_idle_flood_from_one_source_does_not_lock_out_a_peer() -> None:
+    """64 idle TCP connections from one address take 4 handshake slots, not all 64."""
+    addresses = addresses_for([1, 2])
+    options = {1: {"handshake_timeout": 60.0}}  # the flood is not timed out during the test
+    async with mesh([1], table_ids=[1, 2], addresses=addresses, options=options) as nets:
+        net = nets[1]
+        port = net.listen_port
+        assert port is not None
+        flood, closed = await _idle_flood(port, ["127.0.0.5"], 64)
+        async with trio.open_nursery() as nursery:
+            for tcp in flood:
+                nursery.start_soon(_watch_closed, tcp, closed)
+            await eventually(lambda: closed[0] == 60)  # beyond 4 from one source: closed at once
+            # server 2 (re)starts while the 4 others still wait: it connects both ways
+            keys = key_table([1, 2], 0)
+            async with PeerNetwork(2, addresses, 0, keys, seed_of(2, 0), **FAST) as late:
+                with trio.fail_after(5):
+                    await late.wait_connected()
+                    await net.wait_connected()
+            assert closed[0] == 60  # the 4 admitted ones are still open (idle, within the timeout)
+            nursery.cancel_scope.cancel()
+        for tcp in flood:
+            await trio.aclose_forcefully(tcp)
+
+
+async def test_idle_flood_from_many_sources_leaves_the_peers_their_slots() -> None:
+    """Handshake slots are kept for the configured peers' addresses."""
+    addresses = addresses_for([1, 2])
+    options = {1: {"handshake_timeout": 60.0}}
+    async with mesh([1], table_ids=[1, 2], addresses=addresses, options=options) as nets:
+        net = nets[1]
+        port = net.listen_port
+        assert port is not None
+        # 16 addresses, 4 connections each (within the per-source limit): 64, the global limit
+        flood, closed = await _idle_flood(port, [f"127.0.1.{k}" for k in range(1, 17)], 4)
+        async with trio.open_nursery() as nursery:
+            for tcp in flood:
+                nursery.start_soon(_watch_closed, tcp, closed)
+            await eventually(lambda: closed[0] == 4)  # 60 taken by strangers, 4 kept for server 2
+            keys = key_table([1, 2], 0)
+            async with PeerNetwork(2, addresses, 0, keys, seed_of(2, 0), **FAST) as late:
+                with trio.fail_after(5):
+                    await late.wait_connected()
+                    await net.wait_connected()
+            nursery.cancel_scope.cancel()
+        for tcp in flood:
+            await trio.aclose_forcefully(tcp)
+
+
+async def test_idle_connections_are_closed_after_the_handshake_timeout() -> None:
+    """No TLS, or TLS and no hello: closed once the handshake timeout is over (a slot comes back)."""
+    options = {1: {"handshake_timeout": 0.3}}
+    async with mesh([1], table_ids=[1, 2], options=options) as nets:
+        port = nets[1].listen_port
+        assert port is not None
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        stream, frames = await raw_anonymous(port)
+        closed = [0]
+        with trio.fail_after(5):
+            await _watch_closed(tcp, closed)
+            assert await closed_by_peer(frames)
+        await trio.aclose_forcefully(tcp)
+        await trio.aclose_forcefully(stream)
+        await eventually(lambda: len(nets[1].rejections) >= 2)
+        assert [r.reason for r in nets[1].rejections][-2:] == ["no TLS handshake and hello in time"] * 2
+        assert nets[1]._slots.pending == 0

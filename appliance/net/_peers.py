@@ -50,15 +50,24 @@ DoS bounds and rules: an unauthenticated connection never replaces an authentica
 connection of the same claimed id (it is refused with a rejection record), at most one
 unauthenticated incoming connection per claimed id is kept (a newer one replaces the older),
 at most ``max_unauthenticated`` (default n) exist at once, and an authenticated incoming
-connection closes the unauthenticated one of its id. Handshakes in progress are bounded by
-``max_pending_handshakes`` and every frame by ``max_frame_size``, as for authenticated ones;
-the hello, read before anyone is known, by :data:`~appliance.net._framing.MAX_HELLO_SIZE`
-(256 bytes): a longer one is refused from its length header, before it is buffered or
-decoded, and the connection closed with a rejection record.
-What an attacker gains from an unauthenticated connection is what it has anyway on the
-network: it may inject frames under a claimed id (the protocols verify the signatures and
-drop them), read frames sent to it (sealed or public anyway) and, by taking the one slot of
-an id, disturb delivery to a server that is itself only reachable unauthenticated.
+connection closes the unauthenticated one of its id. Every frame is bounded by
+``max_frame_size``, and the hello, read before anyone is known, by
+:data:`~appliance.net._framing.MAX_HELLO_SIZE` (256 bytes): a longer one is refused from its
+length header, before it is buffered or decoded, and the connection closed with a rejection
+record. Handshakes in progress (TCP accepted, TLS and hello not done; each closed after
+``handshake_timeout``) take slots: at most ``max_pending_handshakes`` (64) at once, at most
+``max_handshakes_per_source`` (4) from one source IP (times the number of peers configured
+at that IP, for servers sharing a host), and the peers' configured IPs keep
+``min(max_pending_handshakes // 2, max_handshakes_per_source * (n - 1))`` of the slots for
+themselves, which connections from any other IP cannot take. A connection beyond these is
+closed at once. So idle TCP connections from elsewhere, from any number of addresses, cannot
+keep a peer from connecting (one from a peer's own IP can: that needs the peer's host or its
+path, which the threat model gives the adversary anyway).
+What an attacker gains from an unauthenticated connection, from a peer's IP, is what it has
+anyway on the network: it may inject frames under that peer's id (the protocols verify the
+signatures and drop them), read the frames sent to that id while we cannot dial the peer
+ourselves (sealed or public anyway; see "Routing") and, by taking the one slot of an id,
+disturb delivery to a server that is itself only reachable unauthenticated.
 :meth:`PeerNetwork.is_authenticated`, :meth:`PeerNetwork.connections` and
 :class:`ConnectionInfo` tell which connections are authenticated.
 
@@ -281,6 +290,57 @@ class _Peer:
             n += 1
 
 
+class _HandshakeSlots:
+    """Bounds on handshakes in progress (TCP accepted, TLS and hello not yet done).
+
+    At most ``total`` at once; at most ``per_source`` from one source IP, times the number of
+    configured peers at that IP (servers sharing one host, as on loopback); and at most
+    ``total - reserved`` from IPs where no peer is configured, so that a flood from elsewhere
+    leaves ``reserved`` slots to the peers' addresses.
+    """
+
+    def __init__(self, total: int, per_source: int, reserved: int) -> None:
+        if total < 1 or per_source < 1 or not 0 <= reserved <= total:
+            raise ValueError(
+                f"bad handshake limits: total {total}, per source {per_source}, reserved {reserved}"
+            )
+        self.total = total
+        self.per_source = per_source
+        self.reserved = reserved
+        self.pending = 0
+        self.strangers = 0  # in progress from IPs where no peer is configured
+        self._by_source: dict[IPAddress | None, int] = {}
+
+    def take(self, source: IPAddress | None, peers_there: int) -> str | None:
+        """Claim a slot for a connection from ``source``; the reason when there is none."""
+        limit = self.per_source * max(1, peers_there)
+        if self._by_source.get(source, 0) >= limit:
+            return f"too many handshakes in progress from {source or 'an unknown address'} (at most {limit})"
+        if self.pending >= self.total:
+            return f"too many handshakes in progress (at most {self.total})"
+        if not peers_there and self.strangers >= self.total - self.reserved:
+            return (
+                f"too many handshakes in progress from addresses of no configured peer (at most "
+                f"{self.total - self.reserved}; {self.reserved} kept for the peers' addresses)"
+            )
+        self.pending += 1
+        if not peers_there:
+            self.strangers += 1
+        self._by_source[source] = self._by_source.get(source, 0) + 1
+        return None
+
+    def release(self, source: IPAddress | None, peers_there: int) -> None:
+        """Give back the slot :meth:`take` gave for ``source`` (same ``peers_there``)."""
+        self.pending -= 1
+        if not peers_there:
+            self.strangers -= 1
+        left = self._by_source[source] - 1
+        if left:
+            self._by_source[source] = left
+        else:
+            del self._by_source[source]
+
+
 def _describe(exc: BaseException) -> str:
     """A short reason for a transport failure (the TLS error when there is one)."""
     if isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError) and exc.__cause__ is not None:
@@ -362,6 +422,7 @@ class PeerNetwork:
         backoff_min: float = 0.05,
         backoff_max: float = 5.0,
         max_pending_handshakes: int = 64,
+        max_handshakes_per_source: int = 4,
         max_unauthenticated: int | None = None,
     ) -> None:
         if me not in addresses:
@@ -378,6 +439,7 @@ class PeerNetwork:
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
         self.max_pending_handshakes = max_pending_handshakes
+        self.max_handshakes_per_source = max_handshakes_per_source
         #: At most this many unauthenticated incoming connections at once (default: n).
         self.max_unauthenticated = len(addresses) if max_unauthenticated is None else max_unauthenticated
         self._host, self._port = addresses[me]
@@ -402,7 +464,10 @@ class PeerNetwork:
         self._conns: set[_Conn] = set()
         self._incoming_by_peer: dict[int, _Conn] = {}  # authenticated incoming connections
         self._unauthenticated_by_peer: dict[int, _Conn] = {}  # unauthenticated incoming ones
-        self._pending = 0
+        # The peers' addresses keep enough slots for each peer to hold its limit at once, up
+        # to half of them: a peer dials once at a time, so even half is ample.
+        reserved = min(max_pending_handshakes // 2, max_handshakes_per_source * len(self._peers))
+        self._slots = _HandshakeSlots(max_pending_handshakes, max_handshakes_per_source, reserved)
         self._rekeyed = trio.Event()
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -543,6 +608,7 @@ class PeerNetwork:
                 await nursery.start(trio.serve_listeners, self._handle_incoming, listeners)
                 for peer in self._peers.values():
                     nursery.start_soon(self._dial_loop, peer)
+                nursery.start_soon(self._resolve_names)
                 log.info(
                     "server %d: listening on %s:%d%s",
                     self.me,
@@ -912,10 +978,20 @@ class PeerNetwork:
     async def _handle_incoming(self, tcp: trio.SocketStream) -> None:
         address = _address(tcp)
         source = _source_ip(tcp)
-        if self._pending >= self.max_pending_handshakes:
-            log.warning("server %d: refused %s: too many handshakes in progress", self.me, address)
+        peers_there = 0 if source is None else sum(source in p.ips for p in self._peers.values())
+        refusal = self._slots.take(source, peers_there)
+        if refusal is not None:
+            log.warning("server %d: refused %s: %s", self.me, address, refusal)
             await trio.aclose_forcefully(tcp)
             return
+        held = True
+
+        def release_slot() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._slots.release(source, peers_there)
+
         creds = self._creds
         ctx = creds.server_ctx if creds is not None else self._anonymous_server_ctx
         assert ctx is not None
@@ -924,7 +1000,6 @@ class PeerNetwork:
         stream = trio.SSLStream(tcp, ctx, server_side=True)
         try:
             with conn.scope:
-                self._pending += 1
                 try:
                     with trio.fail_after(self.handshake_timeout):
                         frames = FrameStream(stream, self.max_frame_size)
@@ -952,7 +1027,7 @@ class PeerNetwork:
                     self._reject("incoming", address, None, f"before its hello: {_describe(exc)}")
                     return
                 finally:
-                    self._pending -= 1
+                    release_slot()
                 conn.server = server
                 conn.authenticated = authenticated
                 conn.info = _info(stream, server, hello.period, authenticated, "incoming")
@@ -967,6 +1042,7 @@ class PeerNetwork:
                 reason = await self._serve_conn(conn, frames, address)
                 log.info("server %d: connection from server %d ended: %s", self.me, server, reason)
         finally:
+            release_slot()
             self._conns.discard(conn)
             if conn.server is not None:
                 registry = self._incoming_by_peer if conn.authenticated else self._unauthenticated_by_peer
@@ -992,6 +1068,14 @@ class PeerNetwork:
         peer.ips = frozenset(ip for ip in found if ip is not None)
         peer.ips_expire = trio.current_time() + _RESOLVE_TTL
         return peer.ips
+
+    async def _resolve_names(self) -> None:
+        """Keep the addresses of peers configured by host name resolved (for the handshake slots)."""
+        named = [p for p in self._peers.values() if p.ips_expire != math.inf]
+        while named:
+            for peer in named:
+                await self._resolve(peer)
+            await trio.sleep(_RESOLVE_RETRY if any(not p.ips for p in named) else _RESOLVE_TTL)
 
     def _admit_unauthenticated(self, server: int, source: IPAddress | None) -> None:
         """Refuse an unauthenticated connection claiming ``server`` if the rules say so.
