@@ -1043,3 +1043,52 @@ async def test_idle_connections_are_closed_after_the_handshake_timeout() -> None
         await eventually(lambda: len(nets[1].rejections) >= 2)
         assert [r.reason for r in nets[1].rejections][-2:] == ["no TLS handshake and hello in time"] * 2
         assert nets[1]._slots.pending == 0
+
+
+def test_refusal_log_one_line_per_source_and_interval() -> None:
+    from appliance.net._peers import _RefusalLog
+
+    limiter = _RefusalLog(interval=10.0, max_sources=2)
+    assert limiter.admit("10.0.0.1", 0.0) == ("10.0.0.1", 0)
+    assert limiter.admit("10.0.0.1", 1.0) is None  # within its window: counted, not logged
+    assert limiter.admit("10.0.0.1", 9.9) is None
+    assert limiter.admit("10.0.0.2", 5.0) == ("10.0.0.2", 0)  # another source has its own window
+    assert limiter.admit("10.0.0.1", 10.0) == ("10.0.0.1", 2)  # next window: the count goes with it
+    # at the bound, new sources share one entry while the tracked ones are in their window
+    assert limiter.admit("10.0.0.3", 11.0) == ("other sources", 0)
+    assert limiter.admit("10.0.0.4", 12.0) is None
+    assert limiter.admit("10.0.0.1", 12.0) is None  # a tracked source keeps its own entry
+    # once the windows are over, tracked sources are forgotten and new ones get their own
+    assert limiter.admit("10.0.0.5", 40.0) == ("10.0.0.5", 0)
+
+
+async def test_refused_connections_are_logged_once_per_source(caplog: pytest.LogCaptureFixture) -> None:
+    """A flood of refused connections from one address gives one warning, not one per connection."""
+    addresses = addresses_for([1, 2])
+    addresses[3] = ("127.0.0.2", free_ports(1)[0])
+    options = {1: {"handshake_timeout": 60.0, "refusal_log_interval": 3600.0}}
+    async with mesh([1], table_ids=[1, 2, 3], addresses=addresses, options=options) as nets:
+        net = nets[1]
+        port = net.listen_port
+        assert port is not None
+        flood, closed = await _idle_flood(port, ["127.0.0.6"], 24)
+        async with trio.open_nursery() as nursery:
+            for tcp in flood:
+                nursery.start_soon(_watch_closed, tcp, closed)
+            await eventually(lambda: closed[0] == 20)
+            # two impostors from 127.0.0.1 claiming server 3: both in the rejections, one line
+            for _ in range(2):
+                stream, frames = await raw_anonymous(port)
+                await frames.send_frame(Hello(3, 0).encode())
+                assert await closed_by_peer(frames)
+                await trio.aclose_forcefully(stream)
+            nursery.cancel_scope.cancel()
+        for tcp in flood:
+            await trio.aclose_forcefully(tcp)
+        claims = [r for r in net.rejections if r.server == 3 and r.direction == "incoming"]
+        assert len(claims) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    from_6 = [m for m in warnings if "rejected connection from 127.0.0.6:" in m]
+    assert len(from_6) == 1 and "too many handshakes in progress from 127.0.0.6 (at most 4)" in from_6[0]
+    from_1 = [m for m in warnings if "rejected connection from server 3 at 127.0.0.1:" in m]
+    assert len(from_1) == 1 and "not server 3's configured address 127.0.0.2" in from_1[0]

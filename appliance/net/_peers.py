@@ -61,8 +61,12 @@ at that IP, for servers sharing a host), and the peers' configured IPs keep
 ``min(max_pending_handshakes // 2, max_handshakes_per_source * (n - 1))`` of the slots for
 themselves, which connections from any other IP cannot take. A connection beyond these is
 closed at once. So idle TCP connections from elsewhere, from any number of addresses, cannot
-keep a peer from connecting (one from a peer's own IP can: that needs the peer's host or its
-path, which the threat model gives the adversary anyway).
+keep a peer from connecting (ones from a peer's own IP can: that needs the peer's host or its
+path, which the threat model gives the adversary anyway). Refused incoming connections are
+logged at WARNING at most once per source IP and ``refusal_log_interval`` (10 s), with the
+number not logged since that source's last line (the others at DEBUG);
+:attr:`PeerNetwork.rejections` keeps every refusal after the TLS handshake began, but not the
+connections refused a slot, which a flood would churn.
 What an attacker gains from an unauthenticated connection, from a peer's IP, is what it has
 anyway on the network: it may inject frames under that peer's id (the protocols verify the
 signatures and drop them), read the frames sent to that id while we cannot dial the peer
@@ -341,6 +345,40 @@ class _HandshakeSlots:
             del self._by_source[source]
 
 
+class _RefusalLog:
+    """At most one log line per source per ``interval`` seconds for refused connections.
+
+    Sans-IO: :meth:`admit` is told the time. The refusals in between are counted, and the
+    count goes with the source's next line. At most ``max_sources`` sources are tracked: when
+    a new one comes and all are within their window, it shares one entry with every other
+    source beyond the bound (``"other sources"``), so an attacker with many addresses gets
+    one line per interval too. A source forgotten after its window loses its count.
+    """
+
+    OTHERS = "other sources"
+
+    def __init__(self, interval: float, max_sources: int = 1024) -> None:
+        self.interval = interval
+        self.max_sources = max_sources
+        self._entries: dict[str, tuple[float, int]] = {}  # source -> (window end, refusals not logged)
+
+    def admit(self, source: str, now: float) -> tuple[str, int] | None:
+        """None: do not log this refusal. Otherwise log it, for the source named, with the
+        number of its refusals that were not logged since its last line."""
+        entry = self._entries.get(source)
+        if entry is None and len(self._entries) >= self.max_sources:
+            self._entries = {k: e for k, e in self._entries.items() if now < e[0]}
+            if len(self._entries) >= self.max_sources:
+                source = self.OTHERS
+                entry = self._entries.get(source)
+        if entry is not None and now < entry[0]:
+            self._entries[source] = (entry[0], entry[1] + 1)
+            return None
+        suppressed = 0 if entry is None else entry[1]
+        self._entries[source] = (now + self.interval, 0)
+        return source, suppressed
+
+
 def _describe(exc: BaseException) -> str:
     """A short reason for a transport failure (the TLS error when there is one)."""
     if isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError) and exc.__cause__ is not None:
@@ -424,6 +462,7 @@ class PeerNetwork:
         max_pending_handshakes: int = 64,
         max_handshakes_per_source: int = 4,
         max_unauthenticated: int | None = None,
+        refusal_log_interval: float = 10.0,
     ) -> None:
         if me not in addresses:
             raise ValueError(f"server {me} has no address")
@@ -468,6 +507,8 @@ class PeerNetwork:
         # to half of them: a peer dials once at a time, so even half is ample.
         reserved = min(max_pending_handshakes // 2, max_handshakes_per_source * len(self._peers))
         self._slots = _HandshakeSlots(max_pending_handshakes, max_handshakes_per_source, reserved)
+        #: Refused incoming connections are logged once per source IP and this many seconds.
+        self._refusal_log = _RefusalLog(refusal_log_interval)
         self._rekeyed = trio.Event()
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -753,9 +794,24 @@ class PeerNetwork:
         self.rejections.append(Rejection(address, server, reason, direction))
         who = f"server {server} at {address}" if server is not None else address
         if direction == "incoming":
-            log.warning("server %d: rejected connection from %s: %s", self.me, who, reason)
-        else:
+            self._log_refused(address, who, reason)
+        else:  # our own dials: paced by the backoff
             log.warning("server %d: connection to %s rejected: %s", self.me, who, reason)
+
+    def _log_refused(self, address: str, who: str, reason: str) -> None:
+        """Log a refused incoming connection: one line per source IP and interval, the rest at DEBUG."""
+        source = address.rsplit(":", 1)[0] if ":" in address else address  # "host:port"
+        admitted = self._refusal_log.admit(source, trio.current_time())
+        if admitted is None:
+            log.debug("server %d: rejected connection from %s: %s", self.me, who, reason)
+            return
+        key, suppressed = admitted
+        more = (
+            f" ({suppressed} more from {key} since its last line, not logged at this level)"
+            if suppressed
+            else ""
+        )
+        log.warning("server %d: rejected connection from %s: %s%s", self.me, who, reason, more)
 
     def _fall_back(self, peer: _Peer, address: str, reason: str, rejected: bool) -> None:
         """Our authenticated dial to ``peer`` failed to authenticate: say so before going anonymous."""
@@ -981,7 +1037,7 @@ class PeerNetwork:
         peers_there = 0 if source is None else sum(source in p.ips for p in self._peers.values())
         refusal = self._slots.take(source, peers_there)
         if refusal is not None:
-            log.warning("server %d: refused %s: %s", self.me, address, refusal)
+            self._log_refused(address, address, refusal)  # not in rejections: a flood would churn them
             await trio.aclose_forcefully(tcp)
             return
         held = True
