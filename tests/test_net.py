@@ -1092,3 +1092,24 @@ async def test_refused_connections_are_logged_once_per_source(caplog: pytest.Log
     assert len(from_6) == 1 and "too many handshakes in progress from 127.0.0.6 (at most 4)" in from_6[0]
     from_1 = [m for m in warnings if "rejected connection from server 3 at 127.0.0.1:" in m]
     assert len(from_1) == 1 and "not server 3's configured address 127.0.0.2" in from_1[0]
+
+
+async def test_peer_configured_by_host_name_is_resolved_for_admission() -> None:
+    addresses = addresses_for([1])
+    addresses[3] = ("localhost", free_ports(1)[0])
+    async with mesh([1], table_ids=[1, 3], addresses=addresses) as nets:
+        port = nets[1].listen_port
+        assert port is not None
+        stream, frames = await raw_anonymous(port, local="127.0.0.2")  # not localhost's IP
+        await frames.send_frame(Hello(3, 0).encode())
+        assert await closed_by_peer(frames)
+        await trio.aclose_forcefully(stream)
+        rejection = nets[1].rejections[-1]
+        assert rejection.server == 3 and rejection.address.startswith("127.0.0.2:")
+        assert "from 127.0.0.2, which is not server 3's configured address localhost (" in rejection.reason
+        assert "127.0.0.1" in rejection.reason  # what the name resolved to
+        stream, frames = await raw_anonymous(port)  # from 127.0.0.1: localhost
+        await frames.send_frame(Hello(3, 0).encode())
+        assert await frames.receive_frame() is not None
+        await eventually(lambda: 3 in nets[1].unauthenticated_peers())
+        await trio.aclose_forcefully(stream)

@@ -435,12 +435,13 @@ _TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError
 class PeerNetwork:
     """Encrypted frame delivery between server ``me`` and its peers, authenticated when it can be.
 
-    ``addresses`` maps every server id (ours included) to (host, port); ``keys`` maps server
-    ids to their period Ed25519 public keys (the KeyTable's ``verify_key``); ``seed`` is our
-    period signing seed. Without ``period``, ``keys`` and ``seed`` (all None) the network is
-    *recovering*: every connection is unauthenticated until :meth:`rekey`. Use
-    ``async with PeerNetwork(...) as net``, or ``await nursery.start(net.run)`` and later
-    :meth:`aclose`.
+    ``addresses`` maps every server id (ours included) to (host, port): where we dial a peer,
+    and the IP its unauthenticated connections must come from; ours is where we listen, and
+    the IP we dial from when it is a specific one. ``keys`` maps server ids to their period
+    Ed25519 public keys (the KeyTable's ``verify_key``); ``seed`` is our period signing seed.
+    Without ``period``, ``keys`` and ``seed`` (all None) the network is *recovering*: every
+    connection is unauthenticated until :meth:`rekey`. Use ``async with PeerNetwork(...) as
+    net``, or ``await nursery.start(net.run)`` and later :meth:`aclose`.
     """
 
     def __init__(
