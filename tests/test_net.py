@@ -14,7 +14,7 @@ import ssl
 import weakref
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from typing import Any
 
 import pytest
@@ -37,6 +37,7 @@ from appliance.net import (
     PeerNetwork,
     PeerState,
     anonymous_client_context,
+    anonymous_server_context,
     certificate_period,
     channel_identity,
     check_peer,
@@ -124,8 +125,11 @@ async def mesh(
         yield nets
 
 
-async def raw_anonymous(port: int) -> tuple[trio.SSLStream[trio.SocketStream], FrameStream]:
-    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+async def raw_anonymous(
+    port: int, local: str | None = None
+) -> tuple[trio.SSLStream[trio.SocketStream], FrameStream]:
+    """An unauthenticated client of 127.0.0.1:``port``, from the loopback address ``local`` if given."""
+    tcp = await trio.open_tcp_stream("127.0.0.1", port, local_address=local)
     stream = trio.SSLStream(tcp, anonymous_client_context(), server_hostname="server-1.pst")
     await stream.do_handshake()
     return stream, FrameStream(stream)
@@ -218,6 +222,18 @@ def test_decoder_roundtrip_any_split(payloads: list[bytes], cuts: list[int]) -> 
         k += 1
     dec.eof()
     assert out == payloads
+
+
+def test_decoder_limit_next_bounds_one_frame_only() -> None:
+    dec = FrameDecoder(max_frame_size=1000)
+    dec.limit_next(8, "hello frame")
+    wire = encode_frame(b"hi") + encode_frame(b"y" * 500)  # a small hello, then a larger frame
+    assert dec.feed(wire) == [b"hi", b"y" * 500]
+    dec.limit_next(8, "hello frame")
+    with pytest.raises(FramingError, match="hello frame length 9 exceeds the limit of 8 bytes"):
+        dec.feed((9).to_bytes(4, "big"))  # refused from the header alone
+    with pytest.raises(ValueError, match="limit must be in"):
+        FrameDecoder(max_frame_size=4).limit_next(5)
 
 
 def test_hello_roundtrip_and_errors() -> None:
@@ -490,6 +506,41 @@ async def test_garbage_before_hello_is_rejected() -> None:
         assert any("bad hello" in r for r in reasons), reasons
         assert any("exceeds the limit" in r for r in reasons), reasons
         assert 3 not in nets[1].incoming_peers()
+        assert nets[1].incoming_peers() == {2}
+
+
+async def test_oversized_hello_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hello is read with a 256-byte bound: a 4 KiB one is refused from its header."""
+    decoded: list[int] = []
+    real_decode = Hello.decode
+
+    def spy(data: bytes) -> Hello:
+        decoded.append(len(data))
+        return real_decode(data)
+
+    monkeypatch.setattr(Hello, "decode", staticmethod(spy))
+    keys = key_table([1, 2, 3], 0)
+    async with mesh([1, 2], table_ids=[1, 2, 3]) as nets:
+        with trio.fail_after(5):
+            await nets[1].wait_connected([2])
+        port = nets[1].listen_port
+        assert port is not None
+        big = b"\xa4" + b"x" * 4095  # 4 KiB that would start a CBOR map: never looked at
+        # unauthenticated, the whole 4 KiB frame sent
+        stream, frames = await raw_anonymous(port)
+        await frames.send_frame(big)
+        assert await closed_by_peer(frames)
+        await trio.aclose_forcefully(stream)
+        # authenticated, only the header and 100 bytes sent: the server does not wait for the rest
+        stream, frames = await raw_tls(port, 3, 0, seed_of(3, 0), keys)
+        await stream.send_all((4096).to_bytes(4, "big") + big[:100])
+        assert await closed_by_peer(frames)
+        await trio.aclose_forcefully(stream)
+        await eventually(lambda: len(nets[1].rejections) >= 2)
+        for rejection in list(nets[1].rejections)[-2:]:
+            assert rejection.direction == "incoming" and rejection.server is None
+            assert rejection.reason == "bad hello: hello frame length 4096 exceeds the limit of 256 bytes"
+        assert decoded and max(decoded) <= 256  # only the peers' real hellos were decoded
         assert nets[1].incoming_peers() == {2}
 
 
@@ -803,3 +854,262 @@ async def test_unauthenticated_rules_and_replies() -> None:
         await eventually(lambda: nets[1].unauthenticated_peers() == frozenset())
         nets[1].send(3, b"nobody there")  # 3's connection is gone and our dial fails: dropped
         await eventually(lambda: nets[1].dropped(3) >= 1)
+
+
+async def test_unauthenticated_hello_only_from_the_claimed_servers_address() -> None:
+    """An impostor cannot take a server's id unless it speaks from that server's configured IP."""
+    addresses = addresses_for([1, 2])
+    addresses[3] = ("127.0.0.2", free_ports(1)[0])  # server 3 lives at another loopback address
+    inbox = Inbox()
+    async with mesh([1, 2], table_ids=[1, 2, 3], inbox=inbox, addresses=addresses) as nets:
+        with trio.fail_after(5):
+            await nets[1].wait_connected([2])
+        port = nets[1].listen_port
+        assert port is not None
+        # server 3 is down; an impostor at 127.0.0.1 claims its id: refused, naming both
+        stream, frames = await raw_anonymous(port)
+        await frames.send_frame(Hello(3, 0).encode())
+        assert await closed_by_peer(frames)
+        await trio.aclose_forcefully(stream)
+        rejection = next(r for r in reversed(nets[1].rejections) if r.direction == "incoming")
+        assert rejection.server == 3 and rejection.address.startswith("127.0.0.1:")
+        assert rejection.reason == (
+            "unauthenticated hello claiming server 3 from 127.0.0.1, "
+            "which is not server 3's configured address 127.0.0.2"
+        )
+        assert nets[1].unauthenticated_peers() == frozenset()
+        # the rule compares IPs, not ports: from 127.0.0.2 (any port) the claim is admitted, flagged
+        stream, frames = await raw_anonymous(port, local="127.0.0.2")
+        await frames.send_frame(Hello(3, 0).encode())
+        answer = await frames.receive_frame()
+        assert answer is not None and Hello.decode(answer) == Hello(1, 0)
+        await frames.send_frame(b"from 3's address")
+        await eventually(lambda: (3, b"from 3's address") in inbox.got[1])
+        assert nets[1].unauthenticated_peers() == {3} and not nets[1].is_authenticated(3)
+        await trio.aclose_forcefully(stream)
+        await eventually(lambda: nets[1].unauthenticated_peers() == frozenset())
+        # the real server 3, recovering (no keys), dials from the address it listens on: admitted
+        async with PeerNetwork(3, addresses, on_frame=inbox.handler(3), **FAST) as lost:
+            with trio.fail_after(5):
+                await lost.wait_reachable()
+            lost.send(EVERYONE, b"3 is back")
+            nets[2].send(3, b"welcome")
+            await eventually(
+                lambda: (
+                    all((3, b"3 is back") in inbox.got[i] for i in nets) and (2, b"welcome") in inbox.got[3]
+                )
+            )
+
+            def admitted(net: PeerNetwork) -> bool:  # 3's own connection, from 127.0.0.2
+                return any(c.direction == "incoming" for c in net.connections(3))
+
+            await eventually(lambda: all(admitted(net) for net in nets.values()))
+            assert all(not r.reason.startswith("unauthenticated hello") for r in nets[2].rejections)
+
+
+async def test_routing_prefers_our_outgoing_connection_over_an_unauthenticated_incoming_one() -> None:
+    """Frames to a peer we reach ourselves never go to whoever claims its id on a connection to us."""
+    addresses = addresses_for([1, 4])
+    got_by_4: list[bytes] = []
+
+    async def recovering_4(tcp: trio.SocketStream) -> None:  # server 4 without keys, as the wire sees it
+        stream = trio.SSLStream(tcp, anonymous_server_context(4), server_side=True)
+        frames = FrameStream(stream)
+        try:
+            assert await frames.receive_frame() is not None  # the dialer's hello
+            await frames.send_frame(Hello(4, 0).encode())
+            while (frame := await frames.receive_frame()) is not None:
+                got_by_4.append(frame)
+        except (trio.BrokenResourceError, FramingError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as nursery:
+        server_4 = trio.CancelScope()
+
+        async def serve_4(task_status: trio.TaskStatus[Any]) -> None:
+            with server_4:
+                await trio.serve_tcp(recovering_4, addresses[4][1], host="127.0.0.1", task_status=task_status)
+
+        await nursery.start(serve_4)
+        async with mesh([1], table_ids=[1, 4], addresses=addresses) as nets:
+            net = nets[1]
+            port = net.listen_port
+            assert port is not None
+            await eventually(lambda: net.state(4) is PeerState.ANONYMOUS)  # our own, unauthenticated
+            # an impostor at server 4's IP claims 4 on a connection to us: admitted, flagged
+            stream, frames = await raw_anonymous(port)
+            await frames.send_frame(Hello(4, 0).encode())
+            assert await frames.receive_frame() is not None
+            await eventually(lambda: any(c.direction == "incoming" for c in net.connections(4)))
+            net.send(4, b"for server 4")
+            await eventually(lambda: got_by_4 == [b"for server 4"])  # over our outgoing connection
+            # server 4 goes away and our dial fails: now the incoming connection is the only route
+            server_4.cancel()
+            await eventually(lambda: net.state(4) is PeerState.DOWN)
+            net.send(4, b"no other way")
+            with trio.fail_after(5):
+                assert await frames.receive_frame() == b"no other way"  # the first frame it ever got
+            await trio.aclose_forcefully(stream)
+        nursery.cancel_scope.cancel()
+
+
+async def _idle_flood(
+    port: int, sources: Iterable[str], per_source: int
+) -> tuple[list[trio.SocketStream], list[int]]:
+    """Open ``per_source`` idle TCP connections (no TLS) from each loopback address in ``sources``.
+
+    Returns them and a one-element counter of those the server has closed so far (watched by
+    tasks in the caller's nursery, see :func:`_watch_closed`).
+    """
+    flood = []
+    for source in sources:
+        for _ in range(per_source):
+            flood.append(await trio.open_tcp_stream("127.0.0.1", port, local_address=source))
+    return flood, [0]
+
+
+async def _watch_closed(tcp: trio.SocketStream, closed: list[int]) -> None:
+    with suppress(trio.BrokenResourceError):
+        while await tcp.receive_some(1024):
+            pass
+    closed[0] += 1
+
+
+async def test_idle_flood_from_one_source_does_not_lock_out_a_peer() -> None:
+    """64 idle TCP connections from one address take 4 handshake slots, not all 64."""
+    addresses = addresses_for([1, 2])
+    options = {1: {"handshake_timeout": 60.0}}  # the flood is not timed out during the test
+    async with mesh([1], table_ids=[1, 2], addresses=addresses, options=options) as nets:
+        net = nets[1]
+        port = net.listen_port
+        assert port is not None
+        flood, closed = await _idle_flood(port, ["127.0.0.5"], 64)
+        async with trio.open_nursery() as nursery:
+            for tcp in flood:
+                nursery.start_soon(_watch_closed, tcp, closed)
+            await eventually(lambda: closed[0] == 60)  # beyond 4 from one source: closed at once
+            # server 2 (re)starts while the 4 others still wait: it connects both ways
+            keys = key_table([1, 2], 0)
+            async with PeerNetwork(2, addresses, 0, keys, seed_of(2, 0), **FAST) as late:
+                with trio.fail_after(5):
+                    await late.wait_connected()
+                    await net.wait_connected()
+            assert closed[0] == 60  # the 4 admitted ones are still open (idle, within the timeout)
+            nursery.cancel_scope.cancel()
+        for tcp in flood:
+            await trio.aclose_forcefully(tcp)
+
+
+async def test_idle_flood_from_many_sources_leaves_the_peers_their_slots() -> None:
+    """Handshake slots are kept for the configured peers' addresses."""
+    addresses = addresses_for([1, 2])
+    options = {1: {"handshake_timeout": 60.0}}
+    async with mesh([1], table_ids=[1, 2], addresses=addresses, options=options) as nets:
+        net = nets[1]
+        port = net.listen_port
+        assert port is not None
+        # 16 addresses, 4 connections each (within the per-source limit): 64, the global limit
+        flood, closed = await _idle_flood(port, [f"127.0.1.{k}" for k in range(1, 17)], 4)
+        async with trio.open_nursery() as nursery:
+            for tcp in flood:
+                nursery.start_soon(_watch_closed, tcp, closed)
+            await eventually(lambda: closed[0] == 4)  # 60 taken by strangers, 4 kept for server 2
+            keys = key_table([1, 2], 0)
+            async with PeerNetwork(2, addresses, 0, keys, seed_of(2, 0), **FAST) as late:
+                with trio.fail_after(5):
+                    await late.wait_connected()
+                    await net.wait_connected()
+            nursery.cancel_scope.cancel()
+        for tcp in flood:
+            await trio.aclose_forcefully(tcp)
+
+
+async def test_idle_connections_are_closed_after_the_handshake_timeout() -> None:
+    """No TLS, or TLS and no hello: closed once the handshake timeout is over (a slot comes back)."""
+    options = {1: {"handshake_timeout": 0.3}}
+    async with mesh([1], table_ids=[1, 2], options=options) as nets:
+        port = nets[1].listen_port
+        assert port is not None
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        stream, frames = await raw_anonymous(port)
+        closed = [0]
+        with trio.fail_after(5):
+            await _watch_closed(tcp, closed)
+            assert await closed_by_peer(frames)
+        await trio.aclose_forcefully(tcp)
+        await trio.aclose_forcefully(stream)
+        await eventually(lambda: len(nets[1].rejections) >= 2)
+        assert [r.reason for r in nets[1].rejections][-2:] == ["no TLS handshake and hello in time"] * 2
+        assert nets[1]._slots.pending == 0
+
+
+def test_refusal_log_one_line_per_source_and_interval() -> None:
+    from appliance.net._peers import _RefusalLog
+
+    limiter = _RefusalLog(interval=10.0, max_sources=2)
+    assert limiter.admit("10.0.0.1", 0.0) == ("10.0.0.1", 0)
+    assert limiter.admit("10.0.0.1", 1.0) is None  # within its window: counted, not logged
+    assert limiter.admit("10.0.0.1", 9.9) is None
+    assert limiter.admit("10.0.0.2", 5.0) == ("10.0.0.2", 0)  # another source has its own window
+    assert limiter.admit("10.0.0.1", 10.0) == ("10.0.0.1", 2)  # next window: the count goes with it
+    # at the bound, new sources share one entry while the tracked ones are in their window
+    assert limiter.admit("10.0.0.3", 11.0) == ("other sources", 0)
+    assert limiter.admit("10.0.0.4", 12.0) is None
+    assert limiter.admit("10.0.0.1", 12.0) is None  # a tracked source keeps its own entry
+    # once the windows are over, tracked sources are forgotten and new ones get their own
+    assert limiter.admit("10.0.0.5", 40.0) == ("10.0.0.5", 0)
+
+
+async def test_refused_connections_are_logged_once_per_source(caplog: pytest.LogCaptureFixture) -> None:
+    """A flood of refused connections from one address gives one warning, not one per connection."""
+    addresses = addresses_for([1, 2])
+    addresses[3] = ("127.0.0.2", free_ports(1)[0])
+    options = {1: {"handshake_timeout": 60.0, "refusal_log_interval": 3600.0}}
+    async with mesh([1], table_ids=[1, 2, 3], addresses=addresses, options=options) as nets:
+        net = nets[1]
+        port = net.listen_port
+        assert port is not None
+        flood, closed = await _idle_flood(port, ["127.0.0.6"], 24)
+        async with trio.open_nursery() as nursery:
+            for tcp in flood:
+                nursery.start_soon(_watch_closed, tcp, closed)
+            await eventually(lambda: closed[0] == 20)
+            # two impostors from 127.0.0.1 claiming server 3: both in the rejections, one line
+            for _ in range(2):
+                stream, frames = await raw_anonymous(port)
+                await frames.send_frame(Hello(3, 0).encode())
+                assert await closed_by_peer(frames)
+                await trio.aclose_forcefully(stream)
+            nursery.cancel_scope.cancel()
+        for tcp in flood:
+            await trio.aclose_forcefully(tcp)
+        claims = [r for r in net.rejections if r.server == 3 and r.direction == "incoming"]
+        assert len(claims) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    from_6 = [m for m in warnings if "rejected connection from 127.0.0.6:" in m]
+    assert len(from_6) == 1 and "too many handshakes in progress from 127.0.0.6 (at most 4)" in from_6[0]
+    from_1 = [m for m in warnings if "rejected connection from server 3 at 127.0.0.1:" in m]
+    assert len(from_1) == 1 and "not server 3's configured address 127.0.0.2" in from_1[0]
+
+
+async def test_peer_configured_by_host_name_is_resolved_for_admission() -> None:
+    addresses = addresses_for([1])
+    addresses[3] = ("localhost", free_ports(1)[0])
+    async with mesh([1], table_ids=[1, 3], addresses=addresses) as nets:
+        port = nets[1].listen_port
+        assert port is not None
+        stream, frames = await raw_anonymous(port, local="127.0.0.2")  # not localhost's IP
+        await frames.send_frame(Hello(3, 0).encode())
+        assert await closed_by_peer(frames)
+        await trio.aclose_forcefully(stream)
+        rejection = nets[1].rejections[-1]
+        assert rejection.server == 3 and rejection.address.startswith("127.0.0.2:")
+        assert "from 127.0.0.2, which is not server 3's configured address localhost (" in rejection.reason
+        assert "127.0.0.1" in rejection.reason  # what the name resolved to
+        stream, frames = await raw_anonymous(port)  # from 127.0.0.1: localhost
+        await frames.send_frame(Hello(3, 0).encode())
+        assert await frames.receive_frame() is not None
+        await eventually(lambda: 3 in nets[1].unauthenticated_peers())
+        await trio.aclose_forcefully(stream)

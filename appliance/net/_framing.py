@@ -4,7 +4,10 @@ Theory of operation: a connection carries a sequence of frames, each a 4-byte bi
 length followed by that many payload bytes. :class:`FrameDecoder` is sans-IO: feed it
 whatever chunks the transport delivered and it returns the frames they complete; it refuses
 a length above its maximum as soon as the 4 header bytes arrive (before buffering any of the
-payload), and :meth:`FrameDecoder.eof` refuses a stream that ends inside a frame. Every
+payload), and :meth:`FrameDecoder.eof` refuses a stream that ends inside a frame. The next
+frame alone can be held to a smaller bound (:meth:`FrameDecoder.limit_next`,
+``FrameStream.receive_frame(max_size=...)``): the hello is read with :data:`MAX_HELLO_SIZE`,
+so a peer that has not yet said who it is can make us buffer at most one receive chunk. Every
 problem is a :class:`FramingError` whose message names it, so a fuzzer can check that
 arbitrary input only ever yields frames or that one exception.
 
@@ -56,6 +59,13 @@ class FrameDecoder:
         self.max_frame_size = max_frame_size
         self._buffer = bytearray()
         self._failed: FramingError | None = None
+        self._next_limit: tuple[int, str] | None = None
+
+    def limit_next(self, limit: int, what: str = "frame") -> None:
+        """Hold the next frame (only that one) to ``limit`` bytes; ``what`` names it in the error."""
+        if not 0 <= limit <= self.max_frame_size:
+            raise ValueError(f"limit must be in [0, {self.max_frame_size}], got {limit}")
+        self._next_limit = (limit, what)
 
     @property
     def buffered(self) -> int:
@@ -72,16 +82,16 @@ class FrameDecoder:
         start = 0
         while len(buf) - start >= HEADER_SIZE:
             length = int.from_bytes(buf[start : start + HEADER_SIZE], "big")
-            if length > self.max_frame_size:
-                self._failed = FramingError(
-                    f"frame length {length} exceeds the limit of {self.max_frame_size} bytes"
-                )
+            limit, what = self._next_limit or (self.max_frame_size, "frame")
+            if length > limit:
+                self._failed = FramingError(f"{what} length {length} exceeds the limit of {limit} bytes")
                 del buf[:]
                 raise self._failed
             end = start + HEADER_SIZE + length
             if len(buf) < end:
                 break
             frames.append(bytes(buf[start + HEADER_SIZE : end]))
+            self._next_limit = None
             start = end
         if start:
             del buf[:start]
@@ -118,8 +128,20 @@ class FrameStream:
         """Several frames in one write (one system call, one TLS record when they fit)."""
         await self.stream.send_all(b"".join(encode_frame(p, self.max_frame_size) for p in payloads))
 
-    async def receive_frame(self) -> bytes | None:
-        """The next frame, or None on a clean EOF; FramingError on a bad stream."""
+    async def receive_frame(self, max_size: int | None = None, what: str = "frame") -> bytes | None:
+        """The next frame, or None on a clean EOF; FramingError on a bad stream.
+
+        With ``max_size``, a longer frame is refused as soon as its header arrives (``what``
+        names it in the error); the bound applies to this frame only.
+        """
+        if max_size is not None:
+            if self._ready:  # already complete: it was held to the stream's bound only
+                if len(self._ready[0]) > max_size:
+                    raise FramingError(
+                        f"{what} length {len(self._ready[0])} exceeds the limit of {max_size} bytes"
+                    )
+            else:
+                self._decoder.limit_next(min(max_size, self.max_frame_size), what)
         while not self._ready:
             if self._eof:
                 return None

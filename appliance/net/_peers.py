@@ -36,32 +36,64 @@ So the transport also carries frames over *unauthenticated* connections, and say
 * The acceptor requests a client certificate with ``CERT_OPTIONAL``: a certificate that is
   presented must verify as before (or the handshake fails), but a client presenting none is
   admitted *unauthenticated* after its hello, which names the server it claims to be (its
-  period is not checked). Its frames are delivered with that claimed id.
+  period is not checked), **only if the connection comes from that server's configured
+  address**: its source IP must be the IP of the claimed id's entry in ``addresses`` (a host
+  name is resolved, again after a minute; the port is the dialer's ephemeral one and is not
+  compared, so servers sharing one IP, as on loopback, cannot be told apart by it). A claim
+  from any other IP is refused with a rejection record naming the source and the claimed
+  id. Its frames are delivered with that claimed id. So that peers see us at our configured
+  address, we dial from the IP we listen on when that is a specific IP (not a wildcard or a
+  name); a server whose connections reach its peers from another IP (a NAT that rewrites
+  them, a second interface) can still connect authenticated, but not unauthenticated.
 
 DoS bounds and rules: an unauthenticated connection never replaces an authenticated incoming
 connection of the same claimed id (it is refused with a rejection record), at most one
 unauthenticated incoming connection per claimed id is kept (a newer one replaces the older),
 at most ``max_unauthenticated`` (default n) exist at once, and an authenticated incoming
-connection closes the unauthenticated one of its id. Handshakes in progress are bounded by
-``max_pending_handshakes`` and every frame by ``max_frame_size``, as for authenticated ones.
-What an attacker gains from an unauthenticated connection is what it has anyway on the
-network: it may inject frames under a claimed id (the protocols verify the signatures and
-drop them), read frames sent to it (sealed or public anyway) and, by taking the one slot of
-an id, disturb delivery to a server that is itself only reachable unauthenticated.
+connection closes the unauthenticated one of its id. Every frame is bounded by
+``max_frame_size``, and the hello, read before anyone is known, by
+:data:`~appliance.net._framing.MAX_HELLO_SIZE` (256 bytes): a longer one is refused from its
+length header, before it is buffered or decoded, and the connection closed with a rejection
+record. Handshakes in progress (TCP accepted, TLS and hello not done; each closed after
+``handshake_timeout``) take slots: at most ``max_pending_handshakes`` (64) at once, at most
+``max_handshakes_per_source`` (4) from one source IP (times the number of peers configured
+at that IP, for servers sharing a host), and the peers' configured IPs keep
+``min(max_pending_handshakes // 2, max_handshakes_per_source * (n - 1))`` of the slots for
+themselves, which connections from any other IP cannot take. A connection beyond these is
+closed at once. So idle TCP connections from elsewhere, from any number of addresses, cannot
+keep a peer from connecting (ones from a peer's own IP can: that needs the peer's host or its
+path, which the threat model gives the adversary anyway). Refused incoming connections are
+logged at WARNING at most once per source IP and ``refusal_log_interval`` (10 s), with the
+number not logged since that source's last line (the others at DEBUG);
+:attr:`PeerNetwork.rejections` keeps every refusal after the TLS handshake began, but not the
+connections refused a slot, which a flood would churn.
+What an attacker gains from an unauthenticated connection, from a peer's IP, is what it has
+anyway on the network: it may inject frames under that peer's id (the protocols verify the
+signatures and drop them), read the frames sent to that id while we cannot dial the peer
+ourselves (sealed or public anyway; see "Routing") and, by taking the one slot of an id,
+disturb delivery to a server that is itself only reachable unauthenticated.
 :meth:`PeerNetwork.is_authenticated`, :meth:`PeerNetwork.connections` and
 :class:`ConnectionInfo` tell which connections are authenticated.
 
 Routing. :meth:`PeerNetwork.send` puts the frame in the peer's bounded queue; it is drained
-over our outgoing connection to the peer when that is up and authenticated, otherwise over
-the peer's incoming connection to us if there is one (authenticated first, so connections
-can carry frames both ways and each side reads frames on the connections it opened too),
-otherwise over our unauthenticated outgoing connection. Frames are dropped with a logged
-reason when no connection exists and the last attempt failed, or the queue is full (the
-protocols tolerate the loss of faulty servers' messages). When the route changes, frames in
-flight on the old connection may arrive after later ones sent on the new one. Received frames
-go to the ``on_frame`` callback, or else to :attr:`PeerNetwork.incoming` as
-``(peer_id, payload)``; delivery is awaited, so a slow consumer slows the senders down
-through TCP instead of growing memory.
+over the first of these that is open:
+
+1. our outgoing connection to the peer, when it is authenticated;
+2. the peer's authenticated incoming connection to us (it proved the peer's key as well as
+   ours would; connections carry frames both ways and each side reads frames on the
+   connections it opened too);
+3. our unauthenticated outgoing connection (it reaches the peer's configured address);
+4. the peer's unauthenticated incoming connection, and only while our own dial to the peer
+   is ``DOWN`` (its last attempt failed): all that proves is the source IP, so it is the
+   route only when nothing else exists. While our dial is still in progress (``CONNECTING``,
+   e.g. right after a rekey) frames wait in the queue for it instead.
+
+Frames are dropped with a logged reason when no route exists and the last attempt failed, or
+the queue is full (the protocols tolerate the loss of faulty servers' messages). When the
+route changes, frames in flight on the old connection may arrive after later ones sent on the
+new one. Received frames go to the ``on_frame`` callback, or else to
+:attr:`PeerNetwork.incoming` as ``(peer_id, payload)``; delivery is awaited, so a slow
+consumer slows the senders down through TCP instead of growing memory.
 
 :meth:`PeerNetwork.rekey` installs the next period's credentials (a recovering network thus
 becomes a normal one), forgets the previous ones, closes every connection (all were made
@@ -74,8 +106,11 @@ Every task runs in a nursery the object owns inside :meth:`PeerNetwork.run`
 from __future__ import annotations
 
 import enum
+import ipaddress
 import logging
+import math
 import random
+import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -89,6 +124,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.net._framing import (
     DEFAULT_MAX_FRAME_SIZE,
+    MAX_HELLO_SIZE,
     FrameStream,
     FramingError,
     Hello,
@@ -116,6 +152,10 @@ _MAX_BATCH_FRAMES = 64
 _MAX_BATCH_BYTES = 256 * 1024
 
 FrameHandler = Callable[[int, bytes], Awaitable[None]]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: A peer configured by host name is resolved again after this long (a failed lookup sooner).
+_RESOLVE_TTL = 60.0
+_RESOLVE_RETRY = 5.0
 
 _UPGRADING = "closed to retry with authentication"
 
@@ -227,9 +267,22 @@ class _Peer:
     dropped: int = 0
     drop_warned: bool = False
     fallback_reason: str | None = None  # why we last fell back to an anonymous dial (warned)
+    #: The IP addresses of the configured host (a literal: itself, for good; a name: resolved).
+    ips: frozenset[IPAddress] = frozenset()
+    ips_expire: float = -math.inf
 
     def __post_init__(self) -> None:
         self.queue_in, self.queue_out = trio.open_memory_channel[bytes](self.queue_size)
+        literal = _ip(self.host)
+        if literal is not None:
+            self.ips, self.ips_expire = frozenset({literal}), math.inf
+
+    def describe_address(self) -> str:
+        """The configured host, with what it resolved to when it is a name."""
+        if self.ips_expire == math.inf:
+            return self.host
+        resolved = ", ".join(sorted(str(ip) for ip in self.ips)) or "unresolved"
+        return f"{self.host} ({resolved})"
 
     def flush(self) -> int:
         n = 0
@@ -239,6 +292,91 @@ class _Peer:
             except trio.WouldBlock:
                 return n
             n += 1
+
+
+class _HandshakeSlots:
+    """Bounds on handshakes in progress (TCP accepted, TLS and hello not yet done).
+
+    At most ``total`` at once; at most ``per_source`` from one source IP, times the number of
+    configured peers at that IP (servers sharing one host, as on loopback); and at most
+    ``total - reserved`` from IPs where no peer is configured, so that a flood from elsewhere
+    leaves ``reserved`` slots to the peers' addresses.
+    """
+
+    def __init__(self, total: int, per_source: int, reserved: int) -> None:
+        if total < 1 or per_source < 1 or not 0 <= reserved <= total:
+            raise ValueError(
+                f"bad handshake limits: total {total}, per source {per_source}, reserved {reserved}"
+            )
+        self.total = total
+        self.per_source = per_source
+        self.reserved = reserved
+        self.pending = 0
+        self.strangers = 0  # in progress from IPs where no peer is configured
+        self._by_source: dict[IPAddress | None, int] = {}
+
+    def take(self, source: IPAddress | None, peers_there: int) -> str | None:
+        """Claim a slot for a connection from ``source``; the reason when there is none."""
+        limit = self.per_source * max(1, peers_there)
+        if self._by_source.get(source, 0) >= limit:
+            return f"too many handshakes in progress from {source or 'an unknown address'} (at most {limit})"
+        if self.pending >= self.total:
+            return f"too many handshakes in progress (at most {self.total})"
+        if not peers_there and self.strangers >= self.total - self.reserved:
+            return (
+                f"too many handshakes in progress from addresses of no configured peer (at most "
+                f"{self.total - self.reserved}; {self.reserved} kept for the peers' addresses)"
+            )
+        self.pending += 1
+        if not peers_there:
+            self.strangers += 1
+        self._by_source[source] = self._by_source.get(source, 0) + 1
+        return None
+
+    def release(self, source: IPAddress | None, peers_there: int) -> None:
+        """Give back the slot :meth:`take` gave for ``source`` (same ``peers_there``)."""
+        self.pending -= 1
+        if not peers_there:
+            self.strangers -= 1
+        left = self._by_source[source] - 1
+        if left:
+            self._by_source[source] = left
+        else:
+            del self._by_source[source]
+
+
+class _RefusalLog:
+    """At most one log line per source per ``interval`` seconds for refused connections.
+
+    Sans-IO: :meth:`admit` is told the time. The refusals in between are counted, and the
+    count goes with the source's next line. At most ``max_sources`` sources are tracked: when
+    a new one comes and all are within their window, it shares one entry with every other
+    source beyond the bound (``"other sources"``), so an attacker with many addresses gets
+    one line per interval too. A source forgotten after its window loses its count.
+    """
+
+    OTHERS = "other sources"
+
+    def __init__(self, interval: float, max_sources: int = 1024) -> None:
+        self.interval = interval
+        self.max_sources = max_sources
+        self._entries: dict[str, tuple[float, int]] = {}  # source -> (window end, refusals not logged)
+
+    def admit(self, source: str, now: float) -> tuple[str, int] | None:
+        """None: do not log this refusal. Otherwise log it, for the source named, with the
+        number of its refusals that were not logged since its last line."""
+        entry = self._entries.get(source)
+        if entry is None and len(self._entries) >= self.max_sources:
+            self._entries = {k: e for k, e in self._entries.items() if now < e[0]}
+            if len(self._entries) >= self.max_sources:
+                source = self.OTHERS
+                entry = self._entries.get(source)
+        if entry is not None and now < entry[0]:
+            self._entries[source] = (entry[0], entry[1] + 1)
+            return None
+        suppressed = 0 if entry is None else entry[1]
+        self._entries[source] = (now + self.interval, 0)
+        return source, suppressed
 
 
 def _describe(exc: BaseException) -> str:
@@ -255,6 +393,25 @@ def _describe(exc: BaseException) -> str:
         return "connection closed"
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _ip(text: str) -> IPAddress | None:
+    """``text`` as an IP address (an IPv4-mapped IPv6 one as IPv4), or None if it is no literal."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _source_ip(stream: trio.SocketStream) -> IPAddress | None:
+    try:
+        host = stream.socket.getpeername()[0]
+    except OSError:
+        return None
+    return _ip(str(host))
 
 
 def _address(stream: trio.SocketStream) -> str:
@@ -278,12 +435,13 @@ _TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError
 class PeerNetwork:
     """Encrypted frame delivery between server ``me`` and its peers, authenticated when it can be.
 
-    ``addresses`` maps every server id (ours included) to (host, port); ``keys`` maps server
-    ids to their period Ed25519 public keys (the KeyTable's ``verify_key``); ``seed`` is our
-    period signing seed. Without ``period``, ``keys`` and ``seed`` (all None) the network is
-    *recovering*: every connection is unauthenticated until :meth:`rekey`. Use
-    ``async with PeerNetwork(...) as net``, or ``await nursery.start(net.run)`` and later
-    :meth:`aclose`.
+    ``addresses`` maps every server id (ours included) to (host, port): where we dial a peer,
+    and the IP its unauthenticated connections must come from; ours is where we listen, and
+    the IP we dial from when it is a specific one. ``keys`` maps server ids to their period
+    Ed25519 public keys (the KeyTable's ``verify_key``); ``seed`` is our period signing seed.
+    Without ``period``, ``keys`` and ``seed`` (all None) the network is *recovering*: every
+    connection is unauthenticated until :meth:`rekey`. Use ``async with PeerNetwork(...) as
+    net``, or ``await nursery.start(net.run)`` and later :meth:`aclose`.
     """
 
     def __init__(
@@ -303,7 +461,9 @@ class PeerNetwork:
         backoff_min: float = 0.05,
         backoff_max: float = 5.0,
         max_pending_handshakes: int = 64,
+        max_handshakes_per_source: int = 4,
         max_unauthenticated: int | None = None,
+        refusal_log_interval: float = 10.0,
     ) -> None:
         if me not in addresses:
             raise ValueError(f"server {me} has no address")
@@ -319,9 +479,13 @@ class PeerNetwork:
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
         self.max_pending_handshakes = max_pending_handshakes
+        self.max_handshakes_per_source = max_handshakes_per_source
         #: At most this many unauthenticated incoming connections at once (default: n).
         self.max_unauthenticated = len(addresses) if max_unauthenticated is None else max_unauthenticated
         self._host, self._port = addresses[me]
+        own = _ip(self._host)
+        #: We dial from the IP we listen on (when it is one), so peers see us at our address.
+        self._bind_ip = None if own is None or own.is_unspecified else str(own)
         self._peers = {
             i: _Peer(i, host, port, queue_size) for i, (host, port) in sorted(addresses.items()) if i != me
         }
@@ -340,7 +504,12 @@ class PeerNetwork:
         self._conns: set[_Conn] = set()
         self._incoming_by_peer: dict[int, _Conn] = {}  # authenticated incoming connections
         self._unauthenticated_by_peer: dict[int, _Conn] = {}  # unauthenticated incoming ones
-        self._pending = 0
+        # The peers' addresses keep enough slots for each peer to hold its limit at once, up
+        # to half of them: a peer dials once at a time, so even half is ample.
+        reserved = min(max_pending_handshakes // 2, max_handshakes_per_source * len(self._peers))
+        self._slots = _HandshakeSlots(max_pending_handshakes, max_handshakes_per_source, reserved)
+        #: Refused incoming connections are logged once per source IP and this many seconds.
+        self._refusal_log = _RefusalLog(refusal_log_interval)
         self._rekeyed = trio.Event()
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -481,6 +650,7 @@ class PeerNetwork:
                 await nursery.start(trio.serve_listeners, self._handle_incoming, listeners)
                 for peer in self._peers.values():
                     nursery.start_soon(self._dial_loop, peer)
+                nursery.start_soon(self._resolve_names)
                 log.info(
                     "server %d: listening on %s:%d%s",
                     self.me,
@@ -545,12 +715,18 @@ class PeerNetwork:
         return [c for c in found if c is not None]
 
     def _route(self, peer: _Peer) -> _Conn | None:
-        """The connection frames to ``peer`` go over (see the module docstring), if any."""
+        """The connection frames to ``peer`` go over (see "Routing" in the module docstring), if any."""
         out = peer.out
         if out is not None and out.authenticated:
             return out
-        incoming = self._incoming_by_peer.get(peer.server) or self._unauthenticated_by_peer.get(peer.server)
-        return incoming if incoming is not None else out
+        incoming = self._incoming_by_peer.get(peer.server)
+        if incoming is not None:
+            return incoming
+        if out is not None:
+            return out
+        if peer.state is PeerState.DOWN:  # nothing else: the claimed id's unauthenticated connection
+            return self._unauthenticated_by_peer.get(peer.server)
+        return None
 
     def _notify(self) -> None:
         """Connections changed: wake the waiters and the writers that are no longer the route."""
@@ -619,9 +795,24 @@ class PeerNetwork:
         self.rejections.append(Rejection(address, server, reason, direction))
         who = f"server {server} at {address}" if server is not None else address
         if direction == "incoming":
-            log.warning("server %d: rejected connection from %s: %s", self.me, who, reason)
-        else:
+            self._log_refused(address, who, reason)
+        else:  # our own dials: paced by the backoff
             log.warning("server %d: connection to %s rejected: %s", self.me, who, reason)
+
+    def _log_refused(self, address: str, who: str, reason: str) -> None:
+        """Log a refused incoming connection: one line per source IP and interval, the rest at DEBUG."""
+        source = address.rsplit(":", 1)[0] if ":" in address else address  # "host:port"
+        admitted = self._refusal_log.admit(source, trio.current_time())
+        if admitted is None:
+            log.debug("server %d: rejected connection from %s: %s", self.me, who, reason)
+            return
+        key, suppressed = admitted
+        more = (
+            f" ({suppressed} more from {key} since its last line, not logged at this level)"
+            if suppressed
+            else ""
+        )
+        log.warning("server %d: rejected connection from %s: %s%s", self.me, who, reason, more)
 
     def _fall_back(self, peer: _Peer, address: str, reason: str, rejected: bool) -> None:
         """Our authenticated dial to ``peer`` failed to authenticate: say so before going anonymous."""
@@ -750,13 +941,13 @@ class PeerNetwork:
             with conn.scope:
                 try:
                     with trio.fail_after(self.handshake_timeout):
-                        tcp = await trio.open_tcp_stream(peer.host, peer.port)
+                        tcp = await trio.open_tcp_stream(peer.host, peer.port, local_address=self._bind_ip)
                         stream = trio.SSLStream(tcp, ctx, server_hostname=server_name(peer.server))
                         frames = FrameStream(stream, self.max_frame_size)
                         await stream.do_handshake()
                         handshaken = True
                         await frames.send_frame(Hello(self.me, self._hello_period()).encode())
-                        first = await frames.receive_frame()
+                        first = await frames.receive_frame(MAX_HELLO_SIZE, "hello frame")
                         hello = self._check_answer(peer.server, creds, stream, first)
                 except trio.TooSlowError:
                     return False, f"no TLS handshake and hello within {self.handshake_timeout}s", False
@@ -843,10 +1034,21 @@ class PeerNetwork:
 
     async def _handle_incoming(self, tcp: trio.SocketStream) -> None:
         address = _address(tcp)
-        if self._pending >= self.max_pending_handshakes:
-            log.warning("server %d: refused %s: too many handshakes in progress", self.me, address)
+        source = _source_ip(tcp)
+        peers_there = 0 if source is None else sum(source in p.ips for p in self._peers.values())
+        refusal = self._slots.take(source, peers_there)
+        if refusal is not None:
+            self._log_refused(address, address, refusal)  # not in rejections: a flood would churn them
             await trio.aclose_forcefully(tcp)
             return
+        held = True
+
+        def release_slot() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._slots.release(source, peers_there)
+
         creds = self._creds
         ctx = creds.server_ctx if creds is not None else self._anonymous_server_ctx
         assert ctx is not None
@@ -855,30 +1057,34 @@ class PeerNetwork:
         stream = trio.SSLStream(tcp, ctx, server_side=True)
         try:
             with conn.scope:
-                self._pending += 1
                 try:
                     with trio.fail_after(self.handshake_timeout):
                         frames = FrameStream(stream, self.max_frame_size)
                         await stream.do_handshake()
                         cert = stream.getpeercert(binary_form=True) if creds is not None else None
-                        hello = self._check_hello(creds, stream, cert, await frames.receive_frame())
+                        first = await frames.receive_frame(MAX_HELLO_SIZE, "hello frame")
+                        hello = self._check_hello(creds, stream, cert, first)
                         server, authenticated = hello.server, cert is not None
                         if not authenticated:
-                            self._admit_unauthenticated(server)
+                            await self._resolve(self._peers[server])
+                            self._admit_unauthenticated(server, source)
                         await frames.send_frame(Hello(self.me, self._hello_period()).encode())
                         if not authenticated:
-                            self._admit_unauthenticated(server)  # again: others may have come meanwhile
+                            self._admit_unauthenticated(server, source)  # again: others may have come
                 except trio.TooSlowError:
                     self._reject("incoming", address, None, "no TLS handshake and hello in time")
                     return
                 except _Rejected as exc:
                     self._reject("incoming", address, exc.server, exc.reason)
                     return
-                except (*_TRANSPORT_ERRORS, FramingError) as exc:
+                except FramingError as exc:  # e.g. a hello longer than MAX_HELLO_SIZE: never decoded
+                    self._reject("incoming", address, None, f"bad hello: {exc}")
+                    return
+                except _TRANSPORT_ERRORS as exc:
                     self._reject("incoming", address, None, f"before its hello: {_describe(exc)}")
                     return
                 finally:
-                    self._pending -= 1
+                    release_slot()
                 conn.server = server
                 conn.authenticated = authenticated
                 conn.info = _info(stream, server, hello.period, authenticated, "incoming")
@@ -893,6 +1099,7 @@ class PeerNetwork:
                 reason = await self._serve_conn(conn, frames, address)
                 log.info("server %d: connection from server %d ended: %s", self.me, server, reason)
         finally:
+            release_slot()
             self._conns.discard(conn)
             if conn.server is not None:
                 registry = self._incoming_by_peer if conn.authenticated else self._unauthenticated_by_peer
@@ -902,8 +1109,44 @@ class PeerNetwork:
                     self._flush_if_unreachable(self._peers[conn.server])
             await trio.aclose_forcefully(stream)
 
-    def _admit_unauthenticated(self, server: int) -> None:
-        """Refuse an unauthenticated connection claiming ``server`` if the rules say so."""
+    async def _resolve(self, peer: _Peer) -> frozenset[IPAddress]:
+        """The IP addresses of ``peer``'s configured host (a name is looked up again when stale)."""
+        if trio.current_time() < peer.ips_expire:
+            return peer.ips
+        try:
+            infos = await trio.socket.getaddrinfo(peer.host, peer.port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            log.warning(
+                "server %d: cannot resolve server %d's host %s: %s", self.me, peer.server, peer.host, exc
+            )
+            peer.ips, peer.ips_expire = frozenset(), trio.current_time() + _RESOLVE_RETRY
+            return peer.ips
+        found = (_ip(str(sockaddr[0])) for *_, sockaddr in infos)
+        peer.ips = frozenset(ip for ip in found if ip is not None)
+        peer.ips_expire = trio.current_time() + _RESOLVE_TTL
+        return peer.ips
+
+    async def _resolve_names(self) -> None:
+        """Keep the addresses of peers configured by host name resolved (for the handshake slots)."""
+        named = [p for p in self._peers.values() if p.ips_expire != math.inf]
+        while named:
+            for peer in named:
+                await self._resolve(peer)
+            await trio.sleep(_RESOLVE_RETRY if any(not p.ips for p in named) else _RESOLVE_TTL)
+
+    def _admit_unauthenticated(self, server: int, source: IPAddress | None) -> None:
+        """Refuse an unauthenticated connection claiming ``server`` if the rules say so.
+
+        The first rule: it must come from the IP of ``server``'s configured address (the
+        port is the dialer's ephemeral one, so it is not compared).
+        """
+        peer = self._peers[server]
+        if source is None or source not in peer.ips:
+            raise _Rejected(
+                server,
+                f"unauthenticated hello claiming server {server} from {source or 'an unknown address'}, "
+                f"which is not server {server}'s configured address {peer.describe_address()}",
+            )
         if server in self._incoming_by_peer:
             raise _Rejected(
                 server, "unauthenticated, while the server holds an authenticated connection to us"
