@@ -111,8 +111,10 @@ def test_unit_is_a_notify_service_with_watchdog_user_and_directories() -> None:
     assert s["UMask"] == ["0077"] and s["LimitCORE"] == ["0"]
     assert s["CapabilityBoundingSet"] == [""] and s["AmbientCapabilities"] == [""]
     assert s["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
-    for key in ("NoNewPrivileges", "PrivateDevices", "PrivateTmp", "MemoryDenyWriteExecute", "PrivateUsers"):
+    for key in ("NoNewPrivileges", "PrivateDevices", "PrivateTmp", "MemoryDenyWriteExecute"):
         assert s[key] == ["yes"], key
+    # Not PrivateUsers=yes: the API tells local users apart by uid (tests/test_api_userns.py).
+    assert s["PrivateUsers"] == ["no"]
     assert s["ProtectSystem"] == ["strict"] and s["ProtectProc"] == ["invisible"]
 
 

@@ -42,6 +42,7 @@ import trio
 
 from appliance.api._core import (
     BAD_REQUEST,
+    NOT_PERMITTED,
     QUOTA,
     TOO_LARGE,
     UNAVAILABLE,
@@ -67,6 +68,14 @@ _UCRED = struct.Struct("3i")
 _RECEIVE_CHUNK = 65536
 #: sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_SUN_PATH = 107
+
+
+def overflow_uid() -> int:
+    """The uid the kernel reports for a user that the reader's user namespace does not map."""
+    try:
+        return int(Path("/proc/sys/kernel/overflowuid").read_text().strip())
+    except (OSError, ValueError):
+        return 65534
 
 
 def peer_cred(sock: trio.socket.SocketType) -> PeerCred:
@@ -151,6 +160,7 @@ class ApiServer:
         self.request_timeout = request_timeout
         self.max_connections = max_connections
         self.connections = 0
+        self.unmapped_uid = overflow_uid()
 
     async def _send(self, stream: trio.SocketStream, response: bytes) -> bool:
         """Send one response frame; False if the client is gone or does not read."""
@@ -186,6 +196,19 @@ class ApiServer:
             peer = peer_cred(stream.socket)
         except OSError as exc:
             log.warning("api: cannot read the peer's credentials (%s); closing", type(exc).__name__)
+            return
+        if peer.uid == self.unmapped_uid:
+            # Every user our user namespace does not map arrives as this one uid (systemd's
+            # PrivateUsers=yes maps only root and the service user): names, handles and quotas
+            # would be shared by all of them, so nobody is served under it.
+            log.warning("api: refused pid %d: its uid is not mapped in our user namespace", peer.pid)
+            reply = error_response(
+                None,
+                NOT_PERMITTED,
+                f"your uid shows as {peer.uid} (unmapped) inside the server's user namespace, so the "
+                "server cannot tell you from other users; run it without PrivateUsers=yes",
+            )
+            await self._send(stream, encode_response(reply))
             return
         decoder = FrameDecoder(self.max_frame_size)
         deadline = trio.current_time() + self.idle_timeout
