@@ -904,7 +904,8 @@ async def test_pserver_backend_adapter(tmp_path: Path) -> None:
     key = Ed25519PrivateKey.generate()
     calls: list[bytes] = []
 
-    async def sign_raw(payload: bytes) -> bytes:
+    async def sign_app(app: str, message: bytes) -> bytes:
+        payload = app_signing_payload(app, message)  # what the key-holder builds
         calls.append(payload)
         if is_protocol_payload(payload):
             raise SigningRefused("refusing to sign a protocol payload on request")
@@ -913,7 +914,7 @@ async def test_pserver_backend_adapter(tmp_path: Path) -> None:
         return key.sign(payload)
 
     status_file = tmp_path / "status.json"
-    backend = PServerBackend(sign_raw, 2, servers=[1, 2, 3], status_file=status_file, clock=lambda: 5.0)
+    backend = PServerBackend(sign_app, 2, servers=[1, 2, 3], status_file=status_file, clock=lambda: 5.0)
     core = ApiCore(backend)
     h = (await core.handle(req("register", name="app", unique_id=b"u"), ME))["result"]["handle"]
     sig = (await core.handle(req("sign", handle=h, message=b"m" * 65536), ME))["result"]["signature"]

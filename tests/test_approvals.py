@@ -332,7 +332,7 @@ async def test_distributed_signature_through_the_api_of_running_pservers(tmp_pat
         for i, server in servers.items():
             await nursery.start(server.run)
             use_registration_clients(server)
-            backend = PServerBackend(server.sign, i, distributed=LocalApprovals(server))
+            backend = PServerBackend(server.sign_app, i, distributed=LocalApprovals(server))
             store = RegistrationStore.in_state_dir(configs[i].state_dir)
             apis[i] = ApiCore(backend, store=store, request_wait=5.0)
         await trio.sleep(0.2)  # the signing nonces go out

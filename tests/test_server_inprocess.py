@@ -118,13 +118,18 @@ async def test_group_key_signatures_on_request_verify_with_cryptography(tmp_path
             await nursery.start(s.run)
         await trio.sleep(0.2)  # nonce batches go out
         for i, message in [(1, b"hello"), (3, b"x" * 1000), (5, b"")]:
-            sig = await servers[i].sign(message)
+            sig = await servers[i].sign_payload(message)
             Ed25519PublicKey.from_public_bytes(vcert).verify(sig, message)
+        # What the key-holder signs for the API: the payload it builds from the name and message.
+        from appliance.api import app_signing_payload
+
+        sig = await servers[2].sign_app("payments", b"pay 5")
+        Ed25519PublicKey.from_public_bytes(vcert).verify(sig, app_signing_payload("payments", b"pay 5"))
         with trio.fail_after(10):
             sigs = []
 
             async def one(k: int) -> None:
-                sigs.append(await servers[1 + k % 7].sign(f"m{k}".encode()))
+                sigs.append(await servers[1 + k % 7].sign_payload(f"m{k}".encode()))
 
             async with trio.open_nursery() as inner:
                 for k in range(40):
@@ -139,7 +144,7 @@ async def test_group_key_signatures_on_request_verify_with_cryptography(tmp_path
         assert max(times.values()) - min(times.values()) < 1.0  # type: ignore[operator, type-var]
         protocol_payload = encoding.signing_payload("KeyTable", 1, "pst/refresh/keytable", 9, {})
         try:
-            await servers[2].sign(protocol_payload)
+            await servers[2].sign_payload(protocol_payload)
         except SigningRefused as exc:
             assert "protocol payload" in str(exc)
         else:
@@ -174,7 +179,8 @@ async def test_a_bad_signature_share_is_named_in_alerts_jsonl_and_signing_goes_o
         with trio.fail_after(30):
             for k in range(12):
                 message = f"signed despite a liar {k}".encode()
-                Ed25519PublicKey.from_public_bytes(vcert).verify(await servers[1].sign(message), message)
+                signature = await servers[1].sign_payload(message)
+                Ed25519PublicKey.from_public_bytes(vcert).verify(signature, message)
         await trio.sleep(0.1)
         nursery.cancel_scope.cancel()
     lines = (configs[1].state_dir / "public" / "alerts.jsonl").read_text().splitlines()

@@ -36,7 +36,6 @@ from appliance.api._core import (
     UNKNOWN_REQUEST,
     BackendRefused,
     BackendUnavailable,
-    app_signing_payload,
 )
 from appliance.protocols.signing import SigningRefused
 
@@ -68,11 +67,12 @@ def _checked(answer: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 class PServerBackend:
-    """Backend for the local API: ``sign_raw`` is the node's ``PServer.sign``."""
+    """Backend for the local API: ``sign_app`` is the node's ``PServer.sign_app`` (or the link's
+    ``sign``): it takes the application's name and the message, never a payload to sign."""
 
     def __init__(
         self,
-        sign_raw: Callable[[bytes], Awaitable[bytes]],
+        sign_app: Callable[[str, bytes], Awaitable[bytes]],
         server_id: int,
         *,
         servers: Iterable[int] = (),
@@ -86,7 +86,7 @@ class PServerBackend:
         self._sign_upgrade = sign_upgrade
         self._random = random
         self._distributed = distributed
-        self._sign_raw = sign_raw
+        self._sign_app = sign_app
         self._time_vector = time_vector
         self.server_id = server_id
         self.servers = sorted(set(servers) | {server_id})
@@ -95,7 +95,7 @@ class PServerBackend:
 
     async def sign(self, app: str, message: bytes) -> bytes:
         try:
-            return await self._sign_raw(app_signing_payload(app, message))
+            return await self._sign_app(app, message)
         except SigningRefused as exc:
             raise BackendUnavailable(str(exc)[:200]) from None
         except trio.TooSlowError:

@@ -128,7 +128,7 @@ async def distributed_request(
         return _error("refused", why)
     message = service.done.pop(lid)
     try:
-        return {"signature": await server.sign(message, timeout=SIGN_TIMEOUT)}
+        return {"signature": await server.sign_payload(message, timeout=SIGN_TIMEOUT)}
     except SigningRefused as exc:
         return _error("unavailable", f"a majority agreed, but the group could not sign: {exc}")
     except trio.TooSlowError:

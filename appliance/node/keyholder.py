@@ -266,10 +266,10 @@ class _Child:
         return ms / 1000 if isinstance(ms, int) and 0 < ms <= 600_000 else default
 
     async def _sign(self, args: dict[str, Any]) -> bytes:
-        message = args.get("message")
-        if not isinstance(message, bytes):
-            raise TypeError("sign: 'message' must be bytes")
-        return await self.server.sign(message, timeout=self._timeout(args, 10.0))
+        app, message = args.get("app"), args.get("message")
+        if not isinstance(app, str) or not isinstance(message, bytes):
+            raise TypeError("sign: 'app' must be a string and 'message' bytes")
+        return await self.server.sign_app(app, message, timeout=self._timeout(args, 10.0))
 
     async def _sign_upgrade(self, args: dict[str, Any]) -> bytes:
         return await self.server.sign_upgrade(timeout=self._timeout(args, 15.0))

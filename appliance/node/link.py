@@ -268,8 +268,9 @@ class KeyHolderLink:
 
     # The PServer's API, through the link ------------------------------------------------------
 
-    async def sign(self, message: bytes, *, timeout: float = 10.0) -> bytes:
-        value = await self.call("sign", timeout, message=message)
+    async def sign(self, app: str, message: bytes, *, timeout: float = 10.0) -> bytes:
+        """An application signature: the key-holder builds the payload from the name and message."""
+        value = await self.call("sign", timeout, app=app, message=message)
         if not isinstance(value, bytes):
             raise SigningRefused("the key-holder returned no signature")
         return value

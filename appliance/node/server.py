@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import trio
 
+from appliance.api._core import app_signing_payload
 from appliance.boot.backends import open_rom
 from appliance.boot.check import code_mismatches
 from appliance.boot.rom import Rom
@@ -309,8 +310,18 @@ class PServer:
         self._poke()
         return period in core.overrides
 
-    async def sign(self, message: bytes, *, timeout: float = 10.0) -> bytes:
-        """A group-key (Vcert) Ed25519 signature on ``message``, made with t other servers."""
+    async def sign_app(self, app: str, message: bytes, *, timeout: float = 10.0) -> bytes:
+        """A group-key signature for application ``app`` on ``message``: the payload is built here,
+        in the key-holder (:func:`~appliance.api.app_signing_payload`), from the name and the
+        message, so the network-facing process can ask for application signatures only, never
+        for arbitrary bytes (a certificate, a protocol object of another system)."""
+        if not isinstance(app, str) or not app:
+            raise SigningRefused("an application signature needs the application's name")
+        return await self.sign_payload(app_signing_payload(app, message), timeout=timeout)
+
+    async def sign_payload(self, message: bytes, *, timeout: float = 10.0) -> bytes:
+        """A group-key (Vcert) Ed25519 signature on ``message``, made with t other servers
+        (for payloads this process builds itself: application and distributed payloads)."""
         core = self.core
         if core is None or core.signing is None:
             raise SigningRefused("this server is not operational: it holds no share of the group key now")
@@ -330,7 +341,7 @@ class PServer:
         approval = read_approval(self.store.public_dir)
         if approval is None:
             raise SigningRefused("no upgrade is approved on this server (pst upgrade approve)")
-        signature = await self.sign(approval.payload(), timeout=timeout)
+        signature = await self.sign_payload(approval.payload(), timeout=timeout)
         return approval.signed(signature).encode()
 
     async def time_vector(self, *, timeout: float = 2.0) -> dict[int, float | None]:
