@@ -181,3 +181,28 @@ def test_killed_key_holder_is_replaced_and_the_server_signs_again(cluster: Path,
     assert out.returncode == 0, out.stdout + out.stderr
     check = pst("verify", "--dir", str(cluster), str(doc), str(sig))
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_a_stalled_key_holder_is_an_alert(cluster: Path) -> None:
+    """Issue 9 item 4: a key-holder whose loop is held (a costly frame, a bug) stops every protocol
+    on its server; the network-facing process notices within seconds and raises an alert."""
+    node = cluster / "node-2"
+    child = _child_pid(node)
+    assert child is not None
+    alerts = node / "state" / "public" / "alerts.jsonl"
+
+    def stall_alerts() -> list[dict[str, object]]:
+        try:
+            lines = alerts.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [a for a in map(json.loads, lines) if a["kind"] == "keyholder-stalled"]
+
+    os.kill(child, signal.SIGSTOP)  # its loop holds: no answer to anything
+    try:
+        _wait(lambda: stall_alerts(), 40, "the key-holder-stalled alert")
+    finally:
+        os.kill(child, signal.SIGCONT)
+    (alert,) = stall_alerts()
+    assert alert["server"] == 2 and f"key-holder child {child} did not answer" in str(alert["detail"])
+    _wait(lambda: "answers again" in (node / "server.log").read_text(), 40, "the key-holder to answer again")

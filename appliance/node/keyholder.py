@@ -164,6 +164,7 @@ class _Child:
             "random": self._random,
             "request_refresh": self._request_refresh,
             "sign_upgrade": self._sign_upgrade,
+            "ping": self._ping,
             **keyholder_methods(self.server),  # distributed applications (paper §5.1)
         }
 
@@ -270,6 +271,10 @@ class _Child:
         if not isinstance(app, str) or not isinstance(message, bytes):
             raise TypeError("sign: 'app' must be a string and 'message' bytes")
         return await self.server.sign_app(app, message, timeout=self._timeout(args, 10.0))
+
+    async def _ping(self, args: dict[str, Any]) -> bool:
+        """The network-facing process checks that our loop still runs (a stalled one is an alert)."""
+        return True
 
     async def _sign_upgrade(self, args: dict[str, Any]) -> bytes:
         return await self.server.sign_upgrade(timeout=self._timeout(args, 15.0))

@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 import socket
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,13 +24,20 @@ from typing import Any
 
 import trio
 
+from appliance.boot.check import append_alert
 from appliance.host.config import NodeConfig
 from appliance.net import ChannelIdentity
 from appliance.net._framing import FrameStream
 from appliance.node.keyholder import MAX_LINK_FRAME, LinkError, decode_msg, encode_msg
+from appliance.protocols._core import AlertKind
 from appliance.protocols.signing import SigningRefused
 
 log = logging.getLogger("pst.server")
+
+#: How often the key-holder is asked whether its loop still runs, and how long it may take to answer
+#: before that is an alert (a decoder or a computation that holds its loop stops every protocol).
+PING_INTERVAL = 5.0
+STALL_AFTER = 10.0
 
 #: How many peer messages wait for the next key-holder child before the oldest are dropped.
 MAX_QUEUED = 20_000
@@ -73,6 +81,9 @@ class KeyHolderLink:
         self._identity_seen = trio.Event()
         self._session_done = trio.Event()
         self._session_done.set()
+        self._period = -1
+        #: When the key-holder stopped answering (None while it answers), for ``pst status``.
+        self.stalled_since: float | None = None
 
     # Running ------------------------------------------------------------------------------
 
@@ -98,6 +109,7 @@ class KeyHolderLink:
                     first.start_soon(until, gone)
                 if not gone.is_set():
                     task_status.started()
+                    nursery.start_soon(self._watch)
                     await gone.wait()
                 nursery.cancel_scope.cancel()
         finally:
@@ -105,6 +117,38 @@ class KeyHolderLink:
             with trio.CancelScope(shield=True):
                 code = await _reap(zygote, 5.0)
         raise KeyHolderGone(f"the key-holder zygote {zygote} exited ({code})")
+
+    async def _watch(self) -> None:
+        """Ask the key-holder now and then whether it still answers; a stall is an alert."""
+        while True:
+            await trio.sleep(PING_INTERVAL)
+            asked = trio.current_time()
+            try:
+                await self.call("ping", STALL_AFTER)
+            except (trio.TooSlowError, SigningRefused):
+                if self.stalled_since is None:
+                    self.stalled_since = asked
+                    detail = (
+                        f"key-holder child {self.child_pid} did not answer within {STALL_AFTER:g} s: "
+                        "its loop is held (no protocol message, signature or refresh runs meanwhile)"
+                    )
+                    log.warning("%s", detail)
+                    append_alert(
+                        self.config.state_dir / "public",
+                        AlertKind.KEYHOLDER_STALLED,
+                        self.config.server_id,
+                        max(self._period, 0),
+                        detail,
+                        time.time(),
+                    )
+                continue
+            if self.stalled_since is not None:
+                log.info(
+                    "key-holder child %s answers again after %.1f s",
+                    self.child_pid,
+                    trio.current_time() - self.stalled_since,
+                )
+                self.stalled_since = None
 
     async def _children(self, control: socket.socket, nursery: trio.Nursery, gone: trio.Event) -> None:
         """Receive each key-holder child's end of its link from the zygote, one after another."""
@@ -213,6 +257,8 @@ class KeyHolderLink:
 
     async def _identity(self, msg: dict[str, Any]) -> None:
         period = msg.get("period")
+        if isinstance(period, int):
+            self._period = period
         if period is None:
             await self.on_identity(None, {}, None)
         else:

@@ -52,6 +52,7 @@ class AlertKind(enum.Enum):
     SILENT = "silent-server"
     CODE_MISMATCH = "code-mismatch"  # boot check: the code differs from the manifest in C
     CONSTANTS_MISMATCH = "constants-mismatch"  # boot check: the config's C is not the certified C
+    KEYHOLDER_STALLED = "keyholder-stalled"  # the key-holder did not answer the network process
 
 
 @dataclass(frozen=True)
