@@ -526,7 +526,17 @@ def _node_socket(node: Path) -> Path:
 def _cmd_sign(args: argparse.Namespace) -> int:
     from appliance.api import client as client_mod
 
-    data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    # Any size: the file is hashed as it is read, and the group signs the same payload as for the
+    # whole content (docs/api.md: {"dom", "app", "sha512"}), so memory stays bounded.
+    try:
+        if args.file == "-":
+            digest = client_mod.sha512_of(sys.stdin.buffer)
+        else:
+            with open(args.file, "rb") as f:
+                digest = client_mod.sha512_of(f)
+    except OSError as exc:
+        print(f"pst sign: {args.file}: {exc.strerror}", file=sys.stderr)
+        return 2
     nodes = _cluster_nodes(Path(args.dir))
     node = next((n for n in nodes if _alive(_pid(n))), None)
     if node is None:
@@ -535,7 +545,7 @@ def _cmd_sign(args: argparse.Namespace) -> int:
     client = client_mod.PstClient(str(_node_socket(node)))
     try:
         client.register(args.app, b"pst-cli")
-        signature = client.sign(data)
+        signature = client.sign_digest(digest)
     except client_mod.PstError as exc:
         print(f"pst sign: {exc}", file=sys.stderr)
         return 1
@@ -547,23 +557,49 @@ def _cmd_sign(args: argparse.Namespace) -> int:
     return 0
 
 
+def _signature_bytes(raw: bytes) -> bytes | None:
+    """A signature file's 64 bytes: raw, or hex with surrounding whitespace (what `pst sign` prints)."""
+    if len(raw) == 64:
+        return raw
+    try:
+        text = raw.decode("ascii").strip()
+        value = bytes.fromhex(text)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return value if len(value) == 64 else None
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from appliance.api import app_signing_payload
+    from appliance.api import app_digest_payload
+    from appliance.api.client import sha512_of
     from appliance.node.store import StateDir
 
-    data = Path(args.file).read_bytes()
-    signature = Path(args.signature).read_bytes()
-    if len(signature) == 128:
-        signature = bytes.fromhex(signature.decode())
+    try:
+        with open(args.file, "rb") as f:
+            digest = sha512_of(f)
+        raw = Path(args.signature).read_bytes()
+    except OSError as exc:
+        print(f"pst verify: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    signature = _signature_bytes(raw)
+    if signature is None:
+        print(
+            f"pst verify: {args.signature}: expected a signature of 64 bytes, or 128 hex digits "
+            f"(surrounding whitespace allowed), found {len(raw)} bytes",
+            file=sys.stderr,
+        )
+        return 2
     for node in _cluster_nodes(Path(args.dir)):
         m = StateDir(node / "state").load().public.m
         if m is None:
             continue
         try:
-            Ed25519PublicKey.from_public_bytes(m.vcert).verify(signature, app_signing_payload(args.app, data))
+            Ed25519PublicKey.from_public_bytes(m.vcert).verify(
+                signature, app_digest_payload(args.app, digest)
+            )
         except InvalidSignature:
             print(f"INVALID: not a signature of the group key on {args.file} for application {args.app!r}")
             return 1

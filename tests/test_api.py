@@ -43,6 +43,7 @@ from appliance.api import (
     Limits,
     PeerCred,
     RegistrationStore,
+    app_digest_payload,
     app_signing_payload,
     distributed_sign_payload,
     parse_request,
@@ -77,6 +78,12 @@ class FakeBackend:
         self.delay = 0.0
         self.times: dict[int, float | None] = {1: 1_700_000_000.25, 2: None, 3: 1_700_000_001.0}
         self.state: dict[str, Any] = {"server": 1, "period": 7, "healthy": True, "last": 1.5}
+
+    async def sign_digest(self, app: str, sha512: bytes) -> bytes:
+        if self.fail is not None:
+            raise self.fail
+        self.signed.append((app, sha512))
+        return self.key.sign(app_digest_payload(app, sha512))
 
     async def sign(self, app: str, message: bytes) -> bytes:
         if self.delay:
@@ -721,11 +728,12 @@ async def test_cli_sign(
     lines = capsys.readouterr().out.split()
     assert len(lines) == 20
     verify(backend, "cli-app", b"sign me\n", bytes.fromhex(lines[0]))
+    # A file larger than a sign request may carry is hashed as it is read: the same signature.
     big = tmp_path / "big"
-    big.write_bytes(b"x" * 70000)
-    argv = ["--socket", str(sock_path), "sign", str(big)]
-    assert await trio.to_thread.run_sync(pst_client.main, argv) == 1
-    assert "too-large" in capsys.readouterr().err
+    big.write_bytes(b"x" * 700_000)
+    argv = ["--socket", str(sock_path), "--name", "cli-app", "sign", str(big)]
+    assert await trio.to_thread.run_sync(pst_client.main, argv) == 0
+    verify(backend, "cli-app", b"x" * 700_000, bytes.fromhex(capsys.readouterr().out.strip()))
     assert await trio.to_thread.run_sync(pst_client.main, ["--socket", str(sock_path), "time"]) == 0
     assert "unknown" in capsys.readouterr().out
 
@@ -904,8 +912,8 @@ async def test_pserver_backend_adapter(tmp_path: Path) -> None:
     key = Ed25519PrivateKey.generate()
     calls: list[bytes] = []
 
-    async def sign_app(app: str, message: bytes) -> bytes:
-        payload = app_signing_payload(app, message)  # what the key-holder builds
+    async def sign_app(app: str, sha512: bytes) -> bytes:
+        payload = app_digest_payload(app, sha512)  # what the key-holder builds
         calls.append(payload)
         if is_protocol_payload(payload):
             raise SigningRefused("refusing to sign a protocol payload on request")
@@ -933,3 +941,17 @@ async def test_pserver_backend_adapter(tmp_path: Path) -> None:
         "status": "operational",
         "period": 3,
     }
+
+
+async def test_sign_digest_gives_the_signature_of_the_whole_message() -> None:
+    """A client hashes a large file as it reads it; the group signs the very same payload."""
+    backend = FakeBackend()
+    core = ApiCore(backend)
+    h = (await core.handle(req("register", name="app", unique_id=b"u"), ME))["result"]["handle"]
+    message = b"m" * 100_000  # larger than a sign request may carry
+    digest = hashlib.sha512(message).digest()
+    sig = (await core.handle(req("sign_digest", handle=h, sha512=digest), ME))["result"]["signature"]
+    verify(backend, "app", message, sig)
+    assert app_digest_payload("app", digest) == app_signing_payload("app", message)
+    bad = await core.handle(req("sign_digest", handle=h, sha512=digest[:32]), ME)
+    assert bad["error"]["code"] == BAD_REQUEST and "64-byte SHA-512 digest" in bad["error"]["message"]

@@ -29,13 +29,15 @@ SERVER = textwrap.dedent(
     from pathlib import Path
     import trio
     from nacl.signing import SigningKey
-    from appliance.api import app_signing_payload, serve_api
+    from appliance.api import app_digest_payload, app_signing_payload, serve_api
 
     class Backend:
         def __init__(self):
             self.key = SigningKey.generate()
         async def sign(self, app, message):
             return self.key.sign(app_signing_payload(app, message)).signature
+        async def sign_digest(self, app, sha512):
+            return self.key.sign(app_digest_payload(app, sha512)).signature
         async def get_time(self):
             return {1: 0.0}
         async def status(self):

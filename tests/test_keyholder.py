@@ -183,6 +183,26 @@ def test_killed_key_holder_is_replaced_and_the_server_signs_again(cluster: Path,
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+def test_pst_sign_takes_a_file_of_any_size_and_verify_its_printed_hex(cluster: Path, tmp_path: Path) -> None:
+    """Issue 10: `pst sign` read the whole input before checking the 64 KiB limit, and `pst verify`
+    called the hex it printed (with its newline) INVALID. Now a 3 MB file is hashed as it is read
+    and the printed hex verifies; a signature file of the wrong size is a clear error."""
+    doc = tmp_path / "big.bin"
+    doc.write_bytes(os.urandom(3 * 1024 * 1024))
+    out = pst("sign", "--dir", str(cluster), str(doc))
+    assert out.returncode == 0, out.stdout + out.stderr
+    printed = tmp_path / "big.sig"
+    printed.write_text(out.stdout)  # 128 hex digits and a newline, as `> file` leaves them
+    check = pst("verify", "--dir", str(cluster), str(doc), str(printed))
+    assert check.returncode == 0 and check.stdout.startswith("OK:"), check.stdout + check.stderr
+    doc.write_bytes(doc.read_bytes()[:-1] + b"x")
+    check = pst("verify", "--dir", str(cluster), str(doc), str(printed))
+    assert check.returncode == 1 and check.stdout.startswith("INVALID"), check.stdout + check.stderr
+    printed.write_text("abcd\n")
+    check = pst("verify", "--dir", str(cluster), str(doc), str(printed))
+    assert check.returncode == 2 and "expected a signature of 64 bytes, or 128 hex digits" in check.stderr
+
+
 def test_a_stalled_key_holder_is_an_alert(cluster: Path) -> None:
     """Issue 9 item 4: a key-holder whose loop is held (a costly frame, a bug) stops every protocol
     on its server; the network-facing process notices within seconds and raises an alert."""

@@ -3,6 +3,7 @@ transport is tested in test_net.py and across processes in test_cluster.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Mapping
@@ -123,7 +124,7 @@ async def test_group_key_signatures_on_request_verify_with_cryptography(tmp_path
         # What the key-holder signs for the API: the payload it builds from the name and message.
         from appliance.api import app_signing_payload
 
-        sig = await servers[2].sign_app("payments", b"pay 5")
+        sig = await servers[2].sign_app("payments", hashlib.sha512(b"pay 5").digest())
         Ed25519PublicKey.from_public_bytes(vcert).verify(sig, app_signing_payload("payments", b"pay 5"))
         with trio.fail_after(10):
             sigs = []

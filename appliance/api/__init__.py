@@ -44,6 +44,7 @@ from appliance.api._core import (
     PeerCred,
     Request,
     TokenBucket,
+    app_digest_payload,
     app_signing_payload,
     parse_request,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "RegistrationStore",
     "Request",
     "TokenBucket",
+    "app_digest_payload",
     "app_signing_payload",
     "bind_unix",
     "distributed_sign_payload",

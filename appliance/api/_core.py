@@ -28,6 +28,11 @@ handle. Rules:
   revokes the old one (an application that restarted lost its handle);
 * a handle presented by another uid than the one that registered it is ``not-permitted``.
 
+Signing: ``sign(handle, message)`` (a message of at most 64 KiB) and ``sign_digest(handle,
+sha512)`` (the message's 64-byte SHA-512 digest, for content of any size hashed by the client)
+give the same signature: the group's Ed25519 signature on :func:`app_signing_payload`, the
+canonical CBOR map ``{"dom": "pst/app-signed/v1", "app": name, "sha512": SHA-512(message)}``.
+
 Registration (§5.1, distributed application): ``register_distributed`` carries ``name`` and
 ``password``. The server keeps only the password's *verifier* (scrypt, salted with the name:
 :func:`~appliance.api._distributed.password_verifier`, computed off the event loop) and
@@ -116,6 +121,7 @@ DISTRIBUTED_PROTOCOLS: Final = frozenset({"sign"})
 #: :data:`appliance.crypto.encoding.SIGNING_DOMAIN`, which the signing service reserves for
 #: the protocols' own objects and refuses to sign on request.
 APP_SIGN_DOMAIN: Final = "pst/app-signed/v1"
+SHA512_SIZE: Final = 64
 
 
 def app_signing_payload(app: str, message: bytes) -> bytes:
@@ -131,7 +137,15 @@ def app_signing_payload(app: str, message: bytes) -> bytes:
     message and checks the Ed25519 signature with the group's public key; application
     signatures are not tied to a refresh period (the group key is the same in every one).
     """
-    return encoding.encode({"dom": APP_SIGN_DOMAIN, "app": app, "sha512": hashlib.sha512(message).digest()})
+    return app_digest_payload(app, hashlib.sha512(message).digest())
+
+
+def app_digest_payload(app: str, sha512: bytes) -> bytes:
+    """:func:`app_signing_payload` from the message's SHA-512 digest (a file of any size is hashed
+    by the client as it is read; the signature is the same as on the whole message)."""
+    if len(sha512) != SHA512_SIZE:
+        raise ValueError(f"a SHA-512 digest is {SHA512_SIZE} bytes, not {len(sha512)}")
+    return encoding.encode({"dom": APP_SIGN_DOMAIN, "app": app, "sha512": bytes(sha512)})
 
 
 class Backend(Protocol):
@@ -139,6 +153,10 @@ class Backend(Protocol):
 
     async def sign(self, app: str, message: bytes) -> bytes:
         """A group-key signature over a payload binding ``app`` and ``message``."""
+        ...
+
+    async def sign_digest(self, app: str, sha512: bytes) -> bytes:
+        """The same signature, from the message's SHA-512 digest (:func:`app_digest_payload`)."""
         ...
 
     async def get_time(self) -> Mapping[int, float | None]:
@@ -229,6 +247,7 @@ class Request:
 OPS: Final[Mapping[str, Mapping[str, type]]] = {
     "register": {"name": str, "unique_id": bytes},
     "sign": {"handle": bytes, "message": bytes},
+    "sign_digest": {"handle": bytes, "sha512": bytes},
     "unregister": {"handle": bytes},
     "get_time": {},
     "status": {},
@@ -541,6 +560,10 @@ class ApiCore:
         args = request.args
         if request.op == "sign":
             return await self._sign(args["handle"], args["message"], peer)
+        if request.op == "sign_digest":
+            if len(args["sha512"]) != SHA512_SIZE:
+                raise ApiError(BAD_REQUEST, f"'sha512' must be a {SHA512_SIZE}-byte SHA-512 digest")
+            return await self._sign(args["handle"], args["sha512"], peer, digest=True)
         if request.op == "random":
             return await self._random(args["handle"], args["nonce"], peer)
         if request.op == "request":
@@ -665,7 +688,9 @@ class ApiCore:
         self._save()
         log.info("api: unregistered %r for uid %d (pid %d)", reg.name, peer.uid, peer.pid)
 
-    async def _sign(self, handle: bytes, message: bytes, peer: PeerCred) -> Mapping[str, Any]:
+    async def _sign(
+        self, handle: bytes, message: bytes, peer: PeerCred, *, digest: bool = False
+    ) -> Mapping[str, Any]:
         reg = self._lookup(handle, peer)
         if reg.verifier is not None:
             raise ApiError(
@@ -675,7 +700,10 @@ class ApiCore:
             raise ApiError(QUOTA, "signing rate limit exceeded for this registration")
         self._spent()
         try:
-            signature = await self.backend.sign(reg.name, message)
+            if digest:
+                signature = await self.backend.sign_digest(reg.name, message)
+            else:
+                signature = await self.backend.sign(reg.name, message)
         except BackendUnavailable as exc:
             raise ApiError(UNAVAILABLE, f"cannot sign now: {str(exc)[:200]}") from None
         except Exception as exc:

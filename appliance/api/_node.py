@@ -23,6 +23,7 @@ PServer already has, without importing the node package (it takes callables and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -68,7 +69,8 @@ def _checked(answer: Mapping[str, Any]) -> Mapping[str, Any]:
 
 class PServerBackend:
     """Backend for the local API: ``sign_app`` is the node's ``PServer.sign_app`` (or the link's
-    ``sign``): it takes the application's name and the message, never a payload to sign."""
+    ``sign``): it takes the application's name and the message's SHA-512 digest, never a payload
+    to sign."""
 
     def __init__(
         self,
@@ -94,8 +96,11 @@ class PServerBackend:
         self.clock = clock
 
     async def sign(self, app: str, message: bytes) -> bytes:
+        return await self.sign_digest(app, hashlib.sha512(message).digest())
+
+    async def sign_digest(self, app: str, sha512: bytes) -> bytes:
         try:
-            return await self._sign_app(app, message)
+            return await self._sign_app(app, sha512)
         except SigningRefused as exc:
             raise BackendUnavailable(str(exc)[:200]) from None
         except trio.TooSlowError:

@@ -267,10 +267,10 @@ class _Child:
         return ms / 1000 if isinstance(ms, int) and 0 < ms <= 600_000 else default
 
     async def _sign(self, args: dict[str, Any]) -> bytes:
-        app, message = args.get("app"), args.get("message")
-        if not isinstance(app, str) or not isinstance(message, bytes):
-            raise TypeError("sign: 'app' must be a string and 'message' bytes")
-        return await self.server.sign_app(app, message, timeout=self._timeout(args, 10.0))
+        app, sha512 = args.get("app"), args.get("sha512")
+        if not isinstance(app, str) or not isinstance(sha512, bytes):
+            raise TypeError("sign: 'app' must be a string and 'sha512' bytes")
+        return await self.server.sign_app(app, sha512, timeout=self._timeout(args, 10.0))
 
     async def _ping(self, args: dict[str, Any]) -> bool:
         """The network-facing process checks that our loop still runs (a stalled one is an alert)."""

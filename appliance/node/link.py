@@ -314,9 +314,10 @@ class KeyHolderLink:
 
     # The PServer's API, through the link ------------------------------------------------------
 
-    async def sign(self, app: str, message: bytes, *, timeout: float = 10.0) -> bytes:
-        """An application signature: the key-holder builds the payload from the name and message."""
-        value = await self.call("sign", timeout, app=app, message=message)
+    async def sign(self, app: str, sha512: bytes, *, timeout: float = 10.0) -> bytes:
+        """An application signature: the key-holder builds the payload from the name and the
+        message's SHA-512 digest."""
+        value = await self.call("sign", timeout, app=app, sha512=sha512)
         if not isinstance(value, bytes):
             raise SigningRefused("the key-holder returned no signature")
         return value

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import trio
 
-from appliance.api._core import app_signing_payload
+from appliance.api._core import app_digest_payload
 from appliance.boot.backends import open_rom
 from appliance.boot.check import code_mismatches
 from appliance.boot.rom import Rom
@@ -310,14 +310,19 @@ class PServer:
         self._poke()
         return period in core.overrides
 
-    async def sign_app(self, app: str, message: bytes, *, timeout: float = 10.0) -> bytes:
-        """A group-key signature for application ``app`` on ``message``: the payload is built here,
-        in the key-holder (:func:`~appliance.api.app_signing_payload`), from the name and the
-        message, so the network-facing process can ask for application signatures only, never
-        for arbitrary bytes (a certificate, a protocol object of another system)."""
+    async def sign_app(self, app: str, sha512: bytes, *, timeout: float = 10.0) -> bytes:
+        """A group-key signature for application ``app`` on the message whose SHA-512 digest is
+        ``sha512``: the payload is built here, in the key-holder
+        (:func:`~appliance.api.app_digest_payload`), from the name and the digest, so the
+        network-facing process can ask for application signatures only, never for arbitrary
+        bytes (a certificate, a protocol object of another system)."""
         if not isinstance(app, str) or not app:
             raise SigningRefused("an application signature needs the application's name")
-        return await self.sign_payload(app_signing_payload(app, message), timeout=timeout)
+        try:
+            payload = app_digest_payload(app, sha512)
+        except ValueError as exc:
+            raise SigningRefused(str(exc)) from None
+        return await self.sign_payload(payload, timeout=timeout)
 
     async def sign_payload(self, message: bytes, *, timeout: float = 10.0) -> bytes:
         """A group-key (Vcert) Ed25519 signature on ``message``, made with t other servers
