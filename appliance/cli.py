@@ -275,15 +275,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     rows = []
     for node in _cluster_nodes(Path(args.dir)):
         st = _read_status(node)
-        pidfile = node / "server.pid"
-        pid = int(pidfile.read_text()) if pidfile.exists() else None
-        st["running"] = _alive(pid)
+        st["running"] = _alive(_pid(node))
         alerts = node / "state" / "public" / "alerts.jsonl"
         st["alerts"] = len(alerts.read_text().splitlines()) if alerts.exists() else 0
         rows.append(st)
+    # Exit status 1 unless every server runs and is operational (for scripts and monitoring).
+    healthy = all(st["running"] and st.get("status") == "operational" for st in rows) and bool(rows)
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
+        return 0 if healthy else 1
     print(f"{'server':>6}  {'running':7}  {'period':>6}  {'status':11}  ", end="")
     print(f"{'last refresh':22}  {'alerts':>6}  keytable")
     for st in rows:
@@ -297,7 +297,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"group public key: {', '.join(sorted(k for k in keys if k)) or 'unknown'}")
     if rows and rows[0].get("rom"):
         print(f"ROM: {rows[0]['rom'].split(':')[0]}")
-    return 0
+    return 0 if healthy else 1
 
 
 def _cmd_alerts(args: argparse.Namespace) -> int:
@@ -351,10 +351,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _pid(node: Path) -> int | None:
+    """The pid in node/server.pid, if that process runs with this node's config file.
+
+    A pid file outlives its process (a reboot, a copied directory): the number may then name an
+    unrelated process, which `cluster down` must never signal."""
     try:
-        return int((node / "server.pid").read_text())
+        pid = int((node / "server.pid").read_text())
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
         return None
+    config = f"{node.name}/config.toml".encode()
+    return pid if any(a.endswith(config) for a in args) else None
 
 
 def _start_clear_of_a_boundary(nodes: list[Path]) -> None:
@@ -427,8 +434,19 @@ def _reap() -> None:
 def _cmd_cluster_up(args: argparse.Namespace) -> int:
     import time
 
+    from appliance.host import config as node_config
+    from appliance.protocols.state import ConfigError
+
     root = Path(args.dir)
     nodes = _cluster_nodes(root)
+    broken = []
+    for node in nodes:
+        try:
+            node_config.load(node / "config.toml")
+        except (ConfigError, OSError) as exc:
+            print(f"{node.name}: not started: {exc}", file=sys.stderr)
+            broken.append(node)
+    nodes = [n for n in nodes if n not in broken]
     if not any(_alive(_pid(node)) for node in nodes):
         _start_clear_of_a_boundary(nodes)
     for node in nodes:
@@ -444,10 +462,14 @@ def _cmd_cluster_up(args: argparse.Namespace) -> int:
         if not waiting:
             break
         time.sleep(0.2)
-    dead = [n.name for n in nodes if not _alive(_pid(n))]
+    dead = [n.name for n in broken] + [n.name for n in nodes if not _alive(_pid(n))]
     if dead:
-        print(f"pst cluster up: {', '.join(dead)} exited at once; see their server.log", file=sys.stderr)
-        _stop_nodes(nodes)
+        # The others are left running: a server that fails to start does not stop the network.
+        print(
+            f"pst cluster up: {', '.join(dead)} not running (see above, or their server.log); "
+            f"{len(nodes) + len(broken) - len(dead)} other servers left running",
+            file=sys.stderr,
+        )
         return 1
     print(f"{len(nodes)} servers running. `pst status --dir {root}` shows them;")
     print(f"`pst cluster down --dir {root}` stops them.")
@@ -470,8 +492,14 @@ def _cmd_cluster_up(args: argparse.Namespace) -> int:
 
 def _cmd_cluster_down(args: argparse.Namespace) -> int:
     nodes = _cluster_nodes(Path(args.dir))
+    running = [n for n in nodes if _alive(_pid(n))]
+    if not running:
+        print(f"no server of the cluster in {args.dir} is running")
+        for node in nodes:
+            (node / "server.pid").unlink(missing_ok=True)
+        return 0
     _stop_nodes(nodes)
-    print(f"{len(nodes)} servers stopped")
+    print(f"{len(running)} servers stopped")
     return 0
 
 
@@ -800,13 +828,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return 0
+        parser.print_usage(sys.stderr)
+        print("pst: a command is required (pst --help lists them)", file=sys.stderr)
+        return 2
+    from appliance.protocols.state import ConfigError
+
     try:
         result: int = args.func(args)
     except BrokenPipeError:  # e.g. `pst sim ... | head`
         sys.stderr.close()
         return 0
+    except ConfigError as exc:  # one line naming the file and the key, never a traceback
+        print(f"pst {args.command}: {exc}", file=sys.stderr)
+        return 2
     return result
 
 

@@ -138,3 +138,30 @@ def test_initialization_over_the_network_then_refresh(tmp_path: Path) -> None:
         assert {r["group_public_key"] for r in status(root)} == {next(iter(vcerts)).hex()}
     finally:
         pst("cluster", "down", "--dir", str(root))
+
+
+def test_cli_never_signals_an_unrelated_process_and_leaves_healthy_servers_running(tmp_path: Path) -> None:
+    """Issue 10: `cluster down` killed whatever PID a pid file named; `cluster up` stopped four
+    healthy servers because a fifth failed to start; `pst` alone exited 0."""
+    import subprocess
+
+    assert pst().returncode == 2
+    root = tmp_path / "c"
+    init_cluster(root, n=4, period=600, round_ms=80)
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        (root / "node-1" / "server.pid").write_text(f"{bystander.pid}\n")  # a stale or copied pid file
+        down = pst("cluster", "down", "--dir", str(root))
+        assert down.returncode == 0 and "is running" in down.stdout, down.stdout + down.stderr
+        assert bystander.poll() is None  # not signalled
+        (root / "node-4" / "config.toml").write_text("[server]\nid = 'four'\n")  # node 4 cannot start
+        up = pst("cluster", "up", "--dir", str(root), "--detach")
+        assert up.returncode == 1 and "node-4: not started:" in up.stderr, up.stdout + up.stderr
+        assert "config.toml: missing [rom] section" in up.stderr and "Traceback" not in up.stderr
+        assert "3 other servers left running" in up.stderr
+        rows = {int(str(r["server"])): r for r in status(root)}
+        assert all(rows[i]["running"] for i in (1, 2, 3)) and not rows[4]["running"]
+        assert pst("status", "--dir", str(root)).returncode == 1  # a server is stopped
+    finally:
+        bystander.kill()
+        pst("cluster", "down", "--dir", str(root))
