@@ -85,8 +85,8 @@ async def _serve(config: NodeConfig, zygote: int, control: socket.socket) -> Non
             functools.partial(serve_api, config.api_socket, backend, state_dir=config.state_dir)
         )
         log.info("server %d: local API on %s", config.server_id, config.api_socket)
-        if config.http.enabled:
-            await _start_web(nursery, config, link, backend, api, lambda: net)
+        if config.http.enabled:  # in the background: the signal receiver below must come at once
+            nursery.start_soon(_run_web, config, link, backend, api, lambda: net)
         notifier.ready(f"server {config.server_id}: serving, local API on {config.api_socket}")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
             async for signum in signals:
@@ -120,16 +120,15 @@ def _peer_links(net: PeerNetwork | None) -> dict[int, Any] | None:
     return links
 
 
-async def _start_web(
-    nursery: trio.Nursery,
+async def _run_web(
     config: NodeConfig,
     link: KeyHolderLink,
     backend: PServerBackend,
     api: ApiServer,
     network: Callable[[], PeerNetwork | None],
 ) -> None:
-    """The HTTP service (status page, /v1, /metrics); a failure to bind is logged, not fatal:
-    the status page must never take the key service down with it."""
+    """The HTTP service (status page, /v1, /metrics) until cancelled. A port it cannot bind is
+    logged, not fatal: the status page must never take the key service down with it."""
     from appliance.web import Sources, WebService  # after the zygote's fork: the key-holder never has it
 
     public = StateDir(config.state_dir).public_dir
@@ -147,18 +146,25 @@ async def _start_web(
         keyholder_pid=lambda: link.child_pid,
     )
     service = WebService(sources, config.http)
-    binds: list[str] = []
     try:
-        binds = await nursery.start(service.run)
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(service.run)
+            log.info("server %d: status page on %s", config.server_id, ", ".join(binds))
     except* OSError as group:
         log.error(
-            "server %d: HTTP service not started on %s:%d: %s (the server runs without it)",
+            "server %d: HTTP service on %s:%d stopped or not started: %s (the server runs without it)",
             config.server_id,
             *config.http.listen,
-            "; ".join(str(exc) for exc in group.exceptions),
+            "; ".join(str(exc) for exc in _leaves(group)),
         )
-    if binds:
-        log.info("server %d: status page on %s", config.server_id, ", ".join(binds))
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    """The exceptions of a (nested) group, without the groups."""
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 def refresh_request_path(config: NodeConfig) -> Path:
@@ -192,6 +198,7 @@ def serve(path: Path) -> int:
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
     logging.getLogger("pst.net").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per poll of the peers' status
     try:
         config = node_config.load(path)
         node_config.check_http_tls(config)

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 from appliance.web._view import STATES, LocalView, PeerPoller, Sources
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-disable_created_metrics()  # no *_created series: the process start time says as much
+disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series: the process start time says as much
 
 #: Refresh durations in seconds: a refresh takes about a second on loopback, several on a WAN.
 REFRESH_BUCKETS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0)
