@@ -10,6 +10,8 @@ import os
 import shutil
 import signal
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,16 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except urllib.error.HTTPError:  # 503 while not operational yet: it answers
+        return True
+    except OSError:
+        return False
+
+
 def rows(driver: Any) -> dict[int, tuple[str, str]]:
     """Server -> (data-state, text) of each row of the page's servers table."""
     from selenium.common.exceptions import StaleElementReferenceException
@@ -79,6 +91,7 @@ def rows(driver: Any) -> dict[int, tuple[str, str]]:
 def test_the_page_shows_all_servers_and_a_stopped_one_as_down(tmp_path: Path, browser: Any) -> None:
     with running_cluster(tmp_path / "c", n=4, period=4, round_ms=80) as root:
         url = node_config.load(root / "node-1" / "config.toml").http.url + "/"
+        wait_for(lambda: answers(url + "v1/health"), 30, "server 1's HTTP service")  # it starts last
         browser.get(url)
         assert browser.title == "pst: PServer network"
         wait_for(
