@@ -10,6 +10,8 @@ DEB_PACKAGES := openssl gcc pkg-config python3-dev libtss2-dev swtpm swtpm-tools
 DEB_PACKAGES += systemd binutils python3-venv adduser
 # The disk erasure test makes an ext4 image on a loop device.
 DEB_PACKAGES += e2fsprogs mount util-linux
+# The browser test of the status page drives Debian's chromium with its chromedriver (selenium).
+DEB_PACKAGES += chromium chromium-driver
 STAMP := $(VENV)/.installed
 
 .PHONY: test demo demo-crypto lint typecheck pytest bench deps debs venv deb clean

@@ -51,6 +51,7 @@ def _network_demo(args: argparse.Namespace) -> int:
     for node in nodes:
         _start_node(node)
     print(f"== {len(nodes)} servers started (one process each, TLS 1.3 between them on 127.0.0.1)")
+    print(f"   status page: {_status_page(nodes[0])}   (every server has one; see `pst status`)")
     print(f"   every {args.period:g} s they refresh: new period keys, a KeyTable signed with the group key,")
     print("   fresh shares of the group key; the group public key never changes.")
     print("   Each server's shares live only in its key-holder process, replaced after every refresh;")
@@ -278,6 +279,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         st["running"] = _alive(_pid(node))
         alerts = node / "state" / "public" / "alerts.jsonl"
         st["alerts"] = len(alerts.read_text().splitlines()) if alerts.exists() else 0
+        st["url"] = _status_page(node)
         rows.append(st)
     # Exit status 1 unless every server runs and is operational (for scripts and monitoring).
     healthy = all(st["running"] and st.get("status") == "operational" for st in rows) and bool(rows)
@@ -297,6 +299,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"group public key: {', '.join(sorted(k for k in keys if k)) or 'unknown'}")
     if rows and rows[0].get("rom"):
         print(f"ROM: {rows[0]['rom'].split(':')[0]}")
+    if rows:
+        print(f"status page: {rows[0]['url']}")
     return 0 if healthy else 1
 
 
@@ -472,6 +476,7 @@ def _cmd_cluster_up(args: argparse.Namespace) -> int:
         )
         return 1
     print(f"{len(nodes)} servers running. `pst status --dir {root}` shows them;")
+    print(f"the status page: {_status_page(nodes[0])}")
     print(f"`pst cluster down --dir {root}` stops them.")
     if args.detach:
         return 0
@@ -543,6 +548,18 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
             return 0 if ok and not stopped else 1
     print("pst refresh: timed out waiting for the refresh", file=sys.stderr)
     return 1
+
+
+def _status_page(node: Path) -> str:
+    """The URL of a server's status page (its [http] section), or why there is none."""
+    from appliance.host import config as node_config
+    from appliance.protocols.state import ConfigError
+
+    try:
+        http = node_config.load(node / "config.toml").http
+    except ConfigError as exc:
+        return f"unknown ({exc})"
+    return f"{http.url}/" if http.enabled else "none (http.enabled = false)"
 
 
 def _node_socket(node: Path) -> Path:
@@ -728,7 +745,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", help="cluster directory (default: a new temporary directory)")
     demo.add_argument("--period", type=float, default=30.0, help="period length in seconds (default 30)")
     demo.add_argument("--round-ms", type=int, default=100, help="round length in ms (default 100)")
-    demo.add_argument("--base-port", type=int, default=7100, help="server i listens on base+i (default 7100)")
+    demo.add_argument(
+        "--base-port",
+        type=int,
+        default=7100,
+        help="server i listens on base+i, its status page on base+100+i (default 7100)",
+    )
     demo.set_defaults(func=_cmd_demo)
     sim = sub.add_parser("sim", help="replay one deterministic simulation of the refresh protocol")
     sim.add_argument("--scenario", help="scenario family (see --list)")
@@ -746,7 +768,10 @@ def build_parser() -> argparse.ArgumentParser:
     cinit.add_argument("--period", type=float, default=30.0, help="period length in seconds (default 30)")
     cinit.add_argument("--round-ms", type=int, default=100, help="protocol round length in ms (default 100)")
     cinit.add_argument(
-        "--base-port", type=int, default=7100, help="server i listens on base+i (default 7100)"
+        "--base-port",
+        type=int,
+        default=7100,
+        help="server i listens on base+i, its status page on base+100+i (default 7100)",
     )
     cinit.add_argument(
         "--network-ceremony",

@@ -71,7 +71,7 @@ def random_free_base_port(n: int) -> int:
         base = random.randrange(30000, 60000 - n)
         with contextlib.ExitStack() as stack:
             try:
-                for i in range(1, n + 1):
+                for i in [*range(1, n + 1), *range(101, 101 + n)]:  # the servers, their HTTP services
                     s = stack.enter_context(socket.socket())
                     s.bind(("127.0.0.1", base + i))
             except OSError:

@@ -13,10 +13,15 @@ from pathlib import Path
 PST = [sys.executable, "-m", "appliance.cli"]
 
 
+#: `pst cluster init` puts server i's HTTP service on base + 100 + i (appliance.node.cluster).
+HTTP_PORT_OFFSET = 100
+
+
 def free_base_port(n: int) -> int:
+    """A base port with base+1..base+n (the servers) and base+101..base+100+n (their HTTP) free."""
     for base in range(20000, 60000, 97):
         ok = True
-        for i in range(1, n + 1):
+        for i in [*range(1, n + 1), *range(HTTP_PORT_OFFSET + 1, HTTP_PORT_OFFSET + n + 1)]:
             with socket.socket() as s:
                 try:
                     s.bind(("127.0.0.1", base + i))

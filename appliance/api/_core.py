@@ -80,6 +80,7 @@ import math
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, runtime_checkable
@@ -461,6 +462,10 @@ class ApiCore:
         self.store = store
         self._dirty = False
         self._saved_at = clock()
+        #: Requests answered, by (operation, "ok" or error code): what /metrics shows. The
+        #: operation is one of :data:`OPS`, "invalid" (no known op), "connection" (refused or
+        #: closed before a request was read) or "unknown" (timed out); nothing a client chose.
+        self.counts: Counter[tuple[str, str]] = Counter()
         if store is not None:
             saved = store.load()
             self._restore(saved)
@@ -538,20 +543,30 @@ class ApiCore:
         try:
             obj = encoding.decode(payload, max_size=MAX_REQUEST_SIZE, what="request")
         except DecodeError as exc:
+            self.count("invalid", BAD_REQUEST)
             return encode_response(error_response(None, BAD_REQUEST, str(exc)[:200])), True
         if not isinstance(obj, dict):
+            self.count("invalid", BAD_REQUEST)
             msg = f"request: expected a map, got {_type_name(obj)}"
             return encode_response(error_response(None, BAD_REQUEST, msg)), True
         return encode_response(await self.handle(obj, peer)), False
 
+    def count(self, op: object, code: str) -> None:
+        """Count one answer (an ``op`` outside :data:`OPS` and the labels above is "invalid")."""
+        label = op if isinstance(op, str) and (op in OPS or op in ("connection", "unknown")) else "invalid"
+        self.counts[(label, code)] += 1
+
     async def handle(self, obj: object, peer: PeerCred) -> dict[str, Any]:
         """One decoded request to one response map; never raises (except cancellation)."""
         rid = request_id_of(obj)
+        op = obj.get("op") if isinstance(obj, dict) else None
         try:
             request = parse_request(obj)
             result = await self._dispatch(request, peer)
         except ApiError as exc:
+            self.count(op, exc.code)
             return error_response(rid, exc.code, exc.message)
+        self.count(op, "ok")
         return ok_response(request.id, result)
 
     # Operations ------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -94,30 +95,41 @@ class PServerBackend:
         self.servers = sorted(set(servers) | {server_id})
         self.status_file = status_file
         self.clock = clock
+        #: Group-key signatures asked of the node through this backend, by (kind, outcome):
+        #: kind "app", "distributed" or "upgrade"; outcome "signed", "refused" or "unavailable".
+        self.signatures: Counter[tuple[str, str]] = Counter()
 
     async def sign(self, app: str, message: bytes) -> bytes:
         return await self.sign_digest(app, hashlib.sha512(message).digest())
 
     async def sign_digest(self, app: str, sha512: bytes) -> bytes:
         try:
-            return await self._sign_app(app, sha512)
+            signature = await self._sign_app(app, sha512)
         except SigningRefused as exc:
+            self.signatures["app", "unavailable"] += 1
             raise BackendUnavailable(str(exc)[:200]) from None
         except trio.TooSlowError:
+            self.signatures["app", "unavailable"] += 1
             raise BackendUnavailable("the signing servers did not answer in time") from None
+        self.signatures["app", "signed"] += 1
+        return signature
 
     async def sign_upgrade(self) -> bytes:
         """[Scert(U), U] for the upgrade this server's operator approved (``pst upgrade sign``)."""
         if self._sign_upgrade is None:
             raise BackendUnavailable("this server cannot sign upgrades")
         try:
-            return await self._sign_upgrade()
+            certificate = await self._sign_upgrade()
         except SigningRefused as exc:
+            self.signatures["upgrade", "unavailable"] += 1
             raise BackendUnavailable(str(exc)[:300]) from None
         except trio.TooSlowError:
+            self.signatures["upgrade", "unavailable"] += 1
             raise BackendUnavailable(
                 "no signature in time: fewer than t+1 servers' operators approved this upgrade?"
             ) from None
+        self.signatures["upgrade", "signed"] += 1
+        return certificate
 
     async def random(self, nonce: bytes) -> tuple[bytes, bytes]:
         if self._random is None:
@@ -137,10 +149,19 @@ class PServerBackend:
     async def distributed_request(
         self, app: str, verifier: bytes, protocol: str, payload: bytes, timeout: float
     ) -> bytes:
-        answer = _checked(await self._node().request(app, verifier, protocol, payload, timeout))
+        try:
+            answer = _checked(await self._node().request(app, verifier, protocol, payload, timeout))
+        except BackendRefused:
+            self.signatures["distributed", "refused"] += 1
+            raise
+        except BackendUnavailable:
+            self.signatures["distributed", "unavailable"] += 1
+            raise
         signature = answer.get("signature")
         if not isinstance(signature, bytes):
+            self.signatures["distributed", "unavailable"] += 1
             raise BackendUnavailable("the node returned no signature")
+        self.signatures["distributed", "signed"] += 1
         return signature
 
     async def distributed_pending(self, app: str, verifier: bytes) -> Sequence[Mapping[str, Any]]:

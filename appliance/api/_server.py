@@ -177,6 +177,7 @@ class ApiServer:
         try:
             if self.connections >= self.max_connections:
                 log.warning("api: %d connections already open; refusing another", self.connections)
+                self.core.count("connection", QUOTA)
                 reply = error_response(None, QUOTA, "too many connections")
                 await self._send(stream, encode_response(reply))
                 return
@@ -202,6 +203,7 @@ class ApiServer:
             # PrivateUsers=yes maps only root and the service user): names, handles and quotas
             # would be shared by all of them, so nobody is served under it.
             log.warning("api: refused pid %d: its uid is not mapped in our user namespace", peer.pid)
+            self.core.count("connection", NOT_PERMITTED)
             reply = error_response(
                 None,
                 NOT_PERMITTED,
@@ -226,11 +228,13 @@ class ApiServer:
                 try:
                     decoder.eof()
                 except FramingError as exc:
+                    self.core.count("connection", BAD_REQUEST)
                     await self._send(stream, encode_response(error_response(None, BAD_REQUEST, str(exc))))
                 return
             try:
                 frames = decoder.feed(data)
             except FramingError as exc:
+                self.core.count("connection", TOO_LARGE)
                 await self._send(stream, encode_response(error_response(None, TOO_LARGE, str(exc))))
                 return
             for frame in frames:
@@ -240,6 +244,7 @@ class ApiServer:
                 with trio.move_on_after(self.request_timeout):
                     response, close = await self.core.handle_frame(frame, peer)
                 if response is None:
+                    self.core.count("unknown", UNAVAILABLE)  # the op is not known here
                     reply = error_response(None, UNAVAILABLE, "the request timed out")
                     response = encode_response(reply)
                 if not await self._send(stream, response) or close:

@@ -28,13 +28,26 @@ Example (``pst cluster init`` writes one per server)::
     1 = "127.0.0.1:7101"
     2 = "127.0.0.1:7102"
 
+    [http]                         # the status page, JSON API and /metrics (optional section)
+    listen = "127.0.0.1:7201"      # default 127.0.0.1:7180; any other than loopback needs TLS:
+    # cert = "/etc/pst/http.crt"   # PEM certificate chain and its key (both or neither)
+    # key = "/etc/pst/http.key"
+    # client_ca = "/etc/pst/operators-ca.pem"  # if set, clients must present a certificate it signed
+    # ca = "/etc/pst/http-peers-ca.pem"        # verifies the peers' https:// pages (default: system CAs)
+    # hosts = ["pst1.example.org"]  # Host headers accepted (default: loopback names when on loopback)
+    # enabled = false              # no HTTP service at all
+
+    [http.peers]                   # where this server fetches the others' /v1/status (not part of C)
+    2 = "http://127.0.0.1:7202"
+
 Errors name the file and the key, and say what is expected.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +56,54 @@ from appliance.protocols.state import ConfigError, Constants
 #: The TPM NV index that holds the ROM image, and how to reach the TPM (appliance.boot.tpm).
 DEFAULT_NV_INDEX = 0x01500050
 DEFAULT_TCTI = "device:/dev/tpmrm0"
+#: Where the HTTP service listens when the config has no [http] section or no http.listen.
+DEFAULT_HTTP_LISTEN = ("127.0.0.1", 7180)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The [http] section: the status page, the JSON API and /metrics, served by ``pst serve``.
+
+    Public data only, and read-only. ``listen`` on anything but loopback requires ``cert`` and
+    ``key`` (TLS); ``client_ca`` additionally requires client certificates. ``peers`` are the
+    other servers' HTTP base URLs (``http://`` or ``https://``, verified with ``ca`` or the
+    system's CAs), from which this server fetches their ``/v1/status`` for its network page.
+    """
+
+    enabled: bool = True
+    listen: tuple[str, int] = DEFAULT_HTTP_LISTEN
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+    ca: Path | None = None
+    hosts: tuple[str, ...] = ()
+    peers: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def tls(self) -> bool:
+        return self.cert is not None
+
+    @property
+    def url(self) -> str:
+        """This server's own base URL as seen from this machine."""
+        host, port = self.listen
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    """Is ``host`` (an IP literal or ``localhost``) a loopback address?"""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -60,13 +121,24 @@ class NodeConfig:
     rom_label: str | None = None
     rom_id: str | None = None
     rom_device: Path | None = None
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     @property
     def peers(self) -> dict[int, tuple[str, int]]:
         return {i: parse_address(a, f"network.peers.{i}", self.path) for i, a in self.constants.peers.items()}
 
 
-def parse_address(value: Any, key: str, path: Path) -> tuple[str, int]:
+def parse_address(value: Any, key: str, path: Path, *, ipv6: bool = False) -> tuple[str, int]:
+    """``"host:port"`` (with ``ipv6``, also ``"[v6 address]:port"``)."""
+    if ipv6 and isinstance(value, str) and value.startswith("[") and "]:" in value:
+        host, port = value[1:].split("]:", 1)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"{path}: {key} has an invalid IPv6 address {host!r}") from None
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{path}: {key} has an invalid port {port!r}")
+        return host, int(port)
     if not isinstance(value, str) or value.count(":") != 1:
         raise ConfigError(f'{path}: {key} must be "host:port", got {value!r}')
     host, port = value.rsplit(":", 1)
@@ -144,8 +216,124 @@ def from_dict(raw: dict[str, Any], path: Path) -> NodeConfig:
         state_dir=Path(_get(server, "state_dir", str, path, "server")),
         api_socket=Path(_get(server, "api_socket", str, path, "server")),
         constants=constants,
+        http=_http_settings(raw.get("http"), path, constants.ids),
         **rom_settings,
     )
+
+
+_HTTP_KEYS = {"enabled", "listen", "cert", "key", "client_ca", "ca", "hosts", "peers"}
+
+
+def _file_key(table: dict[str, Any], key: str, path: Path) -> Path | None:
+    if key not in table:
+        return None
+    value = table[key]
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{path}: http.{key} must be a file path, got {value!r}")
+    file = Path(value)
+    if not file.is_absolute():
+        file = path.parent / file
+    if not file.is_file():
+        raise ConfigError(f"{path}: http.{key}: no such file {file}")
+    return file
+
+
+def _http_settings(http: Any, path: Path, ids: range) -> HttpConfig:
+    """The [http] section (optional: without it, plain HTTP on 127.0.0.1:7180)."""
+    if http is None:
+        return HttpConfig()
+    if not isinstance(http, dict):
+        raise ConfigError(f"{path}: [http] must be a section")
+    for key in http:
+        if key not in _HTTP_KEYS:
+            raise ConfigError(
+                f"{path}: http.{key} is not a known key (known: {', '.join(sorted(_HTTP_KEYS))})"
+            )
+    enabled = http.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{path}: http.enabled must be true or false, got {enabled!r}")
+    listen = DEFAULT_HTTP_LISTEN
+    if "listen" in http:
+        listen = parse_address(http["listen"], "http.listen", path, ipv6=True)
+    cert, key = _file_key(http, "cert", path), _file_key(http, "key", path)
+    if (cert is None) != (key is None):
+        raise ConfigError(f"{path}: http.cert and http.key go together: give both or neither")
+    if cert is None and enabled and not is_loopback(listen[0]):
+        raise ConfigError(
+            f"{path}: http.listen = {http['listen']!r} is not a loopback address: "
+            "set http.cert and http.key (TLS), or listen on 127.0.0.1"
+        )
+    client_ca = _file_key(http, "client_ca", path)
+    if client_ca is not None and cert is None:
+        raise ConfigError(f"{path}: http.client_ca needs TLS: set http.cert and http.key too")
+    hosts = http.get("hosts", [])
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
+        raise ConfigError(f'{path}: http.hosts must be a list of host names, e.g. ["pst1.example.org"]')
+    peers_raw = http.get("peers", {})
+    if not isinstance(peers_raw, dict):
+        raise ConfigError(f"{path}: [http.peers] must map server ids to URLs")
+    peers: dict[int, str] = {}
+    for k, v in peers_raw.items():
+        where = f"http.peers.{k}"
+        if not str(k).isdigit() or int(k) not in ids:
+            raise ConfigError(f"{path}: {where}: keys must be server ids 1..{len(ids)}, got {k!r}")
+        peers[int(k)] = _peer_url(v, where, path)
+    return HttpConfig(
+        enabled=enabled,
+        listen=listen,
+        cert=cert,
+        key=key,
+        client_ca=client_ca,
+        ca=_file_key(http, "ca", path),
+        hosts=tuple(h.lower() for h in hosts),
+        peers=peers,
+    )
+
+
+def check_http_tls(config: NodeConfig) -> None:
+    """Load the HTTP service's certificate, key and CAs once, so a bad file stops ``pst serve``
+    at start with its name and key (the key file is read here and by the HTTP service only)."""
+    import ssl
+
+    http = config.http
+    if not http.enabled or http.cert is None or http.key is None:
+        return
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(str(http.cert), str(http.key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"{config.path}: http.cert / http.key: cannot load {http.cert} with {http.key}: "
+            f"{getattr(exc, 'reason', None) or exc.strerror or type(exc).__name__}"
+        ) from None
+    for key, file in (("client_ca", http.client_ca), ("ca", http.ca)):
+        if file is None:
+            continue
+        try:
+            context.load_verify_locations(str(file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"{config.path}: http.{key}: cannot load {file} as PEM certificates: "
+                f"{getattr(exc, 'reason', None) or exc.strerror or type(exc).__name__}"
+            ) from None
+
+
+def _peer_url(value: Any, where: str, path: Path) -> str:
+    """``http://host:port`` or ``https://host:port``, no path: a peer's HTTP service."""
+    if not isinstance(value, str):
+        raise ConfigError(f'{path}: {where} must be a URL such as "https://pst2.example.org:7180"')
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("http", "https"):
+        raise ConfigError(f"{path}: {where} must start with http:// or https://, got {value!r}")
+    rest = rest.rstrip("/")
+    if "/" in rest or "?" in rest or "@" in rest or "#" in rest:
+        raise ConfigError(f"{path}: {where} must be scheme://host:port with no path, got {value!r}")
+    host, port = parse_address(rest, where, path, ipv6=True)
+    if scheme == "http" and not is_loopback(host):
+        raise ConfigError(f"{path}: {where} = {value!r}: a peer off this machine is reached over https://")
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
 
 
 _ROM_KEYS = {

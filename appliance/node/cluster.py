@@ -37,9 +37,18 @@ def node_dir(root: Path, i: int) -> Path:
     return root / f"node-{i}"
 
 
+#: Server i's HTTP service (status page, /v1, /metrics) listens on base_port + HTTP_PORT_OFFSET + i.
+HTTP_PORT_OFFSET = 100
+
+
+def http_url(base_port: int, i: int) -> str:
+    return f"http://127.0.0.1:{base_port + HTTP_PORT_OFFSET + i}"
+
+
 def config_text(root: Path, i: int, c: Constants, base_port: int) -> str:
     d = node_dir(root, i).resolve()
     peers = "\n".join(f'{j} = "127.0.0.1:{base_port + j}"' for j in c.ids)
+    http_peers = "\n".join(f'{j} = "{http_url(base_port, j)}"' for j in c.ids if j != i)
     return f"""# PServer {i} of a local cluster (written by pst cluster init)
 [server]
 id = {i}
@@ -61,6 +70,14 @@ code_digest = "{c.code_digest.hex()}"
 
 [network.peers]
 {peers}
+
+# The status page, JSON API and /metrics of this server (public data, loopback only).
+[http]
+listen = "127.0.0.1:{base_port + HTTP_PORT_OFFSET + i}"
+
+# Where this server fetches the others' /v1/status for its network page.
+[http.peers]
+{http_peers}
 """
 
 

@@ -8,12 +8,13 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from appliance.api import PServerBackend, serve_api
+from appliance.api import ApiServer, PServerBackend, serve_api
 from appliance.host import config as node_config
 from appliance.host.config import NodeConfig
 from appliance.net import ChannelIdentity, PeerNetwork
@@ -80,10 +81,12 @@ async def _serve(config: NodeConfig, zygote: int, control: socket.socket) -> Non
             distributed=LinkApprovals(link),
             sign_upgrade=link.sign_upgrade,
         )
-        await nursery.start(
+        api: ApiServer = await nursery.start(
             functools.partial(serve_api, config.api_socket, backend, state_dir=config.state_dir)
         )
         log.info("server %d: local API on %s", config.server_id, config.api_socket)
+        if config.http.enabled:  # in the background: the signal receiver below must come at once
+            nursery.start_soon(_run_web, config, link, backend, api, lambda: net)
         notifier.ready(f"server {config.server_id}: serving, local API on {config.api_socket}")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
             async for signum in signals:
@@ -94,6 +97,74 @@ async def _serve(config: NodeConfig, zygote: int, control: socket.socket) -> Non
                 notifier.stopping(f"{signal.Signals(signum).name} received")
                 nursery.cancel_scope.cancel()
                 break
+
+
+def _peer_links(net: PeerNetwork | None) -> dict[int, Any] | None:
+    """Each peer's connection state as the web service shows it (public: no key, no address)."""
+    from appliance.web import PeerLink
+
+    if net is None:
+        return None
+    links = {}
+    for peer in net.peers:
+        connections = tuple(
+            {
+                "direction": c.direction,
+                "authenticated": c.authenticated,
+                "period": c.period,
+                "tls": c.tls_version,
+            }
+            for c in net.connections(peer)
+        )
+        links[peer] = PeerLink(net.state(peer).value, net.is_authenticated(peer), connections)
+    return links
+
+
+async def _run_web(
+    config: NodeConfig,
+    link: KeyHolderLink,
+    backend: PServerBackend,
+    api: ApiServer,
+    network: Callable[[], PeerNetwork | None],
+) -> None:
+    """The HTTP service (status page, /v1, /metrics) until cancelled. A port it cannot bind is
+    logged, not fatal: the status page must never take the key service down with it."""
+    from appliance.web import Sources, WebService  # after the zygote's fork: the key-holder never has it
+
+    public = StateDir(config.state_dir).public_dir
+    sources = Sources(
+        server_id=config.server_id,
+        constants=config.constants,
+        status_file=public / "status.json",
+        alerts_file=public / "alerts.jsonl",
+        peer_urls=config.http.peers,
+        own_url=config.http.url,
+        peer_links=lambda: _peer_links(network()),
+        rejections=lambda: net.rejections if (net := network()) is not None else (),
+        api_counts=lambda: api.core.counts,
+        signature_counts=lambda: backend.signatures,
+        keyholder_pid=lambda: link.child_pid,
+    )
+    service = WebService(sources, config.http)
+    try:
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(service.run)
+            log.info("server %d: status page on %s", config.server_id, ", ".join(binds))
+    except* OSError as group:
+        log.error(
+            "server %d: HTTP service on %s:%d stopped or not started: %s (the server runs without it)",
+            config.server_id,
+            *config.http.listen,
+            "; ".join(str(exc) for exc in _leaves(group)),
+        )
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    """The exceptions of a (nested) group, without the groups."""
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 def refresh_request_path(config: NodeConfig) -> Path:
@@ -127,8 +198,10 @@ def serve(path: Path) -> int:
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
     logging.getLogger("pst.net").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per poll of the peers' status
     try:
         config = node_config.load(path)
+        node_config.check_http_tls(config)
     except ConfigError as exc:
         print(f"pst serve: {exc}", file=sys.stderr)
         return 2

@@ -44,6 +44,9 @@ from appliance.protocols.state import SCERT
 
 log = logging.getLogger("pst.server")
 
+#: How many refresh records status.json keeps (``recent_refreshes``, oldest first).
+RECENT_REFRESHES = 20
+
 
 class Transport(Protocol):
     """What the PServer needs from the network layer."""
@@ -84,6 +87,7 @@ class PServer:
         self.core: ServerCore | None = None
         self.rom: Rom = open_rom(config)
         self.last_refresh: dict[str, Any] = {}
+        self.recent_refreshes: list[dict[str, Any]] = []
         self._refresh_started: dict[int, float] = {}
         self._pending_rekey: tuple[int, dict[int, bytes], bytes] | None = None
         self._channel_period = -1
@@ -162,6 +166,8 @@ class PServer:
             self._pending_rekey = (table.period, period_keys(outcome.public), private.signing_seed)
         if finishing or outcome.public.complete:
             self.last_refresh = self._refresh_record(period, outcome, started)
+            older = [r for r in self.recent_refreshes if r.get("period") != period]
+            self.recent_refreshes = [*older, self.last_refresh][-RECENT_REFRESHES:]
             self._in_progress = {}
         else:
             self._in_progress = {"period": period, "started": started, "decided": self.clock()}
@@ -222,6 +228,17 @@ class PServer:
         last = previous.get("last_refresh") if isinstance(previous, dict) else None
         return last if isinstance(last, dict) else {}
 
+    def _previous_recent_refreshes(self) -> list[dict[str, Any]]:
+        """The last refreshes as the previous key-holder of this server reported them."""
+        try:
+            previous = json.loads((self.store.public_dir / "status.json").read_text())
+        except (OSError, ValueError):
+            return []
+        recent = previous.get("recent_refreshes") if isinstance(previous, dict) else None
+        if not isinstance(recent, list):
+            return []
+        return [r for r in recent if isinstance(r, dict)][-RECENT_REFRESHES:]
+
     def _previous_in_progress(self) -> dict[str, Any]:
         try:
             previous = json.loads((self.store.public_dir / "status.json").read_text())
@@ -240,6 +257,8 @@ class PServer:
             "last_refresh": self.last_refresh,
             "refresh_in_progress": self._in_progress or None,
             "keytable_fingerprint": table.fingerprint() if table is not None else None,
+            "keytable_members": sorted(table.entries) if table is not None else None,
+            "recent_refreshes": self.recent_refreshes,
             "group_public_key": sharing.public_key.hex() if sharing is not None else None,
             "rom": self.rom.describe(),
             "pid": self._status_pid,
@@ -253,6 +272,7 @@ class PServer:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         core = self.core = self._load()
         self.last_refresh = self.last_refresh or self._previous_last_refresh()
+        self.recent_refreshes = self.recent_refreshes or self._previous_recent_refreshes()
         self._in_progress = self._previous_in_progress()
         core.start_signing()
         if core.public.key_table is not None:

@@ -1,0 +1,398 @@
+"""The ASGI application: the status page, ``/v1/...`` (JSON), ``/metrics``; read-only.
+
+Every answer that is not a success is a JSON object ``{"error": {"status": int, "code": str,
+"message": str}}`` with a 4xx or 5xx status: unknown path (404 ``not-found``), method other
+than GET or HEAD (405 ``method-not-allowed``), unknown or bad query parameter (400
+``bad-request``), a Host header this server does not answer to (421 ``misdirected``), and
+anything unexpected (500 ``internal``, logged by exception type; the client learns nothing
+more). The outermost layer (:class:`_Guard`) catches every exception of the handlers, so no
+request can stop the service. Request bodies are never read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from appliance.host.config import is_loopback
+from appliance.web._metrics import CONTENT_TYPE, Metrics
+from appliance.web._page import INDEX_HTML, PAGE_CSS, PAGE_JS
+from appliance.web._view import API_NAME, MAX_TIMELINE, LocalView, PeerPoller, network_document
+
+log = logging.getLogger("pst.web")
+
+SECURITY_HEADERS: Final = {
+    "content-security-policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "no-referrer",
+    "cache-control": "no-store",
+}
+#: Longest path and query string answered with anything but 414.
+MAX_TARGET: Final = 2048
+
+
+class HttpError(Exception):
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers = dict(headers or {})
+
+
+def error_body(status: int, code: str, message: str) -> bytes:
+    return json.dumps({"error": {"status": status, "code": code, "message": message}}).encode()
+
+
+def _params(request: Request, allowed: Mapping[str, tuple[int, int]]) -> dict[str, int]:
+    """Integer query parameters within bounds; anything else is a 400 that names it."""
+    out: dict[str, int] = {}
+    for key, value in request.query_params.multi_items():
+        if key not in allowed:
+            known = ", ".join(sorted(allowed)) or "none"
+            raise HttpError(400, "bad-request", f"unknown query parameter {key[:40]!r} (known: {known})")
+        if key in out:
+            raise HttpError(400, "bad-request", f"query parameter {key!r} given twice")
+        low, high = allowed[key]
+        if not (value.isascii() and value.isdigit() and len(value) <= 9 and low <= int(value) <= high):
+            raise HttpError(
+                400, "bad-request", f"query parameter {key!r} must be an integer in {low}..{high}"
+            )
+        out[key] = int(value)
+    return out
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return JSONResponse(body, status_code=status)
+
+
+def openapi() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the JSON API (``/v1/openapi.json``)."""
+    error = {"$ref": "#/components/schemas/Error"}
+
+    def answer(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+        content = {"application/json": {"schema": schema or {"type": "object"}}}
+        return {"description": description, "content": content}
+
+    errors = {
+        "400": answer("a bad query parameter", error),
+        "404": answer("no such path", error),
+        "405": answer("only GET and HEAD", error),
+        "421": answer("a Host this server does not answer to", error),
+        "500": answer("an internal error (logged by the server)", error),
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "pst: PServer status API",
+            "version": "1",
+            "description": "Read-only, public data of one PServer and of the network as it sees it. "
+            "No secret is ever served.",
+        },
+        "paths": {
+            "/v1/status": {
+                "get": {
+                    "summary": "This server: state, period, KeyTable, refreshes, peers' connections, alerts",
+                    "responses": {
+                        "200": answer("this server's status", {"$ref": "#/components/schemas/Status"})
+                    }
+                    | errors,
+                }
+            },
+            "/v1/network": {
+                "get": {
+                    "summary": "Every server as this one sees it (what the status page shows)",
+                    "responses": {"200": answer("the network")} | errors,
+                }
+            },
+            "/v1/refreshes": {
+                "get": {
+                    "summary": "This server's recent refreshes, oldest first",
+                    "parameters": [
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_TIMELINE},
+                        }
+                    ],
+                    "responses": {"200": answer("refresh records")} | errors,
+                }
+            },
+            "/v1/alerts": {
+                "get": {
+                    "summary": "The alerts this server raised: counts by kind and the newest",
+                    "responses": {"200": answer("alerts")} | errors,
+                }
+            },
+            "/v1/health": {
+                "get": {
+                    "summary": "200 if this server is operational with a fresh status, else 503",
+                    "responses": {
+                        "200": answer("operational", {"$ref": "#/components/schemas/Health"}),
+                        "503": answer(
+                            "not operational (recovering, stale)", {"$ref": "#/components/schemas/Health"}
+                        ),
+                    }
+                    | errors,
+                }
+            },
+            "/v1/openapi.json": {
+                "get": {"summary": "This document", "responses": {"200": answer("OpenAPI")}}
+            },
+        },
+        "components": {
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["status", "code", "message"],
+                            "properties": {
+                                "status": {"type": "integer"},
+                                "code": {"type": "string"},
+                                "message": {"type": "string"},
+                            },
+                        }
+                    },
+                },
+                "Health": {
+                    "type": "object",
+                    "required": ["server", "healthy", "state", "reason"],
+                    "properties": {
+                        "server": {"type": "integer"},
+                        "healthy": {"type": "boolean"},
+                        "state": {"enum": ["operational", "recovering", "stale", "stopped"]},
+                        "reason": {"type": "string"},
+                        "period": {"type": ["integer", "null"]},
+                    },
+                },
+                "Status": {
+                    "type": "object",
+                    "required": ["api", "server", "now", "state", "reason", "status", "peers", "alerts"],
+                    "properties": {
+                        "api": {"const": API_NAME},
+                        "server": {"type": "integer"},
+                        "now": {"type": "number", "description": "this server's clock (Unix time)"},
+                        "state": {"enum": ["operational", "recovering", "stale", "stopped"]},
+                        "reason": {"type": "string"},
+                        "status": {"type": ["object", "null"], "description": "from status.json"},
+                        "peers": {"type": ["object", "null"], "description": "connections, by peer id"},
+                        "alerts": {"type": "object"},
+                        "keyholder": {"type": "object"},
+                        "clock": {"type": "object"},
+                        "constants": {"type": "object"},
+                    },
+                },
+            }
+        },
+    }
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class WebApp:
+    """The routes over one server's views; :attr:`asgi` is what hypercorn serves."""
+
+    def __init__(
+        self,
+        local: LocalView,
+        poller: PeerPoller | None,
+        metrics: Metrics,
+        *,
+        hosts: tuple[str, ...] = (),
+        loopback_only: bool = True,
+    ) -> None:
+        self.local = local
+        self.poller = poller
+        self.metrics = metrics
+        self.hosts = frozenset(h.lower() for h in hosts)
+        self.loopback_only = loopback_only
+        self._openapi = json.dumps(openapi()).encode()
+        routes = [
+            Route("/", self.index, methods=["GET", "HEAD"]),
+            Route("/static/page.js", self.script, methods=["GET", "HEAD"]),
+            Route("/static/page.css", self.style, methods=["GET", "HEAD"]),
+            Route("/v1/status", self.status, methods=["GET", "HEAD"]),
+            Route("/v1/network", self.network, methods=["GET", "HEAD"]),
+            Route("/v1/refreshes", self.refreshes, methods=["GET", "HEAD"]),
+            Route("/v1/alerts", self.alerts, methods=["GET", "HEAD"]),
+            Route("/v1/health", self.health, methods=["GET", "HEAD"]),
+            Route("/v1/openapi.json", self.openapi, methods=["GET", "HEAD"]),
+            Route("/metrics", self.prometheus, methods=["GET", "HEAD"]),
+        ]
+        self.routes = frozenset(r.path for r in routes)
+
+        async def http_error(request: Request, exc: Exception) -> Response:
+            status = getattr(exc, "status_code", 500)
+            code = {404: "not-found", 405: "method-not-allowed"}.get(status, "bad-request")
+            detail = {404: "no such path", 405: "only GET and HEAD are served"}.get(status, "bad request")
+            headers = {"allow": "GET, HEAD"} if status == 405 else None
+            return Response(error_body(status, code, detail), status, headers, media_type="application/json")
+
+        async def own_error(request: Request, exc: Exception) -> Response:
+            assert isinstance(exc, HttpError)
+            body = error_body(exc.status, exc.code, exc.message)
+            return Response(body, exc.status, exc.headers, media_type="application/json")
+
+        async def internal_error(request: Request, exc: Exception) -> Response:
+            body = error_body(500, "internal", "internal error (logged by the server)")
+            return Response(body, 500, media_type="application/json")
+
+        self.starlette = Starlette(
+            routes=routes,
+            exception_handlers={HTTPException: http_error, HttpError: own_error, Exception: internal_error},
+        )
+        self.starlette.router.redirect_slashes = False  # /v1/status/ is a 404, not a redirect
+        self.asgi: ASGIApp = _Guard(self.starlette, self)
+
+    # -- routes -------------------------------------------------------------------------------
+
+    async def index(self, request: Request) -> Response:
+        _params(request, {})
+        return Response(INDEX_HTML, media_type="text/html; charset=utf-8")
+
+    async def script(self, request: Request) -> Response:
+        _params(request, {})
+        return Response(PAGE_JS, media_type="text/javascript; charset=utf-8")
+
+    async def style(self, request: Request) -> Response:
+        _params(request, {})
+        return Response(PAGE_CSS, media_type="text/css; charset=utf-8")
+
+    async def status(self, request: Request) -> Response:
+        _params(request, {})
+        return _json(self.local.document())
+
+    async def network(self, request: Request) -> Response:
+        _params(request, {})
+        return _json(network_document(self.local, self.poller))
+
+    async def refreshes(self, request: Request) -> Response:
+        limit = _params(request, {"limit": (1, MAX_TIMELINE)}).get("limit", MAX_TIMELINE)
+        recent = (self.local.status or {}).get("recent_refreshes", [])
+        return _json({"server": self.local.sources.server_id, "refreshes": recent[-limit:]})
+
+    async def alerts(self, request: Request) -> Response:
+        _params(request, {})
+        return _json({"server": self.local.sources.server_id, **self.local.alerts.summary()})
+
+    async def health(self, request: Request) -> Response:
+        _params(request, {})
+        healthy, body = self.local.health()
+        return _json(body, 200 if healthy else 503)
+
+    async def openapi(self, request: Request) -> Response:
+        _params(request, {})
+        return Response(self._openapi, media_type="application/json")
+
+    async def prometheus(self, request: Request) -> Response:
+        _params(request, {})
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    # -- checks done before routing -----------------------------------------------------------
+
+    def check_host(self, host: str | None) -> None:
+        """Refuse Host headers this server does not answer to (DNS rebinding on loopback)."""
+        if host is None:
+            return  # HTTP/1.0 without Host: no browser sends that
+        name = host.lower()
+        if name.startswith("["):
+            name = name[1 : name.find("]")] if "]" in name else name
+        elif name.count(":") == 1:
+            name = name.split(":", 1)[0]
+        if self.hosts and name in self.hosts:
+            return
+        if self.loopback_only or self.hosts:
+            if is_loopback(name):
+                return
+            raise HttpError(421, "misdirected", "this server does not answer to that Host")
+
+
+class _Guard:
+    """Outermost ASGI layer: target length, Host check, error bodies, counting, headers."""
+
+    def __init__(self, app: ASGIApp, web: WebApp) -> None:
+        self.app = app
+        self.web = web
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return  # websockets are not served: the connection is closed
+        path = scope.get("path", "")
+        route = path if path in self.web.routes else "other"
+        started = False
+        status_code = 500
+
+        async def send_wrapped(message: Message) -> None:
+            nonlocal started, status_code
+            if message["type"] == "http.response.start":
+                started = True
+                status_code = int(message["status"])
+                headers = list(message.get("headers", []))
+                names = {name.lower() for name, _ in headers}
+                for name, value in SECURITY_HEADERS.items():
+                    if name.encode() not in names:
+                        headers.append((name.encode(), value.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            target = len(scope.get("raw_path", b"")) + len(scope.get("query_string", b""))
+            if target > MAX_TARGET:
+                raise HttpError(414, "uri-too-long", f"path and query longer than {MAX_TARGET} bytes")
+            host = None
+            for name, value in scope.get("headers", []):
+                if name.lower() == b"host":
+                    if host is not None:
+                        raise HttpError(400, "bad-request", "more than one Host header")
+                    host = value.decode("latin-1")
+            self.web.check_host(host)
+            await self.app(scope, receive, send_wrapped)
+        except HttpError as exc:
+            if not started:
+                await _send_error(send_wrapped, exc.status, exc.code, exc.message, exc.headers)
+        except Exception as exc:  # a bug costs one request, never the service
+            log.error("web: %s %s failed (%s)", scope.get("method"), route, type(exc).__name__)
+            if not started:
+                await _send_error(send_wrapped, 500, "internal", "internal error (logged by the server)")
+        finally:
+            self.web.metrics.http_requests.labels(route, str(status_code)).inc()
+
+
+async def _send_error(
+    send: Send, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> None:
+    body = error_body(status, code, message)
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

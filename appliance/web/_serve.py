@@ -1,0 +1,140 @@
+"""Running the HTTP service inside ``pst serve``: hypercorn's trio worker and the pollers.
+
+:class:`WebService` owns the views, the metrics and the application. :meth:`WebService.run`
+(started in the network-facing process's nursery) binds the listener with hypercorn on trio,
+re-reads status.json and alerts.jsonl every second, counts the refused peer connections,
+and polls every peer's ``/v1/status`` every :data:`POLL_INTERVAL` seconds with a timeout
+of :data:`POLL_TIMEOUT`. It never touches the key-holder: everything it reads is public.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Any, Final
+
+import httpx
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from appliance.host.config import HttpConfig, is_loopback
+from appliance.web._app import WebApp
+from appliance.web._metrics import Metrics
+from appliance.web._view import MAX_PEER_ANSWER, Fetcher, LocalView, PeerPoller, Sources, refused_since
+
+log = logging.getLogger("pst.web")
+
+POLL_INTERVAL: Final = 2.0
+POLL_TIMEOUT: Final = 1.5
+LOCAL_INTERVAL: Final = 1.0
+
+
+class WebService:
+    """One server's HTTP service: views, metrics, application."""
+
+    def __init__(self, sources: Sources, http: HttpConfig, *, fetch: Fetcher | None = None) -> None:
+        self.sources = sources
+        self.http = http
+        self.local = LocalView(sources)
+        self._client: httpx.AsyncClient | None = None
+        peers = {i: u for i, u in sources.peer_urls.items() if i != sources.server_id}
+        self.poller = PeerPoller(sources, fetch or self._fetch) if peers else None
+        self.metrics = Metrics(sources, self.local, self.poller)
+        self.local.on_refresh = self.metrics.observe_refresh
+        self.app = WebApp(
+            self.local,
+            self.poller,
+            self.metrics,
+            hosts=http.hosts,
+            loopback_only=is_loopback(http.listen[0]),
+        )
+        self._last_rejection: Any = None
+
+    async def _fetch(self, url: str) -> tuple[int, bytes]:
+        if self._client is None:
+            verify: ssl.SSLContext | bool = True
+            if self.http.ca is not None:
+                verify = ssl.create_default_context(cafile=str(self.http.ca))
+            self._client = httpx.AsyncClient(
+                timeout=POLL_TIMEOUT, verify=verify, follow_redirects=False, trust_env=False
+            )
+        async with self._client.stream("GET", url, headers={"accept": "application/json"}) as answer:
+            body = b""
+            async for chunk in answer.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_PEER_ANSWER:
+                    break
+            return answer.status_code, body
+
+    def update_local(self) -> None:
+        """Re-read this server's files and count new refused connections."""
+        self.local.update()
+        new, self._last_rejection = refused_since(self.sources.rejections(), self._last_rejection)
+        self.metrics.count_refused(new)
+
+    async def poll_peers(self) -> None:
+        if self.poller is None:
+            return
+        async with trio.open_nursery() as nursery:
+            for server in self.poller.records:
+                nursery.start_soon(self._poll_one, server)
+
+    async def _poll_one(self, server: int) -> None:
+        assert self.poller is not None
+        with trio.move_on_after(POLL_TIMEOUT + 0.5) as scope:
+            await self.poller.poll(server)
+        if scope.cancelled_caught:
+            self.poller.records[server].error = "no answer in time"
+
+    async def _local_loop(self) -> None:
+        while True:
+            try:
+                self.update_local()
+            except Exception as exc:  # the service outlives a bad file
+                log.error("web: reading the server's state failed (%s)", type(exc).__name__)
+            await trio.sleep(LOCAL_INTERVAL)
+
+    async def _peer_loop(self) -> None:
+        while True:
+            await self.poll_peers()
+            await trio.sleep(POLL_INTERVAL)
+
+    def hypercorn_config(self) -> HypercornConfig:
+        http = self.http
+        config = HypercornConfig()
+        host, port = http.listen
+        config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        config.accesslog = None
+        config.errorlog = logging.getLogger("pst.web.hypercorn")
+        config.include_server_header = False
+        config.keep_alive_timeout = 5.0
+        config.read_timeout = 10
+        config.ssl_handshake_timeout = 10.0
+        config.graceful_timeout = 1.0
+        config.h11_max_incomplete_size = 16 * 1024
+        config.h2_max_concurrent_streams = 16
+        config.wsgi_max_body_size = 0
+        if http.cert is not None and http.key is not None:
+            config.certfile, config.keyfile = str(http.cert), str(http.key)
+            if http.client_ca is not None:
+                config.ca_certs = str(http.client_ca)
+                config.verify_mode = ssl.CERT_REQUIRED
+        return config
+
+    async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; ``nursery.start`` returns the bound URLs (or raises OSError)."""
+        self.update_local()
+        config = self.hypercorn_config()
+        try:
+            async with trio.open_nursery() as nursery:
+                binds: list[str] = await nursery.start(
+                    lambda task_status: hypercorn_serve(self.app.asgi, config, task_status=task_status)  # type: ignore[arg-type]
+                )
+                nursery.start_soon(self._local_loop)
+                nursery.start_soon(self._peer_loop)
+                task_status.started(binds)
+        finally:
+            if self._client is not None:
+                with trio.CancelScope(shield=True):
+                    await self._client.aclose()
