@@ -535,7 +535,7 @@ def _result(response: object, rid: int) -> dict[str, Any]:
             retry_after = (
                 wait / 1000 if isinstance(wait, int) and not isinstance(wait, bool) and wait > 0 else None
             )
-            if isinstance(code, str) and isinstance(message, str):
+            if isinstance(code, str) and code and isinstance(message, str):
                 raise PstError(code, message, retry_after)
         raise PstError("connection", "malformed error response")
     if response.get("id") != rid:
