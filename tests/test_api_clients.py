@@ -248,6 +248,30 @@ async def test_operator_calls_from_the_library(
     assert revoked == {"revoked": 1, "handles": 2, "released": True, "owner": os.getuid()}
 
 
+async def test_a_refused_connection_reports_the_servers_reason(
+    nursery: trio.Nursery, sock_path: Path, lib: ModuleType
+) -> None:
+    """The server answers a refused connection at once and closes it; the client may find the
+    socket closed while it still writes its request, and must report the server's answer, not
+    a broken pipe (test_api_userns.py failed on that race before)."""
+    server, _ = await start(nursery, sock_path, max_connections_per_uid=1)
+    held = await trio.open_unix_socket(str(sock_path))
+    while server.per_uid.get(os.getuid()) != 1:  # the server took the connection
+        await trio.sleep(0.01)
+
+    def refused() -> tuple[str, str]:
+        try:
+            lib.PstClient(sock_path, quota_wait=0).get_time()
+        except lib.PstError as exc:
+            return str(exc.code), str(exc.message)
+        return "ok", ""
+
+    for _ in range(5):
+        code, message = await trio.to_thread.run_sync(refused)
+        assert code == QUOTA and "connections open, the limit per user" in message
+    await held.aclose()
+
+
 def test_the_standalone_library_falls_back_to_pynacl_and_says_what_is_missing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -315,7 +315,9 @@ class PstClient:
             payload = encoding.encode({"v": API_VERSION, "op": op, "id": rid, **fields})
             sock = self._connect()
             try:
-                sock.sendall(encode_frame(payload))
+                # A refused connection: the server answered at once and closed; read why.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    sock.sendall(encode_frame(payload))
                 frame = self._receive_frame(sock)
                 response = encoding.decode(frame, max_size=MAX_RESPONSE_SIZE, what="response")
             except PstError:

@@ -375,7 +375,9 @@ class PstClient:
             payload = _encode({"v": API_VERSION, "op": op, "id": rid, **fields})
             sock = self._connect()
             try:
-                sock.sendall(_HEADER.pack(len(payload)) + payload)
+                # A refused connection: the server answered at once and closed; read why.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    sock.sendall(_HEADER.pack(len(payload)) + payload)
                 (size,) = _HEADER.unpack(self._receive(sock, _HEADER.size))
                 if size > MAX_RESPONSE_SIZE:
                     raise PstError("connection", f"the server announced a response of {size} bytes")
