@@ -45,7 +45,7 @@ Why several handles rather than one handle returned to every caller of the same 
 only SHA-256 of a handle is kept, so the server cannot hand the same handle out twice
 without storing it, which a dump of this process (or of the registration file) would then
 give away; and with one shared handle, one process's ``unregister`` would cut off every
-other process of the same application. A handle per caller costs 100 bytes of memory, and
+other process of the same application. A handle per caller costs a few hundred bytes, and
 all handles of a registration share its quota (one token bucket), so parallel callers get
 no more signatures than one.
 
@@ -987,7 +987,8 @@ class ApiCore:
         if chosen or released:
             self._save()
         whose = "every uid" if uid is None else f"uid {uid}"
-        log.warning(
+        log.log(
+            logging.WARNING if chosen or released else logging.INFO,
             "api: operator uid %d (pid %d) revoked %d registration(s) of %r for %s%s",
             peer.uid,
             peer.pid,
