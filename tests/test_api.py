@@ -567,8 +567,9 @@ async def test_server_max_connections_per_uid(
     assert f"uid {os.getuid()} already has 2 connections open, the limit per user" in error["message"]
     assert f"refused a connection of uid {os.getuid()} (pid " in caplog.text
     await a.stream.aclose()
-    while server.per_uid.get(os.getuid()) != 1:  # the server noticed the close
-        await trio.sleep(0.01)
+    with trio.fail_after(5):
+        while server.per_uid.get(os.getuid()) != 1:  # the server noticed the close
+            await trio.sleep(0.01)
     d = await Raw.connect(sock_path)
     assert (await d.call(req("get_time")))["ok"]
 

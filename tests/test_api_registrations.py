@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_api import ME, OTHER, Clock, FakeBackend, FakeDistributed, req
@@ -473,7 +472,3 @@ def test_fuzz_operator_requests_parse_or_name_the_field(obj: dict[str, Any]) -> 
         assert isinstance(request.args.get("release_name", False), bool)
     else:
         assert request.args == {}
-
-
-def test_trio_is_the_test_runner() -> None:  # keeps the import of trio honest for the async tests
-    assert trio.__name__ == "trio"
