@@ -526,7 +526,9 @@ async def test_pst_client_installs_and_works_without_the_server(
     wheels = _local_wheels("cbor2", "pynacl", "cffi", "pycparser")
     source = ["--no-index", "--find-links", str(wheels)] if wheels else []
     await run([*pip, *source, "cbor2", "pynacl"])
-    await run([*pip, "--no-deps", str(CLIENTS / "python")])  # setuptools from PyPI, to build
+    source_copy = sock_path.parent / "pst-client-src"  # pip builds in the tree: keep ours clean
+    shutil.copytree(CLIENTS / "python", source_copy, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    await run([*pip, "--no-deps", str(source_copy)])  # setuptools from PyPI, to build
     _, backend = await start(nursery, sock_path, limits=Limits(control_burst=1000))
     key = sock_path.parent / "group.pem"
     key.write_text(pem(backend))
