@@ -719,6 +719,12 @@ def _rom_provision(args: argparse.Namespace, sstart: Path, rom: Any) -> int:
     return 0
 
 
+def _add_api_commands(sub: Any) -> None:
+    from appliance.api.commands import add_commands
+
+    add_commands(sub)  # api registrations list|revoke
+
+
 THRESHOLD_HELP = (
     "threshold t: the faulty servers tolerated per period; n >= 3t+1, so t=1 for 4 to 6 servers, "
     "t=2 for 7 to 9 (default 1)"
@@ -803,6 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
     from appliance.boot.commands import add_commands
 
     add_commands(sub)  # check, manifest, upgrade
+    _add_api_commands(sub)
 
     status = sub.add_parser("status", help="per server: period, status, last refresh, alerts, KeyTable")
     status.add_argument("--dir", required=True)

@@ -45,6 +45,7 @@ from appliance.api import (
     RegistrationStore,
     app_digest_payload,
     app_signing_payload,
+    bind_unix,
     distributed_sign_payload,
     parse_request,
     serve_api,
@@ -54,17 +55,18 @@ from appliance.crypto import encoding
 from appliance.net import FrameStream, encode_frame
 
 
-def _load_client() -> ModuleType:
-    path = Path(__file__).resolve().parent.parent / "clients" / "pst_client.py"
-    spec = importlib.util.spec_from_file_location("pst_client", path)
+def load_module(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["pst_client"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
-pst_client = _load_client()
+CLIENTS = Path(__file__).resolve().parent.parent / "clients"
+#: clients/pst_client.py: the command line over appliance.api.client.
+pst_client = load_module("pst_client_appliance_cli", CLIENTS / "pst_client.py")
 
 
 class FakeBackend:
@@ -155,18 +157,25 @@ async def test_signature_is_bound_to_application_name() -> None:
     assert app_signing_payload("app-a", b"m") != app_signing_payload("app-b", b"m")
 
 
-async def test_reregister_revokes_old_handle_and_keeps_count() -> None:
-    core = ApiCore(FakeBackend(), limits=Limits(max_registrations=2))
-    first = (await core.handle(req("register", name="app", unique_id=b"u"), ME))["result"]["handle"]
+async def test_reregister_adds_a_handle_and_keeps_count() -> None:
+    """Registering the same (name, unique id, uid) again gives another handle and keeps the
+    earlier ones: parallel runs of one application do not cut each other off."""
+    core = ApiCore(FakeBackend(), limits=Limits(max_registrations=1))
+    handles = []
     for _ in range(5):
         r = await core.handle(req("register", name="app", unique_id=b"u"), ME)
-        assert r["ok"]
-    second = r["result"]["handle"]
-    assert second != first
-    r = await core.handle(req("sign", handle=first, message=b"m"), ME)
-    assert r["error"]["code"] == UNKNOWN_HANDLE
-    assert (await core.handle(req("sign", handle=second, message=b"m"), ME))["ok"]
-    assert core.registry.per_uid[ME.uid] == 1
+        handles.append(r["result"]["handle"])
+    assert len(set(handles)) == 5
+    for h in handles:
+        assert (await core.handle(req("sign", handle=h, message=b"m"), ME))["ok"]
+    # One registration however many handles: the quota of 1 is not exceeded.
+    assert core.registry.per_uid[ME.uid] == 1 and len(core.registry.by_key) == 1
+    # Releasing one handle leaves the others working.
+    assert (await core.handle(req("unregister", handle=handles[0]), ME))["ok"]
+    assert (await core.handle(req("sign", handle=handles[0], message=b"m"), ME))["error"][
+        "code"
+    ] == UNKNOWN_HANDLE
+    assert (await core.handle(req("sign", handle=handles[1], message=b"m"), ME))["ok"]
 
 
 async def test_name_owned_by_first_uid() -> None:
@@ -544,15 +553,40 @@ async def test_server_request_timeout(nursery: trio.Nursery, sock_path: Path) ->
     assert r["error"]["code"] == UNAVAILABLE
 
 
-async def test_server_max_connections(nursery: trio.Nursery, sock_path: Path) -> None:
-    await start(nursery, sock_path, max_connections=2)
+async def test_server_max_connections_per_uid(
+    nursery: trio.Nursery, sock_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, _ = await start(nursery, sock_path, max_connections_per_uid=2)
+    a, b = await Raw.connect(sock_path), await Raw.connect(sock_path)
+    assert (await a.call(req("get_time")))["ok"] and (await b.call(req("get_time")))["ok"]
+    with caplog.at_level(logging.WARNING, logger="pst.api"):
+        c = await Raw.connect(sock_path)
+        error = (await c.receive())["error"]
+        assert await c.at_eof()
+    assert error["code"] == QUOTA
+    assert f"uid {os.getuid()} already has 2 connections open, the limit per user" in error["message"]
+    assert f"refused a connection of uid {os.getuid()} (pid " in caplog.text
+    await a.stream.aclose()
+    with trio.fail_after(5):
+        while server.per_uid.get(os.getuid()) != 1:  # the server noticed the close
+            await trio.sleep(0.01)
+    d = await Raw.connect(sock_path)
+    assert (await d.call(req("get_time")))["ok"]
+
+
+async def test_server_global_cap_spares_the_operator(nursery: trio.Nursery, sock_path: Path) -> None:
+    """Beyond max_connections, non-operator uids are refused; the operator (root or our uid) is
+    still let in, so it can always list and revoke registrations."""
+    core = ApiCore(FakeBackend(), operators=frozenset())  # nobody is the operator: we are counted
+    server = ApiServer(core, max_connections=2, max_connections_per_uid=10)
+    sock = await bind_unix(sock_path)
+    nursery.start_soon(server.serve, sock)
     a, b = await Raw.connect(sock_path), await Raw.connect(sock_path)
     assert (await a.call(req("get_time")))["ok"] and (await b.call(req("get_time")))["ok"]
     c = await Raw.connect(sock_path)
-    assert (await c.receive())["error"]["code"] == QUOTA
-    assert await c.at_eof()
-    await a.stream.aclose()
-    await trio.sleep(0.05)
+    error = (await c.receive())["error"]
+    assert error["code"] == QUOTA and "2 connections open, its limit" in error["message"]
+    core.operators = frozenset({os.getuid()})  # now we are the operator: not counted
     d = await Raw.connect(sock_path)
     assert (await d.call(req("get_time")))["ok"]
 
@@ -604,16 +638,20 @@ async def test_sync_client_against_server(nursery: trio.Nursery, sock_path: Path
             assert err.value.code == UNKNOWN_HANDLE
             old = client.handle
             client.register("syslog-host", "instance-1")
+            client.sign(b"m", handle=old)  # registering again keeps the earlier handle
+            client.unregister(old)
             with pytest.raises(pst_client.PstError) as err:
                 client.sign(b"m", handle=old)
             assert err.value.code == UNKNOWN_HANDLE
             # The handle outlives the connection.
-            client.close()
+            client.disconnect()
             client.sign(b"after reconnect")
             client.unregister()
             with pytest.raises(pst_client.PstError) as err:
                 client.sign(b"m")
-            assert err.value.code == UNKNOWN_HANDLE
+            assert err.value.code == UNKNOWN_HANDLE and "register first" in err.value.message
+            client.register("syslog-host", "instance-1")
+        # The end of the with block released the handle.
         return sig, times, status
 
     sig, times, status = await trio.to_thread.run_sync(session)
@@ -649,7 +687,8 @@ async def test_sync_client_distributed_and_restart(sock_path: Path, tmp_path: Pa
     state = tmp_path / "state"
 
     def session() -> bytes:
-        with pst_client.PstClient(sock_path) as client:
+        client = pst_client.PstClient(sock_path)
+        try:
             handle: bytes = client.register_distributed("ledger", "pw")
             sig = client.request_distributed(b"entry 7")
             assert pst_client.verify_distributed(group_key, "ledger", b"entry 7", sig)
@@ -665,6 +704,8 @@ async def test_sync_client_distributed_and_restart(sock_path: Path, tmp_path: Pa
                 client.request_distributed(b"entry 8")
             assert err.value.code == REFUSED and "server 2" in err.value.message
             backend.refuse = None
+        finally:
+            client.disconnect()  # not close(): that would release the registration
         return handle
 
     async with trio.open_nursery() as nursery:
@@ -719,14 +760,15 @@ async def test_sync_client_no_server(tmp_path: Path) -> None:
 async def test_cli_sign(
     nursery: trio.Nursery, sock_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _, backend = await start(nursery, sock_path, limits=Limits(control_burst=100))
+    server, backend = await start(nursery, sock_path, limits=Limits(control_burst=100))
     file = tmp_path / "msg.txt"
     file.write_bytes(b"sign me\n")
     argv = ["--socket", str(sock_path), "--name", "cli-app", "sign", str(file)]
-    for _ in range(20):  # re-registering replaces, unregister frees: no quota build-up
+    for _ in range(20):  # each run adds a handle and releases it on the way out: nothing builds up
         assert await trio.to_thread.run_sync(pst_client.main, argv) == 0
     lines = capsys.readouterr().out.split()
     assert len(lines) == 20
+    assert not server.core.registry.by_key
     verify(backend, "cli-app", b"sign me\n", bytes.fromhex(lines[0]))
     # A file larger than a sign request may carry is hashed as it is read: the same signature.
     big = tmp_path / "big"
@@ -896,11 +938,12 @@ async def test_one_bad_registration_entry_is_skipped_and_named(
     core = ApiCore(FakeBackend(), store=store)
     h = (await core.handle(req("register", name="good", unique_id=b"u"), ME))["result"]["handle"]
     obj = encoding.decode(store.path.read_bytes())
-    obj["registrations"].append(dict(obj["registrations"][0], name="evil", handle_digest=b"short"))
+    good = obj["registrations"][0]
+    obj["registrations"].append(dict(good, name="evil", handles=[dict(good["handles"][0], digest=b"short")]))
     store.path.write_bytes(encoding.encode(obj))
     with caplog.at_level(logging.ERROR, logger="pst.api"):
         again = ApiCore(FakeBackend(), store=store)
-    assert f"{store.path}: registration 1: bad handle digest" in caplog.text
+    assert f"{store.path}: registration 1: handle 0: bad or repeated handle digest" in caplog.text
     assert (await again.handle(req("sign", handle=h, message=b"m"), ME))["ok"]
     assert [r.name for r in again.registry.by_handle.values()] == ["good"]
 

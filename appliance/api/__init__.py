@@ -12,10 +12,14 @@
 * :mod:`appliance.api._distributed`: the scrypt password verifier of distributed
   registration (the exchange between servers is :mod:`appliance.protocols.approvals`).
 * :mod:`appliance.api._server`: :func:`serve_api`, the trio server on a Unix socket
-  (mode 0660, ``SO_PEERCRED``, length-prefixed CBOR frames, timeouts, bounded frames).
+  (mode 0660, ``SO_PEERCRED``, length-prefixed CBOR frames, timeouts, bounded frames,
+  connections capped per uid).
+* :mod:`appliance.api.commands`: ``pst api registrations list|revoke`` (the operator's).
+* :mod:`appliance.api.client`: the client library and a small command line
+  (``clients/pst_client.py``); ``clients/python`` is the same library without the server.
 
-The client library is ``clients/pst_client.py``. Wire format, error codes and the
-registration rules are described in :mod:`appliance.api._core`.
+Wire format, error codes and the registration rules are described in
+:mod:`appliance.api._core`; for application writers, in docs/api.md.
 """
 
 from appliance.api._core import (

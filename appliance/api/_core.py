@@ -10,23 +10,54 @@ reached through the :class:`Backend` protocol, whose async methods the node impl
 
 Wire format: every request is a canonical CBOR map ``{"v": 1, "op": str, "id": int, ...}``
 and every response ``{"v": 1, "id": id, "ok": bool, "result" | "error": ...}`` where an error
-is ``{"code": str, "message": str}``. The codes are fixed (:data:`ERROR_CODES`); messages
-name the offending field but never echo a handle, a message or a backend exception text.
+is ``{"code": str, "message": str}`` (plus ``"retry_after_ms": int`` for a rate limit).
+The codes are fixed (:data:`ERROR_CODES`); messages name the offending field but never echo
+a handle, a message or a backend exception text. docs/api.md describes every operation for
+application writers.
 
 Registration (§5.1, centralized application): ``register`` carries ``name`` (the
 application's name, which the backend binds into everything it signs) and ``unique_id``
-(the application's random identifier). The reply is a *handle*: 32 bytes from
-``os.urandom``, bound to ``(name, unique_id, uid)``; every later request carries it. Only
-SHA-256 of a handle is kept, so a dump of this process's registrations gives no usable
+(which instance of the application this is; the client library's default is the constant
+``b"default"``, so an application that registers, signs and exits comes back as the same
+registration). A *registration* is the triple ``(name, unique_id, uid)``; each ``register``
+gives it one more *handle*: 32 bytes from ``os.urandom`` that every later request carries.
+Only SHA-256 of a handle is kept, so a dump of this process's registrations gives no usable
 handle. Rules:
 
 * a name belongs to the first uid that registers it, for the lifetime of the process or,
   with a store, of the state directory (for good if the operator pins it in ``reserved``):
   another uid is refused with ``not-permitted``, even after the owner unregistered, so
-  that nobody can take over a released name and sign in its place;
-* registering the same ``(name, unique_id, uid)`` again returns a fresh handle and
-  revokes the old one (an application that restarted lost its handle);
-* a handle presented by another uid than the one that registered it is ``not-permitted``.
+  that nobody can take over a released name and sign in its place (only the operator
+  releases a name: ``revoke`` with ``release_name``);
+* registering the same ``(name, unique_id, uid)`` again adds a handle and leaves the earlier
+  ones valid, up to ``max_handles`` per registration; beyond that the least recently used
+  handle is released. So eight copies of a script that register the same application and
+  sign in parallel each keep their own handle, and one finishing (``unregister``) does not
+  break the others;
+* a handle presented by another uid than the one that registered it is ``not-permitted``;
+* ``unregister(handle)`` releases that handle (the client library does it on ``close()``
+  and at the end of a ``with`` block); a registration goes with its last handle;
+* a handle unused for ``idle_expiry`` seconds (default a day) is released, so a process
+  that died without unregistering holds nothing for long; the client library registers
+  again by itself when its handle is gone.
+
+Why several handles rather than one handle returned to every caller of the same triple:
+only SHA-256 of a handle is kept, so the server cannot hand the same handle out twice
+without storing it, which a dump of this process (or of the registration file) would then
+give away; and with one shared handle, one process's ``unregister`` would cut off every
+other process of the same application. A handle per caller costs a few hundred bytes, and
+all handles of a registration share its quota (one token bucket), so parallel callers get
+no more signatures than one.
+
+Operators (root, or the server's own uid, by ``SO_PEERCRED``; anyone else is
+``not-permitted``): ``registrations`` lists name, uid, kind, unique id, number of handles,
+when made and last used (never a handle or a verifier); ``revoke(name[, uid][,
+release_name])`` ends those registrations and all their handles now (quota freed; the
+application may register again: a revocation is no ban) and, with ``release_name``, lets
+the name go to whoever registers it next. ``pst api registrations list|revoke`` call them.
+They go through the socket, not the file, because the running server owns the
+registrations in memory and rewrites the file whole: an edit of the file would be
+overwritten or lost, and the file also holds verifiers that only the server's user may read.
 
 Signing: ``sign(handle, message)`` (a message of at most 64 KiB) and ``sign_digest(handle,
 sha512)`` (the message's 64-byte SHA-512 digest, for content of any size hashed by the client)
@@ -37,7 +68,8 @@ Registration (§5.1, distributed application): ``register_distributed`` carries 
 ``password``. The server keeps only the password's *verifier* (scrypt, salted with the name:
 :func:`~appliance.api._distributed.password_verifier`, computed off the event loop) and
 returns a handle under the same rules as above (at most one distributed registration per
-name and uid; registering again replaces the handle and the verifier). With that handle:
+name and uid; registering again with the same password adds a handle, with another
+password replaces every handle and the verifier). With that handle:
 
 * ``request(protocol, payload)`` (protocol ``"sign"``): a group-key signature over
   :func:`~appliance.protocols.approvals.distributed_sign_payload` ``(name, payload)``, given
@@ -53,17 +85,20 @@ cannot ``request``. The exchange between servers is
 :class:`DistributedBackend`.
 
 Persistence: with a :class:`~appliance.api._registrations.RegistrationStore`, registrations
-(handle digests, names, owner uids, verifiers, quota tokens) survive a restart: the store is
-rewritten after every registration change and at most every ten seconds as quotas are
-spent (and by :meth:`ApiCore.flush` on the way out). Name ownership then lasts as long as
+(handle digests, names, owner uids, verifiers, quota tokens, use times) survive a restart: the
+store is rewritten at once when a registration, a name owner or a verifier changes, and at
+most every ten seconds as quotas, use times and the handles of existing registrations move
+(and by :meth:`ApiCore.flush` on the way out). Name ownership then lasts as long as
 the state directory.
 
 Quotas (the paper's "quota on the number of services a specific client can request"):
 at most ``max_registrations`` live registrations and ``max_names`` owned names per uid;
-``sign``, ``random`` and ``request`` are rate-limited by a token bucket per registration (it
-survives re-registration and restarts, so neither refills it); the other operations by a
-token bucket per uid (``register_distributed`` costs four tokens: scrypt is expensive).
-All exceeded limits answer ``quota``.
+``sign``, ``sign_digest``, ``random`` and ``request`` are rate-limited by a token bucket per
+registration (shared by its handles; it survives re-registration and restarts, so neither
+refills it); the other operations by a token bucket per uid (``register_distributed`` costs
+four tokens: scrypt is expensive). All exceeded limits answer ``quota`` with a message that
+says how to recover; a rate limit's error also carries ``retry_after_ms``, the wait until
+the request would pass, and the client library waits that long and retries by itself.
 
 ``sign`` hands the *registered* name and the message to :meth:`Backend.sign`; a client
 never chooses a protocol context, so it can only get signatures that the backend
@@ -75,6 +110,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import logging
 import math
 import os
@@ -86,7 +122,13 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, runtime_checkable
 
 from appliance.api._distributed import password_verifier
-from appliance.api._registrations import SAVE_INTERVAL, RegistrationStore, Saved, SavedRegistration
+from appliance.api._registrations import (
+    SAVE_INTERVAL,
+    RegistrationStore,
+    Saved,
+    SavedHandle,
+    SavedRegistration,
+)
 from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
 
@@ -219,13 +261,15 @@ class PeerCred:
 
 
 class ApiError(Exception):
-    """An error response: ``code`` is one of :data:`ERROR_CODES`."""
+    """An error response: ``code`` is one of :data:`ERROR_CODES`; ``retry_after`` (seconds) is
+    set for a rate limit: the wait after which the same request would pass."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after: float | None = None) -> None:
         assert code in ERROR_CODES, code
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
 
 def bad(field_name: str, problem: str) -> ApiError:
@@ -259,7 +303,15 @@ OPS: Final[Mapping[str, Mapping[str, type]]] = {
     "approve": {"handle": bytes, "request_id": bytes},
     "deny": {"handle": bytes, "request_id": bytes},
     "upgrade_sign": {},
+    "registrations": {},
+    "revoke": {"name": str},
 }
+#: Optional fields of each operation, with their types.
+OPTIONAL: Final[Mapping[str, Mapping[str, type]]] = {
+    "revoke": {"uid": int, "release_name": bool},
+}
+#: Operations only the operator (root or the server's own uid) may call.
+OPERATOR_OPS: Final = frozenset({"upgrade_sign", "registrations", "revoke"})
 MAX_NONCE_SIZE: Final = 64
 _MAX_ID: Final = 2**63 - 1
 
@@ -295,17 +347,23 @@ def parse_request(obj: object) -> Request:
     fields = OPS.get(op)
     if fields is None:
         raise bad("op", f"unknown operation (one of {', '.join(sorted(OPS))})")
-    extra = sorted(str(k) for k in obj if k not in fields and k not in ("v", "id", "op"))
+    optional = OPTIONAL.get(op, {})
+    known = {*fields, *optional, "v", "id", "op"}
+    extra = sorted(str(k) for k in obj if k not in known)
     if extra:
         raise bad(extra[0][:40], f"unexpected in {op}")
     args: dict[str, Any] = {}
-    for key, want in fields.items():
+    for key, want in (*fields.items(), *optional.items()):
         if key not in obj:
-            raise bad(key, f"missing in {op}")
+            if key in fields:
+                raise bad(key, f"missing in {op}")
+            continue
         value = obj[key]
-        if isinstance(value, bool) or not isinstance(value, want):
+        if (isinstance(value, bool) and want is not bool) or not isinstance(value, want):
             raise bad(key, f"expected {want.__name__}, got {_type_name(value)}")
         args[key] = value
+    if "uid" in args and not 0 <= args["uid"] < 2**32:
+        raise bad("uid", "must be in [0, 2**32)")
     if "handle" in args and len(args["handle"]) != HANDLE_SIZE:
         raise bad("handle", f"must be {HANDLE_SIZE} bytes")
     if "nonce" in args and not 16 <= len(args["nonce"]) <= MAX_NONCE_SIZE:
@@ -319,7 +377,7 @@ def parse_request(obj: object) -> Request:
         raise bad("protocol", f"one of {', '.join(sorted(DISTRIBUTED_PROTOCOLS))}")
     if "password" in args and not 0 < len(args["password"]) <= MAX_PASSWORD_SIZE:
         raise bad("password", f"must be 1 to {MAX_PASSWORD_SIZE} bytes")
-    if op in ("register", "register_distributed"):
+    if op in ("register", "register_distributed", "revoke"):
         name = args["name"]
         if not 0 < len(name) <= MAX_NAME_LENGTH or _NAME_RE.fullmatch(name) is None:
             raise bad(
@@ -331,8 +389,13 @@ def parse_request(obj: object) -> Request:
     return Request(obj["id"], op, args)
 
 
-def error_response(rid: int | None, code: str, message: str) -> dict[str, Any]:
-    return {"v": API_VERSION, "id": rid, "ok": False, "error": {"code": code, "message": message}}
+def error_response(
+    rid: int | None, code: str, message: str, retry_after: float | None = None
+) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if retry_after is not None:
+        error["retry_after_ms"] = max(1, min(2**31, math.ceil(retry_after * 1000)))
+    return {"v": API_VERSION, "id": rid, "ok": False, "error": error}
 
 
 def ok_response(rid: int, result: Mapping[str, Any]) -> dict[str, Any]:
@@ -368,13 +431,36 @@ class TokenBucket:
             return True
         return False
 
+    def wait(self, cost: float = 1.0) -> float | None:
+        """Seconds until ``cost`` tokens are there (after a failed :meth:`take`); None if never."""
+        if self.rate <= 0 or cost > self.burst:
+            return None
+        return max(0.0, (cost - self.tokens) / self.rate)
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` for people: 45 s, 12 min, 3 h, 2 days."""
+    if seconds < 120:
+        return f"{seconds:g} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"
+
 
 @dataclass(frozen=True)
 class Limits:
     """Per-client quotas; the defaults suit a handful of local applications."""
 
+    #: Live registrations, (name, unique_id) pairs, per uid.
     max_registrations: int = 16
+    #: Application names a uid may own (names stay with their first user).
     max_names: int = 64
+    #: Live handles per registration; one more releases the least recently used.
+    max_handles: int = 32
+    #: A handle unused this long (seconds) is released; a registration goes with its last handle.
+    idle_expiry: float = 24 * 3600.0
     sign_rate: float = 50.0
     sign_burst: float = 100.0
     control_rate: float = 20.0
@@ -385,20 +471,40 @@ class Limits:
 
 
 @dataclass
+class Handle:
+    """One handle of a registration: SHA-256 of it, who got it, when, and its last use (Unix s)."""
+
+    digest: bytes
+    pid: int
+    created: float
+    last_used: float
+
+
+@dataclass
 class Registration:
-    """One handle. ``unique_id`` is empty and ``verifier`` set for a distributed application."""
+    """``(name, unique_id, uid)`` and its handles. ``unique_id`` is empty and ``verifier`` set
+    for a distributed application. ``pid`` registered last; times are Unix seconds."""
 
     name: str
     unique_id: bytes
     uid: int
     pid: int
-    handle_digest: bytes
     bucket: TokenBucket
     verifier: bytes | None = None
+    created: float = 0.0
+    last_used: float = 0.0
+    handles: dict[bytes, Handle] = field(default_factory=dict)
 
-    def __repr__(self) -> str:  # the verifier stays out of logs and tracebacks
-        kind = "distributed" if self.verifier is not None else "centralized"
-        return f"Registration({self.name!r}, {kind}, uid={self.uid})"
+    @property
+    def key(self) -> tuple[str, bytes, int]:
+        return (self.name, self.unique_id, self.uid)
+
+    @property
+    def kind(self) -> str:
+        return "distributed" if self.verifier is not None else "centralized"
+
+    def __repr__(self) -> str:  # the verifier and handle digests stay out of logs and tracebacks
+        return f"Registration({self.name!r}, {self.kind}, uid={self.uid}, handles={len(self.handles)})"
 
 
 def _digest(handle: bytes) -> bytes:
@@ -419,14 +525,59 @@ class Registry:
     def owner(self, name: str) -> int | None:
         return self.reserved.get(name, self.owners.get(name))
 
+    def own(self, name: str, uid: int) -> bool:
+        """Make ``uid`` the owner of ``name`` if nobody owns it; True if that changed anything."""
+        if self.owner(name) is not None:
+            return False
+        self.owners[name] = uid
+        self.names_per_uid[uid] = self.names_per_uid.get(uid, 0) + 1
+        return True
+
+    def release_name(self, name: str) -> int | None:
+        """Forget the owner of ``name`` (not a reserved one); the former owner, if any."""
+        uid = self.owners.pop(name, None)
+        if uid is not None:
+            left = self.names_per_uid.get(uid, 1) - 1
+            if left > 0:
+                self.names_per_uid[uid] = left
+            else:
+                self.names_per_uid.pop(uid, None)
+        return uid
+
+    def add(self, reg: Registration) -> None:
+        self.by_key[reg.key] = reg
+        self.per_uid[reg.uid] = self.per_uid.get(reg.uid, 0) + 1
+        for digest in reg.handles:
+            self.by_handle[digest] = reg
+
+    def add_handle(self, reg: Registration, handle: Handle) -> None:
+        reg.handles[handle.digest] = handle
+        self.by_handle[handle.digest] = reg
+
+    def remove_handle(self, reg: Registration, digest: bytes) -> bool:
+        """Release one handle; True if the registration went with it (it was the last)."""
+        reg.handles.pop(digest, None)
+        self.by_handle.pop(digest, None)
+        if reg.handles:
+            return False
+        self.remove(reg)
+        return True
+
     def remove(self, reg: Registration) -> None:
-        del self.by_handle[reg.handle_digest]
-        del self.by_key[(reg.name, reg.unique_id, reg.uid)]
-        left = self.per_uid[reg.uid] - 1
-        if left:
-            self.per_uid[reg.uid] = left
-        else:
-            del self.per_uid[reg.uid]
+        for digest in reg.handles:
+            self.by_handle.pop(digest, None)
+        reg.handles.clear()
+        if self.by_key.get(reg.key) is reg:
+            del self.by_key[reg.key]
+            left = self.per_uid[reg.uid] - 1
+            if left:
+                self.per_uid[reg.uid] = left
+            else:
+                del self.per_uid[reg.uid]
+
+
+#: Expired handles are looked for at most this often (a handle's own expiry is checked on use).
+SWEEP_INTERVAL: Final = 60.0
 
 
 # The core --------------------------------------------------------------------------------------
@@ -442,21 +593,27 @@ class ApiCore:
         limits: Limits | None = None,
         reserved: Mapping[str, int] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
         rand: Callable[[int], bytes] = os.urandom,
         store: RegistrationStore | None = None,
         offload: Callable[[Callable[[], bytes]], Awaitable[bytes]] | None = None,
         request_wait: float = 15.0,
+        operators: frozenset[int] | None = None,
     ) -> None:
         """``store`` keeps registrations across restarts; ``offload`` runs scrypt off the event
         loop (e.g. in a thread); ``request_wait`` bounds how long a distributed request waits
-        for the other clients' approvals."""
+        for the other clients' approvals. ``clock`` (monotonic) drives the rate limits, ``wall``
+        (Unix time, kept across restarts) the registrations' ages and expiry. ``operators``:
+        the uids allowed the operator's operations (default root and our own uid)."""
         self.backend = backend
         self.distributed = backend if isinstance(backend, DistributedBackend) else None
         self.limits = limits if limits is not None else Limits()
         self.clock = clock
+        self.wall = wall
         self.rand = rand
         self.offload = offload
         self.request_wait = request_wait
+        self.operators = operators if operators is not None else frozenset({0, os.getuid()})
         self.registry = Registry(reserved=dict(reserved or {}))
         self._control: dict[int, TokenBucket] = {}
         self.store = store
@@ -466,40 +623,53 @@ class ApiCore:
         #: operation is one of :data:`OPS`, "invalid" (no known op), "connection" (refused or
         #: closed before a request was read) or "unknown" (timed out); nothing a client chose.
         self.counts: Counter[tuple[str, str]] = Counter()
+        self._swept_at = clock()
         if store is not None:
-            saved = store.load()
+            saved = store.load(now=wall())
             self._restore(saved)
             for problem in saved.problems:
                 log.error("api: registrations: %s", problem)
-            log.info("api: %d registrations restored from %s", len(self.registry.by_handle), store.path)
+            log.info("api: %d registrations restored from %s", len(self.registry.by_key), store.path)
 
     # Persistence ------------------------------------------------------------------------------
 
     def _restore(self, saved: Saved) -> None:
-        reg, now = self.registry, self.clock()
+        reg, now, wall = self.registry, self.clock(), self.wall()
         for name, uid in saved.owners.items():
             if name not in reg.reserved:
-                reg.owners[name] = uid
-                reg.names_per_uid[uid] = reg.names_per_uid.get(uid, 0) + 1
+                reg.own(name, uid)
+        expired = 0
         for s in saved.registrations:
             where = f"{self.store.path if self.store else 'store'}: registration of {s.name!r}"
             owner = reg.owner(s.name)
             if owner is not None and owner != s.uid:
                 saved.problems.append(f"{where} by uid {s.uid}, but uid {owner} owns the name; skipped")
                 continue
-            key = (s.name, s.unique_id, s.uid)
-            if key in reg.by_key or s.handle_digest in reg.by_handle:
+            if (s.name, s.unique_id, s.uid) in reg.by_key:
                 saved.problems.append(f"{where} by uid {s.uid} appears twice; skipped")
                 continue
-            if owner is None and s.name not in reg.reserved:
-                reg.owners[s.name] = s.uid
-                reg.names_per_uid[s.uid] = reg.names_per_uid.get(s.uid, 0) + 1
+            handles = {}
+            for h in s.handles:
+                if h.digest in reg.by_handle:
+                    saved.problems.append(f"{where} by uid {s.uid}: a handle appears twice; skipped")
+                elif wall - h.last_used >= self.limits.idle_expiry:
+                    expired += 1
+                else:
+                    handles[h.digest] = Handle(h.digest, h.pid, h.created, h.last_used)
+            if not handles:
+                continue
+            if s.name not in reg.reserved:
+                reg.own(s.name, s.uid)
             limits = self.limits
             bucket = TokenBucket(limits.sign_rate, limits.sign_burst, min(limits.sign_burst, s.tokens), now)
-            new = Registration(s.name, s.unique_id, s.uid, s.pid, s.handle_digest, bucket, s.verifier)
-            reg.by_handle[s.handle_digest] = new
-            reg.by_key[key] = new
-            reg.per_uid[s.uid] = reg.per_uid.get(s.uid, 0) + 1
+            reg.add(
+                Registration(
+                    s.name, s.unique_id, s.uid, s.pid, bucket, s.verifier, s.created, s.last_used, handles
+                )
+            )
+        if expired:
+            log.info("api: %d handles unused for %s expired", expired, duration(self.limits.idle_expiry))
+            self._dirty = True
 
     def _save(self) -> None:
         """Write the registrations now (after any change to them)."""
@@ -507,8 +677,18 @@ class ApiCore:
             return
         now = self.clock()
         regs = [
-            SavedRegistration(r.name, r.unique_id, r.uid, r.pid, r.handle_digest, r.bucket.tokens, r.verifier)
-            for r in self.registry.by_handle.values()
+            SavedRegistration(
+                r.name,
+                r.unique_id,
+                r.uid,
+                r.pid,
+                r.bucket.tokens,
+                r.verifier,
+                r.created,
+                r.last_used,
+                tuple(SavedHandle(h.digest, h.pid, h.created, h.last_used) for h in r.handles.values()),
+            )
+            for r in self.registry.by_key.values()
         ]
         try:
             self.store.save(regs, self.registry.owners)
@@ -522,7 +702,7 @@ class ApiCore:
         self._dirty, self._saved_at = False, now
 
     def _spent(self) -> None:
-        """A quota moved: save when the last save is old enough."""
+        """A quota, a use time or a handle moved: save when the last save is old enough."""
         self._dirty = True
         if self.clock() - self._saved_at >= SAVE_INTERVAL:
             self._save()
@@ -531,6 +711,24 @@ class ApiCore:
         """Save quota changes not written yet (call when the server stops)."""
         if self._dirty:
             self._save()
+
+    def expire(self) -> int:
+        """Release every handle unused for ``idle_expiry``; the number released."""
+        wall, limit = self.wall(), self.limits.idle_expiry
+        self._swept_at = self.clock()
+        released, gone = 0, 0
+        for reg in list(self.registry.by_key.values()):
+            for handle in list(reg.handles.values()):
+                if wall - handle.last_used >= limit:
+                    released += 1
+                    if self.registry.remove_handle(reg, handle.digest):
+                        gone += 1
+                        log.info("api: registration %r of uid %d expired (unused)", reg.name, reg.uid)
+        if gone:
+            self._save()
+        elif released:
+            self._spent()
+        return released
 
     # Entry points ---------------------------------------------------------------------------
 
@@ -560,12 +758,14 @@ class ApiCore:
         """One decoded request to one response map; never raises (except cancellation)."""
         rid = request_id_of(obj)
         op = obj.get("op") if isinstance(obj, dict) else None
+        if self.clock() - self._swept_at >= SWEEP_INTERVAL:
+            self.expire()
         try:
             request = parse_request(obj)
             result = await self._dispatch(request, peer)
         except ApiError as exc:
             self.count(op, exc.code)
-            return error_response(rid, exc.code, exc.message)
+            return error_response(rid, exc.code, exc.message, exc.retry_after)
         self.count(op, "ok")
         return ok_response(request.id, result)
 
@@ -583,9 +783,19 @@ class ApiCore:
             return await self._random(args["handle"], args["nonce"], peer)
         if request.op == "request":
             return await self._request(args["handle"], args["protocol"], args["payload"], peer)
-        self._charge_control(peer.uid, 4.0 if request.op == "register_distributed" else 1.0)
+        self._charge_control(peer, 4.0 if request.op == "register_distributed" else 1.0)
+        if request.op in OPERATOR_OPS and peer.uid not in self.operators:
+            log.warning("api: uid %d (pid %d) refused %s: not the operator", peer.uid, peer.pid, request.op)
+            raise ApiError(
+                NOT_PERMITTED,
+                f"{request.op!r} is for the operator (root or the server's own user), not uid {peer.uid}",
+            )
         if request.op == "upgrade_sign":
-            return {"certificate": await self._upgrade_sign(peer)}
+            return {"certificate": await self._upgrade_sign()}
+        if request.op == "registrations":
+            return self._list_registrations()
+        if request.op == "revoke":
+            return self._revoke(args["name"], args.get("uid"), args.get("release_name", False), peer)
         if request.op == "register":
             return self._register(args["name"], args["unique_id"], peer)
         if request.op == "register_distributed":
@@ -603,15 +813,12 @@ class ApiCore:
         assert request.op == "status", request.op
         return {"status": await self._status()}
 
-    async def _upgrade_sign(self, peer: PeerCred) -> bytes:
+    async def _upgrade_sign(self) -> bytes:
         """The operator's request for the network's signature on the upgrade they approved.
 
         Only root or the server's own user may ask (``pst upgrade sign``): an application must
         not be able to start the signing of an upgrade, even one the operators approved.
         """
-        if peer.uid not in (0, os.getuid()):
-            log.warning("api: uid %d (pid %d) refused upgrade_sign: not the operator", peer.uid, peer.pid)
-            raise ApiError(NOT_PERMITTED, "only the operator (root or the server's user) may sign upgrades")
         sign_upgrade = getattr(self.backend, "sign_upgrade", None)
         if sign_upgrade is None:
             raise ApiError(UNAVAILABLE, "this server cannot sign upgrades")
@@ -623,60 +830,189 @@ class ApiCore:
             raise ApiError(UNAVAILABLE, "the server returned no certificate")
         return certificate
 
-    def _charge_control(self, uid: int, cost: float = 1.0) -> None:
+    def _charge_control(self, peer: PeerCred, cost: float = 1.0) -> None:
         now = self.clock()
-        bucket = self._control.get(uid)
+        bucket = self._control.get(peer.uid)
         if bucket is None:
             bucket = TokenBucket.full(self.limits.control_rate, self.limits.control_burst, now)
-            self._control[uid] = bucket
+            self._control[peer.uid] = bucket
         if not bucket.take(now, cost):
-            raise ApiError(QUOTA, "too many requests: slow down")
+            wait = bucket.wait(cost)
+            limits = self.limits
+            log.info("api: uid %d (pid %d) over its request rate", peer.uid, peer.pid)
+            raise ApiError(
+                QUOTA,
+                f"too many requests from uid {peer.uid} (at most {limits.control_rate:g} per second, "
+                f"bursts of {limits.control_burst:g}): {_retry_hint(wait)}",
+                wait,
+            )
 
     def _register(
         self, name: str, unique_id: bytes, peer: PeerCred, verifier: bytes | None = None
     ) -> Mapping[str, Any]:
-        reg = self.registry
+        reg, limits = self.registry, self.limits
         owner = reg.owner(name)
         if owner is not None and owner != peer.uid:
             log.warning(
                 "api: uid %d (pid %d) refused name %r owned by uid %d", peer.uid, peer.pid, name, owner
             )
-            raise ApiError(NOT_PERMITTED, "this application name is registered by another user")
-        key = (name, unique_id, peer.uid)
-        old = reg.by_key.get(key)
-        if old is None:
-            if reg.per_uid.get(peer.uid, 0) >= self.limits.max_registrations:
-                raise ApiError(QUOTA, f"at most {self.limits.max_registrations} registrations per user")
-            if owner is None and reg.names_per_uid.get(peer.uid, 0) >= self.limits.max_names:
-                raise ApiError(QUOTA, f"at most {self.limits.max_names} application names per user")
+            raise ApiError(
+                NOT_PERMITTED,
+                f"the application name {name!r} belongs to another user (names stay with the first "
+                "user who registers them); choose another name, or ask the operator",
+            )
         handle = self.rand(HANDLE_SIZE)
         if len(handle) != HANDLE_SIZE:
             raise ApiError(UNAVAILABLE, "no randomness")
         digest = _digest(handle)
         if digest in reg.by_handle:  # only with a broken random source
             raise ApiError(UNAVAILABLE, "handle collision")
-        if old is not None:
-            bucket = old.bucket
-            reg.remove(old)
+        key = (name, unique_id, peer.uid)
+        old = reg.by_key.get(key)
+        if (
+            old is not None
+            and verifier is not None
+            and not hmac.compare_digest(old.verifier or b"", verifier)
+        ):
+            reg.remove(old)  # a new password: the handles of the old one go
+            log.info("api: distributed application %r of uid %d: new password", name, peer.uid)
+            replaced: Registration | None = old
+            old = None
         else:
-            bucket = TokenBucket.full(self.limits.sign_rate, self.limits.sign_burst, self.clock())
-        if owner is None and name not in reg.reserved:
-            reg.owners[name] = peer.uid
-            reg.names_per_uid[peer.uid] = reg.names_per_uid.get(peer.uid, 0) + 1
-        new = Registration(name, unique_id, peer.uid, peer.pid, digest, bucket, verifier)
-        reg.by_handle[digest] = new
-        reg.by_key[key] = new
-        reg.per_uid[peer.uid] = reg.per_uid.get(peer.uid, 0) + 1
-        self._save()
+            replaced = None
+        if old is None and replaced is None:
+            self._check_quotas(name, owner, peer)
+        now = self.wall()
+        if old is None:
+            if replaced is not None:
+                bucket = replaced.bucket
+            else:
+                bucket = TokenBucket.full(limits.sign_rate, limits.sign_burst, self.clock())
+            target = Registration(name, unique_id, peer.uid, peer.pid, bucket, verifier, now, now)
+            reg.add(target)
+        else:
+            target = old
+            target.pid, target.last_used = peer.pid, now
+            while target.handles and len(target.handles) >= max(1, limits.max_handles):
+                oldest = min(target.handles.values(), key=lambda h: h.last_used)
+                del target.handles[oldest.digest]  # the registration stays: a handle is added below
+                reg.by_handle.pop(oldest.digest, None)
+                log.info(
+                    "api: %r of uid %d has %d handles, the limit: released the least recently used",
+                    name,
+                    peer.uid,
+                    limits.max_handles,
+                )
+        reg.add_handle(target, Handle(digest, peer.pid, now, now))
+        if name not in reg.reserved:
+            reg.own(name, peer.uid)
+        if old is None:
+            self._save()  # a new registration, owner or verifier: the key-holder reads them
+        else:
+            self._spent()  # one more handle of a registration already on disk
         log.info(
-            "api: %s %s%r for uid %d (pid %d)",
-            "re-registered" if old is not None else "registered",
+            "api: %s %s%r for uid %d (pid %d), %d handle(s)",
+            "registered" if old is None else "new handle of",
             "distributed application " if verifier is not None else "",
             name,
             peer.uid,
             peer.pid,
+            len(target.handles),
         )
         return {"handle": handle}
+
+    def _check_quotas(self, name: str, owner: int | None, peer: PeerCred) -> None:
+        """May ``peer`` make one more registration (of ``name``, owned by ``owner``)?"""
+        reg, limits = self.registry, self.limits
+        if reg.per_uid.get(peer.uid, 0) >= limits.max_registrations:
+            self.expire()
+        if reg.per_uid.get(peer.uid, 0) >= limits.max_registrations:
+            log.warning(
+                "api: uid %d (pid %d) refused a registration of %r: %d registrations, the limit",
+                peer.uid,
+                peer.pid,
+                name,
+                limits.max_registrations,
+            )
+            raise ApiError(
+                QUOTA,
+                f"uid {peer.uid} has {limits.max_registrations} registrations, the limit per user. "
+                "Release them when done (PstClient.close(), or the end of its with block), register "
+                "with one unique id per application instance (the client's default), or have the "
+                "operator free them (pst api registrations list / revoke NAME); "
+                f"a handle unused for {duration(limits.idle_expiry)} expires by itself",
+            )
+        if owner is None and reg.names_per_uid.get(peer.uid, 0) >= limits.max_names:
+            log.warning(
+                "api: uid %d (pid %d) refused the new name %r: %d names, the limit",
+                peer.uid,
+                peer.pid,
+                name,
+                limits.max_names,
+            )
+            raise ApiError(
+                QUOTA,
+                f"uid {peer.uid} owns {limits.max_names} application names, the limit per user "
+                "(a name stays with its first user so that nobody else can sign under it). "
+                "Reuse a name you own, or have the operator release one "
+                "(pst api registrations revoke NAME --release-name)",
+            )
+
+    # Operator ------------------------------------------------------------------------------------
+
+    def _list_registrations(self) -> Mapping[str, Any]:
+        """Every registration, without handles or verifiers; and the names' owners."""
+        regs = sorted(self.registry.by_key.values(), key=lambda r: (r.name, r.uid, r.unique_id))
+        return {
+            "now_ms": _ms(self.wall()),
+            "idle_expiry_ms": _ms(self.limits.idle_expiry),
+            "registrations": [
+                {
+                    "name": r.name,
+                    "uid": r.uid,
+                    "kind": r.kind,
+                    "unique_id": r.unique_id,
+                    "pid": r.pid,
+                    "handles": len(r.handles),
+                    "created_ms": _ms(r.created),
+                    "last_used_ms": _ms(max(h.last_used for h in r.handles.values())),
+                }
+                for r in regs
+            ],
+            "owners": dict(sorted(self.registry.owners.items())),
+            "reserved": dict(sorted(self.registry.reserved.items())),
+        }
+
+    def _revoke(self, name: str, uid: int | None, release_name: bool, peer: PeerCred) -> Mapping[str, Any]:
+        reg = self.registry
+        if release_name and name in reg.reserved:
+            raise ApiError(
+                NOT_PERMITTED,
+                f"{name!r} is reserved for uid {reg.reserved[name]} by the server's configuration; "
+                "change the configuration to release it",
+            )
+        chosen = [r for r in reg.by_key.values() if r.name == name and (uid is None or r.uid == uid)]
+        handles = sum(len(r.handles) for r in chosen)
+        for r in chosen:
+            reg.remove(r)
+        owner = reg.owners.get(name)
+        released = release_name and owner is not None and (uid is None or owner == uid)
+        if released:
+            reg.release_name(name)
+        if chosen or released:
+            self._save()
+        whose = "every uid" if uid is None else f"uid {uid}"
+        log.log(
+            logging.WARNING if chosen or released else logging.INFO,
+            "api: operator uid %d (pid %d) revoked %d registration(s) of %r for %s%s",
+            peer.uid,
+            peer.pid,
+            len(chosen),
+            name,
+            whose,
+            f"; name released (was uid {owner}'s)" if released else "",
+        )
+        return {"revoked": len(chosen), "handles": handles, "released": released, "owner": owner}
 
     async def _register_distributed(self, name: str, password: bytes, peer: PeerCred) -> Mapping[str, Any]:
         if self.distributed is None:
@@ -689,19 +1025,60 @@ class ApiCore:
         return self._register(name, b"", peer, verifier)
 
     def _lookup(self, handle: bytes, peer: PeerCred) -> Registration:
-        reg = self.registry.by_handle.get(_digest(handle))
+        digest = _digest(handle)
+        reg = self.registry.by_handle.get(digest)
         if reg is None:
-            raise ApiError(UNKNOWN_HANDLE, "no registration has this handle (register first)")
+            raise ApiError(
+                UNKNOWN_HANDLE,
+                "no registration has this handle: it was released (unregister), replaced, revoked by "
+                "the operator, or unused too long; register again",
+            )
         if reg.uid != peer.uid:
             log.warning("api: uid %d (pid %d) presented a handle of uid %d", peer.uid, peer.pid, reg.uid)
             raise ApiError(NOT_PERMITTED, "this handle belongs to another user")
+        entry = reg.handles[digest]
+        now = self.wall()
+        if now - entry.last_used >= self.limits.idle_expiry:
+            if self.registry.remove_handle(reg, digest):
+                self._save()
+            else:
+                self._spent()
+            raise ApiError(
+                UNKNOWN_HANDLE,
+                f"this handle was unused for more than {duration(self.limits.idle_expiry)} and "
+                "expired; register again",
+            )
+        entry.last_used = reg.last_used = now
+        self._dirty = True
         return reg
 
     def _unregister(self, handle: bytes, peer: PeerCred) -> None:
         reg = self._lookup(handle, peer)
-        self.registry.remove(reg)
-        self._save()
-        log.info("api: unregistered %r for uid %d (pid %d)", reg.name, peer.uid, peer.pid)
+        if self.registry.remove_handle(reg, _digest(handle)):
+            self._save()
+            log.info("api: unregistered %r for uid %d (pid %d)", reg.name, peer.uid, peer.pid)
+        else:
+            self._spent()
+            log.info(
+                "api: released a handle of %r for uid %d (pid %d), %d left",
+                reg.name,
+                peer.uid,
+                peer.pid,
+                len(reg.handles),
+            )
+
+    def _take(self, reg: Registration, what: str) -> None:
+        """Spend one token of ``reg``'s bucket, or answer ``quota`` with the wait."""
+        if reg.bucket.take(self.clock()):
+            self._spent()
+            return
+        wait = reg.bucket.wait()
+        raise ApiError(
+            QUOTA,
+            f"{what} rate limit of {reg.name!r} exceeded (at most {reg.bucket.rate:g} per second, bursts "
+            f"of {reg.bucket.burst:g}, shared by its handles): {_retry_hint(wait)}",
+            wait,
+        )
 
     async def _sign(
         self, handle: bytes, message: bytes, peer: PeerCred, *, digest: bool = False
@@ -711,9 +1088,7 @@ class ApiCore:
             raise ApiError(
                 NOT_PERMITTED, "a distributed application signs through 'request' (a majority must agree)"
             )
-        if not reg.bucket.take(self.clock()):
-            raise ApiError(QUOTA, "signing rate limit exceeded for this registration")
-        self._spent()
+        self._take(reg, "signing")
         try:
             if digest:
                 signature = await self.backend.sign_digest(reg.name, message)
@@ -730,14 +1105,8 @@ class ApiCore:
         return {"signature": signature}
 
     async def _random(self, handle: bytes, nonce: bytes, peer: PeerCred) -> Mapping[str, Any]:
-        reg = self.registry.by_handle.get(_digest(handle))
-        if reg is None:
-            raise ApiError(UNKNOWN_HANDLE, "no registration has this handle (register first)")
-        if reg.uid != peer.uid:
-            raise ApiError(NOT_PERMITTED, "this handle belongs to another user")
-        if not reg.bucket.take(self.clock()):
-            raise ApiError(QUOTA, "too many requests for this registration: slow down")
-        self._spent()
+        reg = self._lookup(handle, peer)
+        self._take(reg, "request")
         try:
             value, used_input = await self.backend.random(nonce)
         except BackendUnavailable as exc:
@@ -763,9 +1132,7 @@ class ApiCore:
         self, handle: bytes, protocol: str, payload: bytes, peer: PeerCred
     ) -> Mapping[str, Any]:
         reg, verifier, node = self._distributed(handle, peer)
-        if not reg.bucket.take(self.clock()):
-            raise ApiError(QUOTA, "request rate limit exceeded for this registration")
-        self._spent()
+        self._take(reg, "request")
         signature = await self._call_distributed(
             "request", node.distributed_request(reg.name, verifier, protocol, payload, self.request_wait)
         )
@@ -841,6 +1208,16 @@ class ApiCore:
         except Exception as exc:
             log.error("api: backend status failed (%s)", type(exc).__name__)
             raise ApiError(UNAVAILABLE, "cannot read the status now") from None
+
+
+def _ms(seconds: float) -> int:
+    return max(0, min(2**63 - 1, round(seconds * 1000)))
+
+
+def _retry_hint(wait: float | None) -> str:
+    if wait is None:
+        return "this quota does not refill; ask the operator"
+    return f"retry in {max(wait, 0.001):.3g} s (the client library waits and retries by itself)"
 
 
 def to_plain(obj: Any, depth: int = 0) -> Any:

@@ -10,8 +10,10 @@ PServer already has, without importing the node package (it takes callables and 
   is always bound in and the payload never carries the protocols' signing domain (the
   signing service refuses those). ``SigningRefused`` and timeouts become
   :class:`~appliance.api.BackendUnavailable` with a short, secret-free reason.
-* ``get_time()``: this server's own clock. The §5.3 GetTime protocol (each server's
-  signed time) is not implemented yet, so the other servers' entries are ``None``.
+* ``get_time()``: every server's clock through ``time_vector`` (the §5.3 GetTime service:
+  the other servers' answers arrive signed with their period keys and are checked there;
+  the vector returned here carries no signatures); without it, this server's own clock
+  and ``None`` for the others.
 * ``status()``: the status file the node rewrites after every refresh
   (``<state>/public/status.json``), as a map.
 * distributed applications (:class:`~appliance.api.DistributedBackend`): through a

@@ -22,8 +22,15 @@ one response frame, in order. A frame whose announced length is too big answers
 in both cases the connection is closed after that response. A request with bad fields
 answers ``bad-request`` and the connection stays usable. A request that takes longer than
 ``request_timeout`` answers ``unavailable``. A connection that completes no frame within
-``idle_timeout`` (partial frames do not count as activity) is closed. Beyond
-``max_connections`` concurrent clients, a new client gets a ``quota`` error and is closed.
+``idle_timeout`` (partial frames do not count as activity) is closed.
+
+Connection limits are per uid: a uid with ``max_connections_per_uid`` connections open gets a
+``quota`` error on the next one, which names its uid and the limit, and is closed, while every
+other uid is still served; the refusal is logged naming the uid and pid (at most once a minute
+per uid, so a client in a loop cannot flood the log). ``max_connections`` bounds all
+connections together (file descriptors), except that the operator's uids (root and ours) are
+not counted against it, only against their own per-uid limit, so that the operator can always
+connect to see and revoke registrations (``pst api registrations``).
 No exception from one connection ever reaches the listener or other connections.
 """
 
@@ -62,6 +69,9 @@ DEFAULT_MAX_FRAME_SIZE = 128 * 1024
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_REQUEST_TIMEOUT = 30.0
 DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_MAX_CONNECTIONS_PER_UID = 64
+#: A uid refused for too many connections is logged at most this often.
+REFUSAL_LOG_INTERVAL = 60.0
 SOCKET_MODE = 0o660
 DIRECTORY_MODE = 0o750
 _UCRED = struct.Struct("3i")
@@ -153,14 +163,19 @@ class ApiServer:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID,
     ) -> None:
         self.core = core
         self.max_frame_size = max_frame_size
         self.idle_timeout = idle_timeout
         self.request_timeout = request_timeout
         self.max_connections = max_connections
+        self.max_connections_per_uid = max_connections_per_uid
+        #: Connections counted against ``max_connections`` (the operator's are not).
         self.connections = 0
+        self.per_uid: dict[int, int] = {}
         self.unmapped_uid = overflow_uid()
+        self._refusal_logged: dict[int, float] = {}
 
     async def _send(self, stream: trio.SocketStream, response: bytes) -> bool:
         """Send one response frame; False if the client is gone or does not read."""
@@ -175,24 +190,24 @@ class ApiServer:
     async def handle_connection(self, stream: trio.SocketStream) -> None:
         """Serve one client until it leaves, misbehaves or idles; never raises."""
         try:
-            if self.connections >= self.max_connections:
-                log.warning("api: %d connections already open; refusing another", self.connections)
-                self.core.count("connection", QUOTA)
-                reply = error_response(None, QUOTA, "too many connections")
-                await self._send(stream, encode_response(reply))
-                return
-            self.connections += 1
-            try:
-                await self._serve(stream)
-            finally:
-                self.connections -= 1
+            await self._admit(stream)
         except Exception as exc:  # a bug must cost one connection, not the server
             log.error("api: connection failed (%s)", type(exc).__name__)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await stream.aclose()
 
-    async def _serve(self, stream: trio.SocketStream) -> None:
+    def _log_refusal(self, peer: PeerCred, why: str) -> None:
+        now = trio.current_time()
+        last = self._refusal_logged.get(peer.uid)
+        if last is None or now - last >= REFUSAL_LOG_INTERVAL:
+            if len(self._refusal_logged) > 4096:
+                self._refusal_logged.clear()
+            self._refusal_logged[peer.uid] = now
+            log.warning("api: refused a connection of uid %d (pid %d): %s", peer.uid, peer.pid, why)
+
+    async def _admit(self, stream: trio.SocketStream) -> None:
+        """Check who connects and the connection limits, then serve."""
         try:
             peer = peer_cred(stream.socket)
         except OSError as exc:
@@ -212,6 +227,39 @@ class ApiServer:
             )
             await self._send(stream, encode_response(reply))
             return
+        mine = self.per_uid.get(peer.uid, 0)
+        counted = peer.uid not in self.core.operators
+        if mine >= self.max_connections_per_uid:
+            self._log_refusal(peer, f"it has {mine} connections open, the limit per uid")
+            self.core.count("connection", QUOTA)
+            message = (
+                f"uid {peer.uid} already has {mine} connections open, the limit per user: close the "
+                "clients you no longer use (each PstClient holds one connection until close())"
+            )
+            await self._send(stream, encode_response(error_response(None, QUOTA, message)))
+            return
+        if counted and self.connections >= self.max_connections:
+            self._log_refusal(peer, f"{self.connections} connections are open, the limit of the server")
+            self.core.count("connection", QUOTA)
+            message = (
+                f"the server has {self.connections} connections open, its limit; try again later, "
+                "or ask the operator (the server's log names the uids that hold them)"
+            )
+            await self._send(stream, encode_response(error_response(None, QUOTA, message)))
+            return
+        self.per_uid[peer.uid] = mine + 1
+        self.connections += counted
+        try:
+            await self._serve(stream, peer)
+        finally:
+            self.connections -= counted
+            left = self.per_uid[peer.uid] - 1
+            if left:
+                self.per_uid[peer.uid] = left
+            else:
+                del self.per_uid[peer.uid]
+
+    async def _serve(self, stream: trio.SocketStream, peer: PeerCred) -> None:
         decoder = FrameDecoder(self.max_frame_size)
         deadline = trio.current_time() + self.idle_timeout
         while True:
@@ -273,6 +321,7 @@ async def serve_api(
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID,
     task_status: trio.TaskStatus[ApiServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the local API at ``path`` until cancelled; ``nursery.start`` returns the ApiServer.
@@ -294,6 +343,7 @@ async def serve_api(
         idle_timeout=idle_timeout,
         request_timeout=request_timeout,
         max_connections=max_connections,
+        max_connections_per_uid=max_connections_per_uid,
     )
     log.info("api: listening on %s", sock_path)
     try:

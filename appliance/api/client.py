@@ -9,9 +9,24 @@ n, ...}`` in a length-prefixed frame, answered by exactly one response frame
 synchronous and one at a time (a lock makes a client safe to share between threads).
 The server knows who we are from the kernel (``SO_PEERCRED``), so there is nothing to
 log in with: :meth:`PstClient.register` gives the application's name and a unique id
-(paper §5.1) and gets a handle, which the client keeps and sends with later requests.
-Handles outlive connections: if the server closes the connection (after a malformed
-request, or when idle), the next call reconnects and the handle still works.
+(paper §5.1; by default the constant ``b"default"``, so the application comes back as the
+same registration every run) and gets a handle, which the client keeps and sends with later
+requests. :meth:`PstClient.close` (and the end of a ``with`` block) releases the handle, so
+an application that registers, signs and exits leaves nothing behind; several processes of
+the same application may register and sign at the same time, each with its own handle.
+
+The client recovers by itself where it safely can: handles outlive connections (if the
+server closes the connection, after a malformed request or when idle, the next call
+reconnects and the handle still works); if the server no longer knows our handle (it expired
+after a day unused, the operator revoked it, the server lost its state), the client registers
+again with the same name and unique id and retries the call once; and a rate limit's
+``quota`` error carries the wait after which the call would pass, which the client sleeps
+and retries, up to ``quota_wait`` seconds in all. Distributed registrations are not renewed
+by themselves (the client does not keep the password).
+
+Signatures are checked with :func:`verify` (the group's public key as PEM, from ``pst pubkey
+--pem``), for a message or for its SHA-512 digest; :func:`sign_file` hashes a file of any
+size as it reads it. docs/api.md describes every operation, its errors and limits.
 
 A distributed application (§5.1, one client next to each PServer, all with the same name
 and password) uses :meth:`PstClient.register_distributed`, then
@@ -26,8 +41,10 @@ Every failure is a :class:`PstError` with the server's error ``code`` (``bad-req
 ``unknown-request``) or ``connection`` for a socket problem on our side.
 
 This module depends on the ``appliance`` package (its canonical CBOR codec and frame
-decoder, so that client and server cannot disagree on the format); install it, or run
-from a checkout where it is importable.
+decoder, so that client and server cannot disagree on the format). Machines that run
+applications but no server install ``clients/python`` instead (distribution ``pst-client``,
+module ``pst_client``: cbor2 and the standard library), which has the same API; the tests
+run the same cases against both.
 
 Command line::
 
@@ -41,6 +58,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import hashlib
 import json
@@ -48,6 +66,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -64,18 +83,29 @@ API_VERSION = 1
 #: Responses are small, but a status can hold a few lists.
 MAX_RESPONSE_SIZE = 4 * 1024 * 1024
 DEFAULT_SOCKET = "/run/pst/api.sock"
+#: The unique id :meth:`PstClient.register` uses unless told otherwise: one per application.
+DEFAULT_UNIQUE_ID = b"default"
 #: Handle, unique id and message sizes the server accepts.
 HANDLE_SIZE = 32
 MAX_MESSAGE_SIZE = 64 * 1024
+#: Domain of application signatures (the server's ``APP_SIGN_DOMAIN``).
+APP_SIGN_DOMAIN = "pst/app-signed/v1"
+SHA512_SIZE = 64
+#: DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410); the key's 32 bytes follow.
+_ED25519_SPKI = bytes.fromhex("302a300506032b6570032100")
 
 
 class PstError(Exception):
-    """A request failed: ``code`` is the server's error code, or ``connection``."""
+    """A request failed: ``code`` is the server's error code, or ``connection``.
 
-    def __init__(self, code: str, message: str) -> None:
+    ``retry_after`` (seconds) is set for a rate limit: the wait after which the call would pass.
+    """
+
+    def __init__(self, code: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -90,26 +120,125 @@ class PendingRequest:
     expires_in: float
 
 
+@dataclass(frozen=True)
+class RegistrationInfo:
+    """One registration as the operator sees it (:meth:`PstClient.registrations`); times are Unix s."""
+
+    name: str
+    uid: int
+    kind: str
+    unique_id: bytes
+    pid: int
+    handles: int
+    created: float
+    last_used: float
+
+
+def app_signing_payload(app: str, sha512: bytes) -> bytes:
+    """The bytes the group signs for application ``app`` on a message with this SHA-512 digest:
+    the canonical CBOR map ``{"dom": "pst/app-signed/v1", "app": app, "sha512": digest}``."""
+    if len(sha512) != SHA512_SIZE:
+        raise ValueError(f"a SHA-512 digest is {SHA512_SIZE} bytes, not {len(sha512)}")
+    return encoding.encode({"dom": APP_SIGN_DOMAIN, "app": app, "sha512": bytes(sha512)})
+
+
+def public_key_bytes(public_key: str | bytes) -> bytes:
+    """The 32 bytes of an Ed25519 public key given as PEM (``pst pubkey --pem``), 64 hex digits
+    (``pst pubkey``) or the raw 32 bytes; ValueError naming what is wrong."""
+    if isinstance(public_key, bytes) and len(public_key) == 32:
+        return public_key
+    text = public_key.decode("ascii", "replace") if isinstance(public_key, bytes) else public_key
+    text = text.strip()
+    if len(text) == 64:
+        try:
+            return bytes.fromhex(text)
+        except ValueError:
+            pass
+    begin, end = "-----BEGIN PUBLIC KEY-----", "-----END PUBLIC KEY-----"
+    if begin not in text or end not in text:
+        raise ValueError(
+            "public key: expected a PEM 'PUBLIC KEY' (pst pubkey --pem), 64 hex digits or 32 bytes"
+        )
+    body = text.split(begin, 1)[1].split(end, 1)[0]
+    try:
+        der = base64.b64decode("".join(body.split()), validate=True)
+    except ValueError:
+        raise ValueError("public key: the PEM body is not base64") from None
+    if len(der) != len(_ED25519_SPKI) + 32 or not der.startswith(_ED25519_SPKI):
+        raise ValueError("public key: not an Ed25519 SubjectPublicKeyInfo (the group key is Ed25519)")
+    return der[len(_ED25519_SPKI) :]
+
+
+def _digest_of(message_or_digest: Any) -> bytes:
+    """SHA-512 of a message (bytes), of a binary file (read to its end), or a hashlib SHA-512."""
+    if isinstance(message_or_digest, (bytes, bytearray, memoryview)):
+        return hashlib.sha512(message_or_digest).digest()
+    if getattr(message_or_digest, "name", None) == "sha512" and hasattr(message_or_digest, "digest"):
+        digest = message_or_digest.digest()
+        if isinstance(digest, bytes) and len(digest) == SHA512_SIZE:
+            return digest
+    if hasattr(message_or_digest, "read"):
+        return sha512_of(message_or_digest)
+    raise TypeError(
+        "message_or_digest: bytes (the message), a binary file, or hashlib.sha512(...) (its digest), "
+        f"not {type(message_or_digest).__name__}"
+    )
+
+
+def verify(signature: bytes, app: str, message_or_digest: Any, public_key_pem: str | bytes) -> bool:
+    """Is ``signature`` the group's signature for application ``app`` on this message?
+
+    ``message_or_digest``: the message (bytes), a binary file (hashed as it is read), or a
+    ``hashlib.sha512`` object holding its digest (for content hashed elsewhere).
+    ``public_key_pem``: the group public key (``pst pubkey --pem``; hex or raw also accepted).
+    False for a signature that does not match; ValueError for a malformed key or signature.
+    """
+    key = public_key_bytes(public_key_pem)
+    if len(signature) != 64:
+        raise ValueError(f"signature: an Ed25519 signature is 64 bytes, not {len(signature)}")
+    payload = app_signing_payload(app, _digest_of(message_or_digest))
+    try:
+        VerifyKey(key).verify(payload, bytes(signature))
+    except (BadSignatureError, ValueError, TypeError):
+        return False
+    return True
+
+
 def verify_distributed(group_public_key: bytes, app: str, payload: bytes, signature: bytes) -> bool:
     """Does ``signature`` (from :meth:`PstClient.request_distributed`) sign ``payload`` for ``app``?"""
     try:
-        VerifyKey(group_public_key).verify(distributed_sign_payload(app, payload), signature)
+        VerifyKey(public_key_bytes(group_public_key)).verify(
+            distributed_sign_payload(app, payload), signature
+        )
     except (BadSignatureError, ValueError, TypeError):
         return False
     return True
 
 
 class PstClient:
-    """A synchronous client of one PServer's local API at ``path``."""
+    """A synchronous client of one PServer's local API at ``path``.
 
-    def __init__(self, path: str | os.PathLike[str] = DEFAULT_SOCKET, *, timeout: float = 30.0) -> None:
+    ``timeout`` bounds each socket operation; ``quota_wait`` how long in all one call may wait
+    for rate limits before its ``quota`` error is raised (0: raise at once).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = DEFAULT_SOCKET,
+        *,
+        timeout: float = 30.0,
+        quota_wait: float = 10.0,
+    ) -> None:
         self.path = os.fspath(path)
         self.timeout = timeout
+        self.quota_wait = quota_wait
         self.handle: bytes | None = None
+        #: (name, unique id) of our own registration, to register again if the server lost it.
+        self._registration: tuple[str, bytes] | None = None
         self._sock: socket.socket | None = None
         self._decoder = FrameDecoder(MAX_RESPONSE_SIZE)
         self._next_id = 1
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     # Connection -------------------------------------------------------------------------------
 
@@ -120,10 +249,23 @@ class PstClient:
         self.close()
 
     def close(self) -> None:
-        """Close the connection (the registration stays valid on the server)."""
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        """Release our registration's handle (unregister; best effort) and close the connection.
+
+        The client may be used again afterwards: it reconnects, and needs :meth:`register`.
+        """
+        with self._lock:
+            handle, self.handle, self._registration = self.handle, None, None
+            if handle is not None:
+                with contextlib.suppress(PstError):
+                    self._call("unregister", quota_wait=0.0, handle=handle)
+            self.disconnect()
+
+    def disconnect(self) -> None:
+        """Close the connection only: the handle stays valid, and the next call reconnects."""
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
 
     def _connect(self) -> socket.socket:
         if self._sock is None:
@@ -153,51 +295,87 @@ class PstClient:
 
     # Requests ---------------------------------------------------------------------------------
 
-    def request(self, op: str, **fields: Any) -> dict[str, Any]:
-        """Send one request and return its ``result`` map; :class:`PstError` on an error."""
+    def _call(self, op: str, *, quota_wait: float | None = None, **fields: Any) -> dict[str, Any]:
+        """One request; a rate limit is waited out (up to ``quota_wait`` in all) and retried."""
+        budget = self.quota_wait if quota_wait is None else quota_wait
+        while True:
+            try:
+                return self._call_once(op, fields)
+            except PstError as exc:
+                wait = exc.retry_after
+                if exc.code != "quota" or wait is None or wait > budget:
+                    raise
+                budget -= wait
+                time.sleep(wait)
+
+    def _call_once(self, op: str, fields: Mapping[str, Any]) -> dict[str, Any]:
         with self._lock:
             rid = self._next_id
             self._next_id += 1
             payload = encoding.encode({"v": API_VERSION, "op": op, "id": rid, **fields})
             sock = self._connect()
             try:
-                sock.sendall(encode_frame(payload))
+                # A refused connection: the server answered at once and closed; read why.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    sock.sendall(encode_frame(payload))
                 frame = self._receive_frame(sock)
                 response = encoding.decode(frame, max_size=MAX_RESPONSE_SIZE, what="response")
             except PstError:
-                self.close()
+                self.disconnect()
                 raise
             except (OSError, FramingError, DecodeError) as exc:
-                self.close()
+                self.disconnect()
                 raise PstError("connection", f"{type(exc).__name__}: {exc}") from None
         return _result(response, rid)
+
+    def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send one request and return its ``result`` map; :class:`PstError` on an error."""
+        return self._call(op, **fields)
+
+    def _with_handle(self, op: str, handle: bytes | None, **fields: Any) -> dict[str, Any]:
+        """A request carrying a handle: ours by default, registered again once if the server
+        lost it (only ours: a handle the caller passed is the caller's business)."""
+        if handle is not None:
+            return self._call(op, handle=handle, **fields)
+        own = self.handle
+        if own is None:
+            raise PstError("unknown-handle", "register first (this client holds no registration)")
+        try:
+            return self._call(op, handle=own, **fields)
+        except PstError as exc:
+            registration = self._registration
+            if exc.code != "unknown-handle" or registration is None:
+                raise
+        with self._lock:
+            if self.handle == own:  # another thread may have registered again already
+                self.register(*registration)
+            own = self.handle
+        assert own is not None
+        return self._call(op, handle=own, **fields)
 
     def register(self, name: str, unique_id: bytes | str | None = None) -> bytes:
         """Register as application ``name`` (§5.1) and keep the handle; returns it.
 
-        ``unique_id`` identifies this instance of the application (default: a fresh random
-        id). Registering the same name and unique id again revokes the previous handle.
+        ``unique_id`` tells instances of one application apart (default ``b"default"``: one
+        registration per application and user). Registering the same name and unique id again
+        adds a handle and leaves the others valid; :meth:`close` releases ours.
         """
         if unique_id is None:
-            unique_id = os.urandom(16)
+            unique_id = DEFAULT_UNIQUE_ID
         elif isinstance(unique_id, str):
             unique_id = unique_id.encode()
-        result = self.request("register", name=name, unique_id=unique_id)
+        result = self._call("register", name=name, unique_id=unique_id)
         handle = result.get("handle")
         if not isinstance(handle, bytes) or len(handle) != HANDLE_SIZE:
             raise PstError("connection", "malformed register response")
-        self.handle = handle
+        with self._lock:
+            self.handle = handle
+            self._registration = (name, unique_id)
         return handle
-
-    def _handle(self, handle: bytes | None) -> bytes:
-        chosen = handle if handle is not None else self.handle
-        if chosen is None:
-            raise PstError("unknown-handle", "register first")
-        return chosen
 
     def sign(self, message: bytes, handle: bytes | None = None) -> bytes:
         """The group's signature for this application over ``message`` (at most 64 KiB)."""
-        result = self.request("sign", handle=self._handle(handle), message=bytes(message))
+        result = self._with_handle("sign", handle, message=bytes(message))
         signature = result.get("signature")
         if not isinstance(signature, bytes):
             raise PstError("connection", "malformed sign response")
@@ -205,37 +383,41 @@ class PstClient:
 
     def sign_digest(self, sha512: bytes, handle: bytes | None = None) -> bytes:
         """The same signature as :meth:`sign` on the message whose SHA-512 digest is ``sha512``."""
-        result = self.request("sign_digest", handle=self._handle(handle), sha512=bytes(sha512))
+        result = self._with_handle("sign_digest", handle, sha512=bytes(sha512))
         signature = result.get("signature")
         if not isinstance(signature, bytes):
             raise PstError("connection", "malformed sign response")
         return signature
 
-    def sign_file(self, stream: BinaryIO, handle: bytes | None = None) -> bytes:
-        """Sign everything ``stream`` holds, of any size: it is hashed as it is read (1 MiB at a
-        time), and the group signs the same payload as for :meth:`sign` on the whole content."""
-        return self.sign_digest(sha512_of(stream), handle)
+    def sign_file(self, file: BinaryIO | str | os.PathLike[str], handle: bytes | None = None) -> bytes:
+        """Sign a file of any size (a path, or a binary stream read to its end): it is hashed as
+        it is read (1 MiB at a time), and the group signs the same payload as :meth:`sign` would
+        on the whole content, so :func:`verify` on the content accepts it."""
+        return self.sign_digest(sha512_of(file), handle)
 
     def get_random(self, nonce: bytes | None = None, handle: bytes | None = None) -> tuple[bytes, bytes]:
         """64 bytes of joint randomness no server can bias, and the input they answer.
 
         ``nonce`` (16-64 bytes, fresh per request; random by default) is part of the input.
         """
-        result = self.request("random", handle=self._handle(handle), nonce=nonce or os.urandom(32))
+        result = self._with_handle("random", handle, nonce=nonce or os.urandom(32))
         return bytes(result["random"]), bytes(result["input"])
 
     def register_distributed(self, name: str, password: bytes | str) -> bytes:
         """Register as this server's client of distributed application ``name`` (§5.1).
 
         Every client of the application, one per server, registers with the same name and
-        password. Registering again revokes the previous handle. Returns the handle (kept).
+        password. Registering again with the same password adds a handle; with another one,
+        it replaces the earlier handles. Returns the handle (kept).
         """
         if isinstance(password, str):
             password = password.encode()
-        handle = self.request("register_distributed", name=name, password=password).get("handle")
+        handle = self._call("register_distributed", name=name, password=password).get("handle")
         if not isinstance(handle, bytes) or len(handle) != HANDLE_SIZE:
             raise PstError("connection", "malformed register_distributed response")
-        self.handle = handle
+        with self._lock:
+            self.handle = handle
+            self._registration = None  # not renewed by itself: we do not keep the password
         return handle
 
     def request_distributed(self, payload: bytes, handle: bytes | None = None) -> bytes:
@@ -244,7 +426,7 @@ class PstClient:
         Blocks until a strict majority of the application's clients asked for or approved
         the same payload (``refused`` if they did not in time, or refused it).
         """
-        result = self.request("request", handle=self._handle(handle), protocol="sign", payload=bytes(payload))
+        result = self._with_handle("request", handle, protocol="sign", payload=bytes(payload))
         signature = result.get("signature")
         if not isinstance(signature, bytes):
             raise PstError("connection", "malformed request response")
@@ -252,7 +434,7 @@ class PstClient:
 
     def pending(self, handle: bytes | None = None) -> list[PendingRequest]:
         """The other clients' requests that wait for our approval."""
-        entries = self.request("pending", handle=self._handle(handle)).get("requests")
+        entries = self._with_handle("pending", handle).get("requests")
         if not isinstance(entries, list):
             raise PstError("connection", "malformed pending response")
         try:
@@ -271,36 +453,74 @@ class PstClient:
 
     def approve(self, request_id: bytes, handle: bytes | None = None) -> None:
         """Approve a pending request (it then counts as our client's)."""
-        self.request("approve", handle=self._handle(handle), request_id=bytes(request_id))
+        self._with_handle("approve", handle, request_id=bytes(request_id))
 
     def deny(self, request_id: bytes, handle: bytes | None = None) -> None:
         """Deny a pending request (the servers that asked are told at once)."""
-        self.request("deny", handle=self._handle(handle), request_id=bytes(request_id))
+        self._with_handle("deny", handle, request_id=bytes(request_id))
 
     def upgrade_sign(self) -> bytes:
         """The operator's request: the signed upgrade [Scert(U), U] this server approved."""
-        certificate = self.request("upgrade_sign").get("certificate")
+        certificate = self._call("upgrade_sign").get("certificate")
         if not isinstance(certificate, bytes):
             raise PstError("connection", "malformed upgrade_sign response")
         return certificate
 
+    def registrations(self) -> list[RegistrationInfo]:
+        """The operator's view of every registration (root or the server's user only)."""
+        result = self._call("registrations")
+        try:
+            return [
+                RegistrationInfo(
+                    str(r["name"]),
+                    int(r["uid"]),
+                    str(r["kind"]),
+                    bytes(r["unique_id"]),
+                    int(r["pid"]),
+                    int(r["handles"]),
+                    r["created_ms"] / 1000,
+                    r["last_used_ms"] / 1000,
+                )
+                for r in result["registrations"]
+            ]
+        except (KeyError, TypeError, ValueError):
+            raise PstError("connection", "malformed registrations response") from None
+
+    def revoke(self, name: str, uid: int | None = None, *, release_name: bool = False) -> dict[str, Any]:
+        """The operator ends the registrations of ``name`` (of ``uid`` only, if given); with
+        ``release_name`` the name may then go to another user. Returns ``{"revoked": count,
+        "handles": count, "released": bool, "owner": uid or None}``."""
+        fields: dict[str, Any] = {"name": name}
+        if uid is not None:
+            fields["uid"] = uid
+        if release_name:
+            fields["release_name"] = True
+        return self._call("revoke", **fields)
+
     def unregister(self, handle: bytes | None = None) -> None:
-        """Revoke a handle (by default ours)."""
-        chosen = self._handle(handle)
-        self.request("unregister", handle=chosen)
-        if chosen == self.handle:
-            self.handle = None
+        """Release a handle (by default ours; then :meth:`register` is needed again)."""
+        chosen = handle if handle is not None else self.handle
+        if chosen is None:
+            raise PstError("unknown-handle", "register first (this client holds no registration)")
+        self._call("unregister", handle=chosen)
+        with self._lock:
+            if chosen == self.handle:
+                self.handle, self._registration = None, None
 
     def get_time(self) -> dict[int, float | None]:
-        """Every server's clock in Unix seconds (None where unknown), by server id (§5.3)."""
-        times = self.request("get_time").get("times_us")
+        """Every server's clock in Unix seconds (None where unknown), by server id (§5.3).
+
+        The vector comes from this server, unsigned: the other servers' answers reached it
+        signed with their period keys, but the API does not pass the signatures on.
+        """
+        times = self._call("get_time").get("times_us")
         if not isinstance(times, dict):
             raise PstError("connection", "malformed get_time response")
         return {int(k): (v / 1_000_000 if isinstance(v, int) else None) for k, v in times.items()}
 
     def status(self) -> dict[str, Any]:
         """The PServer's status (floats arrive as their decimal strings)."""
-        status = self.request("status").get("status")
+        status = self._call("status").get("status")
         if not isinstance(status, dict):
             raise PstError("connection", "malformed status response")
         return status
@@ -313,8 +533,12 @@ def _result(response: object, rid: int) -> dict[str, Any]:
         error = response.get("error")
         if isinstance(error, Mapping):
             code, message = error.get("code"), error.get("message")
-            if isinstance(code, str) and isinstance(message, str):
-                raise PstError(code, message)
+            wait = error.get("retry_after_ms")
+            retry_after = (
+                wait / 1000 if isinstance(wait, int) and not isinstance(wait, bool) and wait > 0 else None
+            )
+            if isinstance(code, str) and code and isinstance(message, str):
+                raise PstError(code, message, retry_after)
         raise PstError("connection", "malformed error response")
     if response.get("id") != rid:
         raise PstError("connection", "response to another request")
@@ -322,6 +546,32 @@ def _result(response: object, rid: int) -> dict[str, Any]:
     if response.get("ok") is not True or not isinstance(result, dict):
         raise PstError("connection", "malformed response")
     return result
+
+
+def sha512_of(file: BinaryIO | str | os.PathLike[str], chunk: int = 1 << 20) -> bytes:
+    """SHA-512 of a file (path) or stream read to its end in chunks (memory stays bounded)."""
+    if isinstance(file, (str, os.PathLike)):
+        with open(file, "rb") as f:
+            return sha512_of(f, chunk)
+    h = hashlib.sha512()
+    while block := file.read(chunk):
+        h.update(block)
+    return h.digest()
+
+
+def sign_file(
+    file: BinaryIO | str | os.PathLike[str],
+    app: str,
+    *,
+    socket_path: str | os.PathLike[str] = DEFAULT_SOCKET,
+    unique_id: bytes | str | None = None,
+) -> bytes:
+    """Register as ``app``, sign a file of any size by its SHA-512 digest, release: the signature
+    (same as :meth:`PstClient.sign` on the whole content)."""
+    digest = sha512_of(file)
+    with PstClient(socket_path) as client:
+        client.register(app, unique_id)
+        return client.sign_digest(digest)
 
 
 # Command line -----------------------------------------------------------------------------------
@@ -340,14 +590,6 @@ def _read_password(path: str | None) -> bytes:
         with open(path, "rb") as f:
             line = f.readline()
     return line.rstrip(b"\r\n")
-
-
-def sha512_of(stream: BinaryIO, chunk: int = 1 << 20) -> bytes:
-    """SHA-512 of a stream read to its end in chunks (memory stays bounded whatever the size)."""
-    h = hashlib.sha512()
-    while block := stream.read(chunk):
-        h.update(block)
-    return h.digest()
 
 
 def _read_message(path: str) -> bytes:
@@ -381,7 +623,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--socket", default=DEFAULT_SOCKET, help=f"API socket (default {DEFAULT_SOCKET})")
     parser.add_argument("--name", default="pst-client", help="application name to register as")
     parser.add_argument(
-        "--unique-id", default="pst-client-cli", help="application instance id (re-registering revokes)"
+        "--unique-id",
+        default=None,
+        help="application instance id (default 'default': parallel runs share one registration)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sign = sub.add_parser("sign", help="sign FILE (- for stdin); print the hex signature")
@@ -401,18 +645,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with PstClient(args.socket) as client:
             if args.command == "sign":
-                if args.file == "-":
-                    digest = sha512_of(sys.stdin.buffer)
-                else:
-                    with open(args.file, "rb") as f:
-                        digest = sha512_of(f)
+                digest = sha512_of(sys.stdin.buffer if args.file == "-" else args.file)
                 client.register(args.name, args.unique_id)
-                try:
-                    print(client.sign_digest(digest).hex())
-                finally:
-                    # Best effort: the next run's registration replaces it anyway.
-                    with contextlib.suppress(PstError):
-                        client.unregister()
+                print(client.sign_digest(digest).hex())  # the with block releases the handle
             elif args.command in ("request", "approve"):
                 _distributed_command(client, args)
             elif args.command == "time":
