@@ -642,8 +642,19 @@ def _mismatch_detail(config: Path, cfg: dict[str, Any], expected: bytes, layout:
     return f"{head}, found before any of it ran: {'; '.join(shown[:5])}{more}"
 
 
+#: Set in the process the bootstrap started, once the environment matched the config's
+#: code_digest (manifest format 2) before anything of it ran: (the encoded manifest, its number
+#: of entries, what it covers). The boot check of that process uses it instead of hashing
+#: everything again; nothing else does.
+VERIFIED: tuple[bytes, int, str] | None = None
+
+
 def measure(command_name: str, config: Path, layout: Layout) -> int | None:
-    """None if the environment is the code the config names (or it names none); else the exit status."""
+    """None if the environment is the code the config names (or it names none); else the exit status.
+
+    On a match with an environment manifest, :data:`VERIFIED` of this module is set.
+    """
+    global VERIFIED
     try:
         with open(config, "rb") as f:
             cfg = tomllib.load(f)
@@ -659,7 +670,9 @@ def measure(command_name: str, config: Path, layout: Layout) -> int | None:
         return None
     scan = scan_layout(layout)
     if not scan.special and not scan.unreadable:
-        if digest(manifest_object(scan.files, scan.links)) == expected:
+        encoded = canonical(manifest_object(scan.files, scan.links))
+        if hashlib.sha256(encoded).digest() == expected:
+            VERIFIED = (encoded, len(scan.files) + len(scan.links), layout.describe())
             return None
         package = scan_tree(layout.package)
         if (
@@ -729,8 +742,10 @@ def main(argv: Sequence[str]) -> int:
         if refused is not None:
             return refused
     _start_site(package)
+    from appliance.boot import bootstrap  # this file again, as a module of the measured package
     from appliance.cli import main as pst
 
+    bootstrap.VERIFIED = VERIFIED
     return pst(list(argv))
 
 
