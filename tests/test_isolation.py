@@ -10,6 +10,7 @@ started by ``pst cluster up`` imported the fake package.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -59,6 +60,8 @@ def _cluster(venv: Path, root: Path) -> Path:
     config = root / "node-1" / "config.toml"
     ok = run(venv, "check", "--config", str(config))
     assert ok.returncode == 0 and "server 1 may boot" in ok.stdout, ok.stdout + ok.stderr
+    assert f"files of the environment {venv} match the manifest" in ok.stdout
+    assert "measured by the bootstrap before any of it ran" in ok.stdout
     return config
 
 
@@ -129,6 +132,24 @@ def test_a_changed_dependency_is_named_before_it_runs(tmp_path: Path) -> None:
     bad = run(venv, "check", "--config", str(config))
     assert bad.returncode == 1 and f"{target}: changed (sha256 " in bad.stderr, bad.stdout + bad.stderr
     assert "found before any of it ran" in bad.stderr
+
+
+def test_without_the_stored_manifest_a_change_is_still_refused_and_the_manifest_comes_back(
+    tmp_path: Path,
+) -> None:
+    venv = make_venv(tmp_path / "venv")
+    config = _cluster(venv, tmp_path / "c")
+    stored = config.parent / "state" / "public" / "manifest.cbor"
+    stored.unlink()
+    pth = site_packages(venv) / "zz.pth"
+    pth.write_text("import os\n")
+    bad = run(venv, "check", "--config", str(config))
+    assert bad.returncode == 1 and "so the changed file cannot be named" in bad.stderr, bad.stderr
+    assert not stored.exists()  # a manifest of the changed environment is never stored
+    pth.unlink()
+    ok = run(venv, "check", "--config", str(config))
+    assert ok.returncode == 0 and f"{stored} restored" in ok.stdout, ok.stdout + ok.stderr
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() in config.read_text()
 
 
 def test_pythonpath_with_a_fake_appliance_does_not_change_what_a_started_server_runs(tmp_path: Path) -> None:
