@@ -134,6 +134,21 @@ def test_a_changed_dependency_is_named_before_it_runs(tmp_path: Path) -> None:
     assert "found before any of it ran" in bad.stderr
 
 
+def test_a_venv_that_includes_the_systems_site_packages_is_refused(tmp_path: Path) -> None:
+    """Then the system's site-packages (and their .pth files) would run in the server: not listed."""
+    venv = make_venv(tmp_path / "venv")
+    config = _cluster(venv, tmp_path / "c")
+    cfg = venv / "pyvenv.cfg"
+    cfg.write_text(
+        cfg.read_text().replace("include-system-site-packages = false", "include-system-site-packages = true")
+    )
+    bad = run(venv, "check", "--config", str(config))
+    assert bad.returncode == 1 and "BOOT REFUSED: code:" in bad.stderr, bad.stdout + bad.stderr
+    assert "include-system-site-packages = true" in bad.stderr
+    serve = run(venv, "serve", "--config", str(config), timeout=60)
+    assert serve.returncode == EXIT_BOOT_REFUSED and "include-system-site-packages" in serve.stderr
+
+
 def test_without_the_stored_manifest_a_change_is_still_refused_and_the_manifest_comes_back(
     tmp_path: Path,
 ) -> None:

@@ -9,6 +9,7 @@ attack is shown to work first, then caught).
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import os
@@ -407,7 +408,7 @@ def test_the_search_path_of_the_standard_library_is_the_interpreters() -> None:
         text=True,
         check=True,
     )
-    assert [Path(p) for p in eval(out.stdout)] == bootstrap.interpreter_path()
+    assert [Path(p) for p in ast.literal_eval(out.stdout)] == bootstrap.interpreter_path()
 
 
 def test_this_environment_builds_and_verifies_fast() -> None:

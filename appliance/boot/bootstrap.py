@@ -563,11 +563,11 @@ def _option(args: Sequence[str], name: str) -> str | None:
     return None
 
 
-def _refuse(command_name: str, config: Path, cfg: dict[str, Any], detail: str, layout: Layout) -> int:
+def _refuse(command_name: str, cfg: dict[str, Any], detail: str, package: Path) -> int:
     server = cfg.get("server", {})
     sid = server.get("id") if isinstance(server, dict) else None
     if command_name == "check":
-        print(f"server {sid}: boot checks (code imported from {layout.package})")
+        print(f"server {sid}: boot checks (code imported from {package})")
         print(f"  FAIL  code: {detail}")
         print(f"pst check: BOOT REFUSED: code: {detail}", file=sys.stderr)
     elif command_name == "serve":
@@ -642,6 +642,14 @@ def _mismatch_detail(config: Path, cfg: dict[str, Any], expected: bytes, layout:
     return f"{head}, found before any of it ran: {'; '.join(shown[:5])}{more}"
 
 
+def _read_config(config: Path) -> dict[str, Any] | None:
+    try:
+        with open(config, "rb") as f:
+            return tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return None
+
+
 #: Set in the process the bootstrap started, once the environment matched the config's
 #: code_digest (manifest format 2) before anything of it ran: (the encoded manifest, its number
 #: of entries, what it covers). The boot check of that process uses it instead of hashing
@@ -655,10 +663,8 @@ def measure(command_name: str, config: Path, layout: Layout) -> int | None:
     On a match with an environment manifest, :data:`VERIFIED` of this module is set.
     """
     global VERIFIED
-    try:
-        with open(config, "rb") as f:
-            cfg = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+    cfg = _read_config(config)
+    if cfg is None:
         return None  # pst reports an unusable config itself (exit 2) and runs nothing
     network = cfg.get("network", {})
     hexdigest = network.get("code_digest", "") if isinstance(network, dict) else ""
@@ -681,7 +687,7 @@ def measure(command_name: str, config: Path, layout: Layout) -> int | None:
             and digest(manifest_object(package.files, None)) == expected
         ):
             return None  # C names the package alone (format 1): the boot check warns
-    return _refuse(command_name, config, cfg, _mismatch_detail(config, cfg, expected, layout, scan), layout)
+    return _refuse(command_name, cfg, _mismatch_detail(config, cfg, expected, layout, scan), layout.package)
 
 
 def _manifest_command(args: Sequence[str], layout: Layout) -> int:
@@ -698,8 +704,13 @@ def _manifest_command(args: Sequence[str], layout: Layout) -> int:
     out = _option(args, "--out")
     if out is not None:
         tmp = Path(out).with_name(f".{Path(out).name}.{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, out)
+        try:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, out)
+        except OSError as exc:
+            print(f"pst manifest: {out}: {exc.strerror}", file=sys.stderr)
+            return 1
     count = len(scan.files) + len(scan.links)
     print(f"{count} files in {layout.describe()}", file=sys.stderr)
     print(hashlib.sha256(data).hexdigest())
@@ -733,8 +744,10 @@ def main(argv: Sequence[str]) -> int:
         try:
             layout = environment_layout(package)
         except LayoutError as exc:
-            print(f"pst {name}: {exc}", file=sys.stderr)
-            return _EXIT.get(name, 1)
+            if manifest or config is None:
+                print(f"pst {name}: {exc}", file=sys.stderr)
+                return 1
+            return _refuse(name, _read_config(Path(config)) or {}, str(exc), package)
         if manifest:
             return _manifest_command(argv[1:], layout)
         assert config is not None
