@@ -61,7 +61,6 @@ def _cluster(venv: Path, root: Path) -> Path:
     ok = run(venv, "check", "--config", str(config))
     assert ok.returncode == 0 and "server 1 may boot" in ok.stdout, ok.stdout + ok.stderr
     assert f"files of the environment {venv} match the manifest" in ok.stdout
-    assert "measured by the bootstrap before any of it ran" in ok.stdout
     return config
 
 

@@ -299,6 +299,31 @@ def _hash_file(path: str) -> bytes:
         return hashlib.file_digest(f, "sha256").digest()
 
 
+#: Files hashed in this process (and in the processes it forks: the key-holder): path ->
+#: ((device, inode, size, mtime, ctime), SHA-256). A later scan hashes a file again only if one
+#: of these changed, or if the file had changed less than :data:`RACY_NS` before it was hashed
+#: (a change within the same clock tick would leave its times as they were). A process cannot
+#: set a file's ctime back without setting the system clock back. The first scan of a process
+#: (the bootstrap's) hashes everything.
+DIGESTS: dict[str, tuple[tuple[int, ...], bytes]] = {}
+RACY_NS = 2_000_000_000
+
+
+def file_digest(path: str, st: os.stat_result) -> bytes:
+    """SHA-256 of the file at ``path`` whose status (taken before reading) is ``st``."""
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    known = DIGESTS.get(path)
+    if known is not None and known[0] == key:
+        return known[1]
+    started = time.time_ns()
+    value = _hash_file(path)
+    if max(st.st_mtime_ns, st.st_ctime_ns) < started - RACY_NS:
+        DIGESTS[path] = (key, value)
+    else:
+        DIGESTS.pop(path, None)
+    return value
+
+
 #: Decides whether a symbolic link may be listed (by its target); None: links are refused.
 LinkPolicy = Callable[[str, str], str | None]
 
@@ -342,7 +367,7 @@ def _walk(root: Path, rel: tuple[str, ...], prefix: str, scan: Scan, links: Link
             scan.special.append((key, ""))  # a symlink, socket, device ...: never part of the code
         elif not is_cache(parts):
             try:
-                scan.files[key] = _hash_file(entry.path)
+                scan.files[key] = file_digest(entry.path, st)
             except OSError as exc:
                 scan.unreadable.append((key, exc.strerror or str(exc)))
 
@@ -375,7 +400,7 @@ def scan_layout(layout: Layout) -> Scan:
             walk(hook.path, hook.key, scan)
         else:
             try:
-                scan.files[hook.key] = _hash_file(str(hook.path))
+                scan.files[hook.key] = file_digest(str(hook.path), os.stat(hook.path))
             except OSError as exc:
                 scan.unreadable.append((hook.key, exc.strerror or str(exc)))
     for key, directory in layout.outside:
@@ -650,19 +675,8 @@ def _read_config(config: Path) -> dict[str, Any] | None:
         return None
 
 
-#: Set in the process the bootstrap started, once the environment matched the config's
-#: code_digest (manifest format 2) before anything of it ran: (the encoded manifest, its number
-#: of entries, what it covers). The boot check of that process uses it instead of hashing
-#: everything again; nothing else does.
-VERIFIED: tuple[bytes, int, str] | None = None
-
-
 def measure(command_name: str, config: Path, layout: Layout) -> int | None:
-    """None if the environment is the code the config names (or it names none); else the exit status.
-
-    On a match with an environment manifest, :data:`VERIFIED` of this module is set.
-    """
-    global VERIFIED
+    """None if the environment is the code the config names (or it names none); else the exit status."""
     cfg = _read_config(config)
     if cfg is None:
         return None  # pst reports an unusable config itself (exit 2) and runs nothing
@@ -676,9 +690,7 @@ def measure(command_name: str, config: Path, layout: Layout) -> int | None:
         return None
     scan = scan_layout(layout)
     if not scan.special and not scan.unreadable:
-        encoded = canonical(manifest_object(scan.files, scan.links))
-        if hashlib.sha256(encoded).digest() == expected:
-            VERIFIED = (encoded, len(scan.files) + len(scan.links), layout.describe())
+        if digest(manifest_object(scan.files, scan.links)) == expected:
             return None
         package = scan_tree(layout.package)
         if (
@@ -758,7 +770,7 @@ def main(argv: Sequence[str]) -> int:
     from appliance.boot import bootstrap  # this file again, as a module of the measured package
     from appliance.cli import main as pst
 
-    bootstrap.VERIFIED = VERIFIED
+    bootstrap.DIGESTS.update(DIGESTS)  # what was hashed before anything ran, for later checks
     return pst(list(argv))
 
 

@@ -43,7 +43,6 @@ interpreter, its C libraries and standard library, the kernel) is not checked fr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -247,33 +246,6 @@ def _check_code(constants: Constants, state_dir: Path, code_root: Path | None) -
     return _CodeCheck(built.verify(where), note, len(built), covered, built.environment)
 
 
-def _measured_at_start(constants: Constants, state_dir: Path) -> _CodeCheck | None:
-    """The bootstrap's measurement of this process's environment, if it is C's (used once).
-
-    ``python -I -S bootstrap.py`` hashed the environment before anything of it ran and found
-    the config's code_digest; the config equals the certified C by now, so hashing it all
-    again a few hundred milliseconds later would only repeat that.
-    """
-    from appliance.boot import bootstrap
-
-    measured, bootstrap.VERIFIED = bootstrap.VERIFIED, None
-    if measured is None or hashlib.sha256(measured[0]).digest() != constants.code_digest:
-        return None
-    encoded, files, what = measured
-    source = "measured by the bootstrap before any of it ran"
-    stored = state_dir / "public" / MANIFEST_FILE
-    try:
-        if stored.read_bytes() != encoded:
-            raise FileNotFoundError
-    except OSError:
-        try:
-            atomic_write(stored, encoded)
-            source += f"; {stored} restored"
-        except OSError as exc:
-            source += f"; {stored} not restored: {exc.strerror}"
-    return _CodeCheck([], source, files, f"of {what}", True)
-
-
 def append_alert(
     public_dir: Path, kind: AlertKind, server: int, period: int, detail: str, now: float
 ) -> None:
@@ -396,9 +368,7 @@ def boot_check(
             raise refuse(None, "code", detail, c)
         report.add("code", WARN, detail)
         return report
-    result = _measured_at_start(c, config.state_dir) if code_root is None else None
-    if result is None:
-        result = _check_code(c, config.state_dir, code_root)
+    result = _check_code(c, config.state_dir, code_root)
     report.mismatches = result.mismatches
     if result.mismatches:
         shown = "; ".join(str(x) for x in result.mismatches[:5])

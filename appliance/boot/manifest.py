@@ -319,6 +319,8 @@ def _would_load(data: bytes, source: bytes, st: os.stat_result) -> bool:
 def _check_bytecode(sources: list[tuple[str, Path, Path, str]]) -> list[Mismatch]:
     """Caches of verified sources: (the source's key, its file, its root, the key prefix of that root)."""
     out: list[Mismatch] = []
+    if sys.pycache_prefix is not None and not os.path.isdir(sys.pycache_prefix):
+        return out  # every cache would be under it (the bootstrap's /dev/null): none can exist
     for name, source_path, root, prefix in sources:
         for cache, level in _caches(source_path):
             try:
