@@ -460,3 +460,50 @@ def test_the_bootstraps_encoding_is_the_canonical_encoding(
 def test_bad_environment_manifests_are_refused_with_the_reason(data: bytes, reason: str) -> None:
     with pytest.raises(DecodeError, match=reason):
         Manifest.decode(data)
+
+
+def test_a_later_scan_reads_only_changed_files_and_a_restored_mtime_does_not_hide_a_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pkg = make_tree(tmp_path)
+    monkeypatch.setattr(bootstrap, "DIGESTS", {})
+    m = Manifest.build(pkg)
+    assert not bootstrap.DIGESTS  # just written: within the racy window, never remembered
+    monkeypatch.setattr(bootstrap, "RACY_NS", 0)  # as if the files were older than 2 s
+    assert Manifest.build(pkg) == m and str(pkg / "mod.py") in bootstrap.DIGESTS
+    st = (pkg / "mod.py").stat()
+    data = bytearray((pkg / "mod.py").read_bytes())
+    data[-3] ^= 0x01  # same size ...
+    (pkg / "mod.py").write_bytes(bytes(data))
+    os.utime(pkg / "mod.py", ns=(st.st_atime_ns, st.st_mtime_ns))  # ... and the mtime put back
+    assert [(x.kind, x.path) for x in m.verify(pkg)] == [(CHANGED, "mod.py")]  # the ctime moved
+
+
+def test_with_the_bootstraps_cache_prefix_no_bytecode_cache_is_read_nor_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server started by the bootstrap looks for caches under /dev/null: a tampered one is inert."""
+    pkg = make_tree(tmp_path)
+    m = Manifest.build(pkg)
+    good = Path(py_compile.compile(str(pkg / "mod.py"), doraise=True))
+    header = tmp_path / "good-header.pyc"
+    shutil.copy(good, header)
+    _tampered_pyc(pkg, header)
+    assert _import_answer(pkg) == "666"  # read by a plain interpreter
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            f"pycache_prefix={bootstrap.NO_BYTECODE}",
+            "-c",
+            "import pkgx.mod; print(pkgx.mod.ANSWER)",
+        ],
+        env={**os.environ, "PYTHONPATH": str(pkg.parent)},
+        cwd=pkg.parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "42"  # not read with the bootstrap's prefix
+    monkeypatch.setattr(sys, "pycache_prefix", bootstrap.NO_BYTECODE)
+    assert m.verify(pkg) == []
