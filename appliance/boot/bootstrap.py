@@ -21,8 +21,8 @@ for ``serve``, ``check`` and ``init`` (:data:`MEASURED`) the manifest of the env
 runs (exit 3 for ``serve``, as the boot check; the refusal names the files when the stored
 manifest ``public/manifest.cbor`` is the one the config names, and goes to the server's
 alerts). Only then does it pin ``import appliance`` to the package it lives in, run
-:func:`site.main` (the ``.pth`` files, ``sitecustomize``) and hand over to
-:func:`appliance.cli.main`, whose boot check then binds the config to the network-certified C.
+:func:`site.main` (the ``.pth`` files, ``sitecustomize``) and run ``appliance.cli`` as
+``python -m appliance.cli`` would, whose boot check then binds the config to the certified C.
 ``pst manifest`` (without ``--root``) is computed here too, before anything of the
 environment runs. Bytecode caches are never read afterwards (``sys.pycache_prefix`` is
 ``/dev/null``, which can never be a directory), so a changed ``__pycache__/*.pyc`` cannot
@@ -47,6 +47,7 @@ import importlib.abc
 import importlib.machinery
 import json
 import os
+import runpy
 import stat
 import sys
 import time
@@ -742,7 +743,7 @@ def _start_site(package: Path) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    """Measure, then run :func:`appliance.cli.main` with ``argv``."""
+    """Measure, then run ``appliance.cli`` with ``argv``, as ``python -m appliance.cli`` would."""
     if not started_isolated():
         print(f"pst: start {path()} as: python -I -S {path()} COMMAND ...", file=sys.stderr)
         return 2
@@ -768,10 +769,12 @@ def main(argv: Sequence[str]) -> int:
             return refused
     _start_site(package)
     from appliance.boot import bootstrap  # this file again, as a module of the measured package
-    from appliance.cli import main as pst
 
     bootstrap.DIGESTS.update(DIGESTS)  # what was hashed before anything ran, for later checks
-    return pst(list(argv))
+    # Run pst as `python -m appliance.cli ARGS` would (boot/ imports nothing of the layers above).
+    sys.argv = [sys.argv[0], *argv]
+    runpy.run_module("appliance.cli", run_name="__main__", alter_sys=True)
+    return 0
 
 
 if __name__ == "__main__":
