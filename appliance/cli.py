@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import __version__
+from appliance.boot import bootstrap
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -191,10 +192,7 @@ def _network_ceremony(args: argparse.Namespace) -> int:
     )
     procs = {}
     for node in _cluster_nodes(root):
-        argv = [
-            sys.executable,
-            "-m",
-            "appliance.cli",
+        argv = bootstrap.command(
             "init",
             "--config",
             str(node / "config.toml"),
@@ -202,7 +200,7 @@ def _network_ceremony(args: argparse.Namespace) -> int:
             str(node / "sstart"),
             "--start-at",
             repr(start),
-        ]
+        )
         with open(node / "init.log", "wb") as log:
             procs[node] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     failed = 0
@@ -396,8 +394,8 @@ def _start_node(node: Path) -> int:
     import subprocess
 
     log = open(node / "server.log", "ab")  # noqa: SIM115 - handed to the child process
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance.cli", "serve", "--config", str(node / "config.toml")],
+    proc = subprocess.Popen(  # isolated, and measured before anything of the environment runs
+        bootstrap.command("serve", "--config", str(node / "config.toml")),
         stdout=log,
         stderr=log,
         stdin=subprocess.DEVNULL,
@@ -856,7 +854,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reexec_isolated(argv: Sequence[str] | None) -> None:
+    """Run a server command through the bootstrap when pst was started some other way.
+
+    ``python -m appliance.cli serve`` or pip's ``pst`` script let PYTHONPATH and site-packages
+    (``.pth`` files, sitecustomize) run before us; the same process then starts again as
+    ``python -I -S bootstrap.py``, which measures the environment before any of it runs.
+    (What ran before this point could have prevented it: start servers with bin/pst.)
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if argv is None and args and args[0] in bootstrap.MEASURED and not bootstrap.started_isolated():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, bootstrap.command(*args))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _reexec_isolated(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
