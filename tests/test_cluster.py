@@ -77,9 +77,16 @@ def test_get_time_and_get_random_through_the_local_api(cluster: Path) -> None:
     with PstClient(sockets[0]) as a, PstClient(sockets[1]) as b:
         a.register("test-app", b"a")
         b.register("test-app", b"b")
-        times = a.get_time()
+        # `pst cluster up` returns once every API socket exists; the peers' TLS channels follow,
+        # so a peer may not answer the very first request.
+        deadline = time.monotonic() + 15
+        while True:
+            times = a.get_time()
+            readings = [t for t in times.values() if t is not None]
+            if len(readings) >= 4 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert set(times) == {1, 2, 3, 4, 5}
-        readings = [t for t in times.values() if t is not None]
         assert len(readings) >= 4 and max(readings) - min(readings) < 2.0
         nonce = b"n" * 32
         r1, input1 = a.get_random(nonce)
