@@ -288,7 +288,17 @@ class PServer:
 
         # Operational = holds a valid share of the group key for the current KeyTable and can sign
         # with it now (start_signing checked all of that); missing or stale shares: recovering.
-        self._write_status(core.public, Status.OPERATIONAL if core.signing is not None else Status.RECOVERING)
+        # A child started between a decision and the KeyTable's signature holds the decided
+        # period's new shares (the decision persisted them): still operational, not recovering,
+        # for the fraction of a second until the signature completes the period.
+        decided_with_shares = (
+            not core.public.complete
+            and core.private is not None
+            and core.private.period == core.public.decided_period
+            and bool(core.private.shares)
+        )
+        operational = core.signing is not None or decided_with_shares
+        self._write_status(core.public, Status.OPERATIONAL if operational else Status.RECOVERING)
         async with trio.open_nursery() as nursery:
             self.transport = await self._transport_factory(self.config, self, nursery, deliver)
             task_status.started()
