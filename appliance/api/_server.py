@@ -206,6 +206,11 @@ class ApiServer:
             self._refusal_logged[peer.uid] = now
             log.warning("api: refused a connection of uid %d (pid %d): %s", peer.uid, peer.pid, why)
 
+    async def _refuse(self, stream: trio.SocketStream, code: str, message: str) -> None:
+        """Answer a connection we do not serve (counted for /metrics) with the reason."""
+        self.core.count("connection", code)
+        await self._send(stream, encode_response(error_response(None, code, message)))
+
     async def _admit(self, stream: trio.SocketStream) -> None:
         """Check who connects and the connection limits, then serve."""
         try:
@@ -218,34 +223,29 @@ class ApiServer:
             # PrivateUsers=yes maps only root and the service user): names, handles and quotas
             # would be shared by all of them, so nobody is served under it.
             log.warning("api: refused pid %d: its uid is not mapped in our user namespace", peer.pid)
-            self.core.count("connection", NOT_PERMITTED)
-            reply = error_response(
-                None,
-                NOT_PERMITTED,
+            message = (
                 f"your uid shows as {peer.uid} (unmapped) inside the server's user namespace, so the "
-                "server cannot tell you from other users; run it without PrivateUsers=yes",
+                "server cannot tell you from other users; run it without PrivateUsers=yes"
             )
-            await self._send(stream, encode_response(reply))
+            await self._refuse(stream, NOT_PERMITTED, message)
             return
         mine = self.per_uid.get(peer.uid, 0)
         counted = peer.uid not in self.core.operators
         if mine >= self.max_connections_per_uid:
             self._log_refusal(peer, f"it has {mine} connections open, the limit per uid")
-            self.core.count("connection", QUOTA)
             message = (
                 f"uid {peer.uid} already has {mine} connections open, the limit per user: close the "
                 "clients you no longer use (each PstClient holds one connection until close())"
             )
-            await self._send(stream, encode_response(error_response(None, QUOTA, message)))
+            await self._refuse(stream, QUOTA, message)
             return
         if counted and self.connections >= self.max_connections:
             self._log_refusal(peer, f"{self.connections} connections are open, the limit of the server")
-            self.core.count("connection", QUOTA)
             message = (
                 f"the server has {self.connections} connections open, its limit; try again later, "
                 "or ask the operator (the server's log names the uids that hold them)"
             )
-            await self._send(stream, encode_response(error_response(None, QUOTA, message)))
+            await self._refuse(stream, QUOTA, message)
             return
         self.per_uid[peer.uid] = mine + 1
         self.connections += counted
