@@ -275,8 +275,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for node in _cluster_nodes(Path(args.dir)):
         st = _read_status(node)
         st["running"] = _alive(_pid(node))
-        alerts = node / "state" / "public" / "alerts.jsonl"
-        st["alerts"] = len(alerts.read_text().splitlines()) if alerts.exists() else 0
+        st["alerts"] = sum(
+            len(path.read_text().splitlines()) for path in _alert_files(node) if path.exists()
+        )
         st["url"] = _status_page(node)
         rows.append(st)
     # Exit status 1 unless every server runs and is operational (for scripts and monitoring).
@@ -302,17 +303,25 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
+def _alert_files(node: Path) -> list[Path]:
+    from appliance.node.store import StateDir
+
+    return StateDir(node / "state").alert_files()
+
+
 def _cmd_alerts(args: argparse.Namespace) -> int:
     found = False
     for node in _cluster_nodes(Path(args.dir)):
-        path = node / "state" / "public" / "alerts.jsonl"
-        if not path.exists():
-            continue
-        for line in path.read_text().splitlines():
-            try:
-                a = json.loads(line)
-            except ValueError:
+        lines: list[dict[str, Any]] = []
+        for path in _alert_files(node):
+            if not path.exists():
                 continue
+            for line in path.read_text().splitlines():
+                try:
+                    lines.append(json.loads(line))
+                except ValueError:
+                    continue
+        for a in sorted(lines, key=lambda a: a.get("time") or 0):
             found = True
             print(
                 f"seen by server {node.name.split('-')[1]}: ALERT {a['kind']}: server {a['server']}, "

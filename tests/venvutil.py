@@ -45,9 +45,14 @@ def site_packages(venv: Path) -> Path:
     return venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
 
 
-def make_venv(dest: Path, *, package: Path | None = None) -> Path:
-    """A server venv under ``dest`` holding a copy of ``package`` (default: the imported one)."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(dest)], check=True, timeout=60)
+def make_venv(dest: Path, *, package: Path | None = None, python: str = sys.executable) -> Path:
+    """A server venv under ``dest`` holding a copy of ``package`` (default: the imported one).
+
+    ``python``: the base interpreter (same minor version as this one: the copied extension
+    modules are built for it), e.g. Debian's /usr/bin/python3 where this one is not readable
+    to other accounts.
+    """
+    subprocess.run([python, "-m", "venv", "--without-pip", str(dest)], check=True, timeout=60)
     site = site_packages(dest)
     for dist in runtime_distributions():
         for file in dist.files or []:
