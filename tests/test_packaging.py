@@ -149,6 +149,7 @@ set -e
 dpkg -i /tmp/{deb} >/tmp/dpkg.log 2>&1 || {{ cat /tmp/dpkg.log; exit 1; }}
 echo "version: $(pst --version)"
 echo "user: $(getent passwd pst)"
+echo "keys-user: $(getent passwd pst-keys)"
 echo "state: $(stat -c '%a %U:%G' /var/lib/pst)"
 echo "venv-home: $(sed -n 's/^home = //p' /opt/pst-appliance/venv/pyvenv.cfg)"
 echo "launcher: $(head -n1 /opt/pst-appliance/venv/bin/pst)"
@@ -200,7 +201,8 @@ def test_installs_offline_runs_and_purges_in_a_throwaway_root(deb: Path) -> None
     print(out.stdout)
     assert report["version"] == f"pst {VERSION}"
     assert re.fullmatch(r"pst:x:\d+:\d+:[^:]*:/var/lib/pst:/usr/sbin/nologin", report["user"])
-    assert report["state"] == "700 pst:pst"
+    assert report["state"] == "755 root:root"  # its parts belong to pst-keys and pst (privsep)
+    assert re.fullmatch(r"pst-keys:x:\d+:\d+:[^:]*:/var/lib/pst:/usr/sbin/nologin", report["keys-user"])
     assert report["venv-home"] == "/usr/bin"  # Debian's python3, not the build machine's
     assert report["verify"] == "clean"  # the unit with the real ExecStart executable
     # bin/pst starts Python isolated, and the venv holds exactly the shipped wheels (no pip).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import pytest
 from clusterutil import free_base_port
 from venvutil import make_venv, run
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="privilege separation needs root to start")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="privilege separation needs root to start")
 
 #: Accounts without a passwd entry: [privsep] takes numbers (uid, and the group of that number).
 SERVER, KEYS = 64201, 64202
@@ -145,6 +146,7 @@ def cluster() -> Iterator[Cluster]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+@needs_root
 def test_a_compromised_pst_serve_can_neither_read_a_share_nor_approve_an_upgrade(cluster: Cluster) -> None:
     root = cluster.root
     rows = cluster.wait_operational()
@@ -215,3 +217,60 @@ def test_a_compromised_pst_serve_can_neither_read_a_share_nor_approve_an_upgrade
     message.write_bytes(b"privilege separation")
     signed = cluster.pst("sign", "--dir", str(root), str(message))
     assert signed.returncode == 0, signed.stdout + signed.stderr
+
+
+BASE_CONFIG = """
+[server]
+id = 1
+listen = "127.0.0.1:7101"
+state_dir = "/tmp/x"
+api_socket = "/tmp/x/run/api.sock"
+[rom]
+backend = "simulated"
+path = "/tmp/x/rom"
+[network]
+n = 4
+t = 1
+period_seconds = 30
+round_ms = 100
+genesis = 0
+[network.peers]
+1 = "127.0.0.1:7101"
+2 = "127.0.0.1:7102"
+3 = "127.0.0.1:7103"
+4 = "127.0.0.1:7104"
+"""
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ("server_user = 64201\n", "missing privsep.keyholder_user"),
+        ("server_user = 64201\nkeyholder_user = 64201\n", "are the same uid"),
+        ('server_user = "pst"\nkeyholder_user = "pst"\n', "are the same uid"),
+        ('server_user = "root"\nkeyholder_user = 64202\n', "(not root)"),
+        ("server_user = 0\nkeyholder_user = 64202\n", "not a usable uid"),
+        ("server_user = 64201\nkeyholder_user = 64202\nuser = 1\n", "privsep.user is not a known key"),
+    ],
+)
+def test_a_bad_privsep_section_is_named(tmp_path: Path, section: str, message: str) -> None:
+    from appliance.host import config as node_config
+    from appliance.protocols.state import ConfigError
+
+    path = tmp_path / "config.toml"
+    path.write_text(BASE_CONFIG + "[privsep]\n" + section)
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        node_config.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_privsep_names_are_looked_up_when_pst_serve_starts(tmp_path: Path) -> None:
+    from appliance.host import config as node_config
+    from appliance.node.privsep import require_root
+    from appliance.protocols.state import ConfigError
+
+    path = tmp_path / "config.toml"
+    path.write_text(BASE_CONFIG + '[privsep]\nserver_user = "pst-no-such-user"\nkeyholder_user = 64202\n')
+    config = node_config.load(path)  # a config can be checked on a machine without the accounts
+    with pytest.raises(ConfigError, match="no user 'pst-no-such-user' on this machine"):
+        require_root(config)

@@ -367,22 +367,34 @@ def _peer_url(value: Any, where: str, path: Path) -> str:
 
 
 def _account(value: Any, key: str, path: Path) -> Account:
-    """A user name from the passwd database, or a number (uid, and the group of that number)."""
+    """A user name, or a number (uid, and the group of that number); names are looked up
+    when ``pst serve`` starts (:func:`resolve_account`), so a config can be checked anywhere."""
     if isinstance(value, int) and not isinstance(value, bool):
         if not 0 < value < 2**31 - 1 or value == 65534:
             raise ConfigError(f"{path}: privsep.{key} = {value}: not a usable uid (not root, not nobody)")
         return Account(str(value), value, value)
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f'{path}: privsep.{key} must be a user name such as "pst", or a uid, got {value!r}')
+    if not isinstance(value, str) or not value or value == "root":
+        raise ConfigError(
+            f'{path}: privsep.{key} must be a user name such as "pst" (not root), got {value!r}'
+        )
+    return Account(value, -1, -1)
+
+
+def resolve_account(account: Account, key: str, path: Path) -> Account:
+    """``account`` with its uid and gid from the passwd database (a number stays as it is)."""
+    if account.uid >= 0:
+        return account
     try:
-        entry = pwd.getpwnam(value)
+        entry = pwd.getpwnam(account.name)
     except KeyError:
         raise ConfigError(
-            f"{path}: privsep.{key}: no user {value!r} on this machine (create it first)"
+            f"{path}: privsep.{key}: no user {account.name!r} on this machine (create it first)"
         ) from None
     if entry.pw_uid == 0:
-        raise ConfigError(f"{path}: privsep.{key}: {value!r} is root; privilege separation needs other users")
-    return Account(value, entry.pw_uid, entry.pw_gid)
+        raise ConfigError(
+            f"{path}: privsep.{key}: {account.name!r} is root; privilege separation needs other users"
+        )
+    return Account(account.name, entry.pw_uid, entry.pw_gid)
 
 
 def _privsep_settings(section: Any, path: Path) -> Privsep | None:
@@ -401,7 +413,7 @@ def _privsep_settings(section: Any, path: Path) -> Privsep | None:
             raise ConfigError(f"{path}: missing privsep.{key}")
     server = _account(section["server_user"], "server_user", path)
     keyholder = _account(section["keyholder_user"], "keyholder_user", path)
-    if server.uid == keyholder.uid:
+    if server.name == keyholder.name or (server.uid >= 0 and server.uid == keyholder.uid):
         raise ConfigError(
             f"{path}: privsep.server_user and privsep.keyholder_user are the same uid {server.uid}: "
             "the key-holder needs an account of its own"

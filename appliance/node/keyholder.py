@@ -60,7 +60,7 @@ from appliance.boot.check import append_alert, recheck_code
 from appliance.boot.rom import ReadRom, Rom, RomError
 from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
-from appliance.host.config import NodeConfig
+from appliance.host.config import NodeConfig, Privsep
 from appliance.net import ChannelIdentity, channel_identity
 from appliance.net._framing import DEFAULT_MAX_FRAME_SIZE, FrameStream
 from appliance.node._approvals import keyholder_methods, use_registration_clients
@@ -347,7 +347,9 @@ def _code_unchanged(config: NodeConfig) -> bool:
 # -- The zygote ----------------------------------------------------------------------------------
 
 
-def zygote_main(config: NodeConfig, control: socket.socket, server_pid: int) -> int:
+def zygote_main(
+    config: NodeConfig, control: socket.socket, server_pid: int, privsep: Privsep | None = None
+) -> int:
     """Fork one key-holder child per period, hand its link to ``pst serve``, repeat.
 
     Under [privsep] the zygote starts as root: it reads Vstart (the ROM device may be root's
@@ -355,7 +357,7 @@ def zygote_main(config: NodeConfig, control: socket.socket, server_pid: int) -> 
     anything else (:mod:`appliance.node.privsep`).
     """
     rom: Rom | None = None
-    if config.privsep is not None:
+    if privsep is not None:
         try:
             rom = ReadRom(open_rom(config))
         except RomError as exc:
@@ -363,7 +365,7 @@ def zygote_main(config: NodeConfig, control: socket.socket, server_pid: int) -> 
             return EXIT_CONFIG
         unlimited = allow_memory_lock()
         try:
-            drop(config.privsep.keyholder, umask=0o022, keep_memory_lock=not unlimited)
+            drop(privsep.keyholder, umask=0o022, keep_memory_lock=not unlimited)
         except PrivsepError as exc:
             log.error("key-holder: %s", exc)
             return EXIT_CONFIG
@@ -419,7 +421,7 @@ def zygote_main(config: NodeConfig, control: socket.socket, server_pid: int) -> 
         time.sleep(0.2 * len(crashes))
 
 
-def start_zygote(config: NodeConfig) -> tuple[int, socket.socket]:
+def start_zygote(config: NodeConfig, privsep: Privsep | None = None) -> tuple[int, socket.socket]:
     """Fork the zygote now, while ``pst serve`` is single-threaded and holds no secret.
 
     Returns the zygote's pid and our end of the control socket. Forking (rather than
@@ -434,7 +436,7 @@ def start_zygote(config: NodeConfig) -> tuple[int, socket.socket]:
         code = EXIT_CRASHED
         try:
             ours.close()
-            code = zygote_main(config, theirs, parent)
+            code = zygote_main(config, theirs, parent, privsep)
         except BaseException:
             traceback.print_exc()
         finally:

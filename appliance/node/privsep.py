@@ -46,7 +46,7 @@ import resource
 import stat
 from pathlib import Path
 
-from appliance.host.config import Account, NodeConfig, Privsep
+from appliance.host.config import Account, NodeConfig, Privsep, resolve_account
 from appliance.node.hardening import keep_capabilities, only_memory_lock_capability
 from appliance.protocols.state import ConfigError
 
@@ -59,9 +59,17 @@ class PrivsepError(Exception):
 
 
 def require_root(config: NodeConfig) -> Privsep | None:
-    """The config's [privsep], after checking that ``pst serve`` can carry it out."""
-    privsep = config.privsep
-    if privsep is not None and os.geteuid() != 0:
+    """The config's [privsep] with its accounts looked up, after checking that ``pst serve``
+    can carry it out."""
+    if config.privsep is None:
+        return None
+    privsep = Privsep(
+        server=resolve_account(config.privsep.server, "server_user", config.path),
+        keyholder=resolve_account(config.privsep.keyholder, "keyholder_user", config.path),
+    )
+    if privsep.server.uid == privsep.keyholder.uid:
+        raise ConfigError(f"{config.path}: privsep.server_user and privsep.keyholder_user are one uid")
+    if os.geteuid() != 0:
         raise ConfigError(
             f"{config.path}: [privsep] needs pst serve to start as root (it then runs as "
             f"{privsep.server.name} and its key-holder as {privsep.keyholder.name}); "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -224,10 +225,15 @@ def serve(path: Path) -> int:
             log.info("%s", moved)
         if separated is not None:
             ps.prepare(config, separated)
+        elif os.geteuid() == 0:
+            log.warning(
+                "running as root without [privsep]: pst serve and its key-holder share root's "
+                "powers; a compromised pst serve could read the shares (docs/security.md)"
+            )
     except (ConfigError, ps.PrivsepError, OSError) as exc:
         print(f"pst serve: {exc}", file=sys.stderr)
         return 2
-    zygote, control = start_zygote(config)  # before trio: single-threaded, no secret held
+    zygote, control = start_zygote(config, separated)  # before trio: single-threaded, no secret held
     if separated is not None:
         try:  # for good, before a socket is opened or a byte read from anyone
             ps.drop(separated.server, umask=0o027)
