@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import __version__
+from appliance.boot import bootstrap
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -191,10 +192,7 @@ def _network_ceremony(args: argparse.Namespace) -> int:
     )
     procs = {}
     for node in _cluster_nodes(root):
-        argv = [
-            sys.executable,
-            "-m",
-            "appliance.cli",
+        argv = bootstrap.command(
             "init",
             "--config",
             str(node / "config.toml"),
@@ -202,7 +200,7 @@ def _network_ceremony(args: argparse.Namespace) -> int:
             str(node / "sstart"),
             "--start-at",
             repr(start),
-        ]
+        )
         with open(node / "init.log", "wb") as log:
             procs[node] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     failed = 0
@@ -277,8 +275,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for node in _cluster_nodes(Path(args.dir)):
         st = _read_status(node)
         st["running"] = _alive(_pid(node))
-        alerts = node / "state" / "public" / "alerts.jsonl"
-        st["alerts"] = len(alerts.read_text().splitlines()) if alerts.exists() else 0
+        st["alerts"] = sum(
+            len(path.read_text().splitlines()) for path in _alert_files(node) if path.exists()
+        )
         st["url"] = _status_page(node)
         rows.append(st)
     # Exit status 1 unless every server runs and is operational (for scripts and monitoring).
@@ -304,17 +303,25 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
+def _alert_files(node: Path) -> list[Path]:
+    from appliance.node.store import StateDir
+
+    return StateDir(node / "state").alert_files()
+
+
 def _cmd_alerts(args: argparse.Namespace) -> int:
     found = False
     for node in _cluster_nodes(Path(args.dir)):
-        path = node / "state" / "public" / "alerts.jsonl"
-        if not path.exists():
-            continue
-        for line in path.read_text().splitlines():
-            try:
-                a = json.loads(line)
-            except ValueError:
+        lines: list[dict[str, Any]] = []
+        for path in _alert_files(node):
+            if not path.exists():
                 continue
+            for line in path.read_text().splitlines():
+                try:
+                    lines.append(json.loads(line))
+                except ValueError:
+                    continue
+        for a in sorted(lines, key=lambda a: a.get("time") or 0):
             found = True
             print(
                 f"seen by server {node.name.split('-')[1]}: ALERT {a['kind']}: server {a['server']}, "
@@ -396,8 +403,8 @@ def _start_node(node: Path) -> int:
     import subprocess
 
     log = open(node / "server.log", "ab")  # noqa: SIM115 - handed to the child process
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance.cli", "serve", "--config", str(node / "config.toml")],
+    proc = subprocess.Popen(  # isolated, and measured before anything of the environment runs
+        bootstrap.command("serve", "--config", str(node / "config.toml")),
         stdout=log,
         stderr=log,
         stdin=subprocess.DEVNULL,
@@ -856,7 +863,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reexec_isolated(argv: Sequence[str] | None) -> None:
+    """Run a server command through the bootstrap when pst was started some other way.
+
+    ``python -m appliance.cli serve`` or pip's ``pst`` script let PYTHONPATH and site-packages
+    (``.pth`` files, sitecustomize) run before us; the same process then starts again as
+    ``python -I -S bootstrap.py``, which measures the environment before any of it runs.
+    (What ran before this point could have prevented it: start servers with bin/pst.)
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if argv is None and args and args[0] in bootstrap.MEASURED and not bootstrap.started_isolated():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, bootstrap.command(*args))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _reexec_isolated(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -9,6 +9,7 @@ import pytest
 from clusterutil import init_cluster, pst, status
 from nacl.signing import SigningKey
 
+from appliance.boot.manifest import installed
 from appliance.boot.rom import SimulatedRom
 from appliance.node.store import StateDir
 from appliance.protocols.state import SCERT
@@ -20,6 +21,12 @@ def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
     init_cluster(root, n=5, period=3, round_ms=80)
     up = pst("cluster", "up", "--dir", str(root), "--detach")
     assert up.returncode == 0, up.stdout + up.stderr
+    # With 3-second periods, a server that took longer to start than the others (each one
+    # hashes its environment and compiles its modules from source first: about a second here)
+    # can miss the first refresh and be recovered at the next: wait until every one serves.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(r.get("status") == "operational" for r in status(root)):
+        time.sleep(0.5)
     yield root
     pst("cluster", "down", "--dir", str(root))
 
@@ -55,7 +62,14 @@ def test_sign_through_the_local_api_and_verify(cluster: Path, tmp_path: Path) ->
 
     doc = tmp_path / "doc.txt"
     doc.write_bytes(b"a document for the group key\n")
-    out = pst("sign", "--dir", str(cluster), "--out", str(tmp_path / "doc.sig"), str(doc))
+    # Every 3 s a key-holder child retires and the next one checks the whole environment before
+    # it takes over (tens of milliseconds, more on a loaded machine); a request in between is
+    # answered "not operational", and the client asks again.
+    for _attempt in range(5):
+        out = pst("sign", "--dir", str(cluster), "--out", str(tmp_path / "doc.sig"), str(doc))
+        if out.returncode == 0 or "not operational" not in out.stderr:
+            break
+        time.sleep(0.5)
     assert out.returncode == 0, out.stderr
     signature = (tmp_path / "doc.sig").read_bytes()
     vcert = StateDir(cluster / "node-1" / "state").load().public.sharings[SCERT].public_key
@@ -77,8 +91,9 @@ def test_get_time_and_get_random_through_the_local_api(cluster: Path) -> None:
     with PstClient(sockets[0]) as a, PstClient(sockets[1]) as b:
         a.register("test-app", b"a")
         b.register("test-app", b"b")
-        # `pst cluster up` returns once every API socket exists; the peers' TLS channels follow,
-        # so a peer may not answer the very first request.
+        # `pst cluster up` returns once every API socket exists; the peers' TLS channels follow
+        # (servers now start in about a second here: the bootstrap hashes the environment and
+        # compiles every module from source), so a peer may not answer the very first request.
         deadline = time.monotonic() + 15
         while True:
             times = a.get_time()
@@ -120,6 +135,7 @@ def test_initialization_over_the_network_then_refresh(tmp_path: Path) -> None:
     """Table 3 over TLS between `pst init` processes; Sstart is erased; the network then refreshes."""
     root = tmp_path / "c"
     init_cluster(root, n=4, period=600, round_ms=80, extra=("--network-ceremony",))
+    code = installed().encode()
     vcerts = set()
     for i in range(1, 5):
         node = root / f"node-{i}"
@@ -131,6 +147,8 @@ def test_initialization_over_the_network_then_refresh(tmp_path: Path) -> None:
             if not path.is_file() or path.name == "rom" or path.suffix == ".log":
                 continue
             data = path.read_bytes()
+            if path.name == "manifest.cbor" and data == code:
+                continue  # the manifest of the installed environment (public, and 360 KB to search)
             for offset in range(len(data) - 31):
                 seed = data[offset : offset + 32]
                 assert bytes(SigningKey(seed).verify_key) != vstart, f"{path} holds Sstart at {offset}"

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,10 @@ def test_contents(deb: Path, tree: Path) -> None:
     assert (tree / CONFFILE.lstrip("/")).read_bytes() == (REPO / "packaging" / "server.toml").read_bytes()
     assert (tree / "usr/share/doc/pst-appliance/examples/tpm.conf").is_file()
     assert (tree / "usr/share/doc/pst-appliance/README.systemd.md").is_file()
+    # bin/pst is the launcher (scripts/pst), shipped in the project wheel as a script.
+    [wheel] = (tree / "opt/pst-appliance/wheels").glob("pst_appliance-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        assert zf.read(f"pst_appliance-{VERSION}.data/scripts/pst") == (REPO / "scripts" / "pst").read_bytes()
 
 
 def test_every_runtime_dependency_ships_as_a_wheel_pinned_by_hash(tree: Path) -> None:
@@ -144,8 +149,12 @@ set -e
 dpkg -i /tmp/{deb} >/tmp/dpkg.log 2>&1 || {{ cat /tmp/dpkg.log; exit 1; }}
 echo "version: $(pst --version)"
 echo "user: $(getent passwd pst)"
+echo "keys-user: $(getent passwd pst-keys)"
 echo "state: $(stat -c '%a %U:%G' /var/lib/pst)"
 echo "venv-home: $(sed -n 's/^home = //p' /opt/pst-appliance/venv/pyvenv.cfg)"
+echo "launcher: $(head -n1 /opt/pst-appliance/venv/bin/pst)"
+echo "pip-left: $(ls /opt/pst-appliance/venv/bin /opt/pst-appliance/venv/lib/python3*/site-packages \
+    | grep -c -E '^(pip|setuptools)' || true)"
 systemd-analyze verify --man=no pst-server.service && echo "verify: clean"
 if pst --help | grep -qE '^ +check '; then
     if pst check --config /etc/pst/server.toml >/tmp/check.out 2>&1; then r=0; else r=$?; fi
@@ -154,6 +163,17 @@ if pst --help | grep -qE '^ +check '; then
         >/dev/null
     if pst check --config /srv/c/node-1/config.toml >/tmp/check.out 2>&1; then r=0; else r=$?; fi
     echo "boot-check: $r $(tail -n1 /tmp/check.out)"
+    echo "config-digest: $(sed -n 's/^code_digest = "\(.*\)"$/\1/p' /srv/c/node-1/config.toml)"
+    echo "manifest: $(pst manifest 2>/dev/null)"
+    mkdir -p /tmp/fake/appliance && echo 'raise SystemExit(42)' >/tmp/fake/appliance/__init__.py
+    if (cd /tmp/fake && PYTHONPATH=/tmp/fake pst check --config /srv/c/node-1/config.toml \
+        >/tmp/check.out 2>&1); then r=0; else r=$?; fi
+    echo "pythonpath-check: $r $(tail -n1 /tmp/check.out)"
+    site=$(echo /opt/pst-appliance/venv/lib/python3*/site-packages)
+    echo 'import os' >"$site/zz-evil.pth"
+    if pst check --config /srv/c/node-1/config.toml >/tmp/check.out 2>&1; then r=0; else r=$?; fi
+    echo "pth-check: $r $(grep -c "$site/zz-evil.pth: extra" /tmp/check.out)"
+    rm "$site/zz-evil.pth"
 else
     echo "boot-check: pst has no check command"
 fi
@@ -181,14 +201,26 @@ def test_installs_offline_runs_and_purges_in_a_throwaway_root(deb: Path) -> None
     print(out.stdout)
     assert report["version"] == f"pst {VERSION}"
     assert re.fullmatch(r"pst:x:\d+:\d+:[^:]*:/var/lib/pst:/usr/sbin/nologin", report["user"])
-    assert report["state"] == "700 pst:pst"
+    assert report["state"] == "755 root:root"  # its parts belong to pst-keys and pst (privsep)
+    assert re.fullmatch(r"pst-keys:x:\d+:\d+:[^:]*:/var/lib/pst:/usr/sbin/nologin", report["keys-user"])
     assert report["venv-home"] == "/usr/bin"  # Debian's python3, not the build machine's
     assert report["verify"] == "clean"  # the unit with the real ExecStart executable
+    # bin/pst starts Python isolated, and the venv holds exactly the shipped wheels (no pip).
+    assert report["launcher"] == "#!/bin/sh" and report["pip-left"] == "0"
     if report["boot-check"] != "pst has no check command":
         code, _, message = report["template-check"].partition(" ")
         assert code == "2" and "/etc/pst/server.toml: missing network.peers" in message
         code, _, message = report["boot-check"].partition(" ")
         assert code == "0" and "may boot" in message
+        # The digest measured before anything of the venv ran (with Debian's python3 and its
+        # sitecustomize) is the one pst cluster init computed and put in C.
+        assert re.fullmatch(r"[0-9a-f]{64}", report["manifest"])
+        assert report["manifest"] == report["config-digest"]
+        # A fake appliance on PYTHONPATH and in the current directory changes nothing ...
+        assert report["pythonpath-check"] == "0 server 1 may boot"
+        # ... and a new .pth in site-packages is found before it runs.
+        code, _, count = report["pth-check"].partition(" ")
+        assert code == "1" and int(count) >= 1, report["pth-check"]
     assert report["reinstalled"] == f"pst {VERSION}"  # prerm upgrade + postinst rebuilt the venv
     assert report["removed-venv"] == report["kept-conffile"] == "yes"  # dpkg -r keeps the operator's config
     assert report["after-purge"] == "0"

@@ -1,8 +1,9 @@
 """Scenario F against real processes: one changed byte of an installed module, and the boot refuses.
 
-The package is copied to a temporary directory and every ``pst`` command runs with
-PYTHONPATH pointing at the copy (checked: the copy is what gets imported and hashed), so
-the test never changes the repository's own files.
+Each test builds its own server venv (tests/venvutil.py: the runtime dependencies and a copy
+of the package in its site-packages, ``bin/pst``) and runs every ``pst`` command from it
+(checked: the copy is what gets imported and hashed), so the test never changes the
+repository's own files nor its environment.
 """
 
 from __future__ import annotations
@@ -12,39 +13,25 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from bootutil import copy_package, flip_one_byte, random_free_base_port
+from bootutil import flip_one_byte, random_free_base_port
+from venvutil import make_venv, run, site_packages
 
+from appliance.boot.bootstrap import environment_layout
 from appliance.boot.check import EXIT_BOOT_REFUSED, read_manifest
 from appliance.boot.manifest import Manifest
 
 
-def _pst(pkg: Path, cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """`pst` running the copy of the package under ``pkg``."""
-    return subprocess.run(
-        [sys.executable, "-m", "appliance.cli", *args],
-        env={**os.environ, "PYTHONPATH": str(pkg)},  # the copy, never the repository
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 def test_scenario_f_a_changed_module_stops_the_boot_with_an_alert_naming_it(tmp_path: Path) -> None:
-    pkg = tmp_path / "site"
-    code = copy_package(pkg)
+    venv = make_venv(tmp_path / "venv")
+    code = site_packages(venv) / "appliance"
     (code / "COPY-MARKER").write_text("a package data file only the copy has\n")
-    env = {**os.environ, "PYTHONPATH": str(pkg)}
-    pst = functools.partial(_pst, pkg, tmp_path)
+    pst = functools.partial(run, venv, cwd=tmp_path)
 
     imported = subprocess.run(
-        [sys.executable, "-c", "import appliance; print(appliance.__file__)"],
-        env=env,
+        [str(venv / "bin" / "python"), "-c", "import appliance; print(appliance.__file__)"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -71,10 +58,13 @@ def test_scenario_f_a_changed_module_stops_the_boot_with_an_alert_naming_it(tmp_
     )
     assert init.returncode == 0, init.stdout + init.stderr
     node = root / "node-1"
-    digest = Manifest.build(code).digest()
+    # C names the whole environment of the venv (as this process computes it for that venv).
+    layout = environment_layout(code, executable=str(venv / "bin" / "python"))
+    digest = Manifest.build_environment(layout).digest()
     assert f'code_digest = "{digest.hex()}"' in (node / "config.toml").read_text()
     stored = read_manifest(node / "state" / "public")
-    assert stored is not None and stored.digest() == digest and "COPY-MARKER" in stored.files
+    assert stored is not None and stored.digest() == digest and stored.environment
+    assert f"env/{code.relative_to(venv)}/COPY-MARKER" in stored.files and "env/pyvenv.cfg" in stored.files
 
     ok = pst("check", "--config", str(node / "config.toml"))
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -84,8 +74,7 @@ def test_scenario_f_a_changed_module_stops_the_boot_with_an_alert_naming_it(tmp_
     api = node / "api.sock"
     with open(tmp_path / "serve.log", "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance.cli", "serve", "--config", str(node / "config.toml")],
-            env=env,
+            [str(venv / "bin" / "pst"), "serve", "--config", str(node / "config.toml")],
             cwd=tmp_path,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -130,9 +119,9 @@ def test_scenario_f_a_module_changed_while_running_stops_the_server_at_the_next_
     tmp_path: Path,
 ) -> None:
     """The check runs again before every period: the key-holder of the next period refuses."""
-    pkg = tmp_path / "site"
-    code = copy_package(pkg)
-    pst = functools.partial(_pst, pkg, tmp_path)
+    venv = make_venv(tmp_path / "venv")
+    code = site_packages(venv) / "appliance"
+    pst = functools.partial(run, venv, cwd=tmp_path)
 
     root = tmp_path / "c"
     init = pst(

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-One file, ``<state>/public/api-registrations.cbor`` (canonical CBOR), rewritten whole with
+One file, ``<state>/serve/api-registrations.cbor`` (canonical CBOR), rewritten whole with
 :func:`appliance.host.files.atomic_write` (temp file, fsync, rename) at once after every change
 that matters across a restart (a new or removed registration, a new name owner, a verifier, an
 operator's revocation), and at most every :data:`SAVE_INTERVAL` seconds while only quotas, use
@@ -22,8 +22,10 @@ handle per entry, no times) is still read: each entry becomes a registration wit
 made and last used "now", so it expires after the idle time like a fresh one.
 
 The file has no key material, but a verifier lets whoever reads it guess the password
-offline (at scrypt's cost), so it is written with mode 0600, readable by the server's
-user only. The key-holder reads the verifiers of distributed applications from it
+offline (at scrypt's cost), so it is written with mode 0640 in ``serve/`` (mode 2750, group
+the key-holder's under [privsep]), readable by the server's account and the key-holder's only.
+(Earlier versions kept it in ``public/``; :func:`move_registrations` moves it at start.)
+The key-holder reads the verifiers of distributed applications from it
 (:class:`appliance.node._approvals.RegistrationClients`). Nothing but the API server writes it:
 operators change registrations through the API socket (``pst api registrations``), so the
 server's memory and the file never disagree.
@@ -111,7 +113,17 @@ class Saved:
 
 
 def registrations_path(state_dir: Path) -> Path:
-    return Path(state_dir) / "public" / FILE_NAME
+    return Path(state_dir) / "serve" / FILE_NAME
+
+
+def move_registrations(state_dir: Path) -> str | None:
+    """Move a registration file of an earlier version from ``public/`` to ``serve/``."""
+    old, new = Path(state_dir) / "public" / FILE_NAME, registrations_path(state_dir)
+    if not old.exists() or new.exists():
+        return None
+    new.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    os.replace(old, new)
+    return f"moved the API registrations from {old} to {new}"
 
 
 def _ms(seconds: float) -> int:
@@ -276,9 +288,10 @@ class RegistrationStore:
             return Saved(problems=[f"{exc}; starting without registrations{kept}"])
 
     def save(self, registrations: Iterable[SavedRegistration], owners: Mapping[str, int]) -> None:
-        """Replace the file atomically (mode 0600); OSError if the disk refuses."""
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        atomic_write(self.path, encode_registrations(registrations, owners), private=True)
+        """Replace the file atomically (mode 0640); OSError if the disk refuses."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        data = encode_registrations(registrations, owners)
+        atomic_write(self.path, data, private=True, group_readable=True)
 
 
 def load_verifiers(path: Path) -> dict[str, bytes]:

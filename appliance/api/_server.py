@@ -327,7 +327,7 @@ async def serve_api(
     """Serve the local API at ``path`` until cancelled; ``nursery.start`` returns the ApiServer.
 
     ``state_dir`` is the server's state directory: registrations are kept in it across
-    restarts (``public/api-registrations.cbor``); without it they live in memory only.
+    restarts (``serve/api-registrations.cbor``); without it they live in memory only.
     ``reserved`` pins application names to uids (nobody else may register them);
     ``group`` is the gid given to the socket file (mode 0660) so that members of that group
     may connect.

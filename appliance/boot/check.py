@@ -9,11 +9,14 @@
    which gives Vcert, and [Scert(M), M] must verify with Vcert.
 3. The C in force is the C certified in M followed by the stored chain of network-signed
    upgrades (:mod:`appliance.boot.upgrade`); the config's [network] must equal it.
-4. The code this interpreter imported must match the manifest whose digest is
-   C.code_digest. The full manifest is kept in ``public/manifest.cbor`` so that a
-   mismatch names the file; that file is trusted only if its digest is C.code_digest.
-   If it is missing or not C's, the installed code's own manifest is built and its digest
-   compared with C's (and the file is restored when they agree).
+4. The code must match the manifest whose digest is C.code_digest: the whole environment
+   this interpreter runs in (the venv with site-packages, ``.pth`` files, dependencies,
+   ``bin/``, ``pyvenv.cfg``; the imported ``appliance`` package; the ``sitecustomize`` it
+   would load: :mod:`appliance.boot.manifest`), or for an older C the package alone, with
+   a warning. The full manifest is kept in ``public/manifest.cbor`` so that a mismatch
+   names the file; that file is trusted only if its digest is C.code_digest. If it is
+   missing or not C's, the installed code's own manifest is built and its digest compared
+   with C's (and the file is restored when they agree).
 
 A code or constants mismatch refuses the boot: :class:`BootRefused`, whose message names
 the file or the check, and an alert in ``public/alerts.jsonl`` in the server's format.
@@ -29,8 +32,12 @@ not certified. The check against the certified C happens once M is back: the lea
 memory. ``strict=True`` (``pst check --strict``) refuses a server without a valid M and a
 C without a code digest instead.
 
-The checker is itself part of the checked code: it catches a changed module, data file or
-bytecode cache, but not an attacker who rewrites the checker or the interpreter
+The checker is itself part of the checked code. ``pst serve`` and ``pst check`` therefore
+start through :mod:`appliance.boot.bootstrap`, which hashes the environment with the
+standard library alone and compares it with the config's code_digest before anything of
+the environment (a ``.pth`` file, ``sitecustomize``, a dependency, this module) runs; the
+checks here then bind the config to the certified C. What runs before the bootstrap (the
+interpreter, its C libraries and standard library, the kernel) is not checked from here
 (docs/security.md).
 """
 
@@ -45,7 +52,15 @@ from typing import Any, Protocol
 
 from appliance.boot import backends
 from appliance.boot import rom as rom_module
-from appliance.boot.manifest import DIGEST, Manifest, ManifestError, Mismatch, package_root
+from appliance.boot.manifest import (
+    DIGEST,
+    Layout,
+    Manifest,
+    ManifestError,
+    Mismatch,
+    environment,
+    package_root,
+)
 from appliance.boot.upgrade import apply_chain, read_chain
 from appliance.crypto.errors import DecodeError
 from appliance.host.config import NodeConfig
@@ -141,44 +156,82 @@ def store_manifest(state_dir: Path, manifest: Manifest) -> None:
 
 
 def code_mismatches(constants: Constants, state_dir: Path, code_root: Path | None = None) -> list[Mismatch]:
-    """The code under ``code_root`` (default: the imported package) against C's manifest.
+    """The code against C's manifest: the environment, or only the package directory ``code_root``.
 
     For a C learned in memory (e.g. the M a recovering server got by PushM). An empty
     C.code_digest is not handled here: the callers decide what such a C means.
     """
-    return _check_code(constants, state_dir, code_root)[0]
+    return _check_code(constants, state_dir, code_root).mismatches
 
 
-def _check_code(
-    constants: Constants, state_dir: Path, code_root: Path | None
-) -> tuple[list[Mismatch], str, int]:
-    """The mismatches, which manifest was used, and how many files it lists."""
-    root = code_root if code_root is not None else package_root()
+@dataclass(frozen=True)
+class _CodeCheck:
+    mismatches: list[Mismatch]
+    source: str  # which manifest was used
+    files: int
+    covered: str  # what was checked, for the report
+    environment: bool  # did the manifest cover the environment (format 2)?
+
+
+def _candidates(where: Path | Layout) -> list[tuple[Callable[[], Manifest], str, bool]]:
+    """Manifests of the installed code that C may name: (build, what it covers, environment?)."""
+    if isinstance(where, Path):
+        return [(lambda: Manifest.build(where), f"under {where}", False)]
+    return [
+        (lambda: Manifest.build_environment(where), f"of {where.describe()}", True),
+        (lambda: Manifest.build(where.package), f"under {where.package}", False),  # an older C
+    ]
+
+
+def _check_code(constants: Constants, state_dir: Path, code_root: Path | None) -> _CodeCheck:
     public_dir = state_dir / "public"
+    try:
+        where: Path | Layout = code_root if code_root is not None else environment()
+    except ManifestError as exc:
+        return _CodeCheck([Mismatch(DIGEST, ".", package_root(), str(exc))], "none", 0, "", False)
+    candidates = _candidates(where)
     stored = read_manifest(public_dir)
     if stored is not None and stored.digest() == constants.code_digest:
-        return stored.verify(root), f"{public_dir / MANIFEST_FILE}", len(stored.files)
-    try:
-        built = Manifest.build(root)
-    except ManifestError as exc:
-        return [Mismatch(DIGEST, ".", root, str(exc))], "none", 0
-    if built.digest() != constants.code_digest:
+        covered = next(c for _, c, env in candidates if env == stored.environment or len(candidates) == 1)
+        return _CodeCheck(
+            stored.verify(where), f"{public_dir / MANIFEST_FILE}", len(stored), covered, stored.environment
+        )
+    built: Manifest | None = None
+    first: Manifest | None = None
+    covered = ""
+    for build, what, _ in candidates:
+        try:
+            manifest = build()
+        except ManifestError as exc:
+            if first is None:
+                root = where if isinstance(where, Path) else where.package
+                return _CodeCheck([Mismatch(DIGEST, ".", root, str(exc))], "none", 0, "", False)
+            continue
+        first = first if first is not None else manifest
+        if manifest.digest() == constants.code_digest:
+            built, covered = manifest, what
+            break
+    if built is None:
+        assert first is not None
         why = (
             "missing" if stored is None and not (public_dir / MANIFEST_FILE).exists() else "not C's manifest"
         )
-        return (
+        root = where if isinstance(where, Path) else where.package
+        return _CodeCheck(
             [
                 Mismatch(
                     DIGEST,
                     ".",
                     root,
-                    f"the installed files' manifest digest is {built.digest().hex()[:16]}.., C names "
+                    f"the installed files' manifest digest is {first.digest().hex()[:16]}.., C names "
                     f"{constants.code_digest.hex()[:16]}..; {public_dir / MANIFEST_FILE} is {why}, so the "
                     "changed file cannot be named",
                 )
             ],
             "none",
             0,
+            "",
+            False,
         )
     note = "built from the installed files (their digest is C's)"
     try:
@@ -186,7 +239,7 @@ def _check_code(
         note += f"; {public_dir / MANIFEST_FILE} restored"
     except OSError as exc:
         note += f"; {public_dir / MANIFEST_FILE} not restored: {exc.strerror}"
-    return built.verify(root), note, len(built.files)
+    return _CodeCheck(built.verify(where), note, len(built), covered, built.environment)
 
 
 def append_alert(
@@ -311,11 +364,11 @@ def boot_check(
             raise refuse(None, "code", detail, c)
         report.add("code", WARN, detail)
         return report
-    mismatches, source, files = _check_code(c, config.state_dir, root)
-    report.mismatches = mismatches
-    if mismatches:
-        shown = "; ".join(str(x) for x in mismatches[:5])
-        more = f"; and {len(mismatches) - 5} more" if len(mismatches) > 5 else ""
+    result = _check_code(c, config.state_dir, code_root)
+    report.mismatches = result.mismatches
+    if result.mismatches:
+        shown = "; ".join(str(x) for x in result.mismatches[:5])
+        more = f"; and {len(result.mismatches) - 5} more" if len(result.mismatches) > 5 else ""
         raise refuse(
             AlertKind.CODE_MISMATCH,
             "code",
@@ -327,9 +380,18 @@ def boot_check(
     report.add(
         "code",
         OK,
-        f"{files} files under {root} match the manifest {c.code_digest.hex()[:16]}.. named by the "
-        f"{certified}C (manifest: {source})",
+        f"{result.files} files {result.covered} match the manifest {c.code_digest.hex()[:16]}.. named by "
+        f"the {certified}C (manifest: {result.source})",
     )
+    if code_root is None and not result.environment:
+        detail = (
+            "C's manifest lists the appliance package alone (format 1): the rest of the environment "
+            "(site-packages with its .pth files and dependencies, bin/, pyvenv.cfg) is NOT checked; "
+            "have the network approve the environment's manifest (pst manifest, pst upgrade)"
+        )
+        if strict:
+            raise refuse(None, "code", detail, c)
+        report.add("code", WARN, detail)
     return report
 
 

@@ -50,18 +50,29 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:
-    from appliance.boot.manifest import Manifest, ManifestError, package_root
+    """The digest of the environment's manifest (format 2), or of one package directory (--root).
+
+    Started by ``bin/pst``, the environment's manifest is computed by
+    :mod:`appliance.boot.bootstrap` before anything of the environment runs; this is the same
+    computation for a ``pst`` started otherwise.
+    """
+    from appliance.boot.manifest import Manifest, ManifestError, environment
     from appliance.host.files import atomic_write
 
-    root = Path(args.root) if args.root else package_root()
     try:
-        manifest = Manifest.build(root)
+        if args.root:
+            manifest = Manifest.build(Path(args.root))
+            what = f"under {args.root}"
+        else:
+            layout = environment()
+            manifest = Manifest.build_environment(layout)
+            what = f"in {layout.describe()}"
     except ManifestError as exc:
         print(f"pst manifest: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     if args.out:
         atomic_write(Path(args.out), manifest.encode())
-    print(f"{len(manifest.files)} files under {root}", file=sys.stderr)
+    print(f"{len(manifest)} files {what}", file=sys.stderr)
     print(manifest.digest().hex())
     return 0
 
@@ -121,7 +132,7 @@ def cmd_upgrade_approve(args: argparse.Namespace) -> int:
     path = config.state_dir / "public" / APPROVAL_FILE
     atomic_write(path, upgrade.encode())
     print(f"server {config.server_id} approves the upgrade to code {manifest.digest().hex()}")
-    print(f"  ({len(manifest.files)} files; replaces code {current.code_digest.hex()[:16]}..)")
+    print(f"  ({len(manifest)} files; replaces code {current.code_digest.hex()[:16]}..)")
     print(f"  upgrade fingerprint {upgrade.fingerprint()}: compare it with the other operators")
     print(f"  approval written to {path}; this server's signing service now contributes to it")
     return 0
@@ -199,10 +210,12 @@ def add_commands(sub: Any) -> None:
     )
     check.set_defaults(func=cmd_check)
     manifest = sub.add_parser(
-        "manifest", help="the digest of the installed code's manifest (for code_digest)"
+        "manifest",
+        help="the digest of this environment's manifest: venv, site-packages, appliance (for code_digest)",
     )
     manifest.add_argument(
-        "--root", help="package directory to list (default: the installed appliance package)"
+        "--root",
+        help="list one package directory instead (manifest format 1: the environment is not covered)",
     )
     manifest.add_argument("--out", help="also write the manifest (CBOR) to this file")
     manifest.set_defaults(func=cmd_manifest)

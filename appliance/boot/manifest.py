@@ -1,22 +1,35 @@
-"""The code manifest: the SHA-256 of every installed file of the ``appliance`` package.
+"""The code manifest: the SHA-256 of every file of the code a server runs.
 
-A :class:`Manifest` maps each file's path, relative to the package directory, to the
-SHA-256 of its bytes. Every file is listed (modules and package data alike) except the
-bytecode caches ``__pycache__/*.pyc``, which the interpreter derives from the sources.
-Its canonical CBOR encoding (:mod:`appliance.crypto.encoding`) is what
-:meth:`Manifest.digest` hashes; that digest is the ``code_digest`` of the constants C, so
-the network certifies the code with C ([Scert(M), M]) and a server can check the code it
-runs against it.
+Two formats, both canonical CBOR (:mod:`appliance.crypto.encoding`); the SHA-256 of the
+encoding (:meth:`Manifest.digest`) is the ``code_digest`` of the constants C, so the network
+certifies the code with C ([Scert(M), M]) and a server can check the code it runs against it.
+
+* **Format 2, the environment** (what ``pst manifest``, ``pst cluster init`` and ``pst init``
+  put in C): every file of the virtual environment the server runs in (``pyvenv.cfg``,
+  ``bin/``, all of site-packages with its ``.pth`` files and every dependency; symbolic links
+  by their target), the ``appliance`` package wherever it is (an editable install keeps it
+  in the source tree), and the ``sitecustomize``/``usercustomize`` module the server's module
+  search path would load. Keys are ``env/...``, ``appliance/...``, ``startup/...``
+  (:class:`~appliance.boot.bootstrap.Layout`). :mod:`appliance.boot.bootstrap` builds it with
+  the standard library alone, before anything of the environment runs.
+* **Format 1, one package directory** (``pst manifest --root DIR``; what C named before the
+  environment was covered): the files of the package, relative to it. A C that names one
+  still boots, with a warning that the rest of the environment is not checked.
+
+Only the bytecode caches ``__pycache__/*.pyc`` are left out, which the interpreter derives
+from the sources; a server started by the bootstrap never reads them (``sys.pycache_prefix``
+is ``/dev/null``). Anything else that appears is a mismatch (an extra file), not only a
+changed one.
 
 :meth:`Manifest.verify` names every file that changed, went missing or appeared. It also
-checks the bytecode caches: a ``.pyc`` that this interpreter would load in place of a
-verified source (its header matches the source) must hold the code the source compiles
-to, or an attacker could leave the sources intact and change only the cache. That costs
-one compilation per cached module the first time; later calls skip a cache file whose
-metadata (inode, size, mtime, ctime) and source are unchanged since it was verified.
+checks the bytecode caches this interpreter would load in place of a verified source (its
+header matches the source): they must hold the code the source compiles to, or an attacker
+could leave the sources intact and change only the cache. That costs one compilation per
+cached module the first time; later calls skip a cache file whose metadata (inode, size,
+mtime, ctime) and source are unchanged since it was verified. Under the bootstrap there is
+no cache to check.
 
-Hashing the whole package takes a few milliseconds (tests/test_manifest.py measures it),
-cheap enough to run at every refresh.
+tests/test_manifest.py measures building and verifying (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -25,52 +38,79 @@ import hashlib
 import importlib.util
 import marshal
 import os
-import stat
 import sys
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import CodeType
 from typing import Any
 
+from appliance.boot import bootstrap
+from appliance.boot.bootstrap import (
+    CHANGED,
+    ENV,
+    EXTRA,
+    LABELS,
+    MISSING,
+    PACKAGE,
+    UNEXPECTED,
+    UNREADABLE,
+    Layout,
+    LayoutError,
+    Scan,
+)
 from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
 
-TYPE = "pst/manifest"
-VERSION = 1
-#: Bounds on what a decoder accepts (the package has about a hundred files).
-MAX_FILES = 20_000
-MAX_PATH = 1024
-MAX_ENCODED = 4 * 1024 * 1024
+__all__ = [
+    "BYTECODE",
+    "CHANGED",
+    "DIGEST",
+    "EXTRA",
+    "MISSING",
+    "UNEXPECTED",
+    "UNREADABLE",
+    "Layout",
+    "Manifest",
+    "ManifestError",
+    "Mismatch",
+    "environment",
+    "installed",
+    "package_root",
+]
 
-#: Kinds of :class:`Mismatch`.
-CHANGED, MISSING, EXTRA, UNEXPECTED, UNREADABLE, BYTECODE, DIGEST = (
-    "changed",
-    "missing",
-    "extra",
-    "not a regular file",
-    "unreadable",
-    "bytecode differs from its source",
-    "code digest differs",
-)
+TYPE = bootstrap.TYPE
+VERSION = 1
+ENVIRONMENT_VERSION = 2
+#: Bounds on what a decoder accepts (a development venv lists about 3,600 files, a server's 1,500).
+MAX_FILES = 100_000
+MAX_PATH = 1024
+MAX_ENCODED = 32 * 1024 * 1024
+
+#: Kinds of :class:`Mismatch` besides those of :mod:`appliance.boot.bootstrap`.
+BYTECODE, DIGEST = ("bytecode differs from its source", "code digest differs")
 
 
 class ManifestError(Exception):
-    """A manifest cannot be built from a directory; the message names the file."""
+    """A manifest cannot be built; the message names the file."""
 
 
 @dataclass(frozen=True)
 class Mismatch:
-    """One difference between the installed code and a manifest; ``path`` is relative to ``root``."""
+    """One difference between the installed code and a manifest.
+
+    ``path`` is the manifest's key (relative to ``root`` in format 1); ``file`` the file.
+    """
 
     kind: str
     path: str
     root: Path
     detail: str = ""
+    location: Path | None = None
 
     @property
     def file(self) -> Path:
-        return self.root / self.path
+        return self.location if self.location is not None else self.root / self.path
 
     def __str__(self) -> str:
         return f"{self.file}: {self.kind}" + (f" ({self.detail})" if self.detail else "")
@@ -83,84 +123,74 @@ def package_root() -> Path:
     return Path(appliance.__file__).resolve().parent
 
 
-def _is_cache(parts: tuple[str, ...]) -> bool:
-    return len(parts) >= 2 and parts[-2] == "__pycache__" and parts[-1].endswith(".pyc")
-
-
-@dataclass
-class _Scan:
-    files: dict[str, bytes] = field(default_factory=dict)
-    special: list[str] = field(default_factory=list)
-    unreadable: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _walk(root: Path, rel: tuple[str, ...], scan: _Scan) -> None:
-    directory = root.joinpath(*rel)
+def environment(package: Path | None = None) -> Layout:
+    """The layout of this interpreter's environment with ``package`` (default: the imported one)."""
     try:
-        entries = sorted(os.scandir(directory), key=lambda e: e.name)
-    except OSError as exc:
-        scan.unreadable.append(("/".join(rel) or ".", exc.strerror or str(exc)))
-        return
-    for entry in entries:
-        parts = (*rel, entry.name)
-        name = "/".join(parts)
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except OSError as exc:
-            scan.unreadable.append((name, exc.strerror or str(exc)))
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            _walk(root, parts, scan)
-        elif not stat.S_ISREG(st.st_mode):
-            scan.special.append(name)  # a symlink, socket, device ...: never part of the code
-        elif not _is_cache(parts):
-            try:
-                with open(entry.path, "rb") as f:
-                    scan.files[name] = hashlib.file_digest(f, "sha256").digest()
-            except OSError as exc:
-                scan.unreadable.append((name, exc.strerror or str(exc)))
+        return bootstrap.environment_layout(package if package is not None else package_root())
+    except LayoutError as exc:
+        raise ManifestError(str(exc)) from None
 
 
-def _scan(root: Path) -> _Scan:
-    if not root.is_dir():
-        raise ManifestError(f"{root}: not a directory")
-    scan = _Scan()
-    _walk(root, (), scan)
-    return scan
-
-
-def _check_path(path: Any) -> str:
+def _check_path(path: Any, environment: bool) -> str:
     if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH:
         raise DecodeError(f"manifest: a file path must be a non-empty string of at most {MAX_PATH} chars")
     parts = path.split("/")
     if any(p in ("", ".", "..") or "\x00" in p or "\\" in p for p in parts):
         raise DecodeError(f"manifest: {path!r} is not a plain relative path")
-    if _is_cache(tuple(parts)):
+    if bootstrap.is_cache(parts):
         raise DecodeError(f"manifest: {path!r} is a bytecode cache, which no manifest lists")
+    if environment and (len(parts) < 2 or parts[0] not in LABELS):
+        raise DecodeError(f"manifest: {path!r} must start with one of {', '.join(LABELS)}")
     return path
+
+
+def _refuse_troubles(scan: Scan, locate: Any) -> None:
+    if scan.special:
+        key, why = scan.special[0]
+        raise ManifestError(f"{locate(key)}: {why or 'not a regular file'}; refusing to list it")
+    if scan.unreadable:
+        key, why = scan.unreadable[0]
+        raise ManifestError(f"{locate(key)}: cannot read: {why}")
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """Relative path -> SHA-256 of every installed file of the package."""
+    """Key -> SHA-256 of every file; ``links`` (format 2 only) key -> symbolic link target."""
 
     files: Mapping[str, bytes]
+    links: Mapping[str, str] | None = None
+
+    @property
+    def environment(self) -> bool:
+        """Format 2: a whole environment (else format 1: one package directory)."""
+        return self.links is not None
+
+    def __len__(self) -> int:
+        return len(self.files) + len(self.links or {})
 
     @classmethod
     def build(cls, root: Path) -> Manifest:
-        """The manifest of the files under ``root``; refuses symlinks and unreadable files."""
-        scan = _scan(root)
-        if scan.special:
-            raise ManifestError(f"{root / scan.special[0]}: not a regular file; refusing to list it")
-        if scan.unreadable:
-            name, why = scan.unreadable[0]
-            raise ManifestError(f"{root / name}: cannot read: {why}")
+        """Format 1: the files under one directory; refuses symlinks and unreadable files."""
+        if not root.is_dir():
+            raise ManifestError(f"{root}: not a directory")
+        scan = bootstrap.scan_tree(root)
+        _refuse_troubles(scan, lambda key: root / key)
         if not scan.files:
             raise ManifestError(f"{root}: no files to list")
         return cls(scan.files)
 
+    @classmethod
+    def build_environment(cls, layout: Layout | None = None) -> Manifest:
+        """Format 2: the environment of ``layout`` (default: this interpreter's, see :func:`environment`)."""
+        layout = layout if layout is not None else environment()
+        if not layout.env.is_dir() or not layout.package.is_dir():
+            raise ManifestError(f"{layout.describe()}: not a directory")
+        scan = bootstrap.scan_layout(layout)
+        _refuse_troubles(scan, layout.locate)
+        return cls(scan.files, scan.links)
+
     def to_obj(self) -> dict[str, Any]:
-        return {"type": TYPE, "v": VERSION, "files": dict(self.files)}
+        return bootstrap.manifest_object(self.files, self.links)
 
     def encode(self) -> bytes:
         return encoding.encode(self.to_obj())
@@ -169,47 +199,84 @@ class Manifest:
     def decode(cls, data: bytes) -> Manifest:
         """Strict: canonical CBOR, exactly our fields, plain relative paths, 32-byte digests."""
         obj = encoding.decode(data, max_size=MAX_ENCODED, what="manifest")
-        f = encoding.expect_map(obj, {"type": str, "v": int, "files": dict}, "manifest")
-        if f["type"] != TYPE or f["v"] != VERSION:
-            raise DecodeError(f"manifest: not a {TYPE} version {VERSION} object")
-        raw = f["files"]
-        if not raw or len(raw) > MAX_FILES:
+        if not isinstance(obj, dict):
+            raise DecodeError(f"manifest: expected a map, got {type(obj).__name__}")
+        version = obj.get("v")
+        if (
+            obj.get("type") != TYPE
+            or version not in (VERSION, ENVIRONMENT_VERSION)
+            or isinstance(version, bool)
+        ):
+            raise DecodeError(f"manifest: not a {TYPE} version 1 or 2 object")
+        if version == ENVIRONMENT_VERSION and "links" not in obj:
+            raise DecodeError("manifest: version 2 (an environment) needs links, which version 1 has not")
+        fields: dict[str, type] = {"type": str, "v": int, "files": dict}
+        if version == ENVIRONMENT_VERSION:
+            fields["links"] = dict
+        f = encoding.expect_map(obj, fields, "manifest")
+        environment = version == ENVIRONMENT_VERSION
+        raw, raw_links = f["files"], f.get("links", {})
+        if not raw or len(raw) + len(raw_links) > MAX_FILES:
             raise DecodeError(f"manifest: must list between 1 and {MAX_FILES} files, lists {len(raw)}")
         files: dict[str, bytes] = {}
         for path, digest in raw.items():
-            _check_path(path)
+            _check_path(path, environment)
             if not isinstance(digest, bytes) or len(digest) != 32:
                 raise DecodeError(f"manifest: {path!r} must map to a 32-byte SHA-256")
             files[path] = digest
-        return cls(files)
+        links: dict[str, str] = {}
+        for path, target in raw_links.items():
+            _check_path(path, environment)
+            if path in files:
+                raise DecodeError(f"manifest: {path!r} is listed both as a file and as a link")
+            if not isinstance(target, str) or not 0 < len(target) <= MAX_PATH or "\x00" in target:
+                raise DecodeError(f"manifest: the link {path!r} must map to its target, a non-empty path")
+            links[path] = target
+        return cls(files, links if environment else None)
 
     def digest(self) -> bytes:
         """SHA-256 of the canonical encoding: what C.code_digest holds."""
         return hashlib.sha256(self.encode()).digest()
 
-    def verify(self, root: Path, *, bytecode: bool = True) -> list[Mismatch]:
-        """Every file under ``root`` that differs from this manifest, sorted by path."""
-        scan = _scan(root)
-        out: list[Mismatch] = []
-        for name in sorted(set(self.files) | set(scan.files)):
-            expected, actual = self.files.get(name), scan.files.get(name)
-            if expected is None:
-                out.append(Mismatch(EXTRA, name, root, "not in the manifest"))
-            elif actual is None:
-                if name not in scan.special and all(name != u for u, _ in scan.unreadable):
-                    out.append(Mismatch(MISSING, name, root))
-            elif actual != expected:
-                out.append(
+    def verify(self, where: Path | Layout, *, bytecode: bool = True) -> list[Mismatch]:
+        """Every difference between the installed code and this manifest, sorted by path.
+
+        ``where`` is the package directory (format 1; a :class:`Layout` stands for its
+        package) or the environment's :class:`Layout` (format 2).
+        """
+        if not self.environment:
+            root = where.package if isinstance(where, Layout) else where
+            if not root.is_dir():
+                return [Mismatch(DIGEST, ".", root, f"{root}: not a directory")]
+            scan = bootstrap.scan_tree(root)
+            out = [Mismatch(k, key, root, d) for k, key, d in bootstrap.differences(self.files, {}, scan)]
+            sources = [(n, root / n, root, "") for n in self._intact_sources(scan)]
+        else:
+            if not isinstance(where, Layout):
+                return [
                     Mismatch(
-                        CHANGED, name, root, f"sha256 {actual.hex()[:16]}.., expected {expected.hex()[:16]}.."
+                        DIGEST,
+                        ".",
+                        where,
+                        "C names a whole environment (manifest format 2), not one directory",
                     )
-                )
-        out += [Mismatch(UNEXPECTED, name, root) for name in scan.special]
-        out += [Mismatch(UNREADABLE, name, root, why) for name, why in scan.unreadable]
+                ]
+            scan = bootstrap.scan_layout(where)
+            out = [
+                Mismatch(k, key, where.root_of(key), d, where.locate(key))
+                for k, key, d in bootstrap.differences(self.files, self.links or {}, scan)
+            ]
+            sources = [
+                (n, where.locate(n), where.root_of(n), n.partition("/")[0] + "/")
+                for n in self._intact_sources(scan)
+                if n.partition("/")[0] in (ENV, PACKAGE)
+            ]
         if bytecode:
-            intact = [n for n in self.files if n.endswith(".py") and scan.files.get(n) == self.files[n]]
-            out += _check_bytecode(root, intact)
+            out += _check_bytecode(sources)
         return sorted(out, key=lambda m: (m.path, m.kind))
+
+    def _intact_sources(self, scan: Scan) -> list[str]:
+        return [n for n, d in self.files.items() if n.endswith(".py") and scan.files.get(n) == d]
 
 
 # Bytecode caches -----------------------------------------------------------------------------
@@ -249,16 +316,18 @@ def _would_load(data: bytes, source: bytes, st: os.stat_result) -> bool:
     return not checked or data[8:16] == importlib.util.source_hash(source)
 
 
-def _check_bytecode(root: Path, sources: list[str]) -> list[Mismatch]:
+def _check_bytecode(sources: list[tuple[str, Path, Path, str]]) -> list[Mismatch]:
+    """Caches of verified sources: (the source's key, its file, its root, the key prefix of that root)."""
     out: list[Mismatch] = []
-    for name in sources:
-        source_path = root / name
+    if sys.pycache_prefix is not None and not os.path.isdir(sys.pycache_prefix):
+        return out  # every cache would be under it (the bootstrap's /dev/null): none can exist
+    for name, source_path, root, prefix in sources:
         for cache, level in _caches(source_path):
             try:
                 cst = cache.stat()
             except OSError:
                 continue
-            rel = os.path.relpath(cache, root).replace(os.sep, "/")
+            rel = prefix + os.path.relpath(cache, root).replace(os.sep, "/")
             try:
                 sst = source_path.stat()
                 key = (_stat_key(cst), _stat_key(sst))
@@ -266,27 +335,27 @@ def _check_bytecode(root: Path, sources: list[str]) -> list[Mismatch]:
                     continue
                 data, source = cache.read_bytes(), source_path.read_bytes()
             except OSError as exc:
-                out.append(Mismatch(UNREADABLE, rel, root, exc.strerror or str(exc)))
+                out.append(Mismatch(UNREADABLE, rel, root, exc.strerror or str(exc), cache))
                 continue
             if not _would_load(data, source, sst):
                 continue  # stale or foreign: the interpreter compiles the verified source instead
             try:
                 cached = marshal.loads(data[16:])
             except (EOFError, ValueError, TypeError) as exc:
-                out.append(Mismatch(BYTECODE, rel, root, f"undecodable: {exc}"))
+                out.append(Mismatch(BYTECODE, rel, root, f"undecodable: {exc}", cache))
                 continue
             try:
                 fresh: CodeType = compile(source, str(source_path), "exec", dont_inherit=True, optimize=level)
             except (SyntaxError, ValueError) as exc:
-                out.append(Mismatch(BYTECODE, rel, root, f"its source does not compile: {exc}"))
+                out.append(Mismatch(BYTECODE, rel, root, f"its source does not compile: {exc}", cache))
                 continue
             if not isinstance(cached, CodeType) or cached != fresh:
-                out.append(Mismatch(BYTECODE, rel, root, f"not the code of {name}"))
+                out.append(Mismatch(BYTECODE, rel, root, f"not the code of {name}", cache))
                 continue
             _verified[str(cache)] = key
     return out
 
 
 def installed() -> Manifest:
-    """The manifest of the package this interpreter imported."""
-    return Manifest.build(package_root())
+    """The manifest of the environment this interpreter runs in, with the package it imported."""
+    return Manifest.build_environment(environment())

@@ -113,3 +113,25 @@ class SimulatedRom:
 
     def describe(self) -> str:
         return f"SIMULATED ROM (a read-only file, not hardware; root can rewrite it): {self.path}"
+
+
+class ReadRom:
+    """Vstart as read once, by a process that could read the ROM (root, under [privsep]).
+
+    The key-holder's account may not be allowed to open the ROM device; its zygote reads
+    Vstart before it drops to that account and hands this copy to every key-holder child.
+    """
+
+    def __init__(self, rom: Rom) -> None:
+        self.kind = getattr(rom, "kind", "rom")
+        self._vstart = rom.read_vstart()
+        self._describe = rom.describe()
+
+    def provision(self, vstart: bytes) -> str:
+        raise RomError("a ROM read at start cannot be provisioned")
+
+    def read_vstart(self) -> bytes:
+        return self._vstart
+
+    def describe(self) -> str:
+        return self._describe

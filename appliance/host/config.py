@@ -40,12 +40,17 @@ Example (``pst cluster init`` writes one per server)::
     [http.peers]                   # where this server fetches the others' /v1/status (not part of C)
     2 = "http://127.0.0.1:7202"
 
+    [privsep]                      # optional: pst serve starts as root and splits (docs/security.md)
+    server_user = "pst"            # the network-facing process: TLS, the API socket, HTTP
+    keyholder_user = "pst-keys"    # the key-holder: alone owns private/ and public/
+
 Errors name the file and the key, and say what is expected.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import pwd
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +112,29 @@ def is_loopback(host: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Account:
+    """A Unix account a process of the server runs as."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
+class Privsep:
+    """The [privsep] section: which accounts ``pst serve`` and its key-holder drop to.
+
+    Without it both run as whoever started ``pst serve`` (development clusters). With it,
+    ``pst serve`` must start as root: it hands ``private/`` and ``public/`` to the
+    key-holder's account, forks the key-holder, which drops to that account, and then drops
+    to the server's account itself before it opens a socket (:mod:`appliance.node.privsep`).
+    """
+
+    server: Account
+    keyholder: Account
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     path: Path
     server_id: int
@@ -122,6 +150,7 @@ class NodeConfig:
     rom_id: str | None = None
     rom_device: Path | None = None
     http: HttpConfig = field(default_factory=HttpConfig)
+    privsep: Privsep | None = None
 
     @property
     def peers(self) -> dict[int, tuple[str, int]]:
@@ -217,6 +246,7 @@ def from_dict(raw: dict[str, Any], path: Path) -> NodeConfig:
         api_socket=Path(_get(server, "api_socket", str, path, "server")),
         constants=constants,
         http=_http_settings(raw.get("http"), path, constants.ids),
+        privsep=_privsep_settings(raw.get("privsep"), path),
         **rom_settings,
     )
 
@@ -334,6 +364,61 @@ def _peer_url(value: Any, where: str, path: Path) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{scheme}://{host}:{port}"
+
+
+def _account(value: Any, key: str, path: Path) -> Account:
+    """A user name, or a number (uid, and the group of that number); names are looked up
+    when ``pst serve`` starts (:func:`resolve_account`), so a config can be checked anywhere."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 < value < 2**31 - 1 or value == 65534:
+            raise ConfigError(f"{path}: privsep.{key} = {value}: not a usable uid (not root, not nobody)")
+        return Account(str(value), value, value)
+    if not isinstance(value, str) or not value or value == "root":
+        raise ConfigError(
+            f'{path}: privsep.{key} must be a user name such as "pst" (not root), got {value!r}'
+        )
+    return Account(value, -1, -1)
+
+
+def resolve_account(account: Account, key: str, path: Path) -> Account:
+    """``account`` with its uid and gid from the passwd database (a number stays as it is)."""
+    if account.uid >= 0:
+        return account
+    try:
+        entry = pwd.getpwnam(account.name)
+    except KeyError:
+        raise ConfigError(
+            f"{path}: privsep.{key}: no user {account.name!r} on this machine (create it first)"
+        ) from None
+    if entry.pw_uid == 0:
+        raise ConfigError(
+            f"{path}: privsep.{key}: {account.name!r} is root; privilege separation needs other users"
+        )
+    return Account(account.name, entry.pw_uid, entry.pw_gid)
+
+
+def _privsep_settings(section: Any, path: Path) -> Privsep | None:
+    """The [privsep] section (optional: without it, no privilege separation)."""
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [privsep] must be a section")
+    for key in section:
+        if key not in ("server_user", "keyholder_user"):
+            raise ConfigError(
+                f"{path}: privsep.{key} is not a known key (known: keyholder_user, server_user)"
+            )
+    for key in ("server_user", "keyholder_user"):
+        if key not in section:
+            raise ConfigError(f"{path}: missing privsep.{key}")
+    server = _account(section["server_user"], "server_user", path)
+    keyholder = _account(section["keyholder_user"], "keyholder_user", path)
+    if server.name == keyholder.name or (server.uid >= 0 and server.uid == keyholder.uid):
+        raise ConfigError(
+            f"{path}: privsep.server_user and privsep.keyholder_user are the same uid {server.uid}: "
+            "the key-holder needs an account of its own"
+        )
+    return Privsep(server=server, keyholder=keyholder)
 
 
 _ROM_KEYS = {

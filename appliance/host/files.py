@@ -25,18 +25,19 @@ RETIRED_MARK = ".old-"
 TEMP_MARK = ".tmp-"
 
 
-def atomic_write(path: Path, data: bytes, *, private: bool = False) -> None:
+def atomic_write(path: Path, data: bytes, *, private: bool = False, group_readable: bool = False) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old or the new content, nothing else.
 
     For a private file the replaced content is then overwritten in place and unlinked: a rename
     alone frees the old blocks with the old secrets still in them (issue 9: every share of four
     periods was read back from a file system image). The old file is kept reachable under a
     second name until the new one is durable, so a crash at any point leaves one valid file.
+    ``group_readable``: a private file is created 0640, not 0600 (for the key-holder's group).
     """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o755)
     tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    fd = os.open(tmp, flags, 0o600 if private else 0o644)
+    fd = os.open(tmp, flags, (0o640 if group_readable else 0o600) if private else 0o644)
     try:
         view = memoryview(data)
         while view:

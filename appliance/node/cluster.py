@@ -7,9 +7,12 @@
     D/node-<i>/rom            the simulated ROM holding Vstart (read-only)
     D/node-<i>/state/         the state directory (public/ and private/)
 
-C names the code it runs: ``code_digest`` is the digest of the manifest of the installed
-``appliance`` package (:mod:`appliance.boot.manifest`), and each state directory keeps the
-full manifest (``public/manifest.cbor``) so that the boot check can name a changed file.
+C names the code it runs: ``code_digest`` is the digest of the manifest of the environment
+this interpreter runs in (the venv with its site-packages, ``bin/`` and ``pyvenv.cfg``, and
+the ``appliance`` package: :mod:`appliance.boot.manifest`), and each state directory keeps
+the full manifest (``public/manifest.cbor``) so that the boot check can name a changed file.
+The servers must run in that same environment: ``pst cluster up`` starts each one with
+:func:`appliance.boot.bootstrap.command`, which measures it before anything of it runs.
 
 The period-0 data comes from a local initialization ceremony run in this one process
 (dealerless DKG, M signed with each Sstart which is then dropped, [Scert(M), M] and
@@ -133,7 +136,7 @@ def init_cluster(
     randbytes: Callable[[int], bytes] = os.urandom,
     code: Manifest | None = None,
 ) -> Constants:
-    """One-process ceremony; ``code`` is the manifest C names (default: the installed package)."""
+    """One-process ceremony; ``code`` is the manifest C names (default: this environment's)."""
     if root.exists() and any(root.iterdir()):
         raise ConfigError(f"{root}: directory exists and is not empty; choose a new one or remove it")
     code = code if code is not None else installed()
@@ -147,7 +150,7 @@ def init_cluster(
         peers={i: f"127.0.0.1:{base_port + i}" for i in range(1, n + 1)},
         code_digest=code.digest(),
     )
-    progress(f"code manifest: {len(code.files)} files, digest {code.digest().hex()} (in C)")
+    progress(f"code manifest: {len(code)} files, digest {code.digest().hex()} (in C)")
     progress(f"initialization ceremony for n={n}, t={t}: DKG of (Scert, Vcert), M, KeyTable(0) ...")
     setups = make_network(c, randbytes=randbytes)
     root.mkdir(parents=True, exist_ok=True)

@@ -70,11 +70,17 @@ def die_with_parent(libc: Any) -> bool:
 def lock_memory(libc: Any) -> str:
     """mlockall: keep every page of this process out of swap.
 
-    MCL_FUTURE too when RLIMIT_MEMLOCK allows growth (unlimited, or root); otherwise the
-    pages present now only, so that a later allocation cannot fail on the limit.
+    MCL_FUTURE too when RLIMIT_MEMLOCK allows growth (unlimited, root, or CAP_IPC_LOCK kept
+    through privilege separation); otherwise the pages present now only, so that a later
+    allocation cannot fail on the limit.
     """
     soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    roomy = soft == resource.RLIM_INFINITY or soft >= _FUTURE_LOCK_MINIMUM or os.geteuid() == 0
+    roomy = (
+        soft == resource.RLIM_INFINITY
+        or soft >= _FUTURE_LOCK_MINIMUM
+        or os.geteuid() == 0
+        or has_memory_lock_capability()
+    )
     flags = MCL_CURRENT | (MCL_FUTURE if roomy else 0)
     if libc.mlockall(flags) != 0:
         err = ctypes.get_errno()
@@ -97,3 +103,57 @@ def harden(*, lock: bool, die_with_parent_process: bool) -> Hardening:
     pdeath = die_with_parent(libc) if die_with_parent_process else False
     mlock = lock_memory(libc) if lock else "not requested"
     return Hardening(core, dumpable, mlock, pdeath)
+
+
+# Keeping CAP_IPC_LOCK across a change of uid (privilege separation) -----------------------------
+
+PR_SET_KEEPCAPS = 8
+CAP_IPC_LOCK = 14
+_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def keep_capabilities(keep: bool) -> None:
+    """PR_SET_KEEPCAPS: whether the permitted capabilities survive the coming setresuid."""
+    libc = _libc()
+    if libc.prctl(PR_SET_KEEPCAPS, int(keep), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_KEEPCAPS): {os.strerror(err)}")
+
+
+def has_memory_lock_capability() -> bool:
+    """Is CAP_IPC_LOCK in this process's effective set (/proc/self/status CapEff)?"""
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):  # noqa: SIM115 - read once
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) & (1 << CAP_IPC_LOCK))
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def only_memory_lock_capability() -> None:
+    """After a setresuid away from root with PR_SET_KEEPCAPS: keep CAP_IPC_LOCK, nothing else.
+
+    mlockall needs either a high RLIMIT_MEMLOCK (the systemd unit sets LimitMEMLOCK) or
+    CAP_IPC_LOCK; where the limit cannot be raised (a container without CAP_SYS_RESOURCE),
+    the key-holder keeps just this capability, which lets it lock its own pages and nothing more.
+    """
+    libc = _libc()
+    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    data[0].effective = data[0].permitted = 1 << CAP_IPC_LOCK
+    if libc.capset(ctypes.byref(header), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset(CAP_IPC_LOCK): {os.strerror(err)}")

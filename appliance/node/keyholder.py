@@ -55,14 +55,17 @@ from typing import Any
 
 import trio
 
+from appliance.boot.backends import open_rom
 from appliance.boot.check import append_alert, recheck_code
+from appliance.boot.rom import ReadRom, Rom, RomError
 from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
-from appliance.host.config import NodeConfig
+from appliance.host.config import NodeConfig, Privsep
 from appliance.net import ChannelIdentity, channel_identity
 from appliance.net._framing import DEFAULT_MAX_FRAME_SIZE, FrameStream
 from appliance.node._approvals import keyholder_methods, use_registration_clients
 from appliance.node.hardening import Hardening, harden
+from appliance.node.privsep import PrivsepError, allow_memory_lock, drop
 from appliance.node.server import Deliver, PServer, Transport, period_keys
 from appliance.node.store import StateDir
 from appliance.protocols._core import AlertKind
@@ -141,7 +144,13 @@ class LinkTransport:
 
 class _Child:
     def __init__(
-        self, config: NodeConfig, stream: trio.SocketStream, hardening: Hardening, pid: int, first: bool
+        self,
+        config: NodeConfig,
+        stream: trio.SocketStream,
+        hardening: Hardening,
+        pid: int,
+        first: bool,
+        rom: Rom | None = None,
     ) -> None:
         self.config = config
         self.frames = FrameStream(stream, MAX_LINK_FRAME)
@@ -155,6 +164,7 @@ class _Child:
             status_pid=pid,
             # Only when pst serve starts: a child that follows a retired one joins the next period.
             warmup=min(WARMUP, config.constants.period_length / 4) if first else 0.0,
+            rom=rom,
         )
         self.server.retire_after_refresh = True
         self._drained = trio.Event()
@@ -297,7 +307,9 @@ class _Child:
         return self.server.request_refresh(period, start_ms / 1000)
 
 
-def child_main(config: NodeConfig, sock: socket.socket, server_pid: int, first: bool) -> int:
+def child_main(
+    config: NodeConfig, sock: socket.socket, server_pid: int, first: bool, rom: Rom | None = None
+) -> int:
     hardening = harden(lock=True, die_with_parent_process=True)
     if os.getppid() == 1:  # the zygote died before we could ask to die with it
         return EXIT_CRASHED
@@ -305,7 +317,7 @@ def child_main(config: NodeConfig, sock: socket.socket, server_pid: int, first: 
         return EXIT_CODE_CHANGED
     sock.setblocking(False)
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-    return trio.run(_Child(config, stream, hardening, server_pid, first).run)
+    return trio.run(_Child(config, stream, hardening, server_pid, first, rom).run)
 
 
 def _code_unchanged(config: NodeConfig) -> bool:
@@ -335,8 +347,28 @@ def _code_unchanged(config: NodeConfig) -> bool:
 # -- The zygote ----------------------------------------------------------------------------------
 
 
-def zygote_main(config: NodeConfig, control: socket.socket, server_pid: int) -> int:
-    """Fork one key-holder child per period, hand its link to ``pst serve``, repeat."""
+def zygote_main(
+    config: NodeConfig, control: socket.socket, server_pid: int, privsep: Privsep | None = None
+) -> int:
+    """Fork one key-holder child per period, hand its link to ``pst serve``, repeat.
+
+    Under [privsep] the zygote starts as root: it reads Vstart (the ROM device may be root's
+    only), lets itself lock memory, and drops to the key-holder's account for good before
+    anything else (:mod:`appliance.node.privsep`).
+    """
+    rom: Rom | None = None
+    if privsep is not None:
+        try:
+            rom = ReadRom(open_rom(config))
+        except RomError as exc:
+            log.error("key-holder: %s", exc)
+            return EXIT_CONFIG
+        unlimited = allow_memory_lock()
+        try:
+            drop(privsep.keyholder, umask=0o022, keep_memory_lock=not unlimited)
+        except PrivsepError as exc:
+            log.error("key-holder: %s", exc)
+            return EXIT_CONFIG
     # Forked from pst serve's main thread before trio started: the parent-death signal is
     # safe here (it fires when the forking *thread* ends). The child sets its own.
     harden(lock=False, die_with_parent_process=True)
@@ -358,7 +390,7 @@ def zygote_main(config: NodeConfig, control: socket.socket, server_pid: int) -> 
             try:
                 control.close()
                 theirs.close()
-                code = child_main(config, mine, server_pid, first)
+                code = child_main(config, mine, server_pid, first, rom)
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -389,7 +421,7 @@ def zygote_main(config: NodeConfig, control: socket.socket, server_pid: int) -> 
         time.sleep(0.2 * len(crashes))
 
 
-def start_zygote(config: NodeConfig) -> tuple[int, socket.socket]:
+def start_zygote(config: NodeConfig, privsep: Privsep | None = None) -> tuple[int, socket.socket]:
     """Fork the zygote now, while ``pst serve`` is single-threaded and holds no secret.
 
     Returns the zygote's pid and our end of the control socket. Forking (rather than
@@ -404,7 +436,7 @@ def start_zygote(config: NodeConfig) -> tuple[int, socket.socket]:
         code = EXIT_CRASHED
         try:
             ours.close()
-            code = zygote_main(config, theirs, parent)
+            code = zygote_main(config, theirs, parent, privsep)
         except BaseException:
             traceback.print_exc()
         finally:

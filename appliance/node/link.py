@@ -29,6 +29,7 @@ from appliance.host.config import NodeConfig
 from appliance.net import ChannelIdentity
 from appliance.net._framing import FrameStream
 from appliance.node.keyholder import MAX_LINK_FRAME, LinkError, decode_msg, encode_msg
+from appliance.node.store import StateDir
 from appliance.protocols._core import AlertKind
 from appliance.protocols.signing import SigningRefused
 
@@ -133,8 +134,8 @@ class KeyHolderLink:
                         "its loop is held (no protocol message, signature or refresh runs meanwhile)"
                     )
                     log.warning("%s", detail)
-                    append_alert(
-                        self.config.state_dir / "public",
+                    append_alert(  # pst serve's own file: public/ is the key-holder's (privsep)
+                        StateDir(self.config.state_dir).serve_dir,
                         AlertKind.KEYHOLDER_STALLED,
                         self.config.server_id,
                         max(self._period, 0),

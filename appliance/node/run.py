@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -137,6 +138,7 @@ async def _run_web(
         constants=config.constants,
         status_file=public / "status.json",
         alerts_file=public / "alerts.jsonl",
+        serve_alerts_file=StateDir(config.state_dir).serve_dir / "alerts.jsonl",
         peer_urls=config.http.peers,
         own_url=config.http.url,
         peer_links=lambda: _peer_links(network()),
@@ -213,7 +215,37 @@ def serve(path: Path) -> int:
     except BootRefused as exc:
         print(f"pst serve: boot refused: {exc}", file=sys.stderr)
         return EXIT_BOOT_REFUSED
-    zygote, control = start_zygote(config)  # before trio: single-threaded, no secret held
+    from appliance.api._registrations import move_registrations
+    from appliance.node import privsep as ps
+
+    try:
+        separated = ps.require_root(config)
+        moved = move_registrations(config.state_dir)
+        if moved:
+            log.info("%s", moved)
+        if separated is not None:
+            ps.prepare(config, separated)
+        elif os.geteuid() == 0:
+            log.warning(
+                "running as root without [privsep]: pst serve and its key-holder share root's "
+                "powers; a compromised pst serve could read the shares (docs/security.md)"
+            )
+    except (ConfigError, ps.PrivsepError, OSError) as exc:
+        print(f"pst serve: {exc}", file=sys.stderr)
+        return 2
+    zygote, control = start_zygote(config, separated)  # before trio: single-threaded, no secret held
+    if separated is not None:
+        try:  # for good, before a socket is opened or a byte read from anyone
+            ps.drop(separated.server, umask=0o027)
+        except ps.PrivsepError as exc:
+            print(f"pst serve: {exc}", file=sys.stderr)
+            control.close()
+            return 2
+        log.info(
+            "privilege separation: pst serve runs as %s, its key-holder as %s",
+            separated.server.name,
+            separated.keyholder.name,
+        )
     gone: list[str] = []
     try:
         trio.run(_serve, config, zygote, control)

@@ -77,6 +77,7 @@ class PServer:
         status_extra: Mapping[str, Any] | None = None,
         status_pid: int | None = None,
         warmup: float = 0.0,
+        rom: Rom | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -85,7 +86,7 @@ class PServer:
         self._transport_factory = transport_factory
         self.transport: Transport | None = None
         self.core: ServerCore | None = None
-        self.rom: Rom = open_rom(config)
+        self.rom: Rom = rom if rom is not None else open_rom(config)
         self.last_refresh: dict[str, Any] = {}
         self.recent_refreshes: list[dict[str, Any]] = []
         self._refresh_started: dict[int, float] = {}

@@ -12,6 +12,8 @@ Layout (``root`` is the server's StateDirectory)::
     private/pending/       a refresh in progress: its new period key seeds, announcement,
                            dealing and voting records (SafetyData), each saved before the
                            message that depends on it is sent; erased at the decision
+    serve/                 what pst serve writes (the API's registrations, its own alerts):
+                           under [privsep] the only place it may write (appliance.node.privsep)
 
 Every write is temp file + fsync + rename + directory fsync, so a crash leaves either the
 old or the new file, never a torn one. Private files are overwritten with zeros and
@@ -56,6 +58,11 @@ class StateDir:
         self.root = root
         self.public_dir = root / "public"
         self.private_dir = root / "private"
+        self.serve_dir = root / "serve"
+
+    def alert_files(self) -> list[Path]:
+        """The key-holder's alerts (and the boot check's), then pst serve's own."""
+        return [self.public_dir / "alerts.jsonl", self.serve_dir / "alerts.jsonl"]
 
     def init(self) -> None:
         self.public_dir.mkdir(parents=True, exist_ok=True, mode=0o755)

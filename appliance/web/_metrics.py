@@ -93,7 +93,7 @@ class _Snapshot(Collector):
             "Alerts this server raised (alerts.jsonl, since its state began), by kind",
             labels=["kind"],
         )
-        for kind, count in sorted(self.local.alerts.by_kind.items()):
+        for kind, count in sorted(self.local.alerts.summary()["by_kind"].items()):
             alerts.add_metric([kind], float(count))
         yield alerts
         api = CounterMetricFamily(

@@ -210,6 +210,8 @@ class Sources:
     constants: Constants
     status_file: Path
     alerts_file: Path
+    #: pst serve's own alerts (``<state>/serve/alerts.jsonl``: the key-holder stalled).
+    serve_alerts_file: Path | None = None
     #: The other servers' HTTP base URLs (``[http.peers]``), and this one's own.
     peer_urls: Mapping[int, str] = field(default_factory=dict)
     own_url: str = ""
@@ -288,6 +290,26 @@ class AlertLog:
         }
 
 
+class AlertLogs:
+    """The key-holder's and pst serve's alert files as one."""
+
+    def __init__(self, logs: list[AlertLog]) -> None:
+        self.logs = logs
+
+    def update(self) -> None:
+        for alert_log in self.logs:
+            alert_log.update()
+
+    def summary(self) -> dict[str, Any]:
+        by_kind: Counter[str] = Counter()
+        recent: list[dict[str, Any]] = []
+        for alert_log in self.logs:
+            by_kind.update(alert_log.by_kind)
+            recent += alert_log.recent
+        recent.sort(key=lambda a: a.get("time") or 0)
+        return {"total": sum(by_kind.values()), "by_kind": dict(by_kind), "recent": recent[-RECENT_ALERTS:]}
+
+
 def read_status(path: Path) -> tuple[dict[str, Any] | None, str]:
     """The cleaned status.json, or None and why."""
     try:
@@ -330,7 +352,10 @@ class LocalView:
 
     def __init__(self, sources: Sources) -> None:
         self.sources = sources
-        self.alerts = AlertLog(sources.alerts_file)
+        self.alerts = AlertLogs(
+            [AlertLog(sources.alerts_file)]
+            + ([AlertLog(sources.serve_alerts_file)] if sources.serve_alerts_file is not None else [])
+        )
         self.status: dict[str, Any] | None = None
         self.why = "not read yet"
         self.started = sources.clock()
