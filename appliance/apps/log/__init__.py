@@ -1,0 +1,1 @@
+"""The secure append-only log (issue 11)."""
