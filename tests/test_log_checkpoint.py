@@ -17,7 +17,6 @@ from appliance.apps.log.checkpoint import (
     Checkpoint,
     Signature,
     Signer,
-    SignerError,
     Verifier,
     open_checkpoint,
     open_note,
@@ -25,7 +24,7 @@ from appliance.apps.log.checkpoint import (
     sign_checkpoint,
     sign_note,
 )
-from appliance.apps.log.errors import LogDecodeError, NoteVerificationError
+from appliance.apps.log.errors import LogDecodeError, NoteVerificationError, SignerError
 from appliance.crypto import local
 from appliance.crypto.groups import ED25519
 from appliance.crypto.secret import DeterministicSource

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
-from appliance.apps.log.errors import LogDecodeError, LogError, NoteVerificationError
+from appliance.apps.log.errors import LogDecodeError, NoteVerificationError, SignerError
 from appliance.apps.log.merkle import HASH_SIZE
 
 __all__ = [
@@ -75,10 +75,6 @@ MAX_TREE_SIZE = (1 << 63) - 1
 
 SIGNATURE_PREFIX = "\u2014 "  # em dash, space
 _SIZE = re.compile(r"0|[1-9][0-9]*")
-
-
-class SignerError(LogError):
-    """A signer returned a signature that does not verify under its own public key."""
 
 
 def _has_control(text: str) -> bool:

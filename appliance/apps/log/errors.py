@@ -4,7 +4,7 @@ Each says what was wrong and, where it matters, whose fault it is: bytes from ou
 a path, a tile fetched from a peer) that do not decode raise :class:`LogDecodeError`; a proof
 that does not hold raises :class:`ProofError`; our own disk disagreeing with itself raises
 :class:`CorruptStoreError`; a caller handing us an entry the format cannot carry raises
-:class:`EntryTooLargeError`.
+:class:`EntryTooLargeError`; a signer whose signature does not verify raises :class:`SignerError`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ class ProofError(LogError):
 
 class CorruptStoreError(LogError):
     """The stored log disagrees with itself: a tile, bundle or state record is missing or wrong."""
+
+
+class SignerError(LogError):
+    """A signer returned a signature that does not verify under its own public key (our fault)."""
 
 
 class EntryTooLargeError(LogError, ValueError):
