@@ -140,10 +140,11 @@ class Verifier:
         """Read a verifier key string; raises LogDecodeError naming the bad part."""
         if not isinstance(vkey, str):
             raise LogDecodeError("a verifier key is a string")
-        parts = vkey.split("+")
-        if len(parts) != 3:
-            raise LogDecodeError("a verifier key is <name>+<key ID>+<key>, with exactly two '+'")
-        name, hex_id, key64 = parts
+        # The name has no '+'; the base64 key may have some.
+        name, _, rest = vkey.partition("+")
+        hex_id, plus, key64 = rest.partition("+")
+        if not plus:
+            raise LogDecodeError("a verifier key is <name>+<key ID>+<base64 key>")
         _check_name(name, "the verifier key's name")
         if not re.fullmatch(r"[0-9a-f]{8}", hex_id):
             raise LogDecodeError(f"the verifier key's ID {hex_id!r} is not 8 lowercase hex digits")
