@@ -197,6 +197,20 @@ def test_verifier_keys_round_trip(name: str, public_key: bytes) -> None:
     assert Verifier.parse(verifier.encode()) == verifier
 
 
+_line = st.text(st.characters(min_codepoint=0x20, exclude_categories=("Cs",)), min_size=1, max_size=30)
+
+
+@given(
+    origin=_line,
+    size=st.integers(0, 2**63 - 1),
+    root=st.binary(min_size=32, max_size=32),
+    extensions=st.lists(_line, max_size=3),
+)
+def test_signed_checkpoints_round_trip(origin: str, size: int, root: bytes, extensions: list[str]) -> None:
+    checkpoint = Checkpoint(origin, size, root, tuple(extensions))
+    assert open_checkpoint(sign_checkpoint(checkpoint, [LOG]), origin, [LOG.verifier]) == checkpoint
+
+
 # --- Fuzzing: any input opens or raises LogDecodeError, nothing else -----------------------------
 
 
