@@ -194,7 +194,7 @@ def parse_path(path: str) -> Tile | Bundle:
 # --- Which tiles a tree has --------------------------------------------------------------------
 
 
-def _level_tiles(level: int, old_count: int, new_count: int) -> list[tuple[int, int]]:
+def _level_tiles(old_count: int, new_count: int) -> list[tuple[int, int]]:
     """(index, width) of the tiles holding hashes ``[old_count, new_count)`` of one level."""
     if new_count <= old_count:
         return []
@@ -208,7 +208,7 @@ def new_tiles(old_size: int, new_size: int) -> list[Tile]:
     level = 0
     while new_size >> (TILE_HEIGHT * level):
         shift = TILE_HEIGHT * level
-        found = _level_tiles(level, old_size >> shift, new_size >> shift)
+        found = _level_tiles(old_size >> shift, new_size >> shift)
         if not found:
             break
         tiles.extend(Tile(level, n, w) for n, w in found)
@@ -223,7 +223,7 @@ def tiles_for_size(size: int) -> list[Tile]:
 
 def new_bundles(old_size: int, new_size: int) -> list[Bundle]:
     """The entry bundles that growing the log from ``old_size`` to ``new_size`` adds."""
-    return [Bundle(n, w) for n, w in _level_tiles(0, old_size, new_size)]
+    return [Bundle(n, w) for n, w in _level_tiles(old_size, new_size)]
 
 
 def tile_data(tile: Tile, reader: NodeReader) -> bytes:
