@@ -12,6 +12,8 @@ DEB_PACKAGES += systemd binutils python3-venv adduser
 DEB_PACKAGES += e2fsprogs mount util-linux
 # The browser test of the status page drives Debian's chromium with its chromedriver (selenium).
 DEB_PACKAGES += chromium chromium-driver
+# The log's interop test checks our signed notes, tiles and proofs with Go's sumdb/note and tlog.
+DEB_PACKAGES += golang-go golang-golang-x-mod-dev
 STAMP := $(VENV)/.installed
 
 .PHONY: test demo demo-crypto lint typecheck pytest bench deps debs venv deb clean

@@ -69,6 +69,24 @@ def erase_leftovers(directory: Path) -> list[Path]:
     return erased
 
 
+def make_dirs(directory: Path, mode: int = 0o755) -> None:
+    """Create ``directory`` and its missing parents so that a crash cannot lose them.
+
+    :func:`atomic_write` syncs the directory that holds the file; a directory it had to create
+    is only durable once its own parent is synced too, which this does for each one it makes.
+    """
+    missing = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=mode)
+        except FileExistsError:
+            continue
+        _fsync_dir(path.parent)
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
