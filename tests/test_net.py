@@ -955,6 +955,41 @@ async def test_routing_prefers_our_outgoing_connection_over_an_unauthenticated_i
         nursery.cancel_scope.cancel()
 
 
+async def test_an_impostor_at_rekey_gets_no_frame_meant_for_the_peer() -> None:
+    """Issue 9 item 5: in the window between our rekey and the peer's, someone at the peer's own
+    address claims its id on an unauthenticated connection. Frames to the peer wait for (or go
+    over) a connection we made ourselves to its configured address; the impostor gets none."""
+    inbox = Inbox()
+    async with mesh([1, 2], table_ids=[1, 2], inbox=inbox) as nets:
+        with trio.fail_after(5):
+            await nets[1].wait_connected([2])
+            await nets[2].wait_connected([1])
+        port = nets[1].listen_port
+        assert port is not None
+        new_keys = key_table([1, 2], 1)
+        nets[1].rekey(1, new_keys, seed_of(1, 1))  # server 2 is still in period 0
+        stream, frames = await raw_anonymous(port)  # from 127.0.0.1: server 2's configured address
+        await frames.send_frame(Hello(2, 0).encode())
+        got_by_impostor: list[bytes] = []
+
+        async def listen() -> None:
+            with suppress(trio.BrokenResourceError, FramingError):
+                while (frame := await frames.receive_frame()) is not None:
+                    got_by_impostor.append(frame)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(listen)
+            for k in range(20):
+                nets[1].send(2, b"frame %d" % k)
+                await trio.sleep(0.01)
+            nets[2].rekey(1, new_keys, seed_of(2, 1))
+            await eventually(lambda: len([d for s, d in inbox.got[2] if s == 1]) >= 20)
+            nursery.cancel_scope.cancel()
+        await trio.aclose_forcefully(stream)
+        assert [d for s, d in inbox.got[2] if s == 1] == [b"frame %d" % k for k in range(20)]
+        assert not any(f.startswith(b"frame") for f in got_by_impostor), got_by_impostor
+
+
 async def _idle_flood(
     port: int, sources: Iterable[str], per_source: int
 ) -> tuple[list[trio.SocketStream], list[int]]:
