@@ -168,3 +168,19 @@ def test_a_pid_counts_only_for_pst_serve_of_that_very_config(tmp_path: Path) -> 
     config.write_text("")
     assert not serves(os.getpid(), config)  # pytest is no pst serve
     assert not serves(2**22 + 1, config)  # no such process
+
+
+def test_check_warns_about_an_unusable_private_state(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    root = tmp_path / "c"
+    init_cluster(root, n=4, t=1, period_seconds=600, round_ms=80, base_port=30200, progress=lambda _: None)
+    config = root / "node-1" / "config.toml"
+    period = root / "node-1" / "state" / "private" / "period.cbor"
+    code, out, _ = run(capsys, "check", "--config", str(config))
+    assert code == 0 and f"ok    private state: {period} reads and decodes" in out
+    period.write_bytes(b"\x00garbage")
+    code, out, _ = run(capsys, "check", "--config", str(config))
+    assert code == 0 and out.endswith("server 1 may boot, with 1 warning(s)\n")
+    assert f"WARN  private state: {period}: private state: " in out
+    assert "pst serve will set it aside and start recovering" in out
