@@ -604,24 +604,46 @@ def _cmd_sign(args: argparse.Namespace) -> int:
         return 2
     nodes = _nodes(args)
     # --config: that server's socket (the client says why if nothing answers there);
-    # --dir: the first server of the cluster that runs.
-    node = nodes[0] if args.config is not None else next((n for n in nodes if _alive(n.pid())), None)
-    if node is None:
+    # --dir: the servers of the cluster that run, in turn.
+    running = nodes if args.config is not None else [n for n in nodes if _alive(n.pid())]
+    if not running:
         print("pst sign: no server of the cluster is running", file=sys.stderr)
         return 1
-    client = client_mod.PstClient(str(_node_socket(node)))
     try:
-        client.register(args.app, b"pst-cli")
-        signature = client.sign_digest(digest)
+        signature = _sign_digest(running, args.app, digest)
     except client_mod.PstError as exc:
         print(f"pst sign: {exc}", file=sys.stderr)
         return 1
-    finally:
-        client.close()
     if args.out:
         Path(args.out).write_bytes(signature)
     print(signature.hex())
     return 0
+
+
+#: How long pst sign keeps asking while the servers answer ``unavailable``: between a refresh's
+#: decision and its signed KeyTable (well under a second) no server holds a usable share.
+SIGN_RETRY_SECONDS = 10.0
+
+
+def _sign_digest(nodes: list[Node], app: str, digest: bytes) -> bytes:
+    """The group's signature through the first of ``nodes`` that can sign, retrying ``unavailable``."""
+    import time
+
+    from appliance.api import client as client_mod
+
+    deadline = time.monotonic() + SIGN_RETRY_SECONDS
+    attempt = 0
+    while True:
+        node = nodes[attempt % len(nodes)]
+        attempt += 1
+        try:
+            with client_mod.PstClient(str(_node_socket(node))) as client:
+                client.register(app, b"pst-cli")
+                return client.sign_digest(digest)
+        except client_mod.PstError as exc:
+            if exc.code != "unavailable" or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.2 if attempt % len(nodes) == 0 else 0.0)
 
 
 def _signature_bytes(raw: bytes) -> bytes | None:

@@ -184,3 +184,43 @@ def test_check_warns_about_an_unusable_private_state(
     assert code == 0 and out.endswith("server 1 may boot, with 1 warning(s)\n")
     assert f"WARN  private state: {period}: private state: " in out
     assert "pst serve will set it aside and start recovering" in out
+
+
+def test_sign_asks_again_while_a_refresh_completes(monkeypatch: pytest.MonkeyPatch, cluster: Path) -> None:
+    """Between a refresh's decision and its signed KeyTable every server answers unavailable."""
+    from appliance.api import client as client_mod
+    from appliance.cli import _sign_digest
+    from appliance.host.nodes import cluster_nodes
+
+    asked: list[str] = []
+
+    class Client:
+        def __init__(self, socket: str) -> None:
+            self.socket = socket
+
+        def __enter__(self) -> Client:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def register(self, app: str, unique_id: bytes) -> None:
+            pass
+
+        def sign_digest(self, digest: bytes) -> bytes:
+            asked.append(Path(self.socket).parent.name)
+            if len(asked) < 3:
+                raise client_mod.PstError("unavailable", "this server is not operational")
+            return b"s" * 64
+
+    monkeypatch.setattr(client_mod, "PstClient", Client)
+    nodes = cluster_nodes(cluster)[:2]
+    assert _sign_digest(nodes, "app", bytes(64)) == b"s" * 64
+    assert asked == ["node-1", "node-2", "node-1"]
+
+    def refused(self: Client, digest: bytes) -> bytes:
+        raise client_mod.PstError("not-permitted", "the name belongs to another user")
+
+    monkeypatch.setattr(Client, "sign_digest", refused)
+    with pytest.raises(client_mod.PstError, match="not-permitted"):  # no retry for other errors
+        _sign_digest(nodes, "app", bytes(64))
