@@ -10,7 +10,9 @@ Every ``pst`` command that reads or talks to servers takes one of the two:
   its state directory is the config's ``server.state_dir``. The config must load.
 
 Giving both, or neither, is a usage error (argparse, exit 2); a missing config file or a
-directory without a cluster is a :class:`ConfigError` naming the path (exit 2).
+directory without a cluster is a :class:`ConfigError` naming the path (exit 2). ``pst cluster
+init|up|down`` and ``pst demo`` make and run a local cluster, so they take ``--dir`` only (a
+deployed server is started and stopped by systemd).
 
 A node's running ``pst serve`` is found from ``server.pid`` (a cluster) or from the ``pid``
 its key-holder writes in ``status.json``, and only counts when that process really is
