@@ -8,10 +8,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance import __version__
 from appliance.boot import bootstrap
+
+if TYPE_CHECKING:
+    from appliance.host.nodes import Node
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -19,10 +22,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         from appliance.demo import run_crypto_demo
 
         return run_crypto_demo(n=args.nodes, t=args.threshold)
+    from appliance.node.cluster import check_ports
     from appliance.protocols.state import ConfigError, check_size
 
     try:
         check_size(args.nodes, args.threshold)  # before any directory is made or server started
+        check_ports(args.nodes, args.base_port)
     except ConfigError as exc:
         print(f"pst demo: {exc}", file=sys.stderr)
         return 2
@@ -70,15 +75,15 @@ def _network_demo(args: argparse.Namespace) -> int:
             time.sleep(1.0)
             _reap()
             for node in nodes:
-                if not _alive(_pid(node)):
+                if not _alive(node.pid()):
                     print(
                         f"   {node.name} is not running: restarting it from its state directory", flush=True
                     )
                     _start_node(node)
-                st = _read_status(node)
+                st = node.status()
                 last = st.get("last_refresh") or {}
                 key = last.get("period")
-                server = int(node.name.split("-")[1])
+                server = node.server
                 if key is not None and seen.get(server) != key:
                     seen[server] = key
                     print(
@@ -135,11 +140,18 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cluster_nodes(root: Path) -> list[Path]:
-    nodes = sorted(root.glob("node-*"), key=lambda p: int(p.name.split("-")[1]))
-    if not nodes:
-        raise SystemExit(f"pst: {root} holds no cluster (run: pst cluster init --dir {root})")
-    return nodes
+def _cluster_nodes(root: Path) -> list[Node]:
+    """The servers of a cluster directory (a ConfigError, exit 2, if it holds none)."""
+    from appliance.host.nodes import cluster_nodes
+
+    return cluster_nodes(root)
+
+
+def _nodes(args: argparse.Namespace) -> list[Node]:
+    """The servers ``--dir`` or ``--config`` name (appliance.host.nodes)."""
+    from appliance.host.nodes import nodes_of
+
+    return nodes_of(args)
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -191,7 +203,7 @@ def _network_ceremony(args: argparse.Namespace) -> int:
         flush=True,
     )
     procs = {}
-    for node in _cluster_nodes(root):
+    for node in (n.directory for n in _cluster_nodes(root) if n.directory is not None):
         argv = bootstrap.command(
             "init",
             "--config",
@@ -201,8 +213,11 @@ def _network_ceremony(args: argparse.Namespace) -> int:
             "--start-at",
             repr(start),
         )
-        with open(node / "init.log", "wb") as log:
+        log = os.open(node / "init.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
             procs[node] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        finally:
+            os.close(log)
     failed = 0
     for node, proc in procs.items():
         code = proc.wait(timeout=300)
@@ -216,11 +231,12 @@ def _network_ceremony(args: argparse.Namespace) -> int:
 
 
 def _cmd_cluster_init(args: argparse.Namespace) -> int:
-    from appliance.node.cluster import init_cluster
+    from appliance.node.cluster import check_ports, init_cluster
     from appliance.protocols.state import ConfigError, check_size
 
     try:
         check_size(args.nodes, args.threshold)  # before anything is written
+        check_ports(args.nodes, args.base_port)
     except ConfigError as exc:
         print(f"pst cluster init: {exc}", file=sys.stderr)
         return 2
@@ -250,32 +266,44 @@ def _cmd_cluster_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_status(node: Path) -> dict[str, Any]:
-    path = node / "state" / "public" / "status.json"
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        why = "not started yet" if isinstance(exc, FileNotFoundError) else f"{path}: {exc}"
-        return {"server": int(node.name.split("-")[1]), "status": "unknown", "error": why}
-    return data
-
-
 def _alive(pid: int | None) -> bool:
     if not pid:
         return False
     try:
         os.kill(pid, 0)
+    except PermissionError:  # another user's process (a deployed server runs as user pst)
+        return True
     except OSError:
         return False
     return True
 
 
+def _alert_lines(node: Node) -> list[str]:
+    """The lines of a server's alert files, the key-holder's and pst serve's (privsep), oldest
+    first (none if it has none or they cannot be read)."""
+    from appliance.node.store import StateDir
+
+    lines: list[tuple[float, str]] = []
+    for path in StateDir(node.state_dir).alert_files():
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError):
+            continue
+        for line in text.splitlines():
+            try:
+                when = float(json.loads(line).get("time") or 0)
+            except (ValueError, TypeError, AttributeError):
+                when = 0.0
+            lines.append((when, line))
+    return [line for _, line in sorted(lines, key=lambda x: x[0])]
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     rows = []
-    for node in _cluster_nodes(Path(args.dir)):
-        st = _read_status(node)
-        st["running"] = _alive(_pid(node))
-        st["alerts"] = sum(len(path.read_text().splitlines()) for path in _alert_files(node) if path.exists())
+    for node in _nodes(args):
+        st = node.status()
+        st["running"] = _alive(node.pid())
+        st["alerts"] = len(_alert_lines(node))
         st["url"] = _status_page(node)
         rows.append(st)
     # Exit status 1 unless every server runs and is operational (for scripts and monitoring).
@@ -301,30 +329,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
-def _alert_files(node: Path) -> list[Path]:
-    from appliance.node.store import StateDir
-
-    return StateDir(node / "state").alert_files()
-
-
 def _cmd_alerts(args: argparse.Namespace) -> int:
     found = False
-    for node in _cluster_nodes(Path(args.dir)):
-        lines: list[dict[str, Any]] = []
-        for path in _alert_files(node):
-            if not path.exists():
+    for node in _nodes(args):
+        for line in _alert_lines(node):
+            try:
+                a = json.loads(line)
+                shown = f"ALERT {a['kind']}: server {a['server']}, period {a['period']}: {a['detail']}"
+            except (ValueError, TypeError, KeyError):
                 continue
-            for line in path.read_text().splitlines():
-                try:
-                    lines.append(json.loads(line))
-                except ValueError:
-                    continue
-        for a in sorted(lines, key=lambda a: a.get("time") or 0):
             found = True
-            print(
-                f"seen by server {node.name.split('-')[1]}: ALERT {a['kind']}: server {a['server']}, "
-                f"period {a['period']}: {a['detail']}"
-            )
+            print(f"seen by server {node.server}: {shown}")
     if not found:
         print("no alerts")
     return 0
@@ -336,8 +351,8 @@ def _cmd_pubkey(args: argparse.Namespace) -> int:
 
     from appliance.node.store import StateDir
 
-    for node in _cluster_nodes(Path(args.dir)):
-        loaded = StateDir(node / "state").load()
+    for node in _nodes(args):
+        loaded = StateDir(node.state_dir).load()
         if loaded.public.m is None:
             continue
         vcert = loaded.public.m.vcert
@@ -359,21 +374,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(Path(args.config))
 
 
-def _pid(node: Path) -> int | None:
-    """The pid in node/server.pid, if that process runs with this node's config file.
-
-    A pid file outlives its process (a reboot, a copied directory): the number may then name an
-    unrelated process, which `cluster down` must never signal."""
-    try:
-        pid = int((node / "server.pid").read_text())
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError):
-        return None
-    config = f"{node.name}/config.toml".encode()
-    return pid if any(a.endswith(config) for a in args) else None
-
-
-def _start_clear_of_a_boundary(nodes: list[Path]) -> None:
+def _start_clear_of_a_boundary(nodes: list[Node]) -> None:
     """Start a whole local cluster just after a period boundary, not just before one.
 
     A server that starts less than its warm-up before a period skips that refresh; servers
@@ -386,7 +387,7 @@ def _start_clear_of_a_boundary(nodes: list[Path]) -> None:
 
     if not nodes:
         return
-    c = node_config.load(nodes[0] / "config.toml").constants
+    c = node_config.load(nodes[0].config_path).constants
     now = time.time()
     boundary = c.period_start(c.period_at(now) + 1)
     if boundary - now < 2.0 and c.period_length > 2.5:
@@ -397,26 +398,42 @@ def _start_clear_of_a_boundary(nodes: list[Path]) -> None:
         time.sleep(boundary - now + 0.05)
 
 
-def _start_node(node: Path) -> int:
+def _open_log(path: Path) -> int:
+    """``server.log`` for appending, readable by its owner only (it names peers, addresses and
+    applications); one made by an earlier version with a wider mode is narrowed."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _start_node(node: Node) -> int:
     import subprocess
 
-    log = open(node / "server.log", "ab")  # noqa: SIM115 - handed to the child process
-    proc = subprocess.Popen(  # isolated, and measured before anything of the environment runs
-        bootstrap.command("serve", "--config", str(node / "config.toml")),
-        stdout=log,
-        stderr=log,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    (node / "server.pid").write_text(f"{proc.pid}\n")
+    assert node.log_file is not None and node.pid_file is not None  # a node of a local cluster
+    log = _open_log(node.log_file)
+    try:
+        proc = subprocess.Popen(  # isolated, and measured before anything of the environment runs
+            bootstrap.command("serve", "--config", str(node.config_path)),
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    finally:
+        os.close(log)
+    node.pid_file.write_text(f"{proc.pid}\n")
     return proc.pid
 
 
-def _stop_nodes(nodes: list[Path], timeout: float = 10.0) -> None:
+def _stop_nodes(nodes: list[Node], timeout: float = 10.0) -> None:
     import signal
     import time
 
-    pids = {node: _pid(node) for node in nodes}
+    pids = {node: node.pid() for node in nodes}
     for pid in pids.values():
         if _alive(pid):
             os.kill(pid, signal.SIGTERM)  # type: ignore[arg-type]
@@ -426,9 +443,10 @@ def _stop_nodes(nodes: list[Path], timeout: float = 10.0) -> None:
         time.sleep(0.1)
     for node, pid in pids.items():
         if _alive(pid):
-            print(f"server in {node} did not stop in {timeout:g} s: killing it", file=sys.stderr)
+            print(f"{node.name} did not stop in {timeout:g} s: killing it", file=sys.stderr)
             os.kill(pid, signal.SIGKILL)  # type: ignore[arg-type]
-        (node / "server.pid").unlink(missing_ok=True)
+        if node.pid_file is not None:
+            node.pid_file.unlink(missing_ok=True)
     _reap()
 
 
@@ -443,7 +461,6 @@ def _reap() -> None:
 def _cmd_cluster_up(args: argparse.Namespace) -> int:
     import time
 
-    from appliance.host import config as node_config
     from appliance.protocols.state import ConfigError
 
     root = Path(args.dir)
@@ -451,27 +468,27 @@ def _cmd_cluster_up(args: argparse.Namespace) -> int:
     broken = []
     for node in nodes:
         try:
-            node_config.load(node / "config.toml")
+            node.config()
         except (ConfigError, OSError) as exc:
             print(f"{node.name}: not started: {exc}", file=sys.stderr)
             broken.append(node)
     nodes = [n for n in nodes if n not in broken]
-    if not any(_alive(_pid(node)) for node in nodes):
+    if not any(_alive(node.pid()) for node in nodes):
         _start_clear_of_a_boundary(nodes)
     for node in nodes:
-        if _alive(_pid(node)):
-            print(f"{node.name}: already running (pid {_pid(node)})")
+        if _alive(node.pid()):
+            print(f"{node.name}: already running (pid {node.pid()})")
             continue
-        print(f"{node.name}: starting (log: {node / 'server.log'})", flush=True)
+        print(f"{node.name}: starting (log: {node.log_file})", flush=True)
         _start_node(node)
     deadline = time.monotonic() + 30.0
     while time.monotonic() < deadline:  # ready = the local API socket is there
         _reap()
-        waiting = [n for n in nodes if _alive(_pid(n)) and not _node_socket(n).exists()]
+        waiting = [n for n in nodes if _alive(n.pid()) and not _node_socket(n).exists()]
         if not waiting:
             break
         time.sleep(0.2)
-    dead = [n.name for n in broken] + [n.name for n in nodes if not _alive(_pid(n))]
+    dead = [n.name for n in broken] + [n.name for n in nodes if not _alive(n.pid())]
     if dead:
         # The others are left running: a server that fails to start does not stop the network.
         print(
@@ -491,7 +508,7 @@ def _cmd_cluster_up(args: argparse.Namespace) -> int:
             time.sleep(5.0)
             _reap()
             for node in nodes:
-                if not _alive(_pid(node)):
+                if not _alive(node.pid()):
                     print(f"{node.name} exited; restarting it", flush=True)
                     _start_node(node)
     except KeyboardInterrupt:
@@ -502,11 +519,12 @@ def _cmd_cluster_up(args: argparse.Namespace) -> int:
 
 def _cmd_cluster_down(args: argparse.Namespace) -> int:
     nodes = _cluster_nodes(Path(args.dir))
-    running = [n for n in nodes if _alive(_pid(n))]
+    running = [n for n in nodes if _alive(n.pid())]
     if not running:
-        print(f"no server of the cluster in {args.dir} is running")
+        print(f"no server of the cluster in {args.dir} is running: nothing to stop")
         for node in nodes:
-            (node / "server.pid").unlink(missing_ok=True)
+            if node.pid_file is not None:
+                node.pid_file.unlink(missing_ok=True)
         return 0
     _stop_nodes(nodes)
     print(f"{len(running)} servers stopped")
@@ -520,57 +538,64 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
     if not args.now:
         print("pst refresh: only --now is supported (periods otherwise follow the clock)", file=sys.stderr)
         return 2
-    root = Path(args.dir)
-    nodes = _cluster_nodes(root)
-    periods = [p for p in (_read_status(n).get("period") for n in nodes) if isinstance(p, int)]
+    from appliance.node.run import refresh_request_path
+
+    nodes = _nodes(args)
+    periods = [p for p in (n.status().get("period") for n in nodes) if isinstance(p, int)]
     if not periods:
-        print("pst refresh: no server reports a period yet; is the cluster up?", file=sys.stderr)
+        print("pst refresh: no server reports a period yet; is it running?", file=sys.stderr)
         return 1
-    period, start = max(periods) + 1, time.time() + 2.0
+    period = max(periods) + 1
+    start = args.at if args.at is not None else time.time() + 2.0
+    ahead = start - time.time()
+    if not 0 < ahead < 3600:
+        when = f"{-ahead:.1f} s ago" if ahead <= 0 else f"{ahead:.0f} s ahead"
+        print(f"pst refresh: --at {start!r} is {when}; give a time within the next hour", file=sys.stderr)
+        return 2
     sent = 0
     for node in nodes:
-        pid = _pid(node)
+        pid = node.pid()
         if not _alive(pid):
             print(f"{node.name}: not running, skipped", file=sys.stderr)
             continue
-        (node / "refresh-request.json").write_text(json.dumps({"period": period, "start": start}))
+        refresh_request_path(node.config()).write_text(json.dumps({"period": period, "start": start}))
         os.kill(pid, signal.SIGUSR1)  # type: ignore[arg-type]
         sent += 1
-    print(f"refresh of period {period} requested from {sent} servers; waiting for it ...", flush=True)
+    if args.config is not None:  # one server of a deployed network: the others are asked alike
+        print(f"refresh of period {period} at {start!r} requested; every server needs the same --at")
+    servers = f"{sent} server{'' if sent == 1 else 's'}"
+    print(f"refresh of period {period} requested from {servers}; waiting for it ...", flush=True)
     deadline = time.time() + 120
     while time.time() < deadline:
         time.sleep(0.5)
-        rows = [_read_status(n) for n in nodes]
+        rows = [n.status() for n in nodes]
         done = [r for r in rows if (r.get("last_refresh") or {}).get("period", -1) >= period]
-        stopped = [n.name for n in nodes if not _alive(_pid(n))]
+        stopped = [n for n in nodes if not _alive(n.pid())]
         if len(done) == sent or (stopped and len(done) + len(stopped) >= sent):
             for r in done:
                 last = r.get("last_refresh") or {}
                 print(f"  server {r.get('server')}: {last.get('status')} in {last.get('duration_s')} s")
-            for name in stopped:
-                print(f"  {name}: stopped (see its server.log)")
+            for node in stopped:
+                print(f"  {node.name}: stopped (see {node.log_file or 'its journal'})")
             ok = all((r.get("last_refresh") or {}).get("status") == "operational" for r in done)
             return 0 if ok and not stopped else 1
     print("pst refresh: timed out waiting for the refresh", file=sys.stderr)
     return 1
 
 
-def _status_page(node: Path) -> str:
+def _status_page(node: Node) -> str:
     """The URL of a server's status page (its [http] section), or why there is none."""
-    from appliance.host import config as node_config
     from appliance.protocols.state import ConfigError
 
     try:
-        http = node_config.load(node / "config.toml").http
+        http = node.config().http
     except ConfigError as exc:
         return f"unknown ({exc})"
     return f"{http.url}/" if http.enabled else "none (http.enabled = false)"
 
 
-def _node_socket(node: Path) -> Path:
-    from appliance.host import config as node_config
-
-    return node_config.load(node / "config.toml").api_socket
+def _node_socket(node: Node) -> Path:
+    return node.config().api_socket
 
 
 def _cmd_sign(args: argparse.Namespace) -> int:
@@ -587,24 +612,48 @@ def _cmd_sign(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"pst sign: {args.file}: {exc.strerror}", file=sys.stderr)
         return 2
-    nodes = _cluster_nodes(Path(args.dir))
-    node = next((n for n in nodes if _alive(_pid(n))), None)
-    if node is None:
+    nodes = _nodes(args)
+    # --config: that server's socket (the client says why if nothing answers there);
+    # --dir: the servers of the cluster that run, in turn.
+    running = nodes if args.config is not None else [n for n in nodes if _alive(n.pid())]
+    if not running:
         print("pst sign: no server of the cluster is running", file=sys.stderr)
         return 1
-    client = client_mod.PstClient(str(_node_socket(node)))
     try:
-        client.register(args.app, b"pst-cli")
-        signature = client.sign_digest(digest)
+        signature = _sign_digest(running, args.app, digest)
     except client_mod.PstError as exc:
         print(f"pst sign: {exc}", file=sys.stderr)
         return 1
-    finally:
-        client.close()
     if args.out:
         Path(args.out).write_bytes(signature)
     print(signature.hex())
     return 0
+
+
+#: How long pst sign keeps asking while the servers answer ``unavailable``: between a refresh's
+#: decision and its signed KeyTable (well under a second) no server holds a usable share.
+SIGN_RETRY_SECONDS = 10.0
+
+
+def _sign_digest(nodes: list[Node], app: str, digest: bytes) -> bytes:
+    """The group's signature through the first of ``nodes`` that can sign, retrying ``unavailable``."""
+    import time
+
+    from appliance.api import client as client_mod
+
+    deadline = time.monotonic() + SIGN_RETRY_SECONDS
+    attempt = 0
+    while True:
+        node = nodes[attempt % len(nodes)]
+        attempt += 1
+        try:
+            with client_mod.PstClient(str(_node_socket(node))) as client:
+                client.register(app, b"pst-cli")
+                return client.sign_digest(digest)
+        except client_mod.PstError as exc:
+            if exc.code != "unavailable" or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.2 if attempt % len(nodes) == 0 else 0.0)
 
 
 def _signature_bytes(raw: bytes) -> bytes | None:
@@ -619,13 +668,55 @@ def _signature_bytes(raw: bytes) -> bytes | None:
     return value if len(value) == 64 else None
 
 
+def _public_key_file(path: str) -> bytes:
+    """The group public key in ``path``: PEM (``pst pubkey --pem``) or 64 hex digits (``pst pubkey``)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    from appliance.protocols.state import ConfigError
+
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    if raw.lstrip().startswith(b"-----BEGIN"):
+        try:
+            key = load_pem_public_key(raw)
+        except (ValueError, TypeError):
+            raise ConfigError(f"{path}: not a readable PEM public key") from None
+        if not isinstance(key, Ed25519PublicKey):
+            raise ConfigError(f"{path}: not an Ed25519 public key (the group key is one)")
+        return key.public_bytes_raw()
+    try:
+        value = bytes.fromhex(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        value = b""
+    if len(value) != 32:
+        raise ConfigError(
+            f"{path}: expected the group public key as PEM (pst pubkey --pem) or 64 hex digits (pst pubkey)"
+        )
+    return value
+
+
+def _group_key(args: argparse.Namespace) -> bytes | None:
+    """Vcert from --pubkey (offline), or from the M of the first server that holds a valid one."""
+    from appliance.node.store import StateDir
+
+    if args.pubkey is not None:
+        return _public_key_file(args.pubkey)
+    for node in _nodes(args):
+        m = StateDir(node.state_dir).load().public.m
+        if m is not None:
+            return m.vcert
+    return None
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from appliance.api import app_digest_payload
+    from appliance.api import APP_SIGN_DOMAIN, app_digest_payload
     from appliance.api.client import sha512_of
-    from appliance.node.store import StateDir
 
     try:
         with open(args.file, "rb") as f:
@@ -642,21 +733,23 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    for node in _cluster_nodes(Path(args.dir)):
-        m = StateDir(node / "state").load().public.m
-        if m is None:
-            continue
-        try:
-            Ed25519PublicKey.from_public_bytes(m.vcert).verify(
-                signature, app_digest_payload(args.app, digest)
-            )
-        except InvalidSignature:
-            print(f"INVALID: not a signature of the group key on {args.file} for application {args.app!r}")
-            return 1
-        print(f"OK: signed by the group key {m.vcert.hex()[:16]}.. for application {args.app!r}")
-        return 0
-    print("pst verify: no server holds a valid M", file=sys.stderr)
-    return 1
+    vcert = _group_key(args)
+    if vcert is None:
+        print("pst verify: no server holds a valid M (or give the key: --pubkey FILE)", file=sys.stderr)
+        return 1
+    # What pst sign and the API's sign/sign_digest have the group sign (docs/api.md).
+    payload = (
+        f'{{"dom": "{APP_SIGN_DOMAIN}", "app": {json.dumps(args.app)}, "sha512": SHA-512 of {args.file}}}'
+    )
+    try:
+        Ed25519PublicKey.from_public_bytes(vcert).verify(signature, app_digest_payload(args.app, digest))
+    except InvalidSignature:
+        print(f"INVALID: not a signature of the group key on {args.file} for application {args.app!r}")
+        print(f"  (checked as an application signature: the payload {payload})")
+        return 1
+    print(f"OK: signed by the group key {vcert.hex()[:16]}.. for application {args.app!r}")
+    print(f"  (an application signature: the group key signed {payload})")
+    return 0
 
 
 def _cmd_rom(args: argparse.Namespace) -> int:
@@ -737,6 +830,8 @@ THRESHOLD_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from appliance.host.nodes import add_node_options
+
     parser = argparse.ArgumentParser(
         prog="pst",
         description=(
@@ -816,30 +911,53 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(sub)  # check, manifest, upgrade
     _add_api_commands(sub)
 
-    status = sub.add_parser("status", help="per server: period, status, last refresh, alerts, KeyTable")
-    status.add_argument("--dir", required=True)
+    status = sub.add_parser(
+        "status",
+        help="per server: period, status, last refresh, alerts, KeyTable (exit 1 unless all operational)",
+    )
+    add_node_options(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=_cmd_status)
     alerts = sub.add_parser("alerts", help="every alert the servers raised")
-    alerts.add_argument("--dir", required=True)
+    add_node_options(alerts)
     alerts.set_defaults(func=_cmd_alerts)
     pubkey = sub.add_parser("pubkey", help="the group public key Vcert")
-    pubkey.add_argument("--dir", required=True)
+    add_node_options(pubkey)
     pubkey.add_argument("--pem", action="store_true", help="as SubjectPublicKeyInfo PEM")
     pubkey.set_defaults(func=_cmd_pubkey)
     refresh = sub.add_parser("refresh", help="start a refresh now instead of at the next period boundary")
     refresh.add_argument("--now", action="store_true", help="start it in two seconds on every server")
-    refresh.add_argument("--dir", required=True)
+    add_node_options(refresh)
+    refresh.add_argument(
+        "--at",
+        type=float,
+        help="start it at this Unix time instead (with --config, give every server the same time)",
+    )
     refresh.set_defaults(func=_cmd_refresh)
     sign = sub.add_parser("sign", help="sign a file with the group key, through a server's local API")
-    sign.add_argument("--dir", required=True)
+    add_node_options(sign)
     sign.add_argument("--app", default="pst-cli", help="application name the signature is bound to")
     sign.add_argument("--out", help="also write the 64-byte signature to this file")
     sign.add_argument("file", help="the file to sign (- for standard input)")
     sign.set_defaults(func=_cmd_sign)
-    verify = sub.add_parser("verify", help="check a group-key signature made with pst sign")
-    verify.add_argument("--dir", required=True)
-    verify.add_argument("--app", default="pst-cli")
+    verify = sub.add_parser(
+        "verify",
+        help="check an application signature made with pst sign (or the API's sign) on a file",
+        description=(
+            "Checks that SIGNATURE is the group key's Ed25519 signature of the application payload "
+            '{"dom": "pst/app-signed/v1", "app": APP, "sha512": SHA-512(FILE)} in canonical CBOR '
+            "(docs/api.md), what pst sign and the local API's sign and sign_digest have signed. "
+            "The group public key comes from --pubkey (offline: no server, no state directory), "
+            "or from the certified M of a server given by --dir or --config."
+        ),
+    )
+    where = verify.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dir", help="a cluster made by pst cluster init")
+    where.add_argument("--config", help="one server's TOML config (e.g. /etc/pst/server.toml)")
+    where.add_argument(
+        "--pubkey", help="the group public key: pst pubkey --pem (or its hex) saved to a file; offline"
+    )
+    verify.add_argument("--app", default="pst-cli", help="the application name the signature is bound to")
     verify.add_argument("file")
     verify.add_argument("signature", help="file holding the 64-byte signature (or its hex)")
     verify.set_defaults(func=_cmd_verify)

@@ -807,6 +807,39 @@ async def test_stale_peer_falls_back_to_unauthenticated(caplog: pytest.LogCaptur
             assert all(stale.is_authenticated(i) for i in nets)
 
 
+async def test_a_period_change_is_logged_at_info_not_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """Servers re-key a moment apart: the fallbacks, refusals and drops in between are routine."""
+    caplog.set_level(logging.INFO, logger="appliance.net")
+    ids = [1, 2, 3]
+    inbox = Inbox()
+    refreshing = [True]  # what pst serve's window says: the refresh of period 1 is under way
+    options = {i: {"transition": lambda: refreshing[0]} for i in ids}
+    async with mesh(ids, inbox=inbox, options=options) as nets:
+        with trio.fail_after(5):
+            for net in nets.values():
+                await net.wait_connected()
+        caplog.clear()
+        nets[1].rekey(1, key_table(ids, 1), seed_of(1, 1))  # 2 and 3 are still in period 0
+        await eventually(lambda: "server 1: connection to server 2" in caplog.text)
+        for i in (2, 3):
+            nets[1].send(i, b"ahead")
+            nets[i].send(1, b"behind")
+        await trio.sleep(0.3)
+        refreshing[0] = False  # server 1's own rekey keeps its grace; 2 and 3 now re-key too
+        for i in (2, 3):
+            nets[i].rekey(1, key_table(ids, 1), seed_of(i, 1))
+        with trio.fail_after(5):
+            for net in nets.values():
+                await net.wait_connected()
+        assert all(net.is_authenticated(j) for net in nets.values() for j in ids if j != net.me)
+    routine = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any(
+        "server 1: connection to server 2 at 127.0.0.1" in m and m.endswith("(a period change is under way)")
+        for m in routine
+    )
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
 async def test_unauthenticated_rules_and_replies() -> None:
     inbox = Inbox()
     options = {1: {"max_unauthenticated": 1}}

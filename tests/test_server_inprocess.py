@@ -187,3 +187,30 @@ async def test_a_bad_signature_share_is_named_in_alerts_jsonl_and_signing_goes_o
     lines = (configs[1].state_dir / "public" / "alerts.jsonl").read_text().splitlines()
     alerts = [json.loads(line) for line in lines]
     assert alerts and all(a["kind"] == "bad-signature-share" and a["server"] == 3 for a in alerts), alerts
+
+
+def test_an_unusable_private_state_is_an_alert_and_set_aside_not_a_crash(tmp_path: Path) -> None:
+    """Issue 10 §4: a directory where private/period.cbor should be (or garbage, or a file the
+    server may not read) made the key-holder fail; now it starts recovering, with one alert."""
+    root = tmp_path / "cluster"
+    init_cluster(root, n=4, t=1, period_seconds=60, round_ms=30, progress=lambda _: None)
+    config = node_config.load(node_dir(root, 2) / "config.toml")
+    private = config.state_dir / "private"
+    (private / "period.cbor").unlink()
+    (private / "period.cbor").mkdir()
+
+    async def no_transport(*_: object) -> HubTransport:  # never started: only the state is loaded
+        raise AssertionError
+
+    core = PServer(config, no_transport, clock=lambda: 1e9)._load()
+    assert core.private is None  # recovering: the others restore its shares at the next refresh
+    moved = private / "period.cbor.unusable-1000000000"
+    assert moved.is_dir() and not (private / "period.cbor").exists()
+    lines = (config.state_dir / "public" / "alerts.jsonl").read_text().splitlines()
+    [alert] = [json.loads(line) for line in lines]
+    assert (alert["kind"], alert["server"], alert["period"]) == ("private-state-unreadable", 2, 0)
+    why = f"private state unusable: {private / 'period.cbor'}: not a regular file"
+    assert alert["detail"].startswith(why)
+    assert f"moved to {moved}" in alert["detail"]
+    PServer(config, no_transport)._load()  # the next key-holder child: nothing more to say
+    assert len((config.state_dir / "public" / "alerts.jsonl").read_text().splitlines()) == 1

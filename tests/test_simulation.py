@@ -113,6 +113,31 @@ def test_scenario_e_crashed_server_rejoins() -> None:
         assert run.servers[victim].outcomes[3].status == Status.OPERATIONAL
 
 
+def test_a_server_down_across_a_refresh_is_named_by_every_server_that_completed_it() -> None:
+    """Issue 10 §4: alerts came only from servers that took part and misbehaved; a server that is
+    simply down across refreshes is now named by each server that completed them without it."""
+    run = scenarios.build("down", 5, scenarios._constants(random.Random(5)), periods=2)
+    down = run.constants.n
+    run.sim.crash(down)  # before period 1's refresh begins
+    run.crashed.add(down)
+    scenarios.run_periods(run)
+    scenarios.check(run)  # among others: each such alert is true (the server is not in that KeyTable)
+    for i in run.constants.ids:
+        if i == down:
+            continue
+        missed = [a for a in run.servers[i].alert_log if a.kind == AlertKind.MISSED_REFRESH]
+        assert [(a.server, a.period) for a in missed] == [(down, 1), (down, 2)]
+        assert missed[0].detail.startswith("a member of period 0's KeyTable, not in the KeyTable of period 1")
+        assert not missed[1].detail.startswith("a member")  # it was not in period 1's either
+        assert {a.kind for a in run.servers[i].alert_log} == {AlertKind.MISSED_REFRESH}
+
+
+def test_a_refresh_with_every_server_raises_no_alert() -> None:
+    for seed in range(3):
+        run = scenarios.run("honest", seed)
+        assert [a for s in run.servers.values() for a in s.alert_log] == []
+
+
 def test_scenario_g_broken_timing_never_loses_the_key() -> None:
     """Scenario G on a few seeds, with the checker's invariants restated here as the claim."""
     for seed in range(6):

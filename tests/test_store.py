@@ -97,3 +97,56 @@ def test_what_a_crashed_private_write_left_is_erased_when_the_state_is_loaded(tm
     loaded = StateDir(tmp_path / "state").load()
     assert not any(p.exists() for p in left)
     assert sum("left by an interrupted write; erased" in p for p in loaded.problems) == 2
+
+
+def _unusable(path: Path, how: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Make private/period.cbor unusable in one of the ways seen; the reason load() should give."""
+    if how == "garbage":
+        path.write_bytes(b"\xff" * 40)
+        return "private state: "
+    if how == "directory":
+        path.unlink()
+        path.mkdir()
+        return "not a regular file"
+    # Mode 000 under a non-root user: the tests run as root, who reads it anyway, so the
+    # read itself is made to fail as it would.
+    path.chmod(0)
+    real = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        if self == path:
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    return "unreadable (Permission denied)"
+
+
+@pytest.mark.parametrize("how", ["garbage", "directory", "mode 000"])
+def test_an_unusable_private_state_is_reported_apart_and_can_be_set_aside(
+    tmp_path: Path, network: dict[int, object], how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup = network[1]
+    store = StateDir(tmp_path)
+    store.save(setup.public, setup.private)  # type: ignore[attr-defined]
+    path = tmp_path / "private" / "period.cbor"
+    why = _unusable(path, how, monkeypatch)
+    assert (store.private_problem() or "").startswith(f"{path}: {why}")
+    assert path.exists() and store.set_aside() == []  # pst check's look changes nothing
+    loaded = store.load()
+    assert loaded.private is None and loaded.public.m is not None
+    assert loaded.private_unusable is not None and loaded.private_unusable.startswith(f"{path}: {why}")
+    moved = store.set_aside_private(1234.5)
+    assert moved == tmp_path / "private" / "period.cbor.unusable-1234" and not path.exists()
+    assert store.set_aside() == [moved]
+    assert store.load().private_unusable is None  # absent now: recovering, no second alert
+    monkeypatch.undo()
+    store.save(setup.public, setup.private)  # type: ignore[attr-defined]
+    assert store.load().private is not None  # the next refresh's shares are saved as usual
+
+
+def test_a_missing_private_state_is_not_unusable(tmp_path: Path, network: dict[int, object]) -> None:
+    setup = network[1]
+    store = StateDir(tmp_path)
+    store.save(setup.public, None)  # type: ignore[attr-defined]
+    assert store.load().private_unusable is None and store.private_problem() is None

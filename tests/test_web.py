@@ -436,6 +436,30 @@ _ROUTES = [
 ]
 _TOKEN = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=20)
 _HEADER_VALUE = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=200)
+#: Headers a handler or a middleware might read, besides random names.
+_HEADER_NAMES = st.sampled_from(
+    [
+        "accept",
+        "accept-encoding",
+        "authorization",
+        "connection",
+        "content-type",
+        "cookie",
+        "if-modified-since",
+        "if-none-match",
+        "origin",
+        "range",
+        "upgrade",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+    ]
+)
+_HOSTS = st.one_of(
+    st.none(),
+    st.sampled_from(["localhost:7201", "evil.example", "[::1]:7201", "127.0.0.1:99999", "127.0.0.1:", ""]),
+    _HEADER_VALUE,
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -443,15 +467,18 @@ _HEADER_VALUE = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint
     path=st.one_of(
         st.sampled_from(_ROUTES), st.lists(_PATH_CHARS, max_size=30).map(lambda p: "/" + "".join(p))
     ),
-    query=st.lists(st.tuples(_TOKEN, st.text(max_size=30)), max_size=4),
+    query=st.lists(st.tuples(st.one_of(_TOKEN, st.just("limit")), st.text(max_size=30)), max_size=4),
     raw_query=st.text(
         alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="#"), max_size=60
     ),
     headers=st.dictionaries(
-        _TOKEN.filter(lambda h: h not in ("host", "content-length", "transfer-encoding")),
+        st.one_of(
+            _TOKEN.filter(lambda h: h not in ("host", "content-length", "transfer-encoding")), _HEADER_NAMES
+        ),
         _HEADER_VALUE,
         max_size=5,
     ),
+    host=_HOSTS,
     method=st.sampled_from(["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "FOO"]),
     body=st.binary(max_size=2000),
     use_raw=st.booleans(),
@@ -462,11 +489,16 @@ def test_fuzz_every_answer_is_success_or_a_json_error(
     query: list[tuple[str, str]],
     raw_query: str,
     headers: dict[str, str],
+    host: str | None,
     method: str,
     body: bytes,
     use_raw: bool,
 ) -> None:
+    """Random targets, methods, query strings, headers (Host too) and bodies: never a 500, and
+    every answer but a success is a JSON error; the service answers the next request as before."""
     service, _, _ = _fuzz_service(tmp_path)
+    if host is not None:
+        headers = {**headers, "host": host}
 
     async def run() -> None:
         async with client(service) as c:
@@ -475,6 +507,7 @@ def test_fuzz_every_answer_is_success_or_a_json_error(
             target = path.encode() + (b"?" + q if q else b"")
             url = httpx.URL("http://127.0.0.1:7201").copy_with(raw_path=target)
             answer = await c.request(method, url, headers=headers, content=body or None)
+            assert answer.status_code != 500, (method, target, headers)
             if answer.status_code in (200, 503) and method in ("GET", "HEAD"):
                 assert answer.request.url.path in service.app.routes
             else:

@@ -31,30 +31,14 @@ EXIT_USAGE = 2
 
 def _servers(args: argparse.Namespace, command: str) -> list[tuple[int, Path]] | None:
     """(server id, API socket) of the chosen servers; None after printing why there are none."""
-    from appliance.host import config as node_config
+    from appliance.host.nodes import nodes_of
     from appliance.protocols.state import ConfigError
 
-    if args.config is not None:
-        paths = [Path(args.config)]
-    else:
-        root = Path(args.dir)
-        nodes = sorted(root.glob("node-*"), key=lambda p: (len(p.name), p.name))
-        if args.node is not None:
-            nodes = [n for n in nodes if n.name == f"node-{args.node}"]
-        if not nodes:
-            which = f"server {args.node}" if args.node is not None else "no cluster"
-            print(f"pst {command}: {root} holds {which} (pst cluster init --dir {root})", file=sys.stderr)
-            return None
-        paths = [n / "config.toml" for n in nodes]
-    out = []
-    for path in paths:
-        try:
-            config = node_config.load(path)
-        except ConfigError as exc:
-            print(f"pst {command}: {exc}", file=sys.stderr)
-            return None
-        out.append((config.server_id, config.api_socket))
-    return out
+    try:
+        return [(node.server, node.config().api_socket) for node in nodes_of(args)]
+    except ConfigError as exc:
+        print(f"pst {command}: {exc}", file=sys.stderr)
+        return None
 
 
 def _shown_id(unique_id: bytes) -> str:
@@ -168,10 +152,9 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def _where(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--dir", help="a cluster made by pst cluster init (every server, or --node)")
-    group.add_argument("--config", help="one server's TOML config")
-    parser.add_argument("--node", type=int, help="with --dir: only this server")
+    from appliance.host.nodes import add_node_options
+
+    add_node_options(parser, node=True)
 
 
 def add_commands(sub: Any) -> None:

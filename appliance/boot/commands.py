@@ -38,15 +38,39 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         report = boot_check(config, strict=args.strict)
     except BootRefused as exc:
+        _check_private_state(config, exc.report)
         for line in exc.report.lines():
             print(line)
         print(f"pst check: BOOT REFUSED: {exc}", file=sys.stderr)
         return EXIT_REFUSED
+    _check_private_state(config, report)
     for line in report.lines():
         print(line)
     verdict = "may boot" if not report.warnings else f"may boot, with {len(report.warnings)} warning(s)"
     print(f"server {config.server_id} {verdict}")
     return 0
+
+
+def _check_private_state(config: Any, report: Any) -> None:
+    """The private state: a warning if it exists but cannot be read or decoded (pst serve would
+    raise a private-state-unreadable alert, set it aside and start recovering)."""
+    from appliance.boot.check import OK, WARN
+    from appliance.node.store import StateDir
+
+    store = StateDir(config.state_dir)
+    problem = store.private_problem()
+    if problem is not None:
+        report.add(
+            "private state",
+            WARN,
+            f"{problem}: pst serve will set it aside and start recovering (its shares come back "
+            "from the others at the next refresh); if it should be readable, fix its owner and mode "
+            "(the server's user, 0600 in a 0700 directory)",
+        )
+    elif (store.private_dir / "period.cbor").exists():
+        report.add("private state", OK, f"{store.private_dir / 'period.cbor'} reads and decodes")
+    for path in store.set_aside():
+        report.add("private state", WARN, f"{path}: set aside as unusable; inspect it, then erase it")
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:

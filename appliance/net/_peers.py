@@ -33,6 +33,14 @@ So the transport also carries frames over *unauthenticated* connections, and say
   the authenticated way first again; an anonymous outgoing connection is also closed and
   re-dialed as soon as j opens an authenticated connection to us. A rekey on either side
   closes every connection, so keys that match again are noticed at once.
+* Period changes are routine, and logged so. The servers re-key a few milliseconds apart, so
+  for a moment two of them hold different periods' keys: the one ahead falls back when it
+  dials the one behind, refuses its aborted handshakes, and the one behind drops frames to
+  the one ahead. While a period change is under way (``transition_grace`` seconds after our
+  own rekey, or while the ``transition`` callback says so: ``pst serve`` passes the first
+  seconds after each period boundary, when the refresh runs) these are logged at INFO; at
+  any other time at WARNING. A fallback still under way after the change is logged at
+  WARNING on its next attempt.
 * The acceptor requests a client certificate with ``CERT_OPTIONAL``: a certificate that is
   presented must verify as before (or the handshake fails), but a client presenting none is
   admitted *unauthenticated* after its hello, which names the server it claims to be (its
@@ -112,6 +120,7 @@ import math
 import random
 import socket
 import ssl
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
@@ -266,7 +275,9 @@ class _Peer:
     out: _Conn | None = None
     dropped: int = 0
     drop_warned: bool = False
-    fallback_reason: str | None = None  # why we last fell back to an anonymous dial (warned)
+    drop_noted: bool = False  # a drop was logged at INFO during a period change
+    fallback_reason: str | None = None  # why we last fell back to an anonymous dial (logged)
+    fallback_warned: bool = False  # ... and that reason was logged at WARNING
     #: The IP addresses of the configured host (a literal: itself, for good; a name: resolved).
     ips: frozenset[IPAddress] = frozenset()
     ips_expire: float = -math.inf
@@ -464,6 +475,8 @@ class PeerNetwork:
         max_handshakes_per_source: int = 4,
         max_unauthenticated: int | None = None,
         refusal_log_interval: float = 10.0,
+        transition: Callable[[], bool] | None = None,
+        transition_grace: float = 10.0,
     ) -> None:
         if me not in addresses:
             raise ValueError(f"server {me} has no address")
@@ -510,6 +523,11 @@ class PeerNetwork:
         self._slots = _HandshakeSlots(max_pending_handshakes, max_handshakes_per_source, reserved)
         #: Refused incoming connections are logged once per source IP and this many seconds.
         self._refusal_log = _RefusalLog(refusal_log_interval)
+        #: Failures of authentication are routine this long after our rekey, and while
+        #: ``transition()`` is true (see "Period changes" above).
+        self._transition = transition
+        self.transition_grace = transition_grace
+        self._rekeyed_at: float | None = None
         self._rekeyed = trio.Event()
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -614,6 +632,7 @@ class PeerNetwork:
             raise ValueError(f"rekey to period {period}: we are already in period {self._creds.period}")
         was_recovering = self._creds is None
         self._creds = _Credentials.build(self.me, period, keys, seed)  # old contexts dropped
+        self._rekeyed_at = time.monotonic()
         self._anonymous_server_ctx = None
         closing = len(self._conns)
         for conn in list(self._conns):
@@ -625,6 +644,7 @@ class PeerNetwork:
                 peer.state = PeerState.CONNECTING
             peer.out = None
             peer.fallback_reason = None
+            peer.fallback_warned = False
         rekeyed, self._rekeyed = self._rekeyed, trio.Event()
         rekeyed.set()
         self._notify()
@@ -751,10 +771,22 @@ class PeerNetwork:
             except trio.WouldBlock:
                 self._drop(peer, f"its send queue is full ({peer.queue_size} frames)")
 
+    def _routine(self) -> bool:
+        """Is a period change under way? Failures of authentication are then expected."""
+        if self._rekeyed_at is not None and time.monotonic() - self._rekeyed_at < self.transition_grace:
+            return True
+        return self._transition is not None and self._transition()
+
     def _drop(self, peer: _Peer, reason: str) -> None:
         peer.dropped += 1
-        level = logging.DEBUG if peer.drop_warned else logging.WARNING
-        peer.drop_warned = True
+        routine = self._routine()
+        if peer.drop_warned or (routine and peer.drop_noted):
+            level = logging.DEBUG
+        elif routine:
+            level, peer.drop_noted = logging.INFO, True
+            reason += " (a period change is under way)"
+        else:
+            level, peer.drop_warned = logging.WARNING, True
         log.log(level, "server %d: dropped a frame to server %d: %s", self.me, peer.server, reason)
 
     def _flush_if_unreachable(self, peer: _Peer) -> None:
@@ -786,7 +818,7 @@ class PeerNetwork:
             peer.state = state
             self._flush_if_unreachable(peer)
         elif state in (PeerState.UP, PeerState.ANONYMOUS):
-            peer.drop_warned = False
+            peer.drop_warned = peer.drop_noted = False
         if peer.state is not state:
             peer.state = state
         self._notify()
@@ -797,7 +829,8 @@ class PeerNetwork:
         if direction == "incoming":
             self._log_refused(address, who, reason)
         else:  # our own dials: paced by the backoff
-            log.warning("server %d: connection to %s rejected: %s", self.me, who, reason)
+            level = logging.INFO if self._routine() else logging.WARNING
+            log.log(level, "server %d: connection to %s rejected: %s", self.me, who, reason)
 
     def _log_refused(self, address: str, who: str, reason: str) -> None:
         """Log a refused incoming connection: one line per source IP and interval, the rest at DEBUG."""
@@ -812,21 +845,31 @@ class PeerNetwork:
             if suppressed
             else ""
         )
-        log.warning("server %d: rejected connection from %s: %s%s", self.me, who, reason, more)
+        level = logging.INFO if self._routine() else logging.WARNING
+        log.log(level, "server %d: rejected connection from %s: %s%s", self.me, who, reason, more)
 
     def _fall_back(self, peer: _Peer, address: str, reason: str, rejected: bool) -> None:
         """Our authenticated dial to ``peer`` failed to authenticate: say so before going anonymous."""
-        level = logging.DEBUG if peer.fallback_reason == reason else logging.WARNING
-        peer.fallback_reason = reason
+        routine = self._routine()
+        if peer.fallback_reason != reason:
+            peer.fallback_reason, peer.fallback_warned = reason, False
+            level = logging.INFO if routine else logging.WARNING
+        elif routine or peer.fallback_warned:
+            level = logging.DEBUG
+        else:  # first seen during a period change, and still the case after it
+            level = logging.WARNING
+        peer.fallback_warned = peer.fallback_warned or level == logging.WARNING
         if rejected:
             self.rejections.append(Rejection(address, peer.server, reason, "outgoing"))
         log.log(
             level,
-            "server %d: connection to server %d at %s not authenticated: %s; retrying without authentication",
+            "server %d: connection to server %d at %s not authenticated: %s; "
+            "retrying without authentication%s",
             self.me,
             peer.server,
             address,
             reason,
+            " (a period change is under way)" if level == logging.INFO else "",
         )
 
     async def _deliver(self, server: int, data: bytes) -> None:
@@ -979,7 +1022,7 @@ class PeerNetwork:
                 if authenticated:
                     if peer.fallback_reason is not None:
                         log.info("server %d: authenticated to server %d again", self.me, peer.server)
-                    peer.fallback_reason = None
+                    peer.fallback_reason, peer.fallback_warned = None, False
                 log.info(
                     "server %d: connected to server %d (%s%s)",
                     self.me,

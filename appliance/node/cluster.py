@@ -48,6 +48,17 @@ def http_url(base_port: int, i: int) -> str:
     return f"http://127.0.0.1:{base_port + HTTP_PORT_OFFSET + i}"
 
 
+def check_ports(n: int, base_port: int) -> None:
+    """Every port the cluster uses (base+1..base+n, base+101..base+100+n) is a TCP port, 1..65535."""
+    highest = base_port + HTTP_PORT_OFFSET + n
+    if not 1 <= base_port <= 65535 or highest > 65535:
+        raise ConfigError(
+            f"--base-port {base_port}: the servers listen on base+1..base+{n} and their status pages "
+            f"on base+{HTTP_PORT_OFFSET + 1}..base+{HTTP_PORT_OFFSET + n}, so it must be in "
+            f"1..{65535 - HTTP_PORT_OFFSET - n} (ports go up to 65535)"
+        )
+
+
 def config_text(root: Path, i: int, c: Constants, base_port: int) -> str:
     d = node_dir(root, i).resolve()
     peers = "\n".join(f'{j} = "127.0.0.1:{base_port + j}"' for j in c.ids)
@@ -98,6 +109,7 @@ def prepare_network_ceremony(
     """Configs, simulated ROMs (Vstart), Sstart files and manifests; the state comes from ``pst init``."""
     from nacl.signing import SigningKey
 
+    check_ports(n, base_port)
     if root.exists() and any(root.iterdir()):
         raise ConfigError(f"{root}: directory exists and is not empty; choose a new one or remove it")
     code = code if code is not None else installed()
@@ -137,6 +149,7 @@ def init_cluster(
     code: Manifest | None = None,
 ) -> Constants:
     """One-process ceremony; ``code`` is the manifest C names (default: this environment's)."""
+    check_ports(n, base_port)
     if root.exists() and any(root.iterdir()):
         raise ConfigError(f"{root}: directory exists and is not empty; choose a new one or remove it")
     code = code if code is not None else installed()

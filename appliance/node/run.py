@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,30 @@ from appliance.node.link import KeyHolderGone, KeyHolderLink
 from appliance.node.sdnotify import Notifier
 from appliance.node.store import StateDir
 from appliance.protocols.signing import SigningRefused
-from appliance.protocols.state import ConfigError
+from appliance.protocols.state import ConfigError, Constants
 
 log = logging.getLogger("pst.server")
+
+#: For this long after a period boundary (or a requested refresh's start), at most half a
+#: period, the channels log what a period change causes at INFO (appliance.net, "Period changes").
+TRANSITION_GRACE = 10.0
+
+
+class RefreshWindow:
+    """Whether a refresh may be under way now: the first seconds of a period, when its refresh
+    runs, or of a refresh that ``pst refresh --now`` asked for at another time."""
+
+    def __init__(self, constants: Constants, clock: Callable[[], float] = time.time) -> None:
+        self.constants = constants
+        self.clock = clock
+        self.grace = min(TRANSITION_GRACE, constants.period_length / 2)
+        self.requested: float | None = None
+
+    def __call__(self) -> bool:
+        now, c = self.clock(), self.constants
+        if now - c.period_start(c.period_at(now)) < self.grace:
+            return True
+        return self.requested is not None and 0 <= now - self.requested < self.grace
 
 
 async def _serve(config: NodeConfig, zygote: int, control: socket.socket) -> None:
@@ -36,6 +58,7 @@ async def _serve(config: NodeConfig, zygote: int, control: socket.socket) -> Non
     addresses = dict(config.peers)
     addresses[config.server_id] = config.listen  # where we listen may differ from how peers reach us
     net: PeerNetwork | None = None
+    window = RefreshWindow(config.constants)
 
     async def on_frame(peer: int, data: bytes) -> None:
         link.deliver(peer, data)
@@ -58,9 +81,13 @@ async def _serve(config: NodeConfig, zygote: int, control: socket.socket) -> Non
                     "server %d: no usable period key: starting unauthenticated; the next refresh recovers it",
                     config.server_id,
                 )
-                net = PeerNetwork(config.server_id, addresses, None, None, None, on_frame=on_frame)
+                net = PeerNetwork(
+                    config.server_id, addresses, None, None, None, on_frame=on_frame, transition=window
+                )
             else:
-                net = PeerNetwork(config.server_id, addresses, period, keys, ident, on_frame=on_frame)
+                net = PeerNetwork(
+                    config.server_id, addresses, period, keys, ident, on_frame=on_frame, transition=window
+                )
             await nursery.start(net.run)
         elif period is not None and ident is not None and (net.period is None or period > net.period):
             try:
@@ -92,7 +119,7 @@ async def _serve(config: NodeConfig, zygote: int, control: socket.socket) -> Non
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
             async for signum in signals:
                 if signum == signal.SIGUSR1:
-                    nursery.start_soon(_refresh_request, config, link)
+                    nursery.start_soon(_refresh_request, config, link, window)
                     continue
                 log.info("server %d: %s received, stopping", config.server_id, signal.Signals(signum).name)
                 notifier.stopping(f"{signal.Signals(signum).name} received")
@@ -173,7 +200,7 @@ def refresh_request_path(config: NodeConfig) -> Path:
     return config.path.parent / "refresh-request.json"
 
 
-async def _refresh_request(config: NodeConfig, link: KeyHolderLink) -> None:
+async def _refresh_request(config: NodeConfig, link: KeyHolderLink, window: RefreshWindow) -> None:
     """``pst refresh --now`` wrote {"period": p, "start": T} next to the config and sent SIGUSR1."""
     path = refresh_request_path(config)
     try:
@@ -188,6 +215,7 @@ async def _refresh_request(config: NodeConfig, link: KeyHolderLink) -> None:
         log.warning("refresh request for period %d not delivered to the key-holder: %s", period, exc)
         return
     if accepted:
+        window.requested = start
         log.info("refresh of period %d requested for %.3f", period, start)
     else:
         log.warning(

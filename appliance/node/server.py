@@ -35,7 +35,7 @@ from appliance.crypto import encoding
 from appliance.host.config import NodeConfig
 from appliance.host.files import atomic_write
 from appliance.node.store import PendingRecords, StateDir
-from appliance.protocols._core import Alert
+from appliance.protocols._core import Alert, AlertKind
 from appliance.protocols.core import ServerCore
 from appliance.protocols.refresh import Outcome, PublicData, Status, current_table
 from appliance.protocols.services import RandomService, TimeService
@@ -116,6 +116,10 @@ class PServer:
         loaded = self.store.load()
         for problem in loaded.problems:
             log.warning("state: %s (will be recovered from peers at the next refresh)", problem)
+        if loaded.private_unusable is not None:
+            table = loaded.public.key_table
+            period = table.period if table is not None else self.config.constants.period_at(self.clock())
+            self._private_unusable(loaded.private_unusable, period)
         c = self.config.constants
         # No round schedule to miss: a server (re)started during a period's refresh joins it
         # (its pending records make it say what it said before); see ServerCore for the rest.
@@ -144,6 +148,24 @@ class PServer:
         # A code upgrade our operator approved is the one protocol payload we sign on request.
         core.allow_protocol = lambda message: is_upgrade_payload(message) and approved(public_dir, message)
         return core
+
+    def _private_unusable(self, problem: str, period: int) -> None:
+        """Our private state exists but cannot be used: an alert, and the file out of the way."""
+        try:
+            moved = self.store.set_aside_private(self.clock())
+            where = f"moved to {moved}: inspect it, then erase it (it may hold shares)"
+        except OSError as exc:
+            where = (
+                f"could not be moved aside ({exc.strerror}): new shares cannot be saved until "
+                "the state directory's owner and modes are fixed"
+            )
+        detail = (
+            f"private state unusable: {problem}; {where}; this server starts recovering and the "
+            "others restore its shares at the next refresh"
+        )
+        self._record_alerts(
+            [Alert(AlertKind.PRIVATE_STATE_UNREADABLE, self.config.server_id, period, detail)]
+        )
 
     def _persist(self, period: int, outcome: Outcome) -> None:
         core = self.core

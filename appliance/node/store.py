@@ -25,7 +25,10 @@ best effort, which docs/security.md says plainly.
 
 A file that is missing, unreadable or fails to decode is reported (``problems``) and
 treated as absent: the server then recovers it from its peers at the next refresh,
-never crashes on it.
+never crashes on it. A private state that exists but cannot be used (its mode or owner, a
+directory in its place, garbage) is also reported apart (``Loaded.private_unusable``): the
+server raises an alert and sets it aside (:meth:`StateDir.set_aside_private`), so that the
+next refresh can write its new shares there.
 """
 
 from __future__ import annotations
@@ -43,12 +46,17 @@ from appliance.host.files import MAX_FILE, atomic_write, erase, erase_leftovers
 from appliance.protocols.refresh import PrivateData, PublicData, Transcript
 from appliance.protocols.state import GROUPS, InvariantInfo, KeyTable, sharing_from_obj, sharing_to_obj
 
+#: What ``set_aside_private`` renames an unusable ``private/period.cbor`` to (plus a time).
+UNUSABLE_MARK = "period.cbor.unusable-"
+
 
 @dataclass
 class Loaded:
     public: PublicData
     private: PrivateData | None
     problems: list[str] = field(default_factory=list)
+    #: Why ``private/period.cbor`` exists but cannot be used; None if it is fine or absent.
+    private_unusable: str | None = None
 
 
 class StateDir:
@@ -144,14 +152,45 @@ class StateDir:
                     public.transcript = Transcript.decode(data)
                 except DecodeError as exc:
                     problems.append(f"{self.public_dir / 'transcript.cbor'}: {exc}")
-        private: PrivateData | None = None
-        data = self._read(self.private_dir / "period.cbor", problems)
+        private, unusable = self._load_private(problems)
+        return Loaded(public, private, problems, unusable)
+
+    def _load_private(self, problems: list[str]) -> tuple[PrivateData | None, str | None]:
+        """The private state, or None and why it cannot be used (None too when it is absent)."""
+        path = self.private_dir / "period.cbor"
+        mine: list[str] = []
+        data = self._read(path, mine)
+        private = None
         if data is not None:
             try:
                 private = decode_private(data)
             except DecodeError as exc:
-                problems.append(f"{self.private_dir / 'period.cbor'}: {exc}")
-        return Loaded(public, private, problems)
+                mine.append(f"{path}: {exc}")
+        problems += mine
+        return private, (mine[0] if mine and mine != [f"{path}: missing"] else None)
+
+    def private_problem(self) -> str | None:
+        """Why the private state cannot be used, if it exists (for ``pst check``; changes nothing)."""
+        private, unusable = self._load_private([])
+        if private is not None:
+            private.wipe()
+        return unusable
+
+    def set_aside_private(self, now: float) -> Path:
+        """Rename an unusable ``private/period.cbor`` out of the way; OSError if that fails too.
+
+        It is not erased: it may be a readable file the server was not meant to read, or hold
+        what an operator wants to inspect. ``pst check`` warns while such a file is there."""
+        target = self.private_dir / f"{UNUSABLE_MARK}{int(now)}"
+        os.rename(self.private_dir / "period.cbor", target)
+        return target
+
+    def set_aside(self) -> list[Path]:
+        """Unusable private states set aside earlier, still waiting for the operator."""
+        try:
+            return sorted(self.private_dir.glob(UNUSABLE_MARK + "*"))
+        except OSError:
+            return []
 
 
 def encode_sharings(public: PublicData) -> bytes:

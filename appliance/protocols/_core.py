@@ -53,6 +53,12 @@ class AlertKind(enum.Enum):
     CODE_MISMATCH = "code-mismatch"  # boot check: the code differs from the manifest in C
     CONSTANTS_MISMATCH = "constants-mismatch"  # boot check: the config's C is not the certified C
     KEYHOLDER_STALLED = "keyholder-stalled"  # the key-holder did not answer the network process
+    #: A configured server is not in the KeyTable of a refresh that completed without it (it was
+    #: down, unreachable, or lost its data): raised by each server that completed that refresh.
+    MISSED_REFRESH = "server-missed-refresh"
+    #: This server's private state could not be read (mode, owner, a directory in its place,
+    #: garbage): it starts recovering and gets its shares back from the others next refresh.
+    PRIVATE_STATE_UNREADABLE = "private-state-unreadable"
 
 
 @dataclass(frozen=True)

@@ -1743,7 +1743,21 @@ class PeriodRefresh:
             {},
         )
         failure = None if status == Status.OPERATIONAL else "recovering: no usable shares for this period"
+        if status == Status.OPERATIONAL and table is not None:
+            self._missed(table)
         self._set_outcome(Outcome(status, public, private, list(self.alerts), failure))
+
+    def _missed(self, table: KeyTable) -> None:
+        """Name every configured server the completed refresh went without (not in its KeyTable)."""
+        old = self.old_table
+        for j in sorted(set(self.c.ids) - set(table.entries)):
+            member = f"a member of period {old.period}'s KeyTable, " if old and j in old.entries else ""
+            self._alert(
+                AlertKind.MISSED_REFRESH,
+                j,
+                f"{member}not in the KeyTable of period {table.period}: the refresh completed "
+                "without it (down, unreachable, or its data lost); it recovers at the next refresh it joins",
+            )
 
     def _on_kt_sig(self, sender: int, body: Any, now: float) -> None:
         if self.kt is None or not self.resumed:

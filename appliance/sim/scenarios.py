@@ -10,7 +10,9 @@ runs the periods and checks, **from the servers' state** (not from what they rep
 * **old shares are gone after the decision**: an honest server holds shares of its last
   decided period only, and no pending record of a decided period;
 * **no honest server is accused**: every alert names a faulty server (or the server itself
-  when it is the one that lost its data or had its key stolen);
+  when it is the one that lost its data or had its key stolen), except that any server may be
+  named for missing a refresh (``server-missed-refresh``: silence, not misbehaviour), and such
+  an alert must be true: the server named is not in that period's KeyTable;
 * **progress once the network behaves**: every honest server that is up ends operational
   in the last period, on one signed KeyTable.
 
@@ -200,6 +202,14 @@ def check(run: Run) -> None:
     for i in honest:
         for a in run.servers[i].alert_log:
             alerted.add((a.kind, a.server))
+            if a.kind == AlertKind.MISSED_REFRESH:
+                done = run.servers[i].outcomes.get(a.period)
+                table = done.public.key_table if done is not None else None
+                if table is None or table.period != a.period or a.server in table.entries:
+                    raise run.fail(
+                        f"server {i} raised a false alert: server {a.server} is in that KeyTable: {a}"
+                    )
+                continue
             allowed = a.server in run.faulty | run.crashed | run.alertable or a.server == i
             if not allowed:
                 raise run.fail(f"server {i} raised a false alert in period {a.period}: {a}")
