@@ -172,3 +172,26 @@ def self_signed(directory: Path, name: str = "localhost") -> tuple[Path, Path]:
         )
     )
     return cert_path, key_path
+
+
+# --- rsyslog as a client -------------------------------------------------------------------------
+
+
+def rsyslog_config(directory: Path, input_file: Path, actions: Sequence[str]) -> Path:
+    """An rsyslogd configuration that reads ``input_file`` (imfile) and runs ``actions`` on each line.
+
+    Only imfile is loaded (no imuxsock, no imklog): rsyslogd's own messages go to the default
+    ruleset, which has no action, so only the file's lines are forwarded.
+    """
+    lines = [
+        f'global(workDirectory="{directory}")',
+        'module(load="imfile")',
+        'module(load="omrelp")',
+        f'input(type="imfile" File="{input_file}" Tag="pst-test:" ruleset="forward")',
+        'ruleset(name="forward") {',
+        *(f"  {action}" for action in actions),
+        "}",
+    ]
+    path = directory / "rsyslog.conf"
+    path.write_text("\n".join(lines) + "\n")
+    return path

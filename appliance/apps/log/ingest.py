@@ -478,19 +478,35 @@ class IngestServer:
         work_send, work_receive = trio.open_memory_channel[tuple[Batch | None, int]](math.inf)
         acknowledged = trio.lowlevel.ParkingLot()
 
+        async def flush() -> None:
+            data = session.data_to_send()
+            if data:
+                await stream.send_all(data)
+
         async def writer() -> None:
-            """Acknowledge each message once its batch is durable, in order; send the responses."""
+            """Acknowledge each message once its batch is durable, in order; send the responses,
+            several at once when several are ready."""
             async with work_receive:
-                async for batch, txnr in work_receive:
+                while True:
+                    try:
+                        batch, txnr = work_receive.receive_nowait()
+                    except trio.WouldBlock:
+                        await flush()
+                        if session.done:
+                            return
+                        try:
+                            batch, txnr = await work_receive.receive()
+                        except trio.EndOfChannel:
+                            return
+                    except trio.EndOfChannel:
+                        await flush()
+                        return
                     if batch is not None:
+                        if not batch.done.is_set():
+                            await flush()
                         await batch.durable()
                         session.acknowledge(txnr)
                         acknowledged.unpark_all()
-                    data = session.data_to_send()
-                    if data:
-                        await stream.send_all(data)
-                    if session.done:
-                        return
 
         async def reader() -> None:
             """Feed the session; submit each message and queue its acknowledgement for the writer."""
