@@ -75,6 +75,8 @@ RECEIVE_CHUNK = 65536
 #: The largest UDP payload (IPv4: 65,507; IPv6 without jumbograms: 65,527).
 MAX_DATAGRAM = 65536
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+#: UDP sources whose rates are tracked at a time.
+MAX_UDP_SOURCES = 4096
 
 
 class Sink(Protocol):
@@ -328,8 +330,9 @@ class IngestServer:
                 source = str(address[0])
                 limit = sources.get(source)
                 if limit is None:
-                    if len(sources) >= 4096:
+                    if len(sources) >= MAX_UDP_SOURCES:  # forget them all rather than grow without bound
                         sources.clear()
+                        warned.clear()
                     limit = sources[source] = _RateLimit(self.limits, now)
                 if limit.take(1, len(data), now) > 0:
                     self.stats.udp_dropped += 1
