@@ -275,9 +275,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for node in _cluster_nodes(Path(args.dir)):
         st = _read_status(node)
         st["running"] = _alive(_pid(node))
-        st["alerts"] = sum(
-            len(path.read_text().splitlines()) for path in _alert_files(node) if path.exists()
-        )
+        st["alerts"] = sum(len(path.read_text().splitlines()) for path in _alert_files(node) if path.exists())
         st["url"] = _status_page(node)
         rows.append(st)
     # Exit status 1 unless every server runs and is operational (for scripts and monitoring).
