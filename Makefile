@@ -14,6 +14,9 @@ DEB_PACKAGES += e2fsprogs mount util-linux
 DEB_PACKAGES += chromium chromium-driver
 # The log's interop test checks our signed notes, tiles and proofs with Go's sumdb/note and tlog.
 DEB_PACKAGES += golang-go golang-golang-x-mod-dev
+# The log's ingest tests forward with rsyslog (omfwd over TCP, omrelp), run in the foreground
+# with their own configuration (the tests do not use the system's rsyslog service).
+DEB_PACKAGES += rsyslog rsyslog-relp
 STAMP := $(VENV)/.installed
 
 .PHONY: test demo demo-crypto lint typecheck pytest bench deps debs venv deb clean

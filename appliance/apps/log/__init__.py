@@ -12,8 +12,22 @@ The foundations, all pure and sans-IO (no trio, no network):
   and parsed strictly.
 * :mod:`appliance.apps.log.errors`: what goes wrong, and whose fault it is.
 
-Formats and status: docs/log.md. Ingest (syslog, RELP), replication between the servers,
-threshold-signed checkpoints and the HTTP read side are not built yet.
+Syslog ingest, the sans-IO parts also pure:
+
+* :mod:`appliance.apps.log.syslog`: RFC 5424 and RFC 3164 parsing, and the log entry (the
+  raw bytes, receive time, transport, peer and parse result, in canonical CBOR) that any
+  received bytes become.
+* :mod:`appliance.apps.log.framing`: RFC 6587 deframing of a TCP stream (octet counting or
+  LF, per frame) and UDP datagrams.
+* :mod:`appliance.apps.log.relp`: a RELP server session as a state machine that answers a
+  message only once the caller says it is durable.
+
+and the trio glue, imported on its own (it is the only module here that does I/O):
+:mod:`appliance.apps.log.ingest`, the UDP, TCP/TLS and RELP servers, the batcher and the
+``Sink`` they append to.
+
+Formats and status: docs/log.md. Wiring the ingest into ``pst serve``, replication between
+the servers, threshold-signed checkpoints and the HTTP read side are not built yet.
 """
 
 from appliance.apps.log.checkpoint import (
@@ -36,6 +50,7 @@ from appliance.apps.log.errors import (
     ProofError,
     SignerError,
 )
+from appliance.apps.log.framing import Frame, StreamDeframer, datagram_frame
 from appliance.apps.log.merkle import (
     EMPTY_ROOT,
     Frontier,
@@ -47,6 +62,16 @@ from appliance.apps.log.merkle import (
     root_hash,
     verify_consistency,
     verify_inclusion,
+)
+from appliance.apps.log.relp import RelpServer
+from appliance.apps.log.syslog import (
+    MAX_MESSAGE_SIZE,
+    Entry,
+    SDElement,
+    SyslogMessage,
+    SyslogParseError,
+    parse_message,
+    receive,
 )
 from appliance.apps.log.tiles import (
     MAX_ENTRY_SIZE,
@@ -63,10 +88,13 @@ from appliance.apps.log.tiles import (
 __all__ = [
     "EMPTY_ROOT",
     "MAX_ENTRY_SIZE",
+    "MAX_MESSAGE_SIZE",
     "Bundle",
     "Checkpoint",
     "CorruptStoreError",
+    "Entry",
     "EntryTooLargeError",
+    "Frame",
     "Frontier",
     "LogDecodeError",
     "LogError",
@@ -77,20 +105,28 @@ __all__ = [
     "NoteVerificationError",
     "PosixStorage",
     "ProofError",
+    "RelpServer",
+    "SDElement",
     "Signature",
     "Signer",
     "SignerError",
     "Storage",
+    "StreamDeframer",
+    "SyslogMessage",
+    "SyslogParseError",
     "Tile",
     "TileLog",
     "TileReader",
     "Verifier",
     "consistency_proof",
+    "datagram_frame",
     "inclusion_proof",
     "leaf_hash",
     "open_checkpoint",
     "open_note",
+    "parse_message",
     "parse_path",
+    "receive",
     "root_hash",
     "sign_checkpoint",
     "sign_note",
