@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -18,8 +19,14 @@ HTTP_PORT_OFFSET = 100
 
 
 def free_base_port(n: int) -> int:
-    """A base port with base+1..base+n (the servers) and base+101..base+100+n (their HTTP) free."""
-    for base in range(20000, 60000, 97):
+    """A base port with base+1..base+n (the servers) and base+101..base+100+n (their HTTP) free.
+
+    The scan starts at a place of this process's own, so that two test runs on one machine
+    rarely pick the same ports between one's check and its servers' bind.
+    """
+    bases = list(range(20000, 60000, 97))
+    first = (os.getpid() * 7919) % len(bases)
+    for base in bases[first:] + bases[:first]:
         ok = True
         for i in [*range(1, n + 1), *range(HTTP_PORT_OFFSET + 1, HTTP_PORT_OFFSET + n + 1)]:
             with socket.socket() as s:

@@ -115,7 +115,9 @@ def alerts_seen(root: Path, by: list[int]) -> set[tuple[str, int]]:
 def test_scenario_d_a_malicious_server_is_named_and_the_refresh_completes(cluster: Path, fault: str) -> None:
     faulty = cluster / "node-4"
     script = str(Path(__file__).parent / "faulty_serve.py")
-    restart_as(faulty, [script, "--config", str(faulty / "config.toml"), "--fault", fault, "--victim", "2"])
+    restart_as(
+        faulty, [script, "serve", "--config", str(faulty / "config.toml"), "--fault", fault, "--victim", "2"]
+    )
     before = {r["server"]: r["keytable_fingerprint"] for r in status(cluster)}
     out = pst("refresh", "--now", "--dir", str(cluster))
     assert "server 1: operational" in out.stdout, out.stdout + out.stderr

@@ -113,7 +113,7 @@ class PServer:
 
     def _load(self) -> ServerCore:
         vstart = self.rom.read_vstart()
-        loaded = self.store.load()
+        loaded = self.store.load(erase_crash_leftovers=True)  # we alone write private/ now
         for problem in loaded.problems:
             log.warning("state: %s (will be recovered from peers at the next refresh)", problem)
         if loaded.private_unusable is not None:

@@ -122,10 +122,18 @@ class StateDir:
             problems.append(f"{path}: unreadable ({exc.strerror})")
         return None
 
-    def load(self) -> Loaded:
+    def load(self, *, erase_crash_leftovers: bool = False) -> Loaded:
+        """Read the state; a missing or bad file is a problem, never an exception.
+
+        ``erase_crash_leftovers``: first erase what a crashed write left in ``private/``. Only
+        the process that alone writes this directory may ask for it, when it starts (a
+        key-holder child: the zygote forks the next only after the last one exited): anyone
+        else (the CLI, a status reader) would erase a temp file the server is writing now.
+        """
         problems: list[str] = []
-        for path in erase_leftovers(self.private_dir):
-            problems.append(f"{path}: left by an interrupted write; erased")
+        if erase_crash_leftovers:
+            for path in erase_leftovers(self.private_dir):
+                problems.append(f"{path}: left by an interrupted write; erased")
         public = PublicData()
         data = self._read(self.public_dir / "M.cbor", problems)
         if data is not None:
