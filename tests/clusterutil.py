@@ -83,3 +83,21 @@ def running_cluster(root: Path, *, n: int, period: float, round_ms: int) -> Iter
         yield root
     finally:
         pst("cluster", "down", "--dir", str(root))
+
+
+#: Raised, truthfully, when a server of a cluster that has just started comes up too late for the
+#: first refresh (its warm-up): not a sign of an attack, which is what the tests below look for.
+STARTUP_ALERTS = frozenset({"server-missed-refresh"})
+
+
+def alert_kinds(root: Path) -> set[str]:
+    """Every alert kind any server of the cluster at ``root`` raised (both alert files)."""
+    kinds = set()
+    for node in sorted(root.glob("node-*")):
+        for name in ("public", "serve"):
+            path = node / "state" / name / "alerts.jsonl"
+            if path.exists():
+                for line in path.read_text().splitlines():
+                    with contextlib.suppress(ValueError, AttributeError):
+                        kinds.add(str(json.loads(line).get("kind")))
+    return kinds

@@ -203,6 +203,7 @@ def test_a_server_started_from_this_environment_ignores_pythonpath(
 ) -> None:
     """The same for the process pst starts itself (cli._start_node), run here in the test process."""
     from appliance.cli import _start_node
+    from appliance.host.nodes import Node
     from appliance.node.cluster import init_cluster, node_dir
 
     root = tmp_path / "c"
@@ -216,7 +217,7 @@ def test_a_server_started_from_this_environment_ignores_pythonpath(
     monkeypatch.setenv("PYTHONPATH", str(fake.parent))
     monkeypatch.chdir(fake.parent)  # the current directory holds the fake too
     node = node_dir(root, 1)
-    pid = _start_node(node)
+    pid = _start_node(Node.of_directory(node))
     try:
         deadline = time.monotonic() + 30
         while not (node / "api.sock").exists() and time.monotonic() < deadline:

@@ -336,10 +336,10 @@ def last_refresh(row: dict[str, object]) -> int | None:
 
 def test_cluster_refreshes_behind_proxy(tmp_path: Path) -> None:
     """Four `pst serve` processes, every peer connection through the proxy (30 ± 20 ms each way)."""
-    from clusterutil import init_cluster, pst, status
+    from clusterutil import STARTUP_ALERTS, alert_kinds, init_cluster, pst, status
 
     root = tmp_path / "c"
-    init_cluster(root, n=4, period=3, round_ms=100)
+    init_cluster(root, n=4, period=5, round_ms=100)
     links = rewrite_cluster_listens(root)
     with FaultProxy(links, seed=3, identify=cluster_source_identifier(root)) as proxy:
         proxy.set_delay(0.03, 0.02)
@@ -358,7 +358,7 @@ def test_cluster_refreshes_behind_proxy(tmp_path: Path) -> None:
             assert min(map(len, seen.values())) >= 2, (seen, rows)
             assert all(r["running"] and r["status"] == "operational" for r in rows), rows
             assert len({r["keytable_fingerprint"] for r in rows}) == 1
-            assert all(r["alerts"] == 0 for r in rows), rows
+            assert alert_kinds(root) <= STARTUP_ALERTS, alert_kinds(root)
             # Every server dialed every other through the proxy, and the proxy knew who dialed.
             dialed = {link for link, st in proxy.stats().links.items() if st.connections}
             assert dialed >= {(i, j) for i in links for j in links if i != j}, dialed

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clusterutil import free_base_port, pst, status
+from clusterutil import STARTUP_ALERTS, alert_kinds, free_base_port, pst, status
 from netproxy import FaultProxy, cluster_source_identifier, rewrite_cluster_listens
 
 from appliance.api import app_signing_payload
@@ -95,8 +95,14 @@ def test_refresh_every_period_over_a_slow_network(
                 # Three periods watched: every server finished at least three refreshes, all operational.
                 assert len(periods) >= 3, (server, seen)
                 assert all(s == "operational" for s in periods.values()), (server, seen)
-            assert len({r["keytable_fingerprint"] for r in rows}) == 1
-            assert all(r["alerts"] == 0 for r in rows), rows
+            # One KeyTable: a snapshot may fall between two servers' decisions, so look again.
+            for _ in range(20):
+                if len({r["keytable_fingerprint"] for r in rows}) == 1:
+                    break
+                time.sleep(0.25)
+                rows = status(root)
+            assert len({r["keytable_fingerprint"] for r in rows}) == 1, rows
+            assert alert_kinds(root) <= STARTUP_ALERTS, alert_kinds(root)
         finally:
             pst("cluster", "down", "--dir", str(root))
 
