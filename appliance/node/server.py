@@ -237,7 +237,7 @@ class PServer:
 
     def _service_alerts(self, core: ServerCore) -> None:
         """Alerts the services raise between refreshes (a bad signature share, a forged vote)."""
-        for service in (core.signing, core.approvals):
+        for service in (core.signing, *core.key_signing.values(), core.approvals):
             if service is not None and service.alerts:
                 alerts, service.alerts = list(service.alerts), []
                 self._record_alerts(alerts)
@@ -377,13 +377,17 @@ class PServer:
             raise SigningRefused(str(exc)) from None
         return await self.sign_payload(payload, timeout=timeout)
 
-    async def sign_payload(self, message: bytes, *, timeout: float = 10.0) -> bytes:
+    async def sign_payload(self, message: bytes, *, timeout: float = 10.0, secret: str = SCERT) -> bytes:
         """A group-key (Vcert) Ed25519 signature on ``message``, made with t other servers
-        (for payloads this process builds itself: application and distributed payloads)."""
+        (for payloads this process builds itself: application and distributed payloads);
+        with ``secret``, a signature by another Ed25519 secret of C (a log's own key), which
+        signs only what its registered checks accept at every signer."""
         core = self.core
-        if core is None or core.signing is None:
-            raise SigningRefused("this server is not operational: it holds no share of the group key now")
-        service = core.signing
+        service = core.signing_service(secret) if core is not None else None
+        if service is None:
+            raise SigningRefused(
+                f"this server is not operational: it holds no share of the secret {secret!r} now"
+            )
         rid = service.request(message, self.clock())
         await self._wait_for(service, rid, timeout)
         if rid in service.done:
@@ -442,7 +446,9 @@ class PServer:
     def _settle_signatures(self) -> None:
         core = self.core
         for (_sid, rid), (event, service) in self._waiting.items():
-            current = core is not None and service in (core.signing, core.time, core.random)
+            current = core is not None and (
+                service in (core.signing, core.time, core.random) or service in core.key_signing.values()
+            )
             failed = getattr(service, "failed", {})
             if rid in service.done or rid in failed or not current:
                 event.set()
