@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import random
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from appliance.apps.log.checkpoint import Checkpoint, Verifier, open_checkpoint
 from appliance.apps.log.guard import CheckpointGuard, checkpoint_note
-from appliance.apps.log.tiles import MemoryStorage, TileLog
+from appliance.apps.log.tiles import MemoryStorage, PosixStorage, TileLog
 from appliance.crypto import local
 from appliance.crypto.groups import ED25519
 from appliance.crypto.keyshare import KeyShare
@@ -396,3 +397,53 @@ def test_a_refresh_keeps_the_log_key_and_renews_its_shares() -> None:
     message = Checkpoint(ORIGIN, 0, bytes(32)).text().encode()
     signature = local.frost_sign(shares, [2, 4], message, seeded_bytes(b"sig"))
     assert Verifier(ORIGIN, log_key).verifies(message, signature)
+
+
+# Through running PServers (trio, wall clock, in-memory hub) -----------------------------------------
+
+
+async def test_running_pservers_sign_a_checkpoint_with_the_logs_key(tmp_path: Path) -> None:
+    import trio
+    from test_server_inprocess import Hub
+
+    from appliance.host import config as node_config
+    from appliance.node.cluster import init_cluster, node_dir
+    from appliance.node.server import PServer
+
+    root = tmp_path / "cluster"
+    secrets = {SCERT: "ed25519", LOG: "ed25519"}
+    init_cluster(root, n=4, t=1, period_seconds=60, round_ms=30, progress=lambda _: None, secrets=secrets)
+    hub = Hub(4)
+
+    def factory_for(i: int):  # type: ignore[no-untyped-def]
+        async def factory(config, server, nursery, deliver):  # type: ignore[no-untyped-def]
+            return hub.transport(i, deliver)
+
+        return factory
+
+    configs = {i: node_config.load(node_dir(root, i) / "config.toml") for i in range(1, 5)}
+    assert all(cfg.constants.secrets == secrets for cfg in configs.values())
+    servers = {i: PServer(configs[i], factory_for(i)) for i in configs}
+    logs = {}
+    for i, server in servers.items():
+        logs[i] = TileLog.open(PosixStorage(tmp_path / f"log-{i}"), ORIGIN)
+        logs[i].append(entries(5, "forged" if i == 4 else "line"))
+        server.add_payload_check(LOG, CheckpointGuard.open(logs[i], claim_all=True))
+    async with trio.open_nursery() as nursery:
+        for s in servers.values():
+            await nursery.start(s.run)
+        await trio.sleep(0.3)  # nonce batches go out
+        body = logs[1].checkpoint()
+        note = await servers[1].sign_checkpoint(body)
+        core = servers[1].core
+        assert core is not None
+        log_key = core.public.sharings[LOG].public_key
+        assert open_checkpoint(note, ORIGIN, [Verifier(ORIGIN, log_key)]) == body
+        assert (tmp_path / "log-1" / "state" / "signed").read_bytes() == body.text().encode()
+        with pytest.raises(SigningRefused, match="refused by its signers' checks"):
+            await servers[4].sign_checkpoint(logs[4].checkpoint())  # server 4's log is a fork
+        await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    for i in (1, 2, 3):
+        alerts = (configs[i].state_dir / "public" / "alerts.jsonl").read_text()
+        assert '"kind": "checkpoint-refused", "server": 4' in alerts, alerts
