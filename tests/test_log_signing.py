@@ -2,8 +2,8 @@
 
 Servers are ServerCores of one period exchanging messages in process (seeded delays), each with
 its own TileLog in memory and its CheckpointGuard registered on the log's own FROST key (the
-secret ``log`` of C, from the same DKG as the group key). A Byzantine coordinator is a server
-whose log (or guard) says what it wants signed.
+secret ``log`` of C, dealt beside the group key at setup by a DKG of its own). A Byzantine
+coordinator is a server whose log (or check) says what it wants signed.
 """
 
 from __future__ import annotations
