@@ -447,3 +447,28 @@ async def test_running_pservers_sign_a_checkpoint_with_the_logs_key(tmp_path: Pa
     for i in (1, 2, 3):
         alerts = (configs[i].state_dir / "public" / "alerts.jsonl").read_text()
         assert '"kind": "checkpoint-refused", "server": 4' in alerts, alerts
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_server_that_lost_its_shares_gets_its_log_key_share_back(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scenario B with a log key: the others rebuild the victim's shares of both secrets."""
+    c = Constants(
+        n=4,
+        t=1,
+        period_length=scenarios.PERIOD,
+        delta=0.05,
+        genesis=0.5 - scenarios.PERIOD,
+        secrets={SCERT: "ed25519", LOG: "ed25519"},
+    )
+    monkeypatch.setattr(scenarios, "_constants", lambda rng, long_run=False: c)
+    run = scenarios.run("corrupt", seed)
+    scenarios.check(run)
+    (victim,) = run.alertable
+    log_key = next(s.public.sharings[LOG].public_key for i, s in run.servers.items() if i != victim)
+    for i, s in run.servers.items():
+        assert s.private is not None and LOG in s.private.shares, i
+        sharing = s.public.sharings[LOG]
+        assert sharing.public_key == log_key
+        assert ED25519.mul_base(s.private.shares[LOG].value) == sharing.verification_share(ED25519, i)
