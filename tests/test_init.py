@@ -327,3 +327,30 @@ def test_schedule_leaves_room_before_period_one() -> None:
     for n, t in SIZES:
         s = InitSchedule(0.0, 0.1, t)
         assert s.end == 8 * t + 8 and s.duration < _constants(n, t).period_length
+
+
+def test_init_deals_every_secret_of_c_and_the_refresh_keeps_them() -> None:
+    """A log's own key beside the group key: one DKG each at init, both refreshed in period 1."""
+    base = _constants(4, 1)
+    c = Constants(
+        n=4,
+        t=1,
+        period_length=base.period_length,
+        delta=base.delta,
+        genesis=base.genesis,
+        secrets={SCERT: "ed25519", "log": "ed25519"},
+    )
+    run = run_init(c, seed=41)
+    vcert = _check_init(run)
+    keys = {}
+    for i, e in run.engines.items():
+        assert e.outcome is not None and e.outcome.public is not None and e.outcome.private is not None
+        assert e.outcome.qual == {SCERT: frozenset(c.ids), "log": frozenset(c.ids)}
+        sharing = e.outcome.public.sharings["log"]
+        assert ED25519.mul_base(e.outcome.private.shares["log"].value) == sharing.verification_share(
+            ED25519, i
+        )
+        keys[i] = sharing.public_key
+    (log_key,) = set(keys.values())
+    assert log_key != vcert
+    _refresh_once(run, seed=41)

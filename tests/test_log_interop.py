@@ -236,3 +236,43 @@ def test_go_rejects_a_forged_note_and_a_tampered_tile(logcheck: Path, keys: Keys
             file.write_bytes(original)
         assert result.returncode == 1
         assert message in result.stderr
+
+
+def test_go_accepts_a_checkpoint_the_servers_signed_with_the_logs_own_key(
+    logcheck: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four ServerCores, each checking the checkpoint against its own log, sign with the FROST key
+    ``log`` of C; Go opens the note with the log's verifier key and recomputes the tree."""
+    from test_log_signing import ORIGIN as LOG_ORIGIN
+    from test_log_signing import Net, entries
+
+    from appliance.apps.log.checkpoint import Verifier
+    from appliance.protocols import signing
+
+    monkeypatch.setattr(signing, "BATCH", 16)
+    monkeypatch.setattr(signing, "LOW_WATER", 4)
+    net = Net(31)
+    net.run(0.2)
+    net.append(entries(300))
+    body = net.logs[2].checkpoint()
+    signature = net.sign(2, body)
+    assert isinstance(signature, bytes), signature
+    storage = net.storages[2]
+    for path, data in storage.files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(data)
+    vkey = Verifier(LOG_ORIGIN, net.log_key).encode()
+    request = {
+        "vkeys": [vkey],
+        "note": net.note(body, signature).decode(),
+        "tiles_dir": str(tmp_path),
+        "size": body.size,
+        "root": _b64(body.root),
+        "inclusion": [],
+        "consistency": [],
+    }
+    result = _run(logcheck, request)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["signed_by"] == [f"{LOG_ORIGIN}+{Verifier(LOG_ORIGIN, net.log_key).key_id:08x}"]
+    assert report["origin"] == LOG_ORIGIN

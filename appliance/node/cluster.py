@@ -32,7 +32,7 @@ from appliance.boot.manifest import Manifest, installed
 from appliance.boot.rom import SimulatedRom
 from appliance.host.files import atomic_write
 from appliance.node.store import StateDir
-from appliance.protocols.state import ConfigError, Constants
+from appliance.protocols.state import SCERT, ConfigError, Constants
 from appliance.sim.setup import make_network
 
 
@@ -63,6 +63,9 @@ def config_text(root: Path, i: int, c: Constants, base_port: int) -> str:
     d = node_dir(root, i).resolve()
     peers = "\n".join(f'{j} = "127.0.0.1:{base_port + j}"' for j in c.ids)
     http_peers = "\n".join(f'{j} = "{http_url(base_port, j)}"' for j in c.ids if j != i)
+    secrets = ""
+    if c.secrets != {SCERT: "ed25519"}:
+        secrets = "secrets = { " + ", ".join(f'{k} = "{v}"' for k, v in sorted(c.secrets.items())) + " }\n"
     return f"""# PServer {i} of a local cluster (written by pst cluster init)
 [server]
 id = {i}
@@ -81,7 +84,7 @@ period_seconds = {c.period_length:g}
 round_ms = {round(c.delta * 1000)}
 genesis = {c.genesis!r}
 code_digest = "{c.code_digest.hex()}"
-
+{secrets}
 [network.peers]
 {peers}
 
@@ -147,8 +150,10 @@ def init_cluster(
     progress: Callable[[str], None] = print,
     randbytes: Callable[[int], bytes] = os.urandom,
     code: Manifest | None = None,
+    secrets: dict[str, str] | None = None,
 ) -> Constants:
-    """One-process ceremony; ``code`` is the manifest C names (default: this environment's)."""
+    """One-process ceremony; ``code`` is the manifest C names (default: this environment's);
+    ``secrets`` the long-lived secrets of C (default: the group key alone)."""
     check_ports(n, base_port)
     if root.exists() and any(root.iterdir()):
         raise ConfigError(f"{root}: directory exists and is not empty; choose a new one or remove it")
@@ -162,6 +167,7 @@ def init_cluster(
         genesis=genesis,
         peers={i: f"127.0.0.1:{base_port + i}" for i in range(1, n + 1)},
         code_digest=code.digest(),
+        secrets=dict(secrets) if secrets is not None else {SCERT: "ed25519"},
     )
     progress(f"code manifest: {len(code)} files, digest {code.digest().hex()} (in C)")
     progress(f"initialization ceremony for n={n}, t={t}: DKG of (Scert, Vcert), M, KeyTable(0) ...")

@@ -27,6 +27,8 @@ from typing import Any, Protocol
 import trio
 
 from appliance.api._core import app_digest_payload
+from appliance.apps.log.checkpoint import Checkpoint
+from appliance.apps.log.guard import checkpoint_note
 from appliance.boot.backends import open_rom
 from appliance.boot.check import code_mismatches
 from appliance.boot.rom import Rom
@@ -39,7 +41,7 @@ from appliance.protocols._core import Alert, AlertKind
 from appliance.protocols.core import ServerCore
 from appliance.protocols.refresh import Outcome, PublicData, Status, current_table
 from appliance.protocols.services import RandomService, TimeService
-from appliance.protocols.signing import SigningRefused, SigningService
+from appliance.protocols.signing import PayloadCheck, SigningRefused, SigningService
 from appliance.protocols.state import SCERT
 
 log = logging.getLogger("pst.server")
@@ -108,6 +110,8 @@ class PServer:
         self._retire = False
         #: A refresh decided by the previous key-holder child and not yet complete (status.json).
         self._in_progress: dict[str, Any] = {}
+        #: Applications' payload checks by secret id (:meth:`add_payload_check`).
+        self._payload_checks: list[tuple[str, PayloadCheck]] = []
 
     # Startup ------------------------------------------------------------------------------
 
@@ -144,6 +148,8 @@ class PServer:
                 lambda c: [str(m) for m in code_mismatches(c, self.config.state_dir)],
             ),
         )
+        for secret, check in self._payload_checks:
+            core.add_payload_check(secret, check)
         public_dir = self.store.public_dir
         # A code upgrade our operator approved is the one protocol payload we sign on request.
         core.allow_protocol = lambda message: is_upgrade_payload(message) and approved(public_dir, message)
@@ -237,7 +243,7 @@ class PServer:
 
     def _service_alerts(self, core: ServerCore) -> None:
         """Alerts the services raise between refreshes (a bad signature share, a forged vote)."""
-        for service in (core.signing, core.approvals):
+        for service in (core.signing, *core.key_signing.values(), core.approvals):
             if service is not None and service.alerts:
                 alerts, service.alerts = list(service.alerts), []
                 self._record_alerts(alerts)
@@ -377,18 +383,39 @@ class PServer:
             raise SigningRefused(str(exc)) from None
         return await self.sign_payload(payload, timeout=timeout)
 
-    async def sign_payload(self, message: bytes, *, timeout: float = 10.0) -> bytes:
+    async def sign_payload(self, message: bytes, *, timeout: float = 10.0, secret: str = SCERT) -> bytes:
         """A group-key (Vcert) Ed25519 signature on ``message``, made with t other servers
-        (for payloads this process builds itself: application and distributed payloads)."""
+        (for payloads this process builds itself: application and distributed payloads);
+        with ``secret``, a signature by another Ed25519 secret of C (a log's own key), which
+        signs only what its registered checks accept at every signer."""
         core = self.core
-        if core is None or core.signing is None:
-            raise SigningRefused("this server is not operational: it holds no share of the group key now")
-        service = core.signing
+        service = core.signing_service(secret) if core is not None else None
+        if service is None:
+            raise SigningRefused(
+                f"this server is not operational: it holds no share of the secret {secret!r} now"
+            )
         rid = service.request(message, self.clock())
         await self._wait_for(service, rid, timeout)
         if rid in service.done:
             return service.done.pop(rid)
         raise SigningRefused(service.failed.pop(rid, "the signing service was replaced by a refresh; retry"))
+
+    def add_payload_check(self, secret: str, check: PayloadCheck) -> None:
+        """Have every share of ``secret`` this server contributes pass ``check`` first (an
+        application's rule, e.g. the log's checkpoint guard); effective at once and every period."""
+        self._payload_checks.append((secret, check))
+        if self.core is not None:
+            self.core.add_payload_check(secret, check)
+
+    async def sign_checkpoint(self, body: Checkpoint, *, secret: str = "log", timeout: float = 10.0) -> bytes:
+        """The C2SP signed note of the log checkpoint ``body``, signed with the FROST key ``secret``
+        (the log's own): this server and t others each check it against their own log first."""
+        core = self.core
+        sharing = core.public.sharings.get(secret) if core is not None else None
+        if sharing is None:
+            raise SigningRefused(f"the network has no secret {secret!r} (add it to C's secrets at init)")
+        signature = await self.sign_payload(body.text().encode(), timeout=timeout, secret=secret)
+        return checkpoint_note(body, sharing.public_key, signature)
 
     async def sign_upgrade(self, *, timeout: float = 30.0) -> bytes:
         """The network's signature on the upgrade our operator approved: [Scert(U), U].
@@ -442,7 +469,9 @@ class PServer:
     def _settle_signatures(self) -> None:
         core = self.core
         for (_sid, rid), (event, service) in self._waiting.items():
-            current = core is not None and service in (core.signing, core.time, core.random)
+            current = core is not None and (
+                service in (core.signing, core.time, core.random) or service in core.key_signing.values()
+            )
             failed = getattr(service, "failed", {})
             if rid in service.done or rid in failed or not current:
                 event.set()

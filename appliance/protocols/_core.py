@@ -59,6 +59,9 @@ class AlertKind(enum.Enum):
     #: This server's private state could not be read (mode, owner, a directory in its place,
     #: garbage): it starts recovering and gets its shares back from the others next refresh.
     PRIVATE_STATE_UNREADABLE = "private-state-unreadable"
+    #: A server asked us to sign a log checkpoint our own log does not back (a fork, a smaller
+    #: tree than we signed, entries we do not hold, another origin, a malformed body).
+    CHECKPOINT_REFUSED = "checkpoint-refused"
 
 
 @dataclass(frozen=True)

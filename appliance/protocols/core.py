@@ -32,7 +32,7 @@ from appliance.protocols.refresh import (
     Status,
 )
 from appliance.protocols.services import RANDOM, TIME, RandomService, TimeService
-from appliance.protocols.signing import SERVICE, SigningService
+from appliance.protocols.signing import SERVICE, PayloadCheck, SigningService, service_name
 from appliance.protocols.state import SCERT, Constants, KeyTable
 
 #: Early messages kept per peer (for a period we have not started yet).
@@ -83,6 +83,11 @@ class ServerCore:
         #: protocol step relies on a message kept across that boundary.
         self.forget_at_retire = forget_at_retire
         self.signing: SigningService | None = None
+        #: Signing services of the other Ed25519 secrets of C (e.g. a log's own key), by secret id.
+        self.key_signing: dict[str, SigningService] = {}
+        #: Application payload checks per secret id (the node registers them, e.g. the log's
+        #: checkpoint guard). A key other than scert signs only what its checks accept.
+        self.payload_checks: dict[str, list[PayloadCheck]] = {}
         self.time: TimeService | None = None
         self.random: RandomService | None = None
         self.approvals: ApprovalService | None = None
@@ -146,9 +151,7 @@ class ServerCore:
 
     def start_signing(self) -> None:
         """Open the signing service for the data we hold, if it is a valid operational state."""
-        if self.signing is not None:
-            self.signing.wipe()
-            self.signing = None
+        self._stop_signing()
         self.time = None
         self.random = None
         self.approvals = None
@@ -177,8 +180,25 @@ class ServerCore:
             signer=signer,
             rand=self.rand,
             allow_protocol=self.allow_protocol,
+            checks=self.payload_checks.get(SCERT, ()),
         )
         self.signing.start()
+        for sid in sorted(self.clock.secrets):
+            other = self._key_share(sid)
+            if sid == SCERT or other is None:
+                continue
+            self.key_signing[sid] = SigningService(
+                me=self.me,
+                t=self.clock.t,
+                table=table,
+                key=other,
+                signer=signer,
+                rand=self.rand,
+                service=service_name(sid),
+                checks=self.payload_checks.get(sid, ()),
+                only_checked=True,
+            )
+            self.key_signing[sid].start()
         self.approvals = ApprovalService(
             me=self.me,
             n=self.clock.n,
@@ -188,6 +208,34 @@ class ServerCore:
             forward=self.signing.receive,
         )
 
+    def _key_share(self, sid: str) -> KeyShare[bytes] | None:
+        """Our valid share of Ed25519 secret ``sid`` for the current period, if we hold one."""
+        if self.clock.secrets.get(sid) != "ed25519" or self.private is None:
+            return None
+        sharing, share = self.public.sharings.get(sid), self.private.shares.get(sid)
+        if sharing is None or share is None or share.wiped:
+            return None
+        key = KeyShare(self.me, SecretScalar(share.value, ED25519.order), sharing)
+        return key if key.check(ED25519) else None
+
+    def _stop_signing(self) -> None:
+        for service in (self.signing, *self.key_signing.values()):
+            if service is not None:
+                service.wipe()
+        self.signing = None
+        self.key_signing = {}
+
+    def signing_service(self, secret: str = SCERT) -> SigningService | None:
+        """The signing service of ``secret`` this period (None when we cannot sign with it now)."""
+        return self.signing if secret == SCERT else self.key_signing.get(secret)
+
+    def add_payload_check(self, secret: str, check: PayloadCheck) -> None:
+        """Register an application's check on what ``secret`` signs (takes effect at once)."""
+        self.payload_checks.setdefault(secret, []).append(check)
+        service = self.signing_service(secret)
+        if service is not None and check not in service.checks:
+            service.checks.append(check)
+
     _late_out: list[Outgoing]
 
     def tick(self, now: float) -> list[Outgoing]:
@@ -196,6 +244,8 @@ class ServerCore:
         self._late_out = []
         if self.signing is not None:
             out += self.signing.tick(now)
+        for service in self.key_signing.values():
+            out += service.tick(now)
         if self.time is not None:
             out += self.time.tick(now)
         if self.random is not None:
@@ -248,7 +298,7 @@ class ServerCore:
             self.engine.give_held(engine.take_held(), now)
 
     def next_wakeup(self, now: float) -> float | None:
-        if self.signing is not None and self.signing.pending:
+        if any(s.pending for s in (self.signing, *self.key_signing.values()) if s is not None):
             return now + 0.01
         if self.time is not None and self.time.pending:
             return now + 0.05
@@ -273,7 +323,7 @@ class ServerCore:
                 self.alert_log.append(a)
         self.rejected += [str(r) for r in self.engine.rejected]
         self.engine.rejected.clear()
-        for service in (self.signing, self.time, self.random, self.approvals):
+        for service in (self.signing, *self.key_signing.values(), self.time, self.random, self.approvals):
             if service is not None:
                 self.rejected += [str(r) for r in service.rejected]
                 service.rejected.clear()
@@ -286,8 +336,7 @@ class ServerCore:
         if outcome.status == Status.OPERATIONAL and self.signing_enabled and self.public.complete:
             self.start_signing()
         elif self.signing is not None:
-            self.signing.wipe()
-            self.signing = None
+            self._stop_signing()
             self.approvals = None
 
     def receive(self, sender: int, data: bytes, now: float) -> None:
@@ -306,6 +355,10 @@ class ServerCore:
                 self.approvals.screen(sender, obj, now)  # distributed payloads need a majority
             elif svc == SERVICE and self.signing is not None:
                 self.signing.receive(sender, obj, now)
+            elif isinstance(svc, str) and svc.startswith(SERVICE + "/"):
+                keyed = self.key_signing.get(svc[len(SERVICE) + 1 :])
+                if keyed is not None:
+                    keyed.receive(sender, obj, now)
             elif svc == APPROVALS and self.approvals is not None:
                 self.approvals.receive(sender, obj, now)
             elif svc == TIME and self.time is not None:

@@ -21,6 +21,23 @@ this appliance (a canonical CBOR map carrying our signing domain): those are sig
 only by the protocols themselves (KeyTable, M), never on request. Requests and shares
 travel in envelopes signed with the period keys of the KeyTable.
 
+Payload checks. A threshold signature means something only if each signer checked the
+payload against its own state. An application registers a :class:`PayloadCheck` for the
+payloads it owns (the log: its checkpoints). A payload is *claimed* by a check from its
+content, never from a label the requester chooses, so a coordinator cannot slip a
+checkpoint past the check by calling it something else. Before a server contributes a
+share to a claimed payload, as coordinator or as signer, it runs the check; the check may
+refuse with a reason, and must make durable whatever it needs to remember *before* it
+accepts (the log's guard records the last checkpoint it signed). A signer that refuses
+sends the coordinator a ``refuse`` (so that it reports the reason instead of waiting) and
+raises the check's alert naming the coordinator. The coordinator then tries other
+signers; when fewer than t are left the request fails with every signer's reason.
+
+Several keys. The group key (``scert``) has the service ``sign``. Every other Ed25519
+secret of C (a log's own key, e.g. ``log``) gets a service of its own, ``sign/<id>``, with
+its own nonces; it signs *only* what one of its checks accepts (``only_checked``), so the
+log's key can never be made to sign anything but a checkpoint its signers checked.
+
 The service belongs to one period: at each refresh the node replaces it with a new one
 holding the new share; requests in flight across the switch fail and are retried.
 """
@@ -28,9 +45,9 @@ holding the new share; requests in flight across the switch fail and are retried
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from appliance.crypto import encoding, frost
 from appliance.crypto.errors import CheatingError, CryptoError, DecodeError
@@ -38,7 +55,7 @@ from appliance.crypto.groups import ED25519
 from appliance.crypto.keyshare import KeyShare
 from appliance.protocols._core import Alert, AlertKind, Outgoing, RemoteProtocolError, Signer
 from appliance.protocols.services import open_envelope, seal
-from appliance.protocols.state import KeyTable
+from appliance.protocols.state import SCERT, KeyTable
 
 SERVICE = "sign"
 BATCH = 128
@@ -46,6 +63,13 @@ LOW_WATER = 48
 REQUEST_TIMEOUT = 2.0
 MAX_MESSAGE = 64 * 1024
 MAX_ATTEMPTS = 4
+#: Longest refusal reason a signer sends (and an alert quotes).
+MAX_REASON = 400
+
+
+def service_name(secret: str) -> str:
+    """The signing service of a long-lived secret: ``sign`` for the group key, ``sign/<id>`` else."""
+    return SERVICE if secret == SCERT else f"{SERVICE}/{secret}"
 
 
 class SigningRefused(Exception):
@@ -61,6 +85,39 @@ def is_protocol_payload(message: bytes) -> bool:
     return isinstance(obj, dict) and obj.get("dom") == encoding.SIGNING_DOMAIN
 
 
+class PayloadCheck(Protocol):
+    """An application's rule for the payloads it owns: may this server contribute its share?
+
+    ``claims`` decides from the message's content alone whether it is one of the
+    application's payloads. ``check`` returns None to sign (having made durable whatever
+    it must remember first) or the reason it refuses; it should not raise (an exception
+    is treated as a refusal).
+    """
+
+    @property
+    def name(self) -> str:
+        """What the payloads are, for reasons and alerts (e.g. "checkpoint of log.example/pst")."""
+        ...
+
+    @property
+    def alert(self) -> AlertKind:
+        """The alert a refusal raises, naming the server that asked."""
+        ...
+
+    def claims(self, message: bytes) -> bool: ...
+
+    def check(self, message: bytes) -> str | None: ...
+
+
+def run_check(check: PayloadCheck, message: bytes) -> str | None:
+    """``check.check(message)``, with an exception turned into a refusal (never a share)."""
+    try:
+        reason = check.check(message)
+    except Exception as exc:  # a failed check must refuse, whatever went wrong
+        return f"the check failed: {type(exc).__name__}: {exc}"[:MAX_REASON]
+    return None if reason is None else reason[:MAX_REASON]
+
+
 @dataclass
 class _Request:
     rid: int
@@ -73,6 +130,10 @@ class _Request:
     deadline: float = 0.0
     #: Signers that declined this message (an upgrade their operator did not approve).
     declined: set[int] = field(default_factory=set)
+    #: Signers whose payload check refused this message, with their reasons.
+    refused: dict[int, str] = field(default_factory=dict)
+    #: Our own shares made so far: a retry checks the payload again (our state may have moved).
+    own_shares: int = 0
 
 
 class SigningService:
@@ -88,8 +149,17 @@ class SigningService:
         signer: Signer,
         rand: Callable[[int], bytes],
         allow_protocol: Callable[[bytes], bool] = lambda _message: False,
+        service: str = SERVICE,
+        checks: Sequence[PayloadCheck] = (),
+        only_checked: bool = False,
     ) -> None:
         self.me, self.t, self.period = me, t, table.period
+        #: The envelope name of this service (one per key: ``sign``, ``sign/log``, ...).
+        self.service = service
+        #: Application checks; the first that claims a message decides whether we sign it.
+        self.checks: list[PayloadCheck] = list(checks)
+        #: Sign only what a check accepts (a key of an application, never the group key).
+        self.only_checked = only_checked
         #: The one exception to "never sign a protocol payload on request": the node's policy
         #: (a code upgrade this server's operator approved, appliance.boot.upgrade).
         self.allow_protocol = allow_protocol
@@ -120,7 +190,7 @@ class SigningService:
     # Envelopes -------------------------------------------------------------------------
 
     def _send(self, to: int, kind: str, body: Any) -> None:
-        self._out.append(Outgoing(to, seal(SERVICE, kind, self.period, self.me, body, self.signer)))
+        self._out.append(Outgoing(to, seal(self.service, kind, self.period, self.me, body, self.signer)))
 
     def drain(self) -> list[Outgoing]:
         out, self._out = self._out, []
@@ -158,6 +228,14 @@ class SigningService:
             raise SigningRefused(f"message of {len(message)} bytes is larger than {MAX_MESSAGE}")
         if is_protocol_payload(message) and not self.allow_protocol(message):
             raise SigningRefused("refusing to sign a protocol payload on request")
+        check = self.check_for(message)
+        if check is not None:
+            # We contribute a share too: our own state must accept it first.
+            reason = run_check(check, message)
+            if reason is not None:
+                raise SigningRefused(f"this server refuses the {check.name}: {reason}")
+        elif self.only_checked:
+            raise SigningRefused(self._unclaimed())
         rid = self._next_rid
         self._next_rid += 1
         self._requests[rid] = _Request(rid, message, now)
@@ -169,15 +247,18 @@ class SigningService:
         if req.attempt > MAX_ATTEMPTS:
             self._fail(req, "no set of t+1 signers answered correctly")
             return
-        usable = [
-            i
-            for i in self.peers
-            if self._stock[i] and self._avoid.get(i, 0.0) <= now and i not in req.declined
-        ]
+        out = req.declined | set(req.refused)
+        usable = [i for i in self.peers if self._stock[i] and self._avoid.get(i, 0.0) <= now and i not in out]
         usable.sort(key=lambda i: (-len(self._stock[i]), i))
         self._replenish(now)
-        if len([i for i in self.peers if i not in req.declined]) < self.t:
-            self._fail(req, f"declined by servers {sorted(req.declined)}: their operators did not approve it")
+        if len([i for i in self.peers if i not in out]) < self.t:
+            if req.refused:
+                reasons = "; ".join(f"server {i}: {why}" for i, why in sorted(req.refused.items()))
+                self._fail(req, f"refused by its signers' checks ({reasons})")
+            else:
+                self._fail(
+                    req, f"declined by servers {sorted(req.declined)}: their operators did not approve it"
+                )
             return
         if len(usable) < self.t:
             if now - req.started < REQUEST_TIMEOUT:
@@ -186,6 +267,12 @@ class SigningService:
                 return
             self._fail(req, f"only {len(usable)} other signers have nonces for us, need {self.t}")
             return
+        check = self.check_for(req.message)
+        if check is not None and req.own_shares:
+            reason = run_check(check, req.message)
+            if reason is not None:
+                self._fail(req, f"this server now refuses the {check.name}: {reason}")
+                return
         chosen = sorted(usable[: self.t])
         own = self._own_nonces()
         req.signers = tuple(sorted([self.me, *chosen]))
@@ -213,6 +300,7 @@ class SigningService:
             self._attempt(req, now)
             return
         req.shares[self.me] = share
+        req.own_shares += 1
 
     def _replenish(self, now: float) -> None:
         """Ask signers whose nonces for us run low for a new batch (at most every 0.2 s each)."""
@@ -284,12 +372,56 @@ class SigningService:
             )
         # Our own entry is the commitment we made (validated by construction); the others are
         # checked here. A bad one raises, naming the coordinator, before anything is signed.
-        commitment_list = [
-            nonces.commitment if i == self.me else frost.SigningCommitment.from_bytes(raw[i])
-            for i in sorted(raw)
-        ]
+        try:
+            commitment_list = [
+                nonces.commitment if i == self.me else frost.SigningCommitment.from_bytes(raw[i])
+                for i in sorted(raw)
+            ]
+        except BaseException:
+            nonces.wipe()
+            raise
+        # Last, the application's check: it may record what we sign, so it runs only once
+        # nothing but the share itself is left to do.
+        refusal = self._refusal(sender, message)
+        if refusal is not None:
+            nonces.wipe()
+            self._send(sender, "refuse", {"rid": f["rid"], "attempt": f["attempt"], "reason": refusal})
+            return
         share = frost.sign(self.package, nonces, message, commitment_list)
         self._send(sender, "share", {"rid": f["rid"], "attempt": f["attempt"], "share": share.to_bytes()})
+
+    def check_for(self, message: bytes) -> PayloadCheck | None:
+        """The check that claims ``message`` (None: no application owns it)."""
+        for check in self.checks:
+            try:
+                if check.claims(message):
+                    return check
+            except Exception:  # a claim that cannot be decided is a claim: its check will refuse
+                return check
+        return None
+
+    def _unclaimed(self) -> str:
+        if not self.checks:
+            return f"{self.service}: no application on this server signs with this key"
+        names = ", ".join(sorted({c.name for c in self.checks}))
+        return f"{self.service}: this key signs only what its checks accept ({names}); this is none of them"
+
+    def _refusal(self, sender: int, message: bytes) -> str | None:
+        """None to sign; else why not, with an alert naming ``sender`` when it asked for a bad payload."""
+        check = self.check_for(message)
+        if check is None:
+            if not self.only_checked:
+                return None
+            unclaimed = self._unclaimed()
+            if self.checks:  # with no application here there is nothing to hold against it
+                detail = f"asked us to sign with {self.service} a message not ours to sign: {unclaimed}"
+                self.alerts.append(Alert(AlertKind.BAD_MESSAGE, sender, self.period, detail))
+            return unclaimed
+        reason = run_check(check, message)
+        if reason is not None:
+            detail = f"asked us to sign a {check.name} that we refuse: {reason}"
+            self.alerts.append(Alert(check.alert, sender, self.period, detail))
+        return reason
 
     # Driving -----------------------------------------------------------------------------------------
 
@@ -303,7 +435,7 @@ class SigningService:
             self.rejected.append(RemoteProtocolError(sender, f"signing service: {type(exc).__name__}: {exc}"))
 
     def _receive(self, sender: int, obj: dict[str, Any], now: float) -> None:
-        kind, body = open_envelope(SERVICE, obj, sender, self.table)
+        kind, body = open_envelope(self.service, obj, sender, self.table)
         if kind == "nonces":
             if not isinstance(body, list) or len(body) > BATCH or not all(isinstance(x, bytes) for x in body):
                 raise RemoteProtocolError(sender, "nonce batch: expected a list of commitments")
@@ -337,6 +469,17 @@ class SigningService:
                 if req.attempt == f["attempt"] and sender in req.signers:
                     req.attempt -= 1  # a decline is an answer, not a failed attempt
                     self._attempt(req, now)
+        elif kind == "refuse":
+            f = encoding.expect_map(body, {"rid": int, "attempt": int, "reason": str}, "refusal")
+            req = self._requests.get(f["rid"])
+            if req is None or not 0 < f["attempt"] <= req.attempt or sender in req.refused:
+                return
+            if self.check_for(req.message) is None and not self.only_checked:
+                raise RemoteProtocolError(sender, "refused to sign a message no application check covers")
+            req.refused[sender] = f["reason"][:MAX_REASON]
+            if req.attempt == f["attempt"] and sender in req.signers:
+                req.attempt -= 1  # a refusal is an answer, not a failed attempt
+                self._attempt(req, now)
         else:
             raise RemoteProtocolError(sender, f"unknown signing message kind {kind!r}")
 

@@ -119,11 +119,11 @@ def _watch(run: Run, i: int, server: SimServer) -> None:
 #: for each run (runs wipe and replace what they hold); everything else follows the run's
 #: own seed. This keeps hundreds of seeds per family within the test budget.
 KEY_SETS = 32
-_SETUP_CACHE: dict[tuple[int, int, int], dict[int, ServerSetup]] = {}
+_SETUP_CACHE: dict[tuple[int, int, int, tuple[tuple[str, str], ...]], dict[int, ServerSetup]] = {}
 
 
 def _setups(constants: Constants, seed: int) -> dict[int, ServerSetup]:
-    key = (constants.n, constants.t, seed % KEY_SETS)
+    key = (constants.n, constants.t, seed % KEY_SETS, tuple(sorted(constants.secrets.items())))
     if key not in _SETUP_CACHE:
         _SETUP_CACHE[key] = make_network(constants, seed % KEY_SETS)
     out = {}
@@ -133,7 +133,7 @@ def _setups(constants: Constants, seed: int) -> dict[int, ServerSetup]:
             s.private.period,
             s.private.signing_seed,
             s.private.encryption_seed,
-            {sid: SecretScalar(v.value, ED25519.order) for sid, v in s.private.shares.items()},
+            {sid: SecretScalar(v.value, constants.group(sid).order) for sid, v in s.private.shares.items()},
         )
         public = PublicData(s.public.m, s.public.key_table, dict(s.public.sharings))
         out[i] = ServerSetup(s.me, s.vstart, public, private)

@@ -67,6 +67,12 @@ def make_network(
         else system_scalar_source(ED25519.order)
     )
     keys: dict[int, KeyShare[bytes]] = local.run_dkg(ED25519, n, t, rand, context=b"pst/sim/dkg").keys
+    # Every other long-lived secret of C (a log's own key, a DSS key) from a DKG of its own.
+    others: dict[str, dict[int, KeyShare[Any]]] = {
+        sid: local.run_dkg(constants.group(sid), n, t, rand, context=b"pst/sim/dkg/" + sid.encode()).keys
+        for sid in sorted(constants.secrets)
+        if sid != SCERT
+    }
     vcert = keys[1].public_key
     sstart = {i: SigningKey(randbytes(32)) for i in constants.ids}
     m = {i: bytes(sstart[i].sign(m_i_payload(vcert, constants, i)).signature) for i in constants.ids}
@@ -82,11 +88,14 @@ def make_network(
             bytes(sk.verify_key), e, bytes(sk.sign(encryption_key_payload(i, 0, e)).signature)
         )
     sharing = keys[1].public
-    table = KeyTable(0, entries, {SCERT: sharing_digest(ED25519, sharing)}, frozenset())
+    sharings: dict[str, Any] = {SCERT: sharing, **{sid: k[1].public for sid, k in others.items()}}
+    digests = {sid: sharing_digest(constants.group(sid), s) for sid, s in sharings.items()}
+    table = KeyTable(0, entries, digests, frozenset())
     table = table.signed(local.frost_sign(keys, signers, table.payload(), randbytes))
     out = {}
     for i in constants.ids:
-        public = PublicData(info, table, {SCERT: sharing})
-        private = PrivateData(0, seeds[i][0], seeds[i][1], {SCERT: keys[i].share})
+        public = PublicData(info, table, dict(sharings))
+        shares = {SCERT: keys[i].share, **{sid: k[i].share for sid, k in others.items()}}
+        private = PrivateData(0, seeds[i][0], seeds[i][1], shares)
         out[i] = ServerSetup(i, bytes(sstart[i].verify_key), public, private)
     return out

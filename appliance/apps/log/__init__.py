@@ -10,6 +10,9 @@ The foundations, all pure and sans-IO (no trio, no network):
 * :mod:`appliance.apps.log.checkpoint`: c2sp.org/tlog-checkpoint bodies and c2sp.org/signed-note
   notes, signed with any ``sign(bytes) -> bytes`` (a plain Ed25519 key or the FROST group key)
   and parsed strictly.
+* :mod:`appliance.apps.log.guard`: the checkpoint guard every signer runs against its own log
+  before it contributes its share of the log key's signature (the signing service's payload
+  check for checkpoints), and the signed note of a threshold signature.
 * :mod:`appliance.apps.log.errors`: what goes wrong, and whose fault it is.
 
 Syslog ingest, the sans-IO parts also pure:
@@ -26,8 +29,8 @@ and the trio glue, imported on its own (it is the only module here that does I/O
 :mod:`appliance.apps.log.ingest`, the UDP, TCP/TLS and RELP servers, the batcher and the
 ``Sink`` they append to.
 
-Formats and status: docs/log.md. Wiring the ingest into ``pst serve``, replication between
-the servers, threshold-signed checkpoints and the HTTP read side are not built yet.
+Formats and status: docs/log.md. Wiring the ingest and the checkpoints into ``pst serve``,
+replication between the servers and the HTTP read side are not built yet.
 """
 
 from appliance.apps.log.checkpoint import (
@@ -51,6 +54,7 @@ from appliance.apps.log.errors import (
     SignerError,
 )
 from appliance.apps.log.framing import Frame, StreamDeframer, datagram_frame
+from appliance.apps.log.guard import CheckpointGuard, checkpoint_note
 from appliance.apps.log.merkle import (
     EMPTY_ROOT,
     Frontier,
@@ -91,6 +95,7 @@ __all__ = [
     "MAX_MESSAGE_SIZE",
     "Bundle",
     "Checkpoint",
+    "CheckpointGuard",
     "CorruptStoreError",
     "Entry",
     "EntryTooLargeError",
@@ -118,6 +123,7 @@ __all__ = [
     "TileLog",
     "TileReader",
     "Verifier",
+    "checkpoint_note",
     "consistency_proof",
     "datagram_frame",
     "inclusion_proof",
