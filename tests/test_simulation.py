@@ -203,6 +203,16 @@ def test_servers_restarted_after_a_refresh_began_do_not_stall_the_network() -> N
         assert all(s.outcomes[6].status == Status.OPERATIONAL for s in run.servers.values())
 
 
+def test_a_server_cut_off_between_its_decision_and_the_signature_rejoins() -> None:
+    """Issue 8 (found by test_wan): back three periods later, it waited forever for a KeyTable
+    signature its peers no longer send. A signed KeyTable of a later period (their PushM) shows
+    that its new shares are superseded: it erases them and recovers."""
+    for seed in range(4):
+        run = scenarios.run("cut-after-decision", seed)  # it completes period 6 in time
+        victim = next(iter(run.alertable))
+        assert run.servers[victim].outcomes[7].status == Status.OPERATIONAL
+
+
 def test_a_signed_keytable_of_this_period_does_not_cost_a_slow_server_its_shares() -> None:
     """A server that can check this period's transcript decides from it and keeps its new shares;
     the signed KeyTable alone (a late answer that overtook the transcript) must not make it give

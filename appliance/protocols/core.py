@@ -423,6 +423,8 @@ class ServerCore:
                     signed = None
                 if signed is not None and signed.period == engine.period:
                     engine.receive(sender, "kt-sig", signed.signature, len(data), now)
+                elif signed is not None and signed.period > engine.period and engine.superseded(table):
+                    self._persist_if_changed(now)
         if period >= self.next_period and period <= self.period_at(now) + 1:
             held = self._early.setdefault(sender, [])
             if len(held) < MAX_EARLY and sum(x[3] for x in held) + len(data) <= MAX_EARLY_BYTES:
