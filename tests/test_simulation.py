@@ -189,6 +189,30 @@ def test_a_server_back_with_a_keytable_two_periods_old_finishes_that_period() ->
         assert run.servers[victim].outcomes[4].status == Status.OPERATIONAL
 
 
+def test_servers_restarted_after_a_refresh_began_do_not_stall_the_network() -> None:
+    """Issue 8 (found by test_chaos): two of four servers down when period 2's refresh began
+    restart in period 3 and start the clock's period, while the two that stayed up wait on
+    period 2. Each pair held the other's messages as early and no refresh ever decided again.
+    Now a server whose refresh is undecided joins the later period t+1 peers run."""
+    for seed in range(4):
+        run = scenarios.run("late-restarts", seed)  # every server completes period 5 in time
+        stayed = [i for i in run.constants.ids if i not in run.alertable]
+        assert all(run.servers[i].moved_up == [(2, 3)] for i in stayed), [
+            run.servers[i].moved_up for i in stayed
+        ]
+        assert all(s.outcomes[6].status == Status.OPERATIONAL for s in run.servers.values())
+
+
+def test_a_server_cut_off_between_its_decision_and_the_signature_rejoins() -> None:
+    """Issue 8 (found by test_wan): back three periods later, it waited forever for a KeyTable
+    signature its peers no longer send. A signed KeyTable of a later period (their PushM) shows
+    that its new shares are superseded: it erases them and recovers."""
+    for seed in range(4):
+        run = scenarios.run("cut-after-decision", seed)  # it completes period 6 in time
+        victim = next(iter(run.alertable))
+        assert run.servers[victim].outcomes[7].status == Status.OPERATIONAL
+
+
 def test_a_signed_keytable_of_this_period_does_not_cost_a_slow_server_its_shares() -> None:
     """A server that can check this period's transcript decides from it and keeps its new shares;
     the signed KeyTable alone (a late answer that overtook the transcript) must not make it give

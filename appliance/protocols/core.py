@@ -111,6 +111,8 @@ class ServerCore:
         self.rejected: list[str] = []
         self._early: dict[int, list[tuple[int, str, Any, int, float]]] = {}
         self._late_answered: dict[int, float] = {}
+        #: (left, joined): undecided refreshes we left for a later one t+1 peers ran.
+        self.moved_up: list[tuple[int, int]] = []
         self._late_out = []
 
     def request_refresh(self, period: int, start: float) -> None:
@@ -267,12 +269,45 @@ class ServerCore:
                     self._start(period, now)
         elif engine.decided and self.period_at(now) > engine.period:
             engine.give_up(now)
+        elif not engine.decided:
+            ahead = self._period_ahead(engine.period)
+            if ahead is not None:
+                self._move_up(engine, ahead, now)
         engine = self.engine
         if engine is None:
             return []
         out = engine.tick(now)
         self._persist_if_changed(now)
         return out
+
+    def _period_ahead(self, period: int) -> int | None:
+        """The latest period after ``period`` that at least t+1 peers already run, if any.
+
+        t+1 senders of messages for a later period include an honest server that started it:
+        the network has moved on (a server restarted after a refresh began starts the clock's
+        period). Waiting on our undecided period then never ends: the peers hold our messages
+        as early, and we hold theirs.
+        """
+        latest = sorted(
+            (max(p for p, *_ in held) for held in self._early.values() if any(p > period for p, *_ in held)),
+            reverse=True,
+        )
+        t = self.clock.t
+        return latest[t] if len(latest) > t else None
+
+    def _move_up(self, engine: PeriodRefresh, period: int, now: float) -> None:
+        """Leave our undecided ``engine`` for ``period``, which t+1 peers run (see _period_ahead).
+
+        As a server restarted in ``period`` would: the undecided refresh changed no share (a
+        refresh's old shares go only at its decision), and if the network decided it after all,
+        the later refresh finds the newer KeyTable and recovers us, as for a server that was
+        down. Its pending records (period keys, announcement, votes) are erased: we will never
+        speak in that period again.
+        """
+        self.durable.forget(engine.period)
+        self.engine = None
+        self.moved_up.append((engine.period, period))
+        self._start(period, now)
 
     def _persist_if_changed(self, now: float) -> None:
         engine = self.engine
@@ -388,6 +423,8 @@ class ServerCore:
                     signed = None
                 if signed is not None and signed.period == engine.period:
                     engine.receive(sender, "kt-sig", signed.signature, len(data), now)
+                elif signed is not None and signed.period > engine.period and engine.superseded(table):
+                    self._persist_if_changed(now)
         if period >= self.next_period and period <= self.period_at(now) + 1:
             held = self._early.setdefault(sender, [])
             if len(held) < MAX_EARLY and sum(x[3] for x in held) + len(data) <= MAX_EARLY_BYTES:

@@ -1715,6 +1715,31 @@ class PeriodRefresh:
         self._set_outcome(outcome)
         return True
 
+    def superseded(self, table_bytes: bytes) -> bool:
+        """Decided, not complete, holding new shares: a peer shows a signed KeyTable of a *later*
+        period. The network decided that period, so a later sharing exists with t+1 honest
+        holders and ours are no longer needed (a server cut off between its decision and the
+        KeyTable's signature otherwise waited for that signature forever). We erase them and
+        recover, as :meth:`overtaken` does for an undecided refresh."""
+        if not self.decided or self.complete or self.m is None:
+            return False
+        try:
+            table = KeyTable.decode(table_bytes)
+        except DecodeError:
+            return False
+        if table.period <= self.period or not table.verify(self.m.vcert):
+            return False
+        for k in self.new_keys.values():
+            k.wipe()
+        self.new_keys = {}
+        self.status = Status.RECOVERING
+        self.complete = True
+        public = PublicData(self.m, table, {}, None)
+        failure = f"the network decided period {table.period} while we finished {self.period}: recovering"
+        outcome = Outcome(Status.RECOVERING, public, None, list(self.alerts), failure, superseded=True)
+        self._set_outcome(outcome)
+        return True
+
     def give_up(self, now: float) -> None:
         """The next period is due and this one is decided but not complete.
 

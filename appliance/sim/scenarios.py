@@ -479,6 +479,62 @@ def _restarted(saved: SimServer) -> SimServer:
     return restarted
 
 
+def late_restarts(seed: int) -> Run:
+    """Issue 8, a known liveness bug (test_simulation marks it xfail): two of four servers are
+    down when period 2's refresh begins, so it cannot decide (beyond the fault budget, rightly).
+    They restart a period later and start the refresh of the clock's period, 3, while the two
+    that stayed up wait on period 2: each pair holds the other's messages as early and neither
+    refresh decides, although all four are up again (within the budget). Expected: the network
+    refreshes again within two periods of the restarts."""
+    rng = random.Random(seed)
+    c = Constants(n=4, t=1, period_length=PERIOD, delta=0.05, genesis=0.5 - PERIOD)
+    run = build("late-restarts", seed, c, periods=6)
+    victims = rng.sample(list(c.ids), 2)
+    run.sim.run_until(c.period_start(2) - rng.uniform(0.05, 0.3))
+    saved = {v: run.servers[v] for v in victims}
+    for v in victims:
+        run.sim.crash(v)
+    run.sim.run_until(c.period_start(3) + rng.uniform(0.05, 0.5))
+    for v in victims:
+        restarted = _restarted(saved[v])
+        run.sim.restart(v, restarted)
+        run.servers[v] = restarted
+        run.alertable.add(v)
+    for i in c.ids:
+        _require_decided_in_time(run, i, 5)
+    run_periods(run)
+    return run
+
+
+def cut_after_decision(seed: int) -> Run:
+    """Issue 8 (found by test_wan): a server is cut off right after it decided period 1 and
+    persisted its new shares, before the KeyTable was signed, and comes back three periods
+    later. It waited for period 1's KeyTable signature, which its peers, three refreshes on,
+    no longer send. Now a signed KeyTable of a later period (in their PushM) shows it that its
+    shares are superseded: it erases them, recovers, and is operational again."""
+    rng = random.Random(seed)
+    c = Constants(n=4, t=1, period_length=PERIOD, delta=0.05, genesis=0.5 - PERIOD)
+    run = build("cut-after-decision", seed, c, periods=7)
+    victim = rng.choice(list(c.ids))
+    server = run.servers[victim]
+
+    def decided_not_signed() -> bool:
+        return server.public.decided_period == 1 and not server.public.complete
+
+    run.sim.run_until(c.period_start(2), stop=decided_not_signed)
+    if not decided_not_signed():
+        raise run.fail(f"server {victim} never was between its decision and the signature")
+    run.sim.crash(victim)
+    run.sim.run_until(c.period_start(4) + rng.uniform(0.05, 0.5))
+    restarted = _restarted(server)
+    run.sim.restart(victim, restarted)
+    run.servers[victim] = restarted
+    run.alertable.add(victim)
+    _require_decided_in_time(run, victim, 6)
+    run_periods(run)
+    return run
+
+
 def deaf(seed: int) -> Run:
     """A server hears nothing (or says nothing) for a while in one period (a connection churning
     through a rekey):
@@ -614,6 +670,8 @@ FAMILIES: dict[str, Callable[[int], Run]] = {
     "replay": replay,
     "deaf": deaf,
     "stale": stale,
+    "late-restarts": late_restarts,
+    "cut-after-decision": cut_after_decision,
     **{kind: _single(kind) for kind in BYZANTINE},
 }
 
