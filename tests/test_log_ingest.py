@@ -111,7 +111,7 @@ async def test_a_tcp_stream_is_stored_entry_for_entry(tmp_path: Path) -> None:
 
 
 async def test_tls_and_relp_over_tls(tmp_path: Path) -> None:
-    cert, key = self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, stem="syslog")
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert, key)
     client_context = ssl.create_default_context(cafile=str(cert))

@@ -8,8 +8,6 @@ tests/test_web_browser.py.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import itertools
 import json
 import math
@@ -23,13 +21,10 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
+from tlsutil import self_signed
 
 from appliance.api import ApiCore, BackendUnavailable, PeerCred, PServerBackend
 from appliance.crypto import encoding
@@ -734,37 +729,6 @@ genesis = 0.0
     return path
 
 
-def self_signed(tmp_path: Path, name: str = "localhost") -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "http.crt", tmp_path / "http.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
-
-
 def test_config_http_defaults_and_values(tmp_path: Path) -> None:
     default = node_config.load(write_config(tmp_path, "")).http
     assert (
@@ -772,7 +736,7 @@ def test_config_http_defaults_and_values(tmp_path: Path) -> None:
         and default.listen == ("127.0.0.1", 7180)
         and default.url == "http://127.0.0.1:7180"
     )
-    cert, key = self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, stem="http")
     http = node_config.load(
         write_config(
             tmp_path,
@@ -825,7 +789,7 @@ def test_config_http_errors_name_the_file_and_the_key(tmp_path: Path, section: s
 
 
 def test_config_http_tls_pairs_and_bad_files(tmp_path: Path) -> None:
-    cert, key = self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, stem="http")
     with pytest.raises(ConfigError, match=r"http\.cert and http\.key go together"):
         node_config.load(write_config(tmp_path, f'[http]\ncert = "{cert}"'))
     with pytest.raises(ConfigError, match=r"http\.client_ca needs TLS"):
@@ -856,7 +820,7 @@ def free_port() -> int:
 
 
 async def test_hypercorn_on_trio_serves_over_tls_and_peers_fetch_with_the_ca(tmp_path: Path) -> None:
-    cert, key = self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, stem="http")
     port = free_port()
     http = HttpConfig(listen=("127.0.0.1", port), cert=cert, key=key)
     service, _, _ = make_service(tmp_path, http=http)
