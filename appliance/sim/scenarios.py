@@ -338,10 +338,7 @@ def crash(seed: int) -> Run:
     saved = run.servers[victim]
     run.sim.crash(victim)
     run.sim.run_until(at + rng.uniform(0.01, 2.0))
-    restarted = _restarted(saved)  # in-memory protocol state is lost; persisted data survives
-    run.sim.restart(victim, restarted)
-    run.servers[victim] = restarted
-    run.alertable.add(victim)
+    _restart(run, victim, saved)  # in-memory protocol state is lost; persisted data survives
     run_periods(run)
     return run
 
@@ -443,10 +440,7 @@ def stale(seed: int) -> Run:
     saved = run.servers[victim]
     run.sim.crash(victim)
     run.sim.run_until(c.period_start(3) + rng.uniform(0.0, 0.1))
-    restarted = _restarted(saved)
-    run.sim.restart(victim, restarted)
-    run.servers[victim] = restarted
-    run.alertable.add(victim)
+    _restart(run, victim, saved)
     _require_decided_in_time(run, victim, 3)
     run_periods(run)
     return run
@@ -466,6 +460,14 @@ def _require_decided_in_time(run: Run, victim: int, period: int) -> None:
 
     server.on_outcome = on_outcome
     run.deadlines.append((victim, period, finished))
+
+
+def _restart(run: Run, victim: int, saved: SimServer) -> None:
+    """Start ``victim`` again from what ``saved`` persisted; alerts about it are expected."""
+    restarted = _restarted(saved)
+    run.sim.restart(victim, restarted)
+    run.servers[victim] = restarted
+    run.alertable.add(victim)
 
 
 def _restarted(saved: SimServer) -> SimServer:
@@ -496,10 +498,7 @@ def late_restarts(seed: int) -> Run:
         run.sim.crash(v)
     run.sim.run_until(c.period_start(3) + rng.uniform(0.05, 0.5))
     for v in victims:
-        restarted = _restarted(saved[v])
-        run.sim.restart(v, restarted)
-        run.servers[v] = restarted
-        run.alertable.add(v)
+        _restart(run, v, saved[v])
     for i in c.ids:
         _require_decided_in_time(run, i, 5)
     run_periods(run)
@@ -526,10 +525,7 @@ def cut_after_decision(seed: int) -> Run:
         raise run.fail(f"server {victim} never was between its decision and the signature")
     run.sim.crash(victim)
     run.sim.run_until(c.period_start(4) + rng.uniform(0.05, 0.5))
-    restarted = _restarted(server)
-    run.sim.restart(victim, restarted)
-    run.servers[victim] = restarted
-    run.alertable.add(victim)
+    _restart(run, victim, server)
     _require_decided_in_time(run, victim, 6)
     run_periods(run)
     return run
