@@ -153,6 +153,7 @@ class StreamDeframer:
         # as LF-framed, the digits included.
         self.framing_errors += 1
         self._size = len(self._data)
+        del self._data[self.max_message_size :]
         self._state = _LF
         return pos
 
@@ -175,6 +176,7 @@ class StreamDeframer:
         if self._state == _COUNT:
             self.framing_errors += 1
             self._size = len(self._data)
+            del self._data[self.max_message_size :]
         if self._state in (_COUNT, _LF) and self._size:
             return [self._finish()]
         self._state = _START
