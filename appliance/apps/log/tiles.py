@@ -331,6 +331,14 @@ class Storage(Protocol):
         """Make every write before this call durable."""
         ...
 
+    def list(self, directory: str) -> list[str]:
+        """The paths of the files directly in ``directory``, sorted (none if it does not exist)."""
+        ...
+
+    def delete(self, path: str) -> None:
+        """Remove the file if it exists (a deletion lost in a crash must be harmless)."""
+        ...
+
 
 class MemoryStorage:
     """Files in a dict: for tests and in-process simulations."""
@@ -346,6 +354,13 @@ class MemoryStorage:
 
     def sync(self) -> None:
         pass
+
+    def list(self, directory: str) -> list[str]:
+        prefix = directory.rstrip("/") + "/"
+        return sorted(p for p in self.files if p.startswith(prefix) and "/" not in p[len(prefix) :])
+
+    def delete(self, path: str) -> None:
+        self.files.pop(path, None)
 
 
 _COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -382,6 +397,16 @@ class PosixStorage:
 
     def sync(self) -> None:
         pass
+
+    def list(self, directory: str) -> list[str]:
+        try:
+            names = sorted(p.name for p in self._file(directory).iterdir() if p.is_file())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [f"{directory.rstrip('/')}/{name}" for name in names if _COMPONENT.fullmatch(name)]
+
+    def delete(self, path: str) -> None:
+        self._file(path).unlink(missing_ok=True)
 
 
 # --- The store ---------------------------------------------------------------------------------

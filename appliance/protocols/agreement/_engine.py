@@ -198,6 +198,10 @@ class Engine:
         out, self._out = self._out, []
         return out
 
+    def proposals(self) -> list[bytes]:
+        """The values proposed in this instance so far (an application may fetch their data)."""
+        return [p.value for p in self._proposals.values()]
+
     def next_wakeup(self, now: float) -> float | None:
         if self.decided is not None or self.safety is None:
             return None  # an observer only reacts to messages

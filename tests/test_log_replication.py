@@ -1,0 +1,315 @@
+"""Replication of the log (appliance.apps.log.replication) in a seeded, deterministic network.
+
+Every honest server must end with the same tree, every acknowledged entry in it exactly once,
+whatever the message timing, crashes and restarts, period changes and one Byzantine server.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from appliance.apps.log.errors import CorruptStoreError
+from appliance.apps.log.replication import Batch, Replica
+from appliance.apps.log.tiles import MemoryStorage, TileLog
+from appliance.protocols._core import EVERYONE, AlertKind
+
+ORIGIN = "test.example/log"
+
+
+class Net:
+    """n replicas, a message queue with seeded delays and losses, and a clock."""
+
+    def __init__(
+        self, n: int = 4, t: int = 1, *, seed: int = 0, loss: float = 0.0, delay: float = 0.02
+    ) -> None:
+        self.n, self.t = n, t
+        self.rand = random.Random(seed)
+        self.loss, self.delay = loss, delay
+        self.now = 0.0
+        self.storage = {i: MemoryStorage() for i in range(1, n + 1)}
+        self.vkeys: dict[tuple[int, int], bytes] = {}
+        self.period = 0
+        self.replicas: dict[int, Replica] = {}
+        self.down: set[int] = set()
+        self.queue: list[tuple[float, int, int, Any]] = []
+        self.submitted: dict[int, list[tuple[int, list[bytes]]]] = {i: [] for i in range(1, n + 1)}
+        #: Byzantine rewriting of a server's outgoing messages: (to, msg) -> list of (to, msg).
+        self.tamper: dict[int, Callable[[int, dict[str, Any]], list[tuple[int, dict[str, Any]]]]] = {}
+        for i in range(1, n + 1):
+            self.start(i)
+
+    def publics(self, period: int) -> dict[int, bytes]:
+        return {i: k for (p, i), k in self.vkeys.items() if p == period}
+
+    def enter(self, i: int, period: int) -> None:
+        """Server i enters ``period``: a vote key, and everyone learns it (the host's job)."""
+        r = self.replicas[i]
+        self.vkeys[(period, i)] = r.vote_key(period)
+        r.set_period(period, self.publics(period))
+        for j, other in self.replicas.items():
+            if j != i:
+                other.add_vote_key(period, i, self.vkeys[(period, i)])
+
+    def start(self, i: int) -> None:
+        log = TileLog.open(self.storage[i], ORIGIN)
+        rand = random.Random(f"{i} {self.now}")
+        r = Replica(
+            me=i,
+            n=self.n,
+            t=self.t,
+            log=log,
+            storage=self.storage[i],
+            now=self.now,
+            base_timeout=0.2,
+            rand=rand.randbytes,
+        )
+        self.replicas[i] = r
+        self.down.discard(i)
+        for p in range(self.period):  # the vote keys it kept, and the others' it learns again
+            r.set_period(p, self.publics(p))
+        self.enter(i, self.period)
+
+    def crash(self, i: int) -> None:
+        self.down.add(i)
+        del self.replicas[i]
+
+    def new_period(self) -> None:
+        self.period += 1
+        for i in self.replicas:
+            self.enter(i, self.period)
+
+    def submit(self, i: int, entries: list[bytes]) -> None:
+        seq = self.replicas[i].submit(entries)
+        assert seq is not None
+        self.submitted[i].append((seq, entries))
+
+    def _send(self, frm: int, to: int, msg: dict[str, Any]) -> None:
+        if self.rand.random() < self.loss:
+            return
+        self.queue.append((self.now + self.rand.uniform(0.0, self.delay), frm, to, msg))
+
+    def step(self, dt: float = 0.01) -> None:
+        self.now += dt
+        due = sorted((m for m in self.queue if m[0] <= self.now), key=lambda m: m[0])
+        self.queue = [m for m in self.queue if m[0] > self.now]
+        for _, frm, to, msg in due:
+            if to in self.replicas:
+                self.replicas[to].receive(frm, msg, self.now)
+        for i, r in list(self.replicas.items()):
+            for to, msg in r.tick(self.now):
+                outs = [(to, msg)]
+                if i in self.tamper:
+                    outs = self.tamper[i](to, msg)
+                for dest, m in outs:
+                    targets = [j for j in range(1, self.n + 1) if j != i] if dest == EVERYONE else [dest]
+                    for j in targets:
+                        self._send(i, j, m)
+
+    def run(self, seconds: float) -> None:
+        end = self.now + seconds
+        while self.now < end:
+            self.step()
+
+    def run_until(self, done: Callable[[], bool], limit: float = 60.0) -> None:
+        end = self.now + limit
+        while not done():
+            assert self.now < end, "no progress"
+            self.step()
+
+    def entries(self, i: int) -> list[bytes]:
+        log = self.replicas[i].log
+        return log.read_entries(0, log.size)
+
+    def settled(self, servers: list[int] | None = None) -> bool:
+        servers = servers or sorted(self.replicas)
+        acked = all(not self.replicas[i].unacknowledged() for i in servers if i not in self.tamper)
+        sizes = {self.replicas[i].log.size for i in servers}
+        return acked and len(sizes) == 1
+
+
+def check_same_log(net: Net, servers: list[int] | None = None, *, honest: list[int] | None = None) -> None:
+    servers = servers or sorted(net.replicas)
+    honest = honest or servers
+    logs = {i: net.entries(i) for i in servers}
+    first = logs[servers[0]]
+    for i in servers:
+        assert logs[i] == first, f"server {i}'s log differs"
+        assert net.replicas[i].log.root() == net.replicas[servers[0]].log.root()
+    for i in honest:
+        for _seq, entries in net.submitted[i]:
+            pos = [k for k in range(len(first)) if first[k : k + len(entries)] == entries]
+            assert len(pos) == 1, f"server {i}'s batch is in the log {len(pos)} times"
+
+
+def entries(tag: str, k: int) -> list[bytes]:
+    return [f"{tag} entry {j}".encode() for j in range(k)]
+
+
+def test_every_server_holds_the_same_log_and_every_batch_once() -> None:
+    net = Net(seed=1)
+    for round_ in range(5):
+        for i in range(1, 5):
+            net.submit(i, entries(f"s{i} r{round_}", 3 + i))
+        net.run(0.05)
+    net.run_until(net.settled)
+    check_same_log(net)
+    assert net.entries(1) and len(net.entries(1)) == sum(3 + i for i in range(1, 5)) * 5
+    for i, r in net.replicas.items():
+        assert sorted(r.acknowledged) == [s for s, _ in net.submitted[i]]
+        assert not r.rejected and not r.alerts
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_same_log_with_late_and_lost_messages(seed: int) -> None:
+    net = Net(seed=seed, loss=0.1, delay=0.3)
+    rand = random.Random(seed)
+    for k in range(30):
+        i = rand.randint(1, 4)
+        net.submit(i, entries(f"s{i} k{k}", rand.randint(1, 5)))
+        net.run(rand.uniform(0.0, 0.1))
+    net.run_until(net.settled, limit=120)
+    check_same_log(net)
+
+
+def test_a_period_change_moves_the_committee_and_loses_nothing() -> None:
+    net = Net(seed=3)
+    net.submit(1, entries("before", 4))
+    net.run_until(net.settled)
+    net.new_period()
+    net.submit(2, entries("during", 4))
+    net.run_until(lambda: net.settled() and all(r.slot_period == 1 for r in net.replicas.values()))
+    net.submit(3, entries("after", 4))
+    net.run_until(net.settled)
+    check_same_log(net)
+    assert all(r.slot_period == 1 for r in net.replicas.values())
+
+
+def test_a_server_restarted_from_its_storage_carries_on() -> None:
+    net = Net(seed=4)
+    for k in range(4):
+        net.submit(2, entries(f"first {k}", 3))
+        net.run(0.03)
+    net.crash(2)  # with batches of its own possibly not yet ordered
+    net.submit(1, entries("while 2 is down", 5))
+    net.run_until(lambda: net.settled([1, 3, 4]))
+    net.start(2)
+    net.submit(2, entries("after restart", 2))
+    net.run_until(net.settled)
+    check_same_log(net)
+
+
+def test_a_server_down_for_many_slots_catches_up_from_its_peers() -> None:
+    net = Net(seed=5)
+    net.crash(4)
+    for k in range(20):
+        net.submit(1 + k % 3, entries(f"k{k}", 2))
+        net.run(0.05)
+    net.run_until(lambda: net.settled([1, 2, 3]))
+    assert net.replicas[1].slot > 5
+    net.start(4)  # and nothing more is sent: it learns where the others are all the same
+    net.run_until(net.settled)
+    check_same_log(net)
+    assert net.replicas[4].slot == net.replicas[1].slot
+
+
+def test_an_origin_sending_two_different_batches_is_an_alert_and_the_log_stays_one() -> None:
+    net = Net(seed=6)
+
+    def equivocate(to: int, msg: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+        if msg.get("log") != "batch" or to != EVERYONE:
+            return [(to, msg)]
+        b = Batch.from_obj(msg["b"], 4)
+        other = Batch(b.origin, b.seq, (b"forged", *b.entries))
+        return [
+            (2, msg),
+            (3, {"log": "batch", "b": other.to_obj()}),
+            (4, msg),
+            (4, {"log": "batch", "b": other.to_obj()}),
+        ]
+
+    net.tamper[1] = equivocate
+    net.submit(1, entries("from 1", 3))
+    for i in (2, 3, 4):
+        net.submit(i, entries(f"from {i}", 2))
+    net.run_until(lambda: net.settled([2, 3, 4]) and net.replicas[2].log.size > 0)
+    net.run(1.0)
+    check_same_log(net, [2, 3, 4], honest=[2, 3, 4])
+    assert any(a.kind is AlertKind.EQUIVOCATION and a.server == 1 for a in net.replicas[4].alerts)
+
+
+def test_a_byzantine_leader_proposing_batches_nobody_holds_only_delays() -> None:
+    net = Net(seed=7)
+
+    def invent(to: int, msg: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+        if msg.get("log") == "fetch" or msg.get("log") == "batches":
+            return []  # and never helps anyone
+        return [(to, msg)]
+
+    net.tamper[1] = invent
+    for i in (2, 3, 4):
+        net.submit(i, entries(f"from {i}", 2))
+    net.run_until(lambda: net.settled([2, 3, 4]) and net.replicas[2].log.size == 6)
+    check_same_log(net, [2, 3, 4])
+
+
+def test_a_crash_between_the_append_and_its_record_is_repaired_at_start() -> None:
+    net = Net(seed=9)
+    net.submit(1, entries("one", 2))
+    net.run_until(net.settled)
+    before = net.storage[2].files["replica/applied"]
+    slot = net.replicas[2].slot
+    net.submit(3, entries("two", 3))
+    net.run_until(net.settled)
+    assert net.replicas[2].slot == slot + 1
+    net.crash(2)
+    net.storage[2].files["replica/applied"] = before  # the tree has slot `slot`, the record not
+    net.start(2)
+    assert net.replicas[2].slot == slot + 1
+    net.submit(2, entries("three", 1))
+    net.run_until(net.settled)
+    check_same_log(net)
+
+
+def test_a_damaged_record_stops_the_replica_with_a_clear_error() -> None:
+    net = Net(seed=10)
+    net.submit(1, entries("one", 2))
+    net.run_until(net.settled)
+    net.crash(3)
+    net.storage[3].files["replica/applied"] = b"garbage"
+    with pytest.raises(CorruptStoreError, match="replica/applied"):
+        net.start(3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    msg=st.recursive(
+        st.none() | st.booleans() | st.integers(-5, 2**70) | st.binary(max_size=40) | st.text(max_size=10),
+        lambda c: (
+            st.lists(c, max_size=4)
+            | st.dictionaries(
+                st.sampled_from(["log", "b", "d", "s", "p", "m", "from", "slots"]) | st.text(max_size=4),
+                c,
+                max_size=4,
+            )
+        ),
+        max_leaves=20,
+    ),
+    kind=st.sampled_from(["batch", "batches", "fetch", "slot", "sync", "decided", "at", "other"]),
+)
+def test_any_message_from_a_peer_is_taken_or_rejected_never_raised(msg: Any, kind: str) -> None:
+    net = Net(seed=8)
+    net.submit(2, entries("x", 2))
+    net.run(0.1)
+    r = net.replicas[1]
+    if isinstance(msg, dict):
+        msg = {**msg, "log": kind}
+    r.receive(3, msg, net.now)
+    r.tick(net.now)
+    net.run_until(net.settled)
+    check_same_log(net)
