@@ -374,6 +374,33 @@ def check_peer(cert_der: bytes | None, claimed: int, period: int, keys: Mapping[
         )
 
 
+def channel_sign(ident: ChannelIdentity, payload: bytes) -> bytes:
+    """Sign ``payload`` with the channel key of ``ident`` (what its certificate vouches for)."""
+    key = serialization.load_pem_private_key(ident.key_pem, None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError("a channel key is Ed25519")
+    return key.sign(payload)
+
+
+def channel_certificate_der(ident: ChannelIdentity) -> bytes:
+    return x509.load_pem_x509_certificate(ident.cert_pem).public_bytes(serialization.Encoding.DER)
+
+
+def check_channel_signature(
+    cert_der: bytes, server: int, period: int, keys: Mapping[int, bytes], payload: bytes, sig: bytes
+) -> None:
+    """Check that ``sig`` on ``payload`` is by ``server``'s channel key of ``period``: its
+    certificate issued by that server's key in ``keys`` (period ``period``'s KeyTable).
+    Raises PeerCertificateError naming what is wrong."""
+    check_peer(cert_der, server, period, keys)
+    public = x509.load_der_x509_certificate(cert_der).public_key()
+    assert isinstance(public, Ed25519PublicKey)  # check_peer refused any other
+    try:
+        public.verify(sig, payload)
+    except InvalidSignature:
+        raise PeerCertificateError(f"server {server}: signature by its channel key does not verify") from None
+
+
 def issued_by(cert: x509.Certificate, verify_key: bytes) -> bool:
     """Whether ``cert`` is signed by the Ed25519 key ``verify_key`` (its period key)."""
     if len(verify_key) != 32:

@@ -1,0 +1,295 @@
+"""The replicated log inside ``pst serve``: the trio glue around :class:`~.replication.Replica`.
+
+Theory of operation
+-------------------
+:class:`LogNode` runs in the network-facing process (it holds no share: its vote keys are
+its own, see below). It shares the servers' TLS channels with the key-holder's protocols: a
+frame whose first byte is :data:`LOG_FRAME` (0x00, which no CBOR map starts with) is the
+log's, everything else goes to the key-holder as before (:func:`is_log_frame`).
+
+* **Ingest.** It is the :class:`~appliance.apps.log.ingest.Sink` of the syslog servers and the
+  API: :meth:`LogNode.append` cuts the entries into batches, hands each to the replica (durable
+  in ``replica/pending`` when that returns) and returns once every batch is in the log, i.e.
+  decided by the servers' agreement (held durably by a quorum) and applied here.
+* **Vote keys.** For each period in which this server has a channel identity (an operational
+  server), the replica makes a vote key and :class:`LogNode` announces it: the key, signed
+  with the period's channel key, with the channel certificate (issued by the server's period
+  key in the KeyTable). The others check the announcement against that KeyTable
+  (:func:`appliance.net.check_channel_signature`) before the key may count in a quorum, and
+  keep it (``replica/known/<period>``) so that a restart does not forget it. Announcements
+  of our keys are repeated every ``resend`` seconds (whoever connected late hears them).
+* **Threads.** The replica writes with fsync; each call into it runs in a worker thread, one
+  at a time (a :class:`trio.Lock`), so the trio loop never waits for the disk.
+
+Peer faults (:attr:`Replica.rejected`) are logged at most once a minute per peer with the
+count; alerts (:attr:`Replica.alerts`) go to ``on_alert``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import trio
+
+from appliance.apps.log.errors import LogError
+from appliance.apps.log.replication import MAX_BATCH_BYTES, MAX_BATCH_ENTRIES, Replica
+from appliance.apps.log.tiles import Storage, TileLog
+from appliance.crypto import encoding
+from appliance.crypto.errors import DecodeError
+from appliance.net import (
+    EVERYONE,
+    ChannelIdentity,
+    PeerCertificateError,
+    channel_certificate_der,
+    channel_sign,
+    check_channel_signature,
+)
+from appliance.protocols._core import Alert
+
+__all__ = ["LOG_FRAME", "LogNode", "is_log_frame"]
+
+log = logging.getLogger("pst.log")
+
+#: First byte of a frame carrying log replication.
+LOG_FRAME = b"\x00"
+#: The largest log frame we decode (a batch of 1 MiB of entries fits, with its framing).
+MAX_LOG_FRAME = 2 * MAX_BATCH_BYTES + 65536
+
+
+def is_log_frame(data: bytes) -> bool:
+    return data[:1] == LOG_FRAME
+
+
+def _announcement_payload(server: int, period: int, key: bytes) -> bytes:
+    return encoding.signing_payload("log/vote-key", 1, "pst/log", period, {"server": server, "key": key})
+
+
+class LogNode:
+    """This server's copy of the log, replicated with the others (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        server_id: int,
+        n: int,
+        t: int,
+        log: TileLog,
+        storage: Storage,
+        send: Callable[[int, bytes], None],
+        on_alert: Callable[[Alert], None] = lambda alert: None,
+        base_timeout: float = 0.5,
+        resend: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.server_id, self.n = server_id, n
+        self.tree = log
+        self.storage = storage
+        self._send = send
+        self._on_alert = on_alert
+        self._clock = clock
+        self.resend = resend
+        self.replica = Replica(
+            me=server_id,
+            n=n,
+            t=t,
+            log=log,
+            storage=storage,
+            now=clock(),
+            base_timeout=base_timeout,
+            resend=resend,
+        )
+        self._lock = trio.Lock()
+        self._poke = trio.Event()
+        self._acked: dict[int, trio.Event] = {}
+        self._tables: dict[int, dict[int, bytes]] = {}  # period -> the KeyTable's period keys
+        self._mine: dict[int, dict[str, Any]] = {}  # period -> our announcement
+        self._early: list[tuple[int, dict[str, Any]]] = []  # announcements of a period we lack
+        self._complaints: dict[int, tuple[float, int]] = {}
+        self._last_announce = -math.inf
+        #: Entries appended through this node, for the status page.
+        self.appended = 0
+        self._load_known()
+
+    # --- Keys --------------------------------------------------------------------------------
+
+    def _load_known(self) -> None:
+        for path in self.storage.list("replica/known"):
+            raw = self.storage.read(path)
+            name = path.rsplit("/", 1)[1]
+            try:
+                keys = encoding.decode(raw or b"", what=path)
+                if not name.isdigit() or not isinstance(keys, dict):
+                    raise DecodeError("not a map of vote keys")
+                self.replica.set_period(int(name), {int(k): bytes(v) for k, v in keys.items()})
+            except (DecodeError, TypeError, ValueError) as exc:
+                log.warning("log: %s ignored: %s (the keys are learned again from the peers)", path, exc)
+
+    def _remember(self, period: int, server: int, key: bytes) -> None:
+        path = f"replica/known/{period}"
+        raw = self.storage.read(path)
+        known = encoding.decode(raw) if raw else {}
+        if isinstance(known, dict) and known.get(server) == key:
+            return
+        known = dict(known) if isinstance(known, dict) else {}
+        known[server] = key
+        self.storage.write(path, encoding.encode(known))
+
+    async def identity(
+        self, period: int | None, keys: Mapping[int, bytes], ident: ChannelIdentity | None
+    ) -> None:
+        """The key-holder handed over a period's identity (``ident`` None: recovering)."""
+        if period is None:
+            return
+        self._tables[period] = dict(keys)
+        async with self._lock:
+            if ident is not None and period not in self._mine and period >= self.replica.slot_period:
+                key = await trio.to_thread.run_sync(self.replica.vote_key, period)
+                payload = _announcement_payload(self.server_id, period, key)
+                self._mine[period] = {
+                    "log": "vote-key",
+                    "server": self.server_id,
+                    "period": period,
+                    "key": key,
+                    "cert": channel_certificate_der(ident),
+                    "sig": channel_sign(ident, payload),
+                }
+                self._broadcast(self._mine[period])
+            self.replica.set_period(period)
+            early, self._early = self._early, []
+        for sender, obj in early:
+            await self._on_announcement(sender, obj)
+        self._poke.set()
+
+    async def _on_announcement(self, sender: int, obj: dict[str, Any]) -> None:
+        f = encoding.expect_map(
+            obj,
+            {"log": str, "server": int, "period": int, "key": bytes, "cert": bytes, "sig": bytes},
+            "vote-key announcement",
+        )
+        server, period = f["server"], f["period"]
+        if server == self.server_id or not 1 <= server <= self.n or len(f["key"]) != 32:
+            raise DecodeError(f"vote key of server {server}")
+        table = self._tables.get(period)
+        if table is None:
+            if period > max(self._tables, default=-1) and len(self._early) < 4 * self.n:
+                self._early.append((sender, obj))  # checked once we have that KeyTable
+            return
+        try:
+            check_channel_signature(
+                f["cert"], server, period, table, _announcement_payload(server, period, f["key"]), f["sig"]
+            )
+        except PeerCertificateError as exc:
+            raise DecodeError(f"vote key announcement: {exc}") from None
+        async with self._lock:
+            self.replica.add_vote_key(period, server, f["key"])
+            await trio.to_thread.run_sync(self._remember, period, server, f["key"])
+
+    # --- Frames ------------------------------------------------------------------------------
+
+    async def frame(self, sender: int, data: bytes) -> None:
+        """A log frame from ``sender`` (``is_log_frame(data)``)."""
+        try:
+            obj = encoding.decode(data[1:], max_size=MAX_LOG_FRAME, what="log frame")
+            if isinstance(obj, dict) and obj.get("log") == "vote-key":
+                await self._on_announcement(sender, obj)
+                return
+        except DecodeError as exc:
+            self._complain(sender, str(exc))
+            return
+        async with self._lock:
+            await trio.to_thread.run_sync(self.replica.receive, sender, obj, self._clock())
+        self._poke.set()
+
+    def _broadcast(self, obj: dict[str, Any]) -> None:
+        self._emit(EVERYONE, obj)
+
+    def _emit(self, to: int, obj: dict[str, Any]) -> None:
+        data = LOG_FRAME + encoding.encode(obj)
+        targets = [i for i in range(1, self.n + 1) if i != self.server_id] if to == EVERYONE else [to]
+        for peer in targets:
+            self._send(peer, data)
+
+    def _complain(self, peer: int, detail: str) -> None:
+        now = self._clock()
+        last, count = self._complaints.get(peer, (-math.inf, 0))
+        if now - last >= 60.0:
+            more = f" (and {count} more in the last minute)" if count else ""
+            log.warning("log: server %d sent a bad message: %s%s", peer, detail, more)
+            self._complaints[peer] = (now, 0)
+        else:
+            self._complaints[peer] = (last, count + 1)
+
+    # --- Running -----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Drive the replica until cancelled."""
+        task_status.started()
+        while True:
+            now = self._clock()
+            async with self._lock:
+                out = await trio.to_thread.run_sync(self.replica.tick, now)
+                acked, self.replica.acknowledged = self.replica.acknowledged, []
+                alerts, self.replica.alerts = self.replica.alerts, []
+                rejected, self.replica.rejected = self.replica.rejected, []
+                wake = self.replica.next_wakeup(now)
+            for to, obj in out:
+                self._emit(to, obj)
+            for seq in acked:
+                event = self._acked.pop(seq, None)
+                if event is not None:
+                    event.set()
+            for alert in alerts:
+                log.warning("%s", alert)
+                self._on_alert(alert)
+            for exc in rejected:
+                peer = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 0
+                self._complain(peer, str(exc))
+            if now - self._last_announce >= self.resend:
+                self._last_announce = now
+                for period, ann in sorted(self._mine.items()):
+                    if period >= self.replica.slot_period:
+                        self._broadcast(ann)
+            self._poke = trio.Event()
+            with trio.move_on_at(min(wake, now + self.resend)):
+                await self._poke.wait()
+
+    async def append(self, entries: Sequence[bytes]) -> None:
+        """Entries into the log: returns once they are decided and applied here (a quorum of the
+        servers holds them durably); raises LogError if an entry cannot go into any batch."""
+        chunks: list[list[bytes]] = []
+        size = 0
+        for entry in entries:
+            if not chunks or len(chunks[-1]) >= MAX_BATCH_ENTRIES or size + len(entry) > MAX_BATCH_BYTES:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(bytes(entry))
+            size += len(entry)
+        events = []
+        for chunk in chunks:
+            while True:
+                async with self._lock:
+                    try:
+                        seq = await trio.to_thread.run_sync(self.replica.submit, chunk)
+                    except ValueError as exc:
+                        raise LogError(f"entries not logged: {exc}") from None
+                    if seq is not None:
+                        event = self._acked[seq] = trio.Event()
+                        break
+                await trio.sleep(0.05)  # too many of our batches wait already: slow down
+            events.append(event)
+            self._poke.set()
+        for event in events:
+            await event.wait()
+        self.appended += len(entries)
+
+    @property
+    def size(self) -> int:
+        return self.tree.size
+
+    async def read_entries(self, start: int, end: int) -> list[bytes]:
+        async with self._lock:
+            return await trio.to_thread.run_sync(self.tree.read_entries, start, end)

@@ -1,0 +1,134 @@
+"""LogNode: the replicated log's trio glue, four nodes joined by in-memory links.
+
+The channel identities and KeyTables are real (certificates issued by Ed25519 period keys),
+so the vote-key announcements are checked as in ``pst serve``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import trio
+from nacl.signing import SigningKey
+
+from appliance.apps.log.node import LOG_FRAME, LogNode, is_log_frame
+from appliance.apps.log.tiles import PosixStorage, TileLog
+from appliance.crypto import encoding
+from appliance.net import channel_identity
+
+N, T = 4, 1
+
+
+def period_seed(period: int, server: int) -> bytes:
+    return bytes([period + 1, server]) * 16
+
+
+def key_table(period: int) -> dict[int, bytes]:
+    return {i: bytes(SigningKey(period_seed(period, i)).verify_key) for i in range(1, N + 1)}
+
+
+class Cluster:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.nodes: dict[int, LogNode] = {}
+        self.inbox: dict[int, trio.MemorySendChannel[tuple[int, bytes]]] = {}
+        self.receivers: dict[int, trio.MemoryReceiveChannel[tuple[int, bytes]]] = {}
+        self.tamper: dict[int, Any] = {}
+        for i in range(1, N + 1):
+            self.inbox[i], self.receivers[i] = trio.open_memory_channel(10_000)
+            self.nodes[i] = self.make(i)
+
+    def make(self, i: int) -> LogNode:
+        def send(to: int, data: bytes, frm: int = i) -> None:
+            assert is_log_frame(data)
+            if frm in self.tamper:
+                data = self.tamper[frm](to, data)
+            self.inbox[to].send_nowait((frm, data))
+
+        log = TileLog.open(PosixStorage(self.root / f"log-{i}"), "test.example/log")
+        return LogNode(
+            server_id=i,
+            n=N,
+            t=T,
+            log=log,
+            storage=PosixStorage(self.root / f"replica-{i}"),
+            send=send,
+            base_timeout=0.2,
+            resend=0.5,
+        )
+
+    async def deliver(self, i: int) -> None:
+        async for frm, data in self.receivers[i]:
+            await self.nodes[i].frame(frm, data)
+
+    async def enter(self, period: int, servers: list[int] | None = None) -> None:
+        for i in servers or list(self.nodes):
+            ident = channel_identity(i, period, period_seed(period, i))
+            await self.nodes[i].identity(period, key_table(period), ident)
+
+
+async def test_four_nodes_append_concurrently_and_hold_the_same_log(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    async with trio.open_nursery() as nursery:
+        for i in c.nodes:
+            nursery.start_soon(c.deliver, i)
+            await nursery.start(c.nodes[i].run)
+        await c.enter(0)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as senders:
+                for i in c.nodes:
+                    for k in range(3):
+                        senders.start_soon(
+                            c.nodes[i].append, [f"server {i} line {k}.{j}".encode() for j in range(5)]
+                        )
+        with trio.fail_after(30):
+            while len({n.size for n in c.nodes.values()}) != 1:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    trees = [await n.read_entries(0, n.size) for n in c.nodes.values()]
+    assert all(t == trees[0] for t in trees) and len(trees[0]) == N * 3 * 5
+    assert sorted(trees[0]) == sorted(
+        f"server {i} line {k}.{j}".encode() for i in range(1, 5) for k in range(3) for j in range(5)
+    )
+
+
+async def test_a_vote_key_not_signed_by_the_servers_channel_key_is_refused(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+
+    def forge(to: int, data: bytes) -> bytes:
+        obj = encoding.decode(data[1:])
+        if obj.get("log") == "vote-key":
+            obj = {**obj, "key": bytes(32)}  # a key the channel key did not sign
+        return LOG_FRAME + encoding.encode(obj)
+
+    c.tamper[4] = forge
+    async with trio.open_nursery() as nursery:
+        for i in c.nodes:
+            nursery.start_soon(c.deliver, i)
+            await nursery.start(c.nodes[i].run)
+        await c.enter(0)
+        with trio.fail_after(30):
+            await c.nodes[1].append([b"needs three of the four"])
+        nursery.cancel_scope.cancel()
+    keys = c.nodes[2].replica._keys[0].known
+    assert sorted(keys) == [1, 2, 3]  # server 4's forged key never counted
+
+
+async def test_the_log_moves_to_the_next_period_and_keeps_going(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    async with trio.open_nursery() as nursery:
+        for i in c.nodes:
+            nursery.start_soon(c.deliver, i)
+            await nursery.start(c.nodes[i].run)
+        await c.enter(0)
+        with trio.fail_after(30):
+            await c.nodes[1].append([b"period 0"])
+        await c.enter(1)
+        with trio.fail_after(30):
+            await c.nodes[2].append([b"period 1"])
+            while not all(n.replica.slot_period == 1 for n in c.nodes.values()):
+                await c.nodes[3].append([b"more"])
+        nursery.cancel_scope.cancel()
+    for n in c.nodes.values():
+        assert n.storage.list("replica/votekeys") == ["replica/votekeys/1"]
