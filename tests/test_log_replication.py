@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from appliance.apps.log import replication
 from appliance.apps.log.errors import CorruptStoreError
 from appliance.apps.log.replication import Batch, Replica
 from appliance.apps.log.tiles import MemoryStorage, TileLog
@@ -256,6 +257,49 @@ def test_a_byzantine_leader_proposing_batches_nobody_holds_only_delays() -> None
         net.submit(i, entries(f"from {i}", 2))
     net.run_until(lambda: net.settled([2, 3, 4]) and net.replicas[2].log.size == 6)
     check_same_log(net, [2, 3, 4])
+
+
+def _far_behind(net: Net, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Server 4 misses more slots than the others keep, then comes back with nothing."""
+    monkeypatch.setattr(replication, "RETAIN", 3)
+    net.crash(4)
+    for k in range(12):
+        net.submit(1 + k % 3, entries(f"k{k}", 3))
+        net.run_until(lambda: net.settled([1, 2, 3]))
+    assert net.replicas[1].slot >= 10
+    net.storage[4] = MemoryStorage()  # wiped
+    net.start(4)
+
+
+def test_a_wiped_server_catches_up_from_the_state_t_plus_1_servers_report(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    net = Net(seed=11)
+    _far_behind(net, monkeypatch)
+    net.run_until(net.settled, limit=60)
+    assert net.replicas[4].caught_up == 1
+    net.submit(4, entries("back", 2))
+    net.run_until(net.settled)
+    check_same_log(net)
+
+
+def test_a_catch_up_source_sending_wrong_entries_is_passed_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = Net(seed=12)
+
+    def lie(to: int, msg: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+        if msg.get("log") == "entries":
+            msg = {**msg, "entries": [b"not the log", *msg["entries"][1:]]}
+        return [(to, msg)]
+
+    _far_behind(net, monkeypatch)
+    r4 = net.replicas[4]
+    net.run_until(lambda: r4._catchup is not None and r4._catchup.target is not None)
+    assert r4._catchup is not None
+    liar = r4._catchup.source  # the first server it asks for the entries lies
+    net.tamper[liar] = lie
+    net.run_until(lambda: r4.caught_up == 1, limit=60)
+    check_same_log(net, honest=[i for i in (1, 2, 3) if i != liar])
+    assert any(e.peer == liar and "do not give the log's root" in str(e) for e in r4.rejected)
 
 
 def test_a_crash_between_the_append_and_its_record_is_repaired_at_start() -> None:

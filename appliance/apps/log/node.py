@@ -246,8 +246,7 @@ class LogNode:
                 log.warning("%s", alert)
                 self._on_alert(alert)
             for exc in rejected:
-                peer = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 0
-                self._complain(peer, str(exc))
+                self._complain(exc.peer, exc.reason)
             if now - self._last_announce >= self.resend:
                 self._last_announce = now
                 for period, ann in sorted(self._mine.items()):

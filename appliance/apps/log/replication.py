@@ -68,7 +68,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nacl.signing import SigningKey
@@ -235,6 +235,19 @@ class _Safety:
         self.storage.sync()
 
 
+@dataclass
+class _CatchUp:
+    """A catch-up in progress: the slot whose state we ask for, the reports, then the entries."""
+
+    slot: int
+    asked_at: float
+    reports: dict[tuple[int, tuple[tuple[int, int], ...], int, bytes], set[int]] = field(default_factory=dict)
+    target: tuple[int, tuple[tuple[int, int], ...], int, bytes] | None = None
+    backers: list[int] = field(default_factory=list)
+    source: int = 0
+    entries: list[bytes] = field(default_factory=list)
+
+
 class _App:
     """The engine's Application for one slot."""
 
@@ -289,12 +302,19 @@ class Replica:
         self._by_seq: dict[tuple[int, int], bytes] = {}
         self._out: list[Send] = []
         self._last_resend = now
-        self._asked: dict[int, float] = {}
         self._now = now
+        self._asked: dict[int, float] = {}
         self._fetched_at = -1e18
         self._decided: tuple[int, int, bytes, QuorumCert] | None = None  # slot, period, value, qc
         #: Batches of the last RETAIN slots: digest -> (origin, seq, first index, entries).
         self._applied: dict[bytes, tuple[int, int, int, int]] = {}
+        #: Where the others say they are (``at``), and when we last applied a slot.
+        self._peer_slots: dict[int, int] = {}
+        self._progress_at = now
+        #: A catch-up from far behind in progress (see :meth:`_catch_up`).
+        self._catchup: _CatchUp | None = None
+        #: Catch-ups completed (for tests and the status page).
+        self.caught_up = 0
         self._load(now)
 
     # --- State ---------------------------------------------------------------------------------
@@ -351,11 +371,8 @@ class Replica:
             raise CorruptStoreError(
                 f"the log holds {self.log.size} entries, the replica's record says {size}"
             )
-        value = SlotValue.decode(rec["value"], self.n)
-        for (origin, _seq, _d), count in zip(value.refs, rec["counts"], strict=True):
-            if count:
-                self.next_seq[origin] = self.next_seq.get(origin, 0) + 1
-        self._record_applied(value.period)
+        self.next_seq = {int(k): int(v) for k, v in rec["seqs"].items()}
+        self._record_applied(SlotValue.decode(rec["value"], self.n).period)
 
     def _record_applied(self, next_period: int) -> None:
         self.storage.write(
@@ -372,6 +389,7 @@ class Replica:
         self.storage.sync()
         self.slot += 1
         self.slot_period = next_period
+        self._progress_at = self._now
         for period in [p for p in self._signers if p < next_period]:
             # The committee moved on: this period's vote key signs nothing any more.
             del self._signers[period]
@@ -381,7 +399,7 @@ class Replica:
         try:
             return encoding.expect_map(
                 encoding.decode(raw, what=f"slot {slot}"),
-                {"period": int, "qc": dict, "value": bytes, "start": int, "counts": list},
+                {"period": int, "qc": dict, "value": bytes, "start": int, "counts": list, "seqs": dict},
                 f"replica/slots/{slot}",
             )
         except DecodeError as exc:
@@ -498,10 +516,19 @@ class Replica:
                 self._on_sync(sender, obj.get("from"), now)
             elif kind == "decided":
                 self._on_decided(sender, obj.get("slots"))
+            elif kind == "state-req":
+                self._on_state_request(sender, obj.get("slot"))
+            elif kind == "state":
+                self._on_state(sender, obj)
+            elif kind == "entries-req":
+                self._on_entries_request(sender, obj.get("start"), obj.get("end"))
+            elif kind == "entries":
+                self._on_entries(sender, obj.get("start"), obj.get("entries"))
             elif kind == "at":
                 slot = obj.get("slot")
                 if not isinstance(slot, int) or slot < 0:
                     raise DecodeError("at: slot")
+                self._peer_slots[sender] = slot
                 if slot > self.slot:
                     self._ask_sync(sender, now)
                 elif slot < self.slot:
@@ -517,6 +544,7 @@ class Replica:
     def tick(self, now: float) -> list[Send]:
         self._now = now
         self._advance(now)
+        self._catch_up(now)
         if now - self._last_resend >= self.resend:
             self._last_resend = now
             # Where we are, so that whoever is behind asks, and whoever is ahead answers.
@@ -678,7 +706,14 @@ class Replica:
                 self.next_seq[origin] = seq + 1
             else:
                 counts.append(0)  # cannot happen after a quorum's validation; kept total
-        record = {"period": period, "qc": qc.to_obj(), "value": raw, "start": self.log.size, "counts": counts}
+        record = {
+            "period": period,
+            "qc": qc.to_obj(),
+            "value": raw,
+            "start": self.log.size,
+            "counts": counts,
+            "seqs": dict(sorted(self.next_seq.items())),
+        }
         self.storage.write(f"replica/slots/{slot}", encoding.encode(record))
         self.storage.sync()
         self._index(record)
@@ -837,6 +872,144 @@ class Replica:
             self._decided = (self.slot, self.slot_period, f["value"], qc)
             if not self._apply_decided():
                 return
+
+    # --- Catching up from far behind -----------------------------------------------------------
+
+    def _catch_up(self, now: float) -> None:
+        """Too far behind for ``sync`` (the others no longer keep our slot, or we lack the vote
+        keys of its period): take the state of a slot that t+1 servers report identically (one
+        of them is honest), fetch the entries up to it, check them against that state's root,
+        and carry on from there."""
+        c = self._catchup
+        if c is None:
+            ahead = sorted((s for s in self._peer_slots.values() if s > self.slot), reverse=True)
+            if len(ahead) <= self.t or now - self._progress_at < 3 * self.resend:
+                return
+            self._catchup = c = _CatchUp(slot=ahead[self.t] - 1, asked_at=now)
+            self._broadcast_state_request(c)
+            return
+        if c.target is None:
+            if now - c.asked_at >= 2 * self.resend:
+                c.asked_at = now
+                self._broadcast_state_request(c)
+            return
+        if now - c.asked_at >= 2 * self.resend:  # the peer we asked went quiet: try the next
+            c.source = self._next_source(c, c.source)
+            self._ask_entries(c, now)
+
+    def _broadcast_state_request(self, c: _CatchUp) -> None:
+        self._out.append((EVERYONE, {"log": "state-req", "slot": c.slot}))
+
+    def _on_state_request(self, sender: int, slot: Any) -> None:
+        if not isinstance(slot, int) or slot < 0:
+            raise DecodeError("state-req: slot")
+        raw = self.storage.read(f"replica/slots/{slot}") if slot < self.slot else None
+        if raw is None:
+            return
+        rec = self._slot_record(raw, slot)
+        size = rec["start"] + sum(rec["counts"])
+        state = {
+            "slot": slot,
+            "period": SlotValue.decode(rec["value"], self.n).period,
+            "seqs": rec["seqs"],
+            "size": size,
+            "root": self.log.root_at(size),
+        }
+        self._out.append((sender, {"log": "state", **state}))
+
+    def _on_state(self, sender: int, obj: dict[str, Any]) -> None:
+        f = encoding.expect_map(
+            obj,
+            {"log": str, "slot": int, "period": int, "seqs": dict, "size": int, "root": bytes},
+            "state",
+        )
+        c = self._catchup
+        if c is None or c.target is not None or f["slot"] != c.slot:
+            return
+        seqs = f["seqs"]
+        if not all(
+            isinstance(k, int) and 1 <= k <= self.n and isinstance(v, int) and v >= 0 for k, v in seqs.items()
+        ):
+            raise DecodeError("state: seqs")
+        key = (f["period"], tuple(sorted(seqs.items())), f["size"], f["root"])
+        c.reports.setdefault(key, set()).add(sender)
+        backers = c.reports[key]
+        if len(backers) >= self.t + 1:
+            if f["size"] < self.log.size:
+                return  # we hold more than that already: nothing to fetch
+            c.target = key
+            c.backers = sorted(backers)
+            c.source = c.backers[0]
+            self._ask_entries(c, self._now)
+
+    def _next_source(self, c: _CatchUp, bad: int) -> int:
+        others = [i for i in range(1, self.n + 1) if i != self.me and i != bad]
+        later = [i for i in others if i > bad] or others
+        return later[0] if later else bad
+
+    def _ask_entries(self, c: _CatchUp, now: float) -> None:
+        assert c.target is not None
+        start = self.log.size + len(c.entries)
+        end = min(c.target[2], start + MAX_BATCH_ENTRIES)
+        c.asked_at = now
+        self._out.append((c.source, {"log": "entries-req", "start": start, "end": end}))
+
+    def _on_entries_request(self, sender: int, start: Any, end: Any) -> None:
+        if not isinstance(start, int) or not isinstance(end, int) or not 0 <= start < end:
+            raise DecodeError("entries-req: start and end")
+        end = min(end, self.log.size, start + MAX_BATCH_ENTRIES)
+        if start >= end:
+            return
+        entries = self.log.read_entries(start, end)
+        total = 0
+        for k, e in enumerate(entries):  # at most one frame's worth
+            total += len(e)
+            if total > MAX_BATCH_BYTES and k:
+                entries = entries[:k]
+                break
+        self._out.append((sender, {"log": "entries", "start": start, "entries": entries}))
+
+    def _on_entries(self, sender: int, start: Any, entries: Any) -> None:
+        c = self._catchup
+        if c is None or c.target is None or sender != c.source:
+            return
+        if not isinstance(entries, list) or not all(
+            isinstance(e, bytes) and len(e) <= MAX_ENTRY_SIZE for e in entries
+        ):
+            raise DecodeError("entries: a list of entries")
+        if start != self.log.size + len(c.entries) or not entries:
+            return
+        period, seqs, size, root = c.target
+        c.entries.extend(entries[: size - start])
+        if self.log.size + len(c.entries) < size:
+            self._ask_entries(c, self._now)
+            return
+        if self.log.root_after(c.entries) != root:
+            # t+1 servers vouched for the root: the entries were wrong (or our own tree is not
+            # a prefix of the log; then no source will do, and we say so each round).
+            self.rejected.append(
+                RemoteProtocolError(
+                    sender, f"log replication: entries up to {size} do not give the log's root"
+                )
+            )
+            c.entries.clear()
+            c.source = self._next_source(c, sender)
+            self._ask_entries(c, self._now)
+            return
+        if c.entries:
+            self.log.append(c.entries)
+        self.next_seq = {int(k): int(v) for k, v in seqs}
+        self.slot = c.slot
+        self._record_applied(period)  # records slot c.slot as applied, moves to the next
+        for d, b in list(self._pending.items()):
+            if b.seq < self.next_seq.get(b.origin, 0):
+                if b.origin == self.me:
+                    self.acknowledged.append(b.seq)
+                self._drop(d)
+        self._engine = None
+        self._decided = None
+        self._catchup = None
+        self.caught_up += 1
 
     def _alert(self, kind: AlertKind, server: int, detail: str, evidence: tuple[bytes, ...]) -> None:
         if all((a.kind, a.server) != (kind, server) for a in self.alerts):

@@ -488,6 +488,13 @@ class TileLog:
     def root(self) -> bytes:
         return self._frontier.root()
 
+    def root_after(self, entries: Sequence[bytes]) -> bytes:
+        """The root the tree would have with ``entries`` appended (nothing is written)."""
+        frontier = self._frontier.copy()
+        for entry in entries:
+            frontier.append(leaf_hash(bytes(entry)))
+        return frontier.root()
+
     def checkpoint(self) -> Checkpoint:
         """The unsigned checkpoint body of the current (durable) size."""
         return Checkpoint(self.origin, self.size, self.root())
