@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import itertools
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -16,8 +17,8 @@ from hypothesis import strategies as st
 
 from appliance.apps.log.checkpoint import Checkpoint
 from appliance.apps.log.errors import CorruptStoreError
-from appliance.apps.log.guard import SIGNED_PATH, CheckpointGuard
-from appliance.apps.log.tiles import MemoryStorage, TileLog
+from appliance.apps.log.guard import SIGNED_PATH, CheckpointGuard, SharedTileLog
+from appliance.apps.log.tiles import MemoryStorage, PosixStorage, TileLog
 from appliance.crypto import encoding
 
 ORIGIN = "log.example/guard"
@@ -192,3 +193,16 @@ def test_whatever_is_asked_the_signed_checkpoints_only_grow_along_the_local_log(
             assert guard.last == (accepted[-1] if accepted else None)
     for old, new in itertools.pairwise(accepted):
         assert old.size <= new.size and log.root_at(old.size) == old.root
+
+
+def test_the_key_holders_guard_follows_a_log_another_process_appends_to(tmp_path: Path) -> None:
+    writer = TileLog.open(PosixStorage(tmp_path / "log"), ORIGIN)
+    writer.append(entries(5))
+    shared = SharedTileLog(PosixStorage(tmp_path / "log"), ORIGIN)
+    guard = CheckpointGuard(shared, PosixStorage(tmp_path / "guard"), claim_all=True)
+    assert guard.check(body(writer, 5)) is None
+    later = body(writer, 5)
+    writer.append(entries(300, "more"))  # grows past a full tile while the guard holds a view
+    assert guard.check(body(writer, 305)) is None
+    assert shared.size == 305
+    assert (guard.check(later) or "").startswith("truncation: ")

@@ -45,10 +45,10 @@ from typing import Protocol
 from appliance.apps.log.checkpoint import Checkpoint, Signer, sign_note
 from appliance.apps.log.errors import CorruptStoreError, LogDecodeError, ProofError
 from appliance.apps.log.merkle import verify_consistency
-from appliance.apps.log.tiles import Storage, TileLog
+from appliance.apps.log.tiles import STATE_PATH, Storage, TileLog
 from appliance.protocols._core import AlertKind
 
-__all__ = ["SIGNED_PATH", "CheckpointGuard", "LogState", "checkpoint_note"]
+__all__ = ["SIGNED_PATH", "CheckpointGuard", "LogState", "SharedTileLog", "checkpoint_note"]
 
 #: The last checkpoint body this server signed, in the log's storage.
 SIGNED_PATH = "state/signed"
@@ -68,6 +68,38 @@ class LogState(Protocol):
     def root_at(self, size: int) -> bytes: ...
 
     def consistency_proof(self, old_size: int, new_size: int | None = None) -> list[bytes]: ...
+
+
+class SharedTileLog:
+    """Another process's :class:`TileLog`, read afresh whenever its state record changes.
+
+    The key-holder's guard checks the log that the network-facing process appends to:
+    each question first rereads the store's state record (replaced atomically, after the
+    tiles it covers), and reopens the log if the record changed.
+    """
+
+    def __init__(self, storage: Storage, origin: str) -> None:
+        self.storage = storage
+        self.origin = origin
+        self._record: bytes | None = None
+        self._log: TileLog | None = None
+
+    def _current(self) -> TileLog:
+        record = self.storage.read(STATE_PATH)
+        if self._log is None or record != self._record:
+            self._log = TileLog.open(self.storage, self.origin)
+            self._record = record
+        return self._log
+
+    @property
+    def size(self) -> int:
+        return self._current().size
+
+    def root_at(self, size: int) -> bytes:
+        return self._current().root_at(size)
+
+    def consistency_proof(self, old_size: int, new_size: int | None = None) -> list[bytes]:
+        return self._current().consistency_proof(old_size, new_size)
 
 
 def _b64(data: bytes) -> str:
