@@ -31,13 +31,13 @@ def signer(name: str = ORIGIN, seed: bytes = b"read side key") -> Signer:
     return Signer(name, bytes(key.verify_key), lambda m: bytes(key.sign(m).signature))
 
 
-def entry(i: int) -> bytes:
+def entry(i: int, salt: str = "") -> bytes:
     """Entry ``i``: a real log entry of an RFC 5424 message (every 7th is RFC 3164)."""
     host, app = HOSTS[i % len(HOSTS)], APPS[i % len(APPS)]
     if i % 7 == 6:
         raw = f"<13>Nov 30 12:00:00 {host} {app}[{i}]: bsd line {i}".encode()
     else:
-        raw = f"<14>1 2026-11-30T12:00:00Z {host} {app} {i} - - line {i}".encode()
+        raw = f"<14>1 2026-11-30T12:00:00Z {host} {app} {i} - - line {i}{salt}".encode()
     return receive(raw, received=T0 + i * 1_000_000, transport="udp", peer="192.0.2.7:514").encode()
 
 
@@ -62,15 +62,20 @@ class SignedLog:
         (self.directory / CHECKPOINT_PATH).write_bytes(note)
 
 
-def build(directory: Path, batches: Sequence[int], key: Signer | None = None) -> SignedLog:
-    """A log appended in ``batches`` (in memory, copied to ``directory``), the last one published."""
+def build(
+    directory: Path, batches: Sequence[int], key: Signer | None = None, *, salt: str = "", fork_at: int = 0
+) -> SignedLog:
+    """A log appended in ``batches`` (in memory, copied to ``directory``), the last one published.
+
+    With a ``salt``, entries from ``fork_at`` on differ from the unsalted log's (a fork).
+    """
     key = key or signer()
     memory = MemoryStorage()
     log = TileLog.open(memory, ORIGIN)
     entries: list[bytes] = []
     notes = []
     for count in batches:
-        batch = [entry(i) for i in range(len(entries), len(entries) + count)]
+        batch = [entry(i, salt if i >= fork_at else "") for i in range(len(entries), len(entries) + count)]
         log.append(batch)
         entries += batch
         notes.append(sign_checkpoint(log.checkpoint(), [key]))
