@@ -28,7 +28,16 @@ from appliance.apps.log.reader import CHECKPOINT_PATH, MAX_SCAN
 from appliance.apps.log.syslog import Entry
 from appliance.apps.log.tiles import Tile, new_bundles, tiles_for_size
 from appliance.web import openapi
-from appliance.web._log import IMMUTABLE, SHORT_LIVED, BadParameter, Int, Name, Time, parse_query
+from appliance.web._log import (
+    IMMUTABLE,
+    SHORT_LIVED,
+    BadParameter,
+    Int,
+    Name,
+    Time,
+    accepts_gzip,
+    parse_query,
+)
 
 # Sizes 1, 255, 256, 259, 559, 1559, 1999: partial level-0 tiles of widths 1, 255, 3, 47, 23, 207.
 BATCHES = [1, 254, 1, 3, 300, 1000, 440]
@@ -81,6 +90,12 @@ async def test_every_c2sp_path_serves_the_file_with_its_cache_headers(
             assert answer.headers["content-type"] == "application/octet-stream"
             full = resource.width == 256
             assert answer.headers["cache-control"] == (IMMUTABLE if full else SHORT_LIVED), resource.path
+            # Bundles are compressed (httpx asks for gzip and decodes it), tiles (hashes) are not.
+            gzipped = resource.path.startswith("tile/entries/")
+            assert answer.headers.get("content-encoding") == ("gzip" if gzipped else None), resource.path
+        answer = await c.get("/log/tile/entries/000", headers={"accept-encoding": "identity"})
+        assert "content-encoding" not in answer.headers and answer.headers["vary"] == "accept-encoding"
+        assert answer.content == (signed.directory / "tile/entries/000").read_bytes()
         # Partial tiles of earlier checkpoints' sizes are still served: each is a prefix of today's.
         for path, whole in [
             ("tile/0/000.p/1", "tile/0/000"),
@@ -461,3 +476,10 @@ def test_unknown_origin_is_refused_when_reading(signed: SignedLog, tmp_path: Pat
         reader.latest()
     assert signed.reader().resource(Tile(0, 0).path) is not None
     assert ORIGIN in signed.notes[-1].decode()
+
+
+def test_accept_encoding() -> None:
+    for header in ["gzip", "gzip, deflate", "deflate, GZIP;q=0.5", "br;q=1.0, *", "x-gzip", " gzip ; q=1"]:
+        assert accepts_gzip(header), header
+    for header in ["", "identity", "deflate, br", "gzip;q=0", "gzip;q=0.0", "gzip;q=x", "*;q=0", "gzipx"]:
+        assert not accepts_gzip(header), header

@@ -6,7 +6,8 @@ Static resources (c2sp.org/tlog-tiles), what any tlog client reads:
   ``Cache-Control: no-cache`` (the spec: no caching beyond a few seconds);
 * ``GET /log/tile/<L>/<N>[.p/<W>]`` and ``GET /log/tile/entries/<N>[.p/<W>]``:
   ``application/octet-stream``; a full tile or bundle is ``public, max-age=31536000, immutable``,
-  a partial one ``public, max-age=60`` (the log may stop serving it once the full one exists).
+  a partial one ``public, max-age=60`` (the log may stop serving it once the full one exists);
+  entry bundles are gzipped for a client that accepts it (the spec: SHOULD be compressed).
   Paths are parsed strictly (one spelling per resource, no percent-encoding); anything else,
   and anything the signed size does not cover, is a 404 (:class:`~appliance.apps.log.reader.LogReader`
   decides what is served).
@@ -23,6 +24,7 @@ The work is done in a worker thread (file reads, hashing, decoding), never in th
 from __future__ import annotations
 
 import calendar
+import gzip
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -142,6 +144,23 @@ def parse_query(items: Sequence[tuple[str, str]], spec: Mapping[str, Param]) -> 
     return out
 
 
+def accepts_gzip(header: str) -> bool:
+    """Whether an Accept-Encoding header accepts gzip (by name or ``*``, with a q-value above 0)."""
+    for item in header.split(","):
+        name, _, params = item.partition(";")
+        if name.strip().lower() not in ("gzip", "x-gzip", "*"):
+            continue
+        key, _, q = params.strip().partition("=")
+        if not params.strip():
+            return True
+        if key.strip().lower() == "q":
+            try:
+                return float(q) > 0
+            except ValueError:
+                return False
+    return False
+
+
 def _query(request: Request, spec: Mapping[str, Param]) -> dict[str, Any]:
     try:
         return parse_query(request.query_params.multi_items(), spec)
@@ -205,11 +224,13 @@ class LogRoutes:
         if found is None:
             raise HttpError(404, "not-found", "no such tile or entry bundle in the latest signed tree")
         data, full = found
-        return Response(
-            data,
-            media_type="application/octet-stream",
-            headers={"cache-control": IMMUTABLE if full else SHORT_LIVED},
-        )
+        headers = {"cache-control": IMMUTABLE if full else SHORT_LIVED}
+        if path.startswith("tile/entries/"):
+            headers["vary"] = "accept-encoding"
+            if accepts_gzip(request.headers.get("accept-encoding", "")):
+                data = await run_in_threadpool(lambda: gzip.compress(data, compresslevel=6, mtime=0))
+                headers["content-encoding"] = "gzip"
+        return Response(data, media_type="application/octet-stream", headers=headers)
 
     async def inclusion(self, request: Request) -> Response:
         q = _query(request, {"index": Int(), "size": Int(1)})
