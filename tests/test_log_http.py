@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import calendar
 import datetime
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 from logread import ORIGIN, T0, SignedLog, build, copy, serving, signer
+from test_log_interop import logcheck  # noqa: F401 - the fixture: Go's checker, built once
 
 from appliance.apps.log.checkpoint import sign_checkpoint
 from appliance.apps.log.merkle import leaf_hash, verify_consistency, verify_inclusion
@@ -218,9 +220,11 @@ async def test_openapi_lists_the_log_routes(tmp_path: Path, signed: SignedLog) -
 
 # -- JSON ---------------------------------------------------------------------------------------------
 
+SIZES = [1, 255, 256, 259, 559, 1559, SIZE]
+
 
 async def test_inclusion_and_consistency_proofs_verify(tmp_path: Path, signed: SignedLog) -> None:
-    sizes = [1, 255, 256, 259, 559, 1559, SIZE]
+    sizes = SIZES
     async with serving(tmp_path, signed.reader()) as url, httpx.AsyncClient(base_url=url) as c:
         for size in sizes:
             for index in sorted({0, size // 2, size - 1}):
@@ -378,6 +382,57 @@ async def test_a_damaged_store_is_a_503_not_a_bad_proof(tmp_path: Path, signed: 
         (log.directory / "tile/entries/000").write_bytes(b"\x00")
         assert (await c.get("/log/v1/entries", params={"start": 0, "end": 3})).status_code == 503
         assert (await c.get("/v1/health")).status_code == 200  # the rest of the service is fine
+
+
+@pytest.mark.interop
+async def test_go_reads_our_log_over_http_and_checks_our_proofs(
+    tmp_path: Path,
+    signed: SignedLog,
+    logcheck: Path,  # noqa: F811
+) -> None:
+    """Go's note.Open, tlog.TileHashReader and CheckRecord/CheckTree over our /log/ (tests/go/logcheck)."""
+    async with serving(tmp_path, signed.reader()) as url, httpx.AsyncClient(base_url=url) as c:
+        inclusion = []
+        consistency = []
+        for size in SIZES:
+            for index in sorted({0, size // 3, size - 1}):
+                body = (await c.get("/log/v1/inclusion", params={"index": index, "size": size})).json()
+                item = {"index": index, "size": size, "root": body["root"], "leaf": body["leaf_hash"]}
+                inclusion.append(item | {"proof": body["proof"], "valid": True})
+            for old in SIZES:
+                if old <= size:
+                    body = (await c.get("/log/v1/consistency", params={"old": old, "new": size})).json()
+                    item = {
+                        "old": old,
+                        "new": size,
+                        "old_root": body["old_root"],
+                        "new_root": body["new_root"],
+                    }
+                    consistency.append(item | {"proof": body["proof"], "valid": True})
+        request = {
+            "vkeys": [signed.vkey],
+            "note": "",  # Go fetches the checkpoint itself
+            "tiles_dir": "",
+            "tiles_url": f"{url}/log/",
+            "size": SIZE,
+            "root": b64(signed.log.root()),
+            "inclusion": inclusion,
+            "consistency": consistency,
+        }
+        result = await trio.run_process(
+            [str(logcheck)],
+            stdin=json.dumps(request).encode(),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr.decode()
+    report = json.loads(result.stdout)
+    assert report["origin"] == ORIGIN and report["signed_by"] == [
+        f"{ORIGIN}+{signed.signer.verifier.key_id:08x}"
+    ]
+    assert report["tile_paths"] == [t.path for t in tiles_for_size(SIZE)]
+    assert report["inclusion_checked"] == len(inclusion) and report["consistency_checked"] == len(consistency)
 
 
 # -- The query parser ---------------------------------------------------------------------------------
