@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from logread import ORIGIN, T0, SignedLog, build, copy, serving, signer
 from test_log_interop import logcheck  # noqa: F401 - the fixture: Go's checker, built once
@@ -345,6 +345,7 @@ async def test_search_by_time_host_and_app_with_paging(tmp_path: Path, signed: S
         ("/log/v1/consistency?old=10&new=2000", 404, "has 1999 entries"),
         ("/log/v1/consistency?old=2000", 400, "larger than new size"),
         ("/log/v1/entries?end=5", 400, "'start' is required"),
+        ("/log/v1/entries?start=2000", 404, "has 1999 entries"),
         ("/log/v1/search?limit=0", 400, "'limit' must be an integer in 1..1000"),
         ("/log/v1/search?limit=1001", 400, "'limit' must be an integer in 1..1000"),
         ("/log/v1/search?since=yesterday", 400, "'since' must be Unix seconds"),
@@ -517,6 +518,30 @@ def test_time_parsing_refuses_what_is_not_a_time() -> None:
         Time().parse("t", "2026-11-30T12:00:00.5Z")
         == (calendar.timegm((2026, 11, 30, 12, 0, 0)) * 10**6) + 500_000
     )
+
+
+@settings(max_examples=300)
+@given(
+    st.one_of(
+        st.text(alphabet="tile/entries0123456789x.p-", max_size=30).map(lambda t: "tile/" + t),
+        st.builds(
+            lambda level, index, width: Tile(level, index, width).path,
+            st.integers(0, 3),
+            st.integers(0, 1100),
+            st.integers(1, 256),
+        ),
+        st.builds(
+            lambda index, width: f"tile/entries/{index:03d}.p/{width}", st.integers(0, 9), st.integers(0, 300)
+        ),
+    )
+)
+def test_a_path_gives_the_signed_trees_file_or_nothing(signed: SignedLog, path: str) -> None:
+    found = signed.reader().resource(path)
+    if found is None:
+        return
+    data, full = found
+    assert data == (signed.directory / path).read_bytes()
+    assert full == (".p/" not in path)
 
 
 def test_unknown_origin_is_refused_when_reading(signed: SignedLog, tmp_path: Path) -> None:

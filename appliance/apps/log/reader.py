@@ -352,6 +352,8 @@ class LogReader:
     def entries(self, start: int, end: int | None = None) -> dict[str, Any]:
         """Entries ``[start, end)``, at most :data:`MAX_ENTRIES` (``end`` defaults to that many)."""
         latest = self._checkpoint()
+        if start > latest.size:
+            raise NotCoveredError(f"the latest signed checkpoint has {latest.size} entries, not {start}")
         if end is None:
             end = min(latest.size, start + MAX_ENTRIES)
         if start > end:
