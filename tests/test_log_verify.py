@@ -215,3 +215,24 @@ async def test_usage_and_io_errors_exit_2(tmp_path: Path, signed: SignedLog) -> 
             assert code == 2, (args, out, err)
             assert says in err, (args, err)
             assert "Traceback" not in err
+
+
+def test_when_neither_entries_nor_tiles_give_the_root_both_differences_are_listed(
+    tmp_path: Path, signed: SignedLog
+) -> None:
+    log = copy(signed, tmp_path / "log")
+    flip(log.directory / "tile/0/001", 3 * 32)  # leaf 259
+    bundle = Bundle(5)
+    entries = decode_bundle(bundle, (log.directory / bundle.path).read_bytes())
+    flip(log.directory / bundle.path, 2 + len(entries[0]) - 1)  # entry 1280
+    lines: list[str] = []
+    assert run(log.vkey, directory=log.directory, audit=True, out=lines.append, err=lines.append) == 1
+    report = lines[-1].split("\n  ")
+    assert report == [
+        "FAILED: audit of the signed tree of size 2956:",
+        "neither the entries nor the tiles give the signed root",
+        "tile/0/001: hash 3 (entry 259) differs from its entries",
+        "tile/0/005: hash 0 (entry 1280) differs from its entries",
+        "tile/1/000.p/11: hash 5 (entries 1280..1535) differs from its entries",
+        "tile/1/000.p/11: hash 1 (entries 256..511) differs from the tile below",
+    ]
