@@ -817,6 +817,50 @@ def _rom_provision(args: argparse.Namespace, sstart: Path, rom: Any) -> int:
     return 0
 
 
+def _cmd_log_verify(args: argparse.Namespace) -> int:
+    from appliance.apps.log.verify import run
+
+    return run(
+        args.key,
+        url=args.url,
+        directory=None if args.dir is None else Path(args.dir),
+        index=args.index,
+        entry=None if args.entry is None else Path(args.entry),
+        old=None if args.old is None else Path(args.old),
+        audit=args.audit,
+        out=print,
+        err=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+
+
+def _add_log_commands(sub: Any) -> None:
+    log = sub.add_parser("log", help="the secure append-only log")
+    lsub = log.add_subparsers(dest="log_command", metavar="ACTION", required=True)
+    verify = lsub.add_parser(
+        "verify",
+        help="check the log's signed checkpoint, an entry's inclusion, consistency, or every tile",
+        description=(
+            "Fetches the log's latest checkpoint (from a server's /log/ or a log directory) and checks "
+            "its signature with KEY, then each check asked for, from the tiles, against the signed "
+            "root only. Exit status 0: verified; 1: a check failed (FAILED: names what); 2: the "
+            "check could not run (no answer, unreadable file, bad key)."
+        ),
+    )
+    verify.add_argument(
+        "--key", required=True, help="the log's verifier key (name+keyid+base64), or a file holding it"
+    )
+    where = verify.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a server, e.g. http://127.0.0.1:8080 (the log is under /log/)")
+    where.add_argument("--dir", help="a log directory (its checkpoint and tile/ files)")
+    verify.add_argument("--index", type=int, help="check that the entry at this index is in the log")
+    verify.add_argument("--entry", help="check that this file's bytes are an entry of the log")
+    verify.add_argument("--old", help="check that this older signed checkpoint is a prefix of the latest")
+    verify.add_argument(
+        "--audit", action="store_true", help="fetch every tile and entry and recompute the tree"
+    )
+    verify.set_defaults(func=_cmd_log_verify)
+
+
 def _add_api_commands(sub: Any) -> None:
     from appliance.api.commands import add_commands
 
@@ -976,6 +1020,7 @@ def build_parser() -> argparse.ArgumentParser:
     rshow = rsub.add_parser("show", help="the ROM backend and the Vstart it holds (refuses a writable ROM)")
     rshow.add_argument("--config", required=True, help="the server's TOML config ([rom] section)")
     rshow.set_defaults(func=_cmd_rom)
+    _add_log_commands(sub)
     return parser
 
 

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tlsutil import self_signed
 
 from appliance.api import ApiCore, BackendUnavailable, PeerCred, PServerBackend
+from appliance.apps.log.reader import LogReader
 from appliance.crypto import encoding
 from appliance.host import config as node_config
 from appliance.host.config import HttpConfig
@@ -118,6 +119,7 @@ def make_service(
     peers: FakePeers | None = None,
     alerts: list[dict[str, Any]] | None = None,
     http: HttpConfig | None = None,
+    log_reader: LogReader | None = None,
 ) -> tuple[WebService, Clock, FakePeers]:
     clock = clock or Clock()
     peers = peers or FakePeers(clock, {2: 0.25, 3: -0.5})
@@ -149,7 +151,7 @@ def make_service(
         signature_counts=lambda: {("app", "signed"): 3, ("app", "unavailable"): 1},
         keyholder_pid=lambda: None,
     )
-    service = WebService(sources, http or HttpConfig(), fetch=peers.fetch)
+    service = WebService(sources, http or HttpConfig(), fetch=peers.fetch, log_reader=log_reader)
     service.update_local()
     return service, clock, peers
 

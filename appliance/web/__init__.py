@@ -12,9 +12,13 @@ network and the local API, and answers read-only requests only.
 * :mod:`appliance.web._metrics`: the Prometheus metrics.
 * :mod:`appliance.web._page`: the page, its script and its style sheet.
 * :mod:`appliance.web._serve`: :class:`WebService`, run in the node's nursery.
+* :mod:`appliance.web._log`: the secure log's read side under ``/log/`` (c2sp.org/tlog-tiles and
+  JSON proofs, entries, search), over a :class:`~appliance.apps.log.reader.LogReader` the caller
+  passes in (``WebService(..., log_reader=...)``); without one those paths are 404s.
 
 Layering: crypto -> protocols/net -> host -> api -> boot -> **web** -> node -> cli; this
-package imports nothing from node or cli (the node hands it a :class:`Sources`).
+package imports nothing from node or cli (the node hands it a :class:`Sources`), and from the
+applications only the log's read side (which imports nothing from web).
 """
 
 from appliance.web._app import WebApp, openapi

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -27,6 +27,9 @@ from appliance.host.config import is_loopback
 from appliance.web._metrics import CONTENT_TYPE, Metrics
 from appliance.web._page import INDEX_HTML, PAGE_CSS, PAGE_JS
 from appliance.web._view import API_NAME, MAX_TIMELINE, LocalView, PeerPoller, network_document
+
+if TYPE_CHECKING:
+    from appliance.apps.log.reader import LogReader
 
 log = logging.getLogger("pst.web")
 
@@ -79,8 +82,8 @@ def _json(body: Any, status: int = 200) -> Response:
     return JSONResponse(body, status_code=status)
 
 
-def openapi() -> dict[str, Any]:
-    """The OpenAPI 3.1 document of the JSON API (``/v1/openapi.json``)."""
+def openapi(*, log: bool = False) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the JSON API (``/v1/openapi.json``), with ``/log/`` if served."""
     error = {"$ref": "#/components/schemas/Error"}
 
     def answer(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -94,6 +97,11 @@ def openapi() -> dict[str, Any]:
         "421": answer("a Host this server does not answer to", error),
         "500": answer("an internal error (logged by the server)", error),
     }
+    log_paths: dict[str, Any] = {}
+    if log:
+        from appliance.web._log import log_paths as make_log_paths
+
+        log_paths = make_log_paths(answer, errors)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -152,7 +160,8 @@ def openapi() -> dict[str, Any]:
             "/v1/openapi.json": {
                 "get": {"summary": "This document", "responses": {"200": answer("OpenAPI")}}
             },
-        },
+        }
+        | log_paths,
         "components": {
             "schemas": {
                 "Error": {
@@ -217,13 +226,15 @@ class WebApp:
         *,
         hosts: tuple[str, ...] = (),
         loopback_only: bool = True,
+        log: LogReader | None = None,
     ) -> None:
+        """``log``: the log's read-only view, served under ``/log/`` (none: those paths are 404s)."""
         self.local = local
         self.poller = poller
         self.metrics = metrics
         self.hosts = frozenset(h.lower() for h in hosts)
         self.loopback_only = loopback_only
-        self._openapi = json.dumps(openapi()).encode()
+        self._openapi = json.dumps(openapi(log=log is not None)).encode()
         routes = [
             Route("/", self.index, methods=["GET", "HEAD"]),
             Route("/static/page.js", self.script, methods=["GET", "HEAD"]),
@@ -236,6 +247,10 @@ class WebApp:
             Route("/v1/openapi.json", self.openapi, methods=["GET", "HEAD"]),
             Route("/metrics", self.prometheus, methods=["GET", "HEAD"]),
         ]
+        if log is not None:
+            from appliance.web._log import LogRoutes
+
+            routes += LogRoutes(log).routes()
         self.routes = frozenset(r.path for r in routes)
 
         async def http_error(request: Request, exc: Exception) -> Response:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import httpx
 import trio
@@ -23,6 +23,9 @@ from appliance.web._app import WebApp
 from appliance.web._metrics import Metrics
 from appliance.web._view import MAX_PEER_ANSWER, Fetcher, LocalView, PeerPoller, Sources, refused_since
 
+if TYPE_CHECKING:
+    from appliance.apps.log.reader import LogReader
+
 log = logging.getLogger("pst.web")
 
 POLL_INTERVAL: Final = 2.0
@@ -33,7 +36,15 @@ LOCAL_INTERVAL: Final = 1.0
 class WebService:
     """One server's HTTP service: views, metrics, application."""
 
-    def __init__(self, sources: Sources, http: HttpConfig, *, fetch: Fetcher | None = None) -> None:
+    def __init__(
+        self,
+        sources: Sources,
+        http: HttpConfig,
+        *,
+        fetch: Fetcher | None = None,
+        log_reader: LogReader | None = None,
+    ) -> None:
+        """``log_reader``: the log's read-only view, served under ``/log/`` (see appliance.web._log)."""
         self.sources = sources
         self.http = http
         self.local = LocalView(sources)
@@ -48,6 +59,7 @@ class WebService:
             self.metrics,
             hosts=http.hosts,
             loopback_only=is_loopback(http.listen[0]),
+            log=log_reader,
         )
         self._last_rejection: Any = None
 

@@ -29,8 +29,16 @@ and the trio glue, imported on its own (it is the only module here that does I/O
 :mod:`appliance.apps.log.ingest`, the UDP, TCP/TLS and RELP servers, the batcher and the
 ``Sink`` they append to.
 
-Formats and status: docs/log.md. Wiring the ingest and the checkpoints into ``pst serve``,
-replication between the servers and the HTTP read side are not built yet.
+The read side, also imported on its own:
+
+* :mod:`appliance.apps.log.reader`: :class:`LogReader`, what the latest signed checkpoint (the
+  file ``checkpoint`` beside the tiles) covers: tiles and bundles to serve, proofs checked
+  against it, entries and a bounded search (served over HTTP by ``appliance.web._log``).
+* :mod:`appliance.apps.log.verify`: ``pst log verify``, inclusion, consistency and a full audit
+  of a log (over HTTP with httpx, or a directory) against its signed checkpoint.
+
+Formats and status: docs/log.md. Wiring the ingest, the checkpoints and the read side into
+``pst serve`` and replication between the servers are not built yet.
 """
 
 from appliance.apps.log.checkpoint import (

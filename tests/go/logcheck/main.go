@@ -15,6 +15,10 @@
 //     where the request says it must, and valid ones equal what tlog.ProveRecord / ProveTree
 //     compute from the entries.
 //
+// With tiles_url set, everything (the checkpoint, when the request has no note, the tiles and
+// the entry bundles) is read over HTTP from that c2sp.org/tlog-tiles prefix instead of tiles_dir,
+// with net/http (which asks for gzip and decodes it).
+//
 // Build without network in GOPATH mode: GO111MODULE=off GOPATH=/usr/share/gocode go build.
 package main
 
@@ -22,6 +26,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -55,6 +61,7 @@ type request struct {
 	VerifierKeys []string      `json:"vkeys"`
 	Note         string        `json:"note"`
 	TilesDir     string        `json:"tiles_dir"`
+	TilesURL     string        `json:"tiles_url"`
 	Size         int64         `json:"size"`
 	Root         tlog.Hash     `json:"root"`
 	Inclusion    []inclusion   `json:"inclusion"`
@@ -70,12 +77,33 @@ type report struct {
 	RejectedBad int      `json:"rejected_bad"`
 }
 
-// dirTiles reads the C2SP tiles of a tree of the given size from a directory, for
+// source reads the log's files (C2SP paths) from a directory or, with url set, over HTTP.
+type source struct {
+	dir string
+	url string
+}
+
+func (s source) read(path string) ([]byte, error) {
+	if s.url == "" {
+		return os.ReadFile(filepath.Join(s.dir, filepath.FromSlash(path)))
+	}
+	resp, err := http.Get(s.url + path)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET %s%s: %s", s.url, path, resp.Status)
+	}
+	return io.ReadAll(io.LimitReader(resp.Body, 1<<25))
+}
+
+// dirTiles reads the C2SP tiles of a tree of the given size from a source, for
 // tlog.TileHashReader. Go asks for the narrowest tile holding the hashes it needs; a C2SP log
 // only has the partial tiles of sizes it checkpointed, so a narrower tile is read as the prefix
 // of the tile of the tree's size (the hashes are the same; TileHashReader authenticates them).
 type dirTiles struct {
-	dir  string
+	src  source
 	size int64
 }
 
@@ -107,7 +135,7 @@ func (d dirTiles) ReadTiles(tiles []tlog.Tile) ([][]byte, error) {
 		if stored.W < t.W {
 			return nil, fmt.Errorf("tile %s is beyond the tree of size %d", c2spPath(t), d.size)
 		}
-		data, err := os.ReadFile(filepath.Join(d.dir, filepath.FromSlash(c2spPath(stored))))
+		data, err := d.src.read(c2spPath(stored))
 		if err != nil {
 			return nil, err
 		}
@@ -123,6 +151,14 @@ func (d dirTiles) SaveTiles([]tlog.Tile, [][]byte) {}
 
 func check(req request) (report, error) {
 	var rep report
+	src := source{req.TilesDir, req.TilesURL}
+	if req.Note == "" {
+		data, err := src.read("checkpoint")
+		if err != nil {
+			return rep, err
+		}
+		req.Note = string(data)
+	}
 
 	var verifiers []note.Verifier
 	for _, vkey := range req.VerifierKeys {
@@ -152,7 +188,7 @@ func check(req request) (report, error) {
 	}
 
 	// Go recomputes the whole tree from our entry bundles, with its own hashing.
-	entries, err := readEntries(req.TilesDir, req.Size)
+	entries, err := readEntries(src, req.Size)
 	if err != nil {
 		return rep, err
 	}
@@ -186,7 +222,7 @@ func check(req request) (report, error) {
 		if err != nil {
 			return rep, fmt.Errorf("tlog.ReadTileData(%s): %v", c2spPath(t), err)
 		}
-		got, err := os.ReadFile(filepath.Join(req.TilesDir, filepath.FromSlash(c2spPath(t))))
+		got, err := src.read(c2spPath(t))
 		if err != nil {
 			return rep, err
 		}
@@ -196,7 +232,7 @@ func check(req request) (report, error) {
 		rep.TilePaths = append(rep.TilePaths, c2spPath(t))
 	}
 	// And Go's tile client reads the tree from our tiles.
-	hr := tlog.TileHashReader(tlog.Tree{N: req.Size, Hash: req.Root}, dirTiles{req.TilesDir, req.Size})
+	hr := tlog.TileHashReader(tlog.Tree{N: req.Size, Hash: req.Root}, dirTiles{src, req.Size})
 	if h, err := tlog.TreeHash(req.Size, hr); err != nil || h != req.Root {
 		return rep, fmt.Errorf("tlog.TreeHash through tlog.TileHashReader: %v %v", h, err)
 	}
@@ -242,13 +278,13 @@ func check(req request) (report, error) {
 
 // readEntries reads the entry bundles of a log of the given size (big-endian uint16 length
 // prefixes, 256 entries to a full bundle).
-func readEntries(dir string, size int64) ([][]byte, error) {
+func readEntries(src source, size int64) ([][]byte, error) {
 	var entries [][]byte
 	for n := int64(0); n<<height < size; n++ {
 		t := tlog.Tile{H: height, L: 0, N: n}
 		t.W = widthAt(size, t)
 		path := "tile/entries/" + strings.TrimPrefix(c2spPath(t), "tile/0/")
-		data, err := os.ReadFile(filepath.Join(dir, filepath.FromSlash(path)))
+		data, err := src.read(path)
 		if err != nil {
 			return nil, err
 		}

@@ -1,0 +1,410 @@
+"""The read side of a log: what its latest signed checkpoint covers, read back from its storage.
+
+Theory of operation
+-------------------
+The server writes the log's latest signed checkpoint (a c2sp.org/signed-note) to the storage
+path :data:`CHECKPOINT_PATH` (``checkpoint``), beside the tiles, after the tiles it covers are
+durable. :func:`read_checkpoint` reads it and verifies it with the log's verifier key;
+:class:`LogReader` answers every question of the HTTP read side from that checkpoint and the
+tiles and bundles, never from the store's unsigned state record:
+
+* a *full* tile or bundle is served only if the signed size covers it: after a crash, files
+  written for a lost batch may remain beyond the durable size (``TileLog``'s docstring), and
+  they are wrong until the log grows over them;
+* a *partial* tile or bundle only if it is no wider than what the signed size has at that
+  position, and its bytes are a prefix of the tile or bundle of the signed size (so a partial
+  file left by a lost batch, which later appends do not rewrite, is never served; the one of
+  the signed size itself is served as it is);
+* proofs, entries and searches only within the signed size, read through a
+  :class:`~appliance.apps.log.tiles.TileReader` of the signed size; each proof is checked
+  against the signed root (and the root computed for the other size) before it is returned,
+  so that a damaged store answers :class:`~appliance.apps.log.errors.CorruptStoreError`
+  instead of a proof that fails at the client.
+
+Everything a client receives still has to be checked by the client against the signed
+checkpoint (``pst log verify`` does): this module only avoids serving what it knows is wrong.
+
+Searching (:meth:`LogReader.search`) is a linear scan backwards from the end of the signed
+tree (or from ``before``), bounded by :data:`MAX_SCAN` entries per call; a call that stops at
+the bound says where to continue. Receive times are the receiving server's clock, which can
+step back, so the scan does not stop at the first entry older than ``since``.
+
+Reads go through the :class:`~appliance.apps.log.tiles.Storage` protocol only; the files the
+server replaces (the checkpoint) are replaced atomically, so a reader sees the old or the new.
+Not thread-safe by itself beyond that: the cache of the opened checkpoint is a single slot,
+replaced whole.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from appliance.apps.log import merkle
+from appliance.apps.log.checkpoint import Checkpoint, Verifier, open_checkpoint
+from appliance.apps.log.errors import CorruptStoreError, LogDecodeError, LogError, ProofError
+from appliance.apps.log.syslog import Entry
+from appliance.apps.log.tiles import (
+    TILE_HEIGHT,
+    TILE_WIDTH,
+    Bundle,
+    Storage,
+    Tile,
+    TileReader,
+    decode_bundle,
+    parse_path,
+)
+
+__all__ = [
+    "CHECKPOINT_PATH",
+    "MAX_ENTRIES",
+    "MAX_SCAN",
+    "MAX_SEARCH_RESULTS",
+    "LogReader",
+    "NotCoveredError",
+    "SearchQuery",
+    "SignedCheckpoint",
+    "entry_document",
+    "read_checkpoint",
+]
+
+#: Where the server keeps the latest signed checkpoint, in the log's storage.
+CHECKPOINT_PATH: Final = "checkpoint"
+#: Most entries one :meth:`LogReader.entries` call returns.
+MAX_ENTRIES: Final = 1000
+#: Most entries one :meth:`LogReader.search` call decodes (64 bundles).
+MAX_SCAN: Final = 16_384
+#: Most matches one search returns.
+MAX_SEARCH_RESULTS: Final = 1000
+#: A message's text in a JSON document is cut to this many characters.
+MAX_TEXT: Final = 4096
+
+
+class NotCoveredError(LogError, ValueError):
+    """An index or size the latest signed checkpoint does not cover (yet), or no checkpoint."""
+
+
+@dataclass(frozen=True)
+class SignedCheckpoint:
+    """The note as stored (served byte for byte) and the checkpoint it verified to."""
+
+    note: bytes
+    checkpoint: Checkpoint
+
+
+def read_checkpoint(storage: Storage, origin: str, verifiers: Iterable[Verifier]) -> SignedCheckpoint | None:
+    """The latest signed checkpoint in ``storage``, verified; None if the server wrote none yet.
+
+    Raises :class:`LogDecodeError` (or :class:`NoteVerificationError`) if the stored note does
+    not open with ``verifiers`` or is for another origin.
+    """
+    note = storage.read(CHECKPOINT_PATH)
+    if note is None:
+        return None
+    return SignedCheckpoint(note, open_checkpoint(note, origin, verifiers))
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _encoded(fields: dict[str, Any]) -> dict[str, Any]:
+    """A JSON document of ``fields``: hashes (bytes) and lists of hashes in base64."""
+    return {
+        key: _b64(value)
+        if isinstance(value, bytes)
+        else [_b64(v) for v in value]
+        if isinstance(value, list)
+        else value
+        for key, value in fields.items()
+    }
+
+
+def _text(data: bytes) -> str:
+    return data[:MAX_TEXT].decode("utf-8", errors="replace")
+
+
+def entry_document(index: int, data: bytes) -> dict[str, Any]:
+    """An entry as JSON: its bytes (base64, what the leaf hash is over) and what they decode to."""
+    doc: dict[str, Any] = {"index": index, "data": _b64(data), "leaf_hash": _b64(merkle.leaf_hash(data))}
+    try:
+        entry = Entry.decode(data)
+    except LogDecodeError as exc:
+        return doc | {"entry": None, "decode_error": str(exc)[:200]}
+    m = entry.message
+    doc["entry"] = {
+        "received": entry.received,
+        "transport": entry.transport,
+        "peer": entry.peer,
+        "size": entry.size,
+        "truncated": entry.truncated,
+        "error": entry.error,
+        "syslog": None
+        if m is None
+        else {
+            "format": m.format,
+            "facility": m.facility,
+            "severity": m.severity,
+            "timestamp": m.timestamp,
+            "hostname": m.hostname,
+            "app_name": m.app_name,
+            "procid": m.procid,
+            "msgid": m.msgid,
+        },
+        "msg": _text(entry.msg),
+    }
+    return doc
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """Entries received in ``[since, until)`` (microseconds), from ``host`` by ``app`` (exact)."""
+
+    since: int | None = None
+    until: int | None = None
+    host: str | None = None
+    app: str | None = None
+    limit: int = 100
+    before: int | None = None
+
+    def matches(self, entry: Entry) -> bool:
+        if self.since is not None and entry.received < self.since:
+            return False
+        if self.until is not None and entry.received >= self.until:
+            return False
+        m = entry.message
+        if self.host is not None and (m is None or m.hostname != self.host):
+            return False
+        return self.app is None or (m is not None and m.app_name == self.app)
+
+    def may_match(self, data: bytes) -> bool:
+        """A cheap test before decoding: a hostname or app-name is in the entry's bytes."""
+        return all(s.encode("utf-8") in data for s in (self.host, self.app) if s is not None)
+
+
+def _check(what: str, latest: Checkpoint, size: int, root: bytes, verify: Callable[[], None]) -> None:
+    """A proof made from our tiles must verify, and at the signed size lead to the signed root."""
+    try:
+        verify()
+        if size == latest.size and root != latest.root:
+            raise ProofError("the tiles do not give the signed root")
+    except ProofError as exc:
+        raise CorruptStoreError(f"the stored log does not prove {what}: {exc}") from None
+
+
+class LogReader:
+    """A log's read side over its storage: checkpoint, tiles, bundles, proofs, entries, search.
+
+    ``verifiers`` are the log's verifier keys: the stored checkpoint must open with one of
+    them (its origin is ``origin``).
+    """
+
+    def __init__(self, storage: Storage, origin: str, verifiers: Sequence[Verifier]) -> None:
+        if not verifiers:
+            raise ValueError("a log reader needs the log's verifier key")
+        self.storage = storage
+        self.origin = origin
+        self.verifiers = tuple(verifiers)
+        self._cached: SignedCheckpoint | None = None
+
+    # --- The checkpoint ---
+
+    def latest(self) -> SignedCheckpoint | None:
+        """The latest signed checkpoint (verified), or None if there is none yet."""
+        note = self.storage.read(CHECKPOINT_PATH)
+        if note is None:
+            return None
+        cached = self._cached
+        if cached is not None and cached.note == note:
+            return cached
+        signed = SignedCheckpoint(note, open_checkpoint(note, self.origin, self.verifiers))
+        self._cached = signed
+        return signed
+
+    def _checkpoint(self) -> Checkpoint:
+        signed = self.latest()
+        if signed is None:
+            raise NotCoveredError("the log has no signed checkpoint yet")
+        return signed.checkpoint
+
+    def _read(self, path: str) -> bytes:
+        data = self.storage.read(path)
+        if data is None:
+            raise CorruptStoreError(f"{path} is missing")
+        return data
+
+    def _tiles(self, size: int) -> TileReader:
+        def fetch(tile: Tile) -> bytes:
+            return self._read(tile.path)
+
+        return TileReader(fetch, size)
+
+    # --- Tiles and bundles ---
+
+    def resource(self, path: str) -> tuple[bytes, bool] | None:
+        """A tile or bundle at its C2SP ``path`` (``tile/...``) and whether it is full.
+
+        None (a 404) for a path that is not one spelling of a tile or bundle, for one the signed
+        size does not cover, and for a partial file that disagrees with the signed size's.
+        """
+        try:
+            what = parse_path(path)
+        except LogDecodeError:
+            return None
+        signed = self.latest()
+        if signed is None:
+            return None
+        level = what.level if isinstance(what, Tile) else 0
+        count = signed.checkpoint.size >> (TILE_HEIGHT * level)
+        first = what.index << TILE_HEIGHT
+        if first + what.width > count:
+            return None
+        data = self.storage.read(what.path)
+        if data is None or not self._well_formed(what, data):
+            return None
+        if what.width == TILE_WIDTH:
+            return data, True
+        # The tile (or bundle) at this position in the signed tree: full, or the signed partial.
+        width = min(TILE_WIDTH, count - first)
+        if width == what.width:
+            return data, False
+        covering = Tile(level, what.index, width) if isinstance(what, Tile) else Bundle(what.index, width)
+        whole = self.storage.read(covering.path)
+        if whole is None or not whole.startswith(data):
+            return None
+        return data, False
+
+    @staticmethod
+    def _well_formed(what: Tile | Bundle, data: bytes) -> bool:
+        if isinstance(what, Tile):
+            return len(data) == what.width * merkle.HASH_SIZE
+        try:
+            decode_bundle(what, data)
+        except LogDecodeError:
+            return False
+        return True
+
+    # --- Proofs ---
+
+    def _size(self, size: int | None, latest: Checkpoint) -> int:
+        if size is None:
+            return latest.size
+        if size > latest.size:
+            raise NotCoveredError(f"the latest signed checkpoint has {latest.size} entries, not {size}")
+        return size
+
+    def inclusion(self, index: int, size: int | None = None) -> dict[str, Any]:
+        """Leaf ``index``'s audit path in the tree of ``size`` (default: the signed size), its entry."""
+        latest = self._checkpoint()
+        size = self._size(size, latest)
+        if index >= size:
+            raise NotCoveredError(f"entry {index} is not in a tree of {size} entries")
+        tiles = self._tiles(latest.size)
+        data = self._entries(tiles, index, index + 1)[0]
+        leaf = merkle.leaf_hash(data)
+        proof = merkle.inclusion_proof(tiles, index, size)
+        root = merkle.root_hash(tiles, size)
+        _check(
+            f"entry {index}",
+            latest,
+            size,
+            root,
+            lambda: merkle.verify_inclusion(index, size, leaf, proof, root),
+        )
+        document = _encoded({"index": index, "size": size, "root": root, "leaf_hash": leaf, "proof": proof})
+        return document | {"entry": entry_document(index, data)}
+
+    def consistency(self, old: int, new: int | None = None) -> dict[str, Any]:
+        """The consistency proof from the tree of ``old`` entries to ``new`` (default: signed)."""
+        latest = self._checkpoint()
+        new = self._size(new, latest)
+        if old > new:
+            raise ValueError(f"old size {old} is larger than new size {new}")
+        tiles = self._tiles(latest.size)
+        proof = merkle.consistency_proof(tiles, old, new)
+        old_root, new_root = merkle.root_hash(tiles, old), merkle.root_hash(tiles, new)
+        _check(
+            f"{old} -> {new}",
+            latest,
+            new,
+            new_root,
+            lambda: merkle.verify_consistency(old, new, old_root, new_root, proof),
+        )
+        return _encoded({"old": old, "new": new, "old_root": old_root, "new_root": new_root, "proof": proof})
+
+    # --- Entries ---
+
+    def _entries(self, tiles: TileReader, start: int, end: int) -> list[bytes]:
+        """Entries ``[start, end)`` of the signed tree from its bundles (full or the signed partial)."""
+        out: list[bytes] = []
+        for n in range(start >> TILE_HEIGHT, ((end - 1) >> TILE_HEIGHT) + 1):
+            bundle = Bundle(n, min(TILE_WIDTH, tiles.size - (n << TILE_HEIGHT)))
+            try:
+                entries = decode_bundle(bundle, self._read(bundle.path))
+            except LogDecodeError as exc:
+                raise CorruptStoreError(str(exc)) from None
+            first = n << TILE_HEIGHT
+            out.extend(entries[max(start, first) - first : end - first])
+        return out
+
+    def entries(self, start: int, end: int | None = None) -> dict[str, Any]:
+        """Entries ``[start, end)``, at most :data:`MAX_ENTRIES` (``end`` defaults to that many)."""
+        latest = self._checkpoint()
+        if start > latest.size:
+            raise NotCoveredError(f"the latest signed checkpoint has {latest.size} entries, not {start}")
+        if end is None:
+            end = min(latest.size, start + MAX_ENTRIES)
+        if start > end:
+            raise ValueError(f"start {start} is after end {end}")
+        if end - start > MAX_ENTRIES:
+            raise ValueError(f"at most {MAX_ENTRIES} entries at a time, not {end - start}")
+        if end > latest.size:
+            raise NotCoveredError(f"the latest signed checkpoint has {latest.size} entries, not {end}")
+        data = self._entries(self._tiles(latest.size), start, end) if end > start else []
+        return {
+            "size": latest.size,
+            "start": start,
+            "end": end,
+            "entries": [entry_document(start + i, d) for i, d in enumerate(data)],
+        }
+
+    def search(self, query: SearchQuery) -> dict[str, Any]:
+        """Matching entries, newest first, from a backward scan of at most :data:`MAX_SCAN` entries.
+
+        ``next_before`` is where to continue (pass it as ``before``), or None once the scan
+        reached entry 0.
+        """
+        latest = self._checkpoint()
+        end = latest.size if query.before is None else query.before
+        if end > latest.size:
+            raise NotCoveredError(f"the latest signed checkpoint has {latest.size} entries, not {end}")
+        tiles = self._tiles(latest.size)
+        found: list[dict[str, Any]] = []
+        position = end
+        floor = max(0, end - MAX_SCAN)
+        while position > floor and len(found) < query.limit:
+            start = max(floor, ((position - 1) >> TILE_HEIGHT) << TILE_HEIGHT)
+            chunk = self._entries(tiles, start, position)
+            for i in range(len(chunk) - 1, -1, -1):
+                index = start + i
+                data = chunk[i]
+                if query.may_match(data):
+                    try:
+                        matched = query.matches(Entry.decode(data))
+                    except LogDecodeError:
+                        matched = False
+                    if matched:
+                        found.append(entry_document(index, data))
+                        if len(found) == query.limit:
+                            position = index
+                            break
+            else:
+                position = start
+        return {
+            "size": latest.size,
+            "scanned": [position, end],
+            "next_before": position if position > 0 else None,
+            "entries": found,
+        }

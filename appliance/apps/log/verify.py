@@ -1,0 +1,451 @@
+"""``pst log verify``: check a log from its tiles against its signed checkpoint, trusting nothing else.
+
+Theory of operation
+-------------------
+The verifier knows one thing for sure, the log's verifier key (``name+keyid+base64``; the
+name is the log's origin). It fetches the latest checkpoint from a :class:`Source` (a
+server's ``/log/`` over HTTP, :class:`HttpSource`, or a log directory, :class:`DirSource`),
+opens it with that key, and from then on uses what it fetches only through a check against
+the signed root:
+
+* **inclusion** (:meth:`LogVerifier.inclusion`): the entry at an index (from its entry bundle)
+  or given as a file (found by its leaf hash in the level-0 tiles) has an audit path, built
+  from the fetched tiles, that leads to the signed root;
+* **consistency** (:meth:`LogVerifier.consistency`): an older signed checkpoint (same key) is a
+  prefix of the latest: the consistency proof built from the tiles verifies between the two
+  signed roots, so the log was neither forked nor truncated between them;
+* **audit** (:meth:`LogVerifier.audit`): every entry bundle and tile of the signed tree is
+  fetched; leaf hashes are recomputed from the entries, every tile from the level below, and
+  the root from the entries. If the entries give the signed root, they are the log, and
+  every tile that differs from what they give is named with the hash that differs. If they do
+  not, but the tiles are consistent with one another and give the signed root, the tiles are
+  the log and every entry whose hash differs from its leaf is named. Otherwise both kinds of
+  difference are listed. (A tile client that only authenticates the tiles on one path, like
+  ``tlog.TileHashReader``, can miss a bad tile: see docs/log.md.)
+
+A check that fails raises :class:`VerificationFailed` naming what (exit status 1 of ``pst log
+verify``); what keeps the check from running (no answer, a file that cannot be read, a bad
+key) raises :class:`SourceError` (exit status 2). A resource the signed tree needs but the log
+does not serve (404) is a failure of the log, not an I/O error.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Protocol
+
+import httpx
+
+from appliance.apps.log import merkle
+from appliance.apps.log.checkpoint import Checkpoint, Verifier, open_checkpoint
+from appliance.apps.log.errors import LogDecodeError, LogError, ProofError
+from appliance.apps.log.reader import CHECKPOINT_PATH
+from appliance.apps.log.tiles import (
+    MAX_ENTRY_SIZE,
+    TILE_HEIGHT,
+    TILE_WIDTH,
+    Bundle,
+    PosixStorage,
+    Tile,
+    TileReader,
+    _perfect_root,
+    decode_bundle,
+    tile_hashes,
+)
+
+__all__ = [
+    "DirSource",
+    "HttpSource",
+    "LogVerifier",
+    "Source",
+    "SourceError",
+    "VerificationFailed",
+    "load_verifier",
+]
+
+#: The largest resource fetched: a full bundle of the largest entries.
+MAX_RESOURCE: Final = TILE_WIDTH * (2 + MAX_ENTRY_SIZE)
+#: Bundles (and their level-0 tiles) fetched at once during an audit.
+AUDIT_BATCH: Final = 32
+#: Differences listed in a failed audit's message.
+MAX_LISTED: Final = 20
+
+
+class VerificationFailed(LogError):
+    """The log does not verify; the message says what (which tile, which index)."""
+
+
+class SourceError(LogError):
+    """The check could not run: no answer from the server, an unreadable file, a bad key."""
+
+
+class Source(Protocol):
+    """Where the log's files are read: ``checkpoint``, ``tile/...``."""
+
+    def get(self, path: str) -> bytes | None:
+        """The resource, or None if the log does not have it; SourceError if it cannot tell."""
+        ...
+
+
+class HttpSource:
+    """A server's ``<url>/log/`` (c2sp.org/tlog-tiles), read with httpx."""
+
+    def __init__(self, url: str, *, timeout: float = 30.0) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise SourceError(f"{url!r} is not an http:// or https:// URL")
+        self.prefix = url.rstrip("/") + "/log/"
+        self.client = httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False)
+
+    def get(self, path: str) -> bytes | None:
+        url = self.prefix + path
+        try:
+            with self.client.stream("GET", url) as answer:
+                if answer.status_code == 404:
+                    return None
+                if answer.status_code != 200:
+                    raise SourceError(f"GET {url}: HTTP {answer.status_code}")
+                body = bytearray()
+                for chunk in answer.iter_bytes():
+                    body += chunk
+                    if len(body) > MAX_RESOURCE:
+                        raise SourceError(f"GET {url}: larger than {MAX_RESOURCE} bytes")
+                return bytes(body)
+        except httpx.HTTPError as exc:
+            raise SourceError(f"GET {url}: {type(exc).__name__}: {exc}") from None
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class DirSource:
+    """A log directory on this machine (the server's log storage, or a copy of it)."""
+
+    def __init__(self, directory: Path) -> None:
+        if not directory.is_dir():
+            raise SourceError(f"{directory}: not a directory")
+        self.storage = PosixStorage(directory)
+
+    def get(self, path: str) -> bytes | None:
+        try:
+            return self.storage.read(path)
+        except OSError as exc:
+            raise SourceError(f"{path}: {exc.strerror}") from None
+
+    def close(self) -> None:
+        pass
+
+
+def load_verifier(key: str) -> Verifier:
+    """A verifier key string, or the name of a file holding one (SourceError if neither)."""
+    text = key
+    if "+" not in key or Path(key).is_file():
+        try:
+            text = Path(key).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SourceError(f"{key}: not a verifier key and not a readable key file ({exc})") from None
+    try:
+        return Verifier.parse(text)
+    except LogDecodeError as exc:
+        raise SourceError(f"bad verifier key: {exc}") from None
+
+
+def _tile_range(tile: Tile | Bundle, k: int) -> str:
+    """The entries hash ``k`` of a tile (or entry ``k`` of a bundle) covers."""
+    level = tile.level if isinstance(tile, Tile) else 0
+    span = 1 << (TILE_HEIGHT * level)
+    first = ((tile.index << TILE_HEIGHT) + k) * span
+    return f"entry {first}" if span == 1 else f"entries {first}..{first + span - 1}"
+
+
+@dataclass
+class _Audit:
+    """The running state of an audit, level by level."""
+
+    size: int
+    frontier: merkle.Frontier = field(default_factory=merkle.Frontier)
+    #: Per tile level: hashes computed from the entries for the tile being filled.
+    from_entries: list[list[bytes]] = field(default_factory=list)
+    #: Per tile level >= 1: roots of the fetched full tiles below, for the tile being filled.
+    from_tiles: list[list[bytes]] = field(default_factory=list)
+    #: (tile, hash index) where the fetched tile differs from what the entries give.
+    vs_entries: list[tuple[Tile, int]] = field(default_factory=list)
+    #: (tile, hash index) where the fetched tile differs from the fetched tile below it.
+    vs_below: list[tuple[Tile, int]] = field(default_factory=list)
+    tiles_checked: int = 0
+
+    def level(self, level: int) -> None:
+        while len(self.from_entries) <= level:
+            self.from_entries.append([])
+            self.from_tiles.append([])
+
+
+class LogVerifier:
+    """Checks of one log (its verifier key) read from one source."""
+
+    def __init__(
+        self, source: Source, verifier: Verifier, *, progress: Callable[[str], None] | None = None
+    ) -> None:
+        self.source = source
+        self.verifier = verifier
+        self.progress = progress or (lambda line: None)
+
+    # --- Fetching ---
+
+    def _get(self, path: str, why: str) -> bytes:
+        data = self.source.get(path)
+        if data is None:
+            raise VerificationFailed(f"the log does not serve {path}, which {why}")
+        return data
+
+    def _tile(self, tile: Tile, size: int) -> list[bytes]:
+        data = self._get(tile.path, f"its signed tree of size {size} has")
+        try:
+            return tile_hashes(tile, data)
+        except LogDecodeError as exc:
+            raise VerificationFailed(str(exc)) from None
+
+    def _bundle(self, bundle: Bundle, data: bytes) -> list[bytes]:
+        try:
+            return decode_bundle(bundle, data)
+        except LogDecodeError as exc:
+            raise VerificationFailed(f"malformed entry bundle: {exc}") from None
+
+    def _reader(self, size: int) -> TileReader:
+        def fetch(tile: Tile) -> bytes:
+            return b"".join(self._tile(tile, size))
+
+        return TileReader(fetch, size)
+
+    # --- The checkpoint ---
+
+    def latest(self) -> Checkpoint:
+        """The latest checkpoint, once its signature by the log's key verifies."""
+        note = self.source.get(CHECKPOINT_PATH)
+        if note is None:
+            raise VerificationFailed("the log serves no checkpoint")
+        return self.open(note, "the latest checkpoint")
+
+    def open(self, note: bytes, what: str) -> Checkpoint:
+        try:
+            return open_checkpoint(note, self.verifier.name, [self.verifier])
+        except LogDecodeError as exc:
+            raise VerificationFailed(f"{what} does not verify with {self.verifier.encode()}: {exc}") from None
+
+    # --- Inclusion ---
+
+    def find(self, latest: Checkpoint, entry: bytes) -> int:
+        """The index of ``entry`` by its leaf hash in the level-0 tiles (checked by the proof later)."""
+        leaf = merkle.leaf_hash(entry)
+        count = (latest.size + TILE_WIDTH - 1) >> TILE_HEIGHT
+        reader = self._reader(latest.size)
+        for n in range(count - 1, -1, -1):  # newest first
+            hashes = reader.hashes(reader.tile_for(0, n << TILE_HEIGHT))
+            if leaf in hashes:
+                return (n << TILE_HEIGHT) + hashes.index(leaf)
+        raise VerificationFailed(
+            f"the entry is not in the log's signed tree of size {latest.size}: its leaf hash is in none "
+            "of the level-0 tiles"
+        )
+
+    def inclusion(self, latest: Checkpoint, index: int | None, entry: bytes | None) -> str:
+        """Check that the entry (at ``index``, or the bytes ``entry``, or both) is in ``latest``."""
+        if index is None:
+            if entry is None:
+                raise ValueError("an index or an entry is needed")
+            index = self.find(latest, entry)
+        if index >= latest.size:
+            raise VerificationFailed(f"entry {index} is not in the signed tree of size {latest.size}")
+        bundle = Bundle(
+            index >> TILE_HEIGHT, min(TILE_WIDTH, latest.size - (index >> TILE_HEIGHT << TILE_HEIGHT))
+        )
+        stored = self._bundle(bundle, self._get(bundle.path, f"holds entry {index}"))[index % TILE_WIDTH]
+        if entry is not None and stored != entry:
+            raise VerificationFailed(f"entry {index} of the log ({bundle.path}) is not the given entry")
+        reader = self._reader(latest.size)
+        try:
+            proof = merkle.inclusion_proof(reader, index, latest.size)
+            merkle.verify_inclusion(index, latest.size, merkle.leaf_hash(stored), proof, latest.root)
+        except ProofError as exc:
+            raise VerificationFailed(
+                f"entry {index} ({bundle.path}) is not proven in the signed tree of size {latest.size}: "
+                f"{exc} (the entry or a tile on its path is wrong; --audit names it)"
+            ) from None
+        return (
+            f"entry {index} is in the signed tree of size {latest.size} (audit path of {len(proof)} hashes)"
+        )
+
+    # --- Consistency ---
+
+    def consistency(self, latest: Checkpoint, old_note: bytes) -> str:
+        """Check that the older signed checkpoint ``old_note`` is a prefix of ``latest``."""
+        old = self.open(old_note, "the old checkpoint")
+        if old.size > latest.size:
+            raise VerificationFailed(
+                f"the old checkpoint (size {old.size}) is larger than the latest (size {latest.size}): "
+                "the log was truncated or forked"
+            )
+        try:
+            proof = merkle.consistency_proof(self._reader(latest.size), old.size, latest.size)
+            merkle.verify_consistency(old.size, latest.size, old.root, latest.root, proof)
+        except ProofError as exc:
+            raise VerificationFailed(
+                f"the latest checkpoint (size {latest.size}) does not extend the old one (size {old.size}): "
+                f"{exc}. Both are signed by the log's key: the log forked, unless its tiles do not match "
+                "its signed tree (--audit tells)"
+            ) from None
+        return f"the latest checkpoint (size {latest.size}) extends the old one (size {old.size})"
+
+    # --- Audit ---
+
+    def _fetch_batches(self, size: int) -> Iterator[tuple[Bundle, bytes, Tile, bytes]]:
+        """Every bundle with its level-0 tile, in order, fetched :data:`AUDIT_BATCH` at a time."""
+        count = (size + TILE_WIDTH - 1) >> TILE_HEIGHT
+        why = f"its signed tree of size {size} has"
+
+        def pair(n: int) -> tuple[Bundle, bytes, Tile, bytes]:
+            width = min(TILE_WIDTH, size - (n << TILE_HEIGHT))
+            bundle, tile = Bundle(n, width), Tile(0, n, width)
+            return bundle, self._get(bundle.path, why), tile, self._get(tile.path, why)
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for first in range(0, count, AUDIT_BATCH):
+                yield from pool.map(pair, range(first, min(count, first + AUDIT_BATCH)))
+
+    def _compare(self, state: _Audit, tile: Tile, fetched: Sequence[bytes]) -> None:
+        """Compare a fetched tile with what the entries and the tiles below give; go up a level."""
+        state.tiles_checked += 1
+        level = tile.level
+        state.level(level + 1)
+        expected = state.from_entries[level]
+        state.vs_entries += [(tile, k) for k, h in enumerate(fetched) if h != expected[k]]
+        if level:
+            below = state.from_tiles[level]
+            state.vs_below += [(tile, k) for k, h in enumerate(fetched) if h != below[k]]
+        state.from_entries[level], state.from_tiles[level] = [], []
+        if tile.width == TILE_WIDTH:
+            state.from_entries[level + 1].append(_perfect_root(list(expected)))
+            state.from_tiles[level + 1].append(_perfect_root(list(fetched)))
+            if len(state.from_entries[level + 1]) == TILE_WIDTH:
+                upper = Tile(level + 1, tile.index >> TILE_HEIGHT)
+                self._compare(state, upper, self._tile(upper, state.size))
+
+    def audit(self, latest: Checkpoint) -> str:
+        """Fetch every bundle and tile of ``latest`` and recompute the tree; name what differs."""
+        size = latest.size
+        state = _Audit(size)
+        state.level(0)
+        last_report = time.monotonic()
+        for bundle, data, tile, tile_data in self._fetch_batches(size):
+            entries = self._bundle(bundle, data)
+            leaves = [merkle.leaf_hash(e) for e in entries]
+            for leaf in leaves:
+                state.frontier.append(leaf)
+            state.from_entries[0] = leaves
+            try:
+                fetched = tile_hashes(tile, tile_data)
+            except LogDecodeError as exc:
+                raise VerificationFailed(str(exc)) from None
+            self._compare(state, tile, fetched)
+            if time.monotonic() - last_report >= 1.0:
+                last_report = time.monotonic()
+                self.progress(
+                    f"audit: {state.frontier.size:,}/{size:,} entries, {state.tiles_checked:,} tiles"
+                )
+        # The partial tiles above level 0: what is left over at each level.
+        for level in range(1, len(state.from_entries)):
+            pending = state.from_entries[level]
+            if pending:
+                upper = Tile(level, (size >> (TILE_HEIGHT * level)) >> TILE_HEIGHT, len(pending))
+                self._compare(state, upper, self._tile(upper, size))
+        self.progress(f"audit: {size:,}/{size:,} entries, {state.tiles_checked:,} tiles")
+        return self._conclude(latest, state)
+
+    def _conclude(self, latest: Checkpoint, state: _Audit) -> str:
+        entries_ok = state.frontier.root() == latest.root
+        try:
+            tiles_root = merkle.root_hash(self._reader(latest.size), latest.size)
+        except VerificationFailed:
+            tiles_root = b""
+        tiles_ok = tiles_root == latest.root and not state.vs_below
+        done = f"{latest.size} entries and {state.tiles_checked} tiles"
+        if entries_ok and not state.vs_entries:
+            return f"audit: the {done} give the signed root"
+        if entries_ok:
+            lines = [
+                f"{tile.path}: hash {k} ({_tile_range(tile, k)}) is wrong (the entries give the signed root)"
+                for tile, k in state.vs_entries
+            ]
+        elif tiles_ok:
+            lines = [
+                f"{Bundle(tile.index, tile.width).path}: {_tile_range(tile, k)} (number {k} in the bundle) "
+                f"does not hash to leaf {k} of {tile.path} (the tiles give the signed root)"
+                for tile, k in state.vs_entries
+                if tile.level == 0
+            ]
+        else:
+            lines = ["neither the entries nor the tiles give the signed root"]
+            lines += [
+                f"{t.path}: hash {k} ({_tile_range(t, k)}) differs from its entries"
+                for t, k in state.vs_entries
+            ]
+            lines += [
+                f"{t.path}: hash {k} ({_tile_range(t, k)}) differs from the tile below"
+                for t, k in state.vs_below
+            ]
+        more = len(lines) - MAX_LISTED
+        shown = lines[:MAX_LISTED] + ([f"... and {more} more"] if more > 0 else [])
+        raise VerificationFailed(f"audit of the signed tree of size {latest.size}:\n  " + "\n  ".join(shown))
+
+
+def run(
+    key: str,
+    *,
+    url: str | None = None,
+    directory: Path | None = None,
+    index: int | None = None,
+    entry: Path | None = None,
+    old: Path | None = None,
+    audit: bool = False,
+    out: Callable[[str], None] = print,
+    err: Callable[[str], None] = print,
+) -> int:
+    """``pst log verify``: 0 verified, 1 a check failed (``FAILED: ...`` on ``out``), 2 it could not run."""
+    source: HttpSource | DirSource | None = None
+    try:
+        if index is not None and index < 0:
+            raise SourceError(f"--index must be 0 or more, not {index}")
+        verifier = load_verifier(key)
+        entry_bytes = entry.read_bytes() if entry is not None else None
+        old_note = old.read_bytes() if old is not None else None
+        if url is not None:
+            source = HttpSource(url)
+        elif directory is not None:
+            source = DirSource(directory)
+        else:
+            raise SourceError("give the log: --url or --dir")
+        checks = LogVerifier(source, verifier, progress=err)
+        latest = checks.latest()
+        out(f"OK: checkpoint of {latest.origin}, size {latest.size}, signed by {verifier.name}")
+        if index is not None or entry_bytes is not None:
+            out("OK: " + checks.inclusion(latest, index, entry_bytes))
+        if old_note is not None:
+            out("OK: " + checks.consistency(latest, old_note))
+        if audit:
+            out("OK: " + checks.audit(latest))
+    except VerificationFailed as exc:
+        out(f"FAILED: {exc}")
+        return 1
+    except SourceError as exc:
+        err(f"pst log verify: {exc}")
+        return 2
+    except OSError as exc:
+        err(f"pst log verify: {exc.filename}: {exc.strerror}")
+        return 2
+    finally:
+        if source is not None:
+            source.close()
+    return 0
