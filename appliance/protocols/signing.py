@@ -109,13 +109,20 @@ class PayloadCheck(Protocol):
     def check(self, message: bytes) -> str | None: ...
 
 
+class NotYet(str):
+    """A refusal that accuses nobody: this server is not there yet (e.g. it has not applied the
+    entries a checkpoint covers); the coordinator may ask again later. No alert."""
+
+
 def run_check(check: PayloadCheck, message: bytes) -> str | None:
     """``check.check(message)``, with an exception turned into a refusal (never a share)."""
     try:
         reason = check.check(message)
     except Exception as exc:  # a failed check must refuse, whatever went wrong
         return f"the check failed: {type(exc).__name__}: {exc}"[:MAX_REASON]
-    return None if reason is None else reason[:MAX_REASON]
+    if reason is None:
+        return None
+    return NotYet(reason[:MAX_REASON]) if isinstance(reason, NotYet) else reason[:MAX_REASON]
 
 
 @dataclass
@@ -418,7 +425,7 @@ class SigningService:
                 self.alerts.append(Alert(AlertKind.BAD_MESSAGE, sender, self.period, detail))
             return unclaimed
         reason = run_check(check, message)
-        if reason is not None:
+        if reason is not None and not isinstance(reason, NotYet):
             detail = f"asked us to sign a {check.name} that we refuse: {reason}"
             self.alerts.append(Alert(check.alert, sender, self.period, detail))
         return reason

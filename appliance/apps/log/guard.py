@@ -47,6 +47,7 @@ from appliance.apps.log.errors import CorruptStoreError, LogDecodeError, ProofEr
 from appliance.apps.log.merkle import verify_consistency
 from appliance.apps.log.tiles import STATE_PATH, Storage, TileLog
 from appliance.protocols._core import AlertKind
+from appliance.protocols.signing import NotYet
 
 __all__ = ["SIGNED_PATH", "CheckpointGuard", "LogState", "SharedTileLog", "checkpoint_note"]
 
@@ -184,7 +185,11 @@ class CheckpointGuard:
             )
         held = self.log.size
         if body.size > held:
-            return f"this server holds {held} entries, fewer than the {body.size} the checkpoint claims"
+            # Refused without an alert: it is also what a signer that has not applied the last
+            # slot yet sees, and a checkpoint nobody can back gains a requester nothing.
+            return NotYet(
+                f"this server holds {held} entries, fewer than the {body.size} the checkpoint claims"
+            )
         ours = self.log.root_at(body.size)
         if ours != body.root:
             return f"fork: this server's root at size {body.size} is {_b64(ours)}, not {_b64(body.root)}"
