@@ -6,13 +6,17 @@ so the vote-key announcements are checked as in ``pst serve``.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 import trio
 from nacl.signing import SigningKey
 
+from appliance.apps.log.checkpoint import Checkpoint, Verifier, open_checkpoint
+from appliance.apps.log.guard import checkpoint_note
 from appliance.apps.log.node import LOG_FRAME, LogNode, is_log_frame
+from appliance.apps.log.reader import CHECKPOINT_PATH
 from appliance.apps.log.tiles import PosixStorage, TileLog
 from appliance.crypto import encoding
 from appliance.net import channel_identity
@@ -132,3 +136,41 @@ async def test_the_log_moves_to_the_next_period_and_keeps_going(tmp_path: Path) 
         nursery.cancel_scope.cancel()
     for n in c.nodes.values():
         assert n.storage.list("replica/votekeys") == ["replica/votekeys/1"]
+
+
+LOG_KEY = SigningKey(b"k" * 32)
+
+
+async def sign_with_log_key(text: str) -> bytes:
+    """What the key-holder does with the log's FROST key, with a plain key instead."""
+    body = Checkpoint.parse(text)
+    return checkpoint_note(body, bytes(LOG_KEY.verify_key), LOG_KEY.sign(text.encode()).signature)
+
+
+async def test_checkpoints_are_published_on_every_server_and_a_silent_coordinator_is_replaced(
+    tmp_path: Path,
+) -> None:
+    c = Cluster(tmp_path)
+    public = bytes(LOG_KEY.verify_key)
+    async with trio.open_nursery() as nursery:
+        for i in c.nodes:
+            nursery.start_soon(c.deliver, i)
+            await nursery.start(c.nodes[i].run)
+            if i != 1:  # server 1, the coordinator of period 0, never asks
+                await nursery.start(
+                    functools.partial(c.nodes[i].checkpoints, sign_with_log_key, public, interval=0.1)
+                )
+        await c.enter(0)
+        with trio.fail_after(30):
+            await c.nodes[3].append([b"first", b"second", b"third"])
+        with trio.fail_after(30):
+            while not all(
+                (note := n.tree.storage.read(CHECKPOINT_PATH)) is not None
+                and open_checkpoint(note, n.tree.origin, [Verifier(n.tree.origin, public)]).size == 3
+                for i, n in c.nodes.items()
+                if i != 1
+            ):
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert c.nodes[2].checkpointed == 3  # server 2 took over
+    assert all(c.nodes[i].checkpointed == 0 for i in (3, 4))

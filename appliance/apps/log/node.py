@@ -21,6 +21,18 @@ log's, everything else goes to the key-holder as before (:func:`is_log_frame`).
 * **Threads.** The replica writes with fsync; each call into it runs in a worker thread, one
   at a time (a :class:`trio.Lock`), so the trio loop never waits for the disk.
 
+* **Checkpoints** (:meth:`LogNode.checkpoints`). One server at a time asks for a checkpoint
+  of its tree, at most every ``interval`` seconds while the tree grows: the coordinator of
+  period p is server ``p mod n + 1``; when no new checkpoint has come for ``takeover``
+  seconds while the tree grew, the next server takes over, and so on. The signing itself
+  is the key-holder's (the log's FROST key; every signer's guard checks the checkpoint
+  against its own tree first). The coordinator writes the signed note to the log's
+  ``checkpoint`` file, the read side's source, and sends it to the others, who write it
+  too once it verifies with the log's key and their own tree has that root. Two
+  coordinators at once (a takeover racing a slow one) can make a signer refuse the
+  smaller of two checkpoints as a truncation: an alert without an attack, rare, and
+  documented (docs/log.md).
+
 Peer faults (:attr:`Replica.rejected`) are logged at most once a minute per peer with the
 count; alerts (:attr:`Replica.alerts`) go to ``on_alert``.
 """
@@ -30,12 +42,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import trio
 
-from appliance.apps.log.errors import LogError
+from appliance.apps.log.checkpoint import Checkpoint, Verifier, open_checkpoint
+from appliance.apps.log.errors import LogDecodeError, LogError
+from appliance.apps.log.reader import CHECKPOINT_PATH
 from appliance.apps.log.replication import MAX_BATCH_BYTES, MAX_BATCH_ENTRIES, Replica
 from appliance.apps.log.tiles import Storage, TileLog
 from appliance.crypto import encoding
@@ -83,6 +97,7 @@ class LogNode:
         on_alert: Callable[[Alert], None] = lambda alert: None,
         base_timeout: float = 0.5,
         resend: float = 2.0,
+        takeover: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.server_id, self.n = server_id, n
@@ -112,6 +127,12 @@ class LogNode:
         self._last_announce = -math.inf
         #: Entries appended through this node, for the status page.
         self.appended = 0
+        #: Seconds without a new checkpoint after which the next server coordinates them.
+        self.takeover = takeover
+        self.checkpointed = 0
+        self._verifier: Verifier | None = None
+        self._seen_checkpoint = clock()
+        self._waiting_checkpoint: tuple[bytes, Checkpoint] | None = None
         self._load_known()
 
     # --- Keys --------------------------------------------------------------------------------
@@ -196,6 +217,9 @@ class LogNode:
             obj = encoding.decode(data[1:], max_size=MAX_LOG_FRAME, what="log frame")
             if isinstance(obj, dict) and obj.get("log") == "vote-key":
                 await self._on_announcement(sender, obj)
+                return
+            if isinstance(obj, dict) and obj.get("log") == "checkpoint":
+                await self._on_checkpoint(sender, obj.get("note"))
                 return
         except DecodeError as exc:
             self._complain(sender, str(exc))
@@ -288,6 +312,101 @@ class LogNode:
     @property
     def size(self) -> int:
         return self.tree.size
+
+    # --- Checkpoints -------------------------------------------------------------------------
+
+    def _published(self) -> Checkpoint | None:
+        """The checkpoint in our log's ``checkpoint`` file (None: none yet, or unreadable)."""
+        if self._verifier is None:
+            return None
+        note = self.tree.storage.read(CHECKPOINT_PATH)
+        if note is None:
+            return None
+        try:
+            return open_checkpoint(note, self.tree.origin, [self._verifier])
+        except LogDecodeError:
+            return None
+
+    def _publish(self, note: bytes, body: Checkpoint) -> bool:
+        """Write ``note`` as our latest checkpoint if it is newer and our tree has its root."""
+        current = self._published()
+        if current is not None and body.size <= current.size:
+            return False
+        if body.size > self.tree.size or self.tree.root_at(body.size) != body.root:
+            return False
+        self.tree.storage.write(CHECKPOINT_PATH, note)
+        return True
+
+    async def _on_checkpoint(self, sender: int, note: Any) -> None:
+        if self._verifier is None:
+            return
+        if not isinstance(note, bytes):
+            raise DecodeError("checkpoint: a signed note")
+        try:
+            body = open_checkpoint(note, self.tree.origin, [self._verifier])
+        except LogDecodeError as exc:
+            raise DecodeError(f"checkpoint: {exc}") from None
+        self._seen_checkpoint = self._clock()
+        async with self._lock:
+            if body.size > self.tree.size:
+                self._waiting_checkpoint = (note, body)  # written once we have applied that far
+                return
+            if body.root != await trio.to_thread.run_sync(self.tree.root_at, body.size):
+                log.error(
+                    "log: a checkpoint signed by the network (size %d, from server %d) does not match "
+                    "this server's log: its copy differs from the others'",
+                    body.size,
+                    sender,
+                )
+                return
+            await trio.to_thread.run_sync(self._publish, note, body)
+
+    def coordinator(self, period: int, stale: float) -> int:
+        """Who asks for checkpoints in ``period`` after ``stale`` seconds without a new one."""
+        return (period + int(stale // self.takeover)) % self.n + 1
+
+    async def checkpoints(
+        self,
+        sign: Callable[[str], Awaitable[bytes]],
+        public_key: bytes,
+        *,
+        interval: float = 1.0,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Publish checkpoints (see the module docstring) until cancelled; ``sign(text)`` returns
+        the signed note of a checkpoint body, from the key-holder."""
+        self._verifier = Verifier(self.tree.origin, public_key)
+        task_status.started()
+        while True:
+            await trio.sleep(interval)
+            waiting = self._waiting_checkpoint
+            if waiting is not None and waiting[1].size <= self.tree.size:
+                self._waiting_checkpoint = None
+                async with self._lock:
+                    await trio.to_thread.run_sync(self._publish, *waiting)
+            async with self._lock:
+                current = await trio.to_thread.run_sync(self._published)
+                size = self.tree.size
+                if size == 0 or (current is not None and current.size >= size):
+                    self._seen_checkpoint = self._clock()
+                    continue
+                body = Checkpoint(
+                    self.tree.origin, size, await trio.to_thread.run_sync(self.tree.root_at, size)
+                )
+            stale = self._clock() - self._seen_checkpoint
+            if self.coordinator(self.replica.period, stale) != self.server_id:
+                continue
+            try:
+                note = await sign(body.text())
+            except Exception as exc:  # refused (a signer not there yet) or timed out: next time
+                log.info("log: checkpoint of size %d not signed: %s", size, exc)
+                continue
+            async with self._lock:
+                written = await trio.to_thread.run_sync(self._publish, note, body)
+            if written:
+                self._seen_checkpoint = self._clock()
+                self.checkpointed = body.size
+                self._broadcast({"log": "checkpoint", "note": note})
 
     async def read_entries(self, start: int, end: int) -> list[bytes]:
         async with self._lock:
