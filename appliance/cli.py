@@ -68,6 +68,9 @@ def _network_demo(args: argparse.Namespace) -> int:
     print(f"     .venv/bin/pst pubkey --dir {root} --pem")
     print(f"     .venv/bin/pst check --config {root}/node-1/config.toml   # the boot checks of server 1")
     print(f"     kill -9 $(cat {root}/node-3/server.pid)   # crash a server: the others go on, it restarts")
+    syslog = args.base_port + 201  # appliance.node.cluster.SYSLOG_PORT_OFFSET + 1
+    print(f"     logger -n 127.0.0.1 -P {syslog} -T --rfc5424 hello   # syslog into server 1's log")
+    print(f"     .venv/bin/pst log tail --dir {root} --node 1 -f")
     print("   Ctrl-C stops the demo.")
     seen: dict[int, object] = {}
     try:
