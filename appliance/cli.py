@@ -38,7 +38,7 @@ def _network_demo(args: argparse.Namespace) -> int:
     import tempfile
     import time
 
-    from appliance.node.cluster import init_cluster
+    from appliance.node.cluster import SYSLOG_PORT_OFFSET, init_cluster
 
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="pst-demo-"))
     print(f"== Proactive Security Toolkit demo: {args.nodes} servers, threshold t={args.threshold}")
@@ -68,7 +68,7 @@ def _network_demo(args: argparse.Namespace) -> int:
     print(f"     .venv/bin/pst pubkey --dir {root} --pem")
     print(f"     .venv/bin/pst check --config {root}/node-1/config.toml   # the boot checks of server 1")
     print(f"     kill -9 $(cat {root}/node-3/server.pid)   # crash a server: the others go on, it restarts")
-    syslog = args.base_port + 201  # appliance.node.cluster.SYSLOG_PORT_OFFSET + 1
+    syslog = args.base_port + SYSLOG_PORT_OFFSET + 1
     print(f"     logger -n 127.0.0.1 -P {syslog} -T --rfc5424 hello   # syslog into server 1's log")
     print(f"     .venv/bin/pst log tail --dir {root} --node 1 -f")
     print("   Ctrl-C stops the demo.")

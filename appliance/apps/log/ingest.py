@@ -599,7 +599,7 @@ class IngestServer:
             if ssl_context is not None:
                 tls = trio.SSLStream(stream, ssl_context, server_side=True, https_compatible=True)
                 conn = tls
-                with trio.move_on_after(self.limits.tls_handshake_timeout) as scope:
+                with self._waiting(), trio.move_on_after(self.limits.tls_handshake_timeout) as scope:
                     try:
                         await tls.do_handshake()
                     except trio.BrokenResourceError as exc:
@@ -607,6 +607,8 @@ class IngestServer:
                             "syslog %s %s: TLS handshake failed: %s", transport, peer, exc.__cause__ or exc
                         )
                         return
+                if self.closing:
+                    return
                 if scope.cancelled_caught:
                     timeout = self.limits.tls_handshake_timeout
                     log.warning("syslog %s %s: no TLS handshake within %gs", transport, peer, timeout)

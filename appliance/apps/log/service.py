@@ -29,8 +29,9 @@ signing, the status page) goes on: the key service is not stopped by its first a
 
 **Stopping** (:meth:`stop`, on SIGTERM): the syslog servers stop accepting and reading, RELP
 sessions get their acknowledgements for what becomes durable and then ``serverclose``, the
-batcher appends what is queued, and only then does ``pst serve`` cancel the rest. It is bounded
-(``stop_timeout``); what did not make it by then is not acknowledged (RELP clients resend it).
+batcher appends what is queued, and only then does ``pst serve`` cancel the rest. Each step
+is bounded (``stop_timeout``): connections still open then are closed (RELP clients resend
+what was not acknowledged), and the queue is appended all the same.
 
 Counters for the status page and ``/metrics`` (:meth:`status`): the log's size, entries per
 second (over the last ten seconds), the ingest's :class:`~appliance.apps.log.ingest.IngestStats`,
@@ -197,17 +198,23 @@ class LogService:
         self.stopping = True
         if self.ingest is None or self.batcher is None:
             return
-        with trio.move_on_after(self.stop_timeout) as scope:
-            self.ingest.close()
-            self.batcher.hurry()
+        self.ingest.close()
+        self.batcher.hurry()
+        with trio.move_on_after(self.stop_timeout) as waited:
             await self._servers_done.wait()
-            await self.batcher.close()
-        if scope.cancelled_caught:
+        if waited.cancelled_caught:
             log.warning(
-                "log: not everything was appended within %gs of stopping (%d entries queued); "
-                "unacknowledged RELP messages are resent by their clients",
+                "log: syslog connections still open %gs after stopping; closing them "
+                "(RELP clients resend what was not acknowledged)",
                 self.stop_timeout,
+            )
+        with trio.move_on_after(self.stop_timeout) as appended:
+            await self.batcher.close()
+        if appended.cancelled_caught:
+            log.warning(
+                "log: %d queued entries not appended within %gs of stopping",
                 self.batcher.queued,
+                self.stop_timeout,
             )
         else:
             log.info("log: stopped with %d entries", self.size)
