@@ -11,6 +11,7 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import tomllib
@@ -31,7 +32,7 @@ from appliance.apps.log.service import Listener, LogService
 from appliance.apps.log.syslog import Entry
 from appliance.apps.log.tiles import STATE_PATH
 from appliance.host import config as node_config
-from appliance.node.run import bind_log
+from appliance.node.run import bind_log, open_log
 from appliance.protocols.state import ConfigError
 
 ORIGIN = "log.example/serve"
@@ -301,6 +302,85 @@ async def test_stopping_appends_what_was_read_and_sends_relp_serverclose(tmp_pat
         nursery.cancel_scope.cancel()
     sink = LocalSink(tmp_path / "log", ORIGIN)
     assert sorted(Entry.decode(e).transport for e in sink.log.read_entries(0, 2)) == ["relp", "tcp"]
+
+
+async def test_the_log_figures_in_the_status_document_and_metrics(tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from appliance.web._metrics import Metrics
+    from appliance.web._view import API_NAME, LocalView, Sources, clean_peer_document
+
+    config = node_config.load(_config(tmp_path, ""))
+    async with _service(tmp_path / "log") as service:
+        await service.log_append("uid 0 app t", [b"<13>1 - h t - - - x", b"y"])
+        sources = Sources(
+            server_id=1,
+            constants=config.constants,
+            status_file=tmp_path / "status.json",
+            alerts_file=tmp_path / "alerts.jsonl",
+            log_status=service.status,
+        )
+        local = LocalView(sources)
+        document = local.document()
+        log = document["log"]
+        assert (log["state"], log["origin"], log["size"], log["api_appended"]) == ("running", ORIGIN, 2, 2)
+        assert log["ingest"]["unparsed"] == 0 and log["listening"] == {}
+        families = {
+            f.name: f for f in text_string_to_metric_families(Metrics(sources, local, None).render().decode())
+        }
+        assert families["pst_log_size"].samples[0].value == 2.0
+        assert families["pst_log_entries"].samples[0].value == 2.0  # pst_log_entries_total
+        assert families["pst_log_up"].samples[0].value == 1.0
+    # A peer's document: only known fields of known types are passed on.
+    peer = {
+        "api": API_NAME,
+        "server": 2,
+        "now": 1.0,
+        "log": {"size": "9", "state": "evil", "x": 1, "ingest": []},
+    }
+    cleaned = clean_peer_document(peer)["log"]
+    assert cleaned["size"] is None and cleaned["state"] is None and "x" not in cleaned
+    assert clean_peer_document({"api": API_NAME, "server": 2, "now": 1.0})["log"] is None
+    # Without a log: no log figures at all.
+    quiet = Sources(
+        server_id=1, constants=config.constants, status_file=tmp_path / "s", alerts_file=tmp_path / "a"
+    )
+    assert LocalView(quiet).document()["log"] is None
+    assert "pst_log" not in Metrics(quiet, LocalView(quiet), None).render().decode()
+
+
+async def test_pst_serves_log_from_its_config_over_tls(tmp_path: Path) -> None:
+    """What pst serve does with a [log] section (bind_log, then open_log), with TLS and RELP over TLS."""
+    cert, key = self_signed(tmp_path)
+    with socket.socket() as one, socket.socket() as two:  # two free ports (0 is no port for a config)
+        one.bind(("127.0.0.1", 0))
+        two.bind(("127.0.0.1", 0))
+        free = one.getsockname()[1], two.getsockname()[1]
+    path = _config(
+        tmp_path,
+        f'[log]\norigin = "{ORIGIN}"\ntls = "127.0.0.1:{free[0]}"\nrelp_tls = "127.0.0.1:{free[1]}"\n'
+        f'cert = "{cert}"\nkey = "{key}"\nbatch_delay_ms = 1',
+    )
+    config = node_config.load(path)
+    service = open_log(config, bind_log(config))
+    client = ssl.create_default_context(cafile=str(cert))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        ports = {t: int(a.rsplit(":", 1)[1]) for t, a in service.listening.items()}
+        tls = await trio.open_ssl_over_tcp_stream("127.0.0.1", ports["tls"], ssl_context=client)
+        await tls.send_all(b"<13>1 - h tls-app - - - over tls\n")
+        relp = await trio.open_ssl_over_tcp_stream("127.0.0.1", ports["relp_tls"], ssl_context=client)
+        await relp.send_all(RELP_OPEN + relp_frame(2, "syslog", b"<13>1 - h relp-app - - - over relp-tls"))
+        answers = b""
+        with trio.fail_after(10):
+            while b"2 rsp 6 200 OK" not in answers:
+                answers += await relp.receive_some(4096)
+            while service.size < 2:
+                await trio.sleep(0.01)
+        await service.stop()
+        nursery.cancel_scope.cancel()
+    entries = [Entry.decode(e) for e in LocalSink(tmp_path / "state" / "log", ORIGIN).log.read_entries(0, 2)]
+    assert sorted(e.transport for e in entries) == ["relp-tls", "tls"]
 
 
 # --- A cluster of real servers ---------------------------------------------------------------------------
