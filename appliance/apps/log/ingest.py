@@ -447,16 +447,7 @@ class IngestServer:
     ) -> None:
         """Syslog over UDP on ``host:port`` (or on ``sock``, bound already: see
         :func:`bind_udp`); ``task_status.started`` gets the bound port."""
-        udp = trio.socket.from_stdlib_socket(sock) if sock is not None else None
-        if udp is None:
-            udp = trio.socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-            with contextlib.suppress(OSError):  # a larger buffer only if the system allows it
-                udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
-            try:
-                await udp.bind((host, port))
-            except BaseException:
-                udp.close()
-                raise
+        udp = trio.socket.from_stdlib_socket(sock if sock is not None else bind_udp(host, port))
         with udp:
             bound = udp.getsockname()[1]
             log.info("syslog udp listening on %s", format_peer((host, bound)))
