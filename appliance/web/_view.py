@@ -591,6 +591,8 @@ def network_document(local: LocalView, poller: PeerPoller | None) -> dict[str, A
             "skew": f"each server's clock minus server {s.server_id}'s, at the midpoint of the fetch "
             "(error at most half the round trip)",
             "KeyTable": "the newest one reported by a server that answers",
+            "the log": "each server's own figures in its /v1/status (its copy of the log: no "
+            "replication yet; counters since its pst serve started)",
         },
     }
 
