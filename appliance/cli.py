@@ -889,13 +889,9 @@ def _cmd_log_append(args: argparse.Namespace) -> int:
         with PstClient(sock) as client:
             client.register(args.app, b"pst-log")
             for batch in batches:
-                index, size = client.log_append(batch)
-                last_index = index + len(batch) - 1
-                print(
-                    f"appended entry {index}"
-                    if len(batch) == 1
-                    else f"appended entries {index}..{last_index}"
-                )
+                indices, size = client.log_append(batch)
+                for index in indices:
+                    print(f"appended entry {index}")
     except PstError as exc:
         print(f"pst log append: {exc}", file=sys.stderr)
         return 1

@@ -15,7 +15,7 @@ import ssl
 import subprocess
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from test_web import write_config
 
 from appliance.api import ApiCore, LogAdapter, PeerCred
 from appliance.api._core import Limits as ApiLimits
-from appliance.apps.log.ingest import Limits, LocalSink
+from appliance.apps.log.ingest import Batcher, Limits, LocalSink, SinkError
 from appliance.apps.log.service import Listener, LogService
 from appliance.apps.log.syslog import Entry
 from appliance.apps.log.tiles import STATE_PATH
@@ -195,9 +195,9 @@ async def test_log_append_through_the_api_is_durable_with_its_index(tmp_path: Pa
         core = ApiCore(NoBackend(), log_backend=LogAdapter(service))  # type: ignore[arg-type]
         handle = (await _call(core, "register", name="my-app", unique_id=b"x"))["result"]["handle"]
         first = await _call(core, "log_append", handle=handle, messages=[b"<13>1 - h my-app - - - one"])
-        assert first["result"] == {"index": 0, "count": 1, "size": 1}
+        assert first["result"] == {"indices": [0], "size": 1}
         more = await _call(core, "log_append", handle=handle, messages=[b"two", b"three"])
-        assert more["result"] == {"index": 1, "count": 2, "size": 3}
+        assert more["result"] == {"indices": [1, 2], "size": 3}
         assert (await _call(core, "log_size"))["result"] == {"size": 3, "origin": ORIGIN}
         read = (await _call(core, "log_entries", start=1, count=256))["result"]
         assert read["start"] == 1 and read["size"] == 3
@@ -230,6 +230,40 @@ async def test_log_append_through_the_api_is_durable_with_its_index(tmp_path: Pa
         assert one_over["error"]["code"] == "too-large" and "over 64512" in one_over["error"]["message"]
     # durable: a reopened store has the three entries
     assert LocalSink(tmp_path / "log", ORIGIN).size == 3
+
+
+class InterleavingSink:
+    """A sink that, like a replicated log, puts other entries between those of one batch."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.short = False
+
+    async def append(self, entries: Sequence[bytes]) -> Sequence[int]:
+        indices = [self.size + 2 * k for k in range(len(entries))]  # every other slot is someone else's
+        self.size += 2 * len(entries)
+        return indices[:-1] if self.short else indices
+
+
+async def test_appends_get_the_indices_the_sink_gives() -> None:
+    sink = InterleavingSink()
+    batcher = Batcher(sink, batch_delay=0.05)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(batcher.run)
+        got: dict[str, list[int]] = {}
+
+        async def append(name: str, count: int) -> None:
+            got[name] = await batcher.append([name.encode()] * count)
+
+        async with trio.open_nursery() as appends:  # both land in one batch
+            appends.start_soon(append, "a", 2)
+            appends.start_soon(append, "b", 3)
+        assert sorted(got["a"] + got["b"]) == [0, 2, 4, 6, 8]
+        assert got["a"] in ([0, 2], [6, 8])
+        sink.short = True  # a sink that answers fewer indices than entries fails the batch
+        with pytest.raises(SinkError, match="the sink gave 0 indices for 1 entries"):
+            await batcher.append([b"c"])
+        nursery.cancel_scope.cancel()
 
 
 async def test_log_append_quota_per_registration(tmp_path: Path) -> None:

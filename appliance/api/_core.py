@@ -95,8 +95,9 @@ The log (``[log]`` in the server's config; :mod:`appliance.apps.log.service`), r
 through :class:`LogBackend`: ``log_append(handle, messages)`` appends one to
 :data:`MAX_LOG_BATCH` messages (together at most :data:`MAX_MESSAGE_SIZE` bytes) as entries of
 transport ``api`` whose peer names the registration (``uid U app NAME``: the name and uid are
-the server's knowledge, not the client's claim), and answers with the first entry's index
-only once they are durable; they are consecutive. Entries are a quota of their own, per
+the server's knowledge, not the client's claim), and answers with each entry's index only
+once they are durable (in order; consecutive in a server's own log, but a replicated log may
+place other entries between them). Entries are a quota of their own, per
 registration (``log_rate`` entries per second, bursts of ``log_burst``; in memory: a restart
 refills it). ``log_size`` and ``log_entries(start, count)`` (at most
 :data:`MAX_LOG_READ` entries, fewer when they pass 1 MiB) read the log without a handle, as
@@ -240,8 +241,9 @@ class LogBackend(Protocol):
         """The longest message ``log_append`` takes (octets)."""
         ...
 
-    async def log_append(self, client: str, messages: Sequence[bytes]) -> tuple[int, int]:
-        """Append the messages from ``client``; (index of the first entry, log size) once durable."""
+    async def log_append(self, client: str, messages: Sequence[bytes]) -> tuple[Sequence[int], int]:
+        """Append the messages from ``client``; (the index of each entry, the log's size) once
+        they are durable."""
         ...
 
     async def log_size(self) -> Mapping[str, Any]:
@@ -1286,11 +1288,14 @@ class ApiCore:
                 wait,
             )
         client = f"uid {reg.uid} app {reg.name}"
-        first, size = await self._call_log("append to the log", lambda log: log.log_append(client, messages))
-        if not isinstance(first, int) or not isinstance(size, int):
-            log.error("api: log backend returned %s", _type_name(first))
+        indices, size = await self._call_log(
+            "append to the log", lambda log: log.log_append(client, messages)
+        )
+        indices = list(indices)
+        if len(indices) != len(messages) or not all(isinstance(i, int) for i in (*indices, size)):
+            log.error("api: log backend returned %d indices for %d messages", len(indices), len(messages))
             raise ApiError(UNAVAILABLE, "cannot append to the log now")
-        return {"index": first, "count": len(messages), "size": size}
+        return {"indices": indices, "size": size}
 
     async def _log_entries(self, start: int, count: int) -> Mapping[str, Any]:
         async def read(log: LogBackend) -> tuple[Mapping[str, Any], Sequence[bytes]]:

@@ -218,9 +218,9 @@ class LogAdapter:
         except LogUnavailable as exc:
             raise BackendUnavailable(str(exc)) from None
 
-    async def log_append(self, client: str, messages: Sequence[bytes]) -> tuple[int, int]:
-        first, size = await self._call(self.service.log_append(client, messages))
-        return int(first), int(size)
+    async def log_append(self, client: str, messages: Sequence[bytes]) -> tuple[Sequence[int], int]:
+        indices, size = await self._call(self.service.log_append(client, messages))
+        return list(indices), int(size)
 
     async def log_size(self) -> Mapping[str, Any]:
         return dict(await self._call(self.service.log_size()))

@@ -527,15 +527,20 @@ class PstClient:
 
     # The log --------------------------------------------------------------------------------
 
-    def log_append(self, messages: Sequence[bytes], handle: bytes | None = None) -> tuple[int, int]:
+    def log_append(self, messages: Sequence[bytes], handle: bytes | None = None) -> tuple[list[int], int]:
         """Append 1 to 64 messages (64 KiB in all) to the server's log as one registered client;
-        (index of the first entry, log size) once they are durable. The entries are
-        consecutive and name this client (``uid U app NAME``)."""
+        (the index of each entry, the log's size) once they are durable. The entries name this
+        client (``uid U app NAME``)."""
         result = self._with_handle("log_append", handle, messages=[bytes(m) for m in messages])
-        index, size = result.get("index"), result.get("size")
-        if not isinstance(index, int) or not isinstance(size, int):
+        indices, size = result.get("indices"), result.get("size")
+        if (
+            not isinstance(indices, list)
+            or len(indices) != len(messages)
+            or not all(isinstance(i, int) for i in indices)
+            or not isinstance(size, int)
+        ):
             raise PstError("connection", "malformed log_append response")
-        return index, size
+        return indices, size
 
     def log_size(self) -> tuple[int, str]:
         """(the log's size, its origin)."""

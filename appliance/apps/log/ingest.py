@@ -100,11 +100,11 @@ MAX_UDP_SOURCES = 4096
 
 
 class Sink(Protocol):
-    """Where batches of entries go; ``append`` returns the log's size once they are durable
-    (the batch is then entries ``[size - len(entries), size)``: one writer, the batcher),
-    and raises otherwise."""
+    """Where batches of entries go; ``append`` returns the index of each entry, in order, once
+    they are durable, and raises otherwise. (A local store gives consecutive indices; a
+    replicated log may place the entries of one batch between other servers' entries.)"""
 
-    async def append(self, entries: Sequence[bytes]) -> int: ...
+    async def append(self, entries: Sequence[bytes]) -> Sequence[int]: ...
 
 
 class SinkError(LogError):
@@ -135,9 +135,10 @@ class LocalSink:
         """The durable size (as of the last append or open)."""
         return self._log.size if self._log is not None else 0
 
-    async def append(self, entries: Sequence[bytes]) -> int:
+    async def append(self, entries: Sequence[bytes]) -> Sequence[int]:
         async with self._lock:
-            return await trio.to_thread.run_sync(self._append, list(entries))
+            size = await trio.to_thread.run_sync(self._append, list(entries))
+        return range(size - len(entries), size)
 
     def _append(self, entries: list[bytes]) -> int:
         tile_log = self.log
@@ -199,8 +200,8 @@ class Batch:
     first: float = 0.0
     done: trio.Event = field(default_factory=trio.Event)
     error: str | None = None
-    #: The log's size after this batch (set when it is durable).
-    end: int | None = None
+    #: Each entry's index in the log (set when the batch is durable).
+    indices: Sequence[int] = ()
 
     async def durable(self) -> None:
         await self.done.wait()
@@ -246,13 +247,12 @@ class Batcher:
         After :meth:`close`, raises :class:`SinkError` (nothing is queued)."""
         return (await self._queue(entries))[0]
 
-    async def append(self, entries: Sequence[bytes]) -> int:
-        """Queue entries and wait until they are durable; the index of the first one (the
-        entries are consecutive). Raises :class:`SinkError` if their batch failed."""
+    async def append(self, entries: Sequence[bytes]) -> list[int]:
+        """Queue entries and wait until they are durable; the index of each. Raises
+        :class:`SinkError` if their batch failed."""
         batch, offset = await self._queue(entries)
         await batch.durable()
-        assert batch.end is not None
-        return batch.end - len(batch.entries) + offset
+        return list(batch.indices[offset : offset + len(entries)])
 
     async def _queue(self, entries: Sequence[bytes]) -> tuple[Batch, int]:
         while len(self._current.entries) >= self.max_queued and not self._closed:
@@ -303,7 +303,12 @@ class Batcher:
                 self._swapped.set()
                 self._swapped = trio.Event()
                 try:
-                    batch.end = await self.sink.append(batch.entries)
+                    indices = await self.sink.append(batch.entries)
+                    if len(indices) != len(batch.entries):
+                        raise SinkError(
+                            f"the sink gave {len(indices)} indices for {len(batch.entries)} entries"
+                        )
+                    batch.indices = indices
                 except Exception as exc:
                     self.failures += 1
                     batch.error = f"the log could not store {len(batch.entries)} entries: {exc}"

@@ -8,13 +8,13 @@ Theory of operation
 in the log's directory; the replicating sink will take its place behind the same interface) and
 one :class:`~appliance.apps.log.ingest.IngestServer` for the syslog transports, on sockets the
 caller bound (before privileges were dropped, for port 514). Everything that enters the log goes
-through that one batcher, so a durable append gives consecutive indices in the order of arrival:
+through that one batcher, which hands each submitter the indices the sink gives its entries:
 
 * the syslog servers (UDP, TCP, TLS, RELP, RELP over TLS), as :mod:`~appliance.apps.log.ingest`
   describes;
 * the local API's ``log_append`` (:meth:`log_append`): the client's messages become entries of
   transport ``api`` whose ``peer`` names the client (``uid U app NAME``, the kernel's uid and the
-  registered name), answered with their index only once they are durable.
+  registered name), answered with their indices only once they are durable.
 
 Reads (:meth:`log_size`, :meth:`log_entries`) go to the sink's reader (``size`` and
 ``read_entries``), which takes turns with appends.
@@ -56,7 +56,7 @@ from appliance.apps.log.errors import LogError
 from appliance.apps.log.ingest import Batcher, IngestServer, Limits, LocalSink, Sink, SinkError, format_peer
 from appliance.apps.log.syslog import receive
 
-__all__ = ["MAX_READ_BYTES", "MAX_READ_ENTRIES", "Listener", "LogReader", "LogService", "LogUnavailable"]
+__all__ = ["MAX_READ_BYTES", "MAX_READ_ENTRIES", "Listener", "LogService", "LogUnavailable", "ReadableSink"]
 
 log = logging.getLogger("pst.log")
 
@@ -72,17 +72,14 @@ class LogUnavailable(LogError):
     """The log cannot serve now (not opened, or stopping); the message says why and is safe to show."""
 
 
-class LogReader(Protocol):
-    """What reads need from the sink (``LocalSink`` has it; so must its replacement)."""
+class ReadableSink(Sink, Protocol):
+    """A sink that the API's reads go to as well (``LocalSink`` is one; so must its
+    replacement be): its durable size, and entries ``[start, end)`` of it."""
 
     @property
     def size(self) -> int: ...
 
     async def read_entries(self, start: int, end: int) -> list[bytes]: ...
-
-
-class ReadableSink(Sink, LogReader, Protocol):
-    """A sink that can also be read."""
 
 
 @dataclass(frozen=True)
@@ -234,9 +231,9 @@ class LogService:
     def size(self) -> int:
         return self.sink.size if self.sink is not None else 0
 
-    async def log_append(self, client: str, messages: Sequence[bytes]) -> tuple[int, int]:
+    async def log_append(self, client: str, messages: Sequence[bytes]) -> tuple[list[int], int]:
         """Append ``messages`` as entries of transport ``api`` from ``client``; (the index of
-        the first, the log's size) once they are durable."""
+        each, the log's size) once they are durable."""
         _, batcher = self._open_sink()
         if self.stopping:
             raise LogUnavailable("the server is stopping")
@@ -246,11 +243,11 @@ class LogService:
             for m in messages
         ]
         try:
-            first = await batcher.append(entries)
+            indices = await batcher.append(entries)
         except SinkError as exc:
             raise LogUnavailable(f"the entries were not stored: {exc}") from None
         self.api_appended += len(entries)
-        return first, self.size
+        return indices, self.size
 
     async def log_size(self) -> Mapping[str, Any]:
         self._open_sink()
