@@ -38,7 +38,7 @@ def _network_demo(args: argparse.Namespace) -> int:
     import tempfile
     import time
 
-    from appliance.node.cluster import init_cluster
+    from appliance.node.cluster import SYSLOG_PORT_OFFSET, init_cluster
 
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="pst-demo-"))
     print(f"== Proactive Security Toolkit demo: {args.nodes} servers, threshold t={args.threshold}")
@@ -68,6 +68,9 @@ def _network_demo(args: argparse.Namespace) -> int:
     print(f"     .venv/bin/pst pubkey --dir {root} --pem")
     print(f"     .venv/bin/pst check --config {root}/node-1/config.toml   # the boot checks of server 1")
     print(f"     kill -9 $(cat {root}/node-3/server.pid)   # crash a server: the others go on, it restarts")
+    syslog = args.base_port + SYSLOG_PORT_OFFSET + 1
+    print(f"     logger -n 127.0.0.1 -P {syslog} -T --rfc5424 hello   # syslog into server 1's log")
+    print(f"     .venv/bin/pst log tail --dir {root} --node 1 -f")
     print("   Ctrl-C stops the demo.")
     seen: dict[int, object] = {}
     try:
@@ -833,9 +836,7 @@ def _cmd_log_verify(args: argparse.Namespace) -> int:
     )
 
 
-def _add_log_commands(sub: Any) -> None:
-    log = sub.add_parser("log", help="the secure append-only log")
-    lsub = log.add_subparsers(dest="log_command", metavar="ACTION", required=True)
+def _add_log_verify(lsub: Any) -> None:
     verify = lsub.add_parser(
         "verify",
         help="check the log's signed checkpoint, an entry's inclusion, consistency, or every tile",
@@ -859,6 +860,223 @@ def _add_log_commands(sub: Any) -> None:
         "--audit", action="store_true", help="fetch every tile and entry and recompute the tree"
     )
     verify.set_defaults(func=_cmd_log_verify)
+
+
+# pst log -------------------------------------------------------------------------------------
+
+#: ``pst log append`` sends at most this many messages, and about this many bytes, per request.
+LOG_APPEND_BATCH = 64
+LOG_APPEND_BYTES = 60_000
+#: ``pst log show`` starts this many seconds before ``--since`` (receive times may step back a little).
+LOG_SHOW_SLACK = 60.0
+
+
+def _log_socket(args: argparse.Namespace) -> Path | None:
+    """The API socket of the server asked (``--config``; ``--dir`` with ``--node``, else the
+    first server of the cluster that runs); None after saying why there is none."""
+    from appliance.host.nodes import nodes_of
+
+    nodes = nodes_of(args)
+    if args.config is None and getattr(args, "node", None) is None:
+        nodes = [n for n in nodes if _alive(n.pid())][:1]
+    if not nodes:
+        print(f"pst log {args.log_command}: no server of the cluster is running", file=sys.stderr)
+        return None
+    return _node_socket(nodes[0])
+
+
+def _log_messages(args: argparse.Namespace) -> list[bytes]:
+    """What ``pst log append`` sends: TEXT, or each line of standard input (``-`` or nothing),
+    as RFC 5424 messages from this host and ``--app`` (``--raw``: the bytes as they are)."""
+    import socket
+    import time
+
+    from appliance.apps.log.syslog import build_rfc5424
+
+    if args.text is not None and args.text != "-":
+        texts = [args.text.encode("utf-8")]
+    else:
+        texts = [line.rstrip(b"\r\n") for line in sys.stdin.buffer]
+        texts = [t for t in texts if t]
+    if args.raw:
+        return texts
+    host = "".join(c for c in socket.gethostname() if 32 < ord(c) < 127)[:255] or None
+    app = args.app[:48]
+    out = []
+    for text in texts:
+        stamp = (
+            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{time.time_ns() // 1000 % 1_000_000:06d}Z"
+        )
+        out.append(build_rfc5424(13, stamp, host, app, str(os.getpid()), None, msg=text))
+    return out
+
+
+def _cmd_log_append(args: argparse.Namespace) -> int:
+    from appliance.api.client import PstClient, PstError
+
+    messages = _log_messages(args)
+    if not messages:
+        print("pst log append: nothing to append (no TEXT, and no line on standard input)", file=sys.stderr)
+        return 2
+    sock = _log_socket(args)
+    if sock is None:
+        return 1
+    batches: list[list[bytes]] = [[]]
+    for message in messages:
+        last = batches[-1]
+        if last and (len(last) >= LOG_APPEND_BATCH or sum(map(len, last)) + len(message) > LOG_APPEND_BYTES):
+            batches.append([])
+        batches[-1].append(message)
+    try:
+        with PstClient(sock) as client:
+            client.register(args.app, b"pst-log")
+            for batch in batches:
+                indices, size = client.log_append(batch)
+                for index in indices:
+                    print(f"appended entry {index}")
+    except PstError as exc:
+        print(f"pst log append: {exc}", file=sys.stderr)
+        return 1
+    print(f"log size {size}")
+    return 0
+
+
+def _print_entries(start: int, entries: list[bytes], args: argparse.Namespace, since_us: int | None) -> None:
+    from appliance.apps.log import show
+
+    for offset, data in enumerate(entries):
+        entry = show.decode(data)
+        index = start + offset
+        if entry is None:
+            if since_us is None and args.host is None and args.app is None:
+                print(
+                    json.dumps({"index": index, "error": "not a log entry"})
+                    if args.json
+                    else f"{index}  (not a log entry)"
+                )
+            continue
+        if not show.matches(entry, since_us=since_us, host=args.host, app=args.app):
+            continue
+        print(
+            json.dumps(show.entry_json(index, entry)) if args.json else show.entry_line(index, entry),
+            flush=True,
+        )
+
+
+def _print_range(client: Any, start: int, end: int, args: argparse.Namespace, since_us: int | None) -> int:
+    """Print entries [start, end) page by page; where the log ended (it may end sooner)."""
+    while start < end:
+        entries = client.log_entries(start, min(256, end - start))
+        if not entries:
+            break
+        _print_entries(start, entries, args, since_us)
+        start += len(entries)
+    return start
+
+
+def _cmd_log_tail(args: argparse.Namespace) -> int:
+    import time
+
+    from appliance.api.client import PstClient, PstError
+
+    if args.lines < 0:
+        print("pst log tail: -n must be 0 or more", file=sys.stderr)
+        return 2
+    sock = _log_socket(args)
+    if sock is None:
+        return 1
+    args.host = args.app = None
+    try:
+        with PstClient(sock) as client:
+            size, _ = client.log_size()
+            done = _print_range(client, max(0, size - args.lines), size, args, None)
+            while args.follow:
+                time.sleep(0.5)
+                size, _ = client.log_size()
+                done = _print_range(client, done, size, args, None)
+    except PstError as exc:
+        print(f"pst log tail: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _first_since(client: Any, size: int, since_us: int) -> int:
+    """The first index whose receive time is at least ``since_us`` (binary search: receive
+    times grow along the log, up to the slack the caller leaves)."""
+    from appliance.apps.log import show
+
+    low, high = 0, size
+    while low < high:
+        mid = (low + high) // 2
+        entries = client.log_entries(mid, 1)
+        entry = show.decode(entries[0]) if entries else None
+        if entry is not None and entry.received < since_us:
+            low = mid + 1
+        else:
+            high = mid
+    return low
+
+
+def _cmd_log_show(args: argparse.Namespace) -> int:
+    import time
+
+    from appliance.api.client import PstClient, PstError
+    from appliance.apps.log import show
+
+    try:
+        since = show.parse_since(args.since, time.time())
+    except ValueError as exc:
+        print(f"pst log show: {exc}", file=sys.stderr)
+        return 2
+    sock = _log_socket(args)
+    if sock is None:
+        return 1
+    since_us = int(since * 1_000_000)
+    try:
+        with PstClient(sock) as client:
+            size, _ = client.log_size()
+            start = _first_since(client, size, since_us - int(LOG_SHOW_SLACK * 1_000_000))
+            _print_range(client, start, size, args, since_us)
+    except PstError as exc:
+        print(f"pst log show: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_log_commands(sub: Any) -> None:
+    from appliance.host.nodes import add_node_options
+
+    logp = sub.add_parser(
+        "log", help="the append-only log: append, tail, show (a server's local API); verify (anyone)"
+    )
+    lsub = logp.add_subparsers(dest="log_command", metavar="ACTION", required=True)
+    where = "with --dir: --node I, or the first server that runs"
+    append = lsub.add_parser(
+        "append", help="append TEXT (or each line of standard input) to the log; prints each entry's index"
+    )
+    add_node_options(append, node=True)
+    append.add_argument("text", nargs="?", metavar="TEXT|-", help="the message (default -: standard input)")
+    append.add_argument("--app", default="pst-cli", help="the application name registered and in the message")
+    append.add_argument("--raw", action="store_true", help="send the bytes as they are (no RFC 5424 header)")
+    append.set_defaults(func=_cmd_log_append)
+    tail = lsub.add_parser("tail", help=f"the last entries of a server's log ({where})")
+    add_node_options(tail, node=True)
+    tail.add_argument("-n", "--lines", type=int, default=10, help="how many (default 10)")
+    tail.add_argument("-f", "--follow", action="store_true", help="then print new entries as they come")
+    tail.add_argument("--json", action="store_true", help="one JSON object per entry")
+    tail.set_defaults(func=_cmd_log_tail)
+    showp = lsub.add_parser("show", help=f"entries received since a time, by host and application ({where})")
+    add_node_options(showp, node=True)
+    showp.add_argument(
+        "--since", required=True, help="Unix seconds, ISO 8601 (UTC unless it says) or 90s/10m/2h/3d ago"
+    )
+    showp.add_argument("--host", help="only entries whose syslog HOSTNAME is this")
+    showp.add_argument("--app", help="only entries whose syslog APP-NAME (or tag) is this")
+    showp.add_argument("--json", action="store_true", help="one JSON object per entry")
+    showp.set_defaults(func=_cmd_log_show)
+    _add_log_verify(lsub)
 
 
 def _add_api_commands(sub: Any) -> None:
@@ -899,7 +1117,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--base-port",
         type=int,
         default=7100,
-        help="server i listens on base+i, its status page on base+100+i (default 7100)",
+        help="server i listens on base+i, its status page on base+100+i, its syslog (UDP, TCP) on "
+        "base+200+i and RELP on base+300+i (default 7100)",
     )
     demo.set_defaults(func=_cmd_demo)
     sim = sub.add_parser("sim", help="replay one deterministic simulation of the refresh protocol")
@@ -921,7 +1140,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--base-port",
         type=int,
         default=7100,
-        help="server i listens on base+i, its status page on base+100+i (default 7100)",
+        help="server i listens on base+i, its status page on base+100+i, its syslog (UDP, TCP) on "
+        "base+200+i and RELP on base+300+i (default 7100)",
     )
     cinit.add_argument(
         "--network-ceremony",
@@ -954,6 +1174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub)  # check, manifest, upgrade
     _add_api_commands(sub)
+    _add_log_commands(sub)
 
     status = sub.add_parser(
         "status",
@@ -1020,7 +1241,6 @@ def build_parser() -> argparse.ArgumentParser:
     rshow = rsub.add_parser("show", help="the ROM backend and the Vstart it holds (refuses a writable ROM)")
     rshow.add_argument("--config", required=True, help="the server's TOML config ([rom] section)")
     rshow.set_defaults(func=_cmd_rom)
-    _add_log_commands(sub)
     return parser
 
 

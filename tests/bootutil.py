@@ -71,7 +71,8 @@ def random_free_base_port(n: int) -> int:
         base = random.randrange(30000, 60000 - n)
         with contextlib.ExitStack() as stack:
             try:
-                for i in [*range(1, n + 1), *range(101, 101 + n)]:  # the servers, their HTTP services
+                # the servers, their HTTP services, their syslog (TCP; UDP is rarely taken) and RELP
+                for i in [*range(1, n + 1), *range(101, 101 + n), *range(201, 201 + n), *range(301, 301 + n)]:
                     s = stack.enter_context(socket.socket())
                     s.bind(("127.0.0.1", base + i))
             except OSError:

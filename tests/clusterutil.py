@@ -14,12 +14,26 @@ from pathlib import Path
 PST = [sys.executable, "-m", "appliance.cli"]
 
 
-#: `pst cluster init` puts server i's HTTP service on base + 100 + i (appliance.node.cluster).
+#: `pst cluster init` puts server i's HTTP service on base + 100 + i, its syslog (UDP and TCP) on
+#: base + 200 + i and its RELP on base + 300 + i (appliance.node.cluster).
 HTTP_PORT_OFFSET = 100
+SYSLOG_PORT_OFFSET = 200
+RELP_PORT_OFFSET = 300
+
+
+def _free(port: int, kind: socket.SocketKind = socket.SOCK_STREAM) -> bool:
+    with socket.socket(socket.AF_INET, kind) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def free_base_port(n: int) -> int:
-    """A base port with base+1..base+n (the servers) and base+101..base+100+n (their HTTP) free.
+    """A base port with every port of the cluster free: base+1..base+n (the servers),
+    base+101..base+100+n (their HTTP), base+201..base+200+n (syslog, TCP and UDP) and
+    base+301..base+300+n (RELP).
 
     The scan starts at a place of this process's own, so that two test runs on one machine
     rarely pick the same ports between one's check and its servers' bind.
@@ -27,15 +41,10 @@ def free_base_port(n: int) -> int:
     bases = list(range(20000, 60000, 97))
     first = (os.getpid() * 7919) % len(bases)
     for base in bases[first:] + bases[:first]:
-        ok = True
-        for i in [*range(1, n + 1), *range(HTTP_PORT_OFFSET + 1, HTTP_PORT_OFFSET + n + 1)]:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", base + i))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
+        offsets = (0, HTTP_PORT_OFFSET, SYSLOG_PORT_OFFSET, RELP_PORT_OFFSET)
+        ports = [base + offset + i for offset in offsets for i in range(1, n + 1)]
+        udp = [base + SYSLOG_PORT_OFFSET + i for i in range(1, n + 1)]
+        if all(_free(p) for p in ports) and all(_free(p, socket.SOCK_DGRAM) for p in udp):
             return base
     raise RuntimeError("no free ports")
 

@@ -158,11 +158,11 @@ class GatedSink:
         self.gate = trio.Event()
         self.fail = False
 
-    async def append(self, entries: Sequence[bytes]) -> None:
+    async def append(self, entries: Sequence[bytes]) -> Sequence[int]:
         await self.gate.wait()
         if self.fail:
             raise OSError("disk on fire")
-        await self.inner.append(entries)
+        return await self.inner.append(entries)
 
 
 async def test_relp_acknowledges_a_message_only_once_it_is_durable(tmp_path: Path) -> None:
@@ -309,12 +309,14 @@ class RecordingSink:
         self.batches: list[list[bytes]] = []
         self.fail_next = False
 
-    async def append(self, entries: Sequence[bytes]) -> None:
+    async def append(self, entries: Sequence[bytes]) -> Sequence[int]:
         await trio.sleep(0.01)
         if self.fail_next:
             self.fail_next = False
             raise OSError("no space left")
         self.batches.append(list(entries))
+        size = sum(len(b) for b in self.batches)
+        return range(size - len(entries), size)
 
 
 async def test_batches_hold_up_to_n_entries_and_a_failed_one_does_not_block_the_next() -> None:

@@ -93,6 +93,24 @@ def test_close_is_answered_after_the_messages_before_it() -> None:
     assert server.data_to_send() == b"2 rsp 6 200 OK\n3 rsp 0\n" and server.done
 
 
+def test_server_close_keeps_the_acknowledgements_and_drops_the_rest() -> None:
+    server = _opened()
+    events = _events(server, _frame(2, "syslog", b"<13>a") + _frame(3, "syslog", b"<13>b") + b"4 sys")
+    assert events == [Message(2, b"<13>a", 5), Message(3, b"<13>b", 5), NEED_DATA]
+    server.acknowledge(2)
+    server.server_close()  # 3 is never answered: the client resends it on its next session
+    assert server.state is State.SERVER_CLOSED and server.pending == 0
+    assert server.data_to_send() == b"2 rsp 6 200 OK\n0 serverclose 0\n" and server.done
+    with pytest.raises(LocalProtocolError, match="no message is waiting"):
+        server.acknowledge(3)
+    server.server_close()  # once is enough
+    assert server.data_to_send() == b""
+    failed = _opened()
+    _events(failed, b"x")
+    failed.server_close()  # a session that failed already sent its serverclose
+    assert failed.state is State.FAILED and failed.data_to_send().count(b"serverclose") == 1
+
+
 def test_the_window_pauses_reading_until_acknowledgements() -> None:
     server = RelpServer(window=2)
     stream = OPEN + b"".join(_frame(t, "syslog", b"<13>m%d" % t) for t in range(2, 6))

@@ -244,7 +244,7 @@ def _reencode(entry: Entry, **changes: object) -> bytes:
         ({"size": 3}, "size"),
         ({"time": -1}, "time"),
         ({"error": "also"}, "exactly one"),
-        ({"peer": "p" * 101}, "peer"),
+        ({"peer": "p" * 161}, "peer"),
         ({"extra": 1}, "wrong fields"),
         ({"syslog.pri": 192}, "PRI"),
         ({"syslog.pri": True}, "pri"),

@@ -171,6 +171,13 @@ def test_a_compromised_pst_serve_can_neither_read_a_share_nor_approve_an_upgrade
     assert (state / "private" / "period.cbor").stat().st_uid == KEYS
     assert (state / "public").stat().st_uid == KEYS
     assert (state / "serve").stat().st_uid == SERVER
+    # The log (cluster init writes a [log]): the server's, readable by the key-holder's group.
+    appended = cluster.pst("log", "append", "--dir", str(root), "--node", "1", "under privsep")
+    assert appended.returncode == 0 and appended.stdout.startswith("appended entry 0"), appended.stderr
+    log_dir = (state / "log").stat()
+    assert (log_dir.st_uid, log_dir.st_gid, log_dir.st_mode & 0o7777) == (SERVER, KEYS, 0o2750)
+    tree = (state / "log" / "state" / "tree").stat()
+    assert (tree.st_uid, tree.st_gid, tree.st_mode & 0o777) == (SERVER, KEYS, 0o640)
 
     # Acting as the network-facing account after a break-in.
     attempt = as_uid(

@@ -45,6 +45,7 @@ from appliance.api._core import (
     BackendUnavailable,
     DistributedBackend,
     Limits,
+    LogBackend,
     PeerCred,
     Request,
     TokenBucket,
@@ -52,7 +53,7 @@ from appliance.api._core import (
     app_signing_payload,
     parse_request,
 )
-from appliance.api._node import DistributedNode, PServerBackend
+from appliance.api._node import DistributedNode, LogAdapter, PServerBackend
 from appliance.api._registrations import RegistrationStore
 from appliance.api._server import ApiServer, bind_unix, peer_cred, serve_api
 from appliance.protocols.approvals import distributed_sign_payload
@@ -82,6 +83,8 @@ __all__ = [
     "DistributedBackend",
     "DistributedNode",
     "Limits",
+    "LogAdapter",
+    "LogBackend",
     "PServerBackend",
     "PeerCred",
     "RegistrationStore",

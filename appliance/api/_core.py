@@ -91,6 +91,19 @@ most every ten seconds as quotas, use times and the handles of existing registra
 (and by :meth:`ApiCore.flush` on the way out). Name ownership then lasts as long as
 the state directory.
 
+The log (``[log]`` in the server's config; :mod:`appliance.apps.log.service`), reached
+through :class:`LogBackend`: ``log_append(handle, messages)`` appends one to
+:data:`MAX_LOG_BATCH` messages (together at most :data:`MAX_MESSAGE_SIZE` bytes) as entries of
+transport ``api`` whose peer names the registration (``uid U app NAME``: the name and uid are
+the server's knowledge, not the client's claim), and answers with each entry's index only
+once they are durable (in order; consecutive in a server's own log, but a replicated log may
+place other entries between them). Entries are a quota of their own, per
+registration (``log_rate`` entries per second, bursts of ``log_burst``; in memory: a restart
+refills it). ``log_size`` and ``log_entries(start, count)`` (at most
+:data:`MAX_LOG_READ` entries, fewer when they pass 1 MiB) read the log without a handle, as
+the control operations (the log is public: the HTTP read side will serve the same entries).
+A server without a log, or whose log could not be opened, answers ``unavailable`` saying why.
+
 Quotas (the paper's "quota on the number of services a specific client can request"):
 at most ``max_registrations`` live registrations and ``max_names`` owned names per uid;
 ``sign``, ``sign_digest``, ``random`` and ``request`` are rate-limited by a token bucket per
@@ -157,6 +170,9 @@ ERROR_CODES: Final = frozenset(
 )
 MAX_PASSWORD_SIZE: Final = 1024
 REQUEST_ID_SIZE: Final = 32
+#: Messages one ``log_append`` carries at most; entries one ``log_entries`` returns at most.
+MAX_LOG_BATCH: Final = 64
+MAX_LOG_READ: Final = 256
 #: Protocols a distributed application may request.
 DISTRIBUTED_PROTOCOLS: Final = frozenset({"sign"})
 
@@ -212,6 +228,30 @@ class Backend(Protocol):
 
     async def random(self, nonce: bytes) -> tuple[bytes, bytes]:
         """GetRandom: (64 unbiasable bytes, the input they answer) for the client's nonce."""
+        ...
+
+
+class LogBackend(Protocol):
+    """What the log operations need from the node (``LogService`` in appliance.apps.log).
+
+    Raise :class:`BackendUnavailable` with a message safe to show the client."""
+
+    @property
+    def max_message_size(self) -> int:
+        """The longest message ``log_append`` takes (octets)."""
+        ...
+
+    async def log_append(self, client: str, messages: Sequence[bytes]) -> tuple[Sequence[int], int]:
+        """Append the messages from ``client``; (the index of each entry, the log's size) once
+        they are durable."""
+        ...
+
+    async def log_size(self) -> Mapping[str, Any]:
+        """``{"size": int, "origin": str}``."""
+        ...
+
+    async def log_entries(self, start: int, count: int) -> Sequence[bytes]:
+        """Up to ``count`` entries from index ``start`` (fewer at the end of the log)."""
         ...
 
 
@@ -305,6 +345,9 @@ OPS: Final[Mapping[str, Mapping[str, type]]] = {
     "upgrade_sign": {},
     "registrations": {},
     "revoke": {"name": str},
+    "log_append": {"handle": bytes, "messages": list},
+    "log_size": {},
+    "log_entries": {"start": int, "count": int},
 }
 #: Optional fields of each operation, with their types.
 OPTIONAL: Final[Mapping[str, Mapping[str, type]]] = {
@@ -373,6 +416,17 @@ def parse_request(obj: object) -> Request:
             raise ApiError(TOO_LARGE, f"field {key!r}: {len(args[key])} bytes exceeds {MAX_MESSAGE_SIZE}")
     if "request_id" in args and len(args["request_id"]) != REQUEST_ID_SIZE:
         raise bad("request_id", f"must be {REQUEST_ID_SIZE} bytes (as pending returned it)")
+    if "messages" in args:
+        messages = args["messages"]
+        if not 0 < len(messages) <= MAX_LOG_BATCH or not all(isinstance(m, bytes) for m in messages):
+            raise bad("messages", f"must be a list of 1 to {MAX_LOG_BATCH} byte strings")
+        total = sum(len(m) for m in messages)
+        if total > MAX_MESSAGE_SIZE:
+            raise ApiError(TOO_LARGE, f"field 'messages': {total} bytes in all exceeds {MAX_MESSAGE_SIZE}")
+    if "start" in args and not 0 <= args["start"] < 2**63:
+        raise bad("start", "must be in [0, 2**63)")
+    if "count" in args and not 1 <= args["count"] <= MAX_LOG_READ:
+        raise bad("count", f"must be 1 to {MAX_LOG_READ}")
     if "protocol" in args and args["protocol"] not in DISTRIBUTED_PROTOCOLS:
         raise bad("protocol", f"one of {', '.join(sorted(DISTRIBUTED_PROTOCOLS))}")
     if "password" in args and not 0 < len(args["password"]) <= MAX_PASSWORD_SIZE:
@@ -465,6 +519,9 @@ class Limits:
     sign_burst: float = 100.0
     control_rate: float = 20.0
     control_burst: float = 40.0
+    #: Log entries appended through ``log_append``, per registration.
+    log_rate: float = 100.0
+    log_burst: float = 1000.0
 
 
 # Registrations ---------------------------------------------------------------------------------
@@ -599,13 +656,17 @@ class ApiCore:
         offload: Callable[[Callable[[], bytes]], Awaitable[bytes]] | None = None,
         request_wait: float = 15.0,
         operators: frozenset[int] | None = None,
+        log_backend: LogBackend | None = None,
     ) -> None:
         """``store`` keeps registrations across restarts; ``offload`` runs scrypt off the event
         loop (e.g. in a thread); ``request_wait`` bounds how long a distributed request waits
         for the other clients' approvals. ``clock`` (monotonic) drives the rate limits, ``wall``
         (Unix time, kept across restarts) the registrations' ages and expiry. ``operators``:
-        the uids allowed the operator's operations (default root and our own uid)."""
+        the uids allowed the operator's operations (default root and our own uid).
+        ``log_backend``: the server's log (None: the log operations answer ``unavailable``)."""
         self.backend = backend
+        self.log_backend = log_backend
+        self._log_buckets: dict[tuple[str, bytes, int], TokenBucket] = {}
         self.distributed = backend if isinstance(backend, DistributedBackend) else None
         self.limits = limits if limits is not None else Limits()
         self.clock = clock
@@ -783,6 +844,8 @@ class ApiCore:
             return await self._random(args["handle"], args["nonce"], peer)
         if request.op == "request":
             return await self._request(args["handle"], args["protocol"], args["payload"], peer)
+        if request.op == "log_append":
+            return await self._log_append(args["handle"], args["messages"], peer)
         self._charge_control(peer, 4.0 if request.op == "register_distributed" else 1.0)
         if request.op in OPERATOR_OPS and peer.uid not in self.operators:
             log.warning("api: uid %d (pid %d) refused %s: not the operator", peer.uid, peer.pid, request.op)
@@ -810,6 +873,10 @@ class ApiCore:
             return {}
         if request.op == "get_time":
             return {"times_us": await self._get_time()}
+        if request.op == "log_size":
+            return dict(await self._call_log("read the log", lambda log: log.log_size()))
+        if request.op == "log_entries":
+            return await self._log_entries(args["start"], args["count"])
         assert request.op == "status", request.op
         return {"status": await self._status()}
 
@@ -1179,6 +1246,63 @@ class ApiCore:
         except Exception as exc:
             log.error("api: distributed %s failed (%s)", what, type(exc).__name__)
             raise ApiError(UNAVAILABLE, f"cannot {what} now") from None
+
+    # The log ----------------------------------------------------------------------------------
+
+    async def _call_log(self, what: str, call: Callable[[LogBackend], Awaitable[Any]]) -> Any:
+        if self.log_backend is None:
+            raise ApiError(UNAVAILABLE, "this server runs no log (no [log] section in its config)")
+        try:
+            return await call(self.log_backend)
+        except BackendUnavailable as exc:
+            raise ApiError(UNAVAILABLE, f"cannot {what} now: {str(exc)[:300]}") from None
+        except Exception as exc:
+            log.error("api: log backend failed to %s (%s)", what, type(exc).__name__)
+            raise ApiError(UNAVAILABLE, f"cannot {what} now") from None
+
+    async def _log_append(self, handle: bytes, messages: list[bytes], peer: PeerCred) -> Mapping[str, Any]:
+        reg = self._lookup(handle, peer)
+        if self.log_backend is None:
+            raise ApiError(UNAVAILABLE, "this server runs no log (no [log] section in its config)")
+        limit = self.log_backend.max_message_size
+        for k, message in enumerate(messages):
+            if len(message) > limit:
+                raise ApiError(
+                    TOO_LARGE, f"field 'messages': message {k} has {len(message)} bytes, over {limit}"
+                )
+        limits = self.limits
+        bucket = self._log_buckets.get(reg.key)
+        if bucket is None:
+            if len(self._log_buckets) >= 4096:  # forget the buckets of registrations that are gone
+                live = set(self.registry.by_key)
+                self._log_buckets = {k: v for k, v in self._log_buckets.items() if k in live}
+            bucket = self._log_buckets[reg.key] = TokenBucket.full(
+                limits.log_rate, limits.log_burst, self.clock()
+            )
+        if not bucket.take(self.clock(), len(messages)):
+            wait = bucket.wait(len(messages))
+            raise ApiError(
+                QUOTA,
+                f"log rate limit of {reg.name!r} exceeded (at most {limits.log_rate:g} entries per second, "
+                f"bursts of {limits.log_burst:g}, shared by its handles): {_retry_hint(wait)}",
+                wait,
+            )
+        client = f"uid {reg.uid} app {reg.name}"
+        indices, size = await self._call_log(
+            "append to the log", lambda log: log.log_append(client, messages)
+        )
+        indices = list(indices)
+        if len(indices) != len(messages) or not all(isinstance(i, int) for i in (*indices, size)):
+            log.error("api: log backend returned %d indices for %d messages", len(indices), len(messages))
+            raise ApiError(UNAVAILABLE, "cannot append to the log now")
+        return {"indices": indices, "size": size}
+
+    async def _log_entries(self, start: int, count: int) -> Mapping[str, Any]:
+        async def read(log: LogBackend) -> tuple[Mapping[str, Any], Sequence[bytes]]:
+            return await log.log_size(), await log.log_entries(start, count)
+
+        head, entries = await self._call_log("read the log", read)
+        return {"start": start, "entries": list(entries)[:MAX_LOG_READ], "size": head["size"]}
 
     async def _get_time(self) -> dict[int, int | None]:
         try:

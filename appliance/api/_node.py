@@ -21,6 +21,9 @@ PServer already has, without importing the node package (it takes callables and 
   ``LinkApprovals`` over the key-holder link), whose plain-data answers
   (``{"error": code, "message": ...}`` on failure) become :class:`BackendRefused` or
   :class:`BackendUnavailable`.
+* the log (:class:`~appliance.api.LogBackend`): :class:`LogAdapter` around the server's
+  :class:`~appliance.apps.log.service.LogService`, whose
+  :class:`~appliance.apps.log.service.LogUnavailable` becomes :class:`BackendUnavailable`.
 """
 
 from __future__ import annotations
@@ -31,9 +34,12 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
+
+if TYPE_CHECKING:
+    from appliance.apps.log.service import LogService
 
 from appliance.api._core import (
     REFUSED,
@@ -192,3 +198,32 @@ class PServerBackend:
         if not isinstance(body, dict):
             raise BackendUnavailable("no status yet")
         return body
+
+
+class LogAdapter:
+    """The :class:`~appliance.api.LogBackend` of a :class:`~appliance.apps.log.service.LogService`."""
+
+    def __init__(self, service: LogService) -> None:
+        self.service = service
+
+    @property
+    def max_message_size(self) -> int:
+        return self.service.max_message_size
+
+    async def _call(self, call: Awaitable[Any]) -> Any:
+        from appliance.apps.log.service import LogUnavailable
+
+        try:
+            return await call
+        except LogUnavailable as exc:
+            raise BackendUnavailable(str(exc)) from None
+
+    async def log_append(self, client: str, messages: Sequence[bytes]) -> tuple[Sequence[int], int]:
+        indices, size = await self._call(self.service.log_append(client, messages))
+        return list(indices), int(size)
+
+    async def log_size(self) -> Mapping[str, Any]:
+        return dict(await self._call(self.service.log_size()))
+
+    async def log_entries(self, start: int, count: int) -> Sequence[bytes]:
+        return list(await self._call(self.service.log_entries(start, count)))

@@ -56,6 +56,7 @@ from appliance.api._core import (
     ApiCore,
     Backend,
     Limits,
+    LogBackend,
     PeerCred,
     encode_response,
     error_response,
@@ -322,6 +323,7 @@ async def serve_api(
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID,
+    log_backend: LogBackend | None = None,
     task_status: trio.TaskStatus[ApiServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the local API at ``path`` until cancelled; ``nursery.start`` returns the ApiServer.
@@ -330,11 +332,13 @@ async def serve_api(
     restarts (``serve/api-registrations.cbor``); without it they live in memory only.
     ``reserved`` pins application names to uids (nobody else may register them);
     ``group`` is the gid given to the socket file (mode 0660) so that members of that group
-    may connect.
+    may connect. ``log_backend`` serves the log operations (the server's ``[log]``).
     """
     sock_path = Path(path)
     store = RegistrationStore.in_state_dir(state_dir) if state_dir is not None else None
-    core = ApiCore(backend, limits=limits, reserved=reserved, store=store, offload=_in_thread)
+    core = ApiCore(
+        backend, limits=limits, reserved=reserved, store=store, offload=_in_thread, log_backend=log_backend
+    )
     sock = await bind_unix(sock_path, group=group)
     bound = os.stat(sock_path)
     server = ApiServer(

@@ -525,6 +525,39 @@ class PstClient:
             raise PstError("connection", "malformed status response")
         return status
 
+    # The log --------------------------------------------------------------------------------
+
+    def log_append(self, messages: Sequence[bytes], handle: bytes | None = None) -> tuple[list[int], int]:
+        """Append 1 to 64 messages (64 KiB in all) to the server's log as one registered client;
+        (the index of each entry, the log's size) once they are durable. The entries name this
+        client (``uid U app NAME``)."""
+        result = self._with_handle("log_append", handle, messages=[bytes(m) for m in messages])
+        indices, size = result.get("indices"), result.get("size")
+        if (
+            not isinstance(indices, list)
+            or len(indices) != len(messages)
+            or not all(isinstance(i, int) for i in indices)
+            or not isinstance(size, int)
+        ):
+            raise PstError("connection", "malformed log_append response")
+        return indices, size
+
+    def log_size(self) -> tuple[int, str]:
+        """(the log's size, its origin)."""
+        result = self._call("log_size")
+        size, origin = result.get("size"), result.get("origin")
+        if not isinstance(size, int) or not isinstance(origin, str):
+            raise PstError("connection", "malformed log_size response")
+        return size, origin
+
+    def log_entries(self, start: int, count: int) -> list[bytes]:
+        """Up to ``count`` (1-256) entries from index ``start``, as stored (CBOR: decode them with
+        ``appliance.apps.log.syslog.Entry.decode``); fewer at the end of the log or past 1 MiB."""
+        entries = self._call("log_entries", start=start, count=count).get("entries")
+        if not isinstance(entries, list) or not all(isinstance(e, bytes) for e in entries):
+            raise PstError("connection", "malformed log_entries response")
+        return entries
+
 
 def _result(response: object, rid: int) -> dict[str, Any]:
     if not isinstance(response, dict) or response.get("v") != API_VERSION:

@@ -44,6 +44,25 @@ Example (``pst cluster init`` writes one per server)::
     server_user = "pst"            # the network-facing process: TLS, the API socket, HTTP
     keyholder_user = "pst-keys"    # the key-holder: alone owns private/ and public/
 
+    [log]                          # the append-only log and its syslog ingest (optional section;
+                                   # without it this server runs no log)
+    origin = "log.example.org/pst" # the log's name in its checkpoints, the same on every server
+                                   # (default "pst-<genesis>.invalid/log": set a name of yours)
+    dir = "/var/lib/pst/log"       # the tiles and entry bundles (default <state_dir>/log)
+    udp = "0.0.0.0:514"            # syslog over UDP (RFC 5426); each transport only if given
+    tcp = "0.0.0.0:514"            # syslog over TCP (RFC 6587)
+    relp = "0.0.0.0:2514"          # RELP (acknowledged once durable)
+    # tls = "0.0.0.0:6514"         # syslog over TLS (RFC 5425) and
+    # relp_tls = "0.0.0.0:2515"    # RELP over TLS: both need cert and key
+    # cert = "/etc/pst/syslog.crt" # PEM certificate chain and its key (both or neither)
+    # key = "/etc/pst/syslog.key"
+    # max_message_size = 64512     # octets kept of a message (longer ones are cut and flagged)
+    # max_connections = 1024       # TCP, TLS and RELP connections at a time
+    # messages_per_second = 100000 # per connection (per source address for UDP)
+    # bytes_per_second = 67108864
+    # batch_entries = 1024         # entries appended together at most
+    # batch_delay_ms = 10          # how long the first entry of a batch waits for others
+
 Errors name the file and the key, and say what is expected.
 """
 
@@ -54,9 +73,12 @@ import pwd
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.protocols.state import ConfigError, Constants
+
+if TYPE_CHECKING:
+    import ssl
 
 #: The TPM NV index that holds the ROM image, and how to reach the TPM (appliance.boot.tpm).
 DEFAULT_NV_INDEX = 0x01500050
@@ -134,6 +156,30 @@ class Privsep:
     keyholder: Account
 
 
+#: The largest message the log keeps whole (appliance.apps.log.syslog.MAX_MESSAGE_SIZE).
+LOG_MAX_MESSAGE_SIZE = 64_512
+#: The transports of the [log] section's listen keys, in the order they are started.
+LOG_TRANSPORTS = ("udp", "tcp", "relp", "tls", "relp_tls")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """The [log] section: the log's origin and directory, where its syslog servers listen
+    (one ``(host, port)`` per configured transport), the TLS certificate and key, the
+    ingest limits the config sets (by the name of their field of
+    :class:`appliance.apps.log.ingest.Limits`, whose defaults hold for the others) and the
+    batching (``batch_entries``, ``batch_delay`` in seconds: the Batcher's, None for its
+    default)."""
+
+    origin: str
+    directory: Path
+    listen: dict[str, tuple[str, int]] = field(default_factory=dict)
+    cert: Path | None = None
+    key: Path | None = None
+    limits: dict[str, Any] = field(default_factory=dict)
+    batching: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     path: Path
@@ -151,6 +197,7 @@ class NodeConfig:
     rom_device: Path | None = None
     http: HttpConfig = field(default_factory=HttpConfig)
     privsep: Privsep | None = None
+    log: LogConfig | None = None
 
     @property
     def peers(self) -> dict[int, tuple[str, int]]:
@@ -238,15 +285,17 @@ def from_dict(raw: dict[str, Any], path: Path) -> NodeConfig:
     if server_id not in constants.ids:
         raise ConfigError(f"{path}: server.id {server_id} is not one of 1..{constants.n}")
     rom_settings = _rom_settings(rom, path)
+    state_dir = Path(_get(server, "state_dir", str, path, "server"))
     return NodeConfig(
         path=path,
         server_id=server_id,
         listen=parse_address(_get(server, "listen", str, path, "server"), "server.listen", path),
-        state_dir=Path(_get(server, "state_dir", str, path, "server")),
+        state_dir=state_dir,
         api_socket=Path(_get(server, "api_socket", str, path, "server")),
         constants=constants,
         http=_http_settings(raw.get("http"), path, constants.ids),
         privsep=_privsep_settings(raw.get("privsep"), path),
+        log=_log_settings(raw.get("log"), path, state_dir, constants),
         **rom_settings,
     )
 
@@ -254,17 +303,17 @@ def from_dict(raw: dict[str, Any], path: Path) -> NodeConfig:
 _HTTP_KEYS = {"enabled", "listen", "cert", "key", "client_ca", "ca", "hosts", "peers"}
 
 
-def _file_key(table: dict[str, Any], key: str, path: Path) -> Path | None:
+def _file_key(table: dict[str, Any], key: str, path: Path, section: str = "http") -> Path | None:
     if key not in table:
         return None
     value = table[key]
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{path}: http.{key} must be a file path, got {value!r}")
+        raise ConfigError(f"{path}: {section}.{key} must be a file path, got {value!r}")
     file = Path(value)
     if not file.is_absolute():
         file = path.parent / file
     if not file.is_file():
-        raise ConfigError(f"{path}: http.{key}: no such file {file}")
+        raise ConfigError(f"{path}: {section}.{key}: no such file {file}")
     return file
 
 
@@ -320,6 +369,131 @@ def _http_settings(http: Any, path: Path, ids: range) -> HttpConfig:
     )
 
 
+_LOG_KEYS = {
+    "origin",
+    "dir",
+    *LOG_TRANSPORTS,
+    "cert",
+    "key",
+    "max_message_size",
+    "max_connections",
+    "messages_per_second",
+    "bytes_per_second",
+    "batch_entries",
+    "batch_delay_ms",
+}
+
+
+def default_log_origin(constants: Constants) -> str:
+    """The origin of a log whose config names none: the same on every server of a network."""
+    return f"pst-{int(constants.genesis)}.invalid/log"
+
+
+def _number(table: dict[str, Any], key: str, path: Path, low: float, high: float, *, integer: bool) -> Any:
+    """``log.key`` if the section sets it (checked), else None."""
+    if key not in table:
+        return None
+    value = table[key]
+    number = isinstance(value, int) or (not integer and isinstance(value, float))
+    if isinstance(value, bool) or not number or not low <= value <= high:
+        what = "an integer" if integer else "a number"
+        raise ConfigError(f"{path}: log.{key} must be {what} in {low:.15g}..{high:.15g}, got {value!r}")
+    return value
+
+
+def _log_settings(section: Any, path: Path, state_dir: Path, constants: Constants) -> LogConfig | None:
+    """The [log] section (optional: without it, no log)."""
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [log] must be a section")
+    for key in section:
+        if key not in _LOG_KEYS:
+            raise ConfigError(f"{path}: log.{key} is not a known key (known: {', '.join(sorted(_LOG_KEYS))})")
+    origin = section.get("origin", default_log_origin(constants))
+    if (
+        not isinstance(origin, str)
+        or not origin
+        or len(origin) > 255
+        or "+" in origin
+        or any(ch.isspace() or not ch.isprintable() for ch in origin)
+    ):
+        raise ConfigError(
+            f'{path}: log.origin must be a name without spaces, "+" or control characters '
+            f'(such as "log.example.org/pst"), got {origin!r}'
+        )
+    directory = state_dir / "log"
+    if "dir" in section:
+        value = section["dir"]
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{path}: log.dir must be a directory path, got {value!r}")
+        directory = Path(value) if Path(value).is_absolute() else path.parent / value
+    listen: dict[str, tuple[str, int]] = {}
+    for transport in LOG_TRANSPORTS:
+        if transport in section:
+            listen[transport] = parse_address(section[transport], f"log.{transport}", path, ipv6=True)
+    streams = [t for t in LOG_TRANSPORTS if t != "udp" and t in listen]
+    for i, first in enumerate(streams):
+        for second in streams[i + 1 :]:
+            if listen[first] == listen[second]:
+                raise ConfigError(
+                    f"{path}: log.{first} and log.{second} are the same TCP address {section[first]!r}"
+                )
+    cert, key = _file_key(section, "cert", path, "log"), _file_key(section, "key", path, "log")
+    if (cert is None) != (key is None):
+        raise ConfigError(f"{path}: log.cert and log.key go together: give both or neither")
+    for transport in ("tls", "relp_tls"):
+        if transport in listen and cert is None:
+            raise ConfigError(f"{path}: log.{transport} needs log.cert and log.key (its TLS certificate)")
+    limits: dict[str, Any] = {}
+    for name, low, high, integer in (
+        ("max_message_size", 480, LOG_MAX_MESSAGE_SIZE, True),
+        ("max_connections", 1, 1_000_000, True),
+        ("messages_per_second", 1, 1e9, False),
+        ("bytes_per_second", 1024, 1e12, False),
+    ):
+        if (value := _number(section, name, path, low, high, integer=integer)) is not None:
+            limits[name] = value
+    batching: dict[str, Any] = {}
+    if (entries := _number(section, "batch_entries", path, 1, 16384, integer=True)) is not None:
+        batching["batch_entries"] = entries
+    if (delay := _number(section, "batch_delay_ms", path, 0, 10_000, integer=False)) is not None:
+        batching["batch_delay"] = delay / 1000
+    return LogConfig(
+        origin=origin,
+        directory=directory,
+        listen=listen,
+        cert=cert,
+        key=key,
+        limits=limits,
+        batching=batching,
+    )
+
+
+def check_log_tls(config: NodeConfig) -> None:
+    """Load the syslog TLS certificate and key once, so that a bad file stops ``pst serve`` at
+    start with its name (the key file is read here and by the ingest only)."""
+
+    log = config.log
+    if log is not None and log.cert is not None and log.key is not None:
+        server_tls_context(log.cert, log.key, "log", config.path)
+
+
+def server_tls_context(cert: Path, key: Path, section: str, path: Path) -> ssl.SSLContext:
+    """A server-side TLS context with ``cert`` and ``key`` loaded; ConfigError naming them."""
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"{path}: {section}.cert / {section}.key: cannot load {cert} with {key}: "
+            f"{getattr(exc, 'reason', None) or exc.strerror or type(exc).__name__}"
+        ) from None
+    return context
+
+
 def check_http_tls(config: NodeConfig) -> None:
     """Load the HTTP service's certificate, key and CAs once, so a bad file stops ``pst serve``
     at start with its name and key (the key file is read here and by the HTTP service only)."""
@@ -328,14 +502,7 @@ def check_http_tls(config: NodeConfig) -> None:
     http = config.http
     if not http.enabled or http.cert is None or http.key is None:
         return
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(str(http.cert), str(http.key))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"{config.path}: http.cert / http.key: cannot load {http.cert} with {http.key}: "
-            f"{getattr(exc, 'reason', None) or exc.strerror or type(exc).__name__}"
-        ) from None
+    context = server_tls_context(http.cert, http.key, "http", config.path)
     for key, file in (("client_ca", http.client_ca), ("ca", http.ca)):
         if file is None:
             continue

@@ -5,7 +5,11 @@
     D/cluster.toml            n, t, ports (for the pst commands)
     D/node-<i>/config.toml    the server's config (constants C identical everywhere)
     D/node-<i>/rom            the simulated ROM holding Vstart (read-only)
-    D/node-<i>/state/         the state directory (public/ and private/)
+    D/node-<i>/state/         the state directory (public/ and private/; log/: the log)
+
+Ports of server i (``base`` is ``--base-port``): base+i between the servers, base+100+i its
+status page, base+200+i its syslog over UDP and over TCP, base+300+i its RELP (all on
+127.0.0.1; :func:`check_ports`).
 
 C names the code it runs: ``code_digest`` is the digest of the manifest of the environment
 this interpreter runs in (the venv with its site-packages, ``bin/`` and ``pyvenv.cfg``, and
@@ -30,6 +34,7 @@ from pathlib import Path
 from appliance.boot.check import store_manifest
 from appliance.boot.manifest import Manifest, installed
 from appliance.boot.rom import SimulatedRom
+from appliance.host.config import default_log_origin
 from appliance.host.files import atomic_write
 from appliance.node.store import StateDir
 from appliance.protocols.state import SCERT, ConfigError, Constants
@@ -44,18 +49,26 @@ def node_dir(root: Path, i: int) -> Path:
 HTTP_PORT_OFFSET = 100
 
 
+#: Server i's syslog over UDP and over TCP listen on base_port + SYSLOG_PORT_OFFSET + i, its
+#: RELP on base_port + RELP_PORT_OFFSET + i.
+SYSLOG_PORT_OFFSET = 200
+RELP_PORT_OFFSET = 300
+
+
 def http_url(base_port: int, i: int) -> str:
     return f"http://127.0.0.1:{base_port + HTTP_PORT_OFFSET + i}"
 
 
 def check_ports(n: int, base_port: int) -> None:
-    """Every port the cluster uses (base+1..base+n, base+101..base+100+n) is a TCP port, 1..65535."""
-    highest = base_port + HTTP_PORT_OFFSET + n
+    """Every port the cluster uses (base+1..base+n, base+101..base+100+n, base+201..base+200+n,
+    base+301..base+300+n) is a port, 1..65535."""
+    highest = base_port + RELP_PORT_OFFSET + n
     if not 1 <= base_port <= 65535 or highest > 65535:
         raise ConfigError(
-            f"--base-port {base_port}: the servers listen on base+1..base+{n} and their status pages "
-            f"on base+{HTTP_PORT_OFFSET + 1}..base+{HTTP_PORT_OFFSET + n}, so it must be in "
-            f"1..{65535 - HTTP_PORT_OFFSET - n} (ports go up to 65535)"
+            f"--base-port {base_port}: the servers listen on base+1..base+{n}, their status pages "
+            f"on base+{HTTP_PORT_OFFSET + 1}..base+{HTTP_PORT_OFFSET + n}, their syslog on "
+            f"base+{SYSLOG_PORT_OFFSET + 1}.. and RELP up to base+{RELP_PORT_OFFSET + n}, so it must be "
+            f"in 1..{65535 - RELP_PORT_OFFSET - n} (ports go up to 65535)"
         )
 
 
@@ -95,6 +108,13 @@ listen = "127.0.0.1:{base_port + HTTP_PORT_OFFSET + i}"
 # Where this server fetches the others' /v1/status for its network page.
 [http.peers]
 {http_peers}
+
+# The append-only log: this server's copy in state/log, syslog on loopback.
+[log]
+origin = "{default_log_origin(c)}"
+udp = "127.0.0.1:{base_port + SYSLOG_PORT_OFFSET + i}"
+tcp = "127.0.0.1:{base_port + SYSLOG_PORT_OFFSET + i}"
+relp = "127.0.0.1:{base_port + RELP_PORT_OFFSET + i}"
 """
 
 

@@ -31,6 +31,19 @@ Owners and modes of the state directory::
                                            read by everyone
     <state>/serve/      server      2750   what pst serve writes: the API's registrations, its
                         group keyholder    own alerts; the key-holder reads the registrations
+    <state>/log/        server      2750   the log's tiles and entry bundles ([log] dir, which may
+                        group keyholder    be elsewhere): written by pst serve's ingest, readable by
+                                           the key-holder's group (the checkpoint guard will read it)
+
+The log's directory is handed over whole (``chown -R``) only when its top is not yet the
+server's: a log of millions of files is not walked at every start. New files inherit the
+key-holder's group from the set-group-id directories, and the server's umask 027 leaves
+them readable to that group.
+
+Syslog ports below 1024 (514): ``pst serve`` binds the [log] sockets after forking the
+zygote and before it drops to the server's account (:func:`appliance.node.run.bind_log`),
+so the server's account needs no capability; the sockets are never inherited by the
+key-holder.
 
 So the server's account can read no share (``private/`` is not even listable) and cannot
 write an approval (``public/`` is not writable to it). What it can still do if it is taken
@@ -108,11 +121,24 @@ def prepare(config: NodeConfig, privsep: Privsep) -> None:
         serve.mkdir(exist_ok=True)
         _own_tree(serve, server.uid, keys.gid)
         os.chmod(serve, 0o2750)
+        if config.log is not None:
+            _log_dir(config.log.directory, server, keys)
         _socket_dir(config, server)
     except OSError as exc:
         raise PrivsepError(
             f"{exc.filename}: cannot prepare for privilege separation: {exc.strerror}"
         ) from None
+
+
+def _log_dir(directory: Path, server: Account, keys: Account) -> None:
+    """The log's directory: the server's, group key-holder, 2750 (chown -R the first time)."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode):
+        raise PrivsepError(f"{directory}: log.dir is not a directory")
+    if (st.st_uid, st.st_gid) != (server.uid, keys.gid):
+        _own_tree(directory, server.uid, keys.gid)
+    os.chmod(directory, 0o2750)
 
 
 def _socket_dir(config: NodeConfig, server: Account) -> None:

@@ -12,11 +12,11 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from appliance.api import ApiServer, PServerBackend, serve_api
+from appliance.api import ApiServer, LogAdapter, PServerBackend, serve_api
 from appliance.host import config as node_config
 from appliance.host.config import NodeConfig
 from appliance.net import ChannelIdentity, PeerNetwork
@@ -27,6 +27,9 @@ from appliance.node.sdnotify import Notifier
 from appliance.node.store import StateDir
 from appliance.protocols.signing import SigningRefused
 from appliance.protocols.state import ConfigError, Constants
+
+if TYPE_CHECKING:
+    from appliance.apps.log.service import Listener, LogService
 
 log = logging.getLogger("pst.server")
 
@@ -52,8 +55,55 @@ class RefreshWindow:
         return self.requested is not None and 0 <= now - self.requested < self.grace
 
 
-async def _serve(config: NodeConfig, zygote: int, control: socket.socket) -> None:
-    """The network-facing process: TLS to the peers, the local API, the key-holder link."""
+def bind_log(config: NodeConfig) -> list[Listener]:
+    """The [log] section's syslog sockets, bound now: before privileges are dropped (port 514)
+    and after the zygote's fork (the key-holder never holds them). ConfigError naming the key
+    if one cannot be bound."""
+    from appliance.apps.log.ingest import bind_tcp, bind_udp
+    from appliance.apps.log.service import Listener
+
+    if config.log is None:
+        return []
+    out: list[Listener] = []
+    for transport, (host, port) in config.log.listen.items():
+        try:
+            sock = bind_udp(host, port) if transport == "udp" else bind_tcp(host, port)
+        except OSError as exc:
+            for listener in out:
+                listener.sock.close()
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise ConfigError(
+                f"{config.path}: log.{transport} = {where!r}: cannot bind: {exc.strerror or exc}"
+            ) from None
+        out.append(Listener(transport, host, port, sock))
+    return out
+
+
+def open_log(config: NodeConfig, listeners: list[Listener]) -> LogService:
+    """The log of the [log] section, opened (blocking: run it in a thread); unavailable, with
+    the reason, if its directory cannot be opened (appliance.apps.log.service)."""
+    from appliance.apps.log.ingest import Limits
+    from appliance.apps.log.service import LogService
+
+    settings = config.log
+    assert settings is not None
+    context = None
+    if settings.cert is not None and settings.key is not None:
+        context = node_config.server_tls_context(settings.cert, settings.key, "log", config.path)
+    return LogService.open(
+        settings.directory,
+        settings.origin,
+        listeners=listeners,
+        ssl_context=context,
+        limits=Limits(**settings.limits),
+        batching=settings.batching,
+    )
+
+
+async def _serve(
+    config: NodeConfig, zygote: int, control: socket.socket, listeners: list[Listener] | None = None
+) -> None:
+    """The network-facing process: TLS to the peers, the local API, the key-holder link, the log."""
     notifier = Notifier.from_env(unset=True)  # systemd Type=notify; children must not inherit it
     addresses = dict(config.peers)
     addresses[config.server_id] = config.listen  # where we listen may differ from how peers reach us
@@ -96,9 +146,13 @@ async def _serve(config: NodeConfig, zygote: int, control: socket.socket) -> Non
                 log.warning("channels not re-keyed for period %d: %s", period, exc)
 
     link = KeyHolderLink(config, on_send=on_send, on_identity=on_identity)
+    log_service: LogService | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(notifier.run_watchdog)
         await nursery.start(link.run, zygote, control)
+        if config.log is not None:
+            log_service = await trio.to_thread.run_sync(open_log, config, listeners or [])
+            await nursery.start(log_service.run)
         backend = PServerBackend(
             link.sign,
             config.server_id,
@@ -110,11 +164,17 @@ async def _serve(config: NodeConfig, zygote: int, control: socket.socket) -> Non
             sign_upgrade=link.sign_upgrade,
         )
         api: ApiServer = await nursery.start(
-            functools.partial(serve_api, config.api_socket, backend, state_dir=config.state_dir)
+            functools.partial(
+                serve_api,
+                config.api_socket,
+                backend,
+                state_dir=config.state_dir,
+                log_backend=LogAdapter(log_service) if log_service is not None else None,
+            )
         )
         log.info("server %d: local API on %s", config.server_id, config.api_socket)
         if config.http.enabled:  # in the background: the signal receiver below must come at once
-            nursery.start_soon(_run_web, config, link, backend, api, lambda: net)
+            nursery.start_soon(_run_web, config, link, backend, api, lambda: net, log_service)
         notifier.ready(f"server {config.server_id}: serving, local API on {config.api_socket}")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
             async for signum in signals:
@@ -123,6 +183,8 @@ async def _serve(config: NodeConfig, zygote: int, control: socket.socket) -> Non
                     continue
                 log.info("server %d: %s received, stopping", config.server_id, signal.Signals(signum).name)
                 notifier.stopping(f"{signal.Signals(signum).name} received")
+                if log_service is not None:  # stop taking entries, append what was taken
+                    await log_service.stop()
                 nursery.cancel_scope.cancel()
                 break
 
@@ -154,6 +216,7 @@ async def _run_web(
     backend: PServerBackend,
     api: ApiServer,
     network: Callable[[], PeerNetwork | None],
+    log_service: LogService | None = None,
 ) -> None:
     """The HTTP service (status page, /v1, /metrics) until cancelled. A port it cannot bind is
     logged, not fatal: the status page must never take the key service down with it."""
@@ -173,6 +236,7 @@ async def _run_web(
         api_counts=lambda: api.core.counts,
         signature_counts=lambda: backend.signatures,
         keyholder_pid=lambda: link.child_pid,
+        log_status=(lambda: log_service.status()) if log_service is not None else (lambda: None),
     )
     service = WebService(sources, config.http)
     try:
@@ -232,6 +296,7 @@ def serve(path: Path) -> int:
     try:
         config = node_config.load(path)
         node_config.check_http_tls(config)
+        node_config.check_log_tls(config)
     except ConfigError as exc:
         print(f"pst serve: {exc}", file=sys.stderr)
         return 2
@@ -262,12 +327,20 @@ def serve(path: Path) -> int:
         print(f"pst serve: {exc}", file=sys.stderr)
         return 2
     zygote, control = start_zygote(config, separated)  # before trio: single-threaded, no secret held
+    try:  # after the zygote's fork, before the drop: port 514 needs root
+        listeners = bind_log(config)
+    except ConfigError as exc:
+        print(f"pst serve: {exc}", file=sys.stderr)
+        control.close()
+        return 2
     if separated is not None:
         try:  # for good, before a socket is opened or a byte read from anyone
             ps.drop(separated.server, umask=0o027)
         except ps.PrivsepError as exc:
             print(f"pst serve: {exc}", file=sys.stderr)
             control.close()
+            for listener in listeners:
+                listener.sock.close()
             return 2
         log.info(
             "privilege separation: pst serve runs as %s, its key-holder as %s",
@@ -276,7 +349,7 @@ def serve(path: Path) -> int:
         )
     gone: list[str] = []
     try:
-        trio.run(_serve, config, zygote, control)
+        trio.run(_serve, config, zygote, control, listeners)
     except* KeyHolderGone as group:
         gone = [str(exc) for exc in group.exceptions]
     for reason in gone:

@@ -205,6 +205,12 @@ def openapi(*, log: bool = False) -> dict[str, Any]:
                         "keyholder": {"type": "object"},
                         "clock": {"type": "object"},
                         "constants": {"type": "object"},
+                        "log": {
+                            "type": ["object", "null"],
+                            "description": "this server's log (null without [log]): state, error, origin, "
+                            "size, entries_per_second, appended, api_appended, queued, append_failures, "
+                            "listening (transport -> address), ingest (counters)",
+                        },
                     },
                 },
             }

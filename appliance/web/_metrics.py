@@ -11,7 +11,7 @@ no client can grow the label space. No metric carries a secret.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
@@ -112,6 +112,60 @@ class _Snapshot(Collector):
         for (kind, outcome), count in sorted(s.signature_counts().items()):
             signatures.add_metric([kind, outcome], float(count))
         yield signatures
+        yield from _log_metrics(s.log_status())
+
+
+#: The log's counters (LogService.status()["ingest"]): metric name, status key, help.
+_LOG_COUNTERS = (
+    (
+        "pst_log_received",
+        "entries",
+        "Entries made from syslog messages received (every transport but the API)",
+    ),
+    ("pst_log_unparsed", "unparsed", "Syslog messages that are not syslog (stored flagged, with the reason)"),
+    ("pst_log_truncated", "truncated", "Syslog messages over the size limit (stored cut, flagged truncated)"),
+    ("pst_log_framing_errors", "framing_errors", "Malformed octet counts on TCP and TLS (read as LF-framed)"),
+    ("pst_log_relp_errors", "relp_errors", "RELP sessions ended for a protocol error (answered 500)"),
+    ("pst_log_udp_dropped", "udp_dropped", "UDP datagrams dropped over a source's rate limit"),
+    ("pst_log_throttled", "throttled", "Times a stream was read more slowly for its rate limit"),
+    ("pst_log_refused_connections", "refused_connections", "Syslog connections refused over the limit"),
+)
+
+
+def _log_metrics(status: Mapping[str, Any] | None) -> Iterator[Metric]:
+    """The log's figures, if this server runs a log (nothing about checkpoints or replication yet)."""
+    if status is None:
+        return
+    running = GaugeMetricFamily("pst_log_up", "1 if this server's log is open and taking entries")
+    running.add_metric([], 1.0 if status.get("state") == "running" else 0.0)
+    yield running
+    if status.get("state") == "unavailable":
+        return
+    size = GaugeMetricFamily("pst_log_size", "Entries in this server's log (its durable tree size)")
+    size.add_metric([], float(status.get("size") or 0))
+    yield size
+    entries = CounterMetricFamily(
+        "pst_log_entries", "Entries this server appended durably since it started (syslog and API)"
+    )
+    entries.add_metric([], float(status.get("appended") or 0))
+    yield entries
+    api = CounterMetricFamily("pst_log_api_entries", "Entries appended through the local API (log_append)")
+    api.add_metric([], float(status.get("api_appended") or 0))
+    yield api
+    failures = CounterMetricFamily("pst_log_append_failures", "Batches the log failed to store")
+    failures.add_metric([], float(status.get("append_failures") or 0))
+    yield failures
+    queued = GaugeMetricFamily("pst_log_queued", "Entries waiting for the next append")
+    queued.add_metric([], float(status.get("queued") or 0))
+    yield queued
+    ingest = status.get("ingest") or {}
+    connections = GaugeMetricFamily("pst_log_connections", "Syslog TCP, TLS and RELP connections open")
+    connections.add_metric([], float(ingest.get("connections") or 0))
+    yield connections
+    for name, key, text in _LOG_COUNTERS:
+        counter = CounterMetricFamily(name, text)
+        counter.add_metric([], float(ingest.get(key) or 0))
+        yield counter
 
 
 class Metrics:

@@ -54,7 +54,15 @@ INDEX_HTML: Final = """<!doctype html>
 </section>
 <section>
   <h2>Applications</h2>
-  <p id="applications" class="muted">No applications run on this network yet.</p>
+  <h3>The log</h3>
+  <p class="muted">Each server's own copy, fed by its syslog ingest and local API (no replication
+  between the servers yet). Counters since the server started.</p>
+  <table id="log">
+    <thead><tr><th>server</th><th>log</th><th>entries</th><th>entries/s</th><th>listening</th>
+    <th>connections</th><th>unparsed</th><th>truncated</th><th>framing errors</th><th>RELP errors</th>
+    <th>UDP dropped</th><th>throttled</th></tr></thead>
+    <tbody></tbody>
+  </table>
 </section>
 <section>
   <h2>Where each figure comes from</h2>
@@ -215,6 +223,34 @@ function renderAlerts(net) {
   }
 }
 
+function renderLog(net) {
+  const body = document.querySelector("#log tbody");
+  body.replaceChildren();
+  for (const s of net.servers) {
+    const tr = el("tr");
+    const g = s.log;
+    cell(tr, "server " + s.server);
+    if (!g) {
+      const td = cell(tr, s.state === "stopped" ? "unknown (down)" : "no log", "muted");
+      td.colSpan = 11;
+      body.appendChild(tr);
+      continue;
+    }
+    cell(tr, g.state === "unavailable" ? "unavailable: " + (g.error || "") : g.state + " (" + g.origin + ")",
+      g.state === "running" ? "ok" : "bad");
+    cell(tr, g.size === null || g.size === undefined ? "-" : g.size);
+    cell(tr, g.entries_per_second === null || g.entries_per_second === undefined ? "-"
+      : g.entries_per_second.toFixed(1));
+    cell(tr, Object.entries(g.listening || {}).map(([t, a]) => t + " " + a).join(", ") || "-");
+    const c = g.ingest || {};
+    for (const k of ["connections", "unparsed", "truncated", "framing_errors", "relp_errors",
+                     "udp_dropped", "throttled"]) {
+      cell(tr, c[k] === null || c[k] === undefined ? "-" : c[k]);
+    }
+    body.appendChild(tr);
+  }
+}
+
 function render(net) {
   document.getElementById("observer").textContent = "as seen by server " + net.observer;
   const counts = {};
@@ -232,6 +268,7 @@ function render(net) {
   renderServers(net);
   renderMatrix(net);
   renderAlerts(net);
+  renderLog(net);
   const src = document.getElementById("sources");
   src.replaceChildren();
   for (const [k, v] of Object.entries(net.sources)) src.appendChild(el("li", k + ": " + v));

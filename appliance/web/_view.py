@@ -135,6 +135,42 @@ def _clean_alert(raw: Any) -> dict[str, Any] | None:
     }
 
 
+#: The ingest counters a log status carries (appliance.apps.log.ingest.IngestStats).
+LOG_COUNTERS: Final = (
+    "entries",
+    "unparsed",
+    "truncated",
+    "framing_errors",
+    "relp_errors",
+    "udp_dropped",
+    "connections",
+    "refused_connections",
+    "throttled",
+)
+LOG_TRANSPORTS: Final = ("udp", "tcp", "relp", "tls", "relp_tls")
+
+
+def clean_log(raw: Any) -> dict[str, Any] | None:
+    """A log status (``LogService.status()``, ours or a peer's), type-checked; None if none."""
+    if not isinstance(raw, dict):
+        return None
+    ingest: dict[str, Any] = raw["ingest"] if isinstance(raw.get("ingest"), dict) else {}
+    listening: dict[str, Any] = raw["listening"] if isinstance(raw.get("listening"), dict) else {}
+    return {
+        "state": raw.get("state") if raw.get("state") in ("running", "stopping", "unavailable") else None,
+        "error": _str(raw.get("error"), 300),
+        "origin": _str(raw.get("origin"), 255),
+        "size": _int(raw.get("size")),
+        "entries_per_second": _num(raw.get("entries_per_second")),
+        "appended": _int(raw.get("appended")),
+        "api_appended": _int(raw.get("api_appended")),
+        "queued": _int(raw.get("queued")),
+        "append_failures": _int(raw.get("append_failures")),
+        "listening": {t: _str(listening[t], 60) for t in LOG_TRANSPORTS if isinstance(listening.get(t), str)},
+        "ingest": {k: _int(ingest.get(k)) for k in LOG_COUNTERS},
+    }
+
+
 def clean_peer_document(raw: Any) -> dict[str, Any]:
     """A peer's ``/v1/status`` answer, reduced to what this server shows of it."""
     if not isinstance(raw, dict):
@@ -180,6 +216,7 @@ def clean_peer_document(raw: Any) -> dict[str, Any]:
         "peers": peers,
         "alerts": alerts,
         "keyholder": {"running": keyholder.get("running") is True} if isinstance(keyholder, dict) else None,
+        "log": clean_log(raw.get("log")),
     }
 
 
@@ -224,6 +261,8 @@ class Sources:
     signature_counts: Callable[[], Mapping[tuple[str, str], int]] = _empty_counts
     #: The key-holder child's pid (None between two children or before the first).
     keyholder_pid: Callable[[], int | None] = lambda: None
+    #: The log's figures (``LogService.status()``); None when this server runs no log.
+    log_status: Callable[[], Mapping[str, Any] | None] = lambda: None
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -404,6 +443,7 @@ class LocalView:
             "keyholder": {"pid": pid, "running": running},
             "peers": self.links(),
             "alerts": self.alerts.summary(),
+            "log": clean_log(s.log_status()),
             "clock": {"period": s.constants.period_at(now), "next_refresh": next_refresh(s.constants, now)},
             "constants": {
                 "n": s.constants.n,
@@ -414,6 +454,7 @@ class LocalView:
                 "status": "status.json, written by this server's key-holder",
                 "peers": "this server's connections (its PeerNetwork)",
                 "alerts": "alerts.jsonl: the alerts this server raised",
+                "log": "this server's log (pst serve's ingest and its local store); null without [log]",
             },
         }
 
@@ -513,6 +554,7 @@ def network_document(local: LocalView, poller: PeerPoller | None) -> dict[str, A
         "peers": own["peers"],
         "alerts": own["alerts"],
         "keyholder": own["keyholder"],
+        "log": own["log"],
         "last_seen": None,
     }
     rows.append(own_row)
@@ -549,6 +591,8 @@ def network_document(local: LocalView, poller: PeerPoller | None) -> dict[str, A
             "skew": f"each server's clock minus server {s.server_id}'s, at the midpoint of the fetch "
             "(error at most half the round trip)",
             "KeyTable": "the newest one reported by a server that answers",
+            "the log": "each server's own figures in its /v1/status (its copy of the log: no "
+            "replication yet; counters since its pst serve started)",
         },
     }
 
@@ -563,6 +607,7 @@ def _peer_row(server: int, record: PeerRecord | None, now: float, constants: Con
         "peers": None,
         "alerts": None,
         "keyholder": None,
+        "log": None,
         "answered": None,
         "rtt_s": None,
         "skew_s": None,
@@ -595,6 +640,7 @@ def _peer_row(server: int, record: PeerRecord | None, now: float, constants: Con
         peers=doc["peers"],
         alerts=doc["alerts"],
         keyholder=doc["keyholder"],
+        log=doc["log"],
         answered=record.answered,
         rtt_s=record.rtt,
         skew_s=record.skew,

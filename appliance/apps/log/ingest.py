@@ -31,20 +31,29 @@ datagrams over a source's rate are dropped and counted, with a warning naming th
 Every log line names the transport and the peer.
 
 Servers run in the caller's nursery (``await nursery.start(server.serve_tcp, host, port)``
-returns the bound port); the batcher too (``nursery.start(batcher.run)``). Cancelling the
+returns the bound port; ``sock=`` serves a socket bound earlier, e.g. port 514 bound as root
+before privileges are dropped); the batcher too (``nursery.start(batcher.run)``). Cancelling the
 nursery stops them; entries not yet in a finished append are then not stored (and, over RELP,
 not acknowledged).
+
+Stopping cleanly (``pst serve`` on SIGTERM): :meth:`IngestServer.close` stops accepting and
+stops reading (only where a server *waits* for bytes, so everything already read is queued),
+the RELP sessions acknowledge what becomes durable and then send ``serverclose``; the serve
+tasks return once their connections are done; then :meth:`Batcher.close` appends what is
+queued and returns.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import logging
 import math
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -67,7 +76,18 @@ from appliance.apps.log.relp import (
 from appliance.apps.log.syslog import MAX_MESSAGE_SIZE, receive
 from appliance.apps.log.tiles import PosixStorage, TileLog
 
-__all__ = ["Batch", "Batcher", "IngestServer", "IngestStats", "Limits", "LocalSink", "Sink", "SinkError"]
+__all__ = [
+    "Batch",
+    "Batcher",
+    "IngestServer",
+    "IngestStats",
+    "Limits",
+    "LocalSink",
+    "Sink",
+    "SinkError",
+    "bind_tcp",
+    "bind_udp",
+]
 
 log = logging.getLogger("pst.log.ingest")
 
@@ -80,9 +100,11 @@ MAX_UDP_SOURCES = 4096
 
 
 class Sink(Protocol):
-    """Where batches of entries go; ``append`` returns once they are durable, raises otherwise."""
+    """Where batches of entries go; ``append`` returns the index of each entry, in order, once
+    they are durable, and raises otherwise. (A local store gives consecutive indices; a
+    replicated log may place the entries of one batch between other servers' entries.)"""
 
-    async def append(self, entries: Sequence[bytes]) -> None: ...
+    async def append(self, entries: Sequence[bytes]) -> Sequence[int]: ...
 
 
 class SinkError(LogError):
@@ -93,6 +115,7 @@ class LocalSink:
     """A :class:`TileLog` in ``directory``, appended in a worker thread so fsync never blocks trio.
 
     After a failed append the log is reopened for the next one (reopening tells what is durable).
+    Reads (:meth:`read_entries`) take turns with appends, in a worker thread too.
     """
 
     def __init__(self, directory: Path, origin: str) -> None:
@@ -107,17 +130,28 @@ class LocalSink:
             self._log = TileLog.open(PosixStorage(self.directory), self.origin)
         return self._log
 
-    async def append(self, entries: Sequence[bytes]) -> None:
-        async with self._lock:
-            await trio.to_thread.run_sync(self._append, list(entries))
+    @property
+    def size(self) -> int:
+        """The durable size (as of the last append or open)."""
+        return self._log.size if self._log is not None else 0
 
-    def _append(self, entries: list[bytes]) -> None:
+    async def append(self, entries: Sequence[bytes]) -> Sequence[int]:
+        async with self._lock:
+            size = await trio.to_thread.run_sync(self._append, list(entries))
+        return range(size - len(entries), size)
+
+    def _append(self, entries: list[bytes]) -> int:
         tile_log = self.log
         try:
-            tile_log.append(entries)
+            return tile_log.append(entries)
         except BaseException:
             self._log = None
             raise
+
+    async def read_entries(self, start: int, end: int) -> list[bytes]:
+        """Entries ``[start, end)`` (ValueError beyond the durable size)."""
+        async with self._lock:
+            return await trio.to_thread.run_sync(lambda: self.log.read_entries(start, end))
 
 
 @dataclass
@@ -166,6 +200,8 @@ class Batch:
     first: float = 0.0
     done: trio.Event = field(default_factory=trio.Event)
     error: str | None = None
+    #: Each entry's index in the log (set when the batch is durable).
+    indices: Sequence[int] = ()
 
     async def durable(self) -> None:
         await self.done.wait()
@@ -192,50 +228,97 @@ class Batcher:
         self._arrived = trio.Event()
         self._full = trio.Event()
         self._swapped = trio.Event()
+        self._closed = False
+        self._hurry = False
+        self._stopped = trio.Event()
 
     @property
     def queued(self) -> int:
         """Entries waiting for the next append."""
         return len(self._current.entries)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     async def submit(self, entries: Sequence[bytes]) -> Batch:
-        """Queue entries (waiting while ``max_queued`` are queued); returns their batch."""
-        while len(self._current.entries) >= self.max_queued:
+        """Queue entries (waiting while ``max_queued`` are queued); returns their batch.
+
+        After :meth:`close`, raises :class:`SinkError` (nothing is queued)."""
+        return (await self._queue(entries))[0]
+
+    async def append(self, entries: Sequence[bytes]) -> list[int]:
+        """Queue entries and wait until they are durable; the index of each. Raises
+        :class:`SinkError` if their batch failed."""
+        batch, offset = await self._queue(entries)
+        await batch.durable()
+        return list(batch.indices[offset : offset + len(entries)])
+
+    async def _queue(self, entries: Sequence[bytes]) -> tuple[Batch, int]:
+        while len(self._current.entries) >= self.max_queued and not self._closed:
             await self._swapped.wait()
+        if self._closed:
+            raise SinkError("the log is stopping: entries are no longer taken")
         batch = self._current
         if not batch.entries:
             batch.first = trio.current_time()
+        offset = len(batch.entries)
         batch.entries.extend(entries)
         self._arrived.set()
         if len(batch.entries) >= self.batch_entries:
             self._full.set()
-        return batch
+        return batch, offset
+
+    def hurry(self) -> None:
+        """Append from now on without waiting ``batch_delay`` (the servers are stopping and
+        their connections wait for what they submitted)."""
+        self._hurry = True
+        self._full.set()
+
+    async def close(self) -> None:
+        """Take no more entries; return once every queued one is appended (or its batch failed)."""
+        self._closed = self._hurry = True
+        self._arrived.set()
+        self._full.set()
+        self._swapped.set()
+        await self._stopped.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Append batches until cancelled."""
+        """Append batches until cancelled, or until :meth:`close` and the queue is empty."""
         task_status.started()
-        while True:
-            if not self._current.entries:
-                self._arrived = trio.Event()
-                await self._arrived.wait()
-            batch = self._current
-            if len(batch.entries) < self.batch_entries:
-                self._full = trio.Event()
-                with trio.move_on_at(batch.first + self.batch_delay):
-                    await self._full.wait()
-            self._current = Batch()
-            self._swapped.set()
-            self._swapped = trio.Event()
-            try:
-                await self.sink.append(batch.entries)
-            except Exception as exc:
-                self.failures += 1
-                batch.error = f"the log could not store {len(batch.entries)} entries: {exc}"
-                log.error("%s", batch.error)
-            else:
-                self.batches += 1
-                self.appended += len(batch.entries)
-            batch.done.set()
+        try:
+            while True:
+                if not self._current.entries:
+                    if self._closed:
+                        return
+                    self._arrived = trio.Event()
+                    await self._arrived.wait()
+                    continue
+                batch = self._current
+                if len(batch.entries) < self.batch_entries and not self._hurry:
+                    self._full = trio.Event()
+                    with trio.move_on_at(batch.first + self.batch_delay):
+                        await self._full.wait()
+                self._current = Batch()
+                self._swapped.set()
+                self._swapped = trio.Event()
+                try:
+                    indices = await self.sink.append(batch.entries)
+                    if len(indices) != len(batch.entries):
+                        raise SinkError(
+                            f"the sink gave {len(indices)} indices for {len(batch.entries)} entries"
+                        )
+                    batch.indices = indices
+                except Exception as exc:
+                    self.failures += 1
+                    batch.error = f"the log could not store {len(batch.entries)} entries: {exc}"
+                    log.error("%s", batch.error)
+                else:
+                    self.batches += 1
+                    self.appended += len(batch.entries)
+                batch.done.set()
+        finally:
+            self._stopped.set()
 
 
 # --- Rate limits -----------------------------------------------------------------------------------
@@ -278,6 +361,34 @@ def format_peer(address: object) -> str:
     return str(address)[:100]
 
 
+def bind_udp(host: str, port: int) -> socket.socket:
+    """A UDP socket bound to ``host:port`` (before trio, e.g. as root for port 514)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        with contextlib.suppress(OSError):  # a larger buffer only if the system allows it
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_tcp(host: str, port: int, backlog: int = 128) -> socket.socket:
+    """A TCP socket listening on ``host:port`` (``SO_REUSEADDR``, as trio's listeners)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if ":" in host:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def _now_us() -> int:
     return time.time_ns() // 1000
 
@@ -292,6 +403,31 @@ class IngestServer:
         self.limits = limits or Limits()
         self.clock = clock
         self.stats = IngestStats()
+        #: Set by :meth:`close`: no more accepting or reading.
+        self.closing = False
+        self._waits: set[trio.CancelScope] = set()
+
+    def close(self) -> None:
+        """Stop accepting connections and reading from every connection and UDP socket.
+
+        Only the waits for the network are cancelled: what was read is queued all the same,
+        RELP sessions acknowledge what becomes durable and end with ``serverclose``, and each
+        serve task returns once its connections are done."""
+        self.closing = True
+        for scope in list(self._waits):
+            scope.cancel()
+
+    @contextlib.contextmanager
+    def _waiting(self) -> Iterator[trio.CancelScope]:
+        """A wait for the network that :meth:`close` cancels (check ``closing`` afterwards)."""
+        with trio.CancelScope() as scope:
+            if self.closing:
+                scope.cancel()
+            self._waits.add(scope)
+            try:
+                yield scope
+            finally:
+                self._waits.discard(scope)
 
     def _entries(self, frames: Sequence[Frame], transport: str, peer: str) -> list[bytes]:
         entries = []
@@ -307,22 +443,28 @@ class IngestServer:
     # --- UDP ---
 
     async def serve_udp(
-        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+        self,
+        host: str,
+        port: int,
+        *,
+        sock: socket.socket | None = None,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Syslog over UDP on ``host:port``; ``task_status.started`` gets the bound port."""
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
-        with sock:
-            with contextlib.suppress(OSError):  # a larger buffer only if the system allows it
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
-            await sock.bind((host, port))
-            bound = sock.getsockname()[1]
+        """Syslog over UDP on ``host:port`` (or on ``sock``, bound already: see
+        :func:`bind_udp`); ``task_status.started`` gets the bound port."""
+        udp = trio.socket.from_stdlib_socket(sock if sock is not None else bind_udp(host, port))
+        with udp:
+            bound = udp.getsockname()[1]
             log.info("syslog udp listening on %s", format_peer((host, bound)))
             task_status.started(bound)
             sources: dict[str, _RateLimit] = {}
             warned: dict[str, float] = {}
             while True:
-                data, address = await sock.recvfrom(MAX_DATAGRAM)
+                with self._waiting():
+                    data, address = await udp.recvfrom(MAX_DATAGRAM)
+                if self.closing:
+                    log.info("syslog udp %s: stopped", format_peer((host, bound)))
+                    return
                 frame = datagram_frame(data, self.limits.max_message_size)
                 if frame is None:
                     continue
@@ -355,11 +497,13 @@ class IngestServer:
         port: int,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        sock: socket.socket | None = None,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Syslog over TCP (RFC 6587), or TLS (RFC 5425) with ``ssl_context``."""
+        """Syslog over TCP (RFC 6587), or TLS (RFC 5425) with ``ssl_context``; on ``sock`` if
+        given (listening already: see :func:`bind_tcp`)."""
         transport = "tls" if ssl_context else "tcp"
-        await self._serve_stream(host, port, transport, ssl_context, self._syslog_stream, task_status)
+        await self._serve_stream(host, port, transport, ssl_context, self._syslog_stream, sock, task_status)
 
     async def serve_relp(
         self,
@@ -367,11 +511,12 @@ class IngestServer:
         port: int,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        sock: socket.socket | None = None,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """RELP, plain or over TLS with ``ssl_context``."""
+        """RELP, plain or over TLS with ``ssl_context``; on ``sock`` if given."""
         transport = "relp-tls" if ssl_context else "relp"
-        await self._serve_stream(host, port, transport, ssl_context, self._relp_stream, task_status)
+        await self._serve_stream(host, port, transport, ssl_context, self._relp_stream, sock, task_status)
 
     async def _serve_stream(
         self,
@@ -380,17 +525,50 @@ class IngestServer:
         transport: str,
         ssl_context: ssl.SSLContext | None,
         handler: Callable[[trio.abc.Stream, str, str], Awaitable[None]],
+        sock: socket.socket | None,
         task_status: trio.TaskStatus[int],
     ) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        if sock is not None:
+            listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
+        else:
+            listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
-        log.info("syslog %s listening on %s", transport, format_peer((host, bound)))
+        where = format_peer((host, bound))
+        log.info("syslog %s listening on %s", transport, where)
         task_status.started(bound)
+        try:
+            async with trio.open_nursery() as connections:
+                serve = functools.partial(
+                    self._connection, transport=transport, ssl_context=ssl_context, handler=handler
+                )
+                for listener in listeners:
+                    connections.start_soon(self._accept, listener, transport, serve, connections)
+        finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+        log.info("syslog %s %s: stopped", transport, where)
 
-        async def connection(stream: trio.SocketStream) -> None:
-            await self._connection(stream, transport, ssl_context, handler)
-
-        await trio.serve_listeners(connection, listeners)
+    async def _accept(
+        self,
+        listener: trio.SocketListener,
+        transport: str,
+        serve: Callable[[trio.SocketStream], Awaitable[None]],
+        connections: trio.Nursery,
+    ) -> None:
+        """Accept until :meth:`close`; ``serve`` each connection in ``connections`` (which
+        outlives this task)."""
+        while not self.closing:
+            stream: trio.SocketStream | None = None
+            with self._waiting():
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:  # out of descriptors or memory: wait, as trio.serve_listeners
+                    if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+                        raise
+                    log.error("syslog %s: cannot accept a connection (%s), retrying in 0.1 s", transport, exc)
+                    await trio.sleep(0.1)
+            if stream is not None:
+                connections.start_soon(serve, stream)
 
     async def _connection(
         self,
@@ -417,7 +595,7 @@ class IngestServer:
             if ssl_context is not None:
                 tls = trio.SSLStream(stream, ssl_context, server_side=True, https_compatible=True)
                 conn = tls
-                with trio.move_on_after(self.limits.tls_handshake_timeout) as scope:
+                with self._waiting(), trio.move_on_after(self.limits.tls_handshake_timeout) as scope:
                     try:
                         await tls.do_handshake()
                     except trio.BrokenResourceError as exc:
@@ -425,6 +603,8 @@ class IngestServer:
                             "syslog %s %s: TLS handshake failed: %s", transport, peer, exc.__cause__ or exc
                         )
                         return
+                if self.closing:
+                    return
                 if scope.cancelled_caught:
                     timeout = self.limits.tls_handshake_timeout
                     log.warning("syslog %s %s: no TLS handshake within %gs", transport, peer, timeout)
@@ -438,10 +618,14 @@ class IngestServer:
             await trio.aclose_forcefully(conn)
 
     async def _receive(self, stream: trio.abc.Stream, transport: str, peer: str) -> bytes | None:
-        """The next chunk (``b""`` at the end), or None after ``idle_timeout`` of silence."""
-        with trio.move_on_after(self.limits.idle_timeout):
+        """The next chunk (``b""`` at the end), or None after ``idle_timeout`` of silence or
+        once :meth:`close` was called."""
+        with self._waiting(), trio.move_on_after(self.limits.idle_timeout):
             return bytes(await stream.receive_some(RECEIVE_CHUNK))
-        log.info("syslog %s %s: idle for %gs, closing", transport, peer, self.limits.idle_timeout)
+        if self.closing:
+            log.info("syslog %s %s: closing, the server stops", transport, peer)
+        else:
+            log.info("syslog %s %s: idle for %gs, closing", transport, peer, self.limits.idle_timeout)
         return None
 
     async def _throttle(
@@ -486,6 +670,12 @@ class IngestServer:
             if data:
                 await stream.send_all(data)
 
+        async def end() -> None:
+            if self.closing:  # the server stops: serverclose after the last acknowledgement
+                session.server_close()
+                log.info("syslog %s %s: sent serverclose, the server stops", transport, peer)
+            await flush()
+
         async def writer() -> None:
             """Acknowledge each message once its batch is durable, in order; send the responses,
             several at once when several are ready."""
@@ -500,9 +690,10 @@ class IngestServer:
                         try:
                             batch, txnr = await work_receive.receive()
                         except trio.EndOfChannel:
+                            await end()
                             return
                     except trio.EndOfChannel:
-                        await flush()
+                        await end()
                         return
                     if batch is not None:
                         if not batch.done.is_set():
@@ -524,7 +715,10 @@ class IngestServer:
                         session.receive_data(data)
                         await self._throttle(limit, 0, len(data), transport, peer)
                     elif event is PAUSED:
-                        await acknowledged.park()
+                        with self._waiting():
+                            await acknowledged.park()
+                        if self.closing:
+                            return
                     elif isinstance(event, Message):
                         await self._throttle(limit, 1, 0, transport, peer)
                         entries = self._entries([Frame(event.data, event.size)], transport, peer)

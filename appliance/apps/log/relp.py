@@ -36,6 +36,11 @@ the grammar, a transaction number out of sequence or data longer than ``max_fram
 (librelp's default, 128 KiB) is the peer's error: the session answers ``500`` and the reason
 (on the frame's TXNR when it could be read), then ``0 serverclose 0``, and goes to FAILED.
 
+**Shutting down.** :meth:`RelpServer.server_close` ends the session from our side: the
+messages acknowledged so far keep their ``200 OK``, the ones not acknowledged are never
+answered (the client sends them again on its next session), and ``0 serverclose 0`` follows
+the last response, as librelp's server does when it stops.
+
 **Acknowledgement after durability.** A ``syslog`` command is answered ``200 OK`` only when
 the caller calls :meth:`RelpServer.acknowledge` for its TXNR, which it does once the entry is
 durable. Acknowledgements must come in the order the messages came (anything else is our
@@ -95,6 +100,7 @@ class State(enum.Enum):
     OPEN = "open"
     CLOSING = "closing"  # the client sent close
     FAILED = "failed"  # the client broke the protocol
+    SERVER_CLOSED = "server-closed"  # we ended the session (serverclose: we are shutting down)
     ENDED = "ended"  # the connection ended (EOF)
 
 
@@ -324,6 +330,21 @@ class RelpServer:
         self._buffer.clear()
         return ProtocolError(reason)
 
+    def server_close(self) -> None:
+        """End the session from our side: ``0 serverclose 0`` after the responses already due.
+
+        Messages not acknowledged by now are never answered (the client resends them); a
+        session that is already over is left as it is.
+        """
+        if self.state not in (State.AWAIT_OPEN, State.OPEN):
+            return
+        unanswered = {id(slot) for _, slot in self._unacked}
+        self._out = deque(slot for slot in self._out if id(slot) not in unanswered)
+        self._unacked.clear()
+        self._out.append([b"0 serverclose 0\n"])
+        self.state = State.SERVER_CLOSED
+        self._buffer.clear()
+
     # --- Output ---
 
     def acknowledge(self, txnr: int) -> None:
@@ -346,4 +367,4 @@ class RelpServer:
     @property
     def done(self) -> bool:
         """Closing or failed, and every response handed out: close the connection."""
-        return self.state in (State.CLOSING, State.FAILED, State.ENDED) and not self._out
+        return self.state in (State.CLOSING, State.FAILED, State.ENDED, State.SERVER_CLOSED) and not self._out

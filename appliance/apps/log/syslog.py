@@ -28,7 +28,8 @@ The entry (:class:`Entry`) is what goes into the Merkle tree: canonical CBOR
 (:mod:`appliance.crypto.encoding`) of a map ::
 
     {"v": 1, "raw": bytes, "time": µs since the epoch (receive time), "transport": "udp" |
-     "tcp" | "tls" | "relp" | "relp-tls", "peer": "ip:port", "size": octets sent,
+     "tcp" | "tls" | "relp" | "relp-tls" | "api", "peer": "ip:port" (for "api": "uid U app
+     NAME", the local API client that appended it), "size": octets sent,
      "syslog": null | {"format", "pri", "version", "timestamp", "hostname", "app_name",
                        "procid", "msgid", "sd": null | [start, end], "msg": offset, "bom"},
      "error": null | "why the bytes are not syslog"}
@@ -75,9 +76,10 @@ ENTRY_VERSION: Final = 1
 #: The largest message kept whole. An entry bundle carries entries of at most 65,535 bytes;
 #: 1 KiB of that is left for the entry's other fields (receive time, peer, parse result).
 MAX_MESSAGE_SIZE: Final = MAX_ENTRY_SIZE + 1 - 1024
-TRANSPORTS: Final = frozenset({"udp", "tcp", "tls", "relp", "relp-tls"})
-#: Peer addresses are short ("[v6]:port" is at most 53 characters); longer ones are refused.
-MAX_PEER_LENGTH: Final = 100
+TRANSPORTS: Final = frozenset({"udp", "tcp", "tls", "relp", "relp-tls", "api"})
+#: Peers are short ("[v6]:port" is at most 53 characters, "uid U app NAME" of the local API at most
+#: 147); longer ones are refused.
+MAX_PEER_LENGTH: Final = 160
 MAX_ERROR_LENGTH: Final = 200
 
 Format = Literal["rfc5424", "rfc3164"]
