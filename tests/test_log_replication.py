@@ -162,7 +162,10 @@ def test_every_server_holds_the_same_log_and_every_batch_once() -> None:
     check_same_log(net)
     assert net.entries(1) and len(net.entries(1)) == sum(3 + i for i in range(1, 5)) * 5
     for i, r in net.replicas.items():
-        assert sorted(r.acknowledged) == [s for s, _ in net.submitted[i]]
+        assert sorted(s for s, _ in r.acknowledged) == [s for s, _ in net.submitted[i]]
+        log = net.entries(i)
+        for (seq, first), (seq2, batch) in zip(sorted(r.acknowledged), net.submitted[i], strict=True):
+            assert seq == seq2 and first is not None and log[first : first + len(batch)] == batch
         assert not r.rejected and not r.alerts
 
 

@@ -120,6 +120,7 @@ class LogNode:
         self._lock = trio.Lock()
         self._poke = trio.Event()
         self._acked: dict[int, trio.Event] = {}
+        self._first: dict[int, int | None] = {}  # seq -> index of its first entry, once logged
         self._tables: dict[int, dict[int, bytes]] = {}  # period -> the KeyTable's period keys
         self._mine: dict[int, dict[str, Any]] = {}  # period -> our announcement
         self._early: list[tuple[int, dict[str, Any]]] = []  # announcements of a period we lack
@@ -262,9 +263,10 @@ class LogNode:
                 wake = self.replica.next_wakeup(now)
             for to, obj in out:
                 self._emit(to, obj)
-            for seq in acked:
+            for seq, first in acked:
                 event = self._acked.pop(seq, None)
                 if event is not None:
+                    self._first[seq] = first
                     event.set()
             for alert in alerts:
                 log.warning("%s", alert)
@@ -280,9 +282,11 @@ class LogNode:
             with trio.move_on_at(min(wake, now + self.resend)):
                 await self._poke.wait()
 
-    async def append(self, entries: Sequence[bytes]) -> None:
-        """Entries into the log: returns once they are decided and applied here (a quorum of the
-        servers holds them durably); raises LogError if an entry cannot go into any batch."""
+    async def append(self, entries: Sequence[bytes]) -> Sequence[int]:
+        """Entries into the log: returns their indices once they are decided and applied here (a
+        quorum of the servers holds them durably); raises LogError if an entry cannot go into
+        any batch, or if they were logged while this server was far behind (their indices are
+        then not known here)."""
         chunks: list[list[bytes]] = []
         size = 0
         for entry in entries:
@@ -291,7 +295,7 @@ class LogNode:
                 size = 0
             chunks[-1].append(bytes(entry))
             size += len(entry)
-        events = []
+        events: list[tuple[int, int, trio.Event]] = []
         for chunk in chunks:
             while True:
                 async with self._lock:
@@ -303,11 +307,19 @@ class LogNode:
                         event = self._acked[seq] = trio.Event()
                         break
                 await trio.sleep(0.05)  # too many of our batches wait already: slow down
-            events.append(event)
+            events.append((seq, len(chunk), event))
             self._poke.set()
-        for event in events:
+        indices: list[int] = []
+        for seq, count, event in events:
             await event.wait()
+            first = self._first.pop(seq)
+            if first is None:
+                raise LogError(
+                    "the entries were logged while this server caught up; their indices are unknown"
+                )
+            indices.extend(range(first, first + count))
         self.appended += len(entries)
+        return indices
 
     @property
     def size(self) -> int:

@@ -291,7 +291,8 @@ class Replica:
         #: The period of slot 0's committee: the same on every server (the log's constant).
         self.genesis_period = genesis_period
         #: Seqs of this server's own batches now in the log (the host acknowledges their entries).
-        self.acknowledged: list[int] = []
+        #: Each as (seq, index of its first entry; None if it was logged while we were far behind).
+        self.acknowledged: list[tuple[int, int | None]] = []
         self.alerts: list[Alert] = []
         self.rejected: list[RemoteProtocolError] = []
         self._keys: dict[int, VoteKeys] = {}
@@ -706,11 +707,12 @@ class Replica:
                 self.next_seq[origin] = seq + 1
             else:
                 counts.append(0)  # cannot happen after a quorum's validation; kept total
-        record = {
+        start = self.log.size
+        record: dict[str, Any] = {
             "period": period,
             "qc": qc.to_obj(),
             "value": raw,
-            "start": self.log.size,
+            "start": start,
             "counts": counts,
             "seqs": dict(sorted(self.next_seq.items())),
         }
@@ -720,9 +722,11 @@ class Replica:
         if entries:
             self.log.append(entries)
         self._record_applied(value.period)
+        pos = start
         for (origin, seq, _d), count in zip(value.refs, counts, strict=True):
             if count and origin == self.me:
-                self.acknowledged.append(seq)
+                self.acknowledged.append((seq, pos))
+            pos += count
         # The batches applied, and any other batch behind its origin's next seq, are done.
         for d, b in list(self._pending.items()):
             if b.seq < self.next_seq.get(b.origin, 0):
@@ -1004,7 +1008,7 @@ class Replica:
         for d, b in list(self._pending.items()):
             if b.seq < self.next_seq.get(b.origin, 0):
                 if b.origin == self.me:
-                    self.acknowledged.append(b.seq)
+                    self.acknowledged.append((b.seq, None))
                 self._drop(d)
         self._engine = None
         self._decided = None
