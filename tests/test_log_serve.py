@@ -579,9 +579,22 @@ def test_a_cluster_logs_what_logger_rsyslog_and_the_api_send(tmp_path: Path) -> 
         finally:
             follow.terminate()
             follow.wait(timeout=10)
-        assert not (root / "node-2" / "state" / "log" / STATE_PATH).exists()  # no replication yet
+        # Replication: every server holds the same log, and a checkpoint signed by the log's key
+        # covers it on each of them (pst log verify checks one server's copy, tile by tile).
+        total = len(_show(root, "--since", str(started - 1)))
+        for i in (2, 3, 4):
+            _wait(lambda i=i: _checkpoint_size(root, i) == total, f"server {i}'s checkpoint of {total}")
+        vkey = json.loads(_http(root, "/v1/status"))["log"]["verifier"]
+        url = "http://" + tomllib.loads((root / "node-3" / "config.toml").read_text())["http"]["listen"]
+        audit = pst("log", "verify", "--key", vkey, "--url", url, "--audit")
+        assert audit.returncode == 0, audit.stdout + audit.stderr
     finally:
         pst("cluster", "down", "--dir", str(root))
+
+
+def _checkpoint_size(root: Path, i: int) -> int:
+    note = root / f"node-{i}" / "state" / "log" / "checkpoint"
+    return int(note.read_text().splitlines()[1]) if note.exists() else -1
 
 
 def _http(root: Path, path: str) -> bytes:

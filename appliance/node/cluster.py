@@ -37,7 +37,7 @@ from appliance.boot.rom import SimulatedRom
 from appliance.host.config import default_log_origin
 from appliance.host.files import atomic_write
 from appliance.node.store import StateDir
-from appliance.protocols.state import SCERT, ConfigError, Constants
+from appliance.protocols.state import LOG_SECRET, SCERT, ConfigError, Constants
 from appliance.sim.setup import make_network
 
 
@@ -173,7 +173,7 @@ def init_cluster(
     secrets: dict[str, str] | None = None,
 ) -> Constants:
     """One-process ceremony; ``code`` is the manifest C names (default: this environment's);
-    ``secrets`` the long-lived secrets of C (default: the group key alone)."""
+    ``secrets`` the long-lived secrets of C (default: the group key and the log's key)."""
     check_ports(n, base_port)
     if root.exists() and any(root.iterdir()):
         raise ConfigError(f"{root}: directory exists and is not empty; choose a new one or remove it")
@@ -187,7 +187,8 @@ def init_cluster(
         genesis=genesis,
         peers={i: f"127.0.0.1:{base_port + i}" for i in range(1, n + 1)},
         code_digest=code.digest(),
-        secrets=dict(secrets) if secrets is not None else {SCERT: "ed25519"},
+        # The log's own key: it signs checkpoints and nothing else (issue 11).
+        secrets=dict(secrets) if secrets is not None else {SCERT: "ed25519", LOG_SECRET: "ed25519"},
     )
     progress(f"code manifest: {len(code)} files, digest {code.digest().hex()} (in C)")
     progress(f"initialization ceremony for n={n}, t={t}: DKG of (Scert, Vcert), M, KeyTable(0) ...")

@@ -71,6 +71,7 @@ from appliance.node.store import StateDir
 from appliance.protocols._core import AlertKind
 from appliance.protocols.refresh import current_table
 from appliance.protocols.signing import SigningRefused
+from appliance.protocols.state import LOG_SECRET, SCERT
 
 log = logging.getLogger("pst.keyholder")
 
@@ -167,6 +168,8 @@ class _Child:
             rom=rom,
         )
         self.server.retire_after_refresh = True
+        if config.log is not None:
+            self._guard_log(config)
         self._drained = trio.Event()
         self.methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "sign": self._sign,
@@ -175,6 +178,8 @@ class _Child:
             "request_refresh": self._request_refresh,
             "sign_upgrade": self._sign_upgrade,
             "ping": self._ping,
+            "sign_checkpoint": self._sign_checkpoint,
+            "log_key": self._log_key,
             **keyholder_methods(self.server),  # distributed applications (paper §5.1)
         }
 
@@ -281,6 +286,44 @@ class _Child:
         if not isinstance(app, str) or not isinstance(sha512, bytes):
             raise TypeError("sign: 'app' must be a string and 'sha512' bytes")
         return await self.server.sign_app(app, sha512, timeout=self._timeout(args, 10.0))
+
+    def _guard_log(self, config: NodeConfig) -> None:
+        """The log's checkpoint guard on our shares of the log key (and on the group key, for
+        anything that reads as a checkpoint): the log is the one the network-facing process
+        appends to; the last checkpoint we signed is kept in our own public/log-guard."""
+        from appliance.apps.log.guard import CheckpointGuard, SharedTileLog
+        from appliance.apps.log.tiles import PosixStorage
+
+        settings = config.log
+        assert settings is not None
+        shared = SharedTileLog(PosixStorage(settings.directory), settings.origin)
+        record = PosixStorage(StateDir(config.state_dir).public_dir / "log-guard")
+        if LOG_SECRET in config.constants.secrets:
+            self.server.add_payload_check(LOG_SECRET, CheckpointGuard(shared, record, claim_all=True))
+        self.server.add_payload_check(SCERT, CheckpointGuard(shared, record))
+
+    async def _sign_checkpoint(self, args: dict[str, Any]) -> bytes:
+        from appliance.apps.log.checkpoint import Checkpoint
+
+        text = args.get("text")
+        if not isinstance(text, str):
+            raise TypeError("sign_checkpoint: 'text' must be a string")
+        secret = LOG_SECRET if LOG_SECRET in self.config.constants.secrets else SCERT
+        return await self.server.sign_checkpoint(
+            Checkpoint.parse(text), secret=secret, timeout=self._timeout(args, 10.0)
+        )
+
+    async def _log_key(self, args: dict[str, Any]) -> bytes | None:
+        """The public key that signs the log's checkpoints (the log key, else the group key)."""
+        core = self.server.core
+        if core is None:
+            return None
+        for secret in (LOG_SECRET, SCERT):
+            sharing = core.public.sharings.get(secret)
+            if secret in self.config.constants.secrets and sharing is not None:
+                key: bytes = sharing.public_key
+                return key
+        return None
 
     async def _ping(self, args: dict[str, Any]) -> bool:
         """The network-facing process checks that our loop still runs (a stalled one is an alert)."""

@@ -323,6 +323,18 @@ class KeyHolderLink:
             raise SigningRefused("the key-holder returned no signature")
         return value
 
+    async def sign_checkpoint(self, text: str, *, timeout: float = 10.0) -> bytes:
+        """The signed note of the log checkpoint ``text`` (every signer's guard checks it first)."""
+        value = await self.call("sign_checkpoint", timeout, text=text)
+        if not isinstance(value, bytes):
+            raise SigningRefused("the key-holder returned no signed checkpoint")
+        return value
+
+    async def log_key(self, *, timeout: float = 5.0) -> bytes | None:
+        """The public key of the log's checkpoints (None while the key-holder has no state)."""
+        value = await self.call("log_key", timeout)
+        return value if isinstance(value, bytes) else None
+
     async def sign_upgrade(self, *, timeout: float = 15.0) -> bytes:
         value = await self.call("sign_upgrade", timeout)
         if not isinstance(value, bytes):

@@ -10,7 +10,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ from appliance.protocols.signing import SigningRefused
 from appliance.protocols.state import ConfigError, Constants
 
 if TYPE_CHECKING:
+    from appliance.apps.log.node import LogNode
     from appliance.apps.log.service import Listener, LogService
 
 log = logging.getLogger("pst.server")
@@ -79,20 +80,40 @@ def bind_log(config: NodeConfig) -> list[Listener]:
     return out
 
 
-def open_log(config: NodeConfig, listeners: list[Listener]) -> LogService:
-    """The log of the [log] section, opened (blocking: run it in a thread); unavailable, with
-    the reason, if its directory cannot be opened (appliance.apps.log.service)."""
+def open_log(config: NodeConfig, listeners: list[Listener], send: Callable[[int, bytes], None]) -> LogService:
+    """The log of the [log] section, opened (blocking: run it in a thread), replicated with the
+    other servers through ``send`` (appliance.apps.log.node); unavailable, with the reason, if
+    its directory cannot be opened (appliance.apps.log.service)."""
     from appliance.apps.log.ingest import Limits
+    from appliance.apps.log.node import LogNode
     from appliance.apps.log.service import LogService
+    from appliance.apps.log.tiles import PosixStorage, TileLog
+    from appliance.host.files import make_dirs
 
     settings = config.log
     assert settings is not None
     context = None
     if settings.cert is not None and settings.key is not None:
         context = node_config.server_tls_context(settings.cert, settings.key, "log", config.path)
+
+    def replicated(directory: Path, origin: str) -> LogNode:
+        replica = StateDir(config.state_dir).serve_dir / "log-replica"  # our vote keys: ours alone
+        make_dirs(replica, 0o700)
+        c = config.constants
+        return LogNode(
+            server_id=config.server_id,
+            n=c.n,
+            t=c.t,
+            log=TileLog.open(PosixStorage(directory), origin),
+            storage=PosixStorage(replica),
+            send=send,
+            base_timeout=max(0.2, 2 * c.delta),
+        )
+
     return LogService.open(
         settings.directory,
         settings.origin,
+        sink=replicated,
         listeners=listeners,
         ssl_context=context,
         limits=Limits(**settings.limits),
@@ -100,17 +121,46 @@ def open_log(config: NodeConfig, listeners: list[Listener]) -> LogService:
     )
 
 
+async def _log_checkpoints(
+    service: LogService, node: LogNode, link: KeyHolderLink, keys: list[bytes]
+) -> None:
+    """Once the key-holder knows the log's key: publish checkpoints (LogNode.checkpoints)."""
+    from appliance.apps.log.checkpoint import Verifier
+
+    while True:
+        try:
+            key = await link.log_key()
+        except (SigningRefused, trio.TooSlowError):
+            key = None
+        if key is not None:
+            break
+        await trio.sleep(1.0)
+    keys.append(key)
+    service.verifier = Verifier(service.origin, key).encode()
+    log.info("log: checkpoints are signed with %s", service.verifier)
+    await node.checkpoints(lambda text: link.sign_checkpoint(text), key)
+
+
 async def _serve(
     config: NodeConfig, zygote: int, control: socket.socket, listeners: list[Listener] | None = None
 ) -> None:
     """The network-facing process: TLS to the peers, the local API, the key-holder link, the log."""
+    from appliance.apps.log.node import LogNode, is_log_frame  # after the zygote's fork
+
     notifier = Notifier.from_env(unset=True)  # systemd Type=notify; children must not inherit it
     addresses = dict(config.peers)
     addresses[config.server_id] = config.listen  # where we listen may differ from how peers reach us
     net: PeerNetwork | None = None
     window = RefreshWindow(config.constants)
 
+    log_node: LogNode | None = None
+
     async def on_frame(peer: int, data: bytes) -> None:
+        if is_log_frame(data):
+            # The log takes nothing from a channel its period key did not authenticate.
+            if log_node is not None and net is not None and net.is_authenticated(peer):
+                await log_node.frame(peer, data)
+            return
         link.deliver(peer, data)
 
     def on_send(to: int, data: bytes) -> None:
@@ -144,15 +194,24 @@ async def _serve(
                 net.rekey(period, keys, ident)
             except ValueError as exc:
                 log.warning("channels not re-keyed for period %d: %s", period, exc)
+        if log_node is not None:
+            await log_node.identity(period, keys, ident)
 
     link = KeyHolderLink(config, on_send=on_send, on_identity=on_identity)
     log_service: LogService | None = None
+    log_keys: list[bytes] = []  # the log's verifier key, once the key-holder told us
     async with trio.open_nursery() as nursery:
         nursery.start_soon(notifier.run_watchdog)
+        if config.log is not None:  # before the key-holder hands over the period's identity
+            log_service = await trio.to_thread.run_sync(open_log, config, listeners or [], on_send)
+            if isinstance(log_service.sink, LogNode):
+                log_node = log_service.sink
+                await nursery.start(log_node.run)
         await nursery.start(link.run, zygote, control)
-        if config.log is not None:
-            log_service = await trio.to_thread.run_sync(open_log, config, listeners or [])
+        if log_service is not None:
             await nursery.start(log_service.run)
+            if log_node is not None:
+                nursery.start_soon(_log_checkpoints, log_service, log_node, link, log_keys)
         backend = PServerBackend(
             link.sign,
             config.server_id,
@@ -174,7 +233,7 @@ async def _serve(
         )
         log.info("server %d: local API on %s", config.server_id, config.api_socket)
         if config.http.enabled:  # in the background: the signal receiver below must come at once
-            nursery.start_soon(_run_web, config, link, backend, api, lambda: net, log_service)
+            nursery.start_soon(_run_web, config, link, backend, api, lambda: net, log_service, log_keys)
         notifier.ready(f"server {config.server_id}: serving, local API on {config.api_socket}")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
             async for signum in signals:
@@ -217,9 +276,13 @@ async def _run_web(
     api: ApiServer,
     network: Callable[[], PeerNetwork | None],
     log_service: LogService | None = None,
+    log_keys: Sequence[bytes] = (),
 ) -> None:
     """The HTTP service (status page, /v1, /metrics) until cancelled. A port it cannot bind is
     logged, not fatal: the status page must never take the key service down with it."""
+    from appliance.apps.log.checkpoint import Verifier
+    from appliance.apps.log.reader import LogReader
+    from appliance.apps.log.tiles import PosixStorage
     from appliance.web import Sources, WebService  # after the zygote's fork: the key-holder never has it
 
     public = StateDir(config.state_dir).public_dir
@@ -238,7 +301,13 @@ async def _run_web(
         keyholder_pid=lambda: link.child_pid,
         log_status=(lambda: log_service.status()) if log_service is not None else (lambda: None),
     )
-    service = WebService(sources, config.http)
+    reader = None
+    if log_service is not None and log_service.available and config.log is not None:
+        origin = config.log.origin
+        reader = LogReader(
+            PosixStorage(config.log.directory), origin, lambda: [Verifier(origin, k) for k in log_keys]
+        )
+    service = WebService(sources, config.http, log_reader=reader)
     try:
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(service.run)

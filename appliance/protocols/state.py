@@ -29,6 +29,8 @@ from appliance.protocols._core import ed25519_verify
 
 #: The group key (Scert, Vcert) is the long-lived secret every network has.
 SCERT = "scert"
+#: The log's own key (issue 11), when C has it: it signs the log's checkpoints and nothing else.
+LOG_SECRET = "log"
 GROUPS: dict[str, Group[Any]] = {"ed25519": ED25519, "dsa2048": DSA2048, "p256": P256}
 CONTEXT = "pst/state"
 

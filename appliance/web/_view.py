@@ -148,6 +148,8 @@ LOG_COUNTERS: Final = (
     "throttled",
 )
 LOG_TRANSPORTS: Final = ("udp", "tcp", "relp", "tls", "relp_tls")
+#: The replication figures a log status carries (appliance.apps.log.node.LogNode.replication).
+LOG_REPLICATION: Final = ("slot", "committee_period", "checkpoint_size", "caught_up", "waiting_batches")
 
 
 def clean_log(raw: Any) -> dict[str, Any] | None:
@@ -156,10 +158,12 @@ def clean_log(raw: Any) -> dict[str, Any] | None:
         return None
     ingest: dict[str, Any] = raw["ingest"] if isinstance(raw.get("ingest"), dict) else {}
     listening: dict[str, Any] = raw["listening"] if isinstance(raw.get("listening"), dict) else {}
+    replication = raw.get("replication") if isinstance(raw.get("replication"), dict) else None
     return {
         "state": raw.get("state") if raw.get("state") in ("running", "stopping", "unavailable") else None,
         "error": _str(raw.get("error"), 300),
         "origin": _str(raw.get("origin"), 255),
+        "verifier": _str(raw.get("verifier"), 400),
         "size": _int(raw.get("size")),
         "entries_per_second": _num(raw.get("entries_per_second")),
         "appended": _int(raw.get("appended")),
@@ -168,6 +172,9 @@ def clean_log(raw: Any) -> dict[str, Any] | None:
         "append_failures": _int(raw.get("append_failures")),
         "listening": {t: _str(listening[t], 60) for t in LOG_TRANSPORTS if isinstance(listening.get(t), str)},
         "ingest": {k: _int(ingest.get(k)) for k in LOG_COUNTERS},
+        "replication": None
+        if replication is None
+        else {k: _int(replication.get(k)) for k in LOG_REPLICATION},
     }
 
 
@@ -591,8 +598,8 @@ def network_document(local: LocalView, poller: PeerPoller | None) -> dict[str, A
             "skew": f"each server's clock minus server {s.server_id}'s, at the midpoint of the fetch "
             "(error at most half the round trip)",
             "KeyTable": "the newest one reported by a server that answers",
-            "the log": "each server's own figures in its /v1/status (its copy of the log: no "
-            "replication yet; counters since its pst serve started)",
+            "the log": "each server's own figures in its /v1/status (its copy of the replicated "
+            "log; counters since its pst serve started)",
         },
     }
 

@@ -130,7 +130,10 @@ class LogNode:
         self.appended = 0
         #: Seconds without a new checkpoint after which the next server coordinates them.
         self.takeover = takeover
+        #: The size of the last checkpoint this server asked for and got signed (coordinating),
+        #: and of the last one it published (its own or a peer's).
         self.checkpointed = 0
+        self.checkpointed_size = 0
         self._verifier: Verifier | None = None
         self._seen_checkpoint = clock()
         self._waiting_checkpoint: tuple[bytes, Checkpoint] | None = None
@@ -325,6 +328,18 @@ class LogNode:
     def size(self) -> int:
         return self.tree.size
 
+    def replication(self) -> dict[str, int]:
+        """Figures for the status: the next slot, its committee's period, the last checkpoint
+        this server published, the catch-ups done and our batches waiting to be ordered."""
+        r = self.replica
+        return {
+            "slot": r.slot,
+            "committee_period": r.slot_period,
+            "checkpoint_size": self.checkpointed_size,
+            "caught_up": r.caught_up,
+            "waiting_batches": len(self._acked),
+        }
+
     # --- Checkpoints -------------------------------------------------------------------------
 
     def _published(self) -> Checkpoint | None:
@@ -347,6 +362,7 @@ class LogNode:
         if body.size > self.tree.size or self.tree.root_at(body.size) != body.root:
             return False
         self.tree.storage.write(CHECKPOINT_PATH, note)
+        self.checkpointed_size = body.size
         return True
 
     async def _on_checkpoint(self, sender: int, note: Any) -> None:

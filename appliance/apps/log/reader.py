@@ -198,28 +198,38 @@ class LogReader:
     """A log's read side over its storage: checkpoint, tiles, bundles, proofs, entries, search.
 
     ``verifiers`` are the log's verifier keys: the stored checkpoint must open with one of
-    them (its origin is ``origin``).
+    them (its origin is ``origin``). A server learns the key from its key-holder after it has
+    started: ``verifiers`` may be a callable, and while it gives none the log has no signed
+    checkpoint to serve yet.
     """
 
-    def __init__(self, storage: Storage, origin: str, verifiers: Sequence[Verifier]) -> None:
-        if not verifiers:
+    def __init__(
+        self, storage: Storage, origin: str, verifiers: Sequence[Verifier] | Callable[[], Sequence[Verifier]]
+    ) -> None:
+        if not callable(verifiers) and not verifiers:
             raise ValueError("a log reader needs the log's verifier key")
         self.storage = storage
         self.origin = origin
-        self.verifiers = tuple(verifiers)
+        fixed = None if callable(verifiers) else tuple(verifiers)
+        self._verifiers = verifiers if callable(verifiers) else (lambda: fixed or ())
         self._cached: SignedCheckpoint | None = None
+
+    @property
+    def verifiers(self) -> tuple[Verifier, ...]:
+        return tuple(self._verifiers())
 
     # --- The checkpoint ---
 
     def latest(self) -> SignedCheckpoint | None:
         """The latest signed checkpoint (verified), or None if there is none yet."""
         note = self.storage.read(CHECKPOINT_PATH)
-        if note is None:
+        verifiers = self.verifiers
+        if note is None or not verifiers:
             return None
         cached = self._cached
         if cached is not None and cached.note == note:
             return cached
-        signed = SignedCheckpoint(note, open_checkpoint(note, self.origin, self.verifiers))
+        signed = SignedCheckpoint(note, open_checkpoint(note, self.origin, verifiers))
         self._cached = signed
         return signed
 

@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 :class:`LogService` is what ``pst serve`` (:mod:`appliance.node.run`) runs when its config has a
 ``[log]`` section. It owns one :class:`~appliance.apps.log.ingest.Batcher` in front of one
-:class:`~appliance.apps.log.ingest.Sink` (today a :class:`~appliance.apps.log.ingest.LocalSink`
-in the log's directory; the replicating sink will take its place behind the same interface) and
+:class:`~appliance.apps.log.ingest.Sink` (in ``pst serve`` the replicated log,
+:class:`~appliance.apps.log.node.LogNode`; a :class:`~appliance.apps.log.ingest.LocalSink` for a
+log of one server) and
 one :class:`~appliance.apps.log.ingest.IngestServer` for the syslog transports, on sockets the
 caller bound (before privileges were dropped, for port 514). Everything that enters the log goes
 through that one batcher, which hands each submitter the indices the sink gives its entries:
@@ -35,7 +36,8 @@ what was not acknowledged), and the queue is appended all the same.
 
 Counters for the status page and ``/metrics`` (:meth:`status`): the log's size, entries per
 second (over the last ten seconds), the ingest's :class:`~appliance.apps.log.ingest.IngestStats`,
-appends and failures. Nothing about checkpoints or replication: those do not exist yet.
+appends and failures; and, for the replicated log, its slot, the period of its committee and
+the size of the last checkpoint this server published.
 """
 
 from __future__ import annotations
@@ -124,22 +126,34 @@ class LogService:
         #: transport -> "host:port" where it listens (once started).
         self.listening: dict[str, str] = {}
         self.api_appended = 0
+        #: The log's note-verifier key (``name+id+key``) once the key-holder told us the key.
+        self.verifier: str | None = None
         self.stopping = False
         self._samples: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW + 1)
         self._servers_done = trio.Event()
 
     @classmethod
-    def open(cls, directory: Path, origin: str, **kwargs: Any) -> LogService:
-        """Open (or create) the log in ``directory``; an unavailable service if that fails."""
+    def open(
+        cls,
+        directory: Path,
+        origin: str,
+        *,
+        sink: Callable[[Path, str], ReadableSink] = LocalSink,
+        **kwargs: Any,
+    ) -> LogService:
+        """Open (or create) the log in ``directory`` with ``sink(directory, origin)`` (in
+        ``pst serve``: the replicated log, :class:`~appliance.apps.log.node.LogNode`); an
+        unavailable service if that fails."""
+        opened: ReadableSink
         try:
             directory.mkdir(parents=True, exist_ok=True, mode=0o750)
-            sink = LocalSink(directory, origin)
+            opened = sink(directory, origin)
         except (OSError, LogError, ValueError) as exc:
             reason = f"the log in {directory} cannot be opened: {_describe(exc)}"
             log.error("%s; this server runs without its log (no syslog server started)", reason)
             return cls(origin, sink=None, error=reason, **kwargs)
-        log.info("log %r opened in %s: %d entries", origin, directory, sink.size)
-        return cls(origin, sink=sink, **kwargs)
+        log.info("log %r opened in %s: %d entries", origin, directory, opened.size)
+        return cls(origin, sink=opened, **kwargs)
 
     @property
     def available(self) -> bool:
@@ -251,7 +265,7 @@ class LogService:
 
     async def log_size(self) -> Mapping[str, Any]:
         self._open_sink()
-        return {"size": self.size, "origin": self.origin}
+        return {"size": self.size, "origin": self.origin, "verifier": self.verifier}
 
     async def log_entries(self, start: int, count: int) -> list[bytes]:
         """Up to ``count`` entries from ``start`` (at most :data:`MAX_READ_ENTRIES` and about
@@ -290,6 +304,7 @@ class LogService:
             "state": "stopping" if self.stopping else "running",
             "error": None,
             "origin": self.origin,
+            "verifier": self.verifier,
             "size": self.size,
             "entries_per_second": round(self.entries_per_second(), 3),
             "appended": self.batcher.appended,
@@ -298,6 +313,7 @@ class LogService:
             "append_failures": self.batcher.failures,
             "listening": dict(self.listening),
             "ingest": asdict(self.ingest.stats),
+            **({"replication": self.sink.replication()} if hasattr(self.sink, "replication") else {}),
         }
 
 
