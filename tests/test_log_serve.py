@@ -198,7 +198,7 @@ async def test_log_append_through_the_api_is_durable_with_its_index(tmp_path: Pa
         assert first["result"] == {"indices": [0], "size": 1}
         more = await _call(core, "log_append", handle=handle, messages=[b"two", b"three"])
         assert more["result"] == {"indices": [1, 2], "size": 3}
-        assert (await _call(core, "log_size"))["result"] == {"size": 3, "origin": ORIGIN}
+        assert (await _call(core, "log_size"))["result"] == {"size": 3, "origin": ORIGIN, "verifier": None}
         read = (await _call(core, "log_entries", start=1, count=256))["result"]
         assert read["start"] == 1 and read["size"] == 3
         entries = [Entry.decode(e) for e in read["entries"]]

@@ -247,7 +247,7 @@ class LogBackend(Protocol):
         ...
 
     async def log_size(self) -> Mapping[str, Any]:
-        """``{"size": int, "origin": str}``."""
+        """``{"size": int, "origin": str, "verifier": str | None}``."""
         ...
 
     async def log_entries(self, start: int, count: int) -> Sequence[bytes]:
