@@ -80,11 +80,14 @@ def bind_log(config: NodeConfig) -> list[Listener]:
     return out
 
 
-def open_log(config: NodeConfig, listeners: list[Listener], send: Callable[[int, bytes], None]) -> LogService:
+def open_log(
+    config: NodeConfig, listeners: list[Listener], send: Callable[[int, bytes], None] | None = None
+) -> LogService:
     """The log of the [log] section, opened (blocking: run it in a thread), replicated with the
-    other servers through ``send`` (appliance.apps.log.node); unavailable, with the reason, if
-    its directory cannot be opened (appliance.apps.log.service)."""
-    from appliance.apps.log.ingest import Limits
+    other servers through ``send`` (appliance.apps.log.node; without it, this server's copy
+    alone); unavailable, with the reason, if its directory cannot be opened
+    (appliance.apps.log.service)."""
+    from appliance.apps.log.ingest import Limits, LocalSink
     from appliance.apps.log.node import LogNode
     from appliance.apps.log.service import LogService
     from appliance.apps.log.tiles import PosixStorage, TileLog
@@ -97,6 +100,7 @@ def open_log(config: NodeConfig, listeners: list[Listener], send: Callable[[int,
         context = node_config.server_tls_context(settings.cert, settings.key, "log", config.path)
 
     def replicated(directory: Path, origin: str) -> LogNode:
+        assert send is not None
         replica = StateDir(config.state_dir).serve_dir / "log-replica"  # our vote keys: ours alone
         make_dirs(replica, 0o700)
         c = config.constants
@@ -113,7 +117,7 @@ def open_log(config: NodeConfig, listeners: list[Listener], send: Callable[[int,
     return LogService.open(
         settings.directory,
         settings.origin,
-        sink=replicated,
+        sink=replicated if send is not None else LocalSink,
         listeners=listeners,
         ssl_context=context,
         limits=Limits(**settings.limits),
