@@ -1,0 +1,238 @@
+"""Log benchmark: entries/s made durable on a quorum and covered by a signed checkpoint. Prints JSON.
+
+A local cluster of n servers (one process each, ``pst cluster init/up``). ``--senders`` TCP
+senders (RFC 6587 octet counting, RFC 5424 messages of ``--size`` bytes) send ``--messages``
+messages in all, sender k to server k mod n + 1, as fast as TCP lets them. Measured:
+
+* ``entries_per_second``: messages / (time from the first send to the first checkpoint, published
+  on server 1, whose size covers them all): ordered by the servers' agreement, durable on a
+  quorum, applied on every server that voted, and signed by t+1 servers' guards;
+* ``checkpoint_interval_ms``: p50/p99 of the time between successive checkpoints on server 1
+  while the load lasts (a checkpoint is asked for at most every second);
+* ``entry_to_checkpoint_ms``: p50/p99, over samples of the senders' progress, of the time from
+  the moment c messages had been sent to the first checkpoint of size >= c (messages of
+  different senders interleave, so this is the latency of "that many", not of one entry);
+* ``rsyslog``: the same senders into rsyslogd (imtcp -> omfile, no fsync, no replication) on
+  this machine, the peer to compare with: messages / time until the file holds them all.
+
+Usage: .venv/bin/python bench/log.py [--n 4] [--senders 1 4] [--messages 50000] [--size 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+PST = [sys.executable, "-m", "appliance.cli"]
+RSYSLOGD = "/usr/sbin/rsyslogd"
+
+
+def pst(*args: str) -> str:
+    out = subprocess.run([*PST, *args], capture_output=True, text=True, timeout=300, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"pst {' '.join(args)}: {out.stdout}{out.stderr}")
+    return out.stdout
+
+
+def message(sender: int, k: int, size: int) -> bytes:
+    head = f"<13>1 2026-01-01T00:00:00Z benchhost bench {sender} - - ".encode()
+    body = f"message {k} ".encode()
+    body += b"x" * max(0, size - len(head) - len(body))
+    msg = head + body
+    return str(len(msg)).encode() + b" " + msg
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(p / 100 * len(values)))]
+
+
+class Senders:
+    """``count`` threads sending ``total`` messages in all to ``ports`` (sender k to ports[k % len])."""
+
+    def __init__(self, ports: list[int], count: int, total: int, size: int) -> None:
+        self.ports, self.count, self.total, self.size = ports, count, total, size
+        self.sent = [0] * count
+        self.progress: list[tuple[float, int]] = []  # (time, messages sent by all)
+        self.errors: list[str] = []
+
+    def _send(self, k: int) -> None:
+        share = self.total // self.count + (1 if k < self.total % self.count else 0)
+        try:
+            with socket.create_connection(("127.0.0.1", self.ports[k % len(self.ports)]), timeout=60) as sock:
+                batch = []
+                for i in range(share):
+                    batch.append(message(k, i, self.size))
+                    if len(batch) == 100 or i == share - 1:
+                        sock.sendall(b"".join(batch))
+                        self.sent[k] += len(batch)
+                        batch = []
+        except OSError as exc:
+            self.errors.append(f"sender {k}: {exc}")
+
+    def run(self) -> float:
+        threads = [threading.Thread(target=self._send, args=(k,), daemon=True) for k in range(self.count)]
+        start = time.monotonic()
+        for thread in threads:
+            thread.start()
+
+        def sample() -> None:
+            while any(t.is_alive() for t in threads):
+                self.progress.append((time.monotonic(), sum(self.sent)))
+                time.sleep(0.05)
+            self.progress.append((time.monotonic(), sum(self.sent)))
+
+        threading.Thread(target=sample, daemon=True).start()
+        return start
+
+
+def checkpoint_size(path: Path) -> int:
+    try:
+        return int(path.read_text().splitlines()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def run_cluster(n: int, senders: int, total: int, size: int, work: Path) -> dict[str, Any]:
+    root = work / f"cluster-{senders}"
+    pst("cluster", "init", "--dir", str(root), "--nodes", str(n), "--period", "3600", "--round-ms", "100")
+    pst("cluster", "up", "--dir", str(root), "--detach")
+    try:
+        ports = []
+        for i in range(1, n + 1):
+            config = tomllib.loads((root / f"node-{i}" / "config.toml").read_text())
+            ports.append(int(config["log"]["tcp"].rsplit(":", 1)[1]))
+        note = root / "node-1" / "state" / "log" / "checkpoint"
+        load = Senders(ports, senders, total, size)
+        start = load.run()
+        seen: list[tuple[float, int]] = []
+        deadline = start + max(120.0, total / 500)
+        while time.monotonic() < deadline:
+            got = checkpoint_size(note)
+            if not seen or got != seen[-1][1]:
+                seen.append((time.monotonic(), got))
+            if got >= total:
+                break
+            time.sleep(0.01)
+        done = seen[-1][0] if seen and seen[-1][1] >= total else None
+        intervals = [(b[0] - a[0]) * 1000 for a, b in itertools.pairwise(seen) if a[1] > 0]
+        latencies = []
+        for when, count in load.progress[::4]:
+            covered = next((t for t, s in seen if s >= count and t >= when), None)
+            if count and covered is not None:
+                latencies.append((covered - when) * 1000)
+        return {
+            "senders": senders,
+            "messages": total,
+            "covered": seen[-1][1] if seen else 0,
+            "seconds": None if done is None else round(done - start, 3),
+            "entries_per_second": None if done is None else round(total / (done - start)),
+            "checkpoints": len(seen),
+            "checkpoint_interval_ms": {"p50": percentile(intervals, 50), "p99": percentile(intervals, 99)},
+            "entry_to_checkpoint_ms": {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99)},
+            "sender_errors": load.errors,
+        }
+    finally:
+        pst("cluster", "down", "--dir", str(root))
+
+
+def run_rsyslog(senders: int, total: int, size: int, work: Path) -> dict[str, Any] | None:
+    if not os.path.exists(RSYSLOGD):
+        return None
+    directory = work / f"rsyslog-{senders}"
+    directory.mkdir()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = directory / "out.log"
+    config = directory / "rsyslog.conf"
+    config.write_text(
+        f'global(workDirectory="{directory}")\n'
+        'module(load="imtcp")\n'
+        f'input(type="imtcp" address="127.0.0.1" port="{port}")\n'
+        f'action(type="omfile" file="{out}" template="RSYSLOG_FileFormat")\n'
+    )
+    process = subprocess.Popen(
+        [RSYSLOGD, "-n", "-f", str(config), "-i", str(directory / "pid")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        load = Senders([port], senders, total, size)
+        start = load.run()
+        deadline = start + 120
+        lines = 0
+        while time.monotonic() < deadline:
+            try:
+                lines = out.read_bytes().count(b"\n")
+            except OSError:
+                lines = 0
+            if lines >= total:
+                break
+            time.sleep(0.01)
+        elapsed = time.monotonic() - start
+        return {
+            "senders": senders,
+            "messages": total,
+            "written": lines,
+            "entries_per_second": round(total / elapsed) if lines >= total else None,
+        }
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--senders", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--messages", type=int, default=50_000)
+    parser.add_argument("--size", type=int, default=200, help="bytes per message")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="pst-bench-log-"))
+    results: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "n": args.n,
+        "message_size": args.size,
+        "cluster": [],
+        "rsyslog": [],
+    }
+    try:
+        for senders in args.senders:
+            print(f"cluster, {senders} sender(s) ...", file=sys.stderr, flush=True)
+            results["cluster"].append(run_cluster(args.n, senders, args.messages, args.size, work))
+            print(f"rsyslog, {senders} sender(s) ...", file=sys.stderr, flush=True)
+            results["rsyslog"].append(run_rsyslog(senders, args.messages, args.size, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
