@@ -184,6 +184,12 @@ class LogNode:
                 }
                 self._broadcast(self._mine[period])
             self.replica.set_period(period)
+            for path in self.storage.list("replica/known"):  # periods the committee has left
+                name = path.rsplit("/", 1)[1]
+                if name.isdigit() and int(name) < self.replica.slot_period:
+                    self.storage.delete(path)
+            for old in [p for p in self._mine if p < self.replica.slot_period]:
+                del self._mine[old]
             early, self._early = self._early, []
         for sender, obj in early:
             await self._on_announcement(sender, obj)
