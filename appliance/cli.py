@@ -199,6 +199,7 @@ def _network_ceremony(args: argparse.Namespace) -> int:
         round_ms=args.round_ms,
         base_port=args.base_port,
         progress=lambda line: print(line, flush=True),
+        log=args.log,
     )
     start = time.time() + 4.0
     print(
@@ -261,6 +262,7 @@ def _cmd_cluster_init(args: argparse.Namespace) -> int:
             round_ms=args.round_ms,
             base_port=args.base_port,
             progress=lambda line: print(line, flush=True),
+            log=args.log,
         )
     except ConfigError as exc:
         print(f"pst cluster init: {exc}", file=sys.stderr)
@@ -1147,6 +1149,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--network-ceremony",
         action="store_true",
         help="run the initialization (Table 3) over the network, one `pst init` process per server",
+    )
+    cinit.add_argument(
+        "--log",
+        choices=["key", "group", "off"],
+        default="key",
+        help="the append-only log: checkpoints signed by a key of its own in C (default), by the "
+        "group key, or no log (every secret of C adds to each refresh)",
     )
     cinit.set_defaults(func=_cmd_cluster_init)
     cup = csub.add_parser("up", help="start every server of the cluster (one process each)")

@@ -32,8 +32,9 @@ def copy_package(dest: Path) -> Path:
 def cluster_for(root: Path, code: Path, *, n: int = 4) -> dict[int, NodeConfig]:
     """A one-process-ceremony cluster whose C names the code under ``code``; the configs."""
     init_cluster(
-        root, n=n, t=1, period_seconds=600, round_ms=50, progress=lambda _: None, code=Manifest.build(code)
-    )
+        root, n=n, t=1, period_seconds=600, round_ms=50, progress=lambda _: None, code=Manifest.build(code),
+        log="off",
+    )  # fmt: skip
     return {i: node_config.load(node_dir(root, i) / "config.toml") for i in range(1, n + 1)}
 
 

@@ -60,12 +60,17 @@ def status(root: Path) -> list[dict[str, object]]:
     return rows
 
 
-def init_cluster(root: Path, *, n: int, period: float, round_ms: int, extra: tuple[str, ...] = ()) -> None:
-    """`pst cluster init` with t = 1 on free ports; fails the test with pst's output if it fails."""
+def init_cluster(
+    root: Path, *, n: int, period: float, round_ms: int, extra: tuple[str, ...] = (), log: str = "off"
+) -> None:
+    """`pst cluster init` with t = 1 on free ports; fails the test with pst's output if it fails.
+    ``log``: ``--log`` (default off: the tests of other things run without the log)."""
     out = pst(
         "cluster",
         "init",
         *extra,
+        "--log",
+        log,
         "--nodes",
         str(n),
         "--threshold",

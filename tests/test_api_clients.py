@@ -372,7 +372,7 @@ async def test_pst_api_registrations_list_and_revoke(
     from appliance.node.cluster import init_cluster, node_dir
 
     root = tmp_path / "c"
-    init_cluster(root, n=4, t=1, period_seconds=600, round_ms=30, progress=lambda _: None)
+    init_cluster(root, n=4, t=1, period_seconds=600, round_ms=30, progress=lambda _: None, log="off")
     sock = node_config.load(node_dir(root, 1) / "config.toml").api_socket
     server, _ = await start(nursery, sock)  # only server 1 runs
 

@@ -310,7 +310,7 @@ async def test_distributed_signature_through_the_api_of_running_pservers(tmp_pat
     from test_server_inprocess import Hub
 
     root = tmp_path / "cluster"
-    init_cluster(root, n=4, t=1, period_seconds=600, round_ms=30, progress=lambda _: None)
+    init_cluster(root, n=4, t=1, period_seconds=600, round_ms=30, progress=lambda _: None, log="off")
     hub = Hub(4)
 
     def factory_for(i: int):  # type: ignore[no-untyped-def]

@@ -54,7 +54,7 @@ def _cluster(venv: Path, root: Path) -> Path:
     """A 4-server cluster whose C names ``venv``; the config of server 1."""
     init = run(
         venv, "cluster", "init", "--nodes", "4", "--threshold", "1", "--dir", str(root),
-        "--period", "600", "--round-ms", "60", "--base-port", str(random_free_base_port(4)),
+        "--period", "600", "--round-ms", "60", "--base-port", str(random_free_base_port(4)), "--log", "off",
     )  # fmt: skip
     assert init.returncode == 0, init.stdout + init.stderr
     config = root / "node-1" / "config.toml"
@@ -208,7 +208,7 @@ def test_a_server_started_from_this_environment_ignores_pythonpath(
 
     root = tmp_path / "c"
     init_cluster(root, n=4, t=1, period_seconds=600, round_ms=60, progress=lambda _: None,
-                 base_port=random_free_base_port(4))  # fmt: skip
+                 base_port=random_free_base_port(4), log="off")  # fmt: skip
     fake = tmp_path / "fake" / "appliance"
     fake.mkdir(parents=True)
     mark = tmp_path / "fake-ran"

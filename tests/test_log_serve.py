@@ -481,7 +481,7 @@ def _rsyslogd(directory: Path, relp_port: int, lines: list[bytes]) -> Iterator[s
 @pytest.mark.skipif(LOGGER is None, reason="util-linux logger is needed")
 def test_a_cluster_logs_what_logger_rsyslog_and_the_api_send(tmp_path: Path) -> None:
     root = tmp_path / "c"
-    init_cluster(root, n=4, period=600, round_ms=80)
+    init_cluster(root, n=4, period=600, round_ms=80, log="key")
     text = (root / "node-1" / "config.toml").read_text()
     assert "\n[log]\norigin = " in text and "\ndir = " not in text  # the default directory: state/log
     ports = _ports(root, 1)
@@ -608,7 +608,7 @@ def _http(root: Path, path: str) -> bytes:
 
 def test_pst_serve_refuses_a_log_port_it_cannot_bind(tmp_path: Path) -> None:
     root = tmp_path / "c"
-    init_cluster(root, n=4, period=600, round_ms=80)
+    init_cluster(root, n=4, period=600, round_ms=80, log="key")
     port = _ports(root, 1)["tcp"]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))

@@ -126,7 +126,7 @@ def test_scenario_f_a_module_changed_while_running_stops_the_server_at_the_next_
     root = tmp_path / "c"
     init = pst(
         "cluster", "init", "--nodes", "4", "--threshold", "1", "--dir", str(root),
-        "--period", "600", "--round-ms", "80", "--base-port", str(random_free_base_port(4)),
+        "--period", "600", "--round-ms", "80", "--base-port", str(random_free_base_port(4)), "--log", "off",
     )  # fmt: skip
     assert init.returncode == 0, init.stdout + init.stderr
     up = pst("cluster", "up", "--dir", str(root), "--detach")

@@ -54,7 +54,7 @@ class HubTransport:
 
 async def test_servers_refresh_on_the_clock_and_persist_each_period(tmp_path: Path) -> None:
     root = tmp_path / "cluster"
-    init_cluster(root, n=4, t=1, period_seconds=1.5, round_ms=30, progress=lambda _: None)
+    init_cluster(root, n=4, t=1, period_seconds=1.5, round_ms=30, progress=lambda _: None, log="off")
     hub = Hub(4)
     transports: dict[int, HubTransport] = {}
 
@@ -93,7 +93,7 @@ async def test_servers_refresh_on_the_clock_and_persist_each_period(tmp_path: Pa
 def _signing_cluster(tmp_path: Path) -> tuple[dict[int, NodeConfig], bytes, dict[int, PServer]]:
     """Seven servers (t=2, n >= 3t+1) on an in-memory hub, long periods: for signing on request."""
     root = tmp_path / "cluster"
-    init_cluster(root, n=7, t=2, period_seconds=60, round_ms=30, progress=lambda _: None)
+    init_cluster(root, n=7, t=2, period_seconds=60, round_ms=30, progress=lambda _: None, log="off")
     hub = Hub(7)
 
     def factory_for(i: int):  # type: ignore[no-untyped-def]
@@ -193,7 +193,7 @@ def test_an_unusable_private_state_is_an_alert_and_set_aside_not_a_crash(tmp_pat
     """Issue 10 §4: a directory where private/period.cbor should be (or garbage, or a file the
     server may not read) made the key-holder fail; now it starts recovering, with one alert."""
     root = tmp_path / "cluster"
-    init_cluster(root, n=4, t=1, period_seconds=60, round_ms=30, progress=lambda _: None)
+    init_cluster(root, n=4, t=1, period_seconds=60, round_ms=30, progress=lambda _: None, log="off")
     config = node_config.load(node_dir(root, 2) / "config.toml")
     private = config.state_dir / "private"
     (private / "period.cbor").unlink()

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 def _init(root: Path, n: int, t: int, period: float) -> None:
     out = pst(
         "cluster", "init", "--nodes", str(n), "--threshold", str(t), "--dir", str(root),
-        "--period", f"{period:g}", "--round-ms", "100", "--base-port", str(free_base_port(n)),
+        "--period", f"{period:g}", "--round-ms", "100", "--base-port", str(free_base_port(n)), "--log", "off",
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
 

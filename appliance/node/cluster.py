@@ -72,7 +72,19 @@ def check_ports(n: int, base_port: int) -> None:
         )
 
 
-def config_text(root: Path, i: int, c: Constants, base_port: int) -> str:
+#: ``pst cluster init --log``: the log with its own key in C, the log with checkpoints signed by
+#: the group key, or no log at all (tests of other things; every secret of C adds to each refresh).
+LOG_MODES = ("key", "group", "off")
+
+
+def _secrets(log: str) -> dict[str, str]:
+    if log not in LOG_MODES:
+        raise ConfigError(f"--log {log!r}: one of {', '.join(LOG_MODES)}")
+    # The log's own key signs checkpoints and nothing else (issue 11).
+    return {SCERT: "ed25519", LOG_SECRET: "ed25519"} if log == "key" else {SCERT: "ed25519"}
+
+
+def config_text(root: Path, i: int, c: Constants, base_port: int, *, log: bool = True) -> str:
     d = node_dir(root, i).resolve()
     peers = "\n".join(f'{j} = "127.0.0.1:{base_port + j}"' for j in c.ids)
     http_peers = "\n".join(f'{j} = "{http_url(base_port, j)}"' for j in c.ids if j != i)
@@ -109,6 +121,11 @@ listen = "127.0.0.1:{base_port + HTTP_PORT_OFFSET + i}"
 [http.peers]
 {http_peers}
 
+{_log_section(c, i, base_port) if log else ""}"""
+
+
+def _log_section(c: Constants, i: int, base_port: int) -> str:
+    return f"""
 # The append-only log: this server's copy in state/log, syslog on loopback.
 [log]
 origin = "{default_log_origin(c)}"
@@ -128,6 +145,7 @@ def prepare_network_ceremony(
     base_port: int = 7100,
     progress: Callable[[str], None] = print,
     code: Manifest | None = None,
+    log: str = "key",
 ) -> Constants:
     """Configs, simulated ROMs (Vstart), Sstart files and manifests; the state comes from ``pst init``."""
     from nacl.signing import SigningKey
@@ -144,6 +162,7 @@ def prepare_network_ceremony(
         genesis=time.time(),
         peers={i: f"127.0.0.1:{base_port + i}" for i in range(1, n + 1)},
         code_digest=code.digest(),
+        secrets=_secrets(log),
     )
     root.mkdir(parents=True, exist_ok=True)
     atomic_write(root / "cluster.toml", f"n = {n}\nt = {t}\nbase_port = {base_port}\n".encode())
@@ -154,7 +173,7 @@ def prepare_network_ceremony(
         atomic_write(d / "sstart", seed, private=True)
         SimulatedRom(d / "rom").provision(bytes(SigningKey(seed).verify_key))
         store_manifest(d / "state", code)
-        atomic_write(d / "config.toml", config_text(root, i, c, base_port).encode())
+        atomic_write(d / "config.toml", config_text(root, i, c, base_port, log=log != "off").encode())
         progress(f"  server {i}: config, Sstart (erasable disk) and Vstart (simulated ROM) written")
     return c
 
@@ -171,9 +190,11 @@ def init_cluster(
     randbytes: Callable[[int], bytes] = os.urandom,
     code: Manifest | None = None,
     secrets: dict[str, str] | None = None,
+    log: str = "key",
 ) -> Constants:
     """One-process ceremony; ``code`` is the manifest C names (default: this environment's);
-    ``secrets`` the long-lived secrets of C (default: the group key and the log's key)."""
+    ``secrets`` the long-lived secrets of C (default: the group key, and the log's key when
+    ``log`` is "key"); ``log``: one of :data:`LOG_MODES`."""
     check_ports(n, base_port)
     if root.exists() and any(root.iterdir()):
         raise ConfigError(f"{root}: directory exists and is not empty; choose a new one or remove it")
@@ -187,8 +208,7 @@ def init_cluster(
         genesis=genesis,
         peers={i: f"127.0.0.1:{base_port + i}" for i in range(1, n + 1)},
         code_digest=code.digest(),
-        # The log's own key: it signs checkpoints and nothing else (issue 11).
-        secrets=dict(secrets) if secrets is not None else {SCERT: "ed25519", LOG_SECRET: "ed25519"},
+        secrets=dict(secrets) if secrets is not None else _secrets(log),
     )
     progress(f"code manifest: {len(code)} files, digest {code.digest().hex()} (in C)")
     progress(f"initialization ceremony for n={n}, t={t}: DKG of (Scert, Vcert), M, KeyTable(0) ...")
@@ -201,7 +221,7 @@ def init_cluster(
         SimulatedRom(d / "rom").provision(setup.vstart)
         StateDir(d / "state").save(setup.public, setup.private)
         store_manifest(d / "state", code)
-        atomic_write(d / "config.toml", config_text(root, i, c, base_port).encode())
+        atomic_write(d / "config.toml", config_text(root, i, c, base_port, log=log != "off").encode())
         progress(f"  server {i}: config, simulated ROM (Vstart), state directory written")
     vcert = setups[1].public.m.vcert if setups[1].public.m is not None else b""
     progress(f"group public key (Vcert): {vcert.hex()}")
