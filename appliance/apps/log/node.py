@@ -411,8 +411,11 @@ class LogNode:
         the signed note of a checkpoint body, from the key-holder."""
         self._verifier = Verifier(self.tree.origin, public_key)
         task_status.started()
+        next_at = trio.current_time()
         while True:
-            await trio.sleep(interval)
+            # A checkpoint every ``interval`` while the tree grows, the signing time included.
+            next_at = max(next_at + interval, trio.current_time() + interval / 10)
+            await trio.sleep_until(next_at)
             waiting = self._waiting_checkpoint
             if waiting is not None and waiting[1].size <= self.tree.size:
                 self._waiting_checkpoint = None
