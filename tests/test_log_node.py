@@ -20,6 +20,7 @@ from appliance.apps.log.reader import CHECKPOINT_PATH
 from appliance.apps.log.tiles import PosixStorage, TileLog
 from appliance.crypto import encoding
 from appliance.net import channel_identity
+from appliance.protocols._core import AlertKind
 
 N, T = 4, 1
 
@@ -174,3 +175,32 @@ async def test_checkpoints_are_published_on_every_server_and_a_silent_coordinato
         nursery.cancel_scope.cancel()
     assert c.nodes[2].checkpointed == 3  # server 2 took over
     assert all(c.nodes[i].checkpointed == 0 for i in (3, 4))
+
+
+async def test_an_audit_finds_an_entry_changed_on_disk_and_raises_an_alert(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    alerts: list[Any] = []
+    c.nodes[2]._on_alert = alerts.append
+    public = bytes(LOG_KEY.verify_key)
+    async with trio.open_nursery() as nursery:
+        for i in c.nodes:
+            nursery.start_soon(c.deliver, i)
+            await nursery.start(c.nodes[i].run)
+            await nursery.start(
+                functools.partial(c.nodes[i].checkpoints, sign_with_log_key, public, interval=0.1)
+            )
+        await c.enter(0)
+        with trio.fail_after(30):
+            await c.nodes[1].append([f"line {k}".encode() for k in range(300)])
+            while c.nodes[2].checkpointed_size < 300:
+                await trio.sleep(0.05)
+        assert await c.nodes[2].audit()
+        bundle = tmp_path / "log-2" / "tile" / "entries" / "000"
+        data = bytearray(bundle.read_bytes())
+        data[-1] ^= 1  # the last byte of entry 255
+        bundle.write_bytes(bytes(data))
+        assert not await c.nodes[2].audit()
+        assert await c.nodes[3].audit()  # the others' copies are intact
+        nursery.cancel_scope.cancel()
+    assert [a.kind for a in alerts] == [AlertKind.LOG_STORE_DAMAGED]
+    assert "tile/entries/000" in alerts[0].detail and c.nodes[2].damaged is not None

@@ -91,6 +91,7 @@ def open_log(
     from appliance.apps.log.node import LogNode
     from appliance.apps.log.service import LogService
     from appliance.apps.log.tiles import PosixStorage, TileLog
+    from appliance.boot.check import append_alert
     from appliance.host.files import make_dirs
 
     settings = config.log
@@ -111,6 +112,14 @@ def open_log(
             log=TileLog.open(PosixStorage(directory), origin),
             storage=PosixStorage(replica),
             send=send,
+            on_alert=lambda alert: append_alert(  # pst serve's own file (privsep: public/ is not ours)
+                StateDir(config.state_dir).serve_dir,
+                alert.kind,
+                alert.server,
+                alert.period,
+                alert.detail,
+                time.time(),
+            ),
             base_timeout=max(0.2, 2 * c.delta),
         )
 
@@ -216,6 +225,7 @@ async def _serve(
             await nursery.start(log_service.run)
             if log_node is not None:
                 nursery.start_soon(_log_checkpoints, log_service, log_node, link, log_keys)
+                nursery.start_soon(log_node.audits)
         backend = PServerBackend(
             link.sign,
             config.server_id,

@@ -62,6 +62,9 @@ class AlertKind(enum.Enum):
     #: A server asked us to sign a log checkpoint our own log does not back (a fork, a smaller
     #: tree than we signed, entries we do not hold, another origin, a malformed body).
     CHECKPOINT_REFUSED = "checkpoint-refused"
+    #: This server's own copy of the log does not give the root of a checkpoint the network
+    #: signed: its tiles or entries were changed on disk (found by its audit, or by a checkpoint).
+    LOG_STORE_DAMAGED = "log-store-damaged"
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,10 @@ def clean_log(raw: Any) -> dict[str, Any] | None:
         "ingest": {k: _int(ingest.get(k)) for k in LOG_COUNTERS},
         "replication": None
         if replication is None
-        else {k: _int(replication.get(k)) for k in LOG_REPLICATION},
+        else {
+            **{k: _int(replication.get(k)) for k in LOG_REPLICATION},
+            "damaged": _str(replication.get("damaged"), 600),
+        },
     }
 
 

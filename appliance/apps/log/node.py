@@ -62,7 +62,7 @@ from appliance.net import (
     channel_sign,
     check_channel_signature,
 )
-from appliance.protocols._core import Alert
+from appliance.protocols._core import Alert, AlertKind
 
 __all__ = ["LOG_FRAME", "LogNode", "is_log_frame"]
 
@@ -137,6 +137,8 @@ class LogNode:
         self._verifier: Verifier | None = None
         self._seen_checkpoint = clock()
         self._waiting_checkpoint: tuple[bytes, Checkpoint] | None = None
+        #: Why this server's copy of the log is damaged (None: its last audit passed).
+        self.damaged: str | None = None
         self._load_known()
 
     # --- Keys --------------------------------------------------------------------------------
@@ -334,7 +336,7 @@ class LogNode:
     def size(self) -> int:
         return self.tree.size
 
-    def replication(self) -> dict[str, int]:
+    def replication(self) -> dict[str, int | str | None]:
         """Figures for the status: the next slot, its committee's period, the last checkpoint
         this server published, the catch-ups done and our batches waiting to be ordered."""
         r = self.replica
@@ -344,6 +346,7 @@ class LogNode:
             "checkpoint_size": self.checkpointed_size,
             "caught_up": r.caught_up,
             "waiting_batches": len(self._acked),
+            "damaged": self.damaged,
         }
 
     # --- Checkpoints -------------------------------------------------------------------------
@@ -386,14 +389,58 @@ class LogNode:
                 self._waiting_checkpoint = (note, body)  # written once we have applied that far
                 return
             if body.root != await trio.to_thread.run_sync(self.tree.root_at, body.size):
-                log.error(
-                    "log: a checkpoint signed by the network (size %d, from server %d) does not match "
-                    "this server's log: its copy differs from the others'",
-                    body.size,
-                    sender,
+                self._damaged(
+                    f"a checkpoint the network signed (size {body.size}, sent by server {sender}) "
+                    "does not match this server's tree: its copy of the log differs from the others'"
                 )
                 return
             await trio.to_thread.run_sync(self._publish, note, body)
+
+    def _damaged(self, detail: str) -> None:
+        self.damaged = detail
+        alert = Alert(AlertKind.LOG_STORE_DAMAGED, self.server_id, self.replica.period, detail)
+        log.error("%s", alert)
+        self._on_alert(alert)
+
+    async def audit(self) -> bool:
+        """Re-hash this server's copy of the log up to its latest checkpoint (every entry, every
+        tile, in a worker thread, without holding up appends: the files it reads are written once,
+        partial tiles under new names); False, with a ``log-store-damaged`` alert naming what
+        differs, if they do not give the signed root."""
+        from appliance.apps.log.verify import DirSource, LogVerifier, VerificationFailed
+
+        verifier = self._verifier
+        if verifier is None:
+            return True
+        directory = getattr(self.tree.storage, "root", None)
+        if directory is None or self.tree.storage.read(CHECKPOINT_PATH) is None:
+            return True  # not a directory store (tests in memory), or nothing signed yet
+        checker = LogVerifier(DirSource(directory), verifier)
+
+        def run() -> str | None:
+            try:
+                latest = checker.latest()
+                if latest.size:
+                    checker.audit(latest)
+            except VerificationFailed as exc:
+                return str(exc)
+            except LogError as exc:
+                return f"the audit could not read the log: {exc}"
+            return None
+
+        failure = await trio.to_thread.run_sync(run)
+        if failure is not None:
+            self._damaged(f"this server's copy of the log is damaged: {failure}")
+            return False
+        self.damaged = None
+        return True
+
+    async def audits(self, *, first: float = 30.0, interval: float = 600.0) -> None:
+        """:meth:`audit` after ``first`` seconds, then every ``interval`` (until cancelled)."""
+        await trio.sleep(first)
+        while True:
+            await self.audit()
+            await trio.sleep(interval)
 
     def coordinator(self, period: int, stale: float) -> int:
         """Who asks for checkpoints in ``period`` after ``stale`` seconds without a new one."""
