@@ -132,8 +132,26 @@ _LOG_COUNTERS = (
 )
 
 
+#: The replication's gauges (LogService.status()["replication"]): metric name, key, help.
+_LOG_REPLICATION_GAUGES = (
+    ("pst_log_slot", "slot", "The next slot of the log's agreement on this server (slots decided so far)"),
+    ("pst_log_committee_period", "committee_period", "The period whose vote keys order the next slot"),
+    (
+        "pst_log_checkpoint_size",
+        "checkpoint_size",
+        "Size of the last signed checkpoint this server published",
+    ),
+    (
+        "pst_log_checkpoint_age_seconds",
+        "checkpoint_age",
+        "Seconds since this server published a checkpoint (0 before the first)",
+    ),
+    ("pst_log_waiting_batches", "waiting_batches", "Batches of this server not yet ordered"),
+)
+
+
 def _log_metrics(status: Mapping[str, Any] | None) -> Iterator[Metric]:
-    """The log's figures, if this server runs a log (nothing about checkpoints or replication yet)."""
+    """The log's figures, if this server runs a log (with its replication's, if replicated)."""
     if status is None:
         return
     running = GaugeMetricFamily("pst_log_up", "1 if this server's log is open and taking entries")
@@ -166,6 +184,18 @@ def _log_metrics(status: Mapping[str, Any] | None) -> Iterator[Metric]:
         counter = CounterMetricFamily(name, text)
         counter.add_metric([], float(ingest.get(key) or 0))
         yield counter
+    replication = status.get("replication")
+    if not isinstance(replication, Mapping):
+        return
+    for name, key, text in _LOG_REPLICATION_GAUGES:
+        gauge = GaugeMetricFamily(name, text)
+        gauge.add_metric([], float(replication.get(key) or 0))
+        yield gauge
+    damaged = GaugeMetricFamily(
+        "pst_log_store_damaged", "1 if this server's last audit found its copy of the log damaged"
+    )
+    damaged.add_metric([], 1.0 if replication.get("damaged") else 0.0)
+    yield damaged
 
 
 class Metrics:

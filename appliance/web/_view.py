@@ -149,7 +149,14 @@ LOG_COUNTERS: Final = (
 )
 LOG_TRANSPORTS: Final = ("udp", "tcp", "relp", "tls", "relp_tls")
 #: The replication figures a log status carries (appliance.apps.log.node.LogNode.replication).
-LOG_REPLICATION: Final = ("slot", "committee_period", "checkpoint_size", "caught_up", "waiting_batches")
+LOG_REPLICATION: Final = (
+    "slot",
+    "committee_period",
+    "checkpoint_size",
+    "checkpoint_age",
+    "caught_up",
+    "waiting_batches",
+)
 
 
 def clean_log(raw: Any) -> dict[str, Any] | None:

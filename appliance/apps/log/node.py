@@ -137,6 +137,7 @@ class LogNode:
         self._verifier: Verifier | None = None
         self._seen_checkpoint = clock()
         self._waiting_checkpoint: tuple[bytes, Checkpoint] | None = None
+        self._published_at: float | None = None
         #: Why this server's copy of the log is damaged (None: its last audit passed).
         self.damaged: str | None = None
         self._load_known()
@@ -346,6 +347,9 @@ class LogNode:
             "checkpoint_size": self.checkpointed_size,
             "caught_up": r.caught_up,
             "waiting_batches": len(self._acked),
+            "checkpoint_age": 0
+            if self._published_at is None
+            else max(0, round(self._clock() - self._published_at)),
             "damaged": self.damaged,
         }
 
@@ -372,6 +376,7 @@ class LogNode:
             return False
         self.tree.storage.write(CHECKPOINT_PATH, note)
         self.checkpointed_size = body.size
+        self._published_at = self._clock()
         return True
 
     async def _on_checkpoint(self, sender: int, note: Any) -> None:
