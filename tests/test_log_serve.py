@@ -550,6 +550,7 @@ def test_a_cluster_logs_what_logger_rsyslog_and_the_api_send(tmp_path: Path) -> 
         # the status document, /metrics
         metrics = _http(root, "/metrics").decode()
         assert f"pst_log_size {float(size)}" in metrics and "pst_log_received_total" in metrics
+        assert "pst_log_slot " in metrics and "pst_log_store_damaged 0.0" in metrics
         document = json.loads(_http(root, "/v1/status"))
         assert document["log"]["size"] == size and document["log"]["ingest"]["framing_errors"] >= 1
         assert document["log"]["listening"] == {t: f"127.0.0.1:{p}" for t, p in ports.items()}
