@@ -115,3 +115,15 @@ def alert_kinds(root: Path) -> set[str]:
                     with contextlib.suppress(ValueError, AttributeError):
                         kinds.add(str(json.loads(line).get("kind")))
     return kinds
+
+
+def start(node: Path) -> None:
+    """Start the server of ``node`` alone (``pst serve``, its output appended to server.log)."""
+    with open(node / "server.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance.cli", "serve", "--config", str(node / "config.toml")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    (node / "server.pid").write_text(f"{proc.pid}\n")

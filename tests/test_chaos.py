@@ -14,13 +14,11 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from clusterutil import init_cluster, pst, status
+from clusterutil import init_cluster, pst, start, status
 
 from appliance.node.store import StateDir
 from appliance.protocols.state import SCERT
@@ -28,17 +26,6 @@ from appliance.protocols.state import SCERT
 PERIODS = int(os.environ.get("PST_CHAOS_PERIODS", "50"))
 SEED = int(os.environ.get("PST_CHAOS_SEED", "1"))
 PERIOD_S = 2.5
-
-
-def start(node: Path) -> None:
-    with open(node / "server.log", "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance.cli", "serve", "--config", str(node / "config.toml")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    (node / "server.pid").write_text(f"{proc.pid}\n")
 
 
 @pytest.mark.slow

@@ -67,6 +67,13 @@ class Cluster:
         async for frm, data in self.receivers[i]:
             await self.nodes[i].frame(frm, data)
 
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Every node running and delivering, all in period 0."""
+        for i in self.nodes:
+            nursery.start_soon(self.deliver, i)
+            await nursery.start(self.nodes[i].run)
+        await self.enter(0)
+
     async def enter(self, period: int, servers: list[int] | None = None) -> None:
         for i in servers or list(self.nodes):
             ident = channel_identity(i, period, period_seed(period, i))
@@ -76,10 +83,7 @@ class Cluster:
 async def test_four_nodes_append_concurrently_and_hold_the_same_log(tmp_path: Path) -> None:
     c = Cluster(tmp_path)
     async with trio.open_nursery() as nursery:
-        for i in c.nodes:
-            nursery.start_soon(c.deliver, i)
-            await nursery.start(c.nodes[i].run)
-        await c.enter(0)
+        await c.start(nursery)
         with trio.fail_after(30):
             async with trio.open_nursery() as senders:
                 for i in c.nodes:
@@ -109,10 +113,7 @@ async def test_a_vote_key_not_signed_by_the_servers_channel_key_is_refused(tmp_p
 
     c.tamper[4] = forge
     async with trio.open_nursery() as nursery:
-        for i in c.nodes:
-            nursery.start_soon(c.deliver, i)
-            await nursery.start(c.nodes[i].run)
-        await c.enter(0)
+        await c.start(nursery)
         with trio.fail_after(30):
             await c.nodes[1].append([b"needs three of the four"])
         nursery.cancel_scope.cancel()
@@ -123,10 +124,7 @@ async def test_a_vote_key_not_signed_by_the_servers_channel_key_is_refused(tmp_p
 async def test_the_log_moves_to_the_next_period_and_keeps_going(tmp_path: Path) -> None:
     c = Cluster(tmp_path)
     async with trio.open_nursery() as nursery:
-        for i in c.nodes:
-            nursery.start_soon(c.deliver, i)
-            await nursery.start(c.nodes[i].run)
-        await c.enter(0)
+        await c.start(nursery)
         with trio.fail_after(30):
             await c.nodes[1].append([b"period 0"])
         await c.enter(1)

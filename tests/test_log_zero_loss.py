@@ -1,6 +1,6 @@
 """Zero loss: rsyslog forwards over RELP while the receiving server is killed (kill -9) twice.
 
-Issue 11 asks for 1,000,000 messages; the suite sends 2,000 (the code path is the same; the
+Issue 11 asks for 1,000,000 messages; the suite sends 1,000 (the code path is the same; the
 time is not: see docs/log.md). Server 2 is stopped for the whole run, so every slot needs
 servers 1, 3 and 4 (the quorum of n=4, t=1): each kill of server 1 stops the log until it is back.
 What rsyslog had acknowledged before a kill must be in the log; what it had not, it sends again
@@ -13,18 +13,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from clusterutil import free_base_port, pst
+from clusterutil import free_base_port, pst, start
 from logutil import rsyslog_config
 
 RSYSLOGD = "/usr/sbin/rsyslogd"
-LINES = 2000
+LINES = 1000
 
 
 def _pid(root: Path, i: int) -> int:
@@ -40,18 +39,6 @@ def _alive(pid: int) -> bool:
         return os.waitpid(pid, os.WNOHANG) == (0, 0)
     except ChildProcessError:
         return True
-
-
-def _start(root: Path, i: int) -> None:
-    node = root / f"node-{i}"
-    with open(node / "server.log", "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance.cli", "serve", "--config", str(node / "config.toml")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    (node / "server.pid").write_text(f"{proc.pid}\n")
 
 
 def _size(root: Path, i: int) -> int:
@@ -114,7 +101,7 @@ def test_no_acknowledged_message_is_lost_when_the_receiving_server_is_killed_twi
             os.kill(pid, signal.SIGKILL)
             _wait(lambda pid=pid: not _alive(pid), "server 1 to die")
             time.sleep(0.5)
-            _start(root, 1)
+            start(root / "node-1")
         _wait(lambda: _size(root, 3) >= LINES, f"{LINES} entries on server 3", timeout=240)
         _wait(lambda: len(set(_lines(root, 3))) >= LINES, "every line on server 3", timeout=60)
         for i in (1, 3, 4):
