@@ -186,7 +186,8 @@ def test_scenario_c_an_impostor_with_a_stolen_period_key_raises_an_alert(
             if (impostor / "api.sock").exists():
                 break
             time.sleep(0.05)
-        time.sleep(1.0)  # let it connect to the others as server 2
+        # let it connect to the others as server 2 (its HTTP service's start holds its loop ~1 s)
+        time.sleep(3.0)
         # The impostor and server 2 compete for server 2's connection slot at the others, so
         # the impostor's announcement may miss a refresh; it gets up to three of them.
         for _attempt in range(3):
