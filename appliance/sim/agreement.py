@@ -323,12 +323,34 @@ def crash_restart(seed: int) -> AgreementRun:
     return run
 
 
+def lossy(seed: int) -> AgreementRun:
+    """Up to t members are down and, until the network behaves, each message is lost with
+    probability up to 1/2 (a connection that breaks drops its frames): a certificate that moved
+    one server to a later view may reach nobody else, and nobody sends it again unasked."""
+    rng = random.Random(seed)
+    run = build("lossy", seed, latency=0.01 * rng.choice([1, 3]))
+    for b in rng.sample(sorted(run.nodes), rng.randint(1, run.t)):
+        run.down.add(b)
+        run.sim.crash(b)
+    loss = rng.uniform(0.1, 0.5)
+    run.gst = rng.uniform(0.5, 5.0)
+
+    def lose(sender: int, to: int, data: bytes, now: float, r: random.Random) -> list[tuple[float, bytes]]:
+        return [] if now < run.gst and r.random() < loss else [(0.0, data)]
+
+    for i in run.nodes:
+        run.sim.faults[i] = lose
+    check(run, deadline=run.gst + 60.0)
+    return run
+
+
 FAMILIES: dict[str, Callable[[int], AgreementRun]] = {
     "agree-honest": honest,
     "agree-asynchrony": asynchrony,
     "agree-byzantine": byzantine,
     "agree-late-votes": late_votes,
     "agree-crash": crash_restart,
+    "agree-lossy": lossy,
 }
 
 

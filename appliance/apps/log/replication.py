@@ -810,6 +810,9 @@ class Replica:
             raise RemoteProtocolError(
                 sender, f"log replication: slot {slot} runs in period {self.slot_period}, not {period}"
             )
+        keys = self._keys.get(period)
+        if keys is None or keys.get(sender) is None:
+            return  # its vote key is not here yet: what it says is lost, as on a broken link
         engine = self._engine or self._start_engine(now)
         if engine is None:
             return  # no vote keys of that period (yet)

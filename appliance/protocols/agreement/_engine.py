@@ -153,6 +153,7 @@ class Engine:
         self._verified: set[tuple[str, int, int, bytes]] = set()
         self._tc: TimeoutCert | None = None
         self._decide_sent: dict[int, float] = {}
+        self._help_sent: dict[int, float] = {}
         self._refused = -1
         self._timed_out = False
         self._deadline = now
@@ -175,6 +176,8 @@ class Engine:
             if self.decided is not None:
                 self._answer_late(sender, now)
                 return
+            if isinstance(msg, Proposal | Vote | Timeout) and msg.view < self.view:
+                self._help_behind(sender, msg.view, now)
             if isinstance(msg, Proposal):
                 self._on_proposal(sender, msg, now)
             elif isinstance(msg, Vote):
@@ -503,6 +506,23 @@ class Engine:
             return
         self._decide_sent[sender] = now
         self._out.append((sender, encode(Decide(self.decided.qc, self.decided.value))))
+
+    def _help_behind(self, sender: int, view: int, now: float) -> None:
+        """A member that still speaks of an earlier view gets the certificates that moved us on
+        (at most once per timeout): their one broadcast may have been lost, and the views it
+        sends timeouts for cannot gather a quorum without those who already left them."""
+        if sender == self.me or sender not in self.committee.keys:
+            return
+        last = self._help_sent.get(sender)
+        if last is not None and now - last < self.base_timeout:
+            return
+        tc = self._tc if self._tc is not None and self._tc.view >= view else None
+        later = [qc for (phase, v), qc in self._qcs.items() if phase == PREPARE and v > view]
+        qc = max(later, key=lambda q: q.view, default=None)
+        if tc is None and qc is None:
+            return
+        self._help_sent[sender] = now
+        self._out.append((sender, encode(Certs(qc, tc))))
 
     # Output -------------------------------------------------------------------------------------
 
