@@ -193,7 +193,7 @@ class ApiServer:
         try:
             await self._admit(stream)
         except Exception as exc:  # a bug must cost one connection, not the server
-            log.error("api: connection failed (%s)", type(exc).__name__)
+            log.error("api: connection failed (%s), a bug", type(exc).__name__, exc_info=True)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await stream.aclose()
