@@ -160,8 +160,6 @@ def test_scenario_c_an_impostor_with_a_stolen_period_key_raises_an_alert(
     real = cluster / "node-2"
     impostor = tmp_path / "impostor"
     impostor.mkdir()
-    shutil.copytree(real / "state", impostor / "state")
-    shutil.copy(real / "rom", impostor / "rom")
     import socket
 
     with socket.socket() as probe:
@@ -174,24 +172,41 @@ def test_scenario_c_an_impostor_with_a_stolen_period_key_raises_an_alert(
     text = text.replace(str(real / "api.sock"), str(impostor / "api.sock"))
     text = text.replace(str(real / "rom"), str(impostor / "rom"))
     (impostor / "config.toml").write_text(_without_log(text))  # the real one holds its syslog ports
-    with open(impostor / "server.log", "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance.cli", "serve", "--config", str(impostor / "config.toml")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
+
+    def steal_and_start() -> subprocess.Popen[bytes]:
+        """Copy server 2's data as it is now (this period's key) and run it as a second server 2."""
+        shutil.rmtree(impostor / "state", ignore_errors=True)
+        (impostor / "api.sock").unlink(missing_ok=True)
+        shutil.copytree(real / "state", impostor / "state")
+        shutil.copy(real / "rom", impostor / "rom")
+        with open(impostor / "server.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "appliance.cli", "serve", "--config", str(impostor / "config.toml")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         for _ in range(200):
             if (impostor / "api.sock").exists():
                 break
             time.sleep(0.05)
         # let it connect to the others as server 2 (its HTTP service's start holds its loop ~1 s)
         time.sleep(3.0)
-        # The impostor and server 2 compete for server 2's connection slot at the others, so
-        # the impostor's announcement may miss a refresh (their connections flap many times a
-        # second); it gets up to five of them.
-        for _attempt in range(5):
+        return proc
+
+    def stop(proc: subprocess.Popen[bytes]) -> None:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+
+    # The impostor and server 2 compete for server 2's connection slot at the others (their
+    # connections flap many times a second), so the impostor's announcement may miss the refresh.
+    # Then its stolen key is of a period that is over: the attacker steals again and retries.
+    proc = steal_and_start()
+    try:
+        for attempt in range(4):
+            if attempt:
+                stop(proc)
+                proc = steal_and_start()
             request_file = cluster / "node-1" / "refresh-request.json"
             request_file.unlink(missing_ok=True)
             refresh = subprocess.Popen(
@@ -200,7 +215,7 @@ def test_scenario_c_an_impostor_with_a_stolen_period_key_raises_an_alert(
                 stderr=subprocess.STDOUT,
                 text=True,
             )
-            for _ in range(100):  # the impostor joins the same refresh, at the same start time
+            for _ in range(250):  # the impostor joins the same refresh, at the same start time
                 if request_file.exists():
                     break
                 time.sleep(0.02)
@@ -214,8 +229,7 @@ def test_scenario_c_an_impostor_with_a_stolen_period_key_raises_an_alert(
         assert ("conflicting-key-announcements", 2) in seen, f"{seen}; the impostor's log ends:\n{tail}"
         assert all(server == 2 for _kind, server in seen)
     finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
+        stop(proc)
     # With the impostor gone, the next refresh heals server 2.
     out = pst("refresh", "--now", "--dir", str(cluster))
     assert out.returncode == 0, out.stdout + out.stderr
