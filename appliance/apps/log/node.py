@@ -72,6 +72,9 @@ log = logging.getLogger("pst.log")
 LOG_FRAME = b"\x00"
 #: The largest log frame we decode (a batch of 1 MiB of entries fits, with its framing).
 MAX_LOG_FRAME = 2 * MAX_BATCH_BYTES + 65536
+#: Peers' messages waiting for the replica; a peer's reader waits while this many are queued
+#: (backpressure on the channel, as when each message took the lock).
+MAX_INBOX = 256
 
 
 def is_log_frame(data: bytes) -> bool:
@@ -119,6 +122,8 @@ class LogNode:
         )
         self._lock = trio.Lock()
         self._poke = trio.Event()
+        self._inbox: list[tuple[int, Any]] = []  # (sender, decoded message) for the replica
+        self._drained = trio.Event()
         self._acked: dict[int, trio.Event] = {}
         self._first: dict[int, int | None] = {}  # seq -> index of its first entry, once logged
         self._tables: dict[int, dict[int, bytes]] = {}  # period -> the KeyTable's period keys
@@ -237,8 +242,9 @@ class LogNode:
         except DecodeError as exc:
             self._complain(sender, str(exc))
             return
-        async with self._lock:
-            await trio.to_thread.run_sync(self.replica.receive, sender, obj, self._clock())
+        while len(self._inbox) >= MAX_INBOX:
+            await self._drained.wait()
+        self._inbox.append((sender, obj))
         self._poke.set()
 
     def _broadcast(self, obj: dict[str, Any]) -> None:
@@ -267,8 +273,14 @@ class LogNode:
         task_status.started()
         while True:
             now = self._clock()
+            self._poke = trio.Event()  # a poke from here on wakes the next round
             async with self._lock:
-                out = await trio.to_thread.run_sync(self.replica.tick, now)
+                # What the peers sent since the last round, then the timers: one trip to a
+                # worker thread for all of it (a trip per message cost more than the messages).
+                inbox, self._inbox = self._inbox, []
+                self._drained.set()
+                self._drained = trio.Event()
+                out = await trio.to_thread.run_sync(self._step, inbox, now)
                 acked, self.replica.acknowledged = self.replica.acknowledged, []
                 alerts, self.replica.alerts = self.replica.alerts, []
                 rejected, self.replica.rejected = self.replica.rejected, []
@@ -290,9 +302,15 @@ class LogNode:
                 for period, ann in sorted(self._mine.items()):
                     if period >= self.replica.slot_period:
                         self._broadcast(ann)
-            self._poke = trio.Event()
-            with trio.move_on_at(min(wake, now + self.resend)):
+            # ``wake`` is on our clock, not trio's (whose origin is arbitrary): wait for the
+            # difference. (Waiting until ``wake`` on trio's clock made this loop spin.)
+            with trio.move_on_after(max(0.0, min(wake, now + self.resend) - self._clock())):
                 await self._poke.wait()
+
+    def _step(self, inbox: list[tuple[int, Any]], now: float) -> list[tuple[int, dict[str, Any]]]:
+        for sender, obj in inbox:
+            self.replica.receive(sender, obj, now)
+        return self.replica.tick(now)
 
     async def append(self, entries: Sequence[bytes]) -> Sequence[int]:
         """Entries into the log: returns their indices once they are decided and applied here (a
