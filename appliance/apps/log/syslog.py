@@ -393,32 +393,32 @@ class Entry:
         m = self.message
         if m is None:
             return None
-        return {
-            "format": m.format,
-            "pri": m.pri,
-            "version": m.version,
-            "timestamp": m.timestamp,
-            "hostname": m.hostname,
-            "app_name": m.app_name,
-            "procid": m.procid,
-            "msgid": m.msgid,
+        return {  # in canonical key order: encode() relies on it
             "sd": list(m.sd_span) if m.sd_span is not None else None,
-            "msg": m.msg_offset,
             "bom": m.bom,
+            "msg": m.msg_offset,
+            "pri": m.pri,
+            "msgid": m.msgid,
+            "format": m.format,
+            "procid": m.procid,
+            "version": m.version,
+            "app_name": m.app_name,
+            "hostname": m.hostname,
+            "timestamp": m.timestamp,
         }
 
     def encode(self) -> bytes:
         """The entry's bytes, the leaf of the Merkle tree: canonical CBOR, at most 65,535 bytes."""
-        data = encoding.encode(
-            {
+        data = encoding.encode_in_order(
+            {  # in canonical key order (the cost of sorting was a third of the ingest's)
                 "v": ENTRY_VERSION,
                 "raw": self.raw,
-                "time": self.received,
-                "transport": self.transport,
                 "peer": self.peer,
                 "size": self.size,
-                "syslog": self._syslog_map(),
+                "time": self.received,
                 "error": self.error,
+                "syslog": self._syslog_map(),
+                "transport": self.transport,
             }
         )
         if len(data) > MAX_ENTRY_SIZE:
