@@ -15,7 +15,10 @@ messages in all, sender k to server k mod n + 1, as fast as TCP lets them. Measu
 * ``rsyslog``: the same senders into rsyslogd (imtcp -> omfile, no fsync, no replication) on
   this machine, the peer to compare with: messages / time until the file holds them all.
 
-Usage: .venv/bin/python bench/log.py [--n 4] [--senders 1 4] [--messages 50000] [--size 200]
+With ``--rate R`` the senders are paced to R messages/s together, so that the latency rows measure
+the path of an entry at a rate the servers sustain rather than the queue in front of them.
+
+Usage: .venv/bin/python bench/log.py [--n 4] [--senders 1 4] [--messages 50000] [--size 200] [--rate R]
 """
 
 from __future__ import annotations
@@ -65,8 +68,10 @@ def percentile(values: list[float], p: float) -> float | None:
 class Senders:
     """``count`` threads sending ``total`` messages in all to ``ports`` (sender k to ports[k % len])."""
 
-    def __init__(self, ports: list[int], count: int, total: int, size: int) -> None:
+    def __init__(self, ports: list[int], count: int, total: int, size: int, rate: float = 0.0) -> None:
         self.ports, self.count, self.total, self.size = ports, count, total, size
+        self.rate = rate  # messages/s of all senders together (0: as fast as TCP lets them)
+        self.start = 0.0
         self.sent = [0] * count
         self.progress: list[tuple[float, int]] = []  # (time, messages sent by all)
         self.errors: list[str] = []
@@ -82,12 +87,15 @@ class Senders:
                         sock.sendall(b"".join(batch))
                         self.sent[k] += len(batch)
                         batch = []
+                        if self.rate:  # paced: the k-th sender's share of the rate
+                            due = self.start + self.sent[k] * self.count / self.rate
+                            time.sleep(max(0.0, due - time.monotonic()))
         except OSError as exc:
             self.errors.append(f"sender {k}: {exc}")
 
     def run(self) -> float:
         threads = [threading.Thread(target=self._send, args=(k,), daemon=True) for k in range(self.count)]
-        start = time.monotonic()
+        start = self.start = time.monotonic()
         for thread in threads:
             thread.start()
 
@@ -108,7 +116,7 @@ def checkpoint_size(path: Path) -> int:
         return 0
 
 
-def run_cluster(n: int, senders: int, total: int, size: int, work: Path) -> dict[str, Any]:
+def run_cluster(n: int, senders: int, total: int, size: int, work: Path, rate: float = 0.0) -> dict[str, Any]:
     root = work / f"cluster-{senders}"
     pst("cluster", "init", "--dir", str(root), "--nodes", str(n), "--period", "3600", "--round-ms", "100")
     pst("cluster", "up", "--dir", str(root), "--detach")
@@ -118,7 +126,7 @@ def run_cluster(n: int, senders: int, total: int, size: int, work: Path) -> dict
             config = tomllib.loads((root / f"node-{i}" / "config.toml").read_text())
             ports.append(int(config["log"]["tcp"].rsplit(":", 1)[1]))
         note = root / "node-1" / "state" / "log" / "checkpoint"
-        load = Senders(ports, senders, total, size)
+        load = Senders(ports, senders, total, size, rate)
         start = load.run()
         seen: list[tuple[float, int]] = []
         deadline = start + max(120.0, total / 500)
@@ -138,6 +146,7 @@ def run_cluster(n: int, senders: int, total: int, size: int, work: Path) -> dict
                 latencies.append((covered - when) * 1000)
         return {
             "senders": senders,
+            "rate": rate or None,
             "messages": total,
             "covered": seen[-1][1] if seen else 0,
             "seconds": None if done is None else round(done - start, 3),
@@ -209,6 +218,9 @@ def main() -> int:
     parser.add_argument("--senders", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--size", type=int, default=200, help="bytes per message")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="messages/s of all senders together (default: unpaced)"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pst-bench-log-"))
     results: dict[str, Any] = {
@@ -225,7 +237,7 @@ def main() -> int:
     try:
         for senders in args.senders:
             print(f"cluster, {senders} sender(s) ...", file=sys.stderr, flush=True)
-            results["cluster"].append(run_cluster(args.n, senders, args.messages, args.size, work))
+            results["cluster"].append(run_cluster(args.n, senders, args.messages, args.size, work, args.rate))
             print(f"rsyslog, {senders} sender(s) ...", file=sys.stderr, flush=True)
             results["rsyslog"].append(run_rsyslog(senders, args.messages, args.size, work))
     finally:
