@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 
 from appliance.apps.log.checkpoint import Checkpoint
 from appliance.apps.log.errors import CorruptStoreError
-from appliance.apps.log.guard import SIGNED_PATH, CheckpointGuard, SharedTileLog
+from appliance.apps.log.guard import SIGNED_PATH, STALE_GRACE, CheckpointGuard, SharedTileLog
 from appliance.apps.log.tiles import MemoryStorage, PosixStorage, TileLog
 from appliance.crypto import encoding
+from appliance.protocols.signing import NotYet
 
 ORIGIN = "log.example/guard"
 
@@ -59,11 +60,31 @@ def test_a_fork_at_the_same_size_is_refused() -> None:
 
 
 def test_a_smaller_tree_than_the_last_signed_is_refused_as_a_truncation() -> None:
+    now = [100.0]
     log = new_log(entries(10))
-    guard = CheckpointGuard.open(log)
+    guard = CheckpointGuard.open(log, clock=lambda: now[0])
     assert guard.check(body(log, 10)) is None
+    now[0] += STALE_GRACE
     why = guard.check(body(log, 7))  # a true prefix of our log, but we signed 10 already
     assert why == "truncation: size 7 is smaller than 10, the size of the last checkpoint this server signed"
+    assert not isinstance(why, NotYet)  # an alert naming the requester
+
+
+def test_a_prefix_asked_for_just_after_a_larger_signature_is_refused_without_an_alert() -> None:
+    """Two coordinators at once (a takeover racing a slow one): the slower one's request is a
+    prefix of what the signer just signed. Refused, but not taken for an attack."""
+    now = [100.0]
+    log = new_log(entries(10))
+    guard = CheckpointGuard.open(log, clock=lambda: now[0])
+    assert guard.check(body(log, 10)) is None
+    now[0] += 2.0
+    why = guard.check(body(log, 7))
+    assert isinstance(why, NotYet)
+    assert why.startswith("stale: size 7 is a prefix of the checkpoint of size 10")
+    forked = new_log(entries(7, "forged"))
+    why = guard.check(body(forked, 7))  # not a prefix: a truncation to a fork, at once an alert
+    assert why is not None and why.startswith("truncation:") and not isinstance(why, NotYet)
+    assert guard.last == Checkpoint(ORIGIN, 10, log.root())
 
 
 def test_a_tree_beyond_what_this_server_holds_is_refused() -> None:
@@ -199,10 +220,13 @@ def test_the_key_holders_guard_follows_a_log_another_process_appends_to(tmp_path
     writer = TileLog.open(PosixStorage(tmp_path / "log"), ORIGIN)
     writer.append(entries(5))
     shared = SharedTileLog(PosixStorage(tmp_path / "log"), ORIGIN)
-    guard = CheckpointGuard(shared, PosixStorage(tmp_path / "guard"), claim_all=True)
+    now = [0.0]
+    guard = CheckpointGuard(shared, PosixStorage(tmp_path / "guard"), claim_all=True, clock=lambda: now[0])
     assert guard.check(body(writer, 5)) is None
     later = body(writer, 5)
     writer.append(entries(300, "more"))  # grows past a full tile while the guard holds a view
     assert guard.check(body(writer, 305)) is None
     assert shared.size == 305
+    assert (guard.check(later) or "").startswith("stale: ")  # just after signing 305: a slow coordinator
+    now[0] += STALE_GRACE
     assert (guard.check(later) or "").startswith("truncation: ")

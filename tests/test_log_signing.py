@@ -9,7 +9,9 @@ coordinator is a server whose log (or check) says what it wants signed.
 from __future__ import annotations
 
 import heapq
+import itertools
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -83,7 +85,9 @@ class Net:
             signing=True,
         )
         self.logs[i] = TileLog.open(self.storages[i], ORIGIN)
-        guard = CheckpointGuard.open(self.logs[i], claim_all=self.key != SCERT)
+        # Each reading of the guards' clock is a minute after the last: a smaller tree is a
+        # truncation here, never a coordinator that was just overtaken (test_log_guard.py).
+        guard = CheckpointGuard.open(self.logs[i], claim_all=self.key != SCERT, clock=_minutes())
         core.add_payload_check(self.key, guard)
         core.start_signing()
         self.cores[i] = core
@@ -162,6 +166,11 @@ class Anything:
 def byzantine(net: Net, i: int) -> None:
     """Server i coordinates whatever it likes: its own check is replaced by one that accepts all."""
     net.service(i).checks = [Anything()]
+
+
+def _minutes() -> Callable[[], float]:
+    ticks = itertools.count()
+    return lambda: 60.0 * next(ticks)
 
 
 def guard(net: Net, i: int) -> CheckpointGuard:
@@ -435,7 +444,7 @@ async def test_running_pservers_sign_a_checkpoint_with_the_logs_key(tmp_path: Pa
     for i, server in servers.items():
         logs[i] = TileLog.open(PosixStorage(tmp_path / f"log-{i}"), ORIGIN)
         logs[i].append(entries(5, "forged" if i == 4 else "line"))
-        server.add_payload_check(LOG, CheckpointGuard.open(logs[i], claim_all=True))
+        server.add_payload_check(LOG, CheckpointGuard.open(logs[i], claim_all=True, clock=_minutes()))
     async with trio.open_nursery() as nursery:
         for s in servers.values():
             await nursery.start(s.run)

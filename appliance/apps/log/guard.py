@@ -10,6 +10,10 @@ own :class:`~appliance.apps.log.tiles.TileLog`, and refuses unless
 (a) the body is a well-formed checkpoint (origin, size, root; no extension lines, which
     this log does not sign) of *this* log's origin;
 (b) the size is at least that of the last checkpoint this server signed (no truncation);
+    a smaller tree that is a prefix of the local log, asked for less than
+    :data:`STALE_GRACE` seconds after that signature, is refused *without* an alert: two
+    coordinators at once (a takeover racing a slow coordinator) ask for it honestly, and
+    a requester gains nothing from a refusal. Older, or not a prefix, it is an alert;
 (c) the local log holds at least that many entries, and its root at that size is the
     body's root (the server holds the entries and computed the same tree: no fork);
 (d) the local log still extends the last checkpoint this server signed: a consistency
@@ -39,8 +43,11 @@ the guard synchronously; it never awaits).
 from __future__ import annotations
 
 import base64
+import math
 import re
-from typing import Protocol
+import time
+from collections.abc import Callable
+from typing import Final, Protocol
 
 from appliance.apps.log.checkpoint import Checkpoint, Signer, sign_note
 from appliance.apps.log.errors import CorruptStoreError, LogDecodeError, ProofError
@@ -53,6 +60,9 @@ __all__ = ["SIGNED_PATH", "CheckpointGuard", "LogState", "SharedTileLog", "check
 
 #: The last checkpoint body this server signed, in the log's storage.
 SIGNED_PATH = "state/signed"
+#: Seconds after signing a checkpoint during which a request for a prefix of it is taken for a
+#: slow coordinator's (refused quietly) rather than a truncation (refused with an alert).
+STALE_GRACE: Final = 30.0
 #: Second line of anything a checkpoint parser might read as a tree size (Go's ParseInt takes a sign).
 _LOOKS_LIKE_SIZE = re.compile(rb"[^\n]*\n[+-]?[0-9]+\n[^\n]*\n", re.DOTALL)
 
@@ -112,18 +122,29 @@ class CheckpointGuard:
 
     alert = AlertKind.CHECKPOINT_REFUSED
 
-    def __init__(self, log: LogState, storage: Storage, *, claim_all: bool = False) -> None:
+    def __init__(
+        self,
+        log: LogState,
+        storage: Storage,
+        *,
+        claim_all: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.log = log
         self.storage = storage
+        self._clock = clock
+        self._signed_at = -math.inf  # when self.last was signed (unknown after a restart)
         #: Claim every message (the log's own key signs nothing else).
         self.claim_all = claim_all
         #: The last checkpoint this server signed (None: it never signed one).
         self.last: Checkpoint | None = self._load()
 
     @classmethod
-    def open(cls, log: TileLog, *, claim_all: bool = False) -> CheckpointGuard:
+    def open(
+        cls, log: TileLog, *, claim_all: bool = False, clock: Callable[[], float] = time.monotonic
+    ) -> CheckpointGuard:
         """The guard of ``log``, its record kept in the log's own storage."""
-        return cls(log, log.storage, claim_all=claim_all)
+        return cls(log, log.storage, claim_all=claim_all, clock=clock)
 
     @property
     def name(self) -> str:
@@ -179,6 +200,12 @@ class CheckpointGuard:
             return "malformed checkpoint: not in canonical form"
         last = self.last
         if last is not None and body.size < last.size:
+            age = self._clock() - self._signed_at
+            if age < STALE_GRACE and body.size <= self.log.size and self.log.root_at(body.size) == body.root:
+                return NotYet(
+                    f"stale: size {body.size} is a prefix of the checkpoint of size {last.size} "
+                    f"this server signed {age:.1f} s ago (another coordinator was quicker)"
+                )
             return (
                 f"truncation: size {body.size} is smaller than {last.size}, the size of the last "
                 "checkpoint this server signed"
@@ -203,10 +230,12 @@ class CheckpointGuard:
                     f"{last.size} this server signed ({exc}); its local log changed since"
                 )
             if body == last:
+                self._signed_at = self._clock()
                 return None  # signed before: nothing new to record
         self.storage.write(SIGNED_PATH, body.text().encode("utf-8"))
         self.storage.sync()
         self.last = body
+        self._signed_at = self._clock()
         return None
 
 
