@@ -45,7 +45,9 @@ _REPORT = re.compile(r"average rate = [0-9.]+ msg/sec, count=([0-9]+),")
     [(["-P"], "rfc5424"), ([], "rfc3164")],
     ids=["rfc5424-octet-counted", "bsd-lf-framed"],
 )
-async def test_loggen_over_tcp_every_message_once_in_order(tmp_path: Path, flags: list[str], fmt: str) -> None:
+async def test_loggen_over_tcp_every_message_once_in_order(
+    tmp_path: Path, flags: list[str], fmt: str
+) -> None:
     assert LOGGEN is not None
     per_connection, connections = 1000, 2  # loggen's -n counts per connection
     total = per_connection * connections
