@@ -1,6 +1,7 @@
 """syslog-ng's load generator ``loggen`` (Debian's syslog-ng-core, extracted by ``make deps`` into
 .venv/loggen with the wrapper .venv/bin/loggen) sending to the ingest over TCP: RFC 5424 with octet
-counting (``-P``) and BSD messages with LF framing, on two connections at once."""
+counting (``-P``) and BSD messages with LF framing, on two connections at once; and RFC 5424 over
+TLS (``--use-ssl``)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from pathlib import Path
 import pytest
 import trio
 from logutil import ORIGIN, eventually, root_of, running_ingest, stored
+from tlsutil import self_signed
 
 from appliance.apps.log.ingest import LocalSink
 from appliance.apps.log.syslog import Entry
+from appliance.host.config import server_tls_context
 
 
 def find_loggen() -> str | None:
@@ -41,20 +44,28 @@ _REPORT = re.compile(r"average rate = [0-9.]+ msg/sec, count=([0-9]+),")
 
 
 @pytest.mark.parametrize(
-    ("flags", "fmt"),
-    [(["-P"], "rfc5424"), ([], "rfc3164")],
-    ids=["rfc5424-octet-counted", "bsd-lf-framed"],
+    ("flags", "fmt", "transport"),
+    [
+        (["--inet", "--stream", "-P"], "rfc5424", "tcp"),
+        (["--inet", "--stream"], "rfc3164", "tcp"),
+        (["--use-ssl", "-P"], "rfc5424", "tls"),  # loggen's TLS plugin instead of its socket one
+    ],
+    ids=["rfc5424-octet-counted", "bsd-lf-framed", "tls-rfc5424"],
 )
-async def test_loggen_over_tcp_every_message_once_in_order(
-    tmp_path: Path, flags: list[str], fmt: str
+async def test_loggen_every_message_once_in_order(
+    tmp_path: Path, flags: list[str], fmt: str, transport: str
 ) -> None:
     assert LOGGEN is not None
     per_connection, connections = 1000, 2  # loggen's -n counts per connection
     total = per_connection * connections
     sink = LocalSink(tmp_path / "log", ORIGIN)
-    async with running_ingest(sink) as ingest:
-        command = [LOGGEN, "--inet", "--stream", *flags, "--rate", "1000000", "--number", str(per_connection)]
-        command += ["--active-connections", str(connections), "127.0.0.1", str(ingest.ports["tcp"])]
+    context = None
+    if transport == "tls":  # loggen checks no certificate: any will do
+        cert, key = self_signed(tmp_path, stem="syslog")
+        context = server_tls_context(cert, key, "log", tmp_path / "config.toml")
+    async with running_ingest(sink, ssl_context=context) as ingest:
+        command = [LOGGEN, *flags, "--rate", "1000000", "--number", str(per_connection)]
+        command += ["--active-connections", str(connections), "127.0.0.1", str(ingest.ports[transport])]
         done = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
         output = (done.stdout + done.stderr).decode(errors="replace")
         assert done.returncode == 0, output
@@ -69,7 +80,7 @@ async def test_loggen_over_tcp_every_message_once_in_order(
     entries = [Entry.decode(e) for e in data]
     by_peer: dict[str, list[Entry]] = {}
     for entry in entries:
-        assert entry.transport == "tcp"
+        assert entry.transport == transport
         assert entry.error is None and not entry.truncated
         assert entry.message is not None and entry.message.format == fmt, entry.raw
         assert entry.message.pri == 38, entry.raw
