@@ -19,10 +19,11 @@ messages in all, sender k to server k mod n + 1, as fast as TCP lets them. Measu
 extracts from Debian's syslog-ng-core) instead of the Python threads: one loggen process per server
 with ``--active-connections`` = the senders aimed at it, RFC 5424 (``-P``) with octet counting,
 ``--messages / --senders`` messages per connection. Each result then also has ``loggen``: per
-process its closing report (``rate``: messages/s as loggen measures it, whose clock ticks in half
-seconds, so it is rough for short runs) and ``send_rate``: messages / the time until every loggen
-process had exited (all written into the sockets). loggen reports its count once a second, so
-``entry_to_checkpoint_ms`` is coarser with it than with the Python senders.
+process its closing report (``rate``: messages/s as loggen measures it) and ``send_rate``:
+messages / the time until every loggen process had exited. loggen checks its threads every half
+second, so both are floors for short runs (a run that ends within the first half second reports
+count / 0.5 s). loggen reports its count every half second from about its second second on, and
+at its end, so ``entry_to_checkpoint_ms`` is coarse with it, and null for a load that ends sooner.
 
 Usage: .venv/bin/python bench/log.py [--n 4] [--senders 1 4] [--messages 50000] [--size 200]
        [--sender python|loggen]
@@ -143,7 +144,7 @@ class LoggenSenders:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert process.stdout is not None
         lines = []
-        for line in process.stdout:  # loggen reports "count=N, rate = R msg/sec" every second
+        for line in process.stdout:  # loggen's stderr: "count=N, rate = R msg/sec" as it goes
             lines.append(line.strip())
             report = self._REPORT.search(line)
             if report is not None:
