@@ -17,13 +17,15 @@ DEB_PACKAGES += golang-go golang-golang-x-mod-dev
 # The log's ingest tests forward with rsyslog (omfwd over TCP, omrelp), run in the foreground
 # with their own configuration (the tests do not use the system's rsyslog service).
 DEB_PACKAGES += rsyslog rsyslog-relp
+# ... and over TLS (omfwd's gtls stream driver, omrelp's tls="on").
+DEB_PACKAGES += rsyslog-gnutls
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo demo-crypto lint typecheck pytest bench deps debs venv deb clean
+.PHONY: test demo demo-crypto lint typecheck pytest bench deps debs venv loggen deb clean
 
 test: deps lint typecheck pytest
 
-deps: debs venv
+deps: debs venv loggen
 
 # Debian packages first: the venv builds wheels against them.
 debs:
@@ -43,6 +45,13 @@ $(STAMP): pyproject.toml requirements.lock | debs
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
+
+# syslog-ng's load generator, extracted from Debian's syslog-ng-core into .venv/loggen with a
+# wrapper .venv/bin/loggen (not installed: syslog-ng-core conflicts with rsyslog). It is in the
+# venv before any test makes a cluster, so the servers' code manifests include it.
+# The script does nothing when the wrapper already runs.
+loggen: | debs venv
+	scripts/install-loggen.sh $(VENV)
 
 lint: venv
 	$(BIN)/ruff check appliance tests bench packaging

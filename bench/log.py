@@ -15,10 +15,21 @@ messages in all, sender k to server k mod n + 1, as fast as TCP lets them. Measu
 * ``rsyslog``: the same senders into rsyslogd (imtcp -> omfile, no fsync, no replication) on
   this machine, the peer to compare with: messages / time until the file holds them all.
 
-With ``--rate R`` the senders are paced to R messages/s together, so that the latency rows measure
-the path of an entry at a rate the servers sustain rather than the queue in front of them.
+``--sender loggen`` sends with syslog-ng's ``loggen`` (.venv/bin/loggen, which ``make deps``
+extracts from Debian's syslog-ng-core) instead of the Python threads: one loggen process per server
+with ``--active-connections`` = the senders aimed at it, RFC 5424 (``-P``) with octet counting,
+``--messages / --senders`` messages per connection. Each result then also has ``loggen``: per
+process its closing report (``rate``: messages/s as loggen measures it) and ``send_rate``:
+messages / the time until every loggen process had exited. loggen checks its threads every half
+second, so both are floors for short runs (a run that ends within the first half second reports
+count / 0.5 s). loggen reports its count every half second from about its second second on, and
+at its end, so ``entry_to_checkpoint_ms`` is coarse with it, and null for a load that ends sooner.
 
-Usage: .venv/bin/python bench/log.py [--n 4] [--senders 1 4] [--messages 50000] [--size 200] [--rate R]
+With ``--rate R`` the Python senders are paced to R messages/s together, so that the latency rows
+measure the path of an entry at a rate the servers sustain rather than the queue in front of them.
+
+Usage: .venv/bin/python bench/log.py [--n 4] [--senders 1 4] [--messages 50000] [--size 200]
+       [--sender python|loggen] [--rate R]
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -41,6 +53,7 @@ from typing import Any
 
 PST = [sys.executable, "-m", "appliance.cli"]
 RSYSLOGD = "/usr/sbin/rsyslogd"
+LOGGEN = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "loggen"
 
 
 def pst(*args: str) -> str:
@@ -109,6 +122,99 @@ class Senders:
         return start
 
 
+class LoggenSenders:
+    """The load of :class:`Senders` from syslog-ng's loggen: one process per port, with as many
+    connections as senders aimed at it (sender k to ports[k % len]), ``total / count`` each."""
+
+    _COUNT = re.compile(r"count=([0-9]+)")
+    _REPORT = re.compile(r"average rate = ([0-9.]+) msg/sec, count=([0-9]+), time=([0-9.]+)")
+
+    def __init__(self, ports: list[int], count: int, total: int, size: int) -> None:
+        if total % count:
+            raise ValueError(f"loggen sends the same number on each connection: {total} messages for {count}")
+        self.connections: dict[int, int] = {}
+        for k in range(count):
+            port = ports[k % len(ports)]
+            self.connections[port] = self.connections.get(port, 0) + 1
+        self.per_connection, self.size = total // count, size
+        self.sent: dict[int, int] = {}
+        self.progress: list[tuple[float, int]] = []  # (time, messages sent by all)
+        self.errors: list[str] = []
+        self.reports: list[dict[str, Any]] = []
+        self.threads: list[threading.Thread] = []
+        self.start = 0.0
+        self.finished: float | None = None
+
+    def _run(self, port: int) -> None:
+        command = [str(LOGGEN), "--inet", "--stream", "--syslog-proto", "--rate", "100000000"]
+        command += ["--size", str(self.size), "--number", str(self.per_connection)]
+        command += ["--active-connections", str(self.connections[port]), "127.0.0.1", str(port)]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert process.stdout is not None
+        lines = []
+        for line in process.stdout:  # loggen's stderr: "count=N, rate = R msg/sec" as it goes
+            lines.append(line.strip())
+            report = self._REPORT.search(line)
+            if report is not None:
+                self.reports.append(
+                    {
+                        "port": port,
+                        "connections": self.connections[port],
+                        "count": int(report.group(2)),
+                        "rate": float(report.group(1)),
+                        "seconds": float(report.group(3)),
+                    }
+                )
+            got = self._COUNT.search(line)
+            if got is not None:
+                self.sent[port] = int(got.group(1))
+        if process.wait() != 0 or self.sent.get(port) != self.per_connection * self.connections[port]:
+            self.errors.append(f"loggen to port {port} (exit {process.returncode}): {' | '.join(lines[-3:])}")
+
+    def run(self) -> float:
+        start = time.monotonic()
+        self.threads = threads = [
+            threading.Thread(target=self._run, args=(p,), daemon=True) for p in self.connections
+        ]
+        for thread in threads:
+            thread.start()
+
+        def sample() -> None:
+            while any(t.is_alive() for t in threads):
+                self.progress.append((time.monotonic(), sum(self.sent.values())))
+                time.sleep(0.05)
+            self.finished = time.monotonic()
+            self.progress.append((self.finished, sum(self.sent.values())))
+
+        threading.Thread(target=sample, daemon=True).start()
+        self.start = start
+        return start
+
+    def summary(self) -> dict[str, Any]:
+        """What loggen reported, once every loggen process has exited (at most 60 s more)."""
+        for thread in self.threads:
+            thread.join(timeout=60)
+        for _ in range(100):
+            if self.finished is not None:
+                break
+            time.sleep(0.01)
+        sent = sum(self.sent.values())
+        elapsed = None if self.finished is None else self.finished - self.start
+        return {
+            "processes": sorted(self.reports, key=lambda r: r["port"]),
+            "sent": sent,
+            "send_rate": None if not elapsed else round(sent / elapsed),
+        }
+
+
+def make_senders(
+    kind: str, ports: list[int], count: int, total: int, size: int, rate: float = 0.0
+) -> Senders | LoggenSenders:
+    if kind == "loggen":
+        return LoggenSenders(ports, count, total, size)
+    return Senders(ports, count, total, size, rate)
+
+
 def checkpoint_size(path: Path) -> int:
     try:
         return int(path.read_text().splitlines()[1])
@@ -116,7 +222,9 @@ def checkpoint_size(path: Path) -> int:
         return 0
 
 
-def run_cluster(n: int, senders: int, total: int, size: int, work: Path, rate: float = 0.0) -> dict[str, Any]:
+def run_cluster(
+    n: int, senders: int, total: int, size: int, work: Path, sender: str = "python", rate: float = 0.0
+) -> dict[str, Any]:
     root = work / f"cluster-{senders}"
     pst("cluster", "init", "--dir", str(root), "--nodes", str(n), "--period", "3600", "--round-ms", "100")
     pst("cluster", "up", "--dir", str(root), "--detach")
@@ -126,7 +234,7 @@ def run_cluster(n: int, senders: int, total: int, size: int, work: Path, rate: f
             config = tomllib.loads((root / f"node-{i}" / "config.toml").read_text())
             ports.append(int(config["log"]["tcp"].rsplit(":", 1)[1]))
         note = root / "node-1" / "state" / "log" / "checkpoint"
-        load = Senders(ports, senders, total, size, rate)
+        load = make_senders(sender, ports, senders, total, size, rate)
         start = load.run()
         seen: list[tuple[float, int]] = []
         deadline = start + max(120.0, total / 500)
@@ -144,7 +252,7 @@ def run_cluster(n: int, senders: int, total: int, size: int, work: Path, rate: f
             covered = next((t for t, s in seen if s >= count and t >= when), None)
             if count and covered is not None:
                 latencies.append((covered - when) * 1000)
-        return {
+        result = {
             "senders": senders,
             "rate": rate or None,
             "messages": total,
@@ -156,11 +264,16 @@ def run_cluster(n: int, senders: int, total: int, size: int, work: Path, rate: f
             "entry_to_checkpoint_ms": {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99)},
             "sender_errors": load.errors,
         }
+        if isinstance(load, LoggenSenders):
+            result["loggen"] = load.summary()
+        return result
     finally:
         pst("cluster", "down", "--dir", str(root))
 
 
-def run_rsyslog(senders: int, total: int, size: int, work: Path) -> dict[str, Any] | None:
+def run_rsyslog(
+    senders: int, total: int, size: int, work: Path, sender: str = "python"
+) -> dict[str, Any] | None:
     if not os.path.exists(RSYSLOGD):
         return None
     directory = work / f"rsyslog-{senders}"
@@ -188,7 +301,7 @@ def run_rsyslog(senders: int, total: int, size: int, work: Path) -> dict[str, An
                 break
             except OSError:
                 time.sleep(0.05)
-        load = Senders([port], senders, total, size)
+        load = make_senders(sender, [port], senders, total, size)
         start = load.run()
         deadline = start + 120
         lines = 0
@@ -201,12 +314,15 @@ def run_rsyslog(senders: int, total: int, size: int, work: Path) -> dict[str, An
                 break
             time.sleep(0.01)
         elapsed = time.monotonic() - start
-        return {
+        result: dict[str, Any] = {
             "senders": senders,
             "messages": total,
             "written": lines,
             "entries_per_second": round(total / elapsed) if lines >= total else None,
         }
+        if isinstance(load, LoggenSenders):
+            result["loggen"] = load.summary()
+        return result
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -219,9 +335,27 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--size", type=int, default=200, help="bytes per message")
     parser.add_argument(
-        "--rate", type=float, default=0.0, help="messages/s of all senders together (default: unpaced)"
+        "--sender",
+        choices=["python", "loggen"],
+        default="python",
+        help="who sends: threads of this script (default), or syslog-ng's loggen (.venv/bin/loggen)",
+    )
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="messages/s of all senders together (python senders only)"
     )
     args = parser.parse_args()
+    if args.rate and args.sender != "python":
+        parser.error("--rate paces the python senders only")
+    if args.sender == "loggen":
+        if not os.access(LOGGEN, os.X_OK):
+            parser.error(
+                f"--sender loggen needs {LOGGEN}: run `make deps` (it extracts Debian's syslog-ng-core)"
+            )
+        if any(args.messages % s for s in args.senders):
+            parser.error(
+                "--sender loggen sends the same number on each connection: "
+                "--messages must divide by each --senders"
+            )
     work = Path(tempfile.mkdtemp(prefix="pst-bench-log-"))
     results: dict[str, Any] = {
         "machine": {
@@ -231,15 +365,18 @@ def main() -> int:
         },
         "n": args.n,
         "message_size": args.size,
+        "sender": args.sender,
         "cluster": [],
         "rsyslog": [],
     }
     try:
         for senders in args.senders:
             print(f"cluster, {senders} sender(s) ...", file=sys.stderr, flush=True)
-            results["cluster"].append(run_cluster(args.n, senders, args.messages, args.size, work, args.rate))
+            results["cluster"].append(
+                run_cluster(args.n, senders, args.messages, args.size, work, args.sender, args.rate)
+            )
             print(f"rsyslog, {senders} sender(s) ...", file=sys.stderr, flush=True)
-            results["rsyslog"].append(run_rsyslog(senders, args.messages, args.size, work))
+            results["rsyslog"].append(run_rsyslog(senders, args.messages, args.size, work, args.sender))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results, indent=2))

@@ -1,5 +1,7 @@
-"""rsyslog (Debian's rsyslog and rsyslog-relp) forwarding to the ingest: omfwd over TCP in both
-framings, and omrelp, including a RELP session whose server is killed with SIGKILL and restarted."""
+"""rsyslog (Debian's rsyslog, rsyslog-relp and rsyslog-gnutls) forwarding to the ingest: omfwd over
+TCP in both framings, and omrelp, including a RELP session whose server is killed with SIGKILL and
+restarted; omfwd over TLS (the gtls driver) and omrelp over TLS, trusting a CA, and refusing a
+server its CA does not certify."""
 
 from __future__ import annotations
 
@@ -16,12 +18,15 @@ from pathlib import Path
 import pytest
 import trio
 from logutil import ORIGIN, eventually, root_of, rsyslog_config, running_ingest, stored
+from tlsutil import ca_and_server, self_signed
 
 from appliance.apps.log.ingest import LocalSink
 from appliance.apps.log.syslog import Entry
+from appliance.host.config import server_tls_context
 
 RSYSLOGD = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
 HAVE_OMRELP = any(Path("/usr/lib").glob("*/rsyslog/omrelp.so"))
+HAVE_GTLS = any(Path("/usr/lib").glob("*/rsyslog/lmnsd_gtls.so"))
 
 pytestmark = pytest.mark.skipif(
     not (os.path.exists(RSYSLOGD) and HAVE_OMRELP),
@@ -171,3 +176,91 @@ async def test_relp_loses_no_message_when_the_server_is_killed_and_restarted(tmp
     # A message is resent only if it was durable but not yet acknowledged when the server died:
     # at most a window (128) of them.
     assert duplicates <= 128
+
+
+# --- TLS ------------------------------------------------------------------------------------------
+
+LOG_NAME = "log.example.test"  # the name in the ingest's certificate, which rsyslog checks
+
+needs_gtls = pytest.mark.skipif(
+    not HAVE_GTLS, reason="rsyslog's gtls driver is needed (Debian package rsyslog-gnutls; `make deps`)"
+)
+
+
+def _tls_actions(directory: Path, ports: dict[str, int], ca: Path, name: str = LOG_NAME) -> list[str]:
+    """omfwd over TLS (RFC 5425: octet-counted) and omrelp over TLS, trusting only ``ca`` and
+    accepting only a server certificate for ``name``.
+
+    omfwd needs no certificate of its own. librelp (1.11) falls back to anonymous TLS, which the
+    ingest refuses ("no shared cipher"), unless it has one: omrelp gets a self-signed one, which
+    it never sends (the ingest asks for none).
+    """
+    client_cert, client_key = self_signed(directory, "host.example.test", stem="client")
+    return [
+        f'action(type="omfwd" target="127.0.0.1" port="{ports["tls"]}" protocol="tcp" '
+        f'TCP_Framing="octet-counted" StreamDriver="gtls" StreamDriverMode="1" '
+        f'StreamDriverAuthMode="x509/name" StreamDriverPermittedPeers="{name}" '
+        f'StreamDriver.CAFile="{ca}" {PROTOCOL23})',
+        f'action(type="omrelp" target="127.0.0.1" port="{ports["relp-tls"]}" tls="on" '
+        f'tls.caCert="{ca}" tls.authMode="name" tls.permittedPeer=["{name}"] '
+        f'tls.myCert="{client_cert}" tls.myPrivKey="{client_key}" {PROTOCOL23})',
+    ]
+
+
+def _ingest_context(tmp_path: Path) -> tuple[Path, object]:
+    """The CA a host trusts, and the ingest's TLS context as pst serve makes it from [log] cert and key."""
+    ca, cert, key = ca_and_server(tmp_path, LOG_NAME, stem="syslog")
+    return ca, server_tls_context(cert, key, "log", tmp_path / "config.toml")
+
+
+@needs_gtls
+async def test_rsyslog_forwards_over_tls_and_relp_over_tls(tmp_path: Path) -> None:
+    count = 300
+    ca, context = _ingest_context(tmp_path)
+    sink = LocalSink(tmp_path / "log", ORIGIN)
+    async with running_ingest(sink, ssl_context=context) as ingest:
+        actions = _tls_actions(tmp_path, ingest.ports, ca)
+        async with Rsyslogd(tmp_path, actions, count) as rsyslogd:
+            await eventually(lambda: sink.log.size == 2 * count, 10, "every line over TLS and RELP over TLS")
+            await trio.sleep(0.2)  # anything more would be a duplicate
+    data = stored(tmp_path / "log")
+    assert len(data) == 2 * count
+    groups = _by_peer([Entry.decode(e) for e in data])
+    assert sorted(t for t, _ in groups) == ["relp-tls", "tls"]
+    for group in groups.values():
+        assert all(e.message is not None and e.message.format == "rfc5424" for e in group)
+        assert [e.msg.removesuffix(b"\n") for e in group] == _lines(count)
+    assert "error" not in rsyslogd.output.lower(), rsyslogd.output
+
+
+@needs_gtls
+@pytest.mark.parametrize(
+    ("case", "omfwd_says", "omrelp_says"),
+    [
+        ("another CA", "certificate invalid: signer not found", "certificate validation failed"),
+        ("another name", "peer name not authorized", "no permited name found"),  # sic
+    ],
+    ids=["another-ca", "another-name"],
+)
+async def test_rsyslog_over_tls_delivers_nothing_to_a_server_it_does_not_trust(
+    tmp_path: Path, case: str, omfwd_says: str, omrelp_says: str
+) -> None:
+    count = 50
+    ca, context = _ingest_context(tmp_path)
+    name = LOG_NAME
+    if case == "another CA":  # a CA that certifies the same name, not the ingest's
+        ca, _, _ = ca_and_server(tmp_path, LOG_NAME, stem="other")
+    else:  # the right CA, but rsyslog permits another name
+        name = "other.example.test"
+    sink = LocalSink(tmp_path / "log", ORIGIN)
+    async with running_ingest(sink, ssl_context=context) as ingest:
+        actions = _tls_actions(tmp_path, ingest.ports, ca, name)
+        async with Rsyslogd(tmp_path, actions, count) as rsyslogd:
+            await eventually(
+                lambda: omfwd_says in rsyslogd.output and omrelp_says in rsyslogd.output,
+                10,
+                f"rsyslog refusing the ingest's certificate ({case})",
+            )
+            await trio.sleep(1)
+            assert sink.log.size == 0
+    assert sink.log.size == 0, rsyslogd.output
