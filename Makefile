@@ -51,7 +51,7 @@ $(STAMP): pyproject.toml requirements.lock | debs
 # venv before any test makes a cluster, so the servers' code manifests include it.
 # The script does nothing when the wrapper already runs.
 loggen: | debs venv
-	scripts/install-loggen.sh $(VENV)
+	tests/tools/install-loggen.sh $(VENV)
 
 lint: venv
 	$(BIN)/ruff check appliance tests bench packaging

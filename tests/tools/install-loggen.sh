@@ -3,7 +3,7 @@
 # syslog-ng: Debian's syslog-ng-core conflicts with rsyslog (installing it removes rsyslog, which
 # the tests also use), but loggen runs from the extracted package.
 #
-#   scripts/install-loggen.sh VENV
+#   tests/tools/install-loggen.sh VENV
 #
 # downloads syslog-ng-core with apt (the candidate version for this machine's architecture, as
 # apt picks it), copies loggen, its two libraries and its plugins into VENV/loggen/usr, and writes
@@ -57,7 +57,7 @@ if [ -n "$missing" ]; then
 fi
 cat >"$wrapper.tmp" <<EOF
 #!/bin/sh
-# loggen from Debian's $(basename "$deb"), extracted by scripts/install-loggen.sh (not installed:
+# loggen from Debian's $(basename "$deb"), extracted by tests/tools/install-loggen.sh (not installed:
 # syslog-ng-core conflicts with rsyslog).
 usr=\$(dirname -- "\$(readlink -f -- "\$0")")/../loggen/usr
 SYSLOGNG_PREFIX=\$usr
