@@ -1,7 +1,10 @@
 """Zero loss: rsyslog forwards over RELP while the receiving server is killed (kill -9) twice.
 
 Issue 11 asks for 1,000,000 messages; the suite sends 1,000 (the code path is the same; the
-time is not: see docs/log.md). Server 2 is stopped for the whole run, so every slot needs
+time is not). ``PST_ZERO_LOSS_LINES=1000000`` runs the issue's count (docs/log.md has the figures
+of such a run); ``PST_ZERO_LOSS_WINDOW`` sets omrelp's window (default: rsyslog's, 128).
+
+Server 2 is stopped for the whole run, so every slot needs
 servers 1, 3 and 4 (the quorum of n=4, t=1): each kill of server 1 stops the log until it is back.
 What rsyslog had acknowledged before a kill must be in the log; what it had not, it sends again
 (duplicates are counted and reported, never lost lines).
@@ -22,8 +25,14 @@ import pytest
 from clusterutil import free_base_port, pst, start
 from logutil import rsyslog_config
 
+from appliance.apps.log.syslog import Entry
+from appliance.apps.log.tiles import PosixStorage, TileLog
+
 RSYSLOGD = "/usr/sbin/rsyslogd"
-LINES = 1000
+LINES = int(os.environ.get("PST_ZERO_LOSS_LINES", "1000"))
+WINDOW = os.environ.get("PST_ZERO_LOSS_WINDOW")
+#: Seconds to wait for each quarter of the lines (the suite's 1,000 need a few).
+QUARTER = max(120.0, LINES / 4 / 500)
 
 
 def _pid(root: Path, i: int) -> int:
@@ -58,9 +67,18 @@ def _wait(predicate: Callable[[], bool], what: str, timeout: float = 120.0) -> N
 
 
 def _lines(root: Path, i: int) -> list[str]:
-    out = pst("log", "tail", "--dir", str(root), "--node", str(i), "-n", str(10 * LINES), "--json")
-    assert out.returncode == 0, out.stderr
-    return [json.loads(line)["message"].strip() for line in out.stdout.splitlines()]
+    if LINES <= 10_000:  # through the server's API, as an operator reads it
+        out = pst("log", "tail", "--dir", str(root), "--node", str(i), "-n", str(10 * LINES), "--json")
+        assert out.returncode == 0, out.stderr
+        return [json.loads(line)["message"].strip() for line in out.stdout.splitlines()]
+    # A million lines: from the server's files (what the API would serve, faster).
+    origin = tomllib.loads((root / f"node-{i}" / "config.toml").read_text())["log"]["origin"]
+    log = TileLog.open(PosixStorage(root / f"node-{i}" / "state" / "log"), origin)
+    lines = []
+    for first in range(0, log.size, 4096):
+        for raw in log.read_entries(first, min(log.size, first + 4096)):
+            lines.append(Entry.decode(raw).msg.decode("utf-8", "replace").strip())
+    return lines
 
 
 @pytest.mark.skipif(not os.path.exists(RSYSLOGD), reason="rsyslog is needed")
@@ -88,7 +106,8 @@ def test_no_acknowledged_message_is_lost_when_the_receiving_server_is_killed_twi
             source,
             [
                 f'action(type="omrelp" target="127.0.0.1" port="{relp}" '
-                'action.resumeRetryCount="-1" action.resumeInterval="1")'
+                + (f'windowSize="{WINDOW}" ' if WINDOW else "")
+                + 'action.resumeRetryCount="-1" action.resumeInterval="1")'
             ],
         )
         with (work / "rsyslogd.out").open("wb") as out:
@@ -96,14 +115,18 @@ def test_no_acknowledged_message_is_lost_when_the_receiving_server_is_killed_twi
                 [RSYSLOGD, "-n", "-f", str(config), "-i", str(work / "rsyslogd.pid")], stdout=out, stderr=out
             )
         for threshold in (LINES // 4, LINES // 2):
-            _wait(lambda threshold=threshold: _size(root, 3) >= threshold, f"{threshold} entries on server 3")
+            _wait(
+                lambda threshold=threshold: _size(root, 3) >= threshold,
+                f"{threshold} entries on server 3",
+                timeout=QUARTER,
+            )
             pid = _pid(root, 1)
             os.kill(pid, signal.SIGKILL)
             _wait(lambda pid=pid: not _alive(pid), "server 1 to die")
             time.sleep(0.5)
             start(root / "node-1")
-        _wait(lambda: _size(root, 3) >= LINES, f"{LINES} entries on server 3", timeout=240)
-        _wait(lambda: len(set(_lines(root, 3))) >= LINES, "every line on server 3", timeout=60)
+        _wait(lambda: _size(root, 3) >= LINES, f"{LINES} entries on server 3", timeout=3 * QUARTER)
+        _wait(lambda: len(set(_lines(root, 3))) >= LINES, "every line on server 3", timeout=QUARTER)
         for i in (1, 3, 4):
             got = _lines(root, i)
             distinct = set(got)
