@@ -65,6 +65,7 @@ an exception out of :meth:`Replica.receive`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -131,9 +132,14 @@ class Batch:
     def to_obj(self) -> dict[str, Any]:
         return {"origin": self.origin, "seq": self.seq, "entries": list(self.entries)}
 
-    @property
+    @functools.cached_property
+    def encoded(self) -> bytes:
+        """The batch's canonical CBOR (computed once: it is stored, hashed and sent)."""
+        return encoding.encode(self.to_obj())
+
+    @functools.cached_property
     def digest(self) -> bytes:
-        return hashlib.sha256(encoding.encode(self.to_obj())).digest()
+        return hashlib.sha256(self.encoded).digest()
 
     @classmethod
     def from_obj(cls, obj: Any, n: int) -> Batch:
@@ -483,7 +489,7 @@ class Replica:
         return batch.seq
 
     def _store(self, batch: Batch) -> None:
-        self.storage.write(f"replica/pending/{batch.digest.hex()}", encoding.encode(batch.to_obj()))
+        self.storage.write(f"replica/pending/{batch.digest.hex()}", batch.encoded)
         self.storage.sync()
         self._keep(batch)
 
