@@ -23,8 +23,8 @@ the signed root:
   difference are listed. A missing or malformed bundle or tile is named too, and the audit goes
   on without it. :meth:`LogVerifier.audit_report` gives the same findings as data
   (:class:`AuditReport`: which tiles are wrong, which bundles are or may be), for the server's
-  repair (:mod:`appliance.apps.log.repair`). (A tile client that only authenticates the tiles on one path, like
-  ``tlog.TileHashReader``, can miss a bad tile: see docs/log.md.)
+  repair (:mod:`appliance.apps.log.repair`). (A tile client that only authenticates the tiles
+  on one path, like ``tlog.TileHashReader``, can miss a bad tile: see docs/log.md.)
 
 A check that fails raises :class:`VerificationFailed` naming what (exit status 1 of ``pst log
 verify``); what keeps the check from running (no answer, a file that cannot be read, a bad
@@ -34,8 +34,8 @@ does not serve (404) is a failure of the log, not an I/O error.
 
 from __future__ import annotations
 
-import time
 import bisect
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -160,7 +160,7 @@ def load_verifier(key: str) -> Verifier:
 
 def _tile_range(tile: Tile | Bundle, k: int) -> str:
     """The entries hash ``k`` of a tile (or entry ``k`` of a bundle) covers."""
-    first, end = _covered(tile, k)
+    first, _ = _covered(tile, k)
     span = 1 << (TILE_HEIGHT * (tile.level if isinstance(tile, Tile) else 0))
     return f"entry {first}" if span == 1 else f"entries {first}..{first + span - 1}"
 
@@ -374,7 +374,9 @@ class LogVerifier:
             for first in range(0, count, AUDIT_BATCH):
                 yield from pool.map(pair, range(first, min(count, first + AUDIT_BATCH)))
 
-    def _audit_tile(self, state: _Audit, tile: Tile, data: bytes | None, stand_in: list[bytes]) -> list[bytes]:
+    def _audit_tile(
+        self, state: _Audit, tile: Tile, data: bytes | None, stand_in: list[bytes]
+    ) -> list[bytes]:
         """A fetched tile's hashes; if it is missing or malformed, noted, and ``stand_in``."""
         if data is None:
             why = f"the log does not serve {tile.path}, which its signed tree of size {state.size} has"
@@ -403,7 +405,8 @@ class LogVerifier:
             if len(state.from_entries[level + 1]) == TILE_WIDTH:
                 upper = Tile(level + 1, tile.index >> TILE_HEIGHT)
                 data = self.source.get(upper.path)
-                self._compare(state, upper, self._audit_tile(state, upper, data, state.from_entries[level + 1]))
+                fetched_upper = self._audit_tile(state, upper, data, state.from_entries[level + 1])
+                self._compare(state, upper, fetched_upper)
 
     def audit(self, latest: Checkpoint) -> str:
         """Fetch every bundle and tile of ``latest`` and recompute the tree; name what differs
