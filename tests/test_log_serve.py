@@ -58,7 +58,7 @@ def test_log_section_defaults(tmp_path: Path) -> None:
     assert config.log.directory == tmp_path / "state" / "log"
     assert config.log.origin == "pst-0.invalid/log" == node_config.default_log_origin(config.constants)
     assert config.log.listen == {} and config.log.limits == {} and config.log.batching == {}
-    assert config.log.cert is None
+    assert config.log.cert is None and config.log.audit_interval == 600.0
 
 
 def test_log_section_with_every_key(tmp_path: Path) -> None:
@@ -82,6 +82,7 @@ messages_per_second = 5000
 bytes_per_second = 1e6
 batch_entries = 100
 batch_delay_ms = 2.5
+audit_interval = 60
 """,
         )
     )
@@ -101,6 +102,7 @@ batch_delay_ms = 2.5
         "bytes_per_second": 1e6,
     }
     assert log.batching == {"batch_entries": 100, "batch_delay": 0.0025}
+    assert log.audit_interval == 60.0
     Limits(**log.limits)  # the names are the ingest's
     node_config.check_log_tls(config)
 
@@ -108,7 +110,7 @@ batch_delay_ms = 2.5
 @pytest.mark.parametrize(
     ("section", "error"),
     [
-        ('port = "1"', "log.port is not a known key (known: batch_delay_ms, batch_entries, "),
+        ('port = "1"', "log.port is not a known key (known: audit_interval, batch_delay_ms, "),
         ('udp = "514"', "log.udp must be \"host:port\", got '514'"),
         ('tcp = "127.0.0.1:99999"', "log.tcp has an invalid port '99999'"),
         ('tls = "127.0.0.1:6514"', "log.tls needs log.cert and log.key (its TLS certificate)"),
@@ -124,6 +126,7 @@ batch_delay_ms = 2.5
         ("max_connections = 1.5", "log.max_connections must be an integer in 1..1000000, got 1.5"),
         ("messages_per_second = true", "log.messages_per_second must be a number"),
         ("batch_delay_ms = -1", "log.batch_delay_ms must be a number in 0..10000, got -1"),
+        ("audit_interval = 0.5", "log.audit_interval must be a number in 1..604800, got 0.5"),
         ("[log.x]", "log.x is not a known key"),
     ],
 )

@@ -19,8 +19,12 @@ here; whatever is rewritten is first recomputed and must give it.
   tree of the signed size with them in place of its own: if the root is the signed root, the
   bundles and tiles that differ from the disk are the repair; if not, the peer sent bad data
   (or holds a damaged copy itself): it is named in :attr:`Repair.bad_peers` and the next peer is
-  asked from scratch. A peer that does not answer within ``timeout`` seconds, or answers that it
-  lacks the entries, is passed over too. When no peer will do, :attr:`Repair.failure` says why.
+  asked from scratch. When the tiles too were damaged, the audit may not have located every
+  wrong bundle, so a failed rebuild only casts doubt on the peer; once every peer has failed,
+  the repair asks for *every* bundle of the signed size (at most :data:`MAX_REPAIR_BUNDLES`),
+  and a doubted peer is named only if its entries differ from the ones that were accepted. A
+  peer that does not answer within ``timeout`` seconds, or answers that it lacks the entries,
+  is passed over too. When no peer will do, :attr:`Repair.failure` says why.
 
 Nothing here writes to the log: the result is a map of paths to their right content, which the
 caller writes with :meth:`~appliance.apps.log.tiles.TileLog.rewrite` (atomically, file by file,
@@ -31,6 +35,7 @@ is not rewritten. The module never imports trio or sockets; :meth:`Repair.receiv
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -44,6 +49,7 @@ from appliance.apps.log.tiles import (
     Storage,
     TileLog,
     decode_bundle,
+    encode_bundle,
     new_bundles,
     tiles_for_size,
 )
@@ -58,6 +64,10 @@ __all__ = ["MAX_REPAIR_BUNDLES", "REPAIR_TIMEOUT", "Repair", "answer_request", "
 REPAIR_TIMEOUT: Final = 10.0
 #: The most bundles one repair fetches (256 Ki entries at most 64 KiB each: 16 GiB at worst).
 MAX_REPAIR_BUNDLES: Final = 1024
+
+
+def _digest(entries: Sequence[bytes]) -> bytes:
+    return hashlib.sha256(encode_bundle(entries)).digest()
 
 
 class _Compare:
@@ -171,16 +181,18 @@ class Repair:
         self.source: int | None = None
         self.failure: str | None = None
         self.peer: int | None = None
+        #: The bundles to fetch: those the audit names, then (escalated) every one.
+        self.wanted: list[Bundle] = list(report.bad_bundles)
+        self.escalated = False
+        #: Peers whose entries did not give the root while the audit's list may be incomplete,
+        #: with a digest of each bundle they sent.
+        self._doubts: dict[int, dict[int, bytes]] = {}
         self._got: dict[int, list[bytes]] = {}
         self._asked: tuple[int, float] | None = None  # (start, when)
 
     @property
     def done(self) -> bool:
         return self.files is not None or self.failure is not None
-
-    @property
-    def bundles(self) -> list[Bundle]:
-        return list(self.report.bad_bundles)
 
     def start(self, now: float) -> None:
         report = self.report
@@ -209,18 +221,42 @@ class Repair:
             return
         if root == self.report.root:
             self.files, self.source = files, peer
+            self._settle_doubts(replace)
         elif peer is not None:
-            paths = ", ".join(b.path for b in self.report.bad_bundles[:4])
-            more = len(self.report.bad_bundles) - 4
-            paths += f" and {more} more" if more > 0 else ""
-            self.bad_peers.append(
-                (peer, f"its entries for {paths} do not give the signed root of size {self.report.size}")
-            )
+            if self.report.tiles_ok or self.escalated:  # the list was complete: the peer is wrong
+                self._doubts.pop(peer, None)
+                self.bad_peers.append((peer, self._wrong(list(replace))))
+            else:
+                self._doubts[peer] = {n: _digest(e) for n, e in replace.items()}
+
+    def _wrong(self, bundles: list[int]) -> str:
+        paths = ", ".join(b.path for b in self.wanted if b.index in bundles[:4])
+        more = len(bundles) - 4
+        paths += f" and {more} more" if more > 0 else ""
+        return f"its entries for {paths} do not give the signed root of size {self.report.size}"
+
+    def _settle_doubts(self, accepted: Mapping[int, Sequence[bytes]]) -> None:
+        """A doubted peer whose entries differ from the accepted ones sent bad data."""
+        for peer, digests in self._doubts.items():
+            differ = sorted(n for n, d in digests.items() if n in accepted and _digest(accepted[n]) != d)
+            if differ:
+                self.bad_peers.append((peer, self._wrong(differ)))
+        self._doubts = {}
 
     def _next_peer(self, now: float) -> None:
         self._got = {}
+        every = new_bundles(0, self.report.size)
+        if not self._remaining and self._doubts and not self.escalated and len(every) <= MAX_REPAIR_BUNDLES:
+            # No peer's entries gave the root: more bundles may be wrong than the audit located.
+            self.escalated = True
+            self.wanted = every
+            self._remaining = list(self._doubts)
         if not self._remaining:
             tried = [f"server {p}: {why}" for p, why in self.bad_peers] + self.passed
+            tried += [
+                f"server {p}: {self._wrong(sorted(d))} (or more bundles are damaged than were located)"
+                for p, d in self._doubts.items()
+            ]
             self.failure = "no peer sent entries that give the signed root (" + "; ".join(tried) + ")"
             self.peer = self._asked = None
             return
@@ -229,7 +265,7 @@ class Repair:
 
     def _missing(self) -> tuple[int, int] | None:
         """The next range of entries to ask for: ``(start, end)`` within one bundle."""
-        for bundle in self.report.bad_bundles:
+        for bundle in self.wanted:
             have = len(self._got.get(bundle.index, []))
             if have < bundle.width:
                 first = bundle.index << TILE_HEIGHT
@@ -262,7 +298,7 @@ class Repair:
             self._next_peer(now)
             return
         n = start >> TILE_HEIGHT
-        bundle = next(b for b in self.report.bad_bundles if b.index == n)
+        bundle = next(b for b in self.wanted if b.index == n)
         got = self._got.setdefault(n, [])
         got.extend(entries[: bundle.width - len(got)])
         if self._missing() is not None:

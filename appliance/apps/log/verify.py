@@ -494,6 +494,10 @@ class LogVerifier:
                 for t, k in state.vs_below
             ]
             bad_tiles += [t for t, _ in state.vs_entries + state.vs_below]
+            for tile, _ in state.unreadable:  # nothing checked the bundles under a lost tile
+                if isinstance(tile, Tile):
+                    first, _ = _covered(tile, 0)
+                    bad_bundles += _bundles(first, _covered(tile, tile.width - 1)[1], size)
             bad_bundles += self._suspects(state, bad_bundles)
         return AuditReport(
             size=size,
