@@ -431,6 +431,7 @@ class LogNode:
                     f"a checkpoint the network signed (size {body.size}, sent by server {sender}) "
                     "does not match this server's tree: its copy of the log differs from the others'"
                 )
+                self.request_audit()  # and repair it
                 return
             await trio.to_thread.run_sync(self._publish, note, body)
 
@@ -535,14 +536,16 @@ class LogNode:
 
     async def audits(self, *, first: float = 30.0, interval: float = 600.0) -> None:
         """:meth:`audit` after ``first`` seconds, then every ``interval``, or sooner after
-        :meth:`request_audit` (until cancelled)."""
+        :meth:`request_audit` but at most once a minute (until cancelled)."""
         with trio.move_on_after(first):
             await self._audit_now.wait()
         while True:
             self._audit_now = trio.Event()
+            started = trio.current_time()
             await self.audit()
-            with trio.move_on_after(interval):
+            with trio.move_on_at(started + interval):
                 await self._audit_now.wait()
+            await trio.sleep_until(started + min(interval, 60.0))
 
     def coordinator(self, period: int, stale: float) -> int:
         """Who asks for checkpoints in ``period`` after ``stale`` seconds without a new one."""
