@@ -7,9 +7,11 @@ so the vote-key announcements are checked as in ``pst serve``.
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from nacl.signing import SigningKey
 
@@ -175,10 +177,20 @@ async def test_checkpoints_are_published_on_every_server_and_a_silent_coordinato
     assert all(c.nodes[i].checkpointed == 0 for i in (3, 4))
 
 
-async def test_an_audit_finds_an_entry_changed_on_disk_and_raises_an_alert(tmp_path: Path) -> None:
+async def test_an_audit_finds_an_entry_changed_on_disk_and_repairs_it_from_an_honest_peer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     c = Cluster(tmp_path)
     alerts: list[Any] = []
     c.nodes[2]._on_alert = alerts.append
+
+    def lie(to: int, data: bytes) -> bytes:  # server 3 falsifies what it sends for a repair
+        obj = encoding.decode(data[1:])
+        if obj.get("log") == "repair" and obj["entries"]:
+            obj["entries"][0] += b" (falsified)"
+        return LOG_FRAME + encoding.encode(obj)
+
+    c.tamper[3] = lie
     public = bytes(LOG_KEY.verify_key)
     async with trio.open_nursery() as nursery:
         for i in c.nodes:
@@ -193,12 +205,69 @@ async def test_an_audit_finds_an_entry_changed_on_disk_and_raises_an_alert(tmp_p
             while c.nodes[2].checkpointed_size < 300:
                 await trio.sleep(0.05)
         assert await c.nodes[2].audit()
+        good = {p: (tmp_path / "log-4" / p).read_bytes() for p in ("tile/entries/000", "tile/0/001.p/44")}
         bundle = tmp_path / "log-2" / "tile" / "entries" / "000"
         data = bytearray(bundle.read_bytes())
         data[-1] ^= 1  # the last byte of entry 255
         bundle.write_bytes(bytes(data))
-        assert not await c.nodes[2].audit()
+        (tmp_path / "log-2" / "tile" / "0" / "001.p" / "44").write_bytes(b"short")
+        with caplog.at_level(logging.WARNING, logger="pst.log"), trio.fail_after(30):
+            assert await c.nodes[2].audit()  # found, repaired (server 3 lies; server 4 does not)
         assert await c.nodes[3].audit()  # the others' copies are intact
+        # Appends and the audit go on after the repair.
+        with trio.fail_after(30):
+            await c.nodes[2].append([b"after the repair"])
+            while c.nodes[2].checkpointed_size < 301:
+                await trio.sleep(0.05)
+        assert await c.nodes[2].audit()
         nursery.cancel_scope.cancel()
     assert [a.kind for a in alerts] == [AlertKind.LOG_STORE_DAMAGED]
-    assert "tile/entries/000" in alerts[0].detail and c.nodes[2].damaged is not None
+    assert "tile/0/000: hash 255 (entry 255) differs from its entries" in alerts[0].detail
+    assert "tile/0/001.p/44 is 5 bytes, not 44 hashes of 32" in alerts[0].detail
+    assert c.nodes[2].damaged is None and c.nodes[2].repairs == 1
+    assert c.nodes[2].replication()["repairs"] == 1
+    for path, content in good.items():
+        assert (tmp_path / "log-2" / path).read_bytes() == content
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        m.startswith(
+            "log: server 3 sent bad data to repair this server's copy of the log: its entries for "
+            "tile/entries/000, tile/entries/001.p/44 do not give the signed root of size 300"
+        )
+        for m in warnings
+    ), warnings
+    assert any(
+        "repaired this server's copy of the log: 1 entry bundle(s) (tile/entries/000) from server 4 and "
+        "1 tile(s) (tile/0/001.p/44) recomputed from the entries" in m
+        for m in warnings
+    ), warnings
+
+
+async def test_a_copy_no_peer_can_repair_stays_damaged_and_says_why(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    for i in (1, 3, 4):
+        c.nodes[i].repair_timeout = 0.5
+    public = bytes(LOG_KEY.verify_key)
+    async with trio.open_nursery() as nursery:
+        for i in (1, 2, 3):  # server 4 is down: a quorum of three logs the entries
+            nursery.start_soon(c.deliver, i)
+            await nursery.start(c.nodes[i].run)
+            await nursery.start(
+                functools.partial(c.nodes[i].checkpoints, sign_with_log_key, public, interval=0.1)
+            )
+        await c.enter(0, [1, 2, 3])
+        with trio.fail_after(30):
+            await c.nodes[1].append([f"line {k}".encode() for k in range(20)])
+            while c.nodes[1].checkpointed_size < 20 or c.nodes[1].tree.storage.read(CHECKPOINT_PATH) is None:
+                await trio.sleep(0.05)
+        c.tamper[2] = c.tamper[3] = lambda to, data: b"\x00" + encoding.encode({"log": "nothing"})
+        bundle = tmp_path / "log-1" / "tile" / "entries" / "000.p" / "20"
+        bundle.write_bytes(bundle.read_bytes()[:-1])
+        with trio.fail_after(30):
+            assert not await c.nodes[1].audit()
+        nursery.cancel_scope.cancel()
+    assert c.nodes[1].damaged == (
+        "this server's copy of the log is damaged and was not repaired: no peer sent entries that give "
+        "the signed root (server 2 did not answer in 0.5 s; server 3 did not answer in 0.5 s; "
+        "server 4 did not answer in 0.5 s)"
+    )

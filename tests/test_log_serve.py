@@ -15,6 +15,7 @@ import ssl
 import subprocess
 import time
 import tomllib
+import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ def test_log_section_defaults(tmp_path: Path) -> None:
     assert config.log.directory == tmp_path / "state" / "log"
     assert config.log.origin == "pst-0.invalid/log" == node_config.default_log_origin(config.constants)
     assert config.log.listen == {} and config.log.limits == {} and config.log.batching == {}
-    assert config.log.cert is None
+    assert config.log.cert is None and config.log.audit_interval == 600.0
 
 
 def test_log_section_with_every_key(tmp_path: Path) -> None:
@@ -82,6 +83,7 @@ messages_per_second = 5000
 bytes_per_second = 1e6
 batch_entries = 100
 batch_delay_ms = 2.5
+audit_interval = 60
 """,
         )
     )
@@ -101,6 +103,7 @@ batch_delay_ms = 2.5
         "bytes_per_second": 1e6,
     }
     assert log.batching == {"batch_entries": 100, "batch_delay": 0.0025}
+    assert log.audit_interval == 60.0
     Limits(**log.limits)  # the names are the ingest's
     node_config.check_log_tls(config)
 
@@ -108,7 +111,7 @@ batch_delay_ms = 2.5
 @pytest.mark.parametrize(
     ("section", "error"),
     [
-        ('port = "1"', "log.port is not a known key (known: batch_delay_ms, batch_entries, "),
+        ('port = "1"', "log.port is not a known key (known: audit_interval, batch_delay_ms, "),
         ('udp = "514"', "log.udp must be \"host:port\", got '514'"),
         ('tcp = "127.0.0.1:99999"', "log.tcp has an invalid port '99999'"),
         ('tls = "127.0.0.1:6514"', "log.tls needs log.cert and log.key (its TLS certificate)"),
@@ -124,6 +127,7 @@ batch_delay_ms = 2.5
         ("max_connections = 1.5", "log.max_connections must be an integer in 1..1000000, got 1.5"),
         ("messages_per_second = true", "log.messages_per_second must be a number"),
         ("batch_delay_ms = -1", "log.batch_delay_ms must be a number in 0..10000, got -1"),
+        ("audit_interval = 0.5", "log.audit_interval must be a number in 1..604800, got 0.5"),
         ("[log.x]", "log.x is not a known key"),
     ],
 )
@@ -623,3 +627,46 @@ def test_pst_serve_refuses_a_log_port_it_cannot_bind(tmp_path: Path) -> None:
         )
     assert out.returncode == 2
     assert f"log.tcp = '127.0.0.1:{port}': cannot bind: Address already in use" in out.stderr
+
+
+def test_a_bundle_edited_on_one_servers_disk_is_repaired_from_the_others(tmp_path: Path) -> None:
+    """Issue 11 §3 "Tamper": server 3's audit (every 2 s here) finds an entry bundle edited on its
+    disk, raises log-store-damaged, fetches the bundle from a peer over the servers' channels, and
+    its copy is byte for byte server 1's again; `pst log verify --audit` against it passes."""
+    root = tmp_path / "c"
+    init_cluster(root, n=4, period=600, round_ms=80, log="key")
+    config = root / "node-3" / "config.toml"
+    config.write_text(config.read_text().replace("\n[log]\n", "\n[log]\naudit_interval = 2\n", 1))
+    up = pst("cluster", "up", "--dir", str(root), "--detach")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        for k in range(3):
+            out = pst("log", "append", "--dir", str(root), "--node", "1", "--app", "tamper", f"line {k}")
+            assert out.returncode == 0, out.stderr
+        _wait(lambda: _checkpoint_size(root, 3) == 3, "server 3's checkpoint of 3 entries")
+        logs = {i: root / f"node-{i}" / "state" / "log" for i in (1, 3)}
+        bundle = "tile/entries/000.p/3"
+        good = (logs[1] / bundle).read_bytes()
+        assert (logs[3] / bundle).read_bytes() == good
+        assert good.count(b"line 1") == 1
+        (logs[3] / bundle).write_bytes(good.replace(b"line 1", b"line X"))
+
+        def alerts() -> list[dict[str, Any]]:  # the key-holder's file, then pst serve's own
+            files = [root / "node-3" / "state" / d / "alerts.jsonl" for d in ("public", "serve")]
+            return [json.loads(line) for f in files if f.exists() for line in f.read_text().splitlines()]
+
+        _wait(lambda: any(a["kind"] == "log-store-damaged" for a in alerts()), "server 3's alert", 30)
+        _wait(lambda: (logs[3] / bundle).read_bytes() == good, "the repaired bundle", 30)
+        damaged = [a for a in alerts() if a["kind"] == "log-store-damaged"]
+        assert damaged[0]["server"] == 3 and bundle in damaged[0]["detail"], damaged
+        repaired = f"log: repaired this server's copy of the log: 1 entry bundle(s) ({bundle}) from server"
+        _wait(lambda: repaired in (root / "node-3" / "server.log").read_text(), "the repair's log line", 30)
+        vkey = json.loads(_http(root, "/v1/status"))["log"]["verifier"]
+        url = "http://" + tomllib.loads(config.read_text())["http"]["listen"]
+        audit = pst("log", "verify", "--key", vkey, "--url", url, "--audit")
+        assert audit.returncode == 0, audit.stdout + audit.stderr
+        with urllib.request.urlopen(f"{url}/v1/status", timeout=10) as answer:
+            status = json.loads(answer.read())["log"]["replication"]
+        assert status["damaged"] is None and status["repairs"] == 1
+    finally:
+        pst("cluster", "down", "--dir", str(root))

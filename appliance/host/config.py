@@ -169,7 +169,8 @@ class LogConfig:
     ingest limits the config sets (by the name of their field of
     :class:`appliance.apps.log.ingest.Limits`, whose defaults hold for the others) and the
     batching (``batch_entries``, ``batch_delay`` in seconds: the Batcher's, None for its
-    default)."""
+    default), and the seconds between two audits of this server's copy of the log
+    (``audit_interval``: appliance.apps.log.node.LogNode.audits)."""
 
     origin: str
     directory: Path
@@ -178,6 +179,7 @@ class LogConfig:
     key: Path | None = None
     limits: dict[str, Any] = field(default_factory=dict)
     batching: dict[str, Any] = field(default_factory=dict)
+    audit_interval: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -381,6 +383,7 @@ _LOG_KEYS = {
     "bytes_per_second",
     "batch_entries",
     "batch_delay_ms",
+    "audit_interval",
 }
 
 
@@ -459,6 +462,7 @@ def _log_settings(section: Any, path: Path, state_dir: Path, constants: Constant
         batching["batch_entries"] = entries
     if (delay := _number(section, "batch_delay_ms", path, 0, 10_000, integer=False)) is not None:
         batching["batch_delay"] = delay / 1000
+    audit_interval = _number(section, "audit_interval", path, 1, 7 * 86400, integer=False)
     return LogConfig(
         origin=origin,
         directory=directory,
@@ -467,6 +471,7 @@ def _log_settings(section: Any, path: Path, state_dir: Path, constants: Constant
         key=key,
         limits=limits,
         batching=batching,
+        audit_interval=600.0 if audit_interval is None else float(audit_interval),
     )
 
 

@@ -225,7 +225,9 @@ async def _serve(
             await nursery.start(log_service.run)
             if log_node is not None:
                 nursery.start_soon(_log_checkpoints, log_service, log_node, link, log_keys)
-                nursery.start_soon(log_node.audits)
+                assert config.log is not None
+                every = config.log.audit_interval
+                nursery.start_soon(functools.partial(log_node.audits, first=min(30.0, every), interval=every))
         backend = PServerBackend(
             link.sign,
             config.server_id,

@@ -135,6 +135,11 @@ _LOG_COUNTERS = (
 #: The replication's gauges (LogService.status()["replication"]): metric name, key, help.
 _LOG_REPLICATION_GAUGES = (
     ("pst_log_slot", "slot", "The next slot of the log's agreement on this server (slots decided so far)"),
+    (
+        "pst_log_store_repairs",
+        "repairs",
+        "Repairs of this server's copy of the log (from its audit) that passed the audit after them",
+    ),
     ("pst_log_committee_period", "committee_period", "The period whose vote keys order the next slot"),
     (
         "pst_log_checkpoint_size",

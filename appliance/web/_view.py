@@ -156,6 +156,7 @@ LOG_REPLICATION: Final = (
     "checkpoint_age",
     "caught_up",
     "waiting_batches",
+    "repairs",
 )
 
 

@@ -36,6 +36,9 @@ The read side, also imported on its own:
   against it, entries and a bounded search (served over HTTP by ``appliance.web._log``).
 * :mod:`appliance.apps.log.verify`: ``pst log verify``, inclusion, consistency and a full audit
   of a log (over HTTP with httpx, or a directory) against its signed checkpoint.
+* :mod:`appliance.apps.log.repair`: repairing a server's damaged copy (what the audit found)
+  from its own entries and its peers' bundles, checked against the signed root (sans-IO; the
+  glue is :mod:`appliance.apps.log.node`).
 
 Formats and status: docs/log.md. Wiring the ingest, the checkpoints and the read side into
 ``pst serve`` and replication between the servers are not built yet.

@@ -33,6 +33,15 @@ log's, everything else goes to the key-holder as before (:func:`is_log_frame`).
   smaller of two checkpoints as a truncation: an alert without an attack, rare, and
   documented (docs/log.md).
 
+* **Audit and repair** (:meth:`LogNode.audits`). Every ``interval`` seconds (``[log]
+  audit_interval``; and soon after :meth:`LogNode.request_audit`) the node re-hashes its copy up
+  to the latest signed checkpoint. If it does not give the signed root, a ``log-store-damaged``
+  alert names what differs and :mod:`appliance.apps.log.repair` repairs it: tiles are recomputed
+  from the entries, wrong bundles are fetched from the peers (``repair-req``/``repair`` frames,
+  one peer at a time, accepted only if they give the signed root; a peer that sent bad data is
+  named at WARNING). The files are rewritten under the node's lock, each atomically, and the copy
+  is audited again; the alert stays (the tampering happened).
+
 Peer faults (:attr:`Replica.rejected`) are logged at most once a minute per peer with the
 count; alerts (:attr:`Replica.alerts`) go to ``on_alert``.
 """
@@ -43,13 +52,14 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from appliance.apps.log.checkpoint import Checkpoint, Verifier, open_checkpoint
 from appliance.apps.log.errors import LogDecodeError, LogError
 from appliance.apps.log.reader import CHECKPOINT_PATH
+from appliance.apps.log.repair import REPAIR_TIMEOUT, Repair, answer_request
 from appliance.apps.log.replication import MAX_BATCH_BYTES, MAX_BATCH_ENTRIES, Replica
 from appliance.apps.log.tiles import Storage, TileLog
 from appliance.crypto import encoding
@@ -63,6 +73,9 @@ from appliance.net import (
     check_channel_signature,
 )
 from appliance.protocols._core import Alert, AlertKind
+
+if TYPE_CHECKING:
+    from appliance.apps.log.verify import AuditReport
 
 __all__ = ["LOG_FRAME", "LogNode", "is_log_frame"]
 
@@ -101,6 +114,7 @@ class LogNode:
         base_timeout: float = 0.5,
         resend: float = 2.0,
         takeover: float = 5.0,
+        repair_timeout: float = REPAIR_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.server_id, self.n = server_id, n
@@ -145,6 +159,13 @@ class LogNode:
         self._published_at: float | None = None
         #: Why this server's copy of the log is damaged (None: its last audit passed).
         self.damaged: str | None = None
+        #: Repairs of this server's copy that passed their audit; seconds a peer has to answer.
+        self.repairs = 0
+        self.repair_timeout = repair_timeout
+        self._repairing: Repair | None = None
+        self._repair_inbox: list[tuple[int, Any]] = []
+        self._repair_wake = trio.Event()
+        self._audit_now = trio.Event()
         self._load_known()
 
     # --- Keys --------------------------------------------------------------------------------
@@ -238,6 +259,17 @@ class LogNode:
                 return
             if isinstance(obj, dict) and obj.get("log") == "checkpoint":
                 await self._on_checkpoint(sender, obj.get("note"))
+                return
+            if isinstance(obj, dict) and obj.get("log") == "repair-req":
+                async with self._lock:
+                    answer = await trio.to_thread.run_sync(answer_request, self.tree, obj)
+                self._emit(sender, answer)
+                return
+            if isinstance(obj, dict) and obj.get("log") == "repair":
+                repair = self._repairing
+                if repair is not None and sender == repair.peer and len(self._repair_inbox) < 8:
+                    self._repair_inbox.append((sender, obj))
+                    self._repair_wake.set()
                 return
         except DecodeError as exc:
             self._complain(sender, str(exc))
@@ -369,6 +401,7 @@ class LogNode:
             if self._published_at is None
             else max(0, round(self._clock() - self._published_at)),
             "damaged": self.damaged,
+            "repairs": self.repairs,
         }
 
     # --- Checkpoints -------------------------------------------------------------------------
@@ -416,6 +449,7 @@ class LogNode:
                     f"a checkpoint the network signed (size {body.size}, sent by server {sender}) "
                     "does not match this server's tree: its copy of the log differs from the others'"
                 )
+                self.request_audit()  # and repair it
                 return
             await trio.to_thread.run_sync(self._publish, note, body)
 
@@ -425,45 +459,111 @@ class LogNode:
         log.error("%s", alert)
         self._on_alert(alert)
 
-    async def audit(self) -> bool:
+    async def _audit_report(self) -> AuditReport | str | None:
         """Re-hash this server's copy of the log up to its latest checkpoint (every entry, every
         tile, in a worker thread, without holding up appends: the files it reads are written once,
-        partial tiles under new names); False, with a ``log-store-damaged`` alert naming what
-        differs, if they do not give the signed root."""
+        partial tiles under new names): what it found, or why it could not run (a string), or
+        None if there is nothing to audit."""
         from appliance.apps.log.verify import DirSource, LogVerifier, VerificationFailed
 
         verifier = self._verifier
         if verifier is None:
-            return True
+            return None
         directory = getattr(self.tree.storage, "root", None)
         if directory is None or self.tree.storage.read(CHECKPOINT_PATH) is None:
-            return True  # not a directory store (tests in memory), or nothing signed yet
+            return None  # not a directory store (tests in memory), or nothing signed yet
         checker = LogVerifier(DirSource(directory), verifier)
 
-        def run() -> str | None:
+        def run() -> AuditReport | str | None:
             try:
                 latest = checker.latest()
-                if latest.size:
-                    checker.audit(latest)
+                return checker.audit_report(latest) if latest.size else None
             except VerificationFailed as exc:
                 return str(exc)
             except LogError as exc:
                 return f"the audit could not read the log: {exc}"
-            return None
 
-        failure = await trio.to_thread.run_sync(run)
-        if failure is not None:
-            self._damaged(f"this server's copy of the log is damaged: {failure}")
+        return await trio.to_thread.run_sync(run)
+
+    async def audit(self) -> bool:
+        """Audit this server's copy of the log (see :meth:`_audit_report`). If it does not give
+        the signed root: a ``log-store-damaged`` alert naming what differs, then a repair
+        (:meth:`repair`). True if the copy passed its audit (after a repair if one was needed)."""
+        found = await self._audit_report()
+        if found is None or (not isinstance(found, str) and found.ok):
+            self.damaged = None
+            return True
+        if isinstance(found, str):
+            self._damaged(f"this server's copy of the log is damaged: {found}")
             return False
-        self.damaged = None
-        return True
+        self._damaged(f"this server's copy of the log is damaged: {found.message()}")
+        return await self.repair(found)
+
+    async def repair(self, report: AuditReport) -> bool:
+        """Repair what ``report`` found (:mod:`appliance.apps.log.repair`): tiles from our entries,
+        bundles from the peers; rewrite the files under the lock, audit again. True if the copy
+        now passes its audit (``damaged`` cleared); else ``damaged`` says why not."""
+        repair = Repair(
+            me=self.server_id,
+            n=self.n,
+            storage=self.tree.storage,
+            origin=self.tree.origin,
+            report=report,
+            timeout=self.repair_timeout,
+        )
+        self._repairing, self._repair_inbox = repair, []
+        try:
+            await trio.to_thread.run_sync(repair.start, self._clock())
+            while True:
+                out, repair.out = repair.out, []
+                for to, obj in out:
+                    self._emit(to, obj)
+                if repair.done:
+                    break
+                self._repair_wake = trio.Event()
+                with trio.move_on_after(min(1.0, self.repair_timeout)):
+                    await self._repair_wake.wait()
+                inbox, self._repair_inbox = self._repair_inbox, []
+                for sender, obj in inbox:
+                    await trio.to_thread.run_sync(repair.receive, sender, obj, self._clock())
+                repair.tick(self._clock())
+        finally:
+            self._repairing = None
+        for peer, why in repair.bad_peers:
+            log.warning("log: server %d sent bad data to repair this server's copy of the log: %s", peer, why)
+        if repair.files is None:
+            self.damaged = f"this server's copy of the log is damaged and was not repaired: {repair.failure}"
+            log.error("log: %s", self.damaged)
+            return False
+        async with self._lock:
+            await trio.to_thread.run_sync(self.tree.rewrite, repair.files)
+        after = await self._audit_report()
+        if after is None or (not isinstance(after, str) and after.ok):
+            self.damaged = None
+            self.repairs += 1
+            log.warning("log: repaired this server's copy of the log: %s", repair.summary())
+            return True
+        why = after if isinstance(after, str) else after.message()
+        self.damaged = f"this server's copy of the log is still damaged after a repair: {why}"
+        log.error("log: %s", self.damaged)
+        return False
+
+    def request_audit(self) -> None:
+        """Audit (and repair) soon, without waiting for the interval."""
+        self._audit_now.set()
 
     async def audits(self, *, first: float = 30.0, interval: float = 600.0) -> None:
-        """:meth:`audit` after ``first`` seconds, then every ``interval`` (until cancelled)."""
-        await trio.sleep(first)
+        """:meth:`audit` after ``first`` seconds, then every ``interval``, or sooner after
+        :meth:`request_audit` but at most once a minute (until cancelled)."""
+        with trio.move_on_after(first):
+            await self._audit_now.wait()
         while True:
+            self._audit_now = trio.Event()
+            started = trio.current_time()
             await self.audit()
-            await trio.sleep(interval)
+            with trio.move_on_at(started + interval):
+                await self._audit_now.wait()
+            await trio.sleep_until(started + min(interval, 60.0))
 
     def coordinator(self, period: int, stale: float) -> int:
         """Who asks for checkpoints in ``period`` after ``stale`` seconds without a new one."""

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -540,6 +540,20 @@ class TileLog:
             first = n << TILE_HEIGHT
             entries.extend(decoded[max(start, first) - first : end - first])
         return entries
+
+    # --- Repairing ---
+
+    def rewrite(self, files: Mapping[str, bytes]) -> None:
+        """Replace damaged tiles and entry bundles with their right content (a repair, see
+        :mod:`appliance.apps.log.repair`): bundles first, each file atomically, then sync; the
+        cached tiles are dropped. Only tile and bundle paths (LogDecodeError otherwise, nothing
+        written); the state record and the tree in memory do not change."""
+        for path in files:
+            parse_path(path)
+        for path in sorted(files, key=lambda p: (not p.startswith("tile/entries/"), p)):
+            self.storage.write(path, files[path])
+        self.storage.sync()
+        self._reader._cache.clear()
 
     # --- Appending ---
 

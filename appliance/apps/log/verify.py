@@ -20,8 +20,11 @@ the signed root:
   every tile that differs from what they give is named with the hash that differs. If they do
   not, but the tiles are consistent with one another and give the signed root, the tiles are
   the log and every entry whose hash differs from its leaf is named. Otherwise both kinds of
-  difference are listed. (A tile client that only authenticates the tiles on one path, like
-  ``tlog.TileHashReader``, can miss a bad tile: see docs/log.md.)
+  difference are listed. A missing or malformed bundle or tile is named too, and the audit goes
+  on without it. :meth:`LogVerifier.audit_report` gives the same findings as data
+  (:class:`AuditReport`: which tiles are wrong, which bundles are or may be), for the server's
+  repair (:mod:`appliance.apps.log.repair`). (A tile client that only authenticates the tiles
+  on one path, like ``tlog.TileHashReader``, can miss a bad tile: see docs/log.md.)
 
 A check that fails raises :class:`VerificationFailed` naming what (exit status 1 of ``pst log
 verify``); what keeps the check from running (no answer, a file that cannot be read, a bad
@@ -31,6 +34,7 @@ does not serve (404) is a failure of the log, not an I/O error.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +62,7 @@ from appliance.apps.log.tiles import (
 )
 
 __all__ = [
+    "AuditReport",
     "DirSource",
     "HttpSource",
     "LogVerifier",
@@ -155,10 +160,62 @@ def load_verifier(key: str) -> Verifier:
 
 def _tile_range(tile: Tile | Bundle, k: int) -> str:
     """The entries hash ``k`` of a tile (or entry ``k`` of a bundle) covers."""
+    first, _ = _covered(tile, k)
+    span = 1 << (TILE_HEIGHT * (tile.level if isinstance(tile, Tile) else 0))
+    return f"entry {first}" if span == 1 else f"entries {first}..{first + span - 1}"
+
+
+def _covered(tile: Tile | Bundle, k: int) -> tuple[int, int]:
+    """``[first, end)``: the entries hash ``k`` of a tile covers (a full span)."""
     level = tile.level if isinstance(tile, Tile) else 0
     span = 1 << (TILE_HEIGHT * level)
     first = ((tile.index << TILE_HEIGHT) + k) * span
-    return f"entry {first}" if span == 1 else f"entries {first}..{first + span - 1}"
+    return first, first + span
+
+
+def _bundles(first: int, end: int, size: int) -> list[Bundle]:
+    """The bundles of the tree of ``size`` holding entries ``[first, end)``."""
+    end = min(end, size)
+    if end <= first:
+        return []
+    return [
+        Bundle(n, min(TILE_WIDTH, size - (n << TILE_HEIGHT)))
+        for n in range(first >> TILE_HEIGHT, ((end - 1) >> TILE_HEIGHT) + 1)
+    ]
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """What an audit found, as data (:meth:`LogVerifier.audit_report`).
+
+    ``entries_ok``: the entry bundles give the signed root (so they are the log, and every
+    tile can be recomputed from them). ``tiles_ok``: the tiles agree with one another and give
+    the signed root (so the level-0 tiles hold the log's leaf hashes). ``bad_tiles``: tiles
+    found wrong or unreadable. ``bad_bundles``: the bundles that are wrong or unreadable, or,
+    when neither the entries nor the tiles give the root, every bundle under a difference
+    (every bundle, if no difference explains the wrong root): what a repair must fetch.
+    ``lines``: what differs, in words (the failure message of ``pst log verify --audit``).
+    """
+
+    size: int
+    root: bytes
+    tiles_checked: int
+    entries_ok: bool
+    tiles_ok: bool
+    bad_tiles: tuple[Tile, ...] = ()
+    bad_bundles: tuple[Bundle, ...] = ()
+    lines: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.lines
+
+    def message(self) -> str:
+        if self.ok:
+            return f"audit: the {self.size} entries and {self.tiles_checked} tiles give the signed root"
+        more = len(self.lines) - MAX_LISTED
+        shown = [*self.lines[:MAX_LISTED], *([f"... and {more} more"] if more > 0 else [])]
+        return f"audit of the signed tree of size {self.size}:\n  " + "\n  ".join(shown)
 
 
 @dataclass
@@ -176,6 +233,8 @@ class _Audit:
     #: (tile, hash index) where the fetched tile differs from the fetched tile below it.
     vs_below: list[tuple[Tile, int]] = field(default_factory=list)
     tiles_checked: int = 0
+    #: Bundles and tiles missing or malformed, with why (the audit goes on without them).
+    unreadable: list[tuple[Tile | Bundle, str]] = field(default_factory=list)
 
     def level(self, level: int) -> None:
         while len(self.from_entries) <= level:
@@ -301,19 +360,33 @@ class LogVerifier:
 
     # --- Audit ---
 
-    def _fetch_batches(self, size: int) -> Iterator[tuple[Bundle, bytes, Tile, bytes]]:
-        """Every bundle with its level-0 tile, in order, fetched :data:`AUDIT_BATCH` at a time."""
+    def _fetch_batches(self, size: int) -> Iterator[tuple[Bundle, bytes | None, Tile, bytes | None]]:
+        """Every bundle with its level-0 tile (None: not served), in order, fetched
+        :data:`AUDIT_BATCH` at a time."""
         count = (size + TILE_WIDTH - 1) >> TILE_HEIGHT
-        why = f"its signed tree of size {size} has"
 
-        def pair(n: int) -> tuple[Bundle, bytes, Tile, bytes]:
+        def pair(n: int) -> tuple[Bundle, bytes | None, Tile, bytes | None]:
             width = min(TILE_WIDTH, size - (n << TILE_HEIGHT))
             bundle, tile = Bundle(n, width), Tile(0, n, width)
-            return bundle, self._get(bundle.path, why), tile, self._get(tile.path, why)
+            return bundle, self.source.get(bundle.path), tile, self.source.get(tile.path)
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             for first in range(0, count, AUDIT_BATCH):
                 yield from pool.map(pair, range(first, min(count, first + AUDIT_BATCH)))
+
+    def _audit_tile(
+        self, state: _Audit, tile: Tile, data: bytes | None, stand_in: list[bytes]
+    ) -> list[bytes]:
+        """A fetched tile's hashes; if it is missing or malformed, noted, and ``stand_in``."""
+        if data is None:
+            why = f"the log does not serve {tile.path}, which its signed tree of size {state.size} has"
+            state.unreadable.append((tile, why))
+            return stand_in
+        try:
+            return tile_hashes(tile, data)
+        except LogDecodeError as exc:
+            state.unreadable.append((tile, str(exc)))
+            return stand_in
 
     def _compare(self, state: _Audit, tile: Tile, fetched: Sequence[bytes]) -> None:
         """Compare a fetched tile with what the entries and the tiles below give; go up a level."""
@@ -331,24 +404,44 @@ class LogVerifier:
             state.from_tiles[level + 1].append(_perfect_root(list(fetched)))
             if len(state.from_entries[level + 1]) == TILE_WIDTH:
                 upper = Tile(level + 1, tile.index >> TILE_HEIGHT)
-                self._compare(state, upper, self._tile(upper, state.size))
+                data = self.source.get(upper.path)
+                fetched_upper = self._audit_tile(state, upper, data, state.from_entries[level + 1])
+                self._compare(state, upper, fetched_upper)
 
     def audit(self, latest: Checkpoint) -> str:
-        """Fetch every bundle and tile of ``latest`` and recompute the tree; name what differs."""
+        """Fetch every bundle and tile of ``latest`` and recompute the tree; name what differs
+        (:class:`VerificationFailed`)."""
+        report = self.audit_report(latest)
+        if not report.ok:
+            raise VerificationFailed(report.message())
+        return report.message()
+
+    def audit_report(self, latest: Checkpoint) -> AuditReport:
+        """Fetch every bundle and tile of ``latest`` and recompute the tree: what differs, as data."""
         size = latest.size
         state = _Audit(size)
         state.level(0)
         last_report = time.monotonic()
         for bundle, data, tile, tile_data in self._fetch_batches(size):
-            entries = self._bundle(bundle, data)
-            leaves = [merkle.leaf_hash(e) for e in entries]
+            entries: list[bytes] | None = None
+            if data is None:
+                why = f"the log does not serve {bundle.path}, which its signed tree of size {size} has"
+                state.unreadable.append((bundle, why))
+            else:
+                try:
+                    entries = decode_bundle(bundle, data)
+                except LogDecodeError as exc:
+                    state.unreadable.append((bundle, f"malformed entry bundle: {exc}"))
+            fetched = self._audit_tile(state, tile, tile_data, [])
+            if entries is not None:
+                leaves = [merkle.leaf_hash(e) for e in entries]
+            else:  # stand-ins, so that the rest of the tree is still checked
+                leaves = list(fetched) if fetched else [bytes(merkle.HASH_SIZE)] * bundle.width
+            if not fetched:
+                fetched = leaves
             for leaf in leaves:
                 state.frontier.append(leaf)
             state.from_entries[0] = leaves
-            try:
-                fetched = tile_hashes(tile, tile_data)
-            except LogDecodeError as exc:
-                raise VerificationFailed(str(exc)) from None
             self._compare(state, tile, fetched)
             if time.monotonic() - last_report >= 1.0:
                 last_report = time.monotonic()
@@ -360,34 +453,38 @@ class LogVerifier:
             pending = state.from_entries[level]
             if pending:
                 upper = Tile(level, (size >> (TILE_HEIGHT * level)) >> TILE_HEIGHT, len(pending))
-                self._compare(state, upper, self._tile(upper, size))
+                data = self.source.get(upper.path)
+                self._compare(state, upper, self._audit_tile(state, upper, data, pending))
         self.progress(f"audit: {size:,}/{size:,} entries, {state.tiles_checked:,} tiles")
         return self._conclude(latest, state)
 
-    def _conclude(self, latest: Checkpoint, state: _Audit) -> str:
-        entries_ok = state.frontier.root() == latest.root
+    def _conclude(self, latest: Checkpoint, state: _Audit) -> AuditReport:
+        size = latest.size
+        bad_bundles = [b for b, _ in state.unreadable if isinstance(b, Bundle)]
+        bad_tiles = [t for t, _ in state.unreadable if isinstance(t, Tile)]
+        entries_ok = state.frontier.root() == latest.root and not bad_bundles
         try:
-            tiles_root = merkle.root_hash(self._reader(latest.size), latest.size)
-        except VerificationFailed:
+            tiles_root = merkle.root_hash(self._reader(size), size)
+        except (VerificationFailed, LogError):
             tiles_root = b""
-        tiles_ok = tiles_root == latest.root and not state.vs_below
-        done = f"{latest.size} entries and {state.tiles_checked} tiles"
-        if entries_ok and not state.vs_entries:
-            return f"audit: the {done} give the signed root"
+        tiles_ok = tiles_root == latest.root and not state.vs_below and not bad_tiles
+        lines = [why for _, why in state.unreadable]
         if entries_ok:
-            lines = [
+            lines += [
                 f"{tile.path}: hash {k} ({_tile_range(tile, k)}) is wrong (the entries give the signed root)"
                 for tile, k in state.vs_entries
             ]
+            bad_tiles += [tile for tile, _ in state.vs_entries]
         elif tiles_ok:
-            lines = [
+            level0 = [(tile, k) for tile, k in state.vs_entries if tile.level == 0]
+            lines += [
                 f"{Bundle(tile.index, tile.width).path}: {_tile_range(tile, k)} (number {k} in the bundle) "
                 f"does not hash to leaf {k} of {tile.path} (the tiles give the signed root)"
-                for tile, k in state.vs_entries
-                if tile.level == 0
+                for tile, k in level0
             ]
+            bad_bundles += [Bundle(tile.index, tile.width) for tile, _ in level0]
         else:
-            lines = ["neither the entries nor the tiles give the signed root"]
+            lines.insert(0, "neither the entries nor the tiles give the signed root")
             lines += [
                 f"{t.path}: hash {k} ({_tile_range(t, k)}) differs from its entries"
                 for t, k in state.vs_entries
@@ -396,9 +493,44 @@ class LogVerifier:
                 f"{t.path}: hash {k} ({_tile_range(t, k)}) differs from the tile below"
                 for t, k in state.vs_below
             ]
-        more = len(lines) - MAX_LISTED
-        shown = lines[:MAX_LISTED] + ([f"... and {more} more"] if more > 0 else [])
-        raise VerificationFailed(f"audit of the signed tree of size {latest.size}:\n  " + "\n  ".join(shown))
+            bad_tiles += [t for t, _ in state.vs_entries + state.vs_below]
+            for tile, _ in state.unreadable:  # nothing checked the bundles under a lost tile
+                if isinstance(tile, Tile):
+                    first, _ = _covered(tile, 0)
+                    bad_bundles += _bundles(first, _covered(tile, tile.width - 1)[1], size)
+            bad_bundles += self._suspects(state, bad_bundles)
+        return AuditReport(
+            size=size,
+            root=latest.root,
+            tiles_checked=state.tiles_checked,
+            entries_ok=entries_ok,
+            tiles_ok=tiles_ok,
+            bad_tiles=tuple(dict.fromkeys(bad_tiles)),
+            bad_bundles=tuple(sorted(dict.fromkeys(bad_bundles), key=lambda b: b.index)),
+            lines=tuple(lines),
+        )
+
+    @staticmethod
+    def _suspects(state: _Audit, unreadable: list[Bundle]) -> list[Bundle]:
+        """When neither the entries nor the tiles give the root: the bundles under a difference
+        between a tile and the entries that no difference lower down explains (a bundle edited
+        with its level-0 tile recomputed shows first at level 1), or every bundle if none is."""
+        size = state.size
+        suspects: list[Bundle] = []
+        lower = sorted(b.index << TILE_HEIGHT for b in unreadable)  # first entries of what is below
+        by_level: dict[int, list[tuple[int, int]]] = {}
+        for tile, k in state.vs_entries:
+            by_level.setdefault(tile.level, []).append(_covered(tile, k))
+        for level in sorted(by_level):
+            ranges = by_level[level]
+            for first, end in ranges:
+                at = bisect.bisect_left(lower, first)
+                if at == len(lower) or lower[at] >= end:  # nothing below explains it
+                    suspects += _bundles(first, end, size)
+            lower = sorted(lower + [first for first, _ in ranges])
+        if not suspects and not unreadable:
+            suspects = _bundles(0, size, size)
+        return suspects
 
 
 def run(
