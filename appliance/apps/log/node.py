@@ -88,6 +88,8 @@ MAX_LOG_FRAME = 2 * MAX_BATCH_BYTES + 65536
 #: Peers' messages waiting for the replica; a peer's reader waits while this many are queued
 #: (backpressure on the channel, as when each message took the lock).
 MAX_INBOX = 256
+#: Seconds between two answers to one peer's repair requests (each reads up to 4,096 entries).
+REPAIR_ANSWER_INTERVAL = 0.05
 
 
 def is_log_frame(data: bytes) -> bool:
@@ -136,6 +138,7 @@ class LogNode:
         )
         self._lock = trio.Lock()
         self._poke = trio.Event()
+        self._repair_answered: dict[int, float] = {}  # peer -> when we last answered its repair-req
         self._inbox: list[tuple[int, Any]] = []  # (sender, decoded message) for the replica
         self._drained = trio.Event()
         self._acked: dict[int, trio.Event] = {}
@@ -261,6 +264,11 @@ class LogNode:
                 await self._on_checkpoint(sender, obj.get("note"))
                 return
             if isinstance(obj, dict) and obj.get("log") == "repair-req":
+                # At most one answer per peer every REPAIR_ANSWER_INTERVAL: a repair asks one
+                # request at a time, and a peer that asks faster waits (its reader is held).
+                due = self._repair_answered.get(sender, -math.inf) + REPAIR_ANSWER_INTERVAL
+                await trio.sleep(max(0.0, due - trio.current_time()))
+                self._repair_answered[sender] = trio.current_time()
                 async with self._lock:
                     answer = await trio.to_thread.run_sync(answer_request, self.tree, obj)
                 self._emit(sender, answer)
