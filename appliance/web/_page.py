@@ -55,10 +55,13 @@ INDEX_HTML: Final = """<!doctype html>
 <section>
   <h2>Applications</h2>
   <h3>The log</h3>
-  <p class="muted">Each server's own copy, fed by its syslog ingest and local API (no replication
-  between the servers yet). Counters since the server started.</p>
+  <p class="muted">Every server holds the whole log, in the order the servers agreed; any server
+  takes syslog and the local API's entries. "behind" is how many entries this server's copy lacks
+  against the largest copy shown; the checkpoint is the last signed one this server published.
+  Counters since the server started.</p>
   <table id="log">
-    <thead><tr><th>server</th><th>log</th><th>entries</th><th>entries/s</th><th>listening</th>
+    <thead><tr><th>server</th><th>log</th><th>entries</th><th>entries/s</th><th>behind</th>
+    <th>checkpoint</th><th>checkpoint age</th><th>listening</th>
     <th>connections</th><th>unparsed</th><th>truncated</th><th>framing errors</th><th>RELP errors</th>
     <th>UDP dropped</th><th>throttled</th></tr></thead>
     <tbody></tbody>
@@ -226,13 +229,15 @@ function renderAlerts(net) {
 function renderLog(net) {
   const body = document.querySelector("#log tbody");
   body.replaceChildren();
+  const sizes = net.servers.map((s) => (s.log && typeof s.log.size === "number" ? s.log.size : 0));
+  const largest = Math.max(0, ...sizes);
   for (const s of net.servers) {
     const tr = el("tr");
     const g = s.log;
     cell(tr, "server " + s.server);
     if (!g) {
       const td = cell(tr, s.state === "stopped" ? "unknown (down)" : "no log", "muted");
-      td.colSpan = 11;
+      td.colSpan = 14;
       body.appendChild(tr);
       continue;
     }
@@ -241,6 +246,11 @@ function renderLog(net) {
     cell(tr, g.size === null || g.size === undefined ? "-" : g.size);
     cell(tr, g.entries_per_second === null || g.entries_per_second === undefined ? "-"
       : g.entries_per_second.toFixed(1));
+    const behind = typeof g.size === "number" ? largest - g.size : null;
+    cell(tr, behind === null ? "-" : behind);
+    const r = g.replication || {};
+    cell(tr, r.checkpoint_size === null || r.checkpoint_size === undefined ? "-" : r.checkpoint_size);
+    cell(tr, r.checkpoint_age === null || r.checkpoint_age === undefined ? "-" : r.checkpoint_age + " s");
     cell(tr, Object.entries(g.listening || {}).map(([t, a]) => t + " " + a).join(", ") || "-");
     const c = g.ingest || {};
     for (const k of ["connections", "unparsed", "truncated", "framing_errors", "relp_errors",
