@@ -36,11 +36,7 @@ def self_signed(directory: Path, name: str = "localhost", stem: str = "server") 
     )
     cert_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
+    key_path.write_bytes(_key_pem(key))
     return cert_path, key_path
 
 
