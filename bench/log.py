@@ -35,7 +35,7 @@ With ``--rate R`` the Python senders are paced to R messages/s together, so that
 measure the path of an entry at a rate the servers sustain rather than the queue in front of them.
 
 Usage: .venv/bin/python bench/log.py [--n 4] [--senders 1 4] [--messages 50000] [--size 200]
-       [--sender python|loggen] [--rate R]
+       [--sender python|loggen|relp] [--rate R]
 """
 
 from __future__ import annotations
@@ -213,6 +213,57 @@ class LoggenSenders:
         }
 
 
+class RelpSenders:
+    """The load of :class:`Senders` over RELP: one rsyslogd per sender (imfile reads a file of its
+    share of the messages, omrelp with a window of 1,024 forwards them to ports[k % len], the
+    servers' RELP ports). rsyslog says nothing of its progress, so there are no latency samples;
+    the throughput is the messages over the time to the checkpoint covering them all."""
+
+    def __init__(self, ports: list[int], count: int, total: int, size: int, work: Path) -> None:
+        self.ports, self.count, self.total, self.size, self.work = ports, count, total, size, work
+        self.progress: list[tuple[float, int]] = []
+        self.errors: list[str] = []
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def run(self) -> float:
+        configs = []
+        for k in range(self.count):
+            directory = self.work / f"relp-sender-{k}"
+            directory.mkdir(parents=True, exist_ok=True)
+            share = self.total // self.count + (1 if k < self.total % self.count else 0)
+            source = directory / "input.log"
+            # imfile takes each line as a message and sends it with rsyslog's own header.
+            source.write_bytes(
+                b"".join(message(k, i, self.size).split(b" ", 1)[1] + b"\n" for i in range(share))
+            )
+            config = directory / "rsyslog.conf"
+            config.write_text(
+                f'global(workDirectory="{directory}")\n'
+                'module(load="imfile")\nmodule(load="omrelp")\n'
+                f'input(type="imfile" File="{source}" Tag="bench:" ruleset="forward")\n'
+                'ruleset(name="forward" queue.type="LinkedList" queue.size="200000") {\n'
+                f'  action(type="omrelp" target="127.0.0.1" port="{self.ports[k % len(self.ports)]}" '
+                'windowSize="1024" action.resumeRetryCount="-1")\n}\n'
+            )
+            configs.append((directory, config))
+        start = time.monotonic()
+        for directory, config in configs:
+            self.processes.append(
+                subprocess.Popen(
+                    [RSYSLOGD, "-n", "-f", str(config), "-i", str(directory / "pid")],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        return start
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            process.wait(timeout=10)
+
+
 def make_senders(
     kind: str, ports: list[int], count: int, total: int, size: int, rate: float = 0.0
 ) -> Senders | LoggenSenders:
@@ -248,6 +299,7 @@ def run_cluster(
     root = work / f"cluster-{senders}"
     pst("cluster", "init", "--dir", str(root), "--nodes", str(n), "--period", "3600", "--round-ms", "100")
     pst("cluster", "up", "--dir", str(root), "--detach")
+    relp_load: RelpSenders | None = None
     try:
         ports = []
         for i in range(1, n + 1):
@@ -255,7 +307,19 @@ def run_cluster(
             ports.append(int(config["log"]["tcp"].rsplit(":", 1)[1]))
         note = root / "node-1" / "state" / "log" / "checkpoint"
         base = warm_up(ports, note, size)
-        load = make_senders(sender, ports, senders, total, size, rate)
+        load: Senders | LoggenSenders | RelpSenders
+        if sender == "relp":
+            relp = [
+                int(
+                    tomllib.loads((root / f"node-{i}" / "config.toml").read_text())["log"]["relp"].rsplit(
+                        ":", 1
+                    )[1]
+                )
+                for i in range(1, n + 1)
+            ]
+            load = relp_load = RelpSenders(relp, senders, total, size, work / f"relp-{senders}")
+        else:
+            load = make_senders(sender, ports, senders, total, size, rate)
         start = load.run()
         seen: list[tuple[float, int]] = []
         deadline = start + max(120.0, total / 500)
@@ -300,6 +364,8 @@ def run_cluster(
             result["loggen"] = load.summary()
         return result
     finally:
+        if relp_load is not None:
+            relp_load.stop()
         pst("cluster", "down", "--dir", str(root))
 
 
@@ -368,9 +434,10 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=200, help="bytes per message")
     parser.add_argument(
         "--sender",
-        choices=["python", "loggen"],
+        choices=["python", "loggen", "relp"],
         default="python",
-        help="who sends: threads of this script (default), or syslog-ng's loggen (.venv/bin/loggen)",
+        help="who sends: threads of this script (default), syslog-ng's loggen (.venv/bin/loggen), "
+        "or rsyslog over RELP (one rsyslogd per sender; the rsyslog peer then gets the python senders)",
     )
     parser.add_argument(
         "--rate", type=float, default=0.0, help="messages/s of all senders together (python senders only)"
@@ -408,7 +475,8 @@ def main() -> int:
                 run_cluster(args.n, senders, args.messages, args.size, work, args.sender, args.rate)
             )
             print(f"rsyslog, {senders} sender(s) ...", file=sys.stderr, flush=True)
-            results["rsyslog"].append(run_rsyslog(senders, args.messages, args.size, work, args.sender))
+            peer_sender = "python" if args.sender == "relp" else args.sender
+            results["rsyslog"].append(run_rsyslog(senders, args.messages, args.size, work, peer_sender))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results, indent=2))
