@@ -81,6 +81,7 @@ max_message_size = 8192
 max_connections = 10
 messages_per_second = 5000
 bytes_per_second = 1e6
+relp_window = 4096
 batch_entries = 100
 batch_delay_ms = 2.5
 audit_interval = 60
@@ -101,6 +102,7 @@ audit_interval = 60
         "max_connections": 10,
         "messages_per_second": 5000,
         "bytes_per_second": 1e6,
+        "relp_window": 4096,
     }
     assert log.batching == {"batch_entries": 100, "batch_delay": 0.0025}
     assert log.audit_interval == 60.0

@@ -380,6 +380,7 @@ _LOG_KEYS = {
     "max_message_size",
     "max_connections",
     "messages_per_second",
+    "relp_window",
     "bytes_per_second",
     "batch_entries",
     "batch_delay_ms",
@@ -454,6 +455,7 @@ def _log_settings(section: Any, path: Path, state_dir: Path, constants: Constant
         ("max_connections", 1, 1_000_000, True),
         ("messages_per_second", 1, 1e9, False),
         ("bytes_per_second", 1024, 1e12, False),
+        ("relp_window", 1, 16384, True),
     ):
         if (value := _number(section, name, path, low, high, integer=integer)) is not None:
             limits[name] = value

@@ -63,7 +63,6 @@ import trio
 from appliance.apps.log.errors import LogError
 from appliance.apps.log.framing import Frame, StreamDeframer, datagram_frame
 from appliance.apps.log.relp import (
-    DEFAULT_WINDOW,
     NEED_DATA,
     PAUSED,
     CloseRequested,
@@ -170,8 +169,11 @@ class Limits:
     #: A connection silent this long is closed.
     idle_timeout: float = 3600.0
     tls_handshake_timeout: float = 10.0
-    #: RELP messages received and not yet acknowledged before we stop reading (librelp's window).
-    relp_window: int = DEFAULT_WINDOW
+    #: RELP messages received and not yet acknowledged before we stop reading (per session). A
+    #: RELP message is acknowledged once its slot is decided and applied, so a session carries at
+    #: most this many per slot round trip: librelp's 128 held rsyslog to ~1,000/s per connection.
+    #: The batcher's queue (``max_queued``) bounds what all sessions together hold.
+    relp_window: int = 1024
 
 
 @dataclass
