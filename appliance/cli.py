@@ -35,6 +35,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _network_demo(args: argparse.Namespace) -> int:
+    import signal
     import tempfile
     import time
 
@@ -73,7 +74,13 @@ def _network_demo(args: argparse.Namespace) -> int:
     print(f"     .venv/bin/pst log tail --dir {root} --node 1 -f")
     print("   Ctrl-C stops the demo.")
     seen: dict[int, object] = {}
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops the servers as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, stop)
     try:
+        _demo_log(root, nodes[0], syslog)
         while True:
             time.sleep(1.0)
             _reap()
@@ -99,6 +106,67 @@ def _network_demo(args: argparse.Namespace) -> int:
         _stop_nodes(nodes)
         print(f"   stopped. Logs and state stay in {root}")
     return 0
+
+
+def _demo_log(root: Path, node: Node, syslog: int) -> None:
+    """The log on the demo network: a few lines sent with util-linux ``logger`` to server 1, the
+    signed checkpoint that covers them, and ``pst log verify`` checking them from the HTTP tiles."""
+    import re
+    import shutil
+    import subprocess
+    import time
+
+    print("== the secure log: every server holds it; t+1 servers sign its checkpoints", flush=True)
+    log_file = (node.directory or node.state_dir.parent) / "server.log"
+    key = None
+    deadline = time.monotonic() + 60
+    while key is None and time.monotonic() < deadline:
+        text = log_file.read_text(errors="replace") if log_file.exists() else ""
+        found = re.search(r"log: checkpoints are signed with (\S+)", text)
+        key = found.group(1) if found else None
+        time.sleep(0.2)
+    if key is None:
+        print(f"   server 1 names no log key after 60 s (see {log_file}); skipping the log's demo")
+        return
+    lines = [f"demo line {k}: hello from pst demo" for k in (1, 2, 3)]
+    logger = shutil.which("logger")
+    for line in lines:
+        if logger is not None:
+            argv = [logger, "-n", "127.0.0.1", "-P", str(syslog), "-T", "--rfc5424", "-t", "pst-demo", line]
+            subprocess.run(argv, check=False, timeout=10)
+        else:  # no util-linux: the same RFC 5424 message, octet-counted over TCP
+            import socket
+
+            msg = f"<13>1 - {socket.gethostname()} pst-demo - - - {line}".encode()
+            with socket.create_connection(("127.0.0.1", syslog), timeout=10) as sock:
+                sock.sendall(str(len(msg)).encode() + b" " + msg)
+    sent = "logger --rfc5424 over TCP" if logger is not None else "TCP (no logger here)"
+    print(f"   sent {len(lines)} lines to server 1 with {sent}: {lines[0]!r}, ...", flush=True)
+    log_config = node.config().log
+    log_dir = log_config.directory if log_config is not None else node.state_dir / "log"
+    checkpoint = log_dir / "checkpoint"
+    size = 0
+    deadline = time.monotonic() + 60
+    while size < len(lines) and time.monotonic() < deadline:
+        try:
+            size = int(checkpoint.read_text().splitlines()[1])
+        except (OSError, IndexError, ValueError):
+            size = 0
+        time.sleep(0.2)
+    if size < len(lines):
+        print(f"   no signed checkpoint covers them after 60 s (see {log_file})")
+        return
+    url = _status_page(node).rstrip("/")
+    print(f"   a checkpoint of size {size} is signed (the log's key: {key}):")
+    for line in checkpoint.read_text().splitlines():
+        print(f"     | {line}")
+    verify = [sys.executable, "-m", "appliance.cli", "log", "verify", "--key", key, "--url", url]
+    for extra, what in ((["--index", "0"], "the first line is in the log"), (["--audit"], "the whole log")):
+        out = subprocess.run([*verify, *extra], capture_output=True, text=True, timeout=60, check=False)
+        result = (out.stdout.strip() or out.stderr.strip()).splitlines()
+        verdict = "verified" if out.returncode == 0 else f"FAILED (exit {out.returncode})"
+        print(f"   pst log verify {' '.join(extra)}: {verdict}: {what}; {result[-1] if result else ''}")
+    print(f"   yourself: .venv/bin/pst log verify --key {key} --url {url} --audit", flush=True)
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
