@@ -241,7 +241,8 @@ class RelpSenders:
                 f'global(workDirectory="{directory}")\n'
                 'module(load="imfile")\nmodule(load="omrelp")\n'
                 f'input(type="imfile" File="{source}" Tag="bench:" ruleset="forward")\n'
-                'ruleset(name="forward" queue.type="LinkedList" queue.size="200000" queue.dequeueBatchSize="1024") {\n'
+                'ruleset(name="forward" queue.type="LinkedList" queue.size="200000" '
+                'queue.dequeueBatchSize="1024") {\n'
                 f'  action(type="omrelp" target="127.0.0.1" port="{self.ports[k % len(self.ports)]}" '
                 'windowSize="1024" action.resumeRetryCount="-1")\n}\n'
             )
