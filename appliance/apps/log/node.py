@@ -22,16 +22,16 @@ log's, everything else goes to the key-holder as before (:func:`is_log_frame`).
   at a time (a :class:`trio.Lock`), so the trio loop never waits for the disk.
 
 * **Checkpoints** (:meth:`LogNode.checkpoints`). One server at a time asks for a checkpoint
-  of its tree, at most every ``interval`` seconds while the tree grows: the coordinator of
+  of its tree every ``interval`` (0.8) seconds while the tree grows: the coordinator of
   period p is server ``p mod n + 1``; when no new checkpoint has come for ``takeover``
   seconds while the tree grew, the next server takes over, and so on. The signing itself
   is the key-holder's (the log's FROST key; every signer's guard checks the checkpoint
   against its own tree first). The coordinator writes the signed note to the log's
   ``checkpoint`` file, the read side's source, and sends it to the others, who write it
   too once it verifies with the log's key and their own tree has that root. Two
-  coordinators at once (a takeover racing a slow one) can make a signer refuse the
-  smaller of two checkpoints as a truncation: an alert without an attack, rare, and
-  documented (docs/log.md).
+  coordinators at once (a takeover racing a slow one) ask for two checkpoints; a signer
+  refuses the smaller one, a prefix of what it just signed, without an alert
+  (:data:`~appliance.apps.log.guard.STALE_GRACE`).
 
 * **Audit and repair** (:meth:`LogNode.audits`). Every ``interval`` seconds (``[log]
   audit_interval``; and soon after :meth:`LogNode.request_audit`) the node re-hashes its copy up
