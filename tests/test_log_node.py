@@ -271,3 +271,28 @@ async def test_a_copy_no_peer_can_repair_stays_damaged_and_says_why(tmp_path: Pa
         "the signed root (server 2 did not answer in 0.5 s; server 3 did not answer in 0.5 s; "
         "server 4 did not answer in 0.5 s)"
     )
+
+
+async def test_an_idle_node_sleeps_until_its_next_timer(tmp_path: Path) -> None:
+    """Review finding: the loop waited for a time.monotonic deadline on trio's clock (another
+    origin) and spun ~2,000 rounds a second while idle. Idle, it wakes only for its timers."""
+    c = Cluster(tmp_path)
+    rounds = 0
+    node = c.nodes[1]
+    step = node._step
+
+    def counting(inbox: list[tuple[int, Any]], now: float) -> list[tuple[int, dict[str, Any]]]:
+        nonlocal rounds
+        rounds += 1
+        return step(inbox, now)
+
+    node._step = counting  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await c.start(nursery)
+        with trio.fail_after(30):
+            await node.append([b"one line"])
+        await trio.sleep(0.5)  # the slot's last messages
+        rounds = 0
+        await trio.sleep(1.5)  # idle: timers of 0.2 s (agreement) and 0.5 s (resend)
+        nursery.cancel_scope.cancel()
+    assert rounds <= 30, f"{rounds} rounds in 1.5 s idle"
