@@ -47,6 +47,17 @@ def _openssl_verifies(root: Path, tmp: Path, name: str) -> bytes:
     return pem.stdout.encode()
 
 
+def _one_keytable(root: Path, rows: list[dict[str, object]]) -> None:
+    """Every server on one KeyTable: a snapshot may fall between two servers' decisions (one
+    already on period p+1's table, the others still on p's), so look again for up to 5 s."""
+    for _ in range(20):
+        if len({r["keytable_fingerprint"] for r in rows}) == 1:
+            return
+        time.sleep(0.25)
+        rows = status(root)
+    assert len({r["keytable_fingerprint"] for r in rows}) == 1, rows
+
+
 def _refreshes(rows: list[dict[str, object]]) -> dict[int, tuple[int, str]]:
     out = {}
     for r in rows:
@@ -96,13 +107,7 @@ def test_refresh_every_period_over_a_slow_network(
                 # Three periods watched: every server finished at least three refreshes, all operational.
                 assert len(periods) >= 3, (server, seen)
                 assert all(s == "operational" for s in periods.values()), (server, seen)
-            # One KeyTable: a snapshot may fall between two servers' decisions, so look again.
-            for _ in range(20):
-                if len({r["keytable_fingerprint"] for r in rows}) == 1:
-                    break
-                time.sleep(0.25)
-                rows = status(root)
-            assert len({r["keytable_fingerprint"] for r in rows}) == 1, rows
+            _one_keytable(root, rows)
             assert alert_kinds(root) <= STARTUP_ALERTS, alert_kinds(root)
         finally:
             pst("cluster", "down", "--dir", str(root))
@@ -131,7 +136,7 @@ def test_a_server_cut_off_for_three_periods_rejoins_and_heals(tmp_path: Path) ->
             last = _refreshes(rows)
             assert last[4][1] == "operational" and last[4][0] >= max(others), (last, seen)
             assert all(r["status"] == "operational" for r in rows), rows
-            assert len({r["keytable_fingerprint"] for r in rows}) == 1
+            _one_keytable(root, rows)
             assert _openssl_verifies(root, tmp_path, "after") == key
         finally:
             pst("cluster", "down", "--dir", str(root))
