@@ -117,7 +117,7 @@ def alert_kinds(root: Path) -> set[str]:
     return kinds
 
 
-def start(node: Path) -> None:
+def start(node: Path) -> subprocess.Popen[bytes]:
     """Start the server of ``node`` alone (``pst serve``, its output appended to server.log)."""
     with open(node / "server.log", "ab") as log:
         proc = subprocess.Popen(
@@ -127,3 +127,4 @@ def start(node: Path) -> None:
             start_new_session=True,
         )
     (node / "server.pid").write_text(f"{proc.pid}\n")
+    return proc

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clusterutil import init_cluster, pst, status
+from clusterutil import init_cluster, pst, start, status
 
 from appliance.crypto import shamir
 from appliance.crypto.groups import ED25519
@@ -179,13 +179,7 @@ def test_scenario_c_an_impostor_with_a_stolen_period_key_raises_an_alert(
         (impostor / "api.sock").unlink(missing_ok=True)
         shutil.copytree(real / "state", impostor / "state")
         shutil.copy(real / "rom", impostor / "rom")
-        with open(impostor / "server.log", "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "appliance.cli", "serve", "--config", str(impostor / "config.toml")],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        proc = start(impostor)
         for _ in range(200):
             if (impostor / "api.sock").exists():
                 break
