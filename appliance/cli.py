@@ -372,10 +372,23 @@ def _alert_lines(node: Node) -> list[str]:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    from appliance.host import config as node_config
+
     rows = []
     for node in _nodes(args):
         st = node.status()
         st["running"] = _alive(node.pid())
+        # An operational server whose newest KeyTable is older than the previous period signs with
+        # shares no refresh renewed: say so (the web page judges it the same way).
+        try:
+            constants = node_config.load(node.config_path).constants
+            missed = constants.periods_missed(int(st["period"]), time.time())
+        except (OSError, ValueError, TypeError, KeyError):
+            missed = 0
+        if st.get("status") == "operational" and missed:
+            st["status"], st["periods_missed"] = "behind", missed
         st["alerts"] = len(_alert_lines(node))
         st["url"] = _status_page(node)
         rows.append(st)

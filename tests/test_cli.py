@@ -74,6 +74,32 @@ def test_config_names_one_server_of_the_same_state(capsys: pytest.CaptureFixture
     assert code == 0 and out == "no alerts\n"
 
 
+def test_status_says_behind_when_a_whole_period_passed_with_no_refresh(
+    capsys: pytest.CaptureFixture[str], cluster: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import time
+
+    from appliance.host import config as node_config
+
+    config = cluster / "node-2" / "config.toml"
+    status = cluster / "node-2" / "state" / "public" / "status.json"
+    status.write_text(json.dumps({"server": 2, "period": 0, "status": "operational"}))
+    try:
+        c = node_config.load(config).constants
+        monkeypatch.setattr(time, "time", lambda: c.period_start(1) + 1)  # period 0's table, refresh 1 runs
+        code, out, _ = run(capsys, "status", "--config", str(config), "--json")
+        assert json.loads(out)[0]["status"] == "operational"
+        monkeypatch.setattr(time, "time", lambda: c.period_start(3) + 1)  # periods 1 and 2 never decided
+        code, out, _ = run(capsys, "status", "--config", str(config), "--json")
+        row = json.loads(out)[0]
+        assert code == 1 and (row["status"], row["periods_missed"]) == ("behind", 2)
+        code, out, _ = run(capsys, "status", "--config", str(config))
+        assert " behind " in out
+    finally:
+        status.unlink()
+
+
 def test_verify_with_a_pem_key_works_offline(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """No server and no state directory: the group key from a file, the application payload of docs/api.md."""
     key = Ed25519PrivateKey.generate()

@@ -275,6 +275,23 @@ async def test_stale_and_recovering_states_and_health_codes(tmp_path: Path) -> N
     assert "no status.json" in missing.json()["reason"]
 
 
+async def test_an_operational_server_that_missed_a_whole_period_is_behind(tmp_path: Path) -> None:
+    # The clock is in period 10. A KeyTable of period 9 is normal while period 10's refresh runs;
+    # one of period 8 means period 9 ended with no refresh decided: old shares, still signing.
+    service, _, _ = make_service(tmp_path / "a", status=status_json(1, period=9))
+    async with client(service) as c:
+        assert (await c.get("/v1/health")).json()["state"] == "operational"
+    service, _, _ = make_service(tmp_path / "b", status=status_json(1, period=7))
+    async with client(service) as c:
+        health = await c.get("/v1/health")
+        doc = (await c.get("/v1/status")).json()
+    assert health.status_code == 503 and health.json()["state"] == "behind"
+    assert doc["state"] == "behind"
+    assert doc["reason"] == (
+        "its newest KeyTable is for period 7 but the clock is in period 10: 2 refreshes not decided"
+    )
+
+
 async def test_hostile_peer_answers_are_shown_as_errors_or_cleaned(tmp_path: Path) -> None:
     service, _, peers = make_service(tmp_path)
     hostile = peers.document(3)

@@ -143,6 +143,12 @@ class Constants:
     def period_at(self, now: float) -> int:
         return max(0, int((now - self.genesis) // self.period_length))
 
+    def periods_missed(self, keytable_period: int, now: float) -> int:
+        """Whole periods that ended with no KeyTable decided, for a server whose newest KeyTable is
+        for ``keytable_period``: 0 while it holds the current period's table, or the previous one's
+        while the current refresh runs."""
+        return max(0, self.period_at(now) - 1 - keytable_period)
+
 
 def m_i_payload(vcert: bytes, constants: Constants, server: int) -> bytes:
     """What server i signs with Sstart_i at initialization: (Vcert, C)."""

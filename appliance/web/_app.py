@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from appliance.host.config import is_loopback
 from appliance.web._metrics import CONTENT_TYPE, Metrics
 from appliance.web._page import INDEX_HTML, PAGE_CSS, PAGE_JS
-from appliance.web._view import API_NAME, MAX_TIMELINE, LocalView, PeerPoller, network_document
+from appliance.web._view import API_NAME, MAX_TIMELINE, STATES, LocalView, PeerPoller, network_document
 
 if TYPE_CHECKING:
     from appliance.apps.log.reader import LogReader
@@ -185,7 +185,7 @@ def openapi(*, log: bool = False) -> dict[str, Any]:
                     "properties": {
                         "server": {"type": "integer"},
                         "healthy": {"type": "boolean"},
-                        "state": {"enum": ["operational", "recovering", "stale", "stopped"]},
+                        "state": {"enum": list(STATES)},
                         "reason": {"type": "string"},
                         "period": {"type": ["integer", "null"]},
                     },
@@ -197,7 +197,7 @@ def openapi(*, log: bool = False) -> dict[str, Any]:
                         "api": {"const": API_NAME},
                         "server": {"type": "integer"},
                         "now": {"type": "number", "description": "this server's clock (Unix time)"},
-                        "state": {"enum": ["operational", "recovering", "stale", "stopped"]},
+                        "state": {"enum": list(STATES)},
                         "reason": {"type": "string"},
                         "status": {"type": ["object", "null"], "description": "from status.json"},
                         "peers": {"type": ["object", "null"], "description": "connections, by peer id"},

@@ -90,6 +90,7 @@ th { background: #eef1f5; font-weight: 600; }
 .state { display: inline-block; padding: .1em .5em; border-radius: .7em; font-weight: 600; color: #fff; }
 .state-operational { background: #2e8540; }
 .state-recovering { background: #c77c02; }
+.state-behind { background: #c77c02; }
 .state-stale { background: #8a6d3b; }
 .state-stopped { background: #b3261e; }
 tr.down td { background: #fdecea; }

@@ -14,11 +14,14 @@ field added to status.json later, or anything a peer puts in its answer, is not 
 unless it is listed here.
 
 States (:func:`judge`): ``operational`` and ``recovering`` are what the server's key-holder
-last wrote; ``stale`` means that the server answers but its status is older than
-:func:`stale_after` (two periods and half a minute: the key-holder rewrites it at least once
-a period), or it has written none yet; ``stopped`` means that the server did not answer its
-last poll (its process is stopped or unreachable from here: a peer cannot tell which). A
-server whose key-holder is gone stops as a whole (``pst serve`` exits), so it shows as stopped.
+last wrote, except that an operational server whose newest KeyTable is older than the previous
+period is ``behind`` (a whole period passed with no refresh decided: it still signs with old
+shares, and the network must be looked at); ``stale`` means that the server answers but its
+status is older than :func:`stale_after` (two periods and half a minute: the key-holder
+rewrites it at least once a period), or it has written none yet; ``stopped`` means that the
+server did not answer its last poll (its process is stopped or unreachable from here: a peer
+cannot tell which). A server whose key-holder is gone stops as a whole (``pst serve`` exits),
+so it shows as stopped.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from appliance.protocols._core import AlertKind
 from appliance.protocols.state import Constants
 
 #: The states a server can be shown in.
-STATES: Final = ("operational", "recovering", "stale", "stopped")
+STATES: Final = ("operational", "behind", "recovering", "stale", "stopped")
 #: Refresh records kept by status.json and shown as the timeline.
 MAX_TIMELINE: Final = 20
 #: Alerts shown per server (the newest).
@@ -391,6 +394,13 @@ def judge(status: Mapping[str, Any] | None, why: str, now: float, constants: Con
     if now - updated > bound:
         return "stale", f"its status was last written {now - updated:.0f} s ago (more than {bound:.0f} s)"
     state = status.get("status")
+    period = status.get("period")
+    if state == "operational" and isinstance(period, int) and constants.periods_missed(period, now):
+        missed = constants.periods_missed(period, now)
+        return "behind", (
+            f"its newest KeyTable is for period {period} but the clock is in period "
+            f"{constants.period_at(now)}: {missed} refresh{'es' if missed > 1 else ''} not decided"
+        )
     if state in ("operational", "recovering"):
         return str(state), f"as its key-holder wrote {max(0.0, now - updated):.0f} s ago"
     return "stale", f"unknown status {str(state)[:40]!r}"
