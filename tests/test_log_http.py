@@ -115,6 +115,35 @@ async def test_every_c2sp_path_serves_the_file_with_its_cache_headers(
         assert (await c.head("/log/tile/0/000")).status_code == 200
 
 
+async def test_etags_answer_304_and_every_read_is_open_to_web_pages(
+    tmp_path: Path, signed: SignedLog
+) -> None:
+    async with serving(tmp_path, signed.reader()) as url, httpx.AsyncClient(base_url=url) as c:
+        for path in ["/log/checkpoint", "/log/tile/0/000", "/log/tile/entries/000", "/log/tile/0/007.p/207"]:
+            plain = {"accept-encoding": "identity"}
+            first = await c.get(path, headers=plain)
+            tag = first.headers["etag"]
+            assert first.status_code == 200 and tag.startswith('"') and tag.endswith('"'), path
+            assert first.headers["access-control-allow-origin"] == "*", path
+            again = await c.get(path, headers={**plain, "if-none-match": f'"other", W/{tag}'})
+            assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == tag, path
+            changed = await c.get(path, headers={**plain, "if-none-match": '"other"'})
+            assert changed.status_code == 200 and changed.content == first.content, path
+        # The gzipped bundle is another representation: another tag, and the plain tag does not match it.
+        bundle = "/log/tile/entries/000"
+        plain_tag = (await c.get(bundle, headers={"accept-encoding": "identity"})).headers["etag"]
+        gz = await c.get(bundle)
+        assert gz.headers["content-encoding"] == "gzip" and gz.headers["etag"] != plain_tag
+        assert (await c.get(bundle, headers={"if-none-match": plain_tag})).status_code == 200
+        assert (await c.get(bundle, headers={"if-none-match": gz.headers["etag"]})).status_code == 304
+        proof = await c.get("/log/v1/inclusion", params={"index": 3})
+        assert proof.headers["access-control-allow-origin"] == "*"
+        # Each tile route is its own label in /metrics, not "other".
+        metrics = (await c.get("/metrics")).text
+        assert 'pst_http_requests_total{code="304",route="/log/tile/{rest:path}"}' in metrics
+        assert 'pst_http_requests_total{code="304",route="/log/checkpoint"}' in metrics
+
+
 async def test_paths_that_are_not_one_spelling_of_a_covered_resource_are_404(
     tmp_path: Path, signed: SignedLog
 ) -> None:

@@ -258,6 +258,8 @@ class WebApp:
 
             routes += LogRoutes(log).routes()
         self.routes = frozenset(r.path for r in routes)
+        #: Routes with a path parameter, by the fixed prefix before it (a metrics label each).
+        self.templates = tuple((r.path.split("{")[0], r.path) for r in routes if "{" in r.path)
 
         async def http_error(request: Request, exc: Exception) -> Response:
             status = getattr(exc, "status_code", 500)
@@ -328,6 +330,15 @@ class WebApp:
 
     # -- checks done before routing -----------------------------------------------------------
 
+    def route_of(self, path: str) -> str:
+        """The route template that serves ``path`` (a label from a fixed set), or ``other``."""
+        if path in self.routes:
+            return path
+        for prefix, template in self.templates:
+            if path.startswith(prefix):
+                return template
+        return "other"
+
     def check_host(self, host: str | None) -> None:
         """Refuse Host headers this server does not answer to (DNS rebinding on loopback)."""
         if host is None:
@@ -359,7 +370,7 @@ class _Guard:
         if scope["type"] != "http":
             return  # websockets are not served: the connection is closed
         path = scope.get("path", "")
-        route = path if path in self.web.routes else "other"
+        route = self.web.route_of(path)
         started = False
         status_code = 500
 

@@ -12,6 +12,9 @@ Static resources (c2sp.org/tlog-tiles), what any tlog client reads:
   and anything the signed size does not cover, is a 404 (:class:`~appliance.apps.log.reader.LogReader`
   decides what is served).
 
+Every answer under ``/log/`` has a strong ETag (:func:`etag`; ``If-None-Match`` gives 304) and
+``Access-Control-Allow-Origin: *`` (it is all public, read-only data).
+
 JSON (``/log/v1/...``), conveniences computed from the same files, checked against the signed
 checkpoint before they are sent: ``inclusion``, ``consistency``, ``entries`` and ``search``
 (see :func:`log_paths`, which goes into the OpenAPI document). A bad parameter is a 400, an
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import calendar
 import gzip
+import hashlib
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -54,6 +58,33 @@ IMMUTABLE: Final = "public, max-age=31536000, immutable"
 SHORT_LIVED: Final = "public, max-age=60"
 CHECKPOINT_CACHE: Final = "no-cache"
 MAX_INT: Final = (1 << 63) - 1
+#: Everything under /log/ is public and read-only: any web page may read it (CORS).
+CORS: Final = {"access-control-allow-origin": "*", "access-control-expose-headers": "etag"}
+
+
+def etag(data: bytes, variant: str = "") -> str:
+    """A strong ETag of a representation: SHA-256 of its bytes before any content coding, and
+    the coding (``variant``), so that the gzipped and the plain one never share a tag."""
+    return f'"{hashlib.sha256(data).hexdigest()[:32]}{variant}"'
+
+
+def not_modified(request: Request, tag: str) -> bool:
+    """Does the request's If-None-Match name ``tag`` (weak comparison, RFC 9110 §13.1.2)?"""
+    header = request.headers.get("if-none-match")
+    if header is None:
+        return False
+    if header.strip() == "*":
+        return True
+    wanted = tag.removeprefix("W/")
+    return any(t.strip().removeprefix("W/") == wanted for t in header.split(","))
+
+
+def _answer(request: Request, data: bytes, media_type: str, headers: dict[str, str], tag: str) -> Response:
+    headers = {**headers, **CORS, "etag": tag}
+    if not_modified(request, tag):
+        return Response(status_code=304, headers=headers)
+    return Response(data, media_type=media_type, headers=headers)
+
 
 # --- Query parameters ------------------------------------------------------------------------------
 
@@ -208,10 +239,9 @@ class LogRoutes:
         signed = await self._call(self.reader.latest)
         if signed is None:
             raise HttpError(404, "not-found", "the log has no signed checkpoint yet")
-        return Response(
-            signed.note,
-            media_type="text/plain; charset=utf-8",
-            headers={"cache-control": CHECKPOINT_CACHE},
+        note = signed.note
+        return _answer(
+            request, note, "text/plain; charset=utf-8", {"cache-control": CHECKPOINT_CACHE}, etag(note)
         )
 
     async def tile(self, request: Request) -> Response:
@@ -225,12 +255,16 @@ class LogRoutes:
             raise HttpError(404, "not-found", "no such tile or entry bundle in the latest signed tree")
         data, full = found
         headers = {"cache-control": IMMUTABLE if full else SHORT_LIVED}
+        tag = etag(data)
         if path.startswith("tile/entries/"):
             headers["vary"] = "accept-encoding"
             if accepts_gzip(request.headers.get("accept-encoding", "")):
+                tag = etag(data, "-gzip")
+                if not_modified(request, tag):
+                    return Response(status_code=304, headers={**headers, **CORS, "etag": tag})
                 data = await run_in_threadpool(lambda: gzip.compress(data, compresslevel=6, mtime=0))
                 headers["content-encoding"] = "gzip"
-        return Response(data, media_type="application/octet-stream", headers=headers)
+        return _answer(request, data, "application/octet-stream", headers, tag)
 
     async def inclusion(self, request: Request) -> Response:
         q = _query(request, {"index": Int(), "size": Int(1)})
@@ -274,7 +308,7 @@ class LogRoutes:
 
 
 def _json(body: Any) -> Response:
-    return JSONResponse(body, headers={"cache-control": "no-store"})
+    return JSONResponse(body, headers={"cache-control": "no-store", **CORS})
 
 
 # --- OpenAPI -----------------------------------------------------------------------------------------
