@@ -118,10 +118,36 @@ def test_malformed_and_foreign_bodies_are_refused_with_the_reason(message: bytes
 def test_a_restarted_guard_remembers_what_it_signed() -> None:
     storage = MemoryStorage()
     log = new_log(entries(10), storage)
-    assert CheckpointGuard.open(log).check(body(log, 10)) is None
-    again = CheckpointGuard.open(TileLog.open(storage, ORIGIN))
+    wall = [1_800_000_000.0]
+    assert CheckpointGuard.open(log, wall=lambda: wall[0]).check(body(log, 10)) is None
+    wall[0] += STALE_GRACE + 1
+    again = CheckpointGuard.open(TileLog.open(storage, ORIGIN), wall=lambda: wall[0])
     assert again.last == Checkpoint(ORIGIN, 10, log.root())
     assert (again.check(body(log, 8)) or "").startswith("truncation: ")
+
+
+def test_a_restarted_guard_keeps_the_grace_of_a_stale_request() -> None:
+    """A signer restarted just after signing, asked by a slow coordinator for a prefix of its own
+    log, refuses without an alert as it would have without the restart (the wall-clock time of
+    its last signature is kept with it); later, or with that time unreadable, it is an alert."""
+    storage = MemoryStorage()
+    log = new_log(entries(10), storage)
+    wall = [1_800_000_000.0]
+    assert CheckpointGuard.open(log, wall=lambda: wall[0]).check(body(log, 10)) is None
+    assert storage.read("state/signed-at") == b"1800000000000"
+    wall[0] += 2.0
+    monotonic = [5.0]  # a new process: its monotonic clock has nothing to do with the old one's
+    again = CheckpointGuard.open(
+        TileLog.open(storage, ORIGIN), clock=lambda: monotonic[0], wall=lambda: wall[0]
+    )
+    why = again.check(body(log, 8))
+    assert isinstance(why, NotYet) and why.startswith("stale: size 8 is a prefix") and "2.0 s ago" in why
+    monotonic[0] += STALE_GRACE
+    why = again.check(body(log, 8))
+    assert why is not None and not isinstance(why, NotYet) and why.startswith("truncation: ")
+    storage.files["state/signed-at"] = b"not a time"
+    third = CheckpointGuard.open(TileLog.open(storage, ORIGIN), wall=lambda: wall[0])
+    assert (third.check(body(log, 8)) or "").startswith("truncation: ")
 
 
 def test_a_local_log_replaced_by_a_fork_does_not_make_the_guard_sign_the_fork() -> None:

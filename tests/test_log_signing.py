@@ -87,7 +87,9 @@ class Net:
         self.logs[i] = TileLog.open(self.storages[i], ORIGIN)
         # Each reading of the guards' clock is a minute after the last: a smaller tree is a
         # truncation here, never a coordinator that was just overtaken (test_log_guard.py).
-        guard = CheckpointGuard.open(self.logs[i], claim_all=self.key != SCERT, clock=_minutes())
+        guard = CheckpointGuard.open(
+            self.logs[i], claim_all=self.key != SCERT, clock=_minutes(), wall=_minutes()
+        )
         core.add_payload_check(self.key, guard)
         core.start_signing()
         self.cores[i] = core
@@ -444,7 +446,9 @@ async def test_running_pservers_sign_a_checkpoint_with_the_logs_key(tmp_path: Pa
     for i, server in servers.items():
         logs[i] = TileLog.open(PosixStorage(tmp_path / f"log-{i}"), ORIGIN)
         logs[i].append(entries(5, "forged" if i == 4 else "line"))
-        server.add_payload_check(LOG, CheckpointGuard.open(logs[i], claim_all=True, clock=_minutes()))
+        server.add_payload_check(
+            LOG, CheckpointGuard.open(logs[i], claim_all=True, clock=_minutes(), wall=_minutes())
+        )
     async with trio.open_nursery() as nursery:
         for s in servers.values():
             await nursery.start(s.run)

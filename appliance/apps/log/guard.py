@@ -23,7 +23,9 @@ So a valid checkpoint says that t+1 servers, hence at least one honest one, hold
 entries and saw the log only grow. Before accepting, the guard writes the checkpoint it
 accepts to ``state/signed`` in the log's storage (atomically, and synced): the share leaves
 the server only after that record is durable, so a server restarted after signing still
-refuses a fork or a truncation of what it signed before. An unreadable record stops the
+refuses a fork or a truncation of what it signed before. The wall-clock time of that signature
+goes to ``state/signed-at``, so that the grace of (b) holds across a restart too (it decides
+only whether a refusal is alerted). An unreadable record stops the
 guard from opening (:class:`~appliance.apps.log.errors.CorruptStoreError`) rather than
 letting it forget.
 
@@ -60,6 +62,9 @@ __all__ = ["SIGNED_PATH", "CheckpointGuard", "LogState", "SharedTileLog", "check
 
 #: The last checkpoint body this server signed, in the log's storage.
 SIGNED_PATH = "state/signed"
+#: When the checkpoint in SIGNED_PATH was signed (Unix time in ms, decimal): read after a restart
+#: only to decide whether a stale request is alerted, never whether to sign.
+SIGNED_AT_PATH = "state/signed-at"
 #: Seconds after signing a checkpoint during which a request for a prefix of it is taken for a
 #: slow coordinator's (refused quietly) rather than a truncation (refused with an alert).
 STALE_GRACE: Final = 30.0
@@ -129,22 +134,46 @@ class CheckpointGuard:
         *,
         claim_all: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.log = log
         self.storage = storage
         self._clock = clock
-        self._signed_at = -math.inf  # when self.last was signed (unknown after a restart)
+        self._wall = wall
         #: Claim every message (the log's own key signs nothing else).
         self.claim_all = claim_all
         #: The last checkpoint this server signed (None: it never signed one).
         self.last: Checkpoint | None = self._load()
+        self._signed_at = self._load_signed_at()  # when self.last was signed, on our clock
+
+    def _load_signed_at(self) -> float:
+        """When the last checkpoint was signed, on ``clock``, from the wall-clock time recorded
+        with it (-inf if none is recorded or it is unreadable: a stale request is then alerted).
+        A wall clock that stepped only moves the grace, which decides alerts, never signatures."""
+        data = self.storage.read(SIGNED_AT_PATH) if self.last is not None else None
+        try:
+            ms = int(data.decode("ascii")) if data is not None else None
+        except (UnicodeDecodeError, ValueError):
+            ms = None
+        if ms is None:
+            return -math.inf
+        return self._clock() - max(0.0, self._wall() - ms / 1000)
+
+    def _note_signed(self) -> None:
+        self._signed_at = self._clock()
+        self.storage.write(SIGNED_AT_PATH, str(round(self._wall() * 1000)).encode("ascii"))
 
     @classmethod
     def open(
-        cls, log: TileLog, *, claim_all: bool = False, clock: Callable[[], float] = time.monotonic
+        cls,
+        log: TileLog,
+        *,
+        claim_all: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> CheckpointGuard:
         """The guard of ``log``, its record kept in the log's own storage."""
-        return cls(log, log.storage, claim_all=claim_all, clock=clock)
+        return cls(log, log.storage, claim_all=claim_all, clock=clock, wall=wall)
 
     @property
     def name(self) -> str:
@@ -230,12 +259,12 @@ class CheckpointGuard:
                     f"{last.size} this server signed ({exc}); its local log changed since"
                 )
             if body == last:
-                self._signed_at = self._clock()
+                self._note_signed()
                 return None  # signed before: nothing new to record
         self.storage.write(SIGNED_PATH, body.text().encode("utf-8"))
         self.storage.sync()
         self.last = body
-        self._signed_at = self._clock()
+        self._note_signed()
         return None
 
 
