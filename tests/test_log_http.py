@@ -353,6 +353,31 @@ async def test_search_by_time_host_and_app_with_paging(tmp_path: Path, signed: S
     assert MAX_SCAN >= SIZE  # one request scans this whole log
 
 
+def test_a_time_bounded_search_scans_only_its_minute_of_slack(
+    signed: SignedLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Receive times grow along the log (entry i at T0 + i s): the bounds are found by binary search,
+    and the scan covers [since - 60 s, until + 60 s) however long the log is."""
+    from appliance.apps.log import reader as reader_module
+    from appliance.apps.log.reader import SearchQuery
+
+    monkeypatch.setattr(reader_module, "MAX_SCAN", 500)  # far fewer than the log's 1,999 entries
+    reader = signed.reader()
+    query = SearchQuery(since=T0 + 1_000_000_000, until=T0 + 1_200_000_000, limit=1000)
+    body = reader.search(query)
+    assert [e["index"] for e in body["entries"]] == list(range(1199, 999, -1))
+    assert body["scanned"] == [940, 1260] and body["next_before"] is None
+    # until alone: starts a minute after it; since alone: stops a minute before it.
+    body = reader.search(SearchQuery(until=T0 + 10_000_000, limit=1000))
+    assert body["scanned"] == [0, 70] and [e["index"] for e in body["entries"]] == list(range(9, -1, -1))
+    body = reader.search(SearchQuery(since=T0 + 1_900_000_000, limit=1000))
+    assert body["scanned"] == [1840, SIZE] and body["next_before"] is None
+    assert [e["index"] for e in body["entries"]] == list(range(SIZE - 1, 1899, -1))
+    # Outside the log's times: nothing scanned.
+    assert reader.search(SearchQuery(since=T0 + 10**12, limit=10))["scanned"] == [SIZE, SIZE]
+    assert reader.search(SearchQuery(until=T0 - 10**9, limit=10))["scanned"] == [0, 0]
+
+
 @pytest.mark.parametrize(
     ("path", "status", "says"),
     [

@@ -26,8 +26,13 @@ checkpoint (``pst log verify`` does): this module only avoids serving what it kn
 
 Searching (:meth:`LogReader.search`) is a linear scan backwards from the end of the signed
 tree (or from ``before``), bounded by :data:`MAX_SCAN` entries per call; a call that stops at
-the bound says where to continue. Receive times are the receiving server's clock, which can
-step back, so the scan does not stop at the first entry older than ``since``.
+the bound says where to continue. Receive times grow along the log (each server stamps what it
+receives, in order), so the time bounds are found by binary search (O(log n) bundle reads) and
+the scan covers only the entries between them: it starts at the first entry received at least
+:data:`TIME_SLACK_US` after ``until`` and stops at the last one received that long before
+``since``. Receive times are the receiving servers' clocks, which can step back: an entry more
+than a minute out of order may be missed by a time-bounded search (a search without time
+bounds scans everything).
 
 Reads go through the :class:`~appliance.apps.log.tiles.Storage` protocol only; the files the
 server replaces (the checkpoint) are replaced atomically, so a reader sees the old or the new.
@@ -76,6 +81,9 @@ CHECKPOINT_PATH: Final = "checkpoint"
 MAX_ENTRIES: Final = 1000
 #: Most entries one :meth:`LogReader.search` call decodes (64 bundles).
 MAX_SCAN: Final = 16_384
+#: How far out of order (a clock stepped back) receive times may be and still be found by a
+#: search with time bounds, in microseconds.
+TIME_SLACK_US: Final = 60_000_000
 #: Most matches one search returns.
 MAX_SEARCH_RESULTS: Final = 1000
 #: A message's text in a JSON document is cut to this many characters.
@@ -391,9 +399,14 @@ class LogReader:
         if end > latest.size:
             raise NotCoveredError(f"the latest signed checkpoint has {latest.size} entries, not {end}")
         tiles = self._tiles(latest.size)
+        stop = 0  # below this, nothing can match
+        if query.since is not None:
+            stop = self._received_before(tiles, end, query.since - TIME_SLACK_US)
+        if query.until is not None:
+            end = max(stop, self._received_before(tiles, end, query.until + TIME_SLACK_US))
         found: list[dict[str, Any]] = []
         position = end
-        floor = max(0, end - MAX_SCAN)
+        floor = max(stop, end - MAX_SCAN)
         while position > floor and len(found) < query.limit:
             start = max(floor, ((position - 1) >> TILE_HEIGHT) << TILE_HEIGHT)
             chunk = self._entries(tiles, start, position)
@@ -415,6 +428,31 @@ class LogReader:
         return {
             "size": latest.size,
             "scanned": [position, end],
-            "next_before": position if position > 0 else None,
+            "next_before": position if position > stop else None,
             "entries": found,
         }
+
+    def _received_before(self, tiles: TileReader, end: int, when: int) -> int:
+        """The number of entries among the first ``end`` received before ``when`` (microseconds),
+        by binary search: receive times grow along the log. An entry that does not decode counts
+        as received before (it cannot match a time-bounded search anyway)."""
+        cache: dict[int, list[bytes]] = {}
+
+        def received(index: int) -> int | None:
+            start = (index >> TILE_HEIGHT) << TILE_HEIGHT
+            if start not in cache:
+                cache[start] = self._entries(tiles, start, min(tiles.size, start + TILE_WIDTH))
+            try:
+                return Entry.decode(cache[start][index - start]).received
+            except LogDecodeError:
+                return None
+
+        lo, hi = 0, end
+        while lo < hi:
+            mid = (lo + hi) // 2
+            t = received(mid)
+            if t is None or t < when:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
