@@ -255,6 +255,23 @@ class LogBackend(Protocol):
         ...
 
 
+class LinkBackend(Protocol):
+    """Proactively secure links (:mod:`appliance.protocols.links`): messages between the clients of
+    one application at two servers. Refusals raise :class:`BackendRefused`, a destination that
+    does not answer :class:`BackendUnavailable`."""
+
+    async def link_send(self, app: str, to: int, data: bytes, timeout: float) -> None:
+        """Deliver ``data`` into the inbox of ``app`` at server ``to`` (returns once it is there)."""
+        ...
+
+    async def link_receive(
+        self, app: str, limit: int, wait: float
+    ) -> Sequence[tuple[int, int | None, bytes]]:
+        """Up to ``limit`` messages for ``app`` here, as (server, period, data), oldest first,
+        waiting up to ``wait`` seconds for the first."""
+        ...
+
+
 class BackendUnavailable(Exception):
     """A backend may raise this with a message that is safe to show the client."""
 
@@ -348,14 +365,22 @@ OPS: Final[Mapping[str, Mapping[str, type]]] = {
     "log_append": {"handle": bytes, "messages": list},
     "log_size": {},
     "log_entries": {"start": int, "count": int},
+    "send": {"handle": bytes, "to": int, "data": bytes},
+    "receive": {"handle": bytes},
 }
 #: Optional fields of each operation, with their types.
 OPTIONAL: Final[Mapping[str, Mapping[str, type]]] = {
     "revoke": {"uid": int, "release_name": bool},
+    "send": {"timeout_ms": int},
+    "receive": {"max": int, "wait_ms": int},
 }
 #: Operations only the operator (root or the server's own uid) may call.
 OPERATOR_OPS: Final = frozenset({"upgrade_sign", "registrations", "revoke"})
 MAX_NONCE_SIZE: Final = 64
+#: Bytes one link message carries (appliance.protocols.links.MAX_DATA).
+MAX_LINK_DATA: Final = 64 * 1024
+#: Longest a link send or receive may wait.
+MAX_LINK_WAIT_MS: Final = 20_000
 _MAX_ID: Final = 2**63 - 1
 
 
@@ -657,6 +682,7 @@ class ApiCore:
         request_wait: float = 15.0,
         operators: frozenset[int] | None = None,
         log_backend: LogBackend | None = None,
+        links: LinkBackend | None = None,
     ) -> None:
         """``store`` keeps registrations across restarts; ``offload`` runs scrypt off the event
         loop (e.g. in a thread); ``request_wait`` bounds how long a distributed request waits
@@ -666,6 +692,7 @@ class ApiCore:
         ``log_backend``: the server's log (None: the log operations answer ``unavailable``)."""
         self.backend = backend
         self.log_backend = log_backend
+        self.links = links
         self._log_buckets: dict[tuple[str, bytes, int], TokenBucket] = {}
         self.distributed = backend if isinstance(backend, DistributedBackend) else None
         self.limits = limits if limits is not None else Limits()
@@ -846,6 +873,12 @@ class ApiCore:
             return await self._request(args["handle"], args["protocol"], args["payload"], peer)
         if request.op == "log_append":
             return await self._log_append(args["handle"], args["messages"], peer)
+        if request.op == "send":
+            return await self._link_send(
+                args["handle"], args["to"], args["data"], args.get("timeout_ms"), peer
+            )
+        if request.op == "receive":
+            return await self._link_receive(args["handle"], args.get("max", 64), args.get("wait_ms", 0), peer)
         self._charge_control(peer, 4.0 if request.op == "register_distributed" else 1.0)
         if request.op in OPERATOR_OPS and peer.uid not in self.operators:
             log.warning("api: uid %d (pid %d) refused %s: not the operator", peer.uid, peer.pid, request.op)
@@ -1246,6 +1279,57 @@ class ApiCore:
         except Exception as exc:
             log.error("api: distributed %s failed (%s)", what, type(exc).__name__)
             raise ApiError(UNAVAILABLE, f"cannot {what} now") from None
+
+    # Proactively secure links (§5.4) -----------------------------------------------------------
+
+    def has_registration(self, name: str) -> bool:
+        """Is an application named ``name`` registered here (a client that may receive)?"""
+        return any(key[0] == name for key in self.registry.by_key)
+
+    def _links(self) -> LinkBackend:
+        if self.links is None:
+            raise ApiError(UNAVAILABLE, "this server does not run proactive links")
+        return self.links
+
+    async def _link_send(
+        self, handle: bytes, to: int, data: bytes, timeout_ms: int | None, peer: PeerCred
+    ) -> Mapping[str, Any]:
+        reg = self._lookup(handle, peer)
+        links = self._links()
+        if len(data) > MAX_LINK_DATA:
+            raise ApiError(TOO_LARGE, f"field 'data' has {len(data)} bytes, over {MAX_LINK_DATA}")
+        if timeout_ms is not None and not 0 < timeout_ms <= MAX_LINK_WAIT_MS:
+            raise ApiError(BAD_REQUEST, f"field 'timeout_ms' must be in 1..{MAX_LINK_WAIT_MS}")
+        self._take(reg, "send")
+        timeout = (timeout_ms or 10_000) / 1000
+        try:
+            await links.link_send(reg.name, to, data, timeout)
+        except BackendRefused as exc:
+            raise ApiError(REFUSED, str(exc)[:300]) from None
+        except BackendUnavailable as exc:
+            raise ApiError(UNAVAILABLE, str(exc)[:300]) from None
+        except Exception as exc:
+            log.error("api: link send failed (%s)", type(exc).__name__)
+            raise ApiError(UNAVAILABLE, "cannot send now") from None
+        return {"delivered": True}
+
+    async def _link_receive(
+        self, handle: bytes, limit: int, wait_ms: int, peer: PeerCred
+    ) -> Mapping[str, Any]:
+        reg = self._lookup(handle, peer)
+        links = self._links()
+        if not 1 <= limit <= 256:
+            raise ApiError(BAD_REQUEST, "field 'max' must be in 1..256")
+        if not 0 <= wait_ms <= MAX_LINK_WAIT_MS:
+            raise ApiError(BAD_REQUEST, f"field 'wait_ms' must be in 0..{MAX_LINK_WAIT_MS}")
+        try:
+            got = await links.link_receive(reg.name, limit, wait_ms / 1000)
+        except Exception as exc:
+            log.error("api: link receive failed (%s)", type(exc).__name__)
+            raise ApiError(UNAVAILABLE, "cannot receive now") from None
+        return {
+            "messages": [{"from": sender, "period": period, "data": data} for sender, period, data in got]
+        }
 
     # The log ----------------------------------------------------------------------------------
 

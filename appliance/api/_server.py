@@ -56,6 +56,7 @@ from appliance.api._core import (
     ApiCore,
     Backend,
     Limits,
+    LinkBackend,
     LogBackend,
     PeerCred,
     encode_response,
@@ -324,6 +325,7 @@ async def serve_api(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID,
     log_backend: LogBackend | None = None,
+    links: LinkBackend | None = None,
     task_status: trio.TaskStatus[ApiServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the local API at ``path`` until cancelled; ``nursery.start`` returns the ApiServer.
@@ -332,12 +334,19 @@ async def serve_api(
     restarts (``serve/api-registrations.cbor``); without it they live in memory only.
     ``reserved`` pins application names to uids (nobody else may register them);
     ``group`` is the gid given to the socket file (mode 0660) so that members of that group
-    may connect. ``log_backend`` serves the log operations (the server's ``[log]``).
+    may connect. ``log_backend`` serves the log operations (the server's ``[log]``), ``links``
+    the proactive links' ``send`` and ``receive``.
     """
     sock_path = Path(path)
     store = RegistrationStore.in_state_dir(state_dir) if state_dir is not None else None
     core = ApiCore(
-        backend, limits=limits, reserved=reserved, store=store, offload=_in_thread, log_backend=log_backend
+        backend,
+        limits=limits,
+        reserved=reserved,
+        store=store,
+        offload=_in_thread,
+        log_backend=log_backend,
+        links=links,
     )
     sock = await bind_unix(sock_path, group=group)
     bound = os.stat(sock_path)

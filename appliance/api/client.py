@@ -558,6 +558,51 @@ class PstClient:
             raise PstError("connection", "malformed log_entries response")
         return entries
 
+    # Proactively secure links (§5.4) ---------------------------------------------------------
+
+    def send(self, to: int, data: bytes, *, timeout: float = 10.0, handle: bytes | None = None) -> None:
+        """Deliver ``data`` (at most 64 KiB) to this application's client at server ``to``, over the
+        servers' period channels; returns once it is in that server's inbox. ``refused`` says why
+        not (no client of this application there, its inbox full), ``unavailable`` that the server
+        did not answer within ``timeout`` seconds (at most 20)."""
+        result = self._with_handle(
+            "send", handle, to=to, data=bytes(data), timeout_ms=max(1, round(timeout * 1000))
+        )
+        if result.get("delivered") is not True:
+            raise PstError("connection", "malformed send response")
+
+    def receive(
+        self, *, limit: int = 64, wait: float = 0.0, handle: bytes | None = None
+    ) -> list[LinkMessage]:
+        """Up to ``limit`` (1-256) messages sent to this application here by its clients at other
+        servers, oldest first, waiting up to ``wait`` seconds (at most 20) for the first."""
+        result = self._with_handle("receive", handle, max=limit, wait_ms=round(wait * 1000))
+        messages = result.get("messages")
+        out: list[LinkMessage] = []
+        if not isinstance(messages, list):
+            raise PstError("connection", "malformed receive response")
+        for m in messages:
+            sender, period, data = (
+                (m.get("from"), m.get("period"), m.get("data")) if isinstance(m, dict) else (None,) * 3
+            )
+            if (
+                not isinstance(sender, int)
+                or not isinstance(data, bytes)
+                or not isinstance(period, int | None)
+            ):
+                raise PstError("connection", "malformed receive response")
+            out.append(LinkMessage(sender, period, data))
+        return out
+
+
+@dataclass(frozen=True)
+class LinkMessage:
+    """A message from this application's client at server ``sender``, received in ``period``."""
+
+    sender: int
+    period: int | None
+    data: bytes
+
 
 def _result(response: object, rid: int) -> dict[str, Any]:
     if not isinstance(response, dict) or response.get("v") != API_VERSION:

@@ -21,10 +21,12 @@ from appliance.host import config as node_config
 from appliance.host.config import NodeConfig
 from appliance.net import ChannelIdentity, PeerNetwork
 from appliance.node._approvals import LinkApprovals
+from appliance.node._plinks import ProactiveLinks
 from appliance.node.keyholder import start_zygote
 from appliance.node.link import KeyHolderGone, KeyHolderLink
 from appliance.node.sdnotify import Notifier
 from appliance.node.store import StateDir
+from appliance.protocols.links import is_link_frame
 from appliance.protocols.signing import SigningRefused
 from appliance.protocols.state import ConfigError, Constants
 
@@ -167,12 +169,26 @@ async def _serve(
     window = RefreshWindow(config.constants)
 
     log_node: LogNode | None = None
+    api: ApiServer | None = None
+    links = ProactiveLinks(
+        config.server_id,
+        config.constants.n,
+        has_client=lambda app: api is not None and api.core.has_registration(app),
+        send=lambda to, data: on_send(to, data),
+        authenticated=lambda peer: net is not None and net.is_authenticated(peer),
+        period=lambda: net.period if net is not None else None,
+    )
 
     async def on_frame(peer: int, data: bytes) -> None:
         if is_log_frame(data):
             # The log takes nothing from a channel its period key did not authenticate.
             if log_node is not None and net is not None and net.is_authenticated(peer):
                 await log_node.frame(peer, data)
+            return
+        if is_link_frame(data):
+            # Nor do the proactive links (paper §5.4): their security is the period channel's.
+            if net is not None and net.is_authenticated(peer):
+                links.frame(peer, data)
             return
         link.deliver(peer, data)
 
@@ -238,15 +254,18 @@ async def _serve(
             distributed=LinkApprovals(link),
             sign_upgrade=link.sign_upgrade,
         )
-        api: ApiServer = await nursery.start(
+        await nursery.start(links.run)
+        api = await nursery.start(
             functools.partial(
                 serve_api,
                 config.api_socket,
                 backend,
                 state_dir=config.state_dir,
                 log_backend=LogAdapter(log_service) if log_service is not None else None,
+                links=links,
             )
         )
+        assert api is not None
         log.info("server %d: local API on %s", config.server_id, config.api_socket)
         if config.http.enabled:  # in the background: the signal receiver below must come at once
             nursery.start_soon(_run_web, config, link, backend, api, lambda: net, log_service, log_keys)
