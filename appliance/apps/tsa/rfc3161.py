@@ -29,6 +29,7 @@ from typing import Final
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from pyasn1.codec.ber import encoder as ber_encoder
 from pyasn1.codec.der import decoder as der_decoder
 from pyasn1.codec.der import encoder as der_encoder
 from pyasn1.error import PyAsn1Error
@@ -44,6 +45,15 @@ MAX_SERIAL_BITS: Final = 160
 
 #: The resolution of ``genTime`` (see :func:`format_gen_time`).
 GEN_TIME_PRECISION: Final = dt.timedelta(milliseconds=1)
+
+#: pyasn1's DER encoder deletes *every* zero of a GeneralizedTime fraction, not only trailing
+#: ones (``.001Z`` becomes ``.1Z``: pyasn1/pyasn1 pull request 115, open): ours encodes the
+#: string as given, which :func:`format_gen_time` makes canonical (X.690 11.7).
+_TIME_AS_IS = ber_encoder.OctetStringEncoder()
+_encode = der_encoder.Encoder(
+    {**der_encoder.TAG_MAP, useful.GeneralizedTime.tagSet: _TIME_AS_IS},
+    {**der_encoder.TYPE_MAP, useful.GeneralizedTime.typeId: _TIME_AS_IS},
+)
 
 ID_CT_TSTINFO: Final = "1.2.840.113549.1.9.16.1.4"
 ID_SIGNED_DATA: Final = "1.2.840.113549.1.7.2"
@@ -269,8 +279,7 @@ def _imprint(algorithm: HashAlgorithm, digest: bytes) -> rfc3161.MessageImprint:
 def format_gen_time(when: dt.datetime) -> str:
     """``GeneralizedTime`` as RFC 3161 wants it: UTC, ``Z``, fraction without trailing zeros.
 
-    Millisecond precision (truncated): pyasn1's DER encoder refuses a longer ``GeneralizedTime``,
-    and :data:`GEN_TIME_PRECISION` is far below any accuracy a network of servers can state.
+    Millisecond precision (truncated): far below any accuracy a network of servers can state.
     """
     if when.tzinfo is None:
         raise ValueError("genTime must be timezone-aware")
@@ -326,7 +335,7 @@ def encode_tst_info(info: TSTInfo) -> bytes:
             acc["micros"] = accuracy.micros
     if info.nonce is not None:
         tst["nonce"] = info.nonce
-    return bytes(der_encoder.encode(tst))
+    return bytes(_encode(tst))
 
 
 def decode_tst_info(data: bytes) -> TSTInfo:
@@ -345,8 +354,9 @@ def decode_tst_info(data: bytes) -> TSTInfo:
         except RequestError as exc:
             raise TokenDecodeError(f"TSTInfo imprint: {exc.text}") from None
         accuracy = None
-        if tst["accuracy"].isValue:
-            acc = tst["accuracy"]
+        # Not tst["accuracy"]: that would instantiate an empty Accuracy (all its fields optional).
+        acc = tst.getComponentByName("accuracy", instantiate=False)
+        if acc is not univ.noValue and acc.isValue:
             accuracy = Accuracy(
                 int(acc["seconds"]) if acc["seconds"].isValue else 0,
                 int(acc["millis"]) if acc["millis"].isValue else 0,
