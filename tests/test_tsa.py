@@ -135,7 +135,16 @@ def test_without_cert_req_the_certificate_is_not_embedded(folder: Path, stand_in
     assert decoded.nonce is None and not decoded.cert_req
     reply = folder / "reply.tsr"
     reply.write_bytes(granted(authority, stand_in, request.read_bytes()))
-    args = ["ts", "-verify", "-queryfile", request, "-in", reply, "-CAfile", folder / "root.pem"]
+    args: list[str | Path] = [
+        "ts",
+        "-verify",
+        "-queryfile",
+        request,
+        "-in",
+        reply,
+        "-CAfile",
+        folder / "root.pem",
+    ]
     assert openssl(*args, check=False).returncode != 0  # the TSA certificate is nowhere
     ok = openssl(*args, "-untrusted", folder / "tsa.pem")
     assert "Verification: OK" in ok.stdout
