@@ -11,13 +11,24 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from test_web import client, free_port, make_service
+from cryptography.hazmat.primitives import serialization
+from test_web import client, free_port, make_service, write_config
 from tsautil import StandIn, make_stand_in
 
 from appliance.apps.tsa import rfc3161
-from appliance.apps.tsa.authority import Authority, MemorySerialStore, SerialAllocator, TokenRecord
+from appliance.apps.tsa.authority import (
+    DEFAULT_BLOCK,
+    Authority,
+    MemorySerialStore,
+    SerialAllocator,
+    TokenRecord,
+    serial_server,
+)
 from appliance.apps.tsa.rfc3161 import Accuracy, FailureInfo, Status
+from appliance.apps.tsa.service import authority_from_config, load_period_key
+from appliance.host import config as node_config
 from appliance.host.config import HttpConfig
+from appliance.protocols.state import ConfigError
 from appliance.web import WebService
 from appliance.web._tsa import QUERY_TYPE, REPLY_TYPE, local_signer, timestamp_route
 
@@ -170,3 +181,72 @@ async def test_curl_posts_to_a_real_hypercorn(tmp_path: Path, stand_in: StandIn)
         tmp_path / "root.pem",
     )
     assert "Verification: OK" in out and len(records) == 1
+
+
+# -- the [tsa] section ----------------------------------------------------------------------------
+
+
+def tsa_section(folder: Path, **overrides: str) -> str:
+    keys = {"mode": '"period-key"', "policy": f'"{POLICY}"', "cert": '"tsa.pem"', "key": '"tsa.key"'}
+    keys.update(overrides)
+    return "[tsa]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items() if v)
+
+
+def test_config_tsa_section_builds_an_authority_that_serves(tmp_path: Path, stand_in: StandIn) -> None:
+    stand_in.write(tmp_path)
+    path = write_config(tmp_path, tsa_section(tmp_path, accuracy_ms="1500"))
+    tsa = node_config.load(path).tsa
+    assert tsa is not None and tsa.cert == tmp_path / "tsa.pem" and tsa.accuracy_ms == 1500
+    authority, sign = authority_from_config(tsa, path, 2, tmp_path / "serve")
+    assert authority.accuracy == Accuracy(1, 500) and authority.policy == POLICY
+    reply = authority.issue(rfc3161.encode_request("sha256", bytes(32), nonce=1), sign)
+    assert reply.record is not None and serial_server(reply.record.serial) == 2
+    assert (tmp_path / "serve" / "tsa-serial").read_text() == f"{DEFAULT_BLOCK}\n"
+    assert node_config.load(write_config(tmp_path, "")).tsa is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"mode": '"threshold"'}, 'tsa.mode must be one of period-key ("threshold" is not available yet)'),
+        ({"policy": ""}, "missing tsa.policy"),
+        ({"policy": '"1.3.6.01"'}, "tsa.policy must be an OID"),
+        ({"policy": '"3.1"'}, "tsa.policy must be an OID"),
+        ({"accuracy_ms": "0"}, "tsa.accuracy_ms must be an integer in 1..3600000"),
+        ({"key": ""}, "needs tsa.cert and tsa.key"),
+        ({"cert": '"nope.pem"'}, "tsa.cert: no such file"),
+        ({"serial": "1"}, "tsa.serial is not a known key"),
+    ],
+)
+def test_config_tsa_errors_name_the_file_and_the_key(
+    tmp_path: Path, stand_in: StandIn, overrides: dict[str, str], message: str
+) -> None:
+    stand_in.write(tmp_path)
+    path = write_config(tmp_path, tsa_section(tmp_path, **overrides))
+    with pytest.raises(ConfigError) as info:
+        node_config.load(path)
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value)
+
+
+def test_period_key_files_are_checked_at_start(tmp_path: Path, stand_in: StandIn) -> None:
+    stand_in.write(tmp_path)
+    path = write_config(tmp_path, tsa_section(tmp_path))
+    tsa = node_config.load(path).tsa
+    assert tsa is not None
+    other = make_stand_in()
+    (tmp_path / "tsa.key").write_bytes(
+        other.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    with pytest.raises(ConfigError, match="is not the key of the certificate"):
+        load_period_key(tsa, path)
+    (tmp_path / "tsa.key").write_text("not a key")
+    with pytest.raises(ConfigError, match="is not an unencrypted PEM private key"):
+        load_period_key(tsa, path)
+    (tmp_path / "tsa.pem").write_bytes(other.root.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(ConfigError, match="key is not ECDSA P-256"):  # the Ed25519 root
+        load_period_key(tsa, path)
+    (tmp_path / "tsa.pem").write_text("no PEM here")
+    with pytest.raises(ConfigError, match="holds no PEM certificate"):
+        load_period_key(tsa, path)
