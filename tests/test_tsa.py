@@ -448,6 +448,40 @@ def test_a_cosigner_recomputes_what_it_signs_from_the_proposal(stand_in: StandIn
     assert rfc3161.decode_response(rfc3161.granted_response(token)).tst_info == prepared.tst_info_der
 
 
+def test_a_chain_with_an_intermediate_verifies_with_the_root_alone(tmp_path: Path) -> None:
+    stand_in = make_stand_in(intermediate=True)
+    stand_in.write(tmp_path)
+    (tmp_path / "data.txt").write_bytes(b"through an intermediate\n")
+    request = query(tmp_path, "req", "-cert")
+    reply = tmp_path / "reply.tsr"
+    reply.write_bytes(granted(make_authority(stand_in), stand_in, request.read_bytes()))
+    ok = openssl("ts", "-verify", "-queryfile", request, "-in", reply, "-CAfile", tmp_path / "root.pem")
+    assert "Verification: OK" in ok.stdout
+
+
+@pytest.fixture(scope="module")
+def chains() -> list[rfc3161.SigningChain]:
+    return [make_stand_in().chain, make_stand_in(intermediate=True).chain]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.binary(min_size=1, max_size=300),
+    st.binary(min_size=0, max_size=80),
+    st.booleans(),
+    st.integers(0, 1),
+)
+def test_the_template_encodes_exactly_what_pyasn1_encodes(
+    chains: list[rfc3161.SigningChain], tst_info: bytes, signature: bytes, include_certs: bool, which: int
+) -> None:
+    chain = chains[which]
+    assert rfc3161.signed_attributes(tst_info, chain) == rfc3161.reference_signed_attributes(tst_info, chain)
+    token = rfc3161.build_token(tst_info, chain, signature, include_certs=include_certs)
+    reference = rfc3161.reference_build_token(tst_info, chain, signature, include_certs=include_certs)
+    assert token == reference
+    assert rfc3161.granted_response(token) == rfc3161.reference_granted_response(token)
+
+
 # --- hypothesis: round trips and fuzzing -------------------------------------------------------
 
 digests = st.sampled_from(sorted(rfc3161.HASHES_BY_NAME)).flatmap(

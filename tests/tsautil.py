@@ -69,25 +69,43 @@ def make_tsa_certificate(
     )
 
 
-def make_stand_in() -> StandIn:
-    root_key = ed25519.Ed25519PrivateKey.generate()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test group root")])
+def make_ca(
+    key: ed25519.Ed25519PrivateKey,
+    name: x509.Name,
+    issuer_key: ed25519.Ed25519PrivateKey,
+    issuer_name: x509.Name,
+    path_length: int,
+) -> x509.Certificate:
     now = dt.datetime.now(dt.UTC)
-    root = (
+    return (
         x509.CertificateBuilder()
         .subject_name(name)
-        .issuer_name(name)
-        .public_key(root_key.public_key())
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(days=1))
         .not_valid_after(now + dt.timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
         )
-        .sign(root_key, None)
+        .sign(issuer_key, None)
     )
+
+
+def make_stand_in(*, intermediate: bool = False) -> StandIn:
+    """The root signs the TSA certificate, or (``intermediate``) an intermediate CA that does;
+    the chain then carries the intermediate."""
+    root_key = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test group root")])
+    root = make_ca(root_key, name, root_key, name, 1)
     key = ec.generate_private_key(ec.SECP256R1())
-    tsa = make_tsa_certificate(root_key, name, key)
-    chain = SigningChain(tsa.public_bytes(serialization.Encoding.DER))
-    return StandIn(root, tsa, key, chain)
+    der = serialization.Encoding.DER
+    if not intermediate:
+        tsa = make_tsa_certificate(root_key, name, key)
+        return StandIn(root, tsa, key, SigningChain(tsa.public_bytes(der)))
+    middle_key = ed25519.Ed25519PrivateKey.generate()
+    middle_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test intermediate")])
+    middle = make_ca(middle_key, middle_name, root_key, name, 0)
+    tsa = make_tsa_certificate(middle_key, middle_name, key)
+    return StandIn(root, tsa, key, SigningChain(tsa.public_bytes(der), (middle.public_bytes(der),)))
