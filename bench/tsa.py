@@ -172,6 +172,110 @@ def bench_openssl(count: int) -> dict[str, Any]:
     }
 
 
+SERVER = """
+import datetime as dt, sys, trio
+from pathlib import Path
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from starlette.applications import Starlette
+from appliance.apps.tsa.authority import Authority, MemorySerialStore, SerialAllocator
+from appliance.apps.tsa.service import load_period_key
+from appliance.apps.tsa.rfc3161 import Accuracy
+from appliance.host.config import TsaConfig
+from appliance.web._tsa import local_signer, timestamp_route
+
+folder = Path(sys.argv[1])
+key = load_period_key(TsaConfig("period-key", sys.argv[3], folder / "tsa.pem", folder / "tsa.key"), folder)
+authority = Authority(policy=sys.argv[3], accuracy=Accuracy(1), clock=lambda: dt.datetime.now(dt.UTC),
+                      serials=SerialAllocator(1, MemorySerialStore(), block=1 << 20), chain=key.chain)
+app = Starlette(routes=[timestamp_route(authority, local_signer(key.sign))])
+config = Config()
+config.bind = [f"127.0.0.1:{sys.argv[2]}"]
+config.accesslog = None
+config.errorlog = None
+trio.run(serve, app, config)
+"""
+
+
+def bench_http(count: int, concurrency: int) -> dict[str, Any]:
+    """The route on a real hypercorn (trio worker) in its own process, period-key signer; the
+    client (httpx, keep-alive, ``concurrency`` requests in flight) in this one: one core each."""
+    import socket
+
+    import httpx
+    import trio
+
+    _root, tsa, key = stand_in()
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as probe:
+        folder = Path(tmp)
+        (folder / "tsa.pem").write_bytes(tsa.public_bytes(serialization.Encoding.PEM))
+        (folder / "tsa.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        server = subprocess.Popen([sys.executable, "-c", SERVER, tmp, str(port), POLICY])
+        try:
+            result: dict[str, Any] = trio.run(
+                _load, f"http://127.0.0.1:{port}/tsa", count, concurrency, httpx, server.pid
+            )
+            return result
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _load(url: str, count: int, concurrency: int, httpx: Any, server_pid: int) -> dict[str, Any]:
+    import trio
+
+    headers = {"content-type": "application/timestamp-query"}
+    body = rfc3161.encode_request("sha256", os.urandom(32), nonce=9, cert_req=True)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=10) as client:
+        for _ in range(100):  # wait for the server, then warm up
+            try:
+                await client.post(url, content=body, headers=headers)
+                break
+            except httpx.TransportError:
+                await trio.sleep(0.1)
+        latencies: list[float] = []
+        remaining = count
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                start = time.perf_counter()
+                answer = await client.post(url, content=body, headers=headers)
+                latencies.append((time.perf_counter() - start) * 1000)
+                assert answer.status_code == 200 and answer.content[:9] != b""
+
+        start, server_cpu, own_cpu = time.perf_counter(), cpu_seconds(server_pid), time.process_time()
+        async with trio.open_nursery() as nursery:
+            for _ in range(concurrency):
+                nursery.start_soon(worker)
+        elapsed = time.perf_counter() - start
+        server_cpu = cpu_seconds(server_pid) - server_cpu
+        own_cpu = time.process_time() - own_cpu
+    return {
+        "server_cpu_ms_per_token": round(1000 * server_cpu / len(latencies), 3),
+        "client_cpu_ms_per_token": round(1000 * own_cpu / len(latencies), 3),
+        "requests": len(latencies),
+        "concurrency": concurrency,
+        "tokens_per_s": round(len(latencies) / elapsed, 1),
+        **percentiles(latencies),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer tokens (a smoke run)")
@@ -179,6 +283,7 @@ def main() -> int:
     count = 300 if args.quick else 3000
     ours = bench_ours(count)
     peer = bench_openssl(30 if args.quick else 200)
+    http = bench_http(300 if args.quick else 5000, 8)
     result = {
         "machine": {
             "python": platform.python_version(),
@@ -186,6 +291,7 @@ def main() -> int:
             "platform": platform.platform(),
         },
         "ours_single_key": ours,
+        "ours_http_hypercorn": http,
         "openssl_ts_reply_per_process": peer,
         "ratio_ours_to_openssl": round(ours["tokens_per_s"] / peer["tokens_per_s"], 1),
     }
