@@ -17,6 +17,8 @@ DEB_PACKAGES += golang-go golang-golang-x-mod-dev
 # The log's ingest tests forward with rsyslog (omfwd over TCP, omrelp), run in the foreground
 # with their own configuration (the tests do not use the system's rsyslog service).
 DEB_PACKAGES += rsyslog rsyslog-relp
+# The timestamping tests post openssl-made queries with curl.
+DEB_PACKAGES += curl
 # ... and over TLS (omfwd's gtls stream driver, omrelp's tls="on").
 DEB_PACKAGES += rsyslog-gnutls
 STAMP := $(VENV)/.installed

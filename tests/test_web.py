@@ -24,6 +24,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.routing import Route
 from tlsutil import self_signed
 
 from appliance.api import ApiCore, BackendUnavailable, PeerCred, PServerBackend
@@ -120,6 +121,7 @@ def make_service(
     alerts: list[dict[str, Any]] | None = None,
     http: HttpConfig | None = None,
     log_reader: LogReader | None = None,
+    tsa: Route | None = None,
 ) -> tuple[WebService, Clock, FakePeers]:
     clock = clock or Clock()
     peers = peers or FakePeers(clock, {2: 0.25, 3: -0.5})
@@ -151,7 +153,7 @@ def make_service(
         signature_counts=lambda: {("app", "signed"): 3, ("app", "unavailable"): 1},
         keyholder_pid=lambda: None,
     )
-    service = WebService(sources, http or HttpConfig(), fetch=peers.fetch, log_reader=log_reader)
+    service = WebService(sources, http or HttpConfig(), fetch=peers.fetch, log_reader=log_reader, tsa=tsa)
     service.update_local()
     return service, clock, peers
 

@@ -63,6 +63,16 @@ Example (``pst cluster init`` writes one per server)::
     # batch_entries = 1024         # entries appended together at most
     # batch_delay_ms = 10          # how long the first entry of a batch waits for others
 
+    [tsa]                          # the RFC 3161 timestamping authority, POST /tsa on the HTTP
+                                   # service (optional section; without it no authority)
+    mode = "period-key"            # this server signs alone with the key below (the only mode so
+                                   # far; "threshold" comes with the network's threshold ECDSA)
+    policy = "1.3.6.1.4.1.99999.1.1" # the TSA policy OID put in every token
+    cert = "/etc/pst/tsa.pem"      # PEM: the TSA certificate (P-256, EKU timeStamping critical),
+                                   # then the intermediates if any (not the root)
+    key = "/etc/pst/tsa.key"       # PEM: its private key (read by pst serve at start)
+    # accuracy_ms = 1000           # the accuracy stated in every token
+
 Errors name the file and the key, and say what is expected.
 """
 
@@ -182,6 +192,21 @@ class LogConfig:
     audit_interval: float = 600.0
 
 
+TSA_MODES = ("period-key",)
+
+
+@dataclass(frozen=True)
+class TsaConfig:
+    """The [tsa] section: the timestamping authority's mode, policy OID, stated accuracy (ms),
+    and in "period-key" mode the operator's certificate chain and key files."""
+
+    mode: str
+    policy: str
+    cert: Path
+    key: Path
+    accuracy_ms: int = 1000
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     path: Path
@@ -200,6 +225,7 @@ class NodeConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     privsep: Privsep | None = None
     log: LogConfig | None = None
+    tsa: TsaConfig | None = None
 
     @property
     def peers(self) -> dict[int, tuple[str, int]]:
@@ -298,6 +324,7 @@ def from_dict(raw: dict[str, Any], path: Path) -> NodeConfig:
         http=_http_settings(raw.get("http"), path, constants.ids),
         privsep=_privsep_settings(raw.get("privsep"), path),
         log=_log_settings(raw.get("log"), path, state_dir, constants),
+        tsa=_tsa_settings(raw.get("tsa"), path),
         **rom_settings,
     )
 
@@ -475,6 +502,44 @@ def _log_settings(section: Any, path: Path, state_dir: Path, constants: Constant
         batching=batching,
         audit_interval=600.0 if audit_interval is None else float(audit_interval),
     )
+
+
+_TSA_KEYS = {"mode", "policy", "cert", "key", "accuracy_ms"}
+
+
+def _tsa_settings(section: Any, path: Path) -> TsaConfig | None:
+    """The [tsa] section (optional: without it, no timestamping authority)."""
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [tsa] must be a section")
+    for key in section:
+        if key not in _TSA_KEYS:
+            raise ConfigError(f"{path}: tsa.{key} is not a known key (known: {', '.join(sorted(_TSA_KEYS))})")
+    mode = section.get("mode", "period-key")
+    if mode not in TSA_MODES:
+        raise ConfigError(
+            f"{path}: tsa.mode must be one of {', '.join(TSA_MODES)} "
+            f'("threshold" is not available yet), got {mode!r}'
+        )
+    policy = _get(section, "policy", str, path, "tsa")
+    arcs = policy.split(".")
+    if not (
+        len(arcs) >= 2
+        and all(a.isascii() and a.isdigit() and (a == "0" or not a.startswith("0")) for a in arcs)
+        and int(arcs[0]) <= 2
+        and (int(arcs[0]) == 2 or int(arcs[1]) < 40)
+    ):
+        raise ConfigError(
+            f'{path}: tsa.policy must be an OID such as "1.3.6.1.4.1.99999.1.1", got {policy!r}'
+        )
+    accuracy = section.get("accuracy_ms", 1000)
+    if isinstance(accuracy, bool) or not isinstance(accuracy, int) or not 1 <= accuracy <= 3_600_000:
+        raise ConfigError(f"{path}: tsa.accuracy_ms must be an integer in 1..3600000, got {accuracy!r}")
+    cert, key = _file_key(section, "cert", path, "tsa"), _file_key(section, "key", path, "tsa")
+    if cert is None or key is None:
+        raise ConfigError(f'{path}: tsa.mode = "period-key" needs tsa.cert and tsa.key')
+    return TsaConfig(mode=mode, policy=policy, cert=cert, key=key, accuracy_ms=accuracy)
 
 
 def check_log_tls(config: NodeConfig) -> None:

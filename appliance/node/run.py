@@ -33,6 +33,11 @@ from appliance.protocols.state import ConfigError, Constants
 if TYPE_CHECKING:
     from appliance.apps.log.node import LogNode
     from appliance.apps.log.service import Listener, LogService
+    from appliance.apps.tsa.authority import Authority, TokenRecord
+    from appliance.apps.tsa.rfc3161 import Signer
+
+    #: The [tsa] section's authority and the signer of its period key.
+    TsaService = tuple[Authority, Signer]
 
 log = logging.getLogger("pst.server")
 
@@ -157,7 +162,11 @@ async def _log_checkpoints(
 
 
 async def _serve(
-    config: NodeConfig, zygote: int, control: socket.socket, listeners: list[Listener] | None = None
+    config: NodeConfig,
+    zygote: int,
+    control: socket.socket,
+    listeners: list[Listener] | None = None,
+    tsa: TsaService | None = None,
 ) -> None:
     """The network-facing process: TLS to the peers, the local API, the key-holder link, the log."""
     from appliance.apps.log.node import LogNode, is_log_frame  # after the zygote's fork
@@ -268,7 +277,7 @@ async def _serve(
         assert api is not None
         log.info("server %d: local API on %s", config.server_id, config.api_socket)
         if config.http.enabled:  # in the background: the signal receiver below must come at once
-            nursery.start_soon(_run_web, config, link, backend, api, lambda: net, log_service, log_keys)
+            nursery.start_soon(_run_web, config, link, backend, api, lambda: net, log_service, log_keys, tsa)
         notifier.ready(f"server {config.server_id}: serving, local API on {config.api_socket}")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
             async for signum in signals:
@@ -312,9 +321,11 @@ async def _run_web(
     network: Callable[[], PeerNetwork | None],
     log_service: LogService | None = None,
     log_keys: Sequence[bytes] = (),
+    tsa: TsaService | None = None,
 ) -> None:
-    """The HTTP service (status page, /v1, /metrics) until cancelled. A port it cannot bind is
-    logged, not fatal: the status page must never take the key service down with it."""
+    """The HTTP service (status page, /v1, /metrics, and POST /tsa with a [tsa] section) until
+    cancelled. A port it cannot bind is logged, not fatal: the status page must never take the
+    key service down with it."""
     from appliance.apps.log.checkpoint import Verifier
     from appliance.apps.log.reader import LogReader
     from appliance.apps.log.tiles import PosixStorage
@@ -342,7 +353,13 @@ async def _run_web(
         reader = LogReader(
             PosixStorage(config.log.directory), origin, lambda: [Verifier(origin, k) for k in log_keys]
         )
-    service = WebService(sources, config.http, log_reader=reader)
+    route = None
+    if tsa is not None:
+        from appliance.web._tsa import local_signer, timestamp_route
+
+        authority, sign = tsa
+        route = timestamp_route(authority, local_signer(sign), on_record=_log_token)
+    service = WebService(sources, config.http, log_reader=reader, tsa=route)
     try:
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(service.run)
@@ -354,6 +371,22 @@ async def _run_web(
             *config.http.listen,
             "; ".join(str(exc) for exc in _leaves(group)),
         )
+
+
+def _load_tsa(config: NodeConfig) -> TsaService | None:
+    """The [tsa] section's authority and its period key, loaded before privileges are dropped."""
+    if config.tsa is None or not config.http.enabled:
+        return None
+    from appliance.apps.tsa.service import authority_from_config
+
+    return authority_from_config(
+        config.tsa, config.path, config.server_id, StateDir(config.state_dir).serve_dir
+    )
+
+
+def _log_token(record: TokenRecord) -> None:
+    # Until tokens are appended to the secure log (issue 12), the journal keeps each one.
+    log.info("tsa: issued %s", record.encode().decode())
 
 
 def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
@@ -433,6 +466,7 @@ def serve(path: Path) -> int:
     zygote, control = start_zygote(config, separated)  # before trio: single-threaded, no secret held
     try:  # after the zygote's fork, before the drop: port 514 needs root
         listeners = bind_log(config)
+        tsa = _load_tsa(config)  # and the TSA key file may be readable by root only
     except ConfigError as exc:
         print(f"pst serve: {exc}", file=sys.stderr)
         control.close()
@@ -453,7 +487,7 @@ def serve(path: Path) -> int:
         )
     gone: list[str] = []
     try:
-        trio.run(_serve, config, zygote, control, listeners)
+        trio.run(_serve, config, zygote, control, listeners, tsa)
     except* KeyHolderGone as group:
         gone = [str(exc) for exc in group.exceptions]
     for reason in gone:

@@ -6,7 +6,8 @@ than GET or HEAD (405 ``method-not-allowed``), unknown or bad query parameter (4
 ``bad-request``), a Host header this server does not answer to (421 ``misdirected``), and
 anything unexpected (500 ``internal``, logged by exception type; the client learns nothing
 more). The outermost layer (:class:`_Guard`) catches every exception of the handlers, so no
-request can stop the service. Request bodies are never read.
+request can stop the service. Request bodies are never read, except by the timestamping
+authority's ``POST /tsa`` when it is served (:mod:`appliance.web._tsa`, capped).
 """
 
 from __future__ import annotations
@@ -233,8 +234,10 @@ class WebApp:
         hosts: tuple[str, ...] = (),
         loopback_only: bool = True,
         log: LogReader | None = None,
+        tsa: Route | None = None,
     ) -> None:
-        """``log``: the log's read-only view, served under ``/log/`` (none: those paths are 404s)."""
+        """``log``: the log's read-only view, served under ``/log/`` (none: those paths are 404s).
+        ``tsa``: the timestamping authority's POST route (:func:`appliance.web._tsa.timestamp_route`)."""
         self.local = local
         self.poller = poller
         self.metrics = metrics
@@ -257,6 +260,9 @@ class WebApp:
             from appliance.web._log import LogRoutes
 
             routes += LogRoutes(log).routes()
+        post_paths = frozenset([tsa.path] if tsa is not None else [])
+        if tsa is not None:
+            routes.append(tsa)
         self.routes = frozenset(r.path for r in routes)
         #: Routes with a path parameter, by the fixed prefix before it (a metrics label each).
         self.templates = tuple((r.path.split("{")[0], r.path) for r in routes if "{" in r.path)
@@ -264,8 +270,9 @@ class WebApp:
         async def http_error(request: Request, exc: Exception) -> Response:
             status = getattr(exc, "status_code", 500)
             code = {404: "not-found", 405: "method-not-allowed"}.get(status, "bad-request")
-            detail = {404: "no such path", 405: "only GET and HEAD are served"}.get(status, "bad request")
-            headers = {"allow": "GET, HEAD"} if status == 405 else None
+            allow = "POST" if request.url.path in post_paths else "GET, HEAD"
+            detail = {404: "no such path", 405: f"only {allow} served here"}.get(status, "bad request")
+            headers = {"allow": allow} if status == 405 else None
             return Response(error_body(status, code, detail), status, headers, media_type="application/json")
 
         async def own_error(request: Request, exc: Exception) -> Response:

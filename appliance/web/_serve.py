@@ -24,6 +24,8 @@ from appliance.web._metrics import Metrics
 from appliance.web._view import MAX_PEER_ANSWER, Fetcher, LocalView, PeerPoller, Sources, refused_since
 
 if TYPE_CHECKING:
+    from starlette.routing import Route
+
     from appliance.apps.log.reader import LogReader
 
 log = logging.getLogger("pst.web")
@@ -43,6 +45,7 @@ class WebService:
         *,
         fetch: Fetcher | None = None,
         log_reader: LogReader | None = None,
+        tsa: Route | None = None,
     ) -> None:
         """``log_reader``: the log's read-only view, served under ``/log/`` (see appliance.web._log)."""
         self.sources = sources
@@ -60,6 +63,7 @@ class WebService:
             hosts=http.hosts,
             loopback_only=is_loopback(http.listen[0]),
             log=log_reader,
+            tsa=tsa,
         )
         self._last_rejection: Any = None
 

@@ -1,0 +1,252 @@
+"""RFC 3161 over HTTP on the server's HTTP service (``POST /tsa``): through the ASGI application,
+and on a real hypercorn with curl posting what ``openssl ts -query`` made."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from cryptography.hazmat.primitives import serialization
+from test_web import client, free_port, make_service, write_config
+from tsautil import StandIn, make_stand_in
+
+from appliance.apps.tsa import rfc3161
+from appliance.apps.tsa.authority import (
+    DEFAULT_BLOCK,
+    Authority,
+    MemorySerialStore,
+    SerialAllocator,
+    TokenRecord,
+    serial_server,
+)
+from appliance.apps.tsa.rfc3161 import Accuracy, FailureInfo, Status
+from appliance.apps.tsa.service import authority_from_config, load_period_key
+from appliance.host import config as node_config
+from appliance.host.config import HttpConfig
+from appliance.protocols.state import ConfigError
+from appliance.web import WebService
+from appliance.web._tsa import QUERY_TYPE, REPLY_TYPE, local_signer, timestamp_route
+
+POLICY = "1.3.6.1.4.1.57264.2.1"
+
+pytestmark = pytest.mark.interop
+
+
+@pytest.fixture(scope="module")
+def stand_in() -> StandIn:
+    return make_stand_in()
+
+
+def serve(
+    tmp_path: Path, stand_in: StandIn, http: HttpConfig | None = None
+) -> tuple[WebService, list[TokenRecord]]:
+    authority = Authority(
+        policy=POLICY,
+        accuracy=Accuracy(seconds=1),
+        clock=lambda: dt.datetime.now(dt.UTC),
+        serials=SerialAllocator(1, MemorySerialStore()),
+        chain=stand_in.chain,
+    )
+    records: list[TokenRecord] = []
+    route = timestamp_route(authority, local_signer(stand_in.sign), on_record=records.append)
+    service, _, _ = make_service(tmp_path, http=http, tsa=route)
+    return service, records
+
+
+def openssl(*args: str | Path) -> str:
+    done = subprocess.run(
+        ["openssl", *map(str, args)], capture_output=True, text=True, check=True, timeout=30
+    )
+    return done.stdout
+
+
+async def test_post_a_query_get_a_reply_that_openssl_verifies(tmp_path: Path, stand_in: StandIn) -> None:
+    stand_in.write(tmp_path)
+    (tmp_path / "data.txt").write_bytes(b"posted over HTTP\n")
+    openssl("ts", "-query", "-data", tmp_path / "data.txt", "-cert", "-out", tmp_path / "q.tsq")
+    service, records = serve(tmp_path, stand_in)
+    async with client(service) as c:
+        answer = await c.post(
+            "/tsa", content=(tmp_path / "q.tsq").read_bytes(), headers={"content-type": QUERY_TYPE}
+        )
+    assert answer.status_code == 200 and answer.headers["content-type"] == REPLY_TYPE
+    assert answer.headers["x-content-type-options"] == "nosniff"
+    (tmp_path / "r.tsr").write_bytes(answer.content)
+    out = openssl(
+        "ts",
+        "-verify",
+        "-queryfile",
+        tmp_path / "q.tsq",
+        "-in",
+        tmp_path / "r.tsr",
+        "-CAfile",
+        tmp_path / "root.pem",
+    )
+    assert "Verification: OK" in out
+    assert len(records) == 1
+    tst = rfc3161.decode_response(answer.content).tst_info
+    assert tst is not None and records[0].serial == rfc3161.decode_tst_info(tst).serial
+
+
+async def test_bad_posts_get_their_http_status_and_rfc3161_rejection(
+    tmp_path: Path, stand_in: StandIn
+) -> None:
+    service, records = serve(tmp_path, stand_in)
+    query = {"content-type": QUERY_TYPE}
+    async with client(service) as c:
+        wrong_type = await c.post("/tsa", content=b"x", headers={"content-type": "application/json"})
+        assert wrong_type.status_code == 415
+        assert wrong_type.json()["error"]["code"] == "unsupported-media-type"
+        no_type = await c.post("/tsa", content=b"x")
+        assert no_type.status_code == 415
+        get = await c.get("/tsa")
+        assert get.status_code == 405 and get.headers["allow"] == "POST"
+
+        async def rejected(answer: httpx.Response, status: int, failure: FailureInfo) -> str:
+            assert answer.status_code == status and answer.headers["content-type"] == REPLY_TYPE
+            decoded = rfc3161.decode_response(answer.content)
+            assert decoded.status is Status.REJECTION and decoded.failures == {failure}
+            return decoded.text or ""
+
+        big = await c.post("/tsa", content=bytes(rfc3161.MAX_REQUEST + 1), headers=query)
+        assert "larger than 4096 bytes" in await rejected(big, 413, FailureInfo.BAD_REQUEST)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(100):
+                yield bytes(100)
+
+        streamed = await c.post("/tsa", content=chunks(), headers=query)
+        await rejected(streamed, 413, FailureInfo.BAD_REQUEST)
+        garbage = await c.post("/tsa", content=b"\x30\x80garbage", headers=query)
+        await rejected(garbage, 200, FailureInfo.BAD_DATA_FORMAT)
+        unknown = rfc3161.encode_request("sha256", bytes(32)).replace(  # same length, 1.3.14.3.2.26.0.0.0.0
+            bytes.fromhex("0609608648016503040201"), bytes.fromhex("06092b0e03021a00000000")
+        )
+        text = await rejected(await c.post("/tsa", content=unknown, headers=query), 200, FailureInfo.BAD_ALG)
+        assert "hash algorithm 1.3.14.3.2.26.0.0.0.0 not accepted" in text
+        policy = rfc3161.encode_request("sha256", bytes(32), policy="1.2.3.4")
+        text = await rejected(
+            await c.post("/tsa", content=policy, headers=query), 200, FailureInfo.UNACCEPTED_POLICY
+        )
+        assert "policy 1.2.3.4 not served" in text
+        ok = await c.post(
+            "/tsa",
+            content=rfc3161.encode_request("sha512", bytes(64)),
+            headers={"content-type": f"{QUERY_TYPE}; x=1"},
+        )
+        assert ok.status_code == 200 and rfc3161.decode_response(ok.content).status is Status.GRANTED
+    assert len(records) == 1
+
+
+async def test_curl_posts_to_a_real_hypercorn(tmp_path: Path, stand_in: StandIn) -> None:
+    stand_in.write(tmp_path)
+    (tmp_path / "data.txt").write_bytes(b"posted by curl\n")
+    openssl("ts", "-query", "-data", tmp_path / "data.txt", "-sha384", "-cert", "-out", tmp_path / "q.tsq")
+    port = free_port()
+    service, records = serve(tmp_path, stand_in, HttpConfig(listen=("127.0.0.1", port)))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        curl = await trio.run_process(
+            [
+                "curl",
+                "-sS",
+                "--fail",
+                "-H",
+                f"Content-Type: {QUERY_TYPE}",
+                "--data-binary",
+                f"@{tmp_path / 'q.tsq'}",
+                "-o",
+                str(tmp_path / "r.tsr"),
+                "-w",
+                "%{http_code} %{content_type}",
+                f"http://127.0.0.1:{port}/tsa",
+            ],
+            capture_stdout=True,
+        )
+        nursery.cancel_scope.cancel()
+    assert curl.stdout.decode() == f"200 {REPLY_TYPE}"
+    out = openssl(
+        "ts",
+        "-verify",
+        "-data",
+        tmp_path / "data.txt",
+        "-in",
+        tmp_path / "r.tsr",
+        "-CAfile",
+        tmp_path / "root.pem",
+    )
+    assert "Verification: OK" in out and len(records) == 1
+
+
+# -- the [tsa] section ----------------------------------------------------------------------------
+
+
+def tsa_section(folder: Path, **overrides: str) -> str:
+    keys = {"mode": '"period-key"', "policy": f'"{POLICY}"', "cert": '"tsa.pem"', "key": '"tsa.key"'}
+    keys.update(overrides)
+    return "[tsa]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items() if v)
+
+
+def test_config_tsa_section_builds_an_authority_that_serves(tmp_path: Path, stand_in: StandIn) -> None:
+    stand_in.write(tmp_path)
+    path = write_config(tmp_path, tsa_section(tmp_path, accuracy_ms="1500"))
+    tsa = node_config.load(path).tsa
+    assert tsa is not None and tsa.cert == tmp_path / "tsa.pem" and tsa.accuracy_ms == 1500
+    authority, sign = authority_from_config(tsa, path, 2, tmp_path / "serve")
+    assert authority.accuracy == Accuracy(1, 500) and authority.policy == POLICY
+    reply = authority.issue(rfc3161.encode_request("sha256", bytes(32), nonce=1), sign)
+    assert reply.record is not None and serial_server(reply.record.serial) == 2
+    assert (tmp_path / "serve" / "tsa-serial").read_text() == f"{DEFAULT_BLOCK}\n"
+    assert node_config.load(write_config(tmp_path, "")).tsa is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"mode": '"threshold"'}, 'tsa.mode must be one of period-key ("threshold" is not available yet)'),
+        ({"policy": ""}, "missing tsa.policy"),
+        ({"policy": '"1.3.6.01"'}, "tsa.policy must be an OID"),
+        ({"policy": '"3.1"'}, "tsa.policy must be an OID"),
+        ({"accuracy_ms": "0"}, "tsa.accuracy_ms must be an integer in 1..3600000"),
+        ({"key": ""}, "needs tsa.cert and tsa.key"),
+        ({"cert": '"nope.pem"'}, "tsa.cert: no such file"),
+        ({"serial": "1"}, "tsa.serial is not a known key"),
+    ],
+)
+def test_config_tsa_errors_name_the_file_and_the_key(
+    tmp_path: Path, stand_in: StandIn, overrides: dict[str, str], message: str
+) -> None:
+    stand_in.write(tmp_path)
+    path = write_config(tmp_path, tsa_section(tmp_path, **overrides))
+    with pytest.raises(ConfigError) as info:
+        node_config.load(path)
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value)
+
+
+def test_period_key_files_are_checked_at_start(tmp_path: Path, stand_in: StandIn) -> None:
+    stand_in.write(tmp_path)
+    path = write_config(tmp_path, tsa_section(tmp_path))
+    tsa = node_config.load(path).tsa
+    assert tsa is not None
+    other = make_stand_in()
+    (tmp_path / "tsa.key").write_bytes(
+        other.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    with pytest.raises(ConfigError, match="is not the key of the certificate"):
+        load_period_key(tsa, path)
+    (tmp_path / "tsa.key").write_text("not a key")
+    with pytest.raises(ConfigError, match="is not an unencrypted PEM private key"):
+        load_period_key(tsa, path)
+    (tmp_path / "tsa.pem").write_bytes(other.root.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(ConfigError, match="key is not ECDSA P-256"):  # the Ed25519 root
+        load_period_key(tsa, path)
+    (tmp_path / "tsa.pem").write_text("no PEM here")
+    with pytest.raises(ConfigError, match="holds no PEM certificate"):
+        load_period_key(tsa, path)
