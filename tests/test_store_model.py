@@ -153,6 +153,10 @@ def test_public_write_once() -> None:
     with pytest.raises(Refused) as info:
         net.states[1].read_public(APP, "nothing", ALICE, net.views[1])
     assert info.value.code == "not-found"
+    assert "needs no decryption" in net.read_refused(
+        ReadRequest(APP, "motd", 1, bytes(32)), ALICE, "bad-request"
+    )
+    assert "no data" in net.read_refused(ReadRequest(APP, "nothing", 1, bytes(32)), ALICE, "not-found")
 
 
 def test_public_read_write_changes_only_by_a_quorum() -> None:
@@ -423,3 +427,56 @@ def test_fuzz_state_decoder_mutations(pos: int, value: int, cut: int) -> None:
     for candidate in (bytes(mutated), _ENCODED[: cut % len(_ENCODED)]):
         with contextlib.suppress(DecodeError):
             _decode(candidate)
+
+
+# Request decoders --------------------------------------------------------------------------------
+
+_WRITE = secret_write(_NET, DataType.STORE_UNTIL, "w", b"x", until_ms=5)
+_REQUESTS: dict[str, tuple[bytes, Any]] = {
+    "write": (_WRITE.encode(), WriteRequest.decode),
+    "public-write": (WriteRequest(APP, "p", DataType.PUBLIC_RW, 2, value=b"v").encode(), WriteRequest.decode),
+    "read": (ReadRequest(APP, "w", 1, bytes(32)).encode(), ReadRequest.decode),
+    "quorum": (_NET.quorum(APP, _WRITE.digest()).encode(), Quorum.decode),
+}
+
+
+def test_requests_round_trip_and_refuse_bad_shapes() -> None:
+    assert WriteRequest.decode(_WRITE.encode()) == _WRITE
+    assert WriteRequest.decode(_WRITE.encode()).digest() == _WRITE.digest()
+    q = _NET.quorum(APP, _WRITE.digest())
+    assert Quorum.decode(q.encode()) == q
+    assert ReadRequest.decode(ReadRequest(APP, "w", 1, bytes(32)).encode()) == ReadRequest(
+        APP, "w", 1, bytes(32)
+    )
+    from appliance.crypto import encoding
+
+    bad_writes = [
+        {**_WRITE.to_obj(), "type": "secret-maybe"},
+        {**_WRITE.to_obj(), "value": b"clear"},
+        {**_WRITE.to_obj(), "sealed": {}},
+        {**_WRITE.to_obj(), "sealed": {-1: b"x"}},
+        {**_WRITE.to_obj(), "v": 0},
+        {**_WRITE.to_obj(), "app": ""},
+        {**_WRITE.to_obj(), "extra": 1},
+    ]
+    for obj in bad_writes:
+        with pytest.raises(DecodeError, match="store write request"):
+            WriteRequest.decode(encoding.encode(obj))
+    for obj in ({**q.to_obj(), "votes": {0: bytes(64)}}, {**q.to_obj(), "digest": b"short"}):
+        with pytest.raises(DecodeError, match="quorum evidence"):
+            Quorum.decode(encoding.encode(obj))
+    with pytest.raises(DecodeError, match="reader key"):
+        ReadRequest.decode(encoding.encode({**ReadRequest(APP, "w", 1, bytes(32)).to_obj(), "reader": b"k"}))
+
+
+@pytest.mark.parametrize("kind", sorted(_REQUESTS))
+@settings(max_examples=150, deadline=None)
+@given(data=st.binary(max_size=300), pos=st.integers(0, 100_000), value=st.integers(0, 255))
+def test_fuzz_request_decoders(kind: str, data: bytes, pos: int, value: int) -> None:
+    valid, decode = _REQUESTS[kind]
+    assert decode(valid) is not None
+    mutated = bytearray(valid)
+    mutated[pos % len(mutated)] = value
+    for candidate in (data, bytes(mutated), valid[: pos % len(valid)]):
+        with contextlib.suppress(DecodeError):
+            decode(candidate)

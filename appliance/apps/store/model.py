@@ -77,6 +77,7 @@ WRITE_DOMAIN: Final = "pst/store/write/v1"
 FORMAT_VERSION: Final = 1
 MAX_APP_LENGTH: Final = approvals.MAX_APP_LENGTH
 MAX_UNIQUE_ID: Final = 64
+MAX_VOTERS: Final = 1024
 
 
 class DataType(enum.Enum):
@@ -147,6 +148,35 @@ class Quorum:
     digest: bytes
     ticket: bytes
     votes: Mapping[int, bytes]
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"app": self.app, "digest": self.digest, "ticket": self.ticket, "votes": dict(self.votes)}
+
+    def encode(self) -> bytes:
+        return encoding.encode(self.to_obj())
+
+    @classmethod
+    def decode(cls, data: bytes) -> Quorum:
+        what = "store quorum evidence"
+        f = encoding.expect_map(
+            encoding.decode(data, max_size=64 * 1024, what=what),
+            {"app": str, "digest": bytes, "ticket": bytes, "votes": dict},
+            what,
+        )
+        if not f["app"] or len(f["app"]) > MAX_APP_LENGTH:
+            raise DecodeError(f"{what}: the application name must have 1 to {MAX_APP_LENGTH} characters")
+        if len(f["digest"]) != approvals.DIGEST_SIZE or len(f["ticket"]) != approvals.DIGEST_SIZE:
+            raise DecodeError(f"{what}: digest and ticket have {approvals.DIGEST_SIZE} bytes")
+        if len(f["votes"]) > MAX_VOTERS:
+            raise DecodeError(f"{what}: more than {MAX_VOTERS} votes")
+        votes: dict[int, bytes] = {}
+        for voter, sig in f["votes"].items():
+            if isinstance(voter, bool) or not isinstance(voter, int) or not 1 <= voter <= MAX_VOTERS:
+                raise DecodeError(f"{what}: bad voter id")
+            if not isinstance(sig, bytes) or len(sig) != approvals.VOTE_SIZE:
+                raise DecodeError(f"{what}: the vote of server {voter} is not {approvals.VOTE_SIZE} bytes")
+            votes[voter] = sig
+        return cls(f["app"], f["digest"], f["ticket"], votes)
 
 
 Requester = Client | Quorum
@@ -264,10 +294,8 @@ class WriteRequest:
     reader: bytes = b""
     until_ms: int = 0
 
-    def digest(self) -> bytes:
-        """What a quorum approves (SHA-256 of the canonical request)."""
-        body = {
-            "dom": WRITE_DOMAIN,
+    def to_obj(self) -> dict[str, Any]:
+        return {
             "app": self.app,
             "id": self.data_id,
             "type": self.dtype.value,
@@ -277,7 +305,20 @@ class WriteRequest:
             "reader": self.reader,
             "until": self.until_ms,
         }
-        return hashlib.sha256(encoding.encode(body)).digest()
+
+    def encode(self) -> bytes:
+        return encoding.encode(self.to_obj())
+
+    def digest(self) -> bytes:
+        """What a quorum approves (SHA-256 of the canonical request)."""
+        return hashlib.sha256(encoding.encode({"dom": WRITE_DOMAIN, **self.to_obj()})).digest()
+
+    @classmethod
+    def decode(cls, data: bytes) -> WriteRequest:
+        what = "store write request"
+        f = encoding.expect_map(encoding.decode(data, max_size=MAX_REQUEST, what=what), _WRITE_FIELDS, what)
+        dtype, sealed = _content(f, what)
+        return cls(f["app"], f["id"], dtype, f["v"], f["value"], sealed, f["reader"], f["until"])
 
 
 @dataclass(frozen=True)
@@ -289,15 +330,75 @@ class ReadRequest:
     version: int
     reader: bytes
 
+    def to_obj(self) -> dict[str, Any]:
+        return {"app": self.app, "id": self.data_id, "v": self.version, "reader": self.reader}
+
+    def encode(self) -> bytes:
+        return encoding.encode(self.to_obj())
+
     def digest(self) -> bytes:
-        body = {
-            "dom": READ_DOMAIN,
-            "app": self.app,
-            "id": self.data_id,
-            "v": self.version,
-            "reader": self.reader,
-        }
-        return hashlib.sha256(encoding.encode(body)).digest()
+        return hashlib.sha256(encoding.encode({"dom": READ_DOMAIN, **self.to_obj()})).digest()
+
+    @classmethod
+    def decode(cls, data: bytes) -> ReadRequest:
+        what = "store read request"
+        f = encoding.expect_map(
+            encoding.decode(data, max_size=1024, what=what),
+            {"app": str, "id": str, "v": int, "reader": bytes},
+            what,
+        )
+        _names(f, what)
+        if f["v"] < 1 or len(f["reader"]) != tdh2.READER_KEY_SIZE:
+            raise DecodeError(f"{what}: bad version or reader key ({tdh2.READER_KEY_SIZE} bytes)")
+        return cls(f["app"], f["id"], f["v"], f["reader"])
+
+
+_WRITE_FIELDS: Final[Mapping[str, type | tuple[type, ...]]] = {
+    "app": str,
+    "id": str,
+    "type": str,
+    "v": int,
+    "value": bytes,
+    "sealed": dict,
+    "reader": bytes,
+    "until": int,
+}
+#: Largest encoded write request: a value, or t+1 sealed contributions of one, with room to spare.
+MAX_REQUEST: Final = 64 * (tdh2.MAX_PLAINTEXT + tdh2.MAX_LABEL + 2048)
+MAX_PARTS: Final = 256
+MAX_ID_LENGTH: Final = 1024
+
+
+def _names(f: Mapping[str, Any], what: str) -> None:
+    if not f["app"] or len(f["app"]) > MAX_APP_LENGTH:
+        raise DecodeError(f"{what}: the application name must have 1 to {MAX_APP_LENGTH} characters")
+    if not f["id"] or len(f["id"].encode()) > MAX_ID_LENGTH:
+        raise DecodeError(f"{what}: a data id has 1 to {MAX_ID_LENGTH} bytes")
+
+
+def _content(f: Mapping[str, Any], what: str) -> tuple[DataType, dict[int, bytes]]:
+    """The checks a record and a write request share: names, type, version, date, reader, parts."""
+    _names(f, what)
+    try:
+        dtype = DataType(f["type"])
+    except ValueError:
+        raise DecodeError(f"{what}: unknown data type {f['type']!r}") from None
+    if f["v"] < 1 or f["until"] < 0:
+        raise DecodeError(f"{what}: bad version or date")
+    if len(f["reader"]) not in (0, tdh2.READER_KEY_SIZE):
+        raise DecodeError(f"{what}: a reader key has {tdh2.READER_KEY_SIZE} bytes")
+    if len(f["sealed"]) > MAX_PARTS:
+        raise DecodeError(f"{what}: more than {MAX_PARTS} sealed parts")
+    sealed: dict[int, bytes] = {}
+    for part, blob in f["sealed"].items():
+        if isinstance(part, bool) or not isinstance(part, int) or not 0 <= part < 2**16:
+            raise DecodeError(f"{what}: bad contribution number")
+        if not isinstance(blob, bytes):
+            raise DecodeError(f"{what}: contribution {part} is not bytes")
+        sealed[part] = blob
+    if dtype.secret != bool(sealed) or (dtype.secret and f["value"]):
+        raise DecodeError(f"{what}: a {dtype.value} item with the wrong kind of content")
+    return dtype, sealed
 
 
 # Records ----------------------------------------------------------------------------------------
@@ -339,40 +440,10 @@ class Record:
 
     @classmethod
     def from_obj(cls, obj: Any, what: str) -> Record:
-        f = encoding.expect_map(
-            obj,
-            {
-                "app": str,
-                "id": str,
-                "type": str,
-                "owner": bytes,
-                "v": int,
-                "value": bytes,
-                "sealed": dict,
-                "reader": bytes,
-                "until": int,
-            },
-            what,
-        )
-        try:
-            dtype = DataType(f["type"])
-        except ValueError:
-            raise DecodeError(f"{what}: unknown data type {f['type']!r}") from None
-        if not f["app"] or len(f["app"]) > MAX_APP_LENGTH or not f["id"]:
-            raise DecodeError(f"{what}: bad application or data id")
-        if f["v"] < 1 or f["until"] < 0 or len(f["owner"]) > MAX_UNIQUE_ID:
-            raise DecodeError(f"{what}: bad version, date or owner")
-        if len(f["reader"]) not in (0, tdh2.READER_KEY_SIZE):
-            raise DecodeError(f"{what}: a reader key has {tdh2.READER_KEY_SIZE} bytes")
-        sealed: dict[int, bytes] = {}
-        for part, blob in f["sealed"].items():
-            if isinstance(part, bool) or not isinstance(part, int) or not 0 <= part < 2**16:
-                raise DecodeError(f"{what}: bad contribution number")
-            if not isinstance(blob, bytes):
-                raise DecodeError(f"{what}: contribution {part} is not bytes")
-            sealed[part] = blob
-        if dtype.secret != bool(sealed) or (dtype.secret and f["value"]):
-            raise DecodeError(f"{what}: a {dtype.value} record with the wrong kind of content")
+        f = encoding.expect_map(obj, {**_WRITE_FIELDS, "owner": bytes}, what)
+        if len(f["owner"]) > MAX_UNIQUE_ID:
+            raise DecodeError(f"{what}: owner of more than {MAX_UNIQUE_ID} bytes")
+        dtype, sealed = _content(f, what)
         return cls(f["app"], f["id"], dtype, f["owner"], f["v"], f["value"], sealed, f["reader"], f["until"])
 
 
