@@ -5,27 +5,73 @@ servers 1, 2 and 4, registered with the same name and password; a client on serv
 wrong password. Client 1 asks for a signature; clients 2 and 4 see the request pending and
 approve it; client 1 gets the group's signature, which verifies under Vcert for that
 application. A request nobody approves is refused.
+
+The second option of §5.1, certificates: every server trusts a CA made with the openssl command
+line (``[server] distributed_ca``); components 1, 2 and 4 of application "escrow" register with
+one-time certificates from it and reach a majority the same way; a certificate for another
+server, and one used before, are refused by the real servers.
 """
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from clusterutil import running_cluster
+from clusterutil import init_cluster, pst
+from cryptography.hazmat.primitives import serialization
 
+from appliance.api._certreg import client_uri
 from appliance.api.client import PstClient, PstError, verify_distributed
 from appliance.node.store import StateDir
 from appliance.protocols.state import SCERT
 
 
+def _openssl(cwd: Path, *args: str) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _client_certificate(root: Path, name: str, index: int, server: int, tag: str) -> tuple[bytes, Any]:
+    """A key and a one-time certificate from the operator's client CA, made with openssl."""
+    ca = root / "clients-ca"
+    _openssl(ca, "genpkey", "-algorithm", "ed25519", "-out", f"{tag}.key")
+    _openssl(ca, "req", "-new", "-key", f"{tag}.key", "-subj", f"/CN={name} {index}", "-out", f"{tag}.csr")
+    (ca / f"{tag}.ext").write_text(f"subjectAltName=URI:{client_uri(name, index, server)}\n")
+    issue = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1", "-extfile", f"{tag}.ext"]
+    _openssl(ca, "x509", "-req", "-in", f"{tag}.csr", *issue, "-out", f"{tag}.pem")
+    key = serialization.load_pem_private_key((ca / f"{tag}.key").read_bytes(), None)
+    return (ca / f"{tag}.pem").read_bytes(), key
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    with running_cluster(tmp_path_factory.mktemp("dist") / "c", n=4, period=20, round_ms=100) as root:
+    root = tmp_path_factory.mktemp("dist") / "c"
+    init_cluster(root, n=4, period=20, round_ms=100)
+    ca = root / "clients-ca"
+    ca.mkdir()
+    _openssl(ca, "genpkey", "-algorithm", "ed25519", "-out", "ca.key")
+    ca_args = [
+        "-subj",
+        "/CN=Escrow clients CA",
+        "-days",
+        "30",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+    ]
+    _openssl(ca, "req", "-x509", "-new", "-key", "ca.key", *ca_args, "-out", "ca.pem")
+    for config in root.glob("node-*/config.toml"):
+        text = config.read_text()
+        config.write_text(text.replace("[server]\n", f'[server]\ndistributed_ca = "{ca / "ca.pem"}"\n', 1))
+    up = pst("cluster", "up", "--dir", str(root), "--detach")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
         yield root
+    finally:
+        pst("cluster", "down", "--dir", str(root))
 
 
 def _client(root: Path, i: int) -> PstClient:
@@ -89,3 +135,52 @@ def test_a_request_nobody_approves_is_refused(cluster: Path) -> None:
     with pytest.raises(PstError) as info:
         c1.request_distributed(b"nobody approves this")
     assert info.value.code in ("refused", "unavailable"), info.value
+
+
+def test_certified_components_reach_a_majority_and_certificates_are_one_time(cluster: Path) -> None:
+    vcert = StateDir(cluster / "node-1" / "state").load().public.sharings[SCERT].public_key
+    clients = {i: _client(cluster, i) for i in (1, 2, 3, 4)}
+    certs = {i: _client_certificate(cluster, "escrow", i, i, f"c{i}") for i in (1, 2, 4)}
+    deadline = time.monotonic() + 20
+    for i, (pem, key) in certs.items():
+        while True:
+            try:
+                clients[i].register_certified(pem, key, server=i)
+                break
+            except PstError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+    # Server 3 refuses component 2's certificate (another server), and server 1 its used one.
+    wrong, wrong_key = _client_certificate(cluster, "escrow", 2, 2, "c2-again")
+    with pytest.raises(PstError) as info:
+        clients[3].register_certified(wrong, wrong_key, server=3)
+    assert info.value.code == "not-permitted" and "the certificate is for server 2, this is server 3" in str(
+        info.value
+    )
+    with pytest.raises(PstError) as info:
+        PstClient(cluster / "node-1" / "api.sock").register_certified(*certs[1], server=1)
+    assert info.value.code == "not-permitted" and "registered before" in str(info.value)
+
+    payload = b"release escrowed key 7"
+    approved: list[int] = []
+
+    def approver(i: int) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and i not in approved:
+            for request in clients[i].pending():
+                if request.payload == payload:
+                    clients[i].approve(request.request_id)
+                    approved.append(i)
+            time.sleep(0.2)
+
+    threads = [threading.Thread(target=approver, args=(i,)) for i in (2, 4)]
+    for thread in threads:
+        thread.start()
+    try:
+        signature = clients[1].request_distributed(payload)
+    finally:
+        for thread in threads:
+            thread.join()
+    assert sorted(approved) == [2, 4]
+    assert verify_distributed(vcert, "escrow", payload, signature)

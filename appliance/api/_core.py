@@ -121,6 +121,7 @@ Backend failures answer ``unavailable`` and are logged by exception type only.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import hashlib
 import hmac
@@ -134,6 +135,14 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, runtime_checkable
 
+from appliance.api._certreg import (
+    CHALLENGE_SIZE,
+    CertificateRefused,
+    ClientCA,
+    UsedCertificates,
+    registration_payload,
+    verify_possession,
+)
 from appliance.api._distributed import password_verifier
 from appliance.api._registrations import (
     SAVE_INTERVAL,
@@ -367,6 +376,8 @@ OPS: Final[Mapping[str, Mapping[str, type]]] = {
     "log_entries": {"start": int, "count": int},
     "send": {"handle": bytes, "to": int, "data": bytes},
     "receive": {"handle": bytes},
+    "challenge": {},
+    "register_certified": {"certificate": bytes, "challenge": bytes, "signature": bytes},
 }
 #: Optional fields of each operation, with their types.
 OPTIONAL: Final[Mapping[str, Mapping[str, type]]] = {
@@ -377,6 +388,9 @@ OPTIONAL: Final[Mapping[str, Mapping[str, type]]] = {
 #: Operations only the operator (root or the server's own uid) may call.
 OPERATOR_OPS: Final = frozenset({"upgrade_sign", "registrations", "revoke"})
 MAX_NONCE_SIZE: Final = 64
+#: Challenges for certificate registration: how many a uid may hold, and for how long.
+MAX_CHALLENGES: Final = 8
+CHALLENGE_LIFETIME: Final = 60.0
 #: Bytes one link message carries (appliance.protocols.links.MAX_DATA).
 MAX_LINK_DATA: Final = 64 * 1024
 #: Longest a link send or receive may wait.
@@ -683,6 +697,9 @@ class ApiCore:
         operators: frozenset[int] | None = None,
         log_backend: LogBackend | None = None,
         links: LinkBackend | None = None,
+        client_ca: ClientCA | None = None,
+        server_id: int | None = None,
+        used_certificates: UsedCertificates | None = None,
     ) -> None:
         """``store`` keeps registrations across restarts; ``offload`` runs scrypt off the event
         loop (e.g. in a thread); ``request_wait`` bounds how long a distributed request waits
@@ -693,6 +710,13 @@ class ApiCore:
         self.backend = backend
         self.log_backend = log_backend
         self.links = links
+        #: Certificate-based registration of distributed applications (§5.1, option 2).
+        self.client_ca = client_ca
+        self.server_id = server_id
+        self.used_certificates = (
+            used_certificates if used_certificates is not None else UsedCertificates(None)
+        )
+        self._challenges: dict[int, dict[bytes, float]] = {}
         self._log_buckets: dict[tuple[str, bytes, int], TokenBucket] = {}
         self.distributed = backend if isinstance(backend, DistributedBackend) else None
         self.limits = limits if limits is not None else Limits()
@@ -879,7 +903,9 @@ class ApiCore:
             )
         if request.op == "receive":
             return await self._link_receive(args["handle"], args.get("max", 64), args.get("wait_ms", 0), peer)
-        self._charge_control(peer, 4.0 if request.op == "register_distributed" else 1.0)
+        self._charge_control(
+            peer, 4.0 if request.op in ("register_distributed", "register_certified") else 1.0
+        )
         if request.op in OPERATOR_OPS and peer.uid not in self.operators:
             log.warning("api: uid %d (pid %d) refused %s: not the operator", peer.uid, peer.pid, request.op)
             raise ApiError(
@@ -896,6 +922,10 @@ class ApiCore:
             return self._register(args["name"], args["unique_id"], peer)
         if request.op == "register_distributed":
             return await self._register_distributed(args["name"], args["password"], peer)
+        if request.op == "challenge":
+            return {"challenge": self._challenge(peer)}
+        if request.op == "register_certified":
+            return self._register_certified(args["certificate"], args["challenge"], args["signature"], peer)
         if request.op == "unregister":
             self._unregister(args["handle"], peer)
             return {}
@@ -1123,6 +1153,60 @@ class ApiCore:
         derive = functools.partial(password_verifier, name, password)
         verifier = await self.offload(derive) if self.offload is not None else derive()
         return self._register(name, b"", peer, verifier)
+
+    def _challenge(self, peer: PeerCred) -> bytes:
+        """A fresh challenge for ``register_certified``: good once, for this uid, for a minute."""
+        now = self.clock()
+        pending = self._challenges.setdefault(peer.uid, {})
+        for old in [c for c, expires in pending.items() if expires < now]:
+            del pending[old]
+        while len(pending) >= MAX_CHALLENGES:
+            del pending[next(iter(pending))]
+        challenge = self.rand(CHALLENGE_SIZE)
+        pending[challenge] = now + CHALLENGE_LIFETIME
+        return challenge
+
+    def _register_certified(
+        self, certificate: bytes, challenge: bytes, signature: bytes, peer: PeerCred
+    ) -> Mapping[str, Any]:
+        if self.distributed is None:
+            raise ApiError(UNAVAILABLE, "this server does not serve distributed applications")
+        if self.client_ca is None or self.server_id is None:
+            raise ApiError(
+                UNAVAILABLE, "this server registers no clients by certificate (no [server] distributed_ca)"
+            )
+        expires = self._challenges.get(peer.uid, {}).pop(challenge, None)
+        if expires is None or expires < self.clock():
+            raise ApiError(NOT_PERMITTED, "unknown or expired challenge: ask for a new one ('challenge')")
+        now = datetime.datetime.fromtimestamp(self.wall(), datetime.UTC)
+        try:
+            client = self.client_ca.check(certificate, server=self.server_id, now=now)
+        except CertificateRefused as exc:
+            log.warning("api: uid %d (pid %d): certificate refused: %s", peer.uid, peer.pid, exc)
+            raise ApiError(NOT_PERMITTED, str(exc)) from None
+        if not verify_possession(
+            client, registration_payload(self.server_id, challenge, client.digest), signature
+        ):
+            raise ApiError(NOT_PERMITTED, "the signature does not prove possession of the certified key")
+        if client.digest in self.used_certificates:
+            log.warning(
+                "api: uid %d (pid %d) presented a used certificate of %r", peer.uid, peer.pid, client.name
+            )
+            raise ApiError(
+                NOT_PERMITTED, "this one-time certificate registered before; get a new one from the CA"
+            )
+        owner = self.registry.owner(client.name)
+        if owner is not None and owner != peer.uid:
+            raise ApiError(NOT_PERMITTED, "this application name is registered by another user")
+        self.used_certificates.add(client.digest)  # durable before the handle exists
+        log.info(
+            "api: %r component %d registered by certificate for uid %d (pid %d)",
+            client.name,
+            client.index,
+            peer.uid,
+            peer.pid,
+        )
+        return self._register(client.name, b"", peer, self.client_ca.verifier(client.name))
 
     def _lookup(self, handle: bytes, peer: PeerCred) -> Registration:
         digest = _digest(handle)

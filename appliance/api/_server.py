@@ -47,6 +47,7 @@ from pathlib import Path
 
 import trio
 
+from appliance.api._certreg import ClientCA, UsedCertificates
 from appliance.api._core import (
     BAD_REQUEST,
     NOT_PERMITTED,
@@ -326,6 +327,8 @@ async def serve_api(
     max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID,
     log_backend: LogBackend | None = None,
     links: LinkBackend | None = None,
+    client_ca: ClientCA | None = None,
+    server_id: int | None = None,
     task_status: trio.TaskStatus[ApiServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the local API at ``path`` until cancelled; ``nursery.start`` returns the ApiServer.
@@ -335,7 +338,9 @@ async def serve_api(
     ``reserved`` pins application names to uids (nobody else may register them);
     ``group`` is the gid given to the socket file (mode 0660) so that members of that group
     may connect. ``log_backend`` serves the log operations (the server's ``[log]``), ``links``
-    the proactive links' ``send`` and ``receive``.
+    the proactive links' ``send`` and ``receive``; ``client_ca`` (with ``server_id``) lets
+    distributed applications register by certificate (the certificates used are kept in
+    ``serve/used-client-certificates``).
     """
     sock_path = Path(path)
     store = RegistrationStore.in_state_dir(state_dir) if state_dir is not None else None
@@ -347,6 +352,11 @@ async def serve_api(
         offload=_in_thread,
         log_backend=log_backend,
         links=links,
+        client_ca=client_ca,
+        server_id=server_id,
+        used_certificates=UsedCertificates(
+            Path(state_dir) / "serve" / "used-client-certificates" if state_dir is not None else None
+        ),
     )
     sock = await bind_unix(sock_path, group=group)
     bound = os.stat(sock_path)

@@ -420,6 +420,46 @@ class PstClient:
             self._registration = None  # not renewed by itself: we do not keep the password
         return handle
 
+    def register_certified(self, certificate: bytes, key: Any, server: int) -> bytes:
+        """Register at ``server`` as the component of a distributed application that
+        ``certificate`` (PEM or DER, one-time, from the CA the operator named) certifies, proving
+        possession of its private ``key`` (a ``cryptography`` Ed25519 or P-256 private key) by
+        signing the server's challenge (§5.1, option 2). Returns the handle (kept). A certificate
+        registers once: to register again, get a new one."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+        from appliance.api._certreg import registration_payload
+
+        try:
+            cert = (
+                x509.load_pem_x509_certificate(certificate)
+                if b"-----BEGIN" in certificate
+                else x509.load_der_x509_certificate(certificate)
+            )
+        except ValueError as exc:
+            raise PstError("bad-request", f"not an X.509 certificate: {exc}") from None
+        der = cert.public_bytes(serialization.Encoding.DER)
+        challenge = self._call("challenge").get("challenge")
+        if not isinstance(challenge, bytes):
+            raise PstError("connection", "malformed challenge response")
+        payload = registration_payload(server, challenge, hashlib.sha256(der).digest())
+        if isinstance(key, ed25519.Ed25519PrivateKey):
+            signature = key.sign(payload)
+        elif isinstance(key, ec.EllipticCurvePrivateKey):
+            signature = key.sign(payload, ec.ECDSA(hashes.SHA256()))
+        else:
+            raise TypeError("key must be an Ed25519 or P-256 private key of the cryptography package")
+        result = self._call("register_certified", certificate=der, challenge=challenge, signature=signature)
+        handle = result.get("handle")
+        if not isinstance(handle, bytes) or len(handle) != HANDLE_SIZE:
+            raise PstError("connection", "malformed register_certified response")
+        with self._lock:
+            self.handle = handle
+            self._registration = None  # not renewed by itself: the certificate is spent
+        return handle
+
     def request_distributed(self, payload: bytes, handle: bytes | None = None) -> bytes:
         """The group's signature over ``payload`` for our distributed application.
 

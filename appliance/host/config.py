@@ -7,6 +7,8 @@ Example (``pst cluster init`` writes one per server)::
     listen = "127.0.0.1:7101"
     state_dir = "/var/lib/pst"
     api_socket = "/run/pst/api.sock"
+    # distributed_ca = "/etc/pst/clients-ca.pem"  # distributed applications may register by
+    #                               # certificate from this CA (docs/api.md, "register_certified")
 
     [rom]
     backend = "simulated"          # or "tpm", "block"
@@ -226,6 +228,8 @@ class NodeConfig:
     privsep: Privsep | None = None
     log: LogConfig | None = None
     tsa: TsaConfig | None = None
+    #: The CA of distributed applications' client certificates (§5.1, option 2), if any.
+    distributed_ca: Path | None = None
 
     @property
     def peers(self) -> dict[int, tuple[str, int]]:
@@ -320,6 +324,7 @@ def from_dict(raw: dict[str, Any], path: Path) -> NodeConfig:
         listen=parse_address(_get(server, "listen", str, path, "server"), "server.listen", path),
         state_dir=state_dir,
         api_socket=Path(_get(server, "api_socket", str, path, "server")),
+        distributed_ca=_file_key(server, "distributed_ca", path, "server"),
         constants=constants,
         http=_http_settings(raw.get("http"), path, constants.ids),
         privsep=_privsep_settings(raw.get("privsep"), path),

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from appliance.api import ApiServer, LogAdapter, PServerBackend, serve_api
+from appliance.api._certreg import ClientCA
 from appliance.host import config as node_config
 from appliance.host.config import NodeConfig
 from appliance.net import ChannelIdentity, PeerNetwork
@@ -167,6 +168,7 @@ async def _serve(
     control: socket.socket,
     listeners: list[Listener] | None = None,
     tsa: TsaService | None = None,
+    client_ca: ClientCA | None = None,
 ) -> None:
     """The network-facing process: TLS to the peers, the local API, the key-holder link, the log."""
     from appliance.apps.log.node import LogNode, is_log_frame  # after the zygote's fork
@@ -272,6 +274,8 @@ async def _serve(
                 state_dir=config.state_dir,
                 log_backend=LogAdapter(log_service) if log_service is not None else None,
                 links=links,
+                client_ca=client_ca,
+                server_id=config.server_id,
             )
         )
         assert api is not None
@@ -373,6 +377,18 @@ async def _run_web(
         )
 
 
+def _load_client_ca(config: NodeConfig) -> ClientCA | None:
+    """``[server] distributed_ca``: the CA of distributed applications' client certificates."""
+    if config.distributed_ca is None:
+        return None
+    try:
+        ca = ClientCA.load(config.distributed_ca)
+    except ValueError as exc:
+        raise ConfigError(f"{config.path}: server.distributed_ca: {exc}") from None
+    log.info("api: distributed applications may register with certificates of %s", config.distributed_ca)
+    return ca
+
+
 def _load_tsa(config: NodeConfig) -> TsaService | None:
     """The [tsa] section's authority and its period key, loaded before privileges are dropped."""
     if config.tsa is None or not config.http.enabled:
@@ -467,6 +483,7 @@ def serve(path: Path) -> int:
     try:  # after the zygote's fork, before the drop: port 514 needs root
         listeners = bind_log(config)
         tsa = _load_tsa(config)  # and the TSA key file may be readable by root only
+        client_ca = _load_client_ca(config)
     except ConfigError as exc:
         print(f"pst serve: {exc}", file=sys.stderr)
         control.close()
@@ -487,7 +504,7 @@ def serve(path: Path) -> int:
         )
     gone: list[str] = []
     try:
-        trio.run(_serve, config, zygote, control, listeners, tsa)
+        trio.run(_serve, config, zygote, control, listeners, tsa, client_ca)
     except* KeyHolderGone as group:
         gone = [str(exc) for exc in group.exceptions]
     for reason in gone:
