@@ -1,12 +1,15 @@
 """The [tsa] section in real `pst serve` processes: a 4-server cluster on loopback, each server
 its own period-key authority (the stand-in operator's key and certificate), curl posting what
-`openssl ts -query` made, `openssl ts -verify` checking the replies; and a bad key file stopping
+`openssl ts -query` made, `openssl ts -verify` checking the replies, every token's record in the
+secure log (replicated: each server holds both servers' records); and a bad key file stopping
 `pst serve` at start."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,7 +41,7 @@ def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 def test_servers_issue_tokens_that_openssl_verifies(tmp_path: Path) -> None:
     root = tmp_path / "cluster"
-    init_cluster(root, n=4, period=30, round_ms=100)
+    init_cluster(root, n=4, period=30, round_ms=100, log="key")
     stand_in = make_stand_in()
     stand_in.write(tmp_path)
     nodes = sorted(root.glob("node-*"))
@@ -69,10 +72,24 @@ def test_servers_issue_tokens_that_openssl_verifies(tmp_path: Path) -> None:
             serials.append(rfc3161.decode_tst_info(tst).serial)
         assert [serial_server(s) for s in serials] == [1, 3]
         assert (nodes[0] / "state" / "serve" / "tsa-serial").read_text() == "4096\n"
+        # Each token was in the secure log before it was released, and the log is replicated.
+        wanted = sorted(f"{s:x}" for s in serials)
+        for node in (2, 4):
+            deadline = time.monotonic() + 20
+            while True:
+                args = ("--node", str(node), "--since", "1h", "--app", "pst-tsa", "--json")
+                shown = pst("log", "show", "--dir", str(root), *args)
+                assert shown.returncode == 0, shown.stdout + shown.stderr
+                entries = [json.loads(line) for line in shown.stdout.splitlines()]
+                found = sorted(e["message"].split()[1] for e in entries)
+                if found == wanted or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            assert found == wanted, shown.stdout
+            assert {e["host"] for e in entries} == {"pst-server-1", "pst-server-3"}
+            assert {e["msgid"] for e in entries} == {"TST"}
     finally:
         pst("cluster", "down", "--dir", str(root))
-    journal = (nodes[0] / "server.log").read_text()
-    assert f"tsa: issued tst {serials[0]:x} " in journal
 
     # A key that is not the certificate's stops pst serve at start, naming the files
     other = make_stand_in()

@@ -43,7 +43,7 @@ def stand_in() -> StandIn:
 
 
 def serve(
-    tmp_path: Path, stand_in: StandIn, http: HttpConfig | None = None
+    tmp_path: Path, stand_in: StandIn, http: HttpConfig | None = None, *, fail_records: bool = False
 ) -> tuple[WebService, list[TokenRecord]]:
     authority = Authority(
         policy=POLICY,
@@ -53,7 +53,13 @@ def serve(
         chain=stand_in.chain,
     )
     records: list[TokenRecord] = []
-    route = timestamp_route(authority, local_signer(stand_in.sign), on_record=records.append)
+
+    async def record(token: TokenRecord) -> None:
+        if fail_records:
+            raise OSError("the log is full")
+        records.append(token)
+
+    route = timestamp_route(authority, local_signer(stand_in.sign), on_record=record)
     service, _, _ = make_service(tmp_path, http=http, tsa=route)
     return service, records
 
@@ -250,3 +256,22 @@ def test_period_key_files_are_checked_at_start(tmp_path: Path, stand_in: StandIn
     (tmp_path / "tsa.pem").write_text("no PEM here")
     with pytest.raises(ConfigError, match="holds no PEM certificate"):
         load_period_key(tsa, path)
+
+
+async def test_a_token_whose_record_cannot_be_logged_is_not_released(
+    tmp_path: Path, stand_in: StandIn
+) -> None:
+    """No record in the secure log, no token: the client gets systemFailure and no TSTInfo."""
+    stand_in.write(tmp_path)
+    (tmp_path / "data.txt").write_bytes(b"nobody will see this token\n")
+    openssl("ts", "-query", "-data", tmp_path / "data.txt", "-out", tmp_path / "q.tsq")
+    service, records = serve(tmp_path, stand_in, fail_records=True)
+    async with client(service) as c:
+        answer = await c.post(
+            "/tsa", content=(tmp_path / "q.tsq").read_bytes(), headers={"content-type": QUERY_TYPE}
+        )
+    assert answer.status_code == 200 and records == []
+    (tmp_path / "r.tsr").write_bytes(answer.content)
+    text = openssl("ts", "-reply", "-in", tmp_path / "r.tsr", "-text")
+    assert "Status: Rejected" in text and "could not be recorded in the secure log" in text
+    assert "TST info:\nNot included." in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import json
 import logging
@@ -358,11 +359,17 @@ async def _run_web(
             PosixStorage(config.log.directory), origin, lambda: [Verifier(origin, k) for k in log_keys]
         )
     route = None
+    if tsa is not None and log_service is None:
+        log.warning(
+            "tsa: no [log] section: issued tokens are recorded in this journal only, not the secure log"
+        )
     if tsa is not None:
         from appliance.web._tsa import local_signer, timestamp_route
 
         authority, sign = tsa
-        route = timestamp_route(authority, local_signer(sign), on_record=_log_token)
+        route = timestamp_route(
+            authority, local_signer(sign), on_record=functools.partial(_log_token, config, log_service)
+        )
     service = WebService(sources, config.http, log_reader=reader, tsa=route)
     try:
         async with trio.open_nursery() as nursery:
@@ -400,9 +407,35 @@ def _load_tsa(config: NodeConfig) -> TsaService | None:
     )
 
 
-def _log_token(record: TokenRecord) -> None:
-    # Until tokens are appended to the secure log (issue 12), the journal keeps each one.
-    log.info("tsa: issued %s", record.encode().decode())
+async def _log_token(config: NodeConfig, log_service: LogService | None, record: TokenRecord) -> None:
+    """Every token goes to the secure log before it is released (issue 12): an RFC 5424 entry of
+    application ``pst-tsa``, message id ``TST``, with the serial, genTime and SHA-256 of the
+    TSTInfo as structured data. Without a log the journal keeps it (pst serve said so at start)."""
+    from appliance.apps.log.syslog import SDElement, build_rfc5424
+    from appliance.apps.tsa.rfc3161 import format_gen_time
+
+    text = record.encode()
+    if log_service is None:
+        log.info("tsa: issued %s", text.decode())
+        return
+    when = format_gen_time(record.gen_time)
+    params = (
+        ("serial", f"{record.serial:x}"),
+        ("genTime", when),
+        ("tstinfo-sha256", record.tst_info_sha256.hex()),
+    )
+    stamp = record.gen_time.astimezone(dt.UTC)
+    line = build_rfc5424(
+        110,  # facility 13 (log audit), severity 6 (informational)
+        f"{stamp:%Y-%m-%dT%H:%M:%S}.{stamp.microsecond // 1000:03d}Z",  # RFC 5424 wants RFC 3339
+        f"pst-server-{config.server_id}",
+        "pst-tsa",
+        None,
+        "TST",
+        (SDElement("tst@32473", params),),
+        text,
+    )
+    await log_service.log_append(f"tsa of server {config.server_id}", [line])
 
 
 def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:

@@ -9,7 +9,8 @@ in, ``application/timestamp-reply`` out.
 
 The signer is the caller's (an ``async`` callable returning a DER ECDSA signature): a local key
 in "period-key" mode, the network's threshold signers later. Each token's record goes to
-``on_record`` (the secure log's append, when it is wired).
+``on_record`` (the secure log's append) and the token is released only once that returned:
+a token whose record could not be stored is answered with ``systemFailure``.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def timestamp_route(
     authority: Authority,
     sign: AsyncSigner,
     *,
-    on_record: Callable[[TokenRecord], None] | None = None,
+    on_record: Callable[[TokenRecord], Awaitable[None]] | None = None,
     path: str = PATH,
 ) -> Route:
     """The Starlette route serving ``authority`` with ``sign``; see the module's docstring."""
@@ -86,10 +87,17 @@ def timestamp_route(
             text = "signing failed; try again later"
             return _reply(rejection(RequestError(FailureInfo.SYSTEM_FAILURE, text)))
         reply = authority.finish(prepared, signature)
-        if reply.record is not None and on_record is not None:
-            on_record(reply.record)
-        elif reply.record is None:
+        if reply.record is None:
             log.error("tsa: a signature that does not verify was returned by the signer")
+        elif on_record is not None:
+            # A token leaves only once its record is in the secure log: a misdated token
+            # cannot stay hidden. No record, no token.
+            try:
+                await on_record(reply.record)
+            except Exception as exc:
+                log.error("tsa: token %x not recorded, not released: %s", reply.record.serial, exc)
+                text = "the token could not be recorded in the secure log; try again later"
+                return _reply(rejection(RequestError(FailureInfo.SYSTEM_FAILURE, text)))
         return _reply(reply)
 
     return Route(path, endpoint, methods=["POST"])
