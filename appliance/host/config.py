@@ -62,6 +62,15 @@ Example (``pst cluster init`` writes one per server)::
     # bytes_per_second = 67108864
     # batch_entries = 1024         # entries appended together at most
     # batch_delay_ms = 10          # how long the first entry of a batch waits for others
+    # tls_cert = "period"          # instead of cert/key: a P-256 key of this period with a leaf
+                                   # of the group's CA (needs [ca] and "ca" in network.secrets)
+
+    [ca]                           # the group's certificate authority (optional section; needs
+                                   # ca = "ed25519" in network.secrets; the same on every server)
+    grace_seconds = 60             # leaves are valid for their period plus this
+    tls_names = ["pst1.example.org"]  # names the servers' TLS leaves may carry, beside the
+                                   # hosts of network.peers
+    tsa_names = ["tsa.example.org"]   # names of the timestamping authority's leaf (none: no TSA)
 
 Errors name the file and the key, and say what is expected.
 """
@@ -183,6 +192,16 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class CaConfig:
+    """The [ca] section: the certificate policy of the network's ``ca`` key (appliance.apps.ca),
+    which every server checks the same way, so it must be the same on every server."""
+
+    grace: float = 60.0
+    tls_names: tuple[str, ...] = ()
+    tsa_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     path: Path
     server_id: int
@@ -200,6 +219,8 @@ class NodeConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     privsep: Privsep | None = None
     log: LogConfig | None = None
+    #: The certificate authority's policy; None when C has no ``ca`` key.
+    ca: CaConfig | None = None
 
     @property
     def peers(self) -> dict[int, tuple[str, int]]:
@@ -298,6 +319,7 @@ def from_dict(raw: dict[str, Any], path: Path) -> NodeConfig:
         http=_http_settings(raw.get("http"), path, constants.ids),
         privsep=_privsep_settings(raw.get("privsep"), path),
         log=_log_settings(raw.get("log"), path, state_dir, constants),
+        ca=_ca_settings(raw.get("ca"), path, constants),
         **rom_settings,
     )
 
@@ -474,6 +496,42 @@ def _log_settings(section: Any, path: Path, state_dir: Path, constants: Constant
         limits=limits,
         batching=batching,
         audit_interval=600.0 if audit_interval is None else float(audit_interval),
+    )
+
+
+_CA_KEYS = {"grace_seconds", "tls_names", "tsa_names"}
+
+
+def _names_list(section: dict[str, Any], key: str, path: Path) -> tuple[str, ...]:
+    value = section.get(key, [])
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) and v and len(v) <= 253 and all(ch.isprintable() and not ch.isspace() for ch in v)
+        for v in value
+    ):
+        raise ConfigError(f"{path}: ca.{key} must be a list of DNS names or IP addresses, got {value!r}")
+    return tuple(v.lower() for v in value)
+
+
+def _ca_settings(section: Any, path: Path, constants: Constants) -> CaConfig | None:
+    """The [ca] section; None when C has no ``ca`` key (then the section must be absent)."""
+    from appliance.protocols.state import CA_SECRET
+
+    if CA_SECRET not in constants.secrets:
+        if section is not None:
+            raise ConfigError(f'{path}: [ca] needs ca = "ed25519" in network.secrets (the network\'s CA key)')
+        return None
+    if section is None:
+        return CaConfig()
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [ca] must be a section")
+    for key in section:
+        if key not in _CA_KEYS:
+            raise ConfigError(f"{path}: ca.{key} is not a known key (known: {', '.join(sorted(_CA_KEYS))})")
+    grace = section.get("grace_seconds", 60.0)
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace <= 7 * 86400:
+        raise ConfigError(f"{path}: ca.grace_seconds must be a number in 0..604800, got {grace!r}")
+    return CaConfig(
+        float(grace), _names_list(section, "tls_names", path), _names_list(section, "tsa_names", path)
     )
 
 

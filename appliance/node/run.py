@@ -21,12 +21,13 @@ from appliance.host import config as node_config
 from appliance.host.config import NodeConfig
 from appliance.net import ChannelIdentity, PeerNetwork
 from appliance.node._approvals import LinkApprovals
+from appliance.node.ca import GroupRoot
 from appliance.node.keyholder import start_zygote
 from appliance.node.link import KeyHolderGone, KeyHolderLink
 from appliance.node.sdnotify import Notifier
 from appliance.node.store import StateDir
 from appliance.protocols.signing import SigningRefused
-from appliance.protocols.state import ConfigError, Constants
+from appliance.protocols.state import CA_SECRET, ConfigError, Constants
 
 if TYPE_CHECKING:
     from appliance.apps.log.node import LogNode
@@ -211,6 +212,9 @@ async def _serve(
             await log_node.identity(period, keys, ident)
 
     link = KeyHolderLink(config, on_send=on_send, on_identity=on_identity)
+    group_root: GroupRoot | None = None
+    if CA_SECRET in config.constants.secrets:
+        group_root = GroupRoot(link.call, config.http.peers, _no_fetch)
     log_service: LogService | None = None
     log_keys: list[bytes] = []  # the log's verifier key, once the key-holder told us
     async with trio.open_nursery() as nursery:
@@ -249,7 +253,9 @@ async def _serve(
         )
         log.info("server %d: local API on %s", config.server_id, config.api_socket)
         if config.http.enabled:  # in the background: the signal receiver below must come at once
-            nursery.start_soon(_run_web, config, link, backend, api, lambda: net, log_service, log_keys)
+            nursery.start_soon(
+                _run_web, config, link, backend, api, lambda: net, log_service, log_keys, group_root
+            )
         notifier.ready(f"server {config.server_id}: serving, local API on {config.api_socket}")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
             async for signum in signals:
@@ -262,6 +268,11 @@ async def _serve(
                     await log_service.stop()
                 nursery.cancel_scope.cancel()
                 break
+
+
+async def _no_fetch(url: str) -> tuple[int, bytes]:
+    """The peers' roots before the HTTP service (and its client) runs: none."""
+    raise OSError("the HTTP service is not running")
 
 
 def _peer_links(net: PeerNetwork | None) -> dict[int, Any] | None:
@@ -293,6 +304,7 @@ async def _run_web(
     network: Callable[[], PeerNetwork | None],
     log_service: LogService | None = None,
     log_keys: Sequence[bytes] = (),
+    group_root: GroupRoot | None = None,
 ) -> None:
     """The HTTP service (status page, /v1, /metrics) until cancelled. A port it cannot bind is
     logged, not fatal: the status page must never take the key service down with it."""
@@ -323,7 +335,16 @@ async def _run_web(
         reader = LogReader(
             PosixStorage(config.log.directory), origin, lambda: [Verifier(origin, k) for k in log_keys]
         )
-    service = WebService(sources, config.http, log_reader=reader)
+    ca_root = None
+    if group_root is not None:
+        root = group_root
+
+        async def ca_root(stored: bool) -> bytes | None:
+            return await root.get(stored_only=stored)
+
+    service = WebService(sources, config.http, log_reader=reader, ca_root=ca_root)
+    if group_root is not None:
+        group_root.fetch = service.fetch
     try:
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(service.run)
