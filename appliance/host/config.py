@@ -189,6 +189,10 @@ class LogConfig:
     limits: dict[str, Any] = field(default_factory=dict)
     batching: dict[str, Any] = field(default_factory=dict)
     audit_interval: float = 600.0
+    #: ``tls_cert = "period"``: TLS with a fresh P-256 key each period and a leaf of the group's CA
+    #: for ``tls_names`` (default: this server's host in network.peers), instead of cert/key.
+    period_cert: bool = False
+    tls_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -399,6 +403,8 @@ _LOG_KEYS = {
     *LOG_TRANSPORTS,
     "cert",
     "key",
+    "tls_cert",
+    "tls_names",
     "max_message_size",
     "max_connections",
     "messages_per_second",
@@ -468,9 +474,13 @@ def _log_settings(section: Any, path: Path, state_dir: Path, constants: Constant
     cert, key = _file_key(section, "cert", path, "log"), _file_key(section, "key", path, "log")
     if (cert is None) != (key is None):
         raise ConfigError(f"{path}: log.cert and log.key go together: give both or neither")
+    period_cert, tls_names = _period_cert(section, path, constants, cert is not None)
     for transport in ("tls", "relp_tls"):
-        if transport in listen and cert is None:
-            raise ConfigError(f"{path}: log.{transport} needs log.cert and log.key (its TLS certificate)")
+        if transport in listen and cert is None and not period_cert:
+            raise ConfigError(
+                f'{path}: log.{transport} needs log.cert and log.key, or log.tls_cert = "period" '
+                "(its TLS certificate)"
+            )
     limits: dict[str, Any] = {}
     for name, low, high, integer in (
         ("max_message_size", 480, LOG_MAX_MESSAGE_SIZE, True),
@@ -496,13 +506,40 @@ def _log_settings(section: Any, path: Path, state_dir: Path, constants: Constant
         limits=limits,
         batching=batching,
         audit_interval=600.0 if audit_interval is None else float(audit_interval),
+        period_cert=period_cert,
+        tls_names=tls_names,
     )
+
+
+def _period_cert(
+    section: dict[str, Any], path: Path, constants: Constants, has_files: bool
+) -> tuple[bool, tuple[str, ...]]:
+    """``log.tls_cert`` ("period" or absent) and ``log.tls_names``."""
+    from appliance.protocols.state import CA_SECRET
+
+    value = section.get("tls_cert")
+    if value is None:
+        if "tls_names" in section:
+            raise ConfigError(f'{path}: log.tls_names goes with log.tls_cert = "period"')
+        return False, ()
+    if value != "period":
+        raise ConfigError(
+            f'{path}: log.tls_cert must be "period" (or absent: log.cert and log.key), got {value!r}'
+        )
+    if has_files:
+        raise ConfigError(
+            f'{path}: log.tls_cert = "period" replaces log.cert and log.key: give one or the other'
+        )
+    if CA_SECRET not in constants.secrets:
+        raise ConfigError(f'{path}: log.tls_cert = "period" needs ca = "ed25519" in network.secrets')
+    # Empty: this server's own host in network.peers (appliance.node.ca.period_names).
+    return True, _names_list(section, "tls_names", path, "log")
 
 
 _CA_KEYS = {"grace_seconds", "tls_names", "tsa_names"}
 
 
-def _names_list(section: dict[str, Any], key: str, path: Path) -> tuple[str, ...]:
+def _names_list(section: dict[str, Any], key: str, path: Path, where: str = "ca") -> tuple[str, ...]:
     value = section.get(key, [])
     if not isinstance(value, list) or not all(
         isinstance(v, str) and v and len(v) <= 253 and all(ch.isprintable() and not ch.isspace() for ch in v)
@@ -540,6 +577,8 @@ def check_log_tls(config: NodeConfig) -> None:
     start with its name (the key file is read here and by the ingest only)."""
 
     log = config.log
+    if log is not None and log.period_cert and config.ca is None:
+        raise ConfigError(f'{config.path}: log.tls_cert = "period" needs the [ca] of the network')
     if log is not None and log.cert is not None and log.key is not None:
         server_tls_context(log.cert, log.key, "log", config.path)
 

@@ -231,3 +231,96 @@ class GroupRoot:
                 raise SigningRefused("the key-holder made no root certificate")
             self._pem = pem
             return pem
+
+
+def period_names(config: NodeConfig) -> tuple[str, ...]:
+    """The names of this server's syslog TLS leaf: ``[log] tls_names``, else its host in C."""
+    if config.log is not None and config.log.tls_names:
+        return config.log.tls_names
+    address = config.constants.peers.get(config.server_id, "")
+    host = address.rsplit(":", 1)[0].strip("[]").lower()
+    return (host,) if host else ()
+
+
+class PeriodCertificate:
+    """The syslog TLS listener's period certificate (``[log] tls_cert = "period"``).
+
+    For every period (a new KeyTable, i.e. each refresh, or a new period of C's clock), make a
+    fresh P-256 key, have the group issue a leaf for it (profile ``server-tls``, this server's
+    names, valid for the period plus the grace), and load both into ``context``: new TLS
+    connections get the new certificate, open ones keep theirs. The key and the leaf are kept in
+    ``directory`` (pst serve's own; the key file 0600, replaced and erased each period). A
+    failure is logged and retried every second; the previous certificate serves meanwhile.
+    """
+
+    KEY_FILE = "syslog-period.key"
+    CERT_FILE = "syslog-period.crt"
+
+    def __init__(
+        self,
+        call: Call,
+        context: Any,
+        names: tuple[str, ...],
+        directory: Any,
+        constants: Any,
+        clock: Callable[[], float],
+    ) -> None:
+        self.call = call
+        self.context = context
+        self.names = names
+        self.directory = directory
+        self.constants = constants
+        self.clock = clock
+        self.period: int | None = None
+        self.issued_for: tuple[int, int] | None = None
+        #: The current leaf (PEM), once there is one.
+        self.certificate: bytes | None = None
+        self._changed = trio.Event()
+
+    def new_period(self, period: int | None) -> None:
+        """A new KeyTable (from the key-holder's identity): renew."""
+        if period is not None:
+            self.period = period
+            self._changed.set()
+
+    def _want(self) -> tuple[int, int] | None:
+        if self.period is None:
+            return None
+        return (self.period, self.constants.period_at(self.clock()))
+
+    async def run(self) -> None:
+        while True:
+            want = self._want()
+            if want is not None and want != self.issued_for:
+                try:
+                    await self.renew(want)
+                except (SigningRefused, trio.TooSlowError, OSError, ValueError) as exc:
+                    log.warning("ca: no syslog TLS certificate for period %d yet: %s", want[0], exc)
+                    await trio.sleep(1.0)
+                continue
+            next_period = self.constants.period_start(self.constants.period_at(self.clock()) + 1)
+            with trio.move_on_after(max(0.1, next_period - self.clock() + 0.05)):
+                await self._changed.wait()
+            self._changed = trio.Event()
+
+    async def renew(self, want: tuple[int, int]) -> None:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        spki = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        leaf = await self.call("ca_issue", 20.0, spki=spki, profile="server-tls", names=list(self.names))
+        if not isinstance(leaf, bytes):
+            raise ValueError("the key-holder returned no certificate")
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        key_path, cert_path = self.directory / self.KEY_FILE, self.directory / self.CERT_FILE
+        await trio.to_thread.run_sync(lambda: atomic_write(key_path, key_pem, private=True))
+        await trio.to_thread.run_sync(lambda: atomic_write(cert_path, leaf))
+        self.context.load_cert_chain(str(cert_path), str(key_path))
+        self.issued_for = want
+        self.certificate = leaf
+        log.info("ca: syslog TLS serves a new period certificate (KeyTable period %d)", want[0])

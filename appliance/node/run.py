@@ -21,7 +21,7 @@ from appliance.host import config as node_config
 from appliance.host.config import NodeConfig
 from appliance.net import ChannelIdentity, PeerNetwork
 from appliance.node._approvals import LinkApprovals
-from appliance.node.ca import GroupRoot
+from appliance.node.ca import GroupRoot, PeriodCertificate, period_names
 from appliance.node.keyholder import start_zygote
 from appliance.node.link import KeyHolderGone, KeyHolderLink
 from appliance.node.sdnotify import Notifier
@@ -100,6 +100,10 @@ def open_log(
     context = None
     if settings.cert is not None and settings.key is not None:
         context = node_config.server_tls_context(settings.cert, settings.key, "log", config.path)
+    elif settings.period_cert:  # its certificate comes each period (appliance.node.ca)
+        import ssl
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
 
     def replicated(directory: Path, origin: str) -> LogNode:
         assert send is not None
@@ -168,6 +172,7 @@ async def _serve(
     window = RefreshWindow(config.constants)
 
     log_node: LogNode | None = None
+    period_cert: PeriodCertificate | None = None
 
     async def on_frame(peer: int, data: bytes) -> None:
         if is_log_frame(data):
@@ -210,6 +215,8 @@ async def _serve(
                 log.warning("channels not re-keyed for period %d: %s", period, exc)
         if log_node is not None:
             await log_node.identity(period, keys, ident)
+        if period_cert is not None:
+            period_cert.new_period(period)
 
     link = KeyHolderLink(config, on_send=on_send, on_identity=on_identity)
     group_root: GroupRoot | None = None
@@ -224,6 +231,16 @@ async def _serve(
             if isinstance(log_service.sink, LogNode):
                 log_node = log_service.sink
                 await nursery.start(log_node.run)
+        if config.log is not None and config.log.period_cert and log_service is not None:
+            period_cert = PeriodCertificate(
+                link.call,
+                log_service.ssl_context,
+                period_names(config),
+                StateDir(config.state_dir).serve_dir,
+                config.constants,
+                time.time,
+            )
+            nursery.start_soon(period_cert.run)
         await nursery.start(link.run, zygote, control)
         if log_service is not None:
             await nursery.start(log_service.run)
