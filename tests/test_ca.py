@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import random
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -523,3 +524,84 @@ def test_a_lying_server_gets_no_certificate_outside_the_policy_and_is_named(what
         assert reason in net.service(i).alerts[0].detail
     # An honest coordinator refuses it itself, before asking anyone.
     assert net.sign(1, message).startswith("refused by the coordinator")  # type: ignore[union-attr]
+
+
+# -- the [ca] section and [log] tls_cert = "period" -------------------------------------------------
+
+
+def _node_config(tmp_path: Path, secrets: str, extra: str) -> Path:
+    peers = "\n".join(f'{i} = "127.0.0.{i}:{7100 + i}"' for i in range(1, 5))
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f"""[server]
+id = 2
+listen = "127.0.0.2:7102"
+state_dir = "{tmp_path / "state"}"
+api_socket = "{tmp_path / "api.sock"}"
+[rom]
+backend = "simulated"
+path = "{tmp_path / "rom"}"
+[network]
+n = 4
+t = 1
+period_seconds = 30
+round_ms = 100
+genesis = 0.0
+secrets = {{ {secrets} }}
+[network.peers]
+{peers}
+{extra}
+"""
+    )
+    return path
+
+
+WITH_CA = 'scert = "ed25519", ca = "ed25519"'
+
+
+def test_the_ca_section_sets_the_policy_every_server_checks(tmp_path: Path) -> None:
+    from appliance.host import config as node_config
+    from appliance.node.ca import period_names, policy_of
+
+    plain = node_config.load(_node_config(tmp_path, WITH_CA, ""))
+    assert plain.ca == node_config.CaConfig()
+    assert policy_of(plain).grace == 60.0
+    assert [p.name for p in policy_of(plain).profiles] == ["server-tls"]
+    assert policy_of(plain).profiles[0].names == {"127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"}
+    config = node_config.load(
+        _node_config(
+            tmp_path,
+            WITH_CA,
+            '[ca]\ngrace_seconds = 5\ntls_names = ["PST.example.org"]\ntsa_names = ["tsa.example.org"]\n'
+            '[log]\ntls = "127.0.0.2:6514"\ntls_cert = "period"\n',
+        )
+    )
+    policy = policy_of(config)
+    assert policy.grace == 5.0 and [p.name for p in policy.profiles] == ["server-tls", "tsa"]
+    assert "pst.example.org" in policy.profiles[0].names
+    assert config.log is not None and config.log.period_cert and config.log.cert is None
+    assert period_names(config) == ("127.0.0.2",)  # its own host in C
+
+
+@pytest.mark.parametrize(
+    ("secrets", "extra", "message"),
+    [
+        ('scert = "ed25519"', "[ca]\n", 'needs ca = "ed25519" in network.secrets'),
+        (WITH_CA, "[ca]\ngrace = 5\n", "ca.grace is not a known key"),
+        (WITH_CA, "[ca]\ngrace_seconds = -1\n", "ca.grace_seconds must be a number"),
+        (WITH_CA, '[ca]\ntls_names = "x"\n', "ca.tls_names must be a list"),
+        ('scert = "ed25519", ca = "p256"', "", "'ca' must be an ed25519 (FROST) key"),
+        ('scert = "ed25519"', '[log]\ntls_cert = "period"\n', 'needs ca = "ed25519"'),
+        (WITH_CA, '[log]\ntls_cert = "files"\n', 'log.tls_cert must be "period"'),
+        (WITH_CA, '[log]\ntls_names = ["a"]\n', 'log.tls_names goes with log.tls_cert = "period"'),
+        (WITH_CA, '[log]\ntls = "127.0.0.1:6514"\n', 'or log.tls_cert = "period"'),
+    ],
+)
+def test_bad_ca_settings_are_refused_with_the_key(
+    tmp_path: Path, secrets: str, extra: str, message: str
+) -> None:
+    from appliance.host import config as node_config
+    from appliance.protocols.state import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        node_config.load(_node_config(tmp_path, secrets, extra))
