@@ -478,8 +478,8 @@ def _log_settings(section: Any, path: Path, state_dir: Path, constants: Constant
     for transport in ("tls", "relp_tls"):
         if transport in listen and cert is None and not period_cert:
             raise ConfigError(
-                f'{path}: log.{transport} needs log.cert and log.key, or log.tls_cert = "period" '
-                "(its TLS certificate)"
+                f"{path}: log.{transport} needs log.cert and log.key (its TLS certificate), "
+                'or log.tls_cert = "period"'
             )
     limits: dict[str, Any] = {}
     for name, low, high, integer in (
