@@ -1173,11 +1173,21 @@ def _cmd_ca_root(args: argparse.Namespace) -> int:
             import ssl
 
             verify = ssl.create_default_context(cafile=str(config.http.ca))
-    try:
-        answer = httpx.get(f"{url}/ca/root.pem", timeout=30.0, verify=verify, trust_env=False)
-    except httpx.HTTPError as exc:
-        print(f"pst ca root: {url}: {exc}", file=sys.stderr)
-        return 1
+    import time
+
+    deadline = time.monotonic() + args.wait
+    while True:  # a server just started opens its HTTP service a moment after its API socket
+        try:
+            answer = httpx.get(f"{url}/ca/root.pem", timeout=30.0, verify=verify, trust_env=False)
+            break
+        except httpx.ConnectError as exc:
+            if time.monotonic() >= deadline:
+                print(f"pst ca root: {url}: {exc}", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        except httpx.HTTPError as exc:
+            print(f"pst ca root: {url}: {exc}", file=sys.stderr)
+            return 1
     if answer.status_code != 200:
         print(
             f"pst ca root: {url}/ca/root.pem: HTTP {answer.status_code}: {answer.text[:300]}", file=sys.stderr
@@ -1200,6 +1210,9 @@ def _add_ca_commands(sub: Any) -> None:
     group.add_argument("--config", help="one server's TOML config")
     group.add_argument("--url", help="a server's HTTP base URL (e.g. http://127.0.0.1:7180)")
     root.add_argument("--node", type=int, help="with --dir: this server")
+    root.add_argument(
+        "--wait", type=float, default=10.0, help="seconds to wait for the server's HTTP service (default 10)"
+    )
     root.set_defaults(func=_cmd_ca_root)
 
 

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("pst.ca")
 
 ROOT_FILE = "ca-root.pem"
+#: A period certificate that could not be had is asked for again after 0.5 s, doubling up to 30 s.
+RETRY_FIRST = 0.5
+RETRY_MAX = 30.0
 MAX_PEM = 16 * 1024
 
 
@@ -250,7 +253,8 @@ class PeriodCertificate:
     names, valid for the period plus the grace), and load both into ``context``: new TLS
     connections get the new certificate, open ones keep theirs. The key and the leaf are kept in
     ``directory`` (pst serve's own; the key file 0600, replaced and erased each period). A
-    failure is logged and retried every second; the previous certificate serves meanwhile.
+    failure is logged and retried after 0.5 s, doubling up to 30 s (sooner on a new KeyTable);
+    the previous certificate serves meanwhile.
     """
 
     KEY_FILE = "syslog-period.key"
@@ -289,14 +293,26 @@ class PeriodCertificate:
         return (self.period, self.constants.period_at(self.clock()))
 
     async def run(self) -> None:
+        failures = 0
         while True:
             want = self._want()
             if want is not None and want != self.issued_for:
                 try:
                     await self.renew(want)
+                    failures = 0
                 except (SigningRefused, trio.TooSlowError, OSError, ValueError) as exc:
-                    log.warning("ca: no syslog TLS certificate for period %d yet: %s", want[0], exc)
-                    await trio.sleep(1.0)
+                    # 0.5 s, 1 s, 2 s ... up to 30 s: a refused request is an alert at every signer.
+                    delay = min(RETRY_MAX, RETRY_FIRST * 2**failures)
+                    failures += 1
+                    log.warning(
+                        "ca: no syslog TLS certificate for period %d yet (retry in %.1f s): %s",
+                        want[0],
+                        delay,
+                        exc,
+                    )
+                    with trio.move_on_after(delay):
+                        await self._changed.wait()
+                    self._changed = trio.Event()
                 continue
             next_period = self.constants.period_start(self.constants.period_at(self.clock()) + 1)
             with trio.move_on_after(max(0.1, next_period - self.clock() + 0.05)):
