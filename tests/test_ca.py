@@ -605,3 +605,77 @@ def test_bad_ca_settings_are_refused_with_the_key(
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         node_config.load(_node_config(tmp_path, secrets, extra))
+
+
+# -- pst serve's side: where the root comes from, and GET /ca/root.pem --------------------------------
+
+
+async def test_the_group_root_is_the_stored_one_else_a_peers_else_made() -> None:
+    from appliance.node.ca import GroupRoot
+
+    calls: list[tuple[str, str]] = []
+    stored: list[bytes] = []
+    peers = {2: (404, b""), 3: (200, b"not a root"), 4: (200, b"ROOT-OF-4")}
+
+    async def call(method: str, timeout: float, **args: object) -> object:
+        calls.append((method, str(args.get("mode"))))
+        if args["mode"] == "stored":
+            return stored[0] if stored else None
+        if args["mode"] == "offer":
+            if args["pem"] != b"ROOT-OF-4":
+                raise SigningRefused("ca_root: the offered certificate is refused")
+            stored.append(b"ROOT-OF-4")
+            return b"ROOT-OF-4"
+        return b"MADE"
+
+    fetched: list[str] = []
+
+    async def fetch(url: str) -> tuple[int, bytes]:
+        fetched.append(url)
+        i = int(url.split("//p")[1].split("/")[0])
+        return peers[i]
+
+    urls = {i: f"http://p{i}/" for i in peers}
+    root = GroupRoot(call, urls, fetch)
+    assert await root.get(stored_only=True) is None
+    assert await root.get() == b"ROOT-OF-4"  # server 3's is refused by the key-holder's check
+    assert fetched == [f"http://p{i}/ca/root.pem?stored=1" for i in (2, 3, 4)]
+    assert await root.get() == b"ROOT-OF-4" and calls[-1] == ("ca_root", "offer")  # cached
+    # No peer has one: it is made.
+    made = GroupRoot(call, {2: "http://p2"}, fetch)
+    stored.clear()
+    assert await made.get() == b"MADE" and calls[-1] == ("ca_root", "make")
+
+
+async def test_get_ca_root_pem(tmp_path: Path) -> None:
+    import httpx
+    from test_web import make_service
+
+    from appliance.web._app import WebApp
+
+    service, _, _ = make_service(tmp_path)
+
+    def app(ca_root: object) -> httpx.AsyncClient:
+        web = WebApp(service.local, None, service.metrics, ca_root=ca_root)  # type: ignore[arg-type]
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=web.asgi), base_url="http://127.0.0.1")
+
+    asked: list[bool] = []
+
+    async def have(stored: bool) -> bytes | None:
+        asked.append(stored)
+        return None if stored else b"-----BEGIN CERTIFICATE-----\n"
+
+    async def broken(stored: bool) -> bytes | None:
+        raise SigningRefused("timed out")
+
+    async with app(have) as c:
+        ok = await c.get("/ca/root.pem")
+        assert ok.status_code == 200 and ok.headers["content-type"] == "application/x-pem-file"
+        assert (await c.get("/ca/root.pem?stored=1")).status_code == 404
+        assert (await c.get("/ca/root.pem?stored=2")).status_code == 400
+        assert asked == [False, True]
+    async with app(None) as c:
+        answer = await c.get("/ca/root.pem")
+        assert answer.status_code == 404 and "no certificate authority" in answer.text
+    async with app(broken) as c:
+        assert (await c.get("/ca/root.pem")).status_code == 503

@@ -33,13 +33,18 @@ from appliance.protocols.state import Constants
 
 __all__ = [
     "ROOT_SPAN",
+    "TLS_EKU",
+    "TSA_EKU",
     "CertificateError",
     "assemble",
+    "check_root",
     "general_names",
     "leaf_builder",
     "leaf_validity",
     "network_name",
+    "pem",
     "root_builder",
+    "root_subject",
     "root_tbs",
     "sign_certificate",
     "tbs_of",
