@@ -268,6 +268,7 @@ def _network_ceremony(args: argparse.Namespace) -> int:
         base_port=args.base_port,
         progress=lambda line: print(line, flush=True),
         log=args.log,
+        ca=args.ca,
     )
     start = time.time() + 4.0
     print(
@@ -331,6 +332,7 @@ def _cmd_cluster_init(args: argparse.Namespace) -> int:
             base_port=args.base_port,
             progress=lambda line: print(line, flush=True),
             log=args.log,
+            ca=args.ca,
         )
     except ConfigError as exc:
         print(f"pst cluster init: {exc}", file=sys.stderr)
@@ -1162,6 +1164,71 @@ def _add_log_commands(sub: Any) -> None:
     _add_log_verify(lsub)
 
 
+def _cmd_ca_root(args: argparse.Namespace) -> int:
+    """The group root certificate (PEM) from a server's HTTP service (made on first need)."""
+    import httpx
+
+    from appliance.host.nodes import nodes_of
+    from appliance.protocols.state import ConfigError
+
+    verify: Any = True
+    if args.url is not None:
+        url = args.url.rstrip("/")
+    else:
+        try:
+            nodes = nodes_of(args)
+            config = nodes[0].config()
+        except (ConfigError, IndexError) as exc:
+            print(f"pst ca root: {exc or 'no server'}", file=sys.stderr)
+            return 2
+        url = config.http.url
+        if config.http.ca is not None:
+            import ssl
+
+            verify = ssl.create_default_context(cafile=str(config.http.ca))
+    import time
+
+    deadline = time.monotonic() + args.wait
+    while True:  # a server just started opens its HTTP service a moment after its API socket
+        try:
+            answer = httpx.get(f"{url}/ca/root.pem", timeout=30.0, verify=verify, trust_env=False)
+            break
+        except httpx.ConnectError as exc:
+            if time.monotonic() >= deadline:
+                print(f"pst ca root: {url}: {exc}", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        except httpx.HTTPError as exc:
+            print(f"pst ca root: {url}: {exc}", file=sys.stderr)
+            return 1
+    if answer.status_code != 200:
+        print(
+            f"pst ca root: {url}/ca/root.pem: HTTP {answer.status_code}: {answer.text[:300]}", file=sys.stderr
+        )
+        return 1
+    sys.stdout.write(answer.text)
+    return 0
+
+
+def _add_ca_commands(sub: Any) -> None:
+    cap = sub.add_parser("ca", help="the group's certificate authority (the threshold key 'ca' of C)")
+    csub = cap.add_subparsers(dest="ca_command", metavar="ACTION", required=True)
+    root = csub.add_parser(
+        "root",
+        help="print the group root certificate (PEM), from a server's HTTP service (--dir: --node I, "
+        "default the first server; or --url)",
+    )
+    group = root.add_mutually_exclusive_group(required=True)
+    group.add_argument("--dir", help="a cluster made by pst cluster init")
+    group.add_argument("--config", help="one server's TOML config")
+    group.add_argument("--url", help="a server's HTTP base URL (e.g. http://127.0.0.1:7180)")
+    root.add_argument("--node", type=int, help="with --dir: this server")
+    root.add_argument(
+        "--wait", type=float, default=10.0, help="seconds to wait for the server's HTTP service (default 10)"
+    )
+    root.set_defaults(func=_cmd_ca_root)
+
+
 def _add_api_commands(sub: Any) -> None:
     from appliance.api.commands import add_commands
 
@@ -1238,6 +1305,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the append-only log: checkpoints signed by a key of its own in C (default), by the "
         "group key, or no log (every secret of C adds to each refresh)",
     )
+    cinit.add_argument(
+        "--ca",
+        action="store_true",
+        help="a certificate authority key 'ca' in C: the group root certificate and the leaves its "
+        "policy allows ([ca] in the configs; docs/ca.md)",
+    )
     cinit.set_defaults(func=_cmd_cluster_init)
     cup = csub.add_parser("up", help="start every server of the cluster (one process each)")
     cup.add_argument("--dir", required=True)
@@ -1265,6 +1338,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(sub)  # check, manifest, upgrade
     _add_api_commands(sub)
     _add_log_commands(sub)
+    _add_ca_commands(sub)
 
     status = sub.add_parser(
         "status",

@@ -64,6 +64,15 @@ Example (``pst cluster init`` writes one per server)::
     # bytes_per_second = 67108864
     # batch_entries = 1024         # entries appended together at most
     # batch_delay_ms = 10          # how long the first entry of a batch waits for others
+    # tls_cert = "period"          # instead of cert/key: a P-256 key of this period with a leaf
+                                   # of the group's CA (needs [ca] and "ca" in network.secrets)
+
+    [ca]                           # the group's certificate authority (optional section; needs
+                                   # ca = "ed25519" in network.secrets; the same on every server)
+    grace_seconds = 60             # leaves are valid for their period plus this
+    tls_names = ["pst1.example.org"]  # names the servers' TLS leaves may carry, beside the
+                                   # hosts of network.peers
+    tsa_names = ["tsa.example.org"]   # names of the timestamping authority's leaf (none: no TSA)
 
     [tsa]                          # the RFC 3161 timestamping authority, POST /tsa on the HTTP
                                    # service (optional section; without it no authority)
@@ -192,6 +201,20 @@ class LogConfig:
     limits: dict[str, Any] = field(default_factory=dict)
     batching: dict[str, Any] = field(default_factory=dict)
     audit_interval: float = 600.0
+    #: ``tls_cert = "period"``: TLS with a fresh P-256 key each period and a leaf of the group's CA
+    #: for ``tls_names`` (default: this server's host in network.peers), instead of cert/key.
+    period_cert: bool = False
+    tls_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CaConfig:
+    """The [ca] section: the certificate policy of the network's ``ca`` key (appliance.apps.ca),
+    which every server checks the same way, so it must be the same on every server."""
+
+    grace: float = 60.0
+    tls_names: tuple[str, ...] = ()
+    tsa_names: tuple[str, ...] = ()
 
 
 TSA_MODES = ("period-key",)
@@ -230,6 +253,8 @@ class NodeConfig:
     tsa: TsaConfig | None = None
     #: The CA of distributed applications' client certificates (§5.1, option 2), if any.
     distributed_ca: Path | None = None
+    #: The certificate authority's policy; None when C has no ``ca`` key.
+    ca: CaConfig | None = None
 
     @property
     def peers(self) -> dict[int, tuple[str, int]]:
@@ -330,6 +355,7 @@ def from_dict(raw: dict[str, Any], path: Path) -> NodeConfig:
         privsep=_privsep_settings(raw.get("privsep"), path),
         log=_log_settings(raw.get("log"), path, state_dir, constants),
         tsa=_tsa_settings(raw.get("tsa"), path),
+        ca=_ca_settings(raw.get("ca"), path, constants),
         **rom_settings,
     )
 
@@ -409,6 +435,8 @@ _LOG_KEYS = {
     *LOG_TRANSPORTS,
     "cert",
     "key",
+    "tls_cert",
+    "tls_names",
     "max_message_size",
     "max_connections",
     "messages_per_second",
@@ -478,9 +506,13 @@ def _log_settings(section: Any, path: Path, state_dir: Path, constants: Constant
     cert, key = _file_key(section, "cert", path, "log"), _file_key(section, "key", path, "log")
     if (cert is None) != (key is None):
         raise ConfigError(f"{path}: log.cert and log.key go together: give both or neither")
+    period_cert, tls_names = _period_cert(section, path, constants, cert is not None)
     for transport in ("tls", "relp_tls"):
-        if transport in listen and cert is None:
-            raise ConfigError(f"{path}: log.{transport} needs log.cert and log.key (its TLS certificate)")
+        if transport in listen and cert is None and not period_cert:
+            raise ConfigError(
+                f"{path}: log.{transport} needs log.cert and log.key (its TLS certificate), "
+                'or log.tls_cert = "period"'
+            )
     limits: dict[str, Any] = {}
     for name, low, high, integer in (
         ("max_message_size", 480, LOG_MAX_MESSAGE_SIZE, True),
@@ -506,6 +538,69 @@ def _log_settings(section: Any, path: Path, state_dir: Path, constants: Constant
         limits=limits,
         batching=batching,
         audit_interval=600.0 if audit_interval is None else float(audit_interval),
+        period_cert=period_cert,
+        tls_names=tls_names,
+    )
+
+
+def _period_cert(
+    section: dict[str, Any], path: Path, constants: Constants, has_files: bool
+) -> tuple[bool, tuple[str, ...]]:
+    """``log.tls_cert`` ("period" or absent) and ``log.tls_names``."""
+    from appliance.protocols.state import CA_SECRET
+
+    value = section.get("tls_cert")
+    if value is None:
+        if "tls_names" in section:
+            raise ConfigError(f'{path}: log.tls_names goes with log.tls_cert = "period"')
+        return False, ()
+    if value != "period":
+        raise ConfigError(
+            f'{path}: log.tls_cert must be "period" (or absent: log.cert and log.key), got {value!r}'
+        )
+    if has_files:
+        raise ConfigError(
+            f'{path}: log.tls_cert = "period" replaces log.cert and log.key: give one or the other'
+        )
+    if CA_SECRET not in constants.secrets:
+        raise ConfigError(f'{path}: log.tls_cert = "period" needs ca = "ed25519" in network.secrets')
+    # Empty: this server's own host in network.peers (appliance.node.ca.period_names).
+    return True, _names_list(section, "tls_names", path, "log")
+
+
+_CA_KEYS = {"grace_seconds", "tls_names", "tsa_names"}
+
+
+def _names_list(section: dict[str, Any], key: str, path: Path, where: str = "ca") -> tuple[str, ...]:
+    value = section.get(key, [])
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) and v and len(v) <= 253 and all(ch.isprintable() and not ch.isspace() for ch in v)
+        for v in value
+    ):
+        raise ConfigError(f"{path}: ca.{key} must be a list of DNS names or IP addresses, got {value!r}")
+    return tuple(v.lower() for v in value)
+
+
+def _ca_settings(section: Any, path: Path, constants: Constants) -> CaConfig | None:
+    """The [ca] section; None when C has no ``ca`` key (then the section must be absent)."""
+    from appliance.protocols.state import CA_SECRET
+
+    if CA_SECRET not in constants.secrets:
+        if section is not None:
+            raise ConfigError(f'{path}: [ca] needs ca = "ed25519" in network.secrets (the network\'s CA key)')
+        return None
+    if section is None:
+        return CaConfig()
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [ca] must be a section")
+    for key in section:
+        if key not in _CA_KEYS:
+            raise ConfigError(f"{path}: ca.{key} is not a known key (known: {', '.join(sorted(_CA_KEYS))})")
+    grace = section.get("grace_seconds", 60.0)
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace <= 7 * 86400:
+        raise ConfigError(f"{path}: ca.grace_seconds must be a number in 0..604800, got {grace!r}")
+    return CaConfig(
+        float(grace), _names_list(section, "tls_names", path), _names_list(section, "tsa_names", path)
     )
 
 
@@ -552,6 +647,8 @@ def check_log_tls(config: NodeConfig) -> None:
     start with its name (the key file is read here and by the ingest only)."""
 
     log = config.log
+    if log is not None and log.period_cert and config.ca is None:
+        raise ConfigError(f'{config.path}: log.tls_cert = "period" needs the [ca] of the network')
     if log is not None and log.cert is not None and log.key is not None:
         server_tls_context(log.cert, log.key, "log", config.path)
 

@@ -37,7 +37,7 @@ from appliance.boot.rom import SimulatedRom
 from appliance.host.config import default_log_origin
 from appliance.host.files import atomic_write
 from appliance.node.store import StateDir
-from appliance.protocols.state import LOG_SECRET, SCERT, ConfigError, Constants
+from appliance.protocols.state import CA_SECRET, LOG_SECRET, SCERT, ConfigError, Constants
 from appliance.sim.setup import make_network
 
 
@@ -77,11 +77,14 @@ def check_ports(n: int, base_port: int) -> None:
 LOG_MODES = ("key", "group", "off")
 
 
-def _secrets(log: str) -> dict[str, str]:
+def _secrets(log: str, ca: bool = False) -> dict[str, str]:
     if log not in LOG_MODES:
         raise ConfigError(f"--log {log!r}: one of {', '.join(LOG_MODES)}")
     # The log's own key signs checkpoints and nothing else (issue 11).
-    return {SCERT: "ed25519", LOG_SECRET: "ed25519"} if log == "key" else {SCERT: "ed25519"}
+    secrets = {SCERT: "ed25519", LOG_SECRET: "ed25519"} if log == "key" else {SCERT: "ed25519"}
+    if ca:  # the group's certificate authority (appliance.apps.ca): certificates and nothing else
+        secrets[CA_SECRET] = "ed25519"
+    return secrets
 
 
 def config_text(root: Path, i: int, c: Constants, base_port: int, *, log: bool = True) -> str:
@@ -146,6 +149,7 @@ def prepare_network_ceremony(
     progress: Callable[[str], None] = print,
     code: Manifest | None = None,
     log: str = "key",
+    ca: bool = False,
 ) -> Constants:
     """Configs, simulated ROMs (Vstart), Sstart files and manifests; the state comes from ``pst init``."""
     from nacl.signing import SigningKey
@@ -162,7 +166,7 @@ def prepare_network_ceremony(
         genesis=time.time(),
         peers={i: f"127.0.0.1:{base_port + i}" for i in range(1, n + 1)},
         code_digest=code.digest(),
-        secrets=_secrets(log),
+        secrets=_secrets(log, ca),
     )
     root.mkdir(parents=True, exist_ok=True)
     atomic_write(root / "cluster.toml", f"n = {n}\nt = {t}\nbase_port = {base_port}\n".encode())
@@ -191,6 +195,7 @@ def init_cluster(
     code: Manifest | None = None,
     secrets: dict[str, str] | None = None,
     log: str = "key",
+    ca: bool = False,
 ) -> Constants:
     """One-process ceremony; ``code`` is the manifest C names (default: this environment's);
     ``secrets`` the long-lived secrets of C (default: the group key, and the log's key when
@@ -208,7 +213,7 @@ def init_cluster(
         genesis=genesis,
         peers={i: f"127.0.0.1:{base_port + i}" for i in range(1, n + 1)},
         code_digest=code.digest(),
-        secrets=dict(secrets) if secrets is not None else _secrets(log),
+        secrets=dict(secrets) if secrets is not None else _secrets(log, ca),
     )
     progress(f"code manifest: {len(code)} files, digest {code.digest().hex()} (in C)")
     progress(f"initialization ceremony for n={n}, t={t}: DKG of (Scert, Vcert), M, KeyTable(0) ...")

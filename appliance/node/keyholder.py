@@ -71,7 +71,7 @@ from appliance.node.store import StateDir
 from appliance.protocols._core import AlertKind
 from appliance.protocols.refresh import current_table
 from appliance.protocols.signing import SigningRefused
-from appliance.protocols.state import LOG_SECRET, SCERT
+from appliance.protocols.state import CA_SECRET, LOG_SECRET, SCERT
 
 log = logging.getLogger("pst.keyholder")
 
@@ -170,6 +170,12 @@ class _Child:
         self.server.retire_after_refresh = True
         if config.log is not None:
             self._guard_log(config)
+        ca_methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
+        if CA_SECRET in config.constants.secrets:
+            from appliance.node.ca import CaAuthority
+
+            authority = CaAuthority(config, self.server)  # registers the sign/ca check
+            ca_methods = {"ca_root": authority.ca_root, "ca_issue": authority.ca_issue}
         self._drained = trio.Event()
         self.methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "sign": self._sign,
@@ -181,6 +187,7 @@ class _Child:
             "sign_checkpoint": self._sign_checkpoint,
             "log_key": self._log_key,
             **keyholder_methods(self.server),  # distributed applications (paper §5.1)
+            **ca_methods,  # the group's certificate authority (appliance.node.ca)
         }
 
     async def _transport(

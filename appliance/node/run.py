@@ -24,13 +24,14 @@ from appliance.host.config import NodeConfig
 from appliance.net import ChannelIdentity, PeerNetwork
 from appliance.node._approvals import LinkApprovals
 from appliance.node._plinks import ProactiveLinks
+from appliance.node.ca import GroupRoot, PeriodCertificate, period_names
 from appliance.node.keyholder import start_zygote
 from appliance.node.link import KeyHolderGone, KeyHolderLink
 from appliance.node.sdnotify import Notifier
 from appliance.node.store import StateDir
 from appliance.protocols.links import is_link_frame
 from appliance.protocols.signing import SigningRefused
-from appliance.protocols.state import ConfigError, Constants
+from appliance.protocols.state import CA_SECRET, ConfigError, Constants
 
 if TYPE_CHECKING:
     from appliance.apps.log.node import LogNode
@@ -108,6 +109,10 @@ def open_log(
     context = None
     if settings.cert is not None and settings.key is not None:
         context = node_config.server_tls_context(settings.cert, settings.key, "log", config.path)
+    elif settings.period_cert:  # its certificate comes each period (appliance.node.ca)
+        import ssl
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
 
     def replicated(directory: Path, origin: str) -> LogNode:
         assert send is not None
@@ -190,6 +195,7 @@ async def _serve(
         authenticated=lambda peer: net is not None and net.is_authenticated(peer),
         period=lambda: net.period if net is not None else None,
     )
+    period_cert: PeriodCertificate | None = None
 
     async def on_frame(peer: int, data: bytes) -> None:
         if is_log_frame(data):
@@ -237,8 +243,13 @@ async def _serve(
                 log.warning("channels not re-keyed for period %d: %s", period, exc)
         if log_node is not None:
             await log_node.identity(period, keys, ident)
+        if period_cert is not None:
+            period_cert.new_period(period)
 
     link = KeyHolderLink(config, on_send=on_send, on_identity=on_identity)
+    group_root: GroupRoot | None = None
+    if CA_SECRET in config.constants.secrets:
+        group_root = GroupRoot(link.call, config.http.peers, _no_fetch)
     log_service: LogService | None = None
     log_keys: list[bytes] = []  # the log's verifier key, once the key-holder told us
     async with trio.open_nursery() as nursery:
@@ -248,6 +259,16 @@ async def _serve(
             if isinstance(log_service.sink, LogNode):
                 log_node = log_service.sink
                 await nursery.start(log_node.run)
+        if config.log is not None and config.log.period_cert and log_service is not None:
+            period_cert = PeriodCertificate(
+                link.call,
+                log_service.ssl_context,
+                period_names(config),
+                StateDir(config.state_dir).serve_dir,
+                config.constants,
+                time.time,
+            )
+            nursery.start_soon(period_cert.run)
         await nursery.start(link.run, zygote, control)
         if log_service is not None:
             await nursery.start(log_service.run)
@@ -282,7 +303,9 @@ async def _serve(
         assert api is not None
         log.info("server %d: local API on %s", config.server_id, config.api_socket)
         if config.http.enabled:  # in the background: the signal receiver below must come at once
-            nursery.start_soon(_run_web, config, link, backend, api, lambda: net, log_service, log_keys, tsa)
+            nursery.start_soon(
+                _run_web, config, link, backend, api, lambda: net, log_service, log_keys, tsa, group_root
+            )
         notifier.ready(f"server {config.server_id}: serving, local API on {config.api_socket}")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
             async for signum in signals:
@@ -295,6 +318,11 @@ async def _serve(
                     await log_service.stop()
                 nursery.cancel_scope.cancel()
                 break
+
+
+async def _no_fetch(url: str) -> tuple[int, bytes]:
+    """The peers' roots before the HTTP service (and its client) runs: none."""
+    raise OSError("the HTTP service is not running")
 
 
 def _peer_links(net: PeerNetwork | None) -> dict[int, Any] | None:
@@ -327,6 +355,7 @@ async def _run_web(
     log_service: LogService | None = None,
     log_keys: Sequence[bytes] = (),
     tsa: TsaService | None = None,
+    group_root: GroupRoot | None = None,
 ) -> None:
     """The HTTP service (status page, /v1, /metrics, and POST /tsa with a [tsa] section) until
     cancelled. A port it cannot bind is logged, not fatal: the status page must never take the
@@ -370,7 +399,16 @@ async def _run_web(
         route = timestamp_route(
             authority, local_signer(sign), on_record=functools.partial(_log_token, config, log_service)
         )
-    service = WebService(sources, config.http, log_reader=reader, tsa=route)
+    ca_root = None
+    if group_root is not None:
+        root = group_root
+
+        async def ca_root(stored: bool) -> bytes | None:
+            return await root.get(stored_only=stored)
+
+    service = WebService(sources, config.http, log_reader=reader, tsa=route, ca_root=ca_root)
+    if group_root is not None:
+        group_root.fetch = service.fetch
     try:
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(service.run)

@@ -65,6 +65,10 @@ class AlertKind(enum.Enum):
     #: This server's own copy of the log does not give the root of a checkpoint the network
     #: signed: its tiles or entries were changed on disk (found by its audit, or by a checkpoint).
     LOG_STORE_DAMAGED = "log-store-damaged"
+    #: A server asked us to sign, with the network's certificate authority key ``ca``, a
+    #: certificate outside the policy (a name not allowed, a CA, a validity longer than a period
+    #: plus the grace, an unknown extension, a malformed TBSCertificate): appliance.apps.ca.
+    CERTIFICATE_OUTSIDE_POLICY = "certificate-outside-policy"
 
 
 @dataclass(frozen=True)

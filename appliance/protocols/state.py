@@ -31,6 +31,9 @@ from appliance.protocols._core import ed25519_verify
 SCERT = "scert"
 #: The log's own key (issue 11), when C has it: it signs the log's checkpoints and nothing else.
 LOG_SECRET = "log"
+#: The network's certificate authority key (appliance.apps.ca), when C has it: it signs the group
+#: root certificate and the leaves its policy allows, nothing else.
+CA_SECRET = "ca"
 GROUPS: dict[str, Group[Any]] = {"ed25519": ED25519, "dsa2048": DSA2048, "p256": P256}
 CONTEXT = "pst/state"
 
@@ -79,6 +82,8 @@ class Constants:
             raise ConfigError("period_length and delta must be positive")
         if self.secrets.get(SCERT) != "ed25519":
             raise ConfigError("the group key 'scert' must be an ed25519 (FROST) key")
+        if CA_SECRET in self.secrets and self.secrets[CA_SECRET] != "ed25519":
+            raise ConfigError("the certificate authority key 'ca' must be an ed25519 (FROST) key")
         for sid, group in self.secrets.items():
             if group not in GROUPS:
                 raise ConfigError(f"secret {sid!r}: unknown group {group!r} (known: {sorted(GROUPS)})")

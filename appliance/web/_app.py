@@ -235,9 +235,13 @@ class WebApp:
         loopback_only: bool = True,
         log: LogReader | None = None,
         tsa: Route | None = None,
+        ca_root: Callable[[bool], Awaitable[bytes | None]] | None = None,
     ) -> None:
         """``log``: the log's read-only view, served under ``/log/`` (none: those paths are 404s).
-        ``tsa``: the timestamping authority's POST route (:func:`appliance.web._tsa.timestamp_route`)."""
+        ``tsa``: the timestamping authority's POST route (:func:`appliance.web._tsa.timestamp_route`).
+        ``ca_root``: the group root certificate's PEM (argument: only if already stored), served
+        as ``/ca/root.pem`` (none: a 404)."""
+        self.ca_root = ca_root
         self.local = local
         self.poller = poller
         self.metrics = metrics
@@ -255,6 +259,7 @@ class WebApp:
             Route("/v1/health", self.health, methods=["GET", "HEAD"]),
             Route("/v1/openapi.json", self.openapi, methods=["GET", "HEAD"]),
             Route("/metrics", self.prometheus, methods=["GET", "HEAD"]),
+            Route("/ca/root.pem", self.ca_root_pem, methods=["GET", "HEAD"]),
         ]
         if log is not None:
             from appliance.web._log import LogRoutes
@@ -292,6 +297,20 @@ class WebApp:
         self.asgi: ASGIApp = _Guard(self.starlette, self)
 
     # -- routes -------------------------------------------------------------------------------
+
+    async def ca_root_pem(self, request: Request) -> Response:
+        """The group root certificate (PEM); ``?stored=1``: only if this server already has it."""
+        stored = _params(request, {"stored": (0, 1)}).get("stored", 0) == 1
+        if self.ca_root is None:
+            raise HttpError(404, "not-found", "this network has no certificate authority key 'ca'")
+        try:
+            pem = await self.ca_root(stored)
+        except Exception as exc:  # the key-holder refused or timed out: say so, keep serving
+            log.warning("web: /ca/root.pem: %s", exc)
+            raise HttpError(503, "unavailable", "the group root certificate could not be had now") from None
+        if pem is None:
+            raise HttpError(404, "not-found", "this server has no group root certificate yet")
+        return Response(pem, media_type="application/x-pem-file")
 
     async def index(self, request: Request) -> Response:
         _params(request, {})

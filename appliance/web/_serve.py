@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import httpx
@@ -46,8 +47,10 @@ class WebService:
         fetch: Fetcher | None = None,
         log_reader: LogReader | None = None,
         tsa: Route | None = None,
+        ca_root: Callable[[bool], Awaitable[bytes | None]] | None = None,
     ) -> None:
-        """``log_reader``: the log's read-only view, served under ``/log/`` (see appliance.web._log)."""
+        """``log_reader``: the log's read-only view, served under ``/log/`` (see appliance.web._log);
+        ``ca_root``: the group root certificate, served as ``/ca/root.pem`` (appliance.node.ca)."""
         self.sources = sources
         self.http = http
         self.local = LocalView(sources)
@@ -64,8 +67,13 @@ class WebService:
             loopback_only=is_loopback(http.listen[0]),
             log=log_reader,
             tsa=tsa,
+            ca_root=ca_root,
         )
         self._last_rejection: Any = None
+
+    async def fetch(self, url: str) -> tuple[int, bytes]:
+        """GET ``url`` from a peer's HTTP service (the client of the peers' status pages)."""
+        return await self._fetch(url)
 
     async def _fetch(self, url: str) -> tuple[int, bytes]:
         if self._client is None:

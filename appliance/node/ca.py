@@ -1,0 +1,342 @@
+"""The group's certificate authority on a server: the key-holder's side and ``pst serve``'s side.
+
+Key-holder (:class:`CaAuthority`): registers the ``sign/ca`` check
+(:class:`~appliance.apps.ca.policy.CertificateCheck`, with this server's clock and [ca]
+policy), and answers two calls of the network-facing process:
+
+* ``ca_root``: the group root PEM, kept in the public state dir (``public/ca-root.pem``).
+  ``mode`` "stored" returns it if this server has it; "offer" takes a PEM a peer served and keeps
+  it if its TBSCertificate is ours byte for byte and its signature verifies with the ``ca`` key;
+  "make" gets the network's threshold signature on the root's TBS (two passes) and keeps it.
+* ``ca_issue``: a leaf for a public key (SubjectPublicKeyInfo DER), a profile and names, valid for
+  the current period plus the grace, signed through ``sign/ca`` (each signer checks it first).
+
+``pst serve`` (:class:`GroupRoot`): on first need, asks its key-holder for the stored root, else
+fetches a peer's (``GET /ca/root.pem?stored=1`` on ``[http.peers]``) and offers it, else has one
+made. So the servers serve the same certificate, unless two made one at the same moment: then
+both are valid roots with the same TBS (same key, names, validity) and differ only in the bytes
+of the signature (FROST signatures are randomized).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from appliance.apps.ca.policy import CaPolicy, CertificateCheck, server_tls_profile, tsa_profile
+from appliance.apps.ca.x509 import CertificateError
+from appliance.host.config import CaConfig, NodeConfig
+from appliance.host.files import atomic_write
+from appliance.node.store import StateDir
+from appliance.protocols.signing import SigningRefused
+from appliance.protocols.state import CA_SECRET
+
+if TYPE_CHECKING:
+    from appliance.node.server import PServer
+
+log = logging.getLogger("pst.ca")
+
+ROOT_FILE = "ca-root.pem"
+#: A period certificate that could not be had is asked for again after 0.5 s, doubling up to 30 s.
+RETRY_FIRST = 0.5
+RETRY_MAX = 30.0
+MAX_PEM = 16 * 1024
+
+
+def policy_of(config: NodeConfig) -> CaPolicy:
+    """The [ca] policy: the servers' TLS names (C's peers' hosts and ``tls_names``), the TSA's."""
+    ca = config.ca or CaConfig()
+    profiles = [server_tls_profile(config.constants, ca.tls_names)]
+    if ca.tsa_names:
+        profiles.append(tsa_profile(ca.tsa_names))
+    return CaPolicy(ca.grace, tuple(profiles))
+
+
+class CaAuthority:
+    """The key-holder's CA: the check on ``sign/ca`` and the root and leaves it asks the network for."""
+
+    def __init__(self, config: NodeConfig, server: PServer) -> None:
+        self.config = config
+        self.server = server
+        self.policy = policy_of(config)
+        self.path = StateDir(config.state_dir).public_dir / ROOT_FILE
+        self.check = CertificateCheck(config.constants, self.public, self.policy, clock=server.clock)
+        server.add_payload_check(CA_SECRET, self.check)
+
+    def public(self) -> bytes | None:
+        core = self.server.core
+        sharing = core.public.sharings.get(CA_SECRET) if core is not None else None
+        return sharing.public_key if sharing is not None else None
+
+    def _public(self) -> bytes:
+        public = self.public()
+        if public is None:
+            raise SigningRefused("this server does not hold the ca public key yet")
+        return public
+
+    def _sign(self, timeout: float) -> Callable[[bytes], Awaitable[bytes]]:
+        async def sign(tbs: bytes) -> bytes:
+            return await self.server.sign_payload(tbs, timeout=timeout, secret=CA_SECRET)
+
+        return sign
+
+    def stored(self) -> bytes | None:
+        from appliance.apps.ca.x509 import check_root
+
+        try:
+            pem = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            check_root(pem, self._public(), self.config.constants)
+        except CertificateError as exc:
+            log.warning("ca: %s is not this network's root (%s); it will be made again", self.path, exc)
+            return None
+        return pem
+
+    def offer(self, pem: bytes) -> bytes:
+        from appliance.apps.ca.x509 import check_root
+
+        if len(pem) > MAX_PEM:
+            raise ValueError("ca_root: the offered PEM is too large")
+        try:
+            check_root(pem, self._public(), self.config.constants)
+        except CertificateError as exc:
+            raise ValueError(f"ca_root: the offered certificate is refused: {exc}") from None
+        atomic_write(self.path, pem)
+        return pem
+
+    async def make(self, timeout: float) -> bytes:
+        from appliance.apps.ca.x509 import pem, root_builder, sign_certificate
+
+        public = self._public()
+        cert = await sign_certificate(
+            root_builder(public, self.config.constants), public, self._sign(timeout)
+        )
+        data = pem(cert)
+        atomic_write(self.path, data)
+        log.info("ca: the group root certificate was signed by the network")
+        return data
+
+    async def issue(self, spki: bytes, profile_name: str, names: list[str], timeout: float) -> bytes:
+        from cryptography.hazmat.primitives.serialization import load_der_public_key
+        from cryptography.x509 import ObjectIdentifier
+
+        from appliance.apps.ca.policy import PolicyError
+        from appliance.apps.ca.x509 import leaf_builder, leaf_validity, pem, sign_certificate
+
+        public = self._public()
+        try:
+            profile = self.policy.profile(profile_name)
+        except PolicyError as exc:
+            raise ValueError(str(exc)) from None
+        outside = [n for n in names if n.lower() not in profile.names]
+        if not names or outside:
+            raise ValueError(
+                f"ca_issue: names {outside or names} are not allowed by profile {profile.name!r}"
+            )
+        try:
+            key = load_der_public_key(spki)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"ca_issue: unreadable public key: {exc}") from None
+        builder = leaf_builder(
+            root_public=public,
+            constants=self.config.constants,
+            subject_key=key,
+            names=[n.lower() for n in names],
+            eku=[ObjectIdentifier(oid) for oid in sorted(profile.eku)],
+            eku_critical=profile.eku_critical,
+            validity=leaf_validity(self.config.constants, self.server.clock(), self.policy.grace),
+        )
+        return pem(await sign_certificate(builder, public, self._sign(timeout)))
+
+    # The key-holder's methods (keyholder.py) ----------------------------------------------------
+
+    async def ca_root(self, args: dict[str, Any]) -> bytes | None:
+        mode = args.get("mode")
+        timeout = args.get("timeout_ms")
+        seconds = timeout / 1000 if isinstance(timeout, int) and 0 < timeout <= 600_000 else 15.0
+        if mode == "stored":
+            return self.stored()
+        if mode == "offer":
+            offered = args.get("pem")
+            if not isinstance(offered, bytes):
+                raise TypeError("ca_root: 'pem' must be bytes")
+            return self.offer(offered)
+        if mode == "make":
+            try:
+                return self.stored() or await self.make(seconds)
+            except CertificateError as exc:
+                raise SigningRefused(f"ca_root: {exc}") from None
+        raise ValueError(f"ca_root: unknown mode {mode!r} (stored, offer, make)")
+
+    async def ca_issue(self, args: dict[str, Any]) -> bytes:
+        spki, profile, names = args.get("spki"), args.get("profile"), args.get("names")
+        if not isinstance(spki, bytes) or not isinstance(profile, str) or not isinstance(names, list):
+            raise TypeError("ca_issue: 'spki' must be bytes, 'profile' a string and 'names' a list")
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError("ca_issue: 'names' must be strings")
+        timeout = args.get("timeout_ms")
+        seconds = timeout / 1000 if isinstance(timeout, int) and 0 < timeout <= 600_000 else 15.0
+        try:
+            return await self.issue(spki, profile, list(names), seconds)
+        except CertificateError as exc:
+            raise SigningRefused(f"ca_issue: {exc}") from None
+
+
+Call = Callable[..., Awaitable[Any]]
+Fetch = Callable[[str], Awaitable[tuple[int, bytes]]]
+
+
+class GroupRoot:
+    """``pst serve``'s view of the group root: stored, a peer's, or made (see the module doc)."""
+
+    def __init__(self, call: Call, peer_urls: Mapping[int, str], fetch: Fetch) -> None:
+        self.call = call
+        self.peer_urls = dict(peer_urls)
+        self.fetch = fetch
+        self._pem: bytes | None = None
+        self._lock = trio.Lock()
+
+    async def get(self, *, stored_only: bool = False) -> bytes | None:
+        if self._pem is not None:
+            return self._pem
+        async with self._lock:
+            if self._pem is not None:
+                return self._pem
+            pem = await self.call("ca_root", 5.0, mode="stored")
+            if isinstance(pem, bytes):
+                self._pem = pem
+                return pem
+            if stored_only:
+                return None
+            for i, url in sorted(self.peer_urls.items()):
+                try:
+                    status, body = await self.fetch(url.rstrip("/") + "/ca/root.pem?stored=1")
+                except Exception as exc:  # any failure of one peer: try the next
+                    log.info("ca: server %d's root could not be fetched: %s", i, exc)
+                    continue
+                if status != 200 or len(body) > MAX_PEM:
+                    continue
+                try:
+                    pem = await self.call("ca_root", 5.0, mode="offer", pem=body)
+                except SigningRefused as exc:
+                    log.warning("ca: server %d served a root we refuse: %s", i, exc)
+                    continue
+                if isinstance(pem, bytes):
+                    self._pem = pem
+                    return pem
+            pem = await self.call("ca_root", 20.0, mode="make")
+            if not isinstance(pem, bytes):
+                raise SigningRefused("the key-holder made no root certificate")
+            self._pem = pem
+            return pem
+
+
+def period_names(config: NodeConfig) -> tuple[str, ...]:
+    """The names of this server's syslog TLS leaf: ``[log] tls_names``, else its host in C."""
+    if config.log is not None and config.log.tls_names:
+        return config.log.tls_names
+    address = config.constants.peers.get(config.server_id, "")
+    host = address.rsplit(":", 1)[0].strip("[]").lower()
+    return (host,) if host else ()
+
+
+class PeriodCertificate:
+    """The syslog TLS listener's period certificate (``[log] tls_cert = "period"``).
+
+    For every period (a new KeyTable, i.e. each refresh, or a new period of C's clock), make a
+    fresh P-256 key, have the group issue a leaf for it (profile ``server-tls``, this server's
+    names, valid for the period plus the grace), and load both into ``context``: new TLS
+    connections get the new certificate, open ones keep theirs. The key and the leaf are kept in
+    ``directory`` (pst serve's own; the key file 0600, replaced and erased each period). A
+    failure is logged and retried after 0.5 s, doubling up to 30 s (sooner on a new KeyTable);
+    the previous certificate serves meanwhile.
+    """
+
+    KEY_FILE = "syslog-period.key"
+    CERT_FILE = "syslog-period.crt"
+
+    def __init__(
+        self,
+        call: Call,
+        context: Any,
+        names: tuple[str, ...],
+        directory: Any,
+        constants: Any,
+        clock: Callable[[], float],
+    ) -> None:
+        self.call = call
+        self.context = context
+        self.names = names
+        self.directory = directory
+        self.constants = constants
+        self.clock = clock
+        self.period: int | None = None
+        self.issued_for: tuple[int, int] | None = None
+        #: The current leaf (PEM), once there is one.
+        self.certificate: bytes | None = None
+        self._changed = trio.Event()
+
+    def new_period(self, period: int | None) -> None:
+        """A new KeyTable (from the key-holder's identity): renew."""
+        if period is not None:
+            self.period = period
+            self._changed.set()
+
+    def _want(self) -> tuple[int, int] | None:
+        if self.period is None:
+            return None
+        return (self.period, self.constants.period_at(self.clock()))
+
+    async def run(self) -> None:
+        failures = 0
+        while True:
+            want = self._want()
+            if want is not None and want != self.issued_for:
+                try:
+                    await self.renew(want)
+                    failures = 0
+                except (SigningRefused, trio.TooSlowError, OSError, ValueError) as exc:
+                    # 0.5 s, 1 s, 2 s ... up to 30 s: a refused request is an alert at every signer.
+                    delay = min(RETRY_MAX, RETRY_FIRST * 2**failures)
+                    failures += 1
+                    log.warning(
+                        "ca: no syslog TLS certificate for period %d yet (retry in %.1f s): %s",
+                        want[0],
+                        delay,
+                        exc,
+                    )
+                    with trio.move_on_after(delay):
+                        await self._changed.wait()
+                    self._changed = trio.Event()
+                continue
+            next_period = self.constants.period_start(self.constants.period_at(self.clock()) + 1)
+            with trio.move_on_after(max(0.1, next_period - self.clock() + 0.05)):
+                await self._changed.wait()
+            self._changed = trio.Event()
+
+    async def renew(self, want: tuple[int, int]) -> None:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        spki = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        leaf = await self.call("ca_issue", 20.0, spki=spki, profile="server-tls", names=list(self.names))
+        if not isinstance(leaf, bytes):
+            raise ValueError("the key-holder returned no certificate")
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        key_path, cert_path = self.directory / self.KEY_FILE, self.directory / self.CERT_FILE
+        await trio.to_thread.run_sync(lambda: atomic_write(key_path, key_pem, private=True))
+        await trio.to_thread.run_sync(lambda: atomic_write(cert_path, leaf))
+        self.context.load_cert_chain(str(cert_path), str(key_path))
+        self.issued_for = want
+        self.certificate = leaf
+        log.info("ca: syslog TLS serves a new period certificate (KeyTable period %d)", want[0])
