@@ -203,7 +203,7 @@ def test_config_tsa_section_builds_an_authority_that_serves(tmp_path: Path, stan
     path = write_config(tmp_path, tsa_section(tmp_path, accuracy_ms="1500"))
     tsa = node_config.load(path).tsa
     assert tsa is not None and tsa.cert == tmp_path / "tsa.pem" and tsa.accuracy_ms == 1500
-    authority, sign = authority_from_config(tsa, path, 2, tmp_path / "serve")
+    authority, sign, _ = authority_from_config(tsa, path, 2, tmp_path / "serve")
     assert authority.accuracy == Accuracy(1, 500) and authority.policy == POLICY
     reply = authority.issue(rfc3161.encode_request("sha256", bytes(32), nonce=1), sign)
     assert reply.record is not None and serial_server(reply.record.serial) == 2

@@ -82,6 +82,8 @@ Example (``pst cluster init`` writes one per server)::
     cert = "/etc/pst/tsa.pem"      # PEM: the TSA certificate (P-256, EKU timeStamping critical),
                                    # then the intermediates if any (not the root)
     key = "/etc/pst/tsa.key"       # PEM: its private key (read by pst serve at start)
+    # cert = "period"              # instead of cert and key: a fresh key each period, certified
+                                   # by the group's CA (needs ca in secrets and [ca] tsa_names)
     # accuracy_ms = 1000           # the accuracy stated in every token
 
 Errors name the file and the key, and say what is expected.
@@ -223,13 +225,19 @@ TSA_MODES = ("period-key",)
 @dataclass(frozen=True)
 class TsaConfig:
     """The [tsa] section: the timestamping authority's mode, policy OID, stated accuracy (ms),
-    and in "period-key" mode the operator's certificate chain and key files."""
+    and in "period-key" mode the operator's certificate chain and key files, or none of them
+    (``cert = "period"``): a fresh key each period, certified by the group's CA."""
 
     mode: str
     policy: str
-    cert: Path
-    key: Path
+    cert: Path | None
+    key: Path | None
     accuracy_ms: int = 1000
+
+    @property
+    def period_cert(self) -> bool:
+        """Is the certificate the group's, renewed each period (``cert = "period"``)?"""
+        return self.cert is None
 
 
 @dataclass(frozen=True)
@@ -343,6 +351,12 @@ def from_dict(raw: dict[str, Any], path: Path) -> NodeConfig:
         raise ConfigError(f"{path}: server.id {server_id} is not one of 1..{constants.n}")
     rom_settings = _rom_settings(rom, path)
     state_dir = Path(_get(server, "state_dir", str, path, "server"))
+    tsa, ca = _tsa_settings(raw.get("tsa"), path), _ca_settings(raw.get("ca"), path, constants)
+    if tsa is not None and tsa.period_cert and (ca is None or not ca.tsa_names):
+        raise ConfigError(
+            f'{path}: tsa.cert = "period" needs the network\'s CA: ca = "ed25519" in network.secrets '
+            "and the authority's names in [ca] tsa_names"
+        )
     return NodeConfig(
         path=path,
         server_id=server_id,
@@ -354,8 +368,8 @@ def from_dict(raw: dict[str, Any], path: Path) -> NodeConfig:
         http=_http_settings(raw.get("http"), path, constants.ids),
         privsep=_privsep_settings(raw.get("privsep"), path),
         log=_log_settings(raw.get("log"), path, state_dir, constants),
-        tsa=_tsa_settings(raw.get("tsa"), path),
-        ca=_ca_settings(raw.get("ca"), path, constants),
+        tsa=tsa,
+        ca=ca,
         **rom_settings,
     )
 
@@ -636,9 +650,18 @@ def _tsa_settings(section: Any, path: Path) -> TsaConfig | None:
     accuracy = section.get("accuracy_ms", 1000)
     if isinstance(accuracy, bool) or not isinstance(accuracy, int) or not 1 <= accuracy <= 3_600_000:
         raise ConfigError(f"{path}: tsa.accuracy_ms must be an integer in 1..3600000, got {accuracy!r}")
+    if section.get("cert") == "period":
+        if "key" in section:
+            raise ConfigError(
+                f'{path}: tsa.key is not used with tsa.cert = "period" (the key is made each period)'
+            )
+        return TsaConfig(mode=mode, policy=policy, cert=None, key=None, accuracy_ms=accuracy)
     cert, key = _file_key(section, "cert", path, "tsa"), _file_key(section, "key", path, "tsa")
     if cert is None or key is None:
-        raise ConfigError(f'{path}: tsa.mode = "period-key" needs tsa.cert and tsa.key')
+        raise ConfigError(
+            f'{path}: tsa.mode = "period-key" needs tsa.cert and tsa.key, or tsa.cert = "period" '
+            "(a key each period, certified by the group's CA)"
+        )
     return TsaConfig(mode=mode, policy=policy, cert=cert, key=key, accuracy_ms=accuracy)
 
 

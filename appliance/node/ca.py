@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
     from appliance.node.server import PServer
 
 log = logging.getLogger("pst.ca")
+
+#: What a period certificate is handed to: (the private key, the leaf PEM, the (key, cert) files or None).
+Install = Callable[[Any, bytes, "tuple[Path, Path] | None"], None]
 
 ROOT_FILE = "ca-root.pem"
 #: A period certificate that could not be had is asked for again after 0.5 s, doubling up to 30 s.
@@ -245,36 +249,54 @@ def period_names(config: NodeConfig) -> tuple[str, ...]:
     return (host,) if host else ()
 
 
+def tls_installer(context: Any) -> Install:
+    """Load each period's key and leaf into the SSL ``context`` (new connections get them)."""
+
+    def install(key: Any, leaf: bytes, files: tuple[Path, Path] | None) -> None:
+        assert files is not None
+        key_path, cert_path = files
+        context.load_cert_chain(str(cert_path), str(key_path))
+
+    return install
+
+
 class PeriodCertificate:
-    """The syslog TLS listener's period certificate (``[log] tls_cert = "period"``).
+    """A period certificate from the group's CA: the syslog TLS listener's (``[log] tls_cert =
+    "period"``, profile ``server-tls``) or the timestamping authority's (``[tsa] cert = "period"``,
+    profile ``tsa``).
 
     For every period (a new KeyTable, i.e. each refresh, or a new period of C's clock), make a
-    fresh P-256 key, have the group issue a leaf for it (profile ``server-tls``, this server's
-    names, valid for the period plus the grace), and load both into ``context``: new TLS
-    connections get the new certificate, open ones keep theirs. The key and the leaf are kept in
-    ``directory`` (pst serve's own; the key file 0600, replaced and erased each period). A
-    failure is logged and retried after 0.5 s, doubling up to 30 s (sooner on a new KeyTable);
-    the previous certificate serves meanwhile.
+    fresh P-256 key, have the group issue a leaf for it (this server's names for the profile,
+    valid for the period plus the grace), and hand both to ``install``: for TLS, new connections
+    get the new certificate, open ones keep theirs. With ``files`` the key and the leaf are kept
+    in ``directory`` (pst serve's own; the key file 0600, replaced each period: the TLS context
+    loads them from there); without, the key stays in memory. A failure is logged and retried
+    after 0.5 s, doubling up to 30 s (sooner on a new KeyTable); the previous certificate serves
+    meanwhile.
     """
-
-    KEY_FILE = "syslog-period.key"
-    CERT_FILE = "syslog-period.crt"
 
     def __init__(
         self,
         call: Call,
-        context: Any,
+        install: Install,
         names: tuple[str, ...],
         directory: Any,
         constants: Any,
         clock: Callable[[], float],
+        *,
+        profile: str = "server-tls",
+        files: tuple[str, str] | None = ("syslog-period.key", "syslog-period.crt"),
+        what: str = "syslog TLS",
     ) -> None:
         self.call = call
-        self.context = context
+        self.install = install
         self.names = names
         self.directory = directory
         self.constants = constants
         self.clock = clock
+        self.profile = profile
+        self.files = files
+        self.what = what
         self.period: int | None = None
         self.issued_for: tuple[int, int] | None = None
         #: The current leaf (PEM), once there is one.
@@ -305,7 +327,8 @@ class PeriodCertificate:
                     delay = min(RETRY_MAX, RETRY_FIRST * 2**failures)
                     failures += 1
                     log.warning(
-                        "ca: no syslog TLS certificate for period %d yet (retry in %.1f s): %s",
+                        "ca: no %s certificate for period %d yet (retry in %.1f s): %s",
+                        self.what,
                         want[0],
                         delay,
                         exc,
@@ -327,16 +350,19 @@ class PeriodCertificate:
         spki = key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        leaf = await self.call("ca_issue", 20.0, spki=spki, profile="server-tls", names=list(self.names))
+        leaf = await self.call("ca_issue", 20.0, spki=spki, profile=self.profile, names=list(self.names))
         if not isinstance(leaf, bytes):
             raise ValueError("the key-holder returned no certificate")
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        key_path, cert_path = self.directory / self.KEY_FILE, self.directory / self.CERT_FILE
-        await trio.to_thread.run_sync(lambda: atomic_write(key_path, key_pem, private=True))
-        await trio.to_thread.run_sync(lambda: atomic_write(cert_path, leaf))
-        self.context.load_cert_chain(str(cert_path), str(key_path))
+        files = None
+        if self.files is not None:
+            key_pem = key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+            key_path, cert_path = self.directory / self.files[0], self.directory / self.files[1]
+            await trio.to_thread.run_sync(lambda: atomic_write(key_path, key_pem, private=True))
+            await trio.to_thread.run_sync(lambda: atomic_write(cert_path, leaf))
+            files = (key_path, cert_path)
+        self.install(key, leaf, files)
         self.issued_for = want
         self.certificate = leaf
-        log.info("ca: syslog TLS serves a new period certificate (KeyTable period %d)", want[0])
+        log.info("ca: %s serves a new period certificate (KeyTable period %d)", self.what, want[0])

@@ -24,7 +24,7 @@ from appliance.host.config import NodeConfig
 from appliance.net import ChannelIdentity, PeerNetwork
 from appliance.node._approvals import LinkApprovals
 from appliance.node._plinks import ProactiveLinks
-from appliance.node.ca import GroupRoot, PeriodCertificate, period_names
+from appliance.node.ca import GroupRoot, PeriodCertificate, period_names, tls_installer
 from appliance.node.keyholder import start_zygote
 from appliance.node.link import KeyHolderGone, KeyHolderLink
 from appliance.node.sdnotify import Notifier
@@ -40,7 +40,9 @@ if TYPE_CHECKING:
     from appliance.apps.tsa.rfc3161 import Signer
 
     #: The [tsa] section's authority and the signer of its period key.
-    TsaService = tuple[Authority, Signer]
+    from appliance.apps.tsa.service import RenewedKey
+
+    TsaService = tuple[Authority, Signer, RenewedKey | None]
 
 log = logging.getLogger("pst.server")
 
@@ -196,6 +198,7 @@ async def _serve(
         period=lambda: net.period if net is not None else None,
     )
     period_cert: PeriodCertificate | None = None
+    tsa_cert: PeriodCertificate | None = None
 
     async def on_frame(peer: int, data: bytes) -> None:
         if is_log_frame(data):
@@ -245,6 +248,8 @@ async def _serve(
             await log_node.identity(period, keys, ident)
         if period_cert is not None:
             period_cert.new_period(period)
+        if tsa_cert is not None:
+            tsa_cert.new_period(period)
 
     link = KeyHolderLink(config, on_send=on_send, on_identity=on_identity)
     group_root: GroupRoot | None = None
@@ -262,13 +267,26 @@ async def _serve(
         if config.log is not None and config.log.period_cert and log_service is not None:
             period_cert = PeriodCertificate(
                 link.call,
-                log_service.ssl_context,
+                tls_installer(log_service.ssl_context),
                 period_names(config),
                 StateDir(config.state_dir).serve_dir,
                 config.constants,
                 time.time,
             )
             nursery.start_soon(period_cert.run)
+        if tsa is not None and tsa[2] is not None and config.ca is not None:
+            tsa_cert = PeriodCertificate(
+                link.call,
+                _tsa_installer(tsa[2]),
+                config.ca.tsa_names,
+                StateDir(config.state_dir).serve_dir,
+                config.constants,
+                time.time,
+                profile="tsa",
+                files=None,  # the key stays in this process's memory
+                what="timestamping",
+            )
+            nursery.start_soon(tsa_cert.run)
         await nursery.start(link.run, zygote, control)
         if log_service is not None:
             await nursery.start(log_service.run)
@@ -395,7 +413,7 @@ async def _run_web(
     if tsa is not None:
         from appliance.web._tsa import local_signer, timestamp_route
 
-        authority, sign = tsa
+        authority, sign, _renewed = tsa
         route = timestamp_route(
             authority, local_signer(sign), on_record=functools.partial(_log_token, config, log_service)
         )
@@ -420,6 +438,18 @@ async def _run_web(
             *config.http.listen,
             "; ".join(str(exc) for exc in _leaves(group)),
         )
+
+
+def _tsa_installer(renewed: RenewedKey) -> Any:
+    """Install each period's TSA key and its leaf (PEM from the group's CA) into the authority."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    def install(key: Any, leaf: bytes, files: Any) -> None:
+        der = x509.load_pem_x509_certificate(leaf).public_bytes(serialization.Encoding.DER)
+        renewed.install(key, der)
+
+    return install
 
 
 def _load_client_ca(config: NodeConfig) -> ClientCA | None:

@@ -170,6 +170,8 @@ class Prepared:
     tst_info: rfc3161.TSTInfo
     tst_info_der: bytes
     to_sign: bytes
+    #: The certificate chain the token names (the one current when it was prepared).
+    chain: SigningChain
 
 
 @dataclass(frozen=True)
@@ -195,13 +197,15 @@ class Authority:
         accuracy: Accuracy,
         clock: Callable[[], dt.datetime],
         serials: SerialAllocator,
-        chain: SigningChain,
+        chain: SigningChain | None,
         max_request: int = rfc3161.MAX_REQUEST,
     ) -> None:
         self.policy = policy
         self.accuracy = accuracy
         self.clock = clock
         self.serials = serials
+        #: The TSA certificate and those above it; None until a period certificate arrives
+        #: (``[tsa] cert = "period"``): requests are then refused with systemFailure.
         self.chain = chain
         self.max_request = max_request
 
@@ -209,6 +213,11 @@ class Authority:
         """Decode and judge the request; a :class:`Prepared` token, or a rejection :class:`Reply`."""
         try:
             request = rfc3161.decode_request(data, max_size=self.max_request)
+            if self.chain is None:
+                raise RequestError(
+                    FailureInfo.SYSTEM_FAILURE,
+                    "no certificate for this period yet; try again in a few seconds",
+                )
             if request.policy is not None and request.policy != self.policy:
                 raise RequestError(
                     FailureInfo.UNACCEPTED_POLICY,
@@ -234,19 +243,21 @@ class Authority:
             nonce=request.nonce,
         )
         der = rfc3161.encode_tst_info(info)
-        return Prepared(request, info, der, rfc3161.signed_attributes(der, self.chain))
+        chain = self.chain
+        assert chain is not None
+        return Prepared(request, info, der, rfc3161.signed_attributes(der, chain), chain)
 
     def finish(self, prepared: Prepared, signature: bytes) -> Reply:
         """The reply for ``prepared`` signed with ``signature``; a signature that does not verify
         under the TSA certificate's key gets ``systemFailure`` (nothing unverified leaves)."""
         try:
-            self.chain.public_key.verify(signature, prepared.to_sign, ec.ECDSA(hashes.SHA256()))
+            prepared.chain.public_key.verify(signature, prepared.to_sign, ec.ECDSA(hashes.SHA256()))
         except (InvalidSignature, ValueError):
             return rejection(
                 RequestError(FailureInfo.SYSTEM_FAILURE, "the signature does not verify; no token issued")
             )
         token = rfc3161.build_token(
-            prepared.tst_info_der, self.chain, signature, include_certs=prepared.request.cert_req
+            prepared.tst_info_der, prepared.chain, signature, include_certs=prepared.request.cert_req
         )
         record = TokenRecord(
             prepared.tst_info.serial,

@@ -32,8 +32,37 @@ class PeriodKey:
     sign: Signer
 
 
+class RenewedKey:
+    """``[tsa] cert = "period"``: this period's key and certificate, issued by the group's CA.
+
+    The node makes a fresh P-256 key each period, has the group certify it (profile ``tsa``) and
+    calls :meth:`install`, which sets the key and the authority's chain together (in one step of
+    the event loop, so a token is prepared and signed with one pair). Until the first one
+    arrives, the authority refuses requests with systemFailure and :meth:`sign` raises.
+    """
+
+    def __init__(self, authority: Authority) -> None:
+        self.authority = authority
+        self._key: ec.EllipticCurvePrivateKey | None = None
+
+    def install(self, key: ec.EllipticCurvePrivateKey, certificate: bytes) -> None:
+        """Serve ``certificate`` (DER, from the group's CA) with ``key`` from now on."""
+        chain = SigningChain(certificate, ())
+        if key.public_key() != chain.public_key:
+            raise ValueError("the period certificate is not for this key")
+        self._key = key
+        self.authority.chain = chain
+
+    def sign(self, data: bytes) -> bytes:
+        if self._key is None:
+            raise RuntimeError("no period key yet")
+        return self._key.sign(data, ec.ECDSA(hashes.SHA256()))
+
+
 def load_period_key(tsa: TsaConfig, config_path: Path) -> PeriodKey:
     where = f"{config_path}: tsa.cert / tsa.key"
+    if tsa.cert is None or tsa.key is None:
+        raise ConfigError(f'{where}: no files (tsa.cert = "period")')
     try:
         pem = tsa.cert.read_bytes()
         key_pem = tsa.key.read_bytes()
@@ -67,14 +96,18 @@ def load_period_key(tsa: TsaConfig, config_path: Path) -> PeriodKey:
 
 def authority_from_config(
     tsa: TsaConfig, config_path: Path, server_id: int, state_dir: Path
-) -> tuple[Authority, Signer]:
-    """The authority of [tsa] and its signer; the serial counter in ``state_dir/tsa-serial``."""
-    period_key = load_period_key(tsa, config_path)
+) -> tuple[Authority, Signer, RenewedKey | None]:
+    """The authority of [tsa], its signer, and with ``cert = "period"`` the holder of the period's
+    key that the node renews; the serial counter in ``state_dir/tsa-serial``."""
+    period_key = load_period_key(tsa, config_path) if not tsa.period_cert else None
     authority = Authority(
         policy=tsa.policy,
         accuracy=Accuracy(tsa.accuracy_ms // 1000, tsa.accuracy_ms % 1000),
         clock=system_clock,
         serials=file_serials(server_id, state_dir),
-        chain=period_key.chain,
+        chain=period_key.chain if period_key is not None else None,
     )
-    return authority, period_key.sign
+    if period_key is not None:
+        return authority, period_key.sign, None
+    renewed = RenewedKey(authority)
+    return authority, renewed.sign, renewed
