@@ -21,6 +21,8 @@ DEB_PACKAGES += rsyslog rsyslog-relp
 DEB_PACKAGES += curl
 # ... and over TLS (omfwd's gtls stream driver, omrelp's tls="on").
 DEB_PACKAGES += rsyslog-gnutls
+# Period certificates for tunnel software: stunnel in server and client mode with mutual TLS.
+DEB_PACKAGES += stunnel4
 STAMP := $(VENV)/.installed
 
 .PHONY: test demo demo-crypto lint typecheck pytest bench deps debs venv loggen deb clean

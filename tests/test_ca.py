@@ -290,7 +290,7 @@ def test_subject_keys_and_name_kinds_outside_the_policy_are_refused() -> None:
     why = check().check(_bare_leaf([x509.DNSName("pst.example.org")], p384))
     assert why == "subject public key: only P-256 and Ed25519 keys are certified"
     why = check().check(_bare_leaf([x509.RFC822Name("a@example.org")]))
-    assert why == "subjectAltName: a rfc822Name entry (only DNS names and IP addresses)"
+    assert why == "subjectAltName: a rfc822Name entry (only DNS names, IP addresses, one app URI)"
     why = check().check(_bare_leaf([x509.DNSName("pst.example.org"), x509.DNSName("*.example.org")]))
     assert why is not None and "not allowed" in why
 

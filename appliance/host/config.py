@@ -74,6 +74,11 @@ Example (``pst cluster init`` writes one per server)::
                                    # hosts of network.peers
     tsa_names = ["tsa.example.org"]   # names of the timestamping authority's leaf (none: no TSA)
 
+    [ca.apps.web-tunnel]           # an application's period certificates (the local API's
+    names = ["tunnel.example.org", "*.vpn.example.org"]  # certificate operation, pst-keys):
+                                   # the names application web-tunnel may get ("*.zone": one
+                                   # label under zone, or the wildcard itself)
+
     [tsa]                          # the RFC 3161 timestamping authority, POST /tsa on the HTTP
                                    # service (optional section; without it no authority)
     mode = "period-key"            # this server signs alone with the key below (the only mode so
@@ -217,6 +222,12 @@ class CaConfig:
     grace: float = 60.0
     tls_names: tuple[str, ...] = ()
     tsa_names: tuple[str, ...] = ()
+    #: ``[ca.apps.NAME] names``: the names each application's period certificates may carry.
+    apps: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def app_names(self, app: str) -> tuple[str, ...] | None:
+        """The names application ``app`` may get (None: no profile for it)."""
+        return dict(self.apps).get(app)
 
 
 TSA_MODES = ("period-key",)
@@ -582,7 +593,34 @@ def _period_cert(
     return True, _names_list(section, "tls_names", path, "log")
 
 
-_CA_KEYS = {"grace_seconds", "tls_names", "tsa_names"}
+_CA_KEYS = {"grace_seconds", "tls_names", "tsa_names", "apps"}
+
+
+def _ca_apps(section: Any, path: Path) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``[ca.apps.NAME] names = [...]``: each application's allowed names (policy.check_pattern)."""
+    from appliance.apps.ca.policy import PolicyError, check_app_name, check_pattern
+
+    if section is None:
+        return ()
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: ca.apps must be a table of [ca.apps.NAME] sections")
+    out = []
+    for app, body in section.items():
+        where = f"{path}: ca.apps.{app}"
+        try:
+            check_app_name(app)
+        except PolicyError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if not isinstance(body, dict) or set(body) - {"names"}:
+            raise ConfigError(f"{where} must be a section with the one key names")
+        names = body.get("names")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"{where}.names must be a non-empty list of DNS names, IP addresses or *.zone")
+        try:
+            out.append((app, tuple(check_pattern(n) for n in names)))
+        except PolicyError as exc:
+            raise ConfigError(f"{where}.names: {exc}") from None
+    return tuple(sorted(out))
 
 
 def _names_list(section: dict[str, Any], key: str, path: Path, where: str = "ca") -> tuple[str, ...]:
@@ -614,7 +652,10 @@ def _ca_settings(section: Any, path: Path, constants: Constants) -> CaConfig | N
     if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace <= 7 * 86400:
         raise ConfigError(f"{path}: ca.grace_seconds must be a number in 0..604800, got {grace!r}")
     return CaConfig(
-        float(grace), _names_list(section, "tls_names", path), _names_list(section, "tsa_names", path)
+        float(grace),
+        _names_list(section, "tls_names", path),
+        _names_list(section, "tsa_names", path),
+        _ca_apps(section.get("apps"), path),
     )
 
 

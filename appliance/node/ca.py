@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from appliance.apps.ca.policy import CaPolicy, CertificateCheck, server_tls_profile, tsa_profile
+from appliance.apps.ca.policy import (
+    CaPolicy,
+    CertificateCheck,
+    app_profile,
+    name_allowed,
+    server_tls_profile,
+    tsa_profile,
+)
 from appliance.apps.ca.x509 import CertificateError
 from appliance.host.config import CaConfig, NodeConfig
 from appliance.host.files import atomic_write
@@ -51,11 +58,13 @@ MAX_PEM = 16 * 1024
 
 
 def policy_of(config: NodeConfig) -> CaPolicy:
-    """The [ca] policy: the servers' TLS names (C's peers' hosts and ``tls_names``), the TSA's."""
+    """The [ca] policy: the servers' TLS names (C's peers' hosts and ``tls_names``), the TSA's,
+    and one profile per application of ``[ca.apps]``."""
     ca = config.ca or CaConfig()
     profiles = [server_tls_profile(config.constants, ca.tls_names)]
     if ca.tsa_names:
         profiles.append(tsa_profile(ca.tsa_names))
+    profiles.extend(app_profile(app, names) for app, names in ca.apps)
     return CaPolicy(ca.grace, tuple(profiles))
 
 
@@ -137,7 +146,10 @@ class CaAuthority:
             profile = self.policy.profile(profile_name)
         except PolicyError as exc:
             raise ValueError(str(exc)) from None
-        outside = [n for n in names if n.lower() not in profile.names]
+        if profile.app is not None:
+            outside = [n for n in names if not name_allowed(n.lower(), profile.names)]
+        else:
+            outside = [n for n in names if n.lower() not in profile.names]
         if not names or outside:
             raise ValueError(
                 f"ca_issue: names {outside or names} are not allowed by profile {profile.name!r}"
@@ -154,6 +166,7 @@ class CaAuthority:
             eku=[ObjectIdentifier(oid) for oid in sorted(profile.eku)],
             eku_critical=profile.eku_critical,
             validity=leaf_validity(self.config.constants, self.server.clock(), self.policy.grace),
+            app=profile.app,
         )
         return pem(await sign_certificate(builder, public, self._sign(timeout)))
 

@@ -24,13 +24,25 @@ the server that asked.
 
 Profiles: ``server-tls`` (the servers' own TLS names: the hosts of C's peers plus the config's
 ``[ca] tls_names``; EKU serverAuth/clientAuth), ``tsa`` (the config's ``[ca] tsa_names``; EKU
-timeStamping, critical; digitalSignature/nonRepudiation). Applications (issue 13) add theirs
-through :attr:`CaPolicy.profiles` (the hook: a sequence of :class:`Profile`).
+timeStamping, critical; digitalSignature/nonRepudiation), and one ``app:NAME`` per application
+of ``[ca.apps.NAME]`` (:func:`app_profile`; EKU serverAuth/clientAuth). An application's leaf
+says whose it is in its own content: one subjectAltName URI ``urn:pst:app:NAME``
+(:data:`APP_URI_PREFIX`). A leaf with that URI is checked against that application's profile
+only, a leaf without one against the servers' profiles only, so each signer checks, from the
+TBS alone, that the names are allowed *for that application*.
+
+Wildcards: an application's profile may list ``*.zone`` (the whole leftmost label, and ``zone``
+at least two labels: never ``*.org``). It allows the leaf names ``LABEL.zone`` for any one DNS
+label (letters, digits, hyphens; not ``*``) and the wildcard ``*.zone`` itself, and nothing
+deeper: ``a.b.zone`` is refused. That is the set of host names a TLS client matches against
+``*.zone`` (RFC 6125 §6.4.3: the wildcard stands for one label), so the profile never grants
+more than the operator wrote. Partial-label wildcards (``w*.zone``) are never issued.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,13 +63,19 @@ from appliance.protocols._core import AlertKind
 from appliance.protocols.state import Constants
 
 __all__ = [
+    "APP_URI_PREFIX",
     "CLOCK_SKEW",
     "CaPolicy",
     "CertificateCheck",
     "Leaf",
     "PolicyError",
     "Profile",
+    "app_profile",
+    "app_uri",
+    "check_app_name",
+    "check_pattern",
     "decode_tbs",
+    "name_allowed",
     "server_tls_profile",
     "tsa_profile",
 ]
@@ -80,6 +98,11 @@ _KNOWN_EXTENSIONS = {
     str(rfc5280.id_ce_authorityKeyIdentifier): "authorityKeyIdentifier",
 }
 _KEY_USAGE_BITS = list(rfc5280.KeyUsage.namedValues)
+#: The subjectAltName URI that names the application a leaf is for.
+APP_URI_PREFIX = "urn:pst:app:"
+#: Application names, as the local API registers them (appliance.api._core).
+_APP_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
+_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 class PolicyError(ValueError):
@@ -95,6 +118,58 @@ class Profile:
     eku: frozenset[str]
     eku_critical: bool = False
     key_usage: frozenset[str] = frozenset({"digitalSignature"})
+    #: The application whose leaves this profile allows (their URI names it); None: the servers'.
+    app: str | None = None
+
+
+def check_app_name(app: str) -> str:
+    """``app`` if it is an application name the API registers; else :class:`PolicyError`."""
+    if not isinstance(app, str) or _APP_NAME_RE.fullmatch(app) is None:
+        raise PolicyError(f"{app!r} is not an application name (1 to 128 of [A-Za-z0-9._:@+-])")
+    return app
+
+
+def app_uri(app: str) -> str:
+    """The subjectAltName URI of application ``app``'s leaves."""
+    return APP_URI_PREFIX + check_app_name(app)
+
+
+def check_pattern(pattern: str) -> str:
+    """A name of an application's profile, lower-cased: an IP address, a DNS name of LDH labels,
+    or ``*.zone`` (see the module doc); else :class:`PolicyError` saying why."""
+    text = pattern.lower()
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    labels = text.split(".")
+    if labels[0] == "*":
+        if len(labels) < 3:
+            raise PolicyError(f"{pattern!r}: a wildcard needs at least two labels after it (not *.org)")
+        labels = labels[1:]
+    if len(text) > 253 or not all(_LABEL_RE.fullmatch(label) for label in labels):
+        raise PolicyError(
+            f"{pattern!r}: not a DNS name of letters, digits and hyphens (a wildcard only as '*.' first)"
+        )
+    return text
+
+
+def name_allowed(name: str, patterns: frozenset[str]) -> bool:
+    """Is ``name`` (a leaf's, lower-case) one of ``patterns``, or one label under a ``*.zone``?"""
+    if name in patterns:
+        return True
+    label, dot, zone = name.partition(".")
+    return bool(dot) and _LABEL_RE.fullmatch(label) is not None and f"*.{zone}" in patterns
+
+
+def app_profile(app: str, names: Sequence[str]) -> Profile:
+    """Application ``app``'s leaves (``[ca.apps.APP] names``): TLS server and client."""
+    return Profile(
+        f"app:{check_app_name(app)}",
+        frozenset(check_pattern(n) for n in names),
+        frozenset({SERVER_AUTH, CLIENT_AUTH}),
+        app=app,
+    )
 
 
 def server_tls_profile(constants: Constants, extra: Sequence[str] = ()) -> Profile:
@@ -146,6 +221,8 @@ class Leaf:
     extensions: dict[str, bool] = field(default_factory=dict)
     authority_key_id: bytes | None = None
     public_key: Any = None
+    #: The application of the subjectAltName URI, if any.
+    app: str | None = None
 
 
 def _time(value: Any, what: str) -> float:
@@ -168,8 +245,9 @@ def _decode_ext(value: bytes, spec: Any, what: str) -> Any:
     return decoded
 
 
-def _names(san: Any) -> tuple[str, ...]:
+def _names(san: Any) -> tuple[tuple[str, ...], str | None]:
     out: list[str] = []
+    app: str | None = None
     for general in san:
         kind = general.getName()
         if kind == "dNSName":
@@ -182,11 +260,18 @@ def _names(san: Any) -> tuple[str, ...]:
             if len(raw) not in (4, 16):
                 raise PolicyError("subjectAltName: an IP address of neither 4 nor 16 octets")
             out.append(str(ipaddress.ip_address(raw)))
+        elif kind == "uniformResourceIdentifier":
+            uri = str(general.getComponent())
+            if app is not None:
+                raise PolicyError("subjectAltName: more than one URI (one application per leaf)")
+            if not uri.startswith(APP_URI_PREFIX):
+                raise PolicyError(f"subjectAltName: a URI that does not start with {APP_URI_PREFIX}")
+            app = check_app_name(uri[len(APP_URI_PREFIX) :])
         else:
-            raise PolicyError(f"subjectAltName: a {kind} entry (only DNS names and IP addresses)")
+            raise PolicyError(f"subjectAltName: a {kind} entry (only DNS names, IP addresses, one app URI)")
     if not out:
         raise PolicyError("subjectAltName: no names")
-    return tuple(out)
+    return tuple(out), app
 
 
 def decode_tbs(message: bytes) -> Leaf:
@@ -257,8 +342,9 @@ def decode_tbs(message: bytes) -> Leaf:
         seq = _decode_ext(values["extKeyUsage"], rfc5280.ExtKeyUsageSyntax(), "extKeyUsage")
         eku = frozenset(str(oid) for oid in seq)
     names: tuple[str, ...] = ()
+    app: str | None = None
     if "subjectAltName" in values:
-        names = _names(_decode_ext(values["subjectAltName"], rfc5280.SubjectAltName(), "subjectAltName"))
+        names, app = _names(_decode_ext(values["subjectAltName"], rfc5280.SubjectAltName(), "subjectAltName"))
     aki: bytes | None = None
     if "authorityKeyIdentifier" in values:
         ak = _decode_ext(values["authorityKeyIdentifier"], rfc5280.AuthorityKeyIdentifier(), "authorityKey")
@@ -284,6 +370,7 @@ def decode_tbs(message: bytes) -> Leaf:
         extensions=extensions,
         authority_key_id=aki,
         public_key=public_key,
+        app=app,
     )
 
 
@@ -300,7 +387,10 @@ def _subject_ok(subject_der: bytes, names: Sequence[str]) -> bool:
 
 def _fits(leaf: Leaf, profile: Profile) -> str | None:
     """None if ``leaf`` fits ``profile``; else the first rule it breaks."""
-    outside = [n for n in leaf.names if n not in profile.names]
+    if profile.app is not None:  # wildcards only in applications' profiles (see the module doc)
+        outside = [n for n in leaf.names if not name_allowed(n, profile.names)]
+    else:
+        outside = [n for n in leaf.names if n not in profile.names]
     if outside:
         return f"names {outside} are not allowed by profile {profile.name!r}"
     if not leaf.key_usage or not leaf.key_usage <= profile.key_usage or not leaf.key_usage_critical:
@@ -389,9 +479,12 @@ class CertificateCheck:
         if not _subject_ok(leaf.subject_der, leaf.names):
             raise PolicyError("the subject is neither empty nor one common name from the subjectAltName")
         reasons = []
-        for profile in self.policy.profiles:
+        # An application's leaf fits its application's profile only; a server's leaf the servers'.
+        for profile in (p for p in self.policy.profiles if p.app == leaf.app):
             why = _fits(leaf, profile)
             if why is None:
                 return
             reasons.append(why)
+        if leaf.app is not None and not reasons:
+            raise PolicyError(f"no profile for application {leaf.app!r} ([ca.apps] of this server)")
         raise PolicyError("no profile allows it: " + ("; ".join(reasons) or "the policy has no profiles"))

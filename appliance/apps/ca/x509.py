@@ -158,9 +158,11 @@ def leaf_builder(
     validity: tuple[int, int],
     serial: int | None = None,
     issuer: x509.Name | None = None,
+    app: str | None = None,
 ) -> x509.CertificateBuilder:
     """A leaf issued by the group root for ``subject_key`` (a cryptography public key);
-    ``issuer`` is the root's subject unless given (tests of the signers' check)."""
+    ``issuer`` is the root's subject unless given (tests of the signers' check); ``app``, an
+    application's name, goes into the subjectAltName as the URI ``urn:pst:app:<app>``."""
     if not names:
         raise CertificateError("a leaf certificate needs at least one name")
     root_key = _public_key(root_public)
@@ -186,7 +188,13 @@ def leaf_builder(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(ku, critical=True)
         .add_extension(x509.ExtendedKeyUsage(list(eku)), critical=eku_critical)
-        .add_extension(x509.SubjectAlternativeName(general_names(names)), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                general_names(names)
+                + ([x509.UniformResourceIdentifier(f"urn:pst:app:{app}")] if app is not None else [])
+            ),
+            critical=False,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(subject_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key),
