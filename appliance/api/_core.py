@@ -281,6 +281,29 @@ class LinkBackend(Protocol):
         ...
 
 
+class CertificateBackend(Protocol):
+    """The group's certificate authority for applications (issue 13 §1; appliance.node.ca).
+
+    Refusals raise :class:`BackendRefused` (answered ``not-permitted``), a network that cannot
+    sign now :class:`BackendUnavailable`."""
+
+    def app_names(self, app: str) -> Sequence[str] | None:
+        """The names ``[ca.apps.APP]`` allows application ``app`` (None: no profile for it)."""
+        ...
+
+    def next_period(self) -> float:
+        """When the next period of C's clock starts (Unix seconds): a new certificate is worth
+        asking for only then (the leaves of one period all have the same validity)."""
+        ...
+
+    async def issue_certificate(
+        self, client: str, app: str, spki: bytes, names: Sequence[str]
+    ) -> tuple[bytes, bytes]:
+        """(the leaf PEM, the group root PEM) for the key ``spki``, once the leaf's record is in
+        the secure log; ``client`` names the requester there."""
+        ...
+
+
 class BackendUnavailable(Exception):
     """A backend may raise this with a message that is safe to show the client."""
 
@@ -378,12 +401,14 @@ OPS: Final[Mapping[str, Mapping[str, type]]] = {
     "receive": {"handle": bytes},
     "challenge": {},
     "register_certified": {"certificate": bytes, "challenge": bytes, "signature": bytes},
+    "certificate": {"handle": bytes},
 }
 #: Optional fields of each operation, with their types.
 OPTIONAL: Final[Mapping[str, Mapping[str, type]]] = {
     "revoke": {"uid": int, "release_name": bool},
     "send": {"timeout_ms": int},
     "receive": {"max": int, "wait_ms": int},
+    "certificate": {"csr": bytes, "names": list},
 }
 #: Operations only the operator (root or the server's own uid) may call.
 OPERATOR_OPS: Final = frozenset({"upgrade_sign", "registrations", "revoke"})
@@ -700,6 +725,7 @@ class ApiCore:
         client_ca: ClientCA | None = None,
         server_id: int | None = None,
         used_certificates: UsedCertificates | None = None,
+        certificates: CertificateBackend | None = None,
     ) -> None:
         """``store`` keeps registrations across restarts; ``offload`` runs scrypt off the event
         loop (e.g. in a thread); ``request_wait`` bounds how long a distributed request waits
@@ -710,6 +736,8 @@ class ApiCore:
         self.backend = backend
         self.log_backend = log_backend
         self.links = links
+        #: Period certificates for applications (None: this server issues none).
+        self.certificates = certificates
         #: Certificate-based registration of distributed applications (§5.1, option 2).
         self.client_ca = client_ca
         self.server_id = server_id
@@ -903,6 +931,8 @@ class ApiCore:
             )
         if request.op == "receive":
             return await self._link_receive(args["handle"], args.get("max", 64), args.get("wait_ms", 0), peer)
+        if request.op == "certificate":
+            return await self._certificate(args["handle"], args.get("csr"), args.get("names"), peer)
         self._charge_control(
             peer, 4.0 if request.op in ("register_distributed", "register_certified") else 1.0
         )
@@ -1414,6 +1444,85 @@ class ApiCore:
         return {
             "messages": [{"from": sender, "period": period, "data": data} for sender, period, data in got]
         }
+
+    # Period certificates (§5.4) ---------------------------------------------------------------
+
+    async def _certificate(
+        self, handle: bytes, csr: bytes | None, names: list[Any] | None, peer: PeerCred
+    ) -> Mapping[str, Any]:
+        from appliance.api import _certs
+
+        reg = self._lookup(handle, peer)
+        if reg.verifier is not None:
+            raise ApiError(NOT_PERMITTED, "period certificates are for centralized applications (register)")
+        if self.certificates is None:
+            raise ApiError(UNAVAILABLE, "this server issues no certificates (no ca key in C)")
+        profile = self.certificates.app_names(reg.name)
+        if profile is None:
+            raise ApiError(
+                NOT_PERMITTED,
+                f"no certificate profile for application {reg.name!r}: the operator adds "
+                f"[ca.apps.{reg.name}] names = [...] to every server's config",
+            )
+        if names is None:
+            names = [n for n in profile if not n.startswith("*.")] or list(profile)
+        if not 0 < len(names) <= _certs.MAX_NAMES or not all(
+            isinstance(n, str) and 0 < len(n) <= 253 for n in names
+        ):
+            raise bad("names", f"must be a list of 1 to {_certs.MAX_NAMES} names (DNS names or IP addresses)")
+        outside = _certs.names_outside(names, profile)
+        if outside:
+            log.warning("api: uid %d refused a certificate of %r for %s", peer.uid, reg.name, outside[:4])
+            raise ApiError(
+                NOT_PERMITTED,
+                f"names {outside[:8]} are outside the profile of application {reg.name!r} "
+                f"({', '.join(profile)}); every signer would refuse them",
+            )
+        canonical = [_certs.check_pattern(n) for n in names]
+        key_pem: bytes | None = None
+        if csr is not None:
+            try:
+                spki = _certs.spki_of(_certs.csr_public_key(csr))
+            except _certs.CsrError as exc:
+                raise bad("csr", str(exc)) from None
+        self._take(reg, "certificate")
+        if csr is None:
+            spki, key_pem = _certs.generate_key()
+        try:
+            leaf, root = await self.certificates.issue_certificate(
+                f"uid {reg.uid} app {reg.name}", reg.name, spki, canonical
+            )
+        except BackendRefused as exc:
+            raise ApiError(NOT_PERMITTED, str(exc)[:500]) from None
+        except BackendUnavailable as exc:
+            raise ApiError(UNAVAILABLE, f"no certificate now: {str(exc)[:300]}") from None
+        except Exception as exc:
+            log.error("api: certificate for %r failed (%s)", reg.name, type(exc).__name__)
+            raise ApiError(UNAVAILABLE, "no certificate now") from None
+        from cryptography import x509
+
+        cert = x509.load_pem_x509_certificate(leaf)
+        not_before = int(cert.not_valid_before_utc.timestamp())
+        not_after = int(cert.not_valid_after_utc.timestamp())
+        half_life = not_before + (not_after - not_before) // 2
+        result: dict[str, Any] = {
+            "certificate": leaf,
+            "bundle": leaf + root,
+            "not_before": not_before,
+            "not_after": not_after,
+            # At half-life, but not before the next period: an earlier leaf would be the same.
+            "renew_after": min(not_after, max(half_life, math.ceil(self.certificates.next_period()))),
+        }
+        if key_pem is not None:
+            result["key"] = key_pem
+        log.info(
+            "api: period certificate of %r for uid %d (pid %d), serial %x",
+            reg.name,
+            peer.uid,
+            peer.pid,
+            cert.serial_number,
+        )
+        return result
 
     # The log ----------------------------------------------------------------------------------
 

@@ -57,6 +57,7 @@ from appliance.api._core import (
     ApiCore,
     Backend,
     Limits,
+    CertificateBackend,
     LinkBackend,
     LogBackend,
     PeerCred,
@@ -329,6 +330,7 @@ async def serve_api(
     links: LinkBackend | None = None,
     client_ca: ClientCA | None = None,
     server_id: int | None = None,
+    certificates: CertificateBackend | None = None,
     task_status: trio.TaskStatus[ApiServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the local API at ``path`` until cancelled; ``nursery.start`` returns the ApiServer.
@@ -340,7 +342,8 @@ async def serve_api(
     may connect. ``log_backend`` serves the log operations (the server's ``[log]``), ``links``
     the proactive links' ``send`` and ``receive``; ``client_ca`` (with ``server_id``) lets
     distributed applications register by certificate (the certificates used are kept in
-    ``serve/used-client-certificates``).
+    ``serve/used-client-certificates``); ``certificates`` issues applications' period
+    certificates (the group's CA).
     """
     sock_path = Path(path)
     store = RegistrationStore.in_state_dir(state_dir) if state_dir is not None else None
@@ -354,6 +357,7 @@ async def serve_api(
         links=links,
         client_ca=client_ca,
         server_id=server_id,
+        certificates=certificates,
         used_certificates=UsedCertificates(
             Path(state_dir) / "serve" / "used-client-certificates" if state_dir is not None else None
         ),

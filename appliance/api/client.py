@@ -598,6 +598,27 @@ class PstClient:
             raise PstError("connection", "malformed log_entries response")
         return entries
 
+    # Period certificates (§5.4) ---------------------------------------------------------------
+
+    def certificate(
+        self,
+        *,
+        csr: bytes | None = None,
+        names: Sequence[str] | None = None,
+        handle: bytes | None = None,
+    ) -> IssuedCertificate:
+        """A period certificate for this application from the group's CA, valid for the current
+        period plus the grace. With ``csr`` (PKCS #10, PEM or DER, P-256 or Ed25519) for the key
+        it carries, whose private key stays here; without, the server makes a P-256 key and
+        returns it (``key``). ``names``: a subset of the application's profile (``[ca.apps]``;
+        default: its names without wildcards); outside it: ``not-permitted``."""
+        fields: dict[str, Any] = {}
+        if csr is not None:
+            fields["csr"] = bytes(csr)
+        if names is not None:
+            fields["names"] = list(names)
+        return issued_certificate(self._with_handle("certificate", handle, **fields))
+
     # Proactively secure links (§5.4) ---------------------------------------------------------
 
     def send(self, to: int, data: bytes, *, timeout: float = 10.0, handle: bytes | None = None) -> None:
@@ -633,6 +654,34 @@ class PstClient:
                 raise PstError("connection", "malformed receive response")
             out.append(LinkMessage(sender, period, data))
         return out
+
+
+def issued_certificate(result: Mapping[str, Any]) -> IssuedCertificate:
+    """The ``certificate`` operation's result, checked."""
+    cert, bundle, key = result.get("certificate"), result.get("bundle"), result.get("key")
+    times = [result.get(k) for k in ("not_before", "not_after", "renew_after")]
+    if (
+        not isinstance(cert, bytes)
+        or not isinstance(bundle, bytes)
+        or not isinstance(key, bytes | None)
+        or not all(isinstance(t, int) for t in times)
+    ):
+        raise PstError("connection", "malformed certificate response")
+    return IssuedCertificate(cert, bundle, times[0], times[1], times[2], key)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """A period certificate from the group's CA (``PstClient.certificate``): the leaf (PEM), the
+    bundle (leaf and group root, PEM), its validity and when to renew it (Unix seconds), and
+    the private key (PKCS #8 PEM) when the server made it (no CSR)."""
+
+    certificate: bytes
+    bundle: bytes
+    not_before: int
+    not_after: int
+    renew_after: int
+    key: bytes | None = None
 
 
 @dataclass(frozen=True)

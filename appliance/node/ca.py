@@ -21,7 +21,8 @@ of the signature (FROST signatures are randomized).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -271,6 +272,118 @@ def tls_installer(context: Any) -> Install:
         context.load_cert_chain(str(cert_path), str(key_path))
 
     return install
+
+
+#: Facility 13 (log audit), severity 6 (informational), as the TSA's token records.
+_RECORD_PRI = 110
+
+
+def certificate_record(server_id: int, client: str, app: str, leaf_pem: bytes) -> bytes:
+    """The secure log's record of an issued certificate: an RFC 5424 entry of ``pst-ca``,
+    message id ``CERT``, structured data (serial, application, requester, names, validity,
+    SHA-256 of the DER) and the whole certificate (base64 DER) as the message."""
+    import base64
+    import datetime
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from appliance.apps.log.syslog import SDElement, build_rfc5424
+
+    cert = x509.load_pem_x509_certificate(leaf_pem)
+    der = cert.public_bytes(serialization.Encoding.DER)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = [str(n.value) for n in san if isinstance(n, x509.DNSName | x509.IPAddress)]
+    params = (
+        ("serial", f"{cert.serial_number:x}"),
+        ("app", app),
+        ("client", client),
+        ("names", " ".join(names)),
+        ("notBefore", f"{cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}"),
+        ("notAfter", f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"),
+        ("sha256", hashlib.sha256(der).hexdigest()),
+    )
+    now = datetime.datetime.now(datetime.UTC)
+    return build_rfc5424(
+        _RECORD_PRI,
+        f"{now:%Y-%m-%dT%H:%M:%S}.{now.microsecond // 1000:03d}Z",
+        f"pst-server-{server_id}",
+        "pst-ca",
+        None,
+        "CERT",
+        (SDElement("cert@32473", params),),
+        base64.b64encode(der),
+    )
+
+
+#: Appends one record to the secure log (``LogService.log_append``'s shape: client, messages).
+Record = Callable[[str, list[bytes]], Awaitable[Any]]
+
+
+class AppCertificates:
+    """Applications' period certificates for the local API (``certificate``; issue 13 §1):
+    the :class:`~appliance.api.CertificateBackend` of ``pst serve``.
+
+    The leaf comes from the key-holder (``ca_issue`` with profile ``app:NAME``: the application
+    goes into the leaf, every signer checks its names against ``[ca.apps.NAME]``); its record
+    (:func:`certificate_record`) is appended to the secure log before the certificate is
+    released. Without a log (``record`` None) the journal has it. A record that cannot be
+    stored withholds the certificate (``unavailable``)."""
+
+    def __init__(
+        self,
+        call: Call,
+        root: GroupRoot,
+        config: NodeConfig,
+        record: Record | None,
+    ) -> None:
+        self.call = call
+        self.root = root
+        self.config = config
+        self.record = record
+        #: Certificates released, and refused (by the policy or the network), for /metrics.
+        self.issued = 0
+        self.refused = 0
+
+    def app_names(self, app: str) -> tuple[str, ...] | None:
+        return (self.config.ca or CaConfig()).app_names(app)
+
+    def next_period(self) -> float:
+        c = self.config.constants
+        return c.period_start(c.period_at(time.time()) + 1)
+
+    async def issue_certificate(
+        self, client: str, app: str, spki: bytes, names: Sequence[str]
+    ) -> tuple[bytes, bytes]:
+        from appliance.api import BackendRefused, BackendUnavailable
+
+        try:
+            root = await self.root.get()
+            leaf = await self.call("ca_issue", 20.0, spki=spki, profile=f"app:{app}", names=list(names))
+        except SigningRefused as exc:
+            self.refused += 1
+            text = str(exc)
+            if "not allowed" in text or "no certificate profile" in text:
+                raise BackendRefused(text[:500]) from None
+            raise BackendUnavailable(text[:300]) from None
+        except trio.TooSlowError:
+            raise BackendUnavailable("the signers did not answer in time") from None
+        if not isinstance(leaf, bytes) or not isinstance(root, bytes):
+            raise BackendUnavailable("the key-holder returned no certificate")
+        line = certificate_record(self.config.server_id, client, app, leaf)
+        if self.record is None:
+            log.info("ca: issued %s", line.decode(errors="replace"))
+        else:
+            try:
+                await self.record(f"ca of server {self.config.server_id}", [line])
+            except Exception as exc:  # the log's LogUnavailable, a full disk: no record, no release
+                log.error("ca: the record of a certificate for %r could not be stored: %s", app, exc)
+                raise BackendUnavailable(
+                    "the certificate's record could not be stored in the secure log; not released"
+                ) from None
+        self.issued += 1
+        return leaf, root
 
 
 class PeriodCertificate:

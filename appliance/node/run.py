@@ -24,7 +24,7 @@ from appliance.host.config import NodeConfig
 from appliance.net import ChannelIdentity, PeerNetwork
 from appliance.node._approvals import LinkApprovals
 from appliance.node._plinks import ProactiveLinks
-from appliance.node.ca import GroupRoot, PeriodCertificate, period_names, tls_installer
+from appliance.node.ca import AppCertificates, GroupRoot, PeriodCertificate, period_names, tls_installer
 from appliance.node.keyholder import start_zygote
 from appliance.node.link import KeyHolderGone, KeyHolderLink
 from appliance.node.sdnotify import Notifier
@@ -316,6 +316,14 @@ async def _serve(
                 links=links,
                 client_ca=client_ca,
                 server_id=config.server_id,
+                certificates=AppCertificates(
+                    link.call,
+                    group_root,
+                    config,
+                    log_service.log_append if log_service is not None else None,
+                )
+                if group_root is not None
+                else None,
             )
         )
         assert api is not None

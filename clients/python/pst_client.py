@@ -62,6 +62,7 @@ __version__ = "1.0.0"
 __all__ = [
     "DEFAULT_SOCKET",
     "DEFAULT_UNIQUE_ID",
+    "IssuedCertificate",
     "PendingRequest",
     "PstClient",
     "PstError",
@@ -104,6 +105,19 @@ class PstError(Exception):
         self.code = code
         self.message = message
         self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """A period certificate (:meth:`PstClient.certificate`): leaf PEM, bundle (leaf and group
+    root), validity and renewal time (Unix seconds), the key (PEM) if the server made it."""
+
+    certificate: bytes
+    bundle: bytes
+    not_before: int
+    not_after: int
+    renew_after: int
+    key: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -557,6 +571,33 @@ class PstClient:
         if release_name:
             fields["release_name"] = True
         return self._call("revoke", **fields)
+
+    def certificate(
+        self,
+        *,
+        csr: bytes | None = None,
+        names: Sequence[str] | None = None,
+        handle: bytes | None = None,
+    ) -> IssuedCertificate:
+        """A period certificate for this application from the group's CA (docs/api.md): for the
+        key of ``csr`` (PKCS #10, PEM or DER; the private key stays here), or for a P-256 key the
+        server makes and returns (``key``). ``names``: a subset of the application's profile."""
+        fields: dict[str, Any] = {}
+        if csr is not None:
+            fields["csr"] = bytes(csr)
+        if names is not None:
+            fields["names"] = list(names)
+        result = self._with_handle("certificate", handle, **fields)
+        cert, bundle, key = result.get("certificate"), result.get("bundle"), result.get("key")
+        times = [result.get(k) for k in ("not_before", "not_after", "renew_after")]
+        if (
+            not isinstance(cert, bytes)
+            or not isinstance(bundle, bytes)
+            or not (key is None or isinstance(key, bytes))
+            or not all(isinstance(t, int) for t in times)
+        ):
+            raise PstError("connection", "malformed certificate response")
+        return IssuedCertificate(cert, bundle, times[0], times[1], times[2], key)
 
 
 def sign_file(
