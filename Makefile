@@ -23,6 +23,8 @@ DEB_PACKAGES += curl
 DEB_PACKAGES += rsyslog-gnutls
 # Period certificates for tunnel software: stunnel in server and client mode with mutual TLS.
 DEB_PACKAGES += stunnel4
+# ... and a stunnel whose clock is a day ahead (libfaketime) to see an expired certificate refused.
+DEB_PACKAGES += faketime
 STAMP := $(VENV)/.installed
 
 .PHONY: test demo demo-crypto lint typecheck pytest bench deps debs venv loggen deb clean
