@@ -114,7 +114,7 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--base-port", type=int, default=28300)
-    parser.add_argument("--log", default="group", help="pst cluster init --log (group, key or off)")
+    parser.add_argument("--log", default="key", help="pst cluster init --log (key, group or off)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="pst-bench-keys-")) / "c"
     pst(
