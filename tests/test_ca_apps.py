@@ -244,3 +244,19 @@ def test_bad_apps_sections_are_refused_with_the_key(tmp_path: Path, extra: str, 
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         node_config.load(_node_config(tmp_path, WITH_CA, extra))
+
+
+_APP_LEAF = tbs(["tunnel.example.org", "a.vpn.example.org"], "web-tunnel")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(min_value=0, max_value=len(_APP_LEAF) - 1), st.integers(min_value=1, max_value=255))
+def test_fuzz_a_changed_byte_of_an_application_leaf(position: int, flip: int) -> None:
+    data = bytearray(_APP_LEAF)
+    data[position] ^= flip
+    why = check().check(bytes(data))
+    if why is None:  # still a leaf of an application whose profile allows every one of its names
+        leaf = decode_tbs(bytes(data))
+        profiles = {p.app: p for p in POLICY.profiles}
+        assert leaf.app in profiles and not leaf.ca
+        assert all(name_allowed(n, profiles[leaf.app].names) for n in leaf.names)
