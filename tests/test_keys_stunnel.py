@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import os
 import re
 import shutil
 import signal
@@ -280,12 +281,23 @@ def test_stunnel_with_period_certificates_from_the_agent(tmp_path: Path) -> None
             assert "certificate has expired" in late_log.read_text(), late_log.read_text()[-2000:]
 
         mark("expired")
-        # Every certificate issued is in the secure log (server 1's two, server 2's one).
+        # One server stopped (t = 1 of n = 4): the client's certificate is still renewed, via server 2.
+        os.kill(int((root / "node-4" / "server.pid").read_text()), signal.SIGTERM)
+        before = (client_dir / "cert.pem").read_bytes()
+        out = _agent_until_ok(root, 2, "--app", "tunnel-client", "--dir", str(client_dir), "--csr")
+        assert out.returncode == 0, out.stderr
+        assert (client_dir / "cert.pem").read_bytes() != before
+        x509.load_pem_x509_certificate((client_dir / "cert.pem").read_bytes()).verify_directly_issued_by(
+            group_root
+        )
+        mark("stopped server")
+
+        # Every certificate issued is in the secure log (server 1's two, server 2's two).
         tail = pst("log", "tail", "--dir", str(root), "--node", "1", "-n", "200").stdout
         client_cert = x509.load_pem_x509_certificate((client_dir / "cert.pem").read_bytes())
         for cert in (first, second, client_cert):  # the message is the certificate (base64 DER)
             assert base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode() in tail, tail
-        assert tail.count("pst-ca") == 3
+        assert tail.count("pst-ca") == 4
         assert "certificate-outside-policy" not in alert_kinds(root)
     finally:
         for proc in procs:
