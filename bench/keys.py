@@ -7,9 +7,9 @@ key (``certificate()``) and the client sends a CSR (``certificate(csr=...)``; th
 before the clock starts). Each certificate is a threshold Ed25519 signature of the ``ca`` key
 (each signer decodes and checks the TBSCertificate) and an entry in the secure log, appended
 before the answer. Latency: one client, one request at a time. Throughput: several clients in
-threads, spread over the servers and applications so that the per-application rate limit
+threads (32 by default), spread over the servers and applications so that the per-application rate limit
 (50/s) is not what is measured. Prints JSON. Usage:
-    .venv/bin/python bench/keys.py [--nodes 4 --threshold 1 --count 200 --threads 8]
+    .venv/bin/python bench/keys.py [--nodes 4 --threshold 1 --count 320 --threads 32 --log key]
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--threshold", type=int, default=1)
-    parser.add_argument("--count", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--count", type=int, default=320)
+    parser.add_argument("--threads", type=int, default=32)
     parser.add_argument("--base-port", type=int, default=28300)
     parser.add_argument("--log", default="key", help="pst cluster init --log (key, group or off)")
     args = parser.parse_args()
