@@ -236,3 +236,41 @@ def test_fuzz_a_changed_byte_of_a_csr_is_refused_or_still_proves_possession(posi
     # Accepted only if the changed bytes still carry a key with a valid signature over the request.
     csr = x509.load_der_x509_csr(bytes(der))
     assert csr.is_signature_valid and got == csr.public_key()
+
+
+@pytest.mark.parametrize("library", ["appliance", "standalone"])
+async def test_both_client_libraries_get_period_certificates_over_the_socket(
+    nursery: Any, library: str, tmp_path: Any
+) -> None:
+    import functools
+
+    import trio
+    from test_api_clients import LIBRARIES
+
+    from appliance.api import serve_api
+
+    authority = LocalCa()
+    path = tmp_path / "api.sock"
+    await nursery.start(functools.partial(serve_api, path, FakeBackend(), certificates=authority))
+    lib = LIBRARIES[library]
+
+    def run() -> tuple[Any, Any, Any]:
+        with lib.PstClient(path) as client:
+            client.register("web-tunnel")
+            generated = client.certificate(names=["a.vpn.example.org"])
+            key = ec.generate_private_key(ec.SECP256R1())
+            with_csr = client.certificate(csr=csr_for(key))
+            try:
+                client.certificate(names=["db.example.org"])
+            except lib.PstError as exc:
+                refused = exc
+            return generated, (with_csr, key), refused
+
+    generated, (with_csr, key), refused = await trio.to_thread.run_sync(run)
+    assert generated.key is not None and with_csr.key is None
+    leaf = verify_chain(generated.certificate, authority.root)
+    assert serialization.load_pem_private_key(generated.key, None).public_key() == leaf.public_key()
+    assert generated.bundle == generated.certificate + authority.root
+    assert generated.not_before < generated.renew_after <= generated.not_after
+    assert verify_chain(with_csr.certificate, authority.root).public_key() == key.public_key()
+    assert refused.code == "not-permitted" and "outside the profile" in refused.message

@@ -1479,14 +1479,14 @@ class ApiCore:
                 f"({', '.join(profile)}); every signer would refuse them",
             )
         canonical = [_certs.check_pattern(n) for n in names]
+        self._take(reg, "certificate")  # before the CSR's signature is checked: that costs too
         key_pem: bytes | None = None
         if csr is not None:
             try:
                 spki = _certs.spki_of(_certs.csr_public_key(csr))
             except _certs.CsrError as exc:
                 raise bad("csr", str(exc)) from None
-        self._take(reg, "certificate")
-        if csr is None:
+        else:
             spki, key_pem = _certs.generate_key()
         try:
             leaf, root = await self.certificates.issue_certificate(

@@ -342,7 +342,7 @@ class AppCertificates:
         self.root = root
         self.config = config
         self.record = record
-        #: Certificates released, and refused (by the policy or the network), for /metrics.
+        #: Certificates released, and refused (by the policy or the network); not on /metrics yet.
         self.issued = 0
         self.refused = 0
 
