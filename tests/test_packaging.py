@@ -96,6 +96,17 @@ def test_contents(deb: Path, tree: Path) -> None:
     assert (tree / CONFFILE.lstrip("/")).read_bytes() == (REPO / "packaging" / "server.toml").read_bytes()
     assert (tree / "usr/share/doc/pst-appliance/examples/tpm.conf").is_file()
     assert (tree / "usr/share/doc/pst-appliance/README.systemd.md").is_file()
+    # The period-certificate agent (docs/ca.md) and its unit template.
+    assert re.search(
+        r"^l\S+ root/root .* \./usr/bin/pst-keys -> /opt/pst-appliance/clients/pst-keys$", listing, re.M
+    )
+    for name in ("pst-keys", "pst_keys.py"):
+        assert (tree / "opt/pst-appliance/clients" / name).read_bytes() == (
+            REPO / "clients" / name
+        ).read_bytes()
+    assert (tree / "lib/systemd/system/pst-keys@.service").read_bytes() == (
+        REPO / "systemd" / "pst-keys@.service"
+    ).read_bytes()
     # bin/pst is the launcher (scripts/pst), shipped in the project wheel as a script.
     [wheel] = (tree / "opt/pst-appliance/wheels").glob("pst_appliance-*.whl")
     with zipfile.ZipFile(wheel) as zf:
