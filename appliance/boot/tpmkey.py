@@ -163,6 +163,10 @@ class TpmAnnouncementKey:
             raise RomError(f"{self._where}: the TPM now holds another key than before")
         self._public = public
 
+    @property
+    def public(self) -> bytes:
+        return self.public_key()
+
     def public_key(self) -> bytes:
         """The SEC1 uncompressed public key (65 bytes)."""
         if self._public is None:

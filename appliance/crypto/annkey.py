@@ -17,7 +17,7 @@ All the cryptography is the ``cryptography`` package's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -34,8 +34,19 @@ MAX_SIGNATURE = 72
 #: The order of the P-256 group (SEC 2).
 _ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
-#: ``sign(data) -> DER signature``: what the holder of an announcement key hands the protocol.
-AnnSign = Callable[[bytes], bytes]
+
+class SigningUnavailable(Exception):
+    """The announcement key cannot sign now (the TPM is unreachable or refused); says why."""
+
+
+class AnnouncementSigner(Protocol):
+    """What the holder of an announcement key hands the protocol: its public key and ``sign``
+    (DER ECDSA-SHA256 of the data; raises SigningUnavailable if the key cannot be used)."""
+
+    @property
+    def public(self) -> bytes: ...
+
+    def sign(self, data: bytes) -> bytes: ...
 
 
 def load_public(public: bytes, what: str = "announcement key") -> ec.EllipticCurvePublicKey:
