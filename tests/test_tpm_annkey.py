@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from cryptography.exceptions import InvalidSignature
@@ -14,14 +15,17 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_rom import Swtpm
+from test_rom import NV, VSTART, Swtpm, write_config
 from test_rom import swtpm as swtpm  # the fixture
 from tpm2_pytss import ESAPI, ESYS_TR, TPM2B_DATA, TPMA_OBJECT, TPMT_SYM_DEF_OBJECT, TSS2_Exception
 
+from appliance.boot.backends import announcement_key
 from appliance.boot.rom import RomError
 from appliance.boot.tpmkey import ATTRIBUTES, TpmAnnouncementKey, template
+from appliance.cli import main
 from appliance.crypto import annkey
 from appliance.crypto.errors import DecodeError
+from appliance.host import config as node_config
 
 
 def _public_in_new_process(tcti: str, server: int) -> bytes:
@@ -94,6 +98,22 @@ def test_a_persisted_key_still_signs_once_the_owner_hierarchy_has_an_authorizati
     # A server whose key was not persisted cannot derive it any more, and is told why.
     with pytest.raises(RomError, match=r"announcement key of server 2.*CreatePrimary"):
         TpmAnnouncementKey(swtpm.tcti, 2).public_key()
+
+
+def test_pst_rom_provision_on_a_tpm_also_keeps_the_announcement_key(
+    swtpm: Swtpm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, f'backend = "tpm"\nnv_index = {NV}\ntcti = "{swtpm.tcti}"')
+    assert main(["rom", "provision", "--config", str(config), "--vstart", VSTART.hex()]) == 0
+    out = capsys.readouterr().out
+    key = announcement_key(node_config.load(config))
+    assert key is not None
+    assert "kept at persistent handle 0x81018101" in out and key.public_key().hex() in out
+    with ESAPI(swtpm.tcti) as esapi:
+        esapi.hierarchy_change_auth(ESYS_TR.OWNER, b"operator's secret")
+    _cryptography_verify(key.public_key(), b"d", key.sign(b"d"))
+    simulated = write_config(tmp_path, f'backend = "simulated"\npath = "{tmp_path / "rom"}"', "s.toml")
+    assert announcement_key(node_config.load(simulated)) is None  # no TPM, no key: today's rule
 
 
 def test_an_unreachable_tpm_is_a_rom_error_naming_the_tcti() -> None:

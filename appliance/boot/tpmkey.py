@@ -47,6 +47,11 @@ from tpm2_pytss import (
     TSS2_Exception,
 )
 
+
+class AnnouncementKeyError(RomError, annkey.SigningUnavailable):
+    """The announcement key cannot be used (the TPM is unreachable, refuses, or holds another key)."""
+
+
 ATTRIBUTES = (
     TPMA_OBJECT.FIXEDTPM
     | TPMA_OBJECT.FIXEDPARENT
@@ -115,7 +120,7 @@ class TpmAnnouncementKey:
         try:
             return ESAPI(self.tcti)
         except (TSS2_Exception, RuntimeError, ValueError) as exc:
-            raise RomError(
+            raise AnnouncementKeyError(
                 f"cannot reach the TPM through tcti {self.tcti!r}: {exc}; check rom.tcti in the config"
             ) from None
 
@@ -125,7 +130,9 @@ class TpmAnnouncementKey:
         except TSS2_Exception as exc:
             if exc.error == TPM2_RC.HANDLE:
                 return None
-            raise RomError(f"{self._where}: cannot look up handle 0x{self.handle:08x}: {exc}") from None
+            raise AnnouncementKeyError(
+                f"{self._where}: cannot look up handle 0x{self.handle:08x}: {exc}"
+            ) from None
 
     def _derive(self, esapi: ESAPI) -> tuple[ESYS_TR, TPM2B_PUBLIC]:
         try:
@@ -139,7 +146,7 @@ class TpmAnnouncementKey:
                 if exc.error in (TPM2_RC.BAD_AUTH, TPM2_RC.AUTH_FAIL) or "AUTH" in str(exc).upper()
                 else ""
             )
-            raise RomError(f"{self._where}: TPM2_CreatePrimary failed: {exc}{hint}") from None
+            raise AnnouncementKeyError(f"{self._where}: TPM2_CreatePrimary failed: {exc}{hint}") from None
         return handle, public
 
     def _key(self, esapi: ESAPI) -> tuple[ESYS_TR, bool]:
@@ -152,7 +159,7 @@ class TpmAnnouncementKey:
         public, _name, _qname = esapi.read_public(found)
         problems = check_public_area(public)
         if problems:
-            raise RomError(
+            raise AnnouncementKeyError(
                 f"{self._where}: refusing the key at handle 0x{self.handle:08x}: {'; '.join(problems)}"
             )
         self._remember(_public_bytes(public))
@@ -160,7 +167,7 @@ class TpmAnnouncementKey:
 
     def _remember(self, public: bytes) -> None:
         if self._public is not None and self._public != public:
-            raise RomError(f"{self._where}: the TPM now holds another key than before")
+            raise AnnouncementKeyError(f"{self._where}: the TPM now holds another key than before")
         self._public = public
 
     @property
@@ -188,7 +195,7 @@ class TpmAnnouncementKey:
             try:
                 sig = esapi.sign(handle, digest, scheme, ticket)
             except TSS2_Exception as exc:
-                raise RomError(f"{self._where}: TPM2_Sign failed: {exc}") from None
+                raise AnnouncementKeyError(f"{self._where}: TPM2_Sign failed: {exc}") from None
             finally:
                 if transient:
                     esapi.flush_context(handle)
@@ -205,7 +212,7 @@ class TpmAnnouncementKey:
                 derived, public = self._derive(esapi)
                 esapi.flush_context(derived)
                 if _public_bytes(public) != self._public:
-                    raise RomError(
+                    raise AnnouncementKeyError(
                         f"{self._where}: handle 0x{self.handle:08x} holds another key than the template "
                         f"derives; remove it (`tpm2_evictcontrol -c 0x{self.handle:08x}`) or choose "
                         "another handle"
@@ -216,7 +223,7 @@ class TpmAnnouncementKey:
             try:
                 esapi.evict_control(ESYS_TR.OWNER, derived, self.handle)
             except TSS2_Exception as exc:
-                raise RomError(f"{self._where}: TPM2_EvictControl failed: {exc}") from None
+                raise AnnouncementKeyError(f"{self._where}: TPM2_EvictControl failed: {exc}") from None
             finally:
                 esapi.flush_context(derived)
         return f"{self._where}: kept at persistent handle 0x{self.handle:08x}"
