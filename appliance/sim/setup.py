@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,12 +63,13 @@ def make_network(
     *,
     randbytes: Callable[[int], bytes] | None = None,
     tpm: frozenset[int] = frozenset(),
+    ann_public: Mapping[int, bytes] | None = None,
 ) -> dict[int, ServerSetup]:
     """Period-0 data for every server: from ``seed`` (simulations) or from ``randbytes`` (os.urandom).
 
     The servers in ``tpm`` have ROMs that are TPMs: each gets an announcement key (a software
     P-256 key here, from its own seed so that the other keys stay those of a network without),
-    fixed in M."""
+    fixed in M. ``ann_public``: announcement keys held elsewhere (real TPMs), put into M as given."""
     n, t = constants.n, constants.t
     if randbytes is None:
         randbytes = random.Random(seed).randbytes
@@ -92,7 +93,7 @@ def make_network(
         )
         for i in sorted(tpm)
     }
-    ann_keys = {i: k.public for i, k in ann.items()}
+    ann_keys = {**dict(ann_public or {}), **{i: k.public for i, k in ann.items()}}
     m = {
         i: bytes(sstart[i].sign(m_i_payload(vcert, constants, i, ann_keys.get(i))).signature)
         for i in constants.ids
