@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
 from appliance.crypto import encoding, vdec
-from appliance.crypto.annkey import SoftAnnouncementKey
+from appliance.crypto.annkey import SigningUnavailable, SoftAnnouncementKey
 from appliance.crypto.errors import DecodeError
 from appliance.protocols._core import AlertKind, Signer
 from appliance.protocols._signed import BadSignature, sign
@@ -254,3 +254,35 @@ def test_without_a_tpm_the_same_impostor_keeps_the_server_out_and_with_one_it_is
                 a.kind == AlertKind.CONFLICTING_ANNOUNCEMENTS and a.server == v and "impostor" in a.detail
                 for a in s.alert_log
             ), i
+
+
+class _BrokenTpm:
+    def __init__(self, public: bytes) -> None:
+        self.public = public
+
+    def sign(self, data: bytes) -> bytes:
+        raise SigningUnavailable("cannot reach the TPM through tcti 'swtpm:port=1'")
+
+
+@pytest.mark.parametrize("fault", ["none given", "another key", "unreachable"])
+def test_a_server_whose_tpm_cannot_sign_is_told_why_and_the_others_go_on(fault: str) -> None:
+    c = Constants(n=4, t=1, period_length=scenarios.PERIOD, delta=0.05, genesis=0.5 - scenarios.PERIOD)
+    run = scenarios.build("broken-tpm", 1, c, periods=1, tpm=frozenset({1}))
+    s = run.servers[1]
+    assert s.ann_key is not None
+    s.ann_key = {
+        "none given": None,
+        "another key": SoftAnnouncementKey(b"z" * 32),
+        "unreachable": _BrokenTpm(s.ann_key.public),
+    }[fault]
+    scenarios.run_periods(run)
+    own = [a for a in s.alert_log if a.kind == AlertKind.RECOVERY_FAILED and a.server == 1]
+    assert own, [str(a) for a in s.alert_log]
+    assert {"none given": "none was given", "another key": "another announcement key", "unreachable": "tcti"}[
+        fault
+    ] in own[0].detail
+    for i in (2, 3, 4):  # its unsigned announcement looks like an impostor's to the others
+        outcome = run.servers[i].outcomes[1]
+        assert outcome.status == Status.OPERATIONAL
+        assert 1 not in (run.servers[i].public.key_table or outcome.public.key_table).entries  # type: ignore[union-attr]
+        assert any(a.server == 1 and "impostor" in a.detail for a in run.servers[i].alert_log)

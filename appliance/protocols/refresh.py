@@ -1091,7 +1091,7 @@ class PeriodRefresh:
                 AlertKind.RECOVERY_FAILED,
                 self.me,
                 "M holds an announcement key for this server but none was given (is the ROM's TPM "
-                "configured?): its clear announcements will be discarded",
+                "configured?): its announcements will be discarded",
             )
             return None
         try:
@@ -1099,7 +1099,7 @@ class PeriodRefresh:
                 self._alert(
                     AlertKind.RECOVERY_FAILED,
                     self.me,
-                    "this server's TPM holds another announcement key than M: its clear announcements "
+                    "this server's TPM holds another announcement key than M: its announcements "
                     "will be discarded",
                 )
                 return None
