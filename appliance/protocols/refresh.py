@@ -17,7 +17,9 @@ ANNOUNCE   Table 1 steps 1-3. Fresh period keys (V_i, S_i), (E_i, D_i), saved be
            announcement once (so all honest servers get it, and two different ones are
            transferable evidence: rule (i)). A clear announcement counts only with t+1
            attestations by servers that received it on the author's own connection, so no
-           relayer can invent one (rules (ii)-(iii)).
+           relayer can invent one (rules (ii)-(iii)). A server with an announcement key in M
+           (its ROM is a TPM) has every announcement signed by that key too, over the previous
+           KeyTable's digest; a clear one so signed needs no attestations (issue 8).
 KEYTABLE   Agreement 1: the leader proposes the KeyTable with every announcement (and
            attestation) inline; members of the previous KeyTable vote after checking every
            entry and their own evidence. The agreed sharing digest is the one t+1
