@@ -29,7 +29,7 @@ import trio
 from appliance.api._core import app_digest_payload
 from appliance.apps.log.checkpoint import Checkpoint
 from appliance.apps.log.guard import checkpoint_note
-from appliance.boot.backends import open_rom
+from appliance.boot.backends import announcement_key, open_rom
 from appliance.boot.check import code_mismatches
 from appliance.boot.rom import Rom
 from appliance.boot.upgrade import ChainCheck, approved, is_upgrade_payload, read_approval
@@ -147,6 +147,9 @@ class PServer:
                 self.store.public_dir,
                 lambda c: [str(m) for m in code_mismatches(c, self.config.state_dir)],
             ),
+            # Where the ROM is a TPM, it signs our key announcements (issue 8); M says whether
+            # the network knows the key (a network initialized without it keeps today's rule).
+            ann_key=announcement_key(self.config),
         )
         for secret, check in self._payload_checks:
             core.add_payload_check(secret, check)

@@ -14,6 +14,7 @@ from typing import Any
 from nacl.signing import SigningKey
 
 from appliance.crypto import encoding
+from appliance.crypto.annkey import AnnouncementSigner
 from appliance.crypto.errors import DecodeError
 from appliance.crypto.groups import ED25519
 from appliance.crypto.keyshare import KeyShare
@@ -66,8 +67,11 @@ class ServerCore:
         resume_in_place: bool = True,
         forget_at_retire: bool = False,
         code: CodeCheck | None = None,
+        ann_key: AnnouncementSigner | None = None,
     ) -> None:
         self.code = code
+        #: The announcement key (the ROM's TPM), if any: signs our clear announcements (issue 8).
+        self.ann_key = ann_key
         self.me = me
         self.vstart = vstart
         self.public: PublicData = public
@@ -140,6 +144,7 @@ class ServerCore:
             durable=self.durable,
             now=now,
             code=self.code,
+            ann_key=self.ann_key,
         )
         self.next_period = period + 1
         for sender in sorted(self._early):
