@@ -793,6 +793,50 @@ def qualify_w(
     return _qualify(public.n, 2 * public.t + 1, "dss w", structural, complaints, judge)
 
 
+def judge_nonce_complaint(
+    group: Group[E],
+    sid: bytes,
+    dealing: NonceDealing[E],
+    complaint: Complaint,
+    verify: Verifier,
+    *,
+    signing_context: str,
+    period: int,
+) -> Verdict:
+    """One round-1 complaint against ``dealing``, judged from public data: dealer or accuser guilty."""
+    return _judge(
+        complaint,
+        nonce_session(group, sid, dealing),
+        5,
+        lambda j, v: check_nonce_share(group, dealing, j, v),
+        verify,
+        context=signing_context,
+        period=period,
+    )
+
+
+def judge_w_complaint(
+    group: Group[E],
+    sid: bytes,
+    dealing: WDealing[E],
+    complaint: Complaint,
+    verify: Verifier,
+    *,
+    signing_context: str,
+    period: int,
+) -> Verdict:
+    """One round-3 complaint against ``dealing`` (see :func:`judge_nonce_complaint`)."""
+    return _judge(
+        complaint,
+        w_session(group, sid, dealing),
+        2,
+        lambda j, v: check_w_share(group, dealing, j, v),
+        verify,
+        context=signing_context,
+        period=period,
+    )
+
+
 def reduction_set(qual: Iterable[int], t: int) -> tuple[int, ...]:
     """The fixed set S of 2t+1 dealers used for degree reduction: the smallest qualified ids."""
     members = sorted(qual)
