@@ -141,6 +141,21 @@ def _digest_map(obj: Any, what: str, sender: int, n: int) -> dict[int, bytes]:
     return dict(obj)
 
 
+def _check_complaint(item: Any, accuser: int) -> None:
+    """[dealer, index, values, dealer's signature]: the shape, before anything is judged."""
+    if not (
+        isinstance(item, list)
+        and len(item) == 4
+        and type(item[0]) is int
+        and type(item[1]) is int
+        and isinstance(item[2], list)
+        and len(item[2]) <= 5
+        and all(type(v) is int for v in item[2])
+        and isinstance(item[3], bytes)
+    ):
+        raise RemoteProtocolError(accuser, "malformed complaint")
+
+
 @dataclass
 class _Stock(Generic[E]):
     """A presignature c may use: its public part and who holds it."""
@@ -245,7 +260,10 @@ class DSSSigningService(Generic[E]):
         service: str,
         checks: Sequence[PayloadCheck] = (),
         only_checked: bool = False,
+        coordinate: bool = True,
     ) -> None:
+        #: Keep a stock of our own (False: only take part in others' sessions and sign for them).
+        self.coordinate = coordinate
         self.me, self.t, self.period, self.n = me, t, table.period, key.n
         self.table, self.group, self.key, self.signer, self.rand = table, group, key, signer, rand
         self.service = service
@@ -259,6 +277,8 @@ class DSSSigningService(Generic[E]):
         self._session_no = 0
         self._coord: _Coordinating | None = None
         self._stock: deque[_Stock[E]] = deque()
+        #: Sessions whose presignatures wait for a lock quorum of holders to confirm they hold them.
+        self._ready: dict[int, tuple[list[_Stock[E]], set[int], float]] = {}
         self._avoid: dict[int, float] = {}
         self._requests: dict[int, _Request[E]] = {}
         self._next_rid = 1
@@ -290,7 +310,8 @@ class DSSSigningService(Generic[E]):
 
     @property
     def pending(self) -> bool:
-        return bool(self._requests) or self._coord is not None or len(self._stock) < LOW_WATER
+        wants = self.coordinate and len(self._stock) < LOW_WATER
+        return bool(self._requests) or self._coord is not None or wants
 
     def _send(self, to: int, kind: str, body: Any) -> None:
         data = seal(self.service, kind, self.period, self.me, body, self.signer)
@@ -349,6 +370,15 @@ class DSSSigningService(Generic[E]):
             self.rejected.append(RemoteProtocolError(sender, f"{self.service}: {exc}"))
         self._pump(now)
 
+    def _guarded(self, author: int, kind: str, msg: dict[str, Any], raw: bytes, now: float) -> None:
+        """A held message of ``author`` taken up later: its faults are its author's."""
+        try:
+            self._session_step(author, kind, msg, raw, now)
+        except RemoteProtocolError as exc:
+            self.rejected.append(exc)
+        except DecodeError as exc:
+            self.rejected.append(RemoteProtocolError(author, f"{self.service}: {exc}"))
+
     def _pump(self, now: float) -> None:
         """Our own messages to ourselves (we are a participant of our sessions, a holder, a signer)."""
         while self._local:
@@ -382,6 +412,8 @@ class DSSSigningService(Generic[E]):
             self._on_share(sender, body, now)
         elif kind == "discard":
             self._on_discard(sender, body)
+        elif kind == "held":
+            self._on_held(sender, body)
         else:
             raise RemoteProtocolError(sender, f"unknown {self.service} message kind {kind!r}")
 
@@ -391,7 +423,13 @@ class DSSSigningService(Generic[E]):
         return [i for i in self.ids if i == self.me or self._avoid.get(i, 0.0) <= now]
 
     def _maybe_start_session(self, now: float) -> None:
-        if self._coord is not None or len(self._stock) >= LOW_WATER:
+        for s, (stocks, _acks, since) in list(self._ready.items()):
+            if now - since > 3 * ROUND_WAIT:  # too few holders confirmed: those presignatures go
+                for stock in stocks:
+                    self._discard(stock)
+                del self._ready[s]
+                self.sessions_failed += 1
+        if not self.coordinate or self._coord is not None or len(self._stock) >= LOW_WATER or self._ready:
             return
         if len(self._held.get(self.me, {})) >= MAX_HELD:
             return
@@ -419,6 +457,8 @@ class DSSSigningService(Generic[E]):
         _digest_map(f["have"], "presign report", sender, self.n)
         if len(f["complaints"]) > self.n * MAX_BATCH:
             raise RemoteProtocolError(sender, "presign report: too many complaints")
+        for item in f["complaints"]:
+            _check_complaint(item, sender)
         box.setdefault(sender, (f, raw))
 
     def _coordinator_tick(self, now: float) -> None:
@@ -476,16 +516,7 @@ class DSSSigningService(Generic[E]):
     ) -> list[Any]:
         verdicts = []
         for item in complaints:
-            if not (
-                isinstance(item, list)
-                and len(item) == 4
-                and type(item[0]) is int
-                and type(item[1]) is int
-                and isinstance(item[2], list)
-                and all(type(v) is int for v in item[2])
-                and isinstance(item[3], bytes)
-            ):
-                raise RemoteProtocolError(accuser, "malformed complaint")
+            _check_complaint(item, accuser)
             d, k, values, sig = item
             held = rnd.deals.get(d)
             if held is None or not 0 <= k < sess.count:
@@ -606,6 +637,19 @@ class DSSSigningService(Generic[E]):
 
     # Taking part in sessions ---------------------------------------------------------------
 
+    # The three crypto steps whose output another server judges (tests make them cheat).
+
+    def _nonce_dealing(
+        self, sid: bytes
+    ) -> tuple[dss.NonceDealing[E], dict[int, tuple[int, int, int, int, int]]]:
+        return dss.deal_nonce(self.group, sid, self.me, self.n, self.t, self._scalar)
+
+    def _opening(self, sess: _Session[E], k: int) -> dss.ProductOpening:
+        return dss.open_product(self.group, sess.publics[k], sess.states[k], self._scalar)
+
+    def _signature_share(self, presig: dss.Presignature[E], message: bytes) -> dss.SignatureShare:
+        return dss.sign_share(self.group, presig, message, self.key.public)
+
     def _on_open(self, sender: int, body: Any, now: float) -> None:
         f = encoding.expect_map(body, {"s": int, "parts": list, "count": int}, "presign open")
         parts = _int_list(f["parts"], "presign open", sender, self.n)
@@ -631,7 +675,7 @@ class DSSSigningService(Generic[E]):
             keep: deque[tuple[str, dict[str, Any], bytes]] = deque(maxlen=MAX_EARLY)
             for kind, msg, msg_raw in queue:
                 if msg.get("c") == sender and msg.get("s") == sess.s:
-                    self._session_step(author, kind, msg, msg_raw, now)
+                    self._guarded(author, kind, msg, msg_raw, now)
                 else:
                     keep.append((kind, msg, msg_raw))
             self._early[author] = keep
@@ -640,7 +684,7 @@ class DSSSigningService(Generic[E]):
         dealings = []
         shares: dict[int, list[Any]] = {j: [] for j in sess.parts}
         for sid in sess.sids:
-            dealing, values = dss.deal_nonce(self.group, sid, self.me, self.n, self.t, self._scalar)
+            dealing, values = self._nonce_dealing(sid)
             dealings.append(dealing.encode(self.group))
             session = dss.nonce_session(self.group, sid, dealing)
             for j in sess.parts:
@@ -655,8 +699,8 @@ class DSSSigningService(Generic[E]):
     def _on_session_msg(self, sender: int, kind: str, body: Any, raw: bytes, now: float) -> None:
         if kind in ("qual", "final", "abort"):
             # From the coordinator itself: the session is the sender's own.
-            if not isinstance(body, dict):
-                raise RemoteProtocolError(sender, f"presign {kind}: expected a map")
+            if not isinstance(body, dict) or type(body.get("s")) is not int:
+                raise RemoteProtocolError(sender, f"presign {kind}: expected a map naming the session")
             msg = dict(body)
             msg["c"] = sender
         else:
@@ -888,10 +932,7 @@ class DSSSigningService(Generic[E]):
             self._drop(sess)
             return
         sess.stage = "open"
-        openings = [
-            dss.open_product(self.group, sess.publics[k], sess.states[k], self._scalar).encode(self.group)
-            for k in range(sess.count)
-        ]
+        openings = [self._opening(sess, k).encode(self.group) for k in range(sess.count)]
         self._send_all(sess.active, "opening", {"c": sess.c, "s": sess.s, "openings": openings})
 
     def _on_opening(self, sess: _Session[E], sender: int, msg: dict[str, Any], now: float) -> None:
@@ -940,11 +981,7 @@ class DSSSigningService(Generic[E]):
         self._deal_w(sess)
         for kind in ("wdeal", "wshares"):
             for author, (msg, raw) in sorted(sess.w_pending.get(kind, {}).items()):
-                try:
-                    self._session_step(author, kind, msg, raw, now)
-                except (RemoteProtocolError, DecodeError, CryptoError) as exc:
-                    peer = author if not isinstance(exc, RemoteProtocolError) else exc.peer
-                    self.rejected.append(RemoteProtocolError(peer, f"{self.service}: {exc}"))
+                self._guarded(author, kind, msg, raw, now)
         sess.w_pending.clear()
 
     def _deal_w(self, sess: _Session[E]) -> None:
@@ -991,11 +1028,26 @@ class DSSSigningService(Generic[E]):
             )
             held[sid] = _Held(presig, frozenset(holders))
             if sess.c == self.me:
-                self._stock.append(_Stock(presig.public, tuple(holders)))
-                self.made += 1
+                self._ready.setdefault(sess.s, ([], set(), now))[0].append(
+                    _Stock(presig.public, tuple(holders))
+                )
         sess.states = []
         sess.stage = "done"
         sess.wipe()
+        self._send(sess.c, "held", {"s": sess.s})
+
+    def _on_held(self, sender: int, body: Any) -> None:
+        """A holder stored its presignatures: usable once a lock quorum of holders has them."""
+        f = encoding.expect_map(body, {"s": int}, "presignatures held")
+        ready = self._ready.get(f["s"])
+        if ready is None or not ready[0] or sender not in ready[0][0].holders:
+            return
+        stocks, acks, _since = ready
+        acks.add(sender)
+        if self.me in acks and len(acks) >= lock_quorum(len(stocks[0].holders), self.t):
+            self._stock.extend(stocks)
+            self.made += len(stocks)
+            del self._ready[f["s"]]
 
     def _drop(self, sess: _Session[E]) -> None:
         sess.wipe()
@@ -1007,6 +1059,8 @@ class DSSSigningService(Generic[E]):
         """Start signing ``message``; the result appears in ``done`` or ``failed`` under the returned id."""
         if len(message) > MAX_MESSAGE:
             raise SigningRefused(f"message of {len(message)} bytes is larger than {MAX_MESSAGE}")
+        if not self.coordinate:
+            raise SigningRefused(f"{self.service}: this server keeps no presignatures of its own")
         if is_protocol_payload(message):
             raise SigningRefused("refusing to sign a protocol payload on request")
         check = self.check_for(message)
@@ -1273,7 +1327,7 @@ class DSSSigningService(Generic[E]):
             return
         self._held[sender].pop(f["sid"])
         try:
-            share = dss.sign_share(self.group, held.presig, message, self.key.public)
+            share = self._signature_share(held.presig, message)
         except dss.StalePresignatureError as exc:
             raise RemoteProtocolError(sender, str(exc)) from None
         self._send(sender, "share", {**answer, "share": share.encode(self.group)})
