@@ -97,6 +97,9 @@ MAX_BATCH = 16
 #: whatever arrived, unless everything arrived earlier.
 ROUND_WAIT = 1.0
 SESSION_TIMEOUT = 10.0
+#: A session whose dealing step has not heard 2t+1 reports by then is given up at once (its
+#: open was lost, e.g. sent before the channels were up): a new one starts without the silent.
+DEAL_TIMEOUT = 3.0
 REQUEST_TIMEOUT = 5.0
 ATTEMPT_TIMEOUT = 2.0
 MAX_ATTEMPTS = 4
@@ -467,6 +470,9 @@ class DSSSigningService(Generic[E]):
             return
         if now - co.started > SESSION_TIMEOUT:
             self._give_up(co, now, "timed out")
+            return
+        if co.stage == "deal" and now - co.started > DEAL_TIMEOUT and len(co.reports) < 2 * self.t + 1:
+            self._give_up(co, now, f"heard {len(co.reports)} reports, need {2 * self.t + 1}")
             return
         me_session = self._sessions.get(self.me)
         if co.stage == "deal":
