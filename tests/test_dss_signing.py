@@ -468,3 +468,13 @@ def test_a_server_that_does_not_coordinate_holds_and_signs_for_others_only() -> 
     with pytest.raises(SigningRefused, match="no presignatures of its own"):
         net.services[2].request(b"m", net.sim.now)
     assert verify_p256(net.group, net.public_key(), b"m", net.sign(1, b"m"))
+
+
+def test_with_one_server_down_presigning_and_signing_go_on() -> None:
+    net = Net(4, 1, seed=16, coordinators={1, 2})
+    net.sim.crash(4)
+    net.fill([1, 2])
+    for i in (1, 2):
+        message = f"one down, from {i}".encode()
+        assert verify_p256(net.group, net.public_key(), message, net.sign(i, message))
+    assert alerts(net) == []

@@ -297,6 +297,8 @@ class DSSSigningService(Generic[E]):
         self.rejected: list[RemoteProtocolError] = []
         self.made = 0  # presignatures this coordinator completed
         self.sessions_failed = 0
+        #: What happened to our own sessions (for the operator's log; bounded).
+        self.notes: deque[str] = deque(maxlen=64)
         self._out: list[Outgoing] = []
         self._local: deque[tuple[str, dict[str, Any], bytes]] = deque()
 
@@ -492,15 +494,25 @@ class DSSSigningService(Generic[E]):
                 self._decide_final(co, now)
 
     def _give_up(self, co: _Coordinating, now: float, why: str) -> None:
-        expected = {"deal": co.reports, "w": co.wreports}.get(co.stage, {})
+        """Abandon our session; avoid for a while those that did not answer its current step."""
+        answered: Iterable[int] = co.reports
         members = co.parts if co.stage == "deal" else co.active
+        own = self._sessions.get(self.me)
+        if co.stage == "w" and own is not None and own.s == co.s:
+            # Whom were we (a member too) waiting for: an echo, an opening, or a w dealing?
+            if own.stage == "echo":
+                answered = own.echoes
+            elif own.stage == "open":
+                answered = own.openings
+            else:
+                answered = [j for j in own.r3.deals if j in own.r3.shares]
         for i in members:
-            if i != self.me and i not in expected:
+            if i != self.me and i not in answered:
                 self._avoid[i] = now + AVOID
         self._send_all(co.parts, "abort", {"s": co.s})
         self._coord = None
         self.sessions_failed += 1
-        self.rejected.append(RemoteProtocolError(self.me, f"{self.service}: presign session {co.s} {why}"))
+        self.notes.append(f"{self.service}: presign session {co.s} given up at {now:.3f}: {why}")
 
     def _judge_reports(
         self, reports: dict[int, tuple[dict[str, Any], bytes]], sess: _Session[E], w: bool
@@ -842,6 +854,9 @@ class DSSSigningService(Generic[E]):
 
     def _participant_tick(self, now: float) -> None:
         for sess in list(self._sessions.values()):
+            if sess.stage != "done" and now - sess.r1.started > 2 * SESSION_TIMEOUT:
+                self._drop(sess)  # its coordinator went silent: its secrets go
+                continue
             for rnd, kind, members, live in (
                 (sess.r1, "report", sess.parts, sess.stage == "deal"),
                 (sess.r3, "wreport", [j for j in sess.active if j not in sess.bad], sess.stage == "w"),
@@ -1123,14 +1138,16 @@ class DSSSigningService(Generic[E]):
         self._send_all(stock.holders, "lock", body)
 
     def _take_stock(self, req: _Request[E], now: float) -> _Stock[E] | None:
-        while self._stock:
-            stock = self._stock.popleft()
+        for stock in list(self._stock):
+            if self.me not in stock.holders or len(stock.holders) < self.t + 1:
+                self._stock.remove(stock)  # cannot be used by us at all
+                self._discard(stock)
+                continue
             others = [i for i in stock.holders if i != self.me and self._avoid.get(i, 0.0) <= now]
-            others = [i for i in others if i not in req.refused]
-            if self.me in stock.holders and len(others) >= self.t:
+            if len([i for i in others if i not in req.refused]) >= self.t:
+                self._stock.remove(stock)
                 return stock
-            self._discard(stock)
-        return None
+        return None  # (presignatures whose holders we avoid for now stay for later)
 
     def _discard(self, stock: _Stock[E]) -> None:
         self._send_all(stock.holders, "discard", {"sid": stock.public.sid})
