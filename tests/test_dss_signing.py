@@ -91,9 +91,10 @@ class Net:
         *,
         max_delay: float = 0.02,
         coordinators: set[int] | None = None,
+        group: str = "p256",
         **kw: Any,
     ) -> None:
-        self.c, self.setups = network(n, t)
+        self.c, self.setups = network(n, t, group)
         self.group = self.c.group(TSA)
         self.services = {
             i: make_service(self.c, s, f"{seed}", coordinate=coordinators is None or i in coordinators, **kw)
@@ -478,3 +479,17 @@ def test_with_one_server_down_presigning_and_signing_go_on() -> None:
         message = f"one down, from {i}".encode()
         assert verify_p256(net.group, net.public_key(), message, net.sign(i, message))
     assert alerts(net) == []
+
+
+def test_dsa_2048_signs_through_the_same_protocol_and_openssl_verifies(tmp_path: Path) -> None:
+    net = Net(4, 1, seed=17, coordinators={1}, group="dsa2048")
+    net.fill([1])
+    message = b"DSA 2048/256 over SHA-256"
+    sig = net.sign(1, message)
+    assert dss.verify_with_cryptography(net.group, net.public_key(), message, sig.der)
+    (tmp_path / "pub.pem").write_bytes(dss.public_key_pem(net.group, net.public_key()))
+    (tmp_path / "sig.der").write_bytes(sig.der)
+    (tmp_path / "msg").write_bytes(message)
+    cmd = ["openssl", "dgst", "-sha256", "-verify", "pub.pem", "-signature", "sig.der", "msg"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and "Verified OK" in result.stdout, result.stdout + result.stderr
