@@ -493,3 +493,29 @@ def test_dsa_2048_signs_through_the_same_protocol_and_openssl_verifies(tmp_path:
     cmd = ["openssl", "dgst", "-sha256", "-verify", "pub.pem", "-signature", "sig.der", "msg"]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "Verified OK" in result.stdout, result.stdout + result.stderr
+
+
+class EquivocatingCoordinator(DSSSigningService[Any]):
+    """Tells server 4 another QUAL1 than the others (one dealer fewer)."""
+
+    def _send_all(self, to: Any, kind: str, body: Any) -> None:
+        if kind != "qual" or len(body["digests"]) <= self.t + 1:
+            super()._send_all(to, kind, body)
+            return
+        others = [i for i in to if i != 4]
+        super()._send_all(others, kind, body)
+        fewer = dict(sorted(body["digests"].items())[1:])
+        super()._send_all([i for i in to if i == 4], kind, {**body, "digests": fewer})
+
+
+def test_a_coordinator_telling_members_different_sets_is_caught_by_the_echo() -> None:
+    net = Net(4, 1, seed=18, coordinators={1})
+    bad = EquivocatingCoordinator.__new__(EquivocatingCoordinator)
+    bad.__dict__.update(net.services[1].__dict__)
+    net.services[1] = bad
+    net.sim.nodes[1] = Node(bad)
+    net.run_until(6.0)
+    assert bad.stock == 0 and bad.made == 0
+    for j in (2, 3, 4):
+        assert any(a.kind == AlertKind.EQUIVOCATION and a.server == 1 for a in net.services[j].alerts), j
+        assert not net.services[j]._held.get(1)  # nobody opened, nobody holds anything for it

@@ -106,6 +106,9 @@ MAX_ATTEMPTS = 4
 AVOID = 10.0
 #: Largest embedded object (a dealing, a forwarded report) accepted before decoding it.
 MAX_ITEM = 64 * 1024
+#: A participant joins at most one session of a coordinator in this time: a Byzantine
+#: coordinator that aborts its sessions cannot keep the others dealing flat out.
+MIN_OPEN_INTERVAL = 0.5
 #: Messages kept per sender for a session we have not joined yet.
 MAX_EARLY = 16
 
@@ -290,6 +293,7 @@ class DSSSigningService(Generic[E]):
         self._held: dict[int, dict[bytes, _Held[E]]] = {}
         self._early: dict[int, deque[tuple[str, dict[str, Any], bytes]]] = {}
         self._last_session: dict[int, int] = {}
+        self._last_open: dict[int, float] = {}
         # Results and reports.
         self.done: dict[int, dss.DSSSignature] = {}
         self.failed: dict[int, str] = {}
@@ -438,6 +442,8 @@ class DSSSigningService(Generic[E]):
             return
         if len(self._held.get(self.me, {})) >= MAX_HELD:
             return
+        if now - self._last_open.get(self.me, -MIN_OPEN_INTERVAL) < MIN_OPEN_INTERVAL:
+            return  # (the others would not join sooner)
         parts = self._usable(now)
         if len(parts) < 2 * self.t + 1:
             # Everyone we avoid gets another chance rather than waiting out the avoidance.
@@ -624,7 +630,7 @@ class DSSSigningService(Generic[E]):
             return
         guilty, forward = self._judge_reports(co.wreports, sess, w=True)
         self._name_guilty(guilty, now)
-        members = [j for j in co.wreports if j not in guilty]
+        members = [j for j in co.wreports if j not in guilty and j not in sess.bad]
         have = {j: _digest_map(co.wreports[j][0]["have"], "wreport", j, self.n) for j in members}
         candidates = {d: held[0] for d, held in sess.r3.deals.items() if d not in guilty}
         chosen = self._choose(members, have, candidates, 2 * self.t + 1, self.t + 1)
@@ -678,7 +684,14 @@ class DSSSigningService(Generic[E]):
             raise RemoteProtocolError(sender, "presign open: fewer than 2t+1 participants")
         if f["s"] <= self._last_session.get(sender, 0):
             return  # replayed or late
+        # (half the coordinator's own spacing: two opens may reach us with different delays)
+        last = self._last_open.get(sender, -MIN_OPEN_INTERVAL)
+        if sender != self.me and now - last < MIN_OPEN_INTERVAL / 2:
+            raise RemoteProtocolError(
+                sender, f"opened presign sessions faster than one per {MIN_OPEN_INTERVAL} s"
+            )
         self._last_session[sender] = f["s"]
+        self._last_open[sender] = now
         if len(self._held.get(sender, {})) >= MAX_HELD:
             return  # we hold plenty for it already: we sit this one out
         old = self._sessions.get(sender)
