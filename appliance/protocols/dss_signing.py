@@ -940,7 +940,8 @@ class DSSSigningService(Generic[E]):
             public = dss.nonce_public(self.group, sid, self.n, self.t, qual, dealings)
             shares = {d: sess.r1.shares[d][k][0] for d in qual}
             sess.publics.append(public)
-            sess.states.append(dss.nonce_finish(self.group, public, self.me, dealings, shares))
+            # (every share was checked on arrival against the dealing whose digest the decision names)
+            sess.states.append(dss.nonce_finish(self.group, public, self.me, dealings, shares, checked=True))
         sess.r1.shares.clear()
         sess.stage = "echo"
         self._send_all(sess.active, "echo", {"c": sess.c, "s": sess.s, "digest": sess.decision})
@@ -1059,6 +1060,7 @@ class DSSSigningService(Generic[E]):
                 reduction,
                 dealings,
                 shares,
+                checked=True,  # on arrival, as in _on_qual
             )
             held[sid] = _Held(presig, frozenset(holders))
             if sess.c == self.me:
