@@ -1302,7 +1302,7 @@ class DSSSigningService(Generic[E]):
             self._alert(
                 AlertKind.EQUIVOCATION,
                 sender,
-                f"asked to bind presignature {f['sid'].decode(errors='replace')} to a second message",
+                f"asked to bind presignature {f['sid'][:80]!r} to a second message",
             )
             self._send(sender, "conflict", answer)
             return
@@ -1358,7 +1358,9 @@ class DSSSigningService(Generic[E]):
                 sender, "refuse", {**answer, "reason": "a protocol payload is never signed on request"}
             )
             return
-        refusal = self._refusal(sender, message)
+        # The coordinator's own share: its check ran when the request was made (and again on
+        # every retry), as for FROST; a check that records what it signed must not run twice.
+        refusal = None if sender == self.me else self._refusal(sender, message)
         if refusal is not None:
             self._held[sender].pop(f["sid"]).presig.wipe()
             self._send(sender, "refuse", {**answer, "reason": refusal})
