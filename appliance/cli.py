@@ -858,16 +858,18 @@ def _cmd_rom(args: argparse.Namespace) -> int:
             print(rom.describe())
             print(f"Vstart {vstart.hex()}")
             return 0
-        return _rom_provision(args, config.state_dir / "sstart", rom)
+        return _rom_provision(args, config.state_dir / "sstart", rom, config)
     except RomError as exc:
         print(f"pst rom {args.rom_command}: {exc}", file=sys.stderr)
         return 1
 
 
-def _rom_provision(args: argparse.Namespace, sstart: Path, rom: Any) -> int:
-    """Vstart from --vstart, or from the Sstart seed on erasable disk (made here if there is none)."""
+def _rom_provision(args: argparse.Namespace, sstart: Path, rom: Any, config: Any = None) -> int:
+    """Vstart from --vstart, or from the Sstart seed on erasable disk (made here if there is none);
+    where the ROM is a TPM, the announcement key too (kept at its persistent handle)."""
     from nacl.signing import SigningKey
 
+    from appliance.boot.backends import announcement_key
     from appliance.boot.rom import RomError
     from appliance.host.files import atomic_write, erase
 
@@ -899,6 +901,12 @@ def _rom_provision(args: argparse.Namespace, sstart: Path, rom: Any) -> int:
             erase(sstart)
         raise
     print(f"Vstart {vstart.hex()}")
+    key = announcement_key(config) if config is not None else None
+    if key is not None:
+        # While the owner hierarchy has no authorization yet: kept at a persistent handle, so
+        # that the key still signs once the operator has set one (tpm2_changeauth -c owner).
+        print(key.persist())
+        print(f"announcement key (in M at init) {key.public_key().hex()}")
     if args.vstart is None:
         made = "made and written to" if created else "read from"
         print(f"Sstart (the start private key) {made} {sstart}; `pst init --sstart {sstart}` erases it")

@@ -998,3 +998,35 @@ async def test_sign_digest_gives_the_signature_of_the_whole_message() -> None:
     assert app_digest_payload("app", digest) == app_signing_payload("app", message)
     bad = await core.handle(req("sign_digest", handle=h, sha512=digest[:32]), ME)
     assert bad["error"]["code"] == BAD_REQUEST and "64-byte SHA-512 digest" in bad["error"]["message"]
+
+
+class FakeDSS(FakeBackend):
+    """A backend with a DSS secret ``tsa`` (its 'signature' names what it signed)."""
+
+    async def sign_dss(self, secret: str, message: bytes) -> bytes:
+        if secret != "tsa":
+            raise BackendUnavailable(f"the network has no DSS secret {secret!r}")
+        return b"der:" + message
+
+    async def dss_public_key(self, secret: str) -> bytes | None:
+        return b"-----BEGIN PUBLIC KEY-----\n" if secret == "tsa" else None
+
+
+async def test_dss_sign_is_for_the_operator_and_checks_its_message() -> None:
+    core = ApiCore(FakeDSS())
+    r = await core.handle(req("dss_sign", secret="tsa", message=b"m"), ME)
+    assert r["ok"] and r["result"] == {"signature": b"der:m"}
+    r = await core.handle(req("dss_sign", secret="tsa", message=b"m"), OTHER)
+    assert r["error"]["code"] == NOT_PERMITTED
+    r = await core.handle(req("dss_sign", secret="tsa", message=b"m" * (64 * 1024 + 1)), ME)
+    assert r["error"]["code"] == "too-large"
+    r = await core.handle(req("dss_sign", secret="other", message=b"m"), ME)
+    assert r["error"]["code"] == "unavailable" and "no DSS secret" in r["error"]["message"]
+    # The public key is public: anyone may read it; an unknown secret is named.
+    r = await core.handle(req("dss_public_key", secret="tsa"), OTHER)
+    assert r["ok"] and r["result"]["pem"].startswith(b"-----BEGIN PUBLIC KEY")
+    r = await core.handle(req("dss_public_key", secret="nope"), OTHER)
+    assert r["error"]["code"] == "unavailable" and "'nope'" in r["error"]["message"]
+    # A backend without threshold DSS says so.
+    r = await ApiCore(FakeBackend()).handle(req("dss_public_key", secret="tsa"), ME)
+    assert r["error"]["code"] == "unavailable" and "no threshold DSS" in r["error"]["message"]

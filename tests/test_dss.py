@@ -369,3 +369,22 @@ def test_mutated_wire_objects_decode_or_raise_decode_error(which: int, pos: int,
     ]
     pos %= len(encoded)
     _only_decode_error(decoders[which], encoded[:pos] + patch + encoded[pos + len(patch) :])
+
+
+def test_finish_steps_skip_the_share_check_only_when_told_it_was_done() -> None:
+    """nonce_finish and finish_presign check shares again unless the caller says it checked them."""
+    group = P256
+    rand = DeterministicSource(b"pst/test/checked", group.order)
+    sid = b"pst/test/checked"
+    dealings, shares = {}, {}
+    for d in (1, 2, 3):
+        dealing, values = dss.deal_nonce(group, sid, d, 4, 1, rand)
+        dealings[d], shares[d] = dealing, values[1]
+    public = dss.nonce_public(group, sid, 4, 1, (1, 2, 3), dealings)
+    bad = dict(shares)
+    bad[2] = ((shares[2][0] + 1) % group.order, *shares[2][1:])
+    with pytest.raises(CheatingError) as exc:
+        dss.nonce_finish(group, public, 1, dealings, bad)
+    assert exc.value.party == 2
+    state = dss.nonce_finish(group, public, 1, dealings, bad, checked=True)  # trusted: not re-checked
+    assert state.index == 1

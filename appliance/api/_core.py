@@ -392,6 +392,8 @@ OPS: Final[Mapping[str, Mapping[str, type]]] = {
     "approve": {"handle": bytes, "request_id": bytes},
     "deny": {"handle": bytes, "request_id": bytes},
     "upgrade_sign": {},
+    "dss_sign": {"secret": str, "message": bytes},
+    "dss_public_key": {"secret": str},
     "registrations": {},
     "revoke": {"name": str},
     "log_append": {"handle": bytes, "messages": list},
@@ -411,7 +413,9 @@ OPTIONAL: Final[Mapping[str, Mapping[str, type]]] = {
     "certificate": {"csr": bytes, "names": list},
 }
 #: Operations only the operator (root or the server's own uid) may call.
-OPERATOR_OPS: Final = frozenset({"upgrade_sign", "registrations", "revoke"})
+OPERATOR_OPS: Final = frozenset({"upgrade_sign", "registrations", "revoke", "dss_sign"})
+#: Largest message ``dss_sign`` takes (as the signing services).
+MAX_DSS_MESSAGE: Final = 64 * 1024
 MAX_NONCE_SIZE: Final = 64
 #: Challenges for certificate registration: how many a uid may hold, and for how long.
 MAX_CHALLENGES: Final = 8
@@ -944,6 +948,10 @@ class ApiCore:
             )
         if request.op == "upgrade_sign":
             return {"certificate": await self._upgrade_sign()}
+        if request.op == "dss_sign":
+            return {"signature": await self._dss_call("sign_dss", args["secret"], args["message"])}
+        if request.op == "dss_public_key":
+            return {"pem": await self._dss_call("dss_public_key", args["secret"])}
         if request.op == "registrations":
             return self._list_registrations()
         if request.op == "revoke":
@@ -989,6 +997,26 @@ class ApiCore:
         if not isinstance(certificate, bytes):
             raise ApiError(UNAVAILABLE, "the server returned no certificate")
         return certificate
+
+    async def _dss_call(self, method: str, secret: str, *message: bytes) -> bytes:
+        """The operator's threshold DSS signature by secret ``secret`` of C, or its public key.
+
+        Operator only: the DSS keys of C (a timestamping authority's key) sign raw SHA-256
+        digests that openssl verifies, with no domain of ours around them, so no application
+        may make them sign what it likes (per-application DSS keys are not done yet).
+        """
+        call = getattr(self.backend, method, None)
+        if call is None:
+            raise ApiError(UNAVAILABLE, "this server has no threshold DSS service")
+        if message and len(message[0]) > MAX_DSS_MESSAGE:
+            raise ApiError(TOO_LARGE, f"'message' is larger than {MAX_DSS_MESSAGE} bytes")
+        try:
+            value = await call(secret, *message)
+        except BackendUnavailable as exc:
+            raise ApiError(UNAVAILABLE, str(exc)[:300]) from None
+        if not isinstance(value, bytes):
+            raise ApiError(UNAVAILABLE, f"the network has no DSS secret {secret[:40]!r}")
+        return value
 
     def _charge_control(self, peer: PeerCred, cost: float = 1.0) -> None:
         now = self.clock()

@@ -93,7 +93,11 @@ class PServerBackend:
         random: Callable[[bytes], Awaitable[tuple[bytes, bytes]]] | None = None,
         distributed: DistributedNode | None = None,
         sign_upgrade: Callable[[], Awaitable[bytes]] | None = None,
+        dss_sign: Callable[[str, bytes], Awaitable[bytes]] | None = None,
+        dss_key: Callable[[str], Awaitable[bytes | None]] | None = None,
     ) -> None:
+        self._dss_sign = dss_sign
+        self._dss_key = dss_key
         self._sign_upgrade = sign_upgrade
         self._random = random
         self._distributed = distributed
@@ -104,7 +108,7 @@ class PServerBackend:
         self.status_file = status_file
         self.clock = clock
         #: Group-key signatures asked of the node through this backend, by (kind, outcome):
-        #: kind "app", "distributed" or "upgrade"; outcome "signed", "refused" or "unavailable".
+        #: kind "app", "distributed", "upgrade" or "dss"; outcome "signed", "refused" or "unavailable".
         self.signatures: Counter[tuple[str, str]] = Counter()
 
     async def sign(self, app: str, message: bytes) -> bytes:
@@ -121,6 +125,29 @@ class PServerBackend:
             raise BackendUnavailable("the signing servers did not answer in time") from None
         self.signatures["app", "signed"] += 1
         return signature
+
+    async def sign_dss(self, secret: str, message: bytes) -> bytes:
+        """A threshold DSS signature (DER) by the DSS secret ``secret`` of C (operator only)."""
+        if self._dss_sign is None:
+            raise BackendUnavailable("threshold DSS is not available on this server")
+        try:
+            signature = await self._dss_sign(secret, message)
+        except SigningRefused as exc:
+            self.signatures["dss", "unavailable"] += 1
+            raise BackendUnavailable(str(exc)[:300]) from None
+        except trio.TooSlowError:
+            self.signatures["dss", "unavailable"] += 1
+            raise BackendUnavailable("the signing servers did not answer in time") from None
+        self.signatures["dss", "signed"] += 1
+        return signature
+
+    async def dss_public_key(self, secret: str) -> bytes | None:
+        if self._dss_key is None:
+            raise BackendUnavailable("threshold DSS is not available on this server")
+        try:
+            return await self._dss_key(secret)
+        except (SigningRefused, trio.TooSlowError) as exc:
+            raise BackendUnavailable(str(exc)[:200] or "the key-holder did not answer") from None
 
     async def sign_upgrade(self) -> bytes:
         """[Scert(U), U] for the upgrade this server's operator approved (``pst upgrade sign``)."""

@@ -506,6 +506,21 @@ class PstClient:
             raise PstError("connection", "malformed upgrade_sign response")
         return certificate
 
+    def dss_sign(self, secret: str, message: bytes) -> bytes:
+        """The operator's threshold DSS signature (DER; P-256 ECDSA or DSA over SHA-256(message))
+        by the DSS secret ``secret`` of C, e.g. ``tsa``; verifies with ``openssl dgst -sha256``."""
+        signature = self._call("dss_sign", secret=secret, message=message).get("signature")
+        if not isinstance(signature, bytes):
+            raise PstError("connection", "malformed dss_sign response")
+        return signature
+
+    def dss_public_key(self, secret: str) -> bytes:
+        """The PEM (SubjectPublicKeyInfo) public key of the DSS secret ``secret`` of C."""
+        pem = self._call("dss_public_key", secret=secret).get("pem")
+        if not isinstance(pem, bytes):
+            raise PstError("connection", "malformed dss_public_key response")
+        return pem
+
     def registrations(self) -> list[RegistrationInfo]:
         """The operator's view of every registration (root or the server's user only)."""
         result = self._call("registrations")

@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from appliance.boot.rom import Rom, RomError, SimulatedRom
 from appliance.host.config import NodeConfig
+
+if TYPE_CHECKING:
+    from appliance.boot.tpmkey import TpmAnnouncementKey
+
+
+def announcement_key(config: NodeConfig) -> TpmAnnouncementKey | None:
+    """The server's announcement key (issue 8): in the TPM where the ROM is a TPM, else none."""
+    if config.rom_backend != "tpm":
+        return None
+    from appliance.boot.tpmkey import TpmAnnouncementKey
+
+    return TpmAnnouncementKey(config.rom_tcti, config.server_id)
 
 
 def open_rom(config: NodeConfig) -> Rom:

@@ -525,15 +525,18 @@ def nonce_finish(
     index: int,
     dealings: Mapping[int, NonceDealing[E]],
     shares: Mapping[int, Sequence[int]],
+    *,
+    checked: bool = False,
 ) -> NonceState:
-    """Server ``index``'s shares: sums of the QUAL1 dealers' shares (each checked again)."""
+    """Server ``index``'s shares: sums of the QUAL1 dealers' shares (each checked again, unless
+    ``checked``: the caller already checked these very values against these very dealings)."""
     q = group.order
     sums = [0, 0, 0, 0, 0]
     for d in sorted(public.qual):
         values = shares.get(d)
         if values is None:
             raise NotEnoughSharesError(f"no nonce share from qualified dealer {d}")
-        if not check_nonce_share(group, dealings[d], index, values):
+        if not checked and not check_nonce_share(group, dealings[d], index, values):
             raise CheatingError(d, f"nonce share for server {index} fails the commitments")
         sums = [(acc + v) % q for acc, v in zip(sums, values, strict=True)]
     k, r, a, b, beta = (SecretScalar(v, q) for v in sums)
@@ -793,6 +796,50 @@ def qualify_w(
     return _qualify(public.n, 2 * public.t + 1, "dss w", structural, complaints, judge)
 
 
+def judge_nonce_complaint(
+    group: Group[E],
+    sid: bytes,
+    dealing: NonceDealing[E],
+    complaint: Complaint,
+    verify: Verifier,
+    *,
+    signing_context: str,
+    period: int,
+) -> Verdict:
+    """One round-1 complaint against ``dealing``, judged from public data: dealer or accuser guilty."""
+    return _judge(
+        complaint,
+        nonce_session(group, sid, dealing),
+        5,
+        lambda j, v: check_nonce_share(group, dealing, j, v),
+        verify,
+        context=signing_context,
+        period=period,
+    )
+
+
+def judge_w_complaint(
+    group: Group[E],
+    sid: bytes,
+    dealing: WDealing[E],
+    complaint: Complaint,
+    verify: Verifier,
+    *,
+    signing_context: str,
+    period: int,
+) -> Verdict:
+    """One round-3 complaint against ``dealing`` (see :func:`judge_nonce_complaint`)."""
+    return _judge(
+        complaint,
+        w_session(group, sid, dealing),
+        2,
+        lambda j, v: check_w_share(group, dealing, j, v),
+        verify,
+        context=signing_context,
+        period=period,
+    )
+
+
 def reduction_set(qual: Iterable[int], t: int) -> tuple[int, ...]:
     """The fixed set S of 2t+1 dealers used for degree reduction: the smallest qualified ids."""
     members = sorted(qual)
@@ -871,8 +918,11 @@ def finish_presign(
     reduction: Sequence[int],
     dealings: Mapping[int, WDealing[E]],
     shares: Mapping[int, Sequence[int]],
+    *,
+    checked: bool = False,
 ) -> Presignature[E]:
-    """Degree reduction over S: (kappa x)_j = sum lambda_i^S w_{i->j}; wipes the round-1 state."""
+    """Degree reduction over S: (kappa x)_j = sum lambda_i^S w_{i->j}; wipes the round-1 state.
+    ``checked``: the caller already checked these shares against these dealings (see nonce_finish)."""
     q = group.order
     j = state.index
     if len(set(reduction)) != 2 * public.t + 1:
@@ -883,7 +933,7 @@ def finish_presign(
         values = shares.get(i)
         if values is None:
             raise NotEnoughSharesError(f"no w share from dealer {i}")
-        if not check_w_share(group, dealings[i], j, values):
+        if not checked and not check_w_share(group, dealings[i], j, values):
             raise CheatingError(i, f"w share for server {j} fails the commitments")
         w_total = (w_total + lam[i] * values[0]) % q
         s_total = (s_total + lam[i] * values[1]) % q

@@ -22,7 +22,7 @@ from pathlib import Path
 import trio
 from nacl.signing import SigningKey
 
-from appliance.boot.backends import open_rom
+from appliance.boot.backends import announcement_key, open_rom
 from appliance.boot.check import code_mismatches
 from appliance.boot.rom import RomError
 from appliance.host.config import NodeConfig
@@ -75,8 +75,18 @@ async def run_init(
         raise CeremonyError(f"{config.state_dir}: this server is already initialized")
     check_code(config)
     seed = read_sstart(sstart_path, vstart)
+    try:
+        key = announcement_key(config)
+        ann_public = key.public_key() if key is not None else None
+    except RomError as exc:
+        raise CeremonyError(str(exc)) from None
     protocol = InitProtocol(
-        me=config.server_id, constants=config.constants, sstart=seed, start=start, rand=os.urandom
+        me=config.server_id,
+        constants=config.constants,
+        sstart=seed,
+        start=start,
+        rand=os.urandom,
+        ann_public=ann_public,
     )
     inbox_send, inbox = trio.open_memory_channel[tuple[int, bytes]](10_000)
 

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from appliance.boot.check import store_manifest
 from appliance.boot.manifest import Manifest, installed
 from appliance.boot.rom import SimulatedRom
-from appliance.host.config import default_log_origin
+from appliance.host.config import DEFAULT_NV_INDEX, default_log_origin
 from appliance.host.files import atomic_write
 from appliance.node.store import StateDir
 from appliance.protocols.state import CA_SECRET, LOG_SECRET, SCERT, ConfigError, Constants
@@ -87,7 +87,9 @@ def _secrets(log: str, ca: bool = False) -> dict[str, str]:
     return secrets
 
 
-def config_text(root: Path, i: int, c: Constants, base_port: int, *, log: bool = True) -> str:
+def config_text(
+    root: Path, i: int, c: Constants, base_port: int, *, log: bool = True, tcti: str | None = None
+) -> str:
     d = node_dir(root, i).resolve()
     peers = "\n".join(f'{j} = "127.0.0.1:{base_port + j}"' for j in c.ids)
     http_peers = "\n".join(f'{j} = "{http_url(base_port, j)}"' for j in c.ids if j != i)
@@ -102,8 +104,7 @@ state_dir = "{d / "state"}"
 api_socket = "{d / "api.sock"}"
 
 [rom]
-backend = "simulated"
-path = "{d / "rom"}"
+{_rom_section(d, tcti)}
 
 [network]
 n = {c.n}
@@ -125,6 +126,12 @@ listen = "127.0.0.1:{base_port + HTTP_PORT_OFFSET + i}"
 {http_peers}
 
 {_log_section(c, i, base_port) if log else ""}"""
+
+
+def _rom_section(d: Path, tcti: str | None) -> str:
+    if tcti is None:
+        return f'backend = "simulated"\npath = "{d / "rom"}"'
+    return f'backend = "tpm"\nnv_index = {DEFAULT_NV_INDEX:#010x}\ntcti = "{tcti}"'
 
 
 def _log_section(c: Constants, i: int, base_port: int) -> str:
@@ -196,10 +203,13 @@ def init_cluster(
     secrets: dict[str, str] | None = None,
     log: str = "key",
     ca: bool = False,
+    tpm: Mapping[int, str] | None = None,
 ) -> Constants:
     """One-process ceremony; ``code`` is the manifest C names (default: this environment's);
     ``secrets`` the long-lived secrets of C (default: the group key, and the log's key when
-    ``log`` is "key"); ``log``: one of :data:`LOG_MODES`."""
+    ``log`` is "key"); ``log``: one of :data:`LOG_MODES`; ``tpm``: server id -> tcti of the
+    TPM that is that server's ROM (Vstart in its NV index, its announcement key in M), for the
+    servers that have one (tests with swtpm)."""
     check_ports(n, base_port)
     if root.exists() and any(root.iterdir()):
         raise ConfigError(f"{root}: directory exists and is not empty; choose a new one or remove it")
@@ -217,17 +227,30 @@ def init_cluster(
     )
     progress(f"code manifest: {len(code)} files, digest {code.digest().hex()} (in C)")
     progress(f"initialization ceremony for n={n}, t={t}: DKG of (Scert, Vcert), M, KeyTable(0) ...")
-    setups = make_network(c, randbytes=randbytes)
+    tpm = dict(tpm or {})
+    ann_public: dict[int, bytes] = {}
+    if tpm:  # tpm2-pytss is loaded only where a TPM is used
+        from appliance.boot.tpm import TpmRom
+        from appliance.boot.tpmkey import TpmAnnouncementKey
+
+        ann_public = {i: TpmAnnouncementKey(tcti, i).public_key() for i, tcti in tpm.items()}
+    setups = make_network(c, randbytes=randbytes, ann_public=ann_public)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write(root / "cluster.toml", f"n = {n}\nt = {t}\nbase_port = {base_port}\n".encode())
     for i, setup in setups.items():
         d = node_dir(root, i)
         d.mkdir(parents=True, exist_ok=True)
-        SimulatedRom(d / "rom").provision(setup.vstart)
+        if i in tpm:
+            TpmRom(DEFAULT_NV_INDEX, tpm[i]).provision(setup.vstart)
+            TpmAnnouncementKey(tpm[i], i).persist()
+        else:
+            SimulatedRom(d / "rom").provision(setup.vstart)
         StateDir(d / "state").save(setup.public, setup.private)
         store_manifest(d / "state", code)
-        atomic_write(d / "config.toml", config_text(root, i, c, base_port, log=log != "off").encode())
-        progress(f"  server {i}: config, simulated ROM (Vstart), state directory written")
+        text = config_text(root, i, c, base_port, log=log != "off", tcti=tpm.get(i))
+        atomic_write(d / "config.toml", text.encode())
+        rom = "TPM ROM (Vstart, announcement key)" if i in tpm else "simulated ROM (Vstart)"
+        progress(f"  server {i}: config, {rom}, state directory written")
     vcert = setups[1].public.m.vcert if setups[1].public.m is not None else b""
     progress(f"group public key (Vcert): {vcert.hex()}")
     return c

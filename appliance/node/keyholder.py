@@ -185,6 +185,8 @@ class _Child:
             "sign_upgrade": self._sign_upgrade,
             "ping": self._ping,
             "sign_checkpoint": self._sign_checkpoint,
+            "sign_dss": self._sign_dss,
+            "dss_public_key": self._dss_public_key,
             "log_key": self._log_key,
             **keyholder_methods(self.server),  # distributed applications (paper §5.1)
             **ca_methods,  # the group's certificate authority (appliance.node.ca)
@@ -293,6 +295,18 @@ class _Child:
         if not isinstance(app, str) or not isinstance(sha512, bytes):
             raise TypeError("sign: 'app' must be a string and 'sha512' bytes")
         return await self.server.sign_app(app, sha512, timeout=self._timeout(args, 10.0))
+
+    async def _sign_dss(self, args: dict[str, Any]) -> bytes:
+        secret, message = args.get("secret"), args.get("message")
+        if not isinstance(secret, str) or not isinstance(message, bytes):
+            raise TypeError("sign_dss: 'secret' must be a string and 'message' bytes")
+        return await self.server.sign_dss(secret, message, timeout=self._timeout(args, 10.0))
+
+    async def _dss_public_key(self, args: dict[str, Any]) -> bytes | None:
+        secret = args.get("secret")
+        if not isinstance(secret, str):
+            raise TypeError("dss_public_key: 'secret' must be a string")
+        return self.server.dss_public_key(secret)
 
     def _guard_log(self, config: NodeConfig) -> None:
         """The log's checkpoint guard on our shares of the log key (and on the group key, for

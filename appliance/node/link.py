@@ -341,6 +341,18 @@ class KeyHolderLink:
             raise SigningRefused("the key-holder returned no upgrade certificate")
         return value
 
+    async def sign_dss(self, secret: str, message: bytes, *, timeout: float = 10.0) -> bytes:
+        """A threshold DSS signature (DER) by the DSS secret ``secret`` of C (key-holder's sign_dss)."""
+        value = await self.call("sign_dss", timeout, secret=secret, message=message)
+        if not isinstance(value, bytes):
+            raise SigningRefused("the key-holder returned no DSS signature")
+        return value
+
+    async def dss_public_key(self, secret: str, *, timeout: float = 5.0) -> bytes | None:
+        """The PEM public key of DSS secret ``secret`` (None if C has none of that name)."""
+        value = await self.call("dss_public_key", timeout, secret=secret)
+        return value if isinstance(value, bytes) else None
+
     async def time_vector(self, *, timeout: float = 2.0) -> dict[int, float | None]:
         value = await self.call("time_vector", timeout)
         if not isinstance(value, dict):

@@ -304,6 +304,8 @@ async def _serve(
             random=link.random,
             distributed=LinkApprovals(link),
             sign_upgrade=link.sign_upgrade,
+            dss_sign=link.sign_dss,
+            dss_key=link.dss_public_key,
         )
         await nursery.start(links.run)
         api = await nursery.start(

@@ -29,16 +29,17 @@ import trio
 from appliance.api._core import app_digest_payload
 from appliance.apps.log.checkpoint import Checkpoint
 from appliance.apps.log.guard import checkpoint_note
-from appliance.boot.backends import open_rom
+from appliance.boot.backends import announcement_key, open_rom
 from appliance.boot.check import code_mismatches
 from appliance.boot.rom import Rom
 from appliance.boot.upgrade import ChainCheck, approved, is_upgrade_payload, read_approval
-from appliance.crypto import encoding
+from appliance.crypto import dss, encoding
 from appliance.host.config import NodeConfig
 from appliance.host.files import atomic_write
 from appliance.node.store import PendingRecords, StateDir
 from appliance.protocols._core import Alert, AlertKind
-from appliance.protocols.core import ServerCore
+from appliance.protocols.core import DSS_GROUPS, ServerCore
+from appliance.protocols.dss_signing import DSSSigningService
 from appliance.protocols.refresh import Outcome, PublicData, Status, current_table
 from appliance.protocols.services import RandomService, TimeService
 from appliance.protocols.signing import PayloadCheck, SigningRefused, SigningService
@@ -95,7 +96,8 @@ class PServer:
         self._pending_rekey: tuple[int, dict[int, bytes], bytes] | None = None
         self._channel_period = -1
         self._waiting: dict[
-            tuple[int, int], tuple[trio.Event, SigningService | TimeService | RandomService]
+            tuple[int, int],
+            tuple[trio.Event, SigningService | DSSSigningService[Any] | TimeService | RandomService],
         ] = {}
         self._poke: Callable[[], None] = lambda: None
         self._status_extra = dict(status_extra or {})
@@ -147,6 +149,9 @@ class PServer:
                 self.store.public_dir,
                 lambda c: [str(m) for m in code_mismatches(c, self.config.state_dir)],
             ),
+            # Where the ROM is a TPM, it signs our key announcements (issue 8); M says whether
+            # the network knows the key (a network initialized without it keeps today's rule).
+            ann_key=announcement_key(self.config),
         )
         for secret, check in self._payload_checks:
             core.add_payload_check(secret, check)
@@ -243,7 +248,7 @@ class PServer:
 
     def _service_alerts(self, core: ServerCore) -> None:
         """Alerts the services raise between refreshes (a bad signature share, a forged vote)."""
-        for service in (core.signing, *core.key_signing.values(), core.approvals):
+        for service in (core.signing, *core.key_signing.values(), *core.dss_signing.values(), core.approvals):
             if service is not None and service.alerts:
                 alerts, service.alerts = list(service.alerts), []
                 self._record_alerts(alerts)
@@ -400,6 +405,32 @@ class PServer:
             return service.done.pop(rid)
         raise SigningRefused(service.failed.pop(rid, "the signing service was replaced by a refresh; retry"))
 
+    async def sign_dss(self, secret: str, message: bytes, *, timeout: float = 10.0) -> bytes:
+        """A threshold DSS signature (DER, P-256 ECDSA or DSA over SHA-256(message)) by the DSS
+        secret ``secret`` of C, made with t other servers from a presignature of this server's
+        stock (protocols/dss_signing.py); refused when the stock stays empty past its timeout."""
+        core = self.core
+        if core is None or core.clock.secrets.get(secret) not in DSS_GROUPS:
+            raise SigningRefused(f"the network has no DSS secret {secret!r} (add it to C's secrets at init)")
+        service = core.dss_service(secret)
+        if service is None:
+            raise SigningRefused(
+                f"this server is not operational: it holds no share of the secret {secret!r} now"
+            )
+        rid = service.request(message, self.clock())
+        await self._wait_for(service, rid, timeout)
+        if rid in service.done:
+            return service.done.pop(rid).der
+        raise SigningRefused(service.failed.pop(rid, "the signing service was replaced by a refresh; retry"))
+
+    def dss_public_key(self, secret: str) -> bytes | None:
+        """The SubjectPublicKeyInfo PEM of DSS secret ``secret`` (None if C has no such secret)."""
+        core = self.core
+        if core is None or core.clock.secrets.get(secret) not in DSS_GROUPS:
+            return None
+        sharing = core.public.sharings.get(secret)
+        return None if sharing is None else dss.public_key_pem(core.clock.group(secret), sharing.public_key)
+
     def add_payload_check(self, secret: str, check: PayloadCheck) -> None:
         """Have every share of ``secret`` this server contributes pass ``check`` first (an
         application's rule, e.g. the log's checkpoint guard); effective at once and every period."""
@@ -453,7 +484,10 @@ class PServer:
         raise SigningRefused(service.failed.pop(rid, "the random service was replaced by a refresh; retry"))
 
     async def _wait_for(
-        self, service: SigningService | TimeService | RandomService, rid: int, timeout: float
+        self,
+        service: SigningService | DSSSigningService[Any] | TimeService | RandomService,
+        rid: int,
+        timeout: float,
     ) -> None:
         """Wake the main loop (to send the request) and wait until the service settles ``rid``."""
         done = trio.Event()
@@ -470,7 +504,9 @@ class PServer:
         core = self.core
         for (_sid, rid), (event, service) in self._waiting.items():
             current = core is not None and (
-                service in (core.signing, core.time, core.random) or service in core.key_signing.values()
+                service in (core.signing, core.time, core.random)
+                or service in core.key_signing.values()
+                or service in core.dss_signing.values()
             )
             failed = getattr(service, "failed", {})
             if rid in service.done or rid in failed or not current:

@@ -14,12 +14,14 @@ from typing import Any
 from nacl.signing import SigningKey
 
 from appliance.crypto import encoding
+from appliance.crypto.annkey import AnnouncementSigner
 from appliance.crypto.errors import DecodeError
 from appliance.crypto.groups import ED25519
 from appliance.crypto.keyshare import KeyShare
 from appliance.crypto.secret import SecretScalar
 from appliance.protocols._core import Alert, Outgoing, Signer
 from appliance.protocols.approvals import APPROVALS, ApprovalService
+from appliance.protocols.dss_signing import DSSSigningService
 from appliance.protocols.refresh import (
     MAX_MESSAGE,
     CodeCheck,
@@ -35,6 +37,8 @@ from appliance.protocols.services import RANDOM, TIME, RandomService, TimeServic
 from appliance.protocols.signing import SERVICE, PayloadCheck, SigningService, service_name
 from appliance.protocols.state import SCERT, Constants, KeyTable
 
+#: Groups whose secrets sign with threshold DSS (protocols/dss_signing.py) rather than FROST.
+DSS_GROUPS = frozenset({"p256", "dsa2048"})
 #: Early messages kept per peer (for a period we have not started yet).
 MAX_EARLY = 256
 MAX_EARLY_BYTES = 4 * 1024 * 1024
@@ -66,8 +70,11 @@ class ServerCore:
         resume_in_place: bool = True,
         forget_at_retire: bool = False,
         code: CodeCheck | None = None,
+        ann_key: AnnouncementSigner | None = None,
     ) -> None:
         self.code = code
+        #: The announcement key (the ROM's TPM), if any: signs our clear announcements (issue 8).
+        self.ann_key = ann_key
         self.me = me
         self.vstart = vstart
         self.public: PublicData = public
@@ -85,6 +92,8 @@ class ServerCore:
         self.signing: SigningService | None = None
         #: Signing services of the other Ed25519 secrets of C (e.g. a log's own key), by secret id.
         self.key_signing: dict[str, SigningService] = {}
+        #: Threshold DSS services (P-256 ECDSA, DSA) of the DSS secrets of C, by secret id.
+        self.dss_signing: dict[str, DSSSigningService[Any]] = {}
         #: Application payload checks per secret id (the node registers them, e.g. the log's
         #: checkpoint guard). A key other than scert signs only what its checks accept.
         self.payload_checks: dict[str, list[PayloadCheck]] = {}
@@ -140,6 +149,7 @@ class ServerCore:
             durable=self.durable,
             now=now,
             code=self.code,
+            ann_key=self.ann_key,
         )
         self.next_period = period + 1
         for sender in sorted(self._early):
@@ -201,6 +211,21 @@ class ServerCore:
                 only_checked=True,
             )
             self.key_signing[sid].start()
+        for sid in sorted(self.clock.secrets):
+            dss_key = self._dss_share(sid)
+            if dss_key is None:
+                continue
+            self.dss_signing[sid] = DSSSigningService(
+                me=self.me,
+                t=self.clock.t,
+                table=table,
+                group=self.clock.group(sid),
+                key=dss_key,
+                signer=signer,
+                rand=self.rand,
+                service=service_name(sid),
+                checks=self.payload_checks.get(sid, ()),
+            )
         self.approvals = ApprovalService(
             me=self.me,
             n=self.clock.n,
@@ -220,12 +245,29 @@ class ServerCore:
         key = KeyShare(self.me, SecretScalar(share.value, ED25519.order), sharing)
         return key if key.check(ED25519) else None
 
+    def _dss_share(self, sid: str) -> KeyShare[Any] | None:
+        """Our valid share of DSS secret ``sid`` (P-256 or DSA) for the current period, if we hold one."""
+        if self.clock.secrets.get(sid) not in DSS_GROUPS or self.private is None:
+            return None
+        sharing, share = self.public.sharings.get(sid), self.private.shares.get(sid)
+        if sharing is None or share is None or share.wiped:
+            return None
+        group = self.clock.group(sid)
+        key: KeyShare[Any] = KeyShare(self.me, SecretScalar(share.value, group.order), sharing)
+        return key if key.check(group) else None
+
     def _stop_signing(self) -> None:
-        for service in (self.signing, *self.key_signing.values()):
+        # The period's presignatures go with its shares (they are tied to the old sharing).
+        for service in (self.signing, *self.key_signing.values(), *self.dss_signing.values()):
             if service is not None:
                 service.wipe()
         self.signing = None
         self.key_signing = {}
+        self.dss_signing = {}
+
+    def dss_service(self, secret: str) -> DSSSigningService[Any] | None:
+        """The threshold DSS service of ``secret`` this period (None when we cannot sign with it now)."""
+        return self.dss_signing.get(secret)
 
     def signing_service(self, secret: str = SCERT) -> SigningService | None:
         """The signing service of ``secret`` this period (None when we cannot sign with it now)."""
@@ -234,7 +276,9 @@ class ServerCore:
     def add_payload_check(self, secret: str, check: PayloadCheck) -> None:
         """Register an application's check on what ``secret`` signs (takes effect at once)."""
         self.payload_checks.setdefault(secret, []).append(check)
-        service = self.signing_service(secret)
+        service: SigningService | DSSSigningService[Any] | None = self.signing_service(secret)
+        if service is None:
+            service = self.dss_signing.get(secret)
         if service is not None and check not in service.checks:
             service.checks.append(check)
 
@@ -248,6 +292,8 @@ class ServerCore:
             out += self.signing.tick(now)
         for service in self.key_signing.values():
             out += service.tick(now)
+        for dss_service in self.dss_signing.values():
+            out += dss_service.tick(now)
         if self.time is not None:
             out += self.time.tick(now)
         if self.random is not None:
@@ -335,6 +381,8 @@ class ServerCore:
     def next_wakeup(self, now: float) -> float | None:
         if any(s.pending for s in (self.signing, *self.key_signing.values()) if s is not None):
             return now + 0.01
+        if any(s.pending for s in self.dss_signing.values()):
+            return now + 0.01
         if self.time is not None and self.time.pending:
             return now + 0.05
         if self.random is not None and self.random.pending:
@@ -358,7 +406,14 @@ class ServerCore:
                 self.alert_log.append(a)
         self.rejected += [str(r) for r in self.engine.rejected]
         self.engine.rejected.clear()
-        for service in (self.signing, *self.key_signing.values(), self.time, self.random, self.approvals):
+        for service in (
+            self.signing,
+            *self.key_signing.values(),
+            *self.dss_signing.values(),
+            self.time,
+            self.random,
+            self.approvals,
+        ):
             if service is not None:
                 self.rejected += [str(r) for r in service.rejected]
                 service.rejected.clear()
@@ -392,8 +447,11 @@ class ServerCore:
                 self.signing.receive(sender, obj, now)
             elif isinstance(svc, str) and svc.startswith(SERVICE + "/"):
                 keyed = self.key_signing.get(svc[len(SERVICE) + 1 :])
+                dss_keyed = self.dss_signing.get(svc[len(SERVICE) + 1 :])
                 if keyed is not None:
                     keyed.receive(sender, obj, now)
+                elif dss_keyed is not None:
+                    dss_keyed.receive(sender, obj, now)
             elif svc == APPROVALS and self.approvals is not None:
                 self.approvals.receive(sender, obj, now)
             elif svc == TIME and self.time is not None:

@@ -75,7 +75,7 @@ from nacl.exceptions import CryptoError as NaclCryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 from nacl.signing import SigningKey
 
-from appliance.crypto import dkg, encoding, frost
+from appliance.crypto import annkey, dkg, encoding, frost
 from appliance.crypto.errors import CheatingError, CryptoError, DecodeError
 from appliance.crypto.groups import ED25519
 from appliance.crypto.keyshare import KeyShare
@@ -191,6 +191,7 @@ class InitProtocol:
         sstart: bytes | bytearray,
         start: float,
         rand: RandomBytes,
+        ann_public: bytes | None = None,
     ) -> None:
         if me not in constants.ids:
             raise LocalProtocolError(f"server {me} is not one of 1..{constants.n}")
@@ -199,6 +200,10 @@ class InitProtocol:
         self.me = me
         self.constants = constants
         self.rand = rand
+        #: The public key of our announcement key (the ROM's TPM, issue 8), put into M with M_i.
+        if ann_public is not None:
+            annkey.load_public(ann_public, "this server's announcement key")
+        self.ann_public = ann_public
         self.schedule = InitSchedule(start, constants.delta, constants.t)
         self.session = session_id(constants, start)
         self.alerts: list[Alert] = []
@@ -817,7 +822,7 @@ class InitProtocol:
         key = self._sstart
         if key is None:
             raise _Abort("init aborted: S_start is no longer available")
-        m_i = bytes(key.sign(m_i_payload(self.vcert, self.c, self.me)).signature)
+        m_i = bytes(key.sign(m_i_payload(self.vcert, self.c, self.me, self.ann_public)).signature)
         del key
         self._erase_sstart(overwrite=True)
         return m_i
@@ -836,7 +841,10 @@ class InitProtocol:
         self._nonces = [frost.commit(self._package, self.rand(64)) for _ in range(2 * self.schedule.attempts)]
         commitments = [nonce.commitment.to_bytes() for nonce in self._nonces]
         self.m_bc = self._new_bc("M", self.schedule.m, self._agreed_keys())
-        payload = encoding.encode({"Mi": m_i, "frost": commitments})
+        body: dict[str, Any] = {"Mi": m_i, "frost": commitments}
+        if self.ann_public is not None:
+            body["A"] = self.ann_public
+        payload = encoding.encode(body)
         self.m_bc.broadcast(self.m_bc.make_item(payload, self.signer))
 
     # SIGN: [Scert(M), M] and KeyTable(0) ----------------------------------------------------------
@@ -846,6 +854,7 @@ class InitProtocol:
         c = self.c
         items = self._take_results(self.m_bc)
         m: dict[int, bytes] = {}
+        ann_keys: dict[int, bytes] = {}
         problems: list[str] = []
         for j in c.ids:
             item = items.get(j)
@@ -854,18 +863,25 @@ class InitProtocol:
                 problems.append(f"no M_{j}")
                 continue
             try:
-                obj = encoding.expect_map(
-                    encoding.decode(item.payload, what="M_i"), {"Mi": bytes, "frost": list}, "M_i"
-                )
+                decoded = encoding.decode(item.payload, what="M_i")
+                fields: dict[str, type] = {"Mi": bytes, "frost": list}
+                if isinstance(decoded, dict) and "A" in decoded:
+                    fields["A"] = bytes
+                obj = encoding.expect_map(decoded, fields, "M_i")
+                ann = obj.get("A")
+                if ann is not None:
+                    annkey.load_public(ann, f"announcement key of server {j}")
             except DecodeError as exc:
                 self._alert(AlertKind.BAD_MESSAGE, j, f"malformed M_i: {exc}")
                 problems.append(f"malformed M_{j}")
                 continue
-            if not ed25519_verify(self.vstarts[j], m_i_payload(self.vcert, c, j), obj["Mi"]):
+            if not ed25519_verify(self.vstarts[j], m_i_payload(self.vcert, c, j, ann), obj["Mi"]):
                 self._alert(AlertKind.INVALID_M, j, "M_i does not verify with the server's V_start")
                 problems.append(f"invalid M_{j}")
                 continue
             m[j] = obj["Mi"]
+            if ann is not None:
+                ann_keys[j] = ann
             commitments = obj["frost"]
             if len(commitments) == 2 * self.schedule.attempts and all(
                 isinstance(x, bytes) and len(x) == frost.COMMITMENT_SIZE for x in commitments
@@ -875,7 +891,7 @@ class InitProtocol:
                 self._alert(AlertKind.BAD_MESSAGE, j, "bad FROST nonce commitments")
         if problems:
             raise _Abort(f"init aborted: M needs every server's M_i ({', '.join(problems)})")
-        self.m_info = InvariantInfo(self.vcert, c, m)
+        self.m_info = InvariantInfo(self.vcert, c, m, b"", ann_keys)
         digests = {sid: sharing_digest(c.group(sid), self.keys[sid].public) for sid in sorted(c.secrets)}
         self.table = KeyTable(PERIOD, dict(self.entries), digests, frozenset())
         dkg_cheaters = {i for q in self.qualification.values() for i in q.cheaters}
@@ -1072,7 +1088,7 @@ class InitProtocol:
     def _set_signatures(self, sig_m: bytes, sig_k: bytes) -> None:
         assert self.m_info is not None and self.table is not None
         m = self.m_info
-        self.m_info = InvariantInfo(m.vcert, m.constants, m.m, sig_m)
+        self.m_info = m.signed(sig_m)
         self.table = self.table.signed(sig_k)
 
     def _on_sigs(self, sender: int, body: Any) -> None:

@@ -17,7 +17,9 @@ ANNOUNCE   Table 1 steps 1-3. Fresh period keys (V_i, S_i), (E_i, D_i), saved be
            announcement once (so all honest servers get it, and two different ones are
            transferable evidence: rule (i)). A clear announcement counts only with t+1
            attestations by servers that received it on the author's own connection, so no
-           relayer can invent one (rules (ii)-(iii)).
+           relayer can invent one (rules (ii)-(iii)). A server with an announcement key in M
+           (its ROM is a TPM) has every announcement signed by that key too, over the previous
+           KeyTable's digest; a clear one so signed needs no attestations (issue 8).
 KEYTABLE   Agreement 1: the leader proposes the KeyTable with every announcement (and
            attestation) inline; members of the previous KeyTable vote after checking every
            entry and their own evidence. The agreed sharing digest is the one t+1
@@ -58,7 +60,7 @@ from typing import Any, Protocol
 
 from nacl.signing import SigningKey
 
-from appliance.crypto import encoding, frost, pss, vdec
+from appliance.crypto import annkey, encoding, frost, pss, vdec
 from appliance.crypto.errors import CheatingError, DecodeError
 from appliance.crypto.groups import ED25519, Group
 from appliance.crypto.keyshare import KeyShare, PublicSharing
@@ -287,18 +289,55 @@ class Ann:
     sharings: Mapping[str, bytes]
     clear: bool
     raw: bytes
+    #: Signed by the author's announcement key (its TPM) too: see ann_tpm_payload.
+    bound: bool = False
 
     @property
     def digest(self) -> bytes:
         return digest(self.raw)
 
 
-def parse_ann(raw: Any, period: int, old_keys: Mapping[int, bytes]) -> Ann:
-    """An announcement from untrusted bytes: decoded, its signatures checked (DecodeError/BadSignature)."""
-    s = decode_signed(raw, "announce", period, max_size=16 * 1024)
-    f = encoding.expect_map(
-        s.body, {"server": int, "K": dict, "sharings": dict, "clear": bool}, "announcement"
+def ann_tpm_payload(period: int, server: int, prev: bytes, entry: KeyEntry) -> bytes:
+    """What a server's announcement key signs: its new K_i for ``period``, bound to the digest
+    ``prev`` of the previous KeyTable, which nobody knew before that KeyTable was decided (so no
+    announcement can have been signed in advance, by an attacker that was inside before)."""
+    return encoding.signing_payload(
+        "ann-tpm", 1, "pst/refresh/ann-tpm", period, {"server": server, "prev": prev, "K": entry.to_obj()}
     )
+
+
+def keytable_digest(table: KeyTable | None) -> bytes:
+    """The digest of a KeyTable's signed content (empty without one)."""
+    return digest(table.payload()) if table is not None else b""
+
+
+class UnboundAnnouncement(BadSignature):
+    """An announcement for a server with an announcement key, without a valid TPM signature."""
+
+    def __init__(self, server: int, why: str) -> None:
+        super().__init__(f"announcement of server {server} {why}")
+        self.server = server
+        self.why = why
+
+
+def parse_ann(
+    raw: Any,
+    period: int,
+    old_keys: Mapping[int, bytes],
+    ann_keys: Mapping[int, bytes] | None = None,
+    prev: bytes = b"",
+) -> Ann:
+    """An announcement from untrusted bytes: decoded, its signatures checked (DecodeError/BadSignature).
+
+    Every announcement of a server that has an announcement key in M (``ann_keys``), clear or
+    authenticated, must carry that key's signature over :func:`ann_tpm_payload` with ``prev``, the
+    digest of the previous KeyTable (UnboundAnnouncement otherwise): a stolen period key is not
+    enough to announce for such a server."""
+    s = decode_signed(raw, "announce", period, max_size=16 * 1024)
+    fields: dict[str, type] = {"server": int, "K": dict, "sharings": dict, "clear": bool}
+    if isinstance(s.body, dict) and "tpm" in s.body:
+        fields["tpm"] = bytes
+    f = encoding.expect_map(s.body, fields, "announcement")
     entry = KeyEntry.from_obj(f["K"], "announcement")
     sharings: dict[str, bytes] = {}
     for k, v in f["sharings"].items():
@@ -321,7 +360,21 @@ def parse_ann(raw: Any, period: int, old_keys: Mapping[int, bytes]) -> Ann:
         )
     if f["clear"] and sharings:
         raise DecodeError("announcement: a clear announcement holds no sharings")
-    return Ann(server, entry, sharings, f["clear"], raw)
+    ann_key = (ann_keys or {}).get(server)
+    if ann_key is None:
+        if "tpm" in f:
+            raise DecodeError(
+                f"announcement of server {server}: a TPM signature, but no announcement key in M"
+            )
+        return Ann(server, entry, sharings, f["clear"], raw)
+    kind = "clear" if f["clear"] else "authenticated"
+    if "tpm" not in f:
+        raise UnboundAnnouncement(server, f"({kind}) lacks the signature of its announcement key (its TPM)")
+    if not annkey.verify(ann_key, ann_tpm_payload(period, server, prev, entry), f["tpm"]):
+        raise UnboundAnnouncement(
+            server, f"({kind}) has a TPM signature that does not verify with its announcement key in M"
+        )
+    return Ann(server, entry, sharings, f["clear"], raw, bound=True)
 
 
 @dataclass(frozen=True)
@@ -344,13 +397,18 @@ def judge_keytable(
     period: int,
     c: Constants,
     old_keys: Mapping[int, bytes],
-    parse: Callable[[Any, int, Mapping[int, bytes]], Ann] = parse_ann,
+    parse: Callable[[Any, int, Mapping[int, bytes]], Ann] | None = None,
+    *,
+    ann_keys: Mapping[int, bytes] | None = None,
+    prev: bytes = b"",
 ) -> KeyTableCandidate:
     """Table 1's judgment applied to a proposed KeyTable, from the value alone (pure).
 
     Every entry is an authenticated announcement (signed with the author's key of the
-    previous KeyTable) or a clear one with t+1 attestations from distinct members of the
-    previous KeyTable (at least one honest server received it from the author itself).
+    previous KeyTable), a clear one of a server with an announcement key signed by that key
+    over the previous KeyTable's digest ``prev`` (bound), or a clear one of a server without
+    such a key with t+1 attestations from distinct members of the previous KeyTable (at least
+    one honest server received it from the author itself).
     The sharing digest of each secret must be reported by t+1 authenticated entries; those
     entries are the operational servers (at least t+1), all others recover.
     """
@@ -364,18 +422,27 @@ def judge_keytable(
         raise InvalidProposal(str(exc)) from None
     if f["period"] != period:
         raise InvalidProposal(f"KeyTable proposal for period {f['period']}")
+
+    def read(raw: Any) -> Ann:
+        if parse is not None:
+            return parse(raw, period, old_keys)
+        return parse_ann(raw, period, old_keys, ann_keys, prev)
+
     anns: dict[int, Ann] = {}
     for i, e in f["entries"].items():
         if type(i) is not int or i not in c.ids or not isinstance(e, dict):
             raise InvalidProposal("KeyTable proposal: entries must be keyed by server ids")
         try:
             g = encoding.expect_map(e, {"ann": bytes, "attest": dict}, "KeyTable entry")
-            ann = parse(g["ann"], period, old_keys)
+            ann = read(g["ann"])
         except (DecodeError, BadSignature) as exc:
             raise InvalidProposal(f"entry {i}: {exc}") from None
         if ann.server != i:
             raise InvalidProposal(f"entry {i} holds server {ann.server}'s announcement")
-        if ann.clear:
+        if ann.clear and ann.bound:
+            if g["attest"]:
+                raise InvalidProposal(f"entry {i}: attestations on a TPM-signed announcement")
+        elif ann.clear:
             good = sum(
                 1
                 for j, att in g["attest"].items()
@@ -537,10 +604,13 @@ class PeriodRefresh:
         durable: Durable,
         now: float,
         code: CodeCheck | None = None,
+        ann_key: annkey.AnnouncementSigner | None = None,
     ) -> None:
         self.me = me
         self.my_ann = b""
         self.code = code
+        #: Our announcement key (the TPM's), if our ROM is a TPM: signs our clear announcements.
+        self.ann_key = ann_key
         self._anns_parsed: dict[tuple[bytes, tuple[tuple[int, bytes], ...]], Ann] = {}
         self._chains: list[bytes] = []
         self.period = period
@@ -576,6 +646,10 @@ class PeriodRefresh:
         self.kt: KeyTableCandidate | None = None
         self.s_engine: Engine | None = None
         self.anns: dict[int, dict[bytes, Ann]] = {}
+        #: TPM-signed clear announcements (two per author at most: the evidence), forwarded once.
+        self.bound: dict[int, dict[bytes, Ann]] = {}
+        #: Announcements the author's TPM did not sign, received on the author's connection.
+        self._unbound: dict[int, list[bytes]] = {}
         self.clear: dict[int, dict[bytes, dict[int, bytes]]] = {}
         self._clear_anns: dict[bytes, Ann] = {}
         self.conflicts: set[int] = set()
@@ -620,14 +694,28 @@ class PeriodRefresh:
 
     # Small helpers ------------------------------------------------------------------------------
 
+    @property
+    def ann_keys(self) -> Mapping[int, bytes]:
+        """The announcement keys in M (servers whose ROM is a TPM)."""
+        return self.m.ann_keys if self.m is not None else {}
+
+    @property
+    def prev(self) -> bytes:
+        """The digest of the previous KeyTable, which a TPM-signed announcement is bound to."""
+        return keytable_digest(self.old_table)
+
+    def _judge_kt(self, value: bytes) -> KeyTableCandidate:
+        return judge_keytable(value, self.period, self.c, self.old_keys, self._parse_ann)
+
     def _parse_ann(self, raw: Any, period: int, old_keys: Mapping[int, bytes]) -> Ann:
         """parse_ann, once per distinct announcement (every copy is forwarded n times)."""
-        key = (raw, tuple(sorted(old_keys.items()))) if isinstance(raw, bytes) else None
+        prev = self.prev
+        key = (raw + prev, tuple(sorted(old_keys.items()))) if isinstance(raw, bytes) else None
         if key is not None:
             hit = self._anns_parsed.get(key)
             if hit is not None:
                 return hit
-        ann = parse_ann(raw, period, old_keys)
+        ann = parse_ann(raw, period, old_keys, self.ann_keys, prev)
         if key is not None and len(self._anns_parsed) < 8 * 64:
             self._anns_parsed[key] = ann
         return ann
@@ -945,6 +1033,7 @@ class PeriodRefresh:
         self.status = Status.RECOVERING
         self.keys = {}
         self.old_signer = None
+        self.bound.clear()  # bound to the older KeyTable's digest: no peer takes them any more
         self._announce(now)
         self._open_kt_engine(now)
 
@@ -958,6 +1047,11 @@ class PeriodRefresh:
         clear = self.status != Status.OPERATIONAL
         key = f"{self.period}/ann/{'clear' if clear else 'auth'}"
         raw = self.durable.get(key)
+        if raw is not None and self.me in self.ann_keys:
+            try:
+                self._parse_ann(raw, self.period, self.old_keys)
+            except (DecodeError, BadSignature):
+                raw = None  # bound to an older KeyTable than the one we now hold: sign again
         if raw is None:
             sharings = (
                 {}
@@ -967,20 +1061,70 @@ class PeriodRefresh:
                 }
             )
             body = {"server": self.me, "K": self.my_entry.to_obj(), "sharings": sharings, "clear": clear}
+            if self.me in self.ann_keys:
+                tpm = self._tpm_signature()
+                if tpm is not None:
+                    body["tpm"] = tpm
             signer = self.signer if clear or self.old_signer is None else self.old_signer
             raw = sign("announce", self.period, body, signer)
             self.durable.put(key, raw)
         self.my_ann = raw
-        ann = self._parse_ann(raw, self.period, self.old_keys)
-        if ann.clear:
+        try:
+            ann = self._parse_ann(raw, self.period, self.old_keys)
+        except UnboundAnnouncement:
+            # Our announcement key is unusable (said by an alert): peers discard this announcement,
+            # and we stay recovering until the TPM signs again.
+            self._send(EVERYONE, "ann", raw)
+            return
+        if ann.clear and ann.bound:
+            self._send(EVERYONE, "ann", raw)
+            self._learn_bound(ann)
+        elif ann.clear:
             self._send(EVERYONE, "ann", raw)
             self._on_ann(self.me, raw, now)
         else:
             self._learn(ann)
 
+    def _tpm_signature(self) -> bytes | None:
+        """Our announcement key's signature over our new K_i and the previous KeyTable's digest."""
+        mine = self.ann_keys[self.me]
+        if self.ann_key is None:
+            self._alert(
+                AlertKind.RECOVERY_FAILED,
+                self.me,
+                "M holds an announcement key for this server but none was given (is the ROM's TPM "
+                "configured?): its announcements will be discarded",
+            )
+            return None
+        try:
+            if self.ann_key.public != mine:
+                self._alert(
+                    AlertKind.RECOVERY_FAILED,
+                    self.me,
+                    "this server's TPM holds another announcement key than M: its announcements "
+                    "will be discarded",
+                )
+                return None
+            return self.ann_key.sign(ann_tpm_payload(self.period, self.me, self.prev, self.my_entry))
+        except annkey.SigningUnavailable as exc:
+            self._alert(AlertKind.RECOVERY_FAILED, self.me, f"the announcement key cannot sign: {exc}")
+            return None
+
     def _on_ann(self, sender: int, body: Any, now: float) -> None:
         try:
             ann = self._parse_ann(body, self.period, self.old_keys)
+        except UnboundAnnouncement as exc:
+            if exc.server == sender != self.me and isinstance(body, bytes):
+                # On the author's own connection, an announcement the author's TPM did not sign:
+                # someone else speaks for it (an impostor: a thief of its period or transport
+                # keys). Discarded; named once the KeyTable is decided, when our previous
+                # KeyTable is surely the network's (a stale one makes a genuine one look unbound).
+                unbound = self._unbound.setdefault(sender, [])
+                if body not in unbound and len(unbound) < 4:
+                    unbound.append(body)
+                self._push_again(sender, now)
+                return
+            raise
         except (DecodeError, BadSignature, RemoteProtocolError):
             # Not signed with a key of our KeyTable: the sender may hold an older one (it was
             # down for a refresh and missed our PushM, sent once, at the start). Push again.
@@ -988,6 +1132,11 @@ class PeriodRefresh:
             raise
         if not ann.clear:
             self._learn(ann)
+            return
+        if ann.clear and ann.bound:
+            self._learn_bound(ann)
+            if sender == ann.server:
+                self._push_again(sender, now)
             return
         if ann.clear:
             if sender != ann.server:
@@ -1018,17 +1167,78 @@ class PeriodRefresh:
                 "two different authenticated key announcements (rule i: both discarded; stolen period key?)",
                 evidence=(first.raw, second.raw),
             )
+        self._stolen_period_key(ann.server)
         if ann.digest not in self._forwarded:
             self._forwarded.add(ann.digest)
             self._send(EVERYONE, "ann", ann.raw)
+
+    def _learn_bound(self, ann: Ann) -> None:
+        """A TPM-signed clear announcement: it needs no attestation and counts from any relayer,
+        so it is kept (two per author at most: the evidence) and forwarded once, like an
+        authenticated one. Two different ones mean the TPM signed twice for one period: whoever
+        holds the server's TPM now is not the server we knew (rule i applies)."""
+        seen = self.bound.setdefault(ann.server, {})
+        if ann.digest in seen or len(seen) >= 2:
+            return
+        seen[ann.digest] = ann
+        if len(seen) == 2:
+            first, second = list(seen.values())
+            self._alert(
+                AlertKind.CONFLICTING_ANNOUNCEMENTS,
+                ann.server,
+                "two different TPM-signed clear announcements (both discarded; someone uses its TPM?)",
+                evidence=(first.raw, second.raw),
+            )
+        self._stolen_period_key(ann.server)
+        if ann.digest not in self._forwarded:
+            self._forwarded.add(ann.digest)
+            self._send(EVERYONE, "ann", ann.raw)
+
+    def _name_impostors(self) -> None:
+        """At the decision: each announcement received on its author's own connection that its
+        TPM did not sign for the previous KeyTable (now surely the network's) names an impostor."""
+        for server, raws in sorted(self._unbound.items()):
+            for raw in raws:
+                try:
+                    self._parse_ann(raw, self.period, self.old_keys)
+                except UnboundAnnouncement as exc:
+                    self._alert(
+                        AlertKind.CONFLICTING_ANNOUNCEMENTS,
+                        server,
+                        f"an impostor: an announcement on this server's connection {exc.why} (discarded)",
+                        evidence=(raw,),
+                    )
+                except (DecodeError, BadSignature):
+                    pass
+        self._unbound.clear()
+
+    def _bound_ann(self, i: int) -> Ann | None:
+        """Server i's one TPM-signed clear announcement (None: none, or two)."""
+        got = list(self.bound.get(i, {}).values())
+        return got[0] if len(got) == 1 else None
+
+    def _stolen_period_key(self, i: int) -> None:
+        """Both a TPM-signed clear announcement (server i lost its keys) and one signed with its
+        previous period key (TPM-signed too where i has an announcement key: it lost its data
+        after announcing, or someone uses its TPM). The clear one counts: its keys are the ones
+        the server holds now."""
+        bound, auth = self._bound_ann(i), list(self.anns.get(i, {}).values())
+        if bound is not None and auth:
+            self._alert(
+                AlertKind.CONFLICTING_ANNOUNCEMENTS,
+                i,
+                "an authenticated and a clear announcement, both TPM-signed (lost its data after "
+                "announcing, or someone uses its TPM); the clear one counts",
+                evidence=(auth[0].raw, bound.raw),
+            )
 
     def _on_attest(self, sender: int, body: Any, now: float) -> None:
         f = encoding.expect_map(body, {"ann": bytes, "attest": bytes, "by": int}, "attestation")
         if f["by"] != sender:
             raise RemoteProtocolError(sender, "attestation signed for another server")
         ann = self._parse_ann(f["ann"], self.period, self.old_keys)
-        if not ann.clear:
-            raise RemoteProtocolError(sender, "attestation of an authenticated announcement")
+        if not ann.clear or ann.bound:
+            raise RemoteProtocolError(sender, "attestation of an authenticated or TPM-signed announcement")
         if not check_attestation(f["attest"], self.period, sender, ann.server, ann.digest, self.old_keys):
             raise RemoteProtocolError(sender, "attestation does not verify")
         got = self.clear.setdefault(ann.server, {})
@@ -1077,6 +1287,12 @@ class PeriodRefresh:
     def _kt_candidate_entries(self) -> dict[int, dict[str, Any]] | None:
         entries: dict[int, dict[str, Any]] = {}
         for i in self.c.ids:
+            bound = self._bound_ann(i)
+            if bound is not None:
+                entries[i] = {"ann": bound.raw, "attest": {}}
+                continue
+            if self.bound.get(i):
+                continue  # two TPM-signed announcements: none counts (rule i)
             if i in self.conflicts:
                 continue
             auth = list(self.anns.get(i, {}).values())
@@ -1115,17 +1331,24 @@ class PeriodRefresh:
             return None  # a short grace for the stragglers' announcements
         value = encoding.encode({"period": self.period, "entries": entries, "sharings": agreed})
         try:
-            judge_keytable(value, self.period, self.c, self.old_keys, self._parse_ann)
+            self._judge_kt(value)
         except InvalidProposal:
             return None
         return value
 
     def validate_keytable(self, value: bytes, view: int) -> Verdict:
         try:
-            cand = judge_keytable(value, self.period, self.c, self.old_keys, self._parse_ann)
+            cand = self._judge_kt(value)
         except InvalidProposal as exc:
             return reject(str(exc))
         for i, ann in cand.anns.items():
+            if ann.clear and ann.bound:
+                self._learn_bound(ann)
+                if self._bound_ann(i) is None:
+                    return reject(f"server {i}'s TPM signed two different announcements")
+                continue
+            if self.bound.get(i):
+                return reject(f"server {i} has a TPM-signed announcement, which counts over this one")
             if i in self.conflicts:
                 return reject(f"server {i} announced two different keys")
             if not ann.clear:
@@ -1148,6 +1371,9 @@ class PeriodRefresh:
             for i, got in self.anns.items():
                 if i not in cand.anns and i not in self.conflicts and len(got) == 1:
                     return reject(f"view 0 leaves out server {i}, whose announcement we hold")
+            for i in self.bound:
+                if i not in cand.anns and self._bound_ann(i) is not None:
+                    return reject(f"view 0 leaves out server {i}, whose TPM-signed announcement we hold")
         mine = cand.anns.get(self.me)
         if mine is not None and mine.raw != self.my_ann:
             self._alert(
@@ -1160,9 +1386,10 @@ class PeriodRefresh:
         return ACCEPT
 
     def _kt_decided(self, decision: Decision) -> None:
-        cand = judge_keytable(decision.value, self.period, self.c, self.old_keys, self._parse_ann)
+        cand = self._judge_kt(decision.value)
         self.kt = cand
         self._kt_qc = decision.qc
+        self._name_impostors()
         if cand.anns.get(self.me) is None or cand.anns[self.me].raw != self.my_ann:
             self._alert(
                 AlertKind.OWN_KEY_MISSING,
@@ -1582,9 +1809,10 @@ class PeriodRefresh:
         tr = Transcript.decode(body)
         if tr.period != self.period:
             return
-        check_transcript(tr, self.c, self.old_keys)
+        check_transcript(tr, self.c, self.old_keys, ann_keys=self.ann_keys, prev=self.prev)
         if self.kt is None:
-            self.kt = judge_keytable(tr.kt_value, self.period, self.c, self.old_keys)
+            self.kt = self._judge_kt(tr.kt_value)
+            self._name_impostors()
             self._kt_qc = tr.kt_qc
             self._open_s_engine(now)
         for raw in tr.dealings.values():
@@ -1604,7 +1832,7 @@ class PeriodRefresh:
         self.encryption_public = vdec.public_from_seed(self.encryption_seed)
         table = self._old_public.key_table
         self.old_table = table if table is not None and table.period < self.period else None
-        self.kt = judge_keytable(transcript.kt_value, self.period, self.c, self.old_keys)
+        self.kt = self._judge_kt(transcript.kt_value)
         self.my_ann = self.kt.anns[self.me].raw if self.me in self.kt.anns else b""
         mine = self.kt.anns.get(self.me)
         if mine is None or mine.entry.verify_key != self.signer.public:
@@ -2182,8 +2410,16 @@ def _decode_s_value(value: bytes, period: int) -> dict[int, bytes]:
     return out
 
 
-def check_transcript(tr: Transcript, c: Constants, old_keys: Mapping[int, bytes]) -> KeyTableCandidate:
-    """A transcript checked from the previous KeyTable's keys alone (DecodeError naming the fault)."""
+def check_transcript(
+    tr: Transcript,
+    c: Constants,
+    old_keys: Mapping[int, bytes],
+    *,
+    ann_keys: Mapping[int, bytes] | None = None,
+    prev: bytes = b"",
+) -> KeyTableCandidate:
+    """A transcript checked from the previous KeyTable's keys (and its digest ``prev``, with M's
+    announcement keys) alone (DecodeError naming the fault)."""
     from appliance.protocols.agreement import COMMIT, BadCertificate
 
     committee = Committee(c.n, c.t, old_keys)
@@ -2191,7 +2427,7 @@ def check_transcript(tr: Transcript, c: Constants, old_keys: Mapping[int, bytes]
         if tr.kt_qc.phase != COMMIT or tr.kt_qc.digest != digest(tr.kt_value):
             raise DecodeError("transcript: the KeyTable's certificate does not match it")
         committee.verify_qc(Instance(CONTEXT, tr.period, "keytable"), tr.kt_qc)
-        kt = judge_keytable(tr.kt_value, tr.period, c, old_keys)
+        kt = judge_keytable(tr.kt_value, tr.period, c, old_keys, ann_keys=ann_keys, prev=prev)
         members = Committee(c.n, c.t, {i: kt.table.entries[i].verify_key for i in kt.operational})
         if tr.s_qc.phase != COMMIT or tr.s_qc.digest != digest(tr.s_value):
             raise DecodeError("transcript: the dealing set's certificate does not match it")

@@ -20,7 +20,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.crypto import encoding
+from appliance.crypto import annkey, encoding
 from appliance.crypto.errors import DecodeError
 from appliance.crypto.groups import DSA2048, ED25519, P256, Group
 from appliance.crypto.keyshare import PublicSharing
@@ -155,24 +155,37 @@ class Constants:
         return max(0, self.period_at(now) - 1 - keytable_period)
 
 
-def m_i_payload(vcert: bytes, constants: Constants, server: int) -> bytes:
-    """What server i signs with Sstart_i at initialization: (Vcert, C)."""
-    return encoding.signing_payload(
-        "M_i", 1, "pst/init/M_i", 0, {"server": server, "vcert": vcert, "C": constants.to_obj()}
-    )
+def m_i_payload(vcert: bytes, constants: Constants, server: int, ann_key: bytes | None = None) -> bytes:
+    """What server i signs with Sstart_i at initialization: (Vcert, C), and the public key of its
+    announcement key A_i when its ROM is a TPM (issue 8)."""
+    body: dict[str, Any] = {"server": server, "vcert": vcert, "C": constants.to_obj()}
+    if ann_key is not None:
+        body["A"] = ann_key
+    return encoding.signing_payload("M_i", 1, "pst/init/M_i", 0, body)
 
 
 @dataclass(frozen=True)
 class InvariantInfo:
-    """[Scert(M), M]: Vcert, C, every M_i, and the group's signature over all of it."""
+    """[Scert(M), M]: Vcert, C, every M_i, and the group's signature over all of it.
+
+    ``ann_keys`` maps each server whose ROM is a TPM to the public key of its announcement key
+    A_i (SEC1, :mod:`appliance.crypto.annkey`); M_i covers it. Servers without one are absent, and
+    an M where no server has one encodes exactly as before the field existed."""
 
     vcert: bytes
     constants: Constants
     m: dict[int, bytes]
     scert_signature: bytes = b""
+    ann_keys: dict[int, bytes] = field(default_factory=dict)
 
     def body(self) -> dict[str, Any]:
-        return {"vcert": self.vcert, "C": self.constants.to_obj(), "M": {i: s for i, s in self.m.items()}}
+        body = {"vcert": self.vcert, "C": self.constants.to_obj(), "M": {i: s for i, s in self.m.items()}}
+        if self.ann_keys:
+            body["A"] = dict(sorted(self.ann_keys.items()))
+        return body
+
+    def signed(self, signature: bytes) -> InvariantInfo:
+        return InvariantInfo(self.vcert, self.constants, self.m, signature, self.ann_keys)
 
     def payload(self) -> bytes:
         return encoding.signing_payload("M", 1, "pst/init/M", 0, self.body())
@@ -183,23 +196,38 @@ class InvariantInfo:
     @classmethod
     def decode(cls, data: bytes) -> InvariantInfo:
         obj = encoding.expect_map(encoding.decode(data, what="M"), {"body": dict, "sig": bytes}, "M")
-        body = encoding.expect_map(obj["body"], {"vcert": bytes, "C": dict, "M": dict}, "M body")
+        fields: dict[str, type] = {"vcert": bytes, "C": dict, "M": dict}
+        if isinstance(obj["body"], dict) and "A" in obj["body"]:
+            fields["A"] = dict
+        body = encoding.expect_map(obj["body"], fields, "M body")
         m = {}
         for k, v in body["M"].items():
             if not isinstance(k, int) or not isinstance(v, bytes) or len(v) != 64:
                 raise DecodeError("M: each M_i must be a 64-byte signature under a server id")
             m[k] = v
-        return cls(body["vcert"], Constants.from_obj(body["C"]), m, obj["sig"])
+        ann_keys = {}
+        for k, v in body.get("A", {}).items():
+            if type(k) is not int or not isinstance(v, bytes):
+                raise DecodeError("M: announcement keys must map server ids to public keys")
+            annkey.load_public(v, f"M: announcement key of server {k}")
+            ann_keys[k] = v
+        if "A" in body and not ann_keys:
+            raise DecodeError("M: an empty map of announcement keys (omit it instead)")
+        return cls(body["vcert"], Constants.from_obj(body["C"]), m, obj["sig"], ann_keys)
 
     def check(self, server: int, vstart: bytes) -> str | None:
         """Table 2 (i)-(ii): None if valid for ``server`` holding ``vstart`` in ROM, else why not."""
         mi = self.m.get(server)
         if mi is None:
             return f"M holds no M_{server}"
-        if not ed25519_verify(vstart, m_i_payload(self.vcert, self.constants, server), mi):
+        if not ed25519_verify(
+            vstart, m_i_payload(self.vcert, self.constants, server, self.ann_keys.get(server)), mi
+        ):
             return f"M_{server} does not verify with Vstart from ROM"
         if set(self.m) != set(self.constants.ids):
             return "M does not hold exactly one M_i per server"
+        if not set(self.ann_keys) <= set(self.constants.ids):
+            return "M holds announcement keys of servers that do not exist"
         if not ed25519_verify(self.vcert, self.payload(), self.scert_signature):
             return "Scert(M) does not verify with Vcert"
         return None

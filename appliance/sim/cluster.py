@@ -31,4 +31,5 @@ class SimServer(ServerCore):
             rand,
             first_period=first_period,
             forget_at_retire=forget_at_retire,
+            ann_key=setup.ann_key,
         )

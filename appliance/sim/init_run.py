@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nacl.signing import SigningKey
 
+from appliance.crypto.annkey import SoftAnnouncementKey
 from appliance.protocols._core import Outgoing
 from appliance.protocols.init import InitOutcome, InitProtocol, InitSchedule
 from appliance.protocols.state import Constants
@@ -45,6 +46,7 @@ class InitRun:
     sim: Simulation
     engines: dict[int, InitProtocol]
     vstarts: dict[int, bytes]
+    ann_keys: Mapping[int, SoftAnnouncementKey] = field(default_factory=dict)
 
     @property
     def outcomes(self) -> dict[int, InitOutcome | None]:
@@ -58,7 +60,7 @@ class InitRun:
             if o is None or o.public is None or o.private is None:
                 why = o.failure if o is not None else "no outcome"
                 raise RuntimeError(f"server {i}: initialization did not complete: {why}")
-            out[i] = ServerSetup(i, self.vstarts[i], o.public, o.private)
+            out[i] = ServerSetup(i, self.vstarts[i], o.public, o.private, self.ann_keys.get(i))
         return out
 
 
@@ -69,8 +71,10 @@ def run_init(
     start: float = 0.0,
     engines: Mapping[int, type[InitProtocol]] | None = None,
     config: NetworkConfig | None = None,
+    ann_keys: Mapping[int, SoftAnnouncementKey] | None = None,
 ) -> InitRun:
-    """Initialize a network of ``constants.n`` servers from ``seed``; ``engines`` swaps in variants."""
+    """Initialize a network of ``constants.n`` servers from ``seed``; ``engines`` swaps in variants;
+    the servers in ``ann_keys`` have announcement keys (their ROMs are TPMs)."""
     rng = random.Random(seed)
     seeds = {i: bytearray(rng.randbytes(32)) for i in constants.ids}
     vstarts = {i: bytes(SigningKey(bytes(s)).verify_key) for i, s in seeds.items()}
@@ -83,6 +87,7 @@ def run_init(
             sstart=seeds[i],
             start=start,
             rand=seeded_bytes(f"init/{seed}/{i}".encode()),
+            ann_public=ann_keys[i].public if ann_keys and i in ann_keys else None,
         )
     cfg = config or NetworkConfig(
         min_delay=0.001,
@@ -95,4 +100,4 @@ def run_init(
         schedule.at(schedule.end) + constants.delta,
         stop=lambda: all(p.outcome is not None for p in protocols.values()),
     )
-    return InitRun(constants, seed, sim, protocols, vstarts)
+    return InitRun(constants, seed, sim, protocols, vstarts, dict(ann_keys or {}))

@@ -78,9 +78,15 @@ PERIOD = 4.0
 
 
 def build(
-    name: str, seed: int, constants: Constants, *, periods: int = 1, config: NetworkConfig | None = None
+    name: str,
+    seed: int,
+    constants: Constants,
+    *,
+    periods: int = 1,
+    config: NetworkConfig | None = None,
+    tpm: frozenset[int] = frozenset(),
 ) -> Run:
-    setups = _setups(constants, seed)
+    setups = _setups(constants, seed, tpm)
     servers = {i: SimServer(s, constants, seeded_bytes(f"{seed}/{i}".encode())) for i, s in setups.items()}
     rng = random.Random(seed)
     cfg = config or NetworkConfig(min_delay=0.001, max_delay=rng.uniform(0.002, 0.05), tick_interval=0.05)
@@ -102,8 +108,13 @@ def _watch(run: Run, i: int, server: SimServer) -> None:
 
             kt = run.constants
             try:
-                old = server.engine.old_keys if server.engine is not None else {}
-                table = judge_keytable(pub.transcript.kt_value, period, kt, old).table
+                engine = server.engine
+                old = engine.old_keys if engine is not None else {}
+                ann_keys = engine.ann_keys if engine is not None else {}
+                prev = engine.prev if engine is not None else b""
+                table = judge_keytable(
+                    pub.transcript.kt_value, period, kt, old, ann_keys=ann_keys, prev=prev
+                ).table
                 run.tables.setdefault(period, set()).add(table.payload())
             except Exception:  # judged again by the checker below
                 pass
@@ -119,13 +130,15 @@ def _watch(run: Run, i: int, server: SimServer) -> None:
 #: for each run (runs wipe and replace what they hold); everything else follows the run's
 #: own seed. This keeps hundreds of seeds per family within the test budget.
 KEY_SETS = 32
-_SETUP_CACHE: dict[tuple[int, int, int, tuple[tuple[str, str], ...]], dict[int, ServerSetup]] = {}
+_SETUP_CACHE: dict[
+    tuple[int, int, int, tuple[tuple[str, str], ...], frozenset[int]], dict[int, ServerSetup]
+] = {}
 
 
-def _setups(constants: Constants, seed: int) -> dict[int, ServerSetup]:
-    key = (constants.n, constants.t, seed % KEY_SETS, tuple(sorted(constants.secrets.items())))
+def _setups(constants: Constants, seed: int, tpm: frozenset[int] = frozenset()) -> dict[int, ServerSetup]:
+    key = (constants.n, constants.t, seed % KEY_SETS, tuple(sorted(constants.secrets.items())), tpm)
     if key not in _SETUP_CACHE:
-        _SETUP_CACHE[key] = make_network(constants, seed % KEY_SETS)
+        _SETUP_CACHE[key] = make_network(constants, seed % KEY_SETS, tpm=tpm)
     out = {}
     for i, s in _SETUP_CACHE[key].items():
         assert s.private is not None
@@ -136,7 +149,7 @@ def _setups(constants: Constants, seed: int) -> dict[int, ServerSetup]:
             {sid: SecretScalar(v.value, constants.group(sid).order) for sid, v in s.private.shares.items()},
         )
         public = PublicData(s.public.m, s.public.key_table, dict(s.public.sharings))
-        out[i] = ServerSetup(s.me, s.vstart, public, private)
+        out[i] = ServerSetup(s.me, s.vstart, public, private, s.ann_key)
     return out
 
 
@@ -409,6 +422,74 @@ def impersonate(seed: int) -> Run:
     return run
 
 
+def tpm_impostor(seed: int, *, tpm: bool = True) -> Run:
+    """Scenario C with TPM ROMs (issue 8): an attacker broke into server v, stole its period key,
+    wiped its disk and left; from then on it announces keys for v on v's connection, every period:
+    a clear announcement its TPM did not sign (sometimes with a made-up "TPM" signature) and, in
+    the first period, one signed with v's stolen period key. v's own announcement is signed by its
+    TPM over the previous KeyTable, so it counts: v recovers in the first period, and the
+    impostor is named. With ``tpm=False`` (today's rule) the test shows v staying blocked."""
+    from nacl.signing import SigningKey
+
+    from appliance.crypto import encoding, vdec
+    from appliance.crypto.annkey import SoftAnnouncementKey
+    from appliance.protocols._core import Signer
+    from appliance.protocols._signed import sign
+    from appliance.protocols.state import KeyEntry, encryption_key_payload
+
+    rng = random.Random(seed)
+    c = _constants(rng)
+    periods = 2
+    victim = rng.choice(list(c.ids))
+    others = [i for i in c.ids if i != victim]
+    # Every server with a TPM, or the victim and a random set of the others.
+    with_tpm = frozenset(c.ids) if rng.random() < 0.5 else frozenset([victim, *rng.sample(others, c.t)])
+    run = build(
+        "tpm-impostor" if tpm else "no-tpm-impostor",
+        seed,
+        c,
+        periods=periods,
+        tpm=with_tpm if tpm else frozenset(),
+    )
+    s = run.servers[victim]
+    stolen = s.private
+    assert stolen is not None
+    # The wipe: only the ROM (Vstart) and the TPM are left.
+    s.public = PublicData()
+    s.private = None
+    _durable(s).data.clear()
+    run.alertable.add(victim)
+    attacker = random.Random(seed + 1)
+    fake_tpm = SoftAnnouncementKey(attacker.randbytes(32))
+    for p in range(1, periods + 1):
+        at = c.period_start(p) + rng.uniform(0.0, 0.01)
+        run.sim.run_until(at)
+        fake = Signer(SigningKey(attacker.randbytes(32)))
+        e = vdec.public_key(1000 + p)
+        entry = KeyEntry(fake.public, e, fake.sign(encryption_key_payload(victim, p, e)))
+        body = {"server": victim, "K": entry.to_obj(), "sharings": {}, "clear": True}
+        if tpm and rng.random() < 0.3:
+            body["tpm"] = fake_tpm.sign(b"a signature by a key that is not v's")
+        anns = [sign("announce", p, body, fake)]
+        if p == 1 and rng.random() < 0.5:
+            auth = {"server": victim, "K": entry.to_obj(), "sharings": {}, "clear": False}
+            anns.append(sign("announce", p, auth, Signer(SigningKey(stolen.signing_seed))))
+        targets = rng.sample(others, rng.randint(max(1, len(others) - c.t), len(others)))
+        for ann in anns:
+            data = encoding.encode({"period": p, "phase": "ann", "body": ann})
+            for j in targets:  # the attacker speaks for the victim (the transport cannot tell them apart)
+                run.sim._push(at + 0.001, "deliver", j, victim, data)
+    if tpm:
+        run.expect_alerts.add((AlertKind.CONFLICTING_ANNOUNCEMENTS, victim))
+    run_periods(run)
+    if tpm:
+        first = run.servers[victim].outcomes.get(1)
+        if first is None or first.status != Status.OPERATIONAL:
+            why = first.failure if first is not None else "no outcome"
+            raise run.fail(f"server {victim} (TPM-backed, wiped) did not recover in period 1: {why}")
+    return run
+
+
 def partition(seed: int) -> Run:
     """A server is cut off from everyone for one to three periods; it rejoins and heals."""
     rng = random.Random(seed)
@@ -661,6 +742,7 @@ FAMILIES: dict[str, Callable[[int], Run]] = {
     "corrupt": corrupt,
     "asynchrony": asynchrony,
     "impersonate": impersonate,
+    "tpm-impostor": tpm_impostor,
     "crash": crash,
     "partition": partition,
     "replay": replay,

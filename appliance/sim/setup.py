@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
 from appliance.crypto import local
+from appliance.crypto.annkey import SoftAnnouncementKey
 from appliance.crypto.groups import ED25519
 from appliance.crypto.keyshare import KeyShare
 from appliance.crypto.secret import DeterministicSource, system_scalar_source
@@ -40,6 +41,8 @@ class ServerSetup:
     vstart: bytes
     public: PublicData
     private: PrivateData
+    #: The stand-in for the server's TPM announcement key (issue 8): survives every wipe.
+    ann_key: SoftAnnouncementKey | None = None
 
 
 def seeded_bytes(seed: bytes) -> Any:
@@ -55,9 +58,18 @@ def seeded_bytes(seed: bytes) -> Any:
 
 
 def make_network(
-    constants: Constants, seed: int | None = None, *, randbytes: Callable[[int], bytes] | None = None
+    constants: Constants,
+    seed: int | None = None,
+    *,
+    randbytes: Callable[[int], bytes] | None = None,
+    tpm: frozenset[int] = frozenset(),
+    ann_public: Mapping[int, bytes] | None = None,
 ) -> dict[int, ServerSetup]:
-    """Period-0 data for every server: from ``seed`` (simulations) or from ``randbytes`` (os.urandom)."""
+    """Period-0 data for every server: from ``seed`` (simulations) or from ``randbytes`` (os.urandom).
+
+    The servers in ``tpm`` have ROMs that are TPMs: each gets an announcement key (a software
+    P-256 key here, from its own seed so that the other keys stay those of a network without),
+    fixed in M. ``ann_public``: announcement keys held elsewhere (real TPMs), put into M as given."""
     n, t = constants.n, constants.t
     if randbytes is None:
         randbytes = random.Random(seed).randbytes
@@ -75,10 +87,20 @@ def make_network(
     }
     vcert = keys[1].public_key
     sstart = {i: SigningKey(randbytes(32)) for i in constants.ids}
-    m = {i: bytes(sstart[i].sign(m_i_payload(vcert, constants, i)).signature) for i in constants.ids}
-    info = InvariantInfo(vcert, constants, m)
+    ann = {
+        i: SoftAnnouncementKey(
+            seeded_bytes(f"annkey/{seed}/{i}".encode())(32) if seed is not None else randbytes(32)
+        )
+        for i in sorted(tpm)
+    }
+    ann_keys = {**dict(ann_public or {}), **{i: k.public for i, k in ann.items()}}
+    m = {
+        i: bytes(sstart[i].sign(m_i_payload(vcert, constants, i, ann_keys.get(i))).signature)
+        for i in constants.ids
+    }
+    info = InvariantInfo(vcert, constants, m, b"", ann_keys)
     signers = list(range(1, t + 2))
-    info = InvariantInfo(vcert, constants, m, local.frost_sign(keys, signers, info.payload(), randbytes))
+    info = info.signed(local.frost_sign(keys, signers, info.payload(), randbytes))
     seeds = {i: (randbytes(32), randbytes(32)) for i in constants.ids}
     entries = {}
     for i, (sseed, eseed) in seeds.items():
@@ -97,5 +119,5 @@ def make_network(
         public = PublicData(info, table, dict(sharings))
         shares = {SCERT: keys[i].share, **{sid: k[i].share for sid, k in others.items()}}
         private = PrivateData(0, seeds[i][0], seeds[i][1], shares)
-        out[i] = ServerSetup(i, bytes(sstart[i].verify_key), public, private)
+        out[i] = ServerSetup(i, bytes(sstart[i].verify_key), public, private, ann.get(i))
     return out

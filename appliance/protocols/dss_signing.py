@@ -1,0 +1,1453 @@
+"""Threshold DSS (P-256 ECDSA, DSA 2048/256) on request, from presignatures made ahead (sans-IO).
+
+Theory of operation
+-------------------
+Every DSS secret ``<id>`` of C (``Constants.secrets``, group ``p256`` or ``dsa2048``) gets the
+service ``sign/<id>``, one per period like the FROST services of
+:mod:`~appliance.protocols.signing`. Its crypto is :mod:`appliance.crypto.dss` (GJKR presign,
+one-round online signing with identifiable abort); this module carries it over the network.
+
+Presign sessions (in the background). Each server *coordinates* the presignatures it will
+use itself, so two coordinators never consume one presignature. When its stock falls below
+``LOW_WATER`` the coordinator c opens a session of ``BATCH`` presignatures, naming the
+participants: itself and every server it does not currently avoid (at least 2t+1).
+
+1. ``open`` (c -> participants). Every participant deals: a public ``deal`` (the
+   :class:`~appliance.crypto.dss.NonceDealing` s, one per presignature, to every participant)
+   and private ``shares`` (to each participant its shares, each a
+   :class:`~appliance.crypto.vss.ShareMessage` signed with the dealer's period key, so that a
+   bad one convicts the dealer before anyone). The channels are the encrypted period links.
+2. ``report`` (participant -> c): the digest of every dealing whose shares all check, and a
+   complaint (the dealer's signed message) for every share that does not.
+3. ``qual`` (c -> active): c judges the complaints (anyone can: dealer or accuser is guilty),
+   and fixes the active set A (at least 2t+1) and QUAL1 (at least t+1 dealers every member of
+   A holds with the same digest), with the digests and the reports that carried complaints.
+   Each member checks the decision against its own dealings (a dealer convicted by a forwarded
+   complaint, a digest it does not hold: it drops out) and ``echo`` es its digest to A; it
+   goes on only when every member of A echoed the same decision (a coordinator cannot give
+   members different QUAL1 sets; a mismatch is an equivocation alert naming c).
+4. ``opening`` (member -> A): z_i with its proof; each member interpolates R from 2t+1 valid
+   openings (any 2t+1 valid ones give the same R); a bad opening names its sender.
+5. ``wdeal``/``wshares`` (member -> A): the Pedersen dealing of kappa_i x_i with its proof,
+   and signed private shares; ``wreport`` to c as in 2.
+6. ``final`` (c -> holders): the holders H (at least t+1 members holding the same digests of
+   at least 2t+1 valid w dealings) and the reduction set S (the 2t+1 smallest of them); each
+   holder checks it as in 3 and stores its presignatures (reserved for c).
+
+A session that stalls (a silent participant) is abandoned after ``SESSION_TIMEOUT``; those
+that did not answer the current step are avoided for a while and a new session starts.
+
+Online signing. To sign m, c takes the oldest presignature P of its stock.
+
+1. ``lock`` (c -> holders of P): each holder binds P to SHA-256(m) the first time and answers
+   a signed ``locked``; asked to bind P to another message it answers ``conflict`` and raises
+   an equivocation alert naming c.
+2. ``request`` (c -> t holders that locked): the message with q = ceil((|H|+t+1)/2) signed
+   locks. Two such quorums share t+1 holders, one of them honest, who bound P to one message
+   only: so no P is ever used on two messages, which would give whoever holds the two shares
+   kappa and kappa x, hence the key (each share s_j = kappa_j h + r (kappa x)_j is one linear
+   equation; two messages give two). A signer checks the locks, runs the PayloadCheck (refuse
+   and alert naming c otherwise; a key with ``only_checked`` signs nothing unclaimed), uses P
+   once (it is wiped) and sends its ``share``.
+3. c combines t+1 shares (optimistically; a bad share names its signer, who is avoided) and
+   the attempt is retried with another presignature and signer set.
+
+When the stock runs dry a request waits (presigning goes on in the background) until
+``REQUEST_TIMEOUT`` after it was made, then fails with a clear error saying so. Holders keep
+at most ``MAX_HELD`` presignatures per coordinator. Presignatures belong to one period's
+share: the node replaces the service at every refresh and :meth:`DSSSigningService.wipe`
+erases them all (the crypto also refuses a presignature of another key sharing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from appliance.crypto import dss, encoding
+from appliance.crypto.errors import CheatingError, CryptoError, DecodeError, NotEnoughSharesError
+from appliance.crypto.groups import Group
+from appliance.crypto.keyshare import KeyShare
+from appliance.crypto.vss import Complaint, ShareMessage
+from appliance.protocols._core import Alert, AlertKind, Outgoing, RemoteProtocolError, Signer, ed25519_verify
+from appliance.protocols.services import open_envelope, seal
+from appliance.protocols.signing import (
+    MAX_MESSAGE,
+    MAX_REASON,
+    NotYet,
+    PayloadCheck,
+    SigningRefused,
+    is_protocol_payload,
+    run_check,
+)
+from appliance.protocols.state import KeyTable
+
+E = TypeVar("E")
+
+#: Presignatures per session, and the stock below which a coordinator opens a session.
+BATCH = 4
+LOW_WATER = 4
+#: Presignatures a holder keeps for one coordinator (it joins no session of c beyond that).
+MAX_HELD = 32
+MAX_BATCH = 16
+#: A participant reports (and the coordinator decides) this long after a step began, with
+#: whatever arrived, unless everything arrived earlier.
+ROUND_WAIT = 1.0
+SESSION_TIMEOUT = 10.0
+#: A session whose dealing step has not heard 2t+1 reports by then is given up at once (its
+#: open was lost, e.g. sent before the channels were up): a new one starts without the silent.
+DEAL_TIMEOUT = 3.0
+REQUEST_TIMEOUT = 5.0
+ATTEMPT_TIMEOUT = 2.0
+MAX_ATTEMPTS = 4
+AVOID = 10.0
+#: Largest embedded object (a dealing, a forwarded report) accepted before decoding it.
+MAX_ITEM = 64 * 1024
+#: A participant joins at most one session of a coordinator in this time: a Byzantine
+#: coordinator that aborts its sessions cannot keep the others dealing flat out.
+MIN_OPEN_INTERVAL = 0.5
+#: Messages kept per sender for a session we have not joined yet.
+MAX_EARLY = 16
+
+
+def lock_quorum(holders: int, t: int) -> int:
+    """Locks needed before a share is released: two quorums share t+1 holders (one honest)."""
+    return (holders + t + 2) // 2
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _int_list(obj: Any, what: str, sender: int, n: int) -> list[int]:
+    if not isinstance(obj, list) or len(obj) > n or not all(type(x) is int and 1 <= x <= n for x in obj):
+        raise RemoteProtocolError(sender, f"{what}: expected a list of server ids")
+    if len(set(obj)) != len(obj):
+        raise RemoteProtocolError(sender, f"{what}: repeated server id")
+    return sorted(obj)
+
+
+def _bytes_list(obj: Any, what: str, sender: int, count: int, cap: int = MAX_ITEM) -> list[bytes]:
+    if not isinstance(obj, list) or len(obj) != count:
+        raise RemoteProtocolError(sender, f"{what}: expected {count} items")
+    if not all(isinstance(x, bytes) and len(x) <= cap for x in obj):
+        raise RemoteProtocolError(sender, f"{what}: items must be bytes of at most {cap}")
+    return list(obj)
+
+
+def _digest_map(obj: Any, what: str, sender: int, n: int) -> dict[int, bytes]:
+    if not isinstance(obj, dict) or len(obj) > n:
+        raise RemoteProtocolError(sender, f"{what}: expected a map of server id to digest")
+    for k, v in obj.items():
+        if type(k) is not int or not 1 <= k <= n or not isinstance(v, bytes) or len(v) != 32:
+            raise RemoteProtocolError(sender, f"{what}: malformed digest entry")
+    return dict(obj)
+
+
+def _check_complaint(item: Any, accuser: int) -> None:
+    """[dealer, index, values, dealer's signature]: the shape, before anything is judged."""
+    if not (
+        isinstance(item, list)
+        and len(item) == 4
+        and type(item[0]) is int
+        and type(item[1]) is int
+        and isinstance(item[2], list)
+        and len(item[2]) <= 5
+        and all(type(v) is int for v in item[2])
+        and isinstance(item[3], bytes)
+    ):
+        raise RemoteProtocolError(accuser, "malformed complaint")
+
+
+@dataclass
+class _Stock(Generic[E]):
+    """A presignature c may use: its public part and who holds it."""
+
+    public: dss.PresignPublic[E]
+    holders: tuple[int, ...]
+
+
+@dataclass
+class _Held(Generic[E]):
+    """A presignature this server holds for coordinator c, and the message digest it is bound to."""
+
+    presig: dss.Presignature[E]
+    holders: frozenset[int]
+    lock: bytes | None = None
+
+
+@dataclass
+class _Round(Generic[E]):
+    """One dealing round (nonce or w) of a session, as a participant sees it."""
+
+    deals: dict[int, tuple[bytes, list[Any]]] = field(default_factory=dict)
+    shares: dict[int, list[tuple[tuple[int, ...], bytes]]] = field(default_factory=dict)
+    verified: dict[int, bytes] = field(default_factory=dict)
+    complaints: list[list[Any]] = field(default_factory=list)
+    started: float = 0.0
+    reported: bool = False
+
+
+@dataclass
+class _Session(Generic[E]):
+    """Coordinator c's session ``s`` at one participant."""
+
+    c: int
+    s: int
+    parts: tuple[int, ...]
+    count: int
+    sids: list[bytes]
+    r1: _Round[E] = field(default_factory=_Round)
+    r3: _Round[E] = field(default_factory=_Round)
+    stage: str = "deal"  # deal -> echo -> open -> w -> done
+    active: tuple[int, ...] = ()
+    decision: bytes = b""
+    echoes: dict[int, bytes] = field(default_factory=dict)
+    publics: list[dss.NoncePublic[E]] = field(default_factory=list)
+    states: list[dss.NonceState] = field(default_factory=list)
+    openings: dict[int, list[dss.ProductOpening]] = field(default_factory=dict)
+    nonces: list[dss.Nonce[E]] = field(default_factory=list)
+    bad: set[int] = field(default_factory=set)
+    w_pending: dict[str, dict[int, Any]] = field(default_factory=dict)
+
+    def wipe(self) -> None:
+        for st in self.states:
+            st.wipe()
+        self.states = []
+        self.r1.shares.clear()
+        self.r3.shares.clear()
+
+
+@dataclass
+class _Coordinating:
+    """The coordinator's own view of its session in flight."""
+
+    s: int
+    parts: tuple[int, ...]
+    started: float
+    stage: str = "deal"  # deal -> w -> done
+    step_started: float = 0.0
+    reports: dict[int, tuple[dict[str, Any], bytes]] = field(default_factory=dict)
+    wreports: dict[int, tuple[dict[str, Any], bytes]] = field(default_factory=dict)
+    active: tuple[int, ...] = ()
+
+
+@dataclass
+class _Request(Generic[E]):
+    rid: int
+    message: bytes
+    started: float
+    attempt: int = 0
+    stock: _Stock[E] | None = None
+    locks: dict[int, bytes] = field(default_factory=dict)
+    signers: tuple[int, ...] = ()
+    shares: dict[int, dss.SignatureShare] = field(default_factory=dict)
+    deadline: float = 0.0
+    refused: dict[int, str] = field(default_factory=dict)
+    own_shares: int = 0
+
+
+class DSSSigningService(Generic[E]):
+    """Server ``me``'s service ``sign/<id>`` for one DSS secret and one period."""
+
+    def __init__(
+        self,
+        *,
+        me: int,
+        t: int,
+        table: KeyTable,
+        group: Group[E],
+        key: KeyShare[E],
+        signer: Signer,
+        rand: Callable[[int], bytes],
+        service: str,
+        checks: Sequence[PayloadCheck] = (),
+        only_checked: bool = False,
+        coordinate: bool = True,
+    ) -> None:
+        #: Keep a stock of our own (False: only take part in others' sessions and sign for them).
+        self.coordinate = coordinate
+        self.me, self.t, self.period, self.n = me, t, table.period, key.n
+        self.table, self.group, self.key, self.signer, self.rand = table, group, key, signer, rand
+        self.service = service
+        self.checks: list[PayloadCheck] = list(checks)
+        self.only_checked = only_checked
+        self.share_context = f"pst/{service}/presign"
+        self.ids = tuple(sorted(table.entries))
+        self.peers = [i for i in self.ids if i != me]
+        dss.check_dss_parameters(self.n, t)
+        # Coordinator side.
+        self._session_no = 0
+        self._coord: _Coordinating | None = None
+        self._stock: deque[_Stock[E]] = deque()
+        #: Sessions whose presignatures wait for a lock quorum of holders to confirm they hold them.
+        self._ready: dict[int, tuple[list[_Stock[E]], set[int], float]] = {}
+        self._avoid: dict[int, float] = {}
+        self._requests: dict[int, _Request[E]] = {}
+        self._next_rid = 1
+        # Participant side.
+        self._sessions: dict[int, _Session[E]] = {}
+        self._held: dict[int, dict[bytes, _Held[E]]] = {}
+        self._early: dict[int, deque[tuple[str, dict[str, Any], bytes]]] = {}
+        self._last_session: dict[int, int] = {}
+        self._last_open: dict[int, float] = {}
+        # Results and reports.
+        self.done: dict[int, dss.DSSSignature] = {}
+        self.failed: dict[int, str] = {}
+        self.alerts: list[Alert] = []
+        self.rejected: list[RemoteProtocolError] = []
+        self.made = 0  # presignatures this coordinator completed
+        self.sessions_failed = 0
+        #: What happened to our own sessions (for the operator's log; bounded).
+        self.notes: deque[str] = deque(maxlen=64)
+        self._out: list[Outgoing] = []
+        self._local: deque[tuple[str, dict[str, Any], bytes]] = deque()
+
+    # Plumbing ------------------------------------------------------------------------------
+
+    @property
+    def public_key(self) -> E:
+        return self.key.public_key
+
+    @property
+    def stock(self) -> int:
+        """Presignatures this server can use as coordinator now."""
+        return len(self._stock)
+
+    @property
+    def pending(self) -> bool:
+        wants = self.coordinate and len(self._stock) < LOW_WATER
+        return bool(self._requests) or self._coord is not None or wants
+
+    def _send(self, to: int, kind: str, body: Any) -> None:
+        data = seal(self.service, kind, self.period, self.me, body, self.signer)
+        if to == self.me:
+            self._local.append((kind, body, data))
+        else:
+            self._out.append(Outgoing(to, data))
+
+    def _send_all(self, to: Iterable[int], kind: str, body: Any) -> None:
+        data = seal(self.service, kind, self.period, self.me, body, self.signer)
+        for i in to:
+            if i == self.me:
+                self._local.append((kind, body, data))
+            else:
+                self._out.append(Outgoing(i, data))
+
+    def drain(self) -> list[Outgoing]:
+        out, self._out = self._out, []
+        return out
+
+    def _scalar(self) -> int:
+        q = self.group.order
+        return int.from_bytes(self.rand((q.bit_length() + 7) // 8 + 16), "big") % q
+
+    def _verify(self, party: int, payload: bytes, sig: bytes) -> bool:
+        entry = self.table.entries.get(party)
+        return entry is not None and ed25519_verify(entry.verify_key, payload, sig)
+
+    def _alert(self, kind: AlertKind, server: int, detail: str) -> None:
+        self.alerts.append(Alert(kind, server, self.period, f"{self.service}: {detail}"))
+
+    def _open_forwarded(self, raw: Any, what: str, sender: int) -> tuple[int, str, Any]:
+        """A signed envelope another server made, forwarded by ``sender``: (author, kind, body)."""
+        if not isinstance(raw, bytes) or len(raw) > MAX_ITEM:
+            raise RemoteProtocolError(sender, f"{what}: forwarded envelope missing or too large")
+        obj = encoding.decode(raw, max_size=MAX_ITEM, what=what)
+        author = obj.get("from") if isinstance(obj, dict) else None
+        if type(author) is not int or author not in self.table.entries:
+            raise RemoteProtocolError(sender, f"{what}: forwarded envelope from an unknown server")
+        try:
+            kind, body = open_envelope(self.service, obj, author, self.table)
+        except RemoteProtocolError as exc:
+            raise RemoteProtocolError(sender, f"{what}: forwarded envelope: {exc.reason}") from None
+        return author, kind, body
+
+    # Receiving -----------------------------------------------------------------------------
+
+    def receive(self, sender: int, obj: dict[str, Any], now: float) -> None:
+        """Take a decoded envelope; a peer's bad input is recorded in ``rejected``, never raised."""
+        try:
+            kind, body = open_envelope(self.service, obj, sender, self.table)
+            self._dispatch(sender, kind, body, encoding.encode(obj), now)
+        except RemoteProtocolError as exc:
+            self.rejected.append(exc)
+        except DecodeError as exc:
+            self.rejected.append(RemoteProtocolError(sender, f"{self.service}: {exc}"))
+        self._pump(now)
+
+    def _guarded(self, author: int, kind: str, msg: dict[str, Any], raw: bytes, now: float) -> None:
+        """A held message of ``author`` taken up later: its faults are its author's."""
+        try:
+            self._session_step(author, kind, msg, raw, now)
+        except RemoteProtocolError as exc:
+            self.rejected.append(exc)
+        except DecodeError as exc:
+            self.rejected.append(RemoteProtocolError(author, f"{self.service}: {exc}"))
+
+    def _pump(self, now: float) -> None:
+        """Our own messages to ourselves (we are a participant of our sessions, a holder, a signer)."""
+        while self._local:
+            kind, body, raw = self._local.popleft()
+            try:
+                self._dispatch(self.me, kind, body, raw, now)
+            except (RemoteProtocolError, DecodeError) as exc:
+                # Our own message refused by ourselves: a bug, but it must not stop the others.
+                self.rejected.append(RemoteProtocolError(self.me, f"own message: {exc}"))
+
+    _SESSION_KINDS = frozenset(
+        {"deal", "shares", "echo", "opening", "wdeal", "wshares", "qual", "final", "abort"}
+    )
+
+    def _dispatch(self, sender: int, kind: str, body: Any, raw: bytes, now: float) -> None:
+        if kind == "open":
+            self._on_open(sender, body, now)
+        elif kind in self._SESSION_KINDS:
+            self._on_session_msg(sender, kind, body, raw, now)
+        elif kind in ("report", "wreport"):
+            self._on_report(sender, kind, body, raw)
+        elif kind == "lock":
+            self._on_lock(sender, body)
+        elif kind == "locked":
+            self._on_locked(sender, body, raw, now)
+        elif kind in ("conflict", "missing", "refuse"):
+            self._on_answer(sender, kind, body, now)
+        elif kind == "request":
+            self._on_request(sender, body)
+        elif kind == "share":
+            self._on_share(sender, body, now)
+        elif kind == "discard":
+            self._on_discard(sender, body)
+        elif kind == "held":
+            self._on_held(sender, body)
+        else:
+            raise RemoteProtocolError(sender, f"unknown {self.service} message kind {kind!r}")
+
+    # Coordinating presign sessions ----------------------------------------------------------
+
+    def _usable(self, now: float) -> list[int]:
+        return [i for i in self.ids if i == self.me or self._avoid.get(i, 0.0) <= now]
+
+    def _maybe_start_session(self, now: float) -> None:
+        for s, (stocks, _acks, since) in list(self._ready.items()):
+            if now - since > 3 * ROUND_WAIT:  # too few holders confirmed: those presignatures go
+                for stock in stocks:
+                    self._discard(stock)
+                del self._ready[s]
+                self.sessions_failed += 1
+        if not self.coordinate or self._coord is not None or len(self._stock) >= LOW_WATER or self._ready:
+            return
+        if len(self._held.get(self.me, {})) >= MAX_HELD:
+            return
+        if now - self._last_open.get(self.me, -MIN_OPEN_INTERVAL) < MIN_OPEN_INTERVAL:
+            return  # (the others would not join sooner)
+        parts = self._usable(now)
+        if len(parts) < 2 * self.t + 1:
+            # Everyone we avoid gets another chance rather than waiting out the avoidance.
+            self._avoid.clear()
+            parts = list(self.ids)
+        self._session_no += 1
+        self._coord = _Coordinating(self._session_no, tuple(parts), now, step_started=now)
+        self._send_all(parts, "open", {"s": self._session_no, "parts": list(parts), "count": BATCH})
+
+    def _sids(self, c: int, s: int, count: int) -> list[bytes]:
+        base = f"{self.service}/{self.period}/{c}/{s}/".encode()
+        return [base + str(k).encode() for k in range(count)]
+
+    def _on_report(self, sender: int, kind: str, body: Any, raw: bytes) -> None:
+        f = encoding.expect_map(body, {"s": int, "have": dict, "complaints": list}, "presign report")
+        co = self._coord
+        if co is None or f["s"] != co.s or sender not in co.parts:
+            return  # late, or for a session we gave up
+        if kind != ("report" if co.stage == "deal" else "wreport"):
+            return
+        box = co.reports if kind == "report" else co.wreports
+        _digest_map(f["have"], "presign report", sender, self.n)
+        if len(f["complaints"]) > self.n * MAX_BATCH:
+            raise RemoteProtocolError(sender, "presign report: too many complaints")
+        for item in f["complaints"]:
+            _check_complaint(item, sender)
+        box.setdefault(sender, (f, raw))
+
+    def _coordinator_tick(self, now: float) -> None:
+        co = self._coord
+        if co is None:
+            return
+        if now - co.started > SESSION_TIMEOUT:
+            self._give_up(co, now, "timed out")
+            return
+        if co.stage == "deal" and now - co.started > DEAL_TIMEOUT and len(co.reports) < 2 * self.t + 1:
+            self._give_up(co, now, f"heard {len(co.reports)} reports, need {2 * self.t + 1}")
+            return
+        me_session = self._sessions.get(self.me)
+        if co.stage == "deal":
+            members = co.parts
+            if len(co.reports) == len(members) or (
+                now - co.step_started >= ROUND_WAIT * 1.5 and len(co.reports) >= 2 * self.t + 1
+            ):
+                self._decide_qual(co, now)
+        elif co.stage == "w":
+            if me_session is None or me_session.s != co.s:
+                self._give_up(co, now, "our own participation ended")
+                return
+            members = co.active
+            if len(co.wreports) == len(members) or (
+                now - co.step_started >= ROUND_WAIT * 1.5 and len(co.wreports) >= self.t + 1
+            ):
+                self._decide_final(co, now)
+
+    def _give_up(self, co: _Coordinating, now: float, why: str) -> None:
+        """Abandon our session; avoid for a while those that did not answer its current step."""
+        answered: Iterable[int] = co.reports
+        members = co.parts if co.stage == "deal" else co.active
+        own = self._sessions.get(self.me)
+        if co.stage == "w" and own is not None and own.s == co.s:
+            # Whom were we (a member too) waiting for: an echo, an opening, or a w dealing?
+            if own.stage == "echo":
+                answered = own.echoes
+            elif own.stage == "open":
+                answered = own.openings
+            else:
+                answered = [j for j in own.r3.deals if j in own.r3.shares]
+        for i in members:
+            if i != self.me and i not in answered:
+                self._avoid[i] = now + AVOID
+        self._send_all(co.parts, "abort", {"s": co.s})
+        self._coord = None
+        self.sessions_failed += 1
+        self.notes.append(f"{self.service}: presign session {co.s} given up at {now:.3f}: {why}")
+
+    def _judge_reports(
+        self, reports: dict[int, tuple[dict[str, Any], bytes]], sess: _Session[E], w: bool
+    ) -> tuple[dict[int, str], list[bytes]]:
+        """Judge every complaint of ``reports`` (ours included): {guilty: reason}, the reports to forward."""
+        guilty: dict[int, str] = {}
+        forward: list[bytes] = []
+        rnd = sess.r3 if w else sess.r1
+        for accuser, (f, raw) in sorted(reports.items()):
+            if not f["complaints"]:
+                continue
+            forward.append(raw)
+            for verdict in self._judge(accuser, f["complaints"], rnd, sess, w):
+                guilty.setdefault(verdict.guilty, verdict.reason)
+        return guilty, forward
+
+    def _judge(
+        self, accuser: int, complaints: list[Any], rnd: _Round[E], sess: _Session[E], w: bool
+    ) -> list[Any]:
+        verdicts = []
+        for item in complaints:
+            _check_complaint(item, accuser)
+            d, k, values, sig = item
+            held = rnd.deals.get(d)
+            if held is None or not 0 <= k < sess.count:
+                continue  # a dealing we do not hold: we cannot judge it, it is not in our sets
+            dealing = held[1][k]
+            sid = sess.sids[k]
+            msg = ShareMessage(b"", d, accuser, tuple(values))
+            if w:
+                msg = ShareMessage(dss.w_session(self.group, sid, dealing), d, accuser, tuple(values))
+                verdicts.append(
+                    dss.judge_w_complaint(
+                        self.group,
+                        sid,
+                        dealing,
+                        Complaint(accuser, msg, sig),
+                        self._verify,
+                        signing_context=self.share_context,
+                        period=self.period,
+                    )
+                )
+            else:
+                msg = ShareMessage(dss.nonce_session(self.group, sid, dealing), d, accuser, tuple(values))
+                verdicts.append(
+                    dss.judge_nonce_complaint(
+                        self.group,
+                        sid,
+                        dealing,
+                        Complaint(accuser, msg, sig),
+                        self._verify,
+                        signing_context=self.share_context,
+                        period=self.period,
+                    )
+                )
+        return verdicts
+
+    def _choose(
+        self,
+        members: Iterable[int],
+        have: dict[int, dict[int, bytes]],
+        candidates: dict[int, bytes],
+        need_q: int,
+        need_a: int,
+    ) -> tuple[list[int], list[int]] | None:
+        """The largest agreeing sets found greedily: members A and dealers Q every member holds alike."""
+        a = sorted(members)
+        while len(a) >= need_a and self.me in a:
+            q = [d for d in sorted(candidates) if all(have[j].get(d) == candidates[d] for j in a)]
+            if len(q) >= need_q:
+                return a, q
+            others = [j for j in a if j != self.me]
+            if not others:
+                return None
+            worst = min(others, key=lambda j: (sum(have[j].get(d) == candidates[d] for d in candidates), -j))
+            a.remove(worst)
+        return None
+
+    def _decide_qual(self, co: _Coordinating, now: float) -> None:
+        sess = self._sessions.get(self.me)
+        if sess is None or sess.s != co.s or self.me not in co.reports:
+            if now - co.step_started >= ROUND_WAIT * 3:
+                self._give_up(co, now, "we could not take part ourselves")
+            return
+        guilty, forward = self._judge_reports(co.reports, sess, w=False)
+        self._name_guilty(guilty, now)
+        members = [j for j in co.reports if j not in guilty]
+        have = {j: _digest_map(co.reports[j][0]["have"], "report", j, self.n) for j in members}
+        candidates = {d: held[0] for d, held in sess.r1.deals.items() if d not in guilty}
+        chosen = self._choose(members, have, candidates, self.t + 1, 2 * self.t + 1)
+        if chosen is None:
+            self._give_up(co, now, "found no 2t+1 servers agreeing on t+1 dealings")
+            return
+        active, qual = chosen
+        co.stage, co.active, co.step_started = "w", tuple(active), now
+        body = {
+            "s": co.s,
+            "active": active,
+            "digests": {d: candidates[d] for d in qual},
+            "reports": forward,
+        }
+        self._send_all(active, "qual", body)
+
+    def _decide_final(self, co: _Coordinating, now: float) -> None:
+        sess = self._sessions[self.me]
+        if self.me not in co.wreports:
+            if now - co.step_started >= ROUND_WAIT * 3:
+                self._give_up(co, now, "we could not deal w ourselves")
+            return
+        guilty, forward = self._judge_reports(co.wreports, sess, w=True)
+        self._name_guilty(guilty, now)
+        members = [j for j in co.wreports if j not in guilty and j not in sess.bad]
+        have = {j: _digest_map(co.wreports[j][0]["have"], "wreport", j, self.n) for j in members}
+        candidates = {d: held[0] for d, held in sess.r3.deals.items() if d not in guilty}
+        chosen = self._choose(members, have, candidates, 2 * self.t + 1, self.t + 1)
+        if chosen is None:
+            self._give_up(co, now, "found no t+1 holders agreeing on 2t+1 w dealings")
+            return
+        holders, qual = chosen
+        reduction = qual[: 2 * self.t + 1]
+        co.stage = "done"
+        body = {
+            "s": co.s,
+            "holders": holders,
+            "digests": {d: candidates[d] for d in reduction},
+            "reports": forward,
+        }
+        self._send_all(holders, "final", body)
+        self._coord = None
+
+    def _name_guilty(self, guilty: dict[int, str], now: float) -> None:
+        for who, reason in sorted(guilty.items()):
+            kind = (
+                AlertKind.FALSE_COMPLAINT
+                if reason.startswith(("false complaint", "complaint"))
+                else (AlertKind.BAD_SHARE)
+            )
+            self._alert(kind, who, f"presign: {reason}")
+            self._avoid[who] = now + AVOID * 6
+
+    # Taking part in sessions ---------------------------------------------------------------
+
+    # The three crypto steps whose output another server judges (tests make them cheat).
+
+    def _nonce_dealing(
+        self, sid: bytes
+    ) -> tuple[dss.NonceDealing[E], dict[int, tuple[int, int, int, int, int]]]:
+        return dss.deal_nonce(self.group, sid, self.me, self.n, self.t, self._scalar)
+
+    def _opening(self, sess: _Session[E], k: int) -> dss.ProductOpening:
+        return dss.open_product(self.group, sess.publics[k], sess.states[k], self._scalar)
+
+    def _signature_share(self, presig: dss.Presignature[E], message: bytes) -> dss.SignatureShare:
+        return dss.sign_share(self.group, presig, message, self.key.public)
+
+    def _on_open(self, sender: int, body: Any, now: float) -> None:
+        f = encoding.expect_map(body, {"s": int, "parts": list, "count": int}, "presign open")
+        parts = _int_list(f["parts"], "presign open", sender, self.n)
+        count = f["count"]
+        if not 1 <= count <= MAX_BATCH or self.me not in parts or sender not in parts:
+            raise RemoteProtocolError(sender, "presign open: bad batch size or participants")
+        if len(parts) < 2 * self.t + 1:
+            raise RemoteProtocolError(sender, "presign open: fewer than 2t+1 participants")
+        if f["s"] <= self._last_session.get(sender, 0):
+            return  # replayed or late
+        # (half the coordinator's own spacing: two opens may reach us with different delays)
+        last = self._last_open.get(sender, -MIN_OPEN_INTERVAL)
+        if sender != self.me and now - last < MIN_OPEN_INTERVAL / 2:
+            raise RemoteProtocolError(
+                sender, f"opened presign sessions faster than one per {MIN_OPEN_INTERVAL} s"
+            )
+        self._last_session[sender] = f["s"]
+        self._last_open[sender] = now
+        if len(self._held.get(sender, {})) >= MAX_HELD:
+            return  # we hold plenty for it already: we sit this one out
+        old = self._sessions.get(sender)
+        if old is not None:
+            old.wipe()
+        sess: _Session[E] = _Session(sender, f["s"], tuple(parts), count, self._sids(sender, f["s"], count))
+        sess.r1.started = now
+        self._sessions[sender] = sess
+        self._deal_nonce(sess)
+        for author in list(self._early):
+            queue = self._early[author]
+            keep: deque[tuple[str, dict[str, Any], bytes]] = deque(maxlen=MAX_EARLY)
+            for kind, msg, msg_raw in queue:
+                if msg.get("c") == sender and msg.get("s") == sess.s:
+                    self._guarded(author, kind, msg, msg_raw, now)
+                else:
+                    keep.append((kind, msg, msg_raw))
+            self._early[author] = keep
+
+    def _deal_nonce(self, sess: _Session[E]) -> None:
+        dealings = []
+        shares: dict[int, list[Any]] = {j: [] for j in sess.parts}
+        for sid in sess.sids:
+            dealing, values = self._nonce_dealing(sid)
+            dealings.append(dealing.encode(self.group))
+            session = dss.nonce_session(self.group, sid, dealing)
+            for j in sess.parts:
+                msg = ShareMessage(session, self.me, j, values[j])
+                shares[j].append(
+                    [list(values[j]), self.signer.sign(msg.payload(self.share_context, self.period))]
+                )
+        self._send_all(sess.parts, "deal", {"c": sess.c, "s": sess.s, "dealings": dealings})
+        for j in sess.parts:
+            self._send(j, "shares", {"c": sess.c, "s": sess.s, "shares": shares[j]})
+
+    def _on_session_msg(self, sender: int, kind: str, body: Any, raw: bytes, now: float) -> None:
+        if kind in ("qual", "final", "abort"):
+            # From the coordinator itself: the session is the sender's own.
+            if not isinstance(body, dict) or type(body.get("s")) is not int:
+                raise RemoteProtocolError(sender, f"presign {kind}: expected a map naming the session")
+            msg = dict(body)
+            msg["c"] = sender
+        else:
+            if not isinstance(body, dict) or type(body.get("c")) is not int or type(body.get("s")) is not int:
+                raise RemoteProtocolError(sender, f"presign {kind}: expected a map naming the session")
+            msg = body
+        c, s = msg["c"], msg["s"]
+        sess = self._sessions.get(c)
+        if sess is None or sess.s < s:
+            if kind in ("qual", "final", "abort"):
+                return
+            queue = self._early.setdefault(sender, deque(maxlen=MAX_EARLY))
+            queue.append((kind, msg, raw))
+            return
+        if sess.s != s:
+            return  # an older session
+        self._session_step(sender, kind, msg, raw, now)
+
+    def _session_step(self, sender: int, kind: str, msg: dict[str, Any], raw: bytes, now: float) -> None:
+        sess = self._sessions[msg["c"]]
+        if kind == "abort":
+            sess.wipe()
+            del self._sessions[sess.c]
+            return
+        if sender not in sess.parts:
+            raise RemoteProtocolError(sender, f"presign {kind}: not a participant of this session")
+        if kind == "deal":
+            self._on_deal(sess, sender, msg, raw, w=False)
+        elif kind == "shares":
+            self._on_shares(sess, sender, msg, w=False)
+        elif kind == "qual":
+            self._on_qual(sess, msg, raw, now)
+        elif kind == "echo":
+            self._on_echo(sess, sender, msg, now)
+        elif kind == "opening":
+            self._on_opening(sess, sender, msg, now)
+        elif kind in ("wdeal", "wshares"):
+            if sess.stage != "w":
+                if sess.stage in ("deal", "echo", "open"):
+                    sess.w_pending.setdefault(kind, {}).setdefault(sender, (msg, raw))
+                return
+            if kind == "wdeal":
+                self._on_deal(sess, sender, msg, raw, w=True)
+            else:
+                self._on_shares(sess, sender, msg, w=True)
+        elif kind == "final":
+            self._on_final(sess, msg, now)
+        else:
+            raise RemoteProtocolError(sender, f"unknown presign message {kind!r}")
+
+    def _decode_deal(self, sess: _Session[E], sender: int, data: bytes, k: int, w: bool) -> Any:
+        if w:
+            wd = dss.WDealing.decode(self.group, data, self.n, self.t)
+            if wd.dealer != sender:
+                raise RemoteProtocolError(sender, "w dealing under another dealer's id")
+            try:
+                dss.check_w_dealing(self.group, sess.publics[k], sess.nonces[k], self.key.public, wd)
+            except CheatingError as exc:
+                self._alert(AlertKind.BAD_SHARE, sender, f"presign: {exc.reason}")
+                raise RemoteProtocolError(sender, f"w dealing: {exc.reason}") from None
+            return wd
+        nd = dss.NonceDealing.decode(self.group, data, self.n, self.t)
+        if nd.dealer != sender:
+            raise RemoteProtocolError(sender, "nonce dealing under another dealer's id")
+        try:
+            dss.check_nonce_dealing(self.group, nd, self.n, self.t)
+        except CheatingError as exc:
+            raise RemoteProtocolError(sender, f"nonce dealing: {exc.reason}") from None
+        return nd
+
+    def _on_deal(self, sess: _Session[E], sender: int, msg: dict[str, Any], raw: bytes, w: bool) -> None:
+        rnd = sess.r3 if w else sess.r1
+        if sender in rnd.deals or rnd.reported:
+            return
+        if w and (sender not in sess.active or sender in sess.bad):
+            return
+        items = _bytes_list(msg.get("dealings"), "presign dealing", sender, sess.count)
+        deals = [self._decode_deal(sess, sender, data, k, w) for k, data in enumerate(items)]
+        digest = _digest(b"".join(_digest(x) for x in items))
+        rnd.deals[sender] = (digest, deals)
+        self._check_shares(sess, sender, w)
+
+    def _on_shares(self, sess: _Session[E], sender: int, msg: dict[str, Any], w: bool) -> None:
+        rnd = sess.r3 if w else sess.r1
+        if sender in rnd.shares or rnd.reported:
+            return
+        items = msg.get("shares")
+        width = 2 if w else 5
+        if not isinstance(items, list) or len(items) != sess.count:
+            raise RemoteProtocolError(sender, "presign shares: wrong count")
+        parsed: list[tuple[tuple[int, ...], bytes]] = []
+        for item in items:
+            if not (
+                isinstance(item, list)
+                and len(item) == 2
+                and isinstance(item[0], list)
+                and len(item[0]) == width
+                and all(type(v) is int for v in item[0])
+                and isinstance(item[1], bytes)
+            ):
+                raise RemoteProtocolError(sender, "presign shares: malformed share")
+            parsed.append((tuple(item[0]), item[1]))
+        rnd.shares[sender] = parsed
+        self._check_shares(sess, sender, w)
+
+    def _check_shares(self, sess: _Session[E], d: int, w: bool) -> None:
+        rnd = sess.r3 if w else sess.r1
+        if d not in rnd.deals or d not in rnd.shares:
+            return
+        digest, deals = rnd.deals[d]
+        ok = True
+        for k, (values, sig) in enumerate(rnd.shares[d]):
+            sid = sess.sids[k]
+            if w:
+                session = dss.w_session(self.group, sid, deals[k])
+                good = dss.check_w_share(self.group, deals[k], self.me, values)
+            else:
+                session = dss.nonce_session(self.group, sid, deals[k])
+                good = dss.check_nonce_share(self.group, deals[k], self.me, values)
+            msg = ShareMessage(session, d, self.me, values)
+            signed = self._verify(d, msg.payload(self.share_context, self.period), sig)
+            if not signed:
+                ok = False  # unsigned: no evidence to complain with; the dealer stays out of our set
+                self.rejected.append(RemoteProtocolError(d, "presign share not signed by its dealer"))
+                break
+            if not good:
+                ok = False
+                rnd.complaints.append([d, k, list(values), sig])
+                self._alert(AlertKind.BAD_SHARE, d, f"presign: its share for us fails its commitments ({k})")
+                break
+        if ok:
+            rnd.verified[d] = digest
+
+    def _participant_tick(self, now: float) -> None:
+        for sess in list(self._sessions.values()):
+            if sess.stage != "done" and now - sess.r1.started > 2 * SESSION_TIMEOUT:
+                self._drop(sess)  # its coordinator went silent: its secrets go
+                continue
+            for rnd, kind, members, live in (
+                (sess.r1, "report", sess.parts, sess.stage == "deal"),
+                (sess.r3, "wreport", [j for j in sess.active if j not in sess.bad], sess.stage == "w"),
+            ):
+                if not live or rnd.reported:
+                    continue
+                complete = all(j in rnd.verified or any(c[0] == j for c in rnd.complaints) for j in members)
+                if complete or now - rnd.started >= ROUND_WAIT:
+                    rnd.reported = True
+                    body = {"s": sess.s, "have": dict(rnd.verified), "complaints": rnd.complaints}
+                    self._send(sess.c, kind, body)
+
+    def _check_decision(
+        self, sess: _Session[E], msg: dict[str, Any], members_key: str, w: bool
+    ) -> tuple[list[int], dict[int, bytes]] | None:
+        """The members and digests of a coordinator's decision, if we can go on with it."""
+        c = sess.c
+        members = _int_list(msg.get(members_key), f"presign {members_key}", c, self.n)
+        digests = _digest_map(msg.get("digests"), "presign decision", c, self.n)
+        reports = msg.get("reports")
+        if not isinstance(reports, list) or len(reports) > self.n:
+            raise RemoteProtocolError(c, "presign decision: malformed reports")
+        need_q = 2 * self.t + 1 if w else self.t + 1
+        if len(digests) < need_q or (w and len(digests) != need_q):
+            raise RemoteProtocolError(c, "presign decision: wrong number of dealers")
+        if self.me not in members:
+            return None
+        rnd = sess.r3 if w else sess.r1
+        for d, digest in digests.items():
+            if rnd.verified.get(d) != digest:
+                return None  # we do not hold that dealing (or hold another one): we drop out
+        for raw in reports:
+            author, kind, body = self._open_forwarded(raw, "presign decision", c)
+            if (
+                kind != ("wreport" if w else "report")
+                or not isinstance(body, dict)
+                or body.get("s") != sess.s
+            ):
+                raise RemoteProtocolError(c, "presign decision: forwarded report of another session")
+            complaints = body.get("complaints")
+            if not isinstance(complaints, list) or len(complaints) > self.n * MAX_BATCH:
+                raise RemoteProtocolError(c, "presign decision: malformed forwarded complaints")
+            for verdict in self._judge(author, complaints, rnd, sess, w):
+                if verdict.guilty in digests or verdict.guilty in members:
+                    self._alert(
+                        AlertKind.BAD_MESSAGE,
+                        c,
+                        f"presign decision keeps server {verdict.guilty}, convicted: {verdict.reason}",
+                    )
+                    return None
+        return members, digests
+
+    def _on_qual(self, sess: _Session[E], msg: dict[str, Any], raw: bytes, now: float) -> None:
+        if sess.stage != "deal":
+            return
+        decided = self._check_decision(sess, msg, "active", w=False)
+        if decided is None:
+            self._drop(sess)
+            return
+        active, digests = decided
+        if len(active) < 2 * self.t + 1:
+            raise RemoteProtocolError(sess.c, "presign decision: fewer than 2t+1 active servers")
+        sess.active = tuple(active)
+        sess.decision = _digest(encoding.encode({"active": active, "digests": digests}))
+        qual = sorted(digests)
+        for k, sid in enumerate(sess.sids):
+            dealings = {d: sess.r1.deals[d][1][k] for d in qual}
+            public = dss.nonce_public(self.group, sid, self.n, self.t, qual, dealings)
+            shares = {d: sess.r1.shares[d][k][0] for d in qual}
+            sess.publics.append(public)
+            # (every share was checked on arrival against the dealing whose digest the decision names)
+            sess.states.append(dss.nonce_finish(self.group, public, self.me, dealings, shares, checked=True))
+        sess.r1.shares.clear()
+        sess.stage = "echo"
+        self._send_all(sess.active, "echo", {"c": sess.c, "s": sess.s, "digest": sess.decision})
+        self._try_open(sess, now)
+
+    def _on_echo(self, sess: _Session[E], sender: int, msg: dict[str, Any], now: float) -> None:
+        digest = msg.get("digest")
+        if not isinstance(digest, bytes) or len(digest) != 32:
+            raise RemoteProtocolError(sender, "presign echo: malformed digest")
+        sess.echoes.setdefault(sender, digest)
+        self._try_open(sess, now)
+
+    def _try_open(self, sess: _Session[E], now: float) -> None:
+        if sess.stage != "echo" or not all(j in sess.echoes for j in sess.active):
+            return
+        differ = sorted(j for j in sess.active if sess.echoes[j] != sess.decision)
+        if differ:
+            self._alert(
+                AlertKind.EQUIVOCATION,
+                sess.c,
+                f"presign session {sess.s}: servers {differ} got another decision than ours",
+            )
+            self._drop(sess)
+            return
+        sess.stage = "open"
+        openings = [self._opening(sess, k).encode(self.group) for k in range(sess.count)]
+        self._send_all(sess.active, "opening", {"c": sess.c, "s": sess.s, "openings": openings})
+
+    def _on_opening(self, sess: _Session[E], sender: int, msg: dict[str, Any], now: float) -> None:
+        if sender in sess.openings or sess.stage in ("w", "done"):
+            return
+        if sess.active and sender not in sess.active:
+            return
+        items = _bytes_list(msg.get("openings"), "presign opening", sender, sess.count)
+        openings = [dss.ProductOpening.decode(self.group, x, self.n) for x in items]
+        if any(o.party != sender for o in openings):
+            raise RemoteProtocolError(sender, "product opening under another server's id")
+        sess.openings[sender] = openings
+        self._try_nonce(sess, now)
+
+    def _try_nonce(self, sess: _Session[E], now: float) -> None:
+        if sess.stage != "open":
+            return
+        candidates = [j for j in sorted(sess.openings) if j in sess.active and j not in sess.bad]
+        if len(candidates) < 2 * self.t + 1:
+            return
+        nonces = []
+        for k in range(sess.count):
+            batch = {j: sess.openings[j][k] for j in candidates}
+            try:
+                nonce, bad = dss.open_nonce(self.group, sess.publics[k], batch)
+            except NotEnoughSharesError:
+                nonce, bad = None, {}
+                for j in candidates:
+                    try:
+                        dss.check_product_opening(self.group, sess.publics[k], batch[j])
+                    except CheatingError as exc:
+                        bad[j] = exc.reason
+            except dss.DSSRetryError:
+                self._drop(sess)
+                return
+            for j, reason in bad.items():
+                if j not in sess.bad:
+                    sess.bad.add(j)
+                    self._alert(AlertKind.BAD_SHARE, j, f"presign: product opening: {reason}")
+            if nonce is None:
+                return  # wait for more openings
+            nonces.append(nonce)
+        sess.nonces = nonces
+        sess.stage = "w"
+        sess.r3.started = now
+        self._deal_w(sess)
+        for kind in ("wdeal", "wshares"):
+            for author, (msg, raw) in sorted(sess.w_pending.get(kind, {}).items()):
+                self._guarded(author, kind, msg, raw, now)
+        sess.w_pending.clear()
+
+    def _deal_w(self, sess: _Session[E]) -> None:
+        targets = [j for j in sess.active if j not in sess.bad]
+        dealings = []
+        shares: dict[int, list[Any]] = {j: [] for j in targets}
+        for k, sid in enumerate(sess.sids):
+            wd, values = dss.deal_w(
+                self.group, sess.publics[k], sess.nonces[k], sess.states[k], self.key, self._scalar
+            )
+            dealings.append(wd.encode(self.group))
+            session = dss.w_session(self.group, sid, wd)
+            for j in targets:
+                m = ShareMessage(session, self.me, j, values[j])
+                shares[j].append(
+                    [list(values[j]), self.signer.sign(m.payload(self.share_context, self.period))]
+                )
+        self._send_all(targets, "wdeal", {"c": sess.c, "s": sess.s, "dealings": dealings})
+        for j in targets:
+            self._send(j, "wshares", {"c": sess.c, "s": sess.s, "shares": shares[j]})
+
+    def _on_final(self, sess: _Session[E], msg: dict[str, Any], now: float) -> None:
+        if sess.stage != "w":
+            return
+        decided = self._check_decision(sess, msg, "holders", w=True)
+        if decided is None:
+            self._drop(sess)
+            return
+        holders, digests = decided
+        reduction = sorted(digests)
+        held = self._held.setdefault(sess.c, {})
+        for k, sid in enumerate(sess.sids):
+            dealings = {d: sess.r3.deals[d][1][k] for d in reduction}
+            shares = {d: sess.r3.shares[d][k][0] for d in reduction}
+            presig = dss.finish_presign(
+                self.group,
+                sess.publics[k],
+                sess.nonces[k],
+                sess.states[k],
+                self.key.public,
+                reduction,
+                dealings,
+                shares,
+                checked=True,  # on arrival, as in _on_qual
+            )
+            held[sid] = _Held(presig, frozenset(holders))
+            if sess.c == self.me:
+                self._ready.setdefault(sess.s, ([], set(), now))[0].append(
+                    _Stock(presig.public, tuple(holders))
+                )
+        sess.states = []
+        sess.stage = "done"
+        sess.wipe()
+        self._send(sess.c, "held", {"s": sess.s})
+
+    def _on_held(self, sender: int, body: Any) -> None:
+        """A holder stored its presignatures: usable once a lock quorum of holders has them."""
+        f = encoding.expect_map(body, {"s": int}, "presignatures held")
+        ready = self._ready.get(f["s"])
+        if ready is None or not ready[0] or sender not in ready[0][0].holders:
+            return
+        stocks, acks, _since = ready
+        acks.add(sender)
+        if self.me in acks and len(acks) >= lock_quorum(len(stocks[0].holders), self.t):
+            self._stock.extend(stocks)
+            self.made += len(stocks)
+            del self._ready[f["s"]]
+
+    def _drop(self, sess: _Session[E]) -> None:
+        sess.wipe()
+        sess.stage = "done"
+
+    # Coordinating signatures -----------------------------------------------------------------
+
+    def request(self, message: bytes, now: float) -> int:
+        """Start signing ``message``; the result appears in ``done`` or ``failed`` under the returned id."""
+        if len(message) > MAX_MESSAGE:
+            raise SigningRefused(f"message of {len(message)} bytes is larger than {MAX_MESSAGE}")
+        if not self.coordinate:
+            raise SigningRefused(f"{self.service}: this server keeps no presignatures of its own")
+        if is_protocol_payload(message):
+            raise SigningRefused("refusing to sign a protocol payload on request")
+        check = self.check_for(message)
+        if check is not None:
+            reason = run_check(check, message)
+            if reason is not None:
+                raise SigningRefused(f"this server refuses the {check.name}: {reason}")
+        elif self.only_checked:
+            raise SigningRefused(self._unclaimed())
+        rid = self._next_rid
+        self._next_rid += 1
+        self._requests[rid] = _Request(rid, message, now)
+        self._attempt(self._requests[rid], now)
+        self._pump(now)
+        return rid
+
+    def _attempt(self, req: _Request[E], now: float) -> None:
+        self._release(req)
+        req.attempt += 1
+        if req.attempt > MAX_ATTEMPTS:
+            self._fail(req, "no set of t+1 signers answered correctly")
+            return
+        if req.refused and len([i for i in self.peers if i not in req.refused]) < self.t:
+            reasons = "; ".join(f"server {i}: {why}" for i, why in sorted(req.refused.items()))
+            self._fail(req, f"refused by its signers' checks ({reasons})")
+            return
+        stock = self._take_stock(req, now)
+        if stock is None:
+            if now - req.started < REQUEST_TIMEOUT:
+                req.attempt -= 1
+                req.deadline = now + 0.02  # wait for a presignature (retried on tick)
+                return
+            self._fail(
+                req,
+                f"no presignature in stock: none was made in {REQUEST_TIMEOUT:.0f} s "
+                f"(presigning needs 2t+1 = {2 * self.t + 1} servers answering; "
+                f"{self.sessions_failed} sessions failed this period)",
+            )
+            return
+        check = self.check_for(req.message)
+        if check is not None and req.own_shares:
+            reason = run_check(check, req.message)
+            if reason is not None:
+                self._fail(req, f"this server now refuses the {check.name}: {reason}")
+                return
+        req.stock, req.locks, req.shares, req.signers = stock, {}, {}, ()
+        req.deadline = now + ATTEMPT_TIMEOUT
+        body = {
+            "rid": req.rid,
+            "attempt": req.attempt,
+            "sid": stock.public.sid,
+            "digest": _digest(req.message),
+        }
+        self._send_all(stock.holders, "lock", body)
+
+    def _take_stock(self, req: _Request[E], now: float) -> _Stock[E] | None:
+        for stock in list(self._stock):
+            if self.me not in stock.holders or len(stock.holders) < self.t + 1:
+                self._stock.remove(stock)  # cannot be used by us at all
+                self._discard(stock)
+                continue
+            others = [i for i in stock.holders if i != self.me and self._avoid.get(i, 0.0) <= now]
+            if len([i for i in others if i not in req.refused]) >= self.t:
+                self._stock.remove(stock)
+                return stock
+        return None  # (presignatures whose holders we avoid for now stay for later)
+
+    def _discard(self, stock: _Stock[E]) -> None:
+        self._send_all(stock.holders, "discard", {"sid": stock.public.sid})
+
+    def _release(self, req: _Request[E]) -> None:
+        """An attempt is over: the holders that did not sign with its presignature discard it."""
+        if req.stock is not None:
+            self._discard(req.stock)
+            req.stock = None
+
+    def _fail(self, req: _Request[E], why: str) -> None:
+        self._release(req)
+        self.failed[req.rid] = f"{self.service}: {why}"
+        self._requests.pop(req.rid, None)
+
+    def _on_locked(self, sender: int, body: Any, raw: bytes, now: float) -> None:
+        f = encoding.expect_map(
+            body, {"rid": int, "attempt": int, "c": int, "sid": bytes, "digest": bytes}, "presignature lock"
+        )
+        req = self._requests.get(f["rid"])
+        if req is None or req.stock is None or f["attempt"] != req.attempt or f["c"] != self.me:
+            return
+        if (
+            f["sid"] != req.stock.public.sid
+            or f["digest"] != _digest(req.message)
+            or sender not in req.stock.holders
+        ):
+            raise RemoteProtocolError(sender, "presignature lock for another presignature or message")
+        req.locks.setdefault(sender, raw)
+        self._maybe_ask(req, now)
+
+    def _maybe_ask(self, req: _Request[E], now: float) -> None:
+        stock = req.stock
+        if stock is None or req.signers:
+            return
+        if len(req.locks) < lock_quorum(len(stock.holders), self.t) or self.me not in req.locks:
+            return
+        others = [
+            i for i in req.locks if i != self.me and self._avoid.get(i, 0.0) <= now and i not in req.refused
+        ]
+        if len(others) < self.t:
+            return
+        chosen = sorted(others)[: self.t]
+        req.signers = tuple(sorted([self.me, *chosen]))
+        body = {
+            "rid": req.rid,
+            "attempt": req.attempt,
+            "sid": stock.public.sid,
+            "message": req.message,
+            "locks": [req.locks[i] for i in sorted(req.locks)],
+        }
+        self._send_all(req.signers, "request", body)
+        req.deadline = now + ATTEMPT_TIMEOUT
+
+    def _on_answer(self, sender: int, kind: str, body: Any, now: float) -> None:
+        """``refuse``, ``missing`` or ``conflict`` from a holder of the presignature in use."""
+        fields: dict[str, type] = {"rid": int, "attempt": int}
+        if kind == "refuse":
+            fields["reason"] = str
+        f = encoding.expect_map(body, fields, f"presignature {kind}")
+        req = self._requests.get(f["rid"])
+        if req is None or f["attempt"] != req.attempt or req.stock is None or sender not in req.stock.holders:
+            return
+        if kind == "refuse":
+            if sender in req.refused:
+                return
+            if self.check_for(req.message) is None and not self.only_checked:
+                raise RemoteProtocolError(sender, "refused to sign a message no application check covers")
+            req.refused[sender] = f["reason"][:MAX_REASON]
+            if sender == self.me:
+                self._fail(req, f"this server refuses it: {req.refused[sender]}")
+                return
+            req.attempt -= 1  # an answer, not a failed attempt
+        elif kind == "missing":
+            if sender != self.me and sender not in req.signers:
+                return  # one holder fewer to lock; the others may suffice
+            self._avoid[sender] = now + AVOID
+        # conflict: the presignature is bound to another message; never use it again.
+        self._attempt(req, now)
+
+    def _on_share(self, sender: int, body: Any, now: float) -> None:
+        f = encoding.expect_map(body, {"rid": int, "attempt": int, "share": bytes}, "dss signature share")
+        req = self._requests.get(f["rid"])
+        if req is None or req.stock is None or f["attempt"] != req.attempt or sender not in req.signers:
+            return
+        if len(f["share"]) > 4096:
+            raise RemoteProtocolError(sender, "dss signature share too large")
+        share = dss.SignatureShare.decode(self.group, f["share"], self.n)
+        if share.signer != sender:
+            raise RemoteProtocolError(sender, "dss signature share under another signer's id")
+        if sender == self.me:
+            req.own_shares += 1
+        req.shares.setdefault(sender, share)
+        if len(req.shares) == len(req.signers):
+            self._complete(req, now)
+
+    def _complete(self, req: _Request[E], now: float) -> None:
+        assert req.stock is not None
+        public = req.stock.public
+        try:
+            sig = dss.combine(self.group, public, req.message, list(req.shares.values()))
+        except (NotEnoughSharesError, dss.DSSRetryError, CryptoError):
+            sig = None
+        bad: dict[int, str] = {}
+        if sig is None or sig.cheaters:
+            for j, share in req.shares.items():
+                try:
+                    dss.verify_signature_share(self.group, public, req.message, share)
+                except CheatingError as exc:
+                    bad[j] = exc.reason
+        for j, reason in sorted(bad.items()):
+            self._avoid[j] = now + AVOID * 6
+            self._alert(AlertKind.BAD_SIGNATURE_SHARE, j, reason)
+        if sig is None:
+            self._attempt(req, now)
+            return
+        self._release(req)  # used: the holders that did not sign discard it
+        self.done[req.rid] = sig
+        self._requests.pop(req.rid, None)
+
+    # Holding and signing for others -------------------------------------------------------------
+
+    def _on_lock(self, sender: int, body: Any) -> None:
+        f = encoding.expect_map(
+            body, {"rid": int, "attempt": int, "sid": bytes, "digest": bytes}, "presignature lock request"
+        )
+        answer = {"rid": f["rid"], "attempt": f["attempt"]}
+        held = self._held.get(sender, {}).get(f["sid"])
+        if held is None:
+            self._send(sender, "missing", answer)
+            return
+        if len(f["digest"]) != 32:
+            raise RemoteProtocolError(sender, "presignature lock: malformed digest")
+        if held.lock is None:
+            held.lock = f["digest"]
+        elif held.lock != f["digest"]:
+            self._alert(
+                AlertKind.EQUIVOCATION,
+                sender,
+                f"asked to bind presignature {f['sid'][:80]!r} to a second message",
+            )
+            self._send(sender, "conflict", answer)
+            return
+        self._send(sender, "locked", {**answer, "c": sender, "sid": f["sid"], "digest": f["digest"]})
+
+    def _on_request(self, sender: int, body: Any) -> None:
+        f = encoding.expect_map(
+            body,
+            {"rid": int, "attempt": int, "sid": bytes, "message": bytes, "locks": list},
+            "dss signing request",
+        )
+        answer = {"rid": f["rid"], "attempt": f["attempt"]}
+        message: bytes = f["message"]
+        if len(message) > MAX_MESSAGE:
+            raise RemoteProtocolError(sender, "asked us to sign an oversized message")
+        held = self._held.get(sender, {}).get(f["sid"])
+        if held is None:
+            self._send(sender, "missing", answer)
+            return
+        digest = _digest(message)
+        if held.lock is not None and held.lock != digest:
+            self._alert(
+                AlertKind.EQUIVOCATION, sender, "asked to sign with a presignature bound to another message"
+            )
+            self._send(sender, "conflict", answer)
+            return
+        locks = f["locks"]
+        if len(locks) > len(held.holders):
+            raise RemoteProtocolError(sender, "dss signing request: too many locks")
+        lockers: set[int] = set()
+        for raw_lock in locks:
+            author, kind, lock = self._open_forwarded(raw_lock, "dss signing request", sender)
+            ok = (
+                kind == "locked"
+                and isinstance(lock, dict)
+                and lock.get("c") == sender
+                and lock.get("sid") == f["sid"]
+                and lock.get("digest") == digest
+                and author in held.holders
+            )
+            if not ok:
+                raise RemoteProtocolError(
+                    sender, "dss signing request: a lock for another presignature or message"
+                )
+            lockers.add(author)
+        if len(lockers) < lock_quorum(len(held.holders), self.t):
+            raise RemoteProtocolError(
+                sender, "dss signing request: too few holders bound the presignature to it"
+            )
+        held.lock = digest
+        if is_protocol_payload(message):
+            self._send(
+                sender, "refuse", {**answer, "reason": "a protocol payload is never signed on request"}
+            )
+            return
+        # The coordinator's own share: its check ran when the request was made (and again on
+        # every retry), as for FROST; a check that records what it signed must not run twice.
+        refusal = None if sender == self.me else self._refusal(sender, message)
+        if refusal is not None:
+            self._held[sender].pop(f["sid"]).presig.wipe()
+            self._send(sender, "refuse", {**answer, "reason": refusal})
+            return
+        self._held[sender].pop(f["sid"])
+        try:
+            share = self._signature_share(held.presig, message)
+        except dss.StalePresignatureError as exc:
+            raise RemoteProtocolError(sender, str(exc)) from None
+        self._send(sender, "share", {**answer, "share": share.encode(self.group)})
+
+    def _on_discard(self, sender: int, body: Any) -> None:
+        f = encoding.expect_map(body, {"sid": bytes}, "presignature discard")
+        held = self._held.get(sender, {}).pop(f["sid"], None)
+        if held is not None:
+            held.presig.wipe()
+
+    # Payload checks (as in protocols/signing.py) ---------------------------------------------------
+
+    def check_for(self, message: bytes) -> PayloadCheck | None:
+        for check in self.checks:
+            try:
+                if check.claims(message):
+                    return check
+            except Exception:  # a claim that cannot be decided is a claim: its check will refuse
+                return check
+        return None
+
+    def _unclaimed(self) -> str:
+        if not self.checks:
+            return f"{self.service}: no application on this server signs with this key"
+        names = ", ".join(sorted({c.name for c in self.checks}))
+        return f"{self.service}: this key signs only what its checks accept ({names}); this is none of them"
+
+    def _refusal(self, sender: int, message: bytes) -> str | None:
+        check = self.check_for(message)
+        if check is None:
+            if not self.only_checked:
+                return None
+            unclaimed = self._unclaimed()
+            if self.checks:
+                detail = f"asked us to sign a message not ours to sign: {unclaimed}"
+                self._alert(AlertKind.BAD_MESSAGE, sender, detail)
+            return unclaimed
+        reason = run_check(check, message)
+        if reason is not None and not isinstance(reason, NotYet):
+            self.alerts.append(
+                Alert(
+                    check.alert,
+                    sender,
+                    self.period,
+                    f"asked us to sign a {check.name} that we refuse: {reason}",
+                )
+            )
+        return reason
+
+    # Driving ----------------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> list[Outgoing]:
+        self._maybe_start_session(now)
+        self._pump(now)
+        self._participant_tick(now)
+        self._pump(now)
+        self._coordinator_tick(now)
+        self._pump(now)
+        for req in list(self._requests.values()):
+            if now >= req.deadline:
+                if req.stock is not None:
+                    waited_for = req.signers or tuple(i for i in req.stock.holders if i not in req.locks)
+                    for i in waited_for:
+                        if i not in req.shares and i != self.me:
+                            self._avoid[i] = now + AVOID
+                self._attempt(req, now)
+        self._pump(now)
+        # Finished sessions are forgotten (their secrets are already wiped).
+        for c in [c for c, s in self._sessions.items() if s.stage == "done"]:
+            del self._sessions[c]
+        return self.drain()
+
+    def wipe(self) -> None:
+        """The period is over: every presignature and session secret goes."""
+        for held in self._held.values():
+            for h in held.values():
+                h.presig.wipe()
+        self._held.clear()
+        for sess in self._sessions.values():
+            sess.wipe()
+        self._sessions.clear()
+        self._stock.clear()
+        self.key.wipe()

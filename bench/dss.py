@@ -1,0 +1,148 @@
+"""Threshold DSS over the network protocol (protocols/dss_signing.py): prints JSON (one object).
+
+Sans-IO in one process: n DSSSigningServices exchange their real (signed, encoded) messages
+through an in-memory queue with no delay, so the figures are the protocol's compute for all
+servers together on one core (no network time, no channel encryption). Server 1 coordinates and
+fills its stock; then it signs messages one after another from that stock. Usage:
+    .venv/bin/python bench/dss.py [--nodes 4] [--threshold 1] [--group p256|dsa2048]
+                                  [--presignatures 32] [--batch 8] [--signatures 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections import deque
+from typing import Any
+
+from nacl.signing import SigningKey
+
+from appliance.crypto import dss, encoding
+from appliance.crypto.keyshare import KeyShare
+from appliance.crypto.secret import SecretScalar
+from appliance.protocols import dss_signing
+from appliance.protocols._core import Outgoing, Signer
+from appliance.protocols.dss_signing import DSSSigningService
+from appliance.protocols.state import SCERT, Constants
+from appliance.sim.setup import make_network, seeded_bytes
+
+
+class Bus:
+    """Delivers every message at once, in order; counts messages and bytes."""
+
+    def __init__(self, services: dict[int, DSSSigningService[Any]]) -> None:
+        self.services = services
+        self.queue: deque[tuple[int, int, bytes]] = deque()
+        self.now = 0.0
+        self.messages = 0
+        self.bytes = 0
+
+    def _post(self, sender: int, out: list[Outgoing]) -> None:
+        for o in out:
+            self.queue.append((o.to, sender, o.data))
+            self.messages += 1
+            self.bytes += len(o.data)
+
+    def step(self) -> None:
+        self.now += 1e-4
+        for i, s in self.services.items():
+            self._post(i, s.tick(self.now))
+        while self.queue:
+            to, sender, data = self.queue.popleft()
+            service = self.services[to]
+            service.receive(sender, encoding.decode(data, max_size=512 * 1024), self.now)
+            self._post(to, service.drain())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nodes", type=int, default=4)
+    ap.add_argument("--threshold", type=int, default=1)
+    ap.add_argument("--group", default="p256", choices=["p256", "dsa2048"])
+    ap.add_argument("--presignatures", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--signatures", type=int, default=32)
+    args = ap.parse_args()
+    c = Constants(
+        n=args.nodes,
+        t=args.threshold,
+        period_length=3600.0,
+        delta=0.1,
+        secrets={SCERT: "ed25519", "tsa": args.group},
+    )
+    group = c.group("tsa")
+    setups = make_network(c, 1)
+    dss_signing.BATCH = args.batch
+    dss_signing.LOW_WATER = args.presignatures
+    services: dict[int, DSSSigningService[Any]] = {}
+    for i, setup in setups.items():
+        table = setup.public.key_table
+        assert table is not None
+        share = setup.private.shares["tsa"]
+        services[i] = DSSSigningService(
+            me=i,
+            t=c.t,
+            table=table,
+            group=group,
+            key=KeyShare(i, SecretScalar(share.value, group.order), setup.public.sharings["tsa"]),
+            signer=Signer(SigningKey(setup.private.signing_seed)),
+            rand=seeded_bytes(f"bench/{i}".encode()),
+            service="sign/tsa",
+            coordinate=i == 1,
+        )
+    bus = Bus(services)
+    coordinator = services[1]
+
+    start, cpu = time.perf_counter(), time.process_time()
+    while coordinator.stock < args.presignatures:
+        bus.step()
+        if bus.now > 100:
+            sys.exit("presigning does not progress")
+    presign_s, presign_cpu = time.perf_counter() - start, time.process_time() - cpu
+    made = coordinator.made
+    presign_messages, presign_bytes = bus.messages, bus.bytes
+
+    dss_signing.LOW_WATER = 0  # no refill while we time the online signatures
+    latencies = []
+    bus.messages = bus.bytes = 0
+    public_key = coordinator.public_key
+    for k in range(min(args.signatures, coordinator.stock)):
+        message = f"token {k}".encode()
+        t0 = time.perf_counter()
+        rid = coordinator.request(message, bus.now)
+        while rid not in coordinator.done and rid not in coordinator.failed:
+            bus.step()
+        latencies.append((time.perf_counter() - t0) * 1000)
+        sig = coordinator.done.pop(rid)
+        assert dss.verify_with_cryptography(group, public_key, message, sig.der)
+    signatures = len(latencies)
+    result = {
+        "bench": "dss",
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "n": c.n,
+        "t": c.t,
+        "group": args.group,
+        "batch": args.batch,
+        "presignatures": made,
+        "presign_seconds": round(presign_s, 3),
+        "presign_cpu_seconds": round(presign_cpu, 3),
+        "presignatures_per_s": round(made / presign_s, 2),
+        "presign_ms_each_all_servers": round(1000 * presign_s / made, 1),
+        "presign_messages_each": round(presign_messages / made, 1),
+        "presign_bytes_each": round(presign_bytes / made),
+        "signatures": signatures,
+        "signatures_per_s": round(signatures / (sum(latencies) / 1000), 1),
+        "sign_ms_p50": round(statistics.median(latencies), 2),
+        "sign_ms_max": round(max(latencies), 2),
+        "sign_messages_each": round(bus.messages / signatures, 1),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
