@@ -17,9 +17,9 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from clusterutil import init_cluster, pst
@@ -29,6 +29,8 @@ from appliance.api._certreg import client_uri
 from appliance.api.client import PstClient, PstError, verify_distributed
 from appliance.node.store import StateDir
 from appliance.protocols.state import SCERT
+
+T = TypeVar("T")
 
 
 def _openssl(cwd: Path, *args: str) -> None:
@@ -82,6 +84,23 @@ def _client(root: Path, i: int) -> PstClient:
     return PstClient(sock, timeout=40)
 
 
+def _while_refreshing(call: Callable[[], T], timeout: float = 30.0) -> T:
+    """``call()``, again while the server answers that it is not operational: during a refresh
+    (every 20 s here) a server briefly holds no share to serve distributed requests with."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except PstError as exc:
+            if (
+                exc.code != "unavailable"
+                or "not operational" not in exc.message
+                or time.monotonic() > deadline
+            ):
+                raise
+            time.sleep(0.3)
+
+
 def _register(client: PstClient, password: str) -> None:
     deadline = time.monotonic() + 20
     while True:
@@ -108,7 +127,7 @@ def test_a_majority_of_clients_gets_a_group_signature(cluster: Path) -> None:
     def approver(client: PstClient) -> None:  # clients 2 and 4 approve what they see pending
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and client not in approved:
-            for req in client.pending():
+            for req in _while_refreshing(client.pending):
                 if req.payload == payload:
                     client.approve(req.request_id)
                     approved[client] = req.request_id
@@ -118,7 +137,7 @@ def test_a_majority_of_clients_gets_a_group_signature(cluster: Path) -> None:
     for thread in threads:
         thread.start()
     try:
-        signature = c1.request_distributed(payload)
+        signature = _while_refreshing(lambda: c1.request_distributed(payload))
     finally:
         for thread in threads:
             thread.join()
@@ -168,7 +187,7 @@ def test_certified_components_reach_a_majority_and_certificates_are_one_time(clu
     def approver(i: int) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and i not in approved:
-            for request in clients[i].pending():
+            for request in _while_refreshing(clients[i].pending):
                 if request.payload == payload:
                     clients[i].approve(request.request_id)
                     approved.append(i)
@@ -178,7 +197,7 @@ def test_certified_components_reach_a_majority_and_certificates_are_one_time(clu
     for thread in threads:
         thread.start()
     try:
-        signature = clients[1].request_distributed(payload)
+        signature = _while_refreshing(lambda: clients[1].request_distributed(payload))
     finally:
         for thread in threads:
             thread.join()

@@ -68,7 +68,12 @@ def _wait(predicate: Callable[[], bool], what: str, timeout: float = 120.0) -> N
 
 def _lines(root: Path, i: int) -> list[str]:
     if LINES <= 10_000:  # through the server's API, as an operator reads it
-        out = pst("log", "tail", "--dir", str(root), "--node", str(i), "-n", str(10 * LINES), "--json")
+        deadline = time.monotonic() + 60  # a server just restarted may not listen on its API yet
+        while True:
+            out = pst("log", "tail", "--dir", str(root), "--node", str(i), "-n", str(10 * LINES), "--json")
+            if out.returncode == 0 or "cannot connect" not in out.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert out.returncode == 0, out.stderr
         return [json.loads(line)["message"].strip() for line in out.stdout.splitlines()]
     # A million lines: from the server's files (what the API would serve, faster).
