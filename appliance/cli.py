@@ -52,8 +52,12 @@ def _network_demo(args: argparse.Namespace) -> int:
         round_ms=args.round_ms,
         base_port=args.base_port,
         progress=lambda line: print(f"   {line}", flush=True),
+        ca=True,
     )
     nodes = _cluster_nodes(root)
+    for node in nodes:  # the group CA's policy, and each server a timestamping authority
+        config = node.config_path
+        config.write_text(config.read_text() + DEMO_CA_SECTIONS)
     _start_clear_of_a_boundary(nodes)
     for node in nodes:
         _start_node(node)
@@ -81,6 +85,7 @@ def _network_demo(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         _demo_log(root, nodes[0], syslog)
+        _demo_ca(root, nodes[0])
         while True:
             time.sleep(1.0)
             _reap()
@@ -106,6 +111,128 @@ def _network_demo(args: argparse.Namespace) -> int:
         _stop_nodes(nodes)
         print(f"   stopped. Logs and state stay in {root}")
     return 0
+
+
+#: What the demo adds to every server's config: the CA's policy (names of the timestamping
+#: authority and of the application "demo-tunnel"), and the authority itself with period keys.
+DEMO_CA_SECTIONS = """
+[ca]
+tsa_names = ["tsa.demo.example"]
+
+[ca.apps.demo-tunnel]
+names = ["tunnel.demo.example"]
+
+[tsa]
+mode = "period-key"
+policy = "1.3.6.1.4.1.32473.1.1"
+cert = "period"
+"""
+
+
+def _demo_ca(root: Path, node: Node) -> None:
+    """The group's CA on the demo network: its root, a timestamp that `openssl ts -verify`
+    accepts against it, and an application's period certificate renewed after a refresh."""
+    import subprocess
+    import time
+    import urllib.request
+
+    from appliance.api.client import PstClient, PstError
+
+    def pst_cmd(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "appliance.cli", *argv],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+        )
+
+    def openssl(*argv: str | Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["openssl", *map(str, argv)], capture_output=True, text=True, timeout=30, check=False
+        )
+
+    print("== the group's certificate authority: a root no single server can sign with", flush=True)
+    got = pst_cmd("ca", "root", "--dir", str(root), "--node", str(node.server), "--wait", "60")
+    if got.returncode != 0:
+        print(f"   no group root yet: {got.stderr.strip()[:200]}")
+        return
+    root_pem = root / "ca-root.pem"
+    root_pem.write_text(got.stdout)
+    subject = openssl("x509", "-in", root_pem, "-noout", "-subject").stdout.strip()
+    print(f"   {subject} (threshold Ed25519 key 'ca'), saved to {root_pem}")
+
+    data = root / "demo-document.txt"
+    data.write_text("a document that existed at this time\n")
+    query, reply = root / "demo.tsq", root / "demo.tsr"
+    openssl("ts", "-query", "-data", data, "-sha256", "-cert", "-out", query)
+    url = _status_page(node).rstrip("/") + "/tsa"
+    granted = False
+    deadline = time.monotonic() + 60
+    while not granted and time.monotonic() < deadline:
+        request = urllib.request.Request(
+            url, data=query.read_bytes(), headers={"Content-Type": "application/timestamp-query"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=20) as answer:
+                reply.write_bytes(answer.read())
+        except OSError:
+            time.sleep(1.0)
+            continue
+        granted = "Status: Granted" in openssl("ts", "-reply", "-in", reply, "-text").stdout
+        if not granted:
+            time.sleep(1.0)  # the authority's first period certificate is on its way
+    if not granted:
+        print("   no timestamp after 60 s; skipping the timestamping demo")
+    else:
+        verify = openssl("ts", "-verify", "-data", data, "-in", reply, "-CAfile", root_pem)
+        verdict = verify.stdout.strip().splitlines()[-1] if verify.stdout.strip() else verify.stderr.strip()
+        print(f"   RFC 3161 timestamp from server {node.server} (its period key, certified by the group):")
+        print(f"   openssl ts -verify -data {data.name} -in {reply.name} -CAfile {root_pem.name}: {verdict}")
+
+    print("   a period certificate for the application 'demo-tunnel' (what pst-keys keeps current):")
+    client = PstClient(
+        node.directory / "api.sock" if node.directory else node.config().api_socket, timeout=60
+    )
+    try:
+        client.register("demo-tunnel")
+        first = client.certificate(names=["tunnel.demo.example"])
+        (root / "demo-tunnel-1.pem").write_bytes(first.certificate)
+        _show_certificate(node, first)
+        refreshed = pst_cmd("refresh", "--now", "--dir", str(root))
+        if refreshed.returncode != 0:
+            print(f"     pst refresh --now: {refreshed.stderr.strip()[:200]}")
+            return
+        second = client.certificate(names=["tunnel.demo.example"])
+        (root / "demo-tunnel-2.pem").write_bytes(second.certificate)
+        _show_certificate(node, second)
+        for name in ("demo-tunnel-1.pem", "demo-tunnel-2.pem"):
+            check = openssl("verify", "-CAfile", root_pem, root / name)
+            said = check.stdout.strip() or check.stderr.strip()
+            print(f"     openssl verify -CAfile {root_pem.name} {name}: {said}")
+    except PstError as exc:
+        print(f"     no certificate: {exc}")
+    finally:
+        client.close()
+    print("   every token and certificate issued is also an entry of the secure log:")
+    print(f"     .venv/bin/pst log show --dir {root} --since 1h --app pst-ca", flush=True)
+
+
+def _show_certificate(node: Node, issued: Any) -> None:
+    period = node.status().get("period")
+    print(f"     period {period}: serial {_serial(issued.certificate)}, valid until {_utc(issued.not_after)}")
+
+
+def _serial(pem: bytes) -> str:
+    from cryptography import x509
+
+    return f"{x509.load_pem_x509_certificate(pem).serial_number:x}"[:16] + "..."
+
+
+def _utc(when: int) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _demo_log(root: Path, node: Node, syslog: int) -> None:
