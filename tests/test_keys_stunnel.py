@@ -31,7 +31,6 @@ from pathlib import Path
 import pytest
 from clusterutil import alert_kinds, init_cluster, pst
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 REPO = Path(__file__).resolve().parent.parent
 AGENT = REPO / "clients" / "pst-keys"
@@ -295,8 +294,8 @@ def test_stunnel_with_period_certificates_from_the_agent(tmp_path: Path) -> None
         # Every certificate issued is in the secure log (server 1's two, server 2's two).
         tail = pst("log", "tail", "--dir", str(root), "--node", "1", "-n", "200").stdout
         client_cert = x509.load_pem_x509_certificate((client_dir / "cert.pem").read_bytes())
-        for cert in (first, second, client_cert):  # the message is the certificate (base64 DER)
-            assert base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode() in tail, tail
+        for cert in (first, second, client_cert):  # the message is its TBSCertificate (base64 DER)
+            assert base64.b64encode(cert.tbs_certificate_bytes).decode() in tail, tail
         assert tail.count("pst-ca") == 4
         assert "certificate-outside-policy" not in alert_kinds(root)
     finally:

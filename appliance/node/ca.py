@@ -56,6 +56,9 @@ ROOT_FILE = "ca-root.pem"
 RETRY_FIRST = 0.5
 RETRY_MAX = 30.0
 MAX_PEM = 16 * 1024
+#: Leaves prepared and not signed yet that the key-holder keeps, and for how long.
+MAX_PREPARED = 256
+PREPARED_LIFETIME = 60.0
 
 
 def policy_of(config: NodeConfig) -> CaPolicy:
@@ -79,6 +82,8 @@ class CaAuthority:
         self.path = StateDir(config.state_dir).public_dir / ROOT_FILE
         self.check = CertificateCheck(config.constants, self.public, self.policy, clock=server.clock)
         server.add_payload_check(CA_SECRET, self.check)
+        #: Leaves prepared for :meth:`sign_prepared`: SHA-256 of the TBS -> (builder, expiry).
+        self._prepared: dict[bytes, tuple[Any, float]] = {}
 
     def public(self) -> bytes | None:
         core = self.server.core
@@ -135,12 +140,46 @@ class CaAuthority:
         log.info("ca: the group root certificate was signed by the network")
         return data
 
+    def prepare(self, spki: bytes, profile_name: str, names: list[str]) -> bytes:
+        """The TBSCertificate of a leaf (not signed yet); kept a minute for :meth:`sign_prepared`."""
+        import hashlib
+
+        from appliance.apps.ca.x509 import tbs_of
+
+        builder = self._leaf_builder(spki, profile_name, names)
+        tbs = tbs_of(builder, self._public())
+        now = self.server.clock()
+        self._prepared = {k: v for k, v in self._prepared.items() if v[1] > now}
+        while len(self._prepared) >= MAX_PREPARED:
+            del self._prepared[next(iter(self._prepared))]
+        self._prepared[hashlib.sha256(tbs).digest()] = (builder, now + PREPARED_LIFETIME)
+        return tbs
+
+    async def sign_prepared(self, tbs: bytes, timeout: float) -> bytes:
+        """The certificate of a TBS :meth:`prepare` made: the network's threshold signature (every
+        signer checking the policy first), assembled and checked."""
+        import hashlib
+
+        from appliance.apps.ca.x509 import assemble, pem
+
+        found = self._prepared.pop(hashlib.sha256(tbs).digest(), None)
+        if found is None:
+            raise ValueError("ca_sign: no certificate prepared with this TBS (unknown, used or expired)")
+        public = self._public()
+        return pem(assemble(found[0], public, tbs, await self._sign(timeout)(tbs)))
+
     async def issue(self, spki: bytes, profile_name: str, names: list[str], timeout: float) -> bytes:
+        from appliance.apps.ca.x509 import pem, sign_certificate
+
+        builder = self._leaf_builder(spki, profile_name, names)
+        return pem(await sign_certificate(builder, self._public(), self._sign(timeout)))
+
+    def _leaf_builder(self, spki: bytes, profile_name: str, names: list[str]) -> Any:
         from cryptography.hazmat.primitives.serialization import load_der_public_key
         from cryptography.x509 import ObjectIdentifier
 
         from appliance.apps.ca.policy import PolicyError
-        from appliance.apps.ca.x509 import leaf_builder, leaf_validity, pem, sign_certificate
+        from appliance.apps.ca.x509 import leaf_builder, leaf_validity
 
         public = self._public()
         try:
@@ -159,7 +198,7 @@ class CaAuthority:
             key = load_der_public_key(spki)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"ca_issue: unreadable public key: {exc}") from None
-        builder = leaf_builder(
+        return leaf_builder(
             root_public=public,
             constants=self.config.constants,
             subject_key=key,
@@ -169,7 +208,6 @@ class CaAuthority:
             validity=leaf_validity(self.config.constants, self.server.clock(), self.policy.grace),
             app=profile.app,
         )
-        return pem(await sign_certificate(builder, public, self._sign(timeout)))
 
     # The key-holder's methods (keyholder.py) ----------------------------------------------------
 
@@ -191,16 +229,39 @@ class CaAuthority:
                 raise SigningRefused(f"ca_root: {exc}") from None
         raise ValueError(f"ca_root: unknown mode {mode!r} (stored, offer, make)")
 
-    async def ca_issue(self, args: dict[str, Any]) -> bytes:
+    def _leaf_args(self, args: dict[str, Any], what: str) -> tuple[bytes, str, list[str]]:
         spki, profile, names = args.get("spki"), args.get("profile"), args.get("names")
         if not isinstance(spki, bytes) or not isinstance(profile, str) or not isinstance(names, list):
-            raise TypeError("ca_issue: 'spki' must be bytes, 'profile' a string and 'names' a list")
+            raise TypeError(f"{what}: 'spki' must be bytes, 'profile' a string and 'names' a list")
         if not all(isinstance(n, str) for n in names):
-            raise TypeError("ca_issue: 'names' must be strings")
+            raise TypeError(f"{what}: 'names' must be strings")
+        return spki, profile, list(names)
+
+    async def ca_prepare(self, args: dict[str, Any]) -> bytes:
+        """The TBSCertificate of a leaf, to be signed by ``ca_sign`` (so that the network-facing
+        process can log it while the network signs it)."""
+        try:
+            return self.prepare(*self._leaf_args(args, "ca_prepare"))
+        except CertificateError as exc:
+            raise SigningRefused(f"ca_prepare: {exc}") from None
+
+    async def ca_sign(self, args: dict[str, Any]) -> bytes:
+        tbs = args.get("tbs")
+        if not isinstance(tbs, bytes):
+            raise TypeError("ca_sign: 'tbs' must be bytes")
         timeout = args.get("timeout_ms")
         seconds = timeout / 1000 if isinstance(timeout, int) and 0 < timeout <= 600_000 else 15.0
         try:
-            return await self.issue(spki, profile, list(names), seconds)
+            return await self.sign_prepared(tbs, seconds)
+        except CertificateError as exc:
+            raise SigningRefused(f"ca_sign: {exc}") from None
+
+    async def ca_issue(self, args: dict[str, Any]) -> bytes:
+        spki, profile, names = self._leaf_args(args, "ca_issue")
+        timeout = args.get("timeout_ms")
+        seconds = timeout / 1000 if isinstance(timeout, int) and 0 < timeout <= 600_000 else 15.0
+        try:
+            return await self.issue(spki, profile, names, seconds)
         except CertificateError as exc:
             raise SigningRefused(f"ca_issue: {exc}") from None
 
@@ -278,31 +339,31 @@ def tls_installer(context: Any) -> Install:
 _RECORD_PRI = 110
 
 
-def certificate_record(server_id: int, client: str, app: str, leaf_pem: bytes) -> bytes:
-    """The secure log's record of an issued certificate: an RFC 5424 entry of ``pst-ca``,
-    message id ``CERT``, structured data (serial, application, requester, names, validity,
-    SHA-256 of the DER) and the whole certificate (base64 DER) as the message."""
+def certificate_record(server_id: int, client: str, app: str, tbs: bytes) -> bytes:
+    """The secure log's record of a certificate about to be issued: an RFC 5424 entry of
+    ``pst-ca``, message id ``CERT``, structured data (serial, application, requester, names,
+    validity, SHA-256 of the TBSCertificate) and the whole TBSCertificate (base64 DER) as the
+    message: the certificate is that TBS with the network's signature, so it is found by its TBS."""
     import base64
     import datetime
     import hashlib
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
+    from pyasn1.codec.der import decoder
+    from pyasn1_modules import rfc5280
 
+    from appliance.apps.ca.policy import decode_tbs
     from appliance.apps.log.syslog import SDElement, build_rfc5424
 
-    cert = x509.load_pem_x509_certificate(leaf_pem)
-    der = cert.public_bytes(serialization.Encoding.DER)
-    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    names = [str(n.value) for n in san if isinstance(n, x509.DNSName | x509.IPAddress)]
+    leaf = decode_tbs(tbs)
+    parsed, _ = decoder.decode(tbs, asn1Spec=rfc5280.TBSCertificate())
     params = (
-        ("serial", f"{cert.serial_number:x}"),
+        ("serial", f"{int(parsed['serialNumber']):x}"),
         ("app", app),
         ("client", client),
-        ("names", " ".join(names)),
-        ("notBefore", f"{cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}"),
-        ("notAfter", f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"),
-        ("sha256", hashlib.sha256(der).hexdigest()),
+        ("names", " ".join(leaf.names)),
+        ("notBefore", f"{datetime.datetime.fromtimestamp(leaf.not_before, datetime.UTC):%Y-%m-%dT%H:%M:%SZ}"),
+        ("notAfter", f"{datetime.datetime.fromtimestamp(leaf.not_after, datetime.UTC):%Y-%m-%dT%H:%M:%SZ}"),
+        ("tbs-sha256", hashlib.sha256(tbs).hexdigest()),
     )
     now = datetime.datetime.now(datetime.UTC)
     return build_rfc5424(
@@ -313,7 +374,7 @@ def certificate_record(server_id: int, client: str, app: str, leaf_pem: bytes) -
         None,
         "CERT",
         (SDElement("cert@32473", params),),
-        base64.b64encode(der),
+        base64.b64encode(tbs),
     )
 
 
@@ -325,11 +386,13 @@ class AppCertificates:
     """Applications' period certificates for the local API (``certificate``; issue 13 §1):
     the :class:`~appliance.api.CertificateBackend` of ``pst serve``.
 
-    The leaf comes from the key-holder (``ca_issue`` with profile ``app:NAME``: the application
-    goes into the leaf, every signer checks its names against ``[ca.apps.NAME]``); its record
-    (:func:`certificate_record`) is appended to the secure log before the certificate is
-    released. Without a log (``record`` None) the journal has it. A record that cannot be
-    stored withholds the certificate (``unavailable``)."""
+    The leaf comes from the key-holder (``ca_prepare`` then ``ca_sign``, with profile ``app:NAME``:
+    the application goes into the leaf, every signer checks its names against
+    ``[ca.apps.NAME]``); its record (:func:`certificate_record`, of the TBSCertificate) is appended
+    to the secure log while the network signs, and the certificate is released only once both are
+    done. So the log may hold a record of a certificate whose signing then failed, never a
+    certificate without its record. Without a log (``record`` None) the journal has it. A record
+    that cannot be stored withholds the certificate (``unavailable``)."""
 
     def __init__(
         self,
@@ -358,9 +421,40 @@ class AppCertificates:
     ) -> tuple[bytes, bytes]:
         from appliance.api import BackendRefused, BackendUnavailable
 
+        recorded: list[BaseException | None] = []
+
+        async def record(line: bytes) -> None:
+            if self.record is None:
+                log.info("ca: issuing %s", line.decode(errors="replace"))
+                recorded.append(None)
+                return
+            try:
+                await self.record(f"ca of server {self.config.server_id}", [line])
+                recorded.append(None)
+            except Exception as exc:  # the log's LogUnavailable, a full disk: no record, no release
+                recorded.append(exc)
+
         try:
             root = await self.root.get()
-            leaf = await self.call("ca_issue", 20.0, spki=spki, profile=f"app:{app}", names=list(names))
+            tbs = await self.call("ca_prepare", 10.0, spki=spki, profile=f"app:{app}", names=list(names))
+            if not isinstance(tbs, bytes):
+                raise BackendUnavailable("the key-holder prepared no certificate")
+            # The record (of the TBS: the certificate but for the signature) goes to the log while
+            # the network signs; the certificate leaves only once both are done.
+            signed: list[Any] = []
+
+            async def sign() -> None:
+                try:
+                    signed.append(await self.call("ca_sign", 20.0, tbs=tbs))
+                except Exception as exc:  # raised below, outside the nursery (no exception group)
+                    signed.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(record, certificate_record(self.config.server_id, client, app, tbs))
+                nursery.start_soon(sign)
+            if isinstance(signed[0], Exception):
+                raise signed[0]
+            leaf = signed[0]
         except SigningRefused as exc:
             self.refused += 1
             text = str(exc)
@@ -371,17 +465,11 @@ class AppCertificates:
             raise BackendUnavailable("the signers did not answer in time") from None
         if not isinstance(leaf, bytes) or not isinstance(root, bytes):
             raise BackendUnavailable("the key-holder returned no certificate")
-        line = certificate_record(self.config.server_id, client, app, leaf)
-        if self.record is None:
-            log.info("ca: issued %s", line.decode(errors="replace"))
-        else:
-            try:
-                await self.record(f"ca of server {self.config.server_id}", [line])
-            except Exception as exc:  # the log's LogUnavailable, a full disk: no record, no release
-                log.error("ca: the record of a certificate for %r could not be stored: %s", app, exc)
-                raise BackendUnavailable(
-                    "the certificate's record could not be stored in the secure log; not released"
-                ) from None
+        if recorded != [None]:
+            log.error("ca: the record of a certificate for %r could not be stored: %s", app, recorded)
+            raise BackendUnavailable(
+                "the certificate's record could not be stored in the secure log; not released"
+            )
         self.issued += 1
         return leaf, root
 

@@ -175,7 +175,12 @@ class _Child:
             from appliance.node.ca import CaAuthority
 
             authority = CaAuthority(config, self.server)  # registers the sign/ca check
-            ca_methods = {"ca_root": authority.ca_root, "ca_issue": authority.ca_issue}
+            ca_methods = {
+                "ca_root": authority.ca_root,
+                "ca_issue": authority.ca_issue,
+                "ca_prepare": authority.ca_prepare,
+                "ca_sign": authority.ca_sign,
+            }
         self._drained = trio.Event()
         self.methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "sign": self._sign,
