@@ -301,7 +301,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 
     if args.list:
         for name in scenarios.FAMILIES:
-            seeded = " (run with 500 seeds by make test)" if name in scenarios.SEEDED_FAMILIES else ""
+            seeded = " (run with 200 seeds by make test)" if name in scenarios.SEEDED_FAMILIES else ""
             print(f"{name}{seeded}")
         return 0
     if args.scenario is None:

@@ -21,7 +21,7 @@ from appliance.protocols.refresh import Status
 from appliance.protocols.state import SCERT
 from appliance.sim import scenarios
 
-SEEDS = int(os.environ.get("PST_SIM_SEEDS", "250"))
+SEEDS = int(os.environ.get("PST_SIM_SEEDS", "200"))
 
 
 @pytest.fixture(scope="module")
