@@ -69,7 +69,7 @@ def random_free_base_port(n: int) -> int:
     import socket
 
     for _ in range(200):
-        base = random.randrange(30000, 60000 - n)
+        base = random.randrange(20000, 32368 - n)  # below the ephemeral range (clusterutil.free_base_port)
         with contextlib.ExitStack() as stack:
             try:
                 # the servers, their HTTP services, their syslog (TCP; UDP is rarely taken) and RELP

@@ -30,15 +30,26 @@ def _free(port: int, kind: socket.SocketKind = socket.SOCK_STREAM) -> bool:
     return True
 
 
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_base_port(n: int) -> int:
     """A base port with every port of the cluster free: base+1..base+n (the servers),
     base+101..base+100+n (their HTTP), base+201..base+200+n (syslog, TCP and UDP) and
     base+301..base+300+n (RELP).
 
     The scan starts at a place of this process's own, so that two test runs on one machine
-    rarely pick the same ports between one's check and its servers' bind.
+    rarely pick the same ports between one's check and its servers' bind. Every port is below
+    Linux's ephemeral range (32768 and up by default): there, the outgoing connections of other
+    tests (and of the cluster itself) take ports the kernel chooses, and one of them took a
+    server's port between the check and the bind ("Address already in use" at `cluster up`).
     """
-    bases = list(range(20000, 60000, 97))
+    top = min(32768, _ephemeral_start()) - 400  # base + 300 + n stays below it
+    bases = list(range(20000, top, 97))
     first = (os.getpid() * 7919) % len(bases)
     for base in bases[first:] + bases[:first]:
         offsets = (0, HTTP_PORT_OFFSET, SYSLOG_PORT_OFFSET, RELP_PORT_OFFSET)
