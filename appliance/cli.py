@@ -153,7 +153,12 @@ def _demo_ca(root: Path, node: Node) -> None:
         )
 
     print("== the group's certificate authority: a root no single server can sign with", flush=True)
-    got = pst_cmd("ca", "root", "--dir", str(root), "--node", str(node.server), "--wait", "60")
+    deadline = time.monotonic() + 60  # the first refresh may be under way: signing waits for it
+    while True:
+        got = pst_cmd("ca", "root", "--dir", str(root), "--node", str(node.server), "--wait", "60")
+        if got.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
     if got.returncode != 0:
         print(f"   no group root yet: {got.stderr.strip()[:200]}")
         return
