@@ -618,7 +618,8 @@ async def test_send_never_blocks_and_drops_with_reason(caplog: pytest.LogCapture
     silent.listen(8)
     addresses = addresses_for([1, 2])
     addresses[3] = ("127.0.0.1", silent.getsockname()[1])
-    async with mesh([1], table_ids=[1, 2, 3], addresses=addresses, options={1: {"queue_size": 2}}) as nets:
+    options = {1: {"queue_size": 2, "startup_grace": 0.0}}
+    async with mesh([1], table_ids=[1, 2, 3], addresses=addresses, options=options) as nets:
         net = nets[1]
         assert net.state(3) is PeerState.CONNECTING
         for _ in range(5):
@@ -635,6 +636,20 @@ async def test_send_never_blocks_and_drops_with_reason(caplog: pytest.LogCapture
         with pytest.raises(ValueError, match="unknown server 9"):
             net.send(9, b"z")
     silent.close()
+
+
+async def test_frames_to_a_peer_that_starts_later_wait_in_its_queue() -> None:
+    # Servers started together dial each other before all of them listen; server 2 sends to 1
+    # while 1 is not up yet, and the frames arrive once it is (they used to be dropped, and a
+    # server whose announcement was lost started its first refresh as recovering).
+    inbox = Inbox()
+    addresses = addresses_for([1, 2])
+    async with mesh([2], table_ids=[1, 2], inbox=inbox, addresses=addresses) as nets:
+        await eventually(lambda: nets[2].state(1) is PeerState.DOWN)
+        nets[2].send(1, b"sent before server 1 listened")
+        assert nets[2].dropped(1) == 0
+        async with mesh([1], table_ids=[1, 2], inbox=inbox, addresses=addresses):
+            await eventually(lambda: (2, b"sent before server 1 listened") in inbox.got[1])
 
 
 # -- unauthenticated connections -----------------------------------------------------------------

@@ -278,6 +278,7 @@ class _Peer:
     drop_noted: bool = False  # a drop was logged at INFO during a period change
     fallback_reason: str | None = None  # why we last fell back to an anonymous dial (logged)
     fallback_warned: bool = False  # ... and that reason was logged at WARNING
+    reached: bool = False  # a connection (either way) has carried our frames to it once
     #: The IP addresses of the configured host (a literal: itself, for good; a name: resolved).
     ips: frozenset[IPAddress] = frozenset()
     ips_expire: float = -math.inf
@@ -477,6 +478,7 @@ class PeerNetwork:
         refusal_log_interval: float = 10.0,
         transition: Callable[[], bool] | None = None,
         transition_grace: float = 10.0,
+        startup_grace: float = 10.0,
     ) -> None:
         if me not in addresses:
             raise ValueError(f"server {me} has no address")
@@ -527,6 +529,10 @@ class PeerNetwork:
         #: ``transition()`` is true (see "Period changes" above).
         self._transition = transition
         self.transition_grace = transition_grace
+        #: Frames to a peer never reached yet are queued (not dropped) this long after
+        #: :meth:`run`: servers started together dial each other before all of them listen.
+        self.startup_grace = startup_grace
+        self._started_at = math.inf
         self._rekeyed_at: float | None = None
         self._rekeyed = trio.Event()
         self._changed = trio.Event()
@@ -611,7 +617,9 @@ class PeerNetwork:
         """Queue ``data`` for server ``to`` (EVERYONE: every peer); never blocks.
 
         Frames to an unreachable peer, or beyond its queue's capacity, are dropped with a
-        logged reason. Sending more than ``max_frame_size`` bytes is our bug: ValueError.
+        logged reason (a peer not reached yet in the first ``startup_grace`` seconds is not
+        unreachable: its frames wait in its queue). Sending more than ``max_frame_size``
+        bytes is our bug: ValueError.
         """
         if len(data) > self.max_frame_size:
             raise ValueError(f"frame of {len(data)} bytes exceeds the limit of {self.max_frame_size}")
@@ -662,6 +670,7 @@ class PeerNetwork:
         if self._running or self._closed:
             raise RuntimeError("a PeerNetwork runs once")
         self._running = True
+        self._started_at = time.monotonic()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -752,6 +761,8 @@ class PeerNetwork:
         """Connections changed: wake the waiters and the writers that are no longer the route."""
         changed, self._changed = self._changed, trio.Event()
         changed.set()
+        for peer in self._peers.values():
+            peer.reached = peer.reached or self._route(peer) is not None
         for conn in self._conns:
             scope, server = conn.route_scope, conn.server
             if scope is not None and server is not None and self._route(self._peers[server]) is not conn:
@@ -763,7 +774,7 @@ class PeerNetwork:
     def _enqueue(self, peer: _Peer, data: bytes) -> None:
         if self._closed:
             self._drop(peer, "the network is closed")
-        elif peer.state is PeerState.DOWN and self._route(peer) is None:
+        elif self._unreachable(peer):
             self._drop(peer, f"unreachable ({peer.last_error})")
         else:
             try:
@@ -789,8 +800,14 @@ class PeerNetwork:
             level, peer.drop_warned = logging.WARNING, True
         log.log(level, "server %d: dropped a frame to server %d: %s", self.me, peer.server, reason)
 
+    def _unreachable(self, peer: _Peer) -> bool:
+        """Frames to ``peer`` are dropped: no route, and not a peer still starting with us."""
+        if peer.state is not PeerState.DOWN or self._route(peer) is not None:
+            return False
+        return peer.reached or time.monotonic() - self._started_at >= self.startup_grace
+
     def _flush_if_unreachable(self, peer: _Peer) -> None:
-        if peer.state is PeerState.DOWN and self._route(peer) is None:
+        if self._unreachable(peer):
             flushed = peer.flush()
             if flushed:
                 peer.dropped += flushed

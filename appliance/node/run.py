@@ -485,6 +485,15 @@ def _load_tsa(config: NodeConfig) -> TsaService | None:
     )
 
 
+def _preload_web() -> None:
+    """Import the HTTP stack now, after the zygote's fork (the key-holder never has it) and
+    before trio runs: imported inside the event loop, it held the loop for over a second on a
+    busy machine, while the first refresh's announcements were due."""
+    import appliance.apps.log.reader
+    import appliance.web
+    import appliance.web._tsa  # noqa: F401
+
+
 async def _log_token(config: NodeConfig, log_service: LogService | None, record: TokenRecord) -> None:
     """Every token goes to the secure log before it is released (issue 12): an RFC 5424 entry of
     application ``pst-tsa``, message id ``TST``, with the serial, genTime and SHA-256 of the
@@ -613,6 +622,8 @@ def serve(path: Path) -> int:
             separated.server.name,
             separated.keyholder.name,
         )
+    if config.http.enabled:
+        _preload_web()
     gone: list[str] = []
     try:
         trio.run(_serve, config, zygote, control, listeners, tsa, client_ca)
