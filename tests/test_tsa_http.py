@@ -214,7 +214,10 @@ def test_config_tsa_section_builds_an_authority_that_serves(tmp_path: Path, stan
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"mode": '"threshold"'}, 'tsa.mode must be one of period-key ("threshold" is not available yet)'),
+        ({"mode": '"hybrid"'}, "tsa.mode must be one of period-key, threshold, got 'hybrid'"),
+        ({"mode": '"threshold"'}, 'tsa.cert is not used with tsa.mode = "threshold"'),
+        ({"mode": '"threshold"', "cert": "", "key": ""}, 'tsa.mode = "threshold" needs the network\'s CA'),
+        ({"secret": '"tsa"'}, 'tsa.secret is used only with tsa.mode = "threshold"'),
         ({"policy": ""}, "missing tsa.policy"),
         ({"policy": '"1.3.6.01"'}, "tsa.policy must be an OID"),
         ({"policy": '"3.1"'}, "tsa.policy must be an OID"),

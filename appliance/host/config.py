@@ -81,8 +81,12 @@ Example (``pst cluster init`` writes one per server)::
 
     [tsa]                          # the RFC 3161 timestamping authority, POST /tsa on the HTTP
                                    # service (optional section; without it no authority)
-    mode = "period-key"            # this server signs alone with the key below (the only mode so
-                                   # far; "threshold" comes with the network's threshold ECDSA)
+    mode = "period-key"            # this server signs alone with the key below; or "threshold":
+                                   # t+1 servers sign each token with the P-256 secret of C named
+                                   # by secret (default "tsa"), each checking it first; its
+                                   # certificate comes from the group's CA (needs ca in secrets and
+                                   # [ca] tsa_names; no cert, no key); the same on every server
+    # secret = "tsa"               # threshold mode: the P-256 secret of network.secrets
     policy = "1.3.6.1.4.1.99999.1.1" # the TSA policy OID put in every token
     cert = "/etc/pst/tsa.pem"      # PEM: the TSA certificate (P-256, EKU timeStamping critical),
                                    # then the intermediates if any (not the root)
@@ -230,20 +234,27 @@ class CaConfig:
         return dict(self.apps).get(app)
 
 
-TSA_MODES = ("period-key",)
+TSA_MODES = ("period-key", "threshold")
 
 
 @dataclass(frozen=True)
 class TsaConfig:
     """The [tsa] section: the timestamping authority's mode, policy OID, stated accuracy (ms),
     and in "period-key" mode the operator's certificate chain and key files, or none of them
-    (``cert = "period"``): a fresh key each period, certified by the group's CA."""
+    (``cert = "period"``): a fresh key each period, certified by the group's CA. In "threshold"
+    mode the key is the P-256 secret ``secret`` of C and the certificate is the group CA's."""
 
     mode: str
     policy: str
     cert: Path | None
     key: Path | None
     accuracy_ms: int = 1000
+    secret: str = "tsa"
+
+    @property
+    def threshold(self) -> bool:
+        """Does the network sign each token (t+1 servers, threshold ECDSA)?"""
+        return self.mode == "threshold"
 
     @property
     def period_cert(self) -> bool:
@@ -364,9 +375,15 @@ def from_dict(raw: dict[str, Any], path: Path) -> NodeConfig:
     state_dir = Path(_get(server, "state_dir", str, path, "server"))
     tsa, ca = _tsa_settings(raw.get("tsa"), path), _ca_settings(raw.get("ca"), path, constants)
     if tsa is not None and tsa.period_cert and (ca is None or not ca.tsa_names):
+        what = 'tsa.mode = "threshold"' if tsa.threshold else 'tsa.cert = "period"'
         raise ConfigError(
-            f'{path}: tsa.cert = "period" needs the network\'s CA: ca = "ed25519" in network.secrets '
+            f'{path}: {what} needs the network\'s CA: ca = "ed25519" in network.secrets '
             "and the authority's names in [ca] tsa_names"
+        )
+    if tsa is not None and tsa.threshold and constants.secrets.get(tsa.secret) != "p256":
+        raise ConfigError(
+            f'{path}: tsa.mode = "threshold" signs with the P-256 secret {tsa.secret!r} of C: '
+            f'add {tsa.secret} = "p256" to network.secrets (at init) or name another in tsa.secret'
         )
     return NodeConfig(
         path=path,
@@ -659,7 +676,7 @@ def _ca_settings(section: Any, path: Path, constants: Constants) -> CaConfig | N
     )
 
 
-_TSA_KEYS = {"mode", "policy", "cert", "key", "accuracy_ms"}
+_TSA_KEYS = {"mode", "policy", "cert", "key", "accuracy_ms", "secret"}
 
 
 def _tsa_settings(section: Any, path: Path) -> TsaConfig | None:
@@ -673,10 +690,7 @@ def _tsa_settings(section: Any, path: Path) -> TsaConfig | None:
             raise ConfigError(f"{path}: tsa.{key} is not a known key (known: {', '.join(sorted(_TSA_KEYS))})")
     mode = section.get("mode", "period-key")
     if mode not in TSA_MODES:
-        raise ConfigError(
-            f"{path}: tsa.mode must be one of {', '.join(TSA_MODES)} "
-            f'("threshold" is not available yet), got {mode!r}'
-        )
+        raise ConfigError(f"{path}: tsa.mode must be one of {', '.join(TSA_MODES)}, got {mode!r}")
     policy = _get(section, "policy", str, path, "tsa")
     arcs = policy.split(".")
     if not (
@@ -691,6 +705,19 @@ def _tsa_settings(section: Any, path: Path) -> TsaConfig | None:
     accuracy = section.get("accuracy_ms", 1000)
     if isinstance(accuracy, bool) or not isinstance(accuracy, int) or not 1 <= accuracy <= 3_600_000:
         raise ConfigError(f"{path}: tsa.accuracy_ms must be an integer in 1..3600000, got {accuracy!r}")
+    if mode == "threshold":
+        for key in ("cert", "key"):
+            if key in section:
+                raise ConfigError(
+                    f'{path}: tsa.{key} is not used with tsa.mode = "threshold" (the key is the '
+                    "network's, its certificate the group CA's)"
+                )
+        secret = section.get("secret", "tsa")
+        if not isinstance(secret, str) or not secret:
+            raise ConfigError(f"{path}: tsa.secret must be the name of a secret of network.secrets")
+        return TsaConfig(mode=mode, policy=policy, cert=None, key=None, accuracy_ms=accuracy, secret=secret)
+    if "secret" in section:
+        raise ConfigError(f'{path}: tsa.secret is used only with tsa.mode = "threshold"')
     if section.get("cert") == "period":
         if "key" in section:
             raise ConfigError(

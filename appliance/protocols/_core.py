@@ -69,6 +69,12 @@ class AlertKind(enum.Enum):
     #: certificate outside the policy (a name not allowed, a CA, a validity longer than a period
     #: plus the grace, an unknown extension, a malformed TBSCertificate): appliance.apps.ca.
     CERTIFICATE_OUTSIDE_POLICY = "certificate-outside-policy"
+    #: A server asked us to sign, with the timestamping authority's threshold key, a token whose
+    #: genTime is farther from our clock than the stated accuracy: appliance.apps.tsa.threshold.
+    TIMESTAMP_TIME_OFF = "timestamp-time-off"
+    #: ... or a token outside our [tsa] policy (another policy OID or accuracy, a serial not in
+    #: its range, a hash we do not accept, a certificate not for the TSA key, not a token at all).
+    TIMESTAMP_OUTSIDE_POLICY = "timestamp-outside-policy"
 
 
 @dataclass(frozen=True)

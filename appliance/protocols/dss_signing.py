@@ -82,6 +82,7 @@ from appliance.protocols.signing import (
     SigningRefused,
     is_protocol_payload,
     run_check,
+    signed_form,
 )
 from appliance.protocols.state import KeyTable
 
@@ -248,6 +249,8 @@ class _Request(Generic[E]):
     deadline: float = 0.0
     refused: dict[int, str] = field(default_factory=dict)
     own_shares: int = 0
+    #: What is signed: the message, or the form its check makes of it (``signed_bytes``).
+    to_sign: bytes = b""
 
 
 class DSSSigningService(Generic[E]):
@@ -1101,14 +1104,18 @@ class DSSSigningService(Generic[E]):
             raise SigningRefused("refusing to sign a protocol payload on request")
         check = self.check_for(message)
         if check is not None:
-            reason = run_check(check, message)
+            reason = run_check(check, message, self.me)
             if reason is not None:
                 raise SigningRefused(f"this server refuses the {check.name}: {reason}")
         elif self.only_checked:
             raise SigningRefused(self._unclaimed())
+        try:
+            to_sign = signed_form(check, message)
+        except ValueError as exc:
+            raise SigningRefused(f"{self.service}: {exc}") from None
         rid = self._next_rid
         self._next_rid += 1
-        self._requests[rid] = _Request(rid, message, now)
+        self._requests[rid] = _Request(rid, message, now, to_sign=to_sign)
         self._attempt(self._requests[rid], now)
         self._pump(now)
         return rid
@@ -1138,7 +1145,7 @@ class DSSSigningService(Generic[E]):
             return
         check = self.check_for(req.message)
         if check is not None and req.own_shares:
-            reason = run_check(check, req.message)
+            reason = run_check(check, req.message, self.me)
             if reason is not None:
                 self._fail(req, f"this server now refuses the {check.name}: {reason}")
                 return
@@ -1263,14 +1270,14 @@ class DSSSigningService(Generic[E]):
         assert req.stock is not None
         public = req.stock.public
         try:
-            sig = dss.combine(self.group, public, req.message, list(req.shares.values()))
+            sig = dss.combine(self.group, public, req.to_sign, list(req.shares.values()))
         except (NotEnoughSharesError, dss.DSSRetryError, CryptoError):
             sig = None
         bad: dict[int, str] = {}
         if sig is None or sig.cheaters:
             for j, share in req.shares.items():
                 try:
-                    dss.verify_signature_share(self.group, public, req.message, share)
+                    dss.verify_signature_share(self.group, public, req.to_sign, share)
                 except CheatingError as exc:
                     bad[j] = exc.reason
         for j, reason in sorted(bad.items()):
@@ -1361,13 +1368,19 @@ class DSSSigningService(Generic[E]):
         # The coordinator's own share: its check ran when the request was made (and again on
         # every retry), as for FROST; a check that records what it signed must not run twice.
         refusal = None if sender == self.me else self._refusal(sender, message)
+        to_sign = message
+        if refusal is None:
+            try:
+                to_sign = signed_form(self.check_for(message), message)
+            except ValueError as exc:
+                refusal = str(exc)[:MAX_REASON]
         if refusal is not None:
             self._held[sender].pop(f["sid"]).presig.wipe()
             self._send(sender, "refuse", {**answer, "reason": refusal})
             return
         self._held[sender].pop(f["sid"])
         try:
-            share = self._signature_share(held.presig, message)
+            share = self._signature_share(held.presig, to_sign)
         except dss.StalePresignatureError as exc:
             raise RemoteProtocolError(sender, str(exc)) from None
         self._send(sender, "share", {**answer, "share": share.encode(self.group)})
@@ -1405,7 +1418,7 @@ class DSSSigningService(Generic[E]):
                 detail = f"asked us to sign a message not ours to sign: {unclaimed}"
                 self._alert(AlertKind.BAD_MESSAGE, sender, detail)
             return unclaimed
-        reason = run_check(check, message)
+        reason = run_check(check, message, sender)
         if reason is not None and not isinstance(reason, NotYet):
             self.alerts.append(
                 Alert(

@@ -109,20 +109,51 @@ class PayloadCheck(Protocol):
     def check(self, message: bytes) -> str | None: ...
 
 
+# Two optional hooks a check may define (the DSS service uses them; the timestamping
+# authority's check has both, appliance.apps.tsa.threshold):
+#
+# * ``check_from(message, server) -> str | None``: the check when it must know which server
+#   asked (a timestamp's serial must be that server's); :func:`run_check` calls it instead of
+#   ``check`` when it is given the server.
+# * ``signed_bytes(message) -> bytes``: what is signed for a payload it accepted, computed by
+#   each signer itself from the payload (a TSTInfo is checked, its CMS signed attributes are
+#   signed); :func:`signed_form`.
+
+
 class NotYet(str):
     """A refusal that accuses nobody: this server is not there yet (e.g. it has not applied the
     entries a checkpoint covers); the coordinator may ask again later. No alert."""
 
 
-def run_check(check: PayloadCheck, message: bytes) -> str | None:
-    """``check.check(message)``, with an exception turned into a refusal (never a share)."""
+def run_check(check: PayloadCheck, message: bytes, server: int | None = None) -> str | None:
+    """``check.check(message)`` (``check.check_from(message, server)`` when the check has it and
+    the asking ``server`` is given), with an exception turned into a refusal (never a share)."""
     try:
-        reason = check.check(message)
+        check_from = getattr(check, "check_from", None)
+        if server is not None and check_from is not None:
+            reason = check_from(message, server)
+        else:
+            reason = check.check(message)
     except Exception as exc:  # a failed check must refuse, whatever went wrong
         return f"the check failed: {type(exc).__name__}: {exc}"[:MAX_REASON]
     if reason is None:
         return None
     return NotYet(reason[:MAX_REASON]) if isinstance(reason, NotYet) else reason[:MAX_REASON]
+
+
+def signed_form(check: PayloadCheck | None, message: bytes) -> bytes:
+    """What the signers sign for ``message``: ``check.signed_bytes(message)`` when the check
+    that claims it defines it, else the message itself. Raises ValueError if it cannot be made."""
+    make = getattr(check, "signed_bytes", None) if check is not None else None
+    if make is None:
+        return message
+    try:
+        data = make(message)
+    except Exception as exc:
+        raise ValueError(f"cannot form the signed bytes: {type(exc).__name__}: {exc}") from None
+    if not isinstance(data, bytes):
+        raise ValueError("the check's signed form is not bytes")
+    return data
 
 
 @dataclass
@@ -238,7 +269,7 @@ class SigningService:
         check = self.check_for(message)
         if check is not None:
             # We contribute a share too: our own state must accept it first.
-            reason = run_check(check, message)
+            reason = run_check(check, message, self.me)
             if reason is not None:
                 raise SigningRefused(f"this server refuses the {check.name}: {reason}")
         elif self.only_checked:
@@ -276,7 +307,7 @@ class SigningService:
             return
         check = self.check_for(req.message)
         if check is not None and req.own_shares:
-            reason = run_check(check, req.message)
+            reason = run_check(check, req.message, self.me)
             if reason is not None:
                 self._fail(req, f"this server now refuses the {check.name}: {reason}")
                 return
@@ -424,7 +455,7 @@ class SigningService:
                 detail = f"asked us to sign with {self.service} a message not ours to sign: {unclaimed}"
                 self.alerts.append(Alert(AlertKind.BAD_MESSAGE, sender, self.period, detail))
             return unclaimed
-        reason = run_check(check, message)
+        reason = run_check(check, message, sender)
         if reason is not None and not isinstance(reason, NotYet):
             detail = f"asked us to sign a {check.name} that we refuse: {reason}"
             self.alerts.append(Alert(check.alert, sender, self.period, detail))

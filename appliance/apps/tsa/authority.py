@@ -290,6 +290,11 @@ class Authority:
         )
 
 
+class TimeOff(str):
+    """A refusal of :func:`check_proposal` because of the proposed ``genTime`` (beyond the stated
+    accuracy from the co-signer's clock); every other refusal is a plain ``str``."""
+
+
 def check_proposal(
     tst_info_der: bytes,
     *,
@@ -325,7 +330,7 @@ def check_proposal(
         return f"own clock not available: {exc}"
     skew = info.gen_time - now
     if abs(skew) > accuracy.total + rfc3161.GEN_TIME_PRECISION:
-        return (
+        return TimeOff(
             f"proposed genTime {rfc3161.format_gen_time(info.gen_time)} is {skew.total_seconds():+.3f} s "
             f"from our clock, beyond the stated accuracy of {accuracy.total.total_seconds()} s"
         )

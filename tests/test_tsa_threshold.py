@@ -1,0 +1,203 @@
+"""Threshold mode of the timestamping authority (appliance/apps/tsa/threshold.py) in the seeded
+simulation of protocols/dss_signing.py: four servers sign tokens with the P-256 secret ``tsa``,
+each running the TimestampCheck with its own clock before it gives a share.
+
+The TSA certificate is a stand-in root's (Ed25519) for the network's threshold key; the cluster
+test (tests/test_tsa_threshold_cluster.py) has the group's CA issue it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_dss_signing import Net
+
+from appliance.apps.tsa import rfc3161
+from appliance.apps.tsa.authority import Authority, MemorySerialStore, Prepared, SerialAllocator
+from appliance.apps.tsa.rfc3161 import Accuracy, SigningChain
+from appliance.apps.tsa.threshold import TimestampCheck, decode_payload, encode_payload
+from appliance.crypto import dss, encoding
+from appliance.protocols._core import AlertKind
+from appliance.protocols.signing import SigningRefused
+
+POLICY = "1.3.6.1.4.1.99999.1.1"
+ACCURACY = Accuracy(1, 0)
+EPOCH = dt.datetime(2026, 11, 30, 18, 0, tzinfo=dt.UTC)
+
+
+class Setup:
+    """A net whose servers check timestamps; ``offset[i]``: how far server i's clock is off."""
+
+    def __init__(self, seed: int, offset: dict[int, float] | None = None) -> None:
+        self.net = Net(4, 1, seed=seed)
+        self.offset = offset or {}
+        public = dss.cryptography_public_key(self.net.group, self.net.public_key())
+        self.spki = public.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self.root_key = ed25519.Ed25519PrivateKey.generate()
+        self.root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stand-in group root")])
+        now = dt.datetime.now(dt.UTC)
+        self.root = (
+            x509.CertificateBuilder()
+            .subject_name(self.root_name)
+            .issuer_name(self.root_name)
+            .public_key(self.root_key.public_key())
+            .serial_number(1)
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(self.root_key, None)
+        )
+        self.cert = self.certificate(public)
+        self.chain = SigningChain(self.cert)
+        for i, service in self.net.services.items():
+            service.checks.append(
+                TimestampCheck(policy=POLICY, accuracy=ACCURACY, clock=self.clock(i), public_key=lambda: self.spki)
+            )
+
+    def certificate(self, public: Any) -> bytes:
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tsa.example.org")]))
+            .issuer_name(self.root_name)
+            .public_key(public)
+            .serial_number(2)
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.TIME_STAMPING]), critical=True)
+            .sign(self.root_key, None)
+        )
+        return cert.public_bytes(serialization.Encoding.DER)
+
+    def clock(self, i: int) -> Any:
+        return lambda: EPOCH + dt.timedelta(seconds=self.net.sim.now + self.offset.get(i, 0.0))
+
+    def authority(self, coordinator: int, serial_id: int | None = None) -> Authority:
+        return Authority(
+            policy=POLICY,
+            accuracy=ACCURACY,
+            clock=self.clock(coordinator),
+            serials=SerialAllocator(serial_id or coordinator, MemorySerialStore()),
+            chain=self.chain,
+        )
+
+    def prepare(self, authority: Authority, nonce: int = 7) -> Prepared:
+        prepared = authority.prepare(rfc3161.encode_request("sha256", bytes(range(32)), nonce=nonce, cert_req=True))
+        assert isinstance(prepared, Prepared)
+        return prepared
+
+    def request(self, coordinator: int, message: bytes) -> str | bytes:
+        """Ask the network; the DER signature, or the failure's text."""
+        service = self.net.services[coordinator]
+        rid = service.request(message, self.net.sim.now)
+        self.net.run_until(self.net.sim.now + 20.0, lambda: rid in service.done or rid in service.failed)
+        return service.done.pop(rid).der if rid in service.done else service.failed[rid]
+
+    def alerts(self) -> set[tuple[AlertKind, int, int]]:
+        """(kind, server named, server that raised it)."""
+        return {(a.kind, a.server, i) for i, s in self.net.services.items() for a in s.alerts}
+
+
+def test_tokens_signed_by_t_plus_1_checking_servers_verify_with_openssl(tmp_path: Path) -> None:
+    setup = Setup(31, offset={2: 0.4, 3: -0.3})  # clocks apart, within the stated accuracy
+    setup.net.fill([1, 3])
+    for coordinator in (1, 3):
+        authority = setup.authority(coordinator)
+        prepared = setup.prepare(authority)
+        signature = setup.request(coordinator, encode_payload(prepared.tst_info_der, setup.cert))
+        assert isinstance(signature, bytes), signature
+        reply = authority.finish(prepared, signature)
+        assert reply.record is not None and reply.record.serial >> 64 == coordinator
+        (tmp_path / "root.pem").write_bytes(setup.root.public_bytes(serialization.Encoding.PEM))
+        (tmp_path / "r.tsr").write_bytes(reply.body)
+        (tmp_path / "q.tsq").write_bytes(
+            rfc3161.encode_request("sha256", bytes(range(32)), nonce=7, cert_req=True)
+        )
+        out = subprocess.run(
+            ["openssl", "ts", "-verify", "-queryfile", "q.tsq", "-in", "r.tsr", "-CAfile", "root.pem"],
+            cwd=tmp_path, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert "Verification: OK" in out.stdout, out.stdout + out.stderr
+    assert setup.alerts() == set()
+
+
+def test_a_coordinator_an_hour_off_gets_no_signature_and_is_named_by_every_signer() -> None:
+    setup = Setup(32, offset={1: 3600.0})
+    setup.net.fill([1])
+    prepared = setup.prepare(setup.authority(1))
+    failure = setup.request(1, encode_payload(prepared.tst_info_der, setup.cert))
+    assert isinstance(failure, str) and "refused by its signers' checks" in failure
+    assert "+3599.9" in failure and "beyond the stated accuracy of 1.0 s" in failure
+    assert setup.alerts() == {(AlertKind.TIMESTAMP_TIME_OFF, 1, i) for i in (2, 3, 4)}
+
+
+def test_a_byzantine_coordinator_skipping_its_own_check_is_refused_by_the_others() -> None:
+    setup = Setup(33)
+    setup.net.services[1].checks = [AcceptAll()]  # it signs anything itself; the others check
+    setup.net.fill([1])
+    # A serial of server 2's range, from server 1.
+    prepared = setup.prepare(setup.authority(1, serial_id=2))
+    failure = setup.request(1, encode_payload(prepared.tst_info_der, setup.cert))
+    assert isinstance(failure, str) and "is not from server 1" in failure
+    # Bare signed attributes (what a token's signature covers) instead of a payload.
+    failure = setup.request(1, prepared.to_sign)
+    assert isinstance(failure, str) and "not a timestamp payload" in failure
+    # A certificate for another key.
+    other = setup.certificate(ed25519_free_p256())
+    failure = setup.request(1, encode_payload(setup.prepare(setup.authority(1)).tst_info_der, other))
+    assert isinstance(failure, str) and "not for the network's TSA key" in failure
+    assert setup.alerts() == {(AlertKind.TIMESTAMP_OUTSIDE_POLICY, 1, i) for i in (2, 3, 4)}
+
+
+class AcceptAll:
+    name = "timestamp"
+    alert = AlertKind.TIMESTAMP_OUTSIDE_POLICY
+
+    def claims(self, message: bytes) -> bool:
+        return True
+
+    def check(self, message: bytes) -> str | None:
+        return None
+
+
+def ed25519_free_p256() -> Any:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1()).public_key()
+
+
+def test_the_tsa_key_signs_nothing_else_even_for_its_own_server() -> None:
+    setup = Setup(34)
+    with pytest.raises(SigningRefused, match="not a timestamp payload"):
+        setup.net.services[1].request(b"an arbitrary message", 0.0)
+    other = Setup(34)
+    authority = Authority(
+        policy="1.2.3", accuracy=ACCURACY, clock=other.clock(1),
+        serials=SerialAllocator(1, MemorySerialStore()), chain=other.chain,
+    )  # fmt: skip
+    with pytest.raises(SigningRefused, match="proposed policy 1.2.3 is not ours"):
+        other.net.services[1].request(encode_payload(other.prepare(authority).tst_info_der, other.cert), 0.0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=300) | st.builds(encoding.encode, st.dictionaries(st.text(max_size=5), st.binary(max_size=20))))
+def test_fuzz_the_payload_decoder_and_the_check_never_raise(data: bytes) -> None:
+    check = TimestampCheck(policy=POLICY, accuracy=ACCURACY, clock=lambda: EPOCH, public_key=lambda: None)
+    try:
+        decode_payload(data)
+    except ValueError:
+        pass
+    assert isinstance(check.check_from(data, 1), str)
+    assert check.alert is AlertKind.TIMESTAMP_OUTSIDE_POLICY
