@@ -8,6 +8,7 @@ test (tests/test_tsa_threshold_cluster.py) has the group's CA issue it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import subprocess
 from pathlib import Path
@@ -63,7 +64,9 @@ class Setup:
         self.chain = SigningChain(self.cert)
         for i, service in self.net.services.items():
             service.checks.append(
-                TimestampCheck(policy=POLICY, accuracy=ACCURACY, clock=self.clock(i), public_key=lambda: self.spki)
+                TimestampCheck(
+                    policy=POLICY, accuracy=ACCURACY, clock=self.clock(i), public_key=lambda: self.spki
+                )
             )
 
     def certificate(self, public: Any) -> bytes:
@@ -94,7 +97,9 @@ class Setup:
         )
 
     def prepare(self, authority: Authority, nonce: int = 7) -> Prepared:
-        prepared = authority.prepare(rfc3161.encode_request("sha256", bytes(range(32)), nonce=nonce, cert_req=True))
+        prepared = authority.prepare(
+            rfc3161.encode_request("sha256", bytes(range(32)), nonce=nonce, cert_req=True)
+        )
         assert isinstance(prepared, Prepared)
         return prepared
 
@@ -187,17 +192,18 @@ def test_the_tsa_key_signs_nothing_else_even_for_its_own_server() -> None:
         policy="1.2.3", accuracy=ACCURACY, clock=other.clock(1),
         serials=SerialAllocator(1, MemorySerialStore()), chain=other.chain,
     )  # fmt: skip
-    with pytest.raises(SigningRefused, match="proposed policy 1.2.3 is not ours"):
+    with pytest.raises(SigningRefused, match=r"proposed policy 1\.2\.3 is not ours"):
         other.net.services[1].request(encode_payload(other.prepare(authority).tst_info_der, other.cert), 0.0)
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.binary(max_size=300) | st.builds(encoding.encode, st.dictionaries(st.text(max_size=5), st.binary(max_size=20))))
+@given(
+    st.binary(max_size=300)
+    | st.builds(encoding.encode, st.dictionaries(st.text(max_size=5), st.binary(max_size=20)))
+)
 def test_fuzz_the_payload_decoder_and_the_check_never_raise(data: bytes) -> None:
     check = TimestampCheck(policy=POLICY, accuracy=ACCURACY, clock=lambda: EPOCH, public_key=lambda: None)
-    try:
+    with contextlib.suppress(ValueError):
         decode_payload(data)
-    except ValueError:
-        pass
     assert isinstance(check.check_from(data, 1), str)
     assert check.alert is AlertKind.TIMESTAMP_OUTSIDE_POLICY

@@ -501,6 +501,7 @@ class PeriodCertificate:
         profile: str = "server-tls",
         files: tuple[str, str] | None = ("syslog-period.key", "syslog-period.crt"),
         what: str = "syslog TLS",
+        public_key: Callable[[], Awaitable[bytes | None]] | None = None,
     ) -> None:
         self.call = call
         self.install = install
@@ -511,6 +512,9 @@ class PeriodCertificate:
         self.profile = profile
         self.files = files
         self.what = what
+        #: The key to certify (PEM) when it is not made here: the timestamping authority's in
+        #: threshold mode is the network's (``install`` then gets None for the private key).
+        self.public_key = public_key
         self.period: int | None = None
         self.issued_for: tuple[int, int] | None = None
         #: The current leaf (PEM), once there is one.
@@ -560,15 +564,24 @@ class PeriodCertificate:
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec
 
-        key = ec.generate_private_key(ec.SECP256R1())
-        spki = key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        key: Any = None
+        if self.public_key is not None:
+            pem = await self.public_key()
+            if pem is None:
+                raise ValueError("the key-holder does not know the key to certify yet")
+            spki = serialization.load_pem_public_key(pem).public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        else:
+            key = ec.generate_private_key(ec.SECP256R1())
+            spki = key.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
         leaf = await self.call("ca_issue", 20.0, spki=spki, profile=self.profile, names=list(self.names))
         if not isinstance(leaf, bytes):
             raise ValueError("the key-holder returned no certificate")
         files = None
-        if self.files is not None:
+        if self.files is not None and key is not None:
             key_pem = key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )

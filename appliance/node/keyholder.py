@@ -170,6 +170,8 @@ class _Child:
         self.server.retire_after_refresh = True
         if config.log is not None:
             self._guard_log(config)
+        if config.tsa is not None and config.tsa.threshold:
+            self._guard_timestamps(config)
         ca_methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
         if CA_SECRET in config.constants.secrets:
             from appliance.node.ca import CaAuthority
@@ -327,6 +329,30 @@ class _Child:
         if LOG_SECRET in config.constants.secrets:
             self.server.add_payload_check(LOG_SECRET, CheckpointGuard(shared, record, claim_all=True))
         self.server.add_payload_check(SCERT, CheckpointGuard(shared, record))
+
+    def _guard_timestamps(self, config: NodeConfig) -> None:
+        """[tsa] mode = "threshold": our shares of the TSA secret sign only timestamp tokens our
+        own check accepts (genTime within the stated accuracy of our clock, our policy, the
+        serial of the server that asked; appliance.apps.tsa.threshold)."""
+        import datetime as dt
+
+        from appliance.apps.tsa.rfc3161 import Accuracy
+        from appliance.apps.tsa.threshold import TimestampCheck
+
+        tsa = config.tsa
+        assert tsa is not None
+        server = self.server
+
+        def clock() -> dt.datetime:
+            return dt.datetime.fromtimestamp(server.clock(), dt.UTC)
+
+        check = TimestampCheck(
+            policy=tsa.policy,
+            accuracy=Accuracy(tsa.accuracy_ms // 1000, tsa.accuracy_ms % 1000),
+            clock=clock,
+            public_key=lambda: server.dss_public_key(tsa.secret),
+        )
+        server.add_payload_check(tsa.secret, check)
 
     async def _sign_checkpoint(self, args: dict[str, Any]) -> bytes:
         from appliance.apps.log.checkpoint import Checkpoint

@@ -39,10 +39,11 @@ if TYPE_CHECKING:
     from appliance.apps.tsa.authority import Authority, TokenRecord
     from appliance.apps.tsa.rfc3161 import Signer
 
-    #: The [tsa] section's authority and the signer of its period key.
-    from appliance.apps.tsa.service import RenewedKey
+    #: The [tsa] section's authority, the signer of its period key (None: the network signs,
+    #: threshold mode) and the holder of the certificate the group's CA renews each period.
+    from appliance.apps.tsa.service import RenewedKey, ThresholdCertificate
 
-    TsaService = tuple[Authority, Signer, RenewedKey | None]
+    TsaService = tuple[Authority, Signer | None, RenewedKey | ThresholdCertificate | None]
 
 log = logging.getLogger("pst.server")
 
@@ -275,6 +276,13 @@ async def _serve(
             )
             nursery.start_soon(period_cert.run)
         if tsa is not None and tsa[2] is not None and config.ca is not None:
+            network_key = None
+            if config.tsa is not None and config.tsa.threshold:
+                secret = config.tsa.secret
+
+                async def network_key() -> bytes | None:  # the TSA key is the network's
+                    return await link.dss_public_key(secret)
+
             tsa_cert = PeriodCertificate(
                 link.call,
                 _tsa_installer(tsa[2]),
@@ -285,6 +293,7 @@ async def _serve(
                 profile="tsa",
                 files=None,  # the key stays in this process's memory
                 what="timestamping",
+                public_key=network_key,
             )
             nursery.start_soon(tsa_cert.run)
         await nursery.start(link.run, zygote, control)
@@ -421,11 +430,21 @@ async def _run_web(
             "tsa: no [log] section: issued tokens are recorded in this journal only, not the secure log"
         )
     if tsa is not None:
-        from appliance.web._tsa import local_signer, timestamp_route
+        from appliance.web._tsa import local_signer, network_signer, timestamp_route
 
         authority, sign, _renewed = tsa
+        if sign is not None:
+            signer = local_signer(sign)
+        else:  # threshold mode: t+1 servers sign, each checking the TSTInfo first
+            assert config.tsa is not None
+            secret = config.tsa.secret
+
+            async def sign_dss(payload: bytes, timeout: float) -> bytes:
+                return await link.sign_dss(secret, payload, timeout=timeout)
+
+            signer = network_signer(sign_dss)
         route = timestamp_route(
-            authority, local_signer(sign), on_record=functools.partial(_log_token, config, log_service)
+            authority, signer, on_record=functools.partial(_log_token, config, log_service)
         )
     ca_root = None
     if group_root is not None:
@@ -450,7 +469,7 @@ async def _run_web(
         )
 
 
-def _tsa_installer(renewed: RenewedKey) -> Any:
+def _tsa_installer(renewed: RenewedKey | ThresholdCertificate) -> Any:
     """Install each period's TSA key and its leaf (PEM from the group's CA) into the authority."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization

@@ -251,6 +251,8 @@ class _Request(Generic[E]):
     own_shares: int = 0
     #: What is signed: the message, or the form its check makes of it (``signed_bytes``).
     to_sign: bytes = b""
+    #: It waited for a presignature: our check runs again before anything is sent.
+    waited: bool = False
 
 
 class DSSSigningService(Generic[E]):
@@ -1134,6 +1136,7 @@ class DSSSigningService(Generic[E]):
         if stock is None:
             if now - req.started < REQUEST_TIMEOUT:
                 req.attempt -= 1
+                req.waited = True
                 req.deadline = now + 0.02  # wait for a presignature (retried on tick)
                 return
             self._fail(
@@ -1144,9 +1147,14 @@ class DSSSigningService(Generic[E]):
             )
             return
         check = self.check_for(req.message)
-        if check is not None and req.own_shares:
+        if check is not None and (req.own_shares or req.waited):
+            # A retry, or a message that waited for a presignature: what we accepted then may be
+            # stale now (a timestamp's genTime); refuse it ourselves rather than have the others
+            # refuse it and alert on us.
+            req.waited = False
             reason = run_check(check, req.message, self.me)
             if reason is not None:
+                self._stock.appendleft(stock)  # unused: it stays ours
                 self._fail(req, f"this server now refuses the {check.name}: {reason}")
                 return
         req.stock, req.locks, req.shares, req.signers = stock, {}, {}, ()

@@ -1,4 +1,8 @@
-"""A server's timestamping authority from its config's [tsa] section ("period-key" mode).
+"""A server's timestamping authority from its config's [tsa] section.
+
+In "threshold" mode the network signs (:mod:`appliance.apps.tsa.threshold`): the authority
+gets its certificate from the group's CA for the network's key (:class:`ThresholdCertificate`)
+and no local signer. In "period-key" mode:
 
 :func:`load_period_key` reads the operator's certificate chain and P-256 key (the CA of the
 network will later certify a key per server and period instead), checks that they match and
@@ -59,6 +63,19 @@ class RenewedKey:
         return self._key.sign(data, ec.ECDSA(hashes.SHA256()))
 
 
+class ThresholdCertificate:
+    """``[tsa] mode = "threshold"``: the group CA's certificate for the network's threshold key,
+    renewed each period like a period key's (the key itself never changes). Until the first
+    arrives, the authority refuses requests with systemFailure."""
+
+    def __init__(self, authority: Authority) -> None:
+        self.authority = authority
+
+    def install(self, key: object, certificate: bytes) -> None:
+        """Serve ``certificate`` (DER, from the group's CA); ``key`` is None (the network's)."""
+        self.authority.chain = SigningChain(certificate, ())
+
+
 def load_period_key(tsa: TsaConfig, config_path: Path) -> PeriodKey:
     where = f"{config_path}: tsa.cert / tsa.key"
     if tsa.cert is None or tsa.key is None:
@@ -96,9 +113,10 @@ def load_period_key(tsa: TsaConfig, config_path: Path) -> PeriodKey:
 
 def authority_from_config(
     tsa: TsaConfig, config_path: Path, server_id: int, state_dir: Path
-) -> tuple[Authority, Signer, RenewedKey | None]:
-    """The authority of [tsa], its signer, and with ``cert = "period"`` the holder of the period's
-    key that the node renews; the serial counter in ``state_dir/tsa-serial``."""
+) -> tuple[Authority, Signer | None, RenewedKey | ThresholdCertificate | None]:
+    """The authority of [tsa], its local signer (None in threshold mode: the network signs), and
+    with ``cert = "period"`` or in threshold mode the holder of the certificate that the node
+    renews each period; the serial counter in ``state_dir/tsa-serial``."""
     period_key = load_period_key(tsa, config_path) if not tsa.period_cert else None
     authority = Authority(
         policy=tsa.policy,
@@ -109,5 +127,7 @@ def authority_from_config(
     )
     if period_key is not None:
         return authority, period_key.sign, None
+    if tsa.threshold:
+        return authority, None, ThresholdCertificate(authority)
     renewed = RenewedKey(authority)
     return authority, renewed.sign, renewed
