@@ -7,6 +7,7 @@ import datetime as dt
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -26,11 +27,13 @@ from appliance.apps.tsa.authority import (
 )
 from appliance.apps.tsa.rfc3161 import Accuracy, FailureInfo, Status
 from appliance.apps.tsa.service import authority_from_config, load_period_key
+from appliance.apps.tsa.threshold import decode_payload
 from appliance.host import config as node_config
 from appliance.host.config import HttpConfig
+from appliance.protocols.signing import SigningRefused
 from appliance.protocols.state import ConfigError
 from appliance.web import WebService
-from appliance.web._tsa import QUERY_TYPE, REPLY_TYPE, local_signer, timestamp_route
+from appliance.web._tsa import QUERY_TYPE, REPLY_TYPE, local_signer, network_signer, timestamp_route
 
 POLICY = "1.3.6.1.4.1.57264.2.1"
 
@@ -278,3 +281,73 @@ async def test_a_token_whose_record_cannot_be_logged_is_not_released(
     text = openssl("ts", "-reply", "-in", tmp_path / "r.tsr", "-text")
     assert "Status: Rejected" in text and "could not be recorded in the secure log" in text
     assert "TST info:\nNot included." in text
+
+
+async def _post_with(tmp_path: Path, stand_in: StandIn, sign_dss: Any) -> tuple[bytes, list[TokenRecord]]:
+    authority = Authority(
+        policy=POLICY,
+        accuracy=Accuracy(seconds=1),
+        clock=lambda: dt.datetime.now(dt.UTC),
+        serials=SerialAllocator(1, MemorySerialStore()),
+        chain=stand_in.chain,
+    )
+    records: list[TokenRecord] = []
+
+    async def record(token: TokenRecord) -> None:
+        records.append(token)
+
+    route = timestamp_route(authority, network_signer(sign_dss, timeout=0.5), on_record=record)
+    service, _, _ = make_service(tmp_path, tsa=route)
+    query = rfc3161.encode_request("sha256", bytes(32), nonce=5)
+    async with client(service) as c:
+        answer = await c.post("/tsa", content=query, headers={"content-type": QUERY_TYPE})
+    assert answer.status_code == 200
+    return answer.content, records
+
+
+async def test_threshold_signer_failures_are_rfc3161_system_failures_with_the_reason(
+    tmp_path: Path, stand_in: StandIn
+) -> None:
+    """The network's refusal (the presignature stock ran dry) and its silence (a timeout) both
+    get systemFailure, saying why; no token, no record."""
+
+    async def dry(payload: bytes, timeout: float) -> bytes:
+        raise SigningRefused("sign/tsa: no presignature in stock: none was made in 5 s")
+
+    body, records = await _post_with(tmp_path, stand_in, dry)
+    reply = rfc3161.decode_response(body)
+    assert reply.failures == {FailureInfo.SYSTEM_FAILURE} and not records
+    assert "no presignature in stock" in (reply.text or "")
+
+    async def silent(payload: bytes, timeout: float) -> bytes:
+        await trio.sleep(timeout + 1)
+        raise AssertionError("not reached")
+
+    async def bounded(payload: bytes, timeout: float) -> bytes:
+        with trio.fail_after(timeout):
+            return await silent(payload, timeout)
+
+    body, records = await _post_with(tmp_path / "2", stand_in, bounded)
+    reply = rfc3161.decode_response(body)
+    assert reply.failures == {FailureInfo.SYSTEM_FAILURE} and "did not sign within 0.5 s" in (
+        reply.text or ""
+    )
+
+
+async def test_a_stale_gentime_is_proposed_again_once(tmp_path: Path, stand_in: StandIn) -> None:
+    """The coordinator's own check refused its proposal after waiting for a presignature: the
+    route proposes a fresh TSTInfo (new genTime, new serial) and that one is signed."""
+    payloads: list[bytes] = []
+
+    async def sign_dss(payload: bytes, timeout: float) -> bytes:
+        payloads.append(payload)
+        if len(payloads) == 1:
+            raise SigningRefused("sign/tsa: this server now refuses the timestamp: proposed genTime ... ")
+        tst, _cert = decode_payload(payload)
+        return stand_in.sign(rfc3161.signed_attributes(tst, stand_in.chain))
+
+    body, records = await _post_with(tmp_path, stand_in, sign_dss)
+    reply = rfc3161.decode_response(body)
+    assert reply.tst_info is not None and len(payloads) == 2 and len(records) == 1
+    serials = [rfc3161.decode_tst_info(decode_payload(p)[0]).serial for p in payloads]
+    assert serials[0] != serials[1] == records[0].serial
