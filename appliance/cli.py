@@ -1270,6 +1270,97 @@ def _cmd_log_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ts_request(args: argparse.Namespace) -> int:
+    """``pst ts request``: a timestamp token for a file or a digest from a server's local API,
+    written as a .tsr that ``openssl ts -reply``/``-verify`` read."""
+    import hashlib
+    import secrets
+
+    from appliance.api.client import PstClient, PstError
+    from appliance.apps.tsa import rfc3161
+
+    algorithm = rfc3161.HASHES_BY_NAME.get(args.hash)
+    if algorithm is None:
+        print(f"pst ts request: --hash must be one of {', '.join(rfc3161.HASHES_BY_NAME)}", file=sys.stderr)
+        return 2
+    if args.file is not None:
+        try:
+            with open(args.file, "rb") as f:
+                digest = hashlib.file_digest(f, args.hash).digest()
+        except OSError as exc:
+            print(f"pst ts request: {args.file}: {exc.strerror}", file=sys.stderr)
+            return 1
+    else:
+        try:
+            digest = bytes.fromhex(args.digest)
+        except ValueError:
+            print("pst ts request: --digest must be hexadecimal", file=sys.stderr)
+            return 2
+        if len(digest) != algorithm.size:
+            print(
+                f"pst ts request: a {args.hash} digest has {algorithm.size} bytes, not {len(digest)}",
+                file=sys.stderr,
+            )
+            return 2
+    nonce = secrets.randbits(64)
+    cert_req = not args.no_cert
+    from appliance.host.nodes import nodes_of
+
+    nodes = nodes_of(args)
+    if args.config is None and args.node is None:
+        nodes = [n for n in nodes if _alive(n.pid())][:1]
+    if not nodes:
+        print("pst ts request: no server of the cluster is running", file=sys.stderr)
+        return 1
+    try:
+        with PstClient(str(_node_socket(nodes[0]))) as client:
+            body = client.timestamp(digest, args.hash, nonce=nonce, cert_req=cert_req)
+    except PstError as exc:
+        print(f"pst ts request: {exc}", file=sys.stderr)
+        return 1
+    try:
+        reply = rfc3161.decode_response(body)
+    except rfc3161.TokenDecodeError as exc:
+        print(f"pst ts request: the server's reply does not decode: {exc}", file=sys.stderr)
+        return 1
+    if reply.tst_info is None:
+        failures = ", ".join(f.name for f in sorted(reply.failures)) or "none given"
+        print(f"pst ts request: refused ({failures}): {reply.text}", file=sys.stderr)
+        return 1
+    info = rfc3161.decode_tst_info(reply.tst_info)
+    if info.nonce != nonce or info.digest != digest:
+        print("pst ts request: the token is not for this request (nonce or digest differ)", file=sys.stderr)
+        return 1
+    Path(args.out).write_bytes(body)
+    if args.query_out is not None:
+        Path(args.query_out).write_bytes(
+            rfc3161.encode_request(args.hash, digest, nonce=nonce, cert_req=cert_req)
+        )
+    print(f"{args.out}: serial {info.serial:x}, genTime {rfc3161.format_gen_time(info.gen_time)}")
+    return 0
+
+
+def _add_ts_commands(sub: Any) -> None:
+    from appliance.host.nodes import add_node_options
+
+    tsp = sub.add_parser("ts", help="the timestamping authority (RFC 3161) through a server's local API")
+    tsub = tsp.add_subparsers(dest="ts_command", metavar="ACTION", required=True)
+    request = tsub.add_parser(
+        "request", help="a token for a file or a digest, written as a .tsr (openssl ts -verify reads it)"
+    )
+    add_node_options(request, node=True)
+    what = request.add_mutually_exclusive_group(required=True)
+    what.add_argument("--file", help="the file to timestamp (hashed here; it does not leave this host)")
+    what.add_argument("--digest", help="its digest, in hexadecimal")
+    request.add_argument("--hash", default="sha256", help="sha256 (default), sha384 or sha512")
+    request.add_argument("--out", required=True, help="where to write the TimeStampResp (.tsr)")
+    request.add_argument(
+        "--query-out", help="also write the equivalent TimeStampReq (.tsq), for openssl ts -verify -queryfile"
+    )
+    request.add_argument("--no-cert", action="store_true", help="leave the TSA certificate out of the token")
+    request.set_defaults(func=_cmd_ts_request)
+
+
 def _add_log_commands(sub: Any) -> None:
     from appliance.host.nodes import add_node_options
 
@@ -1478,6 +1569,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(sub)  # check, manifest, upgrade
     _add_api_commands(sub)
     _add_log_commands(sub)
+    _add_ts_commands(sub)
     _add_ca_commands(sub)
 
     status = sub.add_parser(

@@ -404,6 +404,7 @@ OPS: Final[Mapping[str, Mapping[str, type]]] = {
     "challenge": {},
     "register_certified": {"certificate": bytes, "challenge": bytes, "signature": bytes},
     "certificate": {"handle": bytes},
+    "timestamp": {"hash": str, "digest": bytes},
 }
 #: Optional fields of each operation, with their types.
 OPTIONAL: Final[Mapping[str, Mapping[str, type]]] = {
@@ -411,6 +412,7 @@ OPTIONAL: Final[Mapping[str, Mapping[str, type]]] = {
     "send": {"timeout_ms": int},
     "receive": {"max": int, "wait_ms": int},
     "certificate": {"csr": bytes, "names": list},
+    "timestamp": {"nonce": int, "cert_req": bool},
 }
 #: Operations only the operator (root or the server's own uid) may call.
 OPERATOR_OPS: Final = frozenset({"upgrade_sign", "registrations", "revoke", "dss_sign"})
@@ -477,7 +479,7 @@ def parse_request(obj: object) -> Request:
         raise bad("uid", "must be in [0, 2**32)")
     if "handle" in args and len(args["handle"]) != HANDLE_SIZE:
         raise bad("handle", f"must be {HANDLE_SIZE} bytes")
-    if "nonce" in args and not 16 <= len(args["nonce"]) <= MAX_NONCE_SIZE:
+    if op == "random" and not 16 <= len(args["nonce"]) <= MAX_NONCE_SIZE:  # (timestamp's is an int)
         raise bad("nonce", f"must be 16 to {MAX_NONCE_SIZE} bytes, fresh for every request")
     for key in ("message", "payload"):
         if key in args and len(args[key]) > MAX_MESSAGE_SIZE:
@@ -946,6 +948,8 @@ class ApiCore:
                 NOT_PERMITTED,
                 f"{request.op!r} is for the operator (root or the server's own user), not uid {peer.uid}",
             )
+        if request.op == "timestamp":
+            return {"response": await self._timestamp(args)}
         if request.op == "upgrade_sign":
             return {"certificate": await self._upgrade_sign()}
         if request.op == "dss_sign":
@@ -997,6 +1001,33 @@ class ApiCore:
         if not isinstance(certificate, bytes):
             raise ApiError(UNAVAILABLE, "the server returned no certificate")
         return certificate
+
+    async def _timestamp(self, args: Mapping[str, Any]) -> bytes:
+        """RFC 3161 from a local client: the hash algorithm's name and the digest in, the DER
+        ``TimeStampResp`` out (a token, or a rejection saying why), as ``POST /tsa`` answers the
+        same request. Open to every local user (a public service over HTTP too), at the control
+        rate."""
+        from appliance.apps.tsa import rfc3161
+
+        timestamp = getattr(self.backend, "timestamp", None)
+        if timestamp is None:
+            raise ApiError(UNAVAILABLE, "this server has no timestamping authority (no [tsa] section)")
+        name, nonce = args["hash"], args.get("nonce")
+        if name not in rfc3161.HASHES_BY_NAME:
+            accepted = ", ".join(rfc3161.HASHES_BY_NAME)
+            raise ApiError(BAD_REQUEST, f"'hash' must be one of {accepted}, not {name[:20]!r}")
+        if nonce is not None and not 0 <= nonce < 1 << 160:
+            raise ApiError(BAD_REQUEST, "'nonce' must be in 0 .. 2**160-1")
+        if len(args["digest"]) > 128:
+            raise ApiError(TOO_LARGE, "'digest' is longer than any accepted hash")
+        query = rfc3161.encode_request(name, args["digest"], nonce=nonce, cert_req=args.get("cert_req", True))
+        try:
+            response = await timestamp(query)
+        except BackendUnavailable as exc:
+            raise ApiError(UNAVAILABLE, str(exc)[:300]) from None
+        if not isinstance(response, bytes):
+            raise ApiError(UNAVAILABLE, "the timestamping authority returned no response")
+        return response
 
     async def _dss_call(self, method: str, secret: str, *message: bytes) -> bytes:
         """The operator's threshold DSS signature by secret ``secret`` of C, or its public key.

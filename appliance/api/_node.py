@@ -95,7 +95,10 @@ class PServerBackend:
         sign_upgrade: Callable[[], Awaitable[bytes]] | None = None,
         dss_sign: Callable[[str, bytes], Awaitable[bytes]] | None = None,
         dss_key: Callable[[str], Awaitable[bytes | None]] | None = None,
+        timestamp: Callable[[bytes], Awaitable[bytes]] | None = None,
     ) -> None:
+        #: The timestamping authority: a DER ``TimeStampReq`` in, the ``TimeStampResp`` out.
+        self._timestamp = timestamp
         self._dss_sign = dss_sign
         self._dss_key = dss_key
         self._sign_upgrade = sign_upgrade
@@ -140,6 +143,11 @@ class PServerBackend:
             raise BackendUnavailable("the signing servers did not answer in time") from None
         self.signatures["dss", "signed"] += 1
         return signature
+
+    async def timestamp(self, query: bytes) -> bytes:
+        if self._timestamp is None:
+            raise BackendUnavailable("this server has no timestamping authority (no [tsa] section)")
+        return await self._timestamp(query)
 
     async def dss_public_key(self, secret: str) -> bytes | None:
         if self._dss_key is None:

@@ -514,6 +514,19 @@ class PstClient:
             raise PstError("connection", "malformed dss_sign response")
         return signature
 
+    def timestamp(
+        self, digest: bytes, hash: str = "sha256", *, nonce: int | None = None, cert_req: bool = True
+    ) -> bytes:
+        """An RFC 3161 ``TimeStampResp`` (DER, what ``openssl ts -reply`` reads) for ``digest``
+        made with ``hash`` (sha256, sha384 or sha512): a token, or a rejection saying why."""
+        fields: dict[str, Any] = {"hash": hash, "digest": digest, "cert_req": cert_req}
+        if nonce is not None:
+            fields["nonce"] = nonce
+        response = self._call("timestamp", **fields).get("response")
+        if not isinstance(response, bytes):
+            raise PstError("connection", "malformed timestamp response")
+        return response
+
     def dss_public_key(self, secret: str) -> bytes:
         """The PEM (SubjectPublicKeyInfo) public key of the DSS secret ``secret`` of C."""
         pem = self._call("dss_public_key", secret=secret).get("pem")

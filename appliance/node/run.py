@@ -11,7 +11,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -315,6 +315,7 @@ async def _serve(
             sign_upgrade=link.sign_upgrade,
             dss_sign=link.sign_dss,
             dss_key=link.dss_public_key,
+            timestamp=_tsa_respond(config, link, tsa, log_service),
         )
         await nursery.start(links.run)
         api = await nursery.start(
@@ -430,21 +431,12 @@ async def _run_web(
             "tsa: no [log] section: issued tokens are recorded in this journal only, not the secure log"
         )
     if tsa is not None:
-        from appliance.web._tsa import local_signer, network_signer, timestamp_route
+        from appliance.web._tsa import timestamp_route
 
-        authority, sign, _renewed = tsa
-        if sign is not None:
-            signer = local_signer(sign)
-        else:  # threshold mode: t+1 servers sign, each checking the TSTInfo first
-            assert config.tsa is not None
-            secret = config.tsa.secret
-
-            async def sign_dss(payload: bytes, timeout: float) -> bytes:
-                return await link.sign_dss(secret, payload, timeout=timeout)
-
-            signer = network_signer(sign_dss)
         route = timestamp_route(
-            authority, signer, on_record=functools.partial(_log_token, config, log_service)
+            tsa[0],
+            _tsa_signer(config, link, tsa),
+            on_record=functools.partial(_log_token, config, log_service),
         )
     ca_root = None
     if group_root is not None:
@@ -467,6 +459,40 @@ async def _run_web(
             *config.http.listen,
             "; ".join(str(exc) for exc in _leaves(group)),
         )
+
+
+def _tsa_signer(config: NodeConfig, link: KeyHolderLink, tsa: TsaService) -> Any:
+    """The authority's signer: its period key, or in threshold mode the network (t+1 servers
+    sign each token with the TSA secret, each checking the TSTInfo first)."""
+    from appliance.apps.tsa.issuing import local_signer, network_signer
+
+    sign = tsa[1]
+    if sign is not None:
+        return local_signer(sign)
+    assert config.tsa is not None
+    secret = config.tsa.secret
+
+    async def sign_dss(payload: bytes, timeout: float) -> bytes:
+        return await link.sign_dss(secret, payload, timeout=timeout)
+
+    return network_signer(sign_dss)
+
+
+def _tsa_respond(
+    config: NodeConfig, link: KeyHolderLink, tsa: TsaService | None, log_service: LogService | None
+) -> Callable[[bytes], Awaitable[bytes]] | None:
+    """The local API's ``timestamp``: a DER TimeStampReq in, the TimeStampResp out (as POST /tsa)."""
+    if tsa is None:
+        return None
+    from appliance.apps.tsa.issuing import respond
+
+    signer = _tsa_signer(config, link, tsa)
+    on_record = functools.partial(_log_token, config, log_service)
+
+    async def timestamp(query: bytes) -> bytes:
+        return (await respond(tsa[0], signer, query, on_record)).body
+
+    return timestamp
 
 
 def _tsa_installer(renewed: RenewedKey | ThresholdCertificate) -> Any:
