@@ -3,8 +3,18 @@
 One process, one core: the RFC 3161 codec (pyasn1) and the authority's core with a local P-256
 key (the "period-key" mode's signer, and a single-key TSA), request bytes in, reply bytes out;
 no HTTP, no threshold signing. Also, as the peer, ``openssl ts -reply`` (one process per reply,
-as a shell-scripted TSA would run it). Usage:
+as a shell-scripted TSA would run it).
+
+With ``--cluster``, a real local cluster (n=4, t=1, `pst cluster init`, 12 processes) per mode
+instead: "threshold" (every token signed by t+1 servers with the P-256 secret ``tsa``, each
+checking it) and "period-key" (``cert = "period"``: each server signs alone with a key the group
+certified for the period). Tokens over HTTP (httpx, keep-alive): one at a time with a pause
+between (the presignature stock refilled: the latency "while the stock lasts"), then
+``--concurrency`` requests in flight spread over the four servers for ``--seconds`` (sustained:
+granted tokens/s, and how many were refused with systemFailure). No secure log (``--log off``):
+its append would be measured too. Usage:
     .venv/bin/python bench/tsa.py [--quick]
+    .venv/bin/python bench/tsa.py --cluster [--seconds 20] [--concurrency 8] [--modes threshold,period-key]
 """
 
 from __future__ import annotations
@@ -276,10 +286,116 @@ async def _load(url: str, count: int, concurrency: int, httpx: Any, server_pid: 
     }
 
 
+def bench_cluster(mode: str, seconds: float, concurrency: int, base_port: int) -> dict[str, Any]:
+    """A 4-server cluster whose [tsa] is ``mode``: sequential latency, then sustained load."""
+    import httpx
+    import trio
+
+    from appliance.host import config as node_config
+    from appliance.node.cluster import init_cluster
+    from appliance.protocols.state import CA_SECRET, SCERT
+
+    pst = [sys.executable, "-m", "appliance.cli"]
+    root = Path(tempfile.mkdtemp(prefix=f"pst-bench-tsa-{mode}-")) / "c"
+    secrets = {SCERT: "ed25519", CA_SECRET: "ed25519", "tsa": "p256"}
+    init_cluster(
+        root, n=4, t=1, period_seconds=3600.0, round_ms=50, base_port=base_port,
+        progress=lambda _line: None, secrets=secrets, log="off",
+    )  # fmt: skip
+    section = 'mode = "threshold"' if mode == "threshold" else 'mode = "period-key"\ncert = "period"'
+    for i in range(1, 5):
+        config = root / f"node-{i}" / "config.toml"
+        config.write_text(
+            config.read_text()
+            + f'\n[ca]\ntsa_names = ["tsa.example.org"]\n\n[tsa]\n{section}\npolicy = "{POLICY}"\n'
+        )
+    urls = [f"{node_config.load(root / f'node-{i}' / 'config.toml').http.url}/tsa" for i in range(1, 5)]
+    subprocess.run([*pst, "cluster", "up", "--dir", str(root), "--detach"], check=True, capture_output=True)
+    try:
+        result: dict[str, Any] = trio.run(_cluster_load, urls, seconds, concurrency, httpx)
+    finally:
+        subprocess.run([*pst, "cluster", "down", "--dir", str(root)], capture_output=True, check=False)
+    return {"mode": mode, "n": 4, "t": 1, **result}
+
+
+async def _cluster_load(urls: list[str], seconds: float, concurrency: int, httpx: Any) -> dict[str, Any]:
+    import trio
+
+    headers = {"content-type": "application/timestamp-query"}
+    body = rfc3161.encode_request("sha256", os.urandom(32), nonce=9, cert_req=True)
+    limits = httpx.Limits(max_connections=4 * concurrency, max_keepalive_connections=4 * concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=20) as client:
+
+        async def post(url: str) -> bool:
+            answer = await client.post(url, content=body, headers=headers)
+            return answer.status_code == 200 and rfc3161.decode_response(answer.content).tst_info is not None
+
+        deadline = time.monotonic() + 90
+        for url in urls:  # every server up, its certificate and first presignatures there
+            while True:
+                try:
+                    if await post(url):
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{url}: no token within 90 s")
+                await trio.sleep(0.5)
+        sequential: list[float] = []
+        for k in range(40):
+            await trio.sleep(0.25)  # the stock refills between tokens
+            start = time.perf_counter()
+            assert await post(urls[k % len(urls)])
+            sequential.append((time.perf_counter() - start) * 1000)
+        latencies: list[float] = []
+        refused = 0
+        stop = time.monotonic() + seconds
+
+        async def worker(url: str) -> None:
+            nonlocal refused
+            while time.monotonic() < stop:
+                start = time.perf_counter()
+                if await post(url):
+                    latencies.append((time.perf_counter() - start) * 1000)
+                else:
+                    refused += 1
+
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for k in range(concurrency):
+                nursery.start_soon(worker, urls[k % len(urls)])
+        elapsed = time.perf_counter() - start
+    return {
+        "sequential_with_stock": {"tokens": len(sequential), **percentiles(sequential)},
+        "sustained": {
+            "seconds": round(elapsed, 1),
+            "concurrency": concurrency,
+            "tokens": len(latencies),
+            "refused_system_failure": refused,
+            "tokens_per_s": round(len(latencies) / elapsed, 1),
+            **(percentiles(latencies) if len(latencies) >= 2 else {}),
+        },
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer tokens (a smoke run)")
+    parser.add_argument("--cluster", action="store_true", help="real 4-server clusters, one per mode")
+    parser.add_argument("--modes", default="threshold,period-key")
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--base-port", type=int, default=28500)
     args = parser.parse_args()
+    if args.cluster:
+        runs = [
+            bench_cluster(mode, args.seconds, args.concurrency, args.base_port)
+            for mode in args.modes.split(",")
+        ]
+        machine = {"python": platform.python_version(), "cpus": os.cpu_count()}
+        json.dump({"machine": machine, "clusters": runs}, sys.stdout, indent=2)
+        print()
+        return 0
     count = 300 if args.quick else 3000
     ours = bench_ours(count)
     peer = bench_openssl(30 if args.quick else 200)
