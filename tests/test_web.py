@@ -602,6 +602,7 @@ async def test_metrics_follow_the_text_format_and_count_what_happened(tmp_path: 
     clock.now = NOW
     service.update_local()  # the four refreshes finished after the start: observed once each
     peers.down.add(4)
+    peers.skew[2] = 0.25
     await service.poll_peers()
 
     class Rejection:
@@ -625,7 +626,8 @@ async def test_metrics_follow_the_text_format_and_count_what_happened(tmp_path: 
     for counter in ("pst_refreshes", "pst_http_requests", "pst_refused_connections", "pst_alerts",
                     "pst_api_requests", "pst_signatures"):  # fmt: skip
         assert types[f"{counter}_total"] == "counter", counter
-    for gauge in ("pst_period", "pst_clock_period", "pst_peers_connected", "pst_state", "pst_peer_up"):
+    for gauge in ("pst_period", "pst_clock_period", "pst_peers_connected", "pst_state", "pst_peer_up",
+                  "pst_peer_clock_skew_seconds", "pst_peer_poll_rtt_seconds"):  # fmt: skip
         assert types[gauge] == "gauge", gauge
 
     families = {f.name: f for f in text_string_to_metric_families(text)}
@@ -654,6 +656,10 @@ async def test_metrics_follow_the_text_format_and_count_what_happened(tmp_path: 
     assert value[("pst_peers_connected", (("authenticated", "true"),))] == 1
     assert value[("pst_peers_connected", (("authenticated", "false"),))] == 1
     assert value[("pst_peer_up", (("server", "4"),))] == 0 and value[("pst_peer_up", (("server", "2"),))] == 1
+    assert value[("pst_peer_clock_skew_seconds", (("server", "2"),))] == pytest.approx(0.25)
+    assert value[("pst_peer_clock_skew_seconds", (("server", "3"),))] == pytest.approx(-0.5)  # make_service
+    assert ("pst_peer_clock_skew_seconds", (("server", "4"),)) not in value  # never answered
+    assert value[("pst_peer_poll_rtt_seconds", (("server", "2"),))] >= 0
     assert "bogus-op-name" not in text and SECRET not in text and PASSWORD not in text
 
 

@@ -83,10 +83,27 @@ class _Snapshot(Collector):
                 "1 if the peer answered this server's last poll of its /v1/status",
                 labels=["server"],
             )
+            skew = GaugeMetricFamily(
+                "pst_peer_clock_skew_seconds",
+                "The peer's clock minus this server's, at the midpoint of its last answered poll "
+                "(uncertain by half the round trip; the timestamping authority's co-signers "
+                "refuse a genTime off by more than the stated accuracy)",
+                labels=["server"],
+            )
+            rtt = GaugeMetricFamily(
+                "pst_peer_poll_rtt_seconds",
+                "Round trip of the last answered poll of the peer",
+                labels=["server"],
+            )
             for server, record in sorted(self.poller.records.items()):
                 ok = record.attempted is not None and record.error is None and record.document is not None
                 answering.add_metric([str(server)], 1.0 if ok else 0.0)
+                if record.skew is not None and record.rtt is not None:
+                    skew.add_metric([str(server)], record.skew)
+                    rtt.add_metric([str(server)], record.rtt)
             yield answering
+            yield skew
+            yield rtt
 
         alerts = CounterMetricFamily(
             "pst_alerts",
