@@ -325,10 +325,18 @@ async def _cluster_load(urls: list[str], seconds: float, concurrency: int, httpx
     body = rfc3161.encode_request("sha256", os.urandom(32), nonce=9, cert_req=True)
     limits = httpx.Limits(max_connections=4 * concurrency, max_keepalive_connections=4 * concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=20) as client:
+        reasons: dict[str, int] = {}
 
         async def post(url: str) -> bool:
             answer = await client.post(url, content=body, headers=headers)
-            return answer.status_code == 200 and rfc3161.decode_response(answer.content).tst_info is not None
+            if answer.status_code != 200:
+                reasons[f"HTTP {answer.status_code}"] = reasons.get(f"HTTP {answer.status_code}", 0) + 1
+                return False
+            reply = rfc3161.decode_response(answer.content)
+            if reply.tst_info is None:
+                why = (reply.text or "")[:90]
+                reasons[why] = reasons.get(why, 0) + 1
+            return reply.tst_info is not None
 
         deadline = time.monotonic() + 90
         for url in urls:  # every server up, its certificate and first presignatures there
@@ -342,11 +350,14 @@ async def _cluster_load(urls: list[str], seconds: float, concurrency: int, httpx
                     raise RuntimeError(f"{url}: no token within 90 s")
                 await trio.sleep(0.5)
         sequential: list[float] = []
+        reasons.clear()
         for k in range(40):
             await trio.sleep(0.25)  # the stock refills between tokens
             start = time.perf_counter()
-            assert await post(urls[k % len(urls)])
-            sequential.append((time.perf_counter() - start) * 1000)
+            if await post(urls[k % len(urls)]):
+                sequential.append((time.perf_counter() - start) * 1000)
+        sequential_refused = dict(reasons)
+        reasons.clear()
         latencies: list[float] = []
         refused = 0
         stop = time.monotonic() + seconds
@@ -366,12 +377,17 @@ async def _cluster_load(urls: list[str], seconds: float, concurrency: int, httpx
                 nursery.start_soon(worker, urls[k % len(urls)])
         elapsed = time.perf_counter() - start
     return {
-        "sequential_with_stock": {"tokens": len(sequential), **percentiles(sequential)},
+        "sequential_with_stock": {
+            "tokens": len(sequential),
+            "refused": sequential_refused,
+            **percentiles(sequential),
+        },
         "sustained": {
             "seconds": round(elapsed, 1),
             "concurrency": concurrency,
             "tokens": len(latencies),
             "refused_system_failure": refused,
+            "refused_why": reasons,
             "tokens_per_s": round(len(latencies) / elapsed, 1),
             **(percentiles(latencies) if len(latencies) >= 2 else {}),
         },

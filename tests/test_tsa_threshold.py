@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rfc3161_client import TimestampRequestBuilder, VerifierBuilder, decode_timestamp_response
 from test_dss_signing import Net
 
 from appliance.apps.tsa import rfc3161
@@ -135,6 +136,25 @@ def test_tokens_signed_by_t_plus_1_checking_servers_verify_with_openssl(tmp_path
             cwd=tmp_path, capture_output=True, text=True, check=False,
         )  # fmt: skip
         assert "Verification: OK" in out.stdout, out.stdout + out.stderr
+    # rfc3161-client (PyPI) verifies a threshold token too.
+    message = b"a message for rfc3161-client"
+    request = (
+        TimestampRequestBuilder().data(message).nonce(nonce=True).cert_request(cert_request=True).build()
+    )
+    authority = setup.authority(1)
+    prepared = authority.prepare(request.as_bytes())
+    assert isinstance(prepared, Prepared)
+    signature = setup.request(1, encode_payload(prepared.tst_info_der, setup.cert))
+    assert isinstance(signature, bytes), signature
+    response = decode_timestamp_response(authority.finish(prepared, signature).body)
+    verifier = (
+        VerifierBuilder.from_request(request)
+        .tsa_certificate(x509.load_der_x509_certificate(setup.cert))
+        .add_root_certificate(setup.root)
+        .policy_id(x509.ObjectIdentifier(POLICY))
+        .build()
+    )
+    assert verifier.verify_message(response, message) is True
     assert setup.alerts() == set()
 
 
