@@ -334,7 +334,16 @@ async def test_threshold_signer_failures_are_rfc3161_system_failures_with_the_re
     )
 
 
-async def test_a_stale_gentime_is_proposed_again_once(tmp_path: Path, stand_in: StandIn) -> None:
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        "sign/tsa: this server now refuses the timestamp: proposed genTime ... is -1.2 s from our clock",
+        "this server refuses the timestamp: proposed genTime ... is -1.1 s from our clock",
+    ],
+)
+async def test_a_stale_gentime_is_proposed_again_once(
+    tmp_path: Path, stand_in: StandIn, refusal: str
+) -> None:
     """The coordinator's own check refused its proposal after waiting for a presignature: the
     route proposes a fresh TSTInfo (new genTime, new serial) and that one is signed."""
     payloads: list[bytes] = []
@@ -342,12 +351,21 @@ async def test_a_stale_gentime_is_proposed_again_once(tmp_path: Path, stand_in: 
     async def sign_dss(payload: bytes, timeout: float) -> bytes:
         payloads.append(payload)
         if len(payloads) == 1:
-            raise SigningRefused("sign/tsa: this server now refuses the timestamp: proposed genTime ... ")
+            raise SigningRefused(refusal)
         tst, _cert = decode_payload(payload)
         return stand_in.sign(rfc3161.signed_attributes(tst, stand_in.chain))
 
     body, records = await _post_with(tmp_path, stand_in, sign_dss)
     reply = rfc3161.decode_response(body)
     assert reply.tst_info is not None and len(payloads) == 2 and len(records) == 1
+
+    async def others_refuse(payload: bytes, timeout: float) -> bytes:
+        raise SigningRefused(
+            "sign/tsa: refused by its signers' checks (server 2: this server refuses the timestamp: "
+            "proposed genTime ...)"
+        )
+
+    body, none = await _post_with(tmp_path / "others", stand_in, others_refuse)
+    assert rfc3161.decode_response(body).failures == {FailureInfo.SYSTEM_FAILURE} and not none
     serials = [rfc3161.decode_tst_info(decode_payload(p)[0]).serial for p in payloads]
     assert serials[0] != serials[1] == records[0].serial

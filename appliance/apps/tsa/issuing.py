@@ -111,7 +111,10 @@ def network_signer(
             ) from None
         except (SigningRefused, OSError) as exc:
             text = str(exc)
-            if "now refuses the timestamp" in text and "genTime" in text:
+            # Our own check (the coordinator's) refused the genTime: the token waited, in the
+            # link to the key-holder or for a presignature, until it was stale. Others' refusals
+            # read "refused by its signers' checks" and are not retried.
+            if "refuses the timestamp: proposed genTime" in text and "signers' checks" not in text:
                 raise StaleProposal(text) from None
             raise SignerUnavailable(f"{text}; try again later") from None
 
