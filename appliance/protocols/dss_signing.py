@@ -52,8 +52,17 @@ Online signing. To sign m, c takes the oldest presignature P of its stock.
 3. c combines t+1 shares (optimistically; a bad share names its signer, who is avoided) and
    the attempt is retried with another presignature and signer set.
 
+Payload checks as in :mod:`~appliance.protocols.signing`, with its two optional hooks: the
+check learns which server asked (``check_from``: a timestamp's serial must be that server's),
+and what is signed may be a form the check computes from the payload (``signed_bytes``: a
+TSTInfo is checked, its CMS signed attributes signed); the coordinator combines the shares over
+that same form. The lock binds the payload itself.
+
 When the stock runs dry a request waits (presigning goes on in the background) until
-``REQUEST_TIMEOUT`` after it was made, then fails with a clear error saying so. Holders keep
+``REQUEST_TIMEOUT`` after it was made, then fails with a clear error saying so. A request that
+waited is checked again by its coordinator before anything is sent: what it accepted then may be
+stale now (a timestamp's genTime), and it then fails here instead of being refused, with an
+alert on us, by the others. Holders keep
 at most ``MAX_HELD`` presignatures per coordinator. Presignatures belong to one period's
 share: the node replaces the service at every refresh and :meth:`DSSSigningService.wipe`
 erases them all (the crypto also refuses a presignature of another key sharing).
