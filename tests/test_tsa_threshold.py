@@ -220,6 +220,7 @@ def test_the_tsa_key_signs_nothing_else_even_for_its_own_server() -> None:
 @given(
     st.binary(max_size=300)
     | st.builds(encoding.encode, st.dictionaries(st.text(max_size=5), st.binary(max_size=20)))
+    | st.builds(encode_payload, st.binary(max_size=200), st.binary(max_size=200))
 )
 def test_fuzz_the_payload_decoder_and_the_check_never_raise(data: bytes) -> None:
     check = TimestampCheck(policy=POLICY, accuracy=ACCURACY, clock=lambda: EPOCH, public_key=lambda: None)
