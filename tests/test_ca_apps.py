@@ -233,7 +233,7 @@ def test_the_apps_sections_make_one_profile_per_application(tmp_path: Path) -> N
     [
         ('[ca.apps.web-tunnel]\nnames = ["*.org"]\n', "ca.apps.web-tunnel.names: '*.org': a wildcard needs"),
         ("[ca.apps.web-tunnel]\nnames = []\n", "ca.apps.web-tunnel.names must be a non-empty list"),
-        ('[ca.apps.web-tunnel]\nname = ["a.org"]\n', "must be a section with the one key names"),
+        ('[ca.apps.web-tunnel]\nname = ["a.org"]\n', "must be a section with the keys names (and enroll_ca)"),
         ('[ca]\napps = "x"\n', "ca.apps must be a table"),
         ('[ca.apps."bad name"]\nnames = ["a.example.org"]\n', "is not an application name"),
     ],

@@ -7,14 +7,15 @@ than GET or HEAD (405 ``method-not-allowed``), unknown or bad query parameter (4
 anything unexpected (500 ``internal``, logged by exception type; the client learns nothing
 more). The outermost layer (:class:`_Guard`) catches every exception of the handlers, so no
 request can stop the service. Request bodies are never read, except by the timestamping
-authority's ``POST /tsa`` when it is served (:mod:`appliance.web._tsa`, capped).
+authority's ``POST /tsa`` when it is served (:mod:`appliance.web._tsa`, capped) and the
+enrollment endpoint's ``POST /ca/enroll`` (:mod:`appliance.web._enroll`, capped).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from starlette.applications import Starlette
@@ -236,8 +237,11 @@ class WebApp:
         log: LogReader | None = None,
         tsa: Route | None = None,
         ca_root: Callable[[bool], Awaitable[bytes | None]] | None = None,
+        enroll: Sequence[Route] = (),
     ) -> None:
         """``log``: the log's read-only view, served under ``/log/`` (none: those paths are 404s).
+        ``enroll``: the enrollment routes of applications' period certificates
+        (:class:`appliance.web._enroll.EnrollService`).
         ``tsa``: the timestamping authority's POST route (:func:`appliance.web._tsa.timestamp_route`).
         ``ca_root``: the group root certificate's PEM (argument: only if already stored), served
         as ``/ca/root.pem`` (none: a 404)."""
@@ -265,9 +269,10 @@ class WebApp:
             from appliance.web._log import LogRoutes
 
             routes += LogRoutes(log).routes()
-        post_paths = frozenset([tsa.path] if tsa is not None else [])
         if tsa is not None:
             routes.append(tsa)
+        routes += enroll
+        post_paths = frozenset(r.path for r in routes if r.methods is not None and "POST" in r.methods)
         self.routes = frozenset(r.path for r in routes)
         #: Routes with a path parameter, by the fixed prefix before it (a metrics label each).
         self.templates = tuple((r.path.split("{")[0], r.path) for r in routes if "{" in r.path)
