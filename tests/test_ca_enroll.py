@@ -347,3 +347,20 @@ def test_well_formed_requests_round_trip(
     assert req.names == (tuple(names) if names is not None else None) and req.csr is None
     payload = req.payload(3).decode()
     assert payload.startswith("pst/enroll/v1\nserver=3\n") and f"app={app}\n" in payload
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    server=st.integers(1, 64),
+    challenge=st.binary(min_size=32, max_size=32),
+    credential=st.binary(max_size=64),
+    csr=st.none() | st.binary(max_size=64),
+    names=st.none() | st.lists(st.from_regex(r"[a-z0-9.-]{1,30}", fullmatch=True), min_size=1, max_size=4),
+)
+def test_the_agent_signs_the_payload_the_server_checks(
+    server: int, challenge: bytes, credential: bytes, csr: bytes | None, names: list[str] | None
+) -> None:
+    from test_pst_keys import pst_keys
+
+    request = EnrollRequest(APP, challenge, credential, b"x", csr, tuple(names) if names else None)
+    assert pst_keys.enroll_payload(server, challenge, APP, credential, csr, names) == request.payload(server)
