@@ -364,3 +364,16 @@ def test_the_agent_signs_the_payload_the_server_checks(
 
     request = EnrollRequest(APP, challenge, credential, b"x", csr, tuple(names) if names else None)
     assert pst_keys.enroll_payload(server, challenge, APP, credential, csr, names) == request.payload(server)
+
+
+async def test_the_openapi_document_lists_the_enrollment_endpoint(
+    tmp_path: Path, enroll_ca: EnrollCa
+) -> None:
+    s = Setup(tmp_path, enroll_ca)
+    async with s.client() as c:
+        doc = (await c.get("/v1/openapi.json")).json()
+    assert doc["paths"]["/ca/enroll/challenge"]["get"]["responses"].keys() == {"200"}
+    post = doc["paths"]["/ca/enroll"]["post"]
+    assert set(post["responses"]) == {"200", "400", "403", "404", "413", "415", "429", "503"}
+    schema = post["requestBody"]["content"]["application/json"]["schema"]
+    assert set(schema["properties"]) == {"app", "challenge", "credential", "csr", "names", "signature"}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -38,11 +39,18 @@ def run(*args: str | Path, data: bytes | None = None) -> subprocess.CompletedPro
 
 
 def agent(url: str, directory: Path, cert: Path, key: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    urls = [x for u in url.split() for x in ("--url", u)]
     command = [
-        sys.executable, str(AGENT), "--app", APP, "--dir", str(directory), "--url", url,
+        sys.executable, str(AGENT), "--app", APP, "--dir", str(directory), *urls,
         "--enroll-cert", str(cert), "--enroll-sign", f"openssl dgst -sha256 -sign {key}", "--once", *args,
     ]  # fmt: skip
     return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+def dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again: nothing listens there
 
 
 def curl_json(url: str, body: bytes | None = None) -> tuple[int, dict[str, object]]:
@@ -75,14 +83,16 @@ def test_enrollment_over_http_with_the_agent_and_curl(tmp_path: Path) -> None:
     up = pst("cluster", "up", "--dir", str(root), "--detach")
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        # The real agent, a CSR, the enrollment key used through a command (a TPM's tool would do).
+        # The real agent, a CSR, the enrollment key used through a command (a TPM's tool would do);
+        # the first URL is a server that does not answer: the agent goes on to the next.
         deadline = time.monotonic() + 40
         while True:
-            out = agent(url1, keys, cert, key, "--csr")
+            out = agent(f"http://127.0.0.1:{dead_port()} {url1}", keys, cert, key, "--csr")
             if out.returncode == 0 or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         assert out.returncode == 0, out.stderr
+        assert "new certificate" in out.stderr
         got = pst("ca", "root", "--dir", str(root), "--node", "2", "--wait", "30")
         assert got.returncode == 0, got.stderr
         (tmp_path / "root.pem").write_text(got.stdout)
