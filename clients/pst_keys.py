@@ -19,19 +19,38 @@ By default the PServer makes the key pair (P-256) and returns the private key ov
 socket (the paper's §5.4); with ``--csr`` the agent makes the key and sends a certificate
 signing request, so the private key never leaves this machine.
 
+Over HTTP (``--url``, for a host without a PServer of its own), the agent enrolls with an
+enrollment credential instead of a local registration (docs/ca.md, "Over HTTP"):
+
+    pst-keys --app web-tunnel --dir DIR --url https://pst1.example.org:7180 [--url ...] \
+             --enroll-cert enroll.pem (--enroll-key enroll.key | --enroll-sign CMD) \
+             [--cafile root-of-the-https-service.pem] [--csr] ...
+
+It fetches a challenge (``GET /ca/enroll/challenge``), signs the challenge, the credential, the
+CSR and the names with the enrollment key (``--enroll-key``, a PEM file; or ``--enroll-sign``:
+a command, run with ``sh -c``, that reads what to sign on stdin and writes the signature on
+stdout, e.g. ``openssl dgst -sha256 -sign KEY`` or a TPM's or HSM's tool, so the key need not
+be a file), and posts it (``POST /ca/enroll``). Several ``--url``: each is tried in turn.
+
 It uses ``appliance.api.client`` where the appliance is installed, else the standalone
-``pst_client`` (clients/python), and ``cryptography`` in both cases.
+``pst_client`` (clients/python), and ``cryptography`` in both cases; the HTTP mode needs only
+the standard library besides.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import hashlib
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +137,169 @@ def check_issued(cert_pem: bytes, bundle_pem: bytes, key_pem: bytes, now: float)
     if not leaf.not_valid_before_utc.timestamp() - 60 <= now < leaf.not_valid_after_utc.timestamp():
         raise AgentError("the certificate is not valid now (is this machine's clock right?)")
     return leaf
+
+
+#: What the enrollment key signs (appliance.api._enroll.enroll_payload; docs/ca.md).
+ENROLL_DOMAIN = "pst/enroll/v1"
+HTTP_TIMEOUT = 30.0
+
+
+def enroll_payload(
+    server: int, challenge: bytes, app: str, credential: bytes, csr: bytes | None, names: Sequence[str] | None
+) -> bytes:
+    """The lines the enrollment key signs for ``server`` (``credential`` and ``csr`` as sent)."""
+    lines = [
+        ENROLL_DOMAIN,
+        f"server={server}",
+        f"challenge={challenge.hex()}",
+        f"app={app}",
+        f"credential={hashlib.sha256(credential).hexdigest()}",
+        f"csr={hashlib.sha256(csr).hexdigest() if csr is not None else '-'}",
+        f"names={','.join(names) if names is not None else '-'}",
+    ]
+    return "".join(line + "\n" for line in lines).encode("ascii")
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A certificate from the HTTP endpoint (the fields of the socket client's answer)."""
+
+    certificate: bytes
+    bundle: bytes
+    renew_after: int
+    key: bytes | None
+
+
+class HttpEnroller:
+    """The agent's connection over HTTP: ``certificate`` enrolls at the first server of ``urls``
+    that answers (a 4xx refusal is final: the next server would refuse it too)."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        credential: bytes,
+        sign: Callable[[bytes], bytes],
+        *,
+        cafile: str | None = None,
+    ) -> None:
+        self.urls = [u.rstrip("/") for u in urls]
+        self.credential = credential
+        self.sign = sign
+        self.context = ssl.create_default_context(cafile=cafile)
+        self.app = ""
+
+    def __enter__(self) -> HttpEnroller:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def register(self, app: str) -> None:
+        self.app = app
+
+    def _call(self, url: str, data: bytes | None = None) -> dict[str, Any]:
+        headers = {"accept": "application/json"}
+        if data is not None:
+            headers["content-type"] = "application/json"
+        request = urllib.request.Request(url, data=data, headers=headers, method="POST" if data else "GET")
+        try:
+            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT, context=self.context) as answer:
+                doc = json.loads(answer.read(1 << 20))
+        except urllib.error.HTTPError as exc:
+            try:
+                err = json.loads(exc.read(1 << 16))["error"]
+                why = f"{err['status']} {err['code']}: {err['message']}"
+            except (ValueError, KeyError, TypeError, OSError):
+                why = f"HTTP {exc.code}"
+            if 400 <= exc.code < 500 and exc.code != 429:
+                raise AgentError(f"{url} refused: {why}") from None
+            raise OSError(f"{url}: {why}") from None
+        except (urllib.error.URLError, ValueError) as exc:
+            raise OSError(f"{url}: {exc}") from None
+        if not isinstance(doc, dict):
+            raise OSError(f"{url}: not a JSON object")
+        return doc
+
+    def certificate(self, csr: bytes | None = None, names: Sequence[str] | None = None) -> Issued:
+        failures = []
+        for url in self.urls:
+            try:
+                return self._enroll(url, csr, names)
+            except OSError as exc:
+                failures.append(str(exc))
+        raise AgentError("no server answered: " + "; ".join(failures))
+
+    def _enroll(self, url: str, csr: bytes | None, names: Sequence[str] | None) -> Issued:
+        got = self._call(url + "/ca/enroll/challenge")
+        try:
+            server = int(got["server"])
+            challenge = base64.b64decode(got["challenge"], validate=True)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise OSError(f"{url}: a bad challenge ({exc})") from None
+        names = list(names) if names else None
+        payload = enroll_payload(server, challenge, self.app, self.credential, csr, names)
+        try:
+            signature = self.sign(payload)
+        except (OSError, ValueError) as exc:
+            raise AgentError(f"the enrollment key did not sign: {exc}") from None
+        body: dict[str, Any] = {
+            "app": self.app,
+            "challenge": base64.b64encode(challenge).decode(),
+            "credential": self.credential.decode("ascii"),
+            "signature": base64.b64encode(signature).decode(),
+        }
+        if csr is not None:
+            body["csr"] = csr.decode("ascii")
+        if names is not None:
+            body["names"] = names
+        doc = self._call(url + "/ca/enroll", json.dumps(body).encode())
+        try:
+            key = doc.get("key")
+            return Issued(
+                doc["certificate"].encode(),
+                doc["bundle"].encode(),
+                int(doc["renew_after"]),
+                key.encode() if isinstance(key, str) else None,
+            )
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise OSError(f"{url}: an answer without a certificate ({exc})") from None
+
+
+def key_signer(path: Path) -> Callable[[bytes], bytes]:
+    """Sign with the enrollment key in the PEM file ``path`` (P-256: ECDSA SHA-256; Ed25519)."""
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise AgentError(f"{path}: cannot read the enrollment key: {exc}") from None
+
+    def sign(payload: bytes) -> bytes:
+        if isinstance(key, ed25519.Ed25519PrivateKey):
+            return key.sign(payload)
+        if isinstance(key, ec.EllipticCurvePrivateKey):
+            return key.sign(payload, ec.ECDSA(hashes.SHA256()))
+        raise ValueError("the enrollment key must be P-256 or Ed25519")
+
+    return sign
+
+
+def command_signer(command: str) -> Callable[[bytes], bytes]:
+    """Sign with ``sh -c COMMAND``: the payload on its stdin, the signature on its stdout."""
+
+    def sign(payload: bytes) -> bytes:
+        try:
+            done = subprocess.run(
+                ["/bin/sh", "-c", command], input=payload, capture_output=True, timeout=60, check=False
+            )
+        except subprocess.TimeoutExpired:
+            raise OSError("the signing command did not finish in 60 s") from None
+        if done.returncode != 0 or not done.stdout:
+            raise OSError(
+                f"the signing command exited with status {done.returncode}: "
+                f"{done.stderr.decode(errors='replace').strip()[:200]}"
+            )
+        return done.stdout
+
+    return sign
 
 
 class Agent:
@@ -298,12 +480,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="command run (sh -c) after each renewal (default: $PST_KEYS_RELOAD)",
     )
     parser.add_argument("--socket", default=os.environ.get("PST_API_SOCKET", "/run/pst/api.sock"))
+    parser.add_argument(
+        "--url", action="append", dest="urls", help="a server's HTTP service: enroll over HTTP (repeat)"
+    )
+    parser.add_argument("--enroll-cert", type=Path, help="with --url: the enrollment credential (PEM)")
+    parser.add_argument("--enroll-key", type=Path, help="with --url: the enrollment key (PEM)")
+    parser.add_argument(
+        "--enroll-sign", help="with --url: a command (sh -c) signing stdin with the enrollment key"
+    )
+    parser.add_argument("--cafile", help="with --url: the CA of the servers' HTTPS certificates")
     parser.add_argument("--once", action="store_true", help="renew now, run the reload command, exit")
     args = parser.parse_args(argv)
+    connect: Callable[[], Any]
+    if args.urls:
+        if args.enroll_cert is None or (args.enroll_key is None) == (args.enroll_sign is None):
+            parser.error("--url needs --enroll-cert and one of --enroll-key and --enroll-sign")
+        try:
+            credential = args.enroll_cert.read_bytes()
+            sign = key_signer(args.enroll_key) if args.enroll_key else command_signer(args.enroll_sign)
+        except (OSError, AgentError) as exc:
+            print(f"pst-keys: {exc}", file=sys.stderr)
+            return 1
+        enroller = HttpEnroller(args.urls, credential, sign, cafile=args.cafile)
+
+        def connect() -> Any:
+            return enroller
+
+    else:
+
+        def connect() -> Any:
+            return PstClient(args.socket, quota_wait=30.0)
+
     agent = Agent(
         args.dir,
         args.app,
-        lambda: PstClient(args.socket, quota_wait=30.0),
+        connect,
         names=args.names,
         csr=args.csr,
         key_type=args.key_type,

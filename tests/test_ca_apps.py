@@ -226,6 +226,23 @@ def test_the_apps_sections_make_one_profile_per_application(tmp_path: Path) -> N
     profiles = {p.name: p for p in policy_of(config).profiles}
     assert set(profiles) == {"server-tls", "app:db", "app:web-tunnel"}
     assert profiles["app:db"].app == "db" and profiles["app:db"].names == {"10.0.0.1"}
+    assert config.ca.enroll == ()
+
+
+def test_an_enrollment_ca_is_read_per_application(tmp_path: Path) -> None:
+    from appliance.host import config as node_config
+
+    (tmp_path / "enroll.pem").write_text("not checked here: pst serve loads it\n")
+    config = node_config.load(
+        _node_config(
+            tmp_path,
+            WITH_CA,
+            '[ca]\n[ca.apps.web-tunnel]\nnames = ["tunnel.example.org"]\nenroll_ca = "enroll.pem"\n'
+            '[ca.apps.db]\nnames = ["10.0.0.1"]\n',
+        )
+    )
+    assert config.ca is not None
+    assert config.ca.enroll == (("web-tunnel", config.path.parent / "enroll.pem"),)
 
 
 @pytest.mark.parametrize(
@@ -233,9 +250,14 @@ def test_the_apps_sections_make_one_profile_per_application(tmp_path: Path) -> N
     [
         ('[ca.apps.web-tunnel]\nnames = ["*.org"]\n', "ca.apps.web-tunnel.names: '*.org': a wildcard needs"),
         ("[ca.apps.web-tunnel]\nnames = []\n", "ca.apps.web-tunnel.names must be a non-empty list"),
-        ('[ca.apps.web-tunnel]\nname = ["a.org"]\n', "must be a section with the one key names"),
+        ('[ca.apps.web-tunnel]\nname = ["a.org"]\n', "must be a section with the keys names (and enroll_ca)"),
         ('[ca]\napps = "x"\n', "ca.apps must be a table"),
         ('[ca.apps."bad name"]\nnames = ["a.example.org"]\n', "is not an application name"),
+        (
+            '[ca.apps.web-tunnel]\nnames = ["a.example.org"]\nenroll_ca = "/nonexistent/ca.pem"\n',
+            "ca.apps.web-tunnel.enroll_ca: no such file /nonexistent/ca.pem",
+        ),
+        ('[ca.apps.web-tunnel]\nnames = ["a.example.org"]\nenroll_ca = 3\n', "enroll_ca must be a file path"),
     ],
 )
 def test_bad_apps_sections_are_refused_with_the_key(tmp_path: Path, extra: str, message: str) -> None:

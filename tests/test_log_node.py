@@ -296,3 +296,27 @@ async def test_an_idle_node_sleeps_until_its_next_timer(tmp_path: Path) -> None:
         await trio.sleep(1.5)  # idle: timers of 0.2 s (agreement) and 0.5 s (resend)
         nursery.cancel_scope.cancel()
     assert rounds <= 30, f"{rounds} rounds in 1.5 s idle"
+
+
+async def test_a_held_announcement_of_a_server_left_out_of_the_keytable_is_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Server 4 announces a vote key for period 1 before server 1 has period 1's KeyTable (held),
+    and the KeyTable server 1 then gets leaves server 4 out (a recovering server the refresh
+    completed without): the held announcement is refused as a bad message; server 1 goes on."""
+    c = Cluster(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await c.start(nursery)
+        await c.enter(1, [4])
+        with trio.fail_after(10):
+            while not c.nodes[1]._early:
+                await trio.sleep(0.01)
+        without_4 = {i: k for i, k in key_table(1).items() if i != 4}
+        with caplog.at_level(logging.WARNING, logger="pst.log"):
+            for i in (1, 2, 3):
+                await c.nodes[i].identity(1, without_4, channel_identity(i, 1, period_seed(1, i)))
+        with trio.fail_after(30):
+            await c.nodes[1].append([b"period 1 without server 4"])
+        nursery.cancel_scope.cancel()
+    assert "server 4 sent a bad message: vote key announcement" in caplog.text
+    assert 4 not in c.nodes[1].replica._keys[1].known

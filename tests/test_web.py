@@ -14,7 +14,7 @@ import math
 import re
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,7 @@ def make_service(
     http: HttpConfig | None = None,
     log_reader: LogReader | None = None,
     tsa: Route | None = None,
+    enroll: Sequence[Route] = (),
 ) -> tuple[WebService, Clock, FakePeers]:
     clock = clock or Clock()
     peers = peers or FakePeers(clock, {2: 0.25, 3: -0.5})
@@ -153,7 +154,9 @@ def make_service(
         signature_counts=lambda: {("app", "signed"): 3, ("app", "unavailable"): 1},
         keyholder_pid=lambda: None,
     )
-    service = WebService(sources, http or HttpConfig(), fetch=peers.fetch, log_reader=log_reader, tsa=tsa)
+    service = WebService(
+        sources, http or HttpConfig(), fetch=peers.fetch, log_reader=log_reader, tsa=tsa, enroll=enroll
+    )
     service.update_local()
     return service, clock, peers
 

@@ -17,6 +17,7 @@ and again by every signer from the leaf itself (appliance.apps.ca.policy).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,7 +31,10 @@ __all__ = [
     "MAX_CSR",
     "MAX_NAMES",
     "CsrError",
+    "NamesRefused",
+    "certificate_answer",
     "check_pattern",
+    "choose_names",
     "csr_public_key",
     "generate_key",
     "names_outside",
@@ -100,3 +104,51 @@ def names_outside(names: Sequence[str], profile: Sequence[str]) -> list[str]:
         if not name_allowed(canonical, patterns):
             out.append(name)
     return out
+
+
+class NamesRefused(ValueError):
+    """The requested names are malformed (``outside`` empty) or outside the application's
+    profile (``outside`` lists them); the message is safe to show the client."""
+
+    def __init__(self, message: str, outside: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.outside = list(outside)
+
+
+def choose_names(app: str, names: Sequence[Any] | None, profile: Sequence[str]) -> list[str]:
+    """The leaf's names (canonical) for application ``app``: ``names`` once each is well formed
+    and allowed by ``profile``, or by default the profile's names without wildcards. The one
+    check of the local API's ``certificate`` operation and of the HTTP enrollment endpoint."""
+    if names is None:
+        names = [n for n in profile if not n.startswith("*.")] or list(profile)
+    if not 0 < len(names) <= MAX_NAMES or not all(isinstance(n, str) and 0 < len(n) <= 253 for n in names):
+        raise NamesRefused(f"must be a list of 1 to {MAX_NAMES} names (DNS names or IP addresses)")
+    outside = names_outside(names, profile)
+    if outside:
+        raise NamesRefused(
+            f"names {outside[:8]} are outside the profile of application {app!r} "
+            f"({', '.join(profile)}); every signer would refuse them",
+            outside,
+        )
+    return [check_pattern(n) for n in names]
+
+
+def certificate_answer(leaf: bytes, root: bytes, next_period: float, key_pem: bytes | None) -> dict[str, Any]:
+    """What a client gets with its period certificate: the leaf and bundle (PEM), its validity
+    and when to renew it (at half-life, but not before the next period: an earlier leaf would be
+    the same), and the private key when the server made it."""
+    cert = x509.load_pem_x509_certificate(leaf)
+    not_before = int(cert.not_valid_before_utc.timestamp())
+    not_after = int(cert.not_valid_after_utc.timestamp())
+    half_life = not_before + (not_after - not_before) // 2
+    result: dict[str, Any] = {
+        "certificate": leaf,
+        "bundle": leaf + root,
+        "not_before": not_before,
+        "not_after": not_after,
+        "renew_after": min(not_after, max(half_life, math.ceil(next_period))),
+        "serial": cert.serial_number,
+    }
+    if key_pem is not None:
+        result["key"] = key_pem
+    return result

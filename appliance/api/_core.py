@@ -1523,21 +1523,13 @@ class ApiCore:
                 f"no certificate profile for application {reg.name!r}: the operator adds "
                 f"[ca.apps.{reg.name}] names = [...] to every server's config",
             )
-        if names is None:
-            names = [n for n in profile if not n.startswith("*.")] or list(profile)
-        if not 0 < len(names) <= _certs.MAX_NAMES or not all(
-            isinstance(n, str) and 0 < len(n) <= 253 for n in names
-        ):
-            raise bad("names", f"must be a list of 1 to {_certs.MAX_NAMES} names (DNS names or IP addresses)")
-        outside = _certs.names_outside(names, profile)
-        if outside:
-            log.warning("api: uid %d refused a certificate of %r for %s", peer.uid, reg.name, outside[:4])
-            raise ApiError(
-                NOT_PERMITTED,
-                f"names {outside[:8]} are outside the profile of application {reg.name!r} "
-                f"({', '.join(profile)}); every signer would refuse them",
-            )
-        canonical = [_certs.check_pattern(n) for n in names]
+        try:
+            canonical = _certs.choose_names(reg.name, names, profile)
+        except _certs.NamesRefused as exc:
+            if not exc.outside:
+                raise bad("names", str(exc)) from None
+            log.warning("api: uid %d refused a certificate of %r for %s", peer.uid, reg.name, exc.outside[:4])
+            raise ApiError(NOT_PERMITTED, str(exc)) from None
         self._take(reg, "certificate")  # before the CSR's signature is checked: that costs too
         key_pem: bytes | None = None
         if csr is not None:
@@ -1558,28 +1550,14 @@ class ApiCore:
         except Exception as exc:
             log.error("api: certificate for %r failed (%s)", reg.name, type(exc).__name__)
             raise ApiError(UNAVAILABLE, "no certificate now") from None
-        from cryptography import x509
-
-        cert = x509.load_pem_x509_certificate(leaf)
-        not_before = int(cert.not_valid_before_utc.timestamp())
-        not_after = int(cert.not_valid_after_utc.timestamp())
-        half_life = not_before + (not_after - not_before) // 2
-        result: dict[str, Any] = {
-            "certificate": leaf,
-            "bundle": leaf + root,
-            "not_before": not_before,
-            "not_after": not_after,
-            # At half-life, but not before the next period: an earlier leaf would be the same.
-            "renew_after": min(not_after, max(half_life, math.ceil(self.certificates.next_period()))),
-        }
-        if key_pem is not None:
-            result["key"] = key_pem
+        result = _certs.certificate_answer(leaf, root, self.certificates.next_period(), key_pem)
+        serial = result.pop("serial")
         log.info(
             "api: period certificate of %r for uid %d (pid %d), serial %x",
             reg.name,
             peer.uid,
             peer.pid,
-            cert.serial_number,
+            serial,
         )
         return result
 

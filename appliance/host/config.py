@@ -78,6 +78,9 @@ Example (``pst cluster init`` writes one per server)::
     names = ["tunnel.example.org", "*.vpn.example.org"]  # certificate operation, pst-keys):
                                    # the names application web-tunnel may get ("*.zone": one
                                    # label under zone, or the wildcard itself)
+    # enroll_ca = "/etc/pst/web-tunnel-enroll-ca.pem"  # PEM CA certificate(s) whose enrollment
+                                   # credentials (URI urn:pst:enroll:web-tunnel) may get this
+                                   # application's certificates over HTTP (POST /ca/enroll)
 
     [tsa]                          # the RFC 3161 timestamping authority, POST /tsa on the HTTP
                                    # service (optional section; without it no authority)
@@ -228,6 +231,9 @@ class CaConfig:
     tsa_names: tuple[str, ...] = ()
     #: ``[ca.apps.NAME] names``: the names each application's period certificates may carry.
     apps: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: ``[ca.apps.NAME] enroll_ca``: the operator's CA of each application's enrollment
+    #: credentials (POST /ca/enroll on the HTTP service; appliance.api._enroll).
+    enroll: tuple[tuple[str, Path], ...] = ()
 
     def app_names(self, app: str) -> tuple[str, ...] | None:
         """The names application ``app`` may get (None: no profile for it)."""
@@ -613,23 +619,27 @@ def _period_cert(
 _CA_KEYS = {"grace_seconds", "tls_names", "tsa_names", "apps"}
 
 
-def _ca_apps(section: Any, path: Path) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """``[ca.apps.NAME] names = [...]``: each application's allowed names (policy.check_pattern)."""
+def _ca_apps(
+    section: Any, path: Path
+) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], tuple[tuple[str, Path], ...]]:
+    """``[ca.apps.NAME] names = [...]``: each application's allowed names (policy.check_pattern),
+    and ``enroll_ca``, the file of its enrollment CA, where given."""
     from appliance.apps.ca.policy import PolicyError, check_app_name, check_pattern
 
     if section is None:
-        return ()
+        return (), ()
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: ca.apps must be a table of [ca.apps.NAME] sections")
     out = []
+    enroll = []
     for app, body in section.items():
         where = f"{path}: ca.apps.{app}"
         try:
             check_app_name(app)
         except PolicyError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-        if not isinstance(body, dict) or set(body) - {"names"}:
-            raise ConfigError(f"{where} must be a section with the one key names")
+        if not isinstance(body, dict) or set(body) - {"names", "enroll_ca"}:
+            raise ConfigError(f"{where} must be a section with the keys names (and enroll_ca)")
         names = body.get("names")
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             raise ConfigError(f"{where}.names must be a non-empty list of DNS names, IP addresses or *.zone")
@@ -637,7 +647,10 @@ def _ca_apps(section: Any, path: Path) -> tuple[tuple[str, tuple[str, ...]], ...
             out.append((app, tuple(check_pattern(n) for n in names)))
         except PolicyError as exc:
             raise ConfigError(f"{where}.names: {exc}") from None
-    return tuple(sorted(out))
+        ca_file = _file_key(body, "enroll_ca", path, f"ca.apps.{app}")
+        if ca_file is not None:
+            enroll.append((app, ca_file))
+    return tuple(sorted(out)), tuple(sorted(enroll))
 
 
 def _names_list(section: dict[str, Any], key: str, path: Path, where: str = "ca") -> tuple[str, ...]:
@@ -668,11 +681,13 @@ def _ca_settings(section: Any, path: Path, constants: Constants) -> CaConfig | N
     grace = section.get("grace_seconds", 60.0)
     if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace <= 7 * 86400:
         raise ConfigError(f"{path}: ca.grace_seconds must be a number in 0..604800, got {grace!r}")
+    apps, enroll = _ca_apps(section.get("apps"), path)
     return CaConfig(
         float(grace),
         _names_list(section, "tls_names", path),
         _names_list(section, "tsa_names", path),
-        _ca_apps(section.get("apps"), path),
+        apps,
+        enroll,
     )
 
 

@@ -318,6 +318,16 @@ async def _serve(
             timestamp=_tsa_respond(config, link, tsa, log_service),
         )
         await nursery.start(links.run)
+        app_certificates = (
+            AppCertificates(
+                link.call,
+                group_root,
+                config,
+                log_service.log_append if log_service is not None else None,
+            )
+            if group_root is not None
+            else None
+        )
         api = await nursery.start(
             functools.partial(
                 serve_api,
@@ -328,21 +338,24 @@ async def _serve(
                 links=links,
                 client_ca=client_ca,
                 server_id=config.server_id,
-                certificates=AppCertificates(
-                    link.call,
-                    group_root,
-                    config,
-                    log_service.log_append if log_service is not None else None,
-                )
-                if group_root is not None
-                else None,
+                certificates=app_certificates,
             )
         )
         assert api is not None
         log.info("server %d: local API on %s", config.server_id, config.api_socket)
         if config.http.enabled:  # in the background: the signal receiver below must come at once
             nursery.start_soon(
-                _run_web, config, link, backend, api, lambda: net, log_service, log_keys, tsa, group_root
+                _run_web,
+                config,
+                link,
+                backend,
+                api,
+                lambda: net,
+                log_service,
+                log_keys,
+                tsa,
+                group_root,
+                app_certificates,
             )
         notifier.ready(f"server {config.server_id}: serving, local API on {config.api_socket}")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
@@ -394,6 +407,7 @@ async def _run_web(
     log_keys: Sequence[bytes] = (),
     tsa: TsaService | None = None,
     group_root: GroupRoot | None = None,
+    certificates: AppCertificates | None = None,
 ) -> None:
     """The HTTP service (status page, /v1, /metrics, and POST /tsa with a [tsa] section) until
     cancelled. A port it cannot bind is logged, not fatal: the status page must never take the
@@ -445,7 +459,8 @@ async def _run_web(
         async def ca_root(stored: bool) -> bytes | None:
             return await root.get(stored_only=stored)
 
-    service = WebService(sources, config.http, log_reader=reader, tsa=route, ca_root=ca_root)
+    enroll = _enroll_routes(config, certificates)
+    service = WebService(sources, config.http, log_reader=reader, tsa=route, ca_root=ca_root, enroll=enroll)
     if group_root is not None:
         group_root.fetch = service.fetch
     try:
@@ -493,6 +508,27 @@ def _tsa_respond(
         return (await respond(tsa[0], signer, query, on_record)).body
 
     return timestamp
+
+
+def _enroll_routes(config: NodeConfig, certificates: AppCertificates | None) -> list[Any]:
+    """``GET /ca/enroll/challenge`` and ``POST /ca/enroll`` when an application of ``[ca.apps]``
+    has an ``enroll_ca`` (appliance.web._enroll); a CA file that cannot be read is logged and
+    its application cannot enroll over HTTP (the rest of the service runs)."""
+    if certificates is None or config.ca is None or not config.ca.enroll:
+        return []
+    from appliance.api._enroll import EnrollCA
+    from appliance.web._enroll import EnrollService
+
+    cas = {}
+    for app, path in config.ca.enroll:
+        try:
+            cas[app] = EnrollCA.load(app, path)
+        except ValueError as exc:
+            log.error("ca: application %r cannot enroll over HTTP: ca.apps.%s.enroll_ca: %s", app, app, exc)
+    if not cas:
+        return []
+    log.info("ca: applications %s may enroll over HTTP (POST /ca/enroll)", ", ".join(sorted(cas)))
+    return EnrollService(config.server_id, cas, certificates).routes()
 
 
 def _tsa_installer(renewed: RenewedKey | ThresholdCertificate) -> Any:

@@ -7,14 +7,15 @@ than GET or HEAD (405 ``method-not-allowed``), unknown or bad query parameter (4
 anything unexpected (500 ``internal``, logged by exception type; the client learns nothing
 more). The outermost layer (:class:`_Guard`) catches every exception of the handlers, so no
 request can stop the service. Request bodies are never read, except by the timestamping
-authority's ``POST /tsa`` when it is served (:mod:`appliance.web._tsa`, capped).
+authority's ``POST /tsa`` when it is served (:mod:`appliance.web._tsa`, capped) and the
+enrollment endpoint's ``POST /ca/enroll`` (:mod:`appliance.web._enroll`, capped).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from starlette.applications import Starlette
@@ -83,8 +84,9 @@ def _json(body: Any, status: int = 200) -> Response:
     return JSONResponse(body, status_code=status)
 
 
-def openapi(*, log: bool = False) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of the JSON API (``/v1/openapi.json``), with ``/log/`` if served."""
+def openapi(*, log: bool = False, enroll: bool = False) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the JSON API (``/v1/openapi.json``), with ``/log/`` and the
+    enrollment endpoint (:mod:`appliance.web._enroll`) if served."""
     error = {"$ref": "#/components/schemas/Error"}
 
     def answer(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -162,7 +164,8 @@ def openapi(*, log: bool = False) -> dict[str, Any]:
                 "get": {"summary": "This document", "responses": {"200": answer("OpenAPI")}}
             },
         }
-        | log_paths,
+        | log_paths
+        | (_enroll_paths(answer, error) if enroll else {}),
         "components": {
             "schemas": {
                 "Error": {
@@ -219,6 +222,60 @@ def openapi(*, log: bool = False) -> dict[str, Any]:
     }
 
 
+def _enroll_paths(answer: Callable[..., dict[str, Any]], error: dict[str, Any]) -> dict[str, Any]:
+    """``GET /ca/enroll/challenge`` and ``POST /ca/enroll`` (docs/ca.md, "Over HTTP")."""
+    refusals = {
+        str(status): answer(text, error)
+        for status, text in (
+            (400, "a malformed body, field or CSR"),
+            (403, "a bad challenge, credential or signature; names outside the profile"),
+            (404, "the application cannot enroll here (no profile or no enroll_ca)"),
+            (413, "a body over 64 KiB"),
+            (415, "not application/json"),
+            (429, "the application's rate limit (Retry-After)"),
+            (503, "the network cannot sign now"),
+        )
+    }
+    text = {"type": "string"}
+    return {
+        "/ca/enroll/challenge": {
+            "get": {
+                "summary": "A one-time challenge for POST /ca/enroll (this server, 60 s)",
+                "responses": {"200": answer("server, challenge (base64), expires_in")},
+            }
+        },
+        "/ca/enroll": {
+            "post": {
+                "summary": "An application's period certificate for an enrollment credential",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["app", "challenge", "credential", "signature"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "app": text,
+                                    "challenge": text,
+                                    "credential": text,
+                                    "signature": text,
+                                    "csr": text,
+                                    "names": {"type": "array", "items": text},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": answer("certificate, bundle, not_before, not_after, renew_after, serial, key")
+                }
+                | refusals,
+            }
+        },
+    }
+
+
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -236,8 +293,11 @@ class WebApp:
         log: LogReader | None = None,
         tsa: Route | None = None,
         ca_root: Callable[[bool], Awaitable[bytes | None]] | None = None,
+        enroll: Sequence[Route] = (),
     ) -> None:
         """``log``: the log's read-only view, served under ``/log/`` (none: those paths are 404s).
+        ``enroll``: the enrollment routes of applications' period certificates
+        (:class:`appliance.web._enroll.EnrollService`).
         ``tsa``: the timestamping authority's POST route (:func:`appliance.web._tsa.timestamp_route`).
         ``ca_root``: the group root certificate's PEM (argument: only if already stored), served
         as ``/ca/root.pem`` (none: a 404)."""
@@ -247,7 +307,7 @@ class WebApp:
         self.metrics = metrics
         self.hosts = frozenset(h.lower() for h in hosts)
         self.loopback_only = loopback_only
-        self._openapi = json.dumps(openapi(log=log is not None)).encode()
+        self._openapi = json.dumps(openapi(log=log is not None, enroll=bool(enroll))).encode()
         routes = [
             Route("/", self.index, methods=["GET", "HEAD"]),
             Route("/static/page.js", self.script, methods=["GET", "HEAD"]),
@@ -265,9 +325,10 @@ class WebApp:
             from appliance.web._log import LogRoutes
 
             routes += LogRoutes(log).routes()
-        post_paths = frozenset([tsa.path] if tsa is not None else [])
         if tsa is not None:
             routes.append(tsa)
+        routes += enroll
+        post_paths = frozenset(r.path for r in routes if r.methods is not None and "POST" in r.methods)
         self.routes = frozenset(r.path for r in routes)
         #: Routes with a path parameter, by the fixed prefix before it (a metrics label each).
         self.templates = tuple((r.path.split("{")[0], r.path) for r in routes if "{" in r.path)

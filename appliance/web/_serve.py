@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import httpx
@@ -48,6 +48,7 @@ class WebService:
         log_reader: LogReader | None = None,
         tsa: Route | None = None,
         ca_root: Callable[[bool], Awaitable[bytes | None]] | None = None,
+        enroll: Sequence[Route] = (),
     ) -> None:
         """``log_reader``: the log's read-only view, served under ``/log/`` (see appliance.web._log);
         ``ca_root``: the group root certificate, served as ``/ca/root.pem`` (appliance.node.ca)."""
@@ -68,6 +69,7 @@ class WebService:
             log=log_reader,
             tsa=tsa,
             ca_root=ca_root,
+            enroll=enroll,
         )
         self._last_rejection: Any = None
 

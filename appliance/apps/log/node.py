@@ -224,7 +224,13 @@ class LogNode:
                 del self._mine[old]
             early, self._early = self._early, []
         for sender, obj in early:
-            await self._on_announcement(sender, obj)
+            # Held until we had its KeyTable: one that does not verify with it (its author is not
+            # in it, e.g. a recovering server left out of the refresh) is the sender's problem,
+            # said like any bad frame, never this server's end.
+            try:
+                await self._on_announcement(sender, obj)
+            except DecodeError as exc:
+                self._complain(sender, str(exc))
         self._poke.set()
 
     async def _on_announcement(self, sender: int, obj: dict[str, Any]) -> None:
