@@ -1,5 +1,5 @@
 """Threshold ECDSA through a real cluster: four `pst serve` processes on loopback sign with the
-P-256 secret ``tsa`` of C from presignatures made over the network, and openssl verifies."""
+P-256 secret ``dss`` of C from presignatures made over the network, and openssl verifies."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
         round_ms=80,
         base_port=free_base_port(4),
         progress=lambda _line: None,
-        secrets={SCERT: "ed25519", "tsa": "p256"},
+        secrets={SCERT: "ed25519", "dss": "p256"},
         log="off",
     )
     up = pst("cluster", "up", "--dir", str(root), "--detach")
@@ -43,7 +43,7 @@ def _sign(client: PstClient, message: bytes, deadline: float) -> bytes:
     """dss_sign, asked again while the stock is still being made (the first seconds of a period)."""
     while True:
         try:
-            return client.dss_sign("tsa", message)
+            return client.dss_sign("dss", message)
         except PstError as exc:
             if time.monotonic() > deadline:
                 raise
@@ -65,8 +65,8 @@ def test_threshold_ecdsa_signature_made_through_the_network_verifies_with_openss
 ) -> None:
     sockets = {i: str(node_config.load(cluster / f"node-{i}" / "config.toml").api_socket) for i in (1, 3)}
     with PstClient(sockets[1]) as one, PstClient(sockets[3]) as three:
-        pem = one.dss_public_key("tsa")
-        assert pem.startswith(b"-----BEGIN PUBLIC KEY-----") and three.dss_public_key("tsa") == pem
+        pem = one.dss_public_key("dss")
+        assert pem.startswith(b"-----BEGIN PUBLIC KEY-----") and three.dss_public_key("dss") == pem
         first = b"a token signed by t+1 servers"
         der = _sign(one, first, time.monotonic() + 30)
         assert _openssl_verifies(tmp_path, pem, first, der)

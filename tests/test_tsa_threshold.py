@@ -27,7 +27,7 @@ from test_dss_signing import Net
 from appliance.apps.tsa import rfc3161
 from appliance.apps.tsa.authority import Authority, MemorySerialStore, Prepared, SerialAllocator
 from appliance.apps.tsa.rfc3161 import Accuracy, SigningChain
-from appliance.apps.tsa.threshold import TimestampCheck, decode_payload, encode_payload
+from appliance.apps.tsa.threshold import NoTimestamps, TimestampCheck, decode_payload, encode_payload
 from appliance.crypto import dss, encoding
 from appliance.protocols._core import AlertKind
 from appliance.protocols.signing import SigningRefused
@@ -214,6 +214,20 @@ def test_the_tsa_key_signs_nothing_else_even_for_its_own_server() -> None:
     )  # fmt: skip
     with pytest.raises(SigningRefused, match=r"proposed policy 1\.2\.3 is not ours"):
         other.net.services[1].request(encode_payload(other.prepare(authority).tst_info_der, other.cert), 0.0)
+
+
+def test_a_server_not_in_threshold_mode_gives_no_share_of_the_tsa_key() -> None:
+    # A Byzantine coordinator sends bare signed attributes (what a token's signature covers).
+    # Servers 2-4 have no threshold [tsa] (the key-holder installs NoTimestamps for C's tsa
+    # secret then): without that check, the key would sign whatever it is sent.
+    setup = Setup(35)
+    setup.net.services[1].checks = [AcceptAll()]
+    for i in (2, 3, 4):
+        setup.net.services[i].checks = [NoTimestamps()]
+    setup.net.fill([1])
+    prepared = setup.prepare(setup.authority(1))
+    failure = setup.request(1, prepared.to_sign)
+    assert isinstance(failure, str) and "does not stamp with this key" in failure
 
 
 @settings(max_examples=150, deadline=None)

@@ -71,7 +71,7 @@ from appliance.node.store import StateDir
 from appliance.protocols._core import AlertKind
 from appliance.protocols.refresh import current_table
 from appliance.protocols.signing import SigningRefused
-from appliance.protocols.state import CA_SECRET, LOG_SECRET, SCERT
+from appliance.protocols.state import CA_SECRET, LOG_SECRET, SCERT, TSA_SECRET
 
 log = logging.getLogger("pst.keyholder")
 
@@ -172,6 +172,12 @@ class _Child:
             self._guard_log(config)
         if config.tsa is not None and config.tsa.threshold:
             self._guard_timestamps(config)
+        if TSA_SECRET in config.constants.secrets and not (
+            config.tsa is not None and config.tsa.threshold and config.tsa.secret == TSA_SECRET
+        ):
+            from appliance.apps.tsa.threshold import NoTimestamps
+
+            self.server.add_payload_check(TSA_SECRET, NoTimestamps())
         ca_methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
         if CA_SECRET in config.constants.secrets:
             from appliance.node.ca import CaAuthority

@@ -34,6 +34,10 @@ LOG_SECRET = "log"
 #: The network's certificate authority key (appliance.apps.ca), when C has it: it signs the group
 #: root certificate and the leaves its policy allows, nothing else.
 CA_SECRET = "ca"
+#: The timestamping authority's P-256 key (appliance.apps.tsa.threshold), when C has it: it signs
+#: timestamp tokens whose TSTInfo each signer checked, nothing else; a server not configured to
+#: stamp with it refuses every request.
+TSA_SECRET = "tsa"
 GROUPS: dict[str, Group[Any]] = {"ed25519": ED25519, "dsa2048": DSA2048, "p256": P256}
 CONTEXT = "pst/state"
 

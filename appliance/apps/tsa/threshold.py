@@ -75,6 +75,21 @@ def decode_payload(message: bytes) -> tuple[bytes, bytes]:
     return f["tst"], f["cert"]
 
 
+class NoTimestamps:
+    """The check of a server whose ``[tsa]`` is not in threshold mode on the network's TSA
+    secret: its share of that key signs nothing at all (without it, the key would sign any
+    payload a coordinator sends, or the operator's ``dss_sign``)."""
+
+    name = "timestamp"
+    alert = AlertKind.TIMESTAMP_OUTSIDE_POLICY
+
+    def claims(self, message: bytes) -> bool:
+        return True
+
+    def check(self, message: bytes) -> str | None:
+        return 'this server does not stamp with this key ([tsa] mode = "threshold" is not configured here)'
+
+
 class TimestampCheck:
     """The payload check of the TSA's secret (a :class:`~appliance.protocols.signing.PayloadCheck`
     with the ``check_from`` and ``signed_bytes`` hooks); see the module's docstring.
