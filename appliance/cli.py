@@ -401,6 +401,7 @@ def _network_ceremony(args: argparse.Namespace) -> int:
         progress=lambda line: print(line, flush=True),
         log=args.log,
         ca=args.ca,
+        store=args.store,
     )
     start = time.time() + 4.0
     print(
@@ -465,6 +466,7 @@ def _cmd_cluster_init(args: argparse.Namespace) -> int:
             progress=lambda line: print(line, flush=True),
             log=args.log,
             ca=args.ca,
+            store=args.store,
         )
     except ConfigError as exc:
         print(f"pst cluster init: {exc}", file=sys.stderr)
@@ -1450,6 +1452,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a certificate authority key 'ca' in C: the group root certificate and the leaves its "
         "policy allows ([ca] in the configs; docs/ca.md)",
+    )
+    cinit.add_argument(
+        "--store",
+        nargs="?",
+        const="p256",
+        choices=["p256", "ed25519"],
+        help="a store key 'store' in C (TDH2 on P-256 by default, or ed25519): the data storage "
+        "API, pst store (docs/store.md)",
     )
     cinit.set_defaults(func=_cmd_cluster_init)
     cup = csub.add_parser("up", help="start every server of the cluster (one process each)")

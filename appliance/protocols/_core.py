@@ -69,6 +69,10 @@ class AlertKind(enum.Enum):
     #: certificate outside the policy (a name not allowed, a CA, a validity longer than a period
     #: plus the grace, an unknown extension, a malformed TBSCertificate): appliance.apps.ca.
     CERTIFICATE_OUTSIDE_POLICY = "certificate-outside-policy"
+    #: A server asked us for decryption shares of a stored secret that the store's rules do not
+    #: let its client read (another application, not the owner, a StoreUntil before its date):
+    #: appliance.apps.store. The alert names the server that asked and its client.
+    STORE_READ_REFUSED = "store-read-refused"
 
 
 @dataclass(frozen=True)
