@@ -1488,6 +1488,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(sub)  # check, manifest, upgrade
     _add_api_commands(sub)
     _add_log_commands(sub)
+    from appliance.apps.store.commands import add_store_commands
+
+    add_store_commands(sub)
     _add_ca_commands(sub)
 
     status = sub.add_parser(

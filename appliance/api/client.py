@@ -761,6 +761,23 @@ class PstClient:
         from a quorum of a distributed application only: a client is refused (``not-permitted``)."""
         return self._store_write("generate_joint_secret", data_id, value, "joint-secret", handle=handle)
 
+    def store_record(self, data_id: str, *, handle: bytes | None = None) -> dict[str, Any]:
+        """The item as this server holds it (type, version, owner; a public value, a secret's
+        ciphertexts), without reading a secret."""
+        record = self._with_handle("retrieve", handle, data_id=data_id).get("record")
+        if not isinstance(record, dict):
+            raise PstError("connection", "malformed retrieve response")
+        return record
+
+    def store_kind(self, data_id: str, *, handle: bytes | None = None) -> bool:
+        """Is ``data_id`` secret (read by threshold decryption)?"""
+        from appliance.apps.store.model import DataType
+
+        try:
+            return DataType(self.store_record(data_id, handle=handle).get("type")).secret
+        except ValueError:
+            raise PstError("connection", "malformed retrieve response") from None
+
     def retrieve(self, data_id: str, *, reader: Any = None, handle: bytes | None = None) -> bytes:
         """Retrieve(DataID): a public value, or a secret opened here from t+1 servers' shares,
         which they seal to ``reader`` (a ``nacl.public.PrivateKey``; a new one by default: only
