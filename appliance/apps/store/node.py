@@ -67,7 +67,9 @@ ORIGIN = "pst-store"
 #: Seconds a server waits to have applied what the asking server had, before it answers.
 CATCH_UP_WAIT = 3.0
 #: Seconds the asking server waits for answers.
-READ_TIMEOUT = 5.0
+READ_TIMEOUT = 8.0
+#: Seconds after which the servers that have not answered are asked again.
+RESEND = 1.0
 #: Asks waiting for an answer at this server (more are dropped: the asker times out).
 MAX_ASKS = 64
 
@@ -129,6 +131,7 @@ class StoreNode:
         self._answers: dict[bytes, dict[int, ReadAnswer]] = {}
         self._answered: dict[bytes, trio.Event] = {}
         self._asks_send, self._asks_receive = trio.open_memory_channel[tuple[int, ReadAsk]](MAX_ASKS)
+        self._alerted: dict[bytes, None] = {}  # rids of the last reads we raised an alert for
         #: Refusals this server answered (for the status page and tests).
         self.refused = 0
 
@@ -246,10 +249,17 @@ class StoreNode:
                 if peer != self.server_id:
                     self._send(peer, data)
             self._record(rid, self.server_id, await self._answer(self.server_id, ask))
-            with trio.move_on_after(READ_TIMEOUT):
-                while not self._enough(answers):
+            deadline = trio.current_time() + READ_TIMEOUT
+            while not self._enough(answers) and trio.current_time() < deadline:
+                # Asked again every RESEND seconds: a frame sent while a peer's channel was
+                # being re-keyed for a new period is lost (answers are idempotent per rid).
+                with trio.move_on_at(min(deadline, trio.current_time() + RESEND)) as waited:
                     await done.wait()
                     done = self._answered[rid] = trio.Event()
+                if waited.cancelled_caught:
+                    for peer in range(1, self.n + 1):
+                        if peer != self.server_id and peer not in answers:
+                            self._send(peer, data)
         finally:
             del self._answers[rid], self._answered[rid]
         return record, dict(answers)
@@ -292,16 +302,17 @@ class StoreNode:
         """Our answer to ``ask`` from server ``sender``: sealed shares, or the refusal (an alert
         when it broke a rule)."""
         if self.service is None:
-            return ReadAnswer(
-                ask.rid, code="unavailable", reason=f"server {self.server_id}: the store is not open"
-            )
+            return ReadAnswer(ask.rid, code="unavailable", reason="the store is not open")
         service = self.service
         await self._until_applied(ask.after, CATCH_UP_WAIT)
         try:
             parts = service.authorize(ask.request, ask.client, self._clock)
         except Refused as exc:
             self.refused += 1
-            if exc.code in ALERT_CODES:
+            if exc.code in ALERT_CODES and ask.rid not in self._alerted:
+                self._alerted[ask.rid] = None  # one alert per read, however often it is asked
+                while len(self._alerted) > MAX_ASKS:
+                    del self._alerted[next(iter(self._alerted))]
                 detail = (
                     f"server {sender} asked for shares of {ask.request.app}/{ask.request.data_id} for client "
                     f"{ask.client.app}/{ask.client.unique_id.hex()}: refused ({exc.code}): {exc.reason}"
@@ -309,7 +320,7 @@ class StoreNode:
                 alert = Alert(AlertKind.STORE_READ_REFUSED, sender, self.sequence.replica.period, detail)
                 log.warning("%s", alert)
                 self._on_alert(alert)
-            return ReadAnswer(ask.rid, code=exc.code, reason=f"server {self.server_id}: {exc.reason}"[:1000])
+            return ReadAnswer(ask.rid, code=exc.code, reason=exc.reason[:1000])
         try:
             got = await self._store_share([[kem, lbl] for _part, kem, lbl in parts], ask.request.reader)
             shares = got["shares"]
@@ -325,7 +336,7 @@ class StoreNode:
             return ReadAnswer(
                 ask.rid,
                 code="unavailable",
-                reason=f"server {self.server_id}: no decryption share: {exc}"[:1000],
+                reason=f"no decryption share: {exc}"[:1000],
             )
 
     # --- The local API's backend (appliance.api.StoreBackend) ---------------------------------
