@@ -39,12 +39,24 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         pst("cluster", "down", "--dir", str(root))
 
 
+_open: list[PstClient] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Each client holds a connection (a server caps them per user): closed after each test."""
+    yield
+    while _open:
+        _open.pop().close()
+
+
 def _client(root: Path, i: int, name: str = APP, unique_id: str = "default") -> PstClient:
     sock = root / f"node-{i}" / "api.sock"
     deadline = time.monotonic() + 30
     while True:
         try:
             client = PstClient(sock, timeout=40)
+            _open.append(client)
             client.register(name, unique_id)
             return client
         except (PstError, OSError):
@@ -72,6 +84,14 @@ def _wait_for_period(root: Path, period: int) -> None:
             return
         time.sleep(0.3)
     raise AssertionError(f"no refresh to period {period}: {status(root)}")
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "State:\tZ" not in state  # a zombie nobody reaped has stopped
 
 
 def _alerts(root: Path, kind: str) -> list[dict[str, object]]:
@@ -152,28 +172,33 @@ def test_a_store_until_read_before_its_date_is_refused_by_every_server(cluster: 
         a.retrieve("will")
     assert early.value.code == "too-early"
     for i in (1, 2, 3, 4):
-        assert f"server {i}: read of {APP}/will: kept secret until" in early.value.message, early.value.message
+        assert f"server {i}: read of {APP}/will: kept secret until" in early.value.message, (
+            early.value.message
+        )
 
 
 def test_pst_store_command_line(cluster: Path, tmp_path: Path) -> None:
-    where = ["--dir", str(cluster), "--node", "2", "--app", APP]
-    value = tmp_path / "value"
-    value.write_bytes(b"from a file")
-    put = subprocess.run(
-        [sys.executable, "-m", "appliance.cli", "store", "put", *where, "cli-item", "--file", str(value)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    """`pst store put` from standard input; `pst store get` of a secret prints nothing unless
+    asked (--out FILE or --show-secret); with --out the value lands in a 0600 file."""
+    where = ["--dir", str(cluster), "--node", "2", "--app", APP, "--unique-id", "cli"]
+    key = tmp_path / "owner.key"
+
+    def pst_store(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        argv = [sys.executable, "-m", "appliance.cli", "store", *args]
+        return subprocess.run(argv, input=stdin, capture_output=True, timeout=60, check=False)
+
+    put = pst_store(
+        "put", *where, "cli-secret", "--type", "secret-single", "--key", str(key), stdin=b"s3cret"
     )
     assert put.returncode == 0, put.stdout + put.stderr
-    get = subprocess.run(
-        [sys.executable, "-m", "appliance.cli", "store", "get", *where, "cli-item"],
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    assert get.returncode == 0 and get.stdout == b"from a file", get
+    assert b"stored vault/cli-secret version 1 (secret-single)" in put.stdout
+    assert key.stat().st_mode & 0o777 == 0o600
+    out = tmp_path / "value"
+    get = pst_store("get", *where, "cli-secret", "--key", str(key), "--out", str(out))
+    assert get.returncode == 0 and get.stdout == b"", get
+    assert out.read_bytes() == b"s3cret" and out.stat().st_mode & 0o777 == 0o600
+    with _client(cluster, 2, unique_id="cli") as c:
+        assert c.store_kind("cli-secret") is True
 
 
 def test_a_wiped_servers_store_is_restored_from_its_peers(cluster: Path) -> None:
@@ -187,9 +212,9 @@ def test_a_wiped_servers_store_is_restored_from_its_peers(cluster: Path) -> None
     _retrying(a.store_data, "sealed-before-wipe", b"and this", "secret-single", reader=owner)
     node = cluster / "node-2"
     pid = int((node / "server.pid").read_text())
-    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGKILL)  # a crash (its key-holder follows: parent-death signal)
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+    while time.monotonic() < deadline and _running(pid):
         time.sleep(0.1)
     shutil.rmtree(node / "state" / "serve" / "store")
     start(node)

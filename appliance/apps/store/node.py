@@ -64,6 +64,9 @@ STORE_FRAME = b"\x02"
 #: First byte of a frame of the read protocol.
 READ_FRAME = b"\x03"
 ORIGIN = "pst-store"
+#: The sequence's resend interval (the log's is 2 s): a restarted or wiped server starts
+#: catching up after three of them without progress.
+SEQUENCE_RESEND = 1.0
 #: Seconds a server waits to have applied what the asking server had, before it answers.
 CATCH_UP_WAIT = 3.0
 #: Seconds the asking server waits for answers.
@@ -121,6 +124,7 @@ class StoreNode:
             send=send,
             on_alert=on_alert,
             base_timeout=base_timeout,
+            resend=SEQUENCE_RESEND,
             frame_tag=STORE_FRAME,
             name="store",
         )
