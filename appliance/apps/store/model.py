@@ -6,8 +6,8 @@ Every server holds the same :class:`StoreState`: records keyed by ``(application
 each with its type, owner, version and either a public value or secret ciphertexts under the
 network's store key (:mod:`appliance.crypto.tdh2`; the key is a long-lived secret of C, refreshed
 with the others, so a million stored secrets cost a refresh what one does). Writes are applied in
-the same order at every server (the agreement engine will order them; the wiring is not done, see
-docs/store.md); each server checks the write itself with :meth:`StoreState.apply_write`.
+the same order at every server (the agreement engine orders them: :mod:`.service`); each server
+checks the write itself with :meth:`StoreState.apply_write`.
 
 Who asks (:data:`Requester`), as the API models applications today (``appliance.api``):
 
