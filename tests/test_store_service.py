@@ -246,3 +246,14 @@ def test_fuzz_changed_messages(data: st.DataObject) -> None:
 def test_fuzz_store_key(result: dict[str, object]) -> None:
     with contextlib.suppress(DecodeError):
         StoreKey.from_result(result)
+
+
+def test_cluster_init_store_adds_the_store_key_to_c() -> None:
+    from appliance.node.cluster import _secrets
+    from appliance.protocols.state import ConfigError
+
+    assert _secrets("off", store="p256") == {"scert": "ed25519", "store": "p256"}
+    assert _secrets("key", ca=True, store="ed25519")["store"] == "ed25519"
+    assert "store" not in _secrets("key")
+    with pytest.raises(ConfigError, match="--store 'dsa2048'"):
+        _secrets("off", store="dsa2048")
