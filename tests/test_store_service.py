@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.apps.store import model
-from appliance.apps.store.client import ReadRefused, StoreKey, open_answers, seal_write
+from appliance.apps.store.client import ReadRefused, StoreKey, combine_answers, open_answers, seal_write
 from appliance.apps.store.model import Client, DataType, ReadRequest, Refused, WriteRequest
 from appliance.apps.store.node import answers_to_obj
 from appliance.apps.store.service import (
@@ -20,7 +20,9 @@ from appliance.apps.store.service import (
     Operation,
     ReadAnswer,
     ReadAsk,
+    Release,
     StoreService,
+    decode_entry,
     decode_read_message,
 )
 from appliance.crypto import encoding, local, tdh2
@@ -205,6 +207,7 @@ def test_operations_round_trip(app: str, data_id: str, value: bytes, uid: bytes,
 def test_fuzz_decoders_raise_decode_error_only(data: bytes) -> None:
     for decode in (
         Operation.decode,
+        decode_entry,
         lambda d: decode_read_message(d, T),
         lambda d: StoreService.decode(G, G.mul_base(1), T, d),
     ):
@@ -257,3 +260,38 @@ def test_cluster_init_store_adds_the_store_key_to_c() -> None:
     assert "store" not in _secrets("key")
     with pytest.raises(ConfigError, match="--store 'dsa2048'"):
         _secrets("off", store="dsa2048")
+
+
+def test_store_until_is_released_by_the_network_at_its_date() -> None:
+    """A server whose clock passed the date combines t+1 shares (its own reader key) and puts the
+    data key in the sequence; every server checks that it opens the value and keeps the value."""
+    net = Net()
+    until = NOW + 60
+    net.order(_put(net, ALICE, "will", b"read me later", DataType.STORE_UNTIL, until_ms=int(until * 1000)))
+    assert [r.data_id for r in net.services[2].due_releases(until)] == ["will"]
+    assert net.services[2].due_releases(until - 1) == []
+    record = net.services[1].state.get("vault", "will")
+    reader = nacl.public.PrivateKey(b"\x09" * 32)
+    ask = ReadAsk(
+        b"z" * 16, ReadRequest("vault", "will", 1, bytes(reader.public_key)), Client("vault", b""), 0
+    )
+    early = {i: net.answer(i, ask, until - 1) for i in net.services}
+    with pytest.raises(ReadRefused) as refused:  # before the date, no server helps
+        combine_answers(net.key, record, answers_to_obj(early), reader)
+    assert refused.value.code == model.TOO_EARLY
+    answers = {i: net.answer(i, ask, until) for i in (1, 2)}
+    _sealed, data_key = combine_answers(net.key, record, answers_to_obj(answers), reader)
+    for bad, code in [
+        (Release("vault", "will", 1, bytes(32), int(until * 1000)), model.BAD_REQUEST),  # a wrong key
+        (Release("vault", "will", 1, data_key, int(until * 1000) - 1), model.TOO_EARLY),
+        (Release("vault", "motd", 1, data_key, int(until * 1000)), model.NOT_FOUND),
+    ]:
+        assert all(isinstance(o, Refused) and o.code == code for o in net.order(bad.encode()))
+    outcomes = net.order(Release("vault", "will", 1, data_key, int(until * 1000)).encode())
+    assert all(isinstance(o, model.Record) and o.value == b"read me later" for o in outcomes)
+    assert net.services[3].due_releases(until + 100) == []
+    again = net.order(Release("vault", "will", 1, data_key, int(until * 1000)).encode())
+    assert all(isinstance(o, Refused) and o.code == model.EXISTS for o in again)
+    # The released record survives the state's encoding.
+    s = net.services[4]
+    assert StoreService.decode(G, net.public.public_key, T, s.encode()).digest() == s.digest()

@@ -18,6 +18,7 @@ import nacl.public
 
 from appliance.apps.store import model
 from appliance.apps.store.model import DataType, Record, WriteRequest
+from appliance.crypto import tdh2
 from appliance.crypto.errors import CryptoError, DecodeError, NotEnoughSharesError
 from appliance.crypto.groups import Group
 from appliance.crypto.keyshare import PublicSharing
@@ -99,8 +100,25 @@ def open_answers(
 ) -> bytes:
     """The plaintext of the record's part 0 from the servers' answers; ReadRefused otherwise."""
     record = Record.from_obj(record_obj, "store record")
+    try:
+        sealed, data_key = combine_answers(key, record, answers, reader)
+        return tdh2.open_sealed(sealed, data_key)
+    except tdh2.InvalidCiphertext as exc:  # the record this server gave does not hold together
+        raise ReadRefused("refused", f"{record.app}/{record.data_id} not opened: {exc}", {}) from None
+
+
+def combine_answers(
+    key: StoreKey,
+    record: Record,
+    answers: Mapping[Any, Any],
+    reader: nacl.public.PrivateKey,
+) -> tuple[tdh2.Sealed[Any], bytes]:
+    """The record's sealed part 0 and its data key, combined from t+1 valid shares of the
+    answers (the client's side, and a server's releasing a StoreUntil item); ReadRefused otherwise."""
     if not record.dtype.secret or 0 not in record.sealed:
         raise DecodeError("store record: not a secret of one part")
+    sealed = tdh2.Sealed.decode(key.group, record.sealed[0])
+    tdh2.check_ciphertext(key.group, sealed.kem, record.label(0))
     refusals: dict[int, tuple[str, str]] = {}
     by_commitment: dict[tuple[bytes, ...], dict[int, bytes]] = {}
     for server, answer in answers.items():
@@ -129,7 +147,7 @@ def open_answers(
             continue
         public = PublicSharing(key.sharing.n, key.sharing.t, commitment)
         try:
-            return model.open_value(key.group, public, record, 0, boxed, reader)
+            return sealed, _combine(key.group, public, sealed, boxed, reader)
         except (NotEnoughSharesError, CryptoError) as exc:
             errors.append(str(exc))
     codes = {code for code, _ in refusals.values()}
@@ -143,3 +161,28 @@ def open_answers(
         + (f"; refused by {named}" if named else ""),
         refusals,
     )
+
+
+def _combine(
+    group: Group[Any],
+    public: PublicSharing[Any],
+    sealed: tdh2.Sealed[Any],
+    boxed: Mapping[int, bytes],
+    reader: nacl.public.PrivateKey,
+) -> bytes:
+    """The data key from the sealed shares ``boxed`` (server -> share sealed to ``reader``)."""
+    shares: dict[int, tdh2.DecryptionShare[Any]] = {}
+    bad: dict[int, str] = {}
+    for server, blob in sorted(boxed.items()):
+        try:
+            shares[server] = tdh2.open_share(group, reader, blob)
+        except DecodeError as exc:
+            bad[server] = str(exc)
+    good, wrong = tdh2.sort_shares(group, public, sealed.kem, shares)
+    bad.update(wrong)
+    if len(good) < public.t + 1:
+        named = "; ".join(f"server {i}: {why}" for i, why in sorted(bad.items()))
+        raise NotEnoughSharesError(
+            f"{len(good)} valid shares, need {public.t + 1}" + (f" ({named})" if named else "")
+        )
+    return tdh2.combine(group, public, sealed.kem, good)

@@ -37,7 +37,8 @@ import trio
 from appliance.apps.log.node import LogNode
 from appliance.apps.log.tiles import PosixStorage, TileLog
 from appliance.apps.store import model
-from appliance.apps.store.model import Client, ReadRequest, Record, Refused, WriteRequest
+from appliance.apps.store.client import StoreKey, combine_answers
+from appliance.apps.store.model import Client, DataType, ReadRequest, Record, Refused, WriteRequest
 from appliance.apps.store.service import (
     ALERT_CODES,
     RID_SIZE,
@@ -45,15 +46,14 @@ from appliance.apps.store.service import (
     Operation,
     ReadAnswer,
     ReadAsk,
+    Release,
     StoreService,
     decode_read_message,
 )
 from appliance.crypto.errors import DecodeError
 from appliance.crypto.groups import Group
-from appliance.crypto.vss import Commitment
 from appliance.host.files import atomic_write, make_dirs
 from appliance.protocols._core import Alert, AlertKind
-from appliance.protocols.state import GROUPS
 
 __all__ = ["READ_FRAME", "STORE_FRAME", "StoreNode", "is_store_frame"]
 
@@ -67,6 +67,10 @@ ORIGIN = "pst-store"
 #: The sequence's resend interval (the log's is 2 s): a restarted or wiped server starts
 #: catching up after three of them without progress.
 SEQUENCE_RESEND = 1.0
+#: Seconds after a StoreUntil date before server i tries its release: (i-1) times this; and
+#: seconds between two tries of one item.
+RELEASE_STAGGER = 2.0
+RELEASE_RETRY = 5.0
 #: Seconds a server waits to have applied what the asking server had, before it answers.
 CATCH_UP_WAIT = 3.0
 #: Seconds the asking server waits for answers.
@@ -129,6 +133,8 @@ class StoreNode:
             name="store",
         )
         self.service: StoreService[Any] | None = None
+        self.key: StoreKey | None = None
+        self._release_tried: dict[tuple[str, str], float] = {}
         self.group: Group[Any] | None = None
         self._applied = trio.Event()  # set (and replaced) each time operations were applied
         self._ready = trio.Event()
@@ -152,6 +158,7 @@ class StoreNode:
             await self._open()
             nursery.start_soon(self._answer_asks)
             nursery.start_soon(self._answer_asks)
+            nursery.start_soon(self._releases)
             await self._follow()
 
     async def _open(self) -> None:
@@ -163,9 +170,9 @@ class StoreNode:
             except Exception as exc:  # the key-holder is not there yet, or has no state yet
                 log.debug("store: no store key yet: %s", exc)
                 await trio.sleep(1.0)
-        group = GROUPS[str(key["group"])]
-        commitment = Commitment.decode(group, key["commitment"], int(key["t"]))
-        public_key = commitment.points[0]
+        self.key = StoreKey.from_result(key)
+        group = self.key.group
+        public_key = self.key.public_key
         raw = await trio.to_thread.run_sync(_read, self.state_path)
         if raw is None:
             self.service = StoreService(group, public_key, self.t)
@@ -343,6 +350,42 @@ class StoreNode:
                 reason=f"no decryption share: {exc}"[:1000],
             )
 
+    # --- StoreUntil's release at the date ----------------------------------------------------------
+
+    async def _releases(self) -> None:
+        """Release every StoreUntil item whose date this server's clock has passed: server i
+        tries (i-1)*RELEASE_STAGGER seconds after the date (one server usually does it for all),
+        again every RELEASE_RETRY seconds while the item is not released."""
+        while True:
+            await trio.sleep(1.0)
+            service, key = self.service, self.key
+            if service is None or key is None:
+                continue
+            now = self._clock()
+            for record in service.due_releases(now - (self.server_id - 1) * RELEASE_STAGGER):
+                where = (record.app, record.data_id)
+                if now - self._release_tried.get(where, -RELEASE_RETRY) < RELEASE_RETRY:
+                    continue
+                self._release_tried[where] = now
+                try:
+                    await self._release(key, record)
+                except Exception as exc:  # not enough shares yet, the sequence busy: next time
+                    log.info("store: %s/%s not released yet: %s", record.app, record.data_id, exc)
+
+    async def _release(self, key: StoreKey, record: Record) -> None:
+        import nacl.public
+
+        reader = nacl.public.PrivateKey.generate()
+        request = ReadRequest(record.app, record.data_id, record.version, bytes(reader.public_key))
+        current, answers = await self.read_secret(request, Client(record.app, b""))
+        _sealed, data_key = combine_answers(key, current, answers_to_obj(answers), reader)
+        release = Release(record.app, record.data_id, record.version, data_key, round(self._clock() * 1000))
+        (index,) = await self.sequence.append([release.encode()])
+        if await self._until_applied(index + 1, 30.0):
+            outcome = self.service.outcomes.get(index) if self.service is not None else None
+            if isinstance(outcome, Record):
+                log.info("store: released %s/%s (StoreUntil, its date passed)", record.app, record.data_id)
+
     # --- The local API's backend (appliance.api.StoreBackend) ---------------------------------
 
     async def store_key(self) -> Mapping[str, Any]:
@@ -363,6 +406,8 @@ class StoreNode:
         service = await self.ready()
         client = Client(app, unique_id)
         record = service.state.get(app, data_id)
+        if record.dtype == DataType.STORE_UNTIL and record.value:  # released at its date
+            return {"record": record.to_obj()}
         if not record.dtype.secret:
             record = await self.read_public(app, data_id, client)
             return {"record": record.to_obj()}

@@ -34,6 +34,7 @@ sealed shares; the client opens and combines them (:func:`~.model.open_value`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -112,6 +113,57 @@ class Operation:
 
 
 @dataclass(frozen=True)
+class Release:
+    """StoreUntil's release by the network: the data key of a StoreUntil item, which a server
+    derived from t+1 servers' decryption shares once their clocks passed the date. Every server
+    checks that it opens the item's sealed value (the AEAD authenticates it) and keeps the value
+    in the record from then on: the item reads as public data of its application."""
+
+    app: str
+    data_id: str
+    version: int
+    key: bytes
+    at_ms: int
+
+    def encode(self) -> bytes:
+        return encoding.encode(
+            {
+                "op": "release",
+                "app": self.app,
+                "id": self.data_id,
+                "v": self.version,
+                "key": self.key,
+                "at": self.at_ms,
+            }
+        )
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> Release:
+        what = "store release"
+        f = encoding.expect_map(
+            obj, {"op": str, "app": str, "id": str, "v": int, "key": bytes, "at": int}, what
+        )
+        if f["op"] != "release" or f["v"] < 1 or f["at"] < 0 or len(f["key"]) != 32:
+            raise DecodeError(f"{what}: bad kind, version, time or key")
+        if (
+            not f["app"]
+            or len(f["app"]) > model.MAX_APP_LENGTH
+            or not f["id"]
+            or len(f["id"]) > model.MAX_ID_LENGTH
+        ):
+            raise DecodeError(f"{what}: bad application or data id")
+        return cls(f["app"], f["id"], f["v"], f["key"], f["at"])
+
+
+def decode_entry(data: bytes) -> Operation | Release:
+    """An entry of the store's sequence: a write or a release."""
+    obj = encoding.decode(data, max_size=MAX_OPERATION, what="store operation")
+    if isinstance(obj, dict) and obj.get("op") == "release":
+        return Release.from_obj(obj)
+    return Operation.decode(data)
+
+
+@dataclass(frozen=True)
 class FixedClock:
     """The view a write is checked under: the operation's own time, no quorum (deterministic)."""
 
@@ -169,20 +221,55 @@ class StoreService(Generic[E]):
         if index != self.applied:
             raise ValueError(f"store: operation {index} applied out of order (next is {self.applied})")
         try:
-            op = Operation.decode(entry)
+            op = decode_entry(entry)
         except DecodeError as exc:
             # A faulty origin can put any bytes in the sequence: every server refuses them alike.
             outcome: Outcome = Refused(model.BAD_REQUEST, f"operation {index}: {exc}")
         else:
-            try:
-                outcome = self.state.apply_write(op.request, op.client, FixedClock(op.at_ms / 1000))
-            except Refused as exc:
-                outcome = exc
+            outcome = self._apply(op)
         self.applied += 1
         self.outcomes[index] = outcome
         while len(self.outcomes) > MAX_OUTCOMES:
             self.outcomes.popitem(last=False)
         return outcome
+
+    def _apply(self, op: Operation | Release) -> Outcome:
+        if isinstance(op, Release):
+            try:
+                return self._release(op)
+            except Refused as exc:
+                return exc
+        else:
+            try:
+                return self.state.apply_write(op.request, op.client, FixedClock(op.at_ms / 1000))
+            except Refused as exc:
+                return exc
+
+    def _release(self, op: Release) -> Record:
+        record = self.state.get(op.app, op.data_id)
+        where = f"release of {op.app}/{op.data_id}"
+        if record.dtype != model.DataType.STORE_UNTIL or record.version != op.version:
+            raise Refused(model.BAD_REQUEST, f"{where}: not that StoreUntil item")
+        if record.value:
+            raise Refused(model.EXISTS, f"{where}: released already")
+        if op.at_ms < record.until_ms:
+            raise Refused(model.TOO_EARLY, f"{where}: asked before the date")
+        sealed = tdh2.Sealed.decode(self.group, record.sealed[0])
+        try:
+            value = tdh2.open_sealed(sealed, op.key)
+        except tdh2.InvalidCiphertext:
+            raise Refused(model.BAD_REQUEST, f"{where}: the key does not open the sealed value") from None
+        released = dataclasses.replace(record, value=value)
+        self.state.records[(op.app, op.data_id)] = released
+        return released
+
+    def due_releases(self, now: float) -> list[Record]:
+        """StoreUntil items whose date ``now`` has passed and that are not released yet."""
+        return [
+            r
+            for r in self.state.records.values()
+            if r.dtype == model.DataType.STORE_UNTIL and not r.value and r.until_ms <= now * 1000
+        ]
 
     def authorize(
         self, request: ReadRequest, requester: Client, clock: Callable[[], float]
