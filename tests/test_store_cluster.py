@@ -164,7 +164,9 @@ def test_a_secret_single_read_by_a_non_owner_is_refused_and_alerted(cluster: Pat
     assert all("6d616c6c6f7279" in str(a["detail"]) for a in alerts)  # names mallory
 
 
-def test_a_store_until_read_before_its_date_is_refused_by_every_server(cluster: Path) -> None:
+def test_store_until_is_refused_before_its_date_everywhere_and_released_by_the_network(
+    cluster: Path,
+) -> None:
     a = _client(cluster, 4)
     until = time.time() + 3600
     _retrying(a.store_until, "will", b"open in an hour", until)
@@ -175,6 +177,16 @@ def test_a_store_until_read_before_its_date_is_refused_by_every_server(cluster: 
         assert f"server {i}: read of {APP}/will: kept secret until" in early.value.message, (
             early.value.message
         )
+    # One due in two seconds: nobody reads it; the network releases it by itself, and a client
+    # of the application at another server then gets the value from that server's copy.
+    _retrying(a.store_until, "soon", b"released at the date", time.time() + 2)
+    c = _client(cluster, 3)
+    deadline = time.monotonic() + 30
+    while not c.store_record("soon").get("value"):
+        assert time.monotonic() < deadline, "the StoreUntil item was not released"
+        time.sleep(0.3)
+    assert c.retrieve("soon") == b"released at the date"
+    assert c.store_record("will").get("value") == b""  # the other one is still sealed
 
 
 def test_pst_store_command_line(cluster: Path, tmp_path: Path) -> None:

@@ -231,7 +231,10 @@ class LogNode:
                 del self._mine[old]
             early, self._early = self._early, []
         for sender, obj in early:
-            await self._on_announcement(sender, obj)
+            try:
+                await self._on_announcement(sender, obj)
+            except DecodeError as exc:  # e.g. a server left out of that period's KeyTable
+                self._complain(sender, str(exc))
         self._poke.set()
 
     async def _on_announcement(self, sender: int, obj: dict[str, Any]) -> None:

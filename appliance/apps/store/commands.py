@@ -12,12 +12,15 @@ import argparse
 import datetime as dt
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import nacl.public
 
+#: Seconds ``get`` keeps trying while too few servers can give a share (a refresh under way).
+UNAVAILABLE_WAIT = 30.0
 #: The types ``put`` takes (StoreUntil and joint secrets have their own commands).
 WRITE_TYPES = ["public-once", "public-rw", "secret-single", "secret-sw-dr", "secret-dw-dr"]
 
@@ -160,6 +163,8 @@ def _cmd_store(args: argparse.Namespace) -> int:
 
 
 def _get(client: Any, args: argparse.Namespace, key: nacl.public.PrivateKey | None) -> int:
+    from appliance.api.client import PstError
+
     secret = client.store_kind(args.data_id)
     if secret and args.out is None and not args.show_secret:
         print(
@@ -167,7 +172,15 @@ def _get(client: Any, args: argparse.Namespace, key: nacl.public.PrivateKey | No
             file=sys.stderr,
         )
         return 2
-    data = client.retrieve(args.data_id, reader=key)
+    deadline = time.monotonic() + UNAVAILABLE_WAIT
+    while True:  # no t+1 shares now (servers refreshing or recovering): a little later
+        try:
+            data = client.retrieve(args.data_id, reader=key)
+            break
+        except PstError as exc:
+            if exc.code != "unavailable" or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
     if args.out is not None:
         fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:

@@ -333,7 +333,7 @@ class StoreNode:
                 self._on_alert(alert)
             return ReadAnswer(ask.rid, code=exc.code, reason=exc.reason[:1000])
         try:
-            got = await self._store_share([[kem, lbl] for _part, kem, lbl in parts], ask.request.reader)
+            got = await self._share(parts, ask.request.reader)
             shares = got["shares"]
             if not isinstance(shares, list) or len(shares) != len(parts):
                 raise ValueError("the key-holder returned no shares")
@@ -349,6 +349,18 @@ class StoreNode:
                 code="unavailable",
                 reason=f"no decryption share: {exc}"[:1000],
             )
+
+    async def _share(self, parts: list[tuple[int, bytes, bytes]], reader: bytes) -> Mapping[str, Any]:
+        """The key-holder's sealed shares; tried again twice, half a second apart: right after a
+        refresh the retiring key-holder has wiped its shares and the next one is starting."""
+        for attempt in range(3):
+            try:
+                return await self._store_share([[kem, lbl] for _part, kem, lbl in parts], reader)
+            except Exception:
+                if attempt == 2:
+                    raise
+                await trio.sleep(0.5)
+        raise AssertionError("unreachable")
 
     # --- StoreUntil's release at the date ----------------------------------------------------------
 
