@@ -296,3 +296,22 @@ async def test_an_idle_node_sleeps_until_its_next_timer(tmp_path: Path) -> None:
         await trio.sleep(1.5)  # idle: timers of 0.2 s (agreement) and 0.5 s (resend)
         nursery.cancel_scope.cancel()
     assert rounds <= 30, f"{rounds} rounds in 1.5 s idle"
+
+
+async def test_an_early_announcement_of_a_server_left_out_of_the_keytable_is_only_a_complaint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Server 4 announces its period-1 vote key before server 1 has period 1's KeyTable, and that
+    KeyTable turns out not to hold server 4 (it missed the refresh): entering the period logs the
+    peer's fault; it used to raise out of identity() and end pst serve."""
+    c = Cluster(tmp_path)
+    node = c.nodes[1]
+    ident4 = channel_identity(4, 1, period_seed(1, 4))
+    await c.nodes[4].identity(1, key_table(1), ident4)
+    frm, data = c.receivers[1].receive_nowait()
+    assert frm == 4 and encoding.decode(data[1:])["log"] == "vote-key"
+    await node.frame(4, data)  # no KeyTable of period 1 here yet: kept for later
+    table = {i: k for i, k in key_table(1).items() if i != 4}
+    with caplog.at_level(logging.WARNING, logger="pst.log"):
+        await node.identity(1, table, channel_identity(1, 1, period_seed(1, 1)))
+    assert "server 4 sent a bad message" in caplog.text
