@@ -176,6 +176,8 @@ class LogNode:
         self._repair_inbox: list[tuple[int, Any]] = []
         self._repair_wake = trio.Event()
         self._audit_now = trio.Event()
+        #: Set (and replaced) each time the tree grew: what follows the log waits on it.
+        self.grown = trio.Event()
         self._load_known()
 
     # --- Keys --------------------------------------------------------------------------------
@@ -335,7 +337,11 @@ class LogNode:
                 inbox, self._inbox = self._inbox, []
                 self._drained.set()
                 self._drained = trio.Event()
+                size = self.tree.size
                 out = await trio.to_thread.run_sync(self._step, inbox, now)
+                if self.tree.size != size:  # entries applied (decided slots, or a catch-up)
+                    self.grown.set()
+                    self.grown = trio.Event()
                 acked, self.replica.acknowledged = self.replica.acknowledged, []
                 alerts, self.replica.alerts = self.replica.alerts, []
                 rejected, self.replica.rejected = self.replica.rejected, []

@@ -202,7 +202,8 @@ class StoreNode:
                 event, self._applied = self._applied, trio.Event()
                 event.set()
                 continue
-            await trio.sleep(0.02)
+            with trio.move_on_after(1.0):  # the event is the wake-up; the timeout a safety net
+                await self.sequence.grown.wait()
 
     async def ready(self) -> StoreService[Any]:
         with trio.move_on_after(5.0):
