@@ -15,6 +15,8 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,6 +88,14 @@ def _wait_for_period(root: Path, period: int) -> None:
     raise AssertionError(f"no refresh to period {period}: {status(root)}")
 
 
+def _http_status(root: Path, i: int) -> dict[str, object]:
+    """Server i's /v1/status (its [http] listen address from its config)."""
+    config = tomllib.loads((root / f"node-{i}" / "config.toml").read_text())
+    with urllib.request.urlopen(f"http://{config['http']['listen']}/v1/status", timeout=10) as response:
+        doc: dict[str, object] = json.loads(response.read())
+    return doc
+
+
 def _running(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/status").read_text()
@@ -148,6 +158,15 @@ def test_another_applications_client_is_refused(cluster: Path) -> None:
         other.retrieve("private-note")
     # Data ids are per application: another application does not even see the id.
     assert refused.value.code == "not-found"
+
+    # Every server applied the same writes: their status pages show one store digest.
+    deadline = time.monotonic() + 20
+    while True:
+        stores = [_http_status(cluster, i).get("store") or {} for i in (1, 2, 3, 4)]
+        if len({s.get("digest") for s in stores}) == 1 and all(s.get("items") for s in stores):
+            break
+        assert time.monotonic() < deadline, stores
+        time.sleep(0.3)
 
 
 def test_a_secret_single_read_by_a_non_owner_is_refused_and_alerted(cluster: Path) -> None:

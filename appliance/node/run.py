@@ -347,7 +347,17 @@ async def _serve(
         log.info("server %d: local API on %s", config.server_id, config.api_socket)
         if config.http.enabled:  # in the background: the signal receiver below must come at once
             nursery.start_soon(
-                _run_web, config, link, backend, api, lambda: net, log_service, log_keys, tsa, group_root
+                _run_web,
+                config,
+                link,
+                backend,
+                api,
+                lambda: net,
+                log_service,
+                log_keys,
+                tsa,
+                group_root,
+                store_node,
             )
         notifier.ready(f"server {config.server_id}: serving, local API on {config.api_socket}")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
@@ -427,6 +437,7 @@ async def _run_web(
     log_keys: Sequence[bytes] = (),
     tsa: TsaService | None = None,
     group_root: GroupRoot | None = None,
+    store_node: StoreNode | None = None,
 ) -> None:
     """The HTTP service (status page, /v1, /metrics, and POST /tsa with a [tsa] section) until
     cancelled. A port it cannot bind is logged, not fatal: the status page must never take the
@@ -451,6 +462,7 @@ async def _run_web(
         signature_counts=lambda: backend.signatures,
         keyholder_pid=lambda: link.child_pid,
         log_status=(lambda: log_service.status()) if log_service is not None else (lambda: None),
+        store_status=(lambda: store_node.status()) if store_node is not None else (lambda: None),
     )
     reader = None
     if log_service is not None and log_service.available and config.log is not None:
