@@ -154,3 +154,25 @@ async def test_four_nodes_order_writes_read_secrets_refuse_with_alerts_and_relea
             service = await again.ready()
             assert service.applied >= 4 and service.state.get("vault", "will").value == b"later"
         nursery.cancel_scope.cancel()
+
+
+async def test_an_unreadable_state_is_rebuilt_from_the_operations(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(60):
+            await net.start(nursery)
+            await net.nodes[1].write(
+                model.WriteRequest("vault", "a", DataType.PUBLIC_ONCE, 1, value=b"1"), ALICE
+            )
+            await net.until_applied(1)
+        nursery.cancel_scope.cancel()
+    digest = net.nodes[2].status()["digest"]
+    (tmp_path / "store-2" / "state").write_bytes(b"garbage")
+    again = net.make(tmp_path, 2)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            await nursery.start(again.run)
+            await again.ready()
+            while again.status()["digest"] != digest:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()

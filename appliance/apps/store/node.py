@@ -174,10 +174,24 @@ class StoreNode:
         group = self.key.group
         public_key = self.key.public_key
         raw = await trio.to_thread.run_sync(_read, self.state_path)
-        if raw is None:
-            self.service = StoreService(group, public_key, self.t)
-        else:
-            self.service = StoreService.decode(group, public_key, self.t, raw)
+        self.service = StoreService(group, public_key, self.t)
+        if raw is not None:
+            # The state is derived from the sequence: unreadable, or ahead of the operations we
+            # hold (they were lost; the replica fetches them again), it is rebuilt from them.
+            try:
+                saved = StoreService.decode(group, public_key, self.t, raw)
+            except DecodeError as exc:
+                log.error("store: %s unreadable (%s): rebuilt from the operations", self.state_path, exc)
+            else:
+                if saved.applied <= self.sequence.size:
+                    self.service = saved
+                else:
+                    log.error(
+                        "store: %s has %d operations applied, the sequence holds %d: rebuilt from them",
+                        self.state_path,
+                        saved.applied,
+                        self.sequence.size,
+                    )
         self.group = group
         self._ready.set()
         log.info(
