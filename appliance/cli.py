@@ -401,6 +401,7 @@ def _network_ceremony(args: argparse.Namespace) -> int:
         progress=lambda line: print(line, flush=True),
         log=args.log,
         ca=args.ca,
+        store=args.store,
     )
     start = time.time() + 4.0
     print(
@@ -465,6 +466,7 @@ def _cmd_cluster_init(args: argparse.Namespace) -> int:
             progress=lambda line: print(line, flush=True),
             log=args.log,
             ca=args.ca,
+            store=args.store,
         )
     except ConfigError as exc:
         print(f"pst cluster init: {exc}", file=sys.stderr)
@@ -1542,6 +1544,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a certificate authority key 'ca' in C: the group root certificate and the leaves its "
         "policy allows ([ca] in the configs; docs/ca.md)",
     )
+    cinit.add_argument(
+        "--store",
+        nargs="?",
+        const="p256",
+        choices=["p256", "ed25519"],
+        help="a store key 'store' in C (TDH2 on P-256 by default, or ed25519): the data storage "
+        "API, pst store (docs/store.md)",
+    )
     cinit.set_defaults(func=_cmd_cluster_init)
     cup = csub.add_parser("up", help="start every server of the cluster (one process each)")
     cup.add_argument("--dir", required=True)
@@ -1570,6 +1580,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_api_commands(sub)
     _add_log_commands(sub)
     _add_ts_commands(sub)
+    from appliance.apps.store.commands import add_store_commands
+
+    add_store_commands(sub)
     _add_ca_commands(sub)
 
     status = sub.add_parser(

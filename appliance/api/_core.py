@@ -174,8 +174,26 @@ NOT_PERMITTED: Final = "not-permitted"
 UNAVAILABLE: Final = "unavailable"
 REFUSED: Final = "refused"
 UNKNOWN_REQUEST: Final = "unknown-request"
+#: The store's refusals (appliance.apps.store.model) keep their own codes.
+NOT_FOUND: Final = "not-found"
+EXISTS: Final = "exists"
+TOO_EARLY: Final = "too-early"
+STALE_VERSION: Final = "stale-version"
 ERROR_CODES: Final = frozenset(
-    {BAD_REQUEST, UNKNOWN_HANDLE, QUOTA, TOO_LARGE, NOT_PERMITTED, UNAVAILABLE, REFUSED, UNKNOWN_REQUEST}
+    {
+        BAD_REQUEST,
+        UNKNOWN_HANDLE,
+        QUOTA,
+        TOO_LARGE,
+        NOT_PERMITTED,
+        UNAVAILABLE,
+        REFUSED,
+        UNKNOWN_REQUEST,
+        NOT_FOUND,
+        EXISTS,
+        TOO_EARLY,
+        STALE_VERSION,
+    }
 )
 MAX_PASSWORD_SIZE: Final = 1024
 REQUEST_ID_SIZE: Final = 32
@@ -278,6 +296,29 @@ class LinkBackend(Protocol):
     ) -> Sequence[tuple[int, int | None, bytes]]:
         """Up to ``limit`` messages for ``app`` here, as (server, period, data), oldest first,
         waiting up to ``wait`` seconds for the first."""
+        ...
+
+
+class StoreBackend(Protocol):
+    """The data storage API (paper §5.2, Table 4; appliance.apps.store.node.StoreNode).
+
+    Refusals raise :class:`appliance.apps.store.model.Refused` (its code is the answer's),
+    a store that cannot serve now ``StoreUnavailable`` or any other exception (``unavailable``)."""
+
+    async def store_key(self) -> Mapping[str, Any]:
+        """The store key's group, threshold, period and Feldman commitment (clients seal to it)."""
+        ...
+
+    async def store_write(self, request: bytes, app: str, unique_id: bytes) -> Mapping[str, Any]:
+        """Order the encoded WriteRequest ``request`` of client (app, unique_id) through the
+        network; the stored record's summary once applied here."""
+        ...
+
+    async def store_retrieve(
+        self, app: str, unique_id: bytes, data_id: str, reader: bytes | None
+    ) -> Mapping[str, Any]:
+        """The record (a public value), or for a secret the record and every server's answer
+        (shares sealed to ``reader``, or its refusal)."""
         ...
 
 
@@ -405,6 +446,12 @@ OPS: Final[Mapping[str, Mapping[str, type]]] = {
     "register_certified": {"certificate": bytes, "challenge": bytes, "signature": bytes},
     "certificate": {"handle": bytes},
     "timestamp": {"hash": str, "digest": bytes},
+    "store_key": {"handle": bytes},
+    "store_data": {"handle": bytes, "request": bytes},
+    "write": {"handle": bytes, "request": bytes},
+    "store_until": {"handle": bytes, "request": bytes},
+    "generate_joint_secret": {"handle": bytes, "request": bytes},
+    "retrieve": {"handle": bytes, "data_id": str},
 }
 #: Optional fields of each operation, with their types.
 OPTIONAL: Final[Mapping[str, Mapping[str, type]]] = {
@@ -413,6 +460,15 @@ OPTIONAL: Final[Mapping[str, Mapping[str, type]]] = {
     "receive": {"max": int, "wait_ms": int},
     "certificate": {"csr": bytes, "names": list},
     "timestamp": {"nonce": int, "cert_req": bool},
+    "retrieve": {"reader": bytes},
+}
+#: The store's write operations and the data types each takes (``write``: the next version of
+#: read/write data; the model says which types those are).
+STORE_WRITES: Final[Mapping[str, frozenset[str]]] = {
+    "store_data": frozenset({"public-once", "public-rw", "secret-single", "secret-sw-dr", "secret-dw-dr"}),
+    "write": frozenset({"public-rw", "secret-dw-dr"}),
+    "store_until": frozenset({"store-until"}),
+    "generate_joint_secret": frozenset({"joint-secret"}),
 }
 #: Operations only the operator (root or the server's own uid) may call.
 OPERATOR_OPS: Final = frozenset({"upgrade_sign", "registrations", "revoke", "dss_sign"})
@@ -732,6 +788,7 @@ class ApiCore:
         server_id: int | None = None,
         used_certificates: UsedCertificates | None = None,
         certificates: CertificateBackend | None = None,
+        data_store: StoreBackend | None = None,
     ) -> None:
         """``store`` keeps registrations across restarts; ``offload`` runs scrypt off the event
         loop (e.g. in a thread); ``request_wait`` bounds how long a distributed request waits
@@ -742,6 +799,8 @@ class ApiCore:
         self.backend = backend
         self.log_backend = log_backend
         self.links = links
+        #: The data storage API (None: C has no store key, the store operations answer unavailable).
+        self.store_backend = data_store
         #: Period certificates for applications (None: this server issues none).
         self.certificates = certificates
         #: Certificate-based registration of distributed applications (§5.1, option 2).
@@ -939,6 +998,8 @@ class ApiCore:
             return await self._link_receive(args["handle"], args.get("max", 64), args.get("wait_ms", 0), peer)
         if request.op == "certificate":
             return await self._certificate(args["handle"], args.get("csr"), args.get("names"), peer)
+        if request.op in STORE_WRITES or request.op in ("store_key", "retrieve"):
+            return await self._store(request, peer)
         self._charge_control(
             peer, 4.0 if request.op in ("register_distributed", "register_certified") else 1.0
         )
@@ -1503,6 +1564,52 @@ class ApiCore:
         return {
             "messages": [{"from": sender, "period": period, "data": data} for sender, period, data in got]
         }
+
+    # Data storage (§5.2, Table 4) --------------------------------------------------------------
+
+    async def _store(self, request: Request, peer: PeerCred) -> Mapping[str, Any]:
+        from appliance.apps.store.model import Refused, WriteRequest
+
+        args = request.args
+        reg = self._lookup(args["handle"], peer)
+        if reg.verifier is not None:
+            raise ApiError(
+                NOT_PERMITTED,
+                "the store takes requests of centralized registrations only for now (a distributed "
+                "application's quorum requests are not wired: docs/store.md)",
+            )
+        backend = self.store_backend
+        if backend is None:
+            raise ApiError(UNAVAILABLE, "this network has no store key (pst cluster init --store)")
+        self._take(reg, "store")
+        try:
+            if request.op == "store_key":
+                return dict(await backend.store_key())
+            if request.op == "retrieve":
+                reader = args.get("reader")
+                if reader is not None and len(reader) != 32:
+                    raise bad("reader", "an X25519 public key has 32 bytes")
+                return dict(await backend.store_retrieve(reg.name, reg.unique_id, args["data_id"], reader))
+            try:
+                write = WriteRequest.decode(args["request"])
+            except DecodeError as exc:
+                raise bad("request", str(exc)) from None
+            allowed = STORE_WRITES[request.op]
+            if write.dtype.value not in allowed:
+                raise ApiError(
+                    BAD_REQUEST,
+                    f"{request.op} takes data of type {', '.join(sorted(allowed))}, not {write.dtype.value}",
+                )
+            if request.op == "store_data" and write.version != 1:
+                raise ApiError(STALE_VERSION, "store_data creates data (version 1); change it with write")
+            return dict(await backend.store_write(args["request"], reg.name, reg.unique_id))
+        except Refused as exc:
+            raise ApiError(exc.code if exc.code in ERROR_CODES else REFUSED, str(exc)[:1000]) from None
+        except ApiError:
+            raise
+        except Exception as exc:
+            log.warning("api: store %s failed: %s", request.op, exc)
+            raise ApiError(UNAVAILABLE, f"the store cannot serve now: {str(exc)[:300]}") from None
 
     # Period certificates (§5.4) ---------------------------------------------------------------
 

@@ -61,6 +61,7 @@ from appliance.api._core import (
     LinkBackend,
     LogBackend,
     PeerCred,
+    StoreBackend,
     encode_response,
     error_response,
 )
@@ -328,6 +329,7 @@ async def serve_api(
     max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID,
     log_backend: LogBackend | None = None,
     links: LinkBackend | None = None,
+    data_store: StoreBackend | None = None,
     client_ca: ClientCA | None = None,
     server_id: int | None = None,
     certificates: CertificateBackend | None = None,
@@ -355,6 +357,7 @@ async def serve_api(
         offload=_in_thread,
         log_backend=log_backend,
         links=links,
+        data_store=data_store,
         client_ca=client_ca,
         server_id=server_id,
         certificates=certificates,

@@ -69,7 +69,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
@@ -78,6 +78,9 @@ from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
 from appliance.net._framing import FrameDecoder, FramingError, encode_frame
 from appliance.protocols.approvals import distributed_sign_payload
+
+if TYPE_CHECKING:
+    from appliance.apps.store.client import StoreKey
 
 API_VERSION = 1
 #: Responses are small, but a status can hold a few lists.
@@ -682,6 +685,157 @@ class PstClient:
                 raise PstError("connection", "malformed receive response")
             out.append(LinkMessage(sender, period, data))
         return out
+
+    # Data storage (§5.2, Table 4; docs/store.md) -----------------------------------------------
+
+    def store_key(self, handle: bytes | None = None) -> StoreKey:
+        """The network's store key (its group and public sharing): what secrets are sealed to."""
+        from appliance.apps.store.client import StoreKey
+
+        try:
+            return StoreKey.from_result(self._with_handle("store_key", handle))
+        except DecodeError as exc:
+            raise PstError("connection", f"malformed store_key response: {exc}") from None
+
+    def _app(self) -> str:
+        if self._registration is None:
+            raise PstError("unknown-handle", "register first (the store's data ids are per application)")
+        return self._registration[0]
+
+    def _store_write(
+        self,
+        op: str,
+        data_id: str,
+        value: bytes,
+        dtype: str,
+        *,
+        version: int = 1,
+        reader: bytes = b"",
+        until_ms: int = 0,
+        handle: bytes | None = None,
+    ) -> int:
+        from appliance.apps.store.client import seal_write
+        from appliance.apps.store.model import DataType
+
+        try:
+            kind = DataType(dtype)
+        except ValueError:
+            raise PstError("bad-request", f"unknown data type {dtype!r}") from None
+        key = self.store_key(handle) if kind.secret else None
+        request = seal_write(
+            key, self._app(), data_id, kind, bytes(value), version=version, reader=reader, until_ms=until_ms
+        )
+        result = self._with_handle(op, handle, request=request.encode())
+        got = result.get("version")
+        if not isinstance(got, int):
+            raise PstError("connection", f"malformed {op} response")
+        return got
+
+    def store_data(
+        self,
+        data_id: str,
+        value: bytes,
+        dtype: str = "public-once",
+        *,
+        reader: Any = None,
+        handle: bytes | None = None,
+    ) -> int:
+        """StoreData(DataID, value, type): a new item of this application (version 1). Secret
+        types are sealed under the store key here, never sent in clear; ``secret-single`` needs
+        ``reader``, the owner's ``nacl.public.PrivateKey`` (or its 32-byte public key): only it
+        can open the shares later. Refusals keep the store's codes (``exists``, ``quota``, ...)."""
+        return self._store_write(
+            "store_data", data_id, value, dtype, reader=_reader_public(reader), handle=handle
+        )
+
+    def write(
+        self,
+        data_id: str,
+        value: bytes,
+        version: int,
+        dtype: str = "public-rw",
+        *,
+        handle: bytes | None = None,
+    ) -> int:
+        """Write(DataID, newValue): ``version`` (the next) of read/write data. The network changes
+        such data only for a quorum of the application's clients, which the store does not take
+        yet: a client is refused (``not-permitted``) with that reason."""
+        return self._store_write("write", data_id, value, dtype, version=version, handle=handle)
+
+    def store_until(self, data_id: str, value: bytes, until: float, *, handle: bytes | None = None) -> int:
+        """StoreUntil(DataID, value, date): sealed here; every honest server refuses to help
+        open it before ``until`` (Unix seconds, by its own clock)."""
+        return self._store_write(
+            "store_until", data_id, value, "store-until", until_ms=round(until * 1000), handle=handle
+        )
+
+    def generate_joint_secret(self, data_id: str, value: bytes, *, handle: bytes | None = None) -> int:
+        """GenerateJointSecret with a specified value (sealed here). The model takes joint secrets
+        from a quorum of a distributed application only: a client is refused (``not-permitted``)."""
+        return self._store_write("generate_joint_secret", data_id, value, "joint-secret", handle=handle)
+
+    def store_record(self, data_id: str, *, handle: bytes | None = None) -> dict[str, Any]:
+        """The item as this server holds it (type, version, owner; a public value, a secret's
+        ciphertexts), without reading a secret."""
+        record = self._with_handle("retrieve", handle, data_id=data_id).get("record")
+        if not isinstance(record, dict):
+            raise PstError("connection", "malformed retrieve response")
+        return record
+
+    def store_kind(self, data_id: str, *, handle: bytes | None = None) -> bool:
+        """Is ``data_id`` secret (read by threshold decryption)?"""
+        from appliance.apps.store.model import DataType
+
+        try:
+            return DataType(self.store_record(data_id, handle=handle).get("type")).secret
+        except ValueError:
+            raise PstError("connection", "malformed retrieve response") from None
+
+    def retrieve(self, data_id: str, *, reader: Any = None, handle: bytes | None = None) -> bytes:
+        """Retrieve(DataID): a public value, or a secret opened here from t+1 servers' shares,
+        which they seal to ``reader`` (a ``nacl.public.PrivateKey``; a new one by default: only
+        secret-single data needs the owner's). A refusal by the servers raises :class:`PstError`
+        with their code (``too-early``, ``not-permitted``, ...) naming each server's reason."""
+        import nacl.public
+
+        from appliance.apps.store.client import ReadRefused, open_answers
+
+        key = reader if reader is not None else nacl.public.PrivateKey.generate()
+        if not isinstance(key, nacl.public.PrivateKey):
+            raise PstError("bad-request", "reader: a nacl.public.PrivateKey")
+        result = self._with_handle("retrieve", handle, data_id=data_id, reader=bytes(key.public_key))
+        record = result.get("record")
+        if not isinstance(record, dict):
+            raise PstError("connection", "malformed retrieve response")
+        if "answers" not in result:
+            value = record.get("value")
+            if not isinstance(value, bytes):
+                raise PstError("connection", "malformed retrieve response")
+            return value
+        answers = result.get("answers")
+        if not isinstance(answers, dict):
+            raise PstError("connection", "malformed retrieve response")
+        try:
+            return open_answers(self.store_key(handle), record, answers, key)
+        except ReadRefused as exc:
+            raise PstError(exc.code, str(exc)) from None
+        except DecodeError as exc:
+            raise PstError("connection", f"malformed retrieve response: {exc}") from None
+
+
+def _reader_public(reader: Any) -> bytes:
+    """The 32-byte X25519 public key of ``reader`` (a private or public key, or bytes)."""
+    import nacl.public
+
+    if reader is None:
+        return b""
+    if isinstance(reader, nacl.public.PrivateKey):
+        return bytes(reader.public_key)
+    if isinstance(reader, nacl.public.PublicKey):
+        return bytes(reader)
+    if isinstance(reader, bytes) and len(reader) == 32:
+        return reader
+    raise PstError("bad-request", "reader: an X25519 key (nacl.public.PrivateKey or 32 bytes)")
 
 
 def issued_certificate(result: Mapping[str, Any]) -> IssuedCertificate:

@@ -75,15 +75,21 @@ def check_ports(n: int, base_port: int) -> None:
 #: ``pst cluster init --log``: the log with its own key in C, the log with checkpoints signed by
 #: the group key, or no log at all (tests of other things; every secret of C adds to each refresh).
 LOG_MODES = ("key", "group", "off")
+#: ``pst cluster init --store``: the groups the store key (TDH2) may be on.
+STORE_GROUPS = ("p256", "ed25519")
 
 
-def _secrets(log: str, ca: bool = False) -> dict[str, str]:
+def _secrets(log: str, ca: bool = False, store: str | None = None) -> dict[str, str]:
     if log not in LOG_MODES:
         raise ConfigError(f"--log {log!r}: one of {', '.join(LOG_MODES)}")
     # The log's own key signs checkpoints and nothing else (issue 11).
     secrets = {SCERT: "ed25519", LOG_SECRET: "ed25519"} if log == "key" else {SCERT: "ed25519"}
     if ca:  # the group's certificate authority (appliance.apps.ca): certificates and nothing else
         secrets[CA_SECRET] = "ed25519"
+    if store is not None:  # the data storage API's key (appliance.apps.store): TDH2 on this group
+        if store not in STORE_GROUPS:
+            raise ConfigError(f"--store {store!r}: one of {', '.join(STORE_GROUPS)}")
+        secrets["store"] = store
     return secrets
 
 
@@ -157,6 +163,7 @@ def prepare_network_ceremony(
     code: Manifest | None = None,
     log: str = "key",
     ca: bool = False,
+    store: str | None = None,
 ) -> Constants:
     """Configs, simulated ROMs (Vstart), Sstart files and manifests; the state comes from ``pst init``."""
     from nacl.signing import SigningKey
@@ -173,7 +180,7 @@ def prepare_network_ceremony(
         genesis=time.time(),
         peers={i: f"127.0.0.1:{base_port + i}" for i in range(1, n + 1)},
         code_digest=code.digest(),
-        secrets=_secrets(log, ca),
+        secrets=_secrets(log, ca, store),
     )
     root.mkdir(parents=True, exist_ok=True)
     atomic_write(root / "cluster.toml", f"n = {n}\nt = {t}\nbase_port = {base_port}\n".encode())
@@ -203,6 +210,7 @@ def init_cluster(
     secrets: dict[str, str] | None = None,
     log: str = "key",
     ca: bool = False,
+    store: str | None = None,
     tpm: Mapping[int, str] | None = None,
 ) -> Constants:
     """One-process ceremony; ``code`` is the manifest C names (default: this environment's);
@@ -223,7 +231,7 @@ def init_cluster(
         genesis=genesis,
         peers={i: f"127.0.0.1:{base_port + i}" for i in range(1, n + 1)},
         code_digest=code.digest(),
-        secrets=dict(secrets) if secrets is not None else _secrets(log, ca),
+        secrets=dict(secrets) if secrets is not None else _secrets(log, ca, store),
     )
     progress(f"code manifest: {len(code)} files, digest {code.digest().hex()} (in C)")
     progress(f"initialization ceremony for n={n}, t={t}: DKG of (Scert, Vcert), M, KeyTable(0) ...")

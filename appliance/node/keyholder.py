@@ -201,6 +201,8 @@ class _Child:
             "sign_dss": self._sign_dss,
             "dss_public_key": self._dss_public_key,
             "log_key": self._log_key,
+            "store_key": self._store_key,
+            "store_share": self._store_share,
             **keyholder_methods(self.server),  # distributed applications (paper §5.1)
             **ca_methods,  # the group's certificate authority (appliance.node.ca)
         }
@@ -382,6 +384,68 @@ class _Child:
                 key: bytes = sharing.public_key
                 return key
         return None
+
+    def _store_sharing(self) -> tuple[Any, Any, int]:
+        """(group, public sharing, period) of the store key now: StoreUnavailable-like refusal
+        (ValueError) when C has none or this server holds no share of it."""
+        from appliance.apps.store.service import STORE_SECRET
+
+        core = self.server.core
+        if core is None or STORE_SECRET not in self.config.constants.secrets:
+            raise ValueError("the network has no store key (pst cluster init --store)")
+        sharing = core.public.sharings.get(STORE_SECRET)
+        table = core.public.key_table
+        if sharing is None or table is None:
+            raise ValueError("this server holds no state of the store key now")
+        return core.clock.group(STORE_SECRET), sharing, table.period
+
+    async def _store_key(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The store key's group, threshold and public sharing (its Feldman commitment; the
+        constant term is the public key the clients seal to), and the period."""
+        group, sharing, period = self._store_sharing()
+        return {
+            "group": group.name,
+            "n": sharing.n,
+            "t": sharing.t,
+            "period": period,
+            "commitment": sharing.commitment.encode(group),
+        }
+
+    async def _store_share(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Our decryption share of each KEM ciphertext, sealed to the reader's X25519 key.
+
+        The network-facing process ran the store's rule first (appliance.apps.store.service:
+        authorize_read against its state and clock); here each ciphertext is checked against
+        its label again (TDH2's check), and only sealed shares leave this process."""
+        from appliance.apps.store.service import STORE_SECRET
+        from appliance.crypto import tdh2
+        from appliance.crypto.keyshare import KeyShare
+        from appliance.crypto.secret import SecretScalar, system_scalar_source
+
+        parts, reader = args.get("parts"), args.get("reader")
+        if not isinstance(parts, list) or not isinstance(reader, bytes) or not 1 <= len(parts) <= 256:
+            raise TypeError("store_share: 'parts' must be a list of [kem, label] and 'reader' bytes")
+        group, sharing, period = self._store_sharing()
+        core = self.server.core
+        assert core is not None
+        share = core.private.shares.get(STORE_SECRET) if core.private is not None else None
+        if share is None or share.wiped or core.private is None or core.private.period != period:
+            raise ValueError("this server holds no share of the store key this period (recovering)")
+        key = KeyShare(self.config.server_id, SecretScalar(share.value, group.order), sharing)
+        if not key.check(group):
+            raise ValueError("this server's share of the store key does not match its commitment")
+        rand = system_scalar_source(group.order)
+        sealed = []
+        for item in parts:
+            if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, bytes) for x in item)):
+                raise TypeError("store_share: each part is [kem, label]")
+            kem = tdh2.Ciphertext.decode(group, item[0])
+            try:
+                dshare = tdh2.decryption_share(group, key, kem, rand, item[1])
+            except tdh2.InvalidCiphertext as exc:
+                raise ValueError(f"store_share: {exc}") from None
+            sealed.append(tdh2.share_for_reader(group, dshare, reader))
+        return {"period": period, "commitment": sharing.commitment.encode(group), "shares": sealed}
 
     async def _ping(self, args: dict[str, Any]) -> bool:
         """The network-facing process checks that our loop still runs (a stalled one is an alert)."""

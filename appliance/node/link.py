@@ -353,6 +353,22 @@ class KeyHolderLink:
         value = await self.call("dss_public_key", timeout, secret=secret)
         return value if isinstance(value, bytes) else None
 
+    async def store_key(self, *, timeout: float = 5.0) -> dict[str, Any]:
+        """The store key's group, threshold, period and public sharing (key-holder's store_key)."""
+        value = await self.call("store_key", timeout)
+        if not isinstance(value, dict):
+            raise SigningRefused("the key-holder returned no store key")
+        return value
+
+    async def store_share(
+        self, parts: list[list[bytes]], reader: bytes, *, timeout: float = 5.0
+    ) -> dict[str, Any]:
+        """Our decryption shares of ``parts`` ([KEM ciphertext, label] each), sealed to ``reader``."""
+        value = await self.call("store_share", timeout, parts=parts, reader=reader)
+        if not isinstance(value, dict):
+            raise SigningRefused("the key-holder returned no decryption shares")
+        return value
+
     async def time_vector(self, *, timeout: float = 2.0) -> dict[int, float | None]:
         value = await self.call("time_vector", timeout)
         if not isinstance(value, dict):

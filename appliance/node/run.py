@@ -36,6 +36,7 @@ from appliance.protocols.state import CA_SECRET, ConfigError, Constants
 if TYPE_CHECKING:
     from appliance.apps.log.node import LogNode
     from appliance.apps.log.service import Listener, LogService
+    from appliance.apps.store.node import StoreNode
     from appliance.apps.tsa.authority import Authority, TokenRecord
     from appliance.apps.tsa.rfc3161 import Signer
 
@@ -181,6 +182,8 @@ async def _serve(
 ) -> None:
     """The network-facing process: TLS to the peers, the local API, the key-holder link, the log."""
     from appliance.apps.log.node import LogNode, is_log_frame  # after the zygote's fork
+    from appliance.apps.store.node import is_store_frame
+    from appliance.apps.store.service import STORE_SECRET
 
     notifier = Notifier.from_env(unset=True)  # systemd Type=notify; children must not inherit it
     addresses = dict(config.peers)
@@ -189,6 +192,7 @@ async def _serve(
     window = RefreshWindow(config.constants)
 
     log_node: LogNode | None = None
+    store_node: StoreNode | None = None
     api: ApiServer | None = None
     links = ProactiveLinks(
         config.server_id,
@@ -206,6 +210,11 @@ async def _serve(
             # The log takes nothing from a channel its period key did not authenticate.
             if log_node is not None and net is not None and net.is_authenticated(peer):
                 await log_node.frame(peer, data)
+            return
+        if is_store_frame(data):
+            # Nor does the store (its writes' order and its read protocol).
+            if store_node is not None and net is not None and net.is_authenticated(peer):
+                await store_node.frame(peer, data)
             return
         if is_link_frame(data):
             # Nor do the proactive links (paper §5.4): their security is the period channel's.
@@ -247,6 +256,8 @@ async def _serve(
                 log.warning("channels not re-keyed for period %d: %s", period, exc)
         if log_node is not None:
             await log_node.identity(period, keys, ident)
+        if store_node is not None:
+            await store_node.sequence.identity(period, keys, ident)
         if period_cert is not None:
             period_cert.new_period(period)
         if tsa_cert is not None:
@@ -265,6 +276,9 @@ async def _serve(
             if isinstance(log_service.sink, LogNode):
                 log_node = log_service.sink
                 await nursery.start(log_node.run)
+        if STORE_SECRET in config.constants.secrets:  # before the period's identity, as the log
+            store_node = _store_node(config, on_send, lambda: link)
+            await nursery.start(store_node.run)
         if config.log is not None and config.log.period_cert and log_service is not None:
             period_cert = PeriodCertificate(
                 link.call,
@@ -336,6 +350,7 @@ async def _serve(
                 state_dir=config.state_dir,
                 log_backend=LogAdapter(log_service) if log_service is not None else None,
                 links=links,
+                data_store=store_node,
                 client_ca=client_ca,
                 server_id=config.server_id,
                 certificates=app_certificates,
@@ -356,6 +371,7 @@ async def _serve(
                 tsa,
                 group_root,
                 app_certificates,
+                store_node,
             )
         notifier.ready(f"server {config.server_id}: serving, local API on {config.api_socket}")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
@@ -369,6 +385,34 @@ async def _serve(
                     await log_service.stop()
                 nursery.cancel_scope.cancel()
                 break
+
+
+def _store_node(
+    config: NodeConfig, send: Callable[[int, bytes], None], link: Callable[[], KeyHolderLink]
+) -> StoreNode:
+    """The store of a network whose C has a store key (appliance.apps.store.node)."""
+    from appliance.apps.store.node import StoreNode
+    from appliance.boot.check import append_alert
+
+    c = config.constants
+    return StoreNode(
+        server_id=config.server_id,
+        n=c.n,
+        t=c.t,
+        directory=StateDir(config.state_dir).serve_dir / "store",
+        send=send,
+        store_key=lambda: link().store_key(),
+        store_share=lambda parts, reader: link().store_share(parts, reader),
+        on_alert=lambda alert: append_alert(
+            StateDir(config.state_dir).serve_dir,
+            alert.kind,
+            alert.server,
+            alert.period,
+            alert.detail,
+            time.time(),
+        ),
+        base_timeout=max(0.2, 2 * c.delta),
+    )
 
 
 async def _no_fetch(url: str) -> tuple[int, bytes]:
@@ -408,6 +452,7 @@ async def _run_web(
     tsa: TsaService | None = None,
     group_root: GroupRoot | None = None,
     certificates: AppCertificates | None = None,
+    store_node: StoreNode | None = None,
 ) -> None:
     """The HTTP service (status page, /v1, /metrics, and POST /tsa with a [tsa] section) until
     cancelled. A port it cannot bind is logged, not fatal: the status page must never take the
@@ -432,6 +477,7 @@ async def _run_web(
         signature_counts=lambda: backend.signatures,
         keyholder_pid=lambda: link.child_pid,
         log_status=(lambda: log_service.status()) if log_service is not None else (lambda: None),
+        store_status=(lambda: store_node.status()) if store_node is not None else (lambda: None),
     )
     reader = None
     if log_service is not None and log_service.available and config.log is not None:

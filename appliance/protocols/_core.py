@@ -75,6 +75,10 @@ class AlertKind(enum.Enum):
     #: ... or a token outside our [tsa] policy (another policy OID or accuracy, a serial not in
     #: its range, a hash we do not accept, a certificate not for the TSA key, not a token at all).
     TIMESTAMP_OUTSIDE_POLICY = "timestamp-outside-policy"
+    #: A server asked us for decryption shares of a stored secret that the store's rules do not
+    #: let its client read (another application, not the owner, a StoreUntil before its date):
+    #: appliance.apps.store. The alert names the server that asked and its client.
+    STORE_READ_REFUSED = "store-read-refused"
 
 
 @dataclass(frozen=True)

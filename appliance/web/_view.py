@@ -163,6 +163,18 @@ LOG_REPLICATION: Final = (
 )
 
 
+def clean_store(raw: Any) -> dict[str, Any] | None:
+    """The store's status (``StoreNode.status()``), type-checked; None if the network has none."""
+    if not isinstance(raw, dict):
+        return None
+    return {
+        "items": _int(raw.get("items")),
+        "applied": _int(raw.get("applied")),
+        "digest": _str(raw.get("digest"), 64),
+        "refused_reads": _int(raw.get("refused_reads")),
+    }
+
+
 def clean_log(raw: Any) -> dict[str, Any] | None:
     """A log status (``LogService.status()``, ours or a peer's), type-checked; None if none."""
     if not isinstance(raw, dict):
@@ -284,6 +296,7 @@ class Sources:
     keyholder_pid: Callable[[], int | None] = lambda: None
     #: The log's figures (``LogService.status()``); None when this server runs no log.
     log_status: Callable[[], Mapping[str, Any] | None] = lambda: None
+    store_status: Callable[[], Mapping[str, Any] | None] = lambda: None
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -472,6 +485,7 @@ class LocalView:
             "peers": self.links(),
             "alerts": self.alerts.summary(),
             "log": clean_log(s.log_status()),
+            "store": clean_store(s.store_status()),
             "clock": {"period": s.constants.period_at(now), "next_refresh": next_refresh(s.constants, now)},
             "constants": {
                 "n": s.constants.n,
@@ -483,6 +497,7 @@ class LocalView:
                 "peers": "this server's connections (its PeerNetwork)",
                 "alerts": "alerts.jsonl: the alerts this server raised",
                 "log": "this server's log (pst serve's ingest and its local store); null without [log]",
+                "store": "this server's copy of the data store (docs/store.md); null without a store key",
             },
         }
 

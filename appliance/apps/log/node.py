@@ -96,8 +96,10 @@ def is_log_frame(data: bytes) -> bool:
     return data[:1] == LOG_FRAME
 
 
-def _announcement_payload(server: int, period: int, key: bytes) -> bytes:
-    return encoding.signing_payload("log/vote-key", 1, "pst/log", period, {"server": server, "key": key})
+def _announcement_payload(server: int, period: int, key: bytes, name: str = "log") -> bytes:
+    return encoding.signing_payload(
+        f"{name}/vote-key", 1, f"pst/{name}", period, {"server": server, "key": key}
+    )
 
 
 class LogNode:
@@ -118,7 +120,12 @@ class LogNode:
         takeover: float = 5.0,
         repair_timeout: float = REPAIR_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
+        frame_tag: bytes = LOG_FRAME,
+        name: str = "log",
     ) -> None:
+        #: The first byte of our frames, and the name in our vote-key announcements: another
+        #: replicated sequence (the store's, appliance.apps.store.node) has its own of both.
+        self.frame_tag, self.name = frame_tag, name
         self.server_id, self.n = server_id, n
         self.tree = log
         self.storage = storage
@@ -169,6 +176,8 @@ class LogNode:
         self._repair_inbox: list[tuple[int, Any]] = []
         self._repair_wake = trio.Event()
         self._audit_now = trio.Event()
+        #: Set (and replaced) each time the tree grew: what follows the log waits on it.
+        self.grown = trio.Event()
         self._load_known()
 
     # --- Keys --------------------------------------------------------------------------------
@@ -205,7 +214,7 @@ class LogNode:
         async with self._lock:
             if ident is not None and period not in self._mine and period >= self.replica.slot_period:
                 key = await trio.to_thread.run_sync(self.replica.vote_key, period)
-                payload = _announcement_payload(self.server_id, period, key)
+                payload = _announcement_payload(self.server_id, period, key, self.name)
                 self._mine[period] = {
                     "log": "vote-key",
                     "server": self.server_id,
@@ -249,7 +258,12 @@ class LogNode:
             return
         try:
             check_channel_signature(
-                f["cert"], server, period, table, _announcement_payload(server, period, f["key"]), f["sig"]
+                f["cert"],
+                server,
+                period,
+                table,
+                _announcement_payload(server, period, f["key"], self.name),
+                f["sig"],
             )
         except PeerCertificateError as exc:
             raise DecodeError(f"vote key announcement: {exc}") from None
@@ -297,7 +311,7 @@ class LogNode:
         self._emit(EVERYONE, obj)
 
     def _emit(self, to: int, obj: dict[str, Any]) -> None:
-        data = LOG_FRAME + encoding.encode(obj)
+        data = self.frame_tag + encoding.encode(obj)
         targets = [i for i in range(1, self.n + 1) if i != self.server_id] if to == EVERYONE else [to]
         for peer in targets:
             self._send(peer, data)
@@ -326,7 +340,11 @@ class LogNode:
                 inbox, self._inbox = self._inbox, []
                 self._drained.set()
                 self._drained = trio.Event()
+                size = self.tree.size
                 out = await trio.to_thread.run_sync(self._step, inbox, now)
+                if self.tree.size != size:  # entries applied (decided slots, or a catch-up)
+                    self.grown.set()
+                    self.grown = trio.Event()
                 acked, self.replica.acknowledged = self.replica.acknowledged, []
                 alerts, self.replica.alerts = self.replica.alerts, []
                 rejected, self.replica.rejected = self.replica.rejected, []

@@ -5,5 +5,12 @@
   canonical CBOR encoding, and the authorization rule each server runs before it contributes a
   decryption share of a stored secret (:mod:`appliance.crypto.tdh2`).
 
-Not wired to the network yet: see docs/store.md.
+* :mod:`appliance.apps.store.service`: one server's store, sans-IO: the agreed writes applied in
+  order, the state saved, the read protocol's messages and the rule before a share.
+* :mod:`appliance.apps.store.node`: the trio glue inside ``pst serve`` (the writes' replicated
+  sequence, the read protocol over the period channels, the key-holder's shares).
+* :mod:`appliance.apps.store.client`: the client's side (seal a value, open the shares).
+* :mod:`appliance.apps.store.commands`: ``pst store put|get|write|until|joint``.
+
+What is built and what is not: docs/store.md.
 """

@@ -6,8 +6,8 @@ Every server holds the same :class:`StoreState`: records keyed by ``(application
 each with its type, owner, version and either a public value or secret ciphertexts under the
 network's store key (:mod:`appliance.crypto.tdh2`; the key is a long-lived secret of C, refreshed
 with the others, so a million stored secrets cost a refresh what one does). Writes are applied in
-the same order at every server (the agreement engine will order them; the wiring is not done, see
-docs/store.md); each server checks the write itself with :meth:`StoreState.apply_write`.
+the same order at every server (the agreement engine orders them: :mod:`.service`); each server
+checks the write itself with :meth:`StoreState.apply_write`.
 
 Who asks (:data:`Requester`), as the API models applications today (``appliance.api``):
 
@@ -376,8 +376,9 @@ def _names(f: Mapping[str, Any], what: str) -> None:
         raise DecodeError(f"{what}: a data id has 1 to {MAX_ID_LENGTH} bytes")
 
 
-def _content(f: Mapping[str, Any], what: str) -> tuple[DataType, dict[int, bytes]]:
-    """The checks a record and a write request share: names, type, version, date, reader, parts."""
+def _content(f: Mapping[str, Any], what: str, record: bool = False) -> tuple[DataType, dict[int, bytes]]:
+    """The checks a record and a write request share: names, type, version, date, reader, parts.
+    A StoreUntil *record* may also hold its value: the network released it at the date."""
     _names(f, what)
     try:
         dtype = DataType(f["type"])
@@ -396,7 +397,8 @@ def _content(f: Mapping[str, Any], what: str) -> tuple[DataType, dict[int, bytes
         if not isinstance(blob, bytes):
             raise DecodeError(f"{what}: contribution {part} is not bytes")
         sealed[part] = blob
-    if dtype.secret != bool(sealed) or (dtype.secret and f["value"]):
+    released = record and dtype == DataType.STORE_UNTIL
+    if dtype.secret != bool(sealed) or (dtype.secret and f["value"] and not released):
         raise DecodeError(f"{what}: a {dtype.value} item with the wrong kind of content")
     return dtype, sealed
 
@@ -443,7 +445,7 @@ class Record:
         f = encoding.expect_map(obj, {**_WRITE_FIELDS, "owner": bytes}, what)
         if len(f["owner"]) > MAX_UNIQUE_ID:
             raise DecodeError(f"{what}: owner of more than {MAX_UNIQUE_ID} bytes")
-        dtype, sealed = _content(f, what)
+        dtype, sealed = _content(f, what, record=True)
         return cls(f["app"], f["id"], dtype, f["owner"], f["v"], f["value"], sealed, f["reader"], f["until"])
 
 

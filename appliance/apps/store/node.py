@@ -1,0 +1,471 @@
+"""The store inside ``pst serve``: the trio glue around :class:`~.service.StoreService`.
+
+Theory of operation
+-------------------
+:class:`StoreNode` runs in the network-facing process, which holds no share: decryption
+shares come from the key-holder (``store_share`` over the key-holder link), and leave it
+sealed to the reader's key.
+
+* **Ordering.** The writes are the entries of a second replicated sequence: a
+  :class:`~appliance.apps.log.node.LogNode` (the log's replica: slot-by-slot agreement, vote keys
+  certified by the period's channel keys, catch-up from the peers) on its own
+  :class:`~appliance.apps.log.tiles.TileLog` under ``<state>/serve/store/ops``, its frames tagged
+  :data:`STORE_FRAME` and its vote-key announcements signed under the name ``store``.
+  :meth:`StoreNode.write` puts an operation in it and returns its outcome once this server has
+  applied it.
+* **Applying.** A task follows the sequence: every new entry goes through
+  :meth:`StoreService.apply` in order, then the state (records and count) is written to
+  ``<state>/serve/store/state`` (atomic write, fsync) before callers learn the outcome.
+* **Reads of secrets** (:meth:`StoreNode.read_secret`): asks and answers are frames tagged
+  :data:`READ_FRAME`, taken only from authenticated period channels (``pst serve`` checks).
+  Each server answers from its own state and clock (:meth:`StoreService.authorize`) and its
+  key-holder's share; a policy refusal is an alert on the refusing server naming the server
+  that asked and its client.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from appliance.apps.log.node import LogNode
+from appliance.apps.log.tiles import PosixStorage, TileLog
+from appliance.apps.store import model
+from appliance.apps.store.client import StoreKey, combine_answers
+from appliance.apps.store.model import Client, DataType, ReadRequest, Record, Refused, WriteRequest
+from appliance.apps.store.service import (
+    ALERT_CODES,
+    RID_SIZE,
+    FixedClock,
+    Operation,
+    ReadAnswer,
+    ReadAsk,
+    Release,
+    StoreService,
+    decode_read_message,
+)
+from appliance.crypto.errors import DecodeError
+from appliance.crypto.groups import Group
+from appliance.host.files import atomic_write, make_dirs
+from appliance.protocols._core import Alert, AlertKind
+
+__all__ = ["READ_FRAME", "STORE_FRAME", "StoreNode", "is_store_frame"]
+
+log = logging.getLogger("pst.store")
+
+#: First byte of a frame of the store's replicated sequence (the log's is 0x00, links' 0x01).
+STORE_FRAME = b"\x02"
+#: First byte of a frame of the read protocol.
+READ_FRAME = b"\x03"
+ORIGIN = "pst-store"
+#: The sequence's resend interval (the log's is 2 s): a restarted or wiped server starts
+#: catching up after three of them without progress.
+SEQUENCE_RESEND = 1.0
+#: Seconds after a StoreUntil date before server i tries its release: (i-1) times this; and
+#: seconds between two tries of one item.
+RELEASE_STAGGER = 2.0
+RELEASE_RETRY = 5.0
+#: Seconds a server waits to have applied what the asking server had, before it answers.
+CATCH_UP_WAIT = 3.0
+#: Seconds the asking server waits for answers.
+READ_TIMEOUT = 8.0
+#: Seconds after which the servers that have not answered are asked again.
+RESEND = 1.0
+#: Asks waiting for an answer at this server (more are dropped: the asker times out).
+MAX_ASKS = 64
+
+KeyCall = Callable[[], Awaitable[Mapping[str, Any]]]
+ShareCall = Callable[[list[list[bytes]], bytes], Awaitable[Mapping[str, Any]]]
+
+
+def is_store_frame(data: bytes) -> bool:
+    return data[:1] in (STORE_FRAME, READ_FRAME)
+
+
+class StoreUnavailable(Exception):
+    """The store cannot serve now (no store key yet, a timeout); the message says why."""
+
+
+class StoreNode:
+    """This server's copy of the store, replicated with the others (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        server_id: int,
+        n: int,
+        t: int,
+        directory: Path,
+        send: Callable[[int, bytes], None],
+        store_key: KeyCall,
+        store_share: ShareCall,
+        on_alert: Callable[[Alert], None] = lambda alert: None,
+        base_timeout: float = 0.5,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.server_id, self.n, self.t = server_id, n, t
+        self.directory = directory
+        make_dirs(directory, 0o700)
+        make_dirs(directory / "ops", 0o700)
+        make_dirs(directory / "replica", 0o700)
+        self._send = send
+        self._store_key = store_key
+        self._store_share = store_share
+        self._on_alert = on_alert
+        self._clock = clock
+        self.sequence = LogNode(
+            server_id=server_id,
+            n=n,
+            t=t,
+            log=TileLog.open(PosixStorage(directory / "ops"), ORIGIN),
+            storage=PosixStorage(directory / "replica"),
+            send=send,
+            on_alert=on_alert,
+            base_timeout=base_timeout,
+            resend=SEQUENCE_RESEND,
+            frame_tag=STORE_FRAME,
+            name="store",
+        )
+        self.service: StoreService[Any] | None = None
+        self.key: StoreKey | None = None
+        self._release_tried: dict[tuple[str, str], float] = {}
+        self.group: Group[Any] | None = None
+        self._applied = trio.Event()  # set (and replaced) each time operations were applied
+        self._ready = trio.Event()
+        self._answers: dict[bytes, dict[int, ReadAnswer]] = {}
+        self._answered: dict[bytes, trio.Event] = {}
+        self._asks_send, self._asks_receive = trio.open_memory_channel[tuple[int, ReadAsk]](MAX_ASKS)
+        self._alerted: dict[bytes, None] = {}  # rids of the last reads we raised an alert for
+        #: Refusals this server answered (for the status page and tests).
+        self.refused = 0
+
+    @property
+    def state_path(self) -> Path:
+        return self.directory / "state"
+
+    # --- Running -----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.sequence.run)
+            task_status.started()
+            await self._open()
+            nursery.start_soon(self._answer_asks)
+            nursery.start_soon(self._answer_asks)
+            nursery.start_soon(self._releases)
+            await self._follow()
+
+    async def _open(self) -> None:
+        """Wait for the key-holder's store key, then load (or start) the state."""
+        while True:
+            try:
+                key = await self._store_key()
+                break
+            except Exception as exc:  # the key-holder is not there yet, or has no state yet
+                log.debug("store: no store key yet: %s", exc)
+                await trio.sleep(1.0)
+        self.key = StoreKey.from_result(key)
+        group = self.key.group
+        public_key = self.key.public_key
+        raw = await trio.to_thread.run_sync(_read, self.state_path)
+        self.service = StoreService(group, public_key, self.t)
+        if raw is not None:
+            # The state is derived from the sequence: unreadable, or ahead of the operations we
+            # hold (they were lost; the replica fetches them again), it is rebuilt from them.
+            try:
+                saved = StoreService.decode(group, public_key, self.t, raw)
+            except DecodeError as exc:
+                log.error("store: %s unreadable (%s): rebuilt from the operations", self.state_path, exc)
+            else:
+                if saved.applied <= self.sequence.size:
+                    self.service = saved
+                else:
+                    log.error(
+                        "store: %s has %d operations applied, the sequence holds %d: rebuilt from them",
+                        self.state_path,
+                        saved.applied,
+                        self.sequence.size,
+                    )
+        self.group = group
+        self._ready.set()
+        log.info(
+            "store: %d items, %d operations applied", len(self.service.state.records), self.service.applied
+        )
+
+    async def _follow(self) -> None:
+        """Apply the sequence's new entries in order, saving the state after each round."""
+        service = self.service
+        assert service is not None
+        while True:
+            size = self.sequence.size
+            if size > service.applied:
+                end = min(size, service.applied + 256)
+                entries = await self.sequence.read_entries(service.applied, end)
+                for entry in entries:
+                    outcome = service.apply(service.applied, entry)
+                    if isinstance(outcome, Refused):
+                        log.info("store: operation %d refused: %s", service.applied - 1, outcome.reason)
+                data = service.encode()
+                await trio.to_thread.run_sync(atomic_write, self.state_path, data)
+                event, self._applied = self._applied, trio.Event()
+                event.set()
+                continue
+            with trio.move_on_after(1.0):  # the event is the wake-up; the timeout a safety net
+                await self.sequence.grown.wait()
+
+    async def ready(self) -> StoreService[Any]:
+        with trio.move_on_after(5.0):
+            await self._ready.wait()
+        if self.service is None:
+            raise StoreUnavailable("the store is not open yet (no store key from the key-holder)")
+        return self.service
+
+    async def _until_applied(self, count: int, timeout: float) -> bool:
+        service = self.service
+        assert service is not None
+        with trio.move_on_after(timeout):
+            while service.applied < count:
+                await self._applied.wait()
+        return service.applied >= count
+
+    # --- Writes --------------------------------------------------------------------------------
+
+    async def write(self, request: WriteRequest, client: Client) -> Record:
+        """Order ``request`` through the network and apply it: the record, or Refused."""
+        service = await self.ready()
+        at = self._clock()
+        service.state.check_write(request, client, FixedClock(at))  # refused here: not sent at all
+        entry = Operation(request, client, round(at * 1000)).encode()
+        (index,) = await self.sequence.append([entry])
+        if not await self._until_applied(index + 1, 30.0):
+            raise StoreUnavailable("the write was ordered but not applied here in time")
+        outcome = service.outcomes.get(index)
+        if outcome is None:
+            raise StoreUnavailable("the write's outcome is no longer known here")
+        if isinstance(outcome, Refused):
+            raise outcome
+        return outcome
+
+    # --- Reads ---------------------------------------------------------------------------------
+
+    async def read_public(self, app: str, data_id: str, client: Client) -> Record:
+        service = await self.ready()
+        return service.state.read_public(app, data_id, client, FixedClock(self._clock()))
+
+    async def read_secret(self, request: ReadRequest, client: Client) -> tuple[Record, dict[int, ReadAnswer]]:
+        """This server's record and every server's answer (sealed shares or a refusal)."""
+        service = await self.ready()
+        record = service.state.get(request.app, request.data_id)
+        if not record.dtype.secret:
+            raise Refused(model.BAD_REQUEST, f"{request.app}/{request.data_id} is public: read its value")
+        rid = os.urandom(RID_SIZE)
+        ask = ReadAsk(rid, request, client, service.applied)
+        answers: dict[int, ReadAnswer] = {}
+        done = trio.Event()
+        self._answers[rid], self._answered[rid] = answers, done
+        try:
+            data = READ_FRAME + ask.encode()
+            for peer in range(1, self.n + 1):
+                if peer != self.server_id:
+                    self._send(peer, data)
+            self._record(rid, self.server_id, await self._answer(self.server_id, ask))
+            deadline = trio.current_time() + READ_TIMEOUT
+            while not self._enough(answers) and trio.current_time() < deadline:
+                # Asked again every RESEND seconds: a frame sent while a peer's channel was
+                # being re-keyed for a new period is lost (answers are idempotent per rid).
+                with trio.move_on_at(min(deadline, trio.current_time() + RESEND)) as waited:
+                    await done.wait()
+                    done = self._answered[rid] = trio.Event()
+                if waited.cancelled_caught:
+                    for peer in range(1, self.n + 1):
+                        if peer != self.server_id and peer not in answers:
+                            self._send(peer, data)
+        finally:
+            del self._answers[rid], self._answered[rid]
+        return record, dict(answers)
+
+    def _enough(self, answers: Mapping[int, ReadAnswer]) -> bool:
+        shares = sum(1 for a in answers.values() if a.shares is not None)
+        return len(answers) >= self.n or shares >= 2 * self.t + 1
+
+    def _record(self, rid: bytes, sender: int, answer: ReadAnswer) -> None:
+        answers = self._answers.get(rid)
+        if answers is None or sender in answers:
+            return
+        answers[sender] = answer
+        self._answered[rid].set()
+
+    async def frame(self, sender: int, data: bytes) -> None:
+        """A store frame from an authenticated peer (``is_store_frame(data)``)."""
+        if data[:1] == STORE_FRAME:
+            await self.sequence.frame(sender, data)
+            return
+        try:
+            message = decode_read_message(data[1:], self.t)
+        except DecodeError as exc:
+            log.warning("store: server %d sent a bad read message: %s", sender, exc)
+            return
+        if isinstance(message, ReadAnswer):
+            self._record(message.rid, sender, message)
+            return
+        try:
+            self._asks_send.send_nowait((sender, message))
+        except trio.WouldBlock:
+            log.warning("store: too many reads waiting; server %d's ask dropped", sender)
+
+    async def _answer_asks(self) -> None:
+        async for sender, ask in self._asks_receive:
+            answer = await self._answer(sender, ask)
+            self._send(sender, READ_FRAME + answer.encode())
+
+    async def _answer(self, sender: int, ask: ReadAsk) -> ReadAnswer:
+        """Our answer to ``ask`` from server ``sender``: sealed shares, or the refusal (an alert
+        when it broke a rule)."""
+        if self.service is None:
+            return ReadAnswer(ask.rid, code="unavailable", reason="the store is not open")
+        service = self.service
+        await self._until_applied(ask.after, CATCH_UP_WAIT)
+        try:
+            parts = service.authorize(ask.request, ask.client, self._clock)
+        except Refused as exc:
+            self.refused += 1
+            if exc.code in ALERT_CODES and ask.rid not in self._alerted:
+                self._alerted[ask.rid] = None  # one alert per read, however often it is asked
+                while len(self._alerted) > MAX_ASKS:
+                    del self._alerted[next(iter(self._alerted))]
+                detail = (
+                    f"server {sender} asked for shares of {ask.request.app}/{ask.request.data_id} for client "
+                    f"{ask.client.app}/{ask.client.unique_id.hex()}: refused ({exc.code}): {exc.reason}"
+                )
+                alert = Alert(AlertKind.STORE_READ_REFUSED, sender, self.sequence.replica.period, detail)
+                log.warning("%s", alert)
+                self._on_alert(alert)
+            return ReadAnswer(ask.rid, code=exc.code, reason=exc.reason[:1000])
+        try:
+            got = await self._share(parts, ask.request.reader)
+            shares = got["shares"]
+            if not isinstance(shares, list) or len(shares) != len(parts):
+                raise ValueError("the key-holder returned no shares")
+            return ReadAnswer(
+                ask.rid,
+                int(got["period"]),
+                tuple(bytes(c) for c in got["commitment"]),
+                {part: bytes(s) for (part, _k, _l), s in zip(parts, shares, strict=True)},
+            )
+        except Exception as exc:  # the key-holder refused (recovering) or timed out
+            return ReadAnswer(
+                ask.rid,
+                code="unavailable",
+                reason=f"no decryption share: {exc}"[:1000],
+            )
+
+    async def _share(self, parts: list[tuple[int, bytes, bytes]], reader: bytes) -> Mapping[str, Any]:
+        """The key-holder's sealed shares; tried again twice, half a second apart: right after a
+        refresh the retiring key-holder has wiped its shares and the next one is starting."""
+        for attempt in range(3):
+            try:
+                return await self._store_share([[kem, lbl] for _part, kem, lbl in parts], reader)
+            except Exception:
+                if attempt == 2:
+                    raise
+                await trio.sleep(0.5)
+        raise AssertionError("unreachable")
+
+    # --- StoreUntil's release at the date ----------------------------------------------------------
+
+    async def _releases(self) -> None:
+        """Release every StoreUntil item whose date this server's clock has passed: server i
+        tries (i-1)*RELEASE_STAGGER seconds after the date (one server usually does it for all),
+        again every RELEASE_RETRY seconds while the item is not released."""
+        while True:
+            await trio.sleep(1.0)
+            service, key = self.service, self.key
+            if service is None or key is None:
+                continue
+            now = self._clock()
+            for record in service.due_releases(now - (self.server_id - 1) * RELEASE_STAGGER):
+                where = (record.app, record.data_id)
+                if now - self._release_tried.get(where, -RELEASE_RETRY) < RELEASE_RETRY:
+                    continue
+                self._release_tried[where] = now
+                try:
+                    await self._release(key, record)
+                except Exception as exc:  # not enough shares yet, the sequence busy: next time
+                    log.info("store: %s/%s not released yet: %s", record.app, record.data_id, exc)
+
+    async def _release(self, key: StoreKey, record: Record) -> None:
+        import nacl.public
+
+        reader = nacl.public.PrivateKey.generate()
+        request = ReadRequest(record.app, record.data_id, record.version, bytes(reader.public_key))
+        current, answers = await self.read_secret(request, Client(record.app, b""))
+        _sealed, data_key = combine_answers(key, current, answers_to_obj(answers), reader)
+        release = Release(record.app, record.data_id, record.version, data_key, round(self._clock() * 1000))
+        (index,) = await self.sequence.append([release.encode()])
+        if await self._until_applied(index + 1, 30.0):
+            outcome = self.service.outcomes.get(index) if self.service is not None else None
+            if isinstance(outcome, Record):
+                log.info("store: released %s/%s (StoreUntil, its date passed)", record.app, record.data_id)
+
+    # --- The local API's backend (appliance.api.StoreBackend) ---------------------------------
+
+    async def store_key(self) -> Mapping[str, Any]:
+        await self.ready()
+        return dict(await self._store_key())
+
+    async def store_write(self, request: bytes, app: str, unique_id: bytes) -> Mapping[str, Any]:
+        try:
+            write = WriteRequest.decode(request)
+        except DecodeError as exc:
+            raise Refused(model.BAD_REQUEST, str(exc)) from None
+        record = await self.write(write, Client(app, unique_id))
+        return {"data_id": record.data_id, "type": record.dtype.value, "version": record.version}
+
+    async def store_retrieve(
+        self, app: str, unique_id: bytes, data_id: str, reader: bytes | None
+    ) -> Mapping[str, Any]:
+        service = await self.ready()
+        client = Client(app, unique_id)
+        record = service.state.get(app, data_id)
+        if record.dtype == DataType.STORE_UNTIL and record.value:  # released at its date
+            return {"record": record.to_obj()}
+        if not record.dtype.secret:
+            record = await self.read_public(app, data_id, client)
+            return {"record": record.to_obj()}
+        if reader is None:  # the record only (its ciphertexts): what it is, which version
+            return {"record": record.to_obj()}
+        record, answers = await self.read_secret(ReadRequest(app, data_id, record.version, reader), client)
+        return {"record": record.to_obj(), "answers": answers_to_obj(answers)}
+
+    def status(self) -> dict[str, Any]:
+        service = self.service
+        return {
+            "items": 0 if service is None else len(service.state.records),
+            "applied": 0 if service is None else service.applied,
+            "digest": None if service is None else service.digest().hex(),
+            "refused_reads": self.refused,
+        }
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def answers_to_obj(answers: Mapping[int, ReadAnswer]) -> dict[int, dict[str, Any]]:
+    """The answers as the API returns them (each server's shares, or its refusal)."""
+    out: dict[int, dict[str, Any]] = {}
+    for server, a in sorted(answers.items()):
+        if a.shares is not None:
+            out[server] = {"period": a.period, "commitment": list(a.commitment), "shares": dict(a.shares)}
+        else:
+            out[server] = {"code": a.code, "reason": a.reason}
+    return out

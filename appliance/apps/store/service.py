@@ -1,0 +1,421 @@
+"""The store in one server, sans-IO: the agreed writes applied in order, and the read protocol.
+
+Theory of operation
+-------------------
+**Writes.** A server that takes a write from its local API (StoreData, Write, StoreUntil,
+GenerateJointSecret) encodes it as an :class:`Operation`: the :class:`~.model.WriteRequest`,
+the client that asked (as this server's API authenticated it) and this server's clock in ms.
+The operations are ordered by the agreement engine exactly like the secure log's entries: they
+are the entries of a second replicated sequence (:class:`appliance.apps.log.replication.Replica`
+on its own :class:`~appliance.apps.log.tiles.TileLog`, in ``appliance.apps.store.node``), so
+every server gets the same operations in the same order, each held durably by a quorum before
+it is applied. Every server then runs :meth:`StoreService.apply` on each operation in that
+order: :meth:`~.model.StoreState.apply_write` checks it against the state and applies it, or
+refuses it (nothing changes). The check must give the same answer at every server, so it sees
+only what the operation carries: the write's own clock (``at``) stands for "now" (the
+StoreUntil date limit), never the applying server's clock. The state and the number of
+operations applied are saved together (:meth:`StoreService.encode`), so a restart resumes.
+
+Only clients of centralized registrations write through the network for now: the quorum
+types (``public-rw``, ``secret-dw-dr``, ``joint-secret``) check the approvals ticket against
+each server's own client's verifier and this period's KeyTable, which differ between servers,
+so applying them in the agreed order is not deterministic yet (docs/store.md).
+
+**Reads of secrets.** The reader's server sends a :class:`ReadAsk` (the
+:class:`~.model.ReadRequest`, the client, the number of operations it has applied) to every
+server. Each one waits until it has applied as many operations, then runs :meth:`StoreService.authorize`:
+:meth:`~.model.StoreState.authorize_read` against its own state and its own clock (deny by
+default), and TDH2's ciphertext check of every part; its key-holder then makes the decryption
+shares, sealed to the reader's X25519 key, which go back in a :class:`ReadAnswer`. A refusal
+goes back too (with the model's code), and a policy refusal (``not-permitted``, ``too-early``)
+is an alert on the refusing server naming the requester. The reader's server cannot open the
+sealed shares; the client opens and combines them (:func:`~.model.open_value`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
+
+from appliance.apps.store import model
+from appliance.apps.store.model import (
+    Client,
+    Quotas,
+    ReadRequest,
+    Record,
+    Refused,
+    StoreState,
+    WriteRequest,
+)
+from appliance.crypto import encoding, tdh2
+from appliance.crypto.errors import DecodeError
+from appliance.crypto.groups import Group
+
+E = TypeVar("E")
+
+#: The name of the store key among the secrets of C.
+STORE_SECRET: Final = "store"
+FORMAT_VERSION: Final = 1
+#: The largest operation: one entry of the replicated sequence (tiles.MAX_ENTRY_SIZE).
+MAX_OPERATION: Final = 0xFFFF
+#: The network's quotas: a value and its sealed form fit in one operation.
+NETWORK_QUOTAS: Final = Quotas(max_value_size=16 * 1024)
+#: Outcomes of recent operations kept for the servers' API callers waiting on them.
+MAX_OUTCOMES: Final = 4096
+RID_SIZE: Final = 16
+MAX_ANSWER_PARTS: Final = model.MAX_PARTS
+#: Codes whose refusal at a server is an alert there (the request broke a rule, it did not lag).
+ALERT_CODES: Final = frozenset({model.NOT_PERMITTED, model.TOO_EARLY})
+
+
+def _client_obj(client: Client) -> dict[str, Any]:
+    return {"app": client.app, "uid": client.unique_id}
+
+
+def _client_from(obj: Any, what: str) -> Client:
+    f = encoding.expect_map(obj, {"app": str, "uid": bytes}, what)
+    if not f["app"] or len(f["app"]) > model.MAX_APP_LENGTH or len(f["uid"]) > model.MAX_UNIQUE_ID:
+        raise DecodeError(f"{what}: bad client name or unique id")
+    return Client(f["app"], f["uid"])
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One write as the network orders it: the request, the client, the origin's clock (ms)."""
+
+    request: WriteRequest
+    client: Client
+    at_ms: int
+
+    def encode(self) -> bytes:
+        return encoding.encode(
+            {"op": "write", "w": self.request.to_obj(), "by": _client_obj(self.client), "at": self.at_ms}
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> Operation:
+        what = "store operation"
+        f = encoding.expect_map(
+            encoding.decode(data, max_size=MAX_OPERATION, what=what),
+            {"op": str, "w": dict, "by": dict, "at": int},
+            what,
+        )
+        if f["op"] != "write":
+            raise DecodeError(f"{what}: unknown kind {f['op']!r}")
+        if f["at"] < 0:
+            raise DecodeError(f"{what}: negative time")
+        request = WriteRequest.decode(encoding.encode(f["w"]))
+        return cls(request, _client_from(f["by"], f"{what}: client"), f["at"])
+
+
+@dataclass(frozen=True)
+class Release:
+    """StoreUntil's release by the network: the data key of a StoreUntil item, which a server
+    derived from t+1 servers' decryption shares once their clocks passed the date. Every server
+    checks that it opens the item's sealed value (the AEAD authenticates it) and keeps the value
+    in the record from then on: the item reads as public data of its application."""
+
+    app: str
+    data_id: str
+    version: int
+    key: bytes
+    at_ms: int
+
+    def encode(self) -> bytes:
+        return encoding.encode(
+            {
+                "op": "release",
+                "app": self.app,
+                "id": self.data_id,
+                "v": self.version,
+                "key": self.key,
+                "at": self.at_ms,
+            }
+        )
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> Release:
+        what = "store release"
+        f = encoding.expect_map(
+            obj, {"op": str, "app": str, "id": str, "v": int, "key": bytes, "at": int}, what
+        )
+        if f["op"] != "release" or f["v"] < 1 or f["at"] < 0 or len(f["key"]) != 32:
+            raise DecodeError(f"{what}: bad kind, version, time or key")
+        if (
+            not f["app"]
+            or len(f["app"]) > model.MAX_APP_LENGTH
+            or not f["id"]
+            or len(f["id"]) > model.MAX_ID_LENGTH
+        ):
+            raise DecodeError(f"{what}: bad application or data id")
+        return cls(f["app"], f["id"], f["v"], f["key"], f["at"])
+
+
+def decode_entry(data: bytes) -> Operation | Release:
+    """An entry of the store's sequence: a write or a release."""
+    obj = encoding.decode(data, max_size=MAX_OPERATION, what="store operation")
+    if isinstance(obj, dict) and obj.get("op") == "release":
+        return Release.from_obj(obj)
+    return Operation.decode(data)
+
+
+@dataclass(frozen=True)
+class FixedClock:
+    """The view a write is checked under: the operation's own time, no quorum (deterministic)."""
+
+    at: float
+    period: int = 0
+    majority: int = 1
+
+    def now(self) -> float:
+        return self.at
+
+    def verifier(self, app: str) -> bytes | None:
+        return None  # quorum writes are not applied through the network yet (module doc)
+
+    def vote_valid(self, voter: int, rid: bytes, sig: bytes) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class ClockView:
+    """This server's own view for reads: its clock; no quorum evidence is accepted yet."""
+
+    clock: Callable[[], float]
+    period: int = 0
+    majority: int = 1
+
+    def now(self) -> float:
+        return self.clock()
+
+    def verifier(self, app: str) -> bytes | None:
+        return None
+
+    def vote_valid(self, voter: int, rid: bytes, sig: bytes) -> bool:
+        return False
+
+
+Outcome = Record | Refused
+
+
+class StoreService(Generic[E]):
+    """This server's copy of the store: the operations applied so far and their outcomes."""
+
+    def __init__(self, group: Group[E], public_key: E, t: int, quotas: Quotas = NETWORK_QUOTAS) -> None:
+        self.state: StoreState[E] = StoreState(group, public_key, t, quotas)
+        #: Operations applied (the index of the next one in the agreed sequence).
+        self.applied = 0
+        #: Index -> outcome of the last MAX_OUTCOMES operations (for the callers waiting on them).
+        self.outcomes: OrderedDict[int, Outcome] = OrderedDict()
+
+    @property
+    def group(self) -> Group[E]:
+        return self.state.group
+
+    def apply(self, index: int, entry: bytes) -> Outcome:
+        """Apply the agreed operation number ``index`` (the next one: ``index == applied``)."""
+        if index != self.applied:
+            raise ValueError(f"store: operation {index} applied out of order (next is {self.applied})")
+        try:
+            op = decode_entry(entry)
+        except DecodeError as exc:
+            # A faulty origin can put any bytes in the sequence: every server refuses them alike.
+            outcome: Outcome = Refused(model.BAD_REQUEST, f"operation {index}: {exc}")
+        else:
+            outcome = self._apply(op)
+        self.applied += 1
+        self.outcomes[index] = outcome
+        while len(self.outcomes) > MAX_OUTCOMES:
+            self.outcomes.popitem(last=False)
+        return outcome
+
+    def _apply(self, op: Operation | Release) -> Outcome:
+        if isinstance(op, Release):
+            try:
+                return self._release(op)
+            except Refused as exc:
+                return exc
+        else:
+            try:
+                return self.state.apply_write(op.request, op.client, FixedClock(op.at_ms / 1000))
+            except Refused as exc:
+                return exc
+
+    def _release(self, op: Release) -> Record:
+        record = self.state.get(op.app, op.data_id)
+        where = f"release of {op.app}/{op.data_id}"
+        if record.dtype != model.DataType.STORE_UNTIL or record.version != op.version:
+            raise Refused(model.BAD_REQUEST, f"{where}: not that StoreUntil item")
+        if record.value:
+            raise Refused(model.EXISTS, f"{where}: released already")
+        if op.at_ms < record.until_ms:
+            raise Refused(model.TOO_EARLY, f"{where}: asked before the date")
+        sealed = tdh2.Sealed.decode(self.group, record.sealed[0])
+        try:
+            value = tdh2.open_sealed(sealed, op.key)
+        except tdh2.InvalidCiphertext:
+            raise Refused(model.BAD_REQUEST, f"{where}: the key does not open the sealed value") from None
+        released = dataclasses.replace(record, value=value)
+        self.state.records[(op.app, op.data_id)] = released
+        return released
+
+    def due_releases(self, now: float) -> list[Record]:
+        """StoreUntil items whose date ``now`` has passed and that are not released yet."""
+        return [
+            r
+            for r in self.state.records.values()
+            if r.dtype == model.DataType.STORE_UNTIL and not r.value and r.until_ms <= now * 1000
+        ]
+
+    def authorize(
+        self, request: ReadRequest, requester: Client, clock: Callable[[], float]
+    ) -> list[tuple[int, bytes, bytes]]:
+        """The rule before a decryption share, at this server with its own clock: each part's
+        (number, encoded KEM ciphertext, label), checked; Refused otherwise."""
+        record = self.state.authorize_read(request, requester, ClockView(clock))
+        parts = []
+        for part, blob in sorted(record.sealed.items()):
+            sealed = tdh2.Sealed.decode(self.group, blob)
+            lbl = record.label(part)
+            try:
+                tdh2.check_ciphertext(self.group, sealed.kem, lbl)
+            except tdh2.InvalidCiphertext as exc:
+                raise Refused(model.BAD_REQUEST, f"part {part}: {exc}") from None
+            parts.append((part, sealed.kem.encode(self.group), lbl))
+        return parts
+
+    # Persistence -----------------------------------------------------------------------------
+
+    def encode(self) -> bytes:
+        return encoding.encode({"v": FORMAT_VERSION, "applied": self.applied, "state": self.state.encode()})
+
+    def digest(self) -> bytes:
+        """SHA-256 of the state and the number of operations applied: equal at every server
+        that applied the same prefix of the agreed sequence."""
+        return hashlib.sha256(self.encode()).digest()
+
+    @classmethod
+    def decode(
+        cls, group: Group[E], public_key: E, t: int, data: bytes, quotas: Quotas = NETWORK_QUOTAS
+    ) -> StoreService[E]:
+        what = "store service state"
+        f = encoding.expect_map(
+            encoding.decode(data, what=what), {"v": int, "applied": int, "state": bytes}, what
+        )
+        if f["v"] != FORMAT_VERSION:
+            raise DecodeError(f"{what}: format version {f['v']}, this server reads {FORMAT_VERSION}")
+        if f["applied"] < 0:
+            raise DecodeError(f"{what}: negative count")
+        service = cls(group, public_key, t, quotas)
+        service.state = StoreState.decode(group, public_key, t, f["state"], quotas)
+        service.applied = f["applied"]
+        return service
+
+
+# The read protocol's messages ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReadAsk:
+    """A reader's server asks for decryption shares: ``after`` operations must be applied first."""
+
+    rid: bytes
+    request: ReadRequest
+    client: Client
+    after: int
+
+    def encode(self) -> bytes:
+        return encoding.encode(
+            {
+                "store": "read",
+                "rid": self.rid,
+                "req": self.request.to_obj(),
+                "by": _client_obj(self.client),
+                "after": self.after,
+            }
+        )
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> ReadAsk:
+        what = "store read ask"
+        f = encoding.expect_map(
+            obj, {"store": str, "rid": bytes, "req": dict, "by": dict, "after": int}, what
+        )
+        if f["store"] != "read" or len(f["rid"]) != RID_SIZE or f["after"] < 0:
+            raise DecodeError(f"{what}: bad kind, id or count")
+        request = ReadRequest.decode(encoding.encode(f["req"]))
+        return cls(f["rid"], request, _client_from(f["by"], f"{what}: client"), f["after"])
+
+
+@dataclass(frozen=True)
+class ReadAnswer:
+    """A server's answer: its period, its store key's public sharing (Feldman commitment,
+    encoded) and the shares sealed to the reader, by part; or a refusal (code, reason)."""
+
+    rid: bytes
+    period: int = 0
+    commitment: tuple[bytes, ...] = ()
+    shares: Mapping[int, bytes] | None = None
+    code: str = ""
+    reason: str = ""
+
+    def encode(self) -> bytes:
+        obj: dict[str, Any] = {"store": "share", "rid": self.rid}
+        if self.shares is not None:
+            obj.update(period=self.period, commitment=list(self.commitment), shares=dict(self.shares))
+        else:
+            obj.update(code=self.code, reason=self.reason)
+        return encoding.encode(obj)
+
+    @classmethod
+    def from_obj(cls, obj: Any, t: int) -> ReadAnswer:
+        what = "store read answer"
+        if not isinstance(obj, dict):
+            raise DecodeError(f"{what}: not a map")
+        if "shares" in obj:
+            f = encoding.expect_map(
+                obj,
+                {"store": str, "rid": bytes, "period": int, "commitment": list, "shares": dict},
+                what,
+            )
+            if len(f["commitment"]) != t + 1 or not all(
+                isinstance(c, bytes) and len(c) <= 512 for c in f["commitment"]
+            ):
+                raise DecodeError(f"{what}: a commitment has t+1 = {t + 1} points")
+            if len(f["shares"]) > MAX_ANSWER_PARTS:
+                raise DecodeError(f"{what}: too many parts")
+            shares: dict[int, bytes] = {}
+            for part, blob in f["shares"].items():
+                if isinstance(part, bool) or not isinstance(part, int) or not 0 <= part < 2**16:
+                    raise DecodeError(f"{what}: bad part number")
+                if not isinstance(blob, bytes) or len(blob) > 1024:
+                    raise DecodeError(f"{what}: a sealed share is at most 1024 bytes")
+                shares[part] = blob
+            if f["period"] < 0:
+                raise DecodeError(f"{what}: negative period")
+            cls._rid(f["store"], f["rid"], what)
+            return cls(f["rid"], f["period"], tuple(f["commitment"]), shares)
+        f = encoding.expect_map(obj, {"store": str, "rid": bytes, "code": str, "reason": str}, what)
+        cls._rid(f["store"], f["rid"], what)
+        if not f["code"] or len(f["code"]) > 32 or len(f["reason"]) > 1000:
+            raise DecodeError(f"{what}: a refusal has a code and a reason of at most 1000 characters")
+        return cls(f["rid"], code=f["code"], reason=f["reason"])
+
+    @staticmethod
+    def _rid(kind: str, rid: bytes, what: str) -> None:
+        if kind != "share" or len(rid) != RID_SIZE:
+            raise DecodeError(f"{what}: bad kind or id")
+
+
+def decode_read_message(data: bytes, t: int) -> ReadAsk | ReadAnswer:
+    """A read-protocol frame's body (without its tag byte): an ask or an answer."""
+    obj = encoding.decode(data, max_size=64 * 1024, what="store read message")
+    if isinstance(obj, dict) and obj.get("store") == "read":
+        return ReadAsk.from_obj(obj)
+    if isinstance(obj, dict) and obj.get("store") == "share":
+        return ReadAnswer.from_obj(obj, t)
+    raise DecodeError("store read message: neither an ask nor an answer")

@@ -1,0 +1,159 @@
+"""The store's local API operations (ApiCore, no sockets) over a one-server store: the request
+checks, the store's codes as API errors, and a client's write and read through them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import nacl.public
+import pytest
+from test_api import ME, FakeBackend, req
+
+from appliance.api import ApiCore
+from appliance.apps.store import model
+from appliance.apps.store.client import StoreKey, open_answers, seal_write
+from appliance.apps.store.model import Client, DataType, ReadRequest, Refused, WriteRequest
+from appliance.apps.store.node import answers_to_obj
+from appliance.apps.store.service import Operation, ReadAnswer, StoreService
+from appliance.crypto import local, tdh2
+from appliance.crypto.groups import ED25519 as G
+from appliance.crypto.secret import DeterministicSource
+
+NOW = 1_800_000_000.0
+
+
+class OneServerStore:
+    """A StoreBackend whose 'network' is four services applying each write at once; shares come
+    from every server's key share, as the key-holders would make them."""
+
+    def __init__(self) -> None:
+        self.rand = DeterministicSource(11, G.order)
+        self.keys = local.run_dkg(G, 4, 1, self.rand).keys
+        self.public = self.keys[1].public
+        self.services = {i: StoreService(G, self.public.public_key, 1) for i in self.keys}
+        self.writes = 0
+
+    async def store_key(self) -> Mapping[str, Any]:
+        return {"group": G.name, "n": 4, "t": 1, "period": 2, "commitment": self.public.commitment.encode(G)}
+
+    async def store_write(self, request: bytes, app: str, unique_id: bytes) -> Mapping[str, Any]:
+        op = Operation(WriteRequest.decode(request), Client(app, unique_id), int(NOW * 1000))
+        outcomes = [s.apply(self.writes, op.encode()) for s in self.services.values()]
+        self.writes += 1
+        if isinstance(outcomes[0], Refused):
+            raise outcomes[0]
+        return {
+            "data_id": outcomes[0].data_id,
+            "type": outcomes[0].dtype.value,
+            "version": outcomes[0].version,
+        }
+
+    async def store_retrieve(
+        self, app: str, unique_id: bytes, data_id: str, reader: bytes | None
+    ) -> Mapping[str, Any]:
+        client = Client(app, unique_id)
+        record = self.services[1].state.get(app, data_id)
+        if not record.dtype.secret or reader is None:
+            return {"record": record.to_obj()}
+        answers = {}
+        for i, service in self.services.items():
+            try:
+                parts = service.authorize(
+                    ReadRequest(app, data_id, record.version, reader), client, lambda: NOW
+                )
+            except Refused as exc:
+                answers[i] = ReadAnswer(b"r" * 16, code=exc.code, reason=exc.reason)
+                continue
+            shares = {
+                part: tdh2.share_for_reader(
+                    G,
+                    tdh2.decryption_share(G, self.keys[i], tdh2.Ciphertext.decode(G, kem), self.rand, lbl),
+                    reader,
+                )
+                for part, kem, lbl in parts
+            }
+            answers[i] = ReadAnswer(b"r" * 16, 2, tuple(self.public.commitment.encode(G)), shares)
+        return {"record": record.to_obj(), "answers": answers_to_obj(answers)}
+
+
+async def _handle(core: ApiCore, name: str = "vault", unique_id: bytes = b"alice") -> bytes:
+    r = await core.handle(req("register", name=name, unique_id=unique_id), ME)
+    handle: bytes = r["result"]["handle"]
+    return handle
+
+
+async def test_store_operations_through_the_api() -> None:
+    store = OneServerStore()
+    core = ApiCore(FakeBackend(), data_store=store)
+    h = await _handle(core)
+    key = StoreKey.from_result((await core.handle(req("store_key", handle=h), ME))["result"])
+    put = WriteRequest("vault", "motd", DataType.PUBLIC_ONCE, 1, value=b"hello")
+    r = await core.handle(req("store_data", 2, handle=h, request=put.encode()), ME)
+    assert r["result"] == {"data_id": "motd", "type": "public-once", "version": 1}
+    r = await core.handle(req("store_data", 3, handle=h, request=put.encode()), ME)
+    assert r["ok"] is False and r["error"]["code"] == "exists"
+    r = await core.handle(req("retrieve", 4, handle=h, data_id="motd"), ME)
+    assert r["result"]["record"]["value"] == b"hello"
+    # A secret, sealed by the client, opened from the servers' shares by the client.
+    owner = nacl.public.PrivateKey(b"\x05" * 32)
+    secret = seal_write(
+        key, "vault", "seed", DataType.SECRET_SINGLE, b"s3cret", reader=bytes(owner.public_key)
+    )
+    assert (await core.handle(req("store_data", 5, handle=h, request=secret.encode()), ME))["ok"] is True
+    r = await core.handle(req("retrieve", 6, handle=h, data_id="seed", reader=bytes(owner.public_key)), ME)
+    assert open_answers(key, r["result"]["record"], r["result"]["answers"], owner) == b"s3cret"
+    # Another application cannot name it: its ids are its own.
+    other = await _handle(core, "other")
+    r = await core.handle(req("retrieve", 7, handle=other, data_id="seed"), ME)
+    assert r["error"]["code"] == model.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("op", "request_", "code", "words"),
+    [
+        (
+            "store_until",
+            WriteRequest("vault", "x", DataType.PUBLIC_ONCE, 1, value=b"v"),
+            "bad-request",
+            "store-until",
+        ),
+        (
+            "write",
+            WriteRequest("vault", "x", DataType.PUBLIC_ONCE, 1, value=b"v"),
+            "bad-request",
+            "public-rw",
+        ),
+        (
+            "store_data",
+            WriteRequest("vault", "x", DataType.PUBLIC_ONCE, 2, value=b"v"),
+            "stale-version",
+            "write",
+        ),
+        (
+            "store_data",
+            WriteRequest("other", "x", DataType.PUBLIC_ONCE, 1, value=b"v"),
+            "not-permitted",
+            "other",
+        ),
+        ("write", WriteRequest("vault", "x", DataType.PUBLIC_RW, 1, value=b"v"), "not-permitted", "quorum"),
+    ],
+)
+async def test_store_requests_are_checked(op: str, request_: WriteRequest, code: str, words: str) -> None:
+    core = ApiCore(FakeBackend(), data_store=OneServerStore())
+    h = await _handle(core)
+    r = await core.handle(req(op, handle=h, request=request_.encode()), ME)
+    assert r["ok"] is False and r["error"]["code"] == code and words in r["error"]["message"]
+
+
+async def test_no_store_key_and_undecodable_requests() -> None:
+    core = ApiCore(FakeBackend())
+    h = await _handle(core)
+    r = await core.handle(req("store_key", handle=h), ME)
+    assert r["error"]["code"] == "unavailable" and "--store" in r["error"]["message"]
+    r = await core.handle(req("store_data", handle=h, request=b"\x00"), ME)
+    assert r["error"]["code"] == "unavailable"
+    core = ApiCore(FakeBackend(), data_store=OneServerStore())
+    h = await _handle(core)
+    r = await core.handle(req("store_data", handle=h, request=b"\xa0"), ME)
+    assert r["error"]["code"] == "bad-request" and "request" in r["error"]["message"]

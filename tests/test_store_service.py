@@ -1,0 +1,297 @@
+"""The store's service in one server (sans-IO, seeded, no sockets): agreed operations applied
+alike everywhere, the state saved and loaded, the read protocol's messages, the client's side."""
+
+from __future__ import annotations
+
+import contextlib
+
+import nacl.public
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from appliance.apps.store import model
+from appliance.apps.store.client import ReadRefused, StoreKey, combine_answers, open_answers, seal_write
+from appliance.apps.store.model import Client, DataType, ReadRequest, Refused, WriteRequest
+from appliance.apps.store.node import answers_to_obj
+from appliance.apps.store.service import (
+    ALERT_CODES,
+    NETWORK_QUOTAS,
+    Operation,
+    ReadAnswer,
+    ReadAsk,
+    Release,
+    StoreService,
+    decode_entry,
+    decode_read_message,
+)
+from appliance.crypto import encoding, local, tdh2
+from appliance.crypto.errors import DecodeError
+from appliance.crypto.groups import P256 as G
+from appliance.crypto.keyshare import KeyShare
+from appliance.crypto.secret import DeterministicSource
+
+N, T = 4, 1
+NOW = 1_800_000_000.0
+ALICE = Client("vault", b"alice")
+MALLORY = Client("vault", b"mallory")
+INTRUDER = Client("other", b"alice")
+
+
+class Net:
+    """n services with the store key dealt by a DKG; a key-holder's share making (``answer``)."""
+
+    def __init__(self, seed: int = 7) -> None:
+        self.rand = DeterministicSource(seed, G.order)
+        self.keys: dict[int, KeyShare[object]] = local.run_dkg(G, N, T, self.rand).keys
+        self.public = self.keys[1].public
+        self.services = {i: StoreService(G, self.public.public_key, T) for i in range(1, N + 1)}
+        self.sequence: list[bytes] = []
+        self.key = StoreKey.from_result(
+            {"group": G.name, "n": N, "t": T, "period": 3, "commitment": self.public.commitment.encode(G)}
+        )
+
+    def order(self, op: Operation | bytes) -> list[model.Record | Refused]:
+        """The agreed sequence grows by one; every server applies it (they must agree)."""
+        entry = op if isinstance(op, bytes) else op.encode()
+        index = len(self.sequence)
+        self.sequence.append(entry)
+        outcomes = [s.apply(index, entry) for s in self.services.values()]
+        assert len({s.digest() for s in self.services.values()}) == 1
+        return outcomes
+
+    def answer(self, i: int, ask: ReadAsk, clock: float = NOW) -> ReadAnswer:
+        """Server ``i``'s answer: its rule with its clock, then its key-holder's sealed shares."""
+        try:
+            parts = self.services[i].authorize(ask.request, ask.client, lambda: clock)
+        except Refused as exc:
+            return ReadAnswer(ask.rid, code=exc.code, reason=f"server {i}: {exc.reason}")
+        shares = {}
+        for part, kem, lbl in parts:
+            share = tdh2.decryption_share(G, self.keys[i], tdh2.Ciphertext.decode(G, kem), self.rand, lbl)
+            shares[part] = tdh2.share_for_reader(G, share, ask.request.reader)
+        return ReadAnswer(ask.rid, 3, tuple(self.public.commitment.encode(G)), shares)
+
+
+def _put(net: Net, client: Client, data_id: str, value: bytes, dtype: DataType, **kw: object) -> Operation:
+    request = seal_write(net.key, client.app, data_id, dtype, value, rand=net.rand, **kw)  # type: ignore[arg-type]
+    return Operation(request, client, int(NOW * 1000))
+
+
+def _read(
+    net: Net, client: Client, data_id: str, reader: nacl.public.PrivateKey, clock: float = NOW
+) -> bytes:
+    record = net.services[1].state.get(client.app, data_id)
+    ask = ReadAsk(
+        b"r" * 16, ReadRequest(client.app, data_id, record.version, bytes(reader.public_key)), client, 0
+    )
+    wire = decode_read_message(ask.encode()[0:], T)  # what a peer decodes
+    assert wire == ask
+    answers = {}
+    for i in net.services:
+        raw = net.answer(i, ask, clock).encode()
+        got = decode_read_message(raw, T)
+        assert isinstance(got, ReadAnswer)
+        answers[i] = got
+    return open_answers(
+        net.key, record.to_obj(), encoding.decode(encoding.encode(answers_to_obj(answers))), reader
+    )
+
+
+def test_agreed_writes_give_the_same_state_everywhere_and_secrets_read_back() -> None:
+    net = Net()
+    owner = nacl.public.PrivateKey(bytes(range(32)))
+    [rec, *_] = net.order(_put(net, ALICE, "motd", b"hello", DataType.PUBLIC_ONCE))
+    assert isinstance(rec, model.Record) and rec.owner == b"alice" and rec.value == b"hello"
+    net.order(
+        _put(
+            net, ALICE, "seed", b"kept by the network", DataType.SECRET_SINGLE, reader=bytes(owner.public_key)
+        )
+    )
+    # A second write of write-once data is refused at every server alike, nothing changes.
+    outcomes = net.order(_put(net, MALLORY, "motd", b"changed", DataType.PUBLIC_ONCE))
+    assert all(isinstance(o, Refused) and o.code == model.EXISTS for o in outcomes)
+    assert net.services[2].state.get("vault", "motd").value == b"hello"
+    assert _read(net, ALICE, "seed", owner) == b"kept by the network"
+    assert all(s.applied == 3 for s in net.services.values())
+
+
+def test_garbage_in_the_sequence_is_refused_alike_and_order_is_enforced() -> None:
+    net = Net()
+    outcomes = net.order(b"\xa1\x61x\x01")  # a faulty origin's bytes
+    assert all(isinstance(o, Refused) and o.code == model.BAD_REQUEST for o in outcomes)
+    with pytest.raises(ValueError, match="out of order"):
+        net.services[1].apply(5, b"")
+
+
+def test_the_date_limit_is_checked_with_the_operations_time_not_the_servers_clock() -> None:
+    net = Net()
+    far = NOW + NETWORK_QUOTAS.max_until + 10
+    op = _put(net, ALICE, "late", b"x", DataType.STORE_UNTIL, until_ms=int(far * 1000))
+    outcomes = net.order(op)  # every server: refused, whatever its clock
+    assert all(isinstance(o, Refused) and o.code == model.QUOTA for o in outcomes)
+    ok = Operation(op.request, op.client, int((NOW + 20) * 1000))
+    assert all(isinstance(o, model.Record) for o in net.order(ok))
+
+
+def test_reads_are_refused_by_rule_at_every_server() -> None:
+    net = Net()
+    owner, other = nacl.public.PrivateKey(b"\x01" * 32), nacl.public.PrivateKey(b"\x02" * 32)
+    net.order(
+        _put(net, ALICE, "diary", b"alice only", DataType.SECRET_SINGLE, reader=bytes(owner.public_key))
+    )
+    net.order(_put(net, ALICE, "will", b"later", DataType.STORE_UNTIL, until_ms=int((NOW + 60) * 1000)))
+    net.order(_put(net, ALICE, "pool", b"quorum", DataType.SECRET_SW_DR))
+    cases = [
+        (MALLORY, "diary", owner, model.NOT_PERMITTED, NOW),  # not the owner, even with its key
+        (ALICE, "diary", other, model.NOT_PERMITTED, NOW),  # the owner, another key
+        (ALICE, "will", other, model.TOO_EARLY, NOW + 59),
+        (ALICE, "pool", other, model.NOT_PERMITTED, NOW),  # a quorum's data, one client
+    ]
+    for client, data_id, reader, code, clock in cases:
+        with pytest.raises(ReadRefused) as info:
+            _read(net, client, data_id, reader, clock)
+        assert info.value.code == code
+        assert set(info.value.refusals) == {1, 2, 3, 4}
+        assert code in ALERT_CODES
+    with pytest.raises(Refused) as missing:  # another application does not see the id
+        net.services[1].authorize(ReadRequest("other", "diary", 1, bytes(32)), INTRUDER, lambda: NOW)
+    assert missing.value.code == model.NOT_FOUND
+    with pytest.raises(Refused) as cross:  # nor read it by naming it
+        net.services[1].authorize(ReadRequest("vault", "diary", 1, bytes(32)), INTRUDER, lambda: NOW)
+    assert cross.value.code == model.NOT_PERMITTED
+    assert _read(net, ALICE, "will", other, NOW + 60) == b"later"  # from the date on
+
+
+def test_t_answers_do_not_open_and_bad_shares_are_named() -> None:
+    net = Net()
+    owner = nacl.public.PrivateKey(b"\x03" * 32)
+    net.order(_put(net, ALICE, "s", b"v", DataType.SECRET_SINGLE, reader=bytes(owner.public_key)))
+    record = net.services[1].state.get("vault", "s")
+    ask = ReadAsk(b"q" * 16, ReadRequest("vault", "s", 1, bytes(owner.public_key)), ALICE, 0)
+    one = {1: net.answer(1, ask)}
+    with pytest.raises(ReadRefused, match="fewer than t"):
+        open_answers(net.key, record.to_obj(), answers_to_obj(one), owner)
+    # Server 2's share swapped for server 1's: named, and the two good ones still open it.
+    answers = {i: net.answer(i, ask) for i in (1, 2, 3)}
+    answers[2] = ReadAnswer(ask.rid, 3, answers[1].commitment, answers[1].shares)
+    assert open_answers(net.key, record.to_obj(), answers_to_obj(answers), owner) == b"v"
+
+
+def test_the_state_is_saved_and_loaded() -> None:
+    net = Net()
+    net.order(_put(net, ALICE, "a", b"1", DataType.PUBLIC_ONCE))
+    net.order(_put(net, ALICE, "b", b"2", DataType.SECRET_SW_DR))
+    s = net.services[3]
+    again = StoreService.decode(G, net.public.public_key, T, s.encode())
+    assert again.applied == 2 and again.digest() == s.digest()
+    with pytest.raises(DecodeError):
+        StoreService.decode(G, net.public.public_key, T, s.encode()[:-3])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    app=st.text(min_size=1, max_size=20),
+    data_id=st.text(min_size=1, max_size=40),
+    value=st.binary(max_size=200),
+    uid=st.binary(max_size=64),
+    at=st.integers(min_value=0, max_value=2**62),
+)
+def test_operations_round_trip(app: str, data_id: str, value: bytes, uid: bytes, at: int) -> None:
+    op = Operation(WriteRequest(app, data_id, DataType.PUBLIC_ONCE, 1, value=value), Client(app, uid), at)
+    assert Operation.decode(op.encode()) == op
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_fuzz_decoders_raise_decode_error_only(data: bytes) -> None:
+    for decode in (
+        Operation.decode,
+        decode_entry,
+        lambda d: decode_read_message(d, T),
+        lambda d: StoreService.decode(G, G.mul_base(1), T, d),
+    ):
+        with contextlib.suppress(DecodeError):
+            decode(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_fuzz_changed_messages(data: st.DataObject) -> None:
+    """Single-byte changes of valid messages: decoded or DecodeError, nothing else."""
+    net_answer = ReadAnswer(b"a" * 16, 2, (G.encode(G.mul_base(1)),) * (T + 1), {0: b"s" * 80})
+    samples = [
+        Operation(WriteRequest("vault", "x", DataType.PUBLIC_ONCE, 1, value=b"v"), ALICE, 5).encode(),
+        ReadAsk(b"r" * 16, ReadRequest("vault", "x", 1, bytes(32)), ALICE, 3).encode(),
+        net_answer.encode(),
+        ReadAnswer(b"a" * 16, code="too-early", reason="later").encode(),
+    ]
+    raw = bytearray(data.draw(st.sampled_from(samples)))
+    pos = data.draw(st.integers(0, len(raw) - 1))
+    raw[pos] = data.draw(st.integers(0, 255))
+    for decode in (Operation.decode, lambda d: decode_read_message(d, T)):
+        with contextlib.suppress(DecodeError):
+            decode(bytes(raw))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["group", "n", "t", "period", "commitment"]),
+        st.one_of(
+            st.integers(-5, 2000),
+            st.text(max_size=10),
+            st.lists(st.binary(max_size=40), max_size=4),
+            st.sampled_from(["p256", "ed25519", "dsa2048"]),
+        ),
+    )
+)
+def test_fuzz_store_key(result: dict[str, object]) -> None:
+    with contextlib.suppress(DecodeError):
+        StoreKey.from_result(result)
+
+
+def test_cluster_init_store_adds_the_store_key_to_c() -> None:
+    from appliance.node.cluster import _secrets
+    from appliance.protocols.state import ConfigError
+
+    assert _secrets("off", store="p256") == {"scert": "ed25519", "store": "p256"}
+    assert _secrets("key", ca=True, store="ed25519")["store"] == "ed25519"
+    assert "store" not in _secrets("key")
+    with pytest.raises(ConfigError, match="--store 'dsa2048'"):
+        _secrets("off", store="dsa2048")
+
+
+def test_store_until_is_released_by_the_network_at_its_date() -> None:
+    """A server whose clock passed the date combines t+1 shares (its own reader key) and puts the
+    data key in the sequence; every server checks that it opens the value and keeps the value."""
+    net = Net()
+    until = NOW + 60
+    net.order(_put(net, ALICE, "will", b"read me later", DataType.STORE_UNTIL, until_ms=int(until * 1000)))
+    assert [r.data_id for r in net.services[2].due_releases(until)] == ["will"]
+    assert net.services[2].due_releases(until - 1) == []
+    record = net.services[1].state.get("vault", "will")
+    reader = nacl.public.PrivateKey(b"\x09" * 32)
+    ask = ReadAsk(
+        b"z" * 16, ReadRequest("vault", "will", 1, bytes(reader.public_key)), Client("vault", b""), 0
+    )
+    early = {i: net.answer(i, ask, until - 1) for i in net.services}
+    with pytest.raises(ReadRefused) as refused:  # before the date, no server helps
+        combine_answers(net.key, record, answers_to_obj(early), reader)
+    assert refused.value.code == model.TOO_EARLY
+    answers = {i: net.answer(i, ask, until) for i in (1, 2)}
+    _sealed, data_key = combine_answers(net.key, record, answers_to_obj(answers), reader)
+    for bad, code in [
+        (Release("vault", "will", 1, bytes(32), int(until * 1000)), model.BAD_REQUEST),  # a wrong key
+        (Release("vault", "will", 1, data_key, int(until * 1000) - 1), model.TOO_EARLY),
+        (Release("vault", "motd", 1, data_key, int(until * 1000)), model.NOT_FOUND),
+    ]:
+        assert all(isinstance(o, Refused) and o.code == code for o in net.order(bad.encode()))
+    outcomes = net.order(Release("vault", "will", 1, data_key, int(until * 1000)).encode())
+    assert all(isinstance(o, model.Record) and o.value == b"read me later" for o in outcomes)
+    assert net.services[3].due_releases(until + 100) == []
+    again = net.order(Release("vault", "will", 1, data_key, int(until * 1000)).encode())
+    assert all(isinstance(o, Refused) and o.code == model.EXISTS for o in again)
+    # The released record survives the state's encoding.
+    s = net.services[4]
+    assert StoreService.decode(G, net.public.public_key, T, s.encode()).digest() == s.digest()
