@@ -86,8 +86,8 @@ from appliance.protocols.services import open_envelope, seal
 from appliance.protocols.signing import (
     MAX_MESSAGE,
     MAX_REASON,
-    NotYet,
     PayloadCheck,
+    PayloadGate,
     SigningRefused,
     is_protocol_payload,
     run_check,
@@ -264,7 +264,7 @@ class _Request(Generic[E]):
     waited: bool = False
 
 
-class DSSSigningService(Generic[E]):
+class DSSSigningService(PayloadGate, Generic[E]):
     """Server ``me``'s service ``sign/<id>`` for one DSS secret and one period."""
 
     def __init__(
@@ -1113,13 +1113,7 @@ class DSSSigningService(Generic[E]):
             raise SigningRefused(f"{self.service}: this server keeps no presignatures of its own")
         if is_protocol_payload(message):
             raise SigningRefused("refusing to sign a protocol payload on request")
-        check = self.check_for(message)
-        if check is not None:
-            reason = run_check(check, message, self.me)
-            if reason is not None:
-                raise SigningRefused(f"this server refuses the {check.name}: {reason}")
-        elif self.only_checked:
-            raise SigningRefused(self._unclaimed())
+        check = self._own_check(message)
         try:
             to_sign = signed_form(check, message)
         except ValueError as exc:
@@ -1407,45 +1401,6 @@ class DSSSigningService(Generic[E]):
         held = self._held.get(sender, {}).pop(f["sid"], None)
         if held is not None:
             held.presig.wipe()
-
-    # Payload checks (as in protocols/signing.py) ---------------------------------------------------
-
-    def check_for(self, message: bytes) -> PayloadCheck | None:
-        for check in self.checks:
-            try:
-                if check.claims(message):
-                    return check
-            except Exception:  # a claim that cannot be decided is a claim: its check will refuse
-                return check
-        return None
-
-    def _unclaimed(self) -> str:
-        if not self.checks:
-            return f"{self.service}: no application on this server signs with this key"
-        names = ", ".join(sorted({c.name for c in self.checks}))
-        return f"{self.service}: this key signs only what its checks accept ({names}); this is none of them"
-
-    def _refusal(self, sender: int, message: bytes) -> str | None:
-        check = self.check_for(message)
-        if check is None:
-            if not self.only_checked:
-                return None
-            unclaimed = self._unclaimed()
-            if self.checks:
-                detail = f"asked us to sign a message not ours to sign: {unclaimed}"
-                self._alert(AlertKind.BAD_MESSAGE, sender, detail)
-            return unclaimed
-        reason = run_check(check, message, sender)
-        if reason is not None and not isinstance(reason, NotYet):
-            self.alerts.append(
-                Alert(
-                    check.alert,
-                    sender,
-                    self.period,
-                    f"asked us to sign a {check.name} that we refuse: {reason}",
-                )
-            )
-        return reason
 
     # Driving ----------------------------------------------------------------------------------------
 

@@ -174,7 +174,66 @@ class _Request:
     own_shares: int = 0
 
 
-class SigningService:
+class PayloadGate:
+    """What a signing service (FROST here, DSS in :mod:`~appliance.protocols.dss_signing`) does
+    with its applications' payload checks: find the check that claims a message, refuse our own
+    request before it goes out, and judge a peer's request before we give a share, with an
+    alert naming the peer when it asked for a payload we refuse."""
+
+    me: int
+    period: int
+    service: str
+    checks: list[PayloadCheck]
+    only_checked: bool
+    alerts: list[Alert]
+
+    def check_for(self, message: bytes) -> PayloadCheck | None:
+        """The check that claims ``message`` (None: no application owns it)."""
+        for check in self.checks:
+            try:
+                if check.claims(message):
+                    return check
+            except Exception:  # a claim that cannot be decided is a claim: its check will refuse
+                return check
+        return None
+
+    def _unclaimed(self) -> str:
+        if not self.checks:
+            return f"{self.service}: no application on this server signs with this key"
+        names = ", ".join(sorted({c.name for c in self.checks}))
+        return f"{self.service}: this key signs only what its checks accept ({names}); this is none of them"
+
+    def _own_check(self, message: bytes) -> PayloadCheck | None:
+        """Before our own request goes out (we contribute a share too): our own state must accept
+        it; raises SigningRefused otherwise. Returns the check that claimed it."""
+        check = self.check_for(message)
+        if check is not None:
+            reason = run_check(check, message, self.me)
+            if reason is not None:
+                raise SigningRefused(f"this server refuses the {check.name}: {reason}")
+        elif self.only_checked:
+            raise SigningRefused(self._unclaimed())
+        return check
+
+    def _refusal(self, sender: int, message: bytes) -> str | None:
+        """None to sign; else why not, with an alert naming ``sender`` when it asked for a bad payload."""
+        check = self.check_for(message)
+        if check is None:
+            if not self.only_checked:
+                return None
+            unclaimed = self._unclaimed()
+            if self.checks:  # with no application here there is nothing to hold against it
+                detail = f"asked us to sign with {self.service} a message not ours to sign: {unclaimed}"
+                self.alerts.append(Alert(AlertKind.BAD_MESSAGE, sender, self.period, detail))
+            return unclaimed
+        reason = run_check(check, message, sender)
+        if reason is not None and not isinstance(reason, NotYet):
+            detail = f"asked us to sign a {check.name} that we refuse: {reason}"
+            self.alerts.append(Alert(check.alert, sender, self.period, detail))
+        return reason
+
+
+class SigningService(PayloadGate):
     """Server ``me``'s signing service for one period."""
 
     def __init__(
@@ -266,14 +325,7 @@ class SigningService:
             raise SigningRefused(f"message of {len(message)} bytes is larger than {MAX_MESSAGE}")
         if is_protocol_payload(message) and not self.allow_protocol(message):
             raise SigningRefused("refusing to sign a protocol payload on request")
-        check = self.check_for(message)
-        if check is not None:
-            # We contribute a share too: our own state must accept it first.
-            reason = run_check(check, message, self.me)
-            if reason is not None:
-                raise SigningRefused(f"this server refuses the {check.name}: {reason}")
-        elif self.only_checked:
-            raise SigningRefused(self._unclaimed())
+        self._own_check(message)
         rid = self._next_rid
         self._next_rid += 1
         self._requests[rid] = _Request(rid, message, now)
@@ -427,39 +479,6 @@ class SigningService:
             return
         share = frost.sign(self.package, nonces, message, commitment_list)
         self._send(sender, "share", {"rid": f["rid"], "attempt": f["attempt"], "share": share.to_bytes()})
-
-    def check_for(self, message: bytes) -> PayloadCheck | None:
-        """The check that claims ``message`` (None: no application owns it)."""
-        for check in self.checks:
-            try:
-                if check.claims(message):
-                    return check
-            except Exception:  # a claim that cannot be decided is a claim: its check will refuse
-                return check
-        return None
-
-    def _unclaimed(self) -> str:
-        if not self.checks:
-            return f"{self.service}: no application on this server signs with this key"
-        names = ", ".join(sorted({c.name for c in self.checks}))
-        return f"{self.service}: this key signs only what its checks accept ({names}); this is none of them"
-
-    def _refusal(self, sender: int, message: bytes) -> str | None:
-        """None to sign; else why not, with an alert naming ``sender`` when it asked for a bad payload."""
-        check = self.check_for(message)
-        if check is None:
-            if not self.only_checked:
-                return None
-            unclaimed = self._unclaimed()
-            if self.checks:  # with no application here there is nothing to hold against it
-                detail = f"asked us to sign with {self.service} a message not ours to sign: {unclaimed}"
-                self.alerts.append(Alert(AlertKind.BAD_MESSAGE, sender, self.period, detail))
-            return unclaimed
-        reason = run_check(check, message, sender)
-        if reason is not None and not isinstance(reason, NotYet):
-            detail = f"asked us to sign a {check.name} that we refuse: {reason}"
-            self.alerts.append(Alert(check.alert, sender, self.period, detail))
-        return reason
 
     # Driving -----------------------------------------------------------------------------------------
 
