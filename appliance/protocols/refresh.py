@@ -60,7 +60,7 @@ from typing import Any, Protocol
 
 from nacl.signing import SigningKey
 
-from appliance.crypto import annkey, encoding, frost, pss, vdec
+from appliance.crypto import annkey, dkg, encoding, frost, pss, vdec
 from appliance.crypto.errors import CheatingError, DecodeError
 from appliance.crypto.groups import ED25519, Group
 from appliance.crypto.keyshare import KeyShare, PublicSharing
@@ -502,6 +502,9 @@ class Dealing:
     ephemeral: bytes
     ciphertexts: Mapping[int, bytes]
     raw: bytes
+    #: At initialization: a random sharing (Feldman commitments with a proof of possession of
+    #: the constant term) per secret, instead of a sharing of zero and blinding polynomials.
+    full: Mapping[str, dkg.Dealing[Any]] = field(default_factory=dict)
 
     @property
     def digest(self) -> bytes:
@@ -568,9 +571,15 @@ def parse_subshares(
         raise CheatingError(dealing.dealer, f"sub-shares for server {me} malformed: {exc}") from None
     for sid, (z, rec) in out.items():
         group = c.group(sid)
-        if not dealing.zero[sid].check_subshare(group, me, z):
+        full = dealing.full.get(sid)
+        good = (
+            0 <= z < group.order and dkg.check_share(group, full, me, z)
+            if full is not None
+            else dealing.zero[sid].check_subshare(group, me, z)
+        )
+        if not good:
             raise CheatingError(
-                dealing.dealer, f"refresh sub-share of {sid!r} for server {me} fails the commitments"
+                dealing.dealer, f"sub-share of {sid!r} for server {me} fails the commitments"
             )
         expected = set(dealing.recover[sid]) if helper else set()
         if set(rec) != expected:
@@ -637,7 +646,8 @@ class DealingStage:
     def timeout(self) -> float:
         return base_timeout(self.c)
 
-    def receive(self, sender: int, phase: str, body: Any, size: int, now: float) -> None:
+    def _inject(self, sender: int, phase: str, body: Any, now: float) -> None:
+        """A message taken again (held, or our own): handled as if it had just arrived."""
         raise NotImplementedError  # pragma: no cover
 
     def _parse_dealing(self, raw: Any) -> Dealing:
@@ -683,7 +693,7 @@ class DealingStage:
         held, self._held = self._held, {}
         for sender, items in held.items():
             for phase, body in items:
-                self.receive(sender, phase, body, 0, now)
+                self._inject(sender, phase, body, now)
 
     def _collect(self, engine: Engine) -> None:
         self.rejected.extend(engine.rejected)
@@ -1197,6 +1207,9 @@ class PeriodRefresh(DealingStage):
         if self.m is not None and not self.complete:
             times.append(now + self.timeout / 4)
         return min((t for t in times if t is not None), default=None)
+
+    def _inject(self, sender: int, phase: str, body: Any, now: float) -> None:
+        self.receive(sender, phase, body, 0, now)
 
     def take_held(self) -> dict[int, list[tuple[str, Any]]]:
         """Messages held for a later step (the owner hands them to the engine that resumes us)."""
@@ -2270,7 +2283,7 @@ class _FrostState:
                 self._publish_nonce(r)
         pending, self.pending = self.pending, []
         for sender, body in pending:
-            r.receive(sender, self.prefix + "sigshare", body, 0, now)
+            r._inject(sender, self.prefix + "sigshare", body, now)
 
     def republish(self, r: DealingStage, to: int) -> None:
         """Our unused nonce commitments and our current request again, to a peer that may have
@@ -2329,7 +2342,7 @@ class _FrostState:
         self.requested.add(a)
         raw = sign(self.prefix + "signreq", r.period, {"attempt": a, "signers": chosen}, r.signer)
         r._send(EVERYONE, self.prefix + "signreq", raw)
-        r.receive(r.me, self.prefix + "signreq", raw, 0, now)
+        r._inject(r.me, self.prefix + "signreq", raw, now)
 
     def parse_nonce(self, r: DealingStage, sender: int, raw: Any) -> tuple[int, frost.SigningCommitment]:
         assert r.kt is not None

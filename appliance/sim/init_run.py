@@ -17,7 +17,7 @@ from nacl.signing import SigningKey
 
 from appliance.crypto.annkey import SoftAnnouncementKey
 from appliance.protocols._core import Outgoing
-from appliance.protocols.init import InitOutcome, InitProtocol, InitSchedule
+from appliance.protocols.init import InitOutcome, InitProtocol, default_deadline
 from appliance.protocols.state import Constants
 from appliance.sim._net import NetworkConfig, Simulation
 from appliance.sim.setup import ServerSetup, seeded_bytes
@@ -95,9 +95,8 @@ def run_init(
         tick_interval=constants.delta / 4,
     )
     sim = Simulation({i: InitNode(p) for i, p in protocols.items()}, seed, cfg)
-    schedule = InitSchedule(start, constants.delta, constants.t)
     sim.run_until(
-        schedule.at(schedule.end) + constants.delta,
+        start + default_deadline(constants) + constants.delta,
         stop=lambda: all(p.outcome is not None for p in protocols.values()),
     )
     return InitRun(constants, seed, sim, protocols, vstarts, dict(ann_keys or {}))
