@@ -125,6 +125,7 @@ PERIOD = 0
 PHASES = frozenset(
     {
         "keys",
+        "keys-relay",
         "agree/keytable",
         "deal",
         "checked",
@@ -330,6 +331,8 @@ class InitProtocol(DealingStage):
         self.my_ann = sign("keys", PERIOD, body, self.signer)
         self.received: dict[int, KeysAnnouncement] = {me: parse_keys(self.my_ann, self.session, constants)}
         self._keys_sent = -1e9
+        self._relayed: dict[int, float] = {}
+        self._relays: dict[tuple[int, bytes], set[int]] = {}
         self.conflicts: set[int] = set()
         # Agreement and dealings (DealingStage).
         self.kt_engine: Engine | None = None
@@ -432,6 +435,8 @@ class InitProtocol(DealingStage):
             return
         if phase == "keys":
             self._on_keys(sender, body, now)
+        elif phase == "keys-relay":
+            self._on_keys_relay(sender, body, now)
         elif phase == "agree/keytable":
             if self.kt_engine is None:
                 self._hold(sender, phase, body)
@@ -527,7 +532,9 @@ class InitProtocol(DealingStage):
             )
         known = self.received.get(sender)
         if known is not None:
-            if known.raw != k.raw:
+            if known.raw == k.raw:
+                self._relay_keys(sender, now)  # it still announces: it may lack some keys
+            else:
                 self.conflicts.add(sender)
                 self._alert(
                     AlertKind.CONFLICTING_ANNOUNCEMENTS,
@@ -536,9 +543,36 @@ class InitProtocol(DealingStage):
                     (known.raw, k.raw),
                 )
             return
-        self.received[sender] = k
+        self._take_keys(k, now)
+
+    def _take_keys(self, k: KeysAnnouncement, now: float) -> None:
+        self.received[k.server] = k
         if len(self.received) == self.c.n and self.kt_engine is None:
             self._open_kt_engine(now)
+
+    def _relay_keys(self, to: int, now: float) -> None:
+        """Every key announcement we hold, to a server that still sends its own (so it lacks some:
+        a partition cut it off while everyone announced). At most once per timeout per server."""
+        if len(self.received) < self.c.n or now - self._relayed.get(to, -1e9) < self.timeout:
+            return
+        self._relayed[to] = now
+        self._send(to, "keys-relay", [k.raw for _j, k in sorted(self.received.items())])
+
+    def _on_keys_relay(self, sender: int, body: Any, now: float) -> None:
+        """Announcements relayed by others: one counts once t+1 servers relayed the same (so at
+        least one honest server received it from its author)."""
+        if not isinstance(body, list) or len(body) > self.c.n:
+            raise RemoteProtocolError(sender, "keys relay: expected a list of at most n announcements")
+        for raw in body:
+            k = parse_keys(raw, self.session, self.c)
+            if k.server in self.received:
+                continue
+            who = self._relays.setdefault((k.server, digest(k.raw)), set())
+            if len(self._relays) > 4 * self.c.n * self.c.n:
+                raise RemoteProtocolError(sender, "keys relay: too many different announcements")
+            who.add(sender)
+            if len(who) >= self.c.t + 1:
+                self._take_keys(k, now)
 
     def _open_kt_engine(self, now: float) -> None:
         inst = Instance(CONTEXT, PERIOD, "keytable")
@@ -818,7 +852,9 @@ class InitProtocol(DealingStage):
         """Done: a peer still at work gets the decisions, M_i and the signatures it lacks."""
         if self.outcome is None or not self.outcome.ok:
             return
-        if phase == "agree/keytable" and self.kt_engine is not None:
+        if phase == "keys":
+            self._relay_keys(sender, now)
+        elif phase == "agree/keytable" and self.kt_engine is not None:
             self.kt_engine.receive(sender, body, now)
             self._collect(self.kt_engine)
         elif phase == "agree/dealings" and self.s_engine is not None:

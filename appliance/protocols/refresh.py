@@ -578,9 +578,7 @@ def parse_subshares(
             else dealing.zero[sid].check_subshare(group, me, z)
         )
         if not good:
-            raise CheatingError(
-                dealing.dealer, f"sub-share of {sid!r} for server {me} fails the commitments"
-            )
+            raise CheatingError(dealing.dealer, f"sub-share of {sid!r} for server {me} fails the commitments")
         expected = set(dealing.recover[sid]) if helper else set()
         if set(rec) != expected:
             raise CheatingError(dealing.dealer, f"wrong set of blinding values for server {me}")
