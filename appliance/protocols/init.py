@@ -69,6 +69,7 @@ from appliance.crypto.errors import CheatingError, DecodeError
 from appliance.crypto.groups import ED25519
 from appliance.crypto.keyshare import KeyShare, PublicSharing
 from appliance.crypto.secret import SecretScalar
+from appliance.crypto.shamir import interpolate
 from appliance.crypto.vss import sum_commitments
 from appliance.protocols._core import (
     EVERYONE,
@@ -105,6 +106,7 @@ from appliance.protocols.refresh import (
     _DurableSafety,
     _FrostState,
     scalar_source,
+    subshare_ok,
 )
 from appliance.protocols.refresh import Dealing as Dealing
 from appliance.protocols.state import (
@@ -131,6 +133,8 @@ PHASES = frozenset(
         "checked",
         "want",
         "agree/dealings",
+        "repair-req",
+        "repair",
         "mi",
         "need",
         "sigs",
@@ -366,6 +370,10 @@ class InitProtocol(DealingStage):
         )
         self._need_sent = -1e9
         self._answered: dict[int, float] = {}
+        self._partial: dict[str, int] = {}
+        self._repair: dict[int, dict[str, dict[int, int]]] = {}
+        self._repair_request: list[bytes] = []
+        self._repair_sent = -1e9
 
     # Small helpers ----------------------------------------------------------------------------
 
@@ -453,7 +461,11 @@ class InitProtocol(DealingStage):
             self._on_want(sender, body, now)
         elif phase == "agree/dealings":
             self._on_agree_s(sender, body, now)
-        elif not self.decided:
+        elif phase == "repair-req":
+            self._on_repair_request(sender, body, now)
+        elif phase == "repair":
+            self._on_repair(sender, body, now)
+        elif not self.new_keys:  # undecided, or repairing our share
             self._hold(sender, phase, body)
         elif phase == "mi":
             self._on_mi(sender, body, now)
@@ -498,7 +510,10 @@ class InitProtocol(DealingStage):
                 self._collect(engine)
         if self.kt is not None and not self.decided:
             self._want_missing(now)
-        if self.decided:
+        if self._repair and now - self._repair_sent >= self.timeout:
+            self._repair_sent = now
+            self._send(EVERYONE, "repair-req", self._repair_request)
+        if self.decided and self.new_keys:
             if not self.kt_signature:
                 self._kt_frost.step(self, now)
             if self.m_info is not None and not self.m_signature:
@@ -695,39 +710,92 @@ class InitProtocol(DealingStage):
         return Dealing(d, {}, {sid: {} for sid in c.secrets}, f["eph"], dict(f["ct"]), raw, full)
 
     def _decide(self, transcript: Transcript, dealings: Mapping[int, Dealing]) -> None:
-        """The decision of S: our share and the sharing of each secret; then M_i, and S_start goes."""
+        """The decision of S: the sharing of each secret and our share (repaired first if a
+        decided dealing holds a bad sub-share for us); then M_i, and S_start goes."""
         c = self.c
         sharings: dict[str, PublicSharing[Any]] = {}
         for sid in c.secrets:
             group = c.group(sid)
             commitment = sum_commitments(group, [dealings[d].full[sid].commitment for d in sorted(dealings)])
             sharings[sid] = PublicSharing(c.n, c.t, commitment)
-        keys: dict[str, KeyShare[Any]] = {}
-        if all(d in self.my_subshares for d in dealings):
-            for sid in c.secrets:
-                group = c.group(sid)
-                total = sum(self.my_subshares[d][sid][0] for d in dealings) % group.order
-                k = KeyShare(self.me, SecretScalar(total, group.order), sharings[sid])
-                if not k.check(group):  # pragma: no cover - every sub-share was checked
-                    raise LocalProtocolError(f"our share of {sid!r} does not match its sharing")
-                keys[sid] = k
-        self.my_subshares = {}
         self.decided = True
         self.qual = frozenset(dealings)
         self.new_sharings = sharings
         vcert = sharings[SCERT].public_key
         assert isinstance(vcert, bytes)
         self.vcert = vcert
-        if not keys:
-            self._fail("init aborted: the decided dealings hold a bad sub-share for this server")
-            return
-        self.new_keys = keys
-        digests = {sid: sharing_digest(c.group(sid), sharings[sid]) for sid in sorted(c.secrets)}
-        assert self.kt is not None
-        self.table = KeyTable(PERIOD, dict(self.kt.table.entries), digests, frozenset())
         for j in c.ids:
             if j not in dealings and j not in self.convicted:
                 self._alert(AlertKind.SILENT, j, "its dealing is not in the decided set")
+        bad = sorted(d for d in dealings if d not in self.my_subshares)
+        self._partial = {
+            sid: sum(self.my_subshares[d][sid][0] for d in dealings if d in self.my_subshares)
+            % c.group(sid).order
+            for sid in c.secrets
+        }
+        self.my_subshares = {}
+        if bad:
+            complaints = [self._complaints.get((self.me, d)) for d in bad]
+            if any(x is None for x in complaints):  # pragma: no cover - we check every dealing we get
+                self._fail("init aborted: a decided dealing holds no usable sub-share for this server")
+                return
+            # Same-period repair: every other member's point on the convicted dealer's polynomial.
+            self._repair = {d: {} for d in bad}
+            self._repair_request = [x for x in complaints if x is not None]
+            self._send(EVERYONE, "repair-req", self._repair_request)
+            self._repair_sent = self._now
+            return
+        self._finish_shares()
+
+    def _on_repair(self, sender: int, body: Any, now: float) -> None:
+        """A member's points on a convicted dealer's polynomials, checked against its commitments."""
+        if not self._repair:
+            return
+        f = encoding.expect_map(body, {"dealer": int, "values": dict}, "repair")
+        d = f["dealer"]
+        if d not in self._repair or sender == d:
+            return
+        dealing = self.dealings[d]
+        values = f["values"]
+        if set(values) != set(self.c.secrets):
+            raise RemoteProtocolError(sender, "repair: one value per secret")
+        for sid, v in values.items():
+            if not (
+                isinstance(v, list)
+                and len(v) == 2
+                and subshare_ok(self.c.group(sid), dealing, sid, sender, v[0])
+            ):
+                raise RemoteProtocolError(
+                    sender, f"repair: its point of {sid!r} fails server {d}'s commitments"
+                )
+        for sid, v in values.items():
+            self._repair[d].setdefault(sid, {})[sender] = v[0]
+        done = all(
+            len(self._repair[x].get(sid, {})) >= self.c.t + 1 for x in self._repair for sid in self.c.secrets
+        )
+        if done:
+            for points in self._repair.values():
+                for sid in self.c.secrets:
+                    q = self.c.group(sid).order
+                    pts = dict(sorted(points[sid].items())[: self.c.t + 1])
+                    self._partial[sid] = (self._partial[sid] + interpolate(pts, q, x=self.me)) % q
+            self._repair = {}
+            self._finish_shares()
+
+    def _finish_shares(self) -> None:
+        c = self.c
+        keys: dict[str, KeyShare[Any]] = {}
+        for sid in c.secrets:
+            group = c.group(sid)
+            k = KeyShare(self.me, SecretScalar(self._partial[sid], group.order), self.new_sharings[sid])
+            if not k.check(group):  # pragma: no cover - every sub-share and point was checked
+                raise LocalProtocolError(f"our share of {sid!r} does not match its sharing")
+            keys[sid] = k
+        self._partial = {}
+        self.new_keys = keys
+        digests = {sid: sharing_digest(c.group(sid), self.new_sharings[sid]) for sid in sorted(c.secrets)}
+        assert self.kt is not None
+        self.table = KeyTable(PERIOD, dict(self.kt.table.entries), digests, frozenset())
         self._my_mi = self._sign_m_i()
         self.m_i[self.me] = self._my_mi
         self._send(EVERYONE, "mi", self._my_mi)
@@ -862,6 +930,8 @@ class InitProtocol(DealingStage):
             self._collect(self.s_engine)
         elif phase == "want":
             self._on_want(sender, body, now)
+        elif phase == "repair-req":
+            self._on_repair_request(sender, body, now)
         elif phase == "need":
             self._on_need(sender, body, now)
         for engine, name in ((self.kt_engine, "agree/keytable"), (self.s_engine, "agree/dealings")):

@@ -588,6 +588,16 @@ def parse_subshares(
     return out
 
 
+def subshare_ok(group: Group[Any], dealing: Dealing, sid: str, x: int, value: int) -> bool:
+    """Is ``value`` the point at ``x`` of ``dealing``'s polynomial for secret ``sid``?"""
+    if type(value) is not int or not 0 <= value < group.order:
+        return False
+    full = dealing.full.get(sid)
+    if full is not None:
+        return dkg.check_share(group, full, x, value)
+    return dealing.zero[sid].check_subshare(group, x, value)
+
+
 # The refresh ---------------------------------------------------------------------------------
 
 
@@ -849,6 +859,37 @@ class DealingStage:
             self._convict(d, AlertKind.BAD_SHARE, exc.reason, raw)
             return
         self._convict(accuser, AlertKind.FALSE_COMPLAINT, f"false complaint against server {d}", raw)
+
+    def _on_repair_request(self, sender: int, body: Any, now: float) -> None:
+        """A member whose sub-shares in decided dealings were bad asks for ours in those dealings
+        (same-period repair). We answer only for a dealer its complaint convicts (judged here from
+        public data): a convicted server is Byzantine, so the polynomials it dealt are known to
+        the adversary already, and our points on them reveal nothing it does not know."""
+        if not isinstance(body, list) or len(body) > self.c.n:
+            raise RemoteProtocolError(sender, "repair request: expected a list of complaints")
+        for raw in body:
+            self._judge(sender, raw, None)
+            f = decode_signed(raw, "complain", self.period, max_size=4096).body
+            d = f["dealer"]
+            if f["accuser"] != sender or d not in self.convicted or d not in self.dealings:
+                continue
+            dealing = self.dealings[d]
+            if self.me not in dealing.ciphertexts or self.me == sender:
+                continue
+            try:
+                plain = vdec.decrypt(
+                    vdec.secret_from_seed(self.encryption_seed),
+                    self.encryption_public,
+                    self.me,
+                    dealing.ephemeral,
+                    dealing.ciphertexts[self.me],
+                    self._deal_context(d),
+                )
+                ours = self._parse_subshares(plain, dealing, self.me)
+            except (vdec.DecryptionError, CheatingError):
+                continue  # bad for us too: we have nothing to give
+            values = {sid: [z, dict(g)] for sid, (z, g) in ours.items()}
+            self._send(sender, "repair", {"dealer": d, "values": values})
 
     def _convict(self, who: int, kind: AlertKind, reason: str, evidence: bytes) -> None:
         self.convicted.setdefault(who, reason)
