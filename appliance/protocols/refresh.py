@@ -200,6 +200,10 @@ class PrivateData:
     shares: dict[str, SecretScalar] = field(default_factory=dict)
     #: Blinded new shares owed to recovering servers: r -> secret id -> value.
     rpoints: dict[int, dict[str, int]] = field(default_factory=dict)
+    #: Same-period repair in progress: dealer -> our complaint about its decided dealing. While
+    #: it is not empty, ``shares`` holds s + the good sub-shares only (not yet a share), and
+    #: ``rpoints`` the good blinding values only.
+    repair: dict[int, bytes] = field(default_factory=dict)
 
     def wipe(self) -> None:
         for s in self.shares.values():
@@ -1133,6 +1137,11 @@ class PeriodRefresh(DealingStage):
         self._rpoint_values: dict[str, dict[int, int]] = {}
         self._rpoints_sent = False
         self._pinged = -1e9
+        self._repair: dict[int, dict[str, dict[int, tuple[int, dict[int, int] | None]]]] = {}
+        self._repair_request: list[bytes] = []
+        self._repair_sent = -1e9
+        self._partial: dict[str, int] = {}
+        self._partial_rpoints: dict[int, dict[str, int]] = {}
         if (
             public.transcript is not None
             and public.transcript.period == period
@@ -1289,6 +1298,8 @@ class PeriodRefresh(DealingStage):
             "kt-sig": self._on_kt_sig,
             "rpoint": self._on_rpoint,
             "phase2": self._on_phase2,
+            "repair-req": self._on_repair_request,
+            "repair": self._on_repair,
         }
         handler = handlers.get(phase)
         if handler is None:
@@ -1876,7 +1887,22 @@ class PeriodRefresh(DealingStage):
         helper = self.me in self.kt.operational and self.status == Status.OPERATIONAL and self._is_member
         new_keys: dict[str, KeyShare[Any]] = {}
         rpoints: dict[int, dict[str, int]] = {}
-        if helper and all(d in self.my_subshares for d in dealings) and len(new_sharings) == len(c.secrets):
+        bad = [d for d in dealings if d not in self.my_subshares]
+        repair = {d: self._complaints[(self.me, d)] for d in bad if (self.me, d) in self._complaints}
+        partial: dict[str, SecretScalar] = {}
+        if helper and bad and len(repair) == len(bad) and len(new_sharings) == len(c.secrets):
+            # Same-period repair: the decided set holds dealings whose sub-shares for us are bad
+            # (our complaint came too late to keep them out). We keep s + the good sub-shares and
+            # ask the others for their points on the convicted dealers' polynomials.
+            for sid in c.secrets:
+                q = c.group(sid).order
+                good = [d for d in dealings if d in self.my_subshares]
+                total = (self.keys[sid].share.value + sum(self.my_subshares[d][sid][0] for d in good)) % q
+                partial[sid] = SecretScalar(total, q)
+                for r in self.kt.recovering:
+                    blind = sum(self.my_subshares[d][sid][1][r] for d in good) % q
+                    rpoints.setdefault(r, {})[sid] = blind
+        elif helper and not bad and len(new_sharings) == len(c.secrets):
             for sid in c.secrets:
                 group = c.group(sid)
                 q = group.order
@@ -1908,8 +1934,9 @@ class PeriodRefresh(DealingStage):
             self.period,
             self.signing_seed,
             self.encryption_seed,
-            {sid: k.share for sid, k in new_keys.items()},
+            partial if partial else {sid: k.share for sid, k in new_keys.items()},
             rpoints,
+            repair if partial else {},
         )
         public = PublicData(self.m, self.old_table, dict(new_sharings), transcript)
         # The owner persists this, forgets this engine (and the old shares with it) and resumes
@@ -1965,7 +1992,14 @@ class PeriodRefresh(DealingStage):
         self.transcript = transcript
         self.new_sharings = dict(self._old_public.sharings)
         self.rpoints = {r: dict(v) for r, v in private.rpoints.items()}
+        if private.repair:
+            self._repair = {d: {} for d in private.repair}
+            self._repair_request = list(private.repair.values())
+            self._partial = {sid: share.value for sid, share in private.shares.items()}
+            self._partial_rpoints, self.rpoints = self.rpoints, {}
         for sid, share in private.shares.items():
+            if private.repair:
+                break
             sharing = self.new_sharings.get(sid)
             if sharing is not None:
                 self.new_keys[sid] = KeyShare(
@@ -1996,6 +2030,9 @@ class PeriodRefresh(DealingStage):
 
     def _phase_two(self, now: float) -> None:
         assert self.kt is not None
+        if self._repair and now - self._repair_sent >= self.timeout / 2:
+            self._repair_sent = now
+            self._send(EVERYONE, "repair-req", self._repair_request)
         if self.rpoints and not self._rpoints_sent:
             self._rpoints_sent = True
             self._send_rpoints()
@@ -2022,6 +2059,80 @@ class PeriodRefresh(DealingStage):
             self._send_rpoints(only=sender)
         if self._frost.started:
             self._frost.republish(self, sender)
+
+    def _on_repair(self, sender: int, body: Any, now: float) -> None:
+        """A member's points on a convicted dealer's polynomials (same-period repair), each
+        checked against that dealing's commitments; t+1 of them give ours by interpolation."""
+        if not self._repair or not self.resumed or self.kt is None:
+            return
+        f = encoding.expect_map(body, {"dealer": int, "values": dict}, "repair")
+        d = f["dealer"]
+        if d not in self._repair or sender == d or d not in self.dealings:
+            return
+        dealing = self.dealings[d]
+        values = f["values"]
+        if set(values) != set(self.c.secrets):
+            raise RemoteProtocolError(sender, "repair: one value per secret")
+        got: dict[str, tuple[int, dict[int, int] | None]] = {}
+        for sid, v in values.items():
+            group = self.c.group(sid)
+            if not (isinstance(v, list) and len(v) == 2 and isinstance(v[1], dict)):
+                raise RemoteProtocolError(sender, "repair: malformed value")
+            if not subshare_ok(group, dealing, sid, sender, v[0]):
+                raise RemoteProtocolError(
+                    sender, f"repair: its point of {sid!r} fails server {d}'s commitments"
+                )
+            blinds: dict[int, int] | None = None
+            if sender in self.kt.operational:
+                rec = dealing.recover[sid]
+                ok = set(v[1]) == set(rec) and all(
+                    type(x) is int and rec[r].check_subshare(group, sender, x) for r, x in v[1].items()
+                )
+                if not ok:
+                    raise RemoteProtocolError(
+                        sender, f"repair: its blinding points of {sid!r} fail the commitments"
+                    )
+                blinds = dict(v[1])
+            got[sid] = (v[0], blinds)
+        for sid, point in got.items():
+            self._repair[d].setdefault(sid, {})[sender] = point
+        self._try_repair(now)
+
+    def _try_repair(self, now: float) -> None:
+        assert self.kt is not None
+        c, need = self.c, self.c.t + 1
+        for points in self._repair.values():
+            for sid in c.secrets:
+                have = points.get(sid, {})
+                if len(have) < need or sum(1 for _z, b in have.values() if b is not None) < need:
+                    return
+        rpoints = {r: dict(v) for r, v in self._partial_rpoints.items()}
+        for points in self._repair.values():
+            for sid in c.secrets:
+                q = c.group(sid).order
+                have = points[sid]
+                zs = dict(sorted((j, z) for j, (z, _b) in have.items())[:need])
+                self._partial[sid] = (self._partial[sid] + interpolate(zs, q, x=self.me)) % q
+                helpers = sorted(j for j, (_z, b) in have.items() if b is not None)[:need]
+                for r in self.kt.recovering:
+                    pts = {j: have[j][1][r] for j in helpers}  # type: ignore[index]
+                    blind = interpolate(pts, q, x=self.me)
+                    rpoints.setdefault(r, {})[sid] = (rpoints.get(r, {}).get(sid, 0) + blind) % q
+        keys: dict[str, KeyShare[Any]] = {}
+        for sid in c.secrets:
+            group = c.group(sid)
+            k = KeyShare(self.me, SecretScalar(self._partial[sid], group.order), self.new_sharings[sid])
+            if not k.check(group):  # pragma: no cover - every point was checked against commitments
+                raise LocalProtocolError(f"repaired share of {sid!r} does not match its verification share")
+            keys[sid] = k
+        for r in rpoints:
+            for sid in rpoints[r]:
+                rpoints[r][sid] = (rpoints[r][sid] + keys[sid].share.value) % c.group(sid).order
+        self._repair, self._partial, self._partial_rpoints = {}, {}, {}
+        self.new_keys = keys
+        self.rpoints = rpoints
+        self._frost.started = False
+        self._frost.start(self, now)
 
     def _maybe_complete(self) -> None:
         if self.complete or self.signed_table is None:
