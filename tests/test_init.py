@@ -10,13 +10,15 @@ import weakref
 from typing import Any, ClassVar
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
 from appliance.crypto import encoding, shamir, vdec
 from appliance.crypto.groups import ED25519
 from appliance.protocols._core import AlertKind, Outgoing
 from appliance.protocols._signed import decode_signed, sign
-from appliance.protocols.init import InitProtocol, encode_message
+from appliance.protocols.init import PHASES, InitProtocol, encode_message
 from appliance.protocols.refresh import Status
 from appliance.protocols.state import SCERT, Constants, InvariantInfo, KeyTable
 from appliance.sim._net import Fault, NetworkConfig, Simulation
@@ -401,3 +403,34 @@ def test_init_deals_every_secret_of_c_and_the_refresh_keeps_them() -> None:
     (log_key,) = set(keys.values())
     assert log_key != vcert
     _refresh_once(run, seed=41)
+
+
+_FUZZ: list[tuple[InitProtocol, bytes]] = []
+
+
+def _fuzz_target() -> tuple[InitProtocol, bytes]:
+    if not _FUZZ:
+        c = _constants(4, 1)
+        rng = random.Random(3)
+        a = InitProtocol(me=1, constants=c, sstart=rng.randbytes(32), start=0.0, rand=seeded_bytes(b"a"))
+        b = InitProtocol(me=2, constants=c, sstart=rng.randbytes(32), start=0.0, rand=seeded_bytes(b"b"))
+        _FUZZ.append((a, b.tick(0.0)[0].data))
+    return _FUZZ[0]
+
+
+@given(data=st.binary(max_size=600), flip=st.integers(0, 10_000), phase=st.sampled_from(sorted(PHASES)))
+@settings(max_examples=150, deadline=None)
+def test_fuzzed_messages_are_rejected_never_raised(data: bytes, flip: int, phase: str) -> None:
+    """Every decoder of init (the envelope, each phase's body) takes random and mutated input."""
+    a, keys = _fuzz_target()
+    valid = bytearray(keys)
+    valid[flip % len(valid)] ^= 1 + flip % 255
+    for message in (
+        data,
+        bytes(valid),
+        encode_message(a.session, phase, data),
+        encode_message(a.session, phase, [data]),
+    ):
+        a.receive(2, message, 0.01)
+    a.tick(0.02)
+    assert a.outcome is None
