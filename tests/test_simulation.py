@@ -273,3 +273,22 @@ def test_a_bad_sub_share_in_the_decided_set_is_repaired_in_the_same_period() -> 
                 decided_bad += 1
                 break
     assert decided_bad >= 3  # most seeds really decide the bad dealing (the path under test)
+
+
+def test_repair_requests_before_the_keytable_or_malformed_are_held_or_rejected() -> None:
+    run = scenarios.build("honest", 1, scenarios._constants(random.Random(1)), periods=1)
+    c = run.constants
+    run.sim.run_until(c.period_start(1) + 0.001)
+    engine = run.servers[1].engine
+    assert engine is not None and engine.kt is None
+    engine.receive(2, "repair-req", [b"x"], 10, run.sim.now)
+    assert engine._held.get(2) == [("repair-req", [b"x"])] and not engine.rejected
+    scenarios.run_periods(run)
+    engine = run.servers[1].engine
+    assert engine is not None and engine.kt is not None
+    before = len(engine.rejected)
+    for body in (b"x", [b"x"], [[1]], list(range(99)), {"dealer": 2}):
+        engine.receive(2, "repair-req", body, 10, run.sim.now)
+    for body in (b"x", {"dealer": 2, "values": {}}, {"dealer": "x"}):
+        engine.receive(2, "repair", body, 10, run.sim.now)  # no repair under way: ignored
+    assert len(engine.rejected) - before == 5

@@ -869,6 +869,9 @@ class DealingStage:
         (same-period repair). We answer only for a dealer its complaint convicts (judged here from
         public data): a convicted server is Byzantine, so the polynomials it dealt are known to
         the adversary already, and our points on them reveal nothing it does not know."""
+        if self.kt is None:
+            self._hold(sender, "repair-req", body)
+            return
         if not isinstance(body, list) or len(body) > self.c.n:
             raise RemoteProtocolError(sender, "repair request: expected a list of complaints")
         for raw in body:
