@@ -46,6 +46,10 @@ RECOVER    Each operational server sends each recovering server r its blinded ne
            interpolates t+1 of them at r, and is operational.
 =========  ====================================================================================
 
+The steps from DEAL to the decision (and the same-period repair of a bad sub-share in a decided
+dealing) live in :class:`DealingStage`, which the initialization (``protocols/init.py``) shares;
+FROST signing is :class:`_FrostState`, parameterized by what it signs.
+
 Invariants (docs/design.md proves them): the group key is never lost; at most one KeyTable
 is decided per period; old shares are gone after the decision; no honest server is accused
 of anything but silence. Nothing here reads a clock, a socket or a random source.
