@@ -7,6 +7,8 @@ import stat
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from appliance.host.files import atomic_write, erase
 from appliance.node.store import StateDir
@@ -153,3 +155,34 @@ def test_a_missing_private_state_is_not_unusable(tmp_path: Path, network: dict[i
     store = StateDir(tmp_path)
     store.save(setup.public, None)  # type: ignore[attr-defined]
     assert store.load().private_unusable is None and store.private_problem() is None
+
+
+@given(
+    repair=st.dictionaries(st.integers(1, 16), st.binary(max_size=200), max_size=4),
+    share=st.integers(0, (1 << 252) - 1),
+)
+@settings(max_examples=50, deadline=None)
+def test_private_state_keeps_a_repair_in_progress(repair: dict[int, bytes], share: int) -> None:
+    """A same-period repair survives a restart: the partial share and the complaints round-trip,
+    and a state without a repair encodes as before (no "repair" key)."""
+    from appliance.crypto.secret import SecretScalar
+    from appliance.node.store import decode_private, encode_private
+    from appliance.protocols.refresh import PrivateData
+
+    p = PrivateData(2, b"s" * 32, b"e" * 32, {SCERT: SecretScalar(share, 1 << 252)}, {3: {SCERT: 7}}, repair)
+    data = encode_private(p)
+    back = decode_private(data)
+    assert back.repair == repair and back.rpoints == {3: {SCERT: 7}}
+    assert back.shares[SCERT].value == share
+    assert (b"repair" in data) == bool(repair)
+
+
+def test_private_state_refuses_a_malformed_repair() -> None:
+    from appliance.crypto import encoding
+    from appliance.crypto.errors import DecodeError
+    from appliance.node.store import decode_private
+
+    base = {"period": 1, "signing_seed": b"s" * 32, "encryption_seed": b"e" * 32, "shares": {}, "rpoints": {}}
+    for bad in ({"x": b""}, {1: "complaint"}, [1]):
+        with pytest.raises(DecodeError):
+            decode_private(encoding.encode({**base, "repair": bad}))

@@ -63,6 +63,10 @@ def check_code(config: NodeConfig) -> None:
         raise CeremonyError(f"the installed code is not the code C names: {shown}")
 
 
+#: Seconds a server that finished init keeps answering peers that have not.
+LINGER = 3.0
+
+
 async def run_init(
     config: NodeConfig, sstart_path: Path, start: float, *, timeout: float = 120.0
 ) -> InitOutcome:
@@ -87,6 +91,7 @@ async def run_init(
         start=start,
         rand=os.urandom,
         ann_public=ann_public,
+        deadline=start + timeout,
     )
     inbox_send, inbox = trio.open_memory_channel[tuple[int, bytes]](10_000)
 
@@ -101,18 +106,27 @@ async def run_init(
     net = PeerNetwork(config.server_id, addresses, None, None, None, on_frame=on_frame)
     async with trio.open_nursery() as nursery:
         await nursery.start(net.run)
-        with trio.fail_after(max(0.0, start - time.time()) + timeout):
-            while protocol.outcome is None:
+        # No fixed rounds: the protocol proceeds as messages arrive, and fails by itself (no keys
+        # kept) at its deadline. Once done, it lingers a little to answer peers still at work
+        # (the decisions, M_i, the signatures they lack).
+        linger: float | None = None
+        with trio.fail_after(max(0.0, start - time.time()) + timeout + 10.0):
+            while linger is None or time.time() < linger:
                 now = time.time()
+                if protocol.outcome is not None and linger is None:
+                    linger = now + (LINGER if protocol.outcome.ok else 0.0)
                 for out in protocol.tick(now):
                     net.send(out.to, out.data)
                 wake = protocol.next_wakeup(now)
-                with trio.move_on_after(max(0.0, (wake if wake is not None else now + 0.5) - time.time())):
+                until = wake if wake is not None else now + 0.5
+                if linger is not None:
+                    until = min(until, linger)
+                with trio.move_on_after(max(0.0, until - time.time())):
                     peer, data = await inbox.receive()
                     protocol.receive(peer, data, time.time())
-            await trio.sleep(2 * config.constants.delta)  # let the last forwards leave
         nursery.cancel_scope.cancel()
     outcome = protocol.outcome
+    assert outcome is not None  # the loop ends only once there is one
     for reason in protocol.rejected[:20]:
         log.warning("rejected a message: %s", reason)
     if outcome.ok and outcome.public is not None and outcome.private is not None:

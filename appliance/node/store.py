@@ -239,16 +239,28 @@ def encode_private(private: PrivateData) -> bytes:
                 r: {sid: v.to_bytes(64, "big") for sid, v in sorted(values.items())}
                 for r, values in sorted(private.rpoints.items())
             },
+            **({"repair": dict(sorted(private.repair.items()))} if private.repair else {}),
         }
     )
 
 
 def decode_private(data: bytes) -> PrivateData:
-    obj = encoding.expect_map(
-        encoding.decode(data, what="private state"),
-        {"period": int, "signing_seed": bytes, "encryption_seed": bytes, "shares": dict, "rpoints": dict},
-        "private state",
-    )
+    raw = encoding.decode(data, what="private state")
+    fields: dict[str, type] = {
+        "period": int,
+        "signing_seed": bytes,
+        "encryption_seed": bytes,
+        "shares": dict,
+        "rpoints": dict,
+    }
+    if isinstance(raw, dict) and "repair" in raw:
+        fields["repair"] = dict
+    obj = encoding.expect_map(raw, fields, "private state")
+    repair: dict[int, bytes] = {}
+    for d, complaint in obj.get("repair", {}).items():
+        if type(d) is not int or not isinstance(complaint, bytes):
+            raise DecodeError("private state: a repair maps dealer ids to complaints")
+        repair[d] = complaint
     if len(obj["signing_seed"]) != 32 or len(obj["encryption_seed"]) != 32:
         raise DecodeError("private state: key seeds must be 32 bytes")
     shares = {}
@@ -265,7 +277,7 @@ def decode_private(data: bytes) -> PrivateData:
             if not isinstance(sid, str) or not isinstance(raw, bytes) or len(raw) != 64:
                 raise DecodeError("private state: recovery values must be 64-byte scalars")
             rpoints.setdefault(r, {})[sid] = int.from_bytes(raw, "big")
-    return PrivateData(obj["period"], obj["signing_seed"], obj["encryption_seed"], shares, rpoints)
+    return PrivateData(obj["period"], obj["signing_seed"], obj["encryption_seed"], shares, rpoints, repair)
 
 
 class PendingRecords:

@@ -2,66 +2,57 @@
 
 Theory of operation
 -------------------
-The protocol runs once, at setup, on a fixed schedule of rounds of length ``C.delta``
-from a start time every server is given (the operator starts all servers with the
-same one). Each phase names the paper's step it implements; the phase table is
-:class:`InitSchedule` (t is C.t, A = 2t+1 signing attempts).
+Initialization runs on the refresh's machinery (:class:`~appliance.protocols.refresh.DealingStage`:
+the agreement engine, self-contained dealings, complaints anyone can judge, agreement on the
+set of dealings, FROST signing with a leader-fixed signer set). No step waits for a fixed
+round: each proceeds as soon as it has the messages it needs, from a start time every server
+is given (the operator starts all servers with the same one). Each step names the paper's:
 
-=========  =======  ======================================================================
-phase      rounds   Table 3 step
-=========  =======  ======================================================================
-KEYS       0        "Communication is secure, inactive adversary. Broadcast keys": fresh
-                    (S_i(0), V_i(0)) and (E_i(0), D_i(0)); K_i = (V_i(0), E_i(0),
-                    S_i(0)(E_i(0))) is sent in the clear to every server, with V_start_i
-                    (so that everyone can later check M_i). A plain all-to-all send, as
-                    the paper allows: nothing else authenticates a server yet.
-DEAL       1..t+1   "Generate (Scert, Vcert)": every server broadcasts
-                    (:class:`~appliance.protocols.broadcast.SyncBroadcast`, authenticated
-                    with the V_j(0) it received) its :class:`~appliance.crypto.dkg.Dealing`
-                    for each long-lived secret of C, together with its *view*: the K_j
-                    and V_start_j it received from every j. Shares go point-to-point,
-                    each in a :class:`~appliance.crypto.vss.ShareMessage` signed with
-                    S_i(0) (complaint evidence), the whole message encrypted to E_j(0)
-                    (NaCl Box with D_i(0)) and signed. The agreed views fix the keys:
-                    K_j is the value that at least n-t servers report (two values
-                    cannot both have n-t reports when n >= 2t+1, and an honest j's key
-                    is reported by every honest server). No such value: init fails.
-COMPLAIN   t+1      Bad shares are answered with their signed evidence, missing (or
-                    unprovable) ones named (broadcast, authenticated with agreed keys).
-REVEAL     t+1      A dealer answers every "missing" complaint by revealing that share.
-M          t+1      :func:`~appliance.crypto.dkg.qualify` and :func:`~appliance.crypto.dkg.finish`
-                    from the agreed data give QUAL (at least t+1 dealers or init
-                    fails), Vcert and this server's share. "Sign M_i = S_start(Vcert,
-                    C); erase S_start (VERY IMPORTANT)": done here, then M_i is
-                    broadcast with 2A FROST nonce commitments (one per attempt and
-                    message).
-SIGN       2A       "Engage in a generation of a distributed signature": every M_j is
-                    checked with the agreed V_start_j (M needs all n), M = (Vcert, C,
-                    M_1..M_n) and KeyTable(0) = (K_1..K_n, digests of the sharings) are
-                    signed with Scert (FROST), as in refresh: attempt a is led by the
-                    a-th server in the pool, which names t+1 signers; signature shares
-                    go to everyone, so anyone aggregates; a bad share names its signer
-                    (identifiable abort) and it is left out of later attempts.
-FORWARD    1        Whoever holds both signatures sends them to everyone.
-END                 The outcome: the same :class:`~appliance.protocols.refresh.PublicData`
-                    and :class:`~appliance.protocols.refresh.PrivateData` that refresh
-                    takes for period 0, or a failure that says why (and no keys).
-=========  =======  ======================================================================
+=========  =========================================================================================
+KEYS       "Communication is secure, inactive adversary. Broadcast keys": fresh (S_i(0), V_i(0)) and
+           (E_i(0), D_i(0)); K_i = (V_i(0), E_i(0), S_i(0)(E_i(0))) with V_start_i (and the public
+           announcement key of a server whose ROM is a TPM), self-signed with S_i(0) and sent in the
+           clear to everyone, again every timeout until the KeyTable is decided. The paper's
+           assumption is kept: nobody tampers with this step (nothing authenticates a server yet).
+KEYTABLE   Agreement 1 among the holders of these keys, once a server holds all n of them: the
+           leader proposes every K_j; a member votes only if each one is the one it received (a
+           different one is named: conflicting announcements) and its own is its own.
+DEAL       "Generate (Scert, Vcert)": every member deals, for each long-lived secret of C, a random
+           degree-t sharing (Feldman commitments with a proof of possession of the constant term,
+           bound to the session) with every sub-share encrypted to its recipient's E_j(0): one signed,
+           self-contained dealing, forwarded once by every receiver.
+COMPLAIN   A member whose sub-shares do not decrypt or fail the commitments publishes a complaint
+           anyone can judge (a Chaum-Pedersen reveal of its key for that one ciphertext).
+DEALINGS   Agreement 2: the set S of at least t+1 dealings; a member votes only if it holds every
+           dealing in S and its sub-shares in all of them verify. DECISION: the share is the sum of
+           the sub-shares, the sharing the sum of the commitments, Vcert its constant term.
+M          "Sign M_i = S_start(Vcert, C); erase S_start (VERY IMPORTANT)": done at the decision,
+           then M_i is sent to everyone (again to whoever still lacks it).
+SIGN       KeyTable(0) = (K_1..K_n, digests of the sharings) and, once every M_j is held and checks
+           with V_start_j (M needs all n), M = (Vcert, C, M_1..M_n) are signed with Scert (FROST,
+           two signings side by side: the leader's signed request fixes the signer set).
+END        The outcome: the same :class:`~appliance.protocols.refresh.PublicData` and
+           :class:`~appliance.protocols.refresh.PrivateData` that refresh takes for period 0, or a
+           failure that says why (and no keys) once ``deadline`` passes.
+=========  =========================================================================================
 
-Replay: every message names the init session (a digest of C and the start time), every
-signature is made with a key that was generated for this session, broadcast items are
-bound to the session and phase, and DKG proofs of possession to the session and secret.
+Messages are decoded once at the boundary (:func:`decode_message`, size cap first) into a frozen
+:class:`InitMessage`; each body is a signed object parsed by its handler. ``receive`` records a
+peer's fault (DecodeError, BadSignature, RemoteProtocolError) and lets anything else, our own
+bug, propagate.
 
-Erasing S_start: the protocol holds the start key only until it has signed M_i (phase
-M); then it drops every reference and, if the caller passed the seed as a ``bytearray``,
-overwrites it with zeros. The caller must also overwrite the file the seed came from:
-Python cannot promise that no copy of an immutable ``bytes`` survives in memory. An init
-that fails before phase M drops the key without overwriting the caller's buffer (init
-may be run again with the same S_start, whose V_start is in ROM); after phase M the key
-is gone and a new init needs a new start key pair.
+Replay: every message names the init session (a digest of C and the start time), every key is
+generated for this session, and the KeyTable value (which every dealing and vote is bound to)
+names the session too.
 
-Nothing in this module reads a clock, a socket or a random source: ``now`` and ``rand``
-are arguments.
+Erasing S_start: the protocol holds the start key only until it has signed M_i (at the decision
+of the dealings); then it drops every reference and, if the caller passed the seed as a
+``bytearray``, overwrites it with zeros. An init that fails before that drops the key without
+overwriting the caller's buffer (init may be run again with the same S_start); after it, a new
+init needs a new start key pair.
+
+Nothing in this module reads a clock, a socket or a random source: ``now`` and ``rand`` are
+arguments.
 """
 
 from __future__ import annotations
@@ -71,15 +62,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from nacl.exceptions import CryptoError as NaclCryptoError
-from nacl.public import Box, PrivateKey, PublicKey
 from nacl.signing import SigningKey
 
-from appliance.crypto import annkey, dkg, encoding, frost
-from appliance.crypto.errors import CheatingError, CryptoError, DecodeError
+from appliance.crypto import annkey, dkg, encoding, vdec
+from appliance.crypto.errors import CheatingError, DecodeError
 from appliance.crypto.groups import ED25519
-from appliance.crypto.keyshare import KeyShare
-from appliance.crypto.vss import Complaint, ShareMessage
+from appliance.crypto.keyshare import KeyShare, PublicSharing
+from appliance.crypto.secret import SecretScalar
+from appliance.crypto.shamir import interpolate
+from appliance.crypto.vss import sum_commitments
 from appliance.protocols._core import (
     EVERYONE,
     Alert,
@@ -90,8 +81,34 @@ from appliance.protocols._core import (
     Signer,
     ed25519_verify,
 )
-from appliance.protocols.broadcast import AUTH, Item, SyncBroadcast, item_statement
-from appliance.protocols.refresh import PrivateData, PublicData, scalar_source
+from appliance.protocols._signed import BadSignature, decode_signed, sign
+from appliance.protocols.agreement import (
+    ACCEPT,
+    Committee,
+    Decision,
+    Engine,
+    Instance,
+    SafetyRules,
+    Verdict,
+    digest,
+    reject,
+)
+from appliance.protocols.refresh import (
+    MAX_MESSAGE,
+    Ann,
+    DealingStage,
+    KeyTableCandidate,
+    MemoryDurable,
+    PrivateData,
+    PublicData,
+    Status,
+    Transcript,
+    _DurableSafety,
+    _FrostState,
+    scalar_source,
+    subshare_ok,
+)
+from appliance.protocols.refresh import Dealing as Dealing
 from appliance.protocols.state import (
     SCERT,
     Constants,
@@ -107,47 +124,33 @@ RandomBytes = Callable[[int], bytes]
 CONTEXT = "pst/init"
 #: Everything at initialization belongs to period 0.
 PERIOD = 0
-MAX_MESSAGE = 4 * 1024 * 1024
-BROADCAST_PHASES = ("deal", "complain", "reveal", "M")
-SIGNED_PHASES = ("share", "sign-request", "sign-share", "sigs")
+PHASES = frozenset(
+    {
+        "keys",
+        "keys-relay",
+        "agree/keytable",
+        "deal",
+        "checked",
+        "want",
+        "agree/dealings",
+        "repair-req",
+        "repair",
+        "mi",
+        "need",
+        "sigs",
+        "nonce",
+        "signreq",
+        "sigshare",
+        "m-nonce",
+        "m-signreq",
+        "m-sigshare",
+    }
+)
 
 
-@dataclass(frozen=True)
-class InitSchedule:
-    """The phases of Table 3 in rounds of ``delta`` from ``start`` (see the module's table)."""
-
-    start: float
-    delta: float
-    t: int
-    attempts: int = field(init=False)
-    keys: int = field(init=False)
-    deal: int = field(init=False)
-    complain: int = field(init=False)
-    reveal: int = field(init=False)
-    m: int = field(init=False)
-    sign: int = field(init=False)
-    forward: int = field(init=False)
-    end: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        t = self.t
-        put = object.__setattr__
-        put(self, "attempts", 2 * t + 1)
-        put(self, "keys", 0)
-        put(self, "deal", 1)
-        put(self, "complain", self.deal + t + 1)
-        put(self, "reveal", self.complain + t + 1)
-        put(self, "m", self.reveal + t + 1)
-        put(self, "sign", self.m + t + 1)
-        put(self, "forward", self.sign + 2 * self.attempts)
-        put(self, "end", self.forward + 1)
-
-    def at(self, rounds: int) -> float:
-        return self.start + rounds * self.delta
-
-    @property
-    def duration(self) -> float:
-        return self.end * self.delta
+def default_deadline(constants: Constants) -> float:
+    """How long after the start an init waits before it gives up (no keys are kept then)."""
+    return max(30.0, 200 * constants.delta)
 
 
 @dataclass
@@ -165,8 +168,13 @@ class InitOutcome:
         return self.failure is None and self.public is not None and self.private is not None
 
 
-class _Abort(Exception):
-    """Internal: the initialization cannot complete; the message says why."""
+@dataclass(frozen=True)
+class InitMessage:
+    """One init message, decoded once at the boundary."""
+
+    phase: str
+    body: Any
+    size: int
 
 
 def session_id(constants: Constants, start: float) -> bytes:
@@ -176,12 +184,96 @@ def session_id(constants: Constants, start: float) -> bytes:
     ).digest()
 
 
-class InitProtocol:
+def encode_message(session: bytes, phase: str, body: Any) -> bytes:
+    return encoding.encode({"session": session, "phase": phase, "body": body})
+
+
+def decode_message(data: bytes, session: bytes) -> InitMessage:
+    """An init message from untrusted bytes (DecodeError): size first, then shape and session."""
+    if len(data) > MAX_MESSAGE:
+        raise DecodeError(f"init message of {len(data)} bytes exceeds the limit of {MAX_MESSAGE}")
+    f = encoding.expect_map(
+        encoding.decode(data, max_size=MAX_MESSAGE, what="init message"),
+        {"session": bytes, "phase": str, "body": object},
+        "init message",
+    )
+    if f["session"] != session:
+        raise DecodeError("message of another init session (replayed?)")
+    if f["phase"] not in PHASES:
+        raise DecodeError(f"unknown init phase {f['phase']!r}")
+    return InitMessage(f["phase"], f["body"], len(data))
+
+
+@dataclass(frozen=True)
+class KeysAnnouncement:
+    """K_j, V_start_j (and j's announcement key) as j sent them, self-signed with S_j(0)."""
+
+    server: int
+    entry: KeyEntry
+    vstart: bytes
+    ann_key: bytes | None
+    raw: bytes
+
+
+def parse_keys(raw: Any, session: bytes, c: Constants) -> KeysAnnouncement:
+    s = decode_signed(raw, "keys", PERIOD, max_size=4096)
+    fields: dict[str, type] = {"session": bytes, "server": int, "K": dict, "vstart": bytes}
+    if isinstance(s.body, dict) and "A" in s.body:
+        fields["A"] = bytes
+    f = encoding.expect_map(s.body, fields, "key announcement")
+    if f["session"] != session:
+        raise DecodeError("key announcement of another init session")
+    j = f["server"]
+    if j not in c.ids:
+        raise DecodeError(f"key announcement for server {j}, not one of 1..{c.n}")
+    entry = KeyEntry.from_obj(f["K"], "key announcement")
+    if len(f["vstart"]) != 32:
+        raise DecodeError("key announcement: V_start must be 32 bytes")
+    vdec.decode_public_key(entry.encryption_key)
+    if not ed25519_verify(
+        entry.verify_key, encryption_key_payload(j, PERIOD, entry.encryption_key), entry.signature
+    ):
+        raise BadSignature("key announcement: E_i(0) not signed with S_i(0)")
+    if not s.verify(entry.verify_key):
+        raise BadSignature("key announcement not signed with its own S_i(0)")
+    ann = f.get("A")
+    if ann is not None:
+        annkey.load_public(ann, f"announcement key of server {j}")
+    return KeysAnnouncement(j, entry, f["vstart"], ann, raw)
+
+
+def judge_initial_table(
+    value: bytes, session: bytes, c: Constants
+) -> tuple[KeyTableCandidate, dict[int, KeysAnnouncement]]:
+    """A proposed KeyTable(0) from the value alone: one valid self-signed K_j for every server."""
+    f = encoding.expect_map(
+        encoding.decode(value, what="KeyTable(0) proposal"),
+        {"session": bytes, "entries": dict},
+        "KeyTable(0) proposal",
+    )
+    if f["session"] != session:
+        raise DecodeError("KeyTable(0) proposal of another init session")
+    if set(f["entries"]) != set(c.ids):
+        raise DecodeError("KeyTable(0) proposal: one key announcement per server of C")
+    keys: dict[int, KeysAnnouncement] = {}
+    for j, raw in f["entries"].items():
+        k = parse_keys(raw, session, c)
+        if k.server != j:
+            raise DecodeError(f"entry {j} holds server {k.server}'s keys")
+        keys[j] = k
+    anns = {j: Ann(j, k.entry, {}, True, k.raw) for j, k in keys.items()}
+    table = KeyTable(PERIOD, {j: k.entry for j, k in keys.items()}, {}, frozenset())
+    return KeyTableCandidate(value, table, anns, tuple(sorted(c.ids)), ()), keys
+
+
+class InitProtocol(DealingStage):
     """Table 3 for server ``me`` (sans-IO): drive it with :meth:`receive` and :meth:`tick`.
 
     ``sstart`` is the 32-byte Ed25519 seed of S_start (V_start is in the server's ROM).
     Pass it as a ``bytearray`` to have it overwritten once M_i is signed.
     """
+
+    context = CONTEXT
 
     def __init__(
         self,
@@ -192,27 +284,32 @@ class InitProtocol:
         start: float,
         rand: RandomBytes,
         ann_public: bytes | None = None,
+        deadline: float | None = None,
     ) -> None:
         if me not in constants.ids:
             raise LocalProtocolError(f"server {me} is not one of 1..{constants.n}")
         if len(sstart) != 32:
             raise LocalProtocolError("the start key seed must be 32 bytes")
         self.me = me
+        self.period = PERIOD
         self.constants = constants
         self.rand = rand
-        #: The public key of our announcement key (the ROM's TPM, issue 8), put into M with M_i.
+        self.start = start
+        self.deadline = start + default_deadline(constants) if deadline is None else deadline
         if ann_public is not None:
             annkey.load_public(ann_public, "this server's announcement key")
+        #: The public key of our announcement key (the ROM's TPM, issue 8), agreed with K_i.
         self.ann_public = ann_public
-        self.schedule = InitSchedule(start, constants.delta, constants.t)
         self.session = session_id(constants, start)
-        self.alerts: list[Alert] = []
-        self.rejected: list[RemoteProtocolError] = []
+        self.durable = MemoryDurable()
+        self.status = Status.OPERATIONAL
+        self.alerts = []
+        self.rejected = []
         self.outcome: InitOutcome | None = None
-        self._out: list[Outgoing] = []
-        self._buffer: list[tuple[int, bytes, float]] = []
-        self._done_phases: set[str] = set()
-        # S_start: held until M_i is signed (phase M), then erased.
+        self._out = []
+        self._held = {}
+        self._now = start
+        # S_start: held until M_i is signed (the decision), then erased.
         self._sstart: SigningKey | None = SigningKey(bytes(sstart))
         self._sstart_buffer: bytearray | None = sstart if isinstance(sstart, bytearray) else None
         self.vstart = bytes(self._sstart.verify_key)
@@ -221,611 +318,503 @@ class InitProtocol:
         self.signing_seed = rand(32)
         self.encryption_seed = rand(32)
         self.signer = Signer(SigningKey(self.signing_seed))
-        self._box_key = PrivateKey(self.encryption_seed)
-        encryption_public = bytes(self._box_key.public_key)
+        self.encryption_public = vdec.public_from_seed(self.encryption_seed)
         self.my_entry = KeyEntry(
             self.signer.public,
-            encryption_public,
-            self.signer.sign(encryption_key_payload(me, PERIOD, encryption_public)),
+            self.encryption_public,
+            self.signer.sign(encryption_key_payload(me, PERIOD, self.encryption_public)),
         )
-        self._received_keys: dict[int, tuple[KeyEntry, bytes]] = {me: (self.my_entry, self.vstart)}
-        self.entries: dict[int, KeyEntry] = {}
-        self.vstarts: dict[int, bytes] = {}
-        self._keys_agreed = False
-        # DKG.
-        self.deal_bc: SyncBroadcast | None = None
-        self.complain_bc: SyncBroadcast | None = None
-        self.reveal_bc: SyncBroadcast | None = None
-        self.m_bc: SyncBroadcast | None = None
-        self._my_shares: dict[str, dict[int, int]] = {}
-        self._shares: dict[tuple[str, int], tuple[int, bytes]] = {}
-        self.dealings: dict[str, dict[int, dkg.Dealing[Any]]] = {}
-        self._dealt: set[int] = set()
-        self._complaints: dict[str, list[Complaint]] = {}
-        self._missing: dict[str, list[dkg.MissingShare]] = {}
-        self.qualification: dict[str, dkg.Qualification] = {}
-        self.keys: dict[str, KeyShare[Any]] = {}
+        body: dict[str, Any] = {
+            "session": self.session,
+            "server": me,
+            "K": self.my_entry.to_obj(),
+            "vstart": self.vstart,
+        }
+        if ann_public is not None:
+            body["A"] = ann_public
+        self.my_ann = sign("keys", PERIOD, body, self.signer)
+        self.received: dict[int, KeysAnnouncement] = {me: parse_keys(self.my_ann, self.session, constants)}
+        self._keys_sent = -1e9
+        self._relayed: dict[int, float] = {}
+        self._relays: dict[tuple[int, bytes], set[int]] = {}
+        self.conflicts: set[int] = set()
+        # Agreement and dealings (DealingStage).
+        self.kt_engine: Engine | None = None
+        self.kt = None
+        self.keys_agreed: dict[int, KeysAnnouncement] = {}
+        self.s_engine = None
+        self.decided = False
+        self.dealings = {}
+        self._other_dealings = {}
+        self._raw_dealings = {}
+        self.my_subshares = {}
+        self.convicted = {}
+        self._complaints = {}
+        self._checked = {}
+        self._s_ready_since = None
+        self._want_sent = -1e9
+        # After the decision.
+        self.qual: frozenset[int] = frozenset()
+        self.new_keys: dict[str, KeyShare[Any]] = {}
+        self.new_sharings: dict[str, PublicSharing[Any]] = {}
         self.vcert: bytes | None = None
-        # M and signing.
-        self.m_info: InvariantInfo | None = None
         self.table: KeyTable | None = None
-        self.frost_commitments: dict[int, list[bytes]] = {}
-        self.pool: list[int] = []
-        self._package: frost.KeyPackage | None = None
-        self._nonces: list[frost.SigningNonces] = []
-        self._failed_signers: set[int] = set()
-        self._requests: dict[int, tuple[int, ...]] = {}
-        self._sig_shares: dict[
-            tuple[int, tuple[int, ...]], dict[int, tuple[frost.SignatureShare, frost.SignatureShare]]
-        ] = {}
-        self._signed_attempts: set[int] = set()
-        self._forwarded = False
+        self.m_i: dict[int, bytes] = {}
+        self._my_mi = b""
+        self.m_info: InvariantInfo | None = None
+        self.kt_signature = b""
+        self.m_signature = b""
+        self._kt_frost = _FrostState(self._kt_payload, self._on_kt_signature, lambda: bool(self.kt_signature))
+        self._m_frost = _FrostState(
+            self._m_payload, self._on_m_signature, lambda: bool(self.m_signature), prefix="m-"
+        )
+        self._need_sent = -1e9
+        self._answered: dict[int, float] = {}
+        self._partial: dict[str, int] = {}
+        self._repair: dict[int, dict[str, dict[int, int]]] = {}
+        self._repair_request: list[bytes] = []
+        self._repair_sent = -1e9
 
-    # Small helpers ----------------------------------------------------------------------
+    # Small helpers ----------------------------------------------------------------------------
 
     @property
     def c(self) -> Constants:
         return self.constants
 
-    def _alert(self, kind: AlertKind, server: int, detail: str, evidence: tuple[bytes, ...] = ()) -> None:
-        if all((a.kind, a.server, a.detail) != (kind, server, detail) for a in self.alerts):
-            self.alerts.append(Alert(kind, server, PERIOD, detail, evidence))
+    @property
+    def keys(self) -> dict[str, KeyShare[Any]]:
+        """This server's shares once decided (empty before, and after a failure)."""
+        return self.new_keys
 
-    def _once(self, name: str) -> bool:
-        if name in self._done_phases:
-            return False
-        self._done_phases.add(name)
-        return True
+    def _send(self, to: int, phase: str, body: Any) -> None:
+        self._out.append(Outgoing(to, encode_message(self.session, phase, body)))
 
-    def _send(self, to: int, data: bytes) -> None:
-        self._out.append(Outgoing(to, data))
-
-    def _bc_session(self, phase: str) -> bytes:
-        return encoding.encode(["pst/init", self.session, phase])
-
-    def _share_session(self, sid: str) -> bytes:
-        return encoding.encode(["pst/init/share", self.session, sid])
+    def _deal_context(self, dealer: int) -> bytes:
+        assert self.kt is not None
+        return encoding.encode(["pst/init/deal", self.session, dealer, digest(self.kt.value)])
 
     def _dkg_context(self, sid: str) -> bytes:
         return encoding.encode(["pst/init/dkg", self.session, sid])
 
-    def _key_of(self, server: int) -> KeyEntry | None:
-        if self._keys_agreed:
-            return self.entries.get(server)
-        got = self._received_keys.get(server)
-        return got[0] if got is not None else None
-
-    # Envelopes ----------------------------------------------------------------------------
-
-    def _envelope(self, phase: str, body: Any) -> bytes:
-        payload = encoding.signing_payload(
-            phase, 1, CONTEXT, PERIOD, {"session": self.session, "from": self.me, "body": body}
-        )
-        return encoding.encode(
-            {
-                "phase": phase,
-                "period": PERIOD,
-                "session": self.session,
-                "from": self.me,
-                "body": body,
-                "sig": self.signer.sign(payload),
-            }
-        )
-
-    def _bundle(self, phase: str, data: bytes) -> bytes:
-        return encoding.encode(
-            {
-                "phase": phase,
-                "period": PERIOD,
-                "session": self.session,
-                "from": self.me,
-                "body": data,
-                "sig": b"",
-            }
-        )
-
-    def _open(self, sender: int, data: bytes) -> tuple[str, Any, bytes]:
-        try:
-            obj = encoding.decode(data, max_size=MAX_MESSAGE, what="init message")
-            f = encoding.expect_map(
-                obj,
-                {"phase": str, "period": int, "session": bytes, "from": int, "body": object, "sig": bytes},
-                "init message",
-            )
-        except DecodeError as exc:
-            raise RemoteProtocolError(sender, str(exc)) from None
-        if f["from"] != sender:
-            raise RemoteProtocolError(sender, f"message claims to come from server {f['from']}")
-        if f["period"] != PERIOD or f["session"] != self.session:
-            raise RemoteProtocolError(sender, "message of another init session (replayed?)")
-        return f["phase"], f["body"], f["sig"]
-
-    def _check_sig(self, sender: int, key: bytes, phase: str, body: Any, sig: bytes) -> None:
-        payload = encoding.signing_payload(
-            phase, 1, CONTEXT, PERIOD, {"session": self.session, "from": sender, "body": body}
-        )
-        if not ed25519_verify(key, payload, sig):
-            raise RemoteProtocolError(sender, f"{phase} message not signed with the sender's key S_i(0)")
-
-    # Driving --------------------------------------------------------------------------------
+    # Driving ----------------------------------------------------------------------------------
 
     def receive(self, sender: int, data: bytes, now: float) -> None:
-        """Take a message from ``sender``; bad input is recorded in ``rejected`` and never raised."""
+        """Take a message from ``sender``; a peer's bad input is recorded in ``rejected``."""
+        self._now = now
         try:
-            self._receive(sender, data, now)
+            if sender not in self.c.ids or sender == self.me:
+                raise RemoteProtocolError(sender, "message from a server outside the network")
+            msg = decode_message(data, self.session)
+        except DecodeError as exc:
+            self.rejected.append(RemoteProtocolError(sender, str(exc)))
+            return
         except RemoteProtocolError as exc:
             self.rejected.append(exc)
-        except CryptoError as exc:  # a signed body of the wrong shape (DecodeError) and the like
-            self.rejected.append(RemoteProtocolError(sender, str(exc)))
-
-    def _receive(self, sender: int, data: bytes, now: float) -> None:
-        if self.outcome is not None:
             return
-        if sender not in self.c.ids or sender == self.me:
-            raise RemoteProtocolError(sender, "message from a server outside the network")
-        phase, body, sig = self._open(sender, data)
-        if phase == "keys":
-            self._on_keys(sender, body, sig, now)
-        elif phase in BROADCAST_PHASES:
-            bc = {
-                "deal": self.deal_bc,
-                "complain": self.complain_bc,
-                "reveal": self.reveal_bc,
-                "M": self.m_bc,
-            }[phase]
-            if not isinstance(body, bytes):
-                raise RemoteProtocolError(sender, "broadcast body must be bytes")
-            if bc is None:
-                self._hold(sender, data, now)
-                return
-            bc.receive(sender, body, now)
-        elif phase in SIGNED_PHASES:
-            waiting = self.deal_bc is None if phase == "share" else not self.pool
-            if waiting:
-                self._hold(sender, data, now)
-                return
-            entry = self._key_of(sender)
-            if entry is None:
-                raise RemoteProtocolError(sender, f"{phase} message from a server whose keys we do not have")
-            self._check_sig(sender, entry.verify_key, phase, body, sig)
-            handler = {
-                "share": self._on_share,
-                "sign-request": self._on_sign_request,
-                "sign-share": self._on_sign_share,
-                "sigs": self._on_sigs,
-            }[phase]
-            handler(sender, body)
-        else:
-            raise RemoteProtocolError(sender, f"unknown init phase {phase!r}")
+        self._inject(sender, msg.phase, msg.body, now)
 
-    def _hold(self, sender: int, data: bytes, now: float) -> None:
-        """Keep a message that arrived before its phase could take it (bounded: no memory DoS)."""
-        if len(self._buffer) >= 64 * self.c.n:
-            raise RemoteProtocolError(sender, "too many early messages; dropped")
-        self._buffer.append((sender, data, now))
-
-    def _replay(self, now: float) -> None:
-        if not self._buffer:
-            return
-        pending, self._buffer = self._buffer, []
-        for sender, data, _at in pending:
-            self.receive(sender, data, now)
+    def _inject(self, sender: int, phase: str, body: Any, now: float) -> None:
+        try:
+            self._dispatch(sender, phase, body, now)
+        except (DecodeError, BadSignature) as exc:
+            self.rejected.append(RemoteProtocolError(sender, f"{phase}: {exc}"))
+        except RemoteProtocolError as exc:
+            self.rejected.append(exc)
 
     def tick(self, now: float) -> list[Outgoing]:
-        if self.outcome is None:
+        self._now = now
+        if now >= self.start:
             self._advance(now)
         out, self._out = self._out, []
         return out
 
     def next_wakeup(self, now: float) -> float | None:
-        """When this engine next needs a tick without any message arriving: the next round boundary."""
+        if now < self.start:
+            return self.start
+        times = [e.next_wakeup(now) for e in (self.kt_engine, self.s_engine) if e is not None]
+        if self.outcome is None:
+            times.append(now + self.timeout / 4)
+            times.append(self.deadline)
+        return min((t for t in times if t is not None), default=None)
+
+    def _dispatch(self, sender: int, phase: str, body: Any, now: float) -> None:
         if self.outcome is not None:
-            return None
-        s = self.schedule
-        k = max(0, int((now - s.start) // s.delta) + 1)
-        return s.start + k * s.delta + 1e-6
+            self._answer_late(sender, phase, body, now)
+            return
+        if phase == "keys":
+            self._on_keys(sender, body, now)
+        elif phase == "keys-relay":
+            self._on_keys_relay(sender, body, now)
+        elif phase == "agree/keytable":
+            if self.kt_engine is None:
+                self._hold(sender, phase, body)
+                return
+            self.kt_engine.receive(sender, body, now)
+            self._collect(self.kt_engine)
+        elif self.kt is None:
+            self._hold(sender, phase, body)
+        elif phase == "deal":
+            self._on_deal(sender, body, now)
+        elif phase == "checked":
+            self._on_checked(sender, body, now)
+        elif phase == "want":
+            self._on_want(sender, body, now)
+        elif phase == "agree/dealings":
+            self._on_agree_s(sender, body, now)
+        elif phase == "repair-req":
+            self._on_repair_request(sender, body, now)
+        elif phase == "repair":
+            self._on_repair(sender, body, now)
+        elif not self.new_keys:  # undecided, or repairing our share
+            self._hold(sender, phase, body)
+        elif phase == "mi":
+            self._on_mi(sender, body, now)
+        elif phase == "need":
+            self._on_need(sender, body, now)
+        elif phase == "sigs":
+            self._on_sigs(sender, body)
+        elif phase.startswith("m-"):
+            if self.m_info is None:
+                self._hold(sender, phase, body)
+                return
+            self._frost_message(self._m_frost, sender, phase[2:], body, now)
+        else:
+            self._frost_message(self._kt_frost, sender, phase, body, now)
+
+    def _frost_message(
+        self, frost_state: _FrostState, sender: int, phase: str, body: Any, now: float
+    ) -> None:
+        if phase == "nonce":
+            frost_state.on_nonce(self, sender, body)
+        elif phase == "signreq":
+            frost_state.on_request(self, sender, body, now)
+        else:
+            frost_state.on_share(self, sender, body)
+        self._maybe_complete()
 
     def _advance(self, now: float) -> None:
-        s = self.schedule
-        if now < s.start:
+        if self.outcome is not None:
             return
-        try:
-            if self._once("keys"):
-                self._send_keys()
-            if now >= s.at(s.deal) and self._once("deal"):
-                self._start_deal()
-            if now >= s.at(s.complain) and self._once("complain"):
-                self._start_complain()
-            if now >= s.at(s.reveal) and self._once("reveal"):
-                self._start_reveal()
-            if now >= s.at(s.m) and self._once("M"):
-                self._compute_keys()
-                self._start_m()
-            if now >= s.at(s.sign) and self._once("sign"):
-                self._start_sign()
-            self._replay(now)
-            if self.pool:
-                self._signing(now)
-            if now >= s.at(s.end) and self._once("end"):
-                self._complete()
-                return
-        except _Abort as exc:
-            self._fail(str(exc))
+        if now >= self.deadline:
+            self._fail(self._why_not_done())
             return
-        self._flush_broadcasts(now)
+        if self.kt is None and now - self._keys_sent >= self.timeout:
+            # Until the KeyTable is decided our keys go out again now and then: a server that
+            # started late, or whose connection came up late, gets them.
+            self._keys_sent = now
+            self._send(EVERYONE, "keys", self.my_ann)
+        for engine, name in ((self.kt_engine, "agree/keytable"), (self.s_engine, "agree/dealings")):
+            if engine is not None:
+                for to, obj in engine.tick(now):
+                    self._send(to, name, obj)
+                self._collect(engine)
+        if self.kt is not None and not self.decided:
+            self._want_missing(now)
+        if self._repair and now - self._repair_sent >= self.timeout:
+            self._repair_sent = now
+            self._send(EVERYONE, "repair-req", self._repair_request)
+        if self.decided and self.new_keys:
+            if not self.kt_signature:
+                self._kt_frost.step(self, now)
+            if self.m_info is not None and not self.m_signature:
+                self._m_frost.step(self, now)
+            if now - self._need_sent >= self.timeout:
+                self._need_sent = now
+                missing = sorted(set(self.c.ids) - set(self.m_i))
+                self._send(EVERYONE, "need", {"mi": missing, "sigs": True})
+            self._maybe_complete()
 
-    def _flush_broadcasts(self, now: float) -> None:
-        for bc, name in (
-            (self.deal_bc, "deal"),
-            (self.complain_bc, "complain"),
-            (self.reveal_bc, "reveal"),
-            (self.m_bc, "M"),
-        ):
-            if bc is not None:
-                for o in bc.tick(now):
-                    self._send(o.to, self._bundle(name, o.data))
+    def _why_not_done(self) -> str:
+        if self.kt is None:
+            lacking = sorted(set(self.c.ids) - set(self.received))
+            if lacking:
+                return f"init aborted: no keys from servers {lacking} (the initial keys of servers {lacking})"
+            return "init aborted: the KeyTable(0) was not decided in time"
+        if not self.decided:
+            return "init aborted: the set of dealings was not decided in time"
+        lacking = sorted(set(self.c.ids) - set(self.m_i))
+        if lacking:
+            return f"init aborted: M needs every server's M_i (none from {lacking})"
+        return "init aborted: M and KeyTable(0) were not signed with Scert in time"
 
-    def _new_bc(self, phase: str, start_round: int, keys: Mapping[int, bytes]) -> SyncBroadcast:
-        session = self._bc_session(phase)
-        keys = dict(keys)
+    # KEYS and agreement 1 ---------------------------------------------------------------------
 
-        def classify(item: Item) -> str | None:
-            key = keys.get(item.author)
-            statement = item_statement(session, PERIOD, item.author, item.payload)
-            return AUTH if key is not None and ed25519_verify(key, statement, item.signature) else None
-
-        def verify(server: int, payload: bytes, sig: bytes) -> bool:
-            key = keys.get(server)
-            return key is not None and ed25519_verify(key, payload, sig)
-
-        return SyncBroadcast(
-            n=self.c.n,
-            t=self.c.t,
-            me=self.me,
-            period=PERIOD,
-            session=session,
-            start=self.schedule.at(start_round),
-            delta=self.schedule.delta,
-            signer=self.signer,
-            relay_verify=verify,
-            classify=classify,
-        )
-
-    def _agreed_keys(self) -> dict[int, bytes]:
-        return {i: e.verify_key for i, e in self.entries.items()}
-
-    def _take_results(self, bc: SyncBroadcast) -> dict[int, Item]:
-        self.rejected.extend(bc.rejected)
-        for a in bc.alerts:
-            self._alert(a.kind, a.server, a.detail, a.evidence)
-        return bc.single_values()
-
-    # KEYS ----------------------------------------------------------------------------------
-
-    def _send_keys(self) -> None:
-        body = {"K": self.my_entry.to_obj(), "vstart": self.vstart}
-        self._send(EVERYONE, self._envelope("keys", body))
-
-    def _on_keys(self, sender: int, body: Any, sig: bytes, now: float) -> None:
-        if now >= self.schedule.at(self.schedule.deal):
-            raise RemoteProtocolError(sender, "key announcement after the KEYS round")
-        try:
-            f = encoding.expect_map(body, {"K": dict, "vstart": bytes}, "key announcement")
-            entry = KeyEntry.from_obj(f["K"], "key announcement")
-        except DecodeError as exc:
-            raise RemoteProtocolError(sender, str(exc)) from None
-        if len(f["vstart"]) != 32:
-            raise RemoteProtocolError(sender, "key announcement: V_start must be 32 bytes")
-        if not ed25519_verify(
-            entry.verify_key, encryption_key_payload(sender, PERIOD, entry.encryption_key), entry.signature
-        ):
-            raise RemoteProtocolError(sender, "key announcement: E_i(0) not signed with S_i(0)")
-        self._check_sig(sender, entry.verify_key, "keys", body, sig)
-        known = self._received_keys.get(sender)
+    def _on_keys(self, sender: int, body: Any, now: float) -> None:
+        k = parse_keys(body, self.session, self.c)
+        if k.server != sender:
+            raise RemoteProtocolError(
+                sender, f"key announcement of server {k.server} on server {sender}'s link"
+            )
+        known = self.received.get(sender)
         if known is not None:
-            if known != (entry, f["vstart"]):
-                raise RemoteProtocolError(sender, "a second, different key announcement (kept the first)")
+            if known.raw == k.raw:
+                self._relay_keys(sender, now)  # it still announces: it may lack some keys
+            else:
+                self.conflicts.add(sender)
+                self._alert(
+                    AlertKind.CONFLICTING_ANNOUNCEMENTS,
+                    sender,
+                    "two different key announcements (kept the first)",
+                    (known.raw, k.raw),
+                )
             return
-        self._received_keys[sender] = (entry, f["vstart"])
+        self._take_keys(k, now)
 
-    # DEAL ------------------------------------------------------------------------------------
+    def _take_keys(self, k: KeysAnnouncement, now: float) -> None:
+        self.received[k.server] = k
+        if len(self.received) == self.c.n and self.kt_engine is None:
+            self._open_kt_engine(now)
 
-    def _start_deal(self) -> None:
-        c = self.c
-        view = dict(self._received_keys)
-        self.deal_bc = self._new_bc(
-            "deal", self.schedule.deal, {i: e.verify_key for i, (e, _v) in view.items()}
+    def _relay_keys(self, to: int, now: float) -> None:
+        """Every key announcement we hold, to a server that still sends its own (so it lacks some:
+        a partition cut it off while everyone announced). At most once per timeout per server."""
+        if len(self.received) < self.c.n or now - self._relayed.get(to, -1e9) < self.timeout:
+            return
+        self._relayed[to] = now
+        self._send(to, "keys-relay", [k.raw for _j, k in sorted(self.received.items())])
+
+    def _on_keys_relay(self, sender: int, body: Any, now: float) -> None:
+        """Announcements relayed by others: one counts once t+1 servers relayed the same (so at
+        least one honest server received it from its author)."""
+        if not isinstance(body, list) or len(body) > self.c.n:
+            raise RemoteProtocolError(sender, "keys relay: expected a list of at most n announcements")
+        for raw in body:
+            k = parse_keys(raw, self.session, self.c)
+            if k.server in self.received:
+                continue
+            who = self._relays.setdefault((k.server, digest(k.raw)), set())
+            if len(self._relays) > 4 * self.c.n * self.c.n:
+                raise RemoteProtocolError(sender, "keys relay: too many different announcements")
+            who.add(sender)
+            if len(who) >= self.c.t + 1:
+                self._take_keys(k, now)
+
+    def _open_kt_engine(self, now: float) -> None:
+        inst = Instance(CONTEXT, PERIOD, "keytable")
+        keys = {j: k.entry.verify_key for j, k in self.received.items()}
+        committee = Committee(self.c.n, self.c.t, keys)
+        safety = SafetyRules(inst, self.signer, _DurableSafety(self.durable, PERIOD))
+        self.kt_engine = Engine(
+            me=self.me,
+            inst=inst,
+            committee=committee,
+            safety=safety,
+            app=_InitKeyTableApp(self),
+            base_timeout=self.timeout,
+            now=now,
+            on_decide=self._kt_decided,
         )
-        dealings: dict[str, Any] = {}
-        private: dict[int, list[list[Any]]] = {j: [] for j in view if j != self.me}
+        self._replay(now)
+
+    def propose_keytable(self) -> bytes | None:
+        if len(self.received) < self.c.n or self.conflicts:
+            return None
+        entries = {j: k.raw for j, k in sorted(self.received.items())}
+        return encoding.encode({"session": self.session, "entries": entries})
+
+    def validate_keytable(self, value: bytes) -> Verdict:
+        try:
+            _cand, keys = judge_initial_table(value, self.session, self.c)
+        except (DecodeError, BadSignature) as exc:
+            return reject(str(exc))
+        if keys[self.me].raw != self.my_ann:
+            self._alert(
+                AlertKind.CONFLICTING_ANNOUNCEMENTS,
+                self.me,
+                "a KeyTable(0) proposal holds keys for us that we did not announce",
+                (keys[self.me].raw,),
+            )
+            return reject("the proposal holds keys for us that we did not announce")
+        for j, k in keys.items():
+            mine = self.received.get(j)
+            if mine is not None and mine.raw != k.raw:
+                self._alert(
+                    AlertKind.CONFLICTING_ANNOUNCEMENTS,
+                    j,
+                    "servers received different key announcements from this server",
+                    (mine.raw, k.raw),
+                )
+                return reject(f"server {j}'s keys are not the ones we received")
+        return ACCEPT
+
+    def _kt_decided(self, decision: Decision) -> None:
+        cand, keys = judge_initial_table(decision.value, self.session, self.c)
+        self.kt = cand
+        self.keys_agreed = keys
+        self._kt_qc = decision.qc
+        self._open_s_engine(self._now)
+        self._deal()
+        self._replay(self._now)
+
+    # DEAL (the dealings stage is the refresh's) ---------------------------------------------------
+
+    def _make_dealing(self) -> bytes:
+        assert self.kt is not None
+        c, kt = self.c, self.kt
+        commit: dict[str, Any] = {}
+        plain: dict[int, dict[str, Any]] = {k: {} for k in kt.table.entries}
         for sid in sorted(c.secrets):
             group = c.group(sid)
             dealing, shares = dkg.deal(
                 group, self._dkg_context(sid), self.me, c.n, c.t, scalar_source(self.rand, group)
             )
-            dealings[sid] = dealing.to_obj(group)
-            self._my_shares[sid] = shares
-            for j in c.ids:
-                value = self._share_for(sid, j, shares[j])
-                msg = ShareMessage(self._share_session(sid), self.me, j, (value,))
-                sig = self.signer.sign(msg.payload(CONTEXT, PERIOD))
-                if j == self.me:
-                    self._shares[(sid, j)] = (value, sig)
-                elif j in private:
-                    private[j].append([sid, value, sig])
-        view_obj = {j: {"K": e.to_obj(), "vstart": v} for j, (e, v) in sorted(view.items())}
-        payload = encoding.encode({"dealings": dealings, "view": view_obj})
-        self.deal_bc.broadcast(self.deal_bc.make_item(payload, self.signer))
-        for j, items in sorted(private.items()):
-            box = Box(self._box_key, PublicKey(view[j][0].encryption_key))
-            sealed = bytes(box.encrypt(encoding.encode(items), self.rand(Box.NONCE_SIZE)))
-            self._send(j, self._envelope("share", {"box": sealed}))
+            obj = dealing.to_obj(group)
+            commit[sid] = {"commitment": obj["commitment"], "pop": obj["pop"]}
+            for k in kt.table.entries:
+                plain[k][sid] = {"z": self._share_for(sid, k, shares[k]), "g": {}}
+        kt_digest = digest(kt.value)
+        recipients = {k: e.encryption_key for k, e in kt.table.entries.items()}
+        eph, cts = vdec.encrypt_to(
+            recipients,
+            {k: encoding.encode(p) for k, p in plain.items()},
+            self._scalar(ED25519),
+            self._deal_context(self.me),
+        )
+        body = {"dealer": self.me, "kt": kt_digest, "eph": eph, "commit": commit, "ct": cts}
+        return sign("deal", PERIOD, body, self.signer)
 
     def _share_for(self, sid: str, recipient: int, value: int) -> int:
-        """The share actually sent to ``recipient`` (a hook for tests of cheating dealers)."""
+        """The sub-share actually dealt to ``recipient`` (a hook for tests of cheating dealers)."""
         return value
 
-    def _on_share(self, sender: int, body: Any) -> None:
-        if self.complain_bc is not None:
-            raise RemoteProtocolError(sender, "shares after the DEAL phase")
-        got = self._received_keys.get(sender)
-        if got is None:
-            raise RemoteProtocolError(sender, "shares from a server whose keys we do not have")
-        try:
-            f = encoding.expect_map(body, {"box": bytes}, "shares")
-            plain = Box(self._box_key, PublicKey(got[0].encryption_key)).decrypt(f["box"])
-            items = encoding.decode(plain, what="shares")
-        except (DecodeError, NaclCryptoError, ValueError, TypeError) as exc:
-            raise RemoteProtocolError(sender, f"undecryptable or malformed shares: {exc}") from None
-        if not isinstance(items, list) or len(items) > len(self.c.secrets):
-            raise RemoteProtocolError(sender, "shares: expected one entry per secret")
-        for item in items:
-            ok = (
-                isinstance(item, list)
-                and len(item) == 3
-                and item[0] in self.c.secrets
-                and type(item[1]) is int
-                and isinstance(item[2], bytes)
-                and len(item[2]) == 64
-            )
-            if not ok:
-                raise RemoteProtocolError(sender, "shares: malformed entry")
-            self._shares.setdefault((item[0], sender), (item[1], item[2]))
-
-    # COMPLAIN --------------------------------------------------------------------------------
-
-    def _start_complain(self) -> None:
-        assert self.deal_bc is not None
-        items = self._take_results(self.deal_bc)
-        views: dict[int, dict[int, tuple[KeyEntry, bytes]]] = {}
-        parsed: dict[int, dict[str, Any]] = {}
-        for author, item in sorted(items.items()):
-            try:
-                obj = encoding.expect_map(
-                    encoding.decode(item.payload, what="dealing"), {"dealings": dict, "view": dict}, "dealing"
-                )
-                view: dict[int, tuple[KeyEntry, bytes]] = {}
-                for j, v in obj["view"].items():
-                    vf = encoding.expect_map(v, {"K": dict, "vstart": bytes}, "view")
-                    if type(j) is not int or len(vf["vstart"]) != 32:
-                        raise DecodeError("view: bad server id or V_start")
-                    view[j] = (KeyEntry.from_obj(vf["K"], "view"), vf["vstart"])
-            except DecodeError as exc:
-                self._alert(AlertKind.BAD_MESSAGE, author, f"malformed dealing: {exc}")
-                continue
-            views[author] = view
-            parsed[author] = obj["dealings"]
-        self._dealt = set(items)
-        self._agree_keys(views)
-        self._parse_dealings(parsed)
-        self._send_complaints()
-
-    def _agree_keys(self, views: Mapping[int, Mapping[int, tuple[KeyEntry, bytes]]]) -> None:
-        """K_j and V_start_j: the value at least n-t servers report; none for some j: init fails."""
-        c = self.c
-        entries: dict[int, KeyEntry] = {}
-        vstarts: dict[int, bytes] = {}
-        undecided: list[int] = []
-        for j in c.ids:
-            reports: dict[tuple[KeyEntry, bytes], list[int]] = {}
-            for reporter, view in views.items():
-                if j in view:
-                    reports.setdefault(view[j], []).append(reporter)
-            best = sorted(reports.items(), key=lambda kv: -len(kv[1]))
-            if not best or len(best[0][1]) < c.n - c.t:
-                undecided.append(j)
-                if len(reports) > 1:
-                    self._alert(
-                        AlertKind.CONFLICTING_ANNOUNCEMENTS,
-                        j,
-                        "servers received different key announcements from this server",
-                    )
-                continue
-            (entry, vstart), _who = best[0]
-            others = sorted(r for _value, who in best[1:] for r in who)
-            if others:
-                self._alert(
-                    AlertKind.CONFLICTING_ANNOUNCEMENTS,
-                    j,
-                    f"servers {others} report a key announcement that n-t others did not receive",
-                )
-            entries[j] = entry
-            vstarts[j] = vstart
-        if undecided:
-            raise _Abort(f"init aborted: no n-t servers agree on the initial keys of servers {undecided}")
-        if entries[self.me] != self.my_entry or vstarts[self.me] != self.vstart:
-            raise _Abort("init aborted: the agreed key announcement of this server is not its own")
-        self.entries, self.vstarts, self._keys_agreed = entries, vstarts, True
-
-    def _parse_dealings(self, parsed: Mapping[int, Mapping[Any, Any]]) -> None:
-        c = self.c
-        self.dealings = {sid: {} for sid in c.secrets}
-        for author, objs in sorted(parsed.items()):
-            try:
-                if set(objs) != set(c.secrets):
-                    raise DecodeError("dealing: not one dealing per secret of C")
-                one = {
-                    sid: dkg.Dealing.decode(c.group(sid), encoding.encode(objs[sid]), c.n, c.t)
-                    for sid in c.secrets
-                }
-            except DecodeError as exc:
-                self._alert(AlertKind.BAD_MESSAGE, author, f"malformed dealing: {exc}")
-                continue
-            for sid, dealing in one.items():
-                self.dealings[sid][author] = dealing
-
-    def _send_complaints(self) -> None:
-        c = self.c
-        self.complain_bc = self._new_bc("complain", self.schedule.complain, self._agreed_keys())
-        bad: list[list[Any]] = []
-        missing: list[list[Any]] = []
-        for sid in sorted(c.secrets):
+    def _parse_dealing(self, raw: Any) -> Dealing:
+        """An init dealing from untrusted bytes, checked against the decided KeyTable(0)."""
+        assert self.kt is not None
+        c, kt = self.c, self.kt
+        s = decode_signed(raw, "deal", PERIOD, max_size=MAX_MESSAGE)
+        f = encoding.expect_map(
+            s.body, {"dealer": int, "kt": bytes, "eph": bytes, "commit": dict, "ct": dict}, "dealing"
+        )
+        d = f["dealer"]
+        if d not in kt.operational:
+            raise DecodeError(f"dealing by server {d}, which is not a member")
+        if not s.verify(kt.table.entries[d].verify_key):
+            raise BadSignature(f"dealing of server {d} not signed with its key S_i(0)")
+        if f["kt"] != digest(kt.value):
+            raise DecodeError("dealing for another KeyTable")
+        vdec.check_ephemeral(f["eph"], self._deal_context(d))
+        if set(f["commit"]) != set(c.secrets):
+            raise DecodeError("dealing: one commitment set per secret")
+        full: dict[str, dkg.Dealing[Any]] = {}
+        for sid, obj in f["commit"].items():
             group = c.group(sid)
-            dealings = self.dealings[sid]
-            received: dict[int, int] = {}
-            for d in sorted(dealings):
-                got = self._shares.get((sid, d))
-                if got is None:
-                    missing.append([sid, d])
-                else:
-                    received[d] = got[0]
-            for d in dkg.bad_dealers(group, {d: dealings[d] for d in received}, self.me, received):
-                value, sig = self._shares[(sid, d)]
-                msg = ShareMessage(self._share_session(sid), d, self.me, (value,))
-                if ed25519_verify(self.entries[d].verify_key, msg.payload(CONTEXT, PERIOD), sig):
-                    bad.append([sid, d, value, sig])
-                else:  # no usable evidence: the dealer must reveal the share in public
-                    missing.append([sid, d])
-        body = encoding.encode({"bad": bad, "missing": missing})
-        self.complain_bc.broadcast(self.complain_bc.make_item(body, self.signer))
+            g = encoding.expect_map(obj, {"commitment": list, "pop": list}, "dealing commitments")
+            one = dkg.Dealing.decode(group, encoding.encode({"dealer": d, **g}), c.n, c.t)
+            try:
+                dkg.check_dealing(group, self._dkg_context(sid), one, c.n, c.t)
+            except CheatingError as exc:
+                raise DecodeError(f"dealing of server {d}: {exc.reason}") from None
+            full[sid] = one
+        if set(f["ct"]) != set(kt.table.entries) or not all(isinstance(x, bytes) for x in f["ct"].values()):
+            raise DecodeError("dealing: one ciphertext per member of the KeyTable")
+        return Dealing(d, {}, {sid: {} for sid in c.secrets}, f["eph"], dict(f["ct"]), raw, full)
 
-    # REVEAL ----------------------------------------------------------------------------------
-
-    def _start_reveal(self) -> None:
-        assert self.complain_bc is not None
+    def _decide(self, transcript: Transcript, dealings: Mapping[int, Dealing]) -> None:
+        """The decision of S: the sharing of each secret and our share (repaired first if a
+        decided dealing holds a bad sub-share for us); then M_i, and S_start goes."""
         c = self.c
-        self._complaints = {sid: [] for sid in c.secrets}
-        self._missing = {sid: [] for sid in c.secrets}
-        for accuser, item in sorted(self._take_results(self.complain_bc).items()):
-            try:
-                obj = encoding.expect_map(
-                    encoding.decode(item.payload, what="complaints"),
-                    {"bad": list, "missing": list},
-                    "complaints",
-                )
-            except DecodeError as exc:
-                self._alert(AlertKind.BAD_MESSAGE, accuser, f"malformed complaints: {exc}")
-                continue
-            for x in obj["bad"]:
-                ok = (
-                    isinstance(x, list)
-                    and len(x) == 4
-                    and x[0] in c.secrets
-                    and type(x[1]) is int
-                    and x[1] != accuser
-                    and type(x[2]) is int
-                    and isinstance(x[3], bytes)
-                )
-                if not ok:
-                    self._alert(AlertKind.BAD_MESSAGE, accuser, "malformed bad-share complaint")
-                    continue
-                msg = ShareMessage(self._share_session(x[0]), x[1], accuser, (x[2],))
-                self._complaints[x[0]].append(Complaint(accuser, msg, x[3]))
-            for x in obj["missing"]:
-                ok = isinstance(x, list) and len(x) == 2 and x[0] in c.secrets and type(x[1]) is int
-                if not ok or x[1] == accuser:
-                    self._alert(AlertKind.BAD_MESSAGE, accuser, "malformed missing-share complaint")
-                    continue
-                self._missing[x[0]].append(dkg.MissingShare(accuser, x[1]))
-        self.reveal_bc = self._new_bc("reveal", self.schedule.reveal, self._agreed_keys())
-        reveals = [
-            [sid, m.accuser, self._my_shares[sid][m.accuser]]
-            for sid in sorted(c.secrets)
-            for m in self._missing[sid]
-            if m.dealer == self.me and m.accuser in c.ids
-        ]
-        self.reveal_bc.broadcast(self.reveal_bc.make_item(encoding.encode({"reveal": reveals}), self.signer))
-
-    # M: qualify, finish, sign M_i, erase S_start ------------------------------------------------
-
-    def _compute_keys(self) -> None:
-        assert self.reveal_bc is not None
-        c = self.c
-        reveals: dict[str, list[dkg.Reveal]] = {sid: [] for sid in c.secrets}
-        for dealer, item in sorted(self._take_results(self.reveal_bc).items()):
-            try:
-                obj = encoding.expect_map(
-                    encoding.decode(item.payload, what="reveals"), {"reveal": list}, "reveals"
-                )
-            except DecodeError as exc:
-                self._alert(AlertKind.BAD_MESSAGE, dealer, f"malformed reveals: {exc}")
-                continue
-            for x in obj["reveal"]:
-                if (
-                    isinstance(x, list)
-                    and len(x) == 3
-                    and x[0] in c.secrets
-                    and type(x[1]) is int
-                    and type(x[2]) is int
-                ):
-                    reveals[x[0]].append(dkg.Reveal(dealer, x[1], x[2]))
-        keys = self._agreed_keys()
-
-        def verify(server: int, payload: bytes, sig: bytes) -> bool:
-            key = keys.get(server)
-            return key is not None and ed25519_verify(key, payload, sig)
-
-        cheaters: dict[int, str] = {}
-        for sid in sorted(c.secrets):
+        sharings: dict[str, PublicSharing[Any]] = {}
+        for sid in c.secrets:
             group = c.group(sid)
-            try:
-                q = dkg.qualify(
-                    group,
-                    self._dkg_context(sid),
-                    c.n,
-                    c.t,
-                    self.dealings[sid],
-                    self._complaints[sid],
-                    self._missing[sid],
-                    reveals[sid],
-                    verify,
-                    signing_context=CONTEXT,
-                    period=PERIOD,
-                )
-            except CryptoError as exc:
-                raise _Abort(f"init aborted: the DKG of {sid!r} failed: {exc}") from None
-            self.qualification[sid] = q
-            for guilty, reason in q.cheaters.items():
-                cheaters.setdefault(guilty, reason)
-        for guilty, reason in sorted(cheaters.items()):
-            false = reason.startswith(("complaint", "false complaint"))
-            self._alert(AlertKind.FALSE_COMPLAINT if false else AlertKind.BAD_SHARE, guilty, reason)
-        for j in c.ids:
-            if j not in self._dealt:
-                self._alert(AlertKind.SILENT, j, "dealt nothing in the DKG")
-        for sid in sorted(c.secrets):
-            group = c.group(sid)
-            q = self.qualification[sid]
-            shares = {d: self._shares[(sid, d)][0] for d in q.qual if (sid, d) in self._shares}
-            try:
-                self.keys[sid] = dkg.finish(group, c.n, c.t, self.me, q, self.dealings[sid], shares)
-            except CryptoError as exc:
-                raise _Abort(f"init aborted: no share of {sid!r} for this server: {exc}") from None
-        self._my_shares = {}
-        vcert = self.keys[SCERT].public_key
+            commitment = sum_commitments(group, [dealings[d].full[sid].commitment for d in sorted(dealings)])
+            sharings[sid] = PublicSharing(c.n, c.t, commitment)
+        self.decided = True
+        self.qual = frozenset(dealings)
+        self.new_sharings = sharings
+        vcert = sharings[SCERT].public_key
         assert isinstance(vcert, bytes)
         self.vcert = vcert
+        for j in c.ids:
+            if j not in dealings and j not in self.convicted:
+                self._alert(AlertKind.SILENT, j, "its dealing is not in the decided set")
+        bad = sorted(d for d in dealings if d not in self.my_subshares)
+        self._partial = {
+            sid: sum(self.my_subshares[d][sid][0] for d in dealings if d in self.my_subshares)
+            % c.group(sid).order
+            for sid in c.secrets
+        }
+        self.my_subshares = {}
+        if bad:
+            complaints = [self._complaints.get((self.me, d)) for d in bad]
+            if any(x is None for x in complaints):  # pragma: no cover - we check every dealing we get
+                self._fail("init aborted: a decided dealing holds no usable sub-share for this server")
+                return
+            # Same-period repair: every other member's point on the convicted dealer's polynomial.
+            self._repair = {d: {} for d in bad}
+            self._repair_request = [x for x in complaints if x is not None]
+            self._send(EVERYONE, "repair-req", self._repair_request)
+            self._repair_sent = self._now
+            return
+        self._finish_shares()
+
+    def _on_repair(self, sender: int, body: Any, now: float) -> None:
+        """A member's points on a convicted dealer's polynomials, checked against its commitments."""
+        if not self._repair:
+            return
+        f = encoding.expect_map(body, {"dealer": int, "values": dict}, "repair")
+        d = f["dealer"]
+        if d not in self._repair or sender == d:
+            return
+        dealing = self.dealings[d]
+        values = f["values"]
+        if set(values) != set(self.c.secrets):
+            raise RemoteProtocolError(sender, "repair: one value per secret")
+        for sid, v in values.items():
+            if not (
+                isinstance(v, list)
+                and len(v) == 2
+                and subshare_ok(self.c.group(sid), dealing, sid, sender, v[0])
+            ):
+                raise RemoteProtocolError(
+                    sender, f"repair: its point of {sid!r} fails server {d}'s commitments"
+                )
+        for sid, v in values.items():
+            self._repair[d].setdefault(sid, {})[sender] = v[0]
+        done = all(
+            len(self._repair[x].get(sid, {})) >= self.c.t + 1 for x in self._repair for sid in self.c.secrets
+        )
+        if done:
+            for points in self._repair.values():
+                for sid in self.c.secrets:
+                    q = self.c.group(sid).order
+                    pts = dict(sorted(points[sid].items())[: self.c.t + 1])
+                    self._partial[sid] = (self._partial[sid] + interpolate(pts, q, x=self.me)) % q
+            self._repair = {}
+            self._finish_shares()
+
+    def _finish_shares(self) -> None:
+        c = self.c
+        keys: dict[str, KeyShare[Any]] = {}
+        for sid in c.secrets:
+            group = c.group(sid)
+            k = KeyShare(self.me, SecretScalar(self._partial[sid], group.order), self.new_sharings[sid])
+            if not k.check(group):  # pragma: no cover - every sub-share and point was checked
+                raise LocalProtocolError(f"our share of {sid!r} does not match its sharing")
+            keys[sid] = k
+        self._partial = {}
+        self.new_keys = keys
+        digests = {sid: sharing_digest(c.group(sid), self.new_sharings[sid]) for sid in sorted(c.secrets)}
+        assert self.kt is not None
+        self.table = KeyTable(PERIOD, dict(self.kt.table.entries), digests, frozenset())
+        self._my_mi = self._sign_m_i()
+        self.m_i[self.me] = self._my_mi
+        self._send(EVERYONE, "mi", self._my_mi)
+        self._kt_frost.start(self, self._now)
+        self._maybe_m()
+        self._replay(self._now)
+
+    # M: M_i, S_start erased ---------------------------------------------------------------------
 
     def _sign_m_i(self) -> bytes:
-        """M_i = S_start(Vcert, C), then erase S_start (Table 3: VERY IMPORTANT)."""
+        """M_i = S_start(Vcert, C), then erase S_start (Table 3: VERY IMPORTANT); sent signed."""
         assert self.vcert is not None
         key = self._sstart
-        if key is None:
-            raise _Abort("init aborted: S_start is no longer available")
+        if key is None:  # pragma: no cover - signed once, at the decision
+            raise LocalProtocolError("S_start is no longer available")
         m_i = bytes(key.sign(m_i_payload(self.vcert, self.c, self.me, self.ann_public)).signature)
         del key
         self._erase_sstart(overwrite=True)
-        return m_i
+        return sign("mi", PERIOD, {"server": self.me, "Mi": m_i}, self.signer)
 
     def _erase_sstart(self, *, overwrite: bool) -> None:
         self._sstart = None
@@ -834,308 +823,141 @@ class InitProtocol:
             buffer[:] = bytes(len(buffer))
         self.sstart_erased = self.sstart_erased or overwrite
 
-    def _start_m(self) -> None:
-        m_i = self._sign_m_i()
-        key = self.keys[SCERT]
-        self._package = frost.KeyPackage(self.me, key.share.value, self.vcert or b"", self.c.t + 1)
-        self._nonces = [frost.commit(self._package, self.rand(64)) for _ in range(2 * self.schedule.attempts)]
-        commitments = [nonce.commitment.to_bytes() for nonce in self._nonces]
-        self.m_bc = self._new_bc("M", self.schedule.m, self._agreed_keys())
-        body: dict[str, Any] = {"Mi": m_i, "frost": commitments}
-        if self.ann_public is not None:
-            body["A"] = self.ann_public
-        payload = encoding.encode(body)
-        self.m_bc.broadcast(self.m_bc.make_item(payload, self.signer))
-
-    # SIGN: [Scert(M), M] and KeyTable(0) ----------------------------------------------------------
-
-    def _start_sign(self) -> None:
-        assert self.m_bc is not None and self.vcert is not None
-        c = self.c
-        items = self._take_results(self.m_bc)
-        m: dict[int, bytes] = {}
-        ann_keys: dict[int, bytes] = {}
-        problems: list[str] = []
-        for j in c.ids:
-            item = items.get(j)
-            if item is None:
-                self._alert(AlertKind.SILENT, j, "no M_i from this server")
-                problems.append(f"no M_{j}")
-                continue
-            try:
-                decoded = encoding.decode(item.payload, what="M_i")
-                fields: dict[str, type] = {"Mi": bytes, "frost": list}
-                if isinstance(decoded, dict) and "A" in decoded:
-                    fields["A"] = bytes
-                obj = encoding.expect_map(decoded, fields, "M_i")
-                ann = obj.get("A")
-                if ann is not None:
-                    annkey.load_public(ann, f"announcement key of server {j}")
-            except DecodeError as exc:
-                self._alert(AlertKind.BAD_MESSAGE, j, f"malformed M_i: {exc}")
-                problems.append(f"malformed M_{j}")
-                continue
-            if not ed25519_verify(self.vstarts[j], m_i_payload(self.vcert, c, j, ann), obj["Mi"]):
-                self._alert(AlertKind.INVALID_M, j, "M_i does not verify with the server's V_start")
-                problems.append(f"invalid M_{j}")
-                continue
-            m[j] = obj["Mi"]
-            if ann is not None:
-                ann_keys[j] = ann
-            commitments = obj["frost"]
-            if len(commitments) == 2 * self.schedule.attempts and all(
-                isinstance(x, bytes) and len(x) == frost.COMMITMENT_SIZE for x in commitments
-            ):
-                self.frost_commitments[j] = list(commitments)
-            else:
-                self._alert(AlertKind.BAD_MESSAGE, j, "bad FROST nonce commitments")
-        if problems:
-            raise _Abort(f"init aborted: M needs every server's M_i ({', '.join(problems)})")
-        self.m_info = InvariantInfo(self.vcert, c, m, b"", ann_keys)
-        digests = {sid: sharing_digest(c.group(sid), self.keys[sid].public) for sid in sorted(c.secrets)}
-        self.table = KeyTable(PERIOD, dict(self.entries), digests, frozenset())
-        dkg_cheaters = {i for q in self.qualification.values() for i in q.cheaters}
-        self.pool = sorted(self.frost_commitments, key=lambda i: (i in dkg_cheaters, i))
-        if len(self.pool) < c.t + 1:
-            raise _Abort(f"init aborted: only {len(self.pool)} servers can sign with Scert, need t+1")
-
-    def _messages(self) -> tuple[bytes, bytes]:
-        assert self.m_info is not None and self.table is not None
-        return self.m_info.payload(), self.table.payload()
-
-    @property
-    def _signed(self) -> bool:
-        return (
-            self.m_info is not None
-            and bool(self.m_info.scert_signature)
-            and self.table is not None
-            and bool(self.table.signature)
-        )
-
-    def _leader(self, attempt: int) -> int:
-        return self.pool[attempt % len(self.pool)]
-
-    def _signing(self, now: float) -> None:
-        s = self.schedule
-        if self._signed:
-            if not self._forwarded:
-                self._forwarded = True
-                assert self.m_info is not None and self.table is not None
-                body = {"M": self.m_info.scert_signature, "keytable": self.table.signature}
-                self._send(EVERYONE, self._envelope("sigs", body))
+    def _on_mi(self, sender: int, body: Any, now: float) -> None:
+        assert self.kt is not None and self.vcert is not None
+        s = decode_signed(body, "mi", PERIOD, max_size=1024)
+        f = encoding.expect_map(s.body, {"server": int, "Mi": bytes}, "M_i")
+        j = f["server"]
+        if j not in self.keys_agreed or not s.verify(self.keys_agreed[j].entry.verify_key):
+            raise RemoteProtocolError(sender, f"M_i of server {j} not signed with its key S_i(0)")
+        if j in self.m_i:
             return
-        if now >= s.at(s.forward):
+        k = self.keys_agreed[j]
+        if not ed25519_verify(k.vstart, m_i_payload(self.vcert, self.c, j, k.ann_key), f["Mi"]):
+            self._alert(AlertKind.INVALID_M, j, "M_i does not verify with the server's V_start")
             return
-        for a in range(s.attempts):
-            request_at, share_at, done_at = (
-                s.at(s.sign + 2 * a),
-                s.at(s.sign + 2 * a + 1),
-                s.at(s.sign + 2 * a + 2),
-            )
-            if now >= request_at and self._once(f"request-{a}") and self._leader(a) == self.me:
-                signers = self._choose_signers()
-                if len(signers) == self.c.t + 1:
-                    self._requests[a] = signers
-                    self._send(
-                        EVERYONE, self._envelope("sign-request", {"attempt": a, "signers": list(signers)})
-                    )
-            if now >= share_at and self._once(f"share-{a}"):
-                self._sign_share(a)
-            if now >= done_at and self._once(f"aggregate-{a}") and not self._signed:
-                self._aggregate(a)
+        self.m_i[j] = body
+        self._maybe_m()
 
-    def _choose_signers(self) -> tuple[int, ...]:
-        candidates = [i for i in self.pool if i not in self._failed_signers]
-        if self.me in candidates:
-            candidates.remove(self.me)
-            candidates.insert(0, self.me)
-        return tuple(sorted(candidates[: self.c.t + 1]))
-
-    def _on_sign_request(self, sender: int, body: Any) -> None:
-        f = encoding.expect_map(body, {"attempt": int, "signers": list}, "sign request")
-        a, signers = f["attempt"], tuple(f["signers"])
-        if not 0 <= a < self.schedule.attempts or sender != self._leader(a):
-            raise RemoteProtocolError(
-                sender, f"sign request for attempt {a} from a server that does not lead it"
-            )
-        ok = (
-            len(signers) == self.c.t + 1
-            and all(type(i) is int and i in self.frost_commitments for i in signers)
-            and len(set(signers)) == len(signers)  # ints only by now: hashable
-        )
-        if not ok:
-            raise RemoteProtocolError(sender, f"sign request for attempt {a} names an invalid signer set")
-        known = self._requests.setdefault(a, tuple(sorted(signers)))
-        if known != tuple(sorted(signers)):
-            self._alert(
-                AlertKind.EQUIVOCATION, sender, f"two different signer sets requested for attempt {a}"
-            )
-
-    def _commitment_list(self, index: int, signers: tuple[int, ...]) -> list[frost.SigningCommitment]:
-        """The agreed commitments number ``index`` of ``signers``; a bad one names its signer."""
-        out = []
-        for i in signers:
-            try:
-                c = frost.SigningCommitment.from_bytes(self.frost_commitments[i][index])
-            except DecodeError as exc:
-                raise CheatingError(i, f"announced a bad FROST commitment: {exc}") from None
-            if c.identifier != i:
-                raise CheatingError(i, "announced a FROST commitment under another id")
-            out.append(c)
-        return out
-
-    def _make_shares(
-        self, a: int, signers: tuple[int, ...]
-    ) -> tuple[frost.SignatureShare, frost.SignatureShare]:
-        """This server's FROST shares of attempt a: on M, then on KeyTable(0)."""
-        assert self._package is not None
-        m_payload, kt_payload = self._messages()
-        share_m = frost.sign(
-            self._package, self._nonces[2 * a], m_payload, self._commitment_list(2 * a, signers)
-        )
-        share_k = frost.sign(
-            self._package, self._nonces[2 * a + 1], kt_payload, self._commitment_list(2 * a + 1, signers)
-        )
-        return share_m, share_k
-
-    def _sign_share(self, a: int) -> None:
-        signers = self._requests.get(a)
-        if signers is None or self.me not in signers or a in self._signed_attempts or self._signed:
+    def _maybe_m(self) -> None:
+        if self.m_info is not None or self.vcert is None or set(self.m_i) != set(self.c.ids):
             return
-        self._signed_attempts.add(a)
-        try:
-            share_m, share_k = self._make_shares(a, signers)
-        except CheatingError as exc:
-            self._alert(AlertKind.BAD_MESSAGE, exc.party, exc.reason)
-            self._failed_signers.add(exc.party)
+        m = {j: decode_signed(raw, "mi", PERIOD, max_size=1024).body["Mi"] for j, raw in self.m_i.items()}
+        ann = {j: k.ann_key for j, k in self.keys_agreed.items() if k.ann_key is not None}
+        self.m_info = InvariantInfo(self.vcert, self.c, m, b"", ann)
+        self._m_frost.start(self, self._now)
+        self._replay(self._now)
+
+    def _on_need(self, sender: int, body: Any, now: float) -> None:
+        f = encoding.expect_map(body, {"mi": list, "sigs": bool}, "need")
+        if now - self._answered.get(sender, -1e9) < self.timeout / 2:
             return
-        except CryptoError as exc:
-            self.rejected.append(RemoteProtocolError(self._leader(a), f"cannot sign attempt {a}: {exc}"))
-            return
-        body = {
-            "attempt": a,
-            "signers": list(signers),
-            "M": share_m.to_bytes(),
-            "keytable": share_k.to_bytes(),
-        }
-        self._record_share(self.me, body)
-        self._send(EVERYONE, self._envelope("sign-share", body))
+        self._answered[sender] = now
+        for j in f["mi"][: self.c.n]:
+            raw = self.m_i.get(j) if type(j) is int else None
+            if raw is not None:
+                self._send(sender, "mi", raw)
+        if f["sigs"] and self.kt_signature and self.m_signature:
+            self._send(sender, "sigs", {"M": self.m_signature, "keytable": self.kt_signature})
+        self._kt_frost.republish(self, sender)
+        if self.m_info is not None:
+            self._m_frost.republish(self, sender)
 
-    def _on_sign_share(self, sender: int, body: Any) -> None:
-        self._record_share(sender, body)
+    # SIGN ---------------------------------------------------------------------------------------
 
-    def _record_share(self, sender: int, body: Any) -> None:
-        f = encoding.expect_map(
-            body, {"attempt": int, "signers": list, "M": bytes, "keytable": bytes}, "signature share"
-        )
-        a, signers = f["attempt"], tuple(f["signers"])
-        if not 0 <= a < self.schedule.attempts:
-            raise RemoteProtocolError(sender, f"signature share for attempt {a}, which does not exist")
-        if sender not in signers or not all(type(i) is int and i in self.frost_commitments for i in signers):
-            raise RemoteProtocolError(sender, "signature share for a signer set it is not in")
-        if len(signers) != self.c.t + 1 or list(signers) != sorted(set(signers)):
-            raise RemoteProtocolError(sender, "signature share for a malformed signer set")
-        if self._requests.get(a) != signers:
-            # Only the set the attempt's leader named counts: nobody else can disown honest signers.
-            raise RemoteProtocolError(
-                sender, f"signature share for a signer set attempt {a}'s leader did not name"
-            )
-        try:
-            share_m = frost.SignatureShare.from_bytes(f["M"])
-            share_k = frost.SignatureShare.from_bytes(f["keytable"])
-        except DecodeError as exc:
-            raise RemoteProtocolError(sender, f"signature share: {exc}") from None
-        if share_m.identifier != sender or share_k.identifier != sender:
-            raise RemoteProtocolError(sender, "signature share carries another signer's id")
-        self._sig_shares.setdefault((a, signers), {}).setdefault(sender, (share_m, share_k))
+    def _kt_payload(self) -> bytes:
+        assert self.table is not None
+        return self.table.payload()
 
-    def _aggregate(self, a: int) -> None:
-        assert self.m_info is not None and self.table is not None and self.vcert is not None
-        sharing = self.keys[SCERT].public
-        m_payload, kt_payload = self._messages()
-        for (attempt, signers), shares in sorted(self._sig_shares.items()):
-            if attempt != a or self._requests.get(a) != signers:
-                continue
-            missing = [i for i in signers if i not in shares]
-            if missing:
-                self._failed_signers.update(missing)
-                continue
-            public = frost.PublicKeyPackage(
-                self.vcert, {i: sharing.verification_share(ED25519, i) for i in signers}, self.c.t + 1
-            )
-            try:
-                sig_m = frost.aggregate_and_identify(
-                    public, self._commitment_list(2 * a, signers), m_payload, [s[0] for s in shares.values()]
-                )
-                sig_k = frost.aggregate_and_identify(
-                    public,
-                    self._commitment_list(2 * a + 1, signers),
-                    kt_payload,
-                    [s[1] for s in shares.values()],
-                )
-            except CheatingError as exc:
-                self._failed_signers.add(exc.party)
-                self._alert(
-                    AlertKind.BAD_SIGNATURE_SHARE, exc.party, f"bad FROST share at init: {exc.reason}"
-                )
-                continue
-            except CryptoError as exc:
-                self.rejected.append(RemoteProtocolError(signers[0], f"could not aggregate: {exc}"))
-                continue
-            self._set_signatures(sig_m, sig_k)
-            return
+    def _m_payload(self) -> bytes:
+        assert self.m_info is not None
+        return self.m_info.payload()
 
-    def _set_signatures(self, sig_m: bytes, sig_k: bytes) -> None:
-        assert self.m_info is not None and self.table is not None
-        m = self.m_info
-        self.m_info = m.signed(sig_m)
-        self.table = self.table.signed(sig_k)
+    def _on_kt_signature(self, sig: bytes) -> None:
+        self.kt_signature = sig
+        self._maybe_complete()
+
+    def _on_m_signature(self, sig: bytes) -> None:
+        self.m_signature = sig
+        self._maybe_complete()
 
     def _on_sigs(self, sender: int, body: Any) -> None:
-        if self._signed:
-            return
-        assert self.m_info is not None and self.table is not None and self.vcert is not None
         f = encoding.expect_map(body, {"M": bytes, "keytable": bytes}, "signatures")
-        m = self.m_info
-        good_m = ed25519_verify(self.vcert, m.payload(), f["M"])
-        good_k = self.table.signed(f["keytable"]).verify(self.vcert)
+        if self.m_info is None or self.table is None or self.vcert is None:
+            return
+        good_m = ed25519_verify(self.vcert, self.m_info.payload(), f["M"])
+        good_k = ed25519_verify(self.vcert, self.table.payload(), f["keytable"])
         if not (good_m and good_k):
             raise RemoteProtocolError(sender, "forwarded signatures do not verify with Vcert")
-        self._set_signatures(f["M"], f["keytable"])
+        self.m_signature = self.m_signature or f["M"]
+        self.kt_signature = self.kt_signature or f["keytable"]
+        self._maybe_complete()
 
     # END ----------------------------------------------------------------------------------------
 
-    def _complete(self) -> None:
-        if not self._signed:
-            raise _Abort(
-                "init aborted: M and KeyTable(0) were not signed with Scert in "
-                f"{self.schedule.attempts} attempts"
-            )
+    def _maybe_complete(self) -> None:
+        if self.outcome is not None or not (self.kt_signature and self.m_signature):
+            return
         assert self.m_info is not None and self.table is not None
-        problem = self.m_info.check(self.me, self.vstart)
-        if problem is not None:  # pragma: no cover - defensive: every part was checked above
-            raise _Abort(f"init aborted: the signed M does not check: {problem}")
-        for nonce in self._nonces:
-            nonce.wipe()
-        public = PublicData(self.m_info, self.table, {sid: k.public for sid, k in self.keys.items()})
+        m = self.m_info.signed(self.m_signature)
+        table = self.table.signed(self.kt_signature)
+        problem = m.check(self.me, self.vstart)
+        if problem is not None:  # pragma: no cover - every part was checked above
+            self._fail(f"init aborted: the signed M does not check: {problem}")
+            return
+        self._send(EVERYONE, "sigs", {"M": self.m_signature, "keytable": self.kt_signature})
+        public = PublicData(m, table, dict(self.new_sharings))
         private = PrivateData(
-            PERIOD, self.signing_seed, self.encryption_seed, {sid: k.share for sid, k in self.keys.items()}
+            PERIOD,
+            self.signing_seed,
+            self.encryption_seed,
+            {sid: k.share for sid, k in self.new_keys.items()},
         )
-        qual = {sid: q.qual for sid, q in self.qualification.items()}
+        qual = {sid: self.qual for sid in self.c.secrets}
         self.outcome = InitOutcome(public, private, list(self.alerts), None, qual)
 
+    def _answer_late(self, sender: int, phase: str, body: Any, now: float) -> None:
+        """Done: a peer still at work gets the decisions, M_i and the signatures it lacks."""
+        if self.outcome is None or not self.outcome.ok:
+            return
+        if phase == "keys":
+            self._relay_keys(sender, now)
+        elif phase == "agree/keytable" and self.kt_engine is not None:
+            self.kt_engine.receive(sender, body, now)
+            self._collect(self.kt_engine)
+        elif phase == "agree/dealings" and self.s_engine is not None:
+            self.s_engine.receive(sender, body, now)
+            self._collect(self.s_engine)
+        elif phase == "want":
+            self._on_want(sender, body, now)
+        elif phase == "repair-req":
+            self._on_repair_request(sender, body, now)
+        elif phase == "need":
+            self._on_need(sender, body, now)
+        for engine, name in ((self.kt_engine, "agree/keytable"), (self.s_engine, "agree/dealings")):
+            if engine is not None:
+                for to, obj in engine.tick(now):
+                    self._send(to, name, obj)
+
     def _fail(self, failure: str) -> None:
-        """No partial keys survive a failed init: shares wiped, nonces wiped, S_start dropped."""
+        """No partial keys survive a failed init: shares wiped, S_start dropped."""
         self._alert(AlertKind.RECOVERY_FAILED, self.me, failure)
-        for k in self.keys.values():
+        for k in self.new_keys.values():
             k.wipe()
-        for nonce in self._nonces:
-            nonce.wipe()
-        self.keys = {}
-        self._my_shares = {}
-        self._shares = {}
-        self._package = None
+        self.new_keys = {}
+        self.my_subshares = {}
         self._erase_sstart(overwrite=False)
-        qual = {sid: q.qual for sid, q in self.qualification.items()}
+        qual = {sid: self.qual for sid in self.c.secrets} if self.qual else {}
         self.outcome = InitOutcome(None, None, list(self.alerts), failure, qual)
         self._out = []
+
+
+class _InitKeyTableApp:
+    def __init__(self, r: InitProtocol) -> None:
+        self.r = r
+
+    def propose(self) -> bytes | None:
+        return self.r.propose_keytable()
+
+    def validate(self, value: bytes, view: int) -> Verdict:
+        return self.r.validate_keytable(value)

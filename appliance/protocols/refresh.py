@@ -46,6 +46,10 @@ RECOVER    Each operational server sends each recovering server r its blinded ne
            interpolates t+1 of them at r, and is operational.
 =========  ====================================================================================
 
+The steps from DEAL to the decision (and the same-period repair of a bad sub-share in a decided
+dealing) live in :class:`DealingStage`, which the initialization (``protocols/init.py``) shares;
+FROST signing is :class:`_FrostState`, parameterized by what it signs.
+
 Invariants (docs/design.md proves them): the group key is never lost; at most one KeyTable
 is decided per period; old shares are gone after the decision; no honest server is accused
 of anything but silence. Nothing here reads a clock, a socket or a random source.
@@ -60,7 +64,7 @@ from typing import Any, Protocol
 
 from nacl.signing import SigningKey
 
-from appliance.crypto import annkey, encoding, frost, pss, vdec
+from appliance.crypto import annkey, dkg, encoding, frost, pss, vdec
 from appliance.crypto.errors import CheatingError, DecodeError
 from appliance.crypto.groups import ED25519, Group
 from appliance.crypto.keyshare import KeyShare, PublicSharing
@@ -200,6 +204,10 @@ class PrivateData:
     shares: dict[str, SecretScalar] = field(default_factory=dict)
     #: Blinded new shares owed to recovering servers: r -> secret id -> value.
     rpoints: dict[int, dict[str, int]] = field(default_factory=dict)
+    #: Same-period repair in progress: dealer -> our complaint about its decided dealing. While
+    #: it is not empty, ``shares`` holds s + the good sub-shares only (not yet a share), and
+    #: ``rpoints`` the good blinding values only.
+    repair: dict[int, bytes] = field(default_factory=dict)
 
     def wipe(self) -> None:
         for s in self.shares.values():
@@ -502,6 +510,9 @@ class Dealing:
     ephemeral: bytes
     ciphertexts: Mapping[int, bytes]
     raw: bytes
+    #: At initialization: a random sharing (Feldman commitments with a proof of possession of
+    #: the constant term) per secret, instead of a sharing of zero and blinding polynomials.
+    full: Mapping[str, dkg.Dealing[Any]] = field(default_factory=dict)
 
     @property
     def digest(self) -> bytes:
@@ -568,10 +579,14 @@ def parse_subshares(
         raise CheatingError(dealing.dealer, f"sub-shares for server {me} malformed: {exc}") from None
     for sid, (z, rec) in out.items():
         group = c.group(sid)
-        if not dealing.zero[sid].check_subshare(group, me, z):
-            raise CheatingError(
-                dealing.dealer, f"refresh sub-share of {sid!r} for server {me} fails the commitments"
-            )
+        full = dealing.full.get(sid)
+        good = (
+            0 <= z < group.order and dkg.check_share(group, full, me, z)
+            if full is not None
+            else dealing.zero[sid].check_subshare(group, me, z)
+        )
+        if not good:
+            raise CheatingError(dealing.dealer, f"sub-share of {sid!r} for server {me} fails the commitments")
         expected = set(dealing.recover[sid]) if helper else set()
         if set(rec) != expected:
             raise CheatingError(dealing.dealer, f"wrong set of blinding values for server {me}")
@@ -579,6 +594,16 @@ def parse_subshares(
             if not dealing.recover[sid][r].check_subshare(group, me, v):
                 raise CheatingError(dealing.dealer, f"blinding value for server {r} fails the commitments")
     return out
+
+
+def subshare_ok(group: Group[Any], dealing: Dealing, sid: str, x: int, value: int) -> bool:
+    """Is ``value`` the point at ``x`` of ``dealing``'s polynomial for secret ``sid``?"""
+    if type(value) is not int or not 0 <= value < group.order:
+        return False
+    full = dealing.full.get(sid)
+    if full is not None:
+        return dkg.check_share(group, full, x, value)
+    return dealing.zero[sid].check_subshare(group, x, value)
 
 
 # The refresh ---------------------------------------------------------------------------------
@@ -589,7 +614,447 @@ def base_timeout(c: Constants) -> float:
     return max(0.5, 8 * c.delta)
 
 
-class PeriodRefresh:
+class DealingStage:
+    """What the refresh and the initialization share once their KeyTable is decided: the
+    dealings (self-contained, sub-shares encrypted to each member's period key), the checks
+    and complaints anyone can judge, and agreement 2 on the set of dealings.
+
+    A subclass provides the attributes annotated here, :meth:`_parse_dealing`,
+    :meth:`_parse_subshares`, :meth:`_make_dealing` and :meth:`_decide`.
+    """
+
+    context = CONTEXT
+    me: int
+    period: int
+    rand: RandomBytes
+    durable: Durable
+    status: Status
+    signer: Signer
+    my_ann: bytes
+    encryption_seed: bytes
+    encryption_public: bytes
+    alerts: list[Alert]
+    rejected: list[RemoteProtocolError]
+    decided: bool
+    kt: KeyTableCandidate | None
+    _kt_qc: QuorumCert
+    s_engine: Engine | None
+    dealings: dict[int, Dealing]
+    _other_dealings: dict[bytes, bytes]
+    _raw_dealings: dict[bytes, bytes]
+    my_subshares: dict[int, dict[str, tuple[int, dict[int, int]]]]
+    convicted: dict[int, str]
+    _complaints: dict[tuple[int, int], bytes]
+    _checked: dict[bytes, set[int]]
+    _s_ready_since: float | None
+    _want_sent: float
+    _now: float
+    _out: list[Outgoing]
+    _held: dict[int, list[tuple[str, Any]]]
+    new_keys: dict[str, KeyShare[Any]]
+    new_sharings: dict[str, PublicSharing[Any]]
+
+    @property
+    def c(self) -> Constants:  # pragma: no cover - every subclass overrides it
+        raise NotImplementedError
+
+    @property
+    def timeout(self) -> float:
+        return base_timeout(self.c)
+
+    def _inject(self, sender: int, phase: str, body: Any, now: float) -> None:
+        """A message taken again (held, or our own): handled as if it had just arrived."""
+        raise NotImplementedError  # pragma: no cover
+
+    def _parse_dealing(self, raw: Any) -> Dealing:
+        assert self.kt is not None
+        return parse_dealing(raw, self.period, self.kt, self.c)
+
+    def _parse_subshares(
+        self, plain: bytes, dealing: Dealing, who: int
+    ) -> dict[str, tuple[int, dict[int, int]]]:
+        assert self.kt is not None
+        return parse_subshares(plain, dealing, who, who in self.kt.operational, self.c)
+
+    def _deal_context(self, dealer: int) -> bytes:
+        assert self.kt is not None
+        return deal_context(self.period, dealer, digest(self.kt.value))
+
+    def _make_dealing(self) -> bytes:
+        raise NotImplementedError  # pragma: no cover
+
+    def _decide(self, transcript: Transcript, dealings: Mapping[int, Dealing]) -> None:
+        raise NotImplementedError  # pragma: no cover
+
+    def _alert(self, kind: AlertKind, server: int, detail: str, evidence: tuple[bytes, ...] = ()) -> None:
+        if all((a.kind, a.server, a.detail) != (kind, server, detail) for a in self.alerts):
+            self.alerts.append(Alert(kind, server, self.period, detail, evidence))
+
+    def _send(self, to: int, phase: str, body: Any) -> None:
+        self._out.append(Outgoing(to, encoding.encode({"period": self.period, "phase": phase, "body": body})))
+
+    def _scalar(self, group: Group[Any]) -> int:
+        size = (group.order.bit_length() + 7) // 8 + 16
+        return int.from_bytes(self.rand(size), "big") % (group.order - 1) + 1
+
+    def _hold(self, sender: int, phase: str, body: Any) -> None:
+        held = self._held.setdefault(sender, [])
+        if len(held) >= MAX_HELD:
+            raise RemoteProtocolError(sender, "too many early messages; dropped")
+        held.append((phase, body))
+
+    def _replay(self, now: float) -> None:
+        if not self._held:
+            return
+        held, self._held = self._held, {}
+        for sender, items in held.items():
+            for phase, body in items:
+                self._inject(sender, phase, body, now)
+
+    def _collect(self, engine: Engine) -> None:
+        self.rejected.extend(engine.rejected)
+        engine.rejected.clear()
+        for a in engine.alerts:
+            self._alert(a.kind, a.server, a.detail, a.evidence)
+        engine.alerts.clear()
+
+    @property
+    def _is_member(self) -> bool:
+        return (
+            self.kt is not None
+            and self.kt.anns.get(self.me) is not None
+            and self.kt.anns[self.me].raw == self.my_ann
+        )
+
+    def _deal(self) -> None:
+        """Our dealing: zero sharings and blinding polynomials, every sub-share encrypted to its recipient."""
+        assert self.kt is not None
+        key = f"{self.period}/deal"
+        raw = self.durable.get(key)
+        if raw is None:
+            raw = self._make_dealing()
+            self.durable.put(key, raw)
+        self._send(EVERYONE, "deal", raw)
+        self._on_deal(self.me, raw, self._now)
+
+    def _on_deal(self, sender: int, body: Any, now: float) -> None:
+        if self.kt is None:
+            self._hold(sender, "deal", body)
+            return
+        if not isinstance(body, bytes):
+            raise RemoteProtocolError(sender, "dealing: expected bytes")
+        h = digest(body)
+        if h in self._raw_dealings or h in self._other_dealings:
+            return
+        dealing = self._parse_dealing(body)
+        d = dealing.dealer
+        known = self.dealings.get(d)
+        if known is not None and known.raw == body:
+            return
+        if known is not None:
+            self._other_dealings[h] = body
+            self.convicted.setdefault(d, "two different signed dealings")
+            self._alert(
+                AlertKind.EQUIVOCATION, d, "two different signed dealings", evidence=(known.raw, body)
+            )
+            self._send(EVERYONE, "deal", body)
+            return
+        self.dealings[d] = dealing
+        self._raw_dealings[h] = body
+        if sender != self.me:
+            self._send(EVERYONE, "deal", body)  # forwarded once: every honest server gets it
+        self._check_my_subshares(dealing)
+        self._replay(now)  # complaints about this dealing may have come first
+        self._try_finish_decision()
+
+    def _check_my_subshares(self, dealing: Dealing) -> None:
+        assert self.kt is not None
+        if not self._is_member or self.me not in dealing.ciphertexts:
+            return
+        complaint = self._complaint_about(dealing)
+        self._send(EVERYONE, "checked", {"dealing": dealing.digest, "complaint": complaint})
+        self._checked.setdefault(dealing.digest, set()).add(self.me)
+
+    def _complaint_about(self, dealing: Dealing) -> bytes | None:
+        """None if our sub-shares in ``dealing`` are good (they are kept), else our complaint."""
+        assert self.kt is not None
+        context = self._deal_context(dealing.dealer)
+        e = vdec.secret_from_seed(self.encryption_seed)
+        try:
+            plain = vdec.decrypt(
+                e, self.encryption_public, self.me, dealing.ephemeral, dealing.ciphertexts[self.me], context
+            )
+            self.my_subshares[dealing.dealer] = self._parse_subshares(plain, dealing, self.me)
+            return None
+        except vdec.DecryptionError:
+            reason = f"our sub-shares from server {dealing.dealer} do not decrypt"
+        except CheatingError as exc:
+            reason = exc.reason
+        raw = self.complaint(dealing)
+        self._judge(self.me, raw, reason)
+        return raw
+
+    def complaint(self, dealing: Dealing) -> bytes:
+        """Our signed complaint about ``dealing``: the key of our ciphertext, with its proof."""
+        assert self.kt is not None
+        context = self._deal_context(dealing.dealer)
+        e = vdec.secret_from_seed(self.encryption_seed)
+        rev = vdec.reveal(
+            e, self.encryption_public, self.me, dealing.ephemeral, context, lambda: self._scalar(ED25519)
+        )
+        body = {
+            "accuser": self.me,
+            "dealer": dealing.dealer,
+            "dealing": dealing.digest,
+            "reveal": rev.to_bytes(),
+        }
+        return sign("complain", self.period, body, self.signer)
+
+    def _on_checked(self, sender: int, body: Any, now: float) -> None:
+        """A member checked its sub-shares in a dealing: fine, or here is its complaint."""
+        if self.kt is None:
+            self._hold(sender, "checked", body)
+            return
+        f = encoding.expect_map(body, {"dealing": bytes, "complaint": (bytes, type(None))}, "checked")
+        if sender not in self.kt.table.entries:
+            raise RemoteProtocolError(sender, "checked: not a member")
+        if f["complaint"] is not None:
+            self._judge(sender, f["complaint"], None)
+        known = f["dealing"] in self._raw_dealings or f["dealing"] in self._other_dealings
+        if known or len(self._checked) < 4 * self.c.n:
+            self._checked.setdefault(f["dealing"], set()).add(sender)
+
+    def _judge(self, sender: int, raw: Any, own_reason: str | None) -> None:
+        """A complaint, judged from public data: the dealer or the accuser is convicted."""
+        assert self.kt is not None
+        s = decode_signed(raw, "complain", self.period, max_size=4096)
+        f = encoding.expect_map(
+            s.body, {"accuser": int, "dealer": int, "dealing": bytes, "reveal": bytes}, "complaint"
+        )
+        accuser, d = f["accuser"], f["dealer"]
+        entry = self.kt.table.entries.get(accuser)
+        if entry is None or not s.verify(entry.verify_key):
+            raise RemoteProtocolError(sender, "complaint not signed by a member's new key")
+        if (accuser, d) in self._complaints:
+            return
+        dealing_raw = self._raw_dealings.get(f["dealing"]) or self._other_dealings.get(f["dealing"])
+        if dealing_raw is None:
+            if len(self._complaints) < 4 * self.c.n:
+                self._hold(sender, "checked", {"dealing": f["dealing"], "complaint": raw})
+            return
+        self._complaints[(accuser, d)] = raw
+        dealing = self._parse_dealing(dealing_raw)
+        context = self._deal_context(d)
+        try:
+            rev = vdec.Reveal.from_bytes(f["reveal"])
+            plain = vdec.open_revealed(
+                entry.encryption_key,
+                accuser,
+                dealing.ephemeral,
+                rev,
+                dealing.ciphertexts.get(accuser, b""),
+                context,
+            )
+        except (DecodeError, vdec.InvalidRevealError):
+            self._convict(accuser, AlertKind.FALSE_COMPLAINT, "complaint with an invalid reveal", raw)
+            return
+        if plain is None:
+            self._convict(d, AlertKind.BAD_SHARE, f"sub-shares for server {accuser} do not decrypt", raw)
+            return
+        try:
+            self._parse_subshares(plain, dealing, accuser)
+        except CheatingError as exc:
+            self._convict(d, AlertKind.BAD_SHARE, exc.reason, raw)
+            return
+        self._convict(accuser, AlertKind.FALSE_COMPLAINT, f"false complaint against server {d}", raw)
+
+    def _on_repair_request(self, sender: int, body: Any, now: float) -> None:
+        """A member whose sub-shares in decided dealings were bad asks for ours in those dealings
+        (same-period repair). We answer only for a dealer its complaint convicts (judged here from
+        public data): a convicted server is Byzantine, so the polynomials it dealt are known to
+        the adversary already, and our points on them reveal nothing it does not know."""
+        if self.kt is None:
+            self._hold(sender, "repair-req", body)
+            return
+        if not isinstance(body, list) or len(body) > self.c.n:
+            raise RemoteProtocolError(sender, "repair request: expected a list of complaints")
+        for raw in body:
+            self._judge(sender, raw, None)
+            f = decode_signed(raw, "complain", self.period, max_size=4096).body
+            d = f["dealer"]
+            if f["accuser"] != sender or d not in self.convicted or d not in self.dealings:
+                continue
+            dealing = self.dealings[d]
+            if self.me not in dealing.ciphertexts or self.me == sender:
+                continue
+            try:
+                plain = vdec.decrypt(
+                    vdec.secret_from_seed(self.encryption_seed),
+                    self.encryption_public,
+                    self.me,
+                    dealing.ephemeral,
+                    dealing.ciphertexts[self.me],
+                    self._deal_context(d),
+                )
+                ours = self._parse_subshares(plain, dealing, self.me)
+            except (vdec.DecryptionError, CheatingError):
+                continue  # bad for us too: we have nothing to give
+            values = {sid: [z, dict(g)] for sid, (z, g) in ours.items()}
+            self._send(sender, "repair", {"dealer": d, "values": values})
+
+    def _convict(self, who: int, kind: AlertKind, reason: str, evidence: bytes) -> None:
+        self.convicted.setdefault(who, reason)
+        self._alert(kind, who, reason, evidence=(evidence,))
+
+    def _on_want(self, sender: int, body: Any, now: float) -> None:
+        if not isinstance(body, list) or len(body) > self.c.n:
+            raise RemoteProtocolError(sender, "want: expected a short list of digests")
+        for h in body:
+            raw = self._raw_dealings.get(h) if isinstance(h, bytes) else None
+            if raw is not None:
+                self._send(sender, "deal", raw)
+
+    def _want_missing(self, now: float) -> None:
+        """Ask everyone for dealings a proposal or the decision names and we lack (lost messages)."""
+        if self.s_engine is None or now - self._want_sent < self.timeout:
+            return
+        wanted: set[bytes] = set()
+        decision = getattr(self, "_s_decision", None)
+        if decision is not None:
+            decided = _decode_s_value(decision.value, self.period).values()
+            wanted |= {h for h in decided if h not in self._raw_dealings}
+        for p in self._s_values_seen():
+            wanted |= {h for h in p.values() if h not in self._raw_dealings}
+        if wanted:
+            self._want_sent = now
+            self._send(EVERYONE, "want", sorted(wanted)[: self.c.n])
+
+    def _s_values_seen(self) -> list[dict[int, bytes]]:
+        assert self.s_engine is not None
+        out = []
+        for value in list(self.s_engine._values.values())[-4:]:
+            try:
+                out.append(_decode_s_value(value, self.period))
+            except DecodeError:
+                continue
+        return out
+
+    def _open_s_engine(self, now: float) -> None:
+        assert self.kt is not None
+        inst = Instance(self.context, self.period, "dealings")
+        # Only operational members vote on the dealings: a vote then means "I hold my old share
+        # and valid sub-shares of every dealing", so a decision leaves q-t >= t+1 honest servers
+        # that compute the new sharing themselves (a recovering member could not).
+        keys = {i: self.kt.table.entries[i].verify_key for i in self.kt.operational}
+        committee = Committee(self.c.n, self.c.t, keys, rotation=self.period + 1)
+        safety = (
+            SafetyRules(inst, self.signer, _DurableSafety(self.durable, self.period))
+            if self._is_member and self.status == Status.OPERATIONAL and self.me in self.kt.operational
+            else None
+        )
+        self.s_engine = Engine(
+            me=self.me,
+            inst=inst,
+            committee=committee,
+            safety=safety,
+            app=_DealingsApp(self),
+            base_timeout=self.timeout,
+            now=now,
+            on_decide=self._s_decided,
+        )
+
+    def _on_agree_s(self, sender: int, body: Any, now: float) -> None:
+        if self.s_engine is None:
+            self._hold(sender, "agree/dealings", body)
+            return
+        self.s_engine.receive(sender, body, now)
+        self._collect(self.s_engine)
+
+    def _usable(self, d: int) -> bool:
+        return d in self.dealings and d not in self.convicted
+
+    def propose_dealings(self) -> bytes | None:
+        assert self.kt is not None
+        # A dealing is proposed once n-t members said whether their sub-shares in it are good
+        # (or complained): a bad dealing is then convicted before it can be proposed.
+        enough = self.c.n - self.c.t
+        good = [
+            d
+            for d in self.kt.operational
+            if self._usable(d)
+            and (d in self.my_subshares or not self._is_member)
+            and len(self._checked.get(self.dealings[d].digest, ())) >= min(enough, len(self.kt.table.entries))
+        ]
+        if len(good) < self.c.t + 1:
+            return None
+        members = len(self.kt.table.entries)
+        everyone = len(good) == len(self.kt.operational) and all(
+            len(self._checked.get(self.dealings[d].digest, ())) >= members for d in good
+        )  # every member has spoken about every dealing: no complaint can still be on its way
+        if self._s_ready_since is None:
+            self._s_ready_since = self._now
+        if not everyone and self._now < self._s_ready_since + self.timeout / 4:
+            return None
+        return encoding.encode(
+            {"period": self.period, "dealings": {d: self.dealings[d].digest for d in good}}
+        )
+
+    def validate_dealings(self, value: bytes) -> Verdict:
+        assert self.kt is not None
+        try:
+            chosen = _decode_s_value(value, self.period)
+        except DecodeError as exc:
+            return reject(str(exc))
+        if len(chosen) < self.c.t + 1:
+            return reject(f"only {len(chosen)} dealings, need t+1")
+        for d, h in chosen.items():
+            if d not in self.kt.operational:
+                return reject(f"server {d} is not an operational member")
+            if d in self.convicted:
+                return reject(f"server {d} was convicted: {self.convicted[d]}")
+            if h not in self._raw_dealings:
+                return reject(f"server {d} signed two dealings") if h in self._other_dealings else WAIT
+            if self.dealings[d].digest != h:
+                return reject(f"server {d}: another dealing than ours")
+            if self._is_member and d not in self.my_subshares:
+                return reject(f"our sub-shares from server {d} are bad")
+        return ACCEPT
+
+    def _s_decided(self, decision: Decision) -> None:
+        self._s_decision = decision
+        self._try_finish_decision()
+
+    def _try_finish_decision(self) -> None:
+        """The decision of S: compute the new sharing and shares, persist, erase the old ones."""
+        decision = getattr(self, "_s_decision", None)
+        if decision is None or self.decided or self.kt is None:
+            return
+        chosen = _decode_s_value(decision.value, self.period)
+        for d, h in chosen.items():
+            if h not in self._raw_dealings and h in self._other_dealings:
+                # The dealer signed two dealings and the decision names the one we saw second:
+                # it replaces the first; our sub-shares are taken from it if they are good.
+                dealing = self._parse_dealing(self._other_dealings.pop(h))
+                self._raw_dealings[h] = dealing.raw
+                self.dealings[d] = dealing
+                self.my_subshares.pop(d, None)
+                if self._is_member and self.me in dealing.ciphertexts:
+                    self._complaint_about(dealing)
+        if any(h not in self._raw_dealings for h in chosen.values()):
+            return  # the bodies arrive (or are asked for) later
+        dealings = {d: self.dealings[d] for d in chosen}
+        transcript = Transcript(
+            self.period,
+            self.kt.value,
+            self._kt_qc,
+            decision.value,
+            decision.qc,
+            {d: x.raw for d, x in dealings.items()},
+        )
+        self._decide(transcript, dealings)
+
+
+class PeriodRefresh(DealingStage):
     """The refresh of ``period`` at server ``me`` (sans-IO): from the clock's start to completion."""
 
     def __init__(
@@ -675,10 +1140,15 @@ class PeriodRefresh:
         self.new_sharings: dict[str, PublicSharing[Any]] = {}
         self.rpoints: dict[int, dict[str, int]] = {}
         self.signed_table: KeyTable | None = None
-        self._frost = _FrostState()
+        self._frost = _FrostState(self._kt_payload, self._kt_signed, lambda: self.signed_table is not None)
         self._rpoint_values: dict[str, dict[int, int]] = {}
         self._rpoints_sent = False
         self._pinged = -1e9
+        self._repair: dict[int, dict[str, dict[int, tuple[int, dict[int, int] | None]]]] = {}
+        self._repair_request: list[bytes] = []
+        self._repair_sent = -1e9
+        self._partial: dict[str, int] = {}
+        self._partial_rpoints: dict[int, dict[str, int]] = {}
         if (
             public.transcript is not None
             and public.transcript.period == period
@@ -729,17 +1199,6 @@ class PeriodRefresh:
     @property
     def timeout(self) -> float:
         return base_timeout(self.c)
-
-    def _alert(self, kind: AlertKind, server: int, detail: str, evidence: tuple[bytes, ...] = ()) -> None:
-        if all((a.kind, a.server, a.detail) != (kind, server, detail) for a in self.alerts):
-            self.alerts.append(Alert(kind, server, self.period, detail, evidence))
-
-    def _send(self, to: int, phase: str, body: Any) -> None:
-        self._out.append(Outgoing(to, encoding.encode({"period": self.period, "phase": phase, "body": body})))
-
-    def _scalar(self, group: Group[Any]) -> int:
-        size = (group.order.bit_length() + 7) // 8 + 16
-        return int.from_bytes(self.rand(size), "big") % (group.order - 1) + 1
 
     def _check_m(self, m: InvariantInfo | None) -> None:
         if m is None:
@@ -804,11 +1263,8 @@ class PeriodRefresh:
             times.append(now + self.timeout / 4)
         return min((t for t in times if t is not None), default=None)
 
-    def _hold(self, sender: int, phase: str, body: Any) -> None:
-        held = self._held.setdefault(sender, [])
-        if len(held) >= MAX_HELD:
-            raise RemoteProtocolError(sender, "too many early messages; dropped")
-        held.append((phase, body))
+    def _inject(self, sender: int, phase: str, body: Any, now: float) -> None:
+        self.receive(sender, phase, body, 0, now)
 
     def take_held(self) -> dict[int, list[tuple[str, Any]]]:
         """Messages held for a later step (the owner hands them to the engine that resumes us)."""
@@ -816,14 +1272,6 @@ class PeriodRefresh:
         return held
 
     def give_held(self, held: Mapping[int, list[tuple[str, Any]]], now: float) -> None:
-        for sender, items in held.items():
-            for phase, body in items:
-                self.receive(sender, phase, body, 0, now)
-
-    def _replay(self, now: float) -> None:
-        if not self._held:
-            return
-        held, self._held = self._held, {}
         for sender, items in held.items():
             for phase, body in items:
                 self.receive(sender, phase, body, 0, now)
@@ -857,6 +1305,8 @@ class PeriodRefresh:
             "kt-sig": self._on_kt_sig,
             "rpoint": self._on_rpoint,
             "phase2": self._on_phase2,
+            "repair-req": self._on_repair_request,
+            "repair": self._on_repair,
         }
         handler = handlers.get(phase)
         if handler is None:
@@ -1277,13 +1727,6 @@ class PeriodRefresh:
         self.kt_engine.receive(sender, body, now)
         self._collect(self.kt_engine)
 
-    def _collect(self, engine: Engine) -> None:
-        self.rejected.extend(engine.rejected)
-        engine.rejected.clear()
-        for a in engine.alerts:
-            self._alert(a.kind, a.server, a.detail, a.evidence)
-        engine.alerts.clear()
-
     def _kt_candidate_entries(self) -> dict[int, dict[str, Any]] | None:
         entries: dict[int, dict[str, Any]] = {}
         for i in self.c.ids:
@@ -1401,26 +1844,7 @@ class PeriodRefresh:
             self._deal()
         self._replay(self._now)
 
-    @property
-    def _is_member(self) -> bool:
-        return (
-            self.kt is not None
-            and self.kt.anns.get(self.me) is not None
-            and self.kt.anns[self.me].raw == self.my_ann
-        )
-
     # Deal ---------------------------------------------------------------------------------------------
-
-    def _deal(self) -> None:
-        """Our dealing: zero sharings and blinding polynomials, every sub-share encrypted to its recipient."""
-        assert self.kt is not None
-        key = f"{self.period}/deal"
-        raw = self.durable.get(key)
-        if raw is None:
-            raw = self._make_dealing()
-            self.durable.put(key, raw)
-        self._send(EVERYONE, "deal", raw)
-        self._on_deal(self.me, raw, self._now)
 
     def _make_dealing(self) -> bytes:
         assert self.kt is not None
@@ -1450,291 +1874,7 @@ class PeriodRefresh:
         body = {"dealer": self.me, "kt": kt_digest, "eph": eph, "commit": commit, "ct": cts}
         return sign("deal", self.period, body, self.signer)
 
-    def _on_deal(self, sender: int, body: Any, now: float) -> None:
-        if self.kt is None:
-            self._hold(sender, "deal", body)
-            return
-        if not isinstance(body, bytes):
-            raise RemoteProtocolError(sender, "dealing: expected bytes")
-        h = digest(body)
-        if h in self._raw_dealings or h in self._other_dealings:
-            return
-        dealing = parse_dealing(body, self.period, self.kt, self.c)
-        d = dealing.dealer
-        known = self.dealings.get(d)
-        if known is not None and known.raw == body:
-            return
-        if known is not None:
-            self._other_dealings[h] = body
-            self.convicted.setdefault(d, "two different signed dealings")
-            self._alert(
-                AlertKind.EQUIVOCATION, d, "two different signed dealings", evidence=(known.raw, body)
-            )
-            self._send(EVERYONE, "deal", body)
-            return
-        self.dealings[d] = dealing
-        self._raw_dealings[h] = body
-        if sender != self.me:
-            self._send(EVERYONE, "deal", body)  # forwarded once: every honest server gets it
-        self._check_my_subshares(dealing)
-        self._replay(now)  # complaints about this dealing may have come first
-        self._try_finish_decision()
-
-    def _check_my_subshares(self, dealing: Dealing) -> None:
-        assert self.kt is not None
-        if not self._is_member or self.me not in dealing.ciphertexts:
-            return
-        complaint = self._complaint_about(dealing)
-        self._send(EVERYONE, "checked", {"dealing": dealing.digest, "complaint": complaint})
-        self._checked.setdefault(dealing.digest, set()).add(self.me)
-
-    def _complaint_about(self, dealing: Dealing) -> bytes | None:
-        """None if our sub-shares in ``dealing`` are good (they are kept), else our complaint."""
-        assert self.kt is not None
-        context = deal_context(self.period, dealing.dealer, digest(self.kt.value))
-        e = vdec.secret_from_seed(self.encryption_seed)
-        try:
-            plain = vdec.decrypt(
-                e, self.encryption_public, self.me, dealing.ephemeral, dealing.ciphertexts[self.me], context
-            )
-            self.my_subshares[dealing.dealer] = parse_subshares(
-                plain, dealing, self.me, self.me in self.kt.operational, self.c
-            )
-            return None
-        except vdec.DecryptionError:
-            reason = f"our sub-shares from server {dealing.dealer} do not decrypt"
-        except CheatingError as exc:
-            reason = exc.reason
-        raw = self.complaint(dealing)
-        self._judge(self.me, raw, reason)
-        return raw
-
-    def complaint(self, dealing: Dealing) -> bytes:
-        """Our signed complaint about ``dealing``: the key of our ciphertext, with its proof."""
-        assert self.kt is not None
-        context = deal_context(self.period, dealing.dealer, digest(self.kt.value))
-        e = vdec.secret_from_seed(self.encryption_seed)
-        rev = vdec.reveal(
-            e, self.encryption_public, self.me, dealing.ephemeral, context, lambda: self._scalar(ED25519)
-        )
-        body = {
-            "accuser": self.me,
-            "dealer": dealing.dealer,
-            "dealing": dealing.digest,
-            "reveal": rev.to_bytes(),
-        }
-        return sign("complain", self.period, body, self.signer)
-
-    def _on_checked(self, sender: int, body: Any, now: float) -> None:
-        """A member checked its sub-shares in a dealing: fine, or here is its complaint."""
-        if self.kt is None:
-            self._hold(sender, "checked", body)
-            return
-        f = encoding.expect_map(body, {"dealing": bytes, "complaint": (bytes, type(None))}, "checked")
-        if sender not in self.kt.table.entries:
-            raise RemoteProtocolError(sender, "checked: not a member")
-        if f["complaint"] is not None:
-            self._judge(sender, f["complaint"], None)
-        known = f["dealing"] in self._raw_dealings or f["dealing"] in self._other_dealings
-        if known or len(self._checked) < 4 * self.c.n:
-            self._checked.setdefault(f["dealing"], set()).add(sender)
-
-    def _judge(self, sender: int, raw: Any, own_reason: str | None) -> None:
-        """A complaint, judged from public data: the dealer or the accuser is convicted."""
-        assert self.kt is not None
-        s = decode_signed(raw, "complain", self.period, max_size=4096)
-        f = encoding.expect_map(
-            s.body, {"accuser": int, "dealer": int, "dealing": bytes, "reveal": bytes}, "complaint"
-        )
-        accuser, d = f["accuser"], f["dealer"]
-        entry = self.kt.table.entries.get(accuser)
-        if entry is None or not s.verify(entry.verify_key):
-            raise RemoteProtocolError(sender, "complaint not signed by a member's new key")
-        if (accuser, d) in self._complaints:
-            return
-        dealing_raw = self._raw_dealings.get(f["dealing"]) or self._other_dealings.get(f["dealing"])
-        if dealing_raw is None:
-            if len(self._complaints) < 4 * self.c.n:
-                self._hold(sender, "checked", {"dealing": f["dealing"], "complaint": raw})
-            return
-        self._complaints[(accuser, d)] = raw
-        dealing = parse_dealing(dealing_raw, self.period, self.kt, self.c)
-        context = deal_context(self.period, d, digest(self.kt.value))
-        try:
-            rev = vdec.Reveal.from_bytes(f["reveal"])
-            plain = vdec.open_revealed(
-                entry.encryption_key,
-                accuser,
-                dealing.ephemeral,
-                rev,
-                dealing.ciphertexts.get(accuser, b""),
-                context,
-            )
-        except (DecodeError, vdec.InvalidRevealError):
-            self._convict(accuser, AlertKind.FALSE_COMPLAINT, "complaint with an invalid reveal", raw)
-            return
-        if plain is None:
-            self._convict(d, AlertKind.BAD_SHARE, f"sub-shares for server {accuser} do not decrypt", raw)
-            return
-        try:
-            parse_subshares(plain, dealing, accuser, accuser in self.kt.operational, self.c)
-        except CheatingError as exc:
-            self._convict(d, AlertKind.BAD_SHARE, exc.reason, raw)
-            return
-        self._convict(accuser, AlertKind.FALSE_COMPLAINT, f"false complaint against server {d}", raw)
-
-    def _convict(self, who: int, kind: AlertKind, reason: str, evidence: bytes) -> None:
-        self.convicted.setdefault(who, reason)
-        self._alert(kind, who, reason, evidence=(evidence,))
-
-    def _on_want(self, sender: int, body: Any, now: float) -> None:
-        if not isinstance(body, list) or len(body) > self.c.n:
-            raise RemoteProtocolError(sender, "want: expected a short list of digests")
-        for h in body:
-            raw = self._raw_dealings.get(h) if isinstance(h, bytes) else None
-            if raw is not None:
-                self._send(sender, "deal", raw)
-
-    def _want_missing(self, now: float) -> None:
-        """Ask everyone for dealings a proposal or the decision names and we lack (lost messages)."""
-        if self.s_engine is None or now - self._want_sent < self.timeout:
-            return
-        wanted: set[bytes] = set()
-        decision = getattr(self, "_s_decision", None)
-        if decision is not None:
-            decided = _decode_s_value(decision.value, self.period).values()
-            wanted |= {h for h in decided if h not in self._raw_dealings}
-        for p in self._s_values_seen():
-            wanted |= {h for h in p.values() if h not in self._raw_dealings}
-        if wanted:
-            self._want_sent = now
-            self._send(EVERYONE, "want", sorted(wanted)[: self.c.n])
-
-    def _s_values_seen(self) -> list[dict[int, bytes]]:
-        assert self.s_engine is not None
-        out = []
-        for value in list(self.s_engine._values.values())[-4:]:
-            try:
-                out.append(_decode_s_value(value, self.period))
-            except DecodeError:
-                continue
-        return out
-
     # Agreement 2: the set of dealings -----------------------------------------------------------------
-
-    def _open_s_engine(self, now: float) -> None:
-        assert self.kt is not None
-        inst = Instance(CONTEXT, self.period, "dealings")
-        # Only operational members vote on the dealings: a vote then means "I hold my old share
-        # and valid sub-shares of every dealing", so a decision leaves q-t >= t+1 honest servers
-        # that compute the new sharing themselves (a recovering member could not).
-        keys = {i: self.kt.table.entries[i].verify_key for i in self.kt.operational}
-        committee = Committee(self.c.n, self.c.t, keys, rotation=self.period + 1)
-        safety = (
-            SafetyRules(inst, self.signer, _DurableSafety(self.durable, self.period))
-            if self._is_member and self.status == Status.OPERATIONAL and self.me in self.kt.operational
-            else None
-        )
-        self.s_engine = Engine(
-            me=self.me,
-            inst=inst,
-            committee=committee,
-            safety=safety,
-            app=_DealingsApp(self),
-            base_timeout=self.timeout,
-            now=now,
-            on_decide=self._s_decided,
-        )
-
-    def _on_agree_s(self, sender: int, body: Any, now: float) -> None:
-        if self.s_engine is None:
-            self._hold(sender, "agree/dealings", body)
-            return
-        self.s_engine.receive(sender, body, now)
-        self._collect(self.s_engine)
-
-    def _usable(self, d: int) -> bool:
-        return d in self.dealings and d not in self.convicted
-
-    def propose_dealings(self) -> bytes | None:
-        assert self.kt is not None
-        # A dealing is proposed once n-t members said whether their sub-shares in it are good
-        # (or complained): a bad dealing is then convicted before it can be proposed.
-        enough = self.c.n - self.c.t
-        good = [
-            d
-            for d in self.kt.operational
-            if self._usable(d)
-            and (d in self.my_subshares or not self._is_member)
-            and len(self._checked.get(self.dealings[d].digest, ())) >= min(enough, len(self.kt.table.entries))
-        ]
-        if len(good) < self.c.t + 1:
-            return None
-        members = len(self.kt.table.entries)
-        everyone = len(good) == len(self.kt.operational) and all(
-            len(self._checked.get(self.dealings[d].digest, ())) >= members for d in good
-        )  # every member has spoken about every dealing: no complaint can still be on its way
-        if self._s_ready_since is None:
-            self._s_ready_since = self._now
-        if not everyone and self._now < self._s_ready_since + self.timeout / 4:
-            return None
-        return encoding.encode(
-            {"period": self.period, "dealings": {d: self.dealings[d].digest for d in good}}
-        )
-
-    def validate_dealings(self, value: bytes) -> Verdict:
-        assert self.kt is not None
-        try:
-            chosen = _decode_s_value(value, self.period)
-        except DecodeError as exc:
-            return reject(str(exc))
-        if len(chosen) < self.c.t + 1:
-            return reject(f"only {len(chosen)} dealings, need t+1")
-        for d, h in chosen.items():
-            if d not in self.kt.operational:
-                return reject(f"server {d} is not an operational member")
-            if d in self.convicted:
-                return reject(f"server {d} was convicted: {self.convicted[d]}")
-            if h not in self._raw_dealings:
-                return reject(f"server {d} signed two dealings") if h in self._other_dealings else WAIT
-            if self.dealings[d].digest != h:
-                return reject(f"server {d}: another dealing than ours")
-            if self._is_member and d not in self.my_subshares:
-                return reject(f"our sub-shares from server {d} are bad")
-        return ACCEPT
-
-    def _s_decided(self, decision: Decision) -> None:
-        self._s_decision = decision
-        self._try_finish_decision()
-
-    def _try_finish_decision(self) -> None:
-        """The decision of S: compute the new sharing and shares, persist, erase the old ones."""
-        decision = getattr(self, "_s_decision", None)
-        if decision is None or self.decided or self.kt is None:
-            return
-        chosen = _decode_s_value(decision.value, self.period)
-        for d, h in chosen.items():
-            if h not in self._raw_dealings and h in self._other_dealings:
-                # The dealer signed two dealings and the decision names the one we saw second:
-                # it replaces the first; our sub-shares are taken from it if they are good.
-                dealing = parse_dealing(self._other_dealings.pop(h), self.period, self.kt, self.c)
-                self._raw_dealings[h] = dealing.raw
-                self.dealings[d] = dealing
-                self.my_subshares.pop(d, None)
-                if self._is_member and self.me in dealing.ciphertexts:
-                    self._complaint_about(dealing)
-        if any(h not in self._raw_dealings for h in chosen.values()):
-            return  # the bodies arrive (or are asked for) later
-        dealings = {d: self.dealings[d] for d in chosen}
-        transcript = Transcript(
-            self.period,
-            self.kt.value,
-            self._kt_qc,
-            decision.value,
-            decision.qc,
-            {d: x.raw for d, x in dealings.items()},
-        )
-        self._decide(transcript, dealings)
 
     def _decide(self, transcript: Transcript, dealings: Mapping[int, Dealing]) -> None:
         assert self.kt is not None
@@ -1754,7 +1894,22 @@ class PeriodRefresh:
         helper = self.me in self.kt.operational and self.status == Status.OPERATIONAL and self._is_member
         new_keys: dict[str, KeyShare[Any]] = {}
         rpoints: dict[int, dict[str, int]] = {}
-        if helper and all(d in self.my_subshares for d in dealings) and len(new_sharings) == len(c.secrets):
+        bad = [d for d in dealings if d not in self.my_subshares]
+        repair = {d: self._complaints[(self.me, d)] for d in bad if (self.me, d) in self._complaints}
+        partial: dict[str, SecretScalar] = {}
+        if helper and bad and len(repair) == len(bad) and len(new_sharings) == len(c.secrets):
+            # Same-period repair: the decided set holds dealings whose sub-shares for us are bad
+            # (our complaint came too late to keep them out). We keep s + the good sub-shares and
+            # ask the others for their points on the convicted dealers' polynomials.
+            for sid in c.secrets:
+                q = c.group(sid).order
+                good = [d for d in dealings if d in self.my_subshares]
+                total = (self.keys[sid].share.value + sum(self.my_subshares[d][sid][0] for d in good)) % q
+                partial[sid] = SecretScalar(total, q)
+                for r in self.kt.recovering:
+                    blind = sum(self.my_subshares[d][sid][1][r] for d in good) % q
+                    rpoints.setdefault(r, {})[sid] = blind
+        elif helper and not bad and len(new_sharings) == len(c.secrets):
             for sid in c.secrets:
                 group = c.group(sid)
                 q = group.order
@@ -1786,8 +1941,9 @@ class PeriodRefresh:
             self.period,
             self.signing_seed,
             self.encryption_seed,
-            {sid: k.share for sid, k in new_keys.items()},
+            partial if partial else {sid: k.share for sid, k in new_keys.items()},
             rpoints,
+            repair if partial else {},
         )
         public = PublicData(self.m, self.old_table, dict(new_sharings), transcript)
         # The owner persists this, forgets this engine (and the old shares with it) and resumes
@@ -1843,7 +1999,14 @@ class PeriodRefresh:
         self.transcript = transcript
         self.new_sharings = dict(self._old_public.sharings)
         self.rpoints = {r: dict(v) for r, v in private.rpoints.items()}
+        if private.repair:
+            self._repair = {d: {} for d in private.repair}
+            self._repair_request = list(private.repair.values())
+            self._partial = {sid: share.value for sid, share in private.shares.items()}
+            self._partial_rpoints, self.rpoints = self.rpoints, {}
         for sid, share in private.shares.items():
+            if private.repair:
+                break
             sharing = self.new_sharings.get(sid)
             if sharing is not None:
                 self.new_keys[sid] = KeyShare(
@@ -1855,6 +2018,15 @@ class PeriodRefresh:
         self._raw_dealings = {digest(raw): raw for raw in transcript.dealings.values()}
         self._begin_phase_two()
 
+    def _kt_payload(self) -> bytes:
+        assert self.kt is not None
+        return self.kt.table.payload()
+
+    def _kt_signed(self, sig: bytes) -> None:
+        assert self.kt is not None
+        self.signed_table = self.kt.table.signed(sig)
+        self._send(EVERYONE, "kt-sig", sig)
+
     def _begin_phase_two(self) -> None:
         assert self.kt is not None
         if not self._is_member:
@@ -1865,6 +2037,9 @@ class PeriodRefresh:
 
     def _phase_two(self, now: float) -> None:
         assert self.kt is not None
+        if self._repair and now - self._repair_sent >= self.timeout / 2:
+            self._repair_sent = now
+            self._send(EVERYONE, "repair-req", self._repair_request)
         if self.rpoints and not self._rpoints_sent:
             self._rpoints_sent = True
             self._send_rpoints()
@@ -1891,6 +2066,80 @@ class PeriodRefresh:
             self._send_rpoints(only=sender)
         if self._frost.started:
             self._frost.republish(self, sender)
+
+    def _on_repair(self, sender: int, body: Any, now: float) -> None:
+        """A member's points on a convicted dealer's polynomials (same-period repair), each
+        checked against that dealing's commitments; t+1 of them give ours by interpolation."""
+        if not self._repair or not self.resumed or self.kt is None:
+            return
+        f = encoding.expect_map(body, {"dealer": int, "values": dict}, "repair")
+        d = f["dealer"]
+        if d not in self._repair or sender == d or d not in self.dealings:
+            return
+        dealing = self.dealings[d]
+        values = f["values"]
+        if set(values) != set(self.c.secrets):
+            raise RemoteProtocolError(sender, "repair: one value per secret")
+        got: dict[str, tuple[int, dict[int, int] | None]] = {}
+        for sid, v in values.items():
+            group = self.c.group(sid)
+            if not (isinstance(v, list) and len(v) == 2 and isinstance(v[1], dict)):
+                raise RemoteProtocolError(sender, "repair: malformed value")
+            if not subshare_ok(group, dealing, sid, sender, v[0]):
+                raise RemoteProtocolError(
+                    sender, f"repair: its point of {sid!r} fails server {d}'s commitments"
+                )
+            blinds: dict[int, int] | None = None
+            if sender in self.kt.operational:
+                rec = dealing.recover[sid]
+                ok = set(v[1]) == set(rec) and all(
+                    type(x) is int and rec[r].check_subshare(group, sender, x) for r, x in v[1].items()
+                )
+                if not ok:
+                    raise RemoteProtocolError(
+                        sender, f"repair: its blinding points of {sid!r} fail the commitments"
+                    )
+                blinds = dict(v[1])
+            got[sid] = (v[0], blinds)
+        for sid, point in got.items():
+            self._repair[d].setdefault(sid, {})[sender] = point
+        self._try_repair(now)
+
+    def _try_repair(self, now: float) -> None:
+        assert self.kt is not None
+        c, need = self.c, self.c.t + 1
+        for points in self._repair.values():
+            for sid in c.secrets:
+                have = points.get(sid, {})
+                if len(have) < need or sum(1 for _z, b in have.values() if b is not None) < need:
+                    return
+        rpoints = {r: dict(v) for r, v in self._partial_rpoints.items()}
+        for points in self._repair.values():
+            for sid in c.secrets:
+                q = c.group(sid).order
+                have = points[sid]
+                zs = dict(sorted((j, z) for j, (z, _b) in have.items())[:need])
+                self._partial[sid] = (self._partial[sid] + interpolate(zs, q, x=self.me)) % q
+                helpers = sorted(j for j, (_z, b) in have.items() if b is not None)[:need]
+                for r in self.kt.recovering:
+                    pts = {j: have[j][1][r] for j in helpers}  # type: ignore[index]
+                    blind = interpolate(pts, q, x=self.me)
+                    rpoints.setdefault(r, {})[sid] = (rpoints.get(r, {}).get(sid, 0) + blind) % q
+        keys: dict[str, KeyShare[Any]] = {}
+        for sid in c.secrets:
+            group = c.group(sid)
+            k = KeyShare(self.me, SecretScalar(self._partial[sid], group.order), self.new_sharings[sid])
+            if not k.check(group):  # pragma: no cover - every point was checked against commitments
+                raise LocalProtocolError(f"repaired share of {sid!r} does not match its verification share")
+            keys[sid] = k
+        for r in rpoints:
+            for sid in rpoints[r]:
+                rpoints[r][sid] = (rpoints[r][sid] + keys[sid].share.value) % c.group(sid).order
+        self._repair, self._partial, self._partial_rpoints = {}, {}, {}
+        self.new_keys = keys
+        self.rpoints = rpoints
+        self._frost.started = False
+        self._frost.start(self, now)
 
     def _maybe_complete(self) -> None:
         if self.complete or self.signed_table is None:
@@ -2151,7 +2400,19 @@ class _FrostState:
     MAX_ATTEMPTS = 64
     NONCES = 2
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        payload: Callable[[], bytes],
+        on_signature: Callable[[bytes], None],
+        done: Callable[[], bool],
+        prefix: str = "",
+    ) -> None:
+        #: What is signed, what to do with the signature, whether we hold it already; ``prefix``
+        #: names the phases, so that two signings (M and KeyTable(0) at init) run side by side.
+        self.payload = payload
+        self.on_signature = on_signature
+        self.done = done
+        self.prefix = prefix
         self.started = False
         self.attempt = 0
         self.deadline = 0.0
@@ -2164,12 +2425,12 @@ class _FrostState:
         self.requested: set[int] = set()
         self.pending: list[tuple[int, Any]] = []
 
-    def leader(self, r: PeriodRefresh, attempt: int) -> int:
+    def leader(self, r: DealingStage, attempt: int) -> int:
         assert r.kt is not None
         ops = list(r.kt.operational)
         return ops[(r.period + attempt) % len(ops)]
 
-    def start(self, r: PeriodRefresh, now: float) -> None:
+    def start(self, r: DealingStage, now: float) -> None:
         if self.started:
             return
         self.started = True
@@ -2179,9 +2440,9 @@ class _FrostState:
                 self._publish_nonce(r)
         pending, self.pending = self.pending, []
         for sender, body in pending:
-            r.receive(sender, "sigshare", body, 0, now)
+            r._inject(sender, self.prefix + "sigshare", body, now)
 
-    def republish(self, r: PeriodRefresh, to: int) -> None:
+    def republish(self, r: DealingStage, to: int) -> None:
         """Our unused nonce commitments and our current request again, to a peer that may have
         missed them; a fresh commitment when none of ours is free any more."""
         mine = self.commitments.get(r.me, {})
@@ -2190,26 +2451,29 @@ class _FrostState:
             self._publish_nonce(r)
         for idx, raw in self.commitments.get(r.me, {}).items():
             if idx in self.nonces:
-                r._send(to, "nonce", raw)
+                r._send(to, self.prefix + "nonce", raw)
         request = self.requests.get(self.attempt)
         if request is not None and self.leader(r, self.attempt) == r.me:
-            r._send(to, "signreq", request[0])
+            r._send(to, self.prefix + "signreq", request[0])
 
-    def _package(self, r: PeriodRefresh) -> frost.KeyPackage:
+    def _package(self, r: DealingStage) -> frost.KeyPackage:
         key = r.new_keys[SCERT]
         return frost.KeyPackage(r.me, key.share.value, key.public_key, r.c.t + 1)
 
-    def _publish_nonce(self, r: PeriodRefresh) -> None:
+    def _publish_nonce(self, r: DealingStage) -> None:
         idx = int.from_bytes(r.rand(4), "big")  # random: a restarted signer never reuses an index
         nonces = frost.commit(self._package(r), r.rand(64))
         self.nonces[idx] = nonces
         raw = sign(
-            "nonce", r.period, {"server": r.me, "idx": idx, "c": nonces.commitment.to_bytes()}, r.signer
+            self.prefix + "nonce",
+            r.period,
+            {"server": r.me, "idx": idx, "c": nonces.commitment.to_bytes()},
+            r.signer,
         )
-        r._send(EVERYONE, "nonce", raw)
+        r._send(EVERYONE, self.prefix + "nonce", raw)
         self.commitments.setdefault(r.me, {})[idx] = raw
 
-    def step(self, r: PeriodRefresh, now: float) -> None:
+    def step(self, r: DealingStage, now: float) -> None:
         if not self.started:
             self.start(r, now)
         if now >= self.deadline:
@@ -2233,31 +2497,31 @@ class _FrostState:
         if len(chosen) < r.c.t + 1:
             return
         self.requested.add(a)
-        raw = sign("signreq", r.period, {"attempt": a, "signers": chosen}, r.signer)
-        r._send(EVERYONE, "signreq", raw)
-        r.receive(r.me, "signreq", raw, 0, now)
+        raw = sign(self.prefix + "signreq", r.period, {"attempt": a, "signers": chosen}, r.signer)
+        r._send(EVERYONE, self.prefix + "signreq", raw)
+        r._inject(r.me, self.prefix + "signreq", raw, now)
 
-    def parse_nonce(self, r: PeriodRefresh, sender: int, raw: Any) -> tuple[int, frost.SigningCommitment]:
+    def parse_nonce(self, r: DealingStage, sender: int, raw: Any) -> tuple[int, frost.SigningCommitment]:
         assert r.kt is not None
         entry = r.kt.table.entries.get(sender)
         if entry is None:
             raise RemoteProtocolError(sender, "nonce commitment from a non-member")
-        s = open_signed(raw, "nonce", r.period, entry.verify_key, max_size=1024)
+        s = open_signed(raw, self.prefix + "nonce", r.period, entry.verify_key, max_size=1024)
         f = encoding.expect_map(s.body, {"server": int, "idx": int, "c": bytes}, "nonce commitment")
         com = frost.SigningCommitment.from_bytes(f["c"])
         if f["server"] != sender or com.identifier != sender or not 0 <= f["idx"] < 1 << 32:
             raise RemoteProtocolError(sender, "nonce commitment under another id")
         return f["idx"], com
 
-    def on_nonce(self, r: PeriodRefresh, sender: int, raw: Any) -> None:
+    def on_nonce(self, r: DealingStage, sender: int, raw: Any) -> None:
         idx, _com = self.parse_nonce(r, sender, raw)
         got = self.commitments.setdefault(sender, {})
         if len(got) < 4 * self.MAX_ATTEMPTS:
             got.setdefault(idx, raw)
 
-    def on_request(self, r: PeriodRefresh, sender: int, raw: Any, now: float) -> None:
+    def on_request(self, r: DealingStage, sender: int, raw: Any, now: float) -> None:
         assert r.kt is not None
-        s = decode_signed(raw, "signreq", r.period, max_size=64 * 1024)
+        s = decode_signed(raw, self.prefix + "signreq", r.period, max_size=64 * 1024)
         f = encoding.expect_map(s.body, {"attempt": int, "signers": dict}, "sign request")
         a = f["attempt"]
         if not 0 <= a <= self.attempt + self.MAX_ATTEMPTS or self.leader(r, a) != sender:
@@ -2293,25 +2557,25 @@ class _FrostState:
         self.used.update(indices.items())
         my_idx = indices.get(r.me, -1)
         self.requests[a] = (raw, commitments)
-        if r.me in commitments and SCERT in r.new_keys and r.signed_table is None:
+        if r.me in commitments and SCERT in r.new_keys and not self.done():
             nonces = self.nonces.pop(my_idx, None)
             if nonces is None or nonces.used:
                 return
             share = frost.sign(
-                self._package(r), nonces, r.kt.table.payload(), [commitments[j] for j in sorted(commitments)]
+                self._package(r), nonces, self.payload(), [commitments[j] for j in sorted(commitments)]
             )
             body = {"attempt": a, "share": share.to_bytes()}
-            sraw = sign("sigshare", r.period, body, r.signer)
-            r._send(EVERYONE, "sigshare", sraw)
+            sraw = sign(self.prefix + "sigshare", r.period, body, r.signer)
+            r._send(EVERYONE, self.prefix + "sigshare", sraw)
             self._publish_nonce(r)
             self.on_share(r, r.me, sraw)
 
-    def on_share(self, r: PeriodRefresh, sender: int, raw: Any) -> None:
+    def on_share(self, r: DealingStage, sender: int, raw: Any) -> None:
         assert r.kt is not None
         entry = r.kt.table.entries.get(sender)
         if entry is None:
             raise RemoteProtocolError(sender, "signature share from a non-member")
-        s = open_signed(raw, "sigshare", r.period, entry.verify_key, max_size=1024)
+        s = open_signed(raw, self.prefix + "sigshare", r.period, entry.verify_key, max_size=1024)
         f = encoding.expect_map(s.body, {"attempt": int, "share": bytes}, "signature share")
         a = f["attempt"]
         request = self.requests.get(a)
@@ -2329,11 +2593,11 @@ class _FrostState:
             raise RemoteProtocolError(sender, "signature share carries another signer's id")
         got = self.shares.setdefault(a, {})
         got.setdefault(sender, (share, raw))
-        if len(got) == len(commitments) and r.signed_table is None:
+        if len(got) == len(commitments) and not self.done():
             self._aggregate(r, a)
 
-    def _aggregate(self, r: PeriodRefresh, a: int) -> None:
-        assert r.kt is not None and r.m is not None
+    def _aggregate(self, r: DealingStage, a: int) -> None:
+        assert r.kt is not None
         commitments = self.requests[a][1]
         sharing = r.new_sharings.get(SCERT)
         if sharing is None:
@@ -2346,7 +2610,7 @@ class _FrostState:
             sig = frost.aggregate_and_identify(
                 public,
                 [commitments[j] for j in sorted(commitments)],
-                r.kt.table.payload(),
+                self.payload(),
                 [got[j][0] for j in sorted(got)],
             )
         except CheatingError as exc:
@@ -2359,11 +2623,9 @@ class _FrostState:
                 evidence,
             )
             return
-        table = r.kt.table.signed(sig)
-        if not table.verify(r.m.vcert):  # pragma: no cover - aggregate_and_identify verified it
-            return
-        r.signed_table = table
-        r._send(EVERYONE, "kt-sig", sig)
+        if not ed25519_verify(sharing.public_key, self.payload(), sig):  # pragma: no cover
+            return  # aggregate_and_identify verified it
+        self.on_signature(sig)
 
 
 # Applications of the agreement engine ------------------------------------------------------------------
@@ -2386,7 +2648,7 @@ class _KeyTableApp:
 
 
 class _DealingsApp:
-    def __init__(self, r: PeriodRefresh) -> None:
+    def __init__(self, r: DealingStage) -> None:
         self.r = r
 
     def propose(self) -> bytes | None:

@@ -283,6 +283,17 @@ def slow_deal_forwards(period: int, delay: float) -> Fault:
     return fault
 
 
+def slow_checks(period: int, delay: float) -> Fault:
+    """The victim's word on the dealings (its checks, its complaints) travels slowly in ``period``."""
+
+    def fault(sender: int, to: int, data: bytes, now: float, rng: random.Random) -> Wire:
+        opened = _open(data)
+        late = opened is not None and opened[1] == "checked" and opened[0] == period
+        return [(delay if late else 0.0, data)]
+
+    return fault
+
+
 def slow_pushm_to(victim: int, period: int, delay: float) -> Fault:
     """PushM to ``victim`` travels slowly in ``period`` (it lacks the sharing at the decision)."""
 

@@ -17,9 +17,9 @@ from nacl.signing import SigningKey
 
 from appliance.crypto.annkey import SoftAnnouncementKey
 from appliance.protocols._core import Outgoing
-from appliance.protocols.init import InitOutcome, InitProtocol, InitSchedule
+from appliance.protocols.init import InitOutcome, InitProtocol, default_deadline
 from appliance.protocols.state import Constants
-from appliance.sim._net import NetworkConfig, Simulation
+from appliance.sim._net import Fault, NetworkConfig, Simulation
 from appliance.sim.setup import ServerSetup, seeded_bytes
 
 
@@ -72,9 +72,13 @@ def run_init(
     engines: Mapping[int, type[InitProtocol]] | None = None,
     config: NetworkConfig | None = None,
     ann_keys: Mapping[int, SoftAnnouncementKey] | None = None,
+    faults: Mapping[int, Fault] | None = None,
+    partition: tuple[int, int] | None = None,
+    heal_at: float = 0.0,
 ) -> InitRun:
     """Initialize a network of ``constants.n`` servers from ``seed``; ``engines`` swaps in variants;
-    the servers in ``ann_keys`` have announcement keys (their ROMs are TPMs)."""
+    the servers in ``ann_keys`` have announcement keys (their ROMs are TPMs); ``faults`` act on
+    the wire; ``partition`` cuts the link between two servers until ``heal_at``."""
     rng = random.Random(seed)
     seeds = {i: bytearray(rng.randbytes(32)) for i in constants.ids}
     vstarts = {i: bytes(SigningKey(bytes(s)).verify_key) for i, s in seeds.items()}
@@ -95,9 +99,13 @@ def run_init(
         tick_interval=constants.delta / 4,
     )
     sim = Simulation({i: InitNode(p) for i, p in protocols.items()}, seed, cfg)
-    schedule = InitSchedule(start, constants.delta, constants.t)
+    sim.faults.update(faults or {})
+    if partition is not None:
+        sim.partition(*partition)
+        sim.run_until(heal_at)
+        sim.heal()
     sim.run_until(
-        schedule.at(schedule.end) + constants.delta,
+        start + default_deadline(constants) + constants.delta,
         stop=lambda: all(p.outcome is not None for p in protocols.values()),
     )
     return InitRun(constants, seed, sim, protocols, vstarts, dict(ann_keys or {}))

@@ -708,6 +708,26 @@ def asynchrony(seed: int) -> Run:
     return run
 
 
+def late_complaint(seed: int) -> Run:
+    """Same-period repair: a dealer sends one server a bad sub-share and that server's complaint
+    arrives after the others decided a set holding the bad dealing. The server still ends the
+    period operational, with a valid new share (the others' points on the convicted dealer's
+    polynomial), and nobody but the dealer is named."""
+    rng = random.Random(seed)
+    c = _constants(rng)
+    run = build("late-complaint", seed, c, periods=1)
+    liar, victim = rng.sample(list(c.ids), 2)
+    run.faulty.add(liar)
+    _use_engine(run.servers[liar], type("Liar", (adversaries.BadDealingEngine,), {"victim": victim}))
+    run.expect_alerts.add((AlertKind.BAD_SHARE, liar))
+    run.sim.faults[victim] = adversaries.slow_checks(1, 1.0)
+    run_periods(run)
+    outcome = run.servers[victim].outcomes.get(1)
+    if outcome is None or outcome.status != Status.OPERATIONAL:
+        raise run.fail(f"server {victim} did not end period 1 operational: {outcome and outcome.failure}")
+    return run
+
+
 def faults(seed: int) -> Run:
     """Scenario E and friends: a crash at a random step, a partition, replayed old messages, a
     server deaf for a while, or one back with a KeyTable two periods old."""
@@ -741,6 +761,7 @@ FAMILIES: dict[str, Callable[[int], Run]] = {
     "faults": faults,
     "corrupt": corrupt,
     "asynchrony": asynchrony,
+    "late-complaint": late_complaint,
     "impersonate": impersonate,
     "tpm-impostor": tpm_impostor,
     "crash": crash,
