@@ -392,10 +392,14 @@ class ServerCore:
         if self.engine is not None and not self.engine.complete:
             wake = self.engine.next_wakeup(now)
             if wake is not None:
-                return min(wake, self.clock.period_start(self.period_at(now) + 1) + 1e-6)
-        upcoming = max(self.next_period, self.period_at(now) + 1)
-        start = self.overrides.get(upcoming, self.clock.period_start(upcoming))
-        return start + 1e-6
+                # The next period's start counts too, an early one (pst refresh --now) included:
+                # a recovering server's engine stays incomplete, and it must not start late.
+                return min(wake, self._start_of(self.period_at(now) + 1))
+        return self._start_of(max(self.next_period, self.period_at(now) + 1))
+
+    def _start_of(self, period: int) -> float:
+        """When we start ``period``'s refresh: its clock time, or the earlier one it was asked for."""
+        return self.overrides.get(period, self.clock.period_start(period)) + 1e-6
 
     def _persist(self, outcome: Outcome) -> None:
         assert self.engine is not None

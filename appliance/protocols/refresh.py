@@ -1727,6 +1727,17 @@ class PeriodRefresh(DealingStage):
         self.kt_engine.receive(sender, body, now)
         self._collect(self.kt_engine)
 
+    def _attested_clear(self) -> list[int]:
+        """Recovering servers whose one clear announcement we hold with t+1 attestations, and
+        nothing that counts over it (an authenticated or TPM-signed one, two keys)."""
+        out = []
+        for i, got in self.clear.items():
+            if self.anns.get(i) or self.bound.get(i) or i in self.conflicts:
+                continue
+            if len([d for d, atts in got.items() if len(atts) >= self.c.t + 1]) == 1:
+                out.append(i)
+        return out
+
     def _kt_candidate_entries(self) -> dict[int, dict[str, Any]] | None:
         entries: dict[int, dict[str, Any]] = {}
         for i in self.c.ids:
@@ -1772,6 +1783,13 @@ class PeriodRefresh(DealingStage):
             self._ready_since = self._now
         if not everyone and self._now < self._ready_since + self.timeout / 4:
             return None  # a short grace for the stragglers' announcements
+        if self._now < self._ready_since + self.timeout / 2 and any(
+            i not in entries and self.clear.get(i) for i in self.c.ids
+        ):
+            # ... longer for a recovering server whose clear announcement we hold but whose
+            # attestations are still on their way (one more message delay than an operational
+            # server's; left out, it stays recovering for a whole period).
+            return None
         value = encoding.encode({"period": self.period, "entries": entries, "sharings": agreed})
         try:
             self._judge_kt(value)
@@ -1817,6 +1835,9 @@ class PeriodRefresh(DealingStage):
             for i in self.bound:
                 if i not in cand.anns and self._bound_ann(i) is not None:
                     return reject(f"view 0 leaves out server {i}, whose TPM-signed announcement we hold")
+            for i in self._attested_clear():
+                if i not in cand.anns:
+                    return reject(f"view 0 leaves out server {i}, whose attested clear announcement we hold")
         mine = cand.anns.get(self.me)
         if mine is not None and mine.raw != self.my_ann:
             self._alert(

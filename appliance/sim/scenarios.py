@@ -612,6 +612,36 @@ def cut_after_decision(seed: int) -> Run:
     return run
 
 
+def late_recovering(seed: int) -> Run:
+    """A server that lost its shares (its period key kept) starts the refresh up to a few tenths
+    of a second after the others (its process got the CPU last: test_ca_tsa_faults on a busy
+    2-core machine). Its clear announcement then needs t+1 attestations after the others'
+    announcements are all in: the first leader waits for them, and a first leader that does not
+    is refused by the servers that hold them. It must be operational after that refresh, not a
+    whole period later."""
+    rng = random.Random(seed)
+    c = Constants(n=rng.choice([4, 5, 7]), t=1, period_length=PERIOD, delta=0.08, genesis=0.5 - PERIOD)
+    if c.n == 7 and rng.random() < 0.5:
+        c = Constants(n=7, t=2, period_length=PERIOD, delta=0.08, genesis=0.5 - PERIOD)
+    run = build("late-recovering", seed, c, periods=1)
+    victim = rng.choice(list(c.ids))
+    server = run.servers[victim]
+    assert server.private is not None
+    server.private.shares = {}
+    run.alertable.add(victim)
+    late = rng.uniform(0.1, 0.3)
+
+    def starts_late(
+        sender: int, to: int, data: bytes, now: float, rng: random.Random
+    ) -> list[tuple[float, bytes]]:
+        return [(max(0.0, c.period_start(1) + late - now), data)]
+
+    run.sim.faults[victim] = starts_late
+    run_periods(run)
+    _require_rejoined(run, victim)
+    return run
+
+
 def deaf(seed: int) -> Run:
     """A server hears nothing (or says nothing) for a while in one period (a connection churning
     through a rekey):
@@ -770,6 +800,7 @@ FAMILIES: dict[str, Callable[[int], Run]] = {
     "deaf": deaf,
     "stale": stale,
     "late-restarts": late_restarts,
+    "late-recovering": late_recovering,
     "cut-after-decision": cut_after_decision,
     **{kind: _single(kind) for kind in BYZANTINE},
 }
