@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from appliance.apps.log.reader import LogReader
 
 log = logging.getLogger("pst.web")
+#: Seconds between two updates of the log's search index; bundles indexed per update.
+INDEX_INTERVAL: Final = 2.0
+INDEX_STEP: Final = 256
 
 POLL_INTERVAL: Final = 2.0
 POLL_TIMEOUT: Final = 1.5
@@ -53,6 +56,7 @@ class WebService:
         ``ca_root``: the group root certificate, served as ``/ca/root.pem`` (appliance.node.ca)."""
         self.sources = sources
         self.http = http
+        self.log_reader = log_reader
         self.local = LocalView(sources)
         self._client: httpx.AsyncClient | None = None
         peers = {i: u for i, u in sources.peer_urls.items() if i != sources.server_id}
@@ -119,6 +123,24 @@ class WebService:
                 log.error("web: reading the server's state failed (%s)", type(exc).__name__)
             await trio.sleep(LOCAL_INTERVAL)
 
+    async def _index_loop(self, reader: LogReader) -> None:
+        """Keep the log's search index up with the signed tree (appliance.apps.log.index): index
+        what a new checkpoint covers every few seconds, and a backlog (a rebuilt index) in steps."""
+        said: str | None = None
+        while True:
+            problem: str | None
+            try:
+                added = await trio.to_thread.run_sync(reader.update_index, INDEX_STEP)
+            except Exception as exc:  # the read side outlives a bad file; searches scan instead
+                added, problem = 0, f"{type(exc).__name__}: {exc}"
+            else:
+                problem = reader.index.problem
+            if problem != said:
+                if problem is not None:
+                    log.warning("log: the search index stops short of the signed tree: %s", problem)
+                said = problem
+            await trio.sleep(0 if added == INDEX_STEP else INDEX_INTERVAL)
+
     async def _peer_loop(self) -> None:
         while True:
             await self.poll_peers()
@@ -157,6 +179,8 @@ class WebService:
                 )
                 nursery.start_soon(self._local_loop)
                 nursery.start_soon(self._peer_loop)
+                if self.log_reader is not None:
+                    nursery.start_soon(self._index_loop, self.log_reader)
                 task_status.started(binds)
         finally:
             if self._client is not None:

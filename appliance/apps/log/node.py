@@ -58,10 +58,11 @@ import trio
 
 from appliance.apps.log.checkpoint import Checkpoint, Verifier, open_checkpoint
 from appliance.apps.log.errors import LogDecodeError, LogError
+from appliance.apps.log.index import drop_index_from
 from appliance.apps.log.reader import CHECKPOINT_PATH
 from appliance.apps.log.repair import REPAIR_TIMEOUT, Repair, answer_request
 from appliance.apps.log.replication import MAX_BATCH_BYTES, MAX_BATCH_ENTRIES, Replica
-from appliance.apps.log.tiles import Storage, TileLog
+from appliance.apps.log.tiles import Bundle, Storage, TileLog, parse_path
 from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
 from appliance.net import (
@@ -545,6 +546,10 @@ class LogNode:
             return False
         async with self._lock:
             await trio.to_thread.run_sync(self.tree.rewrite, repair.files)
+        rewritten = [b.index for b in map(parse_path, repair.files) if isinstance(b, Bundle)]
+        if rewritten:
+            # The search index was made from the bundles as they were: forget it from there on.
+            await trio.to_thread.run_sync(drop_index_from, self.tree.storage, min(rewritten))
         after = await self._audit_report()
         if after is None or (not isinstance(after, str) and after.ok):
             self.damaged = None
