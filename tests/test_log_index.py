@@ -283,3 +283,44 @@ def test_an_index_of_a_larger_tree_is_dropped(tmp_path: Path) -> None:
     assert reader.update_index() == 2 and reader.index.bundles == 2
     q = SearchQuery(app="sshd", limit=1000)
     assert page_all(reader, q) == brute_force(entries[:600], q)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300), st.integers(0, 3))
+def test_index_files_open_or_say_what_is_wrong(data: bytes, first: int) -> None:
+    """Any bytes as an index file: records, or LogDecodeError (fuzzed with and without a good digest)."""
+    from appliance.apps.log.errors import LogDecodeError
+
+    for candidate in (data, hashlib.sha256(data).digest() + data):
+        try:
+            records = index_module._decode_file(candidate, ORIGIN, first)
+        except LogDecodeError:
+            continue
+        assert (
+            index_module._decode_file(index_module._encode_file(ORIGIN, first, records), ORIGIN, first)
+            == records
+        )
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_an_entry_read_leniently_has_the_fields_of_its_strict_reading(data: bytes) -> None:
+    """Any bytes: the lenient reading (for the index) never raises, and where the strict one
+    accepts an entry, it gives the same receive time, host and app."""
+    from appliance.apps.log.errors import LogDecodeError
+
+    fields = index_module._fields(data)
+    try:
+        entry = Entry.decode(data)
+    except LogDecodeError:
+        return
+    m = entry.message
+    assert fields == (entry.received, m.hostname if m else None, m.app_name if m else None)
+
+
+@given(st.sampled_from(HOSTS), st.sampled_from((*APPS, None)), st.integers(0, 2**62))
+def test_real_entries_read_leniently_as_strictly(host: str, app: str | None, when: int) -> None:
+    data = make_entry(1, host, app, when)
+    entry = Entry.decode(data)
+    assert entry.message is not None
+    assert index_module._fields(data) == (when, host, entry.message.app_name)

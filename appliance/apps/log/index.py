@@ -52,8 +52,15 @@ from typing import Any, Final
 from appliance.apps.log import merkle
 from appliance.apps.log.checkpoint import Checkpoint
 from appliance.apps.log.errors import CorruptStoreError, LogDecodeError, ProofError
-from appliance.apps.log.syslog import Entry
-from appliance.apps.log.tiles import TILE_HEIGHT, TILE_WIDTH, Bundle, Storage, TileReader, decode_bundle
+from appliance.apps.log.tiles import (
+    MAX_ENTRY_SIZE,
+    TILE_HEIGHT,
+    TILE_WIDTH,
+    Bundle,
+    Storage,
+    TileReader,
+    decode_bundle,
+)
 from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
 
@@ -119,23 +126,39 @@ class BundleRecord:
         return [self.digest, self.low, self.high, b"".join(sorted(self.keys))]
 
 
+def _fields(raw: bytes) -> tuple[int, Any, Any] | None:
+    """Receive time, HOSTNAME and APP-NAME of an entry's bytes, read leniently (no canonical
+    check): an entry that :meth:`Entry.decode` accepts gives the same three, and one it refuses
+    can only add keys or widen the time range (a search decodes strictly, so that costs a read)."""
+    try:
+        obj = encoding.decode_lenient(raw, max_size=MAX_ENTRY_SIZE, what="log entry")
+    except DecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    when, m = obj.get("time"), obj.get("syslog")
+    if not isinstance(when, int) or isinstance(when, bool):
+        return None
+    if not isinstance(m, dict):
+        return when, None, None
+    return when, m.get("hostname"), m.get("app_name")
+
+
 def record_for(data: bytes, entries: Sequence[bytes]) -> BundleRecord:
     """The record of a bundle's bytes ``data`` holding ``entries``."""
     low, high = 2**63, -1
     keys: set[bytes] = set()
     for raw in entries:
-        try:
-            entry = Entry.decode(raw)
-        except LogDecodeError:
+        fields = _fields(raw)
+        if fields is None:
             continue
-        low, high = min(low, entry.received), max(high, entry.received)
-        m = entry.message
-        if m is not None:
-            if m.hostname is not None:
-                keys.add(host_key(m.hostname))
-            if m.app_name is not None:
-                keys.add(app_key(m.app_name))
-    if high < 0:
+        when, host, app = fields
+        low, high = min(low, when), max(high, when)
+        if isinstance(host, str):
+            keys.add(host_key(host))
+        if isinstance(app, str):
+            keys.add(app_key(app))
+    if high < low:
         low, high = 1, 0
     return BundleRecord(bundle_digest(data), low, high, frozenset(keys))
 
