@@ -30,9 +30,11 @@ if TYPE_CHECKING:
     from appliance.apps.log.reader import LogReader
 
 log = logging.getLogger("pst.web")
-#: Seconds between two updates of the log's search index; bundles indexed per update.
+#: Seconds between two updates of the log's search index; bundles indexed per update while
+#: the log is quiet, and while it grows.
 INDEX_INTERVAL: Final = 2.0
 INDEX_STEP: Final = 256
+INDEX_BUSY_STEP: Final = 8
 
 POLL_INTERVAL: Final = 2.0
 POLL_TIMEOUT: Final = 1.5
@@ -124,22 +126,31 @@ class WebService:
             await trio.sleep(LOCAL_INTERVAL)
 
     async def _index_loop(self, reader: LogReader) -> None:
-        """Keep the log's search index up with the signed tree (appliance.apps.log.index): index
-        what a new checkpoint covers every few seconds, and a backlog (a rebuilt index) in steps."""
+        """Keep the log's search index up with the signed tree (appliance.apps.log.index).
+
+        Indexing reads every entry once, which costs CPU the ingest needs: while the signed
+        tree grows, at most :data:`INDEX_BUSY_STEP` bundles every :data:`INDEX_INTERVAL`
+        seconds; once it has not grown for an interval, :data:`INDEX_STEP` bundles at a time
+        until the index is up with it. Searches scan what is not indexed yet."""
         said: str | None = None
+        last_size = -1
         while True:
             problem: str | None
             try:
-                added = await trio.to_thread.run_sync(reader.update_index, INDEX_STEP)
+                signed = await trio.to_thread.run_sync(reader.latest)
+                size = signed.checkpoint.size if signed is not None else 0
+                step = INDEX_STEP if size == last_size else INDEX_BUSY_STEP
+                last_size = size
+                added = await trio.to_thread.run_sync(reader.update_index, step)
             except Exception as exc:  # the read side outlives a bad file; searches scan instead
-                added, problem = 0, f"{type(exc).__name__}: {exc}"
+                added, step, problem = 0, 1, f"{type(exc).__name__}: {exc}"
             else:
                 problem = reader.index.problem
             if problem != said:
                 if problem is not None:
                     log.warning("log: the search index stops short of the signed tree: %s", problem)
                 said = problem
-            await trio.sleep(0 if added == INDEX_STEP else INDEX_INTERVAL)
+            await trio.sleep(0 if added == step == INDEX_STEP else INDEX_INTERVAL)
 
     async def _peer_loop(self) -> None:
         while True:
