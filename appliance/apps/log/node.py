@@ -195,6 +195,7 @@ class LogNode:
         known = dict(known) if isinstance(known, dict) else {}
         known[server] = key
         self.storage.write(path, encoding.encode(known))
+        self.storage.sync()
 
     async def identity(
         self, period: int | None, keys: Mapping[int, bytes], ident: ChannelIdentity | None
@@ -435,6 +436,7 @@ class LogNode:
         if body.size > self.tree.size or self.tree.root_at(body.size) != body.root:
             return False
         self.tree.storage.write(CHECKPOINT_PATH, note)
+        self.tree.storage.sync()
         self.checkpointed_size = body.size
         self._published_at = self._clock()
         return True
