@@ -106,12 +106,16 @@ def bundle_digest(data: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class BundleRecord:
-    """What the index knows of one full bundle. ``low > high`` when no entry decodes."""
+    """What the index knows of one full bundle. ``low > high`` when no entry decodes.
+
+    ``keys`` are the 8-byte keys concatenated (sorted); a key is looked for as a substring, so
+    one found across two keys' bytes only makes the bundle a candidate (a read, never a wrong
+    answer), and a record costs its bytes in memory rather than a set's."""
 
     digest: bytes
     low: int
     high: int
-    keys: frozenset[bytes]
+    keys: bytes
 
     def may_match(self, since: int | None, until: int | None, keys: Sequence[bytes]) -> bool:
         if self.low > self.high:
@@ -123,7 +127,7 @@ class BundleRecord:
         return all(k in self.keys for k in keys)
 
     def encoded(self) -> list[Any]:
-        return [self.digest, self.low, self.high, b"".join(sorted(self.keys))]
+        return [self.digest, self.low, self.high, self.keys]
 
 
 def _fields(raw: bytes) -> tuple[int, Any, Any] | None:
@@ -160,7 +164,7 @@ def record_for(data: bytes, entries: Sequence[bytes]) -> BundleRecord:
             keys.add(app_key(app))
     if high < low:
         low, high = 1, 0
-    return BundleRecord(bundle_digest(data), low, high, frozenset(keys))
+    return BundleRecord(bundle_digest(data), low, high, b"".join(sorted(keys)))
 
 
 def _segment_path(k: int) -> str:
@@ -202,8 +206,7 @@ def _decode_file(data: bytes, origin: str, first: int) -> list[BundleRecord]:
             and len(r[3]) <= 2 * TILE_WIDTH * KEY_SIZE
         ):
             raise LogDecodeError("a malformed record")
-        keys = frozenset(r[3][i : i + KEY_SIZE] for i in range(0, len(r[3]), KEY_SIZE))
-        out.append(BundleRecord(r[0], r[1], r[2], keys))
+        out.append(BundleRecord(r[0], r[1], r[2], r[3]))
     return out
 
 

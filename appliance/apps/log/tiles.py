@@ -590,22 +590,41 @@ class TileLog:
         tails = [list(t) for t in self._tails]
         bundle_tail = list(self._bundle_tail)
         writes: dict[str, bytes] = {}
-        for entry in entries:
-            entry = bytes(entry)
-            for level, index, digest in frontier.append(leaf_hash(entry)):
+        batch = [bytes(entry) for entry in entries]
+        leaves = [leaf_hash(entry) for entry in batch]
+
+        def completed(nodes: list[tuple[int, int, bytes]]) -> None:
+            for level, index, digest in nodes:
                 tile_level, rest = divmod(level, TILE_HEIGHT)
                 if rest:
                     continue
-                if tile_level == len(tails):
+                while tile_level >= len(tails):
                     tails.append([])
                 tails[tile_level].append(digest)
                 if len(tails[tile_level]) == TILE_WIDTH:
                     writes[Tile(tile_level, index >> TILE_HEIGHT).path] = b"".join(tails[tile_level])
                     tails[tile_level] = []
-            bundle_tail.append(entry)
+
+        i = 0
+        while i < len(batch):
+            if not bundle_tail and len(batch) - i >= TILE_WIDTH:
+                # A whole level-0 tile and bundle at once: its leaves are the tile, its root
+                # enters the frontier as one subtree of height 8.
+                chunk = leaves[i : i + TILE_WIDTH]
+                n = frontier.size >> TILE_HEIGHT
+                writes[Tile(0, n).path] = b"".join(chunk)
+                writes[Bundle(n).path] = encode_bundle(batch[i : i + TILE_WIDTH])
+                if not tails:
+                    tails.append([])
+                completed(frontier.append_subtree(TILE_HEIGHT, _perfect_root(chunk)))
+                i += TILE_WIDTH
+                continue
+            completed(frontier.append(leaves[i]))
+            bundle_tail.append(batch[i])
             if len(bundle_tail) == TILE_WIDTH:
                 writes[Bundle((frontier.size - 1) >> TILE_HEIGHT).path] = encode_bundle(bundle_tail)
                 bundle_tail = []
+            i += 1
         new_size = frontier.size
         for tile_level, tail in enumerate(tails):
             shift = TILE_HEIGHT * tile_level
