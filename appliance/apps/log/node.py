@@ -167,6 +167,7 @@ class LogNode:
         self.repairs = 0
         self.repair_timeout = repair_timeout
         self._repairing: Repair | None = None
+        self._audit_lock = trio.Lock()
         self._repair_inbox: list[tuple[int, Any]] = []
         self._repair_wake = trio.Event()
         self._audit_now = trio.Event()
@@ -499,7 +500,12 @@ class LogNode:
     async def audit(self) -> bool:
         """Audit this server's copy of the log (see :meth:`_audit_report`). If it does not give
         the signed root: a ``log-store-damaged`` alert naming what differs, then a repair
-        (:meth:`repair`). True if the copy passed its audit (after a repair if one was needed)."""
+        (:meth:`repair`). True if the copy passed its audit (after a repair if one was needed).
+        One audit at a time (the periodic one and an operator's, ``pst log audit``)."""
+        async with self._audit_lock:
+            return await self._audit()
+
+    async def _audit(self) -> bool:
         found = await self._audit_report()
         if found is None or (not isinstance(found, str) and found.ok):
             self.damaged = None
