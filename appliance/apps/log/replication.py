@@ -58,7 +58,9 @@ entries, verified against the QC and the batch digests before they are applied. 
 the vote keys of those slots' periods; a server further behind than that catches up from the
 signed checkpoints instead (not built yet: docs/log.md).
 
-Messages are CBOR maps ``{"log": kind, ...}``; a peer's malformed or unjustified message is
+Messages are CBOR maps ``{"log": kind, ...}``; a batch travels inside them as the bytes of its
+canonical CBOR (``{"log": "batch", "b": <bytes>}``), which the receiver checks, stores and names
+as they arrived (:meth:`Batch.from_bytes`). A peer's malformed or unjustified message is
 a :class:`~appliance.protocols._core.RemoteProtocolError` in :attr:`Replica.rejected`, never
 an exception out of :meth:`Replica.receive`.
 """
