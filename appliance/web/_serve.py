@@ -34,7 +34,7 @@ log = logging.getLogger("pst.web")
 #: the log is quiet, and while it grows.
 INDEX_INTERVAL: Final = 2.0
 INDEX_STEP: Final = 256
-INDEX_BUSY_STEP: Final = 8
+INDEX_BUSY_STEP: Final = 1
 
 POLL_INTERVAL: Final = 2.0
 POLL_TIMEOUT: Final = 1.5
