@@ -43,6 +43,7 @@ replaced whole.
 from __future__ import annotations
 
 import base64
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -198,9 +199,13 @@ class SearchQuery:
             return False
         return self.app is None or (m is not None and m.app_name == self.app)
 
+    @functools.cached_property
+    def _needles(self) -> tuple[bytes, ...]:
+        return tuple(s.encode("utf-8") for s in (self.host, self.app) if s is not None)
+
     def may_match(self, data: bytes) -> bool:
         """A cheap test before decoding: a hostname or app-name is in the entry's bytes."""
-        return all(s.encode("utf-8") in data for s in (self.host, self.app) if s is not None)
+        return all(needle in data for needle in self._needles)
 
 
 def _check(what: str, latest: Checkpoint, size: int, root: bytes, verify: Callable[[], None]) -> None:
