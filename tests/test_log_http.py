@@ -325,7 +325,12 @@ def expected_matches(
     return out[::-1]
 
 
-async def test_search_by_time_host_and_app_with_paging(tmp_path: Path, signed: SignedLog) -> None:
+async def test_search_by_time_host_and_app_with_paging(
+    tmp_path: Path, signed: SignedLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.web import _serve
+
+    monkeypatch.setattr(_serve, "INDEX_INTERVAL", 0.2)  # the index loop's pace, for the test
     async with serving(tmp_path, signed.reader()) as url, httpx.AsyncClient(base_url=url) as c:
         body = (await c.get("/log/v1/search", params={"host": "web2", "app": "sshd", "limit": 1000})).json()
         wanted = expected_matches(signed, "web2", "sshd", 0, 2**63)

@@ -35,6 +35,8 @@ log = logging.getLogger("pst.web")
 INDEX_INTERVAL: Final = 2.0
 INDEX_STEP: Final = 256
 INDEX_BUSY_STEP: Final = 1
+#: Intervals without a new checkpoint after which the log counts as quiet.
+INDEX_QUIET: Final = 5
 
 POLL_INTERVAL: Final = 2.0
 POLL_TIMEOUT: Final = 1.5
@@ -130,16 +132,19 @@ class WebService:
 
         Indexing reads every entry once, which costs CPU the ingest needs: while the signed
         tree grows, at most :data:`INDEX_BUSY_STEP` bundles every :data:`INDEX_INTERVAL`
-        seconds; once it has not grown for an interval, :data:`INDEX_STEP` bundles at a time
-        until the index is up with it. Searches scan what is not indexed yet."""
+        seconds; once it has not grown for :data:`INDEX_QUIET` intervals, :data:`INDEX_STEP`
+        bundles at a time until the index is up with it. Searches scan what is not indexed yet."""
         said: str | None = None
-        last_size = -1
+        last_size, quiet = -1, 0
         while True:
             problem: str | None
             try:
                 signed = await trio.to_thread.run_sync(reader.latest)
                 size = signed.checkpoint.size if signed is not None else 0
-                step = INDEX_STEP if size == last_size else INDEX_BUSY_STEP
+                # Quiet: no new checkpoint for INDEX_QUIET intervals (under load checkpoints
+                # can be seconds apart, so one interval without one does not say much).
+                quiet = quiet + 1 if size == last_size else 0
+                step = INDEX_STEP if quiet >= INDEX_QUIET else INDEX_BUSY_STEP
                 last_size = size
                 added = await trio.to_thread.run_sync(reader.update_index, step)
             except Exception as exc:  # the read side outlives a bad file; searches scan instead
