@@ -24,15 +24,18 @@ tiles and bundles, never from the store's unsigned state record:
 Everything a client receives still has to be checked by the client against the signed
 checkpoint (``pst log verify`` does): this module only avoids serving what it knows is wrong.
 
-Searching (:meth:`LogReader.search`) is a linear scan backwards from the end of the signed
-tree (or from ``before``), bounded by :data:`MAX_SCAN` entries per call; a call that stops at
-the bound says where to continue. Receive times grow along the log (each server stamps what it
+Searching (:meth:`LogReader.search`) goes backwards from the end of the signed tree (or from
+``before``), reading at most :data:`MAX_SCAN` entries per call; a call that stops at the bound
+says where to continue. The full bundles the search index covers
+(:mod:`appliance.apps.log.index`) are searched through it: only the bundles whose record may
+match are read, and each is checked against its record's digest. The rest (the newest
+entries) is a linear scan. Receive times grow along the log (each server stamps what it
 receives, in order), so the time bounds are found by binary search (O(log n) bundle reads) and
 the scan covers only the entries between them: it starts at the first entry received at least
 :data:`TIME_SLACK_US` after ``until`` and stops at the last one received that long before
 ``since``. Receive times are the receiving servers' clocks, which can step back: an entry more
-than a minute out of order may be missed by a time-bounded search (a search without time
-bounds scans everything).
+than a minute out of order may be missed by a time-bounded scan (a search without time
+bounds scans everything; the index's records have each bundle's exact time range).
 
 Reads go through the :class:`~appliance.apps.log.tiles.Storage` protocol only; the files the
 server replaces (the checkpoint) are replaced atomically, so a reader sees the old or the new.
@@ -445,9 +448,9 @@ class LogReader:
         budget = MAX_SCAN
         top = end
         position = end
-        stop = 0  # below this, nothing can match
         if position > indexed:
-            # The part the index does not cover: time bounds by binary search, then a scan.
+            # The part the index does not cover: time bounds by binary search, then a scan;
+            # below ``stop`` nothing can match.
             stop = indexed
             if query.since is not None:
                 stop = self._received_before(tiles, indexed, end, query.since - TIME_SLACK_US)
