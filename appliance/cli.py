@@ -1229,6 +1229,31 @@ def _cmd_log_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_log_audit(args: argparse.Namespace) -> int:
+    """Ask a server to audit its copy of the log now (operator only): re-hash every entry and
+    tile up to its latest checkpoint, alert and repair from its peers what differs."""
+    from appliance.api.client import PstClient, PstError
+
+    sock = _log_socket(args)
+    if sock is None:
+        return 1
+    try:
+        with PstClient(sock, timeout=args.timeout) as client:
+            result = client.log_audit()
+    except PstError as exc:
+        print(f"pst log audit: {exc}", file=sys.stderr)
+        return 1
+    size = result.get("checkpoint_size")
+    if result["ok"]:
+        what = f"up to its checkpoint of {size} entries" if size else "(nothing signed to audit yet)"
+        print(
+            f"OK: this server's copy of the log passed its audit {what}; repairs so far: {result['repairs']}"
+        )
+        return 0
+    print(f"FAILED: {result.get('damaged') or 'the audit failed'}", file=sys.stderr)
+    return 1
+
+
 def _first_since(client: Any, size: int, since_us: int) -> int:
     """The first index whose receive time is at least ``since_us`` (binary search: receive
     times grow along the log, up to the slack the caller leaves)."""
@@ -1394,6 +1419,16 @@ def _add_log_commands(sub: Any) -> None:
     showp.add_argument("--app", help="only entries whose syslog APP-NAME (or tag) is this")
     showp.add_argument("--json", action="store_true", help="one JSON object per entry")
     showp.set_defaults(func=_cmd_log_show)
+    auditp = lsub.add_parser(
+        "audit",
+        help="a server re-hashes its copy of the log against its latest checkpoint now, and repairs "
+        f"it from its peers if it differs (operator only; {where})",
+    )
+    add_node_options(auditp, node=True)
+    auditp.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to wait for the audit (default 600)"
+    )
+    auditp.set_defaults(func=_cmd_log_audit)
     _add_log_verify(lsub)
 
 

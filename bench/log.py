@@ -11,6 +11,9 @@ are not in the figures).
 * ``entries_per_second``: messages / (time from the first send to the first checkpoint, published
   on server 1, whose size covers them all): ordered by the servers' agreement, durable on a
   quorum, applied on every server that voted, and signed by t+1 servers' guards;
+* ``cluster_cpu_us_per_entry``: CPU time (user + system) of all the cluster's processes from
+  the first send to that checkpoint, per message: what decides the rate on an idle machine, and
+  far steadier than the rate when other work shares the machine;
 * ``checkpoint_interval_ms``: p50/p99 of the time between successive checkpoints on server 1
   while the load lasts (the coordinator asks for one every 0.8 s while the tree grows);
 * ``entry_to_checkpoint_ms``: p50/p99, over samples of the senders' progress, of the time from
@@ -294,6 +297,27 @@ def checkpoint_size(path: Path) -> int:
         return 0
 
 
+def cluster_cpu(root: Path) -> float:
+    """CPU seconds (user + system) used so far by the processes of the cluster in ``root`` (every
+    process whose command line names one of its servers' configs: pst serve, its zygote and its
+    key-holder). Per entry, the figure that decides the rate on an idle machine, and much less
+    sensitive than the rate to other work on a shared one."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    mark = f"{root}/node-".encode()
+    total = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if mark not in (proc / "cmdline").read_bytes():
+                continue
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / ticks
+
+
 def run_cluster(
     n: int, senders: int, total: int, size: int, work: Path, sender: str = "python", rate: float = 0.0
 ) -> dict[str, Any]:
@@ -321,6 +345,7 @@ def run_cluster(
             load = relp_load = RelpSenders(relp, senders, total, size, work / f"relp-{senders}")
         else:
             load = make_senders(sender, ports, senders, total, size, rate)
+        cpu_before = cluster_cpu(root)
         start = load.run()
         seen: list[tuple[float, int]] = []
         deadline = start + max(120.0, total / 500)
@@ -332,6 +357,7 @@ def run_cluster(
                 break
             time.sleep(0.01)
         done = seen[-1][0] if seen and seen[-1][1] >= total else None
+        cpu = cluster_cpu(root) - cpu_before
         intervals = [(b[0] - a[0]) * 1000 for a, b in itertools.pairwise(seen) if a[1] > 0]
         latencies: list[float] = []
         # Sent once the first checkpoint was out: the cluster's first slot and first signing
@@ -351,6 +377,7 @@ def run_cluster(
             "covered": seen[-1][1] if seen else 0,
             "seconds": None if done is None else round(done - start, 3),
             "entries_per_second": None if done is None else round(total / (done - start)),
+            "cluster_cpu_us_per_entry": round(cpu / total * 1e6, 1),
             "checkpoints": len(seen),
             "checkpoint_interval_ms": {"p50": percentile(intervals, 50), "p99": percentile(intervals, 99)},
             "entry_to_checkpoint_ms": {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99)},

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.crypto import encoding
@@ -117,3 +117,20 @@ def test_a_large_rational_is_refused_before_cbor2_reads_it() -> None:
     data = cbor2.dumps(cbor2.CBORTag(30, [3**200_000, 7**150_000]))
     with pytest.raises(DecodeError, match="tag 30 not allowed"):
         encoding.decode(data, what="frame")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_lenient_decoding_raises_only_decode_errors_and_agrees_with_strict(data: bytes) -> None:
+    from appliance.crypto.encoding import decode, decode_lenient
+    from appliance.crypto.errors import DecodeError
+
+    try:
+        lenient = decode_lenient(data)
+    except DecodeError:
+        lenient = DecodeError
+    try:
+        strict = decode(data)
+    except DecodeError:
+        return
+    assert lenient == strict

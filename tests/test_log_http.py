@@ -25,6 +25,7 @@ from logread import ORIGIN, T0, SignedLog, build, copy, serving, signer
 from test_log_interop import logcheck  # noqa: F401 - the fixture: Go's checker, built once
 
 from appliance.apps.log.checkpoint import sign_checkpoint
+from appliance.apps.log.index import drop_index_from
 from appliance.apps.log.merkle import leaf_hash, verify_consistency, verify_inclusion
 from appliance.apps.log.reader import CHECKPOINT_PATH, MAX_SCAN
 from appliance.apps.log.syslog import Entry
@@ -324,7 +325,12 @@ def expected_matches(
     return out[::-1]
 
 
-async def test_search_by_time_host_and_app_with_paging(tmp_path: Path, signed: SignedLog) -> None:
+async def test_search_by_time_host_and_app_with_paging(
+    tmp_path: Path, signed: SignedLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.web import _serve
+
+    monkeypatch.setattr(_serve, "INDEX_INTERVAL", 0.2)  # the index loop's pace, for the test
     async with serving(tmp_path, signed.reader()) as url, httpx.AsyncClient(base_url=url) as c:
         body = (await c.get("/log/v1/search", params={"host": "web2", "app": "sshd", "limit": 1000})).json()
         wanted = expected_matches(signed, "web2", "sshd", 0, 2**63)
@@ -350,6 +356,12 @@ async def test_search_by_time_host_and_app_with_paging(tmp_path: Path, signed: S
         assert found == expected_matches(signed, None, "cron", 0, 2**63)
         body = (await c.get("/log/v1/search", params={"host": "nowhere"})).json()
         assert body["entries"] == [] and body["next_before"] is None
+        # The web service keeps the search index up with the signed tree (7 full bundles).
+        with trio.fail_after(10):
+            while signed.reader().index.bundles < SIZE // 256:
+                await trio.sleep(0.05)
+        body = (await c.get("/log/v1/search", params={"host": "web2", "app": "sshd", "limit": 1000})).json()
+        assert [e["index"] for e in body["entries"]] == wanted
     assert MAX_SCAN >= SIZE  # one request scans this whole log
 
 
@@ -363,6 +375,8 @@ def test_a_time_bounded_search_scans_only_its_minute_of_slack(
 
     monkeypatch.setattr(reader_module, "MAX_SCAN", 500)  # far fewer than the log's 1,999 entries
     reader = signed.reader()
+    # What is not indexed is scanned (a served log was indexed by its web service: drop it).
+    drop_index_from(reader.storage, 0)
     query = SearchQuery(since=T0 + 1_000_000_000, until=T0 + 1_200_000_000, limit=1000)
     body = reader.search(query)
     assert [e["index"] for e in body["entries"]] == list(range(1199, 999, -1))

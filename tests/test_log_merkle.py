@@ -235,3 +235,29 @@ def test_bad_arguments_are_refused() -> None:
         merkle.verify_inclusion(0, 2, b"short", [], tree.root())
     with pytest.raises(ValueError, match="no complete subtree"):
         tree.node_hash(1, 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 4), max_size=12))
+def test_frontier_appending_whole_subtrees_equals_appending_their_leaves(heights: list[int]) -> None:
+    """``append_subtree`` (a tile's root at once) gives the frontier of its leaves one by one, and
+    reports the subtrees it completes; one that does not start at a multiple of its size is refused."""
+    frontier, reference = Frontier(), MemoryTree()
+    for height in heights:
+        pad = (-reference.size) % (1 << height)
+        for i in range(pad):
+            leaf = merkle.leaf_hash(b"pad %d" % (reference.size + i))
+            frontier.append(leaf)
+        for _ in range(pad):
+            reference.append(b"pad %d" % (reference.size))
+        leaves = [b"leaf %d" % (reference.size + i) for i in range(1 << height)]
+        sub = MemoryTree()
+        for leaf in leaves:
+            sub.append(leaf)
+            reference.append(leaf)
+        for level, index, digest in frontier.append_subtree(height, sub.node_hash(height, 0)):
+            assert level >= height and reference.node_hash(level, index) == digest
+        assert frontier.size == reference.size and frontier.root() == reference.root()
+    if frontier.size % 2:
+        with pytest.raises(ValueError, match="cannot start"):
+            frontier.append_subtree(1, bytes(32))

@@ -284,6 +284,22 @@ async def test_log_append_quota_per_registration(tmp_path: Path) -> None:
         assert service.size == 10
 
 
+async def test_log_audit_is_for_the_operator_and_needs_a_replicated_log(tmp_path: Path) -> None:
+    """``log_audit`` (``pst log audit``): refused to an application's uid; a log that is not
+    replicated (a local store) has no checkpoints to audit against, and says so."""
+    async with _service(tmp_path / "log") as service:
+        core = ApiCore(NoBackend(), log_backend=LogAdapter(service))  # type: ignore[arg-type]
+        answer = await _call(core, "log_audit")
+        assert answer["error"]["code"] == "not-permitted", answer
+        core = ApiCore(NoBackend(), log_backend=LogAdapter(service), operators=frozenset({PEER.uid}))  # type: ignore[arg-type]
+        answer = await _call(core, "log_audit")
+        assert answer["error"] == {
+            "code": "unavailable",
+            "message": "cannot audit the log now: this server's log is not replicated: "
+            "it has no checkpoints to audit against",
+        }
+
+
 async def test_without_a_log_or_with_a_broken_one_the_api_says_why(tmp_path: Path) -> None:
     core = ApiCore(NoBackend())  # type: ignore[arg-type]
     answer = await _call(core, "log_size")
@@ -670,5 +686,14 @@ def test_a_bundle_edited_on_one_servers_disk_is_repaired_from_the_others(tmp_pat
         with urllib.request.urlopen(f"{url}/v1/status", timeout=10) as answer:
             status = json.loads(answer.read())["log"]["replication"]
         assert status["damaged"] is None and status["repairs"] == 1
+        # `pst log audit`: the operator asks server 2 (no periodic audit soon) to audit now; a
+        # bundle edited on its disk is repaired before the command returns.
+        out = pst("log", "audit", "--dir", str(root), "--node", "2")
+        assert out.returncode == 0 and "OK: this server's copy of the log passed its audit" in out.stdout, out
+        node2 = root / "node-2" / "state" / "log" / bundle
+        node2.write_bytes(good.replace(b"line 2", b"line Y"))
+        out = pst("log", "audit", "--dir", str(root), "--node", "2")
+        assert out.returncode == 0 and "repairs so far: 1" in out.stdout, out.stdout + out.stderr
+        assert node2.read_bytes() == good
     finally:
         pst("cluster", "down", "--dir", str(root))

@@ -385,3 +385,39 @@ def test_posix_storage_refuses_paths_outside_plain_names(tmp_path: Path) -> None
     assert storage.read("tile/0/001.p/5") == b"data"
     assert storage.read("tile/0/002") is None
     assert storage.read("tile/0/001.p/5/under-a-file") is None
+
+
+def test_posix_storage_syncs_each_directory_written_once_per_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write syncs its file before the rename; the renames are made durable by ``sync``, one
+    directory sync per directory written since the last one (not one per file)."""
+    from appliance.apps.log import tiles as tiles_module
+
+    synced: list[Path] = []
+    real = tiles_module.sync_dir
+    monkeypatch.setattr(tiles_module, "sync_dir", lambda d: (synced.append(d), real(d)))
+    storage = PosixStorage(tmp_path)
+    log = TileLog.open(storage, "log.example/sync")
+    synced.clear()
+    log.append([b"entry %d" % i for i in range(1000)])  # 3 full bundles and tiles, partials, state
+    # Step 2's files, then the state record: each sync covers the directories written before it.
+    written = ["tile/0", "tile/0/003.p", "tile/1/000.p", "tile/entries", "tile/entries/003.p"]
+    assert sorted(synced[:-1]) == [tmp_path / d for d in written]  # 11 files, 5 directory syncs
+    assert synced[-1] == tmp_path / "state"
+    synced.clear()
+    storage.write("a/b", b"1")
+    storage.write("a/c", b"2")
+    assert synced == []
+    storage.sync()
+    storage.sync()
+    assert synced == [tmp_path / "a"]
+    assert TileLog.open(PosixStorage(tmp_path), "log.example/sync").size == 1000
+
+
+def test_a_private_file_is_never_written_without_its_directory_sync(tmp_path: Path) -> None:
+    from appliance.host.files import atomic_write
+
+    with pytest.raises(ValueError, match="private"):
+        atomic_write(tmp_path / "secret", b"s", private=True, sync_dir=False)
+    assert not (tmp_path / "secret").exists()

@@ -281,6 +281,11 @@ class LogBackend(Protocol):
         """Up to ``count`` entries from index ``start`` (fewer at the end of the log)."""
         ...
 
+    async def log_audit(self) -> Mapping[str, Any]:
+        """Audit (and repair) this server's copy against its latest checkpoint, now; ``{"ok":
+        bool, "checkpoint_size": int | None, "damaged": str | None, "repairs": int}``."""
+        ...
+
 
 class LinkBackend(Protocol):
     """Proactively secure links (:mod:`appliance.protocols.links`): messages between the clients of
@@ -440,6 +445,7 @@ OPS: Final[Mapping[str, Mapping[str, type]]] = {
     "log_append": {"handle": bytes, "messages": list},
     "log_size": {},
     "log_entries": {"start": int, "count": int},
+    "log_audit": {},
     "send": {"handle": bytes, "to": int, "data": bytes},
     "receive": {"handle": bytes},
     "challenge": {},
@@ -471,7 +477,7 @@ STORE_WRITES: Final[Mapping[str, frozenset[str]]] = {
     "generate_joint_secret": frozenset({"joint-secret"}),
 }
 #: Operations only the operator (root or the server's own uid) may call.
-OPERATOR_OPS: Final = frozenset({"upgrade_sign", "registrations", "revoke", "dss_sign"})
+OPERATOR_OPS: Final = frozenset({"upgrade_sign", "registrations", "revoke", "dss_sign", "log_audit"})
 #: Largest message ``dss_sign`` takes (as the signing services).
 MAX_DSS_MESSAGE: Final = 64 * 1024
 MAX_NONCE_SIZE: Final = 64
@@ -1043,6 +1049,8 @@ class ApiCore:
             return dict(await self._call_log("read the log", lambda log: log.log_size()))
         if request.op == "log_entries":
             return await self._log_entries(args["start"], args["count"])
+        if request.op == "log_audit":
+            return dict(await self._call_log("audit the log", lambda log: log.log_audit()))
         assert request.op == "status", request.op
         return {"status": await self._status()}
 

@@ -262,3 +262,6 @@ class LogAdapter:
 
     async def log_entries(self, start: int, count: int) -> Sequence[bytes]:
         return list(await self._call(self.service.log_entries(start, count)))
+
+    async def log_audit(self) -> Mapping[str, Any]:
+        return dict(await self._call(self.service.log_audit()))

@@ -621,6 +621,15 @@ class PstClient:
             raise PstError("connection", "malformed log_size response")
         return size, origin
 
+    def log_audit(self) -> dict[str, Any]:
+        """Audit the server's copy of the log against its latest checkpoint now, repairing it from
+        the peers if it differs (operator only; as long as the audit takes: give the client a
+        ``timeout`` to match). ``{"ok", "checkpoint_size", "damaged", "repairs"}``."""
+        result = self._call("log_audit")
+        if not isinstance(result.get("ok"), bool) or not isinstance(result.get("repairs"), int):
+            raise PstError("connection", "malformed log_audit response")
+        return dict(result)
+
     def log_entries(self, start: int, count: int) -> list[bytes]:
         """Up to ``count`` (1-256) entries from index ``start``, as stored (CBOR: decode them with
         ``appliance.apps.log.syslog.Entry.decode``); fewer at the end of the log or past 1 MiB."""

@@ -180,6 +180,23 @@ def decode(data: bytes, *, max_size: int = MAX_ENCODED_SIZE, what: str = "object
     return obj
 
 
+def decode_lenient(data: bytes, *, max_size: int = MAX_ENCODED_SIZE, what: str = "object") -> Any:
+    """Decode CBOR with :func:`decode`'s safety checks (tags, sizes, depth) but without the
+    canonical-encoding check, at about a third of its cost. Only for data whose meaning is
+    re-checked with :func:`decode` before anything relies on it (a search index, say)."""
+    if len(data) > max_size or not data:
+        raise DecodeError(f"{what}: empty or over {max_size} bytes")
+    try:
+        _prescan(data)
+        return cbor2.loads(
+            data, tag_hook=_tag_hook, max_depth=MAX_DEPTH, allow_indefinite=False, allow_duplicate_keys=False
+        )
+    except DecodeError as exc:
+        raise DecodeError(f"{what}: {exc}") from None
+    except Exception as exc:  # cbor2 raises several types; callers get exactly one.
+        raise DecodeError(f"{what}: malformed CBOR ({type(exc).__name__}: {exc})") from None
+
+
 def signing_payload(type_: str, version: int, context: str, period: int, body: Any) -> bytes:
     """The bytes a signature covers: body bound to its type, version, context and period."""
     if not type_ or not context:

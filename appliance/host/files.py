@@ -25,8 +25,14 @@ RETIRED_MARK = ".old-"
 TEMP_MARK = ".tmp-"
 
 
-def atomic_write(path: Path, data: bytes, *, private: bool = False, group_readable: bool = False) -> None:
+def atomic_write(
+    path: Path, data: bytes, *, private: bool = False, group_readable: bool = False, sync_dir: bool = True
+) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old or the new content, nothing else.
+
+    ``sync_dir=False`` leaves the directory's sync (which makes the rename durable) to the
+    caller (:func:`sync_dir`), so that a batch of files in one directory costs one; until it
+    runs, a crash may leave the old content. Not for private files.
 
     For a private file the replaced content is then overwritten in place and unlinked: a rename
     alone frees the old blocks with the old secrets still in them (issue 9: every share of four
@@ -47,12 +53,15 @@ def atomic_write(path: Path, data: bytes, *, private: bool = False, group_readab
     finally:
         os.close(fd)
     retired = None
+    if private and not sync_dir:
+        raise ValueError("a private file's directory is synced with it")
     if private and path.exists():
         retired = path.with_name(f".{path.name}{RETIRED_MARK}{os.getpid()}")
         erase(retired)  # a leftover of a crashed write: its content is no newer than path's
         os.link(path, retired)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    if sync_dir:
+        _fsync_dir(path.parent)
     if retired is not None:
         erase(retired)
 
@@ -85,6 +94,11 @@ def make_dirs(directory: Path, mode: int = 0o755) -> None:
         except FileExistsError:
             continue
         _fsync_dir(path.parent)
+
+
+def sync_dir(directory: Path) -> None:
+    """Make the renames and unlinks done in ``directory`` durable (fsync of the directory)."""
+    _fsync_dir(directory)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -30,6 +30,13 @@ if TYPE_CHECKING:
     from appliance.apps.log.reader import LogReader
 
 log = logging.getLogger("pst.web")
+#: Seconds between two updates of the log's search index; bundles indexed per update while
+#: the log is quiet, and while it grows.
+INDEX_INTERVAL: Final = 2.0
+INDEX_STEP: Final = 256
+INDEX_BUSY_STEP: Final = 1
+#: Intervals without a new checkpoint after which the log counts as quiet.
+INDEX_QUIET: Final = 5
 
 POLL_INTERVAL: Final = 2.0
 POLL_TIMEOUT: Final = 1.5
@@ -54,6 +61,7 @@ class WebService:
         ``ca_root``: the group root certificate, served as ``/ca/root.pem`` (appliance.node.ca)."""
         self.sources = sources
         self.http = http
+        self.log_reader = log_reader
         self.local = LocalView(sources)
         self._client: httpx.AsyncClient | None = None
         peers = {i: u for i, u in sources.peer_urls.items() if i != sources.server_id}
@@ -121,6 +129,36 @@ class WebService:
                 log.error("web: reading the server's state failed (%s)", type(exc).__name__)
             await trio.sleep(LOCAL_INTERVAL)
 
+    async def _index_loop(self, reader: LogReader) -> None:
+        """Keep the log's search index up with the signed tree (appliance.apps.log.index).
+
+        Indexing reads every entry once, which costs CPU the ingest needs: while the signed
+        tree grows, at most :data:`INDEX_BUSY_STEP` bundles every :data:`INDEX_INTERVAL`
+        seconds; once it has not grown for :data:`INDEX_QUIET` intervals, :data:`INDEX_STEP`
+        bundles at a time until the index is up with it. Searches scan what is not indexed yet."""
+        said: str | None = None
+        last_size, quiet = -1, 0
+        while True:
+            problem: str | None
+            try:
+                signed = await trio.to_thread.run_sync(reader.latest)
+                size = signed.checkpoint.size if signed is not None else 0
+                # Quiet: no new checkpoint for INDEX_QUIET intervals (under load checkpoints
+                # can be seconds apart, so one interval without one does not say much).
+                quiet = quiet + 1 if size == last_size else 0
+                step = INDEX_STEP if quiet >= INDEX_QUIET else INDEX_BUSY_STEP
+                last_size = size
+                added = await trio.to_thread.run_sync(reader.update_index, step)
+            except Exception as exc:  # the read side outlives a bad file; searches scan instead
+                added, step, problem = 0, 1, f"{type(exc).__name__}: {exc}"
+            else:
+                problem = reader.index.problem
+            if problem != said:
+                if problem is not None:
+                    log.warning("log: the search index stops short of the signed tree: %s", problem)
+                said = problem
+            await trio.sleep(0 if added == step == INDEX_STEP else INDEX_INTERVAL)
+
     async def _peer_loop(self) -> None:
         while True:
             await self.poll_peers()
@@ -159,6 +197,8 @@ class WebService:
                 )
                 nursery.start_soon(self._local_loop)
                 nursery.start_soon(self._peer_loop)
+                if self.log_reader is not None:
+                    nursery.start_soon(self._index_loop, self.log_reader)
                 task_status.started(binds)
         finally:
             if self._client is not None:

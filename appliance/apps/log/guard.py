@@ -162,6 +162,7 @@ class CheckpointGuard:
     def _note_signed(self) -> None:
         self._signed_at = self._clock()
         self.storage.write(SIGNED_AT_PATH, str(round(self._wall() * 1000)).encode("ascii"))
+        self.storage.sync()
 
     @classmethod
     def open(

@@ -149,12 +149,19 @@ class Frontier:
         """Add one leaf hash; returns the subtrees it completes, the leaf itself first."""
         if len(leaf) != HASH_SIZE:
             raise ValueError(f"a leaf hash is {HASH_SIZE} bytes, not {len(leaf)}")
-        self.size += 1
-        completed: list[Node] = [(0, self.size - 1, leaf)]
-        current = leaf
-        level = 0
-        # The new leaf merges with the frontier's smallest subtrees while they have its height:
-        # exactly as many times as there are trailing one bits in the old size.
+        return self.append_subtree(0, leaf)
+
+    def append_subtree(self, height: int, digest: bytes) -> list[Node]:
+        """Add the root of a perfect subtree of ``2**height`` leaves that starts at the current
+        size (which must be a multiple of it); returns the subtrees it completes, itself first."""
+        if self.size & ((1 << height) - 1):
+            raise ValueError(f"a subtree of height {height} cannot start at leaf {self.size}")
+        self.size += 1 << height
+        completed: list[Node] = [(height, (self.size >> height) - 1, digest)]
+        current = digest
+        level = height
+        # The new subtree merges with the frontier's smallest subtrees while they have its
+        # height: as many times as there are one bits above it in the old size.
         while (self.size >> level) & 1 == 0:
             current = node_hash(self.hashes.pop(), current)
             level += 1

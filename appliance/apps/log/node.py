@@ -58,10 +58,11 @@ import trio
 
 from appliance.apps.log.checkpoint import Checkpoint, Verifier, open_checkpoint
 from appliance.apps.log.errors import LogDecodeError, LogError
+from appliance.apps.log.index import drop_index_from
 from appliance.apps.log.reader import CHECKPOINT_PATH
 from appliance.apps.log.repair import REPAIR_TIMEOUT, Repair, answer_request
 from appliance.apps.log.replication import MAX_BATCH_BYTES, MAX_BATCH_ENTRIES, Replica
-from appliance.apps.log.tiles import Storage, TileLog
+from appliance.apps.log.tiles import Bundle, Storage, TileLog, parse_path
 from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
 from appliance.net import (
@@ -173,6 +174,7 @@ class LogNode:
         self.repairs = 0
         self.repair_timeout = repair_timeout
         self._repairing: Repair | None = None
+        self._audit_lock = trio.Lock()
         self._repair_inbox: list[tuple[int, Any]] = []
         self._repair_wake = trio.Event()
         self._audit_now = trio.Event()
@@ -203,6 +205,7 @@ class LogNode:
         known = dict(known) if isinstance(known, dict) else {}
         known[server] = key
         self.storage.write(path, encoding.encode(known))
+        self.storage.sync()
 
     async def identity(
         self, period: int | None, keys: Mapping[int, bytes], ident: ChannelIdentity | None
@@ -458,6 +461,7 @@ class LogNode:
         if body.size > self.tree.size or self.tree.root_at(body.size) != body.root:
             return False
         self.tree.storage.write(CHECKPOINT_PATH, note)
+        self.tree.storage.sync()
         self.checkpointed_size = body.size
         self._published_at = self._clock()
         return True
@@ -520,7 +524,12 @@ class LogNode:
     async def audit(self) -> bool:
         """Audit this server's copy of the log (see :meth:`_audit_report`). If it does not give
         the signed root: a ``log-store-damaged`` alert naming what differs, then a repair
-        (:meth:`repair`). True if the copy passed its audit (after a repair if one was needed)."""
+        (:meth:`repair`). True if the copy passed its audit (after a repair if one was needed).
+        One audit at a time (the periodic one and an operator's, ``pst log audit``)."""
+        async with self._audit_lock:
+            return await self._audit()
+
+    async def _audit(self) -> bool:
         found = await self._audit_report()
         if found is None or (not isinstance(found, str) and found.ok):
             self.damaged = None
@@ -569,6 +578,10 @@ class LogNode:
             return False
         async with self._lock:
             await trio.to_thread.run_sync(self.tree.rewrite, repair.files)
+        rewritten = [b.index for b in map(parse_path, repair.files) if isinstance(b, Bundle)]
+        if rewritten:
+            # The search index was made from the bundles as they were: forget it from there on.
+            await trio.to_thread.run_sync(drop_index_from, self.tree.storage, min(rewritten))
         after = await self._audit_report()
         if after is None or (not isinstance(after, str) and after.ok):
             self.damaged = None

@@ -24,15 +24,18 @@ tiles and bundles, never from the store's unsigned state record:
 Everything a client receives still has to be checked by the client against the signed
 checkpoint (``pst log verify`` does): this module only avoids serving what it knows is wrong.
 
-Searching (:meth:`LogReader.search`) is a linear scan backwards from the end of the signed
-tree (or from ``before``), bounded by :data:`MAX_SCAN` entries per call; a call that stops at
-the bound says where to continue. Receive times grow along the log (each server stamps what it
+Searching (:meth:`LogReader.search`) goes backwards from the end of the signed tree (or from
+``before``), reading at most :data:`MAX_SCAN` entries per call; a call that stops at the bound
+says where to continue. The full bundles the search index covers
+(:mod:`appliance.apps.log.index`) are searched through it: only the bundles whose record may
+match are read, and each is checked against its record's digest. The rest (the newest
+entries) is a linear scan. Receive times grow along the log (each server stamps what it
 receives, in order), so the time bounds are found by binary search (O(log n) bundle reads) and
 the scan covers only the entries between them: it starts at the first entry received at least
 :data:`TIME_SLACK_US` after ``until`` and stops at the last one received that long before
 ``since``. Receive times are the receiving servers' clocks, which can step back: an entry more
-than a minute out of order may be missed by a time-bounded search (a search without time
-bounds scans everything).
+than a minute out of order may be missed by a time-bounded scan (a search without time
+bounds scans everything; the index's records have each bundle's exact time range).
 
 Reads go through the :class:`~appliance.apps.log.tiles.Storage` protocol only; the files the
 server replaces (the checkpoint) are replaced atomically, so a reader sees the old or the new.
@@ -43,6 +46,7 @@ replaced whole.
 from __future__ import annotations
 
 import base64
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -50,6 +54,7 @@ from typing import Any, Final
 from appliance.apps.log import merkle
 from appliance.apps.log.checkpoint import Checkpoint, Verifier, open_checkpoint
 from appliance.apps.log.errors import CorruptStoreError, LogDecodeError, LogError, ProofError
+from appliance.apps.log.index import BundleRecord, LogIndex, app_key, bundle_digest, host_key
 from appliance.apps.log.syslog import Entry
 from appliance.apps.log.tiles import (
     TILE_HEIGHT,
@@ -84,10 +89,20 @@ MAX_SCAN: Final = 16_384
 #: How far out of order (a clock stepped back) receive times may be and still be found by a
 #: search with time bounds, in microseconds.
 TIME_SLACK_US: Final = 60_000_000
+#: Most index records one search walks (bundles it skips without reading them: 64M entries).
+MAX_WALK: Final = 262_144
 #: Most matches one search returns.
 MAX_SEARCH_RESULTS: Final = 1000
 #: A message's text in a JSON document is cut to this many characters.
 MAX_TEXT: Final = 4096
+
+
+class _Rewritten(Exception):
+    """A bundle a search read is not the one its index record was made from."""
+
+    def __init__(self, bundle: int) -> None:
+        super().__init__(bundle)
+        self.bundle = bundle
 
 
 class NotCoveredError(LogError, ValueError):
@@ -187,9 +202,13 @@ class SearchQuery:
             return False
         return self.app is None or (m is not None and m.app_name == self.app)
 
+    @functools.cached_property
+    def _needles(self) -> tuple[bytes, ...]:
+        return tuple(s.encode("utf-8") for s in (self.host, self.app) if s is not None)
+
     def may_match(self, data: bytes) -> bool:
         """A cheap test before decoding: a hostname or app-name is in the entry's bytes."""
-        return all(s.encode("utf-8") in data for s in (self.host, self.app) if s is not None)
+        return all(needle in data for needle in self._needles)
 
 
 def _check(what: str, latest: Checkpoint, size: int, root: bytes, verify: Callable[[], None]) -> None:
@@ -221,6 +240,8 @@ class LogReader:
         fixed = None if callable(verifiers) else tuple(verifiers)
         self._verifiers = verifiers if callable(verifiers) else (lambda: fixed or ())
         self._cached: SignedCheckpoint | None = None
+        #: The index over host, app and time of the full bundles (see :mod:`~appliance.apps.log.index`).
+        self.index = LogIndex(storage, origin)
 
     @property
     def verifiers(self) -> tuple[Verifier, ...]:
@@ -388,54 +409,121 @@ class LogReader:
             "entries": [entry_document(start + i, d) for i, d in enumerate(data)],
         }
 
-    def search(self, query: SearchQuery) -> dict[str, Any]:
-        """Matching entries, newest first, from a backward scan of at most :data:`MAX_SCAN` entries.
+    def update_index(self, max_bundles: int = 1024) -> int:
+        """Index up to ``max_bundles`` more full bundles of the signed tree (each authenticated
+        against the signed root); returns how many. The server calls it in the background."""
+        signed = self.latest()
+        if signed is None:
+            return 0
+        return self.index.update(
+            signed.checkpoint, self._read, self._tiles(signed.checkpoint.size), max_bundles=max_bundles
+        )
 
-        ``next_before`` is where to continue (pass it as ``before``), or None once the scan
-        reached entry 0.
+    def search(self, query: SearchQuery) -> dict[str, Any]:
+        """Matching entries, newest first, reading at most :data:`MAX_SCAN` entries a call.
+
+        The part of the signed tree the index covers is searched through it (only the bundles
+        it names as candidates are read); the rest is scanned. ``next_before`` is where to
+        continue (pass it as ``before``), or None once nothing older can match.
         """
         latest = self._checkpoint()
         end = latest.size if query.before is None else query.before
         if end > latest.size:
             raise NotCoveredError(f"the latest signed checkpoint has {latest.size} entries, not {end}")
         tiles = self._tiles(latest.size)
-        stop = 0  # below this, nothing can match
-        if query.since is not None:
-            stop = self._received_before(tiles, end, query.since - TIME_SLACK_US)
-        if query.until is not None:
-            end = max(stop, self._received_before(tiles, end, query.until + TIME_SLACK_US))
+        for _attempt in range(3):
+            records = self.index.records(latest.size >> TILE_HEIGHT)
+            try:
+                return self._search(query, latest, end, tiles, records)
+            except _Rewritten as exc:
+                # A candidate bundle is not what was indexed: the index is cut back to it.
+                self.index.cut(exc.bundle)
+        return self._search(query, latest, end, tiles, [])
+
+    def _search(
+        self, query: SearchQuery, latest: Checkpoint, end: int, tiles: TileReader, records: list[BundleRecord]
+    ) -> dict[str, Any]:
+        indexed = len(records) << TILE_HEIGHT
         found: list[dict[str, Any]] = []
+        budget = MAX_SCAN
+        top = end
         position = end
-        floor = max(stop, end - MAX_SCAN)
+        if position > indexed:
+            # The part the index does not cover: time bounds by binary search, then a scan;
+            # below ``stop`` nothing can match.
+            stop = indexed
+            if query.since is not None:
+                stop = self._received_before(tiles, indexed, end, query.since - TIME_SLACK_US)
+            if query.until is not None:
+                top = position = max(
+                    stop, self._received_before(tiles, indexed, end, query.until + TIME_SLACK_US)
+                )
+            floor = max(stop, position - budget)
+            position = self._scan(query, tiles, floor, position, found)
+            budget -= top - position
+            if position > indexed or stop > indexed or len(found) == query.limit:
+                more = position > stop or (stop == indexed and position > 0)
+                return self._found(latest, position, top, position if more else None, found)
+        # The part the index covers: only candidate bundles are read.
+        keys = [host_key(query.host)] if query.host is not None else []
+        if query.app is not None:
+            keys.append(app_key(query.app))
+        walked = 0
+        while position > 0 and len(found) < query.limit and budget >= TILE_WIDTH and walked < MAX_WALK:
+            n = (position - 1) >> TILE_HEIGHT
+            first = n << TILE_HEIGHT
+            walked += 1
+            record = records[n]
+            if not record.may_match(query.since, query.until, keys):
+                position = first
+                continue
+            bundle = Bundle(n, TILE_WIDTH)
+            data = self._read(bundle.path)
+            if bundle_digest(data) != record.digest:
+                raise _Rewritten(n)
+            try:
+                chunk = decode_bundle(bundle, data)
+            except LogDecodeError as exc:
+                raise CorruptStoreError(str(exc)) from None
+            budget -= TILE_WIDTH
+            position = self._match(query, first, chunk[: position - first], found)
+        return self._found(latest, position, top, position if position > 0 else None, found)
+
+    @staticmethod
+    def _found(
+        latest: Checkpoint, position: int, top: int, next_before: int | None, found: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        return {"size": latest.size, "scanned": [position, top], "next_before": next_before, "entries": found}
+
+    def _match(self, query: SearchQuery, first: int, chunk: list[bytes], found: list[dict[str, Any]]) -> int:
+        """Add the matches among ``chunk`` (entries from ``first``), newest first, up to the
+        query's limit; returns where the scan stopped (``first`` when it read them all)."""
+        for i in range(len(chunk) - 1, -1, -1):
+            data = chunk[i]
+            if query.may_match(data):
+                try:
+                    matched = query.matches(Entry.decode(data))
+                except LogDecodeError:
+                    matched = False
+                if matched:
+                    found.append(entry_document(first + i, data))
+                    if len(found) == query.limit:
+                        return first + i
+        return first
+
+    def _scan(
+        self, query: SearchQuery, tiles: TileReader, floor: int, position: int, found: list[dict[str, Any]]
+    ) -> int:
+        """Scan ``[floor, position)`` backwards for matches; returns where it stopped."""
         while position > floor and len(found) < query.limit:
             start = max(floor, ((position - 1) >> TILE_HEIGHT) << TILE_HEIGHT)
-            chunk = self._entries(tiles, start, position)
-            for i in range(len(chunk) - 1, -1, -1):
-                index = start + i
-                data = chunk[i]
-                if query.may_match(data):
-                    try:
-                        matched = query.matches(Entry.decode(data))
-                    except LogDecodeError:
-                        matched = False
-                    if matched:
-                        found.append(entry_document(index, data))
-                        if len(found) == query.limit:
-                            position = index
-                            break
-            else:
-                position = start
-        return {
-            "size": latest.size,
-            "scanned": [position, end],
-            "next_before": position if position > stop else None,
-            "entries": found,
-        }
+            position = self._match(query, start, self._entries(tiles, start, position), found)
+        return position
 
-    def _received_before(self, tiles: TileReader, end: int, when: int) -> int:
-        """The number of entries among the first ``end`` received before ``when`` (microseconds),
-        by binary search: receive times grow along the log. An entry that does not decode counts
-        as received before (it cannot match a time-bounded search anyway)."""
+    def _received_before(self, tiles: TileReader, lo: int, end: int, when: int) -> int:
+        """The first index in ``[lo, end]`` from which entries were received at or after ``when``
+        (microseconds), by binary search: receive times grow along the log. An entry that does
+        not decode counts as received before (it cannot match a time-bounded search anyway)."""
         cache: dict[int, list[bytes]] = {}
 
         def received(index: int) -> int | None:
@@ -447,7 +535,7 @@ class LogReader:
             except LogDecodeError:
                 return None
 
-        lo, hi = 0, end
+        hi = end
         while lo < hi:
             mid = (lo + hi) // 2
             t = received(mid)

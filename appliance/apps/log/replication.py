@@ -58,7 +58,9 @@ entries, verified against the QC and the batch digests before they are applied. 
 the vote keys of those slots' periods; a server further behind than that catches up from the
 signed checkpoints instead (not built yet: docs/log.md).
 
-Messages are CBOR maps ``{"log": kind, ...}``; a peer's malformed or unjustified message is
+Messages are CBOR maps ``{"log": kind, ...}``; a batch travels inside them as the bytes of its
+canonical CBOR (``{"log": "batch", "b": <bytes>}``), which the receiver checks, stores and names
+as they arrived (:meth:`Batch.from_bytes`). A peer's malformed or unjustified message is
 a :class:`~appliance.protocols._core.RemoteProtocolError` in :attr:`Replica.rejected`, never
 an exception out of :meth:`Replica.receive`.
 """
@@ -140,6 +142,18 @@ class Batch:
     @functools.cached_property
     def digest(self) -> bytes:
         return hashlib.sha256(self.encoded).digest()
+
+    @classmethod
+    def from_bytes(cls, raw: Any, n: int) -> Batch:
+        """The batch whose canonical CBOR is ``raw`` (as stored, and as it travels: kept as the
+        bytes that arrived, so that nobody encodes it again to store or name it)."""
+        if not isinstance(raw, bytes):
+            raise DecodeError("a batch travels as the bytes of its canonical CBOR")
+        batch = cls.from_obj(encoding.decode(raw, max_size=MAX_BATCH_BYTES + 64 * 1024, what="batch"), n)
+        # decode() checked that raw is the canonical encoding of the object it decoded to, and
+        # from_obj() that the object is exactly a batch's fields: raw is what encoded gives.
+        batch.__dict__["encoded"] = raw
+        return batch
 
     @classmethod
     def from_obj(cls, obj: Any, n: int) -> Batch:
@@ -350,7 +364,7 @@ class Replica:
         for path in self.storage.list("replica/pending"):
             raw = self.storage.read(path)
             try:
-                batch = Batch.from_obj(encoding.decode(raw or b""), self.n)
+                batch = Batch.from_bytes(raw or b"", self.n)
             except DecodeError as exc:
                 raise CorruptStoreError(f"{path}: {exc}") from None
             if batch.seq < self.next_seq.get(batch.origin, 0):
@@ -485,7 +499,7 @@ class Replica:
         batch = Batch(self.me, self.my_seq, tuple(bytes(e) for e in entries))
         self._store(batch)
         self.my_seq += 1
-        self._out.append((EVERYONE, {"log": "batch", "b": batch.to_obj()}))
+        self._out.append((EVERYONE, {"log": "batch", "b": batch.encoded}))
         return batch.seq
 
     def _store(self, batch: Batch) -> None:
@@ -508,13 +522,13 @@ class Replica:
                 raise DecodeError("not a log message")
             kind = obj["log"]
             if kind == "batch":
-                self._on_batch(sender, Batch.from_obj(obj.get("b"), self.n), fetched=False)
+                self._on_batch(sender, Batch.from_bytes(obj.get("b"), self.n), fetched=False)
             elif kind == "batches":
                 got = obj.get("b")
                 if not isinstance(got, list) or len(got) > MAX_SLOT_BATCHES:
                     raise DecodeError("batches: a list of at most 64")
                 for b in got:
-                    self._on_batch(sender, Batch.from_obj(b, self.n), fetched=True)
+                    self._on_batch(sender, Batch.from_bytes(b, self.n), fetched=True)
             elif kind == "fetch":
                 self._on_fetch(sender, obj.get("d"))
             elif kind == "slot":
@@ -558,7 +572,7 @@ class Replica:
             self._out.append((EVERYONE, {"log": "at", "slot": self.slot}))
             for b in sorted(self._pending.values(), key=lambda b: b.seq):
                 if b.origin == self.me:
-                    self._out.append((EVERYONE, {"log": "batch", "b": b.to_obj()}))
+                    self._out.append((EVERYONE, {"log": "batch", "b": b.encoded}))
         out, self._out = self._out, []
         return out
 
@@ -800,7 +814,7 @@ class Replica:
                 origin, seq, start, count = self._applied[d]
                 batch = Batch(origin, seq, tuple(self.log.read_entries(start, start + count)))
             if batch is not None:  # one batch per message: each fits in a frame
-                self._out.append((sender, {"log": "batches", "b": [batch.to_obj()]}))
+                self._out.append((sender, {"log": "batches", "b": [batch.encoded]}))
 
     def _on_slot(self, sender: int, obj: dict[str, Any], now: float) -> None:
         slot, period, msg = obj.get("s"), obj.get("p"), obj.get("m")

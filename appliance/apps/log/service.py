@@ -267,6 +267,23 @@ class LogService:
         self._open_sink()
         return {"size": self.size, "origin": self.origin, "verifier": self.verifier}
 
+    async def log_audit(self) -> Mapping[str, Any]:
+        """Audit this server's copy of the log now (``LogNode.audit``: re-hash it up to the latest
+        checkpoint, alert and repair from the peers if it differs)."""
+        sink, _ = self._open_sink()
+        audit = getattr(sink, "audit", None)
+        if audit is None:
+            raise LogUnavailable(
+                "this server's log is not replicated: it has no checkpoints to audit against"
+            )
+        ok = await audit()
+        return {
+            "ok": bool(ok),
+            "checkpoint_size": getattr(sink, "checkpointed_size", None),
+            "damaged": getattr(sink, "damaged", None),
+            "repairs": int(getattr(sink, "repairs", 0)),
+        }
+
     async def log_entries(self, start: int, count: int) -> list[bytes]:
         """Up to ``count`` entries from ``start`` (at most :data:`MAX_READ_ENTRIES` and about
         :data:`MAX_READ_BYTES`); fewer at the end of the log."""

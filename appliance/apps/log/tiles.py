@@ -43,6 +43,7 @@ root with a signed checkpoint does.
 from __future__ import annotations
 
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ from appliance.apps.log.merkle import (
     node_hash,
     root_hash,
 )
-from appliance.host.files import atomic_write, make_dirs
+from appliance.host.files import atomic_write, make_dirs, sync_dir
 
 __all__ = [
     "MAX_ENTRY_SIZE",
@@ -369,14 +370,20 @@ _COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 class PosixStorage:
     """Files under a directory, each written with :func:`~appliance.host.files.atomic_write`.
 
-    Every write is already durable when it returns (file and directory fsync), so
-    :meth:`sync` has nothing left to do. Names starting with a dot are refused: they are
-    reserved for the temporary files of writes in progress.
+    A write's content is synced before its rename, so after a crash a file holds its old or
+    its new content; the rename itself is made durable by :meth:`sync`, which syncs each
+    directory written to since the last one (a slot's dozens of tiles in a few directories
+    cost a few directory syncs, not one each). Deletions are not synced (the protocol lets
+    a lost deletion be harmless). Thread-safe: a :meth:`sync` returns only once every write
+    that returned before it is durable, whichever thread syncs. Names starting with a dot
+    are refused: they are reserved for the temporary files of writes in progress.
     """
 
     def __init__(self, root: Path) -> None:
         self.root = root
         make_dirs(root)
+        self._dirty: set[Path] = set()
+        self._lock = threading.Lock()
 
     def _file(self, path: str) -> Path:
         parts = path.split("/")
@@ -393,10 +400,16 @@ class PosixStorage:
     def write(self, path: str, data: bytes) -> None:
         file = self._file(path)
         make_dirs(file.parent)
-        atomic_write(file, data)
+        atomic_write(file, data, sync_dir=False)
+        with self._lock:
+            self._dirty.add(file.parent)
 
     def sync(self) -> None:
-        pass
+        # Under the lock throughout: a sync that finds a directory already taken by another
+        # thread's sync waits for that one's fsync to finish.
+        with self._lock:
+            while self._dirty:
+                sync_dir(self._dirty.pop())
 
     def list(self, directory: str) -> list[str]:
         try:
@@ -577,22 +590,41 @@ class TileLog:
         tails = [list(t) for t in self._tails]
         bundle_tail = list(self._bundle_tail)
         writes: dict[str, bytes] = {}
-        for entry in entries:
-            entry = bytes(entry)
-            for level, index, digest in frontier.append(leaf_hash(entry)):
+        batch = [bytes(entry) for entry in entries]
+        leaves = [leaf_hash(entry) for entry in batch]
+
+        def completed(nodes: list[tuple[int, int, bytes]]) -> None:
+            for level, index, digest in nodes:
                 tile_level, rest = divmod(level, TILE_HEIGHT)
                 if rest:
                     continue
-                if tile_level == len(tails):
+                while tile_level >= len(tails):
                     tails.append([])
                 tails[tile_level].append(digest)
                 if len(tails[tile_level]) == TILE_WIDTH:
                     writes[Tile(tile_level, index >> TILE_HEIGHT).path] = b"".join(tails[tile_level])
                     tails[tile_level] = []
-            bundle_tail.append(entry)
+
+        i = 0
+        while i < len(batch):
+            if not bundle_tail and len(batch) - i >= TILE_WIDTH:
+                # A whole level-0 tile and bundle at once: its leaves are the tile, its root
+                # enters the frontier as one subtree of height 8.
+                chunk = leaves[i : i + TILE_WIDTH]
+                n = frontier.size >> TILE_HEIGHT
+                writes[Tile(0, n).path] = b"".join(chunk)
+                writes[Bundle(n).path] = encode_bundle(batch[i : i + TILE_WIDTH])
+                if not tails:
+                    tails.append([])
+                completed(frontier.append_subtree(TILE_HEIGHT, _perfect_root(chunk)))
+                i += TILE_WIDTH
+                continue
+            completed(frontier.append(leaves[i]))
+            bundle_tail.append(batch[i])
             if len(bundle_tail) == TILE_WIDTH:
                 writes[Bundle((frontier.size - 1) >> TILE_HEIGHT).path] = encode_bundle(bundle_tail)
                 bundle_tail = []
+            i += 1
         new_size = frontier.size
         for tile_level, tail in enumerate(tails):
             shift = TILE_HEIGHT * tile_level
