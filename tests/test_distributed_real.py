@@ -92,11 +92,8 @@ def _while_refreshing(call: Callable[[], T], timeout: float = 30.0) -> T:
         try:
             return call()
         except PstError as exc:
-            if (
-                exc.code != "unavailable"
-                or "not operational" not in exc.message
-                or time.monotonic() > deadline
-            ):
+            transient = "not operational" in exc.message or "a refresh replaced" in exc.message
+            if exc.code != "unavailable" or not transient or time.monotonic() > deadline:
                 raise
             time.sleep(0.3)
 

@@ -123,8 +123,9 @@ async def distributed_request(
             await trio.sleep(POLL)
     if lid not in service.done:
         why = service.failed.pop(lid, None)
-        if why is None:
+        if why is None:  # not a refusal: nobody judged it; ask again in the new period
             why = "a refresh replaced the period's services before the request settled; retry"
+            return _error("unavailable", why)
         return _error("refused", why)
     message = service.done.pop(lid)
     try:

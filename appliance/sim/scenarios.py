@@ -130,13 +130,13 @@ def _watch(run: Run, i: int, server: SimServer) -> None:
 #: for each run (runs wipe and replace what they hold); everything else follows the run's
 #: own seed. This keeps hundreds of seeds per family within the test budget.
 KEY_SETS = 32
-_SETUP_CACHE: dict[
-    tuple[int, int, int, tuple[tuple[str, str], ...], frozenset[int]], dict[int, ServerSetup]
-] = {}
+#: Keyed by the whole of C (M holds C: a setup made for other constants would run this run with
+#: that setup's period length, delta and genesis).
+_SETUP_CACHE: dict[tuple[bytes, int, frozenset[int]], dict[int, ServerSetup]] = {}
 
 
 def _setups(constants: Constants, seed: int, tpm: frozenset[int] = frozenset()) -> dict[int, ServerSetup]:
-    key = (constants.n, constants.t, seed % KEY_SETS, tuple(sorted(constants.secrets.items())), tpm)
+    key = (constants.encode(), seed % KEY_SETS, tpm)
     if key not in _SETUP_CACHE:
         _SETUP_CACHE[key] = make_network(constants, seed % KEY_SETS, tpm=tpm)
     out = {}
