@@ -67,7 +67,7 @@ typecheck: venv
 	$(BIN)/mypy --strict appliance
 
 pytest: venv
-	$(BIN)/pytest -q --durations=15
+	$(BIN)/pytest -q --durations=25
 
 demo: deps
 	$(BIN)/pst demo

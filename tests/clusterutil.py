@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,10 +66,21 @@ def pst(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*PST, *args], capture_output=True, text=True, timeout=60, check=False)
 
 
+_STATUS_LOCK = threading.Lock()
+
+
 def status(root: Path) -> list[dict[str, object]]:
-    out = pst("status", "--dir", str(root), "--json")  # exit 1 while a server is not operational
-    assert out.returncode in (0, 1) and out.stdout.startswith("["), out.stdout + out.stderr
-    rows: list[dict[str, object]] = json.loads(out.stdout)
+    """`pst status --json`, run in this process: the tests poll it every fraction of a second, and
+    a new Python process per poll (~0.3 s of CPU) took a good part of a core from the servers
+    under test. `pst status` itself is tested as a command in test_cluster.py."""
+    from appliance import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with _STATUS_LOCK, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(["status", "--dir", str(root), "--json"])  # 1 while one is not operational
+    text = out.getvalue()
+    assert code in (0, 1) and text.startswith("["), text + err.getvalue()
+    rows: list[dict[str, object]] = json.loads(text)
     return rows
 
 

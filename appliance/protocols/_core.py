@@ -8,6 +8,7 @@ wrong, and names the peer so that the caller can log it and raise an alert.
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -116,14 +117,27 @@ class Signer:
         return f"Signer(public={self.public.hex()[:16]}..)"
 
 
+#: Signatures that verified, by (key, signature, SHA-256 of the payload): every copy of a
+#: relayed or broadcast message is checked again by its recipients' handlers, and in the
+#: simulation every server runs in one process. Bounded; only successes are kept.
+_VERIFIED: dict[tuple[bytes, bytes, bytes], None] = {}
+_VERIFIED_MAX = 4096
+
+
 def ed25519_verify(public_key: bytes, payload: bytes, signature: bytes) -> bool:
     """Ed25519 verification that returns False on any malformed input."""
     if len(public_key) != 32 or len(signature) != 64:
         return False
+    key = (bytes(public_key), bytes(signature), hashlib.sha256(payload).digest())
+    if key in _VERIFIED:
+        return True
     try:
         VerifyKey(public_key).verify(payload, signature)
     except (BadSignatureError, ValueError, TypeError):
         return False
+    if len(_VERIFIED) >= _VERIFIED_MAX:
+        _VERIFIED.clear()  # crude but thread-safe; a miss only costs a verification
+    _VERIFIED[key] = None
     return True
 
 

@@ -21,6 +21,12 @@ _IDENTITY = bytes([1]) + bytes(31)
 _BASE = _sodium.crypto_scalarmult_ed25519_base_noclamp((1).to_bytes(32, "little"))
 
 
+#: Encodings that passed the point check (commitments and public keys are decoded again with every
+#: message that carries them). Bounded; only valid points are kept.
+_VALID: dict[bytes, None] = {}
+_VALID_MAX = 8192
+
+
 class Ed25519Group(Group[bytes]):
     name = "ed25519"
     order = L
@@ -77,11 +83,16 @@ class Ed25519Group(Group[bytes]):
         if len(data) != 32:
             raise DecodeError(f"ed25519 element: expected 32 bytes, got {len(data)}")
         data = bytes(data)
+        if data in _VALID:
+            return data
         if not _sodium.crypto_core_ed25519_is_valid_point(data):
             raise DecodeError(
                 "ed25519 element: not a canonical encoding of a prime-order subgroup point "
                 "other than the identity"
             )
+        if len(_VALID) >= _VALID_MAX:
+            _VALID.clear()  # crude but thread-safe; a miss only costs a check
+        _VALID[data] = None
         return data
 
     def encode_scalar(self, k: int) -> bytes:
