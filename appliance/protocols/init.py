@@ -105,6 +105,7 @@ from appliance.protocols.refresh import (
     Transcript,
     _DurableSafety,
     _FrostState,
+    open_dealing,
     scalar_source,
     subshare_ok,
 )
@@ -681,20 +682,7 @@ class InitProtocol(DealingStage):
         """An init dealing from untrusted bytes, checked against the decided KeyTable(0)."""
         assert self.kt is not None
         c, kt = self.c, self.kt
-        s = decode_signed(raw, "deal", PERIOD, max_size=MAX_MESSAGE)
-        f = encoding.expect_map(
-            s.body, {"dealer": int, "kt": bytes, "eph": bytes, "commit": dict, "ct": dict}, "dealing"
-        )
-        d = f["dealer"]
-        if d not in kt.operational:
-            raise DecodeError(f"dealing by server {d}, which is not a member")
-        if not s.verify(kt.table.entries[d].verify_key):
-            raise BadSignature(f"dealing of server {d} not signed with its key S_i(0)")
-        if f["kt"] != digest(kt.value):
-            raise DecodeError("dealing for another KeyTable")
-        vdec.check_ephemeral(f["eph"], self._deal_context(d))
-        if set(f["commit"]) != set(c.secrets):
-            raise DecodeError("dealing: one commitment set per secret")
+        d, f = open_dealing(raw, PERIOD, kt, c, self._deal_context)
         full: dict[str, dkg.Dealing[Any]] = {}
         for sid, obj in f["commit"].items():
             group = c.group(sid)
@@ -705,8 +693,6 @@ class InitProtocol(DealingStage):
             except CheatingError as exc:
                 raise DecodeError(f"dealing of server {d}: {exc.reason}") from None
             full[sid] = one
-        if set(f["ct"]) != set(kt.table.entries) or not all(isinstance(x, bytes) for x in f["ct"].values()):
-            raise DecodeError("dealing: one ciphertext per member of the KeyTable")
         return Dealing(d, {}, {sid: {} for sid in c.secrets}, f["eph"], dict(f["ct"]), raw, full)
 
     def _decide(self, transcript: Transcript, dealings: Mapping[int, Dealing]) -> None:

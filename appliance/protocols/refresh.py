@@ -523,8 +523,13 @@ def deal_context(period: int, dealer: int, kt_digest: bytes) -> bytes:
     return encoding.encode(["pst/refresh/deal", period, dealer, kt_digest])
 
 
-def parse_dealing(raw: Any, period: int, kt: KeyTableCandidate, c: Constants) -> Dealing:
-    """A dealing from untrusted bytes, checked against the decided KeyTable (DecodeError/BadSignature)."""
+def open_dealing(
+    raw: Any, period: int, kt: KeyTableCandidate, c: Constants, context: Callable[[int], bytes]
+) -> tuple[int, dict[str, Any]]:
+    """The dealer and fields of a dealing from untrusted bytes (init's and the refresh's): signed
+    by an operational member of the decided KeyTable with its key there, for that KeyTable, its
+    ephemeral key valid in the dealer's ``context``, one commitment set per secret and one
+    ciphertext per member. DecodeError/BadSignature otherwise."""
     s = decode_signed(raw, "deal", period, max_size=MAX_MESSAGE)
     f = encoding.expect_map(
         s.body, {"dealer": int, "kt": bytes, "eph": bytes, "commit": dict, "ct": dict}, "dealing"
@@ -533,12 +538,20 @@ def parse_dealing(raw: Any, period: int, kt: KeyTableCandidate, c: Constants) ->
     if d not in kt.operational:
         raise DecodeError(f"dealing by server {d}, which is not an operational member")
     if not s.verify(kt.table.entries[d].verify_key):
-        raise BadSignature(f"dealing of server {d} not signed with its new period key")
+        raise BadSignature(f"dealing of server {d} not signed with its key of period {period}")
     if f["kt"] != digest(kt.value):
         raise DecodeError("dealing for another KeyTable")
-    vdec.check_ephemeral(f["eph"], deal_context(period, d, f["kt"]))
+    vdec.check_ephemeral(f["eph"], context(d))
     if set(f["commit"]) != set(c.secrets):
         raise DecodeError("dealing: one commitment set per secret")
+    if set(f["ct"]) != set(kt.table.entries) or not all(isinstance(x, bytes) for x in f["ct"].values()):
+        raise DecodeError("dealing: one ciphertext per member of the KeyTable")
+    return d, f
+
+
+def parse_dealing(raw: Any, period: int, kt: KeyTableCandidate, c: Constants) -> Dealing:
+    """A dealing from untrusted bytes, checked against the decided KeyTable (DecodeError/BadSignature)."""
+    d, f = open_dealing(raw, period, kt, c, lambda dealer: deal_context(period, dealer, digest(kt.value)))
     zero: dict[str, pss.ZeroDealing[Any]] = {}
     recover: dict[str, dict[int, pss.RecoveryDealing[Any]]] = {}
     for sid, obj in f["commit"].items():
@@ -555,8 +568,6 @@ def parse_dealing(raw: Any, period: int, kt: KeyTableCandidate, c: Constants) ->
             )
             for r, pts in g["rec"].items()
         }
-    if set(f["ct"]) != set(kt.table.entries) or not all(isinstance(x, bytes) for x in f["ct"].values()):
-        raise DecodeError("dealing: one ciphertext per member of the KeyTable")
     return Dealing(d, zero, recover, f["eph"], dict(f["ct"]), raw)
 
 
