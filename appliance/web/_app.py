@@ -49,6 +49,24 @@ SECURITY_HEADERS: Final = {
 MAX_TARGET: Final = 2048
 
 
+class BodyTooLarge(Exception):
+    """A request body over the route's cap (declared or streamed)."""
+
+
+async def read_body(request: Request, cap: int) -> bytes:
+    """The request's body, at most ``cap`` bytes: refused as soon as a Content-Length or the
+    stream itself says more (BodyTooLarge), never read whole first."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        raise BodyTooLarge
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            raise BodyTooLarge
+    return bytes(body)
+
+
 class HttpError(Exception):
     def __init__(
         self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None

@@ -42,7 +42,7 @@ from appliance.api._enroll import (
     verify_signature,
 )
 from appliance.host.config import is_loopback
-from appliance.web._app import HttpError
+from appliance.web._app import BodyTooLarge, HttpError, read_body
 
 log = logging.getLogger("pst.ca")
 
@@ -51,22 +51,6 @@ ENROLL_PATH: Final = "/ca/enroll"
 #: Each application's certificates over HTTP: 50 per second, bursts of 100 (as the local API's).
 RATE: Final = 50.0
 BURST: Final = 100.0
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _read_body(request: Request, cap: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > cap:
-        raise _TooLarge
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > cap:
-            raise _TooLarge
-    return bytes(body)
 
 
 def _error(exc: EnrollError) -> HttpError:
@@ -129,8 +113,8 @@ class EnrollService:
         if media != "application/json":
             raise HttpError(415, "unsupported-media-type", "send application/json")
         try:
-            body = await _read_body(request, MAX_BODY)
-        except _TooLarge:
+            body = await read_body(request, MAX_BODY)
+        except BodyTooLarge:
             raise HttpError(413, "too-large", f"request body larger than {MAX_BODY} bytes") from None
         except ClientDisconnect:
             raise HttpError(400, "bad-request", "the client went away") from None

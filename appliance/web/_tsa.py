@@ -23,7 +23,7 @@ from starlette.routing import Route
 from appliance.apps.tsa.authority import Authority, Reply, rejection
 from appliance.apps.tsa.issuing import AsyncSigner, OnRecord, local_signer, network_signer, respond
 from appliance.apps.tsa.rfc3161 import FailureInfo, RequestError
-from appliance.web._app import HttpError
+from appliance.web._app import BodyTooLarge, HttpError, read_body
 
 log = logging.getLogger("pst.tsa")
 
@@ -32,22 +32,6 @@ REPLY_TYPE: Final = "application/timestamp-reply"
 PATH: Final = "/tsa"
 
 __all__ = ["QUERY_TYPE", "REPLY_TYPE", "local_signer", "network_signer", "timestamp_route"]
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _read_body(request: Request, cap: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > cap:
-        raise _TooLarge
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > cap:
-            raise _TooLarge
-    return bytes(body)
 
 
 def _reply(reply: Reply, status: int = 200) -> Response:
@@ -68,8 +52,8 @@ def timestamp_route(
         if media != QUERY_TYPE:
             raise HttpError(415, "unsupported-media-type", f"send {QUERY_TYPE}")
         try:
-            data = await _read_body(request, authority.max_request)
-        except _TooLarge:
+            data = await read_body(request, authority.max_request)
+        except BodyTooLarge:
             text = f"request larger than {authority.max_request} bytes"
             return _reply(rejection(RequestError(FailureInfo.BAD_REQUEST, text)), 413)
         except ClientDisconnect:
