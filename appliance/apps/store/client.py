@@ -147,7 +147,7 @@ def combine_answers(
             continue
         public = PublicSharing(key.sharing.n, key.sharing.t, commitment)
         try:
-            return sealed, _combine(key.group, public, sealed, boxed, reader)
+            return sealed, model.combine_shares(key.group, public, sealed, boxed, reader)
         except (NotEnoughSharesError, CryptoError) as exc:
             errors.append(str(exc))
     codes = {code for code, _ in refusals.values()}
@@ -161,28 +161,3 @@ def combine_answers(
         + (f"; refused by {named}" if named else ""),
         refusals,
     )
-
-
-def _combine(
-    group: Group[Any],
-    public: PublicSharing[Any],
-    sealed: tdh2.Sealed[Any],
-    boxed: Mapping[int, bytes],
-    reader: nacl.public.PrivateKey,
-) -> bytes:
-    """The data key from the sealed shares ``boxed`` (server -> share sealed to ``reader``)."""
-    shares: dict[int, tdh2.DecryptionShare[Any]] = {}
-    bad: dict[int, str] = {}
-    for server, blob in sorted(boxed.items()):
-        try:
-            shares[server] = tdh2.open_share(group, reader, blob)
-        except DecodeError as exc:
-            bad[server] = str(exc)
-    good, wrong = tdh2.sort_shares(group, public, sealed.kem, shares)
-    bad.update(wrong)
-    if len(good) < public.t + 1:
-        named = "; ".join(f"server {i}: {why}" for i, why in sorted(bad.items()))
-        raise NotEnoughSharesError(
-            f"{len(good)} valid shares, need {public.t + 1}" + (f" ({named})" if named else "")
-        )
-    return tdh2.combine(group, public, sealed.kem, good)

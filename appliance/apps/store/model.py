@@ -745,6 +745,18 @@ def open_value(
     """
     sealed = tdh2.Sealed.decode(group, record.sealed[part])
     tdh2.check_ciphertext(group, sealed.kem, record.label(part))
+    return tdh2.open_sealed(sealed, combine_shares(group, public, sealed, boxed, reader))
+
+
+def combine_shares(
+    group: Group[E],
+    public: PublicSharing[E],
+    sealed: tdh2.Sealed[E],
+    boxed: Mapping[int, bytes],
+    reader: nacl.public.PrivateKey,
+) -> bytes:
+    """The data key from the servers' decryption shares ``boxed`` (server -> share sealed to
+    ``reader``), from t+1 valid ones; NotEnoughSharesError naming the servers whose shares were bad."""
     shares: dict[int, tdh2.DecryptionShare[E]] = {}
     bad: dict[int, str] = {}
     for server, blob in sorted(boxed.items()):
@@ -759,7 +771,7 @@ def open_value(
         raise NotEnoughSharesError(
             f"{len(good)} valid shares, need {public.t + 1}" + (f" ({named})" if named else "")
         )
-    return tdh2.open_sealed(sealed, tdh2.combine(group, public, sealed.kem, good))
+    return tdh2.combine(group, public, sealed.kem, good)
 
 
 def joint_value(contributions: Mapping[int, bytes]) -> bytes:
