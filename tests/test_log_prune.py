@@ -183,3 +183,20 @@ def test_reader_takes_a_pruned_partials_prefix_from_the_full_tile(tmp_path: Path
     for path in ("tile/0/001.p/3", "tile/entries/001.p/3"):
         (signed.directory / path).unlink()  # as a prune at size 559 does
     assert (reader.inclusion(257, 259), reader.entries(256, 259)) == expected
+
+
+def test_verify_falls_back_to_the_full_tile_like_a_client(tmp_path: Path) -> None:
+    """The server's audit (and `pst log verify`) of a checkpoint whose partials a newer one's
+    pruning deleted in the meantime: the prefix of the full tile and bundle stands in."""
+    signed = build(tmp_path / "log", [1, 254, 1, 3, 300])
+    signed.publish(signed.notes[3])  # size 259
+    TileLog.open(PosixStorage(signed.directory), ORIGIN).prune(559)
+    assert not (signed.directory / "tile/0/001.p/3").exists()
+    checker = LogVerifier(DirSource(signed.directory), signed.signer.verifier)
+    latest = checker.latest()
+    assert latest.size == 259 and checker.audit_report(latest).ok
+    checker.inclusion(latest, 258, signed.entries[258])
+    # A partial with no full tile to stand in for it is still missing.
+    (signed.directory / "tile/0/001").unlink()
+    report = checker.audit_report(latest)
+    assert not report.ok and "the log does not serve tile/0/001.p/3" in str(report)

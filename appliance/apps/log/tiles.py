@@ -14,8 +14,10 @@ A log of ``size`` entries is kept as the static files of c2sp.org/tlog-tiles:
 
 Files never change once written, because a full tile's hashes and a partial tile of a given
 width are functions of the entries before them; a tile of a new width goes to a new path and
-the old partial tile stays (the spec requires partial tiles for every size a checkpoint was
-signed at). So the only mutable file is the store's *state record* ``state/tree``, the
+the old partial tile stays until a full tile supersedes it: :func:`prune_partials` deletes
+the partial files at every position where a durable signed size has the full one (the server
+runs it after publishing a checkpoint; a client that gets a 404 for a partial tile fetches the
+full one). So the only mutable file is the store's *state record* ``state/tree``, the
 unsigned checkpoint body (origin, size, root) of the last durable size.
 
 Appending a batch (:meth:`TileLog.append`) computes the new hashes with a
