@@ -320,3 +320,40 @@ async def test_a_held_announcement_of_a_server_left_out_of_the_keytable_is_not_f
         nursery.cancel_scope.cancel()
     assert "server 4 sent a bad message: vote key announcement" in caplog.text
     assert 4 not in c.nodes[1].replica._keys[1].known
+
+
+async def test_publishing_a_checkpoint_prunes_the_partial_tiles_its_full_ones_supersede(
+    tmp_path: Path,
+) -> None:
+    c = Cluster(tmp_path)
+    public = bytes(LOG_KEY.verify_key)
+    verifier = Verifier(c.nodes[1].tree.origin, public)
+
+    def published(n: Any) -> int:
+        note = n.tree.storage.read(CHECKPOINT_PATH)
+        return -1 if note is None else open_checkpoint(note, n.tree.origin, [verifier]).size
+
+    async with trio.open_nursery() as nursery:
+        for i in c.nodes:
+            nursery.start_soon(c.deliver, i)
+            await nursery.start(c.nodes[i].run)
+            await nursery.start(
+                functools.partial(c.nodes[i].checkpoints, sign_with_log_key, public, interval=0.1)
+            )
+        await c.enter(0)
+        for size, batch in ((3, [b"a", b"b", b"c"]), (303, [b"x%d" % i for i in range(300)])):
+            with trio.fail_after(30):
+                await c.nodes[3].append(batch)
+            with trio.fail_after(30):
+                while not all(published(n) == size for n in c.nodes.values()):
+                    await trio.sleep(0.05)
+            if size == 3:
+                assert all(n.tree.storage.read("tile/0/000.p/3") is not None for n in c.nodes.values())
+        nursery.cancel_scope.cancel()
+    for n in c.nodes.values():
+        # 303 entries: a full tile 0 supersedes the partials of size 3; the partial of 47 stays.
+        assert n.tree.storage.read("tile/0/000.p/3") is None
+        assert n.tree.storage.read("tile/entries/000.p/3") is None
+        assert n.tree.storage.read("tile/0/000") is not None
+        assert n.tree.storage.read("tile/0/001.p/47") is not None
+        assert n.tree.read_entries(0, 3) == [b"a", b"b", b"c"]

@@ -464,6 +464,12 @@ class LogNode:
         self.tree.storage.sync()
         self.checkpointed_size = body.size
         self._published_at = self._clock()
+        # The partial tiles the signed tree's full ones supersede (durable: they were synced
+        # before the tree was appended): a failed deletion only leaves them for the next pass.
+        try:
+            self.tree.prune(body.size)
+        except OSError as exc:
+            log.warning("log: pruning partial tiles failed (the next checkpoint retries): %s", exc)
         return True
 
     async def _on_checkpoint(self, sender: int, note: Any) -> None:

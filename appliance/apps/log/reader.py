@@ -64,6 +64,7 @@ from appliance.apps.log.tiles import (
     Tile,
     TileReader,
     decode_bundle,
+    encode_bundle,
     parse_path,
 )
 
@@ -276,7 +277,15 @@ class LogReader:
 
     def _tiles(self, size: int) -> TileReader:
         def fetch(tile: Tile) -> bytes:
-            return self._read(tile.path)
+            data = self.storage.read(tile.path)
+            if data is None and tile.width < TILE_WIDTH:
+                # Pruned once the full tile existed (tiles.prune_partials): its prefix.
+                full = self.storage.read(Tile(tile.level, tile.index).path)
+                if full is not None and len(full) == TILE_WIDTH * merkle.HASH_SIZE:
+                    data = full[: tile.width * merkle.HASH_SIZE]
+            if data is None:
+                raise CorruptStoreError(f"{tile.path} is missing")
+            return data
 
         return TileReader(fetch, size)
 
@@ -381,7 +390,15 @@ class LogReader:
         for n in range(start >> TILE_HEIGHT, ((end - 1) >> TILE_HEIGHT) + 1):
             bundle = Bundle(n, min(TILE_WIDTH, tiles.size - (n << TILE_HEIGHT)))
             try:
-                entries = decode_bundle(bundle, self._read(bundle.path))
+                data = self.storage.read(bundle.path)
+                if data is None and bundle.width < TILE_WIDTH:
+                    # Pruned once the full bundle existed (tiles.prune_partials): its first entries.
+                    full = self.storage.read(Bundle(n).path)
+                    if full is not None:
+                        data = encode_bundle(decode_bundle(Bundle(n), full)[: bundle.width])
+                if data is None:
+                    raise CorruptStoreError(f"{bundle.path} is missing")
+                entries = decode_bundle(bundle, data)
             except LogDecodeError as exc:
                 raise CorruptStoreError(str(exc)) from None
             first = n << TILE_HEIGHT

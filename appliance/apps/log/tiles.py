@@ -14,8 +14,10 @@ A log of ``size`` entries is kept as the static files of c2sp.org/tlog-tiles:
 
 Files never change once written, because a full tile's hashes and a partial tile of a given
 width are functions of the entries before them; a tile of a new width goes to a new path and
-the old partial tile stays (the spec requires partial tiles for every size a checkpoint was
-signed at). So the only mutable file is the store's *state record* ``state/tree``, the
+the old partial tile stays until a full tile supersedes it: :func:`prune_partials` deletes
+the partial files at every position where a durable signed size has the full one (the server
+runs it after publishing a checkpoint; a client that gets a 404 for a partial tile fetches the
+full one). So the only mutable file is the store's *state record* ``state/tree``, the
 unsigned checkpoint body (origin, size, root) of the last durable size.
 
 Appending a batch (:meth:`TileLog.append`) computes the new hashes with a
@@ -42,6 +44,7 @@ root with a signed checkpoint does.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 from collections import OrderedDict
@@ -83,6 +86,7 @@ __all__ = [
     "new_bundles",
     "new_tiles",
     "parse_path",
+    "prune_partials",
     "tile_data",
     "tiles_for_size",
 ]
@@ -419,7 +423,51 @@ class PosixStorage:
         return [f"{directory.rstrip('/')}/{name}" for name in names if _COMPONENT.fullmatch(name)]
 
     def delete(self, path: str) -> None:
-        self._file(path).unlink(missing_ok=True)
+        file = self._file(path)
+        file.unlink(missing_ok=True)
+        if file.parent.name.endswith(".p"):
+            # A partial tile's ``<N>.p/`` directory, once its last width is gone (pruning).
+            with contextlib.suppress(OSError):  # not empty, or already gone
+                file.parent.rmdir()
+
+
+# --- Pruning ---------------------------------------------------------------------------------
+
+
+def prune_partials(storage: Storage, covered: int, since: int = 0) -> list[str]:
+    """Delete the partial tiles and bundles that a full one covered by ``covered`` supersedes.
+
+    ``covered`` is a size whose files are durable (the server passes its published signed
+    checkpoint's size, which is written only after the tiles it covers are synced): at every
+    position where that tree has a *full* tile or bundle, the partial files ``<N>.p/<W>`` are
+    superseded (c2sp.org/tlog-tiles lets a log delete them; a client that gets a 404 for one
+    fetches the full one). The full file is checked to exist, of full length, before its
+    partials go; otherwise they stay. Positions whose full tile ``since`` already covered are
+    not looked at (a caller that pruned up to ``since`` before). Deletions are not synced: a
+    deletion lost in a crash leaves a superseded partial, which the next pass with an earlier
+    ``since`` (a restarted server starts at 0) deletes. Returns the deleted paths.
+    """
+    if covered < 0 or since < 0:
+        raise ValueError(f"sizes are non-negative, not {since} and {covered}")
+    deleted: list[str] = []
+    level = 0
+    while covered >> (TILE_HEIGHT * level) >= TILE_WIDTH:
+        shift = TILE_HEIGHT * level
+        first, end = (since >> shift) >> TILE_HEIGHT, (covered >> shift) >> TILE_HEIGHT
+        for n in range(first, end):
+            fulls: list[Tile | Bundle] = [Tile(level, n)] + ([Bundle(n)] if level == 0 else [])
+            for full in fulls:
+                partials = storage.list(full.path + ".p")
+                if not partials:
+                    continue
+                data = storage.read(full.path)
+                if data is None or (isinstance(full, Tile) and len(data) != TILE_WIDTH * HASH_SIZE):
+                    continue  # no durable full replacement: keep the partials
+                for path in partials:
+                    storage.delete(path)
+                    deleted.append(path)
+        level += 1
+    return deleted
 
 
 # --- The store ---------------------------------------------------------------------------------
@@ -440,6 +488,7 @@ class TileLog:
         self._tails: list[list[bytes]] = []
         self._bundle_tail: list[bytes] = []
         self._failed = False
+        self._pruned = 0
 
     @classmethod
     def open(cls, storage: Storage, origin: str) -> TileLog:
@@ -567,6 +616,17 @@ class TileLog:
             self.storage.write(path, files[path])
         self.storage.sync()
         self._reader._cache.clear()
+
+    # --- Pruning ---
+
+    def prune(self, covered: int) -> list[str]:
+        """Delete the partial files superseded by full ones that the durable size ``covered``
+        has (:func:`prune_partials`); positions an earlier call covered are skipped, so the
+        first call after opening looks at the whole log once. Returns the deleted paths."""
+        self._check_size(covered)
+        deleted = prune_partials(self.storage, covered, self._pruned)
+        self._pruned = max(self._pruned, covered)
+        return deleted
 
     # --- Appending ---
 

@@ -58,6 +58,8 @@ from appliance.apps.log.tiles import (
     TileReader,
     _perfect_root,
     decode_bundle,
+    encode_bundle,
+    parse_path,
     tile_hashes,
 )
 
@@ -255,10 +257,37 @@ class LogVerifier:
     # --- Fetching ---
 
     def _get(self, path: str, why: str) -> bytes:
-        data = self.source.get(path)
+        data = self._fetch(path)
         if data is None:
             raise VerificationFailed(f"the log does not serve {path}, which {why}")
         return data
+
+    def _fetch(self, path: str) -> bytes | None:
+        """A tile or bundle as served, or a partial one from its full one (None: neither)."""
+        data = self.source.get(path)
+        return self._from_full(path) if data is None else data
+
+    def _from_full(self, path: str) -> bytes | None:
+        """A partial tile or bundle the log does not serve, from the prefix of the full one
+        (c2sp.org/tlog-tiles: a log may delete a partial once the full one exists; a server
+        prunes them after each checkpoint). None if it is not partial or there is no full one."""
+        try:
+            what = parse_path(path)
+        except LogDecodeError:
+            return None
+        if what.width == TILE_WIDTH:
+            return None
+        if isinstance(what, Tile):
+            full = self.source.get(Tile(what.level, what.index).path)
+            size = what.width * merkle.HASH_SIZE
+            return full[:size] if full is not None and len(full) == TILE_WIDTH * merkle.HASH_SIZE else None
+        full = self.source.get(Bundle(what.index).path)
+        if full is None:
+            return None
+        try:
+            return encode_bundle(decode_bundle(Bundle(what.index), full)[: what.width])
+        except LogDecodeError:
+            return None
 
     def _tile(self, tile: Tile, size: int) -> list[bytes]:
         data = self._get(tile.path, f"its signed tree of size {size} has")
@@ -368,7 +397,7 @@ class LogVerifier:
         def pair(n: int) -> tuple[Bundle, bytes | None, Tile, bytes | None]:
             width = min(TILE_WIDTH, size - (n << TILE_HEIGHT))
             bundle, tile = Bundle(n, width), Tile(0, n, width)
-            return bundle, self.source.get(bundle.path), tile, self.source.get(tile.path)
+            return bundle, self._fetch(bundle.path), tile, self._fetch(tile.path)
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             for first in range(0, count, AUDIT_BATCH):
@@ -404,7 +433,7 @@ class LogVerifier:
             state.from_tiles[level + 1].append(_perfect_root(list(fetched)))
             if len(state.from_entries[level + 1]) == TILE_WIDTH:
                 upper = Tile(level + 1, tile.index >> TILE_HEIGHT)
-                data = self.source.get(upper.path)
+                data = self._fetch(upper.path)
                 fetched_upper = self._audit_tile(state, upper, data, state.from_entries[level + 1])
                 self._compare(state, upper, fetched_upper)
 
@@ -453,7 +482,7 @@ class LogVerifier:
             pending = state.from_entries[level]
             if pending:
                 upper = Tile(level, (size >> (TILE_HEIGHT * level)) >> TILE_HEIGHT, len(pending))
-                data = self.source.get(upper.path)
+                data = self._fetch(upper.path)
                 self._compare(state, upper, self._audit_tile(state, upper, data, pending))
         self.progress(f"audit: {size:,}/{size:,} entries, {state.tiles_checked:,} tiles")
         return self._conclude(latest, state)
