@@ -185,7 +185,7 @@ def main() -> None:
     owner = nacl.public.PrivateKey.generate()  # the owner of every item (one unique id)
     levels = []
     try:
-        refresh_times(root, 1, 120)  # the network is up and has refreshed once
+        refresh_times(root, 2, 180)  # warm-up: the first refreshes after start are slower
         stored = 0
         for count in args.counts:
             if count > stored:
