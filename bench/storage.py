@@ -93,14 +93,19 @@ def client(root: Path, server: int, app: str, unique_id: str) -> PstClient:
 
 
 def retrying(call: Any, *args: Any, **kwargs: Any) -> Any:
-    """While the network starts or re-keys a channel (``unavailable``): try again."""
+    """While the network starts or re-keys a channel (``unavailable``): try again. A write
+    answered ``unavailable`` may have been agreed all the same: ``exists`` on a retry is done."""
     deadline = time.monotonic() + 60
+    retried = False
     while True:
         try:
             return call(*args, **kwargs)
         except PstError as exc:
+            if retried and exc.code == "exists":
+                return None
             if exc.code != "unavailable" or time.monotonic() > deadline:
                 raise
+            retried = True
             time.sleep(0.2)
 
 
