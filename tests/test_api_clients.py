@@ -23,12 +23,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import nacl.public
 import pytest
 import trio
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_api import CLIENTS, FakeBackend, load_module, req, verify
+from test_store_api import OneServerStore
 
 from appliance.api import (
     QUOTA,
@@ -40,6 +42,7 @@ from appliance.api import (
     serve_api,
 )
 from appliance.api import client as appliance_client
+from appliance.apps.store import model
 from appliance.crypto import encoding
 
 standalone = load_module("pst_client_standalone", CLIENTS / "python" / "pst_client.py")
@@ -246,6 +249,75 @@ async def test_operator_calls_from_the_library(
     )
     assert info.created <= info.last_used
     assert revoked == {"revoked": 1, "handles": 2, "released": True, "owner": os.getuid()}
+
+
+async def test_public_store_data_from_both_libraries(
+    nursery: trio.Nursery, sock_path: Path, lib: ModuleType
+) -> None:
+    """StoreData / Retrieve / Write of public data over a real socket (a one-server store); the
+    standalone library refuses secret types, which need the in-package client's TDH2."""
+    await nursery.start(functools.partial(serve_api, sock_path, FakeBackend(), data_store=OneServerStore()))
+
+    def session() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        with lib.PstClient(sock_path) as client, lib.PstClient(sock_path) as other:
+            client.register("vault", "alice")
+            other.register("intruder")
+            out["put"] = client.store_data("motd", b"hello")
+            out["big"] = client.store_data("big", bytes(4096))
+            out["get"] = client.retrieve("motd")
+            out["record"] = client.store_record("big")
+            for name, call in (
+                ("again", lambda: client.store_data("motd", b"other")),
+                ("rw", lambda: client.store_data("cfg", b"v1", "public-rw")),
+                ("write", lambda: client.write("motd", b"v2", 2)),
+                ("stranger", lambda: other.retrieve("motd")),
+            ):
+                with pytest.raises(lib.PstError) as err:
+                    call()
+                out[name] = err.value.code
+            with appliance_client.PstClient(sock_path) as full:
+                full.register("vault", "alice")
+                full.store_data("seed", b"secret", "secret-single", reader=nacl.public.PrivateKey.generate())
+            if lib is standalone:
+                for call in (
+                    lambda: client.retrieve("seed"),
+                    lambda: client.store_data("k", b"x", "store-until"),
+                ):
+                    with pytest.raises(standalone.PstError, match="threshold decryption") as err:
+                        call()
+                    assert err.value.code == "not-supported"
+                assert client.store_record("seed")["type"] == "secret-single"
+        return out
+
+    out = await trio.to_thread.run_sync(session)
+    assert (out["put"], out["big"], out["get"]) == (1, 1, b"hello")
+    assert (out["record"]["type"], out["record"]["v"], out["record"]["value"]) == (
+        "public-once",
+        1,
+        bytes(4096),
+    )
+    assert (out["again"], out["rw"], out["write"], out["stranger"]) == (
+        "exists",
+        "not-permitted",
+        "exists",
+        "not-found",
+    )
+
+
+@given(st.text(max_size=20), st.text(max_size=20), st.binary(max_size=64), st.integers(1, 2**32))
+@settings(max_examples=50, deadline=None)
+def test_standalone_store_request_is_the_models_encoding(
+    app: str, data_id: str, value: bytes, v: int
+) -> None:
+    sent: list[dict[str, Any]] = []
+    client = standalone.PstClient("/nonexistent")
+    client._registration = (app, b"default")
+    client.handle = b"h" * 32
+    client._call = lambda op, **fields: sent.append(fields) or {"version": v}  # type: ignore[method-assign]
+    assert client.write(data_id, value, v) == v
+    expected = model.WriteRequest(app, data_id, model.DataType.PUBLIC_RW, v, value=value).encode()
+    assert sent[0]["request"] == expected
 
 
 async def test_a_refused_connection_reports_the_servers_reason(

@@ -37,6 +37,14 @@ Command line (``pst-client`` or ``python -m pst_client``)::
     pst-client verify --key group.pem [--app APP] FILE SIGNATURE
     pst-client payload [--app APP] FILE > payload.bin          # what the group signed
     pst-client time | status
+
+The store (docs/store.md): :meth:`PstClient.store_data`, :meth:`PstClient.write`,
+:meth:`PstClient.retrieve` and :meth:`PstClient.store_record` for *public* data
+(``public-once``, ``public-rw``, and StoreUntil items once the network released them). Secret
+types are sealed under the network's store key and opened from t+1 servers' decryption shares
+(TDH2 on P-256 or Ed25519, shares checked with Chaum-Pedersen proofs): that needs elliptic-curve
+group arithmetic that neither the standard library nor cbor2 offers, so this library refuses
+them with ``not-supported``; applications that store secrets use ``appliance.api.client``.
 """
 
 from __future__ import annotations
@@ -90,6 +98,12 @@ DISTRIBUTED_DOMAIN = "pst/app-distributed/v1"
 #: DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410); the key's 32 bytes follow.
 _ED25519_SPKI = bytes.fromhex("302a300506032b6570032100")
 _HEADER = struct.Struct(">I")
+#: The store's data types this library writes and reads (secrets need the in-package client).
+PUBLIC_TYPES = ("public-once", "public-rw")
+_SECRET_NOTE = (
+    "secret data is sealed and opened by threshold decryption (TDH2 on P-256 or Ed25519), which "
+    "needs group arithmetic beyond this library's dependencies: use appliance.api.client"
+)
 
 PathOrFile = Union[str, "os.PathLike[str]", BinaryIO]
 
@@ -598,6 +612,76 @@ class PstClient:
         ):
             raise PstError("connection", "malformed certificate response")
         return IssuedCertificate(cert, bundle, times[0], times[1], times[2], key)
+
+    # Data storage, public data (§5.2, Table 4; docs/store.md) ------------------------------------
+
+    def _app(self) -> str:
+        if self._registration is None:
+            raise PstError("unknown-handle", "register first (the store's data ids are per application)")
+        return self._registration[0]
+
+    def _store_write(
+        self, op: str, data_id: str, value: bytes, dtype: str, version: int, handle: bytes | None
+    ) -> int:
+        if dtype not in PUBLIC_TYPES:
+            raise PstError("not-supported", _SECRET_NOTE)
+        request = {
+            "app": self._app(),
+            "id": data_id,
+            "type": dtype,
+            "v": version,
+            "value": bytes(value),
+            "sealed": {},
+            "reader": b"",
+            "until": 0,
+        }
+        result = self._with_handle(op, handle, request=_encode(request))
+        got = result.get("version")
+        if not isinstance(got, int) or isinstance(got, bool):
+            raise PstError("connection", f"malformed {op} response")
+        return got
+
+    def store_data(
+        self, data_id: str, value: bytes, dtype: str = "public-once", *, handle: bytes | None = None
+    ) -> int:
+        """StoreData(DataID, value, type) for public data (``public-once`` or ``public-rw``): a new
+        item of this application, version 1. Refusals keep the store's codes (``exists``,
+        ``quota``, ...); a secret type is ``not-supported`` here (see the module's doc)."""
+        return self._store_write("store_data", data_id, value, dtype, 1, handle)
+
+    def write(
+        self,
+        data_id: str,
+        value: bytes,
+        version: int,
+        dtype: str = "public-rw",
+        *,
+        handle: bytes | None = None,
+    ) -> int:
+        """Write(DataID, newValue): ``version`` (the next) of read/write data. The network changes
+        such data only for a quorum of the application's clients, which the store does not take
+        yet: a client is refused (``not-permitted``) with that reason."""
+        return self._store_write("write", data_id, value, dtype, version, handle)
+
+    def store_record(self, data_id: str, *, handle: bytes | None = None) -> dict[str, Any]:
+        """The item as this server holds it (``type``, ``v``, owner; a public value, a secret's
+        ciphertexts), without reading a secret."""
+        record = self._with_handle("retrieve", handle, data_id=data_id).get("record")
+        if not isinstance(record, dict):
+            raise PstError("connection", "malformed retrieve response")
+        return record
+
+    def retrieve(self, data_id: str, *, handle: bytes | None = None) -> bytes:
+        """Retrieve(DataID) of public data (or of a StoreUntil item the network released at its
+        date); a secret that needs a threshold decryption is ``not-supported`` here."""
+        record = self.store_record(data_id, handle=handle)
+        value = record.get("value")
+        if not isinstance(value, bytes):
+            raise PstError("connection", "malformed retrieve response")
+        released = record.get("type") == "store-until" and value
+        if record.get("type") not in PUBLIC_TYPES and not released:
+            raise PstError("not-supported", f"{data_id}: {_SECRET_NOTE}")
+        return value
 
 
 def sign_file(

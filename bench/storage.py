@@ -1,0 +1,236 @@
+"""Storage benchmark (issue 14 §4): a real local cluster, n=4 t=1. Prints JSON (one object).
+
+`pst cluster init --store GROUP` (four `pst serve` processes with their key-holders, TLS between
+them, the store's writes agreed through its replicated sequence), then for each level of stored
+secrets (default 0, 10,000, 100,000): the store is filled up to that many ``secret-single`` items
+(sealed by the client library, 64-byte values, spread over applications of 10,000 items each,
+the network's quota) by ``--writers`` client threads across the four servers, which gives the
+store rate; then the refresh time as the servers measure it (status: from the period's start to
+the signed KeyTable), the median over the next ``--refreshes`` refreshes of the four servers; then
+``--reads`` reads of one secret through another server (threshold decryption: t+1 shares sealed
+to the reader, combined by the client), which gives the retrieve latency. Usage:
+
+    .venv/bin/python bench/storage.py [--counts 0 10000 100000] [--group ed25519|p256]
+        [--period 10] [--writers 8] [--reads 30] [--refreshes 3] [--keep DIR]
+
+Not a test (it takes minutes); docs/performance.md "Stored secrets" has the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import nacl.public
+
+from appliance.api.client import PstClient, PstError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from clusterutil import free_base_port
+
+PST = [sys.executable, "-m", "appliance.cli"]
+PER_APP = 10_000  # the network's quota of items per application (model.Quotas.max_records)
+VALUE = bytes(range(64))
+
+
+def pst(*args: str) -> str:
+    out = subprocess.run([*PST, *args], capture_output=True, text=True, timeout=300, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"pst {' '.join(args)}: {out.stdout}{out.stderr}")
+    return out.stdout
+
+
+def statuses(root: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = json.loads(pst("status", "--dir", str(root), "--json"))
+    return rows
+
+
+def last_period(root: Path) -> int:
+    return min(int((r.get("last_refresh") or {}).get("period", -1)) for r in statuses(root))
+
+
+def refresh_times(root: Path, count: int, timeout: float) -> list[float]:
+    """The durations (seconds) at every server of the next ``count`` refreshes after now."""
+    start = last_period(root)
+    seen: dict[int, dict[int, float]] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for r in statuses(root):
+            last = r.get("last_refresh") or {}
+            period = int(last.get("period", -1))
+            if period > start and last.get("status") == "operational":
+                seen.setdefault(period, {})[int(r["server"])] = float(last["duration_s"])
+        complete = sorted(p for p, by in seen.items() if len(by) == 4)
+        if len(complete) >= count:
+            return sorted(d for p in complete[:count] for d in seen[p].values())
+        time.sleep(0.3)
+    raise RuntimeError(f"{count} refreshes after period {start} not seen in {timeout} s: {seen}")
+
+
+def client(root: Path, server: int, app: str, unique_id: str) -> PstClient:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            c = PstClient(root / f"node-{server}" / "api.sock", timeout=60)
+            c.register(app, unique_id)
+            return c
+        except (PstError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def retrying(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """While the network starts or re-keys a channel (``unavailable``): try again. A write
+    answered ``unavailable`` may have been agreed all the same: ``exists`` on a retry is done."""
+    deadline = time.monotonic() + 60
+    retried = False
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except PstError as exc:
+            if retried and exc.code == "exists":
+                return None
+            if exc.code != "unavailable" or time.monotonic() > deadline:
+                raise
+            retried = True
+            time.sleep(0.2)
+
+
+def fill(root: Path, start: int, stop: int, writers: int, owner: nacl.public.PrivateKey) -> dict[str, Any]:
+    """Store secrets number start..stop-1 (item k: application bench-{k // PER_APP})."""
+    lock = threading.Lock()
+    todo = iter(range(start, stop))
+    latencies: list[float] = []
+
+    def worker(w: int) -> None:
+        clients: dict[str, PstClient] = {}
+        try:
+            while True:
+                with lock:
+                    k = next(todo, None)
+                if k is None:
+                    return
+                app = f"bench-{k // PER_APP}"
+                if app not in clients:
+                    clients[app] = client(root, 1 + w % 4, app, "bench")
+                t0 = time.perf_counter()
+                retrying(clients[app].store_data, f"s{k}", VALUE, "secret-single", reader=owner)
+                latencies.append(time.perf_counter() - t0)
+        finally:
+            for c in clients.values():
+                c.close()
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(writers) as pool:
+        for f in [pool.submit(worker, w) for w in range(writers)]:
+            f.result()
+    elapsed = time.perf_counter() - t0
+    done = stop - start
+    return {
+        "stored": done,
+        "seconds": round(elapsed, 2),
+        "per_second": round(done / elapsed, 1) if done else None,
+        "latency_p50_ms": round(statistics.median(latencies) * 1000, 2) if latencies else None,
+    }
+
+
+def reads(root: Path, count: int, owner: nacl.public.PrivateKey) -> dict[str, Any]:
+    """Read secret s0 ``count`` times through server 3 (written through server 1)."""
+    reader = client(root, 3, "bench-0", "bench")
+    try:
+        times = []
+        for _ in range(count):
+            t0 = time.perf_counter()
+            value = retrying(reader.retrieve, "s0", reader=owner)
+            times.append(time.perf_counter() - t0)
+            assert value == VALUE, "a stored secret read back wrong"
+    finally:
+        reader.close()
+    times.sort()
+    return {
+        "reads": count,
+        "p50_ms": round(statistics.median(times) * 1000, 1),
+        "p90_ms": round(times[int(0.9 * (len(times) - 1))] * 1000, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--counts", type=int, nargs="+", default=[0, 10_000, 100_000])
+    parser.add_argument("--group", choices=("ed25519", "p256"), default="ed25519")
+    parser.add_argument("--period", type=float, default=10.0)
+    parser.add_argument("--writers", type=int, default=8)
+    parser.add_argument("--reads", type=int, default=30)
+    parser.add_argument("--refreshes", type=int, default=3)
+    parser.add_argument("--keep", type=Path, default=None, help="cluster directory (kept)")
+    args = parser.parse_args()
+    if sorted(args.counts) != args.counts:
+        parser.error("--counts: increasing levels")
+    base = args.keep or Path(tempfile.mkdtemp(prefix="pst-storage-"))
+    root = base / "c"
+    pst(
+        "cluster", "init", "--store", args.group, "--log", "off", "--nodes", "4", "--threshold", "1",
+        "--dir", str(root), "--period", f"{args.period:g}", "--round-ms", "100",
+        "--base-port", str(free_base_port(4)),
+    )  # fmt: skip
+    pst("cluster", "up", "--dir", str(root), "--detach")
+    owner = nacl.public.PrivateKey.generate()  # the owner of every item (one unique id)
+    levels = []
+    try:
+        refresh_times(root, 2, 180)  # warm-up: the first refreshes after start are slower
+        stored = 0
+        for count in args.counts:
+            if count > stored:
+                writes = fill(root, stored, count, args.writers, owner)
+                stored = count
+            else:
+                writes = None
+            level: dict[str, Any] = {"secrets": stored, "store": writes}
+            durations = refresh_times(root, args.refreshes, args.refreshes * args.period * 4 + 60)
+            level["refresh_s"] = {
+                "median": round(statistics.median(durations), 3),
+                "min": round(durations[0], 3),
+                "max": round(durations[-1], 3),
+                "samples": len(durations),
+            }
+            if stored:
+                level["retrieve"] = reads(root, args.reads, owner)
+            levels.append(level)
+            print(json.dumps(level), file=sys.stderr, flush=True)
+    finally:
+        subprocess.run([*PST, "cluster", "down", "--dir", str(root)], capture_output=True, check=False)
+        if args.keep is None:
+            shutil.rmtree(base, ignore_errors=True)
+    print(
+        json.dumps(
+            {
+                "bench": "storage",
+                "n": 4,
+                "t": 1,
+                "group": args.group,
+                "period_s": args.period,
+                "writers": args.writers,
+                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                "date": time.strftime("%Y-%m-%d", time.gmtime()),
+                "levels": levels,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
