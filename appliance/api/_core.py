@@ -10,7 +10,8 @@ reached through the :class:`Backend` protocol, whose async methods the node impl
 
 Wire format: every request is a canonical CBOR map ``{"v": 1, "op": str, "id": int, ...}``
 and every response ``{"v": 1, "id": id, "ok": bool, "result" | "error": ...}`` where an error
-is ``{"code": str, "message": str}`` (plus ``"retry_after_ms": int`` for a rate limit).
+is ``{"code": str, "message": str}`` (plus ``"retry_after_ms": int`` for a rate limit, and for
+an ``unavailable`` while the server holds no share: a refresh's handover).
 The codes are fixed (:data:`ERROR_CODES`); messages name the offending field but never echo
 a handle, a message or a backend exception text. docs/api.md describes every operation for
 application writers.
@@ -111,7 +112,8 @@ registration (shared by its handles; it survives re-registration and restarts, s
 refills it); the other operations by a token bucket per uid (``register_distributed`` costs
 four tokens: scrypt is expensive). All exceeded limits answer ``quota`` with a message that
 says how to recover; a rate limit's error also carries ``retry_after_ms``, the wait until
-the request would pass, and the client library waits that long and retries by itself.
+the request would pass, and the client library waits that long and retries by itself (as it
+does for an ``unavailable`` that says the server is not operational, within the same budget).
 
 ``sign`` hands the *registered* name and the message to :meth:`Backend.sign`; a client
 never chooses a protocol context, so it can only get signatures that the backend
@@ -575,6 +577,12 @@ def parse_request(obj: object) -> Request:
     return Request(obj["id"], op, args)
 
 
+#: How our servers word "no share now" (a refresh between the decision and the new period's
+#: services, or a recovering server): such an ``unavailable`` carries ``retry_after_ms``.
+NOT_OPERATIONAL: Final = "this server is not operational"
+NOT_OPERATIONAL_RETRY: Final = 0.5
+
+
 def error_response(
     rid: int | None, code: str, message: str, retry_after: float | None = None
 ) -> dict[str, Any]:
@@ -976,7 +984,10 @@ class ApiCore:
             result = await self._dispatch(request, peer)
         except ApiError as exc:
             self.count(op, exc.code)
-            return error_response(rid, exc.code, exc.message, exc.retry_after)
+            retry_after = exc.retry_after
+            if retry_after is None and exc.code == UNAVAILABLE and NOT_OPERATIONAL in exc.message:
+                retry_after = NOT_OPERATIONAL_RETRY  # a refresh's handover: soon again
+            return error_response(rid, exc.code, exc.message, retry_after)
         self.count(op, "ok")
         return ok_response(request.id, result)
 

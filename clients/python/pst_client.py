@@ -425,7 +425,9 @@ class PstClient:
                 return self._call_once(op, fields)
             except PstError as exc:
                 wait = exc.retry_after
-                if exc.code != "quota" or wait is None or wait > budget:
+                # A rate limit, or a server between two periods' shares (a refresh): both say
+                # when to ask again.
+                if exc.code not in ("quota", "unavailable") or wait is None or wait > budget:
                     raise
                 budget -= wait
                 time.sleep(wait)
