@@ -460,6 +460,11 @@ class AppCertificates:
             text = str(exc)
             if "not allowed" in text or "no certificate profile" in text:
                 raise BackendRefused(text[:500]) from None
+            if "no certificate prepared" in text:  # a refresh replaced the key-holder in between
+                raise BackendUnavailable(
+                    "this server is not operational for a moment: a refresh replaced its key-holder "
+                    "between the certificate's preparation and its signature; retry"
+                ) from None
             raise BackendUnavailable(text[:300]) from None
         except trio.TooSlowError:
             raise BackendUnavailable("the signers did not answer in time") from None
