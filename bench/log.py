@@ -297,14 +297,14 @@ def checkpoint_size(path: Path) -> int:
         return 0
 
 
-def cluster_cpu(root: Path) -> float:
+def cluster_cpu_split(root: Path) -> tuple[float, float]:
     """CPU seconds (user + system) used so far by the processes of the cluster in ``root`` (every
     process whose command line names one of its servers' configs: pst serve, its zygote and its
     key-holder). Per entry, the figure that decides the rate on an idle machine, and much less
     sensitive than the rate to other work on a shared one."""
     ticks = os.sysconf("SC_CLK_TCK")
     mark = f"{root}/node-".encode()
-    total = 0
+    user = system = 0
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -314,8 +314,9 @@ def cluster_cpu(root: Path) -> float:
             fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-    return total / ticks
+        user += int(fields[11])  # utime, stime (fields 14 and 15 of stat)
+        system += int(fields[12])
+    return user / ticks, system / ticks
 
 
 def run_cluster(
@@ -345,7 +346,7 @@ def run_cluster(
             load = relp_load = RelpSenders(relp, senders, total, size, work / f"relp-{senders}")
         else:
             load = make_senders(sender, ports, senders, total, size, rate)
-        cpu_before = cluster_cpu(root)
+        cpu_before = cluster_cpu_split(root)
         start = load.run()
         seen: list[tuple[float, int]] = []
         deadline = start + max(120.0, total / 500)
@@ -357,7 +358,9 @@ def run_cluster(
                 break
             time.sleep(0.01)
         done = seen[-1][0] if seen and seen[-1][1] >= total else None
-        cpu = cluster_cpu(root) - cpu_before
+        cpu_after = cluster_cpu_split(root)
+        user, system = cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]
+        cpu = user + system
         intervals = [(b[0] - a[0]) * 1000 for a, b in itertools.pairwise(seen) if a[1] > 0]
         latencies: list[float] = []
         # Sent once the first checkpoint was out: the cluster's first slot and first signing
@@ -378,6 +381,7 @@ def run_cluster(
             "seconds": None if done is None else round(done - start, 3),
             "entries_per_second": None if done is None else round(total / (done - start)),
             "cluster_cpu_us_per_entry": round(cpu / total * 1e6, 1),
+            "cluster_cpu_us_per_entry_user_system": [round(user / total * 1e6, 1), round(system / total * 1e6, 1)],
             "checkpoints": len(seen),
             "checkpoint_interval_ms": {"p50": percentile(intervals, 50), "p99": percentile(intervals, 99)},
             "entry_to_checkpoint_ms": {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99)},

@@ -421,3 +421,44 @@ def test_a_private_file_is_never_written_without_its_directory_sync(tmp_path: Pa
     with pytest.raises(ValueError, match="private"):
         atomic_write(tmp_path / "secret", b"s", private=True, sync_dir=False)
     assert not (tmp_path / "secret").exists()
+
+
+def test_posix_write_all_renames_nothing_before_every_file_is_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``PosixStorage.write_all`` (a slot's tiles at once): every content is written and synced
+    before the first rename, so a crash (here: the third fsync fails) leaves each file with its
+    old content, and the next append rewrites the files (the state record was not moved)."""
+    import os as os_module
+
+    from appliance.apps.log import tiles as tiles_module
+
+    storage = PosixStorage(tmp_path)
+    log = TileLog.open(storage, "log.example/all")
+    log.append(_entries(0, 300))
+    before = {p: storage.read(p) for p in ("tile/0/001.p/44", "tile/entries/001.p/44", "state/tree")}
+    calls: list[int] = []
+    real = os_module.fsync
+
+    def failing(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(5, "simulated I/O error")
+        real(fd)
+
+    monkeypatch.setattr(tiles_module.os, "fsync", failing)
+    with pytest.raises(OSError):
+        log.append(_entries(300, 300))
+    monkeypatch.setattr(tiles_module.os, "fsync", real)
+    assert len(calls) == 3
+    # Nothing renamed into place: 0/002, its bundle and the new partials do not exist.
+    assert storage.read("tile/0/002") is None and storage.read("tile/entries/002") is None
+    assert {p: storage.read(p) for p in before} == before
+    reopened = TileLog.open(PosixStorage(tmp_path), "log.example/all")
+    assert reopened.size == 300
+    reopened.append(_entries(300, 300))
+    assert reopened.root() == _reference(_entries(0, 600)).root()
+    assert TileLog.open(PosixStorage(tmp_path), "log.example/all").read_entries(0, 600) == _entries(0, 600)
+    storage.write_all({"x/a": b"1", "x/b": b"2"})
+    storage.sync()
+    assert (storage.read("x/a"), storage.read("x/b")) == (b"1", b"2")
