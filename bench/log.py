@@ -381,7 +381,10 @@ def run_cluster(
             "seconds": None if done is None else round(done - start, 3),
             "entries_per_second": None if done is None else round(total / (done - start)),
             "cluster_cpu_us_per_entry": round(cpu / total * 1e6, 1),
-            "cluster_cpu_us_per_entry_user_system": [round(user / total * 1e6, 1), round(system / total * 1e6, 1)],
+            "cluster_cpu_us_per_entry_user_system": [
+                round(user / total * 1e6, 1),
+                round(system / total * 1e6, 1),
+            ],
             "checkpoints": len(seen),
             "checkpoint_interval_ms": {"p50": percentile(intervals, 50), "p99": percentile(intervals, 99)},
             "entry_to_checkpoint_ms": {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99)},
