@@ -388,3 +388,39 @@ def test_a_batch_travels_and_is_stored_as_its_canonical_bytes(
     ):
         with pytest.raises(DecodeError):
             Batch.from_bytes(bad, 4)
+
+
+def test_a_batch_held_or_applied_is_not_decoded_again_and_fresh_ones_are_not_resent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An origin resends its batches until they are in the log; a receiver names each by the
+    hash of its bytes first, so one it holds (pending or applied) is not decoded again. And a
+    batch sent less than ``resend`` seconds ago is not in the resend round."""
+    net = Net(seed=3, delay=0.0)
+    net.submit(1, [b"one", b"two"])
+    sent = net.replicas[1]._pending
+    (raw,) = [b.encoded for b in sent.values()]
+    net.run_until(lambda: all(r.log.size == 2 for r in net.replicas.values()))
+    decoded: list[bytes] = []
+    real = Batch.from_bytes.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(
+        Batch, "from_bytes", classmethod(lambda cls, b, n, d=None: (decoded.append(b), real(cls, b, n, d))[1])
+    )
+    r2 = net.replicas[2]
+    r2.receive(1, {"log": "batch", "b": raw}, net.now)  # applied: skipped by its digest
+    assert decoded == [] and r2.rejected == [] and r2.log.size == 2
+    r2.receive(1, {"log": "batch", "b": raw[:-1] + b"X"}, net.now)  # other bytes: decoded
+    assert len(decoded) == 1 and r2.log.size == 2  # (a seq already in the log: ignored)
+    # Resending: a batch of ours sent just now is not sent again at the next resend round.
+    r1 = net.replicas[1]
+    t0 = net.now
+    r1.tick(t0 + r1.resend)  # a resend round (nothing of ours pending)
+    r1.tick(t0 + 2 * r1.resend - 0.1)
+    net.submit(1, [b"three"])  # sent now (at the next tick)
+    out = r1.tick(t0 + 2 * r1.resend - 0.1)
+    assert len([m for _to, m in out if m.get("log") == "batch"]) == 1
+    out = r1.tick(t0 + 2 * r1.resend)  # the next round: sent 0.1 s ago, not again
+    assert [m for _to, m in out if m.get("log") == "at"]
+    assert not [m for _to, m in out if m.get("log") == "batch"]
+    out = r1.tick(t0 + 3 * r1.resend)  # the round after: sent again
+    assert len([m for _to, m in out if m.get("log") == "batch"]) == 1

@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -144,15 +145,18 @@ class Batch:
         return hashlib.sha256(self.encoded).digest()
 
     @classmethod
-    def from_bytes(cls, raw: Any, n: int) -> Batch:
+    def from_bytes(cls, raw: Any, n: int, digest: bytes | None = None) -> Batch:
         """The batch whose canonical CBOR is ``raw`` (as stored, and as it travels: kept as the
-        bytes that arrived, so that nobody encodes it again to store or name it)."""
+        bytes that arrived, so that nobody encodes it again to store or name it). ``digest``:
+        SHA-256 of ``raw`` if the caller computed it already."""
         if not isinstance(raw, bytes):
             raise DecodeError("a batch travels as the bytes of its canonical CBOR")
         batch = cls.from_obj(encoding.decode(raw, max_size=MAX_BATCH_BYTES + 64 * 1024, what="batch"), n)
         # decode() checked that raw is the canonical encoding of the object it decoded to, and
         # from_obj() that the object is exactly a batch's fields: raw is what encoded gives.
         batch.__dict__["encoded"] = raw
+        if digest is not None:
+            batch.__dict__["digest"] = digest
         return batch
 
     @classmethod
@@ -321,6 +325,7 @@ class Replica:
         self._engine: Engine | None = None
         self._pending: dict[bytes, Batch] = {}
         self._by_seq: dict[tuple[int, int], bytes] = {}
+        self._sent: dict[bytes, float] = {}  # digest of a batch of ours -> when we last sent it
         self._out: list[Send] = []
         self._last_resend = now
         self._now = now
@@ -450,6 +455,7 @@ class Replica:
 
     def _drop(self, d: bytes) -> None:
         b = self._pending.pop(d)
+        self._sent.pop(d, None)
         if self._by_seq.get((b.origin, b.seq)) == d:
             del self._by_seq[(b.origin, b.seq)]
         self.storage.delete(f"replica/pending/{d.hex()}")
@@ -499,6 +505,7 @@ class Replica:
         batch = Batch(self.me, self.my_seq, tuple(bytes(e) for e in entries))
         self._store(batch)
         self.my_seq += 1
+        self._sent[batch.digest] = self._now
         self._out.append((EVERYONE, {"log": "batch", "b": batch.encoded}))
         return batch.seq
 
@@ -522,13 +529,17 @@ class Replica:
                 raise DecodeError("not a log message")
             kind = obj["log"]
             if kind == "batch":
-                self._on_batch(sender, Batch.from_bytes(obj.get("b"), self.n), fetched=False)
+                batch = self._new_batch(obj.get("b"))
+                if batch is not None:
+                    self._on_batch(sender, batch, fetched=False)
             elif kind == "batches":
                 got = obj.get("b")
                 if not isinstance(got, list) or len(got) > MAX_SLOT_BATCHES:
                     raise DecodeError("batches: a list of at most 64")
                 for b in got:
-                    self._on_batch(sender, Batch.from_bytes(b, self.n), fetched=True)
+                    batch = self._new_batch(b)
+                    if batch is not None:
+                        self._on_batch(sender, batch, fetched=True)
             elif kind == "fetch":
                 self._on_fetch(sender, obj.get("d"))
             elif kind == "slot":
@@ -571,7 +582,10 @@ class Replica:
             # Where we are, so that whoever is behind asks, and whoever is ahead answers.
             self._out.append((EVERYONE, {"log": "at", "slot": self.slot}))
             for b in sorted(self._pending.values(), key=lambda b: b.seq):
-                if b.origin == self.me:
+                # Ours, sent at least ``resend`` seconds ago (one sent since the last round is
+                # on its way: sending it again only costs every peer a hash).
+                if b.origin == self.me and now - self._sent.get(b.digest, -math.inf) >= self.resend:
+                    self._sent[b.digest] = now
                     self._out.append((EVERYONE, {"log": "batch", "b": b.encoded}))
         out, self._out = self._out, []
         return out
@@ -766,6 +780,17 @@ class Replica:
         return True
 
     # --- Handlers ------------------------------------------------------------------------------
+
+    def _new_batch(self, raw: Any) -> Batch | None:
+        """The batch in ``raw``, or None if we hold it already (named by the digest of the bytes,
+        before they are decoded: an origin sends its batches again until they are in the log,
+        and a batch we hold or applied recently costs a hash, not a decode)."""
+        if not isinstance(raw, bytes):
+            raise DecodeError("a batch travels as the bytes of its canonical CBOR")
+        d = hashlib.sha256(raw).digest()
+        if d in self._pending or d in self._applied:
+            return None
+        return Batch.from_bytes(raw, self.n, d)
 
     def _on_batch(self, sender: int, batch: Batch, *, fetched: bool) -> None:
         if not fetched and batch.origin != sender:
