@@ -90,7 +90,8 @@ class FrameDecoder:
             end = start + HEADER_SIZE + length
             if len(buf) < end:
                 break
-            frames.append(bytes(buf[start + HEADER_SIZE : end]))
+            with memoryview(buf) as view:  # one copy of the payload, not two
+                frames.append(bytes(view[start + HEADER_SIZE : end]))
             self._next_limit = None
             start = end
         if start:

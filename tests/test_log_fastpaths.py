@@ -1,0 +1,62 @@
+"""The log's fast paths (issue 11's speed): each gives exactly what the generic code gives."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from appliance.apps.log.node import LOG_FRAME, batch_frame
+from appliance.crypto import encoding
+from appliance.crypto.errors import DecodeError
+
+
+def _strict(data: bytes) -> object:
+    try:
+        return encoding.decode(data[1:], max_size=1 << 22, what="log frame")
+    except DecodeError:
+        return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.binary(max_size=70000), tag=st.sampled_from([LOG_FRAME, b"\x01"]))
+def test_batch_frame_reads_exactly_the_canonical_batch_frames(payload: bytes, tag: bytes) -> None:
+    frame = tag + encoding.encode({"log": "batch", "b": payload})
+    assert batch_frame(frame) == payload
+    assert _strict(frame) == {"log": "batch", "b": payload}
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    payload=st.binary(max_size=300),
+    cut=st.integers(0, 400),
+    pos=st.integers(0, 400),
+    byte=st.integers(0, 255),
+    extra=st.binary(max_size=3),
+)
+def test_fuzz_batch_frame_never_disagrees_with_the_strict_decoder(
+    payload: bytes, cut: int, pos: int, byte: int, extra: bytes
+) -> None:
+    """Mutated, truncated or extended frames: the fast path reads a frame only if the strict
+    decoder reads the same batch frame from it; anything else is left to the strict decoder."""
+    frame = bytearray(LOG_FRAME + encoding.encode({"log": "batch", "b": payload}))
+    if pos < len(frame):
+        frame[pos] = byte
+    data = bytes(frame[: max(cut, 1)]) + extra
+    fast = batch_frame(data)
+    if fast is not None:
+        assert _strict(data) == {"log": "batch", "b": fast}
+
+
+@given(data=st.binary(max_size=64))
+def test_fuzz_batch_frame_on_any_bytes(data: bytes) -> None:
+    fast = batch_frame(data)
+    if fast is not None:
+        assert _strict(data) == {"log": "batch", "b": fast}
+
+
+def test_non_shortest_lengths_are_not_read() -> None:
+    body = b"x" * 10
+    # The length 10 in one extra byte (0x58 0x0a): valid CBOR, not canonical.
+    frame = LOG_FRAME + b"\xa2\x61b\x58\x0a" + body + b"\x63log\x65batch"
+    assert batch_frame(frame) is None and _strict(frame) is None
+    assert batch_frame(LOG_FRAME + encoding.encode({"log": "batch", "b": body})) == body
