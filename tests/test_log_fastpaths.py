@@ -60,3 +60,30 @@ def test_non_shortest_lengths_are_not_read() -> None:
     frame = LOG_FRAME + b"\xa2\x61b\x58\x0a" + body + b"\x63log\x65batch"
     assert batch_frame(frame) is None and _strict(frame) is None
     assert batch_frame(LOG_FRAME + encoding.encode({"log": "batch", "b": body})) == body
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    parts=st.lists(
+        st.one_of(
+            st.binary(max_size=40).map(lambda m: str(len(m)).encode() + b" " + m),  # well counted
+            st.binary(max_size=40),  # anything: LF framing, bad counts, digits without a space
+            st.sampled_from([b"12", b"0 ", b"1234567890 ab", b"3 abc", b"999999999 x", b"\n"]),
+        ),
+        max_size=12,
+    ),
+    limit=st.integers(1, 50),
+)
+def test_the_deframers_one_step_octet_count_gives_what_byte_by_byte_gives(
+    parts: list[bytes], limit: int
+) -> None:
+    """A whole octet-counted message in one chunk is read in one step; fed one byte at a time
+    (the state machine only), the same stream gives the same frames and counters."""
+    from appliance.apps.log.framing import StreamDeframer
+
+    stream = b"".join(parts)
+    whole, single = StreamDeframer(limit), StreamDeframer(limit)
+    got_whole = whole.feed(stream) + whole.eof()
+    got_single = [f for i in range(len(stream)) for f in single.feed(stream[i : i + 1])] + single.eof()
+    assert got_whole == got_single
+    assert (whole.framing_errors, whole.truncated) == (single.framing_errors, single.truncated)

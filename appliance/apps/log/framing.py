@@ -103,6 +103,16 @@ class StreamDeframer:
             state = self._state
             if state == _START:
                 if data[pos] in _DIGITS and data[pos] != 0x30:
+                    # The common case in one step: a whole octet-counted message in this chunk
+                    # (what the state machine below would give, without a round per digit).
+                    space = data.find(b" ", pos + 1, pos + MAX_COUNT_DIGITS + 1)
+                    if space > 0 and data[pos:space].isdigit():
+                        count = int(data[pos:space])
+                        end = space + 1 + count
+                        if end <= n and count <= limit:
+                            frames.append(Frame(data[space + 1 : end], count))
+                            pos = end
+                            continue
                     self._state = _COUNT
                 else:
                     self._state = _LF
