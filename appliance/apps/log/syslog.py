@@ -155,12 +155,13 @@ _HOSTNAME = re.compile(rb"%s{1,%d}" % (_PRINT, MAX_HOSTNAME))
 
 
 def _check_rfc3339(m: re.Match[bytes]) -> bool:
-    year, month, day, hour, minute, second = (int(g) for g in m.group(1, 2, 3, 4, 5, 6))
-    try:
-        datetime.date(year, month, day)
-    except ValueError:
-        return False
-    if hour > 23 or minute > 59 or second > 59:
+    month, day = int(m[2]), int(m[3])
+    if not (1 <= month <= 12 and 1 <= day <= 28):  # else ask the calendar (a date object each)
+        try:
+            datetime.date(int(m[1]), month, day)
+        except ValueError:
+            return False
+    if int(m[4]) > 23 or int(m[5]) > 59 or int(m[6]) > 59:
         return False
     if m.group(8) != b"Z":
         oh, om = int(m.group(9)), int(m.group(10))
