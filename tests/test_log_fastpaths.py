@@ -87,3 +87,63 @@ def test_the_deframers_one_step_octet_count_gives_what_byte_by_byte_gives(
     got_single = [f for i in range(len(stream)) for f in single.feed(stream[i : i + 1])] + single.eof()
     assert got_whole == got_single
     assert (whole.framing_errors, whole.truncated) == (single.framing_errors, single.truncated)
+
+
+_TEXTS = st.none() | st.text(max_size=30)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    raw=st.binary(max_size=300),
+    received=st.integers(-(2**64), 2**64 - 1),
+    size=st.integers(0, 2**40),
+    peer=st.text(max_size=60),
+    transport=st.sampled_from(["udp", "tcp", "tls", "relp", "api"]),
+    error=_TEXTS,
+    parsed=st.booleans(),
+    pri=st.integers(0, 191),
+    version=st.none() | st.integers(0, 2**20),
+    fields=st.tuples(_TEXTS, _TEXTS, _TEXTS, _TEXTS, _TEXTS),
+    span=st.none() | st.tuples(st.integers(0, 70000), st.integers(0, 70000)),
+    offset=st.integers(0, 70000),
+    bom=st.booleans(),
+)
+def test_the_entry_written_field_by_field_is_the_canonical_cbor_of_its_map(
+    raw: bytes,
+    received: int,
+    size: int,
+    peer: str,
+    transport: str,
+    error: str | None,
+    parsed: bool,
+    pri: int,
+    version: int | None,
+    fields: tuple[str | None, ...],
+    span: tuple[int, int] | None,
+    offset: int,
+    bom: bool,
+) -> None:
+    from appliance.apps.log.syslog import Entry, SyslogMessage
+
+    timestamp, hostname, app_name, procid, msgid = fields
+    message = (
+        SyslogMessage(
+            "rfc5424" if version is not None else "rfc3164",
+            pri,
+            version,
+            timestamp,
+            hostname,
+            app_name,
+            procid,
+            msgid,
+            (),
+            span,
+            offset,
+            bom,
+        )
+        if parsed
+        else None
+    )
+    entry = Entry(raw, received, transport, peer, size, message, error)
+    assert entry.encode() == encoding.encode(entry.to_obj())
+    assert entry.encode() == entry.encode()  # (the second time from the cache of texts)

@@ -408,19 +408,75 @@ class Entry:
             "timestamp": m.timestamp,
         }
 
+    def to_obj(self) -> dict[str, Any]:
+        """The entry as the CBOR map it is encoded as (in canonical key order)."""
+        return {
+            "v": ENTRY_VERSION,
+            "raw": self.raw,
+            "peer": self.peer,
+            "size": self.size,
+            "time": self.received,
+            "error": self.error,
+            "syslog": self._syslog_map(),
+            "transport": self.transport,
+        }
+
     def encode(self) -> bytes:
-        """The entry's bytes, the leaf of the Merkle tree: canonical CBOR, at most 65,535 bytes."""
-        data = encoding.encode_in_order(
-            {  # in canonical key order (the cost of sorting was a third of the ingest's)
-                "v": ENTRY_VERSION,
-                "raw": self.raw,
-                "peer": self.peer,
-                "size": self.size,
-                "time": self.received,
-                "error": self.error,
-                "syslog": self._syslog_map(),
-                "transport": self.transport,
-            }
+        """The entry's bytes, the leaf of the Merkle tree: canonical CBOR, at most 65,535 bytes.
+
+        Written here field by field (the map's keys in canonical order, each value's shortest
+        head), the bytes :func:`encoding.encode` gives for :meth:`to_obj` (property tests check
+        it), at about half the cost of the generic encoder, which was the ingest's largest
+        item after the parser."""
+        m = self.message
+        if m is None:
+            syslog = _NULL
+        else:
+            span = m.sd_span
+            syslog = b"".join(
+                (
+                    b"\xabbsd",
+                    _NULL if span is None else b"\x82" + _int(span[0]) + _int(span[1]),
+                    b"\x63bom\xf5" if m.bom else b"\x63bom\xf4",
+                    b"\x63msg",
+                    _int(m.msg_offset),
+                    b"\x63pri",
+                    _int(m.pri),
+                    b"\x65msgid",
+                    _text(m.msgid),
+                    b"\x66format",
+                    _text(m.format),
+                    b"\x66procid",
+                    _text(m.procid),
+                    b"\x67version",
+                    _NULL if m.version is None else _int(m.version),
+                    b"\x68app_name",
+                    _text(m.app_name),
+                    b"\x68hostname",
+                    _text(m.hostname),
+                    b"\x69timestamp",
+                    _text(m.timestamp),
+                )
+            )
+        raw = self.raw
+        data = b"".join(
+            (
+                _ENTRY_HEAD,
+                _head(0x40, len(raw)),
+                raw,
+                b"\x64peer",
+                _text(self.peer),
+                b"\x64size",
+                _int(self.size),
+                b"\x64time",
+                _int(self.received),
+                b"\x65error",
+                _text(self.error),
+                b"\x66syslog",
+                syslog,
+                b"\x69transport",
+                _text(self.transport),
+            )
         )
         if len(data) > MAX_ENTRY_SIZE:
             raise EntryTooLargeError(
@@ -439,6 +495,48 @@ class Entry:
         except DecodeError as exc:
             raise LogDecodeError(str(exc)) from None
 
+
+_NULL = b"\xf6"
+#: The heads of items of length (or value) below 24: one byte, major type and length.
+_SMALL_HEADS = [bytes((i,)) for i in range(256)]
+
+
+def _head(major: int, n: int) -> bytes:
+    """The shortest CBOR head of major type ``major`` (shifted: 0x00, 0x20, 0x40, 0x60) and ``n``."""
+    if n < 24:
+        return _SMALL_HEADS[major | n]
+    if n < 0x100:
+        return bytes((major | 24, n))
+    if n < 0x10000:
+        return bytes((major | 25,)) + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return bytes((major | 26,)) + n.to_bytes(4, "big")
+    return bytes((major | 27,)) + n.to_bytes(8, "big")
+
+
+def _int(n: int) -> bytes:
+    return _head(0x00, n) if n >= 0 else _head(0x20, -1 - n)
+
+
+#: Encoded text strings: a sender's host, app, peer address and timestamps repeat.
+_TEXTS: dict[str | None, bytes] = {None: _NULL}
+
+
+def _text(s: str | None) -> bytes:
+    data = _TEXTS.get(s)
+    if data is None:
+        assert s is not None
+        b = s.encode("utf-8")
+        data = _head(0x60, len(b)) + b
+        if len(_TEXTS) >= 4096:
+            _TEXTS.clear()
+            _TEXTS[None] = _NULL
+        _TEXTS[s] = data
+    return data
+
+
+#: The map of 8 pairs, "v": ENTRY_VERSION, then the key "raw" (its value's head follows).
+_ENTRY_HEAD = b"\xa8\x61v" + _int(ENTRY_VERSION) + b"\x63raw"
 
 _ENTRY_FIELDS: dict[str, type | tuple[type, ...]] = {
     "v": int,
