@@ -105,7 +105,7 @@ class SDElement:
     params: tuple[tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class SyslogMessage:
     """What the parser read from a message; ``None`` where the format or the sender had nothing.
 
@@ -115,16 +115,48 @@ class SyslogMessage:
 
     format: Format
     pri: int
-    version: int | None = None
-    timestamp: str | None = None
-    hostname: str | None = None
-    app_name: str | None = None
-    procid: str | None = None
-    msgid: str | None = None
-    structured_data: tuple[SDElement, ...] = ()
-    sd_span: tuple[int, int] | None = None
-    msg_offset: int = 0
-    bom: bool = False
+    version: int | None
+    timestamp: str | None
+    hostname: str | None
+    app_name: str | None
+    procid: str | None
+    msgid: str | None
+    structured_data: tuple[SDElement, ...]
+    sd_span: tuple[int, int] | None
+    msg_offset: int
+    bom: bool
+
+    def __init__(
+        self,
+        format: Format,
+        pri: int,
+        version: int | None = None,
+        timestamp: str | None = None,
+        hostname: str | None = None,
+        app_name: str | None = None,
+        procid: str | None = None,
+        msgid: str | None = None,
+        structured_data: tuple[SDElement, ...] = (),
+        sd_span: tuple[int, int] | None = None,
+        msg_offset: int = 0,
+        bom: bool = False,
+    ) -> None:
+        # One update of the instance's dict rather than a frozen dataclass's object.__setattr__
+        # per field (a microsecond per message at the ingest).
+        self.__dict__.update(
+            format=format,
+            pri=pri,
+            version=version,
+            timestamp=timestamp,
+            hostname=hostname,
+            app_name=app_name,
+            procid=procid,
+            msgid=msgid,
+            structured_data=structured_data,
+            sd_span=sd_span,
+            msg_offset=msg_offset,
+            bom=bom,
+        )
 
     @property
     def facility(self) -> int:
@@ -360,7 +392,7 @@ def build_rfc5424(
 # --- The log entry -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Entry:
     """One received message as the log records it (see the module docstring for the encoding).
 
@@ -375,7 +407,27 @@ class Entry:
     peer: str
     size: int
     message: SyslogMessage | None
-    error: str | None = None
+    error: str | None
+
+    def __init__(
+        self,
+        raw: bytes,
+        received: int,
+        transport: str,
+        peer: str,
+        size: int,
+        message: SyslogMessage | None,
+        error: str | None = None,
+    ) -> None:
+        self.__dict__.update(  # as SyslogMessage's
+            raw=raw,
+            received=received,
+            transport=transport,
+            peer=peer,
+            size=size,
+            message=message,
+            error=error,
+        )
 
     @property
     def unparsed(self) -> bool:
