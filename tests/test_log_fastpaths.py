@@ -147,3 +147,58 @@ def test_the_entry_written_field_by_field_is_the_canonical_cbor_of_its_map(
     entry = Entry(raw, received, transport, peer, size, message, error)
     assert entry.encode() == encoding.encode(entry.to_obj())
     assert entry.encode() == entry.encode()  # (the second time from the cache of texts)
+
+
+def _strict_batch(raw: bytes) -> object:
+    try:
+        return encoding.decode(raw, max_size=1 << 22, what="batch")
+    except DecodeError:
+        return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    origin=st.integers(0, 2**64 - 1),
+    seq=st.integers(0, 2**64 - 1),
+    entries=st.lists(st.binary(max_size=400), max_size=20),
+)
+def test_read_batch_reads_every_canonical_batch(origin: int, seq: int, entries: list[bytes]) -> None:
+    from appliance.apps.log.replication import _read_batch
+
+    raw = encoding.encode({"origin": origin, "seq": seq, "entries": entries})
+    assert _read_batch(raw) == (origin, seq, entries)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    seq=st.integers(0, 70000),
+    entries=st.lists(st.binary(max_size=300), min_size=1, max_size=4),
+    pos=st.integers(0, 1400),
+    byte=st.integers(0, 255),
+    cut=st.integers(0, 1400),
+    extra=st.binary(max_size=3),
+)
+def test_fuzz_read_batch_never_disagrees_with_the_strict_decoder(
+    seq: int, entries: list[bytes], pos: int, byte: int, cut: int, extra: bytes
+) -> None:
+    """Mutated, truncated or extended batches: read only if the strict decoder reads the same."""
+    from appliance.apps.log.replication import _read_batch
+
+    data = bytearray(encoding.encode({"origin": 2, "seq": seq, "entries": entries}))
+    if pos < len(data):
+        data[pos] = byte
+    raw = bytes(data[: max(cut, 1)]) + extra
+    fast = _read_batch(raw)
+    if fast is not None:
+        origin, s, es = fast
+        assert _strict_batch(raw) == {"origin": origin, "seq": s, "entries": es}
+
+
+@given(raw=st.binary(max_size=80))
+def test_fuzz_read_batch_on_any_bytes(raw: bytes) -> None:
+    from appliance.apps.log.replication import _read_batch
+
+    fast = _read_batch(b"\xa3\x63seq" + raw)
+    if fast is not None:
+        origin, s, es = fast
+        assert _strict_batch(b"\xa3\x63seq" + raw) == {"origin": origin, "seq": s, "entries": es}
