@@ -95,6 +95,7 @@ from appliance.protocols.agreement import (
 )
 from appliance.protocols.refresh import (
     MAX_MESSAGE,
+    PEER_BUDGET,
     Ann,
     DealingStage,
     KeyTableCandidate,
@@ -309,6 +310,7 @@ class InitProtocol(DealingStage):
         self.outcome: InitOutcome | None = None
         self._out = []
         self._held = {}
+        self._spent: dict[int, int] = {}
         self._now = start
         # S_start: held until M_i is signed (the decision), then erased.
         self._sstart: SigningKey | None = SigningKey(bytes(sstart))
@@ -400,11 +402,21 @@ class InitProtocol(DealingStage):
     # Driving ----------------------------------------------------------------------------------
 
     def receive(self, sender: int, data: bytes, now: float) -> None:
-        """Take a message from ``sender``; a peer's bad input is recorded in ``rejected``."""
+        """Take a message from ``sender``; a peer's bad input is recorded in ``rejected``.
+
+        Each peer has a byte budget for the whole initialization (as for a period's refresh):
+        beyond it, its messages are dropped before they are decoded, with one record saying so.
+        """
         self._now = now
         try:
             if sender not in self.c.ids or sender == self.me:
                 raise RemoteProtocolError(sender, "message from a server outside the network")
+            spent = self._spent.get(sender, 0) + len(data)
+            self._spent[sender] = spent
+            if spent > PEER_BUDGET:
+                if spent - len(data) <= PEER_BUDGET:
+                    raise RemoteProtocolError(sender, "sent more than its byte budget; ignored")
+                return
             msg = decode_message(data, self.session)
         except DecodeError as exc:
             self.rejected.append(RemoteProtocolError(sender, str(exc)))
