@@ -12,6 +12,7 @@ A failing seed is printed with its scenario; replay it with ``pst sim --scenario
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from collections.abc import Callable
@@ -60,7 +61,24 @@ class SeedRunner:
 
     def failures(self, job: Job) -> list[str]:
         self.submit(job)  # a test run without collection's hook (or a new job) still works
-        return [r for r in self._results[job].get() if r is not None]
+        result = self._results[job]
+        if not result.ready():
+            # The suite now waits for these seeds and nothing else: the workers run at normal
+            # priority until they are in (on a machine busy with other work, idle priority
+            # would starve them), then give way again.
+            self._set_priority(os.SCHED_OTHER)
+            try:
+                result.wait()
+            finally:
+                self._set_priority(os.SCHED_IDLE)
+        return [r for r in result.get() if r is not None]
+
+    def _set_priority(self, policy: int) -> None:
+        workers = getattr(self._pool, "_pool", [])  # multiprocessing's list of worker processes
+        for process in workers:
+            # Not Linux, not permitted, or the worker just left: it keeps its priority.
+            with contextlib.suppress(AttributeError, OSError):
+                os.sched_setscheduler(process.pid, policy, os.sched_param(0))
 
     def close(self) -> None:
         if self._pool is not None:

@@ -17,6 +17,7 @@ import pytest
 from appliance.crypto import shamir
 from appliance.crypto.groups import ED25519
 from appliance.protocols._core import AlertKind
+from appliance.protocols.messages import RepairRequest
 from appliance.protocols.refresh import Status
 from appliance.protocols.state import SCERT
 from appliance.sim import scenarios
@@ -283,16 +284,17 @@ def test_repair_requests_before_the_keytable_or_malformed_are_held_or_rejected()
     engine = run.servers[1].engine
     assert engine is not None and engine.kt is None
     engine.receive(2, "repair-req", [b"x"], 10, run.sim.now)
-    assert engine._held.get(2) == [("repair-req", [b"x"])] and not engine.rejected
+    assert engine._held.get(2) == [RepairRequest((b"x",))] and not engine.rejected
     scenarios.run_periods(run)
     engine = run.servers[1].engine
     assert engine is not None and engine.kt is not None
     before = len(engine.rejected)
     for body in (b"x", [b"x"], [[1]], list(range(99)), {"dealer": 2}):
         engine.receive(2, "repair-req", body, 10, run.sim.now)
-    for body in (b"x", {"dealer": 2, "values": {}}, {"dealer": "x"}):
-        engine.receive(2, "repair", body, 10, run.sim.now)  # no repair under way: ignored
     assert len(engine.rejected) - before == 5
+    for body in (b"x", {"dealer": 2, "values": {}}, {"dealer": "x"}):
+        engine.receive(2, "repair", body, 10, run.sim.now)  # malformed: rejected at the boundary
+    assert len(engine.rejected) - before == 7  # the well-formed one is ignored: no repair under way
 
 
 def test_a_recovering_server_that_starts_late_is_in_that_refresh() -> None:
