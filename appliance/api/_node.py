@@ -200,10 +200,10 @@ class PServerBackend:
         except BackendUnavailable:
             self.signatures["distributed", "unavailable"] += 1
             raise
-        signature = answer.get("signature")
+        signature = answer.get("certificate" if protocol == "store" else "signature")
         if not isinstance(signature, bytes):
             self.signatures["distributed", "unavailable"] += 1
-            raise BackendUnavailable("the node returned no signature")
+            raise BackendUnavailable("the node returned no signature or certificate")
         self.signatures["distributed", "signed"] += 1
         return signature
 

@@ -192,6 +192,11 @@ class StoreNode:
                         saved.applied,
                         self.sequence.size,
                     )
+        vcert = key.get("vcert")
+        if isinstance(vcert, bytes) and len(vcert) == 32:
+            self.service.authority = model.Authority(vcert, self.n)
+        else:
+            log.error("store: the key-holder gave no group public key: quorum requests are refused")
         self.group = group
         self._ready.set()
         log.info(
@@ -236,12 +241,21 @@ class StoreNode:
 
     # --- Writes --------------------------------------------------------------------------------
 
-    async def write(self, request: WriteRequest, client: Client) -> Record:
+    def _oldest_period(self) -> int:
+        """A quorum's certificate this server takes in a read, or admits in a write, is of the
+        previous period or later (applying an agreed write does not ask: docs/store.md)."""
+        return max(0, self.sequence.replica.period - 1)
+
+    async def write(
+        self, request: WriteRequest, client: Client, quorum: model.Quorum | None = None
+    ) -> Record:
         """Order ``request`` through the network and apply it: the record, or Refused."""
         service = await self.ready()
         at = self._clock()
-        service.state.check_write(request, client, FixedClock(at))  # refused here: not sent at all
-        entry = Operation(request, client, round(at * 1000)).encode()
+        view = FixedClock(at, service.authority, self._oldest_period())
+        requester: model.Requester = quorum if quorum is not None else client
+        service.state.check_write(request, requester, view)  # refused here: not sent at all
+        entry = Operation(request, client, round(at * 1000), quorum).encode()
         (index,) = await self.sequence.append([entry])
         if not await self._until_applied(index + 1, 30.0):
             raise StoreUnavailable("the write was ordered but not applied here in time")
@@ -258,14 +272,16 @@ class StoreNode:
         service = await self.ready()
         return service.state.read_public(app, data_id, client, FixedClock(self._clock()))
 
-    async def read_secret(self, request: ReadRequest, client: Client) -> tuple[Record, dict[int, ReadAnswer]]:
+    async def read_secret(
+        self, request: ReadRequest, client: Client, quorum: model.Quorum | None = None
+    ) -> tuple[Record, dict[int, ReadAnswer]]:
         """This server's record and every server's answer (sealed shares or a refusal)."""
         service = await self.ready()
         record = service.state.get(request.app, request.data_id)
         if not record.dtype.secret:
             raise Refused(model.BAD_REQUEST, f"{request.app}/{request.data_id} is public: read its value")
         rid = os.urandom(RID_SIZE)
-        ask = ReadAsk(rid, request, client, service.applied)
+        ask = ReadAsk(rid, request, client, service.applied, quorum)
         answers: dict[int, ReadAnswer] = {}
         done = trio.Event()
         self._answers[rid], self._answered[rid] = answers, done
@@ -332,16 +348,22 @@ class StoreNode:
         service = self.service
         await self._until_applied(ask.after, CATCH_UP_WAIT)
         try:
-            parts = service.authorize(ask.request, ask.client, self._clock)
+            parts = service.authorize(ask.request, ask.requester, self._clock, self._oldest_period())
         except Refused as exc:
             self.refused += 1
             if exc.code in ALERT_CODES and ask.rid not in self._alerted:
                 self._alerted[ask.rid] = None  # one alert per read, however often it is asked
                 while len(self._alerted) > MAX_ASKS:
                     del self._alerted[next(iter(self._alerted))]
+                who = (
+                    f"client {ask.client.app}/{ask.client.unique_id.hex()}"
+                    if ask.quorum is None
+                    else f"a quorum of {ask.quorum.app} (period {ask.quorum.period}, "
+                    f"{len(ask.quorum.votes)} votes)"
+                )
                 detail = (
-                    f"server {sender} asked for shares of {ask.request.app}/{ask.request.data_id} for client "
-                    f"{ask.client.app}/{ask.client.unique_id.hex()}: refused ({exc.code}): {exc.reason}"
+                    f"server {sender} asked for shares of {ask.request.app}/{ask.request.data_id} for "
+                    f"{who}: refused ({exc.code}): {exc.reason}"
                 )
                 alert = Alert(AlertKind.STORE_READ_REFUSED, sender, self.sequence.replica.period, detail)
                 log.warning("%s", alert)
@@ -419,19 +441,26 @@ class StoreNode:
         await self.ready()
         return dict(await self._store_key())
 
-    async def store_write(self, request: bytes, app: str, unique_id: bytes) -> Mapping[str, Any]:
+    async def store_write(
+        self, request: bytes, app: str, unique_id: bytes, quorum: bytes | None = None
+    ) -> Mapping[str, Any]:
         try:
             write = WriteRequest.decode(request)
+            q = model.Quorum.decode(quorum) if quorum is not None else None
         except DecodeError as exc:
             raise Refused(model.BAD_REQUEST, str(exc)) from None
-        record = await self.write(write, Client(app, unique_id))
+        record = await self.write(write, Client(app, unique_id), q)
         return {"data_id": record.data_id, "type": record.dtype.value, "version": record.version}
 
     async def store_retrieve(
-        self, app: str, unique_id: bytes, data_id: str, reader: bytes | None
+        self, app: str, unique_id: bytes, data_id: str, reader: bytes | None, quorum: bytes | None = None
     ) -> Mapping[str, Any]:
         service = await self.ready()
         client = Client(app, unique_id)
+        try:
+            q = model.Quorum.decode(quorum) if quorum is not None else None
+        except DecodeError as exc:
+            raise Refused(model.BAD_REQUEST, str(exc)) from None
         record = service.state.get(app, data_id)
         if record.dtype == DataType.STORE_UNTIL and record.value:  # released at its date
             return {"record": record.to_obj()}
@@ -440,7 +469,8 @@ class StoreNode:
             return {"record": record.to_obj()}
         if reader is None:  # the record only (its ciphertexts): what it is, which version
             return {"record": record.to_obj()}
-        record, answers = await self.read_secret(ReadRequest(app, data_id, record.version, reader), client)
+        read = ReadRequest(app, data_id, record.version, reader)
+        record, answers = await self.read_secret(read, client, q)
         return {"record": record.to_obj(), "answers": answers_to_obj(answers)}
 
     def status(self) -> dict[str, Any]:
