@@ -94,6 +94,28 @@ class Net:
             reasons.add(info.value.reason)
         return reasons.pop()
 
+    def contribute(
+        self, data_id: str, server: int, value: bytes, period: int = PERIOD
+    ) -> tuple[bytes, bytes]:
+        """Server ``server``'s contribution to a random joint secret, signed by its channel key
+        (a certificate its period key issued), as its store node makes it."""
+        from appliance.net._tls import channel_certificate_der, channel_identity, channel_sign
+
+        ident = channel_identity(server, period, bytes([server]) * 32)
+        return model.contribute(
+            G,
+            self.public.public_key,
+            APP,
+            data_id,
+            1,
+            server,
+            value,
+            period,
+            channel_certificate_der(ident),
+            lambda payload: channel_sign(ident, payload),
+            self.rand,
+        )
+
     def sealed(self, request: WriteRequest, plaintext: bytes, part: int = 0) -> bytes:
         return model.seal_value(G, self.public.public_key, request, plaintext, self.rand, part)
 
@@ -355,12 +377,27 @@ def test_store_until_is_refused_by_every_server_before_its_date() -> None:
 
 def test_joint_secret_random_from_t_plus_1_servers_or_specified() -> None:
     net = Net()
-    bare = WriteRequest(APP, "joint", DataType.JOINT_SECRET, 1)
     contributions = {i: os.urandom(32) for i in (1, 2)}  # t + 1 servers, each its own random value
-    sealed = {i: net.sealed(bare, v, part=i) for i, v in contributions.items()}
-    few = WriteRequest(APP, "joint", DataType.JOINT_SECRET, 1, sealed={1: sealed[1]})
+    made = {i: net.contribute("joint", i, v) for i, v in contributions.items()}
+    sealed = {i: blob for i, (blob, _proof) in made.items()}
+    proofs = {i: proof for i, (_blob, proof) in made.items()}
+    few = WriteRequest(APP, "joint", DataType.JOINT_SECRET, 1, sealed={1: sealed[1]}, proofs={1: proofs[1]})
     assert "at least 2 servers" in net.refused_everywhere(few, net.quorum(APP, few.digest()), "bad-request")
-    w = WriteRequest(APP, "joint", DataType.JOINT_SECRET, 1, sealed=sealed)
+    # a faulty origin cannot make up another server's contribution: without its proof, with a
+    # proof of another server or of another contribution, or of another period
+    bare = WriteRequest(APP, "joint", DataType.JOINT_SECRET, 1)
+    forged_blob = net.sealed(bare, b"the origin knows this", part=2)
+    cases = [
+        ({1: proofs[1]}, sealed, "without its proof"),
+        ({1: proofs[1], 2: proofs[1]}, sealed, "not issued by its period 3 key"),
+        (proofs, {1: sealed[1], 2: forged_blob}, "does not verify"),
+        ({1: proofs[1], 2: net.contribute("joint", 2, b"x", period=PERIOD + 1)[1]}, sealed, "of period 4"),
+    ]
+    for case_proofs, case_sealed, words in cases:
+        bad = WriteRequest(APP, "joint", DataType.JOINT_SECRET, 1, sealed=case_sealed, proofs=case_proofs)
+        assert words in net.refused_everywhere(bad, net.quorum(APP, bad.digest()), "bad-request")
+    w = WriteRequest(APP, "joint", DataType.JOINT_SECRET, 1, sealed=sealed, proofs=proofs)
+    assert WriteRequest.decode(w.encode()) == w
     assert "only by a quorum" in net.refused_everywhere(w, ALICE, "not-permitted")
     net.write(w, net.quorum(APP, w.digest()))
     reader = nacl.public.PrivateKey.generate()
@@ -494,11 +531,19 @@ def test_fuzz_state_decoder_mutations(pos: int, value: int, cut: int) -> None:
 # Request decoders --------------------------------------------------------------------------------
 
 _WRITE = secret_write(_NET, DataType.STORE_UNTIL, "w", b"x", until_ms=5)
+_CONTRIBUTION = _NET.contribute("j", 2, b"r" * 32)
 _REQUESTS: dict[str, tuple[bytes, Any]] = {
     "write": (_WRITE.encode(), WriteRequest.decode),
     "public-write": (WriteRequest(APP, "p", DataType.PUBLIC_RW, 2, value=b"v").encode(), WriteRequest.decode),
     "read": (ReadRequest(APP, "w", 1, bytes(32)).encode(), ReadRequest.decode),
     "quorum": (_NET.quorum(APP, _WRITE.digest()).encode(), Quorum.decode),
+    "contribution": (_CONTRIBUTION[1], model.Contribution.decode),
+    "joint-write": (
+        WriteRequest(
+            APP, "j", DataType.JOINT_SECRET, 1, sealed={2: _CONTRIBUTION[0]}, proofs={2: _CONTRIBUTION[1]}
+        ).encode(),
+        WriteRequest.decode,
+    ),
 }
 
 

@@ -77,6 +77,7 @@ E = TypeVar("E")
 LABEL_DOMAIN: Final = "pst/store/label/v1"
 READ_DOMAIN: Final = "pst/store/read/v1"
 WRITE_DOMAIN: Final = "pst/store/write/v1"
+CONTRIBUTION_DOMAIN: Final = "pst/store/contribution/v1"
 FORMAT_VERSION: Final = 1
 MAX_APP_LENGTH: Final = approvals.MAX_APP_LENGTH
 MAX_UNIQUE_ID: Final = 64
@@ -268,7 +269,7 @@ def _signed_table(raw: bytes, vcert: bytes) -> KeyTable | None:
     return table if table.signature and table.verify(vcert) else None
 
 
-def check_quorum(view: ServerView, q: Quorum, app: str, digest: bytes, what: str) -> None:
+def check_quorum(view: ServerView, q: Quorum, app: str, digest: bytes, what: str) -> KeyTable:
     """Refused unless ``q`` shows more than n/2 servers' clients of ``app`` approved ``digest``.
 
     Deterministic: it reads only the certificate, the group key and n (and the view's oldest
@@ -308,6 +309,35 @@ def check_quorum(view: ServerView, q: Quorum, app: str, digest: bytes, what: str
             NOT_PERMITTED,
             f"{what}: {len(good)} valid votes of the application's clients, a quorum is {authority.majority}",
         )
+    return table
+
+
+def check_contributions(request: WriteRequest, table: KeyTable, what: str) -> None:
+    """Each contribution of a random joint secret was sealed by the server it is keyed by:
+    its proof is that server's channel signature of the quorum's period (so a faulty origin
+    cannot make up the others' contributions and know the secret). Deterministic: the
+    certificates are checked against the KeyTable the quorum's certificate carries."""
+    from appliance.net._tls import PeerCertificateError, check_channel_signature
+
+    keys = {i: e.verify_key for i, e in table.entries.items()}
+    for part, blob in sorted(request.sealed.items()):
+        proof = request.proofs.get(part)
+        if proof is None:
+            raise Refused(BAD_REQUEST, f"{what}: server {part}'s contribution comes without its proof")
+        try:
+            c = Contribution.decode(proof)
+            if c.period != table.period:
+                raise Refused(
+                    BAD_REQUEST,
+                    f"{what}: server {part}'s contribution is of period {c.period}, "
+                    f"the quorum's {table.period}",
+                )
+            payload = contribution_payload(
+                request.app, request.data_id, request.version, part, blob, c.period
+            )
+            check_channel_signature(c.cert, part, c.period, keys, payload, c.sig)
+        except (DecodeError, PeerCertificateError, ValueError) as exc:
+            raise Refused(BAD_REQUEST, f"{what}: server {part}'s contribution: {exc}") from None
 
 
 # Labels, requests -------------------------------------------------------------------------------
@@ -364,9 +394,12 @@ class WriteRequest:
     sealed: Mapping[int, bytes] = field(default_factory=dict)
     reader: bytes = b""
     until_ms: int = 0
+    #: For a random joint secret: each contribution's proof (:class:`Contribution`, encoded),
+    #: by server; absent from the encoding when empty.
+    proofs: Mapping[int, bytes] = field(default_factory=dict)
 
     def to_obj(self) -> dict[str, Any]:
-        return {
+        obj = {
             "app": self.app,
             "id": self.data_id,
             "type": self.dtype.value,
@@ -376,6 +409,9 @@ class WriteRequest:
             "reader": self.reader,
             "until": self.until_ms,
         }
+        if self.proofs:
+            obj["proofs"] = dict(self.proofs)
+        return obj
 
     def encode(self) -> bytes:
         return encoding.encode(self.to_obj())
@@ -393,9 +429,20 @@ class WriteRequest:
     @classmethod
     def decode(cls, data: bytes) -> WriteRequest:
         what = "store write request"
-        f = encoding.expect_map(encoding.decode(data, max_size=MAX_REQUEST, what=what), _WRITE_FIELDS, what)
+        obj = encoding.decode(data, max_size=MAX_REQUEST, what=what)
+        fields = dict(_WRITE_FIELDS)
+        if isinstance(obj, dict) and "proofs" in obj:
+            fields["proofs"] = dict
+        f = encoding.expect_map(obj, fields, what)
         dtype, sealed = _content(f, what)
-        return cls(f["app"], f["id"], dtype, f["v"], f["value"], sealed, f["reader"], f["until"])
+        proofs: dict[int, bytes] = {}
+        for part, proof in f.get("proofs", {}).items():
+            if part not in sealed or part == 0 or not isinstance(proof, bytes) or len(proof) > 4096:
+                raise DecodeError(f"{what}: a proof goes with a server's contribution (at most 4096 bytes)")
+            proofs[part] = proof
+        if "proofs" in f and not proofs:
+            raise DecodeError(f"{what}: an empty list of proofs is left out")
+        return cls(f["app"], f["id"], dtype, f["v"], f["value"], sealed, f["reader"], f["until"], proofs)
 
 
 @dataclass(frozen=True)
@@ -432,6 +479,47 @@ class ReadRequest:
         if f["v"] < 1 or len(f["reader"]) != tdh2.READER_KEY_SIZE:
             raise DecodeError(f"{what}: bad version or reader key ({tdh2.READER_KEY_SIZE} bytes)")
         return cls(f["app"], f["id"], f["v"], f["reader"])
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """Server ``part``'s contribution to a random joint secret: proof that it sealed ``blob``
+    itself. ``sig`` is by its channel key of ``period`` (the TLS key its ``cert`` holds, issued
+    by its period key in that period's KeyTable), over :func:`contribution_payload`."""
+
+    period: int
+    cert: bytes
+    sig: bytes
+
+    def encode(self) -> bytes:
+        return encoding.encode({"period": self.period, "cert": self.cert, "sig": self.sig})
+
+    @classmethod
+    def decode(cls, data: bytes) -> Contribution:
+        what = "joint secret contribution"
+        f = encoding.expect_map(
+            encoding.decode(data, max_size=4096, what=what),
+            {"period": int, "cert": bytes, "sig": bytes},
+            what,
+        )
+        if f["period"] < 0 or len(f["sig"]) != 64:
+            raise DecodeError(f"{what}: bad period or signature")
+        return cls(f["period"], f["cert"], f["sig"])
+
+
+def contribution_payload(app: str, data_id: str, version: int, part: int, blob: bytes, period: int) -> bytes:
+    """What a contributing server signs: the item, its part and the sealed value's digest."""
+    return encoding.encode(
+        {
+            "dom": CONTRIBUTION_DOMAIN,
+            "app": app,
+            "id": data_id,
+            "v": version,
+            "part": part,
+            "period": period,
+            "sealed": hashlib.sha256(blob).digest(),
+        }
+    )
 
 
 _WRITE_FIELDS: Final[Mapping[str, type | tuple[type, ...]]] = {
@@ -595,7 +683,9 @@ class StoreState(Generic[E]):
                 raise Refused(
                     NOT_PERMITTED, f"{where}: {r.dtype.value} data has a single writer, not a quorum"
                 )
-            check_quorum(view, requester, r.app, r.digest(), where)
+            table = check_quorum(view, requester, r.app, r.digest(), where)
+            if r.dtype == DataType.JOINT_SECRET and set(r.sealed) != {0}:
+                check_contributions(r, table, where)
             owner = b""
         else:
             if quorum_only:
@@ -626,6 +716,8 @@ class StoreState(Generic[E]):
                 )
         elif r.sealed or r.reader or r.until_ms:
             raise Refused(BAD_REQUEST, f"{where}: public data has a value only")
+        if r.proofs and (r.dtype != DataType.JOINT_SECRET or not set(r.proofs) <= set(r.sealed) - {0}):
+            raise Refused(BAD_REQUEST, f"{where}: proofs go with a random joint secret's contributions only")
         if len(r.value) > q.max_value_size:
             raise Refused(QUOTA, f"{where}: {len(r.value)} bytes exceeds the limit of {q.max_value_size}")
         if (r.dtype == DataType.SECRET_SINGLE) != bool(r.reader):
@@ -808,6 +900,28 @@ def seal_value(
         request.app, request.data_id, request.version, request.dtype, request.reader, request.until_ms, part
     )
     return tdh2.seal(group, public_key, lbl, plaintext, rand).encode(group)
+
+
+def contribute(
+    group: Group[E],
+    public_key: E,
+    app: str,
+    data_id: str,
+    version: int,
+    part: int,
+    value: bytes,
+    period: int,
+    cert: bytes,
+    sign: Callable[[bytes], bytes],
+    rand: ScalarSource,
+) -> tuple[bytes, bytes]:
+    """Server ``part``'s contribution to a random joint secret: ``value`` (its own random bytes)
+    sealed under the store key with the item's label, and its proof (:class:`Contribution`)
+    signed by ``sign``, its channel key of ``period`` whose certificate is ``cert``."""
+    bare = WriteRequest(app, data_id, DataType.JOINT_SECRET, version)
+    blob = seal_value(group, public_key, bare, value, rand, part)
+    sig = sign(contribution_payload(app, data_id, version, part, blob, period))
+    return blob, Contribution(period, cert, sig).encode()
 
 
 def open_value(
