@@ -53,6 +53,9 @@ class OneServerStore:
             "version": outcomes[0].version,
         }
 
+    async def store_contribute(self, app: str, data_id: str) -> bytes:
+        return await self.contribute(app, data_id)  # type: ignore[attr-defined,no-any-return]
+
     async def store_retrieve(
         self, app: str, unique_id: bytes, data_id: str, reader: bytes | None, quorum: bytes | None = None
     ) -> Mapping[str, Any]:
@@ -81,6 +84,29 @@ class OneServerStore:
             }
             answers[i] = ReadAnswer(b"r" * 16, 2, tuple(self.public.commitment.encode(G)), shares)
         return {"record": record.to_obj(), "answers": answers_to_obj(answers)}
+
+
+async def _contributions(store: OneServerStore, group: Group, app: str, data_id: str) -> bytes:
+    """Servers 1 and 2's contributions, as their store nodes make them (period 3's channel keys)."""
+    from appliance.net._tls import channel_certificate_der, channel_identity, channel_sign
+
+    sealed, proofs = {}, {}
+    for i in (1, 2):
+        ident = channel_identity(i, 3, bytes([i, 3]) * 16)
+        sealed[i], proofs[i] = model.contribute(
+            G,
+            store.public.public_key,
+            app,
+            data_id,
+            1,
+            i,
+            bytes([i]) * 32,
+            3,
+            channel_certificate_der(ident),
+            lambda payload, ident=ident: channel_sign(ident, payload),
+            store.rand,
+        )
+    return WriteRequest(app, data_id, DataType.JOINT_SECRET, 1, sealed=sealed, proofs=proofs).encode()
 
 
 class QuorumBackend(FakeDistributed):
@@ -134,6 +160,13 @@ async def test_a_distributed_applications_quorum_writes_and_reads() -> None:
     assert r["ok"] is True
     r = await core.handle(req("retrieve", handle=h, data_id="joint", reader=bytes(reader.public_key)), ME)
     assert open_answers(key, r["result"]["record"], r["result"]["answers"], reader) == b"chosen"
+    # a random joint secret: servers' contributions, approved by the quorum, read by the quorum
+    store.contribute = lambda app, data_id: _contributions(store, backend.group, app, data_id)  # type: ignore[attr-defined]
+    r = await core.handle(req("generate_random_secret", handle=h, data_id="dice"), ME)
+    assert r["result"] == {"data_id": "dice", "type": "joint-secret", "version": 1}
+    r = await core.handle(req("retrieve", handle=h, data_id="dice", reader=bytes(reader.public_key)), ME)
+    value = open_answers(key, r["result"]["record"], r["result"]["answers"], reader)
+    assert value == model.joint_value({1: b"\x01" * 32, 2: b"\x02" * 32})
     # secret-sw-dr: one client writes (no quorum asked), the quorum reads
     asked = len(backend.requests)
     single = seal_write(key, "vault", "seed", DataType.SECRET_SW_DR, b"entropy")
@@ -146,6 +179,8 @@ async def test_a_distributed_applications_quorum_writes_and_reads() -> None:
     v3 = WriteRequest("vault", "config", DataType.PUBLIC_RW, 3, value=b"v3")
     r = await core.handle(req("write", handle=alone, request=v3.encode()), ME)
     assert r["error"]["code"] == "not-permitted" and "quorum" in r["error"]["message"]
+    r = await core.handle(req("generate_random_secret", handle=alone, data_id="dice2"), ME)
+    assert r["error"]["code"] == "not-permitted" and "not for one client" in r["error"]["message"]
     r = await core.handle(req("retrieve", handle=alone, data_id="db", reader=bytes(reader.public_key)), ME)
     assert {a["code"] for a in r["result"]["answers"].values()} == {"not-permitted"}
     # another application's quorum cannot write this one's data; a refused quorum is refused

@@ -17,6 +17,8 @@ from appliance.apps.store.node import answers_to_obj
 from appliance.apps.store.service import (
     ALERT_CODES,
     NETWORK_QUOTAS,
+    ContributeAsk,
+    Contributed,
     Operation,
     ReadAnswer,
     ReadAsk,
@@ -297,6 +299,9 @@ def test_fuzz_changed_messages(data: st.DataObject) -> None:
         ReadAsk(b"r" * 16, ReadRequest("vault", "x", 1, bytes(32)), ALICE, 3).encode(),
         net_answer.encode(),
         ReadAnswer(b"a" * 16, code="too-early", reason="later").encode(),
+        ContributeAsk(b"c" * 16, "vault", "dice", 1).encode(),
+        Contributed(b"c" * 16, b"s" * 200, b"p" * 300).encode(),
+        Contributed(b"c" * 16, code="exists", reason="vault/dice exists").encode(),
     ]
     raw = bytearray(data.draw(st.sampled_from(samples)))
     pos = data.draw(st.integers(0, len(raw) - 1))

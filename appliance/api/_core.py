@@ -329,6 +329,11 @@ class StoreBackend(Protocol):
         once applied here."""
         ...
 
+    async def store_contribute(self, app: str, data_id: str) -> bytes:
+        """A random joint secret's encoded WriteRequest (version 1): the sealed contributions of
+        at least t+1 servers with their proofs; not ordered yet (a quorum approves it first)."""
+        ...
+
     async def store_retrieve(
         self, app: str, unique_id: bytes, data_id: str, reader: bytes | None, quorum: bytes | None = None
     ) -> Mapping[str, Any]:
@@ -468,6 +473,7 @@ OPS: Final[Mapping[str, Mapping[str, type]]] = {
     "write": {"handle": bytes, "request": bytes},
     "store_until": {"handle": bytes, "request": bytes},
     "generate_joint_secret": {"handle": bytes, "request": bytes},
+    "generate_random_secret": {"handle": bytes, "data_id": str},
     "retrieve": {"handle": bytes, "data_id": str},
 }
 #: Optional fields of each operation, with their types.
@@ -1024,7 +1030,7 @@ class ApiCore:
             return await self._link_receive(args["handle"], args.get("max", 64), args.get("wait_ms", 0), peer)
         if request.op == "certificate":
             return await self._certificate(args["handle"], args.get("csr"), args.get("names"), peer)
-        if request.op in STORE_WRITES or request.op in ("store_key", "retrieve"):
+        if request.op in STORE_WRITES or request.op in ("store_key", "retrieve", "generate_random_secret"):
             return await self._store(request, peer)
         self._charge_control(
             peer, 4.0 if request.op in ("register_distributed", "register_certified") else 1.0
@@ -1614,6 +1620,8 @@ class ApiCore:
                 if reg.verifier is not None and reader is not None:
                     return await self._quorum_retrieve(reg, args["data_id"], reader, backend)
                 return dict(await backend.store_retrieve(reg.name, reg.unique_id, args["data_id"], reader))
+            if request.op == "generate_random_secret":
+                return await self._random_secret(reg, args["data_id"], backend)
             try:
                 write = WriteRequest.decode(args["request"])
             except DecodeError as exc:
@@ -1656,6 +1664,31 @@ class ApiCore:
             raise ApiError(UNAVAILABLE, "cannot serve the request now")
         log.info("api: a quorum of distributed application %r approved a store request", reg.name)
         return certificate
+
+    async def _random_secret(
+        self, reg: Registration, data_id: str, backend: StoreBackend
+    ) -> Mapping[str, Any]:
+        """GenerateJointSecret, random: at least t+1 servers' sealed contributions (each with its
+        server's proof), approved by a quorum of the application's clients, then ordered. The
+        proofs must be of the quorum's period: a refresh in between, and it starts again."""
+        from appliance.apps.store.model import Contribution, Quorum, WriteRequest
+
+        if reg.verifier is None:
+            raise ApiError(
+                NOT_PERMITTED,
+                "a random joint secret is made for a quorum of a distributed application's clients "
+                "(register_distributed), not for one client",
+            )
+        for _attempt in range(3):
+            raw = await backend.store_contribute(reg.name, data_id)
+            write = WriteRequest.decode(raw)
+            periods = {Contribution.decode(proof).period for proof in write.proofs.values()}
+            quorum = await self._quorum(reg, write.approval_payload())
+            if Quorum.decode(quorum).period in periods:
+                return dict(await backend.store_write(raw, reg.name, reg.unique_id, quorum))
+        raise ApiError(
+            UNAVAILABLE, "refreshes came between the contributions and the quorum's approval; try again"
+        )
 
     async def _quorum_retrieve(
         self, reg: Registration, data_id: str, reader: bytes, backend: StoreBackend

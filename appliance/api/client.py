@@ -794,10 +794,19 @@ class PstClient:
             "store_until", data_id, value, "store-until", until_ms=round(until * 1000), handle=handle
         )
 
-    def generate_joint_secret(self, data_id: str, value: bytes, *, handle: bytes | None = None) -> int:
-        """GenerateJointSecret with a value the quorum specifies (sealed here): a distributed
-        registration's request, stored once a strict majority of its clients approved it; a
-        centralized client is refused (``not-permitted``)."""
+    def generate_joint_secret(
+        self, data_id: str, value: bytes | None = None, *, handle: bytes | None = None
+    ) -> int:
+        """GenerateJointSecret for a distributed registration (a quorum's request: this blocks
+        until a strict majority of its clients approved it). Without ``value``, random: at least
+        t+1 servers each seal a random contribution of their own (no t servers know the secret;
+        read, it is HKDF over them). With ``value``, the one the quorum specifies, sealed here.
+        A centralized client is refused (``not-permitted``)."""
+        if value is None:
+            got = self._with_handle("generate_random_secret", handle, data_id=data_id).get("version")
+            if not isinstance(got, int):
+                raise PstError("connection", "malformed generate_random_secret response")
+            return got
         return self._store_write("generate_joint_secret", data_id, value, "joint-secret", handle=handle)
 
     def store_record(self, data_id: str, *, handle: bytes | None = None) -> dict[str, Any]:

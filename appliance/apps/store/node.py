@@ -42,6 +42,8 @@ from appliance.apps.store.model import Client, DataType, ReadRequest, Record, Re
 from appliance.apps.store.service import (
     ALERT_CODES,
     RID_SIZE,
+    ContributeAsk,
+    Contributed,
     FixedClock,
     Operation,
     ReadAnswer,
@@ -140,7 +142,12 @@ class StoreNode:
         self._ready = trio.Event()
         self._answers: dict[bytes, dict[int, ReadAnswer]] = {}
         self._answered: dict[bytes, trio.Event] = {}
-        self._asks_send, self._asks_receive = trio.open_memory_channel[tuple[int, ReadAsk]](MAX_ASKS)
+        self._asks_send, self._asks_receive = trio.open_memory_channel[tuple[int, ReadAsk | ContributeAsk]](
+            MAX_ASKS
+        )
+        #: This period's channel identity (it signs our contributions to random joint secrets).
+        self._ident: Any = None
+        self._contributions: dict[bytes, dict[int, Contributed]] = {}
         self._alerted: dict[bytes, None] = {}  # rids of the last reads we raised an alert for
         #: Refusals this server answered (for the status page and tests).
         self.refused = 0
@@ -330,6 +337,12 @@ class StoreNode:
         if isinstance(message, ReadAnswer):
             self._record(message.rid, sender, message)
             return
+        if isinstance(message, Contributed):
+            got = self._contributions.get(message.rid)
+            if got is not None and sender not in got:
+                got[sender] = message
+                self._answered[message.rid].set()
+            return
         try:
             self._asks_send.send_nowait((sender, message))
         except trio.WouldBlock:
@@ -337,8 +350,103 @@ class StoreNode:
 
     async def _answer_asks(self) -> None:
         async for sender, ask in self._asks_receive:
+            if isinstance(ask, ContributeAsk):
+                self._send(sender, READ_FRAME + (await self._contribute(ask)).encode())
+                continue
             answer = await self._answer(sender, ask)
             self._send(sender, READ_FRAME + answer.encode())
+
+    # --- Random joint secrets: the servers' contributions -----------------------------------------
+
+    async def identity(self, period: int | None, keys: Mapping[int, bytes], ident: Any) -> None:
+        """The period's identity from the key-holder (``pst serve``): the sequence's vote keys,
+        and the channel key our contributions are signed with."""
+        if ident is not None:
+            self._ident = ident
+        await self.sequence.identity(period, keys, ident)
+
+    async def _contribute(self, ask: ContributeAsk) -> Contributed:
+        """Our contribution: 32 random bytes of our own, sealed under the store key with the
+        item's label for our part, signed by our channel key of this period."""
+        from appliance.crypto.secret import system_scalar_source
+        from appliance.net._tls import channel_certificate_der, channel_sign
+
+        ident, service = self._ident, self.service
+        if ident is None or service is None:
+            return Contributed(ask.rid, code="unavailable", reason="no channel key or store here now")
+        if (ask.app, ask.data_id) in service.state.records:
+            return Contributed(ask.rid, code=model.EXISTS, reason=f"{ask.app}/{ask.data_id} exists")
+        group = service.group
+
+        def make() -> tuple[bytes, bytes]:
+            return model.contribute(
+                group,
+                service.state.public_key,
+                ask.app,
+                ask.data_id,
+                ask.version,
+                self.server_id,
+                os.urandom(32),
+                ident.period,
+                channel_certificate_der(ident),
+                lambda payload: channel_sign(ident, payload),
+                system_scalar_source(group.order),
+            )
+
+        sealed, proof = await trio.to_thread.run_sync(make)
+        return Contributed(ask.rid, sealed, proof)
+
+    async def contributions(self, app: str, data_id: str, version: int = 1) -> WriteRequest:
+        """A random joint secret's write request: the sealed contributions (with their proofs)
+        of every server that answered within the read timeout with a proof of our period (at
+        least t+1, ours included); Refused or StoreUntil otherwise."""
+        await self.ready()
+        rid = os.urandom(RID_SIZE)
+        ask = ContributeAsk(rid, app, data_id, version)
+        got: dict[int, Contributed] = {}
+        self._contributions[rid], self._answered[rid] = got, trio.Event()
+        try:
+            data = READ_FRAME + ask.encode()
+            for peer in range(1, self.n + 1):
+                if peer != self.server_id:
+                    self._send(peer, data)
+            got[self.server_id] = await self._contribute(ask)
+            deadline = trio.current_time() + READ_TIMEOUT
+            while len(got) < self.n and trio.current_time() < deadline:
+                with trio.move_on_at(min(deadline, trio.current_time() + RESEND)) as waited:
+                    await self._answered[rid].wait()
+                    self._answered[rid] = trio.Event()
+                if waited.cancelled_caught:
+                    if sum(1 for c in got.values() if c.sealed) >= self.t + 1:
+                        break  # enough, and the others are slow
+                    for peer in range(1, self.n + 1):
+                        if peer != self.server_id and peer not in got:
+                            self._send(peer, data)
+        finally:
+            del self._contributions[rid], self._answered[rid]
+        mine = got[self.server_id]
+        if not mine.sealed:
+            raise Refused(mine.code, f"no contribution here: {mine.reason}")
+        period = model.Contribution.decode(mine.proof).period
+        sealed, proofs = {}, {}
+        for server, c in sorted(got.items()):
+            try:
+                if c.sealed and model.Contribution.decode(c.proof).period == period:
+                    sealed[server], proofs[server] = c.sealed, c.proof
+            except DecodeError as exc:  # a faulty peer's; every server would refuse it anyway
+                log.warning("store: server %d's contribution: %s", server, exc)
+        if len(sealed) < self.t + 1:
+            refusals = "; ".join(f"server {i}: {c.reason}" for i, c in sorted(got.items()) if not c.sealed)
+            raise StoreUnavailable(
+                f"{len(sealed)} servers contributed, a random joint secret needs {self.t + 1}"
+                + (f" ({refusals})" if refusals else "")
+            )
+        return WriteRequest(app, data_id, DataType.JOINT_SECRET, version, sealed=sealed, proofs=proofs)
+
+    async def store_contribute(self, app: str, data_id: str) -> bytes:
+        """The API's backend: the encoded write request of a random joint secret (not ordered:
+        a quorum of the application's clients approves it first)."""
+        return (await self.contributions(app, data_id)).encode()
 
     async def _answer(self, sender: int, ask: ReadAsk) -> ReadAnswer:
         """Our answer to ``ask`` from server ``sender``: sealed shares, or the refusal (an alert

@@ -432,11 +432,84 @@ class ReadAnswer:
             raise DecodeError(f"{what}: bad kind or id")
 
 
-def decode_read_message(data: bytes, t: int) -> ReadAsk | ReadAnswer:
-    """A read-protocol frame's body (without its tag byte): an ask or an answer."""
+@dataclass(frozen=True)
+class ContributeAsk:
+    """The origin of a random joint secret asks every server for its contribution to item
+    ``(app, data_id)`` at ``version``."""
+
+    rid: bytes
+    app: str
+    data_id: str
+    version: int
+
+    def encode(self) -> bytes:
+        return encoding.encode(
+            {"store": "contribute", "rid": self.rid, "app": self.app, "id": self.data_id, "v": self.version}
+        )
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> ContributeAsk:
+        what = "store contribution ask"
+        f = encoding.expect_map(obj, {"store": str, "rid": bytes, "app": str, "id": str, "v": int}, what)
+        if len(f["rid"]) != RID_SIZE or f["v"] < 1:
+            raise DecodeError(f"{what}: bad id or version")
+        if (
+            not 0 < len(f["app"]) <= model.MAX_APP_LENGTH
+            or not 0 < len(f["id"].encode()) <= model.MAX_ID_LENGTH
+        ):
+            raise DecodeError(f"{what}: bad application or data id")
+        return cls(f["rid"], f["app"], f["id"], f["v"])
+
+
+@dataclass(frozen=True)
+class Contributed:
+    """A server's contribution (sealed value and proof, :func:`~.model.contribute`), or its
+    refusal (code, reason)."""
+
+    rid: bytes
+    sealed: bytes = b""
+    proof: bytes = b""
+    code: str = ""
+    reason: str = ""
+
+    def encode(self) -> bytes:
+        obj: dict[str, Any] = {"store": "contributed", "rid": self.rid}
+        if self.sealed:
+            obj.update(sealed=self.sealed, proof=self.proof)
+        else:
+            obj.update(code=self.code, reason=self.reason)
+        return encoding.encode(obj)
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> Contributed:
+        what = "store contribution"
+        if isinstance(obj, dict) and "sealed" in obj:
+            f = encoding.expect_map(obj, {"store": str, "rid": bytes, "sealed": bytes, "proof": bytes}, what)
+            if (
+                len(f["rid"]) != RID_SIZE
+                or not f["sealed"]
+                or len(f["sealed"]) > 1024
+                or len(f["proof"]) > 4096
+            ):
+                raise DecodeError(f"{what}: bad id, sealed value or proof")
+            return cls(f["rid"], f["sealed"], f["proof"])
+        f = encoding.expect_map(obj, {"store": str, "rid": bytes, "code": str, "reason": str}, what)
+        if len(f["rid"]) != RID_SIZE or not 0 < len(f["code"]) <= 32 or len(f["reason"]) > 1000:
+            raise DecodeError(f"{what}: bad id, or a refusal without a code and a short reason")
+        return cls(f["rid"], code=f["code"], reason=f["reason"])
+
+
+def decode_read_message(data: bytes, t: int) -> ReadAsk | ReadAnswer | ContributeAsk | Contributed:
+    """A read-protocol frame's body (without its tag byte): an ask or an answer, for a read or
+    for a random joint secret's contributions."""
     obj = encoding.decode(data, max_size=64 * 1024, what="store read message")
-    if isinstance(obj, dict) and obj.get("store") == "read":
+    kind = obj.get("store") if isinstance(obj, dict) else None
+    if kind == "read":
         return ReadAsk.from_obj(obj)
-    if isinstance(obj, dict) and obj.get("store") == "share":
+    if kind == "share":
         return ReadAnswer.from_obj(obj, t)
+    if kind == "contribute":
+        return ContributeAsk.from_obj(obj)
+    if kind == "contributed":
+        return Contributed.from_obj(obj)
     raise DecodeError("store read message: neither an ask nor an answer")
