@@ -253,7 +253,7 @@ class _Approvers:
 
 
 def test_a_distributed_applications_quorum_writes_and_reads(cluster: Path) -> None:
-    """public-rw and secret-dw-dr written, and secret-dw-dr read, by a quorum: the clients at
+    """public-rw, secret-dw-dr and a random joint secret written, and read, by a quorum: the clients at
     servers 2 and 3 approve what server 1's client asks (3 of 4 servers). The certificate
     travels in the agreed operation and every server's check gives one verdict (their store
     digests stay equal). Denied by the others, the request is refused naming them; a single
@@ -265,6 +265,10 @@ def test_a_distributed_applications_quorum_writes_and_reads(cluster: Path) -> No
         assert _retrying(d1.store_data, "config", b"v1", "public-rw") == 1
         assert _retrying(d1.store_data, "db-key", b"k1", "secret-dw-dr") == 1
         assert _retrying(d1.retrieve, "db-key", reader=reader) == b"k1"
+        # a random joint secret: t+1 or more servers' sealed contributions, approved, ordered
+        assert _retrying(d1.generate_joint_secret, "dice") == 1
+        assert len(set(d1.store_record("dice")["sealed"])) >= 2
+        assert len(_retrying(d1.retrieve, "dice", reader=reader)) == 32
     kinds = {(type(r).__name__, r.data_id) for r in approvers.seen}  # type: ignore[attr-defined]
     assert {("WriteRequest", "config"), ("WriteRequest", "db-key"), ("ReadRequest", "db-key")} <= kinds
     assert d1.retrieve("config") == b"v1"
@@ -282,10 +286,15 @@ def test_a_distributed_applications_quorum_writes_and_reads(cluster: Path) -> No
     with pytest.raises(PstError) as other:
         o1.retrieve("db-key", reader=reader)
     assert other.value.code == "not-found"
+    # One verdict everywhere: the servers that applied the same operations hold the same state
+    # (a quorum of them at least; one may lag behind the sequence for a while).
     deadline = time.monotonic() + 20
     while True:
         stores = [_http_status(cluster, i).get("store") or {} for i in (1, 2, 3, 4)]
-        if len({s.get("digest") for s in stores}) == 1:
+        latest = max(int(s.get("applied") or 0) for s in stores)
+        level = [s.get("digest") for s in stores if s.get("applied") == latest]
+        if len(level) >= 3:
+            assert len(set(level)) == 1, stores
             break
         assert time.monotonic() < deadline, stores
         time.sleep(0.3)
