@@ -11,9 +11,13 @@ lookup that the node keeps current).
 A request of the application is serviced only if a strict majority of the n servers'
 clients initiated or approved it.
 
-Naming. For a request to run protocol ``op`` (only ``"sign"`` today) on ``payload``:
+Naming. For a request to run protocol ``op`` on ``payload`` (``"sign"``: the group key signs
+M once a majority agreed; ``"store"``: the data storage API's quorum requests, whose outcome is
+the certificate itself, :func:`store_certificate`, carrying the period's signed KeyTable so that
+any server checks it alike in any period: ``appliance.apps.store.model.check_quorum``):
 
-* ``M`` = :func:`distributed_sign_payload` ``(app, payload)``: what the group key signs;
+* ``M`` = :func:`distributed_payload` ``(app, op, payload)`` (for ``sign``,
+  :func:`distributed_sign_payload` ``(app, payload)``: what the group key signs);
   its domain ``pst/app-distributed/v1`` differs from centralized signing
   (``pst/app-signed/v1``) and from the protocols' own payloads (``pst/signed/v1``);
 * ``ticket = HMAC-SHA256(v, {period, SHA-256(M)})``: the paper's "hash(pswd)" sent to all
