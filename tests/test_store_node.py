@@ -197,6 +197,11 @@ async def test_a_random_joint_secret_from_the_servers_contributions(tmp_path: Pa
             with pytest.raises(model.Refused, match="only by a quorum") as alone:
                 await net.nodes[1].write(request, ALICE)
             assert alone.value.code == model.NOT_PERMITTED
+            (refused_write,) = net.alerts[1]  # at the origin, naming the client; nothing ordered
+            assert (
+                refused_write.kind.value == "store-write-refused"
+                and "vault/616c696365" in refused_write.detail
+            )
             q = quorum("vault", request.digest())
             record = await net.nodes[1].write(request, Client("vault", b""), q)
             assert record.dtype == DataType.JOINT_SECRET and record.owner == b""

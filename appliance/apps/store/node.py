@@ -261,7 +261,20 @@ class StoreNode:
         at = self._clock()
         view = FixedClock(at, service.authority, self._oldest_period())
         requester: model.Requester = quorum if quorum is not None else client
-        service.state.check_write(request, requester, view)  # refused here: not sent at all
+        try:
+            service.state.check_write(request, requester, view)  # refused here: not sent at all
+        except Refused as exc:
+            if exc.code == model.NOT_PERMITTED:
+                detail = (
+                    f"{_requester(client, quorum)} asked to write {request.app}/{request.data_id} "
+                    f"({request.dtype.value}): refused: {exc.reason}"
+                )
+                alert = Alert(
+                    AlertKind.STORE_WRITE_REFUSED, self.server_id, self.sequence.replica.period, detail
+                )
+                log.warning("%s", alert)
+                self._on_alert(alert)
+            raise
         entry = Operation(request, client, round(at * 1000), quorum).encode()
         (index,) = await self.sequence.append([entry])
         if not await self._until_applied(index + 1, 30.0):
@@ -463,15 +476,9 @@ class StoreNode:
                 self._alerted[ask.rid] = None  # one alert per read, however often it is asked
                 while len(self._alerted) > MAX_ASKS:
                     del self._alerted[next(iter(self._alerted))]
-                who = (
-                    f"client {ask.client.app}/{ask.client.unique_id.hex()}"
-                    if ask.quorum is None
-                    else f"a quorum of {ask.quorum.app} (period {ask.quorum.period}, "
-                    f"{len(ask.quorum.votes)} votes)"
-                )
                 detail = (
                     f"server {sender} asked for shares of {ask.request.app}/{ask.request.data_id} for "
-                    f"{who}: refused ({exc.code}): {exc.reason}"
+                    f"{_requester(ask.client, ask.quorum)}: refused ({exc.code}): {exc.reason}"
                 )
                 alert = Alert(AlertKind.STORE_READ_REFUSED, sender, self.sequence.replica.period, detail)
                 log.warning("%s", alert)
@@ -589,6 +596,13 @@ class StoreNode:
             "digest": None if service is None else service.digest().hex(),
             "refused_reads": self.refused,
         }
+
+
+def _requester(client: Client, quorum: model.Quorum | None) -> str:
+    """Who asked, for an alert: the client (application, unique id in hex), or the quorum."""
+    if quorum is None:
+        return f"client {client.app}/{client.unique_id.hex()}"
+    return f"a quorum of {quorum.app} (period {quorum.period}, {len(quorum.votes)} votes)"
 
 
 def _read(path: Path) -> bytes | None:
