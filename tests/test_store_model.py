@@ -538,6 +538,7 @@ _REQUESTS: dict[str, tuple[bytes, Any]] = {
     "read": (ReadRequest(APP, "w", 1, bytes(32)).encode(), ReadRequest.decode),
     "quorum": (_NET.quorum(APP, _WRITE.digest()).encode(), Quorum.decode),
     "contribution": (_CONTRIBUTION[1], model.Contribution.decode),
+    "approval-payload": (_WRITE.approval_payload(), model.decode_approval_payload),
     "joint-write": (
         WriteRequest(
             APP, "j", DataType.JOINT_SECRET, 1, sealed={2: _CONTRIBUTION[0]}, proofs={2: _CONTRIBUTION[1]}
