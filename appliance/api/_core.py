@@ -202,6 +202,11 @@ REQUEST_ID_SIZE: Final = 32
 #: Messages one ``log_append`` carries at most; entries one ``log_entries`` returns at most.
 MAX_LOG_BATCH: Final = 64
 MAX_LOG_READ: Final = 256
+#: Types a distributed application writes through a quorum of its clients (its ``store_data``,
+#: ``write``, ``generate_joint_secret``); its other writes are its client's alone.
+QUORUM_WRITES: Final = frozenset({"public-rw", "secret-dw-dr", "joint-secret"})
+#: Types a distributed application reads through a quorum (``retrieve`` with a reader key).
+QUORUM_READS: Final = frozenset({"secret-sw-dr", "secret-dw-dr", "joint-secret"})
 #: Protocols a distributed application may request.
 DISTRIBUTED_PROTOCOLS: Final = frozenset({"sign"})
 
@@ -316,16 +321,25 @@ class StoreBackend(Protocol):
         """The store key's group, threshold, period and Feldman commitment (clients seal to it)."""
         ...
 
-    async def store_write(self, request: bytes, app: str, unique_id: bytes) -> Mapping[str, Any]:
-        """Order the encoded WriteRequest ``request`` of client (app, unique_id) through the
-        network; the stored record's summary once applied here."""
+    async def store_write(
+        self, request: bytes, app: str, unique_id: bytes, quorum: bytes | None = None
+    ) -> Mapping[str, Any]:
+        """Order the encoded WriteRequest ``request`` of client (app, unique_id), or of the quorum
+        whose encoded certificate is ``quorum``, through the network; the stored record's summary
+        once applied here."""
+        ...
+
+    async def store_contribute(self, app: str, data_id: str) -> bytes:
+        """A random joint secret's encoded WriteRequest (version 1): the sealed contributions of
+        at least t+1 servers with their proofs; not ordered yet (a quorum approves it first)."""
         ...
 
     async def store_retrieve(
-        self, app: str, unique_id: bytes, data_id: str, reader: bytes | None
+        self, app: str, unique_id: bytes, data_id: str, reader: bytes | None, quorum: bytes | None = None
     ) -> Mapping[str, Any]:
         """The record (a public value), or for a secret the record and every server's answer
-        (shares sealed to ``reader``, or its refusal)."""
+        (shares sealed to ``reader``, or its refusal); ``quorum``: a quorum's certificate for the
+        read (the ReadRequest of the record's version and ``reader``)."""
         ...
 
 
@@ -459,6 +473,7 @@ OPS: Final[Mapping[str, Mapping[str, type]]] = {
     "write": {"handle": bytes, "request": bytes},
     "store_until": {"handle": bytes, "request": bytes},
     "generate_joint_secret": {"handle": bytes, "request": bytes},
+    "generate_random_secret": {"handle": bytes, "data_id": str},
     "retrieve": {"handle": bytes, "data_id": str},
 }
 #: Optional fields of each operation, with their types.
@@ -1015,7 +1030,7 @@ class ApiCore:
             return await self._link_receive(args["handle"], args.get("max", 64), args.get("wait_ms", 0), peer)
         if request.op == "certificate":
             return await self._certificate(args["handle"], args.get("csr"), args.get("names"), peer)
-        if request.op in STORE_WRITES or request.op in ("store_key", "retrieve"):
+        if request.op in STORE_WRITES or request.op in ("store_key", "retrieve", "generate_random_secret"):
             return await self._store(request, peer)
         self._charge_control(
             peer, 4.0 if request.op in ("register_distributed", "register_certified") else 1.0
@@ -1591,12 +1606,6 @@ class ApiCore:
 
         args = request.args
         reg = self._lookup(args["handle"], peer)
-        if reg.verifier is not None:
-            raise ApiError(
-                NOT_PERMITTED,
-                "the store takes requests of centralized registrations only for now (a distributed "
-                "application's quorum requests are not wired: docs/store.md)",
-            )
         backend = self.store_backend
         if backend is None:
             raise ApiError(UNAVAILABLE, "this network has no store key (pst cluster init --store)")
@@ -1608,7 +1617,11 @@ class ApiCore:
                 reader = args.get("reader")
                 if reader is not None and len(reader) != 32:
                     raise bad("reader", "an X25519 public key has 32 bytes")
+                if reg.verifier is not None and reader is not None:
+                    return await self._quorum_retrieve(reg, args["data_id"], reader, backend)
                 return dict(await backend.store_retrieve(reg.name, reg.unique_id, args["data_id"], reader))
+            if request.op == "generate_random_secret":
+                return await self._random_secret(reg, args["data_id"], backend)
             try:
                 write = WriteRequest.decode(args["request"])
             except DecodeError as exc:
@@ -1621,6 +1634,13 @@ class ApiCore:
                 )
             if request.op == "store_data" and write.version != 1:
                 raise ApiError(STALE_VERSION, "store_data creates data (version 1); change it with write")
+            if reg.verifier is not None and write.dtype.value in QUORUM_WRITES:
+                if write.app != reg.name:
+                    raise ApiError(
+                        NOT_PERMITTED, f"a client of {reg.name!r} cannot write {write.app!r}'s data"
+                    )
+                quorum = await self._quorum(reg, write.approval_payload())
+                return dict(await backend.store_write(args["request"], reg.name, reg.unique_id, quorum))
             return dict(await backend.store_write(args["request"], reg.name, reg.unique_id))
         except Refused as exc:
             raise ApiError(exc.code if exc.code in ERROR_CODES else REFUSED, str(exc)[:1000]) from None
@@ -1629,6 +1649,65 @@ class ApiCore:
         except Exception as exc:
             log.warning("api: store %s failed: %s", request.op, exc)
             raise ApiError(UNAVAILABLE, f"the store cannot serve now: {str(exc)[:300]}") from None
+
+    async def _quorum(self, reg: Registration, payload: bytes) -> bytes:
+        """The approvals certificate (protocol ``store``) of ``payload``: once a strict majority
+        of the application's clients asked for or approved it; ``refused`` naming the servers
+        otherwise."""
+        if self.distributed is None or reg.verifier is None:
+            raise ApiError(UNAVAILABLE, "this server does not serve distributed applications")
+        certificate = await self._call_distributed(
+            "request",
+            self.distributed.distributed_request(reg.name, reg.verifier, "store", payload, self.request_wait),
+        )
+        if not isinstance(certificate, bytes):
+            raise ApiError(UNAVAILABLE, "cannot serve the request now")
+        log.info("api: a quorum of distributed application %r approved a store request", reg.name)
+        return certificate
+
+    async def _random_secret(
+        self, reg: Registration, data_id: str, backend: StoreBackend
+    ) -> Mapping[str, Any]:
+        """GenerateJointSecret, random: at least t+1 servers' sealed contributions (each with its
+        server's proof), approved by a quorum of the application's clients, then ordered. The
+        proofs must be of the quorum's period: a refresh in between, and it starts again."""
+        from appliance.apps.store.model import Contribution, Quorum, WriteRequest
+
+        if reg.verifier is None:
+            raise ApiError(
+                NOT_PERMITTED,
+                "a random joint secret is made for a quorum of a distributed application's clients "
+                "(register_distributed), not for one client",
+            )
+        for _attempt in range(3):
+            raw = await backend.store_contribute(reg.name, data_id)
+            write = WriteRequest.decode(raw)
+            periods = {Contribution.decode(proof).period for proof in write.proofs.values()}
+            quorum = await self._quorum(reg, write.approval_payload())
+            if Quorum.decode(quorum).period in periods:
+                return dict(await backend.store_write(raw, reg.name, reg.unique_id, quorum))
+        raise ApiError(
+            UNAVAILABLE, "refreshes came between the contributions and the quorum's approval; try again"
+        )
+
+    async def _quorum_retrieve(
+        self, reg: Registration, data_id: str, reader: bytes, backend: StoreBackend
+    ) -> Mapping[str, Any]:
+        """A distributed client's Retrieve: the record first; a secret that only a quorum reads
+        (``secret-sw-dr``, ``secret-dw-dr``, ``joint-secret``) is read with the certificate of
+        its ReadRequest (this version, this reader key); anything else as the client alone."""
+        from appliance.apps.store.model import ReadRequest
+
+        head = dict(await backend.store_retrieve(reg.name, reg.unique_id, data_id, None))
+        record = head.get("record")
+        if not isinstance(record, Mapping) or record.get("type") not in QUORUM_READS:
+            return dict(await backend.store_retrieve(reg.name, reg.unique_id, data_id, reader))
+        version = record.get("v")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ApiError(UNAVAILABLE, "the store returned a malformed record")
+        read = ReadRequest(reg.name, data_id, version, reader)
+        quorum = await self._quorum(reg, read.approval_payload())
+        return dict(await backend.store_retrieve(reg.name, reg.unique_id, data_id, reader, quorum))
 
     # Period certificates (§5.4) ---------------------------------------------------------------
 

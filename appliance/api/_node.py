@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
@@ -74,6 +74,10 @@ def _checked(answer: Mapping[str, Any]) -> Mapping[str, Any]:
     if code in (REFUSED, UNKNOWN_REQUEST):
         raise BackendRefused(message, code)
     raise BackendUnavailable(message[:200])
+
+
+#: Seconds between two tries of a store quorum request that a refresh interrupted.
+STORE_RETRY: Final = 0.3
 
 
 class PServerBackend:
@@ -193,19 +197,39 @@ class PServerBackend:
         self, app: str, verifier: bytes, protocol: str, payload: bytes, timeout: float
     ) -> bytes:
         try:
-            answer = _checked(await self._node().request(app, verifier, protocol, payload, timeout))
+            if protocol == "store":
+                answer = await self._store_quorum(app, verifier, payload, timeout)
+            else:
+                answer = _checked(await self._node().request(app, verifier, protocol, payload, timeout))
         except BackendRefused:
             self.signatures["distributed", "refused"] += 1
             raise
         except BackendUnavailable:
             self.signatures["distributed", "unavailable"] += 1
             raise
-        signature = answer.get("signature")
+        signature = answer.get("certificate" if protocol == "store" else "signature")
         if not isinstance(signature, bytes):
             self.signatures["distributed", "unavailable"] += 1
-            raise BackendUnavailable("the node returned no signature")
+            raise BackendUnavailable("the node returned no signature or certificate")
         self.signatures["distributed", "signed"] += 1
         return signature
+
+    async def _store_quorum(
+        self, app: str, verifier: bytes, payload: bytes, timeout: float
+    ) -> Mapping[str, Any]:
+        """A store request's certificate. A refresh replaces the period's approvals (and the
+        key-holder) under a waiting request, or the server holds no share for a moment: asked
+        again in the new period while ``timeout`` lasts (the other clients see it again in
+        their ``pending``). A refusal is final."""
+        deadline = trio.current_time() + timeout
+        while True:
+            left = deadline - trio.current_time()
+            try:
+                return _checked(await self._node().request(app, verifier, "store", payload, max(left, 1.0)))
+            except BackendUnavailable:
+                if deadline - trio.current_time() < 1.0:
+                    raise
+            await trio.sleep(STORE_RETRY)
 
     async def distributed_pending(self, app: str, verifier: bytes) -> Sequence[Mapping[str, Any]]:
         requests = _checked(await self._node().pending(app, verifier)).get("requests")

@@ -403,12 +403,17 @@ class _Child:
         """The store key's group, threshold and public sharing (its Feldman commitment; the
         constant term is the public key the clients seal to), and the period."""
         group, sharing, period = self._store_sharing()
+        core = self.server.core
+        m = core.public.m if core is not None else None
         return {
             "group": group.name,
             "n": sharing.n,
             "t": sharing.t,
             "period": period,
             "commitment": sharing.commitment.encode(group),
+            # the group public key, which signs every KeyTable: a quorum's certificate is
+            # checked against it (appliance.apps.store.model.check_quorum)
+            "vcert": m.vcert if m is not None else b"",
         }
 
     async def _store_share(self, args: dict[str, Any]) -> dict[str, Any]:

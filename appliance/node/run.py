@@ -257,7 +257,7 @@ async def _serve(
         if log_node is not None:
             await log_node.identity(period, keys, ident)
         if store_node is not None:
-            await store_node.sequence.identity(period, keys, ident)
+            await store_node.identity(period, keys, ident)
         if period_cert is not None:
             period_cert.new_period(period)
         if tsa_cert is not None:

@@ -80,6 +80,10 @@ class AlertKind(enum.Enum):
     #: let its client read (another application, not the owner, a StoreUntil before its date):
     #: appliance.apps.store. The alert names the server that asked and its client.
     STORE_READ_REFUSED = "store-read-refused"
+    #: A local client (or a distributed application's quorum) asked this server for a write the
+    #: store's rules do not allow it (another application's data, a quorum's type by one client,
+    #: a certificate that does not verify): refused before it is ordered. Names the requester.
+    STORE_WRITE_REFUSED = "store-write-refused"
 
 
 @dataclass(frozen=True)
