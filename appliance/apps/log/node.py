@@ -48,6 +48,7 @@ count; alerts (:attr:`Replica.alerts`) go to ``on_alert``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -60,9 +61,9 @@ from appliance.apps.log.checkpoint import Checkpoint, Verifier, open_checkpoint
 from appliance.apps.log.errors import LogDecodeError, LogError
 from appliance.apps.log.index import drop_index_from
 from appliance.apps.log.reader import CHECKPOINT_PATH
-from appliance.apps.log.repair import REPAIR_TIMEOUT, Repair, answer_request
+from appliance.apps.log.repair import REPAIR_TIMEOUT, Repair, answer_request, older_partials
 from appliance.apps.log.replication import MAX_BATCH_BYTES, MAX_BATCH_ENTRIES, Replica
-from appliance.apps.log.tiles import Bundle, Storage, TileLog, parse_path
+from appliance.apps.log.tiles import STATE_PATH, Bundle, Storage, TileLog, parse_path
 from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
 from appliance.net import (
@@ -168,6 +169,9 @@ class LogNode:
         self._seen_checkpoint = clock()
         self._waiting_checkpoint: tuple[bytes, Checkpoint] | None = None
         self._published_at: float | None = None
+        #: The signed note this server last wrote to its ``checkpoint`` file (or found there,
+        #: verified, at its start): what the audit expects to find in the file.
+        self._note: bytes | None = None
         #: Why this server's copy of the log is damaged (None: its last audit passed).
         self.damaged: str | None = None
         #: Repairs of this server's copy that passed their audit; seconds a peer has to answer.
@@ -181,6 +185,18 @@ class LogNode:
         #: Set (and replaced) each time the tree grew: what follows the log waits on it.
         self.grown = trio.Event()
         self._load_known()
+        logger = logging.getLogger("pst.log")  # (``log`` is the tree here)
+        try:  # what a batch lost in a crash left beyond the durable size (we are the writer)
+            dropped = log.drop_leftovers()
+        except OSError as exc:
+            logger.warning("log: the partial files of a lost batch were not deleted: %s", exc)
+        else:
+            if dropped:
+                logger.info(
+                    "log: deleted %d partial file(s) a batch lost in a crash left beyond size %d",
+                    len(dropped),
+                    log.size,
+                )
 
     # --- Keys --------------------------------------------------------------------------------
 
@@ -285,6 +301,11 @@ class LogNode:
                 return
             if isinstance(obj, dict) and obj.get("log") == "checkpoint":
                 await self._on_checkpoint(sender, obj.get("note"))
+                return
+            if isinstance(obj, dict) and obj.get("log") == "checkpoint-req":
+                # A peer whose checkpoint file is damaged: our latest note (it checks it).
+                if self._note is not None:
+                    self._emit(sender, {"log": "checkpoint", "note": self._note})
                 return
             if isinstance(obj, dict) and obj.get("log") == "repair-req":
                 # At most one answer per peer every REPAIR_ANSWER_INTERVAL: a repair asks one
@@ -462,6 +483,7 @@ class LogNode:
             return False
         self.tree.storage.write(CHECKPOINT_PATH, note)
         self.tree.storage.sync()
+        self._note = bytes(note)
         self.checkpointed_size = body.size
         self._published_at = self._clock()
         # The partial tiles the signed tree's full ones supersede (durable: they were synced
@@ -515,11 +537,22 @@ class LogNode:
         if directory is None or self.tree.storage.read(CHECKPOINT_PATH) is None:
             return None  # not a directory store (tests in memory), or nothing signed yet
         checker = LogVerifier(DirSource(directory), verifier)
+        async with self._lock:
+            tip = self.tree.checkpoint()  # our tree beyond the checkpoint: its root is ours
 
         def run() -> AuditReport | str | None:
             try:
                 latest = checker.latest()
-                return checker.audit_report(latest) if latest.size else None
+                if not latest.size:
+                    return None
+                report = checker.audit_report(latest, tip)
+                wrong = {t.path for t in report.bad_tiles} | {b.path for b in report.bad_bundles}
+                fixes, lines = older_partials(self.tree.storage, report.size, report.signed_size, skip=wrong)
+                if lines:
+                    report = dataclasses.replace(
+                        report, lines=report.lines + tuple(lines), bad_partials=tuple(fixes)
+                    )
+                return report
             except VerificationFailed as exc:
                 return str(exc)
             except LogError as exc:
@@ -535,7 +568,60 @@ class LogNode:
         async with self._audit_lock:
             return await self._audit()
 
+    def _check_records(self) -> tuple[list[str], bool]:
+        """``state/tree`` and ``checkpoint`` against what this server holds in memory (under the
+        lock, in a worker thread): each one that differs is named and rewritten from memory.
+        A checkpoint file that does not verify while we have no note in memory (a restart
+        found it so) is left, and the peers are asked for theirs (True): the first one that
+        verifies and that our tree has replaces it (:meth:`_on_checkpoint`)."""
+        storage, found, ask = self.tree.storage, list[str](), False
+        want = self.tree.checkpoint().text().encode("utf-8")
+        have = storage.read(STATE_PATH)
+        if have != want:
+            how = "is missing" if have is None else "differs from this server's tree"
+            found.append(f"{STATE_PATH} {how} (size {self.tree.size}): rewritten from the tree in memory")
+            storage.write(STATE_PATH, want)
+        if self._verifier is not None:
+            note = storage.read(CHECKPOINT_PATH)
+            if self._note is not None and note != self._note:
+                how = (
+                    "is missing"
+                    if note is None
+                    else "differs from the signed checkpoint this server published"
+                )
+                size = open_checkpoint(self._note, self.tree.origin, [self._verifier]).size
+                found.append(f"{CHECKPOINT_PATH} {how} (size {size}): rewritten from memory")
+                storage.write(CHECKPOINT_PATH, self._note)
+            elif self._note is None and note is not None and self._published() is None:
+                found.append(
+                    f"{CHECKPOINT_PATH} does not verify with the log's key, and this server has no "
+                    "checkpoint of its own in memory: asked the peers for theirs"
+                )
+                ask = True
+        if found:
+            storage.sync()
+        return found, ask
+
     async def _audit(self) -> bool:
+        async with self._lock:
+            records, ask = await trio.to_thread.run_sync(self._check_records)
+        if records:
+            self._damaged("this server's copy of the log is damaged: " + "; ".join(records))
+        if ask:
+            self._broadcast({"log": "checkpoint-req"})
+            with trio.move_on_after(self.repair_timeout):
+                while self._note is None:  # written by _on_checkpoint once one verifies
+                    await trio.sleep(0.05)
+            if self._note is None:
+                self.damaged = (
+                    f"this server's {CHECKPOINT_PATH} file does not verify and no peer sent one that "
+                    "verifies and that this server's tree has"
+                )
+                log.error("log: %s", self.damaged)
+                return False
+        if records:
+            self.repairs += 1
+            log.warning("log: repaired this server's copy of the log: %s", "; ".join(records))
         found = await self._audit_report()
         if found is None or (not isinstance(found, str) and found.ok):
             self.damaged = None
@@ -633,6 +719,8 @@ class LogNode:
         so that, with the signing's jitter, a new checkpoint comes at least every second while
         the tree grows (issue 11; at exactly 1 s the p99 of the interval was 1.02-1.04 s)."""
         self._verifier = Verifier(self.tree.origin, public_key)
+        if self._published() is not None:  # what the audit expects to find in the file
+            self._note = self.tree.storage.read(CHECKPOINT_PATH)
         task_status.started()
         next_at = trio.current_time()
         while True:
