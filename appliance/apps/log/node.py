@@ -172,6 +172,9 @@ class LogNode:
         #: The signed note this server last wrote to its ``checkpoint`` file (or found there,
         #: verified, at its start): what the audit expects to find in the file.
         self._note: bytes | None = None
+        #: Slots beyond ours that a peer said it was at (``at``), with when we first heard of
+        #: each (our clock): the replication lag in seconds (:meth:`lag_seconds`).
+        self._ahead: dict[int, float] = {}
         #: Why this server's copy of the log is damaged (None: its last audit passed).
         self.damaged: str | None = None
         #: Repairs of this server's copy that passed their audit; seconds a peer has to answer.
@@ -326,6 +329,8 @@ class LogNode:
         except DecodeError as exc:
             self._complain(sender, str(exc))
             return
+        if isinstance(obj, dict) and obj.get("log") == "at":
+            self._heard_at(obj.get("slot"))
         while len(self._inbox) >= MAX_INBOX:
             await self._drained.wait()
         self._inbox.append((sender, obj))
@@ -443,7 +448,31 @@ class LogNode:
     def size(self) -> int:
         return self.tree.size
 
-    def replication(self) -> dict[str, int | str | None]:
+    def _heard_at(self, slot: Any) -> None:
+        """A peer is at ``slot`` (it applied every slot before it)."""
+        if (
+            isinstance(slot, int)
+            and not isinstance(slot, bool)
+            and slot > self.replica.slot
+            and slot not in self._ahead
+            and len(self._ahead) < 4096
+        ):
+            self._ahead[slot] = self._clock()
+
+    def lag_seconds(self) -> float:
+        """Seconds this server's copy is behind the newest copy: since we first heard that a
+        peer had applied the slot we are at (a peer at a later slot; peers say where they
+        are every ``resend`` seconds, so this may be that much short), 0 if no peer is
+        known to be ahead. Measured on our clock only (no clocks compared). A peer that
+        lies about its slot can make it grow, not hide a real lag."""
+        slot = self.replica.slot
+        for old in [s for s in self._ahead if s <= slot]:
+            del self._ahead[old]
+        if not self._ahead:
+            return 0.0
+        return max(0.0, self._clock() - min(self._ahead.values()))
+
+    def replication(self) -> dict[str, int | float | str | None]:
         """Figures for the status: the next slot, its committee's period, the last checkpoint
         this server published, the catch-ups done and our batches waiting to be ordered."""
         r = self.replica
@@ -458,6 +487,7 @@ class LogNode:
             else max(0, round(self._clock() - self._published_at)),
             "damaged": self.damaged,
             "repairs": self.repairs,
+            "lag_seconds": round(self.lag_seconds(), 1),
         }
 
     # --- Checkpoints -------------------------------------------------------------------------
