@@ -607,7 +607,7 @@ class LogNode:
         storage, found, ask = self.tree.storage, list[str](), False
         want = self.tree.checkpoint().text().encode("utf-8")
         have = storage.read(STATE_PATH)
-        if have != want:
+        if have != want and (have is not None or self.tree.size):  # an empty log has none yet
             how = "is missing" if have is None else "differs from this server's tree"
             found.append(f"{STATE_PATH} {how} (size {self.tree.size}): rewritten from the tree in memory")
             storage.write(STATE_PATH, want)
