@@ -48,7 +48,6 @@ count; alerts (:attr:`Replica.alerts`) go to ``on_alert``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -61,7 +60,7 @@ from appliance.apps.log.checkpoint import Checkpoint, Verifier, open_checkpoint
 from appliance.apps.log.errors import LogDecodeError, LogError
 from appliance.apps.log.index import drop_index_from
 from appliance.apps.log.reader import CHECKPOINT_PATH
-from appliance.apps.log.repair import REPAIR_TIMEOUT, Repair, answer_request, older_partials
+from appliance.apps.log.repair import REPAIR_TIMEOUT, Repair, answer_request, audit_copy
 from appliance.apps.log.replication import MAX_BATCH_BYTES, MAX_BATCH_ENTRIES, Replica
 from appliance.apps.log.tiles import STATE_PATH, Bundle, Storage, TileLog, parse_path
 from appliance.crypto import encoding
@@ -575,14 +574,7 @@ class LogNode:
                 latest = checker.latest()
                 if not latest.size:
                     return None
-                report = checker.audit_report(latest, tip)
-                wrong = {t.path for t in report.bad_tiles} | {b.path for b in report.bad_bundles}
-                fixes, lines = older_partials(self.tree.storage, report.size, report.signed_size, skip=wrong)
-                if lines:
-                    report = dataclasses.replace(
-                        report, lines=report.lines + tuple(lines), bad_partials=tuple(fixes)
-                    )
-                return report
+                return audit_copy(checker, self.tree.storage, latest, tip)
             except VerificationFailed as exc:
                 return str(exc)
             except LogError as exc:

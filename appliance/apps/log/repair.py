@@ -35,6 +35,7 @@ is not rewritten. The module never imports trio or sockets; :meth:`Repair.receiv
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -58,13 +59,15 @@ from appliance.apps.log.tiles import (
 from appliance.crypto.errors import DecodeError
 
 if TYPE_CHECKING:  # verify.py reads over HTTP; this module does no I/O of its own
-    from appliance.apps.log.verify import AuditReport
+    from appliance.apps.log.checkpoint import Checkpoint
+    from appliance.apps.log.verify import AuditReport, LogVerifier
 
 __all__ = [
     "MAX_REPAIR_BUNDLES",
     "REPAIR_TIMEOUT",
     "Repair",
     "answer_request",
+    "audit_copy",
     "older_partials",
     "rebuild",
     "rebuild_at",
@@ -258,6 +261,21 @@ def answer_request(log: TileLog, obj: Any) -> dict[str, Any]:
                 entries = entries[:k]
                 break
     return {"log": "repair", "start": start, "entries": entries}
+
+
+def audit_copy(
+    checker: LogVerifier, storage: Storage, latest: Checkpoint, tip: Checkpoint | None = None
+) -> AuditReport:
+    """A server's audit of its own copy (``checker`` reads ``storage``): the tree of ``tip``
+    (its own, beyond the signed ``latest``; :meth:`LogVerifier.audit_report`) and the partial
+    files of older sizes beside it (:func:`older_partials`; those at a position whose file the
+    first part found wrong are left for after the repair)."""
+    report = checker.audit_report(latest, tip)
+    wrong = {t.path for t in report.bad_tiles} | {b.path for b in report.bad_bundles}
+    fixes, lines = older_partials(storage, report.size, report.signed_size, skip=wrong)
+    if not lines:
+        return report
+    return dataclasses.replace(report, lines=report.lines + tuple(lines), bad_partials=tuple(fixes))
 
 
 class Repair:
