@@ -165,6 +165,17 @@ async def test_each_kind_of_file_beyond_the_signed_tree_is_audited_alerted_and_r
     assert c.nodes[2].repairs == len(cases) + 4
     assert all((mine / p).read_bytes() == (theirs / p).read_bytes() for p in files)
 
+    # Server 2 restarted: it takes the verified checkpoint file it finds as the one to expect.
+    restarted = c.make(2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(restarted.checkpoints, sign_with_log_key, public, interval=60))
+        assert restarted._note == note
+        (mine / CHECKPOINT_PATH).write_bytes(older_note)
+        with trio.fail_after(30):
+            assert await restarted.audit()
+        assert (mine / CHECKPOINT_PATH).read_bytes() == note and restarted.repairs == 1
+        nursery.cancel_scope.cancel()
+
 
 def test_older_partials_are_prefixes_of_the_trees_files_and_may_be_pruned() -> None:
     storage = MemoryStorage()
