@@ -449,6 +449,8 @@ class LogNode:
 
     def _heard_at(self, slot: Any) -> None:
         """A peer is at ``slot`` (it applied every slot before it)."""
+        if len(self._ahead) >= 64:  # forget the slots we have applied since
+            self._ahead = {s: t for s, t in self._ahead.items() if s > self.replica.slot}
         if (
             isinstance(slot, int)
             and not isinstance(slot, bool)
