@@ -686,6 +686,7 @@ def test_a_bundle_edited_on_one_servers_disk_is_repaired_from_the_others(tmp_pat
         with urllib.request.urlopen(f"{url}/v1/status", timeout=10) as answer:
             status = json.loads(answer.read())["log"]["replication"]
         assert status["damaged"] is None and status["repairs"] == 1
+        assert status["lag_seconds"] == 0.0  # caught up: no peer is ahead
         # `pst log audit`: the operator asks server 2 (no periodic audit soon) to audit now; a
         # bundle edited on its disk is repaired before the command returns.
         out = pst("log", "audit", "--dir", str(root), "--node", "2")
