@@ -512,9 +512,9 @@ class LogNode:
             return False
         if body.size > self.tree.size or self.tree.root_at(body.size) != body.root:
             return False
+        self._note = bytes(note)  # (first: a failed write leaves the audit to put it there)
         self.tree.storage.write(CHECKPOINT_PATH, note)
         self.tree.storage.sync()
-        self._note = bytes(note)
         self.checkpointed_size = body.size
         self._published_at = self._clock()
         # The partial tiles the signed tree's full ones supersede (durable: they were synced
