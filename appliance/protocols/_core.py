@@ -80,6 +80,10 @@ class AlertKind(enum.Enum):
     #: let its client read (another application, not the owner, a StoreUntil before its date):
     #: appliance.apps.store. The alert names the server that asked and its client.
     STORE_READ_REFUSED = "store-read-refused"
+    #: A server asked us to sign with an application's DSS key for a client that does not own
+    #: it (another application, another client), or with a key of another group:
+    #: appliance.apps.dsskeys. The alert names the server that asked and the client it named.
+    APP_KEY_REFUSED = "app-key-refused"
 
 
 @dataclass(frozen=True)
