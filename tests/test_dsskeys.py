@@ -168,3 +168,32 @@ def test_decoders_raise_only_decode_error(data: bytes) -> None:
     if check.claims(data):
         reason = check.check(data)
         assert reason is None or isinstance(reason, str)
+
+
+def test_the_store_orders_key_records_with_its_rules_and_every_server_agrees() -> None:
+    from test_store_model import ALICE, APP, BOB
+    from test_store_model import Net as StoreNet
+
+    from appliance.apps.store.model import DataType, WriteRequest
+
+    net = StoreNet()
+    record = KeyRecord("p256").encode()
+    net.write(WriteRequest(APP, model.data_id("signer"), DataType.PUBLIC_ONCE, 1, value=record), ALICE)
+    reg = Registry.from_records(net.states[1].records.values())
+    assert reg.keys == {(APP, "signer"): Entry(ALICE.unique_id, "p256")}
+    assert "write-once" in net.refused_everywhere(
+        WriteRequest(APP, model.data_id("signer"), DataType.PUBLIC_ONCE, 1, value=record), BOB, "exists"
+    )
+    assert "public-once data a client writes" in net.refused_everywhere(
+        WriteRequest(APP, model.data_id("rw"), DataType.PUBLIC_RW, 1, value=record),
+        net.quorum(APP, WriteRequest(APP, model.data_id("rw"), DataType.PUBLIC_RW, 1, value=record).digest()),
+        "bad-request",
+    )
+    assert "DSS key record" in net.refused_everywhere(
+        WriteRequest(APP, model.data_id("junk"), DataType.PUBLIC_ONCE, 1, value=b"junk"), ALICE, "bad-request"
+    )
+    for k in range(1, model.MAX_KEYS):
+        net.write(WriteRequest(APP, model.data_id(f"k{k}"), DataType.PUBLIC_ONCE, 1, value=record), ALICE)
+    assert "most it may have" in net.refused_everywhere(
+        WriteRequest(APP, model.data_id("one-more"), DataType.PUBLIC_ONCE, 1, value=record), ALICE, "quota"
+    )
