@@ -39,7 +39,7 @@ E = TypeVar("E")
 
 DOMAIN = b"pst/dss-app-key/v1"
 #: Application and key names are short printable strings (checked by :func:`check_name`).
-MAX_NAME = 64
+MAX_NAME = 128
 
 
 def check_name(what: str, value: str) -> None:

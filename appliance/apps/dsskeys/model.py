@@ -53,6 +53,8 @@ MAX_KEYS: Final = 16
 #: Largest message an application signs (the payload around it must fit a signing request).
 MAX_APP_MESSAGE: Final = MAX_MESSAGE - 1024
 MAX_UID: Final = 64
+#: The registry's file in the store's directory (``<state>/serve/store/dss-keys``).
+KEY_REGISTRY: Final = "dss-keys"
 #: Largest registry file a key-holder reads.
 MAX_REGISTRY: Final = 4 * 1024 * 1024
 
