@@ -56,7 +56,9 @@ Payload checks as in :mod:`~appliance.protocols.signing`, with its two optional 
 check learns which server asked (``check_from``: a timestamp's serial must be that server's),
 and what is signed may be a form the check computes from the payload (``signed_bytes``: a
 TSTInfo is checked, its CMS signed attributes signed); the coordinator combines the shares over
-that same form. The lock binds the payload itself.
+that same form. The lock binds the payload itself. A third hook picks the key: ``key_tweak(message,
+group, public_key) -> d`` signs under the secret's key plus d (an application's key,
+:mod:`appliance.crypto.appkeys`; every signer computes d itself from the payload).
 
 When the stock runs dry a request waits (presigning goes on in the background) until
 ``REQUEST_TIMEOUT`` after it was made, then fails with a clear error saying so. A request that
