@@ -197,3 +197,56 @@ def test_the_store_orders_key_records_with_its_rules_and_every_server_agrees() -
     assert "most it may have" in net.refused_everywhere(
         WriteRequest(APP, model.data_id("one-more"), DataType.PUBLIC_ONCE, 1, value=record), ALICE, "quota"
     )
+
+
+async def test_the_api_operations_with_an_applications_key() -> None:
+    from test_api import ME, OTHER, FakeBackend, req
+    from test_store_api import OneServerStore
+
+    from appliance.api import ApiCore
+
+    class AppDss(FakeBackend):
+        async def sign_app_dss(self, group: str, app: str, uid: bytes, key: str, message: bytes) -> bytes:
+            return b"der:" + SignRequest(app, uid, key, group, message).encode()
+
+        async def app_dss_public_key(self, group: str, app: str, key: str) -> bytes | None:
+            return f"PEM {group} {app} {key}".encode() if group == "p256" else None
+
+    core = ApiCore(AppDss(), data_store=OneServerStore())
+
+    async def handle(unique_id: bytes, peer: Any = ME) -> bytes:
+        r = await core.handle(req("register", name="billing", unique_id=unique_id), peer)
+        h: bytes = r["result"]["handle"]
+        return h
+
+    mine, theirs = await handle(b"alice"), await handle(b"bob")
+    r = await core.handle(req("generate_dss_key", handle=mine, name="invoices"), ME)
+    assert r["result"] == {"name": "invoices", "group": "p256", "pem": b"PEM p256 billing invoices"}
+    again = await core.handle(req("generate_dss_key", handle=mine, name="invoices"), ME)
+    assert again["result"] == r["result"]
+    taken = await core.handle(req("generate_dss_key", handle=theirs, name="invoices"), ME)
+    assert taken["error"]["code"] == "exists"
+    no_dsa = await core.handle(req("generate_dss_key", handle=mine, name="d", group="dsa2048"), ME)
+    assert no_dsa["error"]["code"] == "unavailable" and "appkeys-dsa2048" in no_dsa["error"]["message"]
+    bad_group = await core.handle(req("generate_dss_key", handle=mine, name="d", group="rsa"), ME)
+    assert bad_group["error"]["code"] == "bad-request"
+    bad_name = await core.handle(req("generate_dss_key", handle=mine, name="a\nb"), ME)
+    assert bad_name["error"]["code"] == "bad-request"
+
+    signed = await core.handle(req("dss_sign", handle=mine, key="invoices", message=b"m"), ME)
+    sent = SignRequest.decode(signed["result"]["signature"][4:])
+    assert sent == SignRequest("billing", b"alice", "invoices", "p256", b"m")
+    refused = await core.handle(req("dss_sign", handle=theirs, key="invoices", message=b"m"), ME)
+    assert refused["error"]["code"] == "not-permitted"
+    missing = await core.handle(req("dss_sign", handle=mine, key="nope", message=b"m"), ME)
+    assert missing["error"]["code"] == "not-found"
+    big = await core.handle(req("dss_sign", handle=mine, key="invoices", message=b"m" * 64_600), ME)
+    assert big["error"]["code"] == "too-large"
+    pem = await core.handle(req("dss_public_key", handle=theirs, key="invoices"), ME)
+    assert pem["result"] == {"pem": b"PEM p256 billing invoices"}
+    for fields in ({}, {"key": "invoices"}, {"secret": "tsa", "handle": mine, "key": "invoices"}):
+        r = await core.handle(req("dss_sign", message=b"m", **fields), ME)
+        assert r["error"]["code"] == "bad-request", fields
+    # The operator's dss_sign on a secret of C is unchanged: not for other users.
+    r = await core.handle(req("dss_sign", secret="appkeys-p256", message=b"m"), OTHER)
+    assert r["error"]["code"] == "not-permitted"
