@@ -122,7 +122,7 @@ def test_tweaks_are_scalars_bound_to_application_and_name(app: str, name: str, o
 @given(
     bad=st.one_of(
         st.just(""),
-        st.text(min_size=appkeys.MAX_NAME + 1, max_size=80),
+        st.text(min_size=appkeys.MAX_NAME + 1, max_size=appkeys.MAX_NAME + 20),
         st.text().filter(lambda s: not (s.isascii() and s.isprintable())),
     )
 )
