@@ -3,6 +3,8 @@ base key's presignatures, refreshed and recovered with it; openssl's verifier ac
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -131,3 +133,20 @@ def test_names_that_are_empty_long_or_not_printable_ascii_are_refused(bad: str) 
         appkeys.tweak(P256, P256.mul_base(7), bad, "k")
     with pytest.raises(ParameterError):
         appkeys.tweak(P256, P256.mul_base(7), "app", bad)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_openssl_dgst_verifies_an_application_keys_signature(group: Group[Any], tmp_path: Path) -> None:
+    keys = keys_of(group)
+    base = keys[1].public_key
+    d = appkeys.tweak(group, base, "billing", "openssl")
+    sig = sign(group, keys, b"checked by openssl\n", d, (2, 3), b"openssl")
+    (tmp_path / "pub.pem").write_bytes(dss.public_key_pem(group, appkeys.derived_public(group, base, d)))
+    (tmp_path / "msg").write_bytes(b"checked by openssl\n")
+    (tmp_path / "sig.der").write_bytes(sig.der)
+    cmd = ["openssl", "dgst", "-sha256", "-verify", "pub.pem", "-signature", "sig.der", "msg"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and "Verified OK" in out.stdout, out.stdout + out.stderr
+    (tmp_path / "pub.pem").write_bytes(dss.public_key_pem(group, base))  # the base key: no
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert out.returncode != 0
