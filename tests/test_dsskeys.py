@@ -127,6 +127,8 @@ def test_the_registry_round_trips_and_is_read_again_when_the_file_changes(tmp_pa
     assert file.lookup("a", "k") == Entry(b"o", "p256")
     path.write_bytes(Registry({("a", "k"): Entry(b"o", "dsa2048"), ("a", "j"): Entry(b"p", "p256")}).encode())
     assert file.lookup("a", "k") == Entry(b"o", "dsa2048") and file.lookup("a", "j") == Entry(b"p", "p256")
+    path.write_bytes(b"garbage")  # unreadable: no key known (the check says not yet), no exception
+    assert file.lookup("a", "k") is None
 
 
 def test_the_stores_rule_for_key_records() -> None:

@@ -29,6 +29,7 @@ the operator's ``dss_sign`` refuses them.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ from appliance.crypto.groups import Group
 from appliance.protocols._core import AlertKind
 from appliance.protocols.signing import MAX_MESSAGE, NotYet
 from appliance.protocols.state import APP_KEY_SECRETS
+
+log = logging.getLogger("pst.dsskeys")
 
 DOMAIN: Final = "pst/dss-app-sign/v1"
 #: The store data id of key ``name``: ``dss-key/<name>``.
@@ -216,9 +219,15 @@ class RegistryFile:
             return None
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         if stamp != self._stamp:
-            if st.st_size > MAX_REGISTRY:
-                raise DecodeError(f"{self.path}: larger than {MAX_REGISTRY} bytes")
-            self._registry = Registry.decode(self.path.read_bytes())
+            # An unreadable registry is this server's own problem: it knows no key (a refusal
+            # that accuses nobody) until the store node writes the file again.
+            try:
+                if st.st_size > MAX_REGISTRY:
+                    raise DecodeError(f"larger than {MAX_REGISTRY} bytes")
+                self._registry = Registry.decode(self.path.read_bytes())
+            except (OSError, DecodeError) as exc:
+                log.warning("dss keys: %s unreadable (%s): no application key is known", self.path, exc)
+                self._registry = Registry({})
             self._stamp = stamp
         return self._registry.keys.get((app, name))
 
