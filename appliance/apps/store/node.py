@@ -34,7 +34,7 @@ from typing import Any
 
 import trio
 
-from appliance.apps.dsskeys.model import KEY_REGISTRY, Registry
+from appliance.apps.dsskeys.model import KEY_REGISTRY, Registry, key_name
 from appliance.apps.log.node import LogNode
 from appliance.apps.log.tiles import PosixStorage, TileLog
 from appliance.apps.store import model
@@ -209,13 +209,17 @@ class StoreNode:
             if size > service.applied:
                 end = min(size, service.applied + 256)
                 entries = await self.sequence.read_entries(service.applied, end)
+                keys_changed = self._registry_written is None
                 for entry in entries:
                     outcome = service.apply(service.applied, entry)
                     if isinstance(outcome, Refused):
                         log.info("store: operation %d refused: %s", service.applied - 1, outcome.reason)
+                    elif isinstance(outcome, Record) and key_name(outcome.data_id) is not None:
+                        keys_changed = True
                 data = service.encode()
                 await trio.to_thread.run_sync(atomic_write, self.state_path, data)
-                await self._write_key_registry(service)
+                if keys_changed:  # before the event: an answered generate_dss_key is in the file
+                    await self._write_key_registry(service)
                 event, self._applied = self._applied, trio.Event()
                 event.set()
                 continue
