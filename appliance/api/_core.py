@@ -454,8 +454,9 @@ OPS: Final[Mapping[str, Mapping[str, type]]] = {
     "approve": {"handle": bytes, "request_id": bytes},
     "deny": {"handle": bytes, "request_id": bytes},
     "upgrade_sign": {},
-    "dss_sign": {"secret": str, "message": bytes},
-    "dss_public_key": {"secret": str},
+    "dss_sign": {"message": bytes},
+    "dss_public_key": {},
+    "generate_dss_key": {"handle": bytes, "name": str},
     "registrations": {},
     "revoke": {"name": str},
     "log_append": {"handle": bytes, "messages": list},
@@ -484,6 +485,10 @@ OPTIONAL: Final[Mapping[str, Mapping[str, type]]] = {
     "certificate": {"csr": bytes, "names": list},
     "timestamp": {"nonce": int, "cert_req": bool},
     "retrieve": {"reader": bytes},
+    # A DSS secret of C (the operator's), or an application's key (its handle and key name).
+    "dss_sign": {"secret": str, "handle": bytes, "key": str},
+    "dss_public_key": {"secret": str, "handle": bytes, "key": str},
+    "generate_dss_key": {"group": str},
 }
 #: The store's write operations and the data types each takes (``write``: the next version of
 #: read/write data; the model says which types those are).
@@ -554,6 +559,12 @@ def parse_request(obj: object) -> Request:
         if (isinstance(value, bool) and want is not bool) or not isinstance(value, want):
             raise bad(key, f"expected {want.__name__}, got {_type_name(value)}")
         args[key] = value
+    if op in ("dss_sign", "dss_public_key") and (
+        ("secret" in args) == ("key" in args) or ("key" in args) != ("handle" in args)
+    ):
+        raise bad(
+            "secret", "give either 'secret' (a DSS secret of C) or 'handle' and 'key' (an application's key)"
+        )
     if "uid" in args and not 0 <= args["uid"] < 2**32:
         raise bad("uid", "must be in [0, 2**32)")
     if "handle" in args and len(args["handle"]) != HANDLE_SIZE:
@@ -1032,6 +1043,8 @@ class ApiCore:
             return await self._certificate(args["handle"], args.get("csr"), args.get("names"), peer)
         if request.op in STORE_WRITES or request.op in ("store_key", "retrieve", "generate_random_secret"):
             return await self._store(request, peer)
+        if request.op == "generate_dss_key" or "key" in request.args:
+            return await self._app_dss(request, peer)
         self._charge_control(
             peer, 4.0 if request.op in ("register_distributed", "register_certified") else 1.0
         )
@@ -1708,6 +1721,102 @@ class ApiCore:
         read = ReadRequest(reg.name, data_id, version, reader)
         quorum = await self._quorum(reg, read.approval_payload())
         return dict(await backend.store_retrieve(reg.name, reg.unique_id, data_id, reader, quorum))
+
+    # Per-application DSS keys (§5.3, issue 12) ----------------------------------------------------
+
+    async def _app_dss(self, request: Request, peer: PeerCred) -> Mapping[str, Any]:
+        """generate_dss_key, and dss_sign / dss_public_key with an application's key
+        (appliance.apps.dsskeys): the key's record is a store write; a signature is made by the
+        application keys' secret of its group, every signer checking the client owns the key."""
+        from appliance.apps.dsskeys import model as dsskeys
+        from appliance.apps.store.model import DataType, Refused, WriteRequest
+        from appliance.crypto import appkeys
+        from appliance.crypto.errors import ParameterError
+
+        args = request.args
+        reg = self._lookup(args["handle"], peer)
+        if reg.verifier is not None:
+            raise ApiError(NOT_PERMITTED, "DSS keys are for centralized registrations (register) for now")
+        store = self.store_backend
+        if store is None:
+            raise ApiError(
+                UNAVAILABLE, "DSS keys are recorded in the store: this network has no store key (--store)"
+            )
+        sign_app_dss = getattr(self.backend, "sign_app_dss", None)
+        public_key = getattr(self.backend, "app_dss_public_key", None)
+        if sign_app_dss is None or public_key is None:
+            raise ApiError(UNAVAILABLE, "this server has no threshold DSS service")
+        name = args["name"] if request.op == "generate_dss_key" else args["key"]
+        try:
+            appkeys.check_name("the key name", name)
+        except ParameterError as exc:
+            raise bad("name" if request.op == "generate_dss_key" else "key", str(exc)) from None
+        if request.op == "dss_sign" and len(args["message"]) > dsskeys.MAX_APP_MESSAGE:
+            raise ApiError(TOO_LARGE, f"'message' is larger than {dsskeys.MAX_APP_MESSAGE} bytes")
+        self._take(reg, "dss")
+
+        async def pem_of(group: str) -> bytes:
+            try:
+                pem = await public_key(group, reg.name, name)
+            except BackendUnavailable as exc:
+                raise ApiError(UNAVAILABLE, str(exc)[:300]) from None
+            if not isinstance(pem, bytes):
+                raise ApiError(
+                    UNAVAILABLE,
+                    f"the network has no {group} application keys (no {dsskeys.BASE_SECRETS[group]} in C)",
+                )
+            return pem
+
+        try:
+            if request.op == "generate_dss_key":
+                group = args.get("group", "p256")
+                if group not in dsskeys.BASE_SECRETS:
+                    raise bad("group", f"one of {', '.join(sorted(dsskeys.BASE_SECRETS))}")
+                pem = await pem_of(group)
+                value = dsskeys.KeyRecord(group).encode()
+                write = WriteRequest(reg.name, dsskeys.data_id(name), DataType.PUBLIC_ONCE, 1, value=value)
+                try:
+                    await store.store_write(write.encode(), reg.name, reg.unique_id)
+                except Refused as exc:
+                    if exc.code != EXISTS:
+                        raise
+                    record = await self._app_key_record(store, reg, name)
+                    if record.get("owner") != reg.unique_id or record.get("value") != value:
+                        raise ApiError(
+                            EXISTS, f"application {reg.name!r} has a key {name!r} already"
+                        ) from None
+                return {"name": name, "group": group, "pem": pem}
+            record = await self._app_key_record(store, reg, name)
+            group = dsskeys.KeyRecord.decode(record.get("value", b"")).group
+            if request.op == "dss_public_key":
+                return {"pem": await pem_of(group)}
+            if record.get("owner") != reg.unique_id:
+                raise ApiError(NOT_PERMITTED, f"key {name!r} of {reg.name!r} belongs to another client")
+            try:
+                signature = await sign_app_dss(group, reg.name, reg.unique_id, name, args["message"])
+            except BackendUnavailable as exc:
+                raise ApiError(UNAVAILABLE, str(exc)[:300]) from None
+            return {"signature": signature}
+        except Refused as exc:
+            raise ApiError(exc.code if exc.code in ERROR_CODES else REFUSED, str(exc)[:1000]) from None
+        except DecodeError as exc:
+            raise ApiError(UNAVAILABLE, f"the key's record is unreadable: {exc}") from None
+
+    async def _app_key_record(self, store: Any, reg: Registration, name: str) -> Mapping[str, Any]:
+        from appliance.apps.dsskeys import model as dsskeys
+        from appliance.apps.store.model import NOT_FOUND as STORE_NOT_FOUND
+        from appliance.apps.store.model import Refused
+
+        try:
+            found = await store.store_retrieve(reg.name, reg.unique_id, dsskeys.data_id(name), None)
+        except Refused as exc:
+            if exc.code == STORE_NOT_FOUND:
+                raise ApiError(NOT_FOUND, f"application {reg.name!r} has no DSS key {name!r}") from None
+            raise
+        record = found.get("record")
+        if not isinstance(record, Mapping):
+            raise ApiError(UNAVAILABLE, "the store returned no record")
+        return record
 
     # Period certificates (§5.4) ---------------------------------------------------------------
 

@@ -80,6 +80,14 @@ def _checked(answer: Mapping[str, Any]) -> Mapping[str, Any]:
 STORE_RETRY: Final = 0.3
 
 
+class AppDss(Protocol):
+    """Per-application DSS keys in the key-holder (appliance.apps.dsskeys)."""
+
+    async def sign_app_dss(self, group: str, app: str, uid: bytes, key: str, message: bytes) -> bytes: ...
+
+    async def app_dss_public_key(self, group: str, app: str, key: str) -> bytes | None: ...
+
+
 class PServerBackend:
     """Backend for the local API: ``sign_app`` is the node's ``PServer.sign_app`` (or the link's
     ``sign``): it takes the application's name and the message's SHA-512 digest, never a payload
@@ -99,12 +107,14 @@ class PServerBackend:
         sign_upgrade: Callable[[], Awaitable[bytes]] | None = None,
         dss_sign: Callable[[str, bytes], Awaitable[bytes]] | None = None,
         dss_key: Callable[[str], Awaitable[bytes | None]] | None = None,
+        app_dss: AppDss | None = None,
         timestamp: Callable[[bytes], Awaitable[bytes]] | None = None,
     ) -> None:
         #: The timestamping authority: a DER ``TimeStampReq`` in, the ``TimeStampResp`` out.
         self._timestamp = timestamp
         self._dss_sign = dss_sign
         self._dss_key = dss_key
+        self._app_dss = app_dss
         self._sign_upgrade = sign_upgrade
         self._random = random
         self._distributed = distributed
@@ -147,6 +157,29 @@ class PServerBackend:
             raise BackendUnavailable("the signing servers did not answer in time") from None
         self.signatures["dss", "signed"] += 1
         return signature
+
+    async def sign_app_dss(self, group: str, app: str, uid: bytes, key: str, message: bytes) -> bytes:
+        """A signature by key ``key`` of application ``app`` for its client ``uid`` (DER)."""
+        if self._app_dss is None:
+            raise BackendUnavailable("threshold DSS is not available on this server")
+        try:
+            signature = await self._app_dss.sign_app_dss(group, app, uid, key, message)
+        except SigningRefused as exc:
+            self.signatures["dss", "unavailable"] += 1
+            raise BackendUnavailable(str(exc)[:300]) from None
+        except trio.TooSlowError:
+            self.signatures["dss", "unavailable"] += 1
+            raise BackendUnavailable("the signing servers did not answer in time") from None
+        self.signatures["dss", "signed"] += 1
+        return signature
+
+    async def app_dss_public_key(self, group: str, app: str, key: str) -> bytes | None:
+        if self._app_dss is None:
+            raise BackendUnavailable("threshold DSS is not available on this server")
+        try:
+            return await self._app_dss.app_dss_public_key(group, app, key)
+        except (SigningRefused, trio.TooSlowError) as exc:
+            raise BackendUnavailable(str(exc)[:200] or "the key-holder did not answer") from None
 
     async def timestamp(self, query: bytes) -> bytes:
         if self._timestamp is None:

@@ -529,6 +529,31 @@ class PstClient:
             raise PstError("connection", "malformed dss_sign response")
         return signature
 
+    def generate_dss_key(self, name: str, group: str = "p256", *, handle: bytes | None = None) -> bytes:
+        """GenerateDSSKey: a threshold key ``name`` of this application (``p256`` ECDSA or
+        ``dsa2048`` DSA 2048/256), owned by this client; returns its PEM public key. Asking again
+        for a key this client owns returns it; another client's name is refused (``exists``)."""
+        pem = self._with_handle("generate_dss_key", handle, name=name, group=group).get("pem")
+        if not isinstance(pem, bytes):
+            raise PstError("connection", "malformed generate_dss_key response")
+        return pem
+
+    def dss_sign_with_key(self, name: str, message: bytes, *, handle: bytes | None = None) -> bytes:
+        """GenerateDSASignature: a DER signature over SHA-256(message) by this client's key
+        ``name``, made by t+1 servers that each checked the key is ours (``openssl dgst -sha256
+        -verify`` accepts it)."""
+        signature = self._with_handle("dss_sign", handle, key=name, message=message).get("signature")
+        if not isinstance(signature, bytes):
+            raise PstError("connection", "malformed dss_sign response")
+        return signature
+
+    def dss_key_public_key(self, name: str, *, handle: bytes | None = None) -> bytes:
+        """The PEM public key of key ``name`` of this application."""
+        pem = self._with_handle("dss_public_key", handle, key=name).get("pem")
+        if not isinstance(pem, bytes):
+            raise PstError("connection", "malformed dss_public_key response")
+        return pem
+
     def timestamp(
         self, digest: bytes, hash: str = "sha256", *, nonce: int | None = None, cert_req: bool = True
     ) -> bytes:

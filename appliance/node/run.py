@@ -329,6 +329,7 @@ async def _serve(
             sign_upgrade=link.sign_upgrade,
             dss_sign=link.sign_dss,
             dss_key=link.dss_public_key,
+            app_dss=link,
             timestamp=_tsa_respond(config, link, tsa, log_service),
         )
         await nursery.start(links.run)

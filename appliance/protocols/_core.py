@@ -84,6 +84,10 @@ class AlertKind(enum.Enum):
     #: store's rules do not allow it (another application's data, a quorum's type by one client,
     #: a certificate that does not verify): refused before it is ordered. Names the requester.
     STORE_WRITE_REFUSED = "store-write-refused"
+    #: A server asked us to sign with an application's DSS key for a client that does not own
+    #: it (another application, another client), or with a key of another group:
+    #: appliance.apps.dsskeys. The alert names the server that asked and the client it named.
+    APP_KEY_REFUSED = "app-key-refused"
 
 
 @dataclass(frozen=True)

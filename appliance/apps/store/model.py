@@ -63,6 +63,7 @@ import nacl.public
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from appliance.apps.dsskeys import model as dsskeys
 from appliance.crypto import encoding, tdh2
 from appliance.crypto.errors import DecodeError, NotEnoughSharesError
 from appliance.crypto.groups import Group
@@ -694,12 +695,26 @@ class StoreState(Generic[E]):
                     f"{where}: {r.dtype.value} data is written only by a quorum of the application's clients",
                 )
             owner = requester.unique_id
+        self._check_dss_key(r, requester, where)
         record = Record(
             r.app, r.data_id, r.dtype, owner, r.version, r.value, dict(r.sealed), r.reader, r.until_ms
         )
         self._check_sealed(record, where)
         self._check_quotas(record, current, where)
         return record
+
+    def _check_dss_key(self, r: WriteRequest, requester: Requester, where: str) -> None:
+        """An application DSS key's record (``dss-key/<name>``, appliance.apps.dsskeys): public,
+        write-once, made by a client (its owner), a valid name and group, few per application."""
+        name = dsskeys.key_name(r.data_id)
+        if name is None:
+            return
+        if r.dtype != DataType.PUBLIC_ONCE or isinstance(requester, Quorum):
+            raise Refused(BAD_REQUEST, f"{where}: a DSS key's record is public-once data a client writes")
+        keys = sum(1 for (app, other) in self.records if app == r.app and dsskeys.key_name(other) is not None)
+        reason = dsskeys.check_key_write(r.app, name, r.value, keys)
+        if reason is not None:
+            raise Refused(QUOTA if keys >= dsskeys.MAX_KEYS else BAD_REQUEST, f"{where}: {reason}")
 
     def _check_shape(self, r: WriteRequest, where: str, view: ServerView) -> None:
         q = self.quotas

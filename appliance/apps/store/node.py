@@ -34,6 +34,7 @@ from typing import Any
 
 import trio
 
+from appliance.apps.dsskeys.model import KEY_REGISTRY, Registry, key_name
 from appliance.apps.log.node import LogNode
 from appliance.apps.log.tiles import PosixStorage, TileLog
 from appliance.apps.store import model
@@ -139,6 +140,7 @@ class StoreNode:
         self._release_tried: dict[tuple[str, str], float] = {}
         self.group: Group[Any] | None = None
         self._applied = trio.Event()  # set (and replaced) each time operations were applied
+        self._registry_written: bytes | None = None
         self._ready = trio.Event()
         self._answers: dict[bytes, dict[int, ReadAnswer]] = {}
         self._answered: dict[bytes, trio.Event] = {}
@@ -219,17 +221,33 @@ class StoreNode:
             if size > service.applied:
                 end = min(size, service.applied + 256)
                 entries = await self.sequence.read_entries(service.applied, end)
+                keys_changed = self._registry_written is None
                 for entry in entries:
                     outcome = service.apply(service.applied, entry)
                     if isinstance(outcome, Refused):
                         log.info("store: operation %d refused: %s", service.applied - 1, outcome.reason)
+                    elif isinstance(outcome, Record) and key_name(outcome.data_id) is not None:
+                        keys_changed = True
                 data = service.encode()
                 await trio.to_thread.run_sync(atomic_write, self.state_path, data)
+                if keys_changed:  # before the event: an answered generate_dss_key is in the file
+                    await self._write_key_registry(service)
                 event, self._applied = self._applied, trio.Event()
                 event.set()
                 continue
             with trio.move_on_after(1.0):  # the event is the wake-up; the timeout a safety net
                 await self.sequence.grown.wait()
+
+    @property
+    def key_registry_path(self) -> Path:
+        """The application DSS keys this store holds, for the key-holder's check (apps/dsskeys)."""
+        return self.directory / KEY_REGISTRY
+
+    async def _write_key_registry(self, service: StoreService[Any]) -> None:
+        data = Registry.from_records(service.state.records.values()).encode()
+        if data != self._registry_written:
+            await trio.to_thread.run_sync(atomic_write, self.key_registry_path, data)
+            self._registry_written = data
 
     async def ready(self) -> StoreService[Any]:
         with trio.move_on_after(5.0):
