@@ -35,6 +35,7 @@ from typing import Any
 import trio
 
 from appliance.apps.dsskeys.model import KEY_REGISTRY, Registry, key_name
+from appliance.apps.log.errors import LogError
 from appliance.apps.log.node import LogNode
 from appliance.apps.log.tiles import PosixStorage, TileLog
 from appliance.apps.store import model
@@ -294,7 +295,7 @@ class StoreNode:
                 self._on_alert(alert)
             raise
         entry = Operation(request, client, round(at * 1000), quorum).encode()
-        (index,) = await self.sequence.append([entry])
+        index = await self._append(entry)
         if not await self._until_applied(index + 1, 30.0):
             raise StoreUnavailable("the write was ordered but not applied here in time")
         outcome = service.outcomes.get(index)
@@ -303,6 +304,24 @@ class StoreNode:
         if isinstance(outcome, Refused):
             raise outcome
         return outcome
+
+    async def _append(self, entry: bytes) -> int:
+        """Put ``entry`` in the sequence: its index once it is there."""
+        start = self.sequence.size
+        try:
+            (index,) = await self.sequence.append([entry])
+            return index
+        except LogError:
+            # Ordered while this server caught up from behind (the replica took the state t+1
+            # servers reported, and the entries up to it): the sequence does not say where. It
+            # is after ``start``: the first entry with its bytes (an operation names its client
+            # and the origin's clock in ms).
+            end = self.sequence.size
+            for at in range(start, end, 256):
+                chunk = await self.sequence.read_entries(at, min(end, at + 256))
+                if entry in chunk:
+                    return at + chunk.index(entry)
+            raise
 
     # --- Reads ---------------------------------------------------------------------------------
 
