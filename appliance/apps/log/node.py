@@ -17,7 +17,8 @@ log's, everything else goes to the key-holder as before (:func:`is_log_frame`).
   key in the KeyTable). The others check the announcement against that KeyTable
   (:func:`appliance.net.check_channel_signature`) before the key may count in a quorum, and
   keep it (``replica/known/<period>``) so that a restart does not forget it. Announcements
-  of our keys are repeated every ``resend`` seconds (whoever connected late hears them).
+  of our keys (the committee's period and later ones, and the last one before it) are repeated
+  every ``resend`` seconds (whoever connected late, or is a period behind, hears them).
 * **Threads.** The replica writes with fsync; each call into it runs in a worker thread, one
   at a time (a :class:`trio.Lock`), so the trio loop never waits for the disk.
 
@@ -250,7 +251,7 @@ class LogNode:
                 name = path.rsplit("/", 1)[1]
                 if name.isdigit() and int(name) < self.replica.slot_period:
                     self.storage.delete(path)
-            for old in [p for p in self._mine if p < self.replica.slot_period]:
+            for old in set(self._mine) - set(self._announced()):
                 del self._mine[old]
             early, self._early = self._early, []
         for sender, obj in early:
@@ -263,6 +264,15 @@ class LogNode:
                 self._complain(sender, str(exc))
         self._poke.set()
 
+    def _announced(self) -> list[int]:
+        """The periods whose vote key we announce: the committee's and later ones, and the last
+        one before it. A server behind by a period (its key-holder handed that period over late,
+        or our announcement was lost) can still learn our key, check that period's decisions and
+        catch up with ``sync``, rather than from the state t+1 servers report."""
+        current = self.replica.slot_period
+        periods = sorted(self._mine)
+        return [p for p in periods if p < current][-1:] + [p for p in periods if p >= current]
+
     async def _on_announcement(self, sender: int, obj: dict[str, Any]) -> None:
         f = encoding.expect_map(
             obj,
@@ -272,6 +282,8 @@ class LogNode:
         server, period = f["server"], f["period"]
         if server == self.server_id or not 1 <= server <= self.n or len(f["key"]) != 32:
             raise DecodeError(f"vote key of server {server}")
+        if period < self.replica.slot_period:
+            return  # our committee is past it (a peer behind is told the keys it needs)
         table = self._tables.get(period)
         if table is None:
             if period > max(self._tables, default=-1) and len(self._early) < 4 * self.n:
@@ -391,9 +403,8 @@ class LogNode:
                 self._complain(exc.peer, exc.reason)
             if now - self._last_announce >= self.resend:
                 self._last_announce = now
-                for period, ann in sorted(self._mine.items()):
-                    if period >= self.replica.slot_period:
-                        self._broadcast(ann)
+                for period in self._announced():
+                    self._broadcast(self._mine[period])
             # ``wake`` is on our clock, not trio's (whose origin is arbitrary): wait for the
             # difference. (Waiting until ``wake`` on trio's clock made this loop spin.)
             with trio.move_on_after(max(0.0, min(wake, now + self.resend) - self._clock())):
