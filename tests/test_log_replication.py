@@ -411,7 +411,8 @@ def test_a_server_that_cannot_check_empty_slots_catches_up_from_t_plus_1_reports
     r4 = net.replicas[4]
     net.run_until(lambda: r4.slot_period == 2 and r4.slot == net.replicas[1].slot, limit=30)
     assert r4.caught_up == 1
-    assert any("valid signatures" in str(e) for e in r4.rejected)
+    # The decided slots it could not check are not blamed on the (honest) servers that sent them.
+    assert not any("log replication" in str(e) and "valid signatures" in str(e) for e in r4.rejected)
     net.submit(4, entries("after", 2))
     net.run_until(net.settled)
     check_same_log(net)
