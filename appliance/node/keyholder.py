@@ -341,15 +341,26 @@ class _Child:
     def _guard_timestamps(self, config: NodeConfig) -> None:
         """[tsa] mode = "threshold": our shares of the TSA secret sign only timestamp tokens our
         own check accepts (genTime within the stated accuracy of our clock, our policy, the
-        serial of the server that asked; appliance.apps.tsa.threshold)."""
+        serial of the server that asked, a certificate the group issued under our [ca] policy's
+        ``tsa`` profile, chaining to the group root; appliance.apps.tsa.threshold)."""
         import datetime as dt
 
+        from appliance.apps.ca.policy import IssuedCheck
         from appliance.apps.tsa.rfc3161 import Accuracy
         from appliance.apps.tsa.threshold import TimestampCheck
+        from appliance.node.ca import policy_of
 
         tsa = config.tsa
         assert tsa is not None
         server = self.server
+
+        def ca_public() -> bytes | None:  # the group root's key: the network's ca key
+            core = server.core
+            sharing = core.public.sharings.get(CA_SECRET) if core is not None else None
+            return sharing.public_key if sharing is not None else None
+
+        policy = policy_of(config)  # (threshold mode needs [ca] tsa_names: config.py)
+        issued = IssuedCheck(config.constants, ca_public, policy.profile("tsa"), policy.grace)
 
         def clock() -> dt.datetime:
             return dt.datetime.fromtimestamp(server.clock(), dt.UTC)
@@ -359,6 +370,7 @@ class _Child:
             accuracy=Accuracy(tsa.accuracy_ms // 1000, tsa.accuracy_ms % 1000),
             clock=clock,
             public_key=lambda: server.dss_public_key(tsa.secret),
+            issued=issued,
         )
         server.add_payload_check(tsa.secret, check)
 
