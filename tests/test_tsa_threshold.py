@@ -29,11 +29,12 @@ from appliance.apps.ca import x509 as ca
 from appliance.apps.ca.policy import IssuedCheck, tsa_profile
 from appliance.apps.tsa import rfc3161
 from appliance.apps.tsa.authority import Authority, MemorySerialStore, Prepared, SerialAllocator
+from appliance.apps.tsa.issuing import STALE_CODE
 from appliance.apps.tsa.rfc3161 import Accuracy, SigningChain
 from appliance.apps.tsa.threshold import NoTimestamps, TimestampCheck, decode_payload, encode_payload
 from appliance.crypto import dss, encoding
 from appliance.protocols._core import AlertKind
-from appliance.protocols.signing import SigningRefused
+from appliance.protocols.signing import OWN_CHECK, SigningRefused, refusal_code
 from appliance.protocols.state import CA_SECRET, SCERT, Constants
 
 POLICY = "1.3.6.1.4.1.99999.1.1"
@@ -252,6 +253,31 @@ def test_the_check_accepts_only_the_group_s_tsa_certificate_valid_at_the_gentime
     )  # fmt: skip
     reason = blind.check_from(encode_payload(tst, setup.cert), 1)
     assert reason is not None and "does not know the group's ca key yet" in reason
+
+
+def test_a_proposal_gone_stale_is_refused_by_its_own_coordinator_with_a_code() -> None:
+    """The coordinator's request waits for a presignature while its genTime goes stale: its own
+    check, run again before anything is sent, refuses it with the code the authority acts on
+    (``own-check/time-off``: it proposes a fresh TSTInfo, apps/tsa/issuing.py), and no signer
+    saw it (no alert). Asked again with that proposal, it refuses at once, with the same code."""
+    setup = Setup(38)
+    service = setup.net.services[1]
+    payload = encode_payload(setup.prepare(setup.authority(1)).tst_info_der, setup.cert)
+    rid = service.request(payload, setup.net.sim.now)  # no presignature in stock yet: it waits
+    setup.offset[1] = 2.0  # meanwhile our clock moved on beyond the stated accuracy (1 s)
+    setup.net.run_until(setup.net.sim.now + 20.0, lambda: rid in service.done or rid in service.failed)
+    failure = service.failed.get(rid)
+    assert failure is not None and "this server now refuses the timestamp" in failure, failure
+    assert refusal_code(failure) == STALE_CODE == "own-check/time-off"
+    assert setup.alerts() == set()
+    with pytest.raises(SigningRefused) as refused:
+        service.request(payload, setup.net.sim.now)
+    assert refused.value.code == STALE_CODE
+    # A refusal for another reason carries another code (not retried): a serial of another server.
+    other = encode_payload(setup.prepare(setup.authority(1, serial_id=2)).tst_info_der, setup.cert)
+    with pytest.raises(SigningRefused) as refused:
+        service.request(other, setup.net.sim.now)
+    assert refused.value.code == OWN_CHECK
 
 
 class AcceptAll:

@@ -291,7 +291,9 @@ class _Child:
             value = await handler(args)
             reply = encode_msg("reply", id=rid, ok=True, value=value)
         except (SigningRefused, LinkError, ValueError, TypeError) as exc:
-            reply = encode_msg("reply", id=rid, ok=False, error=str(exc)[:300], kind="refused")
+            code = exc.code if isinstance(exc, SigningRefused) else None  # what the caller acts on
+            extra = {} if code is None else {"code": code[:100]}
+            reply = encode_msg("reply", id=rid, ok=False, error=str(exc)[:300], kind="refused", **extra)
         except trio.TooSlowError:
             reply = encode_msg("reply", id=rid, ok=False, error="timed out", kind="timeout")
         except Exception as exc:  # a bug here must not kill the key-holder (the call would be re-sent)
