@@ -13,7 +13,7 @@ group's TSA certificate; curl posts what ``openssl ts -query`` made, and ``opens
 4. Server 4's shares wiped (its period key kept) and restarted: recovering until the next
    refresh; two tokens from servers 1-3 meanwhile.
 5. The refresh that recovers it (asked for, up to three: the first after its restart went on
-   without it in two of three runs): tokens from server 4 and from servers 1-3.
+   without it in two of four runs): tokens from server 4 and from servers 1-3.
 
 With server 4 away exactly 2t+1 servers are left, and every presign session needs all three to
 answer: on a loaded machine one coordinator (server 3) made no presignature for over a minute
@@ -197,7 +197,7 @@ def test_threshold_tokens_across_refreshes_a_stopped_and_a_recovering_server(clu
     mark("server 4 recovering")
 
     # The refresh that recovers it. The first one after its restart went on without it in two
-    # of three runs (own-key-missing-from-keytable: a refresh-protocol matter, docs/tsa.md).
+    # of four runs (own-key-missing-from-keytable: a refresh-protocol matter, docs/tsa.md).
     # Up to three are asked for.
     for _ in range(3):
         assert refresh((1, 2, 3)), cluster.states()
