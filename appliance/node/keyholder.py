@@ -294,7 +294,9 @@ class _Child:
             value = await handler(args)
             reply = encode_msg("reply", id=rid, ok=True, value=value)
         except (SigningRefused, LinkError, ValueError, TypeError) as exc:
-            reply = encode_msg("reply", id=rid, ok=False, error=str(exc)[:300], kind="refused")
+            code = exc.code if isinstance(exc, SigningRefused) else None  # what the caller acts on
+            extra = {} if code is None else {"code": code[:100]}
+            reply = encode_msg("reply", id=rid, ok=False, error=str(exc)[:300], kind="refused", **extra)
         except trio.TooSlowError:
             reply = encode_msg("reply", id=rid, ok=False, error="timed out", kind="timeout")
         except Exception as exc:  # a bug here must not kill the key-holder (the call would be re-sent)
@@ -374,15 +376,26 @@ class _Child:
     def _guard_timestamps(self, config: NodeConfig) -> None:
         """[tsa] mode = "threshold": our shares of the TSA secret sign only timestamp tokens our
         own check accepts (genTime within the stated accuracy of our clock, our policy, the
-        serial of the server that asked; appliance.apps.tsa.threshold)."""
+        serial of the server that asked, a certificate the group issued under our [ca] policy's
+        ``tsa`` profile, chaining to the group root; appliance.apps.tsa.threshold)."""
         import datetime as dt
 
+        from appliance.apps.ca.policy import IssuedCheck
         from appliance.apps.tsa.rfc3161 import Accuracy
         from appliance.apps.tsa.threshold import TimestampCheck
+        from appliance.node.ca import policy_of
 
         tsa = config.tsa
         assert tsa is not None
         server = self.server
+
+        def ca_public() -> bytes | None:  # the group root's key: the network's ca key
+            core = server.core
+            sharing = core.public.sharings.get(CA_SECRET) if core is not None else None
+            return sharing.public_key if sharing is not None else None
+
+        policy = policy_of(config)  # (threshold mode needs [ca] tsa_names: config.py)
+        issued = IssuedCheck(config.constants, ca_public, policy.profile("tsa"), policy.grace)
 
         def clock() -> dt.datetime:
             return dt.datetime.fromtimestamp(server.clock(), dt.UTC)
@@ -392,6 +405,7 @@ class _Child:
             accuracy=Accuracy(tsa.accuracy_ms // 1000, tsa.accuracy_ms % 1000),
             clock=clock,
             public_key=lambda: server.dss_public_key(tsa.secret),
+            issued=issued,
         )
         server.add_payload_check(tsa.secret, check)
 

@@ -311,7 +311,11 @@ class KeyHolderLink:
         error = reply.get("error")
         if reply.get("kind") == "timeout":
             raise trio.TooSlowError(str(error))
-        raise SigningRefused(str(error) if isinstance(error, str) else "refused by the key-holder")
+        code = reply.get("code")
+        raise SigningRefused(
+            str(error) if isinstance(error, str) else "refused by the key-holder",
+            code=code if isinstance(code, str) else None,
+        )
 
     # The PServer's API, through the link ------------------------------------------------------
 

@@ -42,7 +42,7 @@ from appliance.protocols.core import DSS_GROUPS, ServerCore
 from appliance.protocols.dss_signing import DSSSigningService
 from appliance.protocols.refresh import Outcome, PublicData, Status, current_table
 from appliance.protocols.services import RandomService, TimeService
-from appliance.protocols.signing import PayloadCheck, SigningRefused, SigningService
+from appliance.protocols.signing import PayloadCheck, SigningRefused, SigningService, refusal_code
 from appliance.protocols.state import APP_KEY_SECRETS, SCERT
 
 log = logging.getLogger("pst.server")
@@ -403,7 +403,8 @@ class PServer:
         await self._wait_for(service, rid, timeout)
         if rid in service.done:
             return service.done.pop(rid)
-        raise SigningRefused(service.failed.pop(rid, "the signing service was replaced by a refresh; retry"))
+        why = service.failed.pop(rid, "the signing service was replaced by a refresh; retry")
+        raise SigningRefused(str(why), code=refusal_code(why))
 
     async def sign_dss(self, secret: str, message: bytes, *, timeout: float = 10.0) -> bytes:
         """A threshold DSS signature (DER, P-256 ECDSA or DSA over SHA-256(message)) by the DSS
@@ -457,7 +458,8 @@ class PServer:
         await self._wait_for(service, rid, timeout)
         if rid in service.done:
             return service.done.pop(rid).der
-        raise SigningRefused(service.failed.pop(rid, "the signing service was replaced by a refresh; retry"))
+        why = service.failed.pop(rid, "the signing service was replaced by a refresh; retry")
+        raise SigningRefused(str(why), code=refusal_code(why))
 
     def dss_public_key(self, secret: str) -> bytes | None:
         """The SubjectPublicKeyInfo PEM of DSS secret ``secret`` (None if C has no such secret)."""

@@ -90,8 +90,11 @@ from appliance.protocols.signing import (
     MAX_REASON,
     PayloadCheck,
     PayloadGate,
+    Refusal,
     SigningRefused,
     is_protocol_payload,
+    own_check_code,
+    refusal_code,
     run_check,
     signed_form,
 )
@@ -1182,7 +1185,8 @@ class DSSSigningService(PayloadGate, Generic[E]):
             reason = run_check(check, req.message, self.me)
             if reason is not None:
                 self._stock.appendleft(stock)  # unused: it stays ours
-                self._fail(req, f"this server now refuses the {check.name}: {reason}")
+                why = f"this server now refuses the {check.name}: {reason}"
+                self._fail(req, Refusal(why, own_check_code(reason)))
                 return
         req.stock, req.locks, req.shares, req.signers = stock, {}, {}, ()
         req.deadline = now + ATTEMPT_TIMEOUT
@@ -1216,8 +1220,11 @@ class DSSSigningService(PayloadGate, Generic[E]):
             req.stock = None
 
     def _fail(self, req: _Request[E], why: str) -> None:
+        """``failed`` gets ``why`` after the service's name, with its code if it is a Refusal."""
         self._release(req)
-        self.failed[req.rid] = f"{self.service}: {why}"
+        code = refusal_code(why)
+        text = f"{self.service}: {why}"
+        self.failed[req.rid] = text if code is None else Refusal(text, code)
         self._requests.pop(req.rid, None)
 
     def _on_locked(self, sender: int, body: Any, raw: bytes, now: float) -> None:
