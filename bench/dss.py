@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -133,6 +134,8 @@ def main() -> None:
         "presign_cpu_seconds": round(presign_cpu, 3),
         "presignatures_per_s": round(made / presign_s, 2),
         "presign_ms_each_all_servers": round(1000 * presign_s / made, 1),
+        "presign_cpu_ms_each_all_servers": round(1000 * presign_cpu / made, 1),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "presign_messages_each": round(presign_messages / made, 1),
         "presign_bytes_each": round(presign_bytes / made),
         "signatures": signatures,

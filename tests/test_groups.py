@@ -572,3 +572,38 @@ def test_cryptography_signatures_verify_with_group_ops() -> None:
     y = DSA2048.decode(DSA2048.encode(DSA2048.mul_base(x)))
     assert _textbook_verify(DSA2048, y, msg, r, s)
     assert not _textbook_verify(DSA2048, y, msg + b"!", r, s)
+
+
+_FIXED_POINT = p256_mod.P256Group().mul(0xC0FFEE, p256_mod.G)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_p256_fixed_base_table_agrees_with_generic_multiplication(data: st.DataObject) -> None:
+    """precompute(H): mul and multi_mul by H then take the table path; results must not change."""
+    plain = p256_mod.P256Group()
+    fixed = p256_mod.P256Group()
+    fixed.precompute(_FIXED_POINT)
+    fixed.precompute(_FIXED_POINT)  # idempotent
+    k = data.draw(scalars(P256))
+    assert fixed.mul(k, _FIXED_POINT) == plain.mul(k, _FIXED_POINT)
+    m = data.draw(st.integers(0, 4))
+    ks = [data.draw(scalars(P256)) for _ in range(m)]
+    pts = [
+        data.draw(st.sampled_from([P256.generator(), _FIXED_POINT, P256.identity(), P256.mul_base(k + 7)]))
+        for k in ks
+    ]
+    naive = plain.sum(plain.mul(k, p) for k, p in zip(ks, pts, strict=True))
+    assert fixed.multi_mul(ks, pts) == naive
+    # k H + (q - k) H cancels inside the fixed-base path
+    assert fixed.multi_mul([k, P256.order - k], [_FIXED_POINT, _FIXED_POINT]) == P256.identity()
+
+
+def test_p256_fixed_base_tables_are_bounded() -> None:
+    g = p256_mod.P256Group()
+    g.precompute(P256.identity())  # nothing to precompute
+    g.precompute(P256.generator())  # G has its own table
+    for k in range(p256_mod._MAX_FIXED):
+        g.precompute(P256.mul_base(k + 2))
+    with pytest.raises(ValueError, match="fixed-base tables"):
+        g.precompute(P256.mul_base(1000))

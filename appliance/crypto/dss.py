@@ -186,12 +186,13 @@ def _hgen(group: Group[E]) -> E:
     key = (group.name, id(group))
     if key not in _H_CACHE:
         _H_CACHE[key] = pedersen_generator(group)
+        group.precompute(_H_CACHE[key])
     h: E = _H_CACHE[key]
     return h
 
 
 def _pedersen(group: Group[E], hgen: E, a: int, b: int) -> E:
-    return group.add(group.mul_base(a), group.mul(b, hgen))
+    return group.multi_mul([a, b], [group.generator(), hgen])
 
 
 def _check_scalar(group: Group[Any], k: int) -> bool:

@@ -92,6 +92,12 @@ class Group(abc.ABC, Generic[E]):
             acc = self.add(acc, e)
         return acc
 
+    def precompute(self, a: E) -> None:
+        """Hint: ``a`` is a public element multiplied very often (e.g. the Pedersen H).
+
+        Instances may build a fixed-base table for it; the default does nothing.
+        """
+
     def multi_mul(self, scalars: Sequence[int], elements: Sequence[E]) -> E:
         """sum(k_i * P_i); instances may override with a faster multi-exponentiation."""
         if len(scalars) != len(elements):

@@ -47,6 +47,7 @@ _SQRT_EXP = (P + 1) // 4  # p = 3 mod 4
 _WNAF = 5  # variable base: odd multiples P, 3P, ..., 15P
 _BASE_W = 6  # generator: signed 6-bit windows, 32 multiples per window
 _BASE_WINDOWS = -(-257 // _BASE_W)
+_MAX_FIXED = 8
 
 
 class P256Point(NamedTuple):
@@ -158,6 +159,44 @@ def _odd_multiples(a: P256Point, count: int) -> list[P256Point]:
     return _batch_to_affine(jac)
 
 
+def _fixed_table(base: P256Point) -> list[list[P256Point]]:
+    """Row i holds j * 2^(6i) * base for j = 1..32."""
+    rows: list[list[P256Point]] = []
+    half = 1 << (_BASE_W - 1)
+    for _ in range(_BASE_WINDOWS):
+        jac: list[_Jac] = [(base.x, base.y, mpz(1))]
+        for _ in range(half - 1):
+            jac.append(_jadd_affine(*jac[-1], base.x, base.y))
+        row = _batch_to_affine(jac)
+        rows.append(row)
+        # next base = 2^6 * base = 2 * (32 * base)
+        last = row[-1]
+        base = _to_affine(_jdouble(last.x, last.y, mpz(1)))
+    return rows
+
+
+def _fixed_mul(table: list[list[P256Point]], k: int, acc: _Jac) -> _Jac:
+    """acc + k * base (0 < k < N) from ``base``'s table: signed 6-bit windows, additions only."""
+    full, half, mask = 1 << _BASE_W, 1 << (_BASE_W - 1), (1 << _BASE_W) - 1
+    p = P
+    X, Y, Z = acc
+    for row in table:
+        if not k:
+            break
+        d = k & mask
+        k >>= _BASE_W
+        if d > half:
+            d -= full
+            k += 1
+        if d > 0:
+            t = row[d - 1]
+            X, Y, Z = _jadd_affine(X, Y, Z, t.x, t.y)
+        elif d < 0:
+            t = row[-d - 1]
+            X, Y, Z = _jadd_affine(X, Y, Z, t.x, p - t.y)
+    return X, Y, Z
+
+
 def digest_to_int(digest: bytes, n_bits: int) -> int:
     """The leftmost min(N, outlen) bits of a digest as an integer (SEC1 4.1.3 step 5, FIPS 186-4 §6.4)."""
     z = int.from_bytes(digest, "big")
@@ -175,6 +214,21 @@ class P256Group(Group[P256Point]):
 
     def __init__(self) -> None:
         self._base_table: list[list[P256Point]] | None = None
+        #: Fixed-base tables of other points that protocols multiply often (the Pedersen H).
+        self._fixed: dict[P256Point, list[list[P256Point]]] = {}
+
+    def precompute(self, a: P256Point) -> None:
+        """Build a fixed-base table for ``a`` (as for G): later ``mul``/``multi_mul`` by ``a`` use it.
+
+        For public points multiplied very often (the Pedersen generator H); about 1,400
+        affine points and a few ms to build, kept for the life of the process (at most
+        ``_MAX_FIXED`` points).
+        """
+        if a in (INFINITY, G) or a in self._fixed:
+            return
+        if len(self._fixed) >= _MAX_FIXED:
+            raise ValueError(f"p256: at most {_MAX_FIXED} fixed-base tables")
+        self._fixed[a] = _fixed_table(a)
 
     def generator(self) -> P256Point:
         return G
@@ -212,6 +266,9 @@ class P256Group(Group[P256Point]):
             return INFINITY
         if a == G:
             return self.mul_base(k)
+        fixed = self._fixed.get(a)
+        if fixed is not None:
+            return _to_affine(_fixed_mul(fixed, k, _JINF))
         table = _odd_multiples(a, 1 << (_WNAF - 2))
         neg_table = [P256Point(t.x, P - t.y) for t in table]
         X, Y, Z = _JINF
@@ -228,60 +285,35 @@ class P256Group(Group[P256Point]):
     def _table(self) -> list[list[P256Point]]:
         """Row i holds j * 2^(6i) * G for j = 1..32 (built on first use, ~1400 points)."""
         if self._base_table is None:
-            rows: list[list[P256Point]] = []
-            base = G
-            half = 1 << (_BASE_W - 1)
-            for _ in range(_BASE_WINDOWS):
-                jac: list[_Jac] = [(base.x, base.y, mpz(1))]
-                for _ in range(half - 1):
-                    jac.append(_jadd_affine(*jac[-1], base.x, base.y))
-                row = _batch_to_affine(jac)
-                rows.append(row)
-                # next base = 2^6 * base = 2 * (32 * base)
-                last = row[-1]
-                base = _to_affine(_jdouble(last.x, last.y, mpz(1)))
-            self._base_table = rows
+            self._base_table = _fixed_table(G)
         return self._base_table
 
     def mul_base(self, k: int) -> P256Point:
         k = int(k % N)
         if k == 0:
             return INFINITY
-        full, half, mask = 1 << _BASE_W, 1 << (_BASE_W - 1), (1 << _BASE_W) - 1
-        p = P
-        X, Y, Z = _JINF
-        for row in self._table():
-            if not k:
-                break
-            d = k & mask
-            k >>= _BASE_W
-            if d > half:
-                d -= full
-                k += 1
-            if d > 0:
-                t = row[d - 1]
-                X, Y, Z = _jadd_affine(X, Y, Z, t.x, t.y)
-            elif d < 0:
-                t = row[-d - 1]
-                X, Y, Z = _jadd_affine(X, Y, Z, t.x, p - t.y)
-        return _to_affine((X, Y, Z))
+        return _to_affine(_fixed_mul(self._table(), k, _JINF))
 
     def multi_mul(self, scalars: Sequence[int], elements: Sequence[P256Point]) -> P256Point:
         """sum k_i P_i: multiples of G from the fixed-base table, the rest by interleaved
         width-5 wNAF (one shared chain of doublings)."""
         if len(scalars) != len(elements):
             raise ValueError("multi_mul: scalars and elements differ in length")
-        base_k = sum(k for k, e in zip(scalars, elements, strict=True) if e == G)
-        terms = [(int(k % N), e) for k, e in zip(scalars, elements, strict=True) if e != G]
-        terms = [(k, e) for k, e in terms if k and e != INFINITY]
-        acc = self.mul_base(base_k)
-        if len(terms) == 1:
-            return self.add(acc, self.mul(*terms[0]))
-        if terms:
-            acc = self.add(acc, self._interleaved(terms))
-        return acc
+        fixed: dict[P256Point, int] = {}
+        terms: list[tuple[int, P256Point]] = []
+        for k, e in zip(scalars, elements, strict=True):
+            if e == G or e in self._fixed:
+                fixed[e] = fixed.get(e, 0) + k
+            elif e != INFINITY and k % N:
+                terms.append((int(k % N), e))
+        acc = self._interleaved(terms) if terms else _JINF
+        for e, k in fixed.items():
+            k = int(k % N)
+            if k:
+                acc = _fixed_mul(self._table() if e == G else self._fixed[e], k, acc)
+        return _to_affine(acc)
 
-    def _interleaved(self, terms: Sequence[tuple[int, P256Point]]) -> P256Point:
+    def _interleaved(self, terms: Sequence[tuple[int, P256Point]]) -> _Jac:
         nafs: list[list[int]] = []
         tables: list[tuple[list[P256Point], list[P256Point]]] = []
         for k, e in terms:
@@ -303,7 +335,7 @@ class P256Group(Group[P256Point]):
                         pending = 0
                     t = pos[d >> 1] if d > 0 else neg[(-d) >> 1]
                     X, Y, Z = _jadd_affine(X, Y, Z, t.x, t.y)
-        return _to_affine(_jdouble(X, Y, Z, pending))
+        return _jdouble(X, Y, Z, pending)
 
     def encode(self, a: P256Point) -> bytes:
         if a == INFINITY:
