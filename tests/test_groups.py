@@ -603,7 +603,9 @@ def test_p256_fixed_base_tables_are_bounded() -> None:
     g = p256_mod.P256Group()
     g.precompute(P256.identity())  # nothing to precompute
     g.precompute(P256.generator())  # G has its own table
-    for k in range(p256_mod._MAX_FIXED):
-        g.precompute(P256.mul_base(k + 2))
-    with pytest.raises(ValueError, match="fixed-base tables"):
-        g.precompute(P256.mul_base(1000))
+    points = [P256.mul_base(k + 2) for k in range(p256_mod._MAX_FIXED + 1)]
+    for p in points:
+        g.precompute(p)
+    assert len(g._fixed) == p256_mod._MAX_FIXED
+    assert points[0] not in g._fixed and points[-1] in g._fixed  # the oldest went
+    assert g.mul(5, points[0]) == P256.mul_base(10)  # and its multiples are still right

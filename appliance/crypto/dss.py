@@ -100,8 +100,11 @@ Not constant time (Python ints, gmpy2); see docs/security.md.
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
+from math import lcm
 from typing import Any, Generic, TypeVar
 
 from cryptography.exceptions import InvalidSignature
@@ -186,9 +189,25 @@ def _hgen(group: Group[E]) -> E:
     key = (group.name, id(group))
     if key not in _H_CACHE:
         _H_CACHE[key] = pedersen_generator(group)
-        group.precompute(_H_CACHE[key])
     h: E = _H_CACHE[key]
+    group.precompute(h)  # (cheap when the table exists; keeps it among the recent ones)
     return h
+
+
+_VSHARE_CACHE: dict[tuple[int, int], tuple[PublicSharing[Any], Any]] = {}
+
+
+def _verification_share(group: Group[E], key: PublicSharing[E], i: int) -> E:
+    """X_i = x_i G of ``key`` (one period's sharing), evaluated once per sharing and server."""
+    hit = _VSHARE_CACHE.get((id(key), i))
+    if hit is not None and hit[0] is key:
+        x: E = hit[1]
+        return x
+    if len(_VSHARE_CACHE) > 256:
+        _VSHARE_CACHE.clear()
+    x = key.verification_share(group, i)
+    _VSHARE_CACHE[(id(key), i)] = (key, x)
+    return x
 
 
 def _pedersen(group: Group[E], hgen: E, a: int, b: int) -> E:
@@ -201,6 +220,161 @@ def _check_scalar(group: Group[Any], k: int) -> bool:
 
 def _ids(n: int) -> range:
     return range(1, n + 1)
+
+
+# Batch and consistency checks -------------------------------------------------------
+#
+# The fast path of presigning. A server checks many equations of the form
+# sum(scalar * point) == identity (a share against its dealing's commitments). It checks
+# one random linear combination of all of them instead: random 128-bit weights drawn
+# here, from the operating system (``secrets``), after the values are fixed, so that
+# no dealer can choose values that cancel (a batch holding a false equation passes with
+# probability at most 2^-128). Only if the combination fails is each equation checked
+# alone, which names the culprit exactly as the unbatched check does.
+
+#: Bits of the random weights of a batch check.
+BATCH_WEIGHT_BITS = 128
+
+
+def _weight() -> int:
+    return 1 + secrets.randbits(BATCH_WEIGHT_BITS)
+
+
+class _Batch(Generic[E]):
+    """Accumulates weighted equations sum(k_i P_i) == 0; the multiples of G and H are summed."""
+
+    def __init__(self, group: Group[E]) -> None:
+        self.group = group
+        self.g = 0
+        self.h = 0
+        self.scalars: list[int] = []
+        self.points: list[E] = []
+
+    def minus_commitment(
+        self, weight: int, commitment: Commitment[E], j: int, skip_constant: bool = False
+    ) -> None:
+        """- weight * commitment(j), term by term (weight j^k stays short for small ids)."""
+        group = self.group
+        power = 1
+        for k, point in enumerate(commitment.points):
+            if not (skip_constant and k == 0):
+                self.scalars.append(weight * power)
+                self.points.append(group.neg(point))
+            power *= j
+
+    def holds(self) -> bool:
+        group = self.group
+        total = group.multi_mul(
+            [self.g, self.h, *self.scalars], [group.generator(), _hgen(group), *self.points]
+        )
+        return group.is_identity(total)
+
+
+def _nonce_share_shape(group: Group[E], values: Sequence[int]) -> bool:
+    return len(values) == 5 and all(_check_scalar(group, v) for v in values)
+
+
+def batch_check_nonce_shares(
+    group: Group[E], dealings: Sequence[NonceDealing[E]], j: int, shares: Sequence[Sequence[int]]
+) -> list[int]:
+    """The positions k whose share ``shares[k]`` for server j fails ``dealings[k]``.
+
+    Same answer as :func:`check_nonce_share` for each k (up to the 2^-128 chance of the
+    batch); one multi-scalar multiplication when all are good.
+    """
+    if len(dealings) != len(shares):
+        raise ParameterError("batch_check_nonce_shares: as many dealings as shares")
+    batch: _Batch[E] = _Batch(group)
+    q = group.order
+    shaped: list[int] = []
+    for k, (dealing, values) in enumerate(zip(dealings, shares, strict=True)):
+        if not _nonce_share_shape(group, values):
+            continue
+        shaped.append(k)
+        kap, rho, a, b, beta = values
+        w1, w2, w3 = _weight(), _weight(), _weight()
+        batch.g = (batch.g + w1 * kap + w2 * a + w3 * b) % q
+        batch.h = (batch.h + w1 * rho + w3 * beta) % q
+        batch.minus_commitment(w1, dealing.kappa, j)
+        batch.minus_commitment(w2, dealing.a, j)
+        batch.minus_commitment(w3, dealing.zero_commitment(group), j, skip_constant=True)
+    if len(shaped) == len(dealings) and batch.holds():
+        return []
+    return [k for k in range(len(dealings)) if not check_nonce_share(group, dealings[k], j, shares[k])]
+
+
+def batch_check_w_shares(
+    group: Group[E], dealings: Sequence[WDealing[E]], j: int, shares: Sequence[Sequence[int]]
+) -> list[int]:
+    """The positions k whose share fails ``dealings[k]`` (as :func:`check_w_share`), batched."""
+    if len(dealings) != len(shares):
+        raise ParameterError("batch_check_w_shares: as many dealings as shares")
+    batch: _Batch[E] = _Batch(group)
+    q = group.order
+    shaped = 0
+    for dealing, values in zip(dealings, shares, strict=True):
+        if len(values) != 2 or not all(_check_scalar(group, v) for v in values):
+            continue
+        shaped += 1
+        w = _weight()
+        batch.g = (batch.g + w * values[0]) % q
+        batch.h = (batch.h + w * values[1]) % q
+        batch.minus_commitment(w, dealing.commitment, j)
+    if shaped == len(dealings) and batch.holds():
+        return []
+    return [k for k in range(len(dealings)) if not check_w_share(group, dealings[k], j, shares[k])]
+
+
+def _relations(ids: Sequence[int], degree: int) -> list[dict[int, int]]:
+    """Integer vectors c with sum_i c_i f(i) = 0 for every polynomial f of degree <= ``degree``.
+
+    One for each id beyond the first degree+1: the divided difference over the first
+    degree+1 ids and that one, scaled to integers (small for small ids).
+    """
+    base = list(ids[: degree + 1])
+    out: list[dict[int, int]] = []
+    for extra in ids[degree + 1 :]:
+        group_ids = [*base, extra]
+        fracs = {}
+        for i in group_ids:
+            den = 1
+            for m in group_ids:
+                if m != i:
+                    den *= i - m
+            fracs[i] = Fraction(1, den)
+        scale = lcm(*(f.denominator for f in fracs.values()))
+        out.append({i: int(f * scale) for i, f in fracs.items()})
+    return out
+
+
+def consistent_points(q: int, degree: int, points: Mapping[int, int]) -> bool:
+    """Do the values {i: f(i)} lie on one polynomial of degree <= ``degree`` (mod q)?"""
+    ids = sorted(points)
+    return all(sum(c * points[i] for i, c in rel.items()) % q == 0 for rel in _relations(ids, degree))
+
+
+def optimistic_nonce(
+    group: Group[E], public: NoncePublic[E], openings: Mapping[int, ProductOpening]
+) -> Nonce[E] | None:
+    """R and r without checking any product proof, when that is safe; else None.
+
+    Safe when at least 3t+1 servers opened and all z_i lie on one polynomial of degree
+    2t: at most t of them are corrupted, so at least 2t+1 honest points fix the
+    polynomial kappa(X) a(X) + b(X), and every other z_i on it is the correct value.
+    Otherwise (fewer openings, or any inconsistency) the caller uses :func:`open_nonce`,
+    which checks the proofs and names the culprits. Raises DSSRetryError like it.
+    """
+    q, t = group.order, public.t
+    if len(openings) < 3 * t + 1:
+        return None
+    if any(
+        o.party != i or not 1 <= i <= public.n or not _check_scalar(group, o.z) for i, o in openings.items()
+    ):
+        return None
+    values = {i: o.z for i, o in openings.items()}
+    if not consistent_points(q, 2 * t, values):
+        return None
+    return _nonce_from(group, public, dict(sorted(values.items())[: 2 * t + 1]))
 
 
 # Linking proof ---------------------------------------------------------------------
@@ -617,7 +791,7 @@ def open_nonce(
     group: Group[E], public: NoncePublic[E], openings: Mapping[int, ProductOpening]
 ) -> tuple[Nonce[E], dict[int, str]]:
     """R and r from 2t+1 verified openings; returns the nonce and the senders of bad openings."""
-    q, t = group.order, public.t
+    t = public.t
     cheaters: dict[int, str] = {}
     valid: dict[int, int] = {}
     for i in sorted(openings):
@@ -637,6 +811,12 @@ def open_nonce(
         raise NotEnoughSharesError(
             f"dss nonce: {len(valid)} valid product openings, need {2 * t + 1} (cheaters: {cheaters})"
         )
+    return _nonce_from(group, public, valid), cheaters
+
+
+def _nonce_from(group: Group[E], public: NoncePublic[E], valid: Mapping[int, int]) -> Nonce[E]:
+    """R = mu^-1 A_0 from 2t+1 correct openings {i: z_i}."""
+    q = group.order
     lam = lagrange_coefficients(sorted(valid), q)
     mu = sum(lam[i] * z for i, z in valid.items()) % q
     if mu == 0:
@@ -647,7 +827,7 @@ def open_nonce(
     r = group.dss_conversion(R) % q
     if r == 0:
         raise DSSRetryError("dss nonce: r = 0; run presign again")
-    return Nonce(R, r), cheaters
+    return Nonce(R, r)
 
 
 # Round 3: w = kappa_i x_i dealings ----------------------------------------------------
@@ -713,7 +893,8 @@ def deal_w(
     fw = random_polynomial(w, public.t, q, rand)
     fs = random_polynomial(rand(), public.t, q, rand)
     commitment = Commitment(tuple(_pedersen(group, hgen, a, b) for a, b in zip(fw, fs, strict=True)))
-    x_i = key.public.verification_share(group, i)
+    x_i = _verification_share(group, key.public, i)
+    group.precompute(x_i)  # our own base in every w proof of the period: a fixed-base table pays
     proof = _link_prove(
         group,
         W_PROOF_DST,
@@ -733,18 +914,30 @@ def check_w_dealing(
     group: Group[E], public: NoncePublic[E], nonce: Nonce[E], key: PublicSharing[E], dealing: WDealing[E]
 ) -> None:
     """Raise CheatingError(dealer) unless the dealing has degree t and its proof verifies."""
+    _check_w_dealing(group, public.n, public.t, _w_context(group, public, nonce), public.kappa, key, dealing)
+
+
+def _check_w_dealing(
+    group: Group[E],
+    n: int,
+    t: int,
+    context: Sequence[bytes],
+    kappa: Commitment[E],
+    key: PublicSharing[E],
+    dealing: WDealing[E],
+) -> None:
     i = dealing.dealer
-    if not 1 <= i <= public.n:
-        raise CheatingError(i, f"dealer id outside 1..{public.n}")
-    if dealing.commitment.degree != public.t:
-        raise CheatingError(i, f"w dealing of degree {dealing.commitment.degree}, expected {public.t}")
+    if not 1 <= i <= n:
+        raise CheatingError(i, f"dealer id outside 1..{n}")
+    if dealing.commitment.degree != t:
+        raise CheatingError(i, f"w dealing of degree {dealing.commitment.degree}, expected {t}")
     ok = _link_verify(
         group,
         W_PROOF_DST,
-        _w_context(group, public, nonce),
+        context,
         i,
-        key.verification_share(group, i),
-        public.kappa.evaluate(group, i),
+        _verification_share(group, key, i),
+        kappa.evaluate(group, i),
         dealing.commitment.points[0],
         dealing.proof,
     )
@@ -862,15 +1055,36 @@ class PresignPublic(Generic[E]):
     R: E
     r: int
     kappa: Commitment[E]
-    w: Commitment[E]
+    #: The w dealings of the reduction set S, in order: the commitment to kappa x is
+    #: sum_{i in S} lambda_i D_i. It is only needed to check signature shares one by one,
+    #: and the dealings' proofs only to find who cheated when a signature fails (the robust
+    #: path), so both are computed on demand.
+    w_dealings: tuple[WDealing[E], ...]
     public_key: E
     sharing: bytes  # digest of the key sharing (period) it was made for
+    transcript: bytes  # the nonce round's transcript digest (the w proofs are bound to it)
     _cache: dict[int, tuple[E, E]] = field(default_factory=dict, compare=False, repr=False)
+
+    def _w_parts(self, group: Group[E]) -> list[tuple[int, Commitment[E]]]:
+        lam = lagrange_coefficients([d.dealer for d in self.w_dealings], group.order)
+        return [(lam[d.dealer], d.commitment) for d in self.w_dealings]
+
+    def w(self, group: Group[E]) -> Commitment[E]:
+        """The Pedersen commitment to the kappa x sharing."""
+        parts = self._w_parts(group)
+        lams = [lam for lam, _ in parts]
+        return Commitment(
+            tuple(group.multi_mul(lams, [c.points[k] for _, c in parts]) for k in range(self.t + 1))
+        )
 
     def commitments_of(self, group: Group[E], j: int) -> tuple[E, E]:
         """(Ck(j), Cw(j)): server j's commitments to its kappa and kappa x shares."""
         if j not in self._cache:
-            self._cache[j] = (self.kappa.evaluate(group, j), self.w.evaluate(group, j))
+            q = group.order
+            parts = self._w_parts(group)
+            scalars = [lam * pow(j, k, q) % q for lam, c in parts for k in range(len(c.points))]
+            points = [p for _, c in parts for p in c.points]
+            self._cache[j] = (self.kappa.evaluate(group, j), group.multi_mul(scalars, points))
         return self._cache[j]
 
 
@@ -938,13 +1152,6 @@ def finish_presign(
             raise CheatingError(i, f"w share for server {j} fails the commitments")
         w_total = (w_total + lam[i] * values[0]) % q
         s_total = (s_total + lam[i] * values[1]) % q
-    ordered = list(reduction)
-    w_commitment = Commitment(
-        tuple(
-            group.multi_mul([lam[i] for i in ordered], [dealings[i].commitment.points[k] for i in ordered])
-            for k in range(public.t + 1)
-        )
-    )
     pre_public = PresignPublic(
         public.sid,
         public.n,
@@ -952,9 +1159,10 @@ def finish_presign(
         nonce.R,
         nonce.r,
         public.kappa,
-        w_commitment,
+        tuple(dealings[i] for i in reduction),
         key.public_key,
         sharing_digest(group, key),
+        public.digest,
     )
     presig = Presignature(
         j,
@@ -1035,6 +1243,23 @@ def verify_signature_share(
     lhs = _pedersen(group, _hgen(group), share.s, share.tau)
     if lhs != group.add(group.mul(h, ck), group.mul(public.r, cw)):
         raise CheatingError(j, "signature share fails the presignature commitments")
+
+
+def blame_w_dealings(group: Group[E], public: PresignPublic[E], key: PublicSharing[E]) -> dict[int, str]:
+    """Who dealt a bad w into this presignature: {dealer: reason} over the reduction set.
+
+    Presigning does not check the w dealings' linking proofs (the fast path); this is the
+    robust path's check, for a presignature whose valid signature shares combined to a
+    signature that does not verify. ``key``: the period's key sharing it was made for.
+    """
+    context = (public.sid, public.transcript, group.encode(public.R))
+    guilty: dict[int, str] = {}
+    for dealing in public.w_dealings:
+        try:
+            _check_w_dealing(group, public.n, public.t, context, public.kappa, key, dealing)
+        except CheatingError as exc:
+            guilty[exc.party] = exc.reason
+    return guilty
 
 
 def verify_dss(group: Group[E], public_key: E, message: bytes, r: int, s: int) -> bool:

@@ -222,6 +222,8 @@ class _Session(Generic[E]):
     nonces: list[dss.Nonce[E]] = field(default_factory=list)
     bad: set[int] = field(default_factory=set)
     w_pending: dict[str, dict[int, Any]] = field(default_factory=dict)
+    #: When the openings step began (the fast path waits a little for every member's openings).
+    open_started: float = 0.0
 
     def wipe(self) -> None:
         for st in self.states:
@@ -801,11 +803,11 @@ class DSSSigningService(PayloadGate, Generic[E]):
             wd = dss.WDealing.decode(self.group, data, self.n, self.t)
             if wd.dealer != sender:
                 raise RemoteProtocolError(sender, "w dealing under another dealer's id")
-            try:
-                dss.check_w_dealing(self.group, sess.publics[k], sess.nonces[k], self.key.public, wd)
-            except CheatingError as exc:
-                self._alert(AlertKind.BAD_SHARE, sender, f"presign: {exc.reason}")
-                raise RemoteProtocolError(sender, f"w dealing: {exc.reason}") from None
+            if wd.commitment.degree != self.t:
+                raise RemoteProtocolError(sender, "w dealing of the wrong degree")
+            # Its linking proof is not checked here (the fast path): the presignature keeps the
+            # dealing, and a signature that fails to verify has the proofs checked then
+            # (dss.blame_w_dealings), which names a dealer that cheated.
             return wd
         nd = dss.NonceDealing.decode(self.group, data, self.n, self.t)
         if nd.dealer != sender:
@@ -852,38 +854,50 @@ class DSSSigningService(PayloadGate, Generic[E]):
         self._check_shares(sess, sender, w)
 
     def _check_shares(self, sess: _Session[E], d: int, w: bool) -> None:
+        """Dealer d's shares for us in this round, once its dealing and its shares are both in.
+
+        Fast path: all of a dealer's shares of the session are checked in one batch (one
+        random linear combination, one multi-scalar multiplication), and a dealer's
+        signatures are checked only on the share we complain about (the complaint's
+        evidence); a good share needs none. Our own dealing is not checked: we made it.
+        """
         rnd = sess.r3 if w else sess.r1
-        if d not in rnd.deals or d not in rnd.shares:
+        if d not in rnd.deals or d not in rnd.shares or d in rnd.verified:
             return
         digest, deals = rnd.deals[d]
-        ok = True
-        for k, (values, sig) in enumerate(rnd.shares[d]):
-            sid = sess.sids[k]
-            if w:
-                session = dss.w_session(self.group, sid, deals[k])
-                good = dss.check_w_share(self.group, deals[k], self.me, values)
-            else:
-                session = dss.nonce_session(self.group, sid, deals[k])
-                good = dss.check_nonce_share(self.group, deals[k], self.me, values)
-            msg = ShareMessage(session, d, self.me, values)
-            signed = self._verify(d, msg.payload(self.share_context, self.period), sig)
-            if not signed:
-                ok = False  # unsigned: no evidence to complain with; the dealer stays out of our set
-                self.rejected.append(RemoteProtocolError(d, "presign share not signed by its dealer"))
-                break
-            if not good:
-                ok = False
-                rnd.complaints.append([d, k, list(values), sig])
-                self._alert(AlertKind.BAD_SHARE, d, f"presign: its share for us fails its commitments ({k})")
-                break
-        if ok:
+        if d == self.me:
             rnd.verified[d] = digest
+            return
+        values = [v for v, _sig in rnd.shares[d]]
+        if w:
+            bad = dss.batch_check_w_shares(self.group, deals, self.me, values)
+        else:
+            bad = dss.batch_check_nonce_shares(self.group, deals, self.me, values)
+        if not bad:
+            rnd.verified[d] = digest
+            return
+        k = bad[0]
+        share, sig = rnd.shares[d][k]
+        sid = sess.sids[k]
+        if w:
+            session = dss.w_session(self.group, sid, deals[k])
+        else:
+            session = dss.nonce_session(self.group, sid, deals[k])
+        msg = ShareMessage(session, d, self.me, share)
+        if not self._verify(d, msg.payload(self.share_context, self.period), sig):
+            # unsigned: no evidence to complain with; the dealer stays out of our set
+            self.rejected.append(RemoteProtocolError(d, "presign share not signed by its dealer"))
+            return
+        rnd.complaints.append([d, k, list(share), sig])
+        self._alert(AlertKind.BAD_SHARE, d, f"presign: its share for us fails its commitments ({k})")
 
     def _participant_tick(self, now: float) -> None:
         for sess in list(self._sessions.values()):
             if sess.stage != "done" and now - sess.r1.started > 2 * SESSION_TIMEOUT:
                 self._drop(sess)  # its coordinator went silent: its secrets go
                 continue
+            if sess.stage == "open" and now - sess.open_started >= ROUND_WAIT / 2:
+                self._try_nonce(sess, now, waited=True)
             for rnd, kind, members, live in (
                 (sess.r1, "report", sess.parts, sess.stage == "deal"),
                 (sess.r3, "wreport", [j for j in sess.active if j not in sess.bad], sess.stage == "w"),
@@ -981,6 +995,7 @@ class DSSSigningService(PayloadGate, Generic[E]):
             self._drop(sess)
             return
         sess.stage = "open"
+        sess.open_started = now
         openings = [self._opening(sess, k).encode(self.group) for k in range(sess.count)]
         self._send_all(sess.active, "opening", {"c": sess.c, "s": sess.s, "openings": openings})
 
@@ -996,15 +1011,33 @@ class DSSSigningService(PayloadGate, Generic[E]):
         sess.openings[sender] = openings
         self._try_nonce(sess, now)
 
-    def _try_nonce(self, sess: _Session[E], now: float) -> None:
+    def _try_nonce(self, sess: _Session[E], now: float, *, waited: bool = False) -> None:
+        """R for every presignature of the session, once the openings are in.
+
+        Fast path: with every member's openings in (at least 3t+1), z_i consistent with one
+        degree-2t polynomial need no proof checked (:func:`~appliance.crypto.dss.optimistic_nonce`).
+        Otherwise (an inconsistency, or ``waited``: a member's openings are late) the proofs
+        of 2t+1 openings are checked as before, and bad ones name their senders.
+        """
         if sess.stage != "open":
             return
         candidates = [j for j in sorted(sess.openings) if j in sess.active and j not in sess.bad]
         if len(candidates) < 2 * self.t + 1:
             return
+        everyone = all(j in sess.openings for j in sess.active if j not in sess.bad)
+        if not everyone and not waited:
+            return  # the fast path needs them all: wait a little (see _participant_tick)
         nonces = []
         for k in range(sess.count):
             batch = {j: sess.openings[j][k] for j in candidates}
+            try:
+                fast = dss.optimistic_nonce(self.group, sess.publics[k], batch)
+            except dss.DSSRetryError:
+                self._drop(sess)
+                return
+            if fast is not None:
+                nonces.append(fast)
+                continue
             try:
                 nonce, bad = dss.open_nonce(self.group, sess.publics[k], batch)
             except NotEnoughSharesError:
@@ -1294,6 +1327,12 @@ class DSSSigningService(PayloadGate, Generic[E]):
         for j, reason in sorted(bad.items()):
             self._avoid[j] = now + AVOID * 6
             self._alert(AlertKind.BAD_SIGNATURE_SHARE, j, reason)
+        if sig is None and not bad:
+            # Every share is right, yet the signature fails: the presignature itself is bad.
+            # Presigning skipped the w dealings' proofs (the fast path); check them now.
+            for j, reason in sorted(dss.blame_w_dealings(self.group, public, self.key.public).items()):
+                self._avoid[j] = now + AVOID * 6
+                self._alert(AlertKind.BAD_SHARE, j, f"presign: {reason}")
         if sig is None:
             self._attempt(req, now)
             return

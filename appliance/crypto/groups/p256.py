@@ -47,7 +47,7 @@ _SQRT_EXP = (P + 1) // 4  # p = 3 mod 4
 _WNAF = 5  # variable base: odd multiples P, 3P, ..., 15P
 _BASE_W = 6  # generator: signed 6-bit windows, 32 multiples per window
 _BASE_WINDOWS = -(-257 // _BASE_W)
-_MAX_FIXED = 8
+_MAX_FIXED = 16
 
 
 class P256Point(NamedTuple):
@@ -221,14 +221,17 @@ class P256Group(Group[P256Point]):
         """Build a fixed-base table for ``a`` (as for G): later ``mul``/``multi_mul`` by ``a`` use it.
 
         For public points multiplied very often (the Pedersen generator H); about 1,400
-        affine points and a few ms to build, kept for the life of the process (at most
-        ``_MAX_FIXED`` points).
+        affine points and a few ms to build; the ``_MAX_FIXED`` most recently
+        precomputed points keep theirs (call it again to keep a table).
         """
-        if a in (INFINITY, G) or a in self._fixed:
+        if a in (INFINITY, G):
             return
-        if len(self._fixed) >= _MAX_FIXED:
-            raise ValueError(f"p256: at most {_MAX_FIXED} fixed-base tables")
-        self._fixed[a] = _fixed_table(a)
+        table = self._fixed.pop(a, None)
+        if table is None:
+            table = _fixed_table(a)
+            while len(self._fixed) >= _MAX_FIXED:
+                del self._fixed[next(iter(self._fixed))]  # the least recently precomputed goes
+        self._fixed[a] = table
 
     def generator(self) -> P256Point:
         return G
