@@ -241,31 +241,33 @@ def _weight() -> int:
 
 
 class _Batch(Generic[E]):
-    """Accumulates weighted equations sum(k_i P_i) == 0; the multiples of G and H are summed."""
+    """Accumulates weighted equations w (a G + b H - C(j)) == 0 for commitments C.
 
-    def __init__(self, group: Group[E]) -> None:
+    Each C(j) is evaluated first (small scalars j^k: cheap), then one multi-scalar
+    multiplication with the weights checks the sum: G and H get one summed scalar each.
+    """
+
+    def __init__(self, group: Group[E], j: int) -> None:
         self.group = group
+        self.j = j
         self.g = 0
         self.h = 0
-        self.scalars: list[int] = []
-        self.points: list[E] = []
+        self.weights: list[int] = []
+        self.jobs: list[tuple[list[int], list[E]]] = []
 
-    def minus_commitment(
-        self, weight: int, commitment: Commitment[E], j: int, skip_constant: bool = False
-    ) -> None:
-        """- weight * commitment(j), term by term (weight j^k stays short for small ids)."""
-        group = self.group
-        power = 1
-        for k, point in enumerate(commitment.points):
-            if not (skip_constant and k == 0):
-                self.scalars.append(weight * power)
-                self.points.append(group.neg(point))
-            power *= j
+    def add(self, weight: int, a: int, b: int, commitment: Commitment[E]) -> None:
+        q = self.group.order
+        self.g = (self.g + weight * a) % q
+        self.h = (self.h + weight * b) % q
+        self.weights.append(weight)
+        self.jobs.append(([self.j**k for k in range(len(commitment.points))], list(commitment.points)))
 
     def holds(self) -> bool:
         group = self.group
+        evaluated = group.small_multi_mul_many(self.jobs)
         total = group.multi_mul(
-            [self.g, self.h, *self.scalars], [group.generator(), _hgen(group), *self.points]
+            [self.g, self.h, *self.weights],
+            [group.generator(), _hgen(group), *(group.neg(e) for e in evaluated)],
         )
         return group.is_identity(total)
 
@@ -284,21 +286,17 @@ def batch_check_nonce_shares(
     """
     if len(dealings) != len(shares):
         raise ParameterError("batch_check_nonce_shares: as many dealings as shares")
-    batch: _Batch[E] = _Batch(group)
-    q = group.order
-    shaped: list[int] = []
-    for k, (dealing, values) in enumerate(zip(dealings, shares, strict=True)):
+    batch: _Batch[E] = _Batch(group, j)
+    shaped = 0
+    for dealing, values in zip(dealings, shares, strict=True):
         if not _nonce_share_shape(group, values):
             continue
-        shaped.append(k)
+        shaped += 1
         kap, rho, a, b, beta = values
-        w1, w2, w3 = _weight(), _weight(), _weight()
-        batch.g = (batch.g + w1 * kap + w2 * a + w3 * b) % q
-        batch.h = (batch.h + w1 * rho + w3 * beta) % q
-        batch.minus_commitment(w1, dealing.kappa, j)
-        batch.minus_commitment(w2, dealing.a, j)
-        batch.minus_commitment(w3, dealing.zero_commitment(group), j, skip_constant=True)
-    if len(shaped) == len(dealings) and batch.holds():
+        batch.add(_weight(), kap, rho, dealing.kappa)
+        batch.add(_weight(), a, 0, dealing.a)
+        batch.add(_weight(), b, beta, dealing.zero_commitment(group))
+    if shaped == len(dealings) and batch.holds():
         return []
     return [k for k in range(len(dealings)) if not check_nonce_share(group, dealings[k], j, shares[k])]
 
@@ -309,17 +307,13 @@ def batch_check_w_shares(
     """The positions k whose share fails ``dealings[k]`` (as :func:`check_w_share`), batched."""
     if len(dealings) != len(shares):
         raise ParameterError("batch_check_w_shares: as many dealings as shares")
-    batch: _Batch[E] = _Batch(group)
-    q = group.order
+    batch: _Batch[E] = _Batch(group, j)
     shaped = 0
     for dealing, values in zip(dealings, shares, strict=True):
         if len(values) != 2 or not all(_check_scalar(group, v) for v in values):
             continue
         shaped += 1
-        w = _weight()
-        batch.g = (batch.g + w * values[0]) % q
-        batch.h = (batch.h + w * values[1]) % q
-        batch.minus_commitment(w, dealing.commitment, j)
+        batch.add(_weight(), values[0], values[1], dealing.commitment)
     if shaped == len(dealings) and batch.holds():
         return []
     return [k for k in range(len(dealings)) if not check_w_share(group, dealings[k], j, shares[k])]

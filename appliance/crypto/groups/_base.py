@@ -104,6 +104,11 @@ class Group(abc.ABC, Generic[E]):
             raise ValueError("multi_mul: scalars and elements differ in length")
         return self.sum(self.mul(k, p) for k, p in zip(scalars, elements, strict=True))
 
+    def small_multi_mul_many(self, jobs: Sequence[tuple[Sequence[int], Sequence[E]]]) -> list[E]:
+        """[sum_i k_i P_i for each job], for small non-negative scalars (e.g. powers of a server id:
+        evaluating commitments). Instances may share work between the jobs."""
+        return [self.multi_mul(ks, ps) for ks, ps in jobs]
+
     def encode_scalar(self, k: int) -> bytes:
         """Big-endian fixed-length encoding (instances may override, e.g. Ed25519 is little-endian)."""
         return (k % self.order).to_bytes(self.scalar_size, "big")

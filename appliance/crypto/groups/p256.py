@@ -45,7 +45,7 @@ GY = mpz(0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5)
 _SQRT_EXP = (P + 1) // 4  # p = 3 mod 4
 
 _WNAF = 5  # variable base: odd multiples P, 3P, ..., 15P
-_BASE_W = 6  # generator: signed 6-bit windows, 32 multiples per window
+_BASE_W = 8  # fixed bases: signed 8-bit windows, 128 multiples per window
 _BASE_WINDOWS = -(-257 // _BASE_W)
 _MAX_FIXED = 16
 
@@ -159,8 +159,24 @@ def _odd_multiples(a: P256Point, count: int) -> list[P256Point]:
     return _batch_to_affine(jac)
 
 
+def _odd_multiples_many(points: Sequence[P256Point], count: int) -> list[list[P256Point]]:
+    """:func:`_odd_multiples` of every point, with two field inversions in all (Montgomery)."""
+    twos = _batch_to_affine([_jdouble(a.x, a.y, mpz(1)) for a in points])
+    jac: list[_Jac] = []
+    for a, two in zip(points, twos, strict=True):
+        run: _Jac = (a.x, a.y, mpz(1))
+        jac.append(run)
+        for _ in range(count - 1):
+            run = _jadd_affine(*run, two.x, two.y)
+            jac.append(run)
+    if any(not z for _, _, z in jac):  # pragma: no cover - impossible in a group of prime order > 15
+        raise ArithmeticError("P-256: small multiple hit infinity")
+    flat = _batch_to_affine(jac)
+    return [flat[i : i + count] for i in range(0, len(flat), count)]
+
+
 def _fixed_table(base: P256Point) -> list[list[P256Point]]:
-    """Row i holds j * 2^(6i) * base for j = 1..32."""
+    """Row i holds j * 2^(8i) * base for j = 1..128 (about 4,200 affine points)."""
     rows: list[list[P256Point]] = []
     half = 1 << (_BASE_W - 1)
     for _ in range(_BASE_WINDOWS):
@@ -169,14 +185,14 @@ def _fixed_table(base: P256Point) -> list[list[P256Point]]:
             jac.append(_jadd_affine(*jac[-1], base.x, base.y))
         row = _batch_to_affine(jac)
         rows.append(row)
-        # next base = 2^6 * base = 2 * (32 * base)
+        # next base = 2^w * base = 2 * (2^(w-1) * base)
         last = row[-1]
         base = _to_affine(_jdouble(last.x, last.y, mpz(1)))
     return rows
 
 
 def _fixed_mul(table: list[list[P256Point]], k: int, acc: _Jac) -> _Jac:
-    """acc + k * base (0 < k < N) from ``base``'s table: signed 6-bit windows, additions only."""
+    """acc + k * base (0 < k < N) from ``base``'s table: signed 8-bit windows, additions only."""
     full, half, mask = 1 << _BASE_W, 1 << (_BASE_W - 1), (1 << _BASE_W) - 1
     p = P
     X, Y, Z = acc
@@ -286,7 +302,7 @@ class P256Group(Group[P256Point]):
         return _to_affine(_jdouble(X, Y, Z, pending))
 
     def _table(self) -> list[list[P256Point]]:
-        """Row i holds j * 2^(6i) * G for j = 1..32 (built on first use, ~1400 points)."""
+        """Row i holds j * 2^(8i) * G for j = 1..128 (built on first use)."""
         if self._base_table is None:
             self._base_table = _fixed_table(G)
         return self._base_table
@@ -319,9 +335,10 @@ class P256Group(Group[P256Point]):
     def _interleaved(self, terms: Sequence[tuple[int, P256Point]]) -> _Jac:
         nafs: list[list[int]] = []
         tables: list[tuple[list[P256Point], list[P256Point]]] = []
-        for k, e in terms:
+        count = 1 << (_WNAF - 2)
+        for k, _e in terms:
             nafs.append(_wnaf(k, _WNAF))
-            odd = _odd_multiples(e, 1 << (_WNAF - 2))
+        for odd in _odd_multiples_many([e for _, e in terms], count):
             tables.append((odd, [P256Point(q.x, P - q.y) for q in odd]))
         length = max(len(d) for d in nafs)
         for naf in nafs:
@@ -339,6 +356,33 @@ class P256Group(Group[P256Point]):
                     t = pos[d >> 1] if d > 0 else neg[(-d) >> 1]
                     X, Y, Z = _jadd_affine(X, Y, Z, t.x, t.y)
         return _jdouble(X, Y, Z, pending)
+
+    def small_multi_mul_many(
+        self, jobs: Sequence[tuple[Sequence[int], Sequence[P256Point]]]
+    ) -> list[P256Point]:
+        """Each job by binary double-and-add over one shared chain (no tables: the scalars are
+        small), all results made affine with one field inversion."""
+        out: list[_Jac] = []
+        for scalars, points in jobs:
+            if len(scalars) != len(points):
+                raise ValueError("small_multi_mul_many: scalars and elements differ in length")
+            terms = [(int(k), e) for k, e in zip(scalars, points, strict=True) if k and e != INFINITY]
+            if any(k < 0 for k, _ in terms):
+                raise ValueError("small_multi_mul_many: negative scalar")
+            acc: _Jac = _JINF
+            top = max((k.bit_length() for k, _ in terms), default=0)
+            for bit in range(top - 1, -1, -1):
+                acc = _jdouble(*acc)
+                for k, e in terms:
+                    if k >> bit & 1:
+                        acc = _jadd_affine(*acc, e.x, e.y)
+            out.append(acc)
+        live = [i for i, j in enumerate(out) if j[2]]
+        affine = _batch_to_affine([out[i] for i in live]) if live else []
+        result = [INFINITY] * len(out)
+        for i, a in zip(live, affine, strict=True):
+            result[i] = a
+        return result
 
     def encode(self, a: P256Point) -> bytes:
         if a == INFINITY:
