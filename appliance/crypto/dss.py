@@ -190,7 +190,7 @@ def _hgen(group: Group[E]) -> E:
     if key not in _H_CACHE:
         _H_CACHE[key] = pedersen_generator(group)
     h: E = _H_CACHE[key]
-    group.precompute(h)  # (cheap when the table exists; keeps it among the recent ones)
+    group.precompute(h, heavy=True)  # (cheap when the table exists; keeps it among the recent ones)
     return h
 
 

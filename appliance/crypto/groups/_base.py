@@ -92,10 +92,11 @@ class Group(abc.ABC, Generic[E]):
             acc = self.add(acc, e)
         return acc
 
-    def precompute(self, a: E) -> None:
+    def precompute(self, a: E, *, heavy: bool = False) -> None:
         """Hint: ``a`` is a public element multiplied very often (e.g. the Pedersen H).
 
-        Instances may build a fixed-base table for it; the default does nothing.
+        Instances may build a fixed-base table for it (``heavy``: a larger one, for a point
+        used as often as the generator); the default does nothing.
         """
 
     def multi_mul(self, scalars: Sequence[int], elements: Sequence[E]) -> E:

@@ -6,8 +6,8 @@ threshold protocols (Feldman/Pedersen commitments, DKG, refresh, threshold DSS)
 need exactly those. So points are added here, on gmpy2 ``mpz`` integers, with
 Jacobian coordinates internally (a = -3 doubling, mixed Jacobian-affine
 addition), width-5 wNAF for variable-base multiplication, interleaved wNAF for
-:meth:`P256Group.multi_mul` and a signed 6-bit fixed-window table for the
-generator. Signatures produced with these operations are verified with
+:meth:`P256Group.multi_mul` and signed fixed-window tables (10-bit) for the
+generator and for other fixed bases that :meth:`P256Group.precompute` names. Signatures produced with these operations are verified with
 ``cryptography``/OpenSSL in the tests.
 
 This arithmetic is NOT constant-time: it branches and indexes tables on secret
@@ -45,8 +45,8 @@ GY = mpz(0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5)
 _SQRT_EXP = (P + 1) // 4  # p = 3 mod 4
 
 _WNAF = 5  # variable base: odd multiples P, 3P, ..., 15P
-_BASE_W = 8  # fixed bases: signed 8-bit windows, 128 multiples per window
-_BASE_WINDOWS = -(-257 // _BASE_W)
+_BASE_W = 10  # G and heavily used bases: signed 10-bit windows, 512 multiples per window
+_FIXED_W = 8  # other fixed bases: signed 8-bit windows, 128 multiples per window
 _MAX_FIXED = 16
 
 
@@ -175,11 +175,11 @@ def _odd_multiples_many(points: Sequence[P256Point], count: int) -> list[list[P2
     return [flat[i : i + count] for i in range(0, len(flat), count)]
 
 
-def _fixed_table(base: P256Point) -> list[list[P256Point]]:
-    """Row i holds j * 2^(8i) * base for j = 1..128 (about 4,200 affine points)."""
+def _fixed_table(base: P256Point, w: int) -> list[list[P256Point]]:
+    """Row i holds j * 2^(wi) * base for j = 1..2^(w-1) (w = 8: about 4,200 affine points)."""
     rows: list[list[P256Point]] = []
-    half = 1 << (_BASE_W - 1)
-    for _ in range(_BASE_WINDOWS):
+    half = 1 << (w - 1)
+    for _ in range(-(-257 // w)):
         jac: list[_Jac] = [(base.x, base.y, mpz(1))]
         for _ in range(half - 1):
             jac.append(_jadd_affine(*jac[-1], base.x, base.y))
@@ -192,15 +192,17 @@ def _fixed_table(base: P256Point) -> list[list[P256Point]]:
 
 
 def _fixed_mul(table: list[list[P256Point]], k: int, acc: _Jac) -> _Jac:
-    """acc + k * base (0 < k < N) from ``base``'s table: signed 8-bit windows, additions only."""
-    full, half, mask = 1 << _BASE_W, 1 << (_BASE_W - 1), (1 << _BASE_W) - 1
+    """acc + k * base (0 < k < N) from ``base``'s table: signed w-bit windows, additions only."""
+    half = len(table[0])
+    w = half.bit_length()
+    full, mask = 1 << w, (1 << w) - 1
     p = P
     X, Y, Z = acc
     for row in table:
         if not k:
             break
         d = k & mask
-        k >>= _BASE_W
+        k >>= w
         if d > half:
             d -= full
             k += 1
@@ -233,18 +235,20 @@ class P256Group(Group[P256Point]):
         #: Fixed-base tables of other points that protocols multiply often (the Pedersen H).
         self._fixed: dict[P256Point, list[list[P256Point]]] = {}
 
-    def precompute(self, a: P256Point) -> None:
+    def precompute(self, a: P256Point, *, heavy: bool = False) -> None:
         """Build a fixed-base table for ``a`` (as for G): later ``mul``/``multi_mul`` by ``a`` use it.
 
-        For public points multiplied very often (the Pedersen generator H); about 1,400
-        affine points and a few ms to build; the ``_MAX_FIXED`` most recently
-        precomputed points keep theirs (call it again to keep a table).
+        For public points multiplied very often (a server's verification share in the
+        period's DSS proofs): 8-bit windows, about 4,200 affine points and some 20 ms to
+        build; ``heavy`` (the Pedersen generator H): 10-bit windows like G, about 13,000
+        points. The ``_MAX_FIXED`` most recently precomputed points keep theirs (call it
+        again to keep a table).
         """
         if a in (INFINITY, G):
             return
         table = self._fixed.pop(a, None)
         if table is None:
-            table = _fixed_table(a)
+            table = _fixed_table(a, _BASE_W if heavy else _FIXED_W)
             while len(self._fixed) >= _MAX_FIXED:
                 del self._fixed[next(iter(self._fixed))]  # the least recently precomputed goes
         self._fixed[a] = table
@@ -302,9 +306,9 @@ class P256Group(Group[P256Point]):
         return _to_affine(_jdouble(X, Y, Z, pending))
 
     def _table(self) -> list[list[P256Point]]:
-        """Row i holds j * 2^(8i) * G for j = 1..128 (built on first use)."""
+        """Row i holds j * 2^(10i) * G for j = 1..512 (built on first use)."""
         if self._base_table is None:
-            self._base_table = _fixed_table(G)
+            self._base_table = _fixed_table(G, _BASE_W)
         return self._base_table
 
     def mul_base(self, k: int) -> P256Point:
