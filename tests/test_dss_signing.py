@@ -221,6 +221,11 @@ class BadDealer(DSSSigningService[Any]):
 
 
 class BadOpener(DSSSigningService[Any]):
+    """Opens a wrong z_i (and, asked for its proofs, proves that wrong z_i)."""
+
+    def _opening_z(self, sess: Any, k: int) -> int:
+        return dss.product_value(self.group, sess.states[k], _z_offset=1)
+
     def _opening(self, sess: Any, k: int) -> dss.ProductOpening:
         return dss.open_product(self.group, sess.publics[k], sess.states[k], self._scalar, _z_offset=1)
 

@@ -347,25 +347,21 @@ def consistent_points(q: int, degree: int, points: Mapping[int, int]) -> bool:
     return all(sum(c * points[i] for i, c in rel.items()) % q == 0 for rel in _relations(ids, degree))
 
 
-def optimistic_nonce(
-    group: Group[E], public: NoncePublic[E], openings: Mapping[int, ProductOpening]
-) -> Nonce[E] | None:
-    """R and r without checking any product proof, when that is safe; else None.
+def optimistic_nonce(group: Group[E], public: NoncePublic[E], values: Mapping[int, int]) -> Nonce[E] | None:
+    """R and r without any product proof, when that is safe; else None.
 
-    Safe when at least 3t+1 servers opened and all z_i lie on one polynomial of degree
+    ``values``: {i: z_i} as opened (:func:`product_value`, no proofs). Safe when at least
+    3t+1 servers opened and all z_i lie on one polynomial of degree
     2t: at most t of them are corrupted, so at least 2t+1 honest points fix the
     polynomial kappa(X) a(X) + b(X), and every other z_i on it is the correct value.
     Otherwise (fewer openings, or any inconsistency) the caller uses :func:`open_nonce`,
     which checks the proofs and names the culprits. Raises DSSRetryError like it.
     """
     q, t = group.order, public.t
-    if len(openings) < 3 * t + 1:
+    if len(values) < 3 * t + 1:
         return None
-    if any(
-        o.party != i or not 1 <= i <= public.n or not _check_scalar(group, o.z) for i, o in openings.items()
-    ):
+    if any(not 1 <= i <= public.n or not _check_scalar(group, z) for i, z in values.items()):
         return None
-    values = {i: o.z for i, o in openings.items()}
     if not consistent_points(q, 2 * t, values):
         return None
     return _nonce_from(group, public, dict(sorted(values.items())[: 2 * t + 1]))
@@ -748,13 +744,18 @@ def _product_statement(group: Group[E], public: NoncePublic[E], i: int, z: int) 
     return a_i, ck_i, p2
 
 
+def product_value(group: Group[E], state: NonceState, *, _z_offset: int = 0) -> int:
+    """z_i = kappa_i a_i + b_i alone (the fast path opens it without its proof)."""
+    return (state.kappa.value * state.a.value + state.b.value + _z_offset) % group.order
+
+
 def open_product(
     group: Group[E], public: NoncePublic[E], state: NonceState, rand: ScalarSource, *, _z_offset: int = 0
 ) -> ProductOpening:
-    """Round 2 for server ``state.index``."""
+    """Round 2 for server ``state.index``: z_i with its proof."""
     q = group.order
     i = state.index
-    z = (state.kappa.value * state.a.value + state.b.value + _z_offset) % q
+    z = product_value(group, state, _z_offset=_z_offset)
     base, p1, p2 = _product_statement(group, public, i, z)
     witness = (state.kappa.value, state.rho.value, (-state.beta.value) % q)
     proof = _link_prove(group, PRODUCT_PROOF_DST, public.context(), i, base, p1, p2, witness, rand)

@@ -218,7 +218,13 @@ class _Session(Generic[E]):
     echoes: dict[int, bytes] = field(default_factory=dict)
     publics: list[dss.NoncePublic[E]] = field(default_factory=list)
     states: list[dss.NonceState] = field(default_factory=list)
-    openings: dict[int, list[dss.ProductOpening]] = field(default_factory=dict)
+    #: Each member's z_i per presignature as opened (fast path: no proofs), and the openings
+    #: with proofs that members send when asked (robust path).
+    openings: dict[int, list[int]] = field(default_factory=dict)
+    proofs: dict[int, list[dss.ProductOpening]] = field(default_factory=dict)
+    proofs_sent: bool = False
+    proofs_asked: bool = False
+    proofs_wanted: bool = False
     nonces: list[dss.Nonce[E]] = field(default_factory=list)
     bad: set[int] = field(default_factory=set)
     w_pending: dict[str, dict[int, Any]] = field(default_factory=dict)
@@ -415,7 +421,19 @@ class DSSSigningService(PayloadGate, Generic[E]):
                 self.rejected.append(RemoteProtocolError(self.me, f"own message: {exc}"))
 
     _SESSION_KINDS = frozenset(
-        {"deal", "shares", "echo", "opening", "wdeal", "wshares", "qual", "final", "abort"}
+        {
+            "deal",
+            "shares",
+            "echo",
+            "opening",
+            "oproofs",
+            "needproofs",
+            "wdeal",
+            "wshares",
+            "qual",
+            "final",
+            "abort",
+        }
     )
 
     def _dispatch(self, sender: int, kind: str, body: Any, raw: bytes, now: float) -> None:
@@ -684,6 +702,9 @@ class DSSSigningService(PayloadGate, Generic[E]):
     ) -> tuple[dss.NonceDealing[E], dict[int, tuple[int, int, int, int, int]]]:
         return dss.deal_nonce(self.group, sid, self.me, self.n, self.t, self._scalar)
 
+    def _opening_z(self, sess: _Session[E], k: int) -> int:
+        return dss.product_value(self.group, sess.states[k])
+
     def _opening(self, sess: _Session[E], k: int) -> dss.ProductOpening:
         return dss.open_product(self.group, sess.publics[k], sess.states[k], self._scalar)
 
@@ -784,6 +805,11 @@ class DSSSigningService(PayloadGate, Generic[E]):
             self._on_echo(sess, sender, msg, now)
         elif kind == "opening":
             self._on_opening(sess, sender, msg, now)
+        elif kind == "oproofs":
+            self._on_oproofs(sess, sender, msg, now)
+        elif kind == "needproofs":
+            sess.proofs_wanted = True
+            self._send_proofs(sess)
         elif kind in ("wdeal", "wshares"):
             if sess.stage != "w":
                 if sess.stage in ("deal", "echo", "open"):
@@ -996,8 +1022,10 @@ class DSSSigningService(PayloadGate, Generic[E]):
             return
         sess.stage = "open"
         sess.open_started = now
-        openings = [self._opening(sess, k).encode(self.group) for k in range(sess.count)]
-        self._send_all(sess.active, "opening", {"c": sess.c, "s": sess.s, "openings": openings})
+        values = [self.group.encode_scalar(self._opening_z(sess, k)) for k in range(sess.count)]
+        self._send_all(sess.active, "opening", {"c": sess.c, "s": sess.s, "openings": values})
+        if sess.proofs_wanted:
+            self._send_proofs(sess)
 
     def _on_opening(self, sess: _Session[E], sender: int, msg: dict[str, Any], now: float) -> None:
         if sender in sess.openings or sess.stage in ("w", "done"):
@@ -1005,39 +1033,93 @@ class DSSSigningService(PayloadGate, Generic[E]):
         if sess.active and sender not in sess.active:
             return
         items = _bytes_list(msg.get("openings"), "presign opening", sender, sess.count)
+        sess.openings[sender] = [self.group.decode_scalar(x) for x in items]
+        self._try_nonce(sess, now)
+
+    def _send_proofs(self, sess: _Session[E]) -> None:
+        """Our openings with their proofs, once, to the members (the robust path needs them)."""
+        if sess.proofs_sent or len(sess.states) != sess.count or self.me not in sess.active:
+            return
+        if sess.stage not in ("open", "w"):
+            return  # not before every member echoed the same decision (sent when we open)
+        sess.proofs_sent = True
+        openings = [self._opening(sess, k).encode(self.group) for k in range(sess.count)]
+        self._send_all(sess.active, "oproofs", {"c": sess.c, "s": sess.s, "openings": openings})
+
+    def _on_oproofs(self, sess: _Session[E], sender: int, msg: dict[str, Any], now: float) -> None:
+        if sender in sess.proofs or (sess.active and sender not in sess.active):
+            return
+        items = _bytes_list(msg.get("openings"), "presign opening proofs", sender, sess.count)
         openings = [dss.ProductOpening.decode(self.group, x, self.n) for x in items]
         if any(o.party != sender for o in openings):
             raise RemoteProtocolError(sender, "product opening under another server's id")
-        sess.openings[sender] = openings
+        sess.proofs[sender] = openings
         self._try_nonce(sess, now)
 
     def _try_nonce(self, sess: _Session[E], now: float, *, waited: bool = False) -> None:
         """R for every presignature of the session, once the openings are in.
 
-        Fast path: with every member's openings in (at least 3t+1), z_i consistent with one
-        degree-2t polynomial need no proof checked (:func:`~appliance.crypto.dss.optimistic_nonce`).
-        Otherwise (an inconsistency, or ``waited``: a member's openings are late) the proofs
-        of 2t+1 openings are checked as before, and bad ones name their senders.
+        Fast path: members open z_i without proofs; with every member's z_i in (at least
+        3t+1) and all consistent with one degree-2t polynomial, R follows with no proof
+        made or checked (:func:`~appliance.crypto.dss.optimistic_nonce`). Otherwise (an
+        inconsistency, or ``waited``: a member's openings are late) we ask every member
+        for its openings with proofs (``needproofs``, answered once with ``oproofs``), check
+        2t+1 of them as before, and a bad proof, or a proof for another z_i than the one
+        opened, names its sender.
         """
         if sess.stage != "open":
             return
-        candidates = [j for j in sorted(sess.openings) if j in sess.active and j not in sess.bad]
-        if len(candidates) < 2 * self.t + 1:
-            return
-        everyone = all(j in sess.openings for j in sess.active if j not in sess.bad)
+        members = [j for j in sess.active if j not in sess.bad]
+        candidates = [j for j in sorted(sess.openings) if j in members]
+        everyone = all(j in sess.openings for j in members)
         if not everyone and not waited:
             return  # the fast path needs them all: wait a little (see _participant_tick)
-        nonces = []
-        for k in range(sess.count):
-            batch = {j: sess.openings[j][k] for j in candidates}
-            try:
-                fast = dss.optimistic_nonce(self.group, sess.publics[k], batch)
-            except dss.DSSRetryError:
-                self._drop(sess)
-                return
-            if fast is not None:
+        nonces: list[dss.Nonce[E]] = []
+        if everyone:
+            for k in range(sess.count):
+                values = {j: sess.openings[j][k] for j in candidates}
+                try:
+                    fast = dss.optimistic_nonce(self.group, sess.publics[k], values)
+                except dss.DSSRetryError:
+                    self._drop(sess)
+                    return
+                if fast is None:
+                    nonces = []
+                    break
                 nonces.append(fast)
-                continue
+        if not nonces:
+            if not sess.proofs_asked:
+                sess.proofs_asked = True
+                self._send_all(
+                    [j for j in sess.active if j != self.me], "needproofs", {"c": sess.c, "s": sess.s}
+                )
+                self._send_proofs(sess)
+            for j in [j for j in sess.proofs if j in members]:
+                announced = sess.openings.get(j)
+                if announced is not None and [o.z for o in sess.proofs[j]] != announced:
+                    sess.bad.add(j)
+                    self._alert(
+                        AlertKind.BAD_SHARE, j, "presign: product opening proved another z_i than opened"
+                    )
+            if self._robust_nonces(sess, nonces):
+                return
+        sess.nonces = nonces
+        sess.stage = "w"
+        sess.r3.started = now
+        self._deal_w(sess)
+        for kind in ("wdeal", "wshares"):
+            for author, (msg, raw) in sorted(sess.w_pending.get(kind, {}).items()):
+                self._guarded(author, kind, msg, raw, now)
+        sess.w_pending.clear()
+
+    def _robust_nonces(self, sess: _Session[E], nonces: list[dss.Nonce[E]]) -> bool:
+        """R from openings with checked proofs into ``nonces``; True while more are needed
+        (or the session was dropped)."""
+        candidates = [j for j in sorted(sess.proofs) if j in sess.active and j not in sess.bad]
+        if len(candidates) < 2 * self.t + 1:
+            return True
+        for k in range(sess.count):
+            batch = {j: sess.proofs[j][k] for j in candidates}
             try:
                 nonce, bad = dss.open_nonce(self.group, sess.publics[k], batch)
             except NotEnoughSharesError:
@@ -1049,22 +1131,16 @@ class DSSSigningService(PayloadGate, Generic[E]):
                         bad[j] = exc.reason
             except dss.DSSRetryError:
                 self._drop(sess)
-                return
+                return True
             for j, reason in bad.items():
                 if j not in sess.bad:
                     sess.bad.add(j)
                     self._alert(AlertKind.BAD_SHARE, j, f"presign: product opening: {reason}")
             if nonce is None:
-                return  # wait for more openings
+                nonces.clear()
+                return True  # wait for more openings with proofs
             nonces.append(nonce)
-        sess.nonces = nonces
-        sess.stage = "w"
-        sess.r3.started = now
-        self._deal_w(sess)
-        for kind in ("wdeal", "wshares"):
-            for author, (msg, raw) in sorted(sess.w_pending.get(kind, {}).items()):
-                self._guarded(author, kind, msg, raw, now)
-        sess.w_pending.clear()
+        return False
 
     def _deal_w(self, sess: _Session[E]) -> None:
         targets = [j for j in sess.active if j not in sess.bad]

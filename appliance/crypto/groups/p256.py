@@ -7,8 +7,9 @@ need exactly those. So points are added here, on gmpy2 ``mpz`` integers, with
 Jacobian coordinates internally (a = -3 doubling, mixed Jacobian-affine
 addition), width-5 wNAF for variable-base multiplication, interleaved wNAF for
 :meth:`P256Group.multi_mul` and signed fixed-window tables (10-bit) for the
-generator and for other fixed bases that :meth:`P256Group.precompute` names. Signatures produced with these operations are verified with
-``cryptography``/OpenSSL in the tests.
+generator and for other fixed bases that :meth:`P256Group.precompute` names.
+Signatures produced with these operations are verified with ``cryptography``/OpenSSL
+in the tests.
 
 This arithmetic is NOT constant-time: it branches and indexes tables on secret
 scalar digits, and GMP itself is variable-time. That is a documented limitation
