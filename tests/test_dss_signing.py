@@ -230,6 +230,27 @@ class BadOpener(DSSSigningService[Any]):
         return dss.open_product(self.group, sess.publics[k], sess.states[k], self._scalar, _z_offset=1)
 
 
+class BadWDealer(DSSSigningService[Any]):
+    """Deals w_i = kappa_i x_i + 1 (its proof fails; presigning does not check it: the signature
+    fails, and only then are the proofs checked, which names it)."""
+
+    def _w_dealing(self, sess: Any, k: int) -> Any:
+        return dss.deal_w(
+            self.group, sess.publics[k], sess.nonces[k], sess.states[k], self.key, self._scalar, _w_offset=1
+        )
+
+
+class BadWShare(DSSSigningService[Any]):
+    """Deals server 3 a w share that fails its commitments (caught by 3's batched check)."""
+
+    def _w_dealing(self, sess: Any, k: int) -> Any:
+        dealing, values = super()._w_dealing(sess, k)
+        if 3 in values:
+            v = values[3]
+            values[3] = ((v[0] + 1) % self.group.order, v[1])
+        return dealing, values
+
+
 class BadSigner(DSSSigningService[Any]):
     def _signature_share(self, presig: Any, message: bytes) -> dss.SignatureShare:
         share = super()._signature_share(presig, message)
@@ -241,6 +262,8 @@ class BadSigner(DSSSigningService[Any]):
     [
         (BadDealer, AlertKind.BAD_SHARE),
         (BadOpener, AlertKind.BAD_SHARE),
+        (BadWDealer, AlertKind.BAD_SHARE),
+        (BadWShare, AlertKind.BAD_SHARE),
         (BadSigner, AlertKind.BAD_SIGNATURE_SHARE),
     ],
 )
@@ -262,8 +285,14 @@ def test_a_byzantine_server_is_named_and_the_signature_completes(
             break
     assert named and all(server == 2 for _, server in named), named
     assert (kind, 2) in named
-    if cheat is BadDealer:
+    if cheat in (BadDealer, BadWShare):
         assert net.services[3].alerts[0].kind == AlertKind.BAD_SHARE  # the victim saw it first
+    if cheat is BadWDealer:
+        # Found by the coordinator when a signature failed: the w proofs, checked then.
+        assert any("kappa_i x_i" in a.detail for a in net.services[1].alerts if a.server == 2)
+    if cheat is BadOpener:
+        # Its z_i broke the consistency of the openings: proofs were asked for, and its failed.
+        assert any("product opening" in a.detail for a in net.services[1].alerts if a.server == 2)
 
 
 def test_a_coordinator_cannot_bind_one_presignature_to_two_messages() -> None:
@@ -412,7 +441,20 @@ def test_wipe_erases_every_presignature() -> None:
 
 
 KINDS = sorted(
-    {"open", "deal", "shares", "echo", "opening", "wdeal", "wshares", "qual", "final", "abort"}
+    {
+        "open",
+        "deal",
+        "shares",
+        "echo",
+        "opening",
+        "oproofs",
+        "needproofs",
+        "wdeal",
+        "wshares",
+        "qual",
+        "final",
+        "abort",
+    }
     | {
         "report",
         "wreport",

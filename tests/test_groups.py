@@ -609,3 +609,22 @@ def test_p256_fixed_base_tables_are_bounded() -> None:
     assert len(g._fixed) == p256_mod._MAX_FIXED
     assert points[0] not in g._fixed and points[-1] in g._fixed  # the oldest went
     assert g.mul(5, points[0]) == P256.mul_base(10)  # and its multiples are still right
+
+
+@SETTINGS
+@given(data=st.data())
+def test_small_multi_mul_many_agrees_with_multi_mul(data: st.DataObject) -> None:
+    """Commitments evaluated at small ids in one chain: same points as multi_mul, per job."""
+    jobs = []
+    for _ in range(data.draw(st.integers(0, 4))):
+        m = data.draw(st.integers(0, 4))
+        ks = [data.draw(st.integers(0, 300)) for _ in range(m)]
+        pts = [
+            data.draw(st.sampled_from([P256.identity(), P256.mul_base(7), P256.mul_base(k + 2)])) for k in ks
+        ]
+        jobs.append((ks, pts))
+    for group in (P256, DSA2048):
+        typed = [(ks, [p if group is P256 else group.mul_base(7) for p in pts]) for ks, pts in jobs]
+        assert group.small_multi_mul_many(typed) == [group.multi_mul(ks, pts) for ks, pts in typed]
+    with pytest.raises(ValueError, match="negative"):
+        P256.small_multi_mul_many([([-1], [P256.generator()])])

@@ -99,6 +99,7 @@ Not constant time (Python ints, gmpy2); see docs/security.md.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -319,7 +320,8 @@ def batch_check_w_shares(
     return [k for k in range(len(dealings)) if not check_w_share(group, dealings[k], j, shares[k])]
 
 
-def _relations(ids: Sequence[int], degree: int) -> list[dict[int, int]]:
+@functools.lru_cache(maxsize=256)
+def _relations(ids: tuple[int, ...], degree: int) -> list[dict[int, int]]:
     """Integer vectors c with sum_i c_i f(i) = 0 for every polynomial f of degree <= ``degree``.
 
     One for each id beyond the first degree+1: the divided difference over the first
@@ -343,7 +345,7 @@ def _relations(ids: Sequence[int], degree: int) -> list[dict[int, int]]:
 
 def consistent_points(q: int, degree: int, points: Mapping[int, int]) -> bool:
     """Do the values {i: f(i)} lie on one polynomial of degree <= ``degree`` (mod q)?"""
-    ids = sorted(points)
+    ids = tuple(sorted(points))
     return all(sum(c * points[i] for i, c in rel.items()) % q == 0 for rel in _relations(ids, degree))
 
 

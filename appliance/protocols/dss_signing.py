@@ -97,9 +97,11 @@ from appliance.protocols.state import KeyTable
 
 E = TypeVar("E")
 
-#: Presignatures per session, and the stock below which a coordinator opens a session.
-BATCH = 4
-LOW_WATER = 4
+#: Presignatures per session, and the stock below which a coordinator opens a session. Large
+#: sessions amortize their messages, and one session per MIN_OPEN_INTERVAL caps a coordinator
+#: at 2 * BATCH presignatures a second (docs/performance.md).
+BATCH = 16
+LOW_WATER = 16
 #: Presignatures a holder keeps for one coordinator (it joins no session of c beyond that).
 MAX_HELD = 32
 MAX_BATCH = 16
@@ -702,6 +704,9 @@ class DSSSigningService(PayloadGate, Generic[E]):
     ) -> tuple[dss.NonceDealing[E], dict[int, tuple[int, int, int, int, int]]]:
         return dss.deal_nonce(self.group, sid, self.me, self.n, self.t, self._scalar)
 
+    def _w_dealing(self, sess: _Session[E], k: int) -> tuple[dss.WDealing[E], dict[int, tuple[int, int]]]:
+        return dss.deal_w(self.group, sess.publics[k], sess.nonces[k], sess.states[k], self.key, self._scalar)
+
     def _opening_z(self, sess: _Session[E], k: int) -> int:
         return dss.product_value(self.group, sess.states[k])
 
@@ -1147,9 +1152,7 @@ class DSSSigningService(PayloadGate, Generic[E]):
         dealings = []
         shares: dict[int, list[Any]] = {j: [] for j in targets}
         for k, sid in enumerate(sess.sids):
-            wd, values = dss.deal_w(
-                self.group, sess.publics[k], sess.nonces[k], sess.states[k], self.key, self._scalar
-            )
+            wd, values = self._w_dealing(sess, k)
             dealings.append(wd.encode(self.group))
             session = dss.w_session(self.group, sid, wd)
             for j in targets:
@@ -1291,6 +1294,18 @@ class DSSSigningService(PayloadGate, Generic[E]):
                 return stock
         return None  # (presignatures whose holders we avoid for now stay for later)
 
+    def _purge_stock(self, dealers: set[int]) -> None:
+        """Drop from our stock the presignatures into which ``dealers`` dealt a bad w (their
+        proofs are checked now), so that a request does not try them one after another."""
+        if not dealers:
+            return
+        for stock in list(self._stock):
+            if not any(d.dealer in dealers for d in stock.public.w_dealings):
+                continue
+            if dss.blame_w_dealings(self.group, stock.public, self.key.public):
+                self._stock.remove(stock)
+                self._discard(stock)
+
     def _discard(self, stock: _Stock[E]) -> None:
         self._send_all(stock.holders, "discard", {"sid": stock.public.sid})
 
@@ -1406,9 +1421,11 @@ class DSSSigningService(PayloadGate, Generic[E]):
         if sig is None and not bad:
             # Every share is right, yet the signature fails: the presignature itself is bad.
             # Presigning skipped the w dealings' proofs (the fast path); check them now.
-            for j, reason in sorted(dss.blame_w_dealings(self.group, public, self.key.public).items()):
+            guilty = dss.blame_w_dealings(self.group, public, self.key.public)
+            for j, reason in sorted(guilty.items()):
                 self._avoid[j] = now + AVOID * 6
                 self._alert(AlertKind.BAD_SHARE, j, f"presign: {reason}")
+            self._purge_stock(set(guilty))
         if sig is None:
             self._attempt(req, now)
             return
