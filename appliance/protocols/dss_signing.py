@@ -329,6 +329,8 @@ class DSSSigningService(PayloadGate, Generic[E]):
         self.notes: deque[str] = deque(maxlen=64)
         self._out: list[Outgoing] = []
         self._local: deque[tuple[str, dict[str, Any], bytes]] = deque()
+        #: Our own dealings by their encoding, until we receive them ourselves.
+        self._own_decoded: dict[bytes, Any] = {}
 
     # Plumbing ------------------------------------------------------------------------------
 
@@ -758,16 +760,24 @@ class DSSSigningService(PayloadGate, Generic[E]):
         shares: dict[int, list[Any]] = {j: [] for j in sess.parts}
         for sid in sess.sids:
             dealing, values = self._nonce_dealing(sid)
-            dealings.append(dealing.encode(self.group))
+            encoded = dealing.encode(self.group)
+            dealings.append(encoded)
+            if len(self._own_decoded) > 4 * MAX_BATCH:
+                self._own_decoded.clear()
+            self._own_decoded[encoded] = dealing
             session = dss.nonce_session(self.group, sid, dealing)
             for j in sess.parts:
-                msg = ShareMessage(session, self.me, j, values[j])
-                shares[j].append(
-                    [list(values[j]), self.signer.sign(msg.payload(self.share_context, self.period))]
-                )
+                shares[j].append([list(values[j]), self._sign_share(session, j, values[j])])
         self._send_all(sess.parts, "deal", {"c": sess.c, "s": sess.s, "dealings": dealings})
         for j in sess.parts:
             self._send(j, "shares", {"c": sess.c, "s": sess.s, "shares": shares[j]})
+
+    def _sign_share(self, session: bytes, j: int, values: Sequence[int]) -> bytes:
+        """The dealer's signature on j's share (complaint evidence); none on our own share."""
+        if j == self.me:
+            return b""
+        msg = ShareMessage(session, self.me, j, tuple(values))
+        return self.signer.sign(msg.payload(self.share_context, self.period))
 
     def _on_session_msg(self, sender: int, kind: str, body: Any, raw: bytes, now: float) -> None:
         if kind in ("qual", "final", "abort"):
@@ -830,6 +840,10 @@ class DSSSigningService(PayloadGate, Generic[E]):
             raise RemoteProtocolError(sender, f"unknown presign message {kind!r}")
 
     def _decode_deal(self, sess: _Session[E], sender: int, data: bytes, k: int, w: bool) -> Any:
+        if sender == self.me:
+            own = self._own_decoded.pop(data, None)
+            if own is not None:
+                return own  # our own dealing, sent to ourselves: no need to decode it again
         if w:
             wd = dss.WDealing.decode(self.group, data, self.n, self.t)
             if wd.dealer != sender:
@@ -1153,13 +1167,12 @@ class DSSSigningService(PayloadGate, Generic[E]):
         shares: dict[int, list[Any]] = {j: [] for j in targets}
         for k, sid in enumerate(sess.sids):
             wd, values = self._w_dealing(sess, k)
-            dealings.append(wd.encode(self.group))
+            encoded = wd.encode(self.group)
+            dealings.append(encoded)
+            self._own_decoded[encoded] = wd
             session = dss.w_session(self.group, sid, wd)
             for j in targets:
-                m = ShareMessage(session, self.me, j, values[j])
-                shares[j].append(
-                    [list(values[j]), self.signer.sign(m.payload(self.share_context, self.period))]
-                )
+                shares[j].append([list(values[j]), self._sign_share(session, j, values[j])])
         self._send_all(targets, "wdeal", {"c": sess.c, "s": sess.s, "dealings": dealings})
         for j in targets:
             self._send(j, "wshares", {"c": sess.c, "s": sess.s, "shares": shares[j]})
