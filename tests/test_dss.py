@@ -565,3 +565,45 @@ def test_presignature_w_commitment_is_the_lagrange_combination_of_the_reduction_
     assert list(public.w(group).points) == expected
     for j in range(1, 5):
         assert public.commitments_of(group, j)[1] == public.w(group).evaluate(group, j)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    count=st.integers(1, 3),
+    bad=st.one_of(
+        st.none(), st.tuples(st.integers(1, 4), st.integers(0, 2), st.integers(0, 4), st.integers(1, 2**64))
+    ),
+)
+def test_share_sums_check_catches_any_single_bad_dealer(
+    count: int, bad: tuple[int, int, int, int] | None
+) -> None:
+    """One bad share of one dealer makes the sums over all dealers fail (2^-128 aside)."""
+    group, n, t, j = P256, 4, 1, 1
+    rounds = _nonce_round(group, n, t, b"sums", count)
+    dealings = {d: [r[d][0] for r in rounds] for d in range(1, n + 1)}
+    shares = {d: [list(r[d][1][j]) for r in rounds] for d in range(1, n + 1)}
+    if bad is not None:
+        d, k, component, offset = bad[0], bad[1] % count, bad[2], bad[3]
+        shares[d][k][component] = (shares[d][k][component] + offset) % group.order
+    assert dss.batch_check_nonce_share_sums(group, dealings, j, shares) == (bad is None)
+
+
+def test_share_sums_check_is_about_sums_and_refuses_malformed_input() -> None:
+    """Two dealers' errors that cancel pass the sum check (the protocol checks again if a
+    qualified set keeps one of them only); the per-dealer check names both."""
+    group, j = P256, 2
+    rounds = _nonce_round(group, 4, 1, b"cancel", 2)
+    dealings = {d: [r[d][0] for r in rounds] for d in range(1, 5)}
+    shares = {d: [list(r[d][1][j]) for r in rounds] for d in range(1, 5)}
+    shares[1][0][0] = (shares[1][0][0] + 5) % group.order
+    shares[3][0][0] = (shares[3][0][0] - 5) % group.order
+    assert dss.batch_check_nonce_share_sums(group, dealings, j, shares)
+    assert dss.batch_check_nonce_shares(group, dealings[1], j, shares[1]) == [0]
+    assert dss.batch_check_nonce_shares(group, dealings[3], j, shares[3]) == [0]
+    kept = {d: dealings[d] for d in (1, 2, 4)}
+    assert not dss.batch_check_nonce_share_sums(group, kept, j, {d: shares[d] for d in kept})
+    # malformed: a short share, a dealer without shares, nothing at all
+    short = {**shares, 2: [shares[2][0][:4], shares[2][1]]}
+    assert not dss.batch_check_nonce_share_sums(group, dealings, j, short)
+    assert not dss.batch_check_nonce_share_sums(group, dealings, j, {d: shares[d] for d in (1, 2, 3)})
+    assert not dss.batch_check_nonce_share_sums(group, {}, j, {})

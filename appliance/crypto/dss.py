@@ -256,12 +256,14 @@ class _Batch(Generic[E]):
         self.weights: list[int] = []
         self.jobs: list[tuple[list[int], list[E]]] = []
 
-    def add(self, weight: int, a: int, b: int, commitment: Commitment[E]) -> None:
+    def add(self, weight: int, a: int, b: int, *commitments: Commitment[E]) -> None:
+        """weight (a G + b H - sum of the commitments at j)."""
         q = self.group.order
         self.g = (self.g + weight * a) % q
         self.h = (self.h + weight * b) % q
         self.weights.append(weight)
-        self.jobs.append(([self.j**k for k in range(len(commitment.points))], list(commitment.points)))
+        scalars = [self.j**k for c in commitments for k in range(len(c.points))]
+        self.jobs.append((scalars, [p for c in commitments for p in c.points]))
 
     def holds(self) -> bool:
         group = self.group
@@ -300,6 +302,44 @@ def batch_check_nonce_shares(
     if shaped == len(dealings) and batch.holds():
         return []
     return [k for k in range(len(dealings)) if not check_nonce_share(group, dealings[k], j, shares[k])]
+
+
+def batch_check_nonce_share_sums(
+    group: Group[E],
+    dealings: Mapping[int, Sequence[NonceDealing[E]]],
+    j: int,
+    shares: Mapping[int, Sequence[Sequence[int]]],
+) -> bool:
+    """Do server j's shares summed over the dealers match their summed commitments, for every k?
+
+    ``dealings[d][k]``, ``shares[d][k]``: dealer d's dealing and j's share for presignature k.
+    The cheapest check of all: one random linear combination over the presignatures and the
+    three sharings, but none over the dealers, so its cost hardly grows with their number.
+    True means the sums over these dealers are right: one corrupted dealer's error cannot
+    cancel out; two corrupted dealers' errors can, which only matters if a qualified set
+    later keeps one of them without the other, and the caller then checks that set again
+    (or each dealer alone: :func:`batch_check_nonce_shares`). False: check each dealer alone.
+    """
+    dealers = sorted(dealings)
+    if not dealers or sorted(shares) != dealers:
+        return False
+    count = len(dealings[dealers[0]])
+    if any(len(dealings[d]) != count or len(shares[d]) != count for d in dealers):
+        return False
+    q = group.order
+    batch: _Batch[E] = _Batch(group, j)
+    for k in range(count):
+        sums = [0, 0, 0, 0, 0]
+        for d in dealers:
+            values = shares[d][k]
+            if not _nonce_share_shape(group, values):
+                return False
+            sums = [(acc + v) % q for acc, v in zip(sums, values, strict=True)]
+        kap, rho, a, b, beta = sums
+        batch.add(_weight(), kap, rho, *(dealings[d][k].kappa for d in dealers))
+        batch.add(_weight(), a, 0, *(dealings[d][k].a for d in dealers))
+        batch.add(_weight(), b, beta, *(dealings[d][k].zero_commitment(group) for d in dealers))
+    return batch.holds()
 
 
 def batch_check_w_shares(

@@ -201,6 +201,10 @@ class _Round(Generic[E]):
     complaints: list[list[Any]] = field(default_factory=list)
     started: float = 0.0
     reported: bool = False
+    #: Nonce round: dealers whose dealing and shares are in, checked all together once every
+    #: participant's are (_check_arrived); and the set that one sum check accepted.
+    arrived: dict[int, bytes] = field(default_factory=dict)
+    summed: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -905,14 +909,50 @@ class DSSSigningService(PayloadGate, Generic[E]):
         random linear combination, one multi-scalar multiplication), and a dealer's
         signatures are checked only on the share we complain about (the complaint's
         evidence); a good share needs none. Our own dealing is not checked: we made it.
+        In the nonce round the dealers wait for each other: one check of the sums over all
+        of them (:meth:`_check_arrived`) and, only if it fails, one check per dealer.
         """
         rnd = sess.r3 if w else sess.r1
-        if d not in rnd.deals or d not in rnd.shares or d in rnd.verified:
+        if d not in rnd.deals or d not in rnd.shares or d in rnd.verified or d in rnd.arrived:
             return
-        digest, deals = rnd.deals[d]
+        digest = rnd.deals[d][0]
         if d == self.me:
             rnd.verified[d] = digest
             return
+        if not w:
+            rnd.arrived[d] = digest
+            self._check_arrived(sess, final=False)
+            return
+        self._check_dealer(sess, d, w)
+
+    def _check_arrived(self, sess: _Session[E], *, final: bool) -> None:
+        """The nonce round's arrived dealers: all at once when every participant's are in (or
+        ``final``: the round's wait is over), by the sums of our shares; each alone if that fails."""
+        rnd = sess.r1
+        if not rnd.arrived:
+            return
+        if not final and not all(j in rnd.arrived or j in rnd.verified for j in sess.parts):
+            return
+        pending, rnd.arrived = rnd.arrived, {}
+        if len(pending) > 1:
+            dealers = sorted(pending)
+            ok = dss.batch_check_nonce_share_sums(
+                self.group,
+                {d: rnd.deals[d][1] for d in dealers},
+                self.me,
+                {d: [v for v, _sig in rnd.shares[d]] for d in dealers},
+            )
+            if ok:
+                rnd.verified.update(pending)
+                rnd.summed = frozenset(dealers)
+                return
+        for d in sorted(pending):
+            self._check_dealer(sess, d, False)
+
+    def _check_dealer(self, sess: _Session[E], d: int, w: bool) -> None:
+        """Dealer d's shares of the session for us, in one batch; a complaint if one is bad."""
+        rnd = sess.r3 if w else sess.r1
+        digest, deals = rnd.deals[d]
         values = [v for v, _sig in rnd.shares[d]]
         if w:
             bad = dss.batch_check_w_shares(self.group, deals, self.me, values)
@@ -949,6 +989,8 @@ class DSSSigningService(PayloadGate, Generic[E]):
             ):
                 if not live or rnd.reported:
                     continue
+                if kind == "report" and now - rnd.started >= ROUND_WAIT:
+                    self._check_arrived(sess, final=True)
                 complete = all(j in rnd.verified or any(c[0] == j for c in rnd.complaints) for j in members)
                 if complete or now - rnd.started >= ROUND_WAIT:
                     rnd.reported = True
@@ -1008,6 +1050,9 @@ class DSSSigningService(PayloadGate, Generic[E]):
         sess.active = tuple(active)
         sess.decision = _digest(encoding.encode({"active": active, "digests": digests}))
         qual = sorted(digests)
+        if not self._qual_sums_hold(sess, qual):
+            self._drop(sess)
+            return
         for k, sid in enumerate(sess.sids):
             dealings = {d: sess.r1.deals[d][1][k] for d in qual}
             public = dss.nonce_public(self.group, sid, self.n, self.t, qual, dealings)
@@ -1019,6 +1064,27 @@ class DSSSigningService(PayloadGate, Generic[E]):
         sess.stage = "echo"
         self._send_all(sess.active, "echo", {"c": sess.c, "s": sess.s, "digest": sess.decision})
         self._try_open(sess, now)
+
+    def _qual_sums_hold(self, sess: _Session[E], qual: list[int]) -> bool:
+        """Our shares summed over QUAL1 are right. They are when QUAL1 keeps every dealer one
+        sum check accepted together (or drops them all); else that subset is checked again,
+        and, if it fails, each dealer alone: two dealers whose errors cancelled, one of them
+        now left out. Too late to complain: we name the culprit and leave the session."""
+        rnd = sess.r1
+        kept = [d for d in qual if d in rnd.summed]
+        if not kept or len(kept) == len(rnd.summed):
+            return True
+        dealings = {d: rnd.deals[d][1] for d in kept}
+        values = {d: [v for v, _sig in rnd.shares[d]] for d in kept}
+        if len(kept) > 1 and dss.batch_check_nonce_share_sums(self.group, dealings, self.me, values):
+            return True
+        for d in kept:
+            bad = dss.batch_check_nonce_shares(self.group, dealings[d], self.me, values[d])
+            if bad:
+                self._alert(
+                    AlertKind.BAD_SHARE, d, f"presign: its share for us fails its commitments ({bad[0]})"
+                )
+        return False
 
     def _on_echo(self, sess: _Session[E], sender: int, msg: dict[str, Any], now: float) -> None:
         digest = msg.get("digest")
