@@ -94,6 +94,20 @@ it belongs to, so that nothing is replayable across runs. :class:`NonceDealing`,
 canonical CBOR, and their decoders raise only DecodeError. A server must record a
 presignature as used in durable storage before it releases its signature share.
 
+Fast path (used by :mod:`appliance.protocols.dss_signing`; the in-process runner
+:func:`run_presign` keeps every check). Checks are cut, never the values the protocol
+computes, and each cut has a robust fallback that names the culprit as before:
+
+* share checks in batches (:func:`batch_check_nonce_shares`, :func:`batch_check_w_shares`,
+  :func:`batch_check_nonce_share_sums`): one random linear combination with 128-bit
+  weights from ``secrets``, drawn after the values are fixed; one check per share only if
+  the combination fails;
+* openings without proofs (:func:`product_value`, :func:`optimistic_nonce`) when at least
+  3t+1 z_i lie on one degree-2t polynomial; else the proofs (:func:`open_product`,
+  :func:`open_nonce`);
+* w dealings' proofs checked only when a signature fails (:func:`blame_w_dealings`); the
+  final signature is always verified before it is released (:func:`combine`).
+
 Not constant time (Python ints, gmpy2); see docs/security.md.
 """
 

@@ -26,10 +26,26 @@ participants: itself and every server it does not currently avoid (at least 2t+1
    complaint, a digest it does not hold: it drops out) and ``echo`` es its digest to A; it
    goes on only when every member of A echoed the same decision (a coordinator cannot give
    members different QUAL1 sets; a mismatch is an equivocation alert naming c).
-4. ``opening`` (member -> A): z_i with its proof; each member interpolates R from 2t+1 valid
-   openings (any 2t+1 valid ones give the same R); a bad opening names its sender.
+4. ``opening`` (member -> A): z_i alone. With every member's z_i in (at least 3t+1) and all on
+   one degree-2t polynomial, each member computes R with no proof made or checked (the honest
+   2t+1 fix the polynomial). Otherwise (an inconsistency, or a member late by ROUND_WAIT/2) a
+   member asks all for their proofs (``needproofs``; each answers once with ``oproofs``, its
+   openings with proofs), interpolates R from 2t+1 valid ones, and a bad proof, or a proof of
+   another z_i than the one opened, names its sender.
 5. ``wdeal``/``wshares`` (member -> A): the Pedersen dealing of kappa_i x_i with its proof,
-   and signed private shares; ``wreport`` to c as in 2.
+   and signed private shares; ``wreport`` to c as in 2. The proofs are not checked here: the
+   presignature keeps the reduction set's dealings, and if a signature made from it fails to
+   verify while every signature share is right, the coordinator checks them then
+   (:func:`~appliance.crypto.dss.blame_w_dealings`), names the dealer (alert, avoided) and
+   drops the stock it spoiled. A bad w only makes the signature wrong; the shares it makes
+   the honest servers release are the right ones shifted by what the cheater knows, so it
+   learns nothing it would not learn from the right signature.
+
+Share checks (steps 1 and 5) are batched: a dealer's shares of a whole session in one random
+linear combination (weights from ``secrets``, drawn after the shares arrived), and in the
+nonce round the sums over all dealers at once, each dealer alone only when that fails (see
+:meth:`DSSSigningService._check_shares`). A dealer's signatures on its shares are checked only
+on a share we complain about (the evidence); a dealer signs no share for itself.
 6. ``final`` (c -> holders): the holders H (at least t+1 members holding the same digests of
    at least 2t+1 valid w dealings) and the reduction set S (the 2t+1 smallest of them); each
    holder checks it as in 3 and stores its presignatures (reserved for c).
