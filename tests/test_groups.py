@@ -628,3 +628,21 @@ def test_small_multi_mul_many_agrees_with_multi_mul(data: st.DataObject) -> None
         assert group.small_multi_mul_many(typed) == [group.multi_mul(ks, pts) for ks, pts in typed]
     with pytest.raises(ValueError, match="negative"):
         P256.small_multi_mul_many([([-1], [P256.generator()])])
+
+
+@SETTINGS
+@given(k=st.integers(1, P256.order - 1), data=st.binary(max_size=70))
+def test_p256_wide_form_round_trips_and_its_decoder_raises_only_decode_error(k: int, data: bytes) -> None:
+    point = P256.mul_base(k)
+    wide = P256.encode_wide(point)
+    assert len(wide) == 65 and P256.decode_wide(wide) == point
+    with pytest.raises(DecodeError):
+        P256.decode_wide(P256.encode(point))  # the compressed form is not the wide one
+    with pytest.raises(DecodeError):
+        P256.decode(wide)  # nor the other way round
+    off_curve = wide[:64] + bytes([wide[64] ^ 1])
+    with pytest.raises(DecodeError):
+        P256.decode_wide(off_curve)
+    with contextlib.suppress(DecodeError):
+        assert P256.is_on_curve(P256.decode_wide(data))
+    assert DSA2048.decode_wide(DSA2048.encode_wide(DSA2048.mul_base(k))) == DSA2048.mul_base(k)

@@ -557,9 +557,9 @@ class NonceDealing(Generic[E]):
         return encoding.encode(
             {
                 "dealer": self.dealer,
-                "kappa": self.kappa.encode(group),
-                "a": self.a.encode(group),
-                "zero": [group.encode(p) for p in self.zero],
+                "kappa": self.kappa.encode(group, wide=True),
+                "a": self.a.encode(group, wide=True),
+                "zero": [group.encode_wide(p) for p in self.zero],
             }
         )
 
@@ -572,9 +572,13 @@ class NonceDealing(Generic[E]):
         dealer = obj["dealer"]
         if not 1 <= dealer <= n:
             raise DecodeError(f"{what}: dealer {dealer} outside 1..{n}")
-        kappa = Commitment.decode(group, obj["kappa"], t, what=f"{what} of server {dealer} (kappa)")
-        a = Commitment.decode(group, obj["a"], t, what=f"{what} of server {dealer} (a)")
-        zero = Commitment.decode(group, obj["zero"], 2 * t - 1, what=f"{what} of server {dealer} (zero)")
+        kappa = Commitment.decode(
+            group, obj["kappa"], t, what=f"{what} of server {dealer} (kappa)", wide=True
+        )
+        a = Commitment.decode(group, obj["a"], t, what=f"{what} of server {dealer} (a)", wide=True)
+        zero = Commitment.decode(
+            group, obj["zero"], 2 * t - 1, what=f"{what} of server {dealer} (zero)", wide=True
+        )
         return cls(dealer, kappa, a, zero.points)
 
 
@@ -896,7 +900,7 @@ class WDealing(Generic[E]):
         return encoding.encode(
             {
                 "dealer": self.dealer,
-                "commitment": self.commitment.encode(group),
+                "commitment": self.commitment.encode(group, wide=True),
                 "proof": self.proof.to_obj(group),
             }
         )
@@ -910,7 +914,9 @@ class WDealing(Generic[E]):
         dealer = obj["dealer"]
         if not 1 <= dealer <= n:
             raise DecodeError(f"{what}: dealer {dealer} outside 1..{n}")
-        commitment = Commitment.decode(group, obj["commitment"], t, what=f"{what} of server {dealer}")
+        commitment = Commitment.decode(
+            group, obj["commitment"], t, what=f"{what} of server {dealer}", wide=True
+        )
         return cls(dealer, commitment, LinkProof.from_obj(group, obj["proof"], what))
 
 

@@ -92,6 +92,15 @@ class Group(abc.ABC, Generic[E]):
             acc = self.add(acc, e)
         return acc
 
+    def encode_wide(self, a: E) -> bytes:
+        """A second canonical form for bulk public data that must decode fast (the default: the
+        ordinary encoding). :meth:`decode_wide` accepts only this form."""
+        return self.encode(a)
+
+    def decode_wide(self, data: bytes) -> E:
+        """Inverse of :meth:`encode_wide`, with the checks of :meth:`decode`."""
+        return self.decode(data)
+
     def precompute(self, a: E, *, heavy: bool = False) -> None:
         """Hint: ``a`` is a public element multiplied very often (e.g. the Pedersen H).
 

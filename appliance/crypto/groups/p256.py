@@ -22,7 +22,10 @@ compressed form (33 bytes, 0x02/0x03 || x), the one canonical form: ``decode``
 rejects the uncompressed and hybrid forms, x >= p, x with no point on the curve
 and the identity. The identity encodes (for internal use only) as 33 zero bytes
 so that encodings keep a fixed length. P-256 has cofactor 1, so every point on
-the curve is in the prime-order group.
+the curve is in the prime-order group. A second form, SEC1 uncompressed
+(:meth:`P256Group.encode_wide`), is used where many points are decoded (the threshold DSS
+dealings): it costs twice the bytes and no square root, and ``decode_wide`` accepts it
+alone, with the same checks.
 """
 
 from __future__ import annotations
@@ -399,6 +402,24 @@ class P256Group(Group[P256Point]):
         if a == INFINITY:
             raise ValueError("p256: the identity has no uncompressed encoding")
         return b"\x04" + int(a.x).to_bytes(32, "big") + int(a.y).to_bytes(32, "big")
+
+    def encode_wide(self, a: P256Point) -> bytes:
+        """The wide form is SEC1 uncompressed (65 bytes): decoding needs no square root."""
+        return self.encode_uncompressed(a)
+
+    def decode_wide(self, data: bytes) -> P256Point:
+        """SEC1 uncompressed only (0x04 || x || y), x and y < p, on the curve, not the identity."""
+        if not isinstance(data, (bytes, bytearray)):
+            raise DecodeError("p256 element (wide): expected bytes")
+        if len(data) != 65 or data[0] != 4:
+            raise DecodeError("p256 element (wide): expected 65 bytes, SEC1 uncompressed (0x04 || x || y)")
+        x = mpz(int.from_bytes(data[1:33], "big"))
+        y = mpz(int.from_bytes(data[33:], "big"))
+        if x >= P or y >= P:
+            raise DecodeError("p256 element (wide): coordinate >= p (non-canonical)")
+        if not _on_curve(x, y):
+            raise DecodeError("p256 element (wide): not a point of the curve")
+        return P256Point(x, y)
 
     def _lift_x(self, x: Any, odd: int) -> P256Point | None:
         rhs = (x * x * x - 3 * x + B) % P
