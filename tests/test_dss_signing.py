@@ -230,6 +230,13 @@ class BadOpener(DSSSigningService[Any]):
         return dss.open_product(self.group, sess.publics[k], sess.states[k], self._scalar, _z_offset=1)
 
 
+class OpenerThatProvesAnother(DSSSigningService[Any]):
+    """Opens a wrong z_i, and when asked for its proofs proves the right one."""
+
+    def _opening_z(self, sess: Any, k: int) -> int:
+        return dss.product_value(self.group, sess.states[k], _z_offset=1)
+
+
 class BadWDealer(DSSSigningService[Any]):
     """Deals w_i = kappa_i x_i + 1 (its proof fails; presigning does not check it: the signature
     fails, and only then are the proofs checked, which names it)."""
@@ -262,6 +269,7 @@ class BadSigner(DSSSigningService[Any]):
     [
         (BadDealer, AlertKind.BAD_SHARE),
         (BadOpener, AlertKind.BAD_SHARE),
+        (OpenerThatProvesAnother, AlertKind.BAD_SHARE),
         (BadWDealer, AlertKind.BAD_SHARE),
         (BadWShare, AlertKind.BAD_SHARE),
         (BadSigner, AlertKind.BAD_SIGNATURE_SHARE),
@@ -293,6 +301,8 @@ def test_a_byzantine_server_is_named_and_the_signature_completes(
     if cheat is BadOpener:
         # Its z_i broke the consistency of the openings: proofs were asked for, and its failed.
         assert any("product opening" in a.detail for a in net.services[1].alerts if a.server == 2)
+    if cheat is OpenerThatProvesAnother:
+        assert any("another z_i than opened" in a.detail for a in net.services[1].alerts if a.server == 2)
 
 
 def test_a_coordinator_cannot_bind_one_presignature_to_two_messages() -> None:

@@ -247,6 +247,8 @@ class _Session(Generic[E]):
     proofs_sent: bool = False
     proofs_asked: bool = False
     proofs_wanted: bool = False
+    #: The proof senders of our last robust attempt (tried again only when more arrive).
+    proofs_tried: frozenset[int] = frozenset()
     nonces: list[dss.Nonce[E]] = field(default_factory=list)
     bad: set[int] = field(default_factory=set)
     w_pending: dict[str, dict[int, Any]] = field(default_factory=dict)
@@ -1217,8 +1219,9 @@ class DSSSigningService(PayloadGate, Generic[E]):
         """R from openings with checked proofs into ``nonces``; True while more are needed
         (or the session was dropped)."""
         candidates = [j for j in sorted(sess.proofs) if j in sess.active and j not in sess.bad]
-        if len(candidates) < 2 * self.t + 1:
+        if len(candidates) < 2 * self.t + 1 or frozenset(candidates) == sess.proofs_tried:
             return True
+        sess.proofs_tried = frozenset(candidates)
         for k in range(sess.count):
             batch = {j: sess.proofs[j][k] for j in candidates}
             try:
