@@ -580,3 +580,26 @@ def test_a_coordinator_telling_members_different_sets_is_caught_by_the_echo() ->
     for j in (2, 3, 4):
         assert any(a.kind == AlertKind.EQUIVOCATION and a.server == 1 for a in net.services[j].alerts), j
         assert not net.services[j]._held.get(1)  # nobody opened, nobody holds anything for it
+
+
+def test_qual_keeping_one_of_two_cancelling_dealers_is_checked_again_and_named() -> None:
+    """Shares checked by their sum over all dealers: two dealers' errors can cancel. If QUAL1
+    then keeps one of them only, the member checks that subset again, names the culprit and
+    leaves the session rather than use a wrong share."""
+    net = Net(4, 1, seed=3)
+    svc = net.services[4]
+    group = net.group
+    sess: Any = dss_signing._Session(1, 1, (1, 2, 3, 4), 2, svc._sids(1, 1, 2))
+    for d in (1, 2, 3):
+        dealt = [dss.deal_nonce(group, sid, d, 4, 1, svc._scalar) for sid in sess.sids]
+        sess.r1.deals[d] = (bytes(32), [dealing for dealing, _ in dealt])
+        sess.r1.shares[d] = [(tuple(shares[4]), b"") for _, shares in dealt]
+    q = group.order
+    v1, v2 = sess.r1.shares[1][0][0], sess.r1.shares[2][0][0]
+    sess.r1.shares[1][0] = (((v1[0] + 5) % q, *v1[1:]), b"")
+    sess.r1.shares[2][0] = (((v2[0] - 5) % q, *v2[1:]), b"")
+    sess.r1.summed = frozenset({1, 2, 3})
+    assert svc._qual_sums_hold(sess, [1, 2, 3])  # both kept: our summed share is right
+    assert svc._qual_sums_hold(sess, [3, 4])  # both left out: right too
+    assert not svc._qual_sums_hold(sess, [1, 3, 4])  # one kept without the other: caught
+    assert [(a.kind, a.server) for a in svc.alerts] == [(AlertKind.BAD_SHARE, 1)]

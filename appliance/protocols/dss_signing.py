@@ -949,7 +949,8 @@ class DSSSigningService(PayloadGate, Generic[E]):
         rnd = sess.r1
         if not rnd.arrived:
             return
-        if not final and not all(j in rnd.arrived or j in rnd.verified for j in sess.parts):
+        settled = set(rnd.arrived) | set(rnd.verified) | {c[0] for c in rnd.complaints}
+        if not final and not all(j in settled for j in sess.parts):
             return
         pending, rnd.arrived = rnd.arrived, {}
         if len(pending) > 1:
@@ -1096,13 +1097,15 @@ class DSSSigningService(PayloadGate, Generic[E]):
         values = {d: [v for v, _sig in rnd.shares[d]] for d in kept}
         if len(kept) > 1 and dss.batch_check_nonce_share_sums(self.group, dealings, self.me, values):
             return True
+        ok = True
         for d in kept:
             bad = dss.batch_check_nonce_shares(self.group, dealings[d], self.me, values[d])
             if bad:
+                ok = False
                 self._alert(
                     AlertKind.BAD_SHARE, d, f"presign: its share for us fails its commitments ({bad[0]})"
                 )
-        return False
+        return ok
 
     def _on_echo(self, sess: _Session[E], sender: int, msg: dict[str, Any], now: float) -> None:
         digest = msg.get("digest")
