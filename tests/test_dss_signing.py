@@ -603,3 +603,29 @@ def test_qual_keeping_one_of_two_cancelling_dealers_is_checked_again_and_named()
     assert svc._qual_sums_hold(sess, [3, 4])  # both left out: right too
     assert not svc._qual_sums_hold(sess, [1, 3, 4])  # one kept without the other: caught
     assert [(a.kind, a.server) for a in svc.alerts] == [(AlertKind.BAD_SHARE, 1)]
+
+
+def test_one_signature_per_session_convicts_a_bad_dealer_and_protects_an_honest_one() -> None:
+    """A dealer signs each recipient's shares of a session at once; a complaint carries them all.
+    A bad share convicts the dealer; a complaint about a good share, or with edited evidence,
+    convicts the accuser."""
+    net = Net(4, 1, seed=5)
+    dealer, judge = net.services[2], net.services[1]
+    group = net.group
+    sess: Any = dss_signing._Session(1, 1, (1, 2, 3, 4), 3, judge._sids(1, 1, 3))
+    dealt = [dss.deal_nonce(group, sid, 2, 4, 1, dealer._scalar) for sid in sess.sids]
+    sess.r1.deals[2] = (bytes(32), [dealing for dealing, _ in dealt])
+    sessions = judge._share_sessions(sess, sess.r1.deals[2][1], False)
+    good = [list(shares[4]) for _, shares in dealt]
+    bad = [list(v) for v in good]
+    bad[1][0] = (bad[1][0] + 1) % group.order
+
+    def verdict(values: list[list[int]], k: int, sig: bytes) -> tuple[int, str]:
+        (v,) = judge._judge(4, [[2, k, values, sig]], sess.r1, sess, False)
+        return v.guilty, v.reason
+
+    assert verdict(bad, 1, dealer._sign_shares(sessions, 4, bad))[0] == 2  # the dealer signed it
+    assert verdict(good, 1, dealer._sign_shares(sessions, 4, good))[0] == 4  # a false complaint
+    signed_good = dealer._sign_shares(sessions, 4, good)
+    assert verdict(bad, 1, signed_good)[0] == 4  # evidence edited: not the dealer's signature
+    assert dealer._sign_shares(sessions, 2, good) == b""  # no signature on its own shares

@@ -175,17 +175,23 @@ def _digest_map(obj: Any, what: str, sender: int, n: int) -> dict[int, bytes]:
     return dict(obj)
 
 
+SHARE_BATCH_DST = "pst/dss/share-batch/v1"
+
+
 def _check_complaint(item: Any, accuser: int) -> None:
-    """[dealer, index, values, dealer's signature]: the shape, before anything is judged."""
+    """[dealer, index, the session's values, dealer's signature]: the shape, before anything is
+    judged (the dealer signs each recipient's shares of a session at once: the evidence for one
+    bad share is all of them)."""
     if not (
         isinstance(item, list)
         and len(item) == 4
         and type(item[0]) is int
         and type(item[1]) is int
         and isinstance(item[2], list)
-        and len(item[2]) <= 5
-        and all(type(v) is int for v in item[2])
+        and len(item[2]) <= MAX_BATCH
+        and all(isinstance(vs, list) and len(vs) <= 5 and all(type(v) is int for v in vs) for vs in item[2])
         and isinstance(item[3], bytes)
+        and len(item[3]) <= 128
     ):
         raise RemoteProtocolError(accuser, "malformed complaint")
 
@@ -601,40 +607,58 @@ class DSSSigningService(PayloadGate, Generic[E]):
         verdicts = []
         for item in complaints:
             _check_complaint(item, accuser)
-            d, k, values, sig = item
+            d, k, all_values, sig = item
             held = rnd.deals.get(d)
-            if held is None or not 0 <= k < sess.count:
+            if held is None or not 0 <= k < sess.count or len(all_values) != sess.count:
                 continue  # a dealing we do not hold: we cannot judge it, it is not in our sets
             dealing = held[1][k]
             sid = sess.sids[k]
-            msg = ShareMessage(b"", d, accuser, tuple(values))
-            if w:
-                msg = ShareMessage(dss.w_session(self.group, sid, dealing), d, accuser, tuple(values))
-                verdicts.append(
-                    dss.judge_w_complaint(
-                        self.group,
-                        sid,
-                        dealing,
-                        Complaint(accuser, msg, sig),
-                        self._verify,
-                        signing_context=self.share_context,
-                        period=self.period,
-                    )
+            sessions = self._share_sessions(sess, held[1], w)
+            payloads = self._share_payloads(sessions, d, accuser, all_values)
+            signed = self._batch_payload(payloads)
+
+            def verify(
+                party: int,
+                payload: bytes,
+                signature: bytes,
+                expected: bytes = payloads[k],
+                signed: bytes = signed,
+            ) -> bool:
+                # the dealer's one signature over the recipient's shares of the whole session
+                return payload == expected and self._verify(party, signed, signature)
+
+            msg = ShareMessage(sessions[k], d, accuser, tuple(all_values[k]))
+            judge = dss.judge_w_complaint if w else dss.judge_nonce_complaint
+            verdicts.append(
+                judge(
+                    self.group,
+                    sid,
+                    dealing,
+                    Complaint(accuser, msg, sig),
+                    verify,
+                    signing_context=self.share_context,
+                    period=self.period,
                 )
-            else:
-                msg = ShareMessage(dss.nonce_session(self.group, sid, dealing), d, accuser, tuple(values))
-                verdicts.append(
-                    dss.judge_nonce_complaint(
-                        self.group,
-                        sid,
-                        dealing,
-                        Complaint(accuser, msg, sig),
-                        self._verify,
-                        signing_context=self.share_context,
-                        period=self.period,
-                    )
-                )
+            )
         return verdicts
+
+    def _share_sessions(self, sess: _Session[E], deals: Sequence[Any], w: bool) -> list[bytes]:
+        if w:
+            return [dss.w_session(self.group, sid, dl) for sid, dl in zip(sess.sids, deals, strict=True)]
+        return [dss.nonce_session(self.group, sid, dl) for sid, dl in zip(sess.sids, deals, strict=True)]
+
+    def _share_payloads(
+        self, sessions: Sequence[bytes], d: int, j: int, values: Sequence[Sequence[int]]
+    ) -> list[bytes]:
+        return [
+            ShareMessage(session, d, j, tuple(v)).payload(self.share_context, self.period)
+            for session, v in zip(sessions, values, strict=True)
+        ]
+
+    @staticmethod
+    def _batch_payload(payloads: Sequence[bytes]) -> bytes:
+        """What a dealer signs for one recipient and session: all its share messages at once."""
+        return encoding.encode([SHARE_BATCH_DST, list(payloads)])
 
     def _choose(
         self,
@@ -780,6 +804,7 @@ class DSSSigningService(PayloadGate, Generic[E]):
     def _deal_nonce(self, sess: _Session[E]) -> None:
         dealings = []
         shares: dict[int, list[Any]] = {j: [] for j in sess.parts}
+        sessions = []
         for sid in sess.sids:
             dealing, values = self._nonce_dealing(sid)
             encoded = dealing.encode(self.group)
@@ -787,19 +812,25 @@ class DSSSigningService(PayloadGate, Generic[E]):
             if len(self._own_decoded) > 4 * MAX_BATCH:
                 self._own_decoded.clear()
             self._own_decoded[encoded] = dealing
-            session = dss.nonce_session(self.group, sid, dealing)
+            sessions.append(dss.nonce_session(self.group, sid, dealing))
             for j in sess.parts:
-                shares[j].append([list(values[j]), self._sign_share(session, j, values[j])])
+                shares[j].append(list(values[j]))
         self._send_all(sess.parts, "deal", {"c": sess.c, "s": sess.s, "dealings": dealings})
         for j in sess.parts:
-            self._send(j, "shares", {"c": sess.c, "s": sess.s, "shares": shares[j]})
+            body = {
+                "c": sess.c,
+                "s": sess.s,
+                "shares": shares[j],
+                "sig": self._sign_shares(sessions, j, shares[j]),
+            }
+            self._send(j, "shares", body)
 
-    def _sign_share(self, session: bytes, j: int, values: Sequence[int]) -> bytes:
-        """The dealer's signature on j's share (complaint evidence); none on our own share."""
+    def _sign_shares(self, sessions: Sequence[bytes], j: int, values: Sequence[Sequence[int]]) -> bytes:
+        """The dealer's one signature on j's shares of the session (complaint evidence); none on
+        our own."""
         if j == self.me:
             return b""
-        msg = ShareMessage(session, self.me, j, tuple(values))
-        return self.signer.sign(msg.payload(self.share_context, self.period))
+        return self.signer.sign(self._batch_payload(self._share_payloads(sessions, self.me, j, values)))
 
     def _on_session_msg(self, sender: int, kind: str, body: Any, raw: bytes, now: float) -> None:
         if kind in ("qual", "final", "abort"):
@@ -905,18 +936,14 @@ class DSSSigningService(PayloadGate, Generic[E]):
         width = 2 if w else 5
         if not isinstance(items, list) or len(items) != sess.count:
             raise RemoteProtocolError(sender, "presign shares: wrong count")
+        sig = msg.get("sig")
+        if not isinstance(sig, bytes) or len(sig) > 128:
+            raise RemoteProtocolError(sender, "presign shares: malformed signature")
         parsed: list[tuple[tuple[int, ...], bytes]] = []
         for item in items:
-            if not (
-                isinstance(item, list)
-                and len(item) == 2
-                and isinstance(item[0], list)
-                and len(item[0]) == width
-                and all(type(v) is int for v in item[0])
-                and isinstance(item[1], bytes)
-            ):
+            if not (isinstance(item, list) and len(item) == width and all(type(v) is int for v in item)):
                 raise RemoteProtocolError(sender, "presign shares: malformed share")
-            parsed.append((tuple(item[0]), item[1]))
+            parsed.append((tuple(item), sig))  # (one signature for the session's shares)
         rnd.shares[sender] = parsed
         self._check_shares(sess, sender, w)
 
@@ -981,18 +1008,13 @@ class DSSSigningService(PayloadGate, Generic[E]):
             rnd.verified[d] = digest
             return
         k = bad[0]
-        share, sig = rnd.shares[d][k]
-        sid = sess.sids[k]
-        if w:
-            session = dss.w_session(self.group, sid, deals[k])
-        else:
-            session = dss.nonce_session(self.group, sid, deals[k])
-        msg = ShareMessage(session, d, self.me, share)
-        if not self._verify(d, msg.payload(self.share_context, self.period), sig):
+        sig = rnd.shares[d][k][1]
+        payloads = self._share_payloads(self._share_sessions(sess, deals, w), d, self.me, values)
+        if not self._verify(d, self._batch_payload(payloads), sig):
             # unsigned: no evidence to complain with; the dealer stays out of our set
             self.rejected.append(RemoteProtocolError(d, "presign share not signed by its dealer"))
             return
-        rnd.complaints.append([d, k, list(share), sig])
+        rnd.complaints.append([d, k, [list(v) for v in values], sig])
         self._alert(AlertKind.BAD_SHARE, d, f"presign: its share for us fails its commitments ({k})")
 
     def _participant_tick(self, now: float) -> None:
@@ -1253,17 +1275,24 @@ class DSSSigningService(PayloadGate, Generic[E]):
         targets = [j for j in sess.active if j not in sess.bad]
         dealings = []
         shares: dict[int, list[Any]] = {j: [] for j in targets}
+        sessions = []
         for k, sid in enumerate(sess.sids):
             wd, values = self._w_dealing(sess, k)
             encoded = wd.encode(self.group)
             dealings.append(encoded)
             self._own_decoded[encoded] = wd
-            session = dss.w_session(self.group, sid, wd)
+            sessions.append(dss.w_session(self.group, sid, wd))
             for j in targets:
-                shares[j].append([list(values[j]), self._sign_share(session, j, values[j])])
+                shares[j].append(list(values[j]))
         self._send_all(targets, "wdeal", {"c": sess.c, "s": sess.s, "dealings": dealings})
         for j in targets:
-            self._send(j, "wshares", {"c": sess.c, "s": sess.s, "shares": shares[j]})
+            body = {
+                "c": sess.c,
+                "s": sess.s,
+                "shares": shares[j],
+                "sig": self._sign_shares(sessions, j, shares[j]),
+            }
+            self._send(j, "wshares", body)
 
     def _on_final(self, sess: _Session[E], msg: dict[str, Any], now: float) -> None:
         if sess.stage != "w":
