@@ -15,8 +15,9 @@ participants: itself and every server it does not currently avoid (at least 2t+1
 1. ``open`` (c -> participants). Every participant deals: a public ``deal`` (the
    :class:`~appliance.crypto.dss.NonceDealing` s, one per presignature, to every participant)
    and private ``shares`` (to each participant its shares, each a
-   :class:`~appliance.crypto.vss.ShareMessage` signed with the dealer's period key, so that a
-   bad one convicts the dealer before anyone). The channels are the encrypted period links.
+   :class:`~appliance.crypto.vss.ShareMessage`, all of them under one signature with the
+   dealer's period key, so that a bad one convicts the dealer before anyone; a complaint
+   carries the session's shares). The channels are the encrypted period links.
 2. ``report`` (participant -> c): the digest of every dealing whose shares all check, and a
    complaint (the dealer's signed message) for every share that does not.
 3. ``qual`` (c -> active): c judges the complaints (anyone can: dealer or accuser is guilty),
@@ -44,8 +45,8 @@ participants: itself and every server it does not currently avoid (at least 2t+1
 Share checks (steps 1 and 5) are batched: a dealer's shares of a whole session in one random
 linear combination (weights from ``secrets``, drawn after the shares arrived), and in the
 nonce round the sums over all dealers at once, each dealer alone only when that fails (see
-:meth:`DSSSigningService._check_shares`). A dealer's signatures on its shares are checked only
-on a share we complain about (the evidence); a dealer signs no share for itself.
+:meth:`DSSSigningService._check_shares`). A dealer's signature on a recipient's shares of
+the session is checked only when we complain (the evidence); it signs none for itself.
 6. ``final`` (c -> holders): the holders H (at least t+1 members holding the same digests of
    at least 2t+1 valid w dealings) and the reduction set S (the 2t+1 smallest of them); each
    holder checks it as in 3 and stores its presignatures (reserved for c).
