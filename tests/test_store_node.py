@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import nacl.public
+import pytest
 import trio
 from nacl.signing import SigningKey
 
@@ -27,6 +28,24 @@ from appliance.protocols._core import Alert
 
 N, T = 4, 1
 ALICE = Client("vault", b"alice")
+SCERT = SigningKey(b"\x09" * 32)  # stands for the group key: it signs the KeyTable
+
+
+def quorum(app: str, digest: bytes, voters: tuple[int, ...] = (1, 2, 3)) -> model.Quorum:
+    """The approvals certificate of period 0 (the servers' period keys, their signed KeyTable)."""
+    from appliance.protocols import approvals
+    from appliance.protocols.state import KeyEntry, KeyTable
+
+    entries = {i: KeyEntry(k, bytes(32), bytes(64)) for i, k in key_table(0).items()}
+    table = KeyTable(0, entries, {}, frozenset())
+    table = table.signed(bytes(SCERT.sign(table.payload()).signature))
+    ticket = approvals.ticket(b"v" * 32, 0, digest)
+    rid = approvals.request_id(digest, ticket)
+    votes = {
+        j: bytes(SigningKey(period_seed(0, j)).sign(approvals.vote_payload(0, j, rid)).signature)
+        for j in voters
+    }
+    return model.Quorum.from_obj(approvals.store_certificate(app, table, digest, ticket, votes))
 
 
 def period_seed(period: int, server: int) -> bytes:
@@ -52,7 +71,14 @@ class Net:
             self.nodes[i] = self.make(root, i)
 
     def key_info(self) -> dict[str, Any]:
-        return {"group": G.name, "n": N, "t": T, "period": 0, "commitment": self.public.commitment.encode(G)}
+        return {
+            "group": G.name,
+            "n": N,
+            "t": T,
+            "period": 0,
+            "commitment": self.public.commitment.encode(G),
+            "vcert": bytes(SCERT.verify_key),
+        }
 
     def make(self, root: Path, i: int) -> StoreNode:
         def send(to: int, data: bytes, frm: int = i) -> None:
@@ -92,7 +118,7 @@ class Net:
             await nursery.start(node.run)
         for i, node in self.nodes.items():
             ident = channel_identity(i, 0, period_seed(0, i))
-            await node.sequence.identity(0, key_table(0), ident)
+            await node.identity(0, key_table(0), ident)
         for node in self.nodes.values():
             await node.ready()
 
@@ -153,6 +179,49 @@ async def test_four_nodes_order_writes_read_secrets_refuse_with_alerts_and_relea
             await nursery.start(again.run)
             service = await again.ready()
             assert service.applied >= 4 and service.state.get("vault", "will").value == b"later"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_random_joint_secret_from_the_servers_contributions(tmp_path: Path) -> None:
+    """Server 1 gathers the servers' sealed contributions (each signed by its channel key); a
+    quorum's certificate lets it be ordered; every server checks the proofs alike; a quorum
+    reads it through server 3 and opens the HKDF of the contributions; a client alone cannot."""
+    net = Net(tmp_path)
+    key = StoreKey.from_result(net.key_info())
+    reader = nacl.public.PrivateKey(b"\x08" * 32)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(60):
+            await net.start(nursery)
+            request = model.WriteRequest.decode(await net.nodes[1].store_contribute("vault", "dice"))
+            assert len(request.sealed) >= T + 1 and set(request.proofs) == set(request.sealed)
+            with pytest.raises(model.Refused, match="only by a quorum") as alone:
+                await net.nodes[1].write(request, ALICE)
+            assert alone.value.code == model.NOT_PERMITTED
+            (refused_write,) = net.alerts[1]  # at the origin, naming the client; nothing ordered
+            assert (
+                refused_write.kind.value == "store-write-refused"
+                and "vault/616c696365" in refused_write.detail
+            )
+            q = quorum("vault", request.digest())
+            record = await net.nodes[1].write(request, Client("vault", b""), q)
+            assert record.dtype == DataType.JOINT_SECRET and record.owner == b""
+            await net.until_applied(1)
+            assert len({n.status()["digest"] for n in net.nodes.values()}) == 1
+            read = ReadRequest("vault", "dice", 1, bytes(reader.public_key))
+            record, answers = await net.nodes[3].read_secret(
+                read, Client("vault", b""), quorum("vault", read.digest())
+            )
+            opened = {}
+            for part in sorted(record.sealed):
+                sealed, data_key = combine_answers(key, record, answers_to_obj(answers), reader, part)
+                opened[part] = tdh2.open_sealed(sealed, data_key)
+            assert len(set(opened.values())) == len(opened)  # each server its own random value
+            # a short quorum: refused at every server, each raising an alert naming the quorum
+            _record, refused = await net.nodes[3].read_secret(
+                read, Client("vault", b""), quorum("vault", read.digest(), (1, 2))
+            )
+            assert {a.code for a in refused.values()} == {model.NOT_PERMITTED}
+            assert all(any("a quorum of vault" in a.detail for a in net.alerts[i]) for i in (1, 2, 3, 4))
         nursery.cancel_scope.cancel()
 
 

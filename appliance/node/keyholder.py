@@ -71,7 +71,7 @@ from appliance.node.store import StateDir
 from appliance.protocols._core import AlertKind
 from appliance.protocols.refresh import current_table
 from appliance.protocols.signing import SigningRefused
-from appliance.protocols.state import CA_SECRET, LOG_SECRET, SCERT, TSA_SECRET
+from appliance.protocols.state import APP_KEY_SECRETS, CA_SECRET, LOG_SECRET, SCERT, TSA_SECRET
 
 log = logging.getLogger("pst.keyholder")
 
@@ -178,6 +178,7 @@ class _Child:
             from appliance.apps.tsa.threshold import NoTimestamps
 
             self.server.add_payload_check(TSA_SECRET, NoTimestamps())
+        self._guard_app_keys(config)
         ca_methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
         if CA_SECRET in config.constants.secrets:
             from appliance.node.ca import CaAuthority
@@ -200,6 +201,8 @@ class _Child:
             "sign_checkpoint": self._sign_checkpoint,
             "sign_dss": self._sign_dss,
             "dss_public_key": self._dss_public_key,
+            "sign_app_dss": self._sign_app_dss,
+            "app_dss_public_key": self._app_dss_public_key,
             "log_key": self._log_key,
             "store_key": self._store_key,
             "store_share": self._store_share,
@@ -317,6 +320,36 @@ class _Child:
             raise TypeError("sign_dss: 'secret' must be a string and 'message' bytes")
         return await self.server.sign_dss(secret, message, timeout=self._timeout(args, 10.0))
 
+    async def _sign_app_dss(self, args: dict[str, Any]) -> bytes:
+        group, app, uid, key, message = (args.get(k) for k in ("group", "app", "uid", "key", "message"))
+        if not (
+            isinstance(group, str)
+            and isinstance(app, str)
+            and isinstance(uid, bytes)
+            and isinstance(key, str)
+            and isinstance(message, bytes)
+        ):
+            raise TypeError("sign_app_dss: 'group', 'app', 'key' must be strings, 'uid' and 'message' bytes")
+        return await self.server.sign_app_dss(
+            group, app, uid, key, message, timeout=self._timeout(args, 10.0)
+        )
+
+    async def _app_dss_public_key(self, args: dict[str, Any]) -> bytes | None:
+        group, app, key = args.get("group"), args.get("app"), args.get("key")
+        if not (isinstance(group, str) and isinstance(app, str) and isinstance(key, str)):
+            raise TypeError("app_dss_public_key: 'group', 'app' and 'key' must be strings")
+        return self.server.app_dss_public_key(group, app, key)
+
+    def _guard_app_keys(self, config: NodeConfig) -> None:
+        """The application keys' secrets of C sign only requests for a key the store holds and
+        the named client owns (appliance.apps.dsskeys); the store node writes the registry."""
+        from appliance.apps.dsskeys.model import KEY_REGISTRY, AppKeyCheck, RegistryFile
+
+        registry = RegistryFile(StateDir(config.state_dir).serve_dir / "store" / KEY_REGISTRY)
+        for group, secret in APP_KEY_SECRETS.items():
+            if config.constants.secrets.get(secret) == group:
+                self.server.add_payload_check(secret, AppKeyCheck(group, registry.lookup))
+
     async def _dss_public_key(self, args: dict[str, Any]) -> bytes | None:
         secret = args.get("secret")
         if not isinstance(secret, str):
@@ -403,12 +436,17 @@ class _Child:
         """The store key's group, threshold and public sharing (its Feldman commitment; the
         constant term is the public key the clients seal to), and the period."""
         group, sharing, period = self._store_sharing()
+        core = self.server.core
+        m = core.public.m if core is not None else None
         return {
             "group": group.name,
             "n": sharing.n,
             "t": sharing.t,
             "period": period,
             "commitment": sharing.commitment.encode(group),
+            # the group public key, which signs every KeyTable: a quorum's certificate is
+            # checked against it (appliance.apps.store.model.check_quorum)
+            "vcert": m.vcert if m is not None else b"",
         }
 
     async def _store_share(self, args: dict[str, Any]) -> dict[str, Any]:

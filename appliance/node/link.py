@@ -353,6 +353,24 @@ class KeyHolderLink:
         value = await self.call("dss_public_key", timeout, secret=secret)
         return value if isinstance(value, bytes) else None
 
+    async def sign_app_dss(
+        self, group: str, app: str, uid: bytes, key: str, message: bytes, *, timeout: float = 10.0
+    ) -> bytes:
+        """A signature by an application's DSS key (key-holder's sign_app_dss; apps/dsskeys)."""
+        value = await self.call(
+            "sign_app_dss", timeout, group=group, app=app, uid=uid, key=key, message=message
+        )
+        if not isinstance(value, bytes):
+            raise SigningRefused("the key-holder returned no DSS signature")
+        return value
+
+    async def app_dss_public_key(
+        self, group: str, app: str, key: str, *, timeout: float = 5.0
+    ) -> bytes | None:
+        """The PEM public key of an application's DSS key (None: no such base secret in C)."""
+        value = await self.call("app_dss_public_key", timeout, group=group, app=app, key=key)
+        return value if isinstance(value, bytes) else None
+
     async def store_key(self, *, timeout: float = 5.0) -> dict[str, Any]:
         """The store key's group, threshold, period and public sharing (key-holder's store_key)."""
         value = await self.call("store_key", timeout)

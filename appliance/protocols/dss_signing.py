@@ -73,7 +73,9 @@ Payload checks as in :mod:`~appliance.protocols.signing`, with its two optional 
 check learns which server asked (``check_from``: a timestamp's serial must be that server's),
 and what is signed may be a form the check computes from the payload (``signed_bytes``: a
 TSTInfo is checked, its CMS signed attributes signed); the coordinator combines the shares over
-that same form. The lock binds the payload itself.
+that same form. The lock binds the payload itself. A third hook picks the key: ``key_tweak(message,
+group, public_key) -> d`` signs under the secret's key plus d (an application's key,
+:mod:`appliance.crypto.appkeys`; every signer computes d itself from the payload).
 
 When the stock runs dry a request waits (presigning goes on in the background) until
 ``REQUEST_TIMEOUT`` after it was made, then fails with a clear error saying so. A request that
@@ -93,7 +95,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from appliance.crypto import dss, encoding
+from appliance.crypto import appkeys, dss, encoding
 from appliance.crypto.errors import CheatingError, CryptoError, DecodeError, NotEnoughSharesError
 from appliance.crypto.groups import Group
 from appliance.crypto.keyshare import KeyShare
@@ -299,6 +301,8 @@ class _Request(Generic[E]):
     own_shares: int = 0
     #: What is signed: the message, or the form its check makes of it (``signed_bytes``).
     to_sign: bytes = b""
+    #: The public tweak of the key it is signed with (0: the secret's own key; crypto/appkeys.py).
+    tweak: int = 0
     #: It waited for a presignature: our check runs again before anything is sent.
     waited: bool = False
 
@@ -762,8 +766,27 @@ class DSSSigningService(PayloadGate, Generic[E]):
     def _opening(self, sess: _Session[E], k: int) -> dss.ProductOpening:
         return dss.open_product(self.group, sess.publics[k], sess.states[k], self._scalar)
 
-    def _signature_share(self, presig: dss.Presignature[E], message: bytes) -> dss.SignatureShare:
+    def _signature_share(
+        self, presig: dss.Presignature[E], message: bytes, tweak: int = 0
+    ) -> dss.SignatureShare:
+        if tweak:
+            return appkeys.sign_share(self.group, presig, message, self.key.public, tweak)
         return dss.sign_share(self.group, presig, message, self.key.public)
+
+    def key_tweak(self, message: bytes) -> int:
+        """The public tweak of the key ``message`` is signed with: 0 (this secret's own key) unless
+        the check that claims it names a per-application key (its ``key_tweak`` hook, given the
+        group and this secret's public key: crypto/appkeys.py). Raises ValueError if it cannot."""
+        make = getattr(self.check_for(message), "key_tweak", None)
+        if make is None:
+            return 0
+        try:
+            d = make(message, self.group, self.key.public_key)
+        except Exception as exc:
+            raise ValueError(f"cannot name the key: {type(exc).__name__}: {exc}") from None
+        if type(d) is not int or not 0 <= d < self.group.order:
+            raise ValueError("the check's key tweak is not a scalar")
+        return d
 
     def _on_open(self, sender: int, body: Any, now: float) -> None:
         f = encoding.expect_map(body, {"s": int, "parts": list, "count": int}, "presign open")
@@ -1359,11 +1382,12 @@ class DSSSigningService(PayloadGate, Generic[E]):
         check = self._own_check(message)
         try:
             to_sign = signed_form(check, message)
+            tweak = self.key_tweak(message)
         except ValueError as exc:
             raise SigningRefused(f"{self.service}: {exc}") from None
         rid = self._next_rid
         self._next_rid += 1
-        self._requests[rid] = _Request(rid, message, now, to_sign=to_sign)
+        self._requests[rid] = _Request(rid, message, now, to_sign=to_sign, tweak=tweak)
         self._attempt(self._requests[rid], now)
         self._pump(now)
         return rid
@@ -1536,14 +1560,20 @@ class DSSSigningService(PayloadGate, Generic[E]):
         assert req.stock is not None
         public = req.stock.public
         try:
-            sig = dss.combine(self.group, public, req.to_sign, list(req.shares.values()))
+            if req.tweak:
+                sig = appkeys.combine(self.group, public, req.to_sign, list(req.shares.values()), req.tweak)
+            else:
+                sig = dss.combine(self.group, public, req.to_sign, list(req.shares.values()))
         except (NotEnoughSharesError, dss.DSSRetryError, CryptoError):
             sig = None
         bad: dict[int, str] = {}
         if sig is None or sig.cheaters:
             for j, share in req.shares.items():
                 try:
-                    dss.verify_signature_share(self.group, public, req.to_sign, share)
+                    if req.tweak:
+                        appkeys.verify_signature_share(self.group, public, req.to_sign, share, req.tweak)
+                    else:
+                        dss.verify_signature_share(self.group, public, req.to_sign, share)
                 except CheatingError as exc:
                     bad[j] = exc.reason
         for j, reason in sorted(bad.items()):
@@ -1642,10 +1672,11 @@ class DSSSigningService(PayloadGate, Generic[E]):
         # The coordinator's own share: its check ran when the request was made (and again on
         # every retry), as for FROST; a check that records what it signed must not run twice.
         refusal = None if sender == self.me else self._refusal(sender, message)
-        to_sign = message
+        to_sign, tweak = message, 0
         if refusal is None:
             try:
                 to_sign = signed_form(self.check_for(message), message)
+                tweak = self.key_tweak(message)
             except ValueError as exc:
                 refusal = str(exc)[:MAX_REASON]
         if refusal is not None:
@@ -1654,7 +1685,10 @@ class DSSSigningService(PayloadGate, Generic[E]):
             return
         self._held[sender].pop(f["sid"])
         try:
-            share = self._signature_share(held.presig, to_sign)
+            if tweak:
+                share = self._signature_share(held.presig, to_sign, tweak)
+            else:
+                share = self._signature_share(held.presig, to_sign)
         except dss.StalePresignatureError as exc:
             raise RemoteProtocolError(sender, str(exc)) from None
         self._send(sender, "share", {**answer, "share": share.encode(self.group)})

@@ -118,6 +118,8 @@ class PayloadCheck(Protocol):
 # * ``signed_bytes(message) -> bytes``: what is signed for a payload it accepted, computed by
 #   each signer itself from the payload (a TSTInfo is checked, its CMS signed attributes are
 #   signed); :func:`signed_form`.
+# * ``key_tweak(message, group, public_key) -> int`` (DSS only): the payload is signed by an
+#   application's key, the secret's key plus this public tweak (appliance.apps.dsskeys).
 
 
 class NotYet(str):
