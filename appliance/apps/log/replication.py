@@ -114,6 +114,8 @@ MAX_SLOT_BATCHES = 64
 MAX_PENDING_PER_ORIGIN = 64
 #: The bytes of a batch's entries (a batch travels in one frame of at most 4 MiB).
 MAX_BATCH_BYTES = 1 << 20
+#: Resend intervals after which a catch-up that has no t+1 matching reports is begun again.
+CATCH_UP_RESTART = 6
 #: Decided slots sent in one answer to ``sync``.
 SYNC_CHUNK = 8
 #: Decided slots kept to answer ``sync`` and ``fetch`` (a server further behind catches up
@@ -338,6 +340,8 @@ class _CatchUp:
 
     slot: int
     asked_at: float
+    #: When this catch-up began (one that gets no t+1 matching reports is begun again).
+    started: float = 0.0
     reports: dict[tuple[int, tuple[tuple[int, int], ...], int, bytes], set[int]] = field(default_factory=dict)
     target: tuple[int, tuple[tuple[int, int], ...], int, bytes] | None = None
     backers: list[int] = field(default_factory=list)
@@ -989,6 +993,11 @@ class Replica:
                 raise RemoteProtocolError(
                     sender, f"log replication: slot {f['slot']}: not a commit QC of its value"
                 )
+            committee = Committee(self.n, self.t, keys)
+            if sum(1 for i in qc.sigs if keys.get(i) is not None) < committee.quorum:
+                # We lack the vote keys of too many of its signers to check it: not the sender's
+                # fault (we catch up from the state t+1 servers report, or once we learn them).
+                return
             try:
                 Committee(self.n, self.t, keys).verify_qc(self._instance(self.slot_period, self.slot), qc)
             except BadCertificate as exc:
@@ -1006,11 +1015,20 @@ class Replica:
         of them is honest), fetch the entries up to it, check them against that state's root,
         and carry on from there."""
         c = self._catchup
+        if c is not None and (
+            self.slot > c.slot or (c.target is None and now - c.started >= CATCH_UP_RESTART * self.resend)
+        ):
+            # Overtaken: we applied that slot ourselves (decisions we could check came in the
+            # meantime), so its state is behind us. Or no t+1 servers reported one state of it
+            # (they no longer keep it, or the reports were lost): begin again from where the
+            # others are now. A catch-up kept past either point never ended and blocked every
+            # later one (the store's sequence stayed behind for good, docs/store.md).
+            self._catchup = c = None
         if c is None:
             ahead = sorted((s for s in self._peer_slots.values() if s > self.slot), reverse=True)
             if len(ahead) <= self.t or now - self._progress_at < 3 * self.resend:
                 return
-            self._catchup = c = _CatchUp(slot=ahead[self.t] - 1, asked_at=now)
+            self._catchup = c = _CatchUp(slot=ahead[self.t] - 1, asked_at=now, started=now)
             self._broadcast_state_request(c)
             return
         if c.target is None:
@@ -1061,11 +1079,17 @@ class Replica:
         backers = c.reports[key]
         if len(backers) >= self.t + 1:
             if f["size"] < self.log.size:
-                return  # we hold more than that already: nothing to fetch
+                return  # we hold more than that already: nothing to fetch (begun again later)
             c.target = key
             c.backers = sorted(backers)
             c.source = c.backers[0]
-            self._ask_entries(c, self._now)
+            if f["size"] == self.log.size:
+                # The slots we missed added no entries (a committee moving to a new period, the
+                # store's sequence when idle): nothing to fetch, only the state to take. Asking
+                # for an empty range of entries got no answer, ever.
+                self._finish_catch_up(c, None)
+            else:
+                self._ask_entries(c, self._now)
 
     def _next_source(self, c: _CatchUp, bad: int) -> int:
         others = [i for i in range(1, self.n + 1) if i != self.me and i != bad]
@@ -1104,12 +1128,27 @@ class Replica:
             raise DecodeError("entries: a list of entries")
         if start != self.log.size + len(c.entries) or not entries:
             return
-        period, seqs, size, root = c.target
+        _period, _seqs, size, _root = c.target
         c.entries.extend(entries[: size - start])
         if self.log.size + len(c.entries) < size:
             self._ask_entries(c, self._now)
             return
+        self._finish_catch_up(c, sender)
+
+    def _finish_catch_up(self, c: _CatchUp, sender: int | None) -> None:
+        """Take the state t+1 servers reported, with the entries ``sender`` sent (None: there
+        were none to fetch), if they give its root."""
+        assert c.target is not None
+        period, seqs, size, root = c.target
+        if self.slot > c.slot:
+            self._catchup = None  # overtaken meanwhile: taking it would move us back
+            return
         if self.log.root_after(c.entries) != root:
+            if sender is None:
+                # Our own tree is not a prefix of the log: no source will do (its audit says
+                # so); this catch-up is begun again later.
+                self._catchup = None
+                return
             # t+1 servers vouched for the root: the entries were wrong (or our own tree is not
             # a prefix of the log; then no source will do, and we say so each round).
             self.rejected.append(
