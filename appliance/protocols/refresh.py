@@ -1589,10 +1589,13 @@ class PeriodRefresh(DealingStage):
                 # On the author's own connection, an announcement the author's TPM did not sign:
                 # someone else speaks for it (an impostor: a thief of its period or transport
                 # keys). Discarded; named once the KeyTable is decided, when our previous
-                # KeyTable is surely the network's (a stale one makes a genuine one look unbound).
+                # KeyTable is surely the network's (a stale one makes a genuine one look unbound),
+                # or at once if it is decided already (the impostor spoke late).
                 unbound = self._unbound.setdefault(sender, [])
                 if body not in unbound and len(unbound) < 4:
                     unbound.append(body)
+                if self.kt is not None:
+                    self._name_impostors()
                 self._push_again(sender, now)
                 return
             raise
