@@ -260,16 +260,13 @@ class StoreService(Generic[E]):
         except tdh2.InvalidCiphertext:
             raise Refused(model.BAD_REQUEST, f"{where}: the key does not open the sealed value") from None
         released = dataclasses.replace(record, value=value)
-        self.state.records[(op.app, op.data_id)] = released
+        self.state.put(released)
         return released
 
     def due_releases(self, now: float) -> list[Record]:
         """StoreUntil items whose date ``now`` has passed and that are not released yet."""
-        return [
-            r
-            for r in self.state.records.values()
-            if r.dtype == model.DataType.STORE_UNTIL and not r.value and r.until_ms <= now * 1000
-        ]
+        records = (self.state.records[key] for key in sorted(self.state.unreleased))
+        return [r for r in records if r.until_ms <= now * 1000]
 
     def authorize(
         self, request: ReadRequest, requester: Client, clock: Callable[[], float]
@@ -294,9 +291,13 @@ class StoreService(Generic[E]):
         return encoding.encode({"v": FORMAT_VERSION, "applied": self.applied, "state": self.state.encode()})
 
     def digest(self) -> bytes:
-        """SHA-256 of the state and the number of operations applied: equal at every server
-        that applied the same prefix of the agreed sequence."""
-        return hashlib.sha256(self.encode()).digest()
+        """SHA-256 of the state's digest and the number of operations applied: equal at every
+        server that applied the same prefix of the agreed sequence. The state's part is
+        :meth:`~.model.StoreState.tree_digest` (a hash tree over the records), so that this
+        costs O(records changed since the last call), not O(stored bytes)."""
+        return hashlib.sha256(
+            encoding.encode({"v": FORMAT_VERSION, "applied": self.applied, "state": self.state.tree_digest()})
+        ).digest()
 
     @classmethod
     def decode(
