@@ -730,11 +730,7 @@ class StoreState(Generic[E]):
     # Encoding ---------------------------------------------------------------------------------
 
     def to_obj(self) -> dict[str, Any]:
-        return {
-            "v": FORMAT_VERSION,
-            "g": self.group.name,
-            "records": [self.records[k].to_obj() for k in sorted(self.records)],
-        }
+        return state_obj(self.group.name, self.records)
 
     def encode(self) -> bytes:
         return encoding.encode(self.to_obj())
@@ -782,6 +778,12 @@ class StoreState(Generic[E]):
         if list(state.records) != sorted(state.records):
             raise DecodeError(f"{what}: records out of order")
         return state
+
+
+def state_obj(group: str, records: Mapping[tuple[str, str], Record]) -> dict[str, Any]:
+    """The canonical form of a state of ``records`` on ``group`` (:meth:`StoreState.to_obj`;
+    also for a copy of the records, encoded while the state goes on changing)."""
+    return {"v": FORMAT_VERSION, "g": group, "records": [records[k].to_obj() for k in sorted(records)]}
 
 
 # The client's side --------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ MAX_OPERATION: Final = 0xFFFF
 #: The network's quotas: a value and its sealed form fit in one operation.
 NETWORK_QUOTAS: Final = Quotas(max_value_size=16 * 1024)
 #: Outcomes of recent operations kept for the servers' API callers waiting on them.
-MAX_OUTCOMES: Final = 4096
+MAX_OUTCOMES: Final = 65536
 RID_SIZE: Final = 16
 MAX_ANSWER_PARTS: Final = model.MAX_PARTS
 #: Codes whose refusal at a server is an alert there (the request broke a rule, it did not lag).
@@ -288,7 +288,7 @@ class StoreService(Generic[E]):
     # Persistence -----------------------------------------------------------------------------
 
     def encode(self) -> bytes:
-        return encoding.encode({"v": FORMAT_VERSION, "applied": self.applied, "state": self.state.encode()})
+        return encode_snapshot(self.group.name, self.state.records, self.applied)
 
     def digest(self) -> bytes:
         """SHA-256 of the state's digest and the number of operations applied: equal at every
@@ -315,6 +315,12 @@ class StoreService(Generic[E]):
         service.state = StoreState.decode(group, public_key, t, f["state"], quotas)
         service.applied = f["applied"]
         return service
+
+
+def encode_snapshot(group: str, records: Mapping[tuple[str, str], Record], applied: int) -> bytes:
+    """:meth:`StoreService.encode` of a state of ``records`` after ``applied`` operations."""
+    state = encoding.encode(model.state_obj(group, records))
+    return encoding.encode({"v": FORMAT_VERSION, "applied": applied, "state": state})
 
 
 # The read protocol's messages ---------------------------------------------------------------------
