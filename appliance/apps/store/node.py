@@ -536,6 +536,32 @@ class StoreNode:
         record = await self.write(write, Client(app, unique_id))
         return {"data_id": record.data_id, "type": record.dtype.value, "version": record.version}
 
+    async def store_write_many(
+        self, requests: list[bytes], app: str, unique_id: bytes
+    ) -> list[Mapping[str, Any]]:
+        decoded: list[WriteRequest] = []
+        results: list[Mapping[str, Any] | None] = []
+        for raw in requests:
+            try:
+                decoded.append(WriteRequest.decode(raw))
+                results.append(None)
+            except DecodeError as exc:
+                results.append({"code": model.BAD_REQUEST, "message": str(exc)[:1000]})
+        outcomes = iter(await self.write_many(decoded, Client(app, unique_id)))
+        out: list[Mapping[str, Any]] = []
+        for result in results:
+            if result is not None:
+                out.append(result)
+                continue
+            outcome = next(outcomes)
+            if isinstance(outcome, Refused):
+                out.append({"code": outcome.code, "message": str(outcome)[:1000]})
+            else:
+                out.append(
+                    {"data_id": outcome.data_id, "type": outcome.dtype.value, "version": outcome.version}
+                )
+        return out
+
     async def store_retrieve(
         self, app: str, unique_id: bytes, data_id: str, reader: bytes | None
     ) -> Mapping[str, Any]:
