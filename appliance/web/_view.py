@@ -172,6 +172,9 @@ def clean_store(raw: Any) -> dict[str, Any] | None:
         "applied": _int(raw.get("applied")),
         "digest": _str(raw.get("digest"), 64),
         "refused_reads": _int(raw.get("refused_reads")),
+        "batches": _int(raw.get("batches")),
+        "batched": _int(raw.get("batched")),
+        "snapshot": _int(raw.get("snapshot")),
     }
 
 

@@ -618,6 +618,10 @@ class StoreState(Generic[E]):
         elif parts != {0}:
             raise Refused(BAD_REQUEST, f"{where}: one sealed value (part 0) expected")
         for part, blob in sorted(record.sealed.items()):
+            lbl = record.label(part)
+            memo = hashlib.sha256(encoding.encode([blob, lbl])).digest()
+            if memo in self._checked:  # this process checked this sealed value under this label
+                continue
             try:
                 sealed = tdh2.Sealed.decode(self.group, blob)
             except DecodeError as exc:
@@ -626,10 +630,6 @@ class StoreState(Generic[E]):
                 raise Refused(
                     QUOTA, f"{where}: part {part} exceeds the limit of {self.quotas.max_value_size} bytes"
                 )
-            lbl = record.label(part)
-            memo = hashlib.sha256(encoding.encode([blob, lbl])).digest()
-            if memo in self._checked:  # this process checked this ciphertext under this label
-                continue
             try:
                 tdh2.check_ciphertext(self.group, sealed.kem, lbl)
             except tdh2.InvalidCiphertext as exc:

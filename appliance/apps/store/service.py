@@ -98,12 +98,12 @@ class Operation:
 
     @classmethod
     def decode(cls, data: bytes) -> Operation:
+        return cls.from_obj(encoding.decode(data, max_size=MAX_OPERATION, what="store operation"))
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> Operation:
         what = "store operation"
-        f = encoding.expect_map(
-            encoding.decode(data, max_size=MAX_OPERATION, what=what),
-            {"op": str, "w": dict, "by": dict, "at": int},
-            what,
-        )
+        f = encoding.expect_map(obj, {"op": str, "w": dict, "by": dict, "at": int}, what)
         if f["op"] != "write":
             raise DecodeError(f"{what}: unknown kind {f['op']!r}")
         if f["at"] < 0:
@@ -160,7 +160,7 @@ def decode_entry(data: bytes) -> Operation | Release:
     obj = encoding.decode(data, max_size=MAX_OPERATION, what="store operation")
     if isinstance(obj, dict) and obj.get("op") == "release":
         return Release.from_obj(obj)
-    return Operation.decode(data)
+    return Operation.from_obj(obj)  # decoded once: the entry's CBOR was checked canonical above
 
 
 @dataclass(frozen=True)
