@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 import urllib.request
@@ -236,6 +237,66 @@ def test_pst_store_command_line(cluster: Path, tmp_path: Path) -> None:
     os.environ.get("PST_STORE_WIPE") != "1",
     reason="PST_STORE_WIPE=1: a restarted server often rejoins only after a refresh or two (10-60 s here)",
 )
+def test_many_writes_in_one_request_and_a_killed_server_loses_none_it_acknowledged(cluster: Path) -> None:
+    """``store_batch`` (the client's ``store_many``): many writes ordered together, each answered;
+    then server 2 is killed with SIGKILL while a client writes batches through it: restarted, it
+    has every write it acknowledged (its journal, the store's sequence, and its snapshot), and
+    its store digest is the others' again."""
+    owner = nacl.public.PrivateKey.generate()
+    a = _client(cluster, 1, unique_id="batch")
+    assert _retrying(a.store_many, [(f"p{k}", b"v%d" % k) for k in range(300)]) == [1] * 300
+    sealed = [(f"s{k}", b"s%d" % k) for k in range(100)]
+    assert _retrying(a.store_many, sealed, "secret-single", reader=owner) == [1] * 100
+    again = _retrying(a.store_many, [("p0", b"x"), ("p300", b"new")])
+    assert isinstance(again[0], PstError) and again[0].code == "exists" and again[1] == 1
+    b = _client(cluster, 3, unique_id="batch")
+    assert _retrying(b.retrieve, "s7", reader=owner) == b"s7"
+    assert b.retrieve("p299") == b"v299"
+
+    node = cluster / "node-2"
+    c = _client(cluster, 2, unique_id="crash")
+    acked: list[str] = []
+    failed: list[BaseException] = []
+
+    def writer() -> None:
+        k = 0
+        while True:
+            try:
+                results = c.store_many([(f"c{k + j}", b"c%d" % (k + j)) for j in range(50)])
+            except PstError as exc:  # the server is gone (or not ready yet: then try again)
+                if exc.code == "unavailable":
+                    time.sleep(0.2)
+                    continue
+                failed.append(exc)
+                return
+            acked.extend(f"c{k + j}" for j, r in enumerate(results) if r == 1)
+            k += 50
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while len(acked) < 300:
+        assert time.monotonic() < deadline and thread.is_alive(), f"{len(acked)} writes acknowledged"
+        time.sleep(0.05)
+    pid = int((node / "server.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    thread.join(30)
+    assert failed and not thread.is_alive()
+    count = len(acked)
+    start(node)
+    d = _client(cluster, 2, unique_id="crash")
+    for name in acked:
+        assert _retrying(d.retrieve, name) == b"c" + name[1:].encode()
+    deadline = time.monotonic() + 60
+    while True:  # server 2 catches up with what the others decided after its end
+        stores = [_http_status(cluster, i).get("store") or {} for i in (1, 2, 3, 4)]
+        if len({s.get("digest") for s in stores}) == 1:
+            break
+        assert time.monotonic() < deadline, f"the servers' stores differ: {stores}"
+        time.sleep(0.5)
+    assert count >= 300
+
+
 def test_a_wiped_servers_store_is_restored_from_its_peers(cluster: Path) -> None:
     """Server 2 loses its whole copy of the store (operations, replica state, saved state). At
     restart its replica catches up from the others (decided slots under their commit QCs, or the

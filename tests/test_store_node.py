@@ -15,7 +15,7 @@ import nacl.public
 import trio
 from nacl.signing import SigningKey
 
-from appliance.apps.store import model
+from appliance.apps.store import model, persist
 from appliance.apps.store.client import StoreKey, combine_answers, seal_write
 from appliance.apps.store.model import Client, DataType, ReadRequest
 from appliance.apps.store.node import StoreNode, answers_to_obj, is_store_frame
@@ -175,4 +175,51 @@ async def test_an_unreadable_state_is_rebuilt_from_the_operations(tmp_path: Path
             await again.ready()
             while again.status()["digest"] != digest:
                 await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+
+
+async def test_concurrent_writes_share_batches_in_order_and_a_snapshot_reopens(tmp_path: Path) -> None:
+    """Many callers at one server: their writes go to the sequence in few batches (group commit),
+    each caller's in its order, each answered with its own outcome; the snapshot written by the
+    policy, then the sequence after it, give the same state at a restart."""
+    net = Net(tmp_path)
+    for node in net.nodes.values():
+        node.snapshots = persist.SnapshotPolicy(every=50, interval=3600.0)
+
+    def put(data_id: str, value: bytes) -> model.WriteRequest:
+        return model.WriteRequest("vault", data_id, DataType.PUBLIC_ONCE, 1, value=value)
+
+    results: dict[int, list[model.Record | model.Refused]] = {}
+
+    async def caller(c: int) -> None:
+        # The second write of "c{c}-0" is refused when applied (write-once), the others pass.
+        requests = [put(f"c{c}-{k}", b"%d" % k) for k in range(10)] + [put(f"c{c}-0", b"again")]
+        results[c] = await net.nodes[1].write_many(requests, ALICE)
+
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(60):
+            await net.start(nursery)
+            async with trio.open_nursery() as callers:
+                for c in range(20):
+                    callers.start_soon(caller, c)
+            await net.until_applied(220)
+            for c, outcomes in results.items():
+                assert [(o.data_id, o.value) for o in outcomes[:10] if isinstance(o, model.Record)] == [
+                    (f"c{c}-{k}", b"%d" % k) for k in range(10)
+                ]
+                assert isinstance(outcomes[10], model.Refused) and outcomes[10].code == model.EXISTS
+            node = net.nodes[1]
+            assert node.batched == 220 and node.batches < 20  # calls shared batches
+            assert len({n.status()["digest"] for n in net.nodes.values()}) == 1
+            while not all(n.snapshots.applied >= 200 for n in net.nodes.values()):
+                await trio.sleep(0.1)
+            digest = node.status()["digest"]
+        nursery.cancel_scope.cancel()
+    again = net.make(tmp_path, 1)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            await nursery.start(again.run)
+            service = await again.ready()
+            assert service.applied == 220 and again.status()["digest"] == digest
+            assert again.snapshots.applied >= 200  # it opened the snapshot, then applied the rest
         nursery.cancel_scope.cancel()
