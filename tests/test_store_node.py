@@ -138,8 +138,9 @@ async def test_four_nodes_order_writes_read_secrets_refuse_with_alerts_and_relea
                 key, "vault", "will", DataType.STORE_UNTIL, b"later", until_ms=int(until * 1000)
             )
             await net.nodes[3].write(item, ALICE)
-            while not all(
-                n.service and n.service.state.get("vault", "will").value for n in net.nodes.values()
+            while not all(  # (a server that has not applied the write yet has no such item)
+                n.service and getattr(n.service.state.records.get(("vault", "will")), "value", b"")
+                for n in net.nodes.values()
             ):
                 await trio.sleep(0.1)
             assert (await net.nodes[2].store_retrieve("vault", b"bob", "will", None))["record"][
