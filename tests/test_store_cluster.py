@@ -8,6 +8,7 @@ servers' decryption shares, each sealed to the reader's X25519 key, opened by th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -289,10 +290,11 @@ def test_many_writes_in_one_request_and_a_killed_server_loses_none_it_acknowledg
         assert _retrying(d.retrieve, name) == b"c" + name[1:].encode()
     deadline = time.monotonic() + 60
     while True:  # server 2 catches up with what the others decided after its end
-        stores = [_http_status(cluster, i).get("store") or {} for i in (1, 2, 3, 4)]
-        if len({s.get("digest") for s in stores}) == 1:
-            break
-        assert time.monotonic() < deadline, f"the servers' stores differ: {stores}"
+        with contextlib.suppress(OSError):
+            stores = [_http_status(cluster, i).get("store") or {} for i in (1, 2, 3, 4)]
+            if len({s.get("digest") for s in stores}) == 1:
+                break
+        assert time.monotonic() < deadline, "server 2's store digest is not the others'"
         time.sleep(0.5)
     assert count >= 300
 
@@ -300,8 +302,8 @@ def test_many_writes_in_one_request_and_a_killed_server_loses_none_it_acknowledg
 def test_a_wiped_servers_store_is_restored_from_its_peers(cluster: Path) -> None:
     """Server 2 loses its whole copy of the store (operations, replica state, saved state). At
     restart its replica catches up from the others (decided slots under their commit QCs, or the
-    state t+1 servers report identically), it applies the operations again, and its saved state
-    is then byte for byte the others'; it serves the data again."""
+    state t+1 servers report identically), it applies the operations again, and its store digest
+    is then the others'; it serves the data again."""
     owner = nacl.public.PrivateKey.generate()
     a = _client(cluster, 1, unique_id="wipe")
     _retrying(a.store_data, "before-wipe", b"still here")
@@ -314,12 +316,12 @@ def test_a_wiped_servers_store_is_restored_from_its_peers(cluster: Path) -> None
         time.sleep(0.1)
     shutil.rmtree(node / "state" / "serve" / "store")
     start(node)
-    files = [cluster / f"node-{i}" / "state" / "serve" / "store" / "state" for i in (1, 2, 3, 4)]
     deadline = time.monotonic() + 90  # it catches up once its channels are authenticated again
     while True:
-        contents = {f.read_bytes() if f.exists() else b"" for f in files}
-        if len(contents) == 1 and b"" not in contents:
-            break
+        with contextlib.suppress(OSError):  # (server 2's status page is not up yet)
+            stores = [_http_status(cluster, i).get("store") or {} for i in (1, 2, 3, 4)]
+            if len({s.get("digest") for s in stores}) == 1 and stores[1].get("items"):
+                break
         assert time.monotonic() < deadline, "server 2's store was not restored from its peers"
         time.sleep(0.3)
     b = _client(cluster, 2, unique_id="wipe")
