@@ -35,6 +35,7 @@ sealed to the reader's key.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -94,6 +95,8 @@ MAX_WRITE_BATCH = 2048
 IN_FLIGHT = 4
 #: Operations applied between two checkpoints of the trio loop (applying is CPU-bound).
 APPLY_CHUNK = 32
+#: Seconds between two computations of the status's digest while the state changes.
+DIGEST_EVERY = 1.0
 
 KeyCall = Callable[[], Awaitable[Mapping[str, Any]]]
 ShareCall = Callable[[list[list[bytes]], bytes], Awaitable[Mapping[str, Any]]]
@@ -176,6 +179,8 @@ class StoreNode:
         #: Batches of writes this server handed to the sequence, and the operations in them.
         self.batches = 0
         self.batched = 0
+        self._digest: tuple[int, str | None] = (-1, None)
+        self._digest_time = -math.inf
 
     @property
     def state_path(self) -> Path:
@@ -580,10 +585,18 @@ class StoreNode:
 
     def status(self) -> dict[str, Any]:
         service = self.service
+        if service is not None and service.applied != self._digest[0]:
+            # Peers' status pages poll this every second or so: while writes stream in, the
+            # digest is computed at most every DIGEST_EVERY seconds (``digest_applied`` says
+            # which count it is of); once nothing changes it is the current state's.
+            now = time.monotonic()
+            if now - self._digest_time >= DIGEST_EVERY or self._digest[1] is None:
+                self._digest, self._digest_time = (service.applied, service.digest().hex()), now
         return {
             "items": 0 if service is None else len(service.state.records),
             "applied": 0 if service is None else service.applied,
-            "digest": None if service is None else service.digest().hex(),
+            "digest": self._digest[1],
+            "digest_applied": self._digest[0] if self._digest[1] is not None else None,
             "refused_reads": self.refused,
             "batches": self.batches,
             "batched": self.batched,
