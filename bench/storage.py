@@ -123,7 +123,7 @@ def client(root: Path, server: int, app: str, unique_id: str) -> PstClient:
 def retrying(call: Any, *args: Any, **kwargs: Any) -> Any:
     """While the network starts or re-keys a channel (``unavailable``): try again. A write
     answered ``unavailable`` may have been agreed all the same: ``exists`` on a retry is done."""
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300  # (a request may wait 30 s for its answer)
     retried = False
     while True:
         try:

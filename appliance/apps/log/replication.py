@@ -979,6 +979,9 @@ class Replica:
         start = self.log.size + len(c.entries)
         end = min(c.target[2], start + MAX_BATCH_ENTRIES)
         c.asked_at = now
+        if start >= end:  # we hold every entry of that state already (we missed empty slots)
+            self._finish_catch_up(c, c.source)
+            return
         self._out.append((c.source, {"log": "entries-req", "start": start, "end": end}))
 
     def _on_entries_request(self, sender: int, start: Any, end: Any) -> None:
@@ -1006,11 +1009,18 @@ class Replica:
             raise DecodeError("entries: a list of entries")
         if start != self.log.size + len(c.entries) or not entries:
             return
-        period, seqs, size, root = c.target
+        size = c.target[2]
         c.entries.extend(entries[: size - start])
         if self.log.size + len(c.entries) < size:
             self._ask_entries(c, self._now)
             return
+        self._finish_catch_up(c, sender)
+
+    def _finish_catch_up(self, c: _CatchUp, sender: int) -> None:
+        """Every entry up to the target state is here (``c.entries`` after our tree): check the
+        root t+1 servers vouched for, append, and carry on from that state's slot."""
+        assert c.target is not None
+        period, seqs, size, root = c.target
         if self.log.root_after(c.entries) != root:
             # t+1 servers vouched for the root: the entries were wrong (or our own tree is not
             # a prefix of the log; then no source will do, and we say so each round).
@@ -1021,7 +1031,8 @@ class Replica:
             )
             c.entries.clear()
             c.source = self._next_source(c, sender)
-            self._ask_entries(c, self._now)
+            if self.log.size < size:  # (else nothing to fetch: the next round says it again)
+                self._ask_entries(c, self._now)
             return
         if c.entries:
             self.log.append(c.entries)
