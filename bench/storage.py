@@ -120,10 +120,11 @@ def client(root: Path, server: int, app: str, unique_id: str) -> PstClient:
             time.sleep(0.5)
 
 
-def retrying(call: Any, *args: Any, **kwargs: Any) -> Any:
-    """While the network starts or re-keys a channel (``unavailable``): try again. A write
-    answered ``unavailable`` may have been agreed all the same: ``exists`` on a retry is done."""
-    deadline = time.monotonic() + 300  # (a request may wait 30 s for its answer)
+def retrying(call: Any, *args: Any, patience: float = 300.0, **kwargs: Any) -> Any:
+    """While the network starts or re-keys a channel (``unavailable``): try again, for up to
+    ``patience`` seconds. A write answered ``unavailable`` may have been agreed all the same:
+    ``exists`` on a retry is done."""
+    deadline = time.monotonic() + patience  # (a request may wait 30 s for its answer)
     retried = False
     while True:
         try:
@@ -156,7 +157,8 @@ def store_run(c: PstClient, run: range, owner: nacl.public.PrivateKey) -> None:
     todo = list(run)
     deadline = time.monotonic() + 120
     while todo:
-        results = retrying(c.store_many, [(f"s{k}", VALUE) for k in todo], "secret-single", reader=owner)
+        items = [(f"s{k}", VALUE) for k in todo]
+        results = retrying(c.store_many, items, "secret-single", reader=owner, patience=40.0)
         # An item whose first try was agreed though the answer was lost comes back 'exists'.
         failed = [
             (k, r)
@@ -178,7 +180,8 @@ def fill(
     latencies: list[float] = []
 
     def worker(w: int) -> None:
-        clients: dict[str, PstClient] = {}
+        clients: dict[tuple[str, int], PstClient] = {}
+        server = 1 + w % 4
         try:
             while True:
                 with lock:
@@ -186,10 +189,21 @@ def fill(
                 if run is None:
                     return
                 app = f"bench-{run[0] // PER_APP}"
-                if app not in clients:
-                    clients[app] = client(root, 1 + w % 4, app, "bench")
                 t0 = time.perf_counter()
-                store_run(clients[app], run, owner)
+                for moves in range(12):
+                    if (app, server) not in clients:
+                        clients[(app, server)] = client(root, server, app, "bench")
+                    try:
+                        store_run(clients[(app, server)], run, owner)
+                        break
+                    except (PstError, RuntimeError) as exc:
+                        # A server that cannot apply now (behind, recovering): as a client with
+                        # several servers would, write through the next one.
+                        print(f"writer {w}: server {server}: {str(exc)[:120]}; next server", file=sys.stderr)
+                        if moves == 11:
+                            raise
+                        clients.pop((app, server)).close()
+                        server = server % 4 + 1
                 latencies.append(time.perf_counter() - t0)
         finally:
             for c in clients.values():
