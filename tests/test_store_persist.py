@@ -127,3 +127,18 @@ def test_the_snapshot_policy() -> None:
     assert not policy.due(109, 1059.0)
     assert policy.due(110, 1001.0)  # 100 operations
     assert policy.due(11, 1060.0)  # one operation, 60 s later
+
+
+def test_a_snapshot_larger_than_a_message_opens(tmp_path: Path) -> None:
+    """A snapshot of more than 16 MiB (the default limit of a decoded message) opens: the
+    100,000-item benchmark's (50 MB) was refused as unreadable and rebuilt from the journal."""
+    service = StoreService(G, PUBLIC_KEY, T)
+    big = bytes(16_000)
+    for k in range(1_100):
+        app = f"vault{k % 2}"
+        request = WriteRequest(app, f"k{k}", DataType.PUBLIC_ONCE, 1, value=big[:-4] + k.to_bytes(4, "big"))
+        assert not isinstance(service.apply(k, Operation(request, Client(app, b"a"), 1).encode()), Exception)
+    persist.write(tmp_path / "state", persist.Snapshot.of(service))
+    assert (tmp_path / "state").stat().st_size > 16 * 1024 * 1024
+    again = persist.load(tmp_path / "state", G, PUBLIC_KEY, T, 1_100)
+    assert again.applied == 1_100 and again.digest() == service.digest()

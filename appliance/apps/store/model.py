@@ -760,10 +760,20 @@ class StoreState(Generic[E]):
 
     @classmethod
     def decode(
-        cls, group: Group[E], public_key: E, t: int, data: bytes, quotas: Quotas | None = None
+        cls,
+        group: Group[E],
+        public_key: E,
+        t: int,
+        data: bytes,
+        quotas: Quotas | None = None,
+        max_size: int = encoding.MAX_ENCODED_SIZE,
     ) -> StoreState[E]:
+        """The state encoded in ``data`` (at most ``max_size`` bytes: a server's own snapshot
+        may be larger than the default limit of a message)."""
         what = "store state"
-        f = encoding.expect_map(encoding.decode(data, what=what), {"v": int, "g": str, "records": list}, what)
+        f = encoding.expect_map(
+            encoding.decode(data, max_size=max_size, what=what), {"v": int, "g": str, "records": list}, what
+        )
         if f["v"] != FORMAT_VERSION:
             raise DecodeError(f"{what}: format version {f['v']}, this server reads {FORMAT_VERSION}")
         if f["g"] != group.name:

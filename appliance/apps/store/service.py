@@ -67,6 +67,9 @@ NETWORK_QUOTAS: Final = Quotas(max_value_size=16 * 1024)
 #: Outcomes of recent operations kept for the servers' API callers waiting on them.
 MAX_OUTCOMES: Final = 65536
 RID_SIZE: Final = 16
+#: The largest saved state a server opens (its own snapshot, from its disk): ~2 million items of
+#: the benchmark's size (the default limit of a decoded message, 16 MiB, held ~33,000).
+MAX_SNAPSHOT: Final = 1 << 30
 MAX_ANSWER_PARTS: Final = model.MAX_PARTS
 #: Codes whose refusal at a server is an alert there (the request broke a rule, it did not lag).
 ALERT_CODES: Final = frozenset({model.NOT_PERMITTED, model.TOO_EARLY})
@@ -305,14 +308,16 @@ class StoreService(Generic[E]):
     ) -> StoreService[E]:
         what = "store service state"
         f = encoding.expect_map(
-            encoding.decode(data, what=what), {"v": int, "applied": int, "state": bytes}, what
+            encoding.decode(data, max_size=MAX_SNAPSHOT, what=what),
+            {"v": int, "applied": int, "state": bytes},
+            what,
         )
         if f["v"] != FORMAT_VERSION:
             raise DecodeError(f"{what}: format version {f['v']}, this server reads {FORMAT_VERSION}")
         if f["applied"] < 0:
             raise DecodeError(f"{what}: negative count")
         service = cls(group, public_key, t, quotas)
-        service.state = StoreState.decode(group, public_key, t, f["state"], quotas)
+        service.state = StoreState.decode(group, public_key, t, f["state"], quotas, max_size=MAX_SNAPSHOT)
         service.applied = f["applied"]
         return service
 
