@@ -59,7 +59,17 @@ def pst(*args: str) -> str:
 
 
 def statuses(root: Path) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = json.loads(pst("status", "--dir", str(root), "--json"))
+    """`pst status --json` (its exit status is 1 while a server is not operational: still read)."""
+    out = subprocess.run(
+        [*PST, "status", "--dir", str(root), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if out.returncode not in (0, 1) or not out.stdout.startswith("["):
+        raise RuntimeError(f"pst status: {out.stdout}{out.stderr}")
+    rows: list[dict[str, Any]] = json.loads(out.stdout)
     return rows
 
 
