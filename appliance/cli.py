@@ -402,6 +402,7 @@ def _network_ceremony(args: argparse.Namespace) -> int:
         log=args.log,
         ca=args.ca,
         store=args.store,
+        dss_keys=args.dss_keys,
     )
     start = time.time() + 4.0
     print(
@@ -467,6 +468,7 @@ def _cmd_cluster_init(args: argparse.Namespace) -> int:
             log=args.log,
             ca=args.ca,
             store=args.store,
+            dss_keys=args.dss_keys,
         )
     except ConfigError as exc:
         print(f"pst cluster init: {exc}", file=sys.stderr)
@@ -1587,6 +1589,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a store key 'store' in C (TDH2 on P-256 by default, or ed25519): the data storage "
         "API, pst store (docs/store.md)",
     )
+    cinit.add_argument(
+        "--dss-keys",
+        type=lambda text: [g for g in text.split(",") if g],
+        default=[],
+        metavar="GROUPS",
+        help="per-application DSS keys (pst dss; needs --store): p256, dsa2048 or p256,dsa2048, "
+        "each adding the secret appkeys-<group> to C (docs/dsskeys.md)",
+    )
     cinit.set_defaults(func=_cmd_cluster_init)
     cup = csub.add_parser("up", help="start every server of the cluster (one process each)")
     cup.add_argument("--dir", required=True)
@@ -1618,6 +1628,9 @@ def build_parser() -> argparse.ArgumentParser:
     from appliance.apps.store.commands import add_store_commands
 
     add_store_commands(sub)
+    from appliance.apps.dsskeys.commands import add_dss_commands
+
+    add_dss_commands(sub)
     _add_ca_commands(sub)
 
     status = sub.add_parser(

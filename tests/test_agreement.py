@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from multiprocessing import get_context
 from typing import Any
 
 import pytest
@@ -33,8 +32,8 @@ from appliance.protocols.agreement import (
 from appliance.protocols.agreement._messages import TimeoutEntry, timeout_statement, vote_statement
 from appliance.sim import agreement as sim
 
-#: The engine alone is cheap to break and cheap to run; the refresh families run 500 seeds.
-SEEDS = min(200, int(os.environ.get("PST_SIM_SEEDS", "500")))
+#: Seeds per family, run in the background while the rest of the suite runs (tests/conftest.py).
+SEEDS = int(os.environ.get("PST_SIM_SEEDS", "500"))
 INST = Instance("pst/test", 3, "value")
 KEYS = {i: Signer(SigningKey(bytes([i]) * 32)) for i in range(1, 5)}
 COMMITTEE = Committee(4, 1, {i: s.public for i, s in KEYS.items()})
@@ -199,17 +198,14 @@ def test_decode_of_near_messages_raises_only_decode_error(kind: str, fields: dic
 # Simulation ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pool():  # type: ignore[no-untyped-def]
-    with get_context("fork").Pool(os.cpu_count() or 1) as p:
-        yield p
-
-
-@pytest.mark.parametrize("family", sorted(sim.FAMILIES))
-def test_agreement_family_over_many_seeds(family: str, pool) -> None:  # type: ignore[no-untyped-def]
-    jobs = [(family, seed) for seed in range(SEEDS)]
-    failures = [r for r in pool.imap_unordered(sim.run_seed, jobs, chunksize=8) if r is not None]
-    assert not failures, f"{len(failures)} of {SEEDS} seeds failed; first: " + "; ".join(failures[:3])
+@pytest.mark.parametrize(
+    "family",
+    [pytest.param(f, marks=pytest.mark.seeds("agreement", f, SEEDS), id=f) for f in sorted(sim.FAMILIES)],
+)
+def test_agreement_family_over_many_seeds(family: str, seed_failures: list[str]) -> None:
+    assert not seed_failures, f"{len(seed_failures)} of {SEEDS} seeds failed; first: " + "; ".join(
+        seed_failures[:3]
+    )
 
 
 def test_an_honest_server_that_forgets_its_lock_breaks_agreement() -> None:

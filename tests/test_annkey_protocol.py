@@ -7,8 +7,6 @@ The simulation's stand-in for a TPM is a software P-256 key that survives the se
 from __future__ import annotations
 
 import contextlib
-import os
-from multiprocessing import get_context
 from typing import Any
 
 import pytest
@@ -224,12 +222,12 @@ def test_a_network_with_tpms_refreshes_without_alerts() -> None:
 # The impostor ---------------------------------------------------------------------------------------
 
 
-def test_a_wiped_tpm_server_recovers_in_the_first_period_despite_an_impostor_over_many_seeds() -> None:
-    seeds = int(os.environ.get("PST_TPM_IMPOSTOR_SEEDS", "24"))
-    with get_context("fork").Pool(os.cpu_count() or 1) as pool:
-        jobs = [("tpm-impostor", seed) for seed in range(seeds)]
-        failures = [r for r in pool.imap_unordered(scenarios.run_seed, jobs, chunksize=2) if r is not None]
-    assert not failures, f"{len(failures)} of {seeds} seeds failed; first: " + "; ".join(failures[:3])
+def test_a_wiped_tpm_server_recovers_in_the_first_period_despite_an_impostor() -> None:
+    """One seed read for its meaning; the family ``tpm-impostor`` runs over 500 seeds in
+    tests/test_simulation.py."""
+    run = scenarios.run("tpm-impostor", 5)
+    (v,) = run.alertable
+    assert run.servers[v].outcomes[1].status == Status.OPERATIONAL
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -27,7 +27,7 @@ from appliance.node._approvals import LocalApprovals, use_registration_clients
 from appliance.node.cluster import init_cluster, node_dir
 from appliance.node.server import PServer
 from appliance.node.store import StateDir
-from appliance.protocols import signing
+from appliance.protocols import approvals, signing
 from appliance.protocols._core import EVERYONE, AlertKind, Signer
 from appliance.protocols.approvals import (
     APPROVALS,
@@ -379,3 +379,35 @@ async def test_distributed_signature_through_the_api_of_running_pservers(tmp_pat
         assert "server 2: its client denied the request" in error["message"]
         assert "server 3: its client registered this application with another password" in error["message"]
         nursery.cancel_scope.cancel()
+
+
+def test_a_store_request_gets_a_certificate_every_server_checks_alike() -> None:
+    """Protocol ``store``: once a majority approved, the outcome is the certificate (the votes
+    with the period's KeyTable signed by the group key), nothing is signed; the store's check
+    accepts it with the group key and n alone, and refuses it for another request."""
+    from appliance.apps.store import model
+
+    net = Net(7)
+    write = model.WriteRequest(APP, "config", model.DataType.PUBLIC_RW, 1, value=b"v1")
+    payload = write.approval_payload()
+    lid = net.svc(1).request(APP, GOOD, "store", payload, net.now, 5.0)
+    net.flush(1)
+    net.run(0.2)
+    pending = net.svc(2).pending(APP, GOOD, net.now)
+    assert [p.protocol for p in pending] == ["store"]
+    assert model.decode_approval_payload(pending[0].payload) == write
+    approve_all(net, [2, 3], payload)
+    net.run(0.3)
+    assert net.svc(1).done.pop(lid) == approvals.distributed_payload(APP, "store", payload)
+    quorum = model.Quorum.from_obj(net.svc(1).certificates.pop(lid))
+    assert quorum.period == net.cores[1].public.key_table.period and len(quorum.votes) >= 3
+    authority = model.Authority(net.group_key, C.n)
+    for oldest in (0, quorum.period):
+        model.check_quorum(model.GroupView(authority, lambda: 0.0, oldest), quorum, APP, write.digest(), "w")
+    other = model.WriteRequest(APP, "config", model.DataType.PUBLIC_RW, 1, value=b"v2")
+    with pytest.raises(model.Refused, match="another request"):
+        model.check_quorum(model.GroupView(authority, lambda: 0.0), quorum, APP, other.digest(), "w")
+    with pytest.raises(model.Refused, match="group key signed"):
+        model.check_quorum(
+            model.GroupView(model.Authority(bytes(32), C.n), lambda: 0.0), quorum, APP, write.digest(), "w"
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import subprocess
 from pathlib import Path
@@ -388,3 +389,221 @@ def test_finish_steps_skip_the_share_check_only_when_told_it_was_done() -> None:
     assert exc.value.party == 2
     state = dss.nonce_finish(group, public, 1, dealings, bad, checked=True)  # trusted: not re-checked
     assert state.index == 1
+
+
+# The presigning fast path: batched share checks, openings without proofs, w proofs on blame
+
+
+def _nonce_round(group: Group[Any], n: int, t: int, seed: bytes, count: int) -> Any:
+    """``count`` presignatures' round 1 among n dealers: ([dealings per k], [shares per k])."""
+    rand = DeterministicSource(seed, group.order)
+    per_k = [
+        {d: dss.deal_nonce(group, b"%d" % k, d, n, t, rand) for d in range(1, n + 1)} for k in range(count)
+    ]
+    return per_k
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    count=st.integers(1, 4),
+    bad=st.one_of(st.none(), st.tuples(st.integers(0, 3), st.integers(0, 4), st.integers(1, 2**64))),
+    seed=st.binary(min_size=1, max_size=8),
+)
+def test_batched_nonce_share_check_catches_and_places_a_single_bad_share(
+    count: int, bad: tuple[int, int, int] | None, seed: bytes
+) -> None:
+    """Any single wrong component of any share is caught, at its position, and only it."""
+    group, n, t, j, dealer = P256, 4, 1, 3, 2
+    rounds = _nonce_round(group, n, t, seed, count)
+    dealings = [r[dealer][0] for r in rounds]
+    shares = [list(r[dealer][1][j]) for r in rounds]
+    expected: list[int] = []
+    if bad is not None:
+        k, component, offset = bad[0] % count, bad[1], bad[2]
+        shares[k][component] = (shares[k][component] + offset) % group.order
+        expected = [k]
+    assert dss.batch_check_nonce_shares(group, dealings, j, shares) == expected
+    for k in range(count):  # the unbatched check agrees
+        assert dss.check_nonce_share(group, dealings[k], j, shares[k]) == (k not in expected)
+
+
+def test_batched_nonce_share_check_names_every_bad_position_and_malformed_shares() -> None:
+    group = P256
+    rounds = _nonce_round(group, 4, 1, b"many", 5)
+    dealings = [r[1][0] for r in rounds]
+    shares: list[list[int]] = [list(r[1][1][2]) for r in rounds]
+    shares[1][4] = (shares[1][4] + 1) % group.order  # beta
+    shares[3] = shares[3][:4]  # malformed: four values
+    shares[4][0] = group.order  # not reduced
+    assert dss.batch_check_nonce_shares(group, dealings, 2, shares) == [1, 3, 4]
+    with pytest.raises(ParameterError):
+        dss.batch_check_nonce_shares(group, dealings, 2, shares[:2])
+
+
+def _w_dealings(group: Group[Any], n: int, t: int, count: int, seed: bytes) -> Any:
+    """Pedersen dealings of random w values, shaped like WDealing (the proof is not looked at)."""
+    rand = DeterministicSource(seed, group.order)
+    hgen = dss._hgen(group)
+    out = []
+    for _ in range(count):
+        fw = dss.random_polynomial(rand(), t, group.order, rand)
+        fs = dss.random_polynomial(rand(), t, group.order, rand)
+        commitment = dss.Commitment(
+            tuple(dss._pedersen(group, hgen, a, b) for a, b in zip(fw, fs, strict=True))
+        )
+        shares = {
+            j: (dss.evaluate(fw, j, group.order), dss.evaluate(fs, j, group.order)) for j in range(1, n + 1)
+        }
+        out.append((dss.WDealing(1, commitment, dss.LinkProof(0, 0, 0, 0)), shares))
+    return out
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    count=st.integers(1, 6),
+    bad=st.one_of(st.none(), st.tuples(st.integers(0, 5), st.integers(0, 1), st.integers(1, 2**200))),
+    j=st.integers(1, 7),
+)
+def test_batched_w_share_check_catches_and_places_a_single_bad_share(
+    count: int, bad: tuple[int, int, int] | None, j: int
+) -> None:
+    group = P256
+    dealt = _w_dealings(group, 7, 2, count, b"w%d" % count)
+    dealings = [d for d, _ in dealt]
+    shares = [list(s[j]) for _, s in dealt]
+    expected: list[int] = []
+    if bad is not None:
+        k = bad[0] % count
+        shares[k][bad[1]] = (shares[k][bad[1]] + bad[2]) % group.order
+        expected = [k]
+    assert dss.batch_check_w_shares(group, dealings, j, shares) == expected
+
+
+def test_batch_weights_come_from_the_operating_system_not_the_inputs() -> None:
+    """Two batches of the same inputs draw different weights (a dealer cannot predict them)."""
+    seen = {dss._weight() for _ in range(50)}
+    assert len(seen) == 50 and all(1 <= w <= 2**dss.BATCH_WEIGHT_BITS for w in seen)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    t=st.integers(0, 3),
+    extra=st.integers(0, 3),
+    coefficients=st.lists(st.integers(0, P256.order - 1), min_size=7, max_size=7),
+    bad=st.one_of(st.none(), st.tuples(st.integers(0, 20), st.integers(1, P256.order - 1))),
+)
+def test_consistent_points_accepts_exactly_the_points_of_one_low_degree_polynomial(
+    t: int, extra: int, coefficients: list[int], bad: tuple[int, int] | None
+) -> None:
+    q = P256.order
+    degree = 2 * t
+    ids = list(range(1, degree + 3 + extra))  # at least one point beyond the degree+1 that fix it
+    poly = coefficients[: degree + 1]
+    points = {i: dss.evaluate(poly, i, q) for i in ids}
+    assert dss.consistent_points(q, degree, points)
+    if bad is not None:
+        i = ids[bad[0] % len(ids)]
+        points[i] = (points[i] + bad[1]) % q
+        assert not dss.consistent_points(q, degree, points)
+
+
+@pytest.mark.parametrize(("n", "t"), [pytest.param(4, 1, id="n4t1"), pytest.param(7, 2, id="n7t2")])
+def test_optimistic_nonce_agrees_with_the_proof_checked_one_and_refuses_what_is_unsafe(
+    n: int, t: int
+) -> None:
+    group = P256
+    keys = dkg_keys(group, n, t)
+    rand = DeterministicSource(b"optimistic", group.order)
+    dealt = {d: dss.deal_nonce(group, b"o", d, n, t, rand) for d in keys}
+    dealings = {d: dealing for d, (dealing, _) in dealt.items()}
+    public = dss.nonce_public(group, b"o", n, t, dealings.keys(), dealings)
+    states = {
+        j: dss.nonce_finish(group, public, j, dealings, {d: shares[j] for d, (_, shares) in dealt.items()})
+        for j in keys
+    }
+    values = {j: dss.product_value(group, states[j]) for j in keys}
+    checked, bad = dss.open_nonce(
+        group, public, {j: dss.open_product(group, public, states[j], rand) for j in keys}
+    )
+    assert bad == {}
+    fast = dss.optimistic_nonce(group, public, values)
+    assert fast is not None and (fast.R, fast.r) == (checked.R, checked.r)
+    # One wrong z_i: no nonce without proofs.
+    assert dss.optimistic_nonce(group, public, {**values, 2: (values[2] + 1) % group.order}) is None
+    # Fewer than 3t+1 openings: a cheater's consistent-looking value would not be pinned down.
+    fewer = dict(sorted(values.items())[: 3 * t])
+    assert dss.optimistic_nonce(group, public, fewer) is None
+    # Out-of-range ids or values are refused, not trusted.
+    assert dss.optimistic_nonce(group, public, {**values, 1: group.order}) is None
+
+
+def test_blame_w_dealings_names_the_dealer_of_a_bad_w_and_only_it() -> None:
+    group, n, t = P256, 4, 1
+    result = presign(group, n, t, seed="blame")
+    public = result.public
+    keys = dkg_keys(group, n, t)
+    key = next(iter(keys.values())).public
+    assert dss.blame_w_dealings(group, public, key) == {}
+    forged = list(public.w_dealings)
+    victim = forged[1]
+    p = victim.proof
+    forged[1] = dss.WDealing(
+        victim.dealer, victim.commitment, dss.LinkProof(p.c, (p.e_k + 1) % group.order, p.e_u, p.e_v)
+    )
+    tampered = dataclasses.replace(public, w_dealings=tuple(forged), _cache={})
+    assert set(dss.blame_w_dealings(group, tampered, key)) == {victim.dealer}
+
+
+def test_presignature_w_commitment_is_the_lagrange_combination_of_the_reduction_set() -> None:
+    group = P256
+    public = presign(group, 4, 1, seed="wcommit").public
+    lam = dss.lagrange_coefficients([d.dealer for d in public.w_dealings], group.order)
+    expected = [
+        group.sum(group.mul(lam[d.dealer], d.commitment.points[k]) for d in public.w_dealings)
+        for k in range(2)
+    ]
+    assert list(public.w(group).points) == expected
+    for j in range(1, 5):
+        assert public.commitments_of(group, j)[1] == public.w(group).evaluate(group, j)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    count=st.integers(1, 3),
+    bad=st.one_of(
+        st.none(), st.tuples(st.integers(1, 4), st.integers(0, 2), st.integers(0, 4), st.integers(1, 2**64))
+    ),
+)
+def test_share_sums_check_catches_any_single_bad_dealer(
+    count: int, bad: tuple[int, int, int, int] | None
+) -> None:
+    """One bad share of one dealer makes the sums over all dealers fail (2^-128 aside)."""
+    group, n, t, j = P256, 4, 1, 1
+    rounds = _nonce_round(group, n, t, b"sums", count)
+    dealings = {d: [r[d][0] for r in rounds] for d in range(1, n + 1)}
+    shares = {d: [list(r[d][1][j]) for r in rounds] for d in range(1, n + 1)}
+    if bad is not None:
+        d, k, component, offset = bad[0], bad[1] % count, bad[2], bad[3]
+        shares[d][k][component] = (shares[d][k][component] + offset) % group.order
+    assert dss.batch_check_nonce_share_sums(group, dealings, j, shares) == (bad is None)
+
+
+def test_share_sums_check_is_about_sums_and_refuses_malformed_input() -> None:
+    """Two dealers' errors that cancel pass the sum check (the protocol checks again if a
+    qualified set keeps one of them only); the per-dealer check names both."""
+    group, j = P256, 2
+    rounds = _nonce_round(group, 4, 1, b"cancel", 2)
+    dealings = {d: [r[d][0] for r in rounds] for d in range(1, 5)}
+    shares = {d: [list(r[d][1][j]) for r in rounds] for d in range(1, 5)}
+    shares[1][0][0] = (shares[1][0][0] + 5) % group.order
+    shares[3][0][0] = (shares[3][0][0] - 5) % group.order
+    assert dss.batch_check_nonce_share_sums(group, dealings, j, shares)
+    assert dss.batch_check_nonce_shares(group, dealings[1], j, shares[1]) == [0]
+    assert dss.batch_check_nonce_shares(group, dealings[3], j, shares[3]) == [0]
+    kept = {d: dealings[d] for d in (1, 2, 4)}
+    assert not dss.batch_check_nonce_share_sums(group, kept, j, {d: shares[d] for d in kept})
+    # malformed: a short share, a dealer without shares, nothing at all
+    short = {**shares, 2: [shares[2][0][:4], shares[2][1]]}
+    assert not dss.batch_check_nonce_share_sums(group, dealings, j, short)
+    assert not dss.batch_check_nonce_share_sums(group, dealings, j, {d: shares[d] for d in (1, 2, 3)})
+    assert not dss.batch_check_nonce_share_sums(group, {}, j, {})

@@ -221,8 +221,41 @@ class BadDealer(DSSSigningService[Any]):
 
 
 class BadOpener(DSSSigningService[Any]):
+    """Opens a wrong z_i (and, asked for its proofs, proves that wrong z_i)."""
+
+    def _opening_z(self, sess: Any, k: int) -> int:
+        return dss.product_value(self.group, sess.states[k], _z_offset=1)
+
     def _opening(self, sess: Any, k: int) -> dss.ProductOpening:
         return dss.open_product(self.group, sess.publics[k], sess.states[k], self._scalar, _z_offset=1)
+
+
+class OpenerThatProvesAnother(DSSSigningService[Any]):
+    """Opens a wrong z_i, and when asked for its proofs proves the right one."""
+
+    def _opening_z(self, sess: Any, k: int) -> int:
+        return dss.product_value(self.group, sess.states[k], _z_offset=1)
+
+
+class BadWDealer(DSSSigningService[Any]):
+    """Deals w_i = kappa_i x_i + 1 (its proof fails; presigning does not check it: the signature
+    fails, and only then are the proofs checked, which names it)."""
+
+    def _w_dealing(self, sess: Any, k: int) -> Any:
+        return dss.deal_w(
+            self.group, sess.publics[k], sess.nonces[k], sess.states[k], self.key, self._scalar, _w_offset=1
+        )
+
+
+class BadWShare(DSSSigningService[Any]):
+    """Deals server 3 a w share that fails its commitments (caught by 3's batched check)."""
+
+    def _w_dealing(self, sess: Any, k: int) -> Any:
+        dealing, values = super()._w_dealing(sess, k)
+        if 3 in values:
+            v = values[3]
+            values[3] = ((v[0] + 1) % self.group.order, v[1])
+        return dealing, values
 
 
 class BadSigner(DSSSigningService[Any]):
@@ -236,6 +269,9 @@ class BadSigner(DSSSigningService[Any]):
     [
         (BadDealer, AlertKind.BAD_SHARE),
         (BadOpener, AlertKind.BAD_SHARE),
+        (OpenerThatProvesAnother, AlertKind.BAD_SHARE),
+        (BadWDealer, AlertKind.BAD_SHARE),
+        (BadWShare, AlertKind.BAD_SHARE),
         (BadSigner, AlertKind.BAD_SIGNATURE_SHARE),
     ],
 )
@@ -257,8 +293,16 @@ def test_a_byzantine_server_is_named_and_the_signature_completes(
             break
     assert named and all(server == 2 for _, server in named), named
     assert (kind, 2) in named
-    if cheat is BadDealer:
+    if cheat in (BadDealer, BadWShare):
         assert net.services[3].alerts[0].kind == AlertKind.BAD_SHARE  # the victim saw it first
+    if cheat is BadWDealer:
+        # Found by the coordinator when a signature failed: the w proofs, checked then.
+        assert any("kappa_i x_i" in a.detail for a in net.services[1].alerts if a.server == 2)
+    if cheat is BadOpener:
+        # Its z_i broke the consistency of the openings: proofs were asked for, and its failed.
+        assert any("product opening" in a.detail for a in net.services[1].alerts if a.server == 2)
+    if cheat is OpenerThatProvesAnother:
+        assert any("another z_i than opened" in a.detail for a in net.services[1].alerts if a.server == 2)
 
 
 def test_a_coordinator_cannot_bind_one_presignature_to_two_messages() -> None:
@@ -355,9 +399,13 @@ def _checked_net(seed: int, refusing: set[int], only_checked: bool = False) -> N
 def test_a_signer_whose_check_refuses_alerts_and_another_signer_is_used() -> None:
     net = _checked_net(9, refusing={2})
     net.fill([1])
-    message = b"ts: 2026-11-30T18:00:00Z"
-    assert verify_p256(net.group, net.public_key(), message, net.sign(1, message))
-    refusals = [a for a in net.services[2].alerts if a.kind == AlertKind.BAD_MESSAGE]
+    refusals = []
+    for k in range(6):  # until server 2 is among the signers asked (the first t to lock are)
+        message = f"ts: 2026-11-30T18:00:0{k}Z".encode()
+        assert verify_p256(net.group, net.public_key(), message, net.sign(1, message))
+        refusals = [a for a in net.services[2].alerts if a.kind == AlertKind.BAD_MESSAGE]
+        if refusals:
+            break
     assert refusals and refusals[0].server == 1 and "hour off" in refusals[0].detail
 
 
@@ -403,7 +451,20 @@ def test_wipe_erases_every_presignature() -> None:
 
 
 KINDS = sorted(
-    {"open", "deal", "shares", "echo", "opening", "wdeal", "wshares", "qual", "final", "abort"}
+    {
+        "open",
+        "deal",
+        "shares",
+        "echo",
+        "opening",
+        "oproofs",
+        "needproofs",
+        "wdeal",
+        "wshares",
+        "qual",
+        "final",
+        "abort",
+    }
     | {
         "report",
         "wreport",
@@ -519,3 +580,52 @@ def test_a_coordinator_telling_members_different_sets_is_caught_by_the_echo() ->
     for j in (2, 3, 4):
         assert any(a.kind == AlertKind.EQUIVOCATION and a.server == 1 for a in net.services[j].alerts), j
         assert not net.services[j]._held.get(1)  # nobody opened, nobody holds anything for it
+
+
+def test_qual_keeping_one_of_two_cancelling_dealers_is_checked_again_and_named() -> None:
+    """Shares checked by their sum over all dealers: two dealers' errors can cancel. If QUAL1
+    then keeps one of them only, the member checks that subset again, names the culprit and
+    leaves the session rather than use a wrong share."""
+    net = Net(4, 1, seed=3)
+    svc = net.services[4]
+    group = net.group
+    sess: Any = dss_signing._Session(1, 1, (1, 2, 3, 4), 2, svc._sids(1, 1, 2))
+    for d in (1, 2, 3):
+        dealt = [dss.deal_nonce(group, sid, d, 4, 1, svc._scalar) for sid in sess.sids]
+        sess.r1.deals[d] = (bytes(32), [dealing for dealing, _ in dealt])
+        sess.r1.shares[d] = [(tuple(shares[4]), b"") for _, shares in dealt]
+    q = group.order
+    v1, v2 = sess.r1.shares[1][0][0], sess.r1.shares[2][0][0]
+    sess.r1.shares[1][0] = (((v1[0] + 5) % q, *v1[1:]), b"")
+    sess.r1.shares[2][0] = (((v2[0] - 5) % q, *v2[1:]), b"")
+    sess.r1.summed = frozenset({1, 2, 3})
+    assert svc._qual_sums_hold(sess, [1, 2, 3])  # both kept: our summed share is right
+    assert svc._qual_sums_hold(sess, [3, 4])  # both left out: right too
+    assert not svc._qual_sums_hold(sess, [1, 3, 4])  # one kept without the other: caught
+    assert [(a.kind, a.server) for a in svc.alerts] == [(AlertKind.BAD_SHARE, 1)]
+
+
+def test_one_signature_per_session_convicts_a_bad_dealer_and_protects_an_honest_one() -> None:
+    """A dealer signs each recipient's shares of a session at once; a complaint carries them all.
+    A bad share convicts the dealer; a complaint about a good share, or with edited evidence,
+    convicts the accuser."""
+    net = Net(4, 1, seed=5)
+    dealer, judge = net.services[2], net.services[1]
+    group = net.group
+    sess: Any = dss_signing._Session(1, 1, (1, 2, 3, 4), 3, judge._sids(1, 1, 3))
+    dealt = [dss.deal_nonce(group, sid, 2, 4, 1, dealer._scalar) for sid in sess.sids]
+    sess.r1.deals[2] = (bytes(32), [dealing for dealing, _ in dealt])
+    sessions = judge._share_sessions(sess, sess.r1.deals[2][1], False)
+    good = [list(shares[4]) for _, shares in dealt]
+    bad = [list(v) for v in good]
+    bad[1][0] = (bad[1][0] + 1) % group.order
+
+    def verdict(values: list[list[int]], k: int, sig: bytes) -> tuple[int, str]:
+        (v,) = judge._judge(4, [[2, k, values, sig]], sess.r1, sess, False)
+        return v.guilty, v.reason
+
+    assert verdict(bad, 1, dealer._sign_shares(sessions, 4, bad))[0] == 2  # the dealer signed it
+    assert verdict(good, 1, dealer._sign_shares(sessions, 4, good))[0] == 4  # a false complaint
+    signed_good = dealer._sign_shares(sessions, 4, good)
+    assert verdict(bad, 1, signed_good)[0] == 4  # evidence edited: not the dealer's signature
+    assert dealer._sign_shares(sessions, 2, good) == b""  # no signature on its own shares

@@ -572,3 +572,77 @@ def test_cryptography_signatures_verify_with_group_ops() -> None:
     y = DSA2048.decode(DSA2048.encode(DSA2048.mul_base(x)))
     assert _textbook_verify(DSA2048, y, msg, r, s)
     assert not _textbook_verify(DSA2048, y, msg + b"!", r, s)
+
+
+_FIXED_POINT = p256_mod.P256Group().mul(0xC0FFEE, p256_mod.G)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_p256_fixed_base_table_agrees_with_generic_multiplication(data: st.DataObject) -> None:
+    """precompute(H): mul and multi_mul by H then take the table path; results must not change."""
+    plain = p256_mod.P256Group()
+    fixed = p256_mod.P256Group()
+    fixed.precompute(_FIXED_POINT)
+    fixed.precompute(_FIXED_POINT)  # idempotent
+    k = data.draw(scalars(P256))
+    assert fixed.mul(k, _FIXED_POINT) == plain.mul(k, _FIXED_POINT)
+    m = data.draw(st.integers(0, 4))
+    ks = [data.draw(scalars(P256)) for _ in range(m)]
+    pts = [
+        data.draw(st.sampled_from([P256.generator(), _FIXED_POINT, P256.identity(), P256.mul_base(k + 7)]))
+        for k in ks
+    ]
+    naive = plain.sum(plain.mul(k, p) for k, p in zip(ks, pts, strict=True))
+    assert fixed.multi_mul(ks, pts) == naive
+    # k H + (q - k) H cancels inside the fixed-base path
+    assert fixed.multi_mul([k, P256.order - k], [_FIXED_POINT, _FIXED_POINT]) == P256.identity()
+
+
+def test_p256_fixed_base_tables_are_bounded() -> None:
+    g = p256_mod.P256Group()
+    g.precompute(P256.identity())  # nothing to precompute
+    g.precompute(P256.generator())  # G has its own table
+    points = [P256.mul_base(k + 2) for k in range(p256_mod._MAX_FIXED + 1)]
+    for p in points:
+        g.precompute(p)
+    assert len(g._fixed) == p256_mod._MAX_FIXED
+    assert points[0] not in g._fixed and points[-1] in g._fixed  # the oldest went
+    assert g.mul(5, points[0]) == P256.mul_base(10)  # and its multiples are still right
+
+
+@SETTINGS
+@given(data=st.data())
+def test_small_multi_mul_many_agrees_with_multi_mul(data: st.DataObject) -> None:
+    """Commitments evaluated at small ids in one chain: same points as multi_mul, per job."""
+    jobs = []
+    for _ in range(data.draw(st.integers(0, 4))):
+        m = data.draw(st.integers(0, 4))
+        ks = [data.draw(st.integers(0, 300)) for _ in range(m)]
+        pts = [
+            data.draw(st.sampled_from([P256.identity(), P256.mul_base(7), P256.mul_base(k + 2)])) for k in ks
+        ]
+        jobs.append((ks, pts))
+    for group in (P256, DSA2048):
+        typed = [(ks, [p if group is P256 else group.mul_base(7) for p in pts]) for ks, pts in jobs]
+        assert group.small_multi_mul_many(typed) == [group.multi_mul(ks, pts) for ks, pts in typed]
+    with pytest.raises(ValueError, match="negative"):
+        P256.small_multi_mul_many([([-1], [P256.generator()])])
+
+
+@SETTINGS
+@given(k=st.integers(1, P256.order - 1), data=st.binary(max_size=70))
+def test_p256_wide_form_round_trips_and_its_decoder_raises_only_decode_error(k: int, data: bytes) -> None:
+    point = P256.mul_base(k)
+    wide = P256.encode_wide(point)
+    assert len(wide) == 65 and P256.decode_wide(wide) == point
+    with pytest.raises(DecodeError):
+        P256.decode_wide(P256.encode(point))  # the compressed form is not the wide one
+    with pytest.raises(DecodeError):
+        P256.decode(wide)  # nor the other way round
+    off_curve = wide[:64] + bytes([wide[64] ^ 1])
+    with pytest.raises(DecodeError):
+        P256.decode_wide(off_curve)
+    with contextlib.suppress(DecodeError):
+        assert P256.is_on_curve(P256.decode_wide(data))
+    assert DSA2048.decode_wide(DSA2048.encode_wide(DSA2048.mul_base(k))) == DSA2048.mul_base(k)

@@ -19,7 +19,7 @@ from appliance.crypto.groups import ED25519
 from appliance.protocols._core import AlertKind, Outgoing
 from appliance.protocols._signed import decode_signed, sign
 from appliance.protocols.init import PHASES, InitProtocol, encode_message
-from appliance.protocols.refresh import Status
+from appliance.protocols.refresh import MAX_MESSAGE, PEER_BUDGET, Status
 from appliance.protocols.state import SCERT, Constants, InvariantInfo, KeyTable
 from appliance.sim._net import Fault, NetworkConfig, Simulation
 from appliance.sim.cluster import SimServer
@@ -276,6 +276,23 @@ def test_signed_garbage_never_raises_and_init_still_completes() -> None:
         run = run_init(_constants(5, 1), seed, engines={4: Garbler})
         _check_init(run, honest={1, 2, 3, 5})
         assert any(e.rejected for i, e in run.engines.items() if i != 4)
+
+
+def test_a_flooding_peer_is_cut_off_at_its_byte_budget_before_decoding() -> None:
+    run = run_init(_constants(4, 1), 1)
+    engine = run.engines[1]
+    flood = encode_message(engine.session, "zzz", bytes(MAX_MESSAGE - 100))
+    before = len(engine.rejected)
+    for _ in range(PEER_BUDGET // len(flood) + 1):
+        engine.receive(4, flood, 1.0)
+    cut = [r for r in engine.rejected[before:] if "byte budget" in r.reason]
+    assert len(cut) == 1 and cut[0].peer == 4
+    count = len(engine.rejected)
+    engine.receive(4, flood, 1.0)
+    engine.receive(4, b"\xff not even CBOR", 1.0)
+    assert len(engine.rejected) == count  # dropped unread: no decoding, no record
+    engine.receive(3, b"\xff", 1.0)  # another peer still gets its own budget
+    assert len(engine.rejected) == count + 1 and engine.rejected[-1].peer == 3
 
 
 # Timing ---------------------------------------------------------------------------------------

@@ -70,3 +70,49 @@ async def test_a_key_holder_dying_before_its_identity_does_not_hang_pst_serve() 
     assert seen == [None] and link.children == 2 and link.child_pid == 2
     second_end.close()
     zygote_end.close()
+
+
+async def test_a_refusal_s_code_crosses_the_link() -> None:
+    """A key-holder method refusing with a code (a timestamp whose genTime went stale: the
+    coordinator acts on the code, never on the text) gives ``pst serve`` a SigningRefused with
+    that code; a refusal without one gives None."""
+    from typing import Any
+
+    from appliance.node.keyholder import _Child
+    from appliance.protocols.signing import SigningRefused
+
+    async def stale(args: dict[str, Any]) -> bytes:
+        raise SigningRefused("this server now refuses the timestamp: ...", code="own-check/time-off")
+
+    async def plain(args: dict[str, Any]) -> bytes:
+        raise SigningRefused("no presignature in stock")
+
+    child = _Child.__new__(_Child)  # only its call handling: the methods and the outbox
+    child.methods = {"stale": stale, "plain": plain}
+    child.outbox, out_receive = trio.open_memory_channel[bytes](10)
+    ours, child_end = socket.socketpair()
+    link = KeyHolderLink(None, on_send=lambda _to, _data: None, on_identity=_no_identity)  # type: ignore[arg-type]
+    child_stream = FrameStream(trio.SocketStream(trio.socket.from_stdlib_socket(child_end)), MAX_LINK_FRAME)
+    got: dict[str, str | None] = {}
+
+    async def serve_calls() -> None:
+        while True:
+            frame = await child_stream.receive_frame()
+            assert frame is not None
+            await child._call(decode_msg(frame, "test"))
+            await child_stream.send_frames([out_receive.receive_nowait()])
+
+    async def ask(method: str) -> None:
+        try:
+            await link.call(method, 5.0)
+        except SigningRefused as exc:
+            got[method] = exc.code
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link._session, trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+        nursery.start_soon(serve_calls)
+        with trio.fail_after(10):
+            await ask("stale")
+            await ask("plain")
+        nursery.cancel_scope.cancel()
+    assert got == {"stale": "own-check/time-off", "plain": None}

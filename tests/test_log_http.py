@@ -29,7 +29,7 @@ from appliance.apps.log.index import drop_index_from
 from appliance.apps.log.merkle import leaf_hash, verify_consistency, verify_inclusion
 from appliance.apps.log.reader import CHECKPOINT_PATH, MAX_SCAN
 from appliance.apps.log.syslog import Entry
-from appliance.apps.log.tiles import Tile, new_bundles, tiles_for_size
+from appliance.apps.log.tiles import PosixStorage, Tile, TileLog, new_bundles, tiles_for_size
 from appliance.web import openapi
 from appliance.web._log import (
     IMMUTABLE,
@@ -631,3 +631,55 @@ def test_accept_encoding() -> None:
         assert accepts_gzip(header), header
     for header in ["", "identity", "deflate, br", "gzip;q=0", "gzip;q=0.0", "gzip;q=x", "*;q=0", "gzipx"]:
         assert not accepts_gzip(header), header
+
+
+@pytest.mark.interop
+async def test_go_proves_entries_in_older_checkpoints_after_their_partial_tiles_were_pruned(
+    tmp_path: Path,
+    signed: SignedLog,
+    logcheck: Path,  # noqa: F811
+) -> None:
+    """Go's tlog.TileHashReader and ProveRecord/CheckRecord over our /log/ after pruning: a
+    client holding an older checkpoint asks for its partial tiles and bundles, gets 404s for
+    the pruned ones and reads the full tile's prefix instead (as Go's sumdb client does)."""
+    pruned = copy(signed, tmp_path / "log")
+    deleted = TileLog.open(PosixStorage(pruned.directory), ORIGIN).prune(SIZE)
+    assert {"tile/0/002.p/47", "tile/entries/002.p/47", "tile/0/006.p/23"} <= set(deleted)
+    older = []
+    for note, size in zip(
+        pruned.notes[:-1], [sum(BATCHES[: k + 1]) for k in range(len(BATCHES) - 1)], strict=True
+    ):
+        older.append({"note": note.decode(), "indexes": sorted({0, size // 2, size - 1})})
+    async with serving(tmp_path, pruned.reader()) as url, httpx.AsyncClient(base_url=url) as c:
+        assert (await c.get("/log/tile/0/002.p/47")).status_code == 404
+        assert (await c.get("/log/tile/0/002")).status_code == 200
+        request = {
+            "vkeys": [pruned.vkey],
+            "note": "",
+            "tiles_dir": "",
+            "tiles_url": f"{url}/log/",
+            "size": SIZE,
+            "root": b64(pruned.log.root()),
+            "inclusion": [],
+            "consistency": [],
+            "older": older,
+        }
+        result = await trio.run_process(
+            [str(logcheck)],
+            stdin=json.dumps(request).encode(),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr.decode()
+    report = json.loads(result.stdout)
+    assert report["older_inclusion_checked"] == sum(len(o["indexes"]) for o in older)
+    # Every partial Go asked for and did not get was pruned, and read from its full tile.
+    fallbacks = set(report["full_fallbacks"])
+    assert fallbacks and fallbacks <= set(deleted)
+    assert {
+        "tile/0/002.p/47",
+        "tile/entries/002.p/47",
+        "tile/0/006.p/23",
+        "tile/entries/006.p/23",
+    } <= fallbacks

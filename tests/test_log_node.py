@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ class Cluster:
         self.inbox: dict[int, trio.MemorySendChannel[tuple[int, bytes]]] = {}
         self.receivers: dict[int, trio.MemoryReceiveChannel[tuple[int, bytes]]] = {}
         self.tamper: dict[int, Any] = {}
+        #: Frames lost on the way: (from, to, frame) -> dropped.
+        self.drop: Callable[[int, int, bytes], bool] = lambda frm, to, data: False
         for i in range(1, N + 1):
             self.inbox[i], self.receivers[i] = trio.open_memory_channel(10_000)
             self.nodes[i] = self.make(i)
@@ -51,7 +54,8 @@ class Cluster:
             assert is_log_frame(data)
             if frm in self.tamper:
                 data = self.tamper[frm](to, data)
-            self.inbox[to].send_nowait((frm, data))
+            if not self.drop(frm, to, data):
+                self.inbox[to].send_nowait((frm, data))
 
         log = TileLog.open(PosixStorage(self.root / f"log-{i}"), "test.example/log")
         return LogNode(
@@ -140,6 +144,47 @@ async def test_the_log_moves_to_the_next_period_and_keeps_going(tmp_path: Path) 
 
 
 LOG_KEY = SigningKey(b"k" * 32)
+
+
+async def test_a_server_a_period_behind_learns_its_vote_keys_and_catches_up_with_sync(
+    tmp_path: Path,
+) -> None:
+    """Server 4 loses every announcement of the others' vote keys of period 1 while their
+    committee is in period 1; they then move it on to period 2. They still announce their key of
+    the period before their committee's, so server 4 checks period 1's decisions and catches up
+    with ``sync`` (the state reports, the other way, are lost here). Before, they stopped
+    announcing a period as soon as their committee left it: server 4 never learnt the keys."""
+    c = Cluster(tmp_path)
+    lost = {"announcements": True}
+
+    def drop(frm: int, to: int, data: bytes) -> bool:
+        if 4 not in (frm, to):
+            return False
+        obj = encoding.decode(data[1:])
+        kind = obj.get("log") if isinstance(obj, dict) else None
+        if kind in ("state", "state-req"):
+            return True
+        return lost["announcements"] and to == 4 and kind == "vote-key" and obj.get("period") == 1
+
+    c.drop = drop
+    async with trio.open_nursery() as nursery:
+        await c.start(nursery)
+        with trio.fail_after(30):
+            await c.nodes[1].append([b"period 0"])
+            await c.enter(1)
+            while not all(n.replica.slot_period == 1 for n in c.nodes.values()):
+                await trio.sleep(0.05)
+            await c.enter(2)
+            while not all(c.nodes[i].replica.slot_period == 2 for i in (1, 2, 3)):
+                await trio.sleep(0.05)
+            assert c.nodes[4].replica.slot_period == 1
+            lost["announcements"] = False
+            await c.nodes[2].append([b"period 2"])
+            while c.nodes[4].size < 2 or c.nodes[4].replica.slot_period != 2:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert c.nodes[4].replica.caught_up == 0
+    assert sorted(c.nodes[4].replica._keys[1].known) == [1, 2, 3, 4]
 
 
 async def sign_with_log_key(text: str) -> bytes:

@@ -200,3 +200,25 @@ def test_verify_falls_back_to_the_full_tile_like_a_client(tmp_path: Path) -> Non
     (signed.directory / "tile/0/001").unlink()
     report = checker.audit_report(latest)
     assert not report.ok and "the log does not serve tile/0/001.p/3" in str(report)
+
+
+def test_a_start_drops_the_partials_a_lost_batch_left_beyond_the_durable_size() -> None:
+    storage = MemoryStorage()
+    log = appended(storage, [3, 300])  # 303: tile/0/001.p/47
+    durable = dict(storage.files)
+    # What a batch lost in a crash (303 -> 800) leaves: full tiles 1 and 2, partials beyond.
+    lost = TileLog(MemoryStorage(), ORIGIN, merkle.Frontier())
+    lost.append([f"entry {i}".encode() for i in range(303)])
+    lost.append([f"lost {i}".encode() for i in range(497)])
+    leftovers = {p: d for p, d in lost.storage.files.items() if p not in durable}  # type: ignore[attr-defined]
+    storage.files.update(leftovers)
+    assert {"tile/0/003.p/32", "tile/entries/003.p/32", "tile/1/000.p/3"} <= set(leftovers)
+    reopened = TileLog.open(storage, ORIGIN)
+    dropped = reopened.drop_leftovers()
+    assert sorted(dropped) == sorted(p for p in leftovers if ".p/" in p)
+    # The durable partials, of this size and older ones, stay; so do the leftover full files
+    # (the log's growth rewrites them).
+    assert {p for p in storage.files if ".p/" in p} == {p for p in durable if ".p/" in p}
+    assert "tile/0/000.p/3" in storage.files and "tile/0/002" in storage.files
+    assert reopened.drop_leftovers() == []
+    assert TileLog.open(storage, ORIGIN).root() == log.root()

@@ -19,7 +19,7 @@ from logread import entry, signer
 
 from appliance.apps.log import merkle
 from appliance.apps.log.checkpoint import Checkpoint
-from appliance.apps.log.repair import Repair, answer_request, rebuild
+from appliance.apps.log.repair import Repair, answer_request, audit_copy, rebuild
 from appliance.apps.log.replication import MAX_BATCH_BYTES
 from appliance.apps.log.tiles import (
     STATE_PATH,
@@ -340,3 +340,110 @@ def test_any_damage_is_repaired_or_reported(
     assert repair.source is None or repair.source != liar
     assert [peer for peer, _ in repair.bad_peers] in ([], [liar])
     repaired(damaged, repair)
+
+
+# --- A server's own copy: its tree beyond the checkpoint, and partials of older sizes ------------
+
+# Appended 100, 300, then the rest: older partials 0/000.p/100 and bundle (of a checkpoint at
+# 100), 0/001.p/144 and bundle and 1/000.p/1 (of the signed size, 400); the tree's own size is
+# SIZE, unsigned beyond 400.
+SIGNED_AT = 400
+TIP_LOG = honest_log(batches=(100, 300, SIZE - 400))
+TIP = Checkpoint(ORIGIN, SIZE, TileLog.open(TIP_LOG, ORIGIN).root())
+SIGNED_400 = Checkpoint(ORIGIN, SIGNED_AT, TileLog.open(TIP_LOG, ORIGIN).root_at(SIGNED_AT))
+OLDER = [
+    "tile/0/000.p/100",
+    "tile/entries/000.p/100",
+    "tile/0/001.p/144",
+    "tile/entries/001.p/144",
+    "tile/1/000.p/1",
+]
+
+
+def audit_tip(storage: MemoryStorage) -> AuditReport:
+    checker = LogVerifier(StorageSource(storage), signer(ORIGIN).verifier)
+    return audit_copy(checker, storage, SIGNED_400, TIP)
+
+
+def run_tip_repair(damaged: MemoryStorage, peers: dict[int, MemoryStorage]) -> Repair:
+    report = audit_tip(damaged)
+    repair = Repair(me=1, n=4, storage=damaged, origin=ORIGIN, report=report, timeout=5.0)
+    logs = {i: TileLog.open(s, ORIGIN) for i, s in peers.items()}
+    repair.start(0.0)
+    for _ in range(10_000):
+        if repair.done:
+            break
+        out, repair.out = repair.out, []
+        for to, message in out:
+            repair.receive(to, answer_request(logs[to], message), 0.0)
+    assert repair.done
+    return repair
+
+
+def test_the_tree_beyond_the_checkpoint_and_older_partials_are_audited() -> None:
+    assert set(OLDER) <= set(TIP_LOG.files)
+    report = audit_tip(TIP_LOG)
+    assert report.ok and report.signed == (SIGNED_AT, SIGNED_400.root) and report.size == SIZE
+    damaged = copy_of(TIP_LOG)
+    flip(damaged, "tile/entries/003.p/88", 7)  # unsigned: beyond 400
+    flip(damaged, "tile/0/000.p/100", 0)
+    report = audit_tip(damaged)
+    assert not report.ok and report.bad_bundles == (Bundle(3, 88),)
+    assert report.bad_partials == ("tile/0/000.p/100",)
+    assert report.message().startswith(f"audit of the tree of size {SIZE} (signed up to {SIGNED_AT}):")
+    repair = run_tip_repair(damaged, {i: copy_of(TIP_LOG) for i in (2, 3, 4)})
+    assert repair.files is not None and repair.source == 2
+    assert repair.summary() == (
+        "1 entry bundle(s) (tile/entries/003.p/88) from server 2 and 1 partial file(s) of older sizes "
+        "(tile/0/000.p/100) from the tree's"
+    )
+    # A peer that has not reached our size lacks the entries, and is passed over.
+    short = honest_log(batches=(100, 300, 500 - 400))
+    damaged = copy_of(TIP_LOG)
+    flip(damaged, "tile/entries/003.p/88", 7)
+    repair = run_tip_repair(damaged, {2: short, 3: copy_of(TIP_LOG), 4: copy_of(TIP_LOG)})
+    assert repair.source == 3 and repair.passed == ["server 2 does not have entries from 768"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    damage=st.lists(
+        st.tuples(
+            st.sampled_from(FILES + OLDER),
+            st.sampled_from(["flip", "cut", "delete", "grow"]),
+            st.integers(0, 10**6),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_any_damage_to_a_servers_own_copy_is_repaired_byte_for_byte(
+    damage: list[tuple[str, str, int]],
+) -> None:
+    damaged = copy_of(TIP_LOG)
+    for path, how, at in damage:
+        data = damaged.files.get(path)
+        if not data:
+            continue
+        if how == "flip":
+            flip(damaged, path, at)
+        elif how == "cut":
+            damaged.files[path] = data[: at % len(data)]
+        elif how == "delete":
+            del damaged.files[path]
+        else:
+            damaged.files[path] = data + bytes([at % 256]) * (1 + at % 40)
+    report = audit_tip(damaged)
+    if report.ok:
+        # The edits cancelled out, or only an older partial that may be missing went.
+        for path in {p for p, _, _ in damage}:
+            allowed = (TIP_LOG.files[path], None) if path in OLDER else (TIP_LOG.files[path],)
+            assert damaged.files.get(path) in allowed, path
+        return
+    repair = run_tip_repair(damaged, {i: copy_of(TIP_LOG) for i in (2, 3, 4)})
+    assert repair.files is not None, repair.failure
+    TileLog(damaged, ORIGIN, merkle.Frontier()).rewrite(repair.files)
+    assert audit_tip(damaged).ok
+    assert {p: damaged.files.get(p) for p in FILES} == {p: TIP_LOG.files[p] for p in FILES}
+    for path in OLDER:  # every older partial is right again, or (allowed) missing
+        assert damaged.files.get(path) in (None, TIP_LOG.files[path]), path

@@ -686,6 +686,7 @@ def test_a_bundle_edited_on_one_servers_disk_is_repaired_from_the_others(tmp_pat
         with urllib.request.urlopen(f"{url}/v1/status", timeout=10) as answer:
             status = json.loads(answer.read())["log"]["replication"]
         assert status["damaged"] is None and status["repairs"] == 1
+        assert status["lag_seconds"] == 0.0  # caught up: no peer is ahead
         # `pst log audit`: the operator asks server 2 (no periodic audit soon) to audit now; a
         # bundle edited on its disk is repaired before the command returns.
         out = pst("log", "audit", "--dir", str(root), "--node", "2")
@@ -695,5 +696,17 @@ def test_a_bundle_edited_on_one_servers_disk_is_repaired_from_the_others(tmp_pat
         out = pst("log", "audit", "--dir", str(root), "--node", "2")
         assert out.returncode == 0 and "repairs so far: 1" in out.stdout, out.stdout + out.stderr
         assert node2.read_bytes() == good
+        # Its state record and its checkpoint file, edited: named in an alert and put back.
+        for name in ("state/tree", "checkpoint"):
+            path = root / "node-2" / "state" / "log" / name
+            before = path.read_bytes()
+            path.write_bytes(before.replace(b"\n3\n", b"\n2\n", 1))
+            out = pst("log", "audit", "--dir", str(root), "--node", "2")
+            assert out.returncode == 0, out.stdout + out.stderr
+            assert path.read_bytes() == before, name
+            said = [json.loads(a) for a in (root / "node-2" / "state" / "serve" / "alerts.jsonl").open()]
+            assert any(
+                a["detail"].startswith(f"this server's copy of the log is damaged: {name} ") for a in said
+            )
     finally:
         pst("cluster", "down", "--dir", str(root))

@@ -218,6 +218,97 @@ def test_store_until_is_refused_before_its_date_everywhere_and_released_by_the_n
     assert c.store_record("will").get("value") == b""  # the other one is still sealed
 
 
+def _distributed(root: Path, i: int, name: str = "dvault", password: str = "open sesame") -> PstClient:
+    sock = root / f"node-{i}" / "api.sock"
+    client = PstClient(sock, timeout=40)
+    _open.append(client)
+    _retrying(client.register_distributed, name, password)
+    return client
+
+
+class _Approvers:
+    """Clients of the distributed application at other servers that approve (or deny) every
+    ``store`` request waiting for them, each in its own thread, until stopped; what they saw
+    is kept."""
+
+    def __init__(self, clients: list[PstClient], approve: bool = True) -> None:
+        self.approve = approve
+        self.seen: list[object] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(c,), daemon=True) for c in clients]
+
+    def _run(self, client: PstClient) -> None:
+        decided: set[bytes] = set()
+        while not self._stop.is_set():
+            try:
+                for p in client.pending():
+                    if p.protocol == "store" and p.request_id not in decided:
+                        self.seen.append(p.store_request())
+                        (client.approve if self.approve else client.deny)(p.request_id)
+                        decided.add(p.request_id)
+            except PstError:
+                pass  # a request expired or decided meanwhile; a server briefly unavailable
+            time.sleep(0.05)
+
+    def __enter__(self) -> _Approvers:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(5)
+
+
+def test_a_distributed_applications_quorum_writes_and_reads(cluster: Path) -> None:
+    """public-rw, secret-dw-dr and a random joint secret written, and read, by a quorum: the clients at
+    servers 2 and 3 approve what server 1's client asks (3 of 4 servers). The certificate
+    travels in the agreed operation and every server's check gives one verdict (their store
+    digests stay equal). Denied by the others, the request is refused naming them; a single
+    client is refused where a quorum is needed; another application's quorum does not see the
+    data. (Joint secrets and the next version of public-rw: tests/test_store_api.py.)"""
+    d1, d2, d3 = (_distributed(cluster, i) for i in (1, 2, 3))
+    reader = nacl.public.PrivateKey.generate()
+    with _Approvers([d2, d3]) as approvers:
+        assert _retrying(d1.store_data, "config", b"v1", "public-rw") == 1
+        assert _retrying(d1.store_data, "db-key", b"k1", "secret-dw-dr") == 1
+        assert _retrying(d1.retrieve, "db-key", reader=reader) == b"k1"
+        # a random joint secret: t+1 or more servers' sealed contributions, approved, ordered
+        assert _retrying(d1.generate_joint_secret, "dice") == 1
+        assert len(set(d1.store_record("dice")["sealed"])) >= 2
+        assert len(_retrying(d1.retrieve, "dice", reader=reader)) == 32
+    kinds = {(type(r).__name__, r.data_id) for r in approvers.seen}  # type: ignore[attr-defined]
+    assert {("WriteRequest", "config"), ("WriteRequest", "db-key"), ("ReadRequest", "db-key")} <= kinds
+    assert d1.retrieve("config") == b"v1"
+    # denied by the clients at servers 2 and 3: a majority is out of reach, refused at once
+    with _Approvers([d2, d3], approve=False), pytest.raises(PstError) as denied:
+        _retrying(d1.write, "config", b"v2", 2)
+    assert denied.value.code == "refused" and "denied" in denied.value.message
+    # a centralized client of the application is one client, where a quorum is needed
+    alone = _client(cluster, 1, name="dvault")
+    with pytest.raises(PstError) as single:
+        alone.retrieve("db-key", reader=reader)
+    assert single.value.code == "not-permitted" and "only by a quorum" in single.value.message
+    # another application's quorum does not see the data
+    o1 = _distributed(cluster, 1, name="dother")
+    with pytest.raises(PstError) as other:
+        o1.retrieve("db-key", reader=reader)
+    assert other.value.code == "not-found"
+    # One verdict everywhere: the servers that applied the same operations hold the same state
+    # (a quorum of them at least; one may lag behind the sequence for a while).
+    deadline = time.monotonic() + 20
+    while True:
+        stores = [_http_status(cluster, i).get("store") or {} for i in (1, 2, 3, 4)]
+        latest = max(int(s.get("applied") or 0) for s in stores)
+        level = [s.get("digest") for s in stores if s.get("applied") == latest]
+        if len(level) >= 3:
+            assert len(set(level)) == 1, stores
+            break
+        assert time.monotonic() < deadline, stores
+        time.sleep(0.3)
+
+
 def test_pst_store_command_line(cluster: Path, tmp_path: Path) -> None:
     """`pst store put` from standard input; `pst store get` of a secret prints nothing unless
     asked (--out FILE or --show-secret); with --out the value lands in a 0600 file."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -48,27 +50,34 @@ class Net:
         entries = {
             i: KeyEntry(bytes(k.verify_key), bytes(32), bytes(64)) for i, k in self.period_keys.items()
         }
-        self.table = KeyTable(PERIOD, entries, {}, frozenset())
+        self.group_key = SigningKey(b"g" * 32)  # stands for Scert: it signs every KeyTable
+        table = KeyTable(PERIOD, entries, {}, frozenset())
+        self.table = table.signed(bytes(self.group_key.sign(table.payload()).signature))
+        self.authority = model.Authority(bytes(self.group_key.verify_key), n)
         self.verifiers = {APP: b"v" * 32, OTHER: b"o" * 32}
         self.clock = [NOW] * (n + 1)
-        self.views = {
-            i: model.TableView(n, self.table, dict(self.verifiers), lambda i=i: self.clock[i])
-            for i in range(1, n + 1)
-        }
+        self.views = {i: model.GroupView(self.authority, lambda i=i: self.clock[i]) for i in range(1, n + 1)}
         self.states = {i: StoreState(G, self.public.public_key, t, quotas) for i in range(1, n + 1)}
 
     def quorum(
-        self, app: str, digest: bytes, voters: range | list[int] | None = None, verifier: bytes = b""
+        self,
+        app: str,
+        digest: bytes,
+        voters: range | list[int] | None = None,
+        verifier: bytes = b"",
+        table: KeyTable | None = None,
     ) -> Quorum:
+        """The certificate the approvals service makes (``approvals.store_certificate``)."""
         v = verifier or self.verifiers[app]
-        ticket = approvals.ticket(v, PERIOD, digest)
+        table = table or self.table
+        ticket = approvals.ticket(v, table.period, digest)
         rid = approvals.request_id(digest, ticket)
         voters = voters if voters is not None else range(1, self.n // 2 + 2)
         votes = {
-            j: bytes(self.period_keys[j].sign(approvals.vote_payload(PERIOD, j, rid)).signature)
+            j: bytes(self.period_keys[j].sign(approvals.vote_payload(table.period, j, rid)).signature)
             for j in voters
         }
-        return Quorum(app, digest, ticket, votes)
+        return Quorum.from_obj(approvals.store_certificate(app, table, digest, ticket, votes))
 
     def write(self, request: WriteRequest, requester: model.Requester) -> None:
         """Apply at every server (what the agreement engine will do); they must agree."""
@@ -84,6 +93,28 @@ class Net:
             assert info.value.code == code, info.value.reason
             reasons.add(info.value.reason)
         return reasons.pop()
+
+    def contribute(
+        self, data_id: str, server: int, value: bytes, period: int = PERIOD
+    ) -> tuple[bytes, bytes]:
+        """Server ``server``'s contribution to a random joint secret, signed by its channel key
+        (a certificate its period key issued), as its store node makes it."""
+        from appliance.net._tls import channel_certificate_der, channel_identity, channel_sign
+
+        ident = channel_identity(server, period, bytes([server]) * 32)
+        return model.contribute(
+            G,
+            self.public.public_key,
+            APP,
+            data_id,
+            1,
+            server,
+            value,
+            period,
+            channel_certificate_der(ident),
+            lambda payload: channel_sign(ident, payload),
+            self.rand,
+        )
 
     def sealed(self, request: WriteRequest, plaintext: bytes, part: int = 0) -> bytes:
         return model.seal_value(G, self.public.public_key, request, plaintext, self.rand, part)
@@ -171,21 +202,74 @@ def test_public_read_write_changes_only_by_a_quorum() -> None:
         w2, net.quorum(APP, w2.digest(), voters=[1, 2]), "not-permitted"
     )
     forged = net.quorum(APP, w2.digest())
-    forged = Quorum(APP, forged.digest, forged.ticket, {**forged.votes, 3: bytes(64)})
+    forged = dataclasses.replace(forged, votes={**forged.votes, 3: bytes(64)})
     assert "valid votes" in net.refused_everywhere(w2, forged, "not-permitted")
-    assert "ticket" in net.refused_everywhere(
-        w2, net.quorum(APP, w2.digest(), verifier=b"p" * 32), "not-permitted"
-    )
+    # votes of one password's clients do not count for another ticket (they are on another rid)
+    swapped = dataclasses.replace(forged, ticket=net.quorum(APP, w2.digest(), verifier=b"p" * 32).ticket)
+    assert "valid votes" in net.refused_everywhere(w2, swapped, "not-permitted")
     assert "cannot write" in net.refused_everywhere(w2, net.quorum(OTHER, w2.digest()), "not-permitted")
     stale = WriteRequest(APP, "config", DataType.PUBLIC_RW, 3, value=b"v3")
     assert "next is 2" in net.refused_everywhere(stale, net.quorum(APP, stale.digest()), "stale-version")
     net.write(w2, net.quorum(APP, w2.digest()))
     assert net.states[4].get(APP, "config").value == b"v2"
-    # a server with no client of the application does not vouch for its quorum
-    lonely = model.TableView(N, net.table, {}, lambda: NOW)
-    w3 = WriteRequest(APP, "config", DataType.PUBLIC_RW, 3, value=b"v3")
-    with pytest.raises(Refused, match="no client"):
-        net.states[1].check_write(w3, net.quorum(APP, w3.digest()), lonely)
+
+
+def test_a_quorum_is_checked_alike_at_every_server_in_every_period() -> None:
+    """The check reads the certificate, the group key and n only: no server's own verifier or
+    current KeyTable. A KeyTable the group key did not sign, or of another period, is refused."""
+    net = Net()
+    w = WriteRequest(APP, "config", DataType.PUBLIC_RW, 1, value=b"v1")
+    q = net.quorum(APP, w.digest())
+    # a server that moved on to a later period, and one with no client of the application,
+    # give the same verdict as the others
+    later = model.GroupView(net.authority, lambda: NOW + 86400 * 365)
+    for view in (later, net.views[1]):
+        assert net.states[1].check_write(w, q, view).value == b"v1"
+    # the table must be the group's: signed by another key, unsigned, or of another period
+    rogue = SigningKey(b"r" * 32)
+    unsigned = dataclasses.replace(net.table, signature=b"")
+    resigned = net.table.signed(bytes(rogue.sign(net.table.payload()).signature))
+    for table in (unsigned, resigned):
+        assert "group key signed" in net.refused_everywhere(
+            w, net.quorum(APP, w.digest(), table=table), "not-permitted"
+        )
+    moved = dataclasses.replace(q, period=PERIOD + 1)
+    assert "of period 3, not 4" in net.refused_everywhere(w, moved, "not-permitted")
+    # a table of period p + 1 with other keys: votes under period p's keys do not verify there
+    entries = {
+        i: KeyEntry(bytes(SigningKey(bytes([i + 9]) * 32).verify_key), bytes(32), bytes(64))
+        for i in range(1, N + 1)
+    }
+    table2 = KeyTable(PERIOD + 1, entries, {}, frozenset())
+    table2 = table2.signed(bytes(net.group_key.sign(table2.payload()).signature))
+    assert "valid votes" in net.refused_everywhere(
+        w, net.quorum(APP, w.digest(), table=table2), "not-permitted"
+    )
+    # a server that cannot check a quorum refuses it; a view may refuse certificates too old
+    blind = model.GroupView(None, lambda: NOW)
+    with pytest.raises(Refused, match="cannot check a quorum"):
+        net.states[1].check_write(w, q, blind)
+    with pytest.raises(Refused, match="too old"):
+        net.states[1].check_write(w, q, model.GroupView(net.authority, lambda: NOW, oldest_period=PERIOD + 1))
+    net.write(w, q)
+    # replayed, the same certificate is refused alike (the version moved on)
+    assert "next is 2" in net.refused_everywhere(w, q, "stale-version")
+
+
+def test_approval_payloads_decode_for_the_clients_deciding() -> None:
+    w = WriteRequest(APP, "config", DataType.PUBLIC_RW, 2, value=b"v2")
+    r = ReadRequest(APP, "seed", 1, bytes(32))
+    assert model.decode_approval_payload(w.approval_payload()) == w
+    assert model.decode_approval_payload(r.approval_payload()) == r
+    assert (
+        w.digest()
+        == hashlib.sha256(approvals.distributed_payload(APP, "store", w.approval_payload())).digest()
+    )
+    assert w.digest() != r.digest()
+    from appliance.crypto import encoding
+
+    with pytest.raises(DecodeError, match="neither"):
+        model.decode_approval_payload(encoding.encode({"dom": "x", "store": "write", "req": w.to_obj()}))
 
 
 # Secret data -------------------------------------------------------------------------------------
@@ -293,12 +377,27 @@ def test_store_until_is_refused_by_every_server_before_its_date() -> None:
 
 def test_joint_secret_random_from_t_plus_1_servers_or_specified() -> None:
     net = Net()
-    bare = WriteRequest(APP, "joint", DataType.JOINT_SECRET, 1)
     contributions = {i: os.urandom(32) for i in (1, 2)}  # t + 1 servers, each its own random value
-    sealed = {i: net.sealed(bare, v, part=i) for i, v in contributions.items()}
-    few = WriteRequest(APP, "joint", DataType.JOINT_SECRET, 1, sealed={1: sealed[1]})
+    made = {i: net.contribute("joint", i, v) for i, v in contributions.items()}
+    sealed = {i: blob for i, (blob, _proof) in made.items()}
+    proofs = {i: proof for i, (_blob, proof) in made.items()}
+    few = WriteRequest(APP, "joint", DataType.JOINT_SECRET, 1, sealed={1: sealed[1]}, proofs={1: proofs[1]})
     assert "at least 2 servers" in net.refused_everywhere(few, net.quorum(APP, few.digest()), "bad-request")
-    w = WriteRequest(APP, "joint", DataType.JOINT_SECRET, 1, sealed=sealed)
+    # a faulty origin cannot make up another server's contribution: without its proof, with a
+    # proof of another server or of another contribution, or of another period
+    bare = WriteRequest(APP, "joint", DataType.JOINT_SECRET, 1)
+    forged_blob = net.sealed(bare, b"the origin knows this", part=2)
+    cases = [
+        ({1: proofs[1]}, sealed, "without its proof"),
+        ({1: proofs[1], 2: proofs[1]}, sealed, "not issued by its period 3 key"),
+        (proofs, {1: sealed[1], 2: forged_blob}, "does not verify"),
+        ({1: proofs[1], 2: net.contribute("joint", 2, b"x", period=PERIOD + 1)[1]}, sealed, "of period 4"),
+    ]
+    for case_proofs, case_sealed, words in cases:
+        bad = WriteRequest(APP, "joint", DataType.JOINT_SECRET, 1, sealed=case_sealed, proofs=case_proofs)
+        assert words in net.refused_everywhere(bad, net.quorum(APP, bad.digest()), "bad-request")
+    w = WriteRequest(APP, "joint", DataType.JOINT_SECRET, 1, sealed=sealed, proofs=proofs)
+    assert WriteRequest.decode(w.encode()) == w
     assert "only by a quorum" in net.refused_everywhere(w, ALICE, "not-permitted")
     net.write(w, net.quorum(APP, w.digest()))
     reader = nacl.public.PrivateKey.generate()
@@ -432,11 +531,20 @@ def test_fuzz_state_decoder_mutations(pos: int, value: int, cut: int) -> None:
 # Request decoders --------------------------------------------------------------------------------
 
 _WRITE = secret_write(_NET, DataType.STORE_UNTIL, "w", b"x", until_ms=5)
+_CONTRIBUTION = _NET.contribute("j", 2, b"r" * 32)
 _REQUESTS: dict[str, tuple[bytes, Any]] = {
     "write": (_WRITE.encode(), WriteRequest.decode),
     "public-write": (WriteRequest(APP, "p", DataType.PUBLIC_RW, 2, value=b"v").encode(), WriteRequest.decode),
     "read": (ReadRequest(APP, "w", 1, bytes(32)).encode(), ReadRequest.decode),
     "quorum": (_NET.quorum(APP, _WRITE.digest()).encode(), Quorum.decode),
+    "contribution": (_CONTRIBUTION[1], model.Contribution.decode),
+    "approval-payload": (_WRITE.approval_payload(), model.decode_approval_payload),
+    "joint-write": (
+        WriteRequest(
+            APP, "j", DataType.JOINT_SECRET, 1, sealed={2: _CONTRIBUTION[0]}, proofs={2: _CONTRIBUTION[1]}
+        ).encode(),
+        WriteRequest.decode,
+    ),
 }
 
 

@@ -17,6 +17,8 @@ from appliance.apps.store.node import answers_to_obj
 from appliance.apps.store.service import (
     ALERT_CODES,
     NETWORK_QUOTAS,
+    ContributeAsk,
+    Contributed,
     Operation,
     ReadAnswer,
     ReadAsk,
@@ -63,7 +65,7 @@ class Net:
     def answer(self, i: int, ask: ReadAsk, clock: float = NOW) -> ReadAnswer:
         """Server ``i``'s answer: its rule with its clock, then its key-holder's sealed shares."""
         try:
-            parts = self.services[i].authorize(ask.request, ask.client, lambda: clock)
+            parts = self.services[i].authorize(ask.request, ask.requester, lambda: clock)
         except Refused as exc:
             return ReadAnswer(ask.rid, code=exc.code, reason=f"server {i}: {exc.reason}")
         shares = {}
@@ -178,6 +180,75 @@ def test_t_answers_do_not_open_and_bad_shares_are_named() -> None:
     assert open_answers(net.key, record.to_obj(), answers_to_obj(answers), owner) == b"v"
 
 
+class Group:
+    """The group key (Vcert), the period keys of two periods in signed KeyTables, and the
+    certificates the approvals service makes from the servers' votes (protocol ``store``)."""
+
+    def __init__(self) -> None:
+        from nacl.signing import SigningKey
+
+        from appliance.protocols.state import KeyEntry, KeyTable
+
+        self.scert = SigningKey(b"s" * 32)
+        self.keys = {p: {i: SigningKey(bytes([i, p]) * 16) for i in range(1, N + 1)} for p in (3, 4)}
+        self.tables = {}
+        for p, keys in self.keys.items():
+            entries = {i: KeyEntry(bytes(k.verify_key), bytes(32), bytes(64)) for i, k in keys.items()}
+            table = KeyTable(p, entries, {}, frozenset())
+            self.tables[p] = table.signed(bytes(self.scert.sign(table.payload()).signature))
+        self.authority = model.Authority(bytes(self.scert.verify_key), N)
+
+    def quorum(
+        self, app: str, digest: bytes, voters: tuple[int, ...] = (1, 2, 3), period: int = 3
+    ) -> model.Quorum:
+        from appliance.protocols import approvals
+
+        ticket = approvals.ticket(b"v" * 32, period, digest)
+        rid = approvals.request_id(digest, ticket)
+        votes = {
+            j: bytes(self.keys[period][j].sign(approvals.vote_payload(period, j, rid)).signature)
+            for j in voters
+        }
+        return model.Quorum.from_obj(
+            approvals.store_certificate(app, self.tables[period], digest, ticket, votes)
+        )
+
+
+def test_a_quorums_writes_apply_alike_everywhere_and_its_reads_open() -> None:
+    """A quorum's operation carries its certificate; every server gives the same verdict, in
+    whatever period it is, and a single client or a short quorum is refused alike."""
+    net, group = Net(), Group()
+    for service in net.services.values():
+        service.authority = group.authority
+    request = seal_write(net.key, "vault", "db", DataType.SECRET_DW_DR, b"k1", rand=net.rand)
+    alone = Operation(request, ALICE, int(NOW * 1000))
+    assert all(isinstance(o, Refused) and "only by a quorum" in o.reason for o in net.order(alone))
+    short = Operation(
+        request, Client("vault", b""), int(NOW * 1000), group.quorum("vault", request.digest(), (1, 2))
+    )
+    assert all(isinstance(o, Refused) and "2 valid votes" in o.reason for o in net.order(short))
+    foreign = Operation(request, INTRUDER, int(NOW * 1000), group.quorum("other", request.digest()))
+    assert all(isinstance(o, Refused) and o.code == model.NOT_PERMITTED for o in net.order(foreign))
+    op = Operation(request, Client("vault", b""), int(NOW * 1000), group.quorum("vault", request.digest()))
+    assert Operation.decode(op.encode()) == op
+    assert all(isinstance(o, model.Record) and o.owner == b"" for o in net.order(op))
+    # the next version, approved in the next period: the same at every server
+    v2 = seal_write(net.key, "vault", "db", DataType.SECRET_DW_DR, b"k2", version=2, rand=net.rand)
+    op2 = Operation(v2, Client("vault", b""), int(NOW * 1000), group.quorum("vault", v2.digest(), period=4))
+    assert all(isinstance(o, model.Record) and o.version == 2 for o in net.order(op2))
+    # read by a quorum (for this version and reader key), refused to one client at every server
+    reader = nacl.public.PrivateKey(b"\x05" * 32)
+    read = ReadRequest("vault", "db", 2, bytes(reader.public_key))
+    ask = ReadAsk(b"d" * 16, read, Client("vault", b""), 2, group.quorum("vault", read.digest(), period=4))
+    assert decode_read_message(ask.encode(), T) == ask
+    answers = {i: net.answer(i, ask) for i in net.services}
+    record = net.services[1].state.get("vault", "db")
+    assert open_answers(net.key, record.to_obj(), answers_to_obj(answers), reader) == b"k2"
+    lonely = ReadAsk(b"e" * 16, read, ALICE, 2)
+    refusals = {i: net.answer(i, lonely) for i in net.services}
+    assert {a.code for a in refusals.values()} == {model.NOT_PERMITTED}
+
+
 def test_the_state_is_saved_and_loaded() -> None:
     net = Net()
     net.order(_put(net, ALICE, "a", b"1", DataType.PUBLIC_ONCE))
@@ -220,11 +291,17 @@ def test_fuzz_decoders_raise_decode_error_only(data: bytes) -> None:
 def test_fuzz_changed_messages(data: st.DataObject) -> None:
     """Single-byte changes of valid messages: decoded or DecodeError, nothing else."""
     net_answer = ReadAnswer(b"a" * 16, 2, (G.encode(G.mul_base(1)),) * (T + 1), {0: b"s" * 80})
+    group = Group()
+    public_rw = WriteRequest("vault", "x", DataType.PUBLIC_RW, 1, value=b"v")
     samples = [
         Operation(WriteRequest("vault", "x", DataType.PUBLIC_ONCE, 1, value=b"v"), ALICE, 5).encode(),
+        Operation(public_rw, ALICE, 5, group.quorum("vault", public_rw.digest())).encode(),
         ReadAsk(b"r" * 16, ReadRequest("vault", "x", 1, bytes(32)), ALICE, 3).encode(),
         net_answer.encode(),
         ReadAnswer(b"a" * 16, code="too-early", reason="later").encode(),
+        ContributeAsk(b"c" * 16, "vault", "dice", 1).encode(),
+        Contributed(b"c" * 16, b"s" * 200, b"p" * 300).encode(),
+        Contributed(b"c" * 16, code="exists", reason="vault/dice exists").encode(),
     ]
     raw = bytearray(data.draw(st.sampled_from(samples)))
     pos = data.draw(st.integers(0, len(raw) - 1))

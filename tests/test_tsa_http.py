@@ -25,12 +25,13 @@ from appliance.apps.tsa.authority import (
     TokenRecord,
     serial_server,
 )
+from appliance.apps.tsa.issuing import STALE_CODE
 from appliance.apps.tsa.rfc3161 import Accuracy, FailureInfo, Status
 from appliance.apps.tsa.service import authority_from_config, load_period_key
 from appliance.apps.tsa.threshold import decode_payload
 from appliance.host import config as node_config
 from appliance.host.config import HttpConfig
-from appliance.protocols.signing import SigningRefused
+from appliance.protocols.signing import OWN_CHECK, SigningRefused
 from appliance.protocols.state import ConfigError
 from appliance.web import WebService
 from appliance.web._tsa import QUERY_TYPE, REPLY_TYPE, local_signer, network_signer, timestamp_route
@@ -337,12 +338,16 @@ async def test_threshold_signer_failures_are_rfc3161_system_failures_with_the_re
 @pytest.mark.parametrize(
     "refusal",
     [
-        "sign/tsa: this server now refuses the timestamp: proposed genTime ... is -1.2 s from our clock",
-        "this server refuses the timestamp: proposed genTime ... is -1.1 s from our clock",
+        # Our own check, run again after the request waited for a presignature.
+        SigningRefused("sign/tsa: this server now refuses the timestamp: ...", code=STALE_CODE),
+        # Our own check when the request reached the key-holder (it waited in the link).
+        SigningRefused("this server refuses the timestamp: ...", code=STALE_CODE),
+        # The code decides, whatever the text says.
+        SigningRefused("any words at all", code="own-check/time-off"),
     ],
 )
 async def test_a_stale_gentime_is_proposed_again_once(
-    tmp_path: Path, stand_in: StandIn, refusal: str
+    tmp_path: Path, stand_in: StandIn, refusal: SigningRefused
 ) -> None:
     """The coordinator's own check refused its proposal after waiting for a presignature: the
     route proposes a fresh TSTInfo (new genTime, new serial) and that one is signed."""
@@ -351,7 +356,7 @@ async def test_a_stale_gentime_is_proposed_again_once(
     async def sign_dss(payload: bytes, timeout: float) -> bytes:
         payloads.append(payload)
         if len(payloads) == 1:
-            raise SigningRefused(refusal)
+            raise refusal
         tst, _cert = decode_payload(payload)
         return stand_in.sign(rfc3161.signed_attributes(tst, stand_in.chain))
 
@@ -359,13 +364,27 @@ async def test_a_stale_gentime_is_proposed_again_once(
     reply = rfc3161.decode_response(body)
     assert reply.tst_info is not None and len(payloads) == 2 and len(records) == 1
 
-    async def others_refuse(payload: bytes, timeout: float) -> bytes:
-        raise SigningRefused(
-            "sign/tsa: refused by its signers' checks (server 2: this server refuses the timestamp: "
-            "proposed genTime ...)"
-        )
+    # Not retried: the others' refusal (no code, though its text quotes a genTime refusal), and
+    # our own check refusing for another reason than the genTime.
+    for i, other in enumerate(
+        [
+            SigningRefused(
+                "sign/tsa: refused by its signers' checks (server 2: this server refuses the "
+                "timestamp: proposed genTime ... is -1.2 s from our clock)"
+            ),
+            SigningRefused("this server refuses the timestamp: proposed genTime ...", code=OWN_CHECK),
+        ]
+    ):
+        asked: list[bytes] = []
 
-    body, none = await _post_with(tmp_path / "others", stand_in, others_refuse)
-    assert rfc3161.decode_response(body).failures == {FailureInfo.SYSTEM_FAILURE} and not none
+        async def others_refuse(
+            payload: bytes, timeout: float, exc: SigningRefused = other, asked: list[bytes] = asked
+        ) -> bytes:
+            asked.append(payload)
+            raise exc
+
+        body, none = await _post_with(tmp_path / f"other-{i}", stand_in, others_refuse)
+        assert rfc3161.decode_response(body).failures == {FailureInfo.SYSTEM_FAILURE} and not none
+        assert len(asked) == 1
     serials = [rfc3161.decode_tst_info(decode_payload(p)[0]).serial for p in payloads]
     assert serials[0] != serials[1] == records[0].serial

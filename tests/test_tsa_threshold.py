@@ -2,8 +2,9 @@
 simulation of protocols/dss_signing.py: four servers sign tokens with the P-256 secret ``tsa``,
 each running the TimestampCheck with its own clock before it gives a share.
 
-The TSA certificate is a stand-in root's (Ed25519) for the network's threshold key; the cluster
-test (tests/test_tsa_threshold_cluster.py) has the group's CA issue it.
+The TSA certificate is issued by the group root of a stand-in ``ca`` key (a local Ed25519 key,
+the root and the leaf built as the network builds them: appliance/apps/ca/x509.py); the cluster
+test (tests/test_tsa_threshold_cluster.py) has the group's CA issue it with the threshold key.
 """
 
 from __future__ import annotations
@@ -18,23 +19,68 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rfc3161_client import TimestampRequestBuilder, VerifierBuilder, decode_timestamp_response
 from test_dss_signing import Net
 
+from appliance.apps.ca import x509 as ca
+from appliance.apps.ca.policy import IssuedCheck, tsa_profile
 from appliance.apps.tsa import rfc3161
 from appliance.apps.tsa.authority import Authority, MemorySerialStore, Prepared, SerialAllocator
+from appliance.apps.tsa.issuing import STALE_CODE
 from appliance.apps.tsa.rfc3161 import Accuracy, SigningChain
 from appliance.apps.tsa.threshold import NoTimestamps, TimestampCheck, decode_payload, encode_payload
 from appliance.crypto import dss, encoding
 from appliance.protocols._core import AlertKind
-from appliance.protocols.signing import SigningRefused
+from appliance.protocols.signing import OWN_CHECK, SigningRefused, refusal_code
+from appliance.protocols.state import CA_SECRET, SCERT, Constants
 
 POLICY = "1.3.6.1.4.1.99999.1.1"
 ACCURACY = Accuracy(1, 0)
-EPOCH = dt.datetime(2026, 11, 30, 18, 0, tzinfo=dt.UTC)
+#: The simulation's clocks start now (openssl checks the certificate's validity at its own time).
+EPOCH = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0)
+TSA_NAME = "tsa.example.org"
+GRACE = 60.0
+#: C of the stand-in network: a period of 30 days around EPOCH (the leaf is valid for it).
+C = Constants(
+    n=4,
+    t=1,
+    period_length=30 * 86400.0,
+    delta=0.1,
+    genesis=EPOCH.timestamp() - 86400.0,
+    peers={i: f"127.0.0.{i}:{7100 + i}" for i in range(1, 5)},
+    secrets={SCERT: "ed25519", CA_SECRET: "ed25519", "tsa": "p256"},
+)
+
+
+def raw(key: ed25519.Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def group_certificate(
+    ca_key: ed25519.Ed25519PrivateKey,
+    subject_key: Any,
+    *,
+    names: tuple[str, ...] = (TSA_NAME,),
+    validity: tuple[int, int] | None = None,
+    issuer: x509.Name | None = None,
+) -> bytes:
+    """A leaf of the ``tsa`` profile by the group root of ``ca_key`` (the network's two passes)."""
+    public = raw(ca_key)
+    builder = ca.leaf_builder(
+        root_public=public,
+        constants=C,
+        subject_key=subject_key,
+        names=list(names),
+        eku=list(ca.TSA_EKU),
+        eku_critical=True,
+        validity=validity or ca.leaf_validity(C, EPOCH.timestamp(), GRACE),
+        issuer=issuer,
+    )
+    tbs = ca.tbs_of(builder, public)
+    return ca.assemble(builder, public, tbs, ca_key.sign(tbs)).public_bytes(serialization.Encoding.DER)
 
 
 class Setup:
@@ -43,47 +89,27 @@ class Setup:
     def __init__(self, seed: int, offset: dict[int, float] | None = None) -> None:
         self.net = Net(4, 1, seed=seed)
         self.offset = offset or {}
-        public = dss.cryptography_public_key(self.net.group, self.net.public_key())
-        self.spki = public.public_bytes(
+        self.public = dss.cryptography_public_key(self.net.group, self.net.public_key())
+        self.spki = self.public.public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        self.root_key = ed25519.Ed25519PrivateKey.generate()
-        self.root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stand-in group root")])
-        now = dt.datetime.now(dt.UTC)
-        self.root = (
-            x509.CertificateBuilder()
-            .subject_name(self.root_name)
-            .issuer_name(self.root_name)
-            .public_key(self.root_key.public_key())
-            .serial_number(1)
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .sign(self.root_key, None)
-        )
-        self.cert = self.certificate(public)
+        self.root_key = ed25519.Ed25519PrivateKey.generate()  # stands in for the ca key
+        builder = ca.root_builder(raw(self.root_key), C)
+        tbs = ca.tbs_of(builder, raw(self.root_key))
+        self.root = ca.assemble(builder, raw(self.root_key), tbs, self.root_key.sign(tbs))
+        self.cert = self.certificate(self.public)
         self.chain = SigningChain(self.cert)
         for i, service in self.net.services.items():
-            service.checks.append(
-                TimestampCheck(
-                    policy=POLICY, accuracy=ACCURACY, clock=self.clock(i), public_key=lambda: self.spki
-                )
-            )
+            service.checks.append(self.check(i))
+
+    def check(self, i: int) -> TimestampCheck:
+        issued = IssuedCheck(C, lambda: raw(self.root_key), tsa_profile([TSA_NAME]), GRACE)
+        return TimestampCheck(
+            policy=POLICY, accuracy=ACCURACY, clock=self.clock(i), public_key=lambda: self.spki, issued=issued
+        )
 
     def certificate(self, public: Any) -> bytes:
-        now = dt.datetime.now(dt.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tsa.example.org")]))
-            .issuer_name(self.root_name)
-            .public_key(public)
-            .serial_number(2)
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=30))
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.TIME_STAMPING]), critical=True)
-            .sign(self.root_key, None)
-        )
-        return cert.public_bytes(serialization.Encoding.DER)
+        return group_certificate(self.root_key, public)
 
     def clock(self, i: int) -> Any:
         return lambda: EPOCH + dt.timedelta(seconds=self.net.sim.now + self.offset.get(i, 0.0))
@@ -183,7 +209,75 @@ def test_a_byzantine_coordinator_skipping_its_own_check_is_refused_by_the_others
     other = setup.certificate(ed25519_free_p256())
     failure = setup.request(1, encode_payload(setup.prepare(setup.authority(1)).tst_info_der, other))
     assert isinstance(failure, str) and "not for the network's TSA key" in failure
+    # A certificate for the network's key, of the tsa profile, naming the group root as its
+    # issuer, but signed by a root of the coordinator's own (a token under it verifies for
+    # whoever trusts that root): it does not chain to the group root.
+    stranger = group_certificate(ed25519.Ed25519PrivateKey.generate(), setup.public)
+    assert x509.load_der_x509_certificate(stranger).issuer == setup.root.subject  # it looks the part
+    failure = setup.request(1, encode_payload(setup.prepare(setup.authority(1)).tst_info_der, stranger))
+    assert isinstance(failure, str) and "refused by its signers' checks" in failure
+    assert "not the group's TSA certificate: not signed by the group root's key" in failure
     assert setup.alerts() == {(AlertKind.TIMESTAMP_OUTSIDE_POLICY, 1, i) for i in (2, 3, 4)}
+
+
+def test_the_check_accepts_only_the_group_s_tsa_certificate_valid_at_the_gentime() -> None:
+    """Each way a certificate for the network's key can fail to be the group's TSA certificate,
+    refused by a signer's check with ``timestamp-outside-policy``, and the group's own accepted."""
+    setup = Setup(37)
+    tst = setup.prepare(setup.authority(1)).tst_info_der
+    now = int(EPOCH.timestamp())
+    group, public = setup.root_key, setup.public
+    cases = {
+        "not signed by the group root's key": group_certificate(ed25519.Ed25519PrivateKey.generate(), public),
+        "the issuer is not the group root": group_certificate(
+            group, public, issuer=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "another root")])
+        ),
+        "are not allowed by profile 'tsa'": group_certificate(group, public, names=("evil.example.org",)),
+        "longer than a period plus the grace": group_certificate(
+            group, public, validity=(now - 86400, now + int(C.period_length))
+        ),
+        "outside the token's certificate's validity": group_certificate(
+            group, public, validity=(now - 7200, now - 3600)
+        ),
+    }
+    for expected, certificate in cases.items():
+        check = setup.check(2)
+        reason = check.check_from(encode_payload(tst, certificate), 1)
+        assert reason is not None and expected in reason, (expected, reason)
+        assert check.alert is AlertKind.TIMESTAMP_OUTSIDE_POLICY
+    assert setup.check(2).check_from(encode_payload(tst, setup.cert), 1) is None
+    # A signer that does not know the group's ca key yet signs nothing.
+    blind = TimestampCheck(
+        policy=POLICY, accuracy=ACCURACY, clock=setup.clock(2), public_key=lambda: setup.spki,
+        issued=IssuedCheck(C, lambda: None, tsa_profile([TSA_NAME]), GRACE),
+    )  # fmt: skip
+    reason = blind.check_from(encode_payload(tst, setup.cert), 1)
+    assert reason is not None and "does not know the group's ca key yet" in reason
+
+
+def test_a_proposal_gone_stale_is_refused_by_its_own_coordinator_with_a_code() -> None:
+    """The coordinator's request waits for a presignature while its genTime goes stale: its own
+    check, run again before anything is sent, refuses it with the code the authority acts on
+    (``own-check/time-off``: it proposes a fresh TSTInfo, apps/tsa/issuing.py), and no signer
+    saw it (no alert). Asked again with that proposal, it refuses at once, with the same code."""
+    setup = Setup(38)
+    service = setup.net.services[1]
+    payload = encode_payload(setup.prepare(setup.authority(1)).tst_info_der, setup.cert)
+    rid = service.request(payload, setup.net.sim.now)  # no presignature in stock yet: it waits
+    setup.offset[1] = 2.0  # meanwhile our clock moved on beyond the stated accuracy (1 s)
+    setup.net.run_until(setup.net.sim.now + 20.0, lambda: rid in service.done or rid in service.failed)
+    failure = service.failed.get(rid)
+    assert failure is not None and "this server now refuses the timestamp" in failure, failure
+    assert refusal_code(failure) == STALE_CODE == "own-check/time-off"
+    assert setup.alerts() == set()
+    with pytest.raises(SigningRefused) as refused:
+        service.request(payload, setup.net.sim.now)
+    assert refused.value.code == STALE_CODE
+    # A refusal for another reason carries another code (not retried): a serial of another server.
+    other = encode_payload(setup.prepare(setup.authority(1, serial_id=2)).tst_info_der, setup.cert)
+    with pytest.raises(SigningRefused) as refused:
+        service.request(other, setup.net.sim.now)
+    assert refused.value.code == OWN_CHECK
 
 
 class AcceptAll:
@@ -237,7 +331,10 @@ def test_a_server_not_in_threshold_mode_gives_no_share_of_the_tsa_key() -> None:
     | st.builds(encode_payload, st.binary(max_size=200), st.binary(max_size=200))
 )
 def test_fuzz_the_payload_decoder_and_the_check_never_raise(data: bytes) -> None:
-    check = TimestampCheck(policy=POLICY, accuracy=ACCURACY, clock=lambda: EPOCH, public_key=lambda: None)
+    issued = IssuedCheck(C, lambda: None, tsa_profile([TSA_NAME]), GRACE)
+    check = TimestampCheck(
+        policy=POLICY, accuracy=ACCURACY, clock=lambda: EPOCH, public_key=lambda: None, issued=issued
+    )
     with contextlib.suppress(ValueError):
         decode_payload(data)
     assert isinstance(check.check_from(data, 1), str)

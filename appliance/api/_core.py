@@ -202,6 +202,11 @@ REQUEST_ID_SIZE: Final = 32
 #: Messages one ``log_append`` carries at most; entries one ``log_entries`` returns at most.
 MAX_LOG_BATCH: Final = 64
 MAX_LOG_READ: Final = 256
+#: Types a distributed application writes through a quorum of its clients (its ``store_data``,
+#: ``write``, ``generate_joint_secret``); its other writes are its client's alone.
+QUORUM_WRITES: Final = frozenset({"public-rw", "secret-dw-dr", "joint-secret"})
+#: Types a distributed application reads through a quorum (``retrieve`` with a reader key).
+QUORUM_READS: Final = frozenset({"secret-sw-dr", "secret-dw-dr", "joint-secret"})
 #: Protocols a distributed application may request.
 DISTRIBUTED_PROTOCOLS: Final = frozenset({"sign"})
 
@@ -316,16 +321,25 @@ class StoreBackend(Protocol):
         """The store key's group, threshold, period and Feldman commitment (clients seal to it)."""
         ...
 
-    async def store_write(self, request: bytes, app: str, unique_id: bytes) -> Mapping[str, Any]:
-        """Order the encoded WriteRequest ``request`` of client (app, unique_id) through the
-        network; the stored record's summary once applied here."""
+    async def store_write(
+        self, request: bytes, app: str, unique_id: bytes, quorum: bytes | None = None
+    ) -> Mapping[str, Any]:
+        """Order the encoded WriteRequest ``request`` of client (app, unique_id), or of the quorum
+        whose encoded certificate is ``quorum``, through the network; the stored record's summary
+        once applied here."""
+        ...
+
+    async def store_contribute(self, app: str, data_id: str) -> bytes:
+        """A random joint secret's encoded WriteRequest (version 1): the sealed contributions of
+        at least t+1 servers with their proofs; not ordered yet (a quorum approves it first)."""
         ...
 
     async def store_retrieve(
-        self, app: str, unique_id: bytes, data_id: str, reader: bytes | None
+        self, app: str, unique_id: bytes, data_id: str, reader: bytes | None, quorum: bytes | None = None
     ) -> Mapping[str, Any]:
         """The record (a public value), or for a secret the record and every server's answer
-        (shares sealed to ``reader``, or its refusal)."""
+        (shares sealed to ``reader``, or its refusal); ``quorum``: a quorum's certificate for the
+        read (the ReadRequest of the record's version and ``reader``)."""
         ...
 
     async def store_write_many(
@@ -447,8 +461,9 @@ OPS: Final[Mapping[str, Mapping[str, type]]] = {
     "approve": {"handle": bytes, "request_id": bytes},
     "deny": {"handle": bytes, "request_id": bytes},
     "upgrade_sign": {},
-    "dss_sign": {"secret": str, "message": bytes},
-    "dss_public_key": {"secret": str},
+    "dss_sign": {"message": bytes},
+    "dss_public_key": {},
+    "generate_dss_key": {"handle": bytes, "name": str},
     "registrations": {},
     "revoke": {"name": str},
     "log_append": {"handle": bytes, "messages": list},
@@ -466,6 +481,7 @@ OPS: Final[Mapping[str, Mapping[str, type]]] = {
     "write": {"handle": bytes, "request": bytes},
     "store_until": {"handle": bytes, "request": bytes},
     "generate_joint_secret": {"handle": bytes, "request": bytes},
+    "generate_random_secret": {"handle": bytes, "data_id": str},
     "retrieve": {"handle": bytes, "data_id": str},
     "store_batch": {"handle": bytes, "requests": list},
 }
@@ -477,6 +493,10 @@ OPTIONAL: Final[Mapping[str, Mapping[str, type]]] = {
     "certificate": {"csr": bytes, "names": list},
     "timestamp": {"nonce": int, "cert_req": bool},
     "retrieve": {"reader": bytes},
+    # A DSS secret of C (the operator's), or an application's key (its handle and key name).
+    "dss_sign": {"secret": str, "handle": bytes, "key": str},
+    "dss_public_key": {"secret": str, "handle": bytes, "key": str},
+    "generate_dss_key": {"group": str},
 }
 #: The store's write operations and the data types each takes (``write``: the next version of
 #: read/write data; the model says which types those are).
@@ -549,6 +569,12 @@ def parse_request(obj: object) -> Request:
         if (isinstance(value, bool) and want is not bool) or not isinstance(value, want):
             raise bad(key, f"expected {want.__name__}, got {_type_name(value)}")
         args[key] = value
+    if op in ("dss_sign", "dss_public_key") and (
+        ("secret" in args) == ("key" in args) or ("key" in args) != ("handle" in args)
+    ):
+        raise bad(
+            "secret", "give either 'secret' (a DSS secret of C) or 'handle' and 'key' (an application's key)"
+        )
     if "uid" in args and not 0 <= args["uid"] < 2**32:
         raise bad("uid", "must be in [0, 2**32)")
     if "handle" in args and len(args["handle"]) != HANDLE_SIZE:
@@ -1034,8 +1060,15 @@ class ApiCore:
             return await self._link_receive(args["handle"], args.get("max", 64), args.get("wait_ms", 0), peer)
         if request.op == "certificate":
             return await self._certificate(args["handle"], args.get("csr"), args.get("names"), peer)
-        if request.op in STORE_WRITES or request.op in ("store_key", "retrieve", "store_batch"):
+        if request.op in STORE_WRITES or request.op in (
+            "store_key",
+            "retrieve",
+            "generate_random_secret",
+            "store_batch",
+        ):
             return await self._store(request, peer)
+        if request.op == "generate_dss_key" or "key" in request.args:
+            return await self._app_dss(request, peer)
         self._charge_control(
             peer, 4.0 if request.op in ("register_distributed", "register_certified") else 1.0
         )
@@ -1610,12 +1643,6 @@ class ApiCore:
 
         args = request.args
         reg = self._lookup(args["handle"], peer)
-        if reg.verifier is not None:
-            raise ApiError(
-                NOT_PERMITTED,
-                "the store takes requests of centralized registrations only for now (a distributed "
-                "application's quorum requests are not wired: docs/store.md)",
-            )
         backend = self.store_backend
         if backend is None:
             raise ApiError(UNAVAILABLE, "this network has no store key (pst cluster init --store)")
@@ -1632,7 +1659,11 @@ class ApiCore:
                 reader = args.get("reader")
                 if reader is not None and len(reader) != 32:
                     raise bad("reader", "an X25519 public key has 32 bytes")
+                if reg.verifier is not None and reader is not None:
+                    return await self._quorum_retrieve(reg, args["data_id"], reader, backend)
                 return dict(await backend.store_retrieve(reg.name, reg.unique_id, args["data_id"], reader))
+            if request.op == "generate_random_secret":
+                return await self._random_secret(reg, args["data_id"], backend)
             try:
                 write = WriteRequest.decode(args["request"])
             except DecodeError as exc:
@@ -1645,6 +1676,13 @@ class ApiCore:
                 )
             if request.op == "store_data" and write.version != 1:
                 raise ApiError(STALE_VERSION, "store_data creates data (version 1); change it with write")
+            if reg.verifier is not None and write.dtype.value in QUORUM_WRITES:
+                if write.app != reg.name:
+                    raise ApiError(
+                        NOT_PERMITTED, f"a client of {reg.name!r} cannot write {write.app!r}'s data"
+                    )
+                quorum = await self._quorum(reg, write.approval_payload())
+                return dict(await backend.store_write(args["request"], reg.name, reg.unique_id, quorum))
             return dict(await backend.store_write(args["request"], reg.name, reg.unique_id))
         except Refused as exc:
             raise ApiError(exc.code if exc.code in ERROR_CODES else REFUSED, str(exc)[:1000]) from None
@@ -1682,6 +1720,10 @@ class ApiCore:
         ``generate_joint_secret`` for version 1 by its type, ``write`` for later versions)."""
         from appliance.apps.store.model import WriteRequest
 
+        if reg.verifier is not None:
+            raise ApiError(
+                NOT_PERMITTED, "store_batch is for centralized registrations (a quorum approves one request)"
+            )
         results: list[Mapping[str, Any] | None] = []
         send: list[bytes] = []
         for raw in requests:
@@ -1718,6 +1760,161 @@ class ApiCore:
             else:
                 out.append(result)
         return {"results": out}
+
+    async def _quorum(self, reg: Registration, payload: bytes) -> bytes:
+        """The approvals certificate (protocol ``store``) of ``payload``: once a strict majority
+        of the application's clients asked for or approved it; ``refused`` naming the servers
+        otherwise."""
+        if self.distributed is None or reg.verifier is None:
+            raise ApiError(UNAVAILABLE, "this server does not serve distributed applications")
+        certificate = await self._call_distributed(
+            "request",
+            self.distributed.distributed_request(reg.name, reg.verifier, "store", payload, self.request_wait),
+        )
+        if not isinstance(certificate, bytes):
+            raise ApiError(UNAVAILABLE, "cannot serve the request now")
+        log.info("api: a quorum of distributed application %r approved a store request", reg.name)
+        return certificate
+
+    async def _random_secret(
+        self, reg: Registration, data_id: str, backend: StoreBackend
+    ) -> Mapping[str, Any]:
+        """GenerateJointSecret, random: at least t+1 servers' sealed contributions (each with its
+        server's proof), approved by a quorum of the application's clients, then ordered. The
+        proofs must be of the quorum's period: a refresh in between, and it starts again."""
+        from appliance.apps.store.model import Contribution, Quorum, WriteRequest
+
+        if reg.verifier is None:
+            raise ApiError(
+                NOT_PERMITTED,
+                "a random joint secret is made for a quorum of a distributed application's clients "
+                "(register_distributed), not for one client",
+            )
+        for _attempt in range(3):
+            raw = await backend.store_contribute(reg.name, data_id)
+            write = WriteRequest.decode(raw)
+            periods = {Contribution.decode(proof).period for proof in write.proofs.values()}
+            quorum = await self._quorum(reg, write.approval_payload())
+            if Quorum.decode(quorum).period in periods:
+                return dict(await backend.store_write(raw, reg.name, reg.unique_id, quorum))
+        raise ApiError(
+            UNAVAILABLE, "refreshes came between the contributions and the quorum's approval; try again"
+        )
+
+    async def _quorum_retrieve(
+        self, reg: Registration, data_id: str, reader: bytes, backend: StoreBackend
+    ) -> Mapping[str, Any]:
+        """A distributed client's Retrieve: the record first; a secret that only a quorum reads
+        (``secret-sw-dr``, ``secret-dw-dr``, ``joint-secret``) is read with the certificate of
+        its ReadRequest (this version, this reader key); anything else as the client alone."""
+        from appliance.apps.store.model import ReadRequest
+
+        head = dict(await backend.store_retrieve(reg.name, reg.unique_id, data_id, None))
+        record = head.get("record")
+        if not isinstance(record, Mapping) or record.get("type") not in QUORUM_READS:
+            return dict(await backend.store_retrieve(reg.name, reg.unique_id, data_id, reader))
+        version = record.get("v")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ApiError(UNAVAILABLE, "the store returned a malformed record")
+        read = ReadRequest(reg.name, data_id, version, reader)
+        quorum = await self._quorum(reg, read.approval_payload())
+        return dict(await backend.store_retrieve(reg.name, reg.unique_id, data_id, reader, quorum))
+
+    # Per-application DSS keys (§5.3, issue 12) ----------------------------------------------------
+
+    async def _app_dss(self, request: Request, peer: PeerCred) -> Mapping[str, Any]:
+        """generate_dss_key, and dss_sign / dss_public_key with an application's key
+        (appliance.apps.dsskeys): the key's record is a store write; a signature is made by the
+        application keys' secret of its group, every signer checking the client owns the key."""
+        from appliance.apps.dsskeys import model as dsskeys
+        from appliance.apps.store.model import DataType, Refused, WriteRequest
+        from appliance.crypto import appkeys
+        from appliance.crypto.errors import ParameterError
+
+        args = request.args
+        reg = self._lookup(args["handle"], peer)
+        if reg.verifier is not None:
+            raise ApiError(NOT_PERMITTED, "DSS keys are for centralized registrations (register) for now")
+        store = self.store_backend
+        if store is None:
+            raise ApiError(
+                UNAVAILABLE, "DSS keys are recorded in the store: this network has no store key (--store)"
+            )
+        sign_app_dss = getattr(self.backend, "sign_app_dss", None)
+        public_key = getattr(self.backend, "app_dss_public_key", None)
+        if sign_app_dss is None or public_key is None:
+            raise ApiError(UNAVAILABLE, "this server has no threshold DSS service")
+        name = args["name"] if request.op == "generate_dss_key" else args["key"]
+        try:
+            appkeys.check_name("the key name", name)
+        except ParameterError as exc:
+            raise bad("name" if request.op == "generate_dss_key" else "key", str(exc)) from None
+        if request.op == "dss_sign" and len(args["message"]) > dsskeys.MAX_APP_MESSAGE:
+            raise ApiError(TOO_LARGE, f"'message' is larger than {dsskeys.MAX_APP_MESSAGE} bytes")
+        self._take(reg, "dss")
+
+        async def pem_of(group: str) -> bytes:
+            try:
+                pem = await public_key(group, reg.name, name)
+            except BackendUnavailable as exc:
+                raise ApiError(UNAVAILABLE, str(exc)[:300]) from None
+            if not isinstance(pem, bytes):
+                raise ApiError(
+                    UNAVAILABLE,
+                    f"the network has no {group} application keys (no {dsskeys.BASE_SECRETS[group]} in C)",
+                )
+            return pem
+
+        try:
+            if request.op == "generate_dss_key":
+                group = args.get("group", "p256")
+                if group not in dsskeys.BASE_SECRETS:
+                    raise bad("group", f"one of {', '.join(sorted(dsskeys.BASE_SECRETS))}")
+                pem = await pem_of(group)
+                value = dsskeys.KeyRecord(group).encode()
+                write = WriteRequest(reg.name, dsskeys.data_id(name), DataType.PUBLIC_ONCE, 1, value=value)
+                try:
+                    await store.store_write(write.encode(), reg.name, reg.unique_id)
+                except Refused as exc:
+                    if exc.code != EXISTS:
+                        raise
+                    record = await self._app_key_record(store, reg, name)
+                    if record.get("owner") != reg.unique_id or record.get("value") != value:
+                        raise ApiError(
+                            EXISTS, f"application {reg.name!r} has a key {name!r} already"
+                        ) from None
+                return {"name": name, "group": group, "pem": pem}
+            record = await self._app_key_record(store, reg, name)
+            group = dsskeys.KeyRecord.decode(record.get("value", b"")).group
+            if request.op == "dss_public_key":
+                return {"pem": await pem_of(group)}
+            if record.get("owner") != reg.unique_id:
+                raise ApiError(NOT_PERMITTED, f"key {name!r} of {reg.name!r} belongs to another client")
+            try:
+                signature = await sign_app_dss(group, reg.name, reg.unique_id, name, args["message"])
+            except BackendUnavailable as exc:
+                raise ApiError(UNAVAILABLE, str(exc)[:300]) from None
+            return {"signature": signature}
+        except Refused as exc:
+            raise ApiError(exc.code if exc.code in ERROR_CODES else REFUSED, str(exc)[:1000]) from None
+        except DecodeError as exc:
+            raise ApiError(UNAVAILABLE, f"the key's record is unreadable: {exc}") from None
+
+    async def _app_key_record(self, store: Any, reg: Registration, name: str) -> Mapping[str, Any]:
+        from appliance.apps.dsskeys import model as dsskeys
+        from appliance.apps.store.model import NOT_FOUND as STORE_NOT_FOUND
+        from appliance.apps.store.model import Refused
+
+        try:
+            found = await store.store_retrieve(reg.name, reg.unique_id, dsskeys.data_id(name), None)
+        except Refused as exc:
+            if exc.code == STORE_NOT_FOUND:
+                raise ApiError(NOT_FOUND, f"application {reg.name!r} has no DSS key {name!r}") from None
+            raise
+        record = found.get("record")
+        if not isinstance(record, Mapping):
+            raise ApiError(UNAVAILABLE, "the store returned no record")
+        return record
 
     # Period certificates (§5.4) ---------------------------------------------------------------
 

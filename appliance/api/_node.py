@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
@@ -76,6 +76,18 @@ def _checked(answer: Mapping[str, Any]) -> Mapping[str, Any]:
     raise BackendUnavailable(message[:200])
 
 
+#: Seconds between two tries of a store quorum request that a refresh interrupted.
+STORE_RETRY: Final = 0.3
+
+
+class AppDss(Protocol):
+    """Per-application DSS keys in the key-holder (appliance.apps.dsskeys)."""
+
+    async def sign_app_dss(self, group: str, app: str, uid: bytes, key: str, message: bytes) -> bytes: ...
+
+    async def app_dss_public_key(self, group: str, app: str, key: str) -> bytes | None: ...
+
+
 class PServerBackend:
     """Backend for the local API: ``sign_app`` is the node's ``PServer.sign_app`` (or the link's
     ``sign``): it takes the application's name and the message's SHA-512 digest, never a payload
@@ -95,12 +107,14 @@ class PServerBackend:
         sign_upgrade: Callable[[], Awaitable[bytes]] | None = None,
         dss_sign: Callable[[str, bytes], Awaitable[bytes]] | None = None,
         dss_key: Callable[[str], Awaitable[bytes | None]] | None = None,
+        app_dss: AppDss | None = None,
         timestamp: Callable[[bytes], Awaitable[bytes]] | None = None,
     ) -> None:
         #: The timestamping authority: a DER ``TimeStampReq`` in, the ``TimeStampResp`` out.
         self._timestamp = timestamp
         self._dss_sign = dss_sign
         self._dss_key = dss_key
+        self._app_dss = app_dss
         self._sign_upgrade = sign_upgrade
         self._random = random
         self._distributed = distributed
@@ -143,6 +157,29 @@ class PServerBackend:
             raise BackendUnavailable("the signing servers did not answer in time") from None
         self.signatures["dss", "signed"] += 1
         return signature
+
+    async def sign_app_dss(self, group: str, app: str, uid: bytes, key: str, message: bytes) -> bytes:
+        """A signature by key ``key`` of application ``app`` for its client ``uid`` (DER)."""
+        if self._app_dss is None:
+            raise BackendUnavailable("threshold DSS is not available on this server")
+        try:
+            signature = await self._app_dss.sign_app_dss(group, app, uid, key, message)
+        except SigningRefused as exc:
+            self.signatures["dss", "unavailable"] += 1
+            raise BackendUnavailable(str(exc)[:300]) from None
+        except trio.TooSlowError:
+            self.signatures["dss", "unavailable"] += 1
+            raise BackendUnavailable("the signing servers did not answer in time") from None
+        self.signatures["dss", "signed"] += 1
+        return signature
+
+    async def app_dss_public_key(self, group: str, app: str, key: str) -> bytes | None:
+        if self._app_dss is None:
+            raise BackendUnavailable("threshold DSS is not available on this server")
+        try:
+            return await self._app_dss.app_dss_public_key(group, app, key)
+        except (SigningRefused, trio.TooSlowError) as exc:
+            raise BackendUnavailable(str(exc)[:200] or "the key-holder did not answer") from None
 
     async def timestamp(self, query: bytes) -> bytes:
         if self._timestamp is None:
@@ -193,19 +230,39 @@ class PServerBackend:
         self, app: str, verifier: bytes, protocol: str, payload: bytes, timeout: float
     ) -> bytes:
         try:
-            answer = _checked(await self._node().request(app, verifier, protocol, payload, timeout))
+            if protocol == "store":
+                answer = await self._store_quorum(app, verifier, payload, timeout)
+            else:
+                answer = _checked(await self._node().request(app, verifier, protocol, payload, timeout))
         except BackendRefused:
             self.signatures["distributed", "refused"] += 1
             raise
         except BackendUnavailable:
             self.signatures["distributed", "unavailable"] += 1
             raise
-        signature = answer.get("signature")
+        signature = answer.get("certificate" if protocol == "store" else "signature")
         if not isinstance(signature, bytes):
             self.signatures["distributed", "unavailable"] += 1
-            raise BackendUnavailable("the node returned no signature")
+            raise BackendUnavailable("the node returned no signature or certificate")
         self.signatures["distributed", "signed"] += 1
         return signature
+
+    async def _store_quorum(
+        self, app: str, verifier: bytes, payload: bytes, timeout: float
+    ) -> Mapping[str, Any]:
+        """A store request's certificate. A refresh replaces the period's approvals (and the
+        key-holder) under a waiting request, or the server holds no share for a moment: asked
+        again in the new period while ``timeout`` lasts (the other clients see it again in
+        their ``pending``). A refusal is final."""
+        deadline = trio.current_time() + timeout
+        while True:
+            left = deadline - trio.current_time()
+            try:
+                return _checked(await self._node().request(app, verifier, "store", payload, max(left, 1.0)))
+            except BackendUnavailable:
+                if deadline - trio.current_time() < 1.0:
+                    raise
+            await trio.sleep(STORE_RETRY)
 
     async def distributed_pending(self, app: str, verifier: bytes) -> Sequence[Mapping[str, Any]]:
         requests = _checked(await self._node().pending(app, verifier)).get("requests")

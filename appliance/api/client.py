@@ -122,6 +122,13 @@ class PendingRequest:
     servers: tuple[int, ...]
     expires_in: float
 
+    def store_request(self) -> Any:
+        """For protocol ``store``: the WriteRequest or ReadRequest to approve or deny
+        (``appliance.apps.store.model``); DecodeError if the payload is not one."""
+        from appliance.apps.store.model import decode_approval_payload
+
+        return decode_approval_payload(self.payload)
+
 
 @dataclass(frozen=True)
 class RegistrationInfo:
@@ -238,6 +245,8 @@ class PstClient:
         self.handle: bytes | None = None
         #: (name, unique id) of our own registration, to register again if the server lost it.
         self._registration: tuple[str, bytes] | None = None
+        #: The application name of a distributed registration (its store data ids are its own).
+        self._distributed_app: str | None = None
         self._sock: socket.socket | None = None
         self._decoder = FrameDecoder(MAX_RESPONSE_SIZE)
         self._next_id = 1
@@ -423,6 +432,7 @@ class PstClient:
         with self._lock:
             self.handle = handle
             self._registration = None  # not renewed by itself: we do not keep the password
+            self._distributed_app = name
         return handle
 
     def register_certified(self, certificate: bytes, key: Any, server: int) -> bytes:
@@ -518,6 +528,31 @@ class PstClient:
         if not isinstance(signature, bytes):
             raise PstError("connection", "malformed dss_sign response")
         return signature
+
+    def generate_dss_key(self, name: str, group: str = "p256", *, handle: bytes | None = None) -> bytes:
+        """GenerateDSSKey: a threshold key ``name`` of this application (``p256`` ECDSA or
+        ``dsa2048`` DSA 2048/256), owned by this client; returns its PEM public key. Asking again
+        for a key this client owns returns it; another client's name is refused (``exists``)."""
+        pem = self._with_handle("generate_dss_key", handle, name=name, group=group).get("pem")
+        if not isinstance(pem, bytes):
+            raise PstError("connection", "malformed generate_dss_key response")
+        return pem
+
+    def dss_sign_with_key(self, name: str, message: bytes, *, handle: bytes | None = None) -> bytes:
+        """GenerateDSASignature: a DER signature over SHA-256(message) by this client's key
+        ``name``, made by t+1 servers that each checked the key is ours (``openssl dgst -sha256
+        -verify`` accepts it)."""
+        signature = self._with_handle("dss_sign", handle, key=name, message=message).get("signature")
+        if not isinstance(signature, bytes):
+            raise PstError("connection", "malformed dss_sign response")
+        return signature
+
+    def dss_key_public_key(self, name: str, *, handle: bytes | None = None) -> bytes:
+        """The PEM public key of key ``name`` of this application."""
+        pem = self._with_handle("dss_public_key", handle, key=name).get("pem")
+        if not isinstance(pem, bytes):
+            raise PstError("connection", "malformed dss_public_key response")
+        return pem
 
     def timestamp(
         self, digest: bytes, hash: str = "sha256", *, nonce: int | None = None, cert_req: bool = True
@@ -710,6 +745,8 @@ class PstClient:
 
     def _app(self) -> str:
         if self._registration is None:
+            if self._distributed_app is not None:
+                return self._distributed_app
             raise PstError("unknown-handle", "register first (the store's data ids are per application)")
         return self._registration[0]
 
@@ -769,8 +806,10 @@ class PstClient:
         handle: bytes | None = None,
     ) -> int:
         """Write(DataID, newValue): ``version`` (the next) of read/write data. The network changes
-        such data only for a quorum of the application's clients, which the store does not take
-        yet: a client is refused (``not-permitted``) with that reason."""
+        such data only for a quorum of the application's clients: with a distributed registration
+        (:meth:`register_distributed`) this blocks until a strict majority of its clients approved
+        the request (:meth:`pending`, :meth:`approve`); a centralized client is refused
+        (``not-permitted``)."""
         return self._store_write("write", data_id, value, dtype, version=version, handle=handle)
 
     def store_until(self, data_id: str, value: bytes, until: float, *, handle: bytes | None = None) -> int:
@@ -780,9 +819,19 @@ class PstClient:
             "store_until", data_id, value, "store-until", until_ms=round(until * 1000), handle=handle
         )
 
-    def generate_joint_secret(self, data_id: str, value: bytes, *, handle: bytes | None = None) -> int:
-        """GenerateJointSecret with a specified value (sealed here). The model takes joint secrets
-        from a quorum of a distributed application only: a client is refused (``not-permitted``)."""
+    def generate_joint_secret(
+        self, data_id: str, value: bytes | None = None, *, handle: bytes | None = None
+    ) -> int:
+        """GenerateJointSecret for a distributed registration (a quorum's request: this blocks
+        until a strict majority of its clients approved it). Without ``value``, random: at least
+        t+1 servers each seal a random contribution of their own (no t servers know the secret;
+        read, it is HKDF over them). With ``value``, the one the quorum specifies, sealed here.
+        A centralized client is refused (``not-permitted``)."""
+        if value is None:
+            got = self._with_handle("generate_random_secret", handle, data_id=data_id).get("version")
+            if not isinstance(got, int):
+                raise PstError("connection", "malformed generate_random_secret response")
+            return got
         return self._store_write("generate_joint_secret", data_id, value, "joint-secret", handle=handle)
 
     def store_many(

@@ -94,14 +94,32 @@ it belongs to, so that nothing is replayable across runs. :class:`NonceDealing`,
 canonical CBOR, and their decoders raise only DecodeError. A server must record a
 presignature as used in durable storage before it releases its signature share.
 
+Fast path (used by :mod:`appliance.protocols.dss_signing`; the in-process runner
+:func:`run_presign` keeps every check). Checks are cut, never the values the protocol
+computes, and each cut has a robust fallback that names the culprit as before:
+
+* share checks in batches (:func:`batch_check_nonce_shares`, :func:`batch_check_w_shares`,
+  :func:`batch_check_nonce_share_sums`): one random linear combination with 128-bit
+  weights from ``secrets``, drawn after the values are fixed; one check per share only if
+  the combination fails;
+* openings without proofs (:func:`product_value`, :func:`optimistic_nonce`) when at least
+  3t+1 z_i lie on one degree-2t polynomial; else the proofs (:func:`open_product`,
+  :func:`open_nonce`);
+* w dealings' proofs checked only when a signature fails (:func:`blame_w_dealings`); the
+  final signature is always verified before it is released (:func:`combine`).
+
 Not constant time (Python ints, gmpy2); see docs/security.md.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
+from math import lcm
 from typing import Any, Generic, TypeVar
 
 from cryptography.exceptions import InvalidSignature
@@ -187,11 +205,28 @@ def _hgen(group: Group[E]) -> E:
     if key not in _H_CACHE:
         _H_CACHE[key] = pedersen_generator(group)
     h: E = _H_CACHE[key]
+    group.precompute(h, heavy=True)  # (cheap when the table exists; keeps it among the recent ones)
     return h
 
 
+_VSHARE_CACHE: dict[tuple[int, int], tuple[PublicSharing[Any], Any]] = {}
+
+
+def _verification_share(group: Group[E], key: PublicSharing[E], i: int) -> E:
+    """X_i = x_i G of ``key`` (one period's sharing), evaluated once per sharing and server."""
+    hit = _VSHARE_CACHE.get((id(key), i))
+    if hit is not None and hit[0] is key:
+        x: E = hit[1]
+        return x
+    if len(_VSHARE_CACHE) > 256:
+        _VSHARE_CACHE.clear()
+    x = key.verification_share(group, i)
+    _VSHARE_CACHE[(id(key), i)] = (key, x)
+    return x
+
+
 def _pedersen(group: Group[E], hgen: E, a: int, b: int) -> E:
-    return group.add(group.mul_base(a), group.mul(b, hgen))
+    return group.multi_mul([a, b], [group.generator(), hgen])
 
 
 def _check_scalar(group: Group[Any], k: int) -> bool:
@@ -200,6 +235,192 @@ def _check_scalar(group: Group[Any], k: int) -> bool:
 
 def _ids(n: int) -> range:
     return range(1, n + 1)
+
+
+# Batch and consistency checks -------------------------------------------------------
+#
+# The fast path of presigning. A server checks many equations of the form
+# sum(scalar * point) == identity (a share against its dealing's commitments). It checks
+# one random linear combination of all of them instead: random 128-bit weights drawn
+# here, from the operating system (``secrets``), after the values are fixed, so that
+# no dealer can choose values that cancel (a batch holding a false equation passes with
+# probability at most 2^-128). Only if the combination fails is each equation checked
+# alone, which names the culprit exactly as the unbatched check does.
+
+#: Bits of the random weights of a batch check.
+BATCH_WEIGHT_BITS = 128
+
+
+def _weight() -> int:
+    return 1 + secrets.randbits(BATCH_WEIGHT_BITS)
+
+
+class _Batch(Generic[E]):
+    """Accumulates weighted equations w (a G + b H - C(j)) == 0 for commitments C.
+
+    Each C(j) is evaluated first (small scalars j^k: cheap), then one multi-scalar
+    multiplication with the weights checks the sum: G and H get one summed scalar each.
+    """
+
+    def __init__(self, group: Group[E], j: int) -> None:
+        self.group = group
+        self.j = j
+        self.g = 0
+        self.h = 0
+        self.weights: list[int] = []
+        self.jobs: list[tuple[list[int], list[E]]] = []
+
+    def add(self, weight: int, a: int, b: int, *commitments: Commitment[E]) -> None:
+        """weight (a G + b H - sum of the commitments at j)."""
+        q = self.group.order
+        self.g = (self.g + weight * a) % q
+        self.h = (self.h + weight * b) % q
+        self.weights.append(weight)
+        scalars = [self.j**k for c in commitments for k in range(len(c.points))]
+        self.jobs.append((scalars, [p for c in commitments for p in c.points]))
+
+    def holds(self) -> bool:
+        group = self.group
+        evaluated = group.small_multi_mul_many(self.jobs)
+        total = group.multi_mul(
+            [self.g, self.h, *self.weights],
+            [group.generator(), _hgen(group), *(group.neg(e) for e in evaluated)],
+        )
+        return group.is_identity(total)
+
+
+def _nonce_share_shape(group: Group[E], values: Sequence[int]) -> bool:
+    return len(values) == 5 and all(_check_scalar(group, v) for v in values)
+
+
+def batch_check_nonce_shares(
+    group: Group[E], dealings: Sequence[NonceDealing[E]], j: int, shares: Sequence[Sequence[int]]
+) -> list[int]:
+    """The positions k whose share ``shares[k]`` for server j fails ``dealings[k]``.
+
+    Same answer as :func:`check_nonce_share` for each k (up to the 2^-128 chance of the
+    batch); one multi-scalar multiplication when all are good.
+    """
+    if len(dealings) != len(shares):
+        raise ParameterError("batch_check_nonce_shares: as many dealings as shares")
+    batch: _Batch[E] = _Batch(group, j)
+    shaped = 0
+    for dealing, values in zip(dealings, shares, strict=True):
+        if not _nonce_share_shape(group, values):
+            continue
+        shaped += 1
+        kap, rho, a, b, beta = values
+        batch.add(_weight(), kap, rho, dealing.kappa)
+        batch.add(_weight(), a, 0, dealing.a)
+        batch.add(_weight(), b, beta, dealing.zero_commitment(group))
+    if shaped == len(dealings) and batch.holds():
+        return []
+    return [k for k in range(len(dealings)) if not check_nonce_share(group, dealings[k], j, shares[k])]
+
+
+def batch_check_nonce_share_sums(
+    group: Group[E],
+    dealings: Mapping[int, Sequence[NonceDealing[E]]],
+    j: int,
+    shares: Mapping[int, Sequence[Sequence[int]]],
+) -> bool:
+    """Do server j's shares summed over the dealers match their summed commitments, for every k?
+
+    ``dealings[d][k]``, ``shares[d][k]``: dealer d's dealing and j's share for presignature k.
+    The cheapest check of all: one random linear combination over the presignatures and the
+    three sharings, but none over the dealers, so its cost hardly grows with their number.
+    True means the sums over these dealers are right: one corrupted dealer's error cannot
+    cancel out; two corrupted dealers' errors can, which only matters if a qualified set
+    later keeps one of them without the other, and the caller then checks that set again
+    (or each dealer alone: :func:`batch_check_nonce_shares`). False: check each dealer alone.
+    """
+    dealers = sorted(dealings)
+    if not dealers or sorted(shares) != dealers:
+        return False
+    count = len(dealings[dealers[0]])
+    if any(len(dealings[d]) != count or len(shares[d]) != count for d in dealers):
+        return False
+    q = group.order
+    batch: _Batch[E] = _Batch(group, j)
+    for k in range(count):
+        sums = [0, 0, 0, 0, 0]
+        for d in dealers:
+            values = shares[d][k]
+            if not _nonce_share_shape(group, values):
+                return False
+            sums = [(acc + v) % q for acc, v in zip(sums, values, strict=True)]
+        kap, rho, a, b, beta = sums
+        batch.add(_weight(), kap, rho, *(dealings[d][k].kappa for d in dealers))
+        batch.add(_weight(), a, 0, *(dealings[d][k].a for d in dealers))
+        batch.add(_weight(), b, beta, *(dealings[d][k].zero_commitment(group) for d in dealers))
+    return batch.holds()
+
+
+def batch_check_w_shares(
+    group: Group[E], dealings: Sequence[WDealing[E]], j: int, shares: Sequence[Sequence[int]]
+) -> list[int]:
+    """The positions k whose share fails ``dealings[k]`` (as :func:`check_w_share`), batched."""
+    if len(dealings) != len(shares):
+        raise ParameterError("batch_check_w_shares: as many dealings as shares")
+    batch: _Batch[E] = _Batch(group, j)
+    shaped = 0
+    for dealing, values in zip(dealings, shares, strict=True):
+        if len(values) != 2 or not all(_check_scalar(group, v) for v in values):
+            continue
+        shaped += 1
+        batch.add(_weight(), values[0], values[1], dealing.commitment)
+    if shaped == len(dealings) and batch.holds():
+        return []
+    return [k for k in range(len(dealings)) if not check_w_share(group, dealings[k], j, shares[k])]
+
+
+@functools.lru_cache(maxsize=256)
+def _relations(ids: tuple[int, ...], degree: int) -> list[dict[int, int]]:
+    """Integer vectors c with sum_i c_i f(i) = 0 for every polynomial f of degree <= ``degree``.
+
+    One for each id beyond the first degree+1: the divided difference over the first
+    degree+1 ids and that one, scaled to integers (small for small ids).
+    """
+    base = list(ids[: degree + 1])
+    out: list[dict[int, int]] = []
+    for extra in ids[degree + 1 :]:
+        group_ids = [*base, extra]
+        fracs = {}
+        for i in group_ids:
+            den = 1
+            for m in group_ids:
+                if m != i:
+                    den *= i - m
+            fracs[i] = Fraction(1, den)
+        scale = lcm(*(f.denominator for f in fracs.values()))
+        out.append({i: int(f * scale) for i, f in fracs.items()})
+    return out
+
+
+def consistent_points(q: int, degree: int, points: Mapping[int, int]) -> bool:
+    """Do the values {i: f(i)} lie on one polynomial of degree <= ``degree`` (mod q)?"""
+    ids = tuple(sorted(points))
+    return all(sum(c * points[i] for i, c in rel.items()) % q == 0 for rel in _relations(ids, degree))
+
+
+def optimistic_nonce(group: Group[E], public: NoncePublic[E], values: Mapping[int, int]) -> Nonce[E] | None:
+    """R and r without any product proof, when that is safe; else None.
+
+    ``values``: {i: z_i} as opened (:func:`product_value`, no proofs). Safe when at least
+    3t+1 servers opened and all z_i lie on one polynomial of degree
+    2t: at most t of them are corrupted, so at least 2t+1 honest points fix the
+    polynomial kappa(X) a(X) + b(X), and every other z_i on it is the correct value.
+    Otherwise (fewer openings, or any inconsistency) the caller uses :func:`open_nonce`,
+    which checks the proofs and names the culprits. Raises DSSRetryError like it.
+    """
+    q, t = group.order, public.t
+    if len(values) < 3 * t + 1:
+        return None
+    if any(not 1 <= i <= public.n or not _check_scalar(group, z) for i, z in values.items()):
+        return None
+    if not consistent_points(q, 2 * t, values):
+        return None
+    return _nonce_from(group, public, dict(sorted(values.items())[: 2 * t + 1]))
 
 
 # Linking proof ---------------------------------------------------------------------
@@ -336,9 +557,9 @@ class NonceDealing(Generic[E]):
         return encoding.encode(
             {
                 "dealer": self.dealer,
-                "kappa": self.kappa.encode(group),
-                "a": self.a.encode(group),
-                "zero": [group.encode(p) for p in self.zero],
+                "kappa": self.kappa.encode(group, wide=True),
+                "a": self.a.encode(group, wide=True),
+                "zero": [group.encode_wide(p) for p in self.zero],
             }
         )
 
@@ -351,9 +572,13 @@ class NonceDealing(Generic[E]):
         dealer = obj["dealer"]
         if not 1 <= dealer <= n:
             raise DecodeError(f"{what}: dealer {dealer} outside 1..{n}")
-        kappa = Commitment.decode(group, obj["kappa"], t, what=f"{what} of server {dealer} (kappa)")
-        a = Commitment.decode(group, obj["a"], t, what=f"{what} of server {dealer} (a)")
-        zero = Commitment.decode(group, obj["zero"], 2 * t - 1, what=f"{what} of server {dealer} (zero)")
+        kappa = Commitment.decode(
+            group, obj["kappa"], t, what=f"{what} of server {dealer} (kappa)", wide=True
+        )
+        a = Commitment.decode(group, obj["a"], t, what=f"{what} of server {dealer} (a)", wide=True)
+        zero = Commitment.decode(
+            group, obj["zero"], 2 * t - 1, what=f"{what} of server {dealer} (zero)", wide=True
+        )
         return cls(dealer, kappa, a, zero.points)
 
 
@@ -579,13 +804,18 @@ def _product_statement(group: Group[E], public: NoncePublic[E], i: int, z: int) 
     return a_i, ck_i, p2
 
 
+def product_value(group: Group[E], state: NonceState, *, _z_offset: int = 0) -> int:
+    """z_i = kappa_i a_i + b_i alone (the fast path opens it without its proof)."""
+    return (state.kappa.value * state.a.value + state.b.value + _z_offset) % group.order
+
+
 def open_product(
     group: Group[E], public: NoncePublic[E], state: NonceState, rand: ScalarSource, *, _z_offset: int = 0
 ) -> ProductOpening:
-    """Round 2 for server ``state.index``."""
+    """Round 2 for server ``state.index``: z_i with its proof."""
     q = group.order
     i = state.index
-    z = (state.kappa.value * state.a.value + state.b.value + _z_offset) % q
+    z = product_value(group, state, _z_offset=_z_offset)
     base, p1, p2 = _product_statement(group, public, i, z)
     witness = (state.kappa.value, state.rho.value, (-state.beta.value) % q)
     proof = _link_prove(group, PRODUCT_PROOF_DST, public.context(), i, base, p1, p2, witness, rand)
@@ -616,7 +846,7 @@ def open_nonce(
     group: Group[E], public: NoncePublic[E], openings: Mapping[int, ProductOpening]
 ) -> tuple[Nonce[E], dict[int, str]]:
     """R and r from 2t+1 verified openings; returns the nonce and the senders of bad openings."""
-    q, t = group.order, public.t
+    t = public.t
     cheaters: dict[int, str] = {}
     valid: dict[int, int] = {}
     for i in sorted(openings):
@@ -636,6 +866,12 @@ def open_nonce(
         raise NotEnoughSharesError(
             f"dss nonce: {len(valid)} valid product openings, need {2 * t + 1} (cheaters: {cheaters})"
         )
+    return _nonce_from(group, public, valid), cheaters
+
+
+def _nonce_from(group: Group[E], public: NoncePublic[E], valid: Mapping[int, int]) -> Nonce[E]:
+    """R = mu^-1 A_0 from 2t+1 correct openings {i: z_i}."""
+    q = group.order
     lam = lagrange_coefficients(sorted(valid), q)
     mu = sum(lam[i] * z for i, z in valid.items()) % q
     if mu == 0:
@@ -646,7 +882,7 @@ def open_nonce(
     r = group.dss_conversion(R) % q
     if r == 0:
         raise DSSRetryError("dss nonce: r = 0; run presign again")
-    return Nonce(R, r), cheaters
+    return Nonce(R, r)
 
 
 # Round 3: w = kappa_i x_i dealings ----------------------------------------------------
@@ -664,7 +900,7 @@ class WDealing(Generic[E]):
         return encoding.encode(
             {
                 "dealer": self.dealer,
-                "commitment": self.commitment.encode(group),
+                "commitment": self.commitment.encode(group, wide=True),
                 "proof": self.proof.to_obj(group),
             }
         )
@@ -678,7 +914,9 @@ class WDealing(Generic[E]):
         dealer = obj["dealer"]
         if not 1 <= dealer <= n:
             raise DecodeError(f"{what}: dealer {dealer} outside 1..{n}")
-        commitment = Commitment.decode(group, obj["commitment"], t, what=f"{what} of server {dealer}")
+        commitment = Commitment.decode(
+            group, obj["commitment"], t, what=f"{what} of server {dealer}", wide=True
+        )
         return cls(dealer, commitment, LinkProof.from_obj(group, obj["proof"], what))
 
 
@@ -712,7 +950,8 @@ def deal_w(
     fw = random_polynomial(w, public.t, q, rand)
     fs = random_polynomial(rand(), public.t, q, rand)
     commitment = Commitment(tuple(_pedersen(group, hgen, a, b) for a, b in zip(fw, fs, strict=True)))
-    x_i = key.public.verification_share(group, i)
+    x_i = _verification_share(group, key.public, i)
+    group.precompute(x_i)  # our own base in every w proof of the period: a fixed-base table pays
     proof = _link_prove(
         group,
         W_PROOF_DST,
@@ -732,18 +971,30 @@ def check_w_dealing(
     group: Group[E], public: NoncePublic[E], nonce: Nonce[E], key: PublicSharing[E], dealing: WDealing[E]
 ) -> None:
     """Raise CheatingError(dealer) unless the dealing has degree t and its proof verifies."""
+    _check_w_dealing(group, public.n, public.t, _w_context(group, public, nonce), public.kappa, key, dealing)
+
+
+def _check_w_dealing(
+    group: Group[E],
+    n: int,
+    t: int,
+    context: Sequence[bytes],
+    kappa: Commitment[E],
+    key: PublicSharing[E],
+    dealing: WDealing[E],
+) -> None:
     i = dealing.dealer
-    if not 1 <= i <= public.n:
-        raise CheatingError(i, f"dealer id outside 1..{public.n}")
-    if dealing.commitment.degree != public.t:
-        raise CheatingError(i, f"w dealing of degree {dealing.commitment.degree}, expected {public.t}")
+    if not 1 <= i <= n:
+        raise CheatingError(i, f"dealer id outside 1..{n}")
+    if dealing.commitment.degree != t:
+        raise CheatingError(i, f"w dealing of degree {dealing.commitment.degree}, expected {t}")
     ok = _link_verify(
         group,
         W_PROOF_DST,
-        _w_context(group, public, nonce),
+        context,
         i,
-        key.verification_share(group, i),
-        public.kappa.evaluate(group, i),
+        _verification_share(group, key, i),
+        kappa.evaluate(group, i),
         dealing.commitment.points[0],
         dealing.proof,
     )
@@ -861,15 +1112,36 @@ class PresignPublic(Generic[E]):
     R: E
     r: int
     kappa: Commitment[E]
-    w: Commitment[E]
+    #: The w dealings of the reduction set S, in order: the commitment to kappa x is
+    #: sum_{i in S} lambda_i D_i. It is only needed to check signature shares one by one,
+    #: and the dealings' proofs only to find who cheated when a signature fails (the robust
+    #: path), so both are computed on demand.
+    w_dealings: tuple[WDealing[E], ...]
     public_key: E
     sharing: bytes  # digest of the key sharing (period) it was made for
+    transcript: bytes  # the nonce round's transcript digest (the w proofs are bound to it)
     _cache: dict[int, tuple[E, E]] = field(default_factory=dict, compare=False, repr=False)
+
+    def _w_parts(self, group: Group[E]) -> list[tuple[int, Commitment[E]]]:
+        lam = lagrange_coefficients([d.dealer for d in self.w_dealings], group.order)
+        return [(lam[d.dealer], d.commitment) for d in self.w_dealings]
+
+    def w(self, group: Group[E]) -> Commitment[E]:
+        """The Pedersen commitment to the kappa x sharing."""
+        parts = self._w_parts(group)
+        lams = [lam for lam, _ in parts]
+        return Commitment(
+            tuple(group.multi_mul(lams, [c.points[k] for _, c in parts]) for k in range(self.t + 1))
+        )
 
     def commitments_of(self, group: Group[E], j: int) -> tuple[E, E]:
         """(Ck(j), Cw(j)): server j's commitments to its kappa and kappa x shares."""
         if j not in self._cache:
-            self._cache[j] = (self.kappa.evaluate(group, j), self.w.evaluate(group, j))
+            q = group.order
+            parts = self._w_parts(group)
+            scalars = [lam * pow(j, k, q) % q for lam, c in parts for k in range(len(c.points))]
+            points = [p for _, c in parts for p in c.points]
+            self._cache[j] = (self.kappa.evaluate(group, j), group.multi_mul(scalars, points))
         return self._cache[j]
 
 
@@ -937,13 +1209,6 @@ def finish_presign(
             raise CheatingError(i, f"w share for server {j} fails the commitments")
         w_total = (w_total + lam[i] * values[0]) % q
         s_total = (s_total + lam[i] * values[1]) % q
-    ordered = list(reduction)
-    w_commitment = Commitment(
-        tuple(
-            group.multi_mul([lam[i] for i in ordered], [dealings[i].commitment.points[k] for i in ordered])
-            for k in range(public.t + 1)
-        )
-    )
     pre_public = PresignPublic(
         public.sid,
         public.n,
@@ -951,9 +1216,10 @@ def finish_presign(
         nonce.R,
         nonce.r,
         public.kappa,
-        w_commitment,
+        tuple(dealings[i] for i in reduction),
         key.public_key,
         sharing_digest(group, key),
+        public.digest,
     )
     presig = Presignature(
         j,
@@ -1034,6 +1300,23 @@ def verify_signature_share(
     lhs = _pedersen(group, _hgen(group), share.s, share.tau)
     if lhs != group.add(group.mul(h, ck), group.mul(public.r, cw)):
         raise CheatingError(j, "signature share fails the presignature commitments")
+
+
+def blame_w_dealings(group: Group[E], public: PresignPublic[E], key: PublicSharing[E]) -> dict[int, str]:
+    """Who dealt a bad w into this presignature: {dealer: reason} over the reduction set.
+
+    Presigning does not check the w dealings' linking proofs (the fast path); this is the
+    robust path's check, for a presignature whose valid signature shares combined to a
+    signature that does not verify. ``key``: the period's key sharing it was made for.
+    """
+    context = (public.sid, public.transcript, group.encode(public.R))
+    guilty: dict[int, str] = {}
+    for dealing in public.w_dealings:
+        try:
+            _check_w_dealing(group, public.n, public.t, context, public.kappa, key, dealing)
+        except CheatingError as exc:
+            guilty[exc.party] = exc.reason
+    return guilty
 
 
 def verify_dss(group: Group[E], public_key: E, message: bytes, r: int, s: int) -> bool:

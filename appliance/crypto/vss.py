@@ -62,11 +62,15 @@ class Commitment(Generic[E]):
             raise ValueError("cannot add commitments of different degrees")
         return Commitment(tuple(group.add(a, b) for a, b in zip(self.points, other.points, strict=True)))
 
-    def encode(self, group: Group[E]) -> list[bytes]:
-        return [group.encode(p) for p in self.points]
+    def encode(self, group: Group[E], *, wide: bool = False) -> list[bytes]:
+        """The points' encodings (``wide``: the group's wide form, see ``Group.encode_wide``)."""
+        enc = group.encode_wide if wide else group.encode
+        return [enc(p) for p in self.points]
 
     @classmethod
-    def decode(cls, group: Group[E], obj: Any, degree: int, what: str = "commitment") -> Commitment[E]:
+    def decode(
+        cls, group: Group[E], obj: Any, degree: int, what: str = "commitment", *, wide: bool = False
+    ) -> Commitment[E]:
         if not isinstance(obj, list):
             raise DecodeError(f"{what}: expected a list of {degree + 1} group elements")
         if len(obj) != degree + 1:
@@ -76,7 +80,7 @@ class Commitment(Generic[E]):
             if not isinstance(item, bytes):
                 raise DecodeError(f"{what}: element {k} is not a byte string")
             try:
-                points.append(group.decode(item))
+                points.append(group.decode_wide(item) if wide else group.decode(item))
             except DecodeError as exc:
                 raise DecodeError(f"{what}: element {k}: {exc}") from None
         return cls(tuple(points))

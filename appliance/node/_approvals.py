@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from appliance.api._registrations import load_verifiers, registrations_path
+from appliance.crypto import encoding
 from appliance.protocols.approvals import ApprovalService, UnknownRequest
 from appliance.protocols.signing import SigningRefused
 
@@ -109,7 +110,8 @@ def use_registration_clients(server: PServer) -> None:
 async def distributed_request(
     server: PServer, app: str, verifier: bytes, protocol: str, payload: bytes, *, timeout: float
 ) -> dict[str, Any]:
-    """Our client's request: ``{"signature": ...}`` once a majority agreed, else an error."""
+    """Our client's request: ``{"signature": ...}`` (protocol ``sign``) or ``{"certificate": ...}``
+    (``store``: the encoded certificate) once a majority agreed, else an error."""
     service = _service(server)
     if service is None:
         return _not_operational()
@@ -128,6 +130,11 @@ async def distributed_request(
             return _error("unavailable", why)
         return _error("refused", why)
     message = service.done.pop(lid)
+    certificate = service.certificates.pop(lid, None)
+    if protocol == "store":  # the store checks the certificate itself: nothing to sign
+        if certificate is None:
+            return _error("unavailable", "a majority agreed, but the certificate was not kept")
+        return {"certificate": encoding.encode(certificate)}
     try:
         return {"signature": await server.sign_payload(message, timeout=SIGN_TIMEOUT)}
     except SigningRefused as exc:

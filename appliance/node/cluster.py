@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from appliance.boot.check import store_manifest
@@ -37,7 +37,7 @@ from appliance.boot.rom import SimulatedRom
 from appliance.host.config import DEFAULT_NV_INDEX, default_log_origin
 from appliance.host.files import atomic_write
 from appliance.node.store import StateDir
-from appliance.protocols.state import CA_SECRET, LOG_SECRET, SCERT, ConfigError, Constants
+from appliance.protocols.state import APP_KEY_SECRETS, CA_SECRET, LOG_SECRET, SCERT, ConfigError, Constants
 from appliance.sim.setup import make_network
 
 
@@ -79,7 +79,9 @@ LOG_MODES = ("key", "group", "off")
 STORE_GROUPS = ("p256", "ed25519")
 
 
-def _secrets(log: str, ca: bool = False, store: str | None = None) -> dict[str, str]:
+def _secrets(
+    log: str, ca: bool = False, store: str | None = None, dss_keys: Sequence[str] = ()
+) -> dict[str, str]:
     if log not in LOG_MODES:
         raise ConfigError(f"--log {log!r}: one of {', '.join(LOG_MODES)}")
     # The log's own key signs checkpoints and nothing else (issue 11).
@@ -90,6 +92,10 @@ def _secrets(log: str, ca: bool = False, store: str | None = None) -> dict[str, 
         if store not in STORE_GROUPS:
             raise ConfigError(f"--store {store!r}: one of {', '.join(STORE_GROUPS)}")
         secrets["store"] = store
+    for group in dss_keys:  # per-application DSS keys (appliance.apps.dsskeys): tweaks of this secret
+        if group not in APP_KEY_SECRETS:
+            raise ConfigError(f"--dss-keys {group!r}: one of {', '.join(sorted(APP_KEY_SECRETS))}")
+        secrets[APP_KEY_SECRETS[group]] = group
     return secrets
 
 
@@ -164,6 +170,7 @@ def prepare_network_ceremony(
     log: str = "key",
     ca: bool = False,
     store: str | None = None,
+    dss_keys: Sequence[str] = (),
 ) -> Constants:
     """Configs, simulated ROMs (Vstart), Sstart files and manifests; the state comes from ``pst init``."""
     from nacl.signing import SigningKey
@@ -180,7 +187,7 @@ def prepare_network_ceremony(
         genesis=time.time(),
         peers={i: f"127.0.0.1:{base_port + i}" for i in range(1, n + 1)},
         code_digest=code.digest(),
-        secrets=_secrets(log, ca, store),
+        secrets=_secrets(log, ca, store, dss_keys),
     )
     root.mkdir(parents=True, exist_ok=True)
     atomic_write(root / "cluster.toml", f"n = {n}\nt = {t}\nbase_port = {base_port}\n".encode())
@@ -211,6 +218,7 @@ def init_cluster(
     log: str = "key",
     ca: bool = False,
     store: str | None = None,
+    dss_keys: Sequence[str] = (),
     tpm: Mapping[int, str] | None = None,
 ) -> Constants:
     """One-process ceremony; ``code`` is the manifest C names (default: this environment's);
@@ -231,7 +239,7 @@ def init_cluster(
         genesis=genesis,
         peers={i: f"127.0.0.1:{base_port + i}" for i in range(1, n + 1)},
         code_digest=code.digest(),
-        secrets=dict(secrets) if secrets is not None else _secrets(log, ca, store),
+        secrets=dict(secrets) if secrets is not None else _secrets(log, ca, store, dss_keys),
     )
     progress(f"code manifest: {len(code)} files, digest {code.digest().hex()} (in C)")
     progress(f"initialization ceremony for n={n}, t={t}: DKG of (Scert, Vcert), M, KeyTable(0) ...")

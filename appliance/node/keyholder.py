@@ -71,7 +71,7 @@ from appliance.node.store import StateDir
 from appliance.protocols._core import AlertKind
 from appliance.protocols.refresh import current_table
 from appliance.protocols.signing import SigningRefused
-from appliance.protocols.state import CA_SECRET, LOG_SECRET, SCERT, TSA_SECRET
+from appliance.protocols.state import APP_KEY_SECRETS, CA_SECRET, LOG_SECRET, SCERT, TSA_SECRET
 
 log = logging.getLogger("pst.keyholder")
 
@@ -178,6 +178,7 @@ class _Child:
             from appliance.apps.tsa.threshold import NoTimestamps
 
             self.server.add_payload_check(TSA_SECRET, NoTimestamps())
+        self._guard_app_keys(config)
         ca_methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
         if CA_SECRET in config.constants.secrets:
             from appliance.node.ca import CaAuthority
@@ -200,6 +201,8 @@ class _Child:
             "sign_checkpoint": self._sign_checkpoint,
             "sign_dss": self._sign_dss,
             "dss_public_key": self._dss_public_key,
+            "sign_app_dss": self._sign_app_dss,
+            "app_dss_public_key": self._app_dss_public_key,
             "log_key": self._log_key,
             "store_key": self._store_key,
             "store_share": self._store_share,
@@ -291,7 +294,9 @@ class _Child:
             value = await handler(args)
             reply = encode_msg("reply", id=rid, ok=True, value=value)
         except (SigningRefused, LinkError, ValueError, TypeError) as exc:
-            reply = encode_msg("reply", id=rid, ok=False, error=str(exc)[:300], kind="refused")
+            code = exc.code if isinstance(exc, SigningRefused) else None  # what the caller acts on
+            extra = {} if code is None else {"code": code[:100]}
+            reply = encode_msg("reply", id=rid, ok=False, error=str(exc)[:300], kind="refused", **extra)
         except trio.TooSlowError:
             reply = encode_msg("reply", id=rid, ok=False, error="timed out", kind="timeout")
         except Exception as exc:  # a bug here must not kill the key-holder (the call would be re-sent)
@@ -317,6 +322,36 @@ class _Child:
             raise TypeError("sign_dss: 'secret' must be a string and 'message' bytes")
         return await self.server.sign_dss(secret, message, timeout=self._timeout(args, 10.0))
 
+    async def _sign_app_dss(self, args: dict[str, Any]) -> bytes:
+        group, app, uid, key, message = (args.get(k) for k in ("group", "app", "uid", "key", "message"))
+        if not (
+            isinstance(group, str)
+            and isinstance(app, str)
+            and isinstance(uid, bytes)
+            and isinstance(key, str)
+            and isinstance(message, bytes)
+        ):
+            raise TypeError("sign_app_dss: 'group', 'app', 'key' must be strings, 'uid' and 'message' bytes")
+        return await self.server.sign_app_dss(
+            group, app, uid, key, message, timeout=self._timeout(args, 10.0)
+        )
+
+    async def _app_dss_public_key(self, args: dict[str, Any]) -> bytes | None:
+        group, app, key = args.get("group"), args.get("app"), args.get("key")
+        if not (isinstance(group, str) and isinstance(app, str) and isinstance(key, str)):
+            raise TypeError("app_dss_public_key: 'group', 'app' and 'key' must be strings")
+        return self.server.app_dss_public_key(group, app, key)
+
+    def _guard_app_keys(self, config: NodeConfig) -> None:
+        """The application keys' secrets of C sign only requests for a key the store holds and
+        the named client owns (appliance.apps.dsskeys); the store node writes the registry."""
+        from appliance.apps.dsskeys.model import KEY_REGISTRY, AppKeyCheck, RegistryFile
+
+        registry = RegistryFile(StateDir(config.state_dir).serve_dir / "store" / KEY_REGISTRY)
+        for group, secret in APP_KEY_SECRETS.items():
+            if config.constants.secrets.get(secret) == group:
+                self.server.add_payload_check(secret, AppKeyCheck(group, registry.lookup))
+
     async def _dss_public_key(self, args: dict[str, Any]) -> bytes | None:
         secret = args.get("secret")
         if not isinstance(secret, str):
@@ -341,15 +376,26 @@ class _Child:
     def _guard_timestamps(self, config: NodeConfig) -> None:
         """[tsa] mode = "threshold": our shares of the TSA secret sign only timestamp tokens our
         own check accepts (genTime within the stated accuracy of our clock, our policy, the
-        serial of the server that asked; appliance.apps.tsa.threshold)."""
+        serial of the server that asked, a certificate the group issued under our [ca] policy's
+        ``tsa`` profile, chaining to the group root; appliance.apps.tsa.threshold)."""
         import datetime as dt
 
+        from appliance.apps.ca.policy import IssuedCheck
         from appliance.apps.tsa.rfc3161 import Accuracy
         from appliance.apps.tsa.threshold import TimestampCheck
+        from appliance.node.ca import policy_of
 
         tsa = config.tsa
         assert tsa is not None
         server = self.server
+
+        def ca_public() -> bytes | None:  # the group root's key: the network's ca key
+            core = server.core
+            sharing = core.public.sharings.get(CA_SECRET) if core is not None else None
+            return sharing.public_key if sharing is not None else None
+
+        policy = policy_of(config)  # (threshold mode needs [ca] tsa_names: config.py)
+        issued = IssuedCheck(config.constants, ca_public, policy.profile("tsa"), policy.grace)
 
         def clock() -> dt.datetime:
             return dt.datetime.fromtimestamp(server.clock(), dt.UTC)
@@ -359,6 +405,7 @@ class _Child:
             accuracy=Accuracy(tsa.accuracy_ms // 1000, tsa.accuracy_ms % 1000),
             clock=clock,
             public_key=lambda: server.dss_public_key(tsa.secret),
+            issued=issued,
         )
         server.add_payload_check(tsa.secret, check)
 
@@ -403,12 +450,17 @@ class _Child:
         """The store key's group, threshold and public sharing (its Feldman commitment; the
         constant term is the public key the clients seal to), and the period."""
         group, sharing, period = self._store_sharing()
+        core = self.server.core
+        m = core.public.m if core is not None else None
         return {
             "group": group.name,
             "n": sharing.n,
             "t": sharing.t,
             "period": period,
             "commitment": sharing.commitment.encode(group),
+            # the group public key, which signs every KeyTable: a quorum's certificate is
+            # checked against it (appliance.apps.store.model.check_quorum)
+            "vcert": m.vcert if m is not None else b"",
         }
 
     async def _store_share(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -311,7 +311,11 @@ class KeyHolderLink:
         error = reply.get("error")
         if reply.get("kind") == "timeout":
             raise trio.TooSlowError(str(error))
-        raise SigningRefused(str(error) if isinstance(error, str) else "refused by the key-holder")
+        code = reply.get("code")
+        raise SigningRefused(
+            str(error) if isinstance(error, str) else "refused by the key-holder",
+            code=code if isinstance(code, str) else None,
+        )
 
     # The PServer's API, through the link ------------------------------------------------------
 
@@ -351,6 +355,24 @@ class KeyHolderLink:
     async def dss_public_key(self, secret: str, *, timeout: float = 5.0) -> bytes | None:
         """The PEM public key of DSS secret ``secret`` (None if C has none of that name)."""
         value = await self.call("dss_public_key", timeout, secret=secret)
+        return value if isinstance(value, bytes) else None
+
+    async def sign_app_dss(
+        self, group: str, app: str, uid: bytes, key: str, message: bytes, *, timeout: float = 10.0
+    ) -> bytes:
+        """A signature by an application's DSS key (key-holder's sign_app_dss; apps/dsskeys)."""
+        value = await self.call(
+            "sign_app_dss", timeout, group=group, app=app, uid=uid, key=key, message=message
+        )
+        if not isinstance(value, bytes):
+            raise SigningRefused("the key-holder returned no DSS signature")
+        return value
+
+    async def app_dss_public_key(
+        self, group: str, app: str, key: str, *, timeout: float = 5.0
+    ) -> bytes | None:
+        """The PEM public key of an application's DSS key (None: no such base secret in C)."""
+        value = await self.call("app_dss_public_key", timeout, group=group, app=app, key=key)
         return value if isinstance(value, bytes) else None
 
     async def store_key(self, *, timeout: float = 5.0) -> dict[str, Any]:

@@ -257,7 +257,7 @@ async def _serve(
         if log_node is not None:
             await log_node.identity(period, keys, ident)
         if store_node is not None:
-            await store_node.sequence.identity(period, keys, ident)
+            await store_node.identity(period, keys, ident)
         if period_cert is not None:
             period_cert.new_period(period)
         if tsa_cert is not None:
@@ -329,6 +329,7 @@ async def _serve(
             sign_upgrade=link.sign_upgrade,
             dss_sign=link.sign_dss,
             dss_key=link.dss_public_key,
+            app_dss=link,
             timestamp=_tsa_respond(config, link, tsa, log_service),
         )
         await nursery.start(links.run)

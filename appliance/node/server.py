@@ -42,8 +42,8 @@ from appliance.protocols.core import DSS_GROUPS, ServerCore
 from appliance.protocols.dss_signing import DSSSigningService
 from appliance.protocols.refresh import Outcome, PublicData, Status, current_table
 from appliance.protocols.services import RandomService, TimeService
-from appliance.protocols.signing import PayloadCheck, SigningRefused, SigningService
-from appliance.protocols.state import SCERT
+from appliance.protocols.signing import PayloadCheck, SigningRefused, SigningService, refusal_code
+from appliance.protocols.state import APP_KEY_SECRETS, SCERT
 
 log = logging.getLogger("pst.server")
 
@@ -403,12 +403,49 @@ class PServer:
         await self._wait_for(service, rid, timeout)
         if rid in service.done:
             return service.done.pop(rid)
-        raise SigningRefused(service.failed.pop(rid, "the signing service was replaced by a refresh; retry"))
+        why = service.failed.pop(rid, "the signing service was replaced by a refresh; retry")
+        raise SigningRefused(str(why), code=refusal_code(why))
 
     async def sign_dss(self, secret: str, message: bytes, *, timeout: float = 10.0) -> bytes:
         """A threshold DSS signature (DER, P-256 ECDSA or DSA over SHA-256(message)) by the DSS
         secret ``secret`` of C, made with t other servers from a presignature of this server's
-        stock (protocols/dss_signing.py); refused when the stock stays empty past its timeout."""
+        stock (protocols/dss_signing.py); refused when the stock stays empty past its timeout.
+        The application keys' secrets are refused: they sign only :meth:`sign_app_dss`."""
+        if secret in APP_KEY_SECRETS.values():
+            raise SigningRefused(
+                f"{secret!r} is the application keys' secret: it signs only with an application's key"
+            )
+        return await self._sign_dss(secret, message, timeout=timeout)
+
+    async def sign_app_dss(
+        self, group: str, app: str, uid: bytes, key: str, message: bytes, *, timeout: float = 10.0
+    ) -> bytes:
+        """A signature by key ``key`` of application ``app`` for its client ``uid`` (the API
+        authenticated it), with the application keys' secret of ``group``: every signer checks
+        that the client owns the key first (appliance.apps.dsskeys)."""
+        from appliance.apps.dsskeys.model import SignRequest
+
+        secret = APP_KEY_SECRETS.get(group)
+        if secret is None:
+            raise SigningRefused(f"no application keys of group {group!r}")
+        payload = SignRequest(app, uid, key, group, message).encode()
+        return await self._sign_dss(secret, payload, timeout=timeout)
+
+    def app_dss_public_key(self, group: str, app: str, key: str) -> bytes | None:
+        """The PEM public key of key ``key`` of application ``app`` (None: no such base secret)."""
+        from appliance.crypto import appkeys
+
+        core = self.core
+        secret = APP_KEY_SECRETS.get(group)
+        if core is None or secret is None or core.clock.secrets.get(secret) != group:
+            return None
+        sharing = core.public.sharings.get(secret)
+        if sharing is None:
+            return None
+        g = core.clock.group(secret)
+        return dss.public_key_pem(g, appkeys.app_public_key(g, sharing.public_key, app, key))
+
+    async def _sign_dss(self, secret: str, message: bytes, *, timeout: float) -> bytes:
         core = self.core
         if core is None or core.clock.secrets.get(secret) not in DSS_GROUPS:
             raise SigningRefused(f"the network has no DSS secret {secret!r} (add it to C's secrets at init)")
@@ -421,7 +458,8 @@ class PServer:
         await self._wait_for(service, rid, timeout)
         if rid in service.done:
             return service.done.pop(rid).der
-        raise SigningRefused(service.failed.pop(rid, "the signing service was replaced by a refresh; retry"))
+        why = service.failed.pop(rid, "the signing service was replaced by a refresh; retry")
+        raise SigningRefused(str(why), code=refusal_code(why))
 
     def dss_public_key(self, secret: str) -> bytes | None:
         """The SubjectPublicKeyInfo PEM of DSS secret ``secret`` (None if C has no such secret)."""

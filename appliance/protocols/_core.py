@@ -80,6 +80,14 @@ class AlertKind(enum.Enum):
     #: let its client read (another application, not the owner, a StoreUntil before its date):
     #: appliance.apps.store. The alert names the server that asked and its client.
     STORE_READ_REFUSED = "store-read-refused"
+    #: A local client (or a distributed application's quorum) asked this server for a write the
+    #: store's rules do not allow it (another application's data, a quorum's type by one client,
+    #: a certificate that does not verify): refused before it is ordered. Names the requester.
+    STORE_WRITE_REFUSED = "store-write-refused"
+    #: A server asked us to sign with an application's DSS key for a client that does not own
+    #: it (another application, another client), or with a key of another group:
+    #: appliance.apps.dsskeys. The alert names the server that asked and the client it named.
+    APP_KEY_REFUSED = "app-key-refused"
 
 
 @dataclass(frozen=True)

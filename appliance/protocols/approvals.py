@@ -11,9 +11,13 @@ lookup that the node keeps current).
 A request of the application is serviced only if a strict majority of the n servers'
 clients initiated or approved it.
 
-Naming. For a request to run protocol ``op`` (only ``"sign"`` today) on ``payload``:
+Naming. For a request to run protocol ``op`` on ``payload`` (``"sign"``: the group key signs
+M once a majority agreed; ``"store"``: the data storage API's quorum requests, whose outcome is
+the certificate itself, :func:`store_certificate`, carrying the period's signed KeyTable so that
+any server checks it alike in any period: ``appliance.apps.store.model.check_quorum``):
 
-* ``M`` = :func:`distributed_sign_payload` ``(app, payload)``: what the group key signs;
+* ``M`` = :func:`distributed_payload` ``(app, op, payload)`` (for ``sign``,
+  :func:`distributed_sign_payload` ``(app, payload)``: what the group key signs);
   its domain ``pst/app-distributed/v1`` differs from centralized signing
   (``pst/app-signed/v1``) and from the protocols' own payloads (``pst/signed/v1``);
 * ``ticket = HMAC-SHA256(v, {period, SHA-256(M)})``: the paper's "hash(pswd)" sent to all
@@ -96,7 +100,9 @@ APPROVALS: Final = "approvals"
 #: Domain of the group key's signatures for distributed applications.
 DISTRIBUTED_DOMAIN: Final = "pst/app-distributed/v1"
 _DOMAIN_BYTES: Final = DISTRIBUTED_DOMAIN.encode()
-PROTOCOLS: Final = frozenset({"sign"})
+#: ``sign``: the group key signs M once a majority agreed; ``store``: the certificate itself is
+#: the outcome (the data storage API's quorum requests, :mod:`appliance.apps.store.model`).
+PROTOCOLS: Final = frozenset({"sign", "store"})
 MAX_APP_LENGTH: Final = 128
 MAX_PAYLOAD: Final = 64 * 1024
 VERIFIER_SIZE: Final = 32
@@ -135,8 +141,14 @@ def distributed_sign_payload(app: str, payload: bytes) -> bytes:
     in canonical CBOR; a verifier rebuilds it and checks the Ed25519 signature with the
     group public key.
     """
+    return distributed_payload(app, "sign", payload)
+
+
+def distributed_payload(app: str, op: str, payload: bytes) -> bytes:
+    """M for protocol ``op`` (see :data:`PROTOCOLS`): the request the clients approve; its
+    SHA-256 is the certificate's ``digest``."""
     return encoding.encode(
-        {"dom": DISTRIBUTED_DOMAIN, "app": app, "op": "sign", "sha512": hashlib.sha512(payload).digest()}
+        {"dom": DISTRIBUTED_DOMAIN, "app": app, "op": op, "sha512": hashlib.sha512(payload).digest()}
     )
 
 
@@ -152,6 +164,22 @@ def request_id(digest: bytes, ticket_: bytes) -> bytes:
 
 def vote_payload(period: int, voter: int, rid: bytes) -> bytes:
     return encoding.signing_payload("approval-vote", 1, "pst/approvals", period, {"from": voter, "rid": rid})
+
+
+def store_certificate(
+    app: str, table: KeyTable, digest: bytes, ticket_: bytes, votes: Mapping[int, bytes]
+) -> dict[str, Any]:
+    """A ``store`` request's certificate, self-contained: the period's KeyTable signed by the
+    group key travels with the votes, so any server checks it the same way in any period
+    (``appliance.apps.store.model.Quorum``)."""
+    return {
+        "app": app,
+        "period": table.period,
+        "digest": digest,
+        "ticket": ticket_,
+        "votes": dict(votes),
+        "table": table.encode(),
+    }
 
 
 @dataclass(frozen=True)
@@ -187,6 +215,8 @@ class _Request:
     ticket: bytes
     deadline: float
     refusals: dict[int, str] = field(default_factory=dict)
+    app: str = ""
+    protocol: str = "sign"
 
 
 @dataclass
@@ -226,6 +256,8 @@ class ApprovalService:
         #: SHA-256 of every message a valid certificate allows the group key to sign.
         self.authorized: set[bytes] = set()
         self.done: dict[int, bytes] = {}
+        #: For a ``store`` request in ``done``: its certificate (:func:`store_certificate`).
+        self.certificates: dict[int, dict[str, Any]] = {}
         self.failed: dict[int, str] = {}
         self.alerts: list[Alert] = []
         self.rejected: list[RemoteProtocolError] = []
@@ -278,7 +310,7 @@ class ApprovalService:
             raise ValueError(f"payload of {len(payload)} bytes is larger than {MAX_PAYLOAD}")
         if len(verifier) != VERIFIER_SIZE:
             raise ValueError("verifier must be 32 bytes")
-        message = distributed_sign_payload(app, payload)
+        message = distributed_payload(app, protocol, payload)
         digest = hashlib.sha256(message).digest()
         tk = ticket(verifier, self.period, digest)
         rid = request_id(digest, tk)
@@ -293,7 +325,7 @@ class ApprovalService:
         self._send(EVERYONE, "ask", body)
         lid = self._next
         self._next += 1
-        self._requests[lid] = _Request(rid, message, digest, tk, now + timeout)
+        self._requests[lid] = _Request(rid, message, digest, tk, now + timeout, app=app, protocol=protocol)
         return lid
 
     def pending(self, app: str, verifier: bytes, now: float) -> list[PendingRequest]:
@@ -408,7 +440,7 @@ class ApprovalService:
             raise RemoteProtocolError(sender, "approval request with a bad application name or protocol")
         if len(f["payload"]) > MAX_PAYLOAD or len(f["ticket"]) != DIGEST_SIZE:
             raise RemoteProtocolError(sender, "approval request with an oversized payload or a bad ticket")
-        digest = hashlib.sha256(distributed_sign_payload(f["app"], f["payload"])).digest()
+        digest = hashlib.sha256(distributed_payload(f["app"], f["op"], f["payload"])).digest()
         rid = request_id(digest, f["ticket"])
         if not self._valid_vote(sender, rid, f["vote"]):
             raise RemoteProtocolError(sender, "approval request without its sender's own vote")
@@ -476,6 +508,10 @@ class ApprovalService:
                 self._send(EVERYONE, "cert", cert)
                 self.authorized.add(req.digest)
                 self.done[lid] = req.message
+                if req.protocol == "store":
+                    self.certificates[lid] = store_certificate(
+                        req.app, self.table, req.digest, req.ticket, votes
+                    )
                 del self._requests[lid]
                 continue
             refused = {i: r for i, r in req.refusals.items() if i not in votes}

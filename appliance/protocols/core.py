@@ -35,7 +35,7 @@ from appliance.protocols.refresh import (
 )
 from appliance.protocols.services import RANDOM, TIME, RandomService, TimeService
 from appliance.protocols.signing import SERVICE, PayloadCheck, SigningService, service_name
-from appliance.protocols.state import SCERT, Constants, KeyTable
+from appliance.protocols.state import APP_KEY_SECRETS, SCERT, Constants, KeyTable
 
 #: Groups whose secrets sign with threshold DSS (protocols/dss_signing.py) rather than FROST.
 DSS_GROUPS = frozenset({"p256", "dsa2048"})
@@ -225,6 +225,8 @@ class ServerCore:
                 rand=self.rand,
                 service=service_name(sid),
                 checks=self.payload_checks.get(sid, ()),
+                # The application keys' secrets sign only what their check accepts.
+                only_checked=sid in APP_KEY_SECRETS.values(),
             )
         self.approvals = ApprovalService(
             me=self.me,

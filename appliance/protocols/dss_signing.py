@@ -15,8 +15,9 @@ participants: itself and every server it does not currently avoid (at least 2t+1
 1. ``open`` (c -> participants). Every participant deals: a public ``deal`` (the
    :class:`~appliance.crypto.dss.NonceDealing` s, one per presignature, to every participant)
    and private ``shares`` (to each participant its shares, each a
-   :class:`~appliance.crypto.vss.ShareMessage` signed with the dealer's period key, so that a
-   bad one convicts the dealer before anyone). The channels are the encrypted period links.
+   :class:`~appliance.crypto.vss.ShareMessage`, all of them under one signature with the
+   dealer's period key, so that a bad one convicts the dealer before anyone; a complaint
+   carries the session's shares). The channels are the encrypted period links.
 2. ``report`` (participant -> c): the digest of every dealing whose shares all check, and a
    complaint (the dealer's signed message) for every share that does not.
 3. ``qual`` (c -> active): c judges the complaints (anyone can: dealer or accuser is guilty),
@@ -26,10 +27,26 @@ participants: itself and every server it does not currently avoid (at least 2t+1
    complaint, a digest it does not hold: it drops out) and ``echo`` es its digest to A; it
    goes on only when every member of A echoed the same decision (a coordinator cannot give
    members different QUAL1 sets; a mismatch is an equivocation alert naming c).
-4. ``opening`` (member -> A): z_i with its proof; each member interpolates R from 2t+1 valid
-   openings (any 2t+1 valid ones give the same R); a bad opening names its sender.
+4. ``opening`` (member -> A): z_i alone. With every member's z_i in (at least 3t+1) and all on
+   one degree-2t polynomial, each member computes R with no proof made or checked (the honest
+   2t+1 fix the polynomial). Otherwise (an inconsistency, or a member late by ROUND_WAIT/2) a
+   member asks all for their proofs (``needproofs``; each answers once with ``oproofs``, its
+   openings with proofs), interpolates R from 2t+1 valid ones, and a bad proof, or a proof of
+   another z_i than the one opened, names its sender.
 5. ``wdeal``/``wshares`` (member -> A): the Pedersen dealing of kappa_i x_i with its proof,
-   and signed private shares; ``wreport`` to c as in 2.
+   and signed private shares; ``wreport`` to c as in 2. The proofs are not checked here: the
+   presignature keeps the reduction set's dealings, and if a signature made from it fails to
+   verify while every signature share is right, the coordinator checks them then
+   (:func:`~appliance.crypto.dss.blame_w_dealings`), names the dealer (alert, avoided) and
+   drops the stock it spoiled. A bad w only makes the signature wrong; the shares it makes
+   the honest servers release are the right ones shifted by what the cheater knows, so it
+   learns nothing it would not learn from the right signature.
+
+Share checks (steps 1 and 5) are batched: a dealer's shares of a whole session in one random
+linear combination (weights from ``secrets``, drawn after the shares arrived), and in the
+nonce round the sums over all dealers at once, each dealer alone only when that fails (see
+:meth:`DSSSigningService._check_shares`). A dealer's signature on a recipient's shares of
+the session is checked only when we complain (the evidence); it signs none for itself.
 6. ``final`` (c -> holders): the holders H (at least t+1 members holding the same digests of
    at least 2t+1 valid w dealings) and the reduction set S (the 2t+1 smallest of them); each
    holder checks it as in 3 and stores its presignatures (reserved for c).
@@ -56,7 +73,9 @@ Payload checks as in :mod:`~appliance.protocols.signing`, with its two optional 
 check learns which server asked (``check_from``: a timestamp's serial must be that server's),
 and what is signed may be a form the check computes from the payload (``signed_bytes``: a
 TSTInfo is checked, its CMS signed attributes signed); the coordinator combines the shares over
-that same form. The lock binds the payload itself.
+that same form. The lock binds the payload itself. A third hook picks the key: ``key_tweak(message,
+group, public_key) -> d`` signs under the secret's key plus d (an application's key,
+:mod:`appliance.crypto.appkeys`; every signer computes d itself from the payload).
 
 When the stock runs dry a request waits (presigning goes on in the background) until
 ``REQUEST_TIMEOUT`` after it was made, then fails with a clear error saying so. A request that
@@ -76,7 +95,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from appliance.crypto import dss, encoding
+from appliance.crypto import appkeys, dss, encoding
 from appliance.crypto.errors import CheatingError, CryptoError, DecodeError, NotEnoughSharesError
 from appliance.crypto.groups import Group
 from appliance.crypto.keyshare import KeyShare
@@ -88,8 +107,11 @@ from appliance.protocols.signing import (
     MAX_REASON,
     PayloadCheck,
     PayloadGate,
+    Refusal,
     SigningRefused,
     is_protocol_payload,
+    own_check_code,
+    refusal_code,
     run_check,
     signed_form,
 )
@@ -97,9 +119,11 @@ from appliance.protocols.state import KeyTable
 
 E = TypeVar("E")
 
-#: Presignatures per session, and the stock below which a coordinator opens a session.
-BATCH = 4
-LOW_WATER = 4
+#: Presignatures per session, and the stock below which a coordinator opens a session. Large
+#: sessions amortize their messages, and one session per MIN_OPEN_INTERVAL caps a coordinator
+#: at 2 * BATCH presignatures a second (docs/performance.md).
+BATCH = 16
+LOW_WATER = 16
 #: Presignatures a holder keeps for one coordinator (it joins no session of c beyond that).
 MAX_HELD = 32
 MAX_BATCH = 16
@@ -157,17 +181,23 @@ def _digest_map(obj: Any, what: str, sender: int, n: int) -> dict[int, bytes]:
     return dict(obj)
 
 
+SHARE_BATCH_DST = "pst/dss/share-batch/v1"
+
+
 def _check_complaint(item: Any, accuser: int) -> None:
-    """[dealer, index, values, dealer's signature]: the shape, before anything is judged."""
+    """[dealer, index, the session's values, dealer's signature]: the shape, before anything is
+    judged (the dealer signs each recipient's shares of a session at once: the evidence for one
+    bad share is all of them)."""
     if not (
         isinstance(item, list)
         and len(item) == 4
         and type(item[0]) is int
         and type(item[1]) is int
         and isinstance(item[2], list)
-        and len(item[2]) <= 5
-        and all(type(v) is int for v in item[2])
+        and len(item[2]) <= MAX_BATCH
+        and all(isinstance(vs, list) and len(vs) <= 5 and all(type(v) is int for v in vs) for vs in item[2])
         and isinstance(item[3], bytes)
+        and len(item[3]) <= 128
     ):
         raise RemoteProtocolError(accuser, "malformed complaint")
 
@@ -199,6 +229,10 @@ class _Round(Generic[E]):
     complaints: list[list[Any]] = field(default_factory=list)
     started: float = 0.0
     reported: bool = False
+    #: Nonce round: dealers whose dealing and shares are in, checked all together once every
+    #: participant's are (_check_arrived); and the set that one sum check accepted.
+    arrived: dict[int, bytes] = field(default_factory=dict)
+    summed: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -218,10 +252,20 @@ class _Session(Generic[E]):
     echoes: dict[int, bytes] = field(default_factory=dict)
     publics: list[dss.NoncePublic[E]] = field(default_factory=list)
     states: list[dss.NonceState] = field(default_factory=list)
-    openings: dict[int, list[dss.ProductOpening]] = field(default_factory=dict)
+    #: Each member's z_i per presignature as opened (fast path: no proofs), and the openings
+    #: with proofs that members send when asked (robust path).
+    openings: dict[int, list[int]] = field(default_factory=dict)
+    proofs: dict[int, list[dss.ProductOpening]] = field(default_factory=dict)
+    proofs_sent: bool = False
+    proofs_asked: bool = False
+    proofs_wanted: bool = False
+    #: The proof senders of our last robust attempt (tried again only when more arrive).
+    proofs_tried: frozenset[int] = frozenset()
     nonces: list[dss.Nonce[E]] = field(default_factory=list)
     bad: set[int] = field(default_factory=set)
     w_pending: dict[str, dict[int, Any]] = field(default_factory=dict)
+    #: When the openings step began (the fast path waits a little for every member's openings).
+    open_started: float = 0.0
 
     def wipe(self) -> None:
         for st in self.states:
@@ -260,6 +304,8 @@ class _Request(Generic[E]):
     own_shares: int = 0
     #: What is signed: the message, or the form its check makes of it (``signed_bytes``).
     to_sign: bytes = b""
+    #: The public tweak of the key it is signed with (0: the secret's own key; crypto/appkeys.py).
+    tweak: int = 0
     #: It waited for a presignature: our check runs again before anything is sent.
     waited: bool = False
 
@@ -319,6 +365,8 @@ class DSSSigningService(PayloadGate, Generic[E]):
         self.notes: deque[str] = deque(maxlen=64)
         self._out: list[Outgoing] = []
         self._local: deque[tuple[str, dict[str, Any], bytes]] = deque()
+        #: Our own dealings by their encoding, until we receive them ourselves.
+        self._own_decoded: dict[bytes, Any] = {}
 
     # Plumbing ------------------------------------------------------------------------------
 
@@ -413,7 +461,19 @@ class DSSSigningService(PayloadGate, Generic[E]):
                 self.rejected.append(RemoteProtocolError(self.me, f"own message: {exc}"))
 
     _SESSION_KINDS = frozenset(
-        {"deal", "shares", "echo", "opening", "wdeal", "wshares", "qual", "final", "abort"}
+        {
+            "deal",
+            "shares",
+            "echo",
+            "opening",
+            "oproofs",
+            "needproofs",
+            "wdeal",
+            "wshares",
+            "qual",
+            "final",
+            "abort",
+        }
     )
 
     def _dispatch(self, sender: int, kind: str, body: Any, raw: bytes, now: float) -> None:
@@ -555,40 +615,58 @@ class DSSSigningService(PayloadGate, Generic[E]):
         verdicts = []
         for item in complaints:
             _check_complaint(item, accuser)
-            d, k, values, sig = item
+            d, k, all_values, sig = item
             held = rnd.deals.get(d)
-            if held is None or not 0 <= k < sess.count:
+            if held is None or not 0 <= k < sess.count or len(all_values) != sess.count:
                 continue  # a dealing we do not hold: we cannot judge it, it is not in our sets
             dealing = held[1][k]
             sid = sess.sids[k]
-            msg = ShareMessage(b"", d, accuser, tuple(values))
-            if w:
-                msg = ShareMessage(dss.w_session(self.group, sid, dealing), d, accuser, tuple(values))
-                verdicts.append(
-                    dss.judge_w_complaint(
-                        self.group,
-                        sid,
-                        dealing,
-                        Complaint(accuser, msg, sig),
-                        self._verify,
-                        signing_context=self.share_context,
-                        period=self.period,
-                    )
+            sessions = self._share_sessions(sess, held[1], w)
+            payloads = self._share_payloads(sessions, d, accuser, all_values)
+            signed = self._batch_payload(payloads)
+
+            def verify(
+                party: int,
+                payload: bytes,
+                signature: bytes,
+                expected: bytes = payloads[k],
+                signed: bytes = signed,
+            ) -> bool:
+                # the dealer's one signature over the recipient's shares of the whole session
+                return payload == expected and self._verify(party, signed, signature)
+
+            msg = ShareMessage(sessions[k], d, accuser, tuple(all_values[k]))
+            judge = dss.judge_w_complaint if w else dss.judge_nonce_complaint
+            verdicts.append(
+                judge(
+                    self.group,
+                    sid,
+                    dealing,
+                    Complaint(accuser, msg, sig),
+                    verify,
+                    signing_context=self.share_context,
+                    period=self.period,
                 )
-            else:
-                msg = ShareMessage(dss.nonce_session(self.group, sid, dealing), d, accuser, tuple(values))
-                verdicts.append(
-                    dss.judge_nonce_complaint(
-                        self.group,
-                        sid,
-                        dealing,
-                        Complaint(accuser, msg, sig),
-                        self._verify,
-                        signing_context=self.share_context,
-                        period=self.period,
-                    )
-                )
+            )
         return verdicts
+
+    def _share_sessions(self, sess: _Session[E], deals: Sequence[Any], w: bool) -> list[bytes]:
+        if w:
+            return [dss.w_session(self.group, sid, dl) for sid, dl in zip(sess.sids, deals, strict=True)]
+        return [dss.nonce_session(self.group, sid, dl) for sid, dl in zip(sess.sids, deals, strict=True)]
+
+    def _share_payloads(
+        self, sessions: Sequence[bytes], d: int, j: int, values: Sequence[Sequence[int]]
+    ) -> list[bytes]:
+        return [
+            ShareMessage(session, d, j, tuple(v)).payload(self.share_context, self.period)
+            for session, v in zip(sessions, values, strict=True)
+        ]
+
+    @staticmethod
+    def _batch_payload(payloads: Sequence[bytes]) -> bytes:
+        """What a dealer signs for one recipient and session: all its share messages at once."""
+        return encoding.encode([SHARE_BATCH_DST, list(payloads)])
 
     def _choose(
         self,
@@ -682,11 +760,36 @@ class DSSSigningService(PayloadGate, Generic[E]):
     ) -> tuple[dss.NonceDealing[E], dict[int, tuple[int, int, int, int, int]]]:
         return dss.deal_nonce(self.group, sid, self.me, self.n, self.t, self._scalar)
 
+    def _w_dealing(self, sess: _Session[E], k: int) -> tuple[dss.WDealing[E], dict[int, tuple[int, int]]]:
+        return dss.deal_w(self.group, sess.publics[k], sess.nonces[k], sess.states[k], self.key, self._scalar)
+
+    def _opening_z(self, sess: _Session[E], k: int) -> int:
+        return dss.product_value(self.group, sess.states[k])
+
     def _opening(self, sess: _Session[E], k: int) -> dss.ProductOpening:
         return dss.open_product(self.group, sess.publics[k], sess.states[k], self._scalar)
 
-    def _signature_share(self, presig: dss.Presignature[E], message: bytes) -> dss.SignatureShare:
+    def _signature_share(
+        self, presig: dss.Presignature[E], message: bytes, tweak: int = 0
+    ) -> dss.SignatureShare:
+        if tweak:
+            return appkeys.sign_share(self.group, presig, message, self.key.public, tweak)
         return dss.sign_share(self.group, presig, message, self.key.public)
+
+    def key_tweak(self, message: bytes) -> int:
+        """The public tweak of the key ``message`` is signed with: 0 (this secret's own key) unless
+        the check that claims it names a per-application key (its ``key_tweak`` hook, given the
+        group and this secret's public key: crypto/appkeys.py). Raises ValueError if it cannot."""
+        make = getattr(self.check_for(message), "key_tweak", None)
+        if make is None:
+            return 0
+        try:
+            d = make(message, self.group, self.key.public_key)
+        except Exception as exc:
+            raise ValueError(f"cannot name the key: {type(exc).__name__}: {exc}") from None
+        if type(d) is not int or not 0 <= d < self.group.order:
+            raise ValueError("the check's key tweak is not a scalar")
+        return d
 
     def _on_open(self, sender: int, body: Any, now: float) -> None:
         f = encoding.expect_map(body, {"s": int, "parts": list, "count": int}, "presign open")
@@ -728,18 +831,33 @@ class DSSSigningService(PayloadGate, Generic[E]):
     def _deal_nonce(self, sess: _Session[E]) -> None:
         dealings = []
         shares: dict[int, list[Any]] = {j: [] for j in sess.parts}
+        sessions = []
         for sid in sess.sids:
             dealing, values = self._nonce_dealing(sid)
-            dealings.append(dealing.encode(self.group))
-            session = dss.nonce_session(self.group, sid, dealing)
+            encoded = dealing.encode(self.group)
+            dealings.append(encoded)
+            if len(self._own_decoded) > 4 * MAX_BATCH:
+                self._own_decoded.clear()
+            self._own_decoded[encoded] = dealing
+            sessions.append(dss.nonce_session(self.group, sid, dealing))
             for j in sess.parts:
-                msg = ShareMessage(session, self.me, j, values[j])
-                shares[j].append(
-                    [list(values[j]), self.signer.sign(msg.payload(self.share_context, self.period))]
-                )
+                shares[j].append(list(values[j]))
         self._send_all(sess.parts, "deal", {"c": sess.c, "s": sess.s, "dealings": dealings})
         for j in sess.parts:
-            self._send(j, "shares", {"c": sess.c, "s": sess.s, "shares": shares[j]})
+            body = {
+                "c": sess.c,
+                "s": sess.s,
+                "shares": shares[j],
+                "sig": self._sign_shares(sessions, j, shares[j]),
+            }
+            self._send(j, "shares", body)
+
+    def _sign_shares(self, sessions: Sequence[bytes], j: int, values: Sequence[Sequence[int]]) -> bytes:
+        """The dealer's one signature on j's shares of the session (complaint evidence); none on
+        our own."""
+        if j == self.me:
+            return b""
+        return self.signer.sign(self._batch_payload(self._share_payloads(sessions, self.me, j, values)))
 
     def _on_session_msg(self, sender: int, kind: str, body: Any, raw: bytes, now: float) -> None:
         if kind in ("qual", "final", "abort"):
@@ -782,6 +900,11 @@ class DSSSigningService(PayloadGate, Generic[E]):
             self._on_echo(sess, sender, msg, now)
         elif kind == "opening":
             self._on_opening(sess, sender, msg, now)
+        elif kind == "oproofs":
+            self._on_oproofs(sess, sender, msg, now)
+        elif kind == "needproofs":
+            sess.proofs_wanted = True
+            self._send_proofs(sess)
         elif kind in ("wdeal", "wshares"):
             if sess.stage != "w":
                 if sess.stage in ("deal", "echo", "open"):
@@ -797,15 +920,19 @@ class DSSSigningService(PayloadGate, Generic[E]):
             raise RemoteProtocolError(sender, f"unknown presign message {kind!r}")
 
     def _decode_deal(self, sess: _Session[E], sender: int, data: bytes, k: int, w: bool) -> Any:
+        if sender == self.me:
+            own = self._own_decoded.pop(data, None)
+            if own is not None:
+                return own  # our own dealing, sent to ourselves: no need to decode it again
         if w:
             wd = dss.WDealing.decode(self.group, data, self.n, self.t)
             if wd.dealer != sender:
                 raise RemoteProtocolError(sender, "w dealing under another dealer's id")
-            try:
-                dss.check_w_dealing(self.group, sess.publics[k], sess.nonces[k], self.key.public, wd)
-            except CheatingError as exc:
-                self._alert(AlertKind.BAD_SHARE, sender, f"presign: {exc.reason}")
-                raise RemoteProtocolError(sender, f"w dealing: {exc.reason}") from None
+            if wd.commitment.degree != self.t:
+                raise RemoteProtocolError(sender, "w dealing of the wrong degree")
+            # Its linking proof is not checked here (the fast path): the presignature keeps the
+            # dealing, and a signature that fails to verify has the proofs checked then
+            # (dss.blame_w_dealings), which names a dealer that cheated.
             return wd
         nd = dss.NonceDealing.decode(self.group, data, self.n, self.t)
         if nd.dealer != sender:
@@ -836,60 +963,102 @@ class DSSSigningService(PayloadGate, Generic[E]):
         width = 2 if w else 5
         if not isinstance(items, list) or len(items) != sess.count:
             raise RemoteProtocolError(sender, "presign shares: wrong count")
+        sig = msg.get("sig")
+        if not isinstance(sig, bytes) or len(sig) > 128:
+            raise RemoteProtocolError(sender, "presign shares: malformed signature")
         parsed: list[tuple[tuple[int, ...], bytes]] = []
         for item in items:
-            if not (
-                isinstance(item, list)
-                and len(item) == 2
-                and isinstance(item[0], list)
-                and len(item[0]) == width
-                and all(type(v) is int for v in item[0])
-                and isinstance(item[1], bytes)
-            ):
+            if not (isinstance(item, list) and len(item) == width and all(type(v) is int for v in item)):
                 raise RemoteProtocolError(sender, "presign shares: malformed share")
-            parsed.append((tuple(item[0]), item[1]))
+            parsed.append((tuple(item), sig))  # (one signature for the session's shares)
         rnd.shares[sender] = parsed
         self._check_shares(sess, sender, w)
 
     def _check_shares(self, sess: _Session[E], d: int, w: bool) -> None:
+        """Dealer d's shares for us in this round, once its dealing and its shares are both in.
+
+        Fast path: all of a dealer's shares of the session are checked in one batch (one
+        random linear combination, one multi-scalar multiplication), and a dealer's
+        signatures are checked only on the share we complain about (the complaint's
+        evidence); a good share needs none. Our own dealing is not checked: we made it.
+        In the nonce round the dealers wait for each other: one check of the sums over all
+        of them (:meth:`_check_arrived`) and, only if it fails, one check per dealer.
+        """
         rnd = sess.r3 if w else sess.r1
-        if d not in rnd.deals or d not in rnd.shares:
+        if d not in rnd.deals or d not in rnd.shares or d in rnd.verified or d in rnd.arrived:
             return
-        digest, deals = rnd.deals[d]
-        ok = True
-        for k, (values, sig) in enumerate(rnd.shares[d]):
-            sid = sess.sids[k]
-            if w:
-                session = dss.w_session(self.group, sid, deals[k])
-                good = dss.check_w_share(self.group, deals[k], self.me, values)
-            else:
-                session = dss.nonce_session(self.group, sid, deals[k])
-                good = dss.check_nonce_share(self.group, deals[k], self.me, values)
-            msg = ShareMessage(session, d, self.me, values)
-            signed = self._verify(d, msg.payload(self.share_context, self.period), sig)
-            if not signed:
-                ok = False  # unsigned: no evidence to complain with; the dealer stays out of our set
-                self.rejected.append(RemoteProtocolError(d, "presign share not signed by its dealer"))
-                break
-            if not good:
-                ok = False
-                rnd.complaints.append([d, k, list(values), sig])
-                self._alert(AlertKind.BAD_SHARE, d, f"presign: its share for us fails its commitments ({k})")
-                break
-        if ok:
+        digest = rnd.deals[d][0]
+        if d == self.me:
             rnd.verified[d] = digest
+            return
+        if not w:
+            rnd.arrived[d] = digest
+            self._check_arrived(sess, final=False)
+            return
+        self._check_dealer(sess, d, w)
+
+    def _check_arrived(self, sess: _Session[E], *, final: bool) -> None:
+        """The nonce round's arrived dealers: all at once when every participant's are in (or
+        ``final``: the round's wait is over), by the sums of our shares; each alone if that fails."""
+        rnd = sess.r1
+        if not rnd.arrived:
+            return
+        settled = set(rnd.arrived) | set(rnd.verified) | {c[0] for c in rnd.complaints}
+        if not final and not all(j in settled for j in sess.parts):
+            return
+        pending, rnd.arrived = rnd.arrived, {}
+        if len(pending) > 1:
+            dealers = sorted(pending)
+            ok = dss.batch_check_nonce_share_sums(
+                self.group,
+                {d: rnd.deals[d][1] for d in dealers},
+                self.me,
+                {d: [v for v, _sig in rnd.shares[d]] for d in dealers},
+            )
+            if ok:
+                rnd.verified.update(pending)
+                rnd.summed = frozenset(dealers)
+                return
+        for d in sorted(pending):
+            self._check_dealer(sess, d, False)
+
+    def _check_dealer(self, sess: _Session[E], d: int, w: bool) -> None:
+        """Dealer d's shares of the session for us, in one batch; a complaint if one is bad."""
+        rnd = sess.r3 if w else sess.r1
+        digest, deals = rnd.deals[d]
+        values = [v for v, _sig in rnd.shares[d]]
+        if w:
+            bad = dss.batch_check_w_shares(self.group, deals, self.me, values)
+        else:
+            bad = dss.batch_check_nonce_shares(self.group, deals, self.me, values)
+        if not bad:
+            rnd.verified[d] = digest
+            return
+        k = bad[0]
+        sig = rnd.shares[d][k][1]
+        payloads = self._share_payloads(self._share_sessions(sess, deals, w), d, self.me, values)
+        if not self._verify(d, self._batch_payload(payloads), sig):
+            # unsigned: no evidence to complain with; the dealer stays out of our set
+            self.rejected.append(RemoteProtocolError(d, "presign share not signed by its dealer"))
+            return
+        rnd.complaints.append([d, k, [list(v) for v in values], sig])
+        self._alert(AlertKind.BAD_SHARE, d, f"presign: its share for us fails its commitments ({k})")
 
     def _participant_tick(self, now: float) -> None:
         for sess in list(self._sessions.values()):
             if sess.stage != "done" and now - sess.r1.started > 2 * SESSION_TIMEOUT:
                 self._drop(sess)  # its coordinator went silent: its secrets go
                 continue
+            if sess.stage == "open" and now - sess.open_started >= ROUND_WAIT / 2:
+                self._try_nonce(sess, now, waited=True)
             for rnd, kind, members, live in (
                 (sess.r1, "report", sess.parts, sess.stage == "deal"),
                 (sess.r3, "wreport", [j for j in sess.active if j not in sess.bad], sess.stage == "w"),
             ):
                 if not live or rnd.reported:
                     continue
+                if kind == "report" and now - rnd.started >= ROUND_WAIT:
+                    self._check_arrived(sess, final=True)
                 complete = all(j in rnd.verified or any(c[0] == j for c in rnd.complaints) for j in members)
                 if complete or now - rnd.started >= ROUND_WAIT:
                     rnd.reported = True
@@ -949,6 +1118,9 @@ class DSSSigningService(PayloadGate, Generic[E]):
         sess.active = tuple(active)
         sess.decision = _digest(encoding.encode({"active": active, "digests": digests}))
         qual = sorted(digests)
+        if not self._qual_sums_hold(sess, qual):
+            self._drop(sess)
+            return
         for k, sid in enumerate(sess.sids):
             dealings = {d: sess.r1.deals[d][1][k] for d in qual}
             public = dss.nonce_public(self.group, sid, self.n, self.t, qual, dealings)
@@ -960,6 +1132,29 @@ class DSSSigningService(PayloadGate, Generic[E]):
         sess.stage = "echo"
         self._send_all(sess.active, "echo", {"c": sess.c, "s": sess.s, "digest": sess.decision})
         self._try_open(sess, now)
+
+    def _qual_sums_hold(self, sess: _Session[E], qual: list[int]) -> bool:
+        """Our shares summed over QUAL1 are right. They are when QUAL1 keeps every dealer one
+        sum check accepted together (or drops them all); else that subset is checked again,
+        and, if it fails, each dealer alone: two dealers whose errors cancelled, one of them
+        now left out. Too late to complain: we name the culprit and leave the session."""
+        rnd = sess.r1
+        kept = [d for d in qual if d in rnd.summed]
+        if not kept or len(kept) == len(rnd.summed):
+            return True
+        dealings = {d: rnd.deals[d][1] for d in kept}
+        values = {d: [v for v, _sig in rnd.shares[d]] for d in kept}
+        if len(kept) > 1 and dss.batch_check_nonce_share_sums(self.group, dealings, self.me, values):
+            return True
+        ok = True
+        for d in kept:
+            bad = dss.batch_check_nonce_shares(self.group, dealings[d], self.me, values[d])
+            if bad:
+                ok = False
+                self._alert(
+                    AlertKind.BAD_SHARE, d, f"presign: its share for us fails its commitments ({bad[0]})"
+                )
+        return ok
 
     def _on_echo(self, sess: _Session[E], sender: int, msg: dict[str, Any], now: float) -> None:
         digest = msg.get("digest")
@@ -981,8 +1176,11 @@ class DSSSigningService(PayloadGate, Generic[E]):
             self._drop(sess)
             return
         sess.stage = "open"
-        openings = [self._opening(sess, k).encode(self.group) for k in range(sess.count)]
-        self._send_all(sess.active, "opening", {"c": sess.c, "s": sess.s, "openings": openings})
+        sess.open_started = now
+        values = [self.group.encode_scalar(self._opening_z(sess, k)) for k in range(sess.count)]
+        self._send_all(sess.active, "opening", {"c": sess.c, "s": sess.s, "openings": values})
+        if sess.proofs_wanted:
+            self._send_proofs(sess)
 
     def _on_opening(self, sess: _Session[E], sender: int, msg: dict[str, Any], now: float) -> None:
         if sender in sess.openings or sess.stage in ("w", "done"):
@@ -990,21 +1188,94 @@ class DSSSigningService(PayloadGate, Generic[E]):
         if sess.active and sender not in sess.active:
             return
         items = _bytes_list(msg.get("openings"), "presign opening", sender, sess.count)
+        sess.openings[sender] = [self.group.decode_scalar(x) for x in items]
+        self._try_nonce(sess, now)
+
+    def _send_proofs(self, sess: _Session[E]) -> None:
+        """Our openings with their proofs, once, to the members (the robust path needs them)."""
+        if sess.proofs_sent or len(sess.states) != sess.count or self.me not in sess.active:
+            return
+        if sess.stage not in ("open", "w"):
+            return  # not before every member echoed the same decision (sent when we open)
+        sess.proofs_sent = True
+        openings = [self._opening(sess, k).encode(self.group) for k in range(sess.count)]
+        self._send_all(sess.active, "oproofs", {"c": sess.c, "s": sess.s, "openings": openings})
+
+    def _on_oproofs(self, sess: _Session[E], sender: int, msg: dict[str, Any], now: float) -> None:
+        if sender in sess.proofs or (sess.active and sender not in sess.active):
+            return
+        items = _bytes_list(msg.get("openings"), "presign opening proofs", sender, sess.count)
         openings = [dss.ProductOpening.decode(self.group, x, self.n) for x in items]
         if any(o.party != sender for o in openings):
             raise RemoteProtocolError(sender, "product opening under another server's id")
-        sess.openings[sender] = openings
+        sess.proofs[sender] = openings
         self._try_nonce(sess, now)
 
-    def _try_nonce(self, sess: _Session[E], now: float) -> None:
+    def _try_nonce(self, sess: _Session[E], now: float, *, waited: bool = False) -> None:
+        """R for every presignature of the session, once the openings are in.
+
+        Fast path: members open z_i without proofs; with every member's z_i in (at least
+        3t+1) and all consistent with one degree-2t polynomial, R follows with no proof
+        made or checked (:func:`~appliance.crypto.dss.optimistic_nonce`). Otherwise (an
+        inconsistency, or ``waited``: a member's openings are late) we ask every member
+        for its openings with proofs (``needproofs``, answered once with ``oproofs``), check
+        2t+1 of them as before, and a bad proof, or a proof for another z_i than the one
+        opened, names its sender.
+        """
         if sess.stage != "open":
             return
-        candidates = [j for j in sorted(sess.openings) if j in sess.active and j not in sess.bad]
-        if len(candidates) < 2 * self.t + 1:
-            return
-        nonces = []
+        members = [j for j in sess.active if j not in sess.bad]
+        candidates = [j for j in sorted(sess.openings) if j in members]
+        everyone = all(j in sess.openings for j in members)
+        if not everyone and not waited:
+            return  # the fast path needs them all: wait a little (see _participant_tick)
+        nonces: list[dss.Nonce[E]] = []
+        if everyone:
+            for k in range(sess.count):
+                values = {j: sess.openings[j][k] for j in candidates}
+                try:
+                    fast = dss.optimistic_nonce(self.group, sess.publics[k], values)
+                except dss.DSSRetryError:
+                    self._drop(sess)
+                    return
+                if fast is None:
+                    nonces = []
+                    break
+                nonces.append(fast)
+        if not nonces:
+            if not sess.proofs_asked:
+                sess.proofs_asked = True
+                self._send_all(
+                    [j for j in sess.active if j != self.me], "needproofs", {"c": sess.c, "s": sess.s}
+                )
+                self._send_proofs(sess)
+            for j in [j for j in sess.proofs if j in members]:
+                announced = sess.openings.get(j)
+                if announced is not None and [o.z for o in sess.proofs[j]] != announced:
+                    sess.bad.add(j)
+                    self._alert(
+                        AlertKind.BAD_SHARE, j, "presign: product opening proved another z_i than opened"
+                    )
+            if self._robust_nonces(sess, nonces):
+                return
+        sess.nonces = nonces
+        sess.stage = "w"
+        sess.r3.started = now
+        self._deal_w(sess)
+        for kind in ("wdeal", "wshares"):
+            for author, (msg, raw) in sorted(sess.w_pending.get(kind, {}).items()):
+                self._guarded(author, kind, msg, raw, now)
+        sess.w_pending.clear()
+
+    def _robust_nonces(self, sess: _Session[E], nonces: list[dss.Nonce[E]]) -> bool:
+        """R from openings with checked proofs into ``nonces``; True while more are needed
+        (or the session was dropped)."""
+        candidates = [j for j in sorted(sess.proofs) if j in sess.active and j not in sess.bad]
+        if len(candidates) < 2 * self.t + 1 or frozenset(candidates) == sess.proofs_tried:
+            return True
+        sess.proofs_tried = frozenset(candidates)
         for k in range(sess.count):
-            batch = {j: sess.openings[j][k] for j in candidates}
+            batch = {j: sess.proofs[j][k] for j in candidates}
             try:
                 nonce, bad = dss.open_nonce(self.group, sess.publics[k], batch)
             except NotEnoughSharesError:
@@ -1016,41 +1287,39 @@ class DSSSigningService(PayloadGate, Generic[E]):
                         bad[j] = exc.reason
             except dss.DSSRetryError:
                 self._drop(sess)
-                return
+                return True
             for j, reason in bad.items():
                 if j not in sess.bad:
                     sess.bad.add(j)
                     self._alert(AlertKind.BAD_SHARE, j, f"presign: product opening: {reason}")
             if nonce is None:
-                return  # wait for more openings
+                nonces.clear()
+                return True  # wait for more openings with proofs
             nonces.append(nonce)
-        sess.nonces = nonces
-        sess.stage = "w"
-        sess.r3.started = now
-        self._deal_w(sess)
-        for kind in ("wdeal", "wshares"):
-            for author, (msg, raw) in sorted(sess.w_pending.get(kind, {}).items()):
-                self._guarded(author, kind, msg, raw, now)
-        sess.w_pending.clear()
+        return False
 
     def _deal_w(self, sess: _Session[E]) -> None:
         targets = [j for j in sess.active if j not in sess.bad]
         dealings = []
         shares: dict[int, list[Any]] = {j: [] for j in targets}
+        sessions = []
         for k, sid in enumerate(sess.sids):
-            wd, values = dss.deal_w(
-                self.group, sess.publics[k], sess.nonces[k], sess.states[k], self.key, self._scalar
-            )
-            dealings.append(wd.encode(self.group))
-            session = dss.w_session(self.group, sid, wd)
+            wd, values = self._w_dealing(sess, k)
+            encoded = wd.encode(self.group)
+            dealings.append(encoded)
+            self._own_decoded[encoded] = wd
+            sessions.append(dss.w_session(self.group, sid, wd))
             for j in targets:
-                m = ShareMessage(session, self.me, j, values[j])
-                shares[j].append(
-                    [list(values[j]), self.signer.sign(m.payload(self.share_context, self.period))]
-                )
+                shares[j].append(list(values[j]))
         self._send_all(targets, "wdeal", {"c": sess.c, "s": sess.s, "dealings": dealings})
         for j in targets:
-            self._send(j, "wshares", {"c": sess.c, "s": sess.s, "shares": shares[j]})
+            body = {
+                "c": sess.c,
+                "s": sess.s,
+                "shares": shares[j],
+                "sig": self._sign_shares(sessions, j, shares[j]),
+            }
+            self._send(j, "wshares", body)
 
     def _on_final(self, sess: _Session[E], msg: dict[str, Any], now: float) -> None:
         if sess.stage != "w":
@@ -1116,11 +1385,12 @@ class DSSSigningService(PayloadGate, Generic[E]):
         check = self._own_check(message)
         try:
             to_sign = signed_form(check, message)
+            tweak = self.key_tweak(message)
         except ValueError as exc:
             raise SigningRefused(f"{self.service}: {exc}") from None
         rid = self._next_rid
         self._next_rid += 1
-        self._requests[rid] = _Request(rid, message, now, to_sign=to_sign)
+        self._requests[rid] = _Request(rid, message, now, to_sign=to_sign, tweak=tweak)
         self._attempt(self._requests[rid], now)
         self._pump(now)
         return rid
@@ -1158,7 +1428,8 @@ class DSSSigningService(PayloadGate, Generic[E]):
             reason = run_check(check, req.message, self.me)
             if reason is not None:
                 self._stock.appendleft(stock)  # unused: it stays ours
-                self._fail(req, f"this server now refuses the {check.name}: {reason}")
+                why = f"this server now refuses the {check.name}: {reason}"
+                self._fail(req, Refusal(why, own_check_code(reason)))
                 return
         req.stock, req.locks, req.shares, req.signers = stock, {}, {}, ()
         req.deadline = now + ATTEMPT_TIMEOUT
@@ -1182,6 +1453,18 @@ class DSSSigningService(PayloadGate, Generic[E]):
                 return stock
         return None  # (presignatures whose holders we avoid for now stay for later)
 
+    def _purge_stock(self, dealers: set[int]) -> None:
+        """Drop from our stock the presignatures into which ``dealers`` dealt a bad w (their
+        proofs are checked now), so that a request does not try them one after another."""
+        if not dealers:
+            return
+        for stock in list(self._stock):
+            if not any(d.dealer in dealers for d in stock.public.w_dealings):
+                continue
+            if dss.blame_w_dealings(self.group, stock.public, self.key.public):
+                self._stock.remove(stock)
+                self._discard(stock)
+
     def _discard(self, stock: _Stock[E]) -> None:
         self._send_all(stock.holders, "discard", {"sid": stock.public.sid})
 
@@ -1192,8 +1475,11 @@ class DSSSigningService(PayloadGate, Generic[E]):
             req.stock = None
 
     def _fail(self, req: _Request[E], why: str) -> None:
+        """``failed`` gets ``why`` after the service's name, with its code if it is a Refusal."""
         self._release(req)
-        self.failed[req.rid] = f"{self.service}: {why}"
+        code = refusal_code(why)
+        text = f"{self.service}: {why}"
+        self.failed[req.rid] = text if code is None else Refusal(text, code)
         self._requests.pop(req.rid, None)
 
     def _on_locked(self, sender: int, body: Any, raw: bytes, now: float) -> None:
@@ -1281,19 +1567,33 @@ class DSSSigningService(PayloadGate, Generic[E]):
         assert req.stock is not None
         public = req.stock.public
         try:
-            sig = dss.combine(self.group, public, req.to_sign, list(req.shares.values()))
+            if req.tweak:
+                sig = appkeys.combine(self.group, public, req.to_sign, list(req.shares.values()), req.tweak)
+            else:
+                sig = dss.combine(self.group, public, req.to_sign, list(req.shares.values()))
         except (NotEnoughSharesError, dss.DSSRetryError, CryptoError):
             sig = None
         bad: dict[int, str] = {}
         if sig is None or sig.cheaters:
             for j, share in req.shares.items():
                 try:
-                    dss.verify_signature_share(self.group, public, req.to_sign, share)
+                    if req.tweak:
+                        appkeys.verify_signature_share(self.group, public, req.to_sign, share, req.tweak)
+                    else:
+                        dss.verify_signature_share(self.group, public, req.to_sign, share)
                 except CheatingError as exc:
                     bad[j] = exc.reason
         for j, reason in sorted(bad.items()):
             self._avoid[j] = now + AVOID * 6
             self._alert(AlertKind.BAD_SIGNATURE_SHARE, j, reason)
+        if sig is None and not bad:
+            # Every share is right, yet the signature fails: the presignature itself is bad.
+            # Presigning skipped the w dealings' proofs (the fast path); check them now.
+            guilty = dss.blame_w_dealings(self.group, public, self.key.public)
+            for j, reason in sorted(guilty.items()):
+                self._avoid[j] = now + AVOID * 6
+                self._alert(AlertKind.BAD_SHARE, j, f"presign: {reason}")
+            self._purge_stock(set(guilty))
         if sig is None:
             self._attempt(req, now)
             return
@@ -1379,10 +1679,11 @@ class DSSSigningService(PayloadGate, Generic[E]):
         # The coordinator's own share: its check ran when the request was made (and again on
         # every retry), as for FROST; a check that records what it signed must not run twice.
         refusal = None if sender == self.me else self._refusal(sender, message)
-        to_sign = message
+        to_sign, tweak = message, 0
         if refusal is None:
             try:
                 to_sign = signed_form(self.check_for(message), message)
+                tweak = self.key_tweak(message)
             except ValueError as exc:
                 refusal = str(exc)[:MAX_REASON]
         if refusal is not None:
@@ -1391,7 +1692,10 @@ class DSSSigningService(PayloadGate, Generic[E]):
             return
         self._held[sender].pop(f["sid"])
         try:
-            share = self._signature_share(held.presig, to_sign)
+            if tweak:
+                share = self._signature_share(held.presig, to_sign, tweak)
+            else:
+                share = self._signature_share(held.presig, to_sign)
         except dss.StalePresignatureError as exc:
             raise RemoteProtocolError(sender, str(exc)) from None
         self._send(sender, "share", {**answer, "share": share.encode(self.group)})

@@ -36,10 +36,11 @@ END        The outcome: the same :class:`~appliance.protocols.refresh.PublicData
            failure that says why (and no keys) once ``deadline`` passes.
 =========  =========================================================================================
 
-Messages are decoded once at the boundary (:func:`decode_message`, size cap first) into a frozen
-:class:`InitMessage`; each body is a signed object parsed by its handler. ``receive`` records a
-peer's fault (DecodeError, BadSignature, RemoteProtocolError) and lets anything else, our own
-bug, propagate.
+Messages are decoded once at the boundary (:func:`decode_message`: the per-peer byte budget and
+size cap first, then the envelope, then the body's shape per phase) into the frozen, typed
+messages of :mod:`appliance.protocols.messages`, shared with the refresh; a handler checks the
+meaning (signatures, membership, commitments). ``receive`` records a peer's fault (DecodeError,
+BadSignature, RemoteProtocolError) and lets anything else, our own bug, propagate.
 
 Replay: every message names the init session (a digest of C and the start time), every key is
 generated for this session, and the KeyTable value (which every dealing and vote is bound to)
@@ -93,8 +94,22 @@ from appliance.protocols.agreement import (
     digest,
     reject,
 )
+from appliance.protocols.messages import (
+    Agree,
+    Checked,
+    KeysRelay,
+    Message,
+    Need,
+    Repair,
+    RepairRequest,
+    Signed,
+    Sigs,
+    Want,
+)
+from appliance.protocols.messages import parse as parse_message
 from appliance.protocols.refresh import (
     MAX_MESSAGE,
+    PEER_BUDGET,
     Ann,
     DealingStage,
     KeyTableCandidate,
@@ -169,15 +184,6 @@ class InitOutcome:
         return self.failure is None and self.public is not None and self.private is not None
 
 
-@dataclass(frozen=True)
-class InitMessage:
-    """One init message, decoded once at the boundary."""
-
-    phase: str
-    body: Any
-    size: int
-
-
 def session_id(constants: Constants, start: float) -> bytes:
     """The init session: C and the start time (a second init of the same C starts later)."""
     return hashlib.sha256(
@@ -189,8 +195,9 @@ def encode_message(session: bytes, phase: str, body: Any) -> bytes:
     return encoding.encode({"session": session, "phase": phase, "body": body})
 
 
-def decode_message(data: bytes, session: bytes) -> InitMessage:
-    """An init message from untrusted bytes (DecodeError): size first, then shape and session."""
+def decode_message(data: bytes, session: bytes, n: int) -> Message:
+    """An init message from untrusted bytes (DecodeError): size first, then the envelope and its
+    session, then the body's shape for its phase (``n`` bounds its lists)."""
     if len(data) > MAX_MESSAGE:
         raise DecodeError(f"init message of {len(data)} bytes exceeds the limit of {MAX_MESSAGE}")
     f = encoding.expect_map(
@@ -202,7 +209,7 @@ def decode_message(data: bytes, session: bytes) -> InitMessage:
         raise DecodeError("message of another init session (replayed?)")
     if f["phase"] not in PHASES:
         raise DecodeError(f"unknown init phase {f['phase']!r}")
-    return InitMessage(f["phase"], f["body"], len(data))
+    return parse_message(f["phase"], f["body"], n)
 
 
 @dataclass(frozen=True)
@@ -309,6 +316,7 @@ class InitProtocol(DealingStage):
         self.outcome: InitOutcome | None = None
         self._out = []
         self._held = {}
+        self._spent: dict[int, int] = {}
         self._now = start
         # S_start: held until M_i is signed (the decision), then erased.
         self._sstart: SigningKey | None = SigningKey(bytes(sstart))
@@ -400,25 +408,35 @@ class InitProtocol(DealingStage):
     # Driving ----------------------------------------------------------------------------------
 
     def receive(self, sender: int, data: bytes, now: float) -> None:
-        """Take a message from ``sender``; a peer's bad input is recorded in ``rejected``."""
+        """Take a message from ``sender``; a peer's bad input is recorded in ``rejected``.
+
+        Each peer has a byte budget for the whole initialization (as for a period's refresh):
+        beyond it, its messages are dropped before they are decoded, with one record saying so.
+        """
         self._now = now
         try:
             if sender not in self.c.ids or sender == self.me:
                 raise RemoteProtocolError(sender, "message from a server outside the network")
-            msg = decode_message(data, self.session)
+            spent = self._spent.get(sender, 0) + len(data)
+            self._spent[sender] = spent
+            if spent > PEER_BUDGET:
+                if spent - len(data) <= PEER_BUDGET:
+                    raise RemoteProtocolError(sender, "sent more than its byte budget; ignored")
+                return
+            msg = decode_message(data, self.session, self.c.n)
         except DecodeError as exc:
             self.rejected.append(RemoteProtocolError(sender, str(exc)))
             return
         except RemoteProtocolError as exc:
             self.rejected.append(exc)
             return
-        self._inject(sender, msg.phase, msg.body, now)
+        self._inject(sender, msg, now)
 
-    def _inject(self, sender: int, phase: str, body: Any, now: float) -> None:
+    def _inject(self, sender: int, msg: Message, now: float) -> None:
         try:
-            self._dispatch(sender, phase, body, now)
+            self._dispatch(sender, msg, now)
         except (DecodeError, BadSignature) as exc:
-            self.rejected.append(RemoteProtocolError(sender, f"{phase}: {exc}"))
+            self.rejected.append(RemoteProtocolError(sender, f"{msg.phase}: {exc}"))
         except RemoteProtocolError as exc:
             self.rejected.append(exc)
 
@@ -438,59 +456,64 @@ class InitProtocol(DealingStage):
             times.append(self.deadline)
         return min((t for t in times if t is not None), default=None)
 
-    def _dispatch(self, sender: int, phase: str, body: Any, now: float) -> None:
+    def _dispatch(self, sender: int, msg: Message, now: float) -> None:
         if self.outcome is not None:
-            self._answer_late(sender, phase, body, now)
+            self._answer_late(sender, msg, now)
             return
-        if phase == "keys":
-            self._on_keys(sender, body, now)
-        elif phase == "keys-relay":
-            self._on_keys_relay(sender, body, now)
-        elif phase == "agree/keytable":
+        phase = msg.phase
+        if phase not in PHASES:
+            raise RemoteProtocolError(sender, f"{phase}: not a phase of the initialization")
+        if isinstance(msg, Signed) and phase == "keys":
+            self._on_keys(sender, msg.data, now)
+        elif isinstance(msg, KeysRelay):
+            self._on_keys_relay(sender, msg, now)
+        elif isinstance(msg, Agree) and phase == "agree/keytable":
             if self.kt_engine is None:
-                self._hold(sender, phase, body)
+                self._hold(sender, msg)
                 return
-            self.kt_engine.receive(sender, body, now)
+            self.kt_engine.deliver(sender, msg.msg, now)
             self._collect(self.kt_engine)
         elif self.kt is None:
-            self._hold(sender, phase, body)
-        elif phase == "deal":
-            self._on_deal(sender, body, now)
-        elif phase == "checked":
-            self._on_checked(sender, body, now)
-        elif phase == "want":
-            self._on_want(sender, body, now)
-        elif phase == "agree/dealings":
-            self._on_agree_s(sender, body, now)
-        elif phase == "repair-req":
-            self._on_repair_request(sender, body, now)
-        elif phase == "repair":
-            self._on_repair(sender, body, now)
+            self._hold(sender, msg)
+        elif isinstance(msg, Signed) and phase == "deal":
+            self._on_deal(sender, msg, now)
+        elif isinstance(msg, Checked):
+            self._on_checked(sender, msg, now)
+        elif isinstance(msg, Want):
+            self._on_want(sender, msg, now)
+        elif isinstance(msg, Agree):
+            self._on_agree_s(sender, msg, now)
+        elif isinstance(msg, RepairRequest):
+            self._on_repair_request(sender, msg, now)
+        elif isinstance(msg, Repair):
+            self._on_repair(sender, msg, now)
         elif not self.new_keys:  # undecided, or repairing our share
-            self._hold(sender, phase, body)
-        elif phase == "mi":
-            self._on_mi(sender, body, now)
-        elif phase == "need":
-            self._on_need(sender, body, now)
-        elif phase == "sigs":
-            self._on_sigs(sender, body)
-        elif phase.startswith("m-"):
+            self._hold(sender, msg)
+        elif isinstance(msg, Signed) and phase == "mi":
+            self._on_mi(sender, msg.data, now)
+        elif isinstance(msg, Need):
+            self._on_need(sender, msg, now)
+        elif isinstance(msg, Sigs):
+            self._on_sigs(sender, msg)
+        elif isinstance(msg, Signed) and phase.startswith("m-"):
             if self.m_info is None:
-                self._hold(sender, phase, body)
+                self._hold(sender, msg)
                 return
-            self._frost_message(self._m_frost, sender, phase[2:], body, now)
-        else:
-            self._frost_message(self._kt_frost, sender, phase, body, now)
+            self._frost_message(self._m_frost, sender, phase[2:], msg.data, now)
+        elif isinstance(msg, Signed):
+            self._frost_message(self._kt_frost, sender, phase, msg.data, now)
+        else:  # pragma: no cover - PHASES and messages.parse agree
+            raise RemoteProtocolError(sender, f"{phase}: unexpected message")
 
     def _frost_message(
-        self, frost_state: _FrostState, sender: int, phase: str, body: Any, now: float
+        self, frost_state: _FrostState, sender: int, phase: str, raw: bytes, now: float
     ) -> None:
         if phase == "nonce":
-            frost_state.on_nonce(self, sender, body)
+            frost_state.on_nonce(self, sender, raw)
         elif phase == "signreq":
-            frost_state.on_request(self, sender, body, now)
+            frost_state.on_request(self, sender, raw, now)
         else:
-            frost_state.on_share(self, sender, body)
+            frost_state.on_share(self, sender, raw)
         self._maybe_complete()
 
     def _advance(self, now: float) -> None:
@@ -574,12 +597,10 @@ class InitProtocol(DealingStage):
         self._relayed[to] = now
         self._send(to, "keys-relay", [k.raw for _j, k in sorted(self.received.items())])
 
-    def _on_keys_relay(self, sender: int, body: Any, now: float) -> None:
+    def _on_keys_relay(self, sender: int, msg: KeysRelay, now: float) -> None:
         """Announcements relayed by others: one counts once t+1 servers relayed the same (so at
         least one honest server received it from its author)."""
-        if not isinstance(body, list) or len(body) > self.c.n:
-            raise RemoteProtocolError(sender, "keys relay: expected a list of at most n announcements")
-        for raw in body:
+        for raw in msg.announcements:
             k = parse_keys(raw, self.session, self.c)
             if k.server in self.received:
                 continue
@@ -733,24 +754,19 @@ class InitProtocol(DealingStage):
             return
         self._finish_shares()
 
-    def _on_repair(self, sender: int, body: Any, now: float) -> None:
+    def _on_repair(self, sender: int, msg: Repair, now: float) -> None:
         """A member's points on a convicted dealer's polynomials, checked against its commitments."""
         if not self._repair:
             return
-        f = encoding.expect_map(body, {"dealer": int, "values": dict}, "repair")
-        d = f["dealer"]
+        d = msg.dealer
         if d not in self._repair or sender == d:
             return
         dealing = self.dealings[d]
-        values = f["values"]
+        values = msg.values
         if set(values) != set(self.c.secrets):
             raise RemoteProtocolError(sender, "repair: one value per secret")
         for sid, v in values.items():
-            if not (
-                isinstance(v, list)
-                and len(v) == 2
-                and subshare_ok(self.c.group(sid), dealing, sid, sender, v[0])
-            ):
+            if not subshare_ok(self.c.group(sid), dealing, sid, sender, v[0]):
                 raise RemoteProtocolError(
                     sender, f"repair: its point of {sid!r} fails server {d}'s commitments"
                 )
@@ -834,16 +850,15 @@ class InitProtocol(DealingStage):
         self._m_frost.start(self, self._now)
         self._replay(self._now)
 
-    def _on_need(self, sender: int, body: Any, now: float) -> None:
-        f = encoding.expect_map(body, {"mi": list, "sigs": bool}, "need")
+    def _on_need(self, sender: int, msg: Need, now: float) -> None:
         if now - self._answered.get(sender, -1e9) < self.timeout / 2:
             return
         self._answered[sender] = now
-        for j in f["mi"][: self.c.n]:
-            raw = self.m_i.get(j) if type(j) is int else None
+        for j in msg.mi:
+            raw = self.m_i.get(j)
             if raw is not None:
                 self._send(sender, "mi", raw)
-        if f["sigs"] and self.kt_signature and self.m_signature:
+        if msg.sigs and self.kt_signature and self.m_signature:
             self._send(sender, "sigs", {"M": self.m_signature, "keytable": self.kt_signature})
         self._kt_frost.republish(self, sender)
         if self.m_info is not None:
@@ -867,16 +882,15 @@ class InitProtocol(DealingStage):
         self.m_signature = sig
         self._maybe_complete()
 
-    def _on_sigs(self, sender: int, body: Any) -> None:
-        f = encoding.expect_map(body, {"M": bytes, "keytable": bytes}, "signatures")
+    def _on_sigs(self, sender: int, msg: Sigs) -> None:
         if self.m_info is None or self.table is None or self.vcert is None:
             return
-        good_m = ed25519_verify(self.vcert, self.m_info.payload(), f["M"])
-        good_k = ed25519_verify(self.vcert, self.table.payload(), f["keytable"])
+        good_m = ed25519_verify(self.vcert, self.m_info.payload(), msg.m)
+        good_k = ed25519_verify(self.vcert, self.table.payload(), msg.keytable)
         if not (good_m and good_k):
             raise RemoteProtocolError(sender, "forwarded signatures do not verify with Vcert")
-        self.m_signature = self.m_signature or f["M"]
-        self.kt_signature = self.kt_signature or f["keytable"]
+        self.m_signature = self.m_signature or msg.m
+        self.kt_signature = self.kt_signature or msg.keytable
         self._maybe_complete()
 
     # END ----------------------------------------------------------------------------------------
@@ -902,24 +916,24 @@ class InitProtocol(DealingStage):
         qual = {sid: self.qual for sid in self.c.secrets}
         self.outcome = InitOutcome(public, private, list(self.alerts), None, qual)
 
-    def _answer_late(self, sender: int, phase: str, body: Any, now: float) -> None:
+    def _answer_late(self, sender: int, msg: Message, now: float) -> None:
         """Done: a peer still at work gets the decisions, M_i and the signatures it lacks."""
         if self.outcome is None or not self.outcome.ok:
             return
-        if phase == "keys":
+        if msg.phase == "keys":
             self._relay_keys(sender, now)
-        elif phase == "agree/keytable" and self.kt_engine is not None:
-            self.kt_engine.receive(sender, body, now)
+        elif isinstance(msg, Agree) and msg.phase == "agree/keytable" and self.kt_engine is not None:
+            self.kt_engine.deliver(sender, msg.msg, now)
             self._collect(self.kt_engine)
-        elif phase == "agree/dealings" and self.s_engine is not None:
-            self.s_engine.receive(sender, body, now)
+        elif isinstance(msg, Agree) and msg.phase == "agree/dealings" and self.s_engine is not None:
+            self.s_engine.deliver(sender, msg.msg, now)
             self._collect(self.s_engine)
-        elif phase == "want":
-            self._on_want(sender, body, now)
-        elif phase == "repair-req":
-            self._on_repair_request(sender, body, now)
-        elif phase == "need":
-            self._on_need(sender, body, now)
+        elif isinstance(msg, Want):
+            self._on_want(sender, msg, now)
+        elif isinstance(msg, RepairRequest):
+            self._on_repair_request(sender, msg, now)
+        elif isinstance(msg, Need):
+            self._on_need(sender, msg, now)
         for engine, name in ((self.kt_engine, "agree/keytable"), (self.s_engine, "agree/dealings")):
             if engine is not None:
                 for to, obj in engine.tick(now):

@@ -97,6 +97,20 @@ from appliance.protocols.agreement import (
     safety_from_bytes,
     safety_to_bytes,
 )
+from appliance.protocols.messages import (
+    MAX_LIST,
+    Agree,
+    Attestation,
+    Checked,
+    Message,
+    Phase2,
+    PushM,
+    Repair,
+    RepairRequest,
+    Signed,
+    Want,
+)
+from appliance.protocols.messages import parse as parse_message
 from appliance.protocols.state import (
     SCERT,
     Constants,
@@ -661,7 +675,7 @@ class DealingStage:
     _want_sent: float
     _now: float
     _out: list[Outgoing]
-    _held: dict[int, list[tuple[str, Any]]]
+    _held: dict[int, list[Message]]
     new_keys: dict[str, KeyShare[Any]]
     new_sharings: dict[str, PublicSharing[Any]]
 
@@ -673,8 +687,8 @@ class DealingStage:
     def timeout(self) -> float:
         return base_timeout(self.c)
 
-    def _inject(self, sender: int, phase: str, body: Any, now: float) -> None:
-        """A message taken again (held, or our own): handled as if it had just arrived."""
+    def _inject(self, sender: int, msg: Message, now: float) -> None:
+        """A typed message (just arrived, held, or our own): handled; a peer's fault is recorded."""
         raise NotImplementedError  # pragma: no cover
 
     def _parse_dealing(self, raw: Any) -> Dealing:
@@ -708,19 +722,19 @@ class DealingStage:
         size = (group.order.bit_length() + 7) // 8 + 16
         return int.from_bytes(self.rand(size), "big") % (group.order - 1) + 1
 
-    def _hold(self, sender: int, phase: str, body: Any) -> None:
+    def _hold(self, sender: int, msg: Message) -> None:
         held = self._held.setdefault(sender, [])
         if len(held) >= MAX_HELD:
             raise RemoteProtocolError(sender, "too many early messages; dropped")
-        held.append((phase, body))
+        held.append(msg)
 
     def _replay(self, now: float) -> None:
         if not self._held:
             return
         held, self._held = self._held, {}
         for sender, items in held.items():
-            for phase, body in items:
-                self._inject(sender, phase, body, now)
+            for msg in items:
+                self._inject(sender, msg, now)
 
     def _collect(self, engine: Engine) -> None:
         self.rejected.extend(engine.rejected)
@@ -746,14 +760,13 @@ class DealingStage:
             raw = self._make_dealing()
             self.durable.put(key, raw)
         self._send(EVERYONE, "deal", raw)
-        self._on_deal(self.me, raw, self._now)
+        self._on_deal(self.me, Signed("deal", raw), self._now)
 
-    def _on_deal(self, sender: int, body: Any, now: float) -> None:
+    def _on_deal(self, sender: int, msg: Signed, now: float) -> None:
         if self.kt is None:
-            self._hold(sender, "deal", body)
+            self._hold(sender, msg)
             return
-        if not isinstance(body, bytes):
-            raise RemoteProtocolError(sender, "dealing: expected bytes")
+        body = msg.data
         h = digest(body)
         if h in self._raw_dealings or h in self._other_dealings:
             return
@@ -821,21 +834,20 @@ class DealingStage:
         }
         return sign("complain", self.period, body, self.signer)
 
-    def _on_checked(self, sender: int, body: Any, now: float) -> None:
+    def _on_checked(self, sender: int, msg: Checked, now: float) -> None:
         """A member checked its sub-shares in a dealing: fine, or here is its complaint."""
         if self.kt is None:
-            self._hold(sender, "checked", body)
+            self._hold(sender, msg)
             return
-        f = encoding.expect_map(body, {"dealing": bytes, "complaint": (bytes, type(None))}, "checked")
         if sender not in self.kt.table.entries:
             raise RemoteProtocolError(sender, "checked: not a member")
-        if f["complaint"] is not None:
-            self._judge(sender, f["complaint"], None)
-        known = f["dealing"] in self._raw_dealings or f["dealing"] in self._other_dealings
+        if msg.complaint is not None:
+            self._judge(sender, msg.complaint, None)
+        known = msg.dealing in self._raw_dealings or msg.dealing in self._other_dealings
         if known or len(self._checked) < 4 * self.c.n:
-            self._checked.setdefault(f["dealing"], set()).add(sender)
+            self._checked.setdefault(msg.dealing, set()).add(sender)
 
-    def _judge(self, sender: int, raw: Any, own_reason: str | None) -> None:
+    def _judge(self, sender: int, raw: bytes, own_reason: str | None) -> None:
         """A complaint, judged from public data: the dealer or the accuser is convicted."""
         assert self.kt is not None
         s = decode_signed(raw, "complain", self.period, max_size=4096)
@@ -851,7 +863,7 @@ class DealingStage:
         dealing_raw = self._raw_dealings.get(f["dealing"]) or self._other_dealings.get(f["dealing"])
         if dealing_raw is None:
             if len(self._complaints) < 4 * self.c.n:
-                self._hold(sender, "checked", {"dealing": f["dealing"], "complaint": raw})
+                self._hold(sender, Checked(f["dealing"], raw))
             return
         self._complaints[(accuser, d)] = raw
         dealing = self._parse_dealing(dealing_raw)
@@ -879,17 +891,15 @@ class DealingStage:
             return
         self._convict(accuser, AlertKind.FALSE_COMPLAINT, f"false complaint against server {d}", raw)
 
-    def _on_repair_request(self, sender: int, body: Any, now: float) -> None:
+    def _on_repair_request(self, sender: int, msg: RepairRequest, now: float) -> None:
         """A member whose sub-shares in decided dealings were bad asks for ours in those dealings
         (same-period repair). We answer only for a dealer its complaint convicts (judged here from
         public data): a convicted server is Byzantine, so the polynomials it dealt are known to
         the adversary already, and our points on them reveal nothing it does not know."""
         if self.kt is None:
-            self._hold(sender, "repair-req", body)
+            self._hold(sender, msg)
             return
-        if not isinstance(body, list) or len(body) > self.c.n:
-            raise RemoteProtocolError(sender, "repair request: expected a list of complaints")
-        for raw in body:
+        for raw in msg.complaints:
             self._judge(sender, raw, None)
             f = decode_signed(raw, "complain", self.period, max_size=4096).body
             d = f["dealer"]
@@ -917,11 +927,9 @@ class DealingStage:
         self.convicted.setdefault(who, reason)
         self._alert(kind, who, reason, evidence=(evidence,))
 
-    def _on_want(self, sender: int, body: Any, now: float) -> None:
-        if not isinstance(body, list) or len(body) > self.c.n:
-            raise RemoteProtocolError(sender, "want: expected a short list of digests")
-        for h in body:
-            raw = self._raw_dealings.get(h) if isinstance(h, bytes) else None
+    def _on_want(self, sender: int, msg: Want, now: float) -> None:
+        for h in msg.digests:
+            raw = self._raw_dealings.get(h)
             if raw is not None:
                 self._send(sender, "deal", raw)
 
@@ -974,11 +982,11 @@ class DealingStage:
             on_decide=self._s_decided,
         )
 
-    def _on_agree_s(self, sender: int, body: Any, now: float) -> None:
+    def _on_agree_s(self, sender: int, msg: Agree, now: float) -> None:
         if self.s_engine is None:
-            self._hold(sender, "agree/dealings", body)
+            self._hold(sender, msg)
             return
-        self.s_engine.receive(sender, body, now)
+        self.s_engine.deliver(sender, msg.msg, now)
         self._collect(self.s_engine)
 
     def _usable(self, d: int) -> bool:
@@ -1101,7 +1109,7 @@ class PeriodRefresh(DealingStage):
         self.complete = False
         self._now = now
         self._out: list[Outgoing] = []
-        self._held: dict[int, list[tuple[str, Any]]] = {}
+        self._held: dict[int, list[Message]] = {}
         self._spent: dict[int, int] = {}
         self._old_public = public
         self._old_private = private
@@ -1245,7 +1253,8 @@ class PeriodRefresh(DealingStage):
     # Driving ---------------------------------------------------------------------------------------
 
     def receive(self, sender: int, phase: str, body: Any, size: int, now: float) -> None:
-        """A message already decoded by the caller (once); bad input is recorded, never raised."""
+        """A message whose envelope the caller decoded (once): its body is typed here, at the
+        boundary (messages.parse), then handled; bad input is recorded, never raised."""
         self._now = now
         spent = self._spent.get(sender, 0) + size
         self._spent[sender] = spent
@@ -1254,7 +1263,19 @@ class PeriodRefresh(DealingStage):
                 self.rejected.append(RemoteProtocolError(sender, "sent more than its byte budget; ignored"))
             return
         try:
-            self._dispatch(sender, phase, body, now)
+            # Lists are bounded by n; a server that lost M (hence C) holds such messages until
+            # PushM, with the bound every network fits in.
+            msg = parse_message(phase, body, self.m.constants.n if self.m is not None else MAX_LIST)
+        except DecodeError as exc:
+            self.rejected.append(RemoteProtocolError(sender, f"{phase}: {exc}"))
+            return
+        self._inject(sender, msg, now)
+
+    def _inject(self, sender: int, msg: Message, now: float) -> None:
+        self._now = now
+        phase = msg.phase
+        try:
+            self._dispatch(sender, msg, now)
         except DecodeError as exc:
             self.rejected.append(RemoteProtocolError(sender, f"{phase}: {exc}"))
         except BadSignature as exc:
@@ -1274,30 +1295,29 @@ class PeriodRefresh(DealingStage):
             times.append(now + self.timeout / 4)
         return min((t for t in times if t is not None), default=None)
 
-    def _inject(self, sender: int, phase: str, body: Any, now: float) -> None:
-        self.receive(sender, phase, body, 0, now)
-
-    def take_held(self) -> dict[int, list[tuple[str, Any]]]:
+    def take_held(self) -> dict[int, list[Message]]:
         """Messages held for a later step (the owner hands them to the engine that resumes us)."""
         held, self._held = self._held, {}
         return held
 
-    def give_held(self, held: Mapping[int, list[tuple[str, Any]]], now: float) -> None:
+    def give_held(self, held: Mapping[int, list[Message]], now: float) -> None:
+        self._now = now
         for sender, items in held.items():
-            for phase, body in items:
-                self.receive(sender, phase, body, 0, now)
+            for msg in items:
+                self._inject(sender, msg, now)
 
-    def _dispatch(self, sender: int, phase: str, body: Any, now: float) -> None:
+    def _dispatch(self, sender: int, msg: Message, now: float) -> None:
         if self.complete and not self.resumed:
             return  # overtaken, or refused to recover: this engine has nothing more to do or say
-        if phase == "pushm":
-            self._on_pushm(sender, body, now)
+        phase = msg.phase
+        if isinstance(msg, PushM):
+            self._on_pushm(sender, msg, now)
             return
         if self.m is None or (self.old_table is None and phase != "catchup"):
-            self._hold(sender, phase, body)
+            self._hold(sender, msg)
             return
         if self.resumed and phase in _PHASE_ONE:
-            self._answer_late(sender, phase, body, now)
+            self._answer_late(sender, msg, now)
             return
         handlers: dict[str, Callable[[int, Any, float], None]] = {
             "ann": self._on_ann,
@@ -1308,11 +1328,11 @@ class PeriodRefresh(DealingStage):
             "checked": self._on_checked,
             "agree/dealings": self._on_agree_s,
             "catchup": self._on_catchup,
-            "undecided": lambda _sender, _body, _now: None,
+            "undecided": lambda _sender, _msg, _now: None,
             "signed-kt": self._on_signed_kt,
-            "nonce": self._on_nonce,
-            "signreq": self._on_sign_request,
-            "sigshare": self._on_sign_share,
+            "nonce": self._frost_message,
+            "signreq": self._frost_message,
+            "sigshare": self._frost_message,
             "kt-sig": self._on_kt_sig,
             "rpoint": self._on_rpoint,
             "phase2": self._on_phase2,
@@ -1322,14 +1342,14 @@ class PeriodRefresh(DealingStage):
         handler = handlers.get(phase)
         if handler is None:
             raise RemoteProtocolError(sender, f"unknown refresh phase {phase!r}")
-        handler(sender, body, now)
+        handler(sender, msg, now)
 
-    def _answer_late(self, sender: int, phase: str, body: Any, now: float) -> None:
+    def _answer_late(self, sender: int, msg: Message, now: float) -> None:
         """A peer still deciding a period we decided: the transcript lets it decide too."""
         assert self.transcript is not None
-        if phase == "want" and isinstance(body, list):
+        if isinstance(msg, Want):
             for raw in self.transcript.dealings.values():
-                if digest(raw) in body:
+                if digest(raw) in msg.digests:
                     self._send(sender, "deal", raw)
             return
         if now - self._late_answered.get(sender, -1e9) < self.timeout:
@@ -1423,31 +1443,20 @@ class PeriodRefresh(DealingStage):
         }
         self._send(to, "pushm", body)
 
-    def _on_pushm(self, sender: int, body: Any, now: float) -> None:
-        f = encoding.expect_map(
-            body,
-            {
-                "M": bytes,
-                "keytable": bytes,
-                "sharings": dict,
-                "transcript": (bytes, type(None)),
-                "upgrades": (bytes, type(None)),
-            },
-            "PushM",
-        )
-        upgrades = f["upgrades"]
+    def _on_pushm(self, sender: int, msg: PushM, now: float) -> None:
+        upgrades = msg.upgrades
         if upgrades is not None and upgrades not in self._chains and len(self._chains) < 64:
             self._chains.append(upgrades)
-        m = InvariantInfo.decode(f["M"])
+        m = InvariantInfo.decode(msg.m)
         if self.m is None:
             problem = m.check(self.me, self.vstart)
             if problem is not None:
                 raise RemoteProtocolError(sender, f"PushM: M not verifiable with our Vstart: {problem}")
             self.m = m
-        table = KeyTable.decode(f["keytable"])
+        table = KeyTable.decode(msg.keytable)
         if not table.verify(self.m.vcert):
             raise RemoteProtocolError(sender, "PushM: KeyTable not signed with Scert")
-        for sid, obj in f["sharings"].items():
+        for sid, obj in msg.sharings.items():
             if isinstance(sid, str) and sid in self.c.secrets:
                 self._remember_sharing(sid, sharing_from_obj(self.c.group(sid), obj))
         if table.period >= self.period:
@@ -1542,7 +1551,7 @@ class PeriodRefresh(DealingStage):
             self._learn_bound(ann)
         elif ann.clear:
             self._send(EVERYONE, "ann", raw)
-            self._on_ann(self.me, raw, now)
+            self._on_ann(self.me, Signed("ann", raw), now)
         else:
             self._learn(ann)
 
@@ -1571,11 +1580,12 @@ class PeriodRefresh(DealingStage):
             self._alert(AlertKind.RECOVERY_FAILED, self.me, f"the announcement key cannot sign: {exc}")
             return None
 
-    def _on_ann(self, sender: int, body: Any, now: float) -> None:
+    def _on_ann(self, sender: int, msg: Signed, now: float) -> None:
+        body = msg.data
         try:
             ann = self._parse_ann(body, self.period, self.old_keys)
         except UnboundAnnouncement as exc:
-            if exc.server == sender != self.me and isinstance(body, bytes):
+            if exc.server == sender != self.me:
                 # On the author's own connection, an announcement the author's TPM did not sign:
                 # someone else speaks for it (an impostor: a thief of its period or transport
                 # keys). Discarded; named once the KeyTable is decided, when our previous
@@ -1693,20 +1703,19 @@ class PeriodRefresh(DealingStage):
                 evidence=(auth[0].raw, bound.raw),
             )
 
-    def _on_attest(self, sender: int, body: Any, now: float) -> None:
-        f = encoding.expect_map(body, {"ann": bytes, "attest": bytes, "by": int}, "attestation")
-        if f["by"] != sender:
+    def _on_attest(self, sender: int, msg: Attestation, now: float) -> None:
+        if msg.by != sender:
             raise RemoteProtocolError(sender, "attestation signed for another server")
-        ann = self._parse_ann(f["ann"], self.period, self.old_keys)
+        ann = self._parse_ann(msg.ann, self.period, self.old_keys)
         if not ann.clear or ann.bound:
             raise RemoteProtocolError(sender, "attestation of an authenticated or TPM-signed announcement")
-        if not check_attestation(f["attest"], self.period, sender, ann.server, ann.digest, self.old_keys):
+        if not check_attestation(msg.attest, self.period, sender, ann.server, ann.digest, self.old_keys):
             raise RemoteProtocolError(sender, "attestation does not verify")
         got = self.clear.setdefault(ann.server, {})
         if ann.digest not in got and len(got) >= 2:
             return
         self._clear_anns[ann.digest] = ann
-        got.setdefault(ann.digest, {})[sender] = f["attest"]
+        got.setdefault(ann.digest, {})[sender] = msg.attest
 
     # Agreement 1: the KeyTable ------------------------------------------------------------------------
 
@@ -1731,11 +1740,11 @@ class PeriodRefresh(DealingStage):
             on_decide=self._kt_decided,
         )
 
-    def _on_agree_kt(self, sender: int, body: Any, now: float) -> None:
+    def _on_agree_kt(self, sender: int, msg: Agree, now: float) -> None:
         if self.kt_engine is None:
-            self._hold(sender, "agree/keytable", body)
+            self._hold(sender, msg)
             return
-        self.kt_engine.receive(sender, body, now)
+        self.kt_engine.deliver(sender, msg.msg, now)
         self._collect(self.kt_engine)
 
     def _attested_clear(self) -> list[int]:
@@ -1988,13 +1997,11 @@ class PeriodRefresh(DealingStage):
 
     # Catching up from a transcript -------------------------------------------------------------------
 
-    def _on_catchup(self, sender: int, body: Any, now: float) -> None:
+    def _on_catchup(self, sender: int, msg: Signed, now: float) -> None:
         """The decided transcript of this period (from a peer that moved on): check it and decide."""
         if self.decided or self.old_table is None:
             return
-        if not isinstance(body, bytes):
-            raise RemoteProtocolError(sender, "catch-up: expected a transcript")
-        tr = Transcript.decode(body)
+        tr = Transcript.decode(msg.data)
         if tr.period != self.period:
             return
         check_transcript(tr, self.c, self.old_keys, ann_keys=self.ann_keys, prev=self.prev)
@@ -2005,7 +2012,7 @@ class PeriodRefresh(DealingStage):
             self._open_s_engine(now)
         for raw in tr.dealings.values():
             if digest(raw) not in self._raw_dealings:
-                self._on_deal(sender, raw, now)
+                self._on_deal(sender, Signed("deal", raw), now)
         self._s_decision = Decision(tr.s_value, tr.s_qc)
         self._try_finish_decision()
 
@@ -2084,39 +2091,35 @@ class PeriodRefresh(DealingStage):
             body = {"sig": self.signed_table is None, "rpoint": not self.new_keys}
             self._send(EVERYONE, "phase2", body)
 
-    def _on_phase2(self, sender: int, body: Any, now: float) -> None:
+    def _on_phase2(self, sender: int, msg: Phase2, now: float) -> None:
         """A peer in SIGN/RECOVER lacks the KeyTable signature or its recovery value."""
         if not self.resumed:
             return
-        f = encoding.expect_map(body, {"sig": bool, "rpoint": bool}, "phase2")
         if now - self._phase2_answered.get(sender, -1e9) < self.timeout / 2:
             return
         self._phase2_answered[sender] = now
-        if f["sig"] and self.signed_table is not None:
+        if msg.sig and self.signed_table is not None:
             self._send(sender, "kt-sig", self.signed_table.signature)
-        if f["rpoint"] and sender in self.rpoints:
+        if msg.rpoint and sender in self.rpoints:
             self._send_rpoints(only=sender)
         if self._frost.started:
             self._frost.republish(self, sender)
 
-    def _on_repair(self, sender: int, body: Any, now: float) -> None:
+    def _on_repair(self, sender: int, msg: Repair, now: float) -> None:
         """A member's points on a convicted dealer's polynomials (same-period repair), each
         checked against that dealing's commitments; t+1 of them give ours by interpolation."""
         if not self._repair or not self.resumed or self.kt is None:
             return
-        f = encoding.expect_map(body, {"dealer": int, "values": dict}, "repair")
-        d = f["dealer"]
+        d = msg.dealer
         if d not in self._repair or sender == d or d not in self.dealings:
             return
         dealing = self.dealings[d]
-        values = f["values"]
+        values = msg.values
         if set(values) != set(self.c.secrets):
             raise RemoteProtocolError(sender, "repair: one value per secret")
         got: dict[str, tuple[int, dict[int, int] | None]] = {}
         for sid, v in values.items():
             group = self.c.group(sid)
-            if not (isinstance(v, list) and len(v) == 2 and isinstance(v[1], dict)):
-                raise RemoteProtocolError(sender, "repair: malformed value")
             if not subshare_ok(group, dealing, sid, sender, v[0]):
                 raise RemoteProtocolError(
                     sender, f"repair: its point of {sid!r} fails server {d}'s commitments"
@@ -2179,13 +2182,12 @@ class PeriodRefresh(DealingStage):
         if len(self.new_keys) == len(self.c.secrets):
             self._complete(Status.OPERATIONAL, self.signed_table)
 
-    def _on_signed_kt(self, sender: int, body: Any, now: float) -> None:
+    def _on_signed_kt(self, sender: int, msg: Signed, now: float) -> None:
         """A peer's signed KeyTable (with a late answer): the decision itself, verifiable by anyone
         holding M. Undecided, a table of a later period, or of this one when our KeyTable is older
         than the previous period's (we cannot check this period's transcript), means the network
         decided without us: we recover. Decided, it is the signature we wait for."""
-        if not isinstance(body, bytes):
-            raise RemoteProtocolError(sender, "signed KeyTable: expected bytes")
+        body = msg.data
         if self.m is None:
             return
         if not self.decided:
@@ -2199,7 +2201,7 @@ class PeriodRefresh(DealingStage):
             table = KeyTable.decode(body)
             if table.payload() != self.kt.table.payload():
                 raise RemoteProtocolError(sender, "signed KeyTable is not the decided one")
-            self._on_kt_sig(sender, table.signature, now)
+            self._on_kt_sig(sender, Signed("kt-sig", table.signature), now)
 
     def overtaken(self, table_bytes: bytes) -> bool:
         """A peer shows a signed KeyTable of this period or later while we have not decided:
@@ -2293,14 +2295,13 @@ class PeriodRefresh(DealingStage):
                 "without it (down, unreachable, or its data lost); it recovers at the next refresh it joins",
             )
 
-    def _on_kt_sig(self, sender: int, body: Any, now: float) -> None:
+    def _on_kt_sig(self, sender: int, msg: Signed, now: float) -> None:
         if self.kt is None or not self.resumed:
-            self._hold(sender, "kt-sig", body)
+            self._hold(sender, msg)
             return
         if self.m is None or self.signed_table is not None:
             return
-        if not isinstance(body, bytes):
-            raise RemoteProtocolError(sender, "KeyTable signature: expected bytes")
+        body = msg.data
         candidate = self.kt.table.signed(body)
         if not candidate.verify(self.m.vcert):
             raise RemoteProtocolError(sender, "forwarded KeyTable signature does not verify with Vcert")
@@ -2308,26 +2309,17 @@ class PeriodRefresh(DealingStage):
         self._send(EVERYONE, "kt-sig", body)
         self._maybe_complete()
 
-    def _frost_message(self, sender: int, phase: str, body: Any, now: float) -> None:
+    def _frost_message(self, sender: int, msg: Signed, now: float) -> None:
         if self.kt is None or not self.resumed:
-            self._hold(sender, phase, body)
+            self._hold(sender, msg)
             return
-        if phase == "nonce":
-            self._frost.on_nonce(self, sender, body)
-        elif phase == "signreq":
-            self._frost.on_request(self, sender, body, now)
+        if msg.phase == "nonce":
+            self._frost.on_nonce(self, sender, msg.data)
+        elif msg.phase == "signreq":
+            self._frost.on_request(self, sender, msg.data, now)
         else:
-            self._frost.on_share(self, sender, body)
+            self._frost.on_share(self, sender, msg.data)
         self._maybe_complete()
-
-    def _on_nonce(self, sender: int, body: Any, now: float) -> None:
-        self._frost_message(sender, "nonce", body, now)
-
-    def _on_sign_request(self, sender: int, body: Any, now: float) -> None:
-        self._frost_message(sender, "signreq", body, now)
-
-    def _on_sign_share(self, sender: int, body: Any, now: float) -> None:
-        self._frost_message(sender, "sigshare", body, now)
 
     # Recovery values ------------------------------------------------------------------------------------
 
@@ -2346,10 +2338,11 @@ class PeriodRefresh(DealingStage):
             )
             self._send(r, "rpoint", raw)
 
-    def _on_rpoint(self, sender: int, body: Any, now: float) -> None:
+    def _on_rpoint(self, sender: int, msg: Signed, now: float) -> None:
         if self.kt is None or not self.resumed:
-            self._hold(sender, "rpoint", body)
+            self._hold(sender, msg)
             return
+        body = msg.data
         if self.me not in self.kt.recovering or self.new_keys or not self._is_member:
             return
         s = decode_signed(body, "rpoint", self.period, max_size=8192)
@@ -2472,7 +2465,7 @@ class _FrostState:
                 self._publish_nonce(r)
         pending, self.pending = self.pending, []
         for sender, body in pending:
-            r._inject(sender, self.prefix + "sigshare", body, now)
+            r._inject(sender, Signed(self.prefix + "sigshare", body), now)
 
     def republish(self, r: DealingStage, to: int) -> None:
         """Our unused nonce commitments and our current request again, to a peer that may have
@@ -2531,7 +2524,7 @@ class _FrostState:
         self.requested.add(a)
         raw = sign(self.prefix + "signreq", r.period, {"attempt": a, "signers": chosen}, r.signer)
         r._send(EVERYONE, self.prefix + "signreq", raw)
-        r._inject(r.me, self.prefix + "signreq", raw, now)
+        r._inject(r.me, Signed(self.prefix + "signreq", raw), now)
 
     def parse_nonce(self, r: DealingStage, sender: int, raw: Any) -> tuple[int, frost.SigningCommitment]:
         assert r.kt is not None

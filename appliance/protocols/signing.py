@@ -73,7 +73,48 @@ def service_name(secret: str) -> str:
 
 
 class SigningRefused(Exception):
-    """The request cannot be signed (e.g. it is a protocol payload, or no signers are available)."""
+    """The request cannot be signed (e.g. it is a protocol payload, or no signers are available).
+
+    ``code`` says what kind of refusal it is when a caller may act on it (never match the text):
+    :data:`OWN_CHECK` and its extensions (:func:`own_check_code`), or None."""
+
+    def __init__(self, text: str = "", *, code: str | None = None) -> None:
+        super().__init__(text)
+        self.code = code
+
+
+#: :class:`SigningRefused` ``code`` of a request this server's own payload check refused: when the
+#: request was made, or when the check ran again before a retry or after the request waited
+#: (for a presignature, for nonces). :func:`own_check_code` appends the check's own code.
+OWN_CHECK = "own-check"
+
+
+class Refusal(str):
+    """A refusal's text with a code (``code``) naming its kind, for the caller to act on.
+
+    A payload check may return one (or any ``str`` with a ``code`` attribute: a timestamp's
+    ``TimeOff``); :func:`run_check` keeps the code when it shortens the text, and a service's
+    ``failed`` entry may be one, whose code :class:`SigningRefused` then carries."""
+
+    code: str
+
+    def __new__(cls, text: str, code: str) -> Refusal:
+        obj = super().__new__(cls, text)
+        obj.code = code
+        return obj
+
+
+def refusal_code(reason: object) -> str | None:
+    """The code a refusal carries (a :class:`Refusal`, a check's reason with ``code``), else None."""
+    code = getattr(reason, "code", None)
+    return code if isinstance(code, str) else None
+
+
+def own_check_code(reason: str) -> str:
+    """The code of our own check's refusal ``reason``: ``own-check``, or ``own-check/<its code>``
+    when the check's reason carries one (``own-check/time-off``: a timestamp's genTime went stale)."""
+    code = refusal_code(reason)
+    return OWN_CHECK if code is None else f"{OWN_CHECK}/{code}"
 
 
 def is_protocol_payload(message: bytes) -> bool:
@@ -118,6 +159,8 @@ class PayloadCheck(Protocol):
 # * ``signed_bytes(message) -> bytes``: what is signed for a payload it accepted, computed by
 #   each signer itself from the payload (a TSTInfo is checked, its CMS signed attributes are
 #   signed); :func:`signed_form`.
+# * ``key_tweak(message, group, public_key) -> int`` (DSS only): the payload is signed by an
+#   application's key, the secret's key plus this public tweak (appliance.apps.dsskeys).
 
 
 class NotYet(str):
@@ -138,7 +181,10 @@ def run_check(check: PayloadCheck, message: bytes, server: int | None = None) ->
         return f"the check failed: {type(exc).__name__}: {exc}"[:MAX_REASON]
     if reason is None:
         return None
-    return NotYet(reason[:MAX_REASON]) if isinstance(reason, NotYet) else reason[:MAX_REASON]
+    if isinstance(reason, NotYet):
+        return NotYet(reason[:MAX_REASON])
+    code = refusal_code(reason)
+    return reason[:MAX_REASON] if code is None else Refusal(reason[:MAX_REASON], code)
 
 
 def signed_form(check: PayloadCheck | None, message: bytes) -> bytes:
@@ -210,7 +256,9 @@ class PayloadGate:
         if check is not None:
             reason = run_check(check, message, self.me)
             if reason is not None:
-                raise SigningRefused(f"this server refuses the {check.name}: {reason}")
+                raise SigningRefused(
+                    f"this server refuses the {check.name}: {reason}", code=own_check_code(reason)
+                )
         elif self.only_checked:
             raise SigningRefused(self._unclaimed())
         return check
@@ -361,7 +409,10 @@ class SigningService(PayloadGate):
         if check is not None and req.own_shares:
             reason = run_check(check, req.message, self.me)
             if reason is not None:
-                self._fail(req, f"this server now refuses the {check.name}: {reason}")
+                self._fail(
+                    req,
+                    Refusal(f"this server now refuses the {check.name}: {reason}", own_check_code(reason)),
+                )
                 return
         chosen = sorted(usable[: self.t])
         own = self._own_nonces()

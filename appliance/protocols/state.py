@@ -38,6 +38,9 @@ CA_SECRET = "ca"
 #: timestamp tokens whose TSTInfo each signer checked, nothing else; a server not configured to
 #: stamp with it refuses every request.
 TSA_SECRET = "tsa"
+#: The DSS secrets per-application keys are public tweaks of (appliance.apps.dsskeys), by group:
+#: each signs only application keys' requests its owners made, nothing else.
+APP_KEY_SECRETS: dict[str, str] = {"p256": "appkeys-p256", "dsa2048": "appkeys-dsa2048"}
 GROUPS: dict[str, Group[Any]] = {"ed25519": ED25519, "dsa2048": DSA2048, "p256": P256}
 CONTEXT = "pst/state"
 
@@ -88,6 +91,9 @@ class Constants:
             raise ConfigError("the group key 'scert' must be an ed25519 (FROST) key")
         if CA_SECRET in self.secrets and self.secrets[CA_SECRET] != "ed25519":
             raise ConfigError("the certificate authority key 'ca' must be an ed25519 (FROST) key")
+        for group, sid in APP_KEY_SECRETS.items():
+            if sid in self.secrets and self.secrets[sid] != group:
+                raise ConfigError(f"the application keys' secret {sid!r} must be a {group} key")
         for sid, group in self.secrets.items():
             if group not in GROUPS:
                 raise ConfigError(f"secret {sid!r}: unknown group {group!r} (known: {sorted(GROUPS)})")

@@ -20,6 +20,7 @@ from appliance.crypto.groups import ED25519
 from appliance.protocols._signed import decode_signed, sign
 from appliance.protocols.agreement import decode, digest, encode
 from appliance.protocols.agreement._messages import Proposal, Vote, proposal_statement, vote_statement
+from appliance.protocols.messages import Signed
 from appliance.protocols.refresh import Dealing, PeriodRefresh
 from appliance.sim.cluster import SimServer
 
@@ -219,7 +220,7 @@ class TwoDealingsEngine(PeriodRefresh):
         for j in self.c.ids:
             if j not in (self.me, victim):
                 self._send(j, "deal", second)
-        self._on_deal(self.me, second, self._now)
+        self._on_deal(self.me, Signed("deal", second), self._now)
 
 
 class HastyLeaderEngine(PeriodRefresh):

@@ -169,6 +169,12 @@ _LOG_REPLICATION_GAUGES = (
         "Seconds since this server published a checkpoint (0 before the first)",
     ),
     ("pst_log_waiting_batches", "waiting_batches", "Batches of this server not yet ordered"),
+    (
+        "pst_log_replication_lag_seconds",
+        "lag_seconds",
+        "Seconds this server's copy of the log is behind the newest copy (since a peer was known to "
+        "have applied the slot this server waits for; 0 if none is ahead)",
+    ),
 )
 
 

@@ -57,11 +57,13 @@ INDEX_HTML: Final = """<!doctype html>
   <h3>The log</h3>
   <p class="muted">Every server holds the whole log, in the order the servers agreed; any server
   takes syslog and the local API's entries. "behind" is how many entries this server's copy lacks
-  against the largest copy shown; the checkpoint is the last signed one this server published.
+  against the largest copy shown, and "lag" for how long it has lacked them (since a peer was
+  known to be ahead, on this server's clock); the checkpoint is the last signed one this server
+  published.
   Counters since the server started.</p>
   <table id="log">
     <thead><tr><th>server</th><th>log</th><th>entries</th><th>entries/s</th><th>behind</th>
-    <th>checkpoint</th><th>checkpoint age</th><th>listening</th>
+    <th>lag</th><th>checkpoint</th><th>checkpoint age</th><th>listening</th>
     <th>connections</th><th>unparsed</th><th>truncated</th><th>framing errors</th><th>RELP errors</th>
     <th>UDP dropped</th><th>throttled</th></tr></thead>
     <tbody></tbody>
@@ -238,7 +240,7 @@ function renderLog(net) {
     cell(tr, "server " + s.server);
     if (!g) {
       const td = cell(tr, s.state === "stopped" ? "unknown (down)" : "no log", "muted");
-      td.colSpan = 14;
+      td.colSpan = 15;
       body.appendChild(tr);
       continue;
     }
@@ -250,6 +252,8 @@ function renderLog(net) {
     const behind = typeof g.size === "number" ? largest - g.size : null;
     cell(tr, behind === null ? "-" : behind);
     const r = g.replication || {};
+    cell(tr, typeof r.lag_seconds === "number" ? r.lag_seconds.toFixed(1) + " s" : "-",
+      typeof r.lag_seconds === "number" && r.lag_seconds >= 5 ? "warn" : undefined);
     cell(tr, r.checkpoint_size === null || r.checkpoint_size === undefined ? "-" : r.checkpoint_size);
     cell(tr, r.checkpoint_age === null || r.checkpoint_age === undefined ? "-" : r.checkpoint_age + " s");
     cell(tr, Object.entries(g.listening || {}).map(([t, a]) => t + " " + a).join(", ") || "-");

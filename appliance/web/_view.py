@@ -204,6 +204,7 @@ def clean_log(raw: Any) -> dict[str, Any] | None:
         else {
             **{k: _int(replication.get(k)) for k in LOG_REPLICATION},
             "damaged": _str(replication.get("damaged"), 600),
+            "lag_seconds": _num(replication.get("lag_seconds")),
         },
     }
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509 as cx509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from pyasn1.codec.der import decoder as der_decoder
@@ -67,6 +67,7 @@ __all__ = [
     "CLOCK_SKEW",
     "CaPolicy",
     "CertificateCheck",
+    "IssuedCheck",
     "Leaf",
     "PolicyError",
     "Profile",
@@ -446,27 +447,10 @@ class CertificateCheck:
 
     def check_leaf(self, leaf: Leaf, public: bytes) -> None:
         """Raise :class:`PolicyError` unless ``leaf`` is one this server signs now."""
-        if leaf.ca or leaf.path_length is not None:
-            raise PolicyError("a CA certificate (only the group root is a CA)")
-        if not leaf.extensions.get("basicConstraints"):
-            raise PolicyError("basicConstraints must be critical")
-        if leaf.issuer_der != root_subject(self.constants).public_bytes():
-            raise PolicyError("the issuer is not the group root")
-        root_ski = cx509.SubjectKeyIdentifier.from_public_key(
-            ed25519.Ed25519PublicKey.from_public_bytes(public)
-        ).digest
-        if leaf.authority_key_id is not None and leaf.authority_key_id != root_ski:
-            raise PolicyError("the authority key identifier is not the group root's")
+        _check_issuer(leaf, public, self.constants)
         now = self.clock()
         c = self.constants
-        longest = c.period_length + self.policy.grace + 2.0  # whole seconds at both ends
-        if leaf.not_after <= leaf.not_before:
-            raise PolicyError("the validity is empty")
-        if leaf.not_after - leaf.not_before > longest:
-            raise PolicyError(
-                f"valid for {leaf.not_after - leaf.not_before:.0f} s, longer than a period plus the grace "
-                f"({longest:.0f} s)"
-            )
+        _check_span(leaf, c.period_length + self.policy.grace)
         if leaf.not_before > now + CLOCK_SKEW:
             raise PolicyError(f"valid from {leaf.not_before:.0f}, later than this server's clock ({now:.0f})")
         earliest = c.period_start(max(0, c.period_at(now) - 1)) - CLOCK_SKEW
@@ -474,10 +458,7 @@ class CertificateCheck:
             raise PolicyError(f"valid from {leaf.not_before:.0f}, before the previous period started")
         if leaf.not_after < now - CLOCK_SKEW:
             raise PolicyError("already expired by this server's clock")
-        if not leaf.names:
-            raise PolicyError("no subjectAltName")
-        if not _subject_ok(leaf.subject_der, leaf.names):
-            raise PolicyError("the subject is neither empty nor one common name from the subjectAltName")
+        _check_names(leaf)
         reasons = []
         # An application's leaf fits its application's profile only; a server's leaf the servers'.
         for profile in (p for p in self.policy.profiles if p.app == leaf.app):
@@ -488,3 +469,89 @@ class CertificateCheck:
         if leaf.app is not None and not reasons:
             raise PolicyError(f"no profile for application {leaf.app!r} ([ca.apps] of this server)")
         raise PolicyError("no profile allows it: " + ("; ".join(reasons) or "the policy has no profiles"))
+
+
+def _check_issuer(leaf: Leaf, public: bytes, constants: Constants) -> None:
+    """A leaf of the group root (``public``: the ``ca`` key): not a CA, issuer and authority key
+    identifier the root's."""
+    if leaf.ca or leaf.path_length is not None:
+        raise PolicyError("a CA certificate (only the group root is a CA)")
+    if not leaf.extensions.get("basicConstraints"):
+        raise PolicyError("basicConstraints must be critical")
+    if leaf.issuer_der != root_subject(constants).public_bytes():
+        raise PolicyError("the issuer is not the group root")
+    root_ski = cx509.SubjectKeyIdentifier.from_public_key(
+        ed25519.Ed25519PublicKey.from_public_bytes(public)
+    ).digest
+    if leaf.authority_key_id is not None and leaf.authority_key_id != root_ski:
+        raise PolicyError("the authority key identifier is not the group root's")
+
+
+def _check_span(leaf: Leaf, period_and_grace: float) -> None:
+    longest = period_and_grace + 2.0  # whole seconds at both ends
+    if leaf.not_after <= leaf.not_before:
+        raise PolicyError("the validity is empty")
+    if leaf.not_after - leaf.not_before > longest:
+        raise PolicyError(
+            f"valid for {leaf.not_after - leaf.not_before:.0f} s, longer than a period plus the grace "
+            f"({longest:.0f} s)"
+        )
+
+
+def _check_names(leaf: Leaf) -> None:
+    if not leaf.names:
+        raise PolicyError("no subjectAltName")
+    if not _subject_ok(leaf.subject_der, leaf.names):
+        raise PolicyError("the subject is neither empty nor one common name from the subjectAltName")
+
+
+class IssuedCheck:
+    """Is a certificate (DER) one the group issued under ``profile``, chaining to the group root?
+
+    What a signer can know of a certificate it did not sign itself, from the network's public
+    state alone: the group root is a function of the ``ca`` public key and C (:func:`~.x509.root_tbs`),
+    so a leaf chains to it when its issuer is the root's subject, its authority key identifier
+    (if any) the root's, and its signature verifies with the ``ca`` key; and the network's ``ca``
+    key signs only leaves t+1 servers' :class:`CertificateCheck` accepted. The leaf must also be
+    one such a check accepts under ``profile`` (structure, names and usages, validity no longer
+    than a period plus the grace). Its validity against a time is the caller's (a token's
+    genTime). ``public`` returns the ``ca`` public key once this server knows it.
+    """
+
+    def __init__(
+        self, constants: Constants, public: Callable[[], bytes | None], profile: Profile, grace: float
+    ) -> None:
+        self.constants = constants
+        self.public = public
+        self.profile = profile
+        self.grace = grace
+
+    def __call__(self, certificate: bytes) -> Leaf:
+        """The leaf of ``certificate``; :class:`PolicyError` saying why it is not the group's."""
+        public = self.public()
+        if public is None:
+            raise PolicyError("this server does not know the group's ca key yet")
+        if len(certificate) > MAX_TBS + 256:
+            raise PolicyError(f"a certificate of {len(certificate)} bytes (more than {MAX_TBS + 256})")
+        try:
+            cert = cx509.load_der_x509_certificate(certificate)
+            tbs, signature = cert.tbs_certificate_bytes, cert.signature
+            algorithm = cert.signature_algorithm_oid
+        except ValueError as exc:
+            raise PolicyError(f"not a DER certificate: {exc}") from None
+        if algorithm != cx509.oid.SignatureAlgorithmOID.ED25519:
+            raise PolicyError("not signed with Ed25519 (the group root's key is the network's ca key)")
+        leaf = decode_tbs(tbs)  # (its signature algorithm is Ed25519, the ca key's)
+        try:
+            ed25519.Ed25519PublicKey.from_public_bytes(public).verify(signature, tbs)
+        except InvalidSignature:
+            raise PolicyError("not signed by the group root's key (the network's ca key)") from None
+        _check_issuer(leaf, public, self.constants)
+        _check_span(leaf, self.constants.period_length + self.grace)
+        _check_names(leaf)
+        if leaf.app != self.profile.app:
+            raise PolicyError(f"a leaf of application {leaf.app!r}, not of profile {self.profile.name!r}")
+        why = _fits(leaf, self.profile)
+        if why is not None:
+            raise PolicyError(why)
+        return leaf

@@ -17,7 +17,8 @@ log's, everything else goes to the key-holder as before (:func:`is_log_frame`).
   key in the KeyTable). The others check the announcement against that KeyTable
   (:func:`appliance.net.check_channel_signature`) before the key may count in a quorum, and
   keep it (``replica/known/<period>``) so that a restart does not forget it. Announcements
-  of our keys are repeated every ``resend`` seconds (whoever connected late hears them).
+  of our keys (the committee's period and later ones, and the last one before it) are repeated
+  every ``resend`` seconds (whoever connected late, or is a period behind, hears them).
 * **Threads.** The replica writes with fsync; each call into it runs in a worker thread, one
   at a time (a :class:`trio.Lock`), so the trio loop never waits for the disk.
 
@@ -60,9 +61,9 @@ from appliance.apps.log.checkpoint import Checkpoint, Verifier, open_checkpoint
 from appliance.apps.log.errors import LogDecodeError, LogError
 from appliance.apps.log.index import drop_index_from
 from appliance.apps.log.reader import CHECKPOINT_PATH
-from appliance.apps.log.repair import REPAIR_TIMEOUT, Repair, answer_request
+from appliance.apps.log.repair import REPAIR_TIMEOUT, Repair, answer_request, audit_copy
 from appliance.apps.log.replication import MAX_BATCH_BYTES, MAX_BATCH_ENTRIES, Replica
-from appliance.apps.log.tiles import Bundle, Storage, TileLog, parse_path
+from appliance.apps.log.tiles import STATE_PATH, Bundle, Storage, TileLog, parse_path
 from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
 from appliance.net import (
@@ -168,6 +169,12 @@ class LogNode:
         self._seen_checkpoint = clock()
         self._waiting_checkpoint: tuple[bytes, Checkpoint] | None = None
         self._published_at: float | None = None
+        #: The signed note this server last wrote to its ``checkpoint`` file (or found there,
+        #: verified, at its start): what the audit expects to find in the file.
+        self._note: bytes | None = None
+        #: Slots beyond ours that a peer said it was at (``at``), with when we first heard of
+        #: each (our clock): the replication lag in seconds (:meth:`lag_seconds`).
+        self._ahead: dict[int, float] = {}
         #: Why this server's copy of the log is damaged (None: its last audit passed).
         self.damaged: str | None = None
         #: Repairs of this server's copy that passed their audit; seconds a peer has to answer.
@@ -181,6 +188,18 @@ class LogNode:
         #: Set (and replaced) each time the tree grew: what follows the log waits on it.
         self.grown = trio.Event()
         self._load_known()
+        logger = logging.getLogger("pst.log")  # (``log`` is the tree here)
+        try:  # what a batch lost in a crash left beyond the durable size (we are the writer)
+            dropped = log.drop_leftovers()
+        except OSError as exc:
+            logger.warning("log: the partial files of a lost batch were not deleted: %s", exc)
+        else:
+            if dropped:
+                logger.info(
+                    "log: deleted %d partial file(s) a batch lost in a crash left beyond size %d",
+                    len(dropped),
+                    log.size,
+                )
 
     # --- Keys --------------------------------------------------------------------------------
 
@@ -232,7 +251,7 @@ class LogNode:
                 name = path.rsplit("/", 1)[1]
                 if name.isdigit() and int(name) < self.replica.slot_period:
                     self.storage.delete(path)
-            for old in [p for p in self._mine if p < self.replica.slot_period]:
+            for old in set(self._mine) - set(self._announced()):
                 del self._mine[old]
             early, self._early = self._early, []
         for sender, obj in early:
@@ -245,6 +264,15 @@ class LogNode:
                 self._complain(sender, str(exc))
         self._poke.set()
 
+    def _announced(self) -> list[int]:
+        """The periods whose vote key we announce: the committee's and later ones, and the last
+        one before it. A server behind by a period (its key-holder handed that period over late,
+        or our announcement was lost) can still learn our key, check that period's decisions and
+        catch up with ``sync``, rather than from the state t+1 servers report."""
+        current = self.replica.slot_period
+        periods = sorted(self._mine)
+        return [p for p in periods if p < current][-1:] + [p for p in periods if p >= current]
+
     async def _on_announcement(self, sender: int, obj: dict[str, Any]) -> None:
         f = encoding.expect_map(
             obj,
@@ -254,6 +282,8 @@ class LogNode:
         server, period = f["server"], f["period"]
         if server == self.server_id or not 1 <= server <= self.n or len(f["key"]) != 32:
             raise DecodeError(f"vote key of server {server}")
+        if period < self.replica.slot_period:
+            return  # our committee is past it (a peer behind is told the keys it needs)
         table = self._tables.get(period)
         if table is None:
             if period > max(self._tables, default=-1) and len(self._early) < 4 * self.n:
@@ -286,6 +316,11 @@ class LogNode:
             if isinstance(obj, dict) and obj.get("log") == "checkpoint":
                 await self._on_checkpoint(sender, obj.get("note"))
                 return
+            if isinstance(obj, dict) and obj.get("log") == "checkpoint-req":
+                # A peer whose checkpoint file is damaged: our latest note (it checks it).
+                if self._note is not None:
+                    self._emit(sender, {"log": "checkpoint", "note": self._note})
+                return
             if isinstance(obj, dict) and obj.get("log") == "repair-req":
                 # At most one answer per peer every REPAIR_ANSWER_INTERVAL: a repair asks one
                 # request at a time, and a peer that asks faster waits (its reader is held).
@@ -305,6 +340,8 @@ class LogNode:
         except DecodeError as exc:
             self._complain(sender, str(exc))
             return
+        if isinstance(obj, dict) and obj.get("log") == "at":
+            self._heard_at(obj.get("slot"))
         while len(self._inbox) >= MAX_INBOX:
             await self._drained.wait()
         self._inbox.append((sender, obj))
@@ -366,9 +403,8 @@ class LogNode:
                 self._complain(exc.peer, exc.reason)
             if now - self._last_announce >= self.resend:
                 self._last_announce = now
-                for period, ann in sorted(self._mine.items()):
-                    if period >= self.replica.slot_period:
-                        self._broadcast(ann)
+                for period in self._announced():
+                    self._broadcast(self._mine[period])
             # ``wake`` is on our clock, not trio's (whose origin is arbitrary): wait for the
             # difference. (Waiting until ``wake`` on trio's clock made this loop spin.)
             with trio.move_on_after(max(0.0, min(wake, now + self.resend) - self._clock())):
@@ -422,7 +458,33 @@ class LogNode:
     def size(self) -> int:
         return self.tree.size
 
-    def replication(self) -> dict[str, int | str | None]:
+    def _heard_at(self, slot: Any) -> None:
+        """A peer is at ``slot`` (it applied every slot before it)."""
+        if len(self._ahead) >= 64:  # forget the slots we have applied since
+            self._ahead = {s: t for s, t in self._ahead.items() if s > self.replica.slot}
+        if (
+            isinstance(slot, int)
+            and not isinstance(slot, bool)
+            and slot > self.replica.slot
+            and slot not in self._ahead
+            and len(self._ahead) < 4096
+        ):
+            self._ahead[slot] = self._clock()
+
+    def lag_seconds(self) -> float:
+        """Seconds this server's copy is behind the newest copy: since we first heard that a
+        peer had applied the slot we are at (a peer at a later slot; peers say where they
+        are every ``resend`` seconds, so this may be that much short), 0 if no peer is
+        known to be ahead. Measured on our clock only (no clocks compared). A peer that
+        lies about its slot can make it grow, not hide a real lag."""
+        slot = self.replica.slot
+        for old in [s for s in self._ahead if s <= slot]:
+            del self._ahead[old]
+        if not self._ahead:
+            return 0.0
+        return max(0.0, self._clock() - min(self._ahead.values()))
+
+    def replication(self) -> dict[str, int | float | str | None]:
         """Figures for the status: the next slot, its committee's period, the last checkpoint
         this server published, the catch-ups done and our batches waiting to be ordered."""
         r = self.replica
@@ -437,6 +499,7 @@ class LogNode:
             else max(0, round(self._clock() - self._published_at)),
             "damaged": self.damaged,
             "repairs": self.repairs,
+            "lag_seconds": round(self.lag_seconds(), 1),
         }
 
     # --- Checkpoints -------------------------------------------------------------------------
@@ -460,6 +523,7 @@ class LogNode:
             return False
         if body.size > self.tree.size or self.tree.root_at(body.size) != body.root:
             return False
+        self._note = bytes(note)  # (first: a failed write leaves the audit to put it there)
         self.tree.storage.write(CHECKPOINT_PATH, note)
         self.tree.storage.sync()
         self.checkpointed_size = body.size
@@ -515,11 +579,15 @@ class LogNode:
         if directory is None or self.tree.storage.read(CHECKPOINT_PATH) is None:
             return None  # not a directory store (tests in memory), or nothing signed yet
         checker = LogVerifier(DirSource(directory), verifier)
+        async with self._lock:
+            tip = self.tree.checkpoint()  # our tree beyond the checkpoint: its root is ours
 
         def run() -> AuditReport | str | None:
             try:
                 latest = checker.latest()
-                return checker.audit_report(latest) if latest.size else None
+                if not latest.size:
+                    return None
+                return audit_copy(checker, self.tree.storage, latest, tip)
             except VerificationFailed as exc:
                 return str(exc)
             except LogError as exc:
@@ -535,7 +603,60 @@ class LogNode:
         async with self._audit_lock:
             return await self._audit()
 
+    def _check_records(self) -> tuple[list[str], bool]:
+        """``state/tree`` and ``checkpoint`` against what this server holds in memory (under the
+        lock, in a worker thread): each one that differs is named and rewritten from memory.
+        A checkpoint file that does not verify while we have no note in memory (a restart
+        found it so) is left, and the peers are asked for theirs (True): the first one that
+        verifies and that our tree has replaces it (:meth:`_on_checkpoint`)."""
+        storage, found, ask = self.tree.storage, list[str](), False
+        want = self.tree.checkpoint().text().encode("utf-8")
+        have = storage.read(STATE_PATH)
+        if have != want and (have is not None or self.tree.size):  # an empty log has none yet
+            how = "is missing" if have is None else "differs from this server's tree"
+            found.append(f"{STATE_PATH} {how} (size {self.tree.size}): rewritten from the tree in memory")
+            storage.write(STATE_PATH, want)
+        if self._verifier is not None:
+            note = storage.read(CHECKPOINT_PATH)
+            if self._note is not None and note != self._note:
+                how = (
+                    "is missing"
+                    if note is None
+                    else "differs from the signed checkpoint this server published"
+                )
+                size = open_checkpoint(self._note, self.tree.origin, [self._verifier]).size
+                found.append(f"{CHECKPOINT_PATH} {how} (size {size}): rewritten from memory")
+                storage.write(CHECKPOINT_PATH, self._note)
+            elif self._note is None and note is not None and self._published() is None:
+                found.append(
+                    f"{CHECKPOINT_PATH} does not verify with the log's key, and this server has no "
+                    "checkpoint of its own in memory: asked the peers for theirs"
+                )
+                ask = True
+        if found:
+            storage.sync()
+        return found, ask
+
     async def _audit(self) -> bool:
+        async with self._lock:
+            records, ask = await trio.to_thread.run_sync(self._check_records)
+        if records:
+            self._damaged("this server's copy of the log is damaged: " + "; ".join(records))
+        if ask:
+            self._broadcast({"log": "checkpoint-req"})
+            with trio.move_on_after(self.repair_timeout):
+                while self._note is None:  # written by _on_checkpoint once one verifies
+                    await trio.sleep(0.05)
+            if self._note is None:
+                self.damaged = (
+                    f"this server's {CHECKPOINT_PATH} file does not verify and no peer sent one that "
+                    "verifies and that this server's tree has"
+                )
+                log.error("log: %s", self.damaged)
+                return False
+        if records:
+            self.repairs += 1
+            log.warning("log: repaired this server's copy of the log: %s", "; ".join(records))
         found = await self._audit_report()
         if found is None or (not isinstance(found, str) and found.ok):
             self.damaged = None
@@ -633,6 +754,8 @@ class LogNode:
         so that, with the signing's jitter, a new checkpoint comes at least every second while
         the tree grows (issue 11; at exactly 1 s the p99 of the interval was 1.02-1.04 s)."""
         self._verifier = Verifier(self.tree.origin, public_key)
+        if self._published() is not None:  # what the audit expects to find in the file
+            self._note = self.tree.storage.read(CHECKPOINT_PATH)
         task_status.started()
         next_at = trio.current_time()
         while True:

@@ -35,18 +35,21 @@ is not rewritten. The module never imports trio or sockets; :meth:`Repair.receiv
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from appliance.apps.log.errors import LogError
-from appliance.apps.log.merkle import Frontier
+from appliance.apps.log.errors import LogDecodeError, LogError
+from appliance.apps.log.merkle import HASH_SIZE, Frontier
 from appliance.apps.log.replication import MAX_BATCH_BYTES, MAX_BATCH_ENTRIES
 from appliance.apps.log.tiles import (
     MAX_ENTRY_SIZE,
     TILE_HEIGHT,
+    TILE_WIDTH,
     Bundle,
     Storage,
+    Tile,
     TileLog,
     decode_bundle,
     encode_bundle,
@@ -56,9 +59,19 @@ from appliance.apps.log.tiles import (
 from appliance.crypto.errors import DecodeError
 
 if TYPE_CHECKING:  # verify.py reads over HTTP; this module does no I/O of its own
-    from appliance.apps.log.verify import AuditReport
+    from appliance.apps.log.checkpoint import Checkpoint
+    from appliance.apps.log.verify import AuditReport, LogVerifier
 
-__all__ = ["MAX_REPAIR_BUNDLES", "REPAIR_TIMEOUT", "Repair", "answer_request", "rebuild"]
+__all__ = [
+    "MAX_REPAIR_BUNDLES",
+    "REPAIR_TIMEOUT",
+    "Repair",
+    "answer_request",
+    "audit_copy",
+    "older_partials",
+    "rebuild",
+    "rebuild_at",
+]
 
 #: Seconds a peer has to answer one request before the next peer is asked.
 REPAIR_TIMEOUT: Final = 10.0
@@ -97,16 +110,36 @@ class _Compare:
 
 
 def rebuild(
-    storage: Storage, origin: str, size: int, replace: Mapping[int, Sequence[bytes]] | None = None
+    storage: Storage,
+    origin: str,
+    size: int,
+    replace: Mapping[int, Sequence[bytes]] | None = None,
 ) -> tuple[bytes, dict[str, bytes]]:
     """The tree of ``size`` entries recomputed from the bundles in ``storage``, bundle ``n``
     taken from ``replace[n]`` where given: its root, and every tile and bundle of that size whose
     content differs from the file in ``storage`` (nothing is written). Raises LogError if a
     bundle not replaced is missing or malformed."""
+    root, _, files = rebuild_at(storage, origin, size, replace, at=size)
+    return root, files
+
+
+def rebuild_at(
+    storage: Storage,
+    origin: str,
+    size: int,
+    replace: Mapping[int, Sequence[bytes]] | None = None,
+    *,
+    at: int,
+) -> tuple[bytes, bytes, dict[str, bytes]]:
+    """:func:`rebuild`, with the root of the tree at the smaller size ``at`` too: (root of
+    ``size``, root at ``at``, files that differ)."""
     replace = replace or {}
+    if not 0 <= at <= size:
+        raise ValueError(f"a size from 0 to {size}, not {at}")
     wanted = {t.path for t in tiles_for_size(size)} | {b.path for b in new_bundles(0, size)}
     compare = _Compare(storage, wanted)
     tree = TileLog(compare, origin, Frontier())
+    at_root = tree.root() if at == 0 else b""
     for bundle in new_bundles(0, size):
         entries = replace.get(bundle.index)
         if entries is None:
@@ -116,8 +149,89 @@ def rebuild(
             entries = decode_bundle(bundle, data)
         if len(entries) != bundle.width:
             raise LogError(f"{bundle.path}: {len(entries)} entries, not {bundle.width}")
-        tree.append(list(entries))
-    return tree.root(), compare.changed
+        first = bundle.index << TILE_HEIGHT
+        if first < at < first + bundle.width:  # the tree at ``at``, within this bundle
+            tree.append(list(entries[: at - first]))
+            at_root = tree.root()
+            tree.append(list(entries[at - first :]))
+        else:
+            tree.append(list(entries))
+        if tree.size == at:
+            at_root = tree.root()
+    return tree.root(), at_root, compare.changed
+
+
+def older_partials(
+    storage: Storage,
+    size: int,
+    signed: int,
+    files: Mapping[str, bytes] | None = None,
+    skip: Collection[str] = (),
+) -> tuple[dict[str, bytes], list[str]]:
+    """The partial tiles and bundles of sizes older than ``size`` kept in ``storage`` (those
+    of the signed size ``signed`` and of earlier checkpoints, until a full one supersedes them
+    and they are pruned), checked against the file of the tree of ``size`` at their position
+    (taken from ``files`` where given: a repair's right content), whose prefix they must be.
+
+    Returns the right content of each one that differs, and a line saying why for each. A
+    missing one is wrong only if it is of the signed size (the read side serves it) and the
+    full file at its position is not there to take its prefix from (then it was pruned); the
+    others may be missing (pruned, or never written). Widths at or beyond ``size``'s at their
+    position are not looked at (the tree's own, checked by the audit, or appends since), nor
+    is a position whose file of ``size`` is in ``skip`` (found wrong by the audit itself; the
+    repair checks again from its right content) or cannot be read."""
+    files = files or {}
+    fixes: dict[str, bytes] = {}
+    lines: list[str] = []
+    level = 0
+    while count := size >> (TILE_HEIGHT * level):
+        signed_count = signed >> (TILE_HEIGHT * level)
+        for bundles in (False, True) if level == 0 else (False,):
+            for n in range((count + TILE_WIDTH - 1) >> TILE_HEIGHT):
+                width = min(TILE_WIDTH, count - (n << TILE_HEIGHT))
+                current: Tile | Bundle = Bundle(n, width) if bundles else Tile(level, n, width)
+                base = Bundle(n).path if bundles else Tile(level, n).path
+                listed = storage.list(base + ".p")
+                need = signed_count - (n << TILE_HEIGHT)
+                required = {f"{base}.p/{need}"} if 0 < need < width else set()
+                if not listed and not required:
+                    continue
+                if current.path in skip:
+                    continue
+                data = files.get(current.path) or storage.read(current.path)
+                if data is None:
+                    continue
+                if isinstance(current, Bundle):
+                    try:
+                        right = decode_bundle(current, data)
+                    except LogDecodeError:
+                        continue
+                elif len(data) == width * HASH_SIZE:
+                    right = [data[k : k + HASH_SIZE] for k in range(0, len(data), HASH_SIZE)]
+                else:
+                    continue
+                for path in sorted(set(listed) | required):
+                    w = path.rsplit("/", 1)[1]
+                    if not w.isdigit() or not 0 < int(w) < width:
+                        continue
+                    want = encode_bundle(right[: int(w)]) if bundles else b"".join(right[: int(w)])
+                    have = storage.read(path)
+                    if have == want:
+                        continue
+                    if have is None:
+                        full = storage.read(base)
+                        if path not in required or (
+                            full is not None and (bundles or len(full) == TILE_WIDTH * HASH_SIZE)
+                        ):
+                            continue
+                        why = "is missing"
+                    else:
+                        why = f"is not the first {w} {'entries' if bundles else 'hashes'} of {current.path}"
+                    what = "the signed size's" if path in required else "an older size's"
+                    fixes[path] = want
+                    lines.append(f"{path} ({what} partial {'bundle' if bundles else 'tile'}) {why}")
+        level += 1
+    return fixes, lines
 
 
 def answer_request(log: TileLog, obj: Any) -> dict[str, Any]:
@@ -147,6 +261,21 @@ def answer_request(log: TileLog, obj: Any) -> dict[str, Any]:
                 entries = entries[:k]
                 break
     return {"log": "repair", "start": start, "entries": entries}
+
+
+def audit_copy(
+    checker: LogVerifier, storage: Storage, latest: Checkpoint, tip: Checkpoint | None = None
+) -> AuditReport:
+    """A server's audit of its own copy (``checker`` reads ``storage``): the tree of ``tip``
+    (its own, beyond the signed ``latest``; :meth:`LogVerifier.audit_report`) and the partial
+    files of older sizes beside it (:func:`older_partials`; those at a position whose file the
+    first part found wrong are left for after the repair)."""
+    report = checker.audit_report(latest, tip)
+    wrong = {t.path for t in report.bad_tiles} | {b.path for b in report.bad_bundles}
+    fixes, lines = older_partials(storage, report.size, report.signed_size, skip=wrong)
+    if not lines:
+        return report
+    return dataclasses.replace(report, lines=report.lines + tuple(lines), bad_partials=tuple(fixes))
 
 
 class Repair:
@@ -214,13 +343,18 @@ class Repair:
 
     def _try(self, peer: int | None, replace: Mapping[int, Sequence[bytes]]) -> None:
         """Rebuild with ``replace``: the repair if it gives the signed root."""
+        report = self.report
         try:
-            root, files = rebuild(self.storage, self.origin, self.report.size, replace)
+            root, at_root, files = rebuild_at(
+                self.storage, self.origin, report.size, replace, at=report.signed_size
+            )
         except LogError as exc:
             self.failure = f"the local copy could not be rebuilt: {exc}"
             return
-        if root == self.report.root:
-            self.files, self.source = files, peer
+        if root == report.root and (report.signed is None or at_root == report.signed[1]):
+            # The partial files of older sizes: prefixes of the (repaired) files of the tree.
+            fixes, _ = older_partials(self.storage, report.size, report.signed_size, files)
+            self.files, self.source = files | fixes, peer
             self._settle_doubts(replace)
         elif peer is not None:
             if self.report.tiles_ok or self.escalated:  # the list was complete: the peer is wrong
@@ -233,7 +367,13 @@ class Repair:
         paths = ", ".join(b.path for b in self.wanted if b.index in bundles[:4])
         more = len(bundles) - 4
         paths += f" and {more} more" if more > 0 else ""
-        return f"its entries for {paths} do not give the signed root of size {self.report.size}"
+        report = self.report
+        if report.signed is None or report.signed[0] == report.size:
+            return f"its entries for {paths} do not give the signed root of size {report.size}"
+        return (
+            f"its entries for {paths} do not give the signed root of size {report.signed[0]} "
+            f"and this server's root of size {report.size}"
+        )
 
     def _settle_doubts(self, accepted: Mapping[int, Sequence[bytes]]) -> None:
         """A doubted peer whose entries differ from the accepted ones sent bad data."""
@@ -320,10 +460,19 @@ class Repair:
         assert self.files is not None
         bundles = sorted(p for p in self.files if p.startswith("tile/entries/"))
         tiles = sorted(p for p in self.files if not p.startswith("tile/entries/"))
+        size = self.report.size
+        own = {t.path for t in tiles_for_size(size)} | {b.path for b in new_bundles(0, size)}
+        older = [p for p in bundles + tiles if p not in own]
+        if older:
+            bundles = [p for p in bundles if p not in older]
+            tiles = [p for p in tiles if p not in older]
         parts = []
         if bundles:
             listed = ", ".join(bundles[:8])
             parts.append(f"{len(bundles)} entry bundle(s) ({listed}) from server {self.source}")
         if tiles:
             parts.append(f"{len(tiles)} tile(s) ({', '.join(tiles[:8])}) recomputed from the entries")
+        if older:
+            listed = ", ".join(older[:8])
+            parts.append(f"{len(older)} partial file(s) of older sizes ({listed}) from the tree's")
         return " and ".join(parts) or "nothing differed any more"

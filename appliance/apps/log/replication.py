@@ -113,6 +113,8 @@ MAX_SLOT_BATCHES = 64
 MAX_PENDING_PER_ORIGIN = 64
 #: The bytes of a batch's entries (a batch travels in one frame of at most 4 MiB).
 MAX_BATCH_BYTES = 1 << 20
+#: Resend intervals after which a catch-up that has no t+1 matching reports is begun again.
+CATCH_UP_RESTART = 6
 #: Decided slots sent in one answer to ``sync``.
 SYNC_CHUNK = 8
 #: Decided slots kept to answer ``sync`` and ``fetch`` (a server further behind catches up
@@ -261,6 +263,8 @@ class _CatchUp:
 
     slot: int
     asked_at: float
+    #: When this catch-up began (one that gets no t+1 matching reports is begun again).
+    started: float = 0.0
     reports: dict[tuple[int, tuple[tuple[int, int], ...], int, bytes], set[int]] = field(default_factory=dict)
     target: tuple[int, tuple[tuple[int, int], ...], int, bytes] | None = None
     backers: list[int] = field(default_factory=list)
@@ -891,6 +895,11 @@ class Replica:
                 raise RemoteProtocolError(
                     sender, f"log replication: slot {f['slot']}: not a commit QC of its value"
                 )
+            committee = Committee(self.n, self.t, keys)
+            if sum(1 for i in qc.sigs if keys.get(i) is not None) < committee.quorum:
+                # We lack the vote keys of too many of its signers to check it: not the sender's
+                # fault (we catch up from the state t+1 servers report, or once we learn them).
+                return
             try:
                 Committee(self.n, self.t, keys).verify_qc(self._instance(self.slot_period, self.slot), qc)
             except BadCertificate as exc:
@@ -908,11 +917,20 @@ class Replica:
         of them is honest), fetch the entries up to it, check them against that state's root,
         and carry on from there."""
         c = self._catchup
+        if c is not None and (
+            self.slot > c.slot or (c.target is None and now - c.started >= CATCH_UP_RESTART * self.resend)
+        ):
+            # Overtaken: we applied that slot ourselves (decisions we could check came in the
+            # meantime), so its state is behind us. Or no t+1 servers reported one state of it
+            # (they no longer keep it, or the reports were lost): begin again from where the
+            # others are now. A catch-up kept past either point never ended and blocked every
+            # later one (the store's sequence stayed behind for good, docs/store.md).
+            self._catchup = c = None
         if c is None:
             ahead = sorted((s for s in self._peer_slots.values() if s > self.slot), reverse=True)
             if len(ahead) <= self.t or now - self._progress_at < 3 * self.resend:
                 return
-            self._catchup = c = _CatchUp(slot=ahead[self.t] - 1, asked_at=now)
+            self._catchup = c = _CatchUp(slot=ahead[self.t] - 1, asked_at=now, started=now)
             self._broadcast_state_request(c)
             return
         if c.target is None:
@@ -963,11 +981,17 @@ class Replica:
         backers = c.reports[key]
         if len(backers) >= self.t + 1:
             if f["size"] < self.log.size:
-                return  # we hold more than that already: nothing to fetch
+                return  # we hold more than that already: nothing to fetch (begun again later)
             c.target = key
             c.backers = sorted(backers)
             c.source = c.backers[0]
-            self._ask_entries(c, self._now)
+            if f["size"] == self.log.size:
+                # The slots we missed added no entries (a committee moving to a new period, the
+                # store's sequence when idle): nothing to fetch, only the state to take. Asking
+                # for an empty range of entries got no answer, ever.
+                self._finish_catch_up(c, None)
+            else:
+                self._ask_entries(c, self._now)
 
     def _next_source(self, c: _CatchUp, bad: int) -> int:
         others = [i for i in range(1, self.n + 1) if i != self.me and i != bad]
@@ -979,9 +1003,6 @@ class Replica:
         start = self.log.size + len(c.entries)
         end = min(c.target[2], start + MAX_BATCH_ENTRIES)
         c.asked_at = now
-        if start >= end:  # we hold every entry of that state already (we missed empty slots)
-            self._finish_catch_up(c, c.source)
-            return
         self._out.append((c.source, {"log": "entries-req", "start": start, "end": end}))
 
     def _on_entries_request(self, sender: int, start: Any, end: Any) -> None:
@@ -1009,19 +1030,27 @@ class Replica:
             raise DecodeError("entries: a list of entries")
         if start != self.log.size + len(c.entries) or not entries:
             return
-        size = c.target[2]
+        _period, _seqs, size, _root = c.target
         c.entries.extend(entries[: size - start])
         if self.log.size + len(c.entries) < size:
             self._ask_entries(c, self._now)
             return
         self._finish_catch_up(c, sender)
 
-    def _finish_catch_up(self, c: _CatchUp, sender: int) -> None:
-        """Every entry up to the target state is here (``c.entries`` after our tree): check the
-        root t+1 servers vouched for, append, and carry on from that state's slot."""
+    def _finish_catch_up(self, c: _CatchUp, sender: int | None) -> None:
+        """Take the state t+1 servers reported, with the entries ``sender`` sent (None: there
+        were none to fetch), if they give its root."""
         assert c.target is not None
         period, seqs, size, root = c.target
+        if self.slot > c.slot:
+            self._catchup = None  # overtaken meanwhile: taking it would move us back
+            return
         if self.log.root_after(c.entries) != root:
+            if sender is None:
+                # Our own tree is not a prefix of the log: no source will do (its audit says
+                # so); this catch-up is begun again later.
+                self._catchup = None
+                return
             # t+1 servers vouched for the root: the entries were wrong (or our own tree is not
             # a prefix of the log; then no source will do, and we say so each round).
             self.rejected.append(
@@ -1031,8 +1060,7 @@ class Replica:
             )
             c.entries.clear()
             c.source = self._next_source(c, sender)
-            if self.log.size < size:  # (else nothing to fetch: the next round says it again)
-                self._ask_entries(c, self._now)
+            self._ask_entries(c, self._now)
             return
         if c.entries:
             self.log.append(c.entries)

@@ -628,6 +628,35 @@ class TileLog:
         self._pruned = max(self._pruned, covered)
         return deleted
 
+    def drop_leftovers(self) -> list[str]:
+        """Delete the partial tiles and bundles a batch lost in a crash left beyond the durable
+        size: at each level, the widths at the size's position wider than its own, and every
+        partial at the positions after it where a (leftover) full tile or bundle exists, up to
+        the first position without one. (A crash leaves them; a batch that later ends at such
+        a width rewrites it, one that does not leaves it wrong under a width the tree passes,
+        which the server's audit of older partials would take for tampering.) The server calls
+        this once at its start, as the log's one writer (never a reader of a live log: the
+        writer's newer partials are beyond the size a reader opened). Deletions are not synced
+        (a lost one is found again next time). Returns the deleted paths."""
+        deleted: list[str] = []
+        level = 0
+        while level <= 2 or self.size >> (TILE_HEIGHT * (level - 1)):
+            count = self.size >> (TILE_HEIGHT * level)
+            for bundles in (False, True) if level == 0 else (False,):
+                n, keep = count >> TILE_HEIGHT, count % TILE_WIDTH
+                while True:
+                    full = Bundle(n).path if bundles else Tile(level, n).path
+                    for path in self.storage.list(full + ".p"):
+                        width = path.rsplit("/", 1)[1]
+                        if not width.isdigit() or int(width) > keep:
+                            self.storage.delete(path)
+                            deleted.append(path)
+                    if self.storage.read(full) is None:
+                        break
+                    n, keep = n + 1, 0
+            level += 1
+        return deleted
+
     # --- Appending ---
 
     def append(self, entries: Sequence[bytes]) -> int:

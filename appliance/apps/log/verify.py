@@ -197,6 +197,12 @@ class AuditReport:
     when neither the entries nor the tiles give the root, every bundle under a difference
     (every bundle, if no difference explains the wrong root): what a repair must fetch.
     ``lines``: what differs, in words (the failure message of ``pst log verify --audit``).
+
+    ``size`` and ``root`` are the tree audited: the signed checkpoint's, or, for a server's
+    audit of its own copy, its tree beyond it (``tip``, whose root is the server's own), in
+    which case ``signed`` is the signed checkpoint's (size, root), which the entries and the
+    tiles must give too. ``bad_partials``: partial files of older sizes kept beside the
+    tree's own (the server's audit, :func:`appliance.apps.log.repair.older_partials`).
     """
 
     size: int
@@ -207,6 +213,12 @@ class AuditReport:
     bad_tiles: tuple[Tile, ...] = ()
     bad_bundles: tuple[Bundle, ...] = ()
     lines: tuple[str, ...] = ()
+    signed: tuple[int, bytes] | None = None
+    bad_partials: tuple[str, ...] = ()
+
+    @property
+    def signed_size(self) -> int:
+        return self.size if self.signed is None else self.signed[0]
 
     @property
     def ok(self) -> bool:
@@ -217,7 +229,12 @@ class AuditReport:
             return f"audit: the {self.size} entries and {self.tiles_checked} tiles give the signed root"
         more = len(self.lines) - MAX_LISTED
         shown = [*self.lines[:MAX_LISTED], *([f"... and {more} more"] if more > 0 else [])]
-        return f"audit of the signed tree of size {self.size}:\n  " + "\n  ".join(shown)
+        return f"audit of {self.what()}:\n  " + "\n  ".join(shown)
+
+    def what(self) -> str:
+        if self.signed is None or self.signed[0] == self.size:
+            return f"the signed tree of size {self.size}"
+        return f"the tree of size {self.size} (signed up to {self.signed[0]})"
 
 
 @dataclass
@@ -225,6 +242,8 @@ class _Audit:
     """The running state of an audit, level by level."""
 
     size: int
+    #: "signed tree", or "tree" for a server's own tree beyond its checkpoint.
+    name: str = "signed tree"
     frontier: merkle.Frontier = field(default_factory=merkle.Frontier)
     #: Per tile level: hashes computed from the entries for the tile being filled.
     from_entries: list[list[bytes]] = field(default_factory=list)
@@ -408,7 +427,7 @@ class LogVerifier:
     ) -> list[bytes]:
         """A fetched tile's hashes; if it is missing or malformed, noted, and ``stand_in``."""
         if data is None:
-            why = f"the log does not serve {tile.path}, which its signed tree of size {state.size} has"
+            why = f"the log does not serve {tile.path}, which its {state.name} of size {state.size} has"
             state.unreadable.append((tile, why))
             return stand_in
         try:
@@ -445,16 +464,24 @@ class LogVerifier:
             raise VerificationFailed(report.message())
         return report.message()
 
-    def audit_report(self, latest: Checkpoint) -> AuditReport:
-        """Fetch every bundle and tile of ``latest`` and recompute the tree: what differs, as data."""
+    def audit_report(self, latest: Checkpoint, tip: Checkpoint | None = None) -> AuditReport:
+        """Fetch every bundle and tile of ``latest`` and recompute the tree: what differs, as data.
+
+        With ``tip`` (a larger tree of the same log, unsigned: a server's own tree beyond its
+        latest checkpoint), the tree of ``tip`` is audited instead, and must give both roots:
+        ``tip``'s and, at the signed size, ``latest``'s."""
+        signed = latest
+        if tip is not None and tip.size > latest.size:
+            latest = tip
         size = latest.size
-        state = _Audit(size)
+        state = _Audit(size, "signed tree" if latest is signed else "tree")
         state.level(0)
+        signed_root = merkle.EMPTY_ROOT if signed.size == 0 else b""
         last_report = time.monotonic()
         for bundle, data, tile, tile_data in self._fetch_batches(size):
             entries: list[bytes] | None = None
             if data is None:
-                why = f"the log does not serve {bundle.path}, which its signed tree of size {size} has"
+                why = f"the log does not serve {bundle.path}, which its {state.name} of size {size} has"
                 state.unreadable.append((bundle, why))
             else:
                 try:
@@ -470,6 +497,8 @@ class LogVerifier:
                 fetched = leaves
             for leaf in leaves:
                 state.frontier.append(leaf)
+                if state.frontier.size == signed.size:
+                    signed_root = state.frontier.root()
             state.from_entries[0] = leaves
             self._compare(state, tile, fetched)
             if time.monotonic() - last_report >= 1.0:
@@ -485,22 +514,31 @@ class LogVerifier:
                 data = self._fetch(upper.path)
                 self._compare(state, upper, self._audit_tile(state, upper, data, pending))
         self.progress(f"audit: {size:,}/{size:,} entries, {state.tiles_checked:,} tiles")
-        return self._conclude(latest, state)
+        return self._conclude(latest, state, signed, signed_root)
 
-    def _conclude(self, latest: Checkpoint, state: _Audit) -> AuditReport:
+    def _conclude(
+        self, latest: Checkpoint, state: _Audit, signed: Checkpoint, signed_root: bytes
+    ) -> AuditReport:
         size = latest.size
+        root = (
+            "signed root"
+            if signed is latest
+            else f"signed root of size {signed.size} and this server's root of size {size}"
+        )
         bad_bundles = [b for b, _ in state.unreadable if isinstance(b, Bundle)]
         bad_tiles = [t for t, _ in state.unreadable if isinstance(t, Tile)]
-        entries_ok = state.frontier.root() == latest.root and not bad_bundles
+        entries_ok = state.frontier.root() == latest.root and signed_root == signed.root and not bad_bundles
         try:
-            tiles_root = merkle.root_hash(self._reader(size), size)
+            reader = self._reader(size)
+            tiles_ok = merkle.root_hash(reader, size) == latest.root
+            tiles_ok = tiles_ok and merkle.root_hash(reader, signed.size) == signed.root
         except (VerificationFailed, LogError):
-            tiles_root = b""
-        tiles_ok = tiles_root == latest.root and not state.vs_below and not bad_tiles
+            tiles_ok = False
+        tiles_ok = tiles_ok and not state.vs_below and not bad_tiles
         lines = [why for _, why in state.unreadable]
         if entries_ok:
             lines += [
-                f"{tile.path}: hash {k} ({_tile_range(tile, k)}) is wrong (the entries give the signed root)"
+                f"{tile.path}: hash {k} ({_tile_range(tile, k)}) is wrong (the entries give the {root})"
                 for tile, k in state.vs_entries
             ]
             bad_tiles += [tile for tile, _ in state.vs_entries]
@@ -508,12 +546,12 @@ class LogVerifier:
             level0 = [(tile, k) for tile, k in state.vs_entries if tile.level == 0]
             lines += [
                 f"{Bundle(tile.index, tile.width).path}: {_tile_range(tile, k)} (number {k} in the bundle) "
-                f"does not hash to leaf {k} of {tile.path} (the tiles give the signed root)"
+                f"does not hash to leaf {k} of {tile.path} (the tiles give the {root})"
                 for tile, k in level0
             ]
             bad_bundles += [Bundle(tile.index, tile.width) for tile, _ in level0]
         else:
-            lines.insert(0, "neither the entries nor the tiles give the signed root")
+            lines.insert(0, f"neither the entries nor the tiles give the {root}")
             lines += [
                 f"{t.path}: hash {k} ({_tile_range(t, k)}) differs from its entries"
                 for t, k in state.vs_entries
@@ -537,6 +575,7 @@ class LogVerifier:
             bad_tiles=tuple(dict.fromkeys(bad_tiles)),
             bad_bundles=tuple(sorted(dict.fromkeys(bad_bundles), key=lambda b: b.index)),
             lines=tuple(lines),
+            signed=None if signed is latest else (signed.size, signed.root),
         )
 
     @staticmethod

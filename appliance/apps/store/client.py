@@ -98,9 +98,17 @@ def open_answers(
     answers: Mapping[Any, Any],
     reader: nacl.public.PrivateKey,
 ) -> bytes:
-    """The plaintext of the record's part 0 from the servers' answers; ReadRefused otherwise."""
+    """The plaintext of the record's part 0 from the servers' answers, or of a random joint
+    secret the value of its servers' contributions (:func:`~.model.joint_value`); ReadRefused
+    otherwise."""
     record = Record.from_obj(record_obj, "store record")
     try:
+        if record.dtype == DataType.JOINT_SECRET and 0 not in record.sealed:
+            opened = {}
+            for part in sorted(record.sealed):
+                sealed, data_key = combine_answers(key, record, answers, reader, part)
+                opened[part] = tdh2.open_sealed(sealed, data_key)
+            return model.joint_value(opened)
         sealed, data_key = combine_answers(key, record, answers, reader)
         return tdh2.open_sealed(sealed, data_key)
     except tdh2.InvalidCiphertext as exc:  # the record this server gave does not hold together
@@ -112,13 +120,14 @@ def combine_answers(
     record: Record,
     answers: Mapping[Any, Any],
     reader: nacl.public.PrivateKey,
+    part: int = 0,
 ) -> tuple[tdh2.Sealed[Any], bytes]:
-    """The record's sealed part 0 and its data key, combined from t+1 valid shares of the
+    """The record's sealed part ``part`` and its data key, combined from t+1 valid shares of the
     answers (the client's side, and a server's releasing a StoreUntil item); ReadRefused otherwise."""
-    if not record.dtype.secret or 0 not in record.sealed:
-        raise DecodeError("store record: not a secret of one part")
-    sealed = tdh2.Sealed.decode(key.group, record.sealed[0])
-    tdh2.check_ciphertext(key.group, sealed.kem, record.label(0))
+    if not record.dtype.secret or part not in record.sealed:
+        raise DecodeError(f"store record: not a secret with a part {part}")
+    sealed = tdh2.Sealed.decode(key.group, record.sealed[part])
+    tdh2.check_ciphertext(key.group, sealed.kem, record.label(part))
     refusals: dict[int, tuple[str, str]] = {}
     by_commitment: dict[tuple[bytes, ...], dict[int, bytes]] = {}
     for server, answer in answers.items():
@@ -129,7 +138,7 @@ def combine_answers(
             shares = answer.get("shares")
             if not isinstance(commitment, list) or not isinstance(shares, Mapping):
                 raise DecodeError(f"store answer of server {server}: commitment and shares")
-            blob = shares.get(0)
+            blob = shares.get(part)
             if isinstance(blob, bytes):
                 by_commitment.setdefault(tuple(bytes(c) for c in commitment), {})[server] = blob
         else:

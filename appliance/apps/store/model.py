@@ -11,13 +11,15 @@ checks the write itself with :meth:`StoreState.apply_write`.
 
 Who asks (:data:`Requester`), as the API models applications today (``appliance.api``):
 
-* :class:`Client`: one client of a *centralized* registration ``(name, unique_id)``, vouched
-  for by the server whose API authenticated its handle;
+* :class:`Client`: one client of a registration ``(name, unique_id)``, vouched for by the
+  server whose API authenticated its handle (a distributed application's client acting alone
+  has the empty unique id);
 * :class:`Quorum`: a *distributed* application's request approved by a strict majority of the
-  servers' clients: the approvals certificate of :mod:`appliance.protocols.approvals` (the
-  request's digest, the ticket HMAC(verifier, period, digest), and > n/2 period-key votes on the
-  request id). A server checks the votes against its KeyTable and the ticket against its own
-  client's verifier (:class:`ServerView`).
+  servers' clients: the approvals certificate of :mod:`appliance.protocols.approvals`
+  (protocol ``store``: the request's digest, the ticket HMAC(verifier, period, digest), > n/2
+  period-key votes on the request id) with the signed KeyTable of its period. Every server
+  checks it alike (:func:`check_quorum`: the table's group signature, then the votes against
+  it), whatever its own period and clients, so agreed writes apply deterministically.
 
 The types (:class:`DataType`) and their rules, each a clear refusal (:class:`Refused`) otherwise;
 everything not allowed below is refused (deny by default), and nobody reaches another
@@ -50,6 +52,7 @@ server's own clock: before the date at most t (faulty) servers contribute, which
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import hmac
 from collections.abc import Callable, Mapping
@@ -60,6 +63,7 @@ import nacl.public
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from appliance.apps.dsskeys import model as dsskeys
 from appliance.crypto import encoding, tdh2
 from appliance.crypto.errors import DecodeError, NotEnoughSharesError
 from appliance.crypto.groups import Group
@@ -74,10 +78,14 @@ E = TypeVar("E")
 LABEL_DOMAIN: Final = "pst/store/label/v1"
 READ_DOMAIN: Final = "pst/store/read/v1"
 WRITE_DOMAIN: Final = "pst/store/write/v1"
+CONTRIBUTION_DOMAIN: Final = "pst/store/contribution/v1"
 FORMAT_VERSION: Final = 1
 MAX_APP_LENGTH: Final = approvals.MAX_APP_LENGTH
 MAX_UNIQUE_ID: Final = 64
 MAX_VOTERS: Final = 1024
+#: A quorum certificate's KeyTable (encoded) at most, and the certificate at most.
+MAX_TABLE: Final = 256 * 1024
+MAX_QUORUM: Final = MAX_TABLE + MAX_VOTERS * 80 + 1024
 
 
 class DataType(enum.Enum):
@@ -142,31 +150,54 @@ class Client:
 
 @dataclass(frozen=True)
 class Quorum:
-    """A distributed application's approvals certificate for one request (see the module doc)."""
+    """A distributed application's approvals certificate for one request, self-contained.
+
+    ``digest`` is SHA-256 of the approved M (:meth:`WriteRequest.digest`, :meth:`ReadRequest.digest`),
+    ``ticket`` the password-bound ticket (the votes are on ``rid = H(digest, ticket)``),
+    ``votes`` the period-key signatures of the servers whose clients approved, and ``table`` the
+    signed KeyTable of ``period`` (encoded), which the votes are checked against. Everything the
+    check needs travels with it, except the group public key and n, which are the same at every
+    server in every period: the check (:func:`check_quorum`) gives the same answer everywhere.
+    """
 
     app: str
+    period: int
     digest: bytes
     ticket: bytes
     votes: Mapping[int, bytes]
+    table: bytes
 
     def to_obj(self) -> dict[str, Any]:
-        return {"app": self.app, "digest": self.digest, "ticket": self.ticket, "votes": dict(self.votes)}
+        return {
+            "app": self.app,
+            "period": self.period,
+            "digest": self.digest,
+            "ticket": self.ticket,
+            "votes": dict(self.votes),
+            "table": self.table,
+        }
 
     def encode(self) -> bytes:
         return encoding.encode(self.to_obj())
 
     @classmethod
     def decode(cls, data: bytes) -> Quorum:
+        return cls.from_obj(encoding.decode(data, max_size=MAX_QUORUM, what="store quorum evidence"))
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> Quorum:
         what = "store quorum evidence"
         f = encoding.expect_map(
-            encoding.decode(data, max_size=64 * 1024, what=what),
-            {"app": str, "digest": bytes, "ticket": bytes, "votes": dict},
+            obj,
+            {"app": str, "period": int, "digest": bytes, "ticket": bytes, "votes": dict, "table": bytes},
             what,
         )
         if not f["app"] or len(f["app"]) > MAX_APP_LENGTH:
             raise DecodeError(f"{what}: the application name must have 1 to {MAX_APP_LENGTH} characters")
         if len(f["digest"]) != approvals.DIGEST_SIZE or len(f["ticket"]) != approvals.DIGEST_SIZE:
             raise DecodeError(f"{what}: digest and ticket have {approvals.DIGEST_SIZE} bytes")
+        if f["period"] < 0 or not f["table"] or len(f["table"]) > MAX_TABLE:
+            raise DecodeError(f"{what}: bad period, or a KeyTable missing or over {MAX_TABLE} bytes")
         if len(f["votes"]) > MAX_VOTERS:
             raise DecodeError(f"{what}: more than {MAX_VOTERS} votes")
         votes: dict[int, bytes] = {}
@@ -176,86 +207,157 @@ class Quorum:
             if not isinstance(sig, bytes) or len(sig) != approvals.VOTE_SIZE:
                 raise DecodeError(f"{what}: the vote of server {voter} is not {approvals.VOTE_SIZE} bytes")
             votes[voter] = sig
-        return cls(f["app"], f["digest"], f["ticket"], votes)
+        return cls(f["app"], f["period"], f["digest"], f["ticket"], votes, f["table"])
 
 
 Requester = Client | Quorum
 
 
-class ServerView(Protocol):
-    """What the server contributing a decision knows: its clock, its client's verifier, its KeyTable."""
-
-    @property
-    def period(self) -> int: ...
-
-    @property
-    def majority(self) -> int:
-        """Votes a quorum needs: more than n/2."""
-        ...
-
-    def now(self) -> float:
-        """This server's clock (Unix seconds)."""
-        ...
-
-    def verifier(self, app: str) -> bytes | None:
-        """The password verifier of this server's client of distributed application ``app``."""
-        ...
-
-    def vote_valid(self, voter: int, rid: bytes, sig: bytes) -> bool:
-        """Is ``sig`` server ``voter``'s vote on ``rid`` under this period's KeyTable?"""
-        ...
-
-
 @dataclass(frozen=True)
-class TableView:
-    """A :class:`ServerView` from this period's KeyTable, the verifiers of this server's clients of
-    distributed applications (``appliance.api`` keeps them) and this server's clock."""
+class Authority:
+    """What a quorum is checked against, the same at every server in every period: the group
+    public key (Vcert, which signs every KeyTable) and n (a quorum is more than n/2 votes)."""
 
+    vcert: bytes
     n: int
-    table: KeyTable
-    verifiers: Mapping[str, bytes]
-    clock: Callable[[], float]
-
-    @property
-    def period(self) -> int:
-        return self.table.period
 
     @property
     def majority(self) -> int:
         return self.n // 2 + 1
 
+
+class ServerView(Protocol):
+    """What a server deciding on a request uses: a clock, the group's authority and how old
+    a quorum's period may be."""
+
+    def now(self) -> float:
+        """The clock the decision uses (Unix seconds): the operation's own time when applying
+        an agreed write, this server's clock for a read."""
+        ...
+
+    @property
+    def authority(self) -> Authority | None:
+        """None: this server cannot check a quorum (it refuses every one)."""
+        ...
+
+    @property
+    def oldest_period(self) -> int:
+        """The earliest period whose certificate is accepted (0 when applying agreed writes:
+        the versions make a replay harmless, and the answer must not depend on when it is applied)."""
+        ...
+
+
+@dataclass(frozen=True)
+class GroupView:
+    """A :class:`ServerView` from an :class:`Authority`, a clock and the oldest period taken."""
+
+    authority: Authority | None
+    clock: Callable[[], float]
+    oldest_period: int = 0
+
     def now(self) -> float:
         return self.clock()
 
-    def verifier(self, app: str) -> bytes | None:
-        return self.verifiers.get(app)
 
-    def vote_valid(self, voter: int, rid: bytes, sig: bytes) -> bool:
-        entry = self.table.entries.get(voter)
-        payload = approvals.vote_payload(self.table.period, voter, rid)
-        return entry is not None and ed25519_verify(entry.verify_key, payload, sig)
+@functools.lru_cache(maxsize=64)
+def _signed_table(raw: bytes, vcert: bytes) -> KeyTable | None:
+    """The KeyTable encoded in ``raw`` if the group key signed it (None otherwise); cached, as
+    consecutive certificates carry the same table."""
+    try:
+        table = KeyTable.decode(raw)
+    except DecodeError:
+        return None
+    return table if table.signature and table.verify(vcert) else None
 
 
-def _check_quorum(view: ServerView, q: Quorum, app: str, digest: bytes, what: str) -> None:
+def check_quorum(view: ServerView, q: Quorum, app: str, digest: bytes, what: str) -> KeyTable:
+    """Refused unless ``q`` shows more than n/2 servers' clients of ``app`` approved ``digest``.
+
+    Deterministic: it reads only the certificate, the group key and n (and the view's oldest
+    period), never this server's own client's verifier or its current KeyTable. Each vote is
+    checked against the KeyTable the certificate carries, once that table's group signature
+    and period are checked. The password is checked where the votes are made: an honest server
+    votes only when its own client's verifier gives the ticket (``approvals``), so the votes
+    on ``rid = H(digest, ticket)`` already say "a client with that password approved"."""
     if q.app != app:
         raise Refused(NOT_PERMITTED, f"{what}: a quorum of application {q.app!r} cannot act for {app!r}")
     if not hmac.compare_digest(q.digest, digest):
         raise Refused(NOT_PERMITTED, f"{what}: the quorum approved another request")
-    verifier = view.verifier(app)
-    if verifier is None:
-        raise Refused(NOT_PERMITTED, f"{what}: no client of {app!r} is registered at this server")
-    if not hmac.compare_digest(q.ticket, approvals.ticket(verifier, view.period, digest)):
-        raise Refused(NOT_PERMITTED, f"{what}: the ticket is not our client's (another password or period)")
+    authority = view.authority
+    if authority is None:
+        raise Refused(NOT_PERMITTED, f"{what}: this server cannot check a quorum (no group key)")
+    if q.period < view.oldest_period:
+        raise Refused(
+            NOT_PERMITTED, f"{what}: the quorum's certificate is of period {q.period}, too old here"
+        )
+    table = _signed_table(q.table, authority.vcert)
+    if table is None:
+        raise Refused(NOT_PERMITTED, f"{what}: the quorum's KeyTable is not one the group key signed")
+    if table.period != q.period:
+        raise Refused(
+            NOT_PERMITTED, f"{what}: the quorum's KeyTable is of period {table.period}, not {q.period}"
+        )
     rid = approvals.request_id(digest, q.ticket)
-    good = {v for v, sig in q.votes.items() if view.vote_valid(v, rid, sig)}
-    if len(good) < view.majority:
+    good = set()
+    for voter, sig in q.votes.items():
+        entry = table.entries.get(voter)
+        if entry is not None and ed25519_verify(
+            entry.verify_key, approvals.vote_payload(q.period, voter, rid), sig
+        ):
+            good.add(voter)
+    if len(good) < authority.majority:
         raise Refused(
             NOT_PERMITTED,
-            f"{what}: {len(good)} valid votes of the application's clients, a quorum is {view.majority}",
+            f"{what}: {len(good)} valid votes of the application's clients, a quorum is {authority.majority}",
         )
+    return table
+
+
+def check_contributions(request: WriteRequest, table: KeyTable, what: str) -> None:
+    """Each contribution of a random joint secret was sealed by the server it is keyed by:
+    its proof is that server's channel signature of the quorum's period (so a faulty origin
+    cannot make up the others' contributions and know the secret). Deterministic: the
+    certificates are checked against the KeyTable the quorum's certificate carries."""
+    from appliance.net._tls import PeerCertificateError, check_channel_signature
+
+    keys = {i: e.verify_key for i, e in table.entries.items()}
+    for part, blob in sorted(request.sealed.items()):
+        proof = request.proofs.get(part)
+        if proof is None:
+            raise Refused(BAD_REQUEST, f"{what}: server {part}'s contribution comes without its proof")
+        try:
+            c = Contribution.decode(proof)
+            if c.period != table.period:
+                raise Refused(
+                    BAD_REQUEST,
+                    f"{what}: server {part}'s contribution is of period {c.period}, "
+                    f"the quorum's {table.period}",
+                )
+            payload = contribution_payload(
+                request.app, request.data_id, request.version, part, blob, c.period
+            )
+            check_channel_signature(c.cert, part, c.period, keys, payload, c.sig)
+        except (DecodeError, PeerCertificateError, ValueError) as exc:
+            raise Refused(BAD_REQUEST, f"{what}: server {part}'s contribution: {exc}") from None
 
 
 # Labels, requests -------------------------------------------------------------------------------
+
+
+def _approval_digest(app: str, payload: bytes) -> bytes:
+    return hashlib.sha256(approvals.distributed_payload(app, "store", payload)).digest()
+
+
+def decode_approval_payload(payload: bytes) -> WriteRequest | ReadRequest:
+    """The store request a pending approval (protocol ``store``) carries, for the client deciding."""
+    what = "store approval payload"
+    obj = encoding.decode(payload, max_size=MAX_REQUEST + 1024, what=what)
+    f = encoding.expect_map(obj, {"dom": str, "store": str, "req": dict}, what)
+    if (f["dom"], f["store"]) == (WRITE_DOMAIN, "write"):
+        return WriteRequest.decode(encoding.encode(f["req"]))
+    if (f["dom"], f["store"]) == (READ_DOMAIN, "read"):
+        return ReadRequest.decode(encoding.encode(f["req"]))
+    raise DecodeError(f"{what}: neither a write nor a read")
 
 
 def label(
@@ -293,9 +395,12 @@ class WriteRequest:
     sealed: Mapping[int, bytes] = field(default_factory=dict)
     reader: bytes = b""
     until_ms: int = 0
+    #: For a random joint secret: each contribution's proof (:class:`Contribution`, encoded),
+    #: by server; absent from the encoding when empty.
+    proofs: Mapping[int, bytes] = field(default_factory=dict)
 
     def to_obj(self) -> dict[str, Any]:
-        return {
+        obj = {
             "app": self.app,
             "id": self.data_id,
             "type": self.dtype.value,
@@ -305,20 +410,40 @@ class WriteRequest:
             "reader": self.reader,
             "until": self.until_ms,
         }
+        if self.proofs:
+            obj["proofs"] = dict(self.proofs)
+        return obj
 
     def encode(self) -> bytes:
         return encoding.encode(self.to_obj())
 
+    def approval_payload(self) -> bytes:
+        """What the application's clients see and approve (``approvals``' payload, protocol
+        ``store``): the request, tagged as a write."""
+        return encoding.encode({"dom": WRITE_DOMAIN, "store": "write", "req": self.to_obj()})
+
     def digest(self) -> bytes:
-        """What a quorum approves (SHA-256 of the canonical request)."""
-        return hashlib.sha256(encoding.encode({"dom": WRITE_DOMAIN, **self.to_obj()})).digest()
+        """What a quorum's certificate names: SHA-256 of M = ``approvals.distributed_payload``
+        (app, ``store``, :meth:`approval_payload`)."""
+        return _approval_digest(self.app, self.approval_payload())
 
     @classmethod
     def decode(cls, data: bytes) -> WriteRequest:
         what = "store write request"
-        f = encoding.expect_map(encoding.decode(data, max_size=MAX_REQUEST, what=what), _WRITE_FIELDS, what)
+        obj = encoding.decode(data, max_size=MAX_REQUEST, what=what)
+        fields = dict(_WRITE_FIELDS)
+        if isinstance(obj, dict) and "proofs" in obj:
+            fields["proofs"] = dict
+        f = encoding.expect_map(obj, fields, what)
         dtype, sealed = _content(f, what)
-        return cls(f["app"], f["id"], dtype, f["v"], f["value"], sealed, f["reader"], f["until"])
+        proofs: dict[int, bytes] = {}
+        for part, proof in f.get("proofs", {}).items():
+            if part not in sealed or part == 0 or not isinstance(proof, bytes) or len(proof) > 4096:
+                raise DecodeError(f"{what}: a proof goes with a server's contribution (at most 4096 bytes)")
+            proofs[part] = proof
+        if "proofs" in f and not proofs:
+            raise DecodeError(f"{what}: an empty list of proofs is left out")
+        return cls(f["app"], f["id"], dtype, f["v"], f["value"], sealed, f["reader"], f["until"], proofs)
 
 
 @dataclass(frozen=True)
@@ -336,8 +461,12 @@ class ReadRequest:
     def encode(self) -> bytes:
         return encoding.encode(self.to_obj())
 
+    def approval_payload(self) -> bytes:
+        """What the application's clients approve: the read (version, reader key), tagged."""
+        return encoding.encode({"dom": READ_DOMAIN, "store": "read", "req": self.to_obj()})
+
     def digest(self) -> bytes:
-        return hashlib.sha256(encoding.encode({"dom": READ_DOMAIN, **self.to_obj()})).digest()
+        return _approval_digest(self.app, self.approval_payload())
 
     @classmethod
     def decode(cls, data: bytes) -> ReadRequest:
@@ -351,6 +480,47 @@ class ReadRequest:
         if f["v"] < 1 or len(f["reader"]) != tdh2.READER_KEY_SIZE:
             raise DecodeError(f"{what}: bad version or reader key ({tdh2.READER_KEY_SIZE} bytes)")
         return cls(f["app"], f["id"], f["v"], f["reader"])
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """Server ``part``'s contribution to a random joint secret: proof that it sealed ``blob``
+    itself. ``sig`` is by its channel key of ``period`` (the TLS key its ``cert`` holds, issued
+    by its period key in that period's KeyTable), over :func:`contribution_payload`."""
+
+    period: int
+    cert: bytes
+    sig: bytes
+
+    def encode(self) -> bytes:
+        return encoding.encode({"period": self.period, "cert": self.cert, "sig": self.sig})
+
+    @classmethod
+    def decode(cls, data: bytes) -> Contribution:
+        what = "joint secret contribution"
+        f = encoding.expect_map(
+            encoding.decode(data, max_size=4096, what=what),
+            {"period": int, "cert": bytes, "sig": bytes},
+            what,
+        )
+        if f["period"] < 0 or len(f["sig"]) != 64:
+            raise DecodeError(f"{what}: bad period or signature")
+        return cls(f["period"], f["cert"], f["sig"])
+
+
+def contribution_payload(app: str, data_id: str, version: int, part: int, blob: bytes, period: int) -> bytes:
+    """What a contributing server signs: the item, its part and the sealed value's digest."""
+    return encoding.encode(
+        {
+            "dom": CONTRIBUTION_DOMAIN,
+            "app": app,
+            "id": data_id,
+            "v": version,
+            "part": part,
+            "period": period,
+            "sealed": hashlib.sha256(blob).digest(),
+        }
+    )
 
 
 _WRITE_FIELDS: Final[Mapping[str, type | tuple[type, ...]]] = {
@@ -554,7 +724,9 @@ class StoreState(Generic[E]):
                 raise Refused(
                     NOT_PERMITTED, f"{where}: {r.dtype.value} data has a single writer, not a quorum"
                 )
-            _check_quorum(view, requester, r.app, r.digest(), where)
+            table = check_quorum(view, requester, r.app, r.digest(), where)
+            if r.dtype == DataType.JOINT_SECRET and set(r.sealed) != {0}:
+                check_contributions(r, table, where)
             owner = b""
         else:
             if quorum_only:
@@ -563,12 +735,26 @@ class StoreState(Generic[E]):
                     f"{where}: {r.dtype.value} data is written only by a quorum of the application's clients",
                 )
             owner = requester.unique_id
+        self._check_dss_key(r, requester, where)
         record = Record(
             r.app, r.data_id, r.dtype, owner, r.version, r.value, dict(r.sealed), r.reader, r.until_ms
         )
         self._check_sealed(record, where)
         self._check_quotas(record, current, where)
         return record
+
+    def _check_dss_key(self, r: WriteRequest, requester: Requester, where: str) -> None:
+        """An application DSS key's record (``dss-key/<name>``, appliance.apps.dsskeys): public,
+        write-once, made by a client (its owner), a valid name and group, few per application."""
+        name = dsskeys.key_name(r.data_id)
+        if name is None:
+            return
+        if r.dtype != DataType.PUBLIC_ONCE or isinstance(requester, Quorum):
+            raise Refused(BAD_REQUEST, f"{where}: a DSS key's record is public-once data a client writes")
+        keys = sum(1 for (app, other) in self.records if app == r.app and dsskeys.key_name(other) is not None)
+        reason = dsskeys.check_key_write(r.app, name, r.value, keys)
+        if reason is not None:
+            raise Refused(QUOTA if keys >= dsskeys.MAX_KEYS else BAD_REQUEST, f"{where}: {reason}")
 
     def _check_shape(self, r: WriteRequest, where: str, view: ServerView) -> None:
         q = self.quotas
@@ -585,6 +771,8 @@ class StoreState(Generic[E]):
                 )
         elif r.sealed or r.reader or r.until_ms:
             raise Refused(BAD_REQUEST, f"{where}: public data has a value only")
+        if r.proofs and (r.dtype != DataType.JOINT_SECRET or not set(r.proofs) <= set(r.sealed) - {0}):
+            raise Refused(BAD_REQUEST, f"{where}: proofs go with a random joint secret's contributions only")
         if len(r.value) > q.max_value_size:
             raise Refused(QUOTA, f"{where}: {len(r.value)} bytes exceeds the limit of {q.max_value_size}")
         if (r.dtype == DataType.SECRET_SINGLE) != bool(r.reader):
@@ -662,9 +850,7 @@ class StoreState(Generic[E]):
         if record.dtype.secret:
             raise Refused(BAD_REQUEST, f"{where}: secret data is read by threshold decryption (read_share)")
         if isinstance(requester, Quorum):
-            _check_quorum(
-                view, requester, app, ReadRequest(app, data_id, record.version, b"").digest(), where
-            )
+            check_quorum(view, requester, app, ReadRequest(app, data_id, record.version, b"").digest(), where)
         return record
 
     def authorize_read(self, request: ReadRequest, requester: Requester, view: ServerView) -> Record:
@@ -698,7 +884,7 @@ class StoreState(Generic[E]):
                     TOO_EARLY, f"{where}: kept secret until {record.until_ms / 1000:.3f}, it is {now:.3f}"
                 )
             if isinstance(requester, Quorum):
-                _check_quorum(view, requester, r.app, r.digest(), where)
+                check_quorum(view, requester, r.app, r.digest(), where)
             return record
         if dtype in (DataType.SECRET_SW_DR, DataType.SECRET_DW_DR, DataType.JOINT_SECRET):
             if not isinstance(requester, Quorum):
@@ -706,7 +892,7 @@ class StoreState(Generic[E]):
                     NOT_PERMITTED,
                     f"{where}: {dtype.value} data is read only by a quorum of the application's clients",
                 )
-            _check_quorum(view, requester, r.app, r.digest(), where)
+            check_quorum(view, requester, r.app, r.digest(), where)
             return record
         raise Refused(NOT_PERMITTED, f"{where}: no rule allows reading {dtype.value} data")  # deny by default
 
@@ -807,6 +993,28 @@ def seal_value(
         request.app, request.data_id, request.version, request.dtype, request.reader, request.until_ms, part
     )
     return tdh2.seal(group, public_key, lbl, plaintext, rand).encode(group)
+
+
+def contribute(
+    group: Group[E],
+    public_key: E,
+    app: str,
+    data_id: str,
+    version: int,
+    part: int,
+    value: bytes,
+    period: int,
+    cert: bytes,
+    sign: Callable[[bytes], bytes],
+    rand: ScalarSource,
+) -> tuple[bytes, bytes]:
+    """Server ``part``'s contribution to a random joint secret: ``value`` (its own random bytes)
+    sealed under the store key with the item's label, and its proof (:class:`Contribution`)
+    signed by ``sign``, its channel key of ``period`` whose certificate is ``cert``."""
+    bare = WriteRequest(app, data_id, DataType.JOINT_SECRET, version)
+    blob = seal_value(group, public_key, bare, value, rand, part)
+    sig = sign(contribution_payload(app, data_id, version, part, blob, period))
+    return blob, Contribution(period, cert, sig).encode()
 
 
 def open_value(

@@ -44,6 +44,8 @@ from typing import Any
 
 import trio
 
+from appliance.apps.dsskeys.model import KEY_REGISTRY, Registry, key_name
+from appliance.apps.log.errors import LogError
 from appliance.apps.log.node import LogNode
 from appliance.apps.log.tiles import PosixStorage, TileLog
 from appliance.apps.store import model, persist
@@ -52,6 +54,8 @@ from appliance.apps.store.model import Client, DataType, ReadRequest, Record, Re
 from appliance.apps.store.service import (
     ALERT_CODES,
     RID_SIZE,
+    ContributeAsk,
+    Contributed,
     FixedClock,
     Operation,
     ReadAnswer,
@@ -62,7 +66,7 @@ from appliance.apps.store.service import (
 )
 from appliance.crypto.errors import DecodeError
 from appliance.crypto.groups import Group
-from appliance.host.files import make_dirs
+from appliance.host.files import atomic_write, make_dirs
 from appliance.protocols._core import Alert, AlertKind
 
 __all__ = ["READ_FRAME", "STORE_FRAME", "StoreNode", "is_store_frame"]
@@ -166,10 +170,16 @@ class StoreNode:
         self._release_tried: dict[tuple[str, str], float] = {}
         self.group: Group[Any] | None = None
         self._applied = trio.Event()  # set (and replaced) each time operations were applied
+        self._registry_written: bytes | None = None
         self._ready = trio.Event()
         self._answers: dict[bytes, dict[int, ReadAnswer]] = {}
         self._answered: dict[bytes, trio.Event] = {}
-        self._asks_send, self._asks_receive = trio.open_memory_channel[tuple[int, ReadAsk]](MAX_ASKS)
+        self._asks_send, self._asks_receive = trio.open_memory_channel[tuple[int, ReadAsk | ContributeAsk]](
+            MAX_ASKS
+        )
+        #: This period's channel identity (it signs our contributions to random joint secrets).
+        self._ident: Any = None
+        self._contributions: dict[bytes, dict[int, Contributed]] = {}
         self._alerted: dict[bytes, None] = {}  # rids of the last reads we raised an alert for
         #: Refusals this server answered (for the status page and tests).
         self.refused = 0
@@ -218,6 +228,11 @@ class StoreNode:
             persist.load, self.state_path, group, self.key.public_key, self.t, self.sequence.size
         )
         self.snapshots.taken(self.service.applied, self._clock())
+        vcert = key.get("vcert")
+        if isinstance(vcert, bytes) and len(vcert) == 32:
+            self.service.authority = model.Authority(vcert, self.n)
+        else:
+            log.error("store: the key-holder gave no group public key: quorum requests are refused")
         self.group = group
         log.info(
             "store: %d items, %d operations applied from the snapshot, %d in the sequence",
@@ -241,21 +256,29 @@ class StoreNode:
             if size > service.applied:
                 end = min(size, service.applied + 1024)
                 entries = await self.sequence.read_entries(service.applied, end)
+                keys_changed = self._registry_written is None
                 for k, entry in enumerate(entries):
                     outcome = service.apply(service.applied, entry)
                     if isinstance(outcome, Refused):
                         log.info("store: operation %d refused: %s", service.applied - 1, outcome.reason)
+                    elif isinstance(outcome, Record) and key_name(outcome.data_id) is not None:
+                        keys_changed = True
                     if k % APPLY_CHUNK == APPLY_CHUNK - 1:
-                        self._wake()
+                        keys_changed = await self._wake(service, keys_changed)
                         await trio.sleep(0)  # the loop serves others while a long round applies
-                self._wake()
+                await self._wake(service, keys_changed)
                 continue
             with trio.move_on_after(1.0):  # the event is the wake-up; the timeout a safety net
                 await self.sequence.grown.wait()
 
-    def _wake(self) -> None:
+    async def _wake(self, service: StoreService[Any], keys_changed: bool) -> bool:
+        """Tell the callers waiting what was applied (the key registry written first when an
+        application's DSS key changed: an answered generate_dss_key is in the file)."""
+        if keys_changed:
+            await self._write_key_registry(service)
         event, self._applied = self._applied, trio.Event()
         event.set()
+        return False
 
     async def _snapshots(self) -> None:
         """Write a snapshot of the state when the policy says so (see :mod:`.persist`)."""
@@ -293,7 +316,7 @@ class StoreNode:
             self.batches += 1
             self.batched += len(entries)
             try:
-                indices = list(await self.sequence.append(entries))
+                indices = await self._append(entries)
             except Exception as exc:  # not ordered (LogError): every caller hears it
                 for call in calls:
                     call.error = exc
@@ -306,6 +329,17 @@ class StoreNode:
                 call.done.set()
         finally:
             slots.release()
+
+    @property
+    def key_registry_path(self) -> Path:
+        """The application DSS keys this store holds, for the key-holder's check (apps/dsskeys)."""
+        return self.directory / KEY_REGISTRY
+
+    async def _write_key_registry(self, service: StoreService[Any]) -> None:
+        data = Registry.from_records(service.state.records.values()).encode()
+        if data != self._registry_written:
+            await trio.to_thread.run_sync(atomic_write, self.key_registry_path, data)
+            self._registry_written = data
 
     async def ready(self) -> StoreService[Any]:
         with trio.move_on_after(5.0):
@@ -324,32 +358,54 @@ class StoreNode:
 
     # --- Writes --------------------------------------------------------------------------------
 
-    async def write(self, request: WriteRequest, client: Client) -> Record:
+    def _oldest_period(self) -> int:
+        """A quorum's certificate this server takes in a read, or admits in a write, is of the
+        previous period or later (applying an agreed write does not ask: docs/store.md)."""
+        return max(0, self.sequence.replica.period - 1)
+
+    async def write(
+        self, request: WriteRequest, client: Client, quorum: model.Quorum | None = None
+    ) -> Record:
         """Order ``request`` through the network and apply it: the record, or Refused."""
-        (outcome,) = await self.write_many([request], client)
+        (outcome,) = await self.write_many([request], client, quorum)
         if isinstance(outcome, Refused):
             raise outcome
         return outcome
 
-    async def write_many(self, requests: Sequence[WriteRequest], client: Client) -> list[Record | Refused]:
+    async def write_many(
+        self, requests: Sequence[WriteRequest], client: Client, quorum: model.Quorum | None = None
+    ) -> list[Record | Refused]:
         """Order ``requests`` through the network, in this order, and apply them: each one's
         record, or its refusal. A request this server would refuse now is refused here and not
-        sent; the others are applied in the agreed order (a request may still be refused
-        there, e.g. the second of two writes of one write-once id)."""
+        sent (a rule broken: an alert naming the requester); the others are applied in the
+        agreed order (a request may still be refused there, e.g. the second of two writes of
+        one write-once id)."""
         service = await self.ready()
         at = self._clock()
+        view = FixedClock(at, service.authority, self._oldest_period())
+        requester: model.Requester = quorum if quorum is not None else client
         outcomes: list[Record | Refused | None] = []
         entries: list[bytes] = []
         where: list[int] = []
         for request in requests:
             try:
-                service.state.check_write(request, client, FixedClock(at))
+                service.state.check_write(request, requester, view)  # refused here: not sent
             except Refused as exc:
+                if exc.code == model.NOT_PERMITTED:
+                    detail = (
+                        f"{_requester(client, quorum)} asked to write {request.app}/{request.data_id} "
+                        f"({request.dtype.value}): refused: {exc.reason}"
+                    )
+                    alert = Alert(
+                        AlertKind.STORE_WRITE_REFUSED, self.server_id, self.sequence.replica.period, detail
+                    )
+                    log.warning("%s", alert)
+                    self._on_alert(alert)
                 outcomes.append(exc)
                 continue
             where.append(len(outcomes))
             outcomes.append(None)
-            entries.append(Operation(request, client, round(at * 1000)).encode())
+            entries.append(Operation(request, client, round(at * 1000), quorum).encode())
         if entries:
             call = _Queued(entries)
             self._queue.append(call)
@@ -366,20 +422,43 @@ class StoreNode:
                 outcomes[slot] = outcome
         return [o for o in outcomes if o is not None]
 
+    async def _append(self, entries: list[bytes]) -> list[int]:
+        """Put ``entries`` in the sequence: their indices once they are there."""
+        start = self.sequence.size
+        try:
+            return list(await self.sequence.append(entries))
+        except LogError:
+            # Ordered while this server caught up from behind (the replica took the state t+1
+            # servers reported, and the entries up to it): the sequence does not say where. Each
+            # is after ``start``: the first entry with its bytes (an operation names its client
+            # and the origin's clock in ms).
+            end = self.sequence.size
+            wanted = {e: None for e in entries}
+            found: dict[bytes, int] = {}
+            for at in range(start, end, 256):
+                for k, e in enumerate(await self.sequence.read_entries(at, min(end, at + 256))):
+                    if e in wanted and e not in found:
+                        found[e] = at + k
+            if len(found) < len(wanted):
+                raise
+            return [found[e] for e in entries]
+
     # --- Reads ---------------------------------------------------------------------------------
 
     async def read_public(self, app: str, data_id: str, client: Client) -> Record:
         service = await self.ready()
         return service.state.read_public(app, data_id, client, FixedClock(self._clock()))
 
-    async def read_secret(self, request: ReadRequest, client: Client) -> tuple[Record, dict[int, ReadAnswer]]:
+    async def read_secret(
+        self, request: ReadRequest, client: Client, quorum: model.Quorum | None = None
+    ) -> tuple[Record, dict[int, ReadAnswer]]:
         """This server's record and every server's answer (sealed shares or a refusal)."""
         service = await self.ready()
         record = service.state.get(request.app, request.data_id)
         if not record.dtype.secret:
             raise Refused(model.BAD_REQUEST, f"{request.app}/{request.data_id} is public: read its value")
         rid = os.urandom(RID_SIZE)
-        ask = ReadAsk(rid, request, client, service.applied)
+        ask = ReadAsk(rid, request, client, service.applied, quorum)
         answers: dict[int, ReadAnswer] = {}
         done = trio.Event()
         self._answers[rid], self._answered[rid] = answers, done
@@ -428,6 +507,12 @@ class StoreNode:
         if isinstance(message, ReadAnswer):
             self._record(message.rid, sender, message)
             return
+        if isinstance(message, Contributed):
+            got = self._contributions.get(message.rid)
+            if got is not None and sender not in got:
+                got[sender] = message
+                self._answered[message.rid].set()
+            return
         try:
             self._asks_send.send_nowait((sender, message))
         except trio.WouldBlock:
@@ -435,8 +520,103 @@ class StoreNode:
 
     async def _answer_asks(self) -> None:
         async for sender, ask in self._asks_receive:
+            if isinstance(ask, ContributeAsk):
+                self._send(sender, READ_FRAME + (await self._contribute(ask)).encode())
+                continue
             answer = await self._answer(sender, ask)
             self._send(sender, READ_FRAME + answer.encode())
+
+    # --- Random joint secrets: the servers' contributions -----------------------------------------
+
+    async def identity(self, period: int | None, keys: Mapping[int, bytes], ident: Any) -> None:
+        """The period's identity from the key-holder (``pst serve``): the sequence's vote keys,
+        and the channel key our contributions are signed with."""
+        if ident is not None:
+            self._ident = ident
+        await self.sequence.identity(period, keys, ident)
+
+    async def _contribute(self, ask: ContributeAsk) -> Contributed:
+        """Our contribution: 32 random bytes of our own, sealed under the store key with the
+        item's label for our part, signed by our channel key of this period."""
+        from appliance.crypto.secret import system_scalar_source
+        from appliance.net._tls import channel_certificate_der, channel_sign
+
+        ident, service = self._ident, self.service
+        if ident is None or service is None:
+            return Contributed(ask.rid, code="unavailable", reason="no channel key or store here now")
+        if (ask.app, ask.data_id) in service.state.records:
+            return Contributed(ask.rid, code=model.EXISTS, reason=f"{ask.app}/{ask.data_id} exists")
+        group = service.group
+
+        def make() -> tuple[bytes, bytes]:
+            return model.contribute(
+                group,
+                service.state.public_key,
+                ask.app,
+                ask.data_id,
+                ask.version,
+                self.server_id,
+                os.urandom(32),
+                ident.period,
+                channel_certificate_der(ident),
+                lambda payload: channel_sign(ident, payload),
+                system_scalar_source(group.order),
+            )
+
+        sealed, proof = await trio.to_thread.run_sync(make)
+        return Contributed(ask.rid, sealed, proof)
+
+    async def contributions(self, app: str, data_id: str, version: int = 1) -> WriteRequest:
+        """A random joint secret's write request: the sealed contributions (with their proofs)
+        of every server that answered within the read timeout with a proof of our period (at
+        least t+1, ours included); Refused or StoreUntil otherwise."""
+        await self.ready()
+        rid = os.urandom(RID_SIZE)
+        ask = ContributeAsk(rid, app, data_id, version)
+        got: dict[int, Contributed] = {}
+        self._contributions[rid], self._answered[rid] = got, trio.Event()
+        try:
+            data = READ_FRAME + ask.encode()
+            for peer in range(1, self.n + 1):
+                if peer != self.server_id:
+                    self._send(peer, data)
+            got[self.server_id] = await self._contribute(ask)
+            deadline = trio.current_time() + READ_TIMEOUT
+            while len(got) < self.n and trio.current_time() < deadline:
+                with trio.move_on_at(min(deadline, trio.current_time() + RESEND)) as waited:
+                    await self._answered[rid].wait()
+                    self._answered[rid] = trio.Event()
+                if waited.cancelled_caught:
+                    if sum(1 for c in got.values() if c.sealed) >= self.t + 1:
+                        break  # enough, and the others are slow
+                    for peer in range(1, self.n + 1):
+                        if peer != self.server_id and peer not in got:
+                            self._send(peer, data)
+        finally:
+            del self._contributions[rid], self._answered[rid]
+        mine = got[self.server_id]
+        if not mine.sealed:
+            raise Refused(mine.code, f"no contribution here: {mine.reason}")
+        period = model.Contribution.decode(mine.proof).period
+        sealed, proofs = {}, {}
+        for server, c in sorted(got.items()):
+            try:
+                if c.sealed and model.Contribution.decode(c.proof).period == period:
+                    sealed[server], proofs[server] = c.sealed, c.proof
+            except DecodeError as exc:  # a faulty peer's; every server would refuse it anyway
+                log.warning("store: server %d's contribution: %s", server, exc)
+        if len(sealed) < self.t + 1:
+            refusals = "; ".join(f"server {i}: {c.reason}" for i, c in sorted(got.items()) if not c.sealed)
+            raise StoreUnavailable(
+                f"{len(sealed)} servers contributed, a random joint secret needs {self.t + 1}"
+                + (f" ({refusals})" if refusals else "")
+            )
+        return WriteRequest(app, data_id, DataType.JOINT_SECRET, version, sealed=sealed, proofs=proofs)
+
+    async def store_contribute(self, app: str, data_id: str) -> bytes:
+        """The API's backend: the encoded write request of a random joint secret (not ordered:
+        a quorum of the application's clients approves it first)."""
+        return (await self.contributions(app, data_id)).encode()
 
     async def _answer(self, sender: int, ask: ReadAsk) -> ReadAnswer:
         """Our answer to ``ask`` from server ``sender``: sealed shares, or the refusal (an alert
@@ -446,7 +626,7 @@ class StoreNode:
         service = self.service
         await self._until_applied(ask.after, CATCH_UP_WAIT)
         try:
-            parts = service.authorize(ask.request, ask.client, self._clock)
+            parts = service.authorize(ask.request, ask.requester, self._clock, self._oldest_period())
         except Refused as exc:
             self.refused += 1
             if exc.code in ALERT_CODES and ask.rid not in self._alerted:
@@ -454,8 +634,8 @@ class StoreNode:
                 while len(self._alerted) > MAX_ASKS:
                     del self._alerted[next(iter(self._alerted))]
                 detail = (
-                    f"server {sender} asked for shares of {ask.request.app}/{ask.request.data_id} for client "
-                    f"{ask.client.app}/{ask.client.unique_id.hex()}: refused ({exc.code}): {exc.reason}"
+                    f"server {sender} asked for shares of {ask.request.app}/{ask.request.data_id} for "
+                    f"{_requester(ask.client, ask.quorum)}: refused ({exc.code}): {exc.reason}"
                 )
                 alert = Alert(AlertKind.STORE_READ_REFUSED, sender, self.sequence.replica.period, detail)
                 log.warning("%s", alert)
@@ -533,12 +713,15 @@ class StoreNode:
         await self.ready()
         return dict(await self._store_key())
 
-    async def store_write(self, request: bytes, app: str, unique_id: bytes) -> Mapping[str, Any]:
+    async def store_write(
+        self, request: bytes, app: str, unique_id: bytes, quorum: bytes | None = None
+    ) -> Mapping[str, Any]:
         try:
             write = WriteRequest.decode(request)
+            q = model.Quorum.decode(quorum) if quorum is not None else None
         except DecodeError as exc:
             raise Refused(model.BAD_REQUEST, str(exc)) from None
-        record = await self.write(write, Client(app, unique_id))
+        record = await self.write(write, Client(app, unique_id), q)
         return {"data_id": record.data_id, "type": record.dtype.value, "version": record.version}
 
     async def store_write_many(
@@ -568,10 +751,14 @@ class StoreNode:
         return out
 
     async def store_retrieve(
-        self, app: str, unique_id: bytes, data_id: str, reader: bytes | None
+        self, app: str, unique_id: bytes, data_id: str, reader: bytes | None, quorum: bytes | None = None
     ) -> Mapping[str, Any]:
         service = await self.ready()
         client = Client(app, unique_id)
+        try:
+            q = model.Quorum.decode(quorum) if quorum is not None else None
+        except DecodeError as exc:
+            raise Refused(model.BAD_REQUEST, str(exc)) from None
         record = service.state.get(app, data_id)
         if record.dtype == DataType.STORE_UNTIL and record.value:  # released at its date
             return {"record": record.to_obj()}
@@ -580,7 +767,8 @@ class StoreNode:
             return {"record": record.to_obj()}
         if reader is None:  # the record only (its ciphertexts): what it is, which version
             return {"record": record.to_obj()}
-        record, answers = await self.read_secret(ReadRequest(app, data_id, record.version, reader), client)
+        read = ReadRequest(app, data_id, record.version, reader)
+        record, answers = await self.read_secret(read, client, q)
         return {"record": record.to_obj(), "answers": answers_to_obj(answers)}
 
     def status(self) -> dict[str, Any]:
@@ -602,6 +790,13 @@ class StoreNode:
             "batched": self.batched,
             "snapshot": self.snapshots.applied,
         }
+
+
+def _requester(client: Client, quorum: model.Quorum | None) -> str:
+    """Who asked, for an alert: the client (application, unique id in hex), or the quorum."""
+    if quorum is None:
+        return f"client {client.app}/{client.unique_id.hex()}"
+    return f"a quorum of {quorum.app} (period {quorum.period}, {len(quorum.votes)} votes)"
 
 
 def answers_to_obj(answers: Mapping[int, ReadAnswer]) -> dict[int, dict[str, Any]]:

@@ -16,10 +16,11 @@ only what the operation carries: the write's own clock (``at``) stands for "now"
 StoreUntil date limit), never the applying server's clock. The state and the number of
 operations applied are saved together (:meth:`StoreService.encode`), so a restart resumes.
 
-Only clients of centralized registrations write through the network for now: the quorum
-types (``public-rw``, ``secret-dw-dr``, ``joint-secret``) check the approvals ticket against
-each server's own client's verifier and this period's KeyTable, which differ between servers,
-so applying them in the agreed order is not deterministic yet (docs/store.md).
+A distributed application's quorum writes (``public-rw``, ``secret-dw-dr``, ``joint-secret``)
+carry their approvals certificate in the operation (:class:`~.model.Quorum`: the votes with the
+signed KeyTable of their period). Applying checks it against the group key and n only
+(:attr:`StoreService.authority`), which every server holds alike, so the verdict is the same
+everywhere and in every period (docs/store.md "Quorum requests").
 
 **Reads of secrets.** The reader's server sends a :class:`ReadAsk` (the
 :class:`~.model.ReadRequest`, the client, the number of operations it has applied) to every
@@ -88,16 +89,28 @@ def _client_from(obj: Any, what: str) -> Client:
 
 @dataclass(frozen=True)
 class Operation:
-    """One write as the network orders it: the request, the client, the origin's clock (ms)."""
+    """One write as the network orders it: the request, the client, the origin's clock (ms),
+    and for a quorum's write its certificate (the requester is then the quorum)."""
 
     request: WriteRequest
     client: Client
     at_ms: int
+    quorum: model.Quorum | None = None
+
+    @property
+    def requester(self) -> model.Requester:
+        return self.quorum if self.quorum is not None else self.client
 
     def encode(self) -> bytes:
-        return encoding.encode(
-            {"op": "write", "w": self.request.to_obj(), "by": _client_obj(self.client), "at": self.at_ms}
-        )
+        obj: dict[str, Any] = {
+            "op": "write",
+            "w": self.request.to_obj(),
+            "by": _client_obj(self.client),
+            "at": self.at_ms,
+        }
+        if self.quorum is not None:
+            obj["q"] = self.quorum.to_obj()
+        return encoding.encode(obj)
 
     @classmethod
     def decode(cls, data: bytes) -> Operation:
@@ -106,13 +119,17 @@ class Operation:
     @classmethod
     def from_obj(cls, obj: Any) -> Operation:
         what = "store operation"
-        f = encoding.expect_map(obj, {"op": str, "w": dict, "by": dict, "at": int}, what)
+        fields: dict[str, type] = {"op": str, "w": dict, "by": dict, "at": int}
+        if isinstance(obj, dict) and "q" in obj:
+            fields["q"] = dict
+        f = encoding.expect_map(obj, fields, what)
         if f["op"] != "write":
             raise DecodeError(f"{what}: unknown kind {f['op']!r}")
         if f["at"] < 0:
             raise DecodeError(f"{what}: negative time")
         request = WriteRequest.decode(encoding.encode(f["w"]))
-        return cls(request, _client_from(f["by"], f"{what}: client"), f["at"])
+        quorum = model.Quorum.from_obj(f["q"]) if "q" in f else None
+        return cls(request, _client_from(f["by"], f"{what}: client"), f["at"], quorum)
 
 
 @dataclass(frozen=True)
@@ -168,38 +185,27 @@ def decode_entry(data: bytes) -> Operation | Release:
 
 @dataclass(frozen=True)
 class FixedClock:
-    """The view a write is checked under: the operation's own time, no quorum (deterministic)."""
+    """The view a write is checked under: the operation's own time and the group's authority
+    (deterministic: the same at every server, whenever it applies the operation)."""
 
     at: float
-    period: int = 0
-    majority: int = 1
+    authority: model.Authority | None = None
+    oldest_period: int = 0
 
     def now(self) -> float:
         return self.at
 
-    def verifier(self, app: str) -> bytes | None:
-        return None  # quorum writes are not applied through the network yet (module doc)
-
-    def vote_valid(self, voter: int, rid: bytes, sig: bytes) -> bool:
-        return False
-
 
 @dataclass(frozen=True)
 class ClockView:
-    """This server's own view for reads: its clock; no quorum evidence is accepted yet."""
+    """This server's own view for reads: its clock, the authority, the oldest period it takes."""
 
     clock: Callable[[], float]
-    period: int = 0
-    majority: int = 1
+    authority: model.Authority | None = None
+    oldest_period: int = 0
 
     def now(self) -> float:
         return self.clock()
-
-    def verifier(self, app: str) -> bytes | None:
-        return None
-
-    def vote_valid(self, voter: int, rid: bytes, sig: bytes) -> bool:
-        return False
 
 
 Outcome = Record | Refused
@@ -214,6 +220,9 @@ class StoreService(Generic[E]):
         self.applied = 0
         #: Index -> outcome of the last MAX_OUTCOMES operations (for the callers waiting on them).
         self.outcomes: OrderedDict[int, Outcome] = OrderedDict()
+        #: The group key and n, which a quorum's certificate is checked against (None: quorums
+        #: are refused). The node sets it from its key-holder; it is the same at every server.
+        self.authority: model.Authority | None = None
 
     @property
     def group(self) -> Group[E]:
@@ -244,7 +253,8 @@ class StoreService(Generic[E]):
                 return exc
         else:
             try:
-                return self.state.apply_write(op.request, op.client, FixedClock(op.at_ms / 1000))
+                view = FixedClock(op.at_ms / 1000, self.authority)
+                return self.state.apply_write(op.request, op.requester, view)
             except Refused as exc:
                 return exc
 
@@ -272,11 +282,17 @@ class StoreService(Generic[E]):
         return [r for r in records if r.until_ms <= now * 1000]
 
     def authorize(
-        self, request: ReadRequest, requester: Client, clock: Callable[[], float]
+        self,
+        request: ReadRequest,
+        requester: model.Requester,
+        clock: Callable[[], float],
+        oldest_period: int = 0,
     ) -> list[tuple[int, bytes, bytes]]:
-        """The rule before a decryption share, at this server with its own clock: each part's
-        (number, encoded KEM ciphertext, label), checked; Refused otherwise."""
-        record = self.state.authorize_read(request, requester, ClockView(clock))
+        """The rule before a decryption share, at this server with its own clock (and a quorum's
+        certificate of ``oldest_period`` or later): each part's (number, encoded KEM ciphertext,
+        label), checked; Refused otherwise."""
+        view = ClockView(clock, self.authority, oldest_period)
+        record = self.state.authorize_read(request, requester, view)
         parts = []
         for part, blob in sorted(record.sealed.items()):
             sealed = tdh2.Sealed.decode(self.group, blob)
@@ -339,28 +355,36 @@ class ReadAsk:
     request: ReadRequest
     client: Client
     after: int
+    quorum: model.Quorum | None = None
+
+    @property
+    def requester(self) -> model.Requester:
+        return self.quorum if self.quorum is not None else self.client
 
     def encode(self) -> bytes:
-        return encoding.encode(
-            {
-                "store": "read",
-                "rid": self.rid,
-                "req": self.request.to_obj(),
-                "by": _client_obj(self.client),
-                "after": self.after,
-            }
-        )
+        obj: dict[str, Any] = {
+            "store": "read",
+            "rid": self.rid,
+            "req": self.request.to_obj(),
+            "by": _client_obj(self.client),
+            "after": self.after,
+        }
+        if self.quorum is not None:
+            obj["q"] = self.quorum.to_obj()
+        return encoding.encode(obj)
 
     @classmethod
     def from_obj(cls, obj: Any) -> ReadAsk:
         what = "store read ask"
-        f = encoding.expect_map(
-            obj, {"store": str, "rid": bytes, "req": dict, "by": dict, "after": int}, what
-        )
+        fields: dict[str, type] = {"store": str, "rid": bytes, "req": dict, "by": dict, "after": int}
+        if isinstance(obj, dict) and "q" in obj:
+            fields["q"] = dict
+        f = encoding.expect_map(obj, fields, what)
         if f["store"] != "read" or len(f["rid"]) != RID_SIZE or f["after"] < 0:
             raise DecodeError(f"{what}: bad kind, id or count")
         request = ReadRequest.decode(encoding.encode(f["req"]))
-        return cls(f["rid"], request, _client_from(f["by"], f"{what}: client"), f["after"])
+        quorum = model.Quorum.from_obj(f["q"]) if "q" in f else None
+        return cls(f["rid"], request, _client_from(f["by"], f"{what}: client"), f["after"], quorum)
 
 
 @dataclass(frozen=True)
@@ -423,11 +447,84 @@ class ReadAnswer:
             raise DecodeError(f"{what}: bad kind or id")
 
 
-def decode_read_message(data: bytes, t: int) -> ReadAsk | ReadAnswer:
-    """A read-protocol frame's body (without its tag byte): an ask or an answer."""
+@dataclass(frozen=True)
+class ContributeAsk:
+    """The origin of a random joint secret asks every server for its contribution to item
+    ``(app, data_id)`` at ``version``."""
+
+    rid: bytes
+    app: str
+    data_id: str
+    version: int
+
+    def encode(self) -> bytes:
+        return encoding.encode(
+            {"store": "contribute", "rid": self.rid, "app": self.app, "id": self.data_id, "v": self.version}
+        )
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> ContributeAsk:
+        what = "store contribution ask"
+        f = encoding.expect_map(obj, {"store": str, "rid": bytes, "app": str, "id": str, "v": int}, what)
+        if len(f["rid"]) != RID_SIZE or f["v"] < 1:
+            raise DecodeError(f"{what}: bad id or version")
+        if (
+            not 0 < len(f["app"]) <= model.MAX_APP_LENGTH
+            or not 0 < len(f["id"].encode()) <= model.MAX_ID_LENGTH
+        ):
+            raise DecodeError(f"{what}: bad application or data id")
+        return cls(f["rid"], f["app"], f["id"], f["v"])
+
+
+@dataclass(frozen=True)
+class Contributed:
+    """A server's contribution (sealed value and proof, :func:`~.model.contribute`), or its
+    refusal (code, reason)."""
+
+    rid: bytes
+    sealed: bytes = b""
+    proof: bytes = b""
+    code: str = ""
+    reason: str = ""
+
+    def encode(self) -> bytes:
+        obj: dict[str, Any] = {"store": "contributed", "rid": self.rid}
+        if self.sealed:
+            obj.update(sealed=self.sealed, proof=self.proof)
+        else:
+            obj.update(code=self.code, reason=self.reason)
+        return encoding.encode(obj)
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> Contributed:
+        what = "store contribution"
+        if isinstance(obj, dict) and "sealed" in obj:
+            f = encoding.expect_map(obj, {"store": str, "rid": bytes, "sealed": bytes, "proof": bytes}, what)
+            if (
+                len(f["rid"]) != RID_SIZE
+                or not f["sealed"]
+                or len(f["sealed"]) > 1024
+                or len(f["proof"]) > 4096
+            ):
+                raise DecodeError(f"{what}: bad id, sealed value or proof")
+            return cls(f["rid"], f["sealed"], f["proof"])
+        f = encoding.expect_map(obj, {"store": str, "rid": bytes, "code": str, "reason": str}, what)
+        if len(f["rid"]) != RID_SIZE or not 0 < len(f["code"]) <= 32 or len(f["reason"]) > 1000:
+            raise DecodeError(f"{what}: bad id, or a refusal without a code and a short reason")
+        return cls(f["rid"], code=f["code"], reason=f["reason"])
+
+
+def decode_read_message(data: bytes, t: int) -> ReadAsk | ReadAnswer | ContributeAsk | Contributed:
+    """A read-protocol frame's body (without its tag byte): an ask or an answer, for a read or
+    for a random joint secret's contributions."""
     obj = encoding.decode(data, max_size=64 * 1024, what="store read message")
-    if isinstance(obj, dict) and obj.get("store") == "read":
+    kind = obj.get("store") if isinstance(obj, dict) else None
+    if kind == "read":
         return ReadAsk.from_obj(obj)
-    if isinstance(obj, dict) and obj.get("store") == "share":
+    if kind == "share":
         return ReadAnswer.from_obj(obj, t)
+    if kind == "contribute":
+        return ContributeAsk.from_obj(obj)
+    if kind == "contributed":
+        return Contributed.from_obj(obj)
     raise DecodeError("store read message: neither an ask nor an answer")

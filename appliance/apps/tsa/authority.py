@@ -292,7 +292,11 @@ class Authority:
 
 class TimeOff(str):
     """A refusal of :func:`check_proposal` because of the proposed ``genTime`` (beyond the stated
-    accuracy from the co-signer's clock); every other refusal is a plain ``str``."""
+    accuracy from the co-signer's clock); every other refusal is a plain ``str``. Its ``code``
+    goes with the refusal (protocols/signing.py ``refusal_code``): the coordinator whose own
+    check refused its proposal this way proposes a fresh one (apps/tsa/issuing.py)."""
+
+    code: Final = "time-off"
 
 
 def check_proposal(

@@ -19,8 +19,9 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from appliance.apps.tsa import rfc3161
-from appliance.apps.tsa.authority import Authority, Prepared, Reply, TokenRecord, rejection
+from appliance.apps.tsa.authority import Authority, Prepared, Reply, TimeOff, TokenRecord, rejection
 from appliance.apps.tsa.rfc3161 import FailureInfo, RequestError
+from appliance.protocols.signing import OWN_CHECK
 
 log = logging.getLogger("pst.tsa")
 
@@ -39,6 +40,11 @@ class SignerUnavailable(Exception):
 class StaleProposal(SignerUnavailable):
     """The token waited (for a presignature) until its genTime was no longer within the stated
     accuracy of our own clock: :func:`respond` prepares it again (a new genTime and serial), once."""
+
+
+#: The refusal code (``SigningRefused.code``) of our own check refusing our proposal's genTime:
+#: ``own-check`` (protocols/signing.py ``OWN_CHECK``) with :class:`TimeOff`'s code.
+STALE_CODE: Final = f"{OWN_CHECK}/{TimeOff.code}"
 
 
 async def respond(
@@ -113,8 +119,8 @@ def network_signer(
             text = str(exc)
             # Our own check (the coordinator's) refused the genTime: the token waited, in the
             # link to the key-holder or for a presignature, until it was stale. Others' refusals
-            # read "refused by its signers' checks" and are not retried.
-            if "refuses the timestamp: proposed genTime" in text and "signers' checks" not in text:
+            # carry no such code and are not retried.
+            if isinstance(exc, SigningRefused) and exc.code == STALE_CODE:
                 raise StaleProposal(text) from None
             raise SignerUnavailable(f"{text}; try again later") from None
 

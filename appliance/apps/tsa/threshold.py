@@ -8,7 +8,9 @@ in ``[tsa] secret`` (protocols/dss_signing.py, from presignatures). What travels
 included, runs :class:`TimestampCheck` on it before it contributes a share:
 
 * the payload decodes, and the certificate is a TSA certificate (P-256, EKU timeStamping
-  critical) for the network's own key of that secret;
+  critical) for the network's own key of that secret, *issued by the group*: it chains to the
+  group root and is a leaf of the CA policy's ``tsa`` profile (``issued``, an
+  :class:`~appliance.apps.ca.policy.IssuedCheck`), and the token's genTime is within its validity;
 * :func:`~appliance.apps.tsa.authority.check_proposal` with the signer's own policy OID,
   accuracy and clock: the imprint's hash algorithm accepted, the policy and accuracy ours, the
   genTime within the stated accuracy of the signer's clock, and the serial in the range of the
@@ -21,9 +23,7 @@ server that asked: ``timestamp-time-off`` for a genTime off our clock, ``timesta
 for anything else. The check claims every message of its secret: the TSA key signs nothing else
 (not even through the operator's ``dss_sign``), so a backdated token needs t+1 servers that lie.
 
-What the signers do not check: that the certificate chains to the group root (a certificate
-that does not is no use to the coordinator: clients refuse its tokens) and the nonce (the
-client's, echoed as given).
+What the signers do not check: the nonce (the client's, echoed as given).
 """
 
 from __future__ import annotations
@@ -95,7 +95,9 @@ class TimestampCheck:
     with the ``check_from`` and ``signed_bytes`` hooks); see the module's docstring.
 
     ``public_key`` returns the SubjectPublicKeyInfo (DER or PEM) of the secret's public key once
-    this server knows it; ``clock`` is this server's own clock.
+    this server knows it; ``clock`` is this server's own clock; ``issued`` checks that a
+    certificate (DER) is the group's (chains to the group root, fits the CA's ``tsa`` profile),
+    raising ValueError saying why not (:class:`~appliance.apps.ca.policy.IssuedCheck`).
     """
 
     name = "timestamp"
@@ -107,11 +109,13 @@ class TimestampCheck:
         accuracy: Accuracy,
         clock: Callable[[], dt.datetime],
         public_key: Callable[[], bytes | None],
+        issued: Callable[[bytes], object],
     ) -> None:
         self.policy = policy
         self.accuracy = accuracy
         self.clock = clock
         self.public_key = public_key
+        self.issued = issued
         self._alert = AlertKind.TIMESTAMP_OUTSIDE_POLICY
         self._chains: OrderedDict[bytes, SigningChain] = OrderedDict()
 
@@ -131,7 +135,7 @@ class TimestampCheck:
         self._alert = AlertKind.TIMESTAMP_OUTSIDE_POLICY
         try:
             tst, cert = decode_payload(message)
-            self._chain(cert)
+            chain = self._chain(cert)
         except ValueError as exc:
             return str(exc)
         reason = check_proposal(
@@ -139,7 +143,17 @@ class TimestampCheck:
         )
         if isinstance(reason, TimeOff):
             self._alert = AlertKind.TIMESTAMP_TIME_OFF
-        return reason
+        if reason is not None:
+            return reason
+        gen_time = rfc3161.decode_tst_info(tst).gen_time  # (it decoded in check_proposal)
+        valid = chain.certificate
+        if not valid.not_valid_before_utc <= gen_time <= valid.not_valid_after_utc:
+            return (
+                f"proposed genTime {rfc3161.format_gen_time(gen_time)} is outside the token's "
+                f"certificate's validity ({valid.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ} to "
+                f"{valid.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ})"
+            )
+        return None
 
     def signed_bytes(self, message: bytes) -> bytes:
         """The CMS signed attributes of the payload's ``TSTInfo`` under its certificate."""
@@ -163,6 +177,10 @@ class TimestampCheck:
         )
         if spki != _spki_der(ours):
             raise ValueError("the token's certificate is not for the network's TSA key")
+        try:
+            self.issued(certificate)
+        except ValueError as exc:
+            raise ValueError(f"the token's certificate is not the group's TSA certificate: {exc}") from None
         self._chains[certificate] = chain
         while len(self._chains) > CHAIN_CACHE:
             self._chains.popitem(last=False)

@@ -92,11 +92,32 @@ class Group(abc.ABC, Generic[E]):
             acc = self.add(acc, e)
         return acc
 
+    def encode_wide(self, a: E) -> bytes:
+        """A second canonical form for bulk public data that must decode fast (the default: the
+        ordinary encoding). :meth:`decode_wide` accepts only this form."""
+        return self.encode(a)
+
+    def decode_wide(self, data: bytes) -> E:
+        """Inverse of :meth:`encode_wide`, with the checks of :meth:`decode`."""
+        return self.decode(data)
+
+    def precompute(self, a: E, *, heavy: bool = False) -> None:
+        """Hint: ``a`` is a public element multiplied very often (e.g. the Pedersen H).
+
+        Instances may build a fixed-base table for it (``heavy``: a larger one, for a point
+        used as often as the generator); the default does nothing.
+        """
+
     def multi_mul(self, scalars: Sequence[int], elements: Sequence[E]) -> E:
         """sum(k_i * P_i); instances may override with a faster multi-exponentiation."""
         if len(scalars) != len(elements):
             raise ValueError("multi_mul: scalars and elements differ in length")
         return self.sum(self.mul(k, p) for k, p in zip(scalars, elements, strict=True))
+
+    def small_multi_mul_many(self, jobs: Sequence[tuple[Sequence[int], Sequence[E]]]) -> list[E]:
+        """[sum_i k_i P_i for each job], for small non-negative scalars (e.g. powers of a server id:
+        evaluating commitments). Instances may share work between the jobs."""
+        return [self.multi_mul(ks, ps) for ks, ps in jobs]
 
     def encode_scalar(self, k: int) -> bytes:
         """Big-endian fixed-length encoding (instances may override, e.g. Ed25519 is little-endian)."""

@@ -6,9 +6,10 @@ threshold protocols (Feldman/Pedersen commitments, DKG, refresh, threshold DSS)
 need exactly those. So points are added here, on gmpy2 ``mpz`` integers, with
 Jacobian coordinates internally (a = -3 doubling, mixed Jacobian-affine
 addition), width-5 wNAF for variable-base multiplication, interleaved wNAF for
-:meth:`P256Group.multi_mul` and a signed 6-bit fixed-window table for the
-generator. Signatures produced with these operations are verified with
-``cryptography``/OpenSSL in the tests.
+:meth:`P256Group.multi_mul` and signed fixed-window tables (10-bit) for the
+generator and for other fixed bases that :meth:`P256Group.precompute` names.
+Signatures produced with these operations are verified with ``cryptography``/OpenSSL
+in the tests.
 
 This arithmetic is NOT constant-time: it branches and indexes tables on secret
 scalar digits, and GMP itself is variable-time. That is a documented limitation
@@ -21,7 +22,10 @@ compressed form (33 bytes, 0x02/0x03 || x), the one canonical form: ``decode``
 rejects the uncompressed and hybrid forms, x >= p, x with no point on the curve
 and the identity. The identity encodes (for internal use only) as 33 zero bytes
 so that encodings keep a fixed length. P-256 has cofactor 1, so every point on
-the curve is in the prime-order group.
+the curve is in the prime-order group. A second form, SEC1 uncompressed
+(:meth:`P256Group.encode_wide`), is used where many points are decoded (the threshold DSS
+dealings): it costs twice the bytes and no square root, and ``decode_wide`` accepts it
+alone, with the same checks.
 """
 
 from __future__ import annotations
@@ -45,8 +49,9 @@ GY = mpz(0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5)
 _SQRT_EXP = (P + 1) // 4  # p = 3 mod 4
 
 _WNAF = 5  # variable base: odd multiples P, 3P, ..., 15P
-_BASE_W = 6  # generator: signed 6-bit windows, 32 multiples per window
-_BASE_WINDOWS = -(-257 // _BASE_W)
+_BASE_W = 10  # G and heavily used bases: signed 10-bit windows, 512 multiples per window
+_FIXED_W = 8  # other fixed bases: signed 8-bit windows, 128 multiples per window
+_MAX_FIXED = 16
 
 
 class P256Point(NamedTuple):
@@ -158,6 +163,62 @@ def _odd_multiples(a: P256Point, count: int) -> list[P256Point]:
     return _batch_to_affine(jac)
 
 
+def _odd_multiples_many(points: Sequence[P256Point], count: int) -> list[list[P256Point]]:
+    """:func:`_odd_multiples` of every point, with two field inversions in all (Montgomery)."""
+    twos = _batch_to_affine([_jdouble(a.x, a.y, mpz(1)) for a in points])
+    jac: list[_Jac] = []
+    for a, two in zip(points, twos, strict=True):
+        run: _Jac = (a.x, a.y, mpz(1))
+        jac.append(run)
+        for _ in range(count - 1):
+            run = _jadd_affine(*run, two.x, two.y)
+            jac.append(run)
+    if any(not z for _, _, z in jac):  # pragma: no cover - impossible in a group of prime order > 15
+        raise ArithmeticError("P-256: small multiple hit infinity")
+    flat = _batch_to_affine(jac)
+    return [flat[i : i + count] for i in range(0, len(flat), count)]
+
+
+def _fixed_table(base: P256Point, w: int) -> list[list[P256Point]]:
+    """Row i holds j * 2^(wi) * base for j = 1..2^(w-1) (w = 8: about 4,200 affine points)."""
+    rows: list[list[P256Point]] = []
+    half = 1 << (w - 1)
+    for _ in range(-(-257 // w)):
+        jac: list[_Jac] = [(base.x, base.y, mpz(1))]
+        for _ in range(half - 1):
+            jac.append(_jadd_affine(*jac[-1], base.x, base.y))
+        row = _batch_to_affine(jac)
+        rows.append(row)
+        # next base = 2^w * base = 2 * (2^(w-1) * base)
+        last = row[-1]
+        base = _to_affine(_jdouble(last.x, last.y, mpz(1)))
+    return rows
+
+
+def _fixed_mul(table: list[list[P256Point]], k: int, acc: _Jac) -> _Jac:
+    """acc + k * base (0 < k < N) from ``base``'s table: signed w-bit windows, additions only."""
+    half = len(table[0])
+    w = half.bit_length()
+    full, mask = 1 << w, (1 << w) - 1
+    p = P
+    X, Y, Z = acc
+    for row in table:
+        if not k:
+            break
+        d = k & mask
+        k >>= w
+        if d > half:
+            d -= full
+            k += 1
+        if d > 0:
+            t = row[d - 1]
+            X, Y, Z = _jadd_affine(X, Y, Z, t.x, t.y)
+        elif d < 0:
+            t = row[-d - 1]
+            X, Y, Z = _jadd_affine(X, Y, Z, t.x, p - t.y)
+    return X, Y, Z
+
+
 def digest_to_int(digest: bytes, n_bits: int) -> int:
     """The leftmost min(N, outlen) bits of a digest as an integer (SEC1 4.1.3 step 5, FIPS 186-4 §6.4)."""
     z = int.from_bytes(digest, "big")
@@ -175,6 +236,26 @@ class P256Group(Group[P256Point]):
 
     def __init__(self) -> None:
         self._base_table: list[list[P256Point]] | None = None
+        #: Fixed-base tables of other points that protocols multiply often (the Pedersen H).
+        self._fixed: dict[P256Point, list[list[P256Point]]] = {}
+
+    def precompute(self, a: P256Point, *, heavy: bool = False) -> None:
+        """Build a fixed-base table for ``a`` (as for G): later ``mul``/``multi_mul`` by ``a`` use it.
+
+        For public points multiplied very often (a server's verification share in the
+        period's DSS proofs): 8-bit windows, about 4,200 affine points and some 20 ms to
+        build; ``heavy`` (the Pedersen generator H): 10-bit windows like G, about 13,000
+        points. The ``_MAX_FIXED`` most recently precomputed points keep theirs (call it
+        again to keep a table).
+        """
+        if a in (INFINITY, G):
+            return
+        table = self._fixed.pop(a, None)
+        if table is None:
+            table = _fixed_table(a, _BASE_W if heavy else _FIXED_W)
+            while len(self._fixed) >= _MAX_FIXED:
+                del self._fixed[next(iter(self._fixed))]  # the least recently precomputed goes
+        self._fixed[a] = table
 
     def generator(self) -> P256Point:
         return G
@@ -212,6 +293,9 @@ class P256Group(Group[P256Point]):
             return INFINITY
         if a == G:
             return self.mul_base(k)
+        fixed = self._fixed.get(a)
+        if fixed is not None:
+            return _to_affine(_fixed_mul(fixed, k, _JINF))
         table = _odd_multiples(a, 1 << (_WNAF - 2))
         neg_table = [P256Point(t.x, P - t.y) for t in table]
         X, Y, Z = _JINF
@@ -226,67 +310,43 @@ class P256Group(Group[P256Point]):
         return _to_affine(_jdouble(X, Y, Z, pending))
 
     def _table(self) -> list[list[P256Point]]:
-        """Row i holds j * 2^(6i) * G for j = 1..32 (built on first use, ~1400 points)."""
+        """Row i holds j * 2^(10i) * G for j = 1..512 (built on first use)."""
         if self._base_table is None:
-            rows: list[list[P256Point]] = []
-            base = G
-            half = 1 << (_BASE_W - 1)
-            for _ in range(_BASE_WINDOWS):
-                jac: list[_Jac] = [(base.x, base.y, mpz(1))]
-                for _ in range(half - 1):
-                    jac.append(_jadd_affine(*jac[-1], base.x, base.y))
-                row = _batch_to_affine(jac)
-                rows.append(row)
-                # next base = 2^6 * base = 2 * (32 * base)
-                last = row[-1]
-                base = _to_affine(_jdouble(last.x, last.y, mpz(1)))
-            self._base_table = rows
+            self._base_table = _fixed_table(G, _BASE_W)
         return self._base_table
 
     def mul_base(self, k: int) -> P256Point:
         k = int(k % N)
         if k == 0:
             return INFINITY
-        full, half, mask = 1 << _BASE_W, 1 << (_BASE_W - 1), (1 << _BASE_W) - 1
-        p = P
-        X, Y, Z = _JINF
-        for row in self._table():
-            if not k:
-                break
-            d = k & mask
-            k >>= _BASE_W
-            if d > half:
-                d -= full
-                k += 1
-            if d > 0:
-                t = row[d - 1]
-                X, Y, Z = _jadd_affine(X, Y, Z, t.x, t.y)
-            elif d < 0:
-                t = row[-d - 1]
-                X, Y, Z = _jadd_affine(X, Y, Z, t.x, p - t.y)
-        return _to_affine((X, Y, Z))
+        return _to_affine(_fixed_mul(self._table(), k, _JINF))
 
     def multi_mul(self, scalars: Sequence[int], elements: Sequence[P256Point]) -> P256Point:
         """sum k_i P_i: multiples of G from the fixed-base table, the rest by interleaved
         width-5 wNAF (one shared chain of doublings)."""
         if len(scalars) != len(elements):
             raise ValueError("multi_mul: scalars and elements differ in length")
-        base_k = sum(k for k, e in zip(scalars, elements, strict=True) if e == G)
-        terms = [(int(k % N), e) for k, e in zip(scalars, elements, strict=True) if e != G]
-        terms = [(k, e) for k, e in terms if k and e != INFINITY]
-        acc = self.mul_base(base_k)
-        if len(terms) == 1:
-            return self.add(acc, self.mul(*terms[0]))
-        if terms:
-            acc = self.add(acc, self._interleaved(terms))
-        return acc
+        fixed: dict[P256Point, int] = {}
+        terms: list[tuple[int, P256Point]] = []
+        for k, e in zip(scalars, elements, strict=True):
+            if e == G or e in self._fixed:
+                fixed[e] = fixed.get(e, 0) + k
+            elif e != INFINITY and k % N:
+                terms.append((int(k % N), e))
+        acc = self._interleaved(terms) if terms else _JINF
+        for e, k in fixed.items():
+            k = int(k % N)
+            if k:
+                acc = _fixed_mul(self._table() if e == G else self._fixed[e], k, acc)
+        return _to_affine(acc)
 
-    def _interleaved(self, terms: Sequence[tuple[int, P256Point]]) -> P256Point:
+    def _interleaved(self, terms: Sequence[tuple[int, P256Point]]) -> _Jac:
         nafs: list[list[int]] = []
         tables: list[tuple[list[P256Point], list[P256Point]]] = []
-        for k, e in terms:
+        count = 1 << (_WNAF - 2)
+        for k, _e in terms:
             nafs.append(_wnaf(k, _WNAF))
-            odd = _odd_multiples(e, 1 << (_WNAF - 2))
+        for odd in _odd_multiples_many([e for _, e in terms], count):
             tables.append((odd, [P256Point(q.x, P - q.y) for q in odd]))
         length = max(len(d) for d in nafs)
         for naf in nafs:
@@ -303,7 +363,34 @@ class P256Group(Group[P256Point]):
                         pending = 0
                     t = pos[d >> 1] if d > 0 else neg[(-d) >> 1]
                     X, Y, Z = _jadd_affine(X, Y, Z, t.x, t.y)
-        return _to_affine(_jdouble(X, Y, Z, pending))
+        return _jdouble(X, Y, Z, pending)
+
+    def small_multi_mul_many(
+        self, jobs: Sequence[tuple[Sequence[int], Sequence[P256Point]]]
+    ) -> list[P256Point]:
+        """Each job by binary double-and-add over one shared chain (no tables: the scalars are
+        small), all results made affine with one field inversion."""
+        out: list[_Jac] = []
+        for scalars, points in jobs:
+            if len(scalars) != len(points):
+                raise ValueError("small_multi_mul_many: scalars and elements differ in length")
+            terms = [(int(k), e) for k, e in zip(scalars, points, strict=True) if k and e != INFINITY]
+            if any(k < 0 for k, _ in terms):
+                raise ValueError("small_multi_mul_many: negative scalar")
+            acc: _Jac = _JINF
+            top = max((k.bit_length() for k, _ in terms), default=0)
+            for bit in range(top - 1, -1, -1):
+                acc = _jdouble(*acc)
+                for k, e in terms:
+                    if k >> bit & 1:
+                        acc = _jadd_affine(*acc, e.x, e.y)
+            out.append(acc)
+        live = [i for i, j in enumerate(out) if j[2]]
+        affine = _batch_to_affine([out[i] for i in live]) if live else []
+        result = [INFINITY] * len(out)
+        for i, a in zip(live, affine, strict=True):
+            result[i] = a
+        return result
 
     def encode(self, a: P256Point) -> bytes:
         if a == INFINITY:
@@ -315,6 +402,24 @@ class P256Group(Group[P256Point]):
         if a == INFINITY:
             raise ValueError("p256: the identity has no uncompressed encoding")
         return b"\x04" + int(a.x).to_bytes(32, "big") + int(a.y).to_bytes(32, "big")
+
+    def encode_wide(self, a: P256Point) -> bytes:
+        """The wide form is SEC1 uncompressed (65 bytes): decoding needs no square root."""
+        return self.encode_uncompressed(a)
+
+    def decode_wide(self, data: bytes) -> P256Point:
+        """SEC1 uncompressed only (0x04 || x || y), x and y < p, on the curve, not the identity."""
+        if not isinstance(data, (bytes, bytearray)):
+            raise DecodeError("p256 element (wide): expected bytes")
+        if len(data) != 65 or data[0] != 4:
+            raise DecodeError("p256 element (wide): expected 65 bytes, SEC1 uncompressed (0x04 || x || y)")
+        x = mpz(int.from_bytes(data[1:33], "big"))
+        y = mpz(int.from_bytes(data[33:], "big"))
+        if x >= P or y >= P:
+            raise DecodeError("p256 element (wide): coordinate >= p (non-canonical)")
+        if not _on_curve(x, y):
+            raise DecodeError("p256 element (wide): not a point of the curve")
+        return P256Point(x, y)
 
     def _lift_x(self, x: Any, odd: int) -> P256Point | None:
         rhs = (x * x * x - 3 * x + B) % P

@@ -56,6 +56,7 @@ from appliance.protocols.agreement._messages import (
     Committee,
     Decide,
     Instance,
+    Message,
     Proposal,
     QuorumCert,
     Timeout,
@@ -173,6 +174,14 @@ class Engine:
         """Take a decoded-CBOR agreement message; a peer's fault is recorded, never raised."""
         try:
             msg = decode(obj)
+        except DecodeError as exc:
+            self.rejected.append(RemoteProtocolError(sender, f"{self.inst.name}: {exc}"))
+            return
+        self.deliver(sender, msg, now)
+
+    def deliver(self, sender: int, msg: Message, now: float) -> None:
+        """Take an agreement message already decoded (:func:`decode`) at the boundary."""
+        try:
             if self.decided is not None:
                 self._answer_late(sender, now)
                 return

@@ -19,12 +19,23 @@
 // the entry bundles) is read over HTTP from that c2sp.org/tlog-tiles prefix instead of tiles_dir,
 // with net/http (which asks for gzip and decodes it).
 //
+// A partial tile or bundle that is not there (HTTP 404, or no such file) is read as the prefix
+// of the full one at its position, as c2sp.org/tlog-tiles lets a log delete partials once the
+// full one exists and as Go's own sumdb client does (golang.org/x/mod/sumdb Client.readTile:
+// "If the partial tile does not exist, it should be because the tile has been completed");
+// each path read so is listed in the report (full_fallbacks). With "older" (older signed
+// checkpoints of the same log), each one's note must open, each listed entry's inclusion in
+// that older tree is proven with tlog.ProveRecord through tlog.TileHashReader over the older
+// tree (whose partial tiles the log may have pruned) and checked with tlog.CheckRecord, and
+// the latest tree must be consistent with it (tlog.ProveTree / CheckTree through the tiles).
+//
 // Build without network in GOPATH mode: GO111MODULE=off GOPATH=/usr/share/gocode go build.
 package main
 
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -57,7 +68,13 @@ type consistency struct {
 	Valid   bool        `json:"valid"`
 }
 
+type older struct {
+	Note    string  `json:"note"`
+	Indexes []int64 `json:"indexes"`
+}
+
 type request struct {
+	Older        []older       `json:"older"`
 	VerifierKeys []string      `json:"vkeys"`
 	Note         string        `json:"note"`
 	TilesDir     string        `json:"tiles_dir"`
@@ -75,27 +92,56 @@ type report struct {
 	Inclusion   int      `json:"inclusion_checked"`
 	Consistency int      `json:"consistency_checked"`
 	RejectedBad int      `json:"rejected_bad"`
+	Older       int      `json:"older_inclusion_checked"`
+	Fallbacks   []string `json:"full_fallbacks"`
 }
+
+// errNotThere: the log does not have the file (HTTP 404, or no such file in the directory).
+var errNotThere = fmt.Errorf("not there")
 
 // source reads the log's files (C2SP paths) from a directory or, with url set, over HTTP.
 type source struct {
-	dir string
-	url string
+	dir       string
+	url       string
+	fallbacks *[]string
 }
 
 func (s source) read(path string) ([]byte, error) {
 	if s.url == "" {
-		return os.ReadFile(filepath.Join(s.dir, filepath.FromSlash(path)))
+		data, err := os.ReadFile(filepath.Join(s.dir, filepath.FromSlash(path)))
+		if os.IsNotExist(err) {
+			return nil, fmt.Errorf("%s: %w", path, errNotThere)
+		}
+		return data, err
 	}
 	resp, err := http.Get(s.url + path)
 	if err != nil {
 		return nil, err
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode == http.StatusNotFound {
+		return nil, fmt.Errorf("GET %s%s: %s: %w", s.url, path, resp.Status, errNotThere)
+	}
 	if resp.StatusCode != http.StatusOK {
 		return nil, fmt.Errorf("GET %s%s: %s", s.url, path, resp.Status)
 	}
 	return io.ReadAll(io.LimitReader(resp.Body, 1<<25))
+}
+
+// readPartial reads a tile or bundle path; a partial one (".p/<W>") that is not there is read
+// as the full one at its position, whose prefix the caller takes (full tells it so).
+func (s source) readPartial(path string) (data []byte, full bool, err error) {
+	data, err = s.read(path)
+	at := strings.LastIndex(path, ".p/")
+	if err == nil || at < 0 || !errors.Is(err, errNotThere) {
+		return data, false, err
+	}
+	data, err2 := s.read(path[:at])
+	if err2 != nil {
+		return nil, false, fmt.Errorf("%v, and the full one: %v", err, err2)
+	}
+	*s.fallbacks = append(*s.fallbacks, path)
+	return data, true, nil
 }
 
 // dirTiles reads the C2SP tiles of a tree of the given size from a source, for
@@ -135,9 +181,12 @@ func (d dirTiles) ReadTiles(tiles []tlog.Tile) ([][]byte, error) {
 		if stored.W < t.W {
 			return nil, fmt.Errorf("tile %s is beyond the tree of size %d", c2spPath(t), d.size)
 		}
-		data, err := d.src.read(c2spPath(stored))
+		data, full, err := d.src.readPartial(c2spPath(stored))
 		if err != nil {
 			return nil, err
+		}
+		if full && len(data) == (1<<height)*tlog.HashSize {
+			data = data[:stored.W*tlog.HashSize]
 		}
 		if len(data) != stored.W*tlog.HashSize {
 			return nil, fmt.Errorf("tile %s is %d bytes", c2spPath(stored), len(data))
@@ -151,7 +200,7 @@ func (d dirTiles) SaveTiles([]tlog.Tile, [][]byte) {}
 
 func check(req request) (report, error) {
 	var rep report
-	src := source{req.TilesDir, req.TilesURL}
+	src := source{req.TilesDir, req.TilesURL, &rep.Fallbacks}
 	if req.Note == "" {
 		data, err := src.read("checkpoint")
 		if err != nil {
@@ -273,6 +322,48 @@ func check(req request) (report, error) {
 		}
 		rep.Consistency++
 	}
+
+	// Older signed checkpoints: inclusion in each through its own (maybe pruned) tiles, and
+	// the latest tree's consistency with it.
+	latest := tlog.Tree{N: req.Size, Hash: req.Root}
+	for _, o := range req.Older {
+		n, err := note.Open([]byte(o.Note), note.VerifierList(verifiers...))
+		if err != nil {
+			return rep, fmt.Errorf("note.Open (older checkpoint): %v", err)
+		}
+		lines := strings.Split(n.Text, "\n")
+		size, err := strconv.ParseInt(lines[1], 10, 64)
+		if err != nil || len(lines) < 4 {
+			return rep, fmt.Errorf("older checkpoint text: %q", n.Text)
+		}
+		root, err := tlog.ParseHash(lines[2])
+		if err != nil {
+			return rep, fmt.Errorf("older checkpoint root: %v", err)
+		}
+		tree := tlog.Tree{N: size, Hash: root}
+		entries, err := readEntries(src, size)
+		if err != nil {
+			return rep, err
+		}
+		hr := tlog.TileHashReader(tree, dirTiles{src, size})
+		for _, index := range o.Indexes {
+			proof, err := tlog.ProveRecord(size, index, hr)
+			if err != nil {
+				return rep, fmt.Errorf("tlog.ProveRecord(%d in the older tree of %d): %v", index, size, err)
+			}
+			if err := tlog.CheckRecord(proof, size, root, index, tlog.RecordHash(entries[index])); err != nil {
+				return rep, fmt.Errorf("tlog.CheckRecord(%d in the older tree of %d): %v", index, size, err)
+			}
+			rep.Older++
+		}
+		proof, err := tlog.ProveTree(latest.N, size, tlog.TileHashReader(latest, dirTiles{src, latest.N}))
+		if err != nil {
+			return rep, fmt.Errorf("tlog.ProveTree(%d to %d): %v", size, latest.N, err)
+		}
+		if err := tlog.CheckTree(proof, latest.N, latest.Hash, size, root); err != nil {
+			return rep, fmt.Errorf("tlog.CheckTree(%d to %d): %v", size, latest.N, err)
+		}
+	}
 	return rep, nil
 }
 
@@ -284,7 +375,7 @@ func readEntries(src source, size int64) ([][]byte, error) {
 		t := tlog.Tile{H: height, L: 0, N: n}
 		t.W = widthAt(size, t)
 		path := "tile/entries/" + strings.TrimPrefix(c2spPath(t), "tile/0/")
-		data, err := src.read(path)
+		data, full, err := src.readPartial(path)
 		if err != nil {
 			return nil, err
 		}
@@ -299,7 +390,7 @@ func readEntries(src source, size int64) ([][]byte, error) {
 			entries = append(entries, data[2:2+length])
 			data = data[2+length:]
 		}
-		if len(data) != 0 {
+		if len(data) != 0 && !full {
 			return nil, fmt.Errorf("%s: %d bytes after its %d entries", path, len(data), t.W)
 		}
 	}

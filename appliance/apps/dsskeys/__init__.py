@@ -1,0 +1,1 @@
+"""Per-application DSS keys (issue 12 §1): docs/dsskeys.md."""
