@@ -12,6 +12,7 @@ from test_api import ME, FakeBackend, FakeDistributed, req
 from test_store_service import Group
 
 from appliance.api import ApiCore, BackendRefused
+from appliance.api._core import MAX_STORE_BATCH, Limits
 from appliance.apps.store import model
 from appliance.apps.store.client import StoreKey, open_answers, seal_write
 from appliance.apps.store.model import Client, DataType, ReadRequest, Refused, WriteRequest
@@ -52,6 +53,17 @@ class OneServerStore:
             "type": outcomes[0].dtype.value,
             "version": outcomes[0].version,
         }
+
+    async def store_write_many(
+        self, requests: list[bytes], app: str, unique_id: bytes
+    ) -> list[Mapping[str, Any]]:
+        out: list[Mapping[str, Any]] = []
+        for request in requests:
+            try:
+                out.append(await self.store_write(request, app, unique_id))
+            except Refused as exc:
+                out.append({"code": exc.code, "message": str(exc)})
+        return out
 
     async def store_contribute(self, app: str, data_id: str) -> bytes:
         return await self.contribute(app, data_id)  # type: ignore[attr-defined,no-any-return]
@@ -274,3 +286,47 @@ async def test_no_store_key_and_undecodable_requests() -> None:
     h = await _handle(core)
     r = await core.handle(req("store_data", handle=h, request=b"\xa0"), ME)
     assert r["error"]["code"] == "bad-request" and "request" in r["error"]["message"]
+
+
+async def test_store_batch_answers_each_request_in_order() -> None:
+    store = OneServerStore()
+    core = ApiCore(FakeBackend(), data_store=store)
+    h = await _handle(core)
+    key = StoreKey.from_result((await core.handle(req("store_key", handle=h), ME))["result"])
+    owner = nacl.public.PrivateKey(b"\x06" * 32)
+    requests = [
+        WriteRequest("vault", "a", DataType.PUBLIC_ONCE, 1, value=b"1").encode(),
+        seal_write(key, "vault", "s", DataType.SECRET_SINGLE, b"x", reader=bytes(owner.public_key)).encode(),
+        WriteRequest("vault", "a", DataType.PUBLIC_ONCE, 1, value=b"2").encode(),  # the second of one id
+        b"\x00",  # not a request
+        WriteRequest("vault", "b", DataType.PUBLIC_ONCE, 2, value=b"v").encode(),  # no 'write' of this type
+        WriteRequest("other", "c", DataType.PUBLIC_ONCE, 1, value=b"v").encode(),  # another application's
+    ]
+    r = await core.handle(req("store_batch", 2, handle=h, requests=requests), ME)
+    results = r["result"]["results"]
+    assert results[0] == {"data_id": "a", "type": "public-once", "version": 1}
+    assert results[1] == {"data_id": "s", "type": "secret-single", "version": 1}
+    assert [x.get("code") for x in results[2:]] == ["exists", "bad-request", "bad-request", "not-permitted"]
+    assert store.writes == 4  # the undecodable and the wrong-type requests never reached the store
+    r = await core.handle(req("retrieve", 3, handle=h, data_id="a"), ME)
+    assert r["result"]["record"]["value"] == b"1"
+    r = await core.handle(req("store_batch", 4, handle=h, requests=[]), ME)
+    assert r["error"]["code"] == "bad-request" and "requests" in r["error"]["message"]
+    too_many = [requests[0]] * (MAX_STORE_BATCH + 1)
+    r = await core.handle(req("store_batch", 5, handle=h, requests=too_many), ME)
+    assert r["error"]["code"] == "bad-request" and str(MAX_STORE_BATCH) in r["error"]["message"]
+
+
+async def test_store_writes_have_their_own_rate_limit_counted_per_request() -> None:
+    core = ApiCore(FakeBackend(), data_store=OneServerStore(), limits=Limits(store_rate=0.001, store_burst=3))
+    h = await _handle(core)
+    batch = [WriteRequest("vault", f"k{i}", DataType.PUBLIC_ONCE, 1, value=b"v").encode() for i in range(3)]
+    r = await core.handle(req("store_batch", 2, handle=h, requests=batch), ME)
+    assert [x["version"] for x in r["result"]["results"]] == [1, 1, 1]
+    one = WriteRequest("vault", "k9", DataType.PUBLIC_ONCE, 1, value=b"v").encode()
+    r = await core.handle(req("store_data", 3, handle=h, request=one), ME)
+    assert r["error"]["code"] == "quota" and "store rate limit" in r["error"]["message"]
+    assert r["error"]["retry_after_ms"] > 0
+    # Reads spend the registration's general bucket, not the writes'.
+    r = await core.handle(req("retrieve", 4, handle=h, data_id="k0"), ME)
+    assert r["result"]["record"]["value"] == b"v"

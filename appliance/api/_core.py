@@ -342,6 +342,13 @@ class StoreBackend(Protocol):
         read (the ReadRequest of the record's version and ``reader``)."""
         ...
 
+    async def store_write_many(
+        self, requests: list[bytes], app: str, unique_id: bytes
+    ) -> list[Mapping[str, Any]]:
+        """``store_write`` of each of ``requests``, in this order, ordered together: each one's
+        summary, or ``{"code": ..., "message": ...}`` (its refusal)."""
+        ...
+
 
 class CertificateBackend(Protocol):
     """The group's certificate authority for applications (issue 13 §1; appliance.node.ca).
@@ -476,6 +483,7 @@ OPS: Final[Mapping[str, Mapping[str, type]]] = {
     "generate_joint_secret": {"handle": bytes, "request": bytes},
     "generate_random_secret": {"handle": bytes, "data_id": str},
     "retrieve": {"handle": bytes, "data_id": str},
+    "store_batch": {"handle": bytes, "requests": list},
 }
 #: Optional fields of each operation, with their types.
 OPTIONAL: Final[Mapping[str, Mapping[str, type]]] = {
@@ -498,6 +506,8 @@ STORE_WRITES: Final[Mapping[str, frozenset[str]]] = {
     "store_until": frozenset({"store-until"}),
     "generate_joint_secret": frozenset({"joint-secret"}),
 }
+#: Write requests in one ``store_batch`` (the request's size limit, MAX_REQUEST_SIZE, holds too).
+MAX_STORE_BATCH: Final = 1024
 #: Operations only the operator (root or the server's own uid) may call.
 OPERATOR_OPS: Final = frozenset({"upgrade_sign", "registrations", "revoke", "dss_sign", "log_audit"})
 #: Largest message ``dss_sign`` takes (as the signing services).
@@ -583,6 +593,10 @@ def parse_request(obj: object) -> Request:
         total = sum(len(m) for m in messages)
         if total > MAX_MESSAGE_SIZE:
             raise ApiError(TOO_LARGE, f"field 'messages': {total} bytes in all exceeds {MAX_MESSAGE_SIZE}")
+    if "requests" in args:
+        requests = args["requests"]
+        if not 0 < len(requests) <= MAX_STORE_BATCH or not all(isinstance(r, bytes) for r in requests):
+            raise bad("requests", f"must be a list of 1 to {MAX_STORE_BATCH} byte strings")
     if "start" in args and not 0 <= args["start"] < 2**63:
         raise bad("start", "must be in [0, 2**63)")
     if "count" in args and not 1 <= args["count"] <= MAX_LOG_READ:
@@ -688,6 +702,10 @@ class Limits:
     #: Log entries appended through ``log_append``, per registration.
     log_rate: float = 100.0
     log_burst: float = 1000.0
+    #: The store's writes (``store_data``, ``write``, ``store_until``,
+    #: ``generate_joint_secret``, each request of ``store_batch``), per registration.
+    store_rate: float = 2000.0
+    store_burst: float = 10000.0
 
 
 # Registrations ---------------------------------------------------------------------------------
@@ -851,6 +869,7 @@ class ApiCore:
         )
         self._challenges: dict[int, dict[bytes, float]] = {}
         self._log_buckets: dict[tuple[str, bytes, int], TokenBucket] = {}
+        self._store_buckets: dict[tuple[str, bytes, int], TokenBucket] = {}
         self.distributed = backend if isinstance(backend, DistributedBackend) else None
         self.limits = limits if limits is not None else Limits()
         self.clock = clock
@@ -1041,7 +1060,12 @@ class ApiCore:
             return await self._link_receive(args["handle"], args.get("max", 64), args.get("wait_ms", 0), peer)
         if request.op == "certificate":
             return await self._certificate(args["handle"], args.get("csr"), args.get("names"), peer)
-        if request.op in STORE_WRITES or request.op in ("store_key", "retrieve", "generate_random_secret"):
+        if request.op in STORE_WRITES or request.op in (
+            "store_key",
+            "retrieve",
+            "generate_random_secret",
+            "store_batch",
+        ):
             return await self._store(request, peer)
         if request.op == "generate_dss_key" or "key" in request.args:
             return await self._app_dss(request, peer)
@@ -1622,8 +1646,13 @@ class ApiCore:
         backend = self.store_backend
         if backend is None:
             raise ApiError(UNAVAILABLE, "this network has no store key (pst cluster init --store)")
-        self._take(reg, "store")
+        if request.op in STORE_WRITES or request.op == "store_batch":
+            self._take_store(reg, len(args["requests"]) if request.op == "store_batch" else 1)
+        else:
+            self._take(reg, "store")
         try:
+            if request.op == "store_batch":
+                return await self._store_batch(backend, reg, args["requests"])
             if request.op == "store_key":
                 return dict(await backend.store_key())
             if request.op == "retrieve":
@@ -1662,6 +1691,75 @@ class ApiCore:
         except Exception as exc:
             log.warning("api: store %s failed: %s", request.op, exc)
             raise ApiError(UNAVAILABLE, f"the store cannot serve now: {str(exc)[:300]}") from None
+
+    def _take_store(self, reg: Registration, count: int) -> None:
+        """Spend ``count`` tokens of ``reg``'s bucket of store writes, or answer ``quota``."""
+        limits = self.limits
+        bucket = self._store_buckets.get(reg.key)
+        if bucket is None:
+            if len(self._store_buckets) >= 4096:  # forget the buckets of registrations that are gone
+                live = set(self.registry.by_key)
+                self._store_buckets = {k: v for k, v in self._store_buckets.items() if k in live}
+            bucket = self._store_buckets[reg.key] = TokenBucket.full(
+                limits.store_rate, limits.store_burst, self.clock()
+            )
+        if not bucket.take(self.clock(), count):
+            wait = bucket.wait(count)
+            raise ApiError(
+                QUOTA,
+                f"store rate limit of {reg.name!r} exceeded (at most {limits.store_rate:g} writes per "
+                f"second, bursts of {limits.store_burst:g}, shared by its handles): {_retry_hint(wait)}",
+                wait,
+            )
+
+    async def _store_batch(
+        self, backend: StoreBackend, reg: Registration, requests: list[bytes]
+    ) -> Mapping[str, Any]:
+        """Many writes in one call, ordered together (in this order): each one's summary or
+        error, as the single operation would answer (``store_data``, ``store_until`` or
+        ``generate_joint_secret`` for version 1 by its type, ``write`` for later versions)."""
+        from appliance.apps.store.model import WriteRequest
+
+        if reg.verifier is not None:
+            raise ApiError(
+                NOT_PERMITTED, "store_batch is for centralized registrations (a quorum approves one request)"
+            )
+        results: list[Mapping[str, Any] | None] = []
+        send: list[bytes] = []
+        for raw in requests:
+            try:
+                write = WriteRequest.decode(raw)
+            except DecodeError as exc:
+                results.append({"code": BAD_REQUEST, "message": f"field 'request': {exc}"[:1000]})
+                continue
+            if write.version == 1:
+                allowed = frozenset().union(*(STORE_WRITES[op] for op in STORE_WRITES if op != "write"))
+            else:
+                allowed = STORE_WRITES["write"]
+            if write.dtype.value not in allowed:
+                results.append(
+                    {
+                        "code": BAD_REQUEST,
+                        "message": f"version {write.version} of {write.dtype.value} data cannot be written",
+                    }
+                )
+                continue
+            results.append(None)
+            send.append(raw)
+        done = list(await backend.store_write_many(send, reg.name, reg.unique_id)) if send else []
+        if len(done) != len(send):
+            raise ApiError(UNAVAILABLE, "the store answered for another number of writes")
+        answers = iter(done)
+        out: list[Mapping[str, Any]] = []
+        for result in results:
+            if result is None:
+                got = dict(next(answers))
+                if "code" in got and got["code"] not in ERROR_CODES:
+                    got["code"] = REFUSED
+                out.append(got)
+            else:
+                out.append(result)
+        return {"results": out}
 
     async def _quorum(self, reg: Registration, payload: bytes) -> bytes:
         """The approvals certificate (protocol ``store``) of ``payload``: once a strict majority

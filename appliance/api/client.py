@@ -834,6 +834,55 @@ class PstClient:
             return got
         return self._store_write("generate_joint_secret", data_id, value, "joint-secret", handle=handle)
 
+    def store_many(
+        self,
+        items: Sequence[tuple[str, bytes]],
+        dtype: str = "public-once",
+        *,
+        reader: Any = None,
+        until: float | None = None,
+        handle: bytes | None = None,
+    ) -> list[int | PstError]:
+        """StoreData for many new items in one request (``store_batch``): ``(data_id, value)``
+        pairs of one type, sealed here as :meth:`store_data` does (``until``: StoreUntil's date,
+        for ``store-until``). The network orders them together, in this order; each one's
+        version, or the :class:`PstError` it got (a refusal does not stop the others). At most
+        1,024 items and 128 KiB per request: split larger sets."""
+        from appliance.apps.store.client import seal_write
+        from appliance.apps.store.model import DataType
+
+        try:
+            kind = DataType(dtype)
+        except ValueError:
+            raise PstError("bad-request", f"unknown data type {dtype!r}") from None
+        key = self.store_key(handle) if kind.secret else None
+        public = _reader_public(reader)
+        until_ms = round(until * 1000) if until is not None else 0
+        requests = [
+            seal_write(
+                key, self._app(), data_id, kind, bytes(value), reader=public, until_ms=until_ms
+            ).encode()
+            for data_id, value in items
+        ]
+        return self.store_batch(requests, handle=handle)
+
+    def store_batch(self, requests: Sequence[bytes], *, handle: bytes | None = None) -> list[int | PstError]:
+        """Encoded write requests (``appliance.apps.store.model.WriteRequest``) in one call:
+        each one's version, or its :class:`PstError`, in order."""
+        result = self._with_handle("store_batch", handle, requests=list(requests))
+        results = result.get("results")
+        if not isinstance(results, list) or len(results) != len(requests):
+            raise PstError("connection", "malformed store_batch response")
+        out: list[int | PstError] = []
+        for r in results:
+            if isinstance(r, dict) and isinstance(r.get("version"), int):
+                out.append(r["version"])
+            elif isinstance(r, dict) and isinstance(r.get("code"), str):
+                out.append(PstError(r["code"], str(r.get("message", ""))))
+            else:
+                raise PstError("connection", "malformed store_batch response")
+        return out
+
     def store_record(self, data_id: str, *, handle: bytes | None = None) -> dict[str, Any]:
         """The item as this server holds it (type, version, owner; a public value, a secret's
         ciphertexts), without reading a secret."""

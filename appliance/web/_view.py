@@ -171,7 +171,11 @@ def clean_store(raw: Any) -> dict[str, Any] | None:
         "items": _int(raw.get("items")),
         "applied": _int(raw.get("applied")),
         "digest": _str(raw.get("digest"), 64),
+        "digest_applied": _int(raw.get("digest_applied")),
         "refused_reads": _int(raw.get("refused_reads")),
+        "batches": _int(raw.get("batches")),
+        "batched": _int(raw.get("batched")),
+        "snapshot": _int(raw.get("snapshot")),
     }
 
 

@@ -623,6 +623,17 @@ def _join(app: str, data_id: str) -> str:
     return f"{app}/{data_id}"
 
 
+#: Buckets of :meth:`StoreState.tree_digest`.
+DIGEST_BUCKETS: Final = 1024
+#: Ciphertext checks remembered (:meth:`StoreState._check_sealed`).
+MAX_CHECKED: Final = 65536
+
+
+def _bucket(key: tuple[str, str]) -> int:
+    h = hashlib.sha256(encoding.encode(list(key))).digest()
+    return int.from_bytes(h[:4], "big") % DIGEST_BUCKETS
+
+
 class StoreState(Generic[E]):
     """What every server holds: the records, their checks, and the rule before a decryption share.
 
@@ -634,7 +645,18 @@ class StoreState(Generic[E]):
         self.public_key = public_key
         self.t = t
         self.quotas = quotas or Quotas()
+        #: The records by (application, data id); changed only through :meth:`put`, which keeps
+        #: the per-application usage and the digest's buckets up to date with them.
         self.records: dict[tuple[str, str], Record] = {}
+        self._usage: dict[str, tuple[int, int]] = {}
+        self._buckets: list[dict[tuple[str, str], bytes]] = [{} for _ in range(DIGEST_BUCKETS)]
+        self._bucket_digests: list[bytes | None] = [None] * DIGEST_BUCKETS
+        #: StoreUntil items not released yet (what the network may have to release).
+        self.unreleased: set[tuple[str, str]] = set()
+        #: Ciphertexts (with their labels) that passed TDH2's check here, most recent last: the
+        #: check is a function of them alone, so the origin's check of a write before it is sent
+        #: is not done again when the write is applied (bounded by MAX_CHECKED).
+        self._checked: dict[bytes, None] = {}
 
     # Queries ----------------------------------------------------------------------------------
 
@@ -645,16 +667,34 @@ class StoreState(Generic[E]):
         return record
 
     def usage(self, app: str) -> tuple[int, int]:
-        """(records, bytes) of application ``app``."""
-        mine = [r for (a, _), r in self.records.items() if a == app]
-        return len(mine), sum(r.size for r in mine)
+        """(records, bytes) of application ``app`` (kept by :meth:`put`: O(1))."""
+        return self._usage.get(app, (0, 0))
+
+    def put(self, record: Record) -> None:
+        """Store ``record`` (new, or replacing the one of its id): the only way records change."""
+        key = (record.app, record.data_id)
+        old = self.records.get(key)
+        count, used = self.usage(record.app)
+        if old is None:
+            count += 1
+        else:
+            used -= old.size
+        self._usage[record.app] = (count, used + record.size)
+        self.records[key] = record
+        b = _bucket(key)
+        self._buckets[b][key] = hashlib.sha256(encoding.encode(record.to_obj())).digest()
+        self._bucket_digests[b] = None
+        if record.dtype == DataType.STORE_UNTIL and not record.value:
+            self.unreleased.add(key)
+        else:
+            self.unreleased.discard(key)
 
     # Writes -----------------------------------------------------------------------------------
 
     def apply_write(self, request: WriteRequest, requester: Requester, view: ServerView) -> Record:
         """Check ``request`` against this state and apply it; Refused (nothing changes) otherwise."""
         record = self.check_write(request, requester, view)
-        self.records[(request.app, request.data_id)] = record
+        self.put(record)
         return record
 
     def check_write(self, request: WriteRequest, requester: Requester, view: ServerView) -> Record:
@@ -766,6 +806,10 @@ class StoreState(Generic[E]):
         elif parts != {0}:
             raise Refused(BAD_REQUEST, f"{where}: one sealed value (part 0) expected")
         for part, blob in sorted(record.sealed.items()):
+            lbl = record.label(part)
+            memo = hashlib.sha256(encoding.encode([blob, lbl])).digest()
+            if memo in self._checked:  # this process checked this sealed value under this label
+                continue
             try:
                 sealed = tdh2.Sealed.decode(self.group, blob)
             except DecodeError as exc:
@@ -775,9 +819,12 @@ class StoreState(Generic[E]):
                     QUOTA, f"{where}: part {part} exceeds the limit of {self.quotas.max_value_size} bytes"
                 )
             try:
-                tdh2.check_ciphertext(self.group, sealed.kem, record.label(part))
+                tdh2.check_ciphertext(self.group, sealed.kem, lbl)
             except tdh2.InvalidCiphertext as exc:
                 raise Refused(BAD_REQUEST, f"{where}: part {part}: {exc}") from None
+            self._checked[memo] = None
+            while len(self._checked) > MAX_CHECKED:
+                del self._checked[next(iter(self._checked))]
 
     def _check_quotas(self, record: Record, current: Record | None, where: str) -> None:
         count, used = self.usage(record.app)
@@ -869,11 +916,7 @@ class StoreState(Generic[E]):
     # Encoding ---------------------------------------------------------------------------------
 
     def to_obj(self) -> dict[str, Any]:
-        return {
-            "v": FORMAT_VERSION,
-            "g": self.group.name,
-            "records": [self.records[k].to_obj() for k in sorted(self.records)],
-        }
+        return state_obj(self.group.name, self.records)
 
     def encode(self) -> bytes:
         return encoding.encode(self.to_obj())
@@ -882,12 +925,41 @@ class StoreState(Generic[E]):
         """SHA-256 of the canonical encoding: equal at every server that applied the same writes."""
         return hashlib.sha256(self.encode()).digest()
 
+    def tree_digest(self) -> bytes:
+        """A digest of the records that costs O(records changed since the last call), not
+        O(records): a two-level hash tree with SHA-256. Each record is hashed (its canonical
+        encoding) when it is put; the records fall into :data:`DIGEST_BUCKETS` buckets by
+        SHA-256 of their (application, id); a bucket's digest is SHA-256 of the canonical
+        encoding of its sorted ``[application, id, record hash]`` triples (recomputed only when
+        the bucket changed), and the result is SHA-256 of the canonical encoding of the group
+        and the bucket digests. Equal states give equal digests, and (SHA-256 being collision
+        resistant) different states different ones, as :meth:`digest`."""
+        digests: list[bytes] = []
+        for b, cached in enumerate(self._bucket_digests):
+            if cached is None:
+                bucket = self._buckets[b]
+                triples = [[app, data_id, bucket[(app, data_id)]] for app, data_id in sorted(bucket)]
+                cached = self._bucket_digests[b] = hashlib.sha256(encoding.encode(triples)).digest()
+            digests.append(cached)
+        top = {"v": FORMAT_VERSION, "g": self.group.name, "buckets": b"".join(digests)}
+        return hashlib.sha256(encoding.encode(top)).digest()
+
     @classmethod
     def decode(
-        cls, group: Group[E], public_key: E, t: int, data: bytes, quotas: Quotas | None = None
+        cls,
+        group: Group[E],
+        public_key: E,
+        t: int,
+        data: bytes,
+        quotas: Quotas | None = None,
+        max_size: int = encoding.MAX_ENCODED_SIZE,
     ) -> StoreState[E]:
+        """The state encoded in ``data`` (at most ``max_size`` bytes: a server's own snapshot
+        may be larger than the default limit of a message)."""
         what = "store state"
-        f = encoding.expect_map(encoding.decode(data, what=what), {"v": int, "g": str, "records": list}, what)
+        f = encoding.expect_map(
+            encoding.decode(data, max_size=max_size, what=what), {"v": int, "g": str, "records": list}, what
+        )
         if f["v"] != FORMAT_VERSION:
             raise DecodeError(f"{what}: format version {f['v']}, this server reads {FORMAT_VERSION}")
         if f["g"] != group.name:
@@ -898,10 +970,16 @@ class StoreState(Generic[E]):
             key = (record.app, record.data_id)
             if key in state.records:
                 raise DecodeError(f"{what}: record {index} repeats {_join(*key)}")
-            state.records[key] = record
+            state.put(record)
         if list(state.records) != sorted(state.records):
             raise DecodeError(f"{what}: records out of order")
         return state
+
+
+def state_obj(group: str, records: Mapping[tuple[str, str], Record]) -> dict[str, Any]:
+    """The canonical form of a state of ``records`` on ``group`` (:meth:`StoreState.to_obj`;
+    also for a copy of the records, encoded while the state goes on changing)."""
+    return {"v": FORMAT_VERSION, "g": group, "records": [records[k].to_obj() for k in sorted(records)]}
 
 
 # The client's side --------------------------------------------------------------------------------

@@ -11,11 +11,20 @@ sealed to the reader's key.
   certified by the period's channel keys, catch-up from the peers) on its own
   :class:`~appliance.apps.log.tiles.TileLog` under ``<state>/serve/store/ops``, its frames tagged
   :data:`STORE_FRAME` and its vote-key announcements signed under the name ``store``.
-  :meth:`StoreNode.write` puts an operation in it and returns its outcome once this server has
-  applied it.
+  :meth:`StoreNode.write_many` (and :meth:`StoreNode.write`, one) checks the writes, queues
+  their operations, and returns their outcomes once this server has applied them.
+* **Batching** (group commit). A task takes everything queued (whole calls, up to
+  :data:`MAX_WRITE_BATCH` operations) and hands it to the sequence as one batch; up to
+  :data:`IN_FLIGHT` batches are being agreed at once, and what arrives meanwhile waits for the
+  next one. A slot of the agreement names up to 64 batches, so many writes share one agreed
+  slot, one sync per server, and one round of messages. The operations of one call stay in one
+  batch, in their order (so a call's writes are applied in the order given).
 * **Applying.** A task follows the sequence: every new entry goes through
-  :meth:`StoreService.apply` in order, then the state (records and count) is written to
-  ``<state>/serve/store/state`` (atomic write, fsync) before callers learn the outcome.
+  :meth:`StoreService.apply` in order, and the callers waiting on them learn their outcomes.
+  The sequence is the journal (durable before an entry is applied); a snapshot of the state is
+  written now and then (:mod:`.persist`: every ``SNAPSHOT_EVERY`` operations or
+  ``SNAPSHOT_INTERVAL`` seconds) to ``<state>/serve/store/state``, and a restart applies the
+  sequence's entries after it again.
 * **Reads of secrets** (:meth:`StoreNode.read_secret`): asks and answers are frames tagged
   :data:`READ_FRAME`, taken only from authenticated period channels (``pst serve`` checks).
   Each server answers from its own state and clock (:meth:`StoreService.authorize`) and its
@@ -26,9 +35,10 @@ sealed to the reader's key.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +48,7 @@ from appliance.apps.dsskeys.model import KEY_REGISTRY, Registry, key_name
 from appliance.apps.log.errors import LogError
 from appliance.apps.log.node import LogNode
 from appliance.apps.log.tiles import PosixStorage, TileLog
-from appliance.apps.store import model
+from appliance.apps.store import model, persist
 from appliance.apps.store.client import StoreKey, combine_answers
 from appliance.apps.store.model import Client, DataType, ReadRequest, Record, Refused, WriteRequest
 from appliance.apps.store.service import (
@@ -83,6 +93,14 @@ READ_TIMEOUT = 8.0
 RESEND = 1.0
 #: Asks waiting for an answer at this server (more are dropped: the asker times out).
 MAX_ASKS = 64
+#: Operations in one batch of the sequence (whole calls: one call's may make it larger), and
+#: batches of ours being agreed at once.
+MAX_WRITE_BATCH = 2048
+IN_FLIGHT = 4
+#: Operations applied between two checkpoints of the trio loop (applying is CPU-bound).
+APPLY_CHUNK = 32
+#: Seconds between two computations of the status's digest while the state changes.
+DIGEST_EVERY = 1.0
 
 KeyCall = Callable[[], Awaitable[Mapping[str, Any]]]
 ShareCall = Callable[[list[list[bytes]], bytes], Awaitable[Mapping[str, Any]]]
@@ -94,6 +112,16 @@ def is_store_frame(data: bytes) -> bool:
 
 class StoreUnavailable(Exception):
     """The store cannot serve now (no store key yet, a timeout); the message says why."""
+
+
+class _Queued:
+    """The operations of one call, waiting to be ordered: their indices once they are."""
+
+    def __init__(self, entries: list[bytes]) -> None:
+        self.entries = entries
+        self.done = trio.Event()
+        self.indices: list[int] = []
+        self.error: Exception | None = None
 
 
 class StoreNode:
@@ -112,6 +140,7 @@ class StoreNode:
         on_alert: Callable[[Alert], None] = lambda alert: None,
         base_timeout: float = 0.5,
         clock: Callable[[], float] = time.time,
+        snapshots: persist.SnapshotPolicy | None = None,
     ) -> None:
         self.server_id, self.n, self.t = server_id, n, t
         self.directory = directory
@@ -154,6 +183,14 @@ class StoreNode:
         self._alerted: dict[bytes, None] = {}  # rids of the last reads we raised an alert for
         #: Refusals this server answered (for the status page and tests).
         self.refused = 0
+        self._queue: list[_Queued] = []
+        self._queued = trio.Event()
+        self.snapshots = snapshots if snapshots is not None else persist.SnapshotPolicy()
+        #: Batches of writes this server handed to the sequence, and the operations in them.
+        self.batches = 0
+        self.batched = 0
+        self._digest: tuple[int, str | None] = (-1, None)
+        self._digest_time = -math.inf
 
     @property
     def state_path(self) -> Path:
@@ -169,6 +206,8 @@ class StoreNode:
             nursery.start_soon(self._answer_asks)
             nursery.start_soon(self._answer_asks)
             nursery.start_soon(self._releases)
+            nursery.start_soon(self._batches)
+            nursery.start_soon(self._snapshots)
             await self._follow()
 
     async def _open(self) -> None:
@@ -182,62 +221,114 @@ class StoreNode:
                 await trio.sleep(1.0)
         self.key = StoreKey.from_result(key)
         group = self.key.group
-        public_key = self.key.public_key
-        raw = await trio.to_thread.run_sync(_read, self.state_path)
-        self.service = StoreService(group, public_key, self.t)
-        if raw is not None:
-            # The state is derived from the sequence: unreadable, or ahead of the operations we
-            # hold (they were lost; the replica fetches them again), it is rebuilt from them.
-            try:
-                saved = StoreService.decode(group, public_key, self.t, raw)
-            except DecodeError as exc:
-                log.error("store: %s unreadable (%s): rebuilt from the operations", self.state_path, exc)
-            else:
-                if saved.applied <= self.sequence.size:
-                    self.service = saved
-                else:
-                    log.error(
-                        "store: %s has %d operations applied, the sequence holds %d: rebuilt from them",
-                        self.state_path,
-                        saved.applied,
-                        self.sequence.size,
-                    )
+        # The state is derived from the sequence (the journal): the snapshot, then the entries
+        # after it (applied by _follow). A snapshot that is unreadable, or ahead of the
+        # operations we hold (they were lost; the replica fetches them again), is dropped.
+        self.service = await trio.to_thread.run_sync(
+            persist.load, self.state_path, group, self.key.public_key, self.t, self.sequence.size
+        )
+        self.snapshots.taken(self.service.applied, self._clock())
         vcert = key.get("vcert")
         if isinstance(vcert, bytes) and len(vcert) == 32:
             self.service.authority = model.Authority(vcert, self.n)
         else:
             log.error("store: the key-holder gave no group public key: quorum requests are refused")
         self.group = group
-        self._ready.set()
         log.info(
-            "store: %d items, %d operations applied", len(self.service.state.records), self.service.applied
+            "store: %d items, %d operations applied from the snapshot, %d in the sequence",
+            len(self.service.state.records),
+            self.service.applied,
+            self.sequence.size,
         )
 
     async def _follow(self) -> None:
-        """Apply the sequence's new entries in order, saving the state after each round."""
+        """Apply the sequence's new entries in order; the callers waiting learn their outcomes."""
         service = self.service
         assert service is not None
+        replay = self.sequence.size  # what was in the journal at start: applied before serving
         while True:
+            if service.applied >= replay and not self._ready.is_set():
+                self._ready.set()
+                log.info(
+                    "store: %d items, %d operations applied", len(service.state.records), service.applied
+                )
             size = self.sequence.size
             if size > service.applied:
-                end = min(size, service.applied + 256)
+                end = min(size, service.applied + 1024)
                 entries = await self.sequence.read_entries(service.applied, end)
                 keys_changed = self._registry_written is None
-                for entry in entries:
+                for k, entry in enumerate(entries):
                     outcome = service.apply(service.applied, entry)
                     if isinstance(outcome, Refused):
                         log.info("store: operation %d refused: %s", service.applied - 1, outcome.reason)
                     elif isinstance(outcome, Record) and key_name(outcome.data_id) is not None:
                         keys_changed = True
-                data = service.encode()
-                await trio.to_thread.run_sync(atomic_write, self.state_path, data)
-                if keys_changed:  # before the event: an answered generate_dss_key is in the file
-                    await self._write_key_registry(service)
-                event, self._applied = self._applied, trio.Event()
-                event.set()
+                    if k % APPLY_CHUNK == APPLY_CHUNK - 1:
+                        keys_changed = await self._wake(service, keys_changed)
+                        await trio.sleep(0)  # the loop serves others while a long round applies
+                await self._wake(service, keys_changed)
                 continue
             with trio.move_on_after(1.0):  # the event is the wake-up; the timeout a safety net
                 await self.sequence.grown.wait()
+
+    async def _wake(self, service: StoreService[Any], keys_changed: bool) -> bool:
+        """Tell the callers waiting what was applied (the key registry written first when an
+        application's DSS key changed: an answered generate_dss_key is in the file)."""
+        if keys_changed:
+            await self._write_key_registry(service)
+        event, self._applied = self._applied, trio.Event()
+        event.set()
+        return False
+
+    async def _snapshots(self) -> None:
+        """Write a snapshot of the state when the policy says so (see :mod:`.persist`)."""
+        while True:
+            await trio.sleep(1.0)
+            service = self.service
+            if service is None or not self.snapshots.due(service.applied, self._clock()):
+                continue
+            snapshot = persist.Snapshot.of(service)
+            await trio.to_thread.run_sync(persist.write, self.state_path, snapshot)
+            self.snapshots.taken(snapshot.applied, self._clock())
+            log.debug("store: snapshot of %d operations written", snapshot.applied)
+
+    async def _batches(self) -> None:
+        """Hand the queued writes to the sequence, a batch at a time (module docstring)."""
+        slots = trio.Semaphore(IN_FLIGHT)
+        async with trio.open_nursery() as nursery:
+            while True:
+                while not self._queue:
+                    await self._queued.wait()
+                    self._queued = trio.Event()
+                await slots.acquire()
+                take, count = 0, 0
+                while take < len(self._queue) and (
+                    take == 0 or count + len(self._queue[take].entries) <= MAX_WRITE_BATCH
+                ):
+                    count += len(self._queue[take].entries)
+                    take += 1
+                calls, self._queue = self._queue[:take], self._queue[take:]
+                nursery.start_soon(self._order, calls, slots)
+
+    async def _order(self, calls: list[_Queued], slots: trio.Semaphore) -> None:
+        try:
+            entries = [e for call in calls for e in call.entries]
+            self.batches += 1
+            self.batched += len(entries)
+            try:
+                indices = await self._append(entries)
+            except Exception as exc:  # not ordered (LogError): every caller hears it
+                for call in calls:
+                    call.error = exc
+                    call.done.set()
+                return
+            at = 0
+            for call in calls:
+                call.indices = indices[at : at + len(call.entries)]
+                at += len(call.entries)
+                call.done.set()
+        finally:
+            slots.release()
 
     @property
     def key_registry_path(self) -> Path:
@@ -276,52 +367,81 @@ class StoreNode:
         self, request: WriteRequest, client: Client, quorum: model.Quorum | None = None
     ) -> Record:
         """Order ``request`` through the network and apply it: the record, or Refused."""
-        service = await self.ready()
-        at = self._clock()
-        view = FixedClock(at, service.authority, self._oldest_period())
-        requester: model.Requester = quorum if quorum is not None else client
-        try:
-            service.state.check_write(request, requester, view)  # refused here: not sent at all
-        except Refused as exc:
-            if exc.code == model.NOT_PERMITTED:
-                detail = (
-                    f"{_requester(client, quorum)} asked to write {request.app}/{request.data_id} "
-                    f"({request.dtype.value}): refused: {exc.reason}"
-                )
-                alert = Alert(
-                    AlertKind.STORE_WRITE_REFUSED, self.server_id, self.sequence.replica.period, detail
-                )
-                log.warning("%s", alert)
-                self._on_alert(alert)
-            raise
-        entry = Operation(request, client, round(at * 1000), quorum).encode()
-        index = await self._append(entry)
-        if not await self._until_applied(index + 1, 30.0):
-            raise StoreUnavailable("the write was ordered but not applied here in time")
-        outcome = service.outcomes.get(index)
-        if outcome is None:
-            raise StoreUnavailable("the write's outcome is no longer known here")
+        (outcome,) = await self.write_many([request], client, quorum)
         if isinstance(outcome, Refused):
             raise outcome
         return outcome
 
-    async def _append(self, entry: bytes) -> int:
-        """Put ``entry`` in the sequence: its index once it is there."""
+    async def write_many(
+        self, requests: Sequence[WriteRequest], client: Client, quorum: model.Quorum | None = None
+    ) -> list[Record | Refused]:
+        """Order ``requests`` through the network, in this order, and apply them: each one's
+        record, or its refusal. A request this server would refuse now is refused here and not
+        sent (a rule broken: an alert naming the requester); the others are applied in the
+        agreed order (a request may still be refused there, e.g. the second of two writes of
+        one write-once id)."""
+        service = await self.ready()
+        at = self._clock()
+        view = FixedClock(at, service.authority, self._oldest_period())
+        requester: model.Requester = quorum if quorum is not None else client
+        outcomes: list[Record | Refused | None] = []
+        entries: list[bytes] = []
+        where: list[int] = []
+        for request in requests:
+            try:
+                service.state.check_write(request, requester, view)  # refused here: not sent
+            except Refused as exc:
+                if exc.code == model.NOT_PERMITTED:
+                    detail = (
+                        f"{_requester(client, quorum)} asked to write {request.app}/{request.data_id} "
+                        f"({request.dtype.value}): refused: {exc.reason}"
+                    )
+                    alert = Alert(
+                        AlertKind.STORE_WRITE_REFUSED, self.server_id, self.sequence.replica.period, detail
+                    )
+                    log.warning("%s", alert)
+                    self._on_alert(alert)
+                outcomes.append(exc)
+                continue
+            where.append(len(outcomes))
+            outcomes.append(None)
+            entries.append(Operation(request, client, round(at * 1000), quorum).encode())
+        if entries:
+            call = _Queued(entries)
+            self._queue.append(call)
+            self._queued.set()
+            await call.done.wait()
+            if call.error is not None:
+                raise StoreUnavailable(f"the writes were not ordered: {call.error}")
+            if not await self._until_applied(call.indices[-1] + 1, 30.0):
+                raise StoreUnavailable("the writes were ordered but not applied here in time")
+            for slot, index in zip(where, call.indices, strict=True):
+                outcome = service.outcomes.get(index)
+                if outcome is None:
+                    raise StoreUnavailable("a write's outcome is no longer known here")
+                outcomes[slot] = outcome
+        return [o for o in outcomes if o is not None]
+
+    async def _append(self, entries: list[bytes]) -> list[int]:
+        """Put ``entries`` in the sequence: their indices once they are there."""
         start = self.sequence.size
         try:
-            (index,) = await self.sequence.append([entry])
-            return index
+            return list(await self.sequence.append(entries))
         except LogError:
             # Ordered while this server caught up from behind (the replica took the state t+1
-            # servers reported, and the entries up to it): the sequence does not say where. It
+            # servers reported, and the entries up to it): the sequence does not say where. Each
             # is after ``start``: the first entry with its bytes (an operation names its client
             # and the origin's clock in ms).
             end = self.sequence.size
+            wanted = {e: None for e in entries}
+            found: dict[bytes, int] = {}
             for at in range(start, end, 256):
-                chunk = await self.sequence.read_entries(at, min(end, at + 256))
-                if entry in chunk:
-                    return at + chunk.index(entry)
-            raise
+                for k, e in enumerate(await self.sequence.read_entries(at, min(end, at + 256))):
+                    if e in wanted and e not in found:
+                        found[e] = at + k
+            if len(found) < len(wanted):
+                raise
+            return [found[e] for e in entries]
 
     # --- Reads ---------------------------------------------------------------------------------
 
@@ -604,6 +724,32 @@ class StoreNode:
         record = await self.write(write, Client(app, unique_id), q)
         return {"data_id": record.data_id, "type": record.dtype.value, "version": record.version}
 
+    async def store_write_many(
+        self, requests: list[bytes], app: str, unique_id: bytes
+    ) -> list[Mapping[str, Any]]:
+        decoded: list[WriteRequest] = []
+        results: list[Mapping[str, Any] | None] = []
+        for raw in requests:
+            try:
+                decoded.append(WriteRequest.decode(raw))
+                results.append(None)
+            except DecodeError as exc:
+                results.append({"code": model.BAD_REQUEST, "message": str(exc)[:1000]})
+        outcomes = iter(await self.write_many(decoded, Client(app, unique_id)))
+        out: list[Mapping[str, Any]] = []
+        for result in results:
+            if result is not None:
+                out.append(result)
+                continue
+            outcome = next(outcomes)
+            if isinstance(outcome, Refused):
+                out.append({"code": outcome.code, "message": str(outcome)[:1000]})
+            else:
+                out.append(
+                    {"data_id": outcome.data_id, "type": outcome.dtype.value, "version": outcome.version}
+                )
+        return out
+
     async def store_retrieve(
         self, app: str, unique_id: bytes, data_id: str, reader: bytes | None, quorum: bytes | None = None
     ) -> Mapping[str, Any]:
@@ -627,11 +773,22 @@ class StoreNode:
 
     def status(self) -> dict[str, Any]:
         service = self.service
+        if service is not None and service.applied != self._digest[0]:
+            # Peers' status pages poll this every second or so: while writes stream in, the
+            # digest is computed at most every DIGEST_EVERY seconds (``digest_applied`` says
+            # which count it is of); once nothing changes it is the current state's.
+            now = time.monotonic()
+            if now - self._digest_time >= DIGEST_EVERY or self._digest[1] is None:
+                self._digest, self._digest_time = (service.applied, service.digest().hex()), now
         return {
             "items": 0 if service is None else len(service.state.records),
             "applied": 0 if service is None else service.applied,
-            "digest": None if service is None else service.digest().hex(),
+            "digest": self._digest[1],
+            "digest_applied": self._digest[0] if self._digest[1] is not None else None,
             "refused_reads": self.refused,
+            "batches": self.batches,
+            "batched": self.batched,
+            "snapshot": self.snapshots.applied,
         }
 
 
@@ -640,13 +797,6 @@ def _requester(client: Client, quorum: model.Quorum | None) -> str:
     if quorum is None:
         return f"client {client.app}/{client.unique_id.hex()}"
     return f"a quorum of {quorum.app} (period {quorum.period}, {len(quorum.votes)} votes)"
-
-
-def _read(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
 
 
 def answers_to_obj(answers: Mapping[int, ReadAnswer]) -> dict[int, dict[str, Any]]:

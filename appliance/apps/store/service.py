@@ -66,8 +66,11 @@ MAX_OPERATION: Final = 0xFFFF
 #: The network's quotas: a value and its sealed form fit in one operation.
 NETWORK_QUOTAS: Final = Quotas(max_value_size=16 * 1024)
 #: Outcomes of recent operations kept for the servers' API callers waiting on them.
-MAX_OUTCOMES: Final = 4096
+MAX_OUTCOMES: Final = 65536
 RID_SIZE: Final = 16
+#: The largest saved state a server opens (its own snapshot, from its disk): ~2 million items of
+#: the benchmark's size (the default limit of a decoded message, 16 MiB, held ~33,000).
+MAX_SNAPSHOT: Final = 1 << 30
 MAX_ANSWER_PARTS: Final = model.MAX_PARTS
 #: Codes whose refusal at a server is an alert there (the request broke a rule, it did not lag).
 ALERT_CODES: Final = frozenset({model.NOT_PERMITTED, model.TOO_EARLY})
@@ -111,8 +114,11 @@ class Operation:
 
     @classmethod
     def decode(cls, data: bytes) -> Operation:
+        return cls.from_obj(encoding.decode(data, max_size=MAX_OPERATION, what="store operation"))
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> Operation:
         what = "store operation"
-        obj = encoding.decode(data, max_size=MAX_OPERATION, what=what)
         fields: dict[str, type] = {"op": str, "w": dict, "by": dict, "at": int}
         if isinstance(obj, dict) and "q" in obj:
             fields["q"] = dict
@@ -174,7 +180,7 @@ def decode_entry(data: bytes) -> Operation | Release:
     obj = encoding.decode(data, max_size=MAX_OPERATION, what="store operation")
     if isinstance(obj, dict) and obj.get("op") == "release":
         return Release.from_obj(obj)
-    return Operation.decode(data)
+    return Operation.from_obj(obj)  # decoded once: the entry's CBOR was checked canonical above
 
 
 @dataclass(frozen=True)
@@ -267,16 +273,13 @@ class StoreService(Generic[E]):
         except tdh2.InvalidCiphertext:
             raise Refused(model.BAD_REQUEST, f"{where}: the key does not open the sealed value") from None
         released = dataclasses.replace(record, value=value)
-        self.state.records[(op.app, op.data_id)] = released
+        self.state.put(released)
         return released
 
     def due_releases(self, now: float) -> list[Record]:
         """StoreUntil items whose date ``now`` has passed and that are not released yet."""
-        return [
-            r
-            for r in self.state.records.values()
-            if r.dtype == model.DataType.STORE_UNTIL and not r.value and r.until_ms <= now * 1000
-        ]
+        records = (self.state.records[key] for key in sorted(self.state.unreleased))
+        return [r for r in records if r.until_ms <= now * 1000]
 
     def authorize(
         self,
@@ -304,12 +307,16 @@ class StoreService(Generic[E]):
     # Persistence -----------------------------------------------------------------------------
 
     def encode(self) -> bytes:
-        return encoding.encode({"v": FORMAT_VERSION, "applied": self.applied, "state": self.state.encode()})
+        return encode_snapshot(self.group.name, self.state.records, self.applied)
 
     def digest(self) -> bytes:
-        """SHA-256 of the state and the number of operations applied: equal at every server
-        that applied the same prefix of the agreed sequence."""
-        return hashlib.sha256(self.encode()).digest()
+        """SHA-256 of the state's digest and the number of operations applied: equal at every
+        server that applied the same prefix of the agreed sequence. The state's part is
+        :meth:`~.model.StoreState.tree_digest` (a hash tree over the records), so that this
+        costs O(records changed since the last call), not O(stored bytes)."""
+        return hashlib.sha256(
+            encoding.encode({"v": FORMAT_VERSION, "applied": self.applied, "state": self.state.tree_digest()})
+        ).digest()
 
     @classmethod
     def decode(
@@ -317,16 +324,24 @@ class StoreService(Generic[E]):
     ) -> StoreService[E]:
         what = "store service state"
         f = encoding.expect_map(
-            encoding.decode(data, what=what), {"v": int, "applied": int, "state": bytes}, what
+            encoding.decode(data, max_size=MAX_SNAPSHOT, what=what),
+            {"v": int, "applied": int, "state": bytes},
+            what,
         )
         if f["v"] != FORMAT_VERSION:
             raise DecodeError(f"{what}: format version {f['v']}, this server reads {FORMAT_VERSION}")
         if f["applied"] < 0:
             raise DecodeError(f"{what}: negative count")
         service = cls(group, public_key, t, quotas)
-        service.state = StoreState.decode(group, public_key, t, f["state"], quotas)
+        service.state = StoreState.decode(group, public_key, t, f["state"], quotas, max_size=MAX_SNAPSHOT)
         service.applied = f["applied"]
         return service
+
+
+def encode_snapshot(group: str, records: Mapping[tuple[str, str], Record], applied: int) -> bytes:
+    """:meth:`StoreService.encode` of a state of ``records`` after ``applied`` operations."""
+    state = encoding.encode(model.state_obj(group, records))
+    return encoding.encode({"v": FORMAT_VERSION, "applied": applied, "state": state})
 
 
 # The read protocol's messages ---------------------------------------------------------------------
