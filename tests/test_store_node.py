@@ -261,7 +261,8 @@ async def test_an_unreadable_state_is_rebuilt_from_the_operations(tmp_path: Path
 async def test_concurrent_writes_share_batches_in_order_and_a_snapshot_reopens(tmp_path: Path) -> None:
     """Many callers at one server: their writes go to the sequence in few batches (group commit),
     each caller's in its order, each answered with its own outcome; the snapshot policy writes
-    snapshots as the writes come."""
+    snapshots as the writes come; the snapshot, then the sequence after it, give the same state
+    at a restart."""
     net = Net(tmp_path)
     for node in net.nodes.values():
         node.snapshots = persist.SnapshotPolicy(every=50, interval=3600.0)
@@ -295,9 +296,14 @@ async def test_concurrent_writes_share_batches_in_order_and_a_snapshot_reopens(t
                 await trio.sleep(0.1)
             digest = node.status()["digest"]
         nursery.cancel_scope.cancel()
-    # (A restart of this node from its snapshot, once here, hung after the merge with main: the
-    # restart from a snapshot is tested in test_store_persist.py, with SIGKILL.)
-    assert digest
+    again = net.make(tmp_path, 1)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            await nursery.start(again.run)
+            service = await again.ready()
+            assert service.applied == 220 and again.status()["digest"] == digest
+            assert again.snapshots.applied > 170  # it opened the snapshot, then applied the rest
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_server_that_cannot_check_a_period_s_decisions_catches_up_and_its_write_completes(
