@@ -75,6 +75,7 @@ class Run:
 
 
 PERIOD = 4.0
+EXTRA = 0
 
 
 def build(
@@ -642,6 +643,71 @@ def late_recovering(seed: int) -> Run:
     return run
 
 
+def _wipe_shares(server: SimServer) -> None:
+    """The attacker deleted the server's shares; its period key (and the rest) is kept."""
+    assert server.private is not None
+    server.private.shares = {}
+
+
+def wiped_restart(seed: int) -> Run:
+    """(docs/tsa.md, test_tsa_threshold_faults) A server is stopped, its shares wiped (its period
+    key kept), and restarted at a random point of a period: before, during or after that period's
+    refresh. Its process may also be slow to get going (its first messages late). It must be
+    operational after the next refresh that begins once it is up."""
+    rng = random.Random(seed)
+    c = _constants(rng, long_run=True)
+    up = rng.randint(1, 2)
+    run = build("wiped-restart", seed, c, periods=up + 1 + EXTRA)
+    victim = rng.choice(list(c.ids))
+    down = c.period_start(up) - rng.uniform(0.1, 1.5)
+    run.sim.run_until(down)
+    saved = run.servers[victim]
+    run.sim.crash(victim)
+    back = c.period_start(up) + rng.uniform(-0.05, PERIOD - 0.6)
+    run.sim.run_until(max(down + 0.01, back))
+    _wipe_shares(saved)
+    _restart(run, victim, saved)
+    # Its process is slow to get going, and slow again when the next refresh starts (it gets
+    # the CPU last on a loaded machine): what it sends then leaves late.
+    nxt = c.period_start(c.period_at(back) + 1)
+    slow, lag = rng.uniform(0.0, 0.4), rng.uniform(0.0, 1.2)
+
+    def starts_slowly(sender: int, to: int, data: bytes, now: float, r: random.Random) -> list[tuple[float, bytes]]:
+        if now < back + slow:
+            return [(back + slow - now, data)]
+        if nxt <= now < nxt + lag:
+            return [(nxt + lag - now, data)]
+        return [(0.0, data)]
+
+    run.sim.faults[victim] = starts_slowly
+    run_periods(run)
+    _require_rejoined(run, victim)
+    return run
+
+
+def stale_wiped(seed: int) -> Run:
+    """(docs/tsa.md) A server is stopped across a refresh; it restarts at a random point of a later
+    period with its shares wiped and a period key that is now stale (the KeyTable it holds is one
+    or two refreshes old). It must be operational after the next refresh that begins once it is up
+    (the period it restarts in, if that refresh is still to decide, or the one after)."""
+    rng = random.Random(seed)
+    c = _constants(rng, long_run=True)
+    missed = rng.randint(1, 2)
+    run = build("stale-wiped", seed, c, periods=missed + 2)
+    victim = rng.choice(list(c.ids))
+    down = c.period_start(1) - rng.uniform(0.05, 1.0)
+    run.sim.run_until(down)
+    saved = run.servers[victim]
+    run.sim.crash(victim)
+    back = c.period_start(missed) + rng.uniform(0.3, PERIOD - 0.6)
+    run.sim.run_until(back)
+    _wipe_shares(saved)
+    _restart(run, victim, saved)
+    run_periods(run)
+    _require_rejoined(run, victim)
+    return run
+
+
 def deaf(seed: int) -> Run:
     """A server hears nothing (or says nothing) for a while in one period (a connection churning
     through a rekey):
@@ -801,6 +867,8 @@ FAMILIES: dict[str, Callable[[int], Run]] = {
     "stale": stale,
     "late-restarts": late_restarts,
     "late-recovering": late_recovering,
+    "wiped-restart": wiped_restart,
+    "stale-wiped": stale_wiped,
     "cut-after-decision": cut_after_decision,
     **{kind: _single(kind) for kind in BYZANTINE},
 }
