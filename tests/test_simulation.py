@@ -27,7 +27,14 @@ SEEDS = int(os.environ.get("PST_SIM_SEEDS", "500"))
 
 #: The families over SEEDS seeds: the scenarios, the asynchrony family, and one family per attack
 #: of issue 8 (``byzantine`` draws one of them per seed; each also runs alone).
-FAMILIES = (*scenarios.SEEDED_FAMILIES, "tpm-impostor", "late-recovering", *scenarios.BYZANTINE)
+FAMILIES = (
+    *scenarios.SEEDED_FAMILIES,
+    "tpm-impostor",
+    "late-recovering",
+    "wiped-restart",
+    "stale-wiped",
+    *scenarios.BYZANTINE,
+)
 
 
 @pytest.mark.parametrize(

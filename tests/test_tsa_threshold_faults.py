@@ -197,8 +197,8 @@ def test_threshold_tokens_across_refreshes_a_stopped_and_a_recovering_server(clu
     mark("server 4 recovering")
 
     # The refresh that recovers it. The first one after its restart went on without it in two
-    # of four runs (own-key-missing-from-keytable: a refresh-protocol matter, docs/tsa.md).
-    # Up to three are asked for.
+    # of four runs (own-key-missing-from-keytable): its code check ran before its announcement,
+    # fixed since (docs/design.md, docs/tsa.md). Up to three are still asked for.
     for _ in range(3):
         assert refresh((1, 2, 3)), cluster.states()
         if cluster.states()[4] == "operational":

@@ -1285,9 +1285,36 @@ class PeriodRefresh(DealingStage):
 
     def tick(self, now: float) -> list[Outgoing]:
         self._now = now
+        if self._code_pending == 2 and not self._check_code():
+            return []
         self._advance(now)
         out, self._out = self._out, []
+        if self._code_pending == 1 and self._started:
+            self._code_pending = 2  # our announcement leaves with this tick's messages
         return out
+
+    #: 0: no code check due; 1: due once our announcement has left; 2: due at the next tick.
+    _code_pending = 0
+
+    def _check_code(self) -> bool:
+        """A recovering server's code check (``code.check``: it hashes the installed code, about
+        0.2 s warm and many seconds cold on a loaded machine). Run after our clear announcement
+        has left, never before it: run before, it made the announcement late beyond the first
+        leader's grace, and the KeyTable went on without us, period after period (issue 8,
+        docs/tsa.md). It still runs before anything that rebuilds our shares (``_decide`` checks
+        it too). False, with the outcome set, when the code is not the code in force."""
+        if not self._code_pending or self.code is None or self.m is None:
+            self._code_pending = 0
+            return True
+        self._code_pending = 0
+        problem = self.code.check(self.m, list(self._chains))
+        if problem is None:
+            return True
+        self._alert(AlertKind.CODE_MISMATCH, self.me, f"refusing recovery: {problem}")
+        self.complete = True
+        failure = f"the installed code is not the code in force: {problem}"
+        self._set_outcome(Outcome(Status.RECOVERING, self._old_public, None, list(self.alerts), failure))
+        return False
 
     def next_wakeup(self, now: float) -> float | None:
         times = [e.next_wakeup(now) for e in (self.kt_engine, self.s_engine) if e is not None]
@@ -1402,16 +1429,9 @@ class PeriodRefresh(DealingStage):
         self._decide_status()
         if self.status != Status.OPERATIONAL and self.code is not None:
             # A recovering server checks its code against the C in force (M's, after the upgrade
-            # chain its peers pushed) before it accepts anything that rebuilds its shares.
-            problem = self.code.check(self.m, list(self._chains))
-            if problem is not None:
-                self._alert(AlertKind.CODE_MISMATCH, self.me, f"refusing recovery: {problem}")
-                self.complete = True
-                failure = f"the installed code is not the code in force: {problem}"
-                self._set_outcome(
-                    Outcome(Status.RECOVERING, self._old_public, None, list(self.alerts), failure)
-                )
-                return
+            # chain its peers pushed) before it accepts anything that rebuilds its shares: at the
+            # tick after the one that sends our announcement (see _check_code), not before it.
+            self._code_pending = 1
         if self.status == Status.OPERATIONAL:
             self._push()
         self._announce(now)
@@ -1504,6 +1524,8 @@ class PeriodRefresh(DealingStage):
         self.keys = {}
         self.old_signer = None
         self.bound.clear()  # bound to the older KeyTable's digest: no peer takes them any more
+        if self.code is not None:
+            self._code_pending = 1  # now a recovering server: its code is checked too
         self._announce(now)
         self._open_kt_engine(now)
 
@@ -1922,6 +1944,8 @@ class PeriodRefresh(DealingStage):
 
     def _decide(self, transcript: Transcript, dealings: Mapping[int, Dealing]) -> None:
         assert self.kt is not None
+        if self._code_pending and not self._check_code():
+            return  # a recovering server whose code is not the code in force takes nothing
         c = self.c
         new_sharings: dict[str, PublicSharing[Any]] = {}
         for sid in c.secrets:
