@@ -98,9 +98,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RUNNER] = SeedRunner()
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    runner = config.stash[_RUNNER]
-    for item in items:
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # After -k/-m deselection: only the family tests that will run have their seeds queued.
+    runner = session.config.stash[_RUNNER]
+    for item in session.items:
         marker = item.get_closest_marker("seeds")
         if marker is not None:
             runner.submit(tuple(marker.args))  # type: ignore[arg-type]
