@@ -26,7 +26,7 @@ from appliance.sim import scenarios
 SEEDS = int(os.environ.get("PST_SIM_SEEDS", "500"))
 #: Seeds of each Byzantine behaviour run alone. The ``byzantine`` family (SEEDS seeds) draws one
 #: of the ten per seed, so each behaviour gets about SEEDS / 10 more there. 500 each (5,000
-#: runs, ~900 s of CPU) would take the suite past its 20 minutes on 2 cores. A sweep of 500 each
+#: runs, ~900 s of CPU) took the suite past its 20 minutes on 2 cores. A sweep of 500 each
 #: passed on 2026-12-01, before that day's typed-message change (PST_BEHAVIOUR_SEEDS=500 for one).
 BEHAVIOUR_SEEDS = int(os.environ.get("PST_BEHAVIOUR_SEEDS", str(min(SEEDS, 200))))
 
