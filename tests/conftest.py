@@ -98,6 +98,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RUNNER] = SeedRunner()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The family tests run last (in their order): their seeds then have the whole suite's idle CPU.
+    items.sort(key=lambda item: item.get_closest_marker("seeds") is not None)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     # After -k/-m deselection: only the family tests that will run have their seeds queued.
     runner = session.config.stash[_RUNNER]
