@@ -29,10 +29,9 @@ from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from appliance.crypto import dss
-from appliance.crypto.errors import CheatingError, CryptoError, NotEnoughSharesError, ParameterError
+from appliance.crypto.errors import CheatingError, ParameterError
 from appliance.crypto.groups import Group
 from appliance.crypto.keyshare import PublicSharing
-from appliance.crypto.shamir import lagrange_coefficients
 from appliance.crypto.vss import pedersen_generator
 
 E = TypeVar("E")
@@ -112,11 +111,6 @@ def verify_signature_share(
         raise CheatingError(j, "signature share fails the presignature commitments")
 
 
-def _interpolate(q: int, shares: list[dss.SignatureShare]) -> int:
-    lam = lagrange_coefficients([sh.signer for sh in shares], q)
-    return sum(lam[sh.signer] * sh.s for sh in shares) % q
-
-
 def combine(
     group: Group[E],
     public: dss.PresignPublic[E],
@@ -124,37 +118,13 @@ def combine(
     shares: Iterable[dss.SignatureShare],
     d: int,
 ) -> dss.DSSSignature:
-    """The signature under Y + dG from t+1 shares: optimistic, then share by share (as
-    :func:`appliance.crypto.dss.combine`, whose errors it raises)."""
-    q, t = group.order, public.t
-    y = derived_public(group, public.public_key, d)
-    by_signer: dict[int, dss.SignatureShare] = {}
-    for share in shares:
-        by_signer.setdefault(share.signer, share)
-    ordered = [by_signer[j] for j in sorted(by_signer)]
-    first = ordered[: t + 1]
-    if len(first) == t + 1 and all(sh.sid == public.sid and 1 <= sh.signer <= public.n for sh in first):
-        s = _interpolate(q, first)
-        if dss.verify_dss(group, y, message, public.r, s):
-            return dss.DSSSignature(public.r, s)
-    cheaters: dict[int, str] = {}
-    valid: list[dss.SignatureShare] = []
-    for share in ordered:
-        try:
-            verify_signature_share(group, public, message, share, d)
-        except CheatingError as exc:
-            cheaters[exc.party] = exc.reason
-            continue
-        valid.append(share)
-        if len(valid) == t + 1:
-            break
-    if len(valid) < t + 1:
-        raise NotEnoughSharesError(
-            f"dss: {len(valid)} valid signature shares, need {t + 1} (cheaters: {cheaters})"
-        )
-    s = _interpolate(q, valid)
-    if s == 0:
-        raise dss.DSSRetryError("dss: s = 0; sign again with a fresh presignature")
-    if not dss.verify_dss(group, y, message, public.r, s):
-        raise CryptoError("dss: valid shares combine to an invalid signature (inconsistent presignature)")
-    return dss.DSSSignature(public.r, s, cheaters)
+    """The signature under Y + dG from t+1 shares: :func:`appliance.crypto.dss.combine` with the
+    derived key and this module's share check (and its errors)."""
+    return dss.combine(
+        group,
+        public,
+        message,
+        shares,
+        public_key=derived_public(group, public.public_key, d),
+        check_share=lambda share: verify_signature_share(group, public, message, share, d),
+    )

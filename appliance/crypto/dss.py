@@ -1352,14 +1352,28 @@ def _interpolate_s(q: int, shares: Sequence[SignatureShare]) -> int:
 
 
 def combine(
-    group: Group[E], public: PresignPublic[E], message: bytes, shares: Iterable[SignatureShare]
+    group: Group[E],
+    public: PresignPublic[E],
+    message: bytes,
+    shares: Iterable[SignatureShare],
+    *,
+    public_key: E | None = None,
+    check_share: Callable[[SignatureShare], None] | None = None,
 ) -> DSSSignature:
     """The signature from t+1 shares: optimistic first, then identify and exclude bad shares.
 
+    ``public_key`` and ``check_share`` default to the presignature's key and
+    :func:`verify_signature_share` (a derived key passes its own: crypto/appkeys.py).
     Raises NotEnoughSharesError if fewer than t+1 shares are valid (the message
     names the cheaters), DSSRetryError if s = 0.
     """
     q, t = group.order, public.t
+    y = public.public_key if public_key is None else public_key
+    if check_share is None:
+
+        def check_share(share: SignatureShare) -> None:
+            verify_signature_share(group, public, message, share)
+
     by_signer: dict[int, SignatureShare] = {}
     for share in shares:
         by_signer.setdefault(share.signer, share)
@@ -1367,13 +1381,13 @@ def combine(
     first = ordered[: t + 1]
     if len(first) == t + 1 and all(sh.sid == public.sid and 1 <= sh.signer <= public.n for sh in first):
         s = _interpolate_s(q, first)
-        if verify_dss(group, public.public_key, message, public.r, s):
+        if verify_dss(group, y, message, public.r, s):
             return DSSSignature(public.r, s)
     cheaters: dict[int, str] = {}
     valid: list[SignatureShare] = []
     for share in ordered:
         try:
-            verify_signature_share(group, public, message, share)
+            check_share(share)
         except CheatingError as exc:
             cheaters[exc.party] = exc.reason
             continue
@@ -1387,7 +1401,7 @@ def combine(
     s = _interpolate_s(q, valid)
     if s == 0:
         raise DSSRetryError("dss: s = 0; sign again with a fresh presignature")
-    if not verify_dss(group, public.public_key, message, public.r, s):
+    if not verify_dss(group, y, message, public.r, s):
         raise CryptoError("dss: valid shares combine to an invalid signature (inconsistent presignature)")
     return DSSSignature(public.r, s, cheaters)
 
