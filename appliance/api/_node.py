@@ -132,46 +132,33 @@ class PServerBackend:
         return await self.sign_digest(app, hashlib.sha512(message).digest())
 
     async def sign_digest(self, app: str, sha512: bytes) -> bytes:
+        return await self._counted("app", 200, self._sign_app(app, sha512))
+
+    async def _counted(self, kind: str, limit: int, signing: Awaitable[bytes]) -> bytes:
+        """A signature, counted by kind and outcome; a refusal or a timeout is BackendUnavailable
+        (the refusal's reason cut at ``limit`` characters)."""
         try:
-            signature = await self._sign_app(app, sha512)
+            signature = await signing
         except SigningRefused as exc:
-            self.signatures["app", "unavailable"] += 1
-            raise BackendUnavailable(str(exc)[:200]) from None
+            self.signatures[kind, "unavailable"] += 1
+            raise BackendUnavailable(str(exc)[:limit]) from None
         except trio.TooSlowError:
-            self.signatures["app", "unavailable"] += 1
+            self.signatures[kind, "unavailable"] += 1
             raise BackendUnavailable("the signing servers did not answer in time") from None
-        self.signatures["app", "signed"] += 1
+        self.signatures[kind, "signed"] += 1
         return signature
 
     async def sign_dss(self, secret: str, message: bytes) -> bytes:
         """A threshold DSS signature (DER) by the DSS secret ``secret`` of C (operator only)."""
         if self._dss_sign is None:
             raise BackendUnavailable("threshold DSS is not available on this server")
-        try:
-            signature = await self._dss_sign(secret, message)
-        except SigningRefused as exc:
-            self.signatures["dss", "unavailable"] += 1
-            raise BackendUnavailable(str(exc)[:300]) from None
-        except trio.TooSlowError:
-            self.signatures["dss", "unavailable"] += 1
-            raise BackendUnavailable("the signing servers did not answer in time") from None
-        self.signatures["dss", "signed"] += 1
-        return signature
+        return await self._counted("dss", 300, self._dss_sign(secret, message))
 
     async def sign_app_dss(self, group: str, app: str, uid: bytes, key: str, message: bytes) -> bytes:
         """A signature by key ``key`` of application ``app`` for its client ``uid`` (DER)."""
         if self._app_dss is None:
             raise BackendUnavailable("threshold DSS is not available on this server")
-        try:
-            signature = await self._app_dss.sign_app_dss(group, app, uid, key, message)
-        except SigningRefused as exc:
-            self.signatures["dss", "unavailable"] += 1
-            raise BackendUnavailable(str(exc)[:300]) from None
-        except trio.TooSlowError:
-            self.signatures["dss", "unavailable"] += 1
-            raise BackendUnavailable("the signing servers did not answer in time") from None
-        self.signatures["dss", "signed"] += 1
-        return signature
+        return await self._counted("dss", 300, self._app_dss.sign_app_dss(group, app, uid, key, message))
 
     async def app_dss_public_key(self, group: str, app: str, key: str) -> bytes | None:
         if self._app_dss is None:
