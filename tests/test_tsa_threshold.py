@@ -194,6 +194,26 @@ def test_a_coordinator_an_hour_off_gets_no_signature_and_is_named_by_every_signe
     assert setup.alerts() == {(AlertKind.TIMESTAMP_TIME_OFF, 1, i) for i in (2, 3, 4)}
 
 
+@pytest.mark.parametrize(
+    ("offset", "named"),
+    [(-3.0, False), (-9.0, False), (-13.0, True), (-60.0, True), (3.0, True)],
+)
+def test_a_genTime_that_may_have_arrived_late_is_refused_without_naming_anyone(
+    offset: float, named: bool
+) -> None:
+    """Behind the signers' clocks by up to LATE_GRACE (10 s) beyond the accuracy (1 s), a proposal
+    may just have been delayed on the way: every signer refuses it (no token) but names nobody.
+    Further behind, or ahead of their clocks by more than the accuracy, each names the coordinator."""
+    setup = Setup(34, offset={1: offset})
+    setup.net.fill([1])
+    prepared = setup.prepare(setup.authority(1))
+    failure = setup.request(1, encode_payload(prepared.tst_info_der, setup.cert))
+    assert isinstance(failure, str) and "refused by its signers' checks" in failure
+    assert "beyond the stated accuracy of 1.0 s" in failure
+    expected = {(AlertKind.TIMESTAMP_TIME_OFF, 1, i) for i in (2, 3, 4)} if named else set()
+    assert setup.alerts() == expected
+
+
 def test_a_byzantine_coordinator_skipping_its_own_check_is_refused_by_the_others() -> None:
     setup = Setup(33)
     setup.net.services[1].checks = [AcceptAll()]  # it signs anything itself; the others check

@@ -22,9 +22,9 @@ servers 1-3 in turn until one grants it (docs/tsa.md, "Not done yet").
 
 Every serial is distinct, the tokens carry at least three TSA certificates (one per KeyTable
 period: the key stays the network's), and no signer refused an honest coordinator's certificate
-(no ``timestamp-outside-policy`` alert). On a loaded machine ``timestamp-time-off`` alerts on
-honest coordinators may appear (a proposal more than the stated accuracy of 1 s old when a
-signer checks it; docs/tsa.md).
+(no ``timestamp-outside-policy`` alert). On a loaded machine a proposal may reach a signer more
+than the stated accuracy of 1 s old: it is refused without an alert when it is at most 10 s
+later than that (``LateTime``, docs/tsa.md), with a ``timestamp-time-off`` alert beyond.
 
 The refreshes are asked for rather than left to a short period: with 20 s periods, server 4
 missed a refresh while it was stopped on a loaded machine, came back with a stale period key,

@@ -165,7 +165,10 @@ class PayloadCheck(Protocol):
 
 class NotYet(str):
     """A refusal that accuses nobody: this server is not there yet (e.g. it has not applied the
-    entries a checkpoint covers); the coordinator may ask again later. No alert."""
+    entries a checkpoint covers); the coordinator may ask again later. No alert. It may carry a
+    ``code`` like any refusal (a timestamp's genTime that may have arrived late: ``time-off``)."""
+
+    code: str | None = None
 
 
 def run_check(check: PayloadCheck, message: bytes, server: int | None = None) -> str | None:
@@ -181,9 +184,11 @@ def run_check(check: PayloadCheck, message: bytes, server: int | None = None) ->
         return f"the check failed: {type(exc).__name__}: {exc}"[:MAX_REASON]
     if reason is None:
         return None
-    if isinstance(reason, NotYet):
-        return NotYet(reason[:MAX_REASON])
     code = refusal_code(reason)
+    if isinstance(reason, NotYet):
+        quiet = NotYet(reason[:MAX_REASON])
+        quiet.code = code
+        return quiet
     return reason[:MAX_REASON] if code is None else Refusal(reason[:MAX_REASON], code)
 
 

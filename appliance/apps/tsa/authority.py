@@ -41,6 +41,7 @@ from appliance.apps.tsa.rfc3161 import (
     TokenDecodeError,
 )
 from appliance.host.files import atomic_write
+from appliance.protocols.signing import NotYet
 
 #: Bits of a serial number below the server id: the per-server counter.
 COUNTER_BITS: Final = 64
@@ -296,7 +297,20 @@ class TimeOff(str):
     goes with the refusal (protocols/signing.py ``refusal_code``): the coordinator whose own
     check refused its proposal this way proposes a fresh one (apps/tsa/issuing.py)."""
 
-    code: Final = "time-off"
+    code: str | None = "time-off"
+
+
+class LateTime(TimeOff, NotYet):
+    """A :class:`TimeOff` refusal of a ``genTime`` *behind* the co-signer's clock by no more than
+    :data:`LATE_GRACE` beyond the accuracy: the proposal may just have arrived late (a loaded
+    machine, a slow link), which no signer can tell from a small backdate. It is refused all the
+    same (no share), but accuses nobody: no alert (:class:`~appliance.protocols.signing.NotYet`).
+    A genTime ahead of the clock, or behind by more, is a plain :class:`TimeOff` with its alert."""
+
+
+#: How far behind a co-signer's clock (beyond the stated accuracy) a proposed genTime is refused
+#: without an alert, as a proposal that arrived late (:class:`LateTime`).
+LATE_GRACE: Final = dt.timedelta(seconds=10)
 
 
 def check_proposal(
@@ -333,11 +347,15 @@ def check_proposal(
     except ClockUnavailable as exc:
         return f"own clock not available: {exc}"
     skew = info.gen_time - now
-    if abs(skew) > accuracy.total + rfc3161.GEN_TIME_PRECISION:
-        return TimeOff(
+    limit = accuracy.total + rfc3161.GEN_TIME_PRECISION
+    if abs(skew) > limit:
+        text = (
             f"proposed genTime {rfc3161.format_gen_time(info.gen_time)} is {skew.total_seconds():+.3f} s "
             f"from our clock, beyond the stated accuracy of {accuracy.total.total_seconds()} s"
         )
+        if skew < dt.timedelta(0) and -skew <= limit + LATE_GRACE:
+            return LateTime(f"{text} (late, perhaps delayed: no alert)")
+        return TimeOff(text)
     return None
 
 
