@@ -155,6 +155,42 @@ def test_qc_needs_a_quorum_of_valid_member_signatures() -> None:
         COMMITTEE.verify_qc(other, qc(0, b"a"))
 
 
+def test_a_certificate_naming_members_whose_keys_we_lack_accuses_nobody() -> None:
+    """A server that missed some members' keys cannot judge a certificate they signed: it says so
+    (UncheckableCertificate, not the sender's fault) and drops the message; one whose checkable
+    signatures are forged, or too few whatever the missing keys, is still the sender's fault."""
+    from appliance.protocols.agreement import ACCEPT, Engine, UncheckableCertificate
+    from appliance.protocols.agreement._messages import Certs
+
+    partial = Committee(4, 1, {i: KEYS[i].public for i in (1, 2, 3)})  # server 4's key missed
+    cert = qc(0, b"a", (1, 2, 4))
+    with pytest.raises(UncheckableCertificate, match=r"lacks the keys of servers \[4\]"):
+        partial.verify_qc(INST, cert)
+    forged = QuorumCert(PREPARE, 0, cert.digest, {**cert.sigs, 2: cert.sigs[1]})
+    with pytest.raises(BadCertificate, match="only 1 valid") as bad:
+        partial.verify_qc(INST, forged)
+    assert not isinstance(bad.value, UncheckableCertificate)
+    with pytest.raises(BadCertificate, match="has 1 member signatures") as few:
+        partial.verify_qc(INST, qc(0, b"a", (1, 4)))
+    assert not isinstance(few.value, UncheckableCertificate)
+    with pytest.raises(UncheckableCertificate):
+        partial.verify_tc(INST, tc(0, None, (1, 3, 4)))
+
+    class App:
+        def propose(self) -> bytes | None:
+            return None
+
+        def validate(self, value: bytes, view: int) -> Any:
+            return ACCEPT
+
+    engine = Engine(me=3, inst=INST, committee=partial, safety=rules(3), app=App(), base_timeout=1.0, now=0.0)
+    engine.receive(1, encode(Certs(None, tc(0, None, (1, 2, 4)))), 0.0)
+    assert engine.rejected == [] and engine.view == 0
+    assert len(engine.unchecked) == 1 and "from server 1" in engine.unchecked[0]
+    engine.receive(2, encode(Certs(None, tc(0, None, (1, 2, 3)))), 0.1)  # one it can check
+    assert engine.view == 1 and engine.rejected == []
+
+
 def test_tc_must_carry_the_highest_reported_qc() -> None:
     COMMITTEE.verify_tc(INST, tc(1, qc(0, b"a")))
     hidden = tc(1, qc(0, b"a"))

@@ -61,6 +61,7 @@ from appliance.protocols.agreement._messages import (
     QuorumCert,
     Timeout,
     TimeoutCert,
+    UncheckableCertificate,
     Vote,
     decode,
     digest,
@@ -78,6 +79,14 @@ MAX_BACKOFF = 5
 
 def _tc_digest(tc: TimeoutCert) -> bytes:
     return digest(encoding.encode(tc.to_obj()))
+
+
+#: Notes kept of certificates this server could not judge (one engine's, then dropped).
+MAX_UNCHECKED = 64
+
+
+class _Unchecked(Exception):
+    """A certificate this server cannot judge (:class:`UncheckableCertificate`): drop the message."""
 
 
 class Validity(enum.Enum):
@@ -144,6 +153,8 @@ class Engine:
         self.decided: Decision | None = None
         self.alerts: list[Alert] = []
         self.rejected: list[RemoteProtocolError] = []
+        #: Certificates this server could not judge for want of members' keys (nobody's fault).
+        self.unchecked: list[str] = []
         self._out: list[Send] = []
         self._values: dict[bytes, bytes] = {}
         self._proposals: dict[int, Proposal] = {}
@@ -203,6 +214,8 @@ class Engine:
             self.rejected.append(RemoteProtocolError(sender, f"{self.inst.name}: {exc}"))
         except RemoteProtocolError as exc:
             self.rejected.append(exc)
+        except _Unchecked:
+            pass  # noted in self.unchecked; the message is dropped, its sender not accused
 
     def tick(self, now: float) -> list[Send]:
         if self.decided is None:
@@ -396,12 +409,19 @@ class Engine:
             self._verified.add(("qc", v.phase, v.view, v.digest))
             self._qcs[(v.phase, v.view)] = qc
 
+    def _note_unchecked(self, sender: int, exc: Exception) -> None:
+        if len(self.unchecked) < MAX_UNCHECKED:
+            self.unchecked.append(f"{self.inst.name}: from server {sender}: {exc}")
+
     def _check_qc(self, sender: int, qc: QuorumCert) -> None:
         key = ("qc", qc.phase, qc.view, qc.digest)
         if key in self._verified:
             return
         try:
             self.committee.verify_qc(self.inst, qc)
+        except UncheckableCertificate as exc:
+            self._note_unchecked(sender, exc)
+            raise _Unchecked from None
         except BadCertificate as exc:
             raise RemoteProtocolError(sender, f"{self.inst.name}: {exc}") from None
         self._verified.add(key)
@@ -412,6 +432,9 @@ class Engine:
             return
         try:
             self.committee.verify_tc(self.inst, tc)
+        except UncheckableCertificate as exc:
+            self._note_unchecked(sender, exc)
+            raise _Unchecked from None
         except BadCertificate as exc:
             raise RemoteProtocolError(sender, f"{self.inst.name}: {exc}") from None
         self._verified.add(key)

@@ -56,6 +56,12 @@ class BadCertificate(Exception):
     """A certificate or signature that does not verify; the text says which part."""
 
 
+class UncheckableCertificate(BadCertificate):
+    """A certificate this server cannot judge: the signatures it can check fall short of a quorum,
+    but it lacks the keys of enough other members it names to reach one. Not the sender's fault
+    (this server missed those keys), so nobody is accused."""
+
+
 @dataclass(frozen=True)
 class QuorumCert:
     """q signatures of distinct committee members on (phase, view, digest)."""
@@ -325,20 +331,35 @@ class Committee:
         key = self.keys.get(server)
         return key is not None and ed25519_verify(key, payload, sig)
 
+    def _lacking(self, named: Mapping[int, object]) -> list[int]:
+        """The servers (of 1..n) a certificate names whose keys this server does not hold."""
+        return sorted(i for i in named if 1 <= i <= self.n and i not in self.keys)
+
+    def _short(self, kind: str, view: int, good: int, named: Mapping[int, object], what: str) -> None:
+        """Raise for a certificate of ``good`` valid entries, short of a quorum: uncheckable if the
+        members it names whose keys we lack could make up the difference."""
+        unknown = self._lacking(named)
+        if unknown and good + len(unknown) >= self.quorum:
+            raise UncheckableCertificate(
+                f"{kind} of view {view}: {good} valid {what}, need {self.quorum}; "
+                f"this server lacks the keys of servers {unknown} it names"
+            )
+        raise BadCertificate(f"{kind} of view {view}: only {good} valid {what}, need {self.quorum}")
+
     def verify_qc(self, inst: Instance, qc: QuorumCert) -> None:
         signers = [i for i in qc.sigs if i in self.keys]
-        if len(signers) < self.quorum:
+        if len(signers) + len(self._lacking(qc.sigs)) < self.quorum:
             raise BadCertificate(
                 f"QC of view {qc.view} has {len(signers)} member signatures, need {self.quorum}"
             )
         payload = vote_statement(inst, qc.phase, qc.view, qc.digest)
         good = sum(1 for i in signers if self.verify(i, payload, qc.sigs[i]))
         if good < self.quorum:
-            raise BadCertificate(f"QC of view {qc.view}: only {good} valid signatures, need {self.quorum}")
+            self._short("QC", qc.view, good, qc.sigs, "signatures")
 
     def verify_tc(self, inst: Instance, tc: TimeoutCert) -> None:
         signers = [i for i in tc.entries if i in self.keys]
-        if len(signers) < self.quorum:
+        if len(signers) + len(self._lacking(tc.entries)) < self.quorum:
             raise BadCertificate(
                 f"TC of view {tc.view} has {len(signers)} member timeouts, need {self.quorum}"
             )
@@ -352,7 +373,7 @@ class Committee:
                 if e.qc_view > top:
                     top, top_digest = e.qc_view, e.qc_digest
         if good < self.quorum:
-            raise BadCertificate(f"TC of view {tc.view}: only {good} valid timeouts, need {self.quorum}")
+            self._short("TC", tc.view, good, tc.entries, "timeouts")
         if top == -1:
             if tc.high_qc is not None:
                 raise BadCertificate("TC carries a QC that none of its timeouts reported")
