@@ -31,14 +31,20 @@ ALICE = Client("vault", b"alice")
 SCERT = SigningKey(b"\x09" * 32)  # stands for the group key: it signs the KeyTable
 
 
+def signed_table(period: int) -> Any:
+    """The KeyTable of ``period`` (the servers' period keys) signed by the group key."""
+    from appliance.protocols.state import KeyEntry, KeyTable
+
+    entries = {i: KeyEntry(k, bytes(32), bytes(64)) for i, k in key_table(period).items()}
+    table = KeyTable(period, entries, {}, frozenset())
+    return table.signed(bytes(SCERT.sign(table.payload()).signature))
+
+
 def quorum(app: str, digest: bytes, voters: tuple[int, ...] = (1, 2, 3)) -> model.Quorum:
     """The approvals certificate of period 0 (the servers' period keys, their signed KeyTable)."""
     from appliance.protocols import approvals
-    from appliance.protocols.state import KeyEntry, KeyTable
 
-    entries = {i: KeyEntry(k, bytes(32), bytes(64)) for i, k in key_table(0).items()}
-    table = KeyTable(0, entries, {}, frozenset())
-    table = table.signed(bytes(SCERT.sign(table.payload()).signature))
+    table = signed_table(0)
     ticket = approvals.ticket(b"v" * 32, 0, digest)
     rid = approvals.request_id(digest, ticket)
     votes = {
@@ -65,6 +71,8 @@ class Net:
         self.inbox: dict[int, trio.MemorySendChannel[tuple[int, bytes]]] = {}
         self.receivers: dict[int, trio.MemoryReceiveChannel[tuple[int, bytes]]] = {}
         self.nodes: dict[int, StoreNode] = {}
+        #: The signed KeyTable the key-holders give with the store key (the period mark's).
+        self.table = b""
         #: Frames lost on the way: (from, to, frame) -> dropped.
         self.drop: Callable[[int, int, bytes], bool] = lambda frm, to, data: False
         for i in range(1, N + 1):
@@ -80,6 +88,7 @@ class Net:
             "period": 0,
             "commitment": self.public.commitment.encode(G),
             "vcert": bytes(SCERT.verify_key),
+            "table": self.table,
         }
 
     def make(self, root: Path, i: int) -> StoreNode:
@@ -366,4 +375,39 @@ async def test_a_server_that_cannot_check_a_period_s_decisions_catches_up_and_it
             await net.until_applied(2)
         assert r4.caught_up >= 1 and r4.slot_period == 2
         assert len({n.status()["digest"] for n in net.nodes.values()}) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_period_marks_move_the_sequence_and_an_old_certificate_is_refused_at_apply(
+    tmp_path: Path,
+) -> None:
+    """The key-holders hand over period 4's signed KeyTable: one server puts its mark in the
+    store's sequence and every server's sequence is at period 4. A quorum's certificate of
+    period 0, admitted by an origin still in period 0, is then refused when applied, at every
+    server alike (more than MAX_QUORUM_AGE periods old)."""
+    from appliance.apps.store.service import MAX_QUORUM_AGE, PeriodMark, decode_entry
+
+    net = Net(tmp_path)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(60):
+            await net.start(nursery)
+            assert all(n.service is not None and n.service.period == 0 for n in net.nodes.values())
+            net.table = signed_table(4).encode()
+            while not all(n.service is not None and n.service.period == 4 for n in net.nodes.values()):
+                await trio.sleep(0.1)
+            node = net.nodes[1]
+            entries = await node.sequence.read_entries(0, node.sequence.size)
+            assert 1 <= sum(isinstance(decode_entry(e), PeriodMark) for e in entries) <= 2
+            assert MAX_QUORUM_AGE < 4
+            request = model.WriteRequest("vault", "cfg", DataType.PUBLIC_RW, 1, value=b"old")
+            with pytest.raises(model.Refused, match="of period 0, too old") as refused:
+                await net.nodes[2].write(request, Client("vault", b""), quorum("vault", request.digest()))
+            assert refused.value.code == model.NOT_PERMITTED
+            size = net.nodes[2].sequence.size
+            await net.until_applied(size)
+            assert all(
+                n.service is not None and ("vault", "cfg") not in n.service.state.records
+                for n in net.nodes.values()
+            )
+            assert len({n.service.digest() for n in net.nodes.values() if n.service is not None}) == 1
         nursery.cancel_scope.cancel()

@@ -16,10 +16,13 @@ from appliance.apps.store.model import Client, DataType, ReadRequest, Refused, W
 from appliance.apps.store.node import answers_to_obj
 from appliance.apps.store.service import (
     ALERT_CODES,
+    MAX_QUORUM_AGE,
     NETWORK_QUOTAS,
     ContributeAsk,
     Contributed,
+    Marked,
     Operation,
+    PeriodMark,
     ReadAnswer,
     ReadAsk,
     Release,
@@ -53,7 +56,7 @@ class Net:
             {"group": G.name, "n": N, "t": T, "period": 3, "commitment": self.public.commitment.encode(G)}
         )
 
-    def order(self, op: Operation | bytes) -> list[model.Record | Refused]:
+    def order(self, op: Operation | PeriodMark | bytes) -> list[model.Record | Refused | Marked]:
         """The agreed sequence grows by one; every server applies it (they must agree)."""
         entry = op if isinstance(op, bytes) else op.encode()
         index = len(self.sequence)
@@ -190,7 +193,7 @@ class Group:
         from appliance.protocols.state import KeyEntry, KeyTable
 
         self.scert = SigningKey(b"s" * 32)
-        self.keys = {p: {i: SigningKey(bytes([i, p]) * 16) for i in range(1, N + 1)} for p in (3, 4)}
+        self.keys = {p: {i: SigningKey(bytes([i, p]) * 16) for i in range(1, N + 1)} for p in (3, 4, 7, 8)}
         self.tables = {}
         for p, keys in self.keys.items():
             entries = {i: KeyEntry(bytes(k.verify_key), bytes(32), bytes(64)) for i, k in keys.items()}
@@ -247,6 +250,68 @@ def test_a_quorums_writes_apply_alike_everywhere_and_its_reads_open() -> None:
     lonely = ReadAsk(b"e" * 16, read, ALICE, 2)
     refusals = {i: net.answer(i, lonely) for i in net.services}
     assert {a.code for a in refusals.values()} == {model.NOT_PERMITTED}
+
+
+def test_a_quorums_certificate_is_refused_at_apply_once_the_sequence_is_past_its_age() -> None:
+    """The store's sequence carries its period (period marks: the period's KeyTable the group
+    key signed); a certificate more than MAX_QUORUM_AGE periods older than where the sequence
+    is is refused at apply, alike at every server, whatever their clocks (none is read)."""
+    from nacl.signing import SigningKey
+
+    net, group = Net(), Group()
+    for service in net.services.values():
+        service.authority = group.authority
+    assert MAX_QUORUM_AGE == 3
+    old = seal_write(net.key, "vault", "db", DataType.PUBLIC_RW, b"late")
+    early = group.quorum("vault", old.digest(), period=3)  # approved in period 3, ordered late
+    assert set(net.order(PeriodMark(group.tables[4].encode()))) == {Marked(4)}
+    # a mark the group key did not sign, or one that is not ahead, moves nothing
+    rogue = group.tables[8].signed(bytes(SigningKey(b"r" * 32).sign(group.tables[8].payload()).signature))
+    assert all(
+        isinstance(o, Refused) and o.code == model.NOT_PERMITTED
+        for o in net.order(PeriodMark(rogue.encode()))
+    )
+    assert all(
+        isinstance(o, Refused) and o.code == model.STALE
+        for o in net.order(PeriodMark(group.tables[3].encode()))
+    )
+    assert {s.period for s in net.services.values()} == {4}
+    assert set(net.order(PeriodMark(group.tables[7].encode()))) == {Marked(7)}
+    outcomes = net.order(Operation(old, Client("vault", b""), int(NOW * 1000), early))
+    assert all(
+        isinstance(o, Refused)
+        and o.code == model.NOT_PERMITTED
+        and "of period 3, too old" in o.reason
+        and "oldest taken is of period 4" in o.reason
+        for o in outcomes
+    )
+    assert all(("vault", "db") not in s.state.records for s in net.services.values())
+    # a certificate of period 4 is exactly MAX_QUORUM_AGE behind: still taken
+    fresh = Operation(
+        old, Client("vault", b""), int(NOW * 1000), group.quorum("vault", old.digest(), period=4)
+    )
+    assert all(isinstance(o, model.Record) for o in net.order(fresh))
+    # a quorum's certificate applied moves the sequence's period too (its table is signed)
+    v2 = seal_write(net.key, "vault", "db", DataType.PUBLIC_RW, b"v2", version=2)
+    assert all(
+        isinstance(o, model.Record)
+        for o in net.order(
+            Operation(v2, Client("vault", b""), int(NOW * 1000), group.quorum("vault", v2.digest(), period=8))
+        )
+    )
+    assert {s.period for s in net.services.values()} == {8}
+    # the period is part of the saved state and of the digest
+    s = net.services[2]
+    again = StoreService.decode(G, net.public.public_key, T, s.encode())
+    assert again.period == 8 and again.digest() == s.digest()
+    again.period = 7
+    assert again.digest() != s.digest()
+    # a server that applies the whole sequence again (wiped) ends at the same period and verdicts
+    fresh_server = StoreService(G, net.public.public_key, T)
+    fresh_server.authority = group.authority
+    replayed = [fresh_server.apply(i, e) for i, e in enumerate(net.sequence)]
+    assert fresh_server.period == 8 and fresh_server.digest() == s.digest()
+    assert isinstance(replayed[4], Refused) and "too old" in replayed[4].reason
 
 
 def test_the_state_is_saved_and_loaded() -> None:

@@ -57,7 +57,9 @@ from appliance.apps.store.service import (
     ContributeAsk,
     Contributed,
     FixedClock,
+    Marked,
     Operation,
+    PeriodMark,
     ReadAnswer,
     ReadAsk,
     Release,
@@ -85,6 +87,11 @@ SEQUENCE_RESEND = 1.0
 #: seconds between two tries of one item.
 RELEASE_STAGGER = 2.0
 RELEASE_RETRY = 5.0
+#: Seconds after this server's key-holder entered a period before server i puts the period's
+#: mark in the store's sequence: (i-1) times this (one server usually does it for all); and
+#: seconds between two tries while the sequence is behind.
+MARK_STAGGER = 2.0
+MARK_RETRY = 10.0
 #: Seconds a server waits to have applied what the asking server had, before it answers.
 CATCH_UP_WAIT = 3.0
 #: Seconds the asking server waits for answers.
@@ -208,6 +215,7 @@ class StoreNode:
             nursery.start_soon(self._releases)
             nursery.start_soon(self._batches)
             nursery.start_soon(self._snapshots)
+            nursery.start_soon(self._marks)
             await self._follow()
 
     async def _open(self) -> None:
@@ -291,6 +299,41 @@ class StoreNode:
             await trio.to_thread.run_sync(persist.write, self.state_path, snapshot)
             self.snapshots.taken(snapshot.applied, self._clock())
             log.debug("store: snapshot of %d operations written", snapshot.applied)
+
+    async def _marks(self) -> None:
+        """Put the period mark of each period this server's key-holder enters into the store's
+        sequence (:class:`~.service.PeriodMark`: the period's KeyTable the group key signed),
+        once the sequence is behind it: what a quorum's certificate's age is measured against
+        at apply (service.MAX_QUORUM_AGE). Timing here is only about who tries first; every
+        server checks the mark's signature alike."""
+        seen: dict[int, float] = {}
+        last_try = -math.inf
+        while True:
+            await trio.sleep(1.0)
+            service = self.service
+            if service is None or service.authority is None or not self._ready.is_set():
+                continue
+            try:
+                raw = (await self._store_key()).get("table")
+            except Exception:  # the key-holder is being replaced (a refresh): next time
+                continue
+            if not isinstance(raw, bytes):
+                continue
+            table = model.signed_table(raw, service.authority.vcert)
+            if table is None or table.period <= service.period:
+                continue
+            now = trio.current_time()
+            first = seen.setdefault(table.period, now)
+            for old in [p for p in seen if p < table.period]:
+                del seen[old]
+            if now - first < (self.server_id - 1) * MARK_STAGGER or now - last_try < MARK_RETRY:
+                continue
+            last_try = now
+            try:
+                with trio.move_on_after(60.0):
+                    await self.sequence.append([PeriodMark(raw).encode()])
+            except LogError as exc:  # ordered while we caught up, or the sequence is busy
+                log.info("store: period mark %d not ordered here: %s", table.period, exc)
 
     async def _batches(self) -> None:
         """Hand the queued writes to the sequence, a batch at a time (module docstring)."""
@@ -417,7 +460,7 @@ class StoreNode:
                 raise StoreUnavailable("the writes were ordered but not applied here in time")
             for slot, index in zip(where, call.indices, strict=True):
                 outcome = service.outcomes.get(index)
-                if outcome is None:
+                if outcome is None or isinstance(outcome, Marked):
                     raise StoreUnavailable("a write's outcome is no longer known here")
                 outcomes[slot] = outcome
         return [o for o in outcomes if o is not None]
@@ -711,7 +754,9 @@ class StoreNode:
 
     async def store_key(self) -> Mapping[str, Any]:
         await self.ready()
-        return dict(await self._store_key())
+        key = dict(await self._store_key())
+        key.pop("table", None)  # the period mark's, not the clients'
+        return key
 
     async def store_write(
         self, request: bytes, app: str, unique_id: bytes, quorum: bytes | None = None
