@@ -6,8 +6,9 @@ are checked as in ``pst serve``."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,16 @@ class Net:
                 period, key_table(period), channel_identity(i, period, period_seed(period, i))
             )
 
+    @contextlib.asynccontextmanager
+    async def restarted(self, root: Path, i: int) -> AsyncIterator[Any]:
+        """A new node on server ``i``'s directory (a restart), running alone: its service once ready."""
+        again = self.make(root, i)
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(10):
+                await nursery.start(again.run)
+                yield await again.ready()
+            nursery.cancel_scope.cancel()
+
     async def until_applied(self, count: int) -> None:
         while not all(n.service is not None and n.service.applied >= count for n in self.nodes.values()):
             await trio.sleep(0.05)
@@ -193,13 +204,8 @@ async def test_four_nodes_order_writes_read_secrets_refuse_with_alerts_and_relea
             ] == b"later"
         nursery.cancel_scope.cancel()
     # The state on disk is what the node held: a new node there starts from it.
-    again = net.make(tmp_path, 2)
-    async with trio.open_nursery() as nursery:
-        with trio.fail_after(10):
-            await nursery.start(again.run)
-            service = await again.ready()
-            assert service.applied >= 4 and service.state.get("vault", "will").value == b"later"
-        nursery.cancel_scope.cancel()
+    async with net.restarted(tmp_path, 2) as service:
+        assert service.applied >= 4 and service.state.get("vault", "will").value == b"later"
 
 
 async def test_a_random_joint_secret_from_the_servers_contributions(tmp_path: Path) -> None:
@@ -384,7 +390,8 @@ async def test_period_marks_move_the_sequence_and_an_old_certificate_is_refused_
     """The key-holders hand over period 4's signed KeyTable: one server puts its mark in the
     store's sequence and every server's sequence is at period 4. A quorum's certificate of
     period 0, admitted by an origin still in period 0, is then refused when applied, at every
-    server alike (more than MAX_QUORUM_AGE periods old)."""
+    server alike (more than MAX_QUORUM_AGE periods old), each raising an alert that names the
+    writer and the reason."""
     from appliance.apps.store.service import MAX_QUORUM_AGE, PeriodMark, decode_entry
 
     net = Net(tmp_path)
@@ -410,4 +417,15 @@ async def test_period_marks_move_the_sequence_and_an_old_certificate_is_refused_
                 for n in net.nodes.values()
             )
             assert len({n.service.digest() for n in net.nodes.values() if n.service is not None}) == 1
+            # every server raised one alert naming the writer (the quorum) and the reason
+            for i in (1, 2, 3, 4):
+                (alert,) = net.alerts[i]
+                assert alert.kind.value == "store-write-refused" and alert.server == i
+                assert "a quorum of vault (period 0, 3 votes)'s write of vault/cfg" in alert.detail
+                assert "refused when applied (not-permitted)" in alert.detail and "too old" in alert.detail
+                assert net.nodes[i].status()["refused_writes"] == 1
         nursery.cancel_scope.cancel()
+    # a restart applies the sequence again after its snapshot: no second alert
+    async with net.restarted(tmp_path, 3) as service:
+        assert service.period == 4 and ("vault", "cfg") not in service.state.records
+    assert len(net.alerts[3]) == 1

@@ -173,6 +173,8 @@ def clean_store(raw: Any) -> dict[str, Any] | None:
         "digest": _str(raw.get("digest"), 64),
         "digest_applied": _int(raw.get("digest_applied")),
         "refused_reads": _int(raw.get("refused_reads")),
+        "refused_writes": _int(raw.get("refused_writes")),
+        "period": _int(raw.get("period")),
         "batches": _int(raw.get("batches")),
         "batched": _int(raw.get("batched")),
         "snapshot": _int(raw.get("snapshot")),

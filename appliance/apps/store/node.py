@@ -64,6 +64,7 @@ from appliance.apps.store.service import (
     ReadAsk,
     Release,
     StoreService,
+    decode_entry,
     decode_read_message,
 )
 from appliance.crypto.errors import DecodeError
@@ -92,6 +93,9 @@ RELEASE_RETRY = 5.0
 #: seconds between two tries while the sequence is behind.
 MARK_STAGGER = 2.0
 MARK_RETRY = 10.0
+#: Refusals at apply that are alerts: a rule broken (a forged or too old certificate, another
+#: application's data) or a malformed operation, which an honest origin never orders.
+APPLY_ALERT_CODES = frozenset({model.NOT_PERMITTED, model.BAD_REQUEST})
 #: Seconds a server waits to have applied what the asking server had, before it answers.
 CATCH_UP_WAIT = 3.0
 #: Seconds the asking server waits for answers.
@@ -188,8 +192,10 @@ class StoreNode:
         self._ident: Any = None
         self._contributions: dict[bytes, dict[int, Contributed]] = {}
         self._alerted: dict[bytes, None] = {}  # rids of the last reads we raised an alert for
-        #: Refusals this server answered (for the status page and tests).
+        #: Refusals this server answered (for the status page and tests), and agreed operations
+        #: that broke a rule, refused when applied.
         self.refused = 0
+        self.refused_writes = 0
         self._queue: list[_Queued] = []
         self._queued = trio.Event()
         self.snapshots = snapshots if snapshots is not None else persist.SnapshotPolicy()
@@ -269,6 +275,8 @@ class StoreNode:
                     outcome = service.apply(service.applied, entry)
                     if isinstance(outcome, Refused):
                         log.info("store: operation %d refused: %s", service.applied - 1, outcome.reason)
+                        if outcome.code in APPLY_ALERT_CODES and service.applied > replay:
+                            self._refused_at_apply(service.applied - 1, entry, outcome)
                     elif isinstance(outcome, Record) and key_name(outcome.data_id) is not None:
                         keys_changed = True
                     if k % APPLY_CHUNK == APPLY_CHUNK - 1:
@@ -278,6 +286,35 @@ class StoreNode:
                 continue
             with trio.move_on_after(1.0):  # the event is the wake-up; the timeout a safety net
                 await self.sequence.grown.wait()
+
+    def _refused_at_apply(self, index: int, entry: bytes, refused: Refused) -> None:
+        """An agreed operation broke a rule (an honest origin checks a write before it orders
+        it, so a faulty origin's, e.g. a forged or too old certificate): refused alike at every
+        server, each raising ``store-write-refused`` naming the writer and the reason (not for
+        what a restarted server applies again: it was alerted the first time)."""
+        try:
+            op = decode_entry(entry)
+        except DecodeError:
+            what = "bytes that are no operation"
+        else:
+            if isinstance(op, Operation):
+                what = (
+                    f"{_requester(op.client, op.quorum)}'s write of {op.request.app}/{op.request.data_id} "
+                    f"({op.request.dtype.value})"
+                )
+            elif isinstance(op, Release):
+                what = f"a release of {op.app}/{op.data_id}"
+            else:
+                what = "a period mark"
+        self.refused_writes += 1
+        detail = (
+            f"operation {index} of the store's sequence, {what}, refused when applied "
+            f"({refused.code}): {refused.reason} (every server refuses it alike; the operation "
+            "does not name the server that ordered it)"
+        )
+        alert = Alert(AlertKind.STORE_WRITE_REFUSED, self.server_id, self.sequence.replica.period, detail)
+        log.warning("%s", alert)
+        self._on_alert(alert)
 
     async def _wake(self, service: StoreService[Any], keys_changed: bool) -> bool:
         """Tell the callers waiting what was applied (the key registry written first when an
@@ -831,6 +868,8 @@ class StoreNode:
             "digest": self._digest[1],
             "digest_applied": self._digest[0] if self._digest[1] is not None else None,
             "refused_reads": self.refused,
+            "refused_writes": self.refused_writes,
+            "period": 0 if service is None else service.period,
             "batches": self.batches,
             "batched": self.batched,
             "snapshot": self.snapshots.applied,
