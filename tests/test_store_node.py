@@ -16,6 +16,9 @@ import nacl.public
 import pytest
 import trio
 from nacl.signing import SigningKey
+from test_api import ME as API_ME
+from test_api import FakeBackend as FakeApiBackend
+from test_api import req as api_req
 
 from appliance.apps.store import model, persist
 from appliance.apps.store.client import StoreKey, combine_answers, seal_write
@@ -429,3 +432,60 @@ async def test_period_marks_move_the_sequence_and_an_old_certificate_is_refused_
     async with net.restarted(tmp_path, 3) as service:
         assert service.period == 4 and ("vault", "cfg") not in service.state.records
     assert len(net.alerts[3]) == 1
+
+
+async def test_a_restarted_server_says_not_ready_until_its_journal_is_applied_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restarted server whose replay of its journal has not reached what it held before it
+    stopped answers "not ready yet" (StoreUnavailable, retryable, through the API as
+    ``unavailable`` with ``retry_after_ms``), never its older state; then it serves the state
+    it had."""
+    from appliance.api import ApiCore
+    from appliance.apps.store import node as node_module
+    from appliance.apps.store.node import StoreUnavailable
+
+    net = Net(tmp_path)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(60):
+            await net.start(nursery)
+            requests = [
+                model.WriteRequest("vault", f"k{k}", DataType.PUBLIC_ONCE, 1, value=b"v") for k in range(5)
+            ]
+            await net.nodes[1].write_many(requests, ALICE)
+            await net.until_applied(5)
+        nursery.cancel_scope.cancel()
+    before = net.nodes[2].service
+    assert before is not None and before.applied == 5
+    digest = before.digest()
+    monkeypatch.setattr(node_module, "READY_WAIT", 0.1)
+    again = net.make(tmp_path, 2)
+    go = trio.Event()
+    read_entries = again.sequence.read_entries
+
+    async def slow(start: int, end: int) -> list[bytes]:
+        await go.wait()  # the replay is held here
+        return await read_entries(start, end)
+
+    again.sequence.read_entries = slow  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(20):
+            await nursery.start(again.run)
+            while again.service is None:
+                await trio.sleep(0.05)
+            with pytest.raises(StoreUnavailable, match=r"not ready yet.*\(0 of 5 operations\)") as err:
+                await again.ready()
+            assert err.value.retry_after == node_module.READY_RETRY
+            core = ApiCore(FakeApiBackend(), data_store=again)
+            handle = (await core.handle(api_req("register", name="vault", unique_id=b"alice"), API_ME))[
+                "result"
+            ]["handle"]
+            r = await core.handle(api_req("retrieve", handle=handle, data_id="k0"), API_ME)
+            assert r["error"]["code"] == "unavailable" and "not ready yet" in r["error"]["message"]
+            assert r["error"]["retry_after_ms"] == 1000
+            go.set()
+            service = await again.ready()
+            assert service.applied == 5 and service.digest() == digest
+            r = await core.handle(api_req("retrieve", handle=handle, data_id="k4"), API_ME)
+            assert r["result"]["record"]["value"] == b"v"
+        nursery.cancel_scope.cancel()

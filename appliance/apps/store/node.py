@@ -110,6 +110,10 @@ MAX_WRITE_BATCH = 2048
 IN_FLIGHT = 4
 #: Operations applied between two checkpoints of the trio loop (applying is CPU-bound).
 APPLY_CHUNK = 32
+#: Seconds a caller waits for a restarted server's replay of its journal before it is told
+#: "not ready yet" (retryable: the answer carries READY_RETRY).
+READY_WAIT = 5.0
+READY_RETRY = 1.0
 #: Seconds between two computations of the status's digest while the state changes.
 DIGEST_EVERY = 1.0
 
@@ -122,7 +126,12 @@ def is_store_frame(data: bytes) -> bool:
 
 
 class StoreUnavailable(Exception):
-    """The store cannot serve now (no store key yet, a timeout); the message says why."""
+    """The store cannot serve now (no store key yet, a timeout); the message says why.
+    ``retry_after`` (seconds): when asking again may work (the API passes it on)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class _Queued:
@@ -183,6 +192,9 @@ class StoreNode:
         self._applied = trio.Event()  # set (and replaced) each time operations were applied
         self._registry_written: bytes | None = None
         self._ready = trio.Event()
+        #: Operations in the journal at start: applied before the store serves (what this
+        #: server had acknowledged before it stopped, and maybe more).
+        self._replay = 0
         self._answers: dict[bytes, dict[int, ReadAnswer]] = {}
         self._answered: dict[bytes, trio.Event] = {}
         self._asks_send, self._asks_receive = trio.open_memory_channel[tuple[int, ReadAsk | ContributeAsk]](
@@ -259,7 +271,7 @@ class StoreNode:
         """Apply the sequence's new entries in order; the callers waiting learn their outcomes."""
         service = self.service
         assert service is not None
-        replay = self.sequence.size  # what was in the journal at start: applied before serving
+        replay = self._replay = self.sequence.size  # the journal at start: applied before serving
         while True:
             if service.applied >= replay and not self._ready.is_set():
                 self._ready.set()
@@ -422,11 +434,24 @@ class StoreNode:
             self._registry_written = data
 
     async def ready(self) -> StoreService[Any]:
-        with trio.move_on_after(5.0):
+        """The service, once this server has applied its whole journal as it was at start (so
+        it never answers from a state older than one it acknowledged before it stopped).
+        StoreUnavailable after READY_WAIT seconds otherwise: not open yet, or "not ready yet"
+        with how far the replay is (retryable)."""
+        with trio.move_on_after(READY_WAIT):
             await self._ready.wait()
-        if self.service is None:
-            raise StoreUnavailable("the store is not open yet (no store key from the key-holder)")
-        return self.service
+        service = self.service
+        if service is None:
+            raise StoreUnavailable(
+                "the store is not open yet (no store key from the key-holder)", READY_RETRY
+            )
+        if not self._ready.is_set():
+            raise StoreUnavailable(
+                f"not ready yet: this server is applying its journal again after a restart "
+                f"({service.applied} of {self._replay} operations); try again",
+                READY_RETRY,
+            )
+        return service
 
     async def _until_applied(self, count: int, timeout: float) -> bool:
         service = self.service
