@@ -150,6 +150,16 @@ def test_public_and_secret_data_are_stored_and_read_back_across_a_refresh(cluste
     with pytest.raises(PstError) as quorum:
         a.retrieve("shared")
     assert quorum.value.code == "not-permitted"
+    # The refresh's period mark is in the store's sequence, and the servers' signed digests
+    # at it verify every server's copy (t+1 signers agree with each one's own digest).
+    deadline = time.monotonic() + 30
+    while True:
+        stores = [_http_status(cluster, i).get("store") or {} for i in (1, 2, 3, 4)]
+        if all(int(s.get("period") or 0) > first and int(s.get("verified") or 0) > 0 for s in stores):
+            break
+        assert time.monotonic() < deadline, stores
+        time.sleep(0.3)
+    assert not any(s.get("damaged") for s in stores), stores
 
 
 def test_another_applications_client_is_refused(cluster: Path) -> None:

@@ -138,6 +138,14 @@ class Net:
         for node in self.nodes.values():
             await node.ready()
 
+    async def start_with_a_write(self, nursery: trio.Nursery) -> None:
+        """Start, and have ALICE's public write of ``a`` applied everywhere."""
+        await self.start(nursery)
+        await self.nodes[1].write(
+            model.WriteRequest("vault", "a", DataType.PUBLIC_ONCE, 1, value=b"1"), ALICE
+        )
+        await self.until_applied(1)
+
     async def enter(self, period: int) -> None:
         """Every server enters ``period`` (the key-holder hands over its channel identity)."""
         for i, node in self.nodes.items():
@@ -258,11 +266,7 @@ async def test_an_unreadable_state_is_rebuilt_from_the_operations(tmp_path: Path
     net = Net(tmp_path)
     async with trio.open_nursery() as nursery:
         with trio.fail_after(60):
-            await net.start(nursery)
-            await net.nodes[1].write(
-                model.WriteRequest("vault", "a", DataType.PUBLIC_ONCE, 1, value=b"1"), ALICE
-            )
-            await net.until_applied(1)
+            await net.start_with_a_write(nursery)
         nursery.cancel_scope.cancel()
     digest = net.nodes[2].status()["digest"]
     (tmp_path / "store-2" / "state").write_bytes(b"garbage")
@@ -488,4 +492,36 @@ async def test_a_restarted_server_says_not_ready_until_its_journal_is_applied_ag
             assert service.applied == 5 and service.digest() == digest
             r = await core.handle(api_req("retrieve", handle=handle, data_id="k4"), API_ME)
             assert r["result"]["record"]["value"] == b"v"
+        nursery.cancel_scope.cancel()
+
+
+async def test_servers_sign_their_digest_at_a_mark_and_a_changed_copy_stops_serving(tmp_path: Path) -> None:
+    """The servers enter period 1 and its mark is put in the sequence: each signs its store
+    digest (channel key of period 1) into the sequence; servers 1-3 are verified by t+1
+    signers; server 4, whose copy was changed on disk before, is shown damaged by t+1
+    signatures of another digest: an alert, and its store answers no more."""
+    from appliance.apps.store.node import StoreUnavailable
+
+    net = Net(tmp_path)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(60):
+            await net.start_with_a_write(nursery)
+            four = net.nodes[4].service
+            assert four is not None
+            four.state.put(model.Record("vault", "planted", DataType.PUBLIC_ONCE, b"x", 1, value=b"x"))
+            for i, node in net.nodes.items():
+                await node.identity(1, key_table(1), channel_identity(i, 1, period_seed(1, i)))
+            net.table = signed_table(1).encode()
+            honest = [net.nodes[i] for i in (1, 2, 3)]
+            while not all(n.service is not None and n.service.verifier.verified >= 2 for n in honest):
+                await trio.sleep(0.1)
+            while four.verifier.damaged is None:
+                await trio.sleep(0.1)
+            assert four.verifier.verified == 0
+            (alert,) = [a for a in net.alerts[4] if a.kind.value == "store-copy-damaged"]
+            assert alert.server == 4 and "this copy of the store is damaged" in alert.detail
+            with pytest.raises(StoreUnavailable, match=r"damaged.*must be rebuilt"):
+                await net.nodes[4].ready()
+            assert net.nodes[4].status()["damaged"] is True and net.nodes[1].status()["damaged"] is False
+            assert net.nodes[1].status()["verified"] == net.nodes[1].service.verifier.mark_count  # type: ignore[union-attr]
         nursery.cancel_scope.cancel()

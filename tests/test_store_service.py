@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.apps.store import model
+from appliance.apps.store.attest import Attestation
 from appliance.apps.store.client import ReadRefused, StoreKey, combine_answers, open_answers, seal_write
 from appliance.apps.store.model import Client, DataType, ReadRequest, Refused, WriteRequest
 from appliance.apps.store.node import answers_to_obj
@@ -22,6 +23,7 @@ from appliance.apps.store.service import (
     Contributed,
     Marked,
     Operation,
+    Outcome,
     PeriodMark,
     ReadAnswer,
     ReadAsk,
@@ -56,7 +58,7 @@ class Net:
             {"group": G.name, "n": N, "t": T, "period": 3, "commitment": self.public.commitment.encode(G)}
         )
 
-    def order(self, op: Operation | PeriodMark | bytes) -> list[model.Record | Refused | Marked]:
+    def order(self, op: Operation | PeriodMark | Attestation | bytes) -> list[Outcome]:
         """The agreed sequence grows by one; every server applies it (they must agree)."""
         entry = op if isinstance(op, bytes) else op.encode()
         index = len(self.sequence)
@@ -264,7 +266,9 @@ def test_a_quorums_certificate_is_refused_at_apply_once_the_sequence_is_past_its
     assert MAX_QUORUM_AGE == 3
     old = seal_write(net.key, "vault", "db", DataType.PUBLIC_RW, b"late")
     early = group.quorum("vault", old.digest(), period=3)  # approved in period 3, ordered late
-    assert set(net.order(PeriodMark(group.tables[4].encode()))) == {Marked(4)}
+    assert [o.period for o in net.order(PeriodMark(group.tables[4].encode())) if isinstance(o, Marked)] == [
+        4
+    ] * N
     # a mark the group key did not sign, or one that is not ahead, moves nothing
     rogue = group.tables[8].signed(bytes(SigningKey(b"r" * 32).sign(group.tables[8].payload()).signature))
     assert all(
@@ -276,7 +280,9 @@ def test_a_quorums_certificate_is_refused_at_apply_once_the_sequence_is_past_its
         for o in net.order(PeriodMark(group.tables[3].encode()))
     )
     assert {s.period for s in net.services.values()} == {4}
-    assert set(net.order(PeriodMark(group.tables[7].encode()))) == {Marked(7)}
+    assert [o.period for o in net.order(PeriodMark(group.tables[7].encode())) if isinstance(o, Marked)] == [
+        7
+    ] * N
     outcomes = net.order(Operation(old, Client("vault", b""), int(NOW * 1000), early))
     assert all(
         isinstance(o, Refused)
@@ -437,3 +443,78 @@ def test_store_until_is_released_by_the_network_at_its_date() -> None:
     # The released record survives the state's encoding.
     s = net.services[4]
     assert StoreService.decode(G, net.public.public_key, T, s.encode()).digest() == s.digest()
+
+
+def _attestation(
+    service: StoreService[object], server: int, period: int, digest: bytes | None = None
+) -> Attestation:
+    """Server ``server``'s signed digest at ``service``'s latest mark, with its channel key of
+    ``period`` (the Group's period keys are the channel identities' seeds)."""
+    from appliance.apps.store.attest import attestation_payload
+    from appliance.net._tls import channel_certificate_der, channel_identity, channel_sign
+
+    ident = channel_identity(server, period, bytes([server, period]) * 16)
+    count = service.verifier.mark_count
+    digest = service.verifier.mark_digest if digest is None else digest
+    sig = channel_sign(ident, attestation_payload(count, digest, period, server))
+    return Attestation(count, digest, period, server, channel_certificate_der(ident), sig)
+
+
+def test_signed_digests_verify_a_copy_rebuilt_from_the_sequence_and_name_a_damaged_one() -> None:
+    """At a period mark each server signs its digest (channel key of the mark's period) into
+    the sequence; every server checks the signatures alike against the mark's KeyTable. t+1
+    signers agreeing with a server's own digest verify its copy (also for a wiped server that
+    applies the whole sequence again); t+1 signers of another digest show a changed copy as
+    damaged; a server signing another digest than the verified one is named."""
+    from appliance.apps.store.attest import Attested
+
+    net, group = Net(), Group()
+    for service in net.services.values():
+        service.authority = group.authority
+    changed = StoreService(G, net.public.public_key, T)  # a copy changed on disk
+    changed.authority = group.authority
+    changed.state.put(model.Record("vault", "planted", DataType.PUBLIC_ONCE, b"mallory", 1, value=b"x"))
+
+    def order(entry: Operation | PeriodMark | Attestation) -> list[Outcome]:
+        changed.apply(len(net.sequence), entry.encode())
+        return net.order(entry)
+
+    order(_put(net, ALICE, "a", b"1", DataType.PUBLIC_ONCE))
+    order(PeriodMark(group.tables[4].encode()))
+    one = net.services[1]
+    count, digest = one.verifier.mark_count, one.verifier.mark_digest
+    assert count == 2 and {s.verifier.mark_digest for s in net.services.values()} == {digest}
+    assert changed.verifier.mark_digest != digest
+    assert all(o == Attested(1, count, True) for o in order(_attestation(one, 1, 4)))
+    assert {s.verifier.verified for s in net.services.values()} == {0}  # one signer: not yet
+    # refused alike: signed again, in another period, with another server's certificate, stale
+    again = order(_attestation(one, 1, 4))
+    assert all(isinstance(o, Refused) and o.code == model.EXISTS for o in again)
+    other_period = order(_attestation(one, 2, 3))
+    assert all(isinstance(o, Refused) and o.code == model.NOT_PERMITTED for o in other_period)
+    honest = _attestation(one, 2, 4)
+    forged = Attestation(count, digest, 4, 3, honest.cert, honest.sig)
+    assert all(isinstance(o, Refused) and o.code == model.NOT_PERMITTED for o in order(forged))
+    assert changed.verifier.damaged is None
+    assert all(isinstance(o, Attested) and o.agrees for o in order(honest))
+    assert {s.verifier.verified for s in net.services.values()} == {count}
+    assert changed.verifier.verified == 0 and changed.verifier.damaged is not None
+    assert "servers 1, 2 signed another store digest after 2 operations" in changed.verifier.damaged
+    # server 3 signs another digest: named by every server whose copy is verified
+    order(_attestation(one, 3, 4, bytes(32)))
+    assert all(s.verifier.dissenters == [(3, count)] for s in net.services.values())
+    # a wiped server applies the whole sequence again: verified at the mark, not damaged
+    wiped = StoreService(G, net.public.public_key, T)
+    wiped.authority = group.authority
+    for index, entry in enumerate(net.sequence):
+        wiped.apply(index, entry)
+    assert wiped.verifier.verified == count and wiped.verifier.damaged is None
+    assert wiped.digest() == one.digest()
+    # the mark is in the snapshot: a server restarted after it takes server 4's signature alike
+    restored = StoreService.decode(G, net.public.public_key, T, one.encode())
+    restored.authority = group.authority
+    late = _attestation(one, 4, 4)
+    assert restored.apply(restored.applied, late.encode()) == Attested(4, count, True)
+    stale = order(PeriodMark(group.tables[7].encode()))
+    assert all(isinstance(o, Marked) for o in stale)
+    assert all(isinstance(o, Refused) and o.code == model.STALE for o in order(late))

@@ -175,6 +175,8 @@ def clean_store(raw: Any) -> dict[str, Any] | None:
         "refused_reads": _int(raw.get("refused_reads")),
         "refused_writes": _int(raw.get("refused_writes")),
         "period": _int(raw.get("period")),
+        "verified": _int(raw.get("verified")),
+        "damaged": raw.get("damaged") is True,
         "batches": _int(raw.get("batches")),
         "batched": _int(raw.get("batched")),
         "snapshot": _int(raw.get("snapshot")),

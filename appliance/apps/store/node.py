@@ -49,6 +49,7 @@ from appliance.apps.log.errors import LogError
 from appliance.apps.log.node import LogNode
 from appliance.apps.log.tiles import PosixStorage, TileLog
 from appliance.apps.store import model, persist
+from appliance.apps.store.attest import Attestation, Attested, attestation_payload
 from appliance.apps.store.client import StoreKey, combine_answers
 from appliance.apps.store.model import Client, DataType, ReadRequest, Record, Refused, WriteRequest
 from appliance.apps.store.service import (
@@ -208,6 +209,8 @@ class StoreNode:
         #: that broke a rule, refused when applied.
         self.refused = 0
         self.refused_writes = 0
+        self._damage_alerted = False
+        self._nursery: trio.Nursery | None = None
         self._queue: list[_Queued] = []
         self._queued = trio.Event()
         self.snapshots = snapshots if snapshots is not None else persist.SnapshotPolicy()
@@ -225,6 +228,7 @@ class StoreNode:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(self.sequence.run)
             task_status.started()
             await self._open()
@@ -289,6 +293,10 @@ class StoreNode:
                         log.info("store: operation %d refused: %s", service.applied - 1, outcome.reason)
                         if outcome.code in APPLY_ALERT_CODES and service.applied > replay:
                             self._refused_at_apply(service.applied - 1, entry, outcome)
+                    elif isinstance(outcome, Marked) and service.applied > replay:
+                        self._attest(service.applied, service.verifier.mark_digest, outcome.period)
+                    elif isinstance(outcome, Attested):
+                        self._attested(service, outcome)
                     elif isinstance(outcome, Record) and key_name(outcome.data_id) is not None:
                         keys_changed = True
                     if k % APPLY_CHUNK == APPLY_CHUNK - 1:
@@ -298,6 +306,57 @@ class StoreNode:
                 continue
             with trio.move_on_after(1.0):  # the event is the wake-up; the timeout a safety net
                 await self.sequence.grown.wait()
+
+    def _attest(self, count: int, digest: bytes, period: int) -> None:
+        """Put our signed store digest after the period mark (count ``count``) into the
+        sequence (:mod:`.attest`), signed with our channel key of the mark's period; not if we
+        are in another period now (our signature would not be of the mark's period)."""
+        from appliance.net._tls import channel_certificate_der, channel_sign
+
+        ident, nursery = self._ident, self._nursery
+        if ident is None or nursery is None or ident.period != period:
+            log.info("store: no signed digest at the mark of period %d (not in that period here)", period)
+            return
+        payload = attestation_payload(count, digest, period, self.server_id)
+        entry = Attestation(
+            count,
+            digest,
+            period,
+            self.server_id,
+            channel_certificate_der(ident),
+            channel_sign(ident, payload),
+        ).encode()
+
+        async def send() -> None:
+            try:
+                with trio.move_on_after(60.0):
+                    await self.sequence.append([entry])
+            except LogError as exc:
+                log.info("store: signed digest at %d not ordered here: %s", count, exc)
+
+        nursery.start_soon(send)
+
+    def _attested(self, service: StoreService[Any], outcome: Attested) -> None:
+        """An attestation applied: our copy damaged (t+1 others signed another digest: an
+        alert, and the store stops serving), or a server that signed another digest than the
+        verified one (named)."""
+        verifier = service.verifier
+        if verifier.damaged is not None and not self._damage_alerted:
+            self._damage_alerted = True
+            self._alert(AlertKind.STORE_COPY_DAMAGED, self.server_id, verifier.damaged, logging.ERROR)
+        while verifier.dissenters:
+            server, count = verifier.dissenters.pop(0)
+            detail = (
+                f"server {server} signed a store digest after {count} operations other than the one "
+                f"{self.t + 1} or more servers, this one included, signed"
+            )
+            self._alert(AlertKind.STORE_COPY_DAMAGED, server, detail)
+
+    def _alert(self, kind: AlertKind, server: int, detail: str, level: int = logging.WARNING) -> None:
+        """Raise an alert about ``server`` (logged, and to the host's alert file)."""
+        alert = Alert(kind, server, self.sequence.replica.period, detail)
+        log.log(level, "%s", alert)
+        self._on_alert(alert)
 
     def _refused_at_apply(self, index: int, entry: bytes, refused: Refused) -> None:
         """An agreed operation broke a rule (an honest origin checks a write before it orders
@@ -316,6 +375,8 @@ class StoreNode:
                 )
             elif isinstance(op, Release):
                 what = f"a release of {op.app}/{op.data_id}"
+            elif isinstance(op, Attestation):
+                what = f"server {op.server}'s signed store digest"
             else:
                 what = "a period mark"
         self.refused_writes += 1
@@ -324,9 +385,7 @@ class StoreNode:
             f"({refused.code}): {refused.reason} (every server refuses it alike; the operation "
             "does not name the server that ordered it)"
         )
-        alert = Alert(AlertKind.STORE_WRITE_REFUSED, self.server_id, self.sequence.replica.period, detail)
-        log.warning("%s", alert)
-        self._on_alert(alert)
+        self._alert(AlertKind.STORE_WRITE_REFUSED, self.server_id, detail)
 
     async def _wake(self, service: StoreService[Any], keys_changed: bool) -> bool:
         """Tell the callers waiting what was applied (the key registry written first when an
@@ -445,6 +504,8 @@ class StoreNode:
             raise StoreUnavailable(
                 "the store is not open yet (no store key from the key-holder)", READY_RETRY
             )
+        if service.verifier.damaged is not None:
+            raise StoreUnavailable(f"{service.verifier.damaged}; it must be rebuilt (docs/store.md)")
         if not self._ready.is_set():
             raise StoreUnavailable(
                 f"not ready yet: this server is applying its journal again after a restart "
@@ -501,11 +562,7 @@ class StoreNode:
                         f"{_requester(client, quorum)} asked to write {request.app}/{request.data_id} "
                         f"({request.dtype.value}): refused: {exc.reason}"
                     )
-                    alert = Alert(
-                        AlertKind.STORE_WRITE_REFUSED, self.server_id, self.sequence.replica.period, detail
-                    )
-                    log.warning("%s", alert)
-                    self._on_alert(alert)
+                    self._alert(AlertKind.STORE_WRITE_REFUSED, self.server_id, detail)
                 outcomes.append(exc)
                 continue
             where.append(len(outcomes))
@@ -522,7 +579,7 @@ class StoreNode:
                 raise StoreUnavailable("the writes were ordered but not applied here in time")
             for slot, index in zip(where, call.indices, strict=True):
                 outcome = service.outcomes.get(index)
-                if outcome is None or isinstance(outcome, Marked):
+                if not isinstance(outcome, (Record, Refused)):
                     raise StoreUnavailable("a write's outcome is no longer known here")
                 outcomes[slot] = outcome
         return [o for o in outcomes if o is not None]
@@ -742,9 +799,7 @@ class StoreNode:
                     f"server {sender} asked for shares of {ask.request.app}/{ask.request.data_id} for "
                     f"{_requester(ask.client, ask.quorum)}: refused ({exc.code}): {exc.reason}"
                 )
-                alert = Alert(AlertKind.STORE_READ_REFUSED, sender, self.sequence.replica.period, detail)
-                log.warning("%s", alert)
-                self._on_alert(alert)
+                self._alert(AlertKind.STORE_READ_REFUSED, sender, detail)
             return ReadAnswer(ask.rid, code=exc.code, reason=exc.reason[:1000])
         try:
             got = await self._share(parts, ask.request.reader)
@@ -895,6 +950,9 @@ class StoreNode:
             "refused_reads": self.refused,
             "refused_writes": self.refused_writes,
             "period": 0 if service is None else service.period,
+            # the latest count at which t+1 servers signed our digest, and whether our copy is damaged
+            "verified": 0 if service is None else service.verifier.verified,
+            "damaged": service is not None and service.verifier.damaged is not None,
             "batches": self.batches,
             "batched": self.batched,
             "snapshot": self.snapshots.applied,

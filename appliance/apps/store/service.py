@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
 from appliance.apps.store import model
+from appliance.apps.store.attest import Attestation, Attested, Verifier
 from appliance.apps.store.model import (
     Client,
     Quotas,
@@ -55,6 +56,7 @@ from appliance.apps.store.model import (
 from appliance.crypto import encoding, tdh2
 from appliance.crypto.errors import DecodeError
 from appliance.crypto.groups import Group
+from appliance.protocols.state import KeyTable
 
 E = TypeVar("E")
 
@@ -203,17 +205,20 @@ class PeriodMark:
         return cls(f["table"])
 
 
-Entry = Operation | Release | PeriodMark
+Entry = Operation | Release | PeriodMark | Attestation
 
 
 def decode_entry(data: bytes) -> Entry:
-    """An entry of the store's sequence: a write, a release or a period mark."""
+    """An entry of the store's sequence: a write, a release, a period mark or a server's
+    signed digest (:mod:`.attest`)."""
     obj = encoding.decode(data, max_size=MAX_OPERATION, what="store operation")
     kind = obj.get("op") if isinstance(obj, dict) else None
     if kind == "release":
         return Release.from_obj(obj)
     if kind == "period":
         return PeriodMark.from_obj(obj)
+    if kind == "attest":
+        return Attestation.from_obj(obj)
     return Operation.from_obj(obj)  # decoded once: the entry's CBOR was checked canonical above
 
 
@@ -246,12 +251,14 @@ class ClockView:
 
 @dataclass(frozen=True)
 class Marked:
-    """The outcome of a period mark: the store's sequence is now at ``period``."""
+    """The outcome of a period mark: the store's sequence is now at ``period`` (``table``: the
+    mark's KeyTable, which the group key signed)."""
 
     period: int
+    table: KeyTable = dataclasses.field(compare=False, repr=False)
 
 
-Outcome = Record | Refused | Marked
+Outcome = Record | Refused | Marked | Attested
 
 
 class StoreService(Generic[E]):
@@ -271,6 +278,9 @@ class StoreService(Generic[E]):
         #: operations applied, so the same at every server after the same operations. A
         #: certificate more than MAX_QUORUM_AGE periods older is refused at apply.
         self.period = 0
+        #: The signed digests of this state at the period marks (:mod:`.attest`): local
+        #: knowledge (verified, damaged), not part of the replicated state or its digest.
+        self.verifier = Verifier(t)
 
     @property
     def group(self) -> Group[E]:
@@ -288,6 +298,8 @@ class StoreService(Generic[E]):
         else:
             outcome = self._apply(op)
         self.applied += 1
+        if isinstance(outcome, Marked):  # our digest after the mark, what the servers sign
+            self.verifier.marked(self.applied, outcome.table, self.digest())
         self.outcomes[index] = outcome
         while len(self.outcomes) > MAX_OUTCOMES:
             self.outcomes.popitem(last=False)
@@ -301,6 +313,12 @@ class StoreService(Generic[E]):
                 return exc
         if isinstance(op, PeriodMark):
             return self._mark(op)
+        if isinstance(op, Attestation):
+            try:
+                self.verifier.check(op)
+            except Refused as exc:
+                return exc
+            return self.verifier.take(op)
         try:
             oldest = max(0, self.period - MAX_QUORUM_AGE)
             view = FixedClock(op.at_ms / 1000, self.authority, oldest)
@@ -321,7 +339,7 @@ class StoreService(Generic[E]):
         if table.period <= self.period:
             return Refused(model.STALE, f"{where}: period {table.period}, the sequence is at {self.period}")
         self.period = table.period
-        return Marked(table.period)
+        return Marked(table.period, table)
 
     def _release(self, op: Release) -> Record:
         record = self.state.get(op.app, op.data_id)
@@ -372,7 +390,9 @@ class StoreService(Generic[E]):
     # Persistence -----------------------------------------------------------------------------
 
     def encode(self) -> bytes:
-        return encode_snapshot(self.group.name, self.state.records, self.applied, self.period)
+        return encode_snapshot(
+            self.group.name, self.state.records, self.applied, self.period, self.verifier.to_obj()
+        )
 
     def digest(self) -> bytes:
         """SHA-256 of the state's digest and the number of operations applied: equal at every
@@ -393,6 +413,8 @@ class StoreService(Generic[E]):
         fields: dict[str, type] = {"v": int, "applied": int, "state": bytes}
         if isinstance(obj, dict) and "period" in obj:
             fields["period"] = int
+        if isinstance(obj, dict) and "mark" in obj:
+            fields["mark"] = dict
         f = encoding.expect_map(obj, fields, what)
         if f["v"] != FORMAT_VERSION:
             raise DecodeError(f"{what}: format version {f['v']}, this server reads {FORMAT_VERSION}")
@@ -402,18 +424,27 @@ class StoreService(Generic[E]):
         service.state = StoreState.decode(group, public_key, t, f["state"], quotas, max_size=MAX_SNAPSHOT)
         service.applied = f["applied"]
         service.period = f.get("period", 0)
+        if "mark" in f:
+            service.verifier.restore(f["mark"], what)
         return service
 
 
 def encode_snapshot(
-    group: str, records: Mapping[tuple[str, str], Record], applied: int, period: int = 0
+    group: str,
+    records: Mapping[tuple[str, str], Record],
+    applied: int,
+    period: int = 0,
+    mark: Mapping[str, Any] | None = None,
 ) -> bytes:
     """:meth:`StoreService.encode` of a state of ``records`` after ``applied`` operations, the
-    sequence at ``period`` (left out while 0)."""
+    sequence at ``period`` (left out while 0), the latest period mark (count, KeyTable, our
+    digest then: :mod:`.attest`; left out while none)."""
     state = encoding.encode(model.state_obj(group, records))
     obj: dict[str, Any] = {"v": FORMAT_VERSION, "applied": applied, "state": state}
     if period:
         obj["period"] = period
+    if mark is not None:
+        obj["mark"] = dict(mark)
     return encoding.encode(obj)
 
 
