@@ -396,10 +396,11 @@ async def test_period_marks_move_the_sequence_and_an_old_certificate_is_refused_
 ) -> None:
     """The key-holders hand over period 4's signed KeyTable: one server puts its mark in the
     store's sequence and every server's sequence is at period 4. A quorum's certificate of
-    period 0, admitted by an origin still in period 0, is then refused when applied, at every
-    server alike (more than MAX_QUORUM_AGE periods old), each raising an alert that names the
-    writer and the reason."""
-    from appliance.apps.store.service import MAX_QUORUM_AGE, PeriodMark, decode_entry
+    period 0 is then refused by an honest origin before it is ordered (one alert, there), and
+    when a faulty origin orders it all the same, it is refused when applied, at every server
+    alike (more than MAX_QUORUM_AGE periods old), each raising an alert that names the writer
+    and the reason."""
+    from appliance.apps.store.service import MAX_QUORUM_AGE, Operation, PeriodMark, decode_entry
 
     net = Net(tmp_path)
     async with trio.open_nursery() as nursery:
@@ -414,11 +415,17 @@ async def test_period_marks_move_the_sequence_and_an_old_certificate_is_refused_
             assert 1 <= sum(isinstance(decode_entry(e), PeriodMark) for e in entries) <= 2
             assert MAX_QUORUM_AGE < 4
             request = model.WriteRequest("vault", "cfg", DataType.PUBLIC_RW, 1, value=b"old")
+            certificate = quorum("vault", request.digest())
             with pytest.raises(model.Refused, match="of period 0, too old") as refused:
-                await net.nodes[2].write(request, Client("vault", b""), quorum("vault", request.digest()))
+                await net.nodes[2].write(request, Client("vault", b""), certificate)
             assert refused.value.code == model.NOT_PERMITTED
-            size = net.nodes[2].sequence.size
-            await net.until_applied(size)
+            (at_origin,) = net.alerts[2]
+            assert "asked to write vault/cfg" in at_origin.detail and not net.alerts[1]
+            net.alerts[2].clear()
+            # a faulty origin orders it all the same
+            op = Operation(request, Client("vault", b""), int(time.time() * 1000), certificate)
+            (index,) = await net.nodes[2].sequence.append([op.encode()])
+            await net.until_applied(index + 1)
             assert all(
                 n.service is not None and ("vault", "cfg") not in n.service.state.records
                 for n in net.nodes.values()

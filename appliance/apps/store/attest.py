@@ -19,11 +19,12 @@ is signed, in the sequence itself:
   everywhere (``stale-version``, ``exists``, ``not-permitted``). Attestations change no
   record and are not in the digest.
 * Each server compares a valid attestation with **its own** digest at ``k`` (kept from when
-  it applied the mark; in the snapshot too). t+1 signers that agree with it: its copy is
-  **verified** at ``k`` (one of them is honest). t+1 signers of one *other* digest: its copy
-  is **damaged** (an honest server has that other digest): :attr:`Verifier.damaged` says so,
-  and the node stops serving and raises an alert. One signer that disagrees with a verified
-  digest is named (it is faulty or its copy is damaged).
+  it applied the mark; a snapshot does not keep it, a restart recomputes it if the snapshot
+  is of count ``k``, else that mark verifies nothing there). t+1 signers that agree with
+  it: its copy is **verified** at ``k`` (one of them is honest). t+1 signers of one *other*
+  digest: its copy is **damaged** (an honest server has that other digest):
+  :attr:`Verifier.damaged` says so, and the node stops serving and raises an alert. One
+  signer that disagrees with a verified digest is named (it is faulty or its copy is damaged).
 
 So a wiped server that rebuilds its store from the sequence (the replica's catch-up, then the
 operations applied again) checks what it rebuilt at every mark it applies against the digest
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -94,11 +96,13 @@ _FIELDS: Final[dict[str, type]] = {
 
 @dataclass(frozen=True)
 class Attested:
-    """The outcome of an attestation taken: whether it agrees with this server's own digest."""
+    """The outcome of an attestation taken: whether it agrees with this server's own digest
+    (None: this server does not know its digest at that count, restarted from a snapshot
+    taken after the mark)."""
 
     server: int
     count: int
-    agrees: bool
+    agrees: bool | None
 
 
 @dataclass
@@ -106,7 +110,8 @@ class Verifier:
     """What a server knows of the signed digests of its store (module docstring).
 
     ``mark``: the latest period mark's count (operations applied with it), KeyTable and this
-    server's digest then; ``signers``: digest -> servers that signed it at that count."""
+    server's digest then (empty if not known); ``signers``: digest -> servers that signed it
+    at that count."""
 
     t: int
     mark_count: int = 0
@@ -150,6 +155,8 @@ class Verifier:
         """Count a checked attestation (:meth:`check` passed) against our own digest."""
         signers = self.signers.setdefault(a.digest, set())
         signers.add(a.server)
+        if not self.mark_digest:
+            return Attested(a.server, a.count, None)
         agrees = hmac.compare_digest(a.digest, self.mark_digest)
         if agrees and len(signers) >= self.t + 1:
             self.verified = max(self.verified, a.count)
@@ -167,12 +174,27 @@ class Verifier:
     # Snapshot -------------------------------------------------------------------------------
 
     def to_obj(self) -> dict[str, Any] | None:
+        """The mark and its signers, for a snapshot: not our digest then (a snapshot changed on
+        disk could carry any; :meth:`restore` recomputes it when it can)."""
         if self.mark_table is None:
             return None
-        return {"count": self.mark_count, "table": self.mark_table.encode(), "digest": self.mark_digest}
+        signers = {d: sorted(servers) for d, servers in sorted(self.signers.items())}
+        return {"count": self.mark_count, "table": self.mark_table.encode(), "signers": signers}
 
-    def restore(self, obj: Any, what: str) -> None:
-        f = encoding.expect_map(obj, {"count": int, "table": bytes, "digest": bytes}, f"{what}: mark")
-        if f["count"] < 1 or len(f["digest"]) != DIGEST_SIZE:
-            raise DecodeError(f"{what}: mark: bad count or digest")
-        self.marked(f["count"], KeyTable.decode(f["table"]), f["digest"])
+    def restore(self, obj: Any, what: str, applied: int, digest: Callable[[], bytes]) -> None:
+        """The mark from a snapshot of ``applied`` operations: our digest at the mark is
+        ``digest()`` (the state's) if the snapshot was taken right at it, else unknown (this
+        mark verifies nothing here; the next one does)."""
+        what = f"{what}: mark"
+        f = encoding.expect_map(obj, {"count": int, "table": bytes, "signers": dict}, what)
+        if not 1 <= f["count"] <= applied:
+            raise DecodeError(f"{what}: bad count")
+        signers: dict[bytes, set[int]] = {}
+        for d, servers in f["signers"].items():
+            if not isinstance(d, bytes) or len(d) != DIGEST_SIZE or not isinstance(servers, list):
+                raise DecodeError(f"{what}: bad signers")
+            if not all(isinstance(i, int) and not isinstance(i, bool) and 1 <= i <= 1024 for i in servers):
+                raise DecodeError(f"{what}: bad signer")
+            signers[d] = set(servers)
+        self.marked(f["count"], KeyTable.decode(f["table"]), digest() if f["count"] == applied else b"")
+        self.signers = signers

@@ -49,11 +49,12 @@ from appliance.apps.log.errors import LogError
 from appliance.apps.log.node import LogNode
 from appliance.apps.log.tiles import PosixStorage, TileLog
 from appliance.apps.store import model, persist
-from appliance.apps.store.attest import Attestation, Attested, attestation_payload
+from appliance.apps.store.attest import Attestation, Attested, Verifier, attestation_payload
 from appliance.apps.store.client import StoreKey, combine_answers
 from appliance.apps.store.model import Client, DataType, ReadRequest, Record, Refused, WriteRequest
 from appliance.apps.store.service import (
     ALERT_CODES,
+    MAX_QUORUM_AGE,
     RID_SIZE,
     ContributeAsk,
     Contributed,
@@ -261,6 +262,10 @@ class StoreNode:
         vcert = key.get("vcert")
         if isinstance(vcert, bytes) and len(vcert) == 32:
             self.service.authority = model.Authority(vcert, self.n)
+            mark = self.service.verifier.mark_table
+            if mark is not None and not (mark.signature and mark.verify(vcert)):
+                log.error("store: the snapshot's period mark is not signed by the group key: dropped")
+                self.service.verifier = Verifier(self.t)
         else:
             log.error("store: the key-holder gave no group public key: quorum requests are refused")
         self.group = group
@@ -417,7 +422,7 @@ class StoreNode:
         seen: dict[int, float] = {}
         last_try = -math.inf
         while True:
-            await trio.sleep(1.0)
+            await trio.sleep(2.0)
             service = self.service
             if service is None or service.authority is None or not self._ready.is_set():
                 continue
@@ -526,8 +531,11 @@ class StoreNode:
 
     def _oldest_period(self) -> int:
         """A quorum's certificate this server takes in a read, or admits in a write, is of the
-        previous period or later (applying an agreed write does not ask: docs/store.md)."""
-        return max(0, self.sequence.replica.period - 1)
+        previous period or later, and not one the apply would find too old already (the
+        store sequence's period less MAX_QUORUM_AGE: a server behind admits nothing the
+        network refuses; docs/store.md)."""
+        sequence = self.service.period - MAX_QUORUM_AGE if self.service is not None else 0
+        return max(0, self.sequence.replica.period - 1, sequence)
 
     async def write(
         self, request: WriteRequest, client: Client, quorum: model.Quorum | None = None

@@ -425,7 +425,7 @@ class StoreService(Generic[E]):
         service.applied = f["applied"]
         service.period = f.get("period", 0)
         if "mark" in f:
-            service.verifier.restore(f["mark"], what)
+            service.verifier.restore(f["mark"], what, service.applied, service.digest)
         return service
 
 
