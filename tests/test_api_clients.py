@@ -378,7 +378,8 @@ def test_pst_store_quorum_and_batch_commands(
     """``pst store`` against a server's API socket: ``batch ID=FILE...`` (each outcome printed,
     exit 1 when one is refused), ``put``/``write`` of public-rw data with ``--password-file``
     (through the quorum), ``pending`` and ``approve --all`` of another client's store request;
-    clear errors without a password or with a bad item."""
+    clear errors without a password or with a bad item. The same with the standalone
+    ``pst-client store``."""
     from appliance import cli
 
     store = OneServerStore()
@@ -391,21 +392,38 @@ def test_pst_store_quorum_and_batch_commands(
     sock = ["--socket", str(sock_path), "--app", "vault"]
     quorum = [*sock, "--password-file", str(password)]
 
+    lone = ["--name", "lone"]
+    alone = [*lone, "--password-file", str(password)]
+    commands: list[tuple[Any, list[str]]] = [
+        (cli.main, ["store", *argv])
+        for argv in (
+            ["batch", *sock, f"a={values['one']}", f"b={values['two']}"],
+            ["batch", *sock, f"a={values['two']}", f"c={values['one']}"],
+            ["put", *quorum, "cfg", "--type", "public-rw", "--file", str(values["one"])],
+            ["write", *quorum, "cfg", "2", "--file", str(values["two"])],
+            ["pending", *quorum],
+            ["approve", *quorum, "--all"],
+            ["pending", *sock],
+            ["batch", *sock, "no-file-here"],
+        )
+    ] + [
+        (standalone.main, ["--socket", str(sock_path), "store", *argv])
+        for argv in (
+            ["batch", *lone, f"a={values['one']}", f"a={values['two']}"],
+            ["put", *alone, "--type", "public-rw", "cfg", str(values["one"])],
+            ["write", *alone, "cfg", "2", str(values["two"])],
+            ["get", *lone, "cfg"],
+            ["approve", *alone, "72" * 32],
+            ["pending", *lone],
+        )
+    ]
+
     async def main() -> list[tuple[int, str, str]]:
         async with trio.open_nursery() as nursery:
             await nursery.start(functools.partial(serve_api, sock_path, backend, data_store=store))
             runs = []
-            for argv in (
-                ["batch", *sock, f"a={values['one']}", f"b={values['two']}"],
-                ["batch", *sock, f"a={values['two']}", f"c={values['one']}"],
-                ["put", *quorum, "cfg", "--type", "public-rw", "--file", str(values["one"])],
-                ["write", *quorum, "cfg", "2", "--file", str(values["two"])],
-                ["pending", *quorum],
-                ["approve", *quorum, "--all"],
-                ["pending", *sock],
-                ["batch", *sock, "no-file-here"],
-            ):
-                code = await trio.to_thread.run_sync(cli.main, ["store", *argv])
+            for command, argv in commands:
+                code = await trio.to_thread.run_sync(command, argv)
                 got = capsys.readouterr()
                 runs.append((code, got.out, got.err))
             nursery.cancel_scope.cancel()
@@ -428,9 +446,17 @@ def test_pst_store_quorum_and_batch_commands(
     )
     assert "value b'max=3'" in printed and "from servers 2" in printed
     assert runs[5][0] == 0 and "\tapproved\t" in runs[5][1]
-    assert [d[2:] for d in backend.decisions] == [(b"r" * 32, True)]
     assert runs[6][0] == 2 and "give --password-file" in runs[6][2]
     assert runs[7][0] == 2 and "expected ID=FILE" in runs[7][2]
+    code, printed, _ = runs[8]  # pst-client store batch: one refused
+    assert code == 1 and printed.startswith("a\t1\na\trefused: exists: ")
+    assert runs[9][:2] == (0, "stored cfg version 1\n") and runs[10][:2] == (0, "wrote cfg version 2\n")
+    assert runs[11][:2] == (0, "two")
+    assert runs[12][0] == 0 and runs[12][1].startswith(
+        ("72" * 32) + "\tapproved\twrite vault/limits version 1"
+    )
+    assert [d[2:] for d in backend.decisions] == [(b"r" * 32, True)] * 2
+    assert runs[13][0] == 2 and "give --password-file" in runs[13][2]
 
 
 @given(st.text(max_size=20), st.text(max_size=20), st.binary(max_size=64), st.integers(1, 2**32))

@@ -37,6 +37,7 @@ Command line (``pst-client`` or ``python -m pst_client``)::
     pst-client verify --key group.pem [--app APP] FILE SIGNATURE
     pst-client payload [--app APP] FILE > payload.bin          # what the group signed
     pst-client time | status
+    pst-client store put|get|write|batch|pending|approve ...  # public data; --password-file: quorum
 
 The store (docs/store.md): :meth:`PstClient.store_data`, :meth:`PstClient.write`,
 :meth:`PstClient.retrieve` and :meth:`PstClient.store_record` for *public* data
@@ -793,6 +794,99 @@ def _signature_from(path: str) -> bytes:
         raise ValueError(f"{path}: expected 64 bytes or 128 hex digits (what 'sign' prints)") from None
 
 
+_STORE_HELP = (
+    "the data store, public data: put, get, write, batch; a distributed application's pending and approve"
+)
+
+
+def _store_parser(sub: Any) -> None:
+    actions = sub.add_parser("store", help=_STORE_HELP).add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--name", default="pst-client", help="application name (default pst-client)")
+        p.add_argument("--unique-id", default=None, help="instance id (default 'default')")
+        p.add_argument(
+            "--password-file",
+            help="be this server's client of the distributed application --name (password: the "
+            "file's first line, - for stdin): public-rw data is then changed by a quorum",
+        )
+
+    put = actions.add_parser("put", help="StoreData of ID (version 1) from FILE (- or none: stdin)")
+    write = actions.add_parser("write", help="Write: VERSION (the next) of public-rw data ID (a quorum's)")
+    for p in (put, write):
+        common(p)
+        p.add_argument("id")
+        if p is write:
+            p.add_argument("version", type=int)
+        p.add_argument("file", nargs="?", default="-")
+    put.add_argument("--type", default="public-once", choices=PUBLIC_TYPES, help="default public-once")
+    get = actions.add_parser("get", help="Retrieve ID: its public value to stdout")
+    common(get)
+    get.add_argument("id")
+    batch = actions.add_parser("batch", help="StoreData of many items (ID=FILE) in one request")
+    common(batch)
+    batch.add_argument("items", nargs="+", metavar="ID=FILE")
+    for name, what in (("pending", "list"), ("approve", "approve (or --deny)")):
+        p = actions.add_parser(name, help=f"{what} the store requests of the application's other clients")
+        common(p)
+        if name == "approve":
+            p.add_argument("ids", nargs="*", metavar="ID", help="hex request ids (as pending prints them)")
+            p.add_argument("--all", action="store_true", help="every waiting store request")
+            p.add_argument("--deny", action="store_true", help="deny instead of approve")
+
+
+def _read(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _store_command(client: PstClient, args: argparse.Namespace) -> int:
+    if args.password_file is not None:
+        line = _read(args.password_file).split(b"\n", 1)[0].rstrip(b"\r")
+        if not line:
+            raise ValueError(f"{args.password_file}: no password on its first line")
+        client.register_distributed(args.name, line)
+    elif args.action in ("pending", "approve"):
+        raise ValueError(f"store {args.action} is for a distributed application: give --password-file")
+    else:
+        client.register(args.name, args.unique_id)
+    if args.action == "put":
+        print(f"stored {args.id} version {client.store_data(args.id, _read(args.file), args.type)}")
+    elif args.action == "write":
+        print(f"wrote {args.id} version {client.write(args.id, _read(args.file), args.version)}")
+    elif args.action == "get":
+        sys.stdout.buffer.write(client.retrieve(args.id))
+    elif args.action == "batch":
+        pairs = [item.partition("=") for item in args.items]
+        if not all(data_id and sep and path for data_id, sep, path in pairs):
+            raise ValueError("store batch: each item is ID=FILE")
+        outcomes = client.store_many([(data_id, _read(path)) for data_id, _sep, path in pairs])
+        for (data_id, _sep, _path), outcome in zip(pairs, outcomes):
+            print(f"{data_id}\t{outcome if isinstance(outcome, int) else f'refused: {outcome}'}")
+        return 1 if any(isinstance(o, PstError) for o in outcomes) else 0
+    else:
+        chosen = {i.lower() for i in getattr(args, "ids", [])}
+        if args.action == "approve" and not (chosen or args.all):
+            raise ValueError("store approve: name request ids (as pending prints them) or give --all")
+        for p in client.pending():
+            if p.protocol != "store":
+                continue
+            asked = p.store_request()
+            verdict = "pending"
+            if args.action == "approve" and (args.all or p.request_id.hex() in chosen):
+                (client.deny if args.deny else client.approve)(p.request_id)
+                verdict = "denied" if args.deny else "approved"
+            what = (
+                f"{asked['kind']} {asked['app']}/{asked['id']} version {asked['v']} {asked.get('type', '')}"
+            )
+            print(f"{p.request_id.hex()}\t{verdict}\t{what.strip()}\tfrom {','.join(map(str, p.servers))}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pst-client", description="Use the local PServer's API.")
     parser.add_argument("--socket", default=DEFAULT_SOCKET, help=f"API socket (default {DEFAULT_SOCKET})")
@@ -811,6 +905,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     payload.add_argument("file")
     sub.add_parser("time", help="every server's clock, as this server collected them")
     sub.add_parser("status", help="the server's status as JSON")
+    _store_parser(sub)
     args = parser.parse_args(argv)
     prog = "pst-client"
     try:
@@ -830,6 +925,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{'OK' if ok else 'INVALID'}: {args.file} for application {args.app!r}")
             return 0 if ok else 1
         with PstClient(args.socket) as client:
+            if args.command == "store":
+                return _store_command(client, args)
             if args.command == "sign":
                 digest = sha512_of(sys.stdin.buffer if args.file == "-" else args.file)
                 client.register(args.name, args.unique_id)
