@@ -532,3 +532,28 @@ async def test_servers_sign_their_digest_at_a_mark_and_a_changed_copy_stops_serv
             assert net.nodes[4].status()["damaged"] is True and net.nodes[1].status()["damaged"] is False
             assert net.nodes[1].status()["verified"] == net.nodes[1].service.verifier.mark_count  # type: ignore[union-attr]
         nursery.cancel_scope.cancel()
+
+
+async def test_period_marks_alone_take_no_snapshot_of_a_whole_idle_state(tmp_path: Path) -> None:
+    """The snapshot interval counts writes: a store that only gets a period's mark (and signed
+    digests) since its last snapshot does not encode and write its whole state again."""
+    net = Net(tmp_path)
+    for node in net.nodes.values():
+        node.snapshots = persist.SnapshotPolicy(every=10_000, interval=0.5)
+    one = net.nodes[1]
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(60):
+            await net.start_with_a_write(nursery)
+            while one.snapshots.applied < 1:
+                await trio.sleep(0.1)
+            net.table = signed_table(4).encode()
+            while not all(n.service is not None and n.service.period == 4 for n in net.nodes.values()):
+                await trio.sleep(0.1)
+            assert one.service is not None
+            marked = one.service.applied
+            await trio.sleep(3.0)  # three ticks of the snapshot task, interval long past
+            assert marked > 1 and one.snapshots.applied == 1
+            await one.write(model.WriteRequest("vault", "b", DataType.PUBLIC_ONCE, 1, value=b"2"), ALICE)
+            while one.snapshots.applied <= marked:
+                await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()

@@ -211,6 +211,8 @@ class StoreNode:
         self.refused = 0
         self.refused_writes = 0
         self._damage_alerted = False
+        #: Operations applied that changed a record (the snapshots' interval counts only them).
+        self._changes = 0
         self._nursery: trio.Nursery | None = None
         self._queue: list[_Queued] = []
         self._queued = trio.Event()
@@ -304,6 +306,8 @@ class StoreNode:
                         self._attested(service, outcome)
                     elif isinstance(outcome, Record) and key_name(outcome.data_id) is not None:
                         keys_changed = True
+                    if isinstance(outcome, Record):
+                        self._changes += 1
                     if k % APPLY_CHUNK == APPLY_CHUNK - 1:
                         keys_changed = await self._wake(service, keys_changed)
                         await trio.sleep(0)  # the loop serves others while a long round applies
@@ -402,12 +406,20 @@ class StoreNode:
         return False
 
     async def _snapshots(self) -> None:
-        """Write a snapshot of the state when the policy says so (see :mod:`.persist`)."""
+        """Write a snapshot of the state when the policy says so (see :mod:`.persist`); not
+        for the interval when only period marks and signed digests came since the last one
+        (an idle store would write its whole state every period: the journal replays those
+        few entries cheaply)."""
+        changes_at_snapshot = -1
         while True:
             await trio.sleep(1.0)
             service = self.service
             if service is None or not self.snapshots.due(service.applied, self._clock()):
                 continue
+            behind = service.applied - self.snapshots.applied
+            if self._changes == changes_at_snapshot and behind < self.snapshots.every:
+                continue
+            changes_at_snapshot = self._changes
             snapshot = persist.Snapshot.of(service)
             await trio.to_thread.run_sync(persist.write, self.state_path, snapshot)
             self.snapshots.taken(snapshot.applied, self._clock())
