@@ -24,6 +24,7 @@ from appliance.apps.store import model, persist
 from appliance.apps.store.client import StoreKey, combine_answers, seal_write
 from appliance.apps.store.model import Client, DataType, ReadRequest
 from appliance.apps.store.node import STORE_FRAME, StoreNode, answers_to_obj, is_store_frame
+from appliance.apps.store.service import StoreService
 from appliance.crypto import local, tdh2
 from appliance.crypto.groups import P256 as G
 from appliance.crypto.secret import DeterministicSource, system_scalar_source
@@ -556,4 +557,39 @@ async def test_period_marks_alone_take_no_snapshot_of_a_whole_idle_state(tmp_pat
             await one.write(model.WriteRequest("vault", "b", DataType.PUBLIC_ONCE, 1, value=b"2"), ALICE)
             while one.snapshots.applied <= marked:
                 await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_changed_snapshot_is_found_damaged_when_the_journal_is_applied_again(tmp_path: Path) -> None:
+    """Servers sign their digests at period 1's mark; server 4 is stopped and its snapshot
+    replaced by one with a planted record (of the operations before the mark). Restarted, it
+    applies its journal again from the snapshot: at the mark its digest is not the one t+1
+    servers signed, so it raises the alert and does not serve."""
+    from appliance.apps.store.node import StoreUnavailable
+
+    net = Net(tmp_path)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(60):
+            await net.start_with_a_write(nursery)
+            for i, node in net.nodes.items():
+                await node.identity(1, key_table(1), channel_identity(i, 1, period_seed(1, i)))
+            net.table = signed_table(1).encode()
+            while not all(n.service is not None and n.service.verifier.verified for n in net.nodes.values()):
+                await trio.sleep(0.1)
+            (first,) = await net.nodes[4].sequence.read_entries(0, 1)
+        nursery.cancel_scope.cancel()
+    changed = StoreService(G, net.public.public_key, T)
+    changed.apply(0, first)
+    changed.state.put(model.Record("vault", "planted", DataType.PUBLIC_ONCE, b"x", 1, value=b"x"))
+    persist.write(net.nodes[4].state_path, persist.Snapshot.of(changed))
+    net.alerts[4].clear()
+    again = net.make(tmp_path, 4)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(20):
+            await nursery.start(again.run)
+            while again.service is None or again.service.verifier.damaged is None:
+                await trio.sleep(0.05)
+            with pytest.raises(StoreUnavailable, match="this copy of the store is damaged"):
+                await again.ready()
+            assert [a.kind.value for a in net.alerts[4]] == ["store-copy-damaged"]
         nursery.cancel_scope.cancel()

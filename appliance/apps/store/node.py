@@ -303,7 +303,7 @@ class StoreNode:
                     elif isinstance(outcome, Marked) and service.applied > replay:
                         self._attest(service.applied, service.verifier.mark_digest, outcome.period)
                     elif isinstance(outcome, Attested):
-                        self._attested(service, outcome)
+                        self._attested(service, again=service.applied <= replay)
                     elif isinstance(outcome, Record) and key_name(outcome.data_id) is not None:
                         keys_changed = True
                     if isinstance(outcome, Record):
@@ -345,16 +345,19 @@ class StoreNode:
 
         nursery.start_soon(send)
 
-    def _attested(self, service: StoreService[Any], outcome: Attested) -> None:
+    def _attested(self, service: StoreService[Any], *, again: bool) -> None:
         """An attestation applied: our copy damaged (t+1 others signed another digest: an
-        alert, and the store stops serving), or a server that signed another digest than the
-        verified one (named)."""
+        alert, and the store stops serving; also found while a restarted server applies its
+        journal ``again``: its snapshot was changed), or a server that signed another digest
+        than the verified one (named; not again for what a restart re-applies)."""
         verifier = service.verifier
         if verifier.damaged is not None and not self._damage_alerted:
             self._damage_alerted = True
             self._alert(AlertKind.STORE_COPY_DAMAGED, self.server_id, verifier.damaged, logging.ERROR)
         while verifier.dissenters:
             server, count = verifier.dissenters.pop(0)
+            if again:
+                continue
             detail = (
                 f"server {server} signed a store digest after {count} operations other than the one "
                 f"{self.t + 1} or more servers, this one included, signed"
