@@ -356,7 +356,15 @@ def test_many_writes_in_one_request_and_a_killed_server_loses_none_it_acknowledg
     again = _retrying(a.store_many, [("p0", b"x"), ("p100", b"new")])
     assert isinstance(again[0], PstError) and again[0].code == "exists" and again[1] == 1
     b = _client(cluster, 3, unique_id="batch")
-    assert _retrying(b.retrieve, "s7", reader=owner) == b"s7"
+    deadline = time.monotonic() + 15
+    while True:  # server 3 may not have applied server 1's batch yet (not-found for a moment)
+        try:
+            assert _retrying(b.retrieve, "s7", reader=owner) == b"s7"
+            break
+        except PstError as exc:
+            if exc.code != "not-found" or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
     assert b.retrieve("p99") == b"v99"
 
     node = cluster / "node-2"
