@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_api import CLIENTS, FakeBackend, load_module, req, verify
-from test_store_api import OneServerStore
+from test_store_api import OneServerStore, QuorumBackend
 
 from appliance.api import (
     QUOTA,
@@ -303,6 +303,160 @@ async def test_public_store_data_from_both_libraries(
         "exists",
         "not-found",
     )
+
+
+class WaitingStoreRequest(QuorumBackend):
+    """A quorum that approves every store request (QuorumBackend), and one store write of
+    another server's client waiting for ours (``pending``; decided with ``approve``/``deny``)."""
+
+    WAITING = model.WriteRequest("vault", "limits", model.DataType.PUBLIC_RW, 1, value=b"max=3")
+
+    async def distributed_pending(self, app: str, verifier: bytes) -> list[dict[str, Any]]:
+        return [
+            {
+                "request_id": b"r" * 32,
+                "protocol": "store",
+                "payload": self.WAITING.approval_payload(),
+                "servers": [2],
+                "expires_in_ms": 9000,
+            }
+        ]
+
+
+async def test_quorum_and_batch_store_operations_from_both_libraries(
+    nursery: trio.Nursery, sock_path: Path, lib: ModuleType
+) -> None:
+    """A distributed client creates and changes public-rw data through the quorum, sees another
+    client's waiting store request (what it asks) and approves it; a centralized client stores
+    many items in one request, each answered in order; a distributed one cannot batch."""
+    store = OneServerStore()
+    backend = WaitingStoreRequest(store)
+    await nursery.start(functools.partial(serve_api, sock_path, backend, data_store=store))
+
+    def session() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        with lib.PstClient(sock_path) as d, lib.PstClient(sock_path) as c:
+            d.register_distributed("vault", "open sesame")
+            out["created"] = d.store_data("cfg", b"v1", "public-rw")
+            out["changed"] = d.write("cfg", b"v2", 2)
+            out["read"] = d.retrieve("cfg")
+            (waiting,) = [p for p in d.pending() if p.protocol == "store"]
+            out["waiting"] = waiting.store_request()
+            d.approve(waiting.request_id)
+            with pytest.raises(lib.PstError) as err:
+                d.store_many([("x", b"1")])
+            out["distributed batch"] = err.value.code
+            c.register("vault", "alice")
+            out["batch"] = c.store_many([("a", b"1"), ("b", b"2"), ("a", b"3")])
+            out["b"] = c.retrieve("b")
+        return out
+
+    out = await trio.to_thread.run_sync(session)
+    assert (out["created"], out["changed"], out["read"]) == (1, 2, b"v2")
+    asked = [model.decode_approval_payload(payload) for _a, _v, _p, payload, _t in backend.requests]
+    assert [(r.data_id, r.version) for r in asked] == [("cfg", 1), ("cfg", 2)]
+    waiting = out["waiting"]
+    if lib is standalone:
+        assert (waiting["kind"], waiting["id"], waiting["type"], waiting["value"]) == (
+            "write",
+            "limits",
+            "public-rw",
+            b"max=3",
+        )
+    else:
+        assert waiting == WaitingStoreRequest.WAITING
+    assert backend.decisions == [("vault", backend.decisions[0][1], b"r" * 32, True)]
+    assert out["distributed batch"] == "not-permitted"
+    first, second, again = out["batch"]
+    assert (first, second, out["b"]) == (1, 1, b"2")
+    assert isinstance(again, lib.PstError) and again.code == "exists"
+
+
+def test_pst_store_quorum_and_batch_commands(
+    sock_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``pst store`` against a server's API socket: ``batch ID=FILE...`` (each outcome printed,
+    exit 1 when one is refused), ``put``/``write`` of public-rw data with ``--password-file``
+    (through the quorum), ``pending`` and ``approve --all`` of another client's store request;
+    clear errors without a password or with a bad item. The same with the standalone
+    ``pst-client store``."""
+    from appliance import cli
+
+    store = OneServerStore()
+    backend = WaitingStoreRequest(store)
+    password = tmp_path / "password"
+    password.write_bytes(b"open sesame\n")
+    values = {name: tmp_path / name for name in ("one", "two")}
+    for name, path in values.items():
+        path.write_bytes(name.encode())
+    sock = ["--socket", str(sock_path), "--app", "vault"]
+    quorum = [*sock, "--password-file", str(password)]
+
+    lone = ["--name", "lone"]
+    alone = [*lone, "--password-file", str(password)]
+    commands: list[tuple[Any, list[str]]] = [
+        (cli.main, ["store", *argv])
+        for argv in (
+            ["batch", *sock, f"a={values['one']}", f"b={values['two']}"],
+            ["batch", *sock, f"a={values['two']}", f"c={values['one']}"],
+            ["put", *quorum, "cfg", "--type", "public-rw", "--file", str(values["one"])],
+            ["write", *quorum, "cfg", "2", "--file", str(values["two"])],
+            ["pending", *quorum],
+            ["approve", *quorum, "--all"],
+            ["pending", *sock],
+            ["batch", *sock, "no-file-here"],
+        )
+    ] + [
+        (standalone.main, ["--socket", str(sock_path), "store", *argv])
+        for argv in (
+            ["batch", *lone, f"a={values['one']}", f"a={values['two']}"],
+            ["put", *alone, "--type", "public-rw", "cfg", str(values["one"])],
+            ["write", *alone, "cfg", "2", str(values["two"])],
+            ["get", *lone, "cfg"],
+            ["approve", *alone, "72" * 32],
+            ["pending", *lone],
+        )
+    ]
+
+    async def main() -> list[tuple[int, str, str]]:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(serve_api, sock_path, backend, data_store=store))
+            runs = []
+            for command, argv in commands:
+                code = await trio.to_thread.run_sync(command, argv)
+                got = capsys.readouterr()
+                runs.append((code, got.out, got.err))
+            nursery.cancel_scope.cancel()
+        return runs
+
+    runs = trio.run(main)
+    assert runs[0] == (
+        0,
+        "stored vault/a version 1 (public-once)\nstored vault/b version 1 (public-once)\n",
+        "",
+    )
+    code, printed, _ = runs[1]
+    assert code == 1 and "refused vault/a: exists:" in printed and "stored vault/c version 1" in printed
+    assert runs[2][:2] == (0, "stored vault/cfg version 1 (public-rw)\n")
+    assert runs[3][:2] == (0, "wrote vault/cfg version 2\n")
+    assert store.services[1].state.get("vault", "cfg").value == b"two"
+    code, printed, _ = runs[4]
+    assert code == 0 and printed.startswith(
+        ("72" * 32) + "\tpending\twrite vault/limits version 1 (public-rw)"
+    )
+    assert "value b'max=3'" in printed and "from servers 2" in printed
+    assert runs[5][0] == 0 and "\tapproved\t" in runs[5][1]
+    assert runs[6][0] == 2 and "give --password-file" in runs[6][2]
+    assert runs[7][0] == 2 and "expected ID=FILE" in runs[7][2]
+    code, printed, _ = runs[8]  # pst-client store batch: one refused
+    assert code == 1 and printed.startswith("a\t1\na\trefused: exists: ")
+    assert runs[9][:2] == (0, "stored cfg version 1\n") and runs[10][:2] == (0, "wrote cfg version 2\n")
+    assert runs[11][:2] == (0, "two")
+    assert runs[12][0] == 0 and runs[12][1].startswith(
+        ("72" * 32) + "\tapproved\twrite vault/limits version 1"
+    )
+    assert [d[2:] for d in backend.decisions] == [(b"r" * 32, True)] * 2
+    assert runs[13][0] == 2 and "give --password-file" in runs[13][2]
 
 
 @given(st.text(max_size=20), st.text(max_size=20), st.binary(max_size=64), st.integers(1, 2**32))

@@ -150,6 +150,16 @@ def test_public_and_secret_data_are_stored_and_read_back_across_a_refresh(cluste
     with pytest.raises(PstError) as quorum:
         a.retrieve("shared")
     assert quorum.value.code == "not-permitted"
+    # The refresh's period mark is in the store's sequence, and the servers' signed digests
+    # at it verify every server's copy (t+1 signers agree with each one's own digest).
+    deadline = time.monotonic() + 30
+    while True:
+        stores = [_http_status(cluster, i).get("store") or {} for i in (1, 2, 3, 4)]
+        if all(int(s.get("period") or 0) > first and int(s.get("verified") or 0) > 0 for s in stores):
+            break
+        assert time.monotonic() < deadline, stores
+        time.sleep(0.3)
+    assert not any(s.get("damaged") for s in stores), stores
 
 
 def test_another_applications_client_is_refused(cluster: Path) -> None:
@@ -346,7 +356,15 @@ def test_many_writes_in_one_request_and_a_killed_server_loses_none_it_acknowledg
     again = _retrying(a.store_many, [("p0", b"x"), ("p100", b"new")])
     assert isinstance(again[0], PstError) and again[0].code == "exists" and again[1] == 1
     b = _client(cluster, 3, unique_id="batch")
-    assert _retrying(b.retrieve, "s7", reader=owner) == b"s7"
+    deadline = time.monotonic() + 15
+    while True:  # server 3 may not have applied server 1's batch yet (not-found for a moment)
+        try:
+            assert _retrying(b.retrieve, "s7", reader=owner) == b"s7"
+            break
+        except PstError as exc:
+            if exc.code != "not-found" or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
     assert b.retrieve("p99") == b"v99"
 
     node = cluster / "node-2"
@@ -402,7 +420,8 @@ def test_a_wiped_servers_store_is_restored_from_its_peers(cluster: Path) -> None
     """Server 2 loses its whole copy of the store (operations, replica state, saved state). At
     restart its replica catches up from the others (decided slots under their commit QCs, or the
     state t+1 servers report identically), it applies the operations again, and its store digest
-    is then the others'; it serves the data again."""
+    is then the others'; it serves the data again, and its rebuilt copy is verified by the
+    digests t+1 servers signed at the period marks."""
     owner = nacl.public.PrivateKey.generate()
     a = _client(cluster, 1, unique_id="wipe")
     _retrying(a.store_data, "before-wipe", b"still here")
@@ -426,3 +445,11 @@ def test_a_wiped_servers_store_is_restored_from_its_peers(cluster: Path) -> None
     b = _client(cluster, 2, unique_id="wipe")
     assert b.retrieve("before-wipe") == b"still here"
     assert _retrying(b.retrieve, "sealed-before-wipe", reader=owner) == b"and this"
+    # What it rebuilt was checked against the digests t+1 servers signed at the period marks
+    # it applied again (docs/store.md "Signed digests"): verified, not damaged.
+    deadline = time.monotonic() + 30
+    while not int(stores[1].get("verified") or 0):
+        assert time.monotonic() < deadline, stores[1]
+        time.sleep(0.3)
+        stores[1] = _http_status(cluster, 2).get("store") or {}
+    assert stores[1].get("damaged") is False

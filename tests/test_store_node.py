@@ -6,8 +6,9 @@ are checked as in ``pst serve``."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,15 @@ import nacl.public
 import pytest
 import trio
 from nacl.signing import SigningKey
+from test_api import ME as API_ME
+from test_api import FakeBackend as FakeApiBackend
+from test_api import req as api_req
 
 from appliance.apps.store import model, persist
 from appliance.apps.store.client import StoreKey, combine_answers, seal_write
 from appliance.apps.store.model import Client, DataType, ReadRequest
 from appliance.apps.store.node import STORE_FRAME, StoreNode, answers_to_obj, is_store_frame
+from appliance.apps.store.service import StoreService
 from appliance.crypto import local, tdh2
 from appliance.crypto.groups import P256 as G
 from appliance.crypto.secret import DeterministicSource, system_scalar_source
@@ -31,14 +36,20 @@ ALICE = Client("vault", b"alice")
 SCERT = SigningKey(b"\x09" * 32)  # stands for the group key: it signs the KeyTable
 
 
+def signed_table(period: int) -> Any:
+    """The KeyTable of ``period`` (the servers' period keys) signed by the group key."""
+    from appliance.protocols.state import KeyEntry, KeyTable
+
+    entries = {i: KeyEntry(k, bytes(32), bytes(64)) for i, k in key_table(period).items()}
+    table = KeyTable(period, entries, {}, frozenset())
+    return table.signed(bytes(SCERT.sign(table.payload()).signature))
+
+
 def quorum(app: str, digest: bytes, voters: tuple[int, ...] = (1, 2, 3)) -> model.Quorum:
     """The approvals certificate of period 0 (the servers' period keys, their signed KeyTable)."""
     from appliance.protocols import approvals
-    from appliance.protocols.state import KeyEntry, KeyTable
 
-    entries = {i: KeyEntry(k, bytes(32), bytes(64)) for i, k in key_table(0).items()}
-    table = KeyTable(0, entries, {}, frozenset())
-    table = table.signed(bytes(SCERT.sign(table.payload()).signature))
+    table = signed_table(0)
     ticket = approvals.ticket(b"v" * 32, 0, digest)
     rid = approvals.request_id(digest, ticket)
     votes = {
@@ -65,6 +76,8 @@ class Net:
         self.inbox: dict[int, trio.MemorySendChannel[tuple[int, bytes]]] = {}
         self.receivers: dict[int, trio.MemoryReceiveChannel[tuple[int, bytes]]] = {}
         self.nodes: dict[int, StoreNode] = {}
+        #: The signed KeyTable the key-holders give with the store key (the period mark's).
+        self.table = b""
         #: Frames lost on the way: (from, to, frame) -> dropped.
         self.drop: Callable[[int, int, bytes], bool] = lambda frm, to, data: False
         for i in range(1, N + 1):
@@ -80,6 +93,7 @@ class Net:
             "period": 0,
             "commitment": self.public.commitment.encode(G),
             "vcert": bytes(SCERT.verify_key),
+            "table": self.table,
         }
 
     def make(self, root: Path, i: int) -> StoreNode:
@@ -125,12 +139,30 @@ class Net:
         for node in self.nodes.values():
             await node.ready()
 
+    async def start_with_a_write(self, nursery: trio.Nursery) -> None:
+        """Start, and have ALICE's public write of ``a`` applied everywhere."""
+        await self.start(nursery)
+        await self.nodes[1].write(
+            model.WriteRequest("vault", "a", DataType.PUBLIC_ONCE, 1, value=b"1"), ALICE
+        )
+        await self.until_applied(1)
+
     async def enter(self, period: int) -> None:
         """Every server enters ``period`` (the key-holder hands over its channel identity)."""
         for i, node in self.nodes.items():
             await node.sequence.identity(
                 period, key_table(period), channel_identity(i, period, period_seed(period, i))
             )
+
+    @contextlib.asynccontextmanager
+    async def restarted(self, root: Path, i: int) -> AsyncIterator[Any]:
+        """A new node on server ``i``'s directory (a restart), running alone: its service once ready."""
+        again = self.make(root, i)
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(10):
+                await nursery.start(again.run)
+                yield await again.ready()
+            nursery.cancel_scope.cancel()
 
     async def until_applied(self, count: int) -> None:
         while not all(n.service is not None and n.service.applied >= count for n in self.nodes.values()):
@@ -184,13 +216,8 @@ async def test_four_nodes_order_writes_read_secrets_refuse_with_alerts_and_relea
             ] == b"later"
         nursery.cancel_scope.cancel()
     # The state on disk is what the node held: a new node there starts from it.
-    again = net.make(tmp_path, 2)
-    async with trio.open_nursery() as nursery:
-        with trio.fail_after(10):
-            await nursery.start(again.run)
-            service = await again.ready()
-            assert service.applied >= 4 and service.state.get("vault", "will").value == b"later"
-        nursery.cancel_scope.cancel()
+    async with net.restarted(tmp_path, 2) as service:
+        assert service.applied >= 4 and service.state.get("vault", "will").value == b"later"
 
 
 async def test_a_random_joint_secret_from_the_servers_contributions(tmp_path: Path) -> None:
@@ -240,11 +267,7 @@ async def test_an_unreadable_state_is_rebuilt_from_the_operations(tmp_path: Path
     net = Net(tmp_path)
     async with trio.open_nursery() as nursery:
         with trio.fail_after(60):
-            await net.start(nursery)
-            await net.nodes[1].write(
-                model.WriteRequest("vault", "a", DataType.PUBLIC_ONCE, 1, value=b"1"), ALICE
-            )
-            await net.until_applied(1)
+            await net.start_with_a_write(nursery)
         nursery.cancel_scope.cancel()
     digest = net.nodes[2].status()["digest"]
     (tmp_path / "store-2" / "state").write_bytes(b"garbage")
@@ -366,4 +389,207 @@ async def test_a_server_that_cannot_check_a_period_s_decisions_catches_up_and_it
             await net.until_applied(2)
         assert r4.caught_up >= 1 and r4.slot_period == 2
         assert len({n.status()["digest"] for n in net.nodes.values()}) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_period_marks_move_the_sequence_and_an_old_certificate_is_refused_at_apply(
+    tmp_path: Path,
+) -> None:
+    """The key-holders hand over period 4's signed KeyTable: one server puts its mark in the
+    store's sequence and every server's sequence is at period 4. A quorum's certificate of
+    period 0 is then refused by an honest origin before it is ordered (one alert, there), and
+    when a faulty origin orders it all the same, it is refused when applied, at every server
+    alike (more than MAX_QUORUM_AGE periods old), each raising an alert that names the writer
+    and the reason."""
+    from appliance.apps.store.service import MAX_QUORUM_AGE, Operation, PeriodMark, decode_entry
+
+    net = Net(tmp_path)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(60):
+            await net.start(nursery)
+            assert all(n.service is not None and n.service.period == 0 for n in net.nodes.values())
+            net.table = signed_table(4).encode()
+            while not all(n.service is not None and n.service.period == 4 for n in net.nodes.values()):
+                await trio.sleep(0.1)
+            node = net.nodes[1]
+            entries = await node.sequence.read_entries(0, node.sequence.size)
+            assert 1 <= sum(isinstance(decode_entry(e), PeriodMark) for e in entries) <= 2
+            assert MAX_QUORUM_AGE < 4
+            request = model.WriteRequest("vault", "cfg", DataType.PUBLIC_RW, 1, value=b"old")
+            certificate = quorum("vault", request.digest())
+            with pytest.raises(model.Refused, match="of period 0, too old") as refused:
+                await net.nodes[2].write(request, Client("vault", b""), certificate)
+            assert refused.value.code == model.NOT_PERMITTED
+            (at_origin,) = net.alerts[2]
+            assert "asked to write vault/cfg" in at_origin.detail and not net.alerts[1]
+            net.alerts[2].clear()
+            # a faulty origin orders it all the same
+            op = Operation(request, Client("vault", b""), int(time.time() * 1000), certificate)
+            (index,) = await net.nodes[2].sequence.append([op.encode()])
+            await net.until_applied(index + 1)
+            assert all(
+                n.service is not None and ("vault", "cfg") not in n.service.state.records
+                for n in net.nodes.values()
+            )
+            assert len({n.service.digest() for n in net.nodes.values() if n.service is not None}) == 1
+            # every server raised one alert naming the writer (the quorum) and the reason
+            for i in (1, 2, 3, 4):
+                (alert,) = net.alerts[i]
+                assert alert.kind.value == "store-write-refused" and alert.server == i
+                assert "a quorum of vault (period 0, 3 votes)'s write of vault/cfg" in alert.detail
+                assert "refused when applied (not-permitted)" in alert.detail and "too old" in alert.detail
+                assert net.nodes[i].status()["refused_writes"] == 1
+        nursery.cancel_scope.cancel()
+    # a restart applies the sequence again after its snapshot: no second alert
+    async with net.restarted(tmp_path, 3) as service:
+        assert service.period == 4 and ("vault", "cfg") not in service.state.records
+    assert len(net.alerts[3]) == 1
+
+
+async def test_a_restarted_server_says_not_ready_until_its_journal_is_applied_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restarted server whose replay of its journal has not reached what it held before it
+    stopped answers "not ready yet" (StoreUnavailable, retryable, through the API as
+    ``unavailable`` with ``retry_after_ms``), never its older state; then it serves the state
+    it had."""
+    from appliance.api import ApiCore
+    from appliance.apps.store import node as node_module
+    from appliance.apps.store.node import StoreUnavailable
+
+    net = Net(tmp_path)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(60):
+            await net.start(nursery)
+            requests = [
+                model.WriteRequest("vault", f"k{k}", DataType.PUBLIC_ONCE, 1, value=b"v") for k in range(5)
+            ]
+            await net.nodes[1].write_many(requests, ALICE)
+            await net.until_applied(5)
+        nursery.cancel_scope.cancel()
+    before = net.nodes[2].service
+    assert before is not None and before.applied == 5
+    digest = before.digest()
+    monkeypatch.setattr(node_module, "READY_WAIT", 0.1)
+    again = net.make(tmp_path, 2)
+    go = trio.Event()
+    read_entries = again.sequence.read_entries
+
+    async def slow(start: int, end: int) -> list[bytes]:
+        await go.wait()  # the replay is held here
+        return await read_entries(start, end)
+
+    again.sequence.read_entries = slow  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(20):
+            await nursery.start(again.run)
+            while again.service is None:
+                await trio.sleep(0.05)
+            with pytest.raises(StoreUnavailable, match=r"not ready yet.*\(0 of 5 operations\)") as err:
+                await again.ready()
+            assert err.value.retry_after == node_module.READY_RETRY
+            core = ApiCore(FakeApiBackend(), data_store=again)
+            handle = (await core.handle(api_req("register", name="vault", unique_id=b"alice"), API_ME))[
+                "result"
+            ]["handle"]
+            r = await core.handle(api_req("retrieve", handle=handle, data_id="k0"), API_ME)
+            assert r["error"]["code"] == "unavailable" and "not ready yet" in r["error"]["message"]
+            assert r["error"]["retry_after_ms"] == 1000
+            go.set()
+            service = await again.ready()
+            assert service.applied == 5 and service.digest() == digest
+            r = await core.handle(api_req("retrieve", handle=handle, data_id="k4"), API_ME)
+            assert r["result"]["record"]["value"] == b"v"
+        nursery.cancel_scope.cancel()
+
+
+async def test_servers_sign_their_digest_at_a_mark_and_a_changed_copy_stops_serving(tmp_path: Path) -> None:
+    """The servers enter period 1 and its mark is put in the sequence: each signs its store
+    digest (channel key of period 1) into the sequence; servers 1-3 are verified by t+1
+    signers; server 4, whose copy was changed on disk before, is shown damaged by t+1
+    signatures of another digest: an alert, and its store answers no more."""
+    from appliance.apps.store.node import StoreUnavailable
+
+    net = Net(tmp_path)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(60):
+            await net.start_with_a_write(nursery)
+            four = net.nodes[4].service
+            assert four is not None
+            four.state.put(model.Record("vault", "planted", DataType.PUBLIC_ONCE, b"x", 1, value=b"x"))
+            for i, node in net.nodes.items():
+                await node.identity(1, key_table(1), channel_identity(i, 1, period_seed(1, i)))
+            net.table = signed_table(1).encode()
+            honest = [net.nodes[i] for i in (1, 2, 3)]
+            while not all(n.service is not None and n.service.verifier.verified >= 2 for n in honest):
+                await trio.sleep(0.1)
+            while four.verifier.damaged is None:
+                await trio.sleep(0.1)
+            assert four.verifier.verified == 0
+            (alert,) = [a for a in net.alerts[4] if a.kind.value == "store-copy-damaged"]
+            assert alert.server == 4 and "this copy of the store is damaged" in alert.detail
+            with pytest.raises(StoreUnavailable, match=r"damaged.*must be rebuilt"):
+                await net.nodes[4].ready()
+            assert net.nodes[4].status()["damaged"] is True and net.nodes[1].status()["damaged"] is False
+            assert net.nodes[1].status()["verified"] == net.nodes[1].service.verifier.mark_count  # type: ignore[union-attr]
+        nursery.cancel_scope.cancel()
+
+
+async def test_period_marks_alone_take_no_snapshot_of_a_whole_idle_state(tmp_path: Path) -> None:
+    """The snapshot interval counts writes: a store that only gets a period's mark (and signed
+    digests) since its last snapshot does not encode and write its whole state again."""
+    net = Net(tmp_path)
+    for node in net.nodes.values():
+        node.snapshots = persist.SnapshotPolicy(every=10_000, interval=0.5)
+    one = net.nodes[1]
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(60):
+            await net.start_with_a_write(nursery)
+            while one.snapshots.applied < 1:
+                await trio.sleep(0.1)
+            net.table = signed_table(4).encode()
+            while not all(n.service is not None and n.service.period == 4 for n in net.nodes.values()):
+                await trio.sleep(0.1)
+            assert one.service is not None
+            marked = one.service.applied
+            await trio.sleep(3.0)  # three ticks of the snapshot task, interval long past
+            assert marked > 1 and one.snapshots.applied == 1
+            await one.write(model.WriteRequest("vault", "b", DataType.PUBLIC_ONCE, 1, value=b"2"), ALICE)
+            while one.snapshots.applied <= marked:
+                await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_changed_snapshot_is_found_damaged_when_the_journal_is_applied_again(tmp_path: Path) -> None:
+    """Servers sign their digests at period 1's mark; server 4 is stopped and its snapshot
+    replaced by one with a planted record (of the operations before the mark). Restarted, it
+    applies its journal again from the snapshot: at the mark its digest is not the one t+1
+    servers signed, so it raises the alert and does not serve."""
+    from appliance.apps.store.node import StoreUnavailable
+
+    net = Net(tmp_path)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(60):
+            await net.start_with_a_write(nursery)
+            for i, node in net.nodes.items():
+                await node.identity(1, key_table(1), channel_identity(i, 1, period_seed(1, i)))
+            net.table = signed_table(1).encode()
+            while not all(n.service is not None and n.service.verifier.verified for n in net.nodes.values()):
+                await trio.sleep(0.1)
+            (first,) = await net.nodes[4].sequence.read_entries(0, 1)
+        nursery.cancel_scope.cancel()
+    changed = StoreService(G, net.public.public_key, T)
+    changed.apply(0, first)
+    changed.state.put(model.Record("vault", "planted", DataType.PUBLIC_ONCE, b"x", 1, value=b"x"))
+    persist.write(net.nodes[4].state_path, persist.Snapshot.of(changed))
+    net.alerts[4].clear()
+    again = net.make(tmp_path, 4)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(20):
+            await nursery.start(again.run)
+            while again.service is None or again.service.verifier.damaged is None:
+                await trio.sleep(0.05)
+            with pytest.raises(StoreUnavailable, match="this copy of the store is damaged"):
+                await again.ready()
+            assert [a.kind.value for a in net.alerts[4]] == ["store-copy-damaged"]
         nursery.cancel_scope.cancel()

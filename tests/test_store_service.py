@@ -11,15 +11,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.apps.store import model
+from appliance.apps.store.attest import Attestation
 from appliance.apps.store.client import ReadRefused, StoreKey, combine_answers, open_answers, seal_write
 from appliance.apps.store.model import Client, DataType, ReadRequest, Refused, WriteRequest
 from appliance.apps.store.node import answers_to_obj
 from appliance.apps.store.service import (
     ALERT_CODES,
+    MAX_QUORUM_AGE,
     NETWORK_QUOTAS,
     ContributeAsk,
     Contributed,
+    Marked,
     Operation,
+    Outcome,
+    PeriodMark,
     ReadAnswer,
     ReadAsk,
     Release,
@@ -53,7 +58,7 @@ class Net:
             {"group": G.name, "n": N, "t": T, "period": 3, "commitment": self.public.commitment.encode(G)}
         )
 
-    def order(self, op: Operation | bytes) -> list[model.Record | Refused]:
+    def order(self, op: Operation | PeriodMark | Attestation | bytes) -> list[Outcome]:
         """The agreed sequence grows by one; every server applies it (they must agree)."""
         entry = op if isinstance(op, bytes) else op.encode()
         index = len(self.sequence)
@@ -190,7 +195,7 @@ class Group:
         from appliance.protocols.state import KeyEntry, KeyTable
 
         self.scert = SigningKey(b"s" * 32)
-        self.keys = {p: {i: SigningKey(bytes([i, p]) * 16) for i in range(1, N + 1)} for p in (3, 4)}
+        self.keys = {p: {i: SigningKey(bytes([i, p]) * 16) for i in range(1, N + 1)} for p in (3, 4, 7, 8)}
         self.tables = {}
         for p, keys in self.keys.items():
             entries = {i: KeyEntry(bytes(k.verify_key), bytes(32), bytes(64)) for i, k in keys.items()}
@@ -247,6 +252,72 @@ def test_a_quorums_writes_apply_alike_everywhere_and_its_reads_open() -> None:
     lonely = ReadAsk(b"e" * 16, read, ALICE, 2)
     refusals = {i: net.answer(i, lonely) for i in net.services}
     assert {a.code for a in refusals.values()} == {model.NOT_PERMITTED}
+
+
+def test_a_quorums_certificate_is_refused_at_apply_once_the_sequence_is_past_its_age() -> None:
+    """The store's sequence carries its period (period marks: the period's KeyTable the group
+    key signed); a certificate more than MAX_QUORUM_AGE periods older than where the sequence
+    is is refused at apply, alike at every server, whatever their clocks (none is read)."""
+    from nacl.signing import SigningKey
+
+    net, group = Net(), Group()
+    for service in net.services.values():
+        service.authority = group.authority
+    assert MAX_QUORUM_AGE == 3
+    old = seal_write(net.key, "vault", "db", DataType.PUBLIC_RW, b"late")
+    early = group.quorum("vault", old.digest(), period=3)  # approved in period 3, ordered late
+    assert [o.period for o in net.order(PeriodMark(group.tables[4].encode())) if isinstance(o, Marked)] == [
+        4
+    ] * N
+    # a mark the group key did not sign, or one that is not ahead, moves nothing
+    rogue = group.tables[8].signed(bytes(SigningKey(b"r" * 32).sign(group.tables[8].payload()).signature))
+    assert all(
+        isinstance(o, Refused) and o.code == model.NOT_PERMITTED
+        for o in net.order(PeriodMark(rogue.encode()))
+    )
+    assert all(
+        isinstance(o, Refused) and o.code == model.STALE
+        for o in net.order(PeriodMark(group.tables[3].encode()))
+    )
+    assert {s.period for s in net.services.values()} == {4}
+    assert [o.period for o in net.order(PeriodMark(group.tables[7].encode())) if isinstance(o, Marked)] == [
+        7
+    ] * N
+    outcomes = net.order(Operation(old, Client("vault", b""), int(NOW * 1000), early))
+    assert all(
+        isinstance(o, Refused)
+        and o.code == model.NOT_PERMITTED
+        and "of period 3, too old" in o.reason
+        and "oldest taken is of period 4" in o.reason
+        for o in outcomes
+    )
+    assert all(("vault", "db") not in s.state.records for s in net.services.values())
+    # a certificate of period 4 is exactly MAX_QUORUM_AGE behind: still taken
+    fresh = Operation(
+        old, Client("vault", b""), int(NOW * 1000), group.quorum("vault", old.digest(), period=4)
+    )
+    assert all(isinstance(o, model.Record) for o in net.order(fresh))
+    # a quorum's certificate applied moves the sequence's period too (its table is signed)
+    v2 = seal_write(net.key, "vault", "db", DataType.PUBLIC_RW, b"v2", version=2)
+    assert all(
+        isinstance(o, model.Record)
+        for o in net.order(
+            Operation(v2, Client("vault", b""), int(NOW * 1000), group.quorum("vault", v2.digest(), period=8))
+        )
+    )
+    assert {s.period for s in net.services.values()} == {8}
+    # the period is part of the saved state and of the digest
+    s = net.services[2]
+    again = StoreService.decode(G, net.public.public_key, T, s.encode())
+    assert again.period == 8 and again.digest() == s.digest()
+    again.period = 7
+    assert again.digest() != s.digest()
+    # a server that applies the whole sequence again (wiped) ends at the same period and verdicts
+    fresh_server = StoreService(G, net.public.public_key, T)
+    fresh_server.authority = group.authority
+    replayed = [fresh_server.apply(i, e) for i, e in enumerate(net.sequence)]
+    assert fresh_server.period == 8 and fresh_server.digest() == s.digest()
+    assert isinstance(replayed[4], Refused) and "too old" in replayed[4].reason
 
 
 def test_the_state_is_saved_and_loaded() -> None:
@@ -372,3 +443,87 @@ def test_store_until_is_released_by_the_network_at_its_date() -> None:
     # The released record survives the state's encoding.
     s = net.services[4]
     assert StoreService.decode(G, net.public.public_key, T, s.encode()).digest() == s.digest()
+
+
+def _attestation(
+    service: StoreService[object], server: int, period: int, digest: bytes | None = None
+) -> Attestation:
+    """Server ``server``'s signed digest at ``service``'s latest mark, with its channel key of
+    ``period`` (the Group's period keys are the channel identities' seeds)."""
+    from appliance.apps.store.attest import attestation_payload
+    from appliance.net._tls import channel_certificate_der, channel_identity, channel_sign
+
+    ident = channel_identity(server, period, bytes([server, period]) * 16)
+    count = service.verifier.mark_count
+    digest = service.verifier.mark_digest if digest is None else digest
+    sig = channel_sign(ident, attestation_payload(count, digest, period, server))
+    return Attestation(count, digest, period, server, channel_certificate_der(ident), sig)
+
+
+def test_signed_digests_verify_a_copy_rebuilt_from_the_sequence_and_name_a_damaged_one() -> None:
+    """At a period mark each server signs its digest (channel key of the mark's period) into
+    the sequence; every server checks the signatures alike against the mark's KeyTable. t+1
+    signers agreeing with a server's own digest verify its copy (also for a wiped server that
+    applies the whole sequence again); t+1 signers of another digest show a changed copy as
+    damaged; a server signing another digest than the verified one is named."""
+    from appliance.apps.store.attest import Attested
+
+    net, group = Net(), Group()
+    for service in net.services.values():
+        service.authority = group.authority
+    changed = StoreService(G, net.public.public_key, T)  # a copy changed on disk
+    changed.authority = group.authority
+    changed.state.put(model.Record("vault", "planted", DataType.PUBLIC_ONCE, b"mallory", 1, value=b"x"))
+
+    def order(entry: Operation | PeriodMark | Attestation) -> list[Outcome]:
+        changed.apply(len(net.sequence), entry.encode())
+        return net.order(entry)
+
+    order(_put(net, ALICE, "a", b"1", DataType.PUBLIC_ONCE))
+    order(PeriodMark(group.tables[4].encode()))
+    one = net.services[1]
+    count, digest = one.verifier.mark_count, one.verifier.mark_digest
+    at_mark = one.encode()
+    assert count == 2 and {s.verifier.mark_digest for s in net.services.values()} == {digest}
+    assert changed.verifier.mark_digest != digest
+    assert all(o == Attested(1, count, True) for o in order(_attestation(one, 1, 4)))
+    assert {s.verifier.verified for s in net.services.values()} == {0}  # one signer: not yet
+    # refused alike: signed again, in another period, with another server's certificate, stale
+    again = order(_attestation(one, 1, 4))
+    assert all(isinstance(o, Refused) and o.code == model.EXISTS for o in again)
+    other_period = order(_attestation(one, 2, 3))
+    assert all(isinstance(o, Refused) and o.code == model.NOT_PERMITTED for o in other_period)
+    honest = _attestation(one, 2, 4)
+    forged = Attestation(count, digest, 4, 3, honest.cert, honest.sig)
+    assert all(isinstance(o, Refused) and o.code == model.NOT_PERMITTED for o in order(forged))
+    assert changed.verifier.damaged is None
+    assert all(isinstance(o, Attested) and o.agrees for o in order(honest))
+    assert {s.verifier.verified for s in net.services.values()} == {count}
+    assert changed.verifier.verified == 0 and changed.verifier.damaged is not None
+    assert "servers 1, 2 signed another store digest after 2 operations" in changed.verifier.damaged
+    # server 3 signs another digest: named by every server whose copy is verified
+    order(_attestation(one, 3, 4, bytes(32)))
+    assert all(s.verifier.dissenters == [(3, count)] for s in net.services.values())
+    # a wiped server applies the whole sequence again: verified at the mark, not damaged
+    wiped = StoreService(G, net.public.public_key, T)
+    wiped.authority = group.authority
+    for index, entry in enumerate(net.sequence):
+        wiped.apply(index, entry)
+    assert wiped.verifier.verified == count and wiped.verifier.damaged is None
+    assert wiped.digest() == one.digest()
+    # the mark is in the snapshot: a server restarted after it checks server 4's signature
+    # alike (its own digest at the mark is not known: a snapshot does not say it)
+    restored = StoreService.decode(G, net.public.public_key, T, one.encode())
+    restored.authority = group.authority
+    late = _attestation(one, 4, 4)
+    assert restored.apply(restored.applied, late.encode()) == Attested(4, count, None)
+    assert restored.apply(restored.applied, late.encode()).code == model.EXISTS  # type: ignore[union-attr]
+    # restarted from a snapshot taken right at the mark: its digest recomputed, verified by t+1
+    right = StoreService.decode(G, net.public.public_key, T, at_mark)
+    right.authority = group.authority
+    for index in range(right.applied, len(net.sequence)):
+        right.apply(index, net.sequence[index])
+    assert right.verifier.verified == count and right.verifier.mark_digest == digest
+    stale = order(PeriodMark(group.tables[7].encode()))
+    assert all(isinstance(o, Marked) for o in stale)
+    assert all(isinstance(o, Refused) and o.code == model.STALE for o in order(late))

@@ -315,7 +315,9 @@ class StoreBackend(Protocol):
     """The data storage API (paper §5.2, Table 4; appliance.apps.store.node.StoreNode).
 
     Refusals raise :class:`appliance.apps.store.model.Refused` (its code is the answer's),
-    a store that cannot serve now ``StoreUnavailable`` or any other exception (``unavailable``)."""
+    a store that cannot serve now ``StoreUnavailable`` or any other exception (``unavailable``;
+    with the exception's ``retry_after`` seconds, if it has them, as ``retry_after_ms``: a
+    server still replaying its journal after a restart)."""
 
     async def store_key(self) -> Mapping[str, Any]:
         """The store key's group, threshold, period and Feldman commitment (clients seal to it)."""
@@ -1690,7 +1692,12 @@ class ApiCore:
             raise
         except Exception as exc:
             log.warning("api: store %s failed: %s", request.op, exc)
-            raise ApiError(UNAVAILABLE, f"the store cannot serve now: {str(exc)[:300]}") from None
+            retry = getattr(exc, "retry_after", None)
+            raise ApiError(
+                UNAVAILABLE,
+                f"the store cannot serve now: {str(exc)[:300]}",
+                float(retry) if isinstance(retry, (int, float)) else None,
+            ) from None
 
     def _take_store(self, reg: Registration, count: int) -> None:
         """Spend ``count`` tokens of ``reg``'s bucket of store writes, or answer ``quota``."""

@@ -461,6 +461,10 @@ class _Child:
             # the group public key, which signs every KeyTable: a quorum's certificate is
             # checked against it (appliance.apps.store.model.check_quorum)
             "vcert": m.vcert if m is not None else b"",
+            # this period's KeyTable with the group key's signature: the store's period mark
+            "table": core.public.key_table.encode()
+            if core is not None and core.public.key_table is not None and core.public.key_table.signature
+            else b"",
         }
 
     async def _store_share(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -84,6 +84,11 @@ class AlertKind(enum.Enum):
     #: store's rules do not allow it (another application's data, a quorum's type by one client,
     #: a certificate that does not verify): refused before it is ordered. Names the requester.
     STORE_WRITE_REFUSED = "store-write-refused"
+    #: t+1 servers signed a store digest, at a period mark, other than this server's copy gives:
+    #: this copy is damaged (changed on disk, or rebuilt wrongly); it stops serving the store.
+    #: About another server: it signed a digest other than the one t+1 servers (and this one)
+    #: signed (appliance.apps.store.attest).
+    STORE_COPY_DAMAGED = "store-copy-damaged"
     #: A server asked us to sign with an application's DSS key for a client that does not own
     #: it (another application, another client), or with a key of another group:
     #: appliance.apps.dsskeys. The alert names the server that asked and the client it named.

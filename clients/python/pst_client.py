@@ -37,10 +37,17 @@ Command line (``pst-client`` or ``python -m pst_client``)::
     pst-client verify --key group.pem [--app APP] FILE SIGNATURE
     pst-client payload [--app APP] FILE > payload.bin          # what the group signed
     pst-client time | status
+    pst-client store put|get|write|batch|pending|approve ...  # public data; --password-file: quorum
 
 The store (docs/store.md): :meth:`PstClient.store_data`, :meth:`PstClient.write`,
 :meth:`PstClient.retrieve` and :meth:`PstClient.store_record` for *public* data
-(``public-once``, ``public-rw``, and StoreUntil items once the network released them). Secret
+(``public-once``, ``public-rw``, and StoreUntil items once the network released them), many
+items in one request (:meth:`PstClient.store_many`, :meth:`PstClient.store_batch`), and a
+distributed application's quorum operations: registered with :meth:`PstClient.register_distributed`,
+``store_data(..., "public-rw")`` and ``write`` wait until a strict majority of the
+application's clients approved them; the others see them in :meth:`PstClient.pending`
+(:meth:`PendingRequest.store_request` says what is asked) and :meth:`PstClient.approve` or
+:meth:`PstClient.deny` them. Secret
 types are sealed under the network's store key and opened from t+1 servers' decryption shares
 (TDH2 on P-256 or Ed25519, shares checked with Chaum-Pedersen proofs): that needs elliptic-curve
 group arithmetic that neither the standard library nor cbor2 offers, so this library refuses
@@ -143,6 +150,13 @@ class PendingRequest:
     payload: bytes
     servers: tuple[int, ...]
     expires_in: float
+
+    def store_request(self) -> dict[str, Any]:
+        """For protocol ``store``: what the quorum is asked, ``{"kind": "write" or "read",
+        "app", "id", "v", ...}`` (a write also has ``type``, ``value`` (public data; a secret's
+        is sealed), ``sealed``, ``reader``, ``until``; a read the ``reader`` key the shares
+        are sealed to). :class:`PstError` ``bad-request`` if the payload is not one."""
+        return store_request_of(self.protocol, self.payload)
 
 
 @dataclass(frozen=True)
@@ -317,6 +331,39 @@ def decode_response(frame: bytes, rid: int) -> dict[str, Any]:
     return result
 
 
+_STORE_DOMAINS = {"write": "pst/store/write/v1", "read": "pst/store/read/v1"}
+
+
+def _batch_outcome(result: Any) -> int | PstError:
+    """One item of a ``store_batch`` answer: its version, or its refusal as a PstError."""
+    version = result.get("version") if isinstance(result, dict) else None
+    code = result.get("code") if isinstance(result, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool):
+        return version
+    if isinstance(code, str):
+        return PstError(code, str(result.get("message", "")))
+    raise PstError("connection", "malformed store_batch response")
+
+
+def store_request_of(protocol: str, payload: bytes) -> dict[str, Any]:
+    """The store request a pending approval carries (see :meth:`PendingRequest.store_request`)."""
+    if protocol != "store":
+        raise PstError("bad-request", f"a request of protocol {protocol!r}, not a store request")
+    try:
+        obj = cbor2.loads(payload)
+    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError) as exc:
+        raise PstError("bad-request", f"store approval payload: {exc}") from None
+    if (
+        not isinstance(obj, dict)
+        or set(obj) != {"dom", "store", "req"}
+        or _STORE_DOMAINS.get(obj["store"]) != obj["dom"]
+        or not isinstance(obj["req"], dict)
+        or not {"app", "id", "v"} <= set(obj["req"])
+    ):
+        raise PstError("bad-request", "store approval payload: neither a write nor a read")
+    return {"kind": obj["store"], **obj["req"]}
+
+
 def _bytes(result: Mapping[str, Any], key: str, op: str, size: int | None = None) -> bytes:
     value = result.get(key)
     if not isinstance(value, bytes) or (size is not None and len(value) != size):
@@ -344,6 +391,8 @@ class PstClient:
         self.quota_wait = quota_wait
         self.handle: bytes | None = None
         self._registration: tuple[str, bytes] | None = None
+        #: The distributed application registered as (:meth:`register_distributed`), if so.
+        self._distributed_app: str | None = None
         self._sock: socket.socket | None = None
         self._buffer = b""
         self._next_id = 1
@@ -523,7 +572,7 @@ class PstClient:
         result = self._call("register_distributed", name=name, password=password)
         handle = _bytes(result, "handle", "register_distributed", HANDLE_SIZE)
         with self._lock:
-            self.handle, self._registration = handle, None
+            self.handle, self._registration, self._distributed_app = handle, None, name
         return handle
 
     def request_distributed(self, payload: bytes, handle: bytes | None = None) -> bytes:
@@ -619,12 +668,13 @@ class PstClient:
 
     def _app(self) -> str:
         if self._registration is None:
+            if self._distributed_app is not None:
+                return self._distributed_app
             raise PstError("unknown-handle", "register first (the store's data ids are per application)")
         return self._registration[0]
 
-    def _store_write(
-        self, op: str, data_id: str, value: bytes, dtype: str, version: int, handle: bytes | None
-    ) -> int:
+    def _public_request(self, data_id: str, value: bytes, dtype: str, version: int) -> bytes:
+        """The encoded write request of public data (the model's canonical encoding)."""
         if dtype not in PUBLIC_TYPES:
             raise PstError("not-supported", _SECRET_NOTE)
         request = {
@@ -637,7 +687,13 @@ class PstClient:
             "reader": b"",
             "until": 0,
         }
-        result = self._with_handle(op, handle, request=_encode(request))
+        return _encode(request)
+
+    def _store_write(
+        self, op: str, data_id: str, value: bytes, dtype: str, version: int, handle: bytes | None
+    ) -> int:
+        request = self._public_request(data_id, value, dtype, version)
+        result = self._with_handle(op, handle, request=request)
         got = result.get("version")
         if not isinstance(got, int) or isinstance(got, bool):
             raise PstError("connection", f"malformed {op} response")
@@ -647,8 +703,10 @@ class PstClient:
         self, data_id: str, value: bytes, dtype: str = "public-once", *, handle: bytes | None = None
     ) -> int:
         """StoreData(DataID, value, type) for public data (``public-once`` or ``public-rw``): a new
-        item of this application, version 1. Refusals keep the store's codes (``exists``,
-        ``quota``, ...); a secret type is ``not-supported`` here (see the module's doc)."""
+        item of this application, version 1. ``public-rw`` is a quorum's: with a distributed
+        registration this blocks until a strict majority of the application's clients approved
+        it; a centralized client is refused (``not-permitted``). Refusals keep the store's codes
+        (``exists``, ``quota``, ...); a secret type is ``not-supported`` here (module doc)."""
         return self._store_write("store_data", data_id, value, dtype, 1, handle)
 
     def write(
@@ -661,9 +719,30 @@ class PstClient:
         handle: bytes | None = None,
     ) -> int:
         """Write(DataID, newValue): ``version`` (the next) of read/write data. The network changes
-        such data only for a quorum of the application's clients, which the store does not take
-        yet: a client is refused (``not-permitted``) with that reason."""
+        such data only for a quorum of the application's clients: with a distributed
+        registration (:meth:`register_distributed`) this blocks until a strict majority of them
+        asked for or approved it (:meth:`pending`, :meth:`approve`; ``refused`` naming each
+        server's reason otherwise); a centralized client is refused (``not-permitted``)."""
         return self._store_write("write", data_id, value, dtype, version, handle)
+
+    def store_many(
+        self, items: Sequence[tuple[str, bytes]], dtype: str = "public-once", *, handle: bytes | None = None
+    ) -> list[int | PstError]:
+        """StoreData of many new public items in one request (``store_batch``): ``(data_id,
+        value)`` pairs of one type, ordered by the network together, in this order; each one's
+        version, or the :class:`PstError` it got (a refusal does not stop the others). At most
+        1,024 items and 128 KiB per request. For a centralized registration (a quorum approves
+        one request at a time)."""
+        return self.store_batch([self._public_request(i, v, dtype, 1) for i, v in items], handle=handle)
+
+    def store_batch(self, requests: Sequence[bytes], *, handle: bytes | None = None) -> list[int | PstError]:
+        """Encoded write requests (the model's WriteRequest, docs/api.md) in one call: each
+        one's version, or its :class:`PstError`, in order."""
+        result = self._with_handle("store_batch", handle, requests=[bytes(r) for r in requests])
+        results = result.get("results")
+        if not isinstance(results, list) or len(results) != len(requests):
+            raise PstError("connection", "malformed store_batch response")
+        return [_batch_outcome(r) for r in results]
 
     def store_record(self, data_id: str, *, handle: bytes | None = None) -> dict[str, Any]:
         """The item as this server holds it (``type``, ``v``, owner; a public value, a secret's
@@ -715,6 +794,99 @@ def _signature_from(path: str) -> bytes:
         raise ValueError(f"{path}: expected 64 bytes or 128 hex digits (what 'sign' prints)") from None
 
 
+_STORE_HELP = (
+    "the data store, public data: put, get, write, batch; a distributed application's pending and approve"
+)
+
+
+def _store_parser(sub: Any) -> None:
+    actions = sub.add_parser("store", help=_STORE_HELP).add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--name", default="pst-client", help="application name (default pst-client)")
+        p.add_argument("--unique-id", default=None, help="instance id (default 'default')")
+        p.add_argument(
+            "--password-file",
+            help="be this server's client of the distributed application --name (password: the "
+            "file's first line, - for stdin): public-rw data is then changed by a quorum",
+        )
+
+    put = actions.add_parser("put", help="StoreData of ID (version 1) from FILE (- or none: stdin)")
+    write = actions.add_parser("write", help="Write: VERSION (the next) of public-rw data ID (a quorum's)")
+    for p in (put, write):
+        common(p)
+        p.add_argument("id")
+        if p is write:
+            p.add_argument("version", type=int)
+        p.add_argument("file", nargs="?", default="-")
+    put.add_argument("--type", default="public-once", choices=PUBLIC_TYPES, help="default public-once")
+    get = actions.add_parser("get", help="Retrieve ID: its public value to stdout")
+    common(get)
+    get.add_argument("id")
+    batch = actions.add_parser("batch", help="StoreData of many items (ID=FILE) in one request")
+    common(batch)
+    batch.add_argument("items", nargs="+", metavar="ID=FILE")
+    for name, what in (("pending", "list"), ("approve", "approve (or --deny)")):
+        p = actions.add_parser(name, help=f"{what} the store requests of the application's other clients")
+        common(p)
+        if name == "approve":
+            p.add_argument("ids", nargs="*", metavar="ID", help="hex request ids (as pending prints them)")
+            p.add_argument("--all", action="store_true", help="every waiting store request")
+            p.add_argument("--deny", action="store_true", help="deny instead of approve")
+
+
+def _read(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _store_command(client: PstClient, args: argparse.Namespace) -> int:
+    if args.password_file is not None:
+        line = _read(args.password_file).split(b"\n", 1)[0].rstrip(b"\r")
+        if not line:
+            raise ValueError(f"{args.password_file}: no password on its first line")
+        client.register_distributed(args.name, line)
+    elif args.action in ("pending", "approve"):
+        raise ValueError(f"store {args.action} is for a distributed application: give --password-file")
+    else:
+        client.register(args.name, args.unique_id)
+    if args.action == "put":
+        print(f"stored {args.id} version {client.store_data(args.id, _read(args.file), args.type)}")
+    elif args.action == "write":
+        print(f"wrote {args.id} version {client.write(args.id, _read(args.file), args.version)}")
+    elif args.action == "get":
+        sys.stdout.buffer.write(client.retrieve(args.id))
+    elif args.action == "batch":
+        pairs = [item.partition("=") for item in args.items]
+        if not all(data_id and sep and path for data_id, sep, path in pairs):
+            raise ValueError("store batch: each item is ID=FILE")
+        outcomes = client.store_many([(data_id, _read(path)) for data_id, _sep, path in pairs])
+        for (data_id, _sep, _path), outcome in zip(pairs, outcomes):
+            print(f"{data_id}\t{outcome if isinstance(outcome, int) else f'refused: {outcome}'}")
+        return 1 if any(isinstance(o, PstError) for o in outcomes) else 0
+    else:
+        chosen = {i.lower() for i in getattr(args, "ids", [])}
+        if args.action == "approve" and not (chosen or args.all):
+            raise ValueError("store approve: name request ids (as pending prints them) or give --all")
+        for p in client.pending():
+            if p.protocol != "store":
+                continue
+            asked = p.store_request()
+            verdict = "pending"
+            if args.action == "approve" and (args.all or p.request_id.hex() in chosen):
+                (client.deny if args.deny else client.approve)(p.request_id)
+                verdict = "denied" if args.deny else "approved"
+            what = (
+                f"{asked['kind']} {asked['app']}/{asked['id']} version {asked['v']} {asked.get('type', '')}"
+            )
+            print(f"{p.request_id.hex()}\t{verdict}\t{what.strip()}\tfrom {','.join(map(str, p.servers))}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pst-client", description="Use the local PServer's API.")
     parser.add_argument("--socket", default=DEFAULT_SOCKET, help=f"API socket (default {DEFAULT_SOCKET})")
@@ -733,6 +905,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     payload.add_argument("file")
     sub.add_parser("time", help="every server's clock, as this server collected them")
     sub.add_parser("status", help="the server's status as JSON")
+    _store_parser(sub)
     args = parser.parse_args(argv)
     prog = "pst-client"
     try:
@@ -752,6 +925,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{'OK' if ok else 'INVALID'}: {args.file} for application {args.app!r}")
             return 0 if ok else 1
         with PstClient(args.socket) as client:
+            if args.command == "store":
+                return _store_command(client, args)
             if args.command == "sign":
                 digest = sha512_of(sys.stdin.buffer if args.file == "-" else args.file)
                 client.register(args.name, args.unique_id)

@@ -260,7 +260,7 @@ class GroupView:
 
 
 @functools.lru_cache(maxsize=64)
-def _signed_table(raw: bytes, vcert: bytes) -> KeyTable | None:
+def signed_table(raw: bytes, vcert: bytes) -> KeyTable | None:
     """The KeyTable encoded in ``raw`` if the group key signed it (None otherwise); cached, as
     consecutive certificates carry the same table."""
     try:
@@ -288,9 +288,11 @@ def check_quorum(view: ServerView, q: Quorum, app: str, digest: bytes, what: str
         raise Refused(NOT_PERMITTED, f"{what}: this server cannot check a quorum (no group key)")
     if q.period < view.oldest_period:
         raise Refused(
-            NOT_PERMITTED, f"{what}: the quorum's certificate is of period {q.period}, too old here"
+            NOT_PERMITTED,
+            f"{what}: the quorum's certificate is of period {q.period}, too old here "
+            f"(the oldest taken is of period {view.oldest_period})",
         )
-    table = _signed_table(q.table, authority.vcert)
+    table = signed_table(q.table, authority.vcert)
     if table is None:
         raise Refused(NOT_PERMITTED, f"{what}: the quorum's KeyTable is not one the group key signed")
     if table.period != q.period:

@@ -49,19 +49,24 @@ from appliance.apps.log.errors import LogError
 from appliance.apps.log.node import LogNode
 from appliance.apps.log.tiles import PosixStorage, TileLog
 from appliance.apps.store import model, persist
+from appliance.apps.store.attest import Attestation, Attested, Verifier, attestation_payload
 from appliance.apps.store.client import StoreKey, combine_answers
 from appliance.apps.store.model import Client, DataType, ReadRequest, Record, Refused, WriteRequest
 from appliance.apps.store.service import (
     ALERT_CODES,
+    MAX_QUORUM_AGE,
     RID_SIZE,
     ContributeAsk,
     Contributed,
     FixedClock,
+    Marked,
     Operation,
+    PeriodMark,
     ReadAnswer,
     ReadAsk,
     Release,
     StoreService,
+    decode_entry,
     decode_read_message,
 )
 from appliance.crypto.errors import DecodeError
@@ -85,6 +90,14 @@ SEQUENCE_RESEND = 1.0
 #: seconds between two tries of one item.
 RELEASE_STAGGER = 2.0
 RELEASE_RETRY = 5.0
+#: Seconds after this server's key-holder entered a period before server i puts the period's
+#: mark in the store's sequence: (i-1) times this (one server usually does it for all); and
+#: seconds between two tries while the sequence is behind.
+MARK_STAGGER = 2.0
+MARK_RETRY = 10.0
+#: Refusals at apply that are alerts: a rule broken (a forged or too old certificate, another
+#: application's data) or a malformed operation, which an honest origin never orders.
+APPLY_ALERT_CODES = frozenset({model.NOT_PERMITTED, model.BAD_REQUEST})
 #: Seconds a server waits to have applied what the asking server had, before it answers.
 CATCH_UP_WAIT = 3.0
 #: Seconds the asking server waits for answers.
@@ -99,6 +112,10 @@ MAX_WRITE_BATCH = 2048
 IN_FLIGHT = 4
 #: Operations applied between two checkpoints of the trio loop (applying is CPU-bound).
 APPLY_CHUNK = 32
+#: Seconds a caller waits for a restarted server's replay of its journal before it is told
+#: "not ready yet" (retryable: the answer carries READY_RETRY).
+READY_WAIT = 5.0
+READY_RETRY = 1.0
 #: Seconds between two computations of the status's digest while the state changes.
 DIGEST_EVERY = 1.0
 
@@ -111,7 +128,12 @@ def is_store_frame(data: bytes) -> bool:
 
 
 class StoreUnavailable(Exception):
-    """The store cannot serve now (no store key yet, a timeout); the message says why."""
+    """The store cannot serve now (no store key yet, a timeout); the message says why.
+    ``retry_after`` (seconds): when asking again may work (the API passes it on)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class _Queued:
@@ -172,6 +194,9 @@ class StoreNode:
         self._applied = trio.Event()  # set (and replaced) each time operations were applied
         self._registry_written: bytes | None = None
         self._ready = trio.Event()
+        #: Operations in the journal at start: applied before the store serves (what this
+        #: server had acknowledged before it stopped, and maybe more).
+        self._replay = 0
         self._answers: dict[bytes, dict[int, ReadAnswer]] = {}
         self._answered: dict[bytes, trio.Event] = {}
         self._asks_send, self._asks_receive = trio.open_memory_channel[tuple[int, ReadAsk | ContributeAsk]](
@@ -181,8 +206,14 @@ class StoreNode:
         self._ident: Any = None
         self._contributions: dict[bytes, dict[int, Contributed]] = {}
         self._alerted: dict[bytes, None] = {}  # rids of the last reads we raised an alert for
-        #: Refusals this server answered (for the status page and tests).
+        #: Refusals this server answered (for the status page and tests), and agreed operations
+        #: that broke a rule, refused when applied.
         self.refused = 0
+        self.refused_writes = 0
+        self._damage_alerted = False
+        #: Operations applied that changed a record (the snapshots' interval counts only them).
+        self._changes = 0
+        self._nursery: trio.Nursery | None = None
         self._queue: list[_Queued] = []
         self._queued = trio.Event()
         self.snapshots = snapshots if snapshots is not None else persist.SnapshotPolicy()
@@ -200,6 +231,7 @@ class StoreNode:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(self.sequence.run)
             task_status.started()
             await self._open()
@@ -208,6 +240,7 @@ class StoreNode:
             nursery.start_soon(self._releases)
             nursery.start_soon(self._batches)
             nursery.start_soon(self._snapshots)
+            nursery.start_soon(self._marks)
             await self._follow()
 
     async def _open(self) -> None:
@@ -231,6 +264,10 @@ class StoreNode:
         vcert = key.get("vcert")
         if isinstance(vcert, bytes) and len(vcert) == 32:
             self.service.authority = model.Authority(vcert, self.n)
+            mark = self.service.verifier.mark_table
+            if mark is not None and not (mark.signature and mark.verify(vcert)):
+                log.error("store: the snapshot's period mark is not signed by the group key: dropped")
+                self.service.verifier = Verifier(self.t)
         else:
             log.error("store: the key-holder gave no group public key: quorum requests are refused")
         self.group = group
@@ -245,7 +282,7 @@ class StoreNode:
         """Apply the sequence's new entries in order; the callers waiting learn their outcomes."""
         service = self.service
         assert service is not None
-        replay = self.sequence.size  # what was in the journal at start: applied before serving
+        replay = self._replay = self.sequence.size  # the journal at start: applied before serving
         while True:
             if service.applied >= replay and not self._ready.is_set():
                 self._ready.set()
@@ -261,8 +298,16 @@ class StoreNode:
                     outcome = service.apply(service.applied, entry)
                     if isinstance(outcome, Refused):
                         log.info("store: operation %d refused: %s", service.applied - 1, outcome.reason)
+                        if outcome.code in APPLY_ALERT_CODES and service.applied > replay:
+                            self._refused_at_apply(service.applied - 1, entry, outcome)
+                    elif isinstance(outcome, Marked) and service.applied > replay:
+                        self._attest(service.applied, service.verifier.mark_digest, outcome.period)
+                    elif isinstance(outcome, Attested):
+                        self._attested(service, again=service.applied <= replay)
                     elif isinstance(outcome, Record) and key_name(outcome.data_id) is not None:
                         keys_changed = True
+                    if isinstance(outcome, Record):
+                        self._changes += 1
                     if k % APPLY_CHUNK == APPLY_CHUNK - 1:
                         keys_changed = await self._wake(service, keys_changed)
                         await trio.sleep(0)  # the loop serves others while a long round applies
@@ -270,6 +315,89 @@ class StoreNode:
                 continue
             with trio.move_on_after(1.0):  # the event is the wake-up; the timeout a safety net
                 await self.sequence.grown.wait()
+
+    def _attest(self, count: int, digest: bytes, period: int) -> None:
+        """Put our signed store digest after the period mark (count ``count``) into the
+        sequence (:mod:`.attest`), signed with our channel key of the mark's period; not if we
+        are in another period now (our signature would not be of the mark's period)."""
+        from appliance.net._tls import channel_certificate_der, channel_sign
+
+        ident, nursery = self._ident, self._nursery
+        if ident is None or nursery is None or ident.period != period:
+            log.info("store: no signed digest at the mark of period %d (not in that period here)", period)
+            return
+        payload = attestation_payload(count, digest, period, self.server_id)
+        entry = Attestation(
+            count,
+            digest,
+            period,
+            self.server_id,
+            channel_certificate_der(ident),
+            channel_sign(ident, payload),
+        ).encode()
+
+        async def send() -> None:
+            try:
+                with trio.move_on_after(60.0):
+                    await self.sequence.append([entry])
+            except LogError as exc:
+                log.info("store: signed digest at %d not ordered here: %s", count, exc)
+
+        nursery.start_soon(send)
+
+    def _attested(self, service: StoreService[Any], *, again: bool) -> None:
+        """An attestation applied: our copy damaged (t+1 others signed another digest: an
+        alert, and the store stops serving; also found while a restarted server applies its
+        journal ``again``: its snapshot was changed), or a server that signed another digest
+        than the verified one (named; not again for what a restart re-applies)."""
+        verifier = service.verifier
+        if verifier.damaged is not None and not self._damage_alerted:
+            self._damage_alerted = True
+            self._alert(AlertKind.STORE_COPY_DAMAGED, self.server_id, verifier.damaged, logging.ERROR)
+        while verifier.dissenters:
+            server, count = verifier.dissenters.pop(0)
+            if again:
+                continue
+            detail = (
+                f"server {server} signed a store digest after {count} operations other than the one "
+                f"{self.t + 1} or more servers, this one included, signed"
+            )
+            self._alert(AlertKind.STORE_COPY_DAMAGED, server, detail)
+
+    def _alert(self, kind: AlertKind, server: int, detail: str, level: int = logging.WARNING) -> None:
+        """Raise an alert about ``server`` (logged, and to the host's alert file)."""
+        alert = Alert(kind, server, self.sequence.replica.period, detail)
+        log.log(level, "%s", alert)
+        self._on_alert(alert)
+
+    def _refused_at_apply(self, index: int, entry: bytes, refused: Refused) -> None:
+        """An agreed operation broke a rule (an honest origin checks a write before it orders
+        it, so a faulty origin's, e.g. a forged or too old certificate): refused alike at every
+        server, each raising ``store-write-refused`` naming the writer and the reason (not for
+        what a restarted server applies again: it was alerted the first time)."""
+        try:
+            op = decode_entry(entry)
+        except DecodeError:
+            what = "bytes that are no operation"
+        else:
+            if isinstance(op, Operation):
+                what = (
+                    f"{_requester(op.client, op.quorum)}'s write of {op.request.app}/{op.request.data_id} "
+                    f"({op.request.dtype.value})"
+                )
+            elif isinstance(op, Release):
+                what = f"a release of {op.app}/{op.data_id}"
+            elif isinstance(op, Attestation):
+                what = f"server {op.server}'s signed store digest"
+            else:
+                what = "a period mark"
+        self.refused_writes += 1
+        detail = (
+            f"operation {index} of the store's sequence, {what}, refused when applied "
+            f"({refused.code}): {refused.reason} (every server refuses it alike; the operation "
+            "does not name the server that ordered it)"
+        )
+        self._alert(AlertKind.STORE_WRITE_REFUSED, self.server_id, detail)
 
     async def _wake(self, service: StoreService[Any], keys_changed: bool) -> bool:
         """Tell the callers waiting what was applied (the key registry written first when an
@@ -281,16 +409,59 @@ class StoreNode:
         return False
 
     async def _snapshots(self) -> None:
-        """Write a snapshot of the state when the policy says so (see :mod:`.persist`)."""
+        """Write a snapshot of the state when the policy says so (see :mod:`.persist`); not
+        for the interval when only period marks and signed digests came since the last one
+        (an idle store would write its whole state every period: the journal replays those
+        few entries cheaply)."""
+        changes_at_snapshot = -1
         while True:
             await trio.sleep(1.0)
             service = self.service
             if service is None or not self.snapshots.due(service.applied, self._clock()):
                 continue
+            behind = service.applied - self.snapshots.applied
+            if self._changes == changes_at_snapshot and behind < self.snapshots.every:
+                continue
+            changes_at_snapshot = self._changes
             snapshot = persist.Snapshot.of(service)
             await trio.to_thread.run_sync(persist.write, self.state_path, snapshot)
             self.snapshots.taken(snapshot.applied, self._clock())
             log.debug("store: snapshot of %d operations written", snapshot.applied)
+
+    async def _marks(self) -> None:
+        """Put the period mark of each period this server's key-holder enters into the store's
+        sequence (:class:`~.service.PeriodMark`: the period's KeyTable the group key signed),
+        once the sequence is behind it: what a quorum's certificate's age is measured against
+        at apply (service.MAX_QUORUM_AGE). Timing here is only about who tries first; every
+        server checks the mark's signature alike."""
+        seen: dict[int, float] = {}
+        last_try = -math.inf
+        while True:
+            await trio.sleep(2.0)
+            service = self.service
+            if service is None or service.authority is None or not self._ready.is_set():
+                continue
+            try:
+                raw = (await self._store_key()).get("table")
+            except Exception:  # the key-holder is being replaced (a refresh): next time
+                continue
+            if not isinstance(raw, bytes):
+                continue
+            table = model.signed_table(raw, service.authority.vcert)
+            if table is None or table.period <= service.period:
+                continue
+            now = trio.current_time()
+            first = seen.setdefault(table.period, now)
+            for old in [p for p in seen if p < table.period]:
+                del seen[old]
+            if now - first < (self.server_id - 1) * MARK_STAGGER or now - last_try < MARK_RETRY:
+                continue
+            last_try = now
+            try:
+                with trio.move_on_after(60.0):
+                    await self.sequence.append([PeriodMark(raw).encode()])
+            except LogError as exc:  # ordered while we caught up, or the sequence is busy
+                log.info("store: period mark %d not ordered here: %s", table.period, exc)
 
     async def _batches(self) -> None:
         """Hand the queued writes to the sequence, a batch at a time (module docstring)."""
@@ -342,11 +513,26 @@ class StoreNode:
             self._registry_written = data
 
     async def ready(self) -> StoreService[Any]:
-        with trio.move_on_after(5.0):
+        """The service, once this server has applied its whole journal as it was at start (so
+        it never answers from a state older than one it acknowledged before it stopped).
+        StoreUnavailable after READY_WAIT seconds otherwise: not open yet, or "not ready yet"
+        with how far the replay is (retryable)."""
+        with trio.move_on_after(READY_WAIT):
             await self._ready.wait()
-        if self.service is None:
-            raise StoreUnavailable("the store is not open yet (no store key from the key-holder)")
-        return self.service
+        service = self.service
+        if service is None:
+            raise StoreUnavailable(
+                "the store is not open yet (no store key from the key-holder)", READY_RETRY
+            )
+        if service.verifier.damaged is not None:
+            raise StoreUnavailable(f"{service.verifier.damaged}; it must be rebuilt (docs/store.md)")
+        if not self._ready.is_set():
+            raise StoreUnavailable(
+                f"not ready yet: this server is applying its journal again after a restart "
+                f"({service.applied} of {self._replay} operations); try again",
+                READY_RETRY,
+            )
+        return service
 
     async def _until_applied(self, count: int, timeout: float) -> bool:
         service = self.service
@@ -360,8 +546,11 @@ class StoreNode:
 
     def _oldest_period(self) -> int:
         """A quorum's certificate this server takes in a read, or admits in a write, is of the
-        previous period or later (applying an agreed write does not ask: docs/store.md)."""
-        return max(0, self.sequence.replica.period - 1)
+        previous period or later, and not one the apply would find too old already (the
+        store sequence's period less MAX_QUORUM_AGE: a server behind admits nothing the
+        network refuses; docs/store.md)."""
+        sequence = self.service.period - MAX_QUORUM_AGE if self.service is not None else 0
+        return max(0, self.sequence.replica.period - 1, sequence)
 
     async def write(
         self, request: WriteRequest, client: Client, quorum: model.Quorum | None = None
@@ -396,11 +585,7 @@ class StoreNode:
                         f"{_requester(client, quorum)} asked to write {request.app}/{request.data_id} "
                         f"({request.dtype.value}): refused: {exc.reason}"
                     )
-                    alert = Alert(
-                        AlertKind.STORE_WRITE_REFUSED, self.server_id, self.sequence.replica.period, detail
-                    )
-                    log.warning("%s", alert)
-                    self._on_alert(alert)
+                    self._alert(AlertKind.STORE_WRITE_REFUSED, self.server_id, detail)
                 outcomes.append(exc)
                 continue
             where.append(len(outcomes))
@@ -417,7 +602,7 @@ class StoreNode:
                 raise StoreUnavailable("the writes were ordered but not applied here in time")
             for slot, index in zip(where, call.indices, strict=True):
                 outcome = service.outcomes.get(index)
-                if outcome is None:
+                if not isinstance(outcome, (Record, Refused)):
                     raise StoreUnavailable("a write's outcome is no longer known here")
                 outcomes[slot] = outcome
         return [o for o in outcomes if o is not None]
@@ -637,9 +822,7 @@ class StoreNode:
                     f"server {sender} asked for shares of {ask.request.app}/{ask.request.data_id} for "
                     f"{_requester(ask.client, ask.quorum)}: refused ({exc.code}): {exc.reason}"
                 )
-                alert = Alert(AlertKind.STORE_READ_REFUSED, sender, self.sequence.replica.period, detail)
-                log.warning("%s", alert)
-                self._on_alert(alert)
+                self._alert(AlertKind.STORE_READ_REFUSED, sender, detail)
             return ReadAnswer(ask.rid, code=exc.code, reason=exc.reason[:1000])
         try:
             got = await self._share(parts, ask.request.reader)
@@ -711,7 +894,9 @@ class StoreNode:
 
     async def store_key(self) -> Mapping[str, Any]:
         await self.ready()
-        return dict(await self._store_key())
+        key = dict(await self._store_key())
+        key.pop("table", None)  # the period mark's, not the clients'
+        return key
 
     async def store_write(
         self, request: bytes, app: str, unique_id: bytes, quorum: bytes | None = None
@@ -786,6 +971,11 @@ class StoreNode:
             "digest": self._digest[1],
             "digest_applied": self._digest[0] if self._digest[1] is not None else None,
             "refused_reads": self.refused,
+            "refused_writes": self.refused_writes,
+            "period": 0 if service is None else service.period,
+            # the latest count at which t+1 servers signed our digest, and whether our copy is damaged
+            "verified": 0 if service is None else service.verifier.verified,
+            "damaged": service is not None and service.verifier.damaged is not None,
             "batches": self.batches,
             "batched": self.batched,
             "snapshot": self.snapshots.applied,

@@ -56,13 +56,23 @@ class Snapshot:
     group: str
     records: Mapping[tuple[str, str], Record]
     applied: int
+    #: The store sequence's period (StoreService.period) after those operations, and its
+    #: latest period mark (:mod:`.attest`).
+    period: int = 0
+    mark: Mapping[str, Any] | None = None
 
     @classmethod
     def of(cls, service: StoreService[Any]) -> Snapshot:
-        return cls(service.group.name, dict(service.state.records), service.applied)
+        return cls(
+            service.group.name,
+            dict(service.state.records),
+            service.applied,
+            service.period,
+            service.verifier.to_obj(),
+        )
 
     def encode(self) -> bytes:
-        return encode_snapshot(self.group, self.records, self.applied)
+        return encode_snapshot(self.group, self.records, self.applied, self.period, self.mark)
 
 
 @dataclass

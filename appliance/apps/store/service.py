@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
 from appliance.apps.store import model
+from appliance.apps.store.attest import Attestation, Attested, Verifier
 from appliance.apps.store.model import (
     Client,
     Quotas,
@@ -55,6 +56,7 @@ from appliance.apps.store.model import (
 from appliance.crypto import encoding, tdh2
 from appliance.crypto.errors import DecodeError
 from appliance.crypto.groups import Group
+from appliance.protocols.state import KeyTable
 
 E = TypeVar("E")
 
@@ -74,6 +76,13 @@ MAX_SNAPSHOT: Final = 1 << 30
 MAX_ANSWER_PARTS: Final = model.MAX_PARTS
 #: Codes whose refusal at a server is an alert there (the request broke a rule, it did not lag).
 ALERT_CODES: Final = frozenset({model.NOT_PERMITTED, model.TOO_EARLY})
+#: A quorum's certificate is applied while the store's sequence is at most this many periods
+#: past the certificate's period (:attr:`StoreService.period`: agreed, never a clock), and
+#: refused after (``not-permitted``). The origin admits only one of the previous period or
+#: later, so this leaves an ordering two more periods.
+MAX_QUORUM_AGE: Final = 3
+#: The largest KeyTable a period mark carries (as a quorum's certificate).
+MAX_MARK_TABLE: Final = model.MAX_TABLE
 
 
 def _client_obj(client: Client) -> dict[str, Any]:
@@ -175,18 +184,50 @@ class Release:
         return cls(f["app"], f["id"], f["v"], f["key"], f["at"])
 
 
-def decode_entry(data: bytes) -> Operation | Release:
-    """An entry of the store's sequence: a write or a release."""
+@dataclass(frozen=True)
+class PeriodMark:
+    """The store's sequence reached ``period``: the period's KeyTable with the group key's
+    signature (encoded), which exists only once the network made it. Every server checks the
+    signature against Vcert alike and moves :attr:`StoreService.period` forward (never back):
+    the agreed period a quorum certificate's age is measured against."""
+
+    table: bytes
+
+    def encode(self) -> bytes:
+        return encoding.encode({"op": "period", "table": self.table})
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> PeriodMark:
+        what = "store period mark"
+        f = encoding.expect_map(obj, {"op": str, "table": bytes}, what)
+        if f["op"] != "period" or not f["table"] or len(f["table"]) > MAX_MARK_TABLE:
+            raise DecodeError(f"{what}: bad kind, or a KeyTable missing or over {MAX_MARK_TABLE} bytes")
+        return cls(f["table"])
+
+
+Entry = Operation | Release | PeriodMark | Attestation
+
+
+def decode_entry(data: bytes) -> Entry:
+    """An entry of the store's sequence: a write, a release, a period mark or a server's
+    signed digest (:mod:`.attest`)."""
     obj = encoding.decode(data, max_size=MAX_OPERATION, what="store operation")
-    if isinstance(obj, dict) and obj.get("op") == "release":
+    kind = obj.get("op") if isinstance(obj, dict) else None
+    if kind == "release":
         return Release.from_obj(obj)
+    if kind == "period":
+        return PeriodMark.from_obj(obj)
+    if kind == "attest":
+        return Attestation.from_obj(obj)
     return Operation.from_obj(obj)  # decoded once: the entry's CBOR was checked canonical above
 
 
 @dataclass(frozen=True)
 class FixedClock:
     """The view a write is checked under: the operation's own time and the group's authority
-    (deterministic: the same at every server, whenever it applies the operation)."""
+    (deterministic: the same at every server, whenever it applies the operation), and the
+    oldest period of a certificate taken (at apply: MAX_QUORUM_AGE before the sequence's
+    ``period``)."""
 
     at: float
     authority: model.Authority | None = None
@@ -208,7 +249,16 @@ class ClockView:
         return self.clock()
 
 
-Outcome = Record | Refused
+@dataclass(frozen=True)
+class Marked:
+    """The outcome of a period mark: the store's sequence is now at ``period`` (``table``: the
+    mark's KeyTable, which the group key signed)."""
+
+    period: int
+    table: KeyTable = dataclasses.field(compare=False, repr=False)
+
+
+Outcome = Record | Refused | Marked | Attested
 
 
 class StoreService(Generic[E]):
@@ -223,6 +273,14 @@ class StoreService(Generic[E]):
         #: The group key and n, which a quorum's certificate is checked against (None: quorums
         #: are refused). The node sets it from its key-holder; it is the same at every server.
         self.authority: model.Authority | None = None
+        #: The latest period the agreed sequence has shown (a period mark, or a quorum's
+        #: certificate applied; both carry a KeyTable the group key signed): a function of the
+        #: operations applied, so the same at every server after the same operations. A
+        #: certificate more than MAX_QUORUM_AGE periods older is refused at apply.
+        self.period = 0
+        #: The signed digests of this state at the period marks (:mod:`.attest`): local
+        #: knowledge (verified, damaged), not part of the replicated state or its digest.
+        self.verifier = Verifier(t)
 
     @property
     def group(self) -> Group[E]:
@@ -240,23 +298,48 @@ class StoreService(Generic[E]):
         else:
             outcome = self._apply(op)
         self.applied += 1
+        if isinstance(outcome, Marked):  # our digest after the mark, what the servers sign
+            self.verifier.marked(self.applied, outcome.table, self.digest())
         self.outcomes[index] = outcome
         while len(self.outcomes) > MAX_OUTCOMES:
             self.outcomes.popitem(last=False)
         return outcome
 
-    def _apply(self, op: Operation | Release) -> Outcome:
+    def _apply(self, op: Entry) -> Outcome:
         if isinstance(op, Release):
             try:
                 return self._release(op)
             except Refused as exc:
                 return exc
-        else:
+        if isinstance(op, PeriodMark):
+            return self._mark(op)
+        if isinstance(op, Attestation):
             try:
-                view = FixedClock(op.at_ms / 1000, self.authority)
-                return self.state.apply_write(op.request, op.requester, view)
+                self.verifier.check(op)
             except Refused as exc:
                 return exc
+            return self.verifier.take(op)
+        try:
+            oldest = max(0, self.period - MAX_QUORUM_AGE)
+            view = FixedClock(op.at_ms / 1000, self.authority, oldest)
+            record = self.state.apply_write(op.request, op.requester, view)
+        except Refused as exc:
+            return exc
+        if op.quorum is not None:  # its KeyTable passed the group key's check
+            self.period = max(self.period, op.quorum.period)
+        return record
+
+    def _mark(self, op: PeriodMark) -> Outcome:
+        where = "period mark"
+        if self.authority is None:
+            return Refused(model.NOT_PERMITTED, f"{where}: this server cannot check it (no group key)")
+        table = model.signed_table(op.table, self.authority.vcert)
+        if table is None:
+            return Refused(model.NOT_PERMITTED, f"{where}: a KeyTable the group key did not sign")
+        if table.period <= self.period:
+            return Refused(model.STALE, f"{where}: period {table.period}, the sequence is at {self.period}")
+        self.period = table.period
+        return Marked(table.period, table)
 
     def _release(self, op: Release) -> Record:
         record = self.state.get(op.app, op.data_id)
@@ -307,41 +390,62 @@ class StoreService(Generic[E]):
     # Persistence -----------------------------------------------------------------------------
 
     def encode(self) -> bytes:
-        return encode_snapshot(self.group.name, self.state.records, self.applied)
+        return encode_snapshot(
+            self.group.name, self.state.records, self.applied, self.period, self.verifier.to_obj()
+        )
 
     def digest(self) -> bytes:
         """SHA-256 of the state's digest and the number of operations applied: equal at every
         server that applied the same prefix of the agreed sequence. The state's part is
         :meth:`~.model.StoreState.tree_digest` (a hash tree over the records), so that this
         costs O(records changed since the last call), not O(stored bytes)."""
-        return hashlib.sha256(
-            encoding.encode({"v": FORMAT_VERSION, "applied": self.applied, "state": self.state.tree_digest()})
-        ).digest()
+        obj = {"v": FORMAT_VERSION, "applied": self.applied, "state": self.state.tree_digest()}
+        if self.period:  # the sequence's period (absent while 0: the digest of before it existed)
+            obj["period"] = self.period
+        return hashlib.sha256(encoding.encode(obj)).digest()
 
     @classmethod
     def decode(
         cls, group: Group[E], public_key: E, t: int, data: bytes, quotas: Quotas = NETWORK_QUOTAS
     ) -> StoreService[E]:
         what = "store service state"
-        f = encoding.expect_map(
-            encoding.decode(data, max_size=MAX_SNAPSHOT, what=what),
-            {"v": int, "applied": int, "state": bytes},
-            what,
-        )
+        obj = encoding.decode(data, max_size=MAX_SNAPSHOT, what=what)
+        fields: dict[str, type] = {"v": int, "applied": int, "state": bytes}
+        if isinstance(obj, dict) and "period" in obj:
+            fields["period"] = int
+        if isinstance(obj, dict) and "mark" in obj:
+            fields["mark"] = dict
+        f = encoding.expect_map(obj, fields, what)
         if f["v"] != FORMAT_VERSION:
             raise DecodeError(f"{what}: format version {f['v']}, this server reads {FORMAT_VERSION}")
-        if f["applied"] < 0:
-            raise DecodeError(f"{what}: negative count")
+        if f["applied"] < 0 or f.get("period", 0) < 0:
+            raise DecodeError(f"{what}: negative count or period")
         service = cls(group, public_key, t, quotas)
         service.state = StoreState.decode(group, public_key, t, f["state"], quotas, max_size=MAX_SNAPSHOT)
         service.applied = f["applied"]
+        service.period = f.get("period", 0)
+        if "mark" in f:
+            service.verifier.restore(f["mark"], what, service.applied, service.digest)
         return service
 
 
-def encode_snapshot(group: str, records: Mapping[tuple[str, str], Record], applied: int) -> bytes:
-    """:meth:`StoreService.encode` of a state of ``records`` after ``applied`` operations."""
+def encode_snapshot(
+    group: str,
+    records: Mapping[tuple[str, str], Record],
+    applied: int,
+    period: int = 0,
+    mark: Mapping[str, Any] | None = None,
+) -> bytes:
+    """:meth:`StoreService.encode` of a state of ``records`` after ``applied`` operations, the
+    sequence at ``period`` (left out while 0), the latest period mark (count, KeyTable, our
+    digest then: :mod:`.attest`; left out while none)."""
     state = encoding.encode(model.state_obj(group, records))
-    return encoding.encode({"v": FORMAT_VERSION, "applied": applied, "state": state})
+    obj: dict[str, Any] = {"v": FORMAT_VERSION, "applied": applied, "state": state}
+    if period:
+        obj["period"] = period
+    if mark is not None:
+        obj["mark"] = dict(mark)
+    return encoding.encode(obj)
 
 
 # The read protocol's messages ---------------------------------------------------------------------
