@@ -209,15 +209,37 @@ sources = Sources(server_id=1, constants=Constants(n=4, t=1, period_length=3600,
 # The HTTP service of pst serve (hypercorn's trio worker, the guard, the raw /tsa handler)
 service = WebService(sources, HttpConfig(listen=("127.0.0.1", port)),
                      tsa=timestamp_route(authority, local_signer(key.sign)))
-trio.run(service.run)
+if sys.argv[4] == "floor":  # hypercorn alone, as configured there: one fixed reply to every POST
+    from hypercorn.trio import serve
+    from appliance.apps.tsa import rfc3161
+    query = rfc3161.encode_request("sha256", bytes(32), nonce=1, cert_req=True)
+    reply = authority.issue(query, key.sign).body
+    headers = [(b"content-type", b"application/timestamp-reply"), (b"content-length", b"%d" % len(reply))]
+    start = {"type": "http.response.start", "status": 200, "headers": headers}
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+        elif scope["type"] == "http":
+            while (await receive()).get("more_body"):
+                pass
+            await send(start)
+            await send({"type": "http.response.body", "body": reply})
+    trio.run(serve, app, service.hypercorn_config())
+else:
+    trio.run(service.run)
 """
 
 
-def bench_http(count: int, concurrency: int, load: str = "httpx", seconds: float = 10.0) -> dict[str, Any]:
+def bench_http(
+    count: int, concurrency: int, load: str = "httpx", seconds: float = 10.0, app: str = "tsa"
+) -> dict[str, Any]:
     """Our single-key TSA over HTTP: ``pst serve``'s HTTP service (hypercorn's trio worker, the
     /tsa route) in its own process, period-key signer; the load from httpx in this process
     (keep-alive, ``concurrency`` requests in flight, ``count`` requests) or from wrk
-    (``concurrency`` connections for ``seconds``)."""
+    (``concurrency`` connections for ``seconds``). ``app="floor"``: hypercorn alone, configured
+    the same, answering one fixed reply to every POST (what the HTTP server itself costs)."""
     import socket
 
     import httpx
@@ -235,7 +257,7 @@ def bench_http(count: int, concurrency: int, load: str = "httpx", seconds: float
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
         probe.close()
-        server = subprocess.Popen([sys.executable, "-c", SERVER, tmp, str(port), POLICY])
+        server = subprocess.Popen([sys.executable, "-c", SERVER, tmp, str(port), POLICY, app])
         url = f"http://127.0.0.1:{port}/tsa"
         try:
             if load == "wrk":
@@ -613,6 +635,7 @@ def main() -> int:
             single = bench_http(0, args.concurrency, "wrk", args.seconds)
             peer = bench_openssl(100)
             out["ours_single_key_http"] = single
+            out["hypercorn_alone_fixed_reply"] = bench_http(0, args.concurrency, "wrk", args.seconds, "floor")
             out["openssl_ts_reply_per_process"] = peer
             for run in runs:
                 rate = run["sustained"]["tokens_per_s"]
@@ -626,10 +649,12 @@ def main() -> int:
     ours = bench_ours(count)
     peer = bench_openssl(30 if args.quick else 200)
     http = bench_http(300 if args.quick else 5000, 8, args.load, 5 if args.quick else args.seconds)
+    floor = bench_http(300 if args.quick else 5000, 8, args.load, 5 if args.quick else args.seconds, "floor")
     result = {
         "machine": {**machine, "platform": platform.platform()},
         "ours_single_key": ours,
         "ours_http_hypercorn": http,
+        "hypercorn_alone_fixed_reply": floor,
         "openssl_ts_reply_per_process": peer,
         "ratio_ours_to_openssl": round(ours["tokens_per_s"] / peer["tokens_per_s"], 1),
     }
