@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -54,23 +54,17 @@ class BodyTooLarge(Exception):
 
 
 async def read_body(request: Request, cap: int) -> bytes:
-    """The request's body, at most ``cap`` bytes: refused as soon as a Content-Length or the
-    stream itself says more (BodyTooLarge), never read whole first."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > cap:
-        raise BodyTooLarge
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > cap:
-            raise BodyTooLarge
-    return bytes(body)
+    """:func:`read_raw_body` of a Starlette request; ClientDisconnect if the client went away."""
+    body = await read_raw_body(request.scope, request.receive, cap)
+    if body is None:
+        raise ClientDisconnect
+    return body
 
 
 async def read_raw_body(scope: Scope, receive: Receive, cap: int) -> bytes | None:
-    """:func:`read_body` on the ASGI messages themselves (a :class:`RawPostRoute`'s handler):
-    the body, at most ``cap`` bytes (BodyTooLarge as soon as Content-Length or the stream says
-    more), or None if the client went away first."""
+    """The request's body, at most ``cap`` bytes: refused as soon as a Content-Length or the
+    stream itself says more (BodyTooLarge), never read whole first; None if the client went
+    away first."""
     for name, value in scope["headers"]:
         if name == b"content-length":
             if value.isdigit() and int(value) > cap:
