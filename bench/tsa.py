@@ -24,6 +24,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -386,10 +387,6 @@ def wrk_load(
     ``seconds``), POSTing one query ``openssl ts -query`` made; the replies wrk kept checked
     with ``openssl ts -verify -queryfile`` against ``root_pem``; the CPU the processes under
     ``pids`` (the servers) and wrk used, per token."""
-    import shutil
-
-    if shutil.which("wrk") is None:
-        raise SystemExit("bench/tsa.py --load wrk needs wrk (Debian package wrk: apt-get install wrk)")
     (folder / "data.txt").write_bytes(os.urandom(64))
     query = folder / "q.tsq"
     subprocess.run(
@@ -627,6 +624,9 @@ def main() -> int:
         "with --cluster: wrk against each server, and in the same run the single-key peers)",
     )
     args = parser.parse_args()
+    if args.load == "wrk" and shutil.which("wrk") is None:
+        print("bench/tsa.py --load wrk needs wrk (Debian package wrk: apt-get install wrk)", file=sys.stderr)
+        return 2
     machine = {"python": platform.python_version(), "cpus": os.cpu_count(), "load_average": os.getloadavg()}
     if args.cluster:
         runs = [
