@@ -645,7 +645,8 @@ def test_the_common_request_path_reads_what_pyasn1_reads(
 
 @settings(max_examples=600, deadline=None)
 @given(
-    st.builds(
+    st.binary(max_size=300)
+    | st.builds(
         mutate,
         st.sampled_from(
             [

@@ -245,6 +245,10 @@ def _common_request(data: bytes) -> TimeStampRequest | None:
         digest, nonce, cert_req = imprint.message, parsed.nonce, parsed.cert_req
     except (ValueError, TypeError):
         return None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # a panic in Rust (pyo3's PanicException is no Exception): pyasn1 decides
+        return None
     if algorithm is None or len(digest) != algorithm.size:
         return None
     for null in (True, False):
