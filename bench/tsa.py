@@ -24,12 +24,13 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def stand_in() -> tuple[x509.Certificate, x509.Certificate, ec.EllipticCurvePriv
     key = ec.generate_private_key(ec.SECP256R1())
     tsa_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench TSA")])
     tsa = (
-        x509.CertificateBuilder(tsa_name, name, key.public_key(), 2, *validity)
+        x509.CertificateBuilder(name, tsa_name, key.public_key(), 2, *validity)  # issuer, subject
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.TIME_STAMPING]), critical=True)
         .sign(root_key, None)
     )
@@ -102,10 +103,13 @@ def bench_ours(count: int) -> dict[str, Any]:
     for request in requests[:20]:  # warm up
         assert authority.issue(request, sign).record is not None
     iterator = iter(requests)
+    cpu = time.process_time()
     latencies = per_call(lambda: authority.issue(next(iterator), sign), count)
+    cpu = time.process_time() - cpu
     out: dict[str, Any] = {
         "tokens": count,
         "tokens_per_s": round(1000 * count / sum(latencies), 1),
+        "cpu_ms_per_token": round(1000 * cpu / count, 4),
         **percentiles(latencies),
     }
     # Where a token's time goes (median of each step, ms)
@@ -185,31 +189,61 @@ def bench_openssl(count: int) -> dict[str, Any]:
 SERVER = """
 import datetime as dt, sys, trio
 from pathlib import Path
-from hypercorn.config import Config
-from hypercorn.trio import serve
-from starlette.applications import Starlette
 from appliance.apps.tsa.authority import Authority, MemorySerialStore, SerialAllocator
 from appliance.apps.tsa.service import load_period_key
 from appliance.apps.tsa.rfc3161 import Accuracy
-from appliance.host.config import TsaConfig
+from appliance.host.config import HttpConfig, TsaConfig
+from appliance.protocols.state import Constants
+from appliance.web import WebService
 from appliance.web._tsa import local_signer, timestamp_route
+from appliance.web._view import Sources
 
-folder = Path(sys.argv[1])
-key = load_period_key(TsaConfig("period-key", sys.argv[3], folder / "tsa.pem", folder / "tsa.key"), folder)
-authority = Authority(policy=sys.argv[3], accuracy=Accuracy(1), clock=lambda: dt.datetime.now(dt.UTC),
+folder, port, policy = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+key = load_period_key(TsaConfig("period-key", policy, folder / "tsa.pem", folder / "tsa.key"), folder)
+authority = Authority(policy=policy, accuracy=Accuracy(1), clock=lambda: dt.datetime.now(dt.UTC),
                       serials=SerialAllocator(1, MemorySerialStore(), block=1 << 20), chain=key.chain)
-app = Starlette(routes=[timestamp_route(authority, local_signer(key.sign))])
-config = Config()
-config.bind = [f"127.0.0.1:{sys.argv[2]}"]
-config.accesslog = None
-config.errorlog = None
-trio.run(serve, app, config)
+public = folder / "public"
+public.mkdir()
+(public / "status.json").write_text("{}")
+(public / "alerts.jsonl").write_text("")
+url = f"http://127.0.0.1:{port}"
+sources = Sources(server_id=1, constants=Constants(n=4, t=1, period_length=3600, delta=0.1),
+                  status_file=public / "status.json", alerts_file=public / "alerts.jsonl",
+                  peer_urls={1: url}, own_url=url)
+# The HTTP service of pst serve (hypercorn's trio worker, the guard, the raw /tsa handler)
+service = WebService(sources, HttpConfig(listen=("127.0.0.1", port)),
+                     tsa=timestamp_route(authority, local_signer(key.sign)))
+if sys.argv[4] == "floor":  # hypercorn alone, as configured there: one fixed reply to every POST
+    from hypercorn.trio import serve
+    from appliance.apps.tsa import rfc3161
+    query = rfc3161.encode_request("sha256", bytes(32), nonce=1, cert_req=True)
+    reply = authority.issue(query, key.sign).body
+    headers = [(b"content-type", b"application/timestamp-reply"), (b"content-length", b"%d" % len(reply))]
+    start = {"type": "http.response.start", "status": 200, "headers": headers}
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+        elif scope["type"] == "http":
+            while (await receive()).get("more_body"):
+                pass
+            await send(start)
+            await send({"type": "http.response.body", "body": reply})
+    trio.run(serve, app, service.hypercorn_config())
+else:
+    trio.run(service.run)
 """
 
 
-def bench_http(count: int, concurrency: int) -> dict[str, Any]:
-    """The route on a real hypercorn (trio worker) in its own process, period-key signer; the
-    client (httpx, keep-alive, ``concurrency`` requests in flight) in this one: one core each."""
+def bench_http(
+    count: int, concurrency: int, load: str = "httpx", seconds: float = 10.0, app: str = "tsa"
+) -> dict[str, Any]:
+    """Our single-key TSA over HTTP: ``pst serve``'s HTTP service (hypercorn's trio worker, the
+    /tsa route) in its own process, period-key signer; the load from httpx in this process
+    (keep-alive, ``concurrency`` requests in flight, ``count`` requests) or from wrk
+    (``concurrency`` connections for ``seconds``). ``app="floor"``: hypercorn alone, configured
+    the same, answering one fixed reply to every POST (what the HTTP server itself costs)."""
     import socket
 
     import httpx
@@ -227,11 +261,16 @@ def bench_http(count: int, concurrency: int) -> dict[str, Any]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
         probe.close()
-        server = subprocess.Popen([sys.executable, "-c", SERVER, tmp, str(port), POLICY])
+        server = subprocess.Popen([sys.executable, "-c", SERVER, tmp, str(port), POLICY, app])
+        url = f"http://127.0.0.1:{port}/tsa"
         try:
-            result: dict[str, Any] = trio.run(
-                _load, f"http://127.0.0.1:{port}/tsa", count, concurrency, httpx, server.pid
-            )
+            if load == "wrk":
+                trio.run(_wait_for, [url], httpx)
+                root = folder / "root.pem"
+                root.write_bytes(_root.public_bytes(serialization.Encoding.PEM))
+                root = root if app == "tsa" else None  # the floor's fixed reply answers no query
+                return wrk_load([url], seconds, concurrency, folder, root, [server.pid])
+            result: dict[str, Any] = trio.run(_load, url, count, concurrency, httpx, server.pid)
             return result
         finally:
             server.terminate()
@@ -286,7 +325,180 @@ async def _load(url: str, count: int, concurrency: int, httpx: Any, server_pid: 
     }
 
 
-def bench_cluster(mode: str, seconds: float, concurrency: int, base_port: int) -> dict[str, Any]:
+#: wrk's script: POST the query in $TSQ; count the replies that are not granted; keep the first
+#: reply of each thread and one in 500 (up to 4 per thread) in the folder $KEEP for openssl.
+WRK_SCRIPT = r"""
+local f = assert(io.open(os.getenv("TSQ"), "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "application/timestamp-query"
+local threads = {}
+local counter = 0
+function setup(thread)
+  counter = counter + 1
+  thread:set("id", counter)
+  table.insert(threads, thread)
+end
+bad, seen, kept = 0, 0, 0
+function response(status, headers, body)
+  seen = seen + 1
+  -- granted: TimeStampResp SEQUENCE (long length), then PKIStatusInfo { 0 }
+  if status ~= 200 or not body:find("^\48\130..\48\3\2\1\0") then
+    bad = bad + 1
+  elseif kept < 4 and (seen == 1 or seen % 500 == 0) then
+    kept = kept + 1
+    local out = assert(io.open(string.format("%s/r-%d-%d.tsr", os.getenv("KEEP"), id, kept), "wb"))
+    out:write(body)
+    out:close()
+  end
+end
+function done(summary, latency, requests)
+  local total = 0
+  for _, t in ipairs(threads) do total = total + t:get("bad") end
+  io.write(string.format("NOT_GRANTED %d\n", total))
+  io.write(string.format("LATENCY_US %d %d\n", latency:percentile(50), latency:percentile(99)))
+  io.write(string.format("REQUESTS %d ERRORS %d\n", summary.requests,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.status
+    + summary.errors.timeout))
+end
+"""
+
+
+def process_tree_cpu(pids: list[int]) -> dict[int, float]:
+    """User + system CPU seconds of each live process under ``pids`` (themselves included)."""
+    out: dict[int, float] = {}
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        try:
+            out[pid] = cpu_seconds(pid)
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    return out
+
+
+def wrk_load(
+    urls: list[str], seconds: float, connections: int, folder: Path, root_pem: Path | None, pids: list[int]
+) -> dict[str, Any]:
+    """``wrk`` against each URL at once (one thread, ``connections`` connections each, for
+    ``seconds``), POSTing one query ``openssl ts -query`` made; the replies wrk kept checked
+    with ``openssl ts -verify -queryfile`` against ``root_pem``; the CPU the processes under
+    ``pids`` (the servers) and wrk used, per token."""
+    (folder / "data.txt").write_bytes(os.urandom(64))
+    query = folder / "q.tsq"
+    subprocess.run(
+        ["openssl", "ts", "-query", "-data", folder / "data.txt", "-sha256", "-cert", "-out", query],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    script = folder / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    keep = folder / "kept"
+    # What the servers spend with no request (their rounds, peers, status files), over 5 s
+    idle, idle_wall = process_tree_cpu(pids), time.perf_counter()
+    time.sleep(5)
+    idle_after = process_tree_cpu(pids)
+    idle_rate = sum(idle_after[p] - idle[p] for p in idle_after if p in idle) / (
+        time.perf_counter() - idle_wall
+    )
+    children = os.times()
+    before, wall = process_tree_cpu(pids), time.perf_counter()
+    runs = []
+    for k, url in enumerate(urls):
+        (keep / str(k)).mkdir(parents=True, exist_ok=True)
+        runs.append(
+            subprocess.Popen(
+                ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "-s", str(script), url],
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "TSQ": str(query), "KEEP": str(keep / str(k))},
+            )
+        )
+    outputs = [run.communicate(timeout=seconds + 60)[0] for run in runs]
+    wall = time.perf_counter() - wall
+    after = process_tree_cpu(pids)
+    reaped = os.times()  # wrk's CPU: this process's children reaped meanwhile
+    wrk_cpu = (
+        reaped.children_user + reaped.children_system - children.children_user - children.children_system
+    )
+    requests = not_granted = errors = 0
+    p50s, p99s = [], []
+    for text in outputs:
+        for line in text.splitlines():
+            words = line.split()
+            if words[:1] == ["NOT_GRANTED"]:
+                not_granted += int(words[1])
+            elif words[:1] == ["LATENCY_US"]:
+                p50s.append(int(words[1]) / 1000)
+                p99s.append(int(words[2]) / 1000)
+            elif words[:1] == ["REQUESTS"]:
+                requests += int(words[1])
+                errors += int(words[3])
+    server_cpu = sum(after[p] - before[p] for p in after if p in before)
+    granted = requests - not_granted
+    kept = sorted(keep.glob("*/*.tsr")) if root_pem is not None else []
+    verified = 0
+    for reply in kept:
+        done = subprocess.run(
+            ["openssl", "ts", "-verify", "-queryfile", query, "-in", reply, "-CAfile", root_pem],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        verified += "Verification: OK" in done.stdout
+    return {
+        "load": f"wrk -t1 -c{connections} per server",
+        "servers": len(urls),
+        "seconds": round(wall, 1),
+        "requests": requests,
+        "granted": granted,
+        "not_granted": not_granted,
+        "socket_errors": errors,
+        "tokens_per_s": round(granted / wall, 1),
+        "p50_ms_per_server": p50s,
+        "p99_ms_per_server": p99s,
+        "server_cpu_ms_per_token": round(1000 * server_cpu / max(granted, 1), 3),
+        # what the servers spent with no request, in the 5 s before the load (CPU s per s): their
+        # rounds and peers. Not subtracted: under load that work is crowded out, not added.
+        "server_idle_cpu_s_per_s": round(idle_rate, 3),
+        "wrk_cpu_ms_per_token": round(1000 * wrk_cpu / max(granted, 1), 3),
+        "sample_verified_by_openssl": f"{verified} of {len(kept)}" if root_pem is not None else "not checked",
+    }
+
+
+async def _wait_for(urls: list[str], httpx: Any) -> None:
+    """Until every URL grants a token (at most 90 s)."""
+    headers = {"content-type": "application/timestamp-query"}
+    body = rfc3161.encode_request("sha256", os.urandom(32), nonce=9, cert_req=True)
+    async with httpx.AsyncClient(timeout=10) as client:
+
+        async def post(url: str) -> bool:
+            answer = await client.post(url, content=body, headers=headers)
+            return rfc3161.decode_response(answer.content).tst_info is not None
+
+        await _until_granted(urls, post, httpx)
+
+
+async def _until_granted(urls: list[str], post: Callable[[str], Awaitable[bool]], httpx: Any) -> None:
+    """Until ``post`` got a token from every URL (at most 90 s)."""
+    import trio
+
+    deadline = time.monotonic() + 90
+    for url in urls:
+        while True:
+            try:
+                if await post(url):
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url}: no token within 90 s")
+            await trio.sleep(0.5)
+
+
+def bench_cluster(
+    mode: str, seconds: float, concurrency: int, base_port: int, load: str = "httpx"
+) -> dict[str, Any]:
     """A 4-server cluster whose [tsa] is ``mode``: sequential latency, then sustained load."""
     import httpx
     import trio
@@ -310,8 +522,19 @@ def bench_cluster(mode: str, seconds: float, concurrency: int, base_port: int) -
             + f'\n[ca]\ntsa_names = ["tsa.example.org"]\n\n[tsa]\n{section}\npolicy = "{POLICY}"\n'
         )
     urls = [f"{node_config.load(root / f'node-{i}' / 'config.toml').http.url}/tsa" for i in range(1, 5)]
-    subprocess.run([*pst, "cluster", "up", "--dir", str(root), "--detach"], check=True, capture_output=True)
+    up = subprocess.run(
+        [*pst, "cluster", "up", "--dir", str(root), "--detach"], capture_output=True, text=True
+    )
     try:
+        if up.returncode != 0:
+            raise RuntimeError(f"pst cluster up failed:\n{up.stdout}{up.stderr}")
+        if load == "wrk":
+            trio.run(_wait_for, urls, httpx)
+            root_pem = root / "root.pem"
+            root_pem.write_bytes(httpx.get(urls[0].removesuffix("/tsa") + "/ca/root.pem").content)
+            pids = [int((root / f"node-{i}" / "server.pid").read_text()) for i in range(1, 5)]
+            out = wrk_load(urls, seconds, concurrency, root.parent, root_pem, pids)
+            return {"mode": mode, "n": 4, "t": 1, "sustained": out}
         result: dict[str, Any] = trio.run(_cluster_load, urls, seconds, concurrency, httpx)
     finally:
         subprocess.run([*pst, "cluster", "down", "--dir", str(root)], capture_output=True, check=False)
@@ -338,17 +561,8 @@ async def _cluster_load(urls: list[str], seconds: float, concurrency: int, httpx
                 reasons[why] = reasons.get(why, 0) + 1
             return reply.tst_info is not None
 
-        deadline = time.monotonic() + 90
-        for url in urls:  # every server up, its certificate and first presignatures there
-            while True:
-                try:
-                    if await post(url):
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{url}: no token within 90 s")
-                await trio.sleep(0.5)
+        # every server up, its certificate and first presignatures there
+        await _until_granted(urls, post, httpx)
         sequential: list[float] = []
         reasons.clear()
         for k in range(40):
@@ -402,28 +616,48 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--base-port", type=int, default=28500)
+    parser.add_argument(
+        "--load",
+        choices=("httpx", "wrk"),
+        default="httpx",
+        help="the load generator over HTTP: httpx in this process, or wrk (C, little CPU per request; "
+        "with --cluster: wrk against each server, and in the same run the single-key peers)",
+    )
     args = parser.parse_args()
+    if args.load == "wrk" and shutil.which("wrk") is None:
+        print("bench/tsa.py --load wrk needs wrk (Debian package wrk: apt-get install wrk)", file=sys.stderr)
+        return 2
+    machine = {"python": platform.python_version(), "cpus": os.cpu_count(), "load_average": os.getloadavg()}
     if args.cluster:
         runs = [
-            bench_cluster(mode, args.seconds, args.concurrency, args.base_port)
+            bench_cluster(mode, args.seconds, args.concurrency, args.base_port, args.load)
             for mode in args.modes.split(",")
         ]
-        machine = {"python": platform.python_version(), "cpus": os.cpu_count()}
-        json.dump({"machine": machine, "clusters": runs}, sys.stdout, indent=2)
+        out: dict[str, Any] = {"machine": machine, "clusters": runs}
+        if args.load == "wrk":  # the single-key peers in the same run, and the ratios
+            single = bench_http(0, args.concurrency, "wrk", args.seconds)
+            peer = bench_openssl(100)
+            out["ours_single_key_http"] = single
+            out["hypercorn_alone_fixed_reply"] = bench_http(0, args.concurrency, "wrk", args.seconds, "floor")
+            out["openssl_ts_reply_per_process"] = peer
+            for run in runs:
+                rate = run["sustained"]["tokens_per_s"]
+                run["ratio_to_ours_single_key_http"] = round(rate / single["tokens_per_s"], 2)
+                run["ratio_to_openssl_ts_reply"] = round(rate / peer["tokens_per_s"], 1)
+        out["machine"]["load_average_after"] = os.getloadavg()
+        json.dump(out, sys.stdout, indent=2)
         print()
         return 0
     count = 300 if args.quick else 3000
     ours = bench_ours(count)
     peer = bench_openssl(30 if args.quick else 200)
-    http = bench_http(300 if args.quick else 5000, 8)
+    http = bench_http(300 if args.quick else 5000, 8, args.load, 5 if args.quick else args.seconds)
+    floor = bench_http(300 if args.quick else 5000, 8, args.load, 5 if args.quick else args.seconds, "floor")
     result = {
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-        },
+        "machine": {**machine, "platform": platform.platform()},
         "ours_single_key": ours,
         "ours_http_hypercorn": http,
+        "hypercorn_alone_fixed_reply": floor,
         "openssl_ts_reply_per_process": peer,
         "ratio_ours_to_openssl": round(ours["tokens_per_s"] / peer["tokens_per_s"], 1),
     }

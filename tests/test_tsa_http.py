@@ -34,6 +34,7 @@ from appliance.host.config import HttpConfig
 from appliance.protocols.signing import OWN_CHECK, SigningRefused
 from appliance.protocols.state import ConfigError
 from appliance.web import WebService
+from appliance.web._app import SECURITY_HEADERS
 from appliance.web._tsa import QUERY_TYPE, REPLY_TYPE, local_signer, network_signer, timestamp_route
 
 POLICY = "1.3.6.1.4.1.57264.2.1"
@@ -101,6 +102,11 @@ async def test_post_a_query_get_a_reply_that_openssl_verifies(tmp_path: Path, st
     assert len(records) == 1
     tst = rfc3161.decode_response(answer.content).tst_info
     assert tst is not None and records[0].serial == rfc3161.decode_tst_info(tst).serial
+    # the raw handler is answered with every security header and counted like any route
+    assert all(answer.headers[name] == value for name, value in SECURITY_HEADERS.items())
+    async with client(service) as c:
+        metrics = (await c.get("/metrics")).text
+    assert 'pst_http_requests_total{code="200",route="/tsa"} 1.0' in metrics
 
 
 async def test_bad_posts_get_their_http_status_and_rfc3161_rejection(
@@ -151,6 +157,22 @@ async def test_bad_posts_get_their_http_status_and_rfc3161_rejection(
         )
         assert ok.status_code == 200 and rfc3161.decode_response(ok.content).status is Status.GRANTED
     assert len(records) == 1
+
+
+async def test_a_client_gone_before_its_body_is_not_answered(tmp_path: Path, stand_in: StandIn) -> None:
+    service, records = serve(tmp_path, stand_in)
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    headers = [(b"host", b"127.0.0.1"), (b"content-type", QUERY_TYPE.encode())]
+    scope = {"type": "http", "method": "POST", "path": "/tsa", "raw_path": b"/tsa", "query_string": b""}
+    await service.app.asgi({**scope, "headers": headers}, receive, send)
+    assert sent == [] and records == []
 
 
 async def test_curl_posts_to_a_real_hypercorn(tmp_path: Path, stand_in: StandIn) -> None:

@@ -16,14 +16,19 @@ from __future__ import annotations
 import logging
 from typing import Final
 
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
-from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from appliance.apps.tsa.authority import Authority, Reply, rejection
 from appliance.apps.tsa.issuing import AsyncSigner, OnRecord, local_signer, network_signer, respond
 from appliance.apps.tsa.rfc3161 import FailureInfo, RequestError
-from appliance.web._app import BodyTooLarge, HttpError, read_body
+from appliance.web._app import (
+    RAW_SECURITY_HEADERS,
+    BodyTooLarge,
+    HttpError,
+    RawPostRoute,
+    header,
+    read_raw_body,
+)
 
 log = logging.getLogger("pst.tsa")
 
@@ -33,9 +38,7 @@ PATH: Final = "/tsa"
 
 __all__ = ["QUERY_TYPE", "REPLY_TYPE", "local_signer", "network_signer", "timestamp_route"]
 
-
-def _reply(reply: Reply, status: int = 200) -> Response:
-    return Response(reply.body, status, media_type=REPLY_TYPE)
+_REPLY_HEADERS: Final = [(b"content-type", REPLY_TYPE.encode()), *RAW_SECURITY_HEADERS]
 
 
 def timestamp_route(
@@ -44,20 +47,27 @@ def timestamp_route(
     *,
     on_record: OnRecord | None = None,
     path: str = PATH,
-) -> Route:
-    """The Starlette route serving ``authority`` with ``sign``; see the module's docstring."""
+) -> RawPostRoute:
+    """The route serving ``authority`` with ``sign``; see the module's docstring. Its POST is a
+    raw ASGI handler (:class:`appliance.web._app.RawPostRoute`: no Starlette request objects)."""
 
-    async def endpoint(request: Request) -> Response:
-        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if media != QUERY_TYPE:
+    async def send_reply(send: Send, reply: Reply, status: int = 200) -> int:
+        headers = [*_REPLY_HEADERS, (b"content-length", b"%d" % len(reply.body))]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": reply.body})
+        return status
+
+    async def handler(scope: Scope, receive: Receive, send: Send) -> int:
+        media = (header(scope, b"content-type") or b"").split(b";", 1)[0].strip().lower()
+        if media != QUERY_TYPE.encode():
             raise HttpError(415, "unsupported-media-type", f"send {QUERY_TYPE}")
         try:
-            data = await read_body(request, authority.max_request)
+            data = await read_raw_body(scope, receive, authority.max_request)
         except BodyTooLarge:
             text = f"request larger than {authority.max_request} bytes"
-            return _reply(rejection(RequestError(FailureInfo.BAD_REQUEST, text)), 413)
-        except ClientDisconnect:
-            return Response(b"", 400)
-        return _reply(await respond(authority, sign, data, on_record))
+            return await send_reply(send, rejection(RequestError(FailureInfo.BAD_REQUEST, text)), 413)
+        if data is None:
+            return 400  # the client went away: nothing to answer
+        return await send_reply(send, await respond(authority, sign, data, on_record))
 
-    return Route(path, endpoint, methods=["POST"])
+    return RawPostRoute(path, handler)
