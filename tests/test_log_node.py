@@ -49,7 +49,16 @@ class Cluster:
             self.inbox[i], self.receivers[i] = trio.open_memory_channel(10_000)
             self.nodes[i] = self.make(i)
 
-    def make(self, i: int) -> LogNode:
+    def make(
+        self,
+        i: int,
+        log: TileLog | None = None,
+        rebuild: str | None = None,
+        on_alert: Callable[[Any], None] = lambda alert: None,
+    ) -> LogNode:
+        """Server i's node on its directories (``log``: a tree opened already, ``rebuild``: why
+        it is a new one, as :func:`appliance.apps.log.node.open_node` gives them)."""
+
         def send(to: int, data: bytes, frm: int = i) -> None:
             assert is_log_frame(data)
             if frm in self.tamper:
@@ -57,8 +66,11 @@ class Cluster:
             if not self.drop(frm, to, data):
                 self.inbox[to].send_nowait((frm, data))
 
-        log = TileLog.open(PosixStorage(self.root / f"log-{i}"), "test.example/log")
+        if log is None:
+            log = TileLog.open(PosixStorage(self.root / f"log-{i}"), "test.example/log")
         return LogNode(
+            rebuild=rebuild,
+            on_alert=on_alert,
             server_id=i,
             n=N,
             t=T,

@@ -51,21 +51,24 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from appliance.apps.log.checkpoint import Checkpoint, Verifier, open_checkpoint
-from appliance.apps.log.errors import LogDecodeError, LogError
+from appliance.apps.log.errors import CorruptStoreError, LogDecodeError, LogError, TreeSizeError
 from appliance.apps.log.index import drop_index_from
 from appliance.apps.log.reader import CHECKPOINT_PATH
 from appliance.apps.log.repair import REPAIR_TIMEOUT, Repair, answer_request, audit_copy
 from appliance.apps.log.replication import MAX_BATCH_BYTES, MAX_BATCH_ENTRIES, Replica
-from appliance.apps.log.tiles import STATE_PATH, Bundle, Storage, TileLog, parse_path
+from appliance.apps.log.tiles import STATE_PATH, Bundle, PosixStorage, Storage, TileLog, parse_path
 from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
+from appliance.host.files import sync_dir
 from appliance.net import (
     EVERYONE,
     ChannelIdentity,
@@ -79,7 +82,7 @@ from appliance.protocols._core import Alert, AlertKind
 if TYPE_CHECKING:
     from appliance.apps.log.verify import AuditReport
 
-__all__ = ["LOG_FRAME", "LogNode", "batch_frame", "is_log_frame"]
+__all__ = ["LOG_FRAME", "LogNode", "batch_frame", "is_log_frame", "open_node", "set_aside"]
 
 log = logging.getLogger("pst.log")
 
@@ -135,6 +138,77 @@ def _announcement_payload(server: int, period: int, key: bytes, name: str = "log
     )
 
 
+#: Where a damaged log's files are kept (for forensics) inside its directory, by UTC time.
+DAMAGED_PREFIX = "damaged-"
+
+
+def set_aside(directory: Path, when: float | None = None) -> Path:
+    """Keep a damaged log for forensics, out of the way: everything in ``directory`` is moved
+    (renamed, nothing copied or deleted) into ``directory/damaged-<UTC time>/`` (earlier ones
+    stay where they are), so that a new log can start in the same directory, whose owner and
+    mode (``[privsep]``) stay as they were. A file in the directory's place is renamed to
+    ``<directory>.damaged-<UTC time>`` beside it. Returns where the damaged log went."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if when is None else when))
+    if directory.exists() and not directory.is_dir():
+        target = directory.with_name(f"{directory.name}.{DAMAGED_PREFIX}{stamp}")
+        k = 1
+        while target.exists():
+            k += 1
+            target = directory.with_name(f"{directory.name}.{DAMAGED_PREFIX}{stamp}-{k}")
+        os.rename(directory, target)
+        sync_dir(directory.parent)
+        return target
+    target = directory / f"{DAMAGED_PREFIX}{stamp}"
+    k = 1
+    while target.exists():
+        k += 1
+        target = directory / f"{DAMAGED_PREFIX}{stamp}-{k}"
+    target.mkdir(mode=0o750)
+    for entry in sorted(directory.iterdir()):
+        if entry.name.startswith(DAMAGED_PREFIX):
+            continue
+        os.rename(entry, target / entry.name)
+    sync_dir(target)
+    sync_dir(directory)
+    return target
+
+
+def open_node(
+    directory: Path,
+    origin: str,
+    make: Callable[[TileLog, str | None], LogNode],
+    *,
+    when: Callable[[], float] = time.time,
+) -> LogNode:
+    """This server's replicated log in ``directory``: ``make(tree, None)`` with the tree opened
+    there. If the tree cannot be opened (:class:`CorruptStoreError`: a tile or bundle missing,
+    short or wrong, a state record that is not one, a directory replaced by a file), or holds
+    another number of entries than the replica applied (:class:`TreeSizeError`: say its state
+    record was rolled back), the damaged files are kept (:func:`set_aside`) and
+    ``make(new_tree, reason)`` rebuilds an empty tree from the peers (``LogNode``'s
+    ``rebuild``). What else fails (the replica's own records, a directory that cannot be read
+    or written) raises, as before: the log is then unavailable, saying why."""
+
+    def damaged(what: str) -> LogNode:
+        moved = set_aside(directory, when())
+        reason = (
+            f"the log in {directory} could not be opened ({what}): its files were moved to {moved} "
+            "and this server's copy is rebuilt from its peers"
+        )
+        return make(TileLog.open(PosixStorage(directory), origin), reason)
+
+    if directory.exists() and not directory.is_dir():
+        return damaged(f"{directory} is not a directory")
+    try:
+        tree = TileLog.open(PosixStorage(directory), origin)
+    except CorruptStoreError as exc:
+        return damaged(str(exc))
+    try:
+        return make(tree, None)
+    except TreeSizeError as exc:
+        return damaged(str(exc))
+
+
 class LogNode:
     """This server's copy of the log, replicated with the others (see the module docstring)."""
 
@@ -155,7 +229,12 @@ class LogNode:
         clock: Callable[[], float] = time.monotonic,
         frame_tag: bytes = LOG_FRAME,
         name: str = "log",
+        rebuild: str | None = None,
     ) -> None:
+        """``rebuild``: why ``log`` is a new, empty tree in place of a damaged one
+        (:func:`open_node`): the replica applies every slot again from the peers before this
+        server votes or takes entries again (:attr:`Replica.rebuilding`), and a
+        ``log-store-damaged`` alert says why."""
         #: The first byte of our frames, and the name in our vote-key announcements: another
         #: replicated sequence (the store's, appliance.apps.store.node) has its own of both.
         self.frame_tag, self.name = frame_tag, name
@@ -175,6 +254,7 @@ class LogNode:
             now=clock(),
             base_timeout=base_timeout,
             resend=resend,
+            rebuild=rebuild is not None,
         )
         self._lock = trio.Lock()
         self._poke = trio.Event()
@@ -218,6 +298,19 @@ class LogNode:
         self._audit_now = trio.Event()
         #: Set (and replaced) each time the tree grew: what follows the log waits on it.
         self.grown = trio.Event()
+        #: Set once the replica has applied again what a damaged tree lost (set at once if
+        #: nothing was lost); then, until a signed checkpoint matched the rebuilt tree, the
+        #: size it was rebuilt to (None: nothing to check).
+        self.rebuilt = trio.Event()
+        self._unchecked: int | None = None
+        if self.replica.rebuilding:
+            detail = rebuild or "this server's copy of the log was being rebuilt from its peers"
+            self._damaged(f"{detail} (up to slot {self.replica.floor})")
+        else:
+            self.rebuilt.set()
+            if rebuild is not None:  # nothing applied yet: it catches up as any server behind
+                self._damaged(rebuild)
+                self._unchecked = 0  # and is checked against the next signed checkpoint
         self._load_known()
         logger = logging.getLogger("pst.log")  # (``log`` is the tree here)
         try:  # what a batch lost in a crash left beyond the durable size (we are the writer)
@@ -420,6 +513,8 @@ class LogNode:
                 if self.tree.size != size:  # entries applied (decided slots, or a catch-up)
                     self.grown.set()
                     self.grown = trio.Event()
+                if not self.rebuilt.is_set() and not self.replica.rebuilding:
+                    self._finish_rebuild()
                 acked, self.replica.acknowledged = self.replica.acknowledged, []
                 alerts, self.replica.alerts = self.replica.alerts, []
                 rejected, self.replica.rejected = self.replica.rejected, []
@@ -445,6 +540,24 @@ class LogNode:
             with trio.move_on_after(max(0.0, min(wake, now + self.resend) - self._clock())):
                 await self._poke.wait()
 
+    def _finish_rebuild(self) -> None:
+        """The replica applied again every slot the damaged tree held: take entries again, and
+        check the rebuilt tree against the network's latest signed checkpoint (asked of the
+        peers; :meth:`_publish` writes it only if our tree has its root), then audit it."""
+        self._unchecked = self.tree.size
+        self.damaged = (
+            f"this server's copy of the log was rebuilt from its peers (size {self.tree.size}); "
+            "no signed checkpoint has been checked against it yet"
+        )
+        log.warning(
+            "log: this server's copy of the log was rebuilt from its peers: %d entries, slot %d",
+            self.tree.size,
+            self.replica.slot,
+        )
+        self.rebuilt.set()
+        self._broadcast({"log": "checkpoint-req"})
+        self.request_audit()
+
     def _step(self, inbox: list[tuple[int, Any]], now: float) -> list[tuple[int, dict[str, Any]]]:
         for sender, obj in inbox:
             self.replica.receive(sender, obj, now)
@@ -454,7 +567,8 @@ class LogNode:
         """Entries into the log: returns their indices once they are decided and applied here (a
         quorum of the servers holds them durably); raises LogError if an entry cannot go into
         any batch, or if they were logged while this server was far behind (their indices are
-        then not known here)."""
+        then not known here). While a damaged copy is rebuilt, waits for the rebuild."""
+        await self.rebuilt.wait()
         chunks: list[list[bytes]] = []
         size = 0
         for entry in entries:
@@ -563,6 +677,14 @@ class LogNode:
         self.tree.storage.sync()
         self.checkpointed_size = body.size
         self._published_at = self._clock()
+        if self._unchecked is not None:
+            log.warning(
+                "log: this server's rebuilt copy of the log (%d entries) gives the root of the "
+                "signed checkpoint of size %d",
+                self._unchecked,
+                body.size,
+            )
+            self._unchecked = None
         # The partial tiles the signed tree's full ones supersede (durable: they were synced
         # before the tree was appended): a failed deletion only leaves them for the next pass.
         try:
@@ -673,6 +795,16 @@ class LogNode:
         return found, ask
 
     async def _audit(self) -> bool:
+        if self._unchecked is not None:  # a rebuilt copy: first a signed checkpoint it matches
+            self._broadcast({"log": "checkpoint-req"})
+            with trio.move_on_after(self.repair_timeout):
+                while self._unchecked is not None:  # cleared by _publish
+                    await trio.sleep(0.05)
+            if self._unchecked is not None:
+                log.error("log: %s", self.damaged)
+                return False
+        elif not self.rebuilt.is_set():
+            return False  # still rebuilding (``damaged`` says so)
         async with self._lock:
             records, ask = await trio.to_thread.run_sync(self._check_records)
         if records:
@@ -805,7 +937,7 @@ class LogNode:
             async with self._lock:
                 current = await trio.to_thread.run_sync(self._published)
                 size = self.tree.size
-                if size == 0 or (current is not None and current.size >= size):
+                if size == 0 or self.replica.rebuilding or (current is not None and current.size >= size):
                     self._seen_checkpoint = self._clock()
                     continue
                 body = Checkpoint(

@@ -45,6 +45,7 @@ root with a signed checkpoint does.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import threading
@@ -413,6 +414,8 @@ class PosixStorage:
     def __init__(self, root: Path) -> None:
         self.root = root
         make_dirs(root)
+        if not root.is_dir():  # (make_dirs takes a file in its place for a directory made)
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(root))
         self._dirty: set[Path] = set()
         self._made: set[Path] = set()  # directories known to exist (durably): no stat each write
         self._lock = threading.Lock()

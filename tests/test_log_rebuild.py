@@ -1,0 +1,173 @@
+"""A copy of the log too damaged to open: set aside, alerted, rebuilt from the peers.
+
+Four LogNodes joined by in-memory links (tests/test_log_node.py's Cluster), on disk. Server 2
+is stopped, its log directory damaged so that the tree cannot be opened (a tile cut short, the
+state record garbage, the ``state`` directory replaced by a file, the whole directory replaced
+by a file), and started again through :func:`appliance.apps.log.node.open_node`, as ``pst
+serve`` does: the damaged files are kept aside, a ``log-store-damaged`` alert names what
+failed, the replica applies every slot again from the peers, the rebuilt tree gives the root
+of the network's signed checkpoint, the audit passes, and the server takes entries again.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from test_log_node import LOG_KEY, Cluster, sign_with_log_key
+from test_web import write_config
+
+from appliance.apps.log.checkpoint import Verifier, open_checkpoint
+from appliance.apps.log.node import LogNode, open_node
+from appliance.apps.log.reader import CHECKPOINT_PATH
+from appliance.apps.log.tiles import STATE_PATH, PosixStorage, TileLog
+from appliance.host import config as node_config
+from appliance.node.run import open_log
+from appliance.node.store import StateDir
+from appliance.protocols._core import AlertKind
+
+ORIGIN = "test.example/log"
+PUBLIC = bytes(LOG_KEY.verify_key)
+VERIFIER = Verifier(ORIGIN, PUBLIC)
+
+
+def cut_tile(log: Path) -> None:
+    tile = log / "tile" / "0" / "001.p" / "44"  # the frontier's level-0 tile at size 300
+    tile.write_bytes(tile.read_bytes()[:100])
+
+
+def garbage_state(log: Path) -> None:
+    (log / STATE_PATH).write_bytes(b"\x00not a tree head\xff")
+
+
+def state_dir_is_a_file(log: Path) -> None:  # the tree then reads as empty: the replica says not
+    for f in (log / "state").iterdir():
+        f.unlink()
+    (log / "state").rmdir()
+    (log / "state").write_bytes(b"a file")
+
+
+def log_dir_is_a_file(log: Path) -> None:
+    log.rename(log.with_name("elsewhere"))
+    log.write_bytes(b"a file")
+
+
+DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
+    "a tile cut short": (cut_tile, "tile/0/001.p/44 is 100 bytes, not 44 hashes"),
+    "the state record garbage": (garbage_state, "state/tree is not a tree head"),
+    "a directory replaced by a file": (
+        state_dir_is_a_file,
+        "the log holds 0 entries, the replica's record says 300",
+    ),
+    "the log directory replaced by a file": (log_dir_is_a_file, "is not a directory"),
+}
+
+
+def signed(node: LogNode) -> tuple[int, bytes] | None:
+    note = node.tree.storage.read(CHECKPOINT_PATH)
+    if note is None:
+        return None
+    body = open_checkpoint(note, ORIGIN, [VERIFIER])
+    return body.size, body.root
+
+
+async def run_node(node: LogNode, *, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+    """A server: its replica and its checkpoints, until the scope it hands back is cancelled."""
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            await nursery.start(functools.partial(node.checkpoints, sign_with_log_key, PUBLIC, interval=0.1))
+            task_status.started(scope)
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+async def test_a_copy_too_damaged_to_open_is_set_aside_alerted_and_rebuilt_from_the_peers(
+    tmp_path: Path, kind: str
+) -> None:
+    damage, said = DAMAGE[kind]
+    c = Cluster(tmp_path)
+    mine = tmp_path / "log-2"
+    down = False
+    c.drop = lambda frm, to, data: down and 2 in (frm, to)
+    async with trio.open_nursery() as nursery:
+        scopes = {}
+        for i in c.nodes:
+            nursery.start_soon(c.deliver, i)
+            scopes[i] = await nursery.start(run_node, c.nodes[i])
+        await c.enter(0)
+        with trio.fail_after(30):
+            await c.nodes[1].append([f"line {k}".encode() for k in range(300)])
+            while not all(signed(n) == (300, c.nodes[1].tree.root()) for n in c.nodes.values()):
+                await trio.sleep(0.05)
+        before = {p.relative_to(mine) for p in mine.rglob("*") if p.is_file()}
+
+        down = True  # server 2 stops; its directory is damaged; the others go on
+        scopes[2].cancel()
+        with trio.fail_after(30):
+            await c.nodes[3].append([f"more {k}".encode() for k in range(20)])
+        damage(mine)
+
+        alerts: list[Any] = []
+        node = open_node(mine, ORIGIN, lambda tree, why: c.make(2, tree, why, alerts.append))
+        c.nodes[2] = node
+        down = False
+        assert node.replica.rebuilding and not node.rebuilt.is_set()
+        assert [a.kind for a in alerts] == [AlertKind.LOG_STORE_DAMAGED]
+        assert said in alerts[0].detail and "rebuilt from its peers" in alerts[0].detail, alerts[0].detail
+        scopes[2] = await nursery.start(run_node, node)
+        await c.enter(0, [2])
+        with trio.fail_after(60):
+            await node.rebuilt.wait()
+            while signed(node) != signed(c.nodes[1]) or node._unchecked is not None:
+                await trio.sleep(0.05)
+        assert node.tree.size == c.nodes[1].tree.size == 320
+        assert node.tree.root() == c.nodes[1].tree.root()
+        with trio.fail_after(30):
+            assert await node.audit()
+        assert node.damaged is None
+        # It serves again: its entries go into the log, on every server.
+        with trio.fail_after(30):
+            assert await node.append([b"after the rebuild"]) == [320]
+            while not all(n.tree.size == 321 for n in c.nodes.values()):
+                await trio.sleep(0.05)
+        assert len({n.tree.root() for n in c.nodes.values()}) == 1
+        nursery.cancel_scope.cancel()
+
+    # The damaged files were kept, not deleted.
+    if kind == "the log directory replaced by a file":
+        kept = [p for p in tmp_path.iterdir() if p.name.startswith("log-2.damaged-")]
+        assert len(kept) == 1 and kept[0].read_bytes() == b"a file"
+    else:
+        kept = [p for p in mine.iterdir() if p.name.startswith("damaged-")]
+        assert len(kept) == 1  # every file is still there (one of them damaged)
+        left = {p.relative_to(kept[0]) for p in kept[0].rglob("*") if p.is_file()}
+        if kind == "a directory replaced by a file":
+            before = before - {Path(STATE_PATH)} | {Path("state")}
+        assert left == before
+    assert not (tmp_path / "replica-2" / "replica" / "rebuild").exists()
+
+
+def test_pst_serve_sets_a_log_it_cannot_open_aside_and_alerts(tmp_path: Path) -> None:
+    """``open_log`` (what ``pst serve`` runs) with a damaged tree: the log is available (a new
+    tree, rebuilt from the peers), the alert is in the server's alerts.jsonl, the files kept."""
+    config = node_config.load(write_config(tmp_path, f'[log]\norigin = "{ORIGIN}"'))
+    assert config.log is not None
+    directory = config.log.directory
+    TileLog.open(PosixStorage(directory), ORIGIN).append([b"one", b"two", b"three"])
+    (directory / STATE_PATH).write_bytes(b"not a tree head")
+    service = open_log(config, [], lambda to, data: None)
+    node = service.sink
+    assert isinstance(node, LogNode) and service.available and node.size == 0
+    assert node.damaged is not None and "state/tree is not a tree head" in node.damaged
+    alerts = StateDir(config.state_dir).serve_dir / "alerts.jsonl"
+    said = [json.loads(line) for line in alerts.read_text().splitlines()]
+    assert [a["kind"] for a in said] == ["log-store-damaged"]
+    assert f"the log in {directory} could not be opened" in said[0]["detail"]
+    (kept,) = [p for p in directory.iterdir() if p.name.startswith("damaged-")]
+    assert (kept / STATE_PATH).read_bytes() == b"not a tree head"
+    assert (kept / "tile" / "entries" / "000.p" / "3").is_file()
