@@ -85,41 +85,64 @@ async def run_node(node: LogNode, *, task_status: trio.TaskStatus[trio.CancelSco
             task_status.started(scope)
 
 
+class Servers:
+    """The Cluster's four servers, each of which can be stopped (its frames dropped) and
+    started again with a new node."""
+
+    def __init__(self, root: Path) -> None:
+        self.c = Cluster(root)
+        self.down: set[int] = set()
+        self.c.drop = lambda frm, to, data: bool(self.down & {frm, to})
+        self.scopes: dict[int, trio.CancelScope] = {}
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        for i in self.c.nodes:
+            nursery.start_soon(self.c.deliver, i)
+            self.scopes[i] = await nursery.start(run_node, self.c.nodes[i])
+        await self.c.enter(0)
+
+    def stop(self, i: int) -> None:
+        self.down.add(i)
+        self.scopes[i].cancel()
+
+    async def restart(self, nursery: trio.Nursery, node: LogNode) -> None:
+        self.c.nodes[node.server_id] = node
+        self.down.discard(node.server_id)
+        self.scopes[node.server_id] = await nursery.start(run_node, node)
+
+    async def grow(self, size: int) -> None:
+        """Entries up to ``size``, and every server's checkpoint of it."""
+        nodes = self.c.nodes
+        with trio.fail_after(30):
+            await nodes[1].append([f"line {k}".encode() for k in range(nodes[1].size, size)])
+            while not all(signed(n) == (size, nodes[1].tree.root()) for n in nodes.values()):
+                await trio.sleep(0.05)
+
+
 @pytest.mark.parametrize("kind", list(DAMAGE))
 async def test_a_copy_too_damaged_to_open_is_set_aside_alerted_and_rebuilt_from_the_peers(
     tmp_path: Path, kind: str
 ) -> None:
     damage, said = DAMAGE[kind]
-    c = Cluster(tmp_path)
+    servers = Servers(tmp_path)
+    c = servers.c
     mine = tmp_path / "log-2"
-    down = False
-    c.drop = lambda frm, to, data: down and 2 in (frm, to)
     async with trio.open_nursery() as nursery:
-        scopes = {}
-        for i in c.nodes:
-            nursery.start_soon(c.deliver, i)
-            scopes[i] = await nursery.start(run_node, c.nodes[i])
-        await c.enter(0)
-        with trio.fail_after(30):
-            await c.nodes[1].append([f"line {k}".encode() for k in range(300)])
-            while not all(signed(n) == (300, c.nodes[1].tree.root()) for n in c.nodes.values()):
-                await trio.sleep(0.05)
+        await servers.start(nursery)
+        await servers.grow(300)
         before = {p.relative_to(mine) for p in mine.rglob("*") if p.is_file()}
 
-        down = True  # server 2 stops; its directory is damaged; the others go on
-        scopes[2].cancel()
+        servers.stop(2)  # its directory is damaged; the others go on
         with trio.fail_after(30):
             await c.nodes[3].append([f"more {k}".encode() for k in range(20)])
         damage(mine)
 
         alerts: list[Any] = []
         node = open_node(mine, ORIGIN, lambda tree, why: c.make(2, tree, why, alerts.append))
-        c.nodes[2] = node
-        down = False
         assert node.replica.rebuilding and not node.rebuilt.is_set()
         assert [a.kind for a in alerts] == [AlertKind.LOG_STORE_DAMAGED]
         assert said in alerts[0].detail and "rebuilt from its peers" in alerts[0].detail, alerts[0].detail
-        scopes[2] = await nursery.start(run_node, node)
+        await servers.restart(nursery, node)
         await c.enter(0, [2])
         with trio.fail_after(60):
             await node.rebuilt.wait()
@@ -171,3 +194,51 @@ def test_pst_serve_sets_a_log_it_cannot_open_aside_and_alerts(tmp_path: Path) ->
     (kept,) = [p for p in directory.iterdir() if p.name.startswith("damaged-")]
     assert (kept / STATE_PATH).read_bytes() == b"not a tree head"
     assert (kept / "tile" / "entries" / "000.p" / "3").is_file()
+
+
+async def test_a_checkpoint_file_rolled_back_while_the_server_was_down_is_named_and_restored(
+    tmp_path: Path,
+) -> None:
+    """Server 2's ``checkpoint`` is put back to an older signed one while it is down: at its
+    start it names the rollback (its own copy of the last one it published says so) and writes
+    the newer one back. With its own copy gone too, the peers' newer checkpoint takes its place
+    soon after the start (no alert: nothing says this server had published it)."""
+    servers = Servers(tmp_path)
+    c = servers.c
+    mine = tmp_path / "log-2"
+    async with trio.open_nursery() as nursery:
+        await servers.start(nursery)
+        notes = {}
+        for size in (270, 300):
+            await servers.grow(size)
+            notes[size] = (mine / CHECKPOINT_PATH).read_bytes()
+
+        for own_copy in (True, False):
+            servers.stop(2)
+            (mine / CHECKPOINT_PATH).write_bytes(notes[270])  # a valid signed checkpoint, older
+            if not own_copy:
+                (tmp_path / "replica-2" / "replica" / "checkpoint").unlink()
+            alerts: list[Any] = []
+            node = c.make(2, on_alert=alerts.append)
+            await servers.restart(nursery, node)
+            if own_copy:  # named and restored at the start
+                assert [a.kind for a in alerts] == [AlertKind.LOG_STORE_DAMAGED]
+                assert alerts[0].detail == (
+                    "this server's checkpoint file holds the signed checkpoint of size 270: rolled "
+                    "back, but the last one this server published is of size 300 (replica/checkpoint "
+                    "in its replica's state): written back"
+                )
+                assert (mine / CHECKPOINT_PATH).read_bytes() == notes[300]
+                assert node.damaged is None and node.repairs == 1
+            else:  # the peers' newer one, once they are heard
+                await c.enter(0, [2])
+                with trio.fail_after(30):
+                    while (mine / CHECKPOINT_PATH).read_bytes() != notes[300]:
+                        await trio.sleep(0.05)
+                assert alerts == []
+            with trio.fail_after(30):
+                assert await node.audit()
+            assert (
+                node.damaged is None and [a.kind for a in alerts] == [AlertKind.LOG_STORE_DAMAGED] * own_copy
+            )
+        nursery.cancel_scope.cancel()

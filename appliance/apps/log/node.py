@@ -95,6 +95,9 @@ MAX_LOG_FRAME = 2 * MAX_BATCH_BYTES + 65536
 MAX_INBOX = 256
 #: Seconds between two answers to one peer's repair requests (each reads up to 4,096 entries).
 REPAIR_ANSWER_INTERVAL = 0.05
+#: In the replica's own storage (not the log's directory): a copy of the signed checkpoint this
+#: server last published, so that a ``checkpoint`` file rolled back while it was down is named.
+KEPT_CHECKPOINT_PATH = "replica/checkpoint"
 
 
 def is_log_frame(data: bytes) -> bool:
@@ -665,6 +668,52 @@ class LogNode:
         except LogDecodeError:
             return None
 
+    def _kept(self) -> tuple[bytes, Checkpoint] | None:
+        """Our own copy of the signed checkpoint we last published (None: none, or it does not
+        verify)."""
+        note = self.storage.read(KEPT_CHECKPOINT_PATH)
+        if note is None or self._verifier is None:
+            return None
+        try:
+            return note, open_checkpoint(note, self.tree.origin, [self._verifier])
+        except LogDecodeError:
+            return None
+
+    def _check_rollback(self) -> None:
+        """At the start (the log's key known): the ``checkpoint`` file against our own copy of
+        the last one we published. A file that is older (a valid signed checkpoint, but not
+        the newest we published: rolled back while the server was down), or missing, raises
+        ``log-store-damaged`` and the newer note is written back, if our tree has its root (if
+        not, the tree was changed too: the audit repairs it, then the file). What the file
+        holds is what the audit expects from then on."""
+        found = self._published()
+        note = self.tree.storage.read(CHECKPOINT_PATH)
+        kept = self._kept()
+        if kept is None or (found is not None and kept[1].size <= found.size):
+            if found is not None:
+                self._note = note
+            return
+        was = "is missing" if note is None else "does not verify with the log's key"
+        if found is not None:
+            was = f"holds the signed checkpoint of size {found.size}: rolled back"
+        detail = (
+            f"this server's {CHECKPOINT_PATH} file {was}, but the last one this server published "
+            f"is of size {kept[1].size} ({KEPT_CHECKPOINT_PATH} in its replica's state)"
+        )
+        body = kept[1]
+        if body.size <= self.tree.size and self.tree.root_at(body.size) == body.root:
+            self._note = kept[0]
+            self.tree.storage.write(CHECKPOINT_PATH, kept[0])
+            self.tree.storage.sync()
+            self._damaged(detail + ": written back")
+            self.damaged = None  # repaired (the alert stays: the rollback happened)
+            self.repairs += 1
+        else:
+            self._damaged(detail + ", and this server's tree does not have its root: audited")
+            self.request_audit()
+            if found is not None:
+                self._note = note
+
     def _publish(self, note: bytes, body: Checkpoint) -> bool:
         """Write ``note`` as our latest checkpoint if it is newer and our tree has its root."""
         current = self._published()
@@ -675,6 +724,8 @@ class LogNode:
         self._note = bytes(note)  # (first: a failed write leaves the audit to put it there)
         self.tree.storage.write(CHECKPOINT_PATH, note)
         self.tree.storage.sync()
+        self.storage.write(KEPT_CHECKPOINT_PATH, note)  # (after: at worst older than the file)
+        self.storage.sync()
         self.checkpointed_size = body.size
         self._published_at = self._clock()
         if self._unchecked is not None:
@@ -921,14 +972,20 @@ class LogNode:
         so that, with the signing's jitter, a new checkpoint comes at least every second while
         the tree grows (issue 11; at exactly 1 s the p99 of the interval was 1.02-1.04 s)."""
         self._verifier = Verifier(self.tree.origin, public_key)
-        if self._published() is not None:  # what the audit expects to find in the file
-            self._note = self.tree.storage.read(CHECKPOINT_PATH)
+        async with self._lock:  # (a few small reads, once: in the loop, as it alerts)
+            self._check_rollback()
         task_status.started()
+        asked = False
         next_at = trio.current_time()
         while True:
             # A checkpoint every ``interval`` while the tree grows, the signing time included.
             next_at = max(next_at + interval, trio.current_time() + interval / 10)
             await trio.sleep_until(next_at)
+            if not asked and self.replica.peers_heard():
+                # Once the peers are heard: their latest checkpoints, so that one newer than our
+                # file is written now, not when the log next grows.
+                asked = True
+                self._broadcast({"log": "checkpoint-req"})
             waiting = self._waiting_checkpoint
             if waiting is not None and waiting[1].size <= self.tree.size:
                 self._waiting_checkpoint = None

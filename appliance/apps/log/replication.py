@@ -641,6 +641,10 @@ class Replica:
         self.storage.sync()
         self._keep(batch)
 
+    def peers_heard(self) -> bool:
+        """Whether a peer has said where it is (``at``) since the start."""
+        return bool(self._peer_slots)
+
     def unacknowledged(self) -> list[int]:
         """Our batches not in the log yet (after a restart: the host re-delivers none of them,
         they are sent again and acknowledged when ordered)."""
