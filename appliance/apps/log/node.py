@@ -61,8 +61,8 @@ import trio
 
 from appliance.apps.log.checkpoint import Checkpoint, Verifier, open_checkpoint
 from appliance.apps.log.errors import CorruptStoreError, LogDecodeError, LogError, TreeSizeError
-from appliance.apps.log.index import drop_index_from
-from appliance.apps.log.reader import CHECKPOINT_PATH
+from appliance.apps.log.index import audit_index, drop_index_from
+from appliance.apps.log.reader import CHECKPOINT_PATH, LogReader
 from appliance.apps.log.repair import REPAIR_TIMEOUT, Repair, answer_request, audit_copy
 from appliance.apps.log.replication import MAX_BATCH_BYTES, MAX_BATCH_ENTRIES, Replica
 from appliance.apps.log.tiles import STATE_PATH, Bundle, PosixStorage, Storage, TileLog, parse_path
@@ -876,14 +876,47 @@ class LogNode:
             self.repairs += 1
             log.warning("log: repaired this server's copy of the log: %s", "; ".join(records))
         found = await self._audit_report()
-        if found is None or (not isinstance(found, str) and found.ok):
+        if found is None:
             self.damaged = None
             return True
+        if not isinstance(found, str) and found.ok:
+            return await self._audit_index(found.signed_size)
         if isinstance(found, str):
             self._damaged(f"this server's copy of the log is damaged: {found}")
             return False
         self._damaged(f"this server's copy of the log is damaged: {found.message()}")
         return await self.repair(found)
+
+    async def _audit_index(self, size: int) -> bool:
+        """The search index against the bundles of the signed tree of ``size`` entries, which
+        the audit has just checked (:func:`~appliance.apps.log.index.audit_index`). A difference
+        raises ``log-store-damaged`` naming it; the index is dropped from the first wrong record
+        and rebuilt from the authenticated bundles at once, then checked again."""
+        storage, origin, verifier = self.tree.storage, self.tree.origin, self._verifier
+        lines, drop = await trio.to_thread.run_sync(audit_index, storage, origin, size)
+        if drop is None or verifier is None:
+            self.damaged = None
+            return True
+        self._damaged(
+            "this server's search index differs from its entry bundles: "
+            + "; ".join(lines)
+            + f" (dropped from bundle {drop} and rebuilt from the bundles)"
+        )
+
+        def rebuild() -> list[str]:
+            drop_index_from(storage, drop)
+            LogReader(storage, origin, [verifier]).update_index(max_bundles=1 << 40)
+            return audit_index(storage, origin, size)[0]
+
+        left = await trio.to_thread.run_sync(rebuild)
+        if left:
+            self.damaged = "this server's search index still differs after a rebuild: " + "; ".join(left)
+            log.error("log: %s", self.damaged)
+            return False
+        self.damaged = None
+        self.repairs += 1
+        log.warning("log: rebuilt this server's search index from bundle %d", drop)
+        return True
 
     async def repair(self, report: AuditReport) -> bool:
         """Repair what ``report`` found (:mod:`appliance.apps.log.repair`): tiles from our entries,
