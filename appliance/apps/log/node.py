@@ -323,7 +323,7 @@ class LogNode:
         else:
             if dropped:
                 logger.info(
-                    "log: deleted %d partial file(s) a batch lost in a crash left beyond size %d",
+                    "log: deleted %d file(s) a batch lost in a crash left beyond size %d (not damage)",
                     len(dropped),
                     log.size,
                 )
