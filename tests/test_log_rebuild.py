@@ -22,7 +22,7 @@ import trio
 from test_log_node import LOG_KEY, Cluster, sign_with_log_key
 from test_web import write_config
 
-from appliance.apps.log.checkpoint import Verifier, open_checkpoint
+from appliance.apps.log.checkpoint import Checkpoint, Verifier, open_checkpoint
 from appliance.apps.log.node import LogNode, open_node
 from appliance.apps.log.reader import CHECKPOINT_PATH
 from appliance.apps.log.tiles import STATE_PATH, PosixStorage, TileLog
@@ -109,6 +109,13 @@ class Servers:
         self.c.nodes[node.server_id] = node
         self.down.discard(node.server_id)
         self.scopes[node.server_id] = await nursery.start(run_node, node)
+        await self.c.enter(0, [node.server_id])
+
+    def reopen(self, alerts: list[Any]) -> LogNode:
+        """Server 2's node made again over its directory as ``pst serve`` does (``open_node``)."""
+        return open_node(
+            self.c.root / "log-2", ORIGIN, lambda tree, why: self.c.make(2, tree, why, alerts.append)
+        )
 
     async def grow(self, size: int) -> None:
         """Entries up to ``size``, and every server's checkpoint of it."""
@@ -125,8 +132,7 @@ async def test_a_copy_too_damaged_to_open_is_set_aside_alerted_and_rebuilt_from_
 ) -> None:
     damage, said = DAMAGE[kind]
     servers = Servers(tmp_path)
-    c = servers.c
-    mine = tmp_path / "log-2"
+    c, mine = servers.c, tmp_path / "log-2"
     async with trio.open_nursery() as nursery:
         await servers.start(nursery)
         await servers.grow(300)
@@ -138,12 +144,11 @@ async def test_a_copy_too_damaged_to_open_is_set_aside_alerted_and_rebuilt_from_
         damage(mine)
 
         alerts: list[Any] = []
-        node = open_node(mine, ORIGIN, lambda tree, why: c.make(2, tree, why, alerts.append))
+        node = servers.reopen(alerts)
         assert node.replica.rebuilding and not node.rebuilt.is_set()
         assert [a.kind for a in alerts] == [AlertKind.LOG_STORE_DAMAGED]
         assert said in alerts[0].detail and "rebuilt from its peers" in alerts[0].detail, alerts[0].detail
         await servers.restart(nursery, node)
-        await c.enter(0, [2])
         with trio.fail_after(60):
             await node.rebuilt.wait()
             while signed(node) != signed(c.nodes[1]) or node._unchecked is not None:
@@ -160,6 +165,7 @@ async def test_a_copy_too_damaged_to_open_is_set_aside_alerted_and_rebuilt_from_
                 await trio.sleep(0.05)
         assert len({n.tree.root() for n in c.nodes.values()}) == 1
         nursery.cancel_scope.cancel()
+    assert [a.kind for a in alerts] == [AlertKind.LOG_STORE_DAMAGED]  # the one, at the start
 
     # The damaged files were kept, not deleted.
     if kind == "the log directory replaced by a file":
@@ -231,7 +237,6 @@ async def test_a_checkpoint_file_rolled_back_while_the_server_was_down_is_named_
                 assert (mine / CHECKPOINT_PATH).read_bytes() == notes[300]
                 assert node.damaged is None and node.repairs == 1
             else:  # the peers' newer one, once they are heard
-                await c.enter(0, [2])
                 with trio.fail_after(30):
                     while (mine / CHECKPOINT_PATH).read_bytes() != notes[300]:
                         await trio.sleep(0.05)
@@ -242,3 +247,31 @@ async def test_a_checkpoint_file_rolled_back_while_the_server_was_down_is_named_
                 node.damaged is None and [a.kind for a in alerts] == [AlertKind.LOG_STORE_DAMAGED] * own_copy
             )
         nursery.cancel_scope.cancel()
+
+
+async def test_a_rebuilt_copy_is_checked_against_the_checkpoint_the_server_last_published(
+    tmp_path: Path,
+) -> None:
+    """The rebuilt tree must have the root of the server's own last checkpoint: one with another
+    root (a fork only t+1 signers could sign; forged here with the test's log key) is alerted."""
+    servers = Servers(tmp_path)
+    fork = await sign_with_log_key(Checkpoint(ORIGIN, 300, bytes(32)).text())
+    alerts: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        await servers.start(nursery)
+        await servers.grow(300)
+        servers.stop(2)
+        (tmp_path / "replica-2" / "replica" / "checkpoint").write_bytes(fork)
+        garbage_state(tmp_path / "log-2")
+        node = servers.reopen(alerts)
+        await servers.restart(nursery, node)
+        with trio.fail_after(60):
+            await node.rebuilt.wait()
+            while len(alerts) < 2:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert [a.kind for a in alerts] == [AlertKind.LOG_STORE_DAMAGED] * 2
+    assert alerts[1].detail == (
+        "this server's rebuilt copy of the log (size 300) does not have the root of the checkpoint "
+        "of size 300 it last published (replica/checkpoint)"
+    )

@@ -313,7 +313,6 @@ class LogNode:
             self.rebuilt.set()
             if rebuild is not None:  # nothing applied yet: it catches up as any server behind
                 self._damaged(rebuild)
-                self._unchecked = 0  # and is checked against the next signed checkpoint
         self._load_known()
         logger = logging.getLogger("pst.log")  # (``log`` is the tree here)
         try:  # what a batch lost in a crash left beyond the durable size (we are the writer)
@@ -517,7 +516,7 @@ class LogNode:
                     self.grown.set()
                     self.grown = trio.Event()
                 if not self.rebuilt.is_set() and not self.replica.rebuilding:
-                    self._finish_rebuild()
+                    await self._finish_rebuild()
                 acked, self.replica.acknowledged = self.replica.acknowledged, []
                 alerts, self.replica.alerts = self.replica.alerts, []
                 rejected, self.replica.rejected = self.replica.rejected, []
@@ -543,23 +542,45 @@ class LogNode:
             with trio.move_on_after(max(0.0, min(wake, now + self.resend) - self._clock())):
                 await self._poke.wait()
 
-    def _finish_rebuild(self) -> None:
+    async def _finish_rebuild(self) -> None:
         """The replica applied again every slot the damaged tree held: take entries again, and
-        check the rebuilt tree against the network's latest signed checkpoint (asked of the
-        peers; :meth:`_publish` writes it only if our tree has its root), then audit it."""
-        self._unchecked = self.tree.size
-        self.damaged = (
-            f"this server's copy of the log was rebuilt from its peers (size {self.tree.size}); "
-            "no signed checkpoint has been checked against it yet"
-        )
+        check the rebuilt tree against signed checkpoints: the one this server last published
+        (its own copy, if the log's key is known yet) and the network's latest (asked of the
+        peers; :meth:`_publish` writes one only if our tree has its root); then audit it."""
+        size = self.tree.size
         log.warning(
             "log: this server's copy of the log was rebuilt from its peers: %d entries, slot %d",
-            self.tree.size,
+            size,
             self.replica.slot,
         )
         self.rebuilt.set()
+        if not size:
+            self.damaged = None  # nothing to check (an empty log has no checkpoint)
+            return
+        self._unchecked = size
+        self.damaged = (
+            f"this server's copy of the log was rebuilt from its peers (size {size}); "
+            "no signed checkpoint has been checked against it yet"
+        )
+        await trio.to_thread.run_sync(self._check_rebuilt)
         self._broadcast({"log": "checkpoint-req"})
         self.request_audit()
+
+    def _check_rebuilt(self) -> None:
+        """The rebuilt tree against the checkpoint this server last published (its own copy;
+        nothing if it has none, or does not know the log's key yet): written as its checkpoint
+        if the tree has its root, else ``log-store-damaged``."""
+        kept = self._kept()
+        if kept is None:
+            return
+        body, size = kept[1], self.tree.size
+        if body.size > size or self.tree.root_at(body.size) != body.root:
+            self._damaged(
+                f"this server's rebuilt copy of the log (size {size}) does not have the root of "
+                f"the checkpoint of size {body.size} it last published ({KEPT_CHECKPOINT_PATH})"
+            )
+        else:
+            self._publish(*kept)
 
     def _step(self, inbox: list[tuple[int, Any]], now: float) -> list[tuple[int, dict[str, Any]]]:
         for sender, obj in inbox:
@@ -686,6 +707,11 @@ class LogNode:
         ``log-store-damaged`` and the newer note is written back, if our tree has its root (if
         not, the tree was changed too: the audit repairs it, then the file). What the file
         holds is what the audit expects from then on."""
+        if not self.rebuilt.is_set():
+            return  # a new tree: checked against our copy once it is rebuilt (_finish_rebuild)
+        if self._unchecked is not None:  # rebuilt before the log's key was known
+            self._check_rebuilt()
+            return
         found = self._published()
         note = self.tree.storage.read(CHECKPOINT_PATH)
         kept = self._kept()
