@@ -449,7 +449,8 @@ class Replica:
         rec = self._applied_record(raw)
         old = self._rebuild_record()
         floor = max(rec["slot"] + 1, old[0] if old else 0)
-        seq = max(rec["seqs"].get(self.me, 0), old[1] if old else 0)
+        seqs = {int(k): int(v) for k, v in rec["seqs"].items()}
+        seq = max(seqs.get(self.me, 0), old[1] if old else 0)
         self.storage.write(REBUILD_PATH, encoding.encode({"slot": floor, "seq": seq}))
         self.storage.sync()
         self.storage.delete(APPLIED_PATH)  # the rebuild record says where we were
