@@ -47,6 +47,9 @@ What is durable, and when (all in the replica's :class:`~appliance.apps.log.tile
                                number of entries taken from each batch), before it is applied
 ``replica/applied``            the last applied slot, the tree size after it, each origin's
                                next seq and the next slot's period
+``replica/rebuild``            while a tree started afresh in place of a damaged one is
+                               rebuilt (``rebuild``): the slot reached before (no vote
+                               before it) and our next seq
 =============================  ===========================================================
 
 A crash between the tree's append and ``replica/applied`` is repaired at the next start (the
