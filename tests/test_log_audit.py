@@ -11,15 +11,19 @@ and puts back exactly the bytes the other servers hold.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 from typing import Any
 
 import trio
+from test_log_index import make_entry
 from test_log_node import LOG_KEY, Cluster, sign_with_log_key
 
+from appliance.apps.log import index as index_module
 from appliance.apps.log.checkpoint import Verifier, open_checkpoint
-from appliance.apps.log.reader import CHECKPOINT_PATH
+from appliance.apps.log.index import LogIndex, host_key
+from appliance.apps.log.reader import CHECKPOINT_PATH, LogReader, SearchQuery
 from appliance.apps.log.repair import older_partials
 from appliance.apps.log.tiles import STATE_PATH, MemoryStorage, TileLog
 from appliance.protocols._core import AlertKind
@@ -211,3 +215,48 @@ def test_a_wrong_tree_file_is_left_to_the_audit() -> None:
     # The tree's own tile is wrong: its older partials are checked after its repair, not now.
     assert older_partials(storage, 20, 10, skip={"tile/0/000.p/20"}) == ({}, [])
     assert older_partials(storage, 20, 10) == ({}, [])  # unreadable: nothing to compare with
+
+
+async def test_the_audit_checks_the_search_index_alerts_and_rebuilds_it(tmp_path: Path) -> None:
+    """Server 2's index has a forged record (a good file digest, a host left out, so that a
+    search skips the bundle): its audit names it in a ``log-store-damaged`` alert and rebuilds
+    the index from the authenticated bundles; the search finds the entry again."""
+    c = Cluster(tmp_path)
+    alerts: list[Any] = []
+    node = c.nodes[2]
+    node._on_alert = alerts.append
+    public = bytes(LOG_KEY.verify_key)
+    storage = node.tree.storage
+    origin = node.tree.origin
+    entries = [make_entry(i, "rare" if i == 300 else f"host{i % 4}", "app", 1_000 + i) for i in range(600)]
+    async with trio.open_nursery() as nursery:
+        await c.start_signing(nursery)
+        with trio.fail_after(30):
+            await c.nodes[1].append(entries)
+            while node.checkpointed_size < 600:
+                await trio.sleep(0.05)
+        reader = LogReader(storage, origin, [Verifier(origin, public)])
+        assert reader.update_index() == 2
+        q = SearchQuery(host="rare", limit=10)
+        assert [e["index"] for e in reader.search(q)["entries"]] == [300]
+        assert await node.audit() and not alerts
+
+        honest = LogIndex(storage, origin).records(2)
+        rare = host_key("rare")
+        keys = b"".join(
+            k for k in (honest[1].keys[j : j + 8] for j in range(0, len(honest[1].keys), 8)) if k != rare
+        )
+        forged = [honest[0], dataclasses.replace(honest[1], keys=keys)]
+        (tmp_path / "log-2" / "index" / "tail").write_bytes(index_module._encode_file(origin, 0, forged))
+        assert LogReader(storage, origin, [Verifier(origin, public)]).search(q)["entries"] == []
+        with trio.fail_after(30):
+            assert await node.audit()
+        nursery.cancel_scope.cancel()
+    assert [a.kind for a in alerts] == [AlertKind.LOG_STORE_DAMAGED]
+    assert alerts[0].detail == (
+        "this server's search index differs from its entry bundles: the index's record of "
+        "tile/entries/001 is not the bundle's (its hosts and apps) (dropped from bundle 1 and "
+        "rebuilt from the bundles)"
+    )
+    assert LogIndex(storage, origin).records(2) == honest and node.damaged is None and node.repairs == 1
+    assert [e["index"] for e in reader.search(q)["entries"]] == [300]

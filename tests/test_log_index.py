@@ -4,6 +4,8 @@ never trusted over them."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import itertools
 from pathlib import Path
@@ -324,3 +326,55 @@ def test_real_entries_read_leniently_as_strictly(host: str, app: str | None, whe
     entry = Entry.decode(data)
     assert entry.message is not None
     assert index_module._fields(data) == (when, host, entry.message.app_name)
+
+
+def test_the_index_audit_names_a_forged_record_or_file_and_where_to_rebuild_from(
+    tmp_path: Path, small_segments: int
+) -> None:
+    """A record with a good file digest that leaves a host out makes a search skip its bundle:
+    the audit recomputes every record from its bundle and names the first one that differs."""
+    entries = [
+        make_entry(i, "rare" if i == 300 else HOSTS[i % 4], APPS[i % 3], T0 + i * 1000)
+        for i in range(3 * 256 + 88)
+    ]
+    storage = PosixStorage(tmp_path)
+    reader = make_log(storage, entries)
+    size = len(entries)
+    assert reader.update_index(max_bundles=10_000) == 3  # index/seg/0: bundles 0 and 1; tail: 2
+    audit = functools.partial(index_module.audit_index, storage, ORIGIN)
+    assert audit(size) == ([], None)
+    q = SearchQuery(host="rare", limit=10)
+    assert page_all(reader, q) == [300]
+    # Bundle 1 (entry 300's) without the key of "rare", in a segment whose digest is right.
+    records = LogIndex(storage, ORIGIN).records(3)
+    honest = records[1]
+    keys = [honest.keys[k : k + 8] for k in range(0, len(honest.keys), 8)]
+    rare = index_module.host_key("rare")
+    segment = tmp_path / "index/seg/0"
+
+    def forge(record: index_module.BundleRecord) -> None:
+        segment.write_bytes(index_module._encode_file(ORIGIN, 0, [records[0], record]))
+
+    forge(dataclasses.replace(honest, keys=b"".join(k for k in keys if k != rare)))
+    fresh = LogReader(PosixStorage(tmp_path), ORIGIN, [KEY.verifier])
+    assert page_all(fresh, q) == []  # the attack: the search skips entry 300
+    said = "the index's record of tile/entries/001 is not the bundle's (its {})"
+    assert audit(size) == ([said.format("hosts and apps")], 1)
+    # Receive times, a digest; a damaged file, a gap, records beyond the signed tree.
+    forge(dataclasses.replace(honest, low=honest.low + 1))
+    assert audit(size)[0] == [
+        "the index's record of tile/entries/001 is not the bundle's (its receive times)"
+    ]
+    forge(dataclasses.replace(honest, digest=bytes(16)))
+    assert audit(size)[0] == [said.format("digest")]
+    forge(honest)
+    assert audit(size) == ([], None)
+    tail = tmp_path / "index/tail"
+    good_tail = tail.read_bytes()
+    tail.write_bytes(good_tail[:-1])
+    lines, drop = audit(size)
+    assert drop == 2 and lines == ["index/tail is damaged: its digest does not match its content"]
+    tail.write_bytes(good_tail)
+    assert audit(512) == (["the index has 3 records, the signed tree 2 full bundles"], 2)
+    segment.rename(tmp_path / "index/seg/1")
+    assert audit(size) == (["index/seg/1 follows a gap (no index/seg/0)"], 0)

@@ -49,7 +49,16 @@ class Cluster:
             self.inbox[i], self.receivers[i] = trio.open_memory_channel(10_000)
             self.nodes[i] = self.make(i)
 
-    def make(self, i: int) -> LogNode:
+    def make(
+        self,
+        i: int,
+        log: TileLog | None = None,
+        rebuild: str | None = None,
+        on_alert: Callable[[Any], None] = lambda alert: None,
+    ) -> LogNode:
+        """Server i's node on its directories (``log``: a tree opened already, ``rebuild``: why
+        it is a new one, as :func:`appliance.apps.log.node.open_node` gives them)."""
+
         def send(to: int, data: bytes, frm: int = i) -> None:
             assert is_log_frame(data)
             if frm in self.tamper:
@@ -57,8 +66,11 @@ class Cluster:
             if not self.drop(frm, to, data):
                 self.inbox[to].send_nowait((frm, data))
 
-        log = TileLog.open(PosixStorage(self.root / f"log-{i}"), "test.example/log")
+        if log is None:
+            log = TileLog.open(PosixStorage(self.root / f"log-{i}"), "test.example/log")
         return LogNode(
+            rebuild=rebuild,
+            on_alert=on_alert,
             server_id=i,
             n=N,
             t=T,
@@ -78,6 +90,15 @@ class Cluster:
         for i in self.nodes:
             nursery.start_soon(self.deliver, i)
             await nursery.start(self.nodes[i].run)
+        await self.enter(0)
+
+    async def start_signing(self, nursery: trio.Nursery) -> None:
+        """:meth:`start`, with every node publishing checkpoints signed by LOG_KEY."""
+        for i in self.nodes:
+            nursery.start_soon(self.deliver, i)
+            await nursery.start(self.nodes[i].run)
+            sign = functools.partial(self.nodes[i].checkpoints, sign_with_log_key, bytes(LOG_KEY.verify_key))
+            await nursery.start(functools.partial(sign, interval=0.1))
         await self.enter(0)
 
     async def enter(self, period: int, servers: list[int] | None = None) -> None:
@@ -236,15 +257,8 @@ async def test_an_audit_finds_an_entry_changed_on_disk_and_repairs_it_from_an_ho
         return LOG_FRAME + encoding.encode(obj)
 
     c.tamper[3] = lie
-    public = bytes(LOG_KEY.verify_key)
     async with trio.open_nursery() as nursery:
-        for i in c.nodes:
-            nursery.start_soon(c.deliver, i)
-            await nursery.start(c.nodes[i].run)
-            await nursery.start(
-                functools.partial(c.nodes[i].checkpoints, sign_with_log_key, public, interval=0.1)
-            )
-        await c.enter(0)
+        await c.start_signing(nursery)
         with trio.fail_after(30):
             await c.nodes[1].append([f"line {k}".encode() for k in range(300)])
             while c.nodes[2].checkpointed_size < 300:

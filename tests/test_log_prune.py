@@ -15,6 +15,7 @@ import pytest
 from logread import ORIGIN, SignedLog, build
 
 from appliance.apps.log import merkle
+from appliance.apps.log.repair import older_partials
 from appliance.apps.log.tiles import (
     TILE_WIDTH,
     MemoryStorage,
@@ -215,10 +216,31 @@ def test_a_start_drops_the_partials_a_lost_batch_left_beyond_the_durable_size() 
     assert {"tile/0/003.p/32", "tile/entries/003.p/32", "tile/1/000.p/3"} <= set(leftovers)
     reopened = TileLog.open(storage, ORIGIN)
     dropped = reopened.drop_leftovers()
-    assert sorted(dropped) == sorted(p for p in leftovers if ".p/" in p)
-    # The durable partials, of this size and older ones, stay; so do the leftover full files
-    # (the log's growth rewrites them).
-    assert {p for p in storage.files if ".p/" in p} == {p for p in durable if ".p/" in p}
-    assert "tile/0/000.p/3" in storage.files and "tile/0/002" in storage.files
+    assert sorted(dropped) == sorted(leftovers)  # the leftover full files too (since 2026-12-01)
+    # The durable files, of this size and older ones, stay.
+    assert storage.files == durable and "tile/0/000.p/3" in storage.files
     assert reopened.drop_leftovers() == []
     assert TileLog.open(storage, ORIGIN).root() == log.root()
+
+
+def test_a_power_cut_that_kept_only_some_of_a_lost_batch_s_files_is_not_taken_for_damage() -> None:
+    """A power cut keeps any subset of a lost batch's renames: here not its full tile and bundle
+    at position 2 but its partials at position 3. They are dropped at the start all the same
+    (the search used to end at the first position without a full file), so that once the log
+    grows past position 3 with other entries, the audit of older partials finds nothing wrong."""
+    storage = MemoryStorage()
+    appended(storage, [3, 300])  # 303
+    lost = TileLog(MemoryStorage(), ORIGIN, merkle.Frontier())
+    lost.append([f"entry {i}".encode() for i in range(303)])
+    lost.append([f"lost {i}".encode() for i in range(497)])  # 303 -> 800: tile/0/003.p/32
+    kept = {
+        p: d
+        for p, d in lost.storage.files.items()  # type: ignore[attr-defined]
+        if p not in storage.files and p not in ("tile/0/002", "tile/entries/002")
+    }
+    storage.files.update(kept)
+    assert {"tile/0/003.p/32", "tile/entries/003.p/32"} <= set(kept)
+    reopened = TileLog.open(storage, ORIGIN)
+    assert sorted(reopened.drop_leftovers()) == sorted(kept)
+    reopened.append([f"other {i}".encode() for i in range(600)])  # 903: tile/0/003.p/135
+    assert older_partials(storage, 903, 903) == ({}, [])

@@ -61,7 +61,7 @@ class Net:
             if j != i and (period, i, j) not in self.hidden:
                 other.add_vote_key(period, i, self.vkeys[(period, i)])
 
-    def start(self, i: int) -> None:
+    def start(self, i: int, *, rebuild: bool = False) -> None:
         log = TileLog.open(self.storage[i], ORIGIN)
         rand = random.Random(f"{i} {self.now}")
         r = Replica(
@@ -73,6 +73,7 @@ class Net:
             now=self.now,
             base_timeout=0.2,
             rand=rand.randbytes,
+            rebuild=rebuild,
         )
         self.replicas[i] = r
         self.down.discard(i)
@@ -307,6 +308,55 @@ def test_a_catch_up_source_sending_wrong_entries_is_passed_over(monkeypatch: pyt
     net.run_until(lambda: r4.caught_up == 1, limit=60)
     check_same_log(net, honest=[i for i in (1, 2, 3) if i != liar])
     assert any(e.peer == liar and "do not give the log's root" in str(e) for e in r4.rejected)
+
+
+def _lose_the_tree(storage: MemoryStorage) -> None:
+    """What ``open_node`` leaves after setting a damaged tree aside: the replica's records only."""
+    for path in [p for p in storage.files if not p.startswith("replica/")]:
+        del storage.files[path]
+
+
+def test_a_tree_started_afresh_is_rebuilt_and_votes_in_no_slot_it_had_reached() -> None:
+    """Server 4's tree is lost (its replica's records are not): with ``rebuild`` it applies
+    every slot again from the others, sends no vote before the slot it had reached (the
+    safety data of applied slots is gone), keeps that floor across a crash in the middle, and
+    its next batch has the next seq of its own (not one the log holds already)."""
+    net = Net(seed=21)
+    for k in range(8):
+        net.submit(1 + k % 4, entries(f"k{k}", 3))
+        net.run_until(net.settled)
+    floor, seq = net.replicas[4].slot, net.replicas[4].my_seq
+    assert seq == 2
+    net.crash(4)
+    _lose_the_tree(net.storage[4])
+    with pytest.raises(CorruptStoreError, match="the log holds 0 entries, the replica's record says 24"):
+        net.start(4)  # without rebuild: as before, a clear error
+    votes: list[int] = []
+
+    def watch(to: int, msg: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+        if msg.get("log") == "slot":
+            votes.append(msg["s"])
+        return [(to, msg)]
+
+    net.tamper[4] = watch
+    net.start(4, rebuild=True)
+    r4 = net.replicas[4]
+    assert r4.rebuilding and r4.floor == floor and r4.slot == 0 and r4.log.size == 0
+    assert r4._start_engine(net.now) is None  # no engine (no vote) before the floor
+    net.run_until(lambda: r4.log.size >= 9)  # part of the way
+    net.crash(4)  # and again in the middle: the floor is kept
+    net.start(4)
+    r4 = net.replicas[4]
+    assert r4.rebuilding and r4.floor == floor
+    net.run_until(lambda: not r4.rebuilding)
+    assert r4.slot == floor and r4.log.root() == net.replicas[1].log.root()
+    assert all(s >= floor for s in votes), votes
+    assert "replica/rebuild" not in net.storage[4].files
+    net.submit(4, entries("back", 2))
+    assert net.submitted[4][-1][0] == seq
+    del net.tamper[4]  # (a tampered server's batches are not waited for)
+    net.run_until(net.settled)
+    check_same_log(net)
 
 
 def test_a_crash_between_the_append_and_its_record_is_repaired_at_start() -> None:

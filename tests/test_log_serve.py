@@ -5,6 +5,7 @@ RELP client and `pst log append`, read back with `pst log show` and `pst log tai
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import select
@@ -28,10 +29,12 @@ from test_web import write_config
 
 from appliance.api import ApiCore, LogAdapter, PeerCred
 from appliance.api._core import Limits as ApiLimits
+from appliance.apps.log import index as index_module
+from appliance.apps.log.index import LogIndex
 from appliance.apps.log.ingest import Batcher, Limits, LocalSink, SinkError
 from appliance.apps.log.service import Listener, LogService
 from appliance.apps.log.syslog import Entry
-from appliance.apps.log.tiles import STATE_PATH
+from appliance.apps.log.tiles import STATE_PATH, PosixStorage
 from appliance.host import config as node_config
 from appliance.node.run import bind_log, open_log
 from appliance.protocols.state import ConfigError
@@ -708,5 +711,67 @@ def test_a_bundle_edited_on_one_servers_disk_is_repaired_from_the_others(tmp_pat
             assert any(
                 a["detail"].startswith(f"this server's copy of the log is damaged: {name} ") for a in said
             )
+    finally:
+        pst("cluster", "down", "--dir", str(root))
+
+
+def test_a_server_whose_log_cannot_be_opened_rebuilds_it_from_the_others(tmp_path: Path) -> None:
+    """Real servers: server 2 is stopped, its `state/tree` made garbage, and started again while
+    the others took more entries. It keeps the damaged files, alerts, rebuilds its copy from the
+    others, publishes their signed checkpoint, and passes `pst log audit`."""
+    root = tmp_path / "c"
+    init_cluster(root, n=4, period=600, round_ms=80, log="key")
+    port = _ports(root, 1)["tcp"]
+    log2 = root / "node-2" / "state" / "log"
+
+    def send(lines: range) -> None:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"".join(b"<13>1 - host app - - - line %d\n" % k for k in lines))
+
+    def checkpoints(*nodes: int) -> set[bytes | None]:
+        notes = [root / f"node-{i}" / "state" / "log" / "checkpoint" for i in nodes]
+        return {p.read_bytes() if p.exists() else None for p in notes}
+
+    up = pst("cluster", "up", "--dir", str(root), "--detach")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        send(range(300))
+        _wait(lambda: all(_checkpoint_size(root, i) == 300 for i in (1, 2, 3, 4)), "checkpoints of 300", 60)
+        pid = _pid(root, 2)
+        os.kill(pid, signal.SIGTERM)
+        _wait(lambda: not _alive(pid), "server 2 to stop")
+        (log2 / "state" / "tree").write_bytes(b"garbage")
+        send(range(300, 320))
+        _wait(lambda: all(_checkpoint_size(root, i) == 320 for i in (1, 3, 4)), "checkpoints of 320", 60)
+        again = pst("cluster", "up", "--dir", str(root), "--detach")
+        assert again.returncode == 0, again.stdout + again.stderr
+        _wait(lambda: len(checkpoints(1, 2)) == 1, "server 2's rebuilt copy and checkpoint", 90)
+        said = [json.loads(a) for a in (root / "node-2" / "state" / "serve" / "alerts.jsonl").open()]
+        damaged = [a for a in said if a["kind"] == "log-store-damaged"]
+        assert len(damaged) == 1 and f"the log in {log2} could not be opened" in damaged[0]["detail"], said
+        (kept,) = [p for p in log2.iterdir() if p.name.startswith("damaged-")]
+        assert (kept / "state" / "tree").read_bytes() == b"garbage"
+        assert (kept / "tile" / "entries" / "001.p" / "44").is_file()
+        server_log = (root / "node-2" / "server.log").read_text()
+        assert "log: this server's copy of the log was rebuilt from its peers: " in server_log
+        assert "log: this server's rebuilt copy of the log (" in server_log  # a checkpoint matched
+        out = pst("log", "audit", "--dir", str(root), "--node", "2")
+        assert out.returncode == 0 and "OK: this server's copy of the log passed its audit" in out.stdout, out
+        send(range(320, 321))
+        _wait(lambda: all(_checkpoint_size(root, i) == 321 for i in (1, 2, 3, 4)), "checkpoints of 321", 60)
+        # Its search index (made by its web service), audited: no false alarm; then a record
+        # forged with a good file digest: alerted and rebuilt by `pst log audit`.
+        _wait(lambda: (log2 / "index" / "tail").exists(), "server 2's search index", 60)
+        out = pst("log", "audit", "--dir", str(root), "--node", "2")
+        assert out.returncode == 0 and "OK: this server's copy of the log passed its audit" in out.stdout, out
+        origin = tomllib.loads((root / "node-2" / "config.toml").read_text())["log"]["origin"]
+        honest = LogIndex(PosixStorage(log2), origin).records(1)
+        forged = [dataclasses.replace(honest[0], keys=b"")]
+        (log2 / "index" / "tail").write_bytes(index_module._encode_file(origin, 0, forged))
+        out = pst("log", "audit", "--dir", str(root), "--node", "2")
+        assert out.returncode == 0, out.stdout + out.stderr
+        said = [json.loads(a) for a in (root / "node-2" / "state" / "serve" / "alerts.jsonl").open()]
+        assert "the index's record of tile/entries/000 is not the bundle's" in said[-1]["detail"], said
+        assert LogIndex(PosixStorage(log2), origin).records(1) == honest
     finally:
         pst("cluster", "down", "--dir", str(root))

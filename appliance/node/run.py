@@ -102,7 +102,7 @@ def open_log(
     alone); unavailable, with the reason, if its directory cannot be opened
     (appliance.apps.log.service)."""
     from appliance.apps.log.ingest import Limits, LocalSink
-    from appliance.apps.log.node import LogNode
+    from appliance.apps.log.node import LogNode, open_node
     from appliance.apps.log.service import LogService
     from appliance.apps.log.tiles import PosixStorage, TileLog
     from appliance.boot.check import append_alert
@@ -122,12 +122,18 @@ def open_log(
         assert send is not None
         replica = StateDir(config.state_dir).serve_dir / "log-replica"  # our vote keys: ours alone
         make_dirs(replica, 0o700)
+        # A tree too damaged to open is set aside and rebuilt from the peers (open_node).
+        return open_node(directory, origin, functools.partial(node, replica))
+
+    def node(replica: Path, tree: TileLog, rebuild: str | None) -> LogNode:
+        assert send is not None
         c = config.constants
         return LogNode(
             server_id=config.server_id,
             n=c.n,
             t=c.t,
-            log=TileLog.open(PosixStorage(directory), origin),
+            log=tree,
+            rebuild=rebuild,
             storage=PosixStorage(replica),
             send=send,
             on_alert=lambda alert: append_alert(  # pst serve's own file (privsep: public/ is not ours)

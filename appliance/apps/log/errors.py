@@ -32,6 +32,11 @@ class CorruptStoreError(LogError):
     """The stored log disagrees with itself: a tile, bundle or state record is missing or wrong."""
 
 
+class TreeSizeError(CorruptStoreError):
+    """The tree holds another number of entries than the replica's record of what it applied
+    (and no crash explains it): the tree's directory was damaged or rolled back."""
+
+
 class SignerError(LogError):
     """A signer returned a signature that does not verify under its own public key (our fault)."""
 

@@ -34,10 +34,16 @@ and the rest is rebuilt from the tiles (:meth:`LogIndex.update`). The in-memory 
 reloaded when the files change (another object over the same directory, such as a repair,
 calling :func:`drop_index_from`).
 
-What the index does not protect against: someone who can write the log's directory can write
-an index file with a good digest that leaves out a bundle, and a search then skips it (the
-tiles and the checkpoint are still right, and ``pst log verify --audit`` finds no fault since
-the index is not part of the log). Deleting ``index/`` makes the server rebuild it.
+**Audited.** Someone who can write the log's directory can write an index file with a good
+digest that leaves out a bundle (a record without a host's key, or with a time range that
+misses it), and a search then skips it: the tiles and the checkpoint are still right, and
+``pst log verify --audit`` (a client's audit of what is served) does not read the index. The
+server's own audit (``pst log audit``, and every ``[log] audit_interval``) therefore checks
+the index too, once the bundles have been checked against the signed root
+(:func:`audit_index`): every file must decode, and every record must be the one the bundle
+gives (its digest, receive times and keys, recomputed). A difference is alerted
+(``log-store-damaged``), and the index is dropped from the first wrong record and rebuilt from
+the authenticated bundles. Deleting ``index/`` makes the server rebuild it.
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ __all__ = [
     "BundleRecord",
     "LogIndex",
     "app_key",
+    "audit_index",
     "bundle_digest",
     "drop_index_from",
     "host_key",
@@ -221,6 +228,82 @@ def drop_index_from(storage: Storage, bundle: int) -> None:
         if name.isdigit() and int(name) >= k:
             storage.delete(path)
     storage.sync()
+
+
+#: Lines an index audit names at most (the first bad record is where the index is dropped from).
+MAX_AUDIT_LINES: Final = 8
+
+
+def audit_index(storage: Storage, origin: str, size: int) -> tuple[list[str], int | None]:
+    """The index files in ``storage`` against the full bundles of the tree of ``size`` entries
+    (whose bundles the caller has checked against the signed root): what is wrong (lines) and
+    the bundle the index must be dropped from (None: nothing is wrong). A file that does not
+    decode, a gap, records beyond the tree's full bundles, and each record that is not the one
+    its bundle gives are wrong; a tail left by a crash between a segment's write and the tail's
+    (a tail of an earlier segment, whose digest is right) and bundles not indexed yet are not.
+    Reads every indexed bundle once (run it in a worker thread)."""
+    lines: list[str] = []
+    drop: int | None = None
+    more = 0
+
+    def wrong(line: str, bundle: int) -> None:
+        nonlocal drop, more
+        if len(lines) < MAX_AUDIT_LINES:
+            lines.append(line)
+        else:
+            more += 1
+        drop = bundle if drop is None else min(drop, bundle)
+
+    records: list[BundleRecord] = []
+    names = sorted(int(name) for p in storage.list(SEGMENT_DIR) if (name := p.rsplit("/", 1)[1]).isdigit())
+    for k in names:
+        if k != len(records) // SEGMENT:
+            wrong(
+                f"{_segment_path(k)} follows a gap (no {_segment_path(len(records) // SEGMENT)})",
+                len(records),
+            )
+            break
+        try:
+            found = _decode_file(storage.read(_segment_path(k)) or b"", origin, k * SEGMENT)
+            if len(found) != SEGMENT:
+                raise LogDecodeError(f"{len(found)} records, not {SEGMENT}")
+        except LogDecodeError as exc:
+            wrong(f"{_segment_path(k)} is damaged: {exc}", k * SEGMENT)
+            break
+        records.extend(found)
+    tail = storage.read(TAIL_PATH)
+    if drop is None and tail is not None:
+        try:
+            records.extend(_decode_file(tail, origin, len(records)))
+        except LogDecodeError as exc:
+            if len(tail) < 33 or hashlib.sha256(tail[32:]).digest() != tail[:32]:
+                wrong(f"{TAIL_PATH} is damaged: {exc}", len(records))
+    full = size >> TILE_HEIGHT
+    if len(records) > full:
+        wrong(f"the index has {len(records)} records, the signed tree {full} full bundles", full)
+    for n, record in enumerate(records[:full]):
+        bundle = Bundle(n, TILE_WIDTH)
+        data = storage.read(bundle.path)
+        if data is None:
+            continue  # (the log's own audit names it)
+        try:
+            right = record_for(data, decode_bundle(bundle, data))
+        except LogDecodeError:
+            continue
+        if right != record:
+            what = [
+                name
+                for name, differs in (
+                    ("digest", right.digest != record.digest),
+                    ("receive times", (right.low, right.high) != (record.low, record.high)),
+                    ("hosts and apps", right.keys != record.keys),
+                )
+                if differs
+            ]
+            wrong(f"the index's record of {bundle.path} is not the bundle's (its {', '.join(what)})", n)
+    if more:
+        lines.append(f"and {more} more record(s)")
+    return lines, drop
 
 
 class LogIndex:

@@ -51,21 +51,24 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from appliance.apps.log.checkpoint import Checkpoint, Verifier, open_checkpoint
-from appliance.apps.log.errors import LogDecodeError, LogError
-from appliance.apps.log.index import drop_index_from
-from appliance.apps.log.reader import CHECKPOINT_PATH
+from appliance.apps.log.errors import CorruptStoreError, LogDecodeError, LogError, TreeSizeError
+from appliance.apps.log.index import audit_index, drop_index_from
+from appliance.apps.log.reader import CHECKPOINT_PATH, LogReader
 from appliance.apps.log.repair import REPAIR_TIMEOUT, Repair, answer_request, audit_copy
 from appliance.apps.log.replication import MAX_BATCH_BYTES, MAX_BATCH_ENTRIES, Replica
-from appliance.apps.log.tiles import STATE_PATH, Bundle, Storage, TileLog, parse_path
+from appliance.apps.log.tiles import STATE_PATH, Bundle, PosixStorage, Storage, TileLog, parse_path
 from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
+from appliance.host.files import sync_dir
 from appliance.net import (
     EVERYONE,
     ChannelIdentity,
@@ -79,7 +82,7 @@ from appliance.protocols._core import Alert, AlertKind
 if TYPE_CHECKING:
     from appliance.apps.log.verify import AuditReport
 
-__all__ = ["LOG_FRAME", "LogNode", "batch_frame", "is_log_frame"]
+__all__ = ["LOG_FRAME", "LogNode", "batch_frame", "is_log_frame", "open_node", "set_aside"]
 
 log = logging.getLogger("pst.log")
 
@@ -92,6 +95,9 @@ MAX_LOG_FRAME = 2 * MAX_BATCH_BYTES + 65536
 MAX_INBOX = 256
 #: Seconds between two answers to one peer's repair requests (each reads up to 4,096 entries).
 REPAIR_ANSWER_INTERVAL = 0.05
+#: In the replica's own storage (not the log's directory): a copy of the signed checkpoint this
+#: server last published, so that a ``checkpoint`` file rolled back while it was down is named.
+KEPT_CHECKPOINT_PATH = "replica/checkpoint"
 
 
 def is_log_frame(data: bytes) -> bool:
@@ -135,6 +141,77 @@ def _announcement_payload(server: int, period: int, key: bytes, name: str = "log
     )
 
 
+#: Where a damaged log's files are kept (for forensics) inside its directory, by UTC time.
+DAMAGED_PREFIX = "damaged-"
+
+
+def set_aside(directory: Path, when: float | None = None) -> Path:
+    """Keep a damaged log for forensics, out of the way: everything in ``directory`` is moved
+    (renamed, nothing copied or deleted) into ``directory/damaged-<UTC time>/`` (earlier ones
+    stay where they are), so that a new log can start in the same directory, whose owner and
+    mode (``[privsep]``) stay as they were. A file in the directory's place is renamed to
+    ``<directory>.damaged-<UTC time>`` beside it. Returns where the damaged log went."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if when is None else when))
+    if directory.exists() and not directory.is_dir():
+        target = directory.with_name(f"{directory.name}.{DAMAGED_PREFIX}{stamp}")
+        k = 1
+        while target.exists():
+            k += 1
+            target = directory.with_name(f"{directory.name}.{DAMAGED_PREFIX}{stamp}-{k}")
+        os.rename(directory, target)
+        sync_dir(directory.parent)
+        return target
+    target = directory / f"{DAMAGED_PREFIX}{stamp}"
+    k = 1
+    while target.exists():
+        k += 1
+        target = directory / f"{DAMAGED_PREFIX}{stamp}-{k}"
+    target.mkdir(mode=0o750)
+    for entry in sorted(directory.iterdir()):
+        if entry.name.startswith(DAMAGED_PREFIX):
+            continue
+        os.rename(entry, target / entry.name)
+    sync_dir(target)
+    sync_dir(directory)
+    return target
+
+
+def open_node(
+    directory: Path,
+    origin: str,
+    make: Callable[[TileLog, str | None], LogNode],
+    *,
+    when: Callable[[], float] = time.time,
+) -> LogNode:
+    """This server's replicated log in ``directory``: ``make(tree, None)`` with the tree opened
+    there. If the tree cannot be opened (:class:`CorruptStoreError`: a tile or bundle missing,
+    short or wrong, a state record that is not one, a directory replaced by a file), or holds
+    another number of entries than the replica applied (:class:`TreeSizeError`: say its state
+    record was rolled back), the damaged files are kept (:func:`set_aside`) and
+    ``make(new_tree, reason)`` rebuilds an empty tree from the peers (``LogNode``'s
+    ``rebuild``). What else fails (the replica's own records, a directory that cannot be read
+    or written) raises, as before: the log is then unavailable, saying why."""
+
+    def damaged(what: str) -> LogNode:
+        moved = set_aside(directory, when())
+        reason = (
+            f"the log in {directory} could not be opened ({what}): its files were moved to {moved} "
+            "and this server's copy is rebuilt from its peers"
+        )
+        return make(TileLog.open(PosixStorage(directory), origin), reason)
+
+    if directory.exists() and not directory.is_dir():
+        return damaged(f"{directory} is not a directory")
+    try:
+        tree = TileLog.open(PosixStorage(directory), origin)
+    except CorruptStoreError as exc:
+        return damaged(str(exc))
+    try:
+        return make(tree, None)
+    except TreeSizeError as exc:
+        return damaged(str(exc))
+
+
 class LogNode:
     """This server's copy of the log, replicated with the others (see the module docstring)."""
 
@@ -155,7 +232,12 @@ class LogNode:
         clock: Callable[[], float] = time.monotonic,
         frame_tag: bytes = LOG_FRAME,
         name: str = "log",
+        rebuild: str | None = None,
     ) -> None:
+        """``rebuild``: why ``log`` is a new, empty tree in place of a damaged one
+        (:func:`open_node`): the replica applies every slot again from the peers before this
+        server votes or takes entries again (:attr:`Replica.rebuilding`), and a
+        ``log-store-damaged`` alert says why."""
         #: The first byte of our frames, and the name in our vote-key announcements: another
         #: replicated sequence (the store's, appliance.apps.store.node) has its own of both.
         self.frame_tag, self.name = frame_tag, name
@@ -175,6 +257,7 @@ class LogNode:
             now=clock(),
             base_timeout=base_timeout,
             resend=resend,
+            rebuild=rebuild is not None,
         )
         self._lock = trio.Lock()
         self._poke = trio.Event()
@@ -218,6 +301,18 @@ class LogNode:
         self._audit_now = trio.Event()
         #: Set (and replaced) each time the tree grew: what follows the log waits on it.
         self.grown = trio.Event()
+        #: Set once the replica has applied again what a damaged tree lost (set at once if
+        #: nothing was lost); then, until a signed checkpoint matched the rebuilt tree, the
+        #: size it was rebuilt to (None: nothing to check).
+        self.rebuilt = trio.Event()
+        self._unchecked: int | None = None
+        if self.replica.rebuilding:
+            detail = rebuild or "this server's copy of the log was being rebuilt from its peers"
+            self._damaged(f"{detail} (up to slot {self.replica.floor})")
+        else:
+            self.rebuilt.set()
+            if rebuild is not None:  # nothing applied yet: it catches up as any server behind
+                self._damaged(rebuild)
         self._load_known()
         logger = logging.getLogger("pst.log")  # (``log`` is the tree here)
         try:  # what a batch lost in a crash left beyond the durable size (we are the writer)
@@ -227,7 +322,7 @@ class LogNode:
         else:
             if dropped:
                 logger.info(
-                    "log: deleted %d partial file(s) a batch lost in a crash left beyond size %d",
+                    "log: deleted %d file(s) a batch lost in a crash left beyond size %d (not damage)",
                     len(dropped),
                     log.size,
                 )
@@ -420,6 +515,8 @@ class LogNode:
                 if self.tree.size != size:  # entries applied (decided slots, or a catch-up)
                     self.grown.set()
                     self.grown = trio.Event()
+                if not self.rebuilt.is_set() and not self.replica.rebuilding:
+                    await self._finish_rebuild()
                 acked, self.replica.acknowledged = self.replica.acknowledged, []
                 alerts, self.replica.alerts = self.replica.alerts, []
                 rejected, self.replica.rejected = self.replica.rejected, []
@@ -445,6 +542,46 @@ class LogNode:
             with trio.move_on_after(max(0.0, min(wake, now + self.resend) - self._clock())):
                 await self._poke.wait()
 
+    async def _finish_rebuild(self) -> None:
+        """The replica applied again every slot the damaged tree held: take entries again, and
+        check the rebuilt tree against signed checkpoints: the one this server last published
+        (its own copy, if the log's key is known yet) and the network's latest (asked of the
+        peers; :meth:`_publish` writes one only if our tree has its root); then audit it."""
+        size = self.tree.size
+        log.warning(
+            "log: this server's copy of the log was rebuilt from its peers: %d entries, slot %d",
+            size,
+            self.replica.slot,
+        )
+        self.rebuilt.set()
+        if not size:
+            self.damaged = None  # nothing to check (an empty log has no checkpoint)
+            return
+        self._unchecked = size
+        self.damaged = (
+            f"this server's copy of the log was rebuilt from its peers (size {size}); "
+            "no signed checkpoint has been checked against it yet"
+        )
+        await trio.to_thread.run_sync(self._check_rebuilt)
+        self._broadcast({"log": "checkpoint-req"})
+        self.request_audit()
+
+    def _check_rebuilt(self) -> None:
+        """The rebuilt tree against the checkpoint this server last published (its own copy;
+        nothing if it has none, or does not know the log's key yet): written as its checkpoint
+        if the tree has its root, else ``log-store-damaged``."""
+        kept = self._kept()
+        if kept is None:
+            return
+        body, size = kept[1], self.tree.size
+        if body.size > size or self.tree.root_at(body.size) != body.root:
+            self._damaged(
+                f"this server's rebuilt copy of the log (size {size}) does not have the root of "
+                f"the checkpoint of size {body.size} it last published ({KEPT_CHECKPOINT_PATH})"
+            )
+        else:
+            self._publish(*kept)
+
     def _step(self, inbox: list[tuple[int, Any]], now: float) -> list[tuple[int, dict[str, Any]]]:
         for sender, obj in inbox:
             self.replica.receive(sender, obj, now)
@@ -454,7 +591,8 @@ class LogNode:
         """Entries into the log: returns their indices once they are decided and applied here (a
         quorum of the servers holds them durably); raises LogError if an entry cannot go into
         any batch, or if they were logged while this server was far behind (their indices are
-        then not known here)."""
+        then not known here). While a damaged copy is rebuilt, waits for the rebuild."""
+        await self.rebuilt.wait()
         chunks: list[list[bytes]] = []
         size = 0
         for entry in entries:
@@ -551,6 +689,57 @@ class LogNode:
         except LogDecodeError:
             return None
 
+    def _kept(self) -> tuple[bytes, Checkpoint] | None:
+        """Our own copy of the signed checkpoint we last published (None: none, or it does not
+        verify)."""
+        note = self.storage.read(KEPT_CHECKPOINT_PATH)
+        if note is None or self._verifier is None:
+            return None
+        try:
+            return note, open_checkpoint(note, self.tree.origin, [self._verifier])
+        except LogDecodeError:
+            return None
+
+    def _check_rollback(self) -> None:
+        """At the start (the log's key known): the ``checkpoint`` file against our own copy of
+        the last one we published. A file that is older (a valid signed checkpoint, but not
+        the newest we published: rolled back while the server was down), or missing, raises
+        ``log-store-damaged`` and the newer note is written back, if our tree has its root (if
+        not, the tree was changed too: the audit repairs it, then the file). What the file
+        holds is what the audit expects from then on."""
+        if not self.rebuilt.is_set():
+            return  # a new tree: checked against our copy once it is rebuilt (_finish_rebuild)
+        if self._unchecked is not None:  # rebuilt before the log's key was known
+            self._check_rebuilt()
+            return
+        found = self._published()
+        note = self.tree.storage.read(CHECKPOINT_PATH)
+        kept = self._kept()
+        if kept is None or (found is not None and kept[1].size <= found.size):
+            if found is not None:
+                self._note = note
+            return
+        was = "is missing" if note is None else "does not verify with the log's key"
+        if found is not None:
+            was = f"holds the signed checkpoint of size {found.size}: rolled back"
+        detail = (
+            f"this server's {CHECKPOINT_PATH} file {was}, but the last one this server published "
+            f"is of size {kept[1].size} ({KEPT_CHECKPOINT_PATH} in its replica's state)"
+        )
+        body = kept[1]
+        if body.size <= self.tree.size and self.tree.root_at(body.size) == body.root:
+            self._note = kept[0]
+            self.tree.storage.write(CHECKPOINT_PATH, kept[0])
+            self.tree.storage.sync()
+            self._damaged(detail + ": written back")
+            self.damaged = None  # repaired (the alert stays: the rollback happened)
+            self.repairs += 1
+        else:
+            self._damaged(detail + ", and this server's tree does not have its root: audited")
+            self.request_audit()
+            if found is not None:
+                self._note = note
+
     def _publish(self, note: bytes, body: Checkpoint) -> bool:
         """Write ``note`` as our latest checkpoint if it is newer and our tree has its root."""
         current = self._published()
@@ -561,8 +750,18 @@ class LogNode:
         self._note = bytes(note)  # (first: a failed write leaves the audit to put it there)
         self.tree.storage.write(CHECKPOINT_PATH, note)
         self.tree.storage.sync()
+        self.storage.write(KEPT_CHECKPOINT_PATH, note)  # (after: at worst older than the file)
+        self.storage.sync()
         self.checkpointed_size = body.size
         self._published_at = self._clock()
+        if self._unchecked is not None:
+            log.warning(
+                "log: this server's rebuilt copy of the log (%d entries) gives the root of the "
+                "signed checkpoint of size %d",
+                self._unchecked,
+                body.size,
+            )
+            self._unchecked = None
         # The partial tiles the signed tree's full ones supersede (durable: they were synced
         # before the tree was appended): a failed deletion only leaves them for the next pass.
         try:
@@ -673,6 +872,16 @@ class LogNode:
         return found, ask
 
     async def _audit(self) -> bool:
+        if self._unchecked is not None:  # a rebuilt copy: first a signed checkpoint it matches
+            self._broadcast({"log": "checkpoint-req"})
+            with trio.move_on_after(self.repair_timeout):
+                while self._unchecked is not None:  # cleared by _publish
+                    await trio.sleep(0.05)
+            if self._unchecked is not None:
+                log.error("log: %s", self.damaged)
+                return False
+        elif not self.rebuilt.is_set():
+            return False  # still rebuilding (``damaged`` says so)
         async with self._lock:
             records, ask = await trio.to_thread.run_sync(self._check_records)
         if records:
@@ -693,14 +902,47 @@ class LogNode:
             self.repairs += 1
             log.warning("log: repaired this server's copy of the log: %s", "; ".join(records))
         found = await self._audit_report()
-        if found is None or (not isinstance(found, str) and found.ok):
+        if found is None:
             self.damaged = None
             return True
+        if not isinstance(found, str) and found.ok:
+            return await self._audit_index(found.signed_size)
         if isinstance(found, str):
             self._damaged(f"this server's copy of the log is damaged: {found}")
             return False
         self._damaged(f"this server's copy of the log is damaged: {found.message()}")
         return await self.repair(found)
+
+    async def _audit_index(self, size: int) -> bool:
+        """The search index against the bundles of the signed tree of ``size`` entries, which
+        the audit has just checked (:func:`~appliance.apps.log.index.audit_index`). A difference
+        raises ``log-store-damaged`` naming it; the index is dropped from the first wrong record
+        and rebuilt from the authenticated bundles at once, then checked again."""
+        storage, origin, verifier = self.tree.storage, self.tree.origin, self._verifier
+        lines, drop = await trio.to_thread.run_sync(audit_index, storage, origin, size)
+        if drop is None or verifier is None:
+            self.damaged = None
+            return True
+        self._damaged(
+            "this server's search index differs from its entry bundles: "
+            + "; ".join(lines)
+            + f" (dropped from bundle {drop} and rebuilt from the bundles)"
+        )
+
+        def rebuild() -> list[str]:
+            drop_index_from(storage, drop)
+            LogReader(storage, origin, [verifier]).update_index(max_bundles=1 << 40)
+            return audit_index(storage, origin, size)[0]
+
+        left = await trio.to_thread.run_sync(rebuild)
+        if left:
+            self.damaged = "this server's search index still differs after a rebuild: " + "; ".join(left)
+            log.error("log: %s", self.damaged)
+            return False
+        self.damaged = None
+        self.repairs += 1
+        log.warning("log: rebuilt this server's search index from bundle %d", drop)
+        return True
 
     async def repair(self, report: AuditReport) -> bool:
         """Repair what ``report`` found (:mod:`appliance.apps.log.repair`): tiles from our entries,
@@ -789,14 +1031,20 @@ class LogNode:
         so that, with the signing's jitter, a new checkpoint comes at least every second while
         the tree grows (issue 11; at exactly 1 s the p99 of the interval was 1.02-1.04 s)."""
         self._verifier = Verifier(self.tree.origin, public_key)
-        if self._published() is not None:  # what the audit expects to find in the file
-            self._note = self.tree.storage.read(CHECKPOINT_PATH)
+        async with self._lock:  # (a few small reads, once: in the loop, as it alerts)
+            self._check_rollback()
         task_status.started()
+        asked = False
         next_at = trio.current_time()
         while True:
             # A checkpoint every ``interval`` while the tree grows, the signing time included.
             next_at = max(next_at + interval, trio.current_time() + interval / 10)
             await trio.sleep_until(next_at)
+            if not asked and self.replica.peers_heard():
+                # Once the peers are heard: their latest checkpoints, so that one newer than our
+                # file is written now, not when the log next grows.
+                asked = True
+                self._broadcast({"log": "checkpoint-req"})
             waiting = self._waiting_checkpoint
             if waiting is not None and waiting[1].size <= self.tree.size:
                 self._waiting_checkpoint = None
@@ -805,7 +1053,7 @@ class LogNode:
             async with self._lock:
                 current = await trio.to_thread.run_sync(self._published)
                 size = self.tree.size
-                if size == 0 or (current is not None and current.size >= size):
+                if size == 0 or self.replica.rebuilding or (current is not None and current.size >= size):
                     self._seen_checkpoint = self._clock()
                     continue
                 body = Checkpoint(

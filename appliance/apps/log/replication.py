@@ -47,6 +47,9 @@ What is durable, and when (all in the replica's :class:`~appliance.apps.log.tile
                                number of entries taken from each batch), before it is applied
 ``replica/applied``            the last applied slot, the tree size after it, each origin's
                                next seq and the next slot's period
+``replica/rebuild``            while a tree started afresh in place of a damaged one is
+                               rebuilt (``rebuild``): the slot reached before (no vote
+                               before it) and our next seq
 =============================  ===========================================================
 
 A crash between the tree's append and ``replica/applied`` is repaired at the next start (the
@@ -77,7 +80,7 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
-from appliance.apps.log.errors import CorruptStoreError
+from appliance.apps.log.errors import CorruptStoreError, TreeSizeError
 from appliance.apps.log.tiles import MAX_ENTRY_SIZE, Storage, TileLog
 from appliance.crypto import encoding
 from appliance.crypto.errors import DecodeError
@@ -123,6 +126,9 @@ SYNC_CHUNK = 8
 RETAIN = 1024
 
 APPLIED_PATH = "replica/applied"
+#: While a tree started afresh is rebuilt from the peers: the slot the replica had reached
+#: (it votes again only from there) and our next batch seq (never reused).
+REBUILD_PATH = "replica/rebuild"
 Send = tuple[int, dict[str, Any]]
 
 
@@ -380,7 +386,10 @@ class Replica:
         base_timeout: float = 0.5,
         resend: float = 2.0,
         rand: Callable[[int], bytes] = os.urandom,
+        rebuild: bool = False,
     ) -> None:
+        """``rebuild``: ``log`` was started afresh in place of a damaged tree (the host moved
+        that aside): see :meth:`_start_rebuild`."""
         self.me, self.n, self.t = me, n, t
         self.log = log
         self.storage = storage
@@ -418,9 +427,58 @@ class Replica:
         self._catchup: _CatchUp | None = None
         #: Catch-ups completed (for tests and the status page).
         self.caught_up = 0
+        #: While rebuilding a tree started afresh: the slot this replica had reached before.
+        self.floor = 0
+        if rebuild:
+            self._start_rebuild()
         self._load(now)
 
     # --- State ---------------------------------------------------------------------------------
+
+    @property
+    def rebuilding(self) -> bool:
+        """Applying again what a tree started afresh lost (the slots before :attr:`floor`): no
+        engine runs, so this server votes in no slot it may have voted in before (the safety
+        data of applied slots is deleted); decided slots come with their commit QCs (``sync``)
+        or from the state t+1 servers report (the catch-up), as for any server behind."""
+        return self.slot < self.floor
+
+    def _start_rebuild(self) -> None:
+        """The tree is empty in place of a damaged one: move back to slot 0 (the state of the
+        slots comes again from the peers), but remember, durably, where we were."""
+        raw = self.storage.read(APPLIED_PATH)
+        if raw is None or self.log.size:
+            return  # nothing was applied (or the tree is not a fresh one): nothing to rebuild
+        rec = self._applied_record(raw)
+        old = self._rebuild_record()
+        floor = max(rec["slot"] + 1, old[0] if old else 0)
+        seqs = {int(k): int(v) for k, v in rec["seqs"].items()}
+        seq = max(seqs.get(self.me, 0), old[1] if old else 0)
+        self.storage.write(REBUILD_PATH, encoding.encode({"slot": floor, "seq": seq}))
+        self.storage.sync()
+        self.storage.delete(APPLIED_PATH)  # the rebuild record says where we were
+
+    def _rebuild_record(self) -> tuple[int, int] | None:
+        raw = self.storage.read(REBUILD_PATH)
+        if raw is None:
+            return None
+        try:
+            f = encoding.expect_map(
+                encoding.decode(raw, what=REBUILD_PATH), {"slot": int, "seq": int}, REBUILD_PATH
+            )
+        except DecodeError as exc:
+            raise CorruptStoreError(f"{REBUILD_PATH}: {exc}") from None
+        return f["slot"], f["seq"]
+
+    def _applied_record(self, raw: bytes) -> dict[str, Any]:
+        try:
+            return encoding.expect_map(
+                encoding.decode(raw, what=APPLIED_PATH),
+                {"slot": int, "size": int, "seqs": dict, "period": int},
+                APPLIED_PATH,
+            )
+        except DecodeError as exc:
+            raise CorruptStoreError(f"{APPLIED_PATH}: {exc}") from None
 
     def _load(self, now: float) -> None:
         raw = self.storage.read(APPLIED_PATH)
@@ -428,14 +486,7 @@ class Replica:
         self.slot_period = self.genesis_period
         self.next_seq: dict[int, int] = {}
         if raw is not None:
-            try:
-                f = encoding.expect_map(
-                    encoding.decode(raw, what=APPLIED_PATH),
-                    {"slot": int, "size": int, "seqs": dict, "period": int},
-                    APPLIED_PATH,
-                )
-            except DecodeError as exc:
-                raise CorruptStoreError(f"{APPLIED_PATH}: {exc}") from None
+            f = self._applied_record(raw)
             self.slot, self.slot_period = f["slot"] + 1, f["period"]
             self.next_seq = {int(k): int(v) for k, v in f["seqs"].items()}
             size = f["size"]
@@ -465,15 +516,17 @@ class Replica:
                 self._index(self._slot_record(raw, slot))
         own = [b.seq for b in self._pending.values() if b.origin == self.me]
         self.my_seq = max([self.next_seq.get(self.me, 0), *(s + 1 for s in own)])
+        rebuild = self._rebuild_record()
+        if rebuild is not None:
+            self.floor, self.my_seq = rebuild[0], max(self.my_seq, rebuild[1])
+            self._rebuilt()
 
     def _repair_applied(self, size: int) -> None:
         """The tree grew past ``replica/applied``: a crash came between the append and its record."""
         raw = self.storage.read(f"replica/slots/{self.slot}")
         rec = self._slot_record(raw, self.slot) if raw is not None else None
         if rec is None or rec["start"] != size or size + sum(rec["counts"]) != self.log.size:
-            raise CorruptStoreError(
-                f"the log holds {self.log.size} entries, the replica's record says {size}"
-            )
+            raise TreeSizeError(f"the log holds {self.log.size} entries, the replica's record says {size}")
         self.next_seq = {int(k): int(v) for k, v in rec["seqs"].items()}
         self._record_applied(SlotValue.decode(rec["value"], self.n).period)
 
@@ -493,6 +546,7 @@ class Replica:
         self.slot += 1
         self.slot_period = next_period
         self._progress_at = self._now
+        self._rebuilt()
         for period in [p for p in self._signers if p < next_period]:
             # The committee moved on: this period's vote key signs nothing any more.
             del self._signers[period]
@@ -590,6 +644,10 @@ class Replica:
         self.storage.write(f"replica/pending/{batch.digest.hex()}", batch.encoded)
         self.storage.sync()
         self._keep(batch)
+
+    def peers_heard(self) -> bool:
+        """Whether a peer has said where it is (``at``) since the start."""
+        return bool(self._peer_slots)
 
     def unacknowledged(self) -> list[int]:
         """Our batches not in the log yet (after a restart: the host re-delivers none of them,
@@ -714,7 +772,7 @@ class Replica:
 
     def _start_engine(self, now: float) -> Engine | None:
         keys = self._keys.get(self.slot_period)
-        if keys is None:
+        if keys is None or self.rebuilding:
             return None
         inst = self._instance(self.slot_period, self.slot)
         signer = self._signers.get(self.slot_period)
@@ -1007,6 +1065,12 @@ class Replica:
             if not self._apply_decided():
                 return
 
+    def _rebuilt(self) -> None:
+        """Past the slot a rebuild had to reach: the replica votes again."""
+        if self.floor and self.slot >= self.floor:
+            self.floor = 0
+            self.storage.delete(REBUILD_PATH)
+
     # --- Catching up from far behind -----------------------------------------------------------
 
     def _catch_up(self, now: float) -> None:
@@ -1163,6 +1227,7 @@ class Replica:
         if c.entries:
             self.log.append(c.entries)
         self.next_seq = {int(k): int(v) for k, v in seqs}
+        self.my_seq = max(self.my_seq, self.next_seq.get(self.me, 0))  # never a seq the log has
         self.slot = c.slot
         self._record_applied(period)  # records slot c.slot as applied, moves to the next
         for d, b in list(self._pending.items()):

@@ -146,7 +146,8 @@ class LogService:
         unavailable service if that fails."""
         opened: ReadableSink
         try:
-            directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+            if not directory.exists() or directory.is_dir():  # a file in its place: the sink's
+                directory.mkdir(parents=True, exist_ok=True, mode=0o750)  # (LogNode sets it aside)
             opened = sink(directory, origin)
         except (OSError, LogError, ValueError) as exc:
             reason = f"the log in {directory} cannot be opened: {_describe(exc)}"

@@ -45,6 +45,7 @@ root with a signed checkpoint does.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import threading
@@ -53,7 +54,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from appliance.apps.log.checkpoint import Checkpoint
 from appliance.apps.log.errors import CorruptStoreError, EntryTooLargeError, LogDecodeError, LogError
@@ -413,6 +414,8 @@ class PosixStorage:
     def __init__(self, root: Path) -> None:
         self.root = root
         make_dirs(root)
+        if not root.is_dir():  # (make_dirs takes a file in its place for a directory made)
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(root))
         self._dirty: set[Path] = set()
         self._made: set[Path] = set()  # directories known to exist (durably): no stat each write
         self._lock = threading.Lock()
@@ -531,6 +534,12 @@ def prune_partials(storage: Storage, covered: int, since: int = 0) -> list[str]:
 
 
 # --- The store ---------------------------------------------------------------------------------
+
+
+#: Level-0 positions beyond the durable size where :meth:`TileLog.drop_leftovers` looks for a
+#: lost batch's files: a batch of up to 1,048,576 entries (a replicated slot holds at most
+#: 262,144; a catch-up can append more at once, whose leftovers beyond this are not dropped).
+LEFTOVER_SPAN: Final = 4096
 
 
 class TileLog:
@@ -688,32 +697,35 @@ class TileLog:
         self._pruned = max(self._pruned, covered)
         return deleted
 
-    def drop_leftovers(self) -> list[str]:
-        """Delete the partial tiles and bundles a batch lost in a crash left beyond the durable
-        size: at each level, the widths at the size's position wider than its own, and every
-        partial at the positions after it where a (leftover) full tile or bundle exists, up to
-        the first position without one. (A crash leaves them; a batch that later ends at such
-        a width rewrites it, one that does not leaves it wrong under a width the tree passes,
-        which the server's audit of older partials would take for tampering.) The server calls
+    def drop_leftovers(self, span: int = LEFTOVER_SPAN) -> list[str]:
+        """Delete what a batch lost in a crash left beyond the durable size: at each level, the
+        widths at the size's position wider than its own, and every tile and bundle, full or
+        partial, at the positions after it (a full one at the size's position too), for
+        ``span`` level-0 positions (the files of a batch of ``256 * span`` entries) and as
+        many as cover them at the levels above. A crash leaves them; a power cut can keep any
+        subset of them (renames not yet synced), so a position without a file does not end the
+        search. A partial left there is wrong under a width the tree may later pass without
+        ending at it, which the server's audit of older partials would take for tampering; a
+        full one could stand in for a missing partial of the signed size. The server calls
         this once at its start, as the log's one writer (never a reader of a live log: the
-        writer's newer partials are beyond the size a reader opened). Deletions are not synced
-        (a lost one is found again next time). Returns the deleted paths."""
+        writer's newer files are beyond the size a reader opened). Deletions are not synced (a
+        lost one is found again next time). Returns the deleted paths."""
         deleted: list[str] = []
         level = 0
         while level <= 2 or self.size >> (TILE_HEIGHT * (level - 1)):
             count = self.size >> (TILE_HEIGHT * level)
+            first, keep = count >> TILE_HEIGHT, count % TILE_WIDTH
             for bundles in (False, True) if level == 0 else (False,):
-                n, keep = count >> TILE_HEIGHT, count % TILE_WIDTH
-                while True:
+                for n in range(first, first + (span >> (TILE_HEIGHT * level)) + 2):
                     full = Bundle(n).path if bundles else Tile(level, n).path
                     for path in self.storage.list(full + ".p"):
                         width = path.rsplit("/", 1)[1]
-                        if not width.isdigit() or int(width) > keep:
+                        if n > first or not width.isdigit() or int(width) > keep:
                             self.storage.delete(path)
                             deleted.append(path)
-                    if self.storage.read(full) is None:
-                        break
-                    n, keep = n + 1, 0
+                    if self.storage.read(full) is not None:
+                        self.storage.delete(full)
+                        deleted.append(full)
             level += 1
         return deleted
 
