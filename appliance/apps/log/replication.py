@@ -58,8 +58,9 @@ tree's size then equals the size after the next recorded slot).
 Catching up. A server that hears of a slot beyond the one it is on asks the sender for the
 decided slots it missed (``sync``); the answer carries each slot's commit QC, value and
 entries, verified against the QC and the batch digests before they are applied. This needs
-the vote keys of those slots' periods; a server further behind than that catches up from the
-signed checkpoints instead (not built yet: docs/log.md).
+the vote keys of those slots' periods; a server further behind than that takes the state of a
+slot that t+1 servers report identically, fetches its entries and checks them against it
+(:meth:`_catch_up`; docs/log.md, Replication).
 
 Messages are CBOR maps ``{"log": kind, ...}``; a batch travels inside them as the bytes of its
 canonical CBOR (``{"log": "batch", "b": <bytes>}``), which the receiver checks, stores and names
