@@ -98,6 +98,7 @@ from appliance.protocols.agreement import (
     QuorumCert,
     SafetyData,
     SafetyRules,
+    UncheckableCertificate,
     Verdict,
     digest,
     reject,
@@ -1052,13 +1053,12 @@ class Replica:
                 raise RemoteProtocolError(
                     sender, f"log replication: slot {f['slot']}: not a commit QC of its value"
                 )
-            committee = Committee(self.n, self.t, keys)
-            if sum(1 for i in qc.sigs if keys.get(i) is not None) < committee.quorum:
+            try:
+                Committee(self.n, self.t, keys).verify_qc(self._instance(self.slot_period, self.slot), qc)
+            except UncheckableCertificate:
                 # We lack the vote keys of too many of its signers to check it: not the sender's
                 # fault (we catch up from the state t+1 servers report, or once we learn them).
                 return
-            try:
-                Committee(self.n, self.t, keys).verify_qc(self._instance(self.slot_period, self.slot), qc)
             except BadCertificate as exc:
                 raise RemoteProtocolError(sender, f"log replication: slot {f['slot']}: {exc}") from None
             SlotValue.decode(f["value"], self.n)

@@ -332,8 +332,9 @@ class Committee:
         return key is not None and ed25519_verify(key, payload, sig)
 
     def _lacking(self, named: Mapping[int, object]) -> list[int]:
-        """The servers (of 1..n) a certificate names whose keys this server does not hold."""
-        return sorted(i for i in named if 1 <= i <= self.n and i not in self.keys)
+        """The servers (of 1..n) a certificate names whose keys this server does not hold (not in
+        ``keys``, or there without a key yet: the log's committee lists every member)."""
+        return sorted(i for i in named if 1 <= i <= self.n and self.keys.get(i) is None)
 
     def _short(self, kind: str, view: int, good: int, named: Mapping[int, object], what: str) -> None:
         """Raise for a certificate of ``good`` valid entries, short of a quorum: uncheckable if the
@@ -347,7 +348,7 @@ class Committee:
         raise BadCertificate(f"{kind} of view {view}: only {good} valid {what}, need {self.quorum}")
 
     def verify_qc(self, inst: Instance, qc: QuorumCert) -> None:
-        signers = [i for i in qc.sigs if i in self.keys]
+        signers = [i for i in qc.sigs if self.keys.get(i) is not None]
         if len(signers) + len(self._lacking(qc.sigs)) < self.quorum:
             raise BadCertificate(
                 f"QC of view {qc.view} has {len(signers)} member signatures, need {self.quorum}"
@@ -358,7 +359,7 @@ class Committee:
             self._short("QC", qc.view, good, qc.sigs, "signatures")
 
     def verify_tc(self, inst: Instance, tc: TimeoutCert) -> None:
-        signers = [i for i in tc.entries if i in self.keys]
+        signers = [i for i in tc.entries if self.keys.get(i) is not None]
         if len(signers) + len(self._lacking(tc.entries)) < self.quorum:
             raise BadCertificate(
                 f"TC of view {tc.view} has {len(signers)} member timeouts, need {self.quorum}"
