@@ -3,10 +3,13 @@
 Compute only, one process, n=4 t=1 by default; prints JSON (one object). Usage:
     .venv/bin/python bench/store.py [--quick] [--group ed25519|p256] [--size BYTES]
 
-seal: encapsulate and encrypt one value (the writer); check: check_ciphertext (every server, on
-every write and before every share); share: a decryption share with its proof, the check included
-(each of t+1 servers, per read), sealed to the reader; combine: verify t+1 shares and interpolate
-(the reader); open: decrypt the value; write: StoreState.apply_write of a secret (at every server).
+seal: encapsulate and encrypt one value (the writer); check: check_ciphertext of a decoded
+ciphertext; decode_then_check: Sealed.decode then check_ciphertext, from the bytes;
+decode_checked: the same in one step, as every server runs it on every write and before every
+share (the points are checked by the check's own multiplications); share: a decryption share
+with its proof, the check included (each of t+1 servers, per read), sealed to the reader;
+combine: verify t+1 shares and interpolate (the reader); open: decrypt the value; write:
+StoreState.apply_write of a secret (at every server).
 """
 
 from __future__ import annotations
@@ -65,6 +68,10 @@ def bench(group: Group[Any], n: int, t: int, size: int, repeat: int) -> dict[str
     label = b"bench/app/id/1"
     sealed = tdh2.seal(group, public.public_key, label, value, rand)
     ct = sealed.kem
+    # a new ciphertext for each decode, as a server sees writes (no point of it decoded before)
+    fresh = iter(
+        [tdh2.seal(group, public.public_key, label, value, rand).encode(group) for _ in range(2 * repeat)]
+    )
     signers = sorted(keys)[: t + 1]
     shares = {i: tdh2.decryption_share(group, keys[i], ct, rand) for i in signers}
     key = tdh2.combine(group, public, ct, shares)
@@ -72,6 +79,11 @@ def bench(group: Group[Any], n: int, t: int, size: int, repeat: int) -> dict[str
     ops: dict[str, Callable[[], Any]] = {
         "seal": lambda: tdh2.seal(group, public.public_key, label, value, rand),
         "check": lambda: tdh2.check_ciphertext(group, ct, label),
+        # from the bytes a server holds: decode then check, and the one-step decode_checked
+        "decode_then_check": lambda: tdh2.check_ciphertext(
+            group, tdh2.Sealed.decode(group, next(fresh)).kem, label
+        ),
+        "decode_checked": lambda: tdh2.decode_checked(group, next(fresh), label),
         "share": lambda: tdh2.share_for_reader(
             group, tdh2.decryption_share(group, keys[1], ct, rand, label), reader_key
         ),

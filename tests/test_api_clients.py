@@ -459,6 +459,38 @@ def test_pst_store_quorum_and_batch_commands(
     assert runs[13][0] == 2 and "give --password-file" in runs[13][2]
 
 
+class _CountedKeys(OneServerStore):
+    """A one-server store that counts the store-key requests (each one a trip to the key-holder)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key_asks = 0
+
+    async def store_key(self) -> dict[str, Any]:
+        self.key_asks += 1
+        return dict(await super().store_key())
+
+
+async def test_the_client_asks_the_store_key_once_for_its_secret_writes_and_reads(
+    nursery: trio.Nursery, sock_path: Path
+) -> None:
+    """Sealing and opening use only what never changes of the store key (group, n, t, public key):
+    a PstClient asks its server for it once, not before each secret write and read."""
+    store = _CountedKeys()
+    await nursery.start(functools.partial(serve_api, sock_path, FakeBackend(), data_store=store))
+    owner = nacl.public.PrivateKey.generate()
+
+    def session() -> list[bytes]:
+        with appliance_client.PstClient(sock_path) as client:
+            client.register("vault", "alice")
+            client.store_data("a", b"first", "secret-single", reader=owner)
+            client.store_many([("b", b"second"), ("c", b"third")], "secret-single", reader=owner)
+            return [client.retrieve(name, reader=owner) for name in ("a", "b", "c")]
+
+    assert await trio.to_thread.run_sync(session) == [b"first", b"second", b"third"]
+    assert store.key_asks == 1
+
+
 @given(st.text(max_size=20), st.text(max_size=20), st.binary(max_size=64), st.integers(1, 2**32))
 @settings(max_examples=50, deadline=None)
 def test_standalone_store_request_is_the_models_encoding(

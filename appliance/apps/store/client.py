@@ -126,8 +126,7 @@ def combine_answers(
     answers (the client's side, and a server's releasing a StoreUntil item); ReadRefused otherwise."""
     if not record.dtype.secret or part not in record.sealed:
         raise DecodeError(f"store record: not a secret with a part {part}")
-    sealed = tdh2.Sealed.decode(key.group, record.sealed[part])
-    tdh2.check_ciphertext(key.group, sealed.kem, record.label(part))
+    sealed = tdh2.decode_checked(key.group, record.sealed[part], record.label(part))
     refusals: dict[int, tuple[str, str]] = {}
     by_commitment: dict[tuple[bytes, ...], dict[int, bytes]] = {}
     for server, answer in answers.items():

@@ -431,8 +431,12 @@ class WriteRequest:
 
     @classmethod
     def decode(cls, data: bytes) -> WriteRequest:
+        return cls.from_obj(encoding.decode(data, max_size=MAX_REQUEST, what="store write request"))
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> WriteRequest:
+        """The request of a decoded map (part of an object :func:`encoding.decode` checked)."""
         what = "store write request"
-        obj = encoding.decode(data, max_size=MAX_REQUEST, what=what)
         fields = dict(_WRITE_FIELDS)
         if isinstance(obj, dict) and "proofs" in obj:
             fields["proofs"] = dict
@@ -813,16 +817,12 @@ class StoreState(Generic[E]):
             if memo in self._checked:  # this process checked this sealed value under this label
                 continue
             try:
-                sealed = tdh2.Sealed.decode(self.group, blob)
-            except DecodeError as exc:
-                raise Refused(BAD_REQUEST, f"{where}: part {part}: {exc}") from None
-            if len(sealed.body) - 16 > self.quotas.max_value_size:
+                tdh2.decode_checked(self.group, blob, lbl, self.quotas.max_value_size)
+            except tdh2.TooLarge:
                 raise Refused(
                     QUOTA, f"{where}: part {part} exceeds the limit of {self.quotas.max_value_size} bytes"
-                )
-            try:
-                tdh2.check_ciphertext(self.group, sealed.kem, lbl)
-            except tdh2.InvalidCiphertext as exc:
+                ) from None
+            except (DecodeError, tdh2.InvalidCiphertext) as exc:
                 raise Refused(BAD_REQUEST, f"{where}: part {part}: {exc}") from None
             self._checked[memo] = None
             while len(self._checked) > MAX_CHECKED:
@@ -1031,8 +1031,7 @@ def open_value(
 
     Raises NotEnoughSharesError (naming the servers whose shares were bad) with fewer than t+1 valid.
     """
-    sealed = tdh2.Sealed.decode(group, record.sealed[part])
-    tdh2.check_ciphertext(group, sealed.kem, record.label(part))
+    sealed = tdh2.decode_checked(group, record.sealed[part], record.label(part))
     return tdh2.open_sealed(sealed, combine_shares(group, public, sealed, boxed, reader))
 
 
@@ -1044,7 +1043,9 @@ def combine_shares(
     reader: nacl.public.PrivateKey,
 ) -> bytes:
     """The data key from the servers' decryption shares ``boxed`` (server -> share sealed to
-    ``reader``), from t+1 valid ones; NotEnoughSharesError naming the servers whose shares were bad."""
+    ``reader``), from t+1 valid ones; NotEnoughSharesError naming the servers whose shares were bad.
+    ``sealed`` was checked (:func:`tdh2.decode_checked`); the shares are checked in server order
+    until t+1 are valid, and not again when they are combined."""
     shares: dict[int, tdh2.DecryptionShare[E]] = {}
     bad: dict[int, str] = {}
     for server, blob in sorted(boxed.items()):
@@ -1052,14 +1053,14 @@ def combine_shares(
             shares[server] = tdh2.open_share(group, reader, blob)
         except DecodeError as exc:
             bad[server] = str(exc)
-    good, wrong = tdh2.sort_shares(group, public, sealed.kem, shares)
+    good, wrong = tdh2.sort_shares(group, public, sealed.kem, shares, enough=public.t + 1)
     bad.update(wrong)
     if len(good) < public.t + 1:
         named = "; ".join(f"server {i}: {why}" for i, why in sorted(bad.items()))
         raise NotEnoughSharesError(
             f"{len(good)} valid shares, need {public.t + 1}" + (f" ({named})" if named else "")
         )
-    return tdh2.combine(group, public, sealed.kem, good)
+    return tdh2.interpolate(group, public, sealed.kem, good)
 
 
 def joint_value(contributions: Mapping[int, bytes]) -> bytes:

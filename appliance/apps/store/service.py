@@ -136,7 +136,7 @@ class Operation:
             raise DecodeError(f"{what}: unknown kind {f['op']!r}")
         if f["at"] < 0:
             raise DecodeError(f"{what}: negative time")
-        request = WriteRequest.decode(encoding.encode(f["w"]))
+        request = WriteRequest.from_obj(f["w"])  # decoded with the operation, canonical like it
         quorum = model.Quorum.from_obj(f["q"]) if "q" in f else None
         return cls(request, _client_from(f["by"], f"{what}: client"), f["at"], quorum)
 
@@ -378,11 +378,10 @@ class StoreService(Generic[E]):
         record = self.state.authorize_read(request, requester, view)
         parts = []
         for part, blob in sorted(record.sealed.items()):
-            sealed = tdh2.Sealed.decode(self.group, blob)
             lbl = record.label(part)
             try:
-                tdh2.check_ciphertext(self.group, sealed.kem, lbl)
-            except tdh2.InvalidCiphertext as exc:
+                sealed = tdh2.decode_checked(self.group, blob, lbl)
+            except (DecodeError, tdh2.InvalidCiphertext) as exc:
                 raise Refused(model.BAD_REQUEST, f"part {part}: {exc}") from None
             parts.append((part, sealed.kem.encode(self.group), lbl))
         return parts

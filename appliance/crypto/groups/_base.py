@@ -108,6 +108,14 @@ class Group(abc.ABC, Generic[E]):
         used as often as the generator); the default does nothing.
         """
 
+    def decode_mul(self, data: bytes, k: int) -> tuple[E, E]:
+        """(:meth:`decode` of ``data``, k times it), with decode's checks and DecodeError.
+
+        Instances whose multiplication checks its point anyway (libsodium's) may fuse the two,
+        so that a point used once is checked once."""
+        a = self.decode(data)
+        return a, self.mul(k, a)
+
     def multi_mul(self, scalars: Sequence[int], elements: Sequence[E]) -> E:
         """sum(k_i * P_i); instances may override with a faster multi-exponentiation."""
         if len(scalars) != len(elements):

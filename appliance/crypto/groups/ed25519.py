@@ -95,6 +95,21 @@ class Ed25519Group(Group[bytes]):
         _VALID[data] = None
         return data
 
+    def decode_mul(self, data: bytes, k: int) -> tuple[bytes, bytes]:
+        """decode, then mul, in one libsodium call: ``crypto_scalarmult_ed25519_noclamp`` refuses
+        a point that is not canonical, of small order (the identity among them), off the curve or
+        outside the prime-order subgroup, the very checks of ``is_valid_point`` in :meth:`decode`,
+        which would cost as much again. On a refusal, :meth:`decode` names what is wrong."""
+        k %= L
+        if k <= 1 or not isinstance(data, bytes) or len(data) != 32 or data in _VALID:
+            return super().decode_mul(data, k)
+        try:
+            product = bytes(_sodium.crypto_scalarmult_ed25519_noclamp(k.to_bytes(32, "little"), data))
+        except RuntimeError:
+            self.decode(data)  # raises DecodeError, saying why
+            raise  # pragma: no cover - a valid point times k (not 0 mod L) is never the identity
+        return data, product
+
     def encode_scalar(self, k: int) -> bytes:
         return (k % L).to_bytes(32, "little")
 
