@@ -15,15 +15,14 @@ the timings; here four `pst serve` processes on loopback (t = 1):
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from clusterutil import init_cluster, pst, start, status
+from test_ca_tsa_faults import _stop
 
 from appliance.api import app_signing_payload
 from appliance.crypto import encoding
@@ -76,18 +75,6 @@ def _signature_verifies(root: Path, tmp: Path, name: str) -> str:
     result = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=30)
     assert "Signature Verified Successfully" in result.stdout, result.stdout + result.stderr
     return pem.stdout
-
-
-def _stop(node: Path) -> None:
-    pid = int((node / "server.pid").read_text())
-    os.kill(pid, signal.SIGTERM)
-    for _ in range(200):
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{node.name} did not stop")
 
 
 def test_a_server_back_with_a_stale_key_and_wiped_shares_recovers(tmp_path: Path) -> None:
