@@ -77,6 +77,11 @@ def _signature_verifies(root: Path, tmp: Path, name: str) -> str:
     return pem.stdout
 
 
+def _serving(node: Path) -> int:
+    """How many times the server of ``node`` has started serving (its status page's log line)."""
+    return (node / "server.log").read_text().count(": status page on ")
+
+
 def test_a_server_back_with_a_stale_key_and_wiped_shares_recovers(tmp_path: Path) -> None:
     root = tmp_path / "c"
     init_cluster(root, n=4, period=600, round_ms=80)  # refreshes are asked for (pst refresh --now)
@@ -100,7 +105,14 @@ def test_a_server_back_with_a_stale_key_and_wiped_shares_recovers(tmp_path: Path
         assert obj["shares"] and obj["period"] == stale, obj.get("period")
         obj["shares"] = {}  # the attacker deleted its shares; its period key (now stale) stays
         atomic_write(period_file, encoding.encode(obj), private=True)
+        served = _serving(node4)
         start(node4)
+        # SIGUSR1 (pst refresh --now) ends a pst serve that has not opened its signal receiver
+        # yet, which it does just before its status page starts: wait for that page.
+        deadline = time.monotonic() + 60
+        while _serving(node4) == served:
+            assert time.monotonic() < deadline, "server 4 did not come back"
+            time.sleep(0.3)
         _wait(root, "4 back, recovering", lambda r: r.get(4, {}).get("status") == "recovering")
 
         for _ in range(3):
