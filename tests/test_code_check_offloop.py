@@ -22,6 +22,7 @@ from appliance.host.files import atomic_write
 from appliance.node.cluster import init_cluster, node_dir
 from appliance.node.server import PServer
 from appliance.node.store import StateDir
+from appliance.protocols._core import AlertKind
 from appliance.protocols.core import ServerCore
 from appliance.protocols.refresh import Outcome, Status
 from appliance.protocols.state import SCERT, Constants, InvariantInfo
@@ -82,6 +83,8 @@ def test_the_server_keeps_talking_during_a_slow_check_and_rebuilds_nothing_befor
         for i, s in run.servers.items():
             if i != VICTIM:
                 assert s.public.key_table is not None and VICTIM in s.public.key_table.entries, (seed, i)
+                named = {a.kind for a in s.alert_log if a.server == VICTIM}
+                assert not named & {AlertKind.SILENT, AlertKind.MISSED_REFRESH}, (seed, i, named)
         # Nothing rebuilt before the check's OK: its decision (and every share) comes after it.
         assert outcomes and all(at >= end for at, _status, _shares in outcomes), (seed, end, outcomes)
         assert any(shares for _at, _status, shares in outcomes), seed
