@@ -40,7 +40,14 @@ from appliance.node.store import PendingRecords, StateDir
 from appliance.protocols._core import Alert, AlertKind
 from appliance.protocols.core import DSS_GROUPS, ServerCore
 from appliance.protocols.dss_signing import DSSSigningService
-from appliance.protocols.refresh import Outcome, PublicData, Status, current_table
+from appliance.protocols.refresh import (
+    CodeCheck,
+    CodeCheckRequest,
+    Outcome,
+    PublicData,
+    Status,
+    current_table,
+)
 from appliance.protocols.services import RandomService, TimeService
 from appliance.protocols.signing import PayloadCheck, SigningRefused, SigningService, refusal_code
 from appliance.protocols.state import APP_KEY_SECRETS, SCERT
@@ -114,6 +121,9 @@ class PServer:
         self._in_progress: dict[str, Any] = {}
         #: Applications' payload checks by secret id (:meth:`add_payload_check`).
         self._payload_checks: list[tuple[str, PayloadCheck]] = []
+        #: Results of code checks run off the loop, for the core (:meth:`_check_code`).
+        self._code_results: list[tuple[CodeCheckRequest, str | None]] = []
+        self._code_lock = trio.Lock()
 
     # Startup ------------------------------------------------------------------------------
 
@@ -340,8 +350,14 @@ class PServer:
             while True:
                 now = self.clock()
                 self._note_start(core, now)
+                results, self._code_results = self._code_results, []
+                for request, problem in results:
+                    core.code_checked(request, problem, now)
                 for out in core.tick(now):
                     self.transport.send(out.to, out.data)
+                asked = core.take_code_request()
+                if asked is not None and core.code is not None:
+                    nursery.start_soon(self._check_code, core.code, asked)
                 self._settle_signatures()
                 self._service_alerts(core)
                 if self._pending_rekey is not None:
@@ -364,6 +380,28 @@ class PServer:
                             break
                         if sender:
                             core.receive(sender, data, self.clock())
+
+    async def _check_code(self, code: CodeCheck, request: CodeCheckRequest) -> None:
+        """A recovering server's code check (it hashes the installed code: 0.2 s warm, many
+        seconds cold), run in a worker thread so that this loop goes on serving messages, the
+        network-facing process's pings and the API meanwhile; its result goes back to the core
+        as an event. One at a time; abandoned (the thread ends with the process) if we stop."""
+        async with self._code_lock:
+            started = self.clock()
+            try:
+                problem = await trio.to_thread.run_sync(
+                    code.check, request.m, list(request.chains), abandon_on_cancel=True
+                )
+            except Exception as exc:  # fail closed: no recovery without a check that ran
+                problem = f"the code check could not run: {type(exc).__name__}: {exc}"
+            log.info(
+                "period %d: code check %s in %.2f s (off the loop)",
+                request.period,
+                "ok" if problem is None else "FAILED",
+                self.clock() - started,
+            )
+        self._code_results.append((request, problem))
+        self._poke()
 
     def request_refresh(self, period: int, start: float) -> bool:
         """Run the refresh of ``period`` at ``start`` (``pst refresh --now``); False if refused."""

@@ -25,6 +25,7 @@ from appliance.protocols.dss_signing import DSSSigningService
 from appliance.protocols.refresh import (
     MAX_MESSAGE,
     CodeCheck,
+    CodeCheckRequest,
     Durable,
     MemoryDurable,
     Outcome,
@@ -327,6 +328,20 @@ class ServerCore:
         out = engine.tick(now)
         self._persist_if_changed(now)
         return out
+
+    def take_code_request(self) -> CodeCheckRequest | None:
+        """A recovering server's code check the owner must now run off its event loop (at most
+        once per request), handing the result back with :meth:`code_checked`; the refresh goes
+        on meanwhile but rebuilds no share before the result says the code is the code in force."""
+        return self.engine.take_code_request() if self.engine is not None else None
+
+    def code_checked(self, request: CodeCheckRequest, problem: str | None, now: float) -> None:
+        """The result of a code check (None: the installed code is the code in force): an event
+        for the engine that asked for it (an engine that has given way to another ignores it)."""
+        engine = self.engine
+        if engine is not None and engine.period == request.period:
+            engine.code_checked(request, problem, now)
+            self._persist_if_changed(now)
 
     def _period_ahead(self, period: int) -> int | None:
         """The latest period after ``period`` that at least t+1 peers already run, if any.

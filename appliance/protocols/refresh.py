@@ -276,11 +276,25 @@ class CodeCheck(Protocol):
 
     ``chain`` is our upgrade chain (pushed with M). ``check`` gets M and the chains peers
     pushed, applies the longest valid one to M's C (keeping it if it is longer than ours) and
-    returns None if the installed code matches the C in force, else why not."""
+    returns None if the installed code matches the C in force, else why not. The protocol never
+    calls ``check``: it asks its owner for it (:class:`CodeCheckRequest`), and the owner runs it
+    off its event loop and hands the result back as an event (``code_checked``)."""
 
     def chain(self) -> bytes | None: ...
 
     def check(self, m: InvariantInfo, chains: list[bytes]) -> str | None: ...
+
+
+@dataclass(frozen=True, eq=False)
+class CodeCheckRequest:
+    """A recovering server's code check, asked of the owner: run ``CodeCheck.check(m, chains)``
+    (it hashes the installed code: 0.2 s warm, many seconds cold) off the event loop, then hand
+    the result to ``code_checked(request, problem, now)``. ``m`` is the M we verified (ours, or
+    the one a peer pushed), so the result is checked against the pushed M's C."""
+
+    period: int
+    m: InvariantInfo
+    chains: tuple[bytes, ...]
 
 
 class _DurableSafety:
@@ -1285,36 +1299,62 @@ class PeriodRefresh(DealingStage):
 
     def tick(self, now: float) -> list[Outgoing]:
         self._now = now
-        if self._code_pending == 2 and not self._check_code():
-            return []
+        if self._code_pending == 2:
+            self._ask_code_check()
         self._advance(now)
         out, self._out = self._out, []
         if self._code_pending == 1 and self._started:
             self._code_pending = 2  # our announcement leaves with this tick's messages
         return out
 
-    #: 0: no code check due; 1: due once our announcement has left; 2: due at the next tick.
+    #: 0: no code check due (or it passed); 1: due once our announcement has left; 2: due at the
+    #: next tick; 3: asked of the owner (:attr:`code_request`), its result not in yet.
     _code_pending = 0
+    #: The code check asked of the owner and not yet taken by it (:meth:`take_code_request`).
+    code_request: CodeCheckRequest | None = None
+    #: The code check whose result we wait for (an older one's result is ignored).
+    _code_asked: CodeCheckRequest | None = None
+    #: A decision that waits for our code check's OK.
+    _deferred: tuple[Transcript, Mapping[int, Dealing]] | None = None
 
-    def _check_code(self) -> bool:
+    def _ask_code_check(self) -> None:
         """A recovering server's code check (``code.check``: it hashes the installed code, about
-        0.2 s warm and many seconds cold on a loaded machine). Run after our clear announcement
-        has left, never before it: run before, it made the announcement late beyond the first
-        leader's grace, and the KeyTable went on without us, period after period (issue 8,
-        docs/tsa.md). It still runs before anything that rebuilds our shares (``_decide`` checks
-        it too). False, with the outcome set, when the code is not the code in force."""
-        if not self._code_pending or self.code is None or self.m is None:
+        0.2 s warm and many seconds cold on a loaded machine), asked of the owner, which runs it
+        off its event loop: until the result comes back (:meth:`code_checked`) we go on with the
+        refresh (announce, relay, vote, catch up) but rebuild nothing (``_decide`` waits for it).
+        Asked after our clear announcement has left, never before it: run before (and on the
+        loop), it made the announcement late beyond the first leader's grace, and the KeyTable
+        went on without us, period after period (issue 8, docs/tsa.md)."""
+        if self.code is None or self.m is None:
             self._code_pending = 0
-            return True
+            return
+        self._code_pending = 3
+        self.code_request = self._code_asked = CodeCheckRequest(self.period, self.m, tuple(self._chains))
+
+    def take_code_request(self) -> CodeCheckRequest | None:
+        """The code check the owner must run now (once), if any."""
+        request, self.code_request = self.code_request, None
+        return request
+
+    def code_checked(self, request: CodeCheckRequest, problem: str | None, now: float) -> None:
+        """The result of ``request`` (None: the installed code is the code in force). OK, a
+        decision that waited for it goes ahead; otherwise a code-mismatch alert, and we stay
+        recovering with nothing rebuilt."""
+        self._now = now
+        if request is not self._code_asked or self._code_pending != 3 or self.complete:
+            return  # a check asked before we restarted as recovering (a newer one is due)
+        self._code_asked = None
         self._code_pending = 0
-        problem = self.code.check(self.m, list(self._chains))
         if problem is None:
-            return True
+            deferred, self._deferred = self._deferred, None
+            if deferred is not None and not self.decided:
+                self._decide(*deferred)
+            return
+        self._deferred = None
         self._alert(AlertKind.CODE_MISMATCH, self.me, f"refusing recovery: {problem}")
         self.complete = True
         failure = f"the installed code is not the code in force: {problem}"
         self._set_outcome(Outcome(Status.RECOVERING, self._old_public, None, list(self.alerts), failure))
-        return False
 
     def next_wakeup(self, now: float) -> float | None:
         times = [e.next_wakeup(now) for e in (self.kt_engine, self.s_engine) if e is not None]
@@ -1429,8 +1469,8 @@ class PeriodRefresh(DealingStage):
         self._decide_status()
         if self.status != Status.OPERATIONAL and self.code is not None:
             # A recovering server checks its code against the C in force (M's, after the upgrade
-            # chain its peers pushed) before it accepts anything that rebuilds its shares: at the
-            # tick after the one that sends our announcement (see _check_code), not before it.
+            # chain its peers pushed) before it accepts anything that rebuilds its shares: asked
+            # at the tick after the one that sends our announcement (see _ask_code_check).
             self._code_pending = 1
         if self.status == Status.OPERATIONAL:
             self._push()
@@ -1944,8 +1984,14 @@ class PeriodRefresh(DealingStage):
 
     def _decide(self, transcript: Transcript, dealings: Mapping[int, Dealing]) -> None:
         assert self.kt is not None
-        if self._code_pending and not self._check_code():
-            return  # a recovering server whose code is not the code in force takes nothing
+        if self._code_pending:
+            # A recovering server rebuilds nothing before its code check's OK: the decision
+            # waits for it (code_checked), and a failed check refuses it.
+            if self._code_pending in (1, 2):
+                self._ask_code_check()
+            if self._code_pending:
+                self._deferred = (transcript, dealings)
+                return
         c = self.c
         new_sharings: dict[str, PublicSharing[Any]] = {}
         for sid in c.secrets:
