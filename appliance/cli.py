@@ -477,6 +477,18 @@ def _cmd_cluster_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _takes_signal(pid: int, signum: int) -> bool:
+    """Does process ``pid`` catch or ignore ``signum`` (so that sending it cannot end it)?"""
+    try:
+        fields = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+        )
+        mask = int(fields["SigCgt"], 16) | int(fields["SigIgn"], 16)
+    except (OSError, KeyError, ValueError):
+        return False
+    return bool(mask >> (signum - 1) & 1)
+
+
 def _alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -783,7 +795,11 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
             print(f"{node.name}: not running, skipped", file=sys.stderr)
             continue
         refresh_request_path(node.config()).write_text(json.dumps({"period": period, "start": start}))
-        os.kill(pid, signal.SIGUSR1)  # type: ignore[arg-type]
+        assert pid is not None
+        if _takes_signal(pid, signal.SIGUSR1):
+            os.kill(pid, signal.SIGUSR1)
+        else:  # still starting: SIGUSR1 would end it; it reads the request once it serves
+            print(f"{node.name}: starting; it reads the request once it serves", file=sys.stderr)
         sent += 1
     if args.config is not None:  # one server of a deployed network: the others are asked alike
         print(f"refresh of period {period} at {start!r} requested; every server needs the same --at")

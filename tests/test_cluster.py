@@ -126,6 +126,67 @@ def test_refresh_now_runs_an_extra_refresh_at_once(tmp_path: Path) -> None:
         pst("cluster", "down", "--dir", str(root))
 
 
+def test_a_starting_server_survives_refresh_signals_and_reads_the_request_once_it_serves(
+    tmp_path: Path,
+) -> None:
+    """`pst refresh --now` signals each running server (SIGUSR1). One still starting (restarted
+    while the others run) had no handler yet, and SIGUSR1's default action ended it without a
+    word. Now `pst refresh` signals only a process that catches or ignores SIGUSR1, a starting
+    server ignores it until it serves, and then takes a request written meanwhile from its file."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from clusterutil import start
+
+    from appliance.cli import _takes_signal
+    from appliance.host.nodes import Node
+
+    plain = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    ignoring = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, time; signal.signal(signal.SIGUSR1, signal.SIG_IGN); time.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        time.sleep(1.0)
+        assert not _takes_signal(plain.pid, signal.SIGUSR1)
+        assert _takes_signal(ignoring.pid, signal.SIGUSR1)
+    finally:
+        plain.kill()
+        ignoring.kill()
+        plain.wait()
+        ignoring.wait()
+
+    root = tmp_path / "c"
+    init_cluster(root, n=4, period=600, round_ms=80)
+    node = root / "node-1"
+    (node / "refresh-request.json").write_text(json.dumps({"period": 1, "start": time.time() + 600}))
+    os.utime(node / "refresh-request.json", (time.time() + 5, time.time() + 5))  # "written meanwhile"
+    proc = start(node)
+    try:
+        deadline = time.monotonic() + 90
+        signalled = 0
+        socket = Node.of_directory(node).config().api_socket  # there once it serves
+        while time.monotonic() < deadline and "refresh request" not in (node / "server.log").read_text():
+            assert proc.poll() is None, (node / "server.log").read_text()[-3000:]
+            if not socket.exists() and _takes_signal(proc.pid, signal.SIGUSR1):  # as `pst refresh` does
+                os.kill(proc.pid, signal.SIGUSR1)  # while it starts: ignored
+                signalled += 1
+            time.sleep(0.05)
+        text = (node / "server.log").read_text()
+        assert proc.poll() is None and "refresh request for period 1" in text, text[-3000:]
+        assert signalled > 0  # while it was starting; then it read the request from its file
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_status_before_start_and_bad_dir_are_clear(tmp_path: Path) -> None:
     out = pst("status", "--dir", str(tmp_path))
     assert out.returncode != 0 and "holds no cluster" in out.stderr

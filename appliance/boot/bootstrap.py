@@ -48,6 +48,7 @@ import importlib.machinery
 import json
 import os
 import runpy
+import signal
 import stat
 import sys
 import time
@@ -749,6 +750,8 @@ def main(argv: Sequence[str]) -> int:
         return 2
     package = path().parent.parent
     name = argv[0] if argv else ""
+    if name == "serve":  # `pst refresh --now` may signal us while we measure: not fatal (run.py)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     manifest = name == "manifest" and not {"--root", "-h", "--help"} & {a.split("=")[0] for a in argv}
     config = _option(argv, "--config")
     if manifest or (name in MEASURED and config is not None):

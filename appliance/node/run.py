@@ -191,6 +191,7 @@ async def _serve(
     from appliance.apps.store.node import is_store_frame
     from appliance.apps.store.service import STORE_SECRET
 
+    started = _process_start()
     notifier = Notifier.from_env(unset=True)  # systemd Type=notify; children must not inherit it
     addresses = dict(config.peers)
     addresses[config.server_id] = config.listen  # where we listen may differ from how peers reach us
@@ -382,6 +383,8 @@ async def _serve(
             )
         notifier.ready(f"server {config.server_id}: serving, local API on {config.api_socket}")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+            if _request_since(config, started):  # asked for while we were starting
+                nursery.start_soon(_refresh_request, config, link, window)
             async for signum in signals:
                 if signum == signal.SIGUSR1:
                     nursery.start_soon(_refresh_request, config, link, window)
@@ -671,6 +674,25 @@ def refresh_request_path(config: NodeConfig) -> Path:
     return config.path.parent / "refresh-request.json"
 
 
+def _process_start() -> float:
+    """When this process started (wall clock, to within a second; now if /proc cannot tell)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        lines = Path("/proc/stat").read_text().splitlines()
+        boot = next(int(line.split()[1]) for line in lines if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK") - 1.0
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+def _request_since(config: NodeConfig, started: float) -> bool:
+    """Was a refresh requested (its file written) since ``started`` (wall-clock seconds)?"""
+    try:
+        return refresh_request_path(config).stat().st_mtime >= started
+    except OSError:
+        return False
+
+
 async def _refresh_request(config: NodeConfig, link: KeyHolderLink, window: RefreshWindow) -> None:
     """``pst refresh --now`` wrote {"period": p, "start": T} next to the config and sent SIGUSR1."""
     path = refresh_request_path(config)
@@ -695,6 +717,10 @@ async def _refresh_request(config: NodeConfig, link: KeyHolderLink, window: Refr
 
 
 def serve(path: Path) -> int:
+    # `pst refresh --now` signals a running server: until the signal receiver is open, SIGUSR1's
+    # default action would end this process without a word. A request that comes meanwhile is
+    # picked up from its file once we serve (_serve).
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
