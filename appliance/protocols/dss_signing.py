@@ -574,7 +574,7 @@ class DSSSigningService(PayloadGate, Generic[E]):
         elif kind == "discard":
             self._on_discard(sender, body)
         elif kind == "held":
-            self._on_held(sender, body)
+            self._on_held(sender, body, now)
         else:
             raise RemoteProtocolError(sender, f"unknown {self.service} message kind {kind!r}")
 
@@ -1433,7 +1433,7 @@ class DSSSigningService(PayloadGate, Generic[E]):
         sess.wipe()
         self._send(sess.c, "held", {"s": sess.s})
 
-    def _on_held(self, sender: int, body: Any) -> None:
+    def _on_held(self, sender: int, body: Any, now: float) -> None:
         """A holder stored its presignatures: usable once a lock quorum of holders has them."""
         f = encoding.expect_map(body, {"s": int}, "presignatures held")
         ready = self._ready.get(f["s"])
@@ -1445,6 +1445,9 @@ class DSSSigningService(PayloadGate, Generic[E]):
             self._stock.extend(stocks)
             self.made += len(stocks)
             del self._ready[f["s"]]
+            # Requests waiting for a presignature start now, not at the next tick.
+            for req in [r for r in self._requests.values() if r.waited and r.stock is None]:
+                self._attempt(req, now)
 
     def _drop(self, sess: _Session[E]) -> None:
         sess.wipe()
