@@ -69,6 +69,19 @@ Online signing. To sign m, c takes the oldest presignature P of its stock.
 3. c combines t+1 shares (optimistically; a bad share names its signer, who is avoided) and
    the attempt is retried with another presignature and signer set.
 
+Batching. The online messages (``lock``, ``locked``, ``request``, ``share``, the answers
+``refuse``/``missing``/``conflict``, ``discard``) that one drain has for one peer go out as one
+``batch`` envelope: each message in it is sealed on its own as before (a ``locked`` is forwarded
+as evidence) and the receiver opens and handles each as if it came alone, so several tokens of
+one coordinator travel in one lock round and one signing round (one frame per peer and round
+through the key-holder link and the channel), every payload still checked by every signer
+against its own state, a refusal (and its alert) for that payload only. A malformed item is
+recorded against the peer and the rest go on. Nothing waits to fill a batch: it holds what one
+step of the loop produced. Only ``discard`` (a holder may forget a presignature that was used
+or given up) waits up to ``DISCARD_DELAY`` for a batch to ride in; a holder keeping it a little
+longer changes nothing (it is bound to its message or never signs). A request that waited for
+a presignature starts as soon as one is held by a lock quorum, not at the next tick.
+
 Payload checks as in :mod:`~appliance.protocols.signing`, with its two optional hooks: the
 check learns which server asked (``check_from``: a timestamp's serial must be that server's),
 and what is signed may be a form the check computes from the payload (``signed_bytes``: a
