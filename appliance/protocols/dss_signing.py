@@ -79,8 +79,7 @@ against its own state, a refusal (and its alert) for that payload only. A malfor
 recorded against the peer and the rest go on. Nothing waits to fill a batch: it holds what one
 step of the loop produced. Only ``discard`` (a holder may forget a presignature that was used
 or given up) waits up to ``DISCARD_DELAY`` for a batch to ride in; a holder keeping it a little
-longer changes nothing (it is bound to its message or never signs). A request that waited for
-a presignature starts as soon as one is held by a lock quorum, not at the next tick.
+longer changes nothing (it is bound to its message or never signs).
 
 Payload checks as in :mod:`~appliance.protocols.signing`, with its two optional hooks: the
 check learns which server asked (``check_from``: a timestamp's serial must be that server's),
@@ -587,7 +586,7 @@ class DSSSigningService(PayloadGate, Generic[E]):
         elif kind == "discard":
             self._on_discard(sender, body)
         elif kind == "held":
-            self._on_held(sender, body, now)
+            self._on_held(sender, body)
         else:
             raise RemoteProtocolError(sender, f"unknown {self.service} message kind {kind!r}")
 
@@ -1446,7 +1445,7 @@ class DSSSigningService(PayloadGate, Generic[E]):
         sess.wipe()
         self._send(sess.c, "held", {"s": sess.s})
 
-    def _on_held(self, sender: int, body: Any, now: float) -> None:
+    def _on_held(self, sender: int, body: Any) -> None:
         """A holder stored its presignatures: usable once a lock quorum of holders has them."""
         f = encoding.expect_map(body, {"s": int}, "presignatures held")
         ready = self._ready.get(f["s"])
@@ -1458,9 +1457,6 @@ class DSSSigningService(PayloadGate, Generic[E]):
             self._stock.extend(stocks)
             self.made += len(stocks)
             del self._ready[f["s"]]
-            # Requests waiting for a presignature start now, not at the next tick.
-            for req in [r for r in self._requests.values() if r.waited and r.stock is None]:
-                self._attempt(req, now)
 
     def _drop(self, sess: _Session[E]) -> None:
         sess.wipe()
