@@ -167,9 +167,10 @@ MAX_BATCH_BYTES = 256 * 1024
 #: A discard (a presignature the holder may forget) waits this long for other messages to that
 #: holder, to ride in their batch instead of a frame of its own.
 DISCARD_DELAY = 0.5
-#: Forwarded envelopes (locks) whose signature we checked, kept so that a batch of requests
-#: carrying the same locks checks each once.
+#: Forwarded locks whose signature we checked, kept so that a batch of requests carrying the
+#: same locks checks each once (a lock is a few hundred bytes).
 OPENED_CACHE = 256
+MAX_CACHED_LOCK = 2048
 
 
 def lock_quorum(holders: int, t: int) -> int:
@@ -488,9 +489,10 @@ class DSSSigningService(PayloadGate, Generic[E]):
             kind, body = open_envelope(self.service, obj, author, self.table)
         except RemoteProtocolError as exc:
             raise RemoteProtocolError(sender, f"{what}: forwarded envelope: {exc.reason}") from None
-        if len(self._opened) >= OPENED_CACHE:
-            del self._opened[next(iter(self._opened))]
-        self._opened[raw] = (author, kind, body)
+        if kind == "locked" and len(raw) <= MAX_CACHED_LOCK:
+            if len(self._opened) >= OPENED_CACHE:
+                del self._opened[next(iter(self._opened))]
+            self._opened[raw] = (author, kind, body)
         return author, kind, body
 
     # Receiving -----------------------------------------------------------------------------
@@ -1833,4 +1835,5 @@ class DSSSigningService(PayloadGate, Generic[E]):
         self._stock.clear()
         self._batch.clear()
         self._deferred.clear()
+        self._opened.clear()
         self.key.wipe()
