@@ -11,8 +11,10 @@ checking it) and "period-key" (``cert = "period"``: each server signs alone with
 certified for the period). Tokens over HTTP (httpx, keep-alive): one at a time with a pause
 between (the presignature stock refilled: the latency "while the stock lasts"), then
 ``--concurrency`` requests in flight spread over the four servers for ``--seconds`` (sustained:
-granted tokens/s, and how many were refused with systemFailure). No secure log (``--log off``):
-its append would be measured too. Usage:
+granted tokens/s, and how many were refused with systemFailure). Each phase also gives the CPU
+per granted token of the `pst serve` processes, of their key-holders and zygotes, and of the
+client (this process), and the run the load average before and after. No secure log
+(``--log off``): its append would be measured too. Usage:
     .venv/bin/python bench/tsa.py [--quick]
     .venv/bin/python bench/tsa.py --cluster [--seconds 20] [--concurrency 8] [--modes threshold,period-key]
 """
