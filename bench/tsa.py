@@ -11,8 +11,10 @@ checking it) and "period-key" (``cert = "period"``: each server signs alone with
 certified for the period). Tokens over HTTP (httpx, keep-alive): one at a time with a pause
 between (the presignature stock refilled: the latency "while the stock lasts"), then
 ``--concurrency`` requests in flight spread over the four servers for ``--seconds`` (sustained:
-granted tokens/s, and how many were refused with systemFailure). No secure log (``--log off``):
-its append would be measured too. Usage:
+granted tokens/s, and how many were refused with systemFailure). Each phase also gives the CPU
+per granted token of the `pst serve` processes, of their key-holders and zygotes, and of the
+client (this process), and the run the load average before and after. No secure log
+(``--log off``): its append would be measured too. Usage:
     .venv/bin/python bench/tsa.py [--quick]
     .venv/bin/python bench/tsa.py --cluster [--seconds 20] [--concurrency 8] [--modes threshold,period-key]
 """
@@ -283,6 +285,40 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cluster_cpu(serve_pids: list[int]) -> dict[str, float]:
+    """CPU seconds so far of the cluster's ``pst serve`` processes and of their descendants
+    (zygotes and key-holders), from /proc; a process that already exited is not counted."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    serve = keyholders = 0.0
+    for pid in serve_pids:
+        serve += cpu_seconds(pid)
+        todo = list(children.get(pid, []))
+        while todo:
+            child = todo.pop()
+            try:
+                keyholders += cpu_seconds(child)
+            except OSError:
+                continue
+            todo += children.get(child, [])
+    return {"serve": serve, "keyholders": keyholders}
+
+
+def _cpu_per_token(before: dict[str, float], after: dict[str, float], client: float, tokens: int) -> Any:
+    """CPU ms per granted token over a phase, by kind of process (the client is this process)."""
+    if not tokens:
+        return None
+    per = {k: round((after[k] - before[k]) * 1000 / tokens, 2) for k in before}
+    return {**per, "client": round(client * 1000 / tokens, 2)}
+
+
 async def _load(url: str, count: int, concurrency: int, httpx: Any, server_pid: int) -> dict[str, Any]:
     import trio
 
@@ -504,6 +540,7 @@ def bench_cluster(
     import trio
 
     from appliance.host import config as node_config
+    from appliance.host.nodes import PID_FILE
     from appliance.node.cluster import init_cluster
     from appliance.protocols.state import CA_SECRET, SCERT
 
@@ -525,23 +562,27 @@ def bench_cluster(
     up = subprocess.run(
         [*pst, "cluster", "up", "--dir", str(root), "--detach"], capture_output=True, text=True
     )
+    load_before = os.getloadavg()[0]
     try:
         if up.returncode != 0:
             raise RuntimeError(f"pst cluster up failed:\n{up.stdout}{up.stderr}")
+        pids = [int((root / f"node-{i}" / PID_FILE).read_text()) for i in range(1, 5)]
         if load == "wrk":
             trio.run(_wait_for, urls, httpx)
             root_pem = root / "root.pem"
             root_pem.write_bytes(httpx.get(urls[0].removesuffix("/tsa") + "/ca/root.pem").content)
-            pids = [int((root / f"node-{i}" / "server.pid").read_text()) for i in range(1, 5)]
             out = wrk_load(urls, seconds, concurrency, root.parent, root_pem, pids)
             return {"mode": mode, "n": 4, "t": 1, "sustained": out}
-        result: dict[str, Any] = trio.run(_cluster_load, urls, seconds, concurrency, httpx)
+        result: dict[str, Any] = trio.run(_cluster_load, urls, seconds, concurrency, httpx, pids)
     finally:
         subprocess.run([*pst, "cluster", "down", "--dir", str(root)], capture_output=True, check=False)
-    return {"mode": mode, "n": 4, "t": 1, **result}
+    loads = [round(load_before, 1), round(os.getloadavg()[0], 1)]
+    return {"mode": mode, "n": 4, "t": 1, "load_average_1min_before_after": loads, **result}
 
 
-async def _cluster_load(urls: list[str], seconds: float, concurrency: int, httpx: Any) -> dict[str, Any]:
+async def _cluster_load(
+    urls: list[str], seconds: float, concurrency: int, httpx: Any, pids: list[int]
+) -> dict[str, Any]:
     import trio
 
     headers = {"content-type": "application/timestamp-query"}
@@ -565,12 +606,15 @@ async def _cluster_load(urls: list[str], seconds: float, concurrency: int, httpx
         await _until_granted(urls, post, httpx)
         sequential: list[float] = []
         reasons.clear()
+        cpu0, client0 = cluster_cpu(pids), time.process_time()
         for k in range(40):
             await trio.sleep(0.25)  # the stock refills between tokens
             start = time.perf_counter()
             if await post(urls[k % len(urls)]):
                 sequential.append((time.perf_counter() - start) * 1000)
         sequential_refused = dict(reasons)
+        client_cpu = time.process_time() - client0
+        sequential_cpu = _cpu_per_token(cpu0, cluster_cpu(pids), client_cpu, len(sequential))
         reasons.clear()
         latencies: list[float] = []
         refused = 0
@@ -586,15 +630,18 @@ async def _cluster_load(urls: list[str], seconds: float, concurrency: int, httpx
                     refused += 1
 
         start = time.perf_counter()
+        cpu0, client0 = cluster_cpu(pids), time.process_time()
         async with trio.open_nursery() as nursery:
             for k in range(concurrency):
                 nursery.start_soon(worker, urls[k % len(urls)])
         elapsed = time.perf_counter() - start
+        sustained_cpu = _cpu_per_token(cpu0, cluster_cpu(pids), time.process_time() - client0, len(latencies))
     return {
         "sequential_with_stock": {
             "tokens": len(sequential),
             "refused": sequential_refused,
             **percentiles(sequential),
+            "cpu_ms_per_token": sequential_cpu,
         },
         "sustained": {
             "seconds": round(elapsed, 1),
@@ -604,6 +651,7 @@ async def _cluster_load(urls: list[str], seconds: float, concurrency: int, httpx
             "refused_why": reasons,
             "tokens_per_s": round(len(latencies) / elapsed, 1),
             **(percentiles(latencies) if len(latencies) >= 2 else {}),
+            "cpu_ms_per_token": sustained_cpu,
         },
     }
 

@@ -368,6 +368,27 @@ def test_a_request_without_a_quorum_of_locks_gets_no_share() -> None:
     assert "too few holders" in target.rejected[0].reason
 
 
+def test_a_batch_is_taken_item_by_item_and_a_bad_item_spoils_only_itself() -> None:
+    """A peer's batch: each sealed item handled as if it came alone; junk in it is recorded
+    against the peer, and an item of a kind that is never batched is refused."""
+    net = Net(4, 1, seed=19)
+    net.fill([1])
+    c = net.services[1]
+    sid = c._stock[0].public.sid
+    lock = seal(
+        c.service, "lock", c.period, 1, {"rid": 1, "attempt": 1, "sid": sid, "digest": bytes(32)}, c.signer
+    )
+    opened = seal(c.service, "open", c.period, 1, {"s": 99, "parts": [1, 2, 3], "count": 1}, c.signer)
+    batch = seal(c.service, "batch", c.period, 1, {"items": [b"junk", opened, lock]}, c.signer)
+    target = net.services[3]
+    target.receive(1, encoding.decode(batch), net.sim.now)
+    answers = [open_envelope(c.service, encoding.decode(o.data), 3, target.table)[0] for o in target.drain()]
+    assert answers == ["locked"]
+    assert [r.peer for r in target.rejected] == [1, 1]
+    assert "never batched" in target.rejected[1].reason
+    assert 99 not in [s.s for s in target._sessions.values()]
+
+
 # Payload checks -----------------------------------------------------------------------
 
 
@@ -407,6 +428,74 @@ def test_a_signer_whose_check_refuses_alerts_and_another_signer_is_used() -> Non
         if refusals:
             break
     assert refusals and refusals[0].server == 1 and "hour off" in refusals[0].detail
+
+
+class RefuseBad:
+    """Claims every payload; refuses those containing b"bad" (a genTime an hour off, say)
+    when ``refuses``."""
+
+    name = "timestamp token"
+    alert = AlertKind.BAD_MESSAGE
+
+    def __init__(self, refuses: bool) -> None:
+        self.refuses = refuses
+
+    def claims(self, message: bytes) -> bool:
+        return True
+
+    def check(self, message: bytes) -> str | None:
+        return "genTime is an hour off our clock" if self.refuses and b"bad" in message else None
+
+
+def test_requests_made_together_go_in_one_batch_and_each_is_checked_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three tokens at once from one coordinator: their locks and requests travel in one batch
+    per peer; the one the signers refuse fails with their reasons and an alert from each signer
+    asked, naming the coordinator; the two others are signed."""
+    monkeypatch.setattr(dss_signing, "BATCH", 4)
+    monkeypatch.setattr(dss_signing, "LOW_WATER", 4)
+    net = Net(4, 1, seed=20)
+    for i, s in net.services.items():  # the coordinator's check accepts all three (its clock is off)
+        s.checks.append(RefuseBad(refuses=i != 1))
+    net.fill([1])
+    c = net.services[1]
+    sent: list[Outgoing] = []
+    drain = c.drain
+
+    def recording_drain() -> list[Outgoing]:
+        out = drain()
+        sent.extend(out)
+        return out
+
+    c.drain = recording_drain  # type: ignore[method-assign]
+    messages = [b"ts: good one", b"ts: bad one", b"ts: good two"]
+    rids = [c.request(m, net.sim.now) for m in messages]
+    net.run_until(net.sim.now + 20.0, lambda: all(r in c.done or r in c.failed for r in rids))
+    good = [0, 2]
+    for k in good:
+        assert rids[k] in c.done, c.failed.get(rids[k])
+        assert verify_p256(net.group, net.public_key(), messages[k], c.done[rids[k]])
+    why = c.failed[rids[1]]
+    assert "refused by its signers' checks" in why and "hour off" in why
+    refusers = [
+        j for j in (2, 3, 4) if any(a.server == 1 and "hour off" in a.detail for a in net.services[j].alerts)
+    ]
+    assert refusers == [2, 3, 4]  # each signer asked refused it, and only it
+    assert all(a.kind == AlertKind.BAD_MESSAGE for j in refusers for a in net.services[j].alerts)
+    # One batch per peer carried the three locks, and the requests went together too.
+    kinds = []
+    for out in sent:
+        kind, body = open_envelope(c.service, encoding.decode(out.data), 1, c.table)
+        inner = (
+            [open_envelope(c.service, encoding.decode(x), 1, c.table)[0] for x in body["items"]]
+            if kind == "batch"
+            else [kind]
+        )
+        kinds.append((out.to, inner))
+    first_locks = {to: next(inner for t, inner in kinds if t == to and "lock" in inner) for to in (2, 3, 4)}
+    assert all(inner.count("lock") == 3 for inner in first_locks.values()), first_locks
+    assert any(inner.count("request") >= 2 for _to, inner in kinds)
 
 
 def test_when_too_many_signers_refuse_the_request_fails_with_their_reasons() -> None:
@@ -476,6 +565,7 @@ KINDS = sorted(
         "request",
         "share",
         "discard",
+        "batch",
         "x",
     }
 )

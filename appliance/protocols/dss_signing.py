@@ -69,6 +69,18 @@ Online signing. To sign m, c takes the oldest presignature P of its stock.
 3. c combines t+1 shares (optimistically; a bad share names its signer, who is avoided) and
    the attempt is retried with another presignature and signer set.
 
+Batching. The online messages (``lock``, ``locked``, ``request``, ``share``, the answers
+``refuse``/``missing``/``conflict``, ``discard``) that one drain has for one peer go out as one
+``batch`` envelope: each message in it is sealed on its own as before (a ``locked`` is forwarded
+as evidence) and the receiver opens and handles each as if it came alone, so several tokens of
+one coordinator travel in one lock round and one signing round (one frame per peer and round
+through the key-holder link and the channel), every payload still checked by every signer
+against its own state, a refusal (and its alert) for that payload only. A malformed item is
+recorded against the peer and the rest go on. Nothing waits to fill a batch: it holds what one
+step of the loop produced. Only ``discard`` (a holder may forget a presignature that was used
+or given up) waits up to ``DISCARD_DELAY`` for a batch to ride in; a holder keeping it a little
+longer changes nothing (it is bound to its message or never signs).
+
 Payload checks as in :mod:`~appliance.protocols.signing`, with its two optional hooks: the
 check learns which server asked (``check_from``: a timestamp's serial must be that server's),
 and what is signed may be a form the check computes from the payload (``signed_bytes``: a
@@ -145,6 +157,20 @@ MAX_ITEM = 64 * 1024
 MIN_OPEN_INTERVAL = 0.5
 #: Messages kept per sender for a session we have not joined yet.
 MAX_EARLY = 16
+#: The online signing's messages to one peer from one drain go out bundled in one ``batch``
+#: envelope (one frame through the links instead of one per message), each still sealed on its
+#: own (a lock is evidence that a signer checks) and handled as if it came alone.
+BATCHED = frozenset({"lock", "locked", "conflict", "missing", "refuse", "request", "share", "discard"})
+#: At most this many messages, and this many bytes, in one batch (the rest go in another).
+MAX_BATCH_ITEMS = 64
+MAX_BATCH_BYTES = 256 * 1024
+#: A discard (a presignature the holder may forget) waits this long for other messages to that
+#: holder, to ride in their batch instead of a frame of its own.
+DISCARD_DELAY = 0.5
+#: Forwarded locks whose signature we checked, kept so that a batch of requests carrying the
+#: same locks checks each once (a lock is a few hundred bytes).
+OPENED_CACHE = 256
+MAX_CACHED_LOCK = 2048
 
 
 def lock_quorum(holders: int, t: int) -> int:
@@ -364,6 +390,12 @@ class DSSSigningService(PayloadGate, Generic[E]):
         #: What happened to our own sessions (for the operator's log; bounded).
         self.notes: deque[str] = deque(maxlen=64)
         self._out: list[Outgoing] = []
+        #: Sealed online messages per peer, bundled at the next drain (BATCHED).
+        self._batch: dict[int, list[bytes]] = {}
+        #: Discards per holder waiting to ride in a batch: (since when, sealed messages).
+        self._deferred: dict[int, tuple[float, list[bytes]]] = {}
+        self._now = 0.0
+        self._opened: dict[bytes, tuple[int, str, Any]] = {}
         self._local: deque[tuple[str, dict[str, Any], bytes]] = deque()
         #: Our own dealings by their encoding, until we receive them ourselves.
         self._own_decoded: dict[bytes, Any] = {}
@@ -382,24 +414,52 @@ class DSSSigningService(PayloadGate, Generic[E]):
     @property
     def pending(self) -> bool:
         wants = self.coordinate and len(self._stock) < LOW_WATER
-        return bool(self._requests) or self._coord is not None or wants
+        return bool(self._requests) or self._coord is not None or wants or bool(self._deferred)
 
     def _send(self, to: int, kind: str, body: Any) -> None:
-        data = seal(self.service, kind, self.period, self.me, body, self.signer)
-        if to == self.me:
-            self._local.append((kind, body, data))
-        else:
-            self._out.append(Outgoing(to, data))
+        self._send_all((to,), kind, body)
 
     def _send_all(self, to: Iterable[int], kind: str, body: Any) -> None:
         data = seal(self.service, kind, self.period, self.me, body, self.signer)
         for i in to:
             if i == self.me:
                 self._local.append((kind, body, data))
+            elif kind == "discard":
+                _since, waiting = self._deferred.setdefault(i, (self._now, []))
+                waiting.append(data)
+            elif kind in BATCHED:
+                self._batch.setdefault(i, []).append(data)
             else:
+                self._flush(i)  # what was sent before it goes before it
                 self._out.append(Outgoing(i, data))
 
+    def _flush(self, to: int) -> None:
+        """Our batched messages to ``to`` go out now (with the discards waiting for it)."""
+        items = self._batch.pop(to, [])
+        if items or to in self._deferred:
+            items += self._deferred.pop(to, (0.0, []))[1]
+        while items:
+            size, k = 0, 0
+            while (
+                k < len(items) and k < MAX_BATCH_ITEMS and (k == 0 or size + len(items[k]) <= MAX_BATCH_BYTES)
+            ):
+                size += len(items[k])
+                k += 1
+            chunk, items = items[:k], items[k:]
+            if len(chunk) == 1:
+                self._out.append(Outgoing(to, chunk[0]))
+            else:
+                batch = seal(self.service, "batch", self.period, self.me, {"items": chunk}, self.signer)
+                self._out.append(Outgoing(to, batch))
+
     def drain(self) -> list[Outgoing]:
+        """What to send now: each peer's online messages in one batch; discards that waited
+        DISCARD_DELAY for a batch to ride in go alone."""
+        for to in list(self._batch):
+            self._flush(to)
+        for to, (since, _waiting) in list(self._deferred.items()):
+            if self._now - since >= DISCARD_DELAY:
+                self._flush(to)
         out, self._out = self._out, []
         return out
 
@@ -418,6 +478,9 @@ class DSSSigningService(PayloadGate, Generic[E]):
         """A signed envelope another server made, forwarded by ``sender``: (author, kind, body)."""
         if not isinstance(raw, bytes) or len(raw) > MAX_ITEM:
             raise RemoteProtocolError(sender, f"{what}: forwarded envelope missing or too large")
+        opened = self._opened.get(raw)
+        if opened is not None:  # these very bytes were checked (the table is the period's)
+            return opened
         obj = encoding.decode(raw, max_size=MAX_ITEM, what=what)
         author = obj.get("from") if isinstance(obj, dict) else None
         if type(author) is not int or author not in self.table.entries:
@@ -426,20 +489,49 @@ class DSSSigningService(PayloadGate, Generic[E]):
             kind, body = open_envelope(self.service, obj, author, self.table)
         except RemoteProtocolError as exc:
             raise RemoteProtocolError(sender, f"{what}: forwarded envelope: {exc.reason}") from None
+        if kind == "locked" and len(raw) <= MAX_CACHED_LOCK:
+            if len(self._opened) >= OPENED_CACHE:
+                del self._opened[next(iter(self._opened))]
+            self._opened[raw] = (author, kind, body)
         return author, kind, body
 
     # Receiving -----------------------------------------------------------------------------
 
     def receive(self, sender: int, obj: dict[str, Any], now: float) -> None:
         """Take a decoded envelope; a peer's bad input is recorded in ``rejected``, never raised."""
+        self._now = max(self._now, now)
         try:
             kind, body = open_envelope(self.service, obj, sender, self.table)
-            self._dispatch(sender, kind, body, encoding.encode(obj), now)
+            if kind == "batch":
+                self._on_batch(sender, body, now)
+            else:
+                self._dispatch(sender, kind, body, encoding.encode(obj), now)
         except RemoteProtocolError as exc:
             self.rejected.append(exc)
         except DecodeError as exc:
             self.rejected.append(RemoteProtocolError(sender, f"{self.service}: {exc}"))
         self._pump(now)
+
+    def _on_batch(self, sender: int, body: Any, now: float) -> None:
+        """A peer's bundle of online messages: each is opened and handled as if it came alone
+        (a bad one is recorded, the others go on)."""
+        f = encoding.expect_map(body, {"items": list}, "dss message batch")
+        items = f["items"]
+        if len(items) > MAX_BATCH_ITEMS:
+            raise RemoteProtocolError(sender, f"dss message batch: more than {MAX_BATCH_ITEMS} messages")
+        for raw in items:
+            try:
+                if not isinstance(raw, bytes) or len(raw) > MAX_BATCH_BYTES:
+                    raise RemoteProtocolError(sender, "dss message batch: an item is not a message")
+                obj = encoding.decode(raw, max_size=MAX_BATCH_BYTES, what="dss batched message")
+                kind, inner = open_envelope(self.service, obj, sender, self.table)
+                if kind not in BATCHED:
+                    raise RemoteProtocolError(sender, f"dss message batch: {kind!r} is never batched")
+                self._dispatch(sender, kind, inner, raw, now)
+            except RemoteProtocolError as exc:
+                self.rejected.append(exc)
+            except DecodeError as exc:
+                self.rejected.append(RemoteProtocolError(sender, f"{self.service}: {exc}"))
 
     def _guarded(self, author: int, kind: str, msg: dict[str, Any], raw: bytes, now: float) -> None:
         """A held message of ``author`` taken up later: its faults are its author's."""
@@ -1382,6 +1474,7 @@ class DSSSigningService(PayloadGate, Generic[E]):
             raise SigningRefused(f"{self.service}: this server keeps no presignatures of its own")
         if is_protocol_payload(message):
             raise SigningRefused("refusing to sign a protocol payload on request")
+        self._now = max(self._now, now)
         check = self._own_check(message)
         try:
             to_sign = signed_form(check, message)
@@ -1709,6 +1802,7 @@ class DSSSigningService(PayloadGate, Generic[E]):
     # Driving ----------------------------------------------------------------------------------------
 
     def tick(self, now: float) -> list[Outgoing]:
+        self._now = max(self._now, now)
         self._maybe_start_session(now)
         self._pump(now)
         self._participant_tick(now)
@@ -1739,4 +1833,7 @@ class DSSSigningService(PayloadGate, Generic[E]):
             sess.wipe()
         self._sessions.clear()
         self._stock.clear()
+        self._batch.clear()
+        self._deferred.clear()
+        self._opened.clear()
         self.key.wipe()
