@@ -1116,6 +1116,7 @@ class PeriodRefresh(DealingStage):
         # Table 2: M and the newest KeyTable we know (ours, or pushed by a peer).
         self.m: InvariantInfo | None = None
         self.old_table: KeyTable | None = None
+        self._prev: tuple[KeyTable | None, bytes] | None = None  # old_table and its digest
         self.status = Status.RECOVERING
         self.keys: dict[str, KeyShare[Any]] = {}
         self._pushed_sharings: dict[str, dict[bytes, PublicSharing[Any]]] = {}
@@ -1191,7 +1192,10 @@ class PeriodRefresh(DealingStage):
     @property
     def prev(self) -> bytes:
         """The digest of the previous KeyTable, which a TPM-signed announcement is bound to."""
-        return keytable_digest(self.old_table)
+        table = self.old_table
+        if self._prev is None or self._prev[0] is not table:  # KeyTables are immutable
+            self._prev = (table, keytable_digest(table))
+        return self._prev[1]
 
     def _judge_kt(self, value: bytes) -> KeyTableCandidate:
         return judge_keytable(value, self.period, self.c, self.old_keys, self._parse_ann)
