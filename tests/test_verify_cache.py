@@ -116,3 +116,26 @@ def test_a_cached_ephemeral_is_accepted_in_its_own_context_only() -> None:
         with pytest.raises(DecodeError):
             vdec.check_ephemeral(bytes(bad), b"ctx/a")
         assert (bytes(bad), b"ctx/a") not in vdec._EPHEMERALS
+
+
+def test_a_signed_object_opens_from_the_cache_for_its_own_key_and_bytes_only() -> None:
+    from appliance.protocols._core import Signer
+    from appliance.protocols._signed import _OPENED, BadSignature, open_signed, sign
+
+    signer, other = Signer(SigningKey(bytes([3]) * 32)), Signer(SigningKey(bytes([4]) * 32))
+    raw = sign("attest", 5, {"server": 2, "ann": b"d" * 32}, signer)
+    for _ in range(2):  # the second time from the cache
+        assert open_signed(raw, "attest", 5, signer.public, max_size=1024).body["server"] == 2
+    assert len(_OPENED) > 0
+    with pytest.raises(BadSignature):
+        open_signed(raw, "attest", 5, other.public, max_size=1024)
+    forged = encoding.encode(
+        {
+            "kind": "attest",
+            "period": 5,
+            "body": {"server": 3, "ann": b"d" * 32},
+            "sig": encoding.decode(raw)["sig"],
+        }
+    )
+    with pytest.raises(BadSignature):
+        open_signed(forged, "attest", 5, signer.public, max_size=1024)
