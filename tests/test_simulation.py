@@ -62,6 +62,44 @@ def test_same_seed_replays_exactly() -> None:
     assert tables == again
 
 
+def test_a_seed_replays_the_same_messages_whether_the_check_caches_are_cold_or_warm(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The caches of checks that passed (canonical CBOR, signatures, vdec ephemerals, points) are
+    shared by every server of a run and by the runs of one process: they must change nothing. The
+    digest of every message sent (time, sender, recipient, bytes) is the same with all of them
+    emptied first as with them full of this very run."""
+    import hashlib
+
+    from appliance.crypto import encoding, vdec
+    from appliance.crypto.groups import ed25519
+    from appliance.protocols import _core, _signed
+    from appliance.sim._net import Simulation
+
+    original = Simulation._send
+
+    def recorded(self: Simulation, sender: int, out: object) -> None:
+        trace = self.__dict__.setdefault("_digest", hashlib.sha256())
+        trace.update(repr((round(self.now, 9), sender, out.to, out.data)).encode())  # type: ignore[attr-defined]
+        original(self, sender, out)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Simulation, "_send", recorded)
+    traces = []
+    for cold in (True, False):
+        if cold:
+            for cache in (
+                encoding._CANONICAL,
+                vdec._EPHEMERALS,
+                ed25519._VALID,
+                _core._VERIFIED,
+                _signed._OPENED,
+            ):
+                cache.clear()
+        run = scenarios.run("byzantine", 13)
+        traces.append((run.sim.__dict__["_digest"].hexdigest(), run.sim.sent, run.sim.delivered))
+    assert traces[0] == traces[1] and traces[0][1] > 100
+
+
 def test_scenario_a_shares_stolen_before_a_refresh_are_useless_after_it() -> None:
     """Scenario A: copy every secret of t servers in period 0; after the refresh they do not combine."""
     run = scenarios.build("A", 11, scenarios._constants(random.Random(11)))
