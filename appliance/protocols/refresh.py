@@ -1117,6 +1117,7 @@ class PeriodRefresh(DealingStage):
         self.m: InvariantInfo | None = None
         self.old_table: KeyTable | None = None
         self._prev: tuple[KeyTable | None, bytes] | None = None  # old_table and its digest
+        self._timeout: tuple[InvariantInfo | None, float] | None = None  # M and its base timeout
         self.status = Status.RECOVERING
         self.keys: dict[str, KeyShare[Any]] = {}
         self._pushed_sharings: dict[str, dict[bytes, PublicSharing[Any]]] = {}
@@ -1221,7 +1222,10 @@ class PeriodRefresh(DealingStage):
 
     @property
     def timeout(self) -> float:
-        return base_timeout(self.c)
+        m = self.m  # read at every tick and message: computed once per M (M is immutable)
+        if self._timeout is None or self._timeout[0] is not m:
+            self._timeout = (m, base_timeout(self.c))
+        return self._timeout[1]
 
     def _check_m(self, m: InvariantInfo | None) -> None:
         if m is None:
