@@ -1073,6 +1073,29 @@ class DealingStage:
         self._decide(transcript, dealings)
 
 
+#: The handler of each phase of the refresh, by method name ("": nothing to do).
+_HANDLERS = {
+    "ann": "_on_ann",
+    "attest": "_on_attest",
+    "agree/keytable": "_on_agree_kt",
+    "deal": "_on_deal",
+    "want": "_on_want",
+    "checked": "_on_checked",
+    "agree/dealings": "_on_agree_s",
+    "catchup": "_on_catchup",
+    "undecided": "",
+    "signed-kt": "_on_signed_kt",
+    "nonce": "_frost_message",
+    "signreq": "_frost_message",
+    "sigshare": "_frost_message",
+    "kt-sig": "_on_kt_sig",
+    "rpoint": "_on_rpoint",
+    "phase2": "_on_phase2",
+    "repair-req": "_on_repair_request",
+    "repair": "_on_repair",
+}
+
+
 class PeriodRefresh(DealingStage):
     """The refresh of ``period`` at server ``me`` (sans-IO): from the clock's start to completion."""
 
@@ -1354,30 +1377,12 @@ class PeriodRefresh(DealingStage):
         if self.resumed and phase in _PHASE_ONE:
             self._answer_late(sender, msg, now)
             return
-        handlers: dict[str, Callable[[int, Any, float], None]] = {
-            "ann": self._on_ann,
-            "attest": self._on_attest,
-            "agree/keytable": self._on_agree_kt,
-            "deal": self._on_deal,
-            "want": self._on_want,
-            "checked": self._on_checked,
-            "agree/dealings": self._on_agree_s,
-            "catchup": self._on_catchup,
-            "undecided": lambda _sender, _msg, _now: None,
-            "signed-kt": self._on_signed_kt,
-            "nonce": self._frost_message,
-            "signreq": self._frost_message,
-            "sigshare": self._frost_message,
-            "kt-sig": self._on_kt_sig,
-            "rpoint": self._on_rpoint,
-            "phase2": self._on_phase2,
-            "repair-req": self._on_repair_request,
-            "repair": self._on_repair,
-        }
-        handler = handlers.get(phase)
-        if handler is None:
+        name = _HANDLERS.get(phase)
+        if name is None:
             raise RemoteProtocolError(sender, f"unknown refresh phase {phase!r}")
-        handler(sender, msg, now)
+        if name:
+            handler: Callable[[int, Any, float], None] = getattr(self, name)  # a subclass's, if any
+            handler(sender, msg, now)
 
     def _answer_late(self, sender: int, msg: Message, now: float) -> None:
         """A peer still deciding a period we decided: the transcript lets it decide too."""
