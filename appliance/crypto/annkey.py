@@ -103,7 +103,9 @@ class SoftAnnouncementKey:
         self.public = encode_public(self._key.public_key())
 
     def sign(self, data: bytes) -> bytes:
-        return self._key.sign(data, ec.ECDSA(hashes.SHA256()))
+        # RFC 6979 nonces: a simulated run is a function of its seed, to the byte (with random
+        # nonces the tpm-impostor family sent other bytes at each replay of a seed).
+        return self._key.sign(data, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
 
     def __repr__(self) -> str:
         return f"SoftAnnouncementKey(public={self.public.hex()[:16]}..., <hidden>)"

@@ -145,6 +145,36 @@ def _tag_hook(decoder: Any, tag: Any) -> Any:
     raise DecodeError(f"cbor: tag {tag.tag} not allowed")
 
 
+#: Inputs that passed every check of :func:`decode` (the same bytes reach a process many times: a
+#: broadcast is decoded by each recipient, and in the simulation every server runs in one
+#: process). A hit skips the checks, which are a function of the bytes alone, never the size
+#: limit of the call; the objects are decoded afresh each time. Bounded in entries and bytes;
+#: only successes are kept, and only inputs up to _CANONICAL_ITEM bytes (a simulated run
+#: decodes about 150 KB of distinct inputs; a key-holder keeps at most 1 MiB here).
+_CANONICAL: dict[bytes, None] = {}
+_CANONICAL_MAX = 2048
+_CANONICAL_ITEM = 64 * 1024
+_CANONICAL_BYTES = 1024 * 1024
+_canonical_size = 0
+
+
+def _loads(data: bytes) -> Any:
+    return cbor2.loads(
+        data, tag_hook=_tag_hook, max_depth=MAX_DEPTH, allow_indefinite=False, allow_duplicate_keys=False
+    )
+
+
+def _remember_canonical(data: bytes) -> None:
+    global _canonical_size
+    if len(data) > _CANONICAL_ITEM:
+        return
+    if len(_CANONICAL) >= _CANONICAL_MAX or _canonical_size + len(data) > _CANONICAL_BYTES:
+        _CANONICAL.clear()  # crude but thread-safe; a miss only costs the checks
+        _canonical_size = 0
+    _CANONICAL[data] = None
+    _canonical_size += len(data)
+
+
 def decode(data: bytes, *, max_size: int = MAX_ENCODED_SIZE, what: str = "object") -> Any:
     """Decode canonical CBOR; ``what`` names the object in error messages."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -154,18 +184,14 @@ def decode(data: bytes, *, max_size: int = MAX_ENCODED_SIZE, what: str = "object
         raise DecodeError(f"{what}: {len(data)} bytes exceeds the limit of {max_size}")
     if not data:
         raise DecodeError(f"{what}: empty input")
+    if data in _CANONICAL:
+        return _loads(data)
     try:
         _prescan(data)
     except DecodeError as exc:
         raise DecodeError(f"{what}: {exc}") from None
     try:
-        obj = cbor2.loads(
-            data,
-            tag_hook=_tag_hook,
-            max_depth=MAX_DEPTH,
-            allow_indefinite=False,
-            allow_duplicate_keys=False,
-        )
+        obj = _loads(data)
     except DecodeError as exc:
         raise DecodeError(f"{what}: {exc}") from None
     except Exception as exc:  # cbor2 raises several types; callers get exactly one.
@@ -177,6 +203,7 @@ def decode(data: bytes, *, max_size: int = MAX_ENCODED_SIZE, what: str = "object
         raise DecodeError(f"{what}: {exc}") from None
     if again != data:
         raise DecodeError(f"{what}: not in canonical CBOR encoding (or trailing bytes)")
+    _remember_canonical(data)
     return obj
 
 
@@ -188,9 +215,7 @@ def decode_lenient(data: bytes, *, max_size: int = MAX_ENCODED_SIZE, what: str =
         raise DecodeError(f"{what}: empty or over {max_size} bytes")
     try:
         _prescan(data)
-        return cbor2.loads(
-            data, tag_hook=_tag_hook, max_depth=MAX_DEPTH, allow_indefinite=False, allow_duplicate_keys=False
-        )
+        return _loads(data)
     except DecodeError as exc:
         raise DecodeError(f"{what}: {exc}") from None
     except Exception as exc:  # cbor2 raises several types; callers get exactly one.

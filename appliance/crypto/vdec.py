@@ -234,6 +234,13 @@ def encrypt_to(
     return ephemeral, ciphertexts
 
 
+#: (ephemeral, context) pairs whose proof verified: every recipient of a dealing checks the same
+#: ephemeral, once when it opens the dealing and again when it decrypts (and in the simulation
+#: every server runs in one process). Bounded; only successes are kept.
+_EPHEMERALS: dict[tuple[bytes, bytes], None] = {}
+_EPHEMERALS_MAX = 1024
+
+
 def check_ephemeral(ephemeral: bytes, context: bytes) -> bytes:
     """The dealer's R, after checking its encoding and its proof of knowledge under ``context``.
 
@@ -243,10 +250,16 @@ def check_ephemeral(ephemeral: bytes, context: bytes) -> bytes:
     if not isinstance(ephemeral, (bytes, bytearray)) or len(ephemeral) != EPHEMERAL_SIZE:
         raise DecodeError(f"vdec ephemeral: expected {EPHEMERAL_SIZE} bytes")
     ephemeral = bytes(ephemeral)
+    key = (ephemeral, bytes(context))
+    if key in _EPHEMERALS:
+        return ephemeral[:POINT_SIZE]
     big_r = _point(ephemeral[:POINT_SIZE], "ephemeral R")
     c, z = _proof(ephemeral[POINT_SIZE:], "ephemeral")
     if not verify_same_log(ED25519, EPHEMERAL_POK_DST, [_G], [big_r], c, z, (context,)):
         raise DecodeError("vdec ephemeral: the proof of knowledge of r does not verify")
+    if len(_EPHEMERALS) >= _EPHEMERALS_MAX:
+        _EPHEMERALS.clear()  # crude but thread-safe; a miss only costs a check
+    _EPHEMERALS[key] = None
     return big_r
 
 

@@ -1087,6 +1087,29 @@ class DealingStage:
         self._decide(transcript, dealings)
 
 
+#: The handler of each phase of the refresh, by method name ("": nothing to do).
+_HANDLERS = {
+    "ann": "_on_ann",
+    "attest": "_on_attest",
+    "agree/keytable": "_on_agree_kt",
+    "deal": "_on_deal",
+    "want": "_on_want",
+    "checked": "_on_checked",
+    "agree/dealings": "_on_agree_s",
+    "catchup": "_on_catchup",
+    "undecided": "",
+    "signed-kt": "_on_signed_kt",
+    "nonce": "_frost_message",
+    "signreq": "_frost_message",
+    "sigshare": "_frost_message",
+    "kt-sig": "_on_kt_sig",
+    "rpoint": "_on_rpoint",
+    "phase2": "_on_phase2",
+    "repair-req": "_on_repair_request",
+    "repair": "_on_repair",
+}
+
+
 class PeriodRefresh(DealingStage):
     """The refresh of ``period`` at server ``me`` (sans-IO): from the clock's start to completion."""
 
@@ -1130,6 +1153,8 @@ class PeriodRefresh(DealingStage):
         # Table 2: M and the newest KeyTable we know (ours, or pushed by a peer).
         self.m: InvariantInfo | None = None
         self.old_table: KeyTable | None = None
+        self._prev: tuple[KeyTable | None, bytes] | None = None  # old_table and its digest
+        self._timeout: tuple[InvariantInfo | None, float] | None = None  # M and its base timeout
         self.status = Status.RECOVERING
         self.keys: dict[str, KeyShare[Any]] = {}
         self._pushed_sharings: dict[str, dict[bytes, PublicSharing[Any]]] = {}
@@ -1205,7 +1230,10 @@ class PeriodRefresh(DealingStage):
     @property
     def prev(self) -> bytes:
         """The digest of the previous KeyTable, which a TPM-signed announcement is bound to."""
-        return keytable_digest(self.old_table)
+        table = self.old_table
+        if self._prev is None or self._prev[0] is not table:  # KeyTables are immutable
+            self._prev = (table, keytable_digest(table))
+        return self._prev[1]
 
     def _judge_kt(self, value: bytes) -> KeyTableCandidate:
         return judge_keytable(value, self.period, self.c, self.old_keys, self._parse_ann)
@@ -1231,7 +1259,10 @@ class PeriodRefresh(DealingStage):
 
     @property
     def timeout(self) -> float:
-        return base_timeout(self.c)
+        m = self.m  # read at every tick and message: computed once per M (M is immutable)
+        if self._timeout is None or self._timeout[0] is not m:
+            self._timeout = (m, base_timeout(self.c))
+        return self._timeout[1]
 
     def _check_m(self, m: InvariantInfo | None) -> None:
         if m is None:
@@ -1386,30 +1417,12 @@ class PeriodRefresh(DealingStage):
         if self.resumed and phase in _PHASE_ONE:
             self._answer_late(sender, msg, now)
             return
-        handlers: dict[str, Callable[[int, Any, float], None]] = {
-            "ann": self._on_ann,
-            "attest": self._on_attest,
-            "agree/keytable": self._on_agree_kt,
-            "deal": self._on_deal,
-            "want": self._on_want,
-            "checked": self._on_checked,
-            "agree/dealings": self._on_agree_s,
-            "catchup": self._on_catchup,
-            "undecided": lambda _sender, _msg, _now: None,
-            "signed-kt": self._on_signed_kt,
-            "nonce": self._frost_message,
-            "signreq": self._frost_message,
-            "sigshare": self._frost_message,
-            "kt-sig": self._on_kt_sig,
-            "rpoint": self._on_rpoint,
-            "phase2": self._on_phase2,
-            "repair-req": self._on_repair_request,
-            "repair": self._on_repair,
-        }
-        handler = handlers.get(phase)
-        if handler is None:
+        name = _HANDLERS.get(phase)
+        if name is None:
             raise RemoteProtocolError(sender, f"unknown refresh phase {phase!r}")
-        handler(sender, msg, now)
+        if name:
+            handler: Callable[[int, Any, float], None] = getattr(self, name)  # a subclass's, if any
+            handler(sender, msg, now)
 
     def _answer_late(self, sender: int, msg: Message, now: float) -> None:
         """A peer still deciding a period we decided: the transcript lets it decide too."""

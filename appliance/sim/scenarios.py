@@ -67,6 +67,9 @@ class Run:
     tables: dict[int, set[bytes]] = field(default_factory=dict)
     #: (server, period, [time it finished that period]): it must finish before the period ends.
     deadlines: list[tuple[int, int, list[float]]] = field(default_factory=list)
+    #: The payload of the KeyTable each distinct (proposal, period, old keys, TPM keys, previous
+    #: KeyTable) judges to (judge_keytable is a function of these; failures are not kept).
+    judged: dict[tuple[object, ...], bytes] = field(default_factory=dict)
 
     def fail(self, why: str) -> ScenarioFailure:
         return ScenarioFailure(f"scenario {self.name} seed {self.seed}: {why}")
@@ -113,10 +116,14 @@ def _watch(run: Run, i: int, server: SimServer) -> None:
                 old = engine.old_keys if engine is not None else {}
                 ann_keys = engine.ann_keys if engine is not None else {}
                 prev = engine.prev if engine is not None else b""
-                table = judge_keytable(
-                    pub.transcript.kt_value, period, kt, old, ann_keys=ann_keys, prev=prev
-                ).table
-                run.tables.setdefault(period, set()).add(table.payload())
+                value = pub.transcript.kt_value
+                # Every server's outcome holds the same transcript: judged once per distinct input.
+                key = (value, period, tuple(sorted(old.items())), tuple(sorted(ann_keys.items())), prev)
+                payload = run.judged.get(key)
+                if payload is None:
+                    table = judge_keytable(value, period, kt, old, ann_keys=ann_keys, prev=prev).table
+                    payload = run.judged[key] = table.payload()
+                run.tables.setdefault(period, set()).add(payload)
             except Exception:  # judged again by the checker below
                 pass
         if pub.key_table is not None:
