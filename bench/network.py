@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from appliance.boot import bootstrap
 from appliance.crypto import encoding
 from appliance.host.files import atomic_write
 from appliance.protocols.state import max_threshold
@@ -68,7 +69,7 @@ def wipe_shares(node: Path) -> None:
     atomic_write(path, encoding.encode(obj), private=True)
 
 
-def bench(n: int, base_port: int, delay_ms: float, jitter_ms: float) -> dict[str, Any]:
+def bench(n: int, base_port: int, delay_ms: float, jitter_ms: float, log_mode: str = "key") -> dict[str, Any]:
     t = max_threshold(n)
     round_ms = ROUND_MS
     period = max(5.0, n * 0.6) + delay_ms / 1000 * 30
@@ -89,6 +90,8 @@ def bench(n: int, base_port: int, delay_ms: float, jitter_ms: float) -> dict[str
         str(round_ms),
         "--base-port",
         str(base_port),
+        "--log",
+        log_mode,
     )
     proxy = None
     if delay_ms:
@@ -110,8 +113,8 @@ def bench(n: int, base_port: int, delay_ms: float, jitter_ms: float) -> dict[str
         time.sleep(1.0)
         wipe_shares(victim)
         with open(victim / "server.log", "ab") as log:
-            proc = subprocess.Popen(
-                [*PST, "serve", "--config", str(victim / "config.toml")],
+            proc = subprocess.Popen(  # as `pst cluster up` starts it: measured first, isolated
+                bootstrap.command("serve", "--config", str(victim / "config.toml")),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -128,6 +131,7 @@ def bench(n: int, base_port: int, delay_ms: float, jitter_ms: float) -> dict[str
         return {
             "n": n,
             "t": t,
+            "log": log_mode,
             "delay_ms": delay_ms,
             "jitter_ms": jitter_ms,
             "period_s": period,
@@ -152,11 +156,14 @@ def main() -> int:
     parser.add_argument("--delay", type=float, default=0.0, help="ms per chunk through the proxy (0: none)")
     parser.add_argument("--jitter", type=float, default=0.0, help="ms of uniform jitter around --delay")
     parser.add_argument("--base-port", type=int, default=27100)
+    parser.add_argument(
+        "--log", choices=["key", "group", "off"], default="key", help="pst cluster init --log (default key)"
+    )
     args = parser.parse_args()
     results = []
     for k, n in enumerate(args.sizes):
         print(f"n={n} ...", file=sys.stderr, flush=True)
-        results.append(bench(n, args.base_port + 100 * k, args.delay, args.jitter))
+        results.append(bench(n, args.base_port + 100 * k, args.delay, args.jitter, args.log))
     report = {
         "benchmark": "network",
         "machine": {
