@@ -1699,17 +1699,23 @@ class ApiCore:
                 float(retry) if isinstance(retry, (int, float)) else None,
             ) from None
 
+    def _bucket(
+        self, buckets: dict[tuple[str, bytes, int], TokenBucket], reg: Registration, rate: float, burst: float
+    ) -> TokenBucket:
+        """``reg``'s bucket in ``buckets`` (a new full one the first time)."""
+        bucket = buckets.get(reg.key)
+        if bucket is None:
+            if len(buckets) >= 4096:  # forget the buckets of registrations that are gone
+                live = set(self.registry.by_key)
+                for gone in [k for k in buckets if k not in live]:
+                    del buckets[gone]
+            bucket = buckets[reg.key] = TokenBucket.full(rate, burst, self.clock())
+        return bucket
+
     def _take_store(self, reg: Registration, count: int) -> None:
         """Spend ``count`` tokens of ``reg``'s bucket of store writes, or answer ``quota``."""
         limits = self.limits
-        bucket = self._store_buckets.get(reg.key)
-        if bucket is None:
-            if len(self._store_buckets) >= 4096:  # forget the buckets of registrations that are gone
-                live = set(self.registry.by_key)
-                self._store_buckets = {k: v for k, v in self._store_buckets.items() if k in live}
-            bucket = self._store_buckets[reg.key] = TokenBucket.full(
-                limits.store_rate, limits.store_burst, self.clock()
-            )
+        bucket = self._bucket(self._store_buckets, reg, limits.store_rate, limits.store_burst)
         if not bucket.take(self.clock(), count):
             wait = bucket.wait(count)
             raise ApiError(
@@ -2004,14 +2010,7 @@ class ApiCore:
                     TOO_LARGE, f"field 'messages': message {k} has {len(message)} bytes, over {limit}"
                 )
         limits = self.limits
-        bucket = self._log_buckets.get(reg.key)
-        if bucket is None:
-            if len(self._log_buckets) >= 4096:  # forget the buckets of registrations that are gone
-                live = set(self.registry.by_key)
-                self._log_buckets = {k: v for k, v in self._log_buckets.items() if k in live}
-            bucket = self._log_buckets[reg.key] = TokenBucket.full(
-                limits.log_rate, limits.log_burst, self.clock()
-            )
+        bucket = self._bucket(self._log_buckets, reg, limits.log_rate, limits.log_burst)
         if not bucket.take(self.clock(), len(messages)):
             wait = bucket.wait(len(messages))
             raise ApiError(
