@@ -226,3 +226,33 @@ def test_a_stalled_key_holder_is_an_alert(cluster: Path) -> None:
     (alert,) = stall_alerts()
     assert alert["server"] == 2 and f"key-holder child {child} did not answer" in str(alert["detail"])
     _wait(lambda: "answers again" in (node / "server.log").read_text(), 40, "the key-holder to answer again")
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_the_next_child_waits_hardened_and_holds_no_secret_until_it_takes_over(cluster: Path) -> None:
+    """The zygote forks the next period's child ahead of time (its memory locking then costs the
+    refresh nothing): a standby with locked memory that reads nothing until the current child
+    retired. It holds none of the period's secrets meanwhile, and it is the next key-holder."""
+    node = cluster / "node-1"
+    child, period, secrets = _fresh_child(node, _child_pid(node))
+    zygote = _ppid(child)
+    standbys: list[int] = []
+
+    def standby_forked() -> bool:
+        others = [p for p in _children(zygote) if p != child]
+        standbys[:] = others
+        return bool(others)
+
+    _wait(standby_forked, 10, "the zygote to fork the next child")
+    assert len(standbys) == 1, f"one standby at a time: {standbys}"
+    standby = standbys[0]
+    locked = re.search(r"VmLck:\s+(\d+) kB", Path(f"/proc/{standby}/status").read_text())
+    assert locked and int(locked.group(1)) > 0, "the standby locked its memory before its turn"
+    assert _found_in_memory(standby, secrets) == set(), "the standby holds the current period's secrets"
+    assert _child_pid(node) == child
+    _wait(lambda: _child_pid(node) not in (None, child), 30, "the next refresh")
+    assert _child_pid(node) == standby, "the standby became the next period's key-holder"
+    assert _secrets(node)[0] > period

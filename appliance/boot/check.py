@@ -145,9 +145,19 @@ def _read_m(public_dir: Path) -> tuple[InvariantInfo | None, str | None]:
 
 def read_manifest(public_dir: Path) -> Manifest | None:
     try:
-        return Manifest.decode((public_dir / MANIFEST_FILE).read_bytes())
+        data = (public_dir / MANIFEST_FILE).read_bytes()
+        last = _decoded.get(public_dir)
+        if last is not None and last[0] == data:
+            return last[1]  # the check at every refresh decodes the same manifest once
+        manifest = Manifest.decode(data)
     except (OSError, DecodeError):
         return None
+    _decoded[public_dir] = (data, manifest)
+    return manifest
+
+
+#: public dir -> (the manifest file's bytes, its decoding): a manifest is never changed in place.
+_decoded: dict[Path, tuple[bytes, Manifest]] = {}
 
 
 def store_manifest(state_dir: Path, manifest: Manifest) -> None:

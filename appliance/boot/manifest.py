@@ -39,7 +39,7 @@ import importlib.util
 import marshal
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import CodeType
@@ -266,11 +266,15 @@ class Manifest:
                 Mismatch(k, key, where.root_of(key), d, where.locate(key))
                 for k, key, d in bootstrap.differences(self.files, self.links or {}, scan)
             ]
-            sources = [
-                (n, where.locate(n), where.root_of(n), n.partition("/")[0] + "/")
-                for n in self._intact_sources(scan)
-                if n.partition("/")[0] in (ENV, PACKAGE)
-            ]
+            located = _locations.setdefault(where, {})
+            sources = []
+            for n in self._intact_sources(scan):
+                label = n.partition("/")[0]
+                if label in (ENV, PACKAGE):
+                    path = located.get(n)
+                    if path is None:
+                        path = located[n] = where.locate(n)
+                    sources.append((n, path, where.root_of(n), label + "/"))
         if bytecode:
             out += _check_bytecode(sources)
         return sorted(out, key=lambda m: (m.path, m.kind))
@@ -289,12 +293,25 @@ def _stat_key(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _caches(source: Path) -> Iterator[tuple[Path, int]]:
+#: layout -> manifest key -> the file it stands for (repeated checks build no paths).
+_locations: dict[Layout, dict[str, Path]] = {}
+#: source path -> the cache files the interpreter would look for, with their optimization level.
+_cache_names: dict[str, tuple[tuple[str, int], ...]] = {}
+
+
+def _caches(source: str) -> tuple[tuple[str, int], ...]:
     """The cache files this interpreter would look for, with their optimization level."""
-    if sys.implementation.cache_tag is None:
-        return
-    for level, opt in ((0, ""), (1, 1), (2, 2)):
-        yield Path(importlib.util.cache_from_source(str(source), optimization=opt)), level
+    known = _cache_names.get(source)
+    if known is None:
+        if sys.implementation.cache_tag is None:
+            known = ()
+        else:
+            known = tuple(
+                (importlib.util.cache_from_source(source, optimization=opt), level)
+                for level, opt in ((0, ""), (1, 1), (2, 2))
+            )
+        _cache_names[source] = known
+    return known
 
 
 def _would_load(data: bytes, source: bytes, st: os.stat_result) -> bool:
@@ -322,17 +339,24 @@ def _check_bytecode(sources: list[tuple[str, Path, Path, str]]) -> list[Mismatch
     if sys.pycache_prefix is not None and not os.path.isdir(sys.pycache_prefix):
         return out  # every cache would be under it (the bootstrap's /dev/null): none can exist
     for name, source_path, root, prefix in sources:
-        for cache, level in _caches(source_path):
-            try:
-                cst = cache.stat()
+        source_name = str(source_path)
+        for cache_name, level in _caches(source_name):
+            try:  # the common case first: no such cache, or one verified before and unchanged
+                cst = os.stat(cache_name)
             except OSError:
                 continue
-            rel = prefix + os.path.relpath(cache, root).replace(os.sep, "/")
             try:
-                sst = source_path.stat()
-                key = (_stat_key(cst), _stat_key(sst))
-                if _verified.get(str(cache)) == key:
-                    continue
+                sst = os.stat(source_name)
+            except OSError:
+                sst = None
+            key = (_stat_key(cst), _stat_key(sst)) if sst is not None else None
+            if key is not None and _verified.get(cache_name) == key:
+                continue
+            cache = Path(cache_name)
+            rel = prefix + os.path.relpath(cache_name, root).replace(os.sep, "/")
+            try:
+                if sst is None:
+                    sst = os.stat(source_name)
                 data, source = cache.read_bytes(), source_path.read_bytes()
             except OSError as exc:
                 out.append(Mismatch(UNREADABLE, rel, root, exc.strerror or str(exc), cache))
@@ -352,7 +376,7 @@ def _check_bytecode(sources: list[tuple[str, Path, Path, str]]) -> list[Mismatch
             if not isinstance(cached, CodeType) or cached != fresh:
                 out.append(Mismatch(BYTECODE, rel, root, f"not the code of {name}", cache))
                 continue
-            _verified[str(cache)] = key
+            _verified[cache_name] = (_stat_key(cst), _stat_key(sst))
     return out
 
 
