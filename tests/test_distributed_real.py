@@ -98,6 +98,40 @@ def _while_refreshing(call: Callable[[], T], timeout: float = 30.0) -> T:
             time.sleep(0.3)
 
 
+def _approved_request(
+    requester: PstClient, payload: bytes, approvers: dict[int, PstClient], approved: dict[int, bytes]
+) -> bytes:
+    """``requester``'s distributed request for ``payload``, while each approver approves it once it
+    sees it pending (``approved``: approver -> request id). An approver's call that fails (a
+    refresh, a slow server) is retried until the request is over; a request that still fails
+    reports what the approvers met."""
+    done = threading.Event()
+    errors: list[str] = []
+
+    def approve(i: int, client: PstClient) -> None:
+        while not done.is_set() and i not in approved:
+            try:
+                for req in client.pending():
+                    if req.payload == payload:
+                        client.approve(req.request_id)
+                        approved[i] = req.request_id
+            except PstError as exc:
+                errors.append(f"client {i}: {exc.code}: {exc.message}")
+            done.wait(0.2)
+
+    threads = [threading.Thread(target=approve, args=item) for item in approvers.items()]
+    for thread in threads:
+        thread.start()
+    try:
+        return _while_refreshing(lambda: requester.request_distributed(payload))
+    except PstError as exc:
+        raise AssertionError(f"{exc}; the approvers met: {errors[-10:]}") from exc
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()
+
+
 def _register(client: PstClient, password: str) -> None:
     deadline = time.monotonic() + 20
     while True:
@@ -119,26 +153,10 @@ def test_a_majority_of_clients_gets_a_group_signature(cluster: Path) -> None:
     _register(c4, "correct horse")
     payload = b"entry 17: 2026-11-24 the ledger closes"
 
-    approved: dict[PstClient, bytes] = {}
-
-    def approver(client: PstClient) -> None:  # clients 2 and 4 approve what they see pending
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and client not in approved:
-            for req in _while_refreshing(client.pending):
-                if req.payload == payload:
-                    client.approve(req.request_id)
-                    approved[client] = req.request_id
-            time.sleep(0.2)
-
-    threads = [threading.Thread(target=approver, args=(c,)) for c in (c2, c4)]
-    for thread in threads:
-        thread.start()
-    try:
-        signature = _while_refreshing(lambda: c1.request_distributed(payload))
-    finally:
-        for thread in threads:
-            thread.join()
-    assert set(approved) == {c2, c4}, "clients 2 and 4 did not both see the request"
+    approved: dict[int, bytes] = {}
+    # clients 2 and 4 approve what they see pending
+    signature = _approved_request(c1, payload, {2: c2, 4: c4}, approved)
+    assert set(approved) == {2, 4}, "clients 2 and 4 did not both see the request"
     assert verify_distributed(vcert, "ledger", payload, signature)
     assert not verify_distributed(vcert, "another-app", payload, signature)
     # The client with the wrong password never sees the request: its server refused it.
@@ -179,24 +197,7 @@ def test_certified_components_reach_a_majority_and_certificates_are_one_time(clu
     assert info.value.code == "not-permitted" and "registered before" in str(info.value)
 
     payload = b"release escrowed key 7"
-    approved: list[int] = []
-
-    def approver(i: int) -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and i not in approved:
-            for request in _while_refreshing(clients[i].pending):
-                if request.payload == payload:
-                    clients[i].approve(request.request_id)
-                    approved.append(i)
-            time.sleep(0.2)
-
-    threads = [threading.Thread(target=approver, args=(i,)) for i in (2, 4)]
-    for thread in threads:
-        thread.start()
-    try:
-        signature = _while_refreshing(lambda: clients[1].request_distributed(payload))
-    finally:
-        for thread in threads:
-            thread.join()
+    approved: dict[int, bytes] = {}
+    signature = _approved_request(clients[1], payload, {i: clients[i] for i in (2, 4)}, approved)
     assert sorted(approved) == [2, 4]
     assert verify_distributed(vcert, "escrow", payload, signature)
