@@ -686,12 +686,28 @@ def _stop_nodes(nodes: list[Node], timeout: float = 10.0) -> None:
     _reap()
 
 
-def _reap() -> None:
+def _reap(ended: dict[int, int] | None = None) -> None:
+    """Collect the servers we started that ended (``ended``: pid -> exit status, as waitpid's)."""
     try:
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
+        while True:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if not pid:
+                break
+            if ended is not None:
+                ended[pid] = status
     except ChildProcessError:
         pass
+
+
+def _how_it_ended(status: int | None) -> str:
+    if status is None:
+        return ""
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        import signal
+
+        return f" (killed by {signal.Signals(-code).name})"
+    return f" (exit status {code})"
 
 
 def _cmd_cluster_up(args: argparse.Namespace) -> int:
@@ -709,6 +725,8 @@ def _cmd_cluster_up(args: argparse.Namespace) -> int:
             print(f"{node.name}: not started: {exc}", file=sys.stderr)
             broken.append(node)
     nodes = [n for n in nodes if n not in broken]
+    started: dict[str, int] = {}
+    ended: dict[int, int] = {}
     if not any(_alive(node.pid()) for node in nodes):
         _start_clear_of_a_boundary(nodes)
     for node in nodes:
@@ -716,15 +734,18 @@ def _cmd_cluster_up(args: argparse.Namespace) -> int:
             print(f"{node.name}: already running (pid {node.pid()})")
             continue
         print(f"{node.name}: starting (log: {node.log_file})", flush=True)
-        _start_node(node)
+        started[node.name] = _start_node(node)
     deadline = time.monotonic() + 30.0
     while time.monotonic() < deadline:  # ready = the local API socket is there
-        _reap()
+        _reap(ended)
         waiting = [n for n in nodes if _alive(n.pid()) and not _node_socket(n).exists()]
         if not waiting:
             break
         time.sleep(0.2)
-    dead = [n.name for n in broken] + [n.name for n in nodes if not _alive(n.pid())]
+    _reap(ended)
+    dead = [n.name for n in broken] + [
+        n.name + _how_it_ended(ended.get(started.get(n.name, -1))) for n in nodes if not _alive(n.pid())
+    ]
     if dead:
         # The others are left running: a server that fails to start does not stop the network.
         print(

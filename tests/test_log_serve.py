@@ -744,7 +744,8 @@ def test_a_server_whose_log_cannot_be_opened_rebuilds_it_from_the_others(tmp_pat
         send(range(300, 320))
         _wait(lambda: all(_checkpoint_size(root, i) == 320 for i in (1, 3, 4)), "checkpoints of 320", 60)
         again = pst("cluster", "up", "--dir", str(root), "--detach")
-        assert again.returncode == 0, again.stdout + again.stderr
+        log_tail = (root / "node-2" / "server.log").read_text()[-3000:]
+        assert again.returncode == 0, again.stdout + again.stderr + log_tail
         _wait(lambda: len(checkpoints(1, 2)) == 1, "server 2's rebuilt copy and checkpoint", 90)
         said = [json.loads(a) for a in (root / "node-2" / "state" / "serve" / "alerts.jsonl").open()]
         damaged = [a for a in said if a["kind"] == "log-store-damaged"]
