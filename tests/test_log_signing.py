@@ -492,3 +492,23 @@ def test_a_server_that_lost_its_shares_gets_its_log_key_share_back(
         sharing = s.public.sharings[LOG]
         assert sharing.public_key == log_key
         assert ED25519.mul_base(s.private.shares[LOG].value) == sharing.verification_share(ED25519, i)
+
+
+def test_a_bad_point_in_a_nonce_batch_names_its_sender_when_it_is_used() -> None:
+    """Nonce batches are checked for their signer's id when they arrive and point by point when a
+    commitment is used (at every refresh n(n-1) batches arrive at once). A bad point: its signer
+    is named, its stock dropped and avoided, and the signature is made with another signer."""
+    net = Net(11)
+    net.run(0.2)
+    net.append(entries(20))
+    service = net.service(1)
+    good = service._stock[2][0]
+    bad = good[:32] + b"\xff" * 32 + good[64:]
+    service._stock[2].appendleft(bad)  # the fullest stock: used first
+    body = net.logs[1].checkpoint()
+    signature = net.sign(1, body)
+    assert isinstance(signature, bytes), signature
+    assert open_checkpoint(net.note(body, signature), ORIGIN, [verifier(net)]) == body
+    named = [e for e in service.rejected if e.peer == 2 and "nonce batch" in e.reason]
+    assert named, service.rejected
+    assert service._avoid[2] > net.now and bad not in service._stock[2] and good not in service._stock[2]

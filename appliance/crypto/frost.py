@@ -307,6 +307,15 @@ class SigningCommitment:
     def to_bytes(self) -> bytes:
         return _scalar_bytes(self.identifier) + self.hiding + self.binding
 
+    @staticmethod
+    def identifier_of(data: bytes) -> int:
+        """The signer named by a commitment's wire form, with its length checked but not its
+        elements: for a stock of commitments that :meth:`from_bytes` checks when one is used."""
+        data = _as_bytes(data, "signing commitment")
+        if len(data) != COMMITMENT_SIZE:
+            raise DecodeError(f"signing commitment: expected {COMMITMENT_SIZE} bytes, got {len(data)}")
+        return _decode_identifier(data[:SCALAR_SIZE], "signing commitment")
+
     @classmethod
     def from_bytes(cls, data: bytes) -> SigningCommitment:
         data = _as_bytes(data, "signing commitment")

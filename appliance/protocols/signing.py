@@ -59,6 +59,10 @@ from appliance.protocols.state import SCERT, KeyTable
 
 SERVICE = "sign"
 BATCH = 128
+#: The first batch each coordinator gets when the service opens (at every refresh, from every
+#: server to every other: n(n-1) batches at once while the refresh may still be running
+#: elsewhere); a coordinator that signs asks for full batches as its stock runs low.
+FIRST_BATCH = 16
 LOW_WATER = 48
 REQUEST_TIMEOUT = 2.0
 MAX_MESSAGE = 64 * 1024
@@ -349,16 +353,16 @@ class SigningService(PayloadGate):
     # Preprocessing ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Give every coordinator a first batch of our nonces."""
+        """Give every coordinator a first (small) batch of our nonces."""
         for c in self.peers:
-            self._give_batch(c)
+            self._give_batch(c, FIRST_BATCH)
 
-    def _give_batch(self, coordinator: int) -> None:
+    def _give_batch(self, coordinator: int, size: int | None = None) -> None:
         reserved = self._reserved.setdefault(coordinator, {})
         if len(reserved) > 8 * BATCH:
             return  # it still holds plenty: refuse to hoard secrets for it
         batch = []
-        for _ in range(BATCH):
+        for _ in range(BATCH if size is None else min(size, BATCH)):
             nonces = frost.commit(self.package, self.rand(64))
             data = nonces.commitment.to_bytes()
             reserved[data] = nonces
@@ -420,11 +424,15 @@ class SigningService(PayloadGate):
                 )
                 return
         chosen = sorted(usable[: self.t])
+        taken = self._take_commitments(chosen, now)
+        if taken is None:  # a signer's stock held a bad commitment: it is avoided, choose again
+            req.attempt -= 1
+            self._attempt(req, now)
+            return
         own = self._own_nonces()
         req.signers = tuple(sorted([self.me, *chosen]))
-        req.commitments = {self.me: own.commitment.to_bytes()}
-        for i in chosen:
-            req.commitments[i] = self._stock[i].popleft()
+        req.commitments = {self.me: own.commitment.to_bytes(), **{i: c.to_bytes() for i, c in taken.items()}}
+        taken[self.me] = own.commitment
         self._replenish(now)
         req.shares = {}
         req.deadline = now + REQUEST_TIMEOUT
@@ -437,7 +445,7 @@ class SigningService(PayloadGate):
         for i in chosen:
             self._send(i, "request", body)
         try:
-            commitment_list = [frost.SigningCommitment.from_bytes(req.commitments[i]) for i in req.signers]
+            commitment_list = [taken[i] for i in req.signers]
             share = frost.sign(self.package, own, req.message, commitment_list)
         except CryptoError as exc:
             bad = getattr(exc, "party", None)
@@ -447,6 +455,23 @@ class SigningService(PayloadGate):
             return
         req.shares[self.me] = share
         req.own_shares += 1
+
+    def _take_commitments(self, chosen: list[int], now: float) -> dict[int, frost.SigningCommitment] | None:
+        """The next commitment of each chosen signer's stock, checked now (their batches were
+        only checked for their signer's id). A bad one: its signer is named, its stock dropped,
+        it is avoided for a minute, and None is returned (nothing else was taken)."""
+        taken: dict[int, frost.SigningCommitment] = {}
+        for i in chosen:
+            try:
+                taken[i] = frost.SigningCommitment.from_bytes(self._stock[i][0])
+            except CryptoError as exc:
+                self._stock[i].clear()
+                self._avoid[i] = now + 60.0
+                self.rejected.append(RemoteProtocolError(i, f"nonce batch: {exc}"))
+                return None
+        for i in chosen:
+            self._stock[i].popleft()
+        return taken
 
     def _replenish(self, now: float) -> None:
         """Ask signers whose nonces for us run low for a new batch (at most every 0.2 s each)."""
@@ -552,9 +577,8 @@ class SigningService(PayloadGate):
         if kind == "nonces":
             if not isinstance(body, list) or len(body) > BATCH or not all(isinstance(x, bytes) for x in body):
                 raise RemoteProtocolError(sender, "nonce batch: expected a list of commitments")
-            for data in body:
-                c = frost.SigningCommitment.from_bytes(data)
-                if c.identifier != sender:
+            for data in body:  # its points are checked when it is used (_take_commitments)
+                if frost.SigningCommitment.identifier_of(data) != sender:
                     raise RemoteProtocolError(sender, "nonce batch: commitment under another id")
                 self._stock[sender].append(data)
         elif kind == "more":
