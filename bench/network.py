@@ -72,7 +72,9 @@ def wipe_shares(node: Path) -> None:
 def bench(n: int, base_port: int, delay_ms: float, jitter_ms: float, log_mode: str = "key") -> dict[str, Any]:
     t = max_threshold(n)
     round_ms = ROUND_MS
-    period = max(5.0, n * 0.6) + delay_ms / 1000 * 30
+    # Long enough that the stopped server, restarted a second after a refresh ended, is up before
+    # the next one starts (at n=16 on 2 cores a start takes ~4 s and a refresh ~5 s).
+    period = max(5.0, n * 1.0) + delay_ms / 1000 * 30
     root = Path(tempfile.mkdtemp(prefix=f"pst-bench-{n}-"))
     shutil.rmtree(root)
     pst(

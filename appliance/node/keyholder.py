@@ -273,7 +273,10 @@ class _Child:
 
     async def _reader(self, nursery: trio.Nursery) -> None:
         while True:
-            data = await self.frames.receive_frame()
+            try:
+                data = await self.frames.receive_frame()
+            except trio.BrokenResourceError:  # reset: it closed its end with our frames unread
+                data = None
             if data is None:  # the network-facing process is gone: nothing left to serve
                 log.info("key-holder: link closed by the network-facing process")
                 self.parent_gone = True
