@@ -135,6 +135,25 @@ def test_scenario_f_a_module_changed_while_running_stops_the_server_at_the_next_
         first = pst("refresh", "--now", "--dir", str(root))
         assert first.returncode == 0, first.stdout + first.stderr  # the intact code refreshes
 
+        # Each server's next key-holder is forked ahead (a third of the period, at most 5 s) and
+        # checks the code then, with the environment watched: the change below, made after that
+        # check, must be seen through the watch (appliance.boot.watch).
+        def standbys_ready() -> bool:
+            for i in (1, 2, 3, 4):
+                serve = int((root / f"node-{i}" / "server.pid").read_text())
+                zygotes = Path(f"/proc/{serve}/task/{serve}/children").read_text().split()
+                children = [
+                    c for z in zygotes for c in Path(f"/proc/{z}/task/{z}/children").read_text().split()
+                ]
+                if len(children) < 2:
+                    return False
+            return True
+
+        deadline = time.monotonic() + 20
+        while not standbys_ready():
+            assert time.monotonic() < deadline, "no standby key-holder was forked"
+            time.sleep(0.2)
+        time.sleep(1.0)  # their checks ahead (a fraction of a second each)
         target = code / "crypto" / "shamir.py"
         flip_one_byte(target)  # while the servers run
         pst("refresh", "--now", "--dir", str(root), timeout=60)

@@ -412,13 +412,17 @@ def recheck_code(config: NodeConfig, *, code_root: Path | None = None) -> list[M
     config's C (a recovering server). Never raises for bad input: an unreadable ROM or
     state only means the config's C is used. Hashing the package takes milliseconds.
     """
+    c = constants_for_code_check(config)
+    if not c.code_digest:
+        return []
+    return code_mismatches(c, config.state_dir, code_root)
+
+
+def constants_for_code_check(config: NodeConfig) -> Constants:
+    """The C whose code digest :func:`recheck_code` checks against (see there)."""
     try:
         vstart, _ = read_vstart(config)
         _, c = _constants_in_force(config, vstart)
     except (rom_module.RomError, OSError, ValueError):
         c = None
-    if c is None:
-        c = config.constants
-    if not c.code_digest:
-        return []
-    return code_mismatches(c, config.state_dir, code_root)
+    return config.constants if c is None else c
