@@ -754,6 +754,24 @@ async def test_a_request_of_the_network_or_the_metrics_starts_polling_until_nobo
         nursery.cancel_scope.cancel()
 
 
+async def test_a_round_cut_short_does_not_count_as_fresh(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    service, _, peers = make_service(tmp_path)
+    assert service.poller is not None
+
+    async def slow(url: str) -> tuple[int, bytes]:
+        await trio.sleep(1.0)
+        return await peers.fetch(url)
+
+    service.poller.fetch = slow
+    with trio.move_on_after(0.5):  # the request that polled went away in the middle of its round
+        await service.watched()
+    assert service.rounds == 0 and peers.asked == []
+    await service.watched()  # so the next one polls again rather than show the old answers
+    assert service.rounds == 1 and len(peers.asked) == 3
+
+
 def test_text_format_checker_rejects_what_prometheus_would() -> None:
     good = '# HELP a_total x\n# TYPE a counter\na_total{k="v"} 1.0\n'
     check_text_format(good)

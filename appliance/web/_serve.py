@@ -157,10 +157,10 @@ class WebService:
             async with trio.open_nursery() as nursery:
                 for server in self.poller.records:
                     nursery.start_soon(self._poll_one, server)
+            self.polled_at = trio.current_time()  # not if cut short (its requester went away)
+            self.rounds += 1
         finally:
             self._round = None
-            self.polled_at = trio.current_time()
-            self.rounds += 1
             done.set()
 
     async def _poll_one(self, server: int) -> None:
