@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -34,7 +35,9 @@ from appliance.host import config as node_config
 from appliance.host.config import HttpConfig
 from appliance.protocols.signing import SigningRefused
 from appliance.protocols.state import ConfigError, Constants
-from appliance.web import API_NAME, PeerLink, Sources, WebService, openapi, stale_after
+from appliance.web import API_NAME, POLL_INTERVAL, PeerLink, Sources, WebService, openapi, stale_after
+from appliance.web import _view as web_view
+from appliance.web._serve import WATCH_WINDOW
 
 NOW = 1_800_000_000.0
 SECRET = "5ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7e7aaaa"
@@ -675,6 +678,98 @@ async def test_refreshes_finished_before_the_process_started_are_not_counted(tmp
     assert "pst_refreshes_total" not in text.replace("# HELP pst_refreshes_total", "").replace(
         "# TYPE pst_refreshes_total", ""
     )
+
+
+async def test_the_loop_reads_status_json_again_only_when_it_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service, _, _ = make_service(tmp_path)
+    reads: list[Path] = []
+    real = web_view.read_status
+    monkeypatch.setattr(web_view, "read_status", lambda path: reads.append(path) or real(path))
+    for _ in range(5):
+        service.update_local(force=False)
+    assert reads == []
+    path = tmp_path / "public" / "status.json"
+    new = tmp_path / "public" / "status.json.new"
+    new.write_text(json.dumps(status_json(1, status="recovering")))
+    new.replace(path)  # as the key-holder writes it: a new file renamed over the old one
+    service.update_local(force=False)
+    service.update_local(force=False)
+    assert reads == [path] and service.local.status is not None
+    assert service.local.status["status"] == "recovering"
+    path.unlink()
+    service.update_local(force=False)
+    assert len(reads) == 2 and service.local.status is None
+
+
+# -- Polling only while someone looks -------------------------------------------------------------
+
+
+async def test_peers_are_not_polled_while_nobody_looks(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    service, _, peers = make_service(tmp_path)
+    async with trio.open_nursery() as nursery:
+        service.start_loops(nursery)
+        await trio.sleep(600)  # ten idle minutes (trio's clock, jumped)
+        async with client(service) as c:
+            for path in ("/v1/status", "/v1/health", "/v1/alerts", "/v1/refreshes", "/"):
+                assert (await c.get(path)).status_code == 200  # what the peers' pollers ask, etc.
+        await trio.sleep(600)
+        nursery.cancel_scope.cancel()
+    assert peers.asked == [] and service.rounds == 0
+
+
+@pytest.mark.parametrize("path", ["/v1/network", "/metrics"])
+async def test_a_request_of_the_network_or_the_metrics_starts_polling_until_nobody_looks(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, path: str
+) -> None:
+    service, _, peers = make_service(tmp_path)
+    others = [f"http://127.0.0.1:{7200 + i}/v1/status" for i in (2, 3, 4)]
+    async with trio.open_nursery() as nursery:
+        service.start_loops(nursery)
+        await trio.sleep(100)
+        async with client(service) as c:
+            answer = await c.get(path)
+        # The first request after a quiet time is answered from a round of polls done for it.
+        assert sorted(peers.asked) == others and service.rounds == 1
+        if path == "/v1/network":
+            rows = {r["server"]: r for r in answer.json()["servers"]}
+            assert all(rows[i]["state"] == "operational" and rows[i]["answered"] for i in (2, 3, 4))
+        else:
+            assert 'pst_peer_up{server="2"} 1.0' in answer.text
+        await trio.sleep(WATCH_WINDOW / 2)
+        assert service.rounds > 1  # still watched: the loop polls
+        async with client(service) as c:
+            await c.get(path)  # answered from the loop's polls: no round of its own
+        await trio.sleep(WATCH_WINDOW + 2 * POLL_INTERVAL)
+        rounds = service.rounds
+        await trio.sleep(600)
+        assert service.rounds == rounds  # nobody looked for a while: polling stopped
+        assert len(peers.asked) == 3 * rounds
+        async with client(service) as c:
+            await c.get(path)  # and starts again when someone does
+        assert service.rounds == rounds + 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_round_cut_short_does_not_count_as_fresh(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    service, _, peers = make_service(tmp_path)
+    assert service.poller is not None
+
+    async def slow(url: str) -> tuple[int, bytes]:
+        await trio.sleep(1.0)
+        return await peers.fetch(url)
+
+    service.poller.fetch = slow
+    with trio.move_on_after(0.5):  # the request that polled went away in the middle of its round
+        await service.watched()
+    assert service.rounds == 0 and peers.asked == []
+    await service.watched()  # so the next one polls again rather than show the old answers
+    assert service.rounds == 1 and len(peers.asked) == 3
 
 
 def test_text_format_checker_rejects_what_prometheus_would() -> None:

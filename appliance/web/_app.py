@@ -352,6 +352,7 @@ class WebApp:
         poller: PeerPoller | None,
         metrics: Metrics,
         *,
+        watched: Callable[[], Awaitable[None]] | None = None,
         hosts: tuple[str, ...] = (),
         loopback_only: bool = True,
         log: LogReader | None = None,
@@ -359,7 +360,9 @@ class WebApp:
         ca_root: Callable[[bool], Awaitable[bytes | None]] | None = None,
         enroll: Sequence[Route] = (),
     ) -> None:
-        """``log``: the log's read-only view, served under ``/log/`` (none: those paths are 404s).
+        """``watched``: awaited before answering what shows the peers' polls (``/v1/network``,
+        ``/metrics``): the pollers run only while someone looks (appliance.web._serve).
+        ``log``: the log's read-only view, served under ``/log/`` (none: those paths are 404s).
         ``enroll``: the enrollment routes of applications' period certificates
         (:class:`appliance.web._enroll.EnrollService`).
         ``tsa``: the timestamping authority's POST route (:func:`appliance.web._tsa.timestamp_route`).
@@ -369,6 +372,7 @@ class WebApp:
         self.local = local
         self.poller = poller
         self.metrics = metrics
+        self.watched = watched
         self.hosts = frozenset(h.lower() for h in hosts)
         self.loopback_only = loopback_only
         self._openapi = json.dumps(openapi(log=log is not None, enroll=bool(enroll))).encode()
@@ -457,6 +461,7 @@ class WebApp:
 
     async def network(self, request: Request) -> Response:
         _params(request, {})
+        await self._watched()
         return _json(network_document(self.local, self.poller))
 
     async def refreshes(self, request: Request) -> Response:
@@ -479,7 +484,12 @@ class WebApp:
 
     async def prometheus(self, request: Request) -> Response:
         _params(request, {})
+        await self._watched()
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def _watched(self) -> None:
+        if self.watched is not None:
+            await self.watched()
 
     # -- checks done before routing -----------------------------------------------------------
 

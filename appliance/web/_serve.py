@@ -2,14 +2,23 @@
 
 :class:`WebService` owns the views, the metrics and the application. :meth:`WebService.run`
 (started in the network-facing process's nursery) binds the listener with hypercorn on trio,
-re-reads status.json and alerts.jsonl every second, counts the refused peer connections,
-and polls every peer's ``/v1/status`` every :data:`POLL_INTERVAL` seconds with a timeout
-of :data:`POLL_TIMEOUT`. It never touches the key-holder: everything it reads is public.
+checks every :data:`LOCAL_INTERVAL` seconds whether status.json or alerts.jsonl changed (and
+re-reads them if so), counts the refused peer connections, and polls every peer's
+``/v1/status`` with a timeout of :data:`POLL_TIMEOUT`, every :data:`POLL_INTERVAL` seconds
+but only while someone looks at what the polls gather: for :data:`WATCH_WINDOW` seconds after
+the last request of ``/v1/network`` (what the status page asks every two seconds) or of
+``/metrics`` (:meth:`WebService.watched`). A server nobody watches sends no request to its
+peers and so costs them nothing either. The first of these requests after a quiet time waits
+for one round of polls (at most about :data:`POLL_TIMEOUT`), so that what it shows is never
+older than a round: no answer is shown from before the quiet time as if it were current. A
+peer's ``/v1/status`` is not a reason to poll (else one watched server would keep the whole
+network polling). It never touches the key-holder: everything it reads is public.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -40,6 +49,13 @@ INDEX_QUIET: Final = 5
 
 POLL_INTERVAL: Final = 2.0
 POLL_TIMEOUT: Final = 1.5
+#: The longest a round of polls takes (each peer's poll is cut off after this).
+ROUND_LIMIT: Final = POLL_TIMEOUT + 0.5
+#: Seconds of polling after the last request that shows the polls' answers.
+WATCH_WINDOW: Final = 30.0
+#: While the pollers run, the last round ended at most this long ago; older answers are not
+#: served without a new round first.
+FRESH_FOR: Final = POLL_INTERVAL + ROUND_LIMIT + 1.0
 LOCAL_INTERVAL: Final = 1.0
 
 
@@ -68,10 +84,18 @@ class WebService:
         self.poller = PeerPoller(sources, fetch or self._fetch) if peers else None
         self.metrics = Metrics(sources, self.local, self.poller)
         self.local.on_refresh = self.metrics.observe_refresh
+        #: Until when (trio's clock) the pollers run; a request that shows them moves it on.
+        self.watched_until = -math.inf
+        #: When (trio's clock) the last round of polls ended; rounds of polls done so far.
+        self.polled_at = -math.inf
+        self.rounds = 0
+        self._round: trio.Event | None = None
+        self._wake = trio.Event()
         self.app = WebApp(
             self.local,
             self.poller,
             self.metrics,
+            watched=self.watched,
             hosts=http.hosts,
             loopback_only=is_loopback(http.listen[0]),
             log=log_reader,
@@ -101,18 +125,43 @@ class WebService:
                     break
             return answer.status_code, body
 
-    def update_local(self) -> None:
-        """Re-read this server's files and count new refused connections."""
-        self.local.update()
+    def update_local(self, *, force: bool = True) -> None:
+        """Re-read this server's files (``force=False``: only those that changed, as the loop
+        does) and count new refused connections."""
+        self.local.update(force=force)
         new, self._last_rejection = refused_since(self.sources.rejections(), self._last_rejection)
         self.metrics.count_refused(new)
 
-    async def poll_peers(self) -> None:
+    async def watched(self) -> None:
+        """Someone looks at what the polls gather (``/v1/network``, ``/metrics``): keep polling
+        for :data:`WATCH_WINDOW` seconds more and, if the pollers were idle, poll once now and
+        return when that round is done (at most about :data:`ROUND_LIMIT` seconds)."""
         if self.poller is None:
             return
-        async with trio.open_nursery() as nursery:
-            for server in self.poller.records:
-                nursery.start_soon(self._poll_one, server)
+        now = trio.current_time()
+        self.watched_until = now + WATCH_WINDOW
+        self._wake.set()
+        if now - self.polled_at > FRESH_FOR:
+            await self.poll_peers()
+
+    async def poll_peers(self) -> None:
+        """One round: every peer's ``/v1/status``, in parallel. A round under way is waited
+        for, not doubled."""
+        if self.poller is None:
+            return
+        if self._round is not None:
+            await self._round.wait()
+            return
+        self._round = done = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                for server in self.poller.records:
+                    nursery.start_soon(self._poll_one, server)
+            self.polled_at = trio.current_time()  # not if cut short (its requester went away)
+            self.rounds += 1
+        finally:
+            self._round = None
+            done.set()
 
     async def _poll_one(self, server: int) -> None:
         assert self.poller is not None
@@ -124,7 +173,7 @@ class WebService:
     async def _local_loop(self) -> None:
         while True:
             try:
-                self.update_local()
+                self.update_local(force=False)
             except Exception as exc:  # the service outlives a bad file
                 log.error("web: reading the server's state failed (%s)", type(exc).__name__)
             await trio.sleep(LOCAL_INTERVAL)
@@ -160,9 +209,22 @@ class WebService:
             await trio.sleep(0 if added == step == INDEX_STEP else INDEX_INTERVAL)
 
     async def _peer_loop(self) -> None:
+        """Poll every :data:`POLL_INTERVAL` seconds while watched; asleep otherwise (the request
+        that wakes it has polled already, if the answers were old)."""
         while True:
-            await self.poll_peers()
+            if trio.current_time() < self.watched_until:
+                await self.poll_peers()
+            else:
+                self._wake = trio.Event()
+                await self._wake.wait()
             await trio.sleep(POLL_INTERVAL)
+
+    def start_loops(self, nursery: trio.Nursery) -> None:
+        """Start the periodic work (files, peers, the log's index) in ``nursery``."""
+        nursery.start_soon(self._local_loop)
+        nursery.start_soon(self._peer_loop)
+        if self.log_reader is not None:
+            nursery.start_soon(self._index_loop, self.log_reader)
 
     def hypercorn_config(self) -> HypercornConfig:
         http = self.http
@@ -195,10 +257,7 @@ class WebService:
                 binds: list[str] = await nursery.start(
                     lambda task_status: hypercorn_serve(self.app.asgi, config, task_status=task_status)  # type: ignore[arg-type]
                 )
-                nursery.start_soon(self._local_loop)
-                nursery.start_soon(self._peer_loop)
-                if self.log_reader is not None:
-                    nursery.start_soon(self._index_loop, self.log_reader)
+                self.start_loops(nursery)
                 task_status.started(binds)
         finally:
             if self._client is not None:

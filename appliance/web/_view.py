@@ -48,6 +48,8 @@ RECENT_ALERTS: Final = 10
 #: A peer's answer larger than this is refused (a status document is a few KiB).
 MAX_PEER_ANSWER: Final = 256 * 1024
 ALERT_KINDS: Final = frozenset(k.value for k in AlertKind)
+#: status.json is read again after this many seconds even if it looks unchanged.
+REREAD_AFTER: Final = 60.0
 
 
 def stale_after(constants: Constants) -> float:
@@ -449,11 +451,24 @@ class LocalView:
         self.why = "not read yet"
         self.started = sources.clock()
         self.seen_refreshes: set[int] = set()
+        self._seen: tuple[int, ...] | None = None
+        self._read_at = -math.inf
         #: Called with each refresh record that finished after this process started.
         self.on_refresh: Callable[[dict[str, Any]], None] = lambda record: None
 
-    def update(self) -> None:
-        self.status, self.why = read_status(self.sources.status_file)
+    def update(self, *, force: bool = True) -> None:
+        """Re-read status.json and the new alerts; ``force=False``: status.json only if it
+        changed (another file, size or times: the key-holder replaces it whole) or was last
+        read :data:`REREAD_AFTER` seconds ago."""
+        try:
+            st = os.stat(self.sources.status_file)
+            seen: tuple[int, ...] | None = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        except OSError:
+            seen = None
+        now = time.monotonic()
+        if force or seen != self._seen or now - self._read_at >= REREAD_AFTER:
+            self.status, self.why = read_status(self.sources.status_file)
+            self._seen, self._read_at = seen, now
         self.alerts.update()
         for record in (self.status or {}).get("recent_refreshes", []):
             period = record["period"]
@@ -638,8 +653,9 @@ def network_document(local: LocalView, poller: PeerPoller | None) -> dict[str, A
         "applications": [],
         "sources": {
             "this server": "its status.json (written by its key-holder), its connections and alerts",
-            "the others": f"their /v1/status, fetched by server {s.server_id} every few seconds; "
-            "a server that did not answer the last fetch is shown as stopped",
+            "the others": f"their /v1/status, fetched by server {s.server_id} every few seconds while "
+            "someone asks for this document or /metrics (and once before answering, after a quiet "
+            "time); a server that did not answer the last fetch is shown as stopped",
             "skew": f"each server's clock minus server {s.server_id}'s, at the midpoint of the fetch "
             "(error at most half the round trip)",
             "KeyTable": "the newest one reported by a server that answers",
