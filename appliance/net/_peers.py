@@ -121,7 +121,7 @@ import random
 import socket
 import ssl
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -517,6 +517,11 @@ class PeerNetwork:
         self.rejections: deque[Rejection] = deque(maxlen=256)
         self.listen_port: int | None = None
         self._conns: set[_Conn] = set()
+        #: TLS handshakes begun (TCP connected), by ``"{direction} {outcome}"``: direction
+        #: ``outgoing`` or ``incoming``, outcome ``authenticated``, ``unauthenticated`` (the
+        #: connection came up so) or ``failed`` (TLS, hello or admission refused, or timed out).
+        self.handshakes: Counter[str] = Counter()
+        self._handshakes_logged: Counter[str] = Counter()  # as of the last rekey's log line
         self._incoming_by_peer: dict[int, _Conn] = {}  # authenticated incoming connections
         self._unauthenticated_by_peer: dict[int, _Conn] = {}  # unauthenticated incoming ones
         # The peers' addresses keep enough slots for each peer to hold its limit at once, up
@@ -656,13 +661,18 @@ class PeerNetwork:
         rekeyed, self._rekeyed = self._rekeyed, trio.Event()
         rekeyed.set()
         self._notify()
+        since = self.handshakes - self._handshakes_logged
+        self._handshakes_logged = Counter(self.handshakes)
         log.info(
-            "server %d: now in period %d (%d keys)%s; closing %d connections of the previous period",
+            "server %d: now in period %d (%d keys)%s; closing %d connections of the previous period; "
+            "%d TLS handshakes since the previous rekey (%s)",
             self.me,
             period,
             len(self._creds.keys),
             ", no longer recovering" if was_recovering else "",
             closing,
+            since.total(),
+            ", ".join(f"{kind} {count}" for kind, count in sorted(since.items())) or "none",
         )
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -997,6 +1007,7 @@ class PeerNetwork:
         ctx = self._anonymous_client_ctx if creds is None else creds.client_ctx
         stream: trio.SSLStream[trio.SocketStream] | None = None
         handshaken = False
+        outcome = "failed"
         try:
             with conn.scope:
                 try:
@@ -1032,6 +1043,7 @@ class PeerNetwork:
                         return False, reason, True
                     return False, reason, False
                 authenticated = creds is not None
+                outcome = "authenticated" if authenticated else "unauthenticated"
                 conn.authenticated = authenticated
                 conn.info = _info(stream, peer.server, hello.period, authenticated, "outgoing")
                 peer.out = conn
@@ -1055,6 +1067,7 @@ class PeerNetwork:
                 peer.out = None
                 self._notify()
             if stream is not None:
+                self.handshakes[f"outgoing {outcome}"] += 1
                 await trio.aclose_forcefully(stream)
 
     def _check_answer(
@@ -1115,6 +1128,7 @@ class PeerNetwork:
         conn = _Conn(None, "incoming")
         self._conns.add(conn)
         stream = trio.SSLStream(tcp, ctx, server_side=True)
+        outcome = "failed"
         try:
             with conn.scope:
                 try:
@@ -1145,6 +1159,7 @@ class PeerNetwork:
                     return
                 finally:
                     release_slot()
+                outcome = "authenticated" if authenticated else "unauthenticated"
                 conn.server = server
                 conn.authenticated = authenticated
                 conn.info = _info(stream, server, hello.period, authenticated, "incoming")
@@ -1167,6 +1182,7 @@ class PeerNetwork:
                     del registry[conn.server]
                     self._notify()
                     self._flush_if_unreachable(self._peers[conn.server])
+            self.handshakes[f"incoming {outcome}"] += 1
             await trio.aclose_forcefully(stream)
 
     async def _resolve(self, peer: _Peer) -> frozenset[IPAddress]:
