@@ -20,12 +20,12 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
 import sys
 import time
 from collections import Counter
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -33,17 +33,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.net import EVERYONE, ChannelIdentity, PeerNetwork, channel_identity
 
-
-def free_ports(k: int) -> list[int]:
-    socks = []
-    for _ in range(k):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from netproxy import free_ports
 
 
 def public_key(seed: bytes) -> bytes:
