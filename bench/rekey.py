@@ -101,6 +101,9 @@ async def run(n: int, periods: int, spread: float, late: float, seed: int) -> di
                     await trio.sleep(0.005)
             cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
             lost = sum(len(want[i] - got[i]) for i in ids)
+            if os.environ.get("REKEY_DEBUG"):  # which (sender, receiver) pairs, in which rekey order
+                missing = [(j, i) for i in ids for (j, _) in want[i] - got[i]]
+                print("lost", period, order, missing, file=sys.stderr)
             unauthenticated = sum(not net.is_authenticated(j) for net in nets.values() for j in net.peers)
             kinds: Counter[str] = Counter()
             for i, net in nets.items():

@@ -113,6 +113,7 @@ Every task runs in a nursery the object owns inside :meth:`PeerNetwork.run`
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 import logging
@@ -262,6 +263,9 @@ class _Conn:
     #: Set while the connection's writer waits for a frame; cancelled when it stops being the route.
     route_scope: trio.CancelScope | None = None
     upgrading: bool = False
+    #: An incoming connection authenticated in the period before our current one, kept after
+    #: our rekey while its dialer is still in that period (see "Period changes").
+    previous: bool = False
 
 
 @dataclass(eq=False)
@@ -524,6 +528,8 @@ class PeerNetwork:
         self._handshakes_logged: Counter[str] = Counter()  # as of the last rekey's log line
         self._incoming_by_peer: dict[int, _Conn] = {}  # authenticated incoming connections
         self._unauthenticated_by_peer: dict[int, _Conn] = {}  # unauthenticated incoming ones
+        self._previous_by_peer: dict[int, _Conn] = {}  # incoming ones of our previous period
+        self._draining_by_peer: dict[int, _Conn] = {}  # outgoing ones of our previous period
         # The peers' addresses keep enough slots for each peer to hold its limit at once, up
         # to half of them: a peer dials once at a time, so even half is ample.
         reserved = min(max_pending_handshakes // 2, max_handshakes_per_source * len(self._peers))
@@ -647,11 +653,17 @@ class PeerNetwork:
         self._creds = _Credentials.build(self.me, period, keys, seed)  # old contexts dropped
         self._rekeyed_at = time.monotonic()
         self._anonymous_server_ctx = None
-        closing = len(self._conns)
+        # The authenticated incoming connections stay open, as the previous period's, for
+        # peers still in it; everything else (what we dialed, unauthenticated connections,
+        # handshakes under way, connections kept from the period before) closes now.
+        kept, draining = self._keep_previous(self._creds)
+        closing = len(self._conns) - len(kept) - len(draining)
         for conn in list(self._conns):
-            conn.scope.cancel()
+            if conn not in kept.values() and conn not in draining.values():
+                conn.scope.cancel()
         self._incoming_by_peer.clear()
         self._unauthenticated_by_peer.clear()
+        self._previous_by_peer, self._draining_by_peer = kept, draining
         for peer in self._peers.values():
             if peer.server in self._creds.keys:
                 peer.state = PeerState.CONNECTING
@@ -664,16 +676,39 @@ class PeerNetwork:
         since = self.handshakes - self._handshakes_logged
         self._handshakes_logged = Counter(self.handshakes)
         log.info(
-            "server %d: now in period %d (%d keys)%s; closing %d connections of the previous period; "
-            "%d TLS handshakes since the previous rekey (%s)",
+            "server %d: now in period %d (%d keys)%s; closing %d connections of the previous period "
+            "(draining %d), keeping %d from peers for up to %gs; %d TLS handshakes since the last rekey (%s)",
             self.me,
             period,
             len(self._creds.keys),
             ", no longer recovering" if was_recovering else "",
-            closing,
+            closing + len(draining),
+            len(draining),
+            len(kept),
+            self.transition_grace,
             since.total(),
             ", ".join(f"{kind} {count}" for kind, count in sorted(since.items())) or "none",
         )
+
+    def _keep_previous(self, creds: _Credentials) -> tuple[dict[int, _Conn], dict[int, _Conn]]:
+        """The connections a rekey keeps, as the previous period's, by peer: the authenticated
+        incoming ones (they carry frames both ways while their dialer is in that period) and
+        our own open outgoing ones (drained: we send EOF, so the peer learns that we re-keyed,
+        and read what it sent before it saw the EOF, until it closes).
+
+        None is authenticated any more (they proved keys of a period we left), and each closes
+        after ``transition_grace`` seconds at the latest.
+        """
+        incoming = {i: c for i, c in self._incoming_by_peer.items() if i in creds.keys}
+        draining = {i: p.out for i, p in self._peers.items() if p.out is not None and i in creds.keys}
+        if incoming or draining:
+            deadline = trio.current_time() + self.transition_grace
+            for conn in [*incoming.values(), *draining.values()]:
+                conn.authenticated, conn.previous = False, True
+                if conn.info is not None:
+                    conn.info = dataclasses.replace(conn.info, authenticated=False)
+                conn.scope.deadline = min(conn.scope.deadline, deadline)
+        return incoming, draining
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen and dial until :meth:`aclose`; ``nursery.start`` returns the listening port."""
@@ -749,7 +784,9 @@ class PeerNetwork:
         found = (
             self._peers[server].out,
             self._incoming_by_peer.get(server),
+            self._previous_by_peer.get(server),
             self._unauthenticated_by_peer.get(server),
+            self._draining_by_peer.get(server),
         )
         return [c for c in found if c is not None]
 
@@ -761,6 +798,9 @@ class PeerNetwork:
         incoming = self._incoming_by_peer.get(peer.server)
         if incoming is not None:
             return incoming
+        previous = self._previous_by_peer.get(peer.server)
+        if previous is not None:
+            return previous
         if out is not None:
             return out
         if peer.state is PeerState.DOWN:  # nothing else: the claimed id's unauthenticated connection
@@ -906,18 +946,30 @@ class PeerNetwork:
             with suppress(trio.ClosedResourceError):
                 await self._incoming_send.send((server, data))
 
-    async def _serve_conn(self, conn: _Conn, frames: FrameStream, address: str) -> str:
+    async def _serve_conn(
+        self, conn: _Conn, stream: trio.SSLStream[trio.SocketStream], frames: FrameStream, address: str
+    ) -> str:
         """Deliver the frames ``conn`` brings and send our queued frames over it while it is
-        the peer's route; return why the connection ended."""
+        the peer's route; return why the connection ended. A connection of ours drained at a
+        rekey sends EOF and goes on reading until the peer closes it. When the reading ends
+        (EOF: the peer re-keyed, or closed), a batch being sent is finished first: its frames
+        were taken from the queue, and the peer may still be reading (it drains too)."""
         assert conn.server is not None
         server = conn.server
         peer = self._peers[server]
         ended: list[str] = []
+        sending = False  # the writer is sending a batch
+        stop = False  # the reader ended: the writer stops after its batch
         async with trio.open_nursery() as nursery:
 
             async def writer() -> None:
+                nonlocal sending
                 try:
-                    while True:
+                    while not stop:
+                        if self._draining_by_peer.get(server) is conn:
+                            # TCP half-close: the peer reads our frames, then EOF, and closes.
+                            await stream.transport_stream.send_eof()
+                            return
                         changed = self._changed
                         if self._route(peer) is not conn:
                             await changed.wait()
@@ -937,19 +989,22 @@ class PeerNetwork:
                                 break
                             batch.append(more)
                             size += len(more)
+                        sending = True
                         with trio.move_on_after(self.send_timeout) as timeout:
                             await frames.send_frames(batch)
+                        sending = False
                         if timeout.cancelled_caught:
                             peer.dropped += 1
                             ended.append(f"sending stalled for {self.send_timeout}s")
                             break
-                except (*_TRANSPORT_ERRORS, FramingError) as exc:
+                except (*_TRANSPORT_ERRORS, FramingError, trio.BusyResourceError) as exc:
                     ended.append(_describe(exc))
                 finally:
                     conn.route_scope = None
                 nursery.cancel_scope.cancel()
 
             async def reader() -> None:
+                nonlocal stop
                 try:
                     while True:
                         frame = await frames.receive_frame()
@@ -960,9 +1015,13 @@ class PeerNetwork:
                 except FramingError as exc:
                     self._reject(conn.direction, address, server, f"closing the connection: {exc}")
                     ended.append(str(exc))
+                    nursery.cancel_scope.cancel()
+                    return
                 except _TRANSPORT_ERRORS as exc:
                     ended.append(_describe(exc))
-                nursery.cancel_scope.cancel()
+                stop = True
+                if not sending:
+                    nursery.cancel_scope.cancel()
 
             nursery.start_soon(writer)
             nursery.start_soon(reader)
@@ -978,8 +1037,18 @@ class PeerNetwork:
                 self._set_state(peer, PeerState.DOWN, f"no key in period {creds.period}'s table")
                 await rekeyed.wait()
                 continue
+            if peer.server in self._previous_by_peer:
+                # The peer is still in our previous period (its connection to us says so), so
+                # the new keys cannot authenticate it yet. Frames go both ways over that
+                # connection until the peer re-keys and closes it (or dials us with the new
+                # keys), or the grace ends; then we dial, once.
+                while peer.server in self._previous_by_peer and self._creds is creds:
+                    await self._changed.wait()
+                continue
             was_up, reason, retry = await self._connect(peer, creds)
-            if retry and self._creds is creds:
+            if retry and self._creds is creds and peer.server not in self._incoming_by_peer:
+                # (A peer that holds an authenticated connection to us is in our period: its
+                # connection carries our frames, and we try again with the keys after the backoff.)
                 was_up, reason, _ = await self._connect(peer, None)
             if self._creds is not creds:  # rekeyed: reconnect at once with the new keys
                 backoff = self.backoff_min
@@ -1044,6 +1113,10 @@ class PeerNetwork:
                     return False, reason, False
                 authenticated = creds is not None
                 outcome = "authenticated" if authenticated else "unauthenticated"
+                if not authenticated and self._creds is not None and peer.server in self._incoming_by_peer:
+                    # The peer authenticated to us while we dialed without keys: so may we, at once
+                    # (else this connection would stay unauthenticated until the next reconnect).
+                    return False, _UPGRADING, False
                 conn.authenticated = authenticated
                 conn.info = _info(stream, peer.server, hello.period, authenticated, "outgoing")
                 peer.out = conn
@@ -1059,12 +1132,15 @@ class PeerNetwork:
                     conn.info.tls_version,
                     "" if authenticated else ", unauthenticated",
                 )
-                return True, await self._serve_conn(conn, frames, address), False
+                return True, await self._serve_conn(conn, stream, frames, address), False
             return False, _UPGRADING if conn.upgrading else "closed on rekey", False
         finally:
             self._conns.discard(conn)
             if peer.out is conn:
                 peer.out = None
+                self._notify()
+            if self._draining_by_peer.get(peer.server) is conn:
+                del self._draining_by_peer[peer.server]
                 self._notify()
             if stream is not None:
                 self.handshakes[f"outgoing {outcome}"] += 1
@@ -1171,13 +1247,13 @@ class PeerNetwork:
                     address,
                     "" if authenticated else " (unauthenticated)",
                 )
-                reason = await self._serve_conn(conn, frames, address)
+                reason = await self._serve_conn(conn, stream, frames, address)
                 log.info("server %d: connection from server %d ended: %s", self.me, server, reason)
         finally:
             release_slot()
             self._conns.discard(conn)
             if conn.server is not None:
-                registry = self._incoming_by_peer if conn.authenticated else self._unauthenticated_by_peer
+                registry = self._registry(conn)
                 if registry.get(conn.server) is conn:
                     del registry[conn.server]
                     self._notify()
@@ -1227,6 +1303,12 @@ class PeerNetwork:
             raise _Rejected(
                 server, "unauthenticated, while the server holds an authenticated connection to us"
             )
+        if server in self._previous_by_peer:
+            raise _Rejected(
+                server,
+                "unauthenticated, while the server holds a connection to us authenticated in our "
+                "previous period",
+            )
         if (
             server not in self._unauthenticated_by_peer
             and len(self._unauthenticated_by_peer) >= self.max_unauthenticated
@@ -1235,12 +1317,21 @@ class PeerNetwork:
                 server, f"too many unauthenticated connections (at most {self.max_unauthenticated})"
             )
 
+    def _registry(self, conn: _Conn) -> dict[int, _Conn]:
+        """Where an incoming connection is kept, by the id it claimed."""
+        if conn.previous:
+            return self._previous_by_peer
+        return self._incoming_by_peer if conn.authenticated else self._unauthenticated_by_peer
+
     def _register_incoming(self, conn: _Conn) -> None:
         server = conn.server
         assert server is not None
         if conn.authenticated:
             previous = self._incoming_by_peer.get(server)
             self._incoming_by_peer[server] = conn
+            kept = self._previous_by_peer.pop(server, None)
+            if kept is not None:  # the peer is in our period now
+                kept.scope.cancel()
             unauthenticated = self._unauthenticated_by_peer.pop(server, None)
             if unauthenticated is not None:
                 unauthenticated.scope.cancel()
