@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
@@ -1255,3 +1256,19 @@ async def test_a_peer_left_behind_is_reached_after_the_grace() -> None:
         with trio.fail_after(5):
             for net in nets.values():
                 await net.wait_connected()
+
+
+def test_remembered_peer_certificates_are_per_claimed_server() -> None:
+    """The per-period cache of checked peer certificates never lets a certificate pass for
+    another server than the one it was checked for, nor one that failed."""
+    from appliance.net._peers import _Credentials
+
+    ids = [1, 2, 3]
+    keys = key_table(ids, 4)
+    creds = _Credentials.build(1, 4, keys, seed_of(1, 4))
+    cert_2 = period_certificate(2, 4, seed_of(2, 4)).public_bytes(serialization.Encoding.DER)
+    for _ in range(2):
+        creds.check_peer(cert_2, 2)
+        with pytest.raises(PeerCertificateError, match="it is server 2's"):
+            creds.check_peer(cert_2, 3)
+    assert creds.checked == {(cert_2, 2)}

@@ -147,9 +147,8 @@ from appliance.net._tls import (
     anonymous_client_context,
     anonymous_server_context,
     check_peer,
-    client_context,
     issued_by,
-    server_context,
+    period_contexts,
     server_name,
 )
 
@@ -222,6 +221,17 @@ class _Credentials:
     keys: dict[int, bytes]
     server_ctx: ssl.SSLContext
     client_ctx: ssl.SSLContext
+    #: Peer certificates (DER) that :func:`check_peer` accepted for a server id this period:
+    #: each later handshake with the same certificate skips the parse and the signature check.
+    checked: set[tuple[bytes, int]] = field(default_factory=set)
+
+    def check_peer(self, cert_der: bytes | None, server: int) -> None:
+        """:func:`check_peer` against this period's table, remembering what passed."""
+        if cert_der is not None and (cert_der, server) in self.checked:
+            return
+        check_peer(cert_der, server, self.period, self.keys)
+        if cert_der is not None and len(self.checked) < 4 * len(self.keys):  # bounded
+            self.checked.add((cert_der, server))
 
     @classmethod
     def build(cls, me: int, period: int, keys: Mapping[int, bytes], seed: Credential) -> _Credentials:
@@ -245,12 +255,7 @@ class _Credentials:
                 raise ValueError(
                     f"server {me}: our seed's public key is not our entry of period {period}'s table"
                 )
-        return cls(
-            period,
-            table,
-            server_context(me, period, seed, table),
-            client_context(me, period, seed, table),
-        )
+        return cls(period, table, *period_contexts(me, period, seed, table))
 
 
 @dataclass(eq=False)
@@ -1172,7 +1177,7 @@ class PeerNetwork:
                     authentication=True,
                 )
             try:
-                check_peer(stream.getpeercert(binary_form=True), server, creds.period, creds.keys)
+                creds.check_peer(stream.getpeercert(binary_form=True), server)
             except PeerCertificateError as exc:
                 raise _Rejected(server, str(exc), authentication=True) from None
         if stream.version() != "TLSv1.3":
@@ -1373,7 +1378,7 @@ class PeerNetwork:
             if hello.period != creds.period:
                 raise _Rejected(server, f"is in period {hello.period}, we are in period {creds.period}")
             try:
-                check_peer(cert, server, creds.period, creds.keys)
+                creds.check_peer(cert, server)
             except PeerCertificateError as exc:
                 raise _Rejected(server, str(exc)) from None
         if stream.version() != "TLSv1.3":
