@@ -31,16 +31,35 @@ So the transport also carries frames over *unauthenticated* connections, and say
   its own certificate was refused) retries j at once anonymously, logging the reason at
   WARNING once per change of reason. Every later reconnect (after the usual backoff) tries
   the authenticated way first again; an anonymous outgoing connection is also closed and
-  re-dialed as soon as j opens an authenticated connection to us. A rekey on either side
-  closes every connection, so keys that match again are noticed at once.
-* Period changes are routine, and logged so. The servers re-key a few milliseconds apart, so
-  for a moment two of them hold different periods' keys: the one ahead falls back when it
-  dials the one behind, refuses its aborted handshakes, and the one behind drops frames to
-  the one ahead. While a period change is under way (``transition_grace`` seconds after our
-  own rekey, or while the ``transition`` callback says so: ``pst serve`` passes the first
-  seconds after each period boundary, when the refresh runs) these are logged at INFO; at
-  any other time at WARNING. A fallback still under way after the change is logged at
-  WARNING on its next attempt.
+  re-dialed as soon as j opens an authenticated connection to us (or at once, when j's
+  authenticated connection came while we dialed). No anonymous dial follows a failed one
+  while j holds an authenticated connection to us: it carries our frames, and we try the
+  keys again after the backoff. A rekey on either side ends the connections made with the
+  old keys (see "Period changes"), so keys that match again are noticed at once.
+* Period changes cost one handshake per ordered pair. The servers re-key moments apart (at
+  n=16 on a loaded host, seconds), so for a while two of them hold different periods' keys.
+  At our rekey, (a) every authenticated connection a peer opened to us is *kept*, as a
+  connection of our previous period: it is no longer authenticated (it proved keys of a
+  period we left; :meth:`PeerNetwork.is_authenticated` is False while it is open), carries
+  frames both ways (route 3 below), and closes ``transition_grace`` seconds after our rekey
+  at the latest; (b) every connection we opened is *drained*: we send no more frames on it,
+  half-close it (TCP EOF, which tells the peer that we re-keyed) and read what the peer
+  sent before it saw the EOF, until it closes (at the latest after ``transition_grace``);
+  (c) everything else closes (unauthenticated connections, handshakes under way, kept
+  connections of the period before). We do not dial a peer whose kept connection is open:
+  it is still in our previous period, and the new keys cannot authenticate it yet. When it
+  re-keys, it drains that connection (we see the EOF and close it) and dials us with the new
+  keys; then we dial it, once. A peer that re-keyed before us has already drained its
+  connection to us: we dial it at once. A connection that is being read from when the
+  reading ends (the peer's EOF) first finishes the batch of frames it is sending: they were
+  taken from the queue, and the peer still reads. A peer still behind when the grace ends
+  is reached as before: our authenticated dial fails, and an unauthenticated one follows.
+  While a period change is under way (``transition_grace`` seconds after our own rekey, or
+  while the ``transition`` callback says so: ``pst serve`` passes the first seconds after
+  each period boundary, when the refresh runs) fallbacks, refusals and drops are logged at
+  INFO; at any other time at WARNING. A fallback still under way after the change is logged
+  at WARNING on its next attempt. :attr:`PeerNetwork.handshakes` counts the TLS handshakes
+  by direction and outcome (each rekey logs those since the last one).
 * The acceptor requests a client certificate with ``CERT_OPTIONAL``: a certificate that is
   presented must verify as before (or the handshake fails), but a client presenting none is
   admitted *unauthenticated* after its hello, which names the server it claims to be (its
@@ -55,7 +74,9 @@ So the transport also carries frames over *unauthenticated* connections, and say
   them, a second interface) can still connect authenticated, but not unauthenticated.
 
 DoS bounds and rules: an unauthenticated connection never replaces an authenticated incoming
-connection of the same claimed id (it is refused with a rejection record), at most one
+connection of the same claimed id, nor one kept from our previous period (it is refused with
+a rejection record; the kept one is the peer's own, so the peer does not dial meanwhile), at
+most one kept connection per peer exists (the one it had authenticated), at most one
 unauthenticated incoming connection per claimed id is kept (a newer one replaces the older),
 at most ``max_unauthenticated`` (default n) exist at once, and an authenticated incoming
 connection closes the unauthenticated one of its id. Every frame is bounded by
@@ -90,8 +111,10 @@ over the first of these that is open:
 2. the peer's authenticated incoming connection to us (it proved the peer's key as well as
    ours would; connections carry frames both ways and each side reads frames on the
    connections it opened too);
-3. our unauthenticated outgoing connection (it reaches the peer's configured address);
-4. the peer's unauthenticated incoming connection, and only while our own dial to the peer
+3. the peer's incoming connection kept from our previous period (it proved the peer's key of
+   that period; the peer, still in it, takes it as authenticated);
+4. our unauthenticated outgoing connection (it reaches the peer's configured address);
+5. the peer's unauthenticated incoming connection, and only while our own dial to the peer
    is ``DOWN`` (its last attempt failed): all that proves is the source IP, so it is the
    route only when nothing else exists. While our dial is still in progress (``CONNECTING``,
    e.g. right after a rekey) frames wait in the queue for it instead.
@@ -104,8 +127,9 @@ new one. Received frames go to the ``on_frame`` callback, or else to
 consumer slows the senders down through TCP instead of growing memory.
 
 :meth:`PeerNetwork.rekey` installs the next period's credentials (a recovering network thus
-becomes a normal one), forgets the previous ones, closes every connection (all were made
-with the old keys) and lets the dial loops reconnect at once with the new certificates.
+becomes a normal one), forgets the previous ones (the TLS contexts of the period are built
+once, at the rekey), keeps, drains or closes the connections made with them (see "Period
+changes") and lets the dial loops reconnect with the new certificates.
 Every task runs in a nursery the object owns inside :meth:`PeerNetwork.run`
 (``async with PeerNetwork(...) as net`` starts it in a nursery of its own);
 :meth:`PeerNetwork.aclose` cancels it and waits for the end.
