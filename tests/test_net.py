@@ -839,11 +839,11 @@ async def test_a_period_change_is_logged_at_info_not_warning(caplog: pytest.LogC
         for i in (2, 3):  # over the connections of period 0 that 2 and 3 opened to 1
             nets[1].send(i, b"ahead")
             nets[i].send(1, b"behind")
-        await eventually(
-            lambda: all((1, b"ahead") in inbox.got[i] and (i, b"behind") in inbox.got[1] for i in (2, 3))
-        )
+        await eventually(lambda: all((i, b"behind") in inbox.got[1] for i in (2, 3)))
         assert not nets[1].is_authenticated(2) and nets[2].is_authenticated(1)
         await trio.sleep(0.3)
+        assert not any((1, b"ahead") in inbox.got[i] for i in (2, 3))  # 1's wait for them to re-key
+        assert nets[1].dropped(2) == nets[1].dropped(3) == 0
         refreshing[0] = False  # server 1's own rekey keeps its grace; 2 and 3 now re-key too
         for i in (2, 3):
             nets[i].rekey(1, key_table(ids, 1), seed_of(i, 1))
@@ -851,6 +851,7 @@ async def test_a_period_change_is_logged_at_info_not_warning(caplog: pytest.LogC
             for net in nets.values():
                 await net.wait_connected()
         assert all(net.is_authenticated(j) for net in nets.values() for j in ids if j != net.me)
+        await eventually(lambda: all((1, b"ahead") in inbox.got[i] for i in (2, 3)))
     routine = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert any("server 1: now in period 1" in m and "keeping 2 from peers" in m for m in routine)
     assert not any("retrying without authentication" in m for m in routine)  # no fallback needed
@@ -1242,11 +1243,15 @@ async def test_a_peer_left_behind_is_reached_after_the_grace() -> None:
         nets[1].rekey(1, key_table(ids, 1), seed_of(1, 1))
         kept = nets[1].connections(2)  # 2's (kept) and ours (drained), both of period 0
         assert kept and all(c.period == 0 and not c.authenticated for c in kept)
-        nets[1].send(2, b"before the grace ended")
-        await eventually(lambda: (1, b"before the grace ended") in inbox.got[2])
-        await trio.sleep(0.4)
+        nets[1].send(2, b"queued during the grace")
+        nets[2].send(1, b"from behind, during the grace")
+        await eventually(lambda: (2, b"from behind, during the grace") in inbox.got[1])
+        await trio.sleep(0.2)
+        assert (1, b"queued during the grace") not in inbox.got[2]  # our frames wait for 2
+        await trio.sleep(0.2)
         await eventually(lambda: nets[1].state(2) is PeerState.ANONYMOUS)
         assert all(c.period == 1 or not c.authenticated for c in nets[1].connections(2))
+        await eventually(lambda: (1, b"queued during the grace") in inbox.got[2])
         nets[1].send(2, b"after the grace")
         nets[2].send(1, b"from behind")
         await eventually(

@@ -37,29 +37,32 @@ So the transport also carries frames over *unauthenticated* connections, and say
   keys again after the backoff. A rekey on either side ends the connections made with the
   old keys (see "Period changes"), so keys that match again are noticed at once.
 * Period changes cost one handshake per ordered pair. The servers re-key moments apart (at
-  n=16 on a loaded host, seconds), so for a while two of them hold different periods' keys.
-  At our rekey, (a) every authenticated connection a peer opened to us is *kept*, as a
-  connection of our previous period: it is no longer authenticated (it proved keys of a
-  period we left; :meth:`PeerNetwork.is_authenticated` is False while it is open), carries
-  frames both ways (route 3 below), and closes ``transition_grace`` seconds after our rekey
-  at the latest; (b) every connection we opened is *drained*: we send no more frames on it,
-  half-close it (TCP EOF, which tells the peer that we re-keyed) and read what the peer
-  sent before it saw the EOF, until it closes (at the latest after ``transition_grace``);
-  (c) everything else closes (unauthenticated connections, handshakes under way, kept
-  connections of the period before). We do not dial a peer whose kept connection is open:
-  it is still in our previous period, and the new keys cannot authenticate it yet. When it
-  re-keys, it drains that connection (we see the EOF and close it) and dials us with the new
-  keys; then we dial it, once. A peer that re-keyed before us has already drained its
-  connection to us: we dial it at once. A connection that is being read from when the
-  reading ends (the peer's EOF) first finishes the batch of frames it is sending: they were
-  taken from the queue, and the peer still reads. A peer still behind when the grace ends
-  is reached as before: our authenticated dial fails, and an unauthenticated one follows.
-  While a period change is under way (``transition_grace`` seconds after our own rekey, or
-  while the ``transition`` callback says so: ``pst serve`` passes the first seconds after
-  each period boundary, when the refresh runs) fallbacks, refusals and drops are logged at
-  INFO; at any other time at WARNING. A fallback still under way after the change is logged
-  at WARNING on its next attempt. :attr:`PeerNetwork.handshakes` counts the TLS handshakes
-  by direction and outcome (each rekey logs those since the last one).
+  n=16 on a loaded host, seconds), so for a while two of them hold different periods' keys. At
+  our rekey, (a) every authenticated connection a peer opened to us is *kept*, as a connection
+  of our previous period: it is no longer authenticated (it proved keys of a period we left;
+  :meth:`PeerNetwork.is_authenticated` is False while it is open), carries the peer's frames
+  to us but none of ours (they wait in the queue: everything we send after our rekey belongs
+  to the new period, and a peer still in the previous one would only discard it, e.g. its
+  retiring key-holder child the new KeyTable's signing messages), and closes
+  ``transition_grace`` seconds after our rekey at the latest; (b) every connection we opened
+  is *drained*: we send no more frames on it, half-close it (TCP EOF, which tells the peer
+  that we re-keyed) and read what the peer sent before it saw the EOF, until it closes (at the
+  latest after ``transition_grace``); (c) everything else closes (unauthenticated connections,
+  handshakes under way, kept connections of the period before). We do not dial a peer whose
+  kept connection is open: it is still in our previous period, and the new keys cannot
+  authenticate it yet. When it re-keys, it drains that connection (we see the EOF and close
+  it) and dials us with the new keys; then we dial it, once. A peer that re-keyed before us
+  has already drained its connection to us: we dial it at once. A connection that is being
+  read from when the reading ends (the peer's EOF) first finishes the batch of frames it is
+  sending: they were taken from the queue, and the peer still reads. A peer still behind when
+  the grace ends is reached as before: our authenticated dial fails, and an unauthenticated
+  one follows. So frames to a peer behind wait for it at most that long. While a period change
+  is under way (``transition_grace`` seconds after our own rekey, or while the ``transition``
+  callback says so: ``pst serve`` passes the first seconds after each period boundary, when
+  the refresh runs) fallbacks, refusals and drops are logged at INFO; at any other time at
+  WARNING. A fallback still under way after the change is logged at WARNING on its next
+  attempt. :attr:`PeerNetwork.handshakes` counts the TLS handshakes by direction and outcome
+  (each rekey logs those since the last one).
 * The acceptor requests a client certificate with ``CERT_OPTIONAL``: a certificate that is
   presented must verify as before (or the handshake fails), but a client presenting none is
   admitted *unauthenticated* after its hello, which names the server it claims to be (its
@@ -111,10 +114,8 @@ over the first of these that is open:
 2. the peer's authenticated incoming connection to us (it proved the peer's key as well as
    ours would; connections carry frames both ways and each side reads frames on the
    connections it opened too);
-3. the peer's incoming connection kept from our previous period (it proved the peer's key of
-   that period; the peer, still in it, takes it as authenticated);
-4. our unauthenticated outgoing connection (it reaches the peer's configured address);
-5. the peer's unauthenticated incoming connection, and only while our own dial to the peer
+3. our unauthenticated outgoing connection (it reaches the peer's configured address);
+4. the peer's unauthenticated incoming connection, and only while our own dial to the peer
    is ``DOWN`` (its last attempt failed): all that proves is the source IP, so it is the
    route only when nothing else exists. While our dial is still in progress (``CONNECTING``,
    e.g. right after a rekey) frames wait in the queue for it instead.
@@ -721,7 +722,7 @@ class PeerNetwork:
 
     def _keep_previous(self, creds: _Credentials) -> tuple[dict[int, _Conn], dict[int, _Conn]]:
         """The connections a rekey keeps, as the previous period's, by peer: the authenticated
-        incoming ones (they carry frames both ways while their dialer is in that period) and
+        incoming ones (they carry the frames of a peer still in that period to us, none of ours) and
         our own open outgoing ones (drained: we send EOF, so the peer learns that we re-keyed,
         and read what it sent before it saw the EOF, until it closes).
 
@@ -827,9 +828,6 @@ class PeerNetwork:
         incoming = self._incoming_by_peer.get(peer.server)
         if incoming is not None:
             return incoming
-        previous = self._previous_by_peer.get(peer.server)
-        if previous is not None:
-            return previous
         if out is not None:
             return out
         if peer.state is PeerState.DOWN:  # nothing else: the claimed id's unauthenticated connection
@@ -1068,9 +1066,9 @@ class PeerNetwork:
                 continue
             if peer.server in self._previous_by_peer:
                 # The peer is still in our previous period (its connection to us says so), so
-                # the new keys cannot authenticate it yet. Frames go both ways over that
-                # connection until the peer re-keys and closes it (or dials us with the new
-                # keys), or the grace ends; then we dial, once.
+                # the new keys cannot authenticate it yet. Its frames come over that connection,
+                # ours wait in the queue until it re-keys and closes it (or dials us with the
+                # new keys), or the grace ends; then we dial, once.
                 while peer.server in self._previous_by_peer and self._creds is creds:
                     await self._changed.wait()
                 continue
