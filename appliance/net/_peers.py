@@ -296,6 +296,9 @@ class _Conn:
     #: An incoming connection authenticated in the period before our current one, kept after
     #: our rekey while its dialer is still in that period (see "Period changes").
     previous: bool = False
+    #: A connection of ours drained at a rekey first sends this many frames of the peer's
+    #: queue: those queued before the rekey (a peer behind may need them to finish its refresh).
+    flush: int = 0
 
 
 @dataclass(eq=False)
@@ -733,6 +736,8 @@ class PeerNetwork:
         draining = {i: p.out for i, p in self._peers.items() if p.out is not None and i in creds.keys}
         if incoming or draining:
             deadline = trio.current_time() + self.transition_grace
+            for i, conn in draining.items():
+                conn.flush = self._peers[i].queue_out.statistics().current_buffer_used
             for conn in [*incoming.values(), *draining.values()]:
                 conn.authenticated, conn.previous = False, True
                 if conn.info is not None:
@@ -994,7 +999,20 @@ class PeerNetwork:
                 try:
                     while not stop:
                         if self._draining_by_peer.get(server) is conn:
-                            # TCP half-close: the peer reads our frames, then EOF, and closes.
+                            # The frames queued before the rekey, then a TCP half-close: the
+                            # peer reads them, then EOF, and closes.
+                            while conn.flush > 0:
+                                batch: list[bytes] = []
+                                while conn.flush > 0 and len(batch) < _MAX_BATCH_FRAMES:
+                                    try:
+                                        batch.append(peer.queue_out.receive_nowait())
+                                    except trio.WouldBlock:
+                                        conn.flush = 0
+                                        break
+                                    conn.flush -= 1
+                                if batch:
+                                    with trio.move_on_after(self.send_timeout):
+                                        await frames.send_frames(batch)
                             await stream.transport_stream.send_eof()
                             return
                         changed = self._changed
