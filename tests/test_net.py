@@ -9,10 +9,11 @@ import datetime
 import gc
 import hashlib
 import logging
+import random
 import socket
 import ssl
 import weakref
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from typing import Any
@@ -836,14 +837,11 @@ async def test_a_period_change_is_logged_at_info_not_warning(caplog: pytest.LogC
                 await net.wait_connected()
         caplog.clear()
         nets[1].rekey(1, key_table(ids, 1), seed_of(1, 1))  # 2 and 3 are still in period 0
-        for i in (2, 3):  # over the connections of period 0 that 2 and 3 opened to 1
+        await eventually(lambda: "server 1: connection to server 2" in caplog.text)
+        for i in (2, 3):
             nets[1].send(i, b"ahead")
             nets[i].send(1, b"behind")
-        await eventually(lambda: all((i, b"behind") in inbox.got[1] for i in (2, 3)))
-        assert not nets[1].is_authenticated(2) and nets[2].is_authenticated(1)
         await trio.sleep(0.3)
-        assert not any((1, b"ahead") in inbox.got[i] for i in (2, 3))  # 1's wait for them to re-key
-        assert nets[1].dropped(2) == nets[1].dropped(3) == 0
         refreshing[0] = False  # server 1's own rekey keeps its grace; 2 and 3 now re-key too
         for i in (2, 3):
             nets[i].rekey(1, key_table(ids, 1), seed_of(i, 1))
@@ -851,10 +849,11 @@ async def test_a_period_change_is_logged_at_info_not_warning(caplog: pytest.LogC
             for net in nets.values():
                 await net.wait_connected()
         assert all(net.is_authenticated(j) for net in nets.values() for j in ids if j != net.me)
-        await eventually(lambda: all((1, b"ahead") in inbox.got[i] for i in (2, 3)))
     routine = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
-    assert any("server 1: now in period 1" in m and "keeping 2 from peers" in m for m in routine)
-    assert not any("retrying without authentication" in m for m in routine)  # no fallback needed
+    assert any(
+        "server 1: connection to server 2 at 127.0.0.1" in m and m.endswith("(a period change is under way)")
+        for m in routine
+    )
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
@@ -1201,68 +1200,6 @@ async def test_peer_configured_by_host_name_is_resolved_for_admission() -> None:
         await trio.aclose_forcefully(stream)
 
 
-async def test_a_period_change_costs_one_handshake_per_ordered_pair() -> None:
-    """Servers re-key one after the other: the one ahead keeps the connections the others opened
-    to it and waits for them to re-key (they drain theirs and dial it with the new keys), so each
-    ordered pair makes one authenticated handshake: no failed, no unauthenticated one."""
-    ids = [1, 2, 3, 4]
-    inbox = Inbox()
-    async with mesh(ids, inbox=inbox) as nets:
-        with trio.fail_after(5):
-            for net in nets.values():
-                await net.wait_connected()
-        before = {i: Counter(net.handshakes) for i, net in nets.items()}
-        keys = key_table(ids, 1)
-        for i in ids:
-            nets[i].rekey(1, keys, seed_of(i, 1))
-            nets[i].send(EVERYONE, b"p1 from %d" % i)
-            await trio.sleep(0.05)  # the others are still in period 0 meanwhile
-        with trio.fail_after(5):
-            for net in nets.values():
-                await net.wait_connected()
-        for i, net in nets.items():
-            assert net.handshakes - before[i] == Counter(
-                {"outgoing authenticated": len(ids) - 1, "incoming authenticated": len(ids) - 1}
-            ), (i, net.handshakes - before[i])
-            assert all(net.is_authenticated(j) for j in net.peers)
-        await eventually(
-            lambda: all((j, b"p1 from %d" % j) in inbox.got[i] for i in ids for j in ids if j != i)
-        )
-
-
-async def test_a_peer_left_behind_is_reached_after_the_grace() -> None:
-    """The previous period's connection closes after transition_grace; a peer still behind is
-    then reached as before (the authenticated dial fails, an unauthenticated one follows)."""
-    ids = [1, 2]
-    inbox = Inbox()
-    options = {1: {"transition_grace": 0.3}}
-    async with mesh(ids, inbox=inbox, options=options) as nets:
-        with trio.fail_after(5):
-            for net in nets.values():
-                await net.wait_connected()
-        nets[1].rekey(1, key_table(ids, 1), seed_of(1, 1))
-        kept = nets[1].connections(2)  # 2's (kept) and ours (drained), both of period 0
-        assert kept and all(c.period == 0 and not c.authenticated for c in kept)
-        nets[1].send(2, b"queued during the grace")
-        nets[2].send(1, b"from behind, during the grace")
-        await eventually(lambda: (2, b"from behind, during the grace") in inbox.got[1])
-        await trio.sleep(0.2)
-        assert (1, b"queued during the grace") not in inbox.got[2]  # our frames wait for 2
-        await trio.sleep(0.2)
-        await eventually(lambda: nets[1].state(2) is PeerState.ANONYMOUS)
-        assert all(c.period == 1 or not c.authenticated for c in nets[1].connections(2))
-        await eventually(lambda: (1, b"queued during the grace") in inbox.got[2])
-        nets[1].send(2, b"after the grace")
-        nets[2].send(1, b"from behind")
-        await eventually(
-            lambda: (1, b"after the grace") in inbox.got[2] and (2, b"from behind") in inbox.got[1]
-        )
-        nets[2].rekey(1, key_table(ids, 1), seed_of(2, 1))
-        with trio.fail_after(5):
-            for net in nets.values():
-                await net.wait_connected()
-
-
 def test_remembered_peer_certificates_are_per_claimed_server() -> None:
     """The per-period cache of checked peer certificates never lets a certificate pass for
     another server than the one it was checked for, nor one that failed."""
@@ -1277,3 +1214,30 @@ def test_remembered_peer_certificates_are_per_claimed_server() -> None:
         with pytest.raises(PeerCertificateError, match="it is server 2's"):
             creds.check_peer(cert_2, 3)
     assert creds.checked == {(cert_2, 2)}
+
+
+async def test_staggered_rekeys_end_with_every_connection_authenticated() -> None:
+    """Servers re-keying a few ms apart used to leave an unauthenticated connection for a whole
+    period: a server ahead fell back to an anonymous dial, and when the peer's authenticated
+    connection came in before that dial was up, nothing upgraded it (is_authenticated stayed
+    False, so the log and the store ignored the peer). Now the dial upgrades at once."""
+    ids = [1, 2, 3, 4]
+    rng = random.Random(5)
+    async with mesh(ids) as nets:
+        with trio.fail_after(5):
+            for net in nets.values():
+                await net.wait_connected()
+        for period in range(1, 9):
+            keys = key_table(ids, period)
+            order = rng.sample(ids, len(ids))
+            for i in order:
+                nets[i].rekey(period, keys, seed_of(i, period))
+                await trio.sleep(rng.uniform(0, 0.03))
+            await eventually(
+                lambda: all(
+                    net.is_authenticated(j) and net.state(j) is PeerState.UP
+                    for net in nets.values()
+                    for j in net.peers
+                )
+            )
+        assert all(net.handshakes["outgoing authenticated"] >= 8 * 3 for net in nets.values())

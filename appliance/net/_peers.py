@@ -32,37 +32,18 @@ So the transport also carries frames over *unauthenticated* connections, and say
   WARNING once per change of reason. Every later reconnect (after the usual backoff) tries
   the authenticated way first again; an anonymous outgoing connection is also closed and
   re-dialed as soon as j opens an authenticated connection to us (or at once, when j's
-  authenticated connection came while we dialed). No anonymous dial follows a failed one
-  while j holds an authenticated connection to us: it carries our frames, and we try the
-  keys again after the backoff. A rekey on either side ends the connections made with the
-  old keys (see "Period changes"), so keys that match again are noticed at once.
-* Period changes cost one handshake per ordered pair. The servers re-key moments apart (at
-  n=16 on a loaded host, seconds), so for a while two of them hold different periods' keys. At
-  our rekey, (a) every authenticated connection a peer opened to us is *kept*, as a connection
-  of our previous period: it is no longer authenticated (it proved keys of a period we left;
-  :meth:`PeerNetwork.is_authenticated` is False while it is open), carries the peer's frames
-  to us but none of ours (they wait in the queue: everything we send after our rekey belongs
-  to the new period, and a peer still in the previous one would only discard it, e.g. its
-  retiring key-holder child the new KeyTable's signing messages), and closes
-  ``transition_grace`` seconds after our rekey at the latest; (b) every connection we opened
-  is *drained*: we send no more frames on it, half-close it (TCP EOF, which tells the peer
-  that we re-keyed) and read what the peer sent before it saw the EOF, until it closes (at the
-  latest after ``transition_grace``); (c) everything else closes (unauthenticated connections,
-  handshakes under way, kept connections of the period before). We do not dial a peer whose
-  kept connection is open: it is still in our previous period, and the new keys cannot
-  authenticate it yet. When it re-keys, it drains that connection (we see the EOF and close
-  it) and dials us with the new keys; then we dial it, once. A peer that re-keyed before us
-  has already drained its connection to us: we dial it at once. A connection that is being
-  read from when the reading ends (the peer's EOF) first finishes the batch of frames it is
-  sending: they were taken from the queue, and the peer still reads. A peer still behind when
-  the grace ends is reached as before: our authenticated dial fails, and an unauthenticated
-  one follows. So frames to a peer behind wait for it at most that long. While a period change
-  is under way (``transition_grace`` seconds after our own rekey, or while the ``transition``
-  callback says so: ``pst serve`` passes the first seconds after each period boundary, when
-  the refresh runs) fallbacks, refusals and drops are logged at INFO; at any other time at
-  WARNING. A fallback still under way after the change is logged at WARNING on its next
-  attempt. :attr:`PeerNetwork.handshakes` counts the TLS handshakes by direction and outcome
-  (each rekey logs those since the last one).
+  authenticated connection came while we dialed), and no anonymous dial follows a failed one
+  while j holds an authenticated connection to us (it carries our frames; the keys are tried
+  again after the backoff). A rekey on either side
+  closes every connection, so keys that match again are noticed at once.
+* Period changes are routine, and logged so. The servers re-key a few milliseconds apart, so
+  for a moment two of them hold different periods' keys: the one ahead falls back when it
+  dials the one behind, refuses its aborted handshakes, and the one behind drops frames to
+  the one ahead. While a period change is under way (``transition_grace`` seconds after our
+  own rekey, or while the ``transition`` callback says so: ``pst serve`` passes the first
+  seconds after each period boundary, when the refresh runs) these are logged at INFO; at
+  any other time at WARNING. A fallback still under way after the change is logged at
+  WARNING on its next attempt.
 * The acceptor requests a client certificate with ``CERT_OPTIONAL``: a certificate that is
   presented must verify as before (or the handshake fails), but a client presenting none is
   admitted *unauthenticated* after its hello, which names the server it claims to be (its
@@ -77,9 +58,7 @@ So the transport also carries frames over *unauthenticated* connections, and say
   them, a second interface) can still connect authenticated, but not unauthenticated.
 
 DoS bounds and rules: an unauthenticated connection never replaces an authenticated incoming
-connection of the same claimed id, nor one kept from our previous period (it is refused with
-a rejection record; the kept one is the peer's own, so the peer does not dial meanwhile), at
-most one kept connection per peer exists (the one it had authenticated), at most one
+connection of the same claimed id (it is refused with a rejection record), at most one
 unauthenticated incoming connection per claimed id is kept (a newer one replaces the older),
 at most ``max_unauthenticated`` (default n) exist at once, and an authenticated incoming
 connection closes the unauthenticated one of its id. Every frame is bounded by
@@ -128,9 +107,8 @@ new one. Received frames go to the ``on_frame`` callback, or else to
 consumer slows the senders down through TCP instead of growing memory.
 
 :meth:`PeerNetwork.rekey` installs the next period's credentials (a recovering network thus
-becomes a normal one), forgets the previous ones (the TLS contexts of the period are built
-once, at the rekey), keeps, drains or closes the connections made with them (see "Period
-changes") and lets the dial loops reconnect with the new certificates.
+becomes a normal one), forgets the previous ones, closes every connection (all were made
+with the old keys) and lets the dial loops reconnect at once with the new certificates.
 Every task runs in a nursery the object owns inside :meth:`PeerNetwork.run`
 (``async with PeerNetwork(...) as net`` starts it in a nursery of its own);
 :meth:`PeerNetwork.aclose` cancels it and waits for the end.
@@ -138,7 +116,6 @@ Every task runs in a nursery the object owns inside :meth:`PeerNetwork.run`
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import ipaddress
 import logging
@@ -293,12 +270,6 @@ class _Conn:
     #: Set while the connection's writer waits for a frame; cancelled when it stops being the route.
     route_scope: trio.CancelScope | None = None
     upgrading: bool = False
-    #: An incoming connection authenticated in the period before our current one, kept after
-    #: our rekey while its dialer is still in that period (see "Period changes").
-    previous: bool = False
-    #: A connection of ours drained at a rekey first sends this many frames of the peer's
-    #: queue: those queued before the rekey (a peer behind may need them to finish its refresh).
-    flush: int = 0
 
 
 @dataclass(eq=False)
@@ -561,8 +532,6 @@ class PeerNetwork:
         self._handshakes_logged: Counter[str] = Counter()  # as of the last rekey's log line
         self._incoming_by_peer: dict[int, _Conn] = {}  # authenticated incoming connections
         self._unauthenticated_by_peer: dict[int, _Conn] = {}  # unauthenticated incoming ones
-        self._previous_by_peer: dict[int, _Conn] = {}  # incoming ones of our previous period
-        self._draining_by_peer: dict[int, _Conn] = {}  # outgoing ones of our previous period
         # The peers' addresses keep enough slots for each peer to hold its limit at once, up
         # to half of them: a peer dials once at a time, so even half is ample.
         reserved = min(max_pending_handshakes // 2, max_handshakes_per_source * len(self._peers))
@@ -686,17 +655,11 @@ class PeerNetwork:
         self._creds = _Credentials.build(self.me, period, keys, seed)  # old contexts dropped
         self._rekeyed_at = time.monotonic()
         self._anonymous_server_ctx = None
-        # The authenticated incoming connections stay open, as the previous period's, for
-        # peers still in it; everything else (what we dialed, unauthenticated connections,
-        # handshakes under way, connections kept from the period before) closes now.
-        kept, draining = self._keep_previous(self._creds)
-        closing = len(self._conns) - len(kept) - len(draining)
+        closing = len(self._conns)
         for conn in list(self._conns):
-            if conn not in kept.values() and conn not in draining.values():
-                conn.scope.cancel()
+            conn.scope.cancel()
         self._incoming_by_peer.clear()
         self._unauthenticated_by_peer.clear()
-        self._previous_by_peer, self._draining_by_peer = kept, draining
         for peer in self._peers.values():
             if peer.server in self._creds.keys:
                 peer.state = PeerState.CONNECTING
@@ -709,41 +672,16 @@ class PeerNetwork:
         since = self.handshakes - self._handshakes_logged
         self._handshakes_logged = Counter(self.handshakes)
         log.info(
-            "server %d: now in period %d (%d keys)%s; closing %d connections of the previous period "
-            "(draining %d), keeping %d from peers for up to %gs; %d TLS handshakes since the last rekey (%s)",
+            "server %d: now in period %d (%d keys)%s; closing %d connections of the previous period; "
+            "%d TLS handshakes since the previous rekey (%s)",
             self.me,
             period,
             len(self._creds.keys),
             ", no longer recovering" if was_recovering else "",
-            closing + len(draining),
-            len(draining),
-            len(kept),
-            self.transition_grace,
+            closing,
             since.total(),
             ", ".join(f"{kind} {count}" for kind, count in sorted(since.items())) or "none",
         )
-
-    def _keep_previous(self, creds: _Credentials) -> tuple[dict[int, _Conn], dict[int, _Conn]]:
-        """The connections a rekey keeps, as the previous period's, by peer: the authenticated
-        incoming ones (they carry the frames of a peer still in that period to us, none of ours) and
-        our own open outgoing ones (drained: we send EOF, so the peer learns that we re-keyed,
-        and read what it sent before it saw the EOF, until it closes).
-
-        None is authenticated any more (they proved keys of a period we left), and each closes
-        after ``transition_grace`` seconds at the latest.
-        """
-        incoming = {i: c for i, c in self._incoming_by_peer.items() if i in creds.keys}
-        draining = {i: p.out for i, p in self._peers.items() if p.out is not None and i in creds.keys}
-        if incoming or draining:
-            deadline = trio.current_time() + self.transition_grace
-            for i, conn in draining.items():
-                conn.flush = self._peers[i].queue_out.statistics().current_buffer_used
-            for conn in [*incoming.values(), *draining.values()]:
-                conn.authenticated, conn.previous = False, True
-                if conn.info is not None:
-                    conn.info = dataclasses.replace(conn.info, authenticated=False)
-                conn.scope.deadline = min(conn.scope.deadline, deadline)
-        return incoming, draining
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen and dial until :meth:`aclose`; ``nursery.start`` returns the listening port."""
@@ -819,9 +757,7 @@ class PeerNetwork:
         found = (
             self._peers[server].out,
             self._incoming_by_peer.get(server),
-            self._previous_by_peer.get(server),
             self._unauthenticated_by_peer.get(server),
-            self._draining_by_peer.get(server),
         )
         return [c for c in found if c is not None]
 
@@ -978,43 +914,18 @@ class PeerNetwork:
             with suppress(trio.ClosedResourceError):
                 await self._incoming_send.send((server, data))
 
-    async def _serve_conn(
-        self, conn: _Conn, stream: trio.SSLStream[trio.SocketStream], frames: FrameStream, address: str
-    ) -> str:
+    async def _serve_conn(self, conn: _Conn, frames: FrameStream, address: str) -> str:
         """Deliver the frames ``conn`` brings and send our queued frames over it while it is
-        the peer's route; return why the connection ended. A connection of ours drained at a
-        rekey sends EOF and goes on reading until the peer closes it. When the reading ends
-        (EOF: the peer re-keyed, or closed), a batch being sent is finished first: its frames
-        were taken from the queue, and the peer may still be reading (it drains too)."""
+        the peer's route; return why the connection ended."""
         assert conn.server is not None
         server = conn.server
         peer = self._peers[server]
         ended: list[str] = []
-        sending = False  # the writer is sending a batch
-        stop = False  # the reader ended: the writer stops after its batch
         async with trio.open_nursery() as nursery:
 
             async def writer() -> None:
-                nonlocal sending
                 try:
-                    while not stop:
-                        if self._draining_by_peer.get(server) is conn:
-                            # The frames queued before the rekey, then a TCP half-close: the
-                            # peer reads them, then EOF, and closes.
-                            while conn.flush > 0:
-                                batch: list[bytes] = []
-                                while conn.flush > 0 and len(batch) < _MAX_BATCH_FRAMES:
-                                    try:
-                                        batch.append(peer.queue_out.receive_nowait())
-                                    except trio.WouldBlock:
-                                        conn.flush = 0
-                                        break
-                                    conn.flush -= 1
-                                if batch:
-                                    with trio.move_on_after(self.send_timeout):
-                                        await frames.send_frames(batch)
-                            await stream.transport_stream.send_eof()
-                            return
+                    while True:
                         changed = self._changed
                         if self._route(peer) is not conn:
                             await changed.wait()
@@ -1034,22 +945,19 @@ class PeerNetwork:
                                 break
                             batch.append(more)
                             size += len(more)
-                        sending = True
                         with trio.move_on_after(self.send_timeout) as timeout:
                             await frames.send_frames(batch)
-                        sending = False
                         if timeout.cancelled_caught:
                             peer.dropped += 1
                             ended.append(f"sending stalled for {self.send_timeout}s")
                             break
-                except (*_TRANSPORT_ERRORS, FramingError, trio.BusyResourceError) as exc:
+                except (*_TRANSPORT_ERRORS, FramingError) as exc:
                     ended.append(_describe(exc))
                 finally:
                     conn.route_scope = None
                 nursery.cancel_scope.cancel()
 
             async def reader() -> None:
-                nonlocal stop
                 try:
                     while True:
                         frame = await frames.receive_frame()
@@ -1060,13 +968,9 @@ class PeerNetwork:
                 except FramingError as exc:
                     self._reject(conn.direction, address, server, f"closing the connection: {exc}")
                     ended.append(str(exc))
-                    nursery.cancel_scope.cancel()
-                    return
                 except _TRANSPORT_ERRORS as exc:
                     ended.append(_describe(exc))
-                stop = True
-                if not sending:
-                    nursery.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()
 
             nursery.start_soon(writer)
             nursery.start_soon(reader)
@@ -1081,14 +985,6 @@ class PeerNetwork:
             if creds is not None and peer.server not in creds.keys:
                 self._set_state(peer, PeerState.DOWN, f"no key in period {creds.period}'s table")
                 await rekeyed.wait()
-                continue
-            if peer.server in self._previous_by_peer:
-                # The peer is still in our previous period (its connection to us says so), so
-                # the new keys cannot authenticate it yet. Its frames come over that connection,
-                # ours wait in the queue until it re-keys and closes it (or dials us with the
-                # new keys), or the grace ends; then we dial, once.
-                while peer.server in self._previous_by_peer and self._creds is creds:
-                    await self._changed.wait()
                 continue
             was_up, reason, retry = await self._connect(peer, creds)
             if retry and self._creds is creds and peer.server not in self._incoming_by_peer:
@@ -1177,15 +1073,12 @@ class PeerNetwork:
                     conn.info.tls_version,
                     "" if authenticated else ", unauthenticated",
                 )
-                return True, await self._serve_conn(conn, stream, frames, address), False
+                return True, await self._serve_conn(conn, frames, address), False
             return False, _UPGRADING if conn.upgrading else "closed on rekey", False
         finally:
             self._conns.discard(conn)
             if peer.out is conn:
                 peer.out = None
-                self._notify()
-            if self._draining_by_peer.get(peer.server) is conn:
-                del self._draining_by_peer[peer.server]
                 self._notify()
             if stream is not None:
                 self.handshakes[f"outgoing {outcome}"] += 1
@@ -1292,13 +1185,13 @@ class PeerNetwork:
                     address,
                     "" if authenticated else " (unauthenticated)",
                 )
-                reason = await self._serve_conn(conn, stream, frames, address)
+                reason = await self._serve_conn(conn, frames, address)
                 log.info("server %d: connection from server %d ended: %s", self.me, server, reason)
         finally:
             release_slot()
             self._conns.discard(conn)
             if conn.server is not None:
-                registry = self._registry(conn)
+                registry = self._incoming_by_peer if conn.authenticated else self._unauthenticated_by_peer
                 if registry.get(conn.server) is conn:
                     del registry[conn.server]
                     self._notify()
@@ -1348,12 +1241,6 @@ class PeerNetwork:
             raise _Rejected(
                 server, "unauthenticated, while the server holds an authenticated connection to us"
             )
-        if server in self._previous_by_peer:
-            raise _Rejected(
-                server,
-                "unauthenticated, while the server holds a connection to us authenticated in our "
-                "previous period",
-            )
         if (
             server not in self._unauthenticated_by_peer
             and len(self._unauthenticated_by_peer) >= self.max_unauthenticated
@@ -1362,21 +1249,12 @@ class PeerNetwork:
                 server, f"too many unauthenticated connections (at most {self.max_unauthenticated})"
             )
 
-    def _registry(self, conn: _Conn) -> dict[int, _Conn]:
-        """Where an incoming connection is kept, by the id it claimed."""
-        if conn.previous:
-            return self._previous_by_peer
-        return self._incoming_by_peer if conn.authenticated else self._unauthenticated_by_peer
-
     def _register_incoming(self, conn: _Conn) -> None:
         server = conn.server
         assert server is not None
         if conn.authenticated:
             previous = self._incoming_by_peer.get(server)
             self._incoming_by_peer[server] = conn
-            kept = self._previous_by_peer.pop(server, None)
-            if kept is not None:  # the peer is in our period now
-                kept.scope.cancel()
             unauthenticated = self._unauthenticated_by_peer.pop(server, None)
             if unauthenticated is not None:
                 unauthenticated.scope.cancel()
