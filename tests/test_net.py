@@ -9,6 +9,7 @@ import datetime
 import gc
 import hashlib
 import logging
+import random
 import socket
 import ssl
 import weakref
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
@@ -1196,3 +1198,46 @@ async def test_peer_configured_by_host_name_is_resolved_for_admission() -> None:
         assert await frames.receive_frame() is not None
         await eventually(lambda: 3 in nets[1].unauthenticated_peers())
         await trio.aclose_forcefully(stream)
+
+
+def test_remembered_peer_certificates_are_per_claimed_server() -> None:
+    """The per-period cache of checked peer certificates never lets a certificate pass for
+    another server than the one it was checked for, nor one that failed."""
+    from appliance.net._peers import _Credentials
+
+    ids = [1, 2, 3]
+    keys = key_table(ids, 4)
+    creds = _Credentials.build(1, 4, keys, seed_of(1, 4))
+    cert_2 = period_certificate(2, 4, seed_of(2, 4)).public_bytes(serialization.Encoding.DER)
+    for _ in range(2):
+        creds.check_peer(cert_2, 2)
+        with pytest.raises(PeerCertificateError, match="it is server 2's"):
+            creds.check_peer(cert_2, 3)
+    assert creds.checked == {(cert_2, 2)}
+
+
+async def test_staggered_rekeys_end_with_every_connection_authenticated() -> None:
+    """Servers re-keying a few ms apart used to leave an unauthenticated connection for a whole
+    period: a server ahead fell back to an anonymous dial, and when the peer's authenticated
+    connection came in before that dial was up, nothing upgraded it (is_authenticated stayed
+    False, so the log and the store ignored the peer). Now the dial upgrades at once."""
+    ids = [1, 2, 3, 4]
+    rng = random.Random(5)
+    async with mesh(ids) as nets:
+        with trio.fail_after(5):
+            for net in nets.values():
+                await net.wait_connected()
+        for period in range(1, 9):
+            keys = key_table(ids, period)
+            order = rng.sample(ids, len(ids))
+            for i in order:
+                nets[i].rekey(period, keys, seed_of(i, period))
+                await trio.sleep(rng.uniform(0, 0.03))
+            await eventually(
+                lambda: all(
+                    net.is_authenticated(j) and net.state(j) is PeerState.UP
+                    for net in nets.values()
+                    for j in net.peers
+                )
+            )
+        assert all(net.handshakes["outgoing authenticated"] >= 8 * 3 for net in nets.values())

@@ -31,7 +31,10 @@ So the transport also carries frames over *unauthenticated* connections, and say
   its own certificate was refused) retries j at once anonymously, logging the reason at
   WARNING once per change of reason. Every later reconnect (after the usual backoff) tries
   the authenticated way first again; an anonymous outgoing connection is also closed and
-  re-dialed as soon as j opens an authenticated connection to us. A rekey on either side
+  re-dialed as soon as j opens an authenticated connection to us (or at once, when j's
+  authenticated connection came while we dialed), and no anonymous dial follows a failed one
+  while j holds an authenticated connection to us (it carries our frames; the keys are tried
+  again after the backoff). A rekey on either side
   closes every connection, so keys that match again are noticed at once.
 * Period changes are routine, and logged so. The servers re-key a few milliseconds apart, so
   for a moment two of them hold different periods' keys: the one ahead falls back when it
@@ -121,7 +124,7 @@ import random
 import socket
 import ssl
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -146,9 +149,8 @@ from appliance.net._tls import (
     anonymous_client_context,
     anonymous_server_context,
     check_peer,
-    client_context,
     issued_by,
-    server_context,
+    period_contexts,
     server_name,
 )
 
@@ -221,6 +223,17 @@ class _Credentials:
     keys: dict[int, bytes]
     server_ctx: ssl.SSLContext
     client_ctx: ssl.SSLContext
+    #: Peer certificates (DER) that :func:`check_peer` accepted for a server id this period:
+    #: each later handshake with the same certificate skips the parse and the signature check.
+    checked: set[tuple[bytes, int]] = field(default_factory=set)
+
+    def check_peer(self, cert_der: bytes | None, server: int) -> None:
+        """:func:`check_peer` against this period's table, remembering what passed."""
+        if cert_der is not None and (cert_der, server) in self.checked:
+            return
+        check_peer(cert_der, server, self.period, self.keys)
+        if cert_der is not None and len(self.checked) < 4 * len(self.keys):  # bounded
+            self.checked.add((cert_der, server))
 
     @classmethod
     def build(cls, me: int, period: int, keys: Mapping[int, bytes], seed: Credential) -> _Credentials:
@@ -244,12 +257,7 @@ class _Credentials:
                 raise ValueError(
                     f"server {me}: our seed's public key is not our entry of period {period}'s table"
                 )
-        return cls(
-            period,
-            table,
-            server_context(me, period, seed, table),
-            client_context(me, period, seed, table),
-        )
+        return cls(period, table, *period_contexts(me, period, seed, table))
 
 
 @dataclass(eq=False)
@@ -517,6 +525,11 @@ class PeerNetwork:
         self.rejections: deque[Rejection] = deque(maxlen=256)
         self.listen_port: int | None = None
         self._conns: set[_Conn] = set()
+        #: TLS handshakes begun (TCP connected), by ``"{direction} {outcome}"``: direction
+        #: ``outgoing`` or ``incoming``, outcome ``authenticated``, ``unauthenticated`` (the
+        #: connection came up so) or ``failed`` (TLS, hello or admission refused, or timed out).
+        self.handshakes: Counter[str] = Counter()
+        self._handshakes_logged: Counter[str] = Counter()  # as of the last rekey's log line
         self._incoming_by_peer: dict[int, _Conn] = {}  # authenticated incoming connections
         self._unauthenticated_by_peer: dict[int, _Conn] = {}  # unauthenticated incoming ones
         # The peers' addresses keep enough slots for each peer to hold its limit at once, up
@@ -656,13 +669,18 @@ class PeerNetwork:
         rekeyed, self._rekeyed = self._rekeyed, trio.Event()
         rekeyed.set()
         self._notify()
+        since = self.handshakes - self._handshakes_logged
+        self._handshakes_logged = Counter(self.handshakes)
         log.info(
-            "server %d: now in period %d (%d keys)%s; closing %d connections of the previous period",
+            "server %d: now in period %d (%d keys)%s; closing %d connections of the previous period; "
+            "%d TLS handshakes since the previous rekey (%s)",
             self.me,
             period,
             len(self._creds.keys),
             ", no longer recovering" if was_recovering else "",
             closing,
+            since.total(),
+            ", ".join(f"{kind} {count}" for kind, count in sorted(since.items())) or "none",
         )
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -969,7 +987,9 @@ class PeerNetwork:
                 await rekeyed.wait()
                 continue
             was_up, reason, retry = await self._connect(peer, creds)
-            if retry and self._creds is creds:
+            if retry and self._creds is creds and peer.server not in self._incoming_by_peer:
+                # (A peer that holds an authenticated connection to us is in our period: its
+                # connection carries our frames, and we try again with the keys after the backoff.)
                 was_up, reason, _ = await self._connect(peer, None)
             if self._creds is not creds:  # rekeyed: reconnect at once with the new keys
                 backoff = self.backoff_min
@@ -997,6 +1017,7 @@ class PeerNetwork:
         ctx = self._anonymous_client_ctx if creds is None else creds.client_ctx
         stream: trio.SSLStream[trio.SocketStream] | None = None
         handshaken = False
+        outcome = "failed"
         try:
             with conn.scope:
                 try:
@@ -1032,6 +1053,11 @@ class PeerNetwork:
                         return False, reason, True
                     return False, reason, False
                 authenticated = creds is not None
+                outcome = "authenticated" if authenticated else "unauthenticated"
+                if not authenticated and self._creds is not None and peer.server in self._incoming_by_peer:
+                    # The peer authenticated to us while we dialed without keys: so may we, at once
+                    # (else this connection would stay unauthenticated until the next reconnect).
+                    return False, _UPGRADING, False
                 conn.authenticated = authenticated
                 conn.info = _info(stream, peer.server, hello.period, authenticated, "outgoing")
                 peer.out = conn
@@ -1055,6 +1081,7 @@ class PeerNetwork:
                 peer.out = None
                 self._notify()
             if stream is not None:
+                self.handshakes[f"outgoing {outcome}"] += 1
                 await trio.aclose_forcefully(stream)
 
     def _check_answer(
@@ -1083,7 +1110,7 @@ class PeerNetwork:
                     authentication=True,
                 )
             try:
-                check_peer(stream.getpeercert(binary_form=True), server, creds.period, creds.keys)
+                creds.check_peer(stream.getpeercert(binary_form=True), server)
             except PeerCertificateError as exc:
                 raise _Rejected(server, str(exc), authentication=True) from None
         if stream.version() != "TLSv1.3":
@@ -1115,6 +1142,7 @@ class PeerNetwork:
         conn = _Conn(None, "incoming")
         self._conns.add(conn)
         stream = trio.SSLStream(tcp, ctx, server_side=True)
+        outcome = "failed"
         try:
             with conn.scope:
                 try:
@@ -1145,6 +1173,7 @@ class PeerNetwork:
                     return
                 finally:
                     release_slot()
+                outcome = "authenticated" if authenticated else "unauthenticated"
                 conn.server = server
                 conn.authenticated = authenticated
                 conn.info = _info(stream, server, hello.period, authenticated, "incoming")
@@ -1167,6 +1196,7 @@ class PeerNetwork:
                     del registry[conn.server]
                     self._notify()
                     self._flush_if_unreachable(self._peers[conn.server])
+            self.handshakes[f"incoming {outcome}"] += 1
             await trio.aclose_forcefully(stream)
 
     async def _resolve(self, peer: _Peer) -> frozenset[IPAddress]:
@@ -1266,7 +1296,7 @@ class PeerNetwork:
             if hello.period != creds.period:
                 raise _Rejected(server, f"is in period {hello.period}, we are in period {creds.period}")
             try:
-                check_peer(cert, server, creds.period, creds.keys)
+                creds.check_peer(cert, server)
             except PeerCertificateError as exc:
                 raise _Rejected(server, str(exc)) from None
         if stream.version() != "TLSv1.3":

@@ -290,40 +290,60 @@ def _tls13_context(protocol: int) -> ssl.SSLContext:
     return ctx
 
 
-def _load_identity(ctx: ssl.SSLContext, server: int, period: int, cred: Credential) -> None:
+def _identity_pem(server: int, period: int, cred: Credential) -> tuple[bytes, bytes]:
+    """Our certificate and private key, PEM."""
     if isinstance(cred, ChannelIdentity):
-        cert_pem, key_pem = cred.cert_pem, cred.key_pem
-    else:
-        cert_pem = period_certificate(server, period, cred).public_bytes(serialization.Encoding.PEM)
-        key_pem = Ed25519PrivateKey.from_private_bytes(cred).private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        return cred.cert_pem, cred.key_pem
+    cert_pem = period_certificate(server, period, cred).public_bytes(serialization.Encoding.PEM)
+    key_pem = Ed25519PrivateKey.from_private_bytes(cred).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert_pem, key_pem
+
+
+def _load_identity(ctx: ssl.SSLContext, identity: tuple[bytes, bytes]) -> None:
+    cert_pem, key_pem = identity
     with _secret_file(cert_pem) as cert_path, _secret_file(key_pem) as key_path:
         ctx.load_cert_chain(cert_path, key_path)
 
 
-def _context(
-    protocol: int, server: int, period: int, seed: Credential, keys: Mapping[int, bytes]
-) -> ssl.SSLContext:
+def _context(protocol: int, identity: tuple[bytes, bytes], anchors_pem: str) -> ssl.SSLContext:
     ctx = _tls13_context(protocol)
     # The server only requests a client certificate: one that is presented is verified
     # (and a bad one fails the handshake); none at all makes an unauthenticated connection.
     ctx.verify_mode = ssl.CERT_OPTIONAL if protocol == ssl.PROTOCOL_TLS_SERVER else ssl.CERT_REQUIRED
     ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-    ctx.load_verify_locations(cadata=trust_anchors_pem(period, keys))
-    _load_identity(ctx, server, period, seed)
+    ctx.load_verify_locations(cadata=anchors_pem)
+    _load_identity(ctx, identity)
     return ctx
 
 
 def server_context(server: int, period: int, seed: Credential, keys: Mapping[int, bytes]) -> ssl.SSLContext:
     """Context accepting connections: TLS 1.3, client certificate requested (CERT_OPTIONAL)
     and verified against the table anchors when presented."""
-    return _context(ssl.PROTOCOL_TLS_SERVER, server, period, seed, keys)
+    return _context(
+        ssl.PROTOCOL_TLS_SERVER, _identity_pem(server, period, seed), trust_anchors_pem(period, keys)
+    )
 
 
 def client_context(server: int, period: int, seed: Credential, keys: Mapping[int, bytes]) -> ssl.SSLContext:
     """Context opening connections: TLS 1.3, our certificate, table anchors, no hostname check."""
-    return _context(ssl.PROTOCOL_TLS_CLIENT, server, period, seed, keys)
+    return _context(
+        ssl.PROTOCOL_TLS_CLIENT, _identity_pem(server, period, seed), trust_anchors_pem(period, keys)
+    )
+
+
+def period_contexts(
+    server: int, period: int, seed: Credential, keys: Mapping[int, bytes]
+) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """The period's server and client contexts (:func:`server_context`, :func:`client_context`),
+    built together once per rekey: the trust anchors and our certificate are made once for both."""
+    identity = _identity_pem(server, period, seed)
+    anchors = trust_anchors_pem(period, keys)
+    return (
+        _context(ssl.PROTOCOL_TLS_SERVER, identity, anchors),
+        _context(ssl.PROTOCOL_TLS_CLIENT, identity, anchors),
+    )
 
 
 def anonymous_client_context() -> ssl.SSLContext:
@@ -339,7 +359,7 @@ def anonymous_server_context(server: int) -> ssl.SSLContext:
     for a fresh random key (never trusted by anyone), no client certificate requested."""
     ctx = _tls13_context(ssl.PROTOCOL_TLS_SERVER)
     ctx.verify_mode = ssl.CERT_NONE
-    _load_identity(ctx, server, 0, os.urandom(32))
+    _load_identity(ctx, _identity_pem(server, 0, os.urandom(32)))
     return ctx
 
 
