@@ -2171,8 +2171,11 @@ class PeriodRefresh(DealingStage):
         if self.new_keys and self.signed_table is None:
             self._frost.step(self, now)
         self._maybe_complete()
-        if not self.complete and now - self._pinged >= self.timeout:
-            # Messages may have been lost while the key-holder changed: ask for what we lack.
+        if not self.complete and now - self._pinged >= self.timeout / 4:
+            # Messages may have been lost while the key-holder changed (frames sent while the
+            # peers' connections were being re-made at the rekey are dropped): ask for what we
+            # lack, soon, since phase two is short. Peers answer one sender at most every
+            # timeout / 2 (_on_phase2), so a ping that did arrive is not answered twice.
             self._pinged = now
             body = {"sig": self.signed_table is None, "rpoint": not self.new_keys}
             self._send(EVERYONE, "phase2", body)
