@@ -31,9 +31,9 @@ import ctypes.util
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from appliance.boot.bootstrap import Layout
+from appliance.host.libc import libc as host_libc
 
 # <sys/inotify.h>
 _IN_MODIFY = 0x00000002
@@ -70,13 +70,6 @@ class WatchUnavailable(Exception):
     """The environment cannot be watched here; the message says why (the full check is used)."""
 
 
-def _libc() -> Any:
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:  # pragma: no cover - another libc
-        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
-
 def _mounts() -> bytes:
     try:
         with open(_MOUNTS, "rb") as f:
@@ -102,7 +95,7 @@ class CodeWatch:
     """inotify watches on directories: :meth:`changed` says whether anything happened since."""
 
     def __init__(self, dirs: Iterable[Path]) -> None:
-        libc = _libc()
+        libc = host_libc()
         fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if fd < 0:
             raise WatchUnavailable(f"inotify_init1: {os.strerror(ctypes.get_errno())}")

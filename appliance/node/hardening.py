@@ -16,6 +16,8 @@ import signal
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from appliance.host.libc import libc as host_libc
+
 PR_SET_PDEATHSIG = 1
 PR_GET_DUMPABLE = 3
 PR_SET_DUMPABLE = 4
@@ -23,13 +25,6 @@ MCL_CURRENT = 1
 MCL_FUTURE = 2
 #: Below this RLIMIT_MEMLOCK, MCL_FUTURE would make later allocations fail: lock current pages only.
 _FUTURE_LOCK_MINIMUM = 1 << 30
-
-
-def _libc() -> Any:
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True)  # glibc; find_library would fork ldconfig
-    except OSError:  # pragma: no cover - another libc
-        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -95,7 +90,7 @@ def harden(*, lock: bool, die_with_parent_process: bool) -> Hardening:
     when the parent *thread* that forked us ends (trio starts processes from worker threads).
     """
     try:
-        libc = _libc()
+        libc = host_libc()
     except OSError:  # pragma: no cover - not Linux
         return Hardening(no_core_dumps(), True, "unsupported", False)
     core = no_core_dumps()
@@ -126,7 +121,7 @@ class _CapData(ctypes.Structure):
 
 def keep_capabilities(keep: bool) -> None:
     """PR_SET_KEEPCAPS: whether the permitted capabilities survive the coming setresuid."""
-    libc = _libc()
+    libc = host_libc()
     if libc.prctl(PR_SET_KEEPCAPS, int(keep), 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_KEEPCAPS): {os.strerror(err)}")
@@ -150,7 +145,7 @@ def only_memory_lock_capability() -> None:
     CAP_IPC_LOCK; where the limit cannot be raised (a container without CAP_SYS_RESOURCE),
     the key-holder keeps just this capability, which lets it lock its own pages and nothing more.
     """
-    libc = _libc()
+    libc = host_libc()
     header = _CapHeader(_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     data[0].effective = data[0].permitted = 1 << CAP_IPC_LOCK
